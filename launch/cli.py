@@ -1,0 +1,124 @@
+"""The `dit` command line: one console script, one subcommand per job.
+
+Entry points stay tiny: each subcommand parses its arguments and calls a public function of
+the room that owns the work (`data_pipeline`, `trainer`, `launch`).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Callable, Optional
+
+from trainer.config import ConfigError, load_config, to_yaml
+
+EXIT_CONFIG = 2
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.key:
+        node = cfg
+        for part in args.key.split("."):
+            if not hasattr(node, part):
+                raise ConfigError(args.key, "no such key")
+            node = getattr(node, part)
+        print(node)
+    else:
+        print(to_yaml(cfg), end="")
+    return 0
+
+
+def _lazy(module: str, func: str) -> Callable[[argparse.Namespace], int]:
+    """Import the implementing room only when its subcommand runs (keeps `--help` fast)."""
+
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module), func)(args)
+
+    return run
+
+
+def _add_config(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("config", help="inspect run configs")
+    csub = p.add_subparsers(dest="config_cmd", required=True, metavar="{show}")
+    show = csub.add_parser(
+        "show",
+        help="print the resolved config (YAML + overrides), or one key with --key",
+        description="Resolve CONFIG with dotted overrides (optim.lr=3e-4) and print it as YAML.",
+    )
+    show.add_argument("config", help="YAML file under configs/")
+    show.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4")
+    show.add_argument("--key", help="print only this dotted key")
+    show.set_defaults(func=_cmd_config_show)
+
+
+def _add_run_command(sub: argparse._SubParsersAction, name: str, help_: str, module: str, func: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_, description=help_)
+    p.add_argument("config", help="YAML run config (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stage.steps=200")
+    p.set_defaults(func=_lazy(module, func))
+    return p
+
+
+def _optional_register(module: str, attr: str, sub: argparse._SubParsersAction) -> None:
+    """Let a room add its own subcommands; a room not yet built simply adds none."""
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and module.startswith(e.name):
+            return
+        raise
+    getattr(mod, attr)(sub)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dit",
+        description=(
+            "Distributed training of text-to-image and text-to-video diffusion transformers: "
+            "shards -> streaming loader -> DeepSpeed training -> distillation -> sampling."
+        ),
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_config(sub)
+    data = sub.add_parser("data", help="write, synthesize, inspect and precompute WebDataset shards")
+    _optional_register("launch.data_cmd", "register", data.add_subparsers(dest="data_cmd", required=True))
+    _add_run_command(sub, "train", "train one stage on this rank (launchers start this on every rank)", "launch.train_cmd", "train")
+    demo = _add_run_command(sub, "demo", "the end-to-end demo: synthetic shards -> autoencoder -> DiT -> samples", "launch.demo", "demo")
+    demo.add_argument("--nproc", type=int, default=2, help="local processes for the DeepSpeed stages")
+    for name, module, help_ in (
+        ("launch", "launch.launcher", "start `dit train` on one or many machines (local, hostfile, torchrun, SLURM)"),
+        ("sample", "trainer.sampling", "text -> base -> super-resolution -> decode: PNG/MP4 and a grid"),
+        ("eval", "trainer.evaluate", "prompt-adherence judge, distribution distance, memorization audit"),
+        ("plan", "launch.plan", "memory and step-time planner for a config on N GPUs"),
+        ("export", "trainer.export", "export EMA weights as safetensors or a diffusers directory"),
+    ):
+        p = sub.add_parser(name, help=help_, description=help_)
+        _optional_register(module, "register", p.add_subparsers(dest=f"{name}_cmd"))
+        p.set_defaults(func=_not_built(name))
+    bench = sub.add_parser("bench", help="benchmarks that print a ratio measured side by side in one run")
+    bsub = bench.add_subparsers(dest="bench_cmd", required=True)
+    _optional_register("launch.data_cmd", "register_bench", bsub)
+    _optional_register("launch.bench_model", "register_bench", bsub)
+    return parser
+
+
+def _not_built(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        print(f"dit {name}: not available in this build yet", file=sys.stderr)
+        return EXIT_CONFIG
+
+    return run
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"dit: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Typed configs: overrides, one-line errors naming the key, safe YAML, CLI exit codes."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainer.config import ConfigError, RunConfig, load_config, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "demo.yaml"
+
+
+def dit(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "launch.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_every_shipped_config_loads():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        assert isinstance(load_config(path), RunConfig), path
+
+
+def test_dotted_override_and_interpolation():
+    cfg = load_config(DEMO, ["optim.lr=3e-4", "run.out_dir=/tmp/x", "model.text.max_length=7"])
+    assert cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.model.text.max_length == 7
+    assert cfg.data.shards == "/tmp/x/data"  # ${run.out_dir} resolved after the override
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("optim.lrr=1", "optim.lrr"),
+        ("optim.lr=fast", "optim.lr"),
+        ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
+        ("diffusion.prediction=eps", "diffusion.prediction"),
+        ("stage.kind=dance", "stage.kind"),
+        ("model.text.kindd=x", "model.text.kindd"),
+        ("stage.cfg_dropout=1.5", "stage.cfg_dropout"),
+        ("checkpoint.keep=0", "checkpoint.keep"),
+    ],
+)
+def test_bad_value_names_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(DEMO, [override])
+    assert err.value.key == key
+    assert key in str(err.value) and "\n" not in str(err.value)
+
+
+def test_eps_with_zero_terminal_snr_is_explained():
+    with pytest.raises(ConfigError, match="SNR 0"):
+        load_config(DEMO, ["diffusion.prediction=eps"])
+    cfg = load_config(DEMO, ["diffusion.prediction=eps", "diffusion.zero_terminal_snr=false"])
+    assert cfg.diffusion.prediction == "eps"
+
+
+def test_missing_required_value(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  shards: ???\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert err.value.key == "data.shards"
+
+
+def test_pipeline_stages_must_divide_world_size():
+    cfg = load_config(DEMO, ["deepspeed.pipeline_stages=2", "deepspeed.zero_stage=1"])
+    validate(cfg, world_size=4)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, world_size=3)
+    assert err.value.key == "deepspeed.pipeline_stages"
+
+
+def test_python_tag_is_refused_and_never_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.yaml"
+    path.write_text(f"run:\n  name: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ConfigError, match="malformed YAML"):
+        load_config(path)
+    assert not marker.exists()
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("optim:\n  lr: [1, 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "broken.yaml:" in err.value.key
+
+
+def test_cli_config_show():
+    ok = dit("config", "show", str(DEMO), "optim.lr=3e-4")
+    assert ok.returncode == 0, ok.stderr
+    assert "lr: 0.0003" in ok.stdout
+    bad = dit("config", "show", str(DEMO), "optim.lrr=1")
+    assert bad.returncode != 0
+    assert "optim.lrr" in bad.stderr

