@@ -68,7 +68,8 @@ def _optional_register(module: str, attr: str, sub: argparse._SubParsersAction) 
         if e.name and module.startswith(e.name):
             return
         raise
-    getattr(mod, attr)(sub)
+    if hasattr(mod, attr):
+        getattr(mod, attr)(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,10 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--nproc", type=int, default=2, help="local processes for the DeepSpeed stages")
     for name, module, help_ in (
         ("launch", "launch.launcher", "start `dit train` on one or many machines (local, hostfile, torchrun, SLURM)"),
-        ("sample", "trainer.sampling", "text -> base -> super-resolution -> decode: PNG/MP4 and a grid"),
-        ("eval", "trainer.evaluate", "prompt-adherence judge, distribution distance, memorization audit"),
+        ("sample", "launch.sample_cmd", "text -> base -> super-resolution -> decode: PNG/MP4 and a grid"),
+        ("eval", "launch.eval_cmd", "prompt-adherence judge, distribution distance, memorization audit"),
         ("plan", "launch.plan", "memory and step-time planner for a config on N GPUs"),
-        ("export", "trainer.export", "export EMA weights as safetensors or a diffusers directory"),
+        ("export", "launch.export_cmd", "export EMA weights as safetensors or a diffusers directory"),
     ):
         p = sub.add_parser(name, help=help_, description=help_)
         _optional_register(module, "register", p.add_subparsers(dest=f"{name}_cmd"))

@@ -103,9 +103,8 @@ class DeepSpeedConfig:
     offload_optimizer: bool = False
     offload_params: bool = False  # ZeRO-3 only
     precision: str = "fp32"  # fp32 | bf16 | fp16
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches per optimizer step (the pipeline's micro-batches too)
     pipeline_stages: int = 1  # > 1: the DiT block stack runs as a DeepSpeed PipelineModule
-    pipeline_micro_batches: int = 2
     comm_timeout_s: int = 120  # collective timeout, so a dead rank cannot hang the others
 
 

@@ -1,0 +1,87 @@
+"""Process-group set-up, cross-rank agreement and preemption signals, kept in one place.
+
+Ranks are started by a launcher (torchrun, the DeepSpeed launcher, srun) that sets RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; a single process without them runs as a
+world of one. On machines without a GPU the backend is gloo (DeepSpeed's CPU accelerator).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    pipeline_stages: int
+
+    @property
+    def dp_world(self) -> int:
+        """Data-parallel replicas: pipeline stages of one replica see the same batches."""
+        return self.world_size // self.pipeline_stages
+
+    @property
+    def dp_rank(self) -> int:
+        # DeepSpeed's PipelineModule topology puts the pipe axis outermost: rank = pipe * dp + data.
+        return self.rank % self.dp_world
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def world_from_env() -> tuple[int, int, int]:
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init_distributed(pipeline_stages: int, timeout_s: int) -> DistContext:
+    """Start (or join) the process group; every collective is bounded by `timeout_s`."""
+    import deepspeed
+
+    rank, world, local = world_from_env()
+    if world == 1:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    return DistContext(rank=rank, world_size=world, local_rank=local, pipeline_stages=pipeline_stages)
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on at least one (a MAX all-reduce)."""
+    t = torch.tensor([1.0 if flag else 0.0])
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+class PreemptionFlag:
+    """SIGTERM / SIGUSR1 set a flag; the step loop finishes the step and asks all ranks."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame) -> None:
+        self.received = signum
+
+    def agreed(self) -> bool:
+        """Collective: did any rank receive a preemption signal?"""
+        return any_rank(self.received is not None)

@@ -1,0 +1,92 @@
+"""Exponential moving average of trained weights, correct under ZeRO-3.
+
+Under ZeRO-3 every rank holds only its partition of each parameter (`param.ds_tensor`), so the
+EMA is kept per partition as well: the same memory split as the weights themselves, and no
+gather on the hot path. `full_state_dict()` gathers the partitions (a collective: every rank
+must call it) when a checkpoint, a sample grid or an export needs whole tensors.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from trainer.config import EMAConfig
+
+
+def _local_tensor(p: nn.Parameter) -> torch.Tensor:
+    """The part of `p` this rank owns: the ZeRO-3 partition, else the whole tensor."""
+    return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+
+
+def _is_partitioned(p: nn.Parameter) -> bool:
+    return hasattr(p, "ds_tensor")
+
+
+class EMA:
+    """EMA of a module's trainable parameters (Polyak averaging, as in DiT / LDM training)."""
+
+    def __init__(self, module: nn.Module, cfg: EMAConfig):
+        self.cfg = cfg
+        self.num_updates = 0
+        self.names = [n for n, p in module.named_parameters() if p.requires_grad]
+        self.shadow: dict[str, torch.Tensor] = {
+            n: _local_tensor(p).detach().float().clone() for n, p in self._params(module)
+        }
+
+    def _params(self, module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+        params = dict(module.named_parameters())
+        for n in self.names:
+            yield n, params[n]
+
+    def decay(self) -> float:
+        """Warm-up as in `torch-ema` / LDM: min(decay, (1 + n) / (10 + n)) for the first steps."""
+        n = self.num_updates
+        if n < self.cfg.warmup_steps:
+            return min(self.cfg.decay, (1 + n) / (10 + n))
+        return self.cfg.decay
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        d = self.decay()
+        for n, p in self._params(module):
+            self.shadow[n].lerp_(_local_tensor(p).float(), 1.0 - d)  # s <- d s + (1 - d) p
+        self.num_updates += 1
+
+    def _gather(self, p: nn.Parameter, local: torch.Tensor) -> torch.Tensor:
+        """Reassemble a ZeRO-3 parameter from the equal-size (padded) partitions of all ranks."""
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, local)
+        return torch.cat(parts)[: p.ds_numel].view(p.ds_shape)
+
+    def full_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """Whole EMA tensors by parameter name (collective under ZeRO-3)."""
+        out = {}
+        for n, p in self._params(module):
+            local = self.shadow[n]
+            out[n] = self._gather(p, local) if _is_partitioned(p) else local.clone()
+        return out
+
+    def local_state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's shard, for the checkpoint (each rank saves its own)."""
+        return {n: t.contiguous() for n, t in self.shadow.items()}
+
+    def load_local_state_dict(self, state: dict[str, torch.Tensor], num_updates: int) -> None:
+        missing = set(self.shadow) - set(state)
+        if missing:
+            raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {sorted(missing)[:3]}")
+        for n, t in state.items():
+            if n in self.shadow:
+                if t.shape != self.shadow[n].shape:
+                    raise ValueError(f"EMA tensor {n}: checkpoint shape {tuple(t.shape)} != {tuple(self.shadow[n].shape)}")
+                self.shadow[n].copy_(t)
+        self.num_updates = num_updates
+
+    @torch.no_grad()
+    def copy_to(self, module: nn.Module, full_state: dict[str, torch.Tensor]) -> None:
+        """Load gathered EMA weights into a plain (unpartitioned) copy of the module."""
+        params = dict(module.named_parameters())
+        for n, t in full_state.items():
+            params[n].data.copy_(t.to(params[n].dtype))

@@ -1,0 +1,353 @@
+"""The training loop: DeepSpeed engines from the typed config, EMA, checkpoints, metrics.
+
+`train(cfg)` is what `dit train` runs on every rank. Distribution is applied here and only
+here: stages and models are plain PyTorch; this module wraps each trained player of a stage
+in its own DeepSpeed engine (own optimizer, own ZeRO partitioning) and drives them.
+"""
+from __future__ import annotations
+
+import math
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from trainer import faults
+from trainer.checkpoint import CheckpointError, CheckpointManager, RankState
+from trainer.config import DeepSpeedConfig, OptimConfig, RunConfig, to_yaml, validate
+from trainer.distributed import DistContext, PreemptionFlag, any_rank, init_distributed
+from trainer.ema import EMA
+from trainer.metrics import MetricsLogger
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+EXIT_NONFINITE = 3  # too many non-finite steps in a row
+EXIT_CHECKPOINT = 4
+EXIT_REQUEUE = 42  # preempted (SIGTERM/SIGUSR1): state saved, requeue and rerun the same command
+
+# Keys that may change between a checkpoint and its resume without changing the experiment.
+RESUMABLE_CHANGES = ("stage.steps", "checkpoint", "log", "data.num_workers", "deepspeed.comm_timeout_s")
+
+
+class FiniteGuardAdamW(torch.optim.AdamW):
+    """AdamW that skips its update on every rank when any rank holds a non-finite gradient.
+
+    DeepSpeed's ZeRO optimizers call the wrapped optimizer on each rank's partition after
+    clipping, so one MAX all-reduce of a local flag makes all ranks skip together, and NaN or
+    inf (from a non-finite loss or an exploding gradient) never reaches the weights.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skipped = 0  # calls skipped since the engine last read it
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        finite = all(
+            bool(torch.isfinite(p.grad).all())
+            for group in self.param_groups for p in group["params"] if p.grad is not None
+        )
+        if any_rank(not finite):
+            self.skipped += 1
+            return None
+        return super().step(closure)
+
+
+def lr_factor(step: int, optim: OptimConfig, total_steps: int) -> float:
+    """Linear warm-up, then constant or cosine decay to `min_lr_ratio` (SGDR / Loshchilov)."""
+    if step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    if optim.lr_schedule == "constant":
+        return 1.0
+    progress = (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * cosine
+
+
+def deepspeed_dict(ds: DeepSpeedConfig, optim: OptimConfig, micro_batch: int, dp_world: int) -> dict:
+    """The DeepSpeed JSON config derived from our typed sub-configs."""
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": ds.grad_accum,
+        "train_batch_size": micro_batch * ds.grad_accum * dp_world,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if ds.precision == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    elif ds.precision == "fp16":
+        cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 12}
+    return cfg
+
+
+def build_engine(module: nn.Module, lr: float, optim: OptimConfig, ds: DeepSpeedConfig,
+                 micro_batch: int, ctx: DistContext, total_steps: int):
+    import deepspeed
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = FiniteGuardAdamW(params, lr=lr, betas=tuple(optim.betas), eps=optim.eps,
+                                 weight_decay=optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, optim, total_steps))
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_dict(ds, optim, micro_batch, ctx.dp_world),
+    )
+    return engine, optimizer
+
+
+def as_pipeline(stage: Any, ctx: DistContext) -> nn.Module:
+    """The student's layer list as a DeepSpeed PipelineModule: noising happens before the
+    pipe (the stage's `pipeline_batch`), the loss at its end (`pipeline_loss`)."""
+    from deepspeed.pipe import PipelineModule
+
+    net = stage.players["student"]
+    return PipelineModule(layers=net.pipeline_layers(), num_stages=ctx.pipeline_stages,
+                          loss_fn=stage.pipeline_loss, partition_method="parameters")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state(generator: torch.Generator) -> RankState:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return RankState(
+        meta={"python_rng": [py_state[0], list(py_state[1]), py_state[2]],
+              "numpy_rng": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])]},
+        tensors={"torch_rng": torch.get_rng_state(), "stage_rng": generator.get_state(),
+                 "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64))},
+    )
+
+
+def restore_rng(state: RankState, generator: torch.Generator) -> None:
+    v, internal, gauss = state.meta["python_rng"]
+    random.setstate((v, tuple(internal), gauss))
+    name, pos, has_gauss, cached = state.meta["numpy_rng"]
+    np.random.set_state((name, state.tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state.tensors["torch_rng"])
+    generator.set_state(state.tensors["stage_rng"])
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    skipped_steps: int = 0
+    nonfinite_in_row: int = 0
+
+
+class Trainer:
+    """Owns the engines, stream, EMA, checkpoints and metrics of one stage on this rank."""
+
+    def __init__(self, cfg: RunConfig):
+        from data_pipeline.stream import build_stream
+        from trainer.stages import build_stage
+
+        self.cfg = cfg
+        self.ctx = init_distributed(cfg.deepspeed.pipeline_stages, cfg.deepspeed.comm_timeout_s)
+        validate(cfg, world_size=self.ctx.world_size)
+        seed_everything(cfg.run.seed)  # identical initial weights on every rank
+        self.stage = build_stage(cfg)
+        self.pipeline = self.ctx.pipeline_stages > 1
+        trainable = dict(self.stage.trainable())
+        if self.pipeline:
+            trainable["student"] = as_pipeline(self.stage, self.ctx)
+        self.engines: dict[str, Any] = {}
+        self.optimizers: dict[str, FiniteGuardAdamW] = {}
+        for name, module in trainable.items():
+            lr = cfg.optim.disc_lr if name == "disc" else cfg.optim.lr
+            self.engines[name], self.optimizers[name] = build_engine(
+                module, lr, cfg.optim, cfg.deepspeed, cfg.data.batch_size, self.ctx, cfg.stage.steps)
+        self.stage.bind(self.engines)
+        self.ema_module = trainable["student"]
+        self.ema = EMA(self.ema_module, cfg.ema) if cfg.ema.enabled else None
+        self.generator = torch.Generator().manual_seed(cfg.run.seed * 100_003 + self.ctx.dp_rank)
+        self.ckpt = CheckpointManager(cfg.checkpoint, self.ctx.rank, self.ctx.world_size)
+        self.stream = build_stream(cfg.data, self.ctx.dp_rank, self.ctx.dp_world)
+        self.state = LoopState()
+        self.config_yaml = to_yaml(cfg)
+        self.nan_steps = faults.nan_steps(self.ctx.rank)
+        self.ckpt.before_commit = faults.save_stall()
+
+    # ---- checkpoint ---------------------------------------------------------------------------
+    def rank_state(self) -> RankState:
+        state = rng_state(self.generator)
+        state.meta.update(step=self.state.step, skipped_steps=self.state.skipped_steps,
+                          nonfinite_in_row=self.state.nonfinite_in_row, stream=self.stream.state_dict(),
+                          ema_updates=self.ema.num_updates if self.ema else 0)
+        if self.ema is not None:
+            state.tensors.update({f"ema.{k}": v for k, v in self.ema.local_state_dict().items()})
+        return state
+
+    def save(self) -> Path:
+        return self.ckpt.save(self.state.step, self.engines, self.rank_state(), self.config_yaml)
+
+    def resume(self) -> bool:
+        directory = self.ckpt.latest() if self.cfg.checkpoint.resume else None
+        if directory is None:
+            return False
+        complete = self.ckpt.verify(directory)
+        self.ckpt.check_compatible(directory, complete, self.config_yaml, RESUMABLE_CHANGES)
+        for name, engine in self.engines.items():
+            self.ckpt.load_engine(engine, directory, name)
+        state = self.ckpt.load_rank_state(directory)
+        restore_rng(state, self.generator)
+        self.stream.load_state_dict(state.meta["stream"])
+        if self.ema is not None:
+            ema = {k[len("ema."):]: v for k, v in state.tensors.items() if k.startswith("ema.")}
+            self.ema.load_local_state_dict(ema, state.meta["ema_updates"])
+        self.state = LoopState(step=state.meta["step"], skipped_steps=state.meta["skipped_steps"],
+                               nonfinite_in_row=state.meta["nonfinite_in_row"])
+        if self.ctx.is_main:
+            print(f"resumed from {directory} at step {self.state.step}", flush=True)
+        return True
+
+    # ---- one step -----------------------------------------------------------------------------
+    def micro_batch_losses(self, batches: Iterator[dict]) -> Iterator[dict[str, float]]:
+        """Forward/backward/step of every player on each of the grad_accum micro-batches."""
+        for _ in range(self.cfg.deepspeed.grad_accum):
+            batch = next(batches)
+            self.logger.timer.data_ready()
+            for player, loss, info in self.stage.losses(batch, self.generator):
+                if self.state.step + 1 in self.nan_steps:
+                    loss = loss * float("nan")  # fault injection (tests): a NaN on this rank
+                self.engines[player].backward(loss)
+                self.engines[player].step()
+                yield info
+
+    def pipeline_step(self, batches: Iterator[dict]) -> dict[str, float]:
+        """One PipelineEngine.train_batch over grad_accum micro-batches noised before the pipe."""
+
+        def micro_batches():
+            while True:
+                batch = next(batches)
+                self.logger.timer.data_ready()
+                yield self.stage.pipeline_batch(batch, self.generator)
+
+        loss = self.engines["student"].train_batch(data_iter=micro_batches())
+        return {"loss": float(loss)}
+
+    def train_step(self, batches: Iterator[dict]) -> dict[str, float]:
+        """One optimizer step of every player; metrics averaged over the micro-batches."""
+        if self.pipeline:
+            metrics = self.pipeline_step(batches)
+        else:
+            infos = list(self.micro_batch_losses(batches))
+            metrics = {k: sum(i[k] for i in infos if k in i) / sum(k in i for i in infos)
+                       for k in {k for i in infos for k in i}}
+        skipped = any(opt.skipped for opt in self.optimizers.values())
+        for opt in self.optimizers.values():
+            opt.skipped = 0
+        metrics["skipped"] = float(skipped)
+        for name, engine in self.engines.items():
+            suffix = "" if name == "student" else f"/{name}"
+            norm = engine.get_global_grad_norm()
+            metrics[f"grad_norm{suffix}"] = float(norm) if norm is not None else 0.0
+            metrics[f"lr{suffix}"] = engine.get_lr()[0]
+        return metrics
+
+    def after_step(self, metrics: dict[str, float]) -> Optional[int]:
+        """Bookkeeping of a finished step; an exit code when the run must stop."""
+        self.state.step += 1
+        if metrics.pop("skipped"):
+            self.state.skipped_steps += 1
+            self.state.nonfinite_in_row += 1
+            self.logger.event(self.state.step, {"skipped_nonfinite_step": 1})
+            if self.state.nonfinite_in_row >= self.cfg.stage.max_nonfinite_in_row:
+                print(f"dit train: {self.state.nonfinite_in_row} steps in a row had a non-finite "
+                      f"loss or gradient (last at step {self.state.step}); stopping. Lower the "
+                      f"learning rate or check the data; the last checkpoint holds finite weights.",
+                      file=sys.stderr, flush=True)
+                return EXIT_NONFINITE
+            return None
+        self.state.nonfinite_in_row = 0
+        if self.ema is not None:
+            self.ema.update(self.ema_module)
+        metrics.update({f"data/{k}": v for k, v in self.stream.stats().items()})
+        self.logger.add(metrics)
+        self.logger.step_done(self.state.step, {"skipped_steps": self.state.skipped_steps})
+        return None
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def run(self) -> int:
+        try:
+            self.resume()
+        except CheckpointError as e:
+            print(f"dit train: {e}", file=sys.stderr, flush=True)
+            return EXIT_CHECKPOINT
+        total = self.cfg.stage.steps
+        self.logger = MetricsLogger(self.cfg.log, self.ctx.rank, total, self.state.step,
+                                    self.cfg.data.batch_size * self.cfg.deepspeed.grad_accum * self.ctx.dp_world,
+                                    self.stage.tokens_per_sample(), self.stage.macs_per_sample())
+        preempt = PreemptionFlag()
+        batches = iter(self.stream)
+        code = EXIT_OK
+        while self.state.step < total:
+            faults.maybe_kill(self.state.step + 1)
+            code = self.after_step(self.train_step(batches)) or EXIT_OK
+            if code:
+                break
+            if preempt.agreed():
+                self.save()
+                code = EXIT_REQUEUE
+                break
+            if self.state.step % self.cfg.checkpoint.every == 0 or self.state.step == total:
+                self.save()
+            if self.cfg.log.sample_every and self.state.step % self.cfg.log.sample_every == 0:
+                self.write_samples()
+        if code == EXIT_OK:
+            self.write_samples()
+        self.logger.close()
+        if code == EXIT_REQUEUE and self.ctx.is_main:
+            print(f"dit train: preempted; saved step {self.state.step}, exiting with {EXIT_REQUEUE} "
+                  f"(requeue). Rerun the same command to resume.", file=sys.stderr, flush=True)
+        return code
+
+    def full_weights(self) -> dict[str, torch.Tensor]:
+        """Whole weights of the student: the EMA when enabled, else the raw (ZeRO-3 gathered)
+        parameters. Collective: every rank calls it."""
+        if self.ema is not None:
+            return self.ema.full_state_dict(self.ema_module)
+        import deepspeed
+
+        params = list(self.ema_module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return {n: p.detach().clone() for n, p in self.ema_module.named_parameters()}
+
+    def write_samples(self) -> Optional[Path]:
+        """EMA (else raw) sample grid for the fixed prompts (collective gather, rank 0 draws)."""
+        if self.pipeline:
+            return None  # the layers live on different ranks; sample from the exported weights
+        weights = self.full_weights()
+        if not self.ctx.is_main:
+            return None
+        path = Path(self.cfg.log.dir) / "samples" / f"step_{self.state.step:08d}.png"
+        out = self.stage.write_samples(weights, self.cfg.log, path)
+        if out is not None:
+            self.logger.event(self.state.step, {"sample_grid": str(out)})
+            print(f"samples: {out}", flush=True)
+        return out
+
+
+def train(cfg: RunConfig) -> int:
+    trainer = Trainer(cfg)
+    code = trainer.run()
+    if dist.is_initialized():
+        dist.barrier()
+    return code

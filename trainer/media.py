@@ -1,0 +1,86 @@
+"""Pictures people look at: sample grids with the prompt under each image, GIF/MP4 clips."""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(..., 3, H, W) in [-1, 1] -> (..., H, W, 3) uint8."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.movedim(-3, -1).cpu().numpy()
+
+
+def _caption_block(text: str, width: int, font: ImageFont.ImageFont, lines: int) -> Image.Image:
+    chars = max(8, width // 6)
+    wrapped = textwrap.wrap(text, chars)[:lines]
+    line_h = 12
+    block = Image.new("RGB", (width, line_h * lines + 4), "white")
+    draw = ImageDraw.Draw(block)
+    for i, line in enumerate(wrapped):
+        draw.text((2, 2 + i * line_h), line, fill="black", font=font)
+    return block
+
+
+def image_grid(images: torch.Tensor, prompts: Sequence[str], cols: int = 4, cell: int = 128,
+               caption_lines: int = 3) -> Image.Image:
+    """Images (N, 3, H, W) in [-1, 1] upscaled to `cell` pixels, each with its prompt below."""
+    n = images.shape[0]
+    cols = min(cols, n)
+    rows = (n + cols - 1) // cols
+    font = ImageFont.load_default()
+    tiles = []
+    for img, prompt in zip(to_uint8(images), prompts):
+        pic = Image.fromarray(img).resize((cell, cell), Image.NEAREST)
+        cap = _caption_block(prompt, cell, font, caption_lines)
+        tile = Image.new("RGB", (cell, cell + cap.height), "white")
+        tile.paste(pic, (0, 0))
+        tile.paste(cap, (0, cell))
+        tiles.append(tile)
+    th = tiles[0].height
+    grid = Image.new("RGB", (cols * (cell + 4), rows * (th + 4)), (230, 230, 230))
+    for i, tile in enumerate(tiles):
+        grid.paste(tile, ((i % cols) * (cell + 4) + 2, (i // cols) * (th + 4) + 2))
+    return grid
+
+
+def save_image_grid(images: torch.Tensor, prompts: Sequence[str], path: str | Path, **kw) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(images, prompts, **kw).save(path)
+    return path
+
+
+def save_video_grid(videos: torch.Tensor, prompts: Sequence[str], path: str | Path, fps: int = 8,
+                    **kw) -> Path:
+    """Videos (N, 3, F, H, W) in [-1, 1] as an animated GIF of grids, one frame per time step."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames = [image_grid(videos[:, :, f], prompts, **kw) for f in range(videos.shape[2])]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=1000 // fps, loop=0)
+    return path
+
+
+def save_mp4(video: torch.Tensor, path: str | Path, fps: int = 8) -> Path:
+    """One video (3, F, H, W) in [-1, 1] as H.264 MP4 (even sizes padded by repetition)."""
+    import av
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames = to_uint8(video.movedim(1, 0))  # (F, H, W, 3)
+    h, w = frames.shape[1] + frames.shape[1] % 2, frames.shape[2] + frames.shape[2] % 2
+    frames = np.pad(frames, ((0, 0), (0, h - frames.shape[1]), (0, w - frames.shape[2]), (0, 0)), mode="edge")
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path

@@ -1,0 +1,146 @@
+"""Training metrics: JSONL + TensorBoard on rank 0, a progress bar with ETA, throughput figures.
+
+Throughput follows the usual accounting: a training step costs 3 forward passes (forward +
+backward = 2x forward), i.e. 6 FLOPs per multiply-accumulate of the forward pass (Kaplan et
+al. 2020; the DiT paper's "6 x GMACs per image").
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from tqdm import tqdm
+
+from trainer.config import LogConfig
+
+NUM_T_BUCKETS = 4
+
+
+def timestep_bucket_losses(per_sample: torch.Tensor, t: torch.Tensor) -> dict[str, float]:
+    """Mean loss per quarter of the time axis: where the model is weak (low or high noise)."""
+    out = {}
+    idx = (t.clamp(0, 1 - 1e-6) * NUM_T_BUCKETS).long()
+    for b in range(NUM_T_BUCKETS):
+        sel = idx == b
+        if sel.any():
+            out[f"loss_t{b / NUM_T_BUCKETS:.2f}"] = float(per_sample[sel].mean())
+    return out
+
+
+class StepTimer:
+    """Splits wall time into waiting for data and computing (data-wait fraction)."""
+
+    def __init__(self) -> None:
+        self.data_s = 0.0
+        self.total_s = 0.0
+        self._t0 = time.perf_counter()
+        self._mark = self._t0
+
+    def data_ready(self) -> None:
+        now = time.perf_counter()
+        self.data_s += now - self._mark
+        self._mark = now
+
+    def step_done(self) -> None:
+        now = time.perf_counter()
+        self.total_s += now - self._t0
+        self._t0 = self._mark = now
+
+    def pop(self) -> tuple[float, float]:
+        out = (self.data_s, self.total_s)
+        self.data_s = self.total_s = 0.0
+        return out
+
+
+class MetricsLogger:
+    """Aggregates per-step metrics and writes them every `cfg.every` steps (rank 0 only)."""
+
+    def __init__(self, cfg: LogConfig, rank: int, total_steps: int, start_step: int,
+                 samples_per_step: int, tokens_per_sample: int, macs_per_sample: int):
+        self.cfg = cfg
+        self.rank = rank
+        self.samples_per_step = samples_per_step
+        self.tokens_per_sample = tokens_per_sample
+        self.macs_per_sample = macs_per_sample
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+        self.timer = StepTimer()
+        self.steps_since = 0
+        self.jsonl = None
+        self.tb = None
+        self.bar: Optional[tqdm] = None
+        if rank == 0:
+            Path(cfg.dir).mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(Path(cfg.dir) / "metrics.jsonl", "a")
+            if cfg.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(cfg.dir)
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
+                            mininterval=2.0)
+
+    def add(self, metrics: dict[str, float]) -> None:
+        for k, v in metrics.items():
+            self.sums[k] += float(v)
+            self.counts[k] += 1
+
+    def step_done(self, step: int, extra: dict[str, Any]) -> Optional[dict[str, Any]]:
+        """Close a step; every `every` steps return (and on rank 0 write) the averaged record."""
+        self.timer.step_done()
+        self.steps_since += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        if step % self.cfg.every != 0:
+            return None
+        data_s, total_s = self.timer.pop()
+        record: dict[str, Any] = {k: self.sums[k] / self.counts[k] for k in self.sums}
+        samples = self.samples_per_step * self.steps_since
+        record.update(extra)
+        record.update(
+            step=step,
+            samples_per_s=samples / max(total_s, 1e-9),
+            tokens_per_s=samples * self.tokens_per_sample / max(total_s, 1e-9),
+            tflops=6 * self.macs_per_sample * samples / max(total_s, 1e-9) / 1e12,
+            data_wait=data_s / max(total_s, 1e-9),
+            time=time.time(),
+        )
+        self.sums.clear()
+        self.counts.clear()
+        self.steps_since = 0
+        if self.rank == 0:
+            self._write(step, record)
+        return record
+
+    def _write(self, step: int, record: dict[str, Any]) -> None:
+        assert self.jsonl is not None
+        self.jsonl.write(json.dumps(record, sort_keys=True) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "time"):
+                    self.tb.add_scalar(k, v, step)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}",
+                                 lr=f"{record.get('lr', 0):.2e}", refresh=False)
+
+    def event(self, step: int, record: dict[str, Any]) -> None:
+        """A one-off record (evaluation, sample grid path, skipped step)."""
+        if self.rank == 0 and self.jsonl is not None:
+            self.jsonl.write(json.dumps({"step": step, **record}, sort_keys=True) + "\n")
+            self.jsonl.flush()
+            if self.tb is not None:
+                for k, v in record.items():
+                    if isinstance(v, (int, float)):
+                        self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()

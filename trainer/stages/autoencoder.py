@@ -1,0 +1,74 @@
+"""Autoencoder stage: trains the KL autoencoder (Kingma & Welling 2014; LDM, Rombach et al.
+2022) that latent DiTs run in, so the whole system works offline with no downloaded weights.
+
+Loss: L1 + MSE reconstruction plus a small KL term (no perceptual or adversarial loss: those
+need pretrained networks). At the end the latent scale and shift are estimated from data
+(scale = 1 / std, as Stable Diffusion's 0.18215) and saved with the weights to
+`model.autoencoder.path`, where the latent stages load it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from trainer.config import AutoencoderConfig, DataConfig, LogConfig, StageConfig
+from trainer.media import save_image_grid
+from trainer.models.autoencoder import Autoencoder, build_kl
+from trainer.stages.base import PlayerLoss, Stage
+
+
+class VAETraining(nn.Module):
+    """The training forward of a KL autoencoder: encode, sample the posterior, decode."""
+
+    def __init__(self, ae: Autoencoder):
+        super().__init__()
+        self.ae = ae
+
+    def forward(self, x: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        posterior = self.ae.vae.encode(x).latent_dist
+        z = posterior.sample(generator=generator)  # (B, c, H/f, W/f)
+        return self.ae.vae.decode(z).sample, posterior.kl()  # (B, 3, H, W), (B,)
+
+
+class AutoencoderStage(Stage):
+    def __init__(self, cfg: AutoencoderConfig, stage: StageConfig, data: DataConfig):
+        super().__init__()
+        self.cfg, self.stage_cfg, self.data = cfg, stage, data
+        self.players = {"student": VAETraining(Autoencoder(build_kl(cfg)))}
+        self.held: list[Tensor] = []  # a few training images for the scale fit and the grid
+
+    def pixels(self, batch: dict[str, Any]) -> Tensor:
+        return batch["video"].flatten(1, 2) if self.data.kind == "video" else batch["image"]
+
+    def losses(self, batch: dict[str, Any], generator: torch.Generator) -> Iterator[PlayerLoss]:
+        x = self.pixels(batch)  # (B, 3, H, W) in [-1, 1]
+        if len(self.held) < 8:
+            self.held.append(x[:4].detach().clone())
+        recon, kl = self.run("student", x, generator)  # (B, 3, H, W), (B,)
+        rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        loss = rec + self.stage_cfg.kl_weight * kl.mean()
+        yield "student", loss, {"loss": float(loss), "recon": float(rec), "kl": float(kl.mean())}
+
+    def trained_copy(self, weights: dict[str, Tensor]) -> Autoencoder:
+        trainer = VAETraining(Autoencoder(build_kl(self.cfg)))
+        trainer.load_state_dict(weights, strict=False)  # buffers (scale, shift) are refit below
+        return trainer.ae.eval()
+
+    @torch.no_grad()
+    def write_samples(self, weights: dict[str, Tensor], log: LogConfig, path: Path) -> Optional[Path]:
+        """Fit the latent scale, save the autoencoder for the latent stages, and draw
+        originals above reconstructions."""
+        if not self.held:
+            return None
+        ae = self.trained_copy(weights)
+        images = torch.cat(self.held)  # (N, 3, H, W)
+        ae.fit_scale(images)
+        ae.save(self.cfg.path)
+        recon = ae.decode(ae.encode(images[:8]))
+        grid = torch.cat([images[:8], recon])
+        labels = ["original"] * min(8, len(images)) + ["reconstruction"] * recon.shape[0]
+        return save_image_grid(grid, labels, path, cols=min(8, len(images)), caption_lines=1)

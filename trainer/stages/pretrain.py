@@ -1,0 +1,123 @@
+"""Text-to-image / text-to-video pretraining of a latent or pixel DiT.
+
+v-prediction on a zero-terminal-SNR schedule by default (Lin et al. 2023), optional min-SNR
+weighting (Hang et al. 2023), classifier-free-guidance dropout of the caption (Ho & Salimans
+2022). Images in video mode are 1-frame clips, so one model trains jointly on both.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from trainer.config import DataConfig, DiffusionConfig, LogConfig, ModelConfig, StageConfig
+from trainer.diffusion import add_noise, diffusion_loss, make_schedule, sample_timesteps
+from trainer.media import save_image_grid, save_video_grid
+from trainer.metrics import timestep_bucket_losses
+from trainer.models.autoencoder import build_autoencoder
+from trainer.models.dit import build_dit
+from trainer.models.text import TextEmbedding, build_text_encoder
+from trainer.sampling import SamplerSettings, generate
+from trainer.stages.base import PlayerLoss, Stage, drop_captions, frozen
+
+
+class PretrainStage(Stage):
+    def __init__(self, model: ModelConfig, diffusion: DiffusionConfig, stage: StageConfig, data: DataConfig):
+        super().__init__()
+        self.model_cfg, self.diffusion, self.stage_cfg, self.data = model, diffusion, stage, data
+        self.text = frozen(build_text_encoder(model.text))
+        self.autoencoder = frozen(build_autoencoder(model.autoencoder))  # PixelSpace when kind=none
+        self.players = {"student": build_dit(model, self.text.dim, self.text.pooled_dim)}
+        frames = data.num_frames if data.kind == "video" else 1
+        self.schedule = make_schedule(diffusion, resolution=self.resolution, frames=frames)
+
+    # ---- shapes -----------------------------------------------------------------------------
+    @property
+    def resolution(self) -> int:
+        """Side of the tensor the DiT sees: pixels, or latents after the autoencoder."""
+        return self.data.resolution // self.autoencoder.downsample_factor
+
+    def sample_shape(self) -> tuple[int, ...]:
+        c, r = self.model_cfg.in_channels, self.resolution
+        return (c, self.data.num_frames, r, r) if self.data.kind == "video" else (c, r, r)
+
+    def tokens_per_sample(self) -> int:
+        spec = self.players["student"].spec
+        frames = self.data.num_frames // spec.temporal_patch if self.data.kind == "video" else 1
+        return frames * (self.resolution // spec.preset.patch) ** 2
+
+    def macs_per_sample(self) -> int:
+        return self.players["student"].macs((1, *self.sample_shape()), self.text.max_length)
+
+    # ---- data -> x0 -------------------------------------------------------------------------
+    @torch.no_grad()
+    def clean_input(self, batch: dict[str, Any]) -> Tensor:
+        """x0: precomputed latents, or pixels (encoded when the model is latent)."""
+        if "latent" in batch:
+            return batch["latent"]
+        return self.autoencoder.encode(batch["video"] if self.data.kind == "video" else batch["image"])
+
+    @torch.no_grad()
+    def condition(self, captions: list[str], generator: torch.Generator) -> TextEmbedding:
+        return self.text.encode(drop_captions(captions, self.stage_cfg.cfg_dropout, generator))
+
+    # ---- loss -------------------------------------------------------------------------------
+    def noised(self, x0: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        t = sample_timesteps(self.diffusion, x0.shape[0], generator)  # (B,)
+        eps = torch.randn(x0.shape, generator=generator)
+        alpha, sigma = self.schedule.alpha_sigma(t)  # (B,), (B,)
+        return t, eps, alpha, sigma, add_noise(x0, eps, alpha, sigma)
+
+    def prepare(self, batch: dict[str, Any], generator: torch.Generator) -> tuple[dict[str, Any], tuple[Tensor, ...]]:
+        """Network inputs and loss targets of one batch: (x_t, t, text, extras), (x0, eps, x_t, alpha, sigma)."""
+        x0 = self.clean_input(batch)  # (B, C, h, w) or (B, C, F, h, w)
+        text = self.condition(batch["caption"], generator)
+        t, eps, alpha, sigma, x_t = self.noised(x0, generator)
+        return {"x": x_t, "t": t, "text": text}, (x0, eps, x_t, alpha, sigma)
+
+    def per_sample_loss(self, pred: Tensor, targets: tuple[Tensor, ...]) -> Tensor:
+        x0, eps, x_t, alpha, sigma = targets
+        return diffusion_loss(pred, x0, eps, x_t, alpha, sigma, self.diffusion.prediction,
+                              self.diffusion.loss_weighting, self.diffusion.min_snr_gamma)  # (B,)
+
+    def losses(self, batch: dict[str, Any], generator: torch.Generator) -> Iterator[PlayerLoss]:
+        inputs, targets = self.prepare(batch, generator)
+        extras = {k: v for k, v in inputs.items() if k not in ("x", "t", "text")}
+        pred = self.run("student", inputs["x"], inputs["t"], inputs["text"], **extras)
+        per_sample = self.per_sample_loss(pred, targets)
+        loss = per_sample.mean()
+        yield "student", loss, {"loss": float(loss), **timestep_bucket_losses(per_sample.detach(), inputs["t"])}
+
+    # ---- pipeline parallelism: noising before the pipe, the loss at its end -------------------
+    def pipeline_batch(self, batch: dict[str, Any], generator: torch.Generator) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        inputs, targets = self.prepare(batch, generator)
+        extras = {k: v for k, v in inputs.items() if k not in ("x", "t", "text")}
+        return self.players["student"].pack_inputs(inputs["x"], inputs["t"], inputs["text"], **extras), targets
+
+    def pipeline_loss(self, pred: Tensor, targets: tuple[Tensor, ...]) -> Tensor:
+        return self.per_sample_loss(pred, targets).mean()
+
+    # ---- samples ----------------------------------------------------------------------------
+    def sampling_net(self, weights: Optional[dict[str, Tensor]]) -> torch.nn.Module:
+        """A plain (unpartitioned) copy of the student carrying `weights`."""
+        net = build_dit(self.model_cfg, self.text.dim, self.text.pooled_dim)
+        if weights is not None:
+            net.load_state_dict(weights, strict=False)
+        return net.eval()
+
+    @torch.no_grad()
+    def decode(self, x0: Tensor) -> Tensor:
+        return self.autoencoder.decode(x0)
+
+    def write_samples(self, weights: Optional[dict[str, Tensor]], log: LogConfig, path: Path) -> Optional[Path]:
+        net = self.sampling_net(weights)
+        settings = SamplerSettings(steps=log.sample_steps, cfg_scale=log.sample_cfg)
+        generator = torch.Generator().manual_seed(0)
+        x0 = generate(net, self.text, self.schedule, self.diffusion.prediction, log.prompts,
+                      self.sample_shape(), settings, generator)
+        pixels = self.decode(x0)
+        if pixels.dim() == 5:
+            return save_video_grid(pixels, log.prompts, path.with_suffix(".gif"))
+        return save_image_grid(pixels, log.prompts, path)

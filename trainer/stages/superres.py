@@ -1,0 +1,65 @@
+"""Super-resolution stage of a cascade (Ho et al. 2021, "Cascaded Diffusion Models"; Imagen).
+
+The model sees the low-resolution image upsampled to the target size and concatenated to its
+noisy input. That low-resolution input is itself corrupted with noise of a sampled level s
+(noise-conditioning augmentation), and s is a conditioning input, so at inference the cascade
+can pick the level that best hides the base model's artefacts.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from trainer.config import LogConfig
+from trainer.diffusion import add_noise
+from trainer.media import save_image_grid
+from trainer.models.dit import upsample_like
+from trainer.sampling import SamplerSettings, generate
+from trainer.stages.pretrain import PretrainStage
+
+
+class SuperResStage(PretrainStage):
+    """Trains p(x_hi | x_lo, text); the schedule is shifted for the larger resolution."""
+
+    @property
+    def resolution(self) -> int:
+        return self.data.sr_resolution // self.autoencoder.downsample_factor
+
+    def lowres_input(self, batch: dict[str, Any]) -> Tensor:
+        return self.autoencoder.encode(batch["image_lr"])
+
+    def augment(self, lowres: Tensor, level: Tensor, generator: torch.Generator) -> Tensor:
+        """Noise-conditioning augmentation: x_lo at diffusion time `level` of the same schedule."""
+        alpha, sigma = self.schedule.alpha_sigma(level)
+        return add_noise(lowres, torch.randn(lowres.shape, generator=generator), alpha, sigma)
+
+    def prepare(self, batch: dict[str, Any], generator: torch.Generator) -> tuple[dict[str, Any], tuple[Tensor, ...]]:
+        inputs, targets = super().prepare(batch, generator)  # x0 at the high resolution
+        with torch.no_grad():
+            lowres = self.lowres_input(batch)  # (B, C, H/k, W/k)
+        level = torch.rand(lowres.shape[0], generator=generator) * self.stage_cfg.noise_aug_max  # (B,)
+        inputs.update(lowres=self.augment(lowres, level, generator), aug_level=level)
+        self.preview = (lowres[:4].clone(), list(batch["caption"][:4]))
+        return inputs, targets
+
+    def upsample_extras(self, lowres: Tensor, generator: Optional[torch.Generator]) -> dict[str, Tensor]:
+        """The conditioning of one super-resolution call at inference (fixed augmentation level)."""
+        level = torch.full((lowres.shape[0],), self.stage_cfg.noise_aug_sample)
+        return {"lowres": self.augment(lowres, level, generator), "aug_level": level}
+
+    def write_samples(self, weights: Optional[dict[str, Tensor]], log: LogConfig, path: Path) -> Optional[Path]:
+        """Low-resolution inputs (top row) and their super-resolved samples (bottom row)."""
+        if getattr(self, "preview", None) is None:
+            return None
+        lowres, prompts = self.preview
+        generator = torch.Generator().manual_seed(0)
+        settings = SamplerSettings(steps=log.sample_steps, cfg_scale=log.sample_cfg)
+        x0 = generate(self.sampling_net(weights), self.text, self.schedule, self.diffusion.prediction, prompts,
+                      self.sample_shape(), settings, generator, self.upsample_extras(lowres, generator))
+        high = self.decode(x0)
+        low = upsample_like(self.decode(lowres), high)
+        return save_image_grid(torch.cat([low, high]), ["input: " + p for p in prompts] + prompts, path,
+                               cols=len(prompts))
