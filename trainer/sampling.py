@@ -11,22 +11,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from trainer.diffusion import (
-    cfg_model,
-    sample_ddim,
-    sample_ddpm,
-    sample_dpmpp_2m,
-    sample_euler,
-    sampling_timesteps,
-)
-from trainer.diffusion.schedules import NoiseSchedule
-
-SAMPLERS: dict[str, Callable[..., Tensor]] = {
-    "ddim": sample_ddim,
-    "ddpm": sample_ddpm,
-    "euler": sample_euler,
-    "dpmpp2m": sample_dpmpp_2m,
-}
+from trainer.diffusion import SAMPLERS, NoiseSchedule, cfg_model, sampling_timesteps
 
 
 @dataclass
