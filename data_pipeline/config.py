@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 @dataclass
 class DataConfig:
     # Where the shards are: a directory holding `manifest.json` and `*.tar`, or a brace/glob
-    # pattern of tar files ("data/shards-{00000..00009}.tar").
+    # pattern of tar files ("data/shards-{00000..00009}.tar"). Several sources are joined with
+    # "::" (as in open_clip); an epoch then covers their union exactly once.
     shards: str = "${run.out_dir}/data"
-    # Extra datasets for resampled (infinite, weighted) streams: {"path": weight, ...}.
+    # Extra datasets for resampled (infinite, weighted) streams: {"path": weight, ...}. The
+    # `shards` source takes part with weight 1.0 unless it is "". Needs resampled=true.
     mixture: dict[str, float] = field(default_factory=dict)
     kind: str = "image"  # image | video (images become 1-frame clips in video mode)
     resolution: int = 32  # base training resolution (pixels, square crop)
@@ -28,3 +30,44 @@ class DataConfig:
     resampled: bool = False  # infinite stream, shards drawn with replacement
     error_budget: float = 0.05  # max fraction of bad samples before the run stops
     min_errors_before_budget: int = 20  # the budget applies once this many samples were read
+    # Video mode: shorter clip lengths a video may fall into when it is too short for
+    # num_frames (clips of one length share a batch). 1 (images) and num_frames are implied.
+    frame_buckets: list[int] = field(default_factory=list)
+    # Samples are shuffled within blocks of this many consecutive samples of the epoch's
+    # shard order (like webdataset's shuffle buffer: also the raw bytes held per worker).
+    shuffle_buffer: int = 1000
+    # The last batches of an epoch: False pads them with repeats of earlier samples marked
+    # `valid=False` (every sample is seen exactly once); True drops the remainder instead.
+    drop_last: bool = False
+    # With several buckets, batches are formed within windows of this many batches.
+    bucket_window: int = 8
+    prefetch_factor: int = 2  # batches prefetched per worker
+    max_logged_skips: int = 20  # per worker and reason; later skips are only counted
+
+
+def validate_data_config(cfg: DataConfig) -> None:
+    """Raise ValueError naming the `data.` key when a value cannot work."""
+    checks = [
+        (cfg.kind in ("image", "video"), "kind", "must be image or video"),
+        (cfg.resolution >= 8 and cfg.resolution % 8 == 0, "resolution", "must be a positive multiple of 8"),
+        (cfg.sr_resolution == 0 or cfg.sr_resolution > cfg.resolution, "sr_resolution",
+         "must be 0 (off) or larger than data.resolution"),
+        (cfg.batch_size >= 1, "batch_size", "must be at least 1"),
+        (cfg.num_workers >= 0, "num_workers", "must be >= 0"),
+        (cfg.num_frames >= 1, "num_frames", "must be at least 1"),
+        (cfg.frame_stride >= 1, "frame_stride", "must be at least 1"),
+        (all(f >= 1 for f in cfg.frame_buckets), "frame_buckets", "frame counts must be >= 1"),
+        (all(a > 0 for a in cfg.aspect_buckets), "aspect_buckets", "ratios (width / height) must be > 0"),
+        (0.0 <= cfg.error_budget <= 1.0, "error_budget", "must be a fraction in [0, 1]"),
+        (cfg.min_errors_before_budget >= 0, "min_errors_before_budget", "must be >= 0"),
+        (cfg.shuffle_buffer >= 1, "shuffle_buffer", "must be at least 1 (1 = no shuffle within shards)"),
+        (cfg.bucket_window >= 1, "bucket_window", "must be at least 1"),
+        (cfg.prefetch_factor >= 1, "prefetch_factor", "must be at least 1"),
+        (all(w > 0 for w in cfg.mixture.values()), "mixture", "weights must be > 0"),
+        (not cfg.mixture or cfg.resampled, "mixture",
+         "weights only make sense when sampling with replacement: set data.resampled=true, or join "
+         "the sources with '::' in data.shards to see their union once per epoch"),
+    ]
+    for ok, key, message in checks:
+        if not ok:
+            raise ValueError(f"data.{key}: {message}")

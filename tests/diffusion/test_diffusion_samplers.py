@@ -39,7 +39,7 @@ def _noise(batch: int = 6, seed: int = 1, dtype=torch.float32) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "name,steps", [("ddim", 50), ("euler", 50), ("dpmpp_2m", 25), ("ddpm", 100)]
+    "name,steps", [("ddim", 50), ("euler", 50), ("dpmpp2m", 25), ("ddpm", 100)]
 )
 def test_sampling_the_closed_form_denoiser_memorizes(name, steps):
     ts = sampling_timesteps(SCHEDULE, steps, "trailing")
