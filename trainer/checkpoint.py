@@ -6,7 +6,8 @@ Layout (torchtitan-style: everything stateful goes through one place):
       step_00000200/
         <player>/...                 DeepSpeed engine state of each trained player (student, disc)
         rank_00000.json              step, data-stream state, python/numpy RNG, counters (per rank)
-        rank_00000.safetensors       torch RNG states, EMA shard (per rank)
+        rank_00000.safetensors       torch RNG states (per rank)
+        ema.safetensors              whole EMA weights of the student (what users sample/export)
         config.yaml                  the resolved run config
         COMPLETE.json                sha256 of every file above; written last = completion marker
       latest                         "step_00000200", replaced atomically after the rename
@@ -39,6 +40,7 @@ from trainer.config import CheckpointConfig
 
 LATEST = "latest"
 COMPLETE = "COMPLETE.json"
+EMA_FILE = "ema.safetensors"
 TMP_PREFIX = ".tmp-"
 
 
@@ -161,7 +163,9 @@ class CheckpointManager:
         self.before_commit: Optional[Callable[[int, Path], None]] = None
 
     # ---- save -------------------------------------------------------------------------------
-    def save(self, step: int, engines: dict[str, Any], rank_state: RankState, config_yaml: str) -> Path:
+    def save(self, step: int, engines: dict[str, Any], rank_state: RankState, config_yaml: str,
+             ema: Optional[dict[str, torch.Tensor]] = None) -> Path:
+        """Collective. `ema`: whole EMA tensors (gathered on every rank; rank 0 writes them)."""
         final = self.root / step_name(step)
         tmp = self.root / f"{TMP_PREFIX}{step_name(step)}"
         if self.rank == 0:
@@ -174,6 +178,8 @@ class CheckpointManager:
             for name, engine in engines.items():
                 engine.save_checkpoint(str(tmp), tag=name, save_latest=False)
             self._write_rank_state(tmp, rank_state)
+            if ema is not None and self.rank == 0:
+                save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp / EMA_FILE))
             if self.before_commit is not None:
                 self.before_commit(step, tmp)
         except Exception as e:  # reported collectively below, so no rank is left waiting
@@ -270,3 +276,19 @@ class CheckpointManager:
                                          load_lr_scheduler_states=True)
         if path is None:
             raise CheckpointError(f"DeepSpeed found no state for '{name}' in {directory}")
+
+
+def load_for_inference(directory: str | Path) -> tuple[str, dict[str, torch.Tensor]]:
+    """(resolved config YAML, whole EMA weights) of a complete checkpoint, after verifying its
+    files; `directory` may be a checkpoint root holding `latest`. No pickle is involved."""
+    directory = Path(directory)
+    if (directory / LATEST).is_file():
+        directory = directory / (directory / LATEST).read_text().strip()
+    if not (directory / COMPLETE).is_file():
+        raise CheckpointError(f"{directory} is not a complete checkpoint (no {COMPLETE})")
+    complete = json.loads((directory / COMPLETE).read_text())
+    for rel in ("config.yaml", EMA_FILE):
+        path = directory / rel
+        if rel not in complete["files"] or _sha256(path) != complete["files"][rel]:
+            raise CheckpointError(f"{path} is missing or was modified after it was written")
+    return (directory / "config.yaml").read_text(), load_file(str(directory / EMA_FILE))

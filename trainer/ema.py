@@ -69,19 +69,25 @@ class EMA:
             out[n] = self._gather(p, local) if _is_partitioned(p) else local.clone()
         return out
 
-    def local_state_dict(self) -> dict[str, torch.Tensor]:
-        """This rank's shard, for the checkpoint (each rank saves its own)."""
-        return {n: t.contiguous() for n, t in self.shadow.items()}
+    def _partition(self, p: nn.Parameter, full: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of a whole tensor, laid out as ZeRO-3 partitions it (padded flat)."""
+        part = p.ds_tensor.numel()
+        flat = torch.zeros(part * dist.get_world_size(), dtype=full.dtype)
+        flat[: full.numel()] = full.flatten()
+        rank = dist.get_rank()
+        return flat[rank * part: (rank + 1) * part]
 
-    def load_local_state_dict(self, state: dict[str, torch.Tensor], num_updates: int) -> None:
+    def load_full_state_dict(self, module: nn.Module, state: dict[str, torch.Tensor], num_updates: int) -> None:
+        """Restore from whole tensors (the checkpoint's ema.safetensors), re-partitioning them
+        under ZeRO-3; every name and shape must match."""
         missing = set(self.shadow) - set(state)
         if missing:
             raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {sorted(missing)[:3]}")
-        for n, t in state.items():
-            if n in self.shadow:
-                if t.shape != self.shadow[n].shape:
-                    raise ValueError(f"EMA tensor {n}: checkpoint shape {tuple(t.shape)} != {tuple(self.shadow[n].shape)}")
-                self.shadow[n].copy_(t)
+        for n, p in self._params(module):
+            full = state[n]
+            if tuple(full.shape) != tuple(getattr(p, "ds_shape", p.shape)):
+                raise ValueError(f"EMA tensor {n}: checkpoint shape {tuple(full.shape)} does not match the model")
+            self.shadow[n].copy_(self._partition(p, full) if _is_partitioned(p) else full)
         self.num_updates = num_updates
 
     @torch.no_grad()

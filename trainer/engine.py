@@ -16,10 +16,11 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 from torch import nn
 
 from trainer import faults
-from trainer.checkpoint import CheckpointError, CheckpointManager, RankState
+from trainer.checkpoint import EMA_FILE, CheckpointError, CheckpointManager, RankState
 from trainer.config import DeepSpeedConfig, OptimConfig, RunConfig, to_yaml, validate
 from trainer.distributed import DistContext, PreemptionFlag, any_rank, init_distributed
 from trainer.ema import EMA
@@ -191,12 +192,11 @@ class Trainer:
         state.meta.update(step=self.state.step, skipped_steps=self.state.skipped_steps,
                           nonfinite_in_row=self.state.nonfinite_in_row, stream=self.stream.state_dict(),
                           ema_updates=self.ema.num_updates if self.ema else 0)
-        if self.ema is not None:
-            state.tensors.update({f"ema.{k}": v for k, v in self.ema.local_state_dict().items()})
         return state
 
     def save(self) -> Path:
-        return self.ckpt.save(self.state.step, self.engines, self.rank_state(), self.config_yaml)
+        ema = self.ema.full_state_dict(self.ema_module) if self.ema is not None else None
+        return self.ckpt.save(self.state.step, self.engines, self.rank_state(), self.config_yaml, ema)
 
     def resume(self) -> bool:
         directory = self.ckpt.latest() if self.cfg.checkpoint.resume else None
@@ -210,8 +210,8 @@ class Trainer:
         restore_rng(state, self.generator)
         self.stream.load_state_dict(state.meta["stream"])
         if self.ema is not None:
-            ema = {k[len("ema."):]: v for k, v in state.tensors.items() if k.startswith("ema.")}
-            self.ema.load_local_state_dict(ema, state.meta["ema_updates"])
+            ema = load_file(str(directory / EMA_FILE))
+            self.ema.load_full_state_dict(self.ema_module, ema, state.meta["ema_updates"])
         self.state = LoopState(step=state.meta["step"], skipped_steps=state.meta["skipped_steps"],
                                nonfinite_in_row=state.meta["nonfinite_in_row"])
         if self.ctx.is_main:

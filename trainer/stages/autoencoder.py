@@ -51,7 +51,7 @@ class AutoencoderStage(Stage):
         recon, kl = self.run("student", x, generator)  # (B, 3, H, W), (B,)
         rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
         loss = rec + self.stage_cfg.kl_weight * kl.mean()
-        yield "student", loss, {"loss": float(loss), "recon": float(rec), "kl": float(kl.mean())}
+        yield "student", loss, {"loss": float(loss.detach()), "recon": float(rec.detach()), "kl": float(kl.detach().mean())}
 
     def trained_copy(self, weights: dict[str, Tensor]) -> Autoencoder:
         trainer = VAETraining(Autoencoder(build_kl(self.cfg)))

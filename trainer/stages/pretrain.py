@@ -88,7 +88,7 @@ class PretrainStage(Stage):
         pred = self.run("student", inputs["x"], inputs["t"], inputs["text"], **extras)
         per_sample = self.per_sample_loss(pred, targets)
         loss = per_sample.mean()
-        yield "student", loss, {"loss": float(loss), **timestep_bucket_losses(per_sample.detach(), inputs["t"])}
+        yield "student", loss, {"loss": float(loss.detach()), **timestep_bucket_losses(per_sample.detach(), inputs["t"])}
 
     # ---- pipeline parallelism: noising before the pipe, the loss at its end -------------------
     def pipeline_batch(self, batch: dict[str, Any], generator: torch.Generator) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
