@@ -8,6 +8,7 @@ Layout (torchtitan-style: everything stateful goes through one place):
         rank_00000.json              step, data-stream state, python/numpy RNG, counters (per rank)
         rank_00000.safetensors       torch RNG states (per rank)
         ema.safetensors              whole EMA weights of the student (what users sample/export)
+        stage.safetensors            tensors a stage needs on resume (e.g. the current teacher)
         config.yaml                  the resolved run config
         COMPLETE.json                sha256 of every file above; written last = completion marker
       latest                         "step_00000200", replaced atomically after the rename
@@ -41,6 +42,7 @@ from trainer.config import CheckpointConfig
 LATEST = "latest"
 COMPLETE = "COMPLETE.json"
 EMA_FILE = "ema.safetensors"
+STAGE_FILE = "stage.safetensors"
 TMP_PREFIX = ".tmp-"
 
 
@@ -164,8 +166,9 @@ class CheckpointManager:
 
     # ---- save -------------------------------------------------------------------------------
     def save(self, step: int, engines: dict[str, Any], rank_state: RankState, config_yaml: str,
-             ema: Optional[dict[str, torch.Tensor]] = None) -> Path:
-        """Collective. `ema`: whole EMA tensors (gathered on every rank; rank 0 writes them)."""
+             shared: dict[str, dict[str, torch.Tensor]]) -> Path:
+        """Collective. `shared`: file name -> whole tensors, identical on every rank (the EMA,
+        the stage's state); rank 0 writes them."""
         final = self.root / step_name(step)
         tmp = self.root / f"{TMP_PREFIX}{step_name(step)}"
         if self.rank == 0:
@@ -178,8 +181,9 @@ class CheckpointManager:
             for name, engine in engines.items():
                 engine.save_checkpoint(str(tmp), tag=name, save_latest=False)
             self._write_rank_state(tmp, rank_state)
-            if ema is not None and self.rank == 0:
-                save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp / EMA_FILE))
+            for filename, tensors in shared.items():
+                if self.rank == 0 and tensors:
+                    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / filename))
             if self.before_commit is not None:
                 self.before_commit(step, tmp)
         except Exception as e:  # reported collectively below, so no rank is left waiting

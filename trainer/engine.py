@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from trainer import faults
-from trainer.checkpoint import EMA_FILE, CheckpointError, CheckpointManager, RankState
+from trainer.checkpoint import EMA_FILE, STAGE_FILE, CheckpointError, CheckpointManager, RankState
 from trainer.config import DeepSpeedConfig, OptimConfig, RunConfig, to_yaml, validate
 from trainer.distributed import DistContext, PreemptionFlag, any_rank, init_distributed
 from trainer.ema import EMA
@@ -195,8 +195,10 @@ class Trainer:
         return state
 
     def save(self) -> Path:
-        ema = self.ema.full_state_dict(self.ema_module) if self.ema is not None else None
-        return self.ckpt.save(self.state.step, self.engines, self.rank_state(), self.config_yaml, ema)
+        shared = {STAGE_FILE: self.stage.state_tensors()}
+        if self.ema is not None:
+            shared[EMA_FILE] = self.ema.full_state_dict(self.ema_module)
+        return self.ckpt.save(self.state.step, self.engines, self.rank_state(), self.config_yaml, shared)
 
     def resume(self) -> bool:
         directory = self.ckpt.latest() if self.cfg.checkpoint.resume else None
@@ -212,6 +214,8 @@ class Trainer:
         if self.ema is not None:
             ema = load_file(str(directory / EMA_FILE))
             self.ema.load_full_state_dict(self.ema_module, ema, state.meta["ema_updates"])
+        if (directory / STAGE_FILE).is_file():
+            self.stage.load_state_tensors(load_file(str(directory / STAGE_FILE)))
         self.state = LoopState(step=state.meta["step"], skipped_steps=state.meta["skipped_steps"],
                                nonfinite_in_row=state.meta["nonfinite_in_row"])
         if self.ctx.is_main:
@@ -300,6 +304,7 @@ class Trainer:
         code = EXIT_OK
         while self.state.step < total:
             faults.maybe_kill(self.state.step + 1)
+            self.stage.start_of_step(self.state.step, self.raw_weights)
             code = self.after_step(self.train_step(batches)) or EXIT_OK
             if code:
                 break
@@ -319,16 +324,17 @@ class Trainer:
                   f"(requeue). Rerun the same command to resume.", file=sys.stderr, flush=True)
         return code
 
-    def full_weights(self) -> dict[str, torch.Tensor]:
-        """Whole weights of the student: the EMA when enabled, else the raw (ZeRO-3 gathered)
-        parameters. Collective: every rank calls it."""
-        if self.ema is not None:
-            return self.ema.full_state_dict(self.ema_module)
+    def raw_weights(self) -> dict[str, torch.Tensor]:
+        """The student's whole current parameters (gathered under ZeRO-3). Collective."""
         import deepspeed
 
         params = list(self.ema_module.parameters())
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             return {n: p.detach().clone() for n, p in self.ema_module.named_parameters()}
+
+    def full_weights(self) -> dict[str, torch.Tensor]:
+        """Whole weights of the student: the EMA when enabled, else the raw ones. Collective."""
+        return self.ema.full_state_dict(self.ema_module) if self.ema is not None else self.raw_weights()
 
     def write_samples(self) -> Optional[Path]:
         """EMA (else raw) sample grid for the fixed prompts (collective gather, rank 0 draws)."""

@@ -40,6 +40,21 @@ class Stage:
     def losses(self, batch: dict[str, Any], generator: torch.Generator) -> Iterator[PlayerLoss]:
         raise NotImplementedError
 
+    def start_of_step(self, step: int, student_weights: Callable[[], dict[str, torch.Tensor]]) -> None:
+        """Called on every rank before step `step` (0-based count of finished steps).
+
+        `student_weights()` returns the student's whole current (raw, not EMA) weights; it is a
+        collective, so a stage calls it on all ranks or on none - decide from `step` alone.
+        Progressive distillation uses this to make the student the next round's teacher."""
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Whole tensors the stage needs on resume beyond its players (e.g. a teacher that was
+        a student earlier in the run); saved once per checkpoint as `stage.safetensors`."""
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what `state_tensors` returned (called on every rank when resuming)."""
+
     def tokens_per_sample(self) -> int:
         return 0
 
