@@ -16,7 +16,7 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data_pipeline.config import DataConfig
+from data_pipeline.config import DataConfig, validate_data_config
 
 
 class ConfigError(ValueError):
@@ -320,9 +320,11 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
         "deepspeed.offload_params",
         "parameter offload needs deepspeed.zero_stage=3",
     )
-    _check(cfg.data.batch_size >= 1, "data.batch_size", "must be at least 1")
-    _check(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
-    _check(cfg.data.resolution % 8 == 0, "data.resolution", "must be a multiple of 8")
+    try:
+        validate_data_config(cfg.data)
+    except ValueError as e:  # "data.<key>: ..."
+        key, _, message = str(e).partition(": ")
+        raise ConfigError(key, message or str(e)) from None
     _check(0.0 < cfg.ema.decay < 1.0, "ema.decay", "must be in (0, 1)")
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be at least 1 (never delete the only checkpoint)")
     if st.kind == "superres":

@@ -145,3 +145,14 @@ def test_cfg_dropout_rate():
     assert abs(frac - 0.1) < 0.01  # binomial std is 0.002
     assert all(d in ("", c) for d, c in zip(dropped, captions))
     assert drop_captions(captions, 0.0, g) == captions
+
+
+def test_pipeline_matches_single_process(shapes_shards, tmp_path):
+    """2 pipeline stages on 2 ranks vs the same model in one process on the same data."""
+    common = ["stage.steps=4", "checkpoint.every=4", "deepspeed.grad_accum=2", "deepspeed.zero_stage=1"]
+    single, piped = tmp_path / "single", tmp_path / "piped"
+    assert_ok(run_train(1, base(shapes_shards, single, *common)))
+    assert_ok(run_train(2, base(shapes_shards, piped, *common, "deepspeed.pipeline_stages=2")))
+    a, b = losses(single), losses(piped)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert all(abs(a[s] - b[s]) < 1e-4 for s in a), (a, b)

@@ -71,23 +71,26 @@ class PretrainStage(Stage):
         return t, eps, alpha, sigma, add_noise(x0, eps, alpha, sigma)
 
     def prepare(self, batch: dict[str, Any], generator: torch.Generator) -> tuple[dict[str, Any], tuple[Tensor, ...]]:
-        """Network inputs and loss targets of one batch: (x_t, t, text, extras), (x0, eps, x_t, alpha, sigma)."""
+        """Network inputs and loss targets of one batch: (x_t, t, text, extras),
+        (x0, eps, x_t, alpha, sigma, weight); weight 0 marks the loader's padding repeats."""
         x0 = self.clean_input(batch)  # (B, C, h, w) or (B, C, F, h, w)
         text = self.condition(batch["caption"], generator)
         t, eps, alpha, sigma, x_t = self.noised(x0, generator)
-        return {"x": x_t, "t": t, "text": text}, (x0, eps, x_t, alpha, sigma)
+        weight = batch["valid"].to(x0.dtype) if "valid" in batch else torch.ones(x0.shape[0])  # (B,)
+        return {"x": x_t, "t": t, "text": text}, (x0, eps, x_t, alpha, sigma, weight)
 
-    def per_sample_loss(self, pred: Tensor, targets: tuple[Tensor, ...]) -> Tensor:
-        x0, eps, x_t, alpha, sigma = targets
-        return diffusion_loss(pred, x0, eps, x_t, alpha, sigma, self.diffusion.prediction,
-                              self.diffusion.loss_weighting, self.diffusion.min_snr_gamma)  # (B,)
+    def weighted_loss(self, pred: Tensor, targets: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        """(scalar loss over the valid samples, per-sample loss (B,))."""
+        x0, eps, x_t, alpha, sigma, weight = targets
+        per_sample = diffusion_loss(pred, x0, eps, x_t, alpha, sigma, self.diffusion.prediction,
+                                    self.diffusion.loss_weighting, self.diffusion.min_snr_gamma)  # (B,)
+        return (per_sample * weight).sum() / weight.sum().clamp(min=1.0), per_sample
 
     def losses(self, batch: dict[str, Any], generator: torch.Generator) -> Iterator[PlayerLoss]:
         inputs, targets = self.prepare(batch, generator)
         extras = {k: v for k, v in inputs.items() if k not in ("x", "t", "text")}
         pred = self.run("student", inputs["x"], inputs["t"], inputs["text"], **extras)
-        per_sample = self.per_sample_loss(pred, targets)
-        loss = per_sample.mean()
+        loss, per_sample = self.weighted_loss(pred, targets)
         yield "student", loss, {"loss": float(loss.detach()), **timestep_bucket_losses(per_sample.detach(), inputs["t"])}
 
     # ---- pipeline parallelism: noising before the pipe, the loss at its end -------------------
@@ -97,7 +100,7 @@ class PretrainStage(Stage):
         return self.players["student"].pack_inputs(inputs["x"], inputs["t"], inputs["text"], **extras), targets
 
     def pipeline_loss(self, pred: Tensor, targets: tuple[Tensor, ...]) -> Tensor:
-        return self.per_sample_loss(pred, targets).mean()
+        return self.weighted_loss(pred, targets)[0]
 
     # ---- samples ----------------------------------------------------------------------------
     def sampling_net(self, weights: Optional[dict[str, Tensor]]) -> torch.nn.Module:

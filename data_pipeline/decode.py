@@ -1,0 +1,145 @@
+"""Safe decoding: an allowlist of member types, nothing else is ever interpreted.
+
+webdataset's default decoders unpickle `.pyd`/`.pkl` members, which executes code chosen by
+whoever wrote the shard. Here every member type has an explicit decoder (PIL for images,
+PyAV for video, UTF-8 text, JSON, `.npy` with `allow_pickle=False`, safetensors); pickle-like
+members are dropped and counted, never opened; unknown members are dropped and counted.
+"""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import PIL.Image
+import safetensors.torch
+import torch
+
+from data_pipeline.errors import SkipCounter, SkipSample
+from data_pipeline.tar_reader import RawSample
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # in order of preference for the sample's image
+VIDEO_EXTS = ("mp4", "webm", "mkv", "mov", "avi")
+CAPTION_EXTS = ("txt", "caption", "text")
+TENSOR_EXTS = ("npy", "safetensors")
+# Pickle-based formats: executing them is how a malicious shard would run code.
+UNSAFE_EXTS = ("pyd", "pkl", "pickle", "pth", "pt", "ckpt", "joblib", "dill")
+# PIL would otherwise also open EPS (Ghostscript) and dozens of other parsers.
+PIL_FORMATS = ["JPEG", "PNG", "WEBP"]
+
+
+@dataclass
+class Decoded:
+    """A sample after decoding; media stay lazy (image header parsed, video bytes)."""
+
+    key: str
+    caption: str
+    meta: dict
+    image: Optional[PIL.Image.Image] = None
+    video: Optional[bytes] = None
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def member_type(ext: str) -> str:
+    """The last dotted part of an extension, lower-case: `seg.PNG` -> `png`."""
+    return ext.rsplit(".", 1)[-1].lower()
+
+
+def decode_text(data: bytes) -> str:
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise SkipSample("corrupt_text", str(e)) from None
+
+
+def decode_json(data: bytes) -> dict:
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise SkipSample("corrupt_json", str(e)) from None
+    return value if isinstance(value, dict) else {"value": value}
+
+
+def decode_npy(data: bytes) -> torch.Tensor:
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:  # object arrays need pickle: refused here
+        raise SkipSample("corrupt_array", f"npy: {e}") from None
+    if not isinstance(array, np.ndarray):
+        raise SkipSample("corrupt_array", "npy member is not a single array")
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def decode_safetensors(data: bytes) -> dict[str, torch.Tensor]:
+    try:
+        return safetensors.torch.load(data)
+    except Exception as e:  # the Rust parser raises its own error type on any malformed header
+        raise SkipSample("corrupt_array", f"safetensors: {e}") from None
+
+
+def open_image(data: bytes) -> PIL.Image.Image:
+    """Parse the header of a JPEG/PNG/WebP (pixels are decoded later, at the needed scale)."""
+    try:
+        return PIL.Image.open(io.BytesIO(data), formats=PIL_FORMATS)
+    except (PIL.UnidentifiedImageError, OSError, ValueError, PIL.Image.DecompressionBombError) as e:
+        raise SkipSample("corrupt_image", str(e)) from None
+
+
+def decode_sample(raw: RawSample, shard: str, counter: SkipCounter) -> Decoded:
+    """Decode the members of one sample through the allowlist; SkipSample when unusable."""
+    by_type: dict[str, list[tuple[str, bytes]]] = {}
+    for ext, data in raw.members.items():
+        t = member_type(ext)
+        if t in UNSAFE_EXTS:
+            counter.member("rejected_unsafe_member", shard, raw.key, f"{raw.key}.{ext}")
+        elif t in IMAGE_EXTS or t in VIDEO_EXTS or t in CAPTION_EXTS or t in TENSOR_EXTS or t == "json":
+            by_type.setdefault(t, []).append((ext, data))
+        else:
+            counter.member("ignored_member", shard, raw.key, f"{raw.key}.{ext}")
+    meta = decode_json(_first(by_type, ("json",))) if "json" in by_type else {}
+    sample = Decoded(raw.key, _caption(by_type, meta), meta)
+    sample.tensors = _tensors(by_type)
+    image = _first(by_type, IMAGE_EXTS)
+    video = _first(by_type, VIDEO_EXTS)
+    if image is not None:
+        sample.image = open_image(image)
+    elif video is not None:
+        sample.video = video
+    elif not sample.tensors:
+        raise SkipSample("missing_media", f"no image, video or tensor member among {sorted(raw.members)}")
+    return sample
+
+
+def _first(by_type: dict, types: tuple[str, ...]) -> Optional[bytes]:
+    for t in types:
+        if t in by_type:
+            return by_type[t][0][1]
+    return None
+
+
+def _caption(by_type: dict, meta: dict) -> str:
+    data = _first(by_type, CAPTION_EXTS)
+    if data is not None:
+        caption = decode_text(data)
+    elif isinstance(meta.get("caption"), str):
+        caption = meta["caption"].strip()
+    else:
+        raise SkipSample("missing_caption", "no txt member and no caption in json")
+    if not caption:
+        raise SkipSample("empty_caption", "the caption is empty")
+    return caption
+
+
+def _tensors(by_type: dict) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for ext, data in by_type.get("npy", []):
+        out[ext[: -len(".npy")] if ext.lower().endswith(".npy") else "npy"] = decode_npy(data)
+    for _, data in by_type.get("safetensors", []):
+        for name, value in decode_safetensors(data).items():
+            if name in out:
+                raise SkipSample("corrupt_array", f"tensor {name!r} appears in two members")
+            out[name] = value
+    return out
+

@@ -1,0 +1,134 @@
+"""`dit data inspect`: what a shard directory holds, and whether it is intact.
+
+Counts come from the manifest (or a header scan); resolutions and caption statistics from a
+sample of up to `max_samples` samples spread over the shards (image headers and video
+stream headers only, nothing is fully decoded). `verify` recomputes every shard's sha256
+and sample count and lists the shards that differ from the manifest.
+"""
+from __future__ import annotations
+
+import io
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+
+import av
+import numpy as np
+from tqdm import tqdm
+
+from data_pipeline.decode import CAPTION_EXTS, IMAGE_EXTS, VIDEO_EXTS, member_type, open_image
+from data_pipeline.errors import SkipSample
+from data_pipeline.manifest import Manifest, file_digest, resolve_source
+from data_pipeline.tar_reader import TarShard, count_samples
+
+
+@dataclass
+class Report:
+    manifest: Manifest
+    members: Counter = field(default_factory=Counter)
+    resolutions: Counter = field(default_factory=Counter)
+    frames: list[int] = field(default_factory=list)
+    caption_words: list[int] = field(default_factory=list)
+    missing_captions: int = 0
+    unreadable: int = 0
+    inspected: int = 0
+    bad_shards: dict[str, str] = field(default_factory=dict)
+    verified: bool = False
+
+
+def inspect_shards(source: str, verify: bool = False, max_samples: int = 1000, progress: bool = True) -> Report:
+    """Statistics of a shard directory (or pattern), optionally verifying every shard."""
+    manifest = resolve_source(source)
+    report = Report(manifest)
+    per_shard = -(-max_samples // max(len(manifest.shards), 1)) if max_samples > 0 else 0
+    for path in tqdm(manifest.paths(), desc="inspecting", unit="shard", disable=not progress):
+        _inspect_shard(path, per_shard, report)
+    if verify:
+        report.verified = True
+        for info, path in tqdm(list(zip(manifest.shards, manifest.paths())), desc="verifying",
+                               unit="shard", disable=not progress):
+            problem = _verify_shard(path, info.samples, info.bytes, info.sha256)
+            if problem:
+                report.bad_shards[info.name] = problem
+    return report
+
+
+def _verify_shard(path: str, samples: int, size: int, sha256: str) -> str:
+    """'' when the shard matches its manifest entry, else what differs."""
+    if not os.path.isfile(path):
+        return "missing"
+    actual_size, digest = file_digest(path)
+    if sha256 and digest != sha256:
+        return f"sha256 mismatch ({actual_size} bytes, manifest says {size})"
+    found = count_samples(path)
+    if found != samples:
+        return f"{found} readable samples, manifest says {samples}"
+    return ""
+
+
+def _inspect_shard(path: str, limit: int, report: Report) -> None:
+    if limit <= 0 or not os.path.isfile(path):
+        return
+    try:
+        for n, raw in enumerate(TarShard(path)):
+            if n >= limit:
+                break
+            report.inspected += 1
+            types = {member_type(ext): data for ext, data in raw.members.items()}
+            report.members.update(types.keys())
+            _media_stats(types, report)
+            caption = next((types[t] for t in CAPTION_EXTS if t in types), None)
+            text = caption.decode("utf-8", "replace").strip() if caption is not None else ""
+            if text:
+                report.caption_words.append(len(text.split()))
+            else:
+                report.missing_captions += 1
+    except SkipSample:
+        report.unreadable += 1
+
+
+def _media_stats(types: dict[str, bytes], report: Report) -> None:
+    image = next((types[t] for t in IMAGE_EXTS if t in types), None)
+    video = next((types[t] for t in VIDEO_EXTS if t in types), None)
+    try:
+        if image is not None:
+            w, h = open_image(image).size
+            report.resolutions[f"{w}x{h}"] += 1
+        elif video is not None:
+            with av.open(io.BytesIO(video)) as c:
+                s = c.streams.video[0]
+                report.resolutions[f"{s.codec_context.width}x{s.codec_context.height}"] += 1
+                report.frames.append(s.frames)
+    except (SkipSample, av.error.FFmpegError, IndexError, OSError):
+        report.unreadable += 1
+
+
+def _summary(values: list[int]) -> str:
+    if not values:
+        return "-"
+    a = np.asarray(values)
+    return f"min {a.min()}, mean {a.mean():.1f}, max {a.max()}"
+
+
+def format_report(r: Report) -> str:
+    """Human-readable lines for the CLI."""
+    m = r.manifest
+    counts = [s.samples for s in m.shards]
+    lines = [
+        f"source:      {m.root} ({m.kind}, {m.created_by or 'unknown origin'})",
+        f"shards:      {len(m.shards)}, {sum(s.bytes for s in m.shards) / 1e6:.1f} MB",
+        f"samples:     {m.num_samples} (per shard: {_summary(counts)})",
+        f"inspected:   {r.inspected} samples" + (f", {r.unreadable} unreadable" if r.unreadable else ""),
+        f"members:     " + ", ".join(f"{k} {v}" for k, v in sorted(r.members.items())),
+        f"resolutions: " + (", ".join(f"{k} ({v})" for k, v in r.resolutions.most_common(8)) or "-"),
+    ]
+    if r.frames:
+        lines.append(f"frames:      {_summary(r.frames)}")
+    lines.append(f"captions:    words {_summary(r.caption_words)}; missing or empty {r.missing_captions}")
+    if r.verified:
+        if r.bad_shards:
+            lines.append(f"verify:      {len(r.bad_shards)} BAD shard(s):")
+            lines.extend(f"  {name}: {why}" for name, why in sorted(r.bad_shards.items()))
+        else:
+            lines.append(f"verify:      all {len(m.shards)} shards match the manifest (sha256 and sample count)")
+    return "\n".join(lines)

@@ -1,0 +1,164 @@
+"""`manifest.json`: the per-shard sample counts, sizes and checksums of a shard directory.
+
+The loader plans exactly-once epochs from the sample counts, so it needs them before it
+reads a byte. Shards written by `dit data write|synth|precompute` come with a manifest;
+for foreign shards (img2dataset, video2dataset) the counts are taken by scanning the tar
+headers, and `dit data inspect DIR --write-manifest` stores them once.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import braceexpand
+
+from data_pipeline.errors import DataError
+from data_pipeline.tar_reader import count_samples
+
+MANIFEST_NAME = "manifest.json"
+SOURCE_SEPARATOR = "::"
+log = logging.getLogger("data_pipeline")
+
+
+@dataclass
+class ShardInfo:
+    name: str  # file name relative to the manifest's directory
+    samples: int
+    bytes: int = 0
+    sha256: str = ""  # "" when not recorded (scanned shards)
+
+
+@dataclass
+class Manifest:
+    root: str  # directory the shard names are relative to
+    shards: list[ShardInfo]
+    kind: str = "unknown"  # image | video | latent | mixed | unknown
+    created_by: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    def paths(self) -> list[str]:
+        return [os.path.join(self.root, s.name) for s in self.shards]
+
+    def fingerprint(self) -> str:
+        """Identifies the shard names and counts (not the content): stream states refer to it."""
+        text = json.dumps([[s.name, s.samples] for s in self.shards])
+        return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+    def to_json(self) -> dict:
+        return {
+            "version": 1,
+            "kind": self.kind,
+            "created_by": self.created_by,
+            "num_shards": len(self.shards),
+            "num_samples": self.num_samples,
+            "shards": [asdict(s) for s in self.shards],
+            "extra": self.extra,
+        }
+
+    def write(self) -> Path:
+        """Write `manifest.json` into `root` atomically."""
+        path = Path(self.root) / MANIFEST_NAME
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        os.replace(tmp, path)
+        return path
+
+
+def file_digest(path: str) -> tuple[int, str]:
+    """(size in bytes, sha256 hex) of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+def load_manifest(directory: str) -> Manifest:
+    """Read `DIR/manifest.json`; DataError when it is missing or malformed."""
+    path = Path(directory) / MANIFEST_NAME
+    try:
+        d = json.loads(path.read_text())
+        shards = [ShardInfo(**s) for s in d["shards"]]
+    except FileNotFoundError:
+        raise DataError(f"no {MANIFEST_NAME} in {directory}") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path} is malformed ({e}); rewrite it with `dit data inspect {directory} "
+                        f"--write-manifest`") from None
+    return Manifest(str(directory), shards, d.get("kind", "unknown"), d.get("created_by", ""), d.get("extra", {}))
+
+
+def scan_manifest(paths: list[str], kind: str = "unknown", checksums: bool = False) -> Manifest:
+    """Build a manifest by counting the samples of tar files (headers only)."""
+    if not paths:
+        raise DataError("no shards to scan")
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+    shards = []
+    for p in paths:
+        size, digest = file_digest(p) if checksums else (os.path.getsize(p), "")
+        shards.append(ShardInfo(os.path.relpath(os.path.abspath(p), root), count_samples(p), size, digest))
+    return Manifest(root, shards, kind, "scan")
+
+
+def _expand(pattern: str) -> list[str]:
+    """Brace and glob expansion of a shard pattern, sorted, existing files only."""
+    files: list[str] = []
+    for p in braceexpand.braceexpand(pattern):
+        files.extend(sorted(glob.glob(p)) if glob.has_magic(p) else ([p] if os.path.isfile(p) else []))
+    return files
+
+
+def resolve_source(spec: str) -> Manifest:
+    """One source: a shard directory (manifest.json or *.tar inside) or a brace/glob pattern."""
+    if os.path.isdir(spec):
+        if (Path(spec) / MANIFEST_NAME).is_file():
+            return load_manifest(spec)
+        paths = sorted(glob.glob(os.path.join(spec, "*.tar")))
+        if not paths:
+            raise DataError(f"{spec} holds neither {MANIFEST_NAME} nor *.tar files; point data.shards at "
+                            f"a shard directory written by `dit data write|synth`")
+        log.warning("no %s in %s: counting the samples of %d shards (run `dit data inspect %s "
+                    "--write-manifest` once to skip this)", MANIFEST_NAME, spec, len(paths), spec)
+        return scan_manifest(paths)
+    paths = _expand(spec)
+    if not paths:
+        raise DataError(f"data source {spec!r} matches no tar file; give a shard directory or a "
+                        f"pattern like 'dir/shard-{{000000..000009}}.tar'")
+    manifests = {d: _try_load(d) for d in {os.path.dirname(p) for p in paths}}
+    if all(manifests.values()):
+        by_path = {os.path.join(m.root, s.name): s for m in manifests.values() for s in m.shards}
+        missing = [p for p in paths if p not in by_path]
+        if not missing:
+            root = os.path.commonpath([os.path.dirname(p) for p in paths])
+            shards = [ShardInfo(os.path.relpath(p, root), **_counts(by_path[p])) for p in paths]
+            return Manifest(root, shards, next(iter(manifests.values())).kind, "subset")
+    return scan_manifest(paths)
+
+
+def _counts(s: ShardInfo) -> dict:
+    return {"samples": s.samples, "bytes": s.bytes, "sha256": s.sha256}
+
+
+def _try_load(directory: str):
+    try:
+        return load_manifest(directory)
+    except DataError:
+        return None
+
+
+def resolve_sources(spec: str) -> list[Manifest]:
+    """Every source of a "::"-joined spec, in order."""
+    parts = [p for p in spec.split(SOURCE_SEPARATOR) if p.strip()]
+    if not parts:
+        raise DataError("data.shards is empty; set it to a shard directory written by `dit data synth|write`")
+    return [resolve_source(p.strip()) for p in parts]

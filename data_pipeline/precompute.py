@@ -1,0 +1,132 @@
+"""`dit data precompute`: shards of encoder outputs, so large runs skip the encoders.
+
+Each source shard becomes one output shard of the same name holding, per sample, the same
+key, `txt` and `json`, and a `safetensors` member with what the encoder returned for it
+(e.g. `latent` (C, h, w), `text_emb` (L, D), `text_mask` (L,)). The loader stacks those
+tensors into the batch instead of pixels.
+
+The encoder is any callable `encoder(batch) -> dict[str, Tensor]` taking a batch as the
+stream yields it (`image` (B, 3, H, W) or `video` (B, 3, F, H, W) in [-1, 1], `caption`
+list[str]) and returning tensors with the batch dimension first. Images are centre-cropped
+at the configured resolution.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import zlib
+from pathlib import Path
+from typing import Callable, Iterator
+
+import safetensors.torch
+import torch
+import webdataset as wds
+from tqdm import tqdm
+
+from data_pipeline.config import DataConfig
+from data_pipeline.errors import DataError, SkipCounter, SkipSample
+from data_pipeline.manifest import Manifest, ShardInfo, file_digest, resolve_source
+from data_pipeline.plan import Slot
+from data_pipeline.stream import Item, collate, decode_stage, finalize, transform_stage
+from data_pipeline.tar_reader import TarShard
+from data_pipeline.transforms import TransformSpec
+
+Encoder = Callable[[dict], dict[str, torch.Tensor]]
+
+
+def load_encoder(spec: str, **kwargs) -> Encoder:
+    """`module:factory` -> factory(**kwargs), the encoder callable."""
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ValueError(f"--encoder {spec!r}: expected 'module:function', e.g. "
+                         f"'data_pipeline.precompute:toy_encoder'")
+    factory = getattr(importlib.import_module(module), name, None)
+    if factory is None:
+        raise ValueError(f"--encoder {spec!r}: {module} has no attribute {name!r}")
+    return factory(**kwargs)
+
+
+def toy_encoder(patch: int = 4, text_dim: int = 16, text_len: int = 8) -> Encoder:
+    """A stand-in for tests and demos: average-pooled pixels as `latent`, hashed words as
+    `text_emb` (text_len, text_dim) and `text_mask`. Not a learned encoder."""
+
+    def encode(batch: dict) -> dict[str, torch.Tensor]:
+        pixels = batch["image"] if "image" in batch else batch["video"].flatten(1, 2)
+        latent = torch.nn.functional.avg_pool2d(pixels, patch)  # (B, C, H/p, W/p)
+        emb = torch.zeros(len(batch["caption"]), text_len, text_dim)
+        mask = torch.zeros(len(batch["caption"]), text_len, dtype=torch.bool)
+        for i, text in enumerate(batch["caption"]):
+            for j, word in enumerate(text.split()[:text_len]):
+                g = torch.Generator().manual_seed(zlib.crc32(word.encode()))
+                emb[i, j] = torch.randn(text_dim, generator=g)
+                mask[i, j] = True
+        return {"latent": latent, "text_emb": emb, "text_mask": mask}
+
+    return encode
+
+
+def _items(path: str, counter: SkipCounter) -> Iterator[Item]:
+    centre = (0.5, 0.5, 0.0)
+    try:
+        for raw in TarShard(path):
+            counter.read()
+            yield Item(Slot(0, 0, False, centre), path, raw.key, raw)
+    except SkipSample as e:  # a broken tail ends this shard
+        counter.skip(e.reason, path, "(rest of shard)", e.detail)
+
+
+def _encode_group(items: list[Item], encoder: Encoder, kind: str) -> Iterator[dict]:
+    batch = finalize(collate(items, [True] * len(items)), kind)
+    with torch.no_grad():
+        out = encoder(batch)
+    for name, value in out.items():
+        if not isinstance(value, torch.Tensor) or value.shape[0] != len(items):
+            raise DataError(f"the encoder returned {name!r} without a leading batch dimension of "
+                            f"{len(items)}; return dict[str, Tensor] with shape (B, ...)")
+    for i, item in enumerate(items):
+        tensors = {name: value[i].detach().cpu().contiguous() for name, value in out.items()}
+        yield {
+            "__key__": item.key,
+            "txt": item.sample.caption.encode(),
+            "json": json.dumps(item.sample.meta).encode(),
+            "safetensors": safetensors.torch.save(tensors),
+        }
+
+
+def precompute(source: str, out_dir: str, encoder: Encoder, cfg: DataConfig, batch_size: int = 32,
+               progress: bool = True) -> Manifest:
+    """Encode every usable sample of `source` into shards under `out_dir` (same shard names)."""
+    src = resolve_source(source)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = TransformSpec.from_config(dataclasses.replace(cfg, random_crop=False))
+    counter = SkipCounter(1.0, 0, cfg.max_logged_skips, "precompute")
+    infos = []
+    for info, path in tqdm(list(zip(src.shards, src.paths())), desc="precompute", unit="shard", disable=not progress):
+        target = out / os.path.basename(info.name)
+        written = 0
+        with wds.TarWriter(str(target), encoder=False, mtime=0) as sink:
+            groups: dict[tuple, list[Item]] = {}
+            for item in transform_stage(decode_stage(_items(path, counter), counter), spec, counter):
+                if item.bad:
+                    continue
+                group = groups.setdefault(item.bucket, [])
+                group.append(item)
+                if len(group) == batch_size:
+                    written += _write(sink, groups.pop(item.bucket), encoder, cfg.kind)
+            for group in groups.values():
+                written += _write(sink, group, encoder, cfg.kind)
+        size, digest = file_digest(str(target))
+        infos.append(ShardInfo(target.name, written, size, digest))
+    manifest = Manifest(str(out), infos, "latent", "dit data precompute",
+                        {"source": src.root, "resolution": cfg.resolution, "skipped": counter.counts})
+    manifest.write()
+    return manifest
+
+
+def _write(sink: wds.TarWriter, group: list[Item], encoder: Encoder, kind: str) -> int:
+    for sample in _encode_group(group, encoder, kind):
+        sink.write(sample)
+    return len(group)

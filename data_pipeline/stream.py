@@ -1,0 +1,488 @@
+"""The streaming loader: exactly-once, resumable, equal-length batches for one rank.
+
+The pipeline, as an explicit list of stages (in the spirit of open_clip's `data.py`):
+
+    shard list        manifests -> shard paths + sample counts         Stream.__init__
+    seeded shuffle    per epoch: shard order, then block permutations  plan.EpochOrder
+    split by node     contiguous sample ranges, one per rank           plan.Segment.rank_range
+    split by worker   one range per worker, sized by its batches       plan.Segment.worker_range
+    tar to samples    seek to the planned samples of each shard        read_stage
+    safe decode       allowlisted decoders, pickles rejected           decode_stage
+    transforms        buckets, resize + crop, SR pairs, video clips    transform_stage
+    batch             one bucket per batch, a fixed number per worker  batch_stage
+    to float          (main process) uint8 -> float in [-1, 1]         finalize
+
+The first four stages are arithmetic on sample counts (see plan.py); workers then read
+only what they were assigned. The stream is infinite over epochs; `state_dict()` says what
+was handed to the caller (not what workers prefetched) and a stream built from it goes on
+with exactly the samples not yet seen, also after the number of ranks or workers changed.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from itertools import islice
+from typing import Iterable, Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_pipeline.config import DataConfig, validate_data_config
+from data_pipeline.decode import Decoded, decode_sample
+from data_pipeline.errors import DataError, SkipCounter, SkipSample, check_error_budget, empty_counts
+from data_pipeline.manifest import SOURCE_SEPARATOR, Manifest, resolve_source, resolve_sources
+from data_pipeline.plan import (
+    EpochOrder,
+    ResampledOrder,
+    Segment,
+    Slot,
+    Topology,
+    epoch_read_blocks,
+    replay,
+)
+from data_pipeline.tar_reader import RawSample, ShardReader
+from data_pipeline.transforms import Pixels, TransformSpec, image_pixels, refit, video_pixels
+
+log = logging.getLogger("data_pipeline")
+STATE_VERSION = 1
+
+
+# ----------------------------------------------------------------------------- worker side
+
+
+@dataclass
+class Item:
+    """One batch slot on its way through the stages; `bad` names the skip reason."""
+
+    slot: Slot
+    shard: str
+    key: str = ""  # "#<index in shard>" until the tar member names it
+    raw: Optional[RawSample] = None
+    sample: Optional[Decoded] = None
+    pixels: Optional[Pixels] = None
+    bad: str = ""
+
+    @property
+    def bucket(self) -> tuple:
+        if self.pixels is not None:
+            return self.pixels.bucket
+        return tuple((name, tuple(t.shape)) for name, t in sorted(self.sample.tensors.items()))
+
+
+def _skip(item: Item, error: SkipSample, counter: SkipCounter) -> None:
+    item.bad = error.reason
+    counter.skip(error.reason, item.shard, item.key, error.detail)
+
+
+def read_stage(blocks: Iterable[list[Slot]], reader: ShardReader, paths: tuple[str, ...],
+               counter: SkipCounter) -> Iterator[Item]:
+    """Tar to samples: read each block's samples in file order, hand them out in plan order."""
+    for block in blocks:
+        fetched: dict[tuple[int, int], object] = {}
+        for shard, index in sorted({(s.shard, s.index) for s in block}):
+            try:
+                fetched[shard, index] = reader.read(shard, index)
+            except SkipSample as e:
+                fetched[shard, index] = e
+        for slot in block:
+            counter.read()
+            item = Item(slot, paths[slot.shard], f"#{slot.index}")
+            got = fetched[slot.shard, slot.index]
+            if isinstance(got, SkipSample):
+                _skip(item, got, counter)
+            else:
+                item.raw, item.key = got, got.key
+            yield item
+
+
+def decode_stage(items: Iterable[Item], counter: SkipCounter) -> Iterator[Item]:
+    """Safe decode: allowlisted member types only (see decode.py)."""
+    for item in items:
+        if not item.bad:
+            try:
+                item.sample = decode_sample(item.raw, item.shard, counter)
+            except SkipSample as e:
+                _skip(item, e, counter)
+            item.raw = None
+        yield item
+
+
+def transform_stage(items: Iterable[Item], spec: TransformSpec, counter: SkipCounter) -> Iterator[Item]:
+    """Pixels at the sample's bucket size (tensor-only samples pass through)."""
+    for item in items:
+        s = item.sample
+        if not item.bad and (s.image is not None or s.video is not None):
+            try:
+                if s.image is not None:
+                    item.pixels = image_pixels(s.image, spec, item.slot.rand)
+                else:
+                    item.pixels = video_pixels(s.video, spec, item.slot.rand)
+            except SkipSample as e:
+                _skip(item, e, counter)
+            s.image = s.video = None
+        yield item
+
+
+def batch_stage(items: Iterable[Item], batch_size: int, window: int) -> Iterator[dict]:
+    """Batches of one bucket, exactly one batch per `batch_size` slots.
+
+    Slots are taken a window (`window` batches) at a time; within it samples are grouped by
+    bucket and the leftovers of partly filled buckets are forced into the remaining batches.
+    Skipped samples leave holes that are filled with repeats marked `valid=False`, so the
+    number of batches never depends on the data (no rank waits for another)."""
+    waiting = 0  # batches of earlier windows without a single usable sample
+    for chunk in _chunks(items, batch_size * window):
+        filler = next((it for it in chunk if not it.bad), None)
+        groups = _group(chunk, batch_size)
+        if filler is None:
+            waiting += len(groups)
+            continue
+        for _ in range(waiting):
+            yield collate([filler] * batch_size, [False] * batch_size)
+        waiting = 0
+        for group in groups:
+            members = group or [filler]
+            valid = [not it.slot.pad for it in group] + [False] * (batch_size - len(group))
+            yield collate(members + [members[0]] * (batch_size - len(members)), valid)
+    if waiting:
+        raise DataError(f"the last {waiting} batches of this worker hold no readable sample (see the "
+                        f"skip warnings above for shards and keys); repair or remove those shards")
+
+
+def _chunks(items: Iterable[Item], n: int) -> Iterator[list[Item]]:
+    it = iter(items)
+    while chunk := list(islice(it, n)):
+        yield chunk
+
+
+def _group(chunk: list[Item], batch_size: int) -> list[list[Item]]:
+    """Split the usable items of a window into len(chunk) // batch_size groups, by bucket."""
+    done: list[list[Item]] = []
+    open_groups: dict[tuple, list[Item]] = {}
+    for item in chunk:
+        if item.bad:
+            continue
+        group = open_groups.setdefault(item.bucket, [])
+        group.append(item)
+        if len(group) == batch_size:
+            done.append(open_groups.pop(item.bucket))
+    leftovers = [it for group in open_groups.values() for it in group]
+    done.extend(leftovers[i: i + batch_size] for i in range(0, len(leftovers), batch_size))
+    return done + [[] for _ in range(len(chunk) // batch_size - len(done))]
+
+
+def collate(items: list[Item], valid: list[bool]) -> dict:
+    """Stack one batch. Pixels stay uint8, planar (B, 3, F, H, W), until `finalize` in the main
+    process: a quarter of the bytes of float32 to move. Tensor members are stacked by name."""
+    head = items[0]
+    batch = {
+        "__key__": [it.key for it in items],
+        "caption": [it.sample.caption for it in items],
+        "json": [it.sample.meta for it in items],
+        "valid": valid,
+    }
+    if any((it.pixels is None) != (head.pixels is None) for it in items):
+        raise DataError(f"a batch mixes samples with and without images/videos ({head.key}); keep "
+                        f"precomputed (tensor-only) shards and pixel shards in separate runs")
+    if head.pixels is not None:
+        _, h, w = head.pixels.bucket
+        f = min(it.pixels.bucket[0] for it in items)  # a forced leftover batch takes the shortest clip
+        batch["__pixels__"] = _stack([refit(it.pixels.frames, f, (h, w)) for it in items])
+        if head.pixels.frames_sr is not None:
+            hw = head.pixels.frames_sr.shape[2:4]
+            batch["__pixels_sr__"] = _stack([refit(it.pixels.frames_sr, f, hw) for it in items])
+    for name, tensor in head.sample.tensors.items():
+        parts = [it.sample.tensors.get(name) for it in items]
+        if any(p is None or p.shape != tensor.shape for p in parts):
+            raise DataError(f"tensor {name!r} is missing or has different shapes within a batch "
+                            f"(first: {head.key} {tuple(tensor.shape)}); precompute all shards at one size")
+        batch[name] = torch.stack(parts)
+    return batch
+
+
+def _stack(clips: list[np.ndarray]) -> np.ndarray:
+    """uint8 (B, 3, F, H, W) from planar clips. A numpy array, so a loader worker sends it
+    pickled through its pipe rather than in a new shared-memory segment per batch: measured
+    cheaper for both processes, and immune to a small /dev/shm (64 MB in Docker)."""
+    return np.stack(clips)
+
+
+@dataclass(frozen=True)
+class RankJob:
+    """What the workers of one rank need to serve one segment; sent to each worker process."""
+
+    paths: tuple[str, ...]
+    counts: tuple[int, ...]
+    spec: TransformSpec
+    topo: Topology
+    rank: int
+    consumed: int  # batches of this rank already handed out in this segment
+    seed: int
+    epoch: int
+    shuffle_buffer: int
+    segment: Optional[Segment]  # epoch mode
+    resampled: Optional[ResampledOrder]  # resampled mode
+    budget: float
+    min_samples: int
+    max_logged: int
+
+    def worker_batches(self, worker: int) -> Optional[int]:
+        """Batches a worker serves in the segment; None when infinite (resampled)."""
+        return None if self.segment is None else self.segment.worker_range(self.rank, worker).batches
+
+    def read_blocks(self, worker: int, skip_slots: int) -> Iterator[list[Slot]]:
+        if self.resampled is not None:
+            return self.resampled.read_blocks(self.rank, worker, skip_slots)
+        order = EpochOrder(self.counts, self.seed, self.epoch, self.shuffle_buffer)
+        return epoch_read_blocks(order, self.segment, self.rank, worker, skip_slots)
+
+
+def worker_stream(job: RankJob, worker: int) -> Iterator[dict]:
+    """The batches of one worker from where its rank stopped: the stages, in order."""
+    t = job.topo
+    taken = t.worker_share(job.consumed, worker)
+    total = job.worker_batches(worker)
+    if total is not None and taken >= total:
+        return
+    first = taken // t.window * t.window  # restart at the window holding the next batch
+    counter = SkipCounter(job.budget, job.min_samples, job.max_logged, f"rank {job.rank} worker {worker}")
+    reader = ShardReader(list(job.paths))
+    try:
+        blocks = job.read_blocks(worker, first * t.batch_size)
+        items = read_stage(blocks, reader, job.paths, counter)
+        items = decode_stage(items, counter)
+        items = transform_stage(items, job.spec, counter)
+        for batch in islice(batch_stage(items, t.batch_size, t.window), taken - first, None):
+            batch["__meta__"] = {"worker": worker, "stats": counter.take_delta()}
+            yield batch
+    finally:
+        reader.close()
+
+
+class _RankDataset(IterableDataset):
+    """DataLoader worker j serves plan worker (j + rotation) % workers: the rank's next
+    batch comes from DataLoader worker 0, whichever plan worker owes it."""
+
+    def __init__(self, job: RankJob, rotation: int):
+        self.job, self.rotation = job, rotation
+
+    def __iter__(self):
+        info = get_worker_info()
+        j = info.id if info is not None else 0
+        return worker_stream(self.job, (j + self.rotation) % self.job.topo.num_workers)
+
+
+def _identity(batch: dict) -> dict:
+    return batch
+
+
+# ----------------------------------------------------------------------------- main process
+
+
+def to_float(pixels: np.ndarray, image: bool) -> torch.Tensor:
+    """uint8 (B, 3, F, H, W) -> float32 in [-1, 1]; (B, 3, H, W) for images."""
+    x = pixels[:, :, 0] if image else pixels
+    out = torch.empty(x.shape, dtype=torch.float32)
+    dst = out.numpy()  # numpy: one thread, no contention with the trainer's intra-op pool
+    np.multiply(x, np.float32(1 / 127.5), out=dst)
+    np.subtract(dst, np.float32(1.0), out=dst)
+    return out
+
+
+def finalize(batch: dict, kind: str) -> dict:
+    """The batch as the caller sees it: `image` (B, 3, H, W) or `video` (B, 3, F, H, W) float in
+    [-1, 1]; with cascade pairs `image`/`video` at the sr size and `image_lr`/`video_lr`."""
+    batch["valid"] = torch.tensor(batch["valid"], dtype=torch.bool)
+    pixels, pixels_sr = batch.pop("__pixels__", None), batch.pop("__pixels_sr__", None)
+    if pixels is not None:
+        image = kind == "image"
+        name = "image" if image else "video"
+        if pixels_sr is None:
+            batch[name] = to_float(pixels, image)
+        else:
+            batch[name], batch[f"{name}_lr"] = to_float(pixels_sr, image), to_float(pixels, image)
+    return batch
+
+
+def _sources(cfg: DataConfig) -> tuple[list[Manifest], Optional[list[float]]]:
+    if "${" in cfg.shards:
+        raise DataError(f"data.shards={cfg.shards!r} holds an unresolved interpolation; load the run "
+                        f"config with trainer.config.load_config or give a shard directory")
+    if not cfg.mixture:
+        return resolve_sources(cfg.shards), None
+    own = [p for p in cfg.shards.split(SOURCE_SEPARATOR) if p.strip()]
+    specs = own + list(cfg.mixture)
+    weights = [1.0] * len(own) + [float(w) for w in cfg.mixture.values()]
+    return [resolve_source(s.strip()) for s in specs], weights
+
+
+class Stream:
+    """The batches of one rank, infinite over epochs.
+
+    Iterate it for batches (keys: see `collate` and `finalize`); the state
+    advances as batches are handed out, so `state_dict()` may be taken between any two.
+    Iterating again after a `break` goes on where it stopped. One iterator at a time."""
+
+    def __init__(self, cfg: DataConfig, rank: int, world_size: int, state: Optional[dict] = None):
+        validate_data_config(cfg)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.sources, self.weights = _sources(cfg)
+        self.paths = tuple(p for m in self.sources for p in m.paths())
+        self.counts = tuple(s.samples for m in self.sources for s in m.shards)
+        self.num_samples = sum(self.counts)
+        if self.num_samples == 0:
+            raise DataError(f"data.shards={cfg.shards!r} holds no samples")
+        empty = [m.root for m in self.sources if m.num_samples == 0]
+        if cfg.resampled and empty:
+            raise DataError(f"resampled sources without samples: {empty}; remove them from data.shards/mixture")
+        self.spec = TransformSpec.from_config(cfg)
+        self.topology = Topology(world_size, max(1, cfg.num_workers), cfg.batch_size,
+                                 cfg.bucket_window if self.spec.bucketed else 1, cfg.drop_last)
+        if cfg.drop_last and not cfg.resampled and self.batches_per_epoch == 0:
+            raise DataError(f"{self.num_samples} samples make no full batch of {cfg.batch_size} on "
+                            f"{world_size} ranks with data.drop_last=true; set drop_last=false")
+        self.dataset = hashlib.sha1("".join(m.fingerprint() for m in self.sources).encode()).hexdigest()[:16]
+        self.seed = cfg.seed
+        self.epoch = 0
+        self.block = cfg.shuffle_buffer  # the epoch's order depends on it: kept until the epoch ends
+        self._segments: list[list[int]] = [self.topology.as_list() + [0]]
+        self._stats = empty_counts()
+        if state is not None:
+            self.load_state_dict(state)
+
+    # --- state -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Position of the stream as plain ints and strings (JSON, no pickle):
+
+        {"version": 1, "mode": "epoch"|"resampled", "dataset": fingerprint, "seed": int,
+         "epoch": int, "shuffle_buffer": int, "segments": [[world_size, workers, batch_size,
+         window, drop_last, batches_consumed_per_rank], ...]}"""
+        return {
+            "version": STATE_VERSION,
+            "mode": self._mode,
+            "dataset": self.dataset,
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "shuffle_buffer": self.block,
+            "segments": [list(s) for s in self._segments],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a state; a changed topology starts a new segment of the same epoch."""
+        try:
+            version, mode, dataset = state["version"], state["mode"], state["dataset"]
+            seed, epoch, block = int(state["seed"]), int(state["epoch"]), int(state["shuffle_buffer"])
+            segments = [[int(v) for v in s] for s in state["segments"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"malformed stream state ({e!r}): expected the dict of Stream.state_dict()") from None
+        if version != STATE_VERSION or any(len(s) != 6 for s in segments) or not segments:
+            raise DataError(f"stream state version {version} with segments {segments} is not readable "
+                            f"by this version ({STATE_VERSION})")
+        if mode != self._mode:
+            raise DataError(f"the stream state is from a {mode} stream but data.resampled="
+                            f"{self.cfg.resampled}; resume with the setting it was saved with")
+        if dataset != self.dataset:
+            raise DataError(f"the stream state belongs to another dataset (fingerprint {dataset}, these "
+                            f"shards: {self.dataset}); resume on the same shards, or start the data "
+                            f"position afresh by not passing the state")
+        if seed != self.cfg.seed:
+            log.warning("resuming the data stream with its saved seed %d (data.seed is %d)", seed, self.cfg.seed)
+        while len(segments) > 1 and segments[-1][5] == 0:
+            segments.pop()
+        if segments[-1][:5] != self.topology.as_list():
+            if segments[-1][5] == 0:
+                segments.pop()
+            segments.append(self.topology.as_list() + [0])
+        self.seed, self.epoch, self.block, self._segments = seed, epoch, block, segments
+
+    @property
+    def _mode(self) -> str:
+        return "resampled" if self.cfg.resampled else "epoch"
+
+    def stats(self) -> dict[str, int]:
+        """Samples read and skipped per reason, over the batches handed out by this object."""
+        return dict(self._stats)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches per rank in a full epoch (the same on every rank); 0 when resampled."""
+        if self.cfg.resampled:
+            return 0
+        return Segment(((0, self.num_samples),), self.topology).batches
+
+    # --- iteration -----------------------------------------------------------------------
+
+    def _job(self) -> Optional[RankJob]:
+        """The plan for the current segment; None when the epoch is complete."""
+        closed = [(Topology.from_list(s[:5]), s[5]) for s in self._segments[:-1]]
+        consumed = self._segments[-1][5]
+        segment = resampled = None
+        if self.cfg.resampled:
+            starts = np.cumsum([0] + [len(m.shards) for m in self.sources])[:-1]
+            resampled = ResampledOrder(
+                tuple(int(s) for s in starts),
+                tuple(tuple(s.samples for s in m.shards) for m in self.sources),
+                tuple(self.weights or [1.0] * len(self.sources)),
+                self.seed, len(self._segments) - 1, self.block,
+            )
+        else:
+            segment = Segment(replay(self.num_samples, closed), self.topology)
+            if consumed >= segment.batches:
+                return None
+        c = self.cfg
+        return RankJob(self.paths, self.counts, self.spec, self.topology, self.rank, consumed, self.seed,
+                       self.epoch, self.block, segment, resampled, c.error_budget,
+                       c.min_errors_before_budget, c.max_logged_skips)
+
+    def _batches(self, job: RankJob) -> Iterator[dict]:
+        rotation = job.consumed % job.topo.num_workers
+        if self.cfg.num_workers == 0:
+            return worker_stream(job, 0)
+        loader = DataLoader(_RankDataset(job, rotation), batch_size=None, collate_fn=_identity,
+                            num_workers=self.cfg.num_workers, prefetch_factor=self.cfg.prefetch_factor)
+        return iter(loader)
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            job = self._job()
+            if job is None:
+                self._next_epoch()
+                continue
+            yield from self._serve(job)
+
+    def _next_epoch(self) -> None:
+        self.epoch += 1
+        self.block = self.cfg.shuffle_buffer
+        self._segments = [self.topology.as_list() + [0]]
+
+    def _serve(self, job: RankJob) -> Iterator[dict]:
+        """Hand out the batches of one segment, counting each before the caller sees it."""
+        nw, served = job.topo.num_workers, job.consumed
+        planned = job.segment.batches if job.segment is not None else None
+        for batch in self._batches(job):
+            meta = batch.pop("__meta__")
+            if meta["worker"] != served % nw:
+                raise DataError(f"internal: batch from worker {meta['worker']} where worker {served % nw} "
+                                f"was due; the DataLoader must keep its default in_order=True")
+            for reason, n in meta["stats"].items():
+                self._stats[reason] += n
+            check_error_budget(self._stats, self.cfg.error_budget, self.cfg.min_errors_before_budget,
+                               f"rank {self.rank}")
+            served += 1
+            self._segments[-1][5] = served
+            if served == planned:  # the state already points at the next epoch
+                self._next_epoch()
+            yield finalize(batch, self.cfg.kind)
+        if planned is not None and served != planned:
+            raise DataError(f"rank {self.rank} received {served} of the {planned} batches planned for "
+                            f"epoch {self.epoch}; a loader worker ended early (see its error above)")
+
+
+def build_stream(cfg: DataConfig, rank: int, world_size: int, *, state: Optional[dict] = None) -> Stream:
+    """The batches of `rank` among `world_size`, optionally resuming from `Stream.state_dict()`."""
+    return Stream(cfg, rank, world_size, state)

@@ -1,0 +1,181 @@
+"""Pixel transforms: resize + crop into aspect buckets, cascade pairs, video clips.
+
+Every sample becomes `Pixels`: uint8 frames (3, F, H, W) at its bucket's size, plus the
+same crop at the super-resolution size when cascade pairs are asked for. Images are 1-frame
+clips. The crop position and the clip start come from per-sample random numbers supplied
+by the planner, so a resumed stream crops exactly as the uninterrupted one did.
+JPEGs are decoded at a reduced DCT scale when the output is much smaller (PIL `draft`),
+which is most of the speed of the loader on large images.
+"""
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import av
+import numpy as np
+import PIL.Image
+
+from data_pipeline.config import DataConfig
+from data_pipeline.errors import SkipSample
+
+_RESAMPLE = PIL.Image.BICUBIC
+_PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, PIL.Image.DecompressionBombError)
+
+
+@dataclass(frozen=True)
+class TransformSpec:
+    """What the pixel stage produces, derived from DataConfig."""
+
+    sizes: tuple[tuple[int, int], ...]  # (h, w) per aspect bucket at the base resolution
+    sr_sizes: Optional[tuple[tuple[int, int], ...]]  # same buckets at sr_resolution, or None
+    ratios: tuple[float, ...]  # width / height of each bucket
+    frame_counts: tuple[int, ...]  # allowed clip lengths, ascending; (1,) in image mode
+    frame_stride: int
+    random_crop: bool
+    kind: str = "image"  # image: batches hold (B, 3, H, W); video: (B, 3, F, H, W)
+
+    @classmethod
+    def from_config(cls, cfg: DataConfig) -> "TransformSpec":
+        ratios = tuple(sorted(set(cfg.aspect_buckets))) or (1.0,)
+        sizes = tuple(bucket_size(cfg.resolution, r) for r in ratios)
+        sr_sizes = None
+        if cfg.sr_resolution > 0:
+            scale = cfg.sr_resolution / cfg.resolution
+            sr_sizes = tuple((round(h * scale), round(w * scale)) for h, w in sizes)
+        counts = (1,) if cfg.kind == "image" else tuple(sorted({1, cfg.num_frames, *cfg.frame_buckets}))
+        return cls(sizes, sr_sizes, ratios, counts, cfg.frame_stride, cfg.random_crop, cfg.kind)
+
+    @property
+    def bucketed(self) -> bool:
+        """Whether samples can fall into different buckets (then batches are grouped)."""
+        return len(self.sizes) > 1 or len(self.frame_counts) > 1
+
+
+@dataclass
+class Pixels:
+    """uint8 pixels, planar (3, F, H, W): the layout of the batch, so collating only casts."""
+
+    frames: np.ndarray  # at the base resolution bucket
+    frames_sr: Optional[np.ndarray]  # (3, F, H', W'), same crop at the sr size, or None
+
+    @property
+    def bucket(self) -> tuple[int, int, int]:
+        return self.frames.shape[1:4]
+
+
+def bucket_size(resolution: int, ratio: float, multiple: int = 8) -> tuple[int, int]:
+    """(h, w) with h * w ~ resolution**2 and w / h ~ ratio, both multiples of `multiple`."""
+    h = max(multiple, round(resolution / math.sqrt(ratio) / multiple) * multiple)
+    w = max(multiple, round(resolution * math.sqrt(ratio) / multiple) * multiple)
+    return h, w
+
+
+def nearest_bucket(width: int, height: int, ratios: tuple[float, ...]) -> int:
+    """Index of the bucket whose aspect ratio is closest in log space."""
+    r = math.log(width / height)
+    return min(range(len(ratios)), key=lambda i: abs(math.log(ratios[i]) - r))
+
+
+def crop_box(width: int, height: int, out_w: int, out_h: int, random_crop: bool, u: tuple[float, float]):
+    """Largest box of the output's aspect inside the source: centred, or placed by u in [0,1)^2."""
+    scale = min(width / out_w, height / out_h)
+    bw, bh = out_w * scale, out_h * scale
+    fx, fy = (u[0], u[1]) if random_crop else (0.5, 0.5)
+    left, top = (width - bw) * fx, (height - bh) * fy
+    return left, top, left + bw, top + bh
+
+
+def planar(img: PIL.Image.Image) -> np.ndarray:
+    """(3, H, W) uint8 of an RGB image, band by band (no HWC -> CHW transpose needed)."""
+    w, h = img.size
+    return np.frombuffer(b"".join(img.tobytes("raw", band) for band in "RGB"), np.uint8).reshape(3, h, w)
+
+
+def _fit(img: PIL.Image.Image, box, sizes_hw: list[tuple[int, int]]) -> list[np.ndarray]:
+    """Resize the box of a loaded RGB image to each (h, w), planar (3, h, w); no resampling
+    when the image already is the box at that size."""
+    out = []
+    for h, w in sizes_hw:
+        exact = img.size == (w, h) and max(abs(box[0]), abs(box[1]), abs(box[2] - w), abs(box[3] - h)) < 1e-3
+        out.append(planar(img if exact else img.resize((w, h), _RESAMPLE, box=box)))
+    return out
+
+
+def _out_sizes(spec: TransformSpec, bucket: int) -> list[tuple[int, int]]:
+    sizes = [spec.sizes[bucket]]
+    if spec.sr_sizes is not None:
+        sizes.append(spec.sr_sizes[bucket])
+    return sizes
+
+
+def image_pixels(img: PIL.Image.Image, spec: TransformSpec, u: tuple[float, float, float]) -> Pixels:
+    """Decode an opened image at the scale needed for its bucket, crop and resize."""
+    width, height = img.size
+    bucket = nearest_bucket(width, height, spec.ratios)
+    sizes = _out_sizes(spec, bucket)
+    big_h, big_w = sizes[-1]
+    box = crop_box(width, height, big_w, big_h, spec.random_crop, u[:2])
+    try:
+        k = max(big_w / (box[2] - box[0]), big_h / (box[3] - box[1]))
+        img.draft("RGB", (math.ceil(width * k), math.ceil(height * k)))
+        sx, sy = img.size[0] / width, img.size[1] / height
+        box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+        img = img.convert("RGB")
+        out = _fit(img, box, sizes)
+    except _PIL_ERRORS as e:
+        raise SkipSample("corrupt_image", str(e)) from None
+    return Pixels(out[0][:, None], out[1][:, None] if len(out) > 1 else None)
+
+
+def choose_clip(num_available: int, counts: tuple[int, ...], stride: int, u: float) -> tuple[int, int]:
+    """(frames, start): the longest allowed clip that fits, at a start placed by u in [0, 1)."""
+    fitting = [f for f in counts if (f - 1) * stride + 1 <= num_available]
+    frames = fitting[-1] if fitting else 1
+    span = (frames - 1) * stride + 1
+    start = min(int(u * (num_available - span + 1)), num_available - span)
+    return frames, max(start, 0)
+
+
+def video_pixels(data: bytes, spec: TransformSpec, u: tuple[float, float, float]) -> Pixels:
+    """Decode a clip of an allowed length (PyAV), crop and resize every frame alike."""
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            stream = container.streams.video[0]
+            longest = (spec.frame_counts[-1] - 1) * spec.frame_stride + 1
+            known = stream.frames or longest
+            frames, start = choose_clip(known, spec.frame_counts, spec.frame_stride, u[2])
+            end = start + (frames - 1) * spec.frame_stride + 1
+            decoded = []
+            for frame in container.decode(stream):
+                decoded.append(frame)
+                if len(decoded) >= end:
+                    break
+            if len(decoded) < end:  # fewer frames than the header said: fit what is there
+                frames, start = choose_clip(len(decoded), spec.frame_counts, spec.frame_stride, u[2])
+            picked = [decoded[start + i * spec.frame_stride].to_image() for i in range(frames)]
+    except (av.error.FFmpegError, IndexError, ValueError, OSError) as e:
+        raise SkipSample("corrupt_video", str(e) or type(e).__name__) from None
+    if not picked:
+        raise SkipSample("corrupt_video", "no decodable frame")
+    width, height = picked[0].size
+    bucket = nearest_bucket(width, height, spec.ratios)
+    sizes = _out_sizes(spec, bucket)
+    box = crop_box(width, height, sizes[-1][1], sizes[-1][0], spec.random_crop, u[:2])
+    per_frame = [_fit(img, box, sizes) for img in picked]
+    stacks = [np.stack([f[i] for f in per_frame], axis=1) for i in range(len(sizes))]  # (3, F, h, w)
+    return Pixels(stacks[0], stacks[1] if len(stacks) > 1 else None)
+
+
+def refit(frames: np.ndarray, num_frames: int, hw: tuple[int, int]) -> np.ndarray:
+    """Force a planar clip (3, F, H, W) into another bucket: keep the first frames,
+    centre-crop-resize each."""
+    frames = frames[:, :num_frames]
+    h, w = frames.shape[2:4]
+    if (h, w) == tuple(hw):
+        return frames
+    box = crop_box(w, h, hw[1], hw[0], False, (0.5, 0.5))
+    images = [PIL.Image.fromarray(np.ascontiguousarray(frames[:, t].transpose(1, 2, 0))) for t in range(frames.shape[1])]
+    return np.stack([_fit(img, box, [hw])[0] for img in images], axis=1)

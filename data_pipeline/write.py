@@ -1,0 +1,171 @@
+"""Writing shards: samples -> WebDataset `.tar` files + `manifest.json`.
+
+Members follow the img2dataset / video2dataset layout: `KEY.jpg|png|webp|mp4` (bytes as
+found, never re-encoded), `KEY.txt` (the caption) and `KEY.json` (key, caption, source,
+size). Inputs are a folder of media with sidecar captions (`a.jpg` + `a.txt`, optional
+`a.json` merged into the metadata) or a JSONL of {"path": ..., "caption": ...} lines.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+import PIL.Image
+import webdataset as wds
+from tqdm import tqdm
+
+from data_pipeline.decode import PIL_FORMATS
+from data_pipeline.errors import DataError
+from data_pipeline.manifest import Manifest, ShardInfo, file_digest
+
+log = logging.getLogger("data_pipeline")
+# Input file suffix -> member extension.
+MEDIA_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp", ".mp4": "mp4", ".webm": "webm"}
+VIDEO_MEMBERS = ("mp4", "webm")
+
+
+def write_shards(samples: Iterable[dict], out_dir: str, shard_size: int, *, prefix: str = "shard",
+                 max_bytes: float = 3e9, created_by: str = "dit data write",
+                 total: Optional[int] = None, progress: bool = True, extra: Optional[dict] = None) -> Manifest:
+    """Write samples ({"__key__": str, ext: bytes, ...}) into shards of at most `shard_size`
+    samples with webdataset.ShardWriter; return (and write) the manifest."""
+    if shard_size < 1:
+        raise ValueError("shard_size must be at least 1")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if any(out.glob(f"{prefix}-*.tar")):
+        raise DataError(f"{out} already holds {prefix}-*.tar shards; write into an empty directory")
+    infos: list[ShardInfo] = []
+
+    def finished(fname: str) -> None:  # ShardWriter calls this after closing each shard
+        size, digest = file_digest(fname)
+        infos.append(ShardInfo(os.path.basename(fname), writer.count, size, digest))
+
+    pattern = str(out / f"{prefix}-%06d.tar")
+    writer = wds.ShardWriter(pattern, maxcount=shard_size, maxsize=max_bytes, post=finished,
+                             verbose=0, encoder=False, mtime=0)
+    members: Counter = Counter()
+    with writer:
+        for sample in tqdm(samples, total=total, desc=f"writing {out}", unit="sample", disable=not progress):
+            writer.write(sample)
+            members.update(k.rsplit(".", 1)[-1] for k in sample if not k.startswith("__"))
+    for info in [i for i in infos if i.samples == 0]:  # ShardWriter opens a first shard eagerly
+        os.remove(out / info.name)
+    manifest = Manifest(str(out), [i for i in infos if i.samples > 0], dataset_kind(members), created_by, extra or {})
+    manifest.write()
+    return manifest
+
+
+def sanitize_key(name: str) -> str:
+    """A WebDataset key: no dots (they start the extension) and no path separators."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", name)
+
+
+def media_sample(key: str, path: Path, caption: str, meta: Optional[dict] = None) -> dict:
+    """One sample from a media file and its caption; DataError for unusable files."""
+    ext = MEDIA_EXTS.get(path.suffix.lower())
+    if ext is None:
+        raise DataError(f"{path}: unsupported type (use {', '.join(sorted(set(MEDIA_EXTS.values())))})")
+    data = path.read_bytes()
+    info = {"key": key, "caption": caption, "source": str(path), **(meta or {})}
+    if ext not in VIDEO_MEMBERS:
+        try:
+            with PIL.Image.open(path, formats=PIL_FORMATS) as img:
+                info.update(width=img.size[0], height=img.size[1])
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: not a readable image ({e})") from None
+    return {"__key__": key, ext: data, "txt": caption.encode(), "json": json.dumps(info).encode()}
+
+
+class InputReport:
+    """What was skipped while collecting inputs, by reason, for the CLI summary."""
+
+    def __init__(self):
+        self.skipped: Counter = Counter()
+
+    def skip(self, reason: str, what: str) -> None:
+        self.skipped[reason] += 1
+        if self.skipped[reason] <= 20:
+            log.warning("skipping %s: %s", what, reason)
+
+
+def _unique(key: str, used: set[str]) -> str:
+    candidate, n = key, 1
+    while candidate in used:
+        candidate, n = f"{key}_{n}", n + 1
+    used.add(candidate)
+    return candidate
+
+
+def folder_samples(root: str, report: InputReport) -> Iterator[dict]:
+    """Media files under `root` (sorted) with their sidecar `.txt` caption (and `.json`)."""
+    base = Path(root)
+    if not base.is_dir():
+        raise DataError(f"{root} is not a directory")
+    used: set[str] = set()
+    for path in sorted(p for p in base.rglob("*") if p.suffix.lower() in MEDIA_EXTS and p.is_file()):
+        caption_file = path.with_suffix(".txt")
+        if not caption_file.is_file():
+            report.skip("missing caption", f"{path} (no {caption_file.name})")
+            continue
+        caption = caption_file.read_text(errors="replace").strip()
+        if not caption:
+            report.skip("empty caption", str(caption_file))
+            continue
+        meta = _sidecar_json(path.with_suffix(".json"), report)
+        key = _unique(sanitize_key(str(path.relative_to(base).with_suffix(""))), used)
+        try:
+            yield media_sample(key, path, caption, meta)
+        except DataError as e:
+            report.skip("unreadable media", str(e))
+
+
+def _sidecar_json(path: Path, report: InputReport) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text())
+    except ValueError as e:
+        report.skip("malformed json sidecar", f"{path} ({e})")
+        return {}
+    return value if isinstance(value, dict) else {"value": value}
+
+
+def jsonl_samples(jsonl: str, report: InputReport) -> Iterator[dict]:
+    """Lines {"path": ..., "caption": ..., ["key": ...]}; relative paths from the file's folder."""
+    base = Path(jsonl).parent
+    used: set[str] = set()
+    with open(jsonl) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                path, caption = Path(row["path"]), str(row["caption"]).strip()
+            except (ValueError, KeyError, TypeError) as e:
+                raise DataError(f"{jsonl}:{n}: expected {{\"path\": ..., \"caption\": ...}} ({e!r})") from None
+            if not caption:
+                report.skip("empty caption", f"{jsonl}:{n}")
+                continue
+            path = path if path.is_absolute() else base / path
+            key = _unique(sanitize_key(str(row.get("key", f"{n - 1:09d}"))), used)
+            extra = {k: v for k, v in row.items() if k not in ("path", "caption", "key")}
+            try:
+                yield media_sample(key, path, caption, extra)
+            except (DataError, OSError) as e:
+                report.skip("unreadable media", f"{jsonl}:{n}: {e}")
+
+
+
+def dataset_kind(member_types: Counter) -> str:
+    """image | video | mixed | latent, from the member types written."""
+    has_video = any(member_types[t] for t in VIDEO_MEMBERS)
+    has_image = any(member_types[t] for t in ("jpg", "png", "webp"))
+    if has_video or has_image:
+        return "mixed" if has_video and has_image else "video" if has_video else "image"
+    return "latent" if member_types["safetensors"] or member_types["npy"] else "unknown"

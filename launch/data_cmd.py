@@ -1,0 +1,158 @@
+"""`dit data write|synth|inspect|precompute` and `dit bench loader`: argparse glue only.
+
+`launch/cli.py` calls `register(data_subparsers)` and `register_bench(bench_subparsers)`;
+each command's `func(args)` returns the process exit code (0 ok, 1 problems found).
+Shards are WebDataset .tar files plus manifest.json (per shard: samples, bytes, sha256).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import tempfile
+
+from data_pipeline.config import DataConfig
+
+
+def register(sub) -> None:
+    """Add write, synth, inspect and precompute to the subparsers of the `data` command."""
+    p = sub.add_parser("write", help="shards from a folder of media with sidecar captions, or a JSONL",
+                       description="INPUT is a folder (a.jpg + a.txt [+ a.json], also png/webp/mp4/webm, "
+                                   "searched recursively) or a .jsonl of {\"path\": ..., \"caption\": ...}.")
+    p.add_argument("input", help="folder or .jsonl file")
+    p.add_argument("--out", required=True, help="output directory (must hold no shards yet)")
+    _shard_options(p)
+    p.set_defaults(func=cmd_write)
+
+    p = sub.add_parser("synth", help="synthetic captioned shapes (images, or videos with --video)",
+                       description="Deterministic images of 1-2 coloured shapes on a 3x3 grid (or a shape "
+                                   "moving left/right/up/down) with captions stating every attribute and "
+                                   "the ground truth in each sample's json.")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--num", type=int, default=1000, help="number of samples (default 1000)")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    p.add_argument("--video", action="store_true", help="mp4 clips of a moving shape instead of images")
+    p.add_argument("--frames", type=int, default=16, help="frames per clip with --video (default 16)")
+    p.add_argument("--format", choices=("png", "jpg", "webp"), default="png",
+                   help="image encoding (default png: lossless, exact colours)")
+    p.add_argument("--seed", type=int, default=0)
+    _shard_options(p)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("inspect", help="shard and sample counts, resolutions, caption stats; --verify checks",
+                       description="Counts come from manifest.json (or a scan of the tar headers).")
+    p.add_argument("source", help="shard directory or brace/glob pattern of .tar files")
+    p.add_argument("--verify", action="store_true", help="recompute sha256 and sample counts; exit 1 on bad shards")
+    p.add_argument("--max-samples", type=int, default=1000, help="samples read for statistics (default 1000)")
+    p.add_argument("--write-manifest", action="store_true",
+                   help="scan the tars (counts and sha256) and write DIR/manifest.json, e.g. for img2dataset output")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("precompute", help="shards of encoder outputs (latents, text embeddings)",
+                       description="Each source shard becomes a shard of the same name with the same keys, "
+                                   "txt and json, plus a safetensors member of the encoder's outputs.")
+    p.add_argument("source", help="shard directory to encode")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--encoder", default="data_pipeline.precompute:toy_encoder",
+                   help="module:factory returning encoder(batch) -> dict[str, Tensor] (default: a toy stand-in)")
+    p.add_argument("--encoder-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="keyword argument for the factory (repeatable; JSON literals, else strings)")
+    p.add_argument("--resolution", type=int, default=32, help="centre-crop size fed to the encoder")
+    p.add_argument("--kind", choices=("image", "video"), default="image")
+    p.add_argument("--num-frames", type=int, default=8, help="video clips: frames per clip")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=cmd_precompute)
+
+
+def register_bench(bench_subparsers) -> None:
+    """Add `loader` to the `bench` command group."""
+    p = bench_subparsers.add_parser("loader", help="loader throughput against the raw decode bound",
+                                    description="Creates JPEG shards, then measures samples/s of raw decode "
+                                                "(read + decode only) and of the full loader with the same "
+                                                "workers, and prints loader/raw_decode.")
+    p.add_argument("--dir", default="", help="shard directory to create or reuse (default: a temporary one)")
+    p.add_argument("--num", type=int, default=4096, help="samples (default 4096)")
+    p.add_argument("--size", type=int, default=256, help="stored image side (default 256)")
+    p.add_argument("--resolution", type=int, default=128, help="training resolution (default 128)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", default="1,2,4", help="worker counts to measure (default 1,2,4)")
+    p.add_argument("--main-workers", type=int, default=2, help="worker count of the ratio line (default 2)")
+    p.add_argument("--repeats", type=int, default=2, help="runs per measurement, best kept (default 2)")
+    p.set_defaults(func=cmd_bench_loader)
+
+
+def _shard_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--max-shard-bytes", type=float, default=3e9, help="bytes per shard at most (default 3e9)")
+    p.add_argument("--prefix", default="shard", help="shard file prefix (default 'shard')")
+
+
+def cmd_write(args) -> int:
+    from data_pipeline.write import InputReport, folder_samples, jsonl_samples, write_shards
+
+    report = InputReport()
+    samples = jsonl_samples(args.input, report) if args.input.endswith(".jsonl") else folder_samples(args.input, report)
+    manifest = write_shards(samples, args.out, args.shard_size, prefix=args.prefix,
+                            max_bytes=args.max_shard_bytes, created_by="dit data write")
+    print(f"wrote {manifest.num_samples} samples in {len(manifest.shards)} shards to {args.out} ({manifest.kind})")
+    for reason, n in sorted(report.skipped.items()):
+        print(f"skipped {n} inputs: {reason}")
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from data_pipeline.synth import synth_samples
+    from data_pipeline.write import write_shards
+
+    samples = synth_samples(args.num, args.seed, args.size, args.video, args.format, args.frames)
+    manifest = write_shards(samples, args.out, args.shard_size, prefix=args.prefix, max_bytes=args.max_shard_bytes,
+                            created_by="dit data synth", total=args.num,
+                            extra={"seed": args.seed, "size": args.size, "video": args.video})
+    print(f"wrote {manifest.num_samples} synthetic {manifest.kind} samples in {len(manifest.shards)} shards to {args.out}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from data_pipeline.inspect_shards import format_report, inspect_shards
+    from data_pipeline.manifest import scan_manifest
+
+    if args.write_manifest:
+        paths = sorted(glob.glob(os.path.join(args.source, "*.tar")))
+        manifest = scan_manifest(paths, checksums=True)
+        print(f"wrote {manifest.write()} ({len(paths)} shards, {manifest.num_samples} samples)")
+    report = inspect_shards(args.source, verify=args.verify, max_samples=args.max_samples)
+    print(format_report(report))
+    return 1 if report.bad_shards else 0
+
+
+def cmd_precompute(args) -> int:
+    from data_pipeline.precompute import load_encoder, precompute
+
+    kwargs = {key: _literal(value) for key, _, value in (item.partition("=") for item in args.encoder_arg)}
+    encoder = load_encoder(args.encoder, **kwargs)
+    cfg = DataConfig(shards=args.source, kind=args.kind, resolution=args.resolution, num_frames=args.num_frames)
+    manifest = precompute(args.source, args.out, encoder, cfg, batch_size=args.batch_size)
+    skipped = sum(v for k, v in manifest.extra["skipped"].items() if k != "read")
+    print(f"encoded {manifest.num_samples} samples into {len(manifest.shards)} shards in {args.out}"
+          + (f" ({skipped} skipped, see warnings)" if skipped else ""))
+    return 0
+
+
+def _literal(text: str):
+    """`4` -> 4, `0.5` -> 0.5, `true` -> True, anything else stays a string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def cmd_bench_loader(args) -> int:
+    from data_pipeline.bench import bench_loader, format_rows
+
+    workers = tuple(int(w) for w in args.workers.split(","))
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = bench_loader(args.dir or tmp, num=args.num, size=args.size, resolution=args.resolution,
+                            batch_size=args.batch_size, workers=workers, repeats=args.repeats)
+    print(format_rows(rows, args.main_workers))
+    return 0

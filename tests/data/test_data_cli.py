@@ -1,0 +1,53 @@
+"""`dit data ...` and `dit bench loader` through the argparse glue in launch/data_cmd.py."""
+from __future__ import annotations
+
+import pytest
+
+from launch.cli import main
+
+
+def _run(argv: list[str]) -> int:
+    """Through the real `dit` parser, which calls launch.data_cmd.register / register_bench."""
+    return main(argv)
+
+
+def test_data_synth_inspect_precompute(tmp_path, capsys):
+    out = tmp_path / "shapes"
+    assert _run(["data", "synth", "--out", str(out), "--num", "12", "--shard-size", "5", "--size", "32",
+                 "--seed", "0"]) == 0
+    assert "wrote 12 synthetic image samples in 3 shards" in capsys.readouterr().out
+    assert _run(["data", "precompute", str(out), "--out", str(tmp_path / "lat"), "--resolution", "32",
+                 "--encoder-arg", "patch=4", "--batch-size", "5"]) == 0
+    assert "encoded 12 samples into 3 shards" in capsys.readouterr().out
+    assert _run(["data", "inspect", str(out), "--verify"]) == 0
+    text = capsys.readouterr().out
+    assert "samples:     12" in text and "all 3 shards match" in text
+    assert "members:     json 12, png 12, txt 12" in text
+    (out / "shard-000000.tar").write_bytes(b"garbage")
+    assert _run(["data", "inspect", str(out), "--verify"]) == 1
+    assert "shard-000000.tar: sha256 mismatch" in capsys.readouterr().out
+
+
+def test_data_synth_video_and_write_manifest(tmp_path, capsys):
+    out = tmp_path / "v"
+    assert _run(["data", "synth", "--out", str(out), "--num", "2", "--video", "--frames", "4", "--size", "32"]) == 0
+    (out / "manifest.json").unlink()
+    assert _run(["data", "inspect", str(out), "--write-manifest"]) == 0
+    text = capsys.readouterr().out
+    assert "manifest.json" in text and "frames:      min 4" in text
+
+
+def test_bench_loader_prints_the_ratio_line(tmp_path, capsys):
+    assert _run(["bench", "loader", "--dir", str(tmp_path / "b"), "--num", "64", "--size", "64",
+                 "--resolution", "32", "--batch-size", "8", "--workers", "0,1", "--main-workers", "1",
+                 "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "loader/raw_decode = " in out
+    assert out.count("\n") >= 4
+
+
+@pytest.mark.parametrize("command", ["write", "synth", "inspect", "precompute"])
+def test_every_data_command_has_help(command, capsys):
+    with pytest.raises(SystemExit):
+        _run(["data", command, "--help"])
+    assert "usage: dit data " + command in capsys.readouterr().out

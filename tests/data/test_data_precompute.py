@@ -1,0 +1,57 @@
+"""Precompute: shards of encoder outputs that the loader serves instead of pixels."""
+from __future__ import annotations
+
+import pytest
+import torch
+import webdataset as wds
+
+from data_pipeline.config import DataConfig
+from data_pipeline.errors import DataError
+from data_pipeline.manifest import load_manifest
+from data_pipeline.precompute import load_encoder, precompute, toy_encoder
+from data_pipeline.stream import build_stream
+from tests.data.data_helpers import dataset_keys, take, valid_keys
+
+
+def test_precomputed_shards_keep_keys_and_feed_the_loader(tmp_path, shards, cfg):
+    calls = []
+
+    def encoder(batch):
+        calls.append(batch["image"].shape)
+        return toy_encoder(patch=4)(batch)
+
+    m = precompute(str(shards), str(tmp_path / "lat"), encoder, DataConfig(resolution=32), batch_size=4,
+                   progress=False)
+    assert m.kind == "latent" and m.num_samples == 28
+    assert [s.samples for s in m.shards] == [s.samples for s in load_manifest(str(shards)).shards]
+    assert dataset_keys(tmp_path / "lat") == dataset_keys(shards)
+    assert all(shape[1:] == (3, 32, 32) for shape in calls)
+    members = next(iter(wds.WebDataset(m.paths()[:1], shardshuffle=False)))
+    assert {"safetensors", "txt", "json"} <= set(members)
+
+    stream = build_stream(cfg(shards=str(tmp_path / "lat"), num_workers=2), 0, 2)
+    batches = take(stream, stream.batches_per_epoch)
+    b = batches[0]
+    assert "image" not in b
+    assert b["latent"].shape == (4, 3, 8, 8) and b["text_emb"].shape == (4, 8, 16)
+    assert b["text_mask"].dtype == torch.bool and len(b["caption"]) == 4
+    assert len(valid_keys(batches)) == 14
+
+
+def test_the_latent_matches_the_encoder_output(tmp_path, shards):
+    m = precompute(str(shards), str(tmp_path / "lat"), toy_encoder(), DataConfig(resolution=32), progress=False)
+    pix = take(build_stream(DataConfig(shards=str(shards), resolution=32, batch_size=28, num_workers=0,
+                                       shuffle_buffer=1), 0, 1), 1)[0]
+    lat = take(build_stream(DataConfig(shards=m.root, resolution=32, batch_size=28, num_workers=0,
+                                       shuffle_buffer=1), 0, 1), 1)[0]
+    assert pix["__key__"] == lat["__key__"]
+    assert torch.allclose(torch.nn.functional.avg_pool2d(pix["image"], 4), lat["latent"], atol=1e-6)
+
+
+def test_encoder_loading_and_contract_errors(tmp_path, shards):
+    assert callable(load_encoder("data_pipeline.precompute:toy_encoder", patch=2))
+    with pytest.raises(ValueError, match="module:function"):
+        load_encoder("toy_encoder")
+    with pytest.raises(DataError, match="batch dimension"):
+        precompute(str(shards), str(tmp_path / "x"), lambda b: {"latent": torch.zeros(1)},
+                   DataConfig(resolution=32), progress=False)

@@ -1,0 +1,153 @@
+"""The streaming loader: exactly once per epoch, equal batch counts, exact resume."""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from tests.data.data_helpers import dataset_keys, json_roundtrip, key_sequence, make_shards, take, valid_keys
+
+from data_pipeline.errors import DataError
+from data_pipeline.stream import build_stream
+
+
+def test_two_ranks_two_workers_see_every_sample_once(cfg, shards):
+    """2 ranks x 2 DataLoader workers over 5 uneven shards (28 samples, batches of 4)."""
+    c = cfg(num_workers=2)
+    streams = [build_stream(c, rank, 2) for rank in range(2)]
+    batches = [take(s, s.batches_per_epoch) for s in streams]
+    assert [len(b) for b in batches] == [4, 4]  # ceil(28 / (2 * 4)) on every rank
+    seen = Counter(k for rank in batches for k in valid_keys(rank))
+    assert set(seen) == dataset_keys(shards)
+    assert max(seen.values()) == 1
+    for b in batches[0] + batches[1]:
+        assert b["image"].shape == (4, 3, 32, 32) and b["image"].dtype == torch.float32
+        assert -1.0 <= b["image"].min() and b["image"].max() <= 1.0
+        assert len(b["caption"]) == len(b["json"]) == 4 and all(b["caption"])
+    # the state already points at the next epoch
+    assert streams[0].state_dict()["epoch"] == 1
+
+
+@pytest.mark.parametrize("sizes,world,workers,batch", [((2, 3), 2, 2, 2), ((1,) * 6, 3, 2, 1), ((13,), 2, 2, 3)])
+def test_more_ranks_x_workers_than_shards(tmp_path, cfg, sizes, world, workers, batch):
+    """Shards are spread by sample ranges, so any shard count works for any topology."""
+    d = make_shards(tmp_path / "few", sizes)
+    c = cfg(shards=str(d), num_workers=workers, batch_size=batch)
+    streams = [build_stream(c, rank, world) for rank in range(world)]
+    counts = {s.batches_per_epoch for s in streams}
+    assert len(counts) == 1
+    seen = Counter(k for s in streams for k in valid_keys(take(s, s.batches_per_epoch)))
+    assert set(seen) == dataset_keys(d) and max(seen.values()) == 1
+
+
+def test_epochs_are_reshuffled_and_complete(cfg, shards):
+    s = build_stream(cfg(), 0, 1)
+    n = s.batches_per_epoch
+    batches = take(s, 2 * n)
+    first, second = key_sequence(batches[:n]), key_sequence(batches[n:])
+    assert set(valid_keys(batches[:n])) == set(valid_keys(batches[n:])) == dataset_keys(shards)
+    assert first != second
+
+
+def test_drop_last_serves_only_full_batches(cfg):
+    s = build_stream(cfg(drop_last=True, batch_size=5), 0, 2)
+    assert s.batches_per_epoch == 2  # 28 // (2 * 5)
+    batches = take(s, 2)
+    assert all(b["valid"].all() for b in batches)
+
+
+@pytest.mark.parametrize("stop", [1, 3, 6])
+def test_resume_continues_the_exact_key_sequence(cfg, stop):
+    """Stop after K batches, rebuild from the saved state, go on: same sequence as uninterrupted
+    (K = 6 crosses into the second epoch; 2 real workers per rank)."""
+    c = cfg(num_workers=2, batch_size=3)
+    reference = key_sequence(take(build_stream(c, 1, 2), 10))
+    first = build_stream(c, 1, 2)
+    head = take(first, stop)
+    state = json_roundtrip(first.state_dict())
+    tail = take(build_stream(c, 1, 2, state=state), 10 - stop)
+    assert key_sequence(head + tail) == reference
+
+
+def test_state_is_taken_from_what_was_handed_out_not_prefetched(cfg):
+    """Workers prefetch ahead; the state must only count batches the caller received."""
+    c = cfg(num_workers=2, batch_size=2, prefetch_factor=4)
+    s = build_stream(c, 0, 1)
+    it = iter(s)
+    got = [next(it) for _ in range(3)]
+    state = json_roundtrip(s.state_dict())
+    rest = [next(it) for _ in range(4)]
+    it.close()
+    assert state["segments"][-1][-1] == 3
+    resumed = take(build_stream(c, 0, 1, state=state), 4)
+    assert key_sequence(resumed) == key_sequence(rest)
+    assert key_sequence(got)
+
+
+def test_iterating_again_continues_where_it_stopped(cfg):
+    c = cfg()
+    reference = key_sequence(take(build_stream(c, 0, 1), 5))
+    s = build_stream(c, 0, 1)
+    assert key_sequence(take(s, 2) + take(s, 3)) == reference
+
+
+@pytest.mark.parametrize("old,new", [((2, 2), (3, 1)), ((3, 1), (2, 2)), ((2, 1), (1, 2))])
+def test_resume_after_the_world_size_changed(cfg, shards, old, new):
+    """Elastic resume: K steps on `old` (ranks, workers), the rest of the epoch on `new`:
+    every sample of the epoch exactly once, equal batch counts on the new ranks."""
+    (w0, nw0), (w1, nw1) = old, new
+    c0, c1 = cfg(num_workers=nw0, batch_size=2), cfg(num_workers=nw1, batch_size=2)
+    before = [build_stream(c0, r, w0) for r in range(w0)]
+    seen = Counter(k for s in before for k in valid_keys(take(s, 2)))
+    state = json_roundtrip(before[0].state_dict())
+    after = [build_stream(c1, r, w1, state=state) for r in range(w1)]
+    left = {s._job().segment.batches for s in after}
+    assert len(left) == 1
+    n = left.pop()
+    seen.update(k for s in after for k in valid_keys(take(s, n)))
+    assert set(seen) == dataset_keys(shards) and max(seen.values()) == 1
+    assert after[0].state_dict()["epoch"] == 1
+
+
+def test_resampled_stream_is_infinite_weighted_and_resumable(tmp_path, cfg):
+    a = make_shards(tmp_path / "a", (6, 6))
+    b = make_shards(tmp_path / "b", (5,), start=1000)
+    c = cfg(shards=str(a), mixture={str(b): 3.0}, resampled=True, shuffle_buffer=2, batch_size=4)
+    s = build_stream(c, 0, 1)
+    batches = take(s, 60)  # 240 samples from 17 distinct ones: drawn with replacement
+    keys = key_sequence(batches)
+    from_b = sum(k >= "000001000" for k in keys) / len(keys)
+    assert 0.6 < from_b < 0.9  # weight 3 : 1
+    state = json_roundtrip(build_stream(c, 0, 1).state_dict())
+    assert state["mode"] == "resampled"
+    first = build_stream(c, 0, 1)
+    head = take(first, 7)
+    tail = take(build_stream(c, 0, 1, state=json_roundtrip(first.state_dict())), 5)
+    assert key_sequence(head + tail) == keys[: 12 * 4]
+
+
+def test_state_of_another_dataset_is_refused(tmp_path, cfg):
+    other = make_shards(tmp_path / "other", (4,))
+    state = build_stream(cfg(), 0, 1).state_dict()
+    with pytest.raises(DataError, match="another dataset"):
+        build_stream(cfg(shards=str(other)), 0, 1, state=state)
+
+
+def test_clear_errors(tmp_path, cfg):
+    with pytest.raises(DataError, match="matches no tar"):
+        build_stream(cfg(shards=str(tmp_path / "nothing-*.tar")), 0, 1)
+    with pytest.raises(DataError, match="unresolved interpolation"):
+        build_stream(cfg(shards="${run.out_dir}/data"), 0, 1)
+    with pytest.raises(ValueError, match="data.mixture"):
+        build_stream(cfg(mixture={"x": 1.0}), 0, 1)
+
+
+def test_a_changed_shuffle_buffer_waits_for_the_next_epoch(cfg, shards):
+    """The epoch order depends on data.shuffle_buffer: a resume keeps the saved one until the
+    epoch ends, so changing it in the config cannot duplicate or drop samples."""
+    first = build_stream(cfg(shuffle_buffer=4), 0, 1)
+    seen = valid_keys(take(first, 3))
+    resumed = build_stream(cfg(shuffle_buffer=16), 0, 1, state=json_roundtrip(first.state_dict()))
+    seen += valid_keys(take(resumed, resumed.batches_per_epoch - 3))
+    assert sorted(seen) == sorted(dataset_keys(shards))
+    assert resumed.state_dict()["shuffle_buffer"] == 16  # the new epoch uses the new value

@@ -1,0 +1,97 @@
+"""Autoencoders: shapes, frame-by-frame video, latent statistics, save/load without pickle."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from trainer.config import AutoencoderConfig
+from trainer.models.autoencoder import Autoencoder, PixelSpace, build_autoencoder
+
+TINY = AutoencoderConfig(kind="kl", block_out_channels=[8, 16], layers_per_block=1, latent_channels=4, sample_size=16)
+
+
+@pytest.fixture()
+def ae() -> Autoencoder:
+    torch.manual_seed(0)
+    return build_autoencoder(TINY).eval()
+
+
+def images(n: int = 2, size: int = 16) -> torch.Tensor:
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(n)) * 2 - 1
+
+
+def test_encode_decode_shapes_round_trip(ae):
+    assert (ae.downsample_factor, ae.latent_channels, ae.temporal_downsample) == (2, 4, 1)
+    x = images()
+    z = ae.encode(x)
+    assert z.shape == (2, 4, 8, 8)
+    assert ae.decode(z).shape == x.shape
+
+
+def test_video_is_encoded_frame_by_frame(ae):
+    video = torch.stack([images(1)[0], images(2)[0], images(3)[0]], dim=1)[None]  # (1, 3, F=3, 16, 16)
+    z = ae.encode(video)
+    assert z.shape == (1, 4, 3, 8, 8)
+    for f in range(3):
+        assert torch.allclose(z[:, :, f], ae.encode(video[:, :, f]), atol=1e-5)
+    assert ae.decode(z).shape == video.shape
+
+
+def test_fit_scale_normalizes_latents(ae):
+    scale, shift = ae.fit_scale([images(2), images(3)])
+    raw = torch.cat([ae.encode_raw(images(2)), ae.encode_raw(images(3))])
+    assert scale == pytest.approx(1 / raw.double().std(unbiased=False).item(), rel=1e-4)
+    assert shift == pytest.approx(raw.double().mean().item(), abs=1e-5)
+    z = torch.cat([ae.encode(images(2)), ae.encode(images(3))])
+    assert z.mean().abs() < 1e-4 and (z.std(unbiased=False) - 1).abs() < 1e-3
+    assert torch.allclose(ae.decode(ae.encode(images(2))), ae.vae.decode(ae.encode_raw(images(2))).sample, atol=1e-5)
+
+
+def test_save_load_round_trip_without_pickle(ae, tmp_path):
+    ae.fit_scale(images(4))
+    ae.save(tmp_path)
+    files = {p.name for p in tmp_path.iterdir()}
+    assert files == {"config.json", "diffusion_pytorch_model.safetensors", "latent_norm.json"}
+    norm = json.loads((tmp_path / "latent_norm.json").read_text())
+    assert norm["scale"] == pytest.approx(float(ae.scale)) and norm["shift"] == pytest.approx(float(ae.shift))
+    loaded = build_autoencoder(AutoencoderConfig(kind="kl", path=str(tmp_path)))
+    assert float(loaded.scale) == pytest.approx(float(ae.scale)) and float(loaded.shift) == pytest.approx(float(ae.shift))
+    assert loaded.vae.config.scaling_factor == pytest.approx(float(ae.scale))
+    x = images()
+    assert torch.allclose(loaded.encode(x), ae.encode(x), atol=1e-6)
+
+
+def test_plain_diffusers_folder_uses_its_scaling_factor(ae, tmp_path):
+    ae.vae.register_to_config(scaling_factor=0.18215, shift_factor=None)
+    ae.vae.save_pretrained(tmp_path)
+    loaded = Autoencoder.load(tmp_path)
+    assert float(loaded.scale) == pytest.approx(0.18215) and float(loaded.shift) == 0.0
+
+
+def test_load_errors_name_the_key(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.autoencoder.path"):
+        Autoencoder.load(tmp_path)
+
+
+def test_causal_3d_autoencoder_compresses_time(tmp_path):
+    torch.manual_seed(0)
+    ae = build_autoencoder(TINY, causal_3d=True).eval()
+    assert (ae.causal_3d, ae.downsample_factor, ae.temporal_downsample) == (True, 2, 2)
+    video = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+    z = ae.encode(video)
+    assert z.shape == (1, 4, 3, 8, 8)  # 1 + (5 - 1) / 2 latent frames
+    assert ae.decode(z).shape == video.shape
+    assert ae.encode(images(1)).shape == (1, 4, 8, 8)  # an image is a 1-frame clip
+    ae.fit_scale(video)
+    ae.save(tmp_path)
+    loaded = Autoencoder.load(tmp_path)
+    assert loaded.causal_3d and torch.allclose(loaded.encode(video), ae.encode(video), atol=1e-5)
+
+
+def test_pixel_space_is_the_identity():
+    ae = build_autoencoder(AutoencoderConfig(kind="none"))
+    assert isinstance(ae, PixelSpace) and ae.downsample_factor == 1
+    x = images()
+    assert ae.encode(x) is x and ae.decode(x) is x

