@@ -60,16 +60,19 @@ def _add_run_command(sub: argparse._SubParsersAction, name: str, help_: str, mod
     return p
 
 
-def _optional_register(module: str, attr: str, sub: argparse._SubParsersAction) -> None:
-    """Let a room add its own subcommands; a room not yet built simply adds none."""
+def _optional_register(module: str, attr: str, target) -> bool:
+    """Let a room add its own subcommands (`register(subparsers)`) or arguments
+    (`configure(parser)`); a room not yet built adds none. True when it added something."""
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as e:
         if e.name and module.startswith(e.name):
-            return
+            return False
         raise
-    if hasattr(mod, attr):
-        getattr(mod, attr)(sub)
+    if not hasattr(mod, attr):
+        return False
+    getattr(mod, attr)(target)
+    return True
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("export", "launch.export_cmd", "export EMA weights as safetensors or a diffusers directory"),
     ):
         p = sub.add_parser(name, help=help_, description=help_)
-        _optional_register(module, "register", p.add_subparsers(dest=f"{name}_cmd"))
-        p.set_defaults(func=_not_built(name))
+        p.set_defaults(func=_not_built(name))  # before configure, which sets its own func
+        if not _optional_register(module, "configure", p):  # a direct command: `dit sample CKPT ...`
+            _optional_register(module, "register", p.add_subparsers(dest=f"{name}_cmd", required=True))
     bench = sub.add_parser("bench", help="benchmarks that print a ratio measured side by side in one run")
     bsub = bench.add_subparsers(dest="bench_cmd", required=True)
     _optional_register("launch.data_cmd", "register_bench", bsub)

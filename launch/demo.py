@@ -1,7 +1,8 @@
 """`dit demo`: the main job end to end on its embedded default, on this machine.
 
 synthetic captioned shapes -> shards -> KL autoencoder (DeepSpeed ZeRO-2, N local ranks)
--> latent text-to-image DiT (ZeRO-2, N ranks) -> EMA sample grid.
+-> latent text-to-image DiT (ZeRO-2, N ranks) -> EMA sample grid -> `dit sample` of the
+fixed prompts and the shapes judge's prompt adherence on held-out captions.
 Each training stage is started exactly as a user would: `torchrun ... dit train CONFIG`.
 """
 from __future__ import annotations
@@ -57,10 +58,18 @@ def demo(args: argparse.Namespace) -> int:
     t2 = time.time()
     torchrun(args.nproc, args.config, shared + list(args.overrides))
     timings["dit"] = time.time() - t2
+    t3 = time.time()
+    from launch.eval_cmd import demo_evaluation
+
+    adherence = demo_evaluation(cfg.checkpoint.dir, f"{cfg.run.out_dir}/eval", list(cfg.log.prompts),
+                                cfg.log.sample_steps, cfg.log.sample_cfg)
+    timings["sample+eval"] = time.time() - t3
     print("\n== demo done ==")
     for name, sec in timings.items():
         print(f"{name:>12}: {sec:7.1f} s")
     print(f"{'total':>12}: {time.time() - t0:7.1f} s")
     print(f"autoencoder reconstructions: {latest_grid(load_config(ae_config, shared).log.dir)}")
     print(f"sample grid (EMA, {cfg.log.sample_steps} DDIM steps, CFG {cfg.log.sample_cfg}): {latest_grid(cfg.log.dir)}")
+    print("prompt adherence of generated samples: "
+          + ", ".join(f"{k} {v:.1%}" for k, v in adherence.items()))
     return 0

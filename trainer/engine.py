@@ -316,6 +316,8 @@ class Trainer:
                 self.save()
             if self.cfg.log.sample_every and self.state.step % self.cfg.log.sample_every == 0:
                 self.write_samples()
+            if self.cfg.log.eval_every and self.state.step % self.cfg.log.eval_every == 0:
+                self.evaluate()
         if code == EXIT_OK:
             self.write_samples()
         self.logger.close()
@@ -335,6 +337,20 @@ class Trainer:
     def full_weights(self) -> dict[str, torch.Tensor]:
         """Whole weights of the student: the EMA when enabled, else the raw ones. Collective."""
         return self.ema.full_state_dict(self.ema_module) if self.ema is not None else self.raw_weights()
+
+    def evaluate(self) -> None:
+        """The adherence judge on `log.prompts` with the EMA weights (collective gather, rank 0
+        judges), logged to JSONL and TensorBoard."""
+        if self.pipeline:
+            return
+        weights = self.full_weights()
+        if not self.ctx.is_main:
+            return
+        from trainer.evaluate import adherence_during_training
+
+        metrics = adherence_during_training(self.stage, weights, self.cfg.log)
+        if metrics:
+            self.logger.event(self.state.step, metrics)
 
     def write_samples(self) -> Optional[Path]:
         """EMA (else raw) sample grid for the fixed prompts (collective gather, rank 0 draws)."""

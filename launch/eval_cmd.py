@@ -1,0 +1,126 @@
+"""`dit eval adherence|distance|memorization CKPT_OR_RECIPE`: evaluation on synthetic shapes.
+
+    adherence     the shapes judge on samples of held-out captions, beside its accuracy on real
+                  held-out data (must be >= 98%, else exit 3) and on noise
+    distance      Frechet distances to held-out real data: shapes-CNN features, pixel
+                  thumbnails, and Inception FID with --inception-weights (torch-fidelity)
+    memorization  nearest training sample of each generated sample, near-copy fraction beside
+                  held-out real data and the closed-form ideal denoiser of the training set
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Optional
+
+from launch.sample_cmd import add_sampler_arguments, load_cascade
+
+EXIT_UNRELIABLE = 3  # the judge is below 98% on real data: its numbers mean nothing
+
+
+def _write_json(out: Optional[str], name: str, record: dict) -> None:
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / name).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def adherence(args: argparse.Namespace) -> int:
+    from trainer.cascade import save_samples
+    from trainer.evaluate import evaluate_adherence
+
+    result, generated, prompts = evaluate_adherence(load_cascade(args), args.num, args.seed, args.batch_size,
+                                                    args.num_real)
+    print(result.table())
+    if args.out:
+        save_samples(generated, prompts, Path(args.out) / "samples")
+    _write_json(args.out, "adherence.json", result.as_dict())
+    return 0 if result.reliable else EXIT_UNRELIABLE
+
+
+def distance(args: argparse.Namespace) -> int:
+    import torch
+
+    from trainer.evaluate import distribution_distances, heldout_set, inception_fid, train_feature_net
+
+    cascade = load_cascade(args)
+    real, captions = heldout_set(cascade.stages[-1].cfg.data, args.num)
+    generated = cascade.sample_batched(captions, torch.Generator().manual_seed(args.seed), args.batch_size)
+    net = train_feature_net(generated.shape[-1], steps=args.feature_steps, seed=args.seed)
+    record = distribution_distances(generated, real, net)
+    if args.inception_weights:
+        record["fid_inception"] = inception_fid(generated, real, args.inception_weights)
+    for key, value in record.items():
+        print(f"{key:<28} {value:10.4f}")
+    _write_json(args.out, "distance.json", record)
+    return 0
+
+
+def memorization(args: argparse.Namespace) -> int:
+    from trainer.evaluate import memorization_audit
+
+    report = memorization_audit(load_cascade(args), args.num, args.seed, args.space, args.threshold,
+                                0 if args.no_reference else args.reference_steps, args.reference_limit,
+                                args.batch_size)
+    print(report.table())
+    _write_json(args.out, "memorization.json", vars(report))
+    return 0
+
+
+def _subcommand(sub: argparse._SubParsersAction, name: str, help_: str, func) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_, description=help_)
+    p.add_argument("checkpoint", metavar="CKPT_OR_RECIPE", help="checkpoint directory or cascade YAML")
+    p.add_argument("--out", help="directory for the JSON report (and samples)")
+    add_sampler_arguments(p)
+    p.set_defaults(func=func)
+    return p
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `adherence`, `distance` and `memorization` under `dit eval`."""
+    p = _subcommand(sub, "adherence", "prompt adherence measured by the shapes judge", adherence)
+    p.add_argument("--num", type=int, default=64, help="generated samples (held-out captions)")
+    p.add_argument("--num-real", type=int, default=None, help="real held-out samples for the judge check")
+    p = _subcommand(sub, "distance", "Frechet distances to held-out real data", distance)
+    p.add_argument("--num", type=int, default=128)
+    p.add_argument("--feature-steps", type=int, default=300, help="training steps of the feature CNN")
+    p.add_argument("--inception-weights", help="local Inception-v3 weights for FID (needs torch-fidelity)")
+    p = _subcommand(sub, "memorization", "nearest training samples and near-copy fraction", memorization)
+    p.add_argument("--num", type=int, default=32)
+    p.add_argument("--space", choices=("pixel", "latent"), default="pixel")
+    p.add_argument("--threshold", type=float, help="near-copy RMS distance (default: trainer.evaluate.NEAR_COPY_RMS)")
+    p.add_argument("--reference-steps", type=int, default=25, help="DDIM steps of the closed-form reference")
+    p.add_argument("--reference-limit", type=int, default=20_000, help="max training samples held for it")
+    p.add_argument("--no-reference", action="store_true", help="skip the closed-form reference")
+
+
+def demo_evaluation(checkpoint: str, out_dir: str, prompts: list[str], steps: int = 25, cfg: float = 3.0,
+                    num: int = 64) -> dict[str, float]:
+    """The end of `make demo`: `dit sample` of `prompts` into out_dir/samples and `dit eval
+    adherence` on `num` held-out captions; prints the table and returns the generated accuracies."""
+    import torch
+
+    from trainer.cascade import Cascade, save_samples
+    from trainer.evaluate import evaluate_adherence
+    from trainer.sampling import SamplerSettings
+
+    cascade = Cascade.load(checkpoint, SamplerSettings(steps=steps, cfg_scale=cfg))
+    grid = save_samples(cascade.sample_batched(prompts, torch.Generator().manual_seed(0)), prompts,
+                        Path(out_dir) / "samples")["grid"]
+    print(f"samples: {Path(out_dir) / 'samples' / grid}")
+    result, _, _ = evaluate_adherence(cascade, num)
+    _write_json(out_dir, "adherence.json", result.as_dict())
+    print(result.table())
+    return result.generated.accuracy
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """`python -m launch.eval_cmd adherence ...` (the same as `dit eval adherence ...`)."""
+    parser = argparse.ArgumentParser(prog="dit eval", description=__doc__.splitlines()[0])
+    register(parser.add_subparsers(dest="eval_cmd", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

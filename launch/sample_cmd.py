@@ -1,0 +1,91 @@
+"""`dit sample CKPT_OR_RECIPE --prompt "..." --out DIR`: text -> base -> super-resolution -> decode.
+
+CKPT_OR_RECIPE is a checkpoint directory (root with `latest`, or a step directory) or a cascade
+YAML (see trainer/cascade.py). Writes one PNG per image (MP4 per video), a grid with the prompts
+and samples.json. EMA weights unless --raw.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Optional
+
+SAMPLERS = ("ddim", "euler", "dpmpp2m", "ddpm")
+SETTINGS = {"steps": "steps", "cfg": "cfg_scale", "guidance_rescale": "guidance_rescale", "sampler": "sampler"}
+
+
+def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
+    """Sampler settings shared by `dit sample` and `dit eval`: the defaults of every cascade
+    stage that does not set its own; unset ones are those of trainer.sampling.SamplerSettings
+    (25 DDIM steps, CFG 3.0, rescale 0.7)."""
+    p.add_argument("--steps", type=int, help="sampling steps (distilled students: their own count unless given)")
+    p.add_argument("--cfg", type=float,
+                   help="classifier-free guidance scale (distilled students: their guidance input)")
+    p.add_argument("--guidance-rescale", type=float, help="guidance rescale phi (Lin et al. 2023)")
+    p.add_argument("--sampler", choices=SAMPLERS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16, help="prompts sampled together")
+    p.add_argument("--raw", action="store_true", help="sample the raw (non-EMA) weights (ZeRO 0-2 checkpoints)")
+
+
+def settings_from(args: argparse.Namespace):
+    """SamplerSettings with the values given on the command line."""
+    from trainer.sampling import SamplerSettings
+
+    given = {field: getattr(args, arg) for arg, field in SETTINGS.items() if getattr(args, arg) is not None}
+    return SamplerSettings(**given)
+
+
+def load_cascade(args: argparse.Namespace):
+    from trainer.cascade import Cascade
+
+    return Cascade.load(args.checkpoint, settings_from(args), ema=not args.raw)
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        lines = Path(args.prompts_file).read_text().splitlines()
+        prompts += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise SystemExit("dit sample: give at least one --prompt or a --prompts-file")
+    return [p for p in prompts for _ in range(args.num_per_prompt)]
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    """The arguments of `dit sample` on its own parser."""
+    p.add_argument("checkpoint", metavar="CKPT_OR_RECIPE", help="checkpoint directory or cascade YAML")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", help="one prompt per line; # comments")
+    p.add_argument("--num-per-prompt", type=int, default=1)
+    p.add_argument("--out", required=True, help="output directory")
+    add_sampler_arguments(p)
+    p.set_defaults(func=sample)
+
+
+def sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from trainer.cascade import save_samples
+
+    prompts = read_prompts(args)
+    cascade = load_cascade(args)
+    pixels = cascade.sample_batched(prompts, torch.Generator().manual_seed(args.seed), args.batch_size)
+    meta = {"recipe": str(args.checkpoint), "seed": args.seed, "weights": "raw" if args.raw else "ema",
+            "stages": [{"checkpoint": str(s.checkpoint), **vars(s.settings)} for s in cascade.stages]}
+    record = save_samples(pixels, prompts, args.out, meta)
+    kind = "videos" if pixels.ndim == 5 else "images"
+    print(f"{len(prompts)} {kind} of {pixels.shape[-1]} px in {args.out} (grid: {Path(args.out) / record['grid']})")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """`python -m launch.sample_cmd ...` (the same as `dit sample ...`)."""
+    parser = argparse.ArgumentParser(prog="dit sample", description=__doc__.splitlines()[0])
+    configure(parser)
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

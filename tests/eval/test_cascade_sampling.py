@@ -1,0 +1,84 @@
+"""`dit sample`: a cascade of a tiny base (16 px) and a tiny super-resolution model (16 -> 32 px)
+samples end to end at the target size, writing PNGs, a grid and samples.json."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from launch.sample_cmd import main as sample_main
+from tests.eval.eval_helpers import tiny_config, write_checkpoint
+from trainer.cascade import Cascade, load_cascade_spec
+from trainer.config import ConfigError
+from trainer.sampling import SamplerSettings
+
+PROMPTS = ["a large red circle at the top left", "a small blue square in the centre"]
+
+
+@pytest.fixture(scope="module")
+def cascade_yaml(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cascade")
+    write_checkpoint(tiny_config(root / "base"))
+    write_checkpoint(tiny_config(root / "sr", "stage.kind=superres", "model.superres=true", "data.sr_resolution=32"),
+                     seed=1)
+    recipe = root / "cascade.yaml"
+    recipe.write_text("stages:\n  - checkpoint: base/checkpoints\n"
+                      "  - checkpoint: sr/checkpoints\n    steps: 3\n    cfg: 1.5\n    noise_aug: 0.2\n")
+    return recipe
+
+
+def test_cascade_samples_at_target_size(cascade_yaml, tmp_path):
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("# two prompts\n" + "\n".join(PROMPTS) + "\n")
+    out = tmp_path / "samples"
+    assert sample_main([str(cascade_yaml), "--prompts-file", str(prompts_file), "--num-per-prompt", "2",
+                        "--steps", "2", "--out", str(out)]) == 0
+    record = json.loads((out / "samples.json").read_text())
+    assert record["prompts"] == [p for p in PROMPTS for _ in range(2)]
+    assert [Image.open(out / f).size for f in record["files"]] == [(32, 32)] * 4
+    assert (out / "grid.png").is_file()
+    base, sr = record["stages"]
+    assert (base["steps"], base["cfg_scale"]) == (2, 3.0) and (sr["steps"], sr["cfg_scale"]) == (3, 1.5)
+
+
+def test_cascade_stages_are_checked(cascade_yaml):
+    cascade = Cascade.load(cascade_yaml, SamplerSettings(steps=2))
+    base, sr = cascade.stages
+    assert sr.cfg.stage.noise_aug_sample == 0.2 and cascade.resolution == 32
+    with pytest.raises(ValueError, match="super-resolution"):
+        Cascade([sr])
+    with pytest.raises(ValueError, match="not a super-resolution"):
+        Cascade([base, base])
+
+
+def test_cascade_yaml_names_unknown_keys(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("stages:\n  - checkpoint: x\n    stepz: 3\n")
+    with pytest.raises(ConfigError, match="stepz"):
+        load_cascade_spec(recipe)
+
+
+def test_video_model_writes_mp4_and_gif_grid(tmp_path):
+    import av
+
+    checkpoint = write_checkpoint(tiny_config(tmp_path / "video", "model.video=true", "data.kind=video",
+                                              "data.num_frames=4"))
+    out = tmp_path / "samples"
+    assert sample_main([str(checkpoint), "--prompt", "a large red circle moving left", "--steps", "2",
+                        "--out", str(out)]) == 0
+    with av.open(str(out / "00000.mp4")) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == 4 and frames[0].shape == (16, 16, 3)
+    assert (out / "grid.gif").is_file()
+
+
+def test_distilled_student_samples_at_its_step_count(tmp_path):
+    cfg = tiny_config(tmp_path / "student", "stage.kind=progressive", "stage.teacher=/unused", "stage.rounds=[2]",
+                      "model.guidance_embed=true", "diffusion.loss_weighting=trunc_snr")
+    cascade = Cascade.load(write_checkpoint(cfg), SamplerSettings())
+    (student,) = cascade.stages
+    assert student.distilled and student.settings.steps == 2 and student.net.spec.guidance
+    assert cascade.sample(PROMPTS, torch.Generator().manual_seed(0)).shape == (2, 3, 16, 16)

@@ -1,0 +1,263 @@
+"""Cascaded inference: text -> base model -> each super-resolution stage -> decode -> pixels.
+
+A cascade is a small YAML listing its stages' checkpoints, the base model first; each stage may
+set its own sampler settings (unset ones take the command line's) and the super-resolution
+stages their noise-conditioning augmentation level at inference (Ho et al. 2021, "Cascaded
+Diffusion Models", sec. 4.2; unset: the checkpoint's `stage.noise_aug_sample`):
+
+    stages:
+      - checkpoint: runs/base/checkpoints          # a checkpoint root (uses `latest`) or step dir
+      - checkpoint: runs/sr64/checkpoints
+        steps: 20
+        cfg: 1.5
+        noise_aug: 0.1
+        overrides: [model.autoencoder.path=/data/ae]   # dotted overrides of its run config
+
+Relative paths are resolved against the YAML's folder. A single checkpoint is a one-stage
+cascade. Each stage is rebuilt from its checkpoint's resolved config with `build_stage`, so it
+samples with exactly the schedule, text encoder, autoencoder and shapes it was trained with.
+Between stages the image goes through pixels: decoded by one stage's autoencoder, resized to
+the next stage's low-resolution size and encoded by its autoencoder (pixel models: identity).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from PIL import Image
+from omegaconf.errors import OmegaConfBaseException
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from trainer.checkpoint import COMPLETE, EMA_FILE, LATEST, load_for_inference
+from trainer.config import ConfigError, RunConfig, load_config
+from trainer.diffusion import SAMPLERS
+from trainer.media import save_image_grid, save_mp4, save_video_grid, to_uint8
+from trainer.sampling import SamplerSettings, generate
+from trainer.stages.pretrain import PretrainStage
+
+DISTILLED = ("progressive", "adversarial")  # student checkpoints of the distillation stages
+
+
+@dataclass
+class CascadeStageSpec:
+    checkpoint: str
+    steps: Optional[int] = None
+    cfg: Optional[float] = None
+    guidance_rescale: Optional[float] = None
+    sampler: Optional[str] = None
+    noise_aug: Optional[float] = None  # super-resolution stages only
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CascadeSpec:
+    stages: list[CascadeStageSpec] = field(default_factory=list)
+
+
+def resolve_checkpoint(directory: str | Path) -> Path:
+    """A step directory: `directory` itself, or the one its `latest` pointer names."""
+    directory = Path(directory)
+    if (directory / LATEST).is_file():
+        directory = directory / (directory / LATEST).read_text().strip()
+    if not (directory / COMPLETE).is_file():
+        raise FileNotFoundError(f"{directory} is not a complete checkpoint (no {COMPLETE}); pass a "
+                                f"checkpoint root holding `{LATEST}` or a step_* directory")
+    return directory
+
+
+def load_cascade_spec(path: str | Path) -> CascadeSpec:
+    """A cascade YAML (typed; unknown keys fail naming the key), or a checkpoint directory as a
+    one-stage cascade."""
+    path = Path(path)
+    if path.is_dir():
+        return CascadeSpec([CascadeStageSpec(str(path))])
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: neither a checkpoint directory nor a cascade YAML")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(CascadeSpec), OmegaConf.load(path))
+        spec: CascadeSpec = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}:{getattr(e, 'full_key', '?')}", str(e).splitlines()[0]) from None
+    if not spec.stages:
+        raise ConfigError(f"{path}:stages", "a cascade lists at least one stage (the base model)")
+    for stage in spec.stages:
+        stage.checkpoint = str((path.parent / stage.checkpoint).resolve())
+    return spec
+
+
+def raw_weights(directory: Path) -> dict[str, Tensor]:
+    """The student's non-EMA weights from its DeepSpeed state (ZeRO 0-2, whole tensors), after
+    checking the file against COMPLETE.json; loaded weights-only (no pickle code runs)."""
+    from trainer.checkpoint import CheckpointManager, safe_checkpoint_engine
+    from trainer.config import CheckpointConfig
+
+    CheckpointManager(CheckpointConfig(dir=str(directory.parent)), 0, 1).verify(directory)
+    state = safe_checkpoint_engine().load(str(directory / "student" / "mp_rank_00_model_states.pt"), map_location="cpu")
+    weights = state["module"]
+    if not weights or any(t.numel() == 0 for t in weights.values()):
+        raise ValueError(f"{directory} holds ZeRO-3 partitions; sample its EMA weights, or gather the raw "
+                         f"ones with {directory}/zero_to_fp32.py first")
+    return weights
+
+
+@dataclass
+class LoadedStage:
+    """One cascade stage ready to sample: its training stage object (schedule, text encoder,
+    autoencoder, shapes) and a plain network carrying the checkpoint's weights."""
+
+    cfg: RunConfig
+    stage: PretrainStage
+    net: nn.Module
+    settings: SamplerSettings
+    checkpoint: Path
+    distilled: bool = False  # a progressive/adversarial student: no CFG, guidance as an input
+
+    @property
+    def superres(self) -> bool:
+        return self.cfg.model.superres
+
+    @property
+    def pixel_resolution(self) -> int:
+        return self.cfg.data.sr_resolution if self.superres else self.cfg.data.resolution
+
+
+def load_stage(spec: CascadeStageSpec, defaults: SamplerSettings, ema: bool = True) -> LoadedStage:
+    """Rebuild a stage from its checkpoint's config and load its EMA (or raw) weights."""
+    from trainer.stages import build_stage
+
+    directory = resolve_checkpoint(spec.checkpoint)
+    if ema and not (directory / EMA_FILE).is_file():
+        print(f"{directory} holds no EMA weights (ema.enabled=false): sampling its raw weights", flush=True)
+        ema = False
+    weights = load_for_inference(directory)[1] if ema else raw_weights(directory)
+    cfg = load_config(directory / "config.yaml", list(spec.overrides))
+    if spec.noise_aug is not None:
+        cfg.stage.noise_aug_sample = spec.noise_aug
+    if cfg.stage.kind not in ("pretrain", "superres", *DISTILLED):
+        raise ValueError(f"{directory} is a '{cfg.stage.kind}' checkpoint; a cascade stage is a pretrain, "
+                         f"superres or distilled ({', '.join(DISTILLED)}) checkpoint")
+    settings = replace(defaults, **{k: v for k, v in (("steps", spec.steps), ("cfg_scale", spec.cfg),
+                                                      ("guidance_rescale", spec.guidance_rescale),
+                                                      ("sampler", spec.sampler)) if v is not None})
+    if settings.sampler not in SAMPLERS:
+        raise ValueError(f"sampler '{settings.sampler}' is not one of {', '.join(SAMPLERS)}")
+    distilled = cfg.stage.kind in DISTILLED
+    if distilled:
+        settings = distilled_settings(cfg, settings, directory)
+    stage = build_stage(replace(cfg, stage=replace(cfg.stage, kind="pretrain")) if distilled else cfg)
+    return LoadedStage(cfg, stage, stage.sampling_net(weights), settings, directory, distilled)
+
+
+def distilled_settings(cfg: RunConfig, settings: SamplerSettings, directory: Path) -> SamplerSettings:
+    """A distilled student samples at the step count it was distilled for unless another one
+    was asked for (a step count equal to the default counts as not asked for)."""
+    from trainer.stages.progressive import distilled_steps
+
+    steps = distilled_steps(cfg)
+    if settings.steps != SamplerSettings().steps or steps is None:
+        return settings
+    print(f"{directory} is a {cfg.stage.kind} student: sampling it with its {steps} steps", flush=True)
+    return replace(settings, steps=steps)
+
+
+@torch.no_grad()
+def stage_pixels(stage: PretrainStage, net: nn.Module, prompts: Sequence[str], settings: SamplerSettings,
+                 generator: torch.Generator, extras: Optional[dict[str, Tensor]] = None) -> Tensor:
+    """Sample one stage's x0 for `prompts` with `net` and decode it: pixels in [-1, 1]."""
+    x0 = generate(net, stage.text, stage.schedule, stage.diffusion.prediction, prompts, stage.sample_shape(),
+                  settings, generator, extras)
+    return stage.decode(x0).clamp(-1, 1)
+
+
+def resize_pixels(pixels: Tensor, side: int) -> Tensor:
+    """Images (B, 3, H, W) or videos (B, 3, F, H, W) resized to side x side (area averaging
+    down, bilinear up), frames kept."""
+    if pixels.shape[-1] == side and pixels.shape[-2] == side:
+        return pixels
+    frames = pixels.movedim(2, 1).flatten(0, 1) if pixels.ndim == 5 else pixels  # (B F, 3, H, W)
+    mode = "area" if side < pixels.shape[-1] else "bilinear"
+    out = F.interpolate(frames, size=(side, side), mode=mode, **({} if mode == "area" else {"align_corners": False}))
+    return out.view(pixels.shape[0], pixels.shape[2], 3, side, side).movedim(1, 2) if pixels.ndim == 5 else out
+
+
+class Cascade:
+    """Stages loaded from a `CascadeSpec`; `sample(prompts, generator)` -> pixels in [-1, 1]."""
+
+    def __init__(self, stages: Sequence[LoadedStage]):
+        if not stages:
+            raise ValueError("a cascade needs at least the base model")
+        if stages[0].superres:
+            raise ValueError(f"the first stage ({stages[0].checkpoint}) is a super-resolution model; "
+                             f"list the base model first")
+        for s in stages[1:]:
+            if not s.superres:
+                raise ValueError(f"{s.checkpoint} follows the base model but is not a super-resolution model")
+        self.stages = list(stages)
+
+    @classmethod
+    def load(cls, recipe: str | Path, defaults: SamplerSettings, ema: bool = True) -> "Cascade":
+        spec = load_cascade_spec(recipe)
+        return cls([load_stage(s, defaults, ema) for s in tqdm(spec.stages, desc="loading stages", leave=False)])
+
+    @property
+    def resolution(self) -> int:
+        return self.stages[-1].pixel_resolution
+
+    @torch.no_grad()
+    def run_stage(self, s: LoadedStage, prompts: Sequence[str], generator: torch.Generator,
+                  previous: Optional[Tensor]) -> Tensor:
+        """Pixels of one stage; `previous`: the pixels of the stage before (super-resolution)."""
+        if s.distilled:
+            from trainer.stages.progressive import distilled_pixels
+
+            return distilled_pixels(s.stage, s.net, prompts, s.settings.steps, s.settings.cfg_scale, generator)
+        extras = None
+        if previous is not None:
+            lowres = s.stage.autoencoder.encode(resize_pixels(previous, s.cfg.data.resolution))
+            extras = s.stage.upsample_extras(lowres, generator)  # noise-augmented at stage.noise_aug_sample
+        return stage_pixels(s.stage, s.net, prompts, s.settings, generator, extras)
+
+    def sample(self, prompts: Sequence[str], generator: torch.Generator) -> Tensor:
+        """(N, 3, H, W) images or (N, 3, F, H, W) videos in [-1, 1] at the last stage's size."""
+        pixels: Optional[Tensor] = None
+        for s in self.stages:
+            pixels = self.run_stage(s, prompts, generator, pixels)
+        assert pixels is not None
+        return pixels
+
+    def sample_batched(self, prompts: Sequence[str], generator: torch.Generator, batch_size: int = 16,
+                       progress: bool = True) -> Tensor:
+        """`sample` over chunks of `batch_size` prompts (one generator: reproducible per seed)."""
+        chunks = [prompts[i: i + batch_size] for i in range(0, len(prompts), batch_size)]
+        bar = tqdm(chunks, desc="sampling", unit="batch", disable=not progress or len(chunks) < 2)
+        return torch.cat([self.sample(c, generator) for c in bar])
+
+
+def save_sample(sample: Tensor, stem: Path) -> Path:
+    """One image (3, H, W) as `stem`.png or video (3, F, H, W) as `stem`.mp4, from [-1, 1]."""
+    if sample.ndim == 4:
+        return save_mp4(sample, stem.with_suffix(".mp4"))
+    Image.fromarray(to_uint8(sample)).save(stem.with_suffix(".png"))
+    return stem.with_suffix(".png")
+
+
+def save_samples(pixels: Tensor, prompts: Sequence[str], out_dir: str | Path,
+                 meta: Optional[dict] = None) -> dict[str, object]:
+    """One PNG per image (MP4 per video) plus a grid with the prompts (PNG; animated GIF for
+    videos) and `samples.json` listing files, prompts and `meta`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [save_sample(sample, out / f"{i:05d}").name for i, sample in enumerate(pixels)]
+    if pixels.ndim == 5:
+        grid = save_video_grid(pixels, prompts, out / "grid.gif")
+    else:
+        grid = save_image_grid(pixels, prompts, out / "grid.png")
+    record = {"files": files, "prompts": list(prompts), "grid": grid.name, **(meta or {})}
+    (out / "samples.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record

@@ -1,0 +1,288 @@
+"""Export a checkpoint for users: safetensors + config JSON, or a directory `diffusers` loads.
+
+    safetensors/  model.safetensors (EMA weights of the DiT), config.json (resolved run config,
+                  the DiT's resolved spec, source checkpoint and step)
+    diffusers/    model_index.json            pipeline = pipeline.py:DiTTextToImagePipeline
+                  pipeline.py                 shim importing the pipeline class below
+                  transformer/                DiTTransformer (ModelMixin + ConfigMixin wrapper of our
+                                              DiT): config.json, diffusion_pytorch_model.safetensors,
+                                              dit_transformer.py (shim importing the class below)
+                  scheduler/                  DDIMScheduler: our prediction type, betas, zero terminal
+                                              SNR (rescale_betas_zero_snr) and trailing spacing
+                  vae/                        AutoencoderKL with scaling_factor / shift_factor (latent models)
+                  text_encoder/, tokenizer/   the transformers text encoder and its tokenizer
+                  dit_train.json              source checkpoint and step
+
+    pipe = DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)
+    images = pipe(["a large red circle at the top left"], num_inference_steps=25).images
+
+The DiT is our own architecture, not a diffusers class, so the two shims import it from this
+package: loading needs `dit-train` installed (diffusers' custom-component mechanism, see
+"Load community pipelines and components" in the diffusers docs). Time convention: the DiT takes
+t in [0, 1] and diffusers' timestep index i is t = (i + 1) / T (trainer/diffusion/schedules.py);
+the wrapper converts. DDIM in diffusers steps from timestep i to i - T // S, so outputs match
+ours exactly when the step count S divides T.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Union
+
+import torch
+from diffusers import ConfigMixin, DiffusionPipeline, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+from safetensors.torch import save_file
+from torch import Tensor
+
+from trainer.models.dit import DiT, DiTPreset, DiTSpec, TextEmbedding
+
+if TYPE_CHECKING:
+    from trainer.cascade import LoadedStage
+
+FORMATS = ("safetensors", "diffusers")
+PREDICTION_TYPES = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
+BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
+TRANSFORMER_MODULE = "dit_transformer"
+PIPELINE_MODULE = "pipeline"
+PROVENANCE = "dit_train.json"  # source checkpoint and step of an export
+_SHIM = '"""{doc}"""\nfrom trainer.export import {name}  # noqa: F401\n'
+
+
+class DiTTransformer(ModelMixin, ConfigMixin):
+    """Our DiT as a diffusers model: config.json holds the resolved `DiTSpec` plus what a
+    pipeline needs to call it (training timesteps, text length and pooling)."""
+
+    @register_to_config
+    def __init__(self, depth: int = 4, width: int = 128, heads: int = 4, patch: int = 2, mlp_ratio: float = 4.0,
+                 in_channels: int = 4, out_channels: int = 4, text_dim: int = 384, pooled_dim: int = 384,
+                 qk_norm: bool = True, rope: bool = False, sample_size: int = 32, num_train_timesteps: int = 1000,
+                 text_max_length: int = 32, text_normalize_pooled: bool = True):
+        super().__init__()
+        spec = DiTSpec(DiTPreset(depth, width, heads, patch, mlp_ratio), in_channels, out_channels, text_dim,
+                       pooled_dim, rope=rope, qk_norm=qk_norm)
+        self.dit = DiT(spec)
+
+    def forward(self, hidden_states: Tensor, timestep: Tensor, encoder_hidden_states: Tensor,
+                encoder_attention_mask: Tensor, pooled_projections: Tensor) -> Tensor:
+        """x (B, C, H, W), diffusers timestep indices (B,) or scalar, text tokens (B, L, Dt),
+        mask (B, L), pooled (B, Dp) -> the prediction (B, C, H, W)."""
+        t = (timestep.float().reshape(-1) + 1) / self.config.num_train_timesteps  # (B,) or (1,) in (0, 1]
+        t = t.expand(hidden_states.shape[0])  # (B,)
+        text = TextEmbedding(encoder_hidden_states, encoder_attention_mask.bool(), pooled_projections)
+        return self.dit(hidden_states, t, text)
+
+
+class DiTTextToImagePipeline(DiffusionPipeline):
+    """Text -> (latent) image with a DiTTransformer, classifier-free guidance with rescale
+    (Lin et al. 2023) and the scheduler's steps; vae=None for pixel-space models."""
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _optional_components = ["vae"]
+
+    def __init__(self, transformer: DiTTransformer, scheduler, text_encoder, tokenizer, vae=None):
+        super().__init__()
+        self.register_modules(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder,
+                              tokenizer=tokenizer, vae=vae)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
+        """(tokens (B, L, Dt) zero on padding, mask (B, L), pooled (B, Dp)): the masked mean of
+        the token states, L2-normalized when the text encoder was (sentence-transformers)."""
+        cfg = self.transformer.config
+        batch = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=cfg.text_max_length,
+                               return_tensors="pt")
+        mask = batch["attention_mask"].to(self.device)  # (B, L)
+        states = self.text_encoder(input_ids=batch["input_ids"].to(self.device), attention_mask=mask).last_hidden_state
+        weights = mask[..., None].to(states.dtype)  # (B, L, 1)
+        pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1e-9)  # (B, Dt)
+        if cfg.text_normalize_pooled:
+            pooled = torch.nn.functional.normalize(pooled, dim=-1)
+        return states.float() * weights, mask.bool(), pooled.float()
+
+    def null_prompt(self, batch: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The empty caption as the model was trained on it (text.null=zeros): zero states and
+        pooled vector, only the first token marked real."""
+        cfg = self.transformer.config
+        tokens = torch.zeros(batch, cfg.text_max_length, cfg.text_dim, device=self.device)
+        mask = torch.zeros(batch, cfg.text_max_length, dtype=torch.bool, device=self.device)
+        mask[:, 0] = True
+        return tokens, mask, torch.zeros(batch, cfg.pooled_dim, device=self.device)
+
+    @torch.no_grad()
+    def __call__(self, prompt: Union[str, list[str]], num_inference_steps: int = 25, guidance_scale: float = 3.0,
+                 guidance_rescale: float = 0.7, generator: Optional[torch.Generator] = None,
+                 latents: Optional[Tensor] = None, output_type: str = "pil") -> ImagePipelineOutput:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        cfg = self.transformer.config
+        shape = (len(prompts), cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        x = latents if latents is not None else torch.randn(shape, generator=generator)
+        x = x.to(self.device) * self.scheduler.init_noise_sigma
+        cond = self.encode_prompt(prompts)
+        guided = guidance_scale != 1.0
+        text = [torch.cat(pair) for pair in zip(cond, self.null_prompt(len(prompts)))] if guided else list(cond)
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_in = torch.cat([x, x]) if guided else x
+            pred = self.transformer(model_in, t.expand(model_in.shape[0]), *text)
+            if guided:
+                pred_text, pred_null = pred.chunk(2)
+                pred = pred_null + guidance_scale * (pred_text - pred_null)
+                if guidance_rescale > 0:
+                    pred = rescale_noise_cfg(pred, pred_text, guidance_rescale)
+            x = self.scheduler.step(pred, t, x, generator=generator, return_dict=False)[0]
+        if output_type == "latent":
+            return ImagePipelineOutput(images=x)
+        if self.vae is not None:
+            shift = self.vae.config.get("shift_factor") or 0.0
+            x = self.vae.decode(x / self.vae.config.scaling_factor + shift).sample
+        images = (x / 2 + 0.5).clamp(0, 1)  # (B, 3, H, W) in [0, 1]
+        if output_type == "pil":
+            return ImagePipelineOutput(images=self.numpy_to_pil(images.permute(0, 2, 3, 1).cpu().float().numpy()))
+        return ImagePipelineOutput(images=images)
+
+
+# ------------------------------------------------------------------------------- export
+
+
+def _load(checkpoint: str | Path, ema: bool) -> tuple["LoadedStage", int]:
+    """(LoadedStage, step) of a checkpoint, with default sampler settings."""
+    from trainer.cascade import CascadeStageSpec, load_stage
+    from trainer.sampling import SamplerSettings
+
+    loaded = load_stage(CascadeStageSpec(str(checkpoint)), SamplerSettings(), ema=ema)
+    step = json.loads((loaded.checkpoint / "COMPLETE.json").read_text())["step"]
+    return loaded, step
+
+
+def export_safetensors(checkpoint: str | Path, out: str | Path, ema: bool = True) -> Path:
+    """`out`/model.safetensors (the DiT's EMA weights) and `out`/config.json."""
+    from trainer.config import to_dict
+
+    loaded, step = _load(checkpoint, ema)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().contiguous() for k, v in loaded.net.state_dict().items()}
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt", "step": str(step)})
+    spec = asdict(loaded.net.spec)
+    record = {"source_checkpoint": str(loaded.checkpoint), "step": step, "weights": "ema" if ema else "raw",
+              "dit_spec": spec, "run_config": to_dict(loaded.cfg)}
+    (out / "config.json").write_text(json.dumps(record, indent=1) + "\n")
+    return out
+
+
+def _check_diffusers_exportable(loaded: "LoadedStage") -> None:
+    cfg = loaded.cfg
+    problems = [
+        (cfg.model.video, "model.video", "video models"),
+        (cfg.model.superres, "model.superres", "super-resolution stages"),
+        (cfg.model.guidance_embed, "model.guidance_embed", "guidance-conditioned students"),
+        (cfg.model.learn_sigma, "model.learn_sigma", "learned-variance models"),
+        (cfg.model.text.kind == "open_clip", "model.text.kind", "open_clip text encoders"),
+        (cfg.model.text.null != "zeros", "model.text.null", "a learned null caption"),
+        (getattr(loaded.stage.autoencoder, "causal_3d", False), "model.autoencoder", "3-D autoencoders"),
+    ]
+    for bad, key, what in problems:
+        if bad:
+            raise ValueError(f"{key}: the diffusers export covers text-to-image models; {what} export as "
+                             f"--format safetensors")
+
+
+def scheduler_config(loaded: "LoadedStage") -> dict:
+    """DDIMScheduler arguments equal to our schedule; an SNR-shifted table goes as trained_betas."""
+    d = loaded.cfg.diffusion
+    config = dict(num_train_timesteps=d.num_timesteps, beta_start=d.beta_start, beta_end=d.beta_end,
+                  beta_schedule=BETA_SCHEDULES[d.schedule], prediction_type=PREDICTION_TYPES[d.prediction],
+                  rescale_betas_zero_snr=d.zero_terminal_snr, timestep_spacing="trailing", clip_sample=False,
+                  set_alpha_to_one=True, steps_offset=0)
+    schedule = loaded.stage.schedule
+    if schedule.logsnr_shift != 0.0:
+        abar = schedule.alphas_cumprod  # (T,) float64, shifted
+        alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])
+        config["trained_betas"] = (1 - alphas).tolist()
+    return config
+
+
+def export_diffusers(checkpoint: str | Path, out: str | Path, ema: bool = True) -> Path:
+    """A directory `DiffusionPipeline.from_pretrained(out, trust_remote_code=True)` loads."""
+    from diffusers import DDIMScheduler
+
+    loaded, step = _load(checkpoint, ema)
+    _check_diffusers_exportable(loaded)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    spec, text = loaded.net.spec, loaded.stage.text
+    transformer = DiTTransformer(
+        depth=spec.preset.depth, width=spec.preset.width, heads=spec.preset.heads, patch=spec.preset.patch,
+        mlp_ratio=spec.preset.mlp_ratio, in_channels=spec.in_channels, out_channels=spec.out_channels,
+        text_dim=spec.text_dim, pooled_dim=spec.pooled_dim, qk_norm=spec.qk_norm, rope=spec.rope,
+        sample_size=loaded.stage.resolution, num_train_timesteps=loaded.cfg.diffusion.num_timesteps,
+        text_max_length=text.max_length, text_normalize_pooled=bool(getattr(text, "normalize", False)))
+    transformer.dit.load_state_dict(loaded.net.state_dict())
+    transformer.save_pretrained(str(out / "transformer"), safe_serialization=True)
+    (out / "transformer" / f"{TRANSFORMER_MODULE}.py").write_text(
+        _SHIM.format(doc="The DiT of dit-train as a diffusers model.", name="DiTTransformer"))
+    DDIMScheduler(**scheduler_config(loaded)).save_pretrained(str(out / "scheduler"))
+    text.backbone.save_pretrained(str(out / "text_encoder"), safe_serialization=True)
+    text.tokenizer.save_pretrained(str(out / "tokenizer"))
+    components = {
+        "transformer": [TRANSFORMER_MODULE, "DiTTransformer"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", type(text.backbone).__name__],
+        "tokenizer": ["transformers", type(text.tokenizer).__name__],
+        "vae": [None, None],
+    }
+    if loaded.stage.autoencoder.vae is not None:
+        loaded.stage.autoencoder.save(out / "vae")
+        components["vae"] = ["diffusers", type(loaded.stage.autoencoder.vae).__name__]
+    (out / f"{PIPELINE_MODULE}.py").write_text(
+        _SHIM.format(doc="Text-to-image pipeline of a dit-train DiT.", name="DiTTextToImagePipeline"))
+    import diffusers
+
+    index = {"_class_name": [PIPELINE_MODULE, "DiTTextToImagePipeline"], "_diffusers_version": diffusers.__version__,
+             **components}
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (out / PROVENANCE).write_text(json.dumps({"source_checkpoint": str(loaded.checkpoint), "step": step,
+                                              "weights": "ema" if ema else "raw"}, indent=1) + "\n")
+    return out
+
+
+def export(checkpoint: str | Path, fmt: str, out: str | Path, ema: bool = True) -> Path:
+    if fmt not in FORMATS:
+        raise ValueError(f"--format {fmt}: one of {', '.join(FORMATS)}")
+    return (export_safetensors if fmt == "safetensors" else export_diffusers)(checkpoint, out, ema)
+
+
+# ------------------------------------------------------------------------------- verification
+
+
+def load_pipeline(directory: str | Path) -> DiTTextToImagePipeline:
+    return DiffusionPipeline.from_pretrained(str(directory), trust_remote_code=True)
+
+
+@torch.no_grad()
+def compare_with_pipeline(pipe: DiTTextToImagePipeline, checkpoint: str | Path, prompts: list[str], steps: int = 10,
+                          cfg_scale: float = 3.0, guidance_rescale: float = 0.7, seed: int = 0,
+                          ema: bool = True) -> float:
+    """Max |difference| in [0, 1] pixels between a diffusers pipeline and our own DDIM sampler
+    on `checkpoint`, both started from the same noise."""
+    from trainer.cascade import Cascade, CascadeStageSpec, load_stage
+    from trainer.sampling import SamplerSettings
+
+    settings = SamplerSettings(steps=steps, cfg_scale=cfg_scale, guidance_rescale=guidance_rescale, sampler="ddim")
+    loaded = load_stage(CascadeStageSpec(str(checkpoint)), settings, ema=ema)
+    ours = Cascade([loaded]).sample(prompts, torch.Generator().manual_seed(seed))  # (B, 3, H, W) in [-1, 1]
+    noise = torch.randn((len(prompts), *loaded.stage.sample_shape()), generator=torch.Generator().manual_seed(seed))
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(prompts, num_inference_steps=steps, guidance_scale=cfg_scale, guidance_rescale=guidance_rescale,
+                  latents=noise, output_type="pt").images  # (B, 3, H, W) in [0, 1]
+    return float(((ours + 1) / 2 - theirs).abs().max())
+
+
+def verify_diffusers_export(directory: str | Path, checkpoint: str | Path, prompts: list[str], steps: int = 10,
+                            ema: bool = True) -> float:
+    """Load the export with diffusers and compare it with our sampler (`compare_with_pipeline`)."""
+    return compare_with_pipeline(load_pipeline(directory), checkpoint, prompts, steps, ema=ema)

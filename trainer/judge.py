@@ -1,0 +1,347 @@
+"""The shapes judge: recover what a synthetic captioned-shapes image or video shows from its
+pixels, and score it against the prompt it was generated from.
+
+Deterministic and training-free; every constant comes from `data_pipeline.synth`:
+
+    pixels --nearest of (palette + background) per pixel--> colour labels (H, W)
+           --connected components per colour, area >= min_area--> objects, largest first
+    object --best soft IoU of its colour membership (edge pixels count partly: MP4 blurs
+             chroma) against synth.shape_mask templates (shape x size) at its bbox centre--> shape, size
+           --centroid's 3x3 cell--> position
+    video  --the largest object per frame--> majority colour / shape / size,
+           centroid displacement first -> last frame --> direction
+
+A prompt is parsed into mentions with the same vocabulary; mentions are matched to the
+largest detected objects by the assignment that agrees on the most attributes (one or two
+mentions: every permutation is tried). Accuracy is reported per attribute over the mentions
+that state it, plus `count` (as many objects as mentions) and `overall` (every stated attribute
+of every mention right and the count right).
+
+At 16 px a circle and a square rasterize to the same pixels (2x2 and 4x4 blocks): shape is
+then not identifiable from pixels, and `judge` leaves it out below `MIN_SHAPE_SIZE`.
+"""
+from __future__ import annotations
+
+import itertools
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import Tensor
+
+from data_pipeline.synth import BACKGROUND, COLORS, DIRECTIONS, POSITIONS, SHAPES, SIZES, shape_mask
+from trainer.media import to_uint8
+
+ATTRIBUTES = ("color", "shape", "size", "position", "direction")
+MIN_SHAPE_SIZE = 32  # below this side, circle and square are the same pixels
+MIN_AREA_FRACTION = 0.4  # of the smallest template's area: smaller blobs are noise or fringes
+MAX_DESCRIBED = 4  # regions described per image; more only count
+MIN_TRAVEL = 0.15  # of the side: a smaller centroid displacement is no motion
+_PALETTE = np.array([BACKGROUND, *COLORS.values()], dtype=np.float32)  # (1 + K, 3), index 0 = background
+_COLOR_NAMES = ("background", *COLORS)
+_POSITION_ALIASES = {"center": "centre", "middle": "centre"}
+_OFFSETS = (0.0, -0.5, 0.5)  # template centre shifts tried, in pixels
+_CELLS = {(int(x * 3), int(y * 3)): name for name, (x, y) in POSITIONS.items()}  # (col, row) -> name
+
+
+# ------------------------------------------------------------------------------- prompts
+
+
+@dataclass(frozen=True)
+class Mention:
+    """One shape a prompt asks for; None where the prompt does not say."""
+
+    shape: str
+    color: Optional[str] = None
+    size: Optional[str] = None
+    position: Optional[str] = None
+    direction: Optional[str] = None
+
+    def stated(self) -> dict[str, str]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def _alternation(words: Sequence[str]) -> str:
+    """Regex alternation, longest first so that 'top left' wins over 'top'."""
+    return "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
+
+
+@lru_cache(maxsize=1)
+def _mention_pattern() -> re.Pattern:
+    positions = _alternation([*POSITIONS, *_POSITION_ALIASES])
+    return re.compile(
+        rf"\b(?:a|an|one)\s+(?:(?P<size>{_alternation(list(SIZES))})\s+)?"
+        rf"(?:(?P<color>{_alternation(list(COLORS))})\s+)?(?P<shape>{_alternation(SHAPES)})"
+        rf"(?:\s+(?:moving\s+(?P<direction>{_alternation(list(DIRECTIONS))})"
+        rf"|(?:at|on|in)\s+the\s+(?P<position>{positions})))?\b",
+        re.IGNORECASE,
+    )
+
+
+def parse_prompt(prompt: str) -> list[Mention]:
+    """Mentions of a captioned-shapes prompt, in order, e.g. "a small red circle at the top
+    left and a large blue square moving up"; attributes it leaves out are None. The wording
+    of `data_pipeline.synth.caption` and "at the centre"/"center" are understood."""
+    mentions = []
+    for m in _mention_pattern().finditer(prompt):
+        found = {k: v.lower() for k, v in m.groupdict().items() if v is not None}
+        if "position" in found:
+            found["position"] = _POSITION_ALIASES.get(found["position"], found["position"])
+        mentions.append(Mention(**found))
+    return mentions
+
+
+# ------------------------------------------------------------------------------- detection
+
+
+@dataclass
+class DetectedObject:
+    """What the pixels of one connected single-colour region say."""
+
+    color: str
+    shape: str
+    size: str
+    position: str
+    area: int
+    centroid: tuple[float, float]  # (x, y) as fractions of the side
+    iou: float  # of the best template
+    direction: Optional[str] = None
+
+    def value(self, attribute: str) -> Optional[str]:
+        return getattr(self, attribute)
+
+
+def color_labels(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 -> (H, W) index of the nearest of background + palette (0 = background)."""
+    d = ((image[:, :, None, :].astype(np.float32) - _PALETTE) ** 2).sum(-1)  # (H, W, 1 + K)
+    return d.argmin(-1)
+
+
+@lru_cache(maxsize=4096)
+def _template(shape: str, size: str, cx: float, cy: float, side: int) -> np.ndarray:
+    return shape_mask(shape, cx, cy, SIZES[size], side)
+
+
+@lru_cache(maxsize=8)
+def min_area(side: int) -> int:
+    """Smallest area an object may have at this side: a fraction of the smallest template."""
+    smallest = min(int(shape_mask(s, 0.5, 0.5, r, side).sum()) for s in SHAPES for r in SIZES.values())
+    return max(1, int(MIN_AREA_FRACTION * smallest))
+
+
+def position_of(x: float, y: float) -> str:
+    """The 3x3 cell holding (x, y) (fractions of the side)."""
+    return _CELLS[min(max(int(x * 3), 0), 2), min(max(int(y * 3), 0), 2)]
+
+
+def membership(image: np.ndarray, color: int) -> np.ndarray:
+    """(H, W) in [0, 1]: where each pixel lies between the background (0) and palette colour
+    `color` (1), by projection onto the segment joining them. Codec blur (MP4's half-resolution
+    chroma) turns a shape's edge pixels into mixtures; they count partly instead of not at all."""
+    bg, c = _PALETTE[0], _PALETTE[color]
+    direction = (c - bg) / float(((c - bg) ** 2).sum())
+    return np.clip((image.astype(np.float32) - bg) @ direction, 0.0, 1.0)
+
+
+def classify_region(mask: np.ndarray, soft: np.ndarray) -> tuple[str, str, float]:
+    """(shape, size, soft IoU) of the template that best overlaps a region: `mask` its pixels,
+    `soft` its membership (zero outside the region's 1-pixel neighbourhood). Templates are
+    drawn around the region's bounding-box centre (synth draws a shape around its cell centre,
+    which its box surrounds) and half a pixel either way, since rasterization can shift the box."""
+    side = mask.shape[0]
+    ys, xs = np.nonzero(mask)
+    cx, cy = (xs.min() + xs.max() + 1) / (2 * side), (ys.min() + ys.max() + 1) / (2 * side)
+    best = ("", "", -1.0)
+    for shape, size, ox, oy in itertools.product(SHAPES, SIZES, _OFFSETS, _OFFSETS):
+        template = _template(shape, size, round(cx + ox / side, 4), round(cy + oy / side, 4), side)
+        iou = float(np.minimum(soft, template).sum() / max(np.maximum(soft, template).sum(), 1e-9))
+        if iou > best[2]:
+            best = (shape, size, iou)
+    return best
+
+
+def regions(image: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """(colour index, mask) of every single-colour connected region of at least `min_area`
+    pixels in an (H, W, 3) uint8 image, largest first (4-connectivity)."""
+    labels = color_labels(image)
+    found = []
+    for k in range(1, len(_PALETTE)):
+        components, n = ndimage.label(labels == k)
+        areas = np.bincount(components.ravel(), minlength=n + 1)  # (n + 1,), [0] = outside
+        found += [(k, components == j) for j in range(1, n + 1) if areas[j] >= min_area(image.shape[0])]
+    return sorted(found, key=lambda r: -int(r[1].sum()))
+
+
+def describe(image: np.ndarray, color: int, mask: np.ndarray) -> DetectedObject:
+    """The attributes of one region of `image`."""
+    side = mask.shape[0]
+    ys, xs = np.nonzero(mask)
+    x, y = (xs.mean() + 0.5) / side, (ys.mean() + 0.5) / side
+    soft = membership(image, color) * ndimage.binary_dilation(mask)  # (H, W), the region and its rim
+    shape, size, iou = classify_region(mask, soft)
+    return DetectedObject(_COLOR_NAMES[color], shape, size, position_of(x, y), len(xs), (x, y), iou)
+
+
+def detect_objects(image: np.ndarray, limit: int = MAX_DESCRIBED) -> list[DetectedObject]:
+    """Objects in one (H, W, 3) uint8 image, largest first; only the `limit` largest are
+    described (synth images hold at most two), the rest count with their colour and area."""
+    found = regions(image)
+    described = [describe(image, k, mask) for k, mask in found[:limit]]
+    rest = [DetectedObject(_COLOR_NAMES[k], "", "", "", int(mask.sum()), (0.0, 0.0), 0.0) for k, mask in found[limit:]]
+    return described + rest
+
+
+def _majority(values: Sequence[str]) -> str:
+    return Counter(values).most_common(1)[0][0]
+
+
+def direction_of(path: Sequence[tuple[float, float]]) -> Optional[str]:
+    """The DIRECTIONS entry best aligned with the displacement first -> last point; None
+    when it moved less than MIN_TRAVEL of the side."""
+    dx, dy = path[-1][0] - path[0][0], path[-1][1] - path[0][1]
+    if np.hypot(dx, dy) < MIN_TRAVEL:
+        return None
+    return max(DIRECTIONS, key=lambda d: DIRECTIONS[d][0] * dx + DIRECTIONS[d][1] * dy)
+
+
+def detect_video(frames: np.ndarray) -> list[DetectedObject]:
+    """The moving object of a (F, H, W, 3) uint8 clip (synth videos hold one): the largest
+    object of each frame, its attributes by majority over frames, its motion from the
+    centroids; then the other objects of a frame with the median object count. Empty when no
+    frame holds an object."""
+    found = [detect_objects(f, limit=1) for f in frames]
+    per_frame = [objs[0] for objs in found if objs]
+    if not per_frame:
+        return []
+    typical = sorted(found, key=len)[len(found) // 2]  # a frame with the median object count
+    color = _majority([o.color for o in per_frame])
+    track = [o for o in per_frame if o.color == color]
+    first = track[0]
+    return [DetectedObject(
+        color=color,
+        shape=_majority([o.shape for o in track]),
+        size=_majority([o.size for o in track]),
+        position=first.position,
+        area=int(np.median([o.area for o in track])),
+        centroid=first.centroid,
+        iou=float(np.mean([o.iou for o in track])),
+        direction=direction_of([o.centroid for o in track]) if len(track) > 1 else None,
+    )] + typical[1:]
+
+
+# ------------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class SampleScore:
+    """Per attribute (correct, stated) counts of one sample."""
+
+    counts: dict[str, list[int]] = field(default_factory=dict)
+    count_ok: bool = False
+
+    @property
+    def all_ok(self) -> bool:
+        return self.count_ok and all(c == n for c, n in self.counts.values())
+
+
+def _agreement(mention: Mention, obj: DetectedObject, attributes: Sequence[str]) -> int:
+    return sum(obj.value(k) == v for k, v in mention.stated().items() if k in attributes)
+
+
+def score_sample(mentions: Sequence[Mention], objects: Sequence[DetectedObject],
+                 attributes: Sequence[str] = ATTRIBUTES) -> SampleScore:
+    """Match mentions to the len(mentions) largest objects (best permutation) and count the
+    stated attributes that agree; a mention without an object gets every attribute wrong."""
+    kept = list(objects[: len(mentions)])
+    slots: list[Optional[DetectedObject]] = kept + [None] * (len(mentions) - len(kept))
+    best = max(itertools.permutations(slots), key=lambda perm: sum(
+        _agreement(m, o, attributes) for m, o in zip(mentions, perm) if o is not None))
+    score = SampleScore(count_ok=len(objects) == len(mentions))
+    for mention, obj in zip(mentions, best):
+        for key, value in mention.stated().items():
+            if key in attributes:
+                entry = score.counts.setdefault(key, [0, 0])
+                entry[0] += int(obj is not None and obj.value(key) == value)
+                entry[1] += 1
+    return score
+
+
+@dataclass
+class AdherenceReport:
+    """Accuracy per attribute (over the mentions stating it), `count`, and `overall`."""
+
+    accuracy: dict[str, float]
+    num_samples: int
+    num_unparsed: int = 0
+    note: str = ""
+
+    def as_metrics(self, prefix: str = "adherence") -> dict[str, float]:
+        return {f"{prefix}/{k}": v for k, v in self.accuracy.items()}
+
+    def format(self) -> str:
+        return "  ".join(f"{k} {100 * v:5.1f}%" for k, v in self.accuracy.items())
+
+
+def aggregate(scores: Sequence[SampleScore], num_unparsed: int = 0) -> AdherenceReport:
+    totals: dict[str, list[int]] = {}
+    for s in scores:
+        for key, (c, n) in s.counts.items():
+            entry = totals.setdefault(key, [0, 0])
+            entry[0] += c
+            entry[1] += n
+    accuracy = {k: totals[k][0] / totals[k][1] for k in ATTRIBUTES if k in totals}
+    if scores:
+        accuracy["count"] = float(np.mean([s.count_ok for s in scores]))
+        accuracy["overall"] = float(np.mean([s.all_ok for s in scores]))
+    return AdherenceReport(accuracy, len(scores), num_unparsed)
+
+
+def as_uint8_clips(pixels: Tensor) -> np.ndarray:
+    """(N, 3, H, W) -> (N, H, W, 3) or (N, 3, F, H, W) -> (N, F, H, W, 3), uint8, from [-1, 1]."""
+    return to_uint8(pixels.movedim(1, 2) if pixels.ndim == 5 else pixels)
+
+
+def detect(pixels: Tensor) -> list[list[DetectedObject]]:
+    """Objects of each image (N, 3, H, W) or video (N, 3, F, H, W) in [-1, 1]."""
+    clips = as_uint8_clips(pixels)
+    return [detect_video(c) if pixels.ndim == 5 else detect_objects(c) for c in clips]
+
+
+def judged_attributes(side: int) -> tuple[str, ...]:
+    """The attributes the judge can read at this image side (see MIN_SHAPE_SIZE)."""
+    return ATTRIBUTES if side >= MIN_SHAPE_SIZE else tuple(a for a in ATTRIBUTES if a != "shape")
+
+
+def judge(pixels: Tensor, prompts: Sequence[str]) -> AdherenceReport:
+    """Prompt adherence of images (N, 3, H, W) or videos (N, 3, F, H, W) in [-1, 1]; prompts
+    with no recognizable mention are counted in `num_unparsed` and left out."""
+    if pixels.shape[0] != len(prompts):
+        raise ValueError(f"{pixels.shape[0]} samples but {len(prompts)} prompts")
+    attributes = judged_attributes(pixels.shape[-1])
+    scores, unparsed = [], 0
+    for objects, prompt in zip(detect(pixels), prompts):
+        mentions = parse_prompt(prompt)
+        if not mentions:
+            unparsed += 1
+            continue
+        scores.append(score_sample(mentions, objects, attributes))
+    report = aggregate(scores, unparsed)
+    if "shape" not in attributes:
+        report.note = f"shape not judged: at {pixels.shape[-1]} px circle and square are the same pixels"
+    return report
+
+
+def chance_levels() -> dict[str, float]:
+    """Accuracy of guessing each attribute uniformly at random."""
+    return {"color": 1 / len(COLORS), "shape": 1 / len(SHAPES), "size": 1 / len(SIZES),
+            "position": 1 / len(POSITIONS), "direction": 1 / len(DIRECTIONS)}
+
+
+def noise_like(pixels: Tensor, generator: torch.Generator) -> Tensor:
+    """Uniform noise in [-1, 1] shaped like `pixels`: the judge's floor."""
+    return torch.rand(pixels.shape, generator=generator) * 2 - 1
