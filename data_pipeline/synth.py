@@ -164,9 +164,9 @@ def encode_mp4(frames: np.ndarray, fps: int = VIDEO_FPS) -> bytes:
 
 
 def synth_sample(index: int, seed: int = 0, size: int = 64, video: bool = False,
-                 image_format: str = "png", num_frames: int = DEFAULT_FRAMES) -> dict:
+                 image_format: str = "png", num_frames: int = DEFAULT_FRAMES, max_shapes: int = 2) -> dict:
     """One WebDataset sample (`__key__`, png|jpg|webp|mp4, txt, json), deterministic in (seed, index)."""
-    attrs = sample_attributes(np.random.default_rng([seed, index]), video=video)
+    attrs = sample_attributes(np.random.default_rng([seed, index]), video=video, max_shapes=max_shapes)
     text = caption(attrs)
     meta = {"key": f"{index:09d}", "caption": text, "width": size, "height": size, "source": "synth", **attrs}
     if video:
@@ -178,7 +178,7 @@ def synth_sample(index: int, seed: int = 0, size: int = 64, video: bool = False,
 
 
 def synth_samples(num: int, seed: int = 0, size: int = 64, video: bool = False,
-                  image_format: str = "png", num_frames: int = DEFAULT_FRAMES) -> Iterator[dict]:
+                  image_format: str = "png", num_frames: int = DEFAULT_FRAMES, max_shapes: int = 2) -> Iterator[dict]:
     """`num` consecutive synthetic samples (indices 0..num-1)."""
     for i in range(num):
-        yield synth_sample(i, seed, size, video, image_format, num_frames)
+        yield synth_sample(i, seed, size, video, image_format, num_frames, max_shapes)

@@ -34,6 +34,8 @@ def register(sub) -> None:
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     p.add_argument("--video", action="store_true", help="mp4 clips of a moving shape instead of images")
     p.add_argument("--frames", type=int, default=16, help="frames per clip with --video (default 16)")
+    p.add_argument("--max-shapes", type=int, default=2, choices=(1, 2),
+                   help="shapes per image at most (default 2; 1 makes an easier task)")
     p.add_argument("--format", choices=("png", "jpg", "webp"), default="png",
                    help="image encoding (default png: lossless, exact colours)")
     p.add_argument("--seed", type=int, default=0)
@@ -105,7 +107,8 @@ def cmd_synth(args) -> int:
     from data_pipeline.synth import synth_samples
     from data_pipeline.write import write_shards
 
-    samples = synth_samples(args.num, args.seed, args.size, args.video, args.format, args.frames)
+    samples = synth_samples(args.num, args.seed, args.size, args.video, args.format, args.frames,
+                            args.max_shapes)
     manifest = write_shards(samples, args.out, args.shard_size, prefix=args.prefix, max_bytes=args.max_shard_bytes,
                             created_by="dit data synth", total=args.num,
                             extra={"seed": args.seed, "size": args.size, "video": args.video})
