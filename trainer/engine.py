@@ -255,15 +255,19 @@ class Trainer:
             infos = list(self.micro_batch_losses(batches))
             metrics = {k: sum(i[k] for i in infos if k in i) / sum(k in i for i in infos)
                        for k in {k for i in infos for k in i}}
+        # A skip shows either in our guard (ZeRO-0/3) or, where DeepSpeed's ZeRO-1/2 optimizer
+        # found the global gradient norm invalid and skipped by itself, in that norm.
         skipped = any(opt.skipped for opt in self.optimizers.values())
         for opt in self.optimizers.values():
             opt.skipped = 0
-        metrics["skipped"] = float(skipped)
         for name, engine in self.engines.items():
             suffix = "" if name == "student" else f"/{name}"
             norm = engine.get_global_grad_norm()
-            metrics[f"grad_norm{suffix}"] = float(norm) if norm is not None else 0.0
+            norm = float(norm) if norm is not None else 0.0
+            skipped = skipped or not math.isfinite(norm)
+            metrics[f"grad_norm{suffix}"] = norm
             metrics[f"lr{suffix}"] = engine.get_lr()[0]
+        metrics["skipped"] = float(skipped)
         return metrics
 
     def after_step(self, metrics: dict[str, float]) -> Optional[int]:

@@ -20,6 +20,8 @@ them with the model (state_dict keys `null_tokens`, `null_pooled`).
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from pathlib import Path
 from typing import Optional
 
@@ -94,6 +96,41 @@ class TextEncoder(nn.Module):
 
     def _encode(self, captions: list[str]) -> tuple[Tensor, Tensor, Tensor]:
         raise NotImplementedError
+
+
+class CachedTextEncoder:
+    """Memoizes a frozen encoder's output per caption (LRU, `capacity` captions).
+
+    Each new caption is encoded alone (batch of one), so a caption's embedding never depends
+    on which other captions shared its batch or on what the cache held: a resumed run gets the
+    bit-identical embeddings an uninterrupted one used. Epochs after the first skip the
+    encoder entirely for datasets whose captions fit in the cache.
+    """
+
+    def __init__(self, encoder: TextEncoder, capacity: int = 4096):
+        self.encoder = encoder
+        self.capacity = capacity
+        self.cache: OrderedDict[str, tuple[Tensor, Tensor, Tensor]] = OrderedDict()
+
+    def __getattr__(self, name: str):
+        return getattr(self.encoder, name)  # dim, pooled_dim, max_length, null_embedding, ...
+
+    def _row(self, caption: str) -> tuple[Tensor, Tensor, Tensor]:
+        if caption in self.cache:
+            self.cache.move_to_end(caption)
+            return self.cache[caption]
+        e = self.encoder.encode([caption])
+        row = (e.tokens[0], e.mask[0], e.pooled[0])  # (L, Dt), (L,), (Dp,)
+        self.cache[caption] = row
+        if len(self.cache) > self.capacity:
+            self.cache.popitem(last=False)
+        return row
+
+    def encode(self, captions: list[str]) -> TextEmbedding:
+        if self.encoder.null_tokens is not None:  # a learned null must stay in the graph
+            return self.encoder.encode(captions)
+        tokens, mask, pooled = zip(*(self._row(c) for c in captions))
+        return TextEmbedding(torch.stack(tokens), torch.stack(mask), torch.stack(pooled))
 
 
 class HFTextEncoder(TextEncoder):

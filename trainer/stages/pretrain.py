@@ -18,7 +18,7 @@ from trainer.media import save_image_grid, save_video_grid
 from trainer.metrics import timestep_bucket_losses
 from trainer.models.autoencoder import build_autoencoder
 from trainer.models.dit import build_dit
-from trainer.models.text import TextEmbedding, build_text_encoder
+from trainer.models.text import CachedTextEncoder, TextEmbedding, build_text_encoder
 from trainer.sampling import SamplerSettings, generate
 from trainer.stages.base import PlayerLoss, Stage, drop_captions, frozen
 
@@ -27,7 +27,7 @@ class PretrainStage(Stage):
     def __init__(self, model: ModelConfig, diffusion: DiffusionConfig, stage: StageConfig, data: DataConfig):
         super().__init__()
         self.model_cfg, self.diffusion, self.stage_cfg, self.data = model, diffusion, stage, data
-        self.text = frozen(build_text_encoder(model.text))
+        self.text = CachedTextEncoder(frozen(build_text_encoder(model.text)))
         self.autoencoder = frozen(build_autoencoder(model.autoencoder))  # PixelSpace when kind=none
         self.players = {"student": build_dit(model, self.text.dim, self.text.pooled_dim)}
         frames = data.num_frames if data.kind == "video" else 1
