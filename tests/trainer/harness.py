@@ -16,11 +16,11 @@ TINY = ROOT / "configs" / "test_tiny.yaml"
 @pytest.fixture(scope="session")
 def shapes_shards(tmp_path_factory) -> Path:
     """Real synthetic-shapes tar shards at 16 px, shared by the trainer tests."""
-    from launch.cli import main
+    from data_pipeline.synth import synth_samples
+    from data_pipeline.write import write_shards
 
     out = tmp_path_factory.mktemp("shapes")
-    assert main(["data", "synth", "--out", str(out), "--num", "96", "--size", "16",
-                 "--shard-size", "24", "--seed", "0"]) == 0
+    write_shards(synth_samples(96, seed=0, size=16), str(out), shard_size=24, progress=False)
     return out
 
 
