@@ -8,6 +8,9 @@ export DS_ACCELERATOR ?= cpu
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# DeepSpeed's CPU op is compiled once per venv with the venv's own ninja (a shared cache
+# compiled by another ninja would be rebuilt, stalling every rank for minutes).
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: demo test venv clean
 

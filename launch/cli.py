@@ -90,11 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_command(sub, "train", "train one stage on this rank (launchers start this on every rank)", "launch.train_cmd", "train")
     demo = _add_run_command(sub, "demo", "the end-to-end demo: synthetic shards -> autoencoder -> DiT -> samples", "launch.demo", "demo")
     demo.add_argument("--nproc", type=int, default=2, help="local processes for the DeepSpeed stages")
+    _optional_register("launch.launcher", "register", sub)  # `dit launch CONFIG [overrides] ...`
+    _optional_register("launch.plan", "register", sub)  # `dit plan CONFIG [overrides] --gpus N`
     for name, module, help_ in (
-        ("launch", "launch.launcher", "start `dit train` on one or many machines (local, hostfile, torchrun, SLURM)"),
         ("sample", "launch.sample_cmd", "text -> base -> super-resolution -> decode: PNG/MP4 and a grid"),
         ("eval", "launch.eval_cmd", "prompt-adherence judge, distribution distance, memorization audit"),
-        ("plan", "launch.plan", "memory and step-time planner for a config on N GPUs"),
         ("export", "launch.export_cmd", "export EMA weights as safetensors or a diffusers directory"),
     ):
         p = sub.add_parser(name, help=help_, description=help_)

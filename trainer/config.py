@@ -106,6 +106,9 @@ class DeepSpeedConfig:
     grad_accum: int = 1  # micro-batches per optimizer step (the pipeline's micro-batches too)
     pipeline_stages: int = 1  # > 1: the DiT block stack runs as a DeepSpeed PipelineModule
     comm_timeout_s: int = 120  # collective timeout, so a dead rank cannot hang the others
+    # ZeRO reduce / all-gather bucket in elements. DeepSpeed's default (5e8) allocates 2 GB
+    # (fp32) per rank during backward whatever the model size; 5e7 suits small-to-mid models.
+    bucket_size: int = 50_000_000
 
 
 @dataclass

@@ -73,7 +73,8 @@ def lr_factor(step: int, optim: OptimConfig, total_steps: int) -> float:
 
 def deepspeed_dict(ds: DeepSpeedConfig, optim: OptimConfig, micro_batch: int, dp_world: int) -> dict:
     """The DeepSpeed JSON config derived from our typed sub-configs."""
-    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    zero: dict[str, Any] = {"stage": ds.zero_stage, "reduce_bucket_size": ds.bucket_size,
+                            "allgather_bucket_size": ds.bucket_size}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     if ds.offload_params:

@@ -1,0 +1,422 @@
+"""`dit plan CONFIG [overrides] --gpus N`: memory per rank and step time, before renting GPUs.
+
+For every layout - ZeRO stage 0-3, pipeline split p (ZeRO 0/1 only, a DeepSpeed limit), with
+and without activation checkpointing - it estimates per rank:
+
+model states (P trained parameters, N data-parallel ranks = GPUs / p, P / p per pipeline
+stage; w = 4 bytes in fp32, 2 in bf16/fp16; Adam's m and v in fp32). This is DeepSpeed
+0.19's accounting as measured on real engines (tests/launch/test_plan.py), which keeps an fp32
+master partition even in fp32 training:
+
+    stage   params             grads        fp32 master   Adam m, v
+    0       w P                w P          4 P (mixed)   8 P        fp32: 4+4+8, mixed: 2+2+4+8 = 16 P
+    1, 2    w P                w P / N      4 P / N       8 P / N    mixed: 2 P + 14 P / N
+    3       w P / N + w Ppers  w P / N      4 P / N       8 P / N    mixed: (2 + 2 + 12) P / N
+
+(Ppers: ZeRO-3 keeps parameters below its persistence threshold whole on every rank.)
+ZeRO-1 here partitions gradients as ZeRO-2 does (DeepSpeed reduces them into the owner's
+partition at once); the ZeRO paper's ZeRO-1 keeps them whole (2 P + 2 P + 12 P / N).
+
+communication buckets: DeepSpeed's reduce bucket (reduce_bucket_size elements, 5e8 unless
+configured; w bytes each, two with overlap_comm) during backward at ZeRO 1-3, plus ZeRO-3's
+prefetch bucket.
+
+activations of one micro-batch: the tensors autograd saves, counted per DiT block from the
+model's code (layers.py) - in units of B N D values (B micro-batch, N tokens, D width):
+residual-stream and norm inputs 4, adaLN modulations 2, fused qkv 3, normalized q and k 2,
+attention output 1, the two gated branch outputs 2, MLP 2 x mlp_ratio, cross-attention 5
+(+ keys and values over the L text tokens); a CPU attention kernel also keeps contiguous
+copies of q and k (+3). With checkpointing every block keeps only its input (1), and one
+block is recomputed at a time. Pipeline stages hold up to p micro-batches of their layers
+(1F1B). Frozen encoders (text, autoencoder) are counted in fp32, activations not (no grad).
+
+step time: 6 x forward MACs per sample (forward + backward; 8 x with checkpointing) x the
+global batch, over GPUs x peak x MFU, stretched by the pipeline bubble (p - 1) / (m + p - 1).
+
+The suggestion is the fitting layout with the shortest step; among equals, one without ZeRO-3
+(its parameter all-gathers cost 1.5x the communication of ZeRO 0-2), then the least memory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from trainer.config import ModelConfig, RunConfig, load_config
+
+GB = 1e9
+H100_BF16_TFLOPS = 989.0  # dense bf16 peak of an H100 SXM
+DEFAULT_MFU = 0.4
+ADAM_BYTES = 8  # fp32 m and v
+MASTER_BYTES = 4  # fp32 master weights
+# Per DiT block, in units of B N D saved values (see the module docstring).
+BLOCK_BASE = 4 + 2 + 3 + 1 + 2  # norm inputs/outputs, modulations, qkv, attention out, gated outputs
+QK_NORMED = 2
+CROSS = 5  # norm input and output, q, normalized q, attention output
+CPU_SDPA_COPIES = 3  # contiguous q, k (self) and q (cross) kept by the CPU attention kernel
+TEMPORAL = 12  # factorized video blocks: temporal attention with its reshapes (not validated)
+HEAD = 3  # final norm input and output, modulation
+
+
+# ---------------------------------------------------------------------------------------------
+# What is being trained.
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """Sizes of the trained DiT and its frozen helpers, from the config (no weights loaded)."""
+
+    params: int  # trained parameters
+    persistent_params: int  # of which below ZeRO-3's persistence threshold
+    frozen_params: int  # text encoder + autoencoder
+    macs_per_sample: int  # forward multiply-accumulates of one sample
+    depth: int
+    width: int
+    mlp_ratio: float
+    tokens: int  # N per sample
+    text_len: int  # L
+    text_dim: int  # Dt
+    qk_norm: bool
+    cross_attention: bool
+    temporal: bool  # factorized video blocks with more than one latent frame
+    latent_shape: tuple[int, ...]  # (C, [F,] H, W) the DiT sees
+
+
+def text_dims(model: ModelConfig) -> tuple[int, int, int, int]:
+    """(token width, pooled width, max length, parameter count) of the text encoder, read from
+    its configuration without loading weights."""
+    import torch
+
+    t = model.text
+    if t.kind == "open_clip":
+        import open_clip
+        from open_clip.model import _build_text_tower
+
+        cfg = open_clip.get_model_config(t.arch)
+        if cfg is None:
+            raise ValueError(f"model.text.arch: unknown open_clip architecture '{t.arch}'")
+        with torch.device("meta"):
+            tower = _build_text_tower(cfg["embed_dim"], cfg["text_cfg"], quick_gelu=cfg.get("quick_gelu", False))
+        length = min(t.max_length, cfg["text_cfg"].get("context_length", 77))
+        return cfg["text_cfg"]["width"], cfg["embed_dim"], length, sum(p.numel() for p in tower.parameters())
+    from transformers import AutoConfig, AutoModel, T5EncoderModel
+
+    from trainer.models.text import T5_FAMILY, minilm_path
+
+    path = t.path or (minilm_path() if t.kind == "minilm" else "")
+    if not path:
+        raise ValueError(f"model.text.path: kind={t.kind} needs a local directory or hub id")
+    config = AutoConfig.from_pretrained(path)
+    t5 = t.kind == "t5" or config.model_type in T5_FAMILY
+    with torch.device("meta"):
+        net = T5EncoderModel(config) if t5 else AutoModel.from_config(config)
+    dim = config.d_model if t5 else config.hidden_size
+    return dim, dim, t.max_length, sum(p.numel() for p in net.parameters())
+
+
+def autoencoder_facts(cfg: RunConfig) -> tuple[int, int]:
+    """(spatial downsampling factor, parameter count) of the frozen autoencoder (1, 0: pixels)."""
+    if cfg.model.autoencoder.kind == "none":
+        return 1, 0
+    import torch
+
+    from trainer.models.autoencoder import build_autoencoder
+
+    if cfg.model.autoencoder.path:
+        ae = build_autoencoder(cfg.model.autoencoder)
+    else:
+        with torch.device("meta"):
+            ae = build_autoencoder(cfg.model.autoencoder, causal_3d=cfg.data.kind == "video")
+    return ae.downsample_factor, sum(p.numel() for p in ae.parameters())
+
+
+def model_facts(cfg: RunConfig, persistence_threshold: int) -> ModelFacts:
+    """Build the DiT of `cfg` on the meta device: exact parameter and MAC counts, no memory."""
+    import torch
+
+    from trainer.models.dit import build_dit
+
+    text_dim, pooled_dim, text_len, text_params = text_dims(cfg.model)
+    factor, ae_params = autoencoder_facts(cfg)
+    with torch.device("meta"):
+        net = build_dit(cfg.model, text_dim, pooled_dim)
+    side = cfg.data.resolution // factor
+    video = cfg.data.kind == "video"
+    shape = (cfg.model.in_channels, cfg.data.num_frames, side, side) if video else (cfg.model.in_channels, side, side)
+    spec = net.spec
+    frames = cfg.data.num_frames // spec.temporal_patch if video else 1
+    numels = [p.numel() for p in net.parameters() if p.requires_grad]
+    return ModelFacts(
+        params=sum(numels),
+        persistent_params=sum(n for n in numels if n < persistence_threshold),
+        frozen_params=text_params + ae_params,
+        macs_per_sample=net.macs((1, *shape), text_len),
+        depth=spec.preset.depth, width=spec.preset.width, mlp_ratio=spec.preset.mlp_ratio,
+        tokens=frames * (side // spec.preset.patch) ** 2, text_len=text_len, text_dim=text_dim,
+        qk_norm=spec.qk_norm, cross_attention=bool(spec.text_dim), temporal=spec.temporal_blocks and frames > 1,
+        latent_shape=shape,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory.
+
+
+@dataclass(frozen=True)
+class ZeroSettings:
+    """The DeepSpeed ZeRO knobs that size memory, as DeepSpeed resolves the trainer's config."""
+
+    reduce_bucket_size: int
+    overlap_comm: bool
+    prefetch_bucket_size: int
+    persistence_threshold: int
+
+
+def zero_settings(cfg: RunConfig, zero_stage: int) -> ZeroSettings:
+    """Read through DeepSpeed's own config model, so its defaults are the ones used."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    from trainer.engine import deepspeed_dict
+
+    ds = deepspeed_dict(cfg.deepspeed, cfg.optim, cfg.data.batch_size, 1)["zero_optimization"]
+    z = DeepSpeedZeroConfig(**{**ds, "stage": zero_stage})
+    overlap = z.overlap_comm if z.overlap_comm is not None else zero_stage == 3
+    return ZeroSettings(int(z.reduce_bucket_size), bool(overlap), int(z.prefetch_bucket_size),
+                        int(z.param_persistence_threshold))
+
+
+def param_bytes(precision: str) -> int:
+    return 4 if precision == "fp32" else 2
+
+
+def model_state_bytes(params: int, zero_stage: int, dp: int, precision: str,
+                      persistent: int = 0) -> dict[str, float]:
+    """Per-rank bytes of parameters, gradients, fp32 master weights and Adam states."""
+    w = param_bytes(precision)
+    mixed = precision != "fp32"
+    if zero_stage == 0:
+        return {"params": w * params, "grads": w * params,
+                "master": MASTER_BYTES * params if mixed else 0, "optimizer": ADAM_BYTES * params}
+    shard = params / dp
+    return {
+        "params": w * (shard + persistent) if zero_stage == 3 else w * params,
+        "grads": w * shard,
+        "master": MASTER_BYTES * shard,
+        "optimizer": ADAM_BYTES * shard,
+    }
+
+
+def bucket_bytes(zero_stage: int, precision: str, z: ZeroSettings, params: int) -> float:
+    """DeepSpeed's gradient-reduction buffers (allocated whole, whatever the model's size) and
+    ZeRO-3's prefetch of gathered parameters (at most the model)."""
+    if zero_stage == 0:
+        return 0.0
+    w = param_bytes(precision)
+    buckets = 2 if z.overlap_comm and zero_stage < 3 else 1
+    prefetch = min(z.prefetch_bucket_size, params) if zero_stage == 3 else 0
+    return float(w * (buckets * z.reduce_bucket_size + prefetch))
+
+
+def block_units(m: ModelFacts, cpu: bool) -> tuple[float, float]:
+    """Saved values of one DiT block per sample: (units of N D, units of L D)."""
+    nd = BLOCK_BASE + 2 * m.mlp_ratio + (QK_NORMED if m.qk_norm else 0)
+    ld = 0.0
+    if m.cross_attention:
+        nd += CROSS if m.qk_norm else CROSS - 1
+        ld = 2 + (1 if m.qk_norm else 0) + (1 if cpu else 0)  # k, v; normalized k; its copy
+    if cpu:
+        nd += CPU_SDPA_COPIES if m.cross_attention else CPU_SDPA_COPIES - 1
+    if m.temporal:
+        nd += TEMPORAL
+    return nd, ld
+
+
+def activation_bytes(m: ModelFacts, micro_batch: int, precision: str, checkpointing: bool,
+                     layers: Optional[int] = None, cpu: bool = False, in_flight: int = 1) -> float:
+    """Bytes autograd holds for `in_flight` micro-batches over `layers` blocks (default: all).
+    With checkpointing each micro-batch keeps only its block inputs, and one block at a time is
+    recomputed with all its activations."""
+    layers = m.depth if layers is None else layers
+    nd, ld = block_units(m, cpu)
+    ND, LD = m.tokens * m.width, m.text_len * m.width
+    block = nd * ND + ld * LD
+    kept = (layers * ND if checkpointing else layers * block) + HEAD * ND + m.text_len * m.text_dim
+    recomputed = block if checkpointing else 0.0
+    return float(micro_batch * param_bytes(precision) * (in_flight * kept + recomputed))
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts.
+
+
+@dataclass(frozen=True)
+class Hardware:
+    gpus: int
+    gpu_mem_gb: float = 80.0
+    peak_tflops: float = H100_BF16_TFLOPS
+    mfu: float = DEFAULT_MFU
+    headroom: float = 0.1  # kept free: allocator fragmentation, CUDA/NCCL context
+    cpu: bool = False  # activations as the CPU kernels keep them (for measuring on a CPU)
+
+    @property
+    def usable_bytes(self) -> float:
+        return self.gpu_mem_gb * GB * (1 - self.headroom)
+
+
+@dataclass(frozen=True)
+class Layout:
+    zero_stage: int
+    pipeline_stages: int
+    checkpointing: bool
+
+    def overrides(self) -> str:
+        return (f"deepspeed.zero_stage={self.zero_stage} deepspeed.pipeline_stages={self.pipeline_stages} "
+                f"model.activation_checkpointing={str(self.checkpointing).lower()}")
+
+    def name(self) -> str:
+        pipe = f"pipe {self.pipeline_stages}" if self.pipeline_stages > 1 else "no pipe"
+        return f"ZeRO-{self.zero_stage}, {pipe}, {'ckpt' if self.checkpointing else 'no ckpt'}"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    layout: Layout
+    states: dict[str, float]
+    buckets: float
+    activations: float
+    frozen: float
+    step_s: float
+    samples_per_step: int
+
+    @property
+    def model_states(self) -> float:
+        return sum(self.states.values())
+
+    @property
+    def total(self) -> float:
+        return self.model_states + self.buckets + self.activations + self.frozen
+
+
+def layouts(gpus: int, depth: int) -> list[Layout]:
+    """Every layout DeepSpeed accepts: pipeline splits p dividing the GPUs (p <= depth) run
+    with ZeRO 0 or 1 only."""
+    splits = [p for p in range(1, min(gpus, depth) + 1) if gpus % p == 0]
+    return [Layout(z, p, ckpt) for ckpt in (False, True) for p in splits for z in range(4) if p == 1 or z <= 1]
+
+
+def step_seconds(m: ModelFacts, samples: int, hw: Hardware, layout: Layout, micro_batches: int) -> float:
+    """6 x MACs per sample (8 x with recomputation) over the GPUs' sustained FLOP/s, stretched
+    by the pipeline bubble (p - 1) / (m + p - 1)."""
+    flops = (8 if layout.checkpointing else 6) * m.macs_per_sample * samples
+    p = layout.pipeline_stages
+    bubble = (p - 1) / (micro_batches + p - 1)
+    return flops / (hw.gpus * hw.peak_tflops * 1e12 * hw.mfu) / (1 - bubble)
+
+
+def estimate(cfg: RunConfig, m: ModelFacts, hw: Hardware, layout: Layout,
+             micro_batch: Optional[int] = None) -> Estimate:
+    """Per-rank memory and step time of `layout`. The global batch stays the config's
+    (micro-batch x grad_accum x GPUs): a pipeline of p stages runs p times the micro-batches."""
+    micro = micro_batch or cfg.data.batch_size
+    p = layout.pipeline_stages
+    dp = hw.gpus // p
+    samples = micro * cfg.deepspeed.grad_accum * hw.gpus
+    micro_batches = cfg.deepspeed.grad_accum * p
+    precision = cfg.deepspeed.precision
+    z = zero_settings(cfg, layout.zero_stage)
+    states = model_state_bytes(math.ceil(m.params / p), layout.zero_stage, dp, precision,
+                               m.persistent_params if layout.zero_stage == 3 else 0)
+    acts = activation_bytes(m, micro, precision, layout.checkpointing, math.ceil(m.depth / p), hw.cpu,
+                            in_flight=min(p, micro_batches))  # 1F1B: the first stage holds up to p
+    return Estimate(layout, states, bucket_bytes(layout.zero_stage, precision, z, math.ceil(m.params / p)), acts,
+                    4.0 * m.frozen_params, step_seconds(m, samples, hw, layout, micro_batches), samples)
+
+
+def suggest(estimates: list[Estimate], hw: Hardware) -> Optional[Estimate]:
+    """The fitting layout with the shortest step (no recomputation, no pipeline bubble when
+    possible); among equals one without ZeRO-3 (whose parameter gathers add half the
+    communication of the others), then the one with the most memory left."""
+    fitting = [e for e in estimates if e.total <= hw.usable_bytes]
+    key = lambda e: (round(e.step_s, 9), e.layout.zero_stage == 3, e.total)  # noqa: E731
+    return min(fitting, key=key) if fitting else None
+
+
+def plan(cfg: RunConfig, hw: Hardware, micro_batch: Optional[int] = None) -> tuple[ModelFacts, list[Estimate]]:
+    threshold = zero_settings(cfg, 3).persistence_threshold
+    m = model_facts(cfg, threshold)
+    return m, [estimate(cfg, m, hw, layout, micro_batch) for layout in layouts(hw.gpus, m.depth)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Report.
+
+
+def gb(x: float) -> str:
+    return f"{x / GB:8.2f}"
+
+
+def format_plan(cfg: RunConfig, m: ModelFacts, estimates: list[Estimate], hw: Hardware) -> str:
+    micro = estimates[0].samples_per_step // (cfg.deepspeed.grad_accum * hw.gpus)
+    lines = [
+        f"model {cfg.model.preset}: {m.params / 1e6:.1f}M trained parameters, {m.frozen_params / 1e6:.1f}M frozen "
+        f"(text encoder, autoencoder); input {m.latent_shape}, {m.tokens} tokens, {m.text_len} text tokens",
+        f"forward {m.macs_per_sample / 1e9:.2f} GMACs per sample; training ~ {6 * m.macs_per_sample / 1e9:.1f} GFLOPs per sample",
+        f"{hw.gpus} GPUs x {hw.gpu_mem_gb:g} GB ({(1 - hw.headroom) * 100:.0f}% usable), {cfg.deepspeed.precision}, "
+        f"micro-batch {micro}, grad_accum {cfg.deepspeed.grad_accum}, global batch {estimates[0].samples_per_step}; "
+        f"peak {hw.peak_tflops:g} TFLOP/s at {hw.mfu:.0%} MFU",
+        "",
+        f"{'layout':<28}{'params':>8} {'grads':>8} {'optim':>8} {'buckets':>8} {'activ':>8} {'frozen':>8} "
+        f"{'total GB':>8}  fits  {'step s':>7}",
+    ]
+    for e in estimates:
+        s = e.states
+        fits = "yes" if e.total <= hw.usable_bytes else "no"
+        lines.append(f"{e.layout.name():<28}{gb(s['params'])} {gb(s['grads'])} {gb(s['master'] + s['optimizer'])} "
+                     f"{gb(e.buckets)} {gb(e.activations)} {gb(e.frozen)} {gb(e.total)}  {fits:<4}  {e.step_s:7.3f}")
+    best = suggest(estimates, hw)
+    lines.append("")
+    if best is None:
+        lines.append("nothing fits: lower data.batch_size (raise deepspeed.grad_accum to keep the global "
+                     "batch), add GPUs, or offload (deepspeed.offload_optimizer=true)")
+    else:
+        lines.append(f"suggested: {best.layout.name()}: {best.total / GB:.1f} GB per GPU, {best.step_s:.3f} s per "
+                     f"step, {best.samples_per_step / best.step_s:.0f} samples/s")
+        lines.append(f"  overrides: {best.layout.overrides()}")
+    return "\n".join(lines)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    hw = Hardware(args.gpus, args.gpu_mem, args.peak_tflops, args.mfu, args.headroom, args.device == "cpu")
+    if hw.gpus < 1:
+        print("dit plan: --gpus must be at least 1", flush=True)
+        return 2
+    m, estimates = plan(cfg, hw, args.micro_batch)
+    if args.json:
+        print(json.dumps([{"layout": e.layout.__dict__, **e.states, "buckets": e.buckets,
+                           "activations": e.activations, "frozen": e.frozen, "total": e.total,
+                           "step_s": e.step_s} for e in estimates], indent=1))
+    else:
+        print(format_plan(cfg, m, estimates, hw))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `dit plan` to the top-level subcommands of `dit`."""
+    p = sub.add_parser("plan", help="memory and step-time planner for a config on N GPUs",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="YAML run config (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.preset=DiT-XL/2")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs in the job")
+    p.add_argument("--gpu-mem", type=float, default=80.0, help="memory per GPU in GB (default 80)")
+    p.add_argument("--peak-tflops", type=float, default=H100_BF16_TFLOPS,
+                   help=f"peak dense TFLOP/s per GPU (default {H100_BF16_TFLOPS:g}, H100 bf16)")
+    p.add_argument("--mfu", type=float, default=DEFAULT_MFU, help="model FLOPs utilization (default 0.4)")
+    p.add_argument("--micro-batch", type=int, help="micro-batch per GPU (default: data.batch_size)")
+    p.add_argument("--headroom", type=float, default=0.1, help="fraction of GPU memory kept free (default 0.1)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="whose attention kernels to assume for activations (cpu: as measured on a CPU)")
+    p.add_argument("--json", action="store_true", help="print every layout as JSON")
+    p.set_defaults(func=run_plan)

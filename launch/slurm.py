@@ -1,0 +1,166 @@
+"""`dit launch ... --slurm`: render an sbatch script for the job and submit it with `sbatch`.
+
+The script asks for K nodes with one task each; `srun` starts `dit launch --launcher torchrun`
+once per node, which starts that node's ranks. Node 0 (the first host of the allocation,
+from `scontrol show hostnames`) is the rendezvous master. Preemption and the time limit end
+the same way: SLURM sends SIGUSR1 120 s ahead (`--signal=USR1@120`), the ranks save a
+checkpoint and exit with 42, and the script requeues the job (`--requeue`); the rerun resumes
+from `latest`. Every job logs to LOG_DIR/slurm/<name>-<jobid>.out (appended across requeues).
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+SIGNAL_LEAD_S = 120  # SIGUSR1 this long before the time limit: time for the last save
+MASTER_PORT_BASE = 20000  # the default port is derived from the job id, so jobs sharing a node do not collide
+
+
+@dataclass(frozen=True)
+class SlurmJob:
+    """What the sbatch script asks for and runs."""
+
+    name: str
+    nodes: int
+    ranks_per_node: int
+    config: str  # absolute path
+    overrides: tuple[str, ...]
+    log_dir: Path  # absolute; the job's output goes to LOG_DIR/slurm/
+    workdir: Path  # absolute; the script runs here (relative paths in overrides)
+    gpus_per_node: Optional[int] = None
+    time: str = ""
+    partition: str = ""
+    account: str = ""
+    master_port: Optional[int] = None
+    max_restarts: int = 0
+    shutdown_timeout_s: int = 100
+    extra: tuple[str, ...] = ()  # further sbatch options, e.g. "--qos=high"
+
+    @property
+    def output(self) -> Path:
+        return self.log_dir / "slurm" / "%x-%j.out"
+
+
+def sbatch_header(job: SlurmJob) -> list[str]:
+    lines = [
+        f"--job-name={job.name}",
+        f"--nodes={job.nodes}",
+        "--ntasks-per-node=1",  # one `dit launch` per node; it starts the node's ranks
+        f"--chdir={job.workdir}",
+        f"--output={job.output}",
+        "--open-mode=append",  # a requeued job appends to the same log
+        f"--signal=USR1@{SIGNAL_LEAD_S}",
+        "--requeue",
+    ]
+    if job.gpus_per_node:
+        lines.append(f"--gpus-per-node={job.gpus_per_node}")
+    lines += [f"--{key}={value}" for key, value in
+              (("time", job.time), ("partition", job.partition), ("account", job.account)) if value]
+    return [f"#SBATCH {line}" for line in [*lines, *job.extra]]
+
+
+def node_command(job: SlurmJob) -> str:
+    """The command each srun task runs; $SLURM_NODEID and $MASTER_* expand on the node."""
+    fixed = shlex.join([
+        sys.executable, "-u", "-m", "launch.cli", "launch", job.config, *job.overrides,
+        "--launcher", "torchrun", "--nproc-per-node", str(job.ranks_per_node),
+        "--max-restarts", str(job.max_restarts), "--shutdown-timeout", str(job.shutdown_timeout_s),
+    ])
+    return (f'exec {fixed} --nnodes "$SLURM_NNODES" --node-rank "$SLURM_NODEID" '
+            f'--master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT"')
+
+
+def render(job: SlurmJob) -> str:
+    """The sbatch script of `job`."""
+    port = str(job.master_port) if job.master_port else f"$(( {MASTER_PORT_BASE} + SLURM_JOB_ID % 20000 ))"
+    body = [
+        "#!/bin/bash",
+        f"# Rendered by `dit launch --slurm` for {job.config}.",
+        f"# {job.nodes} node(s) x {job.ranks_per_node} rank(s); rerun after preemption resumes from `latest`.",
+        *sbatch_header(job),
+        "set -uo pipefail",
+        "",
+        "# Node 0 of the allocation hosts the rendezvous.",
+        'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
+        f'export MASTER_PORT="{port}"',
+        'echo "dit: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST,'
+        ' master $MASTER_ADDR:$MASTER_PORT"',
+        "",
+        "# One task per node. The ranks resume from `latest` when a checkpoint exists; on SIGUSR1",
+        "# (time limit or preemption) they save and exit with 42.",
+        f"srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c {shlex.quote(node_command(job))}",
+        "status=$?",
+        'if [ "$status" -eq 42 ]; then',
+        '    echo "dit: job $SLURM_JOB_ID saved its state before the time limit or preemption; requeueing"',
+        '    scontrol requeue "$SLURM_JOB_ID"',
+        "fi",
+        'exit "$status"',
+    ]
+    return "\n".join(body) + "\n"
+
+
+def submit_script(path: Path, out=None) -> int:
+    """`sbatch PATH`; sbatch's own message ("Submitted batch job N") goes to the console."""
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        print("dit launch: sbatch is not on PATH: submit from a SLURM login node, or print the "
+              f"script with --dry-run (it was written to {path})", file=sys.stderr)
+        return 2
+    return subprocess.run([sbatch, str(path)], stdout=out or sys.stdout).returncode
+
+
+def job_from_args(args: argparse.Namespace) -> SlurmJob:
+    """Validate the config for the allocation's world size, then describe the job."""
+    from launch.launcher import LaunchError, check_config
+
+    if args.hostfile or args.node_rank is not None or args.master_addr:
+        raise LaunchError("--slurm takes its hosts from the allocation: drop --hostfile, --node-rank "
+                          "and --master-addr (use --nodes)")
+    nodes = args.nodes or args.nnodes or 1
+    ranks = args.nproc_per_node or args.gpus_per_node or 1
+    if nodes < 1 or ranks < 1:
+        raise LaunchError(f"--nodes ({nodes}) and ranks per node ({ranks}) must be at least 1")
+    cfg = check_config(args.config, args.overrides, nodes * ranks)
+    return SlurmJob(
+        name=args.job_name or cfg.run.name, nodes=nodes, ranks_per_node=ranks,
+        config=str(Path(args.config).resolve()), overrides=tuple(args.overrides),
+        log_dir=Path(cfg.log.dir).resolve(), workdir=Path.cwd(),
+        gpus_per_node=args.gpus_per_node, time=args.time or "", partition=args.partition or "",
+        account=args.account or "", master_port=args.master_port, max_restarts=args.max_restarts,
+        shutdown_timeout_s=args.shutdown_timeout, extra=tuple(args.sbatch_option or ()),
+    )
+
+
+def submit(args: argparse.Namespace) -> int:
+    """`dit launch --slurm`: print the script (--dry-run), or write it next to the job's logs
+    and submit it."""
+    job = job_from_args(args)
+    script = render(job)
+    if args.dry_run:
+        print(script, end="")
+        return 0
+    path = job.log_dir / "slurm" / f"{job.name}.sbatch"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(script)
+    print(f"dit launch: wrote {path}; job output goes to {job.output}", flush=True)
+    return submit_script(path)
+
+
+def add_slurm_arguments(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--slurm", action="store_true", help="render an sbatch script and submit it")
+    g.add_argument("--dry-run", action="store_true", help="with --slurm: print the script, submit nothing")
+    g.add_argument("--nodes", type=int, help="nodes to allocate (default 1)")
+    g.add_argument("--gpus-per-node", type=int, help="GPUs per node to allocate; also the ranks per node "
+                   "unless --nproc-per-node says otherwise")
+    g.add_argument("--time", help="time limit, e.g. 24:00:00 (the ranks save 120 s before it)")
+    g.add_argument("--partition", help="SLURM partition")
+    g.add_argument("--account", help="SLURM account")
+    g.add_argument("--job-name", help="job name (default: run.name)")
+    g.add_argument("--sbatch-option", action="append", metavar="OPT",
+                   help="an extra sbatch option, e.g. --sbatch-option=--qos=high (repeatable)")

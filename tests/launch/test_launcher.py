@@ -1,0 +1,163 @@
+"""`dit launch` without starting a job: command lines, topology checks, fail-fast config
+validation, failure summaries, the sbatch script and what it does with a requeue exit."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch import launcher
+from launch.cli import main
+from launch.launcher import (EXIT_REQUEUE, Job, LaunchError, Outcome, Topology, deepspeed_command,
+                             deepspeed_status, node_hostfile, rank_environment, read_hostfile, torchrun_args)
+from tests.trainer.harness import ROOT, TINY
+from trainer.config import ConfigError
+
+FAKE_SLURM = Path(__file__).parent / "fake_slurm"
+
+
+def job(topology: Topology, launcher_name: str = "torchrun", gpu: bool = False) -> Job:
+    return Job(str(TINY), ("stage.steps=3",), launcher_name, topology, Path("/tmp/logs"), gpu)
+
+
+def test_hostfile_is_read_and_bad_lines_are_named(tmp_path):
+    good = tmp_path / "hosts"
+    good.write_text("# cluster\nworker-0 slots=8\n\nworker-1 slots=4  # smaller\n")
+    assert read_hostfile(str(good)) == (("worker-0", 8), ("worker-1", 4))
+    bad = tmp_path / "bad"
+    bad.write_text("worker-0 slots=8\nworker-1 8\n")
+    with pytest.raises(LaunchError, match=r"bad:2: 'worker-1 8' is not 'HOST slots=N'"):
+        read_hostfile(str(bad))
+    twice = tmp_path / "twice"
+    twice.write_text("a slots=1\na slots=2\n")
+    with pytest.raises(LaunchError, match="listed twice"):
+        read_hostfile(str(twice))
+
+
+def test_torchrun_command_single_node_and_rendezvous():
+    single = torchrun_args(job(Topology(2)), Path("/tmp/a0"))
+    assert "--standalone" in single and "--nproc-per-node=2" in single
+    assert single[-5:] == ["--module", "launch.cli", "train", str(TINY), "stage.steps=3"]
+    assert "--max-restarts=0" in single  # restarts are the launcher's, so that 42 is never restarted
+    multi = torchrun_args(job(Topology(4, nnodes=2, node_rank=1, master_addr="10.0.0.1", master_port=2950)),
+                          Path("/tmp/a0"))
+    assert "--standalone" not in multi
+    for flag in ("--nnodes=2", "--node-rank=1", "--master-addr=10.0.0.1", "--master-port=2950"):
+        assert flag in multi
+    assert any(a.startswith("--signals-to-handle=") and "SIGUSR1" in a for a in multi)
+    relaunch = torchrun_args(job(Topology(4, nnodes=2, node_rank=1, master_addr="10.0.0.1", master_port=2950)),
+                             Path("/tmp/a1"), attempt=1)
+    assert "--master-port=2951" in relaunch  # a fresh rendezvous store for attempt 1
+
+
+def test_deepspeed_command_local_hostfile_and_no_ssh(tmp_path):
+    local = deepspeed_command(job(Topology(2, master_port=1234), "deepspeed"), tmp_path, None)
+    assert local[1:4] == ["-u", "-m", "deepspeed.launcher.runner"]
+    for flag in ("--num_gpus=2", "--master_port=1234", "--module", "--no_local_rank"):
+        assert flag in local
+    assert not any(a.startswith(("--hostfile", "--no_ssh")) for a in local)
+    topo = Topology(1, nnodes=2, node_rank=1, master_addr="127.0.0.1", master_port=1234)
+    assert node_hostfile(topo) == "node0 slots=1\nnode1 slots=1\n"
+    by_hand = deepspeed_command(job(topo, "deepspeed"), tmp_path, tmp_path / "hostfile")
+    for flag in (f"--hostfile={tmp_path / 'hostfile'}", "--no_ssh", "--node_rank=1", "--master_addr=127.0.0.1"):
+        assert flag in by_hand
+
+
+def test_rank_environment_is_set_in_one_place():
+    base = {"RANK": "7", "WORLD_SIZE": "9", "MASTER_PORT": "1", "PYTHONPATH": "/x", "OMP_NUM_THREADS": "3"}
+    env = rank_environment(base, job(Topology(2)))
+    assert "RANK" not in env and "WORLD_SIZE" not in env and "MASTER_PORT" not in env
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(ROOT), "/x"]
+    assert env["DS_ACCELERATOR"] == "cpu" and env["OMP_NUM_THREADS"] == "3"
+    assert rank_environment(env, job(Topology(2)))["PYTHONPATH"] == env["PYTHONPATH"]  # idempotent
+    assert "DS_ACCELERATOR" not in rank_environment({}, job(Topology(2), gpu=True))
+
+
+def test_exit_codes_are_the_trainers():
+    from trainer import engine
+
+    for name in ("EXIT_OK", "EXIT_CONFIG", "EXIT_NONFINITE", "EXIT_CHECKPOINT", "EXIT_REQUEUE"):
+        assert getattr(launcher, name) == getattr(engine, name), name
+
+
+def test_failure_summary_names_rank_and_reason():
+    killed = Outcome(-9, rank=1)
+    assert killed.summary() == "rank 1 died: SIGKILL" and killed.exit_code == 137
+    assert Outcome(3, rank=0).summary() == "rank 0 exited with code 3 (too many non-finite steps in a row)"
+    preempted = Outcome(EXIT_REQUEUE, reason="this launcher received SIGUSR1")
+    assert preempted.exit_code == EXIT_REQUEUE
+    assert preempted.summary() == "stopped, this launcher received SIGUSR1: code 42 (preempted, state saved)"
+    # DeepSpeed's launcher exits with sys.exit(-N) for a rank killed by signal N: 256 - N.
+    assert deepspeed_status(247) == -9 and deepspeed_status(42) == 42 and deepspeed_status(1) == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--nnodes", "2", "--node-rank", "0"], "needs --node-rank, --master-addr and --master-port"),
+    (["--nnodes", "2", "--node-rank", "2", "--master-addr", "h", "--master-port", "1"], "outside"),
+    (["--launcher", "torchrun", "--hostfile", str(TINY)], "read by the DeepSpeed launcher"),
+])
+def test_inconsistent_topology_fails_before_anything_starts(monkeypatch, capsys, argv, message):
+    monkeypatch.setattr(launcher, "RUNNERS", {})  # any attempt to run would raise KeyError
+    assert main(["launch", str(TINY), *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_config_fails_fast_naming_the_key(monkeypatch, capsys):
+    monkeypatch.setattr(launcher, "RUNNERS", {})
+    assert main(["launch", str(TINY), "optim.lrr=1", "--nproc-per-node", "2"]) == 2
+    assert "optim.lrr" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="deepspeed.pipeline_stages"):  # checked for the world size
+        launcher.check_config(str(TINY), ["deepspeed.pipeline_stages=3", "deepspeed.zero_stage=1"], 2)
+
+
+def dry_run(capsys, *extra: str) -> str:
+    assert main(["launch", str(TINY), "run.out_dir=/tmp/x", "--slurm", "--dry-run", *extra]) == 0
+    return capsys.readouterr().out
+
+
+def test_slurm_dry_run_holds_requeue_signal_and_srun(capsys):
+    script = dry_run(capsys, "--nodes", "4", "--gpus-per-node", "8", "--time", "24:00:00", "--partition", "gpu",
+                     "--sbatch-option=--qos=high")
+    lines = script.splitlines()
+    for line in ("#SBATCH --requeue", "#SBATCH --signal=USR1@120", "#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1",
+                 "#SBATCH --gpus-per-node=8", "#SBATCH --time=24:00:00", "#SBATCH --partition=gpu",
+                 "#SBATCH --qos=high", "#SBATCH --output=/tmp/x/logs/slurm/%x-%j.out"):
+        assert line in lines, line
+    assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1' in script
+    srun = next(line for line in lines if line.startswith("srun "))
+    for part in ("--launcher torchrun", "--nproc-per-node 8", '--node-rank "$SLURM_NODEID"', '--master-addr "$MASTER_ADDR"'):
+        assert part in srun
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in script
+
+
+def test_slurm_validates_the_config_for_the_allocation(capsys):
+    assert main(["launch", str(TINY), "deepspeed.pipeline_stages=3", "deepspeed.zero_stage=1", "--slurm",
+                 "--dry-run", "--nodes", "2", "--gpus-per-node", "2"]) == 2
+    assert "do not divide the world size 4" in capsys.readouterr().err
+
+
+def fake_slurm_env(**extra: str) -> dict[str, str]:
+    return dict(os.environ, PATH=os.pathsep.join([str(FAKE_SLURM), os.environ["PATH"]]), **extra)
+
+
+def test_requeue_exit_makes_the_script_requeue_the_job(tmp_path):
+    out = tmp_path / "run"
+    requeued = tmp_path / "requeued"
+    env = fake_slurm_env(FAKE_SRUN_EXIT="42", FAKE_SLURM_REQUEUED=str(requeued), FAKE_SLURM_JOB_ID="77")
+    proc = subprocess.run([sys.executable, "-m", "launch.cli", "launch", str(TINY), f"run.out_dir={out}",
+                           "--slurm", "--nodes", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == EXIT_REQUEUE, proc.stdout + proc.stderr
+    assert "Submitted batch job 77" in proc.stdout
+    assert requeued.read_text().split() == ["77"]
+    log = (out / "logs" / "slurm" / "tiny-77.out").read_text()
+    assert "requeueing" in log and "master 127.0.0.1:" in log
+
+
+def test_submit_without_sbatch_says_what_to_do(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert main(["launch", str(TINY), f"run.out_dir={tmp_path}", "--slurm"]) == 2
+    assert "--dry-run" in capsys.readouterr().err
+    assert (tmp_path / "logs" / "slurm" / "tiny.sbatch").is_file()
