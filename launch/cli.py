@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_command(sub, "train", "train one stage on this rank (launchers start this on every rank)", "launch.train_cmd", "train")
     demo = _add_run_command(sub, "demo", "the end-to-end demo: synthetic shards -> autoencoder -> DiT -> samples", "launch.demo", "demo")
     demo.add_argument("--nproc", type=int, default=2, help="local processes for the DeepSpeed stages")
+    demo.add_argument("--resume", action="store_true",
+                      help="continue an interrupted demo from its checkpoints instead of starting over")
     _optional_register("launch.launcher", "register", sub)  # `dit launch CONFIG [overrides] ...`
     _optional_register("launch.plan", "register", sub)  # `dit plan CONFIG [overrides] --gpus N`
     for name, module, help_ in (

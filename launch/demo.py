@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -38,6 +39,18 @@ def synth(out_dir: str, resolution: int) -> None:
         raise SystemExit(code)
 
 
+def clear_previous_run(out_dir: str, keep: str) -> None:
+    """The demo is one job from scratch: drop an earlier demo's checkpoints and logs (whose
+    config may differ and would be refused on resume), keep its shards."""
+    root = Path(out_dir)
+    if not root.is_dir():
+        return
+    for child in root.iterdir():
+        if child.resolve() != Path(keep).resolve():
+            print(f"removing the previous demo's {child}", flush=True)
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
 def latest_grid(log_dir: str) -> str:
     records = [json.loads(line) for line in (Path(log_dir) / "metrics.jsonl").read_text().splitlines()]
     grids = [r["sample_grid"] for r in records if "sample_grid" in r]
@@ -50,6 +63,8 @@ def demo(args: argparse.Namespace) -> int:
     shared = [f"run.out_dir={cfg.run.out_dir}"]
     timings = {}
     t0 = time.time()
+    if not args.resume:
+        clear_previous_run(cfg.run.out_dir, keep=cfg.data.shards)
     synth(cfg.data.shards, cfg.data.resolution)
     timings["shards"] = time.time() - t0
     t1 = time.time()
