@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = bench.add_subparsers(dest="bench_cmd", required=True)
     _optional_register("launch.data_cmd", "register_bench", bsub)
     _optional_register("launch.bench_model", "register_bench", bsub)
+    _optional_register("launch.bench_distill", "register_bench", bsub)
     return parser
 
 

@@ -1,6 +1,8 @@
 """Training stages, chosen by `stage.kind`; each receives only the sub-configs it needs."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from trainer.config import RunConfig
 from trainer.stages.base import Stage
 
@@ -19,4 +21,12 @@ def build_stage(cfg: RunConfig) -> Stage:
         from trainer.stages.superres import SuperResStage
 
         return SuperResStage(cfg.model, cfg.diffusion, cfg.stage, cfg.data)
+    if kind in ("progressive", "adversarial"):
+        from trainer.stages.adversarial import AdversarialStage
+        from trainer.stages.progressive import ROUNDS_DIR, ProgressiveStage
+
+        if kind == "progressive":
+            exports = Path(cfg.checkpoint.dir) / ROUNDS_DIR
+            return ProgressiveStage(cfg.model, cfg.diffusion, cfg.stage, cfg.data, exports)
+        return AdversarialStage(cfg.model, cfg.diffusion, cfg.stage, cfg.data, cfg.log.sample_steps)
     raise NotImplementedError(f"stage.kind={kind} is not available in this build")

@@ -1,0 +1,190 @@
+"""`dit bench distill`: a teacher and its distilled students side by side in one run.
+
+For each sampler: network evaluations per image (NFE; classifier-free guidance counts its two
+forwards), wall time per image (sampling + decoding, after a warm-up batch), and prompt
+adherence of the shapes judge (`trainer.judge`) on held-out captions: its accuracy per
+attribute, `overall` (every attribute of a sample right), and `score`, the mean of the
+attribute accuracies, on which the share of the teacher's is computed (a weak teacher can
+have `overall` 0 while its attributes are far above chance).
+
+Defaults follow the demo: the teacher at runs/demo/checkpoints sampled with 50 DDIM steps and
+CFG, the progressive students exported per round at 8 / 4 / 2 steps, the adversarial student
+at 1 / 2 / 4 steps. Targets (the distillation issue): the 4-step progressive student >= 95% of
+the teacher's score, the 1-step adversarial student >= 90%.
+
+    dit bench distill --teacher runs/demo/checkpoints \\
+        --progressive runs/distill_progressive/checkpoints --adversarial runs/distill_adversarial/checkpoints
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+PROGRESSIVE_TARGET = (4, 0.95)  # (steps, share of the teacher's score)
+NOT_ATTRIBUTES = ("count", "overall")  # judge keys that are not single attributes
+ADVERSARIAL_TARGET = (1, 0.90)
+
+Sampler = Callable[[Sequence[str], torch.Generator], Tensor]  # prompts -> pixels in [-1, 1]
+
+
+@dataclass
+class Row:
+    sampler: str
+    steps: int
+    nfe: int
+    seconds_per_image: float
+    adherence: dict[str, float] = field(default_factory=dict)
+    of_teacher: Optional[float] = None
+
+    @property
+    def score(self) -> float:
+        """Mean accuracy over the judged attributes (color, shape, size, position, ...)."""
+        values = [v for k, v in self.adherence.items() if k not in NOT_ATTRIBUTES]
+        return sum(values) / len(values) if values else 0.0
+
+
+def register_bench(bench_subparsers: argparse._SubParsersAction) -> None:
+    p = bench_subparsers.add_parser(
+        "distill", help="teacher vs distilled students: NFE, wall time per image, prompt adherence",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", default="runs/demo/checkpoints",
+                   help="teacher checkpoint (root with `latest` or step dir)")
+    p.add_argument("--progressive", default="runs/distill_progressive/checkpoints",
+                   help="checkpoint dir of a progressive run (its round exports are under rounds/)")
+    p.add_argument("--adversarial", default="runs/distill_adversarial/checkpoints", help="adversarial run's checkpoint")
+    p.add_argument("--teacher-steps", type=int, default=50)
+    p.add_argument("--progressive-steps", type=int, nargs="+", default=[8, 4, 2])
+    p.add_argument("--adversarial-steps", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the teacher's log.sample_cfg)")
+    p.add_argument("--num", type=int, default=64, help="held-out captions to sample")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default="", help="also write the rows to this JSON file")
+    p.set_defaults(func=bench_distill)
+
+
+def run_sampler(sample: Sampler, prompts: Sequence[str], batch_size: int, seed: int) -> tuple[Tensor, float]:
+    """All prompts in batches with one seeded generator; (pixels, seconds per image) after an
+    untimed warm-up batch."""
+    sample(prompts[:1], torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    pixels = torch.cat([sample(prompts[i: i + batch_size], generator) for i in range(0, len(prompts), batch_size)])
+    return pixels, (time.perf_counter() - start) / len(prompts)
+
+
+def measure(name: str, steps: int, nfe: int, sample: Sampler, prompts: Sequence[str], args: argparse.Namespace) -> Row:
+    from trainer.judge import judge
+
+    pixels, seconds = run_sampler(sample, prompts, args.batch_size, args.seed)
+    row = Row(name, steps, nfe, seconds, judge(pixels, prompts).accuracy)
+    print(f"  {name} @ {steps} steps: score {100 * row.score:.1f}%, "
+          f"{1000 * seconds:.1f} ms/image", flush=True)
+    return row
+
+
+def teacher_sampler(loaded, steps: int, scale: float) -> Sampler:
+    from trainer.cascade import stage_pixels
+    from trainer.sampling import SamplerSettings
+
+    settings = SamplerSettings(steps=steps, cfg_scale=scale)
+    return lambda prompts, g: stage_pixels(loaded.stage, loaded.net, prompts, settings, g)
+
+
+def student_sampler(loaded, steps: int, scale: float) -> Sampler:
+    from trainer.stages.progressive import distilled_pixels
+
+    return lambda prompts, g: distilled_pixels(loaded.stage, loaded.net, prompts, steps, scale, g)
+
+
+def load_student(directory: Path):
+    """A distillation checkpoint or round export as a plain sampling stage (no teacher loaded)."""
+    from trainer.cascade import CascadeStageSpec, load_stage
+    from trainer.sampling import SamplerSettings
+
+    return load_stage(CascadeStageSpec(str(directory), overrides=["stage.kind=pretrain"]), SamplerSettings())
+
+
+def student_rows(args: argparse.Namespace, prompts: Sequence[str], scale: float) -> list[Row]:
+    from trainer.stages.progressive import rounds_exports
+
+    rows = []
+    exports = rounds_exports(args.progressive) if Path(args.progressive).is_dir() else {}
+    for steps in args.progressive_steps:
+        if steps not in exports:
+            print(f"  progressive {steps}-step student: no export in {args.progressive}/rounds "
+                  f"(train configs/distill_progressive.yaml)", flush=True)
+            continue
+        rows.append(measure("progressive", steps, steps, student_sampler(load_student(exports[steps]), steps, scale),
+                            prompts, args))
+    if not Path(args.adversarial).is_dir():
+        print(f"  adversarial student: no checkpoint at {args.adversarial} (train configs/distill_adversarial.yaml)")
+        return rows
+    loaded = load_student(Path(args.adversarial))
+    for steps in args.adversarial_steps:
+        rows.append(measure("adversarial", steps, steps, student_sampler(loaded, steps, scale), prompts, args))
+    return rows
+
+
+def format_table(rows: Sequence[Row], attributes: Sequence[str]) -> str:
+    head = f"{'sampler':<12} {'steps':>5} {'NFE':>5} {'ms/image':>9} " + " ".join(f"{a:>9}" for a in attributes)
+    lines = [head + f" {'score':>9} {'% teacher':>10}", "-" * (len(head) + 21)]
+    for r in rows:
+        cells = " ".join(f"{100 * r.adherence.get(a, float('nan')):8.1f}%" for a in attributes)
+        share = f"{100 * r.of_teacher:9.1f}%" if r.of_teacher is not None else f"{'-':>10}"
+        lines.append(f"{r.sampler:<12} {r.steps:>5} {r.nfe:>5} {1000 * r.seconds_per_image:>9.1f} {cells} "
+                     f"{100 * r.score:8.1f}% {share}")
+    return "\n".join(lines)
+
+
+def target_lines(rows: Sequence[Row]) -> list[str]:
+    out = []
+    for name, (steps, share) in (("progressive", PROGRESSIVE_TARGET), ("adversarial", ADVERSARIAL_TARGET)):
+        row = next((r for r in rows if r.sampler == name and r.steps == steps), None)
+        if row is None or row.of_teacher is None:
+            out.append(f"target {name} {steps}-step >= {100 * share:.0f}% of the teacher: not measured")
+            continue
+        verdict = "met" if row.of_teacher >= share else "MISSED"
+        out.append(f"target {name} {steps}-step >= {100 * share:.0f}% of the teacher: "
+                   f"{100 * row.of_teacher:.1f}% ({verdict})")
+    return out
+
+
+def bench_distill(args: argparse.Namespace) -> int:
+    from trainer.cascade import CascadeStageSpec, load_stage
+    from trainer.evaluate import heldout_set
+    from trainer.judge import judge
+    from trainer.sampling import SamplerSettings
+
+    if not Path(args.teacher).is_dir():
+        print(f"dit bench distill: no teacher checkpoint at {args.teacher}; run `dit demo configs/demo.yaml` "
+              f"(or pass --teacher)")
+        return 2
+    teacher = load_stage(CascadeStageSpec(args.teacher), SamplerSettings())
+    scale = args.cfg if args.cfg is not None else teacher.cfg.log.sample_cfg
+    real, captions = heldout_set(teacher.cfg.data, args.num)
+    prompts = captions[: args.num]
+    print(f"judge on {len(prompts)} real held-out samples: {judge(real, captions).format()}", flush=True)
+    nfe = args.teacher_steps * (2 if scale != 1.0 else 1)
+    rows = [measure("teacher", args.teacher_steps, nfe, teacher_sampler(teacher, args.teacher_steps, scale),
+                    prompts, args)]
+    rows += student_rows(args, prompts, scale)
+    reference = rows[0].score
+    for r in rows:
+        r.of_teacher = r.score / reference if reference > 0 else None
+    attributes = list(rows[0].adherence)
+    print(f"\nguidance scale {scale}, {len(prompts)} held-out captions, seed {args.seed}, "
+          f"{torch.get_num_threads()} torch threads")
+    print(format_table(rows, attributes))
+    for line in target_lines(rows):
+        print(line)
+    if args.json:
+        Path(args.json).write_text(json.dumps([{**asdict(r), "score": r.score} for r in rows], indent=1) + "\n")
+    return 0

@@ -1,0 +1,246 @@
+"""Adversarial distillation into a 1-4 step sampler (SDXL-Lightning, Lin et al. 2024,
+"SDXL-Lightning: Progressive Adversarial Diffusion Distillation"; LADD, Sauer et al. 2024).
+
+The student maps x_t to x_t' in one DDIM step of an N-step trailing sampler, N drawn per batch
+from `stage.rounds` (e.g. [4, 2, 1]: one network samples at 1, 2 and 4 steps). The teacher
+reaches x_t' with many DDIM steps (with CFG at a per-sample scale w, or its own few steps when it
+is itself distilled; `log.sample_steps` otherwise). The discriminator is the frozen teacher trunk with trainable heads
+(`DiscriminatorHeads`) reading x_t' at t'; it is the second player, with its own optimizer:
+
+    conditional phase (first half of stage.steps): D judges the pair (x_t, x_t'): the heads read
+        the trunk's token features of x_t' minus those of x_t, so the student must preserve the
+        teacher's flow from each x_t (SDXL-Lightning sec. 3.2);
+    unconditional phase: D judges x_t' alone, which relaxes the flow-preservation that makes
+        few-step samples blurry (their sec. 3.3).
+
+Losses (per head, averaged): hinge (Lim & Ye 2017) or non-saturating (Goodfellow et al. 2014),
+plus `stage.adv_mse_weight` times the progressive-style x0 regression to the teacher's landing
+point (`ddim_x0_target`, weighted by `diffusion.loss_weighting`). The student step runs before
+the discriminator's loss is computed on the same batch (teacher = real, student = fake).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from trainer.config import ConfigError, DataConfig, DiffusionConfig, ModelConfig, StageConfig
+from trainer.diffusion import add_noise, ddim_x0_target
+from trainer.models.discriminator import DiscriminatorHeads
+from trainer.models.dit import TextEmbedding
+from trainer.stages.base import PlayerLoss, frozen
+from trainer.stages.progressive import (
+    DistillationStage,
+    ddim_from_prediction,
+    ddim_path,
+    distill_loss,
+    draw_guidance,
+    draw_student_steps,
+    masked_mean,
+    student_step_times,
+    valid_weight,
+)
+
+CONDITIONAL_FRACTION = 0.5  # share of stage.steps with the conditional discriminator
+
+
+# ------------------------------------------------------------------------------- losses
+
+
+def discriminator_loss(real: Tensor, fake: Tensor, kind: str) -> Tensor:
+    """Hinge: relu(1 - D(real)) + relu(1 + D(fake)); non-saturating: softplus(-D(real)) +
+    softplus(D(fake)); averaged over the heads. Logits (B, heads) -> (B,)."""
+    if kind == "hinge":
+        return (F.relu(1 - real) + F.relu(1 + fake)).mean(1)
+    if kind == "non_saturating":
+        return (F.softplus(-real) + F.softplus(fake)).mean(1)
+    raise ConfigError("stage.adv_loss", f"'{kind}' is not one of hinge, non_saturating")
+
+
+def generator_loss(fake: Tensor, kind: str) -> Tensor:
+    """Hinge: -D(fake); non-saturating: softplus(-D(fake)); averaged over the heads.
+    Logits (B, heads) -> (B,)."""
+    if kind == "hinge":
+        return -fake.mean(1)
+    if kind == "non_saturating":
+        return F.softplus(-fake).mean(1)
+    raise ConfigError("stage.adv_loss", f"'{kind}' is not one of hinge, non_saturating")
+
+
+def discriminator_accuracy(real: Tensor, fake: Tensor, weight: Tensor) -> float:
+    """Share of the valid samples (weight 1) that the head-averaged logit classifies right
+    (real > 0, fake < 0); 0.5 is chance. Logits (B, heads), weight (B,)."""
+    right = (real.mean(1) > 0).to(weight.dtype) + (fake.mean(1) < 0).to(weight.dtype)  # (B,) in {0, 1, 2}
+    return float(masked_mean(right, weight)) / 2
+
+
+# ------------------------------------------------------------------------------- the discriminator
+
+
+class PairDiscriminator(nn.Module):
+    """D(x_t', t', text [, x_t, t]) -> logits (B, heads) on `DiscriminatorHeads`.
+
+    Unconditional: the heads read the frozen trunk's token features of x_t'. Conditional
+    (SDXL-Lightning's D(x_t, x_t')): they read features(x_t') - features(x_t), token by token
+    (the tokens of both inputs sit on the same patch grid), so the logit depends on where the
+    step went from x_t; the reference features carry no gradient (x_t is data)."""
+
+    def __init__(self, heads: DiscriminatorHeads):
+        super().__init__()
+        self.disc = heads
+
+    def features(self, x: Tensor, t: Tensor, text: TextEmbedding, **extras: Tensor) -> tuple[list[Tensor], Tensor]:
+        """Token features (B, N, D) of the judged blocks, and the conditioning c (B, D)."""
+        trunk = self.disc.trunk
+        state = trunk.embed(trunk.pack_inputs(x, t, text, **extras))
+        features = []
+        for i, block in enumerate(trunk.blocks[: self.disc.block_ids[-1] + 1]):
+            state = block(state)
+            if i in self.disc.block_ids:
+                features.append(state[0])  # (B, N, D)
+        return features, state[1]
+
+    def forward(self, x_next: Tensor, *, t_next: Tensor, text: TextEmbedding, x_t: Optional[Tensor] = None,
+                t: Optional[Tensor] = None, **extras: Tensor) -> Tensor:
+        features, c = self.features(x_next, t_next, text, **extras)
+        if x_t is not None and t is not None:
+            with torch.no_grad():
+                reference, _ = self.features(x_t, t, text, **extras)
+            features = [h - r for h, r in zip(features, reference)]
+        return torch.stack([head(h, c) for head, h in zip(self.disc.heads, features)], dim=1)  # (B, heads)
+
+
+def head_block_ids(depth: int) -> list[int]:
+    """Blocks read by the heads: a quarter, half, three quarters of the way and the last
+    (LADD reads several depths of the teacher)."""
+    return sorted({depth // 4, depth // 2, (3 * depth) // 4, depth - 1})
+
+
+@contextmanager
+def no_param_grads(module: nn.Module) -> Iterator[None]:
+    """The generator's pass through D: gradients reach D's input, not its parameters. The stage
+    calls the plain module here, not its DeepSpeed engine: an engine's forward arms that engine's
+    backward epilogue (the gradient all-reduce), which must run only for D's own loss."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def repeat_text(text: TextEmbedding, times: int) -> TextEmbedding:
+    return TextEmbedding(*(torch.cat([part] * times) for part in text))
+
+
+def teacher_steps_for(step_counts: Sequence[int], distilled: Optional[int], at_least: int) -> int:
+    """The teacher's sampler: a distilled teacher's own steps, else the smallest multiple of
+    every student step count that is >= at_least (so that the trailing grids nest)."""
+    if distilled is None:
+        base = math.lcm(*step_counts)
+        return base * max(1, -(-at_least // base))
+    if any(distilled % n for n in step_counts):
+        raise ConfigError("stage.rounds", f"the teacher is a {distilled}-step distilled sampler; every student "
+                                          f"step count in {list(step_counts)} must divide {distilled}")
+    return distilled
+
+
+# ------------------------------------------------------------------------------- the stage
+
+
+@dataclass
+class Rollout:
+    """One batch of student steps: x_t at t, the teacher's x at t' ("real"), the conditioning."""
+
+    x_t: Tensor  # (B, ...)
+    t: Tensor  # (B,)
+    t_next: Tensor  # (B,)
+    real: Tensor  # (B, ...)
+    text: TextEmbedding
+    scale: Tensor  # (B,) guidance scale w
+    weight: Tensor  # (B,) 0 for the loader's padding repeats
+    steps: int  # N of the N-step sampler this batch trains
+
+
+class AdversarialStage(DistillationStage):
+    """Players: "student" (the few-step sampler) and "disc" (heads on the frozen teacher trunk).
+
+    `teacher_steps`: the DDIM steps over [0, 1] of a teacher that is a full diffusion model
+    (rounded up to a multiple of every student step count); the trainer passes
+    `log.sample_steps`, the teacher sampler the sample grids show."""
+
+    def __init__(self, model: ModelConfig, diffusion: DiffusionConfig, stage: StageConfig, data: DataConfig,
+                 teacher_steps: int = 32):
+        super().__init__(model, diffusion, stage, data)
+        if not stage.rounds or min(stage.rounds) < 1:
+            raise ConfigError("stage.rounds", f"{list(stage.rounds)}: list the student's step counts, e.g. [4, 2, 1]")
+        if stage.adv_mse_weight < 0:
+            raise ConfigError("stage.adv_mse_weight", "must be >= 0")
+        self.step_counts = sorted(set(stage.rounds), reverse=True)
+        self.teacher_steps = teacher_steps_for(self.step_counts, self.teacher.steps, teacher_steps)
+        trunk = frozen(copy.deepcopy(self.teacher.net))
+        self.players["disc"] = PairDiscriminator(DiscriminatorHeads(trunk, head_block_ids(len(trunk.blocks))))
+
+    @property
+    def conditional(self) -> bool:
+        return self.step < int(CONDITIONAL_FRACTION * self.stage_cfg.steps)
+
+    def rollout(self, batch: dict[str, Any], generator: torch.Generator) -> Rollout:
+        """x_t at a random step k of an N-step sampler (N drawn from stage.rounds), and where the
+        teacher's path over that step lands (the "real" x_t')."""
+        x0 = self.clean_input(batch)  # (B, C, h, w) or (B, C, F, h, w)
+        text = self.condition(batch["caption"], generator)
+        B = x0.shape[0]
+        scale = draw_guidance(self.stage_cfg, B, generator)  # (B,)
+        n = self.step_counts[int(torch.randint(len(self.step_counts), (1,), generator=generator))]
+        times = student_step_times(self.schedule, n, self.teacher_steps // n, draw_student_steps(n, B, generator))
+        alpha, sigma = self.schedule.alpha_sigma(times[0])  # (B,), (B,)
+        x_t = add_noise(x0, torch.randn(x0.shape, generator=generator), alpha, sigma)
+        with torch.no_grad():
+            real = ddim_path(self.teacher_model(text, scale), x_t, times, self.schedule, self.diffusion.prediction)
+        return Rollout(x_t, times[0], times[-1], real, text, scale, valid_weight(batch, x0), n)
+
+    def disc_inputs(self, r: Rollout, copies: int) -> dict[str, Any]:
+        """D's conditioning for `copies` stacked batches: time t', text, guidance, and the pair's
+        x_t in the conditional phase."""
+        tile = lambda v: torch.cat([v] * copies)  # noqa: E731
+        inputs: dict[str, Any] = {"t_next": tile(r.t_next), "text": repeat_text(r.text, copies)}
+        if self.conditional:
+            inputs.update(x_t=tile(r.x_t), t=tile(r.t))
+        if self.teacher.takes_guidance:
+            inputs["guidance"] = tile(r.scale)
+        return inputs
+
+    def losses(self, batch: dict[str, Any], generator: torch.Generator) -> Iterator[PlayerLoss]:
+        r = self.rollout(batch, generator)
+        prediction, kind = self.diffusion.prediction, self.stage_cfg.adv_loss
+
+        # Student (generator) step: fool D, plus the x0 regression to the teacher's landing point.
+        pred = self.run("student", r.x_t, r.t, r.text, **self.student_extras(r.scale))
+        fake = ddim_from_prediction(pred, r.x_t, r.t, r.t_next, self.schedule, prediction)  # (B, ...)
+        with no_param_grads(self.players["disc"]):
+            logits_fake = self.players["disc"](fake, **self.disc_inputs(r, 1))  # (B, heads)
+        adv = masked_mean(generator_loss(logits_fake, kind), r.weight)
+        target = ddim_x0_target(r.x_t, r.real, r.t, r.t_next, self.schedule)
+        mse = masked_mean(distill_loss(pred, target, r.x_t, r.t, self.schedule, prediction,
+                                       self.diffusion.loss_weighting), r.weight)
+        loss = adv + self.stage_cfg.adv_mse_weight * mse
+        yield "student", loss, {"loss": float(loss.detach()), "loss_adv": float(adv.detach()),
+                                "loss_mse": float(mse.detach()), "student_steps": float(r.steps)}
+
+        # Discriminator step on the same batch: teacher = real, student (before its update) = fake.
+        logits = self.run("disc", torch.cat([r.real, fake.detach()]), **self.disc_inputs(r, 2))  # (2B, heads)
+        logits_real, logits_fake = logits.detach().chunk(2)
+        loss_d = masked_mean(discriminator_loss(*logits.chunk(2), kind), r.weight)
+        yield "disc", loss_d, {"loss_disc": float(loss_d.detach()),
+                               "disc_acc": discriminator_accuracy(logits_real, logits_fake, r.weight),
+                               "logit_real": float(logits_real.mean()), "logit_fake": float(logits_fake.mean()),
+                               "conditional": float(self.conditional)}
