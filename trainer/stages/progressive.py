@@ -350,7 +350,8 @@ class DistillationStage(PretrainStage):
         net = self.sampling_net(weights)
         prompts = list(log.prompts)
         rows = [self.teacher_pixels(prompts, log, torch.Generator().manual_seed(0))]
-        labels = [f"teacher: {p}" for p in prompts]
+        sampler = f"{log.sample_steps} steps, CFG" if self.teacher.uses_cfg else f"{self.teacher.steps} steps"
+        labels = [f"teacher ({sampler}): {p}" for p in prompts]
         for steps in SAMPLE_STEPS:
             rows.append(distilled_pixels(self, net, prompts, steps, log.sample_cfg, torch.Generator().manual_seed(0)))
             labels += [f"{steps} step{'s' if steps > 1 else ''}: {p}" for p in prompts]
