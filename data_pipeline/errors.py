@@ -22,6 +22,7 @@ SKIP_REASONS = (
     "missing_caption",
     "empty_caption",
     "missing_media",
+    "duplicate_key",
 )
 # Members dropped from an otherwise usable sample; they do not count against the budget.
 MEMBER_REASONS = ("rejected_unsafe_member", "ignored_member")

@@ -72,6 +72,9 @@ def _items(path: str, counter: SkipCounter) -> Iterator[Item]:
     try:
         for raw in TarShard(path):
             counter.read()
+            if raw.duplicate:
+                counter.skip("duplicate_key", path, raw.key, raw.duplicate)
+                continue
             yield Item(Slot(0, 0, False, centre), path, raw.key, raw)
     except SkipSample as e:  # a broken tail ends this shard
         counter.skip(e.reason, path, "(rest of shard)", e.detail)

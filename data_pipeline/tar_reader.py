@@ -27,6 +27,7 @@ _META = re.compile(r"(^|/)__[^/]*__($|/|\.)")
 class RawSample:
     key: str
     members: dict[str, bytes]  # extension ("jpg", "seg.png", ...) -> undecoded bytes
+    duplicate: str = ""  # why this sample repeats a key (or a member) of its shard; "" if it does not
 
 
 def split_member_name(name: str) -> Optional[tuple[str, str]]:
@@ -54,6 +55,7 @@ class TarShard:
     def __init__(self, path: str):
         self.path = path
         self._file = None
+        self._first_index: dict[str, int] = {}  # key -> index of the first sample carrying it
         self._open()
 
     def _open(self) -> None:
@@ -137,15 +139,24 @@ class TarShard:
         if first is None:
             return None
         key = first[0]
+        index = self._index
+        first_index = self._first_index.setdefault(key, index)
         members: dict[str, bytes] = {}
+        names: list[str] = []
         item: Optional[tuple[str, str, int, int]] = first
         while item is not None and item[0] == key:
+            names.append(item[1])
             if load:
                 members[item[1]] = self._block(item[2], item[3])
             item = self._next_member()
         self._pending = item
         self._index += 1
-        return RawSample(key, members)
+        duplicate = ""
+        if first_index != index:
+            duplicate = f"key {key!r} of sample #{index} already named sample #{first_index} of {self.path}"
+        elif len(set(names)) != len(names):
+            duplicate = f"sample {key!r} of {self.path} holds a member twice ({sorted(names)})"
+        return RawSample(key, members, duplicate)
 
     def read(self, index: int) -> RawSample:
         """Sample number `index` (0-based) of this shard."""
@@ -157,10 +168,13 @@ class TarShard:
         sample = self._take(load=True) if self._index == index else None
         if sample is None:
             raise SkipSample("truncated_tar", f"{self.path} ends before sample #{index}")
+        if sample.duplicate:
+            raise SkipSample("duplicate_key", sample.duplicate)
         return sample
 
     def __iter__(self) -> Iterator[RawSample]:
-        """All samples from the start, in order (raises SkipSample at an unreadable part)."""
+        """All samples from the start, in order, duplicates flagged (raises SkipSample at an
+        unreadable part)."""
         self._open()
         while (sample := self._take(load=True)) is not None:
             yield sample

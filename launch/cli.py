@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(sub)
     data = sub.add_parser("data", help="write, synthesize, inspect and precompute WebDataset shards")
     _optional_register("launch.data_cmd", "register", data.add_subparsers(dest="data_cmd", required=True))
-    _add_run_command(sub, "train", "train one stage on this rank (launchers start this on every rank)", "launch.train_cmd", "train")
+    train = _add_run_command(sub, "train", "train one stage on this rank (launchers start this on every rank)", "launch.train_cmd", "train")
+    _optional_register("launch.train_cmd", "add_resume_arguments", train)
     demo = _add_run_command(sub, "demo", "the end-to-end demo: synthetic shards -> autoencoder -> DiT -> samples", "launch.demo", "demo")
     demo.add_argument("--nproc", type=int, default=2, help="local processes for the DeepSpeed stages")
     demo.add_argument("--resume", action="store_true",

@@ -47,17 +47,19 @@ EXIT_OK = 0
 EXIT_CONFIG = 2
 EXIT_NONFINITE = 3
 EXIT_CHECKPOINT = 4
+EXIT_DATA = 5
 EXIT_REQUEUE = 42
 EXIT_MEANING = {
     1: "an uncaught exception",
     EXIT_CONFIG: "a config error",
     EXIT_NONFINITE: "too many non-finite steps in a row",
     EXIT_CHECKPOINT: "a checkpoint error",
+    EXIT_DATA: "unusable data (see the skipped-sample warnings)",
     EXIT_REQUEUE: "preempted, state saved",
 }
 # A relaunch cannot fix these: the same config, data and checkpoint would fail the same way,
 # and a preempted job must give its machines back (the scheduler requeues it).
-NOT_RESTARTABLE = (EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE, EXIT_CHECKPOINT, EXIT_REQUEUE)
+NOT_RESTARTABLE = (EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE, EXIT_CHECKPOINT, EXIT_DATA, EXIT_REQUEUE)
 # Signals after which the ranks save and exit with EXIT_REQUEUE (trainer/distributed.py).
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 POLL_S = 0.1  # how often the DeepSpeed-launcher helpers look at the process tree and logs
@@ -535,6 +537,11 @@ def job_from_args(args: argparse.Namespace) -> Job:
     gpus = gpus_here()
     topology = topology_from_args(args, gpus)
     cfg = check_config(args.config, args.overrides, topology.world_size)
+    from launch.train_cmd import resume_refusal
+
+    refusal = resume_refusal(cfg, topology.world_size)
+    if refusal is not None:
+        raise ResumeRefused(refusal)
     node = f"node{topology.node_rank}" if topology.node_rank is not None else "node0"
     return Job(
         config=str(Path(args.config).resolve()),
@@ -548,10 +555,17 @@ def job_from_args(args: argparse.Namespace) -> Job:
     )
 
 
+class ResumeRefused(RuntimeError):
+    """The checkpoint the job would resume from was written by another job shape or config."""
+
+
 def launch(args: argparse.Namespace) -> int:
     """`dit launch`: validate, then run here (or submit to SLURM with --slurm)."""
     if args.max_restarts < 0:
         raise LaunchError(f"--max-restarts must be >= 0, not {args.max_restarts}")
+    from launch.train_cmd import overrides_of
+
+    args.overrides = overrides_of(args)
     try:
         if args.slurm:
             from launch.slurm import submit
@@ -561,6 +575,9 @@ def launch(args: argparse.Namespace) -> int:
     except LaunchError as e:
         print(f"dit launch: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    except ResumeRefused as e:
+        print(f"dit launch: {e}", file=sys.stderr)
+        return EXIT_CHECKPOINT
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -579,6 +596,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     multi.add_argument("--master-port", type=int, help="a free port on node 0 (default: 29500; one "
                        "machine: any free port)")
     faults = p.add_argument_group("failures")
+    from launch.train_cmd import add_resume_arguments
+
+    add_resume_arguments(faults)
     faults.add_argument("--max-restarts", type=int, default=0,
                         help="relaunch a crashed job up to R times; it resumes from `latest`")
     faults.add_argument("--shutdown-timeout", type=int, default=100,

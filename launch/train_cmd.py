@@ -2,14 +2,45 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import Optional
 
-from trainer.config import load_config, validate
-from trainer.distributed import world_from_env
+from trainer.config import RunConfig, load_config, validate
+
+ALLOW_CONFIG_CHANGE = "checkpoint.allow_config_change=true"
+
+
+def add_resume_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even though the config differs from the checkpoint's (the "
+                        "differences are listed when this flag is missing)")
+
+
+def overrides_of(args: argparse.Namespace) -> list[str]:
+    return list(args.overrides) + ([ALLOW_CONFIG_CHANGE] if args.allow_config_change else [])
+
+
+def resume_refusal(cfg: RunConfig, world_size: int) -> Optional[str]:
+    """Why the checkpoint this job would resume from does not fit it; None when it fits."""
+    from trainer.checkpoint import CheckpointError
+    from trainer.engine import preflight_resume
+
+    try:
+        preflight_resume(cfg, world_size)
+    except CheckpointError as e:
+        return str(e)
+    return None
 
 
 def train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
-    validate(cfg, world_size=world_from_env()[1])  # before any process group starts
-    from trainer.engine import train as run_training
+    from trainer.distributed import world_from_env
+    from trainer.engine import EXIT_CHECKPOINT, train as run_training
 
+    cfg = load_config(args.config, overrides_of(args))
+    world_size = world_from_env()[1]
+    validate(cfg, world_size=world_size)  # before any process group starts
+    refusal = resume_refusal(cfg, world_size)
+    if refusal is not None:
+        print(f"dit train: {refusal}", file=sys.stderr, flush=True)
+        return EXIT_CHECKPOINT
     return run_training(cfg)

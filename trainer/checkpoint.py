@@ -24,7 +24,7 @@ sha256 list in COMPLETE.json. A file replaced by a malicious pickle fails both c
 """
 from __future__ import annotations
 
-import difflib
+import errno
 import hashlib
 import json
 import os
@@ -35,6 +35,7 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
+import yaml
 from safetensors.torch import load_file, save_file
 
 from trainer.config import CheckpointConfig
@@ -89,11 +90,32 @@ def _deepspeed_safe_globals() -> list[Any]:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
-def safe_checkpoint_engine():
-    """A DeepSpeed checkpoint engine whose load never runs arbitrary pickle code."""
+def safe_checkpoint_engine(before_write: Optional[Callable[[str], None]] = None):
+    """A DeepSpeed checkpoint engine whose load never runs arbitrary pickle code, and whose save
+    keeps a write error (disk full, ...) until `take_error()` instead of raising it inside
+    `engine.save_checkpoint`: raising there would leave this rank out of the barrier the other
+    ranks wait in, and the job would hang instead of reporting the failure."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     class SafeCheckpointEngine(TorchCheckpointEngine):
+        def __init__(self):
+            super().__init__()
+            self.error: Optional[Exception] = None
+
+        def save(self, state_dict, path: str):
+            if self.error is not None:
+                return
+            try:
+                if before_write is not None:
+                    before_write(path)
+                super().save(state_dict, path)
+            except Exception as e:  # raised by CheckpointManager.save once every rank is past it
+                self.error = e
+
+        def take_error(self) -> Optional[Exception]:
+            error, self.error = self.error, None
+            return error
+
         def load(self, path: str, map_location=None):
             try:
                 with torch.serialization.safe_globals(_deepspeed_safe_globals()):
@@ -134,23 +156,66 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
 def config_differences(old_yaml: str, new_yaml: str, ignore: tuple[str, ...]) -> list[str]:
-    """Changed lines between two resolved configs, ignoring keys that may change on resume."""
+    """`key: old -> new` for every resolved value that differs, skipping keys (and the
+    sections) in `ignore`, which may change on resume without changing the experiment."""
+    old, new = _flatten(yaml.safe_load(old_yaml) or {}), _flatten(yaml.safe_load(new_yaml) or {})
+    absent = "<absent>"
+    out = []
+    for key in sorted(old.keys() | new.keys()):
+        if any(key == k or key.startswith(k + ".") for k in ignore):
+            continue
+        before, after = old.get(key, absent), new.get(key, absent)
+        if before != after:
+            out.append(f"{key}: {before!r} -> {after!r}")
+    return out
 
-    def relevant(text: str) -> list[str]:
-        out, path = [], []
-        for line in text.splitlines():
-            stripped = line.lstrip()
-            depth = (len(line) - len(stripped)) // 2
-            key = stripped.split(":", 1)[0]
-            path = path[:depth] + [key]
-            dotted = ".".join(path)
-            if not any(dotted == k or dotted.startswith(k + ".") for k in ignore):
-                out.append(f"{dotted}: {stripped.split(':', 1)[1].strip() if ':' in stripped else stripped}")
-        return out
 
-    diff = difflib.unified_diff(relevant(old_yaml), relevant(new_yaml), lineterm="", n=0)
-    return [d for d in diff if d[:1] in "+-" and not d.startswith(("+++", "---"))]
+def agree_on_step(step: int, what: str) -> None:
+    """Collective: every rank must name the same step, else all raise with each rank's view."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    mine = torch.tensor([step], dtype=torch.int64)
+    gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    steps = [int(t) for t in gathered]
+    if len(set(steps)) > 1:
+        views = ", ".join(f"rank {r}: {step_name(s) if s >= 0 else 'none'}" for r, s in enumerate(steps))
+        raise CheckpointError(
+            f"ranks disagree on the checkpoint to {what} ({views}); checkpoint.dir must be one "
+            f"directory shared by every node (a network filesystem), not a local disk per node"
+        )
+
+
+def describe_save_error(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return (f"{error}: the disk holding checkpoint.dir is full; free space or lower "
+                f"checkpoint.keep, then rerun to resume")
+    return f"{type(error).__name__}: {error}"
+
+
+def preflight(cfg: CheckpointConfig, config_yaml: str, world_size: int, global_batch: int,
+              ignore: tuple[str, ...]) -> Optional[Path]:
+    """Before any process group starts: the checkpoint a run would resume from, refused when the
+    job differs from the one that wrote it (rank count, or config unless allowed)."""
+    if not cfg.resume:
+        return None
+    manager = CheckpointManager(cfg, rank=0, world_size=world_size)
+    directory = manager.latest()
+    if directory is None:
+        return None
+    complete = json.loads((directory / COMPLETE).read_text())
+    manager.check_compatible(directory, complete, config_yaml, ignore, global_batch)
+    return directory
 
 
 class CheckpointManager:
@@ -161,14 +226,19 @@ class CheckpointManager:
         self.root = Path(cfg.dir)
         self.rank = rank
         self.world_size = world_size
-        # Test hook (fault suite): called once the engine states are written, before commit.
+        # Fault-suite hooks (trainer/faults.py): called once the engine states are written,
+        # before the commit; before each engine file is written; and the tag this rank reads
+        # from `latest` instead of the file's content.
         self.before_commit: Optional[Callable[[int, Path], None]] = None
+        self.before_write: Optional[Callable[[str], None]] = None
+        self.pointer_override = ""
 
     # ---- save -------------------------------------------------------------------------------
     def save(self, step: int, engines: dict[str, Any], rank_state: RankState, config_yaml: str,
              shared: dict[str, dict[str, torch.Tensor]]) -> Path:
         """Collective. `shared`: file name -> whole tensors, identical on every rank (the EMA,
         the stage's state); rank 0 writes them."""
+        agree_on_step(step, "save")
         final = self.root / step_name(step)
         tmp = self.root / f"{TMP_PREFIX}{step_name(step)}"
         if self.rank == 0:
@@ -179,7 +249,7 @@ class CheckpointManager:
         error = None
         try:
             for name, engine in engines.items():
-                engine.save_checkpoint(str(tmp), tag=name, save_latest=False)
+                self._save_engine(engine, tmp, name)
             self._write_rank_state(tmp, rank_state)
             for filename, tensors in shared.items():
                 if self.rank == 0 and tensors:
@@ -188,18 +258,34 @@ class CheckpointManager:
                 self.before_commit(step, tmp)
         except Exception as e:  # reported collectively below, so no rank is left waiting
             error = e
-        failed = _all_ok(error is None)
-        if failed:
-            if self.rank == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
-            reason = f": {error}" if error is not None else ""
-            raise CheckpointError(f"checkpoint of step {step} failed on rank(s) {failed}{reason}; "
-                                  f"`latest` still points to the previous checkpoint")
+        self._report(step, tmp, error, "write")
         if self.rank == 0:
-            self._commit(tmp, final, step, config_yaml)
-        if _all_ok(self.rank != 0 or (final / COMPLETE).is_file()):
-            raise CheckpointError(f"rank 0 could not commit the checkpoint of step {step}")
+            try:
+                self._commit(tmp, final, step, config_yaml)
+            except Exception as e:
+                error = e
+        self._report(step, tmp, error, "commit")
         return final
+
+    def _report(self, step: int, tmp: Path, error: Optional[Exception], phase: str) -> None:
+        """Collective: raise on every rank when any rank failed `phase` of the save; the partial
+        directory is removed and `latest` is left on the previous checkpoint."""
+        failed = _all_ok(error is None)
+        if not failed:
+            return
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        reason = f" ({describe_save_error(error)})" if error is not None else ""
+        raise CheckpointError(f"could not {phase} the checkpoint of step {step}: it failed on rank(s) "
+                              f"{failed}{reason}; `latest` still points to the previous checkpoint")
+
+    def _save_engine(self, engine: Any, directory: Path, name: str) -> None:
+        if not hasattr(engine.checkpoint_engine, "take_error"):
+            engine.checkpoint_engine = safe_checkpoint_engine(self.before_write)
+        engine.save_checkpoint(str(directory), tag=name, save_latest=False)
+        error = engine.checkpoint_engine.take_error()
+        if error is not None:
+            raise error
 
     def _write_rank_state(self, directory: Path, state: RankState) -> None:
         meta_path, tensor_path = _rank_paths(directory, self.rank)
@@ -234,7 +320,7 @@ class CheckpointManager:
         pointer = self.root / LATEST
         if not pointer.is_file():
             return None
-        directory = self.root / pointer.read_text().strip()
+        directory = self.root / (self.pointer_override or pointer.read_text().strip())
         if not (directory / COMPLETE).is_file():
             raise CheckpointError(f"{pointer} names {directory.name}, which is not a complete checkpoint")
         return directory
@@ -251,22 +337,36 @@ class CheckpointManager:
                 )
         return complete
 
+    def resume_target(self) -> Optional[Path]:
+        """Collective: the complete checkpoint every rank resumes from (they must agree)."""
+        directory = self.latest()
+        agree_on_step(int(directory.name.split("_")[1]) if directory is not None else -1, "resume from")
+        return directory
+
     def check_compatible(self, directory: Path, complete: dict[str, Any], config_yaml: str,
-                         ignore: tuple[str, ...]) -> None:
-        if complete["world_size"] != self.world_size:
+                         ignore: tuple[str, ...], global_batch: int) -> None:
+        """Refuse a resume by another number of ranks (the global batch and the ZeRO partitions
+        would silently change) or, unless allowed, with a changed config."""
+        written_by = complete["world_size"]
+        old_yaml = (directory / "config.yaml").read_text()
+        if written_by != self.world_size:
+            old = _flatten(yaml.safe_load(old_yaml))
+            was = (old["data.batch_size"] * old["deepspeed.grad_accum"] * written_by
+                   // old["deepspeed.pipeline_stages"])
             raise CheckpointError(
-                f"{directory} was written by {complete['world_size']} ranks and this job has "
-                f"{self.world_size}; the ZeRO optimizer partitions cannot be re-split yet - "
-                f"resume with {complete['world_size']} ranks"
+                f"{directory} was written by {written_by} ranks (global batch {was}) and this job has "
+                f"{self.world_size} (global batch {global_batch}); resuming would change the global "
+                f"batch and re-split the ZeRO optimizer partitions and the data order. Resume with "
+                f"{written_by} ranks, or start a new run from its weights (`dit export`)"
             )
         if self.cfg.allow_config_change:
             return
-        diffs = config_differences((directory / "config.yaml").read_text(), config_yaml, ignore)
+        diffs = config_differences(old_yaml, config_yaml, ignore)
         if diffs:
-            listing = "; ".join(diffs[:12])
+            listing = "\n  ".join(diffs)
             raise CheckpointError(
-                f"the config differs from the one {directory} was written with ({listing}); "
-                f"pass checkpoint.allow_config_change=true to resume anyway"
+                f"the config differs from the one {directory} was written with:\n  {listing}\n"
+                f"pass --allow-config-change (or checkpoint.allow_config_change=true) to resume anyway"
             )
 
     def load_rank_state(self, directory: Path) -> RankState:
@@ -275,7 +375,8 @@ class CheckpointManager:
 
     @staticmethod
     def load_engine(engine: Any, directory: Path, name: str) -> None:
-        engine.checkpoint_engine = safe_checkpoint_engine()
+        if not hasattr(engine.checkpoint_engine, "take_error"):
+            engine.checkpoint_engine = safe_checkpoint_engine()
         path, _ = engine.load_checkpoint(str(directory), tag=name, load_optimizer_states=True,
                                          load_lr_scheduler_states=True)
         if path is None:

@@ -156,6 +156,7 @@ class LogConfig:
     sample_steps: int = 20
     sample_cfg: float = 3.0
     eval_every: int = 0  # run the adherence judge every E steps (0: off)
+    sample_keys: bool = False  # audit trail: logs/keys/rank_R.jsonl, the sample keys of every step
     prompts: list[str] = field(
         default_factory=lambda: [
             "a large red circle at the top left",

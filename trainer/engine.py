@@ -19,21 +19,38 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import nn
 
+from data_pipeline.errors import DataError
 from trainer import faults
 from trainer.checkpoint import EMA_FILE, STAGE_FILE, CheckpointError, CheckpointManager, RankState
 from trainer.config import DeepSpeedConfig, OptimConfig, RunConfig, to_yaml, validate
 from trainer.distributed import DistContext, PreemptionFlag, any_rank, init_distributed
 from trainer.ema import EMA
-from trainer.metrics import MetricsLogger
+from trainer.metrics import KeyLog, MetricsLogger
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
 EXIT_NONFINITE = 3  # too many non-finite steps in a row
 EXIT_CHECKPOINT = 4
+EXIT_DATA = 5  # the data is unusable: no shards, no full batch, or past data.error_budget
 EXIT_REQUEUE = 42  # preempted (SIGTERM/SIGUSR1): state saved, requeue and rerun the same command
 
 # Keys that may change between a checkpoint and its resume without changing the experiment.
-RESUMABLE_CHANGES = ("stage.steps", "checkpoint", "log", "data.num_workers", "deepspeed.comm_timeout_s")
+RESUMABLE_CHANGES = ("stage.steps", "checkpoint", "log", "run.out_dir", "data.num_workers",
+                     "data.prefetch_factor", "deepspeed.comm_timeout_s")
+
+
+def global_batch(cfg: RunConfig, world_size: int) -> int:
+    """Samples per optimizer step over all data-parallel ranks."""
+    return cfg.data.batch_size * cfg.deepspeed.grad_accum * (world_size // cfg.deepspeed.pipeline_stages)
+
+
+def preflight_resume(cfg: RunConfig, world_size: int) -> Optional[Path]:
+    """Before any process group starts: refuse to resume a checkpoint written by another number
+    of ranks or (unless allowed) with another config; raises CheckpointError."""
+    from trainer.checkpoint import preflight
+
+    return preflight(cfg.checkpoint, to_yaml(cfg), world_size, global_batch(cfg, world_size),
+                     RESUMABLE_CHANGES)
 
 
 class FiniteGuardAdamW(torch.optim.AdamW):
@@ -185,7 +202,12 @@ class Trainer:
         self.state = LoopState()
         self.config_yaml = to_yaml(cfg)
         self.nan_steps = faults.nan_steps(self.ctx.rank)
+        self.kill_steps = faults.kill_steps(self.ctx.rank)
         self.ckpt.before_commit = faults.save_stall()
+        self.ckpt.before_write = faults.save_error(self.ctx.rank)
+        self.ckpt.pointer_override = faults.latest_override(self.ctx.rank)
+        first_stage = self.ctx.rank == self.ctx.dp_rank  # the pipeline's first stage reads the data
+        self.key_log = KeyLog(cfg.log, self.ctx.dp_rank) if cfg.log.sample_keys and first_stage else None
 
     # ---- checkpoint ---------------------------------------------------------------------------
     def rank_state(self) -> RankState:
@@ -202,11 +224,12 @@ class Trainer:
         return self.ckpt.save(self.state.step, self.engines, self.rank_state(), self.config_yaml, shared)
 
     def resume(self) -> bool:
-        directory = self.ckpt.latest() if self.cfg.checkpoint.resume else None
+        directory = self.ckpt.resume_target() if self.cfg.checkpoint.resume else None
         if directory is None:
             return False
         complete = self.ckpt.verify(directory)
-        self.ckpt.check_compatible(directory, complete, self.config_yaml, RESUMABLE_CHANGES)
+        self.ckpt.check_compatible(directory, complete, self.config_yaml, RESUMABLE_CHANGES,
+                                   global_batch(self.cfg, self.ctx.world_size))
         for name, engine in self.engines.items():
             self.ckpt.load_engine(engine, directory, name)
         state = self.ckpt.load_rank_state(directory)
@@ -227,23 +250,29 @@ class Trainer:
     def micro_batch_losses(self, batches: Iterator[dict]) -> Iterator[dict[str, float]]:
         """Forward/backward/step of every player on each of the grad_accum micro-batches."""
         for _ in range(self.cfg.deepspeed.grad_accum):
-            batch = next(batches)
-            self.logger.timer.data_ready()
+            batch = self.next_batch(batches)
             for player, loss, info in self.stage.losses(batch, self.generator):
                 if self.state.step + 1 in self.nan_steps:
                     loss = loss * float("nan")  # fault injection (tests): a NaN on this rank
+                if self.state.step + 1 in self.kill_steps:
+                    faults.kill_now()  # fault injection (tests): die between forward and all-reduce
                 self.engines[player].backward(loss)
                 self.engines[player].step()
                 yield info
+
+    def next_batch(self, batches: Iterator[dict]) -> dict:
+        batch = next(batches)
+        self.logger.timer.data_ready()
+        if self.key_log is not None:
+            self.key_log.add(batch)
+        return batch
 
     def pipeline_step(self, batches: Iterator[dict]) -> dict[str, float]:
         """One PipelineEngine.train_batch over grad_accum micro-batches noised before the pipe."""
 
         def micro_batches():
             while True:
-                batch = next(batches)
-                self.logger.timer.data_ready()
-                yield self.stage.pipeline_batch(batch, self.generator)
+                yield self.stage.pipeline_batch(self.next_batch(batches), self.generator)
 
         loss = self.engines["student"].train_batch(data_iter=micro_batches())
         return {"loss": float(loss)}
@@ -274,6 +303,8 @@ class Trainer:
     def after_step(self, metrics: dict[str, float]) -> Optional[int]:
         """Bookkeeping of a finished step; an exit code when the run must stop."""
         self.state.step += 1
+        if self.key_log is not None:
+            self.key_log.step_done(self.state.step)
         if metrics.pop("skipped"):
             self.state.skipped_steps += 1
             self.state.nonfinite_in_row += 1
@@ -288,10 +319,21 @@ class Trainer:
         self.state.nonfinite_in_row = 0
         if self.ema is not None:
             self.ema.update(self.ema_module)
-        metrics.update({f"data/{k}": v for k, v in self.stream.stats().items()})
         self.logger.add(metrics)
-        self.logger.step_done(self.state.step, {"skipped_steps": self.state.skipped_steps})
+        extra: dict[str, float] = {"skipped_steps": self.state.skipped_steps}
+        if self.state.step % self.cfg.log.every == 0:
+            extra.update(self.data_stats())
+        self.logger.step_done(self.state.step, extra)
         return None
+
+    def data_stats(self) -> dict[str, float]:
+        """Samples read and skipped per reason by this job since it started, summed over ranks.
+        Collective."""
+        stats = self.stream.stats()
+        totals = torch.tensor([float(v) for v in stats.values()], dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(totals)
+        return {f"data/{k}": v for k, v in zip(stats, totals.tolist())}
 
     # ---- the loop -----------------------------------------------------------------------------
     def run(self) -> int:
@@ -302,13 +344,28 @@ class Trainer:
             return EXIT_CHECKPOINT
         total = self.cfg.stage.steps
         self.logger = MetricsLogger(self.cfg.log, self.ctx.rank, total, self.state.step,
-                                    self.cfg.data.batch_size * self.cfg.deepspeed.grad_accum * self.ctx.dp_world,
+                                    global_batch(self.cfg, self.ctx.world_size),
                                     self.stage.tokens_per_sample(), self.stage.macs_per_sample())
+        try:
+            code = self.loop(total)
+        except CheckpointError as e:  # raised on every rank together (see CheckpointManager.save)
+            print(f"dit train: {e}", file=sys.stderr, flush=True)
+            code = EXIT_CHECKPOINT
+        finally:
+            self.logger.close()
+            if self.key_log is not None:
+                self.key_log.close()
+        if code == EXIT_REQUEUE and self.ctx.is_main:
+            print(f"dit train: preempted; saved step {self.state.step}, exiting with {EXIT_REQUEUE} "
+                  f"(requeue). Rerun the same command to resume.", file=sys.stderr, flush=True)
+        return code
+
+    def loop(self, total: int) -> int:
+        """Steps until `total`, a stop code, or an agreed preemption (saved first)."""
         preempt = PreemptionFlag()
         batches = iter(self.stream)
         code = EXIT_OK
         while self.state.step < total:
-            faults.maybe_kill(self.state.step + 1)
             self.stage.start_of_step(self.state.step, self.raw_weights)
             code = self.after_step(self.train_step(batches)) or EXIT_OK
             if code:
@@ -325,10 +382,6 @@ class Trainer:
                 self.evaluate()
         if code == EXIT_OK:
             self.write_samples()
-        self.logger.close()
-        if code == EXIT_REQUEUE and self.ctx.is_main:
-            print(f"dit train: preempted; saved step {self.state.step}, exiting with {EXIT_REQUEUE} "
-                  f"(requeue). Rerun the same command to resume.", file=sys.stderr, flush=True)
         return code
 
     def raw_weights(self) -> dict[str, torch.Tensor]:
@@ -373,8 +426,11 @@ class Trainer:
 
 
 def train(cfg: RunConfig) -> int:
-    trainer = Trainer(cfg)
-    code = trainer.run()
+    try:
+        code = Trainer(cfg).run()
+    except DataError as e:  # maybe on this rank alone: exit now, the others fail on the lost peer
+        print(f"dit train: {e}", file=sys.stderr, flush=True)
+        return EXIT_DATA
     if dist.is_initialized():
         dist.barrier()
     return code

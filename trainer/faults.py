@@ -2,14 +2,21 @@
 `dit train` command (started by a real launcher) is what the tests exercise.
 
 DIT_INJECT_NAN="RANK@STEP[,STEP...]"    that rank's loss is NaN at those (1-based) steps
-DIT_INJECT_KILL_AT="STEP"               every rank kills itself with SIGKILL before step STEP
+DIT_INJECT_KILL_AT="[RANK@]STEP"        that rank (default: every rank) kills itself with SIGKILL
+                                        in the middle of step STEP, after its forward pass and
+                                        before the gradient all-reduce the others wait in
 DIT_INJECT_SAVE_STALL="MARKER[@STEP]"   the save (of STEP, or every save) touches MARKER once
                                         its engine states are written, then stalls before the
                                         commit until MARKER.release exists, so a test can signal
                                         or kill the ranks while a checkpoint is half-written
+DIT_INJECT_SAVE_ERROR="RANK@STEP[:ERRNO]"  that rank's writes of its engine files of step STEP
+                                        fail with OSError ERRNO (default ENOSPC: disk full)
+DIT_INJECT_LATEST="RANK@TAG"            that rank reads TAG from `latest` (a checkpoint directory
+                                        that is not shared by all nodes)
 """
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
@@ -21,19 +28,31 @@ def _steps(spec: str) -> set[int]:
     return {int(s) for s in spec.split(",") if s}
 
 
-def nan_steps(rank: int) -> set[int]:
-    spec = os.environ.get("DIT_INJECT_NAN", "")
+def _for_rank(name: str, rank: int) -> str:
+    """The part after `RANK@` of the variable when it targets this rank ('' otherwise)."""
+    spec = os.environ.get(name, "")
     if not spec:
-        return set()
-    target, steps = spec.split("@")
-    return _steps(steps) if int(target) == rank else set()
+        return ""
+    target, _, value = spec.partition("@")
+    return value if int(target) == rank else ""
 
 
-def maybe_kill(step: int) -> None:
-    """Called before each step: SIGKILL this rank at the configured step (no cleanup runs)."""
+def nan_steps(rank: int) -> set[int]:
+    return _steps(_for_rank("DIT_INJECT_NAN", rank))
+
+
+def kill_steps(rank: int) -> set[int]:
+    """Steps in the middle of which this rank SIGKILLs itself (no cleanup runs)."""
     spec = os.environ.get("DIT_INJECT_KILL_AT", "")
-    if spec and step in _steps(spec):
-        os.kill(os.getpid(), signal.SIGKILL)
+    return _steps(spec) if spec and "@" not in spec else _steps(_for_rank("DIT_INJECT_KILL_AT", rank))
+
+
+def kill_now() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def latest_override(rank: int) -> str:
+    return _for_rank("DIT_INJECT_LATEST", rank)
 
 
 def save_stall() -> Optional[Callable[[int, Path], None]]:
@@ -52,3 +71,19 @@ def save_stall() -> Optional[Callable[[int, Path], None]]:
             time.sleep(0.05)  # waiting on the test's signal: the stall is the injected fault
 
     return stall
+
+
+def save_error(rank: int) -> Optional[Callable[[str], None]]:
+    """Raises OSError (default ENOSPC) when this rank writes an engine file of step STEP."""
+    spec = _for_rank("DIT_INJECT_SAVE_ERROR", rank)
+    if not spec:
+        return None
+    step_text, _, code_text = spec.partition(":")
+    code = int(code_text) if code_text else errno.ENOSPC
+    directory = f"step_{int(step_text):08d}"
+
+    def fail(path: str) -> None:
+        if directory in Path(path).parent.parent.name:
+            raise OSError(code, os.strerror(code), path)
+
+    return fail

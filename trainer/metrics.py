@@ -56,6 +56,31 @@ class StepTimer:
         return out
 
 
+class KeyLog:
+    """The sample keys each step consumed on one data-parallel rank, as JSON lines
+    `{"step": S, "keys": [...]}` in `logs/keys/rank_R.jsonl` (padding of a short batch left out).
+    A resumed run appends the steps it redoes: the last record of a step is the one that counts."""
+
+    def __init__(self, cfg: LogConfig, dp_rank: int):
+        directory = Path(cfg.dir) / "keys"
+        directory.mkdir(parents=True, exist_ok=True)
+        self.file = open(directory / f"rank_{dp_rank:05d}.jsonl", "a")
+
+        self.pending: list[str] = []
+
+    def add(self, batch: dict) -> None:
+        self.pending += [k for k, valid in zip(batch["__key__"], batch["valid"].tolist()) if valid]
+
+    def step_done(self, step: int) -> None:
+        """One record per finished step (all its micro-batches); a step cut short writes none."""
+        self.file.write(json.dumps({"step": step, "keys": self.pending}) + "\n")
+        self.file.flush()
+        self.pending = []
+
+    def close(self) -> None:
+        self.file.close()
+
+
 class MetricsLogger:
     """Aggregates per-step metrics and writes them every `cfg.every` steps (rank 0 only)."""
 

@@ -79,7 +79,7 @@ def test_rank_environment_is_set_in_one_place():
 def test_exit_codes_are_the_trainers():
     from trainer import engine
 
-    for name in ("EXIT_OK", "EXIT_CONFIG", "EXIT_NONFINITE", "EXIT_CHECKPOINT", "EXIT_REQUEUE"):
+    for name in ("EXIT_OK", "EXIT_CONFIG", "EXIT_NONFINITE", "EXIT_CHECKPOINT", "EXIT_DATA", "EXIT_REQUEUE"):
         assert getattr(launcher, name) == getattr(engine, name), name
 
 

@@ -49,3 +49,75 @@ def metrics(out_dir: Path) -> list[dict]:
 
 def losses(out_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in metrics(out_dir) if "loss" in r}
+
+
+def base(shards: Path, out: Path, *extra: str) -> list[str]:
+    return [f"data.shards={shards}", f"run.out_dir={out}", *extra]
+
+
+def assert_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+def latest_dir(out: Path) -> Path:
+    from trainer.checkpoint import LATEST
+
+    return out / "checkpoints" / (out / "checkpoints" / LATEST).read_text().strip()
+
+
+def final_weights(out: Path) -> dict:
+    """The raw model weights of the newest checkpoint (ZeRO-2 keeps them whole in rank 0's file)."""
+    import torch
+
+    state = torch.load(latest_dir(out) / "student" / "mp_rank_00_model_states.pt", weights_only=False)
+    return state["module"]
+
+
+def ema_weights(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(latest_dir(out) / "ema.safetensors"))
+
+
+def same_tensors(a: dict, b: dict) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def popen_train(nproc: int, overrides: list[str], config: Path = TINY, **env: str) -> subprocess.Popen:
+    """A torchrun job in its own process group (so a test can signal or kill all of it)."""
+    return subprocess.Popen(torchrun_cmd(nproc, overrides, config), cwd=ROOT, start_new_session=True,
+                            env=train_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def rank_pid(launcher_pid: int, rank: int) -> int:
+    """The PID of the `dit train` process with RANK=`rank` under a launcher."""
+    import psutil
+
+    for child in psutil.Process(launcher_pid).children(recursive=True):
+        try:
+            if "launch.cli" in child.cmdline() and child.environ().get("RANK") == str(rank):
+                return child.pid
+        except psutil.NoSuchProcess:
+            continue
+    raise LookupError(f"no rank {rank} under {launcher_pid}")
+
+
+def step_keys(out: Path) -> dict[int, dict[int, list[str]]]:
+    """rank -> step -> the sample keys it consumed (the last record of a step wins: a resumed
+    run redoes the steps after its checkpoint)."""
+    result: dict[int, dict[int, list[str]]] = {}
+    for path in sorted((out / "logs" / "keys").glob("rank_*.jsonl")):
+        records = result.setdefault(int(path.stem.split("_")[1]), {})
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            records[r["step"]] = r["keys"]
+    return result
+
+
+def rank_exit_codes(proc: subprocess.CompletedProcess) -> set[int]:
+    """The ranks' own exit codes, from torchrun's failure summary (torchrun itself exits 1)."""
+    import re
+
+    return {int(c) for c in re.findall(r"exitcode\s*:\s*(-?\d+)", proc.stdout + proc.stderr)}
