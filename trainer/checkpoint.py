@@ -357,7 +357,7 @@ class CheckpointManager:
                 f"{directory} was written by {written_by} ranks (global batch {was}) and this job has "
                 f"{self.world_size} (global batch {global_batch}); resuming would change the global "
                 f"batch and re-split the ZeRO optimizer partitions and the data order. Resume with "
-                f"{written_by} ranks, or start a new run from its weights (`dit export`)"
+                f"{written_by} ranks"
             )
         if self.cfg.allow_config_change:
             return

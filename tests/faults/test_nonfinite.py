@@ -1,0 +1,37 @@
+"""NaN on one rank: every rank skips that step together; K in a row stop the run with its own
+exit code; no NaN ever reaches a checkpoint."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.trainer.harness import (assert_ok, base, ema_weights, final_weights, metrics, rank_exit_codes,
+                                   run_train)
+
+pytestmark = pytest.mark.slow
+
+
+def all_finite(weights: dict) -> bool:
+    return all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_nan_on_one_rank_is_skipped_by_every_rank(uneven_shards, tmp_path):
+    out = tmp_path / "run"
+    assert_ok(run_train(2, base(uneven_shards, out, "stage.steps=6", "checkpoint.every=3"),
+                        DIT_INJECT_NAN="1@3"))
+    skipped = [r["step"] for r in metrics(out) if r.get("skipped_nonfinite_step")]
+    assert skipped == [3]
+    assert all_finite(final_weights(out)) and all_finite(ema_weights(out))
+
+
+def test_nonfinite_steps_in_a_row_abort_with_their_exit_code(uneven_shards, tmp_path):
+    out = tmp_path / "run"
+    proc = run_train(2, base(uneven_shards, out, "stage.steps=8", "stage.max_nonfinite_in_row=3",
+                             "checkpoint.every=2"), DIT_INJECT_NAN="0@3,4,5")
+    assert rank_exit_codes(proc) == {3}, proc.stderr[-3000:]
+    assert "3 steps in a row had a non-finite" in proc.stderr
+    saved = sorted(Path(out / "checkpoints").glob("step_*"))
+    assert [p.name for p in saved][-1] == "step_00000004"  # 2 and 4 saved; 5 stopped the run
+    assert all_finite(final_weights(out)) and all_finite(ema_weights(out))
