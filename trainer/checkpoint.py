@@ -306,9 +306,13 @@ class CheckpointManager:
         _write_atomic(self.root / LATEST, final.name)
         self._apply_retention(keep_name=final.name)
 
-    def _apply_retention(self, keep_name: str) -> None:
+    def _remove_partial(self) -> None:
+        """Directories of saves that never committed (a crash or kill mid-write)."""
         for leftover in self.root.glob(f"{TMP_PREFIX}step_*"):
             shutil.rmtree(leftover, ignore_errors=True)
+
+    def _apply_retention(self, keep_name: str) -> None:
+        self._remove_partial()
         complete = sorted(p for p in self.root.glob("step_*") if (p / COMPLETE).is_file())
         for old in complete[: max(0, len(complete) - self.cfg.keep)]:
             if old.name != keep_name:
@@ -341,6 +345,8 @@ class CheckpointManager:
         """Collective: the complete checkpoint every rank resumes from (they must agree)."""
         directory = self.latest()
         agree_on_step(int(directory.name.split("_")[1]) if directory is not None else -1, "resume from")
+        if self.rank == 0:
+            self._remove_partial()
         return directory
 
     def check_compatible(self, directory: Path, complete: dict[str, Any], config_yaml: str,

@@ -13,17 +13,7 @@ import pytest
 from data_pipeline.errors import DataError
 from data_pipeline.stream import build_stream
 from data_pipeline.synth import synth_sample
-from tests.data.data_helpers import take, valid_keys, write_manifest, write_tar
-
-
-class _TouchOnUnpickle:
-    """Unpickling this calls Path(marker).touch(): proof that a loader executed shard content."""
-
-    def __init__(self, marker: pathlib.Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return pathlib.Path.touch, (self.marker,)
+from tests.data.data_helpers import TouchOnUnpickle, take, valid_keys, write_manifest, write_tar
 
 
 def _object_npy(payload) -> bytes:
@@ -39,13 +29,13 @@ def _epoch(cfg) -> tuple[list[dict], object]:
 
 def test_pickle_members_are_rejected_never_executed(tmp_path, cfg):
     marker = tmp_path / "EXECUTED"
-    payload = pickle.dumps(_TouchOnUnpickle(marker))
-    pickle.loads(pickle.dumps(_TouchOnUnpickle(tmp_path / "control")))  # the payload does work
+    payload = pickle.dumps(TouchOnUnpickle(marker))
+    pickle.loads(pickle.dumps(TouchOnUnpickle(tmp_path / "control")))  # the payload does work
     assert (tmp_path / "control").exists()
     samples = [synth_sample(i, size=32) for i in range(6)]
     for s in samples[:2]:
         s.update({"pyd": payload, "pkl": payload, "pth": payload})
-    samples[2]["extra.npy"] = _object_npy(_TouchOnUnpickle(marker))
+    samples[2]["extra.npy"] = _object_npy(TouchOnUnpickle(marker))
     (tmp_path / "d").mkdir()
     write_tar(tmp_path / "d" / "shard-000000.tar", samples)
     write_manifest(tmp_path / "d")

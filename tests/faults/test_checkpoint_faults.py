@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.data.data_helpers import TouchOnUnpickle
 from tests.faults.conftest import REFERENCE
 from tests.trainer.harness import (assert_ok, base, latest_dir, popen_train, rank_exit_codes, run_train)
 from trainer.checkpoint import (COMPLETE, EMA_FILE, LATEST, TMP_PREFIX, CheckpointError,
@@ -83,20 +84,12 @@ def test_retention_waits_for_the_commit_and_a_full_disk_keeps_the_previous_check
     assert complete_steps(out) == ["step_00000012"]
 
 
-class _TouchOnUnpickle:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return Path.touch, (self.marker,)
-
-
 def test_a_malicious_pickle_in_a_checkpoint_is_refused_and_never_run(reference_run, uneven_shards, tmp_path):
     out, marker = tmp_path / "run", tmp_path / "pwned"
     shutil.copytree(reference_run / "checkpoints", out / "checkpoints")
     step = out / "checkpoints" / "step_00000012"
     victim = step / "student" / "mp_rank_00_model_states.pt"
-    torch.save({"module": _TouchOnUnpickle(marker)}, victim)
+    torch.save({"module": TouchOnUnpickle(marker)}, victim)
     args = base(uneven_shards, out, *REFERENCE, "stage.steps=16")
     refused = run_train(2, args)
     assert rank_exit_codes(refused) == {4} and "sha256 mismatch" in refused.stderr
@@ -108,7 +101,7 @@ def test_a_malicious_pickle_in_a_checkpoint_is_refused_and_never_run(reference_r
     assert rank_exit_codes(refused) == {4} and "refusing to load" in refused.stderr
     assert "weights-only allowlist" in refused.stderr
     # Inference weights are safetensors: a pickle in their place is refused without running it.
-    (step / EMA_FILE).write_bytes(pickle.dumps(_TouchOnUnpickle(marker)))
+    (step / EMA_FILE).write_bytes(pickle.dumps(TouchOnUnpickle(marker)))
     with pytest.raises(CheckpointError, match="modified after it was written"):
         load_for_inference(step)
     assert not marker.exists()

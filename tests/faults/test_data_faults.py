@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 import pickle
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
-from tests.data.data_helpers import make_shards, write_manifest, write_tar
+from tests.data.data_helpers import TouchOnUnpickle, make_shards, write_manifest, write_tar
 from tests.trainer.harness import assert_ok, base, metrics, rank_exit_codes, run_train, step_keys
 from data_pipeline.synth import synth_sample
 
@@ -44,14 +43,6 @@ def test_too_few_samples_for_a_full_batch_is_refused_at_start(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-class _TouchOnUnpickle:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return Path.touch, (self.marker,)
-
-
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory):
     """24 samples in 2 shards: one of each kind of damage, pickles in two good samples, and a
@@ -59,10 +50,10 @@ def hostile(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile")
     directory, marker = root / "shards", root / "EXECUTED"
     directory.mkdir()
-    payload = pickle.dumps(_TouchOnUnpickle(root / "control"))
+    payload = pickle.dumps(TouchOnUnpickle(root / "control"))
     pickle.loads(payload)
     assert (root / "control").exists()  # the payload does write its marker when unpickled
-    payload = pickle.dumps(_TouchOnUnpickle(marker))
+    payload = pickle.dumps(TouchOnUnpickle(marker))
     first = [synth_sample(i, size=16, image_format="jpg") for i in range(12)]
     fate = {}
     first[1]["jpg"] = b""
