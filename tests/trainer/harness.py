@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -117,7 +118,10 @@ def step_keys(out: Path) -> dict[int, dict[int, list[str]]]:
 
 
 def rank_exit_codes(proc: subprocess.CompletedProcess) -> set[int]:
-    """The ranks' own exit codes, from torchrun's failure summary (torchrun itself exits 1)."""
+    """The ranks' own exit codes, from torchrun's failure summary (torchrun itself exits 1).
+    A rank still tearing down when the first one exits is stopped by torchrun with SIGTERM
+    (-15); those are left out, so the set holds what the ranks decided."""
     import re
 
-    return {int(c) for c in re.findall(r"exitcode\s*:\s*(-?\d+)", proc.stdout + proc.stderr)}
+    codes = {int(c) for c in re.findall(r"exitcode\s*:\s*(-?\d+)", proc.stdout + proc.stderr)}
+    return codes - {-int(signal.SIGTERM)} if len(codes) > 1 else codes
