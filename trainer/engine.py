@@ -181,6 +181,7 @@ class Trainer:
         self.cfg = cfg
         self.ctx = init_distributed(cfg.deepspeed.pipeline_stages, cfg.deepspeed.comm_timeout_s)
         validate(cfg, world_size=self.ctx.world_size)
+        self.stream = build_stream(cfg.data, self.ctx.dp_rank, self.ctx.dp_world)  # data errors first
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
         self.stage = build_stage(cfg)
         self.pipeline = self.ctx.pipeline_stages > 1
@@ -198,7 +199,6 @@ class Trainer:
         self.ema = EMA(self.ema_module, cfg.ema) if cfg.ema.enabled else None
         self.generator = torch.Generator().manual_seed(cfg.run.seed * 100_003 + self.ctx.dp_rank)
         self.ckpt = CheckpointManager(cfg.checkpoint, self.ctx.rank, self.ctx.world_size)
-        self.stream = build_stream(cfg.data, self.ctx.dp_rank, self.ctx.dp_world)
         self.state = LoopState()
         self.config_yaml = to_yaml(cfg)
         self.nan_steps = faults.nan_steps(self.ctx.rank)
@@ -206,8 +206,9 @@ class Trainer:
         self.ckpt.before_commit = faults.save_stall()
         self.ckpt.before_write = faults.save_error(self.ctx.rank)
         self.ckpt.pointer_override = faults.latest_override(self.ctx.rank)
-        first_stage = self.ctx.rank == self.ctx.dp_rank  # the pipeline's first stage reads the data
-        self.key_log = KeyLog(cfg.log, self.ctx.dp_rank) if cfg.log.sample_keys and first_stage else None
+        self.reads_data = self.ctx.rank == self.ctx.dp_rank  # the first pipeline stage (the last one
+        # reads the same batches again for its labels)
+        self.key_log = KeyLog(cfg.log, self.ctx.dp_rank) if cfg.log.sample_keys and self.reads_data else None
 
     # ---- checkpoint ---------------------------------------------------------------------------
     def rank_state(self) -> RankState:
@@ -330,7 +331,8 @@ class Trainer:
         """Samples read and skipped per reason by this job since it started, summed over ranks.
         Collective."""
         stats = self.stream.stats()
-        totals = torch.tensor([float(v) for v in stats.values()], dtype=torch.float64)
+        totals = torch.tensor([float(v) if self.reads_data else 0.0 for v in stats.values()],
+                              dtype=torch.float64)
         if dist.is_initialized():
             dist.all_reduce(totals)
         return {f"data/{k}": v for k, v in zip(stats, totals.tolist())}

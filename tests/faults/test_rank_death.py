@@ -3,6 +3,7 @@ job ends within a bounded time with the cause named, and a relaunch ends bit-equ
 uninterrupted reference run (weights, EMA and the samples each step consumed)."""
 from __future__ import annotations
 
+import re
 import shutil
 import time
 
@@ -10,7 +11,7 @@ import pytest
 
 from tests.data.data_helpers import dataset_keys
 from tests.faults.conftest import REFERENCE
-from tests.trainer.harness import (assert_ok, base, ema_weights, final_weights, latest_dir, losses,
+from tests.trainer.harness import (assert_ok, bare_ranks, base, ema_weights, final_weights, latest_dir, losses,
                                    rank_exit_codes, run_train, same_tensors, step_keys)
 from trainer.checkpoint import TMP_PREFIX, load_for_inference
 
@@ -49,6 +50,23 @@ def test_kill9_one_rank_mid_step_ends_the_job_and_the_relaunch_is_bit_equal(kill
     a, b = losses(reference_run), losses(out)  # the resumed run's records come last
     assert [a[s] for s in range(5, 13)] == [b[s] for s in range(5, 13)]
     assert same_tensors(final_weights(reference_run), final_weights(out))
+
+
+def test_without_a_launcher_the_survivor_stops_by_itself(uneven_shards, tmp_path):
+    """No agent to stop the others (ranks on other nodes): gloo reports the lost peer."""
+    ranks = bare_ranks(2, base(uneven_shards, tmp_path / "run", "stage.steps=8"), tmp_path / "logs",
+                       DIT_INJECT_KILL_AT="1@3")
+    try:
+        killed = ranks[1].wait(timeout=BOUND_S + 60)
+        died = time.monotonic()
+        survivor = ranks[0].wait(timeout=BOUND_S)
+        took = time.monotonic() - died
+    finally:
+        for proc in ranks:
+            proc.kill()
+    assert killed == -9 and survivor != 0
+    assert re.search(r"Connection (reset|closed) by peer", (tmp_path / "logs" / "rank0.log").read_text())
+    print(f"rank 0 exited {took:.1f} s after rank 1 was killed")
 
 
 def test_exactly_once_data_across_a_mid_epoch_resume(killed_then_resumed, reference_run, uneven_shards):

@@ -125,3 +125,25 @@ def rank_exit_codes(proc: subprocess.CompletedProcess) -> set[int]:
 
     codes = {int(c) for c in re.findall(r"exitcode\s*:\s*(-?\d+)", proc.stdout + proc.stderr)}
     return codes - {-int(signal.SIGTERM)} if len(codes) > 1 else codes
+
+
+def bare_ranks(nproc: int, overrides: list[str], logs: Path, config: Path = TINY,
+               **env: str) -> list[subprocess.Popen]:
+    """`dit train` ranks started by hand, with no launcher to stop the others when one dies (as
+    on separate nodes): what they do after a peer's death is their own doing. Rank r writes
+    its output to `logs/rank{r}.log`."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    logs.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "launch.cli", "train", str(config), *overrides]
+    procs = []
+    for r in range(nproc):
+        with open(logs / f"rank{r}.log", "w") as log:
+            procs.append(subprocess.Popen(
+                cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                env=train_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(port), **env)))
+    return procs
