@@ -194,7 +194,7 @@ class Trainer:
             lr = cfg.optim.disc_lr if name == "disc" else cfg.optim.lr
             self.engines[name], self.optimizers[name] = build_engine(
                 module, lr, cfg.optim, cfg.deepspeed, cfg.data.batch_size, self.ctx, cfg.stage.steps)
-        self.stage.bind(self.engines)
+        self.stage.bind(self.engines, writes_files=self.ctx.is_main)
         self.ema_module = trainable["student"]
         self.ema = EMA(self.ema_module, cfg.ema) if cfg.ema.enabled else None
         self.generator = torch.Generator().manual_seed(cfg.run.seed * 100_003 + self.ctx.dp_rank)

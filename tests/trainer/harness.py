@@ -132,11 +132,9 @@ def bare_ranks(nproc: int, overrides: list[str], logs: Path, config: Path = TINY
     """`dit train` ranks started by hand, with no launcher to stop the others when one dies (as
     on separate nodes): what they do after a peer's death is their own doing. Rank r writes
     its output to `logs/rank{r}.log`."""
-    import socket
+    from launch.launcher import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     logs.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "launch.cli", "train", str(config), *overrides]
     procs = []

@@ -26,13 +26,16 @@ class Stage:
 
     def __init__(self) -> None:
         self.runners: dict[str, Callable[..., Any]] = {}
+        self.writes_files = True  # whether this rank writes the files a stage shares (exports)
 
     def trainable(self) -> dict[str, nn.Module]:
         return self.players
 
-    def bind(self, runners: dict[str, Callable[..., Any]]) -> None:
-        """Receive the (DeepSpeed-wrapped) callables to use in place of the raw players."""
+    def bind(self, runners: dict[str, Callable[..., Any]], *, writes_files: bool = True) -> None:
+        """Receive the (DeepSpeed-wrapped) callables to use in place of the raw players, and
+        whether this rank is the one that writes shared files (stages never ask for a rank)."""
         self.runners = dict(runners)
+        self.writes_files = writes_files
 
     def run(self, name: str, *args: Any, **kwargs: Any) -> Any:
         return self.runners.get(name, self.players[name])(*args, **kwargs)

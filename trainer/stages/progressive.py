@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -285,11 +284,6 @@ def init_student_from(student: DiT, weights: dict[str, Tensor]) -> None:
 # ------------------------------------------------------------------------------- exports
 
 
-def is_rank_zero() -> bool:
-    """Stages see no rank; a round export is written once, by global rank 0."""
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
 def export_student(directory: Path, weights: dict[str, Tensor], config_yaml: str, meta: dict[str, Any]) -> Path:
     """A loadable inference directory: config.yaml, ema.safetensors (the weights to sample),
     round.json, and COMPLETE.json with their sha256 (what `load_for_inference` checks); written
@@ -455,7 +449,7 @@ class ProgressiveStage(DistillationStage):
 
     def export_round(self, weights: dict[str, Tensor], kind: str, step: int) -> Optional[Path]:
         """Rank 0 writes `<checkpoint.dir>/rounds/round_<r>_<N>steps/` for the round in progress."""
-        if self.export_dir is None or not is_rank_zero():
+        if self.export_dir is None or not self.writes_files:
             return None
         number, steps = self.round + 1, self.student_steps
         cfg = RunConfig(model=self.model_cfg, diffusion=self.diffusion, data=self.data,
