@@ -112,15 +112,3 @@ def demo_evaluation(checkpoint: str, out_dir: str, prompts: list[str], steps: in
     _write_json(out_dir, "adherence.json", result.as_dict())
     print(result.table())
     return result.generated.accuracy
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """`python -m launch.eval_cmd adherence ...` (the same as `dit eval adherence ...`)."""
-    parser = argparse.ArgumentParser(prog="dit eval", description=__doc__.splitlines()[0])
-    register(parser.add_subparsers(dest="eval_cmd", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -7,7 +7,6 @@ sampled from the same noise as our own DDIM sampler; the largest pixel differenc
 from __future__ import annotations
 
 import argparse
-from typing import Optional
 
 VERIFY_PROMPTS = ["a large red circle at the top left", "a small blue square in the centre"]
 EXIT_MISMATCH = 4
@@ -38,15 +37,3 @@ def export(args: argparse.Namespace) -> int:
     print(f"diffusers check ({args.verify_steps} DDIM steps, same noise): max |pixel difference| {error:.2e} "
           f"(tolerance {args.tolerance:.0e}): {verdict}")
     return 0 if error <= args.tolerance else EXIT_MISMATCH
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """`python -m launch.export_cmd ...` (the same as `dit export ...`)."""
-    parser = argparse.ArgumentParser(prog="dit export", description=__doc__.splitlines()[0])
-    configure(parser)
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

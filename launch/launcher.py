@@ -295,27 +295,38 @@ def run_torchrun(job: Job, attempt_dir: Path, attempt: int) -> Outcome:
 # rank, so two helpers watch it: which rank died first, and rank 0's log on the console.
 
 
-class RankWatcher:
-    """Follows the launcher's process tree and records the first rank seen dead (exited, or a
-    zombie its launcher has not reaped yet)."""
+class _Background:
+    """A daemon thread running `_run` for the duration of a `with` block; `_run` polls until
+    `self._stop` is set."""
 
-    def __init__(self, root_pid: int):
-        import psutil
-
-        self._psutil = psutil
-        self._root = psutil.Process(root_pid)
-        self._ranks: dict[int, tuple[int, "psutil.Process"]] = {}  # pid -> (rank, process)
-        self.first_dead: Optional[int] = None
+    def __init__(self, name: str):
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rank-watcher", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
-    def __enter__(self) -> "RankWatcher":
+    def __enter__(self):
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class RankWatcher(_Background):
+    """Follows the launcher's process tree and records the first rank seen dead (exited, or a
+    zombie its launcher has not reaped yet)."""
+
+    def __init__(self, root_pid: int):
+        import psutil
+
+        super().__init__("rank-watcher")
+        self._psutil = psutil
+        self._root = psutil.Process(root_pid)
+        self._ranks: dict[int, tuple[int, "psutil.Process"]] = {}  # pid -> (rank, process)
+        self.first_dead: Optional[int] = None
 
     def pids(self) -> list[int]:
         return list(self._ranks)
@@ -353,23 +364,14 @@ class RankWatcher:
             return False
 
 
-class LogFollower:
+class LogFollower(_Background):
     """Copies the log of this node's first rank (`*_rank<N>.log`, lowest N) to the console
     while the DeepSpeed launcher runs, then what is left of it once the launcher is done."""
 
     def __init__(self, folder: Path, out=None):
+        super().__init__("log-follower")
         self.folder = folder
         self.out = out or sys.stdout
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="log-follower", daemon=True)
-
-    def __enter__(self) -> "LogFollower":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
     def first_rank_log(self) -> Optional[Path]:
         logs = [(int(m[1]), p) for p in self.folder.glob("*_rank*.log")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Optional
 
 SAMPLERS = ("ddim", "euler", "dpmpp2m", "ddpm")
 SETTINGS = {"steps": "steps", "cfg": "cfg_scale", "guidance_rescale": "guidance_rescale", "sampler": "sampler"}
@@ -77,15 +76,3 @@ def sample(args: argparse.Namespace) -> int:
     kind = "videos" if pixels.ndim == 5 else "images"
     print(f"{len(prompts)} {kind} of {pixels.shape[-1]} px in {args.out} (grid: {Path(args.out) / record['grid']})")
     return 0
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """`python -m launch.sample_cmd ...` (the same as `dit sample ...`)."""
-    parser = argparse.ArgumentParser(prog="dit sample", description=__doc__.splitlines()[0])
-    configure(parser)
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -279,9 +279,17 @@ class CheckpointManager:
         raise CheckpointError(f"could not {phase} the checkpoint of step {step}: it failed on rank(s) "
                               f"{failed}{reason}; `latest` still points to the previous checkpoint")
 
-    def _save_engine(self, engine: Any, directory: Path, name: str) -> None:
+    def _use_safe_engine(self, engine: Any) -> None:
+        """Give a DeepSpeed engine our checkpoint engine (once; it serves loads and saves)."""
         if not hasattr(engine.checkpoint_engine, "take_error"):
-            engine.checkpoint_engine = safe_checkpoint_engine(self.before_write)
+            engine.checkpoint_engine = safe_checkpoint_engine(self._before_write)
+
+    def _before_write(self, path: str) -> None:
+        if self.before_write is not None:
+            self.before_write(path)
+
+    def _save_engine(self, engine: Any, directory: Path, name: str) -> None:
+        self._use_safe_engine(engine)
         engine.save_checkpoint(str(directory), tag=name, save_latest=False)
         error = engine.checkpoint_engine.take_error()
         if error is not None:
@@ -379,10 +387,8 @@ class CheckpointManager:
         meta_path, tensor_path = _rank_paths(directory, self.rank)
         return RankState(meta=json.loads(meta_path.read_text()), tensors=load_file(str(tensor_path)))
 
-    @staticmethod
-    def load_engine(engine: Any, directory: Path, name: str) -> None:
-        if not hasattr(engine.checkpoint_engine, "take_error"):
-            engine.checkpoint_engine = safe_checkpoint_engine()
+    def load_engine(self, engine: Any, directory: Path, name: str) -> None:
+        self._use_safe_engine(engine)
         path, _ = engine.load_checkpoint(str(directory), tag=name, load_optimizer_states=True,
                                          load_lr_scheduler_states=True)
         if path is None:

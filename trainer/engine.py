@@ -206,8 +206,8 @@ class Trainer:
         self.ckpt.before_commit = faults.save_stall()
         self.ckpt.before_write = faults.save_error(self.ctx.rank)
         self.ckpt.pointer_override = faults.latest_override(self.ctx.rank)
-        self.reads_data = self.ctx.rank == self.ctx.dp_rank  # the first pipeline stage (the last one
-        # reads the same batches again for its labels)
+        # Pipeline stage 0 owns the data (the last stage reads the same batches for its labels).
+        self.reads_data = self.ctx.rank == self.ctx.dp_rank
         self.key_log = KeyLog(cfg.log, self.ctx.dp_rank) if cfg.log.sample_keys and self.reads_data else None
 
     # ---- checkpoint ---------------------------------------------------------------------------

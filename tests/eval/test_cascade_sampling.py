@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from launch.sample_cmd import main as sample_main
+from launch.cli import main as dit
 from tests.eval.eval_helpers import tiny_config, write_checkpoint
 from trainer.cascade import Cascade, load_cascade_spec
 from trainer.config import ConfigError
@@ -34,7 +34,7 @@ def test_cascade_samples_at_target_size(cascade_yaml, tmp_path):
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("# two prompts\n" + "\n".join(PROMPTS) + "\n")
     out = tmp_path / "samples"
-    assert sample_main([str(cascade_yaml), "--prompts-file", str(prompts_file), "--num-per-prompt", "2",
+    assert dit(["sample", str(cascade_yaml), "--prompts-file", str(prompts_file), "--num-per-prompt", "2",
                         "--steps", "2", "--out", str(out)]) == 0
     record = json.loads((out / "samples.json").read_text())
     assert record["prompts"] == [p for p in PROMPTS for _ in range(2)]
@@ -67,7 +67,7 @@ def test_video_model_writes_mp4_and_gif_grid(tmp_path):
     checkpoint = write_checkpoint(tiny_config(tmp_path / "video", "model.video=true", "data.kind=video",
                                               "data.num_frames=4"))
     out = tmp_path / "samples"
-    assert sample_main([str(checkpoint), "--prompt", "a large red circle moving left", "--steps", "2",
+    assert dit(["sample", str(checkpoint), "--prompt", "a large red circle moving left", "--steps", "2",
                         "--out", str(out)]) == 0
     with av.open(str(out / "00000.mp4")) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launch.export_cmd import main as export_main
+from launch.cli import main as dit
 from tests.eval.eval_helpers import tiny_config, write_autoencoder, write_checkpoint
 from trainer.checkpoint import load_for_inference
 from trainer.export import compare_with_pipeline, load_pipeline
@@ -27,7 +27,7 @@ def latent_checkpoint(tmp_path_factory) -> Path:
 
 
 def test_safetensors_export_holds_the_ema_weights(latent_checkpoint, tmp_path):
-    assert export_main([str(latent_checkpoint), "--format", "safetensors", "--out", str(tmp_path)]) == 0
+    assert dit(["export", str(latent_checkpoint), "--format", "safetensors", "--out", str(tmp_path)]) == 0
     _, ema = load_for_inference(latent_checkpoint)
     exported = load_file(str(tmp_path / "model.safetensors"))
     assert exported.keys() == ema.keys() and all(torch.equal(exported[k], ema[k]) for k in ema)
@@ -38,7 +38,7 @@ def test_safetensors_export_holds_the_ema_weights(latent_checkpoint, tmp_path):
 
 def test_diffusers_export_matches_dit_sample(latent_checkpoint, tmp_path):
     out = tmp_path / "diffusers"
-    assert export_main([str(latent_checkpoint), "--format", "diffusers", "--out", str(out)]) == 0  # verifies itself
+    assert dit(["export", str(latent_checkpoint), "--format", "diffusers", "--out", str(out)]) == 0  # verifies itself
     scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
     assert (scheduler["prediction_type"], scheduler["rescale_betas_zero_snr"], scheduler["timestep_spacing"]) == (
         "v_prediction", True, "trailing")

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.eval_cmd import main as eval_main
-from launch.sample_cmd import main as sample_main
+from launch.cli import main as dit
 from tests.trainer.harness import ROOT, TINY, shapes_shards, train_env  # noqa: F401  (session fixture)
 
 
@@ -27,8 +26,8 @@ def trained(shapes_shards, tmp_path_factory) -> Path:  # noqa: F811
 @pytest.mark.slow
 def test_sample_ema_and_raw_weights(trained, tmp_path):
     prompt = ["--prompt", "a large red circle at the top left", "--steps", "2"]
-    assert sample_main([str(trained), *prompt, "--out", str(tmp_path / "ema")]) == 0
-    assert sample_main([str(trained), *prompt, "--raw", "--out", str(tmp_path / "raw")]) == 0
+    assert dit(["sample", str(trained), *prompt, "--out", str(tmp_path / "ema")]) == 0
+    assert dit(["sample", str(trained), *prompt, "--raw", "--out", str(tmp_path / "raw")]) == 0
     ema, raw = ((tmp_path / d / "00000.png").read_bytes() for d in ("ema", "raw"))
     assert ema != raw  # EMA decay 0.9 over 2 steps: different weights, different pixels
     assert json.loads((tmp_path / "raw" / "samples.json").read_text())["weights"] == "raw"
@@ -36,7 +35,7 @@ def test_sample_ema_and_raw_weights(trained, tmp_path):
 
 @pytest.mark.slow
 def test_eval_adherence_on_a_trained_checkpoint(trained, tmp_path):
-    assert eval_main(["adherence", str(trained), "--num", "8", "--num-real", "48", "--steps", "2",
+    assert dit(["eval", "adherence", str(trained), "--num", "8", "--num-real", "48", "--steps", "2",
                       "--out", str(tmp_path)]) == 0  # 0: the judge is reliable on the real data
     report = json.loads((tmp_path / "adherence.json").read_text())
     assert report["reliable"] and report["real"]["accuracy"]["overall"] >= 0.98

@@ -17,19 +17,13 @@ import torch
 
 from tests.data.data_helpers import TouchOnUnpickle
 from tests.faults.conftest import REFERENCE
-from tests.trainer.harness import (assert_ok, base, latest_dir, popen_train, rank_exit_codes, run_train)
+from tests.trainer.harness import (assert_ok, base, latest_dir, popen_train, rank_exit_codes, run_train,
+                                   wait_for_file)
 from trainer.checkpoint import (COMPLETE, EMA_FILE, LATEST, TMP_PREFIX, CheckpointError,
                                 CheckpointManager, load_for_inference)
 from trainer.config import CheckpointConfig
 
 pytestmark = pytest.mark.slow
-
-
-def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 240) -> None:
-    deadline = time.monotonic() + seconds
-    while not path.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-4000:]
-        time.sleep(0.1)
 
 
 def complete_steps(out: Path) -> list[str]:
@@ -41,7 +35,7 @@ def test_sigterm_then_kill9_during_a_checkpoint_write(uneven_shards, tmp_path):
     args = base(uneven_shards, out, "stage.steps=8", "checkpoint.every=4")
     proc = popen_train(2, args, DIT_INJECT_SAVE_STALL=f"{marker}@8")
     try:
-        wait_for(marker, proc)  # the engine states of step 8 are on disk, the commit is not
+        wait_for_file(marker, proc)  # the engine states of step 8 are on disk, the commit is not
         os.killpg(proc.pid, signal.SIGTERM)
         time.sleep(1.0)  # let SIGTERM land mid-write before the hard kill, as a scheduler does
         os.killpg(proc.pid, signal.SIGKILL)
@@ -63,7 +57,7 @@ def test_retention_waits_for_the_commit_and_a_full_disk_keeps_the_previous_check
     args = base(uneven_shards, out, "stage.steps=12", "checkpoint.every=4", "checkpoint.keep=1")
     proc = popen_train(2, args, DIT_INJECT_SAVE_STALL=f"{marker}@8", DIT_INJECT_SAVE_ERROR="0@12")
     try:
-        wait_for(marker, proc)
+        wait_for_file(marker, proc)
         # Mid-save of step 8 with keep=1: the only valid checkpoint (4) is still there.
         assert complete_steps(out) == ["step_00000004"]
         assert latest_dir(out).name == "step_00000004"

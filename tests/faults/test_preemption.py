@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.faults.conftest import REFERENCE
-from tests.faults.test_checkpoint_faults import wait_for
 from tests.trainer.harness import (assert_ok, base, ema_weights, final_weights, latest_dir, popen_train,
-                                   rank_exit_codes, rank_pid, run_train, same_tensors)
+                                   rank_exit_codes, rank_pid, run_train, same_tensors, wait_for_file)
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +26,7 @@ def test_sigusr1_on_one_rank_saves_on_every_rank_and_requeues(uneven_shards, ref
     # The save of step 8 pauses so that the signal lands at a known point: during step 9.
     proc = popen_train(2, args, DIT_INJECT_SAVE_STALL=f"{marker}@8")
     try:
-        wait_for(marker, proc)
+        wait_for_file(marker, proc)
         os.kill(rank_pid(proc.pid, 1), signal.SIGUSR1)
         signalled = time.monotonic()
         Path(f"{marker}.release").touch()

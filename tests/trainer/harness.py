@@ -92,6 +92,16 @@ def popen_train(nproc: int, overrides: list[str], config: Path = TINY, **env: st
                             env=train_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def wait_for_file(path: Path, proc: subprocess.Popen, seconds: float = 240) -> None:
+    """Wait until a running job creates `path` (an injected fault's marker); fail if it ends first."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-4000:]
+        time.sleep(0.1)
+
+
 def rank_pid(launcher_pid: int, rank: int) -> int:
     """The PID of the `dit train` process with RANK=`rank` under a launcher."""
     import psutil
