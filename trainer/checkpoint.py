@@ -39,6 +39,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from trainer.config import CheckpointConfig
+from trainer.distributed import comm_device
 
 LATEST = "latest"
 COMPLETE = "COMPLETE.json"
@@ -143,7 +144,7 @@ def _rank_paths(directory: Path, rank: int) -> tuple[Path, Path]:
 
 def _all_ok(ok: bool) -> list[int]:
     """Every rank's success flag (collective); the ranks that failed."""
-    flags = torch.tensor([1 if ok else 0], dtype=torch.int64)
+    flags = torch.tensor([1 if ok else 0], dtype=torch.int64, device=comm_device())
     if not dist.is_initialized():
         return [] if ok else [0]
     gathered = [torch.zeros_like(flags) for _ in range(dist.get_world_size())]
@@ -184,7 +185,7 @@ def agree_on_step(step: int, what: str) -> None:
     """Collective: every rank must name the same step, else all raise with each rank's view."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
-    mine = torch.tensor([step], dtype=torch.int64)
+    mine = torch.tensor([step], dtype=torch.int64, device=comm_device())
     gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, mine)
     steps = [int(t) for t in gathered]

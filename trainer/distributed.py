@@ -61,9 +61,26 @@ def init_distributed(pipeline_stages: int, timeout_s: int) -> DistContext:
     return DistContext(rank=rank, world_size=world, local_rank=local, pipeline_stages=pipeline_stages)
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank when `flag` is true on at least one (a MAX all-reduce)."""
-    t = torch.tensor([1.0 if flag else 0.0])
+def compute_device() -> torch.device:
+    """The device of this rank's step, from DeepSpeed's accelerator: cuda:LOCAL_RANK on GPUs
+    (after `init_distributed` set it current), cpu with DS_ACCELERATOR=cpu."""
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
+def comm_device() -> torch.device:
+    """Where the tensors of a collective must live for the process group's backend: gloo
+    reduces host tensors, NCCL (and the other accelerator backends) device tensors only."""
+    if not dist.is_initialized() or dist.get_backend() == "gloo":
+        return torch.device("cpu")
+    return compute_device()
+
+
+def any_rank(flag: bool | torch.Tensor) -> bool:
+    """True on every rank when `flag` is true on at least one (a MAX all-reduce). A tensor flag
+    stays on its device until the one read of the reduced result."""
+    t = torch.as_tensor(flag, dtype=torch.float32).reshape(1).to(comm_device())
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)

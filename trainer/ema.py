@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from trainer.config import EMAConfig
+from trainer.distributed import comm_device
 
 
 def _local_tensor(p: nn.Parameter) -> torch.Tensor:
@@ -36,6 +37,12 @@ class EMA:
             n: _local_tensor(p).detach().float().clone() for n, p in self._params(module)
         }
 
+    @property
+    def shadow_device(self) -> torch.device:
+        """Where the shadows live: beside the weights they follow (the accelerator, or the host
+        for ZeRO-3 partitions offloaded there)."""
+        return next(iter(self.shadow.values())).device
+
     def _params(self, module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
         params = dict(module.named_parameters())
         for n in self.names:
@@ -56,10 +63,13 @@ class EMA:
         self.num_updates += 1
 
     def _gather(self, p: nn.Parameter, local: torch.Tensor) -> torch.Tensor:
-        """Reassemble a ZeRO-3 parameter from the equal-size (padded) partitions of all ranks."""
+        """Reassemble a ZeRO-3 parameter from the equal-size (padded) partitions of all ranks
+        (on the backend's device: an offloaded partition lives on the host, NCCL gathers on
+        the accelerator); the whole tensor comes back on the shadow's device."""
+        local = local.to(comm_device())
         parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, local)
-        return torch.cat(parts)[: p.ds_numel].view(p.ds_shape)
+        return torch.cat(parts)[: p.ds_numel].view(p.ds_shape).to(self.shadow_device)
 
     def full_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """Whole EMA tensors by parameter name (collective under ZeRO-3)."""
@@ -72,7 +82,7 @@ class EMA:
     def _partition(self, p: nn.Parameter, full: torch.Tensor) -> torch.Tensor:
         """This rank's slice of a whole tensor, laid out as ZeRO-3 partitions it (padded flat)."""
         part = p.ds_tensor.numel()
-        flat = torch.zeros(part * dist.get_world_size(), dtype=full.dtype)
+        flat = torch.zeros(part * dist.get_world_size(), dtype=full.dtype, device=full.device)
         flat[: full.numel()] = full.flatten()
         rank = dist.get_rank()
         return flat[rank * part: (rank + 1) * part]

@@ -6,6 +6,7 @@ in its own DeepSpeed engine (own optimizer, own ZeRO partitioning) and drives th
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import sys
@@ -20,12 +21,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from data_pipeline.errors import DataError
+from data_pipeline.stream import batch_to_device
 from trainer import faults
 from trainer.checkpoint import EMA_FILE, STAGE_FILE, CheckpointError, CheckpointManager, RankState
 from trainer.config import DeepSpeedConfig, OptimConfig, RunConfig, to_yaml, validate
-from trainer.distributed import DistContext, PreemptionFlag, any_rank, init_distributed
+from trainer.distributed import DistContext, PreemptionFlag, any_rank, comm_device, compute_device, init_distributed
 from trainer.ema import EMA
-from trainer.metrics import KeyLog, MetricsLogger
+from trainer.metrics import KeyLog, Metric, MetricsLogger
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
@@ -53,28 +55,50 @@ def preflight_resume(cfg: RunConfig, world_size: int) -> Optional[Path]:
                      RESUMABLE_CHANGES)
 
 
-class FiniteGuardAdamW(torch.optim.AdamW):
-    """AdamW that skips its update on every rank when any rank holds a non-finite gradient.
+class FiniteGuard:
+    """Mixin for an optimizer: skip the update on every rank when any rank holds a non-finite
+    gradient.
 
     DeepSpeed's ZeRO optimizers call the wrapped optimizer on each rank's partition after
-    clipping, so one MAX all-reduce of a local flag makes all ranks skip together, and NaN or
-    inf (from a non-finite loss or an exploding gradient) never reaches the weights.
+    clipping (on the host for ZeRO-Offload), so one MAX all-reduce of a local flag makes all
+    ranks skip together, and NaN or inf (from a non-finite loss or an exploding gradient) never
+    reaches the weights. The flag is reduced on the device: one read per step.
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.skipped = 0  # calls skipped since the engine last read it
+    skipped = 0  # calls skipped since the engine last read it
 
     @torch.no_grad()
-    def step(self, closure=None):
-        finite = all(
-            bool(torch.isfinite(p.grad).all())
-            for group in self.param_groups for p in group["params"] if p.grad is not None
-        )
-        if any_rank(not finite):
+    def step(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else True
+        if any_rank(~torch.as_tensor(finite)):
             self.skipped += 1
             return None
-        return super().step(closure)
+        return super().step(*args, **kwargs)
+
+
+class FiniteGuardAdamW(FiniteGuard, torch.optim.AdamW):
+    """torch's AdamW (fused on CUDA) behind the finite guard."""
+
+
+def guarded_cpu_adam() -> type:
+    """DeepSpeed's CPU Adam (AdamW mode) behind the finite guard: what ZeRO-Offload steps on the
+    host (DeepSpeed refuses client optimizers there; a subclass is its own optimizer)."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    return type("FiniteGuardCPUAdam", (FiniteGuard, DeepSpeedCPUAdam), {})
+
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str):
+    """Mixed precision for forward passes: autocast to bf16/fp16 on the step's device (matmuls
+    and convolutions in half precision, reductions and norms in fp32; Micikevicius et al. 2018);
+    nothing for fp32. Backward runs outside it, as torch.autocast requires."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=PRECISIONS[precision])
 
 
 def lr_factor(step: int, optim: OptimConfig, total_steps: int) -> float:
@@ -113,13 +137,22 @@ def deepspeed_dict(ds: DeepSpeedConfig, optim: OptimConfig, micro_batch: int, dp
     return cfg
 
 
+def build_optimizer(params: list[nn.Parameter], lr: float, optim: OptimConfig, ds: DeepSpeedConfig,
+                    device: torch.device) -> torch.optim.Optimizer:
+    """AdamW behind the finite guard: DeepSpeed's CPU Adam when ZeRO-Offload steps on the host,
+    else torch's, fused into one kernel per step on CUDA."""
+    kwargs = dict(lr=lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
+    if ds.offload_optimizer or ds.offload_params:
+        return guarded_cpu_adam()(params, adamw_mode=True, **kwargs)
+    return FiniteGuardAdamW(params, fused=device.type == "cuda" or None, **kwargs)
+
+
 def build_engine(module: nn.Module, lr: float, optim: OptimConfig, ds: DeepSpeedConfig,
-                 micro_batch: int, ctx: DistContext, total_steps: int):
+                 micro_batch: int, ctx: DistContext, total_steps: int, device: torch.device):
     import deepspeed
 
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = FiniteGuardAdamW(params, lr=lr, betas=tuple(optim.betas), eps=optim.eps,
-                                 weight_decay=optim.weight_decay)
+    optimizer = build_optimizer(params, lr, optim, ds, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, optim, total_steps))
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler,
@@ -181,23 +214,26 @@ class Trainer:
         self.cfg = cfg
         self.ctx = init_distributed(cfg.deepspeed.pipeline_stages, cfg.deepspeed.comm_timeout_s)
         validate(cfg, world_size=self.ctx.world_size)
+        self.device = compute_device()  # chosen once: everything of a step lives here
+        self.precision = cfg.deepspeed.precision
         self.stream = build_stream(cfg.data, self.ctx.dp_rank, self.ctx.dp_world)  # data errors first
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
-        self.stage = build_stage(cfg)
+        self.stage = build_stage(cfg).to(self.device, PRECISIONS[self.precision])
         self.pipeline = self.ctx.pipeline_stages > 1
         trainable = dict(self.stage.trainable())
         if self.pipeline:
             trainable["student"] = as_pipeline(self.stage, self.ctx)
         self.engines: dict[str, Any] = {}
-        self.optimizers: dict[str, FiniteGuardAdamW] = {}
+        self.optimizers: dict[str, FiniteGuard] = {}
         for name, module in trainable.items():
             lr = cfg.optim.disc_lr if name == "disc" else cfg.optim.lr
             self.engines[name], self.optimizers[name] = build_engine(
-                module, lr, cfg.optim, cfg.deepspeed, cfg.data.batch_size, self.ctx, cfg.stage.steps)
+                module, lr, cfg.optim, cfg.deepspeed, cfg.data.batch_size, self.ctx, cfg.stage.steps, self.device)
         self.stage.bind(self.engines, writes_files=self.ctx.is_main)
         self.ema_module = trainable["student"]
         self.ema = EMA(self.ema_module, cfg.ema) if cfg.ema.enabled else None
-        self.generator = torch.Generator().manual_seed(cfg.run.seed * 100_003 + self.ctx.dp_rank)
+        # The stage's random draws (noise, timesteps, CFG dropout) are made on the device.
+        self.generator = torch.Generator(self.device).manual_seed(cfg.run.seed * 100_003 + self.ctx.dp_rank)
         self.ckpt = CheckpointManager(cfg.checkpoint, self.ctx.rank, self.ctx.world_size)
         self.state = LoopState()
         self.config_yaml = to_yaml(cfg)
@@ -248,11 +284,12 @@ class Trainer:
         return True
 
     # ---- one step -----------------------------------------------------------------------------
-    def micro_batch_losses(self, batches: Iterator[dict]) -> Iterator[dict[str, float]]:
-        """Forward/backward/step of every player on each of the grad_accum micro-batches."""
+    def micro_batch_losses(self, batches: Iterator[dict]) -> Iterator[dict[str, Metric]]:
+        """Forward/backward/step of every player on each of the grad_accum micro-batches. Each
+        player's forward runs under the precision's autocast; backward and step outside it."""
         for _ in range(self.cfg.deepspeed.grad_accum):
             batch = self.next_batch(batches)
-            for player, loss, info in self.stage.losses(batch, self.generator):
+            for player, loss, info in self.autocast_each(self.stage.losses(batch, self.generator)):
                 if self.state.step + 1 in self.nan_steps:
                     loss = loss * float("nan")  # fault injection (tests): a NaN on this rank
                 if self.state.step + 1 in self.kill_steps:
@@ -261,36 +298,43 @@ class Trainer:
                 self.engines[player].step()
                 yield info
 
+    def autocast_each(self, items: Iterator[Any]) -> Iterator[Any]:
+        """Advance a generator of forward passes under autocast, handing each item out of it."""
+        while True:
+            with autocast(self.device, self.precision):
+                item = next(items, None)
+            if item is None:
+                return
+            yield item
+
     def next_batch(self, batches: Iterator[dict]) -> dict:
         batch = next(batches)
         self.logger.timer.data_ready()
         if self.key_log is not None:
             self.key_log.add(batch)
-        return batch
+        return batch_to_device(batch, self.device)
 
-    def pipeline_step(self, batches: Iterator[dict]) -> dict[str, float]:
+    def pipeline_step(self, batches: Iterator[dict]) -> list[dict[str, Metric]]:
         """One PipelineEngine.train_batch over grad_accum micro-batches noised before the pipe."""
 
         def micro_batches():
             while True:
-                yield self.stage.pipeline_batch(self.next_batch(batches), self.generator)
+                with autocast(self.device, self.precision):
+                    yield self.stage.pipeline_batch(self.next_batch(batches), self.generator)
 
         loss = self.engines["student"].train_batch(data_iter=micro_batches())
-        return {"loss": float(loss)}
+        return [{"loss": loss}]
 
-    def train_step(self, batches: Iterator[dict]) -> dict[str, float]:
-        """One optimizer step of every player; metrics averaged over the micro-batches."""
-        if self.pipeline:
-            metrics = self.pipeline_step(batches)
-        else:
-            infos = list(self.micro_batch_losses(batches))
-            metrics = {k: sum(i[k] for i in infos if k in i) / sum(k in i for i in infos)
-                       for k in {k for i in infos for k in i}}
+    def train_step(self, batches: Iterator[dict]) -> tuple[list[dict[str, Metric]], dict[str, float], bool]:
+        """One optimizer step of every player: the micro-batches' metrics, the step's own
+        (grad norm and lr per player), and whether the step was skipped on every rank."""
+        infos = self.pipeline_step(batches) if self.pipeline else list(self.micro_batch_losses(batches))
         # A skip shows either in our guard (ZeRO-0/3) or, where DeepSpeed's ZeRO-1/2 optimizer
         # found the global gradient norm invalid and skipped by itself, in that norm.
         skipped = any(opt.skipped for opt in self.optimizers.values())
         for opt in self.optimizers.values():
             opt.skipped = 0
+        metrics: dict[str, float] = {}
         for name, engine in self.engines.items():
             suffix = "" if name == "student" else f"/{name}"
             norm = engine.get_global_grad_norm()
@@ -298,15 +342,14 @@ class Trainer:
             skipped = skipped or not math.isfinite(norm)
             metrics[f"grad_norm{suffix}"] = norm
             metrics[f"lr{suffix}"] = engine.get_lr()[0]
-        metrics["skipped"] = float(skipped)
-        return metrics
+        return infos, metrics, skipped
 
-    def after_step(self, metrics: dict[str, float]) -> Optional[int]:
+    def after_step(self, infos: list[dict[str, Metric]], metrics: dict[str, float], skipped: bool) -> Optional[int]:
         """Bookkeeping of a finished step; an exit code when the run must stop."""
         self.state.step += 1
         if self.key_log is not None:
             self.key_log.step_done(self.state.step)
-        if metrics.pop("skipped"):
+        if skipped:
             self.state.skipped_steps += 1
             self.state.nonfinite_in_row += 1
             self.logger.event(self.state.step, {"skipped_nonfinite_step": 1})
@@ -320,6 +363,8 @@ class Trainer:
         self.state.nonfinite_in_row = 0
         if self.ema is not None:
             self.ema.update(self.ema_module)
+        for info in infos:
+            self.logger.add(info)
         self.logger.add(metrics)
         extra: dict[str, float] = {"skipped_steps": self.state.skipped_steps}
         if self.state.step % self.cfg.log.every == 0:
@@ -332,7 +377,7 @@ class Trainer:
         Collective."""
         stats = self.stream.stats()
         totals = torch.tensor([float(v) if self.reads_data else 0.0 for v in stats.values()],
-                              dtype=torch.float64)
+                              dtype=torch.float64, device=comm_device())
         if dist.is_initialized():
             dist.all_reduce(totals)
         return {f"data/{k}": v for k, v in zip(stats, totals.tolist())}
@@ -369,7 +414,7 @@ class Trainer:
         code = EXIT_OK
         while self.state.step < total:
             self.stage.start_of_step(self.state.step, self.raw_weights)
-            code = self.after_step(self.train_step(batches)) or EXIT_OK
+            code = self.after_step(*self.train_step(batches)) or EXIT_OK
             if code:
                 break
             if preempt.agreed():
@@ -408,7 +453,8 @@ class Trainer:
             return
         from trainer.evaluate import adherence_during_training
 
-        metrics = adherence_during_training(self.stage, weights, self.cfg.log)
+        with autocast(self.device, self.precision):
+            metrics = adherence_during_training(self.stage, weights, self.cfg.log)
         if metrics:
             self.logger.event(self.state.step, metrics)
 
@@ -420,7 +466,8 @@ class Trainer:
         if not self.ctx.is_main:
             return None
         path = Path(self.cfg.log.dir) / "samples" / f"step_{self.state.step:08d}.png"
-        out = self.stage.write_samples(weights, self.cfg.log, path)
+        with autocast(self.device, self.precision):
+            out = self.stage.write_samples(weights, self.cfg.log, path)
         if out is not None:
             self.logger.event(self.state.step, {"sample_grid": str(out)})
             print(f"samples: {out}", flush=True)

@@ -10,7 +10,7 @@ import json
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from tqdm import tqdm
@@ -20,15 +20,18 @@ from trainer.config import LogConfig
 NUM_T_BUCKETS = 4
 
 
-def timestep_bucket_losses(per_sample: torch.Tensor, t: torch.Tensor) -> dict[str, float]:
-    """Mean loss per quarter of the time axis: where the model is weak (low or high noise)."""
-    out = {}
-    idx = (t.clamp(0, 1 - 1e-6) * NUM_T_BUCKETS).long()
-    for b in range(NUM_T_BUCKETS):
-        sel = idx == b
-        if sel.any():
-            out[f"loss_t{b / NUM_T_BUCKETS:.2f}"] = float(per_sample[sel].mean())
-    return out
+# A metric of one micro-batch: a number, a 0-dim tensor (read only on log steps, so the step
+# never waits for the device), or a (sum, count) pair for a mean over a varying count.
+Metric = Union[float, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
+
+
+def timestep_bucket_losses(per_sample: torch.Tensor, t: torch.Tensor) -> dict[str, Metric]:
+    """Loss per quarter of the time axis, where the model is weak (low or high noise), as
+    (sum, count) pairs: a quarter no sample fell in is left out of the logged mean."""
+    idx = (t.clamp(0, 1 - 1e-6) * NUM_T_BUCKETS).long()  # (B,)
+    sums = per_sample.new_zeros(NUM_T_BUCKETS).index_add_(0, idx, per_sample.float())  # (4,)
+    counts = per_sample.new_zeros(NUM_T_BUCKETS).index_add_(0, idx, torch.ones_like(per_sample))  # (4,)
+    return {f"loss_t{b / NUM_T_BUCKETS:.2f}": (sums[b], counts[b]) for b in range(NUM_T_BUCKETS)}
 
 
 class StepTimer:
@@ -91,8 +94,8 @@ class MetricsLogger:
         self.samples_per_step = samples_per_step
         self.tokens_per_sample = tokens_per_sample
         self.macs_per_sample = macs_per_sample
-        self.sums: dict[str, float] = defaultdict(float)
-        self.counts: dict[str, int] = defaultdict(int)
+        self.sums: dict[str, Any] = defaultdict(float)  # floats or device tensors until a log step
+        self.counts: dict[str, Any] = defaultdict(int)
         self.timer = StepTimer()
         self.steps_since = 0
         self.jsonl = None
@@ -108,10 +111,21 @@ class MetricsLogger:
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
                             mininterval=2.0)
 
-    def add(self, metrics: dict[str, float]) -> None:
+    def add(self, metrics: dict[str, Metric]) -> None:
+        """Accumulate one micro-batch's or step's metrics; tensors stay on their device."""
         for k, v in metrics.items():
-            self.sums[k] += float(v)
-            self.counts[k] += 1
+            total, count = v if isinstance(v, tuple) else (v, 1)
+            self.sums[k] = self.sums[k] + (total.detach() if isinstance(total, torch.Tensor) else total)
+            self.counts[k] = self.counts[k] + count
+
+    def means(self) -> dict[str, float]:
+        """The accumulated means (the one read of the device's values per log step)."""
+        out = {}
+        for k in self.sums:
+            count = float(self.counts[k])
+            if count > 0:
+                out[k] = float(self.sums[k]) / count
+        return out
 
     def step_done(self, step: int, extra: dict[str, Any]) -> Optional[dict[str, Any]]:
         """Close a step; every `every` steps return (and on rank 0 write) the averaged record."""
@@ -122,7 +136,7 @@ class MetricsLogger:
         if step % self.cfg.every != 0:
             return None
         data_s, total_s = self.timer.pop()
-        record: dict[str, Any] = {k: self.sums[k] / self.counts[k] for k in self.sums}
+        record: dict[str, Any] = self.means()
         samples = self.samples_per_step * self.steps_since
         record.update(extra)
         record.update(

@@ -11,7 +11,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from trainer.diffusion import SAMPLERS, NoiseSchedule, cfg_model, sampling_timesteps
+from trainer.diffusion import SAMPLERS, NoiseSchedule, cfg_model, randn, sampling_timesteps
 
 
 @dataclass
@@ -55,12 +55,14 @@ def generate(
     generator: torch.Generator,
     extras: Optional[dict[str, Tensor]] = None,
 ) -> Tensor:
-    """Sample one x0 per prompt; `shape` excludes the batch dim, e.g. (C, h, w) or (C, F, h, w)."""
+    """Sample one x0 per prompt on the network's device; `shape` excludes the batch dim, e.g.
+    (C, h, w) or (C, F, h, w). A CPU generator gives the same samples on every device."""
+    device = next(net.parameters()).device
     cond, uncond = text_conditioning(text_encoder, prompts)
     for k, v in (extras or {}).items():
-        cond[k] = uncond[k] = v  # low-res input / aug level: the same in both CFG branches
+        cond[k] = uncond[k] = v.to(device)  # low-res input / aug level: the same in both CFG branches
     model = cfg_model(conditioned(net), cond, uncond, settings.cfg_scale, settings.guidance_rescale)
-    x = torch.randn((len(prompts), *shape), generator=generator)
+    x = randn((len(prompts), *shape), generator, device)
     ts = sampling_timesteps(schedule, settings.steps, settings.spacing)
     sampler = SAMPLERS[settings.sampler]
     kwargs = {"generator": generator} if settings.sampler in ("ddim", "ddpm") else {}

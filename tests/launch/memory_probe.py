@@ -62,7 +62,7 @@ def measure(config: str, preset: str, zero: int, precision: str, ctx) -> dict:
                          torch.randn(B, pooled_dim, dtype=dtype))
     before = live_storages()
     net = build_dit(cfg.model, text_dim, pooled_dim)
-    engine, _ = build_engine(net, cfg.optim.lr, cfg.optim, cfg.deepspeed, B, ctx, 10)
+    engine, _ = build_engine(net, cfg.optim.lr, cfg.optim, cfg.deepspeed, B, ctx, 10, torch.device("cpu"))
     saved: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:

@@ -46,7 +46,7 @@ from trainer.diffusion.timesteps import (
     sample_uniform_discrete,
     sampling_timesteps,
 )
-from trainer.diffusion.utils import append_dims
+from trainer.diffusion.utils import append_dims, rand, randint, randn
 
 __all__ = [
     "PREDICTIONS",
@@ -59,6 +59,9 @@ __all__ = [
     "add_noise",
     "alphas_cumprod",
     "append_dims",
+    "rand",
+    "randint",
+    "randn",
     "apply_guidance",
     "cfg_model",
     "check_prediction",

@@ -17,6 +17,7 @@ the config. alpha, sigma are (B,) and broadcast over the trailing dims of the (B
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from trainer.diffusion.utils import coef
@@ -33,12 +34,14 @@ _ZERO_AT = {"alpha": "t = 1 under zero terminal SNR", "sigma": "t = 0"}
 
 
 def _divisor(d: Tensor, like: Tensor, name: str, what: str) -> Tensor:
-    """d shaped for `like`, after checking that no sample divides by zero."""
-    if bool((d == 0).any()):
-        raise ValueError(
-            f"{what} divides by {name}, which is 0 at {_ZERO_AT[name]}; "
-            "use v-prediction (defined everywhere) or do not convert at that t"
-        )
+    """d shaped for `like`, after checking that no sample divides by zero (on an accelerator
+    with a device-side assert, so that the step does not wait for the device)."""
+    message = (f"{what} divides by {name}, which is 0 at {_ZERO_AT[name]}; "
+               "use v-prediction (defined everywhere) or do not convert at that t")
+    if d.device.type != "cpu":
+        torch._assert_async((d != 0).all(), message)
+    elif bool((d == 0).any()):
+        raise ValueError(message)
     return coef(d, like)
 
 

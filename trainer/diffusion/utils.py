@@ -30,12 +30,31 @@ def batch_t(t: Tensor | float, x: Tensor) -> Tensor:
     return t.expand(x.shape[0]) if t.ndim == 0 else t
 
 
-def randn_like(x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
-    """Standard normal noise shaped like x, drawn on the generator's device, then moved.
+def _on(generator: Optional[torch.Generator], device: Optional[torch.device]) -> torch.device:
+    if generator is not None:
+        return generator.device
+    return device if device is not None else torch.device("cpu")
 
-    Drawing on the generator's own device keeps a seeded CPU generator usable (and its
-    stream identical) when x lives on an accelerator.
-    """
-    device = generator.device if generator is not None else x.device
-    noise = torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32)
-    return noise.to(device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
+
+def randn(shape: tuple[int, ...], generator: Optional[torch.Generator], device: torch.device) -> Tensor:
+    """Standard normal float32 noise drawn on the generator's device, returned on `device`.
+
+    The draw must happen where the generator lives (a CUDA generator cannot fill a host tensor,
+    nor a CPU generator a CUDA one); the trainer's generator lives on the accelerator, so the
+    move is a no-op there, while a seeded CPU generator still serves any device."""
+    return torch.randn(shape, generator=generator, device=_on(generator, device)).to(device)
+
+
+def rand(shape: tuple[int, ...], generator: Optional[torch.Generator], device: torch.device) -> Tensor:
+    """Uniform [0, 1) float32, drawn on the generator's device, returned on `device`."""
+    return torch.rand(shape, generator=generator, device=_on(generator, device)).to(device)
+
+
+def randint(high: int, shape: tuple[int, ...], generator: Optional[torch.Generator], device: torch.device) -> Tensor:
+    """Uniform integers in [0, high) (int64), drawn on the generator's device, returned on `device`."""
+    return torch.randint(0, high, shape, generator=generator, device=_on(generator, device)).to(device)
+
+
+def randn_like(x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Standard normal noise shaped like x, on x's device, in float32 or x's wider dtype."""
+    return randn(tuple(x.shape), generator, x.device).to(torch.promote_types(x.dtype, torch.float32))

@@ -70,11 +70,11 @@ class TextEncoder(nn.Module):
         with torch.no_grad():
             tokens, mask, pooled = self._encode(list(captions))  # (B, L, Dt), (B, L), (B, Dp)
         tokens = tokens * mask[..., None].to(tokens.dtype)  # padding states are zero
-        empty = torch.tensor([not c.strip() for c in captions], device=tokens.device)  # (B,)
-        if not empty.any():
+        empty = [not c.strip() for c in captions]
+        if not any(empty):
             return TextEmbedding(tokens, mask, pooled)
         null = self.null_embedding(len(captions))
-        keep = ~empty
+        keep = torch.tensor([not e for e in empty], device=tokens.device)  # (B,)
         return TextEmbedding(
             torch.where(keep[:, None, None], tokens, null.tokens),
             torch.where(keep[:, None], mask, null.mask),
@@ -114,6 +114,9 @@ class CachedTextEncoder:
 
     def __getattr__(self, name: str):
         return getattr(self.encoder, name)  # dim, pooled_dim, max_length, null_embedding, ...
+
+    def clear(self) -> None:
+        self.cache.clear()
 
     def _row(self, caption: str) -> tuple[Tensor, Tensor, Tensor]:
         if caption in self.cache:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainer.config import ConfigError, DataConfig, DiffusionConfig, ModelConfig, StageConfig
-from trainer.diffusion import add_noise, ddim_x0_target
+from trainer.diffusion import add_noise, ddim_x0_target, randn
 from trainer.models.discriminator import DiscriminatorHeads
 from trainer.models.dit import TextEmbedding
 from trainer.stages.base import PlayerLoss, frozen
@@ -73,11 +73,11 @@ def generator_loss(fake: Tensor, kind: str) -> Tensor:
     raise ConfigError("stage.adv_loss", f"'{kind}' is not one of hinge, non_saturating")
 
 
-def discriminator_accuracy(real: Tensor, fake: Tensor, weight: Tensor) -> float:
+def discriminator_accuracy(real: Tensor, fake: Tensor, weight: Tensor) -> Tensor:
     """Share of the valid samples (weight 1) that the head-averaged logit classifies right
     (real > 0, fake < 0); 0.5 is chance. Logits (B, heads), weight (B,)."""
     right = (real.mean(1) > 0).to(weight.dtype) + (fake.mean(1) < 0).to(weight.dtype)  # (B,) in {0, 1, 2}
-    return float(masked_mean(right, weight)) / 2
+    return masked_mean(right, weight) / 2
 
 
 # ------------------------------------------------------------------------------- the discriminator
@@ -199,11 +199,14 @@ class AdversarialStage(DistillationStage):
         x0 = self.clean_input(batch)  # (B, C, h, w) or (B, C, F, h, w)
         text = self.condition(batch["caption"], generator)
         B = x0.shape[0]
-        scale = draw_guidance(self.stage_cfg, B, generator)  # (B,)
-        n = self.step_counts[int(torch.randint(len(self.step_counts), (1,), generator=generator))]
-        times = student_step_times(self.schedule, n, self.teacher_steps // n, draw_student_steps(n, B, generator))
+        scale = draw_guidance(self.stage_cfg, B, generator, x0.device)  # (B,)
+        # N cycles through the step counts step by step: every rank trains the same N at once
+        # (equal teacher paths, so no rank waits on another), decided without a device read.
+        n = self.step_counts[self.step % len(self.step_counts)]
+        k = draw_student_steps(n, B, generator, x0.device)  # (B,)
+        times = student_step_times(self.schedule, n, self.teacher_steps // n, k)
         alpha, sigma = self.schedule.alpha_sigma(times[0])  # (B,), (B,)
-        x_t = add_noise(x0, torch.randn(x0.shape, generator=generator), alpha, sigma)
+        x_t = add_noise(x0, randn(tuple(x0.shape), generator, x0.device), alpha, sigma)
         with torch.no_grad():
             real = ddim_path(self.teacher_model(text, scale), x_t, times, self.schedule, self.diffusion.prediction)
         return Rollout(x_t, times[0], times[-1], real, text, scale, valid_weight(batch, x0), n)
@@ -233,14 +236,14 @@ class AdversarialStage(DistillationStage):
         mse = masked_mean(distill_loss(pred, target, r.x_t, r.t, self.schedule, prediction,
                                        self.diffusion.loss_weighting), r.weight)
         loss = adv + self.stage_cfg.adv_mse_weight * mse
-        yield "student", loss, {"loss": float(loss.detach()), "loss_adv": float(adv.detach()),
-                                "loss_mse": float(mse.detach()), "student_steps": float(r.steps)}
+        yield "student", loss, {"loss": loss.detach(), "loss_adv": adv.detach(),
+                                "loss_mse": mse.detach(), "student_steps": float(r.steps)}
 
         # Discriminator step on the same batch: teacher = real, student (before its update) = fake.
         logits = self.run("disc", torch.cat([r.real, fake.detach()]), **self.disc_inputs(r, 2))  # (2B, heads)
         logits_real, logits_fake = logits.detach().chunk(2)
         loss_d = masked_mean(discriminator_loss(*logits.chunk(2), kind), r.weight)
-        yield "disc", loss_d, {"loss_disc": float(loss_d.detach()),
+        yield "disc", loss_d, {"loss_disc": loss_d.detach(),
                                "disc_acc": discriminator_accuracy(logits_real, logits_fake, r.weight),
-                               "logit_real": float(logits_real.mean()), "logit_fake": float(logits_fake.mean()),
+                               "logit_real": logits_real.mean(), "logit_fake": logits_fake.mean(),
                                "conditional": float(self.conditional)}

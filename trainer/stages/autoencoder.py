@@ -51,12 +51,12 @@ class AutoencoderStage(Stage):
         recon, kl = self.run("student", x, generator)  # (B, 3, H, W), (B,)
         rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
         loss = rec + self.stage_cfg.kl_weight * kl.mean()
-        yield "student", loss, {"loss": float(loss.detach()), "recon": float(rec.detach()), "kl": float(kl.detach().mean())}
+        yield "student", loss, {"loss": loss.detach(), "recon": rec.detach(), "kl": kl.detach().mean()}
 
     def trained_copy(self, weights: dict[str, Tensor]) -> Autoencoder:
         trainer = VAETraining(Autoencoder(build_kl(self.cfg)))
         trainer.load_state_dict(weights, strict=False)  # buffers (scale, shift) are refit below
-        return trainer.ae.eval()
+        return trainer.ae.to(self.device).eval()
 
     @torch.no_grad()
     def write_samples(self, weights: dict[str, Tensor], log: LogConfig, path: Path) -> Optional[Path]:

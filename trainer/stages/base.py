@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from trainer.config import LogConfig
+from trainer.diffusion import rand
+from trainer.models.dit import TextEmbedding
 
 # (player name, scalar loss to backpropagate, metrics for the log)
 PlayerLoss = tuple[str, torch.Tensor, dict[str, float]]
@@ -27,9 +29,26 @@ class Stage:
     def __init__(self) -> None:
         self.runners: dict[str, Callable[..., Any]] = {}
         self.writes_files = True  # whether this rank writes the files a stage shares (exports)
+        self.device = torch.device("cpu")  # where the step's tensors live (see `to`)
+        self.helper_dtype = torch.float32  # the compute dtype of the frozen helpers
 
     def trainable(self) -> dict[str, nn.Module]:
         return self.players
+
+    def helpers(self) -> list[nn.Module]:
+        """The frozen modules the stage calls (text encoder, autoencoder, teacher, ...)."""
+        return []
+
+    def to(self, device: torch.device, helper_dtype: torch.dtype = torch.float32) -> "Stage":
+        """Put the stage on the step's device: players there in float32 (their engines keep fp32
+        master weights and cast the module to the training precision), frozen helpers there in
+        the compute dtype (they are only run forward, under the engine's autocast)."""
+        self.device, self.helper_dtype = torch.device(device), helper_dtype
+        for module in self.players.values():
+            module.to(device)
+        for module in self.helpers():
+            place(module, device, helper_dtype)
+        return self
 
     def bind(self, runners: dict[str, Callable[..., Any]], *, writes_files: bool = True) -> None:
         """Receive the (DeepSpeed-wrapped) callables to use in place of the raw players, and
@@ -38,7 +57,9 @@ class Stage:
         self.writes_files = writes_files
 
     def run(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        return self.runners.get(name, self.players[name])(*args, **kwargs)
+        """Call a player; its floating outputs come back in float32 (under bf16/fp16 autocast the
+        network computes in half precision, losses are taken in float32)."""
+        return as_float32(self.runners.get(name, self.players[name])(*args, **kwargs))
 
     def losses(self, batch: dict[str, Any], generator: torch.Generator) -> Iterator[PlayerLoss]:
         raise NotImplementedError
@@ -69,13 +90,38 @@ class Stage:
         return None
 
 
-def drop_captions(captions: list[str], p: float, generator: torch.Generator) -> list[str]:
-    """Classifier-free guidance dropout (Ho & Salimans 2022): each caption becomes the null
-    caption "" with probability p, so one network learns both conditional and unconditional."""
-    if p <= 0:
-        return list(captions)
-    keep = torch.rand(len(captions), generator=generator) >= p
-    return [c if k else "" for c, k in zip(captions, keep.tolist())]
+def place(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """A frozen module on `device` with its parameters in `dtype`; buffers (latent scale and
+    shift, position tables) keep their float32 precision."""
+    module.to(device)
+    for p in module.parameters():
+        p.data = p.data.to(dtype)
+    return module
+
+
+def as_float32(out: Any) -> Any:
+    """A network's output(s) with floating tensors in float32 (others unchanged)."""
+    if isinstance(out, torch.Tensor):
+        return out.float() if out.is_floating_point() else out
+    if isinstance(out, tuple):
+        return type(out)(*map(as_float32, out)) if hasattr(out, "_fields") else tuple(map(as_float32, out))
+    return out
+
+
+def cfg_keep(batch: int, p: float, generator: torch.Generator, device: torch.device) -> Tensor:
+    """Classifier-free guidance dropout (Ho & Salimans 2022): which captions stay (B,) bool;
+    each is replaced by the null caption with probability p, so one network learns both the
+    conditional and the unconditional model. Drawn on the device: no host round trip."""
+    return rand((batch,), generator, device) >= p
+
+
+def drop_text(text: TextEmbedding, null: TextEmbedding, keep: Tensor) -> TextEmbedding:
+    """The caption embeddings with the rows where `keep` (B,) is False set to the null one."""
+    return TextEmbedding(
+        torch.where(keep[:, None, None], text.tokens, null.tokens.to(text.tokens.dtype)),  # (B, L, Dt)
+        torch.where(keep[:, None], text.mask, null.mask),  # (B, L)
+        torch.where(keep[:, None], text.pooled, null.pooled.to(text.pooled.dtype)),  # (B, Dp)
+    )
 
 
 def frozen(module: nn.Module) -> nn.Module:

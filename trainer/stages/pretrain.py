@@ -13,14 +13,14 @@ import torch
 from torch import Tensor
 
 from trainer.config import DataConfig, DiffusionConfig, LogConfig, ModelConfig, StageConfig
-from trainer.diffusion import add_noise, diffusion_loss, make_schedule, sample_timesteps
+from trainer.diffusion import add_noise, diffusion_loss, make_schedule, randn, sample_timesteps
 from trainer.media import save_image_grid, save_video_grid
 from trainer.metrics import timestep_bucket_losses
 from trainer.models.autoencoder import build_autoencoder
 from trainer.models.dit import build_dit
 from trainer.models.text import CachedTextEncoder, TextEmbedding, build_text_encoder
 from trainer.sampling import SamplerSettings, generate
-from trainer.stages.base import PlayerLoss, Stage, drop_captions, frozen
+from trainer.stages.base import PlayerLoss, Stage, cfg_keep, drop_text, frozen
 
 
 class PretrainStage(Stage):
@@ -32,6 +32,14 @@ class PretrainStage(Stage):
         self.players = {"student": build_dit(model, self.text.dim, self.text.pooled_dim)}
         frames = data.num_frames if data.kind == "video" else 1
         self.schedule = make_schedule(diffusion, resolution=self.resolution, frames=frames)
+
+    def helpers(self) -> list[torch.nn.Module]:
+        return [self.text.encoder, self.autoencoder]
+
+    def to(self, device: torch.device, helper_dtype: torch.dtype = torch.float32) -> "PretrainStage":
+        super().to(device, helper_dtype)
+        self.text.clear()  # cached embeddings of the old device and dtype
+        return self
 
     # ---- shapes -----------------------------------------------------------------------------
     @property
@@ -54,19 +62,24 @@ class PretrainStage(Stage):
     # ---- data -> x0 -------------------------------------------------------------------------
     @torch.no_grad()
     def clean_input(self, batch: dict[str, Any]) -> Tensor:
-        """x0: precomputed latents, or pixels (encoded when the model is latent)."""
+        """x0 in float32: precomputed latents, or pixels (encoded when the model is latent)."""
         if "latent" in batch:
-            return batch["latent"]
-        return self.autoencoder.encode(batch["video"] if self.data.kind == "video" else batch["image"])
+            return batch["latent"].float()
+        return self.autoencoder.encode(batch["video"] if self.data.kind == "video" else batch["image"]).float()
 
-    @torch.no_grad()
     def condition(self, captions: list[str], generator: torch.Generator) -> TextEmbedding:
-        return self.text.encode(drop_captions(captions, self.stage_cfg.cfg_dropout, generator))
+        """The captions' embeddings with CFG dropout (`stage.cfg_dropout`) applied on the device."""
+        with torch.no_grad():
+            text = self.text.encode(captions)
+        if self.stage_cfg.cfg_dropout <= 0:
+            return text
+        keep = cfg_keep(len(captions), self.stage_cfg.cfg_dropout, generator, self.device)  # (B,)
+        return drop_text(text, self.text.null_embedding(len(captions)), keep)
 
     # ---- loss -------------------------------------------------------------------------------
     def noised(self, x0: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        t = sample_timesteps(self.diffusion, x0.shape[0], generator)  # (B,)
-        eps = torch.randn(x0.shape, generator=generator)
+        t = sample_timesteps(self.diffusion, x0.shape[0], generator, x0.device)  # (B,)
+        eps = randn(tuple(x0.shape), generator, x0.device)
         alpha, sigma = self.schedule.alpha_sigma(t)  # (B,), (B,)
         return t, eps, alpha, sigma, add_noise(x0, eps, alpha, sigma)
 
@@ -76,7 +89,7 @@ class PretrainStage(Stage):
         x0 = self.clean_input(batch)  # (B, C, h, w) or (B, C, F, h, w)
         text = self.condition(batch["caption"], generator)
         t, eps, alpha, sigma, x_t = self.noised(x0, generator)
-        weight = batch["valid"].to(x0.dtype) if "valid" in batch else torch.ones(x0.shape[0])  # (B,)
+        weight = batch["valid"].to(x0.dtype) if "valid" in batch else x0.new_ones(x0.shape[0])  # (B,)
         return {"x": x_t, "t": t, "text": text}, (x0, eps, x_t, alpha, sigma, weight)
 
     def weighted_loss(self, pred: Tensor, targets: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
@@ -91,7 +104,7 @@ class PretrainStage(Stage):
         extras = {k: v for k, v in inputs.items() if k not in ("x", "t", "text")}
         pred = self.run("student", inputs["x"], inputs["t"], inputs["text"], **extras)
         loss, per_sample = self.weighted_loss(pred, targets)
-        yield "student", loss, {"loss": float(loss.detach()), **timestep_bucket_losses(per_sample.detach(), inputs["t"])}
+        yield "student", loss, {"loss": loss.detach(), **timestep_bucket_losses(per_sample.detach(), inputs["t"])}
 
     # ---- pipeline parallelism: noising before the pipe, the loss at its end -------------------
     def pipeline_batch(self, batch: dict[str, Any], generator: torch.Generator) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
@@ -108,7 +121,7 @@ class PretrainStage(Stage):
         net = build_dit(self.model_cfg, self.text.dim, self.text.pooled_dim)
         if weights is not None:
             net.load_state_dict(weights, strict=False)
-        return net.eval()
+        return net.to(self.device).eval()
 
     @torch.no_grad()
     def decode(self, x0: Tensor) -> Tensor:

@@ -62,6 +62,9 @@ from trainer.diffusion import (
     ddim_step,
     ddim_x0_target,
     diffusion_loss,
+    rand,
+    randint,
+    randn,
     sampling_timesteps,
     to_eps,
     to_x0,
@@ -69,7 +72,7 @@ from trainer.diffusion import (
 from trainer.media import save_image_grid, save_video_grid
 from trainer.models.dit import DiT, TextEmbedding, build_dit
 from trainer.sampling import SamplerSettings, conditioned, generate
-from trainer.stages.base import PlayerLoss, frozen
+from trainer.stages.base import PlayerLoss, frozen, place
 from trainer.stages.pretrain import PretrainStage
 
 Model = Callable[[Tensor, Tensor], Tensor]  # (x_t, t) -> prediction, as the samplers take it
@@ -96,9 +99,10 @@ FREE_MODEL_KEYS = ("guidance_embed", "activation_checkpointing", "text.path", "a
 # ------------------------------------------------------------------------------- pure maths
 
 
-def draw_student_steps(num_steps: int, batch: int, generator: torch.Generator) -> Tensor:
+def draw_student_steps(num_steps: int, batch: int, generator: torch.Generator,
+                       device: Optional[torch.device] = None) -> Tensor:
     """Which step k ~ U{0, ..., N-1} of the N-step student sampler each sample trains. (B,) int64"""
-    return torch.randint(0, num_steps, (batch,), generator=generator)
+    return randint(num_steps, (batch,), generator, device or generator.device)
 
 
 def student_step_times(schedule: NoiseSchedule, num_steps: int, substeps: int, k: Tensor) -> list[Tensor]:
@@ -109,7 +113,7 @@ def student_step_times(schedule: NoiseSchedule, num_steps: int, substeps: int, k
     j = round(T - k T / N), so the first time is the student's t and the last its next time.
     Returns substeps + 1 tensors (B,), decreasing; progressive distillation uses substeps = 2.
     """
-    grid = sampling_timesteps(schedule, num_steps * substeps, "trailing")  # (N s + 1,)
+    grid = sampling_timesteps(schedule, num_steps * substeps, "trailing").to(k.device)  # (N s + 1,)
     return [grid[k * substeps + j] for j in range(substeps + 1)]
 
 
@@ -152,11 +156,9 @@ def guided_model(model: CondModel, cond: dict[str, Tensor], uncond: dict[str, Te
                  rescale: float = 0.0) -> Model:
     """Classifier-free guidance (Ho & Salimans 2022) at a per-sample scale w (B,), the teacher
     of guided distillation (Meng et al. 2023): one batched forward over [cond; uncond], then
-    u + w (c - u) with guidance rescale. At w = 1 everywhere only the conditional half runs."""
+    u + w (c - u) with guidance rescale (a teacher at w = 1 is called without it: `Teacher`)."""
 
     def guided(x: Tensor, t: Tensor) -> Tensor:
-        if bool((scale == 1).all()):
-            return model(x, t, cond)
         both = {k: torch.cat([cond[k], uncond[k]]) for k in cond}  # (2B, ...)
         c, u = model(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)  # (B, ...) each
         return apply_guidance(c, u, append_dims(scale, c.ndim).to(c.dtype), rescale)  # type: ignore[arg-type]
@@ -166,7 +168,7 @@ def guided_model(model: CondModel, cond: dict[str, Tensor], uncond: dict[str, Te
 
 def valid_weight(batch: dict[str, Any], x0: Tensor) -> Tensor:
     """1 for real samples, 0 for the loader's padding repeats (`batch["valid"]`). (B,)"""
-    return batch["valid"].to(x0.dtype) if "valid" in batch else torch.ones(x0.shape[0], dtype=x0.dtype)
+    return batch["valid"].to(x0.dtype) if "valid" in batch else x0.new_ones(x0.shape[0])
 
 
 def masked_mean(per_sample: Tensor, weight: Tensor) -> Tensor:
@@ -174,9 +176,9 @@ def masked_mean(per_sample: Tensor, weight: Tensor) -> Tensor:
     return (per_sample * weight).sum() / weight.sum().clamp(min=1.0)
 
 
-def draw_guidance(stage: StageConfig, batch: int, generator: torch.Generator) -> Tensor:
+def draw_guidance(stage: StageConfig, batch: int, generator: torch.Generator, device: torch.device) -> Tensor:
     """w ~ U[guidance_min, guidance_max] per sample (Meng et al. 2023, sec. 4). (B,)"""
-    return stage.guidance_min + (stage.guidance_max - stage.guidance_min) * torch.rand(batch, generator=generator)
+    return stage.guidance_min + (stage.guidance_max - stage.guidance_min) * rand((batch,), generator, device)
 
 
 # ------------------------------------------------------------------------------- the teacher
@@ -195,13 +197,14 @@ class Teacher:
     def takes_guidance(self) -> bool:
         return self.net.spec.guidance
 
-    def model(self, text: TextEmbedding, null: TextEmbedding, scale: Tensor) -> Model:
-        """The teacher as `(x_t, t) -> prediction` for this batch's text and guidance scales (B,)."""
+    def model(self, text: TextEmbedding, null: TextEmbedding, scale: Tensor, guided: bool = True) -> Model:
+        """The teacher as `(x_t, t) -> prediction` for this batch's text and guidance scales (B,);
+        `guided=False` (every scale is 1) runs a CFG teacher's conditional half alone."""
         cond: dict[str, Tensor] = dict(text._asdict())
         if self.takes_guidance:
             cond["guidance"] = scale
         net = conditioned(self.net)
-        if not self.uses_cfg:
+        if not self.uses_cfg or not guided:
             return lambda x, t: net(x, t, cond)
         return guided_model(net, cond, dict(null._asdict()), scale, TEACHER_RESCALE)
 
@@ -318,6 +321,9 @@ class DistillationStage(PretrainStage):
         init_student_from(self.players["student"], weights)
         self.step = 0  # set by start_of_step on every rank
 
+    def helpers(self) -> list[nn.Module]:
+        return [*super().helpers(), self.teacher.net]
+
     def start_of_step(self, step: int, student_weights: Callable[[], dict[str, Tensor]]) -> None:
         self.step = step
 
@@ -326,7 +332,8 @@ class DistillationStage(PretrainStage):
         return {"guidance": scale} if self.model_cfg.guidance_embed else {}
 
     def teacher_model(self, text: TextEmbedding, scale: Tensor) -> Model:
-        return self.teacher.model(text, self.text.null_embedding(scale.shape[0]), scale)
+        guided = not self.stage_cfg.guidance_min == self.stage_cfg.guidance_max == 1
+        return self.teacher.model(text, self.text.null_embedding(scale.shape[0]), scale, guided)
 
     # ---- samples and evaluation ---------------------------------------------------------------
     @torch.no_grad()
@@ -372,7 +379,8 @@ def distilled_pixels(stage: PretrainStage, net: nn.Module, prompts: Sequence[str
                      generator: torch.Generator) -> Tensor:
     """Sample a distilled student (one forward per step, guidance scale as an input when the
     network takes one) with any stage's schedule, text encoder and autoencoder; pixels in [-1, 1]."""
-    extras = {"guidance": torch.full((len(prompts),), float(scale))} if net.spec.guidance else None
+    device = next(net.parameters()).device
+    extras = {"guidance": torch.full((len(prompts),), float(scale), device=device)} if net.spec.guidance else None
     settings = SamplerSettings(steps=steps, cfg_scale=1.0)
     x0 = generate(net, stage.text, stage.schedule, stage.diffusion.prediction, prompts, stage.sample_shape(),
                   settings, generator, extras)
@@ -432,6 +440,7 @@ class ProgressiveStage(DistillationStage):
         with torch.random.fork_rng(devices=[]):
             net = frozen(build_dit(self.model_cfg, self.text.dim, self.text.pooled_dim))
         net.load_state_dict(weights)
+        place(net, self.device, self.helper_dtype)
         self.teacher = Teacher(net, uses_cfg=False, steps=2 * self.rounds[round_index])
         self.round = round_index
 
@@ -466,11 +475,11 @@ class ProgressiveStage(DistillationStage):
         x0 = self.clean_input(batch)  # (B, C, h, w) or (B, C, F, h, w)
         text = self.condition(batch["caption"], generator)
         B = x0.shape[0]
-        scale = draw_guidance(self.stage_cfg, B, generator)  # (B,)
-        k = draw_student_steps(self.student_steps, B, generator)  # (B,)
+        scale = draw_guidance(self.stage_cfg, B, generator, x0.device)  # (B,)
+        k = draw_student_steps(self.student_steps, B, generator, x0.device)  # (B,)
         times = student_step_times(self.schedule, self.student_steps, 2, k)  # t, t', t'' each (B,)
         alpha, sigma = self.schedule.alpha_sigma(times[0])  # (B,), (B,)
-        x_t = add_noise(x0, torch.randn(x0.shape, generator=generator), alpha, sigma)
+        x_t = add_noise(x0, randn(tuple(x0.shape), generator, x0.device), alpha, sigma)
         with torch.no_grad():
             target = teacher_x0_target(self.teacher_model(text, scale), x_t, times, self.schedule,
                                        self.diffusion.prediction)  # (B, ...)

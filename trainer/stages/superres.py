@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from trainer.config import LogConfig
-from trainer.diffusion import add_noise
+from trainer.diffusion import add_noise, rand, randn
 from trainer.media import save_image_grid
 from trainer.models.dit import upsample_like
 from trainer.sampling import SamplerSettings, generate
@@ -29,25 +29,25 @@ class SuperResStage(PretrainStage):
         return self.data.sr_resolution // self.autoencoder.downsample_factor
 
     def lowres_input(self, batch: dict[str, Any]) -> Tensor:
-        return self.autoencoder.encode(batch["image_lr"])
+        return self.autoencoder.encode(batch["image_lr"]).float()
 
     def augment(self, lowres: Tensor, level: Tensor, generator: torch.Generator) -> Tensor:
         """Noise-conditioning augmentation: x_lo at diffusion time `level` of the same schedule."""
         alpha, sigma = self.schedule.alpha_sigma(level)
-        return add_noise(lowres, torch.randn(lowres.shape, generator=generator), alpha, sigma)
+        return add_noise(lowres, randn(tuple(lowres.shape), generator, lowres.device), alpha, sigma)
 
     def prepare(self, batch: dict[str, Any], generator: torch.Generator) -> tuple[dict[str, Any], tuple[Tensor, ...]]:
         inputs, targets = super().prepare(batch, generator)  # x0 at the high resolution
         with torch.no_grad():
             lowres = self.lowres_input(batch)  # (B, C, H/k, W/k)
-        level = torch.rand(lowres.shape[0], generator=generator) * self.stage_cfg.noise_aug_max  # (B,)
+        level = rand((lowres.shape[0],), generator, lowres.device) * self.stage_cfg.noise_aug_max  # (B,)
         inputs.update(lowres=self.augment(lowres, level, generator), aug_level=level)
         self.preview = (lowres[:4].clone(), list(batch["caption"][:4]))
         return inputs, targets
 
     def upsample_extras(self, lowres: Tensor, generator: Optional[torch.Generator]) -> dict[str, Tensor]:
         """The conditioning of one super-resolution call at inference (fixed augmentation level)."""
-        level = torch.full((lowres.shape[0],), self.stage_cfg.noise_aug_sample)
+        level = torch.full((lowres.shape[0],), self.stage_cfg.noise_aug_sample, device=lowres.device)
         return {"lowres": self.augment(lowres, level, generator), "aug_level": level}
 
     def write_samples(self, weights: Optional[dict[str, Tensor]], log: LogConfig, path: Path) -> Optional[Path]:

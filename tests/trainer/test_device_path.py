@@ -1,0 +1,156 @@
+"""The accelerator path without an accelerator: one training step of every stage and one
+sampling call with every tensor on a fake `cuda` device.
+
+Under `FakeTensorMode` a CPU-only build of torch creates tensors on `cuda` (shapes and devices,
+no data) and raises `FakeTensorDeviceMismatchError` the moment a tensor left on the host meets a
+device tensor; a read of a device value on the host (`.item()`, `float()`, `bool()`) raises
+`DataDependentOutputException`, so a step that passes here also has no host sync. The stage is
+built on the host as the trainer builds it, then moved by `Stage.to`, and the batch goes through
+the loader's `batch_to_device`, exactly as the engine does it. (Backward and the DeepSpeed
+engines need a real device; CPU runs of those are in test_precision_offload.py.)
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError, FakeTensorMode
+
+from data_pipeline.stream import batch_to_device
+from tests.eval.eval_helpers import tiny_config, write_checkpoint
+from trainer.diffusion import sampling_timesteps
+from trainer.models import layers
+from trainer.sampling import SamplerSettings, generate
+from trainer.stages import build_stage
+from trainer.stages.base import Stage
+
+CUDA = torch.device("cuda")
+CAPTIONS = ["a large red circle at the top left", "a small blue square at the centre", "", "two green triangles"]
+
+
+def uint8_batch(*shape: int, **extra: torch.Tensor) -> dict:
+    """A loader batch as the stream hands it over: uint8 pixels, captions, keys, valid flags."""
+    g = torch.Generator().manual_seed(0)
+    B = shape[0]
+    return {"__key__": [f"k{i}" for i in range(B)], "caption": CAPTIONS[:B], "json": [{}] * B,
+            "valid": torch.tensor([True] * (B - 1) + [False]),
+            **{k: torch.randint(0, 256, v, generator=g, dtype=torch.uint8) for k, v in
+               {"image" if len(shape) == 4 else "video": shape}.items()},
+            **extra}
+
+
+@contextmanager
+def fake_cuda() -> Iterator[None]:
+    """Fake tensors on a fake `cuda` (reentrant); position tables cached for it are dropped
+    afterwards."""
+    if isinstance(torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE), FakeTensorMode):
+        yield
+        return
+    layers.sincos_table.cache_clear()
+    layers.rope_table.cache_clear()
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            yield
+    finally:
+        layers.sincos_table.cache_clear()
+        layers.rope_table.cache_clear()
+
+
+def one_step_on_fake_cuda(stage: Stage, batch: dict) -> list[str]:
+    """The engine's step body on `cuda`: every loss, and every tensor metric, on the device."""
+    with fake_cuda():
+        stage.to(CUDA)
+        players = []
+        for player, loss, info in stage.losses(batch_to_device(batch, CUDA), torch.Generator().manual_seed(0)):
+            assert loss.device.type == "cuda" and loss.dim() == 0, player
+            for name, value in info.items():
+                for v in value if isinstance(value, tuple) else (value,):
+                    assert not isinstance(v, torch.Tensor) or v.device.type == "cuda", (player, name)
+            players.append(player)
+        return players
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    """A tiny pretraining checkpoint (random weights) for the distillation stages."""
+    root = tmp_path_factory.mktemp("teacher")
+    return write_checkpoint(tiny_config(root, f"checkpoint.dir={root}/checkpoints"))
+
+
+def test_pretrain_image_step_on_device(tmp_path):
+    stage = build_stage(tiny_config(tmp_path))
+    assert one_step_on_fake_cuda(stage, uint8_batch(4, 3, 16, 16)) == ["student"]
+
+
+@pytest.mark.parametrize("attention", ["factorized", "full"])
+def test_pretrain_video_step_on_device(tmp_path, attention):
+    cfg = tiny_config(tmp_path, "model.video=true", "data.kind=video", "data.num_frames=4",
+                      f"model.attention={attention}", "model.positions=rope")
+    assert one_step_on_fake_cuda(build_stage(cfg), uint8_batch(2, 3, 4, 16, 16)) == ["student"]
+
+
+def test_superres_step_on_device(tmp_path):
+    cfg = tiny_config(tmp_path, "stage.kind=superres", "model.superres=true", "data.sr_resolution=32")
+    lowres = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    assert one_step_on_fake_cuda(build_stage(cfg), uint8_batch(4, 3, 32, 32, image_lr=lowres)) == ["student"]
+
+
+def test_progressive_step_on_device(tmp_path, teacher):
+    cfg = tiny_config(tmp_path, "stage.kind=progressive", f"stage.teacher={teacher}", "stage.rounds=[2,1]",
+                      "model.guidance_embed=true", "diffusion.loss_weighting=trunc_snr")
+    assert one_step_on_fake_cuda(build_stage(cfg), uint8_batch(4, 3, 16, 16)) == ["student"]
+
+
+def test_adversarial_step_on_device(tmp_path, teacher):
+    cfg = tiny_config(tmp_path, "stage.kind=adversarial", f"stage.teacher={teacher}", "stage.rounds=[2,1]",
+                      "diffusion.loss_weighting=trunc_snr")
+    assert one_step_on_fake_cuda(build_stage(cfg), uint8_batch(4, 3, 16, 16)) == ["student", "disc"]
+
+
+def test_latent_step_and_sampling_on_device(tmp_path, monkeypatch):
+    """Precomputed latents (no encoder call) and the sampler with CFG, both on the device. The
+    sampler's time grid is host arithmetic by design (floats read once per call, no device
+    value): it is built from real tensors here, as fake ones have no values to read."""
+    import trainer.sampling
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from trainer.diffusion import samplers
+
+    def on_host(build):
+        def run(*args, **kwargs):
+            with unset_fake_temporarily():
+                return build(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(trainer.sampling, "sampling_timesteps", on_host(sampling_timesteps))
+    monkeypatch.setattr(samplers, "_Grid", on_host(samplers._Grid))
+    stage = build_stage(tiny_config(tmp_path, "model.in_channels=3"))
+    latents = torch.randn(4, 3, 16, 16)
+    batch = {k: v for k, v in uint8_batch(4, 3, 16, 16, latent=latents).items() if k != "image"}
+    with fake_cuda():
+        assert one_step_on_fake_cuda(stage, batch) == ["student"]
+        x0 = generate(stage.players["student"], stage.text, stage.schedule, "v", CAPTIONS[:2], (3, 16, 16),
+                      SamplerSettings(steps=3, cfg_scale=3.0), torch.Generator().manual_seed(0))
+        assert x0.device.type == "cuda" and tuple(x0.shape) == (2, 3, 16, 16)
+        assert stage.decode(x0).device.type == "cuda"
+
+
+class HostTensorStage(Stage):
+    """A stage with one tensor made on the host by mistake: the harness must catch it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.players = {"student": torch.nn.Linear(3, 1)}
+
+    def losses(self, batch, generator):
+        pred = self.run("student", batch["image"].mean((2, 3)))  # (B, 1)
+        weight = torch.ones(pred.shape[0])  # the bug: should be pred.new_ones(...)
+        yield "student", (pred[:, 0] * weight).mean(), {}
+
+
+def test_a_host_tensor_in_a_stage_is_caught():
+    with pytest.raises(FakeTensorDeviceMismatchError):
+        one_step_on_fake_cuda(HostTensorStage(), uint8_batch(4, 3, 16, 16))
