@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 # compiled by another ninja would be rebuilt, stalling every rank for minutes).
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean gpu-check
 
 venv: $(STAMP)
 
@@ -27,6 +27,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The one-command GPU check (README, "GPU check"); options go in GPU_CHECK_ARGS, e.g.
+# make gpu-check GPU_CHECK_ARGS="--peak-tflops 989". DS_ACCELERATOR=cpu from the top of this
+# file is removed for it, so DeepSpeed uses the GPU.
+gpu-check: $(STAMP)
+	env -u DS_ACCELERATOR $(BIN)/dit bench gpu $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,0 +1,178 @@
+"""`dit bench gpu`: the tiny CPU mode end to end (the path `make gpu-check` runs on a GPU, through
+the real trainer in child processes), the resume comparison catching a difference in real
+checkpoints, the figures' arithmetic; and the full check where a GPU is present."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import launch.bench_gpu as bench
+from launch.cli import main
+from tests.trainer.harness import ROOT, train_env
+from trainer.checkpoint import step_name
+
+FIGURES = re.compile(r"samples/s ([\d.e+-]+) \| tokens/s ([\d.e+-]+) \| TFLOP/s ([\d.e+-]+) \| "
+                     r"data wait ([\d.]+)%")
+PEAK = 0.5  # a made-up CPU "peak", so the MFU line is printed and can be checked
+
+
+def dit_bench_gpu(*args: str, env: dict, timeout: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launch.cli", "bench", "gpu", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny_check(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    out = tmp_path_factory.mktemp("gpu_check")
+    proc = dit_bench_gpu("--tiny", "--device", "cpu", "--peak-tflops", str(PEAK), "--keep-checkpoints",
+                         "--out", str(out), env=train_env(), timeout=600)
+    return proc, out
+
+
+def test_tiny_cpu_check_prints_sane_figures(tiny_check):
+    proc, out = tiny_check
+    text = proc.stdout
+    assert proc.returncode == 0, text[-4000:] + proc.stderr[-4000:]
+    assert text.strip().splitlines()[-1] == "gpu check: OK"
+    figures = FIGURES.findall(text)
+    assert len(figures) == 2, text  # the image run, then the video run
+    # tokens per sample: 8x8 latents in 2x2 patches = 16; the video has 4 latent frames of them
+    for (samples, tokens, tflops, wait), per_sample in zip(figures, (16, 64)):
+        samples, tokens, tflops, wait = float(samples), float(tokens), float(tflops), float(wait)
+        assert samples > 0 and tflops > 0 and 0 <= wait <= 100
+        assert tokens / samples == pytest.approx(per_sample, rel=2e-3)
+    mfus = [float(m) for m in re.findall(r"MFU ([\d.]+)% of 0.5 TFLOP/s", text)]
+    assert mfus == pytest.approx([float(f[2]) / PEAK * 100 for f in figures], abs=0.051)
+    assert text.count("world size 1 over gloo") == 2
+    plans = [float(g) for g in re.findall(r"dit plan: [\d.]+ GB \+ EMA [\d.]+ GB .*?= ([\d.]+) GB", text)]
+    assert len(plans) == 2 and all(0 < g < 5 for g in plans)
+    assert "peak memory: not measured on this device" in text  # max_memory_allocated is CUDA's
+    assert "resumed at step 3: losses and sample keys of steps 4-6 identical" in text
+    for run in ("image", "video", "video_resumed"):  # the trainer's own metrics are what was read
+        assert (out / run / "logs" / "metrics.jsonl").is_file()
+    assert (out / "data" / "image" / "manifest.json").is_file()
+
+
+def test_resume_check_fails_on_different_weights_or_losses(tiny_check, tmp_path):
+    proc, out = tiny_check
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    ref = out / "video"
+    assert bench.resume_check(ref, out / "video_resumed", 3, 6).ok
+    assert not bench.resume_check(ref, out / "video_resumed", 2, 6).ok  # step 3 was never redone
+
+    other = tmp_path / "weights"
+    shutil.copytree(out / "video_resumed", other)
+    ema_path = other / "checkpoints" / step_name(6) / "ema.safetensors"
+    ema = load_file(str(ema_path))
+    name = sorted(ema)[0]
+    ema[name].view(-1)[0] = torch.nextafter(ema[name].view(-1)[0], torch.tensor(float("inf")))  # one ulp
+    save_file(ema, str(ema_path))
+    result = bench.resume_check(ref, other, 3, 6)
+    assert not result.ok and any("ema.safetensors" in p and name in p for p in result.problems), result.problems
+
+    other = tmp_path / "losses"
+    shutil.copytree(out / "video_resumed", other)
+    metrics = other / "logs" / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    for r in records:
+        if r.get("step") == 5 and "loss" in r:
+            r["loss"] += 1e-7
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = bench.resume_check(ref, other, 3, 6)
+    assert [p for p in result.problems if p.startswith("loss of step 5")], result.problems
+
+
+def test_the_check_reports_failed_when_the_resumed_run_differs(tiny_check, tmp_path, monkeypatch, capsys):
+    """check_resume's verdict, with a child that 'resumes' to different weights."""
+    proc, out = tiny_check
+    assert proc.returncode == 0, proc.stdout[-3000:]
+
+    def fake_child(cfg, run_dir, device, deterministic, timeout_s):
+        shutil.rmtree(run_dir)
+        shutil.copytree(out / "video_resumed", run_dir)
+        path = run_dir / "checkpoints" / step_name(6) / "student" / "mp_rank_00_model_states.pt"
+        state = bench.load_checkpoint_file(path)
+        key = sorted(state["module"])[0]
+        state["module"][key] = state["module"][key] + 1
+        torch.save(state, path)
+        return bench.ChildResult(0)
+
+    monkeypatch.setattr(bench, "run_child", fake_child)
+    video = bench.RunSpec("video", "DiT-T/2", 8, 4, 2, 6, 3)
+    check = bench.Check(mem_tolerance=0.5)
+    bench.check_resume(video, out / "video", tmp_path / "resumed", None, "cpu", 60, check)
+    assert len(check.problems) == 1 and "save + resume is not exact" in check.problems[0], check.problems
+    assert "mp_rank_00_model_states.pt.module." in capsys.readouterr().out
+
+
+def test_steady_state_is_total_work_over_total_time():
+    records = [{"step": s, "samples_per_s": rate, "tokens_per_s": rate * 16, "tflops": rate * 1e-3,
+                "data_wait": wait, "loss": 1.0}
+               for s, rate, wait in [(1, 1.0, 0.9), (2, 2.0, 0.5), (3, 4.0, 0.0), (4, 1.0, 0.1), (5, 4.0, 0.2)]]
+    tp = bench.steady_throughput(records, warmup=2, exclude=(4,))  # steps 3 and 5: 0.25 s each
+    assert tp.steps == 2 and tp.samples_per_s == pytest.approx(4.0)
+    assert tp.tokens_per_s == pytest.approx(64.0) and tp.tflops == pytest.approx(4e-3)
+    assert tp.data_wait == pytest.approx(0.1)
+    tp = bench.steady_throughput(records, warmup=0)  # 1 + 0.5 + 0.25 + 1 + 0.25 s for 5 steps
+    assert tp.samples_per_s == pytest.approx(5 / 3.0)
+    assert bench.steady_throughput(records, warmup=5) is None
+    windows = [{"step": s, "samples_per_s": rate, "tokens_per_s": rate, "tflops": rate, "data_wait": 0.0}
+               for s, rate in [(5, 1.0), (10, 2.0), (15, 4.0), (20, 8.0)]]  # log.every=5
+    tp = bench.steady_throughput(windows, warmup=5, exclude=(16,))  # steps 6-15: 2.5 s + 1.25 s
+    assert tp.steps == 10 and tp.samples_per_s == pytest.approx(10 / 3.75) and tp.tflops == pytest.approx(10 / 3.75)
+
+
+def test_peak_table_matches_device_names():
+    assert bench.peak_tflops_for("NVIDIA H100 80GB HBM3") == 989
+    assert bench.peak_tflops_for("NVIDIA H100 PCIe") == 756
+    assert bench.peak_tflops_for("NVIDIA H200") == 989
+    assert bench.peak_tflops_for("NVIDIA A100-SXM4-80GB") == 312
+    assert bench.peak_tflops_for("NVIDIA B200") == 2250
+    assert bench.peak_tflops_for("NVIDIA GeForce RTX 4090") is None
+
+
+def test_compare_trees_names_what_differs():
+    a = {"w": torch.zeros(3), "opt": [{"step": 1, "m": torch.ones(2, dtype=torch.bfloat16)}]}
+    same = {"w": torch.zeros(3), "opt": [{"step": 1, "m": torch.ones(2, dtype=torch.bfloat16)}]}
+    assert bench.compare_trees(a, same) == []
+    b = {"w": torch.tensor([0.0, 0.5, 0.0]), "opt": [{"step": 2, "m": torch.ones(2)}]}
+    problems = bench.compare_trees(a, b)
+    assert "w: 1 of 3 values differ (max |diff| 0.5)" in problems
+    assert "opt[0].step: 1 vs 2" in problems and any(p.startswith("opt[0].m: (2,) torch.bfloat16") for p in problems)
+    assert bench.compare_trees({"a": 1}, {"b": 1}) == ["top level: keys differ (['a', 'b'])"]
+
+
+def test_help_lists_the_options(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "gpu", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert all(opt in out for opt in ("--peak-tflops", "--steps", "--out", "--device", "--tiny", "--precision"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_asking_for_cuda_without_one_fails_with_the_reason(capsys):
+    assert main(["bench", "gpu", "--device", "cuda"]) == 1
+    assert capsys.readouterr().out.strip().startswith("gpu check: FAILED: --device cuda but")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is false)")
+def test_gpu_check_on_this_gpu(tmp_path):
+    """The full check: DiT-XL/2 bf16 ZeRO-2 over NCCL, the video DiT, the exact resume."""
+    env = {k: v for k, v in train_env().items() if k not in ("DS_ACCELERATOR", "OMP_NUM_THREADS")}
+    proc = dit_bench_gpu("--out", str(tmp_path), env=env, timeout=1800)
+    print(proc.stdout)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "gpu check: OK"
+    assert proc.stdout.count("over nccl") == 2 and len(FIGURES.findall(proc.stdout)) == 2
+    assert re.search(r"peak memory [\d.]+ GB \(max_memory_allocated\)", proc.stdout)
+    if bench.peak_tflops_for(torch.cuda.get_device_name()) is not None:
+        assert "MFU" in proc.stdout
