@@ -61,6 +61,7 @@ class ModelConfig:
     superres: bool = False  # cascade stage: concatenates the upsampled low-res input
     guidance_embed: bool = False  # guidance-conditioned students (Meng et al. 2023)
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each DiT block (applied by the engine, not the model)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
 
@@ -324,6 +325,20 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
         "deepspeed.offload_params",
         "parameter offload needs deepspeed.zero_stage=3",
     )
+    _check(
+        not (ds.offload_optimizer and ds.zero_stage == 0),
+        "deepspeed.offload_optimizer",
+        "ZeRO-Offload moves the optimizer's partition to the host: set deepspeed.zero_stage to 1, 2 or 3",
+    )
+    _check(
+        not ((ds.offload_optimizer or ds.offload_params) and ds.pipeline_stages > 1),
+        "deepspeed.offload_optimizer",
+        "offload is not supported with pipeline parallelism here; use ZeRO-2/3 without deepspeed.pipeline_stages",
+    )
+    if ds.precision == "fp16":
+        _check(_accelerator_has_fp16(), "deepspeed.precision",
+               "this machine's accelerator has no fp16 support (DeepSpeed's CPU accelerator needs AVX512-FP16); "
+               "use bf16")
     try:
         validate_data_config(cfg.data)
     except ValueError as e:  # "data.<key>: ..."
@@ -331,6 +346,8 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
         raise ConfigError(key, message or str(e)) from None
     _check(0.0 < cfg.ema.decay < 1.0, "ema.decay", "must be in (0, 1)")
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be at least 1 (never delete the only checkpoint)")
+    _check(not (cfg.model.compile and st.kind == "autoencoder"), "model.compile",
+           "compiles the DiT's blocks; the autoencoder stage trains no DiT (set it to false)")
     if st.kind == "superres":
         _check(cfg.model.superres, "model.superres", "stage.kind=superres needs model.superres=true")
         _check(
@@ -344,6 +361,12 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
             "deepspeed.pipeline_stages",
             f"{ds.pipeline_stages} pipeline stages do not divide the world size {world_size}",
         )
+
+
+def _accelerator_has_fp16() -> bool:
+    from deepspeed.accelerator import get_accelerator
+
+    return bool(get_accelerator().is_fp16_supported())
 
 
 def to_yaml(cfg: RunConfig) -> str:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tests.trainer.harness import assert_ok, base, losses, metrics, run_train
-from trainer.stages.base import drop_captions
+from trainer.models.dit import TextEmbedding
+from trainer.stages.base import cfg_keep, drop_text
 
 pytestmark = pytest.mark.slow
 
@@ -28,12 +29,15 @@ def test_zero_trains_and_loss_goes_down(shapes_shards, tmp_path, zero_stage):
 
 def test_cfg_dropout_rate():
     g = torch.Generator().manual_seed(0)
-    captions = [f"caption {i}" for i in range(20000)]
-    dropped = drop_captions(captions, 0.1, g)
-    frac = sum(c == "" for c in dropped) / len(captions)
-    assert abs(frac - 0.1) < 0.01  # binomial std is 0.002
-    assert all(d in ("", c) for d, c in zip(dropped, captions))
-    assert drop_captions(captions, 0.0, g) == captions
+    cpu = torch.device("cpu")
+    keep = cfg_keep(20000, 0.1, g, cpu)
+    assert abs(float((~keep).float().mean()) - 0.1) < 0.01  # binomial std is 0.002
+    assert bool(cfg_keep(1000, 0.0, g, cpu).all())
+    text = TextEmbedding(torch.ones(3, 2, 4), torch.ones(3, 2, dtype=torch.bool), torch.ones(3, 5))
+    null = TextEmbedding(torch.zeros(3, 2, 4), torch.tensor([[True, False]] * 3), torch.zeros(3, 5))
+    dropped = drop_text(text, null, torch.tensor([True, False, True]))
+    assert dropped.tokens[1].eq(0).all() and dropped.tokens[[0, 2]].eq(1).all()
+    assert dropped.mask[1].tolist() == [True, False] and dropped.pooled[1].eq(0).all()
 
 
 def test_pipeline_matches_single_process(shapes_shards, tmp_path):

@@ -1,0 +1,64 @@
+"""Mixed precision and ZeRO-Offload on 2 real ranks over gloo (DeepSpeed's CPU accelerator runs
+bf16 and its CPU Adam here): they learn, resume bit-exactly, and keep the promise that a
+non-finite gradient on any rank is skipped by every rank."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.trainer.harness import (assert_ok, base, ema_weights, final_weights, losses, metrics, run_train,
+                                   same_tensors)
+
+pytestmark = pytest.mark.slow
+
+
+def mean_loss(curve: dict[int, float], steps: range) -> float:
+    return sum(curve[s] for s in steps) / len(steps)
+
+
+def straight_and_resumed(shards: Path, tmp_path: Path, steps: int, *extra: str) -> tuple[Path, Path]:
+    """The same run straight through, and stopped at steps / 2 then resumed (checkpoints every
+    steps / 2, constant lr, so the two see the same schedule)."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    half = steps // 2
+    assert_ok(run_train(2, base(shards, straight, f"stage.steps={steps}", f"checkpoint.every={half}", *extra)))
+    assert_ok(run_train(2, base(shards, resumed, f"stage.steps={half}", f"checkpoint.every={half}", *extra)))
+    proc = run_train(2, base(shards, resumed, f"stage.steps={steps}", f"checkpoint.every={half}", *extra))
+    assert_ok(proc)
+    assert f"at step {half}" in proc.stdout
+    return straight, resumed
+
+
+def test_bf16_trains_and_resumes_bit_exact(shapes_shards, tmp_path):
+    straight, resumed = straight_and_resumed(shapes_shards, tmp_path, 24, "deepspeed.precision=bf16",
+                                             "optim.lr=2e-3", "log.sample_every=0")
+    weights = final_weights(straight)
+    assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.bfloat16}  # really bf16
+    assert {v.dtype for v in ema_weights(straight).values()} == {torch.float32}  # EMA kept in fp32
+    curve = losses(straight)
+    assert mean_loss(curve, range(17, 25)) < 0.8 * mean_loss(curve, range(1, 9)), curve
+    assert same_tensors(weights, final_weights(resumed))
+    assert same_tensors(ema_weights(straight), ema_weights(resumed))
+
+
+@pytest.mark.parametrize("offload", [["deepspeed.zero_stage=2", "deepspeed.offload_optimizer=true"],
+                                     ["deepspeed.zero_stage=3", "deepspeed.offload_params=true",
+                                      "deepspeed.offload_optimizer=true"]],
+                         ids=["zero2-optimizer", "zero3-params"])
+def test_offload_trains_and_resumes_exactly(shapes_shards, tmp_path, offload):
+    straight, resumed = straight_and_resumed(shapes_shards, tmp_path, 8, *offload, "log.sample_every=0")
+    curve = losses(straight)
+    assert len(curve) == 8 and all(v == v for v in curve.values())
+    assert same_tensors(ema_weights(straight), ema_weights(resumed))
+    assert losses(resumed)[8] == curve[8]
+
+
+def test_nan_on_one_rank_under_offload_is_skipped_by_both(shapes_shards, tmp_path):
+    out = tmp_path / "run"
+    assert_ok(run_train(2, base(shapes_shards, out, "stage.steps=5", "checkpoint.every=5", "deepspeed.zero_stage=2",
+                                "deepspeed.offload_optimizer=true", "log.sample_every=0"), DIT_INJECT_NAN="1@3"))
+    assert [r["step"] for r in metrics(out) if r.get("skipped_nonfinite_step")] == [3]
+    assert all(torch.isfinite(v).all() for v in ema_weights(out).values())
+    assert all(torch.isfinite(v).all() for v in final_weights(out).values())
