@@ -335,26 +335,32 @@ class Trainer:
         loss = self.engines["student"].train_batch(data_iter=micro_batches())
         return [{"loss": loss}]
 
-    def train_step(self, batches: Iterator[dict]) -> tuple[list[dict[str, Metric]], dict[str, float], bool]:
-        """One optimizer step of every player: the micro-batches' metrics, the step's own
-        (grad norm and lr per player), and whether the step was skipped on every rank."""
+    def train_step(self, batches: Iterator[dict]) -> tuple[list[dict[str, Metric]], bool]:
+        """One optimizer step of every player: the micro-batches' metrics, and whether the step
+        was skipped on every rank."""
         infos = self.pipeline_step(batches) if self.pipeline else list(self.micro_batch_losses(batches))
-        # A skip shows either in our guard (ZeRO-0/3) or, where DeepSpeed's ZeRO-1/2 optimizer
-        # found the global gradient norm invalid and skipped by itself, in that norm.
-        skipped = any(opt.skipped for opt in self.optimizers.values())
+        # A skip shows either in our guard or, where DeepSpeed's ZeRO optimizer found the global
+        # gradient norm invalid (an overflow) and skipped by itself, in the engine.
+        skipped = any(opt.skipped for opt in self.optimizers.values()) or not all(
+            engine.was_step_applied() for engine in self.engines.values())
         for opt in self.optimizers.values():
             opt.skipped = 0
+        return infos, skipped
+
+    def optimizer_metrics(self) -> dict[str, float]:
+        """Gradient norm (of the last step) and learning rate per player, and the accelerator's
+        peak memory so far; read on log steps only (the norm is a device value)."""
         metrics: dict[str, float] = {}
+        if self.device.type == "cuda":
+            metrics["mem_peak_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
         for name, engine in self.engines.items():
             suffix = "" if name == "student" else f"/{name}"
             norm = engine.get_global_grad_norm()
-            norm = float(norm) if norm is not None else 0.0
-            skipped = skipped or not math.isfinite(norm)
-            metrics[f"grad_norm{suffix}"] = norm
+            metrics[f"grad_norm{suffix}"] = float(norm) if norm is not None else 0.0
             metrics[f"lr{suffix}"] = engine.get_lr()[0]
-        return infos, metrics, skipped
+        return metrics
 
-    def after_step(self, infos: list[dict[str, Metric]], metrics: dict[str, float], skipped: bool) -> Optional[int]:
+    def after_step(self, infos: list[dict[str, Metric]], skipped: bool) -> Optional[int]:
         """Bookkeeping of a finished step; an exit code when the run must stop."""
         self.state.step += 1
         if self.key_log is not None:
@@ -375,9 +381,9 @@ class Trainer:
             self.ema.update(self.ema_module)
         for info in infos:
             self.logger.add(info)
-        self.logger.add(metrics)
         extra: dict[str, float] = {"skipped_steps": self.state.skipped_steps}
         if self.state.step % self.cfg.log.every == 0:
+            extra.update(self.optimizer_metrics())
             extra.update(self.data_stats())
         self.logger.step_done(self.state.step, extra)
         return None
