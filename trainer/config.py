@@ -321,6 +321,12 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
         "pipeline parallelism works with ZeRO stage 0 or 1 only (DeepSpeed limitation)",
     )
     _check(
+        not (ds.pipeline_stages > 1 and st.kind in ("autoencoder", "adversarial")),
+        "deepspeed.pipeline_stages",
+        f"pipeline parallelism splits the DiT student of the pretrain, superres and progressive "
+        f"stages; the {st.kind} stage trains another network (use ZeRO: deepspeed.pipeline_stages=1)",
+    )
+    _check(
         not (ds.offload_params and ds.zero_stage != 3),
         "deepspeed.offload_params",
         "parameter offload needs deepspeed.zero_stage=3",

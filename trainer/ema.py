@@ -7,7 +7,7 @@ must call it) when a checkpoint, a sample grid or an export needs whole tensors.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -29,10 +29,14 @@ def _is_partitioned(p: nn.Parameter) -> bool:
 class EMA:
     """EMA of a module's trainable parameters (Polyak averaging, as in DiT / LDM training)."""
 
-    def __init__(self, module: nn.Module, cfg: EMAConfig):
+    def __init__(self, module: nn.Module, cfg: EMAConfig, names: Optional[dict[str, str]] = None):
+        """`names` maps the module's parameter names to the names the EMA is kept and saved
+        under (a pipeline stage's `3.attn.qkv.weight` -> the network's `blocks.2.attn.qkv.weight`);
+        default: the module's own names."""
         self.cfg = cfg
         self.num_updates = 0
-        self.names = [n for n, p in module.named_parameters() if p.requires_grad]
+        trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+        self.names = {n: (names or {}).get(n, n) for n in trainable}
         self.shadow: dict[str, torch.Tensor] = {
             n: _local_tensor(p).detach().float().clone() for n, p in self._params(module)
         }
@@ -44,9 +48,10 @@ class EMA:
         return next(iter(self.shadow.values())).device
 
     def _params(self, module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+        """(saved name, parameter) of every tracked parameter."""
         params = dict(module.named_parameters())
-        for n in self.names:
-            yield n, params[n]
+        for own, name in self.names.items():
+            yield name, params[own]
 
     def decay(self) -> float:
         """Warm-up as in `torch-ema` / LDM: min(decay, (1 + n) / (10 + n)) for the first steps."""

@@ -179,6 +179,13 @@ def compile_blocks(net: nn.Module) -> None:
         block.compile()
 
 
+def network_names(net: nn.Module, trained: nn.Module) -> dict[str, str]:
+    """The trained module's parameter names -> the network's: a PipelineModule's `3.attn.qkv.weight`
+    is the DiT's `blocks.2.attn.qkv.weight` (its layers are the network's own modules)."""
+    by_id = {id(p): n for n, p in net.named_parameters()}
+    return {n: by_id[id(p)] for n, p in trained.named_parameters()}
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -240,8 +247,10 @@ class Trainer:
             self.engines[name], self.optimizers[name] = build_engine(
                 module, lr, cfg.optim, cfg.deepspeed, cfg.data.batch_size, self.ctx, cfg.stage.steps, self.device)
         self.stage.bind(self.engines, writes_files=self.ctx.is_main)
-        self.ema_module = trainable["student"]
-        self.ema = EMA(self.ema_module, cfg.ema) if cfg.ema.enabled else None
+        self.net = self.stage.players["student"]  # the whole network, built on every rank
+        self.ema_module = trainable["student"]  # what this rank trains of it (a pipeline stage's layers)
+        self.names = network_names(self.net, self.ema_module)
+        self.ema = EMA(self.ema_module, cfg.ema, self.names) if cfg.ema.enabled else None
         # The stage's random draws (noise, timesteps, CFG dropout) are made on the device.
         self.generator = torch.Generator(self.device).manual_seed(cfg.run.seed * 100_003 + self.ctx.dp_rank)
         self.ckpt = CheckpointManager(cfg.checkpoint, self.ctx.rank, self.ctx.world_size)
@@ -267,7 +276,7 @@ class Trainer:
     def save(self) -> Path:
         shared = {STAGE_FILE: self.stage.state_tensors()}
         if self.ema is not None:
-            shared[EMA_FILE] = self.ema.full_state_dict(self.ema_module)
+            shared[EMA_FILE] = self.whole(self.ema.full_state_dict(self.ema_module))
         return self.ckpt.save(self.state.step, self.engines, self.rank_state(), self.config_yaml, shared)
 
     def resume(self) -> bool:
@@ -448,22 +457,39 @@ class Trainer:
         return code
 
     def raw_weights(self) -> dict[str, torch.Tensor]:
-        """The student's whole current parameters (gathered under ZeRO-3). Collective."""
+        """The student's whole current parameters by the network's names (gathered under ZeRO-3,
+        assembled from every stage under pipeline parallelism). Collective."""
         import deepspeed
 
         params = list(self.ema_module.parameters())
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            return {n: p.detach().clone() for n, p in self.ema_module.named_parameters()}
+            local = {self.names[n]: p.detach().clone() for n, p in self.ema_module.named_parameters()}
+        return self.whole(local)
 
     def full_weights(self) -> dict[str, torch.Tensor]:
         """Whole weights of the student: the EMA when enabled, else the raw ones. Collective."""
-        return self.ema.full_state_dict(self.ema_module) if self.ema is not None else self.raw_weights()
+        if self.ema is None:
+            return self.raw_weights()
+        return self.whole(self.ema.full_state_dict(self.ema_module))
+
+    def whole(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The whole network's tensors from what this rank holds. Under pipeline parallelism each
+        stage holds its layers only: the first data-parallel replica of every stage writes them
+        into one flat zero buffer, and a SUM all-reduce assembles it on every rank. Collective."""
+        if not self.pipeline:
+            return local
+        shapes = {n: p.shape for n, p in self.net.named_parameters() if p.requires_grad}
+        flat = torch.zeros(sum(math.prod(s) for s in shapes.values()), device=comm_device())
+        views = dict(zip(shapes, flat.split([math.prod(s) for s in shapes.values()])))
+        if self.ctx.dp_rank == 0:
+            for name, tensor in local.items():
+                views[name].copy_(tensor.flatten())
+        dist.all_reduce(flat)
+        return {n: views[n].view(shape).clone() for n, shape in shapes.items()}
 
     def evaluate(self) -> None:
         """The adherence judge on `log.prompts` with the EMA weights (collective gather, rank 0
         judges), logged to JSONL and TensorBoard."""
-        if self.pipeline:
-            return
         weights = self.full_weights()
         if not self.ctx.is_main:
             return
@@ -476,8 +502,6 @@ class Trainer:
 
     def write_samples(self) -> Optional[Path]:
         """EMA (else raw) sample grid for the fixed prompts (collective gather, rank 0 draws)."""
-        if self.pipeline:
-            return None  # the layers live on different ranks; sample from the exported weights
         weights = self.full_weights()
         if not self.ctx.is_main:
             return None

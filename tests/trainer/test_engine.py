@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.trainer.harness import assert_ok, base, losses, metrics, run_train
+from tests.trainer.harness import assert_ok, base, ema_weights, losses, metrics, run_train
 from trainer.models.dit import TextEmbedding
 from trainer.stages.base import cfg_keep, drop_text
 
@@ -49,3 +49,12 @@ def test_pipeline_matches_single_process(shapes_shards, tmp_path):
     a, b = losses(single), losses(piped)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     assert all(abs(a[s] - b[s]) < 1e-4 for s in a), (a, b)
+    # The pipeline's EMA is the whole network under its own names (every stage's layers), the
+    # same weights as the single process's, and it samples; a resume loads it on every stage.
+    ema_single, ema_piped = ema_weights(single), ema_weights(piped)
+    assert ema_single.keys() == ema_piped.keys()
+    assert max(float((ema_single[k] - ema_piped[k]).abs().max()) for k in ema_single) < 1e-4
+    assert any(Path(r["sample_grid"]).is_file() for r in metrics(piped) if "sample_grid" in r)
+    resumed = run_train(2, base(shapes_shards, piped, *common, "deepspeed.pipeline_stages=2", "stage.steps=5"))
+    assert_ok(resumed)
+    assert "at step 4" in resumed.stdout

@@ -55,7 +55,10 @@ class AutoencoderStage(Stage):
 
     def trained_copy(self, weights: dict[str, Tensor]) -> Autoencoder:
         trainer = VAETraining(Autoencoder(build_kl(self.cfg)))
-        trainer.load_state_dict(weights, strict=False)  # buffers (scale, shift) are refit below
+        missing, unexpected = trainer.load_state_dict(weights, strict=False)
+        if unexpected or set(missing) - {"ae.scale", "ae.shift"}:  # the buffers are refit below
+            raise ValueError(f"autoencoder weights do not fit: missing {sorted(missing)[:3]}, "
+                             f"unexpected {sorted(unexpected)[:3]}")
         return trainer.ae.to(self.device).eval()
 
     @torch.no_grad()

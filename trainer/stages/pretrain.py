@@ -120,7 +120,7 @@ class PretrainStage(Stage):
         """A plain (unpartitioned) copy of the student carrying `weights`."""
         net = build_dit(self.model_cfg, self.text.dim, self.text.pooled_dim)
         if weights is not None:
-            net.load_state_dict(weights, strict=False)
+            net.load_state_dict(weights)  # strict: a missing weight is an error, never a default
         return net.to(self.device).eval()
 
     @torch.no_grad()
