@@ -1,8 +1,11 @@
 """`dit bench model`: our DiT against diffusers' PixArt-alpha transformer, side by side.
 
 Both models get the same width, depth, heads, patch, token count, cross-attention length,
-dtype (fp32) and thread count; one forward + backward step of each is timed alternately
-(interleaved, so machine load hits both alike) after warm-up, and the medians are compared:
+device (`--device`, default: the accelerator if present, else cpu), precision (`--dtype`:
+fp32, or bf16 autocast around both forwards with fp32 weights, as training runs) and thread
+count; one forward + backward step of each is timed alternately (interleaved, so machine load
+hits both alike) after warm-up, the device synchronized before each clock reading, and the
+medians are compared:
 
     dit/pixart step time = R        (R < 1: ours is faster)
 
@@ -16,18 +19,21 @@ import argparse
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 from torch import nn
 
+from launch.sample_cmd import add_device_argument
 from trainer.config import ModelConfig
 from trainer.models.dit import DiT, TextEmbedding, build_dit, dit_preset
 
 # DiT paper, Table 4: (parameters, GFLOPs [fvcore's count, i.e. MACs]) at 256 px, 32x32x4 latent.
 PUBLISHED = {"DiT-S/2": (33e6, 6.06e9), "DiT-B/2": (130e6, 23.01e9), "DiT-L/2": (458e6, 80.71e9), "DiT-XL/2": (675e6, 118.64e9)}
 PARAM_TOLERANCE = 0.005
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -75,42 +81,65 @@ def perturb_(model: nn.Module, seed: int) -> None:
             p.add_(torch.randn(p.shape, generator=gen) * 0.02)
 
 
-def make_steps(s: BenchShape) -> tuple[dict[str, Callable[[], None]], dict[str, int]]:
-    """One fwd+bwd closure per model on the same inputs, and their parameter counts."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(s.batch, s.channels, s.latent, s.latent, generator=gen)  # (B, C, H, W)
-    t = torch.rand(s.batch, generator=gen)  # (B,)
-    tokens = torch.randn(s.batch, s.text_len, s.text_dim, generator=gen)  # (B, L, Dt)
-    mask = torch.ones(s.batch, s.text_len, dtype=torch.bool)  # (B, L)
+def precision(device: torch.device, dtype: torch.dtype) -> Callable[[], ContextManager]:
+    """The context of each forward: bf16/fp16 autocast on the device (fp32 weights), or none."""
+    if dtype == torch.float32:
+        return nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels (CUDA runs asynchronously), so a clock read after
+    it times the work; nothing to wait for on the CPU."""
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
+
+
+def make_steps(s: BenchShape, device: torch.device = torch.device("cpu"),
+               dtype: torch.dtype = torch.float32) -> tuple[dict[str, Callable[[], None]], dict[str, int]]:
+    """One fwd+bwd closure per model on the same inputs, all on `device`, forwards in `dtype`
+    (losses in fp32), and their parameter counts."""
+    gen = torch.Generator(device).manual_seed(0)
+    x = torch.randn(s.batch, s.channels, s.latent, s.latent, generator=gen, device=device)  # (B, C, H, W)
+    t = torch.rand(s.batch, generator=gen, device=device)  # (B,)
+    tokens = torch.randn(s.batch, s.text_len, s.text_dim, generator=gen, device=device)  # (B, L, Dt)
+    mask = torch.ones(s.batch, s.text_len, dtype=torch.bool, device=device)  # (B, L)
     mask[:, s.text_len * 2 // 3 :] = False  # realistic padding
-    pooled = torch.randn(s.batch, s.text_dim, generator=gen)  # (B, Dt)
+    pooled = torch.randn(s.batch, s.text_dim, generator=gen, device=device)  # (B, Dt)
     ours, pixart = build_ours(s), build_pixart(s)
     perturb_(ours, 1)
     perturb_(pixart, 2)
+    ours, pixart = ours.to(device), pixart.to(device)
     text = TextEmbedding(tokens, mask, pooled)
+    autocast = precision(device, dtype)
 
     def step_ours() -> None:
         ours.zero_grad(set_to_none=True)
-        ours(x, t, text).square().mean().backward()
+        with autocast():
+            out = ours(x, t, text)
+        out.float().square().mean().backward()
 
     def step_pixart() -> None:
         pixart.zero_grad(set_to_none=True)
-        out = pixart(
-            x,
-            encoder_hidden_states=tokens,
-            timestep=t * 1000,
-            encoder_attention_mask=mask.float(),
-            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-            return_dict=False,
-        )[0]
-        out.square().mean().backward()
+        with autocast():
+            out = pixart(
+                x,
+                encoder_hidden_states=tokens,
+                timestep=t * 1000,
+                encoder_attention_mask=mask.float(),
+                added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+                return_dict=False,
+            )[0]
+        out.float().square().mean().backward()
 
     counts = {"dit": ours.count_parameters(), "pixart": sum(p.numel() for p in pixart.parameters())}
     return {"dit": step_ours, "pixart": step_pixart}, counts
 
 
-def time_interleaved(steps: dict[str, Callable[[], None]], warmup: int, reps: int) -> dict[str, list[float]]:
-    """Seconds per step of each closure, alternating them rep by rep (order flipped each rep)."""
+def time_interleaved(steps: dict[str, Callable[[], None]], warmup: int, reps: int,
+                     device: torch.device = torch.device("cpu")) -> dict[str, list[float]]:
+    """Seconds per step of each closure, alternating them rep by rep (order flipped each rep);
+    the device is synchronized before each clock reading, so a step's queued kernels count."""
     for _ in range(warmup):
         for fn in steps.values():
             fn()
@@ -118,8 +147,10 @@ def time_interleaved(steps: dict[str, Callable[[], None]], warmup: int, reps: in
     for rep in range(reps):
         order = list(steps) if rep % 2 == 0 else list(reversed(steps))
         for name in order:
+            synchronize(device)
             start = time.perf_counter()
             steps[name]()
+            synchronize(device)
             times[name].append(time.perf_counter() - start)
     return times
 
@@ -169,13 +200,18 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     s = BenchShape(args.width, args.depth, args.heads, args.patch, args.latent, args.channels, args.text_len, args.text_dim, args.batch)
     tokens = (s.latent // s.patch) ** 2
+    device, dtype = args.device, DTYPES[args.dtype]
+    where = f"{torch.get_num_threads()} CPU threads" if device.type == "cpu" else str(device)
+    if device.type == "cuda":
+        where += f" ({torch.cuda.get_device_name(device)})"
+    precision_note = "fp32" if dtype == torch.float32 else f"{args.dtype} autocast (fp32 weights)"
     print(
         f"dit bench model: width {s.width}, depth {s.depth}, heads {s.heads}, patch {s.patch}, "
         f"{tokens} tokens ({s.latent}x{s.latent}x{s.channels} latent), text {s.text_len}x{s.text_dim}, "
-        f"batch {s.batch}, fp32, {torch.get_num_threads()} threads, median of {args.reps} interleaved fwd+bwd steps"
+        f"batch {s.batch}, {precision_note}, {where}, median of {args.reps} interleaved fwd+bwd steps"
     )
-    steps, counts = make_steps(s)
-    times = time_interleaved(steps, args.warmup, args.reps)
+    steps, counts = make_steps(s, device, dtype)
+    times = time_interleaved(steps, args.warmup, args.reps, device)
     medians = {name: statistics.median(v) for name, v in times.items()}
     best = {name: min(v) for name, v in times.items()}
     macs = build_ours(s).macs((s.batch, s.channels, s.latent, s.latent), s.text_len)
@@ -202,7 +238,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=11)
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads")
+    add_device_argument(p)
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+                   help="precision of both forwards: fp32, or bf16 autocast over fp32 weights")
     p.add_argument(
         "--presets",
         nargs="*",

@@ -6,6 +6,8 @@
                   thumbnails, and Inception FID with --inception-weights (torch-fidelity)
     memorization  nearest training sample of each generated sample, near-copy fraction beside
                   held-out real data and the closed-form ideal denoiser of the training set
+
+Each runs its models on --device (default: the accelerator if present, else cpu).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from launch.sample_cmd import add_sampler_arguments, load_cascade
+from launch.sample_cmd import add_sampler_arguments, load_cascade, parse_device
 
 EXIT_UNRELIABLE = 3  # the judge is below 98% on real data: its numbers mean nothing
 
@@ -49,7 +51,7 @@ def distance(args: argparse.Namespace) -> int:
     net = train_feature_net(generated.shape[-1], steps=args.feature_steps, seed=args.seed)
     record = distribution_distances(generated, real, net)
     if args.inception_weights:
-        record["fid_inception"] = inception_fid(generated, real, args.inception_weights)
+        record["fid_inception"] = inception_fid(generated, real, args.inception_weights, args.device)
     for key, value in record.items():
         print(f"{key:<28} {value:10.4f}")
     _write_json(args.out, "distance.json", record)
@@ -95,16 +97,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def demo_evaluation(checkpoint: str, out_dir: str, prompts: list[str], steps: int = 25, cfg: float = 3.0,
-                    num: int = 64) -> dict[str, float]:
+                    num: int = 64, device: str = "auto") -> dict[str, float]:
     """The end of `make demo`: `dit sample` of `prompts` into out_dir/samples and `dit eval
-    adherence` on `num` held-out captions; prints the table and returns the generated accuracies."""
+    adherence` on `num` held-out captions, on `device` (a `--device` value); prints the table
+    and returns the generated accuracies."""
     import torch
 
     from trainer.cascade import Cascade, save_samples
     from trainer.evaluate import evaluate_adherence
     from trainer.sampling import SamplerSettings
 
-    cascade = Cascade.load(checkpoint, SamplerSettings(steps=steps, cfg_scale=cfg))
+    cascade = Cascade.load(checkpoint, SamplerSettings(steps=steps, cfg_scale=cfg), device=parse_device(device))
     grid = save_samples(cascade.sample_batched(prompts, torch.Generator().manual_seed(0)), prompts,
                         Path(out_dir) / "samples")["grid"]
     print(f"samples: {Path(out_dir) / 'samples' / grid}")

@@ -1,12 +1,15 @@
 """`dit export CKPT --format safetensors|diffusers --out DIR`: EMA weights for users.
 
 The diffusers export is verified right away: the pipeline is loaded back with diffusers and
-sampled from the same noise as our own DDIM sampler; the largest pixel difference is printed
-(and the command fails above --tolerance).
+sampled from the same noise as our own DDIM sampler, both on --device (default: the
+accelerator if present, else cpu); the largest pixel difference is printed (and the command
+fails above --tolerance).
 """
 from __future__ import annotations
 
 import argparse
+
+from launch.sample_cmd import add_device_argument
 
 VERIFY_PROMPTS = ["a large red circle at the top left", "a small blue square in the centre"]
 EXIT_MISMATCH = 4
@@ -21,6 +24,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-verify", action="store_true", help="diffusers: skip the generate-and-compare check")
     p.add_argument("--verify-steps", type=int, default=10, help="DDIM steps of the check (should divide T)")
     p.add_argument("--tolerance", type=float, default=1e-3, help="max |difference| of [0, 1] pixels")
+    add_device_argument(p)
     p.set_defaults(func=export)
 
 
@@ -32,8 +36,9 @@ def export(args: argparse.Namespace) -> int:
     print(f"exported {args.checkpoint} ({'raw' if args.raw else 'EMA'} weights) as {args.format} to {out}")
     if args.format != "diffusers" or args.no_verify:
         return 0
-    error = verify_diffusers_export(out, args.checkpoint, VERIFY_PROMPTS, steps=args.verify_steps, ema=not args.raw)
+    error = verify_diffusers_export(out, args.checkpoint, VERIFY_PROMPTS, steps=args.verify_steps, ema=not args.raw,
+                                    device=args.device)
     verdict = "ok" if error <= args.tolerance else "MISMATCH"
-    print(f"diffusers check ({args.verify_steps} DDIM steps, same noise): max |pixel difference| {error:.2e} "
-          f"(tolerance {args.tolerance:.0e}): {verdict}")
+    print(f"diffusers check on {args.device} ({args.verify_steps} DDIM steps, same noise): "
+          f"max |pixel difference| {error:.2e} (tolerance {args.tolerance:.0e}): {verdict}")
     return 0 if error <= args.tolerance else EXIT_MISMATCH

@@ -2,7 +2,8 @@
 
 CKPT_OR_RECIPE is a checkpoint directory (root with `latest`, or a step directory) or a cascade
 YAML (see trainer/cascade.py). Writes one PNG per image (MP4 per video), a grid with the prompts
-and samples.json. EMA weights unless --raw.
+and samples.json. EMA weights unless --raw. Runs on --device (default: the accelerator if
+present, else cpu); a seed gives the same samples on every device.
 """
 from __future__ import annotations
 
@@ -11,12 +12,43 @@ from pathlib import Path
 
 SAMPLERS = ("ddim", "euler", "dpmpp2m", "ddpm")
 SETTINGS = {"steps": "steps", "cfg": "cfg_scale", "guidance_rescale": "guidance_rescale", "sampler": "sampler"}
+DEVICE_HELP = "where the models run: auto (default: the accelerator if present, else cpu), cpu, cuda, cuda:N"
+
+
+def parse_device(text: str):
+    """The `--device` value as a torch.device. `auto`: the accelerator accelerate detects
+    (`accelerate.utils.get_torch_accelerator_backend`; no process group, no CUDA context),
+    else cpu. Anything else must be cpu or a device of that accelerator present here."""
+    import torch
+    from accelerate.utils import get_torch_accelerator_backend
+
+    kind, module = get_torch_accelerator_backend()
+    if text == "auto":
+        return torch.device(kind or "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != kind:
+        raise argparse.ArgumentTypeError(f"'{text}': this machine has no {device.type} device (accelerator found: "
+                                         f"{kind or 'none'}); use --device {kind or 'cpu'}")
+    if device.index is not None and device.index >= module.device_count():
+        raise argparse.ArgumentTypeError(f"'{text}': this machine has {module.device_count()} {kind} device(s), "
+                                         f"{kind}:0 to {kind}:{module.device_count() - 1}")
+    return device
+
+
+def add_device_argument(p: argparse.ArgumentParser) -> None:
+    """`--device`, resolved (and checked) when the command's arguments are parsed."""
+    p.add_argument("--device", type=parse_device, default="auto", help=DEVICE_HELP)
 
 
 def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     """Sampler settings shared by `dit sample` and `dit eval`: the defaults of every cascade
     stage that does not set its own; unset ones are those of trainer.sampling.SamplerSettings
-    (25 DDIM steps, CFG 3.0, rescale 0.7)."""
+    (25 DDIM steps, CFG 3.0, rescale 0.7); and the `--device` the cascade runs on."""
     p.add_argument("--steps", type=int, help="sampling steps (distilled students: their own count unless given)")
     p.add_argument("--cfg", type=float,
                    help="classifier-free guidance scale (distilled students: their guidance input)")
@@ -25,6 +57,7 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16, help="prompts sampled together")
     p.add_argument("--raw", action="store_true", help="sample the raw (non-EMA) weights (ZeRO 0-2 checkpoints)")
+    add_device_argument(p)
 
 
 def settings_from(args: argparse.Namespace):
@@ -38,7 +71,7 @@ def settings_from(args: argparse.Namespace):
 def load_cascade(args: argparse.Namespace):
     from trainer.cascade import Cascade
 
-    return Cascade.load(args.checkpoint, settings_from(args), ema=not args.raw)
+    return Cascade.load(args.checkpoint, settings_from(args), ema=not args.raw, device=args.device)
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -71,8 +104,10 @@ def sample(args: argparse.Namespace) -> int:
     cascade = load_cascade(args)
     pixels = cascade.sample_batched(prompts, torch.Generator().manual_seed(args.seed), args.batch_size)
     meta = {"recipe": str(args.checkpoint), "seed": args.seed, "weights": "raw" if args.raw else "ema",
+            "device": str(args.device),
             "stages": [{"checkpoint": str(s.checkpoint), **vars(s.settings)} for s in cascade.stages]}
     record = save_samples(pixels, prompts, args.out, meta)
     kind = "videos" if pixels.ndim == 5 else "images"
-    print(f"{len(prompts)} {kind} of {pixels.shape[-1]} px in {args.out} (grid: {Path(args.out) / record['grid']})")
+    print(f"{len(prompts)} {kind} of {pixels.shape[-1]} px on {args.device} in {args.out} "
+          f"(grid: {Path(args.out) / record['grid']})")
     return 0

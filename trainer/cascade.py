@@ -18,6 +18,11 @@ cascade. Each stage is rebuilt from its checkpoint's resolved config with `build
 samples with exactly the schedule, text encoder, autoencoder and shapes it was trained with.
 Between stages the image goes through pixels: decoded by one stage's autoencoder, resized to
 the next stage's low-resolution size and encoded by its autoencoder (pixel models: identity).
+
+Every stage lives on one device (`device=`, the CLI's `--device`): networks, text encoders and
+autoencoders are moved there and every tensor of a sampling call is made there; noise is drawn
+with the caller's CPU generator and moved (trainer.diffusion.randn), so a seed gives the same
+samples on any device. `sample_batched` brings each chunk back to the host for saving/judging.
 """
 from __future__ import annotations
 
@@ -127,8 +132,10 @@ class LoadedStage:
         return self.cfg.data.sr_resolution if self.superres else self.cfg.data.resolution
 
 
-def load_stage(spec: CascadeStageSpec, defaults: SamplerSettings, ema: bool = True) -> LoadedStage:
-    """Rebuild a stage from its checkpoint's config and load its EMA (or raw) weights."""
+def load_stage(spec: CascadeStageSpec, defaults: SamplerSettings, ema: bool = True,
+               device: torch.device | str = "cpu") -> LoadedStage:
+    """Rebuild a stage from its checkpoint's config, load its EMA (or raw) weights and put its
+    network and frozen helpers (text encoder, autoencoder) on `device` in float32."""
     from trainer.stages import build_stage
 
     directory = resolve_checkpoint(spec.checkpoint)
@@ -151,7 +158,10 @@ def load_stage(spec: CascadeStageSpec, defaults: SamplerSettings, ema: bool = Tr
     if distilled:
         settings = distilled_settings(cfg, settings, directory)
     stage = build_stage(replace(cfg, stage=replace(cfg.stage, kind="pretrain")) if distilled else cfg)
-    return LoadedStage(cfg, stage, stage.sampling_net(weights), settings, directory, distilled)
+    net = stage.sampling_net(weights)  # built on the host (the stage is still there)
+    stage.players["student"] = net  # the loaded network replaces the random one: one copy on the device
+    stage.to(torch.device(device))  # moves `net` (in place) and the frozen helpers
+    return LoadedStage(cfg, stage, net, settings, directory, distilled)
 
 
 def distilled_settings(cfg: RunConfig, settings: SamplerSettings, directory: Path) -> SamplerSettings:
@@ -201,9 +211,16 @@ class Cascade:
         self.stages = list(stages)
 
     @classmethod
-    def load(cls, recipe: str | Path, defaults: SamplerSettings, ema: bool = True) -> "Cascade":
+    def load(cls, recipe: str | Path, defaults: SamplerSettings, ema: bool = True,
+             device: torch.device | str = "cpu") -> "Cascade":
+        """The stages of `recipe`, all on `device`."""
         spec = load_cascade_spec(recipe)
-        return cls([load_stage(s, defaults, ema) for s in tqdm(spec.stages, desc="loading stages", leave=False)])
+        return cls([load_stage(s, defaults, ema, device) for s in tqdm(spec.stages, desc="loading stages", leave=False)])
+
+    @property
+    def device(self) -> torch.device:
+        """Where the stages run (the base model's device; `load` puts all stages on one)."""
+        return self.stages[0].stage.device
 
     @property
     def resolution(self) -> int:
@@ -224,7 +241,8 @@ class Cascade:
         return stage_pixels(s.stage, s.net, prompts, s.settings, generator, extras)
 
     def sample(self, prompts: Sequence[str], generator: torch.Generator) -> Tensor:
-        """(N, 3, H, W) images or (N, 3, F, H, W) videos in [-1, 1] at the last stage's size."""
+        """(N, 3, H, W) images or (N, 3, F, H, W) videos in [-1, 1] at the last stage's size, on
+        the cascade's device."""
         pixels: Optional[Tensor] = None
         for s in self.stages:
             pixels = self.run_stage(s, prompts, generator, pixels)
@@ -233,10 +251,11 @@ class Cascade:
 
     def sample_batched(self, prompts: Sequence[str], generator: torch.Generator, batch_size: int = 16,
                        progress: bool = True) -> Tensor:
-        """`sample` over chunks of `batch_size` prompts (one generator: reproducible per seed)."""
+        """`sample` over chunks of `batch_size` prompts (one generator: reproducible per seed),
+        each chunk brought back to the host (the device holds one chunk at a time)."""
         chunks = [prompts[i: i + batch_size] for i in range(0, len(prompts), batch_size)]
         bar = tqdm(chunks, desc="sampling", unit="batch", disable=not progress or len(chunks) < 2)
-        return torch.cat([self.sample(c, generator) for c in bar])
+        return torch.cat([self.sample(c, generator).cpu() for c in bar])
 
 
 def save_sample(sample: Tensor, stem: Path) -> Path:

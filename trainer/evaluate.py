@@ -15,6 +15,11 @@
 
 Held-out real data is synthesized with a seed no training set uses and read through the data
 pipeline with the run's data config, so it is decoded and resized exactly as training data.
+
+Models run on the cascade's device; so do the autoencoder encodings, nearest-neighbour searches
+and the closed-form denoiser of the audit. The yardsticks stay on the host, seeded, so their
+numbers do not depend on the device: the shapes judge (numpy) and the feature CNN of the
+Frechet distance.
 """
 from __future__ import annotations
 
@@ -55,14 +60,15 @@ def _stream_config(data: DataConfig, shards: str, batch_size: int) -> DataConfig
 def stream_samples(data: DataConfig, shards: str, batch_size: int = 64,
                    progress: bool = False) -> Iterator[tuple[Tensor, list[str], list[str]]]:
     """One epoch of (pixels, captions, keys) batches of `shards` through the data pipeline:
-    images (B, 3, H, W) or videos (B, 3, F, H, W) in [-1, 1], padding samples dropped."""
-    from data_pipeline.stream import build_stream
+    images (B, 3, H, W) or videos (B, 3, F, H, W) in [-1, 1] on the host (the loader's uint8
+    normalised by its own `batch_to_device`), padding samples dropped."""
+    from data_pipeline.stream import batch_to_device, build_stream
 
     stream = build_stream(_stream_config(data, shards, batch_size), rank=0, world_size=1)
     batches = iter(stream)
     for _ in tqdm(range(stream.batches_per_epoch), desc=f"reading {Path(shards).name}", disable=not progress,
                   leave=False):
-        batch = next(batches)
+        batch = batch_to_device(next(batches), torch.device("cpu"))
         pixels = batch.get("video" if data.kind == "video" else "image")
         if pixels is None:
             raise ValueError(f"{shards} holds no pixels (precomputed latents?); audit pixel shards")
@@ -269,8 +275,9 @@ def distribution_distances(generated: Tensor, real: Tensor, net: ShapesFeatureNe
     return out
 
 
-def inception_fid(generated: Tensor, real: Tensor, weights: str | Path) -> float:
-    """FID with Inception-v3 weights from a local file, through torch-fidelity."""
+def inception_fid(generated: Tensor, real: Tensor, weights: str | Path, device: torch.device | str = "cpu") -> float:
+    """FID with Inception-v3 weights from a local file, through torch-fidelity (on CUDA when
+    `device` is a CUDA device)."""
     try:
         import torch_fidelity
     except ImportError:
@@ -287,7 +294,7 @@ def inception_fid(generated: Tensor, real: Tensor, weights: str | Path) -> float
                 Image.fromarray(img).save(folder / f"{i:06d}.png")
         metrics = torch_fidelity.calculate_metrics(input1=str(Path(tmp) / "generated"), input2=str(Path(tmp) / "real"),
                                                    fid=True, feature_extractor_weights_path=str(weights),
-                                                   cuda=torch.cuda.is_available(), verbose=False)
+                                                   cuda=torch.device(device).type == "cuda", verbose=False)
     return float(metrics["frechet_inception_distance"])
 
 
@@ -312,12 +319,13 @@ class NearestNeighbours:
 
 def nearest_training(samples: Tensor, batches: Iterator[tuple[Tensor, list[str]]]) -> NearestNeighbours:
     """Nearest neighbours of samples (B, ...) among streamed training batches ((N, ...), keys),
-    as RMS distances in float64; the training set never has to fit in memory."""
+    as RMS distances in float64 on the samples' device; the training set never has to fit in
+    memory."""
     flat = samples.flatten(1).double()  # (B, D)
-    best = torch.full((flat.shape[0], 2), float("inf"), dtype=torch.float64)  # (B, 2) two smallest
+    best = torch.full((flat.shape[0], 2), float("inf"), dtype=torch.float64, device=flat.device)  # (B, 2) two smallest
     keys = [""] * flat.shape[0]
     for data, names in batches:
-        d = torch.cdist(flat, data.flatten(1).double())  # (B, N)
+        d = torch.cdist(flat, data.flatten(1).to(flat.device, torch.float64))  # (B, N)
         both = torch.cat([best, d], dim=1)  # (B, 2 + N)
         top, idx = both.topk(min(2, both.shape[1]), dim=1, largest=False)  # (B, 2)
         for i, j in enumerate(idx[:, 0].tolist()):
@@ -325,6 +333,7 @@ def nearest_training(samples: Tensor, batches: Iterator[tuple[Tensor, list[str]]
                 keys[i] = names[j - 2]
         best = top
     scale = flat.shape[1] ** 0.5
+    best = best.cpu()
     return NearestNeighbours(best[:, 0] / scale, best[:, 1] / scale, keys)
 
 
@@ -351,11 +360,13 @@ def training_tensor(data: DataConfig, encode: Callable[[Tensor], Tensor], limit:
 @torch.no_grad()
 def closed_form_samples(train: Tensor, schedule: "NoiseSchedule", num: int, steps: int,
                         generator: torch.Generator) -> Tensor:
-    """`num` DDIM samples (trailing steps) of the ideal denoiser of `train` (N, ...)."""
+    """`num` DDIM samples (trailing steps) of the ideal denoiser of `train` (N, ...), on its
+    device; the noise is drawn on the generator's device and moved there."""
     from trainer.diffusion import ClosedFormDenoiser, sample_ddim, sampling_timesteps
 
     model = ClosedFormDenoiser(train, schedule, prediction="v")
-    x = torch.randn((num, *train.shape[1:]), generator=generator, dtype=torch.float64)
+    x = torch.randn((num, *train.shape[1:]), generator=generator, dtype=torch.float64,
+                    device=generator.device).to(train.device)
     return sample_ddim(model, x, sampling_timesteps(schedule, steps, "trailing"), schedule, "v").float()
 
 
@@ -383,20 +394,22 @@ def memorization_audit(cascade: "Cascade", num: int = 32, seed: int = 0, space: 
                        reference_limit: int = 20_000, batch_size: int = 16) -> MemorizationReport:
     """Generated samples of a cascade, held-out real samples and (reference_steps > 0) the
     closed-form denoiser's samples, each against the last stage's training set; near-copy
-    threshold: NEAR_COPY_RMS unless given."""
+    threshold: NEAR_COPY_RMS unless given. Encodings and distances on the cascade's device."""
     threshold = NEAR_COPY_RMS if threshold is None else threshold
     last = cascade.stages[-1]
     data = last.cfg.data
     if space not in ("pixel", "latent"):
         raise ValueError(f"space '{space}': pixel or latent")
-    encode = last.stage.autoencoder.encode if space == "latent" else (lambda x: x)
+    device = cascade.device
+    to_x0 = lambda x: last.stage.autoencoder.encode(x.to(device)).float()  # noqa: E731  (the DiT's x0 space)
+    encode = to_x0 if space == "latent" else (lambda x: x.to(device))  # noqa: E731
     real, captions = heldout_set(data, num)
     generated = cascade.sample_batched(captions, torch.Generator().manual_seed(seed), batch_size)
     gen_nn = nearest_training(encode(generated), training_batches(data, encode))
     real_nn = nearest_training(encode(real), training_batches(data, encode, progress=False))
     reference = None
     if reference_steps > 0:
-        train = training_tensor(data, last.stage.autoencoder.encode, reference_limit)  # the DiT's own x0 space
+        train = training_tensor(data, to_x0, reference_limit)
         x0 = closed_form_samples(train, last.stage.schedule, num, reference_steps, torch.Generator().manual_seed(seed))
         samples = encode(last.stage.decode(x0)) if space == "pixel" else x0
         reference = nearest_training(samples, training_batches(data, encode, progress=False)).summary(threshold)

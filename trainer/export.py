@@ -35,6 +35,7 @@ from diffusers import ConfigMixin, DiffusionPipeline, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -119,7 +120,8 @@ class DiTTextToImagePipeline(DiffusionPipeline):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         cfg = self.transformer.config
         shape = (len(prompts), cfg.in_channels, cfg.sample_size, cfg.sample_size)
-        x = latents if latents is not None else torch.randn(shape, generator=generator)
+        # drawn on the generator's device, then moved: a CPU generator serves any device
+        x = latents if latents is not None else randn_tensor(shape, generator=generator, device=self.device)
         x = x.to(self.device) * self.scheduler.init_noise_sigma
         cond = self.encode_prompt(prompts)
         guided = guidance_scale != 1.0
@@ -259,8 +261,8 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path, ema: bool = True) 
 # ------------------------------------------------------------------------------- verification
 
 
-def load_pipeline(directory: str | Path) -> DiTTextToImagePipeline:
-    return DiffusionPipeline.from_pretrained(str(directory), trust_remote_code=True)
+def load_pipeline(directory: str | Path, device: torch.device | str = "cpu") -> DiTTextToImagePipeline:
+    return DiffusionPipeline.from_pretrained(str(directory), trust_remote_code=True).to(device)
 
 
 @torch.no_grad()
@@ -268,21 +270,24 @@ def compare_with_pipeline(pipe: DiTTextToImagePipeline, checkpoint: str | Path, 
                           cfg_scale: float = 3.0, guidance_rescale: float = 0.7, seed: int = 0,
                           ema: bool = True) -> float:
     """Max |difference| in [0, 1] pixels between a diffusers pipeline and our own DDIM sampler
-    on `checkpoint`, both started from the same noise."""
+    on `checkpoint`, both started from the same noise (drawn with a CPU generator) and run on
+    the pipeline's device."""
     from trainer.cascade import Cascade, CascadeStageSpec, load_stage
+    from trainer.diffusion import randn
     from trainer.sampling import SamplerSettings
 
     settings = SamplerSettings(steps=steps, cfg_scale=cfg_scale, guidance_rescale=guidance_rescale, sampler="ddim")
-    loaded = load_stage(CascadeStageSpec(str(checkpoint)), settings, ema=ema)
+    loaded = load_stage(CascadeStageSpec(str(checkpoint)), settings, ema=ema, device=pipe.device)
     ours = Cascade([loaded]).sample(prompts, torch.Generator().manual_seed(seed))  # (B, 3, H, W) in [-1, 1]
-    noise = torch.randn((len(prompts), *loaded.stage.sample_shape()), generator=torch.Generator().manual_seed(seed))
+    noise = randn((len(prompts), *loaded.stage.sample_shape()), torch.Generator().manual_seed(seed), pipe.device)
     pipe.set_progress_bar_config(disable=True)
     theirs = pipe(prompts, num_inference_steps=steps, guidance_scale=cfg_scale, guidance_rescale=guidance_rescale,
                   latents=noise, output_type="pt").images  # (B, 3, H, W) in [0, 1]
-    return float(((ours + 1) / 2 - theirs).abs().max())
+    return float(((ours.cpu() + 1) / 2 - theirs.cpu()).abs().max())
 
 
 def verify_diffusers_export(directory: str | Path, checkpoint: str | Path, prompts: list[str], steps: int = 10,
-                            ema: bool = True) -> float:
-    """Load the export with diffusers and compare it with our sampler (`compare_with_pipeline`)."""
-    return compare_with_pipeline(load_pipeline(directory), checkpoint, prompts, steps, ema=ema)
+                            ema: bool = True, device: torch.device | str = "cpu") -> float:
+    """Load the export with diffusers on `device` and compare it with our sampler there
+    (`compare_with_pipeline`)."""
+    return compare_with_pipeline(load_pipeline(directory, device), checkpoint, prompts, steps, ema=ema)
