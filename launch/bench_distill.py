@@ -27,6 +27,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from launch.sample_cmd import add_device_argument
+
 PROGRESSIVE_TARGET = (4, 0.95)  # (steps, share of the teacher's score)
 NOT_ATTRIBUTES = ("count", "overall")  # judge keys that are not single attributes
 ADVERSARIAL_TARGET = (1, 0.90)
@@ -67,6 +69,7 @@ def register_bench(bench_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="", help="also write the rows to this JSON file")
+    add_device_argument(p)
     p.set_defaults(func=bench_distill)
 
 
@@ -76,8 +79,8 @@ def run_sampler(sample: Sampler, prompts: Sequence[str], batch_size: int, seed: 
     sample(prompts[:1], torch.Generator().manual_seed(seed))
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
-    pixels = torch.cat([sample(prompts[i: i + batch_size], generator) for i in range(0, len(prompts), batch_size)])
-    return pixels, (time.perf_counter() - start) / len(prompts)
+    pixels = torch.cat([sample(prompts[i: i + batch_size], generator).cpu() for i in range(0, len(prompts), batch_size)])
+    return pixels, (time.perf_counter() - start) / len(prompts)  # .cpu() waited for the device
 
 
 def measure(name: str, steps: int, nfe: int, sample: Sampler, prompts: Sequence[str], args: argparse.Namespace) -> Row:
@@ -104,12 +107,13 @@ def student_sampler(loaded, steps: int, scale: float) -> Sampler:
     return lambda prompts, g: distilled_pixels(loaded.stage, loaded.net, prompts, steps, scale, g)
 
 
-def load_student(directory: Path):
+def load_student(directory: Path, device: torch.device):
     """A distillation checkpoint or round export as a plain sampling stage (no teacher loaded)."""
     from trainer.cascade import CascadeStageSpec, load_stage
     from trainer.sampling import SamplerSettings
 
-    return load_stage(CascadeStageSpec(str(directory), overrides=["stage.kind=pretrain"]), SamplerSettings())
+    return load_stage(CascadeStageSpec(str(directory), overrides=["stage.kind=pretrain"]), SamplerSettings(),
+                      device=device)
 
 
 def student_rows(args: argparse.Namespace, prompts: Sequence[str], scale: float) -> list[Row]:
@@ -122,12 +126,12 @@ def student_rows(args: argparse.Namespace, prompts: Sequence[str], scale: float)
             print(f"  progressive {steps}-step student: no export in {args.progressive}/rounds "
                   f"(train configs/distill_progressive.yaml)", flush=True)
             continue
-        rows.append(measure("progressive", steps, steps, student_sampler(load_student(exports[steps]), steps, scale),
+        rows.append(measure("progressive", steps, steps, student_sampler(load_student(exports[steps], args.device), steps, scale),
                             prompts, args))
     if not Path(args.adversarial).is_dir():
         print(f"  adversarial student: no checkpoint at {args.adversarial} (train configs/distill_adversarial.yaml)")
         return rows
-    loaded = load_student(Path(args.adversarial))
+    loaded = load_student(Path(args.adversarial), args.device)
     for steps in args.adversarial_steps:
         rows.append(measure("adversarial", steps, steps, student_sampler(loaded, steps, scale), prompts, args))
     return rows
@@ -167,7 +171,7 @@ def bench_distill(args: argparse.Namespace) -> int:
         print(f"dit bench distill: no teacher checkpoint at {args.teacher}; run `dit demo configs/demo.yaml` "
               f"(or pass --teacher)")
         return 2
-    teacher = load_stage(CascadeStageSpec(args.teacher), SamplerSettings())
+    teacher = load_stage(CascadeStageSpec(args.teacher), SamplerSettings(), device=args.device)
     scale = args.cfg if args.cfg is not None else teacher.cfg.log.sample_cfg
     real, captions = heldout_set(teacher.cfg.data, args.num)
     prompts = captions[: args.num]
