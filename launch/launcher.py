@@ -530,8 +530,11 @@ def topology_from_args(args: argparse.Namespace, gpus: int) -> Topology:
 
 def check_config(config: str, overrides: list[str], world_size: int) -> RunConfig:
     """Load and validate the run config for this world size: fails fast, naming the key."""
+    from trainer.stages import preflight
+
     cfg = load_config(config, overrides)
     validate(cfg, world_size=world_size)
+    preflight(cfg)
     return cfg
 
 

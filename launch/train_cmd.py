@@ -35,10 +35,12 @@ def resume_refusal(cfg: RunConfig, world_size: int) -> Optional[str]:
 def train(args: argparse.Namespace) -> int:
     from trainer.distributed import world_from_env
     from trainer.engine import EXIT_CHECKPOINT, train as run_training
+    from trainer.stages import preflight
 
     cfg = load_config(args.config, overrides_of(args))
     world_size = world_from_env()[1]
     validate(cfg, world_size=world_size)  # before any process group starts
+    preflight(cfg)
     refusal = resume_refusal(cfg, world_size)
     if refusal is not None:
         print(f"dit train: {refusal}", file=sys.stderr, flush=True)

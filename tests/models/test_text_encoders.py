@@ -116,3 +116,76 @@ def test_open_clip_random_tower_then_weights_from_a_file(tmp_path):
 def test_open_clip_unknown_arch():
     with pytest.raises(ValueError, match="model.text.arch"):
         build_text_encoder(TextEncoderConfig(kind="open_clip", arch="NoSuchNet"))
+
+
+def test_cache_encodes_new_captions_together_and_independently_of_their_company(minilm):
+    """New captions go through the encoder in fixed-size chunks; a caption's embedding is the
+    same bit for bit whatever shared its chunk and whatever the cache held (exact resume)."""
+    from trainer.models.text import CachedTextEncoder
+
+    captions = [f"a small red circle number {i}" for i in range(21)]
+    calls = []
+    encode = minilm.encode
+    minilm.encode = lambda batch: calls.append(len(batch)) or encode(batch)
+    try:
+        together = CachedTextEncoder(minilm, chunk=8).encode(captions)
+        assert calls == [8, 8, 8]  # 21 new captions: three forwards, each of exactly `chunk` rows
+        alone = CachedTextEncoder(minilm, chunk=8).encode([captions[13], captions[0]])
+    finally:
+        del minilm.encode
+    assert torch.equal(together.tokens[13], alone.tokens[0]) and torch.equal(together.tokens[0], alone.tokens[1])
+    assert torch.equal(together.pooled[13], alone.pooled[0]) and torch.equal(together.mask[13], alone.mask[0])
+    cached = CachedTextEncoder(minilm, chunk=8)
+    cached.encode(captions[:5])
+    again = cached.encode([captions[2], captions[20]])  # one hit, one new
+    assert torch.equal(again.tokens[0], together.tokens[2]) and torch.equal(again.tokens[1], together.tokens[20])
+
+
+def clip_text_config(tokenizer):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, max_position_embeddings=32, eos_token_id=tokenizer.sep_token_id)
+
+
+def save_clip_text(path, tokenizer):
+    from transformers import CLIPTextModel
+
+    CLIPTextModel(clip_text_config(tokenizer)).save_pretrained(path)
+
+
+def save_clip(path, tokenizer):
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
+
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=32, patch_size=16)
+    CLIPModel(CLIPConfig(text_config=clip_text_config(tokenizer).to_dict(), vision_config=vision.to_dict(),
+                         projection_dim=16)).save_pretrained(path)
+
+
+def save_t5_encoder(path, tokenizer):
+    from transformers import T5Config, T5EncoderModel
+
+    T5EncoderModel(T5Config(vocab_size=tokenizer.vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                            num_heads=2)).save_pretrained(path)
+
+
+@pytest.mark.parametrize("save", [save_clip_text, save_clip, save_t5_encoder],
+                         ids=["CLIPTextModel", "CLIPModel", "T5EncoderModel"])
+def test_real_encoder_folders_train_a_step(tmp_path, minilm_tokenizer, save):
+    """Structurally complete (random-weight) transformers folders written by save_pretrained,
+    as users point model.text.path at them: a pretraining step runs and its gradient is finite."""
+    from tests.eval.eval_helpers import tiny_config
+    from trainer.stages import build_stage
+
+    folder = tmp_path / "encoder"
+    save(folder, minilm_tokenizer)
+    minilm_tokenizer.save_pretrained(folder)
+    stage = build_stage(tiny_config(tmp_path, "model.text.kind=hf", f"model.text.path={folder}"))
+    assert stage.text.dim == 32
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.rand(2, 3, 16, 16, generator=g) * 2 - 1, "caption": CAPTIONS, "valid": torch.ones(2, dtype=torch.bool)}
+    (player, loss, _), = list(stage.losses(batch, g))
+    loss.backward()
+    grads = [p.grad for p in stage.players["student"].parameters() if p.grad is not None]
+    assert player == "student" and torch.isfinite(loss) and grads and all(torch.isfinite(v).all() for v in grads)

@@ -33,6 +33,7 @@ from trainer.config import TextEncoderConfig
 from trainer.models.dit import TextEmbedding
 
 T5_FAMILY = ("t5", "mt5", "umt5")
+CLIP_FAMILY = ("clip", "clip_text_model")  # a whole CLIP folder: its text tower is loaded
 
 
 def masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:
@@ -101,15 +102,18 @@ class TextEncoder(nn.Module):
 class CachedTextEncoder:
     """Memoizes a frozen encoder's output per caption (LRU, `capacity` captions).
 
-    Each new caption is encoded alone (batch of one), so a caption's embedding never depends
-    on which other captions shared its batch or on what the cache held: a resumed run gets the
-    bit-identical embeddings an uninterrupted one used. Epochs after the first skip the
-    encoder entirely for datasets whose captions fit in the cache.
+    The captions of a batch that are not cached are encoded together, `chunk` at a time, each
+    call padded with empty captions to exactly `chunk` rows: one encoder forward per chunk (not
+    per caption, which would starve an accelerator on data whose captions are all new), and a
+    fixed shape, so a caption's embedding does not depend on how many others were new with it
+    or on what the cache held: a resumed run gets the bit-identical embeddings an uninterrupted
+    one used. Epochs after the first skip the encoder for datasets whose captions fit the cache.
     """
 
-    def __init__(self, encoder: TextEncoder, capacity: int = 4096):
+    def __init__(self, encoder: TextEncoder, capacity: int = 4096, chunk: int = 16):
         self.encoder = encoder
         self.capacity = capacity
+        self.chunk = chunk
         self.cache: OrderedDict[str, tuple[Tensor, Tensor, Tensor]] = OrderedDict()
 
     def __getattr__(self, name: str):
@@ -118,32 +122,43 @@ class CachedTextEncoder:
     def clear(self) -> None:
         self.cache.clear()
 
-    def _row(self, caption: str) -> tuple[Tensor, Tensor, Tensor]:
-        if caption in self.cache:
-            self.cache.move_to_end(caption)
-            return self.cache[caption]
-        e = self.encoder.encode([caption])
-        row = (e.tokens[0], e.mask[0], e.pooled[0])  # (L, Dt), (L,), (Dp,)
-        self.cache[caption] = row
-        if len(self.cache) > self.capacity:
-            self.cache.popitem(last=False)
-        return row
+    def _encode_new(self, captions: list[str]) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+        """Rows (L, Dt), (L,), (Dp,) of captions not in the cache, `chunk` per encoder call."""
+        rows = {}
+        for i in range(0, len(captions), self.chunk):
+            part = captions[i: i + self.chunk]
+            e = self.encoder.encode(part + [""] * (self.chunk - len(part)))  # (chunk, ...)
+            rows.update((c, (e.tokens[j], e.mask[j], e.pooled[j])) for j, c in enumerate(part))
+        return rows
 
     def encode(self, captions: list[str]) -> TextEmbedding:
         if self.encoder.null_tokens is not None:  # a learned null must stay in the graph
             return self.encoder.encode(captions)
-        tokens, mask, pooled = zip(*(self._row(c) for c in captions))
+        rows = self._encode_new(list(dict.fromkeys(c for c in captions if c not in self.cache)))
+        for c in captions:
+            if c in rows:
+                continue
+            self.cache.move_to_end(c)
+            rows[c] = self.cache[c]
+        for c, row in rows.items():
+            self.cache[c] = row
+            if len(self.cache) > self.capacity:
+                self.cache.popitem(last=False)
+        tokens, mask, pooled = zip(*(rows[c] for c in captions))
         return TextEmbedding(torch.stack(tokens), torch.stack(mask), torch.stack(pooled))
 
 
 class HFTextEncoder(TextEncoder):
-    """A transformers encoder (BERT-like AutoModel, or T5EncoderModel); pooled = masked mean."""
+    """A transformers encoder (BERT-like AutoModel, T5EncoderModel, or CLIPTextModel - also the
+    text tower of a whole CLIPModel folder, as Stable Diffusion's `text_encoder`); pooled = masked mean."""
 
     def __init__(self, path: str, max_length: int, null: str, *, t5: bool = False, normalize: bool = False):
-        from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
+        from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
 
-        t5 = t5 or AutoConfig.from_pretrained(path).model_type in T5_FAMILY
-        backbone = (T5EncoderModel if t5 else AutoModel).from_pretrained(path)
+        model_type = AutoConfig.from_pretrained(path).model_type
+        t5 = t5 or model_type in T5_FAMILY
+        model = T5EncoderModel if t5 else CLIPTextModel if model_type in CLIP_FAMILY else AutoModel
+        backbone = model.from_pretrained(path)
         dim = backbone.config.d_model if t5 else backbone.config.hidden_size
         super().__init__(backbone, dim, dim, max_length, null)
         self.tokenizer = AutoTokenizer.from_pretrained(path)

@@ -7,6 +7,16 @@ from trainer.config import RunConfig
 from trainer.stages.base import Stage
 
 
+def preflight(cfg: RunConfig) -> None:
+    """Stage-specific checks from configs alone (no network built, no process group): `dit
+    train` and `dit launch` run them first, so a bad distillation config fails in seconds with
+    the key named (ConfigError) instead of after DeepSpeed started."""
+    if cfg.stage.kind in ("progressive", "adversarial"):
+        from trainer.stages.progressive import check_distillation
+
+        check_distillation(cfg)
+
+
 def build_stage(cfg: RunConfig) -> Stage:
     kind = cfg.stage.kind
     if kind == "autoencoder":

@@ -153,6 +153,17 @@ def teacher_steps_for(step_counts: Sequence[int], distilled: Optional[int], at_l
     return distilled
 
 
+def check_adversarial(stage: StageConfig, distilled: Optional[int], teacher_steps: int) -> tuple[list[int], int]:
+    """The student's step counts (largest first) and the teacher's sampler steps, after checking
+    `stage.rounds` and `stage.adv_mse_weight` against a teacher distilled to `distilled` steps."""
+    if not stage.rounds or min(stage.rounds) < 1:
+        raise ConfigError("stage.rounds", f"{list(stage.rounds)}: list the student's step counts, e.g. [4, 2, 1]")
+    if stage.adv_mse_weight < 0:
+        raise ConfigError("stage.adv_mse_weight", "must be >= 0")
+    step_counts = sorted(set(stage.rounds), reverse=True)
+    return step_counts, teacher_steps_for(step_counts, distilled, teacher_steps)
+
+
 # ------------------------------------------------------------------------------- the stage
 
 
@@ -180,12 +191,7 @@ class AdversarialStage(DistillationStage):
     def __init__(self, model: ModelConfig, diffusion: DiffusionConfig, stage: StageConfig, data: DataConfig,
                  teacher_steps: int = 32):
         super().__init__(model, diffusion, stage, data)
-        if not stage.rounds or min(stage.rounds) < 1:
-            raise ConfigError("stage.rounds", f"{list(stage.rounds)}: list the student's step counts, e.g. [4, 2, 1]")
-        if stage.adv_mse_weight < 0:
-            raise ConfigError("stage.adv_mse_weight", "must be >= 0")
-        self.step_counts = sorted(set(stage.rounds), reverse=True)
-        self.teacher_steps = teacher_steps_for(self.step_counts, self.teacher.steps, teacher_steps)
+        self.step_counts, self.teacher_steps = check_adversarial(stage, self.teacher.steps, teacher_steps)
         trunk = frozen(copy.deepcopy(self.teacher.net))
         self.players["disc"] = PairDiscriminator(DiscriminatorHeads(trunk, head_block_ids(len(trunk.blocks))))
 

@@ -42,7 +42,11 @@ class AutoencoderStage(Stage):
         self.held: list[Tensor] = []  # a few training images for the scale fit and the grid
 
     def pixels(self, batch: dict[str, Any]) -> Tensor:
-        return batch["video"].flatten(1, 2) if self.data.kind == "video" else batch["image"]
+        """Images (B, 3, H, W); a video's frames are images of the same (2-D) autoencoder."""
+        if self.data.kind != "video":
+            return batch["image"]
+        video = batch["video"]  # (B, 3, F, H, W)
+        return video.transpose(1, 2).flatten(0, 1)  # (B F, 3, H, W)
 
     def losses(self, batch: dict[str, Any], generator: torch.Generator) -> Iterator[PlayerLoss]:
         x = self.pixels(batch)  # (B, 3, H, W) in [-1, 1]

@@ -41,7 +41,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from trainer.checkpoint import COMPLETE, EMA_FILE, load_for_inference
+from trainer.checkpoint import COMPLETE, EMA_FILE, LATEST, load_for_inference
 from trainer.config import (
     ConfigError,
     DataConfig,
@@ -247,19 +247,58 @@ def check_same_as_teacher(run: dict[str, Any], teacher: dict[str, Any], where: s
                                   f"the teacher's value")
 
 
-def load_teacher(directory: str, model: ModelConfig, diffusion: DiffusionConfig, data: DataConfig,
-                 text_dim: int, pooled_dim: int) -> tuple[Teacher, dict[str, Tensor]]:
-    """The frozen teacher of `stage.teacher` (a checkpoint root with `latest`, a step directory or
-    a round export) built from its own config and EMA weights, and those weights."""
+def check_teacher_exists(directory: str) -> None:
     if not directory:
         raise ConfigError("stage.teacher", "distillation needs the teacher's checkpoint directory")
     if not Path(directory).exists():
         raise ConfigError("stage.teacher", f"{directory} does not exist; point it at a checkpoint directory")
-    config_yaml, weights = load_for_inference(directory)
+
+
+def check_teacher(directory: str, model: ModelConfig, diffusion: DiffusionConfig, data: DataConfig,
+                  config_yaml: Optional[str] = None) -> RunConfig:
+    """The teacher's run config, after checking that `stage.teacher` names one whose network,
+    schedule and data this run shares (reads only its config.yaml unless given)."""
+    check_teacher_exists(directory)
+    if config_yaml is None:
+        root = Path(directory)
+        step = root / (root / LATEST).read_text().strip() if (root / LATEST).is_file() else root
+        if not (step / "config.yaml").is_file():
+            raise ConfigError("stage.teacher", f"{directory} holds no checkpoint (no config.yaml); point it at a "
+                                               f"checkpoint root, a step directory or a round export")
+        config_yaml = (step / "config.yaml").read_text()
     cfg = read_run_config(config_yaml)
     ours = {"model": to_dict(model), "diffusion": to_dict(diffusion), "data": to_dict(data)}
     check_same_as_teacher(ours, {"model": to_dict(cfg.model), "diffusion": to_dict(cfg.diffusion),
                                  "data": to_dict(cfg.data)}, directory)
+    return cfg
+
+
+def check_weighting(diffusion: DiffusionConfig) -> None:
+    if diffusion.zero_terminal_snr and diffusion.loss_weighting == "min_snr":
+        raise ConfigError("diffusion.loss_weighting", "min_snr weighs t = 1 (SNR 0) by 0, the step every distilled "
+                                                      "sampler starts with; use trunc_snr (Salimans & Ho 2022)")
+
+
+def check_distillation(cfg: RunConfig) -> None:
+    """What a progressive or adversarial run needs, checked from configs alone (no network is
+    built): `dit train` and `dit launch` run it before any process starts."""
+    check_weighting(cfg.diffusion)
+    teacher = check_teacher(cfg.stage.teacher, cfg.model, cfg.diffusion, cfg.data)
+    if cfg.stage.kind == "progressive":
+        check_rounds(cfg.stage.rounds, cfg.stage.steps, distilled_steps(teacher))
+    else:
+        from trainer.stages.adversarial import check_adversarial
+
+        check_adversarial(cfg.stage, distilled_steps(teacher), cfg.log.sample_steps)
+
+
+def load_teacher(directory: str, model: ModelConfig, diffusion: DiffusionConfig, data: DataConfig,
+                 text_dim: int, pooled_dim: int) -> tuple[Teacher, dict[str, Tensor]]:
+    """The frozen teacher of `stage.teacher` (a checkpoint root with `latest`, a step directory or
+    a round export) built from its own config and EMA weights, and those weights."""
+    check_teacher_exists(directory)
+    config_yaml, weights = load_for_inference(directory)
+    cfg = check_teacher(directory, model, diffusion, data, config_yaml)
     net = frozen(build_dit(cfg.model, text_dim, pooled_dim))
     net.load_state_dict(weights)
     steps = distilled_steps(cfg)
@@ -313,9 +352,7 @@ class DistillationStage(PretrainStage):
     student samples without CFG, with guidance = log.sample_cfg when guidance-conditioned)."""
 
     def __init__(self, model: ModelConfig, diffusion: DiffusionConfig, stage: StageConfig, data: DataConfig):
-        if diffusion.zero_terminal_snr and diffusion.loss_weighting == "min_snr":
-            raise ConfigError("diffusion.loss_weighting", "min_snr weighs t = 1 (SNR 0) by 0, the step every distilled "
-                                                          "sampler starts with; use trunc_snr (Salimans & Ho 2022)")
+        check_weighting(diffusion)
         super().__init__(model, diffusion, stage, data)
         self.teacher, weights = load_teacher(stage.teacher, model, diffusion, data, self.text.dim, self.text.pooled_dim)
         init_student_from(self.players["student"], weights)

@@ -29,7 +29,8 @@ class SuperResStage(PretrainStage):
         return self.data.sr_resolution // self.autoencoder.downsample_factor
 
     def lowres_input(self, batch: dict[str, Any]) -> Tensor:
-        return self.autoencoder.encode(batch["image_lr"]).float()
+        """The low-resolution pair the loader delivers (`image_lr`, or `video_lr` for clips), encoded."""
+        return self.autoencoder.encode(batch[f"{self.data.kind}_lr"]).float()
 
     def augment(self, lowres: Tensor, level: Tensor, generator: torch.Generator) -> Tensor:
         """Noise-conditioning augmentation: x_lo at diffusion time `level` of the same schedule."""
