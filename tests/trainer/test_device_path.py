@@ -154,3 +154,21 @@ class HostTensorStage(Stage):
 def test_a_host_tensor_in_a_stage_is_caught():
     with pytest.raises(FakeTensorDeviceMismatchError):
         one_step_on_fake_cuda(HostTensorStage(), uint8_batch(4, 3, 16, 16))
+
+
+def test_video_superres_step_on_device(tmp_path):
+    """Clips with their low-resolution pairs (`video_lr`, as the loader names them)."""
+    cfg = tiny_config(tmp_path, "stage.kind=superres", "model.superres=true", "data.sr_resolution=32",
+                      "model.video=true", "data.kind=video", "data.num_frames=4")
+    lowres = torch.randint(0, 256, (2, 3, 4, 16, 16), dtype=torch.uint8)
+    assert one_step_on_fake_cuda(build_stage(cfg), uint8_batch(2, 3, 4, 32, 32, video_lr=lowres)) == ["student"]
+
+
+def test_video_autoencoder_step_on_device(tmp_path):
+    """The autoencoder stage on clips trains the 2-D autoencoder on their frames."""
+    cfg = tiny_config(tmp_path, "stage.kind=autoencoder", "data.kind=video", "data.num_frames=4",
+                      f"model.autoencoder.path={tmp_path / 'ae'}")
+    stage = build_stage(cfg)
+    batch = uint8_batch(2, 3, 4, 16, 16)
+    assert tuple(stage.pixels(batch_to_device(batch, torch.device("cpu"))).shape) == (8, 3, 16, 16)
+    assert one_step_on_fake_cuda(stage, batch) == ["student"]
