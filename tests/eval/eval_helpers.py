@@ -37,6 +37,17 @@ def write_checkpoint(cfg: RunConfig, seed: int = 0, step: int = 1) -> Path:
     return Path(cfg.checkpoint.dir)
 
 
+def write_cascade(root: Path, sr_options: str = "    noise_aug: 0.2\n") -> Path:
+    """A tiny base model (16 px) and super-resolution model (16 -> 32 px) with random weights,
+    and a cascade recipe over them (`sr_options`: YAML lines of the second stage)."""
+    write_checkpoint(tiny_config(root / "base"))
+    write_checkpoint(tiny_config(root / "sr", "stage.kind=superres", "model.superres=true", "data.sr_resolution=32"),
+                     seed=1)
+    recipe = root / "cascade.yaml"
+    recipe.write_text("stages:\n  - checkpoint: base/checkpoints\n  - checkpoint: sr/checkpoints\n" + sr_options)
+    return recipe
+
+
 def write_autoencoder(directory: Path, seed: int = 0) -> Path:
     """A random tiny AutoencoderKL saved as the autoencoder stage saves it."""
     from trainer.config import AutoencoderConfig

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from launch.cli import main as dit
-from tests.eval.eval_helpers import tiny_config, write_checkpoint
+from tests.eval.eval_helpers import tiny_config, write_cascade, write_checkpoint
 from trainer.cascade import Cascade, load_cascade_spec
 from trainer.config import ConfigError
 from trainer.sampling import SamplerSettings
@@ -20,14 +20,7 @@ PROMPTS = ["a large red circle at the top left", "a small blue square in the cen
 
 @pytest.fixture(scope="module")
 def cascade_yaml(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cascade")
-    write_checkpoint(tiny_config(root / "base"))
-    write_checkpoint(tiny_config(root / "sr", "stage.kind=superres", "model.superres=true", "data.sr_resolution=32"),
-                     seed=1)
-    recipe = root / "cascade.yaml"
-    recipe.write_text("stages:\n  - checkpoint: base/checkpoints\n"
-                      "  - checkpoint: sr/checkpoints\n    steps: 3\n    cfg: 1.5\n    noise_aug: 0.2\n")
-    return recipe
+    return write_cascade(tmp_path_factory.mktemp("cascade"), "    steps: 3\n    cfg: 1.5\n    noise_aug: 0.2\n")
 
 
 def test_cascade_samples_at_target_size(cascade_yaml, tmp_path):

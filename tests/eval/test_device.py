@@ -19,7 +19,7 @@ from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError
 
 from launch.cli import build_parser
 from launch.cli import main as dit
-from tests.eval.eval_helpers import tiny_config, write_autoencoder, write_checkpoint
+from tests.eval.eval_helpers import tiny_config, write_autoencoder, write_cascade, write_checkpoint
 from tests.trainer.test_device_path import CUDA, fake_cuda
 from trainer.cascade import Cascade
 from trainer.sampling import SamplerSettings
@@ -40,13 +40,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
 @pytest.fixture(scope="module")
 def cascade_yaml(tmp_path_factory) -> Path:
     """A tiny base model (16 px) and super-resolution model (16 -> 32 px) with random weights."""
-    root = tmp_path_factory.mktemp("device_cascade")
-    write_checkpoint(tiny_config(root / "base"))
-    write_checkpoint(tiny_config(root / "sr", "stage.kind=superres", "model.superres=true", "data.sr_resolution=32"),
-                     seed=1)
-    recipe = root / "cascade.yaml"
-    recipe.write_text("stages:\n  - checkpoint: base/checkpoints\n  - checkpoint: sr/checkpoints\n    noise_aug: 0.2\n")
-    return recipe
+    return write_cascade(tmp_path_factory.mktemp("device_cascade"))
 
 
 # ------------------------------------------------------------------------------- the flag
