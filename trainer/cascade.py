@@ -157,7 +157,9 @@ def load_stage(spec: CascadeStageSpec, defaults: SamplerSettings, ema: bool = Tr
     distilled = cfg.stage.kind in DISTILLED
     if distilled:
         settings = distilled_settings(cfg, settings, directory)
-    stage = build_stage(replace(cfg, stage=replace(cfg.stage, kind="pretrain")) if distilled else cfg)
+    # A distilled student samples as the network it is: a base or a super-resolution model.
+    sampler_kind = "superres" if cfg.model.superres else "pretrain"
+    stage = build_stage(replace(cfg, stage=replace(cfg.stage, kind=sampler_kind)) if distilled else cfg)
     net = stage.sampling_net(weights)  # built on the host (the stage is still there)
     stage.players["student"] = net  # the loaded network replaces the random one: one copy on the device
     stage.to(torch.device(device))  # moves `net` (in place) and the frozen helpers
@@ -230,14 +232,14 @@ class Cascade:
     def run_stage(self, s: LoadedStage, prompts: Sequence[str], generator: torch.Generator,
                   previous: Optional[Tensor]) -> Tensor:
         """Pixels of one stage; `previous`: the pixels of the stage before (super-resolution)."""
-        if s.distilled:
-            from trainer.stages.progressive import distilled_pixels
-
-            return distilled_pixels(s.stage, s.net, prompts, s.settings.steps, s.settings.cfg_scale, generator)
         extras = None
         if previous is not None:
             lowres = s.stage.autoencoder.encode(resize_pixels(previous, s.cfg.data.resolution))
             extras = s.stage.upsample_extras(lowres, generator)  # noise-augmented at stage.noise_aug_sample
+        if s.distilled:
+            from trainer.stages.progressive import distilled_pixels
+
+            return distilled_pixels(s.stage, s.net, prompts, s.settings.steps, s.settings.cfg_scale, generator, extras)
         return stage_pixels(s.stage, s.net, prompts, s.settings, generator, extras)
 
     def sample(self, prompts: Sequence[str], generator: torch.Generator) -> Tensor:

@@ -75,3 +75,21 @@ def test_distilled_student_samples_at_its_step_count(tmp_path):
     (student,) = cascade.stages
     assert student.distilled and student.settings.steps == 2 and student.net.spec.guidance
     assert cascade.sample(PROMPTS, torch.Generator().manual_seed(0)).shape == (2, 3, 16, 16)
+
+
+def test_distilled_superres_student_reads_its_low_resolution_input(tmp_path):
+    """A distilled super-resolution student samples as a super-resolution model (32 px out) and
+    what it draws depends on the low-resolution image it is given."""
+    from trainer.cascade import CascadeStageSpec, load_stage
+
+    cfg = tiny_config(tmp_path / "sr_student", "stage.kind=progressive", "stage.teacher=/unused", "stage.rounds=[2]",
+                      "model.superres=true", "data.sr_resolution=32", "diffusion.loss_weighting=trunc_snr")
+    student = load_stage(CascadeStageSpec(str(write_checkpoint(cfg))), SamplerSettings())
+    assert student.distilled and student.superres
+    cascade = Cascade([load_stage(CascadeStageSpec(str(write_checkpoint(tiny_config(tmp_path / "base")))),
+                                  SamplerSettings()), student])
+    dark, bright = torch.full((2, 3, 16, 16), -0.8), torch.full((2, 3, 16, 16), 0.8)
+    a = cascade.run_stage(student, PROMPTS, torch.Generator().manual_seed(0), dark)
+    b = cascade.run_stage(student, PROMPTS, torch.Generator().manual_seed(0), bright)
+    assert a.shape == b.shape == (2, 3, 32, 32)
+    assert float((a - b).abs().mean()) > 1e-3

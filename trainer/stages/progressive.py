@@ -413,11 +413,14 @@ class DistillationStage(PretrainStage):
 
 @torch.no_grad()
 def distilled_pixels(stage: PretrainStage, net: nn.Module, prompts: Sequence[str], steps: int, scale: float,
-                     generator: torch.Generator) -> Tensor:
+                     generator: torch.Generator, extras: Optional[dict[str, Tensor]] = None) -> Tensor:
     """Sample a distilled student (one forward per step, guidance scale as an input when the
-    network takes one) with any stage's schedule, text encoder and autoencoder; pixels in [-1, 1]."""
+    network takes one) with any stage's schedule, text encoder and autoencoder; pixels in [-1, 1].
+    `extras`: further conditioning (a super-resolution student's low-resolution input)."""
     device = next(net.parameters()).device
-    extras = {"guidance": torch.full((len(prompts),), float(scale), device=device)} if net.spec.guidance else None
+    extras = dict(extras or {})
+    if net.spec.guidance:
+        extras["guidance"] = torch.full((len(prompts),), float(scale), device=device)
     settings = SamplerSettings(steps=steps, cfg_scale=1.0)
     x0 = generate(net, stage.text, stage.schedule, stage.diffusion.prediction, prompts, stage.sample_shape(),
                   settings, generator, extras)
