@@ -203,7 +203,7 @@ class AdversarialStage(DistillationStage):
         """x_t at a random step k of an N-step sampler (N drawn from stage.rounds), and where the
         teacher's path over that step lands (the "real" x_t')."""
         x0 = self.clean_input(batch)  # (B, C, h, w) or (B, C, F, h, w)
-        text = self.condition(batch["caption"], generator)
+        text = self.condition(batch, generator)
         B = x0.shape[0]
         scale = draw_guidance(self.stage_cfg, B, generator, x0.device)  # (B,)
         # N cycles through the step counts step by step: every rank trains the same N at once

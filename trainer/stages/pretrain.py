@@ -7,11 +7,12 @@ weighting (Hang et al. 2023), classifier-free-guidance dropout of the caption (H
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from data_pipeline.errors import DataError
 from trainer.config import DataConfig, DiffusionConfig, LogConfig, ModelConfig, StageConfig
 from trainer.diffusion import add_noise, diffusion_loss, make_schedule, randn, sample_timesteps
 from trainer.media import save_image_grid, save_video_grid
@@ -21,6 +22,27 @@ from trainer.models.dit import build_dit
 from trainer.models.text import CachedTextEncoder, TextEmbedding, build_text_encoder
 from trainer.sampling import SamplerSettings, generate
 from trainer.stages.base import PlayerLoss, Stage, cfg_keep, drop_text, frozen
+
+
+def precompute_encoder(config: str, overrides: Sequence[str] = (), device: str = "cpu") -> Callable[[dict], dict]:
+    """The run's frozen autoencoder and text encoder as a `dit data precompute` encoder
+    (`--encoder trainer.stages.pretrain:precompute_encoder --encoder-arg config=RUN.yaml`):
+    per sample `latent` (C, [F,] h, w), `text_emb` (L, Dt), `text_mask` (L,), `text_pooled` (Dp,),
+    which training on the written shards uses instead of calling the encoders."""
+    from trainer.config import load_config
+
+    cfg = load_config(config, list(overrides))
+    text = frozen(build_text_encoder(cfg.model.text)).to(device)
+    autoencoder = frozen(build_autoencoder(cfg.model.autoencoder)).to(device)
+    pixels_key = "video" if cfg.data.kind == "video" else "image"
+
+    @torch.no_grad()
+    def encode(batch: dict) -> dict[str, Tensor]:
+        emb = text.encode(list(batch["caption"]))
+        latent = autoencoder.encode(batch[pixels_key].to(device)).float()
+        return {"latent": latent, "text_emb": emb.tokens, "text_mask": emb.mask, "text_pooled": emb.pooled}
+
+    return encode
 
 
 class PretrainStage(Stage):
@@ -67,14 +89,31 @@ class PretrainStage(Stage):
             return batch["latent"].float()
         return self.autoencoder.encode(batch["video"] if self.data.kind == "video" else batch["image"]).float()
 
-    def condition(self, captions: list[str], generator: torch.Generator) -> TextEmbedding:
-        """The captions' embeddings with CFG dropout (`stage.cfg_dropout`) applied on the device."""
-        with torch.no_grad():
-            text = self.text.encode(captions)
+    def text_input(self, batch: dict[str, Any]) -> TextEmbedding:
+        """The captions' embeddings: precomputed ones from latent shards (`text_emb`, `text_mask`,
+        `text_pooled`: the encoder is not called), else the frozen encoder's (cached)."""
+        if "text_emb" not in batch:
+            with torch.no_grad():
+                return self.text.encode(batch["caption"])
+        missing = [k for k in ("text_mask", "text_pooled") if k not in batch]
+        if missing:
+            raise DataError(f"precomputed text embeddings lack {', '.join(missing)}; precompute with "
+                            f"trainer.stages.pretrain:precompute_encoder (it writes text_emb, text_mask, text_pooled)")
+        tokens, pooled = batch["text_emb"].float(), batch["text_pooled"].float()  # (B, L, Dt), (B, Dp)
+        if tokens.shape[1:] != (self.text.max_length, self.text.dim) or pooled.shape[1:] != (self.text.pooled_dim,):
+            raise DataError(f"precomputed text embeddings are {tuple(tokens.shape[1:])} + {tuple(pooled.shape[1:])}, "
+                            f"the configured encoder gives ({self.text.max_length}, {self.text.dim}) + "
+                            f"({self.text.pooled_dim},); precompute with this run's model.text")
+        return TextEmbedding(tokens, batch["text_mask"].bool(), pooled)
+
+    def condition(self, batch: dict[str, Any], generator: torch.Generator) -> TextEmbedding:
+        """The batch's text embeddings with CFG dropout (`stage.cfg_dropout`) applied on the device."""
+        text = self.text_input(batch)
         if self.stage_cfg.cfg_dropout <= 0:
             return text
-        keep = cfg_keep(len(captions), self.stage_cfg.cfg_dropout, generator, self.device)  # (B,)
-        return drop_text(text, self.text.null_embedding(len(captions)), keep)
+        B = text.tokens.shape[0]
+        keep = cfg_keep(B, self.stage_cfg.cfg_dropout, generator, self.device)  # (B,)
+        return drop_text(text, self.text.null_embedding(B), keep)
 
     # ---- loss -------------------------------------------------------------------------------
     def noised(self, x0: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -87,7 +126,7 @@ class PretrainStage(Stage):
         """Network inputs and loss targets of one batch: (x_t, t, text, extras),
         (x0, eps, x_t, alpha, sigma, weight); weight 0 marks the loader's padding repeats."""
         x0 = self.clean_input(batch)  # (B, C, h, w) or (B, C, F, h, w)
-        text = self.condition(batch["caption"], generator)
+        text = self.condition(batch, generator)
         t, eps, alpha, sigma, x_t = self.noised(x0, generator)
         weight = batch["valid"].to(x0.dtype) if "valid" in batch else x0.new_ones(x0.shape[0])  # (B,)
         return {"x": x_t, "t": t, "text": text}, (x0, eps, x_t, alpha, sigma, weight)

@@ -513,7 +513,7 @@ class ProgressiveStage(DistillationStage):
     def prepare(self, batch: dict[str, Any], generator: torch.Generator) -> tuple[dict[str, Any], tuple[Tensor, ...]]:
         """Student inputs (x_t, t, text, guidance) and targets (x~, x_t, t, weight) of one batch."""
         x0 = self.clean_input(batch)  # (B, C, h, w) or (B, C, F, h, w)
-        text = self.condition(batch["caption"], generator)
+        text = self.condition(batch, generator)
         B = x0.shape[0]
         scale = draw_guidance(self.stage_cfg, B, generator, x0.device)  # (B,)
         k = draw_student_steps(self.student_steps, B, generator, x0.device)  # (B,)
