@@ -36,6 +36,14 @@ T5_FAMILY = ("t5", "mt5", "umt5")
 CLIP_FAMILY = ("clip", "clip_text_model")  # a whole CLIP folder: its text tower is loaded
 
 
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A host tensor (token ids, masks) on the encoder's device; to CUDA through pinned memory,
+    so the copy does not make the host wait for the device's queue."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:
     """(B, L, D), (B, L) bool -> (B, D): mean over real tokens (sentence-transformers Pooling)."""
     weights = mask.to(tokens.dtype)[..., None]  # (B, L, 1)
@@ -75,7 +83,7 @@ class TextEncoder(nn.Module):
         if not any(empty):
             return TextEmbedding(tokens, mask, pooled)
         null = self.null_embedding(len(captions))
-        keep = torch.tensor([not e for e in empty], device=tokens.device)  # (B,)
+        keep = to_device(torch.tensor([not e for e in empty]), tokens.device)  # (B,)
         return TextEmbedding(
             torch.where(keep[:, None, None], tokens, null.tokens),
             torch.where(keep[:, None], mask, null.mask),
@@ -168,7 +176,7 @@ class HFTextEncoder(TextEncoder):
         batch = self.tokenizer(
             captions, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
         )
-        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)  # (B, L)
+        ids, mask = to_device(batch["input_ids"], self.device), to_device(batch["attention_mask"], self.device)  # (B, L)
         tokens = self.backbone(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, Dt)
         pooled = masked_mean(tokens, mask.bool())  # (B, Dt)
         if self.normalize:
@@ -201,7 +209,7 @@ class OpenCLIPTextEncoder(TextEncoder):
         self.pad_id = text_cfg.get("pad_id", 0)
 
     def _encode(self, captions: list[str]) -> tuple[Tensor, Tensor, Tensor]:
-        ids = self.tokenizer(captions, context_length=self.max_length).to(self.device)  # (B, L), ends in EOT
+        ids = to_device(self.tokenizer(captions, context_length=self.max_length), self.device)  # (B, L), ends in EOT
         # The tower's causal mask is built for its full context: pad to it and keep the first
         # L states, which cannot see the padding (causal attention).
         full = F.pad(ids, (0, self.context_length - self.max_length), value=self.pad_id)  # (B, ctx)
