@@ -139,6 +139,10 @@ def test_cache_encodes_new_captions_together_and_independently_of_their_company(
     cached.encode(captions[:5])
     again = cached.encode([captions[2], captions[20]])  # one hit, one new
     assert torch.equal(again.tokens[0], together.tokens[2]) and torch.equal(again.tokens[1], together.tokens[20])
+    row_bytes = sum(t.numel() * t.element_size() for t in (together.tokens[0], together.mask[0], together.pooled[0]))
+    small = CachedTextEncoder(minilm, chunk=8, max_bytes=3 * row_bytes)  # the cache is bounded in bytes too
+    small.encode(captions[:5])
+    assert list(small.cache) == captions[2:5]
 
 
 def clip_text_config(tokenizer):

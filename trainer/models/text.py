@@ -108,7 +108,8 @@ class TextEncoder(nn.Module):
 
 
 class CachedTextEncoder:
-    """Memoizes a frozen encoder's output per caption (LRU, `capacity` captions).
+    """Memoizes a frozen encoder's output per caption (LRU, at most `capacity` captions and
+    `max_bytes` of embeddings: the cache lives on the accelerator, where a T5-XXL row is ~2 MB).
 
     The captions of a batch that are not cached are encoded together, `chunk` at a time, each
     call padded with empty captions to exactly `chunk` rows: one encoder forward per chunk (not
@@ -118,9 +119,10 @@ class CachedTextEncoder:
     one used. Epochs after the first skip the encoder for datasets whose captions fit the cache.
     """
 
-    def __init__(self, encoder: TextEncoder, capacity: int = 4096, chunk: int = 16):
+    def __init__(self, encoder: TextEncoder, capacity: int = 4096, chunk: int = 16, max_bytes: int = 256 << 20):
         self.encoder = encoder
         self.capacity = capacity
+        self.max_bytes = max_bytes
         self.chunk = chunk
         self.cache: OrderedDict[str, tuple[Tensor, Tensor, Tensor]] = OrderedDict()
 
@@ -149,8 +151,10 @@ class CachedTextEncoder:
             self.cache.move_to_end(c)
             rows[c] = self.cache[c]
         for c, row in rows.items():
+            row_bytes = sum(t.numel() * t.element_size() for t in row)
+            limit = min(self.capacity, max(1, self.max_bytes // row_bytes))
             self.cache[c] = row
-            if len(self.cache) > self.capacity:
+            while len(self.cache) > limit:
                 self.cache.popitem(last=False)
         tokens, mask, pooled = zip(*(rows[c] for c in captions))
         return TextEmbedding(torch.stack(tokens), torch.stack(mask), torch.stack(pooled))
