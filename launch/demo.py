@@ -76,8 +76,8 @@ def demo(args: argparse.Namespace) -> int:
     t3 = time.time()
     from launch.eval_cmd import demo_evaluation
 
-    adherence = demo_evaluation(cfg.checkpoint.dir, f"{cfg.run.out_dir}/eval", list(cfg.log.prompts),
-                                cfg.log.sample_steps, cfg.log.sample_cfg)
+    report = demo_evaluation(cfg.checkpoint.dir, f"{cfg.run.out_dir}/eval", list(cfg.log.prompts),
+                             cfg.log.sample_steps, cfg.log.sample_cfg)
     timings["sample+eval"] = time.time() - t3
     print("\n== demo done ==")
     for name, sec in timings.items():
@@ -85,6 +85,8 @@ def demo(args: argparse.Namespace) -> int:
     print(f"{'total':>12}: {time.time() - t0:7.1f} s")
     print(f"autoencoder reconstructions: {latest_grid(load_config(ae_config, shared).log.dir)}")
     print(f"sample grid (EMA, {cfg.log.sample_steps} DDIM steps, CFG {cfg.log.sample_cfg}): {latest_grid(cfg.log.dir)}")
-    print("prompt adherence of generated samples: "
-          + ", ".join(f"{k} {v:.1%}" for k, v in adherence.items()))
+    print(f"prompt adherence of {report.num_samples} generated samples (held-out captions, 95% Wilson interval):")
+    for key, value in report.accuracy.items():
+        lo, hi = report.interval(key)
+        print(f"{key:>12}: {100 * value:5.1f}%  [{100 * lo:.1f}, {100 * hi:.1f}]")
     return 0

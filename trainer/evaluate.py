@@ -109,13 +109,16 @@ class AdherenceResult:
         return self.real.accuracy.get("overall", 0.0) >= RELIABLE_JUDGE
 
     def table(self) -> str:
-        """Attribute rows; generated, real held-out, noise and chance columns."""
+        """Attribute rows; generated (with its 95% Wilson interval and how many were judged),
+        real held-out, noise and chance columns."""
         chance = chance_levels()
-        rows = [f"{'attribute':<10} {'generated':>9} {'real':>9} {'noise':>9} {'chance':>9}"]
+        rows = [f"{'attribute':<10} {'generated':>9} {'95% CI':>13} {'n':>5} {'real':>9} {'noise':>9} {'chance':>9}"]
         for key in self.generated.accuracy:
-            cells = [self.generated.accuracy[key], self.real.accuracy.get(key), self.noise.accuracy.get(key),
-                     chance.get(key)]
-            rows.append(f"{key:<10} " + " ".join(f"{100 * c:8.1f}%" if c is not None else f"{'-':>9}" for c in cells))
+            lo, hi = self.generated.interval(key)
+            judged = self.generated.counts.get(key, (0, 0))[1]
+            cells = [self.real.accuracy.get(key), self.noise.accuracy.get(key), chance.get(key)]
+            rows.append(f"{key:<10} {100 * self.generated.accuracy[key]:8.1f}% {f'[{100 * lo:.1f}, {100 * hi:.1f}]':>13} "
+                        f"{judged:>5} " + " ".join(f"{100 * c:8.1f}%" if c is not None else f"{'-':>9}" for c in cells))
         verdict = "reliable" if self.reliable else f"UNRELIABLE (< {100 * RELIABLE_JUDGE:.0f}% on real data)"
         rows.append(f"judge on {self.real.num_samples} real held-out samples: {verdict}; "
                     f"{self.generated.num_samples} generated samples")

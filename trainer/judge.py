@@ -279,12 +279,37 @@ class AdherenceReport:
     num_samples: int
     num_unparsed: int = 0
     note: str = ""
+    counts: dict[str, list[int]] = field(default_factory=dict)  # (correct, judged) behind each accuracy
+
+    def interval(self, key: str, z: float = 1.96) -> tuple[float, float]:
+        """Wilson score interval (95% by default) of `key`'s accuracy; (0, 1) when unknown."""
+        correct, total = self.counts.get(key, (0, 0))
+        return wilson_interval(correct, total, z)
 
     def as_metrics(self, prefix: str = "adherence") -> dict[str, float]:
         return {f"{prefix}/{k}": v for k, v in self.accuracy.items()}
 
-    def format(self) -> str:
-        return "  ".join(f"{k} {100 * v:5.1f}%" for k, v in self.accuracy.items())
+    def format(self, intervals: bool = False) -> str:
+        """'color  95.0%  ...', with each 95% Wilson interval beside it when `intervals`."""
+        def cell(k: str, v: float) -> str:
+            if not intervals or k not in self.counts:
+                return f"{k} {100 * v:5.1f}%"
+            lo, hi = self.interval(k)
+            return f"{k} {100 * v:5.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+        return "  ".join(cell(k, v) for k, v in self.accuracy.items())
+
+
+def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion correct / total (Wilson 1927): unlike
+    p +- z sqrt(p (1 - p) / n) it stays inside [0, 1] and is not empty at p = 0 or 1."""
+    if total <= 0:
+        return 0.0, 1.0
+    p = correct / total
+    denom = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denom
+    half = z * float(np.sqrt(p * (1 - p) / total + z * z / (4 * total * total))) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def aggregate(scores: Sequence[SampleScore], num_unparsed: int = 0) -> AdherenceReport:
@@ -294,11 +319,12 @@ def aggregate(scores: Sequence[SampleScore], num_unparsed: int = 0) -> Adherence
             entry = totals.setdefault(key, [0, 0])
             entry[0] += c
             entry[1] += n
-    accuracy = {k: totals[k][0] / totals[k][1] for k in ATTRIBUTES if k in totals}
+    counts = {k: totals[k] for k in ATTRIBUTES if k in totals}
     if scores:
-        accuracy["count"] = float(np.mean([s.count_ok for s in scores]))
-        accuracy["overall"] = float(np.mean([s.all_ok for s in scores]))
-    return AdherenceReport(accuracy, len(scores), num_unparsed)
+        counts["count"] = [sum(s.count_ok for s in scores), len(scores)]
+        counts["overall"] = [sum(s.all_ok for s in scores), len(scores)]
+    accuracy = {k: c / n for k, (c, n) in counts.items()}
+    return AdherenceReport(accuracy, len(scores), num_unparsed, counts=counts)
 
 
 def as_uint8_clips(pixels: Tensor) -> np.ndarray:

@@ -47,7 +47,10 @@ def test_eval_adherence_on_a_trained_checkpoint(trained, tmp_path):
 def test_demo_evaluation_prints_adherence(trained, tmp_path, capsys):
     from launch.eval_cmd import demo_evaluation
 
-    accuracy = demo_evaluation(str(trained), str(tmp_path), ["a large red circle at the top left"], steps=2, num=8)
-    assert {"color", "overall"} <= set(accuracy)
+    report = demo_evaluation(str(trained), str(tmp_path), ["a large red circle at the top left"], steps=2, num=8)
+    assert {"color", "overall"} <= set(report.accuracy)
+    lo, hi = report.interval("overall")
+    assert 0.0 <= lo <= report.accuracy["overall"] <= hi <= 1.0
     printed = capsys.readouterr().out
-    assert "generated" in printed and "real" in printed and (tmp_path / "samples" / "grid.png").is_file()
+    assert "generated" in printed and "real" in printed and "95% CI" in printed
+    assert (tmp_path / "samples" / "grid.png").is_file()
