@@ -3,7 +3,8 @@
 Both sides run in the same process on the same shards with the same number of DataLoader
 workers. The raw bound reads every tar front to back and decodes each image to an RGB array
 exactly as the loader does (same tar reader, same JPEG draft scale), and nothing else: no
-planning, resize/crop, batching, float conversion or transfer to the main process.
+planning, resize/crop, batching or hand-over of the pixels to the main process. The loader
+side is the training batch as `Stream` yields it (uint8 pixels; normalising is the device's).
 `loader/raw_decode` is the fraction of that bound the full loader reaches (wall clock, best
 of the runs). The CPU time per sample (this process plus its reaped workers) is printed too:
 on a machine shared with other jobs it is the steadier figure.

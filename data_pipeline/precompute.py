@@ -6,8 +6,8 @@ key, `txt` and `json`, and a `safetensors` member with what the encoder returned
 tensors into the batch instead of pixels.
 
 The encoder is any callable `encoder(batch) -> dict[str, Tensor]` taking a batch as the
-stream yields it (`image` (B, 3, H, W) or `video` (B, 3, F, H, W) in [-1, 1], `caption`
-list[str]) and returning tensors with the batch dimension first. Images are centre-cropped
+trainer sees it after `batch_to_device` (`image` (B, 3, H, W) or `video` (B, 3, F, H, W)
+float32 in [-1, 1], `caption` list[str]) and returning tensors with the batch dimension first. Images are centre-cropped
 at the configured resolution.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from data_pipeline.config import DataConfig
 from data_pipeline.errors import DataError, SkipCounter, SkipSample
 from data_pipeline.manifest import Manifest, ShardInfo, file_digest, resolve_source
 from data_pipeline.plan import Slot
-from data_pipeline.stream import Item, collate, decode_stage, finalize, transform_stage
+from data_pipeline.stream import Item, batch_to_device, collate, decode_stage, finalize, transform_stage
 from data_pipeline.tar_reader import TarShard
 from data_pipeline.transforms import TransformSpec
 
@@ -81,7 +81,7 @@ def _items(path: str, counter: SkipCounter) -> Iterator[Item]:
 
 
 def _encode_group(items: list[Item], encoder: Encoder, kind: str) -> Iterator[dict]:
-    batch = finalize(collate(items, [True] * len(items)), kind)
+    batch = batch_to_device(finalize(collate(items, [True] * len(items)), kind), torch.device("cpu"))
     with torch.no_grad():
         out = encoder(batch)
     for name, value in out.items():

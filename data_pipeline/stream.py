@@ -10,12 +10,16 @@ The pipeline, as an explicit list of stages (in the spirit of open_clip's `data.
     safe decode       allowlisted decoders, pickles rejected           decode_stage
     transforms        buckets, resize + crop, SR pairs, video clips    transform_stage
     batch             one bucket per batch, a fixed number per worker  batch_stage
-    to float          (main process) uint8 -> float in [-1, 1]         finalize
+    hand over         uint8 pixels through shared slots (transfer.py)  PixelRing, finalize
+    to the device     (the trainer) copy, then x / 127.5 - 1 there     batch_to_device
 
 The first four stages are arithmetic on sample counts (see plan.py); workers then read
-only what they were assigned. The stream is infinite over epochs; `state_dict()` says what
-was handed to the caller (not what workers prefetched) and a stream built from it goes on
-with exactly the samples not yet seen, also after the number of ranks or workers changed.
+only what they were assigned. Pixels stay uint8 up to the device, channels last as they
+were decoded: a quarter of the bytes of float32 to move and no per-pixel work in the main
+process (when CUDA is there, one copy into pinned memory for the non-blocking transfer).
+The stream is infinite over epochs; `state_dict()` says what was handed to the caller (not
+what workers prefetched) and a stream built from it goes on with exactly the samples not
+yet seen, also after the number of ranks or workers changed.
 """
 from __future__ import annotations
 
@@ -43,6 +47,7 @@ from data_pipeline.plan import (
     replay,
 )
 from data_pipeline.tar_reader import RawSample, ShardReader
+from data_pipeline.transfer import FORK, PixelRing, slot_bytes, stack_into, stacked_shape
 from data_pipeline.transforms import Pixels, TransformSpec, image_pixels, refit, video_pixels
 
 log = logging.getLogger("data_pipeline")
@@ -174,8 +179,9 @@ def _group(chunk: list[Item], batch_size: int) -> list[list[Item]]:
 
 
 def collate(items: list[Item], valid: list[bool]) -> dict:
-    """Stack one batch. Pixels stay uint8, planar (B, 3, F, H, W), until `finalize` in the main
-    process: a quarter of the bytes of float32 to move. Tensor members are stacked by name."""
+    """One batch. Pixels stay a list of uint8 clips (F, H, W, 3), stacked once into their final
+    memory: a loader slot (transfer.py) or the tensor `finalize` makes. Tensor members are
+    stacked by name."""
     head = items[0]
     batch = {
         "__key__": [it.key for it in items],
@@ -189,10 +195,10 @@ def collate(items: list[Item], valid: list[bool]) -> dict:
     if head.pixels is not None:
         _, h, w = head.pixels.bucket
         f = min(it.pixels.bucket[0] for it in items)  # a forced leftover batch takes the shortest clip
-        batch["__pixels__"] = _stack([refit(it.pixels.frames, f, (h, w)) for it in items])
+        batch["__pixels__"] = [refit(it.pixels.frames, f, (h, w)) for it in items]
         if head.pixels.frames_sr is not None:
-            hw = head.pixels.frames_sr.shape[2:4]
-            batch["__pixels_sr__"] = _stack([refit(it.pixels.frames_sr, f, hw) for it in items])
+            hw = head.pixels.frames_sr.shape[1:3]
+            batch["__pixels_sr__"] = [refit(it.pixels.frames_sr, f, hw) for it in items]
     for name, tensor in head.sample.tensors.items():
         parts = [it.sample.tensors.get(name) for it in items]
         if any(p is None or p.shape != tensor.shape for p in parts):
@@ -200,13 +206,6 @@ def collate(items: list[Item], valid: list[bool]) -> dict:
                             f"(first: {head.key} {tuple(tensor.shape)}); precompute all shards at one size")
         batch[name] = torch.stack(parts)
     return batch
-
-
-def _stack(clips: list[np.ndarray]) -> np.ndarray:
-    """uint8 (B, 3, F, H, W) from planar clips. A numpy array, so a loader worker sends it
-    pickled through its pipe rather than in a new shared-memory segment per batch: measured
-    cheaper for both processes, and immune to a small /dev/shm (64 MB in Docker)."""
-    return np.stack(clips)
 
 
 @dataclass(frozen=True)
@@ -265,13 +264,14 @@ class _RankDataset(IterableDataset):
     """DataLoader worker j serves plan worker (j + rotation) % workers: the rank's next
     batch comes from DataLoader worker 0, whichever plan worker owes it."""
 
-    def __init__(self, job: RankJob, rotation: int):
-        self.job, self.rotation = job, rotation
+    def __init__(self, job: RankJob, rotation: int, ring: PixelRing):
+        self.job, self.rotation, self.ring = job, rotation, ring
 
     def __iter__(self):
         info = get_worker_info()
         j = info.id if info is not None else 0
-        return worker_stream(self.job, (j + self.rotation) % self.job.topo.num_workers)
+        for batch in worker_stream(self.job, (j + self.rotation) % self.job.topo.num_workers):
+            yield self.ring.put(j, batch)
 
 
 def _identity(batch: dict) -> dict:
@@ -281,29 +281,54 @@ def _identity(batch: dict) -> dict:
 # ----------------------------------------------------------------------------- main process
 
 
-def to_float(pixels: np.ndarray, image: bool) -> torch.Tensor:
-    """uint8 (B, 3, F, H, W) -> float32 in [-1, 1]; (B, 3, H, W) for images."""
-    x = pixels[:, :, 0] if image else pixels
-    out = torch.empty(x.shape, dtype=torch.float32)
-    dst = out.numpy()  # numpy: one thread, no contention with the trainer's intra-op pool
-    np.multiply(x, np.float32(1 / 127.5), out=dst)
-    np.subtract(dst, np.float32(1.0), out=dst)
-    return out
-
-
-def finalize(batch: dict, kind: str) -> dict:
-    """The batch as the caller sees it: `image` (B, 3, H, W) or `video` (B, 3, F, H, W) float in
-    [-1, 1]; with cascade pairs `image`/`video` at the sr size and `image_lr`/`video_lr`."""
+def finalize(batch: dict, kind: str, pin: bool = False) -> dict:
+    """The batch as the caller sees it: `image` (B, 3, H, W) or `video` (B, 3, F, H, W) uint8,
+    channels last in memory (strides of (B, F, H, W, 3)); with cascade pairs `image`/`video` at
+    the sr size and `image_lr`/`video_lr`. Clips not yet stacked are stacked into a new tensor,
+    page-locked when `pin`. `batch_to_device` copies them non-blocking and normalises them
+    into contiguous float32 on the device."""
     batch["valid"] = torch.tensor(batch["valid"], dtype=torch.bool)
     pixels, pixels_sr = batch.pop("__pixels__", None), batch.pop("__pixels_sr__", None)
     if pixels is not None:
-        image = kind == "image"
-        name = "image" if image else "video"
+        name = "image" if kind == "image" else "video"
         if pixels_sr is None:
-            batch[name] = to_float(pixels, image)
+            batch[name] = _pixels(pixels, kind, pin)
         else:
-            batch[name], batch[f"{name}_lr"] = to_float(pixels_sr, image), to_float(pixels, image)
+            batch[name], batch[f"{name}_lr"] = _pixels(pixels_sr, kind, pin), _pixels(pixels, kind, pin)
     return batch
+
+
+def _pixels(pixels, kind: str, pin: bool) -> torch.Tensor:
+    """(B, 3, F, H, W) uint8 over (B, F, H, W, 3) memory from a list of clips (or the tensor
+    `PixelRing.take` made); (B, 3, H, W) for images."""
+    if isinstance(pixels, list):
+        out = torch.empty(stacked_shape(pixels), dtype=torch.uint8, pin_memory=pin)
+        stack_into(pixels, out.numpy())
+        pixels = out
+    pixels = pixels.permute(0, 4, 1, 2, 3)  # (B, 3, F, H, W)
+    return pixels[:, :, 0] if kind == "image" else pixels
+
+
+PIXEL_KEYS = ("image", "video", "image_lr", "video_lr")
+
+
+def batch_to_device(batch: dict, device: torch.device) -> dict:
+    """The batch with every tensor on `device` (copied non-blocking: from pinned memory this
+    overlaps the copy with compute) and pixels as float32 in [-1, 1], normalised there.
+
+    uint8 pixels (channels last in memory, as the loader delivers them) become contiguous
+    x / 127.5 - 1 in float32 on the device, the same values the CPU conversion gave; pixels
+    that are already float are moved unchanged."""
+    out = {}
+    for name, value in batch.items():
+        if not isinstance(value, torch.Tensor):
+            out[name] = value
+            continue
+        value = value.to(device, non_blocking=True)
+        if name in PIXEL_KEYS and value.dtype == torch.uint8:
+            value = value.to(torch.float32, memory_format=torch.contiguous_format).mul_(1 / 127.5).sub_(1.0)
+        out[name] = value
+    return out
 
 
 def _sources(cfg: DataConfig) -> tuple[list[Manifest], Optional[list[float]]]:
@@ -351,6 +376,7 @@ class Stream:
         self.block = cfg.shuffle_buffer  # the epoch's order depends on it: kept until the epoch ends
         self._segments: list[list[int]] = [self.topology.as_list() + [0]]
         self._stats = empty_counts()
+        self._pin = torch.cuda.is_available()  # pinned pixels: batch_to_device copies them non-blocking
         if state is not None:
             self.load_state_dict(state)
 
@@ -440,12 +466,25 @@ class Stream:
                        c.min_errors_before_budget, c.max_logged_skips)
 
     def _batches(self, job: RankJob) -> Iterator[dict]:
-        rotation = job.consumed % job.topo.num_workers
+        """The segment's batches as the workers make them, pixels as tensors over their slots."""
         if self.cfg.num_workers == 0:
-            return worker_stream(job, 0)
-        loader = DataLoader(_RankDataset(job, rotation), batch_size=None, collate_fn=_identity,
-                            num_workers=self.cfg.num_workers, prefetch_factor=self.cfg.prefetch_factor)
-        return iter(loader)
+            yield from worker_stream(job, 0)
+            return
+        # slots: the batches in flight (prefetch_factor + 1) and the one the caller holds
+        ring = PixelRing(self.cfg.num_workers, self.cfg.prefetch_factor + 2, self._slot_bytes())
+        dataset = _RankDataset(job, job.consumed % job.topo.num_workers, ring)
+        loader = DataLoader(dataset, batch_size=None, collate_fn=_identity, num_workers=self.cfg.num_workers,
+                            prefetch_factor=self.cfg.prefetch_factor, multiprocessing_context=FORK)
+        for batch in loader:
+            yield ring.take(batch, self._pin)
+
+    def _slot_bytes(self) -> int:
+        """The pixels of the largest batch the spec allows: longest clip, largest bucket."""
+        spec, b, f = self.spec, self.cfg.batch_size, max(self.spec.frame_counts)
+        shapes = [(b, 3, f, max(h * w for h, w in spec.sizes), 1)]
+        if spec.sr_sizes is not None:
+            shapes.append((b, 3, f, max(h * w for h, w in spec.sr_sizes), 1))
+        return slot_bytes(shapes)
 
     def __iter__(self) -> Iterator[dict]:
         while True:
@@ -477,7 +516,7 @@ class Stream:
             self._segments[-1][5] = served
             if served == planned:  # the state already points at the next epoch
                 self._next_epoch()
-            yield finalize(batch, self.cfg.kind)
+            yield finalize(batch, self.cfg.kind, self._pin)
         if planned is not None and served != planned:
             raise DataError(f"rank {self.rank} received {served} of the {planned} batches planned for "
                             f"epoch {self.epoch}; a loader worker ended early (see its error above)")

@@ -1,9 +1,11 @@
 """Pixel transforms: resize + crop into aspect buckets, cascade pairs, video clips.
 
-Every sample becomes `Pixels`: uint8 frames (3, F, H, W) at its bucket's size, plus the
+Every sample becomes `Pixels`: uint8 frames (F, H, W, 3) at its bucket's size, plus the
 same crop at the super-resolution size when cascade pairs are asked for. Images are 1-frame
-clips. The crop position and the clip start come from per-sample random numbers supplied
-by the planner, so a resumed stream crops exactly as the uninterrupted one did.
+clips. Channels stay last, as PIL and PyAV deliver them: the batch is (B, 3, F, H, W) over
+that memory and the device makes it contiguous while normalising (`batch_to_device`). The
+crop position and the clip start come from per-sample random numbers supplied by the
+planner, so a resumed stream crops exactly as the uninterrupted one did.
 JPEGs are decoded at a reduced DCT scale when the output is much smaller (PIL `draft`),
 which is most of the speed of the loader on large images.
 """
@@ -56,14 +58,14 @@ class TransformSpec:
 
 @dataclass
 class Pixels:
-    """uint8 pixels, planar (3, F, H, W): the layout of the batch, so collating only casts."""
+    """uint8 pixels (F, H, W, 3): the memory layout of the batch, so collating only copies."""
 
     frames: np.ndarray  # at the base resolution bucket
-    frames_sr: Optional[np.ndarray]  # (3, F, H', W'), same crop at the sr size, or None
+    frames_sr: Optional[np.ndarray]  # (F, H', W', 3), same crop at the sr size, or None
 
     @property
     def bucket(self) -> tuple[int, int, int]:
-        return self.frames.shape[1:4]
+        return self.frames.shape[0:3]
 
 
 def bucket_size(resolution: int, ratio: float, multiple: int = 8) -> tuple[int, int]:
@@ -88,19 +90,19 @@ def crop_box(width: int, height: int, out_w: int, out_h: int, random_crop: bool,
     return left, top, left + bw, top + bh
 
 
-def planar(img: PIL.Image.Image) -> np.ndarray:
-    """(3, H, W) uint8 of an RGB image, band by band (no HWC -> CHW transpose needed)."""
+def rgb_array(img: PIL.Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8 of a loaded RGB image: one pack of PIL's pixels, no further copy."""
     w, h = img.size
-    return np.frombuffer(b"".join(img.tobytes("raw", band) for band in "RGB"), np.uint8).reshape(3, h, w)
+    return np.frombuffer(img.tobytes(), np.uint8).reshape(h, w, 3)
 
 
 def _fit(img: PIL.Image.Image, box, sizes_hw: list[tuple[int, int]]) -> list[np.ndarray]:
-    """Resize the box of a loaded RGB image to each (h, w), planar (3, h, w); no resampling
-    when the image already is the box at that size."""
+    """Resize the box of a loaded RGB image to each (h, w), as (h, w, 3); no resampling when
+    the image already is the box at that size."""
     out = []
     for h, w in sizes_hw:
         exact = img.size == (w, h) and max(abs(box[0]), abs(box[1]), abs(box[2] - w), abs(box[3] - h)) < 1e-3
-        out.append(planar(img if exact else img.resize((w, h), _RESAMPLE, box=box)))
+        out.append(rgb_array(img if exact else img.resize((w, h), _RESAMPLE, box=box)))
     return out
 
 
@@ -123,11 +125,13 @@ def image_pixels(img: PIL.Image.Image, spec: TransformSpec, u: tuple[float, floa
         img.draft("RGB", (math.ceil(width * k), math.ceil(height * k)))
         sx, sy = img.size[0] / width, img.size[1] / height
         box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-        img = img.convert("RGB")
+        img.load()
+        if img.mode != "RGB":  # a JPEG drafted in RGB is decoded as RGB: no converting copy
+            img = img.convert("RGB")
         out = _fit(img, box, sizes)
     except _PIL_ERRORS as e:
         raise SkipSample("corrupt_image", str(e)) from None
-    return Pixels(out[0][:, None], out[1][:, None] if len(out) > 1 else None)
+    return Pixels(out[0][None], out[1][None] if len(out) > 1 else None)
 
 
 def choose_clip(num_available: int, counts: tuple[int, ...], stride: int, u: float) -> tuple[int, int]:
@@ -165,17 +169,16 @@ def video_pixels(data: bytes, spec: TransformSpec, u: tuple[float, float, float]
     sizes = _out_sizes(spec, bucket)
     box = crop_box(width, height, sizes[-1][1], sizes[-1][0], spec.random_crop, u[:2])
     per_frame = [_fit(img, box, sizes) for img in picked]
-    stacks = [np.stack([f[i] for f in per_frame], axis=1) for i in range(len(sizes))]  # (3, F, h, w)
+    stacks = [np.stack([f[i] for f in per_frame]) for i in range(len(sizes))]  # (F, h, w, 3)
     return Pixels(stacks[0], stacks[1] if len(stacks) > 1 else None)
 
 
 def refit(frames: np.ndarray, num_frames: int, hw: tuple[int, int]) -> np.ndarray:
-    """Force a planar clip (3, F, H, W) into another bucket: keep the first frames,
-    centre-crop-resize each."""
-    frames = frames[:, :num_frames]
-    h, w = frames.shape[2:4]
+    """Force a clip (F, H, W, 3) into another bucket: keep the first frames, centre-crop-resize
+    each."""
+    frames = frames[:num_frames]
+    h, w = frames.shape[1:3]
     if (h, w) == tuple(hw):
         return frames
     box = crop_box(w, h, hw[1], hw[0], False, (0.5, 0.5))
-    images = [PIL.Image.fromarray(np.ascontiguousarray(frames[:, t].transpose(1, 2, 0))) for t in range(frames.shape[1])]
-    return np.stack([_fit(img, box, [hw])[0] for img in images], axis=1)
+    return np.stack([_fit(PIL.Image.fromarray(np.ascontiguousarray(f)), box, [hw])[0] for f in frames])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from data_pipeline import synth
-from data_pipeline.stream import build_stream
+from data_pipeline.stream import batch_to_device, build_stream
 from data_pipeline.transforms import bucket_size
 from tests.data.data_helpers import make_shards, take, valid_keys, write_manifest, write_tar
 
@@ -50,7 +50,7 @@ def test_aspect_buckets_give_batches_of_one_bucket(tmp_path, cfg):
 
 def test_cascade_pairs_are_the_same_crop_at_two_sizes(cfg):
     stream = build_stream(cfg(sr_resolution=64, random_crop=True), 0, 1)
-    b = take(stream, 1)[0]
+    b = batch_to_device(take(stream, 1)[0], torch.device("cpu"))
     assert b["image"].shape == (4, 3, 64, 64) and b["image_lr"].shape == (4, 3, 32, 32)
     down = torch.nn.functional.avg_pool2d(b["image"], 2)
     assert (down - b["image_lr"]).abs().mean() < 0.02
