@@ -84,6 +84,12 @@ def demo(args: argparse.Namespace) -> int:
         print(f"{name:>12}: {sec:7.1f} s")
     print(f"{'total':>12}: {time.time() - t0:7.1f} s")
     print(f"autoencoder reconstructions: {latest_grid(load_config(ae_config, shared).log.dir)}")
+    recon = Path(cfg.model.autoencoder.path) / "reconstruction_adherence.json"
+    if recon.is_file():
+        record = json.loads(recon.read_text())
+        print(f"autoencoder reconstructions of {record['num']} held-out images, judged: " + ", ".join(
+            f"{k} {100 * v:.1f}% [{100 * record['interval'][k][0]:.1f}, {100 * record['interval'][k][1]:.1f}]"
+            for k, v in record["accuracy"].items()))
     print(f"sample grid (EMA, {cfg.log.sample_steps} DDIM steps, CFG {cfg.log.sample_cfg}): {latest_grid(cfg.log.dir)}")
     print(f"prompt adherence of {report.num_samples} generated samples (held-out captions, 95% Wilson interval):")
     for key, value in report.accuracy.items():

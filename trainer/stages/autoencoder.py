@@ -8,6 +8,7 @@ need pretrained networks). At the end the latent scale and shift are estimated f
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -19,6 +20,25 @@ from trainer.config import AutoencoderConfig, DataConfig, LogConfig, StageConfig
 from trainer.media import save_image_grid
 from trainer.models.autoencoder import Autoencoder, build_kl
 from trainer.stages.base import PlayerLoss, Stage
+
+
+RECON_JUDGED = 256  # held-out images whose reconstructions the shapes judge reads at the end
+RECON_REPORT = "reconstruction_adherence.json"  # written beside the weights in model.autoencoder.path
+
+
+@torch.no_grad()
+def reconstruction_adherence(ae: Autoencoder, data: DataConfig, num: int = RECON_JUDGED, batch_size: int = 64):
+    """The shapes judge (`trainer.judge`) on the autoencoder's reconstructions of `num` held-out
+    images, each against its own caption: what of a shape survives the latent space. A latent
+    DiT cannot learn an attribute its autoencoder loses, so every attribute should stay >= 95%."""
+    from trainer.evaluate import heldout_set
+    from trainer.judge import judge
+
+    real, captions = heldout_set(data, num)
+    device = next(ae.parameters()).device
+    recon = torch.cat([ae.decode(ae.encode(real[i: i + batch_size].to(device))).cpu()
+                       for i in range(0, len(real), batch_size)])
+    return judge(recon.clamp(-1, 1), captions)
 
 
 class VAETraining(nn.Module):
@@ -76,6 +96,13 @@ class AutoencoderStage(Stage):
         ae.fit_scale(images)
         ae.save(self.cfg.path)
         recon = ae.decode(ae.encode(images[:8]))
+        if self.data.kind != "video":
+            report = reconstruction_adherence(ae, self.data, RECON_JUDGED)
+            record = {"num": report.num_samples, "accuracy": report.accuracy,
+                      "interval": {k: list(report.interval(k)) for k in report.accuracy}}
+            (Path(self.cfg.path) / RECON_REPORT).write_text(json.dumps(record, indent=1) + "\n")
+            print(f"autoencoder reconstructions of {report.num_samples} held-out images, judged: "
+                  f"{report.format(intervals=True)}", flush=True)
         grid = torch.cat([images[:8], recon])
         labels = ["original"] * min(8, len(images)) + ["reconstruction"] * recon.shape[0]
         return save_image_grid(grid, labels, path, cols=min(8, len(images)), caption_lines=1)
