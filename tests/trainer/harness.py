@@ -155,3 +155,32 @@ def bare_ranks(nproc: int, overrides: list[str], logs: Path, config: Path = TINY
                 env=train_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(port), **env)))
     return procs
+
+
+def assert_checkpoint_samples_match(out: Path, tmp: Path) -> None:
+    """The sample grid drawn from the newest checkpoint's EMA (what `dit sample` loads) equals the
+    one the trainer drew from its in-memory EMA at the same step (same seed, prompts, precision,
+    frozen helpers in the training precision, one thread as the ranks run): what a run saves is
+    what it trained."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from trainer.checkpoint import load_for_inference
+    from trainer.config import load_config
+    from trainer.engine import PRECISIONS, autocast
+    from trainer.stages import build_stage
+
+    directory = latest_dir(out)
+    cfg = load_config(directory / "config.yaml")
+    step = int(directory.name.split("_")[1])
+    trained = out / "logs" / "samples" / f"step_{step:08d}.png"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        stage = build_stage(cfg).to(torch.device("cpu"), PRECISIONS[cfg.deepspeed.precision])  # helpers as trained
+        with autocast(torch.device("cpu"), cfg.deepspeed.precision):
+            drawn = stage.write_samples(load_for_inference(directory)[1], cfg.log, tmp / trained.name)
+    finally:
+        torch.set_num_threads(threads)
+    assert drawn is not None and np.array_equal(np.asarray(Image.open(drawn)), np.asarray(Image.open(trained)))

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.trainer.harness import assert_ok, base, ema_weights, losses, metrics, run_train
+from tests.trainer.harness import (assert_checkpoint_samples_match, assert_ok, base, ema_weights, losses, metrics,
+                                   run_train)
 from trainer.models.dit import TextEmbedding
 from trainer.stages.base import cfg_keep, drop_text
 
@@ -55,6 +56,7 @@ def test_pipeline_matches_single_process(shapes_shards, tmp_path):
     assert ema_single.keys() == ema_piped.keys()
     assert max(float((ema_single[k] - ema_piped[k]).abs().max()) for k in ema_single) < 1e-4
     assert any(Path(r["sample_grid"]).is_file() for r in metrics(piped) if "sample_grid" in r)
+    assert_checkpoint_samples_match(piped, tmp_path)
     resumed = run_train(2, base(shapes_shards, piped, *common, "deepspeed.pipeline_stages=2", "stage.steps=5"))
     assert_ok(resumed)
     assert "at step 4" in resumed.stdout

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.trainer.harness import (assert_ok, base, ema_weights, final_weights, losses, metrics, run_train,
-                                   same_tensors)
+from tests.trainer.harness import (assert_checkpoint_samples_match, assert_ok, base, ema_weights, final_weights,
+                                   losses, metrics, run_train, same_tensors)
 
 pytestmark = pytest.mark.slow
 
@@ -41,6 +41,7 @@ def test_bf16_trains_and_resumes_bit_exact(shapes_shards, tmp_path):
     assert mean_loss(curve, range(17, 25)) < 0.8 * mean_loss(curve, range(1, 9)), curve
     assert same_tensors(weights, final_weights(resumed))
     assert same_tensors(ema_weights(straight), ema_weights(resumed))
+    assert_checkpoint_samples_match(resumed, tmp_path)
 
 
 @pytest.mark.parametrize("offload", [["deepspeed.zero_stage=2", "deepspeed.offload_optimizer=true"],
@@ -58,3 +59,4 @@ def test_offload_trains_and_resumes_exactly_and_skips_a_nan_on_one_rank(shapes_s
     assert all(torch.isfinite(v).all() for v in ema_weights(straight).values())
     assert same_tensors(ema_weights(straight), ema_weights(resumed))
     assert losses(resumed)[8] == curve[8]
+    assert_checkpoint_samples_match(resumed, tmp_path)
