@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     _optional_register("launch.data_cmd", "register_bench", bsub)
     _optional_register("launch.bench_model", "register_bench", bsub)
     _optional_register("launch.bench_distill", "register_bench", bsub)
+    _optional_register("launch.bench_quality", "register_bench", bsub)
     _optional_register("launch.bench_gpu", "register_bench", bsub)
     return parser
 
