@@ -104,10 +104,3 @@ class EMA:
                 raise ValueError(f"EMA tensor {n}: checkpoint shape {tuple(full.shape)} does not match the model")
             self.shadow[n].copy_(self._partition(p, full) if _is_partitioned(p) else full)
         self.num_updates = num_updates
-
-    @torch.no_grad()
-    def copy_to(self, module: nn.Module, full_state: dict[str, torch.Tensor]) -> None:
-        """Load gathered EMA weights into a plain (unpartitioned) copy of the module."""
-        params = dict(module.named_parameters())
-        for n, t in full_state.items():
-            params[n].data.copy_(t.to(params[n].dtype))
