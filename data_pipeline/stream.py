@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.config import DataConfig, validate_data_config
-from data_pipeline.decode import Decoded, decode_sample
+from data_pipeline.decode import Decoded, JsonRecords, decode_sample
 from data_pipeline.errors import DataError, SkipCounter, SkipSample, check_error_budget, empty_counts
 from data_pipeline.manifest import SOURCE_SEPARATOR, Manifest, resolve_source, resolve_sources
 from data_pipeline.plan import (
@@ -186,7 +186,7 @@ def collate(items: list[Item], valid: list[bool]) -> dict:
     batch = {
         "__key__": [it.key for it in items],
         "caption": [it.sample.caption for it in items],
-        "json": [it.sample.meta for it in items],
+        "json": JsonRecords([it.sample.meta_json for it in items]),
         "valid": valid,
     }
     if any((it.pixels is None) != (head.pixels is None) for it in items):

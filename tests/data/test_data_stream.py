@@ -23,6 +23,9 @@ def test_two_ranks_two_workers_see_every_sample_once(cfg, shards):
     for b in batches[0] + batches[1]:
         assert b["image"].shape == (4, 3, 32, 32) and b["image"].dtype == torch.uint8
         assert len(b["caption"]) == len(b["json"]) == 4 and all(b["caption"])
+        # metadata crosses from the worker as json bytes and is parsed when read
+        assert all(isinstance(m, bytes) for m in b["json"].members)
+        assert [j["key"] for j in b["json"]] == b["__key__"]
     # the state already points at the next epoch
     assert streams[0].state_dict()["epoch"] == 1
 
