@@ -5,3 +5,5 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tests.trainer.harness import shapes_shards, tiny_teacher  # noqa: E402,F401  (session fixtures, shared)

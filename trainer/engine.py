@@ -10,7 +10,7 @@ import contextlib
 import math
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -234,6 +234,8 @@ class Trainer:
         self.stream = build_stream(cfg.data, self.ctx.dp_rank, self.ctx.dp_world)  # data errors first
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
         self.stage = build_stage(cfg).to(self.device, PRECISIONS[self.precision])
+        if self.stage.preview_samples and self.ctx.is_main:
+            self.stage.preview = preview_batch(cfg, self.stage.preview_samples, self.device)
         self.pipeline = self.ctx.pipeline_stages > 1
         trainable = dict(self.stage.trainable())
         if cfg.model.compile:
@@ -512,6 +514,19 @@ class Trainer:
             self.logger.event(self.state.step, {"sample_grid": str(out)})
             print(f"samples: {out}", flush=True)
         return out
+
+
+def preview_batch(cfg: RunConfig, samples: int, device: torch.device) -> dict:
+    """The first `samples` samples of the run's data in the epoch-0 order, as one batch on
+    `device`: the inputs a stage draws its samples from when it needs any
+    (`Stage.preview_samples`: the low-resolution images a super-resolution stage upsamples, the
+    images the autoencoder stage reconstructs and fits its latent scale on). They depend on the
+    data config alone, so they are the same at every step, after a resume, and for whoever
+    reloads a checkpoint."""
+    from data_pipeline.stream import build_stream
+
+    data = replace(cfg.data, batch_size=samples, num_workers=0)
+    return batch_to_device(next(iter(build_stream(data, 0, 1))), device)
 
 
 def train(cfg: RunConfig) -> int:

@@ -66,6 +66,14 @@ def save_video_grid(videos: torch.Tensor, prompts: Sequence[str], path: str | Pa
     return path
 
 
+def save_grid(pixels: torch.Tensor, labels: Sequence[str], path: str | Path, **kw) -> Path:
+    """Images (N, 3, H, W) as a PNG grid at `path`; clips (N, 3, F, H, W) as a GIF of grids
+    beside it (`path` with the suffix .gif)."""
+    if pixels.dim() == 5:
+        return save_video_grid(pixels, labels, Path(path).with_suffix(".gif"), **kw)
+    return save_image_grid(pixels, labels, path, **kw)
+
+
 def save_mp4(video: torch.Tensor, path: str | Path, fps: int = 8) -> Path:
     """One video (3, F, H, W) in [-1, 1] as H.264 MP4 (even sizes padded by repetition)."""
     import av

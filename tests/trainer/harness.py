@@ -25,6 +25,15 @@ def shapes_shards(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_teacher(shapes_shards, tmp_path_factory) -> Path:
+    """A real teacher for the distillation runs: checkpoint root of a 4-step pretraining run of
+    configs/test_tiny.yaml on 2 ranks (EMA weights + config.yaml)."""
+    out = tmp_path_factory.mktemp("teacher")
+    assert_ok(run_train(2, [f"data.shards={shapes_shards}", f"run.out_dir={out}", "stage.steps=4", "checkpoint.every=4"]))
+    return out / "checkpoints"
+
+
 def torchrun_cmd(nproc: int, overrides: list[str], config: Path = TINY) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
             "-m", "launch.cli", "train", str(config), *overrides]
@@ -161,26 +170,41 @@ def assert_checkpoint_samples_match(out: Path, tmp: Path) -> None:
     """The sample grid drawn from the newest checkpoint's EMA (what `dit sample` loads) equals the
     one the trainer drew from its in-memory EMA at the same step (same seed, prompts, precision,
     frozen helpers in the training precision, one thread as the ranks run): what a run saves is
-    what it trained."""
-    import numpy as np
+    what it trained. The stage is restored as a resume restores it (its saved state: a
+    progressive round's teacher) with the same preview inputs; clips are compared frame by frame."""
     import torch
-    from PIL import Image
+    from safetensors.torch import load_file
 
-    from trainer.checkpoint import load_for_inference
+    from trainer.checkpoint import STAGE_FILE, load_for_inference
     from trainer.config import load_config
-    from trainer.engine import PRECISIONS, autocast
+    from trainer.engine import PRECISIONS, autocast, preview_batch
     from trainer.stages import build_stage
 
     directory = latest_dir(out)
     cfg = load_config(directory / "config.yaml")
     step = int(directory.name.split("_")[1])
-    trained = out / "logs" / "samples" / f"step_{step:08d}.png"
+    trained = sorted((out / "logs" / "samples").glob(f"step_{step:08d}.*"))
+    assert len(trained) == 1, f"the trainer drew no single sample grid at step {step}: {trained}"
+    cpu = torch.device("cpu")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        stage = build_stage(cfg).to(torch.device("cpu"), PRECISIONS[cfg.deepspeed.precision])  # helpers as trained
-        with autocast(torch.device("cpu"), cfg.deepspeed.precision):
-            drawn = stage.write_samples(load_for_inference(directory)[1], cfg.log, tmp / trained.name)
+        stage = build_stage(cfg).to(cpu, PRECISIONS[cfg.deepspeed.precision])  # helpers as trained
+        if (directory / STAGE_FILE).is_file():
+            stage.load_state_tensors(load_file(str(directory / STAGE_FILE)))
+        if stage.preview_samples:
+            stage.preview = preview_batch(cfg, stage.preview_samples, cpu)
+        with autocast(cpu, cfg.deepspeed.precision):
+            drawn = stage.write_samples(load_for_inference(directory)[1], cfg.log, tmp / "samples.png")
     finally:
         torch.set_num_threads(threads)
-    assert drawn is not None and np.array_equal(np.asarray(Image.open(drawn)), np.asarray(Image.open(trained)))
+    assert drawn is not None and drawn.suffix == trained[0].suffix
+    assert frames(drawn) == frames(trained[0]), f"{drawn} differs from {trained[0]}"
+
+
+def frames(path: Path) -> list[bytes]:
+    """The decoded frames of a PNG (one) or an animated GIF (each)."""
+    from PIL import Image, ImageSequence
+
+    with Image.open(path) as img:
+        return [frame.convert("RGB").tobytes() for frame in ImageSequence.Iterator(img)]

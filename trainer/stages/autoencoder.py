@@ -55,11 +55,12 @@ class VAETraining(nn.Module):
 
 
 class AutoencoderStage(Stage):
+    preview_samples = 32  # the latent scale is fit on, and the grid drawn from, these images
+
     def __init__(self, cfg: AutoencoderConfig, stage: StageConfig, data: DataConfig):
         super().__init__()
         self.cfg, self.stage_cfg, self.data = cfg, stage, data
         self.players = {"student": VAETraining(Autoencoder(build_kl(cfg)))}
-        self.held: list[Tensor] = []  # a few training images for the scale fit and the grid
 
     def pixels(self, batch: dict[str, Any]) -> Tensor:
         """Images (B, 3, H, W); a video's frames are images of the same (2-D) autoencoder."""
@@ -70,8 +71,6 @@ class AutoencoderStage(Stage):
 
     def losses(self, batch: dict[str, Any], generator: torch.Generator) -> Iterator[PlayerLoss]:
         x = self.pixels(batch)  # (B, 3, H, W) in [-1, 1]
-        if len(self.held) < 8:
-            self.held.append(x[:4].detach().clone())
         recon, kl = self.run("student", x, generator)  # (B, 3, H, W), (B,)
         rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
         loss = rec + self.stage_cfg.kl_weight * kl.mean()
@@ -87,12 +86,13 @@ class AutoencoderStage(Stage):
 
     @torch.no_grad()
     def write_samples(self, weights: dict[str, Tensor], log: LogConfig, path: Path) -> Optional[Path]:
-        """Fit the latent scale, save the autoencoder for the latent stages, and draw
-        originals above reconstructions."""
-        if not self.held:
+        """Fit the latent scale on the preview's images, save the autoencoder for the latent
+        stages, and draw originals above reconstructions. The preview is the same at every step
+        and on resume, so a resumed run saves the autoencoder an uninterrupted one saves."""
+        if self.preview is None:
             return None
         ae = self.trained_copy(weights)
-        images = torch.cat(self.held)  # (N, 3, H, W)
+        images = self.pixels(self.preview)  # (N, 3, H, W); a clip's frames are images
         ae.fit_scale(images)
         ae.save(self.cfg.path)
         recon = ae.decode(ae.encode(images[:8]))

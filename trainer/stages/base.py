@@ -25,12 +25,17 @@ class Stage:
     """Base class; subclasses set `self.players` and implement `losses`."""
 
     players: dict[str, nn.Module]
+    # How many data samples `write_samples` draws from (low-resolution images to upsample,
+    # images to reconstruct), 0 for none: whoever draws sets `preview` to that many, the same
+    # at every step, on every run and resume of a config (trainer.engine.preview_batch).
+    preview_samples = 0
 
     def __init__(self) -> None:
         self.runners: dict[str, Callable[..., Any]] = {}
         self.writes_files = True  # whether this rank writes the files a stage shares (exports)
         self.device = torch.device("cpu")  # where the step's tensors live (see `to`)
         self.helper_dtype = torch.float32  # the compute dtype of the frozen helpers
+        self.preview: Optional[dict[str, Any]] = None  # the fixed inputs of the sample grid
 
     def trainable(self) -> dict[str, nn.Module]:
         return self.players

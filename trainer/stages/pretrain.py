@@ -15,7 +15,7 @@ from torch import Tensor
 from data_pipeline.errors import DataError
 from trainer.config import DataConfig, DiffusionConfig, LogConfig, ModelConfig, StageConfig
 from trainer.diffusion import add_noise, diffusion_loss, make_schedule, randn, sample_timesteps
-from trainer.media import save_image_grid, save_video_grid
+from trainer.media import save_grid
 from trainer.metrics import timestep_bucket_losses
 from trainer.models.autoencoder import build_autoencoder
 from trainer.models.dit import build_dit
@@ -172,7 +172,4 @@ class PretrainStage(Stage):
         generator = torch.Generator().manual_seed(0)
         x0 = generate(net, self.text, self.schedule, self.diffusion.prediction, log.prompts,
                       self.sample_shape(), settings, generator)
-        pixels = self.decode(x0)
-        if pixels.dim() == 5:
-            return save_video_grid(pixels, log.prompts, path.with_suffix(".gif"))
-        return save_image_grid(pixels, log.prompts, path)
+        return save_grid(self.decode(x0), log.prompts, path)

@@ -69,7 +69,7 @@ from trainer.diffusion import (
     to_eps,
     to_x0,
 )
-from trainer.media import save_image_grid, save_video_grid
+from trainer.media import save_grid
 from trainer.models.dit import DiT, TextEmbedding, build_dit
 from trainer.sampling import SamplerSettings, conditioned, generate
 from trainer.stages.base import PlayerLoss, frozen, place
@@ -393,10 +393,7 @@ class DistillationStage(PretrainStage):
         for steps in SAMPLE_STEPS:
             rows.append(distilled_pixels(self, net, prompts, steps, log.sample_cfg, torch.Generator().manual_seed(0)))
             labels += [f"{steps} step{'s' if steps > 1 else ''}: {p}" for p in prompts]
-        pixels = torch.cat(rows)
-        if pixels.dim() == 5:
-            return save_video_grid(pixels, labels, path.with_suffix(".gif"), cols=len(prompts))
-        return save_image_grid(pixels, labels, path, cols=len(prompts))
+        return save_grid(torch.cat(rows), labels, path, cols=len(prompts))
 
     def eval_metrics(self, weights: Optional[dict[str, Tensor]], log: LogConfig) -> dict[str, float]:
         """The shapes judge (trainer.judge) on log.prompts at 1, 2 and 4 student steps:

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from trainer.config import LogConfig
 from trainer.diffusion import add_noise, rand, randn
-from trainer.media import save_image_grid
+from trainer.media import save_grid
 from trainer.models.dit import upsample_like
 from trainer.sampling import SamplerSettings, generate
 from trainer.stages.pretrain import PretrainStage
@@ -23,6 +23,8 @@ from trainer.stages.pretrain import PretrainStage
 
 class SuperResStage(PretrainStage):
     """Trains p(x_hi | x_lo, text); the schedule is shifted for the larger resolution."""
+
+    preview_samples = 4  # the sample grid super-resolves the preview's low-resolution images
 
     @property
     def resolution(self) -> int:
@@ -43,7 +45,6 @@ class SuperResStage(PretrainStage):
             lowres = self.lowres_input(batch)  # (B, C, H/k, W/k)
         level = rand((lowres.shape[0],), generator, lowres.device) * self.stage_cfg.noise_aug_max  # (B,)
         inputs.update(lowres=self.augment(lowres, level, generator), aug_level=level)
-        self.preview = (lowres[:4].clone(), list(batch["caption"][:4]))
         return inputs, targets
 
     def upsample_extras(self, lowres: Tensor, generator: Optional[torch.Generator]) -> dict[str, Tensor]:
@@ -51,16 +52,18 @@ class SuperResStage(PretrainStage):
         level = torch.full((lowres.shape[0],), self.stage_cfg.noise_aug_sample, device=lowres.device)
         return {"lowres": self.augment(lowres, level, generator), "aug_level": level}
 
+    @torch.no_grad()
     def write_samples(self, weights: Optional[dict[str, Tensor]], log: LogConfig, path: Path) -> Optional[Path]:
-        """Low-resolution inputs (top row) and their super-resolved samples (bottom row)."""
-        if getattr(self, "preview", None) is None:
+        """The preview's first low-resolution inputs (top row) and their super-resolved samples
+        (bottom row)."""
+        if self.preview is None:
             return None
-        lowres, prompts = self.preview
+        lowres = self.lowres_input(self.preview)  # (n, C, h, w) or (n, C, F, h, w)
+        prompts = list(self.preview["caption"])
         generator = torch.Generator().manual_seed(0)
         settings = SamplerSettings(steps=log.sample_steps, cfg_scale=log.sample_cfg)
         x0 = generate(self.sampling_net(weights), self.text, self.schedule, self.diffusion.prediction, prompts,
                       self.sample_shape(), settings, generator, self.upsample_extras(lowres, generator))
         high = self.decode(x0)
         low = upsample_like(self.decode(lowres), high)
-        return save_image_grid(torch.cat([low, high]), ["input: " + p for p in prompts] + prompts, path,
-                               cols=len(prompts))
+        return save_grid(torch.cat([low, high]), ["input: " + p for p in prompts] + prompts, path, cols=len(prompts))

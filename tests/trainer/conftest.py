@@ -1,1 +1,0 @@
-from tests.trainer.harness import shapes_shards  # noqa: F401  (session fixture)
