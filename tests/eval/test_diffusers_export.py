@@ -63,8 +63,8 @@ def test_learned_null_exports_to_both_formats(tmp_path):
     assert torch.count_nonzero(ema["embed.null_tokens"]) > 0
     assert all(torch.equal(exported[k], ema[k]) for k in ("embed.null_tokens", "embed.null_pooled"))
     out = tmp_path / "diffusers"
-    assert dit(["export", str(checkpoint), "--format", "diffusers", "--out", str(out)]) == 0  # verifies itself
-    pipe = load_pipeline(out)
+    assert dit(["export", str(checkpoint), "--format", "diffusers", "--out", str(out), "--no-verify"]) == 0
+    pipe = load_pipeline(out)  # checked below, against our sampler
     assert pipe.transformer.config.learned_null
     assert torch.equal(pipe.transformer.dit.embed.null_pooled.detach(), ema["embed.null_pooled"])
     assert compare_with_pipeline(pipe, checkpoint, PROMPTS, steps=4) < 1e-4
