@@ -35,7 +35,7 @@ class TextEncoderConfig:
     path: str = ""  # local directory (hf/t5) or weights file (open_clip); empty: default/random
     arch: str = "ViT-B-32"  # open_clip architecture name
     max_length: int = 32
-    null: str = "zeros"  # zeros | learned: the embedding of the empty (CFG-dropped) caption
+    null: str = "zeros"  # zeros | learned (a token + pooled vector trained with the DiT): the empty (CFG-dropped) caption
 
 
 @dataclass
@@ -313,8 +313,6 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     _check(not cfg.model.learn_sigma, "model.learn_sigma",
            "a learned variance needs the variational-bound loss (Nichol & Dhariwal 2021), which this trainer "
            "does not implement; set it to false (v-prediction with a fixed variance)")
-    _check(cfg.model.text.null == "zeros", "model.text.null",
-           "a learned null embedding is not trained or saved with the DiT yet; use zeros")
     _check(0.0 <= st.cfg_dropout < 1.0, "stage.cfg_dropout", "must be in [0, 1)")
     _check(st.steps >= 1, "stage.steps", "must be at least 1")
     _check(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")

@@ -61,10 +61,10 @@ class DiTTransformer(ModelMixin, ConfigMixin):
     def __init__(self, depth: int = 4, width: int = 128, heads: int = 4, patch: int = 2, mlp_ratio: float = 4.0,
                  in_channels: int = 4, out_channels: int = 4, text_dim: int = 384, pooled_dim: int = 384,
                  qk_norm: bool = True, rope: bool = False, sample_size: int = 32, num_train_timesteps: int = 1000,
-                 text_max_length: int = 32, text_normalize_pooled: bool = True):
+                 text_max_length: int = 32, text_normalize_pooled: bool = True, learned_null: bool = False):
         super().__init__()
         spec = DiTSpec(DiTPreset(depth, width, heads, patch, mlp_ratio), in_channels, out_channels, text_dim,
-                       pooled_dim, rope=rope, qk_norm=qk_norm)
+                       pooled_dim, rope=rope, qk_norm=qk_norm, learned_null=learned_null)
         self.dit = DiT(spec)
 
     def forward(self, hidden_states: Tensor, timestep: Tensor, encoder_hidden_states: Tensor,
@@ -105,12 +105,13 @@ class DiTTextToImagePipeline(DiffusionPipeline):
         return states.float() * weights, mask.bool(), pooled.float()
 
     def null_prompt(self, batch: int) -> tuple[Tensor, Tensor, Tensor]:
-        """The empty caption as the model was trained on it (text.null=zeros): zero states and
-        pooled vector, only the first token marked real."""
+        """The empty caption as the model was trained on it: zero states and pooled vector with
+        only the first token marked real (text.null=zeros), or none marked (text.null=learned:
+        the transformer puts its learned null caption there, `DiTEmbed.fill_null`)."""
         cfg = self.transformer.config
         tokens = torch.zeros(batch, cfg.text_max_length, cfg.text_dim, device=self.device)
         mask = torch.zeros(batch, cfg.text_max_length, dtype=torch.bool, device=self.device)
-        mask[:, 0] = True
+        mask[:, 0] = not cfg.learned_null
         return tokens, mask, torch.zeros(batch, cfg.pooled_dim, device=self.device)
 
     @torch.no_grad()
@@ -184,7 +185,6 @@ def _check_diffusers_exportable(loaded: "LoadedStage") -> None:
         (cfg.model.guidance_embed, "model.guidance_embed", "guidance-conditioned students"),
         (cfg.model.learn_sigma, "model.learn_sigma", "learned-variance models"),
         (cfg.model.text.kind == "open_clip", "model.text.kind", "open_clip text encoders"),
-        (cfg.model.text.null != "zeros", "model.text.null", "a learned null caption"),
         (getattr(loaded.stage.autoencoder, "causal_3d", False), "model.autoencoder", "3-D autoencoders"),
     ]
     for bad, key, what in problems:
@@ -222,7 +222,8 @@ def export_diffusers(checkpoint: str | Path, out: str | Path, ema: bool = True) 
         mlp_ratio=spec.preset.mlp_ratio, in_channels=spec.in_channels, out_channels=spec.out_channels,
         text_dim=spec.text_dim, pooled_dim=spec.pooled_dim, qk_norm=spec.qk_norm, rope=spec.rope,
         sample_size=loaded.stage.resolution, num_train_timesteps=loaded.cfg.diffusion.num_timesteps,
-        text_max_length=text.max_length, text_normalize_pooled=bool(getattr(text, "normalize", False)))
+        text_max_length=text.max_length, text_normalize_pooled=bool(getattr(text, "normalize", False)),
+        learned_null=spec.learned_null)
     transformer.dit.load_state_dict(loaded.net.state_dict())
     transformer.save_pretrained(str(out / "transformer"), safe_serialization=True)
     (out / "transformer" / f"{TRANSFORMER_MODULE}.py").write_text(

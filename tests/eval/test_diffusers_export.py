@@ -51,3 +51,24 @@ def test_diffusers_export_matches_dit_sample(latent_checkpoint, tmp_path):
 
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="leading")
     assert compare_with_pipeline(pipe, latent_checkpoint, PROMPTS, steps=10) > 1e-2  # the check can fail
+
+
+def test_learned_null_exports_to_both_formats(tmp_path):
+    """model.text.null=learned: the DiT's null caption is in model.safetensors and in the diffusers
+    transformer, whose pipeline's unconditional branch uses it as our sampler does."""
+    cfg = tiny_config(tmp_path / "run", "model.text.null=learned")
+    checkpoint = write_checkpoint(cfg)  # perturbed weights: the null is nonzero
+    assert dit(["export", str(checkpoint), "--format", "safetensors", "--out", str(tmp_path / "st")]) == 0
+    exported, (_, ema) = load_file(str(tmp_path / "st" / "model.safetensors")), load_for_inference(checkpoint)
+    assert torch.count_nonzero(ema["embed.null_tokens"]) > 0
+    assert all(torch.equal(exported[k], ema[k]) for k in ("embed.null_tokens", "embed.null_pooled"))
+    out = tmp_path / "diffusers"
+    assert dit(["export", str(checkpoint), "--format", "diffusers", "--out", str(out), "--no-verify"]) == 0
+    pipe = load_pipeline(out)  # checked below, against our sampler
+    assert pipe.transformer.config.learned_null
+    assert torch.equal(pipe.transformer.dit.embed.null_pooled.detach(), ema["embed.null_pooled"])
+    assert compare_with_pipeline(pipe, checkpoint, PROMPTS, steps=4) < 1e-4
+    with torch.no_grad():
+        pipe.transformer.dit.embed.null_pooled.zero_()
+        pipe.transformer.dit.embed.null_tokens.zero_()
+    assert compare_with_pipeline(pipe, checkpoint, PROMPTS, steps=4) > 1e-3  # the check can fail

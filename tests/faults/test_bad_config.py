@@ -62,7 +62,6 @@ REFUSED = {  # accepted by the typed schema, refused by validate or the stage pr
     "adversarial_pipeline": (["stage.kind=adversarial", "deepspeed.pipeline_stages=2", "deepspeed.zero_stage=1"],
                              "deepspeed.pipeline_stages"),
     "learn_sigma": (["model.learn_sigma=true"], "model.learn_sigma"),
-    "learned_null": (["model.text.null=learned"], "model.text.null"),
     "offload_zero0": (["deepspeed.zero_stage=0", "deepspeed.offload_optimizer=true"], "deepspeed.offload_optimizer"),
 }
 

@@ -49,13 +49,20 @@ def test_empty_caption_gives_the_zero_null_embedding(minilm):
     assert torch.equal(emb.pooled[1], minilm.encode([CAPTIONS[0]]).pooled[0])
 
 
-def test_learned_null_is_the_only_trainable_piece():
+def test_learned_null_encoder_has_no_weights_and_marks_the_empty_caption_by_its_mask():
+    """null=learned: the learned null is a weight of the DiT (tests/models/test_learned_null.py);
+    the encoder gives the empty caption with no real token, the place the DiT fills."""
+    from trainer.models.text import CachedTextEncoder
+
     enc = build_text_encoder(TextEncoderConfig(kind="minilm", max_length=8, null="learned"))
-    trainable = [n for n, p in enc.named_parameters() if p.requires_grad]
-    assert trainable == ["null_tokens", "null_pooled"]
+    assert not any(p.requires_grad for p in enc.parameters())
     emb = enc.encode(["", CAPTIONS[0]])
-    (emb.tokens.sum() + emb.pooled.sum()).backward()
-    assert torch.count_nonzero(enc.null_tokens.grad) > 0 and torch.count_nonzero(enc.null_pooled.grad) > 0
+    assert not emb.mask[0].any() and emb.mask[1].any()
+    assert torch.count_nonzero(emb.tokens[0]) == 0 and torch.count_nonzero(emb.pooled[0]) == 0
+    cached = CachedTextEncoder(enc)
+    again = cached.encode(["", CAPTIONS[0]])
+    assert set(cached.cache) == {"", CAPTIONS[0]}  # a constant function of the caption: cached
+    assert all(torch.equal(a, b) for a, b in zip(again, emb))
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,15 @@ Images are 1-frame videos: frame 0 carries no temporal position, and factorized 
 their temporal attention when there is one latent frame (Latte §3.3, joint image-video
 training), so an image checkpoint runs unchanged inside a video model.
 
+The empty caption (classifier-free guidance, Ho & Salimans 2022): with `model.text.null=learned`
+the network owns a learned null caption - one token (1, Dt) and a pooled vector (Dp), zero at
+init, as the learned "null" text embedding of Imagen / PixArt-style trainers - and puts it in
+every row whose text mask has no real token, the form in which the frozen encoder gives the
+empty caption (`TextEncoder.null_embedding`). So CFG dropout trains it (gradients reach it
+through the rows it fills), the optimizer, ZeRO, the EMA and checkpoints treat it as any other
+weight (`embed.null_tokens`, `embed.null_pooled`), and every sampler's unconditional branch gets
+the (EMA) weights' null without knowing of it.
+
 Super-resolution (cascades, Ho et al. 2021): the low-resolution input, upsampled to x's size
 (bilinear for images; trilinear for videos, which also gives temporal super-resolution from
 fewer frames), is concatenated to x's channels; its noise-augmentation level is embedded like t.
@@ -144,6 +153,7 @@ class DiTSpec:
     superres: bool = False
     guidance: bool = False
     checkpointing: bool = False
+    learned_null: bool = False  # the empty caption is a trained token + pooled vector (model.text.null)
 
     @classmethod
     def from_config(
@@ -163,6 +173,7 @@ class DiTSpec:
             superres=cfg.superres,
             guidance=cfg.guidance_embed,
             checkpointing=cfg.activation_checkpointing,
+            learned_null=cfg.text.null == "learned",
         )
 
     @property
@@ -205,9 +216,16 @@ class DiTEmbed(nn.Module):
         self.pooled_embedder = nn.Linear(spec.pooled_dim, width) if spec.pooled_dim else None
         self.aug_embedder = ScalarEmbedder(width) if spec.superres else None
         self.guidance_embedder = ScalarEmbedder(width) if spec.guidance else None
+        self.null_tokens: Optional[nn.Parameter] = None
+        self.null_pooled: Optional[nn.Parameter] = None
+        if spec.learned_null:
+            self.null_tokens = nn.Parameter(torch.zeros(1, spec.text_dim))  # (1, Dt)
+            self.null_pooled = nn.Parameter(torch.zeros(spec.pooled_dim))  # (Dp,)
 
     def forward(self, inputs: Sequence[Tensor]) -> State:
         x, t, tokens, mask, pooled, *extra = inputs
+        if self.null_tokens is not None:
+            tokens, mask, pooled = self.fill_null(tokens, mask, pooled)
         if self.spec.superres:
             lowres, aug_level, *extra = extra
             x = torch.cat([x, upsample_like(lowres, x)], dim=1)  # (B, 2C, [F,] H, W)
@@ -225,6 +243,21 @@ class DiTEmbed(nn.Module):
             c = c + self.guidance_embedder(extra[0])  # (B, D)
         marker = h.new_zeros(grid[1:] if image else grid)  # (H', W') or (F', H', W')
         return h, c.to(h.dtype), tokens, mask, marker
+
+    def fill_null(self, tokens: Tensor, mask: Tensor, pooled: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Rows with no real token (the empty caption) get the learned null: its token first,
+        marked real (attention needs a key), zero padding after it, and its pooled vector.
+        tokens (B, L, Dt), mask (B, L) float, pooled (B, Dp) -> the same shapes."""
+        assert self.null_tokens is not None and self.null_pooled is not None
+        empty = mask.amax(dim=1) < 0.5  # (B,)
+        L, n = tokens.shape[1], self.null_tokens.shape[0]
+        null_tokens = F.pad(self.null_tokens.to(tokens.dtype), (0, 0, 0, L - n))  # (L, Dt)
+        null_mask = (torch.arange(L, device=mask.device) < n).to(mask.dtype)  # (L,)
+        return (
+            torch.where(empty[:, None, None], null_tokens, tokens),  # (B, L, Dt)
+            torch.where(empty[:, None], null_mask, mask),  # (B, L)
+            torch.where(empty[:, None], self.null_pooled.to(pooled.dtype), pooled),  # (B, Dp)
+        )
 
     def _as_video(self, x: Tensor) -> Tensor:
         """(B, C, [F,] H, W) -> (B, C, F, H, W); an image is held for one temporal patch."""

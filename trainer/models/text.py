@@ -13,17 +13,17 @@ tower by architecture name with weights from a local file or, without one, rando
 
 The null embedding of an empty caption (classifier-free guidance, Ho & Salimans 2022):
 `null=zeros`: zero tokens with only the first marked real (attention needs one key) and a
-zero pooled vector. `null=learned`: the first token and the pooled vector are parameters,
-initialized at zero; they are the encoder's only trainable tensors - the trainer puts
-`[p for p in encoder.parameters() if p.requires_grad]` into the DiT's optimizer and saves
-them with the model (state_dict keys `null_tokens`, `null_pooled`).
+zero pooled vector. `null=learned`: zero tokens and pooled vector with NO token marked real -
+the empty caption's place, which the DiT fills with its own learned null (`DiTEmbed.fill_null`):
+the learned embedding is a weight of the trained network, not of this frozen encoder, so the
+optimizer, ZeRO, the EMA and checkpoints hold it, and the encoder's output (and its cache)
+is a constant function of the caption either way.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -59,11 +59,7 @@ class TextEncoder(nn.Module):
             raise ValueError(f"model.text.null: '{null}' is not one of zeros, learned")
         self.backbone = backbone.eval().requires_grad_(False)
         self.dim, self.pooled_dim, self.max_length = dim, pooled_dim, max_length
-        self.null_tokens: Optional[nn.Parameter] = None
-        self.null_pooled: Optional[nn.Parameter] = None
-        if null == "learned":
-            self.null_tokens = nn.Parameter(torch.zeros(1, dim))
-            self.null_pooled = nn.Parameter(torch.zeros(pooled_dim))
+        self.null = null
 
     def train(self, mode: bool = True) -> "TextEncoder":
         super().train(mode)
@@ -95,12 +91,8 @@ class TextEncoder(nn.Module):
         device = self.device
         tokens = torch.zeros(batch, self.max_length, self.dim, device=device)  # (B, L, Dt)
         mask = torch.zeros(batch, self.max_length, dtype=torch.bool, device=device)  # (B, L)
-        mask[:, 0] = True
+        mask[:, 0] = self.null == "zeros"  # learned: no real token, the DiT puts its null here
         pooled = torch.zeros(batch, self.pooled_dim, device=device)  # (B, Dp)
-        if self.null_tokens is not None and self.null_pooled is not None:
-            first = self.null_tokens.expand(batch, 1, self.dim)  # (B, 1, Dt)
-            tokens = torch.cat([first, tokens[:, 1:]], dim=1)  # (B, L, Dt)
-            pooled = pooled + self.null_pooled  # (B, Dp)
         return TextEmbedding(tokens, mask, pooled)
 
     def _encode(self, captions: list[str]) -> tuple[Tensor, Tensor, Tensor]:
@@ -142,8 +134,6 @@ class CachedTextEncoder:
         return rows
 
     def encode(self, captions: list[str]) -> TextEmbedding:
-        if self.encoder.null_tokens is not None:  # a learned null must stay in the graph
-            return self.encoder.encode(captions)
         rows = self._encode_new(list(dict.fromkeys(c for c in captions if c not in self.cache)))
         for c in captions:
             if c in rows:
