@@ -22,6 +22,13 @@ class DataConfig:
     sr_resolution: int = 0  # > 0: also deliver the same image at this size (cascade pairs)
     random_crop: bool = False  # False: centre crop
     aspect_buckets: list[float] = field(default_factory=list)  # empty: square crops only
+    # Multi-resolution buckets: pixel areas given as square sides (16 means 16 x 16 pixels),
+    # each with every ratio of aspect_buckets. A sample goes to the largest area not above its
+    # own pixel area (the smallest when it is below all), then to the nearest ratio there:
+    # images are never upscaled to a larger bucket (SDXL / PixArt-alpha bucketing).
+    # Empty: the single area `resolution`, which must be one of these when they are given
+    # (it stays the shape of previews and the default of `dit sample`).
+    resolutions: list[int] = field(default_factory=list)
     num_frames: int = 8  # video clips: frames per clip
     frame_stride: int = 1  # video clips: take every k-th frame
     batch_size: int = 8  # per rank (micro-batch)
@@ -58,6 +65,13 @@ def validate_data_config(cfg: DataConfig) -> None:
         (cfg.frame_stride >= 1, "frame_stride", "must be at least 1"),
         (all(f >= 1 for f in cfg.frame_buckets), "frame_buckets", "frame counts must be >= 1"),
         (all(a > 0 for a in cfg.aspect_buckets), "aspect_buckets", "ratios (width / height) must be > 0"),
+        (all(r >= 8 and r % 8 == 0 for r in cfg.resolutions), "resolutions",
+         "every area's side must be a positive multiple of 8"),
+        (len(set(cfg.resolutions)) == len(cfg.resolutions), "resolutions", "sides must be distinct"),
+        (not cfg.resolutions or cfg.resolution in cfg.resolutions, "resolutions",
+         f"must include data.resolution ({cfg.resolution}), the size of previews and the default of dit sample"),
+        (not cfg.resolutions or cfg.sr_resolution == 0, "resolutions",
+         "cascade pairs (data.sr_resolution) come at one area; set data.resolutions=[] for a superres run"),
         (0.0 <= cfg.error_budget <= 1.0, "error_budget", "must be a fraction in [0, 1]"),
         (cfg.min_errors_before_budget >= 0, "min_errors_before_budget", "must be >= 0"),
         (cfg.shuffle_buffer >= 1, "shuffle_buffer", "must be at least 1 (1 = no shuffle within shards)"),

@@ -1,4 +1,11 @@
-"""Pixel transforms: resize + crop into aspect buckets, cascade pairs, video clips.
+"""Pixel transforms: resize + crop into area x aspect buckets, cascade pairs, video clips.
+
+Buckets: for each pixel area (`data.resolutions`, or the single `data.resolution`) one (h, w)
+per aspect ratio of `data.aspect_buckets`. A sample goes to the largest area not above its
+own pixel area (the smallest area when it is below all: images are upscaled only then), and
+within that area to the ratio nearest its own in log space (SDXL, Podell et al. 2023, sec.
+2.3; PixArt-alpha). The choice depends on the image size only, so a resumed stream buckets
+exactly as the uninterrupted one did.
 
 Every sample becomes `Pixels`: uint8 frames (F, H, W, 3) at its bucket's size, plus the
 same crop at the super-resolution size when cascade pairs are asked for. Images are 1-frame
@@ -31,24 +38,30 @@ _PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, PIL.Image.Decompressi
 class TransformSpec:
     """What the pixel stage produces, derived from DataConfig."""
 
-    sizes: tuple[tuple[int, int], ...]  # (h, w) per aspect bucket at the base resolution
+    sizes: tuple[tuple[int, int], ...]  # (h, w) per bucket: area-major, then aspect ratio
     sr_sizes: Optional[tuple[tuple[int, int], ...]]  # same buckets at sr_resolution, or None
-    ratios: tuple[float, ...]  # width / height of each bucket
+    ratios: tuple[float, ...]  # width / height of each bucket within an area
     frame_counts: tuple[int, ...]  # allowed clip lengths, ascending; (1,) in image mode
     frame_stride: int
     random_crop: bool
     kind: str = "image"  # image: batches hold (B, 3, H, W); video: (B, 3, F, H, W)
+    areas: tuple[int, ...] = (0,)  # square sides of the pixel areas, ascending
 
     @classmethod
     def from_config(cls, cfg: DataConfig) -> "TransformSpec":
         ratios = tuple(sorted(set(cfg.aspect_buckets))) or (1.0,)
-        sizes = tuple(bucket_size(cfg.resolution, r) for r in ratios)
+        areas = tuple(sorted(cfg.resolutions)) or (cfg.resolution,)
+        sizes = tuple(bucket_size(a, r) for a in areas for r in ratios)
         sr_sizes = None
-        if cfg.sr_resolution > 0:
+        if cfg.sr_resolution > 0:  # one area only (validate_data_config)
             scale = cfg.sr_resolution / cfg.resolution
             sr_sizes = tuple((round(h * scale), round(w * scale)) for h, w in sizes)
         counts = (1,) if cfg.kind == "image" else tuple(sorted({1, cfg.num_frames, *cfg.frame_buckets}))
-        return cls(sizes, sr_sizes, ratios, counts, cfg.frame_stride, cfg.random_crop, cfg.kind)
+        return cls(sizes, sr_sizes, ratios, counts, cfg.frame_stride, cfg.random_crop, cfg.kind, areas)
+
+    def bucket(self, width: int, height: int) -> int:
+        """Index into `sizes` of a width x height source: its area, then its aspect ratio."""
+        return area_index(width, height, self.areas) * len(self.ratios) + nearest_bucket(width, height, self.ratios)
 
     @property
     def bucketed(self) -> bool:
@@ -73,6 +86,13 @@ def bucket_size(resolution: int, ratio: float, multiple: int = 8) -> tuple[int, 
     h = max(multiple, round(resolution / math.sqrt(ratio) / multiple) * multiple)
     w = max(multiple, round(resolution * math.sqrt(ratio) / multiple) * multiple)
     return h, w
+
+
+def area_index(width: int, height: int, sides: tuple[int, ...]) -> int:
+    """Index of the largest area side**2 (sides ascending) not above width * height; 0 when
+    the source is smaller than all of them."""
+    fitting = [i for i, side in enumerate(sides) if side * side <= width * height]
+    return fitting[-1] if fitting else 0
 
 
 def nearest_bucket(width: int, height: int, ratios: tuple[float, ...]) -> int:
@@ -116,7 +136,7 @@ def _out_sizes(spec: TransformSpec, bucket: int) -> list[tuple[int, int]]:
 def image_pixels(img: PIL.Image.Image, spec: TransformSpec, u: tuple[float, float, float]) -> Pixels:
     """Decode an opened image at the scale needed for its bucket, crop and resize."""
     width, height = img.size
-    bucket = nearest_bucket(width, height, spec.ratios)
+    bucket = spec.bucket(width, height)
     sizes = _out_sizes(spec, bucket)
     big_h, big_w = sizes[-1]
     box = crop_box(width, height, big_w, big_h, spec.random_crop, u[:2])
@@ -165,7 +185,7 @@ def video_pixels(data: bytes, spec: TransformSpec, u: tuple[float, float, float]
     if not picked:
         raise SkipSample("corrupt_video", "no decodable frame")
     width, height = picked[0].size
-    bucket = nearest_bucket(width, height, spec.ratios)
+    bucket = spec.bucket(width, height)
     sizes = _out_sizes(spec, bucket)
     box = crop_box(width, height, sizes[-1][1], sizes[-1][0], spec.random_crop, u[:2])
     per_frame = [_fit(img, box, sizes) for img in picked]

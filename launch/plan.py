@@ -142,7 +142,7 @@ def model_facts(cfg: RunConfig, persistence_threshold: int) -> ModelFacts:
     factor, ae_params = autoencoder_facts(cfg)
     with torch.device("meta"):
         net = build_dit(cfg.model, text_dim, pooled_dim)
-    side = cfg.data.resolution // factor
+    side = max([cfg.data.resolution, *cfg.data.resolutions]) // factor  # multi-resolution: the peak is the largest area
     video = cfg.data.kind == "video"
     shape = (cfg.model.in_channels, cfg.data.num_frames, side, side) if video else (cfg.model.in_channels, side, side)
     spec = net.spec

@@ -3,7 +3,9 @@
 CKPT_OR_RECIPE is a checkpoint directory (root with `latest`, or a step directory) or a cascade
 YAML (see trainer/cascade.py). Writes one PNG per image (MP4 per video), a grid with the prompts
 and samples.json. EMA weights unless --raw. Runs on --device (default: the accelerator if
-present, else cpu); a seed gives the same samples on every device.
+present, else cpu); a seed gives the same samples on every device. --height/--width (pixels)
+and --frames set the base stage's output shape (default: its configured square and clip
+length; super-resolution stages keep the aspect), sampled with the SNR shift of that shape.
 """
 from __future__ import annotations
 
@@ -91,6 +93,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts-file", help="one prompt per line; # comments")
     p.add_argument("--num-per-prompt", type=int, default=1)
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--height", type=int, help="base stage output height in pixels (default: data.resolution)")
+    p.add_argument("--width", type=int, help="base stage output width in pixels (default: data.resolution)")
+    p.add_argument("--frames", type=int, help="video models: frames per clip (default: data.num_frames)")
     add_sampler_arguments(p)
     p.set_defaults(func=sample)
 
@@ -98,16 +103,21 @@ def configure(p: argparse.ArgumentParser) -> None:
 def sample(args: argparse.Namespace) -> int:
     import torch
 
-    from trainer.cascade import save_samples
+    from trainer.cascade import SampleSize, save_samples
 
     prompts = read_prompts(args)
     cascade = load_cascade(args)
-    pixels = cascade.sample_batched(prompts, torch.Generator().manual_seed(args.seed), args.batch_size)
+    size = SampleSize(args.height, args.width, args.frames)
+    try:  # a size the base model cannot take (not a multiple of its patch; frames for an image model)
+        cascade.stages[0].stage.sample_shape(size.height, size.width, size.frames)
+    except ValueError as e:
+        raise SystemExit(f"dit sample: {e}") from None
+    pixels = cascade.sample_batched(prompts, torch.Generator().manual_seed(args.seed), args.batch_size, size=size)
     meta = {"recipe": str(args.checkpoint), "seed": args.seed, "weights": "raw" if args.raw else "ema",
-            "device": str(args.device),
+            "device": str(args.device), "height": int(pixels.shape[-2]), "width": int(pixels.shape[-1]),
             "stages": [{"checkpoint": str(s.checkpoint), **vars(s.settings)} for s in cascade.stages]}
     record = save_samples(pixels, prompts, args.out, meta)
     kind = "videos" if pixels.ndim == 5 else "images"
-    print(f"{len(prompts)} {kind} of {pixels.shape[-1]} px on {args.device} in {args.out} "
+    print(f"{len(prompts)} {kind} of {pixels.shape[-2]}x{pixels.shape[-1]} px on {args.device} in {args.out} "
           f"(grid: {Path(args.out) / record['grid']})")
     return 0

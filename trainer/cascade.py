@@ -180,22 +180,44 @@ def distilled_settings(cfg: RunConfig, settings: SamplerSettings, directory: Pat
 
 @torch.no_grad()
 def stage_pixels(stage: PretrainStage, net: nn.Module, prompts: Sequence[str], settings: SamplerSettings,
-                 generator: torch.Generator, extras: Optional[dict[str, Tensor]] = None) -> Tensor:
-    """Sample one stage's x0 for `prompts` with `net` and decode it: pixels in [-1, 1]."""
-    x0 = generate(net, stage.text, stage.schedule, stage.diffusion.prediction, prompts, stage.sample_shape(),
+                 generator: torch.Generator, extras: Optional[dict[str, Tensor]] = None,
+                 shape: Optional[tuple[int, ...]] = None) -> Tensor:
+    """Sample one stage's x0 for `prompts` with `net` and decode it: pixels in [-1, 1]. `shape`:
+    the DiT input (C, [F,] h, w) (default: the stage's configured square), sampled with the
+    schedule shifted for that shape."""
+    shape = shape or stage.sample_shape()
+    x0 = generate(net, stage.text, stage.schedule_for(shape), stage.diffusion.prediction, prompts, shape,
                   settings, generator, extras)
     return stage.decode(x0).clamp(-1, 1)
 
 
-def resize_pixels(pixels: Tensor, side: int) -> Tensor:
-    """Images (B, 3, H, W) or videos (B, 3, F, H, W) resized to side x side (area averaging
-    down, bilinear up), frames kept."""
-    if pixels.shape[-1] == side and pixels.shape[-2] == side:
+def resize_pixels(pixels: Tensor, size: int | tuple[int, int]) -> Tensor:
+    """Images (B, 3, H, W) or videos (B, 3, F, H, W) resized to `size` (a side, or (height,
+    width)) by area averaging down, bilinear up; frames kept."""
+    h, w = (size, size) if isinstance(size, int) else size
+    if pixels.shape[-2:] == (h, w):
         return pixels
     frames = pixels.movedim(2, 1).flatten(0, 1) if pixels.ndim == 5 else pixels  # (B F, 3, H, W)
-    mode = "area" if side < pixels.shape[-1] else "bilinear"
-    out = F.interpolate(frames, size=(side, side), mode=mode, **({} if mode == "area" else {"align_corners": False}))
-    return out.view(pixels.shape[0], pixels.shape[2], 3, side, side).movedim(1, 2) if pixels.ndim == 5 else out
+    mode = "area" if h * w < pixels.shape[-2] * pixels.shape[-1] else "bilinear"
+    out = F.interpolate(frames, size=(h, w), mode=mode, **({} if mode == "area" else {"align_corners": False}))
+    return out.view(pixels.shape[0], pixels.shape[2], 3, h, w).movedim(1, 2) if pixels.ndim == 5 else out
+
+
+@dataclass(frozen=True)
+class SampleSize:
+    """What `dit sample --height --width --frames` asks of a cascade: the base stage's output in
+    pixels (None: its configured square) and frame count (None: data.num_frames). A later
+    (super-resolution) stage keeps the aspect: it samples at the base size times its
+    sr_resolution / the base's resolution, from a low-resolution input at the base size times
+    its data.resolution / the base's resolution."""
+
+    height: Optional[int] = None
+    width: Optional[int] = None
+    frames: Optional[int] = None
+
+    def scaled(self, side: int, base_side: int) -> tuple[Optional[int], Optional[int]]:
+        """(height, width) at `side` for a base stage of `base_side` (None where not asked)."""
+        return tuple(None if v is None else round(v * side / base_side) for v in (self.height, self.width))
 
 
 class Cascade:
@@ -230,34 +252,41 @@ class Cascade:
 
     @torch.no_grad()
     def run_stage(self, s: LoadedStage, prompts: Sequence[str], generator: torch.Generator,
-                  previous: Optional[Tensor]) -> Tensor:
+                  previous: Optional[Tensor], size: SampleSize = SampleSize()) -> Tensor:
         """Pixels of one stage; `previous`: the pixels of the stage before (super-resolution)."""
+        base = self.stages[0].pixel_resolution
+        height, width = size.scaled(s.pixel_resolution, base)
+        frames = size.frames if s is self.stages[0] else None  # later stages: their own clip length
+        shape = s.stage.sample_shape(height, width, frames)
         extras = None
         if previous is not None:
-            lowres = s.stage.autoencoder.encode(resize_pixels(previous, s.cfg.data.resolution))
+            low_h, low_w = size.scaled(s.cfg.data.resolution, base)
+            side = s.cfg.data.resolution
+            lowres = s.stage.autoencoder.encode(resize_pixels(previous, (low_h or side, low_w or side)))
             extras = s.stage.upsample_extras(lowres, generator)  # noise-augmented at stage.noise_aug_sample
         if s.distilled:
             from trainer.stages.progressive import distilled_pixels
 
-            return distilled_pixels(s.stage, s.net, prompts, s.settings.steps, s.settings.cfg_scale, generator, extras)
-        return stage_pixels(s.stage, s.net, prompts, s.settings, generator, extras)
+            return distilled_pixels(s.stage, s.net, prompts, s.settings.steps, s.settings.cfg_scale, generator,
+                                    extras, shape)
+        return stage_pixels(s.stage, s.net, prompts, s.settings, generator, extras, shape)
 
-    def sample(self, prompts: Sequence[str], generator: torch.Generator) -> Tensor:
-        """(N, 3, H, W) images or (N, 3, F, H, W) videos in [-1, 1] at the last stage's size, on
-        the cascade's device."""
+    def sample(self, prompts: Sequence[str], generator: torch.Generator, size: SampleSize = SampleSize()) -> Tensor:
+        """(N, 3, H, W) images or (N, 3, F, H, W) videos in [-1, 1] at the last stage's size (or
+        `size` scaled to it), on the cascade's device."""
         pixels: Optional[Tensor] = None
         for s in self.stages:
-            pixels = self.run_stage(s, prompts, generator, pixels)
+            pixels = self.run_stage(s, prompts, generator, pixels, size)
         assert pixels is not None
         return pixels
 
     def sample_batched(self, prompts: Sequence[str], generator: torch.Generator, batch_size: int = 16,
-                       progress: bool = True) -> Tensor:
+                       progress: bool = True, size: SampleSize = SampleSize()) -> Tensor:
         """`sample` over chunks of `batch_size` prompts (one generator: reproducible per seed),
         each chunk brought back to the host (the device holds one chunk at a time)."""
         chunks = [prompts[i: i + batch_size] for i in range(0, len(prompts), batch_size)]
         bar = tqdm(chunks, desc="sampling", unit="batch", disable=not progress or len(chunks) < 2)
-        return torch.cat([self.sample(c, generator).cpu() for c in bar])
+        return torch.cat([self.sample(c, generator, size).cpu() for c in bar])
 
 
 def save_sample(sample: Tensor, stem: Path) -> Path:

@@ -364,6 +364,18 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
             "data.sr_resolution",
             "the superres stage needs data.sr_resolution > data.resolution",
         )
+    _check(
+        not (cfg.data.resolutions and st.kind in ("progressive", "adversarial")),
+        "data.resolutions",
+        f"the {st.kind} stage distils at the one schedule of data.resolution; multi-resolution buckets "
+        f"train pretrain stages (set data.resolutions=[])",
+    )
+    _check(
+        not (cfg.data.resolutions and ds.pipeline_stages > 1),
+        "data.resolutions",
+        "the pipeline engine exchanges activations of one shape; train multi-resolution buckets with ZeRO "
+        "(deepspeed.pipeline_stages=1)",
+    )
     if world_size is not None:
         _check(
             world_size % ds.pipeline_stages == 0,

@@ -37,6 +37,8 @@ from trainer.diffusion.schedules import (
     make_schedule,
     rescale_zero_terminal_snr,
     scaled_linear_betas,
+    schedule_for_shape,
+    shape_size,
     snr_shift,
 )
 from trainer.diffusion.timesteps import (
@@ -86,6 +88,8 @@ __all__ = [
     "sample_uniform_discrete",
     "sampling_timesteps",
     "scaled_linear_betas",
+    "schedule_for_shape",
+    "shape_size",
     "snr_shift",
     "target",
     "to_eps",

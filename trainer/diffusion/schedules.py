@@ -16,7 +16,7 @@ rounding of a grid point reads that table entry exactly.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -83,7 +83,7 @@ def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
 
 
 def snr_shift(
-    resolution: Optional[int] = None,
+    resolution: Optional[float] = None,
     base_resolution: int = 0,
     frames: Optional[int] = None,
     base_frames: int = 0,
@@ -203,7 +203,7 @@ def _float_dtype(t: Tensor) -> torch.dtype:
 
 
 def make_schedule(
-    cfg: "DiffusionConfig", resolution: Optional[int] = None, frames: Optional[int] = None
+    cfg: "DiffusionConfig", resolution: Optional[float] = None, frames: Optional[int] = None
 ) -> NoiseSchedule:
     """The schedule of a `DiffusionConfig`: betas, then zero terminal SNR, then the SNR shift.
 
@@ -226,6 +226,25 @@ def make_schedule(
         )
     shift = snr_shift(resolution, cfg.shift_base_resolution, frames, cfg.shift_base_frames)
     return NoiseSchedule.from_betas(betas, logsnr_shift=shift)
+
+
+def shape_size(shape: Sequence[int]) -> tuple[float, int]:
+    """(side, frames) the SNR shift reads from a sample shape (C, h, w) or (C, F, h, w), batch
+    dim excluded: side = sqrt(h w), the square of the same area (for a square h = w this is
+    exactly h), and frames = F (1 for an image). A non-square bucket thus shifts like the
+    square holding as many pixels: the shift counts pixels, as in `snr_shift`."""
+    if len(shape) not in (3, 4):
+        raise ValueError(f"sample shape {tuple(shape)} is neither (C, h, w) nor (C, F, h, w)")
+    frames = int(shape[1]) if len(shape) == 4 else 1
+    return math.sqrt(int(shape[-2]) * int(shape[-1])), frames
+
+
+def schedule_for_shape(cfg: "DiffusionConfig", shape: Sequence[int]) -> NoiseSchedule:
+    """The schedule of samples shaped `shape` ((C, h, w) or (C, F, h, w) as the DiT sees them):
+    the shift of `snr_shift` at that shape's sqrt(h w) and frame count. Training uses the
+    shape of each batch (its bucket) and sampling the shape it samples at, so both agree."""
+    side, frames = shape_size(shape)
+    return make_schedule(cfg, resolution=side, frames=frames)
 
 
 def add_noise(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:

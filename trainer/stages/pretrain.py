@@ -14,11 +14,12 @@ from torch import Tensor
 
 from data_pipeline.errors import DataError
 from trainer.config import DataConfig, DiffusionConfig, LogConfig, ModelConfig, StageConfig
-from trainer.diffusion import add_noise, diffusion_loss, make_schedule, randn, sample_timesteps
+from trainer.diffusion import NoiseSchedule, add_noise, diffusion_loss, randn, sample_timesteps, schedule_for_shape
+from trainer.diffusion.schedules import shape_size
 from trainer.media import save_grid
 from trainer.metrics import timestep_bucket_losses
 from trainer.models.autoencoder import build_autoencoder
-from trainer.models.dit import build_dit
+from trainer.models.dit import build_dit, dit_preset
 from trainer.models.text import CachedTextEncoder, TextEmbedding, build_text_encoder
 from trainer.sampling import SamplerSettings, generate
 from trainer.stages.base import PlayerLoss, Stage, cfg_keep, drop_text, frozen
@@ -52,8 +53,8 @@ class PretrainStage(Stage):
         self.text = CachedTextEncoder(frozen(build_text_encoder(model.text)))
         self.autoencoder = frozen(build_autoencoder(model.autoencoder))  # PixelSpace when kind=none
         self.players = {"student": build_dit(model, self.text.dim, self.text.pooled_dim)}
-        frames = data.num_frames if data.kind == "video" else 1
-        self.schedule = make_schedule(diffusion, resolution=self.resolution, frames=frames)
+        self._schedules: dict[tuple[float, int], NoiseSchedule] = {}
+        self.schedule = self.schedule_for(self.sample_shape())  # at the configured square shape
 
     def helpers(self) -> list[torch.nn.Module]:
         return [self.text.encoder, self.autoencoder]
@@ -69,9 +70,33 @@ class PretrainStage(Stage):
         """Side of the tensor the DiT sees: pixels, or latents after the autoencoder."""
         return self.data.resolution // self.autoencoder.downsample_factor
 
-    def sample_shape(self) -> tuple[int, ...]:
-        c, r = self.model_cfg.in_channels, self.resolution
-        return (c, self.data.num_frames, r, r) if self.data.kind == "video" else (c, r, r)
+    def sample_shape(self, height: Optional[int] = None, width: Optional[int] = None,
+                     frames: Optional[int] = None) -> tuple[int, ...]:
+        """(C, h, w) or (C, F, h, w) of the DiT's input for `height` x `width` pixels (default:
+        the configured square) and `frames` (default: data.num_frames; videos only)."""
+        factor = self.autoencoder.downsample_factor
+        multiple = factor * dit_preset(self.model_cfg.preset).patch
+        for name, pixels in (("height", height), ("width", width)):
+            if pixels is not None and (pixels <= 0 or pixels % multiple):
+                raise ValueError(f"{name} {pixels} px is not a positive multiple of {multiple} (the autoencoder's "
+                                 f"downsampling {factor} x the DiT's patch); pick a multiple of {multiple}")
+        c = self.model_cfg.in_channels
+        h = height // factor if height else self.resolution
+        w = width // factor if width else self.resolution
+        if self.data.kind != "video":
+            if frames not in (None, 1):
+                raise ValueError(f"frames={frames}: this is an image model (data.kind=image)")
+            return c, h, w
+        return c, frames or self.data.num_frames, h, w
+
+    def schedule_for(self, shape: Sequence[int]) -> NoiseSchedule:
+        """The noise schedule of samples shaped `shape` (C, [F,] h, w): its SNR shift follows that
+        shape's sqrt(h w) and frame count (`schedule_for_shape`), so each bucket of a batch is
+        noised, and each size sampled, with its own shift. Cached per (side, frames)."""
+        key = shape_size(shape)
+        if key not in self._schedules:
+            self._schedules[key] = schedule_for_shape(self.diffusion, shape)
+        return self._schedules[key]
 
     def tokens_per_sample(self) -> int:
         spec = self.players["student"].spec
@@ -119,7 +144,7 @@ class PretrainStage(Stage):
     def noised(self, x0: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         t = sample_timesteps(self.diffusion, x0.shape[0], generator, x0.device)  # (B,)
         eps = randn(tuple(x0.shape), generator, x0.device)
-        alpha, sigma = self.schedule.alpha_sigma(t)  # (B,), (B,)
+        alpha, sigma = self.schedule_for(x0.shape[1:]).alpha_sigma(t)  # (B,), (B,) at this batch's bucket
         return t, eps, alpha, sigma, add_noise(x0, eps, alpha, sigma)
 
     def prepare(self, batch: dict[str, Any], generator: torch.Generator) -> tuple[dict[str, Any], tuple[Tensor, ...]]:
@@ -170,6 +195,7 @@ class PretrainStage(Stage):
         net = self.sampling_net(weights)
         settings = SamplerSettings(steps=log.sample_steps, cfg_scale=log.sample_cfg)
         generator = torch.Generator().manual_seed(0)
-        x0 = generate(net, self.text, self.schedule, self.diffusion.prediction, log.prompts,
-                      self.sample_shape(), settings, generator)
+        shape = self.sample_shape()
+        x0 = generate(net, self.text, self.schedule_for(shape), self.diffusion.prediction, log.prompts,
+                      shape, settings, generator)
         return save_grid(self.decode(x0), log.prompts, path)

@@ -410,16 +410,19 @@ class DistillationStage(PretrainStage):
 
 @torch.no_grad()
 def distilled_pixels(stage: PretrainStage, net: nn.Module, prompts: Sequence[str], steps: int, scale: float,
-                     generator: torch.Generator, extras: Optional[dict[str, Tensor]] = None) -> Tensor:
+                     generator: torch.Generator, extras: Optional[dict[str, Tensor]] = None,
+                     shape: Optional[tuple[int, ...]] = None) -> Tensor:
     """Sample a distilled student (one forward per step, guidance scale as an input when the
     network takes one) with any stage's schedule, text encoder and autoencoder; pixels in [-1, 1].
-    `extras`: further conditioning (a super-resolution student's low-resolution input)."""
+    `extras`: further conditioning (a super-resolution student's low-resolution input); `shape`:
+    the DiT input shape (C, [F,] h, w) (default: the stage's square), sampled with its shift."""
     device = next(net.parameters()).device
     extras = dict(extras or {})
     if net.spec.guidance:
         extras["guidance"] = torch.full((len(prompts),), float(scale), device=device)
     settings = SamplerSettings(steps=steps, cfg_scale=1.0)
-    x0 = generate(net, stage.text, stage.schedule, stage.diffusion.prediction, prompts, stage.sample_shape(),
+    shape = shape or stage.sample_shape()
+    x0 = generate(net, stage.text, stage.schedule_for(shape), stage.diffusion.prediction, prompts, shape,
                   settings, generator, extras)
     return stage.decode(x0).clamp(-1, 1)
 

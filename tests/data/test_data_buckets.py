@@ -1,0 +1,120 @@
+"""Multi-resolution buckets: several pixel areas, each with its aspect ratios (data.resolutions)."""
+from __future__ import annotations
+
+import dataclasses
+import io
+from collections import Counter
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from data_pipeline.config import DataConfig, validate_data_config
+from data_pipeline.stream import build_stream
+from data_pipeline.transforms import TransformSpec, area_index, bucket_size, image_pixels
+from tests.data.data_helpers import json_roundtrip, take, valid_keys, write_manifest, write_tar
+
+AREAS = (16, 32)
+RATIOS = (0.5, 1.0, 2.0)
+# (width, height) of the sources and the bucket each belongs to: the largest area not above the
+# source's pixel area (the smallest when below all), then the nearest ratio.
+SOURCES = {
+    (16, 16): (16, 1.0),   # 256 px: area 16
+    (32, 16): (16, 2.0),   # 512 px: still below 32 x 32
+    (16, 32): (16, 0.5),
+    (32, 32): (32, 1.0),   # exactly 32 x 32
+    (64, 32): (32, 2.0),
+    (32, 64): (32, 0.5),
+}
+
+
+def _png(width: int, height: int, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    PIL.Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """48 real PNGs, 8 of each source size, over three uneven shards; key `<i>_<w>x<h>`."""
+    root = tmp_path_factory.mktemp("mixed")
+    shapes = list(SOURCES)
+    samples = []
+    for i in range(48):
+        w, h = shapes[i * 5 % len(shapes)]
+        samples.append({"__key__": f"{i:04d}_{w}x{h}", "png": _png(w, h, i), "txt": b"noise"})
+    for n, (a, b) in enumerate([(0, 11), (11, 30), (30, 48)]):
+        write_tar(root / f"shard-{n:06d}.tar", samples[a:b])
+    write_manifest(root)
+    return root, [s["__key__"] for s in samples]
+
+
+def _cfg(root, **overrides) -> DataConfig:
+    base = DataConfig(shards=str(root), resolution=16, resolutions=list(AREAS), aspect_buckets=list(RATIOS),
+                      batch_size=2, bucket_window=8, num_workers=0, shuffle_buffer=8)
+    return dataclasses.replace(base, **overrides)
+
+
+def _native(key: str) -> tuple[int, int]:
+    w, h = key.split("_")[1].split("x")
+    return int(w), int(h)
+
+
+def _expected_hw(key: str) -> tuple[int, int]:
+    side, ratio = SOURCES[_native(key)]
+    return bucket_size(side, ratio)
+
+
+def test_the_largest_area_not_above_the_source_is_chosen():
+    assert area_index(16, 16, AREAS) == 0 and area_index(31, 33, AREAS) == 0  # 1023 px < 32 x 32
+    assert area_index(32, 32, AREAS) == 1 and area_index(640, 480, AREAS) == 1
+    assert area_index(8, 8, AREAS) == 0  # below every area: the smallest (upscaled)
+    spec = TransformSpec.from_config(_cfg("unused"))
+    assert spec.sizes == tuple(bucket_size(a, r) for a in AREAS for r in RATIOS)
+    for (w, h), (side, ratio) in SOURCES.items():
+        pixels = image_pixels(PIL.Image.open(io.BytesIO(_png(w, h, 0))), spec, (0.5, 0.5, 0.5))
+        assert pixels.frames.shape == (1, *bucket_size(side, ratio), 3), (w, h)
+
+
+def test_single_area_configs_are_unchanged():
+    old = TransformSpec.from_config(DataConfig(resolution=32, aspect_buckets=[0.5, 1.0, 2.0]))
+    assert old.sizes == tuple(bucket_size(32, r) for r in (0.5, 1.0, 2.0)) and old.areas == (32,)
+    assert TransformSpec.from_config(DataConfig(resolution=32, resolutions=[32])).sizes == ((32, 32),)
+
+
+def test_two_areas_give_batches_of_every_bucket_each_sample_once(mixed):
+    root, keys = mixed
+    stream = build_stream(_cfg(root), 0, 1)
+    batches = take(stream, stream.batches_per_epoch)
+    assert sorted(valid_keys(batches)) == sorted(keys)  # every sample exactly once
+    shapes = Counter(tuple(b["image"].shape[2:]) for b in batches)  # one (h, w) per batch by construction
+    assert set(shapes) == {bucket_size(a, r) for a in AREAS for r in RATIOS}
+    own = sum(all(_expected_hw(k) == tuple(b["image"].shape[2:]) for k in b["__key__"]) for b in batches)
+    # 24 batches in 3 windows of 8: per window at most 6 leftovers (one per bucket) are forced
+    # into 3 batches of another bucket; all other batches hold their own bucket's samples only.
+    assert own >= len(batches) - 3 * 3
+
+
+@pytest.mark.parametrize("stop", [3, 11])
+def test_resume_mid_epoch_continues_exactly(mixed, stop):
+    root, _ = mixed
+    cfg = _cfg(root, num_workers=2)
+    total = build_stream(cfg, 0, 1).batches_per_epoch
+    reference = take(build_stream(cfg, 0, 1), total)
+    first = build_stream(cfg, 0, 1)
+    head = take(first, stop)
+    tail = take(build_stream(cfg, 0, 1, state=json_roundtrip(first.state_dict())), total - stop)
+    assert [b["__key__"] for b in head + tail] == [b["__key__"] for b in reference]
+    assert [b["image"].shape for b in head + tail] == [b["image"].shape for b in reference]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"resolutions": [16, 20]}, "multiple of 8"),
+    ({"resolutions": [16, 16, 32]}, "distinct"),
+    ({"resolutions": [16, 32], "resolution": 24}, "must include data.resolution"),
+    ({"resolutions": [16, 32], "resolution": 16, "sr_resolution": 64}, "sr_resolution"),
+])
+def test_bad_resolutions_fail_naming_the_key(overrides, message):
+    with pytest.raises(ValueError, match=rf"^data\.resolutions: .*{message}"):
+        validate_data_config(DataConfig(**{"resolution": 32, **overrides}))
