@@ -22,6 +22,7 @@ from torch import nn
 
 from data_pipeline.errors import DataError
 from data_pipeline.stream import batch_to_device
+from data_pipeline.transforms import TransformSpec
 from trainer import faults
 from trainer.checkpoint import EMA_FILE, STAGE_FILE, CheckpointError, CheckpointManager, RankState
 from trainer.config import DeepSpeedConfig, OptimConfig, RunConfig, to_yaml, validate
@@ -101,6 +102,26 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=PRECISIONS[precision])
 
 
+@contextlib.contextmanager
+def inference_numerics(device: torch.device, precision: str) -> Iterator[None]:
+    """Autocast as in training, and `torch.nn.functional.linear` as torch ships it: ZeRO-3
+    replaces it process-wide by DeepSpeed's memory-efficient version
+    (`zero_optimization.memory_efficient_linear`), which adds the bias after the matmul has
+    rounded, so under bf16 every linear layer would round differently from the same network
+    outside DeepSpeed. Samples and evaluations drawn in training then equal, bit for bit, what
+    `dit sample` and `dit eval` draw from the checkpoint."""
+    import torch.nn.functional as F
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
+
+    current, original = F.linear, getattr(InsertPostInitMethodToModuleSubClasses, "linear_bk", F.linear)
+    F.linear = original
+    try:
+        with autocast(device, precision):
+            yield
+    finally:
+        F.linear = current
+
+
 def lr_factor(step: int, optim: OptimConfig, total_steps: int) -> float:
     """Linear warm-up, then constant or cosine decay to `min_lr_ratio` (SGDR / Loshchilov)."""
     if step < optim.warmup_steps:
@@ -161,14 +182,16 @@ def build_engine(module: nn.Module, lr: float, optim: OptimConfig, ds: DeepSpeed
     return engine, optimizer
 
 
-def as_pipeline(stage: Any, ctx: DistContext) -> nn.Module:
+def as_pipeline(stage: Any, ctx: DistContext, shapes_vary: bool) -> nn.Module:
     """The student's layer list as a DeepSpeed PipelineModule: noising happens before the
-    pipe (the stage's `pipeline_batch`), the loss at its end (`pipeline_loss`)."""
+    pipe (the stage's `pipeline_batch`), the loss at its end (`pipeline_loss`). When batches
+    may come in several shapes (aspect or frame buckets), the stages exchange each
+    activation's shape with it (DeepSpeed's dynamic_shape) instead of reusing the first one's."""
     from deepspeed.pipe import PipelineModule
 
     net = stage.players["student"]
     return PipelineModule(layers=net.pipeline_layers(), num_stages=ctx.pipeline_stages,
-                          loss_fn=stage.pipeline_loss, partition_method="parameters")
+                          loss_fn=stage.pipeline_loss, partition_method="parameters", dynamic_shape=shapes_vary)
 
 
 def compile_blocks(net: nn.Module) -> None:
@@ -241,7 +264,7 @@ class Trainer:
         if cfg.model.compile:
             compile_blocks(trainable["student"])
         if self.pipeline:
-            trainable["student"] = as_pipeline(self.stage, self.ctx)
+            trainable["student"] = as_pipeline(self.stage, self.ctx, TransformSpec.from_config(cfg.data).bucketed)
         self.engines: dict[str, Any] = {}
         self.optimizers: dict[str, FiniteGuard] = {}
         for name, module in trainable.items():
@@ -497,7 +520,7 @@ class Trainer:
             return
         from trainer.evaluate import adherence_during_training
 
-        with autocast(self.device, self.precision):
+        with inference_numerics(self.device, self.precision):
             metrics = adherence_during_training(self.stage, weights, self.cfg.log)
         if metrics:
             self.logger.event(self.state.step, metrics)
@@ -508,7 +531,7 @@ class Trainer:
         if not self.ctx.is_main:
             return None
         path = Path(self.cfg.log.dir) / "samples" / f"step_{self.state.step:08d}.png"
-        with autocast(self.device, self.precision):
+        with inference_numerics(self.device, self.precision):
             out = self.stage.write_samples(weights, self.cfg.log, path)
         if out is not None:
             self.logger.event(self.state.step, {"sample_grid": str(out)})

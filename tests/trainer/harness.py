@@ -177,7 +177,7 @@ def assert_checkpoint_samples_match(out: Path, tmp: Path) -> None:
 
     from trainer.checkpoint import STAGE_FILE, load_for_inference
     from trainer.config import load_config
-    from trainer.engine import PRECISIONS, autocast, preview_batch
+    from trainer.engine import PRECISIONS, inference_numerics, preview_batch
     from trainer.stages import build_stage
 
     directory = latest_dir(out)
@@ -194,7 +194,7 @@ def assert_checkpoint_samples_match(out: Path, tmp: Path) -> None:
             stage.load_state_tensors(load_file(str(directory / STAGE_FILE)))
         if stage.preview_samples:
             stage.preview = preview_batch(cfg, stage.preview_samples, cpu)
-        with autocast(cpu, cfg.deepspeed.precision):
+        with inference_numerics(cpu, cfg.deepspeed.precision):
             drawn = stage.write_samples(load_for_inference(directory)[1], cfg.log, tmp / "samples.png")
     finally:
         torch.set_num_threads(threads)
