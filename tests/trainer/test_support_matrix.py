@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from tests.trainer.harness import (assert_checkpoint_samples_match, assert_ok, base, ema_weights, latest_dir,
                                    run_train)
+from tests.trainer.test_buckets import mixed_shards  # noqa: F401  (fixture: non-square PNG shards)
 
 pytestmark = pytest.mark.slow
 
@@ -29,13 +30,15 @@ DISTILL = ("stage.rounds=[2,1]", "diffusion.loss_weighting=trunc_snr")  # + stag
 PIPELINE = ("deepspeed.pipeline_stages=2", "deepspeed.zero_stage=1")
 BF16 = ("deepspeed.precision=bf16",)
 
-# id -> (shards: image | video, needs: "" | ae | teacher, overrides)
+# id -> (shards: image | video | mixed (six sizes, three aspects), needs: "" | ae | teacher, overrides)
 CELLS = {
     "image-pixel-pretrain-zero0-fp32": ("image", "", ("deepspeed.zero_stage=0",)),
     "image-latent-pretrain-zero1-bf16": ("image", "ae", (*LATENT, "deepspeed.zero_stage=1", *BF16)),
     "video-pixel-pretrain-zero3-fp32": ("video", "", (*VIDEO, "deepspeed.zero_stage=3")),
     "video-latent-pretrain-zero2-bf16": ("video", "ae", (*VIDEO, *LATENT, "deepspeed.zero_stage=2", *BF16)),
     "image-pixel-pretrain-pipeline-bf16": ("image", "", (*PIPELINE, *BF16)),
+    # batches of three shapes through the pipe: the stages exchange each activation's shape
+    "image-pixel-pretrain-pipeline-fp32-aspects": ("mixed", "", (*PIPELINE, "data.aspect_buckets=[0.5,1.0,2.0]")),
     "image-pixel-superres-zero2-bf16": ("image", "", (*SUPERRES, "deepspeed.zero_stage=2", *BF16)),
     "video-pixel-superres-pipeline-fp32": ("video", "", (*VIDEO, *SUPERRES, *PIPELINE)),
     "image-pixel-progressive-zero3-bf16": ("image", "teacher", ("stage.kind=progressive", *DISTILL,
@@ -74,10 +77,10 @@ def autoencoder_dir(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("cell", list(CELLS))
-def test_cell_trains_resumes_samples_and_exports_what_it_trained(cell, shapes_shards, video_shards,
-                                                                 autoencoder_dir, tiny_teacher, tmp_path):
+def test_cell_trains_resumes_samples_and_exports_what_it_trained(cell, shapes_shards, video_shards, mixed_shards,
+                                                                 autoencoder_dir, tiny_teacher, tmp_path):  # noqa: F811
     data, needs, overrides = CELLS[cell]
-    shards = video_shards if data == "video" else shapes_shards
+    shards = {"image": shapes_shards, "video": video_shards, "mixed": mixed_shards}[data]
     extra = list(overrides)
     if needs == "ae":
         extra.append(f"model.autoencoder.path={autoencoder_dir}")
