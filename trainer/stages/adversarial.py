@@ -210,11 +210,12 @@ class AdversarialStage(DistillationStage):
         # (equal teacher paths, so no rank waits on another), decided without a device read.
         n = self.step_counts[self.step % len(self.step_counts)]
         k = draw_student_steps(n, B, generator, x0.device)  # (B,)
-        times = student_step_times(self.schedule, n, self.teacher_steps // n, k)
-        alpha, sigma = self.schedule.alpha_sigma(times[0])  # (B,), (B,)
+        schedule = self.schedule_for(x0.shape[1:])  # the SNR shift of this batch's bucket
+        times = student_step_times(schedule, n, self.teacher_steps // n, k)
+        alpha, sigma = schedule.alpha_sigma(times[0])  # (B,), (B,)
         x_t = add_noise(x0, randn(tuple(x0.shape), generator, x0.device), alpha, sigma)
         with torch.no_grad():
-            real = ddim_path(self.teacher_model(text, scale), x_t, times, self.schedule, self.diffusion.prediction)
+            real = ddim_path(self.teacher_model(text, scale), x_t, times, schedule, self.diffusion.prediction)
         return Rollout(x_t, times[0], times[-1], real, text, scale, valid_weight(batch, x0), n)
 
     def disc_inputs(self, r: Rollout, copies: int) -> dict[str, Any]:
@@ -231,15 +232,16 @@ class AdversarialStage(DistillationStage):
     def losses(self, batch: dict[str, Any], generator: torch.Generator) -> Iterator[PlayerLoss]:
         r = self.rollout(batch, generator)
         prediction, kind = self.diffusion.prediction, self.stage_cfg.adv_loss
+        schedule = self.schedule_for(r.x_t.shape[1:])  # the SNR shift of this batch's bucket
 
         # Student (generator) step: fool D, plus the x0 regression to the teacher's landing point.
         pred = self.run("student", r.x_t, r.t, r.text, **self.student_extras(r.scale))
-        fake = ddim_from_prediction(pred, r.x_t, r.t, r.t_next, self.schedule, prediction)  # (B, ...)
+        fake = ddim_from_prediction(pred, r.x_t, r.t, r.t_next, schedule, prediction)  # (B, ...)
         with no_param_grads(self.players["disc"]):
             logits_fake = self.players["disc"](fake, **self.disc_inputs(r, 1))  # (B, heads)
         adv = masked_mean(generator_loss(logits_fake, kind), r.weight)
-        target = ddim_x0_target(r.x_t, r.real, r.t, r.t_next, self.schedule)
-        mse = masked_mean(distill_loss(pred, target, r.x_t, r.t, self.schedule, prediction,
+        target = ddim_x0_target(r.x_t, r.real, r.t, r.t_next, schedule)
+        mse = masked_mean(distill_loss(pred, target, r.x_t, r.t, schedule, prediction,
                                        self.diffusion.loss_weighting), r.weight)
         loss = adv + self.stage_cfg.adv_mse_weight * mse
         yield "student", loss, {"loss": loss.detach(), "loss_adv": adv.detach(),

@@ -517,11 +517,12 @@ class ProgressiveStage(DistillationStage):
         B = x0.shape[0]
         scale = draw_guidance(self.stage_cfg, B, generator, x0.device)  # (B,)
         k = draw_student_steps(self.student_steps, B, generator, x0.device)  # (B,)
-        times = student_step_times(self.schedule, self.student_steps, 2, k)  # t, t', t'' each (B,)
-        alpha, sigma = self.schedule.alpha_sigma(times[0])  # (B,), (B,)
+        schedule = self.schedule_for(x0.shape[1:])  # the SNR shift of this batch's bucket
+        times = student_step_times(schedule, self.student_steps, 2, k)  # t, t', t'' each (B,)
+        alpha, sigma = schedule.alpha_sigma(times[0])  # (B,), (B,)
         x_t = add_noise(x0, randn(tuple(x0.shape), generator, x0.device), alpha, sigma)
         with torch.no_grad():
-            target = teacher_x0_target(self.teacher_model(text, scale), x_t, times, self.schedule,
+            target = teacher_x0_target(self.teacher_model(text, scale), x_t, times, schedule,
                                        self.diffusion.prediction)  # (B, ...)
         inputs = {"x": x_t, "t": times[0], "text": text, **self.student_extras(scale)}
         return inputs, (target, x_t, times[0], valid_weight(batch, x0))
@@ -529,7 +530,7 @@ class ProgressiveStage(DistillationStage):
     def weighted_loss(self, pred: Tensor, targets: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
         """(loss over the valid samples, per-sample loss (B,))."""
         target, x_t, t, weight = targets
-        per_sample = distill_loss(pred, target, x_t, t, self.schedule, self.diffusion.prediction,
+        per_sample = distill_loss(pred, target, x_t, t, self.schedule_for(x_t.shape[1:]), self.diffusion.prediction,
                                   self.diffusion.loss_weighting)  # (B,)
         return masked_mean(per_sample, weight), per_sample
 
