@@ -112,15 +112,7 @@ class Autoencoder(nn.Module):
     def load(cls, directory: Union[str, Path]) -> "Autoencoder":
         """A folder written by `save`, or any diffusers folder of a supported autoencoder."""
         directory = Path(directory)
-        config_file = directory / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"model.autoencoder.path: no diffusers config.json in {directory}")
-        name = json.loads(config_file.read_text()).get("_class_name", "")
-        if name not in SUPPORTED:
-            raise ValueError(f"model.autoencoder.path: {name or 'unknown class'} is not one of {', '.join(SUPPORTED)}")
-        import diffusers
-
-        vae = getattr(diffusers, name).from_pretrained(str(directory))
+        vae = diffusers_class(directory)[0].from_pretrained(str(directory))
         norm_file = directory / NORM_FILE
         if norm_file.is_file():
             norm = json.loads(norm_file.read_text())
@@ -129,6 +121,20 @@ class Autoencoder(nn.Module):
             scale = vae.config.get("scaling_factor", 1.0) or 1.0
             shift = vae.config.get("shift_factor", 0.0) or 0.0
         return cls(vae, scale, shift)
+
+
+def diffusers_class(directory: Union[str, Path]) -> tuple[type, dict]:
+    """(diffusers class, config dict) of an autoencoder folder, from its config.json alone."""
+    config_file = Path(directory) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"model.autoencoder.path: no diffusers config.json in {directory}")
+    config = json.loads(config_file.read_text())
+    name = config.get("_class_name", "")
+    if name not in SUPPORTED:
+        raise ValueError(f"model.autoencoder.path: {name or 'unknown class'} is not one of {', '.join(SUPPORTED)}")
+    import diffusers
+
+    return getattr(diffusers, name), config
 
 
 class PixelSpace(nn.Module):
