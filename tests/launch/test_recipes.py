@@ -12,7 +12,7 @@ and `${oc.env:DIT_RUNS}`, so the same file runs on a cluster and here. Two trees
   Each recipe trains on 2 ranks with the overrides of its header's `# cpu:` lines, parsed
   here, so the test follows the file.
 
-Launches (about 11 s each): t2i 256 (train, resume), its 512 continuation (warm start from the
+Launches (about 20 s each on 2 cores: imports, DeepSpeed, the frozen folders): t2i 256 (train, resume), its 512 continuation (warm start from the
 256 run), joint image-video (causal 3-D autoencoder), the pixel cascade (base, then
 super-resolution; sampled with the cascade recipe), progressive then adversarial distillation
 of the 256 run. The fine-tuning recipe differs from the 256 run only by its warm start from an
@@ -173,9 +173,10 @@ def test_the_folder_holds_the_recipes_of_the_issue():
 
 
 @pytest.mark.parametrize("recipe", RECIPE_FILES, ids=[p.stem for p in RECIPE_FILES])
-def test_recipe_shows_and_plans_at_full_size_as_its_header_says(recipe, real_tree, monkeypatch, capsys):
-    """`dit config show` and `dit plan --gpus 8 --gpu-mem 80` on the real architectures' configs;
-    the header's `# plan:` line is the plan's suggestion, and its cluster command uses the file."""
+def test_recipe_shows_plans_and_submits_at_full_size_as_its_header_says(recipe, real_tree, monkeypatch, capsys):
+    """`dit config show`, `dit plan --gpus 8 --gpu-mem 80` and `dit launch --slurm --dry-run` on
+    the real architectures' configs; the header's `# plan:` line is the plan's suggestion, its
+    cluster commands name the file, and its `# cpu:` overrides are valid."""
     for key, value in tree_env(real_tree).items():
         monkeypatch.setenv(key, value)
     code, shown = dit(capsys, "config", "show", str(recipe))
@@ -188,6 +189,12 @@ def test_recipe_shows_and_plans_at_full_size_as_its_header_says(recipe, real_tre
     text = "\n".join(header(recipe))
     assert f"dit plan configs/recipes/{recipe.name} --gpus 8 --gpu-mem 80" in text
     assert re.search(rf"dit launch configs/recipes/{re.escape(recipe.name)} .*--slurm", text), text
+    code, script = dit(capsys, "launch", str(recipe), "--slurm", "--nodes", "2", "--gpus-per-node", "8",
+                       "--time", "1:00:00", "--dry-run")  # validated for 16 ranks, the sbatch script printed
+    if recipe.stem.startswith("distill_"):  # the launch looks for the teacher first: none in this tree
+        assert code == 2 and "stage.teacher" in script and f"{real_tree}/runs/" in script, script
+    else:
+        assert code == 0 and "#SBATCH --nodes=2" in script and f"{real_tree}/runs/{recipe.stem}" in script, script
     code, shown = dit(capsys, "config", "show", str(recipe), *cpu_overrides(recipe))
     assert code == 0, shown  # the machine's overrides are valid keys and values
 
