@@ -110,26 +110,31 @@ def text_dims(model: ModelConfig) -> tuple[int, int, int, int]:
         raise ValueError(f"model.text.path: kind={t.kind} needs a local directory or hub id")
     config = AutoConfig.from_pretrained(path)
     t5 = t.kind == "t5" or config.model_type in T5_FAMILY
+    if config.model_type == "clip":  # a whole CLIP folder: the encoder loads its text tower
+        config = config.text_config
     with torch.device("meta"):
         net = T5EncoderModel(config) if t5 else AutoModel.from_config(config)
     dim = config.d_model if t5 else config.hidden_size
     return dim, dim, t.max_length, sum(p.numel() for p in net.parameters())
 
 
-def autoencoder_facts(cfg: RunConfig) -> tuple[int, int]:
-    """(spatial downsampling factor, parameter count) of the frozen autoencoder (1, 0: pixels)."""
+def autoencoder_facts(cfg: RunConfig) -> tuple[int, int, int]:
+    """(spatial downsampling factor, temporal factor, parameter count) of the frozen autoencoder
+    (1, 1, 0: pixels), built on the meta device from its configuration: a folder's config.json
+    alone is enough (no weights are read), so a cluster's folders can be planned anywhere."""
     if cfg.model.autoencoder.kind == "none":
-        return 1, 0
+        return 1, 1, 0
     import torch
 
-    from trainer.models.autoencoder import build_autoencoder
+    from trainer.models.autoencoder import Autoencoder, build_autoencoder, diffusers_class
 
-    if cfg.model.autoencoder.path:
-        ae = build_autoencoder(cfg.model.autoencoder)
-    else:
-        with torch.device("meta"):
+    with torch.device("meta"):
+        if cfg.model.autoencoder.path:
+            cls, config = diffusers_class(cfg.model.autoencoder.path)
+            ae = Autoencoder(cls.from_config(config))
+        else:
             ae = build_autoencoder(cfg.model.autoencoder, causal_3d=cfg.data.kind == "video")
-    return ae.downsample_factor, sum(p.numel() for p in ae.parameters())
+    return ae.downsample_factor, ae.temporal_downsample, sum(p.numel() for p in ae.parameters())
 
 
 def model_facts(cfg: RunConfig, persistence_threshold: int) -> ModelFacts:
@@ -139,14 +144,17 @@ def model_facts(cfg: RunConfig, persistence_threshold: int) -> ModelFacts:
     from trainer.models.dit import build_dit
 
     text_dim, pooled_dim, text_len, text_params = text_dims(cfg.model)
-    factor, ae_params = autoencoder_facts(cfg)
+    factor, temporal, ae_params = autoencoder_facts(cfg)
     with torch.device("meta"):
         net = build_dit(cfg.model, text_dim, pooled_dim)
-    side = max([cfg.data.resolution, *cfg.data.resolutions]) // factor  # multi-resolution: the peak is the largest area
+    # multi-resolution: the peak is the largest area; a super-resolution model runs at its output size
+    pixels = cfg.data.sr_resolution if cfg.model.superres else max([cfg.data.resolution, *cfg.data.resolutions])
+    side = pixels // factor
     video = cfg.data.kind == "video"
-    shape = (cfg.model.in_channels, cfg.data.num_frames, side, side) if video else (cfg.model.in_channels, side, side)
+    latent_frames = 1 + (cfg.data.num_frames - 1) // temporal  # a causal 3-D autoencoder compresses time
+    shape = (cfg.model.in_channels, latent_frames, side, side) if video else (cfg.model.in_channels, side, side)
     spec = net.spec
-    frames = cfg.data.num_frames // spec.temporal_patch if video else 1
+    frames = latent_frames // spec.temporal_patch if video else 1
     numels = [p.numel() for p in net.parameters() if p.requires_grad]
     return ModelFacts(
         params=sum(numels),

@@ -410,3 +410,43 @@ def load_for_inference(directory: str | Path) -> tuple[str, dict[str, torch.Tens
         if rel not in complete["files"] or _sha256(path) != complete["files"][rel]:
             raise CheckpointError(f"{path} is missing or was modified after it was written")
     return (directory / "config.yaml").read_text(), load_file(str(directory / EMA_FILE))
+
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"  # a `dit export --format diffusers` transformer
+
+
+def load_init_weights(source: str | Path) -> dict[str, torch.Tensor]:
+    """The DiT weights a run warm-starts from (`checkpoint.init_from`), by the network's names:
+    a checkpoint root or step directory (its EMA weights, verified), a `dit export` folder
+    (`model.safetensors`, or a diffusers export's `transformer/`, whose DiTTransformer keeps the
+    network under `dit.`) or a .safetensors file. No pickle is involved."""
+    path = Path(source)
+    if path.is_dir() and ((path / LATEST).is_file() or (path / COMPLETE).is_file()):
+        return load_for_inference(path)[1]
+    candidates = [path] if path.is_file() else [path / "model.safetensors", path / "transformer" / DIFFUSERS_WEIGHTS,
+                                                path / DIFFUSERS_WEIGHTS]
+    found = next((c for c in candidates if c.is_file() and c.suffix == ".safetensors"), None)
+    if found is None:
+        raise CheckpointError(
+            f"checkpoint.init_from: {path} is neither a checkpoint (root with `{LATEST}` or step directory), a "
+            f"`dit export` folder (model.safetensors, or transformer/{DIFFUSERS_WEIGHTS}) nor a .safetensors file")
+    weights = load_file(str(found))
+    if found.name == DIFFUSERS_WEIGHTS:
+        weights = {k.removeprefix("dit."): v for k, v in weights.items()}
+    return weights
+
+
+def init_network(net: torch.nn.Module, source: str | Path) -> None:
+    """Load `load_init_weights(source)` into `net` strictly: every weight of the network must be
+    there at its shape (a warm start from another architecture is an error, never a partial load)."""
+    weights = load_init_weights(source)
+    own = net.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    resized = sorted(k for k in set(own) & set(weights) if own[k].shape != weights[k].shape)
+    if missing or unexpected or resized:
+        detail = "; ".join(f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}" for what, keys in
+                           (("missing", missing), ("unexpected", unexpected), ("other shape", resized)) if keys)
+        raise CheckpointError(f"checkpoint.init_from: {source} does not hold this run's network ({detail}); "
+                              f"model.* must match the run it comes from")
+    net.load_state_dict(weights)

@@ -146,6 +146,11 @@ class CheckpointConfig:
     keep: int = 2  # keep the last K complete checkpoints
     resume: bool = True  # resume automatically from `latest`
     allow_config_change: bool = False
+    # Warm start: the student's initial weights from a trained run, before step 0 (a fresh
+    # optimizer, step count and data position): a checkpoint root or step directory (its EMA
+    # weights), a `dit export` folder (safetensors or diffusers) or a .safetensors file. A run
+    # that resumes from its own `latest` ignores it (its checkpoint holds the newer weights).
+    init_from: str = ""
 
 
 @dataclass
@@ -357,6 +362,13 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be at least 1 (never delete the only checkpoint)")
     _check(not (cfg.model.compile and st.kind == "autoencoder"), "model.compile",
            "compiles the DiT's blocks; the autoencoder stage trains no DiT (set it to false)")
+    _check(
+        not (cfg.checkpoint.init_from and st.kind in ("autoencoder", "progressive", "adversarial")),
+        "checkpoint.init_from",
+        f"warm-starts the DiT of pretrain and superres stages; the {st.kind} stage "
+        + ("starts its student from stage.teacher" if st.kind != "autoencoder" else "trains no DiT")
+        + " (set checkpoint.init_from='')",
+    )
     if st.kind == "superres":
         _check(cfg.model.superres, "model.superres", "stage.kind=superres needs model.superres=true")
         _check(

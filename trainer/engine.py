@@ -24,7 +24,7 @@ from data_pipeline.errors import DataError
 from data_pipeline.stream import batch_to_device
 from data_pipeline.transforms import TransformSpec
 from trainer import faults
-from trainer.checkpoint import EMA_FILE, STAGE_FILE, CheckpointError, CheckpointManager, RankState
+from trainer.checkpoint import EMA_FILE, STAGE_FILE, CheckpointError, CheckpointManager, RankState, init_network
 from trainer.config import DeepSpeedConfig, OptimConfig, RunConfig, to_yaml, validate
 from trainer.distributed import DistContext, PreemptionFlag, any_rank, comm_device, compute_device, init_distributed
 from trainer.ema import EMA
@@ -257,6 +257,10 @@ class Trainer:
         self.stream = build_stream(cfg.data, self.ctx.dp_rank, self.ctx.dp_world)  # data errors first
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
         self.stage = build_stage(cfg).to(self.device, PRECISIONS[self.precision])
+        if cfg.checkpoint.init_from and not self.will_resume():  # warm start of a fresh run
+            init_network(self.stage.players["student"], cfg.checkpoint.init_from)
+            if self.ctx.is_main:
+                print(f"initialized the student from {cfg.checkpoint.init_from}", flush=True)
         if self.stage.preview_samples and self.ctx.is_main:
             self.stage.preview = preview_batch(cfg, self.stage.preview_samples, self.device)
         self.pipeline = self.ctx.pipeline_stages > 1
@@ -291,6 +295,12 @@ class Trainer:
         self.key_log = KeyLog(cfg.log, self.ctx.dp_rank) if cfg.log.sample_keys and self.reads_data else None
 
     # ---- checkpoint ---------------------------------------------------------------------------
+    def will_resume(self) -> bool:
+        """Whether `run` will resume from this run's own `latest` (then a warm start is moot)."""
+        from trainer.checkpoint import LATEST
+
+        return self.cfg.checkpoint.resume and (Path(self.cfg.checkpoint.dir) / LATEST).is_file()
+
     def rank_state(self) -> RankState:
         state = rng_state(self.generator)
         state.meta.update(step=self.state.step, skipped_steps=self.state.skipped_steps,
@@ -558,6 +568,9 @@ def train(cfg: RunConfig) -> int:
     except DataError as e:  # maybe on this rank alone: exit now, the others fail on the lost peer
         print(f"dit train: {e}", file=sys.stderr, flush=True)
         return EXIT_DATA
+    except CheckpointError as e:  # checkpoint.init_from unusable (every rank reads the same files)
+        print(f"dit train: {e}", file=sys.stderr, flush=True)
+        return EXIT_CHECKPOINT
     if dist.is_initialized():
         dist.barrier()
     return code

@@ -46,6 +46,13 @@ class Autoencoder(nn.Module):
         self.causal_3d = name in CAUSAL_3D
         self.register_buffer("scale", torch.tensor(float(scale)))
         self.register_buffer("shift", torch.tensor(float(shift)))
+        # Per-channel statistics a video autoencoder's config carries (Wan's latents_mean and
+        # latents_std, which diffusers' Wan pipelines apply as (latent - mean) / std): part of
+        # the "raw" latents here, before the scalar shift and scale. Identity when absent.
+        mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
+        per_channel = mean is not None and std is not None
+        self.register_buffer("channel_mean", torch.tensor(mean if per_channel else [0.0]).float(), persistent=False)
+        self.register_buffer("channel_std", torch.tensor(std if per_channel else [1.0]).float(), persistent=False)
         self.downsample_factor = _spatial_factor(vae)
         self.temporal_downsample = _temporal_factor(vae) if self.causal_3d else 1
         self.latent_channels = _latent_channels(vae)
@@ -53,8 +60,15 @@ class Autoencoder(nn.Module):
     # -- encode / decode -----------------------------------------------------------------------
 
     def encode_raw(self, x: Tensor, sample: bool = False, generator: Optional[torch.Generator] = None) -> Tensor:
-        """Unnormalized latents: the posterior mode (or a sample). x (B, C, H, W) / (B, C, F, H, W)."""
-        return self._per_frame(x, lambda v: _posterior(self.vae, v, sample, generator))
+        """Latents before the scalar shift and scale: the posterior mode (or a sample), with the
+        autoencoder's own per-channel statistics applied. x (B, C, H, W) / (B, C, F, H, W)."""
+        latent = self._per_frame(x, lambda v: _posterior(self.vae, v, sample, generator))  # (B, c, [F',] h, w)
+        return (latent - self._channels(self.channel_mean, latent)) / self._channels(self.channel_std, latent)
+
+    @staticmethod
+    def _channels(v: Tensor, like: Tensor) -> Tensor:
+        """(c,) or (1,) statistics shaped to broadcast over (B, c, [F,] h, w)."""
+        return v.to(like.dtype).view(1, -1, *([1] * (like.ndim - 2)))
 
     def encode(self, x: Tensor, sample: bool = False, generator: Optional[torch.Generator] = None) -> Tensor:
         """x in [-1, 1] -> z = (latent - shift) * scale, (B, c, [F',] H/f, W/f)."""
@@ -62,7 +76,8 @@ class Autoencoder(nn.Module):
 
     def decode(self, z: Tensor) -> Tensor:
         """z (B, c, [F',] h, w) -> x (B, C, [F,] h f, w f)."""
-        return self._per_frame(z / self.scale + self.shift, lambda v: self.vae.decode(v).sample)
+        latent = (z / self.scale + self.shift) * self._channels(self.channel_std, z) + self._channels(self.channel_mean, z)
+        return self._per_frame(latent, lambda v: self.vae.decode(v).sample)
 
     def _per_frame(self, x: Tensor, fn) -> Tensor:
         """Apply an image function to images, and to videos frame by frame (2-D VAE) or whole
@@ -112,15 +127,7 @@ class Autoencoder(nn.Module):
     def load(cls, directory: Union[str, Path]) -> "Autoencoder":
         """A folder written by `save`, or any diffusers folder of a supported autoencoder."""
         directory = Path(directory)
-        config_file = directory / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"model.autoencoder.path: no diffusers config.json in {directory}")
-        name = json.loads(config_file.read_text()).get("_class_name", "")
-        if name not in SUPPORTED:
-            raise ValueError(f"model.autoencoder.path: {name or 'unknown class'} is not one of {', '.join(SUPPORTED)}")
-        import diffusers
-
-        vae = getattr(diffusers, name).from_pretrained(str(directory))
+        vae = diffusers_class(directory)[0].from_pretrained(str(directory))
         norm_file = directory / NORM_FILE
         if norm_file.is_file():
             norm = json.loads(norm_file.read_text())
@@ -129,6 +136,20 @@ class Autoencoder(nn.Module):
             scale = vae.config.get("scaling_factor", 1.0) or 1.0
             shift = vae.config.get("shift_factor", 0.0) or 0.0
         return cls(vae, scale, shift)
+
+
+def diffusers_class(directory: Union[str, Path]) -> tuple[type, dict]:
+    """(diffusers class, config dict) of an autoencoder folder, from its config.json alone."""
+    config_file = Path(directory) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"model.autoencoder.path: no diffusers config.json in {directory}")
+    config = json.loads(config_file.read_text())
+    name = config.get("_class_name", "")
+    if name not in SUPPORTED:
+        raise ValueError(f"model.autoencoder.path: {name or 'unknown class'} is not one of {', '.join(SUPPORTED)}")
+    import diffusers
+
+    return getattr(diffusers, name), config
 
 
 class PixelSpace(nn.Module):

@@ -328,6 +328,11 @@ class DiTBlock(nn.Module):
         h = gated_residual(h, gate1, self._self_attention(x, grid))  # (B, N, D)
         if self.temporal is not None and grid[0] > 1:
             h = self.temporal(h, c, grid, self._rope(grid, "t", h))  # (B, N, D)
+        elif self.temporal is not None and torch.is_grad_enabled():
+            # An image batch skips temporal attention, but its parameters still get a (zero)
+            # gradient: data-parallel ranks reduce the same gradients every step, and in joint
+            # image-video training one rank may hold images while another holds clips.
+            h = h + 0.0 * sum(p.sum() for p in self.temporal.parameters())  # (B, N, D), unchanged
         if self.cross_attn is not None:
             h = h + self.cross_attn(self.norm_cross(h), tokens, mask > 0.5)  # (B, N, D)
         x = modulate(self.norm2(h), shift2, scale2)  # (B, N, D)

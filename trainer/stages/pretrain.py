@@ -54,6 +54,9 @@ class PretrainStage(Stage):
         self.autoencoder = frozen(build_autoencoder(model.autoencoder))  # PixelSpace when kind=none
         self.players = {"student": build_dit(model, self.text.dim, self.text.pooled_dim)}
         self._schedules: dict[tuple[float, int], NoiseSchedule] = {}
+        if data.kind == "video":  # every clip length the loader can deliver must encode
+            for frames in {data.num_frames, *data.frame_buckets}:
+                self.latent_frames(frames)
         self.schedule = self.schedule_for(self.sample_shape())  # at the configured square shape
 
     def helpers(self) -> list[torch.nn.Module]:
@@ -87,7 +90,16 @@ class PretrainStage(Stage):
             if frames not in (None, 1):
                 raise ValueError(f"frames={frames}: this is an image model (data.kind=image)")
             return c, h, w
-        return c, frames or self.data.num_frames, h, w
+        return c, self.latent_frames(frames or self.data.num_frames), h, w
+
+    def latent_frames(self, frames: int) -> int:
+        """Frames the DiT sees for a clip of `frames`: all of them, or 1 + (F - 1) / t after a
+        causal 3-D autoencoder that compresses time by t (frame 0 alone, then groups of t)."""
+        t = self.autoencoder.temporal_downsample
+        if (frames - 1) % t:
+            raise ValueError(f"{frames} frames: the causal 3-D autoencoder compresses time by {t}, so clips have "
+                             f"1 + {t} k frames (data.num_frames, data.frame_buckets, --frames)")
+        return 1 + (frames - 1) // t
 
     def schedule_for(self, shape: Sequence[int]) -> NoiseSchedule:
         """The noise schedule of samples shaped `shape` (C, [F,] h, w): its SNR shift follows that
@@ -100,7 +112,7 @@ class PretrainStage(Stage):
 
     def tokens_per_sample(self) -> int:
         spec = self.players["student"].spec
-        frames = self.data.num_frames // spec.temporal_patch if self.data.kind == "video" else 1
+        frames = self.latent_frames(self.data.num_frames) // spec.temporal_patch if self.data.kind == "video" else 1
         return frames * (self.resolution // spec.preset.patch) ** 2
 
     def macs_per_sample(self) -> int:
