@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 class DataConfig:
     # Where the shards are: a directory holding `manifest.json` and `*.tar`, or a brace/glob
     # pattern of tar files ("data/shards-{00000..00009}.tar"). Several sources are joined with
-    # "::" (as in open_clip); an epoch then covers their union exactly once.
+    # "::" (as in open_clip); an epoch then covers their union exactly once. Remote shards: a
+    # URL of a directory holding manifest.json (s3://bucket/laion, gs://..., https://...), a
+    # brace/glob pattern of URLs, or WebDataset's "pipe:CMD" (see data_pipeline/remote.py).
     shards: str = "${run.out_dir}/data"
     # Extra datasets for resampled (infinite, weighted) streams: {"path": weight, ...}. The
     # `shards` source takes part with weight 1.0 unless it is "". Needs resampled=true.
