@@ -77,6 +77,8 @@ def register_bench(bench_subparsers) -> None:
                                                 "(read + decode only) and of the full loader with the same "
                                                 "workers, and prints loader/raw_decode.")
     p.add_argument("--dir", default="", help="shard directory to create or reuse (default: a temporary one)")
+    p.add_argument("--shards", default="", help="measure on these shards instead (a directory, pattern or URL "
+                                                "such as s3://bucket/laion: the store's throughput); --num/--size unused")
     p.add_argument("--num", type=int, default=4096, help="samples (default 4096)")
     p.add_argument("--size", type=int, default=256, help="stored image side (default 256)")
     p.add_argument("--resolution", type=int, default=128, help="training resolution (default 128)")
@@ -163,6 +165,6 @@ def cmd_bench_loader(args) -> int:
     workers = tuple(int(w) for w in args.workers.split(","))
     with tempfile.TemporaryDirectory() as tmp:
         rows = bench_loader(args.dir or tmp, num=args.num, size=args.size, resolution=args.resolution,
-                            batch_size=args.batch_size, workers=workers, repeats=args.repeats)
+                            batch_size=args.batch_size, workers=workers, repeats=args.repeats, shards=args.shards)
     print(format_rows(rows, args.main_workers))
     return 0

@@ -279,3 +279,12 @@ def test_two_ranks_train_on_s3_killed_and_resumed_exactly_once(s3, shapes_shards
             assert KEY_ID.encode() not in data and SECRET.encode() not in data, path
     for text in (crashed.stdout + crashed.stderr, resumed.stdout + resumed.stderr):
         assert KEY_ID not in text and SECRET not in text
+
+
+def test_bench_loader_on_s3(s3, s3_manifest, capsys):
+    front, _ = s3
+    front.recorder.reset()
+    assert dit(["bench", "loader", "--shards", "s3://laion/shards", "--workers", "1", "--main-workers", "1",
+                "--repeats", "1", "--resolution", "32", "--batch-size", "4"]) == 0
+    assert "loader/raw_decode = " in capsys.readouterr().out
+    assert front.recorder.total() >= 2 * sum(s.bytes for s in s3_manifest.shards) * 0.9  # both sides read S3
