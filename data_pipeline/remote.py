@@ -100,7 +100,13 @@ def filesystem(url: str):
     key = (os.getpid(), protocol)
     fs = _FILESYSTEMS.get(key)
     if fs is None:
-        fs = _FILESYSTEMS[key] = fsspec.core.url_to_fs(url, skip_instance_cache=True)[0]
+        try:
+            fs = fsspec.core.url_to_fs(url, skip_instance_cache=True)[0]
+        except (ImportError, ValueError) as e:  # gs:// without gcsfs, an unknown protocol
+            from data_pipeline.errors import DataError
+
+            raise DataError(f"cannot read {protocol}:// shards: {e} (gs:// needs `pip install .[gcs]`)") from None
+        _FILESYSTEMS[key] = fs
     return fs, fs._strip_protocol(url)
 
 

@@ -288,3 +288,12 @@ def test_bench_loader_on_s3(s3, s3_manifest, capsys):
                 "--repeats", "1", "--resolution", "32", "--batch-size", "4"]) == 0
     assert "loader/raw_decode = " in capsys.readouterr().out
     assert front.recorder.total() >= 2 * sum(s.bytes for s in s3_manifest.shards) * 0.9  # both sides read S3
+
+
+def test_a_store_without_its_fsspec_package_is_a_data_error():
+    import importlib.util
+
+    if importlib.util.find_spec("gcsfs") is not None:
+        pytest.skip("gcsfs is installed")
+    with pytest.raises(DataError, match=r"gs:// needs `pip install \.\[gcs\]`"):
+        resolve_source("gs://bucket/laion")
