@@ -89,6 +89,7 @@ def test_inspect_writes_manifest_with_byte_index(s3, s3_manifest, local):
         assert info.offsets == sample_offsets(str(local / name)) and info.offsets[0] == 0
     text = client.get_object(Bucket="laion", Key="shards/manifest.json")["Body"].read().decode()
     assert KEY_ID not in text and SECRET not in text and json.loads(text)["num_samples"] == sum(SIZES)
+    assert dit(["data", "inspect", "s3://laion/shards", "--verify", "--max-samples", "0"]) == 0
 
 
 @pytest.mark.parametrize("spec", ["s3://laion/shards", "s3://laion/shards/shard-{000000..000004}.tar"])
