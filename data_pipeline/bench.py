@@ -7,7 +7,9 @@ planning, resize/crop, batching or hand-over of the pixels to the main process. 
 side is the training batch as `Stream` yields it (uint8 pixels; normalising is the device's).
 `loader/raw_decode` is the fraction of that bound the full loader reaches (wall clock, best
 of the runs). The CPU time per sample (this process plus its reaped workers) is printed too:
-on a machine shared with other jobs it is the steadier figure.
+on a machine shared with other jobs it is the steadier figure. With `shards` (a directory,
+pattern or URL: `s3://bucket/laion`) both sides read those shards instead, so the figures
+include the store's latency and bandwidth.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.config import DataConfig
 from data_pipeline.decode import IMAGE_EXTS, member_type, open_image
-from data_pipeline.manifest import MANIFEST_NAME, load_manifest
+from data_pipeline.manifest import MANIFEST_NAME, load_manifest, resolve_source
 from data_pipeline.stream import build_stream
 from data_pipeline.synth import synth_samples
 from data_pipeline.tar_reader import TarShard
@@ -115,9 +117,14 @@ def make_bench_shards(directory: str, num: int, size: int, shard_size: int, prog
 
 def bench_loader(directory: str, num: int = 4096, size: int = 256, resolution: int = 128,
                  batch_size: int = 32, workers: tuple[int, ...] = (1, 2, 4), repeats: int = 2,
-                 shard_size: int = 256, progress: bool = True) -> list[BenchRow]:
-    """Best of `repeats` alternating runs of raw decode and loader, per worker count."""
-    paths = make_bench_shards(directory, num, size, shard_size, progress)
+                 shard_size: int = 256, progress: bool = True, shards: str = "") -> list[BenchRow]:
+    """Best of `repeats` alternating runs of raw decode and loader, per worker count; on
+    `shards` (any data.shards source, remote ones included) when given, else on synthetic
+    shards made in `directory`."""
+    if shards:
+        paths, directory = resolve_source(shards).paths(), shards
+    else:
+        paths = make_bench_shards(directory, num, size, shard_size, progress)
     rows = []
     for w in workers:
         cfg = DataConfig(shards=directory, resolution=resolution, batch_size=batch_size, num_workers=w)

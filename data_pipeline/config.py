@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 class DataConfig:
     # Where the shards are: a directory holding `manifest.json` and `*.tar`, or a brace/glob
     # pattern of tar files ("data/shards-{00000..00009}.tar"). Several sources are joined with
-    # "::" (as in open_clip); an epoch then covers their union exactly once.
+    # "::" (as in open_clip); an epoch then covers their union exactly once. Remote shards: a
+    # URL of a directory holding manifest.json (s3://bucket/laion, gs://..., https://...), a
+    # brace/glob pattern of URLs, or WebDataset's "pipe:CMD" (see data_pipeline/remote.py).
     shards: str = "${run.out_dir}/data"
     # Extra datasets for resampled (infinite, weighted) streams: {"path": weight, ...}. The
     # `shards` source takes part with weight 1.0 unless it is "". Needs resampled=true.
@@ -50,6 +52,13 @@ class DataConfig:
     bucket_window: int = 8
     prefetch_factor: int = 2  # batches prefetched per worker
     max_logged_skips: int = 20  # per worker and reason; later skips are only counted
+    # Remote shards (s3://, gs://, https://, pipe:): bytes per ranged read (the read-ahead held
+    # per open shard), retries of a failed read (then the shard is skipped, every sample of it
+    # counting against error_budget as `unreadable_shard`) and the first backoff in seconds
+    # (doubled per retry). Credentials come from each store's environment, never from here.
+    remote_block_size: int = 4194304
+    remote_retries: int = 3
+    remote_backoff: float = 0.5
 
 
 def validate_data_config(cfg: DataConfig) -> None:
@@ -77,6 +86,9 @@ def validate_data_config(cfg: DataConfig) -> None:
         (cfg.shuffle_buffer >= 1, "shuffle_buffer", "must be at least 1 (1 = no shuffle within shards)"),
         (cfg.bucket_window >= 1, "bucket_window", "must be at least 1"),
         (cfg.prefetch_factor >= 1, "prefetch_factor", "must be at least 1"),
+        (cfg.remote_block_size >= 512, "remote_block_size", "must be at least 512 bytes (one tar block)"),
+        (cfg.remote_retries >= 0, "remote_retries", "must be >= 0"),
+        (cfg.remote_backoff >= 0, "remote_backoff", "must be >= 0 seconds"),
         (all(w > 0 for w in cfg.mixture.values()), "mixture", "weights must be > 0"),
         (not cfg.mixture or cfg.resampled, "mixture",
          "weights only make sense when sampling with replacement: set data.resampled=true, or join "

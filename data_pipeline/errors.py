@@ -23,6 +23,7 @@ SKIP_REASONS = (
     "empty_caption",
     "missing_media",
     "duplicate_key",
+    "unreadable_shard",  # a remote shard that kept failing after data.remote_retries retries
 )
 # Members dropped from an otherwise usable sample; they do not count against the budget.
 MEMBER_REASONS = ("rejected_unsafe_member", "ignored_member")

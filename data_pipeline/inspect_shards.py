@@ -17,6 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_pipeline.decode import CAPTION_EXTS, IMAGE_EXTS, VIDEO_EXTS, member_type, open_image
+from data_pipeline import remote
 from data_pipeline.errors import SkipSample
 from data_pipeline.manifest import Manifest, file_digest, resolve_source
 from data_pipeline.tar_reader import TarShard, count_samples
@@ -55,9 +56,9 @@ def inspect_shards(source: str, verify: bool = False, max_samples: int = 1000, p
 
 def _verify_shard(path: str, samples: int, size: int, sha256: str) -> str:
     """'' when the shard matches its manifest entry, else what differs."""
-    if not os.path.isfile(path):
+    if not remote.is_pipe(path) and not remote.exists(path):
         return "missing"
-    actual_size, digest = file_digest(path)
+    actual_size, digest = (0, "") if remote.is_pipe(path) else file_digest(path)
     if sha256 and digest != sha256:
         return f"sha256 mismatch ({actual_size} bytes, manifest says {size})"
     found = count_samples(path)
@@ -67,7 +68,7 @@ def _verify_shard(path: str, samples: int, size: int, sha256: str) -> str:
 
 
 def _inspect_shard(path: str, limit: int, report: Report) -> None:
-    if limit <= 0 or not os.path.isfile(path):
+    if limit <= 0 or (not remote.is_pipe(path) and not remote.exists(path)):
         return
     try:
         for n, raw in enumerate(TarShard(path)):
@@ -115,7 +116,7 @@ def format_report(r: Report) -> str:
     m = r.manifest
     counts = [s.samples for s in m.shards]
     lines = [
-        f"source:      {m.root} ({m.kind}, {m.created_by or 'unknown origin'})",
+        f"source:      {remote.redact(m.root) or 'pipe:'} ({m.kind}, {m.created_by or 'unknown origin'})",
         f"shards:      {len(m.shards)}, {sum(s.bytes for s in m.shards) / 1e6:.1f} MB",
         f"samples:     {m.num_samples} (per shard: {_summary(counts)})",
         f"inspected:   {r.inspected} samples" + (f", {r.unreadable} unreadable" if r.unreadable else ""),

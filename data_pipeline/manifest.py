@@ -4,6 +4,11 @@ The loader plans exactly-once epochs from the sample counts, so it needs them be
 reads a byte. Shards written by `dit data write|synth|precompute` come with a manifest;
 for foreign shards (img2dataset, video2dataset) the counts are taken by scanning the tar
 headers, and `dit data inspect DIR --write-manifest` stores them once.
+
+Sources may be remote (see remote.py): a URL of a directory holding manifest.json
+(`s3://bucket/laion`), a brace/glob pattern of URLs (`s3://bucket/laion/{00000..09999}.tar`)
+or `pipe:` commands. Manifests of URL shards carry a byte index (`offsets`: where each
+sample's first header starts) so that a worker reads only the byte ranges of its samples.
 """
 from __future__ import annotations
 
@@ -17,8 +22,9 @@ from pathlib import Path
 
 import braceexpand
 
+from data_pipeline import remote
 from data_pipeline.errors import DataError
-from data_pipeline.tar_reader import count_samples
+from data_pipeline.tar_reader import count_samples, sample_offsets
 
 MANIFEST_NAME = "manifest.json"
 SOURCE_SEPARATOR = "::"
@@ -31,6 +37,7 @@ class ShardInfo:
     samples: int
     bytes: int = 0
     sha256: str = ""  # "" when not recorded (scanned shards)
+    offsets: list[int] = field(default_factory=list)  # byte index of remote shards; [] when absent
 
 
 @dataclass
@@ -46,7 +53,11 @@ class Manifest:
         return sum(s.samples for s in self.shards)
 
     def paths(self) -> list[str]:
-        return [os.path.join(self.root, s.name) for s in self.shards]
+        return [remote.join(self.root, s.name) for s in self.shards]
+
+    def offsets(self) -> list[list[int]]:
+        """The byte index of each shard ([] where absent or not matching the count)."""
+        return [s.offsets if len(s.offsets) == s.samples else [] for s in self.shards]
 
     def fingerprint(self) -> str:
         """Identifies the shard names and counts (not the content): stream states refer to it."""
@@ -60,15 +71,20 @@ class Manifest:
             "created_by": self.created_by,
             "num_shards": len(self.shards),
             "num_samples": self.num_samples,
-            "shards": [asdict(s) for s in self.shards],
+            "shards": [{k: v for k, v in asdict(s).items() if k != "offsets" or v} for s in self.shards],
             "extra": self.extra,
         }
 
-    def write(self) -> Path:
-        """Write `manifest.json` into `root` atomically."""
+    def write(self):
+        """Write `manifest.json` into `root` atomically (a URL: in one PUT)."""
+        text = json.dumps(self.to_json(), indent=1) + "\n"
+        if remote.is_url(self.root):
+            url = remote.join(self.root, MANIFEST_NAME)
+            remote.write_text(url, text)
+            return remote.redact(url)
         path = Path(self.root) / MANIFEST_NAME
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        tmp.write_text(text)
         os.replace(tmp, path)
         return path
 
@@ -77,7 +93,12 @@ def file_digest(path: str) -> tuple[int, str]:
     """(size in bytes, sha256 hex) of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     size = 0
-    with open(path, "rb") as f:
+    if remote.is_url(path):
+        fs, inner = remote.filesystem(path)
+        f = fs.open(inner, "rb", block_size=8 << 20)
+    else:
+        f = open(path, "rb")
+    with f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
             size += len(chunk)
@@ -86,27 +107,45 @@ def file_digest(path: str) -> tuple[int, str]:
 
 def load_manifest(directory: str) -> Manifest:
     """Read `DIR/manifest.json`; DataError when it is missing or malformed."""
-    path = Path(directory) / MANIFEST_NAME
+    path = remote.join(directory, MANIFEST_NAME) if remote.is_url(directory) else Path(directory) / MANIFEST_NAME
     try:
-        d = json.loads(path.read_text())
+        d = json.loads(remote.read_text(str(path)))
         shards = [ShardInfo(**s) for s in d["shards"]]
     except FileNotFoundError:
-        raise DataError(f"no {MANIFEST_NAME} in {directory}") from None
+        raise DataError(f"no {MANIFEST_NAME} in {remote.redact(directory)}") from None
     except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{path} is malformed ({e}); rewrite it with `dit data inspect {directory} "
+        raise DataError(f"{remote.redact(str(path))} is malformed ({e}); rewrite it with `dit data inspect "
+                        f"{remote.redact(directory)} "
                         f"--write-manifest`") from None
     return Manifest(str(directory), shards, d.get("kind", "unknown"), d.get("created_by", ""), d.get("extra", {}))
 
 
 def scan_manifest(paths: list[str], kind: str = "unknown", checksums: bool = False) -> Manifest:
-    """Build a manifest by counting the samples of tar files (headers only)."""
+    """Build a manifest by counting the samples of tar files (headers only); URL shards also
+    get their byte index. `pipe:` sources are named in full (root "")."""
     if not paths:
         raise DataError("no shards to scan")
+    if any(remote.is_remote(p) for p in paths):
+        return _scan_remote(paths, kind, checksums)
     root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
     shards = []
     for p in paths:
         size, digest = file_digest(p) if checksums else (os.path.getsize(p), "")
         shards.append(ShardInfo(os.path.relpath(os.path.abspath(p), root), count_samples(p), size, digest))
+    return Manifest(root, shards, kind, "scan")
+
+
+def _scan_remote(paths: list[str], kind: str, checksums: bool) -> Manifest:
+    if not all(remote.is_url(p) for p in paths):
+        if not all(remote.is_pipe(p) for p in paths):
+            raise DataError("one source mixes pipe: commands with other shards; join them with '::'")
+        return Manifest("", [ShardInfo(p, count_samples(p)) for p in paths], kind, "scan")
+    root = remote.common_dir([remote.dirname(p) for p in paths])
+    shards = []
+    for p in paths:
+        size, digest = file_digest(p) if checksums else (remote.size_of(p), "")
+        offsets = sample_offsets(p)
+        shards.append(ShardInfo(p[len(root) + 1:], len(offsets), size, digest, offsets))
     return Manifest(root, shards, kind, "scan")
 
 
@@ -118,8 +157,57 @@ def _expand(pattern: str) -> list[str]:
     return files
 
 
+def _resolve_remote(spec: str) -> Manifest:
+    """A URL of a directory (manifest.json or *.tar inside), a brace/glob pattern of URLs, or
+    `pipe:` commands (a brace pattern expands into one command per shard)."""
+    if remote.is_pipe(spec):
+        log.warning("counting the samples of the pipe: source %s by reading it whole (pipes have no "
+                    "manifest; a URL source with manifest.json starts at once)", remote.redact(spec))
+        return scan_manifest(list(braceexpand.braceexpand(spec)))
+    if not spec.endswith(".tar") and not glob.has_magic(spec) and "{" not in spec:
+        try:
+            return load_manifest(spec)
+        except DataError as e:
+            if not str(e).startswith(f"no {MANIFEST_NAME}"):
+                raise
+        paths = shard_urls(spec)
+        if not paths:
+            raise DataError(f"{remote.redact(spec)} holds neither {MANIFEST_NAME} nor *.tar files (or cannot be "
+                            f"listed, as plain HTTP cannot): write one with `dit data inspect URL --write-manifest`")
+        log.warning("no %s in %s: counting the samples of %d shards (run `dit data inspect %s "
+                    "--write-manifest` once to skip this)", MANIFEST_NAME, remote.redact(spec), len(paths),
+                    remote.redact(spec))
+        return scan_manifest(paths)
+    paths = shard_urls(spec)
+    manifests = {d: _try_load(d) for d in {remote.dirname(p) for p in paths}}
+    if all(manifests.values()):
+        by_path = {remote.join(m.root, s.name): s for m in manifests.values() for s in m.shards}
+        missing = [p for p in paths if p not in by_path]
+        if not missing:
+            root = remote.common_dir([remote.dirname(p) for p in paths])
+            shards = [ShardInfo(p[len(root) + 1:], **_counts(by_path[p])) for p in paths]
+            return Manifest(root, shards, next(iter(manifests.values())).kind, "subset")
+    paths = [p for p in paths if remote.exists(p)]
+    if not paths:
+        raise DataError(f"data source {remote.redact(spec)!r} matches no tar file")
+    return scan_manifest(paths)
+
+
+def shard_urls(spec: str) -> list[str]:
+    """The tar URLs of a directory URL (listed) or a brace/glob pattern of URLs (expanded)."""
+    if not spec.endswith(".tar") and not glob.has_magic(spec) and "{" not in spec:
+        return remote.glob_urls(spec.rstrip("/") + "/*.tar")
+    paths = []
+    for p in braceexpand.braceexpand(spec):
+        paths.extend(remote.glob_urls(p) if glob.has_magic(p) else [p])
+    return paths
+
+
 def resolve_source(spec: str) -> Manifest:
-    """One source: a shard directory (manifest.json or *.tar inside) or a brace/glob pattern."""
+    """One source: a shard directory (manifest.json or *.tar inside) or a brace/glob pattern;
+    local, a URL, or a `pipe:` command."""
+    if remote.is_remote(spec):
+        return _resolve_remote(spec)
     if os.path.isdir(spec):
         if (Path(spec) / MANIFEST_NAME).is_file():
             return load_manifest(spec)
@@ -146,7 +234,7 @@ def resolve_source(spec: str) -> Manifest:
 
 
 def _counts(s: ShardInfo) -> dict:
-    return {"samples": s.samples, "bytes": s.bytes, "sha256": s.sha256}
+    return {"samples": s.samples, "bytes": s.bytes, "sha256": s.sha256, "offsets": s.offsets}
 
 
 def _try_load(directory: str):

@@ -46,6 +46,7 @@ from data_pipeline.plan import (
     epoch_read_blocks,
     replay,
 )
+from data_pipeline.remote import RemoteOptions
 from data_pipeline.tar_reader import RawSample, ShardReader
 from data_pipeline.transfer import FORK, PixelRing, slot_bytes, stack_into, stacked_shape
 from data_pipeline.transforms import Pixels, TransformSpec, image_pixels, refit, video_pixels
@@ -226,6 +227,8 @@ class RankJob:
     budget: float
     min_samples: int
     max_logged: int
+    offsets: tuple[list[int], ...] = ()  # byte index per shard ([] where none)
+    remote: RemoteOptions = RemoteOptions()
 
     def worker_batches(self, worker: int) -> Optional[int]:
         """Batches a worker serves in the segment; None when infinite (resampled)."""
@@ -247,7 +250,7 @@ def worker_stream(job: RankJob, worker: int) -> Iterator[dict]:
         return
     first = taken // t.window * t.window  # restart at the window holding the next batch
     counter = SkipCounter(job.budget, job.min_samples, job.max_logged, f"rank {job.rank} worker {worker}")
-    reader = ShardReader(list(job.paths))
+    reader = ShardReader(list(job.paths), offsets=list(job.offsets) or None, options=job.remote)
     try:
         blocks = job.read_blocks(worker, first * t.batch_size)
         items = read_stage(blocks, reader, job.paths, counter)
@@ -357,6 +360,7 @@ class Stream:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.sources, self.weights = _sources(cfg)
         self.paths = tuple(p for m in self.sources for p in m.paths())
+        self.offsets = tuple(o for m in self.sources for o in m.offsets())
         self.counts = tuple(s.samples for m in self.sources for s in m.shards)
         self.num_samples = sum(self.counts)
         if self.num_samples == 0:
@@ -463,7 +467,8 @@ class Stream:
         c = self.cfg
         return RankJob(self.paths, self.counts, self.spec, self.topology, self.rank, consumed, self.seed,
                        self.epoch, self.block, segment, resampled, c.error_budget,
-                       c.min_errors_before_budget, c.max_logged_skips)
+                       c.min_errors_before_budget, c.max_logged_skips, self.offsets,
+                       RemoteOptions(c.remote_block_size, c.remote_retries, c.remote_backoff))
 
     def _batches(self, job: RankJob) -> Iterator[dict]:
         """The segment's batches as the workers make them, pixels as tensors over their slots."""

@@ -9,13 +9,19 @@ second half of a shard reads only that half. Truncation and broken headers surfa
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
+from data_pipeline import remote
 from data_pipeline.errors import DataError, SkipSample
+from data_pipeline.remote import RemoteOptions
+
+log = logging.getLogger("data_pipeline")
 
 # webdataset's `base_plus_ext`: key = path up to the first dot of the file name.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
@@ -44,50 +50,101 @@ _POSIX_MAGIC = b"ustar\x0000"
 
 
 class TarShard:
-    """Forward cursor over the samples of one local tar file.
+    """Forward cursor over the samples of one tar file: a local path, a URL fsspec opens
+    (s3://, gs://, https://, ...) or a `pipe:` command (see remote.py).
 
     `read(i)` returns sample i; reading a later index seeks over the data in between (only the
-    512-byte headers are read), an earlier index reopens the file. The headers are parsed here
-    (ustar, pax and GNU long names, checksums verified) rather than by `tarfile`, which costs
-    more per member than decoding a small JPEG.
+    512-byte headers are read; remotely each seek past the read-ahead buffer is one ranged
+    read), an earlier index reopens the file. With `offsets` (the byte index of a manifest:
+    where each sample's first header starts) a URL shard jumps straight to the sample asked
+    for. The headers are parsed here (ustar, pax and GNU long names, checksums verified)
+    rather than by `tarfile`, which costs more per member than decoding a small JPEG.
+
+    Transient read errors are retried `options.retries` times with exponential backoff, each
+    time on a freshly opened file; after the last, `read` raises SkipSample("unreadable_shard").
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, offsets: Optional[list[int]] = None,
+                 options: Optional[RemoteOptions] = None):
         self.path = path
+        self.options = options or RemoteOptions()
+        self.offsets = list(offsets or []) if remote.is_url(path) else []
         self._file = None
+        self._size: Optional[int] = None
         self._first_index: dict[str, int] = {}  # key -> index of the first sample carrying it
-        self._open()
+        self._transient = remote.transient_errors() if remote.is_remote(path) else (OSError,)
+        self._rewind()
 
-    def _open(self) -> None:
-        self.close()
-        self._file = open(self.path, "rb")
-        self._size = os.fstat(self._file.fileno()).st_size
+    def _rewind(self) -> None:
+        """Back to the first sample; a pipe restarts, a file is reopened on the next read."""
+        if remote.is_pipe(self.path) or not remote.is_remote(self.path):
+            self.close()
         self._offset = 0  # of the next header
         self._index = 0  # of the next sample to be parsed
         self._pending: Optional[tuple[str, str, int, int]] = None
 
+    def _jump(self, index: int) -> None:
+        """Continue at sample `index`, at its offset from the byte index."""
+        self._offset, self._index, self._pending = self.offsets[index], index, None
+
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except Exception:  # noqa: BLE001 - a broken connection cannot be closed cleanly; it is dropped
+                pass
             self._file = None
 
     def _fail(self, reason: str, what: str) -> SkipSample:
-        return SkipSample(reason, f"{self.path} at byte {self._offset}: {what}")
+        return SkipSample(reason, f"{remote.redact(self.path)} at byte {self._offset}: {what}")
+
+    def _ensure_open(self) -> None:
+        if self._file is None:
+            self._file = remote.open_shard(self.path, self.options)
+            self._size = remote.file_size(self._file)
+
+    def _read(self, offset: int, size: int) -> bytes:
+        """Up to `size` bytes at `offset` (fewer only at the end of the file), with retries."""
+        attempt = 0
+        while True:
+            try:
+                if remote.is_pipe(self.path) and self._file is not None and offset < self._file.pos:
+                    self.close()  # a pipe cannot go back: start the command again
+                self._ensure_open()
+                self._file.seek(offset)
+                return self._file.read(size)
+            except remote.PERMANENT:
+                raise
+            except self._transient as e:
+                self.close()
+                if attempt >= self.options.retries:
+                    raise self._fail("unreadable_shard", f"{attempt + 1} attempts failed, the last with "
+                                     f"{type(e).__name__}: {remote.redact(str(e))}") from None
+                delay = self.options.backoff * 2 ** attempt
+                log.warning("reading %s failed (%s: %s); retry %d of %d in %.1f s", remote.redact(self.path),
+                            type(e).__name__, remote.redact(str(e)), attempt + 1, self.options.retries, delay)
+                time.sleep(delay)
+                attempt += 1
 
     def _block(self, offset: int, size: int) -> bytes:
-        self._file.seek(offset)
-        data = self._file.read(size)
+        data = self._read(offset, size)
         if len(data) != size:
             raise self._fail("truncated_tar", "unexpected end of data")
         return data
 
     def _header(self) -> Optional[tuple[str, str, int, int]]:
         """The next header as (name, type, data offset, size); None at the end of the archive."""
-        if self._offset >= self._size:
+        if self._size is None:
+            self._ensure_open_retrying()
+        if self._size is not None and self._offset >= self._size:
             if self._offset > self._size:
                 raise self._fail("truncated_tar", "unexpected end of data")
             return None  # no end-of-archive blocks: tolerated, as tarfile does
-        hdr = self._block(self._offset, BLOCK)
+        hdr = self._read(self._offset, BLOCK)
+        if not hdr and self._size is None:
+            return None  # the end of a pipe, without end-of-archive blocks
+        if len(hdr) != BLOCK:
+            raise self._fail("truncated_tar", "unexpected end of data")
         if hdr == _ZERO_BLOCK:
             return None
         try:
@@ -105,12 +162,13 @@ class TarShard:
         self._offset = data_offset + (size + BLOCK - 1) // BLOCK * BLOCK
         return name, kind, data_offset, size
 
-    def _next_member(self) -> Optional[tuple[str, str, int, int]]:
-        """The next (key, ext, data offset, size) of a sample member; None at the end."""
+    def _next_member(self) -> Optional[tuple[str, str, int, int, int]]:
+        """The next (key, ext, data offset, size, header offset) of a sample member; None at the end."""
         if self._pending is not None:
             item, self._pending = self._pending, None
             return item
         override: dict[str, str] = {}
+        start = self._offset
         while (h := self._header()) is not None:
             name, kind, offset, size = h
             if kind in "xL":  # pax extended header / GNU long name: apply to the next member
@@ -127,10 +185,12 @@ class TarShard:
                 self._offset = offset + (size + BLOCK - 1) // BLOCK * BLOCK
             override = {}
             if kind not in "07":  # directories, links, global pax headers, ...: not sample members
+                start = self._offset
                 continue
             parts = split_member_name(name)
             if parts is not None:
-                return parts[0], parts[1], offset, size
+                return parts[0], parts[1], offset, size, start
+            start = self._offset
         return None
 
     def _take(self, load: bool) -> Optional[RawSample]:
@@ -140,10 +200,11 @@ class TarShard:
             return None
         key = first[0]
         index = self._index
+        self.last_start = first[4]  # where this sample's first header starts (the byte index)
         first_index = self._first_index.setdefault(key, index)
         members: dict[str, bytes] = {}
         names: list[str] = []
-        item: Optional[tuple[str, str, int, int]] = first
+        item: Optional[tuple[str, str, int, int, int]] = first
         while item is not None and item[0] == key:
             names.append(item[1])
             if load:
@@ -158,10 +219,17 @@ class TarShard:
             duplicate = f"sample {key!r} of {self.path} holds a member twice ({sorted(names)})"
         return RawSample(key, members, duplicate)
 
+    def _ensure_open_retrying(self) -> None:
+        """Open the file (the size of a URL comes with it) under the retry policy."""
+        if self._file is None:
+            self._read(self._offset, 0)
+
     def read(self, index: int) -> RawSample:
         """Sample number `index` (0-based) of this shard."""
-        if index < self._index:
-            self._open()
+        if index < len(self.offsets) and index != self._index:
+            self._jump(index)
+        elif index < self._index:
+            self._rewind()
         while self._index < index:
             if self._take(load=False) is None:
                 break
@@ -175,7 +243,7 @@ class TarShard:
     def __iter__(self) -> Iterator[RawSample]:
         """All samples from the start, in order, duplicates flagged (raises SkipSample at an
         unreadable part)."""
-        self._open()
+        self._rewind()
         while (sample := self._take(load=True)) is not None:
             yield sample
 
@@ -209,43 +277,72 @@ def _pax(data: bytes) -> dict[str, str]:
     return out
 
 
-def count_samples(path: str) -> int:
+def count_samples(path: str, options: Optional[RemoteOptions] = None) -> int:
     """Number of samples in a tar, reading headers only (stops quietly at truncation)."""
-    shard = TarShard(path)
-    n = 0
+    return len(sample_offsets(path, options))
+
+
+def sample_offsets(path: str, options: Optional[RemoteOptions] = None) -> list[int]:
+    """Byte offset of each sample's first header (its length is the number of samples),
+    reading headers only and stopping quietly at truncation."""
+    shard = TarShard(path, options=options)
+    offsets = []
     try:
         while shard._take(load=False) is not None:
-            n += 1
+            offsets.append(shard.last_start)
     except SkipSample:
         pass
     finally:
         shard.close()
-    return n
+    return offsets
 
 
 class ShardReader:
-    """Reads samples by (shard id, index) across shards, keeping the last few shards open."""
+    """Reads samples by (shard id, index) across shards, keeping the last few shards open.
 
-    def __init__(self, paths: list[str], max_open: int = 4):
+    A shard that stays unreadable after the retries is given up for the life of the reader:
+    every later sample of it is skipped at once as `unreadable_shard` (each counts against
+    data.error_budget, like a corrupt sample)."""
+
+    def __init__(self, paths: list[str], max_open: int = 4, offsets: Optional[list[list[int]]] = None,
+                 options: Optional[RemoteOptions] = None):
         self.paths = paths
         self.max_open = max_open
+        self.offsets = offsets or [[] for _ in paths]
+        self.options = options or RemoteOptions()
         self._open: dict[int, TarShard] = {}
+        self._dead: dict[int, SkipSample] = {}
 
     def read(self, shard_id: int, index: int) -> RawSample:
+        if shard_id in self._dead:
+            dead = self._dead[shard_id]
+            raise SkipSample(dead.reason, dead.detail)
         shard = self._open.pop(shard_id, None)
+        path = self.paths[shard_id]
         if shard is None:
-            path = self.paths[shard_id]
-            if not Path(path).is_file():
-                raise DataError(f"shard {path} listed in the manifest does not exist; restore it or "
-                                f"rewrite the manifest with `dit data inspect DIR --write-manifest`")
-            shard = TarShard(path)
+            if not remote.is_remote(path) and not Path(path).is_file():
+                raise _missing(path)
+            shard = TarShard(path, self.offsets[shard_id], self.options)
         self._open[shard_id] = shard  # most recently used last
         while len(self._open) > self.max_open:
             oldest = next(iter(self._open))
             self._open.pop(oldest).close()
-        return shard.read(index)
+        try:
+            return shard.read(index)
+        except FileNotFoundError:
+            raise _missing(path) from None
+        except SkipSample as e:
+            if e.reason == "unreadable_shard":
+                self._dead[shard_id] = e
+                self._open.pop(shard_id).close()
+            raise
 
     def close(self) -> None:
         for shard in self._open.values():
             shard.close()
         self._open.clear()
+
+
+def _missing(path: str) -> DataError:
+    return DataError(f"shard {remote.redact(path)} listed in the manifest does not exist; restore it or "
+                     f"rewrite the manifest with `dit data inspect DIR --write-manifest`")

@@ -44,11 +44,14 @@ def register(sub) -> None:
 
     p = sub.add_parser("inspect", help="shard and sample counts, resolutions, caption stats; --verify checks",
                        description="Counts come from manifest.json (or a scan of the tar headers).")
-    p.add_argument("source", help="shard directory or brace/glob pattern of .tar files")
+    p.add_argument("source", help="shard directory or brace/glob pattern of .tar files, local or a URL "
+                                  "(s3://bucket/dir, https://host/dir/{000..009}.tar)")
     p.add_argument("--verify", action="store_true", help="recompute sha256 and sample counts; exit 1 on bad shards")
     p.add_argument("--max-samples", type=int, default=1000, help="samples read for statistics (default 1000)")
     p.add_argument("--write-manifest", action="store_true",
-                   help="scan the tars (counts and sha256) and write DIR/manifest.json, e.g. for img2dataset output")
+                   help="scan the tars (counts and sha256; for URLs also the byte index of every sample) and "
+                        "write DIR/manifest.json, e.g. for img2dataset output; a URL (s3://, gs://) gets it "
+                        "next to its shards")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("precompute", help="shards of encoder outputs (latents, text embeddings)",
@@ -74,6 +77,8 @@ def register_bench(bench_subparsers) -> None:
                                                 "(read + decode only) and of the full loader with the same "
                                                 "workers, and prints loader/raw_decode.")
     p.add_argument("--dir", default="", help="shard directory to create or reuse (default: a temporary one)")
+    p.add_argument("--shards", default="", help="measure on these shards instead (a directory, pattern or URL "
+                                                "such as s3://bucket/laion: the store's throughput); --num/--size unused")
     p.add_argument("--num", type=int, default=4096, help="samples (default 4096)")
     p.add_argument("--size", type=int, default=256, help="stored image side (default 256)")
     p.add_argument("--resolution", type=int, default=128, help="training resolution (default 128)")
@@ -118,10 +123,14 @@ def cmd_synth(args) -> int:
 
 def cmd_inspect(args) -> int:
     from data_pipeline.inspect_shards import format_report, inspect_shards
-    from data_pipeline.manifest import scan_manifest
+    from data_pipeline.manifest import scan_manifest, shard_urls
+    from data_pipeline.remote import is_url
 
     if args.write_manifest:
-        paths = sorted(glob.glob(os.path.join(args.source, "*.tar")))
+        if is_url(args.source):  # a directory URL or a pattern: the manifest goes next to the shards
+            paths = shard_urls(args.source)
+        else:
+            paths = sorted(glob.glob(os.path.join(args.source, "*.tar")))
         manifest = scan_manifest(paths, checksums=True)
         print(f"wrote {manifest.write()} ({len(paths)} shards, {manifest.num_samples} samples)")
     report = inspect_shards(args.source, verify=args.verify, max_samples=args.max_samples)
@@ -156,6 +165,6 @@ def cmd_bench_loader(args) -> int:
     workers = tuple(int(w) for w in args.workers.split(","))
     with tempfile.TemporaryDirectory() as tmp:
         rows = bench_loader(args.dir or tmp, num=args.num, size=args.size, resolution=args.resolution,
-                            batch_size=args.batch_size, workers=workers, repeats=args.repeats)
+                            batch_size=args.batch_size, workers=workers, repeats=args.repeats, shards=args.shards)
     print(format_rows(rows, args.main_workers))
     return 0
