@@ -6,4 +6,4 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tests.trainer.harness import shapes_shards, tiny_teacher  # noqa: E402,F401  (session fixtures, shared)
+from tests.trainer.harness import mixed_shards, shapes_shards, tiny_teacher  # noqa: E402,F401  (session fixtures, shared)

@@ -25,6 +25,34 @@ def shapes_shards(tmp_path_factory) -> Path:
     return out
 
 
+# (width, height) of the images of `mixed_shards`: two areas (16, 32) x three aspects (0.5, 1, 2)
+MIXED_SIZES = [(16, 16), (32, 16), (16, 32), (32, 32), (64, 32), (32, 64)]
+
+
+@pytest.fixture(scope="session")
+def mixed_shards(tmp_path_factory) -> Path:
+    """48 captioned synthetic shapes (PNG) resized to the six `MIXED_SIZES`, written by `write_shards`."""
+    import io
+
+    import numpy as np
+    import PIL.Image
+
+    from data_pipeline.synth import caption, render_image, sample_attributes
+    from data_pipeline.write import write_shards
+
+    def samples():
+        for i in range(48):
+            attrs = sample_attributes(np.random.default_rng([0, i]))
+            w, h = MIXED_SIZES[i * 5 % len(MIXED_SIZES)]
+            buf = io.BytesIO()
+            PIL.Image.fromarray(render_image(attrs, 64)).resize((w, h), PIL.Image.NEAREST).save(buf, format="PNG")
+            yield {"__key__": f"{i:04d}_{w}x{h}", "png": buf.getvalue(), "txt": caption(attrs).encode()}
+
+    out = tmp_path_factory.mktemp("mixed")
+    write_shards(samples(), str(out), shard_size=12, progress=False)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher(shapes_shards, tmp_path_factory) -> Path:
     """A real teacher for the distillation runs: checkpoint root of a 4-step pretraining run of

@@ -1,12 +1,11 @@
 """Multi-resolution, multi-aspect buckets in training and sampling: the SNR shift of each batch's
-shape, the DiT on non-square grids, `dit sample --height --width [--frames]`, and a real 2-rank
-`dit train` over two pixel areas x three aspects that resumes on exactly the planned samples."""
+shape, the DiT on non-square grids, `dit sample --height --width [--frames]`. The real 2-rank
+`dit train` over two pixel areas x three aspects that resumes on exactly the planned samples is a
+cell of the support matrix (tests/trainer/test_support_matrix.py, `check_buckets`)."""
 from __future__ import annotations
 
-import io
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -15,7 +14,6 @@ import torch
 
 from launch.cli import main as dit
 from tests.eval.eval_helpers import tiny_config, write_cascade, write_checkpoint
-from tests.trainer.harness import assert_ok, base, latest_dir, run_train, step_keys
 from trainer.config import ConfigError, DiffusionConfig, validate
 from trainer.diffusion import make_schedule, schedule_for_shape, shape_size
 from trainer.models.layers import sincos_table
@@ -150,61 +148,3 @@ def test_bad_bucket_combinations_fail_naming_the_key(tmp_path):
                       ["data.resolutions=[8,32]"]):  # data.resolution=16 is not among them
         with pytest.raises(ConfigError, match="data.resolutions"):
             validate(tiny_config(tmp_path, *overrides))
-
-
-# ---- a real 2-rank run over two areas x three aspects ----------------------------------------
-
-# (width, height) of the written images: two areas (16, 32) x three aspects (0.5, 1, 2)
-SOURCES = [(16, 16), (32, 16), (16, 32), (32, 32), (64, 32), (32, 64)]
-
-
-@pytest.fixture(scope="module")
-def mixed_shards(tmp_path_factory) -> Path:
-    """48 captioned synthetic shapes (PNG) resized to six sizes, written by `write_shards`."""
-    from data_pipeline.synth import caption, render_image, sample_attributes
-    from data_pipeline.write import write_shards
-
-    def samples():
-        for i in range(48):
-            attrs = sample_attributes(np.random.default_rng([0, i]))
-            w, h = SOURCES[i * 5 % len(SOURCES)]
-            buf = io.BytesIO()
-            PIL.Image.fromarray(render_image(attrs, 64)).resize((w, h), PIL.Image.NEAREST).save(buf, format="PNG")
-            yield {"__key__": f"{i:04d}_{w}x{h}", "png": buf.getvalue(), "txt": caption(attrs).encode()}
-
-    out = tmp_path_factory.mktemp("mixed")
-    write_shards(samples(), str(out), shard_size=12, progress=False)
-    return out
-
-
-def test_two_rank_training_over_buckets_resumes_and_samples_non_square(mixed_shards, tmp_path):
-    from data_pipeline.stream import build_stream
-    from trainer.config import load_config
-
-    out = tmp_path / "run"
-    common = ["data.resolutions=[16,32]", "data.aspect_buckets=[0.5,1.0,2.0]", "diffusion.shift_base_resolution=16",
-              "log.sample_keys=true", "checkpoint.every=3"]
-    assert_ok(run_train(2, base(mixed_shards, out, *common, "stage.steps=3")))
-    resumed = run_train(2, base(mixed_shards, out, *common, "stage.steps=7"))
-    assert_ok(resumed)
-    assert "at step 3" in resumed.stdout + resumed.stderr
-    # what each rank trained on, step by step (a resumed run logs steps 4..7) is exactly what the
-    # stream plans for it: batch by batch the same keys, so each batch one bucket as the stream
-    # makes them, and the resume went on where the first run stopped
-    cfg = load_config(latest_dir(out) / "config.yaml")
-    trained = step_keys(out)
-    shapes = set()
-    for rank in range(2):
-        stream = iter(build_stream(cfg.data, rank, 2))
-        for step in range(1, 8):
-            batch = next(stream)
-            planned = [k for k, valid in zip(batch["__key__"], batch["valid"].tolist()) if valid]
-            assert trained[rank][step] == planned, (rank, step)
-            shapes.add(tuple(batch["image"].shape[2:]))
-    assert len(shapes) >= 4  # the steps covered several bucket shapes of both areas
-    assert {h * w for h, w in shapes} & {192, 256} and {h * w for h, w in shapes} & {1024, 1152}
-    samples = tmp_path / "samples"
-    assert dit(["sample", str(out / "checkpoints"), "--prompt", "a large red circle at the top left",
-                "--steps", "2", "--height", "24", "--width", "48", "--out", str(samples)]) == 0
-    record = json.loads((samples / "samples.json").read_text())
-    assert PIL.Image.open(samples / record["files"][0]).size == (48, 24)

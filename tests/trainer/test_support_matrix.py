@@ -6,8 +6,9 @@ x precision (fp32, bf16). A cell trains 2 steps and checkpoints, a second launch
 step 4, and then what was saved must be what was trained: the sample grid drawn from the
 saved EMA equals the one the trainer drew from its in-memory EMA at step 4 (the check that
 would have caught the pipeline run exporting an untrained network), and the safetensors export
-holds exactly the checkpoint's EMA tensors, none left at zero. The refused cells are in
-tests/faults/test_bad_config.py.
+holds exactly the checkpoint's EMA tensors, none left at zero. Some cells check one feature
+more on the run they already make (`CHECKS`): multi-resolution buckets, the learned null caption.
+The refused cells are in tests/faults/test_bad_config.py.
 """
 from __future__ import annotations
 
@@ -18,8 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.trainer.harness import (assert_checkpoint_samples_match, assert_ok, base, ema_weights, latest_dir,
-                                   run_train)
-from tests.trainer.test_buckets import mixed_shards  # noqa: F401  (fixture: non-square PNG shards)
+                                   run_train, step_keys)
 
 pytestmark = pytest.mark.slow
 
@@ -28,13 +28,18 @@ LATENT = ("model.autoencoder.kind=kl", "model.in_channels=4")  # + model.autoenc
 SUPERRES = ("stage.kind=superres", "model.superres=true", "data.sr_resolution=32")
 DISTILL = ("stage.rounds=[2,1]", "diffusion.loss_weighting=trunc_snr")  # + stage.teacher
 PIPELINE = ("deepspeed.pipeline_stages=2", "deepspeed.zero_stage=1")
+BUCKETS = ("data.resolutions=[16,32]", "data.aspect_buckets=[0.5,1.0,2.0]", "diffusion.shift_base_resolution=16",
+           "log.sample_keys=true")
+LEARNED_NULL = ("model.text.null=learned", "stage.cfg_dropout=0.5")
 BF16 = ("deepspeed.precision=bf16",)
 
 # id -> (shards: image | video | mixed (six sizes, three aspects), needs: "" | ae | teacher, overrides)
 CELLS = {
-    "image-pixel-pretrain-zero0-fp32": ("image", "", ("deepspeed.zero_stage=0",)),
+    # two pixel areas x three aspects: each batch one bucket, resumed on exactly the planned samples
+    "image-pixel-pretrain-zero0-fp32-buckets": ("mixed", "", ("deepspeed.zero_stage=0", *BUCKETS)),
     "image-latent-pretrain-zero1-bf16": ("image", "ae", (*LATENT, "deepspeed.zero_stage=1", *BF16)),
-    "video-pixel-pretrain-zero3-fp32": ("video", "", (*VIDEO, "deepspeed.zero_stage=3")),
+    # the learned null caption: trained by CFG dropout under ZeRO-3, saved, resumed, sampled with
+    "video-pixel-pretrain-zero3-fp32-null": ("video", "", (*VIDEO, "deepspeed.zero_stage=3", *LEARNED_NULL)),
     "video-latent-pretrain-zero2-bf16": ("video", "ae", (*VIDEO, *LATENT, "deepspeed.zero_stage=2", *BF16)),
     "image-pixel-pretrain-pipeline-bf16": ("image", "", (*PIPELINE, *BF16)),
     # batches of three shapes through the pipe: the stages exchange each activation's shape
@@ -98,6 +103,8 @@ def test_cell_trains_resumes_samples_and_exports_what_it_trained(cell, shapes_sh
     assert_checkpoint_samples_match(out, tmp_path)
     if "stage.kind=autoencoder" not in overrides:
         assert_export_is_the_checkpoint(out, tmp_path / "export")
+    if cell in CHECKS:
+        CHECKS[cell](out, tmp_path)
 
 
 def assert_export_is_the_checkpoint(out: Path, export_dir: Path) -> None:
@@ -111,3 +118,47 @@ def assert_export_is_the_checkpoint(out: Path, export_dir: Path) -> None:
     assert all(torch.equal(v, ema[k].to(v.dtype)) for k, v in exported.items())
     zeros = [k for k, v in exported.items() if v.numel() > 1 and not v.any() and "null" not in k]
     assert not zeros, f"exported tensors still all zero after training: {zeros[:5]}"
+
+
+def check_buckets(out: Path, tmp: Path) -> None:
+    """What each rank trained on, step by step (the resumed launch logs steps 3..4), is exactly
+    what the stream plans for it: batch by batch the same keys, so each batch one bucket as the
+    stream makes them, and the resume went on where the first launch stopped. Then a non-square
+    `dit sample` from the checkpoint."""
+    import json
+
+    import PIL.Image
+
+    from data_pipeline.stream import build_stream
+    from launch.cli import main as dit
+    from trainer.config import load_config
+
+    cfg = load_config(latest_dir(out) / "config.yaml")
+    trained = step_keys(out)
+    shapes = set()
+    for rank in range(2):
+        stream = iter(build_stream(cfg.data, rank, 2))
+        for step in range(1, 5):
+            batch = next(stream)
+            planned = [k for k, valid in zip(batch["__key__"], batch["valid"].tolist()) if valid]
+            assert trained[rank][step] == planned, (rank, step)
+            shapes.add(tuple(batch["image"].shape[2:]))
+    assert len(shapes) >= 3, shapes  # the steps covered several bucket shapes of both areas
+    assert {h * w for h, w in shapes} & {192, 256} and {h * w for h, w in shapes} & {1024, 1152}, shapes
+    samples = tmp / "non_square"
+    assert dit(["sample", str(out / "checkpoints"), "--prompt", "a large red circle at the top left",
+                "--steps", "2", "--height", "24", "--width", "48", "--out", str(samples)]) == 0
+    record = json.loads((samples / "samples.json").read_text())
+    assert PIL.Image.open(samples / record["files"][0]).size == (48, 24)
+
+
+def check_learned_null(out: Path, _tmp: Path) -> None:
+    """The EMA of step 4 holds a trained null caption (the first step cannot move it: adaLN-Zero;
+    later ones do); the sample-grid check above already sampled with it (the uncond branch)."""
+    ema = ema_weights(out)
+    for key in ("embed.null_tokens", "embed.null_pooled"):
+        assert torch.count_nonzero(ema[key]) > 0, key
+
+
+CHECKS = {"image-pixel-pretrain-zero0-fp32-buckets": check_buckets,
+          "video-pixel-pretrain-zero3-fp32-null": check_learned_null}
