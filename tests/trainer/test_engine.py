@@ -1,4 +1,4 @@
-"""The DeepSpeed trainer on 2 real ranks over gloo: ZeRO-2/3 learn, pipeline parallelism
+"""The DeepSpeed trainer on 2 real ranks over gloo: ZeRO-3 learns, pipeline parallelism
 matches one process, CFG dropout. Failures and resumes are proved in tests/faults."""
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ from trainer.stages.base import cfg_keep, drop_text
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_zero_trains_and_loss_goes_down(shapes_shards, tmp_path, zero_stage):
+def test_zero3_trains_and_loss_goes_down(shapes_shards, tmp_path):
+    """ZeRO-3 (parameters partitioned) learns; ZeRO-2 learning is proved by the bf16 run of
+    tests/trainer/test_precision_offload.py (the tiny config's stage)."""
     out = tmp_path / "run"
-    proc = run_train(2, base(shapes_shards, out, f"deepspeed.zero_stage={zero_stage}", "stage.steps=40",
+    proc = run_train(2, base(shapes_shards, out, "deepspeed.zero_stage=3", "stage.steps=40",
                              "checkpoint.every=40", "optim.lr=2e-3"))
     assert_ok(proc)
     curve = losses(out)
@@ -51,12 +52,10 @@ def test_pipeline_matches_single_process(shapes_shards, tmp_path):
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     assert all(abs(a[s] - b[s]) < 1e-4 for s in a), (a, b)
     # The pipeline's EMA is the whole network under its own names (every stage's layers), the
-    # same weights as the single process's, and it samples; a resume loads it on every stage.
+    # same weights as the single process's, and it samples (a pipeline resume is a cell of
+    # tests/trainer/test_support_matrix.py).
     ema_single, ema_piped = ema_weights(single), ema_weights(piped)
     assert ema_single.keys() == ema_piped.keys()
     assert max(float((ema_single[k] - ema_piped[k]).abs().max()) for k in ema_single) < 1e-4
     assert any(Path(r["sample_grid"]).is_file() for r in metrics(piped) if "sample_grid" in r)
     assert_checkpoint_samples_match(piped, tmp_path)
-    resumed = run_train(2, base(shapes_shards, piped, *common, "deepspeed.pipeline_stages=2", "stage.steps=5"))
-    assert_ok(resumed)
-    assert "at step 4" in resumed.stdout
