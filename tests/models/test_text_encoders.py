@@ -62,7 +62,11 @@ def test_learned_null_encoder_has_no_weights_and_marks_the_empty_caption_by_its_
     cached = CachedTextEncoder(enc)
     again = cached.encode(["", CAPTIONS[0]])
     assert set(cached.cache) == {"", CAPTIONS[0]}  # a constant function of the caption: cached
-    assert all(torch.equal(a, b) for a, b in zip(again, emb))
+    # the cache encodes new captions in chunks of `cached.chunk` rows (fixed shape: bit-identical
+    # whatever the company), so it holds the rows of that encoder call, and close to any other
+    chunk = enc.encode(["", CAPTIONS[0]] + [""] * (cached.chunk - 2))
+    assert all(torch.equal(a, b[:2]) for a, b in zip(again, chunk))
+    assert torch.equal(again.mask, emb.mask) and torch.allclose(again.tokens, emb.tokens, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -115,9 +119,8 @@ def test_open_clip_random_tower_then_weights_from_a_file(tmp_path):
     save_file({f"text.{k}": v.contiguous() for k, v in source.backbone.state_dict().items()}, str(weights))
     torch.manual_seed(1)
     loaded = build_text_encoder(TextEncoderConfig(kind="open_clip", arch="ViT-S-32-alt", max_length=20, path=str(weights)))
-    again = loaded.encode(CAPTIONS)
-    assert torch.allclose(again.pooled, emb.pooled[:2], atol=1e-6)
-    assert torch.allclose(again.tokens, emb.tokens[:2], atol=1e-6)
+    again = loaded.encode(CAPTIONS + [""])  # the same batch: a batch of another size may round otherwise
+    assert torch.equal(again.pooled, emb.pooled) and torch.equal(again.tokens, emb.tokens)
 
 
 def test_open_clip_unknown_arch():
