@@ -71,18 +71,20 @@ def measure(net: DiT, clip: Clip) -> dict[str, float]:
         loss = net(x, t, text).square().mean()
         loss.backward()
     peak = {getattr(k, "value", k): v for k, v in tracker.get_tracker_snapshot("peak")[x.device].items()}
-    return {"loss": float(loss), "activations_mib": peak["Activation"] / MIB, "temporaries_mib": peak["Temp"] / MIB,
+    return {"loss": float(loss.detach()), "activations_mib": peak["Activation"] / MIB, "temporaries_mib": peak["Temp"] / MIB,
             "gradients_mib": peak["Gradient"] / MIB, "total_mib": (peak["Total"] - peak["Parameter"]) / MIB}
 
 
 def split_rank(rank: int, size: int, port: int, clip: Clip, out: str) -> None:
     """One rank of the sequence group (torch.multiprocessing.spawn target)."""
+    import deepspeed
     import torch.distributed as dist
 
     from trainer.sequence_parallel import parallelize_sequence
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=size)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(size))
+    deepspeed.init_distributed(dist_backend="gloo")  # its all-to-all goes through deepspeed.comm
     try:
         net = clip.model()
         parallelize_sequence(net, dist.group.WORLD)

@@ -93,6 +93,7 @@ class ModelFacts:
     qk_norm: bool
     cross_attention: bool
     temporal: bool  # factorized video blocks with more than one latent frame
+    split_unit: int  # what a sequence split S must divide: the latent frames of factorized clips, else N
     latent_shape: tuple[int, ...]  # (C, [F,] H, W) the DiT sees
 
 
@@ -176,6 +177,7 @@ def model_facts(cfg: RunConfig, persistence_threshold: int) -> ModelFacts:
         depth=spec.preset.depth, width=spec.preset.width, heads=spec.preset.heads, mlp_ratio=spec.preset.mlp_ratio,
         tokens=frames * (side // spec.preset.patch) ** 2, text_len=text_len, text_dim=text_dim,
         qk_norm=spec.qk_norm, cross_attention=bool(spec.text_dim), temporal=spec.temporal_blocks and frames > 1,
+        split_unit=frames if spec.temporal_blocks and frames > 1 else frames * (side // spec.preset.patch) ** 2,
         latent_shape=shape,
     )
 
@@ -336,11 +338,12 @@ class Estimate:
         return self.model_states + self.buckets + self.activations + self.frozen
 
 
-def layouts(gpus: int, depth: int, heads: int = 1) -> list[Layout]:
+def layouts(gpus: int, depth: int, heads: int = 1, split_unit: int = 1) -> list[Layout]:
     """Every layout DeepSpeed accepts: pipeline splits p dividing the GPUs (p <= depth) run
-    with ZeRO 0 or 1 only; sequence splits S dividing the GPUs and the heads, without a pipeline."""
+    with ZeRO 0 or 1 only; sequence splits S dividing the GPUs, the heads and the split unit
+    (latent frames of a factorized clip, else tokens), without a pipeline."""
     splits = [p for p in range(1, min(gpus, depth) + 1) if gpus % p == 0]
-    seqs = [s for s in range(2, min(gpus, heads) + 1) if gpus % s == 0 and heads % s == 0]
+    seqs = [s for s in range(2, min(gpus, heads) + 1) if gpus % s == 0 and heads % s == 0 and split_unit % s == 0]
     return [Layout(z, p, ckpt) for ckpt in (False, True) for p in splits for z in range(4) if p == 1 or z <= 1] + \
         [Layout(z, 1, ckpt, s) for s in seqs for ckpt in (False, True) for z in range(4)]
 
@@ -388,7 +391,7 @@ def suggest(estimates: list[Estimate], hw: Hardware) -> Optional[Estimate]:
 def plan(cfg: RunConfig, hw: Hardware, micro_batch: Optional[int] = None) -> tuple[ModelFacts, list[Estimate]]:
     threshold = zero_settings(cfg, 3).persistence_threshold
     m = model_facts(cfg, threshold)
-    return m, [estimate(cfg, m, hw, layout, micro_batch) for layout in layouts(hw.gpus, m.depth, m.heads)]
+    return m, [estimate(cfg, m, hw, layout, micro_batch) for layout in layouts(hw.gpus, m.depth, m.heads, m.split_unit)]
 
 
 # ---------------------------------------------------------------------------------------------
