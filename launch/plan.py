@@ -32,7 +32,8 @@ block is recomputed at a time. Pipeline stages hold up to p micro-batches of the
 (1F1B). Frozen encoders (text, autoencoder) are counted in fp32, activations not (no grad).
 A sequence split S keeps N / S tokens per rank in every block and the head (attention sees N
 tokens with H / S heads: the same size), so the N D terms shrink by S; ZeRO still partitions
-over all GPUs / p ranks, while the global batch has GPUs / S replicas.
+over all GPUs / p ranks; the GPUs / S replicas run S times the micro-batches (grad_accum x S),
+so the global batch stays the config's.
 
 all-to-all volume (S > 1): each attention (full, or the temporal one of factorized blocks; a
 clip's spatial attention stays on its rank) exchanges q, k, v and its output, B N D / S values
@@ -43,9 +44,10 @@ step time: 6 x forward MACs per sample (forward + backward; 8 x with checkpointi
 global batch, over GPUs x peak x MFU, stretched by the pipeline bubble (p - 1) / (m + p - 1),
 plus the all-to-all volume over the link bandwidth (--link-gbs, not overlapped).
 
-The suggestion is the fitting layout with the most samples per second; among equals, one
-without ZeRO-3 (its parameter all-gathers cost 1.5x the communication of ZeRO 0-2), then the
-least memory.
+The suggestion is the fitting layout with the shortest step; among equals, one without ZeRO-3
+(its parameter all-gathers cost 1.5x the communication of ZeRO 0-2), then the least memory.
+A sequence split is suggested only for a micro-batch of one sample (a clip too long for one
+rank): otherwise a smaller micro-batch shrinks activations as much, without an all-to-all.
 """
 from __future__ import annotations
 
@@ -307,8 +309,11 @@ class Layout:
     checkpointing: bool
     sequence_parallel: int = 1
 
-    def overrides(self) -> str:
-        seq = f" deepspeed.sequence_parallel_size={self.sequence_parallel}" if self.sequence_parallel > 1 else ""
+    def overrides(self, grad_accum: int = 1) -> str:
+        """The config keys of this layout; a sequence split keeps the global batch with S times
+        the micro-batches per step (each group holds one sample where S ranks held S)."""
+        S = self.sequence_parallel
+        seq = f" deepspeed.sequence_parallel_size={S} deepspeed.grad_accum={grad_accum * S}" if S > 1 else ""
         return (f"deepspeed.zero_stage={self.zero_stage} deepspeed.pipeline_stages={self.pipeline_stages}{seq} "
                 f"model.activation_checkpointing={str(self.checkpointing).lower()}")
 
@@ -361,12 +366,12 @@ def estimate(cfg: RunConfig, m: ModelFacts, hw: Hardware, layout: Layout,
              micro_batch: Optional[int] = None) -> Estimate:
     """Per-rank memory and step time of `layout`. The global batch stays the config's
     (micro-batch x grad_accum x GPUs): a pipeline of p stages runs p times the micro-batches;
-    a sequence split S has GPUs / S replicas, so S times fewer samples per step."""
+    a sequence split S has GPUs / S replicas, each running S times the micro-batches."""
     micro = micro_batch or cfg.data.batch_size
     p, S = layout.pipeline_stages, layout.sequence_parallel
     dp = hw.gpus // p
-    samples = micro * cfg.deepspeed.grad_accum * hw.gpus // S
-    micro_batches = cfg.deepspeed.grad_accum * p
+    samples = micro * cfg.deepspeed.grad_accum * hw.gpus
+    micro_batches = cfg.deepspeed.grad_accum * p * S
     precision = cfg.deepspeed.precision
     z = zero_settings(cfg, layout.zero_stage)
     states = model_state_bytes(math.ceil(m.params / p), layout.zero_stage, dp, precision,
@@ -379,12 +384,15 @@ def estimate(cfg: RunConfig, m: ModelFacts, hw: Hardware, layout: Layout,
                     4.0 * m.frozen_params, step, samples, exchanged)
 
 
-def suggest(estimates: list[Estimate], hw: Hardware) -> Optional[Estimate]:
-    """The fitting layout with the most samples per second (no recomputation, no pipeline
-    bubble, no all-to-all when possible); among equals one without ZeRO-3 (whose parameter
-    gathers add half the communication of the others), then the one with the most memory left."""
-    fitting = [e for e in estimates if e.total <= hw.usable_bytes]
-    key = lambda e: (round(e.step_s / e.samples_per_step, 12), e.layout.zero_stage == 3, e.total)  # noqa: E731
+def suggest(estimates: list[Estimate], hw: Hardware, micro_batch: int) -> Optional[Estimate]:
+    """The fitting layout with the shortest step (no recomputation, no pipeline bubble, no
+    all-to-all when possible); among equals one without ZeRO-3 (whose parameter gathers add
+    half the communication of the others), then the one with the most memory left. A sequence
+    split only when the micro-batch is one sample: else a smaller micro-batch shrinks the
+    activations as much without an all-to-all."""
+    fitting = [e for e in estimates if e.total <= hw.usable_bytes
+               and (e.layout.sequence_parallel == 1 or micro_batch == 1)]
+    key = lambda e: (round(e.step_s, 9), e.layout.zero_stage == 3, e.total)  # noqa: E731
     return min(fitting, key=key) if fitting else None
 
 
@@ -421,7 +429,7 @@ def format_plan(cfg: RunConfig, m: ModelFacts, estimates: list[Estimate], hw: Ha
         lines.append(f"{e.layout.name():<28}{gb(s['params'])} {gb(s['grads'])} {gb(s['master'] + s['optimizer'])} "
                      f"{gb(e.buckets)} {gb(e.activations)} {gb(e.frozen)} {gb(e.total)}  {fits:<4}  {e.step_s:7.3f} "
                      f"{e.all_to_all / GB:7.2f}")
-    best = suggest(estimates, hw)
+    best = suggest(estimates, hw, micro)
     lines.append("")
     if best is None:
         lines.append("nothing fits: lower data.batch_size (raise deepspeed.grad_accum to keep the global "
@@ -429,7 +437,7 @@ def format_plan(cfg: RunConfig, m: ModelFacts, estimates: list[Estimate], hw: Ha
     else:
         lines.append(f"suggested: {best.layout.name()}: {best.total / GB:.1f} GB per GPU, {best.step_s:.3f} s per "
                      f"step, {best.samples_per_step / best.step_s:.0f} samples/s")
-        lines.append(f"  overrides: {best.layout.overrides()}")
+        lines.append(f"  overrides: {best.layout.overrides(cfg.deepspeed.grad_accum)}")
     return "\n".join(lines)
 
 

@@ -435,7 +435,9 @@ def _validate_sequence_parallel(cfg: RunConfig) -> None:
     _check(heads % S == 0, key,
            f"{S} does not divide the {heads} attention heads of {cfg.model.preset}: each rank attends "
            f"with heads / S of them (DeepSpeed-Ulysses); use a divisor of {heads}")
-    if cfg.model.video and cfg.model.attention == "factorized":
+    # Pixel clips only: an autoencoder may compress time (a causal 3-D one keeps frame 0 and
+    # groups the rest), which the engine checks on the first batch (trainer/sequence_parallel.py).
+    if cfg.data.kind == "video" and cfg.model.attention == "factorized" and cfg.model.autoencoder.kind == "none":
         for frames in sorted({cfg.data.num_frames, *cfg.data.frame_buckets} - {1}):
             _check((frames // cfg.model.temporal_patch) % S == 0, "data.num_frames",
                    f"clips of {frames} frames have {frames // cfg.model.temporal_patch} latent frames, not a "
