@@ -182,7 +182,7 @@ def predict_memory(cfg, device_mem_gb: float, cpu: bool) -> MemoryPlan:
     from launch.plan import Hardware, Layout, plan
 
     hw = Hardware(gpus=1, gpu_mem_gb=device_mem_gb, cpu=cpu)
-    layout = Layout(cfg.deepspeed.zero_stage, 1, cfg.model.activation_checkpointing)
+    layout = Layout(cfg.deepspeed.zero_stage, 1, cfg.model.activation_checkpointing or cfg.model.checkpoint_policy == "full")
     facts, estimates = plan(cfg, hw)
     chosen = next(e for e in estimates if e.layout == layout)
     ema = 4.0 * facts.params if cfg.ema.enabled else 0.0

@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     _optional_register("launch.bench_distill", "register_bench", bsub)
     _optional_register("launch.bench_quality", "register_bench", bsub)
     _optional_register("launch.bench_gpu", "register_bench", bsub)
+    _optional_register("launch.bench_sequence", "register_bench", bsub)
     return parser
 
 

@@ -1,7 +1,8 @@
 """`dit plan CONFIG [overrides] --gpus N`: memory per rank and step time, before renting GPUs.
 
-For every layout - ZeRO stage 0-3, pipeline split p (ZeRO 0/1 only, a DeepSpeed limit), with
-and without activation checkpointing - it estimates per rank:
+For every layout - ZeRO stage 0-3, pipeline split p (ZeRO 0/1 only, a DeepSpeed limit) or
+sequence split S (DeepSpeed-Ulysses, S dividing the heads), with and without activation
+checkpointing - it estimates per rank:
 
 model states (P trained parameters, N data-parallel ranks = GPUs / p, P / p per pipeline
 stage; w = 4 bytes in fp32, 2 in bf16/fp16; Adam's m and v in fp32). This is DeepSpeed
@@ -29,12 +30,24 @@ attention output 1, the two gated branch outputs 2, MLP 2 x mlp_ratio, cross-att
 copies of q and k (+3). With checkpointing every block keeps only its input (1), and one
 block is recomputed at a time. Pipeline stages hold up to p micro-batches of their layers
 (1F1B). Frozen encoders (text, autoencoder) are counted in fp32, activations not (no grad).
+A sequence split S keeps N / S tokens per rank in every block and the head (attention sees N
+tokens with H / S heads: the same size), so the N D terms shrink by S; ZeRO still partitions
+over all GPUs / p ranks; the GPUs / S replicas run S times the micro-batches (grad_accum x S),
+so the global batch stays the config's.
+
+all-to-all volume (S > 1): each attention (full, or the temporal one of factorized blocks; a
+clip's spatial attention stays on its rank) exchanges q, k, v and its output, B N D / S values
+per rank each, (S - 1) / S of them leaving the rank; again in backward (and in the recompute
+with checkpointing): 8 (12) x w B N D (S - 1) / S^2 bytes per attention per micro-batch.
 
 step time: 6 x forward MACs per sample (forward + backward; 8 x with checkpointing) x the
-global batch, over GPUs x peak x MFU, stretched by the pipeline bubble (p - 1) / (m + p - 1).
+global batch, over GPUs x peak x MFU, stretched by the pipeline bubble (p - 1) / (m + p - 1),
+plus the all-to-all volume over the link bandwidth (--link-gbs, not overlapped).
 
 The suggestion is the fitting layout with the shortest step; among equals, one without ZeRO-3
 (its parameter all-gathers cost 1.5x the communication of ZeRO 0-2), then the least memory.
+A sequence split is suggested only for a micro-batch of one sample (a clip too long for one
+rank): otherwise a smaller micro-batch shrinks activations as much, without an all-to-all.
 """
 from __future__ import annotations
 
@@ -74,6 +87,7 @@ class ModelFacts:
     macs_per_sample: int  # forward multiply-accumulates of one sample
     depth: int
     width: int
+    heads: int
     mlp_ratio: float
     tokens: int  # N per sample
     text_len: int  # L
@@ -81,6 +95,7 @@ class ModelFacts:
     qk_norm: bool
     cross_attention: bool
     temporal: bool  # factorized video blocks with more than one latent frame
+    split_unit: int  # what a sequence split S must divide: the latent frames of factorized clips, else N
     latent_shape: tuple[int, ...]  # (C, [F,] H, W) the DiT sees
 
 
@@ -161,9 +176,10 @@ def model_facts(cfg: RunConfig, persistence_threshold: int) -> ModelFacts:
         persistent_params=sum(n for n in numels if n < persistence_threshold),
         frozen_params=text_params + ae_params,
         macs_per_sample=net.macs((1, *shape), text_len),
-        depth=spec.preset.depth, width=spec.preset.width, mlp_ratio=spec.preset.mlp_ratio,
+        depth=spec.preset.depth, width=spec.preset.width, heads=spec.preset.heads, mlp_ratio=spec.preset.mlp_ratio,
         tokens=frames * (side // spec.preset.patch) ** 2, text_len=text_len, text_dim=text_dim,
         qk_norm=spec.qk_norm, cross_attention=bool(spec.text_dim), temporal=spec.temporal_blocks and frames > 1,
+        split_unit=frames if spec.temporal_blocks and frames > 1 else frames * (side // spec.preset.patch) ** 2,
         latent_shape=shape,
     )
 
@@ -242,17 +258,29 @@ def block_units(m: ModelFacts, cpu: bool) -> tuple[float, float]:
 
 
 def activation_bytes(m: ModelFacts, micro_batch: int, precision: str, checkpointing: bool,
-                     layers: Optional[int] = None, cpu: bool = False, in_flight: int = 1) -> float:
+                     layers: Optional[int] = None, cpu: bool = False, in_flight: int = 1,
+                     sequence_parallel: int = 1) -> float:
     """Bytes autograd holds for `in_flight` micro-batches over `layers` blocks (default: all).
     With checkpointing each micro-batch keeps only its block inputs, and one block at a time is
-    recomputed with all its activations."""
+    recomputed with all its activations. A sequence split S keeps N / S tokens per rank."""
     layers = m.depth if layers is None else layers
     nd, ld = block_units(m, cpu)
-    ND, LD = m.tokens * m.width, m.text_len * m.width
+    ND, LD = m.tokens * m.width / sequence_parallel, m.text_len * m.width
     block = nd * ND + ld * LD
     kept = (layers * ND if checkpointing else layers * block) + HEAD * ND + m.text_len * m.text_dim
     recomputed = block if checkpointing else 0.0
     return float(micro_batch * param_bytes(precision) * (in_flight * kept + recomputed))
+
+
+def all_to_all_bytes(m: ModelFacts, micro_batches: int, micro_batch: int, precision: str, checkpointing: bool,
+                     sequence_parallel: int) -> float:
+    """Bytes each rank sends per step in the all-to-alls of a sequence split S (0 for S = 1):
+    q, k, v and the output of each block's exchanged attention, forward, backward and the
+    checkpointing recompute, (S - 1) / S of B N D / S values each."""
+    S = sequence_parallel
+    passes = 12 if checkpointing else 8
+    per_attention = passes * micro_batch * m.tokens * m.width * (S - 1) / S**2
+    return float(m.depth * micro_batches * per_attention * param_bytes(precision))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,6 +295,7 @@ class Hardware:
     mfu: float = DEFAULT_MFU
     headroom: float = 0.1  # kept free: allocator fragmentation, CUDA/NCCL context
     cpu: bool = False  # activations as the CPU kernels keep them (for measuring on a CPU)
+    link_gb_s: float = 450.0  # all-to-all bandwidth per GPU (H100 NVLink, one direction)
 
     @property
     def usable_bytes(self) -> float:
@@ -278,14 +307,20 @@ class Layout:
     zero_stage: int
     pipeline_stages: int
     checkpointing: bool
+    sequence_parallel: int = 1
 
-    def overrides(self) -> str:
-        return (f"deepspeed.zero_stage={self.zero_stage} deepspeed.pipeline_stages={self.pipeline_stages} "
+    def overrides(self, grad_accum: int = 1) -> str:
+        """The config keys of this layout; a sequence split keeps the global batch with S times
+        the micro-batches per step (each group holds one sample where S ranks held S)."""
+        S = self.sequence_parallel
+        seq = f" deepspeed.sequence_parallel_size={S} deepspeed.grad_accum={grad_accum * S}" if S > 1 else ""
+        return (f"deepspeed.zero_stage={self.zero_stage} deepspeed.pipeline_stages={self.pipeline_stages}{seq} "
                 f"model.activation_checkpointing={str(self.checkpointing).lower()}")
 
     def name(self) -> str:
-        pipe = f"pipe {self.pipeline_stages}" if self.pipeline_stages > 1 else "no pipe"
-        return f"ZeRO-{self.zero_stage}, {pipe}, {'ckpt' if self.checkpointing else 'no ckpt'}"
+        split = (f"pipe {self.pipeline_stages}" if self.pipeline_stages > 1 else
+                 f"seq {self.sequence_parallel}" if self.sequence_parallel > 1 else "no pipe")
+        return f"ZeRO-{self.zero_stage}, {split}, {'ckpt' if self.checkpointing else 'no ckpt'}"
 
 
 @dataclass(frozen=True)
@@ -297,6 +332,7 @@ class Estimate:
     frozen: float
     step_s: float
     samples_per_step: int
+    all_to_all: float = 0.0  # bytes sent per rank per step (sequence split)
 
     @property
     def model_states(self) -> float:
@@ -307,11 +343,14 @@ class Estimate:
         return self.model_states + self.buckets + self.activations + self.frozen
 
 
-def layouts(gpus: int, depth: int) -> list[Layout]:
+def layouts(gpus: int, depth: int, heads: int = 1, split_unit: int = 1) -> list[Layout]:
     """Every layout DeepSpeed accepts: pipeline splits p dividing the GPUs (p <= depth) run
-    with ZeRO 0 or 1 only."""
+    with ZeRO 0 or 1 only; sequence splits S dividing the GPUs, the heads and the split unit
+    (latent frames of a factorized clip, else tokens), without a pipeline."""
     splits = [p for p in range(1, min(gpus, depth) + 1) if gpus % p == 0]
-    return [Layout(z, p, ckpt) for ckpt in (False, True) for p in splits for z in range(4) if p == 1 or z <= 1]
+    seqs = [s for s in range(2, min(gpus, heads) + 1) if gpus % s == 0 and heads % s == 0 and split_unit % s == 0]
+    return [Layout(z, p, ckpt) for ckpt in (False, True) for p in splits for z in range(4) if p == 1 or z <= 1] + \
+        [Layout(z, 1, ckpt, s) for s in seqs for ckpt in (False, True) for z in range(4)]
 
 
 def step_seconds(m: ModelFacts, samples: int, hw: Hardware, layout: Layout, micro_batches: int) -> float:
@@ -326,27 +365,33 @@ def step_seconds(m: ModelFacts, samples: int, hw: Hardware, layout: Layout, micr
 def estimate(cfg: RunConfig, m: ModelFacts, hw: Hardware, layout: Layout,
              micro_batch: Optional[int] = None) -> Estimate:
     """Per-rank memory and step time of `layout`. The global batch stays the config's
-    (micro-batch x grad_accum x GPUs): a pipeline of p stages runs p times the micro-batches."""
+    (micro-batch x grad_accum x GPUs): a pipeline of p stages runs p times the micro-batches;
+    a sequence split S has GPUs / S replicas, each running S times the micro-batches."""
     micro = micro_batch or cfg.data.batch_size
-    p = layout.pipeline_stages
+    p, S = layout.pipeline_stages, layout.sequence_parallel
     dp = hw.gpus // p
     samples = micro * cfg.deepspeed.grad_accum * hw.gpus
-    micro_batches = cfg.deepspeed.grad_accum * p
+    micro_batches = cfg.deepspeed.grad_accum * p * S
     precision = cfg.deepspeed.precision
     z = zero_settings(cfg, layout.zero_stage)
     states = model_state_bytes(math.ceil(m.params / p), layout.zero_stage, dp, precision,
                                m.persistent_params if layout.zero_stage == 3 else 0)
     acts = activation_bytes(m, micro, precision, layout.checkpointing, math.ceil(m.depth / p), hw.cpu,
-                            in_flight=min(p, micro_batches))  # 1F1B: the first stage holds up to p
+                            in_flight=min(p, micro_batches), sequence_parallel=S)  # 1F1B: the first stage holds up to p
+    exchanged = all_to_all_bytes(m, micro_batches, micro, precision, layout.checkpointing, S) if S > 1 else 0.0
+    step = step_seconds(m, samples, hw, layout, micro_batches) + exchanged / (hw.link_gb_s * GB)
     return Estimate(layout, states, bucket_bytes(layout.zero_stage, precision, z, math.ceil(m.params / p)), acts,
-                    4.0 * m.frozen_params, step_seconds(m, samples, hw, layout, micro_batches), samples)
+                    4.0 * m.frozen_params, step, samples, exchanged)
 
 
-def suggest(estimates: list[Estimate], hw: Hardware) -> Optional[Estimate]:
-    """The fitting layout with the shortest step (no recomputation, no pipeline bubble when
-    possible); among equals one without ZeRO-3 (whose parameter gathers add half the
-    communication of the others), then the one with the most memory left."""
-    fitting = [e for e in estimates if e.total <= hw.usable_bytes]
+def suggest(estimates: list[Estimate], hw: Hardware, micro_batch: int) -> Optional[Estimate]:
+    """The fitting layout with the shortest step (no recomputation, no pipeline bubble, no
+    all-to-all when possible); among equals one without ZeRO-3 (whose parameter gathers add
+    half the communication of the others), then the one with the most memory left. A sequence
+    split only when the micro-batch is one sample: else a smaller micro-batch shrinks the
+    activations as much without an all-to-all."""
+    fitting = [e for e in estimates if e.total <= hw.usable_bytes
+               and (e.layout.sequence_parallel == 1 or micro_batch == 1)]
     key = lambda e: (round(e.step_s, 9), e.layout.zero_stage == 3, e.total)  # noqa: E731
     return min(fitting, key=key) if fitting else None
 
@@ -354,7 +399,7 @@ def suggest(estimates: list[Estimate], hw: Hardware) -> Optional[Estimate]:
 def plan(cfg: RunConfig, hw: Hardware, micro_batch: Optional[int] = None) -> tuple[ModelFacts, list[Estimate]]:
     threshold = zero_settings(cfg, 3).persistence_threshold
     m = model_facts(cfg, threshold)
-    return m, [estimate(cfg, m, hw, layout, micro_batch) for layout in layouts(hw.gpus, m.depth)]
+    return m, [estimate(cfg, m, hw, layout, micro_batch) for layout in layouts(hw.gpus, m.depth, m.heads, m.split_unit)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,14 +421,15 @@ def format_plan(cfg: RunConfig, m: ModelFacts, estimates: list[Estimate], hw: Ha
         f"peak {hw.peak_tflops:g} TFLOP/s at {hw.mfu:.0%} MFU",
         "",
         f"{'layout':<28}{'params':>8} {'grads':>8} {'optim':>8} {'buckets':>8} {'activ':>8} {'frozen':>8} "
-        f"{'total GB':>8}  fits  {'step s':>7}",
+        f"{'total GB':>8}  fits  {'step s':>7} {'a2a GB':>7}",
     ]
     for e in estimates:
         s = e.states
         fits = "yes" if e.total <= hw.usable_bytes else "no"
         lines.append(f"{e.layout.name():<28}{gb(s['params'])} {gb(s['grads'])} {gb(s['master'] + s['optimizer'])} "
-                     f"{gb(e.buckets)} {gb(e.activations)} {gb(e.frozen)} {gb(e.total)}  {fits:<4}  {e.step_s:7.3f}")
-    best = suggest(estimates, hw)
+                     f"{gb(e.buckets)} {gb(e.activations)} {gb(e.frozen)} {gb(e.total)}  {fits:<4}  {e.step_s:7.3f} "
+                     f"{e.all_to_all / GB:7.2f}")
+    best = suggest(estimates, hw, micro)
     lines.append("")
     if best is None:
         lines.append("nothing fits: lower data.batch_size (raise deepspeed.grad_accum to keep the global "
@@ -391,13 +437,14 @@ def format_plan(cfg: RunConfig, m: ModelFacts, estimates: list[Estimate], hw: Ha
     else:
         lines.append(f"suggested: {best.layout.name()}: {best.total / GB:.1f} GB per GPU, {best.step_s:.3f} s per "
                      f"step, {best.samples_per_step / best.step_s:.0f} samples/s")
-        lines.append(f"  overrides: {best.layout.overrides()}")
+        lines.append(f"  overrides: {best.layout.overrides(cfg.deepspeed.grad_accum)}")
     return "\n".join(lines)
 
 
 def run_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    hw = Hardware(args.gpus, args.gpu_mem, args.peak_tflops, args.mfu, args.headroom, args.device == "cpu")
+    hw = Hardware(args.gpus, args.gpu_mem, args.peak_tflops, args.mfu, args.headroom, args.device == "cpu",
+                  args.link_gbs)
     if hw.gpus < 1:
         print("dit plan: --gpus must be at least 1", flush=True)
         return 2
@@ -405,7 +452,7 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([{"layout": e.layout.__dict__, **e.states, "buckets": e.buckets,
                            "activations": e.activations, "frozen": e.frozen, "total": e.total,
-                           "step_s": e.step_s} for e in estimates], indent=1))
+                           "step_s": e.step_s, "all_to_all": e.all_to_all} for e in estimates], indent=1))
     else:
         print(format_plan(cfg, m, estimates, hw))
     return 0
@@ -426,5 +473,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--headroom", type=float, default=0.1, help="fraction of GPU memory kept free (default 0.1)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="whose attention kernels to assume for activations (cpu: as measured on a CPU)")
+    p.add_argument("--link-gbs", type=float, default=450.0,
+                   help="all-to-all bandwidth per GPU in GB/s for sequence splits (default 450, H100 NVLink)")
     p.add_argument("--json", action="store_true", help="print every layout as JSON")
     p.set_defaults(func=run_plan)

@@ -60,7 +60,10 @@ class ModelConfig:
     learn_sigma: bool = False
     superres: bool = False  # cascade stage: concatenates the upsampled low-res input
     guidance_embed: bool = False  # guidance-conditioned students (Meng et al. 2023)
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = False  # true: the same as checkpoint_policy=full
+    # What each DiT block recomputes in backward instead of keeping: none | attention (its
+    # self-, temporal and cross-attention) | full (all of it: only the block's input is kept)
+    checkpoint_policy: str = "none"
     compile: bool = False  # torch.compile each DiT block (applied by the engine, not the model)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
@@ -106,6 +109,9 @@ class DeepSpeedConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16
     grad_accum: int = 1  # micro-batches per optimizer step (the pipeline's micro-batches too)
     pipeline_stages: int = 1  # > 1: the DiT block stack runs as a DeepSpeed PipelineModule
+    # > 1: each sample's DiT token sequence is split over this many consecutive ranks, which
+    # exchange heads for tokens around attention (DeepSpeed-Ulysses); data parallel over the rest
+    sequence_parallel_size: int = 1
     comm_timeout_s: int = 120  # collective timeout, so a dead rank cannot hang the others
     # ZeRO reduce / all-gather bucket in elements. DeepSpeed's default (5e8) allocates 2 GB
     # (fp32) per rank during backward whatever the model size; 5e7 suits small-to-mid models.
@@ -198,6 +204,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.kind": ("image", "video"),
     "model.attention": ("factorized", "full"),
     "model.positions": ("sincos", "rope"),
+    "model.checkpoint_policy": ("none", "attention", "full"),
     "model.text.kind": ("minilm", "hf", "t5", "open_clip"),
     "model.text.null": ("zeros", "learned"),
     "model.autoencoder.kind": ("none", "kl"),
@@ -388,12 +395,54 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
         "the pipeline engine exchanges activations of one shape; train multi-resolution buckets with ZeRO "
         "(deepspeed.pipeline_stages=1)",
     )
+    _check(not (cfg.model.activation_checkpointing and cfg.model.checkpoint_policy == "attention"),
+           "model.checkpoint_policy", "attention contradicts model.activation_checkpointing=true (full); "
+           "set activation_checkpointing=false")
+    _validate_sequence_parallel(cfg)
     if world_size is not None:
         _check(
             world_size % ds.pipeline_stages == 0,
             "deepspeed.pipeline_stages",
             f"{ds.pipeline_stages} pipeline stages do not divide the world size {world_size}",
         )
+        _check(
+            world_size % ds.sequence_parallel_size == 0,
+            "deepspeed.sequence_parallel_size",
+            f"{ds.sequence_parallel_size} ranks per sequence do not divide the world size {world_size}",
+        )
+
+
+SEQUENCE_PARALLEL_STAGES = ("pretrain", "superres")
+
+
+def _validate_sequence_parallel(cfg: RunConfig) -> None:
+    """Sequence parallelism splits the trained DiT's tokens and attention heads over S ranks."""
+    S, key = cfg.deepspeed.sequence_parallel_size, "deepspeed.sequence_parallel_size"
+    _check(S >= 1, key, "must be at least 1")
+    if S == 1:
+        return
+    _check(cfg.stage.kind in SEQUENCE_PARALLEL_STAGES, key,
+           f"splits the sequence of the DiT student of the {' and '.join(SEQUENCE_PARALLEL_STAGES)} stages; "
+           f"the {cfg.stage.kind} stage is not supported (set it to 1)")
+    _check(cfg.deepspeed.pipeline_stages == 1, key,
+           "does not combine with pipeline parallelism (set deepspeed.pipeline_stages=1)")
+    from trainer.models.dit import dit_preset
+
+    try:
+        heads = dit_preset(cfg.model.preset).heads
+    except KeyError as e:
+        raise ConfigError("model.preset", str(e.args[0])) from None
+    _check(heads % S == 0, key,
+           f"{S} does not divide the {heads} attention heads of {cfg.model.preset}: each rank attends "
+           f"with heads / S of them (DeepSpeed-Ulysses); use a divisor of {heads}")
+    # Pixel clips only: an autoencoder may compress time (a causal 3-D one keeps frame 0 and
+    # groups the rest), which the engine checks on the first batch (trainer/sequence_parallel.py).
+    if cfg.data.kind == "video" and cfg.model.attention == "factorized" and cfg.model.autoencoder.kind == "none":
+        for frames in sorted({cfg.data.num_frames, *cfg.data.frame_buckets} - {1}):
+            _check((frames // cfg.model.temporal_patch) % S == 0, "data.num_frames",
+                   f"clips of {frames} frames have {frames // cfg.model.temporal_patch} latent frames, not a "
+                   f"multiple of deepspeed.sequence_parallel_size={S}: factorized attention splits a clip "
+                   f"between whole frames (or use model.attention=full)")
 
 
 def _accelerator_has_fp16() -> bool:

@@ -21,16 +21,30 @@ class DistContext:
     world_size: int
     local_rank: int
     pipeline_stages: int
+    sequence_parallel: int = 1  # ranks that split one sample's token sequence
 
     @property
     def dp_world(self) -> int:
-        """Data-parallel replicas: pipeline stages of one replica see the same batches."""
-        return self.world_size // self.pipeline_stages
+        """Data-parallel replicas: pipeline stages of one replica, and the ranks of one
+        sequence group, see the same batches."""
+        return self.world_size // (self.pipeline_stages * self.sequence_parallel)
 
     @property
     def dp_rank(self) -> int:
-        # DeepSpeed's PipelineModule topology puts the pipe axis outermost: rank = pipe * dp + data.
-        return self.rank % self.dp_world
+        # DeepSpeed's PipelineModule topology puts the pipe axis outermost: rank = pipe * dp + data;
+        # a sequence group is S consecutive ranks (one node's fast links): data = dp * S + sp.
+        return (self.rank % (self.world_size // self.pipeline_stages)) // self.sequence_parallel
+
+    @property
+    def sp_rank(self) -> int:
+        """This rank's place in its sequence group: it holds the sp_rank-th run of N / S tokens."""
+        return self.rank % self.sequence_parallel
+
+    @property
+    def reads_data(self) -> bool:
+        """Whether this rank accounts for its replica's samples (key log, data counts): pipeline
+        stage 0 and sequence rank 0, so a batch that several ranks hold is counted once."""
+        return self.rank < self.world_size // self.pipeline_stages and self.sp_rank == 0
 
     @property
     def is_main(self) -> bool:
@@ -42,7 +56,7 @@ def world_from_env() -> tuple[int, int, int]:
             int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def init_distributed(pipeline_stages: int, timeout_s: int) -> DistContext:
+def init_distributed(pipeline_stages: int, timeout_s: int, sequence_parallel: int = 1) -> DistContext:
     """Start (or join) the process group; every collective is bounded by `timeout_s`."""
     import deepspeed
 
@@ -58,7 +72,8 @@ def init_distributed(pipeline_stages: int, timeout_s: int) -> DistContext:
         deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
-    return DistContext(rank=rank, world_size=world, local_rank=local, pipeline_stages=pipeline_stages)
+    return DistContext(rank=rank, world_size=world, local_rank=local, pipeline_stages=pipeline_stages,
+                       sequence_parallel=sequence_parallel)
 
 
 def compute_device() -> torch.device:

@@ -29,6 +29,7 @@ from trainer.config import DeepSpeedConfig, OptimConfig, RunConfig, to_yaml, val
 from trainer.distributed import DistContext, PreemptionFlag, any_rank, comm_device, compute_device, init_distributed
 from trainer.ema import EMA
 from trainer.metrics import KeyLog, Metric, MetricsLogger
+from trainer.sequence_parallel import parallelize_sequence, sequence_group
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
@@ -43,8 +44,9 @@ RESUMABLE_CHANGES = ("stage.steps", "checkpoint", "log", "run.out_dir", "data.nu
 
 
 def global_batch(cfg: RunConfig, world_size: int) -> int:
-    """Samples per optimizer step over all data-parallel ranks."""
-    return cfg.data.batch_size * cfg.deepspeed.grad_accum * (world_size // cfg.deepspeed.pipeline_stages)
+    """Samples per optimizer step over all data-parallel replicas."""
+    ds = cfg.deepspeed
+    return cfg.data.batch_size * ds.grad_accum * (world_size // (ds.pipeline_stages * ds.sequence_parallel_size))
 
 
 def preflight_resume(cfg: RunConfig, world_size: int) -> Optional[Path]:
@@ -177,7 +179,9 @@ def build_engine(module: nn.Module, lr: float, optim: OptimConfig, ds: DeepSpeed
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, optim, total_steps))
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_dict(ds, optim, micro_batch, ctx.dp_world),
+        # DeepSpeed's data-parallel group is every rank of a pipeline stage, sequence groups
+        # included: ZeRO partitions over all of them (see trainer/sequence_parallel.py).
+        config=deepspeed_dict(ds, optim, micro_batch, ctx.world_size // ctx.pipeline_stages),
     )
     return engine, optimizer
 
@@ -250,7 +254,8 @@ class Trainer:
         from trainer.stages import build_stage
 
         self.cfg = cfg
-        self.ctx = init_distributed(cfg.deepspeed.pipeline_stages, cfg.deepspeed.comm_timeout_s)
+        self.ctx = init_distributed(cfg.deepspeed.pipeline_stages, cfg.deepspeed.comm_timeout_s,
+                                    cfg.deepspeed.sequence_parallel_size)
         validate(cfg, world_size=self.ctx.world_size)
         self.device = compute_device()  # chosen once: everything of a step lives here
         self.precision = cfg.deepspeed.precision
@@ -265,6 +270,8 @@ class Trainer:
             self.stage.preview = preview_batch(cfg, self.stage.preview_samples, self.device)
         self.pipeline = self.ctx.pipeline_stages > 1
         trainable = dict(self.stage.trainable())
+        if self.ctx.sequence_parallel > 1:
+            parallelize_sequence(trainable["student"], sequence_group(self.ctx))
         if cfg.model.compile:
             compile_blocks(trainable["student"])
         if self.pipeline:
@@ -290,8 +297,9 @@ class Trainer:
         self.ckpt.before_commit = faults.save_stall()
         self.ckpt.before_write = faults.save_error(self.ctx.rank)
         self.ckpt.pointer_override = faults.latest_override(self.ctx.rank)
-        # Pipeline stage 0 owns the data (the last stage reads the same batches for its labels).
-        self.reads_data = self.ctx.rank == self.ctx.dp_rank
+        # Pipeline stage 0 owns the data (the last stage reads the same batches for its labels);
+        # of a sequence group, which reads one batch on every rank, its first rank accounts for it.
+        self.reads_data = self.ctx.reads_data
         self.key_log = KeyLog(cfg.log, self.ctx.dp_rank) if cfg.log.sample_keys and self.reads_data else None
 
     # ---- checkpoint ---------------------------------------------------------------------------

@@ -87,3 +87,26 @@ def test_plan_matches_measured_memory_of_the_tiny_presets(tmp_path):
                         f"planned {planned / 1e6:9.2f} MB  measured {measured / 1e6:9.2f} MB")
             assert planned == pytest.approx(measured, rel=0.2), rows[-1]
     print("\n".join(rows))
+
+
+def test_long_clips_get_a_sequence_split(capsys):
+    """17 frames at 512 px (17 latent frames, 17k tokens) fit one H100 per sample; 265 (34 latent
+    frames, 35k tokens) fit whole only with checkpointing, and split over 2 ranks they train
+    faster: activations per rank drop by S, the all-to-all volume appears, and the plan suggests
+    the split. Factorized attention splits between frames: S must divide the latent frames."""
+    video = [*XL, "model.video=true", "data.kind=video", "data.resolution=512", "data.batch_size=1"]
+    short = load_config(TINY, [*video, "data.num_frames=17"])
+    m = model_facts(short, zero_settings(short, 3).persistence_threshold)
+    hw = Hardware(gpus=8)
+    assert {x.sequence_parallel for x in layouts(8, m.depth, m.heads, m.split_unit)} == {1}  # 17 frames
+    by_split = {x.sequence_parallel: estimate(short, m, hw, x) for x in layouts(8, m.depth, m.heads, 1024)
+                if (x.zero_stage, x.checkpointing) == (2, False) and x.pipeline_stages == 1}
+    assert sorted(by_split) == [1, 2, 4, 8]  # the divisors of 16 heads and 8 GPUs
+    assert by_split[1].all_to_all == 0 < by_split[2].all_to_all
+    assert by_split[2].activations == pytest.approx(by_split[1].activations / 2, rel=0.05)
+    assert main(["plan", str(TINY), *video, "data.num_frames=17", "--gpus", "8"]) == 0
+    assert "seq" not in capsys.readouterr().out.split("suggested:")[1]  # no exchange when the clip fits
+    assert main(["plan", str(TINY), *video, "data.num_frames=265", "--gpus", "8"]) == 0
+    out = capsys.readouterr().out
+    print(out)
+    assert "deepspeed.sequence_parallel_size=2 " in out.split("suggested:")[1]

@@ -280,10 +280,10 @@ def test_guidance_embedding_conditions_the_output():
 # -- activation checkpointing -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("video", [False, True])
-def test_activation_checkpointing_gives_the_same_gradients(video):
+@pytest.mark.parametrize("video,policy", [(False, "full"), (True, "full"), (True, "attention")])
+def test_activation_checkpointing_gives_the_same_gradients(video, policy):
     plain = randomize_(tiny(video=video, positions="rope"))
-    ckpt = tiny(video=video, positions="rope", activation_checkpointing=True)
+    ckpt = tiny(video=video, positions="rope", checkpoint_policy=policy)
     ckpt.load_state_dict(plain.state_dict())
     shape = (2, 4, 3, 4, 4) if video else (2, 4, 8, 8)
     x, t, text = torch.randn(shape), torch.rand(2), make_text(2, [3, 5])

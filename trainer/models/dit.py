@@ -152,7 +152,7 @@ class DiTSpec:
     qk_norm: bool = True
     superres: bool = False
     guidance: bool = False
-    checkpointing: bool = False
+    checkpointing: str = "none"  # activation checkpointing per block: none | attention | full
     learned_null: bool = False  # the empty caption is a trained token + pooled vector (model.text.null)
 
     @classmethod
@@ -172,7 +172,7 @@ class DiTSpec:
             qk_norm=cfg.qk_norm,
             superres=cfg.superres,
             guidance=cfg.guidance_embed,
-            checkpointing=cfg.activation_checkpointing,
+            checkpointing="full" if cfg.activation_checkpointing else cfg.checkpoint_policy,
             learned_null=cfg.text.null == "learned",
         )
 
@@ -287,13 +287,14 @@ class TemporalAttention(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
 
     def forward(self, h: Tensor, c: Tensor, grid: Grid, rope: Optional[Rope]) -> Tensor:
+        """h holds whole frames: F' = N / (H' W') of them (all of the clip's, or a run of them)."""
         B, N, D = h.shape
-        frames, area = grid[0], grid[1] * grid[2]
+        area = grid[1] * grid[2]
         shift, scale, gate = self.adaLN_modulation(c)[:, None].chunk(3, dim=-1)  # (B, 1, D) each
         x = modulate(self.norm(h), shift, scale)  # (B, N, D)
-        x = x.view(B, frames, area, D).transpose(1, 2).reshape(B * area, frames, D)  # (B S, F', D)
+        x = x.view(B, -1, area, D).transpose(1, 2).reshape(B * area, -1, D)  # (B S, F', D)
         x = self.attn(x, rope)  # (B S, F', D)
-        x = x.view(B, area, frames, D).transpose(1, 2).reshape(B, N, D)  # (B, N, D)
+        x = x.view(B, area, -1, D).transpose(1, 2).reshape(B, N, D)  # (B, N, D)
         return gated_residual(h, gate, x)
 
 
@@ -315,37 +316,53 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(p.width, 6 * p.width))
 
     def forward(self, state: State) -> State:
-        if self.spec.checkpointing and torch.is_grad_enabled():
-            h = checkpoint(self._forward, *state, use_reentrant=False)
-        else:
-            h = self._forward(*state)
+        h = self._recomputed("full", self._forward, *state)
         return (h, *state[1:])  # type: ignore[return-value]
+
+    def _recomputed(self, policy: str, fn, *args: Tensor) -> Tensor:
+        """fn(*args), its activations dropped and recomputed in backward when the block's
+        checkpointing policy is `policy` (Chen et al. 2016, "Training Deep Nets with Sublinear
+        Memory Cost"): "full" keeps only the block's input, "attention" each attention's input."""
+        if self.spec.checkpointing == policy and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     def _forward(self, h: Tensor, c: Tensor, tokens: Tensor, mask: Tensor, marker: Tensor) -> Tensor:
         grid = token_grid(marker)
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c)[:, None].chunk(6, dim=-1)  # (B, 1, D)
         x = modulate(self.norm1(h), shift1, scale1)  # (B, N, D)
-        h = gated_residual(h, gate1, self._self_attention(x, grid))  # (B, N, D)
+        h = gated_residual(h, gate1, self._recomputed("attention", self._self_attention, x, marker))  # (B, N, D)
         if self.temporal is not None and grid[0] > 1:
-            h = self.temporal(h, c, grid, self._rope(grid, "t", h))  # (B, N, D)
+            h = self._recomputed("attention", self._temporal_attention, h, c, marker)  # (B, N, D)
         elif self.temporal is not None and torch.is_grad_enabled():
             # An image batch skips temporal attention, but its parameters still get a (zero)
             # gradient: data-parallel ranks reduce the same gradients every step, and in joint
             # image-video training one rank may hold images while another holds clips.
             h = h + 0.0 * sum(p.sum() for p in self.temporal.parameters())  # (B, N, D), unchanged
         if self.cross_attn is not None:
-            h = h + self.cross_attn(self.norm_cross(h), tokens, mask > 0.5)  # (B, N, D)
+            h = h + self._recomputed("attention", self._cross_attention, h, tokens, mask)  # (B, N, D)
         x = modulate(self.norm2(h), shift2, scale2)  # (B, N, D)
         return gated_residual(h, gate2, self.mlp(x))  # (B, N, D)
 
-    def _self_attention(self, x: Tensor, grid: Grid) -> Tensor:
-        """Full space-time attention, or per-frame spatial attention in factorized models."""
-        if self.temporal is None:
+    def _self_attention(self, x: Tensor, marker: Tensor) -> Tensor:
+        """Full space-time attention, or per-frame spatial attention in factorized models (over
+        the whole sequence of an image, its one frame). x holds whole frames, N / (H' W') of them."""
+        grid = token_grid(marker)
+        if self.temporal is None or grid[0] == 1:
             return self.attn(x, self._rope(grid, "thw", x))  # (B, N, D)
         B, N, D = x.shape
-        frames, area = grid[0], grid[1] * grid[2]
-        out = self.attn(x.view(B * frames, area, D), self._rope(grid, "hw", x))  # (B F', S, D)
+        area = grid[1] * grid[2]
+        out = self.attn(x.reshape(-1, area, D), self._rope(grid, "hw", x))  # (B F', S, D)
         return out.view(B, N, D)
+
+    def _temporal_attention(self, h: Tensor, c: Tensor, marker: Tensor) -> Tensor:
+        assert self.temporal is not None
+        grid = token_grid(marker)
+        return self.temporal(h, c, grid, self._rope(grid, "t", h))  # (B, N, D)
+
+    def _cross_attention(self, h: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
+        assert self.cross_attn is not None
+        return self.cross_attn(self.norm_cross(h), tokens, mask > 0.5)  # (B, N, D)
 
     def _rope(self, grid: Grid, axes: str, like: Tensor) -> Optional[Rope]:
         if not self.spec.rope:

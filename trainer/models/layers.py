@@ -144,6 +144,22 @@ def _qk_norm(dim: int, enabled: bool) -> nn.Module:
     return nn.RMSNorm(dim, eps=1e-6) if enabled else nn.Identity()
 
 
+class Attend(nn.Module):
+    """softmax(q k^T / sqrt(Dh)) v along the sequence axis (Vaswani et al. 2017), with the
+    rotary positions applied first; q, k, v (B, N, H, Dh) -> (B, N, H, Dh).
+
+    Its own module, without parameters, so that a parallelism can wrap the sequence mixing from
+    outside the model: sequence parallelism (DeepSpeed-Ulysses) exchanges q, k, v and the output
+    around it, so it sees every token of a subset of heads (`trainer.sequence_parallel`).
+    """
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, rope: Optional[Rope] = None) -> Tensor:
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, Dh) views
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)  # (B, N, H, Dh)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with one fused qkv projection, optional QK-norm and RoPE."""
 
@@ -155,18 +171,15 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.q_norm = _qk_norm(dim // heads, qk_norm)
         self.k_norm = _qk_norm(dim // heads, qk_norm)
+        self.attend = Attend()
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor, rope: Optional[Rope] = None) -> Tensor:
         B, N, D = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.heads, D // self.heads)  # (B, N, 3, H, Dh)
         q, k, v = qkv.unbind(2)  # (B, N, H, Dh) each
-        q = self.q_norm(q).transpose(1, 2)  # (B, H, N, Dh)
-        k = self.k_norm(k).transpose(1, 2)  # (B, H, N, Dh)
-        if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
-        out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2))  # (B, H, N, Dh)
-        return self.proj(out.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
+        out = self.attend(self.q_norm(q), self.k_norm(k), v, rope)  # (B, N, H, Dh)
+        return self.proj(out.reshape(B, N, D))  # (B, N, D)
 
 
 class CrossAttention(nn.Module):

@@ -93,7 +93,7 @@ TEACHER_KEYS = {
     "data": ("kind", "resolution", "num_frames"),
 }
 # Free to differ: the student's own options, and where weights live (copies may move).
-FREE_MODEL_KEYS = ("guidance_embed", "activation_checkpointing", "text.path", "autoencoder.path")
+FREE_MODEL_KEYS = ("guidance_embed", "activation_checkpointing", "checkpoint_policy", "text.path", "autoencoder.path")
 
 
 # ------------------------------------------------------------------------------- pure maths

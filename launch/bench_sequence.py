@@ -1,0 +1,137 @@
+"""`dit bench sequence`: peak memory per rank of one training step of a long clip, the whole
+sequence on one rank (S = 1) against the sequence split over S ranks (DeepSpeed-Ulysses, S = 2
+by default), on CPU over gloo:
+
+    peak activations per rank, S=2 / S=1 = R        (Ulysses: about 1 / S plus what stays whole)
+
+One forward + backward of the same DiT on the same clip (the loss must agree), with the block
+checkpointing policy of `--policy`. Memory is what torch's `MemTracker` counts for the step:
+every tensor the step allocates, by kind (activations: kept for backward; temporaries; gradients),
+the peak of each over the step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from trainer.config import ModelConfig
+from trainer.models.dit import DiT, TextEmbedding, build_dit, dit_preset
+
+TEXT_DIM, TEXT_LEN = 64, 16
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class Clip:
+    preset: str
+    depth: int
+    attention: str
+    policy: str
+    frames: int
+    size: int
+    channels: int
+
+    def model(self) -> DiT:
+        torch.manual_seed(0)
+        preset = replace(dit_preset(self.preset), depth=self.depth)
+        cfg = ModelConfig(preset=self.preset, in_channels=self.channels, video=True, attention=self.attention,
+                          positions="rope", checkpoint_policy=self.policy)
+        net = build_dit(cfg, TEXT_DIM, TEXT_DIM, preset=preset)
+        with torch.no_grad():  # off the zero init, so every branch computes
+            for p in net.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+        return net
+
+    def tokens(self) -> int:
+        patch = dit_preset(self.preset).patch
+        return self.frames * (self.size // patch) ** 2
+
+    def inputs(self) -> tuple[torch.Tensor, torch.Tensor, TextEmbedding]:
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(1, self.channels, self.frames, self.size, self.size, generator=gen)  # (1, C, F, H, W)
+        text = TextEmbedding(torch.randn(1, TEXT_LEN, TEXT_DIM, generator=gen), torch.ones(1, TEXT_LEN, dtype=torch.bool),
+                             torch.randn(1, TEXT_DIM, generator=gen))
+        return x, torch.full((1,), 0.5), text
+
+
+def measure(net: DiT, clip: Clip) -> dict[str, float]:
+    """Loss and peak MiB by kind of one forward + backward (parameters excluded)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    x, t, text = clip.inputs()
+    tracker = MemTracker()
+    tracker.track_external(net)
+    with tracker:
+        loss = net(x, t, text).square().mean()
+        loss.backward()
+    peak = {getattr(k, "value", k): v for k, v in tracker.get_tracker_snapshot("peak")[x.device].items()}
+    return {"loss": float(loss.detach()), "activations_mib": peak["Activation"] / MIB, "temporaries_mib": peak["Temp"] / MIB,
+            "gradients_mib": peak["Gradient"] / MIB, "total_mib": (peak["Total"] - peak["Parameter"]) / MIB}
+
+
+def split_rank(rank: int, size: int, port: int, clip: Clip, out: str) -> None:
+    """One rank of the sequence group (torch.multiprocessing.spawn target)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from trainer.sequence_parallel import parallelize_sequence
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(size))
+    deepspeed.init_distributed(dist_backend="gloo")  # its all-to-all goes through deepspeed.comm
+    try:
+        net = clip.model()
+        parallelize_sequence(net, dist.group.WORLD)
+        result = measure(net, clip)
+        Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def bench_sequence(args: argparse.Namespace) -> int:
+    import torch.multiprocessing as mp
+
+    from launch.launcher import free_port
+
+    clip = Clip(args.preset, args.depth, args.attention, args.policy, args.frames, args.size, args.channels)
+    heads = dit_preset(args.preset).heads
+    if heads % args.ranks or clip.tokens() % args.ranks:
+        print(f"dit bench sequence: --ranks {args.ranks} must divide the {heads} heads and {clip.tokens()} tokens")
+        return 2
+    print(f"{args.preset} depth {args.depth}, {args.attention} attention, checkpointing {args.policy}: "
+          f"a clip of {args.frames} x {args.size} x {args.size} latents = {clip.tokens()} tokens; CPU, gloo")
+    whole = measure(clip.model(), clip)
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(split_rank, args=(args.ranks, free_port(), clip, out), nprocs=args.ranks, join=True)
+        ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(args.ranks)]
+    split = max(ranks, key=lambda r: r["activations_mib"])
+    print(f"{'per rank':<10}" + "".join(f"{k[:-4]:>14}" for k in whole if k.endswith("_mib")) + "   (peak MiB)")
+    for name, row in ((f"S=1", whole), (f"S={args.ranks}", split)):
+        print(f"{name:<10}" + "".join(f"{v:14.1f}" for k, v in row.items() if k.endswith("_mib")))
+    print(f"loss S=1 {whole['loss']:.6f}, S={args.ranks} {split['loss']:.6f}")
+    ratio = split["activations_mib"] / whole["activations_mib"]
+    total = split["total_mib"] / whole["total_mib"]
+    print(f"peak activations per rank, S={args.ranks} / S=1 = {ratio:.3f}   (all step memory: {total:.3f})")
+    return 0
+
+
+def register_bench(bench_subparsers: argparse._SubParsersAction) -> None:
+    p = bench_subparsers.add_parser(
+        "sequence", help="peak memory per rank of a long clip, whole (S=1) vs split over S ranks (Ulysses)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="DiT-T/2")
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--attention", choices=("full", "factorized"), default="full")
+    p.add_argument("--policy", choices=("none", "attention", "full"), default="none",
+                   help="activation checkpointing per block")
+    p.add_argument("--frames", type=int, default=16, help="latent frames of the clip")
+    p.add_argument("--size", type=int, default=32, help="latent height and width")
+    p.add_argument("--channels", type=int, default=4)
+    p.add_argument("--ranks", type=int, default=2, help="S, the ranks of the sequence group")
+    p.set_defaults(func=bench_sequence)
