@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.trainer.harness import ROOT, assert_checkpoint_samples_match, latest_dir, train_env
+from tests.trainer.harness import ROOT, assert_checkpoint_samples_match, latest_dir, one_thread, train_env
 
 RECIPES = ROOT / "configs" / "recipes"
 RECIPE_FILES = sorted(RECIPES.glob("*.yaml"))
@@ -157,10 +157,11 @@ def plan_line(path: Path) -> str:
 
 
 def dit(capsys, *argv: str) -> tuple[int, str]:
-    """`dit ARGV` in this process: (exit code, stdout + stderr)."""
+    """`dit ARGV` in this process, on one thread: (exit code, stdout + stderr)."""
     from launch.cli import main
 
-    code = main(list(argv))
+    with one_thread():
+        code = main(list(argv))
     out = capsys.readouterr()
     return code, out.out + out.err
 
@@ -387,7 +388,8 @@ def test_finetune_warm_start_reads_every_export_format(runs, tiny_tree, monkeypa
     run = out_dir(tiny_tree, "t2i_dit_xl2_256")
     exports = export_dir(tiny_tree)  # of step 2, written before the 256 run resumed
     step2 = run / "checkpoints" / "step_00000002"
-    export_diffusers(step2, tmp_path / "diffusers")
+    with one_thread():
+        export_diffusers(step2, tmp_path / "diffusers")
     cfg = load_config(RECIPES / "finetune_t2i_256.yaml", cpu_overrides(RECIPES / "finetune_t2i_256.yaml"))
     assert cfg.checkpoint.init_from == str(exports)
     net = build_stage(cfg).players["student"]
@@ -495,7 +497,7 @@ def test_no_readme_command_names_a_file_that_does_not_exist():
 def test_the_readme_check_sees_a_missing_file():
     assert missing_in_command("dit train configs/recipes/nothing.yaml") == ["configs/recipes/nothing.yaml"]
     assert missing_in_command("python -m tests.launch.nothing DIR") == ["tests.launch.nothing"]
-    assert missing_in_command("dit data precompute x --encoder trainer.stages.nothing:f") == ["trainer.stages.nothing:f"]
+    assert missing_in_command("dit data precompute x --encoder trainer.nothing:f") == ["trainer.nothing:f"]
     assert missing_in_command("make no-such-target") == ["no-such-target"]
     assert missing_in_command("dit data precompute x --encoder-arg config=configs/demo.yaml") == []
 
