@@ -9,15 +9,14 @@ and `${oc.env:DIT_RUNS}`, so the same file runs on a cluster and here. Two trees
   its real size and its header's `# plan:` line must be what `dit plan` suggests.
 - `tiny_tree`: structurally complete random-weight folders of the same classes and real tar
   shards (`python -m tests.launch.test_recipes DIR` writes one for trying a recipe by hand).
-  Each recipe trains on 2 ranks with the overrides of its header's `# cpu:` lines, parsed
-  here, so the test follows the file.
+  Each recipe trains with the overrides of its header's `# cpu:` lines, parsed here, so the test
+  follows the file.
 
-Launches (about 20 s each on 2 cores: imports, DeepSpeed, the frozen folders): t2i 256 (train, resume), its 512 continuation (warm start from the
-256 run), joint image-video (causal 3-D autoencoder), the pixel cascade (base, then
-super-resolution; sampled with the cascade recipe), progressive then adversarial distillation
-of the 256 run. The fine-tuning recipe differs from the 256 run only by its warm start from an
-export and its lr/EMA numbers: its warm start is checked in one process on the 256 run's
-exports (safetensors and diffusers), and its config is validated and planned with the others.
+Each recipe trains 2 steps, resumes for a third and samples (`dit sample`, in this process), on
+one rank: the 2-rank layouts are the support matrix's (tests/trainer/test_support_matrix.py).
+The runs chain as on a cluster (continuation, fine-tuning from `dit export`, distillations from
+the 256 run's checkpoint) and share two processes, one for the first runs and one for the
+resumes: a process costs ~10 s of CPU in imports alone, a run of a tiny recipe 1-3 s.
 """
 from __future__ import annotations
 
@@ -25,13 +24,14 @@ import json
 from dataclasses import replace
 import re
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.trainer.harness import ROOT, assert_checkpoint_samples_match, assert_ok, latest_dir, run_train
+from tests.trainer.harness import ROOT, assert_checkpoint_samples_match, latest_dir, one_thread, train_env
 
 RECIPES = ROOT / "configs" / "recipes"
 RECIPE_FILES = sorted(RECIPES.glob("*.yaml"))
@@ -157,10 +157,11 @@ def plan_line(path: Path) -> str:
 
 
 def dit(capsys, *argv: str) -> tuple[int, str]:
-    """`dit ARGV` in this process: (exit code, stdout + stderr)."""
+    """`dit ARGV` in this process, on one thread: (exit code, stdout + stderr)."""
     from launch.cli import main
 
-    code = main(list(argv))
+    with one_thread():
+        code = main(list(argv))
     out = capsys.readouterr()
     return code, out.out + out.err
 
@@ -246,37 +247,87 @@ def test_a_wan_folder_normalizes_latents_per_channel_as_diffusers_does(tmp_path)
 
 # ---------------------------------------------------------------------------------------------
 # Training at tiny size: the same files with their headers' overrides.
+#
+# Every recipe trains 2 steps, resumes for a third and samples. The runs chain as a team's would:
+# the 512 px continuation, both distillations and (through `dit export`) the fine-tuning start
+# from the 256 px run's checkpoint, the adversarial student from the progressive run's 4-step
+# round. All first runs go through one process and all resumes through a second one
+# (`tests.launch.dit_sequence`, one rank each), so a resume reads nothing but the files the first
+# process left; the resumes go downstream first, so that no teacher changes under a student.
+
+FIRST = ("t2i_dit_xl2_256", "t2i_dit_xl2_512", "finetune_t2i_256", "distill_progressive_256",
+         "distill_adversarial_256", "t2v_joint_dit_xl2", "cascade_base64", "cascade_sr256")
+RESUMED = ("distill_adversarial_256", "distill_progressive_256", "finetune_t2i_256", "t2i_dit_xl2_512",
+           "t2i_dit_xl2_256", "t2v_joint_dit_xl2", "cascade_sr256", "cascade_base64")
+EXTRA = {"t2i_dit_xl2_512": ["run.seed=1"]}  # the 256 run's init is seed 0's: the warm start must show
 
 
-def train(recipe: str, tree: Path, *extra: str, timeout: int = 300):
+def train_argv(recipe: str, *extra: str) -> list[str]:
     path = RECIPES / f"{recipe}.yaml"
-    return run_train(2, [*cpu_overrides(path), *extra], timeout=timeout, config=path, **tree_env(tree))
+    return ["train", str(path), *cpu_overrides(path), *EXTRA.get(recipe, []), *extra]
 
 
 def out_dir(tree: Path, recipe: str) -> Path:
     return tree / "runs" / recipe
 
 
+def export_dir(tree: Path) -> Path:
+    """Where the fine-tuning recipe's header exports the 256 run to (its checkpoint.init_from)."""
+    return tree / "runs" / "exports" / "t2i_dit_xl2_256"
+
+
+def run_sequence(tree: Path, name: str, commands: list[list[str]]) -> list[tuple[int, str]]:
+    """The commands in one `tests.launch.dit_sequence` process: (exit code, output) of each."""
+    from tests.launch.dit_sequence import sections
+
+    spec = tree / f"{name}.json"
+    spec.write_text(json.dumps(commands))
+    proc = subprocess.run([sys.executable, "-m", "tests.launch.dit_sequence", str(spec)], cwd=ROOT,
+                          env=train_env(PYTHONUNBUFFERED="1", **tree_env(tree)), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=900)
+    found = sections(proc.stdout)
+    assert len(found) == len(commands), proc.stdout[-6000:]
+    return found
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_tree) -> dict[str, tuple[str, str]]:
+    """recipe -> (output of its first run, output of its resume); each run's exit code checked by
+    the recipe's own test."""
+    first = [train_argv(r) for r in FIRST]
+    export = ["export", str(out_dir(tiny_tree, "t2i_dit_xl2_256") / "checkpoints"), "--format", "safetensors",
+              "--out", str(export_dir(tiny_tree))]
+    first.insert(1, export)  # the fine-tuning recipe's starting point, as its header exports it
+    trained = run_sequence(tiny_tree, "first", first)
+    assert trained[1][0] == 0, trained[1][1][-3000:]
+    del trained[1]
+    resumed = run_sequence(tiny_tree, "resume", [train_argv(r, "stage.steps=3") for r in RESUMED])
+    before, after = dict(zip(FIRST, trained)), dict(zip(RESUMED, resumed))
+    return {r: (before[r], after[r]) for r in FIRST}
+
+
+def assert_trained_and_resumed(runs: dict, tree: Path, recipe: str) -> Path:
+    """Exit 0 twice; the resume continued from step 2 to a step-3 checkpoint (not a warm start)."""
+    (code, first), (code_resumed, resumed) = runs[recipe]
+    assert code == 0, first[-6000:]
+    assert code_resumed == 0, resumed[-6000:]
+    assert "at step 2" in resumed and "initialized the student from" not in resumed, resumed[-3000:]
+    out = out_dir(tree, recipe)
+    assert latest_dir(out).name == "step_00000003"
+    assert (out / "checkpoints" / "step_00000002").is_dir()
+    return out
+
+
+def ema(directory: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(directory / "ema.safetensors"))
+
+
 def relative_distance(a: dict, b: dict) -> float:
     """mean |a - b| / mean |b| over the tensors of b."""
     num = sum(float((a[k].float() - v.float()).abs().sum()) for k, v in b.items())
     return num / sum(float(v.float().abs().sum()) for v in b.values())
-
-
-def ema(out: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(latest_dir(out) / "ema.safetensors"))
-
-
-@pytest.fixture(scope="module")
-def t2i_256(tiny_tree) -> tuple[Path, object, object]:
-    """The 256 px run: 2 steps, then resumed to step 3 (the base of the continuation and the
-    distillations)."""
-    first = train("t2i_dit_xl2_256", tiny_tree)
-    assert_ok(first)
-    resumed = train("t2i_dit_xl2_256", tiny_tree, "stage.steps=3")
-    return out_dir(tiny_tree, "t2i_dit_xl2_256"), first, resumed
 
 
 def sample(capsys, checkpoint: Path | str, out: Path, *extra: str) -> dict:
@@ -287,11 +338,8 @@ def sample(capsys, checkpoint: Path | str, out: Path, *extra: str) -> dict:
 
 
 @pytest.mark.slow
-def test_t2i_256_trains_resumes_and_samples(t2i_256, tmp_path, capsys):
-    out, first, resumed = t2i_256
-    assert_ok(resumed)
-    assert "at step 2" in resumed.stdout, resumed.stdout[-3000:]
-    assert latest_dir(out).name == "step_00000003"
+def test_t2i_256_trains_resumes_and_samples(runs, tiny_tree, tmp_path, capsys):
+    out = assert_trained_and_resumed(runs, tiny_tree, "t2i_dit_xl2_256")
     cfg = (latest_dir(out) / "config.yaml").read_text()
     assert "t5-v1_1-xxl" in cfg and "sd-vae-ft-ema" in cfg and "DiT-T/2" in cfg
     assert_checkpoint_samples_match(out, tmp_path)
@@ -300,43 +348,55 @@ def test_t2i_256_trains_resumes_and_samples(t2i_256, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_t2i_512_continues_from_the_256_run(t2i_256, tiny_tree, tmp_path, capsys):
+def test_t2i_512_continues_from_the_256_run(runs, tiny_tree, tmp_path, capsys):
     """Warm start: after two steps at warm-up lr (1e-7) the 512 run's weights are the 256 run's
-    EMA, not its own seed's init (run.seed=1 here: the 256 run's init is seed 0's)."""
-    proc = train("t2i_dit_xl2_512", tiny_tree, "run.seed=1")
-    assert_ok(proc)
-    assert "initialized the student from" in proc.stdout, proc.stdout[-3000:]
-    out = out_dir(tiny_tree, "t2i_dit_xl2_512")
-    start = ema(t2i_256[0])
-    assert relative_distance(ema(out), start) < 0.01
+    EMA at its step 2 (what was `latest` then), not its own seed's init (run.seed=1 here)."""
+    out = assert_trained_and_resumed(runs, tiny_tree, "t2i_dit_xl2_512")
+    assert "initialized the student from" in runs["t2i_dit_xl2_512"][0][1]
+    start = ema(out_dir(tiny_tree, "t2i_dit_xl2_256") / "checkpoints" / "step_00000002")
+    assert relative_distance(ema(out / "checkpoints" / "step_00000002"), start) < 0.01
     record = sample(capsys, out / "checkpoints", tmp_path / "samples")
     assert (record["height"], record["width"]) == (64, 64)
 
 
 @pytest.mark.slow
-def test_finetune_recipe_warm_starts_from_every_export_format(t2i_256, tiny_tree, monkeypatch, tmp_path):
+def test_finetune_recipe_trains_from_the_export_resumes_and_samples(runs, tiny_tree, tmp_path, capsys):
+    """The recipe as its header says: `dit export` of the 256 run, then a warm start from it with
+    an EMA that starts at the exported weights (its warm-up: decay 1/10 at the first update)."""
+    out = assert_trained_and_resumed(runs, tiny_tree, "finetune_t2i_256")
+    assert f"initialized the student from {export_dir(tiny_tree)}" in runs["finetune_t2i_256"][0][1]
+    start = ema(out_dir(tiny_tree, "t2i_dit_xl2_256") / "checkpoints" / "step_00000002")
+    assert relative_distance(ema(out / "checkpoints" / "step_00000002"), start) < 0.01
+    record = sample(capsys, out / "checkpoints", tmp_path / "samples")
+    assert (record["height"], record["width"]) == (32, 32)
+
+
+@pytest.mark.slow
+def test_finetune_warm_start_reads_every_export_format(runs, tiny_tree, monkeypatch, tmp_path):
     """The fine-tuning recipe's network (its header's overrides) loads the 256 run's weights from a
     checkpoint root, a step directory, `dit export` safetensors and diffusers folders and a
-    .safetensors file, each exactly the checkpoint's EMA; a wrong network or path is refused
-    naming checkpoint.init_from."""
+    .safetensors file, each exactly that step's EMA; a wrong network or path is refused naming
+    checkpoint.init_from."""
     from trainer.checkpoint import CheckpointError, init_network
     from trainer.config import load_config
-    from trainer.export import export_diffusers, export_safetensors
+    from trainer.export import export_diffusers
     from trainer.models.dit import build_dit
     from trainer.stages import build_stage
 
     for key, value in tree_env(tiny_tree).items():
         monkeypatch.setenv(key, value)
-    run = t2i_256[0]
-    exports = tiny_tree / "runs" / "exports" / "t2i_dit_xl2_256"
-    export_safetensors(run / "checkpoints", exports)
-    export_diffusers(run / "checkpoints", tmp_path / "diffusers")
+    run = out_dir(tiny_tree, "t2i_dit_xl2_256")
+    exports = export_dir(tiny_tree)  # of step 2, written before the 256 run resumed
+    step2 = run / "checkpoints" / "step_00000002"
+    with one_thread():
+        export_diffusers(step2, tmp_path / "diffusers")
     cfg = load_config(RECIPES / "finetune_t2i_256.yaml", cpu_overrides(RECIPES / "finetune_t2i_256.yaml"))
     assert cfg.checkpoint.init_from == str(exports)
     net = build_stage(cfg).players["student"]
-    expected = ema(run)
-    for source in (exports, exports / "model.safetensors", run / "checkpoints", latest_dir(run),
-                   tmp_path / "diffusers", tmp_path / "diffusers" / "transformer"):
+    for source, expected in ((exports, ema(step2)), (exports / "model.safetensors", ema(step2)),
+                             (step2, ema(step2)), (tmp_path / "diffusers", ema(step2)),
+                             (tmp_path / "diffusers" / "transformer", ema(step2)),
+                             (run / "checkpoints", ema(latest_dir(run)))):
         torch.nn.init.zeros_(next(net.parameters()))
         init_network(net, source)
         state = net.state_dict()
@@ -349,11 +409,8 @@ def test_finetune_recipe_warm_starts_from_every_export_format(t2i_256, tiny_tree
 
 
 @pytest.mark.slow
-def test_t2v_joint_trains_on_images_and_clips_through_a_causal_3d_autoencoder(tiny_tree, tmp_path, capsys):
-    proc = train("t2v_joint_dit_xl2", tiny_tree)
-    assert_ok(proc)
-    out = out_dir(tiny_tree, "t2v_joint_dit_xl2")
-    assert latest_dir(out).name == "step_00000002"
+def test_t2v_joint_trains_resumes_and_samples_through_a_causal_3d_autoencoder(runs, tiny_tree, tmp_path, capsys):
+    out = assert_trained_and_resumed(runs, tiny_tree, "t2v_joint_dit_xl2")
     assert_checkpoint_samples_match(out, tmp_path)
     record = sample(capsys, out / "checkpoints", tmp_path / "samples")
     import av
@@ -364,10 +421,10 @@ def test_t2v_joint_trains_on_images_and_clips_through_a_causal_3d_autoencoder(ti
 
 
 @pytest.mark.slow
-def test_pixel_cascade_trains_both_stages_and_samples_with_its_recipe(tiny_tree, tmp_path, monkeypatch, capsys):
-    assert_ok(train("cascade_base64", tiny_tree))
-    assert_ok(train("cascade_sr256", tiny_tree))
-    assert_checkpoint_samples_match(out_dir(tiny_tree, "cascade_sr256"), tmp_path)
+def test_pixel_cascade_trains_resumes_both_stages_and_samples_with_its_recipe(runs, tiny_tree, tmp_path,
+                                                                              monkeypatch, capsys):
+    assert_trained_and_resumed(runs, tiny_tree, "cascade_base64")
+    assert_checkpoint_samples_match(assert_trained_and_resumed(runs, tiny_tree, "cascade_sr256"), tmp_path)
     monkeypatch.setenv("DIT_RUNS", str(tiny_tree / "runs"))
     code, text = dit(capsys, "sample", str(CASCADE_RECIPE), "--prompt", PROMPT, "--out", str(tmp_path / "cascade"),
                      "--device", "cpu")
@@ -378,14 +435,14 @@ def test_pixel_cascade_trains_both_stages_and_samples_with_its_recipe(tiny_tree,
 
 
 @pytest.mark.slow
-def test_progressive_then_adversarial_distillation_of_the_256_run(t2i_256, tiny_tree, tmp_path, capsys):
-    assert_ok(train("distill_progressive_256", tiny_tree))
-    rounds = out_dir(tiny_tree, "distill_progressive_256") / "checkpoints" / "rounds"
+def test_progressive_then_adversarial_distillation_of_the_256_run(runs, tiny_tree, tmp_path, capsys):
+    out = assert_trained_and_resumed(runs, tiny_tree, "distill_progressive_256")
+    rounds = out / "checkpoints" / "rounds"
     assert (rounds / "round_2_4steps").is_dir(), sorted(p.name for p in rounds.iterdir())
-    proc = train("distill_adversarial_256", tiny_tree)  # its teacher: round_2_4steps, as in the recipe
-    assert_ok(proc)
-    out = out_dir(tiny_tree, "distill_adversarial_256")
-    record = sample(capsys, out / "checkpoints", tmp_path / "samples", "--steps", "1")
+    record = sample(capsys, out / "checkpoints", tmp_path / "progressive", "--steps", "4")
+    assert record["stages"][0]["steps"] == 4
+    out = assert_trained_and_resumed(runs, tiny_tree, "distill_adversarial_256")  # teacher: round_2_4steps
+    record = sample(capsys, out / "checkpoints", tmp_path / "adversarial", "--steps", "1")
     assert record["stages"][0]["steps"] == 1
 
 
@@ -393,12 +450,56 @@ def test_progressive_then_adversarial_distillation_of_the_256_run(t2i_256, tiny_
 # The README names files that exist.
 
 
-def test_every_config_the_readme_names_exists():
+README_COMMANDS = ("dit", "python", "torchrun", "make", "img2dataset", "huggingface-cli", "tensorboard")
+
+
+def readme_commands(text: str) -> list[str]:
+    """The command lines of the README: fenced lines (with their `\\` continuations) and inline
+    code spans that start with a command."""
+    fenced = re.findall(r"^```[\w-]*\n(.*?)^```", text, flags=re.S | re.M)
+    lines = [line for block in fenced for line in re.sub(r"\\\n", " ", block).splitlines()]
+    lines += re.findall(r"`([^`\n]+)`", re.sub(r"^```.*?^```", "", text, flags=re.S | re.M))
+    lines = [line.split(" # ")[0].strip() for line in lines]
+    return [line for line in lines if line.split(" ")[0] in README_COMMANDS]
+
+
+def missing_in_command(command: str) -> list[str]:
+    """What a README command names in this repository and is not there: paths under its top-level
+    entries (`configs/...`, `tests/...`), modules of its packages (`-m tests.launch.x`,
+    `--encoder trainer.stages.pretrain:precompute_encoder`), make targets."""
+    packages = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()}
+    top = packages | {"configs"} | {p.name for p in ROOT.iterdir() if p.is_file()}  # not runs/, data/
+    tokens = command.split()
+    missing = [t for t in tokens[1:] if tokens[0] == "make" and not t.startswith("-")
+               and not re.search(rf"^{re.escape(t)}:", (ROOT / "Makefile").read_text(), flags=re.M)]
+    for token in (t.strip("'\"").split("=")[-1] for t in tokens):
+        if token.split("/")[0] in top and not (ROOT / token).exists():
+            missing.append(token)
+        module = re.fullmatch(r"([a-z_]\w*(?:\.\w+)+)(?::\w+)?", token)
+        if module and module.group(1).split(".")[0] in packages:
+            path = ROOT / module.group(1).replace(".", "/")
+            if not (path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()):
+                missing.append(token)
+    return missing
+
+
+def test_no_readme_command_names_a_file_that_does_not_exist():
     text = (ROOT / "README.md").read_text()
+    commands = readme_commands(text)
+    assert "python -m tests.launch.test_recipes /tmp/tiny" in commands  # the walk-through's first step
     named = set(re.findall(r"configs/[\w./-]+\.ya?ml", text))
     assert "configs/recipes/t2i_dit_xl2_256.yaml" in named  # the walk-through names the recipes
     missing = sorted(p for p in named if not (ROOT / p).is_file())
-    assert not missing, f"README.md names configs that do not exist: {missing}"
+    missing += [f"{c!r}: {m}" for c in commands for m in missing_in_command(c)]
+    assert not missing, f"README.md names files that do not exist: {missing}"
+
+
+def test_the_readme_check_sees_a_missing_file():
+    assert missing_in_command("dit train configs/recipes/nothing.yaml") == ["configs/recipes/nothing.yaml"]
+    assert missing_in_command("python -m tests.launch.nothing DIR") == ["tests.launch.nothing"]
+    assert missing_in_command("dit data precompute x --encoder trainer.nothing:f") == ["trainer.nothing:f"]
+    assert missing_in_command("make no-such-target") == ["no-such-target"]
+    assert missing_in_command("dit data precompute x --encoder-arg config=configs/demo.yaml") == []
 
 
 if __name__ == "__main__":  # python -m tests.launch.test_recipes DIR: the tiny tree, to try a recipe by hand

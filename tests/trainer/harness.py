@@ -6,7 +6,9 @@ import os
 import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -194,6 +196,20 @@ def bare_ranks(nproc: int, overrides: list[str], logs: Path, config: Path = TINY
     return procs
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one thread inside (as the ranks run, OMP_NUM_THREADS=1): on a machine whose cores
+    are shared, a second OpenMP thread spin-waits and costs several times the CPU it saves."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def assert_checkpoint_samples_match(out: Path, tmp: Path) -> None:
     """The sample grid drawn from the newest checkpoint's EMA (what `dit sample` loads) equals the
     one the trainer drew from its in-memory EMA at the same step (same seed, prompts, precision,
@@ -214,9 +230,7 @@ def assert_checkpoint_samples_match(out: Path, tmp: Path) -> None:
     trained = sorted((out / "logs" / "samples").glob(f"step_{step:08d}.*"))
     assert len(trained) == 1, f"the trainer drew no single sample grid at step {step}: {trained}"
     cpu = torch.device("cpu")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         stage = build_stage(cfg).to(cpu, PRECISIONS[cfg.deepspeed.precision])  # helpers as trained
         if (directory / STAGE_FILE).is_file():
             stage.load_state_tensors(load_file(str(directory / STAGE_FILE)))
@@ -224,8 +238,6 @@ def assert_checkpoint_samples_match(out: Path, tmp: Path) -> None:
             stage.preview = preview_batch(cfg, stage.preview_samples, cpu)
         with inference_numerics(cpu, cfg.deepspeed.precision):
             drawn = stage.write_samples(load_for_inference(directory)[1], cfg.log, tmp / "samples.png")
-    finally:
-        torch.set_num_threads(threads)
     assert drawn is not None and drawn.suffix == trained[0].suffix
     assert frames(drawn) == frames(trained[0]), f"{drawn} differs from {trained[0]}"
 
