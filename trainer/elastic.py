@@ -210,7 +210,7 @@ def load_player(engine: Any, optimizer: torch.optim.Optimizer, names: dict[str, 
         for name, p in params:  # the weights the forward pass uses (half precision under bf16)
             _copy_checked(p.data, tensors[f"fp32/{name}"], name)
     for name, p in params:
-        if hasattr(p, "ds_id") or getattr(p, "_hp_mapping", None) is not None:
+        if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):  # ZeRO: each rank sets its fragment (maybe none)
             safe_set_full_fp32_param(p, tensors[f"fp32/{name}"])
             for m in MOMENTS:
                 safe_set_full_optimizer_state(p, tensors[f"{m}/{name}"], m)

@@ -101,9 +101,11 @@ def test_zero_stage_changes_keep_the_loss_of_the_uninterrupted_run(reference_run
     resumed, reference = losses(out), losses(reference_run)
     relative = {s: abs(resumed[s] - reference[s]) / reference[s] for s in (9, 10, 11, 12)}
     print(f"ZeRO-2 -> ZeRO-3 -> ZeRO-2, relative loss difference per step: {relative}")
-    # fp32 reductions in another order: a few ulp per step, compounding over 4 steps. A lost
-    # moment (AdamW restarting from zero moments and step 0) changes the step after it by ~1e-2.
-    assert max(relative.values()) < 1e-4
+    # Same samples, same noise, exact fp32 masters and moments: only the order of the fp32
+    # reductions differs (ZeRO-3's reduce-scatter against ZeRO-2's), a few ulp (~1e-7) per step.
+    # Measured: the losses equal, the weights within 1.2e-7. Moments or step counts not restored
+    # change the steps after the resume by ~lr = 1e-3.
+    assert max(relative.values()) < 1e-6
     difference = max_difference(fp32_weights(out), fp32_weights(reference_run))
     print(f"ZeRO switches vs uninterrupted, max |w - w_ref| after step 12: {difference:.3g}")
-    assert difference < 1e-5
+    assert difference < 1e-6
