@@ -99,9 +99,17 @@ def keep_global_batch(cfg: RunConfig, world_size: int, directory: Optional[Path]
     saying what was derived ('' when nothing was). Raises ElasticError, naming both global
     batches, when no whole number keeps it; `checkpoint.allow_config_change` keeps the
     config's own numbers."""
-    if directory is None or cfg.checkpoint.allow_config_change:
+    if directory is None:
         return cfg, ""
     was, now = written_shape(directory), shape_of(cfg, world_size)
+    if not was.same_layout(now) and not (directory / universal_file("student")).is_file():
+        raise ElasticError(
+            f"{directory} was written with checkpoint.universal=false, so it resumes only on its own "
+            f"layout: {was.world_size} rank(s), ZeRO-{was.zero_stage}, {was.pipeline_stages} pipeline "
+            f"stage(s), offload {was.offload} (this job: {now.world_size}, ZeRO-{now.zero_stage}, "
+            f"{now.pipeline_stages}, {now.offload})")
+    if cfg.checkpoint.allow_config_change:
+        return cfg, ""
     if now.global_batch == was.global_batch:
         return cfg, _note(directory, was, now, "")
     dp = now.dp_world

@@ -319,7 +319,7 @@ class Trainer:
             shared[EMA_FILE] = self.whole(self.ema.full_state_dict(self.ema_module))
         state = self.rank_state()
         state.meta["optimizers"] = {}
-        for name in self.engines:  # the layout-independent state an elastic resume loads
+        for name in self.engines if self.cfg.checkpoint.universal else ():  # what an elastic resume loads
             shared[universal_file(name)], state.meta["optimizers"][name] = gather_player(
                 self.engines[name], self.optimizers[name], self.player_names(name), self.whole_of(name))
         return self.ckpt.save(self.state.step, self.engines, state, self.config_yaml, shared)
