@@ -27,7 +27,8 @@ from trainer import faults
 from trainer.checkpoint import EMA_FILE, STAGE_FILE, CheckpointError, CheckpointManager, RankState, init_network
 from trainer.config import DeepSpeedConfig, OptimConfig, RunConfig, to_yaml, validate
 from trainer.distributed import DistContext, PreemptionFlag, any_rank, comm_device, compute_device, init_distributed
-from trainer.elastic import LAYOUT_KEYS, gather_player, keep_global_batch, load_player, shape_of, universal_file, written_shape
+from trainer.elastic import (LAYOUT_KEYS, gather_player, keep_global_batch, load_player, shape_of, universal_file,
+                             written_shape)
 from trainer.ema import EMA
 from trainer.metrics import KeyLog, Metric, MetricsLogger
 
@@ -375,7 +376,8 @@ class Trainer:
         if old_dp_world == self.ctx.dp_world:
             restore_rng(self.ckpt.load_rank_state(directory, rank=self.ctx.dp_rank), self.generator)
         else:
-            self.generator.manual_seed((self.cfg.run.seed * 100_003 + self.ctx.dp_rank) * 1_000_003 + state.meta["step"])
+            step, seed = state.meta["step"], self.cfg.run.seed * 100_003 + self.ctx.dp_rank
+            self.generator.manual_seed(seed * 1_000_003 + step)
         return state
 
     # ---- one step -----------------------------------------------------------------------------
