@@ -1,11 +1,12 @@
 """Elastic resume: the reference run (2 ranks, ZeRO-2, one epoch of 96 samples in 12 steps of 8)
 continued from its step-8 checkpoint on another layout.
 
-- 2 ranks -> 1 rank (grad_accum 2, derived; no loader worker) -> 2 ranks as 2 pipeline stages
-  (ZeRO-1, grad_accum 2): every sample of the epoch is consumed exactly once over the three
-  jobs, and the weights end where the uninterrupted run's do, within the spread of the data
-  order (the resumed steps group the samples and draw their noise differently, so the
-  difference is that of training noise, not of rounding; see the bound below).
+- 2 ranks -> 1 rank (`dit launch --max-restarts`; grad_accum 2, derived; no loader worker) ->
+  2 ranks as 2 pipeline stages (ZeRO-1, grad_accum 2): every sample of the epoch is consumed
+  exactly once over the three jobs, and the weights end where the uninterrupted run's do,
+  within the spread of the data order (the resumed steps group the samples and draw their
+  noise differently, so the difference is that of training noise, not of rounding; see the
+  bound below).
 - ZeRO-2 -> ZeRO-3 -> ZeRO-2 on 2 ranks: the same samples and noise as the uninterrupted run,
   so each step's loss equals its loss up to the summation order of the reductions.
 """
@@ -20,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.faults.conftest import REFERENCE
+from tests.faults.test_resume_shape import launch
 from tests.trainer.harness import assert_ok, base, latest_dir, losses, run_train, step_keys
 
 pytestmark = pytest.mark.slow
@@ -65,8 +67,8 @@ def mean_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> f
 
 def test_two_ranks_to_one_to_two_pipeline_stages_sees_each_sample_once(reference_run, uneven_shards, tmp_path):
     out = from_step(reference_run, 8, tmp_path / "elastic")
-    one = run_train(1, base(uneven_shards, out, *REFERENCE, "stage.steps=10", "data.num_workers=0"))
-    assert_ok(one)
+    one = launch(1, base(uneven_shards, out, *REFERENCE, "stage.steps=10", "data.num_workers=0"), "--max-restarts=1")
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
     assert "continuing with derived 1 data-parallel rank(s) x data.batch_size 4 x deepspeed.grad_accum 2 = " \
            "global batch 8" in one.stdout
     pipe = run_train(2, base(uneven_shards, out, *REFERENCE, "deepspeed.pipeline_stages=2", "deepspeed.zero_stage=1"))
