@@ -157,8 +157,9 @@ def gather_player(engine: Any, optimizer: torch.optim.Optimizer, names: dict[str
                   ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Collective. (tensors by `kind/network name`, JSON meta) of one trained player: its fp32
     master weights and moments, made whole by `whole` (which assembles a pipeline's stages)."""
-    if not optimizer.state:  # no step applied yet (every one skipped as non-finite)
+    if not optimizer.state:  # no step applied yet (every one skipped as non-finite): as fresh
         materialize_state(engine, optimizer)
+        _set_steps(optimizer, 0)
     params = [(names[n], p) for n, p in engine.module.named_parameters() if p.requires_grad]
     tensors: dict[str, torch.Tensor] = {}
     for kind, key in (("fp32", None), *((m, m) for m in MOMENTS)):
