@@ -542,9 +542,9 @@ def job_from_args(args: argparse.Namespace) -> Job:
     gpus = gpus_here()
     topology = topology_from_args(args, gpus)
     cfg = check_config(args.config, args.overrides, topology.world_size)
-    from launch.train_cmd import resume_refusal
+    from launch.train_cmd import resume_config
 
-    refusal = resume_refusal(cfg, topology.world_size)
+    _, refusal, _ = resume_config(cfg, topology.world_size)
     if refusal is not None:
         raise ResumeRefused(refusal)
     node = f"node{topology.node_rank}" if topology.node_rank is not None else "node0"

@@ -6,6 +6,8 @@ from `scontrol show hostnames`) is the rendezvous master. Preemption and the tim
 the same way: SLURM sends SIGUSR1 120 s ahead (`--signal=USR1@120`), the ranks save a
 checkpoint and exit with 42, and the script requeues the job (`--requeue`); the rerun resumes
 from `latest`. Every job logs to LOG_DIR/slurm/<name>-<jobid>.out (appended across requeues).
+With `--min-nodes M` the script asks for M to K nodes (`--nodes=M-K`): a requeued job may start
+on another number of nodes, and its ranks resume elastically (trainer/elastic.py).
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ class SlurmJob:
     max_restarts: int = 0
     shutdown_timeout_s: int = 100
     extra: tuple[str, ...] = ()  # further sbatch options, e.g. "--qos=high"
+    min_nodes: int = 0  # > 0: SLURM may start (or requeue) the job on min_nodes..nodes nodes
 
     @property
     def output(self) -> Path:
@@ -50,7 +53,7 @@ class SlurmJob:
 def sbatch_header(job: SlurmJob) -> list[str]:
     lines = [
         f"--job-name={job.name}",
-        f"--nodes={job.nodes}",
+        f"--nodes={job.min_nodes}-{job.nodes}" if job.min_nodes else f"--nodes={job.nodes}",
         "--ntasks-per-node=1",  # one `dit launch` per node; it starts the node's ranks
         f"--chdir={job.workdir}",
         f"--output={job.output}",
@@ -126,14 +129,20 @@ def job_from_args(args: argparse.Namespace) -> SlurmJob:
     ranks = args.nproc_per_node or args.gpus_per_node or 1
     if nodes < 1 or ranks < 1:
         raise LaunchError(f"--nodes ({nodes}) and ranks per node ({ranks}) must be at least 1")
+    min_nodes = args.min_nodes or 0
+    if not 0 <= min_nodes <= nodes:
+        raise LaunchError(f"--min-nodes ({min_nodes}) must be between 1 and --nodes ({nodes})")
     cfg = check_config(args.config, args.overrides, nodes * ranks)
+    if min_nodes:  # every allocation the job may get must hold the config
+        for size in range(min_nodes, nodes):
+            check_config(args.config, args.overrides, size * ranks)
     return SlurmJob(
         name=args.job_name or cfg.run.name, nodes=nodes, ranks_per_node=ranks,
         config=str(Path(args.config).resolve()), overrides=tuple(args.overrides),
         log_dir=Path(cfg.log.dir).resolve(), workdir=Path.cwd(),
         gpus_per_node=args.gpus_per_node, time=args.time or "", partition=args.partition or "",
         account=args.account or "", master_port=args.master_port, max_restarts=args.max_restarts,
-        shutdown_timeout_s=args.shutdown_timeout, extra=tuple(args.sbatch_option or ()),
+        shutdown_timeout_s=args.shutdown_timeout, extra=tuple(args.sbatch_option or ()), min_nodes=min_nodes,
     )
 
 
@@ -156,6 +165,8 @@ def add_slurm_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--slurm", action="store_true", help="render an sbatch script and submit it")
     g.add_argument("--dry-run", action="store_true", help="with --slurm: print the script, submit nothing")
     g.add_argument("--nodes", type=int, help="nodes to allocate (default 1)")
+    g.add_argument("--min-nodes", type=int, help="accept an allocation of this many to --nodes nodes, "
+                   "also when requeued (the run resumes elastically, keeping its global batch)")
     g.add_argument("--gpus-per-node", type=int, help="GPUs per node to allocate; also the ranks per node "
                    "unless --nproc-per-node says otherwise")
     g.add_argument("--time", help="time limit, e.g. 24:00:00 (the ranks save 120 s before it)")

@@ -20,16 +20,17 @@ def overrides_of(args: argparse.Namespace) -> list[str]:
     return list(args.overrides) + ([ALLOW_CONFIG_CHANGE] if args.allow_config_change else [])
 
 
-def resume_refusal(cfg: RunConfig, world_size: int) -> Optional[str]:
-    """Why the checkpoint this job would resume from does not fit it; None when it fits."""
+def resume_config(cfg: RunConfig, world_size: int) -> tuple[RunConfig, Optional[str], str]:
+    """(the config this job resumes with, why the checkpoint it would resume from does not fit
+    it or None, the line saying what was derived to keep the global batch or '')."""
     from trainer.checkpoint import CheckpointError
     from trainer.engine import preflight_resume
 
     try:
-        preflight_resume(cfg, world_size)
+        cfg, note = preflight_resume(cfg, world_size)
     except CheckpointError as e:
-        return str(e)
-    return None
+        return cfg, str(e), ""
+    return cfg, None, note
 
 
 def train(args: argparse.Namespace) -> int:
@@ -41,8 +42,10 @@ def train(args: argparse.Namespace) -> int:
     world_size = world_from_env()[1]
     validate(cfg, world_size=world_size)  # before any process group starts
     preflight(cfg)
-    refusal = resume_refusal(cfg, world_size)
+    cfg, refusal, note = resume_config(cfg, world_size)
     if refusal is not None:
         print(f"dit train: {refusal}", file=sys.stderr, flush=True)
         return EXIT_CHECKPOINT
+    if note and world_from_env()[0] == 0:
+        print(f"dit train: {note}", flush=True)
     return run_training(cfg)

@@ -46,6 +46,8 @@ COMPLETE = "COMPLETE.json"
 EMA_FILE = "ema.safetensors"
 STAGE_FILE = "stage.safetensors"
 TMP_PREFIX = ".tmp-"
+# Keys whose product with the data-parallel ranks is the global batch: free while it is kept.
+BATCH_KEYS = ("data.batch_size", "deepspeed.grad_accum")
 
 
 class CheckpointError(RuntimeError):
@@ -207,7 +209,7 @@ def describe_save_error(error: BaseException) -> str:
 def preflight(cfg: CheckpointConfig, config_yaml: str, world_size: int, global_batch: int,
               ignore: tuple[str, ...]) -> Optional[Path]:
     """Before any process group starts: the checkpoint a run would resume from, refused when the
-    job differs from the one that wrote it (rank count, or config unless allowed)."""
+    config differs from the one that wrote it (unless allowed)."""
     if not cfg.resume:
         return None
     manager = CheckpointManager(cfg, rank=0, world_size=world_size)
@@ -360,23 +362,16 @@ class CheckpointManager:
 
     def check_compatible(self, directory: Path, complete: dict[str, Any], config_yaml: str,
                          ignore: tuple[str, ...], global_batch: int) -> None:
-        """Refuse a resume by another number of ranks (the global batch and the ZeRO partitions
-        would silently change) or, unless allowed, with a changed config."""
-        written_by = complete["world_size"]
-        old_yaml = (directory / "config.yaml").read_text()
-        if written_by != self.world_size:
-            old = _flatten(yaml.safe_load(old_yaml))
-            was = (old["data.batch_size"] * old["deepspeed.grad_accum"] * written_by
-                   // old["deepspeed.pipeline_stages"])
-            raise CheckpointError(
-                f"{directory} was written by {written_by} ranks (global batch {was}) and this job has "
-                f"{self.world_size} (global batch {global_batch}); resuming would change the global "
-                f"batch and re-split the ZeRO optimizer partitions and the data order. Resume with "
-                f"{written_by} ranks"
-            )
+        """Refuse, unless allowed, a resume with a changed config. The number of ranks may
+        change (trainer/elastic.py re-partitions the state), and so may the per-rank batch and
+        grad_accum while the global batch is the checkpoint's."""
         if self.cfg.allow_config_change:
             return
-        diffs = config_differences(old_yaml, config_yaml, ignore)
+        old_yaml = (directory / "config.yaml").read_text()
+        old = _flatten(yaml.safe_load(old_yaml))
+        was = (old["data.batch_size"] * old["deepspeed.grad_accum"] * complete["world_size"]
+               // old["deepspeed.pipeline_stages"])
+        diffs = config_differences(old_yaml, config_yaml, ignore + (BATCH_KEYS if was == global_batch else ()))
         if diffs:
             listing = "\n  ".join(diffs)
             raise CheckpointError(
@@ -384,8 +379,9 @@ class CheckpointManager:
                 f"pass --allow-config-change (or checkpoint.allow_config_change=true) to resume anyway"
             )
 
-    def load_rank_state(self, directory: Path) -> RankState:
-        meta_path, tensor_path = _rank_paths(directory, self.rank)
+    def load_rank_state(self, directory: Path, rank: Optional[int] = None) -> RankState:
+        """What rank `rank` (default: this one) wrote."""
+        meta_path, tensor_path = _rank_paths(directory, self.rank if rank is None else rank)
         return RankState(meta=json.loads(meta_path.read_text()), tensors=load_file(str(tensor_path)))
 
     def load_engine(self, engine: Any, directory: Path, name: str) -> None:

@@ -152,6 +152,10 @@ class CheckpointConfig:
     keep: int = 2  # keep the last K complete checkpoints
     resume: bool = True  # resume automatically from `latest`
     allow_config_change: bool = False
+    # Also write each player's fp32 master weights and AdamW moments whole, by parameter name
+    # (trainer/elastic.py): what a resume on another number of ranks, ZeRO stage or pipeline
+    # stages loads. false: saves are faster, and the checkpoint resumes on its own layout only.
+    universal: bool = True
     # Warm start: the student's initial weights from a trained run, before step 0 (a fresh
     # optimizer, step count and data position): a checkpoint root or step directory (its EMA
     # weights), a `dit export` folder (safetensors or diffusers) or a .safetensors file. A run

@@ -27,6 +27,8 @@ from trainer import faults
 from trainer.checkpoint import EMA_FILE, STAGE_FILE, CheckpointError, CheckpointManager, RankState, init_network
 from trainer.config import DeepSpeedConfig, OptimConfig, RunConfig, to_yaml, validate
 from trainer.distributed import DistContext, PreemptionFlag, any_rank, comm_device, compute_device, init_distributed
+from trainer.elastic import (LAYOUT_KEYS, gather_player, keep_global_batch, load_player, shape_of, universal_file,
+                             written_shape)
 from trainer.ema import EMA
 from trainer.metrics import KeyLog, Metric, MetricsLogger
 from trainer.sequence_parallel import parallelize_sequence, sequence_group
@@ -40,7 +42,7 @@ EXIT_REQUEUE = 42  # preempted (SIGTERM/SIGUSR1): state saved, requeue and rerun
 
 # Keys that may change between a checkpoint and its resume without changing the experiment.
 RESUMABLE_CHANGES = ("stage.steps", "checkpoint", "log", "run.out_dir", "data.num_workers",
-                     "data.prefetch_factor", "deepspeed.comm_timeout_s")
+                     "data.prefetch_factor", "deepspeed.comm_timeout_s", *LAYOUT_KEYS)
 
 
 def global_batch(cfg: RunConfig, world_size: int) -> int:
@@ -49,13 +51,17 @@ def global_batch(cfg: RunConfig, world_size: int) -> int:
     return cfg.data.batch_size * ds.grad_accum * (world_size // (ds.pipeline_stages * ds.sequence_parallel_size))
 
 
-def preflight_resume(cfg: RunConfig, world_size: int) -> Optional[Path]:
-    """Before any process group starts: refuse to resume a checkpoint written by another number
-    of ranks or (unless allowed) with another config; raises CheckpointError."""
-    from trainer.checkpoint import preflight
+def preflight_resume(cfg: RunConfig, world_size: int) -> tuple[RunConfig, str]:
+    """Before any process group starts: the config this job resumes with (the checkpoint's
+    global batch kept on this number of ranks, trainer/elastic.py) and the line saying what
+    was derived; raises CheckpointError when the global batch cannot be kept or (unless
+    allowed) the config changed."""
+    from trainer.checkpoint import CheckpointManager, preflight
 
-    return preflight(cfg.checkpoint, to_yaml(cfg), world_size, global_batch(cfg, world_size),
-                     RESUMABLE_CHANGES)
+    directory = CheckpointManager(cfg.checkpoint, 0, world_size).latest() if cfg.checkpoint.resume else None
+    cfg, note = keep_global_batch(cfg, world_size, directory)
+    preflight(cfg.checkpoint, to_yaml(cfg), world_size, global_batch(cfg, world_size), RESUMABLE_CHANGES)
+    return cfg, note
 
 
 class FiniteGuard:
@@ -320,7 +326,23 @@ class Trainer:
         shared = {STAGE_FILE: self.stage.state_tensors()}
         if self.ema is not None:
             shared[EMA_FILE] = self.whole(self.ema.full_state_dict(self.ema_module))
-        return self.ckpt.save(self.state.step, self.engines, self.rank_state(), self.config_yaml, shared)
+        state = self.rank_state()
+        state.meta["optimizers"] = {}
+        for name in self.engines if self.cfg.checkpoint.universal else ():  # what an elastic resume loads
+            shared[universal_file(name)], state.meta["optimizers"][name] = gather_player(
+                self.engines[name], self.optimizers[name], self.player_names(name), self.whole_of(name))
+        return self.ckpt.save(self.state.step, self.engines, state, self.config_yaml, shared)
+
+    def player_names(self, player: str) -> dict[str, str]:
+        """A trained module's parameter names -> the names its state is saved under."""
+        if player == "student":
+            return self.names
+        return {n: n for n, _ in self.engines[player].module.named_parameters()}
+
+    def whole_of(self, player: str):
+        """How this rank's tensors of a player become whole: the student's pipeline stages are
+        assembled (`whole`); the other players are never pipelined."""
+        return self.whole if player == "student" else (lambda local: local)
 
     def resume(self) -> bool:
         directory = self.ckpt.resume_target() if self.cfg.checkpoint.resume else None
@@ -329,10 +351,14 @@ class Trainer:
         complete = self.ckpt.verify(directory)
         self.ckpt.check_compatible(directory, complete, self.config_yaml, RESUMABLE_CHANGES,
                                    global_batch(self.cfg, self.ctx.world_size))
-        for name, engine in self.engines.items():
-            self.ckpt.load_engine(engine, directory, name)
-        state = self.ckpt.load_rank_state(directory)
-        restore_rng(state, self.generator)
+        was = written_shape(directory)
+        if was.same_layout(shape_of(self.cfg, self.ctx.world_size)):
+            for name, engine in self.engines.items():
+                self.ckpt.load_engine(engine, directory, name)
+            state = self.ckpt.load_rank_state(directory)
+            restore_rng(state, self.generator)
+        else:
+            state = self.load_elastic(directory, was.dp_world)
         self.stream.load_state_dict(state.meta["stream"])
         if self.ema is not None:
             ema = load_file(str(directory / EMA_FILE))
@@ -344,6 +370,23 @@ class Trainer:
         if self.ctx.is_main:
             print(f"resumed from {directory} at step {self.state.step}", flush=True)
         return True
+
+    def load_elastic(self, directory: Path, old_dp_world: int) -> RankState:
+        """Resume a checkpoint of another layout: each player's fp32 masters and moments
+        re-partitioned from the universal files; the step, stream position (which every rank
+        kept alike) and counters from rank 0's state. The stage's random draws keep their
+        streams while the data-parallel ranks are the same (rank d wrote dp_rank d's); else
+        each dp_rank's generator is seeded afresh from (seed, step, dp_rank)."""
+        state = self.ckpt.load_rank_state(directory, rank=0)
+        for name, engine in self.engines.items():
+            load_player(engine, self.optimizers[name], self.player_names(name),
+                        load_file(str(directory / universal_file(name))), state.meta["optimizers"][name])
+        if old_dp_world == self.ctx.dp_world:
+            restore_rng(self.ckpt.load_rank_state(directory, rank=self.ctx.dp_rank), self.generator)
+        else:
+            step, seed = state.meta["step"], self.cfg.run.seed * 100_003 + self.ctx.dp_rank
+            self.generator.manual_seed(seed * 1_000_003 + step)
+        return state
 
     # ---- one step -----------------------------------------------------------------------------
     def micro_batch_losses(self, batches: Iterator[dict]) -> Iterator[dict[str, Metric]]:

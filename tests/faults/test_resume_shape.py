@@ -1,6 +1,7 @@
-"""Resuming with another number of ranks or a changed config is refused before any process
-group starts, with the reason (global batch before/after, the changed keys); the config check
-yields to --allow-config-change."""
+"""A resume that cannot keep the global batch, or with a changed config, is refused before any
+process group starts, with the reason (global batch before/after, the changed keys); the config
+check yields to --allow-config-change. (Resumes on another number of ranks that keep the global
+batch: test_elastic_resume.py.)"""
 from __future__ import annotations
 
 import shutil
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.faults.conftest import REFERENCE
-from tests.trainer.harness import ROOT, TINY, assert_ok, base, latest_dir, run_train, train_env
+from tests.trainer.harness import ROOT, TINY, base, latest_dir, train_env
 
 pytestmark = pytest.mark.slow
 
@@ -33,23 +34,15 @@ def copied(reference_run, tmp_path) -> Path:
     return out
 
 
-def test_two_ranks_to_one_is_refused_with_the_global_batch(copied, uneven_shards):
-    proc = dit("train", str(TINY), *base(uneven_shards, copied, *REFERENCE, "stage.steps=16"))
+def test_a_global_batch_that_cannot_be_kept_is_refused_naming_both(copied, uneven_shards):
+    """3 ranks cannot keep the reference's global batch 8 (4 per rank x grad_accum): `dit launch`
+    refuses before starting any rank."""
+    proc = launch(3, base(uneven_shards, copied, *REFERENCE, "stage.steps=16"), "--max-restarts=2")
     assert proc.returncode == 4, proc.stderr[-3000:]
-    assert "written by 2 ranks (global batch 8) and this job has 1 (global batch 4)" in proc.stderr
-    assert "Resume with 2 ranks" in proc.stderr
-    assert "process group" not in proc.stderr.lower() and "deepspeed" not in proc.stdout.lower()
+    assert "global batch 8 (2 data-parallel rank(s) x data.batch_size 4 x deepspeed.grad_accum 1" in proc.stderr
+    assert "this job has 3 rank(s) and 1 pipeline stage(s), global batch 12" in proc.stderr
+    assert not (copied / "logs" / "launch").exists()  # refused before any rank was started
     assert latest_dir(copied).name == "step_00000012"
-
-
-def test_one_rank_to_two_is_refused_with_the_global_batch(uneven_shards, tmp_path):
-    out = tmp_path / "run"
-    args = base(uneven_shards, out, "stage.steps=2", "checkpoint.every=2")
-    assert_ok(run_train(1, args))
-    proc = launch(2, args[:-2] + ["stage.steps=4"])
-    assert proc.returncode == 4, proc.stderr[-3000:]
-    assert "written by 1 ranks (global batch 4) and this job has 2 (global batch 8)" in proc.stderr
-    assert not (out / "logs" / "launch").exists()  # refused before any rank was started
 
 
 @pytest.mark.parametrize("change, listed", [

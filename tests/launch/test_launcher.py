@@ -139,6 +139,13 @@ def test_slurm_validates_the_config_for_the_allocation(capsys):
     assert "do not divide the world size 4" in capsys.readouterr().err
 
 
+def test_slurm_min_nodes_accepts_a_smaller_allocation_that_holds_the_config(capsys):
+    assert "#SBATCH --nodes=2-4" in dry_run(capsys, "--nodes", "4", "--min-nodes", "2").splitlines()
+    assert main(["launch", str(TINY), "deepspeed.pipeline_stages=2", "deepspeed.zero_stage=1", "--slurm",
+                 "--dry-run", "--nodes", "4", "--min-nodes", "3"]) == 2
+    assert "do not divide the world size 3" in capsys.readouterr().err
+
+
 def fake_slurm_env(**extra: str) -> dict[str, str]:
     return dict(os.environ, PATH=os.pathsep.join([str(FAKE_SLURM), os.environ["PATH"]]), **extra)
 

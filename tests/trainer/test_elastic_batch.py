@@ -1,0 +1,56 @@
+"""Which per-rank batch or grad_accum an elastic resume derives to keep the checkpoint's global
+batch, and when it refuses (no process is started: the checkpoint is its COMPLETE.json and
+config.yaml)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.trainer.harness import TINY
+from trainer.config import load_config, to_yaml
+from trainer.elastic import ElasticError, keep_global_batch, universal_file
+
+
+def checkpoint(tmp_path: Path, world_size: int, *overrides: str, universal: bool = True) -> Path:
+    """A step directory as a job of `world_size` ranks with `overrides` would have written it."""
+    directory = tmp_path / "step_00000008"
+    directory.mkdir()
+    (directory / "config.yaml").write_text(to_yaml(load_config(TINY, list(overrides))))
+    (directory / "COMPLETE.json").write_text(json.dumps({"step": 8, "world_size": world_size, "files": {}}))
+    if universal:
+        (directory / universal_file("student")).write_bytes(b"")
+    return directory
+
+
+@pytest.mark.parametrize("world, overrides, batch, accum", [
+    (1, (), 4, 2),  # fewer ranks: grad_accum grows
+    (4, (), 2, 1),  # more ranks than the batch allows at 4 per rank: the per-rank batch shrinks
+    (2, ("deepspeed.pipeline_stages=2", "deepspeed.zero_stage=1"), 4, 2),  # 2 ranks, 1 data-parallel
+    (2, ("deepspeed.zero_stage=3", "data.num_workers=2"), 4, 1),  # same global batch: nothing derived
+])
+def test_the_global_batch_is_kept(tmp_path, world, overrides, batch, accum):
+    directory = checkpoint(tmp_path, 2)
+    cfg, note = keep_global_batch(load_config(TINY, list(overrides)), world, directory)
+    assert (cfg.data.batch_size, cfg.deepspeed.grad_accum) == (batch, accum)
+    assert ("derived" in note) == ((batch, accum) != (4, 1))
+    assert note.endswith(f"= global batch 8 on {world} rank(s), ZeRO-{cfg.deepspeed.zero_stage}, "
+                         f"{cfg.deepspeed.pipeline_stages} pipeline stage(s)")
+
+
+def test_a_global_batch_that_cannot_be_kept_is_refused(tmp_path):
+    with pytest.raises(ElasticError, match=r"global batch 8 .* 3 rank\(s\) .* global batch 12"):
+        keep_global_batch(load_config(TINY), 3, checkpoint(tmp_path, 2))
+
+
+def test_an_explicit_batch_change_is_left_to_the_config_check(tmp_path):
+    cfg, note = keep_global_batch(load_config(TINY, ["data.batch_size=2"]), 2, checkpoint(tmp_path, 2))
+    assert (cfg.data.batch_size, cfg.deepspeed.grad_accum, note) == (2, 1, "")
+
+
+def test_a_checkpoint_without_universal_state_resumes_on_its_layout_only(tmp_path):
+    directory = checkpoint(tmp_path, 2, universal=False)
+    assert keep_global_batch(load_config(TINY), 2, directory)[1] == ""
+    with pytest.raises(ElasticError, match="checkpoint.universal=false"):
+        keep_global_batch(load_config(TINY, ["deepspeed.zero_stage=3"]), 2, directory)

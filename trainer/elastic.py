@@ -1,0 +1,250 @@
+"""Elastic resume: continue a run on another number of ranks, ZeRO stage, loader workers or
+pipeline stages, with the global batch kept and every sample of the epoch seen once.
+
+DeepSpeed's own checkpoint is written per rank and is "specific to how you split the model":
+ZeRO flat partitions, pipeline layer files. So every save also writes the state of each trained
+player **independent of the layout**, gathered by the network's parameter names:
+
+    universal_<player>.safetensors   fp32/<name>, exp_avg/<name>, exp_avg_sq/<name>: the fp32
+                                     master weights and AdamW's moments of every parameter
+    rank_00000.json "optimizers"     per player: AdamW's step count, the LR scheduler's state
+
+(EMA, stream position, step and RNG are already whole or rank-independent.) A resume whose
+layout (world size, ZeRO stage, offload, pipeline stages) equals the checkpoint's loads
+DeepSpeed's files as before (bit-identical); another layout builds its engines fresh and
+re-partitions these tensors into them through DeepSpeed's `safe_set_full_*` API.
+
+Written at every save rather than converted on resume (DeepSpeed's `ds_to_universal`): the
+conversion reads every rank's `torch.save` files of the old layout and writes one `torch.save`
+file per parameter and state, i.e. pickle on both ends, and needs the old layout's optimizer
+files whole in host memory at resume time; the gather at save costs three all-gathers of the
+parameters and 12 bytes per parameter on disk (figures in the README).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import yaml
+from torch import nn
+
+from trainer.checkpoint import COMPLETE, CheckpointError
+from trainer.config import RunConfig
+
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state per parameter (Loshchilov & Hutter 2019)
+# Keys that set how the model and optimizer are split, not what is trained.
+LAYOUT_KEYS = ("deepspeed.zero_stage", "deepspeed.pipeline_stages", "deepspeed.offload_optimizer",
+               "deepspeed.offload_params")
+
+
+class ElasticError(CheckpointError):
+    pass
+
+
+def universal_file(player: str) -> str:
+    return f"universal_{player}.safetensors"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """How a run is split over ranks and what one optimizer step consumes."""
+
+    world_size: int
+    batch_size: int
+    grad_accum: int
+    pipeline_stages: int
+    zero_stage: int
+    offload: tuple[bool, bool]
+
+    @property
+    def dp_world(self) -> int:
+        return self.world_size // self.pipeline_stages
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.grad_accum * self.dp_world
+
+    def describe(self) -> str:
+        return (f"{self.dp_world} data-parallel rank(s) x data.batch_size {self.batch_size} x "
+                f"deepspeed.grad_accum {self.grad_accum} = global batch {self.global_batch}")
+
+    def same_layout(self, other: "Shape") -> bool:
+        """Whether DeepSpeed's per-rank files of one fit the engines of the other."""
+        return (self.world_size, self.pipeline_stages, self.zero_stage, self.offload) == (
+            other.world_size, other.pipeline_stages, other.zero_stage, other.offload)
+
+
+def shape_of(cfg: RunConfig, world_size: int) -> Shape:
+    ds = cfg.deepspeed
+    return Shape(world_size, cfg.data.batch_size, ds.grad_accum, ds.pipeline_stages, ds.zero_stage,
+                 (ds.offload_optimizer, ds.offload_params))
+
+
+def written_shape(directory: Path) -> Shape:
+    """The shape of the job that wrote a checkpoint (its COMPLETE.json and config.yaml)."""
+    world = int(json.loads((directory / COMPLETE).read_text())["world_size"])
+    old = yaml.safe_load((directory / "config.yaml").read_text())
+    ds, data = old["deepspeed"], old["data"]
+    return Shape(world, int(data["batch_size"]), int(ds["grad_accum"]), int(ds["pipeline_stages"]),
+                 int(ds["zero_stage"]), (bool(ds["offload_optimizer"]), bool(ds["offload_params"])))
+
+
+def keep_global_batch(cfg: RunConfig, world_size: int, directory: Optional[Path]) -> tuple[RunConfig, str]:
+    """The config this job resumes `directory` with: `deepspeed.grad_accum` (when the per-rank
+    batch is the checkpoint's), else `data.batch_size` (when the data-parallel ranks changed),
+    derived so that the global batch stays the checkpoint's. Returns the config and one line
+    saying what was derived ('' when nothing was). Raises ElasticError, naming both global
+    batches, when no whole number keeps it; `checkpoint.allow_config_change` keeps the
+    config's own numbers."""
+    if directory is None:
+        return cfg, ""
+    was, now = written_shape(directory), shape_of(cfg, world_size)
+    if not was.same_layout(now) and not (directory / universal_file("student")).is_file():
+        raise ElasticError(
+            f"{directory} was written with checkpoint.universal=false, so it resumes only on its own "
+            f"layout: {was.world_size} rank(s), ZeRO-{was.zero_stage}, {was.pipeline_stages} pipeline "
+            f"stage(s), offload {was.offload} (this job: {now.world_size}, ZeRO-{now.zero_stage}, "
+            f"{now.pipeline_stages}, {now.offload})")
+    if cfg.checkpoint.allow_config_change:
+        return cfg, ""
+    if now.global_batch == was.global_batch:
+        return cfg, _note(directory, was, now, "")
+    dp = now.dp_world
+    if now.batch_size == was.batch_size and was.global_batch % (now.batch_size * dp) == 0:
+        derived = replace(cfg, deepspeed=replace(cfg.deepspeed, grad_accum=was.global_batch // (now.batch_size * dp)))
+    elif dp != was.dp_world and now.grad_accum == was.grad_accum and was.global_batch % (now.grad_accum * dp) == 0:
+        derived = replace(cfg, data=replace(cfg.data, batch_size=was.global_batch // (now.grad_accum * dp)))
+    elif now.batch_size == was.batch_size or dp != was.dp_world:
+        raise ElasticError(
+            f"{directory} was trained with global batch {was.global_batch} ({was.describe()}); this job "
+            f"has {world_size} rank(s) and {now.pipeline_stages} pipeline stage(s), global batch "
+            f"{now.global_batch} ({now.describe()}), and no whole deepspeed.grad_accum or data.batch_size "
+            f"keeps {was.global_batch} on {dp} data-parallel rank(s). Resume on a number of ranks that "
+            f"can keep it, or pass --allow-config-change to train on with global batch {now.global_batch}")
+    else:
+        return cfg, ""  # an explicit change of the per-rank batch: the config check lists it
+    return derived, _note(directory, was, shape_of(derived, world_size), "derived ")
+
+
+def _note(directory: Path, was: Shape, now: Shape, derived: str) -> str:
+    if was == now:
+        return ""
+    return (f"elastic resume of {directory.name}: written with {was.describe()} on {was.world_size} "
+            f"rank(s), ZeRO-{was.zero_stage}, {was.pipeline_stages} pipeline stage(s); continuing with "
+            f"{derived}{now.describe()} on {now.world_size} rank(s), ZeRO-{now.zero_stage}, "
+            f"{now.pipeline_stages} pipeline stage(s)")
+
+
+# ---- gather (save) and re-partition (load) of one player's optimizer state ----------------------
+
+def _full(param: nn.Parameter, key: Optional[str], optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """The whole fp32 master (key None) or AdamW moment of a parameter, gathered from its ZeRO
+    partitions (collective under ZeRO-3 and over the data-parallel group under ZeRO-1/2);
+    without ZeRO the parameter is its own master and the optimizer holds the moments."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    value = safe_get_full_fp32_param(param) if key is None else safe_get_full_optimizer_state(param, key)
+    if value is None:
+        value = param.data if key is None else optimizer.state[param][key]
+    return value.detach().float()
+
+
+def gather_player(engine: Any, optimizer: torch.optim.Optimizer, names: dict[str, str],
+                  whole: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Collective. (tensors by `kind/network name`, JSON meta) of one trained player: its fp32
+    master weights and moments, made whole by `whole` (which assembles a pipeline's stages)."""
+    if not optimizer.state:  # no step applied yet (every one skipped as non-finite): as fresh
+        materialize_state(engine, optimizer)
+        _set_steps(optimizer, 0)
+    params = [(names[n], p) for n, p in engine.module.named_parameters() if p.requires_grad]
+    tensors: dict[str, torch.Tensor] = {}
+    for kind, key in (("fp32", None), *((m, m) for m in MOMENTS)):
+        local = {name: _full(p, key, optimizer) for name, p in params}
+        tensors.update({f"{kind}/{name}": t for name, t in whole(local).items()})
+    steps = {_as_int(s["step"]) for s in optimizer.state.values() if "step" in s}
+    if len(steps) > 1:
+        raise ElasticError(f"internal: the optimizer's parameters are at different steps {sorted(steps)}")
+    meta = {"optimizer_step": steps.pop() if steps else 0, "scheduler": engine.lr_scheduler.state_dict(),
+            "global_steps": engine.global_steps, "global_samples": engine.global_samples}
+    return tensors, meta
+
+
+def _as_int(step: Any) -> int:
+    return int(step.item()) if torch.is_tensor(step) else int(step)
+
+
+def materialize_state(engine: Any, optimizer: torch.optim.Optimizer) -> None:
+    """Create AdamW's state (moments, step) of a fresh engine's partitions, which DeepSpeed and
+    torch create lazily at the first step, by one step with zero gradients at learning rate 0:
+    no weight moves (AdamW's decoupled decay is lr x wd). Collective (the finite guard)."""
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    zero3 = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+    if zero3 is not None:  # ZeRO-3 hands the optimizer one sub-group's partition per step
+        for i, flat in enumerate(zero3):
+            flat.grad = torch.zeros_like(flat)
+            engine.optimizer._optimizer_step(i)
+            flat.grad = None
+    else:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        for p in params:
+            p.grad = None
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2: link the moments
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def load_player(engine: Any, optimizer: torch.optim.Optimizer, names: dict[str, str],
+                tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Collective. Re-partition a player's whole fp32 masters and moments into this job's
+    engine (any ZeRO stage, any number of ranks, any pipeline stage's layers), then its step
+    counts and learning rate. Every parameter must be there at its shape (strict)."""
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    params = [(names[n], p) for n, p in engine.module.named_parameters() if p.requires_grad]
+    for kind in ("fp32", *MOMENTS):
+        missing = [name for name, _ in params if f"{kind}/{name}" not in tensors]
+        if missing:
+            raise ElasticError(f"the universal state lacks {kind} of {len(missing)} parameters, e.g. {missing[:3]}")
+    materialize_state(engine, optimizer)
+    with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0):
+        for name, p in params:  # the weights the forward pass uses (half precision under bf16)
+            _copy_checked(p.data, tensors[f"fp32/{name}"], name)
+    for name, p in params:
+        if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):  # ZeRO: each rank sets its fragment (maybe none)
+            safe_set_full_fp32_param(p, tensors[f"fp32/{name}"])
+            for m in MOMENTS:
+                safe_set_full_optimizer_state(p, tensors[f"{m}/{name}"], m)
+        else:
+            for m in MOMENTS:
+                _copy_checked(optimizer.state[p][m], tensors[f"{m}/{name}"], name)
+    _set_steps(optimizer, meta["optimizer_step"])
+    engine.lr_scheduler.load_state_dict(meta["scheduler"])
+    for group, lr in zip(optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+        group["lr"] = lr
+    engine.global_steps, engine.global_samples = meta["global_steps"], meta["global_samples"]
+
+
+def _copy_checked(target: torch.Tensor, value: torch.Tensor, name: str) -> None:
+    if tuple(target.shape) != tuple(value.shape):
+        raise ElasticError(f"{name}: the universal state has shape {tuple(value.shape)}, the model "
+                           f"{tuple(target.shape)}")
+    target.copy_(value)
+
+
+def _set_steps(optimizer: torch.optim.Optimizer, step: int) -> None:
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"].fill_(step)
+        elif "step" in state:
+            state["step"] = step
