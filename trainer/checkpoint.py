@@ -369,8 +369,8 @@ class CheckpointManager:
             return
         old_yaml = (directory / "config.yaml").read_text()
         old = _flatten(yaml.safe_load(old_yaml))
-        was = (old["data.batch_size"] * old["deepspeed.grad_accum"] * complete["world_size"]
-               // old["deepspeed.pipeline_stages"])
+        ranks_per_replica = old["deepspeed.pipeline_stages"] * old.get("deepspeed.sequence_parallel_size", 1)
+        was = old["data.batch_size"] * old["deepspeed.grad_accum"] * complete["world_size"] // ranks_per_replica
         diffs = config_differences(old_yaml, config_yaml, ignore + (BATCH_KEYS if was == global_batch else ()))
         if diffs:
             listing = "\n  ".join(diffs)

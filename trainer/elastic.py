@@ -37,7 +37,7 @@ from trainer.config import RunConfig
 MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state per parameter (Loshchilov & Hutter 2019)
 # Keys that set how the model and optimizer are split, not what is trained.
 LAYOUT_KEYS = ("deepspeed.zero_stage", "deepspeed.pipeline_stages", "deepspeed.offload_optimizer",
-               "deepspeed.offload_params")
+               "deepspeed.offload_params", "deepspeed.sequence_parallel_size")
 
 
 class ElasticError(CheckpointError):
@@ -58,10 +58,11 @@ class Shape:
     pipeline_stages: int
     zero_stage: int
     offload: tuple[bool, bool]
+    sequence_parallel: int = 1  # ranks of one sequence group read the same samples
 
     @property
     def dp_world(self) -> int:
-        return self.world_size // self.pipeline_stages
+        return self.world_size // (self.pipeline_stages * self.sequence_parallel)
 
     @property
     def global_batch(self) -> int:
@@ -73,14 +74,14 @@ class Shape:
 
     def same_layout(self, other: "Shape") -> bool:
         """Whether DeepSpeed's per-rank files of one fit the engines of the other."""
-        return (self.world_size, self.pipeline_stages, self.zero_stage, self.offload) == (
-            other.world_size, other.pipeline_stages, other.zero_stage, other.offload)
+        return (self.world_size, self.pipeline_stages, self.zero_stage, self.offload, self.sequence_parallel) == (
+            other.world_size, other.pipeline_stages, other.zero_stage, other.offload, other.sequence_parallel)
 
 
 def shape_of(cfg: RunConfig, world_size: int) -> Shape:
     ds = cfg.deepspeed
     return Shape(world_size, cfg.data.batch_size, ds.grad_accum, ds.pipeline_stages, ds.zero_stage,
-                 (ds.offload_optimizer, ds.offload_params))
+                 (ds.offload_optimizer, ds.offload_params), ds.sequence_parallel_size)
 
 
 def written_shape(directory: Path) -> Shape:
@@ -89,7 +90,8 @@ def written_shape(directory: Path) -> Shape:
     old = yaml.safe_load((directory / "config.yaml").read_text())
     ds, data = old["deepspeed"], old["data"]
     return Shape(world, int(data["batch_size"]), int(ds["grad_accum"]), int(ds["pipeline_stages"]),
-                 int(ds["zero_stage"]), (bool(ds["offload_optimizer"]), bool(ds["offload_params"])))
+                 int(ds["zero_stage"]), (bool(ds["offload_optimizer"]), bool(ds["offload_params"])),
+                 int(ds.get("sequence_parallel_size", 1)))  # checkpoints from before the key: 1
 
 
 def keep_global_batch(cfg: RunConfig, world_size: int, directory: Optional[Path]) -> tuple[RunConfig, str]:

@@ -27,8 +27,8 @@ from trainer import faults
 from trainer.checkpoint import EMA_FILE, STAGE_FILE, CheckpointError, CheckpointManager, RankState, init_network
 from trainer.config import DeepSpeedConfig, OptimConfig, RunConfig, to_yaml, validate
 from trainer.distributed import DistContext, PreemptionFlag, any_rank, comm_device, compute_device, init_distributed
-from trainer.elastic import (LAYOUT_KEYS, gather_player, keep_global_batch, load_player, shape_of, universal_file,
-                             written_shape)
+from trainer.elastic import (LAYOUT_KEYS, Shape, gather_player, keep_global_batch, load_player, shape_of,
+                             universal_file, written_shape)
 from trainer.ema import EMA
 from trainer.metrics import KeyLog, Metric, MetricsLogger
 from trainer.sequence_parallel import parallelize_sequence, sequence_group
@@ -358,7 +358,7 @@ class Trainer:
             state = self.ckpt.load_rank_state(directory)
             restore_rng(state, self.generator)
         else:
-            state = self.load_elastic(directory, was.dp_world)
+            state = self.load_elastic(directory, was)
         self.stream.load_state_dict(state.meta["stream"])
         if self.ema is not None:
             ema = load_file(str(directory / EMA_FILE))
@@ -371,18 +371,20 @@ class Trainer:
             print(f"resumed from {directory} at step {self.state.step}", flush=True)
         return True
 
-    def load_elastic(self, directory: Path, old_dp_world: int) -> RankState:
+    def load_elastic(self, directory: Path, was: Shape) -> RankState:
         """Resume a checkpoint of another layout: each player's fp32 masters and moments
         re-partitioned from the universal files; the step, stream position (which every rank
         kept alike) and counters from rank 0's state. The stage's random draws keep their
-        streams while the data-parallel ranks are the same (rank d wrote dp_rank d's); else
+        streams while the data-parallel ranks are the same (the first rank of dp_rank d's sequence
+        group on pipeline stage 0, rank d * S, wrote its generator); else
         each dp_rank's generator is seeded afresh from (seed, step, dp_rank)."""
         state = self.ckpt.load_rank_state(directory, rank=0)
         for name, engine in self.engines.items():
             load_player(engine, self.optimizers[name], self.player_names(name),
                         load_file(str(directory / universal_file(name))), state.meta["optimizers"][name])
-        if old_dp_world == self.ctx.dp_world:
-            restore_rng(self.ckpt.load_rank_state(directory, rank=self.ctx.dp_rank), self.generator)
+        if was.dp_world == self.ctx.dp_world:
+            writer = self.ctx.dp_rank * was.sequence_parallel
+            restore_rng(self.ckpt.load_rank_state(directory, rank=writer), self.generator)
         else:
             step, seed = state.meta["step"], self.cfg.run.seed * 100_003 + self.ctx.dp_rank
             self.generator.manual_seed(seed * 1_000_003 + step)
