@@ -14,4 +14,4 @@ import torch  # noqa: E402
 # threads, 15 s on one). It also makes in-process results comparable with the ranks' own.
 torch.set_num_threads(1)
 
-from tests.trainer.harness import mixed_shards, shapes_shards, tiny_teacher  # noqa: E402,F401  (session fixtures, shared)
+from tests.trainer.harness import mixed_shards, shapes_shards, tiny_teacher, video_shards  # noqa: E402,F401  (session fixtures, shared)

@@ -27,6 +27,18 @@ def shapes_shards(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def video_shards(tmp_path_factory) -> Path:
+    """Real MP4 shards of synthetic shape clips at 16 px (6 frames each)."""
+    from data_pipeline.synth import synth_samples
+    from data_pipeline.write import write_shards
+
+    out = tmp_path_factory.mktemp("clips")
+    write_shards(synth_samples(48, seed=0, size=16, video=True, num_frames=6), str(out), shard_size=12,
+                 progress=False)
+    return out
+
+
 # (width, height) of the images of `mixed_shards`: two areas (16, 32) x three aspects (0.5, 1, 2)
 MIXED_SIZES = [(16, 16), (32, 16), (16, 32), (32, 32), (64, 32), (32, 64)]
 

@@ -4,6 +4,7 @@ trains, resumes, samples and exports as one process does."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import pytest
 
 from tests.trainer.harness import (ROOT, assert_checkpoint_samples_match, assert_ok, base, final_weights, losses,
                                    run_train, step_keys, train_env)
-from tests.trainer.test_support_matrix import VIDEO, assert_export_is_the_checkpoint, video_shards  # noqa: F401
+from tests.trainer.test_support_matrix import VIDEO, assert_export_is_the_checkpoint
 from trainer.config import ConfigError, RunConfig, validate
 
 pytestmark = pytest.mark.slow
@@ -30,11 +31,15 @@ def test_split_forward_backward_equals_one_process():
     assert all(r["grad_max"] > 1.0 for r in results)  # gradients that can differ
 
 
-def test_split_training_matches_one_process_resumes_samples_and_exports(video_shards, tmp_path):  # noqa: F811
-    """ZeRO-2, clips of 4 frames: 4 steps in one process vs 2 steps on a sequence group of 2
-    ranks resumed to 4; the same losses and weights, one key ledger for the group."""
+def test_split_training_matches_one_process_resumes_samples_and_exports(video_shards, tmp_path):
+    """ZeRO-2, clips of 4 frames: 4 steps in one process (stopped and resumed at 2: bit-exact)
+    vs 2 steps on a sequence group of 2 ranks resumed to 4; the same losses and weights, one key
+    ledger for the group. And the one process's step 2 resumed elastically on a sequence group
+    (S 1 -> 2, one data-parallel rank either way) ends where the one process does."""
     common = [*VIDEO, "deepspeed.zero_stage=2", "checkpoint.every=2", "log.sample_keys=true"]
-    single, split = tmp_path / "single", tmp_path / "split"
+    single, split, grown = tmp_path / "single", tmp_path / "split", tmp_path / "grown"
+    assert_ok(run_train(1, base(video_shards, single, *common, "stage.steps=2")))
+    shutil.copytree(single, grown)
     assert_ok(run_train(1, base(video_shards, single, *common, "stage.steps=4")))
     sp = base(video_shards, split, *common, "deepspeed.sequence_parallel_size=2")
     assert_ok(run_train(2, [*sp, "stage.steps=2"]))
@@ -52,6 +57,12 @@ def test_split_training_matches_one_process_resumes_samples_and_exports(video_sh
     assert keys == step_keys(single)
     assert_checkpoint_samples_match(split, tmp_path)
     assert_export_is_the_checkpoint(split, tmp_path / "export")
+    elastic = run_train(2, base(video_shards, grown, *common, "deepspeed.sequence_parallel_size=2", "stage.steps=4"))
+    assert_ok(elastic)
+    assert "elastic resume" in elastic.stdout + elastic.stderr and "at step 2" in elastic.stdout
+    wc = final_weights(grown)
+    assert max(float((wa[k] - wc[k]).abs().max()) for k in wa) < 1e-5
+    assert step_keys(grown) == step_keys(single)
 
 
 @pytest.mark.parametrize("overrides,key", [

@@ -58,18 +58,6 @@ CELLS = {
 
 
 @pytest.fixture(scope="module")
-def video_shards(tmp_path_factory) -> Path:
-    """Real MP4 shards of synthetic shape clips at 16 px (6 frames each)."""
-    from data_pipeline.synth import synth_samples
-    from data_pipeline.write import write_shards
-
-    out = tmp_path_factory.mktemp("clips")
-    write_shards(synth_samples(48, seed=0, size=16, video=True, num_frames=6), str(out), shard_size=12,
-                 progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
 def autoencoder_dir(tmp_path_factory) -> Path:
     """A structurally complete autoencoder folder (random weights) as the autoencoder stage writes it."""
     from trainer.config import AutoencoderConfig
