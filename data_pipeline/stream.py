@@ -10,7 +10,8 @@ The pipeline, as an explicit list of stages (in the spirit of open_clip's `data.
     safe decode       allowlisted decoders, pickles rejected           decode_stage
     transforms        buckets, resize + crop, SR pairs, video clips    transform_stage
     batch             one bucket per batch, a fixed number per worker  batch_stage
-    hand over         uint8 pixels through shared slots (transfer.py)  PixelRing, finalize
+    hand over         forked workers in turn (workers.py), uint8      WorkerPool, PixelRing,
+                      pixels through shared slots (transfer.py)        finalize
     to the device     (the trainer) copy, then x / 127.5 - 1 there     batch_to_device
 
 The first four stages are arithmetic on sample counts (see plan.py); workers then read
@@ -31,7 +32,6 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.config import DataConfig, validate_data_config
 from data_pipeline.decode import Decoded, JsonRecords, decode_sample
@@ -48,8 +48,9 @@ from data_pipeline.plan import (
 )
 from data_pipeline.remote import RemoteOptions
 from data_pipeline.tar_reader import RawSample, ShardReader
-from data_pipeline.transfer import FORK, PixelRing, slot_bytes, stack_into, stacked_shape
+from data_pipeline.transfer import PixelRing, slot_bytes, stack_into, stacked_shape
 from data_pipeline.transforms import Pixels, TransformSpec, image_pixels, refit, video_pixels
+from data_pipeline.workers import Producer, WorkerPool
 
 log = logging.getLogger("data_pipeline")
 STATE_VERSION = 1
@@ -263,22 +264,17 @@ def worker_stream(job: RankJob, worker: int) -> Iterator[dict]:
         reader.close()
 
 
-class _RankDataset(IterableDataset):
-    """DataLoader worker j serves plan worker (j + rotation) % workers: the rank's next
-    batch comes from DataLoader worker 0, whichever plan worker owes it."""
+def _rank_producer(job: RankJob, ring: PixelRing) -> Producer:
+    """Pool worker j serves plan worker (j + rotation) % workers, rotation = batches already
+    consumed: the rank's next batch comes from pool worker 0, whichever plan worker owes it.
+    Pixels go into worker j's slots of the ring."""
+    rotation = job.consumed % job.topo.num_workers
 
-    def __init__(self, job: RankJob, rotation: int, ring: PixelRing):
-        self.job, self.rotation, self.ring = job, rotation, ring
+    def produce(j: int) -> Iterator[dict]:
+        for batch in worker_stream(job, (j + rotation) % job.topo.num_workers):
+            yield ring.put(j, batch)
 
-    def __iter__(self):
-        info = get_worker_info()
-        j = info.id if info is not None else 0
-        for batch in worker_stream(self.job, (j + self.rotation) % self.job.topo.num_workers):
-            yield self.ring.put(j, batch)
-
-
-def _identity(batch: dict) -> dict:
-    return batch
+    return produce
 
 
 # ----------------------------------------------------------------------------- main process
@@ -290,7 +286,7 @@ def finalize(batch: dict, kind: str, pin: bool = False) -> dict:
     the sr size and `image_lr`/`video_lr`. Clips not yet stacked are stacked into a new tensor,
     page-locked when `pin`. `batch_to_device` copies them non-blocking and normalises them
     into contiguous float32 on the device."""
-    batch["valid"] = torch.tensor(batch["valid"], dtype=torch.bool)
+    batch["valid"] = torch.frombuffer(bytearray(batch["valid"]), dtype=torch.bool)  # list of bools: 1/0 bytes
     pixels, pixels_sr = batch.pop("__pixels__", None), batch.pop("__pixels_sr__", None)
     if pixels is not None:
         name = "image" if kind == "image" else "video"
@@ -477,11 +473,12 @@ class Stream:
             return
         # slots: the batches in flight (prefetch_factor + 1) and the one the caller holds
         ring = PixelRing(self.cfg.num_workers, self.cfg.prefetch_factor + 2, self._slot_bytes())
-        dataset = _RankDataset(job, job.consumed % job.topo.num_workers, ring)
-        loader = DataLoader(dataset, batch_size=None, collate_fn=_identity, num_workers=self.cfg.num_workers,
-                            prefetch_factor=self.cfg.prefetch_factor, multiprocessing_context=FORK)
-        for batch in loader:
-            yield ring.take(batch, self._pin)
+        pool = WorkerPool(_rank_producer(job, ring), self.cfg.num_workers, self.cfg.prefetch_factor)
+        try:
+            for batch in pool:
+                yield ring.take(batch, self._pin)
+        finally:
+            pool.close()
 
     def _slot_bytes(self) -> int:
         """The pixels of the largest batch the spec allows: longest clip, largest bucket."""
@@ -512,7 +509,7 @@ class Stream:
             meta = batch.pop("__meta__")
             if meta["worker"] != served % nw:
                 raise DataError(f"internal: batch from worker {meta['worker']} where worker {served % nw} "
-                                f"was due; the DataLoader must keep its default in_order=True")
+                                f"was due (the worker pool serves them in turn)")
             for reason, n in meta["stats"].items():
                 self._stats[reason] += n
             check_error_budget(self._stats, self.cfg.error_budget, self.cfg.min_errors_before_budget,
