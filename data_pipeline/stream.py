@@ -33,7 +33,7 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 import torch
 
-from data_pipeline.config import DataConfig, validate_data_config
+from data_pipeline.config import DataConfig, remote_options, validate_data_config
 from data_pipeline.decode import Decoded, JsonRecords, decode_sample
 from data_pipeline.errors import DataError, SkipCounter, SkipSample, check_error_budget, empty_counts
 from data_pipeline.manifest import SOURCE_SEPARATOR, Manifest, resolve_source, resolve_sources
@@ -85,14 +85,21 @@ def _skip(item: Item, error: SkipSample, counter: SkipCounter) -> None:
 
 def read_stage(blocks: Iterable[list[Slot]], reader: ShardReader, paths: tuple[str, ...],
                counter: SkipCounter) -> Iterator[Item]:
-    """Tar to samples: read each block's samples in file order, hand them out in plan order."""
-    for block in blocks:
+    """Tar to samples: read each block's samples in file order, hand them out in plan order.
+    Each time it starts on a shard, the reader hears which shard comes after (read-ahead)."""
+    blocks = iter(blocks)
+    block = next(blocks, None)
+    while block is not None:
+        following = next(blocks, None)
+        wanted = sorted({(s.shard, s.index) for s in block})
         fetched: dict[tuple[int, int], object] = {}
-        for shard, index in sorted({(s.shard, s.index) for s in block}):
+        for i, (where, upcoming) in enumerate(zip(wanted, _upcoming(wanted, following))):
+            if upcoming is not None and (i == 0 or wanted[i - 1][0] != where[0]):
+                reader.prefetch(*upcoming)
             try:
-                fetched[shard, index] = reader.read(shard, index)
+                fetched[where] = reader.read(*where)
             except SkipSample as e:
-                fetched[shard, index] = e
+                fetched[where] = e
         for slot in block:
             counter.read()
             item = Item(slot, paths[slot.shard], f"#{slot.index}")
@@ -102,6 +109,20 @@ def read_stage(blocks: Iterable[list[Slot]], reader: ShardReader, paths: tuple[s
             else:
                 item.raw, item.key = got, got.key
             yield item
+        block = following
+
+
+def _upcoming(wanted: list[tuple[int, int]], following: Optional[list[Slot]]) -> list[Optional[tuple[int, int]]]:
+    """For each (shard, index) read of a block, the first later read of another shard (in this
+    block or the next), or None."""
+    later = wanted + (sorted({(s.shard, s.index) for s in following}) if following else [])
+    out: list[Optional[tuple[int, int]]] = [None] * len(later)
+    nxt = None
+    for i in reversed(range(len(later))):
+        if i + 1 < len(later) and later[i + 1][0] != later[i][0]:
+            nxt = later[i + 1]
+        out[i] = nxt
+    return out[: len(wanted)]
 
 
 def decode_stage(items: Iterable[Item], counter: SkipCounter) -> Iterator[Item]:
@@ -464,7 +485,7 @@ class Stream:
         return RankJob(self.paths, self.counts, self.spec, self.topology, self.rank, consumed, self.seed,
                        self.epoch, self.block, segment, resampled, c.error_budget,
                        c.min_errors_before_budget, c.max_logged_skips, self.offsets,
-                       RemoteOptions(c.remote_block_size, c.remote_retries, c.remote_backoff))
+                       remote_options(c))
 
     def _batches(self, job: RankJob) -> Iterator[dict]:
         """The segment's batches as the workers make them, pixels as tensors over their slots."""
