@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from data_pipeline.remote import RemoteOptions
+
 
 @dataclass
 class DataConfig:
@@ -59,6 +61,15 @@ class DataConfig:
     remote_block_size: int = 4194304
     remote_retries: int = 3
     remote_backoff: float = 0.5
+    # Remote shards: each worker opens the next shard of its plan in a background thread while
+    # it reads the current one (the block at its first planned sample, or the whole shard into
+    # cache_dir): one shard ahead, at most remote_block_size bytes (or one shard on disk).
+    remote_readahead: bool = True
+    # Remote shards: a local directory for whole-shard copies ("" = off), shared by the workers
+    # and ranks of a machine, and its size limit in GB (least recently used shards go first).
+    # Downloads are atomic; files are named by a hash of the URL (no credentials on disk).
+    cache_dir: str = ""
+    cache_max_gb: float = 100.0
 
 
 def validate_data_config(cfg: DataConfig) -> None:
@@ -89,6 +100,7 @@ def validate_data_config(cfg: DataConfig) -> None:
         (cfg.remote_block_size >= 512, "remote_block_size", "must be at least 512 bytes (one tar block)"),
         (cfg.remote_retries >= 0, "remote_retries", "must be >= 0"),
         (cfg.remote_backoff >= 0, "remote_backoff", "must be >= 0 seconds"),
+        (cfg.cache_max_gb > 0, "cache_max_gb", "must be > 0 (GB of whole shards kept in data.cache_dir)"),
         (all(w > 0 for w in cfg.mixture.values()), "mixture", "weights must be > 0"),
         (not cfg.mixture or cfg.resampled, "mixture",
          "weights only make sense when sampling with replacement: set data.resampled=true, or join "
@@ -97,3 +109,9 @@ def validate_data_config(cfg: DataConfig) -> None:
     for ok, key, message in checks:
         if not ok:
             raise ValueError(f"data.{key}: {message}")
+
+
+def remote_options(cfg: DataConfig) -> RemoteOptions:
+    """The data.remote_* and data.cache_* settings as the shard reader takes them."""
+    return RemoteOptions(cfg.remote_block_size, cfg.remote_retries, cfg.remote_backoff, cfg.remote_readahead,
+                         cfg.cache_dir, int(cfg.cache_max_gb * 1e9))

@@ -99,6 +99,6 @@ class SkipCounter:
             log.warning("%s [%s]%s", message, self.where, tail)
 
     def take_delta(self) -> dict[str, int]:
-        """The counts since the previous call (travel with each batch to the main process)."""
+        """The non-zero counts since the previous call (travel with each batch to the main process)."""
         delta, self._delta = self._delta, empty_counts()
-        return delta
+        return {reason: n for reason, n in delta.items() if n}

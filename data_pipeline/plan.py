@@ -8,7 +8,7 @@ in advance.
 
 Split by node, split by worker. The unseen positions of the epoch, in that order, are cut
 into contiguous sample ranges, one per rank (sizes differ by at most one) and within a rank
-one per worker, sized by the batches the worker serves: DataLoader takes batch t of a rank
+one per worker, sized by the batches the worker serves: the worker pool takes batch t of a rank
 from worker t % num_workers, so worker w serves ceil((K - w) / num_workers) of the rank's K
 batches. Ranges, not whole shards, are handed out: any number of shards works for any
 world size x workers, and every rank gets exactly K = ceil(M / (world_size x batch_size))
@@ -45,7 +45,7 @@ class Slot(NamedTuple):
 @dataclass(frozen=True)
 class Topology:
     world_size: int
-    num_workers: int  # plan workers: max(1, DataLoader workers)
+    num_workers: int  # plan workers: max(1, loader worker processes)
     batch_size: int
     window: int  # batches per bucketing window (1 when there is a single bucket)
     drop_last: bool

@@ -17,7 +17,6 @@ import importlib
 import json
 import os
 import zlib
-from pathlib import Path
 from typing import Callable, Iterator
 
 import safetensors.torch
@@ -27,11 +26,12 @@ from tqdm import tqdm
 
 from data_pipeline.config import DataConfig
 from data_pipeline.errors import DataError, SkipCounter, SkipSample
-from data_pipeline.manifest import Manifest, ShardInfo, file_digest, resolve_source
+from data_pipeline.manifest import Manifest, resolve_source
 from data_pipeline.plan import Slot
 from data_pipeline.stream import Item, batch_to_device, collate, decode_stage, finalize, transform_stage
 from data_pipeline.tar_reader import TarShard
 from data_pipeline.transforms import TransformSpec
+from data_pipeline.write import ShardOutput
 
 Encoder = Callable[[dict], dict[str, torch.Tensor]]
 
@@ -100,15 +100,15 @@ def _encode_group(items: list[Item], encoder: Encoder, kind: str) -> Iterator[di
 
 def precompute(source: str, out_dir: str, encoder: Encoder, cfg: DataConfig, batch_size: int = 32,
                progress: bool = True) -> Manifest:
-    """Encode every usable sample of `source` into shards under `out_dir` (same shard names)."""
+    """Encode every usable sample of `source` into shards under `out_dir`, a directory or a
+    URL (same shard names; see write.ShardOutput)."""
     src = resolve_source(source)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ShardOutput(out_dir)
     spec = TransformSpec.from_config(dataclasses.replace(cfg, random_crop=False))
     counter = SkipCounter(1.0, 0, cfg.max_logged_skips, "precompute")
     infos = []
     for info, path in tqdm(list(zip(src.shards, src.paths())), desc="precompute", unit="shard", disable=not progress):
-        target = out / os.path.basename(info.name)
+        target = out.dir / os.path.basename(info.name)
         written = 0
         with wds.TarWriter(str(target), encoder=False, mtime=0) as sink:
             groups: dict[tuple, list[Item]] = {}
@@ -121,12 +121,9 @@ def precompute(source: str, out_dir: str, encoder: Encoder, cfg: DataConfig, bat
                     written += _write(sink, groups.pop(item.bucket), encoder, cfg.kind)
             for group in groups.values():
                 written += _write(sink, group, encoder, cfg.kind)
-        size, digest = file_digest(str(target))
-        infos.append(ShardInfo(target.name, written, size, digest))
-    manifest = Manifest(str(out), infos, "latent", "dit data precompute",
+        infos.append(out.finish(str(target), written))
+    return out.manifest(infos, "latent", "dit data precompute",
                         {"source": src.root, "resolution": cfg.resolution, "skipped": counter.counts})
-    manifest.write()
-    return manifest
 
 
 def _write(sink: wds.TarWriter, group: list[Item], encoder: Encoder, kind: str) -> int:

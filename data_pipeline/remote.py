@@ -24,6 +24,7 @@ from typing import Optional
 
 _URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 PIPE = "pipe:"
+DOWNLOAD_BLOCK = 8 << 20  # bytes per read when copying a whole file
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,9 @@ class RemoteOptions:
     block_size: int = 4 << 20  # bytes fetched per ranged read (the read-ahead bound per open shard)
     retries: int = 3  # further attempts after a transient error, per read
     backoff: float = 0.5  # seconds before the first retry, doubled for each further one
+    readahead: bool = True  # open the next shard in the background while reading the current one
+    cache_dir: str = ""  # local copies of whole shards (shard_cache.py); "" reads the store directly
+    cache_max_bytes: int = 0  # size limit of cache_dir
 
 
 def is_pipe(path: str) -> bool:
@@ -119,10 +123,13 @@ def open_shard(path: str, options: RemoteOptions):
     """A binary file object with read/seek/close; `size` attribute None when unknown."""
     if is_pipe(path):
         return PipeFile(path[len(PIPE):])
+    if is_url(path) and options.cache_dir:
+        from data_pipeline.shard_cache import cached_copy
+
+        return open(cached_copy(path, options.cache_dir, options.cache_max_bytes), "rb")
     if is_url(path):
         fs, inner = filesystem(path)
-        f = fs.open(inner, "rb", block_size=options.block_size, cache_type="readahead")
-        return f
+        return fs.open(inner, "rb", block_size=options.block_size, cache_type="readahead")
     return open(path, "rb")
 
 
@@ -165,6 +172,12 @@ def write_text(path: str, text: str) -> None:
     fs, inner = filesystem(path)
     with fs.open(inner, "wb") as f:
         f.write(text.encode())
+
+
+def put_file(local: str, url: str) -> None:
+    """Upload a finished local file (one PUT, or a multipart upload completed at its end)."""
+    fs, inner = filesystem(url)
+    fs.put_file(local, inner)
 
 
 def glob_urls(pattern: str) -> list[str]:

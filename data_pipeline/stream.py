@@ -10,7 +10,8 @@ The pipeline, as an explicit list of stages (in the spirit of open_clip's `data.
     safe decode       allowlisted decoders, pickles rejected           decode_stage
     transforms        buckets, resize + crop, SR pairs, video clips    transform_stage
     batch             one bucket per batch, a fixed number per worker  batch_stage
-    hand over         uint8 pixels through shared slots (transfer.py)  PixelRing, finalize
+    hand over         forked workers in turn (workers.py), uint8      WorkerPool, PixelRing,
+                      pixels through shared slots (transfer.py)        finalize
     to the device     (the trainer) copy, then x / 127.5 - 1 there     batch_to_device
 
 The first four stages are arithmetic on sample counts (see plan.py); workers then read
@@ -31,9 +32,8 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipeline.config import DataConfig, validate_data_config
+from data_pipeline.config import DataConfig, remote_options, validate_data_config
 from data_pipeline.decode import Decoded, JsonRecords, decode_sample
 from data_pipeline.errors import DataError, SkipCounter, SkipSample, check_error_budget, empty_counts
 from data_pipeline.manifest import SOURCE_SEPARATOR, Manifest, resolve_source, resolve_sources
@@ -48,8 +48,9 @@ from data_pipeline.plan import (
 )
 from data_pipeline.remote import RemoteOptions
 from data_pipeline.tar_reader import RawSample, ShardReader
-from data_pipeline.transfer import FORK, PixelRing, slot_bytes, stack_into, stacked_shape
+from data_pipeline.transfer import PixelRing, slot_bytes, stack_into, stacked_shape
 from data_pipeline.transforms import Pixels, TransformSpec, image_pixels, refit, video_pixels
+from data_pipeline.workers import Producer, WorkerPool
 
 log = logging.getLogger("data_pipeline")
 STATE_VERSION = 1
@@ -84,14 +85,21 @@ def _skip(item: Item, error: SkipSample, counter: SkipCounter) -> None:
 
 def read_stage(blocks: Iterable[list[Slot]], reader: ShardReader, paths: tuple[str, ...],
                counter: SkipCounter) -> Iterator[Item]:
-    """Tar to samples: read each block's samples in file order, hand them out in plan order."""
-    for block in blocks:
+    """Tar to samples: read each block's samples in file order, hand them out in plan order.
+    Each time it starts on a shard, the reader hears which shard comes after (read-ahead)."""
+    blocks = iter(blocks)
+    block = next(blocks, None)
+    while block is not None:
+        following = next(blocks, None)
+        wanted = sorted({(s.shard, s.index) for s in block})
         fetched: dict[tuple[int, int], object] = {}
-        for shard, index in sorted({(s.shard, s.index) for s in block}):
+        for i, (where, upcoming) in enumerate(zip(wanted, _upcoming(wanted, following))):
+            if upcoming is not None and (i == 0 or wanted[i - 1][0] != where[0]):
+                reader.prefetch(*upcoming)
             try:
-                fetched[shard, index] = reader.read(shard, index)
+                fetched[where] = reader.read(*where)
             except SkipSample as e:
-                fetched[shard, index] = e
+                fetched[where] = e
         for slot in block:
             counter.read()
             item = Item(slot, paths[slot.shard], f"#{slot.index}")
@@ -101,6 +109,20 @@ def read_stage(blocks: Iterable[list[Slot]], reader: ShardReader, paths: tuple[s
             else:
                 item.raw, item.key = got, got.key
             yield item
+        block = following
+
+
+def _upcoming(wanted: list[tuple[int, int]], following: Optional[list[Slot]]) -> list[Optional[tuple[int, int]]]:
+    """For each (shard, index) read of a block, the first later read of another shard (in this
+    block or the next), or None."""
+    later = wanted + (sorted({(s.shard, s.index) for s in following}) if following else [])
+    out: list[Optional[tuple[int, int]]] = [None] * len(later)
+    nxt = None
+    for i in reversed(range(len(later))):
+        if i + 1 < len(later) and later[i + 1][0] != later[i][0]:
+            nxt = later[i + 1]
+        out[i] = nxt
+    return out[: len(wanted)]
 
 
 def decode_stage(items: Iterable[Item], counter: SkipCounter) -> Iterator[Item]:
@@ -263,22 +285,17 @@ def worker_stream(job: RankJob, worker: int) -> Iterator[dict]:
         reader.close()
 
 
-class _RankDataset(IterableDataset):
-    """DataLoader worker j serves plan worker (j + rotation) % workers: the rank's next
-    batch comes from DataLoader worker 0, whichever plan worker owes it."""
+def _rank_producer(job: RankJob, ring: PixelRing) -> Producer:
+    """Pool worker j serves plan worker (j + rotation) % workers, rotation = batches already
+    consumed: the rank's next batch comes from pool worker 0, whichever plan worker owes it.
+    Pixels go into worker j's slots of the ring."""
+    rotation = job.consumed % job.topo.num_workers
 
-    def __init__(self, job: RankJob, rotation: int, ring: PixelRing):
-        self.job, self.rotation, self.ring = job, rotation, ring
+    def produce(j: int) -> Iterator[dict]:
+        for batch in worker_stream(job, (j + rotation) % job.topo.num_workers):
+            yield ring.put(j, batch)
 
-    def __iter__(self):
-        info = get_worker_info()
-        j = info.id if info is not None else 0
-        for batch in worker_stream(self.job, (j + self.rotation) % self.job.topo.num_workers):
-            yield self.ring.put(j, batch)
-
-
-def _identity(batch: dict) -> dict:
-    return batch
+    return produce
 
 
 # ----------------------------------------------------------------------------- main process
@@ -290,7 +307,7 @@ def finalize(batch: dict, kind: str, pin: bool = False) -> dict:
     the sr size and `image_lr`/`video_lr`. Clips not yet stacked are stacked into a new tensor,
     page-locked when `pin`. `batch_to_device` copies them non-blocking and normalises them
     into contiguous float32 on the device."""
-    batch["valid"] = torch.tensor(batch["valid"], dtype=torch.bool)
+    batch["valid"] = torch.frombuffer(bytearray(batch["valid"]), dtype=torch.bool)  # list of bools: 1/0 bytes
     pixels, pixels_sr = batch.pop("__pixels__", None), batch.pop("__pixels_sr__", None)
     if pixels is not None:
         name = "image" if kind == "image" else "video"
@@ -468,7 +485,7 @@ class Stream:
         return RankJob(self.paths, self.counts, self.spec, self.topology, self.rank, consumed, self.seed,
                        self.epoch, self.block, segment, resampled, c.error_budget,
                        c.min_errors_before_budget, c.max_logged_skips, self.offsets,
-                       RemoteOptions(c.remote_block_size, c.remote_retries, c.remote_backoff))
+                       remote_options(c))
 
     def _batches(self, job: RankJob) -> Iterator[dict]:
         """The segment's batches as the workers make them, pixels as tensors over their slots."""
@@ -477,11 +494,12 @@ class Stream:
             return
         # slots: the batches in flight (prefetch_factor + 1) and the one the caller holds
         ring = PixelRing(self.cfg.num_workers, self.cfg.prefetch_factor + 2, self._slot_bytes())
-        dataset = _RankDataset(job, job.consumed % job.topo.num_workers, ring)
-        loader = DataLoader(dataset, batch_size=None, collate_fn=_identity, num_workers=self.cfg.num_workers,
-                            prefetch_factor=self.cfg.prefetch_factor, multiprocessing_context=FORK)
-        for batch in loader:
-            yield ring.take(batch, self._pin)
+        pool = WorkerPool(_rank_producer(job, ring), self.cfg.num_workers, self.cfg.prefetch_factor)
+        try:
+            for batch in pool:
+                yield ring.take(batch, self._pin)
+        finally:
+            pool.close()
 
     def _slot_bytes(self) -> int:
         """The pixels of the largest batch the spec allows: longest clip, largest bucket."""
@@ -512,7 +530,7 @@ class Stream:
             meta = batch.pop("__meta__")
             if meta["worker"] != served % nw:
                 raise DataError(f"internal: batch from worker {meta['worker']} where worker {served % nw} "
-                                f"was due; the DataLoader must keep its default in_order=True")
+                                f"was due (the worker pool serves them in turn)")
             for reason, n in meta["stats"].items():
                 self._stats[reason] += n
             check_error_budget(self._stats, self.cfg.error_budget, self.cfg.min_errors_before_budget,

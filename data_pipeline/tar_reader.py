@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -240,6 +241,13 @@ class TarShard:
             raise SkipSample("duplicate_key", sample.duplicate)
         return sample
 
+    def warm(self, index: int) -> None:
+        """Open the file and fetch the block holding sample `index`'s first header (the start
+        of a read-ahead), with the retries of any read."""
+        if index < len(self.offsets):
+            self._jump(index)
+        self._read(self._offset, BLOCK)
+
     def __iter__(self) -> Iterator[RawSample]:
         """All samples from the start, in order, duplicates flagged (raises SkipSample at an
         unreadable part)."""
@@ -300,6 +308,10 @@ def sample_offsets(path: str, options: Optional[RemoteOptions] = None) -> list[i
 class ShardReader:
     """Reads samples by (shard id, index) across shards, keeping the last few shards open.
 
+    `prefetch(shard, index)` announces the next shard to be read: a remote one is opened in a
+    background thread (one shard ahead at most, holding at most one read-ahead block, or being
+    copied into the shard cache) and handed to the first `read` of it.
+
     A shard that stays unreadable after the retries is given up for the life of the reader:
     every later sample of it is skipped at once as `unreadable_shard` (each counts against
     data.error_budget, like a corrupt sample)."""
@@ -312,12 +324,47 @@ class ShardReader:
         self.options = options or RemoteOptions()
         self._open: dict[int, TarShard] = {}
         self._dead: dict[int, SkipSample] = {}
+        self._ahead: Optional[tuple[int, Future]] = None  # (shard id, (its TarShard, error) being warmed)
+        self._threads: Optional[ThreadPoolExecutor] = None  # made on first use: in the worker, after the fork
+
+    def prefetch(self, shard_id: int, index: int) -> None:
+        """Start opening shard `shard_id` at sample `index` if it is remote and not open yet."""
+        if (not self.options.readahead or self._ahead is not None or shard_id in self._open
+                or shard_id in self._dead or not remote.is_url(self.paths[shard_id])):
+            return
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(1, thread_name_prefix="shard-readahead")
+        self._ahead = shard_id, self._threads.submit(self._warm, shard_id, index)
+
+    def _warm(self, shard_id: int, index: int) -> tuple[TarShard, Optional[Exception]]:
+        """In the read-ahead thread: the opened shard, or the error its reads ended with (the
+        first `read` raises it: the retries are not made twice)."""
+        shard = TarShard(self.paths[shard_id], self.offsets[shard_id], self.options)
+        try:
+            shard.warm(index)
+        except (SkipSample, *remote.PERMANENT) as e:
+            shard.close()
+            return shard, e
+        return shard, None
+
+    def _take_ahead(self, shard_id: int) -> tuple[Optional[TarShard], Optional[Exception]]:
+        """The read-ahead shard when it is `shard_id` (waiting for it); a stale one is closed."""
+        if self._ahead is None or (self._ahead[0] != shard_id and not self._ahead[1].done()):
+            return None, None
+        (ahead_id, future), self._ahead = self._ahead, None
+        shard, error = future.result()
+        if ahead_id == shard_id:
+            return shard, error
+        shard.close()
+        return None, None
 
     def read(self, shard_id: int, index: int) -> RawSample:
         if shard_id in self._dead:
             dead = self._dead[shard_id]
             raise SkipSample(dead.reason, dead.detail)
-        shard = self._open.pop(shard_id, None)
+        shard, error = self._open.pop(shard_id, None), None
+        if shard is None:
+            shard, error = self._take_ahead(shard_id)
         path = self.paths[shard_id]
         if shard is None:
             if not remote.is_remote(path) and not Path(path).is_file():
@@ -328,6 +375,8 @@ class ShardReader:
             oldest = next(iter(self._open))
             self._open.pop(oldest).close()
         try:
+            if error is not None:
+                raise error
             return shard.read(index)
         except FileNotFoundError:
             raise _missing(path) from None
@@ -338,9 +387,15 @@ class ShardReader:
             raise
 
     def close(self) -> None:
+        if self._ahead is not None:
+            self._open[self._ahead[0]] = self._ahead[1].result()[0]
+            self._ahead = None
         for shard in self._open.values():
             shard.close()
         self._open.clear()
+        if self._threads is not None:
+            self._threads.shutdown()
+            self._threads = None
 
 
 def _missing(path: str) -> DataError:

@@ -1,7 +1,7 @@
 """Batch pixels from the loader workers to the main process through reused shared memory.
 
-A DataLoader worker hands its batch to the main process pickled through a pipe of 64 KiB:
-a uint8 batch of 32 x 128 x 128 x 3 (1.5 MB) took ~25 writes, as many wake-ups of both
+A loader worker (workers.py) that pickled its batch through its pipe of 64 KiB to the main
+process: a uint8 batch of 32 x 128 x 128 x 3 (1.5 MB) took ~25 writes, as many wake-ups of both
 processes and four copies (pickle, pipe in, pipe out, unpickle), measured at more CPU than
 decoding the batch's JPEGs. torch's own tensor sharing would make a new shared-memory file
 per batch (created, zero-filled, mapped twice, in /dev/shm: 64 MB by default in Docker).
@@ -22,6 +22,7 @@ sent after its pixels are written.
 """
 from __future__ import annotations
 
+import math
 import mmap
 import multiprocessing
 import weakref
@@ -58,7 +59,7 @@ def stacked_shape(clips: list[np.ndarray]) -> tuple[int, ...]:
 
 def slot_bytes(shapes: list[tuple[int, ...]]) -> int:
     """Bytes of a slot holding uint8 arrays of these shapes, one after the other."""
-    return sum(_aligned(int(np.prod(s))) for s in shapes)
+    return sum(_aligned(math.prod(s)) for s in shapes)
 
 
 def _aligned(n: int) -> int:
@@ -90,7 +91,7 @@ class PixelRing:
         self.busy[worker, slot] = 1
         memory, offset = np.frombuffer(self.memory[worker][slot], np.uint8), 0
         for field, shape in zip(fields, shapes):
-            n = int(np.prod(shape))
+            n = math.prod(shape)
             stack_into(batch[field], memory[offset: offset + n].reshape(shape))
             batch[field] = InSlot(worker, slot, offset, shape)
             offset += _aligned(n)
@@ -106,7 +107,7 @@ class PixelRing:
             if isinstance(where, InSlot):
                 if first is None:
                     first, memory = where, np.frombuffer(self.memory[where.worker][where.slot], np.uint8)
-                view = memory[where.offset: where.offset + int(np.prod(where.shape))].reshape(where.shape)
+                view = memory[where.offset: where.offset + math.prod(where.shape)].reshape(where.shape)
                 batch[field] = _pinned_copy(view) if pin else torch.from_numpy(view)
             elif isinstance(where, np.ndarray):  # sent through the pipe
                 batch[field] = _pinned_copy(where) if pin else torch.from_numpy(where)

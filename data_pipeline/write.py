@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
@@ -21,7 +22,9 @@ from tqdm import tqdm
 
 from data_pipeline.decode import PIL_FORMATS
 from data_pipeline.errors import DataError
+from data_pipeline import remote
 from data_pipeline.manifest import Manifest, ShardInfo, file_digest
+from data_pipeline.tar_reader import sample_offsets
 
 log = logging.getLogger("data_pipeline")
 # Input file suffix -> member extension.
@@ -29,36 +32,73 @@ MEDIA_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp", ".m
 VIDEO_MEMBERS = ("mp4", "webm")
 
 
+class ShardOutput:
+    """Where written shards go: a local directory, or a URL of any fsspec store (s3://bucket/x).
+
+    For a URL the shards are staged in a temporary directory; each is uploaded as soon as it
+    is finished (one PUT, or a multipart upload completed at its end: readers never see part
+    of an object) with its byte index taken first, and deleted locally, so the local disk holds
+    one shard at a time. The manifest is written last: a data set that has one is complete.
+    Credentials come from the store's environment and profiles; nothing of them is written."""
+
+    def __init__(self, out: str, prefix: str = ""):
+        self.out, self.is_url = out, remote.is_url(out)
+        if self.is_url:
+            existing = remote.glob_urls(remote.join(out, f"{prefix}*.tar")) if prefix else []
+            self._staging = tempfile.TemporaryDirectory(prefix="dit-shards-")
+            self.dir = Path(self._staging.name)
+        else:
+            self.dir = Path(out)
+            self.dir.mkdir(parents=True, exist_ok=True)
+            existing = list(self.dir.glob(f"{prefix}*.tar")) if prefix else []
+        if existing:
+            raise DataError(f"{out} already holds {prefix}*.tar shards; write into an empty directory")
+
+    def finish(self, local_path: str, samples: int) -> ShardInfo:
+        """The manifest entry of a closed shard; uploaded (and removed here) for a URL."""
+        size, digest = file_digest(local_path)
+        info = ShardInfo(os.path.basename(local_path), samples, size, digest)
+        if self.is_url and samples:
+            info.offsets = sample_offsets(local_path)  # ranged reads can jump straight to a sample
+            remote.put_file(local_path, remote.join(self.out, info.name))
+            os.remove(local_path)
+        return info
+
+    def manifest(self, infos: list[ShardInfo], kind: str, created_by: str, extra: dict) -> Manifest:
+        """Write the manifest (last) and drop the staging directory."""
+        manifest = Manifest(self.out if self.is_url else str(self.dir), infos, kind, created_by, extra)
+        manifest.write()
+        if self.is_url:
+            self._staging.cleanup()
+        return manifest
+
+
 def write_shards(samples: Iterable[dict], out_dir: str, shard_size: int, *, prefix: str = "shard",
                  max_bytes: float = 3e9, created_by: str = "dit data write",
                  total: Optional[int] = None, progress: bool = True, extra: Optional[dict] = None) -> Manifest:
     """Write samples ({"__key__": str, ext: bytes, ...}) into shards of at most `shard_size`
-    samples with webdataset.ShardWriter; return (and write) the manifest."""
+    samples with webdataset.ShardWriter, in a directory or at a URL (see ShardOutput); return
+    (and write) the manifest."""
     if shard_size < 1:
         raise ValueError("shard_size must be at least 1")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if any(out.glob(f"{prefix}-*.tar")):
-        raise DataError(f"{out} already holds {prefix}-*.tar shards; write into an empty directory")
+    out = ShardOutput(out_dir, f"{prefix}-")
     infos: list[ShardInfo] = []
 
     def finished(fname: str) -> None:  # ShardWriter calls this after closing each shard
-        size, digest = file_digest(fname)
-        infos.append(ShardInfo(os.path.basename(fname), writer.count, size, digest))
+        infos.append(out.finish(fname, writer.count))
 
-    pattern = str(out / f"{prefix}-%06d.tar")
+    pattern = str(out.dir / f"{prefix}-%06d.tar")
     writer = wds.ShardWriter(pattern, maxcount=shard_size, maxsize=max_bytes, post=finished,
                              verbose=0, encoder=False, mtime=0)
     members: Counter = Counter()
     with writer:
-        for sample in tqdm(samples, total=total, desc=f"writing {out}", unit="sample", disable=not progress):
+        for sample in tqdm(samples, total=total, desc=f"writing {remote.redact(out_dir)}", unit="sample",
+                           disable=not progress):
             writer.write(sample)
             members.update(k.rsplit(".", 1)[-1] for k in sample if not k.startswith("__"))
     for info in [i for i in infos if i.samples == 0]:  # ShardWriter opens a first shard eagerly
-        os.remove(out / info.name)
-    manifest = Manifest(str(out), [i for i in infos if i.samples > 0], dataset_kind(members), created_by, extra or {})
-    manifest.write()
-    return manifest
+        (out.dir / info.name).unlink(missing_ok=True)
+    return out.manifest([i for i in infos if i.samples > 0], dataset_kind(members), created_by, extra or {})
 
 
 def sanitize_key(name: str) -> str:

@@ -21,7 +21,8 @@ def register(sub) -> None:
                        description="INPUT is a folder (a.jpg + a.txt [+ a.json], also png/webp/mp4/webm, "
                                    "searched recursively) or a .jsonl of {\"path\": ..., \"caption\": ...}.")
     p.add_argument("input", help="folder or .jsonl file")
-    p.add_argument("--out", required=True, help="output directory (must hold no shards yet)")
+    p.add_argument("--out", required=True, help="output directory or URL such as s3://bucket/laion (must hold "
+                                                "no shards yet; credentials from the store's environment)")
     _shard_options(p)
     p.set_defaults(func=cmd_write)
 
@@ -29,7 +30,7 @@ def register(sub) -> None:
                        description="Deterministic images of 1-2 coloured shapes on a 3x3 grid (or a shape "
                                    "moving left/right/up/down) with captions stating every attribute and "
                                    "the ground truth in each sample's json.")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory or URL (s3://bucket/dir, gs://...)")
     p.add_argument("--num", type=int, default=1000, help="number of samples (default 1000)")
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     p.add_argument("--video", action="store_true", help="mp4 clips of a moving shape instead of images")
@@ -57,8 +58,8 @@ def register(sub) -> None:
     p = sub.add_parser("precompute", help="shards of encoder outputs (latents, text embeddings)",
                        description="Each source shard becomes a shard of the same name with the same keys, "
                                    "txt and json, plus a safetensors member of the encoder's outputs.")
-    p.add_argument("source", help="shard directory to encode")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("source", help="shard directory, pattern or URL to encode")
+    p.add_argument("--out", required=True, help="output directory or URL (s3://bucket/dir, gs://...)")
     p.add_argument("--encoder", default="data_pipeline.precompute:toy_encoder",
                    help="module:factory returning encoder(batch) -> dict[str, Tensor] (default: a toy stand-in)")
     p.add_argument("--encoder-arg", action="append", default=[], metavar="KEY=VALUE",
@@ -83,9 +84,11 @@ def register_bench(bench_subparsers) -> None:
     p.add_argument("--size", type=int, default=256, help="stored image side (default 256)")
     p.add_argument("--resolution", type=int, default=128, help="training resolution (default 128)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", default="1,2,4", help="worker counts to measure (default 1,2,4)")
+    p.add_argument("--workers", default="1,2", help="worker counts to measure (default 1,2)")
     p.add_argument("--main-workers", type=int, default=2, help="worker count of the ratio line (default 2)")
-    p.add_argument("--repeats", type=int, default=2, help="runs per measurement, best kept (default 2)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="pairs (raw decode, loader) per worker count after a warm-up pair; the median "
+                        "ratio and its spread are printed (default 5)")
     p.set_defaults(func=cmd_bench_loader)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from data_pipeline.errors import DataError
 from data_pipeline.manifest import load_manifest, resolve_source, scan_manifest
 from data_pipeline.remote import RemoteOptions, forget_filesystems, redact
 from data_pipeline.stream import Stream
-from data_pipeline.tar_reader import TarShard, sample_offsets
+from data_pipeline.tar_reader import ShardReader, TarShard, sample_offsets
 from launch.cli import main as dit
 
 KEY_ID = "AKIDREMOTESHARDS0TEST"
@@ -298,3 +299,86 @@ def test_a_store_without_its_fsspec_package_is_a_data_error():
         pytest.skip("gcsfs is installed")
     with pytest.raises(DataError, match=r"gs:// needs `pip install \.\[gcs\]`"):
         resolve_source("gs://bucket/laion")
+
+
+def test_shard_cache_downloads_each_shard_once_atomically_within_its_limit(s3, s3_manifest, local, tmp_path):
+    """Epoch 1 fills the cache (each shard downloaded whole, once), epoch 2 reads no byte from
+    S3; a leftover temporary of a killed download is never read and is cleared; a shard that
+    fails leaves no file; a small limit evicts the least recently used shards."""
+    front, _ = s3
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    stale = cache / ".part-killed"
+    stale.write_bytes(b"half a shard")
+    os.utime(stale, (time.time() - 7200,) * 2)
+    total = sum(s.bytes for s in s3_manifest.shards)
+    cfg = config("s3://laion/shards", cache_dir=str(cache), cache_max_gb=10 * total / 1e9)
+    front.recorder.reset()
+    for epoch in range(2):
+        keys, stats = epoch_keys(cfg)
+        assert sorted(keys) == sorted(dataset_keys(local)) and stats["unreadable_shard"] == 0
+        assert front.recorder.total() == total  # all in epoch 0, nothing more in epoch 1
+    files = sorted(p.name for p in cache.iterdir())
+    assert len(files) == len(NAMES) and all(f.endswith(tuple(NAMES)) for f in files)  # the stale part is gone
+    for f in cache.iterdir():
+        assert KEY_ID.encode() not in f.read_bytes() and SECRET.encode() not in f.read_bytes()
+    front.recorder.fail["/laion/shards/" + NAMES[2]] = ALWAYS
+    broken = config("s3://laion/shards", cache_dir=str(tmp_path / "c2"), error_budget=0.5, cache_max_gb=1.0)
+    _, stats = epoch_keys(broken)
+    assert stats["unreadable_shard"] == SIZES[2]
+    assert not [p for p in (tmp_path / "c2").iterdir() if p.name.endswith(NAMES[2]) or p.name.startswith(".part")]
+    front.recorder.reset()
+    two = sorted(s.bytes for s in s3_manifest.shards)[-2:]
+    small = config("s3://laion/shards", cache_dir=str(tmp_path / "c3"), cache_max_gb=sum(two) / 1e9)
+    keys, _ = epoch_keys(small)
+    assert sorted(keys) == sorted(dataset_keys(local))
+    assert 0 < sum(p.stat().st_size for p in (tmp_path / "c3").iterdir()) <= sum(two)
+
+
+def test_the_next_shard_is_opened_ahead_at_its_first_planned_sample(s3, s3_manifest):
+    """Announced while shard 0 is read, shard 1 is fetched in the background from its planned
+    sample on; the read then goes on from there: the same byte ranges as without read-ahead."""
+    front, _ = s3
+    urls, offsets, path = s3_manifest.paths(), s3_manifest.offsets(), "/laion/shards/" + NAMES[1]
+    ranges = {}
+    for readahead in (False, True):
+        front.recorder.reset()
+        reader = ShardReader(urls, offsets=offsets, options=RemoteOptions(block_size=1024, readahead=readahead))
+        reader.read(0, 0)
+        reader.prefetch(1, 4)
+        if readahead:
+            reader._ahead[1].result()  # the read-ahead thread's work is done before shard 1 is read
+            assert [start for start, _ in front.recorder.ranges[path]] == [offsets[1][4]]
+        else:
+            assert path not in front.recorder.ranges
+        assert reader.read(1, 4).key == f"{SIZES[0] + 4:09d}"
+        ranges[readahead] = list(front.recorder.ranges[path])
+        reader.close()
+    assert ranges[True] == ranges[False]
+
+
+def test_write_and_precompute_to_s3(s3, tmp_path):
+    """`dit data synth|precompute --out s3://...`: shards uploaded with a manifest (byte index
+    included) that the loader streams; no credential in any object written."""
+    _, client = s3
+    assert dit(["data", "synth", "--out", "s3://laion/synth", "--num", "12", "--shard-size", "5", "--size", "32"]) == 0
+    manifest = load_manifest("s3://laion/synth")
+    assert [s.samples for s in manifest.shards] == [5, 5, 2] and all(len(s.offsets) == s.samples for s in manifest.shards)
+    keys, _ = epoch_keys(config("s3://laion/synth"))
+    assert sorted(keys) == [f"{i:09d}" for i in range(12)]
+    with pytest.raises(DataError, match="already holds shard-"):  # never over existing shards
+        dit(["data", "synth", "--out", "s3://laion/synth", "--num", "2"])
+    assert dit(["data", "precompute", "s3://laion/synth", "--out", "s3://laion/latents", "--resolution", "16",
+                "--batch-size", "4"]) == 0
+    latents = load_manifest("s3://laion/latents")
+    assert latents.kind == "latent" and latents.num_samples == 12
+    for prefix in ("synth/", "latents/"):
+        for obj in client.list_objects_v2(Bucket="laion", Prefix=prefix)["Contents"]:
+            body = client.get_object(Bucket="laion", Key=obj["Key"])["Body"].read()
+            assert KEY_ID.encode() not in body and SECRET.encode() not in body, obj["Key"]
+    assert not list(tmp_path.iterdir())  # nothing staged was left in the working area
+
+
+def test_a_cache_without_room_fails_naming_the_key():
+    with pytest.raises(ValueError, match=r"^data\.cache_max_gb"):
+        Stream(DataConfig(shards="s3://laion/shards", cache_dir="/tmp/x", cache_max_gb=0), 0, 1)

@@ -1,0 +1,171 @@
+"""Loader worker processes: forked producers handing batches to the main process in turn.
+
+torch's DataLoader did this before, at a cost measured at ~70-100 us of main-process CPU per
+batch for its protocol alone (an index queue, a result queue with a feeder thread in each
+worker, a profiler record per batch, a pin-memory thread) on top of unpickling: with two
+workers on two cores that time is taken from decoding. Here each worker has one pipe to the
+main process and a semaphore of credits:
+
+    worker j                                      main process
+    credits[j].acquire()   (<= prefetch in flight)
+    put pixels into a free slot (transfer.py)
+    pipe j <- ("batch", small dict)       ->      recv from worker t % n for batch t
+                                                  credits[j].release()
+
+Batch t of the rank comes from worker t % n, as with DataLoader's in-order iterable mode; a
+worker that has no more batches says so and is passed over from then on. An exception in a
+worker reaches the main process as the same exception (its worker traceback as a note); a
+worker that dies without a word (killed, out of memory) is found by its exit code while the
+main process waits. Workers exit when their parent is gone, and the pool terminates them
+when it is closed (the caller stopped iterating) or garbage collected.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import traceback
+import weakref
+from typing import Callable, Iterator
+
+import torch
+
+from data_pipeline.errors import DataError
+from data_pipeline.transfer import FORK
+
+_WAIT_S = 5.0  # how often a waiting side checks that the other is still there
+
+Producer = Callable[[int], Iterator[dict]]  # worker index -> its batches
+
+
+class WorkerPool:
+    """`num_workers` forked processes running `produce(j)`; iterate for their batches in turn.
+
+    Fork only: the producer (and the shared memory it writes into) is inherited, not pickled."""
+
+    def __init__(self, produce: Producer, num_workers: int, prefetch: int):
+        self._parent = os.getpid()
+        self._conns, self._procs, self._credits = [], [], []
+        try:
+            for j in range(num_workers):
+                receive, send = FORK.Pipe(duplex=False)
+                credits = FORK.Semaphore(prefetch)
+                readers = [*self._conns, receive]  # for the worker to close
+                proc = FORK.Process(target=_work, args=(produce, j, send, credits, self._parent, readers),
+                                    name=f"data-worker-{j}", daemon=True)
+                proc.start()
+                send.close()  # the worker's end: the main process keeps only its reading end
+                self._conns.append(receive)
+                self._procs.append(proc)
+                self._credits.append(credits)
+        except BaseException:
+            self.close()
+            raise
+        # also at garbage collection and at interpreter exit, before multiprocessing's own exit
+        # hook would SIGTERM and join them (a worker may ignore SIGTERM: see close)
+        self._stop = weakref.finalize(self, _stop, self._procs, self._conns)
+
+    def __iter__(self) -> Iterator[dict]:
+        live = list(range(len(self._procs)))
+        turn = 0
+        while live:
+            j = live[turn % len(live)]
+            kind, payload = self._receive(j)
+            if kind == "end":
+                live.remove(j)
+                continue  # the same turn goes to the next live worker
+            if kind == "error":
+                raise payload
+            self._credits[j].release()
+            turn += 1
+            yield _from_wire(payload)
+
+    def _receive(self, j: int) -> tuple[str, object]:
+        conn, proc = self._conns[j], self._procs[j]
+        while not conn.poll(_WAIT_S):  # a dead worker's pipe reads as EOF: no need to wait for it
+            if proc.exitcode is not None and not conn.poll(0):
+                break
+        try:
+            return pickle.loads(conn.recv_bytes())
+        except EOFError:
+            proc.join(_WAIT_S)
+            raise DataError(f"loader worker {j} (pid {proc.pid}) ended with exit code {proc.exitcode} before "
+                            f"its batches were done (killed? out of memory?); see its error above") from None
+
+    def close(self) -> None:
+        """Stop the workers (they may be blocked on a credit or mid-batch) and reap them."""
+        if hasattr(self, "_stop"):
+            self._stop()
+        else:
+            _stop(self._procs, self._conns)
+
+
+def _stop(procs: list, conns: list) -> None:
+    """SIGKILL and reap: a worker holds nothing to clean up, and it inherited the trainer's
+    handlers of SIGTERM/SIGUSR1 (preemption), which would only set a flag."""
+    for proc in procs:
+        if proc.exitcode is None:
+            proc.kill()
+    for proc in procs:
+        proc.join()
+    for conn in conns:
+        conn.close()
+
+
+def _work(produce: Producer, j: int, conn, credits, parent: int, inherited: list) -> None:
+    """The body of worker j: its batches, each sent once a credit allows, then "end"."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    for reading in inherited:  # only the main process reads: a write then fails once it is gone
+        reading.close()
+    torch.set_num_threads(1)  # as DataLoader does: the workers already use every core
+    try:
+        for batch in produce(j):
+            while not credits.acquire(timeout=_WAIT_S):
+                if os.getppid() != parent:
+                    return
+            _send(conn, ("batch", _to_wire(batch)))
+        _send(conn, ("end", None))
+    except Exception as e:  # noqa: BLE001 - every failure goes to the main process, which raises it
+        _send(conn, ("error", _portable(e, f"loader worker {j} (pid {os.getpid()})")))
+    finally:
+        conn.close()
+
+
+def _send(conn, message: tuple) -> None:
+    """Plain pickle, not multiprocessing's: that one would move tensors through a new
+    shared-memory file each, handed over by a thread of the (soon exiting) worker."""
+    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+class _WireTensor:
+    """A tensor's bytes as a uint8 array (pickled as one buffer), its dtype and shape."""
+
+    def __init__(self, t: torch.Tensor):
+        self.data = t.contiguous().view(-1).view(torch.uint8).numpy()  # bf16 too: numpy has no bf16
+        self.dtype, self.shape = str(t.dtype).removeprefix("torch."), tuple(t.shape)
+
+    def tensor(self) -> torch.Tensor:
+        return torch.from_numpy(self.data).view(getattr(torch, self.dtype)).view(self.shape)
+
+
+def _to_wire(batch):
+    if not isinstance(batch, dict):
+        return batch
+    return {k: _WireTensor(v) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _from_wire(batch):
+    if not isinstance(batch, dict):
+        return batch
+    return {k: v.tensor() if isinstance(v, _WireTensor) else v for k, v in batch.items()}
+
+
+def _portable(error: Exception, where: str) -> Exception:
+    """`error` with its traceback as a note, if it survives pickling; else a DataError with both."""
+    text = traceback.format_exc()
+    error.add_note(f"(raised in {where}:)\n{text}")
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001 - e.g. an exception class whose __init__ takes other arguments
+        return DataError(f"{where} failed:\n{text}")
