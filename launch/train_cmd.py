@@ -35,12 +35,13 @@ def resume_config(cfg: RunConfig, world_size: int) -> tuple[RunConfig, Optional[
 
 def train(args: argparse.Namespace) -> int:
     from trainer.distributed import world_from_env
-    from trainer.engine import EXIT_CHECKPOINT, train as run_training
-    from trainer.stages import preflight
 
     cfg = load_config(args.config, overrides_of(args))
     world_size = world_from_env()[1]
-    validate(cfg, world_size=world_size)  # before any process group starts
+    validate(cfg, world_size=world_size)  # before any process group starts, and before the engine's imports
+    from trainer.engine import EXIT_CHECKPOINT, train as run_training
+    from trainer.stages import preflight
+
     preflight(cfg)
     cfg, refusal, note = resume_config(cfg, world_size)
     if refusal is not None:
