@@ -216,8 +216,7 @@ def preflight(cfg: CheckpointConfig, config_yaml: str, world_size: int, global_b
     directory = manager.latest()
     if directory is None:
         return None
-    complete = json.loads((directory / COMPLETE).read_text())
-    manager.check_compatible(directory, complete, config_yaml, ignore, global_batch)
+    manager.check_compatible(directory, config_yaml, ignore, global_batch)
     return directory
 
 
@@ -360,17 +359,17 @@ class CheckpointManager:
             self._remove_partial()
         return directory
 
-    def check_compatible(self, directory: Path, complete: dict[str, Any], config_yaml: str,
+    def check_compatible(self, directory: Path, config_yaml: str,
                          ignore: tuple[str, ...], global_batch: int) -> None:
         """Refuse, unless allowed, a resume with a changed config. The number of ranks may
         change (trainer/elastic.py re-partitions the state), and so may the per-rank batch and
         grad_accum while the global batch is the checkpoint's."""
         if self.cfg.allow_config_change:
             return
+        from trainer.elastic import written_shape  # (elastic builds on this module)
+
         old_yaml = (directory / "config.yaml").read_text()
-        old = _flatten(yaml.safe_load(old_yaml))
-        ranks_per_replica = old["deepspeed.pipeline_stages"] * old.get("deepspeed.sequence_parallel_size", 1)
-        was = old["data.batch_size"] * old["deepspeed.grad_accum"] * complete["world_size"] // ranks_per_replica
+        was = written_shape(directory).global_batch
         diffs = config_differences(old_yaml, config_yaml, ignore + (BATCH_KEYS if was == global_batch else ()))
         if diffs:
             listing = "\n  ".join(diffs)

@@ -47,8 +47,12 @@ RESUMABLE_CHANGES = ("stage.steps", "checkpoint", "log", "run.out_dir", "data.nu
 
 def global_batch(cfg: RunConfig, world_size: int) -> int:
     """Samples per optimizer step over all data-parallel replicas."""
-    ds = cfg.deepspeed
-    return cfg.data.batch_size * ds.grad_accum * (world_size // (ds.pipeline_stages * ds.sequence_parallel_size))
+    return shape_of(cfg, world_size).global_batch
+
+
+def noise_seed(seed: int, dp_rank: int) -> int:
+    """The seed of a data-parallel replica's noise generator (a sequence group shares one)."""
+    return seed * 100_003 + dp_rank
 
 
 def preflight_resume(cfg: RunConfig, world_size: int) -> tuple[RunConfig, str]:
@@ -294,7 +298,7 @@ class Trainer:
         self.names = network_names(self.net, self.ema_module)
         self.ema = EMA(self.ema_module, cfg.ema, self.names) if cfg.ema.enabled else None
         # The stage's random draws (noise, timesteps, CFG dropout) are made on the device.
-        self.generator = torch.Generator(self.device).manual_seed(cfg.run.seed * 100_003 + self.ctx.dp_rank)
+        self.generator = torch.Generator(self.device).manual_seed(noise_seed(cfg.run.seed, self.ctx.dp_rank))
         self.ckpt = CheckpointManager(cfg.checkpoint, self.ctx.rank, self.ctx.world_size)
         self.state = LoopState()
         self.config_yaml = to_yaml(cfg)
@@ -348,8 +352,8 @@ class Trainer:
         directory = self.ckpt.resume_target() if self.cfg.checkpoint.resume else None
         if directory is None:
             return False
-        complete = self.ckpt.verify(directory)
-        self.ckpt.check_compatible(directory, complete, self.config_yaml, RESUMABLE_CHANGES,
+        self.ckpt.verify(directory)
+        self.ckpt.check_compatible(directory, self.config_yaml, RESUMABLE_CHANGES,
                                    global_batch(self.cfg, self.ctx.world_size))
         was = written_shape(directory)
         if was.same_layout(shape_of(self.cfg, self.ctx.world_size)):
@@ -386,8 +390,8 @@ class Trainer:
             writer = self.ctx.dp_rank * was.sequence_parallel
             restore_rng(self.ckpt.load_rank_state(directory, rank=writer), self.generator)
         else:
-            step, seed = state.meta["step"], self.cfg.run.seed * 100_003 + self.ctx.dp_rank
-            self.generator.manual_seed(seed * 1_000_003 + step)
+            seed = noise_seed(self.cfg.run.seed, self.ctx.dp_rank)
+            self.generator.manual_seed(seed * 1_000_003 + state.meta["step"])
         return state
 
     # ---- one step -----------------------------------------------------------------------------
