@@ -6,14 +6,19 @@ each block permuted (seeded). So a worker reads its shards front to back while t
 of a batch are shuffled, as with webdataset's shuffle buffer, but every position is known
 in advance.
 
-Split by node, split by worker. The unseen positions of the epoch, in that order, are cut
-into contiguous sample ranges, one per rank (sizes differ by at most one) and within a rank
-one per worker, sized by the batches the worker serves: the worker pool takes batch t of a rank
-from worker t % num_workers, so worker w serves ceil((K - w) / num_workers) of the rank's K
-batches. Ranges, not whole shards, are handed out: any number of shards works for any
-world size x workers, and every rank gets exactly K = ceil(M / (world_size x batch_size))
-batches. The last batches are padded with repeats of the rank's first positions (marked
-invalid) or, with drop_last, the remainder is not served.
+Split by step, then by rank and worker. The unseen positions of the epoch, in that order, are
+cut into rows of batch_size positions: row i is batch t = i // world_size of rank i % world_size,
+and the worker pool takes batch t of a rank from worker t % num_workers. So grad_accum
+micro-batches of world_size ranks consume the positions [k G, (k + 1) G) in optimizer step k,
+G = world_size x batch_size x grad_accum the global batch, whatever the split of G into ranks,
+micro-batches and workers: a run resumed on another layout trains each step on the samples the
+uninterrupted run did (per-sample noise in trainer/diffusion/noise.py does the rest). This
+holds for one bucket (window 1); with aspect-ratio buckets a worker regroups the samples of
+`window` of its batches by bucket, which mixes the steps those batches belong to.
+Every rank gets exactly K = ceil(M / (world_size x batch_size)) batches; the last rows are
+padded with repeats of the segment's first positions (marked invalid) or, with drop_last, the
+remainder is not served. A worker reads a stripe of every shuffle block (each block's share at
+once, in file order), not a contiguous range: any number of shards works for any topology.
 
 Segments. A segment is a stretch of an epoch served with one topology (world size,
 workers, batch size, bucket window, drop_last). Its plan depends only on the positions that
@@ -26,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Iterator, NamedTuple, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -40,6 +45,7 @@ class Slot(NamedTuple):
     index: int  # sample index inside the shard
     pad: bool
     rand: tuple[float, float, float]  # crop x, crop y, clip start; all in [0, 1)
+    sample: int = -1  # the sample's id: samples in the shards before it, plus index
 
 
 @dataclass(frozen=True)
@@ -99,17 +105,9 @@ def remove(iv: Intervals, cuts: Sequence[tuple[int, int]]) -> Intervals:
 
 
 @dataclass(frozen=True)
-class WorkerRange:
-    """A worker's share of a segment, in sequence indices of the segment's unseen positions."""
-
-    real: tuple[int, int]  # [lo, hi): the samples it serves
-    pads: tuple[tuple[int, int], ...]  # ranges repeated to fill its last batch
-    batches: int
-
-
-@dataclass(frozen=True)
 class Segment:
-    """The plan of one stretch of an epoch: unseen positions split over ranks and workers."""
+    """The plan of one stretch of an epoch: unseen positions split over ranks and workers, row
+    by row (see the module docstring). Indices are of the sequence of unseen positions."""
 
     remaining: Intervals
     topo: Topology
@@ -121,27 +119,26 @@ class Segment:
     @cached_property
     def batches(self) -> int:
         """Batches per rank (the same on every rank)."""
-        per_step = self.topo.world_size * self.topo.batch_size
-        return self.size // per_step if self.topo.drop_last else -(-self.size // per_step)
+        per_row = self.topo.world_size * self.topo.batch_size
+        return self.size // per_row if self.topo.drop_last else -(-self.size // per_row)
 
-    def rank_range(self, rank: int) -> tuple[int, int]:
+    @cached_property
+    def real_end(self) -> int:
+        """Indices below it are served as themselves, at and above it as padding repeats."""
         t = self.topo
-        if t.drop_last:
-            n = self.batches * t.batch_size
-            return rank * n, (rank + 1) * n
-        return rank * self.size // t.world_size, (rank + 1) * self.size // t.world_size
+        return self.batches * t.world_size * t.batch_size if t.drop_last else self.size
 
-    def worker_range(self, rank: int, worker: int) -> WorkerRange:
+    def worker_batches(self, worker: int) -> range:
+        """The rank batches a worker serves (the same on every rank): t = worker (mod workers)."""
+        return range(worker, self.batches, self.topo.num_workers)
+
+    def batch_slots(self, rank: int, batch: int) -> tuple[tuple[int, int], tuple[tuple[int, int], ...]]:
+        """Batch `batch` of `rank`: its real indices [lo, hi) and the padding that fills it."""
         t = self.topo
-        lo, hi = self.rank_range(rank)
-        real = hi - lo
-        before = sum(t.worker_share(self.batches, v) for v in range(worker)) * t.batch_size
-        batches = t.worker_share(self.batches, worker)
-        slots = batches * t.batch_size
-        n_real = max(0, min(slots, real - before))
-        start = lo + min(before, real)
-        first_pad = max(0, before - real)  # pads are the rank's positions lo, lo+1, ... (wrapping)
-        return WorkerRange((start, start + n_real), self._wrap(lo + first_pad, slots - n_real), batches)
+        lo = (batch * t.world_size + rank) * t.batch_size
+        hi = min(lo + t.batch_size, self.real_end)
+        real = (lo, max(lo, hi))
+        return real, self._wrap(max(lo, hi), t.batch_size - (real[1] - real[0]))
 
     def _wrap(self, start: int, count: int) -> tuple[tuple[int, int], ...]:
         out, s = [], start % max(self.size, 1)
@@ -152,20 +149,22 @@ class Segment:
         return tuple(out)
 
     def consumed(self, rank_batches: int) -> list[tuple[int, int]]:
-        """Sequence ranges served once every rank took `rank_batches` batches.
+        """Index ranges served once every rank took `rank_batches` batches.
 
         Inside a bucketing window the served samples depend on the data, so a window counts
         as served only when all its batches were taken (the rest is served again after a
-        topology change)."""
+        topology change). Without windows this is the prefix of rank_batches rows of ranks."""
         t = self.topo
-        cuts = []
-        for rank in range(t.world_size):
-            for worker in range(t.num_workers):
-                r = self.worker_range(rank, worker)
-                share = t.worker_share(rank_batches, worker)
-                done = share if share >= r.batches else share // t.window * t.window
-                cuts.append((r.real[0], min(r.real[1], r.real[0] + done * t.batch_size)))
-        return cuts
+        mines = [self.worker_batches(w) for w in range(t.num_workers)]
+        served = []  # per worker: the batches counted as served
+        for worker, mine in enumerate(mines):
+            share = t.worker_share(rank_batches, worker)
+            served.append(mine[: share if share >= len(mine) else share // t.window * t.window])
+        first = min((mine[len(done)] for mine, done in zip(mines, served) if len(done) < len(mine)),
+                    default=self.batches)  # every batch before it is served, on every worker
+        later = [b for w, done in enumerate(served) for b in done[len(range(w, first, t.num_workers)):]]
+        row = t.world_size * t.batch_size  # one batch of every rank
+        return [(lo * row, min(hi * row, self.real_end)) for lo, hi in [(0, first)] + [(b, b + 1) for b in later]]
 
 
 def replay(num_samples: int, closed: Sequence[tuple[Topology, int]]) -> Intervals:
@@ -183,7 +182,9 @@ class EpochOrder:
         self.seed, self.epoch, self.block = seed, epoch, block
         rng = np.random.default_rng([seed, epoch, 0])
         self.shard_order = rng.permutation(len(counts))
-        self.starts = np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64)[self.shard_order])])
+        counts = np.asarray(counts, dtype=np.int64)
+        self.first_id = np.concatenate([[0], np.cumsum(counts)])[:-1]  # sample id of each shard's sample 0
+        self.starts = np.concatenate([[0], np.cumsum(counts[self.shard_order])])
         self.size = int(self.starts[-1])
 
     def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
@@ -192,36 +193,48 @@ class EpochOrder:
         rand = np.random.default_rng([self.seed, self.epoch, 2, b]).random((n, 3))
         return perm, rand
 
-    def read_blocks(self, iv: Intervals, pad: bool) -> Iterator[list[Slot]]:
-        """Slots for the positions in `iv`, in order, grouped by shuffle block (a read unit)."""
+    def read_blocks(self, iv: Iterable[tuple[int, int]], pad: bool) -> Iterator[list[Slot]]:
+        """Slots for the positions in `iv`, in order, grouped by shuffle block (a read unit):
+        the pieces of consecutive intervals inside one block are read together."""
+        block, parts = -1, []
         for lo, hi in iv:
             for b in range(lo // self.block, (hi - 1) // self.block + 1):
-                a, z = max(lo, b * self.block), min(hi, (b + 1) * self.block)
-                perm, rand = self._block(b)
-                offsets = np.arange(a - b * self.block, z - b * self.block)
-                raw = b * self.block + perm[offsets]
-                j = np.searchsorted(self.starts, raw, side="right") - 1
-                yield _slots(self.shard_order[j], raw - self.starts[j], pad, rand[offsets])
+                if b != block and parts:
+                    yield self._unit(block, parts, pad)
+                    parts = []
+                block = b
+                parts.append(np.arange(max(lo, b * self.block), min(hi, (b + 1) * self.block)) - b * self.block)
+        if parts:
+            yield self._unit(block, parts, pad)
+
+    def _unit(self, b: int, parts: list[np.ndarray], pad: bool) -> list[Slot]:
+        perm, rand = self._block(b)
+        offsets = np.concatenate(parts)
+        raw = b * self.block + perm[offsets]
+        j = np.searchsorted(self.starts, raw, side="right") - 1
+        shards, indices = self.shard_order[j], raw - self.starts[j]
+        return _slots(shards, indices, self.first_id[shards] + indices, pad, rand[offsets])
 
 
-def _slots(shards: np.ndarray, indices: np.ndarray, pad: bool, rand: np.ndarray) -> list[Slot]:
-    return [Slot(int(s), int(i), pad, (float(r[0]), float(r[1]), float(r[2])))
-            for s, i, r in zip(shards.tolist(), indices.tolist(), rand)]
+def _slots(shards: np.ndarray, indices: np.ndarray, ids: np.ndarray, pad: bool, rand: np.ndarray) -> list[Slot]:
+    return [Slot(int(s), int(i), pad, (float(r[0]), float(r[1]), float(r[2])), int(n))
+            for s, i, n, r in zip(shards.tolist(), indices.tolist(), ids.tolist(), rand)]
 
 
 def epoch_read_blocks(order: EpochOrder, segment: Segment, rank: int, worker: int,
                       skip_slots: int) -> Iterator[list[Slot]]:
-    """A worker's slots in a segment after its first `skip_slots`, grouped into read units."""
-    r = segment.worker_range(rank, worker)
-    lo = r.real[0] + min(skip_slots, r.real[1] - r.real[0])
-    yield from order.read_blocks(take(segment.remaining, lo, r.real[1]), pad=False)
-    skip = max(0, skip_slots - (r.real[1] - r.real[0]))
-    for a, b in r.pads:
-        if b - a <= skip:
-            skip -= b - a
-            continue
-        yield from order.read_blocks(take(segment.remaining, a + skip, b), pad=True)
-        skip = 0
+    """A worker's slots in a segment after its first `skip_slots` (whole batches), grouped into
+    read units: the real samples of its batches, then the padding repeats (only the last rows
+    have any)."""
+    batches = segment.worker_batches(worker)[skip_slots // segment.topo.batch_size:]
+    spans = [segment.batch_slots(rank, b) for b in batches]
+
+    def positions(ranges: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+        for lo, hi in ranges:
+            yield from take(segment.remaining, lo, hi)
+
+    yield from order.read_blocks(positions(real for real, _ in spans if real[0] < real[1]), pad=False)
+    yield from order.read_blocks(positions(p for _, pads in spans for p in pads), pad=True)
 
 
 @dataclass(frozen=True)
@@ -245,7 +258,8 @@ class ResampledOrder:
         starts = np.concatenate([[0], np.cumsum(self.source_counts[d])])
         raw = (int(rng.integers(starts[-1])) + rng.permutation(self.visit)) % starts[-1]
         j = np.searchsorted(starts, raw, side="right") - 1
-        return _slots(self.source_starts[d] + j, raw - starts[j], False, rng.random((self.visit, 3)))
+        first_id = sum(sum(c) for c in self.source_counts[:d])  # sample id of the source's sample 0
+        return _slots(self.source_starts[d] + j, raw - starts[j], first_id + raw, False, rng.random((self.visit, 3)))
 
     def read_blocks(self, rank: int, worker: int, skip_slots: int) -> Iterator[list[Slot]]:
         i, offset = divmod(skip_slots, self.visit)

@@ -4,8 +4,10 @@ The pipeline, as an explicit list of stages (in the spirit of open_clip's `data.
 
     shard list        manifests -> shard paths + sample counts         Stream.__init__
     seeded shuffle    per epoch: shard order, then block permutations  plan.EpochOrder
-    split by node     contiguous sample ranges, one per rank           plan.Segment.rank_range
-    split by worker   one range per worker, sized by its batches       plan.Segment.worker_range
+    split by step     rows of batch_size positions: row i is batch     plan.Segment.batch_slots
+    and by rank       i // world_size of rank i % world_size, so a step
+                      takes the same positions on any layout
+    split by worker   batch t of a rank from worker t % workers        plan.Segment.worker_batches
     tar to samples    seek to the planned samples of each shard        read_stage
     safe decode       allowlisted decoders, pickles rejected           decode_stage
     transforms        buckets, resize + crop, SR pairs, video clips    transform_stage
@@ -208,6 +210,7 @@ def collate(items: list[Item], valid: list[bool]) -> dict:
     head = items[0]
     batch = {
         "__key__": [it.key for it in items],
+        "__sample__": [it.slot.sample for it in items],  # ids: per-sample noise seeds (trainer.diffusion.noise)
         "caption": [it.sample.caption for it in items],
         "json": JsonRecords([it.sample.meta_json for it in items]),
         "valid": valid,
@@ -254,7 +257,7 @@ class RankJob:
 
     def worker_batches(self, worker: int) -> Optional[int]:
         """Batches a worker serves in the segment; None when infinite (resampled)."""
-        return None if self.segment is None else self.segment.worker_range(self.rank, worker).batches
+        return None if self.segment is None else len(self.segment.worker_batches(worker))
 
     def read_blocks(self, worker: int, skip_slots: int) -> Iterator[list[Slot]]:
         if self.resampled is not None:
