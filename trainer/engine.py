@@ -26,6 +26,7 @@ from data_pipeline.transforms import TransformSpec
 from trainer import faults
 from trainer.checkpoint import EMA_FILE, STAGE_FILE, CheckpointError, CheckpointManager, RankState, init_network
 from trainer.config import DeepSpeedConfig, OptimConfig, RunConfig, to_yaml, validate
+from trainer.diffusion.noise import sample_generators
 from trainer.distributed import DistContext, PreemptionFlag, any_rank, comm_device, compute_device, init_distributed
 from trainer.elastic import (LAYOUT_KEYS, Shape, gather_player, keep_global_batch, load_player, shape_of,
                              universal_file, written_shape)
@@ -297,7 +298,7 @@ class Trainer:
         self.ema_module = trainable["student"]  # what this rank trains of it (a pipeline stage's layers)
         self.names = network_names(self.net, self.ema_module)
         self.ema = EMA(self.ema_module, cfg.ema, self.names) if cfg.ema.enabled else None
-        # The stage's random draws (noise, timesteps, CFG dropout) are made on the device.
+        # A rank's own stream on the device; the stage's draws are per sample (next_batch).
         self.generator = torch.Generator(self.device).manual_seed(noise_seed(cfg.run.seed, self.ctx.dp_rank))
         self.ckpt = CheckpointManager(cfg.checkpoint, self.ctx.rank, self.ctx.world_size)
         self.state = LoopState()
@@ -377,11 +378,8 @@ class Trainer:
 
     def load_elastic(self, directory: Path, was: Shape) -> RankState:
         """Resume a checkpoint of another layout: each player's fp32 masters and moments
-        re-partitioned from the universal files; the step, stream position (which every rank
-        kept alike) and counters from rank 0's state. The stage's random draws keep their
-        streams while the data-parallel ranks are the same (the first rank of dp_rank d's sequence
-        group on pipeline stage 0, rank d * S, wrote its generator); else
-        each dp_rank's generator is seeded afresh from (seed, step, dp_rank)."""
+        re-partitioned from the universal files; the step, stream position and counters from
+        rank 0's state; RNG states from rank d * S while the dp ranks are the same, else afresh."""
         state = self.ckpt.load_rank_state(directory, rank=0)
         for name, engine in self.engines.items():
             load_player(engine, self.optimizers[name], self.player_names(name),
@@ -399,8 +397,8 @@ class Trainer:
         """Forward/backward/step of every player on each of the grad_accum micro-batches. Each
         player's forward runs under the precision's autocast; backward and step outside it."""
         for _ in range(self.cfg.deepspeed.grad_accum):
-            batch = self.next_batch(batches)
-            for player, loss, info in self.autocast_each(self.stage.losses(batch, self.generator)):
+            batch, draws = self.next_batch(batches)
+            for player, loss, info in self.autocast_each(self.stage.losses(batch, draws)):
                 if self.state.step + 1 in self.nan_steps:
                     loss = loss * float("nan")  # fault injection (tests): a NaN on this rank
                 if self.state.step + 1 in self.kill_steps:
@@ -418,12 +416,14 @@ class Trainer:
                 return
             yield item
 
-    def next_batch(self, batches: Iterator[dict]) -> dict:
+    def next_batch(self, batches: Iterator[dict]) -> tuple[dict, list[torch.Generator]]:
+        """The next batch on the device and its per-sample generators (trainer/diffusion/noise.py)."""
         batch = next(batches)
         self.logger.timer.data_ready()
         if self.key_log is not None:
             self.key_log.add(batch)
-        return batch_to_device(batch, self.device)
+        draws = sample_generators(self.cfg.run.seed, self.state.step + 1, batch["__sample__"], self.device)
+        return batch_to_device(batch, self.device), draws
 
     def pipeline_step(self, batches: Iterator[dict]) -> list[dict[str, Metric]]:
         """One PipelineEngine.train_batch over grad_accum micro-batches noised before the pipe."""
@@ -431,7 +431,7 @@ class Trainer:
         def micro_batches():
             while True:
                 with autocast(self.device, self.precision):
-                    yield self.stage.pipeline_batch(self.next_batch(batches), self.generator)
+                    yield self.stage.pipeline_batch(*self.next_batch(batches))
 
         loss = self.engines["student"].train_batch(data_iter=micro_batches())
         return [{"loss": loss}]

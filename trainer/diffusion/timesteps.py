@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from trainer.diffusion.schedules import NoiseSchedule
+from trainer.diffusion.utils import Generators, draw_device, randint, randn
 
 if TYPE_CHECKING:
     from trainer.config import DiffusionConfig
@@ -20,20 +21,14 @@ SPACINGS = ("leading", "linspace", "trailing")
 TIMESTEP_SAMPLERS = ("uniform", "logit_normal")
 
 
-def _draw_device(generator: Optional[torch.Generator], device: Optional[torch.device | str]) -> torch.device:
-    if generator is not None:
-        return generator.device
-    return torch.device(device) if device is not None else torch.device("cpu")
-
-
 def sample_uniform_discrete(
     batch: int,
     num_timesteps: int,
-    generator: Optional[torch.Generator] = None,
+    generator: Generators = None,
     device: Optional[torch.device | str] = None,
 ) -> Tensor:
     """i ~ U{0, ..., T-1}, returned as t = (i + 1) / T on the discrete grid (Ho et al. 2020). (B,)"""
-    i = torch.randint(0, num_timesteps, (batch,), generator=generator, device=_draw_device(generator, device))
+    i = randint(num_timesteps, (batch,), generator, draw_device(generator, device))
     return ((i + 1).float() / num_timesteps).to(device or i.device)
 
 
@@ -41,20 +36,20 @@ def sample_logit_normal(
     batch: int,
     mean: float = 0.0,
     std: float = 1.0,
-    generator: Optional[torch.Generator] = None,
+    generator: Generators = None,
     device: Optional[torch.device | str] = None,
 ) -> Tensor:
     """t = sigmoid(n), n ~ N(mean, std^2) (Esser et al. 2024, "Scaling Rectified Flow
     Transformers", logit-normal sampling). Continuous, in (0, 1) up to float32
     rounding of sigmoid for |n| > ~17. (B,)"""
-    n = torch.randn(batch, generator=generator, device=_draw_device(generator, device))  # (B,)
+    n = randn((batch,), generator, draw_device(generator, device))  # (B,)
     return torch.sigmoid(mean + std * n).to(device or n.device)
 
 
 def sample_timesteps(
     cfg: "DiffusionConfig",
     batch: int,
-    generator: Optional[torch.Generator] = None,
+    generator: Generators = None,
     device: Optional[torch.device | str] = None,
 ) -> Tensor:
     """Training timesteps as configured by `diffusion.timestep_sampler`. (B,) float32."""

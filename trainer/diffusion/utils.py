@@ -1,10 +1,16 @@
 """Broadcasting and noise helpers shared by the diffusion modules."""
 from __future__ import annotations
 
-from typing import Optional
+from functools import partial
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
+
+from trainer.diffusion.noise import per_sample
+
+# One generator for the batch, or one per sample (trainer.diffusion.noise: layout-independent draws)
+Generators = Union[torch.Generator, list[torch.Generator], None]
 
 
 def append_dims(v: Tensor, ndim: int) -> Tensor:
@@ -30,31 +36,41 @@ def batch_t(t: Tensor | float, x: Tensor) -> Tensor:
     return t.expand(x.shape[0]) if t.ndim == 0 else t
 
 
-def _on(generator: Optional[torch.Generator], device: Optional[torch.device]) -> torch.device:
+def draw_device(generator: Generators, device: Optional[torch.device | str]) -> torch.device:
+    """Where a draw happens: on the generator's device (the first one's, for a list)."""
+    if isinstance(generator, list):
+        return generator[0].device
     if generator is not None:
         return generator.device
-    return device if device is not None else torch.device("cpu")
+    return torch.device(device) if device is not None else torch.device("cpu")
 
 
-def randn(shape: tuple[int, ...], generator: Optional[torch.Generator], device: torch.device) -> Tensor:
+def _draw(fn, shape: tuple[int, ...], generator: Generators, device: Optional[torch.device]) -> Tensor:
+    """`fn(shape)` on the generator's device: row by row from per-sample generators."""
+    if isinstance(generator, list):
+        return per_sample(fn, shape, generator)
+    return fn(shape, generator=generator, device=draw_device(generator, device))
+
+
+def randn(shape: tuple[int, ...], generator: Generators, device: torch.device) -> Tensor:
     """Standard normal float32 noise drawn on the generator's device, returned on `device`.
 
     The draw must happen where the generator lives (a CUDA generator cannot fill a host tensor,
     nor a CPU generator a CUDA one); the trainer's generator lives on the accelerator, so the
     move is a no-op there, while a seeded CPU generator still serves any device."""
-    return torch.randn(shape, generator=generator, device=_on(generator, device)).to(device)
+    return _draw(torch.randn, shape, generator, device).to(device)
 
 
-def rand(shape: tuple[int, ...], generator: Optional[torch.Generator], device: torch.device) -> Tensor:
+def rand(shape: tuple[int, ...], generator: Generators, device: torch.device) -> Tensor:
     """Uniform [0, 1) float32, drawn on the generator's device, returned on `device`."""
-    return torch.rand(shape, generator=generator, device=_on(generator, device)).to(device)
+    return _draw(torch.rand, shape, generator, device).to(device)
 
 
-def randint(high: int, shape: tuple[int, ...], generator: Optional[torch.Generator], device: torch.device) -> Tensor:
+def randint(high: int, shape: tuple[int, ...], generator: Generators, device: torch.device) -> Tensor:
     """Uniform integers in [0, high) (int64), drawn on the generator's device, returned on `device`."""
-    return torch.randint(0, high, shape, generator=generator, device=_on(generator, device)).to(device)
+    return _draw(partial(torch.randint, 0, high), shape, generator, device).to(device)
 
 
-def randn_like(x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+def randn_like(x: Tensor, generator: Generators = None) -> Tensor:
     """Standard normal noise shaped like x, on x's device, in float32 or x's wider dtype."""
     return randn(tuple(x.shape), generator, x.device).to(torch.promote_types(x.dtype, torch.float32))
