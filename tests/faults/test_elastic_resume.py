@@ -112,8 +112,8 @@ def test_zero_stage_changes_keep_the_loss_of_the_uninterrupted_run(reference_run
     print(f"ZeRO-2 -> ZeRO-3 -> ZeRO-2, relative loss difference per step: {relative}")
     # Same samples, same noise, exact fp32 masters and moments: only the order of the fp32
     # reductions differs (ZeRO-3's reduce-scatter against ZeRO-2's), a few ulp (~1e-7) per step.
-    # Measured: the losses equal, the weights within 6.0e-8 (one ulp of a weight in [0.5, 1)). Moments or step counts not restored
-    # change the steps after the resume by ~lr = 1e-3.
+    # Measured: the losses equal, the weights within 6.0e-8 (one ulp of a weight in [0.5, 1)).
+    # Moments or step counts not restored change the steps after the resume by ~lr = 1e-3.
     assert max(relative.values()) < 1e-6
     difference = max_difference(fp32_weights(out), fp32_weights(reference_run))
     print(f"ZeRO switches vs uninterrupted, max |w - w_ref| after step 12: {difference:.3g}")
