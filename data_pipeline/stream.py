@@ -4,9 +4,8 @@ The pipeline, as an explicit list of stages (in the spirit of open_clip's `data.
 
     shard list        manifests -> shard paths + sample counts         Stream.__init__
     seeded shuffle    per epoch: shard order, then block permutations  plan.EpochOrder
-    split by step     rows of batch_size positions: row i is batch     plan.Segment.batch_slots
-    and by rank       i // world_size of rank i % world_size, so a step
-                      takes the same positions on any layout
+    split by step     row i of batch_size positions is batch i // W    plan.Segment.batch_slots
+    and by rank       of rank i % W: a step's positions on any layout
     split by worker   batch t of a rank from worker t % workers        plan.Segment.worker_batches
     tar to samples    seek to the planned samples of each shard        read_stage
     safe decode       allowlisted decoders, pickles rejected           decode_stage
@@ -39,15 +38,7 @@ from data_pipeline.config import DataConfig, remote_options, validate_data_confi
 from data_pipeline.decode import Decoded, JsonRecords, decode_sample
 from data_pipeline.errors import DataError, SkipCounter, SkipSample, check_error_budget, empty_counts
 from data_pipeline.manifest import SOURCE_SEPARATOR, Manifest, resolve_source, resolve_sources
-from data_pipeline.plan import (
-    EpochOrder,
-    ResampledOrder,
-    Segment,
-    Slot,
-    Topology,
-    epoch_read_blocks,
-    replay,
-)
+from data_pipeline.plan import EpochOrder, ResampledOrder, Segment, Slot, Topology, epoch_read_blocks, replay
 from data_pipeline.remote import RemoteOptions
 from data_pipeline.tar_reader import RawSample, ShardReader
 from data_pipeline.transfer import PixelRing, slot_bytes, stack_into, stacked_shape
