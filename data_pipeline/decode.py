@@ -77,6 +77,10 @@ class JsonRecords(Sequence):
     def __len__(self) -> int:
         return len(self.members)
 
+    def __reduce__(self):
+        """Pickled as a call with the list (the batch crosses a pipe): no per-attribute state."""
+        return JsonRecords, (self.members,)
+
     def __getitem__(self, index):
         if isinstance(index, slice):
             return [decode_json(m) for m in self.members[index]]
