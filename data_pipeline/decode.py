@@ -29,6 +29,8 @@ TENSOR_EXTS = ("npy", "safetensors")
 UNSAFE_EXTS = ("pyd", "pkl", "pickle", "pth", "pt", "ckpt", "joblib", "dill")
 # PIL would otherwise also open EPS (Ghostscript) and dozens of other parsers.
 PIL_FORMATS = ["JPEG", "PNG", "WEBP"]
+_DECODED = frozenset((*IMAGE_EXTS, *VIDEO_EXTS, *CAPTION_EXTS, *TENSOR_EXTS, "json"))  # one lookup a member
+_UNSAFE = frozenset(UNSAFE_EXTS)
 
 
 @dataclass
@@ -77,6 +79,10 @@ class JsonRecords(Sequence):
     def __len__(self) -> int:
         return len(self.members)
 
+    def __reduce__(self):
+        """Pickled as a call with the list (the batch crosses a pipe): no per-attribute state."""
+        return JsonRecords, (self.members,)
+
     def __getitem__(self, index):
         if isinstance(index, slice):
             return [decode_json(m) for m in self.members[index]]
@@ -116,9 +122,9 @@ def decode_sample(raw: RawSample, shard: str, counter: SkipCounter) -> Decoded:
     by_type: dict[str, list[tuple[str, bytes]]] = {}
     for ext, data in raw.members.items():
         t = member_type(ext)
-        if t in UNSAFE_EXTS:
+        if t in _UNSAFE:
             counter.member("rejected_unsafe_member", shard, raw.key, f"{raw.key}.{ext}")
-        elif t in IMAGE_EXTS or t in VIDEO_EXTS or t in CAPTION_EXTS or t in TENSOR_EXTS or t == "json":
+        elif t in _DECODED:
             by_type.setdefault(t, []).append((ext, data))
         else:
             counter.member("ignored_member", shard, raw.key, f"{raw.key}.{ext}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional
 
 import av
@@ -61,7 +62,7 @@ class TransformSpec:
 
     def bucket(self, width: int, height: int) -> int:
         """Index into `sizes` of a width x height source: its area, then its aspect ratio."""
-        return area_index(width, height, self.areas) * len(self.ratios) + nearest_bucket(width, height, self.ratios)
+        return _bucket_index(width, height, self.areas, self.ratios)
 
     @property
     def bucketed(self) -> bool:
@@ -79,6 +80,12 @@ class Pixels:
     @property
     def bucket(self) -> tuple[int, int, int]:
         return self.frames.shape[0:3]
+
+
+@lru_cache(maxsize=4096)
+def _bucket_index(width: int, height: int, areas: tuple[int, ...], ratios: tuple[float, ...]) -> int:
+    """Cached per source size: datasets hold few distinct sizes, and each sample asked anew."""
+    return area_index(width, height, areas) * len(ratios) + nearest_bucket(width, height, ratios)
 
 
 def bucket_size(resolution: int, ratio: float, multiple: int = 8) -> tuple[int, int]:
