@@ -396,7 +396,7 @@ class ChildResult:
 
 
 def child_env(device: str, deterministic: bool) -> dict[str, str]:
-    from launch.launcher import free_port
+    from launch.job import free_port
 
     env = dict(os.environ)
     env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
