@@ -85,6 +85,13 @@ def test_exit_codes_are_the_trainers():
         assert getattr(runners, name) == getattr(codes, name), name
 
 
+def test_sampler_names_are_the_samplers():
+    from trainer.codes import SAMPLER_NAMES
+    from trainer.diffusion import SAMPLERS
+
+    assert sorted(SAMPLER_NAMES) == sorted(SAMPLERS)
+
+
 def test_failure_summary_names_rank_and_reason():
     killed = Outcome(-9, rank=1)
     assert killed.summary() == "rank 1 died: SIGKILL" and killed.exit_code == 137
