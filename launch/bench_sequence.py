@@ -97,7 +97,7 @@ def split_rank(rank: int, size: int, port: int, clip: Clip, out: str) -> None:
 def bench_sequence(args: argparse.Namespace) -> int:
     import torch.multiprocessing as mp
 
-    from launch.launcher import free_port
+    from launch.job import free_port
 
     clip = Clip(args.preset, args.depth, args.attention, args.policy, args.frames, args.size, args.channels)
     heads = dit_preset(args.preset).heads

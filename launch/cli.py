@@ -10,9 +10,12 @@ import importlib
 import sys
 from typing import Callable, Optional
 
+from trainer.codes import EXIT_CONFIG
 from trainer.config import ConfigError, load_config, to_yaml
 
-EXIT_CONFIG = 2
+SAMPLE_HELP = "text -> base -> super-resolution -> decode: PNG/MP4 and a grid"
+EVAL_HELP = "prompt-adherence judge, distribution distance, memorization audit"
+EXPORT_HELP = "export EMA weights as safetensors or a diffusers directory"
 
 
 def _cmd_config_show(args: argparse.Namespace) -> int:
@@ -60,19 +63,10 @@ def _add_run_command(sub: argparse._SubParsersAction, name: str, help_: str, mod
     return p
 
 
-def _optional_register(module: str, attr: str, target) -> bool:
+def _register(module: str, attr: str, target) -> None:
     """Let a room add its own subcommands (`register(subparsers)`) or arguments
-    (`configure(parser)`); a room not yet built adds none. True when it added something."""
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name and module.startswith(e.name):
-            return False
-        raise
-    if not hasattr(mod, attr):
-        return False
-    getattr(mod, attr)(target)
-    return True
+    (`configure(parser)`)."""
+    getattr(importlib.import_module(module), attr)(target)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,41 +80,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_config(sub)
     data = sub.add_parser("data", help="write, synthesize, inspect and precompute WebDataset shards")
-    _optional_register("launch.data_cmd", "register", data.add_subparsers(dest="data_cmd", required=True))
+    _register("launch.data_cmd", "register", data.add_subparsers(dest="data_cmd", required=True))
     train = _add_run_command(sub, "train", "train one stage on this rank (launchers start this on every rank)", "launch.train_cmd", "train")
-    _optional_register("launch.train_cmd", "add_resume_arguments", train)
+    _register("launch.train_cmd", "add_resume_arguments", train)
     demo = _add_run_command(sub, "demo", "the end-to-end demo: synthetic shards -> autoencoder -> DiT -> samples", "launch.demo", "demo")
     demo.add_argument("--nproc", type=int, default=2, help="local processes for the DeepSpeed stages")
     demo.add_argument("--resume", action="store_true",
                       help="continue an interrupted demo from its checkpoints instead of starting over")
-    _optional_register("launch.launcher", "register", sub)  # `dit launch CONFIG [overrides] ...`
-    _optional_register("launch.plan", "register", sub)  # `dit plan CONFIG [overrides] --gpus N`
-    for name, module, help_ in (
-        ("sample", "launch.sample_cmd", "text -> base -> super-resolution -> decode: PNG/MP4 and a grid"),
-        ("eval", "launch.eval_cmd", "prompt-adherence judge, distribution distance, memorization audit"),
-        ("export", "launch.export_cmd", "export EMA weights as safetensors or a diffusers directory"),
-    ):
-        p = sub.add_parser(name, help=help_, description=help_)
-        p.set_defaults(func=_not_built(name))  # before configure, which sets its own func
-        if not _optional_register(module, "configure", p):  # a direct command: `dit sample CKPT ...`
-            _optional_register(module, "register", p.add_subparsers(dest=f"{name}_cmd", required=True))
+    _register("launch.launcher", "register", sub)  # `dit launch CONFIG [overrides] ...`
+    _register("launch.plan", "register", sub)  # `dit plan CONFIG [overrides] --gpus N`
+    _register("launch.sample_cmd", "configure", sub.add_parser("sample", help=SAMPLE_HELP, description=SAMPLE_HELP))
+    evaluate = sub.add_parser("eval", help=EVAL_HELP, description=EVAL_HELP)
+    _register("launch.eval_cmd", "register", evaluate.add_subparsers(dest="eval_cmd", required=True))
+    _register("launch.export_cmd", "configure", sub.add_parser("export", help=EXPORT_HELP, description=EXPORT_HELP))
     bench = sub.add_parser("bench", help="benchmarks that print a ratio measured side by side in one run")
     bsub = bench.add_subparsers(dest="bench_cmd", required=True)
-    _optional_register("launch.data_cmd", "register_bench", bsub)
-    _optional_register("launch.bench_model", "register_bench", bsub)
-    _optional_register("launch.bench_distill", "register_bench", bsub)
-    _optional_register("launch.bench_quality", "register_bench", bsub)
-    _optional_register("launch.bench_gpu", "register_bench", bsub)
-    _optional_register("launch.bench_sequence", "register_bench", bsub)
+    _register("launch.data_cmd", "register_bench", bsub)
+    _register("launch.bench_model", "register_bench", bsub)
+    _register("launch.bench_distill", "register_bench", bsub)
+    _register("launch.bench_quality", "register_bench", bsub)
+    _register("launch.bench_gpu", "register_bench", bsub)
+    _register("launch.bench_sequence", "register_bench", bsub)
     return parser
-
-
-def _not_built(name: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        print(f"dit {name}: not available in this build yet", file=sys.stderr)
-        return EXIT_CONFIG
-
-    return run
 
 
 def main(argv: Optional[list[str]] = None) -> int:

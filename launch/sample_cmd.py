@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-SAMPLERS = ("ddim", "euler", "dpmpp2m", "ddpm")
+from trainer.codes import SAMPLER_NAMES as SAMPLERS
+
 SETTINGS = {"steps": "steps", "cfg": "cfg_scale", "guidance_rescale": "guidance_rescale", "sampler": "sampler"}
 DEVICE_HELP = "where the models run: auto (default: the accelerator if present, else cpu), cpu, cuda, cuda:N"
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from launch.job import LaunchError, check_job
+
 SIGNAL_LEAD_S = 120  # SIGUSR1 this long before the time limit: time for the last save
 MASTER_PORT_BASE = 20000  # the default port is derived from the job id, so jobs sharing a node do not collide
 
@@ -119,9 +121,8 @@ def submit_script(path: Path, out=None) -> int:
 
 
 def job_from_args(args: argparse.Namespace) -> SlurmJob:
-    """Validate the config for the allocation's world size, then describe the job."""
-    from launch.launcher import LaunchError, check_config
-
+    """Check the job for every world size the allocation may have (launch/job.py: the config
+    and the checkpoint it would resume from), then describe it."""
     if args.hostfile or args.node_rank is not None or args.master_addr:
         raise LaunchError("--slurm takes its hosts from the allocation: drop --hostfile, --node-rank "
                           "and --master-addr (use --nodes)")
@@ -132,10 +133,9 @@ def job_from_args(args: argparse.Namespace) -> SlurmJob:
     min_nodes = args.min_nodes or 0
     if not 0 <= min_nodes <= nodes:
         raise LaunchError(f"--min-nodes ({min_nodes}) must be between 1 and --nodes ({nodes})")
-    cfg = check_config(args.config, args.overrides, nodes * ranks)
-    if min_nodes:  # every allocation the job may get must hold the config
-        for size in range(min_nodes, nodes):
-            check_config(args.config, args.overrides, size * ranks)
+    # Every allocation the job may get (or be requeued on) must hold the config and its checkpoint.
+    sizes = (nodes, *range(min_nodes or nodes, nodes))
+    cfg = check_job(args.config, args.overrides, [size * ranks for size in sizes])
     return SlurmJob(
         name=args.job_name or cfg.run.name, nodes=nodes, ranks_per_node=ranks,
         config=str(Path(args.config).resolve()), overrides=tuple(args.overrides),

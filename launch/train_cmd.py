@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional
 
-from trainer.config import RunConfig, load_config, validate
+from launch.job import check_config, resume_config
+from trainer.codes import EXIT_CHECKPOINT
 
 ALLOW_CONFIG_CHANGE = "checkpoint.allow_config_change=true"
 
@@ -20,33 +20,18 @@ def overrides_of(args: argparse.Namespace) -> list[str]:
     return list(args.overrides) + ([ALLOW_CONFIG_CHANGE] if args.allow_config_change else [])
 
 
-def resume_config(cfg: RunConfig, world_size: int) -> tuple[RunConfig, Optional[str], str]:
-    """(the config this job resumes with, why the checkpoint it would resume from does not fit
-    it or None, the line saying what was derived to keep the global batch or '')."""
-    from trainer.checkpoint import CheckpointError
-    from trainer.engine import preflight_resume
-
-    try:
-        cfg, note = preflight_resume(cfg, world_size)
-    except CheckpointError as e:
-        return cfg, str(e), ""
-    return cfg, None, note
-
-
 def train(args: argparse.Namespace) -> int:
     from trainer.distributed import world_from_env
 
-    cfg = load_config(args.config, overrides_of(args))
-    world_size = world_from_env()[1]
-    validate(cfg, world_size=world_size)  # before any process group starts, and before the engine's imports
-    from trainer.engine import EXIT_CHECKPOINT, train as run_training
-    from trainer.stages import preflight
-
-    preflight(cfg)
+    rank, world_size = world_from_env()[:2]
+    # Checked before any process group starts, and before the engine's imports.
+    cfg = check_config(args.config, overrides_of(args), world_size)
     cfg, refusal, note = resume_config(cfg, world_size)
     if refusal is not None:
         print(f"dit train: {refusal}", file=sys.stderr, flush=True)
         return EXIT_CHECKPOINT
-    if note and world_from_env()[0] == 0:
+    if note and rank == 0:
         print(f"dit train: {note}", flush=True)
+    from trainer.engine import train as run_training
+
     return run_training(cfg)

@@ -229,11 +229,9 @@ class CheckpointManager:
         self.rank = rank
         self.world_size = world_size
         # Fault-suite hooks (trainer/faults.py): called once the engine states are written,
-        # before the commit; before each engine file is written; and the tag this rank reads
-        # from `latest` instead of the file's content.
+        # before the commit; and before each engine file is written.
         self.before_commit: Optional[Callable[[int, Path], None]] = None
         self.before_write: Optional[Callable[[str], None]] = None
-        self.pointer_override = ""
 
     # ---- save -------------------------------------------------------------------------------
     def save(self, step: int, engines: dict[str, Any], rank_state: RankState, config_yaml: str,
@@ -334,7 +332,7 @@ class CheckpointManager:
         pointer = self.root / LATEST
         if not pointer.is_file():
             return None
-        directory = self.root / (self.pointer_override or pointer.read_text().strip())
+        directory = self.root / pointer.read_text().strip()
         if not (directory / COMPLETE).is_file():
             raise CheckpointError(f"{pointer} names {directory.name}, which is not a complete checkpoint")
         return directory

@@ -25,6 +25,7 @@ from data_pipeline.stream import batch_to_device
 from data_pipeline.transforms import TransformSpec
 from trainer import faults
 from trainer.checkpoint import EMA_FILE, STAGE_FILE, CheckpointError, CheckpointManager, RankState, init_network
+from trainer.codes import EXIT_CHECKPOINT, EXIT_DATA, EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE
 from trainer.config import DeepSpeedConfig, OptimConfig, RunConfig, to_yaml, validate
 from trainer.diffusion.noise import sample_generators
 from trainer.distributed import DistContext, PreemptionFlag, any_rank, comm_device, compute_device, init_distributed
@@ -33,13 +34,6 @@ from trainer.elastic import (LAYOUT_KEYS, Shape, gather_player, keep_global_batc
 from trainer.ema import EMA
 from trainer.metrics import KeyLog, Metric, MetricsLogger
 from trainer.sequence_parallel import parallelize_sequence, sequence_group
-
-EXIT_OK = 0
-EXIT_CONFIG = 2
-EXIT_NONFINITE = 3  # too many non-finite steps in a row
-EXIT_CHECKPOINT = 4
-EXIT_DATA = 5  # the data is unusable: no shards, no full batch, or past data.error_budget
-EXIT_REQUEUE = 42  # preempted (SIGTERM/SIGUSR1): state saved, requeue and rerun the same command
 
 # Keys that may change between a checkpoint and its resume without changing the experiment.
 RESUMABLE_CHANGES = ("stage.steps", "checkpoint", "log", "run.out_dir", "data.num_workers",
@@ -303,11 +297,6 @@ class Trainer:
         self.ckpt = CheckpointManager(cfg.checkpoint, self.ctx.rank, self.ctx.world_size)
         self.state = LoopState()
         self.config_yaml = to_yaml(cfg)
-        self.nan_steps = faults.nan_steps(self.ctx.rank)
-        self.kill_steps = faults.kill_steps(self.ctx.rank)
-        self.ckpt.before_commit = faults.save_stall()
-        self.ckpt.before_write = faults.save_error(self.ctx.rank)
-        self.ckpt.pointer_override = faults.latest_override(self.ctx.rank)
         # Pipeline stage 0 owns the data (the last stage reads the same batches for its labels);
         # of a sequence group, which reads one batch on every rank, its first rank accounts for it.
         self.reads_data = self.ctx.reads_data
@@ -399,10 +388,6 @@ class Trainer:
         for _ in range(self.cfg.deepspeed.grad_accum):
             batch, draws = self.next_batch(batches)
             for player, loss, info in self.autocast_each(self.stage.losses(batch, draws)):
-                if self.state.step + 1 in self.nan_steps:
-                    loss = loss * float("nan")  # fault injection (tests): a NaN on this rank
-                if self.state.step + 1 in self.kill_steps:
-                    faults.kill_now()  # fault injection (tests): die between forward and all-reduce
                 self.engines[player].backward(loss)
                 self.engines[player].step()
                 yield info
@@ -621,7 +606,9 @@ def preview_batch(cfg: RunConfig, samples: int, device: torch.device) -> dict:
 
 def train(cfg: RunConfig) -> int:
     try:
-        code = Trainer(cfg).run()
+        trainer = Trainer(cfg)
+        faults.install(trainer)  # only when a DIT_INJECT_* variable is set (the fault suite)
+        code = trainer.run()
     except DataError as e:  # maybe on this rank alone: exit now, the others fail on the lost peer
         print(f"dit train: {e}", file=sys.stderr, flush=True)
         return EXIT_DATA

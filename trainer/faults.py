@@ -1,5 +1,8 @@
 """Fault injection for the fault suite, driven by environment variables so that the real
-`dit train` command (started by a real launcher) is what the tests exercise.
+`dit train` command (started by a real launcher) is what the tests exercise. `install` is
+called once per rank on the built trainer and does nothing unless a DIT_INJECT_* variable is
+set; it wraps the trainer's parts (the stage's losses, the checkpoint manager's hooks and its
+`latest`), so the step loop and the checkpoint format hold no branch for it.
 
 DIT_INJECT_NAN="RANK@STEP[,STEP...]"    that rank's loss is NaN at those (1-based) steps
 DIT_INJECT_KILL_AT="[RANK@]STEP"        that rank (default: every rank) kills itself with SIGKILL
@@ -21,7 +24,9 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Iterator, Optional
+
+PREFIX = "DIT_INJECT_"
 
 
 def _steps(spec: str) -> set[int]:
@@ -35,6 +40,54 @@ def _for_rank(name: str, rank: int) -> str:
         return ""
     target, _, value = spec.partition("@")
     return value if int(target) == rank else ""
+
+
+def requested() -> bool:
+    return any(name.startswith(PREFIX) and value for name, value in os.environ.items())
+
+
+def install(trainer: Any) -> None:
+    """Install on this rank's trainer (trainer/engine.py's Trainer) the faults the DIT_INJECT_*
+    variables ask for; nothing when none is set."""
+    if not requested():
+        return
+    rank = trainer.ctx.rank
+    inject_into_losses(trainer, nan_steps(rank), kill_steps(rank))
+    trainer.ckpt.before_commit = save_stall()
+    trainer.ckpt.before_write = save_error(rank)
+    tag = latest_override(rank)
+    if tag:
+        read_latest_as(trainer.ckpt, tag)
+
+
+def inject_into_losses(trainer: Any, nan: set[int], kill: set[int]) -> None:
+    """Wrap the stage's losses: at the (1-based) steps in `nan` this rank's loss is NaN; at those
+    in `kill` this rank dies after its forward pass, before the backward's gradient all-reduce."""
+    if not nan and not kill:
+        return
+    losses = trainer.stage.losses
+
+    def injected(batch: dict, draws) -> Iterator[tuple]:
+        step = trainer.state.step + 1
+        for player, loss, info in losses(batch, draws):
+            if step in nan:
+                loss = loss * float("nan")
+            if step in kill:
+                kill_now()
+            yield player, loss, info
+
+    trainer.stage.losses = injected
+
+
+def read_latest_as(ckpt: Any, tag: str) -> None:
+    """This rank reads TAG from `latest`, as a node whose checkpoint directory is not shared."""
+    latest = ckpt.latest
+
+    def injected() -> Optional[Path]:
+        found = latest()
+        return None if found is None else found.with_name(tag)
+
+    ckpt.latest = injected
 
 
 def nan_steps(rank: int) -> set[int]:

@@ -66,3 +66,17 @@ def test_allow_config_change_resumes_with_the_new_batch(copied, uneven_shards):
                   "--allow-config-change")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert latest_dir(copied).name == "step_00000014"
+
+
+def test_slurm_runs_the_same_resume_check_for_every_allocation(copied, uneven_shards):
+    """`dit launch --slurm` refuses what the local launch refuses, before writing a script: the
+    smallest allocation --min-nodes allows (3 nodes of 1 rank) cannot keep the global batch 8;
+    a range whose every size keeps it (1 or 2 ranks) is accepted."""
+    overrides = base(uneven_shards, copied, *REFERENCE, "stage.steps=16")
+    refused = dit("launch", str(TINY), *overrides, "--slurm", "--dry-run", "--nodes", "4", "--min-nodes", "3")
+    assert refused.returncode == 4, refused.stderr[-3000:]
+    assert "this job has 3 rank(s) and 1 pipeline stage(s), global batch 12" in refused.stderr
+    assert not (copied / "logs" / "slurm").exists()
+    accepted = dit("launch", str(TINY), *overrides, "--slurm", "--dry-run", "--nodes", "2", "--min-nodes", "1")
+    assert accepted.returncode == 0, accepted.stderr[-3000:]
+    assert "#SBATCH --nodes=1-2" in accepted.stdout

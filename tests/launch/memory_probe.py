@@ -25,7 +25,8 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from launch.plan import text_dims, zero_settings
+from launch.plan import zero_settings
+from launch.plan_model import text_dims
 from trainer.config import load_config
 from trainer.distributed import init_distributed
 from trainer.engine import build_engine, seed_everything

@@ -15,6 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import launch.bench_gpu as bench
+from launch.bench_gpu_resume import compare_trees, load_checkpoint_file
+from launch.bench_gpu_runs import ChildResult
 from launch.cli import main
 from tests.trainer.harness import ROOT, train_env
 from trainer.checkpoint import step_name
@@ -99,11 +101,11 @@ def test_the_check_reports_failed_when_the_resumed_run_differs(tiny_check, tmp_p
         shutil.rmtree(run_dir)
         shutil.copytree(out / "video_resumed", run_dir)
         path = run_dir / "checkpoints" / step_name(6) / "student" / "mp_rank_00_model_states.pt"
-        state = bench.load_checkpoint_file(path)
+        state = load_checkpoint_file(path)
         key = sorted(state["module"])[0]
         state["module"][key] = state["module"][key] + 1
         torch.save(state, path)
-        return bench.ChildResult(0)
+        return ChildResult(0)
 
     monkeypatch.setattr(bench, "run_child", fake_child)
     video = bench.RunSpec("video", "DiT-T/2", 8, 4, 2, 6, 3)
@@ -142,12 +144,12 @@ def test_peak_table_matches_device_names():
 def test_compare_trees_names_what_differs():
     a = {"w": torch.zeros(3), "opt": [{"step": 1, "m": torch.ones(2, dtype=torch.bfloat16)}]}
     same = {"w": torch.zeros(3), "opt": [{"step": 1, "m": torch.ones(2, dtype=torch.bfloat16)}]}
-    assert bench.compare_trees(a, same) == []
+    assert compare_trees(a, same) == []
     b = {"w": torch.tensor([0.0, 0.5, 0.0]), "opt": [{"step": 2, "m": torch.ones(2)}]}
-    problems = bench.compare_trees(a, b)
+    problems = compare_trees(a, b)
     assert "w: 1 of 3 values differ (max |diff| 0.5)" in problems
     assert "opt[0].step: 1 vs 2" in problems and any(p.startswith("opt[0].m: (2,) torch.bfloat16") for p in problems)
-    assert bench.compare_trees({"a": 1}, {"b": 1}) == ["top level: keys differ (['a', 'b'])"]
+    assert compare_trees({"a": 1}, {"b": 1}) == ["top level: keys differ (['a', 'b'])"]
 
 
 def test_help_lists_the_options(capsys):

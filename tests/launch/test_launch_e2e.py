@@ -15,7 +15,8 @@ from typing import Callable
 import psutil
 import pytest
 
-from launch.launcher import EXIT_REQUEUE, free_port
+from launch.job import free_port
+from trainer.codes import EXIT_REQUEUE
 from tests.trainer.harness import ROOT, TINY, losses, metrics, train_env
 from trainer.checkpoint import LATEST
 

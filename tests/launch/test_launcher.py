@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from launch import launcher
+from launch import job as launch_job
+from launch import runners
 from launch.cli import main
-from launch.launcher import (EXIT_REQUEUE, Job, LaunchError, Outcome, Topology, deepspeed_command,
-                             deepspeed_status, node_hostfile, rank_environment, read_hostfile, torchrun_args)
+from launch.job import Job, LaunchError, Topology, rank_environment, read_hostfile
+from launch.runners import Outcome, deepspeed_command, deepspeed_status, node_hostfile, torchrun_args
 from tests.trainer.harness import ROOT, TINY
+from trainer.codes import EXIT_REQUEUE
 from trainer.config import ConfigError
 
 FAKE_SLURM = Path(__file__).parent / "fake_slurm"
@@ -77,10 +79,17 @@ def test_rank_environment_is_set_in_one_place():
 
 
 def test_exit_codes_are_the_trainers():
-    from trainer import engine
+    from trainer import codes
 
     for name in ("EXIT_OK", "EXIT_CONFIG", "EXIT_NONFINITE", "EXIT_CHECKPOINT", "EXIT_DATA", "EXIT_REQUEUE"):
-        assert getattr(launcher, name) == getattr(engine, name), name
+        assert getattr(runners, name) == getattr(codes, name), name
+
+
+def test_sampler_names_are_the_samplers():
+    from trainer.codes import SAMPLER_NAMES
+    from trainer.diffusion import SAMPLERS
+
+    assert sorted(SAMPLER_NAMES) == sorted(SAMPLERS)
 
 
 def test_failure_summary_names_rank_and_reason():
@@ -100,17 +109,17 @@ def test_failure_summary_names_rank_and_reason():
     (["--launcher", "torchrun", "--hostfile", str(TINY)], "read by the DeepSpeed launcher"),
 ])
 def test_inconsistent_topology_fails_before_anything_starts(monkeypatch, capsys, argv, message):
-    monkeypatch.setattr(launcher, "RUNNERS", {})  # any attempt to run would raise KeyError
+    monkeypatch.setattr(runners, "RUNNERS", {})  # any attempt to run would raise KeyError
     assert main(["launch", str(TINY), *argv]) == 2
     assert message in capsys.readouterr().err
 
 
 def test_bad_config_fails_fast_naming_the_key(monkeypatch, capsys):
-    monkeypatch.setattr(launcher, "RUNNERS", {})
+    monkeypatch.setattr(runners, "RUNNERS", {})
     assert main(["launch", str(TINY), "optim.lrr=1", "--nproc-per-node", "2"]) == 2
     assert "optim.lrr" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="deepspeed.pipeline_stages"):  # checked for the world size
-        launcher.check_config(str(TINY), ["deepspeed.pipeline_stages=3", "deepspeed.zero_stage=1"], 2)
+        launch_job.check_config(str(TINY), ["deepspeed.pipeline_stages=3", "deepspeed.zero_stage=1"], 2)
 
 
 def dry_run(capsys, *extra: str) -> str:

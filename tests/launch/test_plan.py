@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from launch.cli import main
-from launch.plan import Hardware, activation_bytes, estimate, layouts, model_facts, model_state_bytes, \
-    zero_settings
+from launch.plan import Hardware, activation_bytes, estimate, layouts, model_state_bytes, zero_settings
+from launch.plan_model import model_facts
 from tests.trainer.harness import ROOT, TINY, train_env
 from trainer.config import load_config
 

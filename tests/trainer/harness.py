@@ -193,7 +193,7 @@ def bare_ranks(nproc: int, overrides: list[str], logs: Path, config: Path = TINY
     """`dit train` ranks started by hand, with no launcher to stop the others when one dies (as
     on separate nodes): what they do after a peer's death is their own doing. Rank r writes
     its output to `logs/rank{r}.log`."""
-    from launch.launcher import free_port
+    from launch.job import free_port
 
     port = free_port()
     logs.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,212 @@
+"""The training runs of `dit bench gpu` (launch/bench_gpu.py): what is trained (a RunSpec and
+its dotted overrides), its synthetic latent shards, and each run as a child process
+(`python -m launch.bench_gpu_runs --child CONFIG REPORT`: the real Trainer as rank 0 of 1).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of the check."""
+
+    name: str  # image | video | video_resumed
+    preset: str
+    latent: int  # latent side (the DiT's input is latent x latent x channels [x frames])
+    frames: int  # 0: images
+    batch: int
+    steps: int
+    checkpoint_every: int
+    log_every: int = 1  # the resume check compares per-step losses; > 1 saves host syncs
+    channels: int = 4
+
+    @property
+    def video(self) -> bool:
+        return self.frames > 0
+
+    def shape(self) -> tuple[int, ...]:
+        c, s = self.channels, self.latent
+        return (c, self.frames, s, s) if self.video else (c, s, s)
+
+    def describe(self) -> str:
+        pixels = f" ({self.latent * 8} px)" if not self.video else ""
+        what = "x".join(str(d) for d in ((self.frames,) if self.video else ()) + (self.latent, self.latent, self.channels))
+        return f"{self.preset}{' video' if self.video else ''} on {what} latents{pixels}"
+
+
+def run_overrides(spec: RunSpec, shards: Path, run_dir: Path, precision: str, workers: int,
+                  prompt: str) -> list[str]:
+    """Dotted overrides of the run (on top of the defaults of `trainer.config`)."""
+    overrides = [
+        f"run.name=gpu_check_{spec.name}", f"run.out_dir={run_dir}", "run.seed=0",
+        f"data.shards={shards}", f"data.kind={'video' if spec.video else 'image'}",
+        f"data.resolution={spec.latent}", f"data.batch_size={spec.batch}", f"data.num_workers={workers}",
+        f"model.preset={spec.preset}", f"model.in_channels={spec.channels}", "model.autoencoder.kind=none",
+        f"model.video={str(spec.video).lower()}",
+        "deepspeed.zero_stage=2", f"deepspeed.precision={precision}",
+        "stage.kind=pretrain", f"stage.steps={spec.steps}",
+        "optim.lr=1e-4", "optim.warmup_steps=2", "ema.decay=0.999",
+        f"checkpoint.every={spec.checkpoint_every}", "checkpoint.keep=2",
+        f"log.every={spec.log_every}", "log.tensorboard=false", "log.sample_steps=2", f"log.prompts=[{json.dumps(prompt)}]",
+        f"log.sample_keys={str(spec.video).lower()}",
+    ]
+    if spec.video:
+        overrides.append(f"data.num_frames={spec.frames}")
+    return overrides
+
+
+def build_config(spec: RunSpec, shards: Path, run_dir: Path, precision: str, workers: int, prompt: str):
+    from trainer.config import load_config
+
+    return load_config(None, run_overrides(spec, shards, run_dir, precision, workers, prompt))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: synthetic latent shards, written as `dit data precompute` writes them.
+
+
+def caption_pool(n: int, video: bool, seed: int = 0) -> list[str]:
+    import numpy as np
+
+    from data_pipeline.synth import caption, sample_attributes
+
+    return [caption(sample_attributes(np.random.default_rng([seed, i]), video=video)) for i in range(n)]
+
+
+def latent_samples(num: int, shape: Sequence[int], captions: list[str], seed: int = 0):
+    """Samples {key, txt, json, safetensors{latent}} with unit-variance latents (as a scaled
+    VAE's), deterministic in (seed, index)."""
+    import safetensors.torch
+    import torch
+
+    for i in range(num):
+        latent = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
+        key, text = f"{i:09d}", captions[i % len(captions)]
+        yield {"__key__": key, "txt": text.encode(),
+               "json": json.dumps({"key": key, "caption": text, "source": "dit bench gpu"}).encode(),
+               "safetensors": safetensors.torch.save({"latent": latent})}
+
+
+def write_latent_shards(out_dir: Path, spec: RunSpec, captions: list[str], shards: int = 8) -> int:
+    """One epoch's worth of samples for the run (no epoch boundary inside the measurement)."""
+    from data_pipeline.write import write_shards
+
+    num = spec.batch * (spec.steps + 2)
+    write_shards(latent_samples(num, spec.shape(), captions), str(out_dir), math.ceil(num / shards),
+                 prefix="latent", created_by="dit bench gpu", progress=False)
+    return num
+
+
+# ---------------------------------------------------------------------------------------------
+# Running one training job in a child process.
+
+
+@dataclass
+class ChildResult:
+    exit_code: int
+    report: dict = field(default_factory=dict)
+    log: Path = Path()
+    seconds: float = 0.0
+
+    def tail(self, lines: int = 25) -> str:
+        text = self.log.read_text(errors="replace") if self.log.is_file() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def child_env(device: str, deterministic: bool) -> dict[str, str]:
+    from launch.job import free_port
+
+    env = dict(os.environ)
+    env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    if deterministic:  # cuBLAS is deterministic only with a fixed workspace (torch refuses otherwise)
+        env["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    if device == "cpu":
+        env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")  # gloo: the trainer picks NCCL when it sees CUDA
+    else:
+        env["DS_ACCELERATOR"] = "cuda"
+    return env
+
+
+def run_child(cfg, run_dir: Path, device: str, deterministic: bool, timeout_s: float) -> ChildResult:
+    """`python -m launch.bench_gpu_runs --child CONFIG REPORT`: one `Trainer` run as rank 0 of 1."""
+    from trainer.config import to_yaml
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config, report, log = run_dir / "config.yaml", run_dir / "bench_report.json", run_dir / "bench.log"
+    config.write_text(to_yaml(cfg))
+    report.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "launch.bench_gpu_runs", "--child", str(config), str(report)]
+    if deterministic:
+        cmd.append("--deterministic")
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        try:
+            proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1],
+                                  env=child_env(device, deterministic), stdout=out, stderr=subprocess.STDOUT,
+                                  timeout=timeout_s)
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            code = 124
+    data = json.loads(report.read_text()) if report.is_file() else {}
+    return ChildResult(code, data, log, time.perf_counter() - start)
+
+
+def child_main(config: str, report: str, deterministic: bool) -> int:
+    """Rank 0 of a world of one: the real Trainer on `config`; writes the peak device memory of
+    the training loop (before the end-of-run sample grid, which builds a second model) and the
+    process-group backend to `report`."""
+    import torch
+    import torch.distributed as dist
+
+    from data_pipeline.errors import DataError
+    from trainer.config import load_config
+    from trainer.codes import EXIT_DATA
+    from trainer.engine import Trainer
+
+    cfg = load_config(config)
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+        # Deterministic mode would also fill every torch.empty with NaN; that is a debugging aid,
+        # not part of determinism, and it would make these runs differ from real ones.
+        torch.utils.deterministic.fill_uninitialized_memory = False
+    cuda = torch.cuda.is_available()
+    result: dict[str, Any] = {"device": torch.cuda.get_device_name() if cuda else "cpu"}
+    try:
+        trainer = Trainer(cfg)
+    except DataError as e:
+        print(f"dit train: {e}", file=sys.stderr, flush=True)
+        return EXIT_DATA
+    result["backend"] = dist.get_backend() if dist.is_initialized() else "none"
+    sample_grid = trainer.write_samples
+
+    def measured_write_samples():
+        # Workaround: the trainer records no peak memory; the end of the loop is the last moment
+        # that is all training (write_samples builds the sampling copy of the model).
+        if cuda and "peak_bytes" not in result:
+            torch.cuda.synchronize()
+            result["peak_bytes"] = torch.cuda.max_memory_allocated()
+        return sample_grid()
+
+    trainer.write_samples = measured_write_samples
+    code = trainer.run()
+    if cuda and "peak_bytes" not in result:  # the loop ended without drawing samples
+        result["peak_bytes"] = torch.cuda.max_memory_allocated()
+    result["exit"] = code
+    Path(report).write_text(json.dumps(result))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(child_main(sys.argv[2], sys.argv[3], "--deterministic" in sys.argv[4:]))

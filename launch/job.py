@@ -1,0 +1,211 @@
+"""What a `dit launch` job is, shared by the local runners (launch/runners.py) and SLURM
+(launch/slurm.py): its config, checked for the job's world size before any process starts
+(the keys, the stage's own checks, and the checkpoint it would resume from); where its ranks
+run (the topology: one machine, a hostfile, or a torchrun rendezvous); and the environment
+every rank gets.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from trainer.config import RunConfig, load_config, validate
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LAUNCHERS = ("deepspeed", "torchrun")
+
+
+class LaunchError(RuntimeError):
+    """A launch that cannot start; the message says what to change."""
+
+
+class ResumeRefused(RuntimeError):
+    """The checkpoint the job would resume from was written by another job shape or config."""
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Where the ranks run.
+
+    nproc_per_node 0 takes the slots of the hostfile. node_rank None: this node starts every
+    node (single machine, or pdsh over ssh); otherwise this command runs once per node.
+    master_addr "": the first host (or loopback); master_port 0: a free local port.
+    """
+
+    nproc_per_node: int
+    nnodes: int = 1
+    node_rank: Optional[int] = None
+    master_addr: str = ""
+    master_port: int = 0
+    hostfile: str = ""
+    hosts: tuple[tuple[str, int], ...] = ()  # (host, slots) of the hostfile
+
+    @property
+    def world_size(self) -> int:
+        if self.hosts:
+            return sum(self.nproc_per_node or slots for _, slots in self.hosts)
+        return self.nnodes * self.nproc_per_node
+
+    @property
+    def local_ranks(self) -> int:
+        if self.hosts and self.node_rank is not None:
+            return self.nproc_per_node or self.hosts[self.node_rank][1]
+        return self.nproc_per_node or max(slots for _, slots in self.hosts)
+
+
+@dataclass(frozen=True)
+class Job:
+    config: str  # absolute path of the YAML run config
+    overrides: tuple[str, ...]
+    launcher: str
+    topology: Topology
+    log_dir: Path  # per-rank logs, one folder per attempt
+    gpu: bool
+    max_restarts: int = 0
+    shutdown_timeout_s: int = 100  # SIGTERM -> SIGKILL grace for a preempted rank's last save
+
+    def rank_command(self) -> list[str]:
+        """What each rank runs after `python -u -m`."""
+        return ["launch.cli", "train", self.config, *self.overrides]
+
+
+# ---------------------------------------------------------------------------------------------
+# The config, checked before any process starts.
+
+
+def check_config(config: str, overrides: list[str], world_size: int) -> RunConfig:
+    """Load and validate the run config for this world size: fails fast, naming the key."""
+    from trainer.stages import preflight
+
+    cfg = load_config(config, overrides)
+    validate(cfg, world_size=world_size)
+    preflight(cfg)
+    return cfg
+
+
+def resume_config(cfg: RunConfig, world_size: int) -> tuple[RunConfig, Optional[str], str]:
+    """(the config this job resumes with, why the checkpoint it would resume from does not fit
+    it or None, the line saying what was derived to keep the global batch or '')."""
+    from trainer.checkpoint import CheckpointError
+    from trainer.engine import preflight_resume
+
+    try:
+        cfg, note = preflight_resume(cfg, world_size)
+    except CheckpointError as e:
+        return cfg, str(e), ""
+    return cfg, None, note
+
+
+def check_job(config: str, overrides: list[str], world_sizes: list[int]) -> RunConfig:
+    """The config checked for every world size the job may run on, and the checkpoint it would
+    resume from on each: raises ConfigError naming the key, or ResumeRefused. Returns the
+    config checked for the first world size."""
+    checked = [check_config(config, overrides, world_size) for world_size in world_sizes]
+    for cfg, world_size in zip(checked, world_sizes):
+        _, refusal, _ = resume_config(cfg, world_size)
+        if refusal is not None:
+            raise ResumeRefused(refusal)
+    return checked[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the ranks run.
+
+
+def read_hostfile(path: str) -> tuple[tuple[str, int], ...]:
+    """`HOST slots=N` lines (DeepSpeed/pdsh/MPI style, '#' comments) -> ((HOST, N), ...)."""
+    if not Path(path).is_file():
+        raise LaunchError(f"--hostfile {path}: no such file")
+    hosts: list[tuple[str, int]] = []
+    for number, raw in enumerate(Path(path).read_text().splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        match = re.fullmatch(r"(\S+)\s+slots=(\d+)", line)
+        if match is None:
+            raise LaunchError(f"--hostfile {path}:{number}: '{raw.strip()}' is not 'HOST slots=N'")
+        if any(host == match[1] for host, _ in hosts):
+            raise LaunchError(f"--hostfile {path}:{number}: host {match[1]} is listed twice")
+        hosts.append((match[1], int(match[2])))
+    if not hosts:
+        raise LaunchError(f"--hostfile {path}: it lists no 'HOST slots=N' line")
+    return tuple(hosts)
+
+
+def free_port() -> int:
+    """A TCP port that is free on this machine now (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gpus_here() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def topology_from_args(args: argparse.Namespace, gpus: int) -> Topology:
+    """Check the multi-node flags against each other and fill in what was left out."""
+    if args.hostfile and args.launcher == "torchrun":
+        raise LaunchError("--hostfile is read by the DeepSpeed launcher; with --launcher torchrun "
+                          "run this command on every node with --nnodes, --node-rank and --master-addr")
+    hosts = read_hostfile(args.hostfile) if args.hostfile else ()
+    if hosts and args.nnodes not in (None, len(hosts)):
+        raise LaunchError(f"--nnodes {args.nnodes} disagrees with the {len(hosts)} hosts of {args.hostfile}")
+    nnodes = len(hosts) if hosts else (args.nnodes or 1)
+    if args.node_rank is not None and not 0 <= args.node_rank < nnodes:
+        raise LaunchError(f"--node-rank {args.node_rank} is outside [0, {nnodes}) nodes")
+    if nnodes > 1 and not hosts and (args.node_rank is None or not args.master_addr or not args.master_port):
+        raise LaunchError("a job of --nnodes > 1 needs --node-rank, --master-addr and --master-port on "
+                          "every node (or a --hostfile for the DeepSpeed launcher)")
+    nproc = args.nproc_per_node if args.nproc_per_node is not None else (0 if hosts else max(gpus, 1))
+    if nproc < 0 or (nproc == 0 and not hosts):
+        raise LaunchError(f"--nproc-per-node must be at least 1, not {nproc}")
+    master_addr = args.master_addr or (hosts[0][0] if hosts and args.node_rank is not None else "")
+    single = nnodes == 1 and not master_addr
+    port = args.master_port or (free_port() if single else 29500)
+    return Topology(nproc, nnodes, args.node_rank, master_addr, port, args.hostfile or "", hosts)
+
+
+def job_from_args(args: argparse.Namespace) -> Job:
+    """The job of `dit launch` on this node (not --slurm), its config checked for its world size."""
+    gpus = gpus_here()
+    topology = topology_from_args(args, gpus)
+    cfg = check_job(args.config, args.overrides, [topology.world_size])
+    node = f"node{topology.node_rank}" if topology.node_rank is not None else "node0"
+    return Job(
+        config=str(Path(args.config).resolve()),
+        overrides=tuple(args.overrides),
+        launcher=args.launcher,
+        topology=topology,
+        log_dir=Path(cfg.log.dir).resolve() / "launch" / node,
+        gpu=gpus > 0,
+        max_restarts=args.max_restarts,
+        shutdown_timeout_s=args.shutdown_timeout,
+    )
+
+
+def rank_environment(base: dict[str, str], job: Job) -> dict[str, str]:
+    """The environment every rank needs, set in this one place.
+
+    The engines set RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT per rank, so
+    values inherited from an enclosing job are dropped. The repository goes on PYTHONPATH
+    (`-m launch.cli` from any directory); DeepSpeed gets its CPU accelerator on machines
+    without a GPU; each rank gets its share of the cores as OpenMP threads.
+    """
+    inherited = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in base.items() if k not in inherited}
+    paths = [p for p in base.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(REPO_ROOT)]
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *paths])
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // job.topology.local_ranks)))
+    if not job.gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    return env

@@ -1,0 +1,230 @@
+"""How a `dit launch` job runs on this node: one attempt through torchrun's agent or the
+DeepSpeed launcher, and the attempts with restarts.
+
+The ranks are started by the existing engines, never by a process manager of our own. When a
+rank dies, the engine stops the others (their collectives are bounded by
+deepspeed.comm_timeout_s) and the attempt's outcome names the rank and the reason; with
+`max_restarts` the job is relaunched and resumes from the `latest` checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from launch.job import Job, Topology, rank_environment
+from launch.watch import PREEMPT_SIGNALS, ForwardSignals, LogFollower, RankWatcher
+from trainer.codes import (EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_DATA, EXIT_MEANING, EXIT_NONFINITE, EXIT_OK,
+                           EXIT_REQUEUE)
+
+# A relaunch cannot fix these: the same config, data and checkpoint would fail the same way,
+# and a preempted job must give its machines back (the scheduler requeues it).
+NOT_RESTARTABLE = (EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE, EXIT_CHECKPOINT, EXIT_DATA, EXIT_REQUEUE)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one attempt ended. status: 0, a rank's exit code, or -N when killed by signal N."""
+
+    status: int
+    rank: Optional[int] = None
+    reason: str = ""
+    log: Optional[Path] = None  # the failed rank's log file, when known
+
+    @property
+    def exit_code(self) -> int:
+        return 128 - self.status if self.status < 0 else self.status
+
+    def summary(self) -> str:
+        """One line: 'rank 1 died: SIGKILL'."""
+        if self.status == EXIT_OK:
+            return "all ranks finished"
+        if self.rank is None and self.reason:
+            return f"stopped, {self.reason}: {describe_status(self.status)}"
+        who = f"rank {self.rank}" if self.rank is not None else "a rank"
+        what = f"died: {describe_status(self.status)}" if self.status < 0 else f"exited with {describe_status(self.status)}"
+        return f"{who} {what}" + (f"; its log: {self.log}" if self.log else "")
+
+
+def describe_status(status: int) -> str:
+    """-9 -> 'SIGKILL'; 3 -> 'code 3 (too many non-finite steps in a row)'."""
+    if status < 0:
+        try:
+            return signal.Signals(-status).name
+        except ValueError:
+            return f"signal {-status}"
+    meaning = EXIT_MEANING.get(status)
+    return f"code {status}" + (f" ({meaning})" if meaning else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command lines of the engines.
+
+
+def torchrun_args(job: Job, attempt_dir: Path, attempt: int = 0) -> list[str]:
+    """Arguments of `python -m torch.distributed.run` on this node.
+
+    Attempt k of a multi-node job meets at --master-port + k: the agent of node 0 runs in this
+    process, and its rendezvous store of the failed attempt (keys and all) still holds the port.
+    Every node restarts after a failure, so all of them count the same attempts.
+    """
+    t = job.topology
+    args = [f"--nproc-per-node={t.nproc_per_node}"]
+    if t.nnodes > 1 or t.master_addr:
+        args += [f"--nnodes={t.nnodes}", f"--node-rank={t.node_rank or 0}",
+                 f"--master-addr={t.master_addr or '127.0.0.1'}", f"--master-port={t.master_port + attempt}"]
+    else:
+        args.append("--standalone")  # c10d rendezvous on a free local port
+    return args + [
+        "--max-restarts=0",  # restarts are ours: a preempted (42) job must not be restarted
+        f"--log-dir={attempt_dir}", "--tee=3", "--local-ranks-filter=0",
+        "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+        f"--shutdown-timeout={job.shutdown_timeout_s}",
+        "--module", *job.rank_command(),
+    ]
+
+
+def node_hostfile(t: Topology) -> str:
+    """The hostfile the DeepSpeed launcher needs for `--nnodes K` without one: K placeholder
+    hosts; with --no_ssh only their order (the node rank) and slots matter."""
+    return "".join(f"node{i} slots={t.nproc_per_node}\n" for i in range(t.nnodes))
+
+
+def deepspeed_command(job: Job, attempt_dir: Path, hostfile: Optional[Path]) -> list[str]:
+    """The DeepSpeed launcher (`deepspeed`, i.e. its runner module) on this node."""
+    t = job.topology
+    cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.runner", "--log_level=warning"]
+    if hostfile is not None:
+        cmd.append(f"--hostfile={hostfile}")
+    if t.nproc_per_node:
+        cmd.append(f"--num_gpus={t.nproc_per_node}")
+    if t.master_addr:
+        cmd.append(f"--master_addr={t.master_addr}")
+    cmd.append(f"--master_port={t.master_port}")
+    if t.node_rank is not None:
+        cmd += ["--no_ssh", f"--node_rank={t.node_rank}"]
+    return cmd + ["--module", "--no_local_rank", f"--enable_each_rank_log={attempt_dir}", *job.rank_command()]
+
+
+# ---------------------------------------------------------------------------------------------
+# One attempt through torchrun.
+
+
+def use_environment(env: dict[str, str]) -> None:
+    """Make `env` this process's environment (torchrun's agent runs here and copies it)."""
+    for key in [k for k in os.environ if k not in env]:
+        del os.environ[key]
+    os.environ.update(env)
+
+
+def torchrun_log(attempt_dir: Path, local_rank: int) -> Optional[Path]:
+    """torchrun's log of a local rank: LOG_DIR/<run id>/attempt_0/<local rank>/stderr.log."""
+    logs = sorted(attempt_dir.glob(f"*/attempt_*/{local_rank}/stderr.log"))
+    return logs[-1] if logs else None
+
+
+def run_torchrun(job: Job, attempt_dir: Path, attempt: int) -> Outcome:
+    """torchrun's own agent, in this process, so that its failure report (the first failed
+    rank, its exit code or signal) comes back as an exception rather than text to parse."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    args = torchrun_args(job, attempt_dir, attempt)
+    print(f"dit launch: {sys.executable} -m torch.distributed.run {shlex.join(args)}", flush=True)
+    use_environment(rank_environment(dict(os.environ), job))
+    try:
+        torchrun.run(torchrun.parse_args(args))
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        return Outcome(failure.exitcode, rank, log=torchrun_log(attempt_dir, failure.local_rank))
+    except SignalException as e:
+        sig = signal.Signals(e.sigval)
+        if sig in PREEMPT_SIGNALS:  # forwarded to the ranks, which save and exit
+            return Outcome(EXIT_REQUEUE, reason=f"this launcher received {sig.name}")
+        return Outcome(-sig.value, reason=f"this launcher received {sig.name}")
+    return Outcome(EXIT_OK)
+
+
+# ---------------------------------------------------------------------------------------------
+# One attempt through the DeepSpeed launcher, watched by the helpers of launch/watch.py.
+
+
+def deepspeed_status(returncode: int) -> int:
+    """The launcher's exit code as a rank status: DeepSpeed exits with `sys.exit(-N)` when a
+    rank was killed by signal N, which the shell sees as 256 - N."""
+    if returncode > 128 and 256 - returncode in signal.Signals._value2member_map_:
+        return returncode - 256
+    return returncode
+
+
+def rank_log(folder: Path, rank: Optional[int]) -> Optional[Path]:
+    logs = sorted(folder.glob(f"*_rank{rank}.log")) if rank is not None else []
+    return logs[-1] if logs else None
+
+
+def run_deepspeed(job: Job, attempt_dir: Path, attempt: int) -> Outcome:
+    """The DeepSpeed launcher as a child process (each attempt's rendezvous dies with it)."""
+    hostfile = Path(job.topology.hostfile) if job.topology.hostfile else None
+    if hostfile is None and job.topology.nnodes > 1:
+        hostfile = attempt_dir / "hostfile"
+        hostfile.write_text(node_hostfile(job.topology))
+    cmd = deepspeed_command(job, attempt_dir, hostfile)
+    print(f"dit launch: {shlex.join(cmd)}", flush=True)
+    proc = subprocess.Popen(cmd, env=rank_environment(dict(os.environ), job))
+    with RankWatcher(proc.pid) as watcher, ForwardSignals(watcher) as forward, LogFollower(attempt_dir):
+        try:
+            returncode = proc.wait()
+        except KeyboardInterrupt:  # Ctrl-C reached the engine too; it stops its ranks
+            returncode = proc.wait()
+    status = deepspeed_status(returncode)
+    if status == EXIT_OK:
+        return Outcome(EXIT_OK)
+    if forward.received is not None:
+        return Outcome(status, reason=f"this launcher received {forward.received.name}")
+    return Outcome(status, watcher.first_dead, log=rank_log(attempt_dir, watcher.first_dead))
+
+
+# ---------------------------------------------------------------------------------------------
+# The job: attempts and restarts.
+
+RUNNERS: dict[str, Callable[[Job, Path, int], Outcome]] = {"deepspeed": run_deepspeed, "torchrun": run_torchrun}
+
+
+def print_log_tail(path: Optional[Path], lines: int = 15) -> None:
+    if path is None or not path.is_file():
+        return
+    tail = path.read_text(errors="replace").splitlines()[-lines:]
+    if tail:
+        print(f"dit launch: last lines of {path}:", *("    " + line for line in tail), sep="\n",
+              file=sys.stderr, flush=True)
+
+
+def run_job(job: Job) -> int:
+    """Run the job; relaunch it up to `max_restarts` times after a crash (each relaunch
+    resumes from `latest`). Returns this command's exit status."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for attempt in range(job.max_restarts + 1):
+        attempt_dir = job.log_dir / f"{stamp}-attempt{attempt}"
+        attempt_dir.mkdir(parents=True, exist_ok=True)
+        outcome = RUNNERS[job.launcher](job, attempt_dir, attempt)
+        print(f"dit launch: {outcome.summary()}", file=sys.stderr, flush=True)
+        if outcome.status == EXIT_OK:
+            return EXIT_OK
+        print_log_tail(outcome.log)
+        if outcome.status == EXIT_REQUEUE:
+            print("dit launch: preempted: the ranks saved a checkpoint; rerun the same command "
+                  "(or let the scheduler requeue it) to resume.", file=sys.stderr, flush=True)
+        if outcome.status in NOT_RESTARTABLE or attempt == job.max_restarts:
+            return outcome.exit_code
+        print(f"dit launch: restart {attempt + 1} of {job.max_restarts}: relaunching; the ranks "
+              f"resume from the latest checkpoint.", file=sys.stderr, flush=True)
+    raise AssertionError("unreachable: the last attempt returns")
+
+

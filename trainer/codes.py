@@ -1,0 +1,25 @@
+"""Numbers and names shared by the trainer and the `dit` command, importable without torch
+(so that `dit launch --help` and `dit launch --slurm --dry-run` start fast).
+
+Exit codes of `dit train` (and of `dit launch`, which passes on the first failed rank's):
+"""
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+EXIT_NONFINITE = 3  # too many non-finite steps in a row
+EXIT_CHECKPOINT = 4
+EXIT_DATA = 5  # the data is unusable: no shards, no full batch, or past data.error_budget
+EXIT_REQUEUE = 42  # preempted (SIGTERM/SIGUSR1): state saved, requeue and rerun the same command
+
+EXIT_MEANING = {
+    1: "an uncaught exception",
+    EXIT_CONFIG: "a config error",
+    EXIT_NONFINITE: "too many non-finite steps in a row",
+    EXIT_CHECKPOINT: "a checkpoint error",
+    EXIT_DATA: "unusable data (see the skipped-sample warnings)",
+    EXIT_REQUEUE: "preempted, state saved",
+}
+
+# The samplers of trainer/diffusion/samplers.py (its SAMPLERS dict holds the functions).
+SAMPLER_NAMES = ("ddim", "euler", "dpmpp2m", "ddpm")
