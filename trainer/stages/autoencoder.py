@@ -48,7 +48,7 @@ class VAETraining(nn.Module):
         super().__init__()
         self.ae = ae
 
-    def forward(self, x: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, generator: list[torch.Generator]) -> tuple[Tensor, Tensor]:
         posterior = self.ae.vae.encode(x).latent_dist
         z = posterior.sample(generator=generator)  # (B, c, H/f, W/f)
         return self.ae.vae.decode(z).sample, posterior.kl()  # (B, 3, H, W), (B,)
@@ -69,9 +69,17 @@ class AutoencoderStage(Stage):
         video = batch["video"]  # (B, 3, F, H, W)
         return video.transpose(1, 2).flatten(0, 1)  # (B F, 3, H, W)
 
-    def losses(self, batch: dict[str, Any], generator: torch.Generator) -> Iterator[PlayerLoss]:
+    def frame_generators(self, batch: dict[str, Any], generators: list[torch.Generator]) -> list[torch.Generator]:
+        """One generator per image of `pixels`: a clip's F frames draw in turn from its sample's
+        generator, so each frame's posterior sample still depends only on the sample."""
+        if self.data.kind != "video":
+            return generators
+        frames = batch["video"].shape[2]
+        return [g for g in generators for _ in range(frames)]  # (B F) generators
+
+    def losses(self, batch: dict[str, Any], generator: list[torch.Generator]) -> Iterator[PlayerLoss]:
         x = self.pixels(batch)  # (B, 3, H, W) in [-1, 1]
-        recon, kl = self.run("student", x, generator)  # (B, 3, H, W), (B,)
+        recon, kl = self.run("student", x, self.frame_generators(batch, generator))  # (B, 3, H, W), (B,)
         rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
         loss = rec + self.stage_cfg.kl_weight * kl.mean()
         yield "student", loss, {"loss": loss.detach(), "recon": rec.detach(), "kl": kl.detach().mean()}
