@@ -26,7 +26,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -37,15 +37,20 @@ from tqdm.auto import tqdm
 from data_pipeline.config import DataConfig
 from trainer.judge import AdherenceReport, chance_levels, judge, noise_like
 
-if TYPE_CHECKING:  # the cascade pulls in models and stages; only the entry points need them
+if TYPE_CHECKING:  # the cascade pulls in models; only the entry points need it
     from trainer.cascade import Cascade
     from trainer.config import LogConfig
     from trainer.diffusion import NoiseSchedule
-    from trainer.stages.base import Stage
 
 HELDOUT_SEED = 1_000_003  # synthetic held-out data; training shards are written with small seeds
 RELIABLE_JUDGE = 0.98  # the judge's overall accuracy on real data below which its numbers mean nothing
 NEAR_COPY_RMS = 0.03  # pixel RMS in [-1, 1]: distinct synthetic images are >= 0.044 apart at 16-32 px
+
+
+class Evaluable(Protocol):
+    """A training stage as the eval hook sees it (`trainer.stages.base.Stage.eval_metrics`)."""
+
+    def eval_metrics(self, weights: Optional[dict[str, Tensor]], log: "LogConfig") -> dict[str, float]: ...
 
 
 # ------------------------------------------------------------------------------- data
@@ -149,26 +154,11 @@ def evaluate_adherence(cascade: "Cascade", num: int = 64, seed: int = 0, batch_s
     return result, generated, prompts
 
 
-def adherence_during_training(stage: "Stage", weights: Optional[dict[str, Tensor]], log: "LogConfig",
-                              repeats: int = 4, seed: int = 0) -> dict[str, float]:
-    """The judge on `log.prompts` (each sampled `repeats` times, fixed seed) from a base stage
-    with `weights` (the EMA) and the log's sampler settings; metrics named
-    `eval/adherence/<attribute>`. A stage with its own `eval_metrics(weights, log)` (the
-    distillation stages: few-step students) is asked for those instead. Super-resolution and
-    autoencoder stages return {} (they need low-resolution inputs / do not generate)."""
-    from trainer.cascade import stage_pixels
-    from trainer.sampling import SamplerSettings
-    from trainer.stages.pretrain import PretrainStage
-    from trainer.stages.superres import SuperResStage
-
-    if hasattr(stage, "eval_metrics"):
-        return stage.eval_metrics(weights, log)
-    if not isinstance(stage, PretrainStage) or isinstance(stage, SuperResStage):
-        return {}
-    prompts = [p for p in log.prompts for _ in range(repeats)]
-    settings = SamplerSettings(steps=log.sample_steps, cfg_scale=log.sample_cfg)
-    pixels = stage_pixels(stage, stage.sampling_net(weights), prompts, settings, torch.Generator().manual_seed(seed))
-    return judge(pixels, prompts).as_metrics("eval/adherence")
+def adherence_during_training(stage: Evaluable, weights: Optional[dict[str, Tensor]], log: "LogConfig") -> dict[str, float]:
+    """The stage's own evaluation of `weights` (the EMA) on `log.prompts` (`Stage.eval_metrics`):
+    the shapes judge's `eval/adherence/...` for stages that generate from text; {} for the others
+    (super-resolution and autoencoder stages)."""
+    return stage.eval_metrics(weights, log)
 
 
 # ------------------------------------------------------------------------------- distances
