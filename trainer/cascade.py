@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from trainer.bundle import InferenceBundle, distilled_steps
-from trainer.checkpoint_format import COMPLETE, EMA_FILE, LATEST, load_for_inference, resolve
+from trainer.checkpoint_format import COMPLETE, EMA_FILE, LATEST, load_for_inference, resolve, verify
 from trainer.config import ConfigError, RunConfig, load_config
 from trainer.diffusion import SAMPLERS, SamplerSettings
 from trainer.media import save_image_grid, save_mp4, save_video_grid, to_uint8
@@ -96,10 +96,9 @@ def load_cascade_spec(path: str | Path) -> CascadeSpec:
 def raw_weights(directory: Path) -> dict[str, Tensor]:
     """The student's non-EMA weights from its DeepSpeed state (ZeRO 0-2, whole tensors), after
     checking the file against COMPLETE.json; loaded weights-only (no pickle code runs)."""
-    from trainer.checkpoint import CheckpointManager, safe_checkpoint_engine
-    from trainer.config import CheckpointConfig
+    from trainer.checkpoint import safe_checkpoint_engine
 
-    CheckpointManager(CheckpointConfig(dir=str(directory.parent)), 0, 1).verify(directory)
+    verify(directory)
     state = safe_checkpoint_engine().load(str(directory / "student" / "mp_rank_00_model_states.pt"), map_location="cpu")
     weights = state["module"]
     if not weights or any(t.numel() == 0 for t in weights.values()):

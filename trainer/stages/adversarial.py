@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trainer.bundle import frozen
 from trainer.config import ConfigError, DataConfig, DiffusionConfig, ModelConfig, RunConfig, StageConfig
 from trainer.diffusion import add_noise, ddim_x0_target, randn
 from trainer.diffusion.distill import (
@@ -44,7 +45,6 @@ from trainer.diffusion.distill import (
 )
 from trainer.models.discriminator import DiscriminatorHeads
 from trainer.models.dit import TextEmbedding
-from trainer.bundle import frozen
 from trainer.stages.base import PlayerLoss
 from trainer.stages.distillation import DistillationStage, teacher_steps_of
 

@@ -35,8 +35,10 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
+from trainer.bundle import frozen, place
 from trainer.checkpoint_format import ROUND_FILE, write_inference_dir
-from trainer.config import ConfigError, DataConfig, DiffusionConfig, LogConfig, ModelConfig, RunConfig, StageConfig, to_yaml
+from trainer.config import (ConfigError, DataConfig, DiffusionConfig, LogConfig, ModelConfig, RunConfig, StageConfig,
+                            to_yaml)
 from trainer.diffusion import add_noise, randn
 from trainer.diffusion.distill import (
     distill_loss,
@@ -47,7 +49,6 @@ from trainer.diffusion.distill import (
     teacher_x0_target,
     valid_weight,
 )
-from trainer.bundle import frozen, place
 from trainer.stages.base import PlayerLoss
 from trainer.stages.distillation import DistillationStage, Teacher, teacher_steps_of
 
