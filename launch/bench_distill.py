@@ -157,8 +157,8 @@ def target_lines(rows: Sequence[Row]) -> list[str]:
 
 def bench_distill(args: argparse.Namespace) -> int:
     from trainer.cascade import CascadeStageSpec, load_stage
-    from trainer.evaluate import heldout_set
     from trainer.diffusion import SamplerSettings
+    from trainer.heldout import heldout_set
     from trainer.judge import judge
 
     if not Path(args.teacher).is_dir():

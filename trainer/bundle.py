@@ -71,12 +71,17 @@ class InferenceBundle:
 
     def to(self, device: torch.device | str, helper_dtype: torch.dtype = torch.float32) -> "InferenceBundle":
         """The networks in `nets` to `device`, the frozen helpers there in `helper_dtype`."""
-        self.device = torch.device(device)
         for net in self.nets:
-            net.to(self.device)
+            net.to(device)
         for module in self.helpers():
-            place(module, self.device, helper_dtype)
-        self.text.clear()  # cached embeddings of the old device and dtype
+            place(module, torch.device(device), helper_dtype)
+        return self.moved_to(device)
+
+    def moved_to(self, device: torch.device | str) -> "InferenceBundle":
+        """Note that the modules are on `device` now (a training stage moves them with its own);
+        the text embeddings cached on the old device and dtype are dropped."""
+        self.device = torch.device(device)
+        self.text.clear()
         return self
 
     def network(self, weights: Optional[dict[str, Tensor]]) -> DiT:

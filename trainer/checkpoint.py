@@ -16,6 +16,8 @@ Layout (torchtitan-style: everything stateful goes through one place):
 A save writes into `.tmp-step_X`, and only a directory whose every rank succeeded is renamed
 into place; a crash at any point leaves `latest` on the previous complete checkpoint, and
 leftovers are cleaned by the next save. Retention never deletes the checkpoint just committed.
+The directory format itself (manifest, commit by rename, `latest`, loading for inference) is
+owned by `trainer.checkpoint_format`; this module adds what the engine saves into it.
 
 Pickle containment: our own files are JSON and safetensors. DeepSpeed writes its engine state
 with `torch.save`; we load it through `SafeCheckpointEngine`, i.e. `torch.load(weights_only=True)`
@@ -45,7 +47,6 @@ from trainer.checkpoint_format import (
     commit,
     load_for_inference,
     point_latest,
-    resolve,
     verify,
 )
 from trainer.config import CheckpointConfig
@@ -302,7 +303,7 @@ class CheckpointManager:
         pointer = self.root / LATEST
         if not pointer.is_file():
             return None
-        directory = resolve(self.root, self.pointer_override)
+        directory = self.root / (self.pointer_override or pointer.read_text().strip())
         if not (directory / COMPLETE).is_file():
             raise CheckpointError(f"{pointer} names {directory.name}, which is not a complete checkpoint")
         return directory

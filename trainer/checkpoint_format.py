@@ -81,11 +81,11 @@ def point_latest(root: Path, name: str) -> None:
     write_atomic(root / LATEST, name)
 
 
-def resolve(directory: str | Path, pointer_override: Optional[str] = None) -> Path:
+def resolve(directory: str | Path) -> Path:
     """A step directory: `directory` itself, or the one its `latest` pointer names."""
     directory = Path(directory)
     if (directory / LATEST).is_file():
-        return directory / (pointer_override or (directory / LATEST).read_text().strip())
+        return directory / (directory / LATEST).read_text().strip()
     return directory
 
 

@@ -58,8 +58,8 @@ class PretrainStage(Stage):
         return self.bundle.helpers()
 
     def to(self, device: torch.device, helper_dtype: torch.dtype = torch.float32) -> "PretrainStage":
-        super().to(device, helper_dtype)
-        self.bundle.to(device, helper_dtype)  # its helpers are ours (already there); clears the text cache
+        super().to(device, helper_dtype)  # the bundle's helpers are ours: moved there once
+        self.bundle.moved_to(device)
         return self
 
     # ---- shapes (the bundle's) --------------------------------------------------------------
