@@ -85,7 +85,8 @@ def guided_model(model: CondModel, cond: dict[str, Tensor], uncond: dict[str, Te
                  rescale: float = 0.0) -> Model:
     """Classifier-free guidance (Ho & Salimans 2022) at a per-sample scale w (B,), the teacher
     of guided distillation (Meng et al. 2023): one batched forward over [cond; uncond], then
-    u + w (c - u) with guidance rescale (a teacher at w = 1 is called without it: trainer.stages.distillation.Teacher)."""
+    u + w (c - u) with guidance rescale (a teacher at w = 1 is called without it:
+    trainer.stages.distillation.Teacher)."""
 
     def guided(x: Tensor, t: Tensor) -> Tensor:
         both = {k: torch.cat([cond[k], uncond[k]]) for k in cond}  # (2B, ...)

@@ -274,5 +274,5 @@ def conditioned(net: nn.Module) -> Callable[[Tensor, Tensor, dict[str, Tensor]],
     return model
 
 
-__all__ = ["HFTextEncoder", "OpenCLIPTextEncoder", "TextEncoder", "build_text_encoder", "conditioned", "masked_mean", "minilm_path",
-           "text_conditioning"]
+__all__ = ["HFTextEncoder", "OpenCLIPTextEncoder", "TextEncoder", "build_text_encoder", "conditioned", "masked_mean",
+           "minilm_path", "text_conditioning"]
