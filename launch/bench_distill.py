@@ -93,31 +93,25 @@ def measure(name: str, steps: int, nfe: int, sample: Sampler, prompts: Sequence[
     return row
 
 
-def teacher_sampler(loaded, steps: int, scale: float) -> Sampler:
-    from trainer.cascade import stage_pixels
-    from trainer.sampling import SamplerSettings
+def sampler(loaded, steps: int, scale: float, distilled: bool) -> Sampler:
+    """A loaded checkpoint's bundle sampling its network: the teacher with CFG at `scale`, a
+    distilled student with one forward per step (guidance `scale` as an input if it takes one)."""
+    from trainer.diffusion import SamplerSettings
 
     settings = SamplerSettings(steps=steps, cfg_scale=scale)
-    return lambda prompts, g: stage_pixels(loaded.stage, loaded.net, prompts, settings, g)
-
-
-def student_sampler(loaded, steps: int, scale: float) -> Sampler:
-    from trainer.stages.progressive import distilled_pixels
-
-    return lambda prompts, g: distilled_pixels(loaded.stage, loaded.net, prompts, steps, scale, g)
+    return lambda prompts, g: loaded.stage.sample_pixels(loaded.net, prompts, settings, g, distilled=distilled)
 
 
 def load_student(directory: Path, device: torch.device):
-    """A distillation checkpoint or round export as a plain sampling stage (no teacher loaded)."""
+    """A distillation checkpoint or round export, loaded for sampling (no teacher is built)."""
     from trainer.cascade import CascadeStageSpec, load_stage
-    from trainer.sampling import SamplerSettings
+    from trainer.diffusion import SamplerSettings
 
-    return load_stage(CascadeStageSpec(str(directory), overrides=["stage.kind=pretrain"]), SamplerSettings(),
-                      device=device)
+    return load_stage(CascadeStageSpec(str(directory)), SamplerSettings(), device=device)
 
 
 def student_rows(args: argparse.Namespace, prompts: Sequence[str], scale: float) -> list[Row]:
-    from trainer.stages.progressive import rounds_exports
+    from trainer.checkpoint_format import rounds_exports
 
     rows = []
     exports = rounds_exports(args.progressive) if Path(args.progressive).is_dir() else {}
@@ -126,14 +120,14 @@ def student_rows(args: argparse.Namespace, prompts: Sequence[str], scale: float)
             print(f"  progressive {steps}-step student: no export in {args.progressive}/rounds "
                   f"(train configs/distill_progressive.yaml)", flush=True)
             continue
-        rows.append(measure("progressive", steps, steps, student_sampler(load_student(exports[steps], args.device), steps, scale),
-                            prompts, args))
+        student = load_student(exports[steps], args.device)
+        rows.append(measure("progressive", steps, steps, sampler(student, steps, scale, True), prompts, args))
     if not Path(args.adversarial).is_dir():
         print(f"  adversarial student: no checkpoint at {args.adversarial} (train configs/distill_adversarial.yaml)")
         return rows
     loaded = load_student(Path(args.adversarial), args.device)
     for steps in args.adversarial_steps:
-        rows.append(measure("adversarial", steps, steps, student_sampler(loaded, steps, scale), prompts, args))
+        rows.append(measure("adversarial", steps, steps, sampler(loaded, steps, scale, True), prompts, args))
     return rows
 
 
@@ -163,9 +157,9 @@ def target_lines(rows: Sequence[Row]) -> list[str]:
 
 def bench_distill(args: argparse.Namespace) -> int:
     from trainer.cascade import CascadeStageSpec, load_stage
-    from trainer.evaluate import heldout_set
+    from trainer.diffusion import SamplerSettings
+    from trainer.heldout import heldout_set
     from trainer.judge import judge
-    from trainer.sampling import SamplerSettings
 
     if not Path(args.teacher).is_dir():
         print(f"dit bench distill: no teacher checkpoint at {args.teacher}; run `dit demo configs/demo.yaml` "
@@ -177,7 +171,7 @@ def bench_distill(args: argparse.Namespace) -> int:
     prompts = captions[: args.num]
     print(f"judge on {len(prompts)} real held-out samples: {judge(real, captions).format()}", flush=True)
     nfe = args.teacher_steps * (2 if scale != 1.0 else 1)
-    rows = [measure("teacher", args.teacher_steps, nfe, teacher_sampler(teacher, args.teacher_steps, scale),
+    rows = [measure("teacher", args.teacher_steps, nfe, sampler(teacher, args.teacher_steps, scale, False),
                     prompts, args)]
     rows += student_rows(args, prompts, scale)
     reference = rows[0].score

@@ -43,7 +43,8 @@ def adherence(args: argparse.Namespace) -> int:
 def distance(args: argparse.Namespace) -> int:
     import torch
 
-    from trainer.evaluate import distribution_distances, heldout_set, inception_fid, train_feature_net
+    from trainer.evaluate import distribution_distances, inception_fid, train_feature_net
+    from trainer.heldout import heldout_set
 
     cascade = load_cascade(args)
     real, captions = heldout_set(cascade.stages[-1].cfg.data, args.num)

@@ -39,12 +39,11 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from trainer.checkpoint import COMPLETE, EMA_FILE, LATEST, load_for_inference
+from trainer.bundle import InferenceBundle, distilled_steps
+from trainer.checkpoint_format import COMPLETE, EMA_FILE, LATEST, load_for_inference, resolve, verify
 from trainer.config import ConfigError, RunConfig, load_config
-from trainer.diffusion import SAMPLERS
+from trainer.diffusion import SAMPLERS, SamplerSettings
 from trainer.media import save_image_grid, save_mp4, save_video_grid, to_uint8
-from trainer.sampling import SamplerSettings, generate
-from trainer.stages.pretrain import PretrainStage
 
 DISTILLED = ("progressive", "adversarial")  # student checkpoints of the distillation stages
 
@@ -67,9 +66,7 @@ class CascadeSpec:
 
 def resolve_checkpoint(directory: str | Path) -> Path:
     """A step directory: `directory` itself, or the one its `latest` pointer names."""
-    directory = Path(directory)
-    if (directory / LATEST).is_file():
-        directory = directory / (directory / LATEST).read_text().strip()
+    directory = resolve(directory)
     if not (directory / COMPLETE).is_file():
         raise FileNotFoundError(f"{directory} is not a complete checkpoint (no {COMPLETE}); pass a "
                                 f"checkpoint root holding `{LATEST}` or a step_* directory")
@@ -99,10 +96,9 @@ def load_cascade_spec(path: str | Path) -> CascadeSpec:
 def raw_weights(directory: Path) -> dict[str, Tensor]:
     """The student's non-EMA weights from its DeepSpeed state (ZeRO 0-2, whole tensors), after
     checking the file against COMPLETE.json; loaded weights-only (no pickle code runs)."""
-    from trainer.checkpoint import CheckpointManager, safe_checkpoint_engine
-    from trainer.config import CheckpointConfig
+    from trainer.checkpoint import safe_checkpoint_engine
 
-    CheckpointManager(CheckpointConfig(dir=str(directory.parent)), 0, 1).verify(directory)
+    verify(directory)
     state = safe_checkpoint_engine().load(str(directory / "student" / "mp_rank_00_model_states.pt"), map_location="cpu")
     weights = state["module"]
     if not weights or any(t.numel() == 0 for t in weights.values()):
@@ -113,11 +109,11 @@ def raw_weights(directory: Path) -> dict[str, Tensor]:
 
 @dataclass
 class LoadedStage:
-    """One cascade stage ready to sample: its training stage object (schedule, text encoder,
-    autoencoder, shapes) and a plain network carrying the checkpoint's weights."""
+    """One cascade stage ready to sample: the inference bundle of its run (schedule, text
+    encoder, autoencoder, shapes) and a plain network carrying the checkpoint's weights."""
 
     cfg: RunConfig
-    stage: PretrainStage
+    stage: InferenceBundle
     net: nn.Module
     settings: SamplerSettings
     checkpoint: Path
@@ -134,10 +130,8 @@ class LoadedStage:
 
 def load_stage(spec: CascadeStageSpec, defaults: SamplerSettings, ema: bool = True,
                device: torch.device | str = "cpu") -> LoadedStage:
-    """Rebuild a stage from its checkpoint's config, load its EMA (or raw) weights and put its
-    network and frozen helpers (text encoder, autoencoder) on `device` in float32."""
-    from trainer.stages import build_stage
-
+    """The inference bundle of a checkpoint's config and its network with the EMA (or raw)
+    weights, both on `device` in float32; no training stage (student, teacher) is built."""
     directory = resolve_checkpoint(spec.checkpoint)
     if ema and not (directory / EMA_FILE).is_file():
         print(f"{directory} holds no EMA weights (ema.enabled=false): sampling its raw weights", flush=True)
@@ -157,38 +151,21 @@ def load_stage(spec: CascadeStageSpec, defaults: SamplerSettings, ema: bool = Tr
     distilled = cfg.stage.kind in DISTILLED
     if distilled:
         settings = distilled_settings(cfg, settings, directory)
-    # A distilled student samples as the network it is: a base or a super-resolution model.
-    sampler_kind = "superres" if cfg.model.superres else "pretrain"
-    stage = build_stage(replace(cfg, stage=replace(cfg.stage, kind=sampler_kind)) if distilled else cfg)
-    net = stage.sampling_net(weights)  # built on the host (the stage is still there)
-    stage.players["student"] = net  # the loaded network replaces the random one: one copy on the device
-    stage.to(torch.device(device))  # moves `net` (in place) and the frozen helpers
-    return LoadedStage(cfg, stage, net, settings, directory, distilled)
+    bundle = InferenceBundle(cfg.model, cfg.diffusion, cfg.data)
+    net = bundle.network(weights)  # built on the host, then moved (in place) with the bundle
+    bundle.nets.append(net)
+    bundle.to(torch.device(device))
+    return LoadedStage(cfg, bundle, net, settings, directory, distilled)
 
 
 def distilled_settings(cfg: RunConfig, settings: SamplerSettings, directory: Path) -> SamplerSettings:
     """A distilled student samples at the step count it was distilled for unless another one
     was asked for (a step count equal to the default counts as not asked for)."""
-    from trainer.stages.progressive import distilled_steps
-
     steps = distilled_steps(cfg)
     if settings.steps != SamplerSettings().steps or steps is None:
         return settings
     print(f"{directory} is a {cfg.stage.kind} student: sampling it with its {steps} steps", flush=True)
     return replace(settings, steps=steps)
-
-
-@torch.no_grad()
-def stage_pixels(stage: PretrainStage, net: nn.Module, prompts: Sequence[str], settings: SamplerSettings,
-                 generator: torch.Generator, extras: Optional[dict[str, Tensor]] = None,
-                 shape: Optional[tuple[int, ...]] = None) -> Tensor:
-    """Sample one stage's x0 for `prompts` with `net` and decode it: pixels in [-1, 1]. `shape`:
-    the DiT input (C, [F,] h, w) (default: the stage's configured square), sampled with the
-    schedule shifted for that shape."""
-    shape = shape or stage.sample_shape()
-    x0 = generate(net, stage.text, stage.schedule_for(shape), stage.diffusion.prediction, prompts, shape,
-                  settings, generator, extras)
-    return stage.decode(x0).clamp(-1, 1)
 
 
 def resize_pixels(pixels: Tensor, size: int | tuple[int, int]) -> Tensor:
@@ -263,13 +240,8 @@ class Cascade:
             low_h, low_w = size.scaled(s.cfg.data.resolution, base)
             side = s.cfg.data.resolution
             lowres = s.stage.autoencoder.encode(resize_pixels(previous, (low_h or side, low_w or side)))
-            extras = s.stage.upsample_extras(lowres, generator)  # noise-augmented at stage.noise_aug_sample
-        if s.distilled:
-            from trainer.stages.progressive import distilled_pixels
-
-            return distilled_pixels(s.stage, s.net, prompts, s.settings.steps, s.settings.cfg_scale, generator,
-                                    extras, shape)
-        return stage_pixels(s.stage, s.net, prompts, s.settings, generator, extras, shape)
+            extras = s.stage.upsample_extras(lowres, s.cfg.stage.noise_aug_sample, generator)  # noise-augmented
+        return s.stage.sample_pixels(s.net, prompts, s.settings, generator, extras, shape, s.distilled)
 
     def sample(self, prompts: Sequence[str], generator: torch.Generator, size: SampleSize = SampleSize()) -> Tensor:
         """(N, 3, H, W) images or (N, 3, F, H, W) videos in [-1, 1] at the last stage's size (or

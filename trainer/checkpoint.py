@@ -16,6 +16,8 @@ Layout (torchtitan-style: everything stateful goes through one place):
 A save writes into `.tmp-step_X`, and only a directory whose every rank succeeded is renamed
 into place; a crash at any point leaves `latest` on the previous complete checkpoint, and
 leftovers are cleaned by the next save. Retention never deletes the checkpoint just committed.
+The directory format itself (manifest, commit by rename, `latest`, loading for inference) is
+owned by `trainer.checkpoint_format`; this module adds what the engine saves into it.
 
 Pickle containment: our own files are JSON and safetensors. DeepSpeed writes its engine state
 with `torch.save`; we load it through `SafeCheckpointEngine`, i.e. `torch.load(weights_only=True)`
@@ -25,9 +27,7 @@ sha256 list in COMPLETE.json. A file replaced by a malicious pickle fails both c
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,50 +38,27 @@ import torch.distributed as dist
 import yaml
 from safetensors.torch import load_file, save_file
 
+from trainer.checkpoint_format import (
+    COMPLETE,
+    EMA_FILE,
+    LATEST,
+    TMP_PREFIX,
+    CheckpointError,
+    commit,
+    load_for_inference,
+    point_latest,
+    verify,
+)
 from trainer.config import CheckpointConfig
 from trainer.distributed import comm_device
 
-LATEST = "latest"
-COMPLETE = "COMPLETE.json"
-EMA_FILE = "ema.safetensors"
 STAGE_FILE = "stage.safetensors"
-TMP_PREFIX = ".tmp-"
 # Keys whose product with the data-parallel ranks is the global batch: free while it is kept.
 BATCH_KEYS = ("data.batch_size", "deepspeed.grad_accum")
 
 
-class CheckpointError(RuntimeError):
-    pass
-
-
 def step_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _deepspeed_safe_globals() -> list[Any]:
@@ -302,16 +279,8 @@ class CheckpointManager:
 
     def _commit(self, tmp: Path, final: Path, step: int, config_yaml: str) -> None:
         (tmp / "config.yaml").write_text(config_yaml)
-        files = {
-            str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()
-        }
-        complete = {"step": step, "world_size": self.world_size, "files": files}
-        _write_atomic(tmp / COMPLETE, json.dumps(complete, indent=1, sort_keys=True))
-        if final.exists():  # a stale directory of the same step from an abandoned run
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(self.root)
-        _write_atomic(self.root / LATEST, final.name)
+        commit(tmp, final, step, self.world_size)
+        point_latest(self.root, final.name)
         self._apply_retention(keep_name=final.name)
 
     def _remove_partial(self) -> None:
@@ -339,15 +308,7 @@ class CheckpointManager:
 
     def verify(self, directory: Path) -> dict[str, Any]:
         """Check every file against COMPLETE.json; returns its content."""
-        complete = json.loads((directory / COMPLETE).read_text())
-        for rel, digest in complete["files"].items():
-            path = directory / rel
-            if not path.is_file() or _sha256(path) != digest:
-                raise CheckpointError(
-                    f"checkpoint file {path} is missing or was modified after it was written "
-                    f"(sha256 mismatch); refusing to load it"
-                )
-        return complete
+        return verify(directory)
 
     def resume_target(self) -> Optional[Path]:
         """Collective: the complete checkpoint every rank resumes from (they must agree)."""
@@ -387,22 +348,6 @@ class CheckpointManager:
                                          load_lr_scheduler_states=True)
         if path is None:
             raise CheckpointError(f"DeepSpeed found no state for '{name}' in {directory}")
-
-
-def load_for_inference(directory: str | Path) -> tuple[str, dict[str, torch.Tensor]]:
-    """(resolved config YAML, whole EMA weights) of a complete checkpoint, after verifying its
-    files; `directory` may be a checkpoint root holding `latest`. No pickle is involved."""
-    directory = Path(directory)
-    if (directory / LATEST).is_file():
-        directory = directory / (directory / LATEST).read_text().strip()
-    if not (directory / COMPLETE).is_file():
-        raise CheckpointError(f"{directory} is not a complete checkpoint (no {COMPLETE})")
-    complete = json.loads((directory / COMPLETE).read_text())
-    for rel in ("config.yaml", EMA_FILE):
-        path = directory / rel
-        if rel not in complete["files"] or _sha256(path) != complete["files"][rel]:
-            raise CheckpointError(f"{path} is missing or was modified after it was written")
-    return (directory / "config.yaml").read_text(), load_file(str(directory / EMA_FILE))
 
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"  # a `dit export --format diffusers` transformer

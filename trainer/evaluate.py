@@ -24,9 +24,9 @@ Frechet distance.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -35,64 +35,22 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from data_pipeline.config import DataConfig
+from trainer.heldout import heldout_set, stream_samples
 from trainer.judge import AdherenceReport, chance_levels, judge, noise_like
 
-if TYPE_CHECKING:  # the cascade pulls in models and stages; only the entry points need them
+if TYPE_CHECKING:  # the cascade pulls in models; only the entry points need it
     from trainer.cascade import Cascade
     from trainer.config import LogConfig
     from trainer.diffusion import NoiseSchedule
-    from trainer.stages.base import Stage
 
-HELDOUT_SEED = 1_000_003  # synthetic held-out data; training shards are written with small seeds
 RELIABLE_JUDGE = 0.98  # the judge's overall accuracy on real data below which its numbers mean nothing
 NEAR_COPY_RMS = 0.03  # pixel RMS in [-1, 1]: distinct synthetic images are >= 0.044 apart at 16-32 px
 
 
-# ------------------------------------------------------------------------------- data
+class Evaluable(Protocol):
+    """A training stage as the eval hook sees it (`trainer.stages.base.Stage.eval_metrics`)."""
 
-
-def _stream_config(data: DataConfig, shards: str, batch_size: int) -> DataConfig:
-    """The run's data config reading `shards` once, in order, in this process."""
-    return replace(data, shards=shards, mixture={}, resampled=False, num_workers=0, batch_size=batch_size,
-                   drop_last=False, random_crop=False)
-
-
-def stream_samples(data: DataConfig, shards: str, batch_size: int = 64,
-                   progress: bool = False) -> Iterator[tuple[Tensor, list[str], list[str]]]:
-    """One epoch of (pixels, captions, keys) batches of `shards` through the data pipeline:
-    images (B, 3, H, W) or videos (B, 3, F, H, W) in [-1, 1] on the host (the loader's uint8
-    normalised by its own `batch_to_device`), padding samples dropped."""
-    from data_pipeline.stream import batch_to_device, build_stream
-
-    stream = build_stream(_stream_config(data, shards, batch_size), rank=0, world_size=1)
-    batches = iter(stream)
-    for _ in tqdm(range(stream.batches_per_epoch), desc=f"reading {Path(shards).name}", disable=not progress,
-                  leave=False):
-        batch = batch_to_device(next(batches), torch.device("cpu"))
-        pixels = batch.get("video" if data.kind == "video" else "image")
-        if pixels is None:
-            raise ValueError(f"{shards} holds no pixels (precomputed latents?); audit pixel shards")
-        valid = batch["valid"].tolist()
-        pick = lambda items: [x for x, ok in zip(items, valid) if ok]  # noqa: E731
-        yield pixels[batch["valid"]], pick(batch["caption"]), pick(batch["__key__"])
-
-
-def heldout_set(data: DataConfig, num: int, seed: int = HELDOUT_SEED,
-                workdir: Optional[str | Path] = None) -> tuple[Tensor, list[str]]:
-    """`num` synthetic samples no training set holds, as the pipeline delivers them with `data`
-    (the final size: sr_resolution when set), and their captions."""
-    from data_pipeline.synth import synth_samples
-    from data_pipeline.write import write_shards
-
-    side = data.sr_resolution or data.resolution
-    video = data.kind == "video"
-    frames = data.num_frames * data.frame_stride
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        write_shards(synth_samples(num, seed=seed, size=side, video=video, num_frames=frames), tmp,
-                     shard_size=max(num, 1), progress=False)
-        parts = list(stream_samples(data, tmp, batch_size=min(num, 64)))
-    pixels = torch.cat([p for p, _, _ in parts])
-    return pixels, [c for _, caps, _ in parts for c in caps]
+    def eval_metrics(self, weights: Optional[dict[str, Tensor]], log: "LogConfig") -> dict[str, float]: ...
 
 
 # ------------------------------------------------------------------------------- adherence
@@ -149,26 +107,11 @@ def evaluate_adherence(cascade: "Cascade", num: int = 64, seed: int = 0, batch_s
     return result, generated, prompts
 
 
-def adherence_during_training(stage: "Stage", weights: Optional[dict[str, Tensor]], log: "LogConfig",
-                              repeats: int = 4, seed: int = 0) -> dict[str, float]:
-    """The judge on `log.prompts` (each sampled `repeats` times, fixed seed) from a base stage
-    with `weights` (the EMA) and the log's sampler settings; metrics named
-    `eval/adherence/<attribute>`. A stage with its own `eval_metrics(weights, log)` (the
-    distillation stages: few-step students) is asked for those instead. Super-resolution and
-    autoencoder stages return {} (they need low-resolution inputs / do not generate)."""
-    from trainer.cascade import stage_pixels
-    from trainer.sampling import SamplerSettings
-    from trainer.stages.pretrain import PretrainStage
-    from trainer.stages.superres import SuperResStage
-
-    if hasattr(stage, "eval_metrics"):
-        return stage.eval_metrics(weights, log)
-    if not isinstance(stage, PretrainStage) or isinstance(stage, SuperResStage):
-        return {}
-    prompts = [p for p in log.prompts for _ in range(repeats)]
-    settings = SamplerSettings(steps=log.sample_steps, cfg_scale=log.sample_cfg)
-    pixels = stage_pixels(stage, stage.sampling_net(weights), prompts, settings, torch.Generator().manual_seed(seed))
-    return judge(pixels, prompts).as_metrics("eval/adherence")
+def adherence_during_training(stage: Evaluable, weights: Optional[dict[str, Tensor]], log: "LogConfig") -> dict[str, float]:
+    """The stage's own evaluation of `weights` (the EMA) on `log.prompts` (`Stage.eval_metrics`):
+    the shapes judge's `eval/adherence/...` for stages that generate from text; {} for the others
+    (super-resolution and autoencoder stages)."""
+    return stage.eval_metrics(weights, log)
 
 
 # ------------------------------------------------------------------------------- distances

@@ -154,10 +154,11 @@ class DiTTextToImagePipeline(DiffusionPipeline):
 def _load(checkpoint: str | Path, ema: bool) -> tuple["LoadedStage", int]:
     """(LoadedStage, step) of a checkpoint, with default sampler settings."""
     from trainer.cascade import CascadeStageSpec, load_stage
-    from trainer.sampling import SamplerSettings
+    from trainer.checkpoint_format import verify
+    from trainer.diffusion import SamplerSettings
 
     loaded = load_stage(CascadeStageSpec(str(checkpoint)), SamplerSettings(), ema=ema)
-    step = json.loads((loaded.checkpoint / "COMPLETE.json").read_text())["step"]
+    step = verify(loaded.checkpoint, ())["step"]
     return loaded, step
 
 
@@ -274,8 +275,7 @@ def compare_with_pipeline(pipe: DiTTextToImagePipeline, checkpoint: str | Path, 
     on `checkpoint`, both started from the same noise (drawn with a CPU generator) and run on
     the pipeline's device."""
     from trainer.cascade import Cascade, CascadeStageSpec, load_stage
-    from trainer.diffusion import randn
-    from trainer.sampling import SamplerSettings
+    from trainer.diffusion import SamplerSettings, randn
 
     settings = SamplerSettings(steps=steps, cfg_scale=cfg_scale, guidance_rescale=guidance_rescale, sampler="ddim")
     loaded = load_stage(CascadeStageSpec(str(checkpoint)), settings, ema=ema, device=pipe.device)

@@ -8,7 +8,7 @@ import torch
 
 from data_pipeline.config import DataConfig
 from data_pipeline.synth import caption, sample_attributes
-from trainer.evaluate import heldout_set
+from trainer.heldout import heldout_set
 from trainer.judge import Mention, chance_levels, judge, noise_like, parse_prompt
 
 

@@ -19,6 +19,7 @@ from trainer.diffusion.parametrization import (
 )
 from trainer.diffusion.samplers import (
     SAMPLERS,
+    SamplerSettings,
     ddim_step,
     ddim_x0_target,
     sample_ddim,
@@ -54,6 +55,7 @@ __all__ = [
     "PREDICTIONS",
     "SAMPLERS",
     "SCHEDULES",
+    "SamplerSettings",
     "SPACINGS",
     "WEIGHTINGS",
     "ClosedFormDenoiser",

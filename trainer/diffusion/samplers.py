@@ -15,6 +15,7 @@ Step coefficients come from the schedule in float64 once per call; x stays in it
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -253,3 +254,14 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "euler": sample_euler,
     "dpmpp2m": sample_dpmpp_2m,
 }
+
+
+@dataclass
+class SamplerSettings:
+    """How to sample: steps on the `spacing` grid, the sampler, the CFG scale and its rescale."""
+
+    steps: int = 25
+    cfg_scale: float = 3.0
+    guidance_rescale: float = 0.7  # Lin et al. 2023 recommend phi ~ 0.7 with zero terminal SNR
+    sampler: str = "ddim"
+    spacing: str = "trailing"

@@ -22,8 +22,8 @@ is a constant function of the caption either way.
 from __future__ import annotations
 
 from collections import OrderedDict
-
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -252,4 +252,27 @@ def build_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:
     raise ValueError(f"model.text.kind: '{cfg.kind}' is not one of minilm, hf, t5, open_clip")
 
 
-__all__ = ["HFTextEncoder", "OpenCLIPTextEncoder", "TextEncoder", "build_text_encoder", "masked_mean", "minilm_path"]
+# ------------------------------------------------------------------------------- conditioning as dicts
+
+
+def text_conditioning(text_encoder: nn.Module, prompts: Sequence[str]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Conditional and null-caption embeddings as dicts of batch-first tensors."""
+    cond = text_encoder.encode(list(prompts))
+    uncond = text_encoder.encode([""] * len(prompts))
+    as_dict = lambda e: {"tokens": e.tokens, "mask": e.mask, "pooled": e.pooled}  # noqa: E731
+    return as_dict(cond), as_dict(uncond)
+
+
+def conditioned(net: nn.Module) -> Callable[[Tensor, Tensor, dict[str, Tensor]], Tensor]:
+    """Adapt `net(x, t, TextEmbedding, **extras)` to the `model(x, t, cond_dict)` form of CFG."""
+
+    def model(x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        extras = {k: v for k, v in cond.items() if k not in ("tokens", "mask", "pooled")}
+        text = TextEmbedding(tokens=cond["tokens"], mask=cond["mask"], pooled=cond["pooled"])
+        return net(x, t, text, **extras)
+
+    return model
+
+
+__all__ = ["HFTextEncoder", "OpenCLIPTextEncoder", "TextEncoder", "build_text_encoder", "conditioned", "masked_mean",
+           "minilm_path", "text_conditioning"]

@@ -11,10 +11,13 @@ def preflight(cfg: RunConfig) -> None:
     """Stage-specific checks from configs alone (no network built, no process group): `dit
     train` and `dit launch` run them first, so a bad distillation config fails in seconds with
     the key named (ConfigError) instead of after DeepSpeed started."""
-    if cfg.stage.kind in ("progressive", "adversarial"):
-        from trainer.stages.progressive import check_distillation
-
-        check_distillation(cfg)
+    if cfg.stage.kind == "progressive":
+        from trainer.stages.progressive import preflight as check
+    elif cfg.stage.kind == "adversarial":
+        from trainer.stages.adversarial import preflight as check
+    else:
+        return
+    check(cfg)
 
 
 def build_stage(cfg: RunConfig) -> Stage:
@@ -32,8 +35,9 @@ def build_stage(cfg: RunConfig) -> Stage:
 
         return SuperResStage(cfg.model, cfg.diffusion, cfg.stage, cfg.data)
     if kind in ("progressive", "adversarial"):
+        from trainer.checkpoint_format import ROUNDS_DIR
         from trainer.stages.adversarial import AdversarialStage
-        from trainer.stages.progressive import ROUNDS_DIR, ProgressiveStage
+        from trainer.stages.progressive import ProgressiveStage
 
         if kind == "progressive":
             exports = Path(cfg.checkpoint.dir) / ROUNDS_DIR

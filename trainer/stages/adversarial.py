@@ -30,13 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainer.config import ConfigError, DataConfig, DiffusionConfig, ModelConfig, StageConfig
+from trainer.bundle import frozen
+from trainer.config import ConfigError, DataConfig, DiffusionConfig, ModelConfig, RunConfig, StageConfig
 from trainer.diffusion import add_noise, ddim_x0_target, randn
-from trainer.models.discriminator import DiscriminatorHeads
-from trainer.models.dit import TextEmbedding
-from trainer.stages.base import PlayerLoss, frozen
-from trainer.stages.progressive import (
-    DistillationStage,
+from trainer.diffusion.distill import (
     ddim_from_prediction,
     ddim_path,
     distill_loss,
@@ -46,6 +43,10 @@ from trainer.stages.progressive import (
     student_step_times,
     valid_weight,
 )
+from trainer.models.discriminator import DiscriminatorHeads
+from trainer.models.dit import TextEmbedding
+from trainer.stages.base import PlayerLoss
+from trainer.stages.distillation import DistillationStage, teacher_steps_of
 
 CONDITIONAL_FRACTION = 0.5  # share of stage.steps with the conditional discriminator
 
@@ -164,6 +165,11 @@ def check_adversarial(stage: StageConfig, distilled: Optional[int], teacher_step
     return step_counts, teacher_steps_for(step_counts, distilled, teacher_steps)
 
 
+def preflight(cfg: RunConfig) -> None:
+    """An adversarial run's teacher and step counts, checked from configs alone (`dit train`, `dit launch`)."""
+    check_adversarial(cfg.stage, teacher_steps_of(cfg), cfg.log.sample_steps)
+
+
 # ------------------------------------------------------------------------------- the stage
 
 
@@ -205,7 +211,7 @@ class AdversarialStage(DistillationStage):
         x0 = self.clean_input(batch)  # (B, C, h, w) or (B, C, F, h, w)
         text = self.condition(batch, generator)
         B = x0.shape[0]
-        scale = draw_guidance(self.stage_cfg, B, generator, x0.device)  # (B,)
+        scale = draw_guidance(self.stage_cfg.guidance_min, self.stage_cfg.guidance_max, B, generator, x0.device)  # (B,)
         # N cycles through the step counts step by step: every rank trains the same N at once
         # (equal teacher paths, so no rank waits on another), decided without a device read.
         n = self.step_counts[self.step % len(self.step_counts)]

@@ -31,7 +31,7 @@ def reconstruction_adherence(ae: Autoencoder, data: DataConfig, num: int = RECON
     """The shapes judge (`trainer.judge`) on the autoencoder's reconstructions of `num` held-out
     images, each against its own caption: what of a shape survives the latent space. A latent
     DiT cannot learn an attribute its autoencoder loses, so every attribute should stay >= 95%."""
-    from trainer.evaluate import heldout_set
+    from trainer.heldout import heldout_set
     from trainer.judge import judge
 
     real, captions = heldout_set(data, num)

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
+from trainer.bundle import place
 from trainer.config import LogConfig
 from trainer.diffusion import rand
 from trainer.models.dit import TextEmbedding
@@ -94,14 +95,10 @@ class Stage:
         """Draw the fixed prompts with `weights` (EMA) and save a grid at `path` (rank 0)."""
         return None
 
-
-def place(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """A frozen module on `device` with its parameters in `dtype`; buffers (latent scale and
-    shift, position tables) keep their float32 precision."""
-    module.to(device)
-    for p in module.parameters():
-        p.data = p.data.to(dtype)
-    return module
+    def eval_metrics(self, weights: Optional[dict[str, torch.Tensor]], log: LogConfig) -> dict[str, float]:
+        """Metrics of the samples `weights` (EMA) draw for `log.prompts`, for the engine's
+        log.eval_every hook; {} for a stage that does not generate from text alone."""
+        return {}
 
 
 def as_float32(out: Any) -> Any:
@@ -127,10 +124,3 @@ def drop_text(text: TextEmbedding, null: TextEmbedding, keep: Tensor) -> TextEmb
         torch.where(keep[:, None], text.mask, null.mask),  # (B, L)
         torch.where(keep[:, None], text.pooled, null.pooled.to(text.pooled.dtype)),  # (B, Dp)
     )
-
-
-def frozen(module: nn.Module) -> nn.Module:
-    module.eval()
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return module

@@ -14,15 +14,15 @@ from torch import Tensor
 
 from data_pipeline.errors import DataError
 from trainer.config import DataConfig, DiffusionConfig, LogConfig, ModelConfig, StageConfig
-from trainer.diffusion import NoiseSchedule, add_noise, diffusion_loss, randn, sample_timesteps, schedule_for_shape
-from trainer.diffusion.schedules import shape_size
+from trainer.bundle import InferenceBundle, frozen
+from trainer.diffusion import NoiseSchedule, SamplerSettings, add_noise, diffusion_loss, randn, sample_timesteps
 from trainer.media import save_grid
 from trainer.metrics import timestep_bucket_losses
 from trainer.models.autoencoder import build_autoencoder
-from trainer.models.dit import build_dit, dit_preset
-from trainer.models.text import CachedTextEncoder, TextEmbedding, build_text_encoder
-from trainer.sampling import SamplerSettings, generate
-from trainer.stages.base import PlayerLoss, Stage, cfg_keep, drop_text, frozen
+from trainer.models.text import TextEmbedding, build_text_encoder
+from trainer.stages.base import PlayerLoss, Stage, cfg_keep, drop_text
+
+EVAL_REPEATS = 4  # samples per prompt of the training-time adherence evaluation
 
 
 def precompute_encoder(config: str, overrides: Sequence[str] = (), device: str = "cpu") -> Callable[[dict], dict]:
@@ -50,65 +50,32 @@ class PretrainStage(Stage):
     def __init__(self, model: ModelConfig, diffusion: DiffusionConfig, stage: StageConfig, data: DataConfig):
         super().__init__()
         self.model_cfg, self.diffusion, self.stage_cfg, self.data = model, diffusion, stage, data
-        self.text = CachedTextEncoder(frozen(build_text_encoder(model.text)))
-        self.autoencoder = frozen(build_autoencoder(model.autoencoder))  # PixelSpace when kind=none
-        self.players = {"student": build_dit(model, self.text.dim, self.text.pooled_dim)}
-        self._schedules: dict[tuple[float, int], NoiseSchedule] = {}
-        if data.kind == "video":  # every clip length the loader can deliver must encode
-            for frames in {data.num_frames, *data.frame_buckets}:
-                self.latent_frames(frames)
-        self.schedule = self.schedule_for(self.sample_shape())  # at the configured square shape
+        self.bundle = InferenceBundle(model, diffusion, data)  # text encoder, autoencoder, schedules, shapes
+        self.text, self.autoencoder, self.schedule = self.bundle.text, self.bundle.autoencoder, self.bundle.schedule
+        self.players = {"student": self.bundle.network(None)}
 
     def helpers(self) -> list[torch.nn.Module]:
-        return [self.text.encoder, self.autoencoder]
+        return self.bundle.helpers()
 
     def to(self, device: torch.device, helper_dtype: torch.dtype = torch.float32) -> "PretrainStage":
-        super().to(device, helper_dtype)
-        self.text.clear()  # cached embeddings of the old device and dtype
+        super().to(device, helper_dtype)  # the bundle's helpers are ours: moved there once
+        self.bundle.moved_to(device)
         return self
 
-    # ---- shapes -----------------------------------------------------------------------------
+    # ---- shapes (the bundle's) --------------------------------------------------------------
     @property
     def resolution(self) -> int:
-        """Side of the tensor the DiT sees: pixels, or latents after the autoencoder."""
-        return self.data.resolution // self.autoencoder.downsample_factor
+        return self.bundle.resolution
 
     def sample_shape(self, height: Optional[int] = None, width: Optional[int] = None,
                      frames: Optional[int] = None) -> tuple[int, ...]:
-        """(C, h, w) or (C, F, h, w) of the DiT's input for `height` x `width` pixels (default:
-        the configured square) and `frames` (default: data.num_frames; videos only)."""
-        factor = self.autoencoder.downsample_factor
-        multiple = factor * dit_preset(self.model_cfg.preset).patch
-        for name, pixels in (("height", height), ("width", width)):
-            if pixels is not None and (pixels <= 0 or pixels % multiple):
-                raise ValueError(f"{name} {pixels} px is not a positive multiple of {multiple} (the autoencoder's "
-                                 f"downsampling {factor} x the DiT's patch); pick a multiple of {multiple}")
-        c = self.model_cfg.in_channels
-        h = height // factor if height else self.resolution
-        w = width // factor if width else self.resolution
-        if self.data.kind != "video":
-            if frames not in (None, 1):
-                raise ValueError(f"frames={frames}: this is an image model (data.kind=image)")
-            return c, h, w
-        return c, self.latent_frames(frames or self.data.num_frames), h, w
+        return self.bundle.sample_shape(height, width, frames)
 
     def latent_frames(self, frames: int) -> int:
-        """Frames the DiT sees for a clip of `frames`: all of them, or 1 + (F - 1) / t after a
-        causal 3-D autoencoder that compresses time by t (frame 0 alone, then groups of t)."""
-        t = self.autoencoder.temporal_downsample
-        if (frames - 1) % t:
-            raise ValueError(f"{frames} frames: the causal 3-D autoencoder compresses time by {t}, so clips have "
-                             f"1 + {t} k frames (data.num_frames, data.frame_buckets, --frames)")
-        return 1 + (frames - 1) // t
+        return self.bundle.latent_frames(frames)
 
     def schedule_for(self, shape: Sequence[int]) -> NoiseSchedule:
-        """The noise schedule of samples shaped `shape` (C, [F,] h, w): its SNR shift follows that
-        shape's sqrt(h w) and frame count (`schedule_for_shape`), so each bucket of a batch is
-        noised, and each size sampled, with its own shift. Cached per (side, frames)."""
-        key = shape_size(shape)
-        if key not in self._schedules:
-            self._schedules[key] = schedule_for_shape(self.diffusion, shape)
-        return self._schedules[key]
+        return self.bundle.schedule_for(shape)
 
     def tokens_per_sample(self) -> int:
         spec = self.players["student"].spec
@@ -191,23 +158,27 @@ class PretrainStage(Stage):
     def pipeline_loss(self, pred: Tensor, targets: tuple[Tensor, ...]) -> Tensor:
         return self.weighted_loss(pred, targets)[0]
 
-    # ---- samples ----------------------------------------------------------------------------
+    # ---- samples and evaluation -------------------------------------------------------------
     def sampling_net(self, weights: Optional[dict[str, Tensor]]) -> torch.nn.Module:
         """A plain (unpartitioned) copy of the student carrying `weights`."""
-        net = build_dit(self.model_cfg, self.text.dim, self.text.pooled_dim)
-        if weights is not None:
-            net.load_state_dict(weights)  # strict: a missing weight is an error, never a default
-        return net.to(self.device).eval()
+        return self.bundle.network(weights).to(self.device)
 
-    @torch.no_grad()
     def decode(self, x0: Tensor) -> Tensor:
-        return self.autoencoder.decode(x0)
+        return self.bundle.decode(x0)
 
     def write_samples(self, weights: Optional[dict[str, Tensor]], log: LogConfig, path: Path) -> Optional[Path]:
-        net = self.sampling_net(weights)
         settings = SamplerSettings(steps=log.sample_steps, cfg_scale=log.sample_cfg)
-        generator = torch.Generator().manual_seed(0)
-        shape = self.sample_shape()
-        x0 = generate(net, self.text, self.schedule_for(shape), self.diffusion.prediction, log.prompts,
-                      shape, settings, generator)
-        return save_grid(self.decode(x0), log.prompts, path)
+        pixels = self.bundle.sample_pixels(self.sampling_net(weights), log.prompts, settings,
+                                           torch.Generator().manual_seed(0))
+        return save_grid(pixels, log.prompts, path)
+
+    def eval_metrics(self, weights: Optional[dict[str, Tensor]], log: LogConfig) -> dict[str, float]:
+        """The shapes judge (trainer.judge) on `log.prompts`, each sampled EVAL_REPEATS times
+        (fixed seed) with the log's sampler settings: `eval/adherence/<attribute>`."""
+        from trainer.judge import judge
+
+        prompts = [p for p in log.prompts for _ in range(EVAL_REPEATS)]
+        settings = SamplerSettings(steps=log.sample_steps, cfg_scale=log.sample_cfg)
+        pixels = self.bundle.sample_pixels(self.sampling_net(weights), prompts, settings,
+                                           torch.Generator().manual_seed(0))
+        return judge(pixels, prompts).as_metrics("eval/adherence")

@@ -14,43 +14,29 @@ import torch
 from torch import Tensor
 
 from trainer.config import LogConfig
-from trainer.diffusion import add_noise, rand, randn
+from trainer.diffusion import SamplerSettings, rand
 from trainer.media import save_grid
 from trainer.models.dit import upsample_like
-from trainer.sampling import SamplerSettings, generate
 from trainer.stages.pretrain import PretrainStage
 
 
 class SuperResStage(PretrainStage):
-    """Trains p(x_hi | x_lo, text); the schedule is shifted for the larger resolution."""
+    """Trains p(x_hi | x_lo, text); the schedule is shifted for the larger resolution (the
+    bundle's shapes are those of data.sr_resolution: model.superres is set)."""
 
     preview_samples = 4  # the sample grid super-resolves the preview's low-resolution images
-
-    @property
-    def resolution(self) -> int:
-        return self.data.sr_resolution // self.autoencoder.downsample_factor
 
     def lowres_input(self, batch: dict[str, Any]) -> Tensor:
         """The low-resolution pair the loader delivers (`image_lr`, or `video_lr` for clips), encoded."""
         return self.autoencoder.encode(batch[f"{self.data.kind}_lr"]).float()
-
-    def augment(self, lowres: Tensor, level: Tensor, generator: torch.Generator) -> Tensor:
-        """Noise-conditioning augmentation: x_lo at diffusion time `level` of the same schedule."""
-        alpha, sigma = self.schedule.alpha_sigma(level)
-        return add_noise(lowres, randn(tuple(lowres.shape), generator, lowres.device), alpha, sigma)
 
     def prepare(self, batch: dict[str, Any], generator: torch.Generator) -> tuple[dict[str, Any], tuple[Tensor, ...]]:
         inputs, targets = super().prepare(batch, generator)  # x0 at the high resolution
         with torch.no_grad():
             lowres = self.lowres_input(batch)  # (B, C, H/k, W/k)
         level = rand((lowres.shape[0],), generator, lowres.device) * self.stage_cfg.noise_aug_max  # (B,)
-        inputs.update(lowres=self.augment(lowres, level, generator), aug_level=level)
+        inputs.update(lowres=self.bundle.augment(lowres, level, generator), aug_level=level)
         return inputs, targets
-
-    def upsample_extras(self, lowres: Tensor, generator: Optional[torch.Generator]) -> dict[str, Tensor]:
-        """The conditioning of one super-resolution call at inference (fixed augmentation level)."""
-        level = torch.full((lowres.shape[0],), self.stage_cfg.noise_aug_sample, device=lowres.device)
-        return {"lowres": self.augment(lowres, level, generator), "aug_level": level}
 
     @torch.no_grad()
     def write_samples(self, weights: Optional[dict[str, Tensor]], log: LogConfig, path: Path) -> Optional[Path]:
@@ -62,8 +48,11 @@ class SuperResStage(PretrainStage):
         prompts = list(self.preview["caption"])
         generator = torch.Generator().manual_seed(0)
         settings = SamplerSettings(steps=log.sample_steps, cfg_scale=log.sample_cfg)
-        x0 = generate(self.sampling_net(weights), self.text, self.schedule, self.diffusion.prediction, prompts,
-                      self.sample_shape(), settings, generator, self.upsample_extras(lowres, generator))
-        high = self.decode(x0)
+        extras = self.bundle.upsample_extras(lowres, self.stage_cfg.noise_aug_sample, generator)
+        high = self.bundle.sample_pixels(self.sampling_net(weights), prompts, settings, generator, extras)
         low = upsample_like(self.decode(lowres), high)
         return save_grid(torch.cat([low, high]), ["input: " + p for p in prompts] + prompts, path, cols=len(prompts))
+
+    def eval_metrics(self, weights: Optional[dict[str, Tensor]], log: LogConfig) -> dict[str, float]:
+        """{}: a super-resolution model samples from low-resolution inputs, not prompts alone."""
+        return {}

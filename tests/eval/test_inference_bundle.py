@@ -1,0 +1,49 @@
+"""Inference loads only what sampling needs (one network, no teacher, the checkpoint's own kind),
+and round exports are written and read through the one checkpoint-format module."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import trainer.bundle
+from tests.eval.eval_helpers import tiny_config, write_checkpoint
+from trainer.cascade import CascadeStageSpec, load_stage
+from trainer.checkpoint_format import (
+    ROUND_FILE,
+    ROUNDS_DIR,
+    CheckpointError,
+    load_for_inference,
+    rounds_exports,
+    write_inference_dir,
+)
+from trainer.config import to_yaml
+from trainer.diffusion import SamplerSettings
+from trainer.stages.distillation import read_run_config
+
+
+def test_a_distilled_checkpoint_loads_one_network_and_keeps_its_kind(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path / "student", "stage.kind=progressive", "stage.teacher=/unused", "stage.rounds=[2]",
+                      "model.guidance_embed=true", "diffusion.loss_weighting=trunc_snr")
+    directory = write_checkpoint(cfg)
+    built = []
+    build = trainer.bundle.build_dit
+    monkeypatch.setattr(trainer.bundle, "build_dit", lambda *a, **k: built.append(1) or build(*a, **k))
+    loaded = load_stage(CascadeStageSpec(str(directory)), SamplerSettings())
+    assert len(built) == 1 and loaded.cfg.stage.kind == "progressive" and loaded.distilled
+    assert loaded.stage.nets == [loaded.net]
+
+
+def test_round_export_round_trips_and_is_verified(tmp_path):
+    cfg = tiny_config(tmp_path)
+    weights = {"w": torch.arange(6.0).view(2, 3)}
+    directory = tmp_path / ROUNDS_DIR / "round_1_4steps"
+    write_inference_dir(directory, weights, to_yaml(cfg), {ROUND_FILE: json.dumps({"steps": 4})}, step=7)
+    config_yaml, loaded = load_for_inference(directory)
+    assert torch.equal(loaded["w"], weights["w"]) and read_run_config(config_yaml) == cfg
+    assert rounds_exports(tmp_path) == {4: directory}
+    assert not list(directory.parent.glob(".tmp-*"))
+    (directory / "config.yaml").write_text(config_yaml + "\n")
+    with pytest.raises(CheckpointError, match="modified after it was written"):
+        load_for_inference(directory)

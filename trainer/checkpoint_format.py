@@ -1,0 +1,137 @@
+"""The checkpoint directory format, owned here and nowhere else.
+
+A checkpoint directory (a training step, or a distillation round's export) is written under a
+temporary name `.tmp-<name>`, closed by COMPLETE.json listing the sha256 of every file in it
+(written last), and renamed into place; a root's `latest` file names the newest complete one
+and is replaced atomically after the rename. Readers resolve `latest`, check the files they
+read against the manifest and load weights from safetensors only (no pickle).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+LATEST = "latest"
+COMPLETE = "COMPLETE.json"
+EMA_FILE = "ema.safetensors"
+TMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """`text` at `path` through a temporary file, fsynced and renamed."""
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def temporary_dir(final: Path) -> Path:
+    """The empty `.tmp-<name>` directory beside `final` that a save writes into."""
+    tmp = final.with_name(f"{TMP_PREFIX}{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit(tmp: Path, final: Path, step: int, world_size: int) -> Path:
+    """Close `tmp` with COMPLETE.json (the sha256 of every file in it) and rename it to `final`,
+    replacing a stale directory of the same name (an abandoned run's, an earlier export)."""
+    files = {str(p.relative_to(tmp)): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    complete = {"step": step, "world_size": world_size, "files": files}
+    write_atomic(tmp / COMPLETE, json.dumps(complete, indent=1, sort_keys=True))
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    fsync_dir(final.parent)
+    return final
+
+
+def point_latest(root: Path, name: str) -> None:
+    """`root/latest` names `name` (written after the commit it points to)."""
+    write_atomic(root / LATEST, name)
+
+
+def resolve(directory: str | Path) -> Path:
+    """A step directory: `directory` itself, or the one its `latest` pointer names."""
+    directory = Path(directory)
+    if (directory / LATEST).is_file():
+        return directory / (directory / LATEST).read_text().strip()
+    return directory
+
+
+def verify(directory: Path, names: Optional[tuple[str, ...]] = None) -> dict[str, Any]:
+    """Check `names` (default: every file of the manifest) against COMPLETE.json; its content."""
+    if not (directory / COMPLETE).is_file():
+        raise CheckpointError(f"{directory} is not a complete checkpoint (no {COMPLETE})")
+    complete = json.loads((directory / COMPLETE).read_text())
+    for rel in names if names is not None else tuple(complete["files"]):
+        path = directory / rel
+        if rel not in complete["files"] or not path.is_file() or sha256(path) != complete["files"][rel]:
+            raise CheckpointError(f"checkpoint file {path} is missing or was modified after it was written "
+                                  f"(sha256 mismatch); refusing to load it")
+    return complete
+
+
+def load_for_inference(directory: str | Path) -> tuple[str, dict[str, torch.Tensor]]:
+    """(resolved config YAML, whole EMA weights) of a complete checkpoint, after verifying its
+    files; `directory` may be a checkpoint root holding `latest`. No pickle is involved."""
+    directory = resolve(directory)
+    verify(directory, ("config.yaml", EMA_FILE))
+    return (directory / "config.yaml").read_text(), load_file(str(directory / EMA_FILE))
+
+
+def write_inference_dir(directory: Path, weights: dict[str, torch.Tensor], config_yaml: str,
+                        extra_files: dict[str, str], step: int = 0) -> Path:
+    """A directory `load_for_inference` loads: config.yaml, ema.safetensors (the weights to
+    sample) and `extra_files` (name -> text), committed as a checkpoint is."""
+    tmp = temporary_dir(directory)
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / EMA_FILE))
+    (tmp / "config.yaml").write_text(config_yaml)
+    for name, text in extra_files.items():
+        (tmp / name).write_text(text)
+    return commit(tmp, directory, step, world_size=1)
+
+
+# ------------------------------------------------------------------------------- round exports
+
+ROUNDS_DIR = "rounds"  # <checkpoint.dir>/rounds/round_<r>_<N>steps/: a progressive run's finished rounds
+ROUND_FILE = "round.json"
+
+
+def rounds_exports(checkpoint_dir: str | Path) -> dict[int, Path]:
+    """Step count -> export directory of a progressive run's finished rounds."""
+    out = {}
+    for directory in sorted(Path(checkpoint_dir, ROUNDS_DIR).glob("round_*steps")):
+        if (directory / COMPLETE).is_file():
+            out[json.loads((directory / ROUND_FILE).read_text())["steps"]] = directory
+    return out

@@ -1,0 +1,255 @@
+"""What the progressive and adversarial distillation stages share: the frozen teacher (a
+trained diffusion model sampled with classifier-free guidance, or a distilled student at its own
+step count), the checks that it fits this run, the student initialised from it, and few-step
+samples and evaluation of the student.
+
+Guidance (Meng et al. 2023, "On Distillation of Guided Diffusion Models"): the original teacher
+is sampled with classifier-free guidance at a scale w drawn per sample from
+[stage.guidance_min, stage.guidance_max]; with `model.guidance_embed` the student is conditioned
+on w (embedded like t, its last layer zero-initialized so that the student starts as the
+teacher), so the distilled sampler needs one forward per step instead of two.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from torch import Tensor, nn
+
+from trainer.bundle import distilled_steps, frozen
+from trainer.checkpoint_format import load_for_inference, resolve
+from trainer.config import (
+    ConfigError,
+    DataConfig,
+    DiffusionConfig,
+    LogConfig,
+    ModelConfig,
+    RunConfig,
+    StageConfig,
+    to_dict,
+    validate,
+)
+from trainer.diffusion import SamplerSettings
+from trainer.diffusion.distill import Model, guided_model
+from trainer.media import save_grid
+from trainer.models.dit import DiT, TextEmbedding, build_dit
+from trainer.models.text import conditioned
+from trainer.stages.pretrain import PretrainStage
+
+# CFG on the teacher uses the rescale its sampler uses (Lin et al. 2023 recommend 0.7 with zero
+# terminal SNR), so that the student reproduces what `dit sample` draws from the teacher.
+TEACHER_RESCALE = SamplerSettings.guidance_rescale
+SAMPLE_STEPS = (1, 2, 4)  # rows of the sample grid and of the adherence evaluation
+# Keys that must agree with the teacher's run config: the student is the teacher's network on
+# the teacher's data, schedule and text encoder.
+TEACHER_KEYS = {
+    "model": None,  # all of it except the keys below
+    "diffusion": ("schedule", "num_timesteps", "beta_start", "beta_end", "zero_terminal_snr", "prediction",
+                  "shift_base_resolution", "shift_base_frames"),
+    "data": ("kind", "resolution", "num_frames"),
+}
+# Free to differ: the student's own options, and where weights live (copies may move).
+FREE_MODEL_KEYS = ("guidance_embed", "activation_checkpointing", "checkpoint_policy", "text.path", "autoencoder.path")
+
+
+# ------------------------------------------------------------------------------- the teacher
+
+
+@dataclass
+class Teacher:
+    """A frozen network and how to call it: with CFG (a diffusion model), or conditioned on the
+    guidance scale / with guidance baked in (a distilled student) at its own step count."""
+
+    net: DiT
+    uses_cfg: bool  # False for distilled teachers: one forward per step
+    steps: Optional[int]  # the sampler it was distilled into; None: a full diffusion model
+
+    @property
+    def takes_guidance(self) -> bool:
+        return self.net.spec.guidance
+
+    def model(self, text: TextEmbedding, null: TextEmbedding, scale: Tensor, guided: bool = True) -> Model:
+        """The teacher as `(x_t, t) -> prediction` for this batch's text and guidance scales (B,);
+        `guided=False` (every scale is 1) runs a CFG teacher's conditional half alone."""
+        cond: dict[str, Tensor] = dict(text._asdict())
+        if self.takes_guidance:
+            cond["guidance"] = scale
+        net = conditioned(self.net)
+        if not self.uses_cfg or not guided:
+            return lambda x, t: net(x, t, cond)
+        return guided_model(net, cond, dict(null._asdict()), scale, TEACHER_RESCALE)
+
+
+def read_run_config(yaml_text: str) -> RunConfig:
+    """A resolved config.yaml (a checkpoint's), parsed from its text, as a validated RunConfig."""
+    schema = OmegaConf.structured(RunConfig)
+    try:
+        run: RunConfig = OmegaConf.to_object(OmegaConf.merge(schema, yaml.safe_load(yaml_text) or {}))  # type: ignore
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"stage.teacher:{getattr(e, 'full_key', '?')}", str(e).splitlines()[0]) from None
+    validate(run)
+    return run
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as {"a.b": value}."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_same_as_teacher(run: dict[str, Any], teacher: dict[str, Any], where: str) -> None:
+    """The student's model (except FREE_MODEL_KEYS), schedule and data shapes must be the
+    teacher's; the error names the key and the teacher's value."""
+    for section, keys in TEACHER_KEYS.items():
+        ours, theirs = flatten(run[section]), flatten(teacher[section])
+        names = keys or [k for k in theirs if k not in FREE_MODEL_KEYS]
+        for key in names:
+            if ours.get(key) != theirs[key]:
+                raise ConfigError(f"{section}.{key}", f"the teacher ({where}) was trained with "
+                                  f"{section}.{key}={theirs[key]!r}, this run has {ours.get(key)!r}; set it to "
+                                  f"the teacher's value")
+
+
+def check_teacher_exists(directory: str) -> None:
+    if not directory:
+        raise ConfigError("stage.teacher", "distillation needs the teacher's checkpoint directory")
+    if not Path(directory).exists():
+        raise ConfigError("stage.teacher", f"{directory} does not exist; point it at a checkpoint directory")
+
+
+def check_teacher(directory: str, model: ModelConfig, diffusion: DiffusionConfig, data: DataConfig,
+                  config_yaml: Optional[str] = None) -> RunConfig:
+    """The teacher's run config, after checking that `stage.teacher` names one whose network,
+    schedule and data this run shares (reads only its config.yaml unless given)."""
+    check_teacher_exists(directory)
+    if config_yaml is None:
+        step = resolve(directory)
+        if not (step / "config.yaml").is_file():
+            raise ConfigError("stage.teacher", f"{directory} holds no checkpoint (no config.yaml); point it at a "
+                                               f"checkpoint root, a step directory or a round export")
+        config_yaml = (step / "config.yaml").read_text()
+    cfg = read_run_config(config_yaml)
+    ours = {"model": to_dict(model), "diffusion": to_dict(diffusion), "data": to_dict(data)}
+    check_same_as_teacher(ours, {"model": to_dict(cfg.model), "diffusion": to_dict(cfg.diffusion),
+                                 "data": to_dict(cfg.data)}, directory)
+    return cfg
+
+
+def check_weighting(diffusion: DiffusionConfig) -> None:
+    if diffusion.zero_terminal_snr and diffusion.loss_weighting == "min_snr":
+        raise ConfigError("diffusion.loss_weighting", "min_snr weighs t = 1 (SNR 0) by 0, the step every distilled "
+                                                      "sampler starts with; use trunc_snr (Salimans & Ho 2022)")
+
+
+def teacher_steps_of(cfg: RunConfig) -> Optional[int]:
+    """What a distillation run shares, checked from configs alone (no network is built): the
+    loss weighting and a fitting teacher; the step count the teacher was distilled into (None: a
+    full diffusion model). Each stage's `preflight` checks its own knobs against it."""
+    check_weighting(cfg.diffusion)
+    return distilled_steps(check_teacher(cfg.stage.teacher, cfg.model, cfg.diffusion, cfg.data))
+
+
+def load_teacher(directory: str, model: ModelConfig, diffusion: DiffusionConfig, data: DataConfig,
+                 text_dim: int, pooled_dim: int) -> tuple[Teacher, dict[str, Tensor]]:
+    """The frozen teacher of `stage.teacher` (a checkpoint root with `latest`, a step directory or
+    a round export) built from its own config and EMA weights, and those weights."""
+    check_teacher_exists(directory)
+    config_yaml, weights = load_for_inference(directory)
+    cfg = check_teacher(directory, model, diffusion, data, config_yaml)
+    net = frozen(build_dit(cfg.model, text_dim, pooled_dim))
+    net.load_state_dict(weights)
+    steps = distilled_steps(cfg)
+    return Teacher(net, uses_cfg=steps is None, steps=steps), weights
+
+
+@torch.no_grad()
+def init_student_from(student: DiT, weights: dict[str, Tensor]) -> None:
+    """Copy the teacher into the student. A guidance embedder the teacher lacks is new: its last
+    layer is zeroed so that it adds nothing and the student starts equal to the teacher."""
+    if student.embed.guidance_embedder is None and any(k.startswith("embed.guidance_embedder.") for k in weights):
+        raise ConfigError("model.guidance_embed", "the teacher is guidance-conditioned (a distilled student); "
+                                                  "set model.guidance_embed=true")
+    missing, unexpected = student.load_state_dict(weights, strict=False)
+    new = {k for k in missing if not k.startswith("embed.guidance_embedder.")}
+    if new or unexpected:
+        raise ValueError(f"the teacher's weights do not fit the student: missing {sorted(new)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]}")
+    if missing and student.embed.guidance_embedder is not None:
+        last = student.embed.guidance_embedder.mlp[-1]
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+
+
+# ------------------------------------------------------------------------------- the stage
+
+
+class DistillationStage(PretrainStage):
+    """What the progressive and adversarial stages share: the frozen teacher, the student
+    initialised from it, per-sample guidance scales, and few-step samples and evaluation (the
+    student samples without CFG, with guidance = log.sample_cfg when guidance-conditioned)."""
+
+    def __init__(self, model: ModelConfig, diffusion: DiffusionConfig, stage: StageConfig, data: DataConfig):
+        check_weighting(diffusion)
+        super().__init__(model, diffusion, stage, data)
+        self.teacher, weights = load_teacher(stage.teacher, model, diffusion, data, self.text.dim, self.text.pooled_dim)
+        init_student_from(self.players["student"], weights)
+        self.step = 0  # set by start_of_step on every rank
+
+    def helpers(self) -> list[nn.Module]:
+        return [*super().helpers(), self.teacher.net]
+
+    def start_of_step(self, step: int, student_weights: Callable[[], dict[str, Tensor]]) -> None:
+        self.step = step
+
+    # ---- conditioning -----------------------------------------------------------------------
+    def student_extras(self, scale: Tensor) -> dict[str, Tensor]:
+        return {"guidance": scale} if self.model_cfg.guidance_embed else {}
+
+    def teacher_model(self, text: TextEmbedding, scale: Tensor) -> Model:
+        guided = not self.stage_cfg.guidance_min == self.stage_cfg.guidance_max == 1
+        return self.teacher.model(text, self.text.null_embedding(scale.shape[0]), scale, guided)
+
+    # ---- samples and evaluation ---------------------------------------------------------------
+    @torch.no_grad()
+    def teacher_pixels(self, prompts: Sequence[str], log: LogConfig, generator: torch.Generator) -> Tensor:
+        """The current teacher as users sample it: CFG at log.sample_steps, or its own steps."""
+        steps = log.sample_steps if self.teacher.uses_cfg else self.teacher.steps or 1
+        settings = SamplerSettings(steps=steps, cfg_scale=log.sample_cfg)
+        return self.bundle.sample_pixels(self.teacher.net, prompts, settings, generator,
+                                         distilled=not self.teacher.uses_cfg)
+
+    def student_pixels(self, net: nn.Module, prompts: Sequence[str], steps: int, log: LogConfig) -> Tensor:
+        """The student at `steps` steps (fixed seed): one forward per step, no CFG."""
+        settings = SamplerSettings(steps=steps, cfg_scale=log.sample_cfg)
+        return self.bundle.sample_pixels(net, prompts, settings, torch.Generator().manual_seed(0), distilled=True)
+
+    def write_samples(self, weights: Optional[dict[str, Tensor]], log: LogConfig, path: Path) -> Optional[Path]:
+        """Rows: the current teacher, then the student at 1, 2 and 4 steps (fixed seed)."""
+        net = self.sampling_net(weights)
+        prompts = list(log.prompts)
+        rows = [self.teacher_pixels(prompts, log, torch.Generator().manual_seed(0))]
+        sampler = f"{log.sample_steps} steps, CFG" if self.teacher.uses_cfg else f"{self.teacher.steps} steps"
+        labels = [f"teacher ({sampler}): {p}" for p in prompts]
+        for steps in SAMPLE_STEPS:
+            rows.append(self.student_pixels(net, prompts, steps, log))
+            labels += [f"{steps} step{'s' if steps > 1 else ''}: {p}" for p in prompts]
+        return save_grid(torch.cat(rows), labels, path, cols=len(prompts))
+
+    def eval_metrics(self, weights: Optional[dict[str, Tensor]], log: LogConfig) -> dict[str, float]:
+        """The shapes judge (trainer.judge) on log.prompts at 1, 2 and 4 student steps:
+        `eval/adherence/<n>step/<attribute>`. For the engine's log.eval_every hook."""
+        from trainer.judge import judge
+
+        net = self.sampling_net(weights)
+        metrics: dict[str, float] = {}
+        for steps in SAMPLE_STEPS:
+            pixels = self.student_pixels(net, log.prompts, steps, log)
+            metrics.update(judge(pixels, log.prompts).as_metrics(f"eval/adherence/{steps}step"))
+        return metrics
