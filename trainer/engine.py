@@ -22,7 +22,6 @@ from torch import nn
 
 from data_pipeline.errors import DataError
 from data_pipeline.stream import batch_to_device
-from data_pipeline.transforms import TransformSpec
 from trainer import faults
 from trainer.checkpoint import EMA_FILE, STAGE_FILE, CheckpointError, CheckpointManager, RankState, init_network
 from trainer.config import DeepSpeedConfig, OptimConfig, RunConfig, to_yaml, validate
@@ -31,7 +30,7 @@ from trainer.elastic import (LAYOUT_KEYS, Shape, gather_player, keep_global_batc
                              universal_file, written_shape)
 from trainer.ema import EMA
 from trainer.metrics import KeyLog, Metric, MetricsLogger
-from trainer.sequence_parallel import parallelize_sequence, sequence_group
+from trainer.parallel import parallelize, pipeline_inputs
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
@@ -196,26 +195,6 @@ def build_engine(module: nn.Module, lr: float, optim: OptimConfig, ds: DeepSpeed
     return engine, optimizer
 
 
-def as_pipeline(stage: Any, ctx: DistContext, shapes_vary: bool) -> nn.Module:
-    """The student's layer list as a DeepSpeed PipelineModule: noising happens before the
-    pipe (the stage's `pipeline_batch`), the loss at its end (`pipeline_loss`). When batches
-    may come in several shapes (aspect or frame buckets), the stages exchange each
-    activation's shape with it (DeepSpeed's dynamic_shape) instead of reusing the first one's."""
-    from deepspeed.pipe import PipelineModule
-
-    net = stage.players["student"]
-    return PipelineModule(layers=net.pipeline_layers(), num_stages=ctx.pipeline_stages,
-                          loss_fn=stage.pipeline_loss, partition_method="parameters", dynamic_shape=shapes_vary)
-
-
-def compile_blocks(net: nn.Module) -> None:
-    """torch.compile each transformer block in place: regional compilation, as torchtitan
-    compiles per TransformerBlock; identical blocks share one compiled graph, so the compile
-    time does not grow with depth."""
-    for block in net.blocks:
-        block.compile()
-
-
 def network_names(net: nn.Module, trained: nn.Module) -> dict[str, str]:
     """The trained module's parameter names -> the network's: a PipelineModule's `3.attn.qkv.weight`
     is the DiT's `blocks.2.attn.qkv.weight` (its layers are the network's own modules)."""
@@ -279,13 +258,7 @@ class Trainer:
         if self.stage.preview_samples and self.ctx.is_main:
             self.stage.preview = preview_batch(cfg, self.stage.preview_samples, self.device)
         self.pipeline = self.ctx.pipeline_stages > 1
-        trainable = dict(self.stage.trainable())
-        if self.ctx.sequence_parallel > 1:
-            parallelize_sequence(trainable["student"], sequence_group(self.ctx))
-        if cfg.model.compile:
-            compile_blocks(trainable["student"])
-        if self.pipeline:
-            trainable["student"] = as_pipeline(self.stage, self.ctx, TransformSpec.from_config(cfg.data).bucketed)
+        trainable = parallelize(dict(self.stage.trainable()), self.stage, cfg, self.ctx)
         self.engines: dict[str, Any] = {}
         self.optimizers: dict[str, FiniteGuard] = {}
         for name, module in trainable.items():
@@ -431,7 +404,8 @@ class Trainer:
         def micro_batches():
             while True:
                 with autocast(self.device, self.precision):
-                    yield self.stage.pipeline_batch(self.next_batch(batches), self.generator)
+                    inputs, targets = self.stage.pipeline_batch(self.next_batch(batches), self.generator)
+                    yield pipeline_inputs(self.net, **inputs), targets
 
         loss = self.engines["student"].train_batch(data_iter=micro_batches())
         return [{"loss": loss}]
