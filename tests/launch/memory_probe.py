@@ -28,7 +28,8 @@ import torch.distributed as dist
 from launch.plan import text_dims, zero_settings
 from trainer.config import load_config
 from trainer.distributed import init_distributed
-from trainer.engine import build_engine, seed_everything
+from trainer.optim import build_engine
+from trainer.train_state import seed_everything
 from trainer.models.dit import TextEmbedding, build_dit
 
 
