@@ -28,8 +28,8 @@ from trainer.metrics import KeyLog, Metric, MetricsLogger
 from trainer.numerics import PRECISIONS, autocast, inference_numerics
 from trainer.optim import FiniteGuard, build_engine
 from trainer.parallel import parallelize, pipeline_inputs
-from trainer.train_state import (EMAState, Keyed, LoopState, PlayersState, RNGState, StageState, Stateful,
-                                 load_states, save_states, seed_everything)
+from trainer.train_state import (EMAState, Keyed, LoopState, PlayersState, RNGState, ShapeRecord, StageState,
+                                 Stateful, load_states, save_states, seed_everything)
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
@@ -135,7 +135,8 @@ class Trainer:
         (trainer/train_state.py); `players` (whole optimizer states) is written when
         checkpoint.universal, for elastic resumes."""
         states: dict[str, Stateful] = {"loop": self.state, "rng": RNGState(self.generator),
-                                       "stream": Keyed("stream", self.stream), "stage": StageState(self.stage)}
+                                       "stream": Keyed("stream", self.stream), "stage": StageState(self.stage),
+                                       "shape": ShapeRecord(shape_of(self.cfg, self.ctx.world_size))}
         if self.ema is not None:
             states["ema"] = EMAState(self.ema, self.ema_module, self.whole)
         states["players"] = PlayersState(self.engines, self.optimizers, self.player_names, self.whole_of,

@@ -80,6 +80,14 @@ def tie_idle_temporal(net: DiT) -> None:
             block.register_forward_hook(tie)
 
 
+def prepare_for_training(net: DiT, cfg: ModelConfig) -> DiT:
+    """What a trained DiT gets on any layout, in place: `cfg`'s activation checkpointing policy
+    and the idle temporal parameters tied into the graph."""
+    apply_checkpointing(net, checkpoint_policy(cfg))
+    tie_idle_temporal(net)
+    return net
+
+
 def compile_blocks(net: DiT) -> None:
     """torch.compile each transformer block in place: regional compilation, as torchtitan
     compiles per TransformerBlock; identical blocks share one compiled graph, so the compile
@@ -199,8 +207,7 @@ def parallelize(trainable: dict[str, nn.Module], stage: Any, cfg: RunConfig, ctx
     student = out["student"]
     if ctx.sequence_parallel > 1:
         parallelize_sequence(student, sequence_group(ctx))
-    apply_checkpointing(student, checkpoint_policy(cfg.model))
-    tie_idle_temporal(student)
+    prepare_for_training(student, cfg.model)
     if cfg.model.compile:
         compile_blocks(student)
     if ctx.pipeline_stages > 1:
@@ -209,4 +216,4 @@ def parallelize(trainable: dict[str, nn.Module], stage: Any, cfg: RunConfig, ctx
 
 
 __all__ = ["apply_checkpointing", "as_pipeline", "checkpoint_policy", "compile_blocks", "parallelize",
-           "pipeline_inputs", "pipeline_layers", "recompute", "tie_idle_temporal"]
+           "pipeline_inputs", "pipeline_layers", "prepare_for_training", "recompute", "tie_idle_temporal"]

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from trainer.checkpoint import EMA_FILE, STAGE_FILE, CheckpointManager, RankState
-from trainer.elastic import gather_player, load_player, universal_file
+from trainer.elastic import Shape, gather_player, load_player, universal_file, written_shape
 from trainer.ema import EMA
 
 
@@ -74,6 +74,29 @@ class RNGState:
         np.random.set_state((name, state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
         torch.set_rng_state(state["torch_rng"])
         self.generator.set_state(state["stage_rng"])
+
+
+class ShapeRecord:
+    """The global batch of the job (trainer/elastic.py's Shape) in the checkpoint's metadata,
+    what a resume must keep (`written_global_batch`). Nothing to restore: a resume checks it
+    before any state is loaded."""
+
+    def __init__(self, shape: Shape):
+        self.shape = shape
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"global_batch": self.shape.global_batch}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        return None
+
+
+def written_global_batch(directory: Path, rank0_meta: Mapping[str, Any]) -> int:
+    """The global batch a checkpoint was trained with: the one recorded in rank 0's state, or,
+    for checkpoints from before the record, the one its config and world size give."""
+    if "global_batch" in rank0_meta:
+        return int(rank0_meta["global_batch"])
+    return written_shape(directory).global_batch
 
 
 class Keyed:

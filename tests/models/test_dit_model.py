@@ -13,14 +13,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from trainer.config import ModelConfig
 from trainer.models.dit import DIT_PRESETS, DiT, TextEmbedding, build_dit, dit_preset, patchify, unpatchify
 from trainer.models.layers import rope_table, sincos_table
-from trainer.parallel import apply_checkpointing, checkpoint_policy, pipeline_inputs, pipeline_layers
+from trainer.parallel import pipeline_inputs, pipeline_layers, prepare_for_training
 
 TEXT_DIM, POOLED_DIM, TEXT_LEN = 16, 8, 6
 
 
 def tiny(**overrides) -> DiT:
     cfg = ModelConfig(preset="DiT-Tiny/1", in_channels=4, **overrides)
-    return apply_checkpointing(build_dit(cfg, TEXT_DIM, POOLED_DIM), checkpoint_policy(cfg))
+    return prepare_for_training(build_dit(cfg, TEXT_DIM, POOLED_DIM), cfg)
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
