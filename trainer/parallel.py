@@ -13,6 +13,8 @@ parameter names, state dicts and checkpoints are those of the plain model.
 """
 from __future__ import annotations
 
+import functools
+import types
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -35,17 +37,18 @@ def checkpoint_policy(cfg: ModelConfig) -> str:
 # each attention's input (self, temporal, cross) and recomputes the attention.
 
 
+def _recomputed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    forward = functools.partial(type(self).forward, self)
+    if torch.is_grad_enabled():
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
+
+
 def recompute(module: nn.Module) -> nn.Module:
     """Make `module`'s forward drop its activations and recompute them in backward (while
-    gradients are enabled); its parameters and their names are untouched."""
-    forward = module.forward
-
-    def checkpointed(*args: Any, **kwargs: Any) -> Any:
-        if torch.is_grad_enabled():
-            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-        return forward(*args, **kwargs)
-
-    module.forward = checkpointed  # type: ignore[method-assign]
+    gradients are enabled); its parameters and their names are untouched. A bound method, so
+    that a deep copy of the module recomputes its own forward, not the original's."""
+    module.forward = types.MethodType(_recomputed_forward, module)  # type: ignore[method-assign]
     return module
 
 
