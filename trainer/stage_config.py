@@ -1,10 +1,11 @@
 """The `stage:` section of a run config, and one typed config per stage kind.
 
 The YAML section is one flat namespace (`StageConfig`), so that the config.yaml of any
-checkpoint reads back whatever its kind. What a stage receives is the typed config of its kind
-(`stage_settings`): only the knobs it has, checked once, before any process starts, by
+checkpoint reads back whatever its kind. The typed config of its kind (`stage_settings`) holds
+only the knobs that kind has; they are checked once, before any process starts, by
 `validate_stage` (called from `trainer.config.validate`). A new stage kind adds its knobs to
-`StageConfig` and one settings class to `STAGE_KINDS`.
+`StageConfig` and one settings class to `STAGE_KINDS`. (Stages still receive the flat section:
+the progressive stage writes it back into its round exports' config.yaml.)
 """
 from __future__ import annotations
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from trainer.config import RunConfig
-from trainer.stage_config import stage_settings
 from trainer.stages.base import Stage
 
 
@@ -19,26 +18,25 @@ def preflight(cfg: RunConfig) -> None:
 
 
 def build_stage(cfg: RunConfig) -> Stage:
-    """The stage of `stage.kind`, given the typed config of its kind (trainer/stage_config.py)."""
-    kind, stage = cfg.stage.kind, stage_settings(cfg.stage)
+    kind = cfg.stage.kind
     if kind == "autoencoder":
         from trainer.stages.autoencoder import AutoencoderStage
 
-        return AutoencoderStage(cfg.model.autoencoder, stage, cfg.data)
+        return AutoencoderStage(cfg.model.autoencoder, cfg.stage, cfg.data)
     if kind == "pretrain":
         from trainer.stages.pretrain import PretrainStage
 
-        return PretrainStage(cfg.model, cfg.diffusion, stage, cfg.data)
+        return PretrainStage(cfg.model, cfg.diffusion, cfg.stage, cfg.data)
     if kind == "superres":
         from trainer.stages.superres import SuperResStage
 
-        return SuperResStage(cfg.model, cfg.diffusion, stage, cfg.data)
+        return SuperResStage(cfg.model, cfg.diffusion, cfg.stage, cfg.data)
     if kind in ("progressive", "adversarial"):
         from trainer.stages.adversarial import AdversarialStage
         from trainer.stages.progressive import ROUNDS_DIR, ProgressiveStage
 
         if kind == "progressive":
             exports = Path(cfg.checkpoint.dir) / ROUNDS_DIR
-            return ProgressiveStage(cfg.model, cfg.diffusion, stage, cfg.data, exports)
-        return AdversarialStage(cfg.model, cfg.diffusion, stage, cfg.data, cfg.log.sample_steps)
+            return ProgressiveStage(cfg.model, cfg.diffusion, cfg.stage, cfg.data, exports)
+        return AdversarialStage(cfg.model, cfg.diffusion, cfg.stage, cfg.data, cfg.log.sample_steps)
     raise NotImplementedError(f"stage.kind={kind} is not available in this build")
