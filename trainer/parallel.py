@@ -210,7 +210,8 @@ def parallelize(trainable: dict[str, nn.Module], stage: Any, cfg: RunConfig, ctx
     student = out["student"]
     if ctx.sequence_parallel > 1:
         parallelize_sequence(student, sequence_group(ctx))
-    prepare_for_training(student, cfg.model)
+    if isinstance(student, DiT):  # the autoencoder stage trains no DiT
+        prepare_for_training(student, cfg.model)
     if cfg.model.compile:
         compile_blocks(student)
     if ctx.pipeline_stages > 1:
