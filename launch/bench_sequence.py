@@ -22,6 +22,7 @@ import torch
 
 from trainer.config import ModelConfig
 from trainer.models.dit import DiT, TextEmbedding, build_dit, dit_preset
+from trainer.parallel import apply_checkpointing
 
 TEXT_DIM, TEXT_LEN = 64, 16
 MIB = 2**20
@@ -41,8 +42,8 @@ class Clip:
         torch.manual_seed(0)
         preset = replace(dit_preset(self.preset), depth=self.depth)
         cfg = ModelConfig(preset=self.preset, in_channels=self.channels, video=True, attention=self.attention,
-                          positions="rope", checkpoint_policy=self.policy)
-        net = build_dit(cfg, TEXT_DIM, TEXT_DIM, preset=preset)
+                          positions="rope")
+        net = apply_checkpointing(build_dit(cfg, TEXT_DIM, TEXT_DIM, preset=preset), self.policy)
         with torch.no_grad():  # off the zero init, so every branch computes
             for p in net.parameters():
                 p.add_(torch.randn_like(p) * 0.02)

@@ -92,7 +92,7 @@ def zero_settings(cfg: RunConfig, zero_stage: int) -> ZeroSettings:
     """Read through DeepSpeed's own config model, so its defaults are the ones used."""
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
-    from trainer.engine import deepspeed_dict
+    from trainer.optim import deepspeed_dict
 
     ds = deepspeed_dict(cfg.deepspeed, cfg.optim, cfg.data.batch_size, 1)["zero_optimization"]
     z = DeepSpeedZeroConfig(**{**ds, "stage": zero_stage})

@@ -325,10 +325,10 @@ class CheckpointManager:
         grad_accum while the global batch is the checkpoint's."""
         if self.cfg.allow_config_change:
             return
-        from trainer.elastic import written_shape  # (elastic builds on this module)
+        from trainer.train_state import written_global_batch  # (it builds on this module)
 
         old_yaml = (directory / "config.yaml").read_text()
-        was = written_shape(directory).global_batch
+        was = written_global_batch(directory, self.load_rank_state(directory, rank=0).meta)
         diffs = config_differences(old_yaml, config_yaml, ignore + (BATCH_KEYS if was == global_batch else ()))
         if diffs:
             listing = "\n  ".join(diffs)

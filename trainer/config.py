@@ -17,14 +17,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data_pipeline.config import DataConfig, validate_data_config
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the offending key."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(f"config error at '{key}': {message}")
-        self.key = key
+from trainer.config_errors import ConfigError, check
+from trainer.stage_config import StageConfig, validate_stage
 
 
 @dataclass
@@ -116,26 +110,6 @@ class DeepSpeedConfig:
     # ZeRO reduce / all-gather bucket in elements. DeepSpeed's default (5e8) allocates 2 GB
     # (fp32) per rank during backward whatever the model size; 5e7 suits small-to-mid models.
     bucket_size: int = 50_000_000
-
-
-@dataclass
-class StageConfig:
-    kind: str = "pretrain"  # autoencoder | pretrain | superres | progressive | adversarial
-    steps: int = 100
-    cfg_dropout: float = 0.1  # probability that a caption is replaced by the null caption
-    # superres: noise-conditioning augmentation level drawn from [0, max] (Ho et al. 2021)
-    noise_aug_max: float = 0.5
-    noise_aug_sample: float = 0.1  # the level used at inference
-    # autoencoder: KL weight of the VAE loss
-    kl_weight: float = 1e-6
-    # distillation
-    teacher: str = ""  # checkpoint directory of the teacher
-    rounds: list[int] = field(default_factory=lambda: [8, 4])  # student step counts per round
-    guidance_min: float = 1.0
-    guidance_max: float = 4.0
-    adv_loss: str = "hinge"  # hinge | non_saturating
-    adv_mse_weight: float = 1.0
-    max_nonfinite_in_row: int = 3  # abort after this many skipped (NaN/inf) steps in a row
 
 
 @dataclass
@@ -300,11 +274,6 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     return run
 
 
-def _check(cond: bool, key: str, message: str) -> None:
-    if not cond:
-        raise ConfigError(key, message)
-
-
 def _get(cfg: RunConfig, dotted: str) -> Any:
     node: Any = cfg
     for part in dotted.split("."):
@@ -316,104 +285,88 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     """Invalid values and combinations, each reported against the key to change."""
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
-        _check(value in allowed, key, f"'{value}' is not one of {', '.join(allowed)}")
-    d, ds, st = cfg.diffusion, cfg.deepspeed, cfg.stage
-    _check(
+        check(value in allowed, key, f"'{value}' is not one of {', '.join(allowed)}")
+    _validate_diffusion_and_model(cfg)
+    _validate_deepspeed(cfg.deepspeed, cfg.stage.kind)
+    try:
+        validate_data_config(cfg.data)
+    except ValueError as e:  # "data.<key>: ..."
+        key, _, message = str(e).partition(": ")
+        raise ConfigError(key, message or str(e)) from None
+    check(0.0 < cfg.ema.decay < 1.0, "ema.decay", "must be in (0, 1)")
+    check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be at least 1 (never delete the only checkpoint)")
+    validate_stage(cfg)
+    _validate_sequence_parallel(cfg)
+    if world_size is not None:
+        _validate_world(cfg.deepspeed, world_size)
+
+
+def _validate_diffusion_and_model(cfg: RunConfig) -> None:
+    d, m = cfg.diffusion, cfg.model
+    check(
         not (d.zero_terminal_snr and d.prediction == "eps"),
         "diffusion.prediction",
         "eps-prediction cannot be used with diffusion.zero_terminal_snr=true: at the last "
         "timestep the input is pure noise (SNR 0), so eps is the input itself and x0 cannot "
         "be recovered from it; use prediction v (or x0), or set zero_terminal_snr=false",
     )
-    _check(d.num_timesteps >= 2, "diffusion.num_timesteps", "must be at least 2")
-    _check(not cfg.model.learn_sigma, "model.learn_sigma",
+    check(d.num_timesteps >= 2, "diffusion.num_timesteps", "must be at least 2")
+    check(not m.learn_sigma, "model.learn_sigma",
            "a learned variance needs the variational-bound loss (Nichol & Dhariwal 2021), which this trainer "
            "does not implement; set it to false (v-prediction with a fixed variance)")
-    _check(0.0 <= st.cfg_dropout < 1.0, "stage.cfg_dropout", "must be in [0, 1)")
-    _check(st.steps >= 1, "stage.steps", "must be at least 1")
-    _check(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
-    _check(ds.grad_accum >= 1, "deepspeed.grad_accum", "must be at least 1")
-    _check(ds.pipeline_stages >= 1, "deepspeed.pipeline_stages", "must be at least 1")
-    _check(
+    check(not (m.activation_checkpointing and m.checkpoint_policy == "attention"),
+           "model.checkpoint_policy", "attention contradicts model.activation_checkpointing=true (full); "
+           "set activation_checkpointing=false")
+
+
+def _validate_deepspeed(ds: DeepSpeedConfig, stage_kind: str) -> None:
+    check(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
+    check(ds.grad_accum >= 1, "deepspeed.grad_accum", "must be at least 1")
+    check(ds.pipeline_stages >= 1, "deepspeed.pipeline_stages", "must be at least 1")
+    check(
         not (ds.pipeline_stages > 1 and ds.zero_stage > 1),
         "deepspeed.zero_stage",
         "pipeline parallelism works with ZeRO stage 0 or 1 only (DeepSpeed limitation)",
     )
-    _check(
-        not (ds.pipeline_stages > 1 and st.kind in ("autoencoder", "adversarial")),
+    check(
+        not (ds.pipeline_stages > 1 and stage_kind in ("autoencoder", "adversarial")),
         "deepspeed.pipeline_stages",
         f"pipeline parallelism splits the DiT student of the pretrain, superres and progressive "
-        f"stages; the {st.kind} stage trains another network (use ZeRO: deepspeed.pipeline_stages=1)",
+        f"stages; the {stage_kind} stage trains another network (use ZeRO: deepspeed.pipeline_stages=1)",
     )
-    _check(
+    check(
         not (ds.offload_params and ds.zero_stage != 3),
         "deepspeed.offload_params",
         "parameter offload needs deepspeed.zero_stage=3",
     )
-    _check(
+    check(
         not (ds.offload_optimizer and ds.zero_stage == 0),
         "deepspeed.offload_optimizer",
         "ZeRO-Offload moves the optimizer's partition to the host: set deepspeed.zero_stage to 1, 2 or 3",
     )
-    _check(
+    check(
         not ((ds.offload_optimizer or ds.offload_params) and ds.pipeline_stages > 1),
         "deepspeed.offload_optimizer",
         "offload is not supported with pipeline parallelism here; use ZeRO-2/3 without deepspeed.pipeline_stages",
     )
     if ds.precision == "fp16":
-        _check(_accelerator_has_fp16(), "deepspeed.precision",
+        check(_accelerator_has_fp16(), "deepspeed.precision",
                "this machine's accelerator has no fp16 support (DeepSpeed's CPU accelerator needs AVX512-FP16); "
                "use bf16")
-    try:
-        validate_data_config(cfg.data)
-    except ValueError as e:  # "data.<key>: ..."
-        key, _, message = str(e).partition(": ")
-        raise ConfigError(key, message or str(e)) from None
-    _check(0.0 < cfg.ema.decay < 1.0, "ema.decay", "must be in (0, 1)")
-    _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be at least 1 (never delete the only checkpoint)")
-    _check(not (cfg.model.compile and st.kind == "autoencoder"), "model.compile",
-           "compiles the DiT's blocks; the autoencoder stage trains no DiT (set it to false)")
-    _check(
-        not (cfg.checkpoint.init_from and st.kind in ("autoencoder", "progressive", "adversarial")),
-        "checkpoint.init_from",
-        f"warm-starts the DiT of pretrain and superres stages; the {st.kind} stage "
-        + ("starts its student from stage.teacher" if st.kind != "autoencoder" else "trains no DiT")
-        + " (set checkpoint.init_from='')",
+
+
+def _validate_world(ds: DeepSpeedConfig, world_size: int) -> None:
+    """What the number of ranks must allow: whole pipelines and whole sequence groups."""
+    check(
+        world_size % ds.pipeline_stages == 0,
+        "deepspeed.pipeline_stages",
+        f"{ds.pipeline_stages} pipeline stages do not divide the world size {world_size}",
     )
-    if st.kind == "superres":
-        _check(cfg.model.superres, "model.superres", "stage.kind=superres needs model.superres=true")
-        _check(
-            cfg.data.sr_resolution > cfg.data.resolution,
-            "data.sr_resolution",
-            "the superres stage needs data.sr_resolution > data.resolution",
-        )
-    _check(
-        not (cfg.data.resolutions and st.kind in ("progressive", "adversarial")),
-        "data.resolutions",
-        f"the {st.kind} stage distils at the one schedule of data.resolution; multi-resolution buckets "
-        f"train pretrain stages (set data.resolutions=[])",
+    check(
+        world_size % ds.sequence_parallel_size == 0,
+        "deepspeed.sequence_parallel_size",
+        f"{ds.sequence_parallel_size} ranks per sequence do not divide the world size {world_size}",
     )
-    _check(
-        not (cfg.data.resolutions and ds.pipeline_stages > 1),
-        "data.resolutions",
-        "the pipeline engine exchanges activations of one shape; train multi-resolution buckets with ZeRO "
-        "(deepspeed.pipeline_stages=1)",
-    )
-    _check(not (cfg.model.activation_checkpointing and cfg.model.checkpoint_policy == "attention"),
-           "model.checkpoint_policy", "attention contradicts model.activation_checkpointing=true (full); "
-           "set activation_checkpointing=false")
-    _validate_sequence_parallel(cfg)
-    if world_size is not None:
-        _check(
-            world_size % ds.pipeline_stages == 0,
-            "deepspeed.pipeline_stages",
-            f"{ds.pipeline_stages} pipeline stages do not divide the world size {world_size}",
-        )
-        _check(
-            world_size % ds.sequence_parallel_size == 0,
-            "deepspeed.sequence_parallel_size",
-            f"{ds.sequence_parallel_size} ranks per sequence do not divide the world size {world_size}",
-        )
 
 
 SEQUENCE_PARALLEL_STAGES = ("pretrain", "superres")
@@ -422,13 +375,13 @@ SEQUENCE_PARALLEL_STAGES = ("pretrain", "superres")
 def _validate_sequence_parallel(cfg: RunConfig) -> None:
     """Sequence parallelism splits the trained DiT's tokens and attention heads over S ranks."""
     S, key = cfg.deepspeed.sequence_parallel_size, "deepspeed.sequence_parallel_size"
-    _check(S >= 1, key, "must be at least 1")
+    check(S >= 1, key, "must be at least 1")
     if S == 1:
         return
-    _check(cfg.stage.kind in SEQUENCE_PARALLEL_STAGES, key,
+    check(cfg.stage.kind in SEQUENCE_PARALLEL_STAGES, key,
            f"splits the sequence of the DiT student of the {' and '.join(SEQUENCE_PARALLEL_STAGES)} stages; "
            f"the {cfg.stage.kind} stage is not supported (set it to 1)")
-    _check(cfg.deepspeed.pipeline_stages == 1, key,
+    check(cfg.deepspeed.pipeline_stages == 1, key,
            "does not combine with pipeline parallelism (set deepspeed.pipeline_stages=1)")
     from trainer.models.dit import dit_preset
 
@@ -436,14 +389,14 @@ def _validate_sequence_parallel(cfg: RunConfig) -> None:
         heads = dit_preset(cfg.model.preset).heads
     except KeyError as e:
         raise ConfigError("model.preset", str(e.args[0])) from None
-    _check(heads % S == 0, key,
+    check(heads % S == 0, key,
            f"{S} does not divide the {heads} attention heads of {cfg.model.preset}: each rank attends "
            f"with heads / S of them (DeepSpeed-Ulysses); use a divisor of {heads}")
     # Pixel clips only: an autoencoder may compress time (a causal 3-D one keeps frame 0 and
     # groups the rest), which the engine checks on the first batch (trainer/sequence_parallel.py).
     if cfg.data.kind == "video" and cfg.model.attention == "factorized" and cfg.model.autoencoder.kind == "none":
         for frames in sorted({cfg.data.num_frames, *cfg.data.frame_buckets} - {1}):
-            _check((frames // cfg.model.temporal_patch) % S == 0, "data.num_frames",
+            check((frames // cfg.model.temporal_patch) % S == 0, "data.num_frames",
                    f"clips of {frames} frames have {frames // cfg.model.temporal_patch} latent frames, not a "
                    f"multiple of deepspeed.sequence_parallel_size={S}: factorized attention splits a clip "
                    f"between whole frames (or use model.attention=full)")

@@ -6,34 +6,32 @@ in its own DeepSpeed engine (own optimizer, own ZeRO partitioning) and drives th
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import random
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 from torch import nn
 
 from data_pipeline.errors import DataError
 from data_pipeline.stream import batch_to_device
-from data_pipeline.transforms import TransformSpec
 from trainer import faults
-from trainer.checkpoint import EMA_FILE, STAGE_FILE, CheckpointError, CheckpointManager, RankState, init_network
+from trainer.checkpoint import CheckpointError, CheckpointManager, init_network
 from trainer.codes import EXIT_CHECKPOINT, EXIT_DATA, EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE
-from trainer.config import DeepSpeedConfig, OptimConfig, RunConfig, to_yaml, validate
+from trainer.config import RunConfig, to_yaml, validate
 from trainer.diffusion.noise import sample_generators
-from trainer.distributed import DistContext, PreemptionFlag, any_rank, comm_device, compute_device, init_distributed
-from trainer.elastic import (LAYOUT_KEYS, Shape, gather_player, keep_global_batch, load_player, shape_of,
-                             universal_file, written_shape)
+from trainer.distributed import PreemptionFlag, comm_device, compute_device, init_distributed
+from trainer.elastic import LAYOUT_KEYS, Shape, keep_global_batch, shape_of, written_shape
 from trainer.ema import EMA
 from trainer.metrics import KeyLog, Metric, MetricsLogger
-from trainer.sequence_parallel import parallelize_sequence, sequence_group
+from trainer.numerics import PRECISIONS, autocast, inference_numerics
+from trainer.optim import FiniteGuard, build_engine
+from trainer.parallel import parallelize, pipeline_inputs
+from trainer.train_state import (EMAState, Keyed, LoopState, PlayersState, RNGState, ShapeRecord, StageState,
+                                 Stateful, load_states, save_states, seed_everything)
 
 # Keys that may change between a checkpoint and its resume without changing the experiment.
 RESUMABLE_CHANGES = ("stage.steps", "checkpoint", "log", "run.out_dir", "data.num_workers",
@@ -63,192 +61,11 @@ def preflight_resume(cfg: RunConfig, world_size: int) -> tuple[RunConfig, str]:
     return cfg, note
 
 
-class FiniteGuard:
-    """Mixin for an optimizer: skip the update on every rank when any rank holds a non-finite
-    gradient.
-
-    DeepSpeed's ZeRO optimizers call the wrapped optimizer on each rank's partition after
-    clipping (on the host for ZeRO-Offload), so one MAX all-reduce of a local flag makes all
-    ranks skip together, and NaN or inf (from a non-finite loss or an exploding gradient) never
-    reaches the weights. The flag is reduced on the device: one read per step.
-    """
-
-    skipped = 0  # calls skipped since the engine last read it
-
-    @torch.no_grad()
-    def step(self, *args, **kwargs):
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else True
-        if any_rank(~torch.as_tensor(finite)):
-            self.skipped += 1
-            return None
-        return super().step(*args, **kwargs)
-
-
-class FiniteGuardAdamW(FiniteGuard, torch.optim.AdamW):
-    """torch's AdamW (fused on CUDA) behind the finite guard."""
-
-
-def guarded_cpu_adam() -> type:
-    """DeepSpeed's CPU Adam (AdamW mode) behind the finite guard: what ZeRO-Offload steps on the
-    host (DeepSpeed refuses client optimizers there; a subclass is its own optimizer)."""
-    from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-    return type("FiniteGuardCPUAdam", (FiniteGuard, DeepSpeedCPUAdam), {})
-
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast(device: torch.device, precision: str):
-    """Mixed precision for forward passes: autocast to bf16/fp16 on the step's device (matmuls
-    and convolutions in half precision, reductions and norms in fp32; Micikevicius et al. 2018);
-    nothing for fp32. Backward runs outside it, as torch.autocast requires."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=PRECISIONS[precision])
-
-
-@contextlib.contextmanager
-def inference_numerics(device: torch.device, precision: str) -> Iterator[None]:
-    """Autocast as in training, and `torch.nn.functional.linear` as torch ships it: ZeRO-3
-    replaces it process-wide by DeepSpeed's memory-efficient version
-    (`zero_optimization.memory_efficient_linear`), which adds the bias after the matmul has
-    rounded, so under bf16 every linear layer would round differently from the same network
-    outside DeepSpeed. Samples and evaluations drawn in training then equal, bit for bit, what
-    `dit sample` and `dit eval` draw from the checkpoint."""
-    import torch.nn.functional as F
-    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
-
-    current, original = F.linear, getattr(InsertPostInitMethodToModuleSubClasses, "linear_bk", F.linear)
-    F.linear = original
-    try:
-        with autocast(device, precision):
-            yield
-    finally:
-        F.linear = current
-
-
-def lr_factor(step: int, optim: OptimConfig, total_steps: int) -> float:
-    """Linear warm-up, then constant or cosine decay to `min_lr_ratio` (SGDR / Loshchilov)."""
-    if step < optim.warmup_steps:
-        return (step + 1) / optim.warmup_steps
-    if optim.lr_schedule == "constant":
-        return 1.0
-    progress = (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * cosine
-
-
-def deepspeed_dict(ds: DeepSpeedConfig, optim: OptimConfig, micro_batch: int, dp_world: int) -> dict:
-    """The DeepSpeed JSON config derived from our typed sub-configs."""
-    zero: dict[str, Any] = {"stage": ds.zero_stage, "reduce_bucket_size": ds.bucket_size,
-                            "allgather_bucket_size": ds.bucket_size}
-    if ds.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu"}
-    if ds.offload_params:
-        zero["offload_param"] = {"device": "cpu"}
-    cfg: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": ds.grad_accum,
-        "train_batch_size": micro_batch * ds.grad_accum * dp_world,
-        "gradient_clipping": optim.grad_clip,
-        "zero_optimization": zero,
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    if ds.precision == "bf16":
-        cfg["bf16"] = {"enabled": True}
-    elif ds.precision == "fp16":
-        cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 12}
-    return cfg
-
-
-def build_optimizer(params: list[nn.Parameter], lr: float, optim: OptimConfig, ds: DeepSpeedConfig,
-                    device: torch.device) -> torch.optim.Optimizer:
-    """AdamW behind the finite guard: DeepSpeed's CPU Adam when ZeRO-Offload steps on the host,
-    else torch's, fused into one kernel per step on CUDA."""
-    kwargs = dict(lr=lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
-    if ds.offload_optimizer or ds.offload_params:
-        return guarded_cpu_adam()(params, adamw_mode=True, **kwargs)
-    return FiniteGuardAdamW(params, fused=device.type == "cuda" or None, **kwargs)
-
-
-def build_engine(module: nn.Module, lr: float, optim: OptimConfig, ds: DeepSpeedConfig,
-                 micro_batch: int, ctx: DistContext, total_steps: int, device: torch.device):
-    import deepspeed
-
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, lr, optim, ds, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, optim, total_steps))
-    engine, _, _, _ = deepspeed.initialize(
-        model=module, optimizer=optimizer, lr_scheduler=scheduler,
-        # DeepSpeed's data-parallel group is every rank of a pipeline stage, sequence groups
-        # included: ZeRO partitions over all of them (see trainer/sequence_parallel.py).
-        config=deepspeed_dict(ds, optim, micro_batch, ctx.world_size // ctx.pipeline_stages),
-    )
-    return engine, optimizer
-
-
-def as_pipeline(stage: Any, ctx: DistContext, shapes_vary: bool) -> nn.Module:
-    """The student's layer list as a DeepSpeed PipelineModule: noising happens before the
-    pipe (the stage's `pipeline_batch`), the loss at its end (`pipeline_loss`). When batches
-    may come in several shapes (aspect or frame buckets), the stages exchange each
-    activation's shape with it (DeepSpeed's dynamic_shape) instead of reusing the first one's."""
-    from deepspeed.pipe import PipelineModule
-
-    net = stage.players["student"]
-    return PipelineModule(layers=net.pipeline_layers(), num_stages=ctx.pipeline_stages,
-                          loss_fn=stage.pipeline_loss, partition_method="parameters", dynamic_shape=shapes_vary)
-
-
-def compile_blocks(net: nn.Module) -> None:
-    """torch.compile each transformer block in place: regional compilation, as torchtitan
-    compiles per TransformerBlock; identical blocks share one compiled graph, so the compile
-    time does not grow with depth."""
-    for block in net.blocks:
-        block.compile()
-
-
 def network_names(net: nn.Module, trained: nn.Module) -> dict[str, str]:
     """The trained module's parameter names -> the network's: a PipelineModule's `3.attn.qkv.weight`
     is the DiT's `blocks.2.attn.qkv.weight` (its layers are the network's own modules)."""
     by_id = {id(p): n for n, p in net.named_parameters()}
     return {n: by_id[id(p)] for n, p in trained.named_parameters()}
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state(generator: torch.Generator) -> RankState:
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    return RankState(
-        meta={"python_rng": [py_state[0], list(py_state[1]), py_state[2]],
-              "numpy_rng": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])]},
-        tensors={"torch_rng": torch.get_rng_state(), "stage_rng": generator.get_state(),
-                 "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64))},
-    )
-
-
-def restore_rng(state: RankState, generator: torch.Generator) -> None:
-    v, internal, gauss = state.meta["python_rng"]
-    random.setstate((v, tuple(internal), gauss))
-    name, pos, has_gauss, cached = state.meta["numpy_rng"]
-    np.random.set_state((name, state.tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state.tensors["torch_rng"])
-    generator.set_state(state.tensors["stage_rng"])
-
-
-@dataclass
-class LoopState:
-    step: int = 0
-    skipped_steps: int = 0
-    nonfinite_in_row: int = 0
 
 
 class Trainer:
@@ -274,13 +91,7 @@ class Trainer:
         if self.stage.preview_samples and self.ctx.is_main:
             self.stage.preview = preview_batch(cfg, self.stage.preview_samples, self.device)
         self.pipeline = self.ctx.pipeline_stages > 1
-        trainable = dict(self.stage.trainable())
-        if self.ctx.sequence_parallel > 1:
-            parallelize_sequence(trainable["student"], sequence_group(self.ctx))
-        if cfg.model.compile:
-            compile_blocks(trainable["student"])
-        if self.pipeline:
-            trainable["student"] = as_pipeline(self.stage, self.ctx, TransformSpec.from_config(cfg.data).bucketed)
+        trainable = parallelize(dict(self.stage.trainable()), self.stage, cfg, self.ctx)
         self.engines: dict[str, Any] = {}
         self.optimizers: dict[str, FiniteGuard] = {}
         for name, module in trainable.items():
@@ -292,7 +103,7 @@ class Trainer:
         self.ema_module = trainable["student"]  # what this rank trains of it (a pipeline stage's layers)
         self.names = network_names(self.net, self.ema_module)
         self.ema = EMA(self.ema_module, cfg.ema, self.names) if cfg.ema.enabled else None
-        # A rank's own stream on the device; the stage's draws are per sample (next_batch).
+        # The stage's random draws (noise, timesteps, CFG dropout) are made on the device.
         self.generator = torch.Generator(self.device).manual_seed(noise_seed(cfg.run.seed, self.ctx.dp_rank))
         self.ckpt = CheckpointManager(cfg.checkpoint, self.ctx.rank, self.ctx.world_size)
         self.state = LoopState()
@@ -309,23 +120,21 @@ class Trainer:
 
         return self.cfg.checkpoint.resume and (Path(self.cfg.checkpoint.dir) / LATEST).is_file()
 
-    def rank_state(self) -> RankState:
-        state = rng_state(self.generator)
-        state.meta.update(step=self.state.step, skipped_steps=self.state.skipped_steps,
-                          nonfinite_in_row=self.state.nonfinite_in_row, stream=self.stream.state_dict(),
-                          ema_updates=self.ema.num_updates if self.ema else 0)
-        return state
+    def stateful(self) -> dict[str, Stateful]:
+        """Everything this rank checkpoints besides the DeepSpeed engines, as one dict
+        (trainer/train_state.py); `players` (whole optimizer states) is written when
+        checkpoint.universal, for elastic resumes."""
+        states: dict[str, Stateful] = {"loop": self.state, "rng": RNGState(self.generator),
+                                       "stream": Keyed("stream", self.stream), "stage": StageState(self.stage),
+                                       "shape": ShapeRecord(shape_of(self.cfg, self.ctx.world_size))}
+        if self.ema is not None:
+            states["ema"] = EMAState(self.ema, self.ema_module, self.whole)
+        states["players"] = PlayersState(self.engines, self.optimizers, self.player_names, self.whole_of,
+                                         enabled=self.cfg.checkpoint.universal)
+        return states
 
     def save(self) -> Path:
-        shared = {STAGE_FILE: self.stage.state_tensors()}
-        if self.ema is not None:
-            shared[EMA_FILE] = self.whole(self.ema.full_state_dict(self.ema_module))
-        state = self.rank_state()
-        state.meta["optimizers"] = {}
-        for name in self.engines if self.cfg.checkpoint.universal else ():  # what an elastic resume loads
-            shared[universal_file(name)], state.meta["optimizers"][name] = gather_player(
-                self.engines[name], self.optimizers[name], self.player_names(name), self.whole_of(name))
-        return self.ckpt.save(self.state.step, self.engines, state, self.config_yaml, shared)
+        return save_states(self.ckpt, self.state.step, self.engines, self.stateful(), self.config_yaml)
 
     def player_names(self, player: str) -> dict[str, str]:
         """A trained module's parameter names -> the names its state is saved under."""
@@ -346,40 +155,32 @@ class Trainer:
         self.ckpt.check_compatible(directory, self.config_yaml, RESUMABLE_CHANGES,
                                    global_batch(self.cfg, self.ctx.world_size))
         was = written_shape(directory)
+        states = self.stateful()
         if was.same_layout(shape_of(self.cfg, self.ctx.world_size)):
             for name, engine in self.engines.items():
                 self.ckpt.load_engine(engine, directory, name)
-            state = self.ckpt.load_rank_state(directory)
-            restore_rng(state, self.generator)
+            del states["players"]
+            load_states(self.ckpt, directory, states)
         else:
-            state = self.load_elastic(directory, was)
-        self.stream.load_state_dict(state.meta["stream"])
-        if self.ema is not None:
-            ema = load_file(str(directory / EMA_FILE))
-            self.ema.load_full_state_dict(self.ema_module, ema, state.meta["ema_updates"])
-        if (directory / STAGE_FILE).is_file():
-            self.stage.load_state_tensors(load_file(str(directory / STAGE_FILE)))
-        self.state = LoopState(step=state.meta["step"], skipped_steps=state.meta["skipped_steps"],
-                               nonfinite_in_row=state.meta["nonfinite_in_row"])
+            self.load_elastic(directory, was, states)
         if self.ctx.is_main:
             print(f"resumed from {directory} at step {self.state.step}", flush=True)
         return True
 
-    def load_elastic(self, directory: Path, was: Shape) -> RankState:
+    def load_elastic(self, directory: Path, was: Shape, states: dict[str, Stateful]) -> None:
         """Resume a checkpoint of another layout: each player's fp32 masters and moments
-        re-partitioned from the universal files; the step, stream position and counters from
-        rank 0's state; RNG states from rank d * S while the dp ranks are the same, else afresh."""
-        state = self.ckpt.load_rank_state(directory, rank=0)
-        for name, engine in self.engines.items():
-            load_player(engine, self.optimizers[name], self.player_names(name),
-                        load_file(str(directory / universal_file(name))), state.meta["optimizers"][name])
+        re-partitioned from the universal files; the step, stream position (which every rank
+        kept alike) and counters from rank 0's state. The stage's random draws keep their
+        streams while the data-parallel ranks are the same (the first rank of dp_rank d's sequence
+        group on pipeline stage 0, rank d * S, wrote its generator); else
+        each dp_rank's generator is seeded afresh from (seed, step, dp_rank)."""
+        rng = {"rng": states.pop("rng")}
+        load_states(self.ckpt, directory, states, rank=0)
         if was.dp_world == self.ctx.dp_world:
-            writer = self.ctx.dp_rank * was.sequence_parallel
-            restore_rng(self.ckpt.load_rank_state(directory, rank=writer), self.generator)
+            load_states(self.ckpt, directory, rng, rank=self.ctx.dp_rank * was.sequence_parallel)
         else:
             seed = noise_seed(self.cfg.run.seed, self.ctx.dp_rank)
-            self.generator.manual_seed(seed * 1_000_003 + state.meta["step"])
-        return state
+            self.generator.manual_seed(seed * 1_000_003 + self.state.step)
 
     # ---- one step -----------------------------------------------------------------------------
     def micro_batch_losses(self, batches: Iterator[dict]) -> Iterator[dict[str, Metric]]:
@@ -416,7 +217,8 @@ class Trainer:
         def micro_batches():
             while True:
                 with autocast(self.device, self.precision):
-                    yield self.stage.pipeline_batch(*self.next_batch(batches))
+                    inputs, targets = self.stage.pipeline_batch(*self.next_batch(batches))
+                    yield pipeline_inputs(self.net, **inputs), targets
 
         loss = self.engines["student"].train_batch(data_iter=micro_batches())
         return [{"loss": loss}]

@@ -25,8 +25,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from trainer.distributed import DistContext
-from trainer.models.dit import DiT, token_grid
-from trainer.models.layers import Attend, Rope
+from trainer.models.dit import DiT, Tokens
+from trainer.models.layers import Attend, Grid, Rope
 
 
 def sequence_group(ctx: DistContext) -> dist.ProcessGroup:
@@ -52,10 +52,10 @@ class Shard:
         self.rank = dist.get_rank(group)
         self.grid = (1, 1, 1)
 
-    def local(self, h: Tensor, marker: Tensor, factorized: bool) -> Tensor:
+    def local(self, h: Tensor, grid: Grid, factorized: bool) -> Tensor:
         """This rank's contiguous run of N / S tokens of h (B, N, D), as its own tensor (the
         whole h is freed). Tokens are ordered (frame, row, col): whole frames when F' % S == 0."""
-        grid = self.grid = token_grid(marker)
+        self.grid = grid
         N, S = h.shape[1], self.size
         if factorized and grid[0] > 1 and grid[0] % S:
             raise ValueError(f"a clip of {grid[0]} latent frames does not split into "
@@ -120,9 +120,8 @@ def parallelize_sequence(net: DiT, group: dist.ProcessGroup) -> Shard:
     shard = Shard(group)
     factorized = net.spec.temporal_blocks
 
-    def split(_module: nn.Module, _inputs: Any, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        h, c, tokens, mask, marker = state
-        return shard.local(h, marker, factorized), c, tokens, mask, marker
+    def split(_module: nn.Module, _inputs: Any, state: Tokens) -> Tokens:
+        return state._replace(h=shard.local(state.h, state.grid, factorized))
 
     def gather(_module: nn.Module, _inputs: Any, out: Tensor) -> Tensor:
         return GatherTokens.apply(out, shard)  # (B, N, P)

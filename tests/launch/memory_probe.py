@@ -29,8 +29,10 @@ from launch.plan import zero_settings
 from launch.plan_model import text_dims
 from trainer.config import load_config
 from trainer.distributed import init_distributed
-from trainer.engine import build_engine, seed_everything
 from trainer.models.dit import TextEmbedding, build_dit
+from trainer.optim import build_engine
+from trainer.parallel import prepare_for_training
+from trainer.train_state import seed_everything
 
 
 def live_storages() -> dict[int, int]:
@@ -62,7 +64,7 @@ def measure(config: str, preset: str, zero: int, precision: str, ctx) -> dict:
     text = TextEmbedding(torch.randn(B, text_len, text_dim, dtype=dtype), torch.ones(B, text_len, dtype=torch.bool),
                          torch.randn(B, pooled_dim, dtype=dtype))
     before = live_storages()
-    net = build_dit(cfg.model, text_dim, pooled_dim)
+    net = prepare_for_training(build_dit(cfg.model, text_dim, pooled_dim), cfg.model)
     engine, _ = build_engine(net, cfg.optim.lr, cfg.optim, cfg.deepspeed, B, ctx, 10, torch.device("cpu"))
     saved: dict[int, int] = {}
 

@@ -13,13 +13,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from trainer.config import ModelConfig
 from trainer.models.dit import DIT_PRESETS, DiT, TextEmbedding, build_dit, dit_preset, patchify, unpatchify
 from trainer.models.layers import rope_table, sincos_table
+from trainer.parallel import pipeline_inputs, pipeline_layers, prepare_for_training
 
 TEXT_DIM, POOLED_DIM, TEXT_LEN = 16, 8, 6
 
 
 def tiny(**overrides) -> DiT:
     cfg = ModelConfig(preset="DiT-Tiny/1", in_channels=4, **overrides)
-    return build_dit(cfg, TEXT_DIM, POOLED_DIM)
+    return prepare_for_training(build_dit(cfg, TEXT_DIM, POOLED_DIM), cfg)
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -223,8 +224,8 @@ def test_pipeline_layers_compose_to_forward(overrides, shape):
     if overrides.get("superres"):
         extra = {"lowres": torch.randn(2, 4, 4, 4), "aug_level": torch.rand(2), "guidance": torch.rand(2) * 4}
     expected = model(x, t, text, **extra)
-    state = model.pack_inputs(x, t, text, **extra)
-    layers = model.pipeline_layers()
+    state = pipeline_inputs(model, x, t, text, **extra)
+    layers = pipeline_layers(model)
     assert len(layers) == model.spec.preset.depth + 2
     for layer in layers[:-1]:
         assert isinstance(state, tuple) and all(s.is_floating_point() for s in state)
@@ -235,8 +236,8 @@ def test_pipeline_layers_compose_to_forward(overrides, shape):
 def test_pipeline_last_layer_gives_every_carried_tensor_a_gradient():
     """DeepSpeed's PipelineEngine sends back the grad of every float tensor a stage received."""
     model = randomize_(tiny())
-    layers = model.pipeline_layers()
-    state = model.pack_inputs(torch.randn(2, 4, 4, 4), torch.rand(2), make_text(2, [3, 5]))
+    layers = pipeline_layers(model)
+    state = pipeline_inputs(model, torch.randn(2, 4, 4, 4), torch.rand(2), make_text(2, [3, 5]))
     for layer in layers[:-1]:
         state = layer(state)
     received = tuple(s.detach().requires_grad_() for s in state)  # as a receiving stage does
@@ -246,7 +247,7 @@ def test_pipeline_last_layer_gives_every_carried_tensor_a_gradient():
 
 def test_each_block_layer_owns_its_parameters():
     model = tiny()
-    layers = model.pipeline_layers()
+    layers = pipeline_layers(model)
     ids = [{id(p) for p in layer.parameters()} for layer in layers]
     assert sum(len(s) for s in ids) == len({i for s in ids for i in s}) == len(list(model.parameters()))
 

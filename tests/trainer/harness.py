@@ -233,7 +233,8 @@ def assert_checkpoint_samples_match(out: Path, tmp: Path) -> None:
 
     from trainer.checkpoint import STAGE_FILE, load_for_inference
     from trainer.config import load_config
-    from trainer.engine import PRECISIONS, inference_numerics, preview_batch
+    from trainer.engine import preview_batch
+    from trainer.numerics import PRECISIONS, inference_numerics
     from trainer.stages import build_stage
 
     directory = latest_dir(out)

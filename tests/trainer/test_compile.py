@@ -7,7 +7,7 @@ import copy
 import torch
 
 from tests.eval.eval_helpers import perturbed_weights, tiny_config
-from trainer.engine import compile_blocks
+from trainer.parallel import compile_blocks
 from trainer.stages import build_stage
 
 

@@ -69,14 +69,8 @@ class DiscriminatorHeads(nn.Module):
         guidance: Optional[Tensor] = None,
     ) -> Tensor:
         """x_t (B, C, [F,] H, W), t (B,) in [0, 1] -> logits (B, n_heads)."""
-        inputs = self.trunk.pack_inputs(x_t, t, text, lowres=lowres, aug_level=aug_level, guidance=guidance)
-        state = self.trunk.embed(inputs)  # h (B, N, D), c (B, D): c embeds t and the pooled text
-        features = []
-        for i, block in enumerate(self.trunk.blocks[: self.block_ids[-1] + 1]):
-            state = block(state)
-            if i in self.block_ids:
-                features.append(state[0])  # (B, N, D)
-        c = state[1]
+        features, c = self.trunk.block_features(x_t, t, text, self.block_ids, lowres=lowres, aug_level=aug_level,
+                                                guidance=guidance)  # (B, N, D) each; c (B, D) embeds t and the pooled text
         return torch.stack([head(h, c) for head, h in zip(self.heads, features)], dim=1)  # (B, n_heads)
 
 

@@ -1,5 +1,6 @@
 """Diffusion transformer for text-to-image and text-to-video (Peebles & Xie 2023, "Scalable
-Diffusion Models with Transformers"), as a flat stack of pipeline-friendly layers.
+Diffusion Models with Transformers"), as a plain stack of layers (distribution is
+applied from outside: trainer/parallel.py).
 
     x (B, C, [F,] H, W) --patchify--> (B, N, pt p p C) --embed--> h (B, N, D) (+ sin-cos positions)
     t, pooled text [, aug level, guidance] ------------------------> c (B, D)  adaLN conditioning
@@ -33,9 +34,9 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from trainer.config import ModelConfig
+from trainer.models.presets import DIT_PRESETS, DiTPreset, dit_preset
 from trainer.models.layers import (
     FREQUENCY_DIM,
     CrossAttention,
@@ -46,8 +47,11 @@ from trainer.models.layers import (
     SelfAttention,
     gated_residual,
     modulate,
+    patchify,
     rope_table,
     sincos_table,
+    unpatchify,
+    upsample_like,
 )
 
 
@@ -60,75 +64,6 @@ class TextEmbedding(NamedTuple):
 
     def to(self, device: torch.device | str, dtype: Optional[torch.dtype] = None) -> "TextEmbedding":
         return TextEmbedding(self.tokens.to(device, dtype), self.mask.to(device), self.pooled.to(device, dtype))
-
-
-# ---------------------------------------------------------------------------------------------
-# Presets (DiT Table 1), registered by name as DiT's `DiT_models`.
-
-
-@dataclass(frozen=True)
-class DiTPreset:
-    depth: int
-    width: int
-    heads: int
-    patch: int
-    mlp_ratio: float = 4.0
-
-
-_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
-DIT_PRESETS: dict[str, DiTPreset] = {
-    f"DiT-{name}/{patch}": DiTPreset(depth, width, heads, patch)
-    for name, (depth, width, heads) in _SIZES.items()
-    for patch in (2, 4, 8)
-}
-DIT_PRESETS["DiT-T/2"] = DiTPreset(depth=4, width=128, heads=4, patch=2)  # tests, demo
-DIT_PRESETS["DiT-Tiny/1"] = DiTPreset(depth=2, width=64, heads=4, patch=1)  # unit tests
-
-
-def dit_preset(name: str) -> DiTPreset:
-    if name not in DIT_PRESETS:
-        raise KeyError(f"unknown DiT preset '{name}' (model.preset); known: {', '.join(DIT_PRESETS)}")
-    return DIT_PRESETS[name]
-
-
-# ---------------------------------------------------------------------------------------------
-# Patches. Tokens are ordered (frame, row, col); features within a patch (pt, p, p, C), as
-# DiT's unpatchify einsum "nhwpqc->nchpwq" extended with time.
-
-
-def patchify(x: Tensor, patch: int, temporal_patch: int = 1) -> tuple[Tensor, Grid]:
-    """(B, C, H, W) or (B, C, F, H, W) -> tokens (B, N, pt p p C) and the grid (F', H', W').
-
-    An image is a 1-frame video with pt = 1: N = H W / p^2.
-    """
-    video = x.ndim == 5
-    x = x if video else x.unsqueeze(2)  # (B, C, F, H, W)
-    pt = temporal_patch if video else 1
-    B, C, Fr, H, W = x.shape
-    if Fr % pt or H % patch or W % patch:
-        raise ValueError(
-            f"input {tuple(x.shape)} does not split into patches of {pt}x{patch}x{patch} "
-            "(frames x height x width); pick sizes that are multiples of the patch"
-        )
-    f, h, w = Fr // pt, H // patch, W // patch
-    x = x.reshape(B, C, f, pt, h, patch, w, patch)
-    x = x.permute(0, 2, 4, 6, 3, 5, 7, 1)  # (B, F', H', W', pt, p, p, C)
-    return x.reshape(B, f * h * w, pt * patch * patch * C), (f, h, w)  # (B, N, pt p p C)
-
-
-def unpatchify(tokens: Tensor, grid: Grid, channels: int, patch: int, temporal_patch: int = 1) -> Tensor:
-    """(B, N, pt p p C) -> (B, C, F' pt, H' p, W' p): the inverse of `patchify` on videos."""
-    f, h, w = grid
-    B, pt = tokens.shape[0], temporal_patch
-    x = tokens.reshape(B, f, h, w, pt, patch, patch, channels)
-    x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, F', pt, H', p, W', p)
-    return x.reshape(B, channels, f * pt, h * patch, w * patch)  # (B, C, F, H, W)
-
-
-def token_grid(grid_marker: Tensor) -> Grid:
-    """The (F', H', W') grid from the marker tensor carried between layers (see `DiTEmbed`)."""
-    shape = tuple(grid_marker.shape)
-    return (1, *shape) if len(shape) == 2 else shape  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,7 +87,6 @@ class DiTSpec:
     qk_norm: bool = True
     superres: bool = False
     guidance: bool = False
-    checkpointing: str = "none"  # activation checkpointing per block: none | attention | full
     learned_null: bool = False  # the empty caption is a trained token + pooled vector (model.text.null)
 
     @classmethod
@@ -172,7 +106,6 @@ class DiTSpec:
             qk_norm=cfg.qk_norm,
             superres=cfg.superres,
             guidance=cfg.guidance_embed,
-            checkpointing="full" if cfg.activation_checkpointing else cfg.checkpoint_policy,
             learned_null=cfg.text.null == "learned",
         )
 
@@ -191,21 +124,25 @@ class DiTSpec:
 
 
 # ---------------------------------------------------------------------------------------------
-# Layers. Each takes and returns a tuple of tensors so the stack is also a flat list for a
-# DeepSpeed PipelineModule. Between layers the state is
-#   (h (B, N, D), c (B, D), tokens (B, L, Dt), mask (B, L) float, grid marker)
-# where the grid marker is a zeros tensor shaped (F', H', W') for video input or (H', W') for
-# image input: the shape carries the token grid across pipeline stages without a host sync.
+# Layers. Plain modules of plain tensors: the embedding gives the token state, each block maps
+# h to h, the head maps h back to x's shape. Distribution (pipeline stages, activation
+# checkpointing, sequence parallelism) is applied to them from outside: trainer/parallel.py.
 
-State = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
+
+class Tokens(NamedTuple):
+    """The embedding's output, what every block reads."""
+
+    h: Tensor  # (B, N, D) patch tokens
+    c: Tensor  # (B, D) adaLN conditioning
+    text: Tensor  # (B, L, Dt) text tokens
+    mask: Tensor  # (B, L) float, 1 = real token
+    grid: Grid  # (F', H', W')
+    image: bool  # x was an image (B, C, H, W): the head averages the temporal patch away
 
 
 class DiTEmbed(nn.Module):
-    """Layer 0: patch embedding (+ sin-cos positions) and the conditioning vector c.
-
-    Input tuple: (x, t, tokens, mask, pooled[, lowres, aug_level][, guidance]), the optional
-    entries present when the model is super-resolution / guidance-conditioned.
-    """
+    """Patch embedding (+ sin-cos positions) and the conditioning vector c of t, the pooled text
+    and, when the spec has them, the super-resolution level and the guidance scale."""
 
     def __init__(self, spec: DiTSpec):
         super().__init__()
@@ -222,13 +159,32 @@ class DiTEmbed(nn.Module):
             self.null_tokens = nn.Parameter(torch.zeros(1, spec.text_dim))  # (1, Dt)
             self.null_pooled = nn.Parameter(torch.zeros(spec.pooled_dim))  # (Dp,)
 
-    def forward(self, inputs: Sequence[Tensor]) -> State:
-        x, t, tokens, mask, pooled, *extra = inputs
+    def conditioning(self, x: Tensor, t: Tensor, lowres: Optional[Tensor] = None, aug_level: Optional[Tensor] = None,
+                     guidance: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """t as (B,) in x's dtype, and the optional inputs this spec needs, checked, by name:
+        lowres and aug_level (None: no augmentation) for super-resolution, guidance (B,)."""
+        B = x.shape[0]
+        t = t.to(x.dtype).expand(B) if t.ndim == 0 else t.to(x.dtype)  # (B,)
+        extra: dict[str, Tensor] = {}
+        if self.spec.superres:
+            if lowres is None:
+                raise ValueError("a super-resolution DiT needs `lowres`, the low-resolution input")
+            extra["lowres"] = lowres
+            extra["aug_level"] = torch.zeros_like(t) if aug_level is None else aug_level.to(x.dtype)  # (B,)
+        if self.spec.guidance:
+            if guidance is None:
+                raise ValueError("a guidance-conditioned DiT (model.guidance_embed) needs `guidance`, shape (B,)")
+            extra["guidance"] = guidance.to(x.dtype)  # (B,)
+        return t, extra
+
+    def forward(self, x: Tensor, t: Tensor, text: TextEmbedding, lowres: Optional[Tensor] = None,
+                aug_level: Optional[Tensor] = None, guidance: Optional[Tensor] = None) -> Tokens:
+        t, extra = self.conditioning(x, t, lowres, aug_level, guidance)
+        tokens, mask, pooled = text.tokens.to(x.dtype), text.mask.to(x.dtype), text.pooled.to(x.dtype)
         if self.null_tokens is not None:
             tokens, mask, pooled = self.fill_null(tokens, mask, pooled)
         if self.spec.superres:
-            lowres, aug_level, *extra = extra
-            x = torch.cat([x, upsample_like(lowres, x)], dim=1)  # (B, 2C, [F,] H, W)
+            x = torch.cat([x, upsample_like(extra["lowres"], x)], dim=1)  # (B, 2C, [F,] H, W)
         image = x.ndim == 4
         patches, grid = patchify(self._as_video(x), self.spec.preset.patch, self.spec.temporal_patch)
         h = self.x_embedder(patches)  # (B, N, D), N = F' H' W'
@@ -238,11 +194,10 @@ class DiTEmbed(nn.Module):
         if self.pooled_embedder is not None:
             c = c + self.pooled_embedder(pooled)  # (B, D)
         if self.aug_embedder is not None:
-            c = c + self.aug_embedder(aug_level)  # (B, D)
+            c = c + self.aug_embedder(extra["aug_level"])  # (B, D)
         if self.guidance_embedder is not None:
-            c = c + self.guidance_embedder(extra[0])  # (B, D)
-        marker = h.new_zeros(grid[1:] if image else grid)  # (H', W') or (F', H', W')
-        return h, c.to(h.dtype), tokens, mask, marker
+            c = c + self.guidance_embedder(extra["guidance"])  # (B, D)
+        return Tokens(h, c.to(h.dtype), tokens, mask, grid, image)
 
     def fill_null(self, tokens: Tensor, mask: Tensor, pooled: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Rows with no real token (the empty caption) get the learned null: its token first,
@@ -266,14 +221,6 @@ class DiTEmbed(nn.Module):
         if x.ndim == 5:
             return x
         return x.unsqueeze(2).expand(-1, -1, self.spec.temporal_patch, -1, -1)  # (B, C, pt, H, W)
-
-
-def upsample_like(lowres: Tensor, x: Tensor) -> Tensor:
-    """Resize the low-resolution image/video to x's (F,) H, W: bilinear / trilinear."""
-    if lowres.ndim != x.ndim:
-        raise ValueError(f"lowres has {lowres.ndim} dims but x has {x.ndim}: both images or both videos")
-    mode = "trilinear" if x.ndim == 5 else "bilinear"
-    return F.interpolate(lowres.to(x.dtype), size=x.shape[2:], mode=mode, align_corners=False)
 
 
 class TemporalAttention(nn.Module):
@@ -300,7 +247,10 @@ class TemporalAttention(nn.Module):
 
 class DiTBlock(nn.Module):
     """adaLN-Zero block (Peebles & Xie §3.2) with cross-attention to text (their §3.2
-    "cross-attention block", PixArt-alpha) and, in factorized video models, temporal attention."""
+    "cross-attention block", PixArt-alpha) and, in factorized video models, temporal attention.
+
+    Each attention is its own submodule (`attn`, `temporal`, `cross_attn`): the unit an
+    activation checkpointing policy wraps from outside (trainer/parallel.py)."""
 
     def __init__(self, spec: DiTSpec):
         super().__init__()
@@ -315,54 +265,27 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(p.width, int(p.width * p.mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(p.width, 6 * p.width))
 
-    def forward(self, state: State) -> State:
-        h = self._recomputed("full", self._forward, *state)
-        return (h, *state[1:])  # type: ignore[return-value]
-
-    def _recomputed(self, policy: str, fn, *args: Tensor) -> Tensor:
-        """fn(*args), its activations dropped and recomputed in backward when the block's
-        checkpointing policy is `policy` (Chen et al. 2016, "Training Deep Nets with Sublinear
-        Memory Cost"): "full" keeps only the block's input, "attention" each attention's input."""
-        if self.spec.checkpointing == policy and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
-
-    def _forward(self, h: Tensor, c: Tensor, tokens: Tensor, mask: Tensor, marker: Tensor) -> Tensor:
-        grid = token_grid(marker)
+    def forward(self, h: Tensor, c: Tensor, tokens: Tensor, mask: Tensor, grid: Grid) -> Tensor:
+        """h (B, N, D), c (B, D), text tokens (B, L, Dt), mask (B, L) float -> h (B, N, D)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c)[:, None].chunk(6, dim=-1)  # (B, 1, D)
         x = modulate(self.norm1(h), shift1, scale1)  # (B, N, D)
-        h = gated_residual(h, gate1, self._recomputed("attention", self._self_attention, x, marker))  # (B, N, D)
+        h = gated_residual(h, gate1, self._self_attention(x, grid))  # (B, N, D)
         if self.temporal is not None and grid[0] > 1:
-            h = self._recomputed("attention", self._temporal_attention, h, c, marker)  # (B, N, D)
-        elif self.temporal is not None and torch.is_grad_enabled():
-            # An image batch skips temporal attention, but its parameters still get a (zero)
-            # gradient: data-parallel ranks reduce the same gradients every step, and in joint
-            # image-video training one rank may hold images while another holds clips.
-            h = h + 0.0 * sum(p.sum() for p in self.temporal.parameters())  # (B, N, D), unchanged
+            h = self.temporal(h, c, grid, self._rope(grid, "t", h))  # (B, N, D)
         if self.cross_attn is not None:
-            h = h + self._recomputed("attention", self._cross_attention, h, tokens, mask)  # (B, N, D)
+            h = h + self.cross_attn(self.norm_cross(h), tokens, mask > 0.5)  # (B, N, D)
         x = modulate(self.norm2(h), shift2, scale2)  # (B, N, D)
         return gated_residual(h, gate2, self.mlp(x))  # (B, N, D)
 
-    def _self_attention(self, x: Tensor, marker: Tensor) -> Tensor:
+    def _self_attention(self, x: Tensor, grid: Grid) -> Tensor:
         """Full space-time attention, or per-frame spatial attention in factorized models (over
         the whole sequence of an image, its one frame). x holds whole frames, N / (H' W') of them."""
-        grid = token_grid(marker)
         if self.temporal is None or grid[0] == 1:
             return self.attn(x, self._rope(grid, "thw", x))  # (B, N, D)
         B, N, D = x.shape
         area = grid[1] * grid[2]
         out = self.attn(x.reshape(-1, area, D), self._rope(grid, "hw", x))  # (B F', S, D)
         return out.view(B, N, D)
-
-    def _temporal_attention(self, h: Tensor, c: Tensor, marker: Tensor) -> Tensor:
-        assert self.temporal is not None
-        grid = token_grid(marker)
-        return self.temporal(h, c, grid, self._rope(grid, "t", h))  # (B, N, D)
-
-    def _cross_attention(self, h: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
-        assert self.cross_attn is not None
-        return self.cross_attn(self.norm_cross(h), tokens, mask > 0.5)  # (B, N, D)
 
     def _rope(self, grid: Grid, axes: str, like: Tensor) -> Optional[Rope]:
         if not self.spec.rope:
@@ -382,50 +305,12 @@ class DiTHead(nn.Module):
         self.linear = nn.Linear(width, spec.patch_features_out)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
 
-    def forward(self, state: State) -> Tensor:
-        h, c, _, _, marker = state
+    def forward(self, h: Tensor, c: Tensor, grid: Grid, image: bool) -> Tensor:
         shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=-1)  # (B, 1, D) each
         out = self.linear(modulate(self.norm_final(h), shift, scale))  # (B, N, pt p p C_out)
         s = self.spec
-        x = unpatchify(out, token_grid(marker), s.out_channels, s.preset.patch, s.temporal_patch)  # (B, C, F, H, W)
-        return x.mean(dim=2) if marker.ndim == 2 else x  # an image input: (B, C, H, W)
-
-
-class PipelineEmbed(nn.Module):
-    """`DiTEmbed` as the first pipeline layer, its pass-through tensors tied into the graph.
-
-    The first stage runs `backward` on every floating-point tensor it sends on
-    (deepspeed/runtime/pipe/engine.py, `_exec_backward_pass`); text tokens, mask and the grid
-    marker pass through untouched and would have no grad_fn, so they are tied to c at weight
-    0: values unchanged, exact zero gradient contribution.
-    """
-
-    def __init__(self, embed: DiTEmbed):
-        super().__init__()
-        self.embed = embed
-
-    def forward(self, inputs: Sequence[Tensor]) -> State:
-        h, c, *carried = self.embed(inputs)
-        tie = c.sum() * 0.0  # scalar 0 with a grad_fn
-        return (h, c, *(x + tie for x in carried))
-
-
-class PipelineHead(nn.Module):
-    """`DiTHead` as the last pipeline layer, with the carried tensors tied in at weight 0.
-
-    DeepSpeed's PipelineEngine marks every floating-point tensor a stage receives as requiring
-    grad and sends its `.grad` back, asserting it is not None (deepspeed/runtime/pipe/engine.py,
-    `_exec_send_grads`). The mask and grid marker have no differentiable use, so the last layer
-    adds 0 * their sums: exact zero gradients, the prediction unchanged.
-    """
-
-    def __init__(self, head: DiTHead):
-        super().__init__()
-        self.head = head
-
-    def forward(self, state: State) -> Tensor:
-        tie = sum(s.sum() for s in state[1:]) * 0.0  # scalar 0
-        return self.head(state) + tie
+        x = unpatchify(out, grid, s.out_channels, s.preset.patch, s.temporal_patch)  # (B, C, F, H, W)
+        return x.mean(dim=2) if image else x  # an image input: (B, C, H, W)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,32 +354,6 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def pack_inputs(
-        self,
-        x: Tensor,
-        t: Tensor,
-        text: TextEmbedding,
-        *,
-        lowres: Optional[Tensor] = None,
-        aug_level: Optional[Tensor] = None,
-        guidance: Optional[Tensor] = None,
-    ) -> tuple[Tensor, ...]:
-        """The first pipeline layer's input: (x, t, tokens, mask float, pooled[, lowres,
-        aug_level][, guidance]); all floating point, so it can travel between stages."""
-        B = x.shape[0]
-        t = t.to(x.dtype).expand(B) if t.ndim == 0 else t.to(x.dtype)
-        inputs = [x, t, text.tokens.to(x.dtype), text.mask.to(x.dtype), text.pooled.to(x.dtype)]
-        if self.spec.superres:
-            if lowres is None:
-                raise ValueError("a super-resolution DiT needs `lowres`, the low-resolution input")
-            level = torch.zeros_like(t) if aug_level is None else aug_level.to(x.dtype)  # None: no augmentation
-            inputs += [lowres, level]
-        if self.spec.guidance:
-            if guidance is None:
-                raise ValueError("a guidance-conditioned DiT (model.guidance_embed) needs `guidance`, shape (B,)")
-            inputs.append(guidance.to(x.dtype))
-        return tuple(inputs)
-
     def forward(
         self,
         x: Tensor,
@@ -507,15 +366,23 @@ class DiT(nn.Module):
     ) -> Tensor:
         """x (B, C, H, W) or (B, C, F, H, W), t (B,) in [0, 1] -> prediction shaped like x
         (channels doubled when learn_sigma)."""
-        state = self.embed(self.pack_inputs(x, t, text, lowres=lowres, aug_level=aug_level, guidance=guidance))
+        s = self.embed(x, t, text, lowres=lowres, aug_level=aug_level, guidance=guidance)
+        h = s.h  # (B, N, D)
         for block in self.blocks:
-            state = block(state)
-        return self.head(state)
+            h = block(h, s.c, s.text, s.mask, s.grid)  # (B, N, D)
+        return self.head(h, s.c, s.grid, s.image)
 
-    def pipeline_layers(self) -> list[nn.Module]:
-        """[embed, block_0, ..., block_{depth-1}, head]: composing them on `pack_inputs(...)`
-        equals `forward`. Each block owns its parameters; embedders live in the first layer."""
-        return [PipelineEmbed(self.embed), *self.blocks, PipelineHead(self.head)]
+    def block_features(self, x: Tensor, t: Tensor, text: TextEmbedding, block_ids: Sequence[int],
+                       **extras: Optional[Tensor]) -> tuple[list[Tensor], Tensor]:
+        """The token features (B, N, D) after each block of the sorted `block_ids` (the blocks
+        after the last one do not run) and the conditioning c (B, D): what discriminator heads read."""
+        s = self.embed(x, t, text, **extras)
+        h, features = s.h, []
+        for i, block in enumerate(self.blocks[: block_ids[-1] + 1]):
+            h = block(h, s.c, s.text, s.mask, s.grid)  # (B, N, D)
+            if i in block_ids:
+                features.append(h)
+        return features, s.c
 
     def count_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
@@ -558,7 +425,7 @@ __all__ = [
     "DiTHead",
     "DiTPreset",
     "DiTSpec",
-    "PipelineHead",
+    "Tokens",
     "TextEmbedding",
     "build_dit",
     "dit_preset",

@@ -218,3 +218,45 @@ class Mlp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))  # (B, N, D)
+
+
+# ---------------------------------------------------------------------------------------------
+# Patches. Tokens are ordered (frame, row, col); features within a patch (pt, p, p, C), as
+# DiT's unpatchify einsum "nhwpqc->nchpwq" extended with time.
+
+
+def patchify(x: Tensor, patch: int, temporal_patch: int = 1) -> tuple[Tensor, Grid]:
+    """(B, C, H, W) or (B, C, F, H, W) -> tokens (B, N, pt p p C) and the grid (F', H', W').
+
+    An image is a 1-frame video with pt = 1: N = H W / p^2.
+    """
+    video = x.ndim == 5
+    x = x if video else x.unsqueeze(2)  # (B, C, F, H, W)
+    pt = temporal_patch if video else 1
+    B, C, Fr, H, W = x.shape
+    if Fr % pt or H % patch or W % patch:
+        raise ValueError(
+            f"input {tuple(x.shape)} does not split into patches of {pt}x{patch}x{patch} "
+            "(frames x height x width); pick sizes that are multiples of the patch"
+        )
+    f, h, w = Fr // pt, H // patch, W // patch
+    x = x.reshape(B, C, f, pt, h, patch, w, patch)
+    x = x.permute(0, 2, 4, 6, 3, 5, 7, 1)  # (B, F', H', W', pt, p, p, C)
+    return x.reshape(B, f * h * w, pt * patch * patch * C), (f, h, w)  # (B, N, pt p p C)
+
+
+def unpatchify(tokens: Tensor, grid: Grid, channels: int, patch: int, temporal_patch: int = 1) -> Tensor:
+    """(B, N, pt p p C) -> (B, C, F' pt, H' p, W' p): the inverse of `patchify` on videos."""
+    f, h, w = grid
+    B, pt = tokens.shape[0], temporal_patch
+    x = tokens.reshape(B, f, h, w, pt, patch, patch, channels)
+    x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, F', pt, H', p, W', p)
+    return x.reshape(B, channels, f * pt, h * patch, w * patch)  # (B, C, F, H, W)
+
+
+def upsample_like(lowres: Tensor, x: Tensor) -> Tensor:
+    """Resize the low-resolution image/video to x's (F,) H, W: bilinear / trilinear."""
+    if lowres.ndim != x.ndim:
+        raise ValueError(f"lowres has {lowres.ndim} dims but x has {x.ndim}: both images or both videos")
+    mode = "trilinear" if x.ndim == 5 else "bilinear"
+    return F.interpolate(lowres.to(x.dtype), size=x.shape[2:], mode=mode, align_corners=False)

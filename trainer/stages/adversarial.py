@@ -98,14 +98,7 @@ class PairDiscriminator(nn.Module):
 
     def features(self, x: Tensor, t: Tensor, text: TextEmbedding, **extras: Tensor) -> tuple[list[Tensor], Tensor]:
         """Token features (B, N, D) of the judged blocks, and the conditioning c (B, D)."""
-        trunk = self.disc.trunk
-        state = trunk.embed(trunk.pack_inputs(x, t, text, **extras))
-        features = []
-        for i, block in enumerate(trunk.blocks[: self.disc.block_ids[-1] + 1]):
-            state = block(state)
-            if i in self.disc.block_ids:
-                features.append(state[0])  # (B, N, D)
-        return features, state[1]
+        return self.disc.trunk.block_features(x, t, text, self.disc.block_ids, **extras)
 
     def forward(self, x_next: Tensor, *, t_next: Tensor, text: TextEmbedding, x_t: Optional[Tensor] = None,
                 t: Optional[Tensor] = None, **extras: Tensor) -> Tensor:

@@ -150,10 +150,9 @@ class PretrainStage(Stage):
         yield "student", loss, {"loss": loss.detach(), **timestep_bucket_losses(per_sample.detach(), inputs["t"])}
 
     # ---- pipeline parallelism: noising before the pipe, the loss at its end -------------------
-    def pipeline_batch(self, batch: dict[str, Any], generator: torch.Generator) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
-        inputs, targets = self.prepare(batch, generator)
-        extras = {k: v for k, v in inputs.items() if k not in ("x", "t", "text")}
-        return self.players["student"].pack_inputs(inputs["x"], inputs["t"], inputs["text"], **extras), targets
+    def pipeline_batch(self, batch: dict[str, Any], generator: torch.Generator) -> tuple[dict[str, Any], tuple[Tensor, ...]]:
+        """The network's inputs by name (the engine packs them for the pipe) and the loss targets."""
+        return self.prepare(batch, generator)
 
     def pipeline_loss(self, pred: Tensor, targets: tuple[Tensor, ...]) -> Tensor:
         return self.weighted_loss(pred, targets)[0]

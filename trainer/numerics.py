@@ -1,0 +1,40 @@
+"""The numerics of a forward pass: mixed precision under autocast, and, for samples drawn during
+training, the linear layers as torch ships them (not ZeRO-3's replacement)."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str):
+    """Mixed precision for forward passes: autocast to bf16/fp16 on the step's device (matmuls
+    and convolutions in half precision, reductions and norms in fp32; Micikevicius et al. 2018);
+    nothing for fp32. Backward runs outside it, as torch.autocast requires."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=PRECISIONS[precision])
+
+
+@contextlib.contextmanager
+def inference_numerics(device: torch.device, precision: str) -> Iterator[None]:
+    """Autocast as in training, and `torch.nn.functional.linear` as torch ships it: ZeRO-3
+    replaces it process-wide by DeepSpeed's memory-efficient version
+    (`zero_optimization.memory_efficient_linear`), which adds the bias after the matmul has
+    rounded, so under bf16 every linear layer would round differently from the same network
+    outside DeepSpeed. Samples and evaluations drawn in training then equal, bit for bit, what
+    `dit sample` and `dit eval` draw from the checkpoint."""
+    import torch.nn.functional as F
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
+
+    current, original = F.linear, getattr(InsertPostInitMethodToModuleSubClasses, "linear_bk", F.linear)
+    F.linear = original
+    try:
+        with autocast(device, precision):
+            yield
+    finally:
+        F.linear = current

@@ -1,0 +1,109 @@
+"""The optimizers and DeepSpeed engines of the trained players: AdamW (fused on CUDA, DeepSpeed's
+CPU Adam under ZeRO-Offload) behind a finite-gradient guard, the learning-rate schedule, and the
+DeepSpeed JSON config derived from our typed sub-configs."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.config import DeepSpeedConfig, OptimConfig
+from trainer.distributed import DistContext, any_rank
+
+
+class FiniteGuard:
+    """Mixin for an optimizer: skip the update on every rank when any rank holds a non-finite
+    gradient.
+
+    DeepSpeed's ZeRO optimizers call the wrapped optimizer on each rank's partition after
+    clipping (on the host for ZeRO-Offload), so one MAX all-reduce of a local flag makes all
+    ranks skip together, and NaN or inf (from a non-finite loss or an exploding gradient) never
+    reaches the weights. The flag is reduced on the device: one read per step.
+    """
+
+    skipped = 0  # calls skipped since the engine last read it
+
+    @torch.no_grad()
+    def step(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else True
+        if any_rank(~torch.as_tensor(finite)):
+            self.skipped += 1
+            return None
+        return super().step(*args, **kwargs)
+
+
+class FiniteGuardAdamW(FiniteGuard, torch.optim.AdamW):
+    """torch's AdamW (fused on CUDA) behind the finite guard."""
+
+
+def guarded_cpu_adam() -> type:
+    """DeepSpeed's CPU Adam (AdamW mode) behind the finite guard: what ZeRO-Offload steps on the
+    host (DeepSpeed refuses client optimizers there; a subclass is its own optimizer)."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    return type("FiniteGuardCPUAdam", (FiniteGuard, DeepSpeedCPUAdam), {})
+
+
+def lr_factor(step: int, optim: OptimConfig, total_steps: int) -> float:
+    """Linear warm-up, then constant or cosine decay to `min_lr_ratio` (SGDR / Loshchilov)."""
+    if step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    if optim.lr_schedule == "constant":
+        return 1.0
+    progress = (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * cosine
+
+
+def deepspeed_dict(ds: DeepSpeedConfig, optim: OptimConfig, micro_batch: int, dp_world: int) -> dict:
+    """The DeepSpeed JSON config derived from our typed sub-configs."""
+    zero: dict[str, Any] = {"stage": ds.zero_stage, "reduce_bucket_size": ds.bucket_size,
+                            "allgather_bucket_size": ds.bucket_size}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": ds.grad_accum,
+        "train_batch_size": micro_batch * ds.grad_accum * dp_world,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if ds.precision == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    elif ds.precision == "fp16":
+        cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 12}
+    return cfg
+
+
+def build_optimizer(params: list[nn.Parameter], lr: float, optim: OptimConfig, ds: DeepSpeedConfig,
+                    device: torch.device) -> torch.optim.Optimizer:
+    """AdamW behind the finite guard: DeepSpeed's CPU Adam when ZeRO-Offload steps on the host,
+    else torch's, fused into one kernel per step on CUDA."""
+    kwargs = dict(lr=lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
+    if ds.offload_optimizer or ds.offload_params:
+        return guarded_cpu_adam()(params, adamw_mode=True, **kwargs)
+    return FiniteGuardAdamW(params, fused=device.type == "cuda" or None, **kwargs)
+
+
+def build_engine(module: nn.Module, lr: float, optim: OptimConfig, ds: DeepSpeedConfig,
+                 micro_batch: int, ctx: DistContext, total_steps: int, device: torch.device):
+    import deepspeed
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, lr, optim, ds, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, optim, total_steps))
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler,
+        # DeepSpeed's data-parallel group is every rank of a pipeline stage, sequence groups
+        # included: ZeRO partitions over all of them (see trainer/sequence_parallel.py).
+        config=deepspeed_dict(ds, optim, micro_batch, ctx.world_size // ctx.pipeline_stages),
+    )
+    return engine, optimizer
