@@ -25,10 +25,10 @@ from trainer.diffusion.parametrization import to_eps, to_x0
 from trainer.diffusion.samplers import Model, ddim_step, ddim_x0_target
 from trainer.diffusion.schedules import NoiseSchedule
 from trainer.diffusion.timesteps import sampling_timesteps
-from trainer.diffusion.utils import append_dims, rand, randint
+from trainer.diffusion.utils import Generators, append_dims, rand, randint
 
 
-def draw_student_steps(num_steps: int, batch: int, generator: torch.Generator,
+def draw_student_steps(num_steps: int, batch: int, generator: Generators,
                        device: Optional[torch.device] = None) -> Tensor:
     """Which step k ~ U{0, ..., N-1} of the N-step student sampler each sample trains. (B,) int64"""
     return randint(num_steps, (batch,), generator, device or generator.device)
@@ -106,6 +106,6 @@ def masked_mean(per_sample: Tensor, weight: Tensor) -> Tensor:
     return (per_sample * weight).sum() / weight.sum().clamp(min=1.0)
 
 
-def draw_guidance(low: float, high: float, batch: int, generator: torch.Generator, device: torch.device) -> Tensor:
+def draw_guidance(low: float, high: float, batch: int, generator: Generators, device: torch.device) -> Tensor:
     """w ~ U[low, high] per sample (Meng et al. 2023, sec. 4). (B,)"""
     return low + (high - low) * rand((batch,), generator, device)
