@@ -119,22 +119,8 @@ def forget_filesystems() -> None:
     _FILESYSTEMS.clear()
 
 
-def open_shard(path: str, options: RemoteOptions):
-    """A binary file object with read/seek/close; `size` attribute None when unknown."""
-    if is_pipe(path):
-        return PipeFile(path[len(PIPE):])
-    if is_url(path) and options.cache_dir:
-        from data_pipeline.shard_cache import cached_copy
-
-        return open(cached_copy(path, options.cache_dir, options.cache_max_bytes), "rb")
-    if is_url(path):
-        fs, inner = filesystem(path)
-        return fs.open(inner, "rb", block_size=options.block_size, cache_type="readahead")
-    return open(path, "rb")
-
-
 def file_size(f) -> Optional[int]:
-    """Size in bytes of a file from `open_shard`; None for pipes."""
+    """Size in bytes of a file from `shard_cache.open_shard`; None for pipes."""
     if isinstance(f, PipeFile):
         return None
     size = getattr(f, "size", None)

@@ -89,3 +89,16 @@ def evict(directory: str, max_bytes: int, keep: str = "") -> None:
             Path(entry.path).unlink(missing_ok=True)
             total -= size
 
+
+def open_shard(path: str, options: remote.RemoteOptions):
+    """A binary file object with read/seek/close (`size` attribute None when unknown): a pipe's
+    output, the cached copy of a remote shard when `data.cache_dir` is set, else the remote
+    file read ahead in blocks, or the local file."""
+    if remote.is_pipe(path):
+        return remote.PipeFile(path[len(remote.PIPE):])
+    if remote.is_url(path) and options.cache_dir:
+        return open(cached_copy(path, options.cache_dir, options.cache_max_bytes), "rb")
+    if remote.is_url(path):
+        fs, inner = remote.filesystem(path)
+        return fs.open(inner, "rb", block_size=options.block_size, cache_type="readahead")
+    return open(path, "rb")

@@ -21,6 +21,7 @@ from typing import Iterator, Optional
 from data_pipeline import remote
 from data_pipeline.errors import DataError, SkipSample
 from data_pipeline.remote import RemoteOptions
+from data_pipeline.shard_cache import open_shard
 
 log = logging.getLogger("data_pipeline")
 
@@ -101,7 +102,7 @@ class TarShard:
 
     def _ensure_open(self) -> None:
         if self._file is None:
-            self._file = remote.open_shard(self.path, self.options)
+            self._file = open_shard(self.path, self.options)
             self._size = remote.file_size(self._file)
 
     def _read(self, offset: int, size: int) -> bytes:

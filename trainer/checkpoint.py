@@ -51,6 +51,7 @@ from trainer.checkpoint_format import (
 )
 from trainer.config import CheckpointConfig
 from trainer.distributed import comm_device
+from trainer.elastic import written_global_batch
 
 STAGE_FILE = "stage.safetensors"
 # Keys whose product with the data-parallel ranks is the global batch: free while it is kept.
@@ -325,8 +326,6 @@ class CheckpointManager:
         grad_accum while the global batch is the checkpoint's."""
         if self.cfg.allow_config_change:
             return
-        from trainer.train_state import written_global_batch  # (it builds on this module)
-
         old_yaml = (directory / "config.yaml").read_text()
         was = written_global_batch(directory, self.load_rank_state(directory, rank=0).meta)
         diffs = config_differences(old_yaml, config_yaml, ignore + (BATCH_KEYS if was == global_batch else ()))

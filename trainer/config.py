@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from data_pipeline.config import DataConfig, validate_data_config
 from trainer.config_errors import ConfigError, check
+from trainer.models.presets import dit_preset
 from trainer.stage_config import StageConfig, validate_stage
 
 
@@ -383,8 +384,6 @@ def _validate_sequence_parallel(cfg: RunConfig) -> None:
            f"the {cfg.stage.kind} stage is not supported (set it to 1)")
     check(cfg.deepspeed.pipeline_stages == 1, key,
            "does not combine with pipeline parallelism (set deepspeed.pipeline_stages=1)")
-    from trainer.models.dit import dit_preset
-
     try:
         heads = dit_preset(cfg.model.preset).heads
     except KeyError as e:

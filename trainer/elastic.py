@@ -25,13 +25,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 import yaml
 from torch import nn
 
-from trainer.checkpoint import COMPLETE, CheckpointError
+from trainer.checkpoint_format import COMPLETE, CheckpointError
 from trainer.config import RunConfig
 
 MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state per parameter (Loshchilov & Hutter 2019)
@@ -92,6 +92,14 @@ def written_shape(directory: Path) -> Shape:
     return Shape(world, int(data["batch_size"]), int(ds["grad_accum"]), int(ds["pipeline_stages"]),
                  int(ds["zero_stage"]), (bool(ds["offload_optimizer"]), bool(ds["offload_params"])),
                  int(ds.get("sequence_parallel_size", 1)))  # checkpoints from before the key: 1
+
+
+def written_global_batch(directory: Path, rank0_meta: Mapping[str, Any]) -> int:
+    """The global batch a checkpoint was trained with: the one recorded in rank 0's state, or,
+    for checkpoints from before the record, the one its config and world size give."""
+    if "global_batch" in rank0_meta:
+        return int(rank0_meta["global_batch"])
+    return written_shape(directory).global_batch
 
 
 def keep_global_batch(cfg: RunConfig, world_size: int, directory: Optional[Path]) -> tuple[RunConfig, str]:

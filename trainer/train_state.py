@@ -91,14 +91,6 @@ class ShapeRecord:
         return None
 
 
-def written_global_batch(directory: Path, rank0_meta: Mapping[str, Any]) -> int:
-    """The global batch a checkpoint was trained with: the one recorded in rank 0's state, or,
-    for checkpoints from before the record, the one its config and world size give."""
-    if "global_batch" in rank0_meta:
-        return int(rank0_meta["global_batch"])
-    return written_shape(directory).global_batch
-
-
 class Keyed:
     """A component whose whole state dict is stored under one key (the stream's position)."""
 
