@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 from data_pipeline.config import DataConfig, validate_data_config
 from trainer.config_errors import ConfigError, check
 from trainer.models.presets import dit_preset
-from trainer.stage_config import StageConfig, validate_stage
+from trainer.stage_config import StageConfig, supporting, validate_stage
 
 
 @dataclass
@@ -288,7 +288,7 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
         value = _get(cfg, key)
         check(value in allowed, key, f"'{value}' is not one of {', '.join(allowed)}")
     _validate_diffusion_and_model(cfg)
-    _validate_deepspeed(cfg.deepspeed, cfg.stage.kind)
+    _validate_deepspeed(cfg.deepspeed)
     try:
         validate_data_config(cfg.data)
     except ValueError as e:  # "data.<key>: ..."
@@ -320,7 +320,7 @@ def _validate_diffusion_and_model(cfg: RunConfig) -> None:
            "set activation_checkpointing=false")
 
 
-def _validate_deepspeed(ds: DeepSpeedConfig, stage_kind: str) -> None:
+def _validate_deepspeed(ds: DeepSpeedConfig) -> None:
     check(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
     check(ds.grad_accum >= 1, "deepspeed.grad_accum", "must be at least 1")
     check(ds.pipeline_stages >= 1, "deepspeed.pipeline_stages", "must be at least 1")
@@ -328,12 +328,6 @@ def _validate_deepspeed(ds: DeepSpeedConfig, stage_kind: str) -> None:
         not (ds.pipeline_stages > 1 and ds.zero_stage > 1),
         "deepspeed.zero_stage",
         "pipeline parallelism works with ZeRO stage 0 or 1 only (DeepSpeed limitation)",
-    )
-    check(
-        not (ds.pipeline_stages > 1 and stage_kind in ("autoencoder", "adversarial")),
-        "deepspeed.pipeline_stages",
-        f"pipeline parallelism splits the DiT student of the pretrain, superres and progressive "
-        f"stages; the {stage_kind} stage trains another network (use ZeRO: deepspeed.pipeline_stages=1)",
     )
     check(
         not (ds.offload_params and ds.zero_stage != 3),
@@ -370,17 +364,15 @@ def _validate_world(ds: DeepSpeedConfig, world_size: int) -> None:
     )
 
 
-SEQUENCE_PARALLEL_STAGES = ("pretrain", "superres")
-
-
 def _validate_sequence_parallel(cfg: RunConfig) -> None:
     """Sequence parallelism splits the trained DiT's tokens and attention heads over S ranks."""
     S, key = cfg.deepspeed.sequence_parallel_size, "deepspeed.sequence_parallel_size"
     check(S >= 1, key, "must be at least 1")
     if S == 1:
         return
-    check(cfg.stage.kind in SEQUENCE_PARALLEL_STAGES, key,
-           f"splits the sequence of the DiT student of the {' and '.join(SEQUENCE_PARALLEL_STAGES)} stages; "
+    kinds = supporting("sequence_parallel")
+    check(cfg.stage.kind in kinds, key,
+           f"splits the sequence of the DiT student of the {' and '.join(kinds)} stages; "
            f"the {cfg.stage.kind} stage is not supported (set it to 1)")
     check(cfg.deepspeed.pipeline_stages == 1, key,
            "does not combine with pipeline parallelism (set deepspeed.pipeline_stages=1)")

@@ -1,16 +1,19 @@
-"""The `stage:` section of a run config, and one typed config per stage kind.
+"""The `stage:` section of a run config: one typed config per stage kind.
 
-The YAML section is one flat namespace (`StageConfig`), so that the config.yaml of any
-checkpoint reads back whatever its kind. The typed config of its kind (`stage_settings`) holds
-only the knobs that kind has; they are checked once, before any process starts, by
-`validate_stage` (called from `trainer.config.validate`). A new stage kind adds its knobs to
-`StageConfig` and one settings class to `STAGE_KINDS`. (Stages still receive the flat section:
-the progressive stage writes it back into its round exports' config.yaml.)
+Each kind's knobs, their defaults and their checks live in one settings class here
+(`STAGE_KINDS`); the stage of that kind receives only that class (`stage_settings`). The YAML
+section is one flat namespace (`StageConfig`, made from the union of the kinds' fields), so
+that the config.yaml of any checkpoint reads back whatever its kind, and a knob of another kind
+keeps its default. Every check runs once, before any process starts, from
+`trainer.config.validate` (`validate_stage`).
+
+A new stage kind is one settings class below (registered in `STAGE_KINDS`) and one stage file
+registered in `trainer.stages.STAGES`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING
+from dataclasses import MISSING, dataclass, field, fields, make_dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from trainer.config_errors import check
 
@@ -18,70 +21,100 @@ if TYPE_CHECKING:
     from trainer.config import RunConfig
 
 
-@dataclass
-class StageConfig:
-    kind: str = "pretrain"  # autoencoder | pretrain | superres | progressive | adversarial
-    steps: int = 100
-    cfg_dropout: float = 0.1  # probability that a caption is replaced by the null caption
-    # superres: noise-conditioning augmentation level drawn from [0, max] (Ho et al. 2021)
-    noise_aug_max: float = 0.5
-    noise_aug_sample: float = 0.1  # the level used at inference
-    # autoencoder: KL weight of the VAE loss
-    kl_weight: float = 1e-6
-    # distillation
-    teacher: str = ""  # checkpoint directory of the teacher
-    rounds: list[int] = field(default_factory=lambda: [8, 4])  # student step counts per round
-    guidance_min: float = 1.0
-    guidance_max: float = 4.0
-    adv_loss: str = "hinge"  # hinge | non_saturating
-    adv_mse_weight: float = 1.0
-    max_nonfinite_in_row: int = 3  # abort after this many skipped (NaN/inf) steps in a row
-
-
 @dataclass(frozen=True)
 class StageSettings:
     """What every stage kind has."""
 
-    kind: str
-    steps: int
-    max_nonfinite_in_row: int
+    kind: str = "pretrain"  # autoencoder | pretrain | superres | progressive | adversarial
+    steps: int = 100
+    max_nonfinite_in_row: int = 3  # abort after this many skipped (NaN/inf) steps in a row
 
-    def check(self) -> None:
+    # What a kind's student allows of the layout: DeepSpeed pipeline stages of its DiT, and
+    # sequence parallelism (trainer/sequence_parallel.py) over its tokens.
+    pipeline: ClassVar[bool] = False
+    sequence_parallel: ClassVar[bool] = False
+
+    def check(self, cfg: RunConfig) -> None:
         check(self.steps >= 1, "stage.steps", "must be at least 1")
+        check(not (cfg.checkpoint.init_from and not self.warm_starts()), "checkpoint.init_from",
+              f"warm-starts the DiT of pretrain and superres stages; the {self.kind} stage "
+              f"{self.student_from()} (set checkpoint.init_from='')")
+
+    def warm_starts(self) -> bool:
+        """Whether `checkpoint.init_from` may start this kind's student."""
+        return False
+
+    def student_from(self) -> str:
+        return "trains no DiT"
 
 
 @dataclass(frozen=True)
 class AutoencoderSettings(StageSettings):
-    kl_weight: float
+    kl_weight: float = 1e-6  # KL weight of the VAE loss
+
+    def check(self, cfg: RunConfig) -> None:
+        super().check(cfg)
+        check(not cfg.model.compile, "model.compile",
+              "compiles the DiT's blocks; the autoencoder stage trains no DiT (set it to false)")
 
 
 @dataclass(frozen=True)
 class PretrainSettings(StageSettings):
-    cfg_dropout: float
+    cfg_dropout: float = 0.1  # probability that a caption is replaced by the null caption
 
-    def check(self) -> None:
+    pipeline: ClassVar[bool] = True
+    sequence_parallel: ClassVar[bool] = True
+
+    def check(self, cfg: RunConfig) -> None:
         check(0.0 <= self.cfg_dropout < 1.0, "stage.cfg_dropout", "must be in [0, 1)")
-        super().check()
+        super().check(cfg)
+
+    def warm_starts(self) -> bool:
+        return True
 
 
 @dataclass(frozen=True)
 class SuperresSettings(PretrainSettings):
-    noise_aug_max: float
-    noise_aug_sample: float
+    # Noise-conditioning augmentation (Ho et al. 2021, "Cascaded Diffusion Models"): the
+    # low-resolution input is noised to a level drawn from [0, max]; `sample` is the level at inference.
+    noise_aug_max: float = 0.5
+    noise_aug_sample: float = 0.1
+
+    def check(self, cfg: RunConfig) -> None:
+        super().check(cfg)
+        check(cfg.model.superres, "model.superres", "stage.kind=superres needs model.superres=true")
+        check(cfg.data.sr_resolution > cfg.data.resolution, "data.sr_resolution",
+              "the superres stage needs data.sr_resolution > data.resolution")
 
 
 @dataclass(frozen=True)
 class ProgressiveSettings(PretrainSettings):
-    teacher: str
-    rounds: list[int]
-    guidance_min: float
-    guidance_max: float
+    teacher: str = ""  # checkpoint directory of the teacher
+    rounds: list[int] = field(default_factory=lambda: [8, 4])  # student step counts per round
+    guidance_min: float = 1.0  # w ~ U[min, max] per sample (Meng et al. 2023)
+    guidance_max: float = 4.0
+
+    sequence_parallel: ClassVar[bool] = False
+
+    def check(self, cfg: RunConfig) -> None:
+        super().check(cfg)
+        check(not cfg.data.resolutions, "data.resolutions",
+              f"the {self.kind} stage distils at the one schedule of data.resolution; multi-resolution "
+              f"buckets train pretrain stages (set data.resolutions=[])")
+
+    def warm_starts(self) -> bool:
+        return False
+
+    def student_from(self) -> str:
+        return "starts its student from stage.teacher"
 
 
 @dataclass(frozen=True)
 class AdversarialSettings(ProgressiveSettings):
-    adv_loss: str
-    adv_mse_weight: float
+    adv_loss: str = "hinge"  # hinge | non_saturating
+    adv_mse_weight: float = 1.0
+
+    pipeline: ClassVar[bool] = False
 
 
 STAGE_KINDS: dict[str, type[StageSettings]] = {
@@ -93,41 +126,51 @@ STAGE_KINDS: dict[str, type[StageSettings]] = {
 }
 
 
-def stage_settings(stage: StageConfig) -> StageSettings:
+def _section_fields() -> list[tuple[str, Any, Any]]:
+    """(name, type, field) of every kind's knobs, each once, in the order the kinds declare them."""
+    seen: dict[str, tuple[str, Any, Any]] = {}
+    for kind in STAGE_KINDS.values():
+        for f in fields(kind):
+            if f.name not in seen:
+                default = (field(default_factory=f.default_factory) if f.default is MISSING
+                           else field(default=f.default))
+                seen[f.name] = (f.name, f.type, default)
+    return list(seen.values())
+
+
+# The YAML `stage:` section: every kind's knobs in one flat, mutable dataclass.
+StageConfig = make_dataclass("StageConfig", _section_fields())
+StageConfig.__module__ = __name__
+StageConfig.__doc__ = "The `stage:` section: the union of the stage kinds' knobs (see STAGE_KINDS)."
+
+
+def stage_settings(stage: Any) -> StageSettings:
     """The typed config of `stage.kind`, read from the section's knobs of that kind."""
     kind = STAGE_KINDS[stage.kind]
     return kind(**{f.name: getattr(stage, f.name) for f in fields(kind)})
 
 
+def as_section(settings: StageSettings) -> Any:
+    """A kind's typed config back as a `stage:` section (other kinds' knobs at their defaults)."""
+    return StageConfig(**{f.name: getattr(settings, f.name) for f in fields(settings)})
+
+
 def validate_stage(cfg: RunConfig) -> None:
     """The stage's own knobs, and what its kind rules out elsewhere in the config."""
-    st = cfg.stage
-    stage_settings(st).check()
-    check(not (cfg.model.compile and st.kind == "autoencoder"), "model.compile",
-          "compiles the DiT's blocks; the autoencoder stage trains no DiT (set it to false)")
-    check(
-        not (cfg.checkpoint.init_from and st.kind in ("autoencoder", "progressive", "adversarial")),
-        "checkpoint.init_from",
-        f"warm-starts the DiT of pretrain and superres stages; the {st.kind} stage "
-        + ("starts its student from stage.teacher" if st.kind != "autoencoder" else "trains no DiT")
-        + " (set checkpoint.init_from='')",
-    )
-    if st.kind == "superres":
-        check(cfg.model.superres, "model.superres", "stage.kind=superres needs model.superres=true")
-        check(
-            cfg.data.sr_resolution > cfg.data.resolution,
-            "data.sr_resolution",
-            "the superres stage needs data.sr_resolution > data.resolution",
-        )
-    check(
-        not (cfg.data.resolutions and st.kind in ("progressive", "adversarial")),
-        "data.resolutions",
-        f"the {st.kind} stage distils at the one schedule of data.resolution; multi-resolution buckets "
-        f"train pretrain stages (set data.resolutions=[])",
-    )
-    check(
-        not (cfg.data.resolutions and cfg.deepspeed.pipeline_stages > 1),
-        "data.resolutions",
-        "the pipeline engine exchanges activations of one shape; train multi-resolution buckets with ZeRO "
-        "(deepspeed.pipeline_stages=1)",
-    )
+    settings = stage_settings(cfg.stage)
+    settings.check(cfg)
+    check(not (cfg.deepspeed.pipeline_stages > 1 and not settings.pipeline), "deepspeed.pipeline_stages",
+          f"pipeline parallelism splits the DiT student of the {_listing(supporting('pipeline'))} "
+          f"stages; the {settings.kind} stage trains another network (use ZeRO: deepspeed.pipeline_stages=1)")
+    check(not (cfg.data.resolutions and cfg.deepspeed.pipeline_stages > 1), "data.resolutions",
+          "the pipeline engine exchanges activations of one shape; train multi-resolution buckets with ZeRO "
+          "(deepspeed.pipeline_stages=1)")
+
+
+def _listing(names: list[str]) -> str:
+    return ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else "".join(names)
+
+
+def supporting(feature: str) -> list[str]:
+    """The stage kinds whose settings allow `feature` ('pipeline', 'sequence_parallel')."""
+    return [name for name, kind in STAGE_KINDS.items() if getattr(kind, feature)]

@@ -1,46 +1,36 @@
-"""Training stages, chosen by `stage.kind`; each receives only the sub-configs it needs."""
+"""Training stages, chosen by `stage.kind`; each receives only the sub-configs it needs and the
+typed settings of its kind (`trainer.stage_config.STAGE_KINDS`)."""
 from __future__ import annotations
 
-from pathlib import Path
+import importlib
 
 from trainer.config import RunConfig
+from trainer.stage_config import stage_settings
 from trainer.stages.base import Stage
+
+# stage.kind -> the class that trains it ("module:class"), imported only when chosen.
+STAGES: dict[str, str] = {
+    "autoencoder": "trainer.stages.autoencoder:AutoencoderStage",
+    "pretrain": "trainer.stages.pretrain:PretrainStage",
+    "superres": "trainer.stages.superres:SuperResStage",
+    "progressive": "trainer.stages.progressive:ProgressiveStage",
+    "adversarial": "trainer.stages.adversarial:AdversarialStage",
+}
+
+
+def stage_class(kind: str) -> type[Stage]:
+    if kind not in STAGES:
+        raise NotImplementedError(f"stage.kind={kind} is not available in this build")
+    module, name = STAGES[kind].split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def preflight(cfg: RunConfig) -> None:
     """Stage-specific checks from configs alone (no network built, no process group): `dit
     train` and `dit launch` run them first, so a bad distillation config fails in seconds with
     the key named (ConfigError) instead of after DeepSpeed started."""
-    if cfg.stage.kind == "progressive":
-        from trainer.stages.progressive import preflight as check
-    elif cfg.stage.kind == "adversarial":
-        from trainer.stages.adversarial import preflight as check
-    else:
-        return
-    check(cfg)
+    stage_class(cfg.stage.kind).preflight(cfg)
 
 
 def build_stage(cfg: RunConfig) -> Stage:
-    kind = cfg.stage.kind
-    if kind == "autoencoder":
-        from trainer.stages.autoencoder import AutoencoderStage
-
-        return AutoencoderStage(cfg.model.autoencoder, cfg.stage, cfg.data)
-    if kind == "pretrain":
-        from trainer.stages.pretrain import PretrainStage
-
-        return PretrainStage(cfg.model, cfg.diffusion, cfg.stage, cfg.data)
-    if kind == "superres":
-        from trainer.stages.superres import SuperResStage
-
-        return SuperResStage(cfg.model, cfg.diffusion, cfg.stage, cfg.data)
-    if kind in ("progressive", "adversarial"):
-        from trainer.checkpoint_format import ROUNDS_DIR
-        from trainer.stages.adversarial import AdversarialStage
-        from trainer.stages.progressive import ProgressiveStage
-
-        if kind == "progressive":
-            exports = Path(cfg.checkpoint.dir) / ROUNDS_DIR
-            return ProgressiveStage(cfg.model, cfg.diffusion, cfg.stage, cfg.data, exports)
-        return AdversarialStage(cfg.model, cfg.diffusion, cfg.stage, cfg.data, cfg.log.sample_steps)
-    raise NotImplementedError(f"stage.kind={kind} is not available in this build")
+    return stage_class(cfg.stage.kind).from_config(cfg, stage_settings(cfg.stage))

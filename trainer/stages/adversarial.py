@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainer.bundle import frozen
-from trainer.config import ConfigError, DataConfig, DiffusionConfig, ModelConfig, RunConfig, StageConfig
+from trainer.config import ConfigError, DataConfig, DiffusionConfig, ModelConfig, RunConfig
 from trainer.diffusion import add_noise, ddim_x0_target, randn
 from trainer.diffusion.distill import (
     ddim_from_prediction,
@@ -45,6 +45,7 @@ from trainer.diffusion.distill import (
 )
 from trainer.models.discriminator import DiscriminatorHeads
 from trainer.models.dit import TextEmbedding
+from trainer.stage_config import AdversarialSettings
 from trainer.stages.base import PlayerLoss
 from trainer.stages.distillation import DistillationStage, teacher_steps_of
 
@@ -147,7 +148,7 @@ def teacher_steps_for(step_counts: Sequence[int], distilled: Optional[int], at_l
     return distilled
 
 
-def check_adversarial(stage: StageConfig, distilled: Optional[int], teacher_steps: int) -> tuple[list[int], int]:
+def check_adversarial(stage: AdversarialSettings, distilled: Optional[int], teacher_steps: int) -> tuple[list[int], int]:
     """The student's step counts (largest first) and the teacher's sampler steps, after checking
     `stage.rounds` and `stage.adv_mse_weight` against a teacher distilled to `distilled` steps."""
     if not stage.rounds or min(stage.rounds) < 1:
@@ -156,11 +157,6 @@ def check_adversarial(stage: StageConfig, distilled: Optional[int], teacher_step
         raise ConfigError("stage.adv_mse_weight", "must be >= 0")
     step_counts = sorted(set(stage.rounds), reverse=True)
     return step_counts, teacher_steps_for(step_counts, distilled, teacher_steps)
-
-
-def preflight(cfg: RunConfig) -> None:
-    """An adversarial run's teacher and step counts, checked from configs alone (`dit train`, `dit launch`)."""
-    check_adversarial(cfg.stage, teacher_steps_of(cfg), cfg.log.sample_steps)
 
 
 # ------------------------------------------------------------------------------- the stage
@@ -187,7 +183,16 @@ class AdversarialStage(DistillationStage):
     (rounded up to a multiple of every student step count); the trainer passes
     `log.sample_steps`, the teacher sampler the sample grids show."""
 
-    def __init__(self, model: ModelConfig, diffusion: DiffusionConfig, stage: StageConfig, data: DataConfig,
+    @classmethod
+    def from_config(cls, cfg: RunConfig, settings: AdversarialSettings) -> "AdversarialStage":
+        return cls(cfg.model, cfg.diffusion, settings, cfg.data, cfg.log.sample_steps)
+
+    @staticmethod
+    def preflight(cfg: RunConfig) -> None:
+        """An adversarial run's teacher and step counts, checked from configs alone (`dit train`, `dit launch`)."""
+        check_adversarial(cfg.stage, teacher_steps_of(cfg), cfg.log.sample_steps)
+
+    def __init__(self, model: ModelConfig, diffusion: DiffusionConfig, stage: AdversarialSettings, data: DataConfig,
                  teacher_steps: int = 32):
         super().__init__(model, diffusion, stage, data)
         self.step_counts, self.teacher_steps = check_adversarial(stage, self.teacher.steps, teacher_steps)

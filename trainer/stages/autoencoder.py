@@ -16,9 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainer.config import AutoencoderConfig, DataConfig, LogConfig, StageConfig
+from trainer.config import AutoencoderConfig, DataConfig, LogConfig, RunConfig
+from trainer.diffusion.utils import Generators
 from trainer.media import save_image_grid
 from trainer.models.autoencoder import Autoencoder, build_kl
+from trainer.stage_config import AutoencoderSettings
 from trainer.stages.base import PlayerLoss, Stage
 
 
@@ -48,7 +50,7 @@ class VAETraining(nn.Module):
         super().__init__()
         self.ae = ae
 
-    def forward(self, x: Tensor, generator: list[torch.Generator]) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, generator: Generators) -> tuple[Tensor, Tensor]:
         posterior = self.ae.vae.encode(x).latent_dist
         z = posterior.sample(generator=generator)  # (B, c, H/f, W/f)
         return self.ae.vae.decode(z).sample, posterior.kl()  # (B, 3, H, W), (B,)
@@ -57,7 +59,11 @@ class VAETraining(nn.Module):
 class AutoencoderStage(Stage):
     preview_samples = 32  # the latent scale is fit on, and the grid drawn from, these images
 
-    def __init__(self, cfg: AutoencoderConfig, stage: StageConfig, data: DataConfig):
+    @classmethod
+    def from_config(cls, cfg: RunConfig, settings: AutoencoderSettings) -> "AutoencoderStage":
+        return cls(cfg.model.autoencoder, settings, cfg.data)
+
+    def __init__(self, cfg: AutoencoderConfig, stage: AutoencoderSettings, data: DataConfig):
         super().__init__()
         self.cfg, self.stage_cfg, self.data = cfg, stage, data
         self.players = {"student": VAETraining(Autoencoder(build_kl(cfg)))}
@@ -69,15 +75,16 @@ class AutoencoderStage(Stage):
         video = batch["video"]  # (B, 3, F, H, W)
         return video.transpose(1, 2).flatten(0, 1)  # (B F, 3, H, W)
 
-    def frame_generators(self, batch: dict[str, Any], generators: list[torch.Generator]) -> list[torch.Generator]:
+    def frame_generators(self, batch: dict[str, Any], generators: Generators) -> Generators:
         """One generator per image of `pixels`: a clip's F frames draw in turn from its sample's
-        generator, so each frame's posterior sample still depends only on the sample."""
-        if self.data.kind != "video":
+        generator, so each frame's posterior sample still depends only on the sample (a single
+        generator serves every frame as it is)."""
+        if self.data.kind != "video" or not isinstance(generators, list):
             return generators
         frames = batch["video"].shape[2]
         return [g for g in generators for _ in range(frames)]  # (B F) generators
 
-    def losses(self, batch: dict[str, Any], generator: list[torch.Generator]) -> Iterator[PlayerLoss]:
+    def losses(self, batch: dict[str, Any], generator: Generators) -> Iterator[PlayerLoss]:
         x = self.pixels(batch)  # (B, 3, H, W) in [-1, 1]
         recon, kl = self.run("student", x, self.frame_generators(batch, generator))  # (B, 3, H, W), (B,)
         rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)

@@ -14,9 +14,10 @@ import torch
 from torch import Tensor, nn
 
 from trainer.bundle import place
-from trainer.config import LogConfig
+from trainer.config import LogConfig, RunConfig
 from trainer.diffusion import rand
 from trainer.models.dit import TextEmbedding
+from trainer.stage_config import StageSettings
 
 # (player name, scalar loss to backpropagate, metrics for the log)
 PlayerLoss = tuple[str, torch.Tensor, dict[str, float]]
@@ -37,6 +38,16 @@ class Stage:
         self.device = torch.device("cpu")  # where the step's tensors live (see `to`)
         self.helper_dtype = torch.float32  # the compute dtype of the frozen helpers
         self.preview: Optional[dict[str, Any]] = None  # the fixed inputs of the sample grid
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, settings: StageSettings) -> "Stage":
+        """The stage of `cfg.stage.kind`, given the sub-configs it needs and its typed settings."""
+        raise NotImplementedError(f"{cls.__name__} is not built from a run config")
+
+    @staticmethod
+    def preflight(cfg: RunConfig) -> None:
+        """This kind's checks that need more than the config's values (a teacher's files):
+        run before any process starts. Nothing by default."""
 
     def trainable(self) -> dict[str, nn.Module]:
         return self.players

@@ -30,7 +30,6 @@ from trainer.config import (
     LogConfig,
     ModelConfig,
     RunConfig,
-    StageConfig,
     to_dict,
     validate,
 )
@@ -39,6 +38,7 @@ from trainer.diffusion.distill import Model, guided_model
 from trainer.media import save_grid
 from trainer.models.dit import DiT, TextEmbedding, build_dit
 from trainer.models.text import conditioned
+from trainer.stage_config import ProgressiveSettings
 from trainer.stages.pretrain import PretrainStage
 
 # CFG on the teacher uses the rescale its sampler uses (Lin et al. 2023 recommend 0.7 with zero
@@ -195,7 +195,7 @@ class DistillationStage(PretrainStage):
     initialised from it, per-sample guidance scales, and few-step samples and evaluation (the
     student samples without CFG, with guidance = log.sample_cfg when guidance-conditioned)."""
 
-    def __init__(self, model: ModelConfig, diffusion: DiffusionConfig, stage: StageConfig, data: DataConfig):
+    def __init__(self, model: ModelConfig, diffusion: DiffusionConfig, stage: ProgressiveSettings, data: DataConfig):
         check_weighting(diffusion)
         super().__init__(model, diffusion, stage, data)
         self.teacher, weights = load_teacher(stage.teacher, model, diffusion, data, self.text.dim, self.text.pooled_dim)

@@ -13,13 +13,14 @@ import torch
 from torch import Tensor
 
 from data_pipeline.errors import DataError
-from trainer.config import DataConfig, DiffusionConfig, LogConfig, ModelConfig, StageConfig
+from trainer.config import DataConfig, DiffusionConfig, LogConfig, ModelConfig, RunConfig
 from trainer.bundle import InferenceBundle, frozen
 from trainer.diffusion import NoiseSchedule, SamplerSettings, add_noise, diffusion_loss, randn, sample_timesteps
 from trainer.media import save_grid
 from trainer.metrics import timestep_bucket_losses
 from trainer.models.autoencoder import build_autoencoder
 from trainer.models.text import TextEmbedding, build_text_encoder
+from trainer.stage_config import PretrainSettings
 from trainer.stages.base import PlayerLoss, Stage, cfg_keep, drop_text
 
 EVAL_REPEATS = 4  # samples per prompt of the training-time adherence evaluation
@@ -47,7 +48,11 @@ def precompute_encoder(config: str, overrides: Sequence[str] = (), device: str =
 
 
 class PretrainStage(Stage):
-    def __init__(self, model: ModelConfig, diffusion: DiffusionConfig, stage: StageConfig, data: DataConfig):
+    @classmethod
+    def from_config(cls, cfg: RunConfig, settings: PretrainSettings) -> "PretrainStage":
+        return cls(cfg.model, cfg.diffusion, settings, cfg.data)
+
+    def __init__(self, model: ModelConfig, diffusion: DiffusionConfig, stage: PretrainSettings, data: DataConfig):
         super().__init__()
         self.model_cfg, self.diffusion, self.stage_cfg, self.data = model, diffusion, stage, data
         self.bundle = InferenceBundle(model, diffusion, data)  # text encoder, autoencoder, schedules, shapes

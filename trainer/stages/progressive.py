@@ -36,9 +36,8 @@ import torch
 from torch import Tensor
 
 from trainer.bundle import frozen, place
-from trainer.checkpoint_format import ROUND_FILE, write_inference_dir
-from trainer.config import (ConfigError, DataConfig, DiffusionConfig, LogConfig, ModelConfig, RunConfig, StageConfig,
-                            to_yaml)
+from trainer.checkpoint_format import ROUND_FILE, ROUNDS_DIR, write_inference_dir
+from trainer.config import ConfigError, DataConfig, DiffusionConfig, LogConfig, ModelConfig, RunConfig, to_yaml
 from trainer.diffusion import add_noise, randn
 from trainer.diffusion.distill import (
     distill_loss,
@@ -49,13 +48,9 @@ from trainer.diffusion.distill import (
     teacher_x0_target,
     valid_weight,
 )
+from trainer.stage_config import ProgressiveSettings, as_section
 from trainer.stages.base import PlayerLoss
 from trainer.stages.distillation import DistillationStage, Teacher, teacher_steps_of
-
-
-def preflight(cfg: RunConfig) -> None:
-    """A progressive run's teacher and rounds, checked from configs alone (`dit train`, `dit launch`)."""
-    check_rounds(cfg.stage.rounds, cfg.stage.steps, teacher_steps_of(cfg))
 
 
 def check_rounds(rounds: Sequence[int], total_steps: int, teacher_steps: Optional[int]) -> None:
@@ -77,7 +72,16 @@ class ProgressiveStage(DistillationStage):
     """Rounds of progressive distillation, each N -> N / 2 steps, run by one command; finished
     rounds are exported under `export_dir` (`<checkpoint.dir>/rounds`, rank 0)."""
 
-    def __init__(self, model: ModelConfig, diffusion: DiffusionConfig, stage: StageConfig, data: DataConfig,
+    @classmethod
+    def from_config(cls, cfg: RunConfig, settings: ProgressiveSettings) -> "ProgressiveStage":
+        return cls(cfg.model, cfg.diffusion, settings, cfg.data, Path(cfg.checkpoint.dir) / ROUNDS_DIR)
+
+    @staticmethod
+    def preflight(cfg: RunConfig) -> None:
+        """A progressive run's teacher and rounds, checked from configs alone (`dit train`, `dit launch`)."""
+        check_rounds(cfg.stage.rounds, cfg.stage.steps, teacher_steps_of(cfg))
+
+    def __init__(self, model: ModelConfig, diffusion: DiffusionConfig, stage: ProgressiveSettings, data: DataConfig,
                  export_dir: Optional[Path] = None):
         super().__init__(model, diffusion, stage, data)
         self.export_dir = export_dir
@@ -133,7 +137,7 @@ class ProgressiveStage(DistillationStage):
             return None
         number, steps = self.round + 1, self.student_steps
         cfg = RunConfig(model=self.model_cfg, diffusion=self.diffusion, data=self.data,
-                        stage=replace(self.stage_cfg, rounds=self.rounds[: self.round + 1]),
+                        stage=as_section(replace(self.stage_cfg, rounds=self.rounds[: self.round + 1])),
                         log=replace(LogConfig(), sample_steps=steps))
         meta = {"round": number, "steps": steps, "weights": kind, "step": step,
                 "guidance_embed": self.model_cfg.guidance_embed,
