@@ -129,7 +129,8 @@ def resume_check(ref_dir: Path, resumed_dir: Path, from_step: int, to_step: int)
 def seed_resume_dir(ref_dir: Path, resumed_dir: Path, step: int) -> None:
     """A fresh run folder whose checkpoint root holds (hard links to) the reference run's
     checkpoint of `step` and a `latest` pointer to it: the resumed run starts from there."""
-    from trainer.checkpoint import LATEST, step_name
+    from trainer.checkpoint import step_name
+    from trainer.checkpoint_format import point_latest
 
     src = ref_dir / "checkpoints" / step_name(step)
     root = resumed_dir / "checkpoints"
@@ -142,4 +143,4 @@ def seed_resume_dir(ref_dir: Path, resumed_dir: Path, step: int) -> None:
             shutil.copy2(s, d)
 
     shutil.copytree(src, root / src.name, copy_function=link)
-    (root / LATEST).write_text(src.name)
+    point_latest(root, src.name)

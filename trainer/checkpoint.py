@@ -49,7 +49,7 @@ from trainer.checkpoint_format import (
     point_latest,
     verify,
 )
-from trainer.config import CheckpointConfig
+from trainer.config import CheckpointConfig, flatten
 from trainer.distributed import comm_device
 from trainer.elastic import written_global_batch
 
@@ -137,19 +137,10 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-
-
 def config_differences(old_yaml: str, new_yaml: str, ignore: tuple[str, ...]) -> list[str]:
     """`key: old -> new` for every resolved value that differs, skipping keys (and the
     sections) in `ignore`, which may change on resume without changing the experiment."""
-    old, new = _flatten(yaml.safe_load(old_yaml) or {}), _flatten(yaml.safe_load(new_yaml) or {})
+    old, new = flatten(yaml.safe_load(old_yaml) or {}), flatten(yaml.safe_load(new_yaml) or {})
     absent = "<absent>"
     out = []
     for key in sorted(old.keys() | new.keys()):

@@ -30,6 +30,7 @@ from trainer.config import (
     LogConfig,
     ModelConfig,
     RunConfig,
+    flatten,
     to_dict,
     validate,
 )
@@ -94,14 +95,6 @@ def read_run_config(yaml_text: str) -> RunConfig:
         raise ConfigError(f"stage.teacher:{getattr(e, 'full_key', '?')}", str(e).splitlines()[0]) from None
     validate(run)
     return run
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as {"a.b": value}."""
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 def check_same_as_teacher(run: dict[str, Any], teacher: dict[str, Any], where: str) -> None:
