@@ -43,11 +43,6 @@ def global_batch(cfg: RunConfig, world_size: int) -> int:
     return shape_of(cfg, world_size).global_batch
 
 
-def noise_seed(seed: int, dp_rank: int) -> int:
-    """The seed of a data-parallel replica's noise generator (a sequence group shares one)."""
-    return seed * 100_003 + dp_rank
-
-
 def preflight_resume(cfg: RunConfig, world_size: int) -> tuple[RunConfig, str]:
     """Before any process group starts: the config this job resumes with (the checkpoint's
     global batch kept on this number of ranks, trainer/elastic.py) and the line saying what
@@ -103,8 +98,6 @@ class Trainer:
         self.ema_module = trainable["student"]  # what this rank trains of it (a pipeline stage's layers)
         self.names = network_names(self.net, self.ema_module)
         self.ema = EMA(self.ema_module, cfg.ema, self.names) if cfg.ema.enabled else None
-        # The stage's random draws (noise, timesteps, CFG dropout) are made on the device.
-        self.generator = torch.Generator(self.device).manual_seed(noise_seed(cfg.run.seed, self.ctx.dp_rank))
         self.ckpt = CheckpointManager(cfg.checkpoint, self.ctx.rank, self.ctx.world_size)
         self.state = LoopState()
         self.config_yaml = to_yaml(cfg)
@@ -124,7 +117,7 @@ class Trainer:
         """Everything this rank checkpoints besides the DeepSpeed engines, as one dict
         (trainer/train_state.py); `players` (whole optimizer states) is written when
         checkpoint.universal, for elastic resumes."""
-        states: dict[str, Stateful] = {"loop": self.state, "rng": RNGState(self.generator),
+        states: dict[str, Stateful] = {"loop": self.state, "rng": RNGState(),
                                        "stream": Keyed("stream", self.stream), "stage": StageState(self.stage),
                                        "shape": ShapeRecord(shape_of(self.cfg, self.ctx.world_size))}
         if self.ema is not None:
@@ -170,17 +163,15 @@ class Trainer:
     def load_elastic(self, directory: Path, was: Shape, states: dict[str, Stateful]) -> None:
         """Resume a checkpoint of another layout: each player's fp32 masters and moments
         re-partitioned from the universal files; the step, stream position (which every rank
-        kept alike) and counters from rank 0's state. The stage's random draws keep their
-        streams while the data-parallel ranks are the same (the first rank of dp_rank d's sequence
-        group on pipeline stage 0, rank d * S, wrote its generator); else
-        each dp_rank's generator is seeded afresh from (seed, step, dp_rank)."""
+        kept alike) and counters from rank 0's state. The stage's draws need nothing: they are
+        per sample (trainer/diffusion/noise.py). The host generators (Python, NumPy, torch)
+        keep their streams while the data-parallel ranks are the same (the first rank of
+        dp_rank d's sequence group on pipeline stage 0, rank d * S, wrote them); else they
+        stay as the run's seed set them."""
         rng = {"rng": states.pop("rng")}
         load_states(self.ckpt, directory, states, rank=0)
         if was.dp_world == self.ctx.dp_world:
             load_states(self.ckpt, directory, rng, rank=self.ctx.dp_rank * was.sequence_parallel)
-        else:
-            seed = noise_seed(self.cfg.run.seed, self.ctx.dp_rank)
-            self.generator.manual_seed(seed * 1_000_003 + self.state.step)
 
     # ---- one step -----------------------------------------------------------------------------
     def micro_batch_losses(self, batches: Iterator[dict]) -> Iterator[dict[str, Metric]]:

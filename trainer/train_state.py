@@ -54,17 +54,15 @@ def seed_everything(seed: int) -> None:
 
 
 class RNGState:
-    """Python's, NumPy's and torch's global generators and the stage's own (on the device)."""
-
-    def __init__(self, generator: torch.Generator):
-        self.generator = generator
+    """Python's, NumPy's and torch's global generators (the stage's draws are per sample:
+    trainer/diffusion/noise.py)."""
 
     def state_dict(self) -> dict[str, Any]:
         np_state = np.random.get_state()
         py_state = random.getstate()
         return {"python_rng": [py_state[0], list(py_state[1]), py_state[2]],
                 "numpy_rng": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
-                "torch_rng": torch.get_rng_state(), "stage_rng": self.generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
                 "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64))}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -73,7 +71,6 @@ class RNGState:
         name, pos, has_gauss, cached = state["numpy_rng"]
         np.random.set_state((name, state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
         torch.set_rng_state(state["torch_rng"])
-        self.generator.set_state(state["stage_rng"])
 
 
 class ShapeRecord:
