@@ -95,3 +95,24 @@ def test_pixel_space_is_the_identity():
     assert isinstance(ae, PixelSpace) and ae.downsample_factor == 1
     x = images()
     assert ae.encode(x) is x and ae.decode(x) is x
+
+
+def test_a_wan_folder_normalizes_latents_per_channel_as_diffusers_does(tmp_path):
+    """Wan's config carries per-channel latents_mean / latents_std (diffusers' Wan pipelines use
+    (latent - mean) / std); loaded from its folder, the autoencoder hands the DiT those latents
+    and decodes them back through the same statistics."""
+    from trainer.config import AutoencoderConfig
+    from trainer.models.autoencoder import Autoencoder, build_causal_3d
+
+    torch.manual_seed(0)
+    vae = build_causal_3d(AutoencoderConfig(kind="kl", block_out_channels=[8, 16], latent_channels=4))
+    vae.register_to_config(latents_mean=[0.5, -1.0, 0.0, 2.0], latents_std=[2.0, 0.5, 1.0, 4.0])
+    vae.save_pretrained(tmp_path)
+    ae = Autoencoder.load(tmp_path).eval()
+    video = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+    with torch.no_grad():
+        raw = ae.vae.encode(video).latent_dist.mode()  # (1, 4, 3, 8, 8)
+        mean, std = torch.tensor([0.5, -1.0, 0.0, 2.0]).view(1, 4, 1, 1, 1), torch.tensor([2.0, 0.5, 1.0, 4.0]).view(1, 4, 1, 1, 1)
+        z = ae.encode(video)
+        assert torch.allclose(z, (raw - mean) / std, atol=1e-6)
+        assert torch.allclose(ae.decode(z), ae.vae.decode(raw).sample, atol=1e-5)
