@@ -8,7 +8,6 @@ and sample count and lists the shards that differ from the manifest.
 from __future__ import annotations
 
 import io
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -120,8 +119,8 @@ def format_report(r: Report) -> str:
         f"shards:      {len(m.shards)}, {sum(s.bytes for s in m.shards) / 1e6:.1f} MB",
         f"samples:     {m.num_samples} (per shard: {_summary(counts)})",
         f"inspected:   {r.inspected} samples" + (f", {r.unreadable} unreadable" if r.unreadable else ""),
-        f"members:     " + ", ".join(f"{k} {v}" for k, v in sorted(r.members.items())),
-        f"resolutions: " + (", ".join(f"{k} ({v})" for k, v in r.resolutions.most_common(8)) or "-"),
+        "members:     " + ", ".join(f"{k} {v}" for k, v in sorted(r.members.items())),
+        "resolutions: " + (", ".join(f"{k} ({v})" for k, v in r.resolutions.most_common(8)) or "-"),
     ]
     if r.frames:
         lines.append(f"frames:      {_summary(r.frames)}")

@@ -28,7 +28,8 @@ from data_pipeline.config import DataConfig
 from data_pipeline.errors import DataError, SkipCounter, SkipSample
 from data_pipeline.manifest import Manifest, resolve_source
 from data_pipeline.plan import Slot
-from data_pipeline.stream import Item, batch_to_device, collate, decode_stage, finalize, transform_stage
+from data_pipeline.stages import Item, collate, decode_stage, transform_stage
+from data_pipeline.stream import batch_to_device, finalize
 from data_pipeline.tar_reader import TarShard
 from data_pipeline.transforms import TransformSpec
 from data_pipeline.write import ShardOutput

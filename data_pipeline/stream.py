@@ -7,10 +7,10 @@ The pipeline, as an explicit list of stages (in the spirit of open_clip's `data.
     split by step     row i of batch_size positions is batch i // W    plan.Segment.batch_slots
     and by rank       of rank i % W: a step's positions on any layout
     split by worker   batch t of a rank from worker t % workers        plan.Segment.worker_batches
-    tar to samples    seek to the planned samples of each shard        read_stage
-    safe decode       allowlisted decoders, pickles rejected           decode_stage
-    transforms        buckets, resize + crop, SR pairs, video clips    transform_stage
-    batch             one bucket per batch, a fixed number per worker  batch_stage
+    tar to samples    seek to the planned samples of each shard        stages.read_stage
+    safe decode       allowlisted decoders, pickles rejected           stages.decode_stage
+    transforms        buckets, resize + crop, SR pairs, video clips    stages.transform_stage
+    batch             one bucket per batch, a fixed number per worker  stages.batch_stage
     hand over         forked workers in turn (workers.py), uint8      WorkerPool, PixelRing,
                       pixels through shared slots (transfer.py)        finalize
     to the device     (the trainer) copy, then x / 127.5 - 1 there     batch_to_device
@@ -29,20 +29,20 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from itertools import islice
-from typing import Iterable, Iterator, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
 
 from data_pipeline.config import DataConfig, remote_options, validate_data_config
-from data_pipeline.decode import Decoded, JsonRecords, decode_sample
-from data_pipeline.errors import DataError, SkipCounter, SkipSample, check_error_budget, empty_counts
+from data_pipeline.errors import DataError, SkipCounter, check_error_budget, empty_counts
 from data_pipeline.manifest import SOURCE_SEPARATOR, Manifest, resolve_source, resolve_sources
 from data_pipeline.plan import EpochOrder, ResampledOrder, Segment, Slot, Topology, epoch_read_blocks, replay
 from data_pipeline.remote import RemoteOptions
-from data_pipeline.tar_reader import RawSample, ShardReader
+from data_pipeline.stages import batch_stage, decode_stage, read_stage, transform_stage
+from data_pipeline.tar_reader import ShardReader
 from data_pipeline.transfer import PixelRing, slot_bytes, stack_into, stacked_shape
-from data_pipeline.transforms import Pixels, TransformSpec, image_pixels, refit, video_pixels
+from data_pipeline.transforms import TransformSpec
 from data_pipeline.workers import Producer, WorkerPool
 
 log = logging.getLogger("data_pipeline")
@@ -50,179 +50,6 @@ STATE_VERSION = 1
 
 
 # ----------------------------------------------------------------------------- worker side
-
-
-@dataclass
-class Item:
-    """One batch slot on its way through the stages; `bad` names the skip reason."""
-
-    slot: Slot
-    shard: str
-    key: str = ""  # "#<index in shard>" until the tar member names it
-    raw: Optional[RawSample] = None
-    sample: Optional[Decoded] = None
-    pixels: Optional[Pixels] = None
-    bad: str = ""
-
-    @property
-    def bucket(self) -> tuple:
-        if self.pixels is not None:
-            return self.pixels.bucket
-        return tuple((name, tuple(t.shape)) for name, t in sorted(self.sample.tensors.items()))
-
-
-def _skip(item: Item, error: SkipSample, counter: SkipCounter) -> None:
-    item.bad = error.reason
-    counter.skip(error.reason, item.shard, item.key, error.detail)
-
-
-def read_stage(blocks: Iterable[list[Slot]], reader: ShardReader, paths: tuple[str, ...],
-               counter: SkipCounter) -> Iterator[Item]:
-    """Tar to samples: read each block's samples in file order, hand them out in plan order.
-    Each time it starts on a shard, the reader hears which shard comes after (read-ahead)."""
-    blocks = iter(blocks)
-    block = next(blocks, None)
-    while block is not None:
-        following = next(blocks, None)
-        wanted = sorted({(s.shard, s.index) for s in block})
-        fetched: dict[tuple[int, int], object] = {}
-        for i, (where, upcoming) in enumerate(zip(wanted, _upcoming(wanted, following))):
-            if upcoming is not None and (i == 0 or wanted[i - 1][0] != where[0]):
-                reader.prefetch(*upcoming)
-            try:
-                fetched[where] = reader.read(*where)
-            except SkipSample as e:
-                fetched[where] = e
-        for slot in block:
-            counter.read()
-            item = Item(slot, paths[slot.shard], f"#{slot.index}")
-            got = fetched[slot.shard, slot.index]
-            if isinstance(got, SkipSample):
-                _skip(item, got, counter)
-            else:
-                item.raw, item.key = got, got.key
-            yield item
-        block = following
-
-
-def _upcoming(wanted: list[tuple[int, int]], following: Optional[list[Slot]]) -> list[Optional[tuple[int, int]]]:
-    """For each (shard, index) read of a block, the first later read of another shard (in this
-    block or the next), or None."""
-    later = wanted + (sorted({(s.shard, s.index) for s in following}) if following else [])
-    out: list[Optional[tuple[int, int]]] = [None] * len(later)
-    nxt = None
-    for i in reversed(range(len(later))):
-        if i + 1 < len(later) and later[i + 1][0] != later[i][0]:
-            nxt = later[i + 1]
-        out[i] = nxt
-    return out[: len(wanted)]
-
-
-def decode_stage(items: Iterable[Item], counter: SkipCounter) -> Iterator[Item]:
-    """Safe decode: allowlisted member types only (see decode.py)."""
-    for item in items:
-        if not item.bad:
-            try:
-                item.sample = decode_sample(item.raw, item.shard, counter)
-            except SkipSample as e:
-                _skip(item, e, counter)
-            item.raw = None
-        yield item
-
-
-def transform_stage(items: Iterable[Item], spec: TransformSpec, counter: SkipCounter) -> Iterator[Item]:
-    """Pixels at the sample's bucket size (tensor-only samples pass through)."""
-    for item in items:
-        s = item.sample
-        if not item.bad and (s.image is not None or s.video is not None):
-            try:
-                if s.image is not None:
-                    item.pixels = image_pixels(s.image, spec, item.slot.rand)
-                else:
-                    item.pixels = video_pixels(s.video, spec, item.slot.rand)
-            except SkipSample as e:
-                _skip(item, e, counter)
-            s.image = s.video = None
-        yield item
-
-
-def batch_stage(items: Iterable[Item], batch_size: int, window: int) -> Iterator[dict]:
-    """Batches of one bucket, exactly one batch per `batch_size` slots.
-
-    Slots are taken a window (`window` batches) at a time; within it samples are grouped by
-    bucket and the leftovers of partly filled buckets are forced into the remaining batches.
-    Skipped samples leave holes that are filled with repeats marked `valid=False`, so the
-    number of batches never depends on the data (no rank waits for another)."""
-    waiting = 0  # batches of earlier windows without a single usable sample
-    for chunk in _chunks(items, batch_size * window):
-        filler = next((it for it in chunk if not it.bad), None)
-        groups = _group(chunk, batch_size)
-        if filler is None:
-            waiting += len(groups)
-            continue
-        for _ in range(waiting):
-            yield collate([filler] * batch_size, [False] * batch_size)
-        waiting = 0
-        for group in groups:
-            members = group or [filler]
-            valid = [not it.slot.pad for it in group] + [False] * (batch_size - len(group))
-            yield collate(members + [members[0]] * (batch_size - len(members)), valid)
-    if waiting:
-        raise DataError(f"the last {waiting} batches of this worker hold no readable sample (see the "
-                        f"skip warnings above for shards and keys); repair or remove those shards")
-
-
-def _chunks(items: Iterable[Item], n: int) -> Iterator[list[Item]]:
-    it = iter(items)
-    while chunk := list(islice(it, n)):
-        yield chunk
-
-
-def _group(chunk: list[Item], batch_size: int) -> list[list[Item]]:
-    """Split the usable items of a window into len(chunk) // batch_size groups, by bucket."""
-    done: list[list[Item]] = []
-    open_groups: dict[tuple, list[Item]] = {}
-    for item in chunk:
-        if item.bad:
-            continue
-        group = open_groups.setdefault(item.bucket, [])
-        group.append(item)
-        if len(group) == batch_size:
-            done.append(open_groups.pop(item.bucket))
-    leftovers = [it for group in open_groups.values() for it in group]
-    done.extend(leftovers[i: i + batch_size] for i in range(0, len(leftovers), batch_size))
-    return done + [[] for _ in range(len(chunk) // batch_size - len(done))]
-
-
-def collate(items: list[Item], valid: list[bool]) -> dict:
-    """One batch. Pixels stay a list of uint8 clips (F, H, W, 3), stacked once into their final
-    memory: a loader slot (transfer.py) or the tensor `finalize` makes. Tensor members are
-    stacked by name."""
-    head = items[0]
-    batch = {
-        "__key__": [it.key for it in items],
-        "__sample__": [it.slot.sample for it in items],  # ids: per-sample noise seeds (trainer.diffusion.noise)
-        "caption": [it.sample.caption for it in items],
-        "json": JsonRecords([it.sample.meta_json for it in items]),
-        "valid": valid,
-    }
-    if any((it.pixels is None) != (head.pixels is None) for it in items):
-        raise DataError(f"a batch mixes samples with and without images/videos ({head.key}); keep "
-                        f"precomputed (tensor-only) shards and pixel shards in separate runs")
-    if head.pixels is not None:
-        _, h, w = head.pixels.bucket
-        f = min(it.pixels.bucket[0] for it in items)  # a forced leftover batch takes the shortest clip
-        batch["__pixels__"] = [refit(it.pixels.frames, f, (h, w)) for it in items]
-        if head.pixels.frames_sr is not None:
-            hw = head.pixels.frames_sr.shape[1:3]
-            batch["__pixels_sr__"] = [refit(it.pixels.frames_sr, f, hw) for it in items]
-    for name, tensor in head.sample.tensors.items():
-        parts = [it.sample.tensors.get(name) for it in items]
-        if any(p is None or p.shape != tensor.shape for p in parts):
-            raise DataError(f"tensor {name!r} is missing or has different shapes within a batch "
-                            f"(first: {head.key} {tuple(tensor.shape)}); precompute all shards at one size")
-        batch[name] = torch.stack(parts)
-    return batch
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ second half of a shard reads only that half. Truncation and broken headers surfa
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 from concurrent.futures import Future, ThreadPoolExecutor

@@ -113,7 +113,7 @@ def bench_sequence(args: argparse.Namespace) -> int:
         ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(args.ranks)]
     split = max(ranks, key=lambda r: r["activations_mib"])
     print(f"{'per rank':<10}" + "".join(f"{k[:-4]:>14}" for k in whole if k.endswith("_mib")) + "   (peak MiB)")
-    for name, row in ((f"S=1", whole), (f"S={args.ranks}", split)):
+    for name, row in (("S=1", whole), (f"S={args.ranks}", split)):
         print(f"{name:<10}" + "".join(f"{v:14.1f}" for k, v in row.items() if k.endswith("_mib")))
     print(f"loss S=1 {whole['loss']:.6f}, S={args.ranks} {split['loss']:.6f}")
     ratio = split["activations_mib"] / whole["activations_mib"]

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from trainer.checkpoint import EMA_FILE, STAGE_FILE, CheckpointManager, RankState
-from trainer.elastic import Shape, gather_player, load_player, universal_file, written_shape
+from trainer.elastic import Shape, gather_player, load_player, universal_file
 from trainer.ema import EMA
 
 
