@@ -1,7 +1,7 @@
 """`dit bench quality`: prompt adherence against training steps for the demo recipe.
 
-Trains the recipe of `make demo` (shards -> autoencoder -> latent DiT, each stage started with
-torchrun exactly as the demo does) into --out, keeping a checkpoint every --every steps, then
+Trains the recipe of `make demo` (shards -> autoencoder -> latent shards -> latent DiT, each
+training stage started with torchrun exactly as the demo does) into --out, keeping a checkpoint every --every steps, then
 judges each checkpoint's EMA on the same --num held-out captions (the shapes judge,
 `trainer.judge`, with 95% Wilson intervals). Writes quality.json (one row per checkpoint:
 step, accuracies, intervals) and quality.png (the curve of every attribute, count and overall
@@ -104,7 +104,7 @@ def plot_curve(rows: Sequence[dict], path: str | Path, title: str = "") -> Path:
 def train_recipe(config: str, overrides: list[str], out: str, every: int, nproc: int) -> str:
     """The demo's stages into `out` with a checkpoint kept every `every` steps; returns the DiT's
     checkpoint directory."""
-    from launch.demo import synth, torchrun
+    from launch.demo import synth, torchrun, train_latent_dit
     from trainer.config import load_config
 
     shared = [f"run.out_dir={out}"]
@@ -112,7 +112,7 @@ def train_recipe(config: str, overrides: list[str], out: str, every: int, nproc:
     cfg = load_config(config, dit_overrides)
     synth(cfg.data.shards, cfg.data.resolution)
     torchrun(nproc, Path(config).with_name("demo_autoencoder.yaml"), shared)
-    torchrun(nproc, config, dit_overrides)
+    train_latent_dit(nproc, config, dit_overrides)
     return cfg.checkpoint.dir
 
 

@@ -1,8 +1,10 @@
 """The autoencoder stage of the demo recipe (configs/demo_autoencoder.yaml) keeps what the
 shapes judge reads: a real `dit train` at a reduced step count, then the judge on its
 reconstructions of held-out images. The full recipe is held to >= 95% on every attribute
-(its end-of-stage report, `reconstruction_adherence.json`); this CI-sized run (half the steps) to floors that
-an autoencoder turning shapes into blobs (shape near chance, 33%) fails."""
+(its end-of-stage report, `reconstruction_adherence.json`); this CI-sized run (two thirds of
+the steps, one process) to floors that an autoencoder turning shapes into blobs (shape near
+chance, 33%) fails. The demo then writes
+its DiT's latent shards with that autoencoder: they hold what it encodes on the fly."""
 from __future__ import annotations
 
 import json
@@ -14,7 +16,7 @@ import pytest
 from tests.trainer.harness import ROOT, train_env
 
 CONFIG = ROOT / "configs" / "demo_autoencoder.yaml"
-CI_STEPS = 400  # of the recipe's 800, on one process with the demo's global batch (2 ranks x 8)
+CI_STEPS = 400  # of the recipe's 600, on one process with the demo's global batch (2 ranks x 8)
 FLOORS = {"color": 0.95, "position": 0.95, "size": 0.85, "shape": 0.65}  # measured at CI_STEPS: 99.5, 99.5, 94.2, 79.5; chance 1/6, 1/9, 1/3, 1/3
 
 
@@ -36,3 +38,24 @@ def test_demo_autoencoder_keeps_shapes(tmp_path):
         assert report["accuracy"][key] >= floor, (key, report["accuracy"])
     lo, hi = report["interval"]["shape"]
     assert lo <= report["accuracy"]["shape"] <= hi
+    latent_shards_hold_the_autoencoders_latents(tmp_path, shards)
+
+
+def latent_shards_hold_the_autoencoders_latents(out_dir, shards) -> None:
+    import torch
+
+    from data_pipeline.stream import batch_to_device, build_stream
+    from launch.demo import precompute_latents
+    from trainer.config import load_config
+    from trainer.stages import build_stage
+
+    overrides = [f"run.out_dir={out_dir}", f"data.shards={shards}"]
+    latents = precompute_latents(ROOT / "configs" / "demo.yaml", overrides)
+    cfg = load_config(ROOT / "configs" / "demo.yaml", [*overrides, "data.num_workers=0", "data.batch_size=8"])
+    stage = build_stage(cfg)
+    pixels = batch_to_device(next(iter(build_stream(cfg.data, 0, 1))), torch.device("cpu"))
+    cfg.data.shards = latents
+    stored = batch_to_device(next(iter(build_stream(cfg.data, 0, 1))), torch.device("cpu"))
+    assert stored["__key__"] == pixels["__key__"] and "image" not in stored
+    assert torch.allclose(stored["latent"], stage.clean_input(pixels), atol=1e-5)
+    assert torch.equal(stored["text_emb"], stage.text.encode(pixels["caption"]).tokens)
