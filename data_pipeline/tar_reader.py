@@ -106,8 +106,9 @@ class TarShard:
     `read(i)` returns sample i; reading a later index seeks over the data in between (only the
     512-byte headers are read; remotely each seek past the read-ahead buffer is one ranged
     read), an earlier index reopens the file. With `offsets` (the byte index of a manifest:
-    where each sample's first header starts) a URL shard jumps straight to the sample asked
-    for. The headers are parsed here (ustar, pax and GNU long names, checksums verified)
+    where each sample's first header starts) a shard other than a pipe jumps straight to the
+    sample asked for: a worker parses the headers of its own samples only, not those of the
+    samples between them that other workers read. The headers are parsed here (ustar, pax and GNU long names, checksums verified)
     rather than by `tarfile`, which costs more per member than decoding a small JPEG.
 
     Transient read errors are retried `options.retries` times with exponential backoff, each
@@ -118,7 +119,7 @@ class TarShard:
                  options: Optional[RemoteOptions] = None):
         self.path = path
         self.options = options or RemoteOptions()
-        self.offsets = list(offsets or []) if remote.is_url(path) else []
+        self.offsets = [] if remote.is_pipe(path) else list(offsets or [])
         self._file = None
         self._size: Optional[int] = None
         self._first_index: dict[str, int] = {}  # key -> index of the first sample carrying it
@@ -355,16 +356,30 @@ def count_samples(path: str, options: Optional[RemoteOptions] = None) -> int:
 def sample_offsets(path: str, options: Optional[RemoteOptions] = None) -> list[int]:
     """Byte offset of each sample's first header (its length is the number of samples),
     reading headers only and stopping quietly at truncation."""
+    return _walk_offsets(path, options)[0]
+
+
+def byte_index(path: str, options: Optional[RemoteOptions] = None) -> tuple[int, list[int]]:
+    """(samples, byte index) of a tar, reading headers only: the index is `sample_offsets`, or
+    [] when a sample repeats a key or a member of the shard. A reader that jumps to a sample
+    does not see the keys before it, so only walking finds such a duplicate."""
+    offsets, unique = _walk_offsets(path, options)
+    return len(offsets), offsets if unique else []
+
+
+def _walk_offsets(path: str, options: Optional[RemoteOptions]) -> tuple[list[int], bool]:
+    """(each sample's first header offset, whether no sample repeats a key or a member)."""
     shard = TarShard(path, options=options)
-    offsets = []
+    offsets, unique = [], True
     try:
-        while shard._take(load=False) is not None:
+        while (found := shard._take(load=False)) is not None:
             offsets.append(shard.last_start)
+            unique = unique and not found[3]
     except SkipSample:
         pass
     finally:
         shard.close()
-    return offsets
+    return offsets, unique
 
 
 class ShardReader:
