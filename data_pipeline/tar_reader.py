@@ -263,12 +263,13 @@ class TarShard:
         first_index = self._first_index.setdefault(key, index)
         spans: list[Span] = []
         members: dict[str, bytes] = {}
+        end = self.offsets[index + 1] if index + 1 < len(self.offsets) else -1  # the next sample's header
         item: Optional[tuple[str, str, int, int, int]] = first
         while item is not None and item[0] == key:
             spans.append(item[1:4])
             if load:
                 members[item[1]] = self._block(item[2], item[3])
-            item = self._next_member()
+            item = None if self._offset == end else self._next_member()  # with the index: no look-ahead
         self._pending = item
         self._index += 1
         duplicate = ""
