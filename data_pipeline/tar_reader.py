@@ -45,9 +45,10 @@ class RawSample:
 
 
 class MappedFile:
-    """A local file as a read-only memory map (`map`: bytes-like, sliced for reads). The
-    descriptor is closed at once; the map lives as long as this object or a `LazySample`
-    holding it. (A file truncated by someone else while mapped makes its later pages
+    """A local file as a read-only memory map (`map`: bytes-like, sliced for reads). The map
+    lives as long as this object or a `LazySample` holding it, and holds a descriptor of its
+    own (Python's mmap keeps a duplicate): a worker has one per shard of the shuffle block it
+    is reading. (A file truncated by someone else while mapped makes its later pages
     unreadable: SIGBUS ends the worker, which the worker pool reports.)"""
 
     def __init__(self, path: str):
