@@ -33,19 +33,14 @@ class StageSettings:
     # sequence parallelism (trainer/sequence_parallel.py) over its tokens.
     pipeline: ClassVar[bool] = False
     sequence_parallel: ClassVar[bool] = False
+    # Where the student comes from: "" when `checkpoint.init_from` may warm-start it, else why not.
+    student_from: ClassVar[str] = "trains no DiT"
 
     def check(self, cfg: RunConfig) -> None:
         check(self.steps >= 1, "stage.steps", "must be at least 1")
-        check(not (cfg.checkpoint.init_from and not self.warm_starts()), "checkpoint.init_from",
+        check(not (cfg.checkpoint.init_from and self.student_from), "checkpoint.init_from",
               f"warm-starts the DiT of pretrain and superres stages; the {self.kind} stage "
-              f"{self.student_from()} (set checkpoint.init_from='')")
-
-    def warm_starts(self) -> bool:
-        """Whether `checkpoint.init_from` may start this kind's student."""
-        return False
-
-    def student_from(self) -> str:
-        return "trains no DiT"
+              f"{self.student_from} (set checkpoint.init_from='')")
 
 
 @dataclass(frozen=True)
@@ -64,13 +59,11 @@ class PretrainSettings(StageSettings):
 
     pipeline: ClassVar[bool] = True
     sequence_parallel: ClassVar[bool] = True
+    student_from: ClassVar[str] = ""
 
     def check(self, cfg: RunConfig) -> None:
         check(0.0 <= self.cfg_dropout < 1.0, "stage.cfg_dropout", "must be in [0, 1)")
         super().check(cfg)
-
-    def warm_starts(self) -> bool:
-        return True
 
 
 @dataclass(frozen=True)
@@ -95,18 +88,13 @@ class ProgressiveSettings(PretrainSettings):
     guidance_max: float = 4.0
 
     sequence_parallel: ClassVar[bool] = False
+    student_from: ClassVar[str] = "starts its student from stage.teacher"
 
     def check(self, cfg: RunConfig) -> None:
         super().check(cfg)
         check(not cfg.data.resolutions, "data.resolutions",
               f"the {self.kind} stage distils at the one schedule of data.resolution; multi-resolution "
               f"buckets train pretrain stages (set data.resolutions=[])")
-
-    def warm_starts(self) -> bool:
-        return False
-
-    def student_from(self) -> str:
-        return "starts its student from stage.teacher"
 
 
 @dataclass(frozen=True)
