@@ -33,6 +33,17 @@ _DECODED = frozenset((*IMAGE_EXTS, *VIDEO_EXTS, *CAPTION_EXTS, *TENSOR_EXTS, "js
 _UNSAFE = frozenset(UNSAFE_EXTS)
 
 
+def _load_image_plugins() -> None:
+    """Import PIL's decoders of PIL_FORMATS now, in the process that imports this module: PIL
+    imports its plugins at the first `open`, which was in each loader worker after the fork,
+    again every epoch (with numpy.random, see plan.py: ~0.1 s of CPU a worker)."""
+    PIL.Image.preinit()  # JPEG, PNG (and BMP, GIF, PPM, which `open` is not allowed to use)
+    from PIL import WebPImagePlugin  # noqa: F401 - registers WEBP: `open` never imports every plugin
+
+
+_load_image_plugins()
+
+
 @dataclass
 class Decoded:
     """A sample after decoding; media stay lazy (image header parsed, video bytes)."""

@@ -7,8 +7,9 @@ headers, and `dit data inspect DIR --write-manifest` stores them once.
 
 Sources may be remote (see remote.py): a URL of a directory holding manifest.json
 (`s3://bucket/laion`), a brace/glob pattern of URLs (`s3://bucket/laion/{00000..09999}.tar`)
-or `pipe:` commands. Manifests of URL shards carry a byte index (`offsets`: where each
-sample's first header starts) so that a worker reads only the byte ranges of its samples.
+or `pipe:` commands. Manifests carry a byte index per shard (`offsets`: where each sample's
+first header starts; not for pipes, nor for a shard where a key repeats) so that a worker
+reads only the headers and bytes of its own samples (of a URL: only their byte ranges).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import braceexpand
 
 from data_pipeline import remote
 from data_pipeline.errors import DataError
-from data_pipeline.tar_reader import count_samples, sample_offsets
+from data_pipeline.tar_reader import byte_index, count_samples
 
 MANIFEST_NAME = "manifest.json"
 SOURCE_SEPARATOR = "::"
@@ -37,7 +38,7 @@ class ShardInfo:
     samples: int
     bytes: int = 0
     sha256: str = ""  # "" when not recorded (scanned shards)
-    offsets: list[int] = field(default_factory=list)  # byte index of remote shards; [] when absent
+    offsets: list[int] = field(default_factory=list)  # byte index (tar_reader.byte_index); [] when absent
 
 
 @dataclass
@@ -121,8 +122,8 @@ def load_manifest(directory: str) -> Manifest:
 
 
 def scan_manifest(paths: list[str], kind: str = "unknown", checksums: bool = False) -> Manifest:
-    """Build a manifest by counting the samples of tar files (headers only); URL shards also
-    get their byte index. `pipe:` sources are named in full (root "")."""
+    """Build a manifest by counting the samples of tar files (headers only), with their byte
+    index. `pipe:` sources are named in full (root "") and get no index."""
     if not paths:
         raise DataError("no shards to scan")
     if any(remote.is_remote(p) for p in paths):
@@ -131,7 +132,8 @@ def scan_manifest(paths: list[str], kind: str = "unknown", checksums: bool = Fal
     shards = []
     for p in paths:
         size, digest = file_digest(p) if checksums else (os.path.getsize(p), "")
-        shards.append(ShardInfo(os.path.relpath(os.path.abspath(p), root), count_samples(p), size, digest))
+        samples, offsets = byte_index(p)
+        shards.append(ShardInfo(os.path.relpath(os.path.abspath(p), root), samples, size, digest, offsets))
     return Manifest(root, shards, kind, "scan")
 
 
@@ -144,8 +146,8 @@ def _scan_remote(paths: list[str], kind: str, checksums: bool) -> Manifest:
     shards = []
     for p in paths:
         size, digest = file_digest(p) if checksums else (remote.size_of(p), "")
-        offsets = sample_offsets(p)
-        shards.append(ShardInfo(p[len(root) + 1:], len(offsets), size, digest, offsets))
+        samples, offsets = byte_index(p)
+        shards.append(ShardInfo(p[len(root) + 1:], samples, size, digest, offsets))
     return Manifest(root, shards, kind, "scan")
 
 

@@ -34,6 +34,7 @@ from functools import cached_property
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
+from numpy.random import default_rng  # imported here, before workers fork: numpy loads it lazily
 
 Intervals = tuple[tuple[int, int], ...]  # disjoint [start, end) ranges of epoch positions, in order
 
@@ -180,7 +181,7 @@ class EpochOrder:
 
     def __init__(self, counts: Sequence[int], seed: int, epoch: int, block: int):
         self.seed, self.epoch, self.block = seed, epoch, block
-        rng = np.random.default_rng([seed, epoch, 0])
+        rng = default_rng([seed, epoch, 0])
         self.shard_order = rng.permutation(len(counts))
         counts = np.asarray(counts, dtype=np.int64)
         self.first_id = np.concatenate([[0], np.cumsum(counts)])[:-1]  # sample id of each shard's sample 0
@@ -189,8 +190,8 @@ class EpochOrder:
 
     def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
         n = min(self.block, self.size - b * self.block)
-        perm = np.random.default_rng([self.seed, self.epoch, 1, b]).permutation(n)
-        rand = np.random.default_rng([self.seed, self.epoch, 2, b]).random((n, 3))
+        perm = default_rng([self.seed, self.epoch, 1, b]).permutation(n)
+        rand = default_rng([self.seed, self.epoch, 2, b]).random((n, 3))
         return perm, rand
 
     def read_blocks(self, iv: Iterable[tuple[int, int]], pad: bool) -> Iterator[list[Slot]]:
@@ -252,7 +253,7 @@ class ResampledOrder:
     visit: int
 
     def visit_slots(self, rank: int, worker: int, i: int) -> list[Slot]:
-        rng = np.random.default_rng([self.seed, 3, self.segment, rank, worker, i])
+        rng = default_rng([self.seed, 3, self.segment, rank, worker, i])
         p = np.asarray(self.weights) / sum(self.weights)
         d = int(rng.choice(len(p), p=p))
         starts = np.concatenate([[0], np.cumsum(self.source_counts[d])])

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import islice
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional, Union
 
 import torch
 
 from data_pipeline.decode import Decoded, JsonRecords, decode_sample
 from data_pipeline.errors import DataError, SkipCounter, SkipSample
 from data_pipeline.plan import Slot
-from data_pipeline.tar_reader import RawSample, ShardReader
+from data_pipeline.tar_reader import LazySample, RawSample, ShardReader
 from data_pipeline.transforms import Pixels, TransformSpec, image_pixels, refit, video_pixels
 
 
@@ -47,7 +47,9 @@ def _skip(item: Item, error: SkipSample, counter: SkipCounter) -> None:
 
 def read_stage(blocks: Iterable[list[Slot]], reader: ShardReader, paths: tuple[str, ...],
                counter: SkipCounter) -> Iterator[Item]:
-    """Tar to samples: read each block's samples in file order, hand them out in plan order.
+    """Tar to samples: locate each block's samples in file order (headers only; a remote
+    sample's bytes too), hand them out in plan order, a local sample's bytes copied out of the
+    mapped shard just then: a worker holds one sample's bytes, not its stripe of the block's.
     Each time it starts on a shard, the reader hears which shard comes after (read-ahead)."""
     blocks = iter(blocks)
     block = next(blocks, None)
@@ -59,19 +61,29 @@ def read_stage(blocks: Iterable[list[Slot]], reader: ShardReader, paths: tuple[s
             if upcoming is not None and (i == 0 or wanted[i - 1][0] != where[0]):
                 reader.prefetch(*upcoming)
             try:
-                fetched[where] = reader.read(*where)
+                fetched[where] = reader.read(*where, lazy=True)
             except SkipSample as e:
                 fetched[where] = e
         for slot in block:
             counter.read()
             item = Item(slot, paths[slot.shard], f"#{slot.index}")
-            got = fetched[slot.shard, slot.index]
+            got = _loaded(fetched[slot.shard, slot.index])
             if isinstance(got, SkipSample):
                 _skip(item, got, counter)
             else:
                 item.raw, item.key = got, got.key
             yield item
         block = following
+
+
+def _loaded(got: Union[RawSample, LazySample, SkipSample]) -> Union[RawSample, SkipSample]:
+    """A located sample with its member bytes, or why they cannot be read."""
+    if not isinstance(got, LazySample):
+        return got
+    try:
+        return got.load()
+    except SkipSample as e:
+        return e
 
 
 def _upcoming(wanted: list[tuple[int, int]], following: Optional[list[Slot]]) -> list[Optional[tuple[int, int]]]:

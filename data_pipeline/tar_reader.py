@@ -6,16 +6,24 @@ written by webdataset, img2dataset and video2dataset. `TarShard` walks the tar h
 local file and seeks over the data of samples it is not asked for, so a worker that owns the
 second half of a shard reads only that half. Truncation and broken headers surface as
 `SkipSample` for the samples that cannot be read; nothing in a member is ever executed.
+
+A local shard is read through a read-only memory map (`MappedFile`): a header or a member is
+a slice of the page cache, not a seek and a read system call each. A local sample can also be
+located without its bytes (`LazySample`: the headers are walked now, the members are copied
+out when `load` is called, just before decoding), so a worker holds the bytes of the sample it
+decodes, not those of a whole shuffle block.
 """
 from __future__ import annotations
 
 import logging
+import mmap
+import os
 import re
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional, Union
 
 from data_pipeline import remote
 from data_pipeline.errors import DataError, SkipSample
@@ -35,6 +43,49 @@ class RawSample:
     key: str
     members: dict[str, bytes]  # extension ("jpg", "seg.png", ...) -> undecoded bytes
     duplicate: str = ""  # why this sample repeats a key (or a member) of its shard; "" if it does not
+
+
+class MappedFile:
+    """A local file as a read-only memory map (`map`: bytes-like, sliced for reads). The map
+    lives as long as this object or a `LazySample` holding it, and holds a descriptor of its
+    own (Python's mmap keeps a duplicate): a worker has one per shard of the shuffle block it
+    is reading. (A file truncated by someone else while mapped makes its later pages
+    unreadable: SIGBUS ends the worker, which the worker pool reports.)"""
+
+    def __init__(self, path: str):
+        with open(path, "rb") as f:
+            self.size = os.fstat(f.fileno()).st_size
+            self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if self.size else b""
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        """Up to `size` bytes at `offset`: fewer only at the end of the file, as a read."""
+        return self.map[offset: offset + size]
+
+    def close(self) -> None:
+        """Drop this reference to the map: unmapped once no LazySample holds it either."""
+        self.map = b""
+
+
+Span = tuple[str, int, int]  # a member: (extension, data offset, size)
+
+
+class LazySample(NamedTuple):
+    """A local sample whose headers were read and checked, its member bytes not yet."""
+
+    key: str
+    spans: tuple[Span, ...]
+    source: object  # MappedFile.map: still readable after the shard is closed
+    path: str
+
+    def load(self) -> "RawSample":
+        """The sample with its member bytes; SkipSample("truncated_tar") when one is cut short."""
+        members = {}
+        for ext, offset, size in self.spans:
+            data = self.source[offset: offset + size]
+            if len(data) != size:
+                raise SkipSample("truncated_tar", f"{self.path} at byte {offset}: unexpected end of data")
+            members[ext] = data
+        return RawSample(self.key, members)
 
 
 def split_member_name(name: str) -> Optional[tuple[str, str]]:
@@ -57,8 +108,9 @@ class TarShard:
     `read(i)` returns sample i; reading a later index seeks over the data in between (only the
     512-byte headers are read; remotely each seek past the read-ahead buffer is one ranged
     read), an earlier index reopens the file. With `offsets` (the byte index of a manifest:
-    where each sample's first header starts) a URL shard jumps straight to the sample asked
-    for. The headers are parsed here (ustar, pax and GNU long names, checksums verified)
+    where each sample's first header starts) a shard other than a pipe jumps straight to the
+    sample asked for: a worker parses the headers of its own samples only, not those of the
+    samples between them that other workers read. The headers are parsed here (ustar, pax and GNU long names, checksums verified)
     rather than by `tarfile`, which costs more per member than decoding a small JPEG.
 
     Transient read errors are retried `options.retries` times with exponential backoff, each
@@ -69,7 +121,7 @@ class TarShard:
                  options: Optional[RemoteOptions] = None):
         self.path = path
         self.options = options or RemoteOptions()
-        self.offsets = list(offsets or []) if remote.is_url(path) else []
+        self.offsets = [] if remote.is_pipe(path) else list(offsets or [])
         self._file = None
         self._size: Optional[int] = None
         self._first_index: dict[str, int] = {}  # key -> index of the first sample carrying it
@@ -101,8 +153,12 @@ class TarShard:
 
     def _ensure_open(self) -> None:
         if self._file is None:
-            self._file = open_shard(self.path, self.options)
-            self._size = remote.file_size(self._file)
+            if remote.is_remote(self.path):
+                self._file = open_shard(self.path, self.options)
+                self._size = remote.file_size(self._file)
+            else:
+                self._file = MappedFile(self.path)
+                self._size = self._file.size
 
     def _read(self, offset: int, size: int) -> bytes:
         """Up to `size` bytes at `offset` (fewer only at the end of the file), with retries."""
@@ -112,6 +168,8 @@ class TarShard:
                 if remote.is_pipe(self.path) and self._file is not None and offset < self._file.pos:
                     self.close()  # a pipe cannot go back: start the command again
                 self._ensure_open()
+                if isinstance(self._file, MappedFile):
+                    return self._file.read_at(offset, size)
                 self._file.seek(offset)
                 return self._file.read(size)
             except remote.PERMANENT:
@@ -194,8 +252,10 @@ class TarShard:
             start = self._offset
         return None
 
-    def _take(self, load: bool) -> Optional[RawSample]:
-        """Consume the next sample; its member bytes only when `load`."""
+    def _take(self, load: bool) -> Optional[tuple[str, list[Span], dict[str, bytes], str]]:
+        """Consume the next sample: (key, its member spans, its member bytes when `load` (read
+        before the next header: a pipe goes forward only), why it repeats a key or a member of
+        this shard or ""); None at the end."""
         first = self._next_member()
         if first is None:
             return None
@@ -203,30 +263,33 @@ class TarShard:
         index = self._index
         self.last_start = first[4]  # where this sample's first header starts (the byte index)
         first_index = self._first_index.setdefault(key, index)
+        spans: list[Span] = []
         members: dict[str, bytes] = {}
-        names: list[str] = []
+        end = self.offsets[index + 1] if index + 1 < len(self.offsets) else -1  # the next sample's header
         item: Optional[tuple[str, str, int, int, int]] = first
         while item is not None and item[0] == key:
-            names.append(item[1])
+            spans.append(item[1:4])
             if load:
                 members[item[1]] = self._block(item[2], item[3])
-            item = self._next_member()
+            item = None if self._offset == end else self._next_member()  # with the index: no look-ahead
         self._pending = item
         self._index += 1
         duplicate = ""
+        names = [ext for ext, _, _ in spans]
         if first_index != index:
             duplicate = f"key {key!r} of sample #{index} already named sample #{first_index} of {self.path}"
         elif len(set(names)) != len(names):
             duplicate = f"sample {key!r} of {self.path} holds a member twice ({sorted(names)})"
-        return RawSample(key, members, duplicate)
+        return key, spans, members, duplicate
 
     def _ensure_open_retrying(self) -> None:
         """Open the file (the size of a URL comes with it) under the retry policy."""
         if self._file is None:
             self._read(self._offset, 0)
 
-    def read(self, index: int) -> RawSample:
-        """Sample number `index` (0-based) of this shard."""
+    def read(self, index: int, lazy: bool = False) -> Union[RawSample, LazySample]:
+        """Sample number `index` (0-based) of this shard; with `lazy`, a local sample's member
+        bytes are left for `LazySample.load` (a remote one is read now, in file order)."""
         if index < len(self.offsets) and index != self._index:
             self._jump(index)
         elif index < self._index:
@@ -234,12 +297,14 @@ class TarShard:
         while self._index < index:
             if self._take(load=False) is None:
                 break
-        sample = self._take(load=True) if self._index == index else None
-        if sample is None:
+        lazy = lazy and not remote.is_remote(self.path)  # a local file: mapped (see _ensure_open)
+        found = self._take(load=not lazy) if self._index == index else None
+        if found is None:
             raise SkipSample("truncated_tar", f"{self.path} ends before sample #{index}")
-        if sample.duplicate:
-            raise SkipSample("duplicate_key", sample.duplicate)
-        return sample
+        key, spans, members, duplicate = found
+        if duplicate:
+            raise SkipSample("duplicate_key", duplicate)
+        return LazySample(key, tuple(spans), self._file.map, self.path) if lazy else RawSample(key, members)
 
     def warm(self, index: int) -> None:
         """Open the file and fetch the block holding sample `index`'s first header (the start
@@ -252,8 +317,9 @@ class TarShard:
         """All samples from the start, in order, duplicates flagged (raises SkipSample at an
         unreadable part)."""
         self._rewind()
-        while (sample := self._take(load=True)) is not None:
-            yield sample
+        while (found := self._take(load=True)) is not None:
+            key, _, members, duplicate = found
+            yield RawSample(key, members, duplicate)
 
 
 def _number(field: bytes) -> int:
@@ -293,16 +359,30 @@ def count_samples(path: str, options: Optional[RemoteOptions] = None) -> int:
 def sample_offsets(path: str, options: Optional[RemoteOptions] = None) -> list[int]:
     """Byte offset of each sample's first header (its length is the number of samples),
     reading headers only and stopping quietly at truncation."""
+    return _walk_offsets(path, options)[0]
+
+
+def byte_index(path: str, options: Optional[RemoteOptions] = None) -> tuple[int, list[int]]:
+    """(samples, byte index) of a tar, reading headers only: the index is `sample_offsets`, or
+    [] when a sample repeats a key or a member of the shard. A reader that jumps to a sample
+    does not see the keys before it, so only walking finds such a duplicate."""
+    offsets, unique = _walk_offsets(path, options)
+    return len(offsets), offsets if unique else []
+
+
+def _walk_offsets(path: str, options: Optional[RemoteOptions]) -> tuple[list[int], bool]:
+    """(each sample's first header offset, whether no sample repeats a key or a member)."""
     shard = TarShard(path, options=options)
-    offsets = []
+    offsets, unique = [], True
     try:
-        while shard._take(load=False) is not None:
+        while (found := shard._take(load=False)) is not None:
             offsets.append(shard.last_start)
+            unique = unique and not found[3]
     except SkipSample:
         pass
     finally:
         shard.close()
-    return offsets
+    return offsets, unique
 
 
 class ShardReader:
@@ -358,7 +438,8 @@ class ShardReader:
         shard.close()
         return None, None
 
-    def read(self, shard_id: int, index: int) -> RawSample:
+    def read(self, shard_id: int, index: int, lazy: bool = False) -> Union[RawSample, LazySample]:
+        """Sample `index` of shard `shard_id` (see `TarShard.read` for `lazy`)."""
         if shard_id in self._dead:
             dead = self._dead[shard_id]
             raise SkipSample(dead.reason, dead.detail)
@@ -377,7 +458,7 @@ class ShardReader:
         try:
             if error is not None:
                 raise error
-            return shard.read(index)
+            return shard.read(index, lazy)
         except FileNotFoundError:
             raise _missing(path) from None
         except SkipSample as e:

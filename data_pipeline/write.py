@@ -24,7 +24,7 @@ from data_pipeline.decode import PIL_FORMATS
 from data_pipeline.errors import DataError
 from data_pipeline import remote
 from data_pipeline.manifest import Manifest, ShardInfo, file_digest
-from data_pipeline.tar_reader import sample_offsets
+from data_pipeline.tar_reader import byte_index
 
 log = logging.getLogger("data_pipeline")
 # Input file suffix -> member extension.
@@ -58,8 +58,9 @@ class ShardOutput:
         """The manifest entry of a closed shard; uploaded (and removed here) for a URL."""
         size, digest = file_digest(local_path)
         info = ShardInfo(os.path.basename(local_path), samples, size, digest)
+        if samples:  # readers jump straight to their samples (a ranged read remotely)
+            info.offsets = byte_index(local_path)[1]
         if self.is_url and samples:
-            info.offsets = sample_offsets(local_path)  # ranged reads can jump straight to a sample
             remote.put_file(local_path, remote.join(self.out, info.name))
             os.remove(local_path)
         return info
