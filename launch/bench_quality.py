@@ -1,9 +1,9 @@
 """`dit bench quality`: prompt adherence against training steps for the demo recipe.
 
 Trains the recipe of `make demo` (shards -> autoencoder -> latent shards -> latent DiT, each
-training stage started with torchrun exactly as the demo does) into --out, keeping a checkpoint every --every steps, then
-judges each checkpoint's EMA on the same --num held-out captions (the shapes judge,
-`trainer.judge`, with 95% Wilson intervals). Writes quality.json (one row per checkpoint:
+training stage started with torchrun exactly as the demo does) into --out, keeping a checkpoint
+every --every steps, then judges each checkpoint's EMA on the same --num held-out captions
+(the shapes judge, `trainer.judge`, with 95% Wilson intervals). Writes quality.json (one row per checkpoint:
 step, accuracies, intervals) and quality.png (the curve of every attribute, count and overall
 against the step), so a change to the recipe shows its effect:
 
