@@ -33,6 +33,7 @@ from data_pipeline.manifest import MANIFEST_NAME, load_manifest, resolve_source
 from data_pipeline.stream import build_stream
 from data_pipeline.synth import synth_samples
 from data_pipeline.tar_reader import TarShard
+from data_pipeline.transforms import rgb_array
 from data_pipeline.workers import WorkerPool
 from data_pipeline.write import write_shards
 
@@ -45,7 +46,8 @@ def _raw_decode(paths: list[str], resolution: int) -> Iterator[int]:
             data = next(v for k, v in raw.members.items() if member_type(k) in IMAGE_EXTS)
             img = open_image(data)
             img.draft("RGB", (resolution, resolution))
-            np.asarray(img.convert("RGB"))
+            img.load()
+            rgb_array(img if img.mode == "RGB" else img.convert("RGB"))  # as image_pixels: one packing copy
             count += 1
         yield count
 

@@ -11,6 +11,7 @@ import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Optional
 
 import numpy as np
@@ -31,6 +32,7 @@ UNSAFE_EXTS = ("pyd", "pkl", "pickle", "pth", "pt", "ckpt", "joblib", "dill")
 PIL_FORMATS = ["JPEG", "PNG", "WEBP"]
 _DECODED = frozenset((*IMAGE_EXTS, *VIDEO_EXTS, *CAPTION_EXTS, *TENSOR_EXTS, "json"))  # one lookup a member
 _UNSAFE = frozenset(UNSAFE_EXTS)
+_TENSOR_TYPES = frozenset(TENSOR_EXTS)
 
 
 def _load_image_plugins() -> None:
@@ -57,8 +59,10 @@ class Decoded:
     meta_json: bytes = b"{}"  # the json member as read (what a batch carries, see JsonRecords)
 
 
+@lru_cache(maxsize=1024)
 def member_type(ext: str) -> str:
-    """The last dotted part of an extension, lower-case: `seg.PNG` -> `png`."""
+    """The last dotted part of an extension, lower-case: `seg.PNG` -> `png` (cached: a dataset
+    holds a handful of extensions, met three times a sample)."""
     return ext.rsplit(".", 1)[-1].lower()
 
 
@@ -133,21 +137,23 @@ def decode_sample(raw: RawSample, shard: str, counter: SkipCounter) -> Decoded:
     by_type: dict[str, list[tuple[str, bytes]]] = {}
     for ext, data in raw.members.items():
         t = member_type(ext)
-        if t in _UNSAFE:
+        if t in _DECODED:
+            if t in by_type:
+                by_type[t].append((ext, data))
+            else:
+                by_type[t] = [(ext, data)]
+        elif t in _UNSAFE:
             counter.member("rejected_unsafe_member", shard, raw.key, f"{raw.key}.{ext}")
-        elif t in _DECODED:
-            by_type.setdefault(t, []).append((ext, data))
         else:
             counter.member("ignored_member", shard, raw.key, f"{raw.key}.{ext}")
-    meta_json = _first(by_type, ("json",)) or b"{}"
+    meta_json = by_type["json"][0][1] if "json" in by_type else b"{}"
     meta = decode_json(meta_json)
-    sample = Decoded(raw.key, _caption(by_type, meta), meta, meta_json=meta_json)
-    sample.tensors = _tensors(by_type)
+    sample = Decoded(raw.key, _caption(by_type, meta), meta, meta_json=meta_json,
+                     tensors=_tensors(by_type) if _TENSOR_TYPES & by_type.keys() else {})
     image = _first(by_type, IMAGE_EXTS)
-    video = _first(by_type, VIDEO_EXTS)
     if image is not None:
         sample.image = open_image(image)
-    elif video is not None:
+    elif (video := _first(by_type, VIDEO_EXTS)) is not None:
         sample.video = video
     elif not sample.tensors:
         raise SkipSample("missing_media", f"no image, video or tensor member among {sorted(raw.members)}")

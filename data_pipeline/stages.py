@@ -21,9 +21,10 @@ from data_pipeline.tar_reader import LazySample, RawSample, ShardReader
 from data_pipeline.transforms import Pixels, TransformSpec, image_pixels, refit, video_pixels
 
 
-@dataclass
+@dataclass(slots=True)
 class Item:
-    """One batch slot on its way through the stages; `bad` names the skip reason."""
+    """One batch slot on its way through the stages; `bad` names the skip reason. (Slots: one
+    is made per sample, and its fields are read at every stage.)"""
 
     slot: Slot
     shard: str
@@ -57,7 +58,8 @@ def read_stage(blocks: Iterable[list[Slot]], reader: ShardReader, paths: tuple[s
         following = next(blocks, None)
         wanted = sorted({(s.shard, s.index) for s in block})
         fetched: dict[tuple[int, int], object] = {}
-        for i, (where, upcoming) in enumerate(zip(wanted, _upcoming(wanted, following))):
+        upcomings = _upcoming(wanted, following) if reader.reads_ahead else [None] * len(wanted)
+        for i, (where, upcoming) in enumerate(zip(wanted, upcomings)):
             if upcoming is not None and (i == 0 or wanted[i - 1][0] != where[0]):
                 reader.prefetch(*upcoming)
             try:

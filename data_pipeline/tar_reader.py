@@ -121,16 +121,17 @@ class TarShard:
                  options: Optional[RemoteOptions] = None):
         self.path = path
         self.options = options or RemoteOptions()
-        self.offsets = [] if remote.is_pipe(path) else list(offsets or [])
+        self._pipe, self._remote = remote.is_pipe(path), remote.is_remote(path)  # asked at every read
+        self.offsets = [] if self._pipe else list(offsets or [])
         self._file = None
         self._size: Optional[int] = None
         self._first_index: dict[str, int] = {}  # key -> index of the first sample carrying it
-        self._transient = remote.transient_errors() if remote.is_remote(path) else (OSError,)
+        self._transient = remote.transient_errors() if self._remote else (OSError,)
         self._rewind()
 
     def _rewind(self) -> None:
         """Back to the first sample; a pipe restarts, a file is reopened on the next read."""
-        if remote.is_pipe(self.path) or not remote.is_remote(self.path):
+        if self._pipe or not self._remote:
             self.close()
         self._offset = 0  # of the next header
         self._index = 0  # of the next sample to be parsed
@@ -153,7 +154,7 @@ class TarShard:
 
     def _ensure_open(self) -> None:
         if self._file is None:
-            if remote.is_remote(self.path):
+            if self._remote:
                 self._file = open_shard(self.path, self.options)
                 self._size = remote.file_size(self._file)
             else:
@@ -165,7 +166,7 @@ class TarShard:
         attempt = 0
         while True:
             try:
-                if remote.is_pipe(self.path) and self._file is not None and offset < self._file.pos:
+                if self._pipe and self._file is not None and offset < self._file.pos:
                     self.close()  # a pipe cannot go back: start the command again
                 self._ensure_open()
                 if isinstance(self._file, MappedFile):
@@ -297,7 +298,7 @@ class TarShard:
         while self._index < index:
             if self._take(load=False) is None:
                 break
-        lazy = lazy and not remote.is_remote(self.path)  # a local file: mapped (see _ensure_open)
+        lazy = lazy and not self._remote  # a local file: mapped (see _ensure_open)
         found = self._take(load=not lazy) if self._index == index else None
         if found is None:
             raise SkipSample("truncated_tar", f"{self.path} ends before sample #{index}")
@@ -406,6 +407,7 @@ class ShardReader:
         self._dead: dict[int, SkipSample] = {}
         self._ahead: Optional[tuple[int, Future]] = None  # (shard id, (its TarShard, error) being warmed)
         self._threads: Optional[ThreadPoolExecutor] = None  # made on first use: in the worker, after the fork
+        self.reads_ahead = self.options.readahead and any(remote.is_url(p) for p in paths)  # else prefetch is a no-op
 
     def prefetch(self, shard_id: int, index: int) -> None:
         """Start opening shard `shard_id` at sample `index` if it is remote and not open yet."""
@@ -440,6 +442,8 @@ class ShardReader:
 
     def read(self, shard_id: int, index: int, lazy: bool = False) -> Union[RawSample, LazySample]:
         """Sample `index` of shard `shard_id` (see `TarShard.read` for `lazy`)."""
+        if self._open and next(reversed(self._open)) == shard_id:  # the shard read last: most reads
+            return self._read_open(shard_id, index, None, lazy)
         if shard_id in self._dead:
             dead = self._dead[shard_id]
             raise SkipSample(dead.reason, dead.detail)
@@ -455,12 +459,16 @@ class ShardReader:
         while len(self._open) > self.max_open:
             oldest = next(iter(self._open))
             self._open.pop(oldest).close()
+        return self._read_open(shard_id, index, error, lazy)
+
+    def _read_open(self, shard_id: int, index: int, error: Optional[Exception], lazy: bool):
+        """Sample `index` of the open shard `shard_id`, or `error` (its read-ahead failed)."""
         try:
             if error is not None:
                 raise error
-            return shard.read(index, lazy)
+            return self._open[shard_id].read(index, lazy)
         except FileNotFoundError:
-            raise _missing(path) from None
+            raise _missing(self.paths[shard_id]) from None
         except SkipSample as e:
             if e.reason == "unreadable_shard":
                 self._dead[shard_id] = e

@@ -49,8 +49,11 @@ class InSlot(NamedTuple):
 
 
 def stack_into(clips: list[np.ndarray], out: np.ndarray) -> np.ndarray:
-    """(B, F, H, W, 3) uint8 from clips (F, H, W, 3), written into `out` (one copy)."""
-    return np.stack(clips, out=out)
+    """(B, F, H, W, 3) uint8 from clips (F, H, W, 3), written into `out` (one copy). Joined
+    along frames into `out` seen as (B * F, H, W, 3): `np.stack` would first make a view of
+    every clip (a third of the time of the copy)."""
+    np.concatenate(clips, out=out.reshape((-1, *out.shape[2:]), copy=False))
+    return out
 
 
 def stacked_shape(clips: list[np.ndarray]) -> tuple[int, ...]:
