@@ -17,7 +17,7 @@ import importlib
 import json
 import os
 import zlib
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import safetensors.torch
 import torch
@@ -100,9 +100,10 @@ def _encode_group(items: list[Item], encoder: Encoder, kind: str) -> Iterator[di
 
 
 def precompute(source: str, out_dir: str, encoder: Encoder, cfg: DataConfig, batch_size: int = 32,
-               progress: bool = True) -> Manifest:
+               progress: bool = True, encoded_by: Optional[dict] = None) -> Manifest:
     """Encode every usable sample of `source` into shards under `out_dir`, a directory or a
-    URL (same shard names; see write.ShardOutput)."""
+    URL (same shard names; see write.ShardOutput). `encoded_by` (what identifies the encoder's
+    weights) goes into the manifest, where a later reuse can compare it."""
     src = resolve_source(source)
     out = ShardOutput(out_dir)
     spec = TransformSpec.from_config(dataclasses.replace(cfg, random_crop=False))
@@ -124,7 +125,8 @@ def precompute(source: str, out_dir: str, encoder: Encoder, cfg: DataConfig, bat
                 written += _write(sink, group, encoder, cfg.kind)
         infos.append(out.finish(str(target), written))
     return out.manifest(infos, "latent", "dit data precompute",
-                        {"source": src.root, "resolution": cfg.resolution, "skipped": counter.counts})
+                        {"source": src.root, "resolution": cfg.resolution, "skipped": counter.counts,
+                         "encoded_by": encoded_by or {}})
 
 
 def _write(sink: wds.TarWriter, group: list[Item], encoder: Encoder, kind: str) -> int:

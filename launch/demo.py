@@ -9,6 +9,7 @@ Each training stage is started exactly as a user would: `torchrun ... dit train 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -43,22 +44,41 @@ def synth(out_dir: str, resolution: int) -> None:
 def precompute_latents(config: str | Path, overrides: list[str]) -> str:
     """The DiT's training shards: the latents and text embeddings of the config's shards,
     written once by its frozen autoencoder and text encoder (`dit data precompute` with
-    trainer.stages.pretrain:precompute_encoder) into run.out_dir/latents; a complete earlier
-    write (its manifest is written last) is reused. Each of the demo's 24 epochs would otherwise
-    run the autoencoder on every sample again: 73 of a step's 342 ms on one core."""
-    from data_pipeline.manifest import MANIFEST_NAME
+    trainer.stages.pretrain:precompute_encoder) into run.out_dir/latents. A complete earlier
+    write (its manifest is written last) is reused only when it was encoded by the same
+    autoencoder weights, text encoder and source shards; otherwise it is written again. Each of
+    the demo's 24 epochs would otherwise run the autoencoder on every sample again: 73 of a
+    step's 342 ms on one core."""
+    from data_pipeline.manifest import MANIFEST_NAME, load_manifest
     from data_pipeline.precompute import precompute
     from launch.sample_cmd import parse_device
     from trainer.stages.pretrain import precompute_encoder
 
     cfg = load_config(config, overrides)
-    out = f"{cfg.run.out_dir}/latents"
-    if (Path(out) / MANIFEST_NAME).is_file():
-        print(f"latent shards already in {out}", flush=True)
-        return out
+    out = Path(cfg.run.out_dir) / "latents"
+    encoded_by = latent_provenance(cfg)
+    if (out / MANIFEST_NAME).is_file():
+        if load_manifest(str(out)).extra.get("encoded_by") == encoded_by:
+            print(f"latent shards already in {out}", flush=True)
+            return str(out)
+        print(f"the latent shards in {out} were encoded by other weights or shards: writing them again", flush=True)
+        shutil.rmtree(out)
     encoder = precompute_encoder(str(config), overrides, device=str(parse_device("auto")))
-    precompute(cfg.data.shards, out, encoder, cfg.data, batch_size=64)
-    return out
+    precompute(cfg.data.shards, str(out), encoder, cfg.data, batch_size=64, encoded_by=encoded_by)
+    return str(out)
+
+
+def latent_provenance(cfg) -> dict:
+    """What the latent shards depend on: the sha256 of the autoencoder's weights, config and
+    latent normalisation, the text encoder's settings, and the source shards' fingerprint."""
+    from data_pipeline.manifest import resolve_source
+    from trainer.checkpoint_format import sha256
+
+    ae = Path(cfg.model.autoencoder.path)
+    files = sorted(p for p in ae.iterdir() if p.suffix == ".safetensors" or p.name in ("config.json", "latent_norm.json"))
+    return {"autoencoder": {p.name: sha256(p) for p in files},
+            "text": dataclasses.asdict(cfg.model.text),
+            "source": resolve_source(cfg.data.shards).fingerprint(), "resolution": cfg.data.resolution}
 
 
 def train_latent_dit(nproc: int, config: str | Path, overrides: list[str]) -> None:

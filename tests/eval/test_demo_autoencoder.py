@@ -4,7 +4,8 @@ reconstructions of held-out images. The full recipe is held to >= 95% on every a
 (its end-of-stage report, `reconstruction_adherence.json`); this CI-sized run (two thirds of
 the steps, one process) to floors that an autoencoder turning shapes into blobs (shape near
 chance, 33%) fails. The demo then writes
-its DiT's latent shards with that autoencoder: they hold what it encodes on the fly."""
+its DiT's latent shards with that autoencoder: they hold what it encodes on the fly, and they
+are reused for the same weights and written again for others."""
 from __future__ import annotations
 
 import json
@@ -39,11 +40,15 @@ def test_demo_autoencoder_keeps_shapes(tmp_path):
     lo, hi = report["interval"]["shape"]
     assert lo <= report["accuracy"]["shape"] <= hi
     latent_shards_hold_the_autoencoders_latents(tmp_path, shards)
+    norm = tmp_path / "autoencoder" / "latent_norm.json"  # another autoencoder: its latents are written again
+    norm.write_text(json.dumps({**json.loads(norm.read_text()), "scale": 0.5}))
+    latent_shards_hold_the_autoencoders_latents(tmp_path, shards)
 
 
 def latent_shards_hold_the_autoencoders_latents(out_dir, shards) -> None:
     import torch
 
+    from data_pipeline.manifest import MANIFEST_NAME
     from data_pipeline.stream import batch_to_device, build_stream
     from launch.demo import precompute_latents
     from trainer.config import load_config
@@ -51,6 +56,9 @@ def latent_shards_hold_the_autoencoders_latents(out_dir, shards) -> None:
 
     overrides = [f"run.out_dir={out_dir}", f"data.shards={shards}"]
     latents = precompute_latents(ROOT / "configs" / "demo.yaml", overrides)
+    written = (out_dir / "latents" / MANIFEST_NAME).stat().st_mtime_ns
+    assert precompute_latents(ROOT / "configs" / "demo.yaml", overrides) == latents  # the same weights: reused
+    assert (out_dir / "latents" / MANIFEST_NAME).stat().st_mtime_ns == written
     cfg = load_config(ROOT / "configs" / "demo.yaml", [*overrides, "data.num_workers=0", "data.batch_size=8"])
     stage = build_stage(cfg)
     pixels = batch_to_device(next(iter(build_stream(cfg.data, 0, 1))), torch.device("cpu"))
