@@ -90,6 +90,14 @@ def test_step_times_nest_in_the_student_grid():
         assert all(bool((a > b).all()) for a, b in zip(times, times[1:]))
 
 
+def test_student_steps_are_drawn_from_one_generator_per_sample_or_none():
+    """The stages draw with a list of per-sample generators; a caller may also pass none."""
+    per_sample = draw_student_steps(4, 3, [torch.Generator().manual_seed(s) for s in (1, 2, 1)])
+    assert per_sample.shape == (3,) and per_sample.dtype == torch.int64 and per_sample[0] == per_sample[2]
+    assert ((0 <= per_sample) & (per_sample < 4)).all()
+    assert draw_student_steps(4, 5, None).shape == (5,)
+
+
 def test_analytic_target_matches_brute_force_two_teacher_steps():
     """Salimans & Ho's closed-form x0 target against (a) the x0 found by a generic linear solve
     of one student DDIM step landing on two teacher steps, (b) the DDIM sampler itself on the

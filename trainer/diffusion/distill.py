@@ -25,13 +25,13 @@ from trainer.diffusion.parametrization import to_eps, to_x0
 from trainer.diffusion.samplers import Model, ddim_step, ddim_x0_target
 from trainer.diffusion.schedules import NoiseSchedule
 from trainer.diffusion.timesteps import sampling_timesteps
-from trainer.diffusion.utils import Generators, append_dims, rand, randint
+from trainer.diffusion.utils import Generators, append_dims, draw_device, rand, randint
 
 
 def draw_student_steps(num_steps: int, batch: int, generator: Generators,
                        device: Optional[torch.device] = None) -> Tensor:
     """Which step k ~ U{0, ..., N-1} of the N-step student sampler each sample trains. (B,) int64"""
-    return randint(num_steps, (batch,), generator, device or generator.device)
+    return randint(num_steps, (batch,), generator, device or draw_device(generator, None))
 
 
 def student_step_times(schedule: NoiseSchedule, num_steps: int, substeps: int, k: Tensor) -> list[Tensor]:
