@@ -32,7 +32,6 @@ UNSAFE_EXTS = ("pyd", "pkl", "pickle", "pth", "pt", "ckpt", "joblib", "dill")
 PIL_FORMATS = ["JPEG", "PNG", "WEBP"]
 _DECODED = frozenset((*IMAGE_EXTS, *VIDEO_EXTS, *CAPTION_EXTS, *TENSOR_EXTS, "json"))  # one lookup a member
 _UNSAFE = frozenset(UNSAFE_EXTS)
-_TENSOR_TYPES = frozenset(TENSOR_EXTS)
 
 
 def _load_image_plugins() -> None:
@@ -138,18 +137,14 @@ def decode_sample(raw: RawSample, shard: str, counter: SkipCounter) -> Decoded:
     for ext, data in raw.members.items():
         t = member_type(ext)
         if t in _DECODED:
-            if t in by_type:
-                by_type[t].append((ext, data))
-            else:
-                by_type[t] = [(ext, data)]
+            by_type.setdefault(t, []).append((ext, data))
         elif t in _UNSAFE:
             counter.member("rejected_unsafe_member", shard, raw.key, f"{raw.key}.{ext}")
         else:
             counter.member("ignored_member", shard, raw.key, f"{raw.key}.{ext}")
     meta_json = by_type["json"][0][1] if "json" in by_type else b"{}"
     meta = decode_json(meta_json)
-    sample = Decoded(raw.key, _caption(by_type, meta), meta, meta_json=meta_json,
-                     tensors=_tensors(by_type) if _TENSOR_TYPES & by_type.keys() else {})
+    sample = Decoded(raw.key, _caption(by_type, meta), meta, meta_json=meta_json, tensors=_tensors(by_type))
     image = _first(by_type, IMAGE_EXTS)
     if image is not None:
         sample.image = open_image(image)
