@@ -27,7 +27,6 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from launch.sample_cmd import add_device_argument
 
 PROGRESSIVE_TARGET = (4, 0.95)  # (steps, share of the teacher's score)
 NOT_ATTRIBUTES = ("count", "overall")  # judge keys that are not single attributes
@@ -50,27 +49,6 @@ class Row:
         """Mean accuracy over the judged attributes (color, shape, size, position, ...)."""
         values = [v for k, v in self.adherence.items() if k not in NOT_ATTRIBUTES]
         return sum(values) / len(values) if values else 0.0
-
-
-def register_bench(bench_subparsers: argparse._SubParsersAction) -> None:
-    p = bench_subparsers.add_parser(
-        "distill", help="teacher vs distilled students: NFE, wall time per image, prompt adherence",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", default="runs/demo/checkpoints",
-                   help="teacher checkpoint (root with `latest` or step dir)")
-    p.add_argument("--progressive", default="runs/distill_progressive/checkpoints",
-                   help="checkpoint dir of a progressive run (its round exports are under rounds/)")
-    p.add_argument("--adversarial", default="runs/distill_adversarial/checkpoints", help="adversarial run's checkpoint")
-    p.add_argument("--teacher-steps", type=int, default=50)
-    p.add_argument("--progressive-steps", type=int, nargs="+", default=[8, 4, 2])
-    p.add_argument("--adversarial-steps", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the teacher's log.sample_cfg)")
-    p.add_argument("--num", type=int, default=64, help="held-out captions to sample")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default="", help="also write the rows to this JSON file")
-    add_device_argument(p)
-    p.set_defaults(func=bench_distill)
 
 
 def run_sampler(sample: Sampler, prompts: Sequence[str], batch_size: int, seed: int) -> tuple[Tensor, float]:

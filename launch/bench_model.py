@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -26,7 +25,6 @@ from typing import Callable, ContextManager
 import torch
 from torch import nn
 
-from launch.sample_cmd import add_device_argument
 from trainer.config import ModelConfig
 from trainer.models.dit import DiT, TextEmbedding, build_dit, dit_preset
 
@@ -197,7 +195,8 @@ def print_presets(rows: list[tuple[str, int, float, int, float]], text_dim: int,
 
 def run(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     s = BenchShape(args.width, args.depth, args.heads, args.patch, args.latent, args.channels, args.text_len, args.text_dim, args.batch)
     tokens = (s.latent // s.patch) ** 2
     device, dtype = args.device, DTYPES[args.dtype]
@@ -225,39 +224,3 @@ def run(args: argparse.Namespace) -> int:
         return 0 if ok else 1
     return 0
 
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--width", type=int, default=384)
-    p.add_argument("--depth", type=int, default=6)
-    p.add_argument("--heads", type=int, default=6)
-    p.add_argument("--patch", type=int, default=2)
-    p.add_argument("--latent", type=int, default=32, help="latent height = width")
-    p.add_argument("--channels", type=int, default=4)
-    p.add_argument("--text-len", type=int, default=32)
-    p.add_argument("--text-dim", type=int, default=384, help="text token width (MiniLM: 384)")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--reps", type=int, default=11)
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads")
-    add_device_argument(p)
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
-                   help="precision of both forwards: fp32, or bf16 autocast over fp32 weights")
-    p.add_argument(
-        "--presets",
-        nargs="*",
-        default=["DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2"],
-        help="presets for the params/MACs table (none: skip it)",
-    )
-
-
-def register_bench(bench_subparsers: argparse._SubParsersAction) -> None:
-    help_ = "our DiT vs diffusers PixArt: fwd+bwd step-time ratio, preset params and MACs"
-    p = bench_subparsers.add_parser("model", help=help_, description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    p.set_defaults(func=run)
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m launch.bench_model")
-    add_arguments(parser)
-    sys.exit(run(parser.parse_args()))

@@ -120,19 +120,3 @@ def bench_sequence(args: argparse.Namespace) -> int:
     total = split["total_mib"] / whole["total_mib"]
     print(f"peak activations per rank, S={args.ranks} / S=1 = {ratio:.3f}   (all step memory: {total:.3f})")
     return 0
-
-
-def register_bench(bench_subparsers: argparse._SubParsersAction) -> None:
-    p = bench_subparsers.add_parser(
-        "sequence", help="peak memory per rank of a long clip, whole (S=1) vs split over S ranks (Ulysses)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="DiT-T/2")
-    p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--attention", choices=("full", "factorized"), default="full")
-    p.add_argument("--policy", choices=("none", "attention", "full"), default="none",
-                   help="activation checkpointing per block")
-    p.add_argument("--frames", type=int, default=16, help="latent frames of the clip")
-    p.add_argument("--size", type=int, default=32, help="latent height and width")
-    p.add_argument("--channels", type=int, default=4)
-    p.add_argument("--ranks", type=int, default=2, help="S, the ranks of the sequence group")
-    p.set_defaults(func=bench_sequence)

@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Callable, Optional
+from typing import Optional
 
+from launch.bench_cli import lazy
 from trainer.codes import EXIT_CONFIG
 from trainer.config import ConfigError, load_config, to_yaml
 
@@ -32,15 +33,6 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lazy(module: str, func: str) -> Callable[[argparse.Namespace], int]:
-    """Import the implementing room only when its subcommand runs (keeps `--help` fast)."""
-
-    def run(args: argparse.Namespace) -> int:
-        return getattr(importlib.import_module(module), func)(args)
-
-    return run
-
-
 def _add_config(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("config", help="inspect run configs")
     csub = p.add_subparsers(dest="config_cmd", required=True, metavar="{show}")
@@ -59,7 +51,7 @@ def _add_run_command(sub: argparse._SubParsersAction, name: str, help_: str, mod
     p = sub.add_parser(name, help=help_, description=help_)
     p.add_argument("config", help="YAML run config (configs/*.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stage.steps=200")
-    p.set_defaults(func=_lazy(module, func))
+    p.set_defaults(func=lazy(module, func))
     return p
 
 
@@ -96,11 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks that print a ratio measured side by side in one run")
     bsub = bench.add_subparsers(dest="bench_cmd", required=True)
     _register("launch.data_cmd", "register_bench", bsub)
-    _register("launch.bench_model", "register_bench", bsub)
-    _register("launch.bench_distill", "register_bench", bsub)
+    _register("launch.bench_cli", "register_bench", bsub)  # model, distill, sequence
     _register("launch.bench_quality", "register_bench", bsub)
     _register("launch.bench_gpu", "register_bench", bsub)
-    _register("launch.bench_sequence", "register_bench", bsub)
     return parser
 
 

@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from launch.job import check_config, resume_config
-from trainer.codes import EXIT_CHECKPOINT
+from trainer.codes import EXIT_CHECKPOINT, world_from_env
 
 ALLOW_CONFIG_CHANGE = "checkpoint.allow_config_change=true"
 
@@ -21,8 +21,6 @@ def overrides_of(args: argparse.Namespace) -> list[str]:
 
 
 def train(args: argparse.Namespace) -> int:
-    from trainer.distributed import world_from_env
-
     rank, world_size = world_from_env()[:2]
     # Checked before any process group starts, and before the engine's imports.
     cfg = check_config(args.config, overrides_of(args), world_size)

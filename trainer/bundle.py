@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from trainer.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig
+from trainer.config import DataConfig, DiffusionConfig, ModelConfig
 from trainer.diffusion import NoiseSchedule, SamplerSettings, add_noise, randn, schedule_for_shape
 from trainer.diffusion.schedules import shape_size
 from trainer.models.autoencoder import build_autoencoder
@@ -36,15 +36,6 @@ def place(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Mod
     for p in module.parameters():
         p.data = p.data.to(dtype)
     return module
-
-
-def distilled_steps(cfg: RunConfig) -> Optional[int]:
-    """The step count a distillation checkpoint's student samples with; None for other stages."""
-    if cfg.stage.kind == "progressive":
-        return cfg.stage.rounds[-1]
-    if cfg.stage.kind == "adversarial":
-        return max(cfg.stage.rounds)
-    return None
 
 
 class InferenceBundle:

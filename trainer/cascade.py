@@ -39,11 +39,12 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from trainer.bundle import InferenceBundle, distilled_steps
+from trainer.bundle import InferenceBundle
 from trainer.checkpoint_format import COMPLETE, EMA_FILE, LATEST, load_for_inference, resolve, verify
 from trainer.config import ConfigError, RunConfig, load_config
 from trainer.diffusion import SAMPLERS, SamplerSettings
 from trainer.media import save_image_grid, save_mp4, save_video_grid, to_uint8
+from trainer.stage_config import distilled_steps
 
 DISTILLED = ("progressive", "adversarial")  # student checkpoints of the distillation stages
 
@@ -161,7 +162,7 @@ def load_stage(spec: CascadeStageSpec, defaults: SamplerSettings, ema: bool = Tr
 def distilled_settings(cfg: RunConfig, settings: SamplerSettings, directory: Path) -> SamplerSettings:
     """A distilled student samples at the step count it was distilled for unless another one
     was asked for (a step count equal to the default counts as not asked for)."""
-    steps = distilled_steps(cfg)
+    steps = distilled_steps(cfg.stage)
     if settings.steps != SamplerSettings().steps or steps is None:
         return settings
     print(f"{directory} is a {cfg.stage.kind} student: sampling it with its {steps} steps", flush=True)

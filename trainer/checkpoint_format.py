@@ -4,7 +4,8 @@ A checkpoint directory (a training step, or a distillation round's export) is wr
 temporary name `.tmp-<name>`, closed by COMPLETE.json listing the sha256 of every file in it
 (written last), and renamed into place; a root's `latest` file names the newest complete one
 and is replaced atomically after the rename. Readers resolve `latest`, check the files they
-read against the manifest and load weights from safetensors only (no pickle).
+read against the manifest and load weights from safetensors only (no pickle). Importing this
+module does not import torch: `dit train` resolves a teacher's config.yaml with it before that.
 """
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import torch
-from safetensors.torch import load_file, save_file
+if TYPE_CHECKING:
+    import torch
 
 LATEST = "latest"
 COMPLETE = "COMPLETE.json"
@@ -105,6 +106,8 @@ def verify(directory: Path, names: Optional[tuple[str, ...]] = None) -> dict[str
 def load_for_inference(directory: str | Path) -> tuple[str, dict[str, torch.Tensor]]:
     """(resolved config YAML, whole EMA weights) of a complete checkpoint, after verifying its
     files; `directory` may be a checkpoint root holding `latest`. No pickle is involved."""
+    from safetensors.torch import load_file
+
     directory = resolve(directory)
     verify(directory, ("config.yaml", EMA_FILE))
     return (directory / "config.yaml").read_text(), load_file(str(directory / EMA_FILE))
@@ -114,6 +117,8 @@ def write_inference_dir(directory: Path, weights: dict[str, torch.Tensor], confi
                         extra_files: dict[str, str], step: int = 0) -> Path:
     """A directory `load_for_inference` loads: config.yaml, ema.safetensors (the weights to
     sample) and `extra_files` (name -> text), committed as a checkpoint is."""
+    from safetensors.torch import save_file
+
     tmp = temporary_dir(directory)
     save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / EMA_FILE))
     (tmp / "config.yaml").write_text(config_yaml)

@@ -5,6 +5,8 @@ Exit codes of `dit train` (and of `dit launch`, which passes on the first failed
 """
 from __future__ import annotations
 
+import os
+
 EXIT_OK = 0
 EXIT_CONFIG = 2
 EXIT_NONFINITE = 3  # too many non-finite steps in a row
@@ -23,3 +25,9 @@ EXIT_MEANING = {
 
 # The samplers of trainer/diffusion/samplers.py (its SAMPLERS dict holds the functions).
 SAMPLER_NAMES = ("ddim", "euler", "dpmpp2m", "ddpm")
+
+
+def world_from_env() -> tuple[int, int, int]:
+    """(RANK, WORLD_SIZE, LOCAL_RANK) as the launcher set them; a bare process is a world of one."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from trainer.codes import world_from_env
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -49,11 +51,6 @@ class DistContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def world_from_env() -> tuple[int, int, int]:
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def init_distributed(pipeline_stages: int, timeout_s: int, sequence_parallel: int = 1) -> DistContext:

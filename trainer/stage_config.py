@@ -13,7 +13,7 @@ registered in `trainer.stages.STAGES`.
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field, fields, make_dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 from trainer.config_errors import check
 
@@ -112,6 +112,16 @@ STAGE_KINDS: dict[str, type[StageSettings]] = {
     "progressive": ProgressiveSettings,
     "adversarial": AdversarialSettings,
 }
+
+
+def distilled_steps(stage: Any) -> Optional[int]:
+    """The step count a distillation checkpoint's student samples with (`stage`: a run's
+    StageConfig); None for other kinds."""
+    if stage.kind == "progressive":
+        return stage.rounds[-1]
+    if stage.kind == "adversarial":
+        return max(stage.rounds)
+    return None
 
 
 def _section_fields() -> list[tuple[str, Any, Any]]:

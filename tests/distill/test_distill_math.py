@@ -10,7 +10,7 @@ from trainer.config import ConfigError, DiffusionConfig, ModelConfig
 from trainer.diffusion import ClosedFormDenoiser, NoiseSchedule, add_noise, ddim_step, make_schedule, sample_ddim
 from trainer.diffusion import sampling_timesteps
 from trainer.models.dit import TextEmbedding, build_dit
-from trainer.stages.adversarial import discriminator_accuracy, discriminator_loss, generator_loss, teacher_steps_for
+from trainer.stages.adversarial import discriminator_accuracy, discriminator_loss, generator_loss
 from trainer.diffusion.distill import (
     ddim_path,
     distill_loss,
@@ -19,8 +19,8 @@ from trainer.diffusion.distill import (
     student_step_times,
     teacher_x0_target,
 )
-from trainer.stages.distillation import TEACHER_KEYS, check_same_as_teacher, init_student_from
-from trainer.stages.progressive import check_rounds
+from trainer.stages.checks import TEACHER_KEYS, check_rounds, check_same_as_teacher, teacher_steps_for
+from trainer.stages.distillation import init_student_from
 
 SCHEDULE = make_schedule(DiffusionConfig())  # scaled-linear, zero terminal SNR, T = 1000
 DATA = 0.8 * torch.tensor([[1.0, 1.0], [-1.0, 1.0], [1.0, -1.0], [-1.0, -1.0], [0.5, 0.0], [0.0, -0.5]])  # (6, 2)

@@ -132,15 +132,15 @@ def test_adversarial_two_ranks_both_players_learn_and_resume_exactly(adversarial
 
 def test_bench_distill_prints_the_table(tiny_teacher, progressive_run, adversarial_run, capsys):
     """`dit bench distill` on the tiny teacher and the two runs' students (4 held-out captions)."""
-    from launch.bench_distill import bench_distill, register_bench
+    from launch.bench_cli import register_distill
 
     parser = argparse.ArgumentParser()
-    register_bench(parser.add_subparsers())
+    register_distill(parser.add_subparsers())
     args = parser.parse_args([
         "distill", "--teacher", str(tiny_teacher), "--teacher-steps", "4", "--num", "4", "--batch-size", "4",
         "--progressive", str(progressive_run[1] / "checkpoints"), "--progressive-steps", "2", "1",
         "--adversarial", str(adversarial_run[1] / "checkpoints"), "--adversarial-steps", "1", "2"])
-    assert bench_distill(args) == 0
+    assert args.func(args) == 0  # imports launch.bench_distill on the call
     out = capsys.readouterr().out
     cells = [line.split() for line in out.splitlines()]
     rows = [c for c in cells if len(c) > 2 and c[0] in ("teacher", "progressive", "adversarial") and c[1].isdigit()]

@@ -20,7 +20,7 @@ from trainer.checkpoint_format import (
 )
 from trainer.config import to_yaml
 from trainer.diffusion import SamplerSettings
-from trainer.stages.distillation import read_run_config
+from trainer.stages.checks import read_run_config
 
 
 def test_a_distilled_checkpoint_loads_one_network_and_keeps_its_kind(tmp_path, monkeypatch):

@@ -3,10 +3,13 @@ typed settings of its kind (`trainer.stage_config.STAGE_KINDS`)."""
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 from trainer.config import RunConfig
 from trainer.stage_config import stage_settings
-from trainer.stages.base import Stage
+
+if TYPE_CHECKING:
+    from trainer.stages.base import Stage
 
 # stage.kind -> the class that trains it ("module:class"), imported only when chosen.
 STAGES: dict[str, str] = {
@@ -26,10 +29,13 @@ def stage_class(kind: str) -> type[Stage]:
 
 
 def preflight(cfg: RunConfig) -> None:
-    """Stage-specific checks from configs alone (no network built, no process group): `dit
-    train` and `dit launch` run them first, so a bad distillation config fails in seconds with
-    the key named (ConfigError) instead of after DeepSpeed started."""
-    stage_class(cfg.stage.kind).preflight(cfg)
+    """Stage-specific checks from configs alone (no network built, no process group, no torch
+    imported): `dit train` and `dit launch` run them first, so a bad distillation config fails
+    in about a second with the key named (ConfigError) instead of after DeepSpeed started."""
+    from trainer.stages.checks import PREFLIGHT
+
+    if cfg.stage.kind in PREFLIGHT:
+        PREFLIGHT[cfg.stage.kind](cfg)
 
 
 def build_stage(cfg: RunConfig) -> Stage:

@@ -21,10 +21,9 @@ the discriminator's loss is computed on the same batch (teacher = real, student 
 from __future__ import annotations
 
 import copy
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +46,8 @@ from trainer.models.discriminator import DiscriminatorHeads
 from trainer.models.dit import TextEmbedding
 from trainer.stage_config import AdversarialSettings
 from trainer.stages.base import PlayerLoss
-from trainer.stages.distillation import DistillationStage, teacher_steps_of
+from trainer.stages.checks import check_adversarial
+from trainer.stages.distillation import DistillationStage
 
 CONDITIONAL_FRACTION = 0.5  # share of stage.steps with the conditional discriminator
 
@@ -136,29 +136,6 @@ def repeat_text(text: TextEmbedding, times: int) -> TextEmbedding:
     return TextEmbedding(*(torch.cat([part] * times) for part in text))
 
 
-def teacher_steps_for(step_counts: Sequence[int], distilled: Optional[int], at_least: int) -> int:
-    """The teacher's sampler: a distilled teacher's own steps, else the smallest multiple of
-    every student step count that is >= at_least (so that the trailing grids nest)."""
-    if distilled is None:
-        base = math.lcm(*step_counts)
-        return base * max(1, -(-at_least // base))
-    if any(distilled % n for n in step_counts):
-        raise ConfigError("stage.rounds", f"the teacher is a {distilled}-step distilled sampler; every student "
-                                          f"step count in {list(step_counts)} must divide {distilled}")
-    return distilled
-
-
-def check_adversarial(stage: AdversarialSettings, distilled: Optional[int], teacher_steps: int) -> tuple[list[int], int]:
-    """The student's step counts (largest first) and the teacher's sampler steps, after checking
-    `stage.rounds` and `stage.adv_mse_weight` against a teacher distilled to `distilled` steps."""
-    if not stage.rounds or min(stage.rounds) < 1:
-        raise ConfigError("stage.rounds", f"{list(stage.rounds)}: list the student's step counts, e.g. [4, 2, 1]")
-    if stage.adv_mse_weight < 0:
-        raise ConfigError("stage.adv_mse_weight", "must be >= 0")
-    step_counts = sorted(set(stage.rounds), reverse=True)
-    return step_counts, teacher_steps_for(step_counts, distilled, teacher_steps)
-
-
 # ------------------------------------------------------------------------------- the stage
 
 
@@ -186,11 +163,6 @@ class AdversarialStage(DistillationStage):
     @classmethod
     def from_config(cls, cfg: RunConfig, settings: AdversarialSettings) -> "AdversarialStage":
         return cls(cfg.model, cfg.diffusion, settings, cfg.data, cfg.log.sample_steps)
-
-    @staticmethod
-    def preflight(cfg: RunConfig) -> None:
-        """An adversarial run's teacher and step counts, checked from configs alone (`dit train`, `dit launch`)."""
-        check_adversarial(cfg.stage, teacher_steps_of(cfg), cfg.log.sample_steps)
 
     def __init__(self, model: ModelConfig, diffusion: DiffusionConfig, stage: AdversarialSettings, data: DataConfig,
                  teacher_steps: int = 32):

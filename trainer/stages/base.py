@@ -44,11 +44,6 @@ class Stage:
         """The stage of `cfg.stage.kind`, given the sub-configs it needs and its typed settings."""
         raise NotImplementedError(f"{cls.__name__} is not built from a run config")
 
-    @staticmethod
-    def preflight(cfg: RunConfig) -> None:
-        """This kind's checks that need more than the config's values (a teacher's files):
-        run before any process starts. Nothing by default."""
-
     def trainable(self) -> dict[str, nn.Module]:
         return self.players
 

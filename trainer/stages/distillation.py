@@ -1,6 +1,6 @@
 """What the progressive and adversarial distillation stages share: the frozen teacher (a
 trained diffusion model sampled with classifier-free guidance, or a distilled student at its own
-step count), the checks that it fits this run, the student initialised from it, and few-step
+step count), the student initialised from it, and few-step
 samples and evaluation of the student.
 
 Guidance (Meng et al. 2023, "On Distillation of Guided Diffusion Models"): the original teacher
@@ -13,49 +13,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
-import yaml
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
 
-from trainer.bundle import distilled_steps, frozen
-from trainer.checkpoint_format import load_for_inference, resolve
-from trainer.config import (
-    ConfigError,
-    DataConfig,
-    DiffusionConfig,
-    LogConfig,
-    ModelConfig,
-    RunConfig,
-    flatten,
-    to_dict,
-    validate,
-)
+from trainer.bundle import frozen
+from trainer.checkpoint_format import load_for_inference
+from trainer.config import ConfigError, DataConfig, DiffusionConfig, LogConfig, ModelConfig
 from trainer.diffusion import SamplerSettings
 from trainer.diffusion.distill import Model, guided_model
 from trainer.media import save_grid
 from trainer.models.dit import DiT, TextEmbedding, build_dit
 from trainer.models.text import conditioned
-from trainer.stage_config import ProgressiveSettings
+from trainer.stage_config import ProgressiveSettings, distilled_steps
+from trainer.stages.checks import check_teacher, check_teacher_exists, check_weighting
 from trainer.stages.pretrain import PretrainStage
 
 # CFG on the teacher uses the rescale its sampler uses (Lin et al. 2023 recommend 0.7 with zero
 # terminal SNR), so that the student reproduces what `dit sample` draws from the teacher.
 TEACHER_RESCALE = SamplerSettings.guidance_rescale
 SAMPLE_STEPS = (1, 2, 4)  # rows of the sample grid and of the adherence evaluation
-# Keys that must agree with the teacher's run config: the student is the teacher's network on
-# the teacher's data, schedule and text encoder.
-TEACHER_KEYS = {
-    "model": None,  # all of it except the keys below
-    "diffusion": ("schedule", "num_timesteps", "beta_start", "beta_end", "zero_terminal_snr", "prediction",
-                  "shift_base_resolution", "shift_base_frames"),
-    "data": ("kind", "resolution", "num_frames"),
-}
-# Free to differ: the student's own options, and where weights live (copies may move).
-FREE_MODEL_KEYS = ("guidance_embed", "activation_checkpointing", "checkpoint_policy", "text.path", "autoencoder.path")
 
 
 # ------------------------------------------------------------------------------- the teacher
@@ -86,69 +64,6 @@ class Teacher:
         return guided_model(net, cond, dict(null._asdict()), scale, TEACHER_RESCALE)
 
 
-def read_run_config(yaml_text: str) -> RunConfig:
-    """A resolved config.yaml (a checkpoint's), parsed from its text, as a validated RunConfig."""
-    schema = OmegaConf.structured(RunConfig)
-    try:
-        run: RunConfig = OmegaConf.to_object(OmegaConf.merge(schema, yaml.safe_load(yaml_text) or {}))  # type: ignore
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"stage.teacher:{getattr(e, 'full_key', '?')}", str(e).splitlines()[0]) from None
-    validate(run)
-    return run
-
-
-def check_same_as_teacher(run: dict[str, Any], teacher: dict[str, Any], where: str) -> None:
-    """The student's model (except FREE_MODEL_KEYS), schedule and data shapes must be the
-    teacher's; the error names the key and the teacher's value."""
-    for section, keys in TEACHER_KEYS.items():
-        ours, theirs = flatten(run[section]), flatten(teacher[section])
-        names = keys or [k for k in theirs if k not in FREE_MODEL_KEYS]
-        for key in names:
-            if ours.get(key) != theirs[key]:
-                raise ConfigError(f"{section}.{key}", f"the teacher ({where}) was trained with "
-                                  f"{section}.{key}={theirs[key]!r}, this run has {ours.get(key)!r}; set it to "
-                                  f"the teacher's value")
-
-
-def check_teacher_exists(directory: str) -> None:
-    if not directory:
-        raise ConfigError("stage.teacher", "distillation needs the teacher's checkpoint directory")
-    if not Path(directory).exists():
-        raise ConfigError("stage.teacher", f"{directory} does not exist; point it at a checkpoint directory")
-
-
-def check_teacher(directory: str, model: ModelConfig, diffusion: DiffusionConfig, data: DataConfig,
-                  config_yaml: Optional[str] = None) -> RunConfig:
-    """The teacher's run config, after checking that `stage.teacher` names one whose network,
-    schedule and data this run shares (reads only its config.yaml unless given)."""
-    check_teacher_exists(directory)
-    if config_yaml is None:
-        step = resolve(directory)
-        if not (step / "config.yaml").is_file():
-            raise ConfigError("stage.teacher", f"{directory} holds no checkpoint (no config.yaml); point it at a "
-                                               f"checkpoint root, a step directory or a round export")
-        config_yaml = (step / "config.yaml").read_text()
-    cfg = read_run_config(config_yaml)
-    ours = {"model": to_dict(model), "diffusion": to_dict(diffusion), "data": to_dict(data)}
-    check_same_as_teacher(ours, {"model": to_dict(cfg.model), "diffusion": to_dict(cfg.diffusion),
-                                 "data": to_dict(cfg.data)}, directory)
-    return cfg
-
-
-def check_weighting(diffusion: DiffusionConfig) -> None:
-    if diffusion.zero_terminal_snr and diffusion.loss_weighting == "min_snr":
-        raise ConfigError("diffusion.loss_weighting", "min_snr weighs t = 1 (SNR 0) by 0, the step every distilled "
-                                                      "sampler starts with; use trunc_snr (Salimans & Ho 2022)")
-
-
-def teacher_steps_of(cfg: RunConfig) -> Optional[int]:
-    """What a distillation run shares, checked from configs alone (no network is built): the
-    loss weighting and a fitting teacher; the step count the teacher was distilled into (None: a
-    full diffusion model). Each stage's `preflight` checks its own knobs against it."""
-    check_weighting(cfg.diffusion)
-    return distilled_steps(check_teacher(cfg.stage.teacher, cfg.model, cfg.diffusion, cfg.data))
-
-
 def load_teacher(directory: str, model: ModelConfig, diffusion: DiffusionConfig, data: DataConfig,
                  text_dim: int, pooled_dim: int) -> tuple[Teacher, dict[str, Tensor]]:
     """The frozen teacher of `stage.teacher` (a checkpoint root with `latest`, a step directory or
@@ -158,7 +73,7 @@ def load_teacher(directory: str, model: ModelConfig, diffusion: DiffusionConfig,
     cfg = check_teacher(directory, model, diffusion, data, config_yaml)
     net = frozen(build_dit(cfg.model, text_dim, pooled_dim))
     net.load_state_dict(weights)
-    steps = distilled_steps(cfg)
+    steps = distilled_steps(cfg.stage)
     return Teacher(net, uses_cfg=steps is None, steps=steps), weights
 
 

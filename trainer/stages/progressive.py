@@ -30,14 +30,14 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
 
 from trainer.bundle import frozen, place
 from trainer.checkpoint_format import ROUND_FILE, ROUNDS_DIR, write_inference_dir
-from trainer.config import ConfigError, DataConfig, DiffusionConfig, LogConfig, ModelConfig, RunConfig, to_yaml
+from trainer.config import DataConfig, DiffusionConfig, LogConfig, ModelConfig, RunConfig, to_yaml
 from trainer.diffusion import add_noise, randn
 from trainer.diffusion.distill import (
     distill_loss,
@@ -50,22 +50,8 @@ from trainer.diffusion.distill import (
 )
 from trainer.stage_config import ProgressiveSettings, as_section
 from trainer.stages.base import PlayerLoss
-from trainer.stages.distillation import DistillationStage, Teacher, teacher_steps_of
-
-
-def check_rounds(rounds: Sequence[int], total_steps: int, teacher_steps: Optional[int]) -> None:
-    """Each round halves the step count of the one before; a distilled teacher is the round -1."""
-    if not rounds or any(n < 1 for n in rounds):
-        raise ConfigError("stage.rounds", f"{list(rounds)}: list the student step counts, e.g. [16, 8, 4, 2]")
-    for before, after in zip(rounds, rounds[1:]):
-        if before != 2 * after:
-            raise ConfigError("stage.rounds", f"{list(rounds)}: each round halves the previous one's steps "
-                                              f"(the teacher takes two steps per student step)")
-    if teacher_steps is not None and teacher_steps != 2 * rounds[0]:
-        raise ConfigError("stage.rounds", f"the teacher is a {teacher_steps}-step distilled sampler, so the "
-                                          f"first round's student has {teacher_steps // 2} steps, not {rounds[0]}")
-    if total_steps < len(rounds):
-        raise ConfigError("stage.steps", f"{total_steps} steps cannot be split across {len(rounds)} rounds")
+from trainer.stages.checks import check_rounds
+from trainer.stages.distillation import DistillationStage, Teacher
 
 
 class ProgressiveStage(DistillationStage):
@@ -75,11 +61,6 @@ class ProgressiveStage(DistillationStage):
     @classmethod
     def from_config(cls, cfg: RunConfig, settings: ProgressiveSettings) -> "ProgressiveStage":
         return cls(cfg.model, cfg.diffusion, settings, cfg.data, Path(cfg.checkpoint.dir) / ROUNDS_DIR)
-
-    @staticmethod
-    def preflight(cfg: RunConfig) -> None:
-        """A progressive run's teacher and rounds, checked from configs alone (`dit train`, `dit launch`)."""
-        check_rounds(cfg.stage.rounds, cfg.stage.steps, teacher_steps_of(cfg))
 
     def __init__(self, model: ModelConfig, diffusion: DiffusionConfig, stage: ProgressiveSettings, data: DataConfig,
                  export_dir: Optional[Path] = None):

@@ -1,0 +1,145 @@
+"""The checks of the distillation stages that need more than the config's values (the
+teacher's config.yaml), importable without torch: `dit train` and `dit launch` run `preflight`
+before any process group starts or network is built, so a bad distillation config fails in
+about a second with the key named (ConfigError); the stages run the same checks when built.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from trainer.checkpoint_format import resolve
+from trainer.config import ConfigError, DataConfig, DiffusionConfig, ModelConfig, RunConfig, flatten, to_dict, validate
+from trainer.stage_config import AdversarialSettings, distilled_steps
+
+# Keys that must agree with the teacher's run config: the student is the teacher's network on
+# the teacher's data, schedule and text encoder.
+TEACHER_KEYS = {
+    "model": None,  # all of it except the keys below
+    "diffusion": ("schedule", "num_timesteps", "beta_start", "beta_end", "zero_terminal_snr", "prediction",
+                  "shift_base_resolution", "shift_base_frames"),
+    "data": ("kind", "resolution", "num_frames"),
+}
+# Free to differ: the student's own options, and where weights live (copies may move).
+FREE_MODEL_KEYS = ("guidance_embed", "activation_checkpointing", "checkpoint_policy", "text.path", "autoencoder.path")
+
+
+def read_run_config(yaml_text: str) -> RunConfig:
+    """A resolved config.yaml (a checkpoint's), parsed from its text, as a validated RunConfig."""
+    schema = OmegaConf.structured(RunConfig)
+    try:
+        run: RunConfig = OmegaConf.to_object(OmegaConf.merge(schema, yaml.safe_load(yaml_text) or {}))  # type: ignore
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"stage.teacher:{getattr(e, 'full_key', '?')}", str(e).splitlines()[0]) from None
+    validate(run)
+    return run
+
+
+def check_same_as_teacher(run: dict[str, Any], teacher: dict[str, Any], where: str) -> None:
+    """The student's model (except FREE_MODEL_KEYS), schedule and data shapes must be the
+    teacher's; the error names the key and the teacher's value."""
+    for section, keys in TEACHER_KEYS.items():
+        ours, theirs = flatten(run[section]), flatten(teacher[section])
+        names = keys or [k for k in theirs if k not in FREE_MODEL_KEYS]
+        for key in names:
+            if ours.get(key) != theirs[key]:
+                raise ConfigError(f"{section}.{key}", f"the teacher ({where}) was trained with "
+                                  f"{section}.{key}={theirs[key]!r}, this run has {ours.get(key)!r}; set it to "
+                                  f"the teacher's value")
+
+
+def check_teacher_exists(directory: str) -> None:
+    if not directory:
+        raise ConfigError("stage.teacher", "distillation needs the teacher's checkpoint directory")
+    if not Path(directory).exists():
+        raise ConfigError("stage.teacher", f"{directory} does not exist; point it at a checkpoint directory")
+
+
+def check_teacher(directory: str, model: ModelConfig, diffusion: DiffusionConfig, data: DataConfig,
+                  config_yaml: Optional[str] = None) -> RunConfig:
+    """The teacher's run config, after checking that `stage.teacher` names one whose network,
+    schedule and data this run shares (reads only its config.yaml unless given)."""
+    check_teacher_exists(directory)
+    if config_yaml is None:
+        step = resolve(directory)
+        if not (step / "config.yaml").is_file():
+            raise ConfigError("stage.teacher", f"{directory} holds no checkpoint (no config.yaml); point it at a "
+                                               f"checkpoint root, a step directory or a round export")
+        config_yaml = (step / "config.yaml").read_text()
+    cfg = read_run_config(config_yaml)
+    ours = {"model": to_dict(model), "diffusion": to_dict(diffusion), "data": to_dict(data)}
+    check_same_as_teacher(ours, {"model": to_dict(cfg.model), "diffusion": to_dict(cfg.diffusion),
+                                 "data": to_dict(cfg.data)}, directory)
+    return cfg
+
+
+def check_weighting(diffusion: DiffusionConfig) -> None:
+    if diffusion.zero_terminal_snr and diffusion.loss_weighting == "min_snr":
+        raise ConfigError("diffusion.loss_weighting", "min_snr weighs t = 1 (SNR 0) by 0, the step every distilled "
+                                                      "sampler starts with; use trunc_snr (Salimans & Ho 2022)")
+
+
+def check_rounds(rounds: Sequence[int], total_steps: int, teacher_steps: Optional[int]) -> None:
+    """Each round halves the step count of the one before; a distilled teacher is the round -1."""
+    if not rounds or any(n < 1 for n in rounds):
+        raise ConfigError("stage.rounds", f"{list(rounds)}: list the student step counts, e.g. [16, 8, 4, 2]")
+    for before, after in zip(rounds, rounds[1:]):
+        if before != 2 * after:
+            raise ConfigError("stage.rounds", f"{list(rounds)}: each round halves the previous one's steps "
+                                              f"(the teacher takes two steps per student step)")
+    if teacher_steps is not None and teacher_steps != 2 * rounds[0]:
+        raise ConfigError("stage.rounds", f"the teacher is a {teacher_steps}-step distilled sampler, so the "
+                                          f"first round's student has {teacher_steps // 2} steps, not {rounds[0]}")
+    if total_steps < len(rounds):
+        raise ConfigError("stage.steps", f"{total_steps} steps cannot be split across {len(rounds)} rounds")
+
+
+def teacher_steps_for(step_counts: Sequence[int], distilled: Optional[int], at_least: int) -> int:
+    """The teacher's sampler: a distilled teacher's own steps, else the smallest multiple of
+    every student step count that is >= at_least (so that the trailing grids nest)."""
+    if distilled is None:
+        base = math.lcm(*step_counts)
+        return base * max(1, -(-at_least // base))
+    if any(distilled % n for n in step_counts):
+        raise ConfigError("stage.rounds", f"the teacher is a {distilled}-step distilled sampler; every student "
+                                          f"step count in {list(step_counts)} must divide {distilled}")
+    return distilled
+
+
+def check_adversarial(stage: AdversarialSettings, distilled: Optional[int], teacher_steps: int) -> tuple[list[int], int]:
+    """The student's step counts (largest first) and the teacher's sampler steps, after checking
+    `stage.rounds` and `stage.adv_mse_weight` against a teacher distilled to `distilled` steps."""
+    if not stage.rounds or min(stage.rounds) < 1:
+        raise ConfigError("stage.rounds", f"{list(stage.rounds)}: list the student's step counts, e.g. [4, 2, 1]")
+    if stage.adv_mse_weight < 0:
+        raise ConfigError("stage.adv_mse_weight", "must be >= 0")
+    step_counts = sorted(set(stage.rounds), reverse=True)
+    return step_counts, teacher_steps_for(step_counts, distilled, teacher_steps)
+
+
+def teacher_steps_of(cfg: RunConfig) -> Optional[int]:
+    """What a distillation run shares, checked from configs alone (no network is built): the
+    loss weighting and a fitting teacher; the step count the teacher was distilled into (None: a
+    full diffusion model). Each kind's preflight checks its own knobs against it."""
+    check_weighting(cfg.diffusion)
+    return distilled_steps(check_teacher(cfg.stage.teacher, cfg.model, cfg.diffusion, cfg.data).stage)
+
+
+def preflight_progressive(cfg: RunConfig) -> None:
+    check_rounds(cfg.stage.rounds, cfg.stage.steps, teacher_steps_of(cfg))
+
+
+def preflight_adversarial(cfg: RunConfig) -> None:
+    check_adversarial(cfg.stage, teacher_steps_of(cfg), cfg.log.sample_steps)
+
+
+# stage.kind -> its checks from configs and the teacher's config.yaml; other kinds have none.
+PREFLIGHT: dict[str, Callable[[RunConfig], None]] = {
+    "progressive": preflight_progressive,
+    "adversarial": preflight_adversarial,
+}
