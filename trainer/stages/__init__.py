@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from trainer.config import RunConfig
 from trainer.stage_config import stage_settings
+from trainer.stages.checks import PREFLIGHT
 
 if TYPE_CHECKING:
     from trainer.stages.base import Stage
@@ -32,8 +33,6 @@ def preflight(cfg: RunConfig) -> None:
     """Stage-specific checks from configs alone (no network built, no process group, no torch
     imported): `dit train` and `dit launch` run them first, so a bad distillation config fails
     in about a second with the key named (ConfigError) instead of after DeepSpeed started."""
-    from trainer.stages.checks import PREFLIGHT
-
     if cfg.stage.kind in PREFLIGHT:
         PREFLIGHT[cfg.stage.kind](cfg)
 
