@@ -27,7 +27,6 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-
 PROGRESSIVE_TARGET = (4, 0.95)  # (steps, share of the teacher's score)
 NOT_ATTRIBUTES = ("count", "overall")  # judge keys that are not single attributes
 ADVERSARIAL_TARGET = (1, 0.90)

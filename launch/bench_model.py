@@ -223,4 +223,3 @@ def run(args: argparse.Namespace) -> int:
         ok = print_presets(preset_rows(args.presets, s.text_dim, s.text_len), s.text_dim, s.text_len)
         return 0 if ok else 1
     return 0
-

@@ -8,7 +8,8 @@ keeps its default. Every check runs once, before any process starts, from
 `trainer.config.validate` (`validate_stage`).
 
 A new stage kind is one settings class below (registered in `STAGE_KINDS`) and one stage file
-registered in `trainer.stages.STAGES`.
+registered in `trainer.stages.STAGES`; checks that read files (a teacher's config.yaml) go in
+`trainer.stages.checks.PREFLIGHT`, which imports no torch.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """What the progressive and adversarial distillation stages share: the frozen teacher (a
 trained diffusion model sampled with classifier-free guidance, or a distilled student at its own
-step count), the student initialised from it, and few-step
-samples and evaluation of the student.
+step count), the student initialised from it, and few-step samples and evaluation of the
+student. The checks that the teacher fits this run live in `trainer.stages.checks`.
 
 Guidance (Meng et al. 2023, "On Distillation of Guided Diffusion Models"): the original teacher
 is sampled with classifier-free guidance at a scale w drawn per sample from
