@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.trainer.harness import ROOT, TINY, torchrun_cmd, train_env
+from tests.trainer.harness import ROOT, TINY, bare_ranks, torchrun_cmd, train_env
 
 BAD = {
     "malformed": ("optim:\n  lr: [1, 2\n", "bad.yaml:3': malformed YAML"),
@@ -41,13 +41,25 @@ def test_dit_launch_refuses_before_starting_any_rank(tmp_path, kind):
 
 @pytest.mark.slow
 def test_ranks_refuse_before_the_process_group_forms(tmp_path):
+    """Each rank refuses on its own (ranks started by hand, as on separate nodes, so that no
+    launcher stops one when the other exits), and under a bare torchrun the first refusal is
+    what it reports. The refusal takes ~0.5 s, so torchrun's agent may stop the slower rank
+    (SIGTERM) before it prints its own line: only the ranks started by hand each name the key."""
     out = tmp_path / "run"
+    ranks = bare_ranks(2, [f"run.out_dir={out}", "optim.lrr=1e-3"], tmp_path / "logs")
+    try:
+        codes = [proc.wait(timeout=120) for proc in ranks]
+    finally:
+        for proc in ranks:
+            proc.kill()
+    logs = [(tmp_path / "logs" / f"rank{r}.log").read_text() for r in range(2)]
+    assert codes == [2, 2] and all("optim.lrr" in log for log in logs), logs
     proc = subprocess.run(torchrun_cmd(2, [f"run.out_dir={out}", "optim.lrr=1e-3"], TINY), cwd=ROOT,
                           env=train_env(), capture_output=True, text=True, timeout=120)
     output = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and "exitcode  : 2" in output
-    assert output.count("optim.lrr") >= 2  # both ranks name the key
-    assert "Initializing TorchBackend" not in output and "init_distributed" not in output
+    assert proc.returncode != 0 and "exitcode  : 2" in output and "optim.lrr" in output
+    for text in (output, *logs):
+        assert "Initializing TorchBackend" not in text and "init_distributed" not in text
     assert not out.exists()
 
 
