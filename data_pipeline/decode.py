@@ -30,7 +30,8 @@ TENSOR_EXTS = ("npy", "safetensors")
 UNSAFE_EXTS = ("pyd", "pkl", "pickle", "pth", "pt", "ckpt", "joblib", "dill")
 # PIL would otherwise also open EPS (Ghostscript) and dozens of other parsers.
 PIL_FORMATS = ["JPEG", "PNG", "WEBP"]
-_DECODED = frozenset((*IMAGE_EXTS, *VIDEO_EXTS, *CAPTION_EXTS, *TENSOR_EXTS, "json"))  # one lookup a member
+_DECODED = frozenset((*IMAGE_EXTS, *VIDEO_EXTS, *CAPTION_EXTS, "json"))  # one lookup a member
+_ARRAYS = frozenset(TENSOR_EXTS)
 _UNSAFE = frozenset(UNSAFE_EXTS)
 
 
@@ -45,9 +46,10 @@ def _load_image_plugins() -> None:
 _load_image_plugins()
 
 
-@dataclass
+@dataclass(slots=True)
 class Decoded:
-    """A sample after decoding; media stay lazy (image header parsed, video bytes)."""
+    """A sample after decoding; media stay lazy (image header parsed, video bytes). (Slots: one
+    is made per sample.)"""
 
     key: str
     caption: str
@@ -133,37 +135,42 @@ def open_image(data: bytes) -> PIL.Image.Image:
 
 def decode_sample(raw: RawSample, shard: str, counter: SkipCounter) -> Decoded:
     """Decode the members of one sample through the allowlist; SkipSample when unusable."""
-    by_type: dict[str, list[tuple[str, bytes]]] = {}
+    first: dict[str, bytes] = {}  # member type -> the bytes of its first member
+    arrays: list[tuple[str, str, bytes]] = []  # (type, extension, bytes) of the tensor members
     for ext, data in raw.members.items():
         t = member_type(ext)
-        if t in _DECODED:
-            by_type.setdefault(t, []).append((ext, data))
+        if t in _ARRAYS:
+            arrays.append((t, ext, data))
+        elif t in _DECODED:
+            first.setdefault(t, data)
         elif t in _UNSAFE:
             counter.member("rejected_unsafe_member", shard, raw.key, f"{raw.key}.{ext}")
         else:
             counter.member("ignored_member", shard, raw.key, f"{raw.key}.{ext}")
-    meta_json = by_type["json"][0][1] if "json" in by_type else b"{}"
+    meta_json = first.get("json", b"{}")
     meta = decode_json(meta_json)
-    sample = Decoded(raw.key, _caption(by_type, meta), meta, meta_json=meta_json, tensors=_tensors(by_type))
-    image = _first(by_type, IMAGE_EXTS)
+    sample = Decoded(raw.key, _caption(first, meta), meta, meta_json=meta_json,
+                     tensors=_tensors(arrays) if arrays else {})
+    image = _first(first, IMAGE_EXTS)
     if image is not None:
         sample.image = open_image(image)
-    elif (video := _first(by_type, VIDEO_EXTS)) is not None:
+    elif (video := _first(first, VIDEO_EXTS)) is not None:
         sample.video = video
     elif not sample.tensors:
         raise SkipSample("missing_media", f"no image, video or tensor member among {sorted(raw.members)}")
     return sample
 
 
-def _first(by_type: dict, types: tuple[str, ...]) -> Optional[bytes]:
+def _first(first: dict[str, bytes], types: tuple[str, ...]) -> Optional[bytes]:
+    """The first member of the first of `types` (in order of preference) the sample has."""
     for t in types:
-        if t in by_type:
-            return by_type[t][0][1]
+        if t in first:
+            return first[t]
     return None
 
 
-def _caption(by_type: dict, meta: dict) -> str:
-    data = _first(by_type, CAPTION_EXTS)
+def _caption(first: dict[str, bytes], meta: dict) -> str:
+    data = _first(first, CAPTION_EXTS)
     if data is not None:
         caption = decode_text(data)
     elif isinstance(meta.get("caption"), str):
@@ -175,14 +182,17 @@ def _caption(by_type: dict, meta: dict) -> str:
     return caption
 
 
-def _tensors(by_type: dict) -> dict[str, torch.Tensor]:
+def _tensors(arrays: list[tuple[str, str, bytes]]) -> dict[str, torch.Tensor]:
+    """The tensors of the .npy members (named by extension), then of the .safetensors ones."""
     out: dict[str, torch.Tensor] = {}
-    for ext, data in by_type.get("npy", []):
-        out[ext[: -len(".npy")] if ext.lower().endswith(".npy") else "npy"] = decode_npy(data)
-    for _, data in by_type.get("safetensors", []):
-        for name, value in decode_safetensors(data).items():
-            if name in out:
-                raise SkipSample("corrupt_array", f"tensor {name!r} appears in two members")
-            out[name] = value
+    for t, ext, data in arrays:
+        if t == "npy":
+            out[ext[: -len(".npy")] if ext.lower().endswith(".npy") else "npy"] = decode_npy(data)
+    for t, _, data in arrays:
+        if t == "safetensors":
+            for name, value in decode_safetensors(data).items():
+                if name in out:
+                    raise SkipSample("corrupt_array", f"tensor {name!r} appears in two members")
+                out[name] = value
     return out
 
