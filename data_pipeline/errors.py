@@ -79,7 +79,9 @@ class SkipCounter:
         self._delta[reason] += 1
 
     def read(self) -> None:
-        self._add("read")
+        """Count one sample read (once a sample: no helper call)."""
+        self.counts["read"] += 1
+        self._delta["read"] += 1
 
     def skip(self, reason: str, shard: str, key: str, detail: str = "") -> None:
         """Count one skipped sample, log it (up to max_logged per reason) and check the budget."""

@@ -68,19 +68,19 @@ def read_stage(blocks: Iterable[list[Slot]], reader: ShardReader, paths: tuple[s
                 fetched[where] = e
         for slot in block:
             counter.read()
-            item = Item(slot, paths[slot.shard], f"#{slot.index}")
             got = _loaded(fetched[slot.shard, slot.index])
-            if isinstance(got, SkipSample):
-                _skip(item, got, counter)
+            if type(got) is RawSample:
+                yield Item(slot, paths[slot.shard], got.key, got)
             else:
-                item.raw, item.key = got, got.key
-            yield item
+                item = Item(slot, paths[slot.shard], f"#{slot.index}")
+                _skip(item, got, counter)
+                yield item
         block = following
 
 
 def _loaded(got: Union[RawSample, LazySample, SkipSample]) -> Union[RawSample, SkipSample]:
     """A located sample with its member bytes, or why they cannot be read."""
-    if not isinstance(got, LazySample):
+    if type(got) is not LazySample:
         return got
     try:
         return got.load()
