@@ -1,6 +1,7 @@
 """Autoencoders: shapes, frame-by-frame video, latent statistics, save/load without pickle."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -61,6 +62,19 @@ def test_save_load_round_trip_without_pickle(ae, tmp_path):
     assert loaded.vae.config.scaling_factor == pytest.approx(float(ae.scale))
     x = images()
     assert torch.allclose(loaded.encode(x), ae.encode(x), atol=1e-6)
+
+
+def test_an_autoencoder_without_mid_attention_saves_and_loads_as_built(tmp_path):
+    torch.manual_seed(0)
+    ae = build_autoencoder(dataclasses.replace(TINY, mid_attention=False)).eval()
+    assert ae.vae.encoder.mid_block.attentions[0] is None and ae.vae.decoder.mid_block.attentions[0] is None
+    ae.save(tmp_path)
+    loaded = Autoencoder.load(tmp_path)
+    assert loaded.vae.decoder.mid_block.attentions[0] is None
+    x = images()
+    assert torch.equal(loaded.decode(loaded.encode(x)), ae.decode(ae.encode(x)))
+    with pytest.raises(ValueError, match="model.autoencoder.mid_attention"):
+        build_autoencoder(dataclasses.replace(TINY, mid_attention=False), causal_3d=True)
 
 
 def test_plain_diffusers_folder_uses_its_scaling_factor(ae, tmp_path):

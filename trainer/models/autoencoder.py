@@ -217,6 +217,7 @@ def build_kl(cfg: AutoencoderConfig):
         latent_channels=cfg.latent_channels,
         norm_num_groups=math.gcd(32, *cfg.block_out_channels),
         sample_size=cfg.sample_size,
+        mid_block_add_attention=cfg.mid_attention,
         scaling_factor=1.0,
         shift_factor=0.0,
     )
@@ -226,6 +227,9 @@ def build_causal_3d(cfg: AutoencoderConfig):
     """A fresh causal 3-D AutoencoderKLWan of cfg's size; every level halves time and space."""
     from diffusers import AutoencoderKLWan
 
+    if not cfg.mid_attention:
+        raise ValueError("model.autoencoder.mid_attention: false applies to the 2-D kl autoencoder only; "
+                         "the causal 3-D one always has it")
     base = cfg.block_out_channels[0]
     if any(c % base for c in cfg.block_out_channels):
         raise ValueError("model.autoencoder.block_out_channels: each must be a multiple of the first")
