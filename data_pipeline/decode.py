@@ -149,8 +149,7 @@ def decode_sample(raw: RawSample, shard: str, counter: SkipCounter) -> Decoded:
             counter.member("ignored_member", shard, raw.key, f"{raw.key}.{ext}")
     meta_json = first.get("json", b"{}")
     meta = decode_json(meta_json)
-    sample = Decoded(raw.key, _caption(first, meta), meta, meta_json=meta_json,
-                     tensors=_tensors(arrays) if arrays else {})
+    sample = Decoded(raw.key, _caption(first, meta), meta, meta_json=meta_json, tensors=_tensors(arrays))
     image = _first(first, IMAGE_EXTS)
     if image is not None:
         sample.image = open_image(image)

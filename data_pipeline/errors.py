@@ -79,9 +79,7 @@ class SkipCounter:
         self._delta[reason] += 1
 
     def read(self) -> None:
-        """Count one sample read (once a sample: no helper call)."""
-        self.counts["read"] += 1
-        self._delta["read"] += 1
+        self._add("read")
 
     def skip(self, reason: str, shard: str, key: str, detail: str = "") -> None:
         """Count one skipped sample, log it (up to max_logged per reason) and check the budget."""
