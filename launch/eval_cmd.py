@@ -98,6 +98,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 DEMO_EVAL_NUM = 256  # held-out captions of the demo's evaluation: 64 would leave +-6 points of noise
+DEMO_EVAL_BATCH = 64  # captions sampled together: the same samples as 16 at a time (per-sample noise), 13% sooner
 
 
 def demo_evaluation(checkpoint: str, out_dir: str, prompts: list[str], steps: int = 25, cfg: float = 3.0,
@@ -119,7 +120,7 @@ def demo_evaluation(checkpoint: str, out_dir: str, prompts: list[str], steps: in
     grid = save_samples(cascade.sample_batched(prompts, torch.Generator().manual_seed(0)), prompts,
                         Path(out_dir) / "samples")["grid"]
     print(f"samples: {Path(out_dir) / 'samples' / grid}")
-    result, _, _ = evaluate_adherence(cascade, num)
+    result, _, _ = evaluate_adherence(cascade, num, batch_size=DEMO_EVAL_BATCH)
     _write_json(out_dir, "adherence.json", result.as_dict())
     print(result.table())
     return result.generated

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.models.test_dit_model import TEXT_DIM, TEXT_LEN, POOLED_DIM, make_text, randomize_, tiny
-from trainer.config import ModelConfig, TextEncoderConfig, load_config
+from trainer.config import TextEncoderConfig, load_config
 from trainer.models.dit import TextEmbedding
 
 TINY_RUN = "configs/test_tiny.yaml"

@@ -51,3 +51,29 @@ def test_latent_shards_train_like_pixels_without_the_encoders(shapes_shards, tmp
     stage.autoencoder.encode = never
     got = stage_losses(stage, latent_batches)
     assert got == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+
+def test_precompute_encodes_each_distinct_caption_once_with_the_embedding_it_gets_alone(tmp_path, monkeypatch):
+    from trainer.models.text import HFTextEncoder
+
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text((ROOT / "configs" / "test_tiny.yaml").read_text())
+    encode = precompute_encoder(str(config_file), [f"run.out_dir={tmp_path}"])
+    seen: list[str] = []
+    real_encode = HFTextEncoder._encode
+
+    def counting(self, captions):
+        seen.extend(c for c in captions if c)
+        return real_encode(self, captions)
+
+    monkeypatch.setattr(HFTextEncoder, "_encode", counting)
+    captions = ["a red circle", "a blue square", "a red circle", "a green triangle", "a blue square"]
+    image = torch.zeros(len(captions), 3, 32, 32)
+    first = encode({"image": image, "caption": captions})
+    second = encode({"image": image[:2], "caption": ["a green triangle", "a red circle"]})
+    assert sorted(seen) == ["a blue square", "a green triangle", "a red circle"]
+    assert torch.equal(first["text_emb"][0], first["text_emb"][2])
+    assert torch.equal(second["text_emb"][1], first["text_emb"][0])
+    alone = precompute_encoder(str(config_file), [f"run.out_dir={tmp_path}"])({"image": image[:1], "caption": ["a red circle"]})
+    assert torch.equal(alone["text_emb"][0], first["text_emb"][0])
+    assert torch.equal(alone["text_pooled"][0], first["text_pooled"][0])
