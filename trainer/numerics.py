@@ -6,6 +6,7 @@ import contextlib
 from typing import Iterator
 
 import torch
+from torch import nn
 
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -18,6 +19,27 @@ def autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=PRECISIONS[precision])
+
+
+def autocast_inside(module: nn.Module, device: torch.device, precision: str) -> None:
+    """Make `module`'s own call enter the precision's autocast (hooks around its forward), so it
+    holds inside a DeepSpeed engine: the engine's forward turns an enclosing autocast off on CUDA
+    (`deepspeed.runtime.torch_autocast.autocast_if_enabled`: "enabled outside DeepSpeed but
+    disabled within the engine" unless its own `torch_autocast` mode is configured), and the bf16
+    or fp16 weights of its half-precision modes would then meet fp32 inputs. Nothing for fp32."""
+    if precision == "fp32":
+        return
+    entered: list[contextlib.AbstractContextManager] = []
+
+    def enter(_module: nn.Module, _args: tuple) -> None:
+        entered.append(autocast(device, precision))
+        entered[-1].__enter__()
+
+    def leave(_module: nn.Module, _args: tuple, _output) -> None:
+        entered.pop().__exit__(None, None, None)
+
+    module.register_forward_pre_hook(enter)
+    module.register_forward_hook(leave, always_call=True)
 
 
 @contextlib.contextmanager

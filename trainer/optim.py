@@ -11,6 +11,7 @@ from torch import nn
 
 from trainer.config import DeepSpeedConfig, OptimConfig
 from trainer.distributed import DistContext, any_rank
+from trainer.numerics import autocast_inside
 
 
 class FiniteGuard:
@@ -97,6 +98,7 @@ def build_engine(module: nn.Module, lr: float, optim: OptimConfig, ds: DeepSpeed
                  micro_batch: int, ctx: DistContext, total_steps: int, device: torch.device):
     import deepspeed
 
+    autocast_inside(module, device, ds.precision)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, lr, optim, ds, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, optim, total_steps))
