@@ -26,6 +26,9 @@ or --peak-tflops), the data-wait share of step time, and the peak memory
 (torch.cuda.max_memory_allocated at the end of the training loop) against `dit plan`'s
 prediction for that layout. The last line is `gpu check: OK` or `gpu check: FAILED: <what>`
 (exit 1). `--tiny` runs the same path at tiny scale on the CPU (the test suite does).
+`--profile` runs the image run's last steps under torch.profiler and prints how busy the host
+keeps the device (on one H200, DiT-XL/2: the GPU waited ~110 ms of a 350 ms step for DeepSpeed's
+per-parameter host work; README, "GPU check").
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ from typing import Optional, Sequence
 from launch.bench_gpu_figures import (GB, MEM_FRACTION, PEAK_BF16_TFLOPS, MemoryPlan, Throughput, choose_batch, losses,
                                       peak_tflops_for, predict_memory, read_jsonl, steady_throughput)
 from launch.bench_gpu_resume import resume_check, seed_resume_dir
-from launch.bench_gpu_runs import RunSpec, build_config, caption_pool, run_child, write_latent_shards
+from launch.bench_gpu_runs import PROFILED_STEPS, RunSpec, build_config, caption_pool, run_child, write_latent_shards
 
 MFU_GOAL = 0.40  # DiT-XL/2 bf16 on H100/H200: a benchmark goal, not a pass/fail criterion
 RUN_NAMES = ("image", "video", "video_resumed")
@@ -102,11 +105,13 @@ def choose_specs(args: argparse.Namespace, build, device_mem_gb: float, cpu: boo
 
 def train_and_measure(spec: RunSpec, cfg, run_dir: Path, args: argparse.Namespace, device: str,
                       deterministic: bool, device_mem_gb: float, peak: Optional[float],
-                      check: Check, exclude: Sequence[int] = ()) -> Optional[Figures]:
+                      check: Check, exclude: Sequence[int] = (), profile: bool = False) -> Optional[Figures]:
     label = f"{spec.name}: {spec.describe()}, {cfg.deepspeed.precision}, ZeRO-{cfg.deepspeed.zero_stage}, " \
             f"batch {spec.batch}, {spec.steps} steps" + (", deterministic kernels" if deterministic else "")
     print(f"\n{label}", flush=True)
-    res = run_child(cfg, run_dir, device, deterministic, args.run_timeout)
+    res = run_child(cfg, run_dir, device, deterministic, args.run_timeout, profile)
+    if profile:  # the profiler's overhead stays out of the steady state
+        exclude = (*exclude, *range(spec.steps - PROFILED_STEPS + 1, spec.steps + 1))
     backend = res.report.get("backend", "?")
     print(f"  world size 1 over {backend}, {res.seconds:.0f} s wall (start-up, steps, checkpoint, samples); "
           f"log {res.log}", flush=True)
@@ -132,7 +137,20 @@ def train_and_measure(spec: RunSpec, cfg, run_dir: Path, args: argparse.Namespac
     figures = Figures(spec, tp, memory, res.report.get("peak_bytes"), first,
                       loss_by_step.get(first, float("nan")), loss_by_step.get(spec.steps, float("nan")))
     print_figures(figures, peak, check)
+    if profile:
+        print_profile(res.report.get("profile"), check)
     return figures
+
+
+def print_profile(p: Optional[dict], check: Check) -> None:
+    """The profiled steps: time a step and the device kernels' share of it (well under 100%:
+    the accelerator waits for the host)."""
+    if p is None:
+        check.fail("the profiled run wrote no profile")
+        return
+    busy = f"device kernels {p['device_s'] / p['wall_s']:.0%} of it" if p["device_s"] else "no device kernels"
+    print(f"  profile of the last {p['steps']} steps: {1000 * p['wall_s'] / p['steps']:.1f} ms a step, {busy}; "
+          f"operators by device and host time: {p['file']}", flush=True)
 
 
 def print_figures(f: Figures, peak: Optional[float], check: Check) -> None:
@@ -238,7 +256,8 @@ def run(args: argparse.Namespace) -> int:
         n = write_latent_shards(out / "data" / spec.name, spec, captions[spec.video])
         print(f"wrote {n} synthetic {'x'.join(map(str, spec.shape()))} latents to {out / 'data' / spec.name} "
               f"({args.captions} distinct captions)", flush=True)
-    train_and_measure(image, build(image), out / "image", args, device, False, mem_gb, peak, check)
+    train_and_measure(image, build(image), out / "image", args, device, False, mem_gb, peak, check,
+                      profile=args.profile)
     c = video.checkpoint_every
     if train_and_measure(video, build(video), out / "video", args, device, True, mem_gb, peak, check,
                          exclude=(c + 1,)) is not None:
@@ -283,6 +302,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fail when peak memory exceeds dit plan's prediction by more than this fraction")
     p.add_argument("--run-timeout", type=float, default=900, help="seconds allowed per training run")
     p.add_argument("--out", default="runs/gpu_check", help="folder for the data, runs, logs and metrics")
+    p.add_argument("--profile", action="store_true",
+                   help=f"run the image run's last {PROFILED_STEPS} steps under torch.profiler: prints the device "
+                        "kernels' share of the step, writes the operators by device and host time to profile.txt")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep the runs' checkpoints (removed after a passing check: DiT-XL/2's is ~12 GB)")
 

@@ -1,6 +1,7 @@
 """The training runs of `dit bench gpu` (launch/bench_gpu.py): what is trained (a RunSpec and
 its dotted overrides), its synthetic latent shards, and each run as a child process
-(`python -m launch.bench_gpu_runs --child CONFIG REPORT`: the real Trainer as rank 0 of 1).
+(`python -m launch.bench_gpu_runs --child CONFIG REPORT`: the real Trainer as rank 0 of 1),
+optionally with the last PROFILED_STEPS steps under torch.profiler (`dit bench gpu --profile`).
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
+
+PROFILED_STEPS = 3  # the last steps of a profiled run (their metrics windows leave the steady state)
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,8 @@ def child_env(device: str, deterministic: bool) -> dict[str, str]:
     return env
 
 
-def run_child(cfg, run_dir: Path, device: str, deterministic: bool, timeout_s: float) -> ChildResult:
+def run_child(cfg, run_dir: Path, device: str, deterministic: bool, timeout_s: float,
+              profile: bool = False) -> ChildResult:
     """`python -m launch.bench_gpu_runs --child CONFIG REPORT`: one `Trainer` run as rank 0 of 1."""
     from trainer.config import to_yaml
 
@@ -148,6 +152,8 @@ def run_child(cfg, run_dir: Path, device: str, deterministic: bool, timeout_s: f
     cmd = [sys.executable, "-m", "launch.bench_gpu_runs", "--child", str(config), str(report)]
     if deterministic:
         cmd.append("--deterministic")
+    if profile:
+        cmd.append("--profile")
     start = time.perf_counter()
     with open(log, "w") as out:
         try:
@@ -161,10 +167,10 @@ def run_child(cfg, run_dir: Path, device: str, deterministic: bool, timeout_s: f
     return ChildResult(code, data, log, time.perf_counter() - start)
 
 
-def child_main(config: str, report: str, deterministic: bool) -> int:
+def child_main(config: str, report: str, deterministic: bool, profile: bool = False) -> int:
     """Rank 0 of a world of one: the real Trainer on `config`; writes the peak device memory of
-    the training loop (before the end-of-run sample grid, which builds a second model) and the
-    process-group backend to `report`."""
+    the training loop (before the end-of-run sample grid, which builds a second model), the
+    process-group backend and, with `profile`, the profile of the last steps to `report`."""
     import torch
     import torch.distributed as dist
 
@@ -198,6 +204,8 @@ def child_main(config: str, report: str, deterministic: bool) -> int:
         return sample_grid()
 
     trainer.write_samples = measured_write_samples
+    if profile:
+        profile_last_steps(trainer, cfg.stage.steps, Path(report).parent / "profile.txt", result)
     code = trainer.run()
     if cuda and "peak_bytes" not in result:  # the loop ended without drawing samples
         result["peak_bytes"] = torch.cuda.max_memory_allocated()
@@ -208,5 +216,39 @@ def child_main(config: str, report: str, deterministic: bool) -> int:
     return code
 
 
+def profile_last_steps(trainer, total: int, out: Path, result: dict[str, Any]) -> None:
+    """Run the last PROFILED_STEPS calls of `trainer.train_step` under torch.profiler; write the
+    operators by device time and by host time to `out`, and to `result["profile"]` the wall time
+    of those steps and the sum of their device kernels' times (their ratio: how busy the host
+    keeps the accelerator)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    step, window = trainer.train_step, {}
+
+    def profiled(batches):
+        done = trainer.state.step  # steps finished before this one
+        if done == total - PROFILED_STEPS:
+            window["prof"] = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
+            window["prof"].__enter__()
+            sync()
+            window["start"] = time.perf_counter()
+        out_ = step(batches)
+        if done == total - 1 and "prof" in window:
+            sync()
+            wall = time.perf_counter() - window["start"]
+            window["prof"].__exit__(None, None, None)
+            ops = window["prof"].key_averages()
+            out.write_text(ops.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=40)
+                           + "\n\n" + ops.table(sort_by="cpu_time_total", row_limit=25) + "\n")
+            result["profile"] = {"steps": PROFILED_STEPS, "wall_s": wall, "file": str(out),
+                                 "device_s": sum(e.self_device_time_total for e in ops) / 1e6}
+        return out_
+
+    trainer.train_step = profiled
+
+
 if __name__ == "__main__":
-    sys.exit(child_main(sys.argv[2], sys.argv[3], "--deterministic" in sys.argv[4:]))
+    sys.exit(child_main(sys.argv[2], sys.argv[3], "--deterministic" in sys.argv[4:], "--profile" in sys.argv[4:]))

@@ -34,7 +34,7 @@ def dit_bench_gpu(*args: str, env: dict, timeout: int) -> subprocess.CompletedPr
 @pytest.fixture(scope="module")
 def tiny_check(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path_factory.mktemp("gpu_check")
-    proc = dit_bench_gpu("--tiny", "--device", "cpu", "--peak-tflops", str(PEAK), "--keep-checkpoints",
+    proc = dit_bench_gpu("--tiny", "--device", "cpu", "--peak-tflops", str(PEAK), "--keep-checkpoints", "--profile",
                          "--out", str(out), env=train_env(), timeout=600)
     return proc, out
 
@@ -61,6 +61,19 @@ def test_tiny_cpu_check_prints_sane_figures(tiny_check):
     for run in ("image", "video", "video_resumed"):  # the trainer's own metrics are what was read
         assert (out / run / "logs" / "metrics.jsonl").is_file()
     assert (out / "data" / "image" / "manifest.json").is_file()
+
+
+def test_profile_of_the_image_runs_last_steps_is_written_and_left_out_of_the_figures(tiny_check):
+    proc, out = tiny_check
+    image = proc.stdout.split("\nvideo:")[0]
+    # 8 steps, 2 of warm-up, the 3 profiled ones out of the steady state (profiler overhead)
+    assert "steady state over 3 steps" in image, image
+    found = re.search(r"profile of the last 3 steps: ([\d.]+) ms a step, no device kernels; "
+                      r"operators by device and host time: (\S+)", image)
+    assert found and float(found[1]) > 0, image
+    assert Path(found[2]) == out / "image" / "profile.txt"
+    table = Path(found[2]).read_text()
+    assert "aten::addmm" in table and "AccumulateGrad" in table  # forward and backward were recorded
 
 
 def test_resume_check_fails_on_different_weights_or_losses(tiny_check, tmp_path):
