@@ -82,7 +82,7 @@ def sampler(loaded, steps: int, scale: float, distilled: bool, prompts: Sequence
 
     loaded.stage.text.encode(list(prompts))
     settings = SamplerSettings(steps=steps, cfg_scale=scale)
-    return lambda prompts, g: loaded.stage.sample_pixels(loaded.net, prompts, settings, g, distilled=distilled)
+    return lambda batch, g: loaded.stage.sample_pixels(loaded.net, batch, settings, g, distilled=distilled)
 
 
 def load_student(directory: Path, device: torch.device):
