@@ -345,3 +345,28 @@ def test_analytic_macs_equal_counted_matmuls(overrides, shape):
 def test_explicit_preset_overrides_the_name():
     preset = replace(dit_preset("DiT-S/2"), depth=2)
     assert len(build_dit(ModelConfig(preset="DiT-S/2"), 8, 8, preset=preset).blocks) == 2
+
+
+def test_qk_norm_keeps_the_compute_dtype_and_the_fused_kernel():
+    """Under bf16 autocast the projections give the qk-norm bf16 input: it must stay bf16 (the
+    fused rms_norm kernel; a float32 weight sends torch to the composite, which warns) and agree
+    with the float32 norm to bf16 precision; in float32 it is nn.RMSNorm exactly."""
+    import warnings
+
+    from trainer.models.layers import HeadRMSNorm
+
+    torch.manual_seed(0)
+    norm, reference = HeadRMSNorm(72, eps=1e-6), torch.nn.RMSNorm(72, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    reference.load_state_dict(norm.state_dict(), strict=True)
+    x = torch.randn(2, 16, 4, 72)
+    assert torch.equal(norm(x), reference(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = norm(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference(x), rtol=2e-2, atol=2e-2)
+    out.float().sum().backward()
+    assert norm.weight.grad is not None and norm.weight.grad.dtype == torch.float32
