@@ -6,6 +6,8 @@ the room that owns the work (`data_pipeline`, `trainer`, `launch`).
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import importlib
 import sys
 from typing import Optional
@@ -95,12 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    atexit.unregister(gc.freeze)
+    atexit.register(gc.freeze)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:
         print(f"dit: {e}", file=sys.stderr)
         return EXIT_CONFIG
+
+
+# At exit, after the command's own exit handlers, every object still alive goes to the permanent
+# generation (gc.freeze): the interpreter's final collections then skip them. They walked the
+# whole heap of torch, transformers and DeepSpeed several times, ~1.8 s of every process's exit
+# (3 s for each rank of a 2-rank job on 2 cores), spent freeing memory the OS takes back anyway.
+# Objects are still released by reference counting; only cycles left at exit are not collected.
 
 
 if __name__ == "__main__":

@@ -155,12 +155,11 @@ class HFTextEncoder(TextEncoder):
     text tower of a whole CLIPModel folder, as Stable Diffusion's `text_encoder`); pooled = masked mean."""
 
     def __init__(self, path: str, max_length: int, null: str, *, t5: bool = False, normalize: bool = False):
-        from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
+        from transformers import AutoConfig, AutoTokenizer
 
         model_type = AutoConfig.from_pretrained(path).model_type
         t5 = t5 or model_type in T5_FAMILY
-        model = T5EncoderModel if t5 else CLIPTextModel if model_type in CLIP_FAMILY else AutoModel
-        backbone = model.from_pretrained(path)
+        backbone = _backbone_class(model_type, t5).from_pretrained(path)
         dim = backbone.config.d_model if t5 else backbone.config.hidden_size
         super().__init__(backbone, dim, dim, max_length, null)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -176,6 +175,17 @@ class HFTextEncoder(TextEncoder):
         if self.normalize:
             pooled = F.normalize(pooled, dim=-1)
         return tokens.float(), mask.bool(), pooled.float()
+
+
+def _backbone_class(model_type: str, t5: bool) -> type:
+    """The transformers class that loads this encoder, imported alone: the package's lazy
+    `CLIPTextModel` and `T5EncoderModel` names import their whole modeling modules (~3 s of CPU
+    at every rank's start for CLIP's, which a MiniLM run never uses)."""
+    import transformers
+
+    if t5:
+        return transformers.T5EncoderModel
+    return transformers.CLIPTextModel if model_type in CLIP_FAMILY else transformers.AutoModel
 
 
 class OpenCLIPTextEncoder(TextEncoder):
