@@ -249,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
 
     def build(spec: RunSpec, run_dir: Optional[Path] = None):
         return build_config(spec, out / "data" / spec.name, run_dir or out / spec.name, args.precision, workers,
-                            captions[spec.video][0])
+                            captions[spec.video][0], ["model.compile=true"] if args.compile else [])
 
     image, video = choose_specs(args, build, mem_gb, device == "cpu")
     for spec in (image, video):
@@ -305,6 +305,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", action="store_true",
                    help=f"run the image run's last {PROFILED_STEPS} steps under torch.profiler: prints the device "
                         "kernels' share of the step, writes the operators by device and host time to profile.txt")
+    p.add_argument("--compile", action="store_true",
+                   help="model.compile=true in both runs: each DiT block under torch.compile (the first steps "
+                        "compile; the steady-state figures leave them out)")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep the runs' checkpoints (removed after a passing check: DiT-XL/2's is ~12 GB)")
 

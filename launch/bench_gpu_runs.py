@@ -47,8 +47,8 @@ class RunSpec:
 
 
 def run_overrides(spec: RunSpec, shards: Path, run_dir: Path, precision: str, workers: int,
-                  prompt: str) -> list[str]:
-    """Dotted overrides of the run (on top of the defaults of `trainer.config`)."""
+                  prompt: str, extra: Sequence[str] = ()) -> list[str]:
+    """Dotted overrides of the run (on top of the defaults of `trainer.config`), `extra` last."""
     overrides = [
         f"run.name=gpu_check_{spec.name}", f"run.out_dir={run_dir}", "run.seed=0",
         f"data.shards={shards}", f"data.kind={'video' if spec.video else 'image'}",
@@ -64,13 +64,14 @@ def run_overrides(spec: RunSpec, shards: Path, run_dir: Path, precision: str, wo
     ]
     if spec.video:
         overrides.append(f"data.num_frames={spec.frames}")
-    return overrides
+    return overrides + list(extra)
 
 
-def build_config(spec: RunSpec, shards: Path, run_dir: Path, precision: str, workers: int, prompt: str):
+def build_config(spec: RunSpec, shards: Path, run_dir: Path, precision: str, workers: int, prompt: str,
+                 extra: Sequence[str] = ()):
     from trainer.config import load_config
 
-    return load_config(None, run_overrides(spec, shards, run_dir, precision, workers, prompt))
+    return load_config(None, run_overrides(spec, shards, run_dir, precision, workers, prompt, extra))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -170,7 +170,21 @@ def test_help_lists_the_options(capsys):
         main(["bench", "gpu", "--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    assert all(opt in out for opt in ("--peak-tflops", "--steps", "--out", "--device", "--tiny", "--precision"))
+    assert all(opt in out for opt in ("--peak-tflops", "--steps", "--out", "--device", "--tiny", "--precision",
+                                      "--compile", "--profile"))
+
+
+def test_compile_reaches_both_runs_configs(tmp_path):
+    """`--compile` is `model.compile=true` on top of each run's overrides (the engine compiles the
+    blocks); without it the runs stay eager."""
+    from launch.bench_gpu_runs import build_config
+
+    for spec in (bench.RunSpec("image", "DiT-T/2", 8, 0, 2, 6, 3), bench.RunSpec("video", "DiT-T/2", 8, 4, 2, 6, 3)):
+        eager = build_config(spec, tmp_path / "data", tmp_path / "run", "bf16", 0, "a red circle")
+        compiled = build_config(spec, tmp_path / "data", tmp_path / "run", "bf16", 0, "a red circle",
+                                ["model.compile=true"])
+        assert (eager.model.compile, compiled.model.compile) == (False, True)
+        assert compiled.model.preset == "DiT-T/2" and compiled.deepspeed.precision == "bf16"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
