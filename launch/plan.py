@@ -27,7 +27,12 @@ model's code (layers.py) - in units of B N D values (B micro-batch, N tokens, D 
 residual-stream and norm inputs 4, adaLN modulations 2, fused qkv 3, normalized q and k 2,
 attention output 1, the two gated branch outputs 2, MLP 2 x mlp_ratio, cross-attention 5
 (+ keys and values over the L text tokens); a CPU attention kernel also keeps contiguous
-copies of q and k (+3). With checkpointing every block keeps only its input (1), and one
+copies of q and k (+3). On a GPU in bf16/fp16, autocast runs layer_norm in fp32, so the
+outputs of the norms that the adaLN modulation keeps (two a block, the temporal and the final
+one) are fp32: one more w-byte unit each (the CPU's autocast keeps them in bf16). With them
+the plan accounts for the H200's measured peak of DiT-XL/2 (batch 64, ZeRO-2: 49.1 GB against
+44.7 GB planned without them, and the qk-norm outputs then fp32 too, since fixed: +4.2 GB).
+With checkpointing every block keeps only its input (1), and one
 block is recomputed at a time. Pipeline stages hold up to p micro-batches of their layers
 (1F1B). Frozen encoders (text, autoencoder) are counted in fp32, activations not (no grad).
 A sequence split S keeps N / S tokens per rank in every block and the head (attention sees N
@@ -72,6 +77,7 @@ CROSS = 5  # norm input and output, q, normalized q, attention output
 CPU_SDPA_COPIES = 3  # contiguous q, k (self) and q (cross) kept by the CPU attention kernel
 TEMPORAL = 12  # factorized video blocks: temporal attention with its reshapes (not validated)
 HEAD = 3  # final norm input and output, modulation
+AUTOCAST_NORMS = 2  # GPU bf16/fp16: norm1 and norm2 outputs in fp32 (+1 unit each; +1 temporal, +1 head)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,9 +139,10 @@ def bucket_bytes(zero_stage: int, precision: str, z: ZeroSettings, params: int) 
     return float(w * (buckets * z.reduce_bucket_size + prefetch))
 
 
-def block_units(m: ModelFacts, cpu: bool) -> tuple[float, float]:
-    """Saved values of one DiT block per sample: (units of N D, units of L D)."""
-    nd = BLOCK_BASE + 2 * m.mlp_ratio + (QK_NORMED if m.qk_norm else 0)
+def block_units(m: ModelFacts, cpu: bool, fp32_norms: bool = False) -> tuple[float, float]:
+    """Saved values of one DiT block per sample: (units of N D, units of L D); `fp32_norms`:
+    mixed precision on a GPU (autocast's layer_norm in fp32)."""
+    nd = BLOCK_BASE + 2 * m.mlp_ratio + (QK_NORMED if m.qk_norm else 0) + (AUTOCAST_NORMS if fp32_norms else 0)
     ld = 0.0
     if m.cross_attention:
         nd += CROSS if m.qk_norm else CROSS - 1
@@ -143,7 +150,7 @@ def block_units(m: ModelFacts, cpu: bool) -> tuple[float, float]:
     if cpu:
         nd += CPU_SDPA_COPIES if m.cross_attention else CPU_SDPA_COPIES - 1
     if m.temporal:
-        nd += TEMPORAL
+        nd += TEMPORAL + (1 if fp32_norms else 0)
     return nd, ld
 
 
@@ -154,10 +161,12 @@ def activation_bytes(m: ModelFacts, micro_batch: int, precision: str, checkpoint
     With checkpointing each micro-batch keeps only its block inputs, and one block at a time is
     recomputed with all its activations. A sequence split S keeps N / S tokens per rank."""
     layers = m.depth if layers is None else layers
-    nd, ld = block_units(m, cpu)
+    fp32_norms = precision != "fp32" and not cpu
+    nd, ld = block_units(m, cpu, fp32_norms)
     ND, LD = m.tokens * m.width / sequence_parallel, m.text_len * m.width
     block = nd * ND + ld * LD
-    kept = (layers * ND if checkpointing else layers * block) + HEAD * ND + m.text_len * m.text_dim
+    head = (HEAD + (1 if fp32_norms else 0)) * ND
+    kept = (layers * ND if checkpointing else layers * block) + head + m.text_len * m.text_dim
     recomputed = block if checkpointing else 0.0
     return float(micro_batch * param_bytes(precision) * (in_flight * kept + recomputed))
 

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from launch.cli import main
-from launch.plan import Hardware, activation_bytes, estimate, layouts, model_state_bytes, zero_settings
+from launch.plan import (Hardware, activation_bytes, block_units, estimate, layouts, model_state_bytes,
+                         zero_settings)
 from launch.plan_model import model_facts
 from tests.trainer.harness import ROOT, TINY, train_env
 from trainer.config import load_config
@@ -39,6 +40,22 @@ def test_checkpointing_keeps_one_input_per_block():
     ckpt = activation_bytes(m, 1, "bf16", checkpointing=True)
     assert 10 < full / ckpt < m.depth  # ~27 saved values per token and channel in a block, 1 kept
     assert activation_bytes(m, 4, "bf16", False) == 4 * full
+
+
+def test_gpu_autocast_keeps_the_modulated_norm_outputs_in_fp32():
+    """CUDA autocast runs layer_norm in fp32: in bf16 on a GPU each block keeps its two modulated
+    norm outputs in fp32 (one more 2-byte unit each) and the head its final one; not on the CPU
+    (its autocast keeps them bf16), and fp32 counts every value at 4 bytes already."""
+    cfg = load_config(TINY, [*XL, "data.resolution=256"])
+    m = model_facts(cfg, persistence_threshold=100_000)
+    unit = m.tokens * m.width * 2  # one saved B N D value in bf16, per sample
+    assert block_units(m, False, fp32_norms=True)[0] - block_units(m, False)[0] == 2
+    gpu, fp32 = activation_bytes(m, 1, "bf16", False), activation_bytes(m, 1, "fp32", False)
+    assert gpu == pytest.approx(fp32 / 2 + (2 * m.depth + 1) * unit, rel=1e-12)
+    assert activation_bytes(m, 1, "bf16", False, cpu=True) == pytest.approx(
+        activation_bytes(m, 1, "fp32", False, cpu=True) / 2, rel=1e-12)
+    with_ckpt = activation_bytes(m, 1, "bf16", True) - activation_bytes(m, 1, "fp32", True) / 2
+    assert with_ckpt == pytest.approx(3 * unit, rel=1e-12)  # the recomputed block's two and the head's
 
 
 @pytest.mark.parametrize("resolution, tokens", [(256, 256), (512, 1024)])
