@@ -24,7 +24,7 @@ def first_batches(cfg, n: int) -> list[dict]:
 
 def stage_losses(stage, batches: list[dict]) -> list[float]:
     g = torch.Generator().manual_seed(0)
-    return [float(loss) for b in batches for _, loss, _ in stage.losses(b, g)]
+    return [float(loss.detach()) for b in batches for _, loss, _ in stage.losses(b, g)]
 
 
 def test_latent_shards_train_like_pixels_without_the_encoders(shapes_shards, tmp_path):
