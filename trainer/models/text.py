@@ -179,8 +179,8 @@ class HFTextEncoder(TextEncoder):
 
 def _backbone_class(model_type: str, t5: bool) -> type:
     """The transformers class that loads this encoder, imported alone: the package's lazy
-    `CLIPTextModel` and `T5EncoderModel` names import their whole modeling modules (~3 s of CPU
-    at every rank's start for CLIP's, which a MiniLM run never uses)."""
+    `CLIPTextModel` and `T5EncoderModel` names import their whole modeling modules (~1.5 s of
+    CPU at every rank's start, which a MiniLM run never uses)."""
     import transformers
 
     if t5:
