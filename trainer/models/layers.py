@@ -142,7 +142,7 @@ def apply_rope(x: Tensor, rope: Rope) -> Tensor:
 class HeadRMSNorm(nn.RMSNorm):
     """nn.RMSNorm with its (float32) weight cast to the input's dtype. Under bf16 autocast the
     projections hand it bf16; with a float32 weight `torch.rms_norm` cannot use its fused
-    kernel, falls back to the composite (five kernels, float32 output: the eager qk-norm took
+    kernel, falls back to the composite (several kernels, float32 output: the eager qk-norm took
     36 ms of a 207 ms DiT-XL/2 step on the H200) and warns. Same parameters, same keys."""
 
     def forward(self, x: Tensor) -> Tensor:  # (..., Dh) -> (..., Dh), x's dtype
