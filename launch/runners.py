@@ -188,6 +188,8 @@ def run_deepspeed(job: Job, attempt_dir: Path, attempt: int) -> Outcome:
         return Outcome(EXIT_OK)
     if forward.received is not None:
         return Outcome(status, reason=f"this launcher received {forward.received.name}")
+    if watcher.first_status is not None:  # how the first dead rank ended (see RankWatcher)
+        status = watcher.first_status
     return Outcome(status, watcher.first_dead, log=rank_log(attempt_dir, watcher.first_dead))
 
 

@@ -39,7 +39,13 @@ class _Background:
 
 class RankWatcher(_Background):
     """Follows the launcher's process tree and records the first rank seen dead (exited, or a
-    zombie its launcher has not reaped yet)."""
+    zombie its launcher has not reaped yet) and, when it saw the zombie, how that rank ended.
+
+    The DeepSpeed launcher exits with the code of whichever dead rank its once-a-second poll of
+    an unordered set meets first: a killed rank's peers fail their next collective within that
+    second, so its exit code may name a peer's error instead of the cause. The watcher polls
+    10 times as often and reads the zombie's own status, which `launch/runners.py` prefers.
+    """
 
     def __init__(self, root_pid: int):
         import psutil
@@ -49,17 +55,21 @@ class RankWatcher(_Background):
         self._root = psutil.Process(root_pid)
         self._ranks: dict[int, tuple[int, "psutil.Process"]] = {}  # pid -> (rank, process)
         self.first_dead: Optional[int] = None
+        self.first_status: Optional[int] = None  # the exit code, or -N for signal N; None: not seen
 
     def pids(self) -> list[int]:
         return list(self._ranks)
 
     def _run(self) -> None:
+        finished: set[int] = set()  # ranks seen exiting with 0: done, not dead
         while not self._stop.wait(POLL_S) and self.first_dead is None:
             self._discover()
-            for pid, (rank, proc) in list(self._ranks.items()):
-                if not self._alive(proc):
-                    self.first_dead = rank
-                    break
+            dead = [(rank, zombie_status(pid)) for pid, (rank, proc) in self._ranks.items()
+                    if rank not in finished and not self._alive(proc)]
+            finished |= {rank for rank, status in dead if status == 0}
+            failed = [(rank, status) for rank, status in dead if status != 0]
+            if failed:
+                self.first_dead, self.first_status = min(failed, key=_likely_cause)
 
     def _discover(self) -> None:
         """Ranks are the processes with RANK whose parent has none (the engine's agent):
@@ -84,6 +94,27 @@ class RankWatcher(_Background):
             return proc.is_running() and proc.status() != self._psutil.STATUS_ZOMBIE
         except self._psutil.Error:
             return False
+
+
+def _likely_cause(dead: tuple[int, Optional[int]]) -> tuple[int, int]:
+    """Order of the ranks found dead in one poll: killed by a signal first (its peers then fail
+    with an error), then a known status, then the lowest rank."""
+    rank, status = dead
+    return (0 if status is not None and status < 0 else 1 if status is not None else 2, rank)
+
+
+def zombie_status(pid: int) -> Optional[int]:
+    """How an exited, not yet reaped process ended (Linux: the `exit_code` field, 52nd of
+    /proc/<pid>/stat, in waitpid's form): its exit code or -N for signal N; None once reaped or
+    where /proc does not say."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text.rsplit(")", 1)[-1].split()  # from field 3 on: the name in field 2 may hold spaces
+    if len(fields) < 50 or fields[0] != "Z":
+        return None
+    return os.waitstatus_to_exitcode(int(fields[49]))
 
 
 class LogFollower(_Background):

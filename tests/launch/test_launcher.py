@@ -3,10 +3,13 @@ validation, failure summaries, the sbatch script and what it does with a requeue
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from launch import job as launch_job
@@ -101,6 +104,50 @@ def test_failure_summary_names_rank_and_reason():
     assert preempted.summary() == "stopped, this launcher received SIGUSR1: code 42 (preempted, state saved)"
     # DeepSpeed's launcher exits with sys.exit(-N) for a rank killed by signal N: 256 - N.
     assert deepspeed_status(247) == -9 and deepspeed_status(42) == 42 and deepspeed_status(1) == 1
+
+
+# A stand-in for an engine's agent: starts ranks 0-2 and, like the DeepSpeed launcher between
+# its polls, does not reap them. Rank 2 finishes (exit 0) at once, the others run until killed.
+AGENT = """
+import os, subprocess, sys, time
+ranks = [subprocess.Popen([sys.executable, "-c", "import sys, time; time.sleep(0 if sys.argv[1] == '2' else 60)",
+                           str(r)], env={**os.environ, "RANK": str(r)}) for r in range(3)]
+time.sleep(60)
+"""
+
+
+def argv_tail(proc: psutil.Process) -> list[str]:
+    try:
+        return proc.cmdline()[-1:]
+    except psutil.Error:  # rank 2, finished
+        return []
+
+
+def test_rank_watcher_names_the_killed_rank_with_its_own_status():
+    from launch.watch import RankWatcher
+
+    env = {k: v for k, v in os.environ.items() if k != "RANK"}
+    agent = subprocess.Popen([sys.executable, "-c", AGENT], env=env)
+    try:
+        with RankWatcher(agent.pid) as watcher:
+            while len(watcher.pids()) < 2:  # ranks 0 and 1 (rank 2 may be gone before it is seen)
+                time.sleep(0.05)
+            rank1, = (pid for pid in watcher.pids() if argv_tail(psutil.Process(pid)) == ["1"])
+            os.kill(rank1, signal.SIGKILL)
+            while watcher.first_dead is None:
+                time.sleep(0.05)
+        assert (watcher.first_dead, watcher.first_status) == (1, -signal.SIGKILL)
+    finally:
+        for proc in psutil.Process(agent.pid).children(recursive=True) + [psutil.Process(agent.pid)]:
+            proc.kill()
+        agent.wait()
+
+
+def test_a_killed_rank_is_taken_as_the_cause_over_peers_that_died_in_the_same_poll():
+    from launch.watch import _likely_cause
+
+    assert min([(0, 1), (2, None), (1, -9)], key=_likely_cause) == (1, -9)
+    assert min([(2, None), (1, 3)], key=_likely_cause) == (1, 3)
 
 
 @pytest.mark.parametrize("argv, message", [
