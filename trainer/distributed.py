@@ -89,22 +89,52 @@ def comm_device() -> torch.device:
     return compute_device()
 
 
-def any_rank(flag: bool | torch.Tensor) -> bool:
-    """True on every rank when `flag` is true on at least one (a MAX all-reduce). A tensor flag
-    stays on its device until the one read of the reduced result."""
-    t = torch.as_tensor(flag, dtype=torch.float32).reshape(1).to(comm_device())
+def max_over_ranks(flag: float | torch.Tensor) -> torch.Tensor:
+    """A (1,) float32 flag reduced with MAX over the ranks, on the backend's device; queued
+    behind the device's work, never read here (a host number is written there by a fill, not
+    copied: a blocking copy to the device would wait for its queue)."""
+    if isinstance(flag, torch.Tensor):  # without a process group it stays where it is
+        t = flag.detach().to(comm_device() if dist.is_initialized() else flag.device, torch.float32).reshape(1)
+    else:
+        t = torch.full((1,), float(flag), device=comm_device())
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return t
+
+
+class LateRead:
+    """A device value the host reads later without stalling the device's queue: copied
+    non-blocking into pinned memory behind an event, so a read waits for that copy only (by the
+    next step the device has long done it). Host values are kept as they are."""
+
+    def __init__(self, value: torch.Tensor):
+        self._event = None
+        if value.device.type == "cuda":
+            self._host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+            self._host.copy_(value.detach(), non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = value.detach()
+
+    def get(self) -> torch.Tensor:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host
 
 
 class PreemptionFlag:
-    """SIGTERM / SIGUSR1 set a flag; the step loop finishes the step and asks all ranks."""
+    """SIGTERM / SIGUSR1 set a flag; the step loop finishes the step and asks all ranks.
+
+    The ranks' answer is read one step late (`LateRead`): asking costs a step no wait for the
+    device, and every rank stops at the same step, one after the signal's, well within the
+    seconds of grace a scheduler gives."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self._asked: LateRead | None = None
         for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
 
@@ -112,5 +142,6 @@ class PreemptionFlag:
         self.received = signum
 
     def agreed(self) -> bool:
-        """Collective: did any rank receive a preemption signal?"""
-        return any_rank(self.received is not None)
+        """Collective: had any rank received a preemption signal when the previous step asked?"""
+        answer, self._asked = self._asked, LateRead(max_over_ranks(self.received is not None))
+        return answer is not None and bool(answer.get().item() > 0)

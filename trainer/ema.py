@@ -61,10 +61,16 @@ class EMA:
         return self.cfg.decay
 
     @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
-        d = self.decay()
-        for n, p in self._params(module):
-            self.shadow[n].lerp_(_local_tensor(p).float(), 1.0 - d)  # s <- d s + (1 - d) p
+    def update(self, module: nn.Module, skipped: bool | torch.Tensor = False) -> None:
+        """One step of the average. A skipped (non-finite) step leaves the shadows as they were
+        and still counts toward the warm-up; `skipped` may be a device flag, never read here:
+        it zeroes the step's weight on the device."""
+        weight: float | torch.Tensor = 1.0 - self.decay()
+        if isinstance(skipped, torch.Tensor):
+            weight = (1.0 - skipped.to(self.shadow_device, torch.float32).reshape(())) * weight
+        if skipped is not True:
+            for n, p in self._params(module):
+                self.shadow[n].lerp_(_local_tensor(p).float(), weight)  # s <- d s + (1 - d) p
         self.num_updates += 1
 
     def _gather(self, p: nn.Parameter, local: torch.Tensor) -> torch.Tensor:

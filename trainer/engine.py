@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -23,7 +23,7 @@ from trainer.checkpoint import CheckpointError, CheckpointManager, init_network
 from trainer.codes import EXIT_CHECKPOINT, EXIT_DATA, EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE
 from trainer.config import RunConfig, to_yaml, validate
 from trainer.diffusion.noise import sample_generators
-from trainer.distributed import PreemptionFlag, comm_device, compute_device, init_distributed
+from trainer.distributed import LateRead, PreemptionFlag, comm_device, compute_device, init_distributed
 from trainer.elastic import LAYOUT_KEYS, Shape, keep_global_batch, shape_of, written_shape
 from trainer.ema import EMA
 from trainer.metrics import KeyLog, Metric, MetricsLogger
@@ -63,6 +63,19 @@ def network_names(net: nn.Module, trained: nn.Module) -> dict[str, str]:
     return {n: by_id[id(p)] for n, p in trained.named_parameters()}
 
 
+@dataclass
+class Pending:
+    """A step recorded but not yet settled: its metrics and whether it was skipped (a bool, or
+    the device flag's `LateRead`)."""
+
+    step: int
+    infos: list[dict[str, Metric]]
+    flag: bool | LateRead
+
+    def skipped(self) -> bool:
+        return self.flag.get().item() > 0 if isinstance(self.flag, LateRead) else self.flag
+
+
 class Trainer:
     """Owns the engines, stream, EMA, checkpoints and metrics of one stage on this rank."""
 
@@ -100,6 +113,7 @@ class Trainer:
         self.ema = EMA(self.ema_module, cfg.ema, self.names) if cfg.ema.enabled else None
         self.ckpt = CheckpointManager(cfg.checkpoint, self.ctx.rank, self.ctx.world_size)
         self.state = LoopState()
+        self.pending: list[Pending] = []  # steps recorded, not yet settled
         self.config_yaml = to_yaml(cfg)
         # Pipeline stage 0 owns the data (the last stage reads the same batches for its labels);
         # of a sequence group, which reads one batch on every rank, its first rank accounts for it.
@@ -214,17 +228,17 @@ class Trainer:
         loss = self.engines["student"].train_batch(data_iter=micro_batches())
         return [{"loss": loss}]
 
-    def train_step(self, batches: Iterator[dict]) -> tuple[list[dict[str, Metric]], bool]:
+    def train_step(self, batches: Iterator[dict]) -> tuple[list[dict[str, Metric]], bool | torch.Tensor]:
         """One optimizer step of every player: the micro-batches' metrics, and whether the step
-        was skipped on every rank."""
+        was skipped on every rank (a bool, or a device flag not read yet: `Pending`)."""
         infos = self.pipeline_step(batches) if self.pipeline else list(self.micro_batch_losses(batches))
         # A skip shows either in our guard or, where DeepSpeed's ZeRO optimizer found the global
         # gradient norm invalid (an overflow) and skipped by itself, in the engine.
-        skipped = any(opt.skipped for opt in self.optimizers.values()) or not all(
-            engine.was_step_applied() for engine in self.engines.values())
-        for opt in self.optimizers.values():
-            opt.skipped = 0
-        return infos, skipped
+        skips = [opt.take_skip() for opt in self.optimizers.values()]
+        if any(s is True for s in skips) or not all(e.was_step_applied() for e in self.engines.values()):
+            return infos, True
+        flags = [s for s in skips if isinstance(s, torch.Tensor)]
+        return infos, torch.stack(flags).amax() if flags else False
 
     def optimizer_metrics(self) -> dict[str, float]:
         """Gradient norm (of the last step) and learning rate per player, and the accelerator's
@@ -239,32 +253,47 @@ class Trainer:
             metrics[f"lr{suffix}"] = engine.get_lr()[0]
         return metrics
 
-    def after_step(self, infos: list[dict[str, Metric]], skipped: bool) -> Optional[int]:
-        """Bookkeeping of a finished step; an exit code when the run must stop."""
+    def record_step(self, infos: list[dict[str, Metric]], skipped: bool | torch.Tensor) -> None:
+        """A finished step: the EMA follows it on the device (not at all where it was skipped),
+        and the rest of its bookkeeping waits in `pending` until its flag is read (`settle`)."""
         self.state.step += 1
         if self.key_log is not None:
             self.key_log.step_done(self.state.step)
-        if skipped:
+        if self.ema is not None:
+            self.ema.update(self.ema_module, skipped)
+        flag = LateRead(skipped) if isinstance(skipped, torch.Tensor) else skipped
+        self.pending.append(Pending(self.state.step, infos, flag))
+
+    def settle(self, everything: bool) -> Optional[int]:
+        """The bookkeeping of the recorded steps, all of them or all but the newest: the newest
+        step's skip flag is read one step late, so that no step waits for the device. An exit
+        code when the run must stop."""
+        while len(self.pending) > (0 if everything else 1):
+            code = self.settle_step(self.pending.pop(0))
+            if code:
+                return code
+        return None
+
+    def settle_step(self, done: Pending) -> Optional[int]:
+        if done.skipped():
             self.state.skipped_steps += 1
             self.state.nonfinite_in_row += 1
-            self.logger.event(self.state.step, {"skipped_nonfinite_step": 1})
+            self.logger.event(done.step, {"skipped_nonfinite_step": 1})
             if self.state.nonfinite_in_row >= self.cfg.stage.max_nonfinite_in_row:
                 print(f"dit train: {self.state.nonfinite_in_row} steps in a row had a non-finite "
-                      f"loss or gradient (last at step {self.state.step}); stopping. Lower the "
+                      f"loss or gradient (last at step {done.step}); stopping. Lower the "
                       f"learning rate or check the data; the last checkpoint holds finite weights.",
                       file=sys.stderr, flush=True)
                 return EXIT_NONFINITE
             return None
         self.state.nonfinite_in_row = 0
-        if self.ema is not None:
-            self.ema.update(self.ema_module)
-        for info in infos:
+        for info in done.infos:
             self.logger.add(info)
         extra: dict[str, float] = {"skipped_steps": self.state.skipped_steps}
-        if self.state.step % self.cfg.log.every == 0:
+        if done.step % self.cfg.log.every == 0:
             extra.update(self.optimizer_metrics())
             extra.update(self.data_stats())
-        self.logger.step_done(self.state.step, extra)
+        self.logger.step_done(done.step, extra)
         return None
 
     def data_stats(self) -> dict[str, float]:
@@ -309,14 +338,17 @@ class Trainer:
         code = EXIT_OK
         while self.state.step < total:
             self.stage.start_of_step(self.state.step, self.raw_weights)
-            code = self.after_step(*self.train_step(batches)) or EXIT_OK
+            self.record_step(*self.train_step(batches))
+            step, preempted = self.state.step, preempt.agreed()
+            saving = preempted or step % self.cfg.checkpoint.every == 0 or step == total
+            code = self.settle(everything=saving or step % self.cfg.log.every == 0) or EXIT_OK
             if code:
                 break
-            if preempt.agreed():
+            if preempted:
                 self.save()
                 code = EXIT_REQUEUE
                 break
-            if self.state.step % self.cfg.checkpoint.every == 0 or self.state.step == total:
+            if saving:
                 self.save()
             if self.cfg.log.sample_every and self.state.step % self.cfg.log.sample_every == 0:
                 self.write_samples()

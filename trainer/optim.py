@@ -1,4 +1,4 @@
-"""The optimizers and DeepSpeed engines of the trained players: AdamW (fused on CUDA, DeepSpeed's
+"""The optimizers and DeepSpeed engines of the trained players: AdamW (fused, DeepSpeed's
 CPU Adam under ZeRO-Offload) behind a finite-gradient guard, the learning-rate schedule, and the
 DeepSpeed JSON config derived from our typed sub-configs."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from trainer.config import DeepSpeedConfig, OptimConfig
-from trainer.distributed import DistContext, any_rank
+from trainer.distributed import DistContext, max_over_ranks
 from trainer.numerics import autocast_inside
 
 
@@ -21,23 +21,42 @@ class FiniteGuard:
     DeepSpeed's ZeRO optimizers call the wrapped optimizer on each rank's partition after
     clipping (on the host for ZeRO-Offload), so one MAX all-reduce of a local flag makes all
     ranks skip together, and NaN or inf (from a non-finite loss or an exploding gradient) never
-    reaches the weights. The flag is reduced on the device: one read per step.
+    reaches the weights. Where the optimizer is torch's fused AdamW the reduced flag is its
+    `found_inf` (as torch's GradScaler hands it over): the kernel leaves weights, moments and
+    step count as they were, and nothing is read on the host. Elsewhere (DeepSpeed's CPU Adam,
+    which steps on the host anyway) the flag is read and the step skipped here.
+
+    `take_skip()` tells the engine whether the steps since it last asked were skipped: a
+    (1,) device flag to read later, or a bool.
     """
 
-    skipped = 0  # calls skipped since the engine last read it
+    _skip: bool | torch.Tensor = False
 
     @torch.no_grad()
     def step(self, *args, **kwargs):
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else True
-        if any_rank(~torch.as_tensor(finite)):
-            self.skipped += 1
+        local = torch.stack([torch.isfinite(g).all() for g in grads]).all().logical_not() if grads else 0.0
+        nonfinite = max_over_ranks(local)
+        if self.defaults.get("fused"):
+            self.found_inf = nonfinite.reshape(())
+            try:
+                out = super().step(*args, **kwargs)
+            finally:
+                del self.found_inf
+            self._skip = nonfinite if self._skip is False else torch.maximum(self._skip, nonfinite)
+            return out
+        if nonfinite.item() > 0:
+            self._skip = True
             return None
         return super().step(*args, **kwargs)
 
+    def take_skip(self) -> bool | torch.Tensor:
+        skip, self._skip = self._skip, False
+        return skip
+
 
 class FiniteGuardAdamW(FiniteGuard, torch.optim.AdamW):
-    """torch's AdamW (fused on CUDA) behind the finite guard."""
+    """torch's fused AdamW (one kernel per step, on CUDA and on the host) behind the finite guard."""
 
 
 def guarded_cpu_adam() -> type:
@@ -88,14 +107,14 @@ def deepspeed_dict(ds: DeepSpeedConfig, optim: OptimConfig, micro_batch: int, dp
     return cfg
 
 
-def build_optimizer(params: list[nn.Parameter], lr: float, optim: OptimConfig, ds: DeepSpeedConfig,
-                    device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(params: list[nn.Parameter], lr: float, optim: OptimConfig,
+                    ds: DeepSpeedConfig) -> torch.optim.Optimizer:
     """AdamW behind the finite guard: DeepSpeed's CPU Adam when ZeRO-Offload steps on the host,
-    else torch's, fused into one kernel per step on CUDA."""
+    else torch's, fused into one kernel per step (which also skips a step without a host read)."""
     kwargs = dict(lr=lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
     if ds.offload_optimizer or ds.offload_params:
         return guarded_cpu_adam()(params, adamw_mode=True, **kwargs)
-    return FiniteGuardAdamW(params, fused=device.type == "cuda" or None, **kwargs)
+    return FiniteGuardAdamW(params, fused=True, **kwargs)
 
 
 def build_engine(module: nn.Module, lr: float, optim: OptimConfig, ds: DeepSpeedConfig,
@@ -104,7 +123,7 @@ def build_engine(module: nn.Module, lr: float, optim: OptimConfig, ds: DeepSpeed
 
     autocast_inside(module, device, ds.precision)
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, lr, optim, ds, device)
+    optimizer = build_optimizer(params, lr, optim, ds)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, optim, total_steps))
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler,

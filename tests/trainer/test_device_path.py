@@ -17,10 +17,12 @@ from typing import Iterator
 
 import pytest
 import torch
-from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError, FakeTensorMode
+from torch._subclasses.fake_tensor import (DataDependentOutputException, FakeTensorDeviceMismatchError,
+                                          FakeTensorMode)
 
 from data_pipeline.stream import batch_to_device
 from tests.eval.eval_helpers import tiny_config, write_checkpoint
+from trainer.config import DeepSpeedConfig
 from trainer.diffusion import sampling_timesteps
 from trainer.models import layers
 from trainer.sampling import SamplerSettings, generate
@@ -172,3 +174,26 @@ def test_video_autoencoder_step_on_device(tmp_path):
     batch = uint8_batch(2, 3, 4, 16, 16)
     assert tuple(stage.pixels(batch_to_device(batch, torch.device("cpu"))).shape) == (8, 3, 16, 16)
     assert one_step_on_fake_cuda(stage, batch) == ["student"]
+
+
+def test_optimizer_step_and_ema_update_stay_on_the_device():
+    """The finite guard, torch's fused AdamW behind it and the EMA update read nothing on the
+    host: the skip flag reaches the fused kernel (`found_inf`) and the EMA's weight on the
+    device; a host read of a fake value would raise DataDependentOutputException."""
+    from trainer.config import EMAConfig, OptimConfig
+    from trainer.ema import EMA
+    from trainer.optim import build_optimizer
+
+    with fake_cuda(), torch.device(CUDA):
+        net = torch.nn.Linear(4, 4)
+        opt = build_optimizer(list(net.parameters()), 1e-3, OptimConfig(), DeepSpeedConfig())
+        ema = EMA(net, EMAConfig())
+        for p in net.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+        skipped = opt.take_skip()
+        assert isinstance(skipped, torch.Tensor) and skipped.device.type == "cuda"
+        ema.update(net, skipped)
+        assert all(s.device.type == "cuda" for s in ema.shadow.values())
+        with pytest.raises(DataDependentOutputException):
+            bool(skipped)  # what the guard used to do every step
