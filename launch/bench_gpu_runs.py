@@ -11,9 +11,11 @@ import os
 import subprocess
 import sys
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 PROFILED_STEPS = 3  # the last steps of a profiled run (their metrics windows leave the steady state)
 
@@ -221,7 +223,8 @@ def profile_last_steps(trainer, total: int, out: Path, result: dict[str, Any]) -
     """Run the last PROFILED_STEPS calls of `trainer.train_step` under torch.profiler; write the
     operators by device time and by host time to `out`, and to `result["profile"]` the wall time
     of those steps and the sum of their device kernels' times (their ratio: how busy the host
-    keeps the accelerator)."""
+    keeps the accelerator). On CUDA the same window counts the host syncs (torch's sync debug
+    mode: a warning per synchronizing call) and where they were made."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -235,9 +238,12 @@ def profile_last_steps(trainer, total: int, out: Path, result: dict[str, Any]) -
             window["prof"] = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
             window["prof"].__enter__()
             sync()
+            window["syncs"] = count_host_syncs(cuda)
+            window["caught"] = window["syncs"].__enter__()
             window["start"] = time.perf_counter()
         out_ = step(batches)
         if done == total - 1 and "prof" in window:
+            window["syncs"].__exit__(None, None, None)
             sync()
             wall = time.perf_counter() - window["start"]
             window["prof"].__exit__(None, None, None)
@@ -245,10 +251,34 @@ def profile_last_steps(trainer, total: int, out: Path, result: dict[str, Any]) -
             out.write_text(ops.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=40)
                            + "\n\n" + ops.table(sort_by="cpu_time_total", row_limit=25) + "\n")
             result["profile"] = {"steps": PROFILED_STEPS, "wall_s": wall, "file": str(out),
-                                 "device_s": sum(e.self_device_time_total for e in ops) / 1e6}
+                                 "device_s": sum(e.self_device_time_total for e in ops) / 1e6,
+                                 "host_syncs": window["caught"] if cuda else None}
         return out_
 
     trainer.train_step = profiled
+
+
+@contextmanager
+def count_host_syncs(cuda: bool) -> Iterator[dict[str, int]]:
+    """Within the block: the host syncs torch reports (`torch.cuda.set_sync_debug_mode("warn")`),
+    counted by the Python line that made them; the dict fills in as they happen."""
+    import torch
+
+    sites: dict[str, int] = {}
+    if not cuda:
+        yield sites
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield sites
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        if "synchronizing" in str(w.message):
+            site = f"{w.filename}:{w.lineno}"
+            sites[site] = sites.get(site, 0) + 1
 
 
 if __name__ == "__main__":

@@ -205,3 +205,16 @@ def test_gpu_check_on_this_gpu(tmp_path):
     assert re.search(r"peak memory [\d.]+ GB \(max_memory_allocated\)", proc.stdout)
     if bench.peak_tflops_for(torch.cuda.get_device_name()) is not None:
         assert "MFU" in proc.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is false)")
+def test_host_syncs_are_counted_by_the_line_that_made_them():
+    """What `--profile` reports of the trainer's steps: a host read counts, a queued kernel does not."""
+    from launch.bench_gpu_runs import count_host_syncs
+
+    x = torch.ones(4, device="cuda")
+    with count_host_syncs(True) as sites:
+        y = x * 2  # queued: no sync
+        value = y.sum().item()  # the host waits for the device
+    assert value == 8 and sum(sites.values()) == 1, sites
+    assert next(iter(sites)).startswith(f"{__file__}:")  # the line of the `.item()` above
