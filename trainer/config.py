@@ -97,6 +97,10 @@ class OptimConfig:
     lr_schedule: str = "constant"  # constant | cosine
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
     grad_clip: float = 1.0  # 0 disables
+    # torch's fused AdamW (one kernel a step; a skipped non-finite step then costs no host read).
+    # null: on CUDA only. On the host it is faster too, but its rounding differs from the
+    # multi-tensor AdamW's, enough to send a short high-lr run (the demo) elsewhere.
+    fused: Optional[bool] = None
     # Discriminator optimizer of adversarial stages (the second player).
     disc_lr: float = 1e-4
 
@@ -294,6 +298,8 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
         check(value in allowed, key, f"'{value}' is not one of {', '.join(allowed)}")
     _validate_diffusion_and_model(cfg)
     _validate_deepspeed(cfg.deepspeed)
+    check(not (cfg.optim.fused and (cfg.deepspeed.offload_optimizer or cfg.deepspeed.offload_params)),
+          "optim.fused", "offload steps DeepSpeed's CPU Adam, not torch's fused AdamW; leave optim.fused unset")
     try:
         validate_data_config(cfg.data)
     except ValueError as e:  # "data.<key>: ..."

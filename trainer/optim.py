@@ -1,4 +1,4 @@
-"""The optimizers and DeepSpeed engines of the trained players: AdamW (fused, DeepSpeed's
+"""The optimizers and DeepSpeed engines of the trained players: AdamW (fused on CUDA, DeepSpeed's
 CPU Adam under ZeRO-Offload) behind a finite-gradient guard, the learning-rate schedule, and the
 DeepSpeed JSON config derived from our typed sub-configs."""
 from __future__ import annotations
@@ -56,7 +56,7 @@ class FiniteGuard:
 
 
 class FiniteGuardAdamW(FiniteGuard, torch.optim.AdamW):
-    """torch's fused AdamW (one kernel per step, on CUDA and on the host) behind the finite guard."""
+    """torch's AdamW (fused into one kernel per step on CUDA) behind the finite guard."""
 
 
 def guarded_cpu_adam() -> type:
@@ -107,14 +107,16 @@ def deepspeed_dict(ds: DeepSpeedConfig, optim: OptimConfig, micro_batch: int, dp
     return cfg
 
 
-def build_optimizer(params: list[nn.Parameter], lr: float, optim: OptimConfig,
-                    ds: DeepSpeedConfig) -> torch.optim.Optimizer:
+def build_optimizer(params: list[nn.Parameter], lr: float, optim: OptimConfig, ds: DeepSpeedConfig,
+                    device: torch.device) -> torch.optim.Optimizer:
     """AdamW behind the finite guard: DeepSpeed's CPU Adam when ZeRO-Offload steps on the host,
-    else torch's, fused into one kernel per step (which also skips a step without a host read)."""
+    else torch's, fused into one kernel per step (which also skips a step without a host read)
+    on CUDA or where `optim.fused` asks for it."""
     kwargs = dict(lr=lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
     if ds.offload_optimizer or ds.offload_params:
         return guarded_cpu_adam()(params, adamw_mode=True, **kwargs)
-    return FiniteGuardAdamW(params, fused=True, **kwargs)
+    fused = optim.fused if optim.fused is not None else device.type == "cuda"
+    return FiniteGuardAdamW(params, fused=fused or None, **kwargs)
 
 
 def build_engine(module: nn.Module, lr: float, optim: OptimConfig, ds: DeepSpeedConfig,
@@ -123,7 +125,7 @@ def build_engine(module: nn.Module, lr: float, optim: OptimConfig, ds: DeepSpeed
 
     autocast_inside(module, device, ds.precision)
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, lr, optim, ds)
+    optimizer = build_optimizer(params, lr, optim, ds, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, optim, total_steps))
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler,

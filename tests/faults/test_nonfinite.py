@@ -17,23 +17,25 @@ def all_finite(weights: dict) -> bool:
     return all(torch.isfinite(v).all() for v in weights.values())
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_nan_on_one_rank_is_skipped_by_every_rank(uneven_shards, tmp_path, precision):
-    """In bf16 too, where DeepSpeed's own overflow check is off (trainer/optim.py): the guard alone."""
+@pytest.mark.parametrize("precision, fused", [("fp32", "null"), ("bf16", "true")])
+def test_nan_on_one_rank_is_skipped_by_every_rank(uneven_shards, tmp_path, precision, fused):
+    """In bf16 too, where DeepSpeed's own overflow check is off (trainer/optim.py): the guard alone.
+    Both ways of skipping: the host's multi-tensor AdamW reads the flag and skips; the fused one
+    (what CUDA gets) takes it as `found_inf`, and the step's skip is read a step late."""
     out = tmp_path / "run"
-    assert_ok(run_train(2, base(uneven_shards, out, "stage.steps=6", "checkpoint.every=3",
-                                f"deepspeed.precision={precision}"), DIT_INJECT_NAN="1@3"))
+    assert_ok(run_train(2, base(uneven_shards, out, "stage.steps=6", "checkpoint.every=3", "log.every=2",
+                                f"deepspeed.precision={precision}", f"optim.fused={fused}"), DIT_INJECT_NAN="1@3"))
     skipped = [r["step"] for r in metrics(out) if r.get("skipped_nonfinite_step")]
     assert skipped == [3]
     assert all_finite(final_weights(out)) and all_finite(ema_weights(out))
 
 
 def test_nonfinite_steps_in_a_row_abort_with_their_exit_code(uneven_shards, tmp_path):
-    """Logged every 4 steps: step 5's skip is read at the end of step 6 (a step late, so that no
-    step waits for the device), which stops the run before step 6 is saved."""
+    """Logged every 4 steps with the fused AdamW: step 5's skip is read at the end of step 6 (a
+    step late, so that no step waits for the device), which stops the run before step 6 is saved."""
     out = tmp_path / "run"
     proc = run_train(2, base(uneven_shards, out, "stage.steps=8", "stage.max_nonfinite_in_row=3",
-                             "checkpoint.every=2", "log.every=4"), DIT_INJECT_NAN="0@3,4,5")
+                             "checkpoint.every=2", "log.every=4", "optim.fused=true"), DIT_INJECT_NAN="0@3,4,5")
     assert rank_exit_codes(proc) == {3}, proc.stderr[-3000:]
     assert "3 steps in a row had a non-finite loss or gradient (last at step 5)" in proc.stderr
     saved = sorted(Path(out / "checkpoints").glob("step_*"))

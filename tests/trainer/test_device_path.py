@@ -186,7 +186,7 @@ def test_optimizer_step_and_ema_update_stay_on_the_device():
 
     with fake_cuda(), torch.device(CUDA):
         net = torch.nn.Linear(4, 4)
-        opt = build_optimizer(list(net.parameters()), 1e-3, OptimConfig(), DeepSpeedConfig())
+        opt = build_optimizer(list(net.parameters()), 1e-3, OptimConfig(), DeepSpeedConfig(), CUDA)
         ema = EMA(net, EMAConfig())
         for p in net.parameters():
             p.grad = torch.randn_like(p)
