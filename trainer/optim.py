@@ -23,8 +23,9 @@ class FiniteGuard:
     ranks skip together, and NaN or inf (from a non-finite loss or an exploding gradient) never
     reaches the weights. Where the optimizer is torch's fused AdamW the reduced flag is its
     `found_inf` (as torch's GradScaler hands it over): the kernel leaves weights, moments and
-    step count as they were, and nothing is read on the host. Elsewhere (DeepSpeed's CPU Adam,
-    which steps on the host anyway) the flag is read and the step skipped here.
+    step count as they were, and nothing is read on the host. Elsewhere (the multi-tensor AdamW
+    on the host, DeepSpeed's CPU Adam under offload: both step on the host anyway) the flag is
+    read and the step skipped here.
 
     `take_skip()` tells the engine whether the steps since it last asked were skipped: a
     (1,) device flag to read later, or a bool.
