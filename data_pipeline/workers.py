@@ -18,9 +18,18 @@ worker reaches the main process as the same exception (its worker traceback as a
 worker that dies without a word (killed, out of memory) is found by its exit code while the
 main process waits. Workers exit when their parent is gone, and the pool terminates them
 when it is closed (the caller stopped iterating) or garbage collected.
+
+A worker's first message says it started. Forking a process that runs other threads can leave
+the child stuck before it runs a line of Python: CPython up to 3.11 takes a runtime lock in
+`PyOS_AfterFork_Child` before resetting it, so a child forked while another thread held it
+waits forever (python/cpython#112275, fixed in 3.12). A trainer rank has such threads (gloo's,
+DeepSpeed's, logging), and a stuck worker hung a 2-rank run of `make demo` at an epoch
+boundary. A worker that has not said it started within `START_TIMEOUT_S` has done nothing
+yet, so it is killed and forked again (`START_ATTEMPTS` times in all) with a warning.
 """
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import select
@@ -35,6 +44,10 @@ from data_pipeline.errors import DataError
 from data_pipeline.transfer import FORK
 
 _WAIT_S = 5.0  # how often a waiting side checks that the other is still there
+START_TIMEOUT_S = 30.0  # a started worker says so in milliseconds; one silent this long is stuck
+START_ATTEMPTS = 3
+
+log = logging.getLogger("data_pipeline")
 
 Producer = Callable[[int], Iterator[dict]]  # worker index -> its batches
 
@@ -46,26 +59,51 @@ class WorkerPool:
 
     def __init__(self, produce: Producer, num_workers: int, prefetch: int):
         self._parent = os.getpid()
+        self._produce, self._prefetch = produce, prefetch
         self._conns, self._procs, self._credits, self._polls = [], [], [], []
         try:
             for j in range(num_workers):
-                receive, send = FORK.Pipe(duplex=False)
-                credits = FORK.Semaphore(prefetch)
-                readers = [*self._conns, receive]  # for the worker to close
-                proc = FORK.Process(target=_work, args=(produce, j, send, credits, self._parent, readers),
-                                    name=f"data-worker-{j}", daemon=True)
-                proc.start()
-                send.close()  # the worker's end: the main process keeps only its reading end
-                self._conns.append(receive)
-                self._procs.append(proc)
-                self._credits.append(credits)
-                self._polls.append(_poller(receive))
+                self._start(j)
+            for j in range(num_workers):
+                self._await_start(j)
         except BaseException:
             self.close()
             raise
         # also at garbage collection and at interpreter exit, before multiprocessing's own exit
         # hook would SIGTERM and join them (a worker may ignore SIGTERM: see close)
         self._stop = weakref.finalize(self, _stop, self._procs, self._conns)
+
+    def _start(self, j: int) -> None:
+        """Fork worker j (again, in its place, when it is there already)."""
+        receive, send = FORK.Pipe(duplex=False)
+        credits = FORK.Semaphore(self._prefetch)
+        readers = [c for i, c in enumerate(self._conns) if i != j] + [receive]  # for the worker to close
+        proc = FORK.Process(target=_work, args=(self._produce, j, send, credits, self._parent, readers),
+                            name=f"data-worker-{j}", daemon=True)
+        proc.start()
+        send.close()  # the worker's end: the main process keeps only its reading end
+        parts = (self._conns, self._procs, self._credits, self._polls)
+        for part, value in zip(parts, (receive, proc, credits, _poller(receive))):
+            if j < len(part):
+                part[j] = value
+            else:
+                part.append(value)
+
+    def _await_start(self, j: int) -> None:
+        """Wait for worker j's first message; fork it again while it stays silent (module doc)."""
+        for attempt in range(1, START_ATTEMPTS + 1):
+            if self._polls[j](START_TIMEOUT_S * 1000):
+                self._receive(j)  # "started"; DataError with its exit code where it died instead
+                return
+            proc = self._procs[j]
+            log.warning("loader worker %d (pid %d) said nothing %.0f s after its fork (attempt %d of %d): "
+                        "stuck before running any code (python/cpython#112275); forking it again",
+                        j, proc.pid, START_TIMEOUT_S, attempt, START_ATTEMPTS)
+            _stop([proc], [self._conns[j]])
+            if attempt < START_ATTEMPTS:
+                self._start(j)
+        raise DataError(f"loader worker {j} did not start in {START_ATTEMPTS} forks of {START_TIMEOUT_S:.0f} s "
+                        f"each (see the warnings above)")
 
     def __iter__(self) -> Iterator[dict]:
         live = list(range(len(self._procs)))
@@ -124,7 +162,8 @@ def _stop(procs: list, conns: list) -> None:
 
 
 def _work(produce: Producer, j: int, conn, credits, parent: int, inherited: list) -> None:
-    """The body of worker j: its batches, each sent once a credit allows, then "end"."""
+    """The body of worker j: "started", its batches, each sent once a credit allows, then "end"."""
+    _send(conn, ("started", None))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     for reading in inherited:  # only the main process reads: a write then fails once it is gone
         reading.close()

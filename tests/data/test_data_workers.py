@@ -77,3 +77,47 @@ def test_tensors_cross_by_value_in_any_dtype(pool_of):
     (got,) = list(pool)
     for name, value in made.items():
         assert got[name].dtype == value.dtype and torch.equal(got[name], value)
+
+
+_STUCK = {"marker": None}  # a file: the first forked child that takes it hangs, as python/cpython#112275
+
+
+def _hang_once_after_fork() -> None:
+    marker = _STUCK["marker"]
+    if marker is None:
+        return
+    try:
+        os.rename(marker, f"{marker}.taken")  # atomic: exactly one child hangs
+    except FileNotFoundError:
+        return
+    signal.pause()  # stuck before the worker's code runs, until the pool kills it
+
+
+os.register_at_fork(after_in_child=_hang_once_after_fork)
+
+
+def test_a_worker_stuck_after_its_fork_is_forked_again(pool_of, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr("data_pipeline.workers.START_TIMEOUT_S", 1.0)
+    marker = tmp_path / "hang"
+    marker.write_text("")
+    _STUCK["marker"] = str(marker)
+    try:
+        pool = pool_of(lambda j: ({"j": j, "i": i} for i in range(2)), num_workers=2, prefetch=1)
+    finally:
+        _STUCK["marker"] = None
+    assert (tmp_path / "hang.taken").exists()  # a worker did hang
+    assert [(b["j"], b["i"]) for b in pool] == [(0, 0), (1, 0), (0, 1), (1, 1)]
+    assert "said nothing 1 s after its fork (attempt 1 of 3)" in caplog.text
+
+
+def test_a_worker_that_never_starts_is_an_error_not_a_hang(pool_of, tmp_path, monkeypatch):
+    monkeypatch.setattr("data_pipeline.workers.START_TIMEOUT_S", 0.5)
+    monkeypatch.setattr("data_pipeline.workers.START_ATTEMPTS", 1)
+    marker = tmp_path / "hang"
+    marker.write_text("")
+    _STUCK["marker"] = str(marker)
+    try:
+        with pytest.raises(DataError, match="loader worker 0 did not start in 1 forks"):
+            pool_of(lambda j: iter([{"j": j}]), num_workers=1, prefetch=1)
+    finally:
+        _STUCK["marker"] = None
