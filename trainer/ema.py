@@ -60,7 +60,8 @@ class EMA:
         self._tracked = [p for _, p in tracked]
         local = [_local_tensor(p).detach() for p in self._tracked]
         # One fp32 buffer, the shadows views of it in order: an update is a few kernels (update)
-        self._flat = torch.empty(sum(t.numel() for t in local), dtype=torch.float32, device=local[0].device)
+        device = local[0].device if local else None
+        self._flat = torch.empty(sum(t.numel() for t in local), dtype=torch.float32, device=device)
         self.shadow: dict[str, torch.Tensor] = {}
         start = 0
         for (name, _), t in zip(tracked, local):
