@@ -82,12 +82,9 @@ class WorkerPool:
                             name=f"data-worker-{j}", daemon=True)
         proc.start()
         send.close()  # the worker's end: the main process keeps only its reading end
-        parts = (self._conns, self._procs, self._credits, self._polls)
-        for part, value in zip(parts, (receive, proc, credits, _poller(receive))):
-            if j < len(part):
-                part[j] = value
-            else:
-                part.append(value)
+        # in place of a worker j that is there already, else appended: the same slice assignment
+        self._conns[j: j + 1], self._procs[j: j + 1] = [receive], [proc]
+        self._credits[j: j + 1], self._polls[j: j + 1] = [credits], [_poller(receive)]
 
     def _await_start(self, j: int) -> None:
         """Wait for worker j's first message; fork it again while it stays silent (module doc)."""
