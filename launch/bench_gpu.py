@@ -188,6 +188,11 @@ DEFAULTS = {"preset": "DiT-XL/2", "video_preset": "DiT-B/2", "resolution": 256, 
             "video_steps": 16, "max_batch": 64, "max_video_batch": 8, "captions": 64}
 
 
+def model_overrides(args: argparse.Namespace) -> list[str]:
+    """The options' overrides of both runs' model config."""
+    return ["model.compile=true"] * args.compile + ["model.flat_params=true"] * args.flat_params
+
+
 def resolve_device(args: argparse.Namespace) -> tuple[Optional[str], str]:
     """(device, "") or (None, why the check cannot run)."""
     import torch
@@ -253,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
 
     def build(spec: RunSpec, run_dir: Optional[Path] = None):
         return build_config(spec, out / "data" / spec.name, run_dir or out / spec.name, args.precision, workers,
-                            captions[spec.video][0], ["model.compile=true"] if args.compile else [])
+                            captions[spec.video][0], model_overrides(args))
 
     image, video = choose_specs(args, build, mem_gb, device == "cpu")
     for spec in (image, video):
@@ -309,9 +314,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", action="store_true",
                    help=f"run the image run's last {PROFILED_STEPS} steps under torch.profiler: prints the device "
                         "kernels' share of the step, writes the operators by device and host time to profile.txt")
-    p.add_argument("--compile", action="store_true",
-                   help="model.compile=true in both runs: each DiT block under torch.compile (the first steps "
-                        "compile; the steady-state figures leave them out)")
+    layout = p.add_mutually_exclusive_group()
+    layout.add_argument("--compile", action="store_true",
+                        help="model.compile=true in both runs: each DiT block under torch.compile (the first steps "
+                             "compile; the steady-state figures leave them out)")
+    layout.add_argument("--flat-params", action="store_true",
+                        help="model.flat_params=true in both runs: each DiT block's parameters as one tensor, "
+                             "a fraction of DeepSpeed's per-tensor host work a step")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep the runs' checkpoints (removed after a passing check: DiT-XL/2's is ~12 GB)")
 

@@ -33,6 +33,7 @@ from torch import nn
 
 from trainer.checkpoint_format import COMPLETE, CheckpointError
 from trainer.config import RunConfig
+from trainer.flat_params import expand, joined, weight_names
 
 MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state per parameter (Loshchilov & Hutter 2019)
 # Keys that set how the model and optimizer are split, not what is trained.
@@ -150,16 +151,29 @@ def _note(directory: Path, was: Shape, now: Shape, derived: str) -> str:
 
 # ---- gather (save) and re-partition (load) of one player's optimizer state ----------------------
 
-def _full(param: nn.Parameter, key: Optional[str], optimizer: torch.optim.Optimizer) -> torch.Tensor:
+def _full(param: nn.Parameter, key: Optional[str], optimizer: torch.optim.Optimizer,
+          master: Optional[torch.Tensor]) -> torch.Tensor:
     """The whole fp32 master (key None) or AdamW moment of a parameter, gathered from its ZeRO
     partitions (collective under ZeRO-3 and over the data-parallel group under ZeRO-1/2);
-    without ZeRO the parameter is its own master and the optimizer holds the moments."""
+    without ZeRO the optimizer steps the parameter itself in fp32, or its `master` in bf16/fp16."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     value = safe_get_full_fp32_param(param) if key is None else safe_get_full_optimizer_state(param, key)
     if value is None:
-        value = param.data if key is None else optimizer.state[param][key]
+        stepped = param if master is None else master
+        value = stepped.data if key is None else optimizer.state[stepped][key]
     return value.detach().float()
+
+
+def half_masters(engine: Any) -> dict[int, torch.Tensor]:
+    """id(half-precision parameter) -> its fp32 master, where DeepSpeed keeps them apart without
+    ZeRO (its unfused bf16/fp16 wrapper: the client optimizer steps the masters); else empty."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    wrapper = engine.optimizer
+    if not isinstance(wrapper, FP16_UnfusedOptimizer):
+        return {}
+    return {id(lp): hp for lps, hps in zip(wrapper.fp16_groups, wrapper.fp32_groups) for lp, hp in zip(lps, hps)}
 
 
 def gather_player(engine: Any, optimizer: torch.optim.Optimizer, names: dict[str, str],
@@ -171,9 +185,10 @@ def gather_player(engine: Any, optimizer: torch.optim.Optimizer, names: dict[str
         materialize_state(engine, optimizer)
         _set_steps(optimizer, 0)
     params = [(names[n], p) for n, p in engine.module.named_parameters() if p.requires_grad]
+    masters = half_masters(engine)
     tensors: dict[str, torch.Tensor] = {}
     for kind, key in (("fp32", None), *((m, m) for m in MOMENTS)):
-        local = {name: _full(p, key, optimizer) for name, p in params}
+        local = {w: t for name, p in params for w, t in expand(name, p, _full(p, key, optimizer, masters.get(id(p))))}
         tensors.update({f"{kind}/{name}": t for name, t in whole(local).items()})
     steps = {_as_int(s["step"]) for s in optimizer.state.values() if "step" in s}
     if len(steps) > 1:
@@ -223,21 +238,32 @@ def load_player(engine: Any, optimizer: torch.optim.Optimizer, names: dict[str, 
 
     params = [(names[n], p) for n, p in engine.module.named_parameters() if p.requires_grad]
     for kind in ("fp32", *MOMENTS):
-        missing = [name for name, _ in params if f"{kind}/{name}" not in tensors]
+        missing = [w for name, p in params for w in weight_names(name, p) if f"{kind}/{w}" not in tensors]
         if missing:
             raise ElasticError(f"the universal state lacks {kind} of {len(missing)} parameters, e.g. {missing[:3]}")
+    def whole(kind: str, name: str, p: nn.Parameter) -> torch.Tensor:
+        """The saved `kind` of parameter `name` (a flat block parameter's joined from its weights)."""
+        try:
+            return joined(name, p, {w: tensors[f"{kind}/{w}"] for w in weight_names(name, p)})
+        except ValueError as e:
+            raise ElasticError(f"the universal state does not fit the model: {e}") from None
+
     materialize_state(engine, optimizer)
+    masters = half_masters(engine)
     with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0):
         for name, p in params:  # the weights the forward pass uses (half precision under bf16)
-            _copy_checked(p.data, tensors[f"fp32/{name}"], name)
+            _copy_checked(p.data, whole("fp32", name, p), name)
     for name, p in params:
         if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):  # ZeRO: each rank sets its fragment (maybe none)
-            safe_set_full_fp32_param(p, tensors[f"fp32/{name}"])
+            safe_set_full_fp32_param(p, whole("fp32", name, p))
             for m in MOMENTS:
-                safe_set_full_optimizer_state(p, tensors[f"{m}/{name}"], m)
-        else:
+                safe_set_full_optimizer_state(p, whole(m, name, p), m)
+        else:  # the optimizer steps the parameter itself (fp32) or its fp32 master (bf16/fp16)
+            stepped = masters.get(id(p), p)
+            if stepped is not p:
+                _copy_checked(stepped.data, whole("fp32", name, p), name)
             for m in MOMENTS:
-                _copy_checked(optimizer.state[p][m], tensors[f"{m}/{name}"], name)
+                _copy_checked(optimizer.state[stepped][m], whole(m, name, p), name)
     _set_steps(optimizer, meta["optimizer_step"])
     engine.lr_scheduler.load_state_dict(meta["scheduler"])
     for group, lr in zip(optimizer.param_groups, engine.lr_scheduler.get_last_lr()):

@@ -15,6 +15,7 @@ from torch import nn
 
 from trainer.config import EMAConfig
 from trainer.distributed import comm_device
+from trainer.flat_params import expand, joined, weight_names
 
 
 def _local_tensor(p: nn.Parameter) -> torch.Tensor:
@@ -124,11 +125,12 @@ class EMA:
         return torch.cat(parts)[: p.ds_numel].view(p.ds_shape).to(self.shadow_device)
 
     def full_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        """Whole EMA tensors by parameter name (collective under ZeRO-3)."""
+        """Whole EMA tensors by weight name (a flat block parameter's by the weights it holds;
+        collective under ZeRO-3)."""
         out = {}
         for n, p in self._params(module):
             local = self.shadow[n]
-            out[n] = self._gather(p, local) if _is_partitioned(p) else local.clone()
+            out.update(expand(n, p, self._gather(p, local) if _is_partitioned(p) else local.clone()))
         return out
 
     def _partition(self, p: nn.Parameter, full: torch.Tensor) -> torch.Tensor:
@@ -142,11 +144,11 @@ class EMA:
     def load_full_state_dict(self, module: nn.Module, state: dict[str, torch.Tensor], num_updates: int) -> None:
         """Restore from whole tensors (the checkpoint's ema.safetensors), re-partitioning them
         under ZeRO-3; every name and shape must match."""
-        missing = set(self.shadow) - set(state)
+        missing = {w for n, p in self._params(module) for w in weight_names(n, p)} - set(state)
         if missing:
             raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {sorted(missing)[:3]}")
         for n, p in self._params(module):
-            full = state[n]
+            full = joined(n, p, state)
             if tuple(full.shape) != tuple(getattr(p, "ds_shape", p.shape)):
                 raise ValueError(f"EMA tensor {n}: checkpoint shape {tuple(full.shape)} does not match the model")
             self.shadow[n].copy_(self._partition(p, full) if _is_partitioned(p) else full)

@@ -26,6 +26,7 @@ from trainer.diffusion.noise import sample_generators
 from trainer.distributed import LateRead, PreemptionFlag, comm_device, compute_device, init_distributed
 from trainer.elastic import LAYOUT_KEYS, Shape, keep_global_batch, shape_of, written_shape
 from trainer.ema import EMA
+from trainer.flat_params import expand
 from trainer.metrics import KeyLog, Metric, MetricsLogger
 from trainer.numerics import PRECISIONS, autocast, inference_numerics
 from trainer.optim import FiniteGuard, build_engine
@@ -365,7 +366,8 @@ class Trainer:
 
         params = list(self.ema_module.parameters())
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            local = {self.names[n]: p.detach().clone() for n, p in self.ema_module.named_parameters()}
+            local = {w: t for n, p in self.ema_module.named_parameters()
+                     for w, t in expand(self.names[n], p, p.detach().clone())}
         return self.whole(local)
 
     def full_weights(self) -> dict[str, torch.Tensor]:

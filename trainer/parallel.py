@@ -5,11 +5,14 @@
       sequence parallelism   (DeepSpeed-Ulysses; trainer/sequence_parallel.py) when S > 1
       activation checkpointing per block: model.checkpoint_policy none | attention | full
       idle temporal parameters tied into the graph (data-parallel ranks reduce the same grads)
+      each block's trainable parameters as one flat parameter (model.flat_params)
       regional torch.compile of each block (model.compile)
       the DeepSpeed pipeline layer list                 when deepspeed.pipeline_stages > 1
 
 Everything here changes modules in place (instance `forward`s, hooks, wrapped submodules), so
-parameter names, state dicts and checkpoints are those of the plain model.
+parameter names, state dicts and checkpoints are those of the plain model; with flat block
+parameters the engine's own names and files are the flat ones, and everything else (EMA file,
+universal optimizer state, exports) is by weight name (trainer/flat_params.py).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from trainer.config import CHOICES, ModelConfig, RunConfig
 from trainer.distributed import DistContext
+from trainer.flat_params import flatten_parameters
 from trainer.models.dit import DiT, DiTBlock, DiTEmbed, DiTHead, TextEmbedding
 from trainer.models.layers import Grid
 
@@ -212,6 +216,9 @@ def parallelize(trainable: dict[str, nn.Module], stage: Any, cfg: RunConfig, ctx
         parallelize_sequence(student, sequence_group(ctx))
     if isinstance(student, DiT):  # the autoencoder stage trains no DiT
         prepare_for_training(student, cfg.model)
+        if cfg.model.flat_params:
+            for block in student.blocks:
+                flatten_parameters(block)
     if cfg.model.compile:
         compile_blocks(student)
     if ctx.pipeline_stages > 1:

@@ -50,8 +50,9 @@ class AutoencoderSettings(StageSettings):
 
     def check(self, cfg: RunConfig) -> None:
         super().check(cfg)
-        check(not cfg.model.compile, "model.compile",
-              "compiles the DiT's blocks; the autoencoder stage trains no DiT (set it to false)")
+        for key in ("compile", "flat_params"):
+            check(not getattr(cfg.model, key), f"model.{key}",
+                  "acts on the DiT's blocks; the autoencoder stage trains no DiT (set it to false)")
 
 
 @dataclass(frozen=True)

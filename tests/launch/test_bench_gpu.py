@@ -3,6 +3,7 @@ the real trainer in child processes), the resume comparison catching a differenc
 checkpoints, the figures' arithmetic; and the full check where a GPU is present."""
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shutil
@@ -185,6 +186,17 @@ def test_compile_reaches_both_runs_configs(tmp_path):
                                 ["model.compile=true"])
         assert (eager.model.compile, compiled.model.compile) == (False, True)
         assert compiled.model.preset == "DiT-T/2" and compiled.deepspeed.precision == "bf16"
+
+
+def test_layout_options_become_model_overrides_and_exclude_each_other(capsys):
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    assert bench.model_overrides(parser.parse_args([])) == []
+    assert bench.model_overrides(parser.parse_args(["--compile"])) == ["model.compile=true"]
+    assert bench.model_overrides(parser.parse_args(["--flat-params"])) == ["model.flat_params=true"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--compile", "--flat-params"])
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

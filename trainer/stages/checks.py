@@ -25,8 +25,10 @@ TEACHER_KEYS = {
                   "shift_base_resolution", "shift_base_frames"),
     "data": ("kind", "resolution", "num_frames"),
 }
-# Free to differ: the student's own options, and where weights live (copies may move).
-FREE_MODEL_KEYS = ("guidance_embed", "activation_checkpointing", "checkpoint_policy", "text.path", "autoencoder.path")
+# Free to differ: the student's own options (what it is conditioned on, how it trains: the
+# network is the same), and where weights live (copies may move).
+FREE_MODEL_KEYS = ("guidance_embed", "activation_checkpointing", "checkpoint_policy", "compile", "flat_params",
+                   "text.path", "autoencoder.path")
 
 
 def read_run_config(yaml_text: str) -> RunConfig:
