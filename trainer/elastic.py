@@ -188,7 +188,8 @@ def gather_player(engine: Any, optimizer: torch.optim.Optimizer, names: dict[str
     masters = half_masters(engine)
     tensors: dict[str, torch.Tensor] = {}
     for kind, key in (("fp32", None), *((m, m) for m in MOMENTS)):
-        local = {w: t for name, p in params for w, t in expand(name, p, _full(p, key, optimizer, masters.get(id(p))))}
+        local = {w: t for name, p in params
+                 for w, t in expand(name, p, _full(p, key, optimizer, masters.get(id(p))))}
         tensors.update({f"{kind}/{name}": t for name, t in whole(local).items()})
     steps = {_as_int(s["step"]) for s in optimizer.state.values() if "step" in s}
     if len(steps) > 1:
@@ -241,6 +242,7 @@ def load_player(engine: Any, optimizer: torch.optim.Optimizer, names: dict[str, 
         missing = [w for name, p in params for w in weight_names(name, p) if f"{kind}/{w}" not in tensors]
         if missing:
             raise ElasticError(f"the universal state lacks {kind} of {len(missing)} parameters, e.g. {missing[:3]}")
+
     def whole(kind: str, name: str, p: nn.Parameter) -> torch.Tensor:
         """The saved `kind` of parameter `name` (a flat block parameter's joined from its weights)."""
         try:

@@ -51,7 +51,8 @@ def flatten_parameters(block: nn.Module) -> nn.Parameter:
              for module, local in [_owner(block, name)] if p.requires_grad]
     dtypes = {p.dtype for *_, p in owned}
     if len(dtypes) != 1:
-        raise ValueError(f"flattening needs one dtype for a block's trainable parameters, got {sorted(map(str, dtypes))}")
+        raise ValueError(f"a block's trainable parameters must share one dtype to be flattened, got "
+                         f"{sorted(map(str, dtypes))}")
     if len(list(block.named_parameters(remove_duplicate=False))) != len(list(block.named_parameters())):
         raise ValueError("a block with a parameter shared by two modules cannot be flattened")
     flat = nn.Parameter(torch.cat([p.detach().reshape(-1) for *_, p in owned]))
@@ -60,7 +61,7 @@ def flatten_parameters(block: nn.Module) -> nn.Parameter:
         del module._parameters[local]
         pieces.append(Piece(name, start, tuple(p.shape)))
         start += p.numel()
-    flat.flat_pieces = block.flat_pieces = tuple(pieces)  # expand / joined read the parameter's
+    flat.flat_pieces = block.flat_pieces = tuple(pieces)  # the hook reads the block's; expand, joined the parameter's
     block.register_parameter(FLAT, flat)
     _set_views(block, ())
     block.register_forward_pre_hook(_set_views)

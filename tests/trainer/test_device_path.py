@@ -24,6 +24,7 @@ from data_pipeline.stream import batch_to_device
 from tests.eval.eval_helpers import tiny_config, write_checkpoint
 from trainer.config import DeepSpeedConfig
 from trainer.diffusion import sampling_timesteps
+from trainer.flat_params import flatten_parameters
 from trainer.models import layers
 from trainer.sampling import SamplerSettings, generate
 from trainer.stages import build_stage
@@ -85,6 +86,15 @@ def teacher(tmp_path_factory) -> Path:
 def test_pretrain_image_step_on_device(tmp_path):
     stage = build_stage(tiny_config(tmp_path))
     assert one_step_on_fake_cuda(stage, uint8_batch(4, 3, 16, 16)) == ["student"]
+
+
+def test_flat_block_parameters_step_on_device(tmp_path):
+    """Flattened on the host and moved (the views follow the flat parameter to the device)."""
+    stage = build_stage(tiny_config(tmp_path, "model.flat_params=true"))
+    for block in stage.players["student"].blocks:
+        flatten_parameters(block)
+    assert one_step_on_fake_cuda(stage, uint8_batch(4, 3, 16, 16)) == ["student"]
+    assert {block.flat_params.device.type for block in stage.players["student"].blocks} == {"cuda"}
 
 
 @pytest.mark.parametrize("attention", ["factorized", "full"])
