@@ -243,7 +243,7 @@ def load_player(engine: Any, optimizer: torch.optim.Optimizer, names: dict[str, 
         if missing:
             raise ElasticError(f"the universal state lacks {kind} of {len(missing)} parameters, e.g. {missing[:3]}")
 
-    def whole(kind: str, name: str, p: nn.Parameter) -> torch.Tensor:
+    def saved(kind: str, name: str, p: nn.Parameter) -> torch.Tensor:
         """The saved `kind` of parameter `name` (a flat block parameter's joined from its weights)."""
         try:
             return joined(name, p, {w: tensors[f"{kind}/{w}"] for w in weight_names(name, p)})
@@ -254,18 +254,18 @@ def load_player(engine: Any, optimizer: torch.optim.Optimizer, names: dict[str, 
     masters = half_masters(engine)
     with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0):
         for name, p in params:  # the weights the forward pass uses (half precision under bf16)
-            _copy_checked(p.data, whole("fp32", name, p), name)
+            _copy_checked(p.data, saved("fp32", name, p), name)
     for name, p in params:
         if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):  # ZeRO: each rank sets its fragment (maybe none)
-            safe_set_full_fp32_param(p, whole("fp32", name, p))
+            safe_set_full_fp32_param(p, saved("fp32", name, p))
             for m in MOMENTS:
-                safe_set_full_optimizer_state(p, whole(m, name, p), m)
+                safe_set_full_optimizer_state(p, saved(m, name, p), m)
         else:  # the optimizer steps the parameter itself (fp32) or its fp32 master (bf16/fp16)
             stepped = masters.get(id(p), p)
             if stepped is not p:
-                _copy_checked(stepped.data, whole("fp32", name, p), name)
+                _copy_checked(stepped.data, saved("fp32", name, p), name)
             for m in MOMENTS:
-                _copy_checked(optimizer.state[stepped][m], whole(m, name, p), name)
+                _copy_checked(optimizer.state[stepped][m], saved(m, name, p), name)
     _set_steps(optimizer, meta["optimizer_step"])
     engine.lr_scheduler.load_state_dict(meta["scheduler"])
     for group, lr in zip(optimizer.param_groups, engine.lr_scheduler.get_last_lr()):

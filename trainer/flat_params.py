@@ -23,8 +23,9 @@ EMA file, the universal optimizer files, exports and sample grids are those of t
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Iterator, Mapping, NamedTuple
+from typing import Iterator, Mapping, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -61,19 +62,20 @@ def flatten_parameters(block: nn.Module) -> nn.Parameter:
         del module._parameters[local]
         pieces.append(Piece(name, start, tuple(p.shape)))
         start += p.numel()
-    flat.flat_pieces = block.flat_pieces = tuple(pieces)  # the hook reads the block's; expand, joined the parameter's
+    flat.flat_pieces = tuple(pieces)  # read by expand / joined / weight_names
     block.register_parameter(FLAT, flat)
-    _set_views(block, ())
-    block.register_forward_pre_hook(_set_views)
+    targets = [(module, local) for _, module, local, _ in owned]  # found once, not at every forward
+    views = functools.partial(_set_views, targets, flat.flat_pieces, [piece.numel for piece in pieces])
+    views(block, ())
+    block.register_forward_pre_hook(views)
     return flat
 
 
-def _set_views(block: nn.Module, args: tuple) -> None:
+def _set_views(targets: list[tuple[nn.Module, str]], pieces: tuple[Piece, ...], sizes: list[int],
+               block: nn.Module, args: tuple) -> None:
     """The forward pre-hook: each weight a view of this forward's one split of the block's flat
     parameter (whatever its `.data` is now)."""
-    flat, pieces = getattr(block, FLAT), block.flat_pieces
-    for piece, part in zip(pieces, flat.split([piece.numel for piece in pieces])):
-        owner, local = _owner(block, piece.name)
+    for (owner, local), piece, part in zip(targets, pieces, getattr(block, FLAT).split(sizes)):
         setattr(owner, local, part.view(piece.shape))
 
 
@@ -83,16 +85,22 @@ def _owner(block: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (block.get_submodule(path) if path else block), local
 
 
+def _flat(name: str, param: nn.Parameter) -> Optional[tuple[str, tuple[Piece, ...]]]:
+    """(the block's name prefix, the pieces) of a flat parameter; None for a plain one."""
+    pieces = getattr(param, "flat_pieces", None)
+    return None if pieces is None else (name[: -len(FLAT)], pieces)
+
+
 def expand(name: str, param: nn.Parameter, value: Tensor) -> Iterator[tuple[str, Tensor]]:
     """(name, tensor) of each weight in `value`, a whole tensor shaped like `param` (the weights,
     an EMA shadow, an fp32 master, an Adam moment): `value` itself for a plain parameter; for a
     flat one (`name` ends in `flat_params`) a copy of each piece under its weight's name (a
     safetensors file cannot hold views of one storage)."""
-    pieces = getattr(param, "flat_pieces", None)
-    if pieces is None:
+    flat = _flat(name, param)
+    if flat is None:
         yield name, value
         return
-    prefix = name[: -len(FLAT)]
+    prefix, pieces = flat
     for piece in pieces:
         yield prefix + piece.name, value[piece.start: piece.start + piece.numel].view(piece.shape).clone()
 
@@ -100,10 +108,10 @@ def expand(name: str, param: nn.Parameter, value: Tensor) -> Iterator[tuple[str,
 def joined(name: str, param: nn.Parameter, state: Mapping[str, Tensor]) -> Tensor:
     """The whole tensor of `param` from `state` by weight names (the inverse of `expand`);
     KeyError naming a missing weight, ValueError naming one of another shape."""
-    pieces = getattr(param, "flat_pieces", None)
-    if pieces is None:
+    flat = _flat(name, param)
+    if flat is None:
         return state[name]
-    prefix = name[: -len(FLAT)]
+    prefix, pieces = flat
     parts = []
     for piece in pieces:
         value = state[prefix + piece.name]
@@ -115,5 +123,5 @@ def joined(name: str, param: nn.Parameter, state: Mapping[str, Tensor]) -> Tenso
 
 def weight_names(name: str, param: nn.Parameter) -> list[str]:
     """The weight names a parameter's state is saved under (see `expand`)."""
-    pieces = getattr(param, "flat_pieces", None)
-    return [name] if pieces is None else [name[: -len(FLAT)] + piece.name for piece in pieces]
+    flat = _flat(name, param)
+    return [name] if flat is None else [flat[0] + piece.name for piece in flat[1]]
