@@ -314,13 +314,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", action="store_true",
                    help=f"run the image run's last {PROFILED_STEPS} steps under torch.profiler: prints the device "
                         "kernels' share of the step, writes the operators by device and host time to profile.txt")
-    layout = p.add_mutually_exclusive_group()
-    layout.add_argument("--compile", action="store_true",
-                        help="model.compile=true in both runs: each DiT block under torch.compile (the first steps "
-                             "compile; the steady-state figures leave them out)")
-    layout.add_argument("--flat-params", action="store_true",
-                        help="model.flat_params=true in both runs: each DiT block's parameters as one tensor, "
-                             "a fraction of DeepSpeed's per-tensor host work a step")
+    p.add_argument("--compile", action="store_true",
+                   help="model.compile=true in both runs: each DiT block under torch.compile (the first steps "
+                        "compile; the steady-state figures leave them out)")
+    p.add_argument("--flat-params", action="store_true",
+                   help="model.flat_params=true in both runs: each DiT block's parameters as one tensor, "
+                        "a fraction of DeepSpeed's per-tensor host work a step (combines with --compile)")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep the runs' checkpoints (removed after a passing check: DiT-XL/2's is ~12 GB)")
 

@@ -67,7 +67,7 @@ class ModelConfig:
     compile: bool = False  # torch.compile each DiT block (applied by the engine, not the model)
     # Each DiT block's trainable parameters as one flat parameter (trainer/flat_params.py): 40
     # tensors instead of 628 for DiT-XL/2, a fraction of DeepSpeed's per-tensor host work per
-    # step; checkpoints and exports keep the weights' names. ZeRO 0-2, no pipeline, no compile.
+    # step; checkpoints and exports keep the weights' names. ZeRO 0-2, no pipeline.
     flat_params: bool = False
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
@@ -336,8 +336,6 @@ def _validate_diffusion_and_model(cfg: RunConfig) -> None:
               "ZeRO-3 gathers parameters per module, a flat block parameter would be gathered whole by "
               "the block; set it to false at deepspeed.zero_stage=3")
         check(ds.pipeline_stages == 1, "model.flat_params", "is not supported with deepspeed.pipeline_stages > 1")
-        check(not m.compile, "model.flat_params",
-              "is not supported with model.compile=true yet (the blocks' weights are set by a hook each forward)")
     check(not (m.activation_checkpointing and m.checkpoint_policy == "attention"),
            "model.checkpoint_policy", "attention contradicts model.activation_checkpointing=true (full); "
            "set activation_checkpointing=false")

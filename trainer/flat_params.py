@@ -13,7 +13,9 @@ a view of one `split` of the flat parameter made at every forward (so it follows
 which re-points a parameter's `.data` into its own buffers). One `split` matters: its backward
 joins the block's gradients with one `cat`, where a slice per weight would allocate a zero
 gradient the size of the block for each weight. Activation checkpointing (non-reentrant) keeps
-working: a recomputed attention or block reads the same views.
+working: a recomputed attention or block reads the same views. So does `model.compile`: dynamo
+traces the hook (the split) and the block's body as two graphs shared by all blocks, the views
+passing from one to the other as tensors, as the plain blocks share one graph.
 
 Names: the flat parameter is `<block>.flat_params` for the engine, its module state dict and
 DeepSpeed's own checkpoint files. Everything a user or another layout reads is per weight name,

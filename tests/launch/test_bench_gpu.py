@@ -188,15 +188,14 @@ def test_compile_reaches_both_runs_configs(tmp_path):
         assert compiled.model.preset == "DiT-T/2" and compiled.deepspeed.precision == "bf16"
 
 
-def test_layout_options_become_model_overrides_and_exclude_each_other(capsys):
+def test_layout_options_become_model_overrides():
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     assert bench.model_overrides(parser.parse_args([])) == []
     assert bench.model_overrides(parser.parse_args(["--compile"])) == ["model.compile=true"]
     assert bench.model_overrides(parser.parse_args(["--flat-params"])) == ["model.flat_params=true"]
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--compile", "--flat-params"])
-    assert "not allowed with argument" in capsys.readouterr().err
+    both = bench.model_overrides(parser.parse_args(["--compile", "--flat-params"]))
+    assert both == ["model.compile=true", "model.flat_params=true"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

@@ -48,11 +48,12 @@ CELLS = {
     "video-pixel-superres-pipeline-fp32": ("video", "", (*VIDEO, *SUPERRES, *PIPELINE)),
     "image-pixel-progressive-zero3-bf16": ("image", "teacher", ("stage.kind=progressive", *DISTILL,
                                                                  "deepspeed.zero_stage=3", *BF16)),
-    # bf16 without ZeRO (DeepSpeed's fp32 masters apart from the weights) and flat block
+    # bf16 without ZeRO (DeepSpeed's fp32 masters apart from the weights) and compiled flat block
     # parameters: each round's teacher and export come from the flat student by weight name
-    "image-pixel-progressive-zero0-bf16-flat": ("image", "teacher", ("stage.kind=progressive", *DISTILL,
-                                                                     "deepspeed.zero_stage=0", *BF16,
-                                                                     "model.flat_params=true")),
+    "image-pixel-progressive-zero0-bf16-flat-compiled": ("image", "teacher", ("stage.kind=progressive", *DISTILL,
+                                                                              "deepspeed.zero_stage=0", *BF16,
+                                                                              "model.flat_params=true",
+                                                                              "model.compile=true")),
     "image-pixel-progressive-pipeline-fp32": ("image", "teacher", ("stage.kind=progressive", *DISTILL, *PIPELINE)),
     "image-pixel-adversarial-zero2-fp32": ("image", "teacher", ("stage.kind=adversarial", *DISTILL,
                                                                  "deepspeed.zero_stage=2")),
