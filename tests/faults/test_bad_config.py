@@ -76,6 +76,7 @@ REFUSED = {  # accepted by the typed schema, refused by validate or the stage pr
     "learn_sigma": (["model.learn_sigma=true"], "model.learn_sigma"),
     "offload_zero0": (["deepspeed.zero_stage=0", "deepspeed.offload_optimizer=true"], "deepspeed.offload_optimizer"),
     "fused_offload": (["deepspeed.offload_optimizer=true", "optim.fused=true"], "optim.fused"),
+    "compile_zero3": (["deepspeed.zero_stage=3", "model.compile=true"], "model.compile"),
 }
 
 
