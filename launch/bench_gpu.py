@@ -151,6 +151,10 @@ def print_profile(p: Optional[dict], check: Check) -> None:
     busy = f"device kernels {p['device_s'] / p['wall_s']:.0%} of it" if p["device_s"] else "no device kernels"
     print(f"  profile of the last {p['steps']} steps: {1000 * p['wall_s'] / p['steps']:.1f} ms a step, {busy}; "
           f"operators by device and host time: {p['file']}", flush=True)
+    phases = p.get("phases_ms") or {}
+    if phases:
+        print("  a step by phase, host / device ms: "
+              + ", ".join(f"{name} {host:.1f} / {device:.1f}" for name, (host, device) in phases.items()), flush=True)
     syncs = p.get("host_syncs")
     if syncs is not None:  # counted on CUDA only
         where = ", ".join(f"{site} x{n}" for site, n in sorted(syncs.items(), key=lambda kv: -kv[1])[:5])

@@ -220,29 +220,33 @@ def child_main(config: str, report: str, deterministic: bool, profile: bool = Fa
 
 
 def profile_last_steps(trainer, total: int, out: Path, result: dict[str, Any]) -> None:
-    """Run the last PROFILED_STEPS calls of `trainer.train_step` under torch.profiler; write the
-    operators by device time and by host time to `out`, and to `result["profile"]` the wall time
-    of those steps and the sum of their device kernels' times (their ratio: how busy the host
-    keeps the accelerator). On CUDA the same window counts the host syncs (torch's sync debug
-    mode: a warning per synchronizing call) and where they were made."""
+    """Run the last PROFILED_STEPS steps (`trainer.train_step` and `record_step`, the EMA) under
+    torch.profiler; write the operators by device time and by host time to `out`, and to
+    `result["profile"]` the wall time of those steps, the sum of their device kernels' times
+    (their ratio: how busy the host keeps the accelerator) and the host and device ms a step of
+    each phase the trainer marks (`trainer.engine.PHASE`). On CUDA the same window counts the
+    host syncs (torch's sync debug mode: a warning per synchronizing call) and where they were
+    made."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    step, window = trainer.train_step, {}
+    step, record, window = trainer.train_step, trainer.record_step, {}
 
-    def profiled(batches):
-        done = trainer.state.step  # steps finished before this one
-        if done == total - PROFILED_STEPS:
+    def profiled_step(batches):
+        if trainer.state.step == total - PROFILED_STEPS:  # the steps finished before this one
             window["prof"] = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
             window["prof"].__enter__()
             sync()
             window["syncs"] = count_host_syncs(cuda)
             window["caught"] = window["syncs"].__enter__()
             window["start"] = time.perf_counter()
-        out_ = step(batches)
-        if done == total - 1 and "prof" in window:
+        return step(batches)
+
+    def profiled_record(infos, skipped):
+        record(infos, skipped)
+        if trainer.state.step == total and "prof" in window:
             window["syncs"].__exit__(None, None, None)
             sync()
             wall = time.perf_counter() - window["start"]
@@ -252,10 +256,27 @@ def profile_last_steps(trainer, total: int, out: Path, result: dict[str, Any]) -
                            + "\n\n" + ops.table(sort_by="cpu_time_total", row_limit=25) + "\n")
             result["profile"] = {"steps": PROFILED_STEPS, "wall_s": wall, "file": str(out),
                                  "device_s": sum(e.self_device_time_total for e in ops) / 1e6,
+                                 "phases_ms": phase_times(window["prof"].events(), PROFILED_STEPS),
                                  "host_syncs": window["caught"] if cuda else None}
-        return out_
 
-    trainer.train_step = profiled
+    trainer.train_step, trainer.record_step = profiled_step, profiled_record
+
+
+def phase_times(events, steps: int) -> dict[str, list[float]]:
+    """{phase: [host ms, device ms] a step} of the trainer's phase ranges, in the order first
+    met. Only their host events count: on CUDA each range is also a device-side annotation of
+    the same name, whose span would count the kernels twice."""
+    from torch.autograd import DeviceType
+
+    from trainer.engine import PHASE
+
+    out: dict[str, list[float]] = {}
+    for e in events:
+        if e.device_type == DeviceType.CPU and e.name.startswith(PHASE):
+            times = out.setdefault(e.name[len(PHASE):], [0.0, 0.0])
+            times[0] += e.cpu_time_total / 1e3 / steps
+            times[1] += e.device_time_total / 1e3 / steps
+    return out
 
 
 @contextmanager

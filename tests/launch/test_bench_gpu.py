@@ -75,6 +75,14 @@ def test_profile_of_the_image_runs_last_steps_is_written_and_left_out_of_the_fig
     assert Path(found[2]) == out / "image" / "profile.txt"
     table = Path(found[2]).read_text()
     assert "aten::addmm" in table and "AccumulateGrad" in table  # forward and backward were recorded
+    phases = re.search(r"a step by phase, host / device ms: (.*)", image)
+    assert phases, image
+    times = {name: (float(host), float(device))
+             for name, host, device in re.findall(r"(\w+) ([\d.]+) / ([\d.]+)", phases[1])}
+    assert list(times) == ["batch", "forward", "backward", "step", "ema"], phases[1]
+    assert all(device == 0 for _, device in times.values())  # no device kernels on the CPU
+    assert times["backward"][0] > 0 and times["forward"][0] > 0
+    assert sum(host for host, _ in times.values()) <= float(found[1]) * 1.01  # parts of the step
 
 
 def test_resume_check_fails_on_different_weights_or_losses(tiny_check, tmp_path):
