@@ -28,7 +28,8 @@ prediction for that layout. The last line is `gpu check: OK` or `gpu check: FAIL
 (exit 1). `--tiny` runs the same path at tiny scale on the CPU (the test suite does).
 `--profile` runs the image run's last steps under torch.profiler and prints how busy the host
 keeps the device (on one H200, DiT-XL/2: the GPU waited ~110 ms of a 350 ms step for DeepSpeed's
-per-parameter host work; README, "GPU check").
+per-parameter host work; README, "GPU check"). `--layouts plain,compile,...` repeats the image
+run once per block layout (`LAYOUTS`) and prints them side by side against the first.
 """
 from __future__ import annotations
 
@@ -47,6 +48,13 @@ from launch.bench_gpu_runs import PROFILED_STEPS, RunSpec, build_config, caption
 
 MFU_GOAL = 0.40  # DiT-XL/2 bf16 on H100/H200: a benchmark goal, not a pass/fail criterion
 RUN_NAMES = ("image", "video", "video_resumed")
+# How the DiT blocks run (README, "GPU check"): the model overrides of each layout
+LAYOUTS = {
+    "plain": (),
+    "compile": ("model.compile=true",),
+    "flat": ("model.flat_params=true",),
+    "compile+flat": ("model.compile=true", "model.flat_params=true"),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,9 +113,11 @@ def choose_specs(args: argparse.Namespace, build, device_mem_gb: float, cpu: boo
 
 def train_and_measure(spec: RunSpec, cfg, run_dir: Path, args: argparse.Namespace, device: str,
                       deterministic: bool, device_mem_gb: float, peak: Optional[float],
-                      check: Check, exclude: Sequence[int] = (), profile: bool = False) -> Optional[Figures]:
-    label = f"{spec.name}: {spec.describe()}, {cfg.deepspeed.precision}, ZeRO-{cfg.deepspeed.zero_stage}, " \
-            f"batch {spec.batch}, {spec.steps} steps" + (", deterministic kernels" if deterministic else "")
+                      check: Check, exclude: Sequence[int] = (), profile: bool = False,
+                      layout: str = "plain") -> Optional[Figures]:
+    label = f"{spec.name}: {spec.describe()}, {layout} blocks, {cfg.deepspeed.precision}, " \
+            f"ZeRO-{cfg.deepspeed.zero_stage}, batch {spec.batch}, {spec.steps} steps" \
+            + (", deterministic kernels" if deterministic else "")
     print(f"\n{label}", flush=True)
     res = run_child(cfg, run_dir, device, deterministic, args.run_timeout, profile)
     if profile:  # the profiler's overhead stays out of the steady state
@@ -192,9 +202,43 @@ DEFAULTS = {"preset": "DiT-XL/2", "video_preset": "DiT-B/2", "resolution": 256, 
             "video_steps": 16, "max_batch": 64, "max_video_batch": 8, "captions": 64}
 
 
-def model_overrides(args: argparse.Namespace) -> list[str]:
-    """The options' overrides of both runs' model config."""
-    return ["model.compile=true"] * args.compile + ["model.flat_params=true"] * args.flat_params
+def layouts(args: argparse.Namespace) -> list[str]:
+    """The block layouts of the image run, in order: `--layouts`, else the one `--compile` and
+    `--flat-params` choose. ValueError names what is wrong."""
+    if not args.layouts:
+        return [{(False, False): "plain", (True, False): "compile", (False, True): "flat",
+                 (True, True): "compile+flat"}[(args.compile, args.flat_params)]]
+    if args.compile or args.flat_params:
+        raise ValueError("--layouts names every layout; drop --compile and --flat-params")
+    names = list(dict.fromkeys(n.strip() for n in args.layouts.split(",") if n.strip()))
+    unknown = [n for n in names if n not in LAYOUTS]
+    if unknown or not names:
+        what = f"unknown {', '.join(map(repr, unknown))}" if unknown else "none given"
+        raise ValueError(f"--layouts {args.layouts!r}: {what}; choose from {', '.join(LAYOUTS)}")
+    return names
+
+
+def layout_dir(out: Path, index: int, layout: str) -> Path:
+    """The image run's folder of the index-th layout: `image` for the first (the check's own)."""
+    return out / "image" if index == 0 else out / f"image_{layout.replace('+', '_')}"
+
+
+def print_layouts(figures: dict[str, Optional[Figures]], peak: Optional[float]) -> None:
+    """The image run's figures by layout, side by side, against the first layout's."""
+    first, ref = next(iter(figures.items()))
+    base = ref.throughput.samples_per_s if ref is not None and ref.throughput is not None else None
+    print(f"\nimage run by block layout (this check: same model, batch, data and steps; against {first}):", flush=True)
+    print(f"  {'layout':<14}{'samples/s':>11}{'ms a step':>11}{'TFLOP/s':>10}{'MFU':>8}{'speed-up':>10}"
+          f"{'last loss':>11}", flush=True)
+    for name, f in figures.items():
+        tp = f.throughput if f is not None else None
+        if tp is None:
+            print(f"  {name:<14}{'failed':>11}", flush=True)
+            continue
+        mfu = f"{tp.tflops / peak:.1%}" if peak else "-"
+        ratio = f"{tp.samples_per_s / base:.2f}x" if base else "-"
+        print(f"  {name:<14}{tp.samples_per_s:>11.4g}{1000 * f.spec.batch / tp.samples_per_s:>11.1f}"
+              f"{tp.tflops:>10.4g}{mfu:>8}{ratio:>10}{f.last_loss:>11.6f}", flush=True)
 
 
 def resolve_device(args: argparse.Namespace) -> tuple[Optional[str], str]:
@@ -244,11 +288,17 @@ def run(args: argparse.Namespace) -> int:
         print("gpu check: FAILED: --resolution must be a multiple of 64 (latent side a multiple of 8) and "
               "--steps and --video-steps at least 4", flush=True)
         return 1
+    try:
+        names = layouts(args)
+    except ValueError as e:
+        print(f"gpu check: FAILED: {e}", flush=True)
+        return 1
     check = Check(args.mem_tolerance)
     name, mem_gb = device_facts(device)
     peak = args.peak_tflops or (peak_tflops_for(name) if device == "cuda" else None)
     out = Path(args.out).resolve()
-    for sub in ("data", *RUN_NAMES):  # a fresh start: the trainer would resume from old checkpoints
+    runs = [*RUN_NAMES, *(layout_dir(out, i, n).name for i, n in enumerate(LAYOUTS))]
+    for sub in ("data", *runs):  # a fresh start: the trainer would resume from old checkpoints
         shutil.rmtree(out / sub, ignore_errors=True)
     workers = args.workers if args.workers is not None else (2 if device == "cuda" else 0)
     source = "--peak-tflops" if args.peak_tflops else "table"
@@ -260,27 +310,32 @@ def run(args: argparse.Namespace) -> int:
               f"({', '.join(p for p, _ in PEAK_BF16_TFLOPS)}); pass --peak-tflops", flush=True)
     captions = {video: caption_pool(args.captions, video) for video in (False, True)}
 
-    def build(spec: RunSpec, run_dir: Optional[Path] = None):
+    def build(spec: RunSpec, run_dir: Optional[Path] = None, layout: str = names[0]):
         return build_config(spec, out / "data" / spec.name, run_dir or out / spec.name, args.precision, workers,
-                            captions[spec.video][0], model_overrides(args))
+                            captions[spec.video][0], LAYOUTS[layout])
 
     image, video = choose_specs(args, build, mem_gb, device == "cpu")
     for spec in (image, video):
         n = write_latent_shards(out / "data" / spec.name, spec, captions[spec.video])
         print(f"wrote {n} synthetic {'x'.join(map(str, spec.shape()))} latents to {out / 'data' / spec.name} "
               f"({args.captions} distinct captions)", flush=True)
-    train_and_measure(image, build(image), out / "image", args, device, False, mem_gb, peak, check,
-                      profile=args.profile)
+    by_layout = {}
+    for i, layout in enumerate(names):
+        run_dir = layout_dir(out, i, layout)
+        by_layout[layout] = train_and_measure(image, build(image, run_dir, layout), run_dir, args, device, False,
+                                              mem_gb, peak, check, profile=args.profile, layout=layout)
+    if len(names) > 1:
+        print_layouts(by_layout, peak)
     c = video.checkpoint_every
     if train_and_measure(video, build(video), out / "video", args, device, True, mem_gb, peak, check,
-                         exclude=(c + 1,)) is not None:
+                         exclude=(c + 1,), layout=names[0]) is not None:
         check_resume(video, out / "video", out / "video_resumed", build(video, out / "video_resumed"), device,
                      args.run_timeout, check)
     if check.problems:
         print(f"\ngpu check: FAILED: {'; '.join(check.problems)}", flush=True)
         return 1
     if not args.keep_checkpoints:
-        for sub in RUN_NAMES:
+        for sub in runs:
             shutil.rmtree(out / sub / "checkpoints", ignore_errors=True)
     print("\ngpu check: OK", flush=True)
     return 0
@@ -324,6 +379,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flat-params", action="store_true",
                    help="model.flat_params=true in both runs: each DiT block's parameters as one tensor, "
                         "a fraction of DeepSpeed's per-tensor host work a step (combines with --compile)")
+    p.add_argument("--layouts", default="",
+                   help=f"the image run once per block layout, side by side, with the speed-up against the "
+                        f"first (comma-separated: {', '.join(LAYOUTS)}); the video runs use the first")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep the runs' checkpoints (removed after a passing check: DiT-XL/2's is ~12 GB)")
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 import launch.bench_gpu as bench
@@ -36,7 +37,7 @@ def dit_bench_gpu(*args: str, env: dict, timeout: int) -> subprocess.CompletedPr
 def tiny_check(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path_factory.mktemp("gpu_check")
     proc = dit_bench_gpu("--tiny", "--device", "cpu", "--peak-tflops", str(PEAK), "--keep-checkpoints", "--profile",
-                         "--out", str(out), env=train_env(), timeout=600)
+                         "--layouts", "plain,flat", "--out", str(out), env=train_env(), timeout=600)
     return proc, out
 
 
@@ -46,22 +47,46 @@ def test_tiny_cpu_check_prints_sane_figures(tiny_check):
     assert proc.returncode == 0, text[-4000:] + proc.stderr[-4000:]
     assert text.strip().splitlines()[-1] == "gpu check: OK"
     figures = FIGURES.findall(text)
-    assert len(figures) == 2, text  # the image run, then the video run
+    assert len(figures) == 3, text  # the image run plain and with flat blocks, then the video run
     # tokens per sample: 8x8 latents in 2x2 patches = 16; the video has 4 latent frames of them
-    for (samples, tokens, tflops, wait), per_sample in zip(figures, (16, 64)):
+    for (samples, tokens, tflops, wait), per_sample in zip(figures, (16, 16, 64)):
         samples, tokens, tflops, wait = float(samples), float(tokens), float(tflops), float(wait)
         assert samples > 0 and tflops > 0 and 0 <= wait <= 100
         assert tokens / samples == pytest.approx(per_sample, rel=2e-3)
     mfus = [float(m) for m in re.findall(r"MFU ([\d.]+)% of 0.5 TFLOP/s", text)]
     assert mfus == pytest.approx([float(f[2]) / PEAK * 100 for f in figures], abs=0.051)
-    assert text.count("world size 1 over gloo") == 2
+    assert text.count("world size 1 over gloo") == 3
     plans = [float(g) for g in re.findall(r"dit plan: [\d.]+ GB \+ EMA [\d.]+ GB .*?= ([\d.]+) GB", text)]
-    assert len(plans) == 2 and all(0 < g < 5 for g in plans)
+    assert len(plans) == 3 and all(0 < g < 5 for g in plans)
     assert "peak memory: not measured on this device" in text  # max_memory_allocated is CUDA's
     assert "resumed at step 3: losses and sample keys of steps 4-6 identical" in text
     for run in ("image", "video", "video_resumed"):  # the trainer's own metrics are what was read
         assert (out / run / "logs" / "metrics.jsonl").is_file()
     assert (out / "data" / "image" / "manifest.json").is_file()
+
+
+def test_layouts_run_side_by_side_with_their_speed_up(tiny_check):
+    """`--layouts plain,flat`: the image run twice, the second with flat blocks in its own folder,
+    then a table of both against the first; the video runs use the first layout."""
+    proc, out = tiny_check
+    text = proc.stdout
+    assert proc.returncode == 0, text[-4000:] + proc.stderr[-4000:]
+    labels = re.findall(r"^(image|video): .*?, (\S+) blocks, bf16", text, re.M)
+    assert labels == [("image", "plain"), ("image", "flat"), ("video", "plain")], labels
+    samples = [float(f[0]) for f in FIGURES.findall(text)]
+    rows = re.findall(r"^  (plain|flat) +([\d.e+-]+) +([\d.]+) +([\d.e+-]+) +([\d.]+)% +([\d.]+)x +([\d.]+)$",
+                      text, re.M)
+    assert [r[0] for r in rows] == ["plain", "flat"], text
+    assert [float(r[1]) for r in rows] == pytest.approx(samples[:2], rel=1e-3)
+    assert float(rows[0][5]) == 1.0 and float(rows[1][5]) == pytest.approx(samples[1] / samples[0], abs=0.006)
+    assert float(rows[1][2]) == pytest.approx(1000 * 4 / samples[1], rel=1e-3)  # batch 4 of the tiny image run
+    last = [float(x) for x in re.findall(r"^  loss [\d.]+ at step \d+ -> ([\d.]+) at step 8$", text, re.M)]
+    assert [float(r[6]) for r in rows] == pytest.approx(last, abs=1e-4)
+    assert rows[0][6] == rows[1][6]  # flat blocks train as the plain ones, bit for bit
+    flat = {run: yaml.safe_load((out / run / "config.yaml").read_text())["model"]["flat_params"]
+            for run in ("image", "image_flat", "video")}
+    assert flat == {"image": False, "image_flat": True, "video": False}
+    assert (out / "image_flat" / "logs" / "metrics.jsonl").is_file()
 
 
 def test_profile_of_the_image_runs_last_steps_is_written_and_left_out_of_the_figures(tiny_check):
@@ -180,7 +205,7 @@ def test_help_lists_the_options(capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert all(opt in out for opt in ("--peak-tflops", "--steps", "--out", "--device", "--tiny", "--precision",
-                                      "--compile", "--profile"))
+                                      "--compile", "--profile", "--layouts"))
 
 
 def test_compile_reaches_both_runs_configs(tmp_path):
@@ -196,14 +221,21 @@ def test_compile_reaches_both_runs_configs(tmp_path):
         assert compiled.model.preset == "DiT-T/2" and compiled.deepspeed.precision == "bf16"
 
 
-def test_layout_options_become_model_overrides():
+def test_layout_options_choose_the_runs_layouts():
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
-    assert bench.model_overrides(parser.parse_args([])) == []
-    assert bench.model_overrides(parser.parse_args(["--compile"])) == ["model.compile=true"]
-    assert bench.model_overrides(parser.parse_args(["--flat-params"])) == ["model.flat_params=true"]
-    both = bench.model_overrides(parser.parse_args(["--compile", "--flat-params"]))
-    assert both == ["model.compile=true", "model.flat_params=true"]
+
+    def layouts(*argv: str) -> list[str]:
+        return bench.layouts(parser.parse_args(argv))
+
+    assert layouts() == ["plain"] and layouts("--compile") == ["compile"] and layouts("--flat-params") == ["flat"]
+    assert layouts("--compile", "--flat-params") == ["compile+flat"]
+    assert bench.LAYOUTS["compile+flat"] == ("model.compile=true", "model.flat_params=true")
+    assert layouts("--layouts", "compile+flat, plain,plain") == ["compile+flat", "plain"]
+    with pytest.raises(ValueError, match="'fast'.*choose from plain, compile, flat, compile\\+flat"):
+        layouts("--layouts", "plain,fast")
+    with pytest.raises(ValueError, match="drop --compile"):
+        layouts("--layouts", "plain,flat", "--compile")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
