@@ -223,6 +223,12 @@ def layout_dir(out: Path, index: int, layout: str) -> Path:
     return out / "image" if index == 0 else out / f"image_{layout.replace('+', '_')}"
 
 
+def run_folders() -> list[str]:
+    """Every folder of `--out` a run of the check may use, whatever the layouts' order: removed
+    when a check starts (the trainer would resume from their checkpoints)."""
+    return [*RUN_NAMES, *(layout_dir(Path(), 1, n).name for n in LAYOUTS)]
+
+
 def print_layouts(figures: dict[str, Optional[Figures]], peak: Optional[float]) -> None:
     """The image run's figures by layout, side by side, against the first layout's."""
     first, ref = next(iter(figures.items()))
@@ -297,7 +303,7 @@ def run(args: argparse.Namespace) -> int:
     name, mem_gb = device_facts(device)
     peak = args.peak_tflops or (peak_tflops_for(name) if device == "cuda" else None)
     out = Path(args.out).resolve()
-    runs = [*RUN_NAMES, *(layout_dir(out, i, n).name for i, n in enumerate(LAYOUTS))]
+    runs = run_folders()
     for sub in ("data", *runs):  # a fresh start: the trainer would resume from old checkpoints
         shutil.rmtree(out / sub, ignore_errors=True)
     workers = args.workers if args.workers is not None else (2 if device == "cuda" else 0)

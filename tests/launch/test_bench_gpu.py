@@ -236,6 +236,8 @@ def test_layout_options_choose_the_runs_layouts():
         layouts("--layouts", "plain,fast")
     with pytest.raises(ValueError, match="drop --compile"):
         layouts("--layouts", "plain,flat", "--compile")
+    every = [bench.layout_dir(Path("out"), i, n).name for i in range(len(bench.LAYOUTS)) for n in bench.LAYOUTS]
+    assert set(every) <= set(bench.run_folders())  # each is cleared when a check starts, whatever the order
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
