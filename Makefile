@@ -36,8 +36,8 @@ test: $(STAMP)
 
 # The one-command GPU check (README, "GPU check"); options go in GPU_CHECK_ARGS, e.g.
 # make gpu-check GPU_CHECK_ARGS="--peak-tflops 989", or with the block layouts side by side:
-# make gpu-check GPU_CHECK_ARGS="--layouts plain,compile,flat,compile+flat --profile". DS_ACCELERATOR=cpu from the top of this
-# file is removed for it, so DeepSpeed uses the GPU.
+# make gpu-check GPU_CHECK_ARGS="--layouts plain,compile,flat,compile+flat --profile".
+# DS_ACCELERATOR=cpu from the top of this file is removed for it, so DeepSpeed uses the GPU.
 gpu-check: $(STAMP)
 	env -u DS_ACCELERATOR $(BIN)/dit bench gpu $(GPU_CHECK_ARGS)
 
