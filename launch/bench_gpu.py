@@ -330,6 +330,8 @@ def run(args: argparse.Namespace) -> int:
         run_dir = layout_dir(out, i, layout)
         by_layout[layout] = train_and_measure(image, build(image, run_dir, layout), run_dir, args, device, False,
                                               mem_gb, peak, check, profile=args.profile, layout=layout)
+        if i > 0 and not args.keep_checkpoints:  # ~12 GB each for DiT-XL/2: not one per layout on the disk
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     if len(names) > 1:
         print_layouts(by_layout, peak)
     c = video.checkpoint_every
@@ -387,7 +389,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "a fraction of DeepSpeed's per-tensor host work a step (combines with --compile)")
     p.add_argument("--layouts", default="",
                    help=f"the image run once per block layout, side by side, with the speed-up against the "
-                        f"first (comma-separated: {', '.join(LAYOUTS)}); the video runs use the first")
+                        f"first (comma-separated: {', '.join(LAYOUTS)}); the video runs use the first; the "
+                        f"further layouts' checkpoints are removed once measured unless --keep-checkpoints")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep the runs' checkpoints (removed after a passing check: DiT-XL/2's is ~12 GB)")
 

@@ -89,6 +89,30 @@ def test_layouts_run_side_by_side_with_their_speed_up(tiny_check):
     assert (out / "image_flat" / "logs" / "metrics.jsonl").is_file()
 
 
+def test_further_layouts_checkpoints_are_removed_once_measured(tmp_path, monkeypatch, capsys):
+    """DiT-XL/2's checkpoint is ~12 GB: the layouts after the first drop theirs as soon as their
+    figures are read; the first keeps its own until the check has passed (here it fails)."""
+    measured = []
+
+    def fake_measure(spec, cfg, run_dir, args, device, deterministic, mem_gb, peak, check, **kw):
+        (run_dir / "checkpoints").mkdir(parents=True)
+        measured.append((spec.name, kw["layout"], cfg.model.flat_params, run_dir.name))
+        if spec.name == "video":
+            check.fail("stop here")
+        return None
+
+    monkeypatch.setattr(bench, "train_and_measure", fake_measure)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--tiny", "--device", "cpu", "--layouts", "flat,plain,compile", "--out", str(tmp_path)])
+    assert bench.run(args) == 1
+    assert measured == [("image", "flat", True, "image"), ("image", "plain", False, "image_plain"),
+                        ("image", "compile", False, "image_compile"), ("video", "flat", True, "video")]
+    left = sorted(p.parent.name for p in tmp_path.glob("*/checkpoints"))
+    assert left == ["image", "video"], left
+    assert "gpu check: FAILED: stop here" in capsys.readouterr().out
+
+
 def test_profile_of_the_image_runs_last_steps_is_written_and_left_out_of_the_figures(tiny_check):
     proc, out = tiny_check
     image = proc.stdout.split("\nvideo:")[0]
