@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from launch.bench_gpu_resume import seed_resume_dir
 from tests.trainer.harness import (assert_checkpoint_samples_match, assert_ok, base, ema_weights, final_weights,
                                    losses, metrics, run_train, same_tensors)
 
 pytestmark = pytest.mark.slow
+FP16_ON_CPU = Path(__file__).parent / "fp16_on_cpu"  # its sitecustomize lets DeepSpeed's CPU accelerator run fp16
 
 
 def mean_loss(curve: dict[int, float], steps: range) -> float:
@@ -19,15 +21,16 @@ def mean_loss(curve: dict[int, float], steps: range) -> float:
 
 
 def straight_and_resumed(shards: Path, tmp_path: Path, steps: int, *extra: str, **env: str) -> tuple[Path, Path]:
-    """The same run straight through, and stopped at steps / 2 then resumed (checkpoints every
-    steps / 2, constant lr, so the two see the same schedule)."""
+    """The same run straight through (checkpoints every steps / 2, constant lr), and a fresh run
+    folder resumed from the straight run's checkpoint of steps / 2 (as `dit bench gpu` checks it)."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     half = steps // 2
     assert_ok(run_train(2, base(shards, straight, f"stage.steps={steps}", f"checkpoint.every={half}", *extra), **env))
-    assert_ok(run_train(2, base(shards, resumed, f"stage.steps={half}", f"checkpoint.every={half}", *extra), **env))
+    seed_resume_dir(straight, resumed, half)
     proc = run_train(2, base(shards, resumed, f"stage.steps={steps}", f"checkpoint.every={half}", *extra), **env)
     assert_ok(proc)
     assert f"at step {half}" in proc.stdout
+    assert sorted(losses(resumed)) == list(range(half + 1, steps + 1))
     return straight, resumed
 
 
@@ -60,3 +63,22 @@ def test_offload_trains_and_resumes_exactly_and_skips_a_nan_on_one_rank(shapes_s
     assert same_tensors(ema_weights(straight), ema_weights(resumed))
     assert losses(resumed)[8] == curve[8]
     assert_checkpoint_samples_match(resumed, tmp_path)
+
+
+def test_fp16_with_loss_scaling_trains_resumes_and_skips_a_nan_on_one_rank(shapes_shards, tmp_path):
+    """fp16 with DeepSpeed's dynamic loss scaling: DeepSpeed's CPU accelerator refuses fp16 without
+    AVX512-FP16, so the ranks start with its fp16 flag set (fp16_on_cpu/sitecustomize.py) and
+    everything else is real: DeepSpeed's fp16 ZeRO-2 optimizer, its loss scaler and overflow test,
+    our finite guard. The weights are fp16, the EMA fp32; a NaN on rank 1 at step 3 is skipped by
+    both ranks; the resume (loss scaler included) is exact."""
+    straight, resumed = straight_and_resumed(shapes_shards, tmp_path, 8, "deepspeed.precision=fp16", "optim.lr=2e-3",
+                                             "log.sample_every=0", DIT_INJECT_NAN="1@3", PYTHONPATH=str(FP16_ON_CPU))
+    weights = final_weights(straight)
+    assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float16}  # really fp16
+    assert {v.dtype for v in ema_weights(straight).values()} == {torch.float32}
+    curve = losses(straight)
+    assert len(curve) == 7 and all(v == v for v in curve.values())  # step 3 skipped, not logged
+    assert [r["step"] for r in metrics(straight) if r.get("skipped_nonfinite_step")] == [3]
+    assert same_tensors(weights, final_weights(resumed))
+    assert same_tensors(ema_weights(straight), ema_weights(resumed))
+    assert {s: curve[s] for s in range(5, 9)} == losses(resumed)
