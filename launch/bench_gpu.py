@@ -206,8 +206,8 @@ def layouts(args: argparse.Namespace) -> list[str]:
     """The block layouts of the image run, in order: `--layouts`, else the one `--compile` and
     `--flat-params` choose. ValueError names what is wrong."""
     if not args.layouts:
-        return [{(False, False): "plain", (True, False): "compile", (False, True): "flat",
-                 (True, True): "compile+flat"}[(args.compile, args.flat_params)]]
+        chosen = ("model.compile=true",) * args.compile + ("model.flat_params=true",) * args.flat_params
+        return [next(name for name, overrides in LAYOUTS.items() if overrides == chosen)]
     if args.compile or args.flat_params:
         raise ValueError("--layouts names every layout; drop --compile and --flat-params")
     names = list(dict.fromkeys(n.strip() for n in args.layouts.split(",") if n.strip()))
@@ -218,15 +218,19 @@ def layouts(args: argparse.Namespace) -> list[str]:
     return names
 
 
+def _further_layout_run(layout: str) -> str:
+    return f"image_{layout.replace('+', '_')}"
+
+
 def layout_dir(out: Path, index: int, layout: str) -> Path:
     """The image run's folder of the index-th layout: `image` for the first (the check's own)."""
-    return out / "image" if index == 0 else out / f"image_{layout.replace('+', '_')}"
+    return out / ("image" if index == 0 else _further_layout_run(layout))
 
 
 def run_folders() -> list[str]:
     """Every folder of `--out` a run of the check may use, whatever the layouts' order: removed
     when a check starts (the trainer would resume from their checkpoints)."""
-    return [*RUN_NAMES, *(layout_dir(Path(), 1, n).name for n in LAYOUTS)]
+    return [*RUN_NAMES, *map(_further_layout_run, LAYOUTS)]
 
 
 def print_layouts(figures: dict[str, Optional[Figures]], peak: Optional[float]) -> None:
