@@ -91,7 +91,17 @@ def _faults_per_batch(j):
         yield {"faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}
 
 
+def _huge_pages_always() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[always]" in f.read()
+    except OSError:
+        return False
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the allocator settings are glibc's")
+@pytest.mark.skipif(_huge_pages_always(), reason="transparent huge pages (always) fault the heap in 2 MiB at a "
+                                                   "time: page faults no longer count what is reused")
 def test_a_worker_reuses_the_memory_of_the_batches_it_freed(pool_of):
     """The first batch faults its 6 MiB in (48 pages a sample); later ones reuse it, where glibc's
     defaults gave it back to the kernel after every batch and faulted it in again."""
