@@ -37,8 +37,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import platform
 import pickle
+import platform
 import select
 import signal
 import traceback
