@@ -11,7 +11,7 @@ import torch
 
 from data_pipeline import synth
 from data_pipeline.stream import batch_to_device, build_stream
-from data_pipeline.transforms import bucket_size
+from data_pipeline.transforms import bucket_size, resize_box
 from tests.data.data_helpers import make_shards, take, valid_keys, write_manifest, write_tar
 
 
@@ -20,6 +20,30 @@ def _png(width: int, height: int, seed: int) -> bytes:
     buf = io.BytesIO()
     PIL.Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def _photo_like(width: int, height: int) -> np.ndarray:
+    """Smooth structure (a bicubic enlargement of random colours) plus fine grain."""
+    rng = np.random.default_rng(0)
+    coarse = PIL.Image.fromarray(rng.integers(0, 255, (height // 16, width // 16, 3), dtype=np.uint8))
+    smooth = np.asarray(coarse.resize((width, height), PIL.Image.BICUBIC)).astype(int)
+    return np.clip(smooth + rng.integers(-6, 6, smooth.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("box,hw,inside", [
+    ((80, 0, 560, 480), (256, 256), 1),  # the centre square of a 4:3 photo, shrunk
+    ((0, 0, 640, 480), (96, 128), 1),  # the whole image, shrunk 5x
+    ((3, 7, 611, 461), (256, 336), 1),  # an off-centre box
+    ((100, 50, 164, 98), (120, 160), 2),  # a small box, enlarged 2.5x
+])
+def test_resizing_gives_pils_antialiased_bicubic(box, hw, inside):
+    rgb = _photo_like(640, 480)
+    got = resize_box(rgb, box, *hw).astype(int)
+    want = np.asarray(PIL.Image.fromarray(rgb).resize(hw[::-1], PIL.Image.BICUBIC, box=box)).astype(int)
+    assert got.shape == (*hw, 3)
+    diff = np.abs(got - want)
+    assert diff[3:-3, 3:-3].max() <= inside  # at the edges PIL reads the pixels around the box
+    assert diff.mean() < 0.1
 
 
 def test_aspect_buckets_give_batches_of_one_bucket(tmp_path, cfg):
