@@ -76,7 +76,16 @@ class PixelRing:
     def __init__(self, workers: int, slots: int, size: int):
         self.size = _aligned(max(size, 1))
         self.memory = [[mmap.mmap(-1, self.size) for _ in range(slots)] for _ in range(workers)]  # MAP_SHARED
-        self.busy = np.frombuffer(mmap.mmap(-1, workers * slots), np.uint8).reshape(workers, slots)
+        self._flags = mmap.mmap(-1, workers * slots)
+        self.busy = np.frombuffer(self._flags, np.uint8).reshape(workers, slots)
+
+    def keep_from_later_forks(self) -> None:
+        """Leave this ring out of the processes forked from now on (Linux: MADV_DONTFORK; call it
+        once its workers are forked). The next epoch's workers are forked while this ring still
+        serves its last batch: they would keep it mapped, and its pages resident, all epoch."""
+        if hasattr(mmap, "MADV_DONTFORK"):
+            for m in (*(m for slots in self.memory for m in slots), self._flags):
+                m.madvise(mmap.MADV_DONTFORK)
 
     def put(self, worker: int, batch: dict) -> dict:
         """In worker `worker`: stack the batch's clips into a free slot of its own, or into new

@@ -1,6 +1,8 @@
 """The streaming loader: exactly once per epoch, equal batch counts, exact resume."""
 from __future__ import annotations
 
+import multiprocessing
+import sys
 from collections import Counter
 
 import pytest
@@ -153,3 +155,37 @@ def test_a_changed_shuffle_buffer_waits_for_the_next_epoch(cfg, shards):
     seen += valid_keys(take(resumed, resumed.batches_per_epoch - 3))
     assert sorted(seen) == sorted(dataset_keys(shards))
     assert resumed.state_dict()["shuffle_buffer"] == 16  # the new epoch uses the new value
+
+
+def _worker_pids() -> set[int]:
+    return {p.pid for p in multiprocessing.active_children() if p.name.startswith("data-worker-")}
+
+
+def _shared_mappings(pid: int) -> int:
+    """Anonymous shared mappings of a process (the pixel slots and their flags, see transfer.py)."""
+    with open(f"/proc/{pid}/maps") as f:
+        return sum("/dev/zero" in line for line in f)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/PID/maps")
+def test_the_next_epochs_workers_start_while_the_last_batch_is_out(cfg, shards):
+    """At an epoch's last batch the next epoch's workers are forked already (they decode its
+    first batches while the caller trains on that one), without the slots of the epoch before
+    mapped, and they still serve every sample once."""
+    stream = build_stream(cfg(num_workers=2), 0, 1)
+    per = stream.batches_per_epoch
+    it = iter(stream)
+    try:
+        next(it)
+        first = _worker_pids()
+        mapped = {_shared_mappings(pid) for pid in first}
+        for _ in range(per - 1):
+            next(it)
+        ahead = _worker_pids() - first
+        assert len(ahead) == 2  # forked before the caller asked for the next epoch's first batch
+        assert {_shared_mappings(pid) for pid in ahead} == mapped  # their own ring only
+        second = [next(it) for _ in range(per)]
+    finally:
+        it.close()
+    assert sorted(valid_keys(second)) == sorted(dataset_keys(shards))
+    assert not _worker_pids()  # closing the iterator stopped them all
