@@ -219,7 +219,6 @@ class Stream:
         self._segments: list[list[int]] = [self.topology.as_list() + [0]]
         self._stats = empty_counts()
         self._pin = torch.cuda.is_available()  # pinned pixels: batch_to_device copies them non-blocking
-        self._ahead: Optional[tuple[RankJob, PixelRing, WorkerPool]] = None  # the next epoch's workers
         if state is not None:
             self.load_state_dict(state)
 
@@ -314,44 +313,15 @@ class Stream:
         if self.cfg.num_workers == 0:
             yield from worker_stream(job, 0)
             return
-        ring, pool = self._take_ahead(job) or self._start_workers(job)
+        # slots: the batches in flight (prefetch_factor + 1) and the one the caller holds
+        ring = PixelRing(self.cfg.num_workers, self.cfg.prefetch_factor + 2, self._slot_bytes())
+        pool = WorkerPool(_rank_producer(job, ring), self.cfg.num_workers, self.cfg.prefetch_factor)
+        ring.keep_from_later_forks()  # the next epoch's workers: forked while the caller holds a batch of this one
         try:
             for batch in pool:
                 yield ring.take(batch, self._pin)
         finally:
             pool.close()
-
-    def _start_workers(self, job: RankJob) -> tuple[PixelRing, WorkerPool]:
-        """Fork the workers of a segment; they start on its first batches at once."""
-        # slots: the batches in flight (prefetch_factor + 1) and the one the caller holds
-        ring = PixelRing(self.cfg.num_workers, self.cfg.prefetch_factor + 2, self._slot_bytes())
-        pool = WorkerPool(_rank_producer(job, ring), self.cfg.num_workers, self.cfg.prefetch_factor)
-        ring.keep_from_later_forks()
-        return ring, pool
-
-    def _start_ahead(self) -> None:
-        """With the last batch of an epoch going out, fork the next epoch's workers: they decode
-        its first batches while the caller trains on that one. The caller still waits for the
-        fork, now at that last batch, but not for the decoding: at 256 px on 2 cores an epoch
-        boundary cost 48-91 ms before, 42-54 ms with this (the fork alone ~30)."""
-        job = self._job() if self.cfg.num_workers > 0 else None
-        if job is not None:
-            self._ahead = (job, *self._start_workers(job))
-
-    def _take_ahead(self, job: RankJob) -> Optional[tuple[PixelRing, WorkerPool]]:
-        """The workers started ahead if they serve this job; others are stopped (the state was
-        loaded since)."""
-        if self._ahead is not None and self._ahead[0] == job:
-            (_, ring, pool), self._ahead = self._ahead, None
-            return ring, pool
-        self._drop_ahead()
-        return None
-
-    def _drop_ahead(self) -> None:
-        """Stop the workers started ahead, if any: none of their batches was handed out."""
-        if self._ahead is not None:
-            self._ahead[2].close()
-            self._ahead = None
 
     def _slot_bytes(self) -> int:
         """The pixels of the largest batch the spec allows: longest clip, largest bucket."""
@@ -362,15 +332,12 @@ class Stream:
         return slot_bytes(shapes)
 
     def __iter__(self) -> Iterator[dict]:
-        try:
-            while True:
-                job = self._job()
-                if job is None:
-                    self._next_epoch()
-                    continue
-                yield from self._serve(job)
-        finally:
-            self._drop_ahead()  # the caller stopped at an epoch's last batch
+        while True:
+            job = self._job()
+            if job is None:
+                self._next_epoch()
+                continue
+            yield from self._serve(job)
 
     def _next_epoch(self) -> None:
         self.epoch += 1
@@ -394,7 +361,6 @@ class Stream:
             self._segments[-1][5] = served
             if served == planned:  # the state already points at the next epoch
                 self._next_epoch()
-                self._start_ahead()
             yield finalize(batch, self.cfg.kind, self._pin)
         if planned is not None and served != planned:
             raise DataError(f"rank {self.rank} received {served} of the {planned} batches planned for "

@@ -81,8 +81,9 @@ class PixelRing:
 
     def keep_from_later_forks(self) -> None:
         """Leave this ring out of the processes forked from now on (Linux: MADV_DONTFORK; call it
-        once its workers are forked). The next epoch's workers are forked while this ring still
-        serves its last batch: they would keep it mapped, and its pages resident, all epoch."""
+        once its workers are forked). The next epoch's workers are forked while the caller still
+        holds this epoch's last batch, so the ring is alive: they kept it mapped, and its pages
+        resident, for their whole epoch."""
         if hasattr(mmap, "MADV_DONTFORK"):
             for m in (*(m for slots in self.memory for m in slots), self._flags):
                 m.madvise(mmap.MADV_DONTFORK)
