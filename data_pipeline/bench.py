@@ -5,8 +5,8 @@ processes (the loader's own `WorkerPool`). The raw bound reads every tar front t
 decodes each image to an RGB array exactly as the loader does (same tar reader, same decoder
 at the same JPEG DCT scale), and nothing else: no planning, resize/crop, batching or hand-over
 of the pixels to the main process. The loader side is the training batch as `Stream` yields
-it (uint8 pixels; normalising is the device's). Both sides decode every sample of the shards once (the
-loader: one epoch, no padding at 4096 samples in batches of 32).
+it (uint8 pixels; normalising is the device's). Both sides decode every sample of the shards
+once (the loader: one epoch, no padding at 4096 samples in batches of 32).
 
 `loader/raw_decode` is the fraction of that bound the full loader reaches: wall clock, per
 pair of runs made back to back (so both saw the same load of the machine; the side that goes
