@@ -5,11 +5,16 @@ whoever wrote the shard. Here every member type has an explicit decoder (libjpeg
 simplejpeg for JPEGs, PIL for other images and the JPEGs libjpeg-turbo flags, PyAV for video,
 UTF-8 text, JSON, `.npy` with `allow_pickle=False`, safetensors); pickle-like members are
 dropped and counted, never opened; unknown members are dropped and counted.
+
+An image's EXIF orientation (how a camera held sideways says its pixels are to be turned) is
+read with its header, so that training sees photos upright, as a viewer shows them (the
+`ImageOps.exif_transpose` of diffusers' training scripts).
 """
 from __future__ import annotations
 
 import io
 import json
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -35,6 +40,8 @@ PIL_FORMATS = ["JPEG", "PNG", "WEBP"]
 # JPEG colour spaces libjpeg-turbo turns into RGB itself (CMYK and YCCK go to PIL's conversion).
 _TURBO_SPACES = frozenset(("YCbCr", "Gray", "RGB"))
 _JPEG_SOI = b"\xff\xd8"
+_EXIF_ORIENTATION = 0x0112  # TIFF tag: 1 = as stored; 2-8 = flipped and/or turned (see transforms.upright)
+_EXIF_HEADER = b"Exif\0\0"
 _DECODED = frozenset((*IMAGE_EXTS, *VIDEO_EXTS, *CAPTION_EXTS, "json"))  # one lookup a member
 _ARRAYS = frozenset(TENSOR_EXTS)
 _UNSAFE = frozenset(UNSAFE_EXTS)
@@ -59,7 +66,8 @@ class Jpeg:
     for a 256 px JPEG at half scale on the loader bench's machine, the same pixels."""
 
     data: bytes
-    size: tuple[int, int]  # (width, height), as PIL's `Image.size`
+    size: tuple[int, int]  # (width, height) as stored, as PIL's `Image.size`
+    orientation: int = 1  # EXIF orientation, 1-8
 
     def decode(self, width: int, height: int) -> Optional[np.ndarray]:
         """(H, W, 3) uint8 at the scale PIL's `draft` picks for a width x height output (the
@@ -169,8 +177,56 @@ def open_image(data: bytes) -> Union[Jpeg, PIL.Image.Image]:
             space = ""
         if space in _TURBO_SPACES:
             _check_pixels(width, height)
-            return Jpeg(data, (width, height))
+            return Jpeg(data, (width, height), jpeg_orientation(data))
     return _pil_image(data)
+
+
+def jpeg_orientation(data: bytes) -> int:
+    """The EXIF orientation of a JPEG (1 when it has none): from the APP1 "Exif" segment,
+    which comes among the application segments right after the start of the image (EXIF 2.3,
+    CIPA DC-008, tag 274). ~0.4 us, where PIL's full EXIF parse takes ~20."""
+    pos = 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF and (0xE0 <= data[pos + 1] <= 0xEF or data[pos + 1] == 0xFE):
+        end = pos + 2 + int.from_bytes(data[pos + 2: pos + 4], "big")
+        if data[pos + 1] == 0xE1 and data[pos + 4: pos + 10] == _EXIF_HEADER:
+            return _tiff_orientation(data[pos + 10: end])
+        pos = end
+    return 1
+
+
+def _tiff_orientation(tiff: bytes) -> int:
+    """The orientation entry of the first image directory of an EXIF block (a TIFF header and
+    directory: "II"/"MM" byte order, then 12-byte entries tag, type, count, value); 1 when
+    absent or malformed."""
+    order = {b"II": "<", b"MM": ">"}.get(tiff[:2])
+    if order is None or len(tiff) < 8:
+        return 1
+    (ifd,) = struct.unpack_from(order + "I", tiff, 4)
+    if ifd + 2 > len(tiff):
+        return 1
+    (entries,) = struct.unpack_from(order + "H", tiff, ifd)
+    for i in range(min(entries, (len(tiff) - ifd - 2) // 12)):
+        tag, kind, count, value = struct.unpack_from(order + "HHIH", tiff, ifd + 2 + 12 * i)
+        if tag == _EXIF_ORIENTATION:
+            return value if kind == 3 and count == 1 and 1 <= value <= 8 else 1  # one SHORT
+    return 1
+
+
+def orientation(img: Union[Jpeg, PIL.Image.Image]) -> int:
+    """EXIF orientation 1-8 of an opened image (1 when it has none or it is unreadable)."""
+    if isinstance(img, Jpeg):
+        return img.orientation
+    try:
+        value = img.getexif().get(_EXIF_ORIENTATION, 1)
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error):
+        return 1  # the pixels decide whether the sample is usable
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def upright_size(size: tuple[int, int], orientation: int) -> tuple[int, int]:
+    """(width, height) as seen upright: swapped for the orientations that turn by 90 degrees
+    (5-8); the same swap maps an upright size back to the stored one."""
+    return (size[1], size[0]) if orientation >= 5 else size
 
 
 def _check_pixels(width: int, height: int) -> None:

@@ -15,7 +15,8 @@ import av
 import numpy as np
 from tqdm import tqdm
 
-from data_pipeline.decode import CAPTION_EXTS, IMAGE_EXTS, VIDEO_EXTS, member_type, open_image
+from data_pipeline.decode import (CAPTION_EXTS, IMAGE_EXTS, VIDEO_EXTS, member_type, open_image, orientation,
+                                  upright_size)
 from data_pipeline import remote
 from data_pipeline.errors import SkipSample
 from data_pipeline.manifest import Manifest, file_digest, resolve_source
@@ -92,7 +93,8 @@ def _media_stats(types: dict[str, bytes], report: Report) -> None:
     video = next((types[t] for t in VIDEO_EXTS if t in types), None)
     try:
         if image is not None:
-            w, h = open_image(image).size
+            img = open_image(image)
+            w, h = upright_size(img.size, orientation(img))  # as training sees it
             report.resolutions[f"{w}x{h}"] += 1
         elif video is not None:
             with av.open(io.BytesIO(video)) as c:

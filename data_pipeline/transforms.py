@@ -13,6 +13,8 @@ clips. Channels stay last, as PIL and PyAV deliver them: the batch is (B, 3, F, 
 that memory and the device makes it contiguous while normalising (`batch_to_device`). The
 crop position and the clip start come from per-sample random numbers supplied by the
 planner, so a resumed stream crops exactly as the uninterrupted one did.
+Images are turned upright by their EXIF orientation first (`upright`), video frames by their
+display matrix (`upright_frame`), so buckets, crops and pixels are those of what a viewer shows.
 JPEGs are decoded at a reduced DCT scale when the output is much smaller (the scale of PIL's
 `draft`), which is most of the speed of the loader on large images, by libjpeg-turbo straight
 into the array the sample keeps (decode.py's `Jpeg`).
@@ -32,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.config import DataConfig
-from data_pipeline.decode import Jpeg
+from data_pipeline.decode import Jpeg, orientation, upright_size
 from data_pipeline.errors import SkipSample
 
 _PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, PIL.Image.DecompressionBombError)
@@ -142,6 +144,22 @@ def decode_rgb(img: Union[Jpeg, PIL.Image.Image], width: int, height: int) -> np
     return rgb_array(img)
 
 
+# EXIF orientation -> (transpose, flip rows, flip columns), in that order: the stored pixels
+# turned as PIL's `ImageOps.exif_transpose` turns them (TIFF 6.0, tag 274)
+_UPRIGHT = {1: (False, False, False), 2: (False, False, True), 3: (False, True, True),
+            4: (False, True, False), 5: (True, False, False), 6: (True, False, True),
+            7: (True, True, True), 8: (True, True, False)}
+
+
+def upright(rgb: np.ndarray, orientation: int) -> np.ndarray:
+    """(H, W, 3) stored pixels as they are meant to be seen, for an EXIF orientation 1-8: a
+    view (strided, no copy); the resize copies what it reads anyway."""
+    transpose, flip_rows, flip_cols = _UPRIGHT[orientation]
+    if transpose:
+        rgb = rgb.transpose(1, 0, 2)
+    return rgb[::-1 if flip_rows else 1, ::-1 if flip_cols else 1]
+
+
 def _fit(rgb: np.ndarray, box, sizes_hw: list[tuple[int, int]]) -> list[np.ndarray]:
     """Resize the box of an (H, W, 3) uint8 image to each (h, w), as (h, w, 3): the array
     itself, not a copy, where it already is the box at that size."""
@@ -179,15 +197,17 @@ def _out_sizes(spec: TransformSpec, bucket: int) -> list[tuple[int, int]]:
 
 
 def image_pixels(img: Union[Jpeg, PIL.Image.Image], spec: TransformSpec, u: tuple[float, float, float]) -> Pixels:
-    """Decode an opened image at the scale needed for its bucket, crop and resize."""
-    width, height = img.size
+    """Decode an opened image at the scale needed for its bucket, turn it upright, crop and
+    resize."""
+    turn = orientation(img)
+    width, height = upright_size(img.size, turn)
     bucket = spec.bucket(width, height)
     sizes = _out_sizes(spec, bucket)
     big_h, big_w = sizes[-1]
     box = crop_box(width, height, big_w, big_h, spec.random_crop, u[:2])
     try:
         k = max(big_w / (box[2] - box[0]), big_h / (box[3] - box[1]))
-        rgb = decode_rgb(img, math.ceil(width * k), math.ceil(height * k))
+        rgb = upright(decode_rgb(img, *upright_size((math.ceil(width * k), math.ceil(height * k)), turn)), turn)
         sx, sy = rgb.shape[1] / width, rgb.shape[0] / height
         out = _fit(rgb, (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy), sizes)
     except _PIL_ERRORS as e:
@@ -202,6 +222,13 @@ def choose_clip(num_available: int, counts: tuple[int, ...], stride: int, u: flo
     span = (frames - 1) * stride + 1
     start = min(int(u * (num_available - span + 1)), num_available - span)
     return frames, max(start, 0)
+
+
+def upright_frame(frame: av.VideoFrame) -> np.ndarray:
+    """(H, W, 3) uint8 of a decoded frame as it is meant to be seen: turned by the rotation of
+    its display matrix (a phone stores a portrait video sideways with one), counter-clockwise
+    as ffmpeg's autorotate turns it; a view. (A mirroring in the matrix is not applied.)"""
+    return np.rot90(frame.to_ndarray(format="rgb24"), round(frame.rotation / 90) % 4)
 
 
 def video_pixels(data: bytes, spec: TransformSpec, u: tuple[float, float, float]) -> Pixels:
@@ -220,7 +247,7 @@ def video_pixels(data: bytes, spec: TransformSpec, u: tuple[float, float, float]
                     break
             if len(decoded) < end:  # fewer frames than the header said: fit what is there
                 frames, start = choose_clip(len(decoded), spec.frame_counts, spec.frame_stride, u[2])
-            picked = [decoded[start + i * spec.frame_stride].to_ndarray(format="rgb24") for i in range(frames)]
+            picked = [upright_frame(decoded[start + i * spec.frame_stride]) for i in range(frames)]
     except (av.error.FFmpegError, IndexError, ValueError, OSError) as e:
         raise SkipSample("corrupt_video", str(e) or type(e).__name__) from None
     if not picked:
