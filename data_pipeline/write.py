@@ -20,7 +20,7 @@ import PIL.Image
 import webdataset as wds
 from tqdm import tqdm
 
-from data_pipeline.decode import PIL_FORMATS
+from data_pipeline.decode import PIL_FORMATS, orientation, upright_size
 from data_pipeline.errors import DataError
 from data_pipeline import remote
 from data_pipeline.manifest import Manifest, ShardInfo, file_digest
@@ -117,7 +117,8 @@ def media_sample(key: str, path: Path, caption: str, meta: Optional[dict] = None
     if ext not in VIDEO_MEMBERS:
         try:
             with PIL.Image.open(path, formats=PIL_FORMATS) as img:
-                info.update(width=img.size[0], height=img.size[1])
+                width, height = upright_size(img.size, orientation(img))  # as the loader sees it
+                info.update(width=width, height=height)
         except (OSError, ValueError) as e:
             raise DataError(f"{path}: not a readable image ({e})") from None
     return {"__key__": key, ext: data, "txt": caption.encode(), "json": json.dumps(info).encode()}

@@ -3,6 +3,7 @@ shows them, through libjpeg-turbo's path and PIL's alike."""
 from __future__ import annotations
 
 import io
+import json
 import struct
 
 import av
@@ -16,7 +17,7 @@ from data_pipeline.decode import Jpeg, jpeg_orientation, open_image
 from data_pipeline.inspect_shards import inspect_shards
 from data_pipeline.stream import build_stream
 from data_pipeline.transforms import TransformSpec, image_pixels, upright, video_pixels
-from data_pipeline.write import write_shards
+from data_pipeline.write import media_sample, write_shards
 
 ORIENTATION = 0x0112
 
@@ -155,6 +156,9 @@ def test_shards_of_turned_photos_are_inspected_and_batched_upright(tmp_path):
     as portraits by `dit data inspect` and batched in the portrait bucket, upright."""
     stored = np.ascontiguousarray(_photo(96, 64))
     samples = [{"__key__": f"s{o}", "jpg": _encode(stored, "JPEG", _exif(o)), "txt": b"a photo"} for o in (6, 8)]
+    (tmp_path / "turned.jpg").write_bytes(samples[0]["jpg"])
+    meta = json.loads(media_sample("turned", tmp_path / "turned.jpg", "a photo")["json"])  # `dit data write`
+    assert (meta["width"], meta["height"]) == (64, 96)
     write_shards(samples, str(tmp_path / "d"), 10, progress=False)
     assert dict(inspect_shards(str(tmp_path / "d"), progress=False).resolutions) == {"64x96": 2}
     cfg = DataConfig(shards=str(tmp_path / "d"), resolution=72, aspect_buckets=[2 / 3, 1.5], batch_size=2,
