@@ -3,14 +3,16 @@ and the byte index that lets a worker jump to its own samples."""
 from __future__ import annotations
 
 import json
+import tarfile
 
+import numpy as np
 import pytest
 
 from data_pipeline.errors import SkipSample
 from data_pipeline.manifest import load_manifest
 from data_pipeline.stream import build_stream
 from data_pipeline.synth import synth_sample
-from data_pipeline.tar_reader import LazySample, RawSample, TarShard, byte_index, sample_offsets
+from data_pipeline.tar_reader import LazySample, RawSample, TarShard, _unsigned_sum, byte_index, sample_offsets
 from tests.data.data_helpers import dataset_keys, take, valid_keys, write_manifest, write_tar
 
 
@@ -86,3 +88,13 @@ def test_an_epoch_without_a_byte_index_serves_the_same_samples(tmp_path, shards,
         return [k for b in take(stream, stream.batches_per_epoch) for k in b["__key__"]]
 
     assert epoch(plain) == epoch(shards)
+
+
+def test_the_header_checksum_is_tarfiles():
+    """`_unsigned_sum` (Adler-32 over three pieces) against tarfile's own checksum, on random
+    headers and on the largest byte sums a header can have."""
+    rng = np.random.default_rng(0)
+    headers = [rng.integers(0, 256, 512, dtype=np.uint8).tobytes() for _ in range(200)]
+    headers += [b"\xff" * 512, bytes(512), b"\x80" * 512]
+    for hdr in headers:
+        assert _unsigned_sum(hdr) == tarfile.calc_chksums(hdr)[0]
