@@ -63,10 +63,10 @@ def _big_endian_exif(orientation: int) -> bytes:
     return b"Exif\0\0" + b"MM\0*" + struct.pack(">I", 8) + ifd + struct.pack(">I", 0)
 
 
-def _with_app1(jpeg: bytes, payload: bytes) -> bytes:
-    """The JPEG with an APP1 segment inserted after its JFIF APP0 segment."""
-    app0_end = 4 + int.from_bytes(jpeg[4:6], "big")
-    return jpeg[:app0_end] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpeg[app0_end:]
+def _with_segment(jpeg: bytes, payload: bytes, marker: bytes = b"\xe1") -> bytes:
+    """The JPEG with a segment (APP1 by default) inserted after its JFIF APP0 segment."""
+    end = 4 + int.from_bytes(jpeg[4:6], "big")
+    return jpeg[:end] + b"\xff" + marker + struct.pack(">H", len(payload) + 2) + payload + jpeg[end:]
 
 
 @pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # PIL's, on the directory cut short
@@ -74,9 +74,12 @@ def test_a_jpegs_orientation_is_read_as_pil_reads_it():
     plain = _encode(_photo(24, 16), "JPEG")
     cases = {"none": plain, "no orientation entry": _encode(_photo(24, 16), "JPEG", _exif(0))}
     cases.update({f"little-endian {o}": _encode(_photo(24, 16), "JPEG", _exif(o)) for o in range(1, 9)})
-    cases.update({f"big-endian {o}": _with_app1(plain, _big_endian_exif(o)) for o in (3, 6, 8)})
-    cases["directory cut short"] = _with_app1(plain, _big_endian_exif(6)[:20])
-    cases["out of range"] = _with_app1(plain, _big_endian_exif(9))
+    cases.update({f"big-endian {o}": _with_segment(plain, _big_endian_exif(o)) for o in (3, 6, 8)})
+    xmp = b"http://ns.adobe.com/xap/1.0/\0<x:xmpmeta xmlns:x='adobe:ns:meta/'/>"  # also an APP1
+    cases["after XMP and a comment"] = _with_segment(_with_segment(_with_segment(plain, _big_endian_exif(6)), xmp),
+                                                     b"made by a camera", b"\xfe")
+    cases["directory cut short"] = _with_segment(plain, _big_endian_exif(6)[:20])
+    cases["out of range"] = _with_segment(plain, _big_endian_exif(9))
     for name, data in cases.items():
         expected = PIL.Image.open(io.BytesIO(data)).getexif().get(ORIENTATION, 1)
         got = jpeg_orientation(data)
@@ -84,6 +87,7 @@ def test_a_jpegs_orientation_is_read_as_pil_reads_it():
         img = open_image(data)
         assert isinstance(img, Jpeg) and img.orientation == got, name
     assert [jpeg_orientation(cases[f"big-endian {o}"]) for o in (3, 6, 8)] == [3, 6, 8]
+    assert jpeg_orientation(cases["after XMP and a comment"]) == 6
 
 
 def _spec(**over) -> TransformSpec:
