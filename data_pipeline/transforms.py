@@ -139,9 +139,23 @@ def decode_rgb(img: Union[Jpeg, PIL.Image.Image], width: int, height: int) -> np
         img = img.pil()
     img.draft("RGB", (width, height))
     img.load()
+    if img.mode in _WIDE_GRAY:
+        return _gray_rgb(img)
     if img.mode != "RGB":  # a JPEG drafted in RGB is decoded as RGB: no converting copy
         img = img.convert("RGB")
     return rgb_array(img)
+
+
+# PIL's modes of 16-bit grayscale PNGs (by Pillow version and byte order): its `convert`
+# clips their values at 255 (a 16-bit photo becomes nearly white) instead of scaling them
+_WIDE_GRAY = frozenset(("I;16", "I;16L", "I;16B", "I;16N", "I"))
+
+
+def _gray_rgb(img: PIL.Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8 of a 16-bit grayscale image: each value v scaled to round(v / 257)."""
+    wide = np.asarray(img).astype(np.int64)
+    gray = ((np.clip(wide, 0, 65535) + 128) // 257).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=2)
 
 
 # EXIF orientation -> (transpose, flip rows, flip columns), in that order: the stored pixels

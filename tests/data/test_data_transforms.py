@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from data_pipeline import synth
+from data_pipeline.config import DataConfig
+from data_pipeline.decode import open_image
 from data_pipeline.stream import batch_to_device, build_stream
-from data_pipeline.transforms import bucket_size, resize_box
+from data_pipeline.transforms import TransformSpec, bucket_size, image_pixels, resize_box
 from tests.data.data_helpers import make_shards, take, valid_keys, write_manifest, write_tar
 
 
@@ -209,3 +211,23 @@ def test_elastic_resume_with_buckets_never_skips(tmp_path, cfg):
         seen += valid_keys(take(s, n))
     assert set(seen) == {f"{i:09d}" for i in range(7)} | {f"{i:09d}" for i in range(100, 106)}
     assert len(seen) - len(set(seen)) <= 2 * (2 - 1)
+
+
+def test_a_16_bit_grayscale_png_is_scaled_to_8_bits_not_clipped():
+    """PIL's convert clips 16-bit grayscale at 255: the loader scales v to round(v / 257), so
+    such a PNG gives what its 8-bit rendering gives."""
+    wide = (np.arange(48 * 32).reshape(32, 48) * 42).astype(np.uint16)  # 0 .. 64470
+    narrow = ((wide.astype(np.int64) + 128) // 257).astype(np.uint8)
+    spec = TransformSpec.from_config(DataConfig(shards="unused", resolution=24, random_crop=True))
+    for u in ((0.5, 0.5, 0.5), (0.0, 1.0, 0.0)):
+        got = image_pixels(open_image(_encoded_png(wide)), spec, u).frames
+        want = image_pixels(open_image(_encoded_png(narrow)), spec, u).frames
+        np.testing.assert_array_equal(got, want)
+    assert 100 < got.mean() < 155  # a gradient over the whole range, not clipped to white
+
+
+
+def _encoded_png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    PIL.Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
