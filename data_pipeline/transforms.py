@@ -141,6 +141,8 @@ def decode_rgb(img: Union[Jpeg, PIL.Image.Image], width: int, height: int) -> np
     img.load()
     if img.mode in _WIDE_GRAY:
         return _gray_rgb(img)
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
+        return _over_white(img)
     if img.mode != "RGB":  # a JPEG drafted in RGB is decoded as RGB: no converting copy
         img = img.convert("RGB")
     return rgb_array(img)
@@ -149,6 +151,19 @@ def decode_rgb(img: Union[Jpeg, PIL.Image.Image], width: int, height: int) -> np
 # PIL's modes of 16-bit grayscale PNGs (by Pillow version and byte order): its `convert`
 # clips their values at 255 (a 16-bit photo becomes nearly white) instead of scaling them
 _WIDE_GRAY = frozenset(("I;16", "I;16L", "I;16B", "I;16N", "I"))
+
+
+_ALPHA_MODES = frozenset(("RGBA", "LA", "PA", "RGBa", "La"))  # PNGs and WebPs with an alpha channel
+
+
+def _over_white(img: PIL.Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8 of an image with transparency (an alpha channel, or a transparent colour
+    or palette entry) composited over white, as img2dataset mats the images it downloads:
+    `convert("RGB")` would keep whatever colours lie under the transparent pixels (black, or
+    leftovers an optimiser chose), e.g. the background of every logo."""
+    rgba = np.asarray(img.convert("RGBA"), dtype=np.uint16)
+    rgb, alpha = rgba[..., :3], rgba[..., 3:]
+    return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)  # at most 65152: no overflow
 
 
 def _gray_rgb(img: PIL.Image.Image) -> np.ndarray:

@@ -231,3 +231,34 @@ def _encoded_png(pixels: np.ndarray) -> bytes:
     buf = io.BytesIO()
     PIL.Image.fromarray(pixels).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def _over_white_by_pil(img: PIL.Image.Image) -> np.ndarray:
+    white = PIL.Image.new("RGBA", img.size, (255, 255, 255, 255))
+    return np.asarray(PIL.Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")).astype(int)
+
+
+def test_transparent_images_are_composited_over_white():
+    """RGBA, LA, and a palette with a transparent entry: transparent pixels become white
+    whatever colour lies under them, opaque ones keep theirs, partial ones blend as PIL's
+    alpha_composite over white does (within its rounding)."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)  # the colours under the alpha: noise
+    alpha = np.tile(np.linspace(0, 255, 48).round().astype(np.uint8), (32, 1))
+    alpha[:, :4], alpha[:, -4:] = 0, 255
+    rgba = PIL.Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
+    la = PIL.Image.fromarray(np.dstack([rgb[..., 0], alpha]), "LA")
+    palette = PIL.Image.fromarray(rgb).quantize(16)
+    palette.info["transparency"] = 3
+    spec = TransformSpec.from_config(DataConfig(shards="unused", resolution=40, aspect_buckets=[1.5]))
+    for img in (rgba, la, palette):
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        assert img.size == (48, 32) and bucket_size(40, 1.5) == (32, 48)  # no resampling
+        got = image_pixels(open_image(buf.getvalue()), spec, (0.5, 0.5, 0.0)).frames[0].astype(int)
+        want = _over_white_by_pil(PIL.Image.open(io.BytesIO(buf.getvalue())))
+        assert np.abs(got - want).max() <= 1, img.mode
+        seen = np.asarray(PIL.Image.open(io.BytesIO(buf.getvalue())).convert("RGBA"))
+        np.testing.assert_array_equal(got[seen[..., 3] == 0], 255)
+        np.testing.assert_array_equal(got[seen[..., 3] == 255], seen[..., :3][seen[..., 3] == 255])
+    assert (np.asarray(palette) == 3).any()
