@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.config import DataConfig
-from data_pipeline.decode import Jpeg, orientation, upright_size
+from data_pipeline.color import to_srgb
+from data_pipeline.decode import Jpeg, icc_profile, orientation, upright_size
 from data_pipeline.errors import SkipSample
 
 _PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, PIL.Image.DecompressionBombError)
@@ -227,7 +228,7 @@ def _out_sizes(spec: TransformSpec, bucket: int) -> list[tuple[int, int]]:
 
 def image_pixels(img: Union[Jpeg, PIL.Image.Image], spec: TransformSpec, u: tuple[float, float, float]) -> Pixels:
     """Decode an opened image at the scale needed for its bucket, turn it upright, crop and
-    resize."""
+    resize, and convert the result to sRGB where it has a colour profile (color.py)."""
     turn = orientation(img)
     width, height = upright_size(img.size, turn)
     bucket = spec.bucket(width, height)
@@ -239,6 +240,7 @@ def image_pixels(img: Union[Jpeg, PIL.Image.Image], spec: TransformSpec, u: tupl
         rgb = upright(decode_rgb(img, *upright_size((math.ceil(width * k), math.ceil(height * k)), turn)), turn)
         sx, sy = rgb.shape[1] / width, rgb.shape[0] / height
         out = _fit(rgb, (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy), sizes)
+        out = [to_srgb(a, icc_profile(img)) for a in out]
     except _PIL_ERRORS as e:
         raise SkipSample("corrupt_image", str(e)) from None
     return Pixels(out[0][None], out[1][None] if len(out) > 1 else None)

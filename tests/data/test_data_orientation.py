@@ -13,7 +13,7 @@ import PIL.ImageOps
 import pytest
 
 from data_pipeline.config import DataConfig
-from data_pipeline.decode import Jpeg, jpeg_orientation, open_image
+from data_pipeline.decode import Jpeg, jpeg_metadata, open_image
 from data_pipeline.inspect_shards import inspect_shards
 from data_pipeline.stream import build_stream
 from data_pipeline.transforms import TransformSpec, image_pixels, upright, video_pixels
@@ -82,12 +82,12 @@ def test_a_jpegs_orientation_is_read_as_pil_reads_it():
     cases["out of range"] = _with_segment(plain, _big_endian_exif(9))
     for name, data in cases.items():
         expected = PIL.Image.open(io.BytesIO(data)).getexif().get(ORIENTATION, 1)
-        got = jpeg_orientation(data)
+        got = jpeg_metadata(data)[0]
         assert got == (expected if 1 <= expected <= 8 else 1), name
         img = open_image(data)
         assert isinstance(img, Jpeg) and img.orientation == got, name
-    assert [jpeg_orientation(cases[f"big-endian {o}"]) for o in (3, 6, 8)] == [3, 6, 8]
-    assert jpeg_orientation(cases["after XMP and a comment"]) == 6
+    assert [jpeg_metadata(cases[f"big-endian {o}"])[0] for o in (3, 6, 8)] == [3, 6, 8]
+    assert jpeg_metadata(cases["after XMP and a comment"])[0] == 6
 
 
 def _spec(**over) -> TransformSpec:
