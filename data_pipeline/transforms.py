@@ -265,20 +265,7 @@ def upright_frame(frame: av.VideoFrame) -> np.ndarray:
 def video_pixels(data: bytes, spec: TransformSpec, u: tuple[float, float, float]) -> Pixels:
     """Decode a clip of an allowed length (PyAV), crop and resize every frame alike."""
     try:
-        with av.open(io.BytesIO(data)) as container:
-            stream = container.streams.video[0]
-            longest = (spec.frame_counts[-1] - 1) * spec.frame_stride + 1
-            known = stream.frames or longest
-            frames, start = choose_clip(known, spec.frame_counts, spec.frame_stride, u[2])
-            end = start + (frames - 1) * spec.frame_stride + 1
-            decoded = []
-            for frame in container.decode(stream):
-                decoded.append(frame)
-                if len(decoded) >= end:
-                    break
-            if len(decoded) < end:  # fewer frames than the header said: fit what is there
-                frames, start = choose_clip(len(decoded), spec.frame_counts, spec.frame_stride, u[2])
-            picked = [upright_frame(decoded[start + i * spec.frame_stride]) for i in range(frames)]
+        picked = _clip(data, spec, u[2])
     except (av.error.FFmpegError, IndexError, ValueError, OSError) as e:
         raise SkipSample("corrupt_video", str(e) or type(e).__name__) from None
     if not picked:
@@ -290,6 +277,83 @@ def video_pixels(data: bytes, spec: TransformSpec, u: tuple[float, float, float]
     per_frame = [_fit(rgb, box, sizes) for rgb in picked]
     stacks = [np.stack([f[i] for f in per_frame]) for i in range(len(sizes))]  # (F, h, w, 3)
     return Pixels(stacks[0], stacks[1] if len(stacks) > 1 else None)
+
+
+def _clip(data: bytes, spec: TransformSpec, u: float) -> list[np.ndarray]:
+    """The upright frames (H, W, 3) of the clip `u` places: the longest allowed length that
+    fits the frame count (the header's; else, as in Matroska and WebM, duration x frame rate),
+    decoded from the keyframe before its start after a seek. Frames are counted from the first
+    one instead where the clip starts there, where seeking fails, or where the video turns out
+    shorter than its header says (then the clip is placed again within what is there)."""
+    stride = spec.frame_stride
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        longest = (spec.frame_counts[-1] - 1) * stride + 1
+        known = stream.frames or _frames_by_duration(container, stream, rate) or longest
+        frames, start = choose_clip(known, spec.frame_counts, stride, u)
+        wanted = range(start, start + (frames - 1) * stride + 1, stride)
+        if start == 0 or not rate:
+            return _counted(container, stream, wanted, spec, u)
+        sought = _sought(container, stream, wanted, rate)
+        if sought is not None:
+            return [upright_frame(f) for f in sought]
+    with av.open(io.BytesIO(data)) as container:
+        return _counted(container, container.streams.video[0], wanted, spec, u)
+
+
+def _frames_by_duration(container, stream, rate) -> int:
+    """The frame count of a stream whose header has none: its duration x its frame rate
+    (0 when either is unknown)."""
+    if not rate:
+        return 0
+    if stream.duration is not None and stream.time_base is not None:
+        return int(stream.duration * stream.time_base * rate)
+    return int(container.duration * rate / av.time_base) if container.duration else 0
+
+
+def _sought(container, stream, wanted: range, rate) -> Optional[list[av.VideoFrame]]:
+    """Frames `wanted` (ascending indices) decoded after a seek to the keyframe at or before
+    the first: a frame's index is its time since the stream's start x the frame rate, the
+    count from the first frame for a constant rate (for a variable one, the first frame at or
+    after each wanted time). None where a timestamp is missing, the seek fails or lands past
+    the first wanted frame, or the stream ends first."""
+    base, first = stream.time_base, stream.start_time or 0
+    if base is None:
+        return None
+    out, targets = [], iter(wanted)
+    target = next(targets)
+    try:
+        container.seek(first + math.floor(target / (rate * base)), stream=stream, backward=True)
+        for frame in container.decode(stream):
+            if frame.pts is None:
+                return None
+            index = round((frame.pts - first) * base * rate)
+            if index < target:
+                continue
+            if index > target and not out:
+                return None
+            out.append(frame)
+            target = next(targets, None)
+            if target is None:
+                return out
+    except av.error.FFmpegError:
+        return None
+    return None
+
+
+def _counted(container, stream, wanted: range, spec: TransformSpec, u: float) -> list[np.ndarray]:
+    """Frames `wanted`, counting decoded frames from the first; a video shorter than `wanted`
+    gets its clip placed again within the frames it has."""
+    decoded = []
+    for frame in container.decode(stream):
+        decoded.append(frame)
+        if len(decoded) > wanted[-1]:
+            break
+    if len(decoded) <= wanted[-1]:
+        frames, start = choose_clip(len(decoded), spec.frame_counts, spec.frame_stride, u)
+        wanted = range(start, start + (frames - 1) * spec.frame_stride + 1, spec.frame_stride)
+    return [upright_frame(decoded[i]) for i in wanted]
 
 
 def refit(frames: np.ndarray, num_frames: int, hw: tuple[int, int]) -> np.ndarray:
