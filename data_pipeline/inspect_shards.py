@@ -1,8 +1,8 @@
 """`dit data inspect`: what a shard directory holds, and whether it is intact.
 
 Counts come from the manifest (or a header scan); resolutions and caption statistics from a
-sample of up to `max_samples` samples spread over the shards (image headers and video
-stream headers only, nothing is fully decoded). `verify` recomputes every shard's sha256
+sample of up to `max_samples` samples spread over the shards (image headers, and video stream
+headers plus each video's first frame for its display rotation: sizes as training sees them). `verify` recomputes every shard's sha256
 and sample count and lists the shards that differ from the manifest.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ from data_pipeline import remote
 from data_pipeline.errors import SkipSample
 from data_pipeline.manifest import Manifest, file_digest, resolve_source
 from data_pipeline.tar_reader import TarShard, count_samples
+from data_pipeline.transforms import frame_count
 
 
 @dataclass
@@ -99,9 +100,12 @@ def _media_stats(types: dict[str, bytes], report: Report) -> None:
         elif video is not None:
             with av.open(io.BytesIO(video)) as c:
                 s = c.streams.video[0]
-                report.resolutions[f"{s.codec_context.width}x{s.codec_context.height}"] += 1
-                report.frames.append(s.frames)
-    except (SkipSample, av.error.FFmpegError, IndexError, OSError):
+                w, h = s.codec_context.width, s.codec_context.height
+                if round(next(c.decode(s)).rotation / 90) % 2:  # turned upright (transforms.upright_frame)
+                    w, h = h, w
+                report.resolutions[f"{w}x{h}"] += 1
+                report.frames.append(frame_count(c, s))
+    except (SkipSample, av.error.FFmpegError, IndexError, OSError, StopIteration):
         report.unreadable += 1
 
 

@@ -290,7 +290,7 @@ def _clip(data: bytes, spec: TransformSpec, u: float) -> list[np.ndarray]:
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate
         longest = (spec.frame_counts[-1] - 1) * stride + 1
-        known = stream.frames or _frames_by_duration(container, stream, rate) or longest
+        known = frame_count(container, stream) or longest
         frames, start = choose_clip(known, spec.frame_counts, stride, u)
         wanted = range(start, start + (frames - 1) * stride + 1, stride)
         if start == 0 or not rate:
@@ -302,11 +302,12 @@ def _clip(data: bytes, spec: TransformSpec, u: float) -> list[np.ndarray]:
         return _counted(container, container.streams.video[0], wanted, spec, u)
 
 
-def _frames_by_duration(container, stream, rate) -> int:
-    """The frame count of a stream whose header has none: its duration x its frame rate
-    (0 when either is unknown)."""
-    if not rate:
-        return 0
+def frame_count(container, stream) -> int:
+    """Frames of a video stream: its header's count, else (Matroska, WebM) its duration x its
+    frame rate; 0 when neither is known."""
+    rate = stream.average_rate or stream.guessed_rate
+    if stream.frames or not rate:
+        return stream.frames
     if stream.duration is not None and stream.time_base is not None:
         return int(stream.duration * stream.time_base * rate)
     return int(container.duration * rate / av.time_base) if container.duration else 0

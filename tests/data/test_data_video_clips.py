@@ -11,18 +11,23 @@ import pytest
 
 from data_pipeline import transforms
 from data_pipeline.config import DataConfig
+from data_pipeline.inspect_shards import inspect_shards
 from data_pipeline.transforms import TransformSpec, _sought, choose_clip, video_pixels
+from data_pipeline.write import write_shards
 
 FRAMES, LEVEL = 60, 4  # frame i is a flat grey of i * LEVEL: its index is readable after lossy coding
 
 
-def _indexed_video(fmt: str, codec: str, keyframes_every: int = 5, rate: int = 12) -> bytes:
+def _indexed_video(fmt: str, codec: str, keyframes_every: int = 5, rate: int = 12, width: int = 32,
+                   rotation: int = 0) -> bytes:
     buf = io.BytesIO()
     with av.open(buf, "w", format=fmt) as container:
         stream = container.add_stream(codec, rate=rate, options={"g": str(keyframes_every)})
-        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        stream.width, stream.height, stream.pix_fmt = width, 32, "yuv420p"
+        if rotation:
+            stream.set_display_rotation(rotation)
         for i in range(FRAMES):
-            grey = np.full((32, 32, 3), i * LEVEL, np.uint8)
+            grey = np.full((32, width, 3), i * LEVEL, np.uint8)
             container.mux(stream.encode(av.VideoFrame.from_ndarray(grey, format="rgb24")))
         container.mux(stream.encode())
     return buf.getvalue()
@@ -86,3 +91,14 @@ def test_a_clip_after_the_first_frame_is_reached_without_counting_from_it(monkey
 
     monkeypatch.setattr(transforms, "_counted", counted)
     assert _indices(video_pixels(data, spec, (0.5, 0.5, 0.7)).frames) == [35, 38, 41, 44]
+
+
+def test_inspect_reports_the_frames_and_upright_size_training_sees(tmp_path):
+    """A Matroska video's frame count comes from its duration; a phone video stored 48x32 with
+    a display rotation of 90 degrees is reported as 32x48."""
+    samples = [{"__key__": "mkv", "mkv": _indexed_video("matroska", "libx264", width=48), "txt": b"a"},
+               {"__key__": "turned", "mp4": _indexed_video("mp4", "libx264", width=48, rotation=90), "txt": b"b"}]
+    write_shards(samples, str(tmp_path / "v"), 10, progress=False)
+    report = inspect_shards(str(tmp_path / "v"), progress=False)
+    assert report.frames == [FRAMES, FRAMES]
+    assert dict(report.resolutions) == {"48x32": 1, "32x48": 1}
