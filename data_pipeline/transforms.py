@@ -152,8 +152,6 @@ def decode_rgb(img: Union[Jpeg, PIL.Image.Image], width: int, height: int) -> np
 # PIL's modes of 16-bit grayscale PNGs (by Pillow version and byte order): its `convert`
 # clips their values at 255 (a 16-bit photo becomes nearly white) instead of scaling them
 _WIDE_GRAY = frozenset(("I;16", "I;16L", "I;16B", "I;16N", "I"))
-
-
 _ALPHA_MODES = frozenset(("RGBA", "LA", "PA", "RGBa", "La"))  # PNGs and WebPs with an alpha channel
 
 
