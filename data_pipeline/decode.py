@@ -29,14 +29,14 @@ import torch
 from data_pipeline.errors import SkipCounter, SkipSample
 from data_pipeline.tar_reader import RawSample
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # in order of preference for the sample's image
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "avif")  # in order of preference for the sample's image
 VIDEO_EXTS = ("mp4", "webm", "mkv", "mov", "avi")
 CAPTION_EXTS = ("txt", "caption", "text")
 TENSOR_EXTS = ("npy", "safetensors")
 # Pickle-based formats: executing them is how a malicious shard would run code.
 UNSAFE_EXTS = ("pyd", "pkl", "pickle", "pth", "pt", "ckpt", "joblib", "dill")
 # PIL would otherwise also open EPS (Ghostscript) and dozens of other parsers.
-PIL_FORMATS = ["JPEG", "PNG", "WEBP"]
+PIL_FORMATS = ["JPEG", "PNG", "WEBP", "AVIF"]
 # JPEG colour spaces libjpeg-turbo turns into RGB itself (CMYK and YCCK go to PIL's conversion).
 _TURBO_SPACES = frozenset(("YCbCr", "Gray", "RGB"))
 _JPEG_SOI = b"\xff\xd8"
@@ -53,7 +53,7 @@ def _load_image_plugins() -> None:
     imports its plugins at the first `open`, which was in each loader worker after the fork,
     again every epoch (with numpy.random, see plan.py: ~0.1 s of CPU a worker)."""
     PIL.Image.preinit()  # JPEG, PNG (and BMP, GIF, PPM, which `open` is not allowed to use)
-    from PIL import WebPImagePlugin  # noqa: F401 - registers WEBP: `open` never imports every plugin
+    from PIL import AvifImagePlugin, WebPImagePlugin  # noqa: F401 - register them: `open` never imports every plugin
 
 
 _load_image_plugins()

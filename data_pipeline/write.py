@@ -1,8 +1,8 @@
 """Writing shards: samples -> WebDataset `.tar` files + `manifest.json`.
 
-Members follow the img2dataset / video2dataset layout: `KEY.jpg|png|webp|mp4` (bytes as
-found, never re-encoded), `KEY.txt` (the caption) and `KEY.json` (key, caption, source,
-size). Inputs are a folder of media with sidecar captions (`a.jpg` + `a.txt`, optional
+Members follow the img2dataset / video2dataset layout: `KEY.jpg|png|webp|avif|mp4|mov|...`
+(bytes as found, never re-encoded), `KEY.txt` (the caption) and `KEY.json` (key, caption,
+source, size). Inputs are a folder of media with sidecar captions (`a.jpg` + `a.txt`, optional
 `a.json` merged into the metadata) or a JSONL of {"path": ..., "caption": ...} lines.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import PIL.Image
 import webdataset as wds
 from tqdm import tqdm
 
-from data_pipeline.decode import PIL_FORMATS, orientation, upright_size
+from data_pipeline.decode import IMAGE_EXTS, PIL_FORMATS, VIDEO_EXTS, orientation, upright_size
 from data_pipeline.errors import DataError
 from data_pipeline import remote
 from data_pipeline.manifest import Manifest, ShardInfo, file_digest
@@ -28,8 +28,8 @@ from data_pipeline.tar_reader import byte_index
 
 log = logging.getLogger("data_pipeline")
 # Input file suffix -> member extension.
-MEDIA_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp", ".mp4": "mp4", ".webm": "webm"}
-VIDEO_MEMBERS = ("mp4", "webm")
+# a file's suffix -> its member: every type the loader decodes (decode.py), .jpeg as jpg
+MEDIA_EXTS = {f".{t}": "jpg" if t == "jpeg" else t for t in (*IMAGE_EXTS, *VIDEO_EXTS)}
 
 
 class ShardOutput:
@@ -114,7 +114,7 @@ def media_sample(key: str, path: Path, caption: str, meta: Optional[dict] = None
         raise DataError(f"{path}: unsupported type (use {', '.join(sorted(set(MEDIA_EXTS.values())))})")
     data = path.read_bytes()
     info = {"key": key, "caption": caption, "source": str(path), **(meta or {})}
-    if ext not in VIDEO_MEMBERS:
+    if ext not in VIDEO_EXTS:
         try:
             with PIL.Image.open(path, formats=PIL_FORMATS) as img:
                 width, height = upright_size(img.size, orientation(img))  # as the loader sees it
@@ -206,8 +206,8 @@ def jsonl_samples(jsonl: str, report: InputReport) -> Iterator[dict]:
 
 def dataset_kind(member_types: Counter) -> str:
     """image | video | mixed | latent, from the member types written."""
-    has_video = any(member_types[t] for t in VIDEO_MEMBERS)
-    has_image = any(member_types[t] for t in ("jpg", "png", "webp"))
+    has_video = any(member_types[t] for t in VIDEO_EXTS)
+    has_image = any(member_types[t] for t in IMAGE_EXTS)
     if has_video or has_image:
         return "mixed" if has_video and has_image else "video" if has_video else "image"
     return "latent" if member_types["safetensors"] or member_types["npy"] else "unknown"

@@ -18,7 +18,8 @@ from data_pipeline.config import DataConfig
 def register(sub) -> None:
     """Add write, synth, inspect and precompute to the subparsers of the `data` command."""
     p = sub.add_parser("write", help="shards from a folder of media with sidecar captions, or a JSONL",
-                       description="INPUT is a folder (a.jpg + a.txt [+ a.json], also png/webp/mp4/webm, "
+                       description="INPUT is a folder (a.jpg + a.txt [+ a.json], also png/webp/avif and "
+                                   "mp4/webm/mov/mkv/avi, "
                                    "searched recursively) or a .jsonl of {\"path\": ..., \"caption\": ...}.")
     p.add_argument("input", help="folder or .jsonl file")
     p.add_argument("--out", required=True, help="output directory or URL such as s3://bucket/laion (must hold "

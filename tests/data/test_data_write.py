@@ -6,6 +6,8 @@ import json
 import subprocess
 import tarfile
 
+import av
+import numpy as np
 import PIL.Image
 import pytest
 import webdataset as wds
@@ -137,3 +139,33 @@ def test_video_shards_inspect(tmp_path):
     report = inspect_shards(str(d), progress=False)
     assert report.manifest.kind == "video" and report.frames == [5, 5, 5]
     assert report.resolutions["32x32"] == 3
+
+
+def test_phone_media_are_written_and_loaded_avif_and_mov(tmp_path, cfg):
+    """What phones and modern sites store: an AVIF photo (turned by its orientation, which
+    Pillow reads from AVIF's own rotation box) and a QuickTime .mov clip."""
+    photos, clips = tmp_path / "photos", tmp_path / "clips"
+    photos.mkdir()
+    clips.mkdir()
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6
+    PIL.Image.new("RGB", (48, 32), (200, 30, 30)).save(photos / "a.avif", exif=exif.tobytes())
+    (photos / "a.txt").write_text("a red photo")
+    with av.open(str(clips / "b.mov"), "w", format="mov") as container:  # QuickTime, as phones write
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for i in range(5):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.full((32, 32, 3), 40 * i, np.uint8))))
+        container.mux(stream.encode())
+    (clips / "b.txt").write_text("a clip")
+    m = write_shards(folder_samples(str(photos), InputReport()), str(tmp_path / "p"), 4, progress=False)
+    assert m.kind == "image" and m.num_samples == 1
+    sample = next(iter(wds.WebDataset(m.paths(), shardshuffle=False)))
+    assert "avif" in sample and json.loads(sample["json"])["width"] == 32  # upright: 32 wide, 48 tall
+    batch = take(build_stream(cfg(shards=str(tmp_path / "p"), batch_size=1, aspect_buckets=[2 / 3, 1.5]), 0, 1), 1)[0]
+    assert batch["image"].shape[2] > batch["image"].shape[3]  # (B, 3, H, W): portrait
+    assert abs(batch["image"][0, 0].float().mean().item() - 200) < 8  # AVIF is lossy
+    m = write_shards(folder_samples(str(clips), InputReport()), str(tmp_path / "c"), 4, progress=False)
+    assert m.kind == "video" and m.num_samples == 1
+    batch = take(build_stream(cfg(shards=str(tmp_path / "c"), kind="video", num_frames=4, batch_size=1), 0, 1), 1)[0]
+    assert batch["video"].shape[:3] == (1, 3, 4) and valid_keys([batch]) == ["b"]
