@@ -2,8 +2,9 @@
 
 Counts come from the manifest (or a header scan); resolutions and caption statistics from a
 sample of up to `max_samples` samples spread over the shards (image headers, and video stream
-headers plus each video's first frame for its display rotation: sizes as training sees them). `verify` recomputes every shard's sha256
-and sample count and lists the shards that differ from the manifest.
+headers plus each video's first frame for its display rotation: sizes as training sees them).
+`verify` recomputes every shard's sha256 and sample count and lists the shards that differ
+from the manifest.
 """
 from __future__ import annotations
 
@@ -100,7 +101,8 @@ def _media_stats(types: dict[str, bytes], report: Report) -> None:
         elif video is not None:
             with av.open(io.BytesIO(video)) as c:
                 s = c.streams.video[0]
-                w, h = s.codec_context.width, s.codec_context.height
+                pixel_aspect = float(s.sample_aspect_ratio or 1)  # as shown: pixels that are not square stretched
+                w, h = round(s.codec_context.width * pixel_aspect), s.codec_context.height
                 if round(next(c.decode(s)).rotation / 90) % 2:  # turned upright (transforms.upright_frame)
                     w, h = h, w
                 report.resolutions[f"{w}x{h}"] += 1

@@ -263,26 +263,28 @@ def upright_frame(frame: av.VideoFrame) -> np.ndarray:
 def video_pixels(data: bytes, spec: TransformSpec, u: tuple[float, float, float]) -> Pixels:
     """Decode a clip of an allowed length (PyAV), crop and resize every frame alike."""
     try:
-        picked = _clip(data, spec, u[2])
+        picked, (ax, ay) = _clip(data, spec, u[2])
     except (av.error.FFmpegError, IndexError, ValueError, OSError) as e:
         raise SkipSample("corrupt_video", str(e) or type(e).__name__) from None
     if not picked:
         raise SkipSample("corrupt_video", "no decodable frame")
     height, width = picked[0].shape[:2]
-    bucket = spec.bucket(width, height)
-    sizes = _out_sizes(spec, bucket)
-    box = crop_box(width, height, sizes[-1][1], sizes[-1][0], spec.random_crop, u[:2])
+    shown_w, shown_h = width * ax, height * ay  # as shown: pixels that are not square stretched
+    sizes = _out_sizes(spec, spec.bucket(round(shown_w), round(shown_h)))
+    box = crop_box(shown_w, shown_h, sizes[-1][1], sizes[-1][0], spec.random_crop, u[:2])
+    box = (box[0] / ax, box[1] / ay, box[2] / ax, box[3] / ay)  # in stored pixels
     per_frame = [_fit(rgb, box, sizes) for rgb in picked]
     stacks = [np.stack([f[i] for f in per_frame]) for i in range(len(sizes))]  # (F, h, w, 3)
     return Pixels(stacks[0], stacks[1] if len(stacks) > 1 else None)
 
 
-def _clip(data: bytes, spec: TransformSpec, u: float) -> list[np.ndarray]:
-    """The upright frames (H, W, 3) of the clip `u` places: the longest allowed length that
-    fits the frame count (the header's; else, as in Matroska and WebM, duration x frame rate),
-    decoded from the keyframe before its start after a seek. Frames are counted from the first
-    one instead where the clip starts there, where seeking fails, or where the video turns out
-    shorter than its header says (then the clip is placed again within what is there)."""
+def _clip(data: bytes, spec: TransformSpec, u: float) -> tuple[list[np.ndarray], tuple[float, float]]:
+    """The upright frames (H, W, 3) of the clip `u` places, and the shape of their pixels
+    (`_upright`). The clip: the longest allowed length that fits the frame count (the header's;
+    else, as in Matroska and WebM, duration x frame rate), decoded from the keyframe before its
+    start after a seek. Frames are counted from the first one instead where the clip starts
+    there, where seeking fails, or where the video turns out shorter than its header says (then
+    the clip is placed again within what is there)."""
     stride = spec.frame_stride
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
@@ -292,12 +294,23 @@ def _clip(data: bytes, spec: TransformSpec, u: float) -> list[np.ndarray]:
         frames, start = choose_clip(known, spec.frame_counts, stride, u)
         wanted = range(start, start + (frames - 1) * stride + 1, stride)
         if start == 0 or not rate:
-            return _counted(container, stream, wanted, spec, u)
+            return _upright(_counted(container, stream, wanted, spec, u), stream)
         sought = _sought(container, stream, wanted, rate)
         if sought is not None:
-            return [upright_frame(f) for f in sought]
+            return _upright(sought, stream)
     with av.open(io.BytesIO(data)) as container:
-        return _counted(container, container.streams.video[0], wanted, spec, u)
+        stream = container.streams.video[0]
+        return _upright(_counted(container, stream, wanted, spec, u), stream)
+
+
+def _upright(frames: list[av.VideoFrame], stream) -> tuple[list[np.ndarray], tuple[float, float]]:
+    """The frames as arrays turned upright (`upright_frame`), and the (width, height) of one of
+    their pixels as shown: the stream's sample aspect ratio by 1 (anamorphic video: 720x480
+    coded, 853x480 shown at 32:27), the other way round where the frames were turned by 90
+    degrees."""
+    sar = float(stream.sample_aspect_ratio or 1)
+    turned = bool(frames) and round(frames[0].rotation / 90) % 2 == 1
+    return [upright_frame(f) for f in frames], ((1.0, sar) if turned else (sar, 1.0))
 
 
 def frame_count(container, stream) -> int:
@@ -341,7 +354,7 @@ def _sought(container, stream, wanted: range, rate) -> Optional[list[av.VideoFra
     return None
 
 
-def _counted(container, stream, wanted: range, spec: TransformSpec, u: float) -> list[np.ndarray]:
+def _counted(container, stream, wanted: range, spec: TransformSpec, u: float) -> list[av.VideoFrame]:
     """Frames `wanted`, counting decoded frames from the first; a video shorter than `wanted`
     gets its clip placed again within the frames it has."""
     decoded = []
@@ -352,7 +365,7 @@ def _counted(container, stream, wanted: range, spec: TransformSpec, u: float) ->
     if len(decoded) <= wanted[-1]:
         frames, start = choose_clip(len(decoded), spec.frame_counts, spec.frame_stride, u)
         wanted = range(start, start + (frames - 1) * spec.frame_stride + 1, spec.frame_stride)
-    return [upright_frame(decoded[i]) for i in wanted]
+    return [decoded[i] for i in wanted]
 
 
 def refit(frames: np.ndarray, num_frames: int, hw: tuple[int, int]) -> np.ndarray:

@@ -4,6 +4,7 @@ frame up to their start."""
 from __future__ import annotations
 
 import io
+from fractions import Fraction
 
 import av
 import numpy as np
@@ -12,18 +13,19 @@ import pytest
 from data_pipeline import transforms
 from data_pipeline.config import DataConfig
 from data_pipeline.inspect_shards import inspect_shards
-from data_pipeline.transforms import TransformSpec, _sought, choose_clip, video_pixels
+from data_pipeline.transforms import TransformSpec, _sought, bucket_size, choose_clip, resize_box, video_pixels
 from data_pipeline.write import write_shards
 
 FRAMES, LEVEL = 60, 4  # frame i is a flat grey of i * LEVEL: its index is readable after lossy coding
 
 
 def _indexed_video(fmt: str, codec: str, keyframes_every: int = 5, rate: int = 12, width: int = 32,
-                   rotation: int = 0) -> bytes:
+                   rotation: int = 0, pixel_aspect: int = 1) -> bytes:
     buf = io.BytesIO()
     with av.open(buf, "w", format=fmt) as container:
         stream = container.add_stream(codec, rate=rate, options={"g": str(keyframes_every)})
         stream.width, stream.height, stream.pix_fmt = width, 32, "yuv420p"
+        stream.codec_context.sample_aspect_ratio = Fraction(pixel_aspect, 1)
         if rotation:
             stream.set_display_rotation(rotation)
         for i in range(FRAMES):
@@ -95,10 +97,40 @@ def test_a_clip_after_the_first_frame_is_reached_without_counting_from_it(monkey
 
 def test_inspect_reports_the_frames_and_upright_size_training_sees(tmp_path):
     """A Matroska video's frame count comes from its duration; a phone video stored 48x32 with
-    a display rotation of 90 degrees is reported as 32x48."""
+    a display rotation of 90 degrees is reported as 32x48, one coded 32x32 with 2:1 pixels as
+    64x32."""
     samples = [{"__key__": "mkv", "mkv": _indexed_video("matroska", "libx264", width=48), "txt": b"a"},
-               {"__key__": "turned", "mp4": _indexed_video("mp4", "libx264", width=48, rotation=90), "txt": b"b"}]
+               {"__key__": "turned", "mp4": _indexed_video("mp4", "libx264", width=48, rotation=90), "txt": b"b"},
+               {"__key__": "wide", "mp4": _indexed_video("mp4", "libx264", pixel_aspect=2), "txt": b"c"}]
     write_shards(samples, str(tmp_path / "v"), 10, progress=False)
     report = inspect_shards(str(tmp_path / "v"), progress=False)
-    assert report.frames == [FRAMES, FRAMES]
-    assert dict(report.resolutions) == {"48x32": 1, "32x48": 1}
+    assert report.frames == [FRAMES] * 3
+    assert dict(report.resolutions) == {"48x32": 1, "32x48": 1, "64x32": 1}
+
+
+@pytest.mark.parametrize("rotation", [0, 90])
+def test_non_square_pixels_are_shown_stretched(rotation):
+    """Frames coded 32x32 at a sample aspect ratio of 2:1 are shown 64x32: the clip lands in
+    the 2:1 bucket (1:2 once turned by 90 degrees) and each frame is the coded one stretched
+    to it, not a square crop of it."""
+    buf = io.BytesIO()
+    rng = np.random.default_rng(0)
+    with av.open(buf, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        stream.codec_context.sample_aspect_ratio = Fraction(2, 1)
+        if rotation:
+            stream.set_display_rotation(rotation)
+        for _ in range(4):
+            frame = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    assert bucket_size(45, 2.0) == (32, 64) and bucket_size(45, 0.5) == (64, 32)
+    spec = TransformSpec.from_config(DataConfig(shards="unused", kind="video", num_frames=4, resolution=45,
+                                                aspect_buckets=[0.5, 1.0, 2.0]))
+    got = video_pixels(buf.getvalue(), spec, (0.5, 0.5, 0.0)).frames
+    h, w = (64, 32) if rotation else (32, 64)
+    with av.open(io.BytesIO(buf.getvalue())) as container:
+        coded = [np.rot90(f.to_ndarray(format="rgb24"), rotation // 90) for f in container.decode(video=0)]
+    want = np.stack([resize_box(np.ascontiguousarray(f), (0, 0, 32, 32), h, w) for f in coded])
+    np.testing.assert_array_equal(got, want)
