@@ -251,7 +251,8 @@ def _check_pixels(width: int, height: int) -> None:
 def _pil_image(data: bytes) -> PIL.Image.Image:
     try:
         return PIL.Image.open(io.BytesIO(data), formats=PIL_FORMATS)
-    except (PIL.UnidentifiedImageError, OSError, ValueError, PIL.Image.DecompressionBombError) as e:
+    except (PIL.UnidentifiedImageError, OSError, ValueError, PIL.Image.DecompressionBombError,
+            RuntimeError) as e:  # RuntimeError: libavif's (AVIF) on corrupt data
         raise SkipSample("corrupt_image", str(e)) from None
 
 

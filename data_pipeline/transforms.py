@@ -139,7 +139,10 @@ def decode_rgb(img: Union[Jpeg, PIL.Image.Image], width: int, height: int) -> np
             return rgb
         img = img.pil()
     img.draft("RGB", (width, height))
-    img.load()
+    try:
+        img.load()
+    except RuntimeError as e:  # how libavif's decoder (AVIF) reports corrupt data
+        raise OSError(str(e)) from None
     if img.mode in _WIDE_GRAY:
         return _gray_rgb(img)
     if img.mode in _ALPHA_MODES or "transparency" in img.info:

@@ -12,11 +12,14 @@ import PIL.Image
 import pytest
 import webdataset as wds
 
-from data_pipeline.errors import DataError
+from data_pipeline.config import DataConfig
+from data_pipeline.decode import open_image
+from data_pipeline.errors import DataError, SkipSample
 from data_pipeline.inspect_shards import format_report, inspect_shards
 from data_pipeline.manifest import file_digest, load_manifest
 from data_pipeline.stream import build_stream
 from data_pipeline.synth import synth_samples
+from data_pipeline.transforms import TransformSpec, image_pixels
 from data_pipeline.write import InputReport, folder_samples, jsonl_samples, write_shards
 from tests.data.data_helpers import take, valid_keys
 
@@ -169,3 +172,16 @@ def test_phone_media_are_written_and_loaded_avif_and_mov(tmp_path, cfg):
     assert m.kind == "video" and m.num_samples == 1
     batch = take(build_stream(cfg(shards=str(tmp_path / "c"), kind="video", num_frames=4, batch_size=1), 0, 1), 1)[0]
     assert batch["video"].shape[:3] == (1, 3, 4) and valid_keys([batch]) == ["b"]
+
+
+def test_a_damaged_avif_is_skipped_not_raised():
+    """libavif reports damaged data as RuntimeError, which would have ended a loader worker
+    (and the run): a sample whose AVIF payload is zeros is skipped as corrupt_image."""
+    buf = io.BytesIO()
+    PIL.Image.new("RGB", (48, 32), (0, 90, 200)).save(buf, format="AVIF")
+    data = buf.getvalue()
+    payload = data.index(b"mdat") + 4
+    spec = TransformSpec.from_config(DataConfig(shards="unused", resolution=32))
+    with pytest.raises(SkipSample) as e:
+        image_pixels(open_image(data[:payload] + bytes(len(data) - payload)), spec, (0.5, 0.5, 0.0))
+    assert e.value.reason == "corrupt_image" and "color planes" in e.value.detail
