@@ -1,5 +1,6 @@
-"""EXIF orientation: photos train upright, as a viewer (and PIL's `ImageOps.exif_transpose`)
-shows them, through libjpeg-turbo's path and PIL's alike."""
+"""Photos and phone videos train upright, as a viewer shows them: an image's EXIF orientation
+as PIL's `ImageOps.exif_transpose` applies it (libjpeg-turbo's path and PIL's alike), a video
+frame's display matrix as ffmpeg's autorotate applies it."""
 from __future__ import annotations
 
 import io
