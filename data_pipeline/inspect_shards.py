@@ -22,7 +22,7 @@ from data_pipeline import remote
 from data_pipeline.errors import SkipSample
 from data_pipeline.manifest import Manifest, file_digest, resolve_source
 from data_pipeline.tar_reader import TarShard, count_samples
-from data_pipeline.transforms import frame_count
+from data_pipeline.transforms import frame_count, pixel_shape, upright_frame
 
 
 @dataclass
@@ -101,11 +101,10 @@ def _media_stats(types: dict[str, bytes], report: Report) -> None:
         elif video is not None:
             with av.open(io.BytesIO(video)) as c:
                 s = c.streams.video[0]
-                pixel_aspect = float(s.sample_aspect_ratio or 1)  # as shown: pixels that are not square stretched
-                w, h = round(s.codec_context.width * pixel_aspect), s.codec_context.height
-                if round(next(c.decode(s)).rotation / 90) % 2:  # turned upright (transforms.upright_frame)
-                    w, h = h, w
-                report.resolutions[f"{w}x{h}"] += 1
+                frame = next(c.decode(s))
+                h, w = upright_frame(frame).shape[:2]
+                ax, ay = pixel_shape(s, frame)  # as shown: turned upright, pixels that are not square stretched
+                report.resolutions[f"{round(w * ax)}x{round(h * ay)}"] += 1
                 report.frames.append(frame_count(c, s))
     except (SkipSample, av.error.FFmpegError, IndexError, OSError, StopIteration):
         report.unreadable += 1

@@ -241,7 +241,8 @@ def image_pixels(img: Union[Jpeg, PIL.Image.Image], spec: TransformSpec, u: tupl
         rgb = upright(decode_rgb(img, *upright_size((math.ceil(width * k), math.ceil(height * k)), turn)), turn)
         sx, sy = rgb.shape[1] / width, rgb.shape[0] / height
         out = _fit(rgb, (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy), sizes)
-        out = [to_srgb(a, icc_profile(img)) for a in out]
+        icc = icc_profile(img)
+        out = [to_srgb(a, icc) for a in out]
     except _PIL_ERRORS as e:
         raise SkipSample("corrupt_image", str(e)) from None
     return Pixels(out[0][None], out[1][None] if len(out) > 1 else None)
@@ -307,13 +308,18 @@ def _clip(data: bytes, spec: TransformSpec, u: float) -> tuple[list[np.ndarray],
 
 
 def _upright(frames: list[av.VideoFrame], stream) -> tuple[list[np.ndarray], tuple[float, float]]:
-    """The frames as arrays turned upright (`upright_frame`), and the (width, height) of one of
-    their pixels as shown: the stream's sample aspect ratio by 1 (anamorphic video: 720x480
-    coded, 853x480 shown at 32:27), the other way round where the frames were turned by 90
-    degrees."""
+    """The frames as arrays turned upright (`upright_frame`), and the shape of their pixels
+    (`pixel_shape`)."""
+    shape = pixel_shape(stream, frames[0]) if frames else (1.0, 1.0)
+    return [upright_frame(f) for f in frames], shape
+
+
+def pixel_shape(stream, frame: av.VideoFrame) -> tuple[float, float]:
+    """(width, height) of one pixel of the upright frame as shown: the stream's sample aspect
+    ratio by 1 (anamorphic video: 720x480 coded, 853x480 shown at 32:27), the other way round
+    where the frame is turned by 90 degrees."""
     sar = float(stream.sample_aspect_ratio or 1)
-    turned = bool(frames) and round(frames[0].rotation / 90) % 2 == 1
-    return [upright_frame(f) for f in frames], ((1.0, sar) if turned else (sar, 1.0))
+    return (1.0, sar) if round(frame.rotation / 90) % 2 == 1 else (sar, 1.0)
 
 
 def frame_count(container, stream) -> int:

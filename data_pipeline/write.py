@@ -27,8 +27,7 @@ from data_pipeline.manifest import Manifest, ShardInfo, file_digest
 from data_pipeline.tar_reader import byte_index
 
 log = logging.getLogger("data_pipeline")
-# Input file suffix -> member extension.
-# a file's suffix -> its member: every type the loader decodes (decode.py), .jpeg as jpg
+# Input file suffix -> member extension: every type the loader decodes (decode.py), .jpeg as jpg.
 MEDIA_EXTS = {f".{t}": "jpg" if t == "jpeg" else t for t in (*IMAGE_EXTS, *VIDEO_EXTS)}
 
 
