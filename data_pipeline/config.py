@@ -35,6 +35,11 @@ class DataConfig:
     resolutions: list[int] = field(default_factory=list)
     num_frames: int = 8  # video clips: frames per clip
     frame_stride: int = 1  # video clips: take every k-th frame
+    # Video clips: frames sampled at this many per second of video whatever the source's rate
+    # (the nearest frame to each time, as ffmpeg's fps filter picks: a 30 fps source at 8 takes
+    # every 3.75th frame, a 6 fps one repeats frames), so a clip of num_frames spans the same
+    # time in every video. 0: every frame_stride-th frame, a time span that varies with the source.
+    fps: float = 0.0
     batch_size: int = 8  # per rank (micro-batch)
     num_workers: int = 1  # loader worker processes per rank
     seed: int = 0
@@ -83,6 +88,10 @@ def validate_data_config(cfg: DataConfig) -> None:
         (cfg.num_workers >= 0, "num_workers", "must be >= 0"),
         (cfg.num_frames >= 1, "num_frames", "must be at least 1"),
         (cfg.frame_stride >= 1, "frame_stride", "must be at least 1"),
+        (cfg.fps >= 0, "fps", "must be >= 0 (0: clips by data.frame_stride)"),
+        (not cfg.fps or cfg.frame_stride == 1, "fps",
+         f"clips are sampled either at data.fps or every data.frame_stride-th frame, not both "
+         f"(frame_stride={cfg.frame_stride}); set one of them"),
         (all(f >= 1 for f in cfg.frame_buckets), "frame_buckets", "frame counts must be >= 1"),
         (all(a > 0 for a in cfg.aspect_buckets), "aspect_buckets", "ratios (width / height) must be > 0"),
         (all(r >= 8 and r % 8 == 0 for r in cfg.resolutions), "resolutions",

@@ -31,6 +31,8 @@ class Report:
     members: Counter = field(default_factory=Counter)
     resolutions: Counter = field(default_factory=Counter)
     frames: list[int] = field(default_factory=list)
+    rates: Counter = field(default_factory=Counter)  # videos per frame rate (what data.fps is chosen from)
+    seconds: list[float] = field(default_factory=list)  # each video's duration, frames / rate
     caption_words: list[int] = field(default_factory=list)
     missing_captions: int = 0
     unreadable: int = 0
@@ -106,15 +108,19 @@ def _media_stats(types: dict[str, bytes], report: Report) -> None:
                 ax, ay = pixel_shape(s, frame)  # as shown: turned upright, pixels that are not square stretched
                 report.resolutions[f"{round(w * ax)}x{round(h * ay)}"] += 1
                 report.frames.append(frame_count(c, s))
+                rate = s.average_rate or s.guessed_rate
+                if rate:
+                    report.rates[f"{float(rate):.3g}"] += 1
+                    report.seconds.append(report.frames[-1] / float(rate))
     except (SkipSample, av.error.FFmpegError, IndexError, OSError, StopIteration):
         report.unreadable += 1
 
 
-def _summary(values: list[int]) -> str:
+def _summary(values: list[float], digits: int = 0) -> str:
     if not values:
         return "-"
     a = np.asarray(values)
-    return f"min {a.min()}, mean {a.mean():.1f}, max {a.max()}"
+    return f"min {a.min():.{digits}f}, mean {a.mean():.1f}, max {a.max():.{digits}f}"
 
 
 def format_report(r: Report) -> str:
@@ -131,6 +137,9 @@ def format_report(r: Report) -> str:
     ]
     if r.frames:
         lines.append(f"frames:      {_summary(r.frames)}")
+    if r.rates:
+        lines.append("frame rates: " + ", ".join(f"{k} fps ({v})" for k, v in r.rates.most_common(8)))
+        lines.append(f"seconds:     {_summary(r.seconds, 1)}")
     lines.append(f"captions:    words {_summary(r.caption_words)}; missing or empty {r.missing_captions}")
     if r.verified:
         if r.bad_shards:

@@ -53,6 +53,17 @@ class TransformSpec:
     random_crop: bool
     kind: str = "image"  # image: batches hold (B, 3, H, W); video: (B, 3, F, H, W)
     areas: tuple[int, ...] = (0,)  # square sides of the pixel areas, ascending
+    fps: float = 0.0  # clips sampled at this rate whatever the source's; 0: every frame_stride-th frame
+
+    def stride(self, rate) -> float:
+        """Source frames from one clip frame to the next: `frame_stride`, or with `fps` the
+        source's rate over it (30 fps sampled at 8: 3.75; a source slower than `fps` gives
+        strides below 1, its frames repeated)."""
+        if not self.fps:
+            return self.frame_stride
+        if not rate:
+            raise SkipSample("corrupt_video", f"no frame rate in the stream to sample clips at data.fps={self.fps:g}")
+        return float(rate) / self.fps
 
     @classmethod
     def from_config(cls, cfg: DataConfig) -> "TransformSpec":
@@ -64,7 +75,7 @@ class TransformSpec:
             scale = cfg.sr_resolution / cfg.resolution
             sr_sizes = tuple((round(h * scale), round(w * scale)) for h, w in sizes)
         counts = (1,) if cfg.kind == "image" else tuple(sorted({1, cfg.num_frames, *cfg.frame_buckets}))
-        return cls(sizes, sr_sizes, ratios, counts, cfg.frame_stride, cfg.random_crop, cfg.kind, areas)
+        return cls(sizes, sr_sizes, ratios, counts, cfg.frame_stride, cfg.random_crop, cfg.kind, areas, cfg.fps)
 
     def bucket(self, width: int, height: int) -> int:
         """Index into `sizes` of a width x height source: its area, then its aspect ratio."""
@@ -248,13 +259,24 @@ def image_pixels(img: Union[Jpeg, PIL.Image.Image], spec: TransformSpec, u: tupl
     return Pixels(out[0][None], out[1][None] if len(out) > 1 else None)
 
 
-def choose_clip(num_available: int, counts: tuple[int, ...], stride: int, u: float) -> tuple[int, int]:
+def choose_clip(num_available: int, counts: tuple[int, ...], stride: float, u: float) -> tuple[int, int]:
     """(frames, start): the longest allowed clip that fits, at a start placed by u in [0, 1)."""
-    fitting = [f for f in counts if (f - 1) * stride + 1 <= num_available]
+    fitting = [f for f in counts if clip_span(f, stride) <= num_available]
     frames = fitting[-1] if fitting else 1
-    span = (frames - 1) * stride + 1
+    span = clip_span(frames, stride)
     start = min(int(u * (num_available - span + 1)), num_available - span)
     return frames, max(start, 0)
+
+
+def clip_span(frames: int, stride: float) -> int:
+    """Source frames from the first of a clip to its last, both included."""
+    return clip_indices(0, frames, stride)[-1] + 1
+
+
+def clip_indices(start: int, frames: int, stride: float) -> list[int]:
+    """Source frame of each clip frame: the nearest to start + k x stride (halves up), as
+    ffmpeg's fps filter picks them; an integer stride gives every stride-th frame."""
+    return [start + math.floor(k * stride + 0.5) for k in range(frames)]
 
 
 def upright_frame(frame: av.VideoFrame) -> np.ndarray:
@@ -289,22 +311,21 @@ def _clip(data: bytes, spec: TransformSpec, u: float) -> tuple[list[np.ndarray],
     start after a seek. Frames are counted from the first one instead where the clip starts
     there, where seeking fails, or where the video turns out shorter than its header says (then
     the clip is placed again within what is there)."""
-    stride = spec.frame_stride
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate
-        longest = (spec.frame_counts[-1] - 1) * stride + 1
-        known = frame_count(container, stream) or longest
+        stride = spec.stride(rate)
+        known = frame_count(container, stream) or clip_span(spec.frame_counts[-1], stride)
         frames, start = choose_clip(known, spec.frame_counts, stride, u)
-        wanted = range(start, start + (frames - 1) * stride + 1, stride)
+        wanted = clip_indices(start, frames, stride)
         if start == 0 or not rate:
-            return _upright(_counted(container, stream, wanted, spec, u), stream)
+            return _upright(_counted(container, stream, wanted, spec.frame_counts, stride, u), stream)
         sought = _sought(container, stream, wanted, rate)
         if sought is not None:
             return _upright(sought, stream)
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
-        return _upright(_counted(container, stream, wanted, spec, u), stream)
+        return _upright(_counted(container, stream, wanted, spec.frame_counts, stride, u), stream)
 
 
 def _upright(frames: list[av.VideoFrame], stream) -> tuple[list[np.ndarray], tuple[float, float]]:
@@ -333,12 +354,12 @@ def frame_count(container, stream) -> int:
     return int(container.duration * rate / av.time_base) if container.duration else 0
 
 
-def _sought(container, stream, wanted: range, rate) -> Optional[list[av.VideoFrame]]:
-    """Frames `wanted` (ascending indices) decoded after a seek to the keyframe at or before
-    the first: a frame's index is its time since the stream's start x the frame rate, the
-    count from the first frame for a constant rate (for a variable one, the first frame at or
-    after each wanted time). None where a timestamp is missing, the seek fails or lands past
-    the first wanted frame, or the stream ends first."""
+def _sought(container, stream, wanted: list[int], rate) -> Optional[list[av.VideoFrame]]:
+    """Frames `wanted` (ascending source indices, repeats allowed) decoded after a seek to the
+    keyframe at or before the first: a frame's index is its time since the stream's start x
+    the frame rate, the count from the first frame for a constant rate (for a variable one,
+    the first frame at or after each wanted time). None where a timestamp is missing, the seek
+    fails or lands past the first wanted frame, or the stream ends first."""
     base, first = stream.time_base, stream.start_time or 0
     if base is None:
         return None
@@ -354,8 +375,9 @@ def _sought(container, stream, wanted: range, rate) -> Optional[list[av.VideoFra
                 continue
             if index > target and not out:
                 return None
-            out.append(frame)
-            target = next(targets, None)
+            while target is not None and target <= index:
+                out.append(frame)
+                target = next(targets, None)
             if target is None:
                 return out
     except av.error.FFmpegError:
@@ -363,7 +385,8 @@ def _sought(container, stream, wanted: range, rate) -> Optional[list[av.VideoFra
     return None
 
 
-def _counted(container, stream, wanted: range, spec: TransformSpec, u: float) -> list[av.VideoFrame]:
+def _counted(container, stream, wanted: list[int], counts: tuple[int, ...], stride: float,
+             u: float) -> list[av.VideoFrame]:
     """Frames `wanted`, counting decoded frames from the first; a video shorter than `wanted`
     gets its clip placed again within the frames it has."""
     decoded = []
@@ -372,8 +395,8 @@ def _counted(container, stream, wanted: range, spec: TransformSpec, u: float) ->
         if len(decoded) > wanted[-1]:
             break
     if len(decoded) <= wanted[-1]:
-        frames, start = choose_clip(len(decoded), spec.frame_counts, spec.frame_stride, u)
-        wanted = range(start, start + (frames - 1) * spec.frame_stride + 1, spec.frame_stride)
+        frames, start = choose_clip(len(decoded), counts, stride, u)
+        wanted = clip_indices(start, frames, stride)
     return [decoded[i] for i in wanted]
 
 

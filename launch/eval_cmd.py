@@ -31,11 +31,11 @@ def adherence(args: argparse.Namespace) -> int:
     from trainer.cascade import save_samples
     from trainer.evaluate import evaluate_adherence
 
-    result, generated, prompts = evaluate_adherence(load_cascade(args), args.num, args.seed, args.batch_size,
-                                                    args.num_real)
+    cascade = load_cascade(args)
+    result, generated, prompts = evaluate_adherence(cascade, args.num, args.seed, args.batch_size, args.num_real)
     print(result.table())
     if args.out:
-        save_samples(generated, prompts, Path(args.out) / "samples")
+        save_samples(generated, prompts, Path(args.out) / "samples", fps=cascade.fps)
     _write_json(args.out, "adherence.json", result.as_dict())
     return 0 if result.reliable else EXIT_UNRELIABLE
 
@@ -118,7 +118,7 @@ def demo_evaluation(checkpoint: str, out_dir: str, prompts: list[str], steps: in
         settings = SamplerSettings(steps=steps, cfg_scale=cfg, guidance_rescale=rescale)
     cascade = Cascade.load(checkpoint, settings, device=parse_device(device))
     grid = save_samples(cascade.sample_batched(prompts, torch.Generator().manual_seed(0)), prompts,
-                        Path(out_dir) / "samples")["grid"]
+                        Path(out_dir) / "samples", fps=cascade.fps)["grid"]
     print(f"samples: {Path(out_dir) / 'samples' / grid}")
     result, _, _ = evaluate_adherence(cascade, num, batch_size=DEMO_EVAL_BATCH)
     _write_json(out_dir, "adherence.json", result.as_dict())

@@ -117,7 +117,7 @@ def sample(args: argparse.Namespace) -> int:
     meta = {"recipe": str(args.checkpoint), "seed": args.seed, "weights": "raw" if args.raw else "ema",
             "device": str(args.device), "height": int(pixels.shape[-2]), "width": int(pixels.shape[-1]),
             "stages": [{"checkpoint": str(s.checkpoint), **vars(s.settings)} for s in cascade.stages]}
-    record = save_samples(pixels, prompts, args.out, meta)
+    record = save_samples(pixels, prompts, args.out, meta, cascade.fps)
     kind = "videos" if pixels.ndim == 5 else "images"
     print(f"{len(prompts)} {kind} of {pixels.shape[-2]}x{pixels.shape[-1]} px on {args.device} in {args.out} "
           f"(grid: {Path(args.out) / record['grid']})")

@@ -96,3 +96,11 @@ def test_cli_config_show():
     bad = dit("config", "show", str(DEMO), "optim.lrr=1")
     assert bad.returncode != 0
     assert "optim.lrr" in bad.stderr
+
+
+@pytest.mark.parametrize("overrides, says", [(["data.fps=-1"], "must be >= 0"),
+                                             (["data.fps=8", "data.frame_stride=2"], "not both")])
+def test_a_target_fps_is_checked_with_the_config(overrides, says):
+    with pytest.raises(ConfigError, match=says) as err:
+        load_config(DEMO, overrides)
+    assert err.value.key == "data.fps"

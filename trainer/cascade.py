@@ -228,6 +228,12 @@ class Cascade:
     def resolution(self) -> int:
         return self.stages[-1].pixel_resolution
 
+    @property
+    def fps(self) -> float:
+        """The frame rate of the clips its last stage learned from (data.fps), the rate its
+        videos are saved at; 0 where clips were taken by frame stride (no one rate)."""
+        return self.stages[-1].cfg.data.fps
+
     @torch.no_grad()
     def run_stage(self, s: LoadedStage, prompts: Sequence[str], generator: torch.Generator,
                   previous: Optional[Tensor], size: SampleSize = SampleSize()) -> Tensor:
@@ -262,23 +268,24 @@ class Cascade:
         return torch.cat([self.sample(c, generator, size).cpu() for c in bar])
 
 
-def save_sample(sample: Tensor, stem: Path) -> Path:
-    """One image (3, H, W) as `stem`.png or video (3, F, H, W) as `stem`.mp4, from [-1, 1]."""
+def save_sample(sample: Tensor, stem: Path, fps: float = 0.0) -> Path:
+    """One image (3, H, W) as `stem`.png or video (3, F, H, W) as `stem`.mp4 at `fps` (0: the
+    media default), from [-1, 1]."""
     if sample.ndim == 4:
-        return save_mp4(sample, stem.with_suffix(".mp4"))
+        return save_mp4(sample, stem.with_suffix(".mp4"), fps)
     Image.fromarray(to_uint8(sample)).save(stem.with_suffix(".png"))
     return stem.with_suffix(".png")
 
 
 def save_samples(pixels: Tensor, prompts: Sequence[str], out_dir: str | Path,
-                 meta: Optional[dict] = None) -> dict[str, object]:
-    """One PNG per image (MP4 per video) plus a grid with the prompts (PNG; animated GIF for
-    videos) and `samples.json` listing files, prompts and `meta`."""
+                 meta: Optional[dict] = None, fps: float = 0.0) -> dict[str, object]:
+    """One PNG per image (MP4 per video, at `fps`) plus a grid with the prompts (PNG; animated
+    GIF for videos) and `samples.json` listing files, prompts and `meta`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = [save_sample(sample, out / f"{i:05d}").name for i, sample in enumerate(pixels)]
+    files = [save_sample(sample, out / f"{i:05d}", fps).name for i, sample in enumerate(pixels)]
     if pixels.ndim == 5:
-        grid = save_video_grid(pixels, prompts, out / "grid.gif")
+        grid = save_video_grid(pixels, prompts, out / "grid.gif", fps)
     else:
         grid = save_image_grid(pixels, prompts, out / "grid.png")
     record = {"files": files, "prompts": list(prompts), "grid": grid.name, **(meta or {})}

@@ -49,12 +49,13 @@ def heldout_set(data: DataConfig, num: int, seed: int = HELDOUT_SEED,
                 workdir: Optional[str | Path] = None) -> tuple[Tensor, list[str]]:
     """`num` synthetic samples no training set holds, as the pipeline delivers them with `data`
     (the final size: sr_resolution when set), and their captions."""
-    from data_pipeline.synth import synth_samples
+    from data_pipeline.synth import VIDEO_FPS, synth_samples
+    from data_pipeline.transforms import TransformSpec, clip_span
     from data_pipeline.write import write_shards
 
     side = data.sr_resolution or data.resolution
     video = data.kind == "video"
-    frames = data.num_frames * data.frame_stride
+    frames = clip_span(data.num_frames, TransformSpec.from_config(data).stride(VIDEO_FPS))  # a clip's source frames
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         write_shards(synth_samples(num, seed=seed, size=side, video=video, num_frames=frames), tmp,
                      shard_size=max(num, 1), progress=False)

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import textwrap
+from fractions import Fraction
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+DEFAULT_FPS = 8.0  # saved videos of a model that learned from no single frame rate (fps=0: data.fps unset)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -56,26 +59,28 @@ def save_image_grid(images: torch.Tensor, prompts: Sequence[str], path: str | Pa
     return path
 
 
-def save_video_grid(videos: torch.Tensor, prompts: Sequence[str], path: str | Path, fps: int = 8,
+def save_video_grid(videos: torch.Tensor, prompts: Sequence[str], path: str | Path, fps: float = 0.0,
                     **kw) -> Path:
-    """Videos (N, 3, F, H, W) in [-1, 1] as an animated GIF of grids, one frame per time step."""
+    """Videos (N, 3, F, H, W) in [-1, 1] as an animated GIF of grids, one frame per time step,
+    played at `fps` (0: DEFAULT_FPS)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     frames = [image_grid(videos[:, :, f], prompts, **kw) for f in range(videos.shape[2])]
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=1000 // fps, loop=0)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=round(1000 / (fps or DEFAULT_FPS)), loop=0)
     return path
 
 
-def save_grid(pixels: torch.Tensor, labels: Sequence[str], path: str | Path, **kw) -> Path:
+def save_grid(pixels: torch.Tensor, labels: Sequence[str], path: str | Path, fps: float = 0.0, **kw) -> Path:
     """Images (N, 3, H, W) as a PNG grid at `path`; clips (N, 3, F, H, W) as a GIF of grids
-    beside it (`path` with the suffix .gif)."""
+    beside it (`path` with the suffix .gif) at `fps` (0: DEFAULT_FPS)."""
     if pixels.dim() == 5:
-        return save_video_grid(pixels, labels, Path(path).with_suffix(".gif"), **kw)
+        return save_video_grid(pixels, labels, Path(path).with_suffix(".gif"), fps, **kw)
     return save_image_grid(pixels, labels, path, **kw)
 
 
-def save_mp4(video: torch.Tensor, path: str | Path, fps: int = 8) -> Path:
-    """One video (3, F, H, W) in [-1, 1] as H.264 MP4 (even sizes padded by repetition)."""
+def save_mp4(video: torch.Tensor, path: str | Path, fps: float = 0.0) -> Path:
+    """One video (3, F, H, W) in [-1, 1] as H.264 MP4 at `fps` (0: DEFAULT_FPS; even sizes
+    padded by repetition)."""
     import av
 
     path = Path(path)
@@ -84,7 +89,7 @@ def save_mp4(video: torch.Tensor, path: str | Path, fps: int = 8) -> Path:
     h, w = frames.shape[1] + frames.shape[1] % 2, frames.shape[2] + frames.shape[2] % 2
     frames = np.pad(frames, ((0, 0), (0, h - frames.shape[1]), (0, w - frames.shape[2]), (0, 0)), mode="edge")
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
+        stream = container.add_stream("libx264", rate=Fraction(fps or DEFAULT_FPS).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):

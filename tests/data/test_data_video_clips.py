@@ -1,6 +1,6 @@
 """Video clips: placed over the whole video in every container (Matroska and WebM headers carry
-no frame count), and reached by seeking to the keyframe before them rather than decoding every
-frame up to their start."""
+no frame count), reached by seeking to the keyframe before them rather than decoding every
+frame up to their start, and sampled at a target frame rate (data.fps) whatever the source's."""
 from __future__ import annotations
 
 import io
@@ -12,8 +12,10 @@ import pytest
 
 from data_pipeline import transforms
 from data_pipeline.config import DataConfig
+from data_pipeline.errors import SkipSample
 from data_pipeline.inspect_shards import inspect_shards
-from data_pipeline.transforms import TransformSpec, _sought, bucket_size, choose_clip, resize_box, video_pixels
+from data_pipeline.transforms import (TransformSpec, _sought, bucket_size, choose_clip, clip_indices, clip_span,
+                                      resize_box, video_pixels)
 from data_pipeline.write import write_shards
 
 FRAMES, LEVEL = 60, 4  # frame i is a flat grey of i * LEVEL: its index is readable after lossy coding
@@ -106,6 +108,7 @@ def test_inspect_reports_the_frames_and_upright_size_training_sees(tmp_path):
     report = inspect_shards(str(tmp_path / "v"), progress=False)
     assert report.frames == [FRAMES] * 3
     assert dict(report.resolutions) == {"48x32": 1, "32x48": 1, "64x32": 1}
+    assert dict(report.rates) == {"12": 3} and report.seconds == [FRAMES / 12] * 3
 
 
 @pytest.mark.parametrize("rotation", [0, 90])
@@ -134,3 +137,36 @@ def test_non_square_pixels_are_shown_stretched(rotation):
         coded = [np.rot90(f.to_ndarray(format="rgb24"), rotation // 90) for f in container.decode(video=0)]
     want = np.stack([resize_box(np.ascontiguousarray(f), (0, 0, 32, 32), h, w) for f in coded])
     np.testing.assert_array_equal(got, want)
+
+
+def test_clip_indices_are_the_nearest_frames_to_the_target_times():
+    """An integer stride gives every stride-th frame as before; 30 fps sampled at 8 takes the
+    frame nearest each 1/8 s (halves up), 6 fps at 8 repeats frames."""
+    assert clip_indices(5, 4, 3) == [5, 8, 11, 14] and clip_span(4, 3) == 10
+    assert clip_indices(0, 5, 30 / 8) == [0, 4, 8, 11, 15] and clip_span(5, 30 / 8) == 16
+    assert clip_indices(2, 6, 6 / 8) == [2, 3, 4, 4, 5, 6] and clip_span(6, 6 / 8) == 5
+    assert choose_clip(15, (1, 4, 5), 30 / 8, 0.0) == (4, 0)  # 5 frames need 16 source frames
+
+
+@pytest.mark.parametrize("fmt,codec", CONTAINERS[:2])
+@pytest.mark.parametrize("rate", [6, 10, 24, 30])
+def test_clips_at_a_target_fps_span_the_same_time_at_every_source_rate(fmt, codec, rate):
+    """data.fps=8: clip frame k is the source frame nearest start + k/8 s, whether the source
+    runs at 6, 10, 24 or 30 fps; with data.frame_stride the same 6 frames would span 5 source
+    frames, 0.17 s at 30 fps and 0.83 s at 6. Start on the first frame and seek (u > 0)."""
+    data = _indexed_video(fmt, codec, rate=rate)
+    spec = TransformSpec.from_config(DataConfig(shards="unused", kind="video", num_frames=6, fps=8, resolution=32))
+    for u in (0.0, 0.4, 0.999):
+        frames, start = choose_clip(FRAMES, spec.frame_counts, rate / 8, u)
+        got = _indices(video_pixels(data, spec, (0.5, 0.5, u)).frames)
+        assert frames == 6 and len(got) == 6, (u, got)
+        times = np.asarray(got) / rate - start / rate
+        np.testing.assert_allclose(times, np.arange(6) / 8, atol=0.5 / rate + 1e-9, err_msg=str((u, got)))
+
+
+def test_a_source_without_a_frame_rate_is_skipped_at_a_target_fps():
+    spec = TransformSpec.from_config(DataConfig(shards="unused", kind="video", num_frames=4, fps=8, resolution=32))
+    with pytest.raises(SkipSample, match="no frame rate"):
+        spec.stride(None)
+    assert TransformSpec.from_config(DataConfig(shards="unused", kind="video", frame_stride=3)).stride(None) == 3
+

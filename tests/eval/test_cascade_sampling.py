@@ -54,18 +54,22 @@ def test_cascade_yaml_names_unknown_keys(tmp_path):
         load_cascade_spec(recipe)
 
 
-def test_video_model_writes_mp4_and_gif_grid(tmp_path):
+@pytest.mark.parametrize("fps, plays_at", [(0, 8), (12, 12)])
+def test_video_model_writes_mp4_and_gif_grid(tmp_path, fps, plays_at):
+    """Videos play at the rate the model's clips were sampled at (data.fps), 8 fps without one."""
     import av
 
     checkpoint = write_checkpoint(tiny_config(tmp_path / "video", "model.video=true", "data.kind=video",
-                                              "data.num_frames=4"))
+                                              "data.num_frames=4", f"data.fps={fps}"))
     out = tmp_path / "samples"
     assert dit(["sample", str(checkpoint), "--prompt", "a large red circle moving left", "--steps", "2",
                         "--out", str(out)]) == 0
     with av.open(str(out / "00000.mp4")) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        assert container.streams.video[0].average_rate == plays_at
     assert len(frames) == 4 and frames[0].shape == (16, 16, 3)
-    assert (out / "grid.gif").is_file()
+    with Image.open(out / "grid.gif") as grid:
+        assert grid.n_frames == 4 and abs(grid.info["duration"] - 1000 / plays_at) < 10  # GIF: 10 ms units
 
 
 def test_distilled_student_samples_at_its_step_count(tmp_path):

@@ -82,3 +82,12 @@ def test_judge_leaves_shape_out_at_16px(tmp_path):
     report = judge(pixels, captions)
     assert "shape" not in report.accuracy and "16 px" in report.note
     assert report.accuracy["overall"] >= 0.98, report.format()
+
+
+@pytest.mark.parametrize("fps", [4, 16])
+def test_heldout_clips_are_full_length_at_a_target_fps(tmp_path, fps):
+    """The held-out videos are made long enough for a whole clip at data.fps (4 fps of the
+    synthetic 8 fps videos takes every other frame: 11 source frames for 6)."""
+    data = DataConfig(shards="unused", kind="video", resolution=16, num_frames=6, num_workers=0, fps=fps)
+    pixels, captions = heldout_set(data, 3, workdir=tmp_path)
+    assert tuple(pixels.shape) == (3, 3, 6, 16, 16) and len(captions) == 3

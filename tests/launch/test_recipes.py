@@ -396,6 +396,7 @@ def test_t2v_joint_trains_resumes_and_samples_through_a_causal_3d_autoencoder(ru
 
     with av.open(str(tmp_path / "samples" / record["files"][0])) as clip:
         frames = sum(1 for _ in clip.decode(video=0))
+        assert clip.streams.video[0].average_rate == 16  # the recipe's data.fps
     assert frames == 5  # 3 latent frames decoded by the causal autoencoder: 1 + 2 x 2
 
 

@@ -148,7 +148,7 @@ class DistillationStage(PretrainStage):
         for steps in SAMPLE_STEPS:
             rows.append(self.student_pixels(net, prompts, steps, log))
             labels += [f"{steps} step{'s' if steps > 1 else ''}: {p}" for p in prompts]
-        return save_grid(torch.cat(rows), labels, path, cols=len(prompts))
+        return save_grid(torch.cat(rows), labels, path, self.data.fps, cols=len(prompts))
 
     def eval_metrics(self, weights: Optional[dict[str, Tensor]], log: LogConfig) -> dict[str, float]:
         """The shapes judge (trainer.judge) on log.prompts at 1, 2 and 4 student steps:

@@ -177,7 +177,7 @@ class PretrainStage(Stage):
         settings = SamplerSettings(steps=log.sample_steps, cfg_scale=log.sample_cfg)
         pixels = self.bundle.sample_pixels(self.sampling_net(weights), log.prompts, settings,
                                            torch.Generator().manual_seed(0))
-        return save_grid(pixels, log.prompts, path)
+        return save_grid(pixels, log.prompts, path, self.data.fps)
 
     def eval_metrics(self, weights: Optional[dict[str, Tensor]], log: LogConfig) -> dict[str, float]:
         """The shapes judge (trainer.judge) on `log.prompts`, each sampled EVAL_REPEATS times

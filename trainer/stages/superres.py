@@ -51,7 +51,8 @@ class SuperResStage(PretrainStage):
         extras = self.bundle.upsample_extras(lowres, self.stage_cfg.noise_aug_sample, generator)
         high = self.bundle.sample_pixels(self.sampling_net(weights), prompts, settings, generator, extras)
         low = upsample_like(self.decode(lowres), high)
-        return save_grid(torch.cat([low, high]), ["input: " + p for p in prompts] + prompts, path, cols=len(prompts))
+        return save_grid(torch.cat([low, high]), ["input: " + p for p in prompts] + prompts, path, self.data.fps,
+                         cols=len(prompts))
 
     def eval_metrics(self, weights: Optional[dict[str, Tensor]], log: LogConfig) -> dict[str, float]:
         """{}: a super-resolution model samples from low-resolution inputs, not prompts alone."""
