@@ -59,3 +59,18 @@ def test_encoder_loading_and_contract_errors(tmp_path, shards):
     with pytest.raises(DataError, match="batch dimension"):
         precompute(str(shards), str(tmp_path / "x"), lambda b: {"latent": torch.zeros(1)},
                    DataConfig(resolution=32), progress=False)
+
+
+def test_precomputed_clips_record_how_they_were_sampled(tmp_path):
+    """Latent clips keep nothing of the data.fps / frame_stride they were cut at: the manifest
+    says, beside the resolution, so a run on them can be compared with its own data settings."""
+    from tests.data.data_helpers import make_shards
+
+    videos = make_shards(tmp_path / "videos", sizes=[4], size=16, video=True, frames=8)  # at 8 fps
+    cfg = DataConfig(kind="video", resolution=16, num_frames=4, fps=4)
+    m = precompute(str(videos), str(tmp_path / "lat"), toy_encoder(), cfg, progress=False)
+    latents = take(build_stream(DataConfig(shards=m.root, kind="video", batch_size=4, num_workers=0), 0, 1), 1)[0]
+    assert latents["latent"].shape == (4, 3 * 4, 4, 4)  # whole clips of 4 frames, every other source frame
+    assert {k: m.extra[k] for k in ("resolution", "num_frames", "frame_stride", "fps")} == \
+        {"resolution": 16, "num_frames": 4, "frame_stride": 1, "fps": 4}
+    assert load_manifest(m.root).extra["fps"] == 4  # as written to manifest.json
