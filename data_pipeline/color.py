@@ -1,4 +1,5 @@
-"""Colours to sRGB: pixels of an image with an embedded ICC profile, as a viewer shows them.
+"""Colours to sRGB: pixels of an image with an embedded ICC profile, and video frames in BT.2020
+primaries, as a viewer shows them.
 
 A model learns, and later generates, sRGB values (what a browser assumes of untagged pixels).
 Pixels stored in a wider space (Display P3 of phone photos, Adobe RGB of cameras) read as sRGB
@@ -8,6 +9,14 @@ crop is resized (a few hundred pixels a side: ~1 ms at 256 px, where converting 
 would cost its full size). Profiles that move no colour of a 16-level grid by more than 1 (sRGB
 under any name, the usual case on the web) and profiles littlecms cannot use (CMYK or gray
 profiles once the pixels are RGB, damaged ones) leave the pixels as they are.
+
+Video frames tagged with BT.2020 primaries (HDR from phones: an iPhone records HLG in BT.2020
+by default; also wide-gamut SDR) read as BT.709 look washed out the same way. Their colours are
+converted to BT.709 after the resize (`bt2020_to_bt709`). An HLG signal is taken as the SDR
+signal it was designed to be compatible with (ITU-R BT.2100: shown as is on an SDR display with
+BT.2020 colours), and its highlights stay compressed by the HLG curve itself. PQ video (HDR10)
+has no such reading: without tone mapping its frames are dark and flat, so it is refused
+(`hdr_video`); convert it with ffmpeg first (zscale and tonemap).
 """
 from __future__ import annotations
 
@@ -18,6 +27,11 @@ from typing import Optional
 import numpy as np
 import PIL.Image
 from PIL import ImageCms
+
+# H.273 codes as FFmpeg reports them (frame.color_primaries, frame.color_trc)
+BT2020_PRIMARIES = 9
+PQ_TRANSFER = 16  # SMPTE ST 2084
+HLG_TRANSFER = 18  # ARIB STD-B67
 
 _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 _LEVELS = np.linspace(0, 255, 16).round().astype(np.uint8)
@@ -48,3 +62,34 @@ def _transform(icc: bytes) -> Optional[ImageCms.ImageCmsTransform]:
     except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
         return None
     return transform if moved > 1 else None
+
+
+def _rgb_to_xyz(primaries: tuple[tuple[float, float], ...], white: tuple[float, float]) -> np.ndarray:
+    """The linear RGB -> CIE XYZ matrix of a colour space given by its primaries' and white
+    point's xy chromaticities (SMPTE RP 177: white (1, 1, 1) to the white point at Y = 1)."""
+    xyz = np.array([[x / y, 1.0, (1 - x - y) / y] for x, y in primaries]).T  # columns: R, G, B at Y = 1
+    wx, wy = white
+    scale = np.linalg.solve(xyz, np.array([wx / wy, 1.0, (1 - wx - wy) / wy]))
+    return xyz * scale
+
+
+_D65 = (0.3127, 0.3290)
+_BT709 = ((0.640, 0.330), (0.300, 0.600), (0.150, 0.060))  # ITU-R BT.709, table 1.3
+_BT2020 = ((0.708, 0.292), (0.170, 0.797), (0.131, 0.046))  # ITU-R BT.2020, table 3
+# linear BT.2020 RGB -> linear BT.709 RGB (the inverse of ITU-R BT.2087's matrix M; row 0:
+# 1.6605, -0.5876, -0.0728)
+BT2020_TO_BT709 = (np.linalg.inv(_rgb_to_xyz(_BT709, _D65)) @ _rgb_to_xyz(_BT2020, _D65)).astype(np.float32)
+_GAMMA = 2.4  # ITU-R BT.1886's display gamma: signal <-> linear light, as BT.2087 converts
+_TO_LINEAR = (np.arange(256) / 255.0) ** _GAMMA  # 8-bit signal -> linear
+_SQRT_STEPS = 65535
+_FROM_SQRT = np.round(255 * (np.arange(_SQRT_STEPS + 1) / _SQRT_STEPS) ** (2 / _GAMMA)).astype(np.uint8)
+
+
+def bt2020_to_bt709(rgb: np.ndarray) -> np.ndarray:
+    """(..., 3) uint8 signal in BT.2020 primaries -> the same colours in BT.709 primaries:
+    linear light by BT.1886's gamma, the primaries' matrix, colours outside BT.709 clipped
+    (ITU-R BT.2407's clipping), gamma again. Linear light goes back to 8 bits through its
+    square root (a 65536-entry table: even the darkest step keeps its level)."""
+    linear = _TO_LINEAR.astype(np.float32)[rgb] @ BT2020_TO_BT709.T
+    np.clip(linear, 0.0, 1.0, out=linear)
+    return _FROM_SQRT[(np.sqrt(linear) * _SQRT_STEPS + 0.5).astype(np.int32)]

@@ -16,6 +16,7 @@ SKIP_REASONS = (
     "corrupt_tar",
     "corrupt_image",
     "corrupt_video",
+    "hdr_video",  # PQ (HDR10) video: needs tone mapping to SDR first (data_pipeline/color.py)
     "corrupt_text",
     "corrupt_json",
     "corrupt_array",

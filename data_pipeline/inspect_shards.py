@@ -19,6 +19,7 @@ from tqdm import tqdm
 from data_pipeline.decode import (CAPTION_EXTS, IMAGE_EXTS, VIDEO_EXTS, member_type, open_image, orientation,
                                   upright_size)
 from data_pipeline import remote
+from data_pipeline.color import HLG_TRANSFER, PQ_TRANSFER
 from data_pipeline.errors import SkipSample
 from data_pipeline.manifest import Manifest, file_digest, resolve_source
 from data_pipeline.tar_reader import TarShard, count_samples
@@ -33,6 +34,7 @@ class Report:
     frames: list[int] = field(default_factory=list)
     rates: Counter = field(default_factory=Counter)  # videos per frame rate (what data.fps is chosen from)
     seconds: list[float] = field(default_factory=list)  # each video's duration, frames / rate
+    hdr: Counter = field(default_factory=Counter)  # videos per HDR transfer (HLG, PQ)
     caption_words: list[int] = field(default_factory=list)
     missing_captions: int = 0
     unreadable: int = 0
@@ -108,12 +110,19 @@ def _media_stats(types: dict[str, bytes], report: Report) -> None:
                 ax, ay = pixel_shape(s, frame)  # as shown: turned upright, pixels that are not square stretched
                 report.resolutions[f"{round(w * ax)}x{round(h * ay)}"] += 1
                 report.frames.append(frame_count(c, s))
+                hdr = _HDR.get(frame.color_trc)
+                if hdr:
+                    report.hdr[hdr] += 1
                 rate = s.average_rate or s.guessed_rate
                 if rate:
                     report.rates[f"{float(rate):.3g}"] += 1
                     report.seconds.append(report.frames[-1] / float(rate))
     except (SkipSample, av.error.FFmpegError, IndexError, OSError, StopIteration):
         report.unreadable += 1
+
+
+_HDR = {HLG_TRANSFER: "HLG", PQ_TRANSFER: "PQ"}
+_HDR_NOTES = {"HLG": "read as SDR, BT.2020 colours converted", "PQ": "refused: tone-map it to SDR first"}
 
 
 def _summary(values: list[float], digits: int = 0) -> str:
@@ -140,6 +149,8 @@ def format_report(r: Report) -> str:
     if r.rates:
         lines.append("frame rates: " + ", ".join(f"{k} fps ({v})" for k, v in r.rates.most_common(8)))
         lines.append(f"seconds:     {_summary(r.seconds, 1)}")
+    if r.hdr:
+        lines.append("HDR videos:  " + ", ".join(f"{k} {v} ({_HDR_NOTES[k]})" for k, v in sorted(r.hdr.items())))
     lines.append(f"captions:    words {_summary(r.caption_words)}; missing or empty {r.missing_captions}")
     if r.verified:
         if r.bad_shards:

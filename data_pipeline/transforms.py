@@ -25,7 +25,7 @@ import io
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import av
 import numpy as np
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.config import DataConfig
-from data_pipeline.color import to_srgb
+from data_pipeline.color import BT2020_PRIMARIES, PQ_TRANSFER, bt2020_to_bt709, to_srgb
 from data_pipeline.decode import Jpeg, icc_profile, orientation, upright_size
 from data_pipeline.errors import SkipSample
 
@@ -287,28 +287,40 @@ def upright_frame(frame: av.VideoFrame) -> np.ndarray:
 
 
 def video_pixels(data: bytes, spec: TransformSpec, u: tuple[float, float, float]) -> Pixels:
-    """Decode a clip of an allowed length (PyAV), crop and resize every frame alike."""
+    """Decode a clip of an allowed length (PyAV), crop and resize every frame alike; frames in
+    BT.2020 primaries are converted to BT.709 after the resize (color.py)."""
     try:
-        picked, (ax, ay) = _clip(data, spec, u[2])
+        clip = _clip(data, spec, u[2])
     except (av.error.FFmpegError, IndexError, ValueError, OSError) as e:
         raise SkipSample("corrupt_video", str(e) or type(e).__name__) from None
-    if not picked:
+    if not clip.frames:
         raise SkipSample("corrupt_video", "no decodable frame")
-    height, width = picked[0].shape[:2]
+    height, width = clip.frames[0].shape[:2]
+    ax, ay = clip.pixel_shape
     shown_w, shown_h = width * ax, height * ay  # as shown: pixels that are not square stretched
     sizes = _out_sizes(spec, spec.bucket(round(shown_w), round(shown_h)))
     box = crop_box(shown_w, shown_h, sizes[-1][1], sizes[-1][0], spec.random_crop, u[:2])
     box = (box[0] / ax, box[1] / ay, box[2] / ax, box[3] / ay)  # in stored pixels
-    per_frame = [_fit(rgb, box, sizes) for rgb in picked]
+    per_frame = [_fit(rgb, box, sizes) for rgb in clip.frames]
     stacks = [np.stack([f[i] for f in per_frame]) for i in range(len(sizes))]  # (F, h, w, 3)
+    if clip.bt2020:
+        stacks = [bt2020_to_bt709(s) for s in stacks]
     return Pixels(stacks[0], stacks[1] if len(stacks) > 1 else None)
 
 
-def _clip(data: bytes, spec: TransformSpec, u: float) -> tuple[list[np.ndarray], tuple[float, float]]:
-    """The upright frames (H, W, 3) of the clip `u` places, and the shape of their pixels
-    (`_upright`). The clip: the longest allowed length that fits the frame count (the header's;
-    else, as in Matroska and WebM, duration x frame rate), decoded from the keyframe before its
-    start after a seek. Frames are counted from the first one instead where the clip starts
+class Clip(NamedTuple):
+    """A clip's upright frames (H, W, 3) as decoded, the (width, height) of one of their pixels
+    as shown (`pixel_shape`) and whether their colours are in BT.2020 primaries."""
+
+    frames: list[np.ndarray]
+    pixel_shape: tuple[float, float]
+    bt2020: bool
+
+
+def _clip(data: bytes, spec: TransformSpec, u: float) -> Clip:
+    """The clip `u` places (`_upright`): the longest allowed length that fits the frame count
+    (the header's; else, as in Matroska and WebM, duration x frame rate), decoded from the
+    keyframe before its start after a seek. Frames are counted from the first one instead where the clip starts
     there, where seeking fails, or where the video turns out shorter than its header says (then
     the clip is placed again within what is there)."""
     with av.open(io.BytesIO(data)) as container:
@@ -328,11 +340,17 @@ def _clip(data: bytes, spec: TransformSpec, u: float) -> tuple[list[np.ndarray],
         return _upright(_counted(container, stream, wanted, spec.frame_counts, stride, u), stream)
 
 
-def _upright(frames: list[av.VideoFrame], stream) -> tuple[list[np.ndarray], tuple[float, float]]:
-    """The frames as arrays turned upright (`upright_frame`), and the shape of their pixels
-    (`pixel_shape`)."""
-    shape = pixel_shape(stream, frames[0]) if frames else (1.0, 1.0)
-    return [upright_frame(f) for f in frames], shape
+def _upright(frames: list[av.VideoFrame], stream) -> Clip:
+    """The frames as arrays turned upright (`upright_frame`), the shape of their pixels and
+    their primaries; SkipSample for PQ (HDR10) video, which needs tone mapping (color.py)."""
+    if not frames:
+        return Clip([], (1.0, 1.0), False)
+    first = frames[0]
+    if first.color_trc == PQ_TRANSFER:
+        raise SkipSample("hdr_video", "PQ (HDR10) video needs tone mapping to SDR, which the loader does not do; "
+                                      "convert it first (ffmpeg's zscale and tonemap filters)")
+    return Clip([upright_frame(f) for f in frames], pixel_shape(stream, first),
+                first.color_primaries == BT2020_PRIMARIES)
 
 
 def pixel_shape(stream, frame: av.VideoFrame) -> tuple[float, float]:

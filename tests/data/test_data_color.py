@@ -1,5 +1,7 @@
 """Colour profiles: pixels of images with an embedded ICC profile are converted to sRGB by
-littlecms, as a colour-managed viewer shows them; sRGB and unusable profiles change nothing."""
+littlecms, as a colour-managed viewer shows them; sRGB and unusable profiles change nothing.
+Video frames in BT.2020 primaries (an iPhone's HLG video) are converted to BT.709; PQ (HDR10)
+video is refused."""
 from __future__ import annotations
 
 import io
@@ -10,10 +12,15 @@ import PIL.Image
 import pytest
 from PIL import ImageCms
 
-from data_pipeline.color import to_srgb
+import av
+
+from data_pipeline.color import BT2020_TO_BT709, bt2020_to_bt709, to_srgb
 from data_pipeline.config import DataConfig
 from data_pipeline.decode import Jpeg, jpeg_metadata, open_image
-from data_pipeline.transforms import TransformSpec, bucket_size, image_pixels
+from data_pipeline.errors import SkipSample
+from data_pipeline.inspect_shards import format_report, inspect_shards
+from data_pipeline.transforms import TransformSpec, bucket_size, image_pixels, video_pixels
+from data_pipeline.write import write_shards
 
 D50 = (0.9642, 1.0, 0.8249)
 ADOBE_RGB = ((0.60974, 0.31111, 0.01947), (0.20528, 0.62567, 0.06087), (0.14919, 0.06322, 0.74457))  # D50-adapted
@@ -96,3 +103,70 @@ def test_a_profile_in_several_app2_chunks_is_joined_as_pil_joins_it():
     img = open_image(data)
     assert isinstance(img, Jpeg) and img.icc == profile == PIL.Image.open(io.BytesIO(data)).info["icc_profile"]
     assert jpeg_metadata(data) == (1, profile)
+
+
+# ITU-R BT.2087 eq. (1): linear BT.709 RGB -> linear BT.2020 RGB, as published (4 decimals)
+BT2087_M = np.array([[0.6274, 0.3293, 0.0433], [0.0691, 0.9195, 0.0114], [0.0164, 0.0880, 0.8956]])
+PATCHES = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [200, 60, 30], [40, 120, 220],
+                    [128, 128, 128], [20, 20, 20]], np.uint8)  # BT.709 signal: primaries, skin, sky, greys
+SHOWN = np.tile(np.repeat(PATCHES[None], 8, 1), (32, 1, 1))  # (32, 64, 3): one patch per 8 columns
+
+
+def _bt2020_clip(transfer: int, frames: int = 2) -> bytes:
+    """SHOWN stored as BT.2020 would store it (BT.2087: BT.1886 linear light through M, 16 bits),
+    in a lossless 10-bit 4:4:4 HEVC clip (Matroska) tagged BT.2020 primaries and matrix and
+    the given transfer (18: HLG, 16: PQ)."""
+    linear = (SHOWN / 255.0) ** 2.4 @ BT2087_M.T
+    signal = np.round(linear ** (1 / 2.4) * 65535).astype(np.uint16)
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="matroska") as container:
+        stream = container.add_stream("libx265", rate=8, options={"x265-params": "lossless=1:log-level=none"})
+        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv444p10le"
+        cc = stream.codec_context
+        cc.color_primaries, cc.color_trc, cc.colorspace = 9, transfer, 9
+        for _ in range(frames):
+            frame = av.VideoFrame.from_ndarray(signal, format="rgb48le").reformat(format="yuv444p10le", dst_colorspace=9)
+            frame.color_primaries, frame.color_trc, frame.colorspace = 9, transfer, 9
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return buf.getvalue()
+
+
+def _linear(rgb: np.ndarray) -> np.ndarray:
+    return (rgb / 255.0) ** 2.4
+
+
+def test_the_primaries_matrix_inverts_bt2087():
+    np.testing.assert_allclose(BT2020_TO_BT709 @ BT2087_M, np.eye(3), atol=2e-4)
+    np.testing.assert_array_equal(bt2020_to_bt709(PATCHES[6:]), PATCHES[6:])  # greys stay
+
+
+def test_hlg_video_in_bt2020_is_seen_in_bt709_colours():
+    """Read as BT.709, the BT.2020 signal of pure red is (211, 84, 46); converted, the clip shows
+    the colours it was made from. The 8-bit signal before the matrix leaves a few levels where
+    the gamma is steep (a blue of (0, 9, 255) for (0, 0, 255), 43 for 40): less light than one
+    8-bit step at full scale (0.0094)."""
+    data = _bt2020_clip(transfer=18)
+    spec = TransformSpec.from_config(DataConfig(shards="unused", kind="video", num_frames=2, resolution=45,
+                                                aspect_buckets=[2.0]))
+    assert bucket_size(45, 2.0) == (32, 64)
+    got = video_pixels(data, spec, (0.5, 0.5, 0.0)).frames
+    with av.open(io.BytesIO(data)) as container:
+        as_stored = next(container.decode(video=0)).to_ndarray(format="rgb24")
+    assert np.abs(_linear(as_stored) - _linear(SHOWN)).max() > 0.3  # what the loader gave before
+    assert got.shape == (2, 32, 64, 3)
+    assert np.abs(_linear(got) - _linear(SHOWN)).max() < 0.0094
+    assert np.abs(got.astype(int) - SHOWN).max() <= 10
+
+
+def test_pq_video_is_refused_and_inspect_reports_hdr(tmp_path):
+    spec = TransformSpec.from_config(DataConfig(shards="unused", kind="video", num_frames=2, resolution=32))
+    with pytest.raises(SkipSample, match="tone mapping") as e:
+        video_pixels(_bt2020_clip(transfer=16), spec, (0.5, 0.5, 0.0))
+    assert e.value.reason == "hdr_video"
+    samples = [{"__key__": "pq", "mkv": _bt2020_clip(16), "txt": b"a"},
+               {"__key__": "hlg", "mkv": _bt2020_clip(18), "txt": b"b"}]
+    write_shards(samples, str(tmp_path / "v"), 10, progress=False)
+    report = inspect_shards(str(tmp_path / "v"), progress=False)
+    assert dict(report.hdr) == {"HLG": 1, "PQ": 1}
+    assert "PQ 1 (refused" in format_report(report)
