@@ -27,6 +27,7 @@ from data_pipeline.manifest import Manifest, ShardInfo, file_digest
 from data_pipeline.tar_reader import byte_index
 
 log = logging.getLogger("data_pipeline")
+SIDECAR_EXTS = (".txt", ".json")  # a media file's caption and metadata in folder mode
 # Input file suffix -> member extension: every type the loader decodes (decode.py), .jpeg as jpg.
 MEDIA_EXTS = {f".{t}": "jpg" if t == "jpeg" else t for t in (*IMAGE_EXTS, *VIDEO_EXTS)}
 
@@ -149,8 +150,13 @@ def folder_samples(root: str, report: InputReport) -> Iterator[dict]:
     if not base.is_dir():
         raise DataError(f"{root} is not a directory")
     used: set[str] = set()
-    for path in sorted(p for p in base.rglob("*") if p.suffix.lower() in MEDIA_EXTS and p.is_file()):
+    for path in sorted(p for p in base.rglob("*") if p.is_file()):
         caption_file = path.with_suffix(".txt")
+        if path.suffix.lower() not in MEDIA_EXTS:
+            if path.suffix.lower() not in SIDECAR_EXTS and caption_file.is_file():  # captioned, not media we read
+                report.skip(f"unsupported type {path.suffix.lower()} (convert to "
+                            f"{', '.join(sorted(set(MEDIA_EXTS.values())))})", str(path))
+            continue
         if not caption_file.is_file():
             report.skip("missing caption", f"{path} (no {caption_file.name})")
             continue

@@ -92,9 +92,15 @@ def test_write_from_a_folder_with_sidecar_captions(tmp_path, cfg):
         (src / f"img.{i}.txt").write_text(f"green {i}\n")
     (src / "orphan.jpg").write_bytes(_jpeg((1, 2, 3)))  # no caption: skipped and reported
     (src / "img.0.json").write_text(json.dumps({"license": "cc0"}))
+    (src / "IMG_7.HEIC").write_bytes(b"\0\0\0\x18ftypheic")  # captioned, a type the loader cannot read: reported
+    (src / "IMG_7.txt").write_text("an iPhone photo\n")
+    (src / "README.md").write_text("not an input\n")  # no caption: not an input at all
     report = InputReport()
     m = write_shards(folder_samples(str(tmp_path / "src"), report), str(tmp_path / "out"), 3, progress=False)
     assert m.num_samples == 4 and report.skipped["missing caption"] == 1
+    (unsupported,) = [r for r in report.skipped if r.startswith("unsupported type")]
+    assert unsupported.startswith("unsupported type .heic (convert to ") and report.skipped[unsupported] == 1
+    assert sum(report.skipped.values()) == 2
     samples = list(wds.WebDataset(m.paths(), shardshuffle=False))
     keys = [s["__key__"] for s in samples]
     assert keys[0] == "sub_img_0" and all("." not in k for k in keys)
