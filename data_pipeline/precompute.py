@@ -124,7 +124,9 @@ def precompute(source: str, out_dir: str, encoder: Encoder, cfg: DataConfig, bat
             for group in groups.values():
                 written += _write(sink, group, encoder, cfg.kind)
         infos.append(out.finish(str(target), written))
-    clips = {"num_frames": cfg.num_frames, "frame_stride": cfg.frame_stride, "fps": cfg.fps} if cfg.kind == "video" else {}
+    clips = {}  # how video clips were cut: their latents keep nothing of it
+    if cfg.kind == "video":
+        clips = {"num_frames": cfg.num_frames, "frame_stride": cfg.frame_stride, "fps": cfg.fps}
     return out.manifest(infos, "latent", "dit data precompute",
                         {"source": src.root, "resolution": cfg.resolution, **clips, "skipped": counter.counts,
                          "encoded_by": encoded_by or {}})

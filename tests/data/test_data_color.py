@@ -125,7 +125,8 @@ def _bt2020_clip(transfer: int, frames: int = 2) -> bytes:
         cc = stream.codec_context
         cc.color_primaries, cc.color_trc, cc.colorspace = 9, transfer, 9
         for _ in range(frames):
-            frame = av.VideoFrame.from_ndarray(signal, format="rgb48le").reformat(format="yuv444p10le", dst_colorspace=9)
+            frame = av.VideoFrame.from_ndarray(signal, format="rgb48le")
+            frame = frame.reformat(format="yuv444p10le", dst_colorspace=9)  # BT.2020's matrix
             frame.color_primaries, frame.color_trc, frame.colorspace = 9, transfer, 9
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
