@@ -320,9 +320,9 @@ class Clip(NamedTuple):
 def _clip(data: bytes, spec: TransformSpec, u: float) -> Clip:
     """The clip `u` places (`_upright`): the longest allowed length that fits the frame count
     (the header's; else, as in Matroska and WebM, duration x frame rate), decoded from the
-    keyframe before its start after a seek. Frames are counted from the first one instead where the clip starts
-    there, where seeking fails, or where the video turns out shorter than its header says (then
-    the clip is placed again within what is there)."""
+    keyframe before its start after a seek. Frames are counted from the first one instead
+    where the clip starts there, where seeking fails, or where the video turns out shorter
+    than its header says (then the clip is placed again within what is there)."""
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate
