@@ -47,11 +47,13 @@ def _skip(item: Item, error: SkipSample, counter: SkipCounter) -> None:
 
 
 def read_stage(blocks: Iterable[list[Slot]], reader: ShardReader, paths: tuple[str, ...],
-               counter: SkipCounter) -> Iterator[Item]:
+               counter: SkipCounter, mark: Optional[memoryview] = None) -> Iterator[Item]:
     """Tar to samples: locate each block's samples in file order (headers only; a remote
     sample's bytes too), hand them out in plan order, a local sample's bytes copied out of the
     mapped shard just then: a worker holds one sample's bytes, not its stripe of the block's.
-    Each time it starts on a shard, the reader hears which shard comes after (read-ahead)."""
+    Each time it starts on a shard, the reader hears which shard comes after (read-ahead).
+    `mark` (two integers) is set to the (shard, index) of each sample as it is begun: the later
+    stages work on that sample until the next one is read (stream.SampleMarks)."""
     blocks = iter(blocks)
     block = next(blocks, None)
     while block is not None:
@@ -67,6 +69,8 @@ def read_stage(blocks: Iterable[list[Slot]], reader: ShardReader, paths: tuple[s
             except SkipSample as e:
                 fetched[where] = e
         for slot in block:
+            if mark is not None:
+                mark[0], mark[1] = slot.shard, slot.index
             counter.read()
             got = _loaded(fetched[slot.shard, slot.index])
             if type(got) is RawSample:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import mmap
 from dataclasses import dataclass
 from itertools import islice
 from typing import Iterator, Optional
@@ -38,12 +39,12 @@ from data_pipeline.config import DataConfig, remote_options, validate_data_confi
 from data_pipeline.errors import DataError, SkipCounter, check_error_budget, empty_counts
 from data_pipeline.manifest import SOURCE_SEPARATOR, Manifest, resolve_source, resolve_sources
 from data_pipeline.plan import EpochOrder, ResampledOrder, Segment, Slot, Topology, epoch_read_blocks, replay
-from data_pipeline.remote import RemoteOptions
+from data_pipeline.remote import RemoteOptions, redact
 from data_pipeline.stages import batch_stage, decode_stage, read_stage, transform_stage
 from data_pipeline.tar_reader import ShardReader
 from data_pipeline.transfer import PixelRing, slot_bytes, stack_into, stacked_shape
 from data_pipeline.transforms import TransformSpec
-from data_pipeline.workers import Producer, WorkerPool
+from data_pipeline.workers import Producer, WorkerDied, WorkerPool
 
 log = logging.getLogger("data_pipeline")
 STATE_VERSION = 1
@@ -84,8 +85,9 @@ class RankJob:
         return epoch_read_blocks(order, self.segment, self.rank, worker, skip_slots)
 
 
-def worker_stream(job: RankJob, worker: int) -> Iterator[dict]:
-    """The batches of one worker from where its rank stopped: the stages, in order."""
+def worker_stream(job: RankJob, worker: int, mark: Optional[memoryview] = None) -> Iterator[dict]:
+    """The batches of one worker from where its rank stopped: the stages, in order (`mark`:
+    see `SampleMarks`)."""
     t = job.topo
     taken = t.worker_share(job.consumed, worker)
     total = job.worker_batches(worker)
@@ -96,7 +98,7 @@ def worker_stream(job: RankJob, worker: int) -> Iterator[dict]:
     reader = ShardReader(list(job.paths), offsets=list(job.offsets) or None, options=job.remote)
     try:
         blocks = job.read_blocks(worker, first * t.batch_size)
-        items = read_stage(blocks, reader, job.paths, counter)
+        items = read_stage(blocks, reader, job.paths, counter, mark)
         items = decode_stage(items, counter)
         items = transform_stage(items, job.spec, counter)
         for batch in islice(batch_stage(items, t.batch_size, t.window), taken - first, None):
@@ -106,14 +108,38 @@ def worker_stream(job: RankJob, worker: int) -> Iterator[dict]:
         reader.close()
 
 
-def _rank_producer(job: RankJob, ring: PixelRing) -> Producer:
+class SampleMarks:
+    """Per worker process, the (shard, index) of the sample it last began, in shared memory
+    mapped before the workers are forked: each worker sets its two integers as it reads a
+    sample, and the main process reads them when a worker dies without a word. A decoder that
+    crashes on a damaged file (a segmentation fault in a native library) kills the worker, and
+    a run resumed from its checkpoint meets the same sample again: the error names it."""
+
+    def __init__(self, workers: int):
+        self._memory = mmap.mmap(-1, 16 * max(workers, 1))  # MAP_SHARED
+        self._marks = memoryview(self._memory).cast("q")
+        for k in range(len(self._marks)):
+            self._marks[k] = -1
+
+    def of(self, worker: int) -> memoryview:
+        return self._marks[2 * worker: 2 * worker + 2]
+
+    def describe(self, worker: int, paths: tuple[str, ...]) -> str:
+        shard, index = self.of(worker)
+        if shard < 0:
+            return "; it had begun no sample"
+        return (f"; the last sample it began is #{index} of {redact(paths[shard])}: if a decoder crashed on it, "
+                f"remove that sample (or its shard) from the dataset")
+
+
+def _rank_producer(job: RankJob, ring: PixelRing, marks: SampleMarks) -> Producer:
     """Pool worker j serves plan worker (j + rotation) % workers, rotation = batches already
     consumed: the rank's next batch comes from pool worker 0, whichever plan worker owes it.
-    Pixels go into worker j's slots of the ring."""
+    Pixels go into worker j's slots of the ring; the sample it is on, into its marks."""
     rotation = job.consumed % job.topo.num_workers
 
     def produce(j: int) -> Iterator[dict]:
-        for batch in worker_stream(job, (j + rotation) % job.topo.num_workers):
+        for batch in worker_stream(job, (j + rotation) % job.topo.num_workers, marks.of(j)):
             yield ring.put(j, batch)
 
     return produce
@@ -315,11 +341,14 @@ class Stream:
             return
         # slots: the batches in flight (prefetch_factor + 1) and the one the caller holds
         ring = PixelRing(self.cfg.num_workers, self.cfg.prefetch_factor + 2, self._slot_bytes())
-        pool = WorkerPool(_rank_producer(job, ring), self.cfg.num_workers, self.cfg.prefetch_factor)
+        marks = SampleMarks(self.cfg.num_workers)
+        pool = WorkerPool(_rank_producer(job, ring, marks), self.cfg.num_workers, self.cfg.prefetch_factor)
         ring.keep_from_later_forks()  # the next epoch's workers: forked while the caller holds a batch of this one
         try:
             for batch in pool:
                 yield ring.take(batch, self._pin)
+        except WorkerDied as e:
+            raise DataError(f"{e}{marks.describe(e.worker, self.paths)}") from None
         finally:
             pool.close()
 

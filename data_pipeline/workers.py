@@ -43,7 +43,7 @@ import select
 import signal
 import traceback
 import weakref
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 
@@ -61,6 +61,19 @@ TRIM_THRESHOLD = 1 << 30  # free memory at the top of the heap kept, up to this 
 log = logging.getLogger("data_pipeline")
 
 Producer = Callable[[int], Iterator[dict]]  # worker index -> its batches
+
+
+class WorkerDied(DataError):
+    """A worker ended without a word: killed by a signal (a decoder's segmentation fault, the
+    out-of-memory killer) or exited."""
+
+    def __init__(self, worker: int, pid: int, exitcode: Optional[int]):
+        how = f"exit code {exitcode}"
+        if exitcode is not None and exitcode < 0:
+            how += f" ({signal.Signals(-exitcode).name})" if -exitcode in signal.valid_signals() else ""
+        super().__init__(f"loader worker {worker} (pid {pid}) ended with {how} before its batches were done "
+                         f"(a decoder that crashed? killed? out of memory?)")
+        self.worker = worker
 
 
 class WorkerPool:
@@ -137,8 +150,7 @@ class WorkerPool:
             return pickle.loads(conn.recv_bytes())
         except EOFError:
             proc.join(_WAIT_S)
-            raise DataError(f"loader worker {j} (pid {proc.pid}) ended with exit code {proc.exitcode} before "
-                            f"its batches were done (killed? out of memory?); see its error above") from None
+            raise WorkerDied(j, proc.pid, proc.exitcode) from None
 
     def close(self) -> None:
         """Stop the workers (they may be blocked on a credit or mid-batch) and reap them."""

@@ -60,7 +60,7 @@ def test_a_killed_worker_is_reported_not_waited_for(pool_of):
         yield {"j": j}
 
     pool = pool_of(produce, num_workers=2, prefetch=1)
-    with pytest.raises(DataError, match=r"loader worker 1 \(pid \d+\) ended with exit code -9"):
+    with pytest.raises(DataError, match=r"loader worker 1 \(pid \d+\) ended with exit code -9 \(SIGKILL\)"):
         list(pool)
 
 
@@ -152,3 +152,31 @@ def test_a_worker_that_never_starts_is_an_error_not_a_hang(pool_of, tmp_path, mo
             pool_of(lambda j: iter([{"j": j}]), num_workers=1, prefetch=1)
     finally:
         _STUCK["marker"] = None
+
+
+def test_a_worker_killed_mid_epoch_is_reported_with_the_sample_it_was_on(cfg):
+    """A decoder that crashes on a damaged file kills its worker with SIGSEGV, and a run resumed
+    from its checkpoint meets that sample again: the error names the signal and the sample the
+    dead worker last began, one of that worker's own samples (worker 1 serves the odd batches)."""
+    import multiprocessing
+    import re
+
+    from data_pipeline.stream import build_stream
+    from data_pipeline.tar_reader import TarShard
+    from tests.data.data_helpers import take
+
+    c = cfg(num_workers=2, prefetch_factor=1)
+    whole = take(build_stream(c, 0, 1), build_stream(c, 0, 1).batches_per_epoch)
+    odd_keys = {k for b in whole[1::2] for k in b["__key__"]}
+    it = iter(build_stream(c, 0, 1))
+    try:
+        next(it), next(it)  # worker 1 has made its first batch
+        (worker_1,) = [p for p in multiprocessing.active_children() if p.name == "data-worker-1"]
+        os.kill(worker_1.pid, signal.SIGSEGV)
+        with pytest.raises(DataError, match=r"loader worker 1 \(pid \d+\) ended with exit code -11 \(SIGSEGV\)") as e:
+            for _ in it:
+                pass
+    finally:
+        it.close()
+    index, path = re.search(r"the last sample it began is #(\d+) of (\S+\.tar)", str(e.value)).groups()
+    assert TarShard(path).read(int(index)).key in odd_keys
