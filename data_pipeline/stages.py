@@ -47,13 +47,15 @@ def _skip(item: Item, error: SkipSample, counter: SkipCounter) -> None:
 
 
 def read_stage(blocks: Iterable[list[Slot]], reader: ShardReader, paths: tuple[str, ...],
-               counter: SkipCounter, mark: Optional[memoryview] = None) -> Iterator[Item]:
+               counter: SkipCounter, mark: Optional[memoryview] = None,
+               crashed: frozenset = frozenset()) -> Iterator[Item]:
     """Tar to samples: locate each block's samples in file order (headers only; a remote
     sample's bytes too), hand them out in plan order, a local sample's bytes copied out of the
     mapped shard just then: a worker holds one sample's bytes, not its stripe of the block's.
     Each time it starts on a shard, the reader hears which shard comes after (read-ahead).
     `mark` (two integers) is set to the (shard, index) of each sample as it is begun: the later
-    stages work on that sample until the next one is read (stream.SampleMarks)."""
+    stages work on that sample until the next one is read (stream.SampleMarks). The samples
+    `crashed` names (a worker died on them) are skipped unread."""
     blocks = iter(blocks)
     block = next(blocks, None)
     while block is not None:
@@ -72,6 +74,11 @@ def read_stage(blocks: Iterable[list[Slot]], reader: ShardReader, paths: tuple[s
             if mark is not None:
                 mark[0], mark[1] = slot.shard, slot.index
             counter.read()
+            if crashed and (slot.shard, slot.index) in crashed:
+                item = Item(slot, paths[slot.shard], f"#{slot.index}")
+                _skip(item, SkipSample("crashed_decoder", "a loader worker died of a crash signal on it"), counter)
+                yield item
+                continue
             got = _loaded(fetched[slot.shard, slot.index])
             if type(got) is RawSample:
                 yield Item(slot, paths[slot.shard], got.key, got)

@@ -25,9 +25,11 @@ yet seen, also after the number of ranks or workers changed.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import mmap
+import signal
 from dataclasses import dataclass
 from itertools import islice
 from typing import Iterator, Optional
@@ -48,6 +50,9 @@ from data_pipeline.workers import Producer, WorkerDied, WorkerPool
 
 log = logging.getLogger("data_pipeline")
 STATE_VERSION = 1
+# what a native library's fault kills a process with (not SIGKILL: a person, or the OOM killer)
+CRASH_SIGNALS = frozenset((signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT))
+CRASH_RESTARTS = 8  # workers forked again after a crash, per rank and segment; the next crash ends the run
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -73,6 +78,7 @@ class RankJob:
     max_logged: int
     offsets: tuple[list[int], ...] = ()  # byte index per shard ([] where none)
     remote: RemoteOptions = RemoteOptions()
+    crashed: frozenset = frozenset()  # (shard, index) of samples a worker died on: skipped unread
 
     def worker_batches(self, worker: int) -> Optional[int]:
         """Batches a worker serves in the segment; None when infinite (resampled)."""
@@ -98,7 +104,7 @@ def worker_stream(job: RankJob, worker: int, mark: Optional[memoryview] = None) 
     reader = ShardReader(list(job.paths), offsets=list(job.offsets) or None, options=job.remote)
     try:
         blocks = job.read_blocks(worker, first * t.batch_size)
-        items = read_stage(blocks, reader, job.paths, counter, mark)
+        items = read_stage(blocks, reader, job.paths, counter, mark, job.crashed)
         items = decode_stage(items, counter)
         items = transform_stage(items, job.spec, counter)
         for batch in islice(batch_stage(items, t.batch_size, t.window), taken - first, None):
@@ -132,15 +138,53 @@ class SampleMarks:
                 f"remove that sample (or its shard) from the dataset")
 
 
-def _rank_producer(job: RankJob, ring: PixelRing, marks: SampleMarks) -> Producer:
-    """Pool worker j serves plan worker (j + rotation) % workers, rotation = batches already
-    consumed: the rank's next batch comes from pool worker 0, whichever plan worker owes it.
-    Pixels go into worker j's slots of the ring; the sample it is on, into its marks."""
-    rotation = job.consumed % job.topo.num_workers
+class _Recovery:
+    """`recover` of a rank's worker pool: a worker killed by a crash signal is forked again from
+    the batch it owes, past the sample it was on (none between two batches), which is skipped
+    from then on; once per sample, `CRASH_RESTARTS` times, and not inside a bucket window it
+    may have served batches of (the window's grouping would change)."""
+
+    def __init__(self, job: RankJob, ring: PixelRing, marks: SampleMarks, rotation: int,
+                 crashed: set[tuple[int, int]]):
+        self.job, self.ring, self.marks, self.rotation, self.crashed = job, ring, marks, rotation, crashed
+        self.handed = 0  # batches the pool has handed out
+        self.reforked = False  # a worker was forked again since the ring was last hidden from forks
+        self.restarts: list[tuple[int, int]] = []  # the (shard, index) each restarted worker had died on
+
+    def __call__(self, died: WorkerDied) -> Optional[Producer]:
+        job, (shard, index) = self.job, self.marks.of(died.worker)
+        worker = (died.worker + self.rotation) % job.topo.num_workers
+        owed = job.topo.worker_share(job.consumed + self.handed, worker)  # batches it has handed out
+        if died.signal not in CRASH_SIGNALS or len(self.restarts) >= CRASH_RESTARTS or \
+                (shard, index) in self.restarts or owed % job.topo.window:
+            return None
+        self.restarts.append((shard, index))
+        name = signal.Signals(died.signal).name
+        if shard < 0:
+            log.warning("loader worker %d died of %s between two batches; forked again", died.worker, name)
+        else:
+            log.warning("loader worker %d died of %s on sample #%d of %s (a decoder crashed on it?): skipped as "
+                        "crashed_decoder, the worker forked again past it; remove that sample from the dataset",
+                        died.worker, name, index, redact(job.paths[shard]))
+            self.crashed.add((shard, index))
+        self.ring.reclaim(died.worker)
+        self.ring.let_next_fork_see()
+        self.reforked = True
+        restarted = dataclasses.replace(job, consumed=job.consumed + self.handed, crashed=frozenset(self.crashed))
+        return _rank_producer(restarted, self.ring, self.marks, self.rotation)
+
+
+def _rank_producer(job: RankJob, ring: PixelRing, marks: SampleMarks, rotation: int) -> Producer:
+    """Pool worker j serves plan worker (j + rotation) % workers, rotation = batches consumed
+    when the pool started: the rank's next batch came from pool worker 0, whichever plan worker
+    owed it. Pixels go into worker j's slots of the ring; the sample it is on, into its marks."""
 
     def produce(j: int) -> Iterator[dict]:
-        for batch in worker_stream(job, (j + rotation) % job.topo.num_workers, marks.of(j)):
-            yield ring.put(j, batch)
+        mark = marks.of(j)
+        for batch in worker_stream(job, (j + rotation) % job.topo.num_workers, mark):
+            batch = ring.put(j, batch)
+            mark[0] = -1  # the batch is done: until the next sample begins, none is in the works
+            yield batch
 
     return produce
 
@@ -244,6 +288,7 @@ class Stream:
         self.block = cfg.shuffle_buffer  # the epoch's order depends on it: kept until the epoch ends
         self._segments: list[list[int]] = [self.topology.as_list() + [0]]
         self._stats = empty_counts()
+        self._crashed: set[tuple[int, int]] = set()  # samples a worker died on (kept over epochs, not in the state)
         self._pin = torch.cuda.is_available()  # pinned pixels: batch_to_device copies them non-blocking
         if state is not None:
             self.load_state_dict(state)
@@ -332,7 +377,7 @@ class Stream:
         return RankJob(self.paths, self.counts, self.spec, self.topology, self.rank, consumed, self.seed,
                        self.epoch, self.block, segment, resampled, c.error_budget,
                        c.min_errors_before_budget, c.max_logged_skips, self.offsets,
-                       remote_options(c))
+                       remote_options(c), frozenset(self._crashed))
 
     def _batches(self, job: RankJob) -> Iterator[dict]:
         """The segment's batches as the workers make them, pixels as tensors over their slots."""
@@ -342,10 +387,17 @@ class Stream:
         # slots: the batches in flight (prefetch_factor + 1) and the one the caller holds
         ring = PixelRing(self.cfg.num_workers, self.cfg.prefetch_factor + 2, self._slot_bytes())
         marks = SampleMarks(self.cfg.num_workers)
-        pool = WorkerPool(_rank_producer(job, ring, marks), self.cfg.num_workers, self.cfg.prefetch_factor)
+        rotation = job.consumed % job.topo.num_workers
+        recovery = _Recovery(job, ring, marks, rotation, self._crashed)
+        pool = WorkerPool(_rank_producer(job, ring, marks, rotation), self.cfg.num_workers,
+                          self.cfg.prefetch_factor, recovery)
         ring.keep_from_later_forks()  # the next epoch's workers: forked while the caller holds a batch of this one
         try:
             for batch in pool:
+                recovery.handed += 1
+                if recovery.reforked:  # a worker forked again in this epoch saw the ring: hide it again
+                    ring.keep_from_later_forks()
+                    recovery.reforked = False
                 yield ring.take(batch, self._pin)
         except WorkerDied as e:
             raise DataError(f"{e}{marks.describe(e.worker, self.paths)}") from None

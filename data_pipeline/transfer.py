@@ -25,8 +25,9 @@ from __future__ import annotations
 import math
 import mmap
 import multiprocessing
+import os
 import weakref
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -78,15 +79,25 @@ class PixelRing:
         self.memory = [[mmap.mmap(-1, self.size) for _ in range(slots)] for _ in range(workers)]  # MAP_SHARED
         self._flags = mmap.mmap(-1, workers * slots)
         self.busy = np.frombuffer(self._flags, np.uint8).reshape(workers, slots)
+        self._held: set[tuple[int, int]] = set()  # (worker, slot) whose pixels the main process hands out
+        self._owner = os.getpid()  # the main process: the only one that frees slots
 
     def keep_from_later_forks(self) -> None:
         """Leave this ring out of the processes forked from now on (Linux: MADV_DONTFORK; call it
         once its workers are forked). The next epoch's workers are forked while the caller still
         holds this epoch's last batch, so the ring is alive: they kept it mapped, and its pages
         resident, for their whole epoch."""
-        if hasattr(mmap, "MADV_DONTFORK"):
+        self._advise(getattr(mmap, "MADV_DONTFORK", None))
+
+    def let_next_fork_see(self) -> None:
+        """Undo `keep_from_later_forks` for a worker forked again in its place (call that again
+        once it is forked): without the mapping, its first write into a slot is a fault."""
+        self._advise(getattr(mmap, "MADV_DOFORK", None))
+
+    def _advise(self, advice: Optional[int]) -> None:
+        if advice is not None:
             for m in (*(m for slots in self.memory for m in slots), self._flags):
-                m.madvise(mmap.MADV_DONTFORK)
+                m.madvise(advice)
 
     def put(self, worker: int, batch: dict) -> dict:
         """In worker `worker`: stack the batch's clips into a free slot of its own, or into new
@@ -128,11 +139,26 @@ class PixelRing:
             if pin:
                 self._release(first.worker, first.slot)
             else:  # numpy's export of the slot (memory.base) lives as long as any view of it
+                self._held.add((first.worker, first.slot))
                 weakref.finalize(memory.base, self._release, first.worker, first.slot).atexit = False
         return batch
 
     def _release(self, worker: int, slot: int) -> None:
+        """Free a slot, in the main process only. A process forked later (a next epoch's worker)
+        inherits the finalizers of the views it copied, and its garbage collector may run them:
+        it does not map this ring (`keep_from_later_forks`), so writing its flag there was a
+        segmentation fault."""
+        if os.getpid() != self._owner:
+            return
+        self._held.discard((worker, slot))
         self.busy[worker, slot] = 0
+
+    def reclaim(self, worker: int) -> None:
+        """In the main process, once worker `worker` is dead and every batch it announced was
+        taken: free its slots that no batch handed out holds (the one it was writing)."""
+        for slot in range(self.busy.shape[1]):
+            if (worker, slot) not in self._held:
+                self.busy[worker, slot] = 0
 
 
 def _pinned_copy(array: np.ndarray) -> torch.Tensor:

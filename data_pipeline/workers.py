@@ -15,8 +15,10 @@ main process and a semaphore of credits:
 Batch t of the rank comes from worker t % n, as with DataLoader's in-order iterable mode; a
 worker that has no more batches says so and is passed over from then on. An exception in a
 worker reaches the main process as the same exception (its worker traceback as a note); a
-worker that dies without a word (killed, out of memory) is found by its exit code while the
-main process waits. Workers exit when their parent is gone, and the pool terminates them
+worker that dies without a word (killed, out of memory, a native decoder's crash) is found by
+its exit code while the main process waits, and raised as `WorkerDied` unless the pool's
+`recover` gives a producer to fork it again with in its place (stream.py: past the sample a
+decoder crashed on). Workers exit when their parent is gone, and the pool terminates them
 when it is closed (the caller stopped iterating) or garbage collected.
 
 A worker's first message says it started. Forking a process that runs other threads can leave
@@ -68,12 +70,16 @@ class WorkerDied(DataError):
     out-of-memory killer) or exited."""
 
     def __init__(self, worker: int, pid: int, exitcode: Optional[int]):
+        self.worker = worker
+        self.signal = -exitcode if exitcode is not None and exitcode < 0 else None  # what killed it
         how = f"exit code {exitcode}"
-        if exitcode is not None and exitcode < 0:
-            how += f" ({signal.Signals(-exitcode).name})" if -exitcode in signal.valid_signals() else ""
+        if self.signal in signal.valid_signals():
+            how += f" ({signal.Signals(self.signal).name})"
         super().__init__(f"loader worker {worker} (pid {pid}) ended with {how} before its batches were done "
                          f"(a decoder that crashed? killed? out of memory?)")
-        self.worker = worker
+
+
+Recover = Callable[[WorkerDied], Optional[Producer]]  # a dead worker's replacement producer, or None
 
 
 class WorkerPool:
@@ -81,9 +87,9 @@ class WorkerPool:
 
     Fork only: the producer (and the shared memory it writes into) is inherited, not pickled."""
 
-    def __init__(self, produce: Producer, num_workers: int, prefetch: int):
+    def __init__(self, produce: Producer, num_workers: int, prefetch: int, recover: Optional[Recover] = None):
         self._parent = os.getpid()
-        self._produce, self._prefetch = produce, prefetch
+        self._produce, self._prefetch, self._recover = produce, prefetch, recover
         self._conns, self._procs, self._credits, self._polls = [], [], [], []
         try:
             for j in range(num_workers):
@@ -131,7 +137,11 @@ class WorkerPool:
         turn = 0
         while live:
             j = live[turn % len(live)]
-            kind, payload = self._receive(j)
+            try:
+                kind, payload = self._receive(j)
+            except WorkerDied as died:
+                self._replace(j, died)
+                continue  # the same turn: worker j's next batch, from its replacement
             if kind == "end":
                 live.remove(j)
                 continue  # the same turn goes to the next live worker
@@ -140,6 +150,16 @@ class WorkerPool:
             self._credits[j].release()
             turn += 1
             yield _from_wire(payload)
+
+    def _replace(self, j: int, died: WorkerDied) -> None:
+        """Fork worker j again with the producer `recover` gives for its death, or raise it."""
+        produce = self._recover(died) if self._recover is not None else None
+        if produce is None:
+            raise died
+        _stop([self._procs[j]], [self._conns[j]])
+        self._produce = produce
+        self._start(j)
+        self._await_start(j)
 
     def _receive(self, j: int) -> tuple[str, object]:
         conn, proc, ready = self._conns[j], self._procs[j], self._polls[j]

@@ -1,6 +1,8 @@
 """uint8 batches: worker -> main process through reused shared memory, normalised on the device."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -88,3 +90,22 @@ def test_with_cuda_pixels_are_pinned_and_the_slot_freed_at_once():
     pixels = ring.take(ring.put(0, {"__pixels__": _clips(5)}), pin=True)["__pixels__"]
     assert pixels.is_pinned() and int(pixels[1, 0, 0, 0, 0]) == 6
     assert isinstance(ring.put(0, {"__pixels__": _clips(7)})["__pixels__"], InSlot)
+
+
+def test_a_process_forked_later_never_writes_the_rings_flags():
+    """A next epoch's worker is forked while the caller may still hold views of this epoch's
+    slots: it inherits their finalizers, and freeing its copies runs them there. It does not map
+    this ring (`keep_from_later_forks`), so the finalizer writing a slot's flag was a
+    segmentation fault that killed the worker; the main process alone frees slots."""
+    ring = PixelRing(1, 2, 64)
+    batch = ring.take(ring.put(0, {"__pixels__": [np.zeros((1, 2, 2, 3), np.uint8)]}), pin=False)
+    ring.keep_from_later_forks()
+    pid = os.fork()
+    if pid == 0:  # the child: frees its copy of the batch, which runs the slot's finalizer
+        batch.clear()
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert ring.busy[0, 0] == 1  # the main process still holds the batch
+    batch.clear()
+    assert ring.busy[0, 0] == 0

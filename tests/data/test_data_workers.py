@@ -1,10 +1,12 @@
 """The loader's worker processes: batches in turn, failures surfaced, nothing left behind."""
 from __future__ import annotations
 
+import itertools
 import os
 import platform
 import resource
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -154,29 +156,98 @@ def test_a_worker_that_never_starts_is_an_error_not_a_hang(pool_of, tmp_path, mo
         _STUCK["marker"] = None
 
 
-def test_a_worker_killed_mid_epoch_is_reported_with_the_sample_it_was_on(cfg):
-    """A decoder that crashes on a damaged file kills its worker with SIGSEGV, and a run resumed
-    from its checkpoint meets that sample again: the error names the signal and the sample the
-    dead worker last began, one of that worker's own samples (worker 1 serves the odd batches)."""
-    import multiprocessing
+def _worker_1_keys(c) -> list[str]:
+    """The keys of worker 1's batches (the odd ones) in an epoch of stream config `c`."""
+    from data_pipeline.stream import build_stream
+    from tests.data.data_helpers import take
+
+    stream = build_stream(c, 0, 1)
+    return [k for b in take(stream, stream.batches_per_epoch)[1::2] for k in b["__key__"]]
+
+
+def _dies_on(monkeypatch, key: str, sig: int) -> None:
+    """A worker that begins decoding sample `key` dies of `sig`, as one whose native decoder
+    crashes on a damaged file (workers are forked: they inherit the patched stage)."""
+    from data_pipeline import stages
+
+    decode = stages.decode_sample
+
+    def crashing(raw, shard, counter):
+        if raw.key == key:
+            os.kill(os.getpid(), sig)
+        return decode(raw, shard, counter)
+
+    monkeypatch.setattr(stages, "decode_sample", crashing)
+
+
+def _named(message: str) -> str:
+    """The key of the sample a message names as '#INDEX of SHARD.tar'."""
     import re
 
-    from data_pipeline.stream import build_stream
     from data_pipeline.tar_reader import TarShard
+
+    index, path = re.search(r"#(\d+) of (\S+\.tar)", message).groups()
+    return TarShard(path).read(int(index)).key
+
+
+@pytest.mark.parametrize("buckets", [[], [0.5, 1.0, 2.0]])
+def test_a_worker_that_crashes_on_a_sample_is_forked_again_past_it(cfg, monkeypatch, caplog, buckets):
+    """A decoder's segmentation fault on a damaged file kills its worker: that sample is skipped
+    (counted as crashed_decoder), the worker forked again from the batch it owed, and the epoch
+    goes on with every other sample exactly once and as many batches as planned. The next
+    epoch skips the sample unread: one crash a run, however many epochs."""
+    from data_pipeline.stream import build_stream
+    from tests.data.data_helpers import dataset_keys, take, valid_keys
+
+    c = cfg(num_workers=2, prefetch_factor=1, aspect_buckets=buckets)
+    target = _worker_1_keys(c)[5]  # in worker 1's second batch
+    _dies_on(monkeypatch, target, signal.SIGSEGV)
+    stream = build_stream(c, 0, 1)
+    planned = stream.batches_per_epoch
+    batches = take(stream, 2 * planned)
+    others = sorted(dataset_keys(Path(c.shards)) - {target})
+    for epoch in (batches[:planned], batches[planned:]):
+        assert sorted(valid_keys(epoch)) == others
+    assert stream.stats()["crashed_decoder"] == 2
+    (warning,) = [r.getMessage() for r in caplog.records if "died of SIGSEGV" in r.getMessage()]
+    assert _named(warning) == target
+
+
+def test_a_worker_killed_at_any_moment_loses_at_most_the_sample_it_was_on(cfg, caplog):
+    """SIGSEGV from outside, whenever it lands: between two batches (waiting for a credit)
+    nothing is lost; on a sample, that one is skipped and named. Either way the epoch ends
+    with every other sample exactly once."""
+    import multiprocessing
+
+    from data_pipeline.stream import build_stream
+    from tests.data.data_helpers import dataset_keys, valid_keys
+
+    c = cfg(num_workers=2, prefetch_factor=1)
+    stream = build_stream(c, 0, 1)
+    it = iter(stream)
+    try:
+        batches = [next(it), next(it)]  # worker 1 has made its first batch
+        (worker_1,) = [p for p in multiprocessing.active_children() if p.name == "data-worker-1"]
+        os.kill(worker_1.pid, signal.SIGSEGV)
+        batches += list(itertools.islice(it, stream.batches_per_epoch - 2))
+    finally:
+        it.close()
+    (warning,) = [r.getMessage() for r in caplog.records if "died of SIGSEGV" in r.getMessage()]
+    lost = set() if "between two batches" in warning else {_named(warning)}
+    assert sorted(valid_keys(batches)) == sorted(dataset_keys(Path(c.shards)) - lost)
+    assert stream.stats()["crashed_decoder"] == len(lost)
+
+
+def test_a_worker_killed_on_a_sample_ends_the_epoch_naming_it(cfg, monkeypatch):
+    """SIGKILL (a person, the out-of-memory killer) is no decoder's crash: the epoch ends with
+    an error naming the signal and the sample, which a resumed run would meet again."""
+    from data_pipeline.stream import build_stream
     from tests.data.data_helpers import take
 
     c = cfg(num_workers=2, prefetch_factor=1)
-    whole = take(build_stream(c, 0, 1), build_stream(c, 0, 1).batches_per_epoch)
-    odd_keys = {k for b in whole[1::2] for k in b["__key__"]}
-    it = iter(build_stream(c, 0, 1))
-    try:
-        next(it), next(it)  # worker 1 has made its first batch
-        (worker_1,) = [p for p in multiprocessing.active_children() if p.name == "data-worker-1"]
-        os.kill(worker_1.pid, signal.SIGSEGV)
-        with pytest.raises(DataError, match=r"loader worker 1 \(pid \d+\) ended with exit code -11 \(SIGSEGV\)") as e:
-            for _ in it:
-                pass
-    finally:
-        it.close()
-    index, path = re.search(r"the last sample it began is #(\d+) of (\S+\.tar)", str(e.value)).groups()
-    assert TarShard(path).read(int(index)).key in odd_keys
+    target = _worker_1_keys(c)[5]
+    _dies_on(monkeypatch, target, signal.SIGKILL)
+    stream = build_stream(c, 0, 1)
+    with pytest.raises(DataError, match=r"loader worker 1 \(pid \d+\) ended with exit code -9 \(SIGKILL\)") as e:
+        take(stream, stream.batches_per_epoch)
+    assert "the last sample it began is" in str(e.value) and _named(str(e.value)) == target
