@@ -80,7 +80,7 @@ _BT2020 = ((0.708, 0.292), (0.170, 0.797), (0.131, 0.046))  # ITU-R BT.2020, tab
 # 1.6605, -0.5876, -0.0728)
 BT2020_TO_BT709 = (np.linalg.inv(_rgb_to_xyz(_BT709, _D65)) @ _rgb_to_xyz(_BT2020, _D65)).astype(np.float32)
 _GAMMA = 2.4  # ITU-R BT.1886's display gamma: signal <-> linear light, as BT.2087 converts
-_TO_LINEAR = (np.arange(256) / 255.0) ** _GAMMA  # 8-bit signal -> linear
+_TO_LINEAR = ((np.arange(256) / 255.0) ** _GAMMA).astype(np.float32)  # 8-bit signal -> linear
 _SQRT_STEPS = 65535
 _FROM_SQRT = np.round(255 * (np.arange(_SQRT_STEPS + 1) / _SQRT_STEPS) ** (2 / _GAMMA)).astype(np.uint8)
 
@@ -90,6 +90,6 @@ def bt2020_to_bt709(rgb: np.ndarray) -> np.ndarray:
     linear light by BT.1886's gamma, the primaries' matrix, colours outside BT.709 clipped
     (ITU-R BT.2407's clipping), gamma again. Linear light goes back to 8 bits through its
     square root (a 65536-entry table: even the darkest step keeps its level)."""
-    linear = _TO_LINEAR.astype(np.float32)[rgb] @ BT2020_TO_BT709.T
+    linear = _TO_LINEAR[rgb] @ BT2020_TO_BT709.T
     np.clip(linear, 0.0, 1.0, out=linear)
     return _FROM_SQRT[(np.sqrt(linear) * _SQRT_STEPS + 0.5).astype(np.int32)]

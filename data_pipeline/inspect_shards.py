@@ -23,7 +23,7 @@ from data_pipeline.color import HLG_TRANSFER, PQ_TRANSFER
 from data_pipeline.errors import SkipSample
 from data_pipeline.manifest import Manifest, file_digest, resolve_source
 from data_pipeline.tar_reader import TarShard, count_samples
-from data_pipeline.transforms import frame_count, pixel_shape, upright_frame
+from data_pipeline.transforms import frame_count, frame_rate, pixel_shape, upright_frame
 
 
 @dataclass
@@ -113,7 +113,7 @@ def _media_stats(types: dict[str, bytes], report: Report) -> None:
                 hdr = _HDR.get(frame.color_trc)
                 if hdr:
                     report.hdr[hdr] += 1
-                rate = s.average_rate or s.guessed_rate
+                rate = frame_rate(s)
                 if rate:
                     report.rates[f"{float(rate):.3g}"] += 1
                     report.seconds.append(report.frames[-1] / float(rate))

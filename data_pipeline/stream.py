@@ -147,14 +147,12 @@ class _Recovery:
     def __init__(self, job: RankJob, ring: PixelRing, marks: SampleMarks, rotation: int,
                  crashed: set[tuple[int, int]]):
         self.job, self.ring, self.marks, self.rotation, self.crashed = job, ring, marks, rotation, crashed
-        self.handed = 0  # batches the pool has handed out
-        self.reforked = False  # a worker was forked again since the ring was last hidden from forks
         self.restarts: list[tuple[int, int]] = []  # the (shard, index) each restarted worker had died on
 
-    def __call__(self, died: WorkerDied) -> Optional[Producer]:
+    def __call__(self, died: WorkerDied, handed: int) -> Optional[Producer]:
         job, (shard, index) = self.job, self.marks.of(died.worker)
         worker = (died.worker + self.rotation) % job.topo.num_workers
-        owed = job.topo.worker_share(job.consumed + self.handed, worker)  # batches it has handed out
+        owed = job.topo.worker_share(job.consumed + handed, worker)  # batches it has handed out
         if died.signal not in CRASH_SIGNALS or len(self.restarts) >= CRASH_RESTARTS or \
                 (shard, index) in self.restarts or owed % job.topo.window:
             return None
@@ -169,8 +167,7 @@ class _Recovery:
             self.crashed.add((shard, index))
         self.ring.reclaim(died.worker)
         self.ring.let_next_fork_see()
-        self.reforked = True
-        restarted = dataclasses.replace(job, consumed=job.consumed + self.handed, crashed=frozenset(self.crashed))
+        restarted = dataclasses.replace(job, consumed=job.consumed + handed, crashed=frozenset(self.crashed))
         return _rank_producer(restarted, self.ring, self.marks, self.rotation)
 
 
@@ -388,16 +385,11 @@ class Stream:
         ring = PixelRing(self.cfg.num_workers, self.cfg.prefetch_factor + 2, self._slot_bytes())
         marks = SampleMarks(self.cfg.num_workers)
         rotation = job.consumed % job.topo.num_workers
-        recovery = _Recovery(job, ring, marks, rotation, self._crashed)
         pool = WorkerPool(_rank_producer(job, ring, marks, rotation), self.cfg.num_workers,
-                          self.cfg.prefetch_factor, recovery)
+                          self.cfg.prefetch_factor, _Recovery(job, ring, marks, rotation, self._crashed))
         ring.keep_from_later_forks()  # the next epoch's workers: forked while the caller holds a batch of this one
         try:
             for batch in pool:
-                recovery.handed += 1
-                if recovery.reforked:  # a worker forked again in this epoch saw the ring: hide it again
-                    ring.keep_from_later_forks()
-                    recovery.reforked = False
                 yield ring.take(batch, self._pin)
         except WorkerDied as e:
             raise DataError(f"{e}{marks.describe(e.worker, self.paths)}") from None

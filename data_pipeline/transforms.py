@@ -325,7 +325,7 @@ def _clip(data: bytes, spec: TransformSpec, u: float) -> Clip:
     than its header says (then the clip is placed again within what is there)."""
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate
+        rate = frame_rate(stream)
         stride = spec.stride(rate)
         known = frame_count(container, stream) or clip_span(spec.frame_counts[-1], stride)
         frames, start = choose_clip(known, spec.frame_counts, stride, u)
@@ -361,10 +361,16 @@ def pixel_shape(stream, frame: av.VideoFrame) -> tuple[float, float]:
     return (1.0, sar) if round(frame.rotation / 90) % 2 == 1 else (sar, 1.0)
 
 
+def frame_rate(stream):
+    """A video stream's frame rate (a Fraction): its average, else FFmpeg's guess; None where
+    neither is known."""
+    return stream.average_rate or stream.guessed_rate
+
+
 def frame_count(container, stream) -> int:
     """Frames of a video stream: its header's count, else (Matroska, WebM) its duration x its
     frame rate; 0 when neither is known."""
-    rate = stream.average_rate or stream.guessed_rate
+    rate = frame_rate(stream)
     if stream.frames or not rate:
         return stream.frames
     if stream.duration is not None and stream.time_base is not None:

@@ -79,7 +79,8 @@ class WorkerDied(DataError):
                          f"(a decoder that crashed? killed? out of memory?)")
 
 
-Recover = Callable[[WorkerDied], Optional[Producer]]  # a dead worker's replacement producer, or None
+# (the death, batches the pool has handed out) -> a producer to fork the worker again with, or None
+Recover = Callable[[WorkerDied, int], Optional[Producer]]
 
 
 class WorkerPool:
@@ -140,7 +141,7 @@ class WorkerPool:
             try:
                 kind, payload = self._receive(j)
             except WorkerDied as died:
-                self._replace(j, died)
+                self._replace(j, died, turn)
                 continue  # the same turn: worker j's next batch, from its replacement
             if kind == "end":
                 live.remove(j)
@@ -151,9 +152,9 @@ class WorkerPool:
             turn += 1
             yield _from_wire(payload)
 
-    def _replace(self, j: int, died: WorkerDied) -> None:
+    def _replace(self, j: int, died: WorkerDied, handed: int) -> None:
         """Fork worker j again with the producer `recover` gives for its death, or raise it."""
-        produce = self._recover(died) if self._recover is not None else None
+        produce = self._recover(died, handed) if self._recover is not None else None
         if produce is None:
             raise died
         _stop([self._procs[j]], [self._conns[j]])
