@@ -17,6 +17,11 @@ signal it was designed to be compatible with (ITU-R BT.2100: shown as is on an S
 BT.2020 colours), and its highlights stay compressed by the HLG curve itself. PQ video (HDR10)
 has no such reading: without tone mapping its frames are dark and flat, so it is refused
 (`hdr_video`); convert it with ffmpeg first (zscale and tonemap).
+
+Video whose stream does not say which matrix its YUV was made with is converted with the one a
+player assumes (`yuv_matrix`): BT.709 for HD, BT.601 for SD. FFmpeg's own default is BT.601 at
+every size, which turns the red of untagged HD video (BT.709, as an HD encoder makes it) into
+(233, 0, 2) and its green into (20, 255, 9).
 """
 from __future__ import annotations
 
@@ -32,6 +37,8 @@ from PIL import ImageCms
 BT2020_PRIMARIES = 9
 PQ_TRANSFER = 16  # SMPTE ST 2084
 HLG_TRANSFER = 18  # ARIB STD-B67
+BT709_MATRIX = 1  # frame.colorspace
+UNSPECIFIED_MATRIX = 2
 
 _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 _LEVELS = np.linspace(0, 255, 16).round().astype(np.uint8)
@@ -93,3 +100,13 @@ def bt2020_to_bt709(rgb: np.ndarray) -> np.ndarray:
     linear = _TO_LINEAR[rgb] @ BT2020_TO_BT709.T
     np.clip(linear, 0.0, 1.0, out=linear)
     return _FROM_SQRT[(np.sqrt(linear) * _SQRT_STEPS + 0.5).astype(np.int32)]
+
+
+def yuv_matrix(frame) -> Optional[int]:
+    """The H.273 matrix to convert a video frame's YUV to RGB with: the one its stream names,
+    else BT.709 for HD (at least 1280 wide or over 576 high) and BT.601 (FFmpeg's default,
+    None) for SD, as mpv and libplacebo guess it (`pl_color_system_guess_ycbcr`). None too for
+    RGB-coded frames, which have no matrix."""
+    if frame.colorspace != UNSPECIFIED_MATRIX or frame.format.is_rgb:
+        return None
+    return BT709_MATRIX if frame.width >= 1280 or frame.height > 576 else None

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.config import DataConfig
-from data_pipeline.color import BT2020_PRIMARIES, PQ_TRANSFER, bt2020_to_bt709, to_srgb
+from data_pipeline.color import BT2020_PRIMARIES, PQ_TRANSFER, bt2020_to_bt709, to_srgb, yuv_matrix
 from data_pipeline.decode import Jpeg, icc_profile, orientation, upright_size
 from data_pipeline.errors import SkipSample
 
@@ -280,10 +280,13 @@ def clip_indices(start: int, frames: int, stride: float) -> list[int]:
 
 
 def upright_frame(frame: av.VideoFrame) -> np.ndarray:
-    """(H, W, 3) uint8 of a decoded frame as it is meant to be seen: turned by the rotation of
-    its display matrix (a phone stores a portrait video sideways with one), counter-clockwise
-    as ffmpeg's autorotate turns it; a view. (A mirroring in the matrix is not applied.)"""
-    return np.rot90(frame.to_ndarray(format="rgb24"), round(frame.rotation / 90) % 4)
+    """(H, W, 3) uint8 of a decoded frame as it is meant to be seen: its YUV converted with the
+    matrix its stream names, else the one a player guesses (`color.yuv_matrix`), turned by the
+    rotation of its display matrix (a phone stores a portrait video sideways with one),
+    counter-clockwise as ffmpeg's autorotate turns it; a view. (A mirroring in the display
+    matrix is not applied.)"""
+    rgb = frame.to_ndarray(format="rgb24", src_colorspace=yuv_matrix(frame))  # (H, W, 3) as stored
+    return np.rot90(rgb, round(frame.rotation / 90) % 4)
 
 
 def video_pixels(data: bytes, spec: TransformSpec, u: tuple[float, float, float]) -> Pixels:

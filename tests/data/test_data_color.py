@@ -171,3 +171,39 @@ def test_pq_video_is_refused_and_inspect_reports_hdr(tmp_path):
     report = inspect_shards(str(tmp_path / "v"), progress=False)
     assert dict(report.hdr) == {"HLG": 1, "PQ": 1}
     assert "PQ 1 (refused" in format_report(report)
+
+
+def _untagged_clip(width: int, height: int, matrix: int) -> bytes:
+    """PATCHES side by side over a width x height frame, made YUV with the H.273 `matrix` (1:
+    BT.709, 5: BT.601) as an encoder of that size makes it, in a lossless 4:4:4 FFV1 clip
+    (Matroska) that does not say which matrix it used."""
+    shown = np.repeat(PATCHES, -(-width // len(PATCHES)), 0)[:width][None].repeat(height, 0)
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="matroska") as container:
+        stream = container.add_stream("ffv1", rate=8)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv444p"
+        for _ in range(2):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(shown), format="rgb24")
+            container.mux(stream.encode(frame.reformat(format="yuv444p", dst_colorspace=matrix)))
+        container.mux(stream.encode())
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("width, height, matrix", [(1280, 720, 1), (640, 480, 5)], ids=["hd-bt709", "sd-bt601"])
+def test_untagged_video_is_read_with_the_matrix_a_player_assumes_for_its_size(width, height, matrix):
+    """An HD stream that names no matrix is BT.709, an SD one BT.601 (mpv's and libplacebo's
+    guess); FFmpeg's default is BT.601 at every size: the red of untagged HD video came out
+    (233, 0, 2)."""
+    data = _untagged_clip(width, height, matrix)
+    with av.open(io.BytesIO(data)) as container:
+        frame = next(container.decode(video=0))
+        assert frame.colorspace == 2  # unspecified
+        ffmpeg_default = frame.to_ndarray(format="rgb24")
+    spec = TransformSpec.from_config(DataConfig(shards="unused", kind="video", num_frames=2, resolution=64,
+                                                aspect_buckets=[width / height]))
+    got = video_pixels(data, spec, (0.5, 0.5, 0.0)).frames  # (2, h, w, 3), patches resized alike
+    h, w = got.shape[1:3]
+    centres = (np.arange(len(PATCHES)) + 0.5) / len(PATCHES)  # of each patch, as a fraction of the width
+    assert np.abs(got[:, h // 2, (centres * w).astype(int)].astype(int) - PATCHES).max() <= 2
+    stored = ffmpeg_default[height // 2, (centres * width).astype(int)]
+    assert (np.abs(stored.astype(int) - PATCHES).max() > 20) == (matrix == 1)
