@@ -26,9 +26,11 @@ yet seen, also after the number of ranks or workers changed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import mmap
+import os
 import signal
 from dataclasses import dataclass
 from itertools import islice
@@ -44,9 +46,9 @@ from data_pipeline.plan import EpochOrder, ResampledOrder, Segment, Slot, Topolo
 from data_pipeline.remote import RemoteOptions, redact
 from data_pipeline.stages import batch_stage, decode_stage, read_stage, transform_stage
 from data_pipeline.tar_reader import ShardReader
-from data_pipeline.transfer import PixelRing, slot_bytes, stack_into, stacked_shape
+from data_pipeline.transfer import FORK, PixelRing, slot_bytes, stack_into, stacked_shape
 from data_pipeline.transforms import TransformSpec
-from data_pipeline.workers import Producer, WorkerDied, WorkerPool
+from data_pipeline.workers import WAIT_S, Producer, WorkerDied, WorkerPool
 
 log = logging.getLogger("data_pipeline")
 STATE_VERSION = 1
@@ -139,17 +141,19 @@ class SampleMarks:
 
 
 class _Recovery:
-    """`recover` of a rank's worker pool: a worker killed by a crash signal is forked again from
-    the batch it owes, past the sample it was on (none between two batches), which is skipped
-    from then on; once per sample, `CRASH_RESTARTS` times, and not inside a bucket window it
-    may have served batches of (the window's grouping would change)."""
+    """How a rank's worker pool recovers in one segment: a worker killed by a crash signal is
+    forked again from the batch it owes, past the sample it was on (none between two batches),
+    which is skipped from then on; once per sample, `CRASH_RESTARTS` times, and not inside a
+    bucket window it may have served batches of (the window's grouping would change)."""
 
     def __init__(self, job: RankJob, ring: PixelRing, marks: SampleMarks, rotation: int,
                  crashed: set[tuple[int, int]]):
         self.job, self.ring, self.marks, self.rotation, self.crashed = job, ring, marks, rotation, crashed
         self.restarts: list[tuple[int, int]] = []  # the (shard, index) each restarted worker had died on
 
-    def __call__(self, died: WorkerDied, handed: int) -> Optional[Producer]:
+    def restart(self, died: WorkerDied, handed: int) -> Optional[RankJob]:
+        """The job to fork pool worker `died.worker` again with, `handed` batches of the segment
+        handed out; None where it is not to be forked again."""
         job, (shard, index) = self.job, self.marks.of(died.worker)
         worker = (died.worker + self.rotation) % job.topo.num_workers
         owed = job.topo.worker_share(job.consumed + handed, worker)  # batches it has handed out
@@ -166,9 +170,7 @@ class _Recovery:
                         died.worker, name, index, redact(job.paths[shard]))
             self.crashed.add((shard, index))
         self.ring.reclaim(died.worker)
-        self.ring.let_next_fork_see()
-        restarted = dataclasses.replace(job, consumed=job.consumed + handed, crashed=frozenset(self.crashed))
-        return _rank_producer(restarted, self.ring, self.marks, self.rotation)
+        return dataclasses.replace(job, consumed=job.consumed + handed, crashed=frozenset(self.crashed))
 
 
 def _rank_producer(job: RankJob, ring: PixelRing, marks: SampleMarks, rotation: int) -> Producer:
@@ -184,6 +186,116 @@ def _rank_producer(job: RankJob, ring: PixelRing, marks: SampleMarks, rotation: 
             yield batch
 
     return produce
+
+
+SEGMENT_END = "__segment_end__"  # what a worker sends once it has served its batches of a segment
+# the fields of a RankJob that change from one segment to the next (the rest is the stream's own)
+PER_SEGMENT = ("consumed", "seed", "epoch", "shuffle_buffer", "segment", "resampled", "crashed")
+
+
+@dataclass
+class _Serve:
+    """The producer of a rank's persistent workers (`_Workers`): worker j waits on its job pipe
+    for a segment (the per-segment fields of its RankJob and the rotation), serves it, says
+    SEGMENT_END, and waits for the next. Inherited by the fork, not pickled: only each
+    segment's few fields cross the pipe (a job's paths and byte offsets can be large)."""
+
+    base: RankJob  # the stream's own fields; the per-segment ones come with each segment
+    ring: PixelRing
+    marks: SampleMarks
+    jobs: list  # per worker: (its reading end, the main process's writing end) of a pipe
+
+    def __call__(self, j: int) -> Iterator[dict]:
+        reading, parent = self.jobs[j][0], os.getppid()
+        while True:
+            while not reading.poll(WAIT_S):
+                if os.getppid() != parent:  # the main process is gone
+                    return
+            fields, rotation = reading.recv()
+            yield from self.segment(dataclasses.replace(self.base, **fields), rotation, j)
+
+    def segment(self, job: RankJob, rotation: int, j: int) -> Iterator[dict]:
+        yield from _rank_producer(job, self.ring, self.marks, rotation)(j)
+        yield {SEGMENT_END: True}
+
+
+@dataclass
+class _Segment:
+    """The segment a rank's persistent workers serve: how to recover a worker in it, and the
+    pool's count of handed-out messages when it began."""
+
+    recovery: Optional[_Recovery] = None
+    start: int = 0
+
+
+def _recover(serve: _Serve, segment: _Segment, died: WorkerDied, handed: int) -> Optional[Producer]:
+    """`recover` of a persistent pool: the replacement finishes the segment from the batch the
+    dead worker owed, then serves the later segments as the others do."""
+    restarted = segment.recovery.restart(died, handed - segment.start) if segment.recovery else None
+    if restarted is None:
+        return None
+    rotation = segment.recovery.rotation
+
+    def produce(j: int) -> Iterator[dict]:
+        reading = serve.jobs[j][0]
+        while reading.poll(0):  # the segment's fields, where the dead worker had not read them yet
+            reading.recv()
+        yield from serve.segment(restarted, rotation, j)
+        yield from serve(j)
+
+    return produce
+
+
+class _Workers:
+    """A rank's loader workers, forked once and serving segment after segment (epochs, and the
+    stretches a resume splits them into); see `Stream.start_workers`. Their pixel ring and
+    sample marks are made before the fork, one for all segments."""
+
+    def __init__(self, base: RankJob, cfg: DataConfig, slot_size: int):
+        n = cfg.num_workers
+        # slots: the batches in flight (prefetch_factor + 1) and the one the caller holds
+        self.ring = PixelRing(n, cfg.prefetch_factor + 2, slot_size)
+        self.marks = SampleMarks(n)
+        self.serve = _Serve(base, self.ring, self.marks, [FORK.Pipe(duplex=False) for _ in range(n)])
+        self.current = _Segment()
+        self.pool = WorkerPool(self.serve, n, cfg.prefetch_factor,
+                               functools.partial(_recover, self.serve, self.current))
+        self.messages = iter(self.pool)  # every batch and SEGMENT_END of every segment, in turn
+        self.handed = 0  # messages taken from the pool: its round-robin turn
+        self.busy = False  # a segment is being served
+
+    def batches(self, job: RankJob, crashed: set[tuple[int, int]], pin: bool) -> Iterator[dict]:
+        """The segment's batches, pixels as tensors over their slots. Batch t comes from the
+        pool's worker in turn; pool worker j serves plan worker (j + rotation) % workers, so the
+        worker whose turn it is serves the rank's next batch. Once the last batch is out, every
+        worker's next message is its SEGMENT_END (batch counts of plan workers differ by at most
+        one, the larger ones first)."""
+        base, n = self.serve.base, len(self.serve.jobs)
+        if any(getattr(job, f.name) != getattr(base, f.name) for f in dataclasses.fields(RankJob)
+               if f.name not in PER_SEGMENT):
+            raise DataError("internal: a segment's job differs from its stream's in more than the per-segment fields")
+        rotation = (job.consumed - self.handed) % n
+        self.current.recovery = _Recovery(job, self.ring, self.marks, rotation, crashed)
+        self.current.start = self.handed
+        self.busy = True
+        for _, writing in self.serve.jobs:
+            writing.send(({f: getattr(job, f) for f in PER_SEGMENT}, rotation))
+        ended = 0
+        while ended < n:
+            batch = next(self.messages, None)
+            if batch is None:
+                raise DataError("internal: the loader workers ended while serving a segment")
+            self.handed += 1
+            if SEGMENT_END in batch:
+                ended += 1
+            else:
+                yield self.ring.take(batch, pin)
+        self.busy = False
+
+    def close(self) -> None:
+        """Stop the workers; batches handed out keep their slots, which later forks leave out."""
+        self.pool.close()
+        self.ring.keep_from_later_forks()
 
 
 # ----------------------------------------------------------------------------- main process
@@ -287,6 +399,7 @@ class Stream:
         self._stats = empty_counts()
         self._crashed: set[tuple[int, int]] = set()  # samples a worker died on (kept over epochs, not in the state)
         self._pin = torch.cuda.is_available()  # pinned pixels: batch_to_device copies them non-blocking
+        self._workers: Optional[_Workers] = None  # forked once (start_workers), for every segment
         if state is not None:
             self.load_state_dict(state)
 
@@ -370,31 +483,55 @@ class Stream:
             segment = Segment(replay(self.num_samples, closed), self.topology)
             if consumed >= segment.batches:
                 return None
+        return dataclasses.replace(self._base_job(), consumed=consumed, seed=self.seed, epoch=self.epoch,
+                                   shuffle_buffer=self.block, segment=segment, resampled=resampled,
+                                   crashed=frozenset(self._crashed))
+
+    def _base_job(self) -> RankJob:
+        """The fields of this rank's jobs that stay from segment to segment (`PER_SEGMENT` aside)."""
         c = self.cfg
-        return RankJob(self.paths, self.counts, self.spec, self.topology, self.rank, consumed, self.seed,
-                       self.epoch, self.block, segment, resampled, c.error_budget,
-                       c.min_errors_before_budget, c.max_logged_skips, self.offsets,
-                       remote_options(c), frozenset(self._crashed))
+        return RankJob(self.paths, self.counts, self.spec, self.topology, self.rank, 0, c.seed, 0, c.shuffle_buffer,
+                       None, None, c.error_budget, c.min_errors_before_budget, c.max_logged_skips, self.offsets,
+                       remote_options(c))
+
+    def start_workers(self) -> None:
+        """Fork this rank's loader workers now, once (with `data.num_workers > 0`; else nothing).
+        They wait for the first segment and serve every later one; iterating forks them when
+        they are not there yet. A forked worker shares the memory its parent has at the fork,
+        and Linux then copies every page of it that either writes (copy-on-write): workers
+        forked by a trainer holding its model and optimizer state (host memory under offload)
+        made the first step of each epoch copy all of it (README, "Loader workers and host
+        memory"). The trainer calls this before it builds them."""
+        if self.cfg.num_workers > 0 and self._workers is None:
+            self._workers = _Workers(self._base_job(), self.cfg, self._slot_bytes())
+
+    def close(self) -> None:
+        """Stop the loader workers (iterating again forks new ones); batches handed out stay valid."""
+        if self._workers is not None:
+            self._workers.close()
+            self._workers = None
 
     def _batches(self, job: RankJob) -> Iterator[dict]:
-        """The segment's batches as the workers make them, pixels as tensors over their slots."""
+        """The segment's batches as the workers make them, pixels as tensors over their slots.
+        Workers left in the middle of a segment (the caller stopped iterating, an error) are
+        stopped; the next iteration forks new ones."""
         if self.cfg.num_workers == 0:
             yield from worker_stream(job, 0)
             return
-        # slots: the batches in flight (prefetch_factor + 1) and the one the caller holds
-        ring = PixelRing(self.cfg.num_workers, self.cfg.prefetch_factor + 2, self._slot_bytes())
-        marks = SampleMarks(self.cfg.num_workers)
-        rotation = job.consumed % job.topo.num_workers
-        pool = WorkerPool(_rank_producer(job, ring, marks, rotation), self.cfg.num_workers,
-                          self.cfg.prefetch_factor, _Recovery(job, ring, marks, rotation, self._crashed))
-        ring.keep_from_later_forks()  # the next epoch's workers: forked while the caller holds a batch of this one
+        if self._workers is not None and self._workers.busy:  # left by an iterator not yet closed
+            self._workers = None
+        self.start_workers()
+        workers, done = self._workers, False
         try:
-            for batch in pool:
-                yield ring.take(batch, self._pin)
+            yield from workers.batches(job, self._crashed, self._pin)
+            done = True
         except WorkerDied as e:
-            raise DataError(f"{e}{marks.describe(e.worker, self.paths)}") from None
+            raise DataError(f"{e}{workers.marks.describe(e.worker, self.paths)}") from None
         finally:
-            pool.close()
+            if not done:
+                workers.close()
+                if self._workers is workers:
+                    self._workers = None
 
     def _slot_bytes(self) -> int:
         """The pixels of the largest batch the spec allows: longest clip, largest bucket."""

@@ -27,7 +27,7 @@ import mmap
 import multiprocessing
 import os
 import weakref
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -81,24 +81,13 @@ class PixelRing:
         self.busy = np.frombuffer(self._flags, np.uint8).reshape(workers, slots)
         self._held: set[tuple[int, int]] = set()  # (worker, slot) whose pixels the main process hands out
         self._owner = os.getpid()  # the main process: the only one that frees slots
-        self._shown = False  # to a fork made since `let_next_fork_see`: hidden again at the next `take`
 
     def keep_from_later_forks(self) -> None:
         """Leave this ring out of the processes forked from now on (Linux: MADV_DONTFORK; call it
-        once its workers are forked). The next epoch's workers are forked while the caller still
-        holds this epoch's last batch, so the ring is alive: they kept it mapped, and its pages
-        resident, for their whole epoch."""
-        self._advise(getattr(mmap, "MADV_DONTFORK", None))
-        self._shown = False
-
-    def let_next_fork_see(self) -> None:
-        """Undo `keep_from_later_forks` for a worker forked again in its place: without the
-        mapping, its first write into a slot is a fault. The next `take` (its batch, so it is
-        forked by then) hides the ring again."""
-        self._advise(getattr(mmap, "MADV_DOFORK", None))
-        self._shown = True
-
-    def _advise(self, advice: Optional[int]) -> None:
+        once its workers are stopped). The caller may still hold batches over its slots, so the
+        ring is alive: the workers forked next (with a ring of their own) kept it mapped, and its
+        pages resident, for as long as they lived."""
+        advice = getattr(mmap, "MADV_DONTFORK", None)
         if advice is not None:
             for m in (*(m for slots in self.memory for m in slots), self._flags):
                 m.madvise(advice)
@@ -129,8 +118,6 @@ class PixelRing:
         """In the main process: the batch's pixels as uint8 tensors (B, F, H, W, 3). Over the
         slot itself, which is freed when the last view of it is gone; or, with `pin`, copied
         into pinned memory and the slot freed at once."""
-        if self._shown:
-            self.keep_from_later_forks()
         first = memory = None
         for field in PIXEL_FIELDS:
             where = batch.get(field)

@@ -52,7 +52,7 @@ import torch
 from data_pipeline.errors import DataError
 from data_pipeline.transfer import FORK
 
-_WAIT_S = 5.0  # how often a waiting side checks that the other is still there
+WAIT_S = 5.0  # how often a waiting side checks that the other is still there
 START_TIMEOUT_S = 30.0  # a started worker says so in milliseconds; one silent this long is stuck
 START_ATTEMPTS = 3
 # glibc's mallopt parameters (malloc.h) and the values a worker sets (see keep_freed_memory)
@@ -164,13 +164,13 @@ class WorkerPool:
 
     def _receive(self, j: int) -> tuple[str, object]:
         conn, proc, ready = self._conns[j], self._procs[j], self._polls[j]
-        while not ready(_WAIT_S * 1000):  # a dead worker's pipe reads as EOF: no need to wait for it
+        while not ready(WAIT_S * 1000):  # a dead worker's pipe reads as EOF: no need to wait for it
             if proc.exitcode is not None and not ready(0):
                 break
         try:
             return pickle.loads(conn.recv_bytes())
         except EOFError:
-            proc.join(_WAIT_S)
+            proc.join(WAIT_S)
             raise WorkerDied(j, proc.pid, proc.exitcode) from None
 
     def close(self) -> None:
@@ -229,7 +229,7 @@ def _work(produce: Producer, j: int, conn, credits, parent: int, inherited: list
     torch.set_num_threads(1)  # as DataLoader does: the workers already use every core
     try:
         for batch in produce(j):
-            while not credits.acquire(timeout=_WAIT_S):
+            while not credits.acquire(timeout=WAIT_S):
                 if os.getppid() != parent:
                     return
             _send(conn, ("batch", _to_wire(batch)))

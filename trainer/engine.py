@@ -95,6 +95,7 @@ class Trainer:
         self.device = compute_device()  # chosen once: everything of a step lives here
         self.precision = cfg.deepspeed.precision
         self.stream = build_stream(cfg.data, self.ctx.dp_rank, self.ctx.dp_world)  # data errors first
+        self.stream.start_workers()  # forked before the model and optimizer state exist: none of it is shared
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
         self.stage = build_stage(cfg).to(self.device, PRECISIONS[self.precision])
         if cfg.checkpoint.init_from and not self.will_resume():  # warm start of a fresh run
@@ -364,6 +365,8 @@ class Trainer:
                 self.write_samples()
             if self.cfg.log.eval_every and self.state.step % self.cfg.log.eval_every == 0:
                 self.evaluate()
+        batches.close()
+        self.stream.close()  # its workers, idle from here on
         if code == EXIT_OK:
             self.write_samples()
         return code

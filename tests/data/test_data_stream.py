@@ -167,21 +167,70 @@ def _shared_mappings(pid: int) -> int:
         return sum("/dev/zero" in line for line in f)
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/PID/maps")
-def test_a_new_epochs_workers_map_only_their_own_slots(cfg, shards):
-    """The next epoch's workers are forked while the caller holds the last batch of the epoch
-    before (its ring of slots alive): they must not keep that ring mapped (and resident)."""
+def _shared_kib(tensor: torch.Tensor) -> int:
+    """KiB of the mapping holding `tensor` that this process shares with another (its forks)."""
+    address, shared, inside = tensor.data_ptr(), 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head in ("Shared_Clean:", "Shared_Dirty:"):
+                shared += int(line.split()[1])
+    return shared
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/smaps")
+def test_workers_forked_once_serve_every_epoch_and_share_nothing_made_after(cfg):
+    """Workers forked by `start_workers` serve epoch after epoch, and memory the process fills
+    afterwards (a trainer's model and optimizer state) is never shared with them: were it, every
+    page of it written while they live would be copied (the first step of each epoch copied a
+    DiT-B/2's offloaded optimizer state). Workers forked by the first iteration, after the
+    memory was filled, share it: that is what the check sees."""
+    late = build_stream(cfg(num_workers=2), 0, 1)
+    state = torch.ones(16 << 20)  # 64 MiB: mapped on its own
+    it = iter(late)
+    next(it)
+    assert _shared_kib(state) >= 60 << 10
+    it.close()
+
     stream = build_stream(cfg(num_workers=2), 0, 1)
-    per = stream.batches_per_epoch
+    stream.start_workers()
+    forked = _worker_pids()
+    assert len(forked) == 2
+    state = torch.ones(16 << 20)
     it = iter(stream)
     try:
-        next(it)
-        first = _worker_pids()
-        mapped = {_shared_mappings(pid) for pid in first}
-        held = [next(it) for _ in range(per)]  # the rest of epoch 0 and the first batch of epoch 1
-        second = _worker_pids() - first
-        assert len(second) == 2 and {_shared_mappings(pid) for pid in second} == mapped
+        for _ in range(3):  # the first batch of epochs 0, 1 and 2
+            batch = next(it)
+            assert _shared_kib(state) == 0
+            state.add_(1)  # the optimizer's step
+            for _ in range(stream.batches_per_epoch - 1):
+                batch = next(it)
+        assert _worker_pids() == forked
+        assert stream.epoch == 3 and batch["image"].shape == (4, 3, 32, 32)  # its state: at the next epoch
     finally:
         it.close()
-    assert held[-1]["image"].shape == (4, 3, 32, 32)
+    assert not _worker_pids()  # closing the iterator mid-epoch stopped them
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/PID/maps")
+def test_workers_forked_again_map_only_their_own_slots(cfg):
+    """A stream iterated again after a break forks new workers while the caller may hold a batch
+    over the old ring of slots: they must not keep that ring mapped (and resident)."""
+    stream = build_stream(cfg(num_workers=2), 0, 1)
+    it = iter(stream)
+    held = next(it)
+    first = _worker_pids()
+    mapped = {_shared_mappings(pid) for pid in first}
+    it.close()
+    it = iter(stream)
+    try:
+        again = next(it)
+        second = _worker_pids()
+        assert len(second) == 2 and not second & first and {_shared_mappings(pid) for pid in second} == mapped
+    finally:
+        it.close()
+    assert held["image"].shape == again["image"].shape == (4, 3, 32, 32)
     assert not _worker_pids()  # closing the iterator stopped them all

@@ -93,8 +93,9 @@ def test_with_cuda_pixels_are_pinned_and_the_slot_freed_at_once():
 
 
 def test_a_process_forked_later_never_writes_the_rings_flags():
-    """A next epoch's worker is forked while the caller may still hold views of this epoch's
-    slots: it inherits their finalizers, and freeing its copies runs them there. It does not map
+    """A new set of workers (a stream iterated again after a break) is forked while the caller
+    may still hold views of the old ring's slots: they inherit their finalizers, and freeing
+    their copies runs them there. It does not map
     this ring (`keep_from_later_forks`), so the finalizer writing a slot's flag was a
     segmentation fault that killed the worker; the main process alone frees slots."""
     ring = PixelRing(1, 2, 64)
