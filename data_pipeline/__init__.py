@@ -5,7 +5,8 @@ Public entry points (import the module you need; this package imports nothing he
 - `data_pipeline.config.DataConfig` - the typed `data:` section of a run config.
 - `data_pipeline.stream.build_stream(cfg, rank, world_size, *, state=None) -> Stream` - the
   batches of one rank, infinite over epochs, with `state_dict()` / `load_state_dict()` /
-  `stats()` / `batches_per_epoch`.
+  `stats()` / `batches_per_epoch`, and `start_workers()` / `close()` for its loader workers
+  (forked once: start them before allocating what they should not share).
 - `data_pipeline.synth` - synthetic captioned shapes (images and videos) and their attribute
   vocabulary (COLORS, SHAPES, SIZES, POSITIONS, DIRECTIONS) for the prompt-adherence judge.
 - `data_pipeline.write.write_shards` - samples -> WebDataset shards + manifest.json.
