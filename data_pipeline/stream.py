@@ -220,7 +220,7 @@ class _Serve:
 
 
 @dataclass
-class _Segment:
+class _Serving:
     """The segment a rank's persistent workers serve: how to recover a worker in it, and the
     pool's count of handed-out messages when it began."""
 
@@ -228,7 +228,7 @@ class _Segment:
     start: int = 0
 
 
-def _recover(serve: _Serve, segment: _Segment, died: WorkerDied, handed: int) -> Optional[Producer]:
+def _recover(serve: _Serve, segment: _Serving, died: WorkerDied, handed: int) -> Optional[Producer]:
     """`recover` of a persistent pool: the replacement finishes the segment from the batch the
     dead worker owed, then serves the later segments as the others do."""
     restarted = segment.recovery.restart(died, handed - segment.start) if segment.recovery else None
@@ -257,7 +257,7 @@ class _Workers:
         self.ring = PixelRing(n, cfg.prefetch_factor + 2, slot_size)
         self.marks = SampleMarks(n)
         self.serve = _Serve(base, self.ring, self.marks, [FORK.Pipe(duplex=False) for _ in range(n)])
-        self.current = _Segment()
+        self.current = _Serving()
         self.pool = WorkerPool(self.serve, n, cfg.prefetch_factor,
                                functools.partial(_recover, self.serve, self.current))
         self.messages = iter(self.pool)  # every batch and SEGMENT_END of every segment, in turn
@@ -368,7 +368,9 @@ class Stream:
 
     Iterate it for batches (keys: see `collate` and `finalize`); the state
     advances as batches are handed out, so `state_dict()` may be taken between any two.
-    Iterating again after a `break` goes on where it stopped. One iterator at a time."""
+    Iterating again after a `break` goes on where it stopped. One iterator at a time. Its
+    loader workers are forked once (`start_workers`, or the first iteration) and serve every
+    epoch until `close` or a `break`."""
 
     def __init__(self, cfg: DataConfig, rank: int, world_size: int, state: Optional[dict] = None):
         validate_data_config(cfg)

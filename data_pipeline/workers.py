@@ -29,6 +29,12 @@ DeepSpeed's, logging), and a stuck worker hung a 2-rank run of `make demo` at an
 boundary. A worker that has not said it started within `START_TIMEOUT_S` has done nothing
 yet, so it is killed and forked again (`START_ATTEMPTS` times in all) with a warning.
 
+A worker never frees what it inherited (`gc.freeze()` first): its garbage collector would free
+the parent's garbage cycles too, and one holding a ring of slots left out of the fork
+(transfer.py, MADV_DONTFORK) unmapped that address range in the worker, where the worker's own
+map of a shard may lie by then: its next read of the shard was a segmentation fault. (Also,
+collections no longer touch the inherited objects, so their pages stay shared.)
+
 A worker keeps the memory it frees (`keep_freed_memory`): a batch's pixels are allocated sample
 by sample and freed together once the batch is in its slot, and with glibc's defaults that
 memory went back to the kernel and was faulted in again by the next batch: ~20 page faults a
@@ -37,6 +43,7 @@ sample at 256 px against raw decode's 1 (`dit bench loader` there: ~0.67 before,
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import os
 import pickle
@@ -221,6 +228,7 @@ def keep_freed_memory() -> bool:
 
 def _work(produce: Producer, j: int, conn, credits, parent: int, inherited: list) -> None:
     """The body of worker j: "started", its batches, each sent once a credit allows, then "end"."""
+    gc.freeze()  # what the parent left is never freed here: see the module doc
     _send(conn, ("started", None))
     keep_freed_memory()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle

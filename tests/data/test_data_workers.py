@@ -43,6 +43,36 @@ def test_batches_come_in_turn_and_a_finished_worker_is_passed_over(pool_of):
     assert [(b["j"], b["i"]) for b in pool] == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2)]
 
 
+class _Finalized:
+    """Part of a reference cycle; says in which process it was freed."""
+
+    def __init__(self, log: Path):
+        self.log, self.me = log, self
+
+    def __del__(self):
+        with open(self.log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+
+def test_a_worker_never_frees_the_garbage_it_inherited(pool_of, tmp_path):
+    """Garbage cycles of the parent at the fork (a stopped set of workers' ring of slots among
+    them, left out of the fork) are not collected in a worker: freeing such a ring there
+    unmapped, in the worker, whatever it had mapped at those addresses since (a shard it was
+    reading: a segmentation fault)."""
+    import gc
+
+    log = tmp_path / "freed"
+    gc.disable()  # the cycle stays uncollected in this process until the workers are forked
+    try:
+        _Finalized(log)
+        pool = pool_of(lambda j: iter([{"collected": gc.collect()}]), num_workers=2, prefetch=1)
+        assert len(list(pool)) == 2
+    finally:
+        gc.enable()
+    gc.collect()
+    assert log.read_text().split() == [str(os.getpid())]  # freed once, here
+
+
 def test_an_exception_in_a_worker_is_raised_in_the_main_process_with_its_traceback(pool_of):
     def produce(j):
         yield {"j": j}
