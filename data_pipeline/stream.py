@@ -48,7 +48,7 @@ from data_pipeline.stages import batch_stage, decode_stage, read_stage, transfor
 from data_pipeline.tar_reader import ShardReader
 from data_pipeline.transfer import FORK, PixelRing, slot_bytes, stack_into, stacked_shape
 from data_pipeline.transforms import TransformSpec
-from data_pipeline.workers import WAIT_S, Producer, WorkerDied, WorkerPool
+from data_pipeline.workers import Producer, WorkerDied, WorkerPool, wait_with_parent
 
 log = logging.getLogger("data_pipeline")
 STATE_VERSION = 1
@@ -207,10 +207,7 @@ class _Serve:
 
     def __call__(self, j: int) -> Iterator[dict]:
         reading, parent = self.jobs[j][0], os.getppid()
-        while True:
-            while not reading.poll(WAIT_S):
-                if os.getppid() != parent:  # the main process is gone
-                    return
+        while wait_with_parent(reading.poll, parent):
             fields, rotation = reading.recv()
             yield from self.segment(dataclasses.replace(self.base, **fields), rotation, j)
 
@@ -222,7 +219,7 @@ class _Serve:
 @dataclass
 class _Serving:
     """The segment a rank's persistent workers serve: how to recover a worker in it, and the
-    pool's count of handed-out messages when it began."""
+    pool's count of handed-out messages (`WorkerPool.handed`) when it began."""
 
     recovery: Optional[_Recovery] = None
     start: int = 0
@@ -261,7 +258,6 @@ class _Workers:
         self.pool = WorkerPool(self.serve, n, cfg.prefetch_factor,
                                functools.partial(_recover, self.serve, self.current))
         self.messages = iter(self.pool)  # every batch and SEGMENT_END of every segment, in turn
-        self.handed = 0  # messages taken from the pool: its round-robin turn
         self.busy = False  # a segment is being served
 
     def batches(self, job: RankJob, crashed: set[tuple[int, int]], pin: bool) -> Iterator[dict]:
@@ -274,9 +270,9 @@ class _Workers:
         if any(getattr(job, f.name) != getattr(base, f.name) for f in dataclasses.fields(RankJob)
                if f.name not in PER_SEGMENT):
             raise DataError("internal: a segment's job differs from its stream's in more than the per-segment fields")
-        rotation = (job.consumed - self.handed) % n
+        rotation = (job.consumed - self.pool.handed) % n
         self.current.recovery = _Recovery(job, self.ring, self.marks, rotation, crashed)
-        self.current.start = self.handed
+        self.current.start = self.pool.handed
         self.busy = True
         for _, writing in self.serve.jobs:
             writing.send(({f: getattr(job, f) for f in PER_SEGMENT}, rotation))
@@ -285,7 +281,6 @@ class _Workers:
             batch = next(self.messages, None)
             if batch is None:
                 raise DataError("internal: the loader workers ended while serving a segment")
-            self.handed += 1
             if SEGMENT_END in batch:
                 ended += 1
             else:

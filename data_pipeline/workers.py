@@ -99,6 +99,7 @@ class WorkerPool:
         self._parent = os.getpid()
         self._produce, self._prefetch, self._recover = produce, prefetch, recover
         self._conns, self._procs, self._credits, self._polls = [], [], [], []
+        self.handed = 0  # batches handed out by iterating, over all iterations: the round-robin turn
         try:
             for j in range(num_workers):
                 self._start(j)
@@ -142,13 +143,12 @@ class WorkerPool:
 
     def __iter__(self) -> Iterator[dict]:
         live = list(range(len(self._procs)))
-        turn = 0
         while live:
-            j = live[turn % len(live)]
+            j = live[self.handed % len(live)]
             try:
                 kind, payload = self._receive(j)
             except WorkerDied as died:
-                self._replace(j, died, turn)
+                self._replace(j, died, self.handed)
                 continue  # the same turn: worker j's next batch, from its replacement
             if kind == "end":
                 live.remove(j)
@@ -156,7 +156,7 @@ class WorkerPool:
             if kind == "error":
                 raise payload
             self._credits[j].release()
-            turn += 1
+            self.handed += 1
             yield _from_wire(payload)
 
     def _replace(self, j: int, died: WorkerDied, handed: int) -> None:
@@ -237,15 +237,23 @@ def _work(produce: Producer, j: int, conn, credits, parent: int, inherited: list
     torch.set_num_threads(1)  # as DataLoader does: the workers already use every core
     try:
         for batch in produce(j):
-            while not credits.acquire(timeout=WAIT_S):
-                if os.getppid() != parent:
-                    return
+            if not wait_with_parent(lambda s: credits.acquire(timeout=s), parent):
+                return
             _send(conn, ("batch", _to_wire(batch)))
         _send(conn, ("end", None))
     except Exception as e:  # noqa: BLE001 - every failure goes to the main process, which raises it
         _send(conn, ("error", _portable(e, f"loader worker {j} (pid {os.getpid()})")))
     finally:
         conn.close()
+
+
+def wait_with_parent(ready: Callable[[float], bool], parent: int) -> bool:
+    """In a worker: wait until `ready(seconds)` says yes (True), asking every `WAIT_S` seconds,
+    or until the parent process is gone (False)."""
+    while not ready(WAIT_S):
+        if os.getppid() != parent:
+            return False
+    return True
 
 
 def _send(conn, message: tuple) -> None:
