@@ -4,6 +4,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# DeepSpeed's CPU accelerator (gloo, host tensors) for the demo and the tests, also where there
+# are GPUs: the demo is sized for a CPU. gpu-check removes it.
 export DS_ACCELERATOR ?= cpu
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1

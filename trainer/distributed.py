@@ -2,7 +2,8 @@
 
 Ranks are started by a launcher (torchrun, the DeepSpeed launcher, srun) that sets RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; a single process without them runs as a
-world of one. On machines without a GPU the backend is gloo (DeepSpeed's CPU accelerator).
+world of one. The backend follows DeepSpeed's accelerator, as the step's device does: NCCL
+with CUDA, gloo with the CPU accelerator (machines without a GPU, or DS_ACCELERATOR=cpu).
 """
 from __future__ import annotations
 
@@ -64,13 +65,22 @@ def init_distributed(pipeline_stages: int, timeout_s: int, sequence_parallel: in
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = process_group_backend()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
-    if torch.cuda.is_available():
+    if backend == "nccl":
         torch.cuda.set_device(local)
     return DistContext(rank=rank, world_size=world, local_rank=local, pipeline_stages=pipeline_stages,
                        sequence_parallel=sequence_parallel)
+
+
+def process_group_backend() -> str:
+    """NCCL when DeepSpeed's accelerator is CUDA, else gloo. Not `torch.cuda.is_available()`:
+    a job on the CPU accelerator on a machine with GPUs (DS_ACCELERATOR=cpu) keeps every tensor
+    on the host, which NCCL refuses at the first collective."""
+    from deepspeed.accelerator import get_accelerator
+
+    return "nccl" if get_accelerator().device_name() == "cuda" else "gloo"
 
 
 def compute_device() -> torch.device:

@@ -207,3 +207,16 @@ def test_optimizer_step_and_ema_update_stay_on_the_device():
         assert all(s.device.type == "cuda" for s in ema.shadow.values())
         with pytest.raises(DataDependentOutputException):
             bool(skipped)  # what the guard used to do every step
+
+
+def test_process_group_backend_follows_deepspeeds_accelerator(monkeypatch):
+    """A job on DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu, as here) keeps its tensors on
+    the host, so its process group is gloo even on a machine where torch sees a GPU: NCCL would
+    refuse the first collective's host tensor."""
+    from deepspeed.accelerator import get_accelerator
+
+    from trainer.distributed import process_group_backend
+
+    assert get_accelerator().device_name() == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert process_group_backend() == "gloo"
