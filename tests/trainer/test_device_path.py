@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import (DataDependentOutputException, FakeTensorDeviceMismatchError,
                                           FakeTensorMode)
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from data_pipeline.stream import batch_to_device
 from tests.eval.eval_helpers import tiny_config, write_checkpoint
@@ -220,3 +221,44 @@ def test_process_group_backend_follows_deepspeeds_accelerator(monkeypatch):
     assert get_accelerator().device_name() == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert process_group_backend() == "gloo"
+
+
+class BlockingCopies(TorchDispatchMode):
+    """Records the host-to-device copies made without `non_blocking`: torch makes each one wait
+    for the device's queue (it syncs the stream after the copy), which FakeTensorMode cannot see."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default:
+            src, dst, blocking = args[0], kwargs.get("device"), not kwargs.get("non_blocking", False)
+        elif func is torch.ops.aten.copy_.default:
+            src, dst, blocking = args[1], args[0].device, not (args[2] if len(args) > 2 else kwargs.get("non_blocking"))
+        else:
+            src = dst = None
+        if (isinstance(src, torch.Tensor) and src.device.type == "cpu" and dst is not None
+                and torch.device(dst).type == "cuda" and blocking):
+            self.copies.append(tuple(src.shape))
+        return func(*args, **(kwargs or {}))
+
+
+def test_per_step_times_reach_the_device_without_waiting_for_it():
+    """A sampler step's times and a distillation step's time grid are made on the device (a
+    fill) or copied there non-blocking: a blocking copy from the host, three per sampler step
+    and one per distillation micro-step, would keep the host from queueing ahead of the GPU."""
+    from trainer.config import DiffusionConfig
+    from trainer.diffusion import make_schedule
+    from trainer.diffusion.distill import student_step_times
+    from trainer.diffusion.utils import batch_t
+
+    schedule = make_schedule(DiffusionConfig())
+    with fake_cuda():
+        x, k = torch.zeros(4, 3, 8, 8, device=CUDA), torch.zeros(4, dtype=torch.long, device=CUDA)
+        t = torch.full((), 0.25, device=CUDA)
+        with BlockingCopies() as copies:
+            times = [batch_t(0.5, x), batch_t(t, x), *student_step_times(schedule, 2, 2, k)]
+    assert all(t.device.type == "cuda" and tuple(t.shape) == (4,) for t in times)
+    assert copies.copies == []

@@ -42,7 +42,8 @@ def student_step_times(schedule: NoiseSchedule, num_steps: int, substeps: int, k
     j = round(T - k T / N), so the first time is the student's t and the last its next time.
     Returns substeps + 1 tensors (B,), decreasing; progressive distillation uses substeps = 2.
     """
-    grid = sampling_timesteps(schedule, num_steps * substeps, "trailing").to(k.device)  # (N s + 1,)
+    # (N s + 1,), made on the host: copied without waiting for the device's queue
+    grid = sampling_timesteps(schedule, num_steps * substeps, "trailing").to(k.device, non_blocking=True)
     return [grid[k * substeps + j] for j in range(substeps + 1)]
 
 
@@ -91,7 +92,7 @@ def guided_model(model: CondModel, cond: dict[str, Tensor], uncond: dict[str, Te
     def guided(x: Tensor, t: Tensor) -> Tensor:
         both = {k: torch.cat([cond[k], uncond[k]]) for k in cond}  # (2B, ...)
         c, u = model(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)  # (B, ...) each
-        return apply_guidance(c, u, append_dims(scale, c.ndim).to(c.dtype), rescale)  # type: ignore[arg-type]
+        return apply_guidance(c, u, append_dims(scale, c.ndim), rescale)  # type: ignore[arg-type]
 
     return guided
 

@@ -22,8 +22,12 @@ def apply_guidance(cond_pred: Tensor, uncond_pred: Tensor, scale: float, rescale
     """u + s (c - u), then guidance rescale phi (Lin et al. 2023, "Common Diffusion Noise
     Schedules and Sample Steps are Flawed", sec. 3.4):
         rescaled = g * std(c) / std(g),   out = phi rescaled + (1 - phi) g,
-    std per sample over all non-batch dims. At scale 1, g = c and so out = c for any phi. (B, ...)
+    std per sample over all non-batch dims. At scale 1, g = c and so out = c for any phi.
+    Combined in float32 (or wider) whatever the predictions' dtype: a bf16 teacher's c and u
+    are exact, their bf16 combination and a bf16 scale (3.7 -> 3.703125) are not. (B, ...)
     """
+    dtype = torch.promote_types(cond_pred.dtype, torch.float32)
+    cond_pred, uncond_pred = cond_pred.to(dtype), uncond_pred.to(dtype)
     guided = uncond_pred + scale * (cond_pred - uncond_pred)  # (B, ...)
     if rescale == 0.0:
         return guided

@@ -31,8 +31,11 @@ def coef(c: Tensor, like: Tensor) -> Tensor:
 
 
 def batch_t(t: Tensor | float, x: Tensor) -> Tensor:
-    """A scalar or (B,) time as a (B,) float32 tensor on x's device."""
-    t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
+    """A scalar or (B,) time as a (B,) float32 tensor on x's device. A Python number is filled in
+    on the device: `as_tensor` would copy it from the host, waiting for the device's queue."""
+    if not isinstance(t, Tensor):
+        return torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
+    t = t.to(device=x.device, dtype=torch.float32)
     return t.expand(x.shape[0]) if t.ndim == 0 else t
 
 
