@@ -67,6 +67,9 @@ def test_learned_null_encoder_has_no_weights_and_marks_the_empty_caption_by_its_
     chunk = enc.encode(["", CAPTIONS[0]] + [""] * (cached.chunk - 2))
     assert all(torch.equal(a, b[:2]) for a, b in zip(again, chunk))
     assert torch.equal(again.mask, emb.mask) and torch.allclose(again.tokens, emb.tokens, atol=1e-5)
+    # each cached row holds its own bytes only, as the cache counts them against max_bytes
+    assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size()
+               for row in cached.cache.values() for t in row)
 
 
 @pytest.fixture(scope="module")

@@ -125,12 +125,14 @@ class CachedTextEncoder:
         self.cache.clear()
 
     def _encode_new(self, captions: list[str]) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
-        """Rows (L, Dt), (L,), (Dp,) of captions not in the cache, `chunk` per encoder call."""
+        """Rows (L, Dt), (L,), (Dp,) of captions not in the cache, `chunk` per encoder call; each
+        row in memory of its own (a view would keep its whole chunk, padding included, alive in
+        the cache: up to `chunk` times `max_bytes`)."""
         rows = {}
         for i in range(0, len(captions), self.chunk):
             part = captions[i: i + self.chunk]
             e = self.encoder.encode(part + [""] * (self.chunk - len(part)))  # (chunk, ...)
-            rows.update((c, (e.tokens[j], e.mask[j], e.pooled[j])) for j, c in enumerate(part))
+            rows.update((c, (e.tokens[j].clone(), e.mask[j].clone(), e.pooled[j].clone())) for j, c in enumerate(part))
         return rows
 
     def encode(self, captions: list[str]) -> TextEmbedding:
