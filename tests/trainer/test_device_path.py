@@ -262,3 +262,40 @@ def test_per_step_times_reach_the_device_without_waiting_for_it():
             times = [batch_t(0.5, x), batch_t(t, x), *student_step_times(schedule, 2, 2, k)]
     assert all(t.device.type == "cuda" and tuple(t.shape) == (4,) for t in times)
     assert copies.copies == []
+
+
+@contextmanager
+def cuda_autocast() -> Iterator[None]:
+    """CUDA's bf16 autocast on this CPU-only build (torch.autocast("cuda") refuses to start
+    without a GPU; its rules are registered all the same)."""
+    torch.set_autocast_dtype("cuda", torch.bfloat16)
+    torch.set_autocast_enabled("cuda", True)
+    try:
+        yield
+    finally:
+        torch.set_autocast_enabled("cuda", False)
+
+
+def test_queries_and_keys_reach_attention_in_bf16_under_cuda_autocast(tmp_path, monkeypatch):
+    """Under CUDA's bf16 autocast q, k and v reach attention in bf16: CUDA's autocast runs
+    rms_norm (the qk-norm) in float32, and a float32 rotary table promotes q and k, which then
+    take twice the memory and are cast back by attention's own rule."""
+    import torch.nn.functional as F
+
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    cfg = tiny_config(tmp_path, "model.video=true", "data.kind=video", "data.num_frames=4", "model.positions=rope")
+    stage = build_stage(cfg)
+    with fake_cuda():
+        stage.to(CUDA)
+        batch = batch_to_device(uint8_batch(2, 3, 4, 16, 16), CUDA)
+        with cuda_autocast():
+            for _ in stage.losses(batch, torch.Generator().manual_seed(0)):
+                pass
+    assert seen and set(seen) == {(torch.bfloat16,) * 3}, set(seen)

@@ -45,6 +45,7 @@ from trainer.models.layers import (
     Rope,
     ScalarEmbedder,
     SelfAttention,
+    activation_dtype,
     gated_residual,
     modulate,
     patchify,
@@ -291,7 +292,8 @@ class DiTBlock(nn.Module):
         if not self.spec.rope:
             return None
         head_dim = self.spec.preset.width // self.spec.preset.heads
-        return rope_table(grid, axes, head_dim, like.device, like.dtype)
+        # in the dtype of q and k (the projection's): a float32 table would promote them to float32
+        return rope_table(grid, axes, head_dim, like.device, activation_dtype(like))
 
 
 class DiTHead(nn.Module):

@@ -139,14 +139,26 @@ def apply_rope(x: Tensor, rope: Rope) -> Tensor:
 # CPU and flash kernels write the output as (B, N, H, Dh), so the head merge is a free view.
 
 
+def activation_dtype(like: Tensor) -> torch.dtype:
+    """The dtype a linear layer gives for the input `like`: autocast's where it is on for that
+    device (bf16, fp16), else `like`'s own."""
+    device = like.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else like.dtype
+
+
 class HeadRMSNorm(nn.RMSNorm):
-    """nn.RMSNorm with its (float32) weight cast to the input's dtype. Under bf16 autocast the
-    projections hand it bf16; with a float32 weight `torch.rms_norm` cannot use its fused
-    kernel, falls back to the composite (several kernels, float32 output: the eager qk-norm took
-    36 ms of a 207 ms DiT-XL/2 step on the H200) and warns. Same parameters, same keys."""
+    """nn.RMSNorm in the input's dtype: its (float32) weight cast to it, and outside autocast.
+    Under bf16 autocast the projections hand it bf16; with a float32 weight `torch.rms_norm`
+    cannot use its fused kernel, falls back to the composite (several kernels, float32 output:
+    the eager qk-norm took 36 ms of a 207 ms DiT-XL/2 step on the H200) and warns. CUDA's
+    autocast also runs rms_norm in float32 (CPU's has no rule for it): q and k would reach
+    attention in float32, twice the memory the plan counts and twice the bytes of the
+    sequence-parallel exchange, and be cast back by attention's own rule. The fused kernel
+    accumulates in float32 anyway. Same parameters, same keys."""
 
     def forward(self, x: Tensor) -> Tensor:  # (..., Dh) -> (..., Dh), x's dtype
-        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
 
 
 def _qk_norm(dim: int, enabled: bool) -> nn.Module:
