@@ -20,7 +20,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint root (uses `latest`) or step directory")
     p.add_argument("--format", choices=("safetensors", "diffusers"), default="safetensors")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--raw", action="store_true", help="export the raw (non-EMA) weights (ZeRO 0-2 checkpoints)")
+    p.add_argument("--raw", action="store_true",
+                   help="export the raw (non-EMA) fp32 weights (runs with checkpoint.universal=true, the default)")
     p.add_argument("--no-verify", action="store_true", help="diffusers: skip the generate-and-compare check")
     p.add_argument("--verify-steps", type=int, default=10, help="DDIM steps of the check (should divide T)")
     p.add_argument("--tolerance", type=float, default=1e-3, help="max |difference| of [0, 1] pixels")
@@ -30,14 +31,15 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def export(args: argparse.Namespace) -> int:
     from trainer.export import export as run_export
-    from trainer.export import verify_diffusers_export
+    from trainer.export import exported_weights, verify_diffusers_export
 
     out = run_export(args.checkpoint, args.format, args.out, ema=not args.raw)
-    print(f"exported {args.checkpoint} ({'raw' if args.raw else 'EMA'} weights) as {args.format} to {out}")
+    weights = exported_weights(out)  # raw where the checkpoint kept no EMA, even without --raw
+    print(f"exported {args.checkpoint} ({'EMA' if weights == 'ema' else weights} weights) as {args.format} to {out}")
     if args.format != "diffusers" or args.no_verify:
         return 0
-    error = verify_diffusers_export(out, args.checkpoint, VERIFY_PROMPTS, steps=args.verify_steps, ema=not args.raw,
-                                    device=args.device)
+    error = verify_diffusers_export(out, args.checkpoint, VERIFY_PROMPTS, steps=args.verify_steps,
+                                    ema=weights == "ema", device=args.device)
     verdict = "ok" if error <= args.tolerance else "MISMATCH"
     print(f"diffusers check on {args.device} ({args.verify_steps} DDIM steps, same noise): "
           f"max |pixel difference| {error:.2e} (tolerance {args.tolerance:.0e}): {verdict}")

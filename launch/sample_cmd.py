@@ -59,7 +59,8 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", choices=SAMPLERS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16, help="prompts sampled together")
-    p.add_argument("--raw", action="store_true", help="sample the raw (non-EMA) weights (ZeRO 0-2 checkpoints)")
+    p.add_argument("--raw", action="store_true",
+                   help="sample the raw (non-EMA) fp32 weights (runs with checkpoint.universal=true, the default)")
     add_device_argument(p)
 
 
@@ -114,9 +115,12 @@ def sample(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise SystemExit(f"dit sample: {e}") from None
     pixels = cascade.sample_batched(prompts, torch.Generator().manual_seed(args.seed), args.batch_size, size=size)
-    meta = {"recipe": str(args.checkpoint), "seed": args.seed, "weights": "raw" if args.raw else "ema",
-            "device": str(args.device), "height": int(pixels.shape[-2]), "width": int(pixels.shape[-1]),
-            "stages": [{"checkpoint": str(s.checkpoint), **vars(s.settings)} for s in cascade.stages]}
+    weights = {s.weights for s in cascade.stages}  # raw where a checkpoint kept no EMA, even without --raw
+    meta = {"recipe": str(args.checkpoint), "seed": args.seed,
+            "weights": weights.pop() if len(weights) == 1 else "mixed", "device": str(args.device),
+            "height": int(pixels.shape[-2]), "width": int(pixels.shape[-1]),
+            "stages": [{"checkpoint": str(s.checkpoint), "weights": s.weights, **vars(s.settings)}
+                       for s in cascade.stages]}  # the settings each stage sampled with (a student's own)
     record = save_samples(pixels, prompts, args.out, meta, cascade.fps)
     kind = "videos" if pixels.ndim == 5 else "images"
     print(f"{len(prompts)} {kind} of {pixels.shape[-2]}x{pixels.shape[-1]} px on {args.device} in {args.out} "

@@ -8,6 +8,7 @@ use it without building a training stage (no student to train, no teacher to loa
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional, Sequence
 
 import torch
@@ -20,6 +21,16 @@ from trainer.models.autoencoder import build_autoencoder
 from trainer.models.dit import DiT, build_dit, dit_preset
 from trainer.models.text import CachedTextEncoder, build_text_encoder
 from trainer.sampling import generate
+
+
+def student_settings(settings: SamplerSettings, guidance_input: bool) -> SamplerSettings:
+    """What a distilled (progressive/adversarial) student samples with: `settings`' steps, one
+    forward per step with the default sampler (DDIM) on the default grid and no CFG, hence no
+    guidance rescale; the CFG scale is its guidance input where it takes one
+    (model.guidance_embed), else unused (1.0). `dit sample` records these settings."""
+    default = SamplerSettings()
+    return replace(settings, sampler=default.sampler, spacing=default.spacing, guidance_rescale=0.0,
+                   cfg_scale=settings.cfg_scale if guidance_input else 1.0)
 
 
 def frozen(module: nn.Module) -> nn.Module:
@@ -152,14 +163,15 @@ class InferenceBundle:
         `extras`: further conditioning (a super-resolution model's low-resolution input);
         `shape`: the DiT input (C, [F,] h, w) (default: the configured square), sampled with the
         schedule shifted for it. `distilled`: a few-step student, one forward per step with no
-        CFG; a guidance-conditioned one gets `settings.cfg_scale` as its guidance input."""
+        CFG (`student_settings`); a guidance-conditioned one gets `settings.cfg_scale` as its
+        guidance input."""
         shape = shape or self.sample_shape()
         if distilled:
             extras = dict(extras or {})
             if net.spec.guidance:
                 device = next(net.parameters()).device
                 extras["guidance"] = torch.full((len(prompts),), float(settings.cfg_scale), device=device)  # (B,)
-            settings = SamplerSettings(steps=settings.steps, cfg_scale=1.0)
+            settings = student_settings(settings, guidance_input=False)  # the guidance went into `extras`
         x0 = generate(net, self.text, self.schedule_for(shape), self.prediction, prompts, shape, settings,
                       generator, extras)
         return self.decode(x0).clamp(-1, 1)

@@ -39,14 +39,16 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from trainer.bundle import InferenceBundle
-from trainer.checkpoint_format import COMPLETE, EMA_FILE, LATEST, load_for_inference, resolve, verify
+from trainer.bundle import InferenceBundle, student_settings
+from trainer.checkpoint_format import (COMPLETE, EMA_FILE, LATEST, CheckpointError, load_for_inference, resolve,
+                                       verify)
 from trainer.config import ConfigError, RunConfig, load_config
 from trainer.diffusion import SAMPLERS, SamplerSettings
 from trainer.media import save_image_grid, save_mp4, save_video_grid, to_uint8
 from trainer.stage_config import distilled_steps
 
 DISTILLED = ("progressive", "adversarial")  # student checkpoints of the distillation stages
+RAW_PREFIX = "fp32/"  # the fp32 master weights in a universal file (trainer/elastic.py)
 
 
 @dataclass
@@ -95,17 +97,23 @@ def load_cascade_spec(path: str | Path) -> CascadeSpec:
 
 
 def raw_weights(directory: Path) -> dict[str, Tensor]:
-    """The student's non-EMA weights from its DeepSpeed state (ZeRO 0-2, whole tensors), after
-    checking the file against COMPLETE.json; loaded weights-only (no pickle code runs)."""
-    from trainer.checkpoint import safe_checkpoint_engine
+    """The student's non-EMA weights: the fp32 master weights of the checkpoint's universal
+    file (trainer/elastic.py), whole and by the network's weight names for every layout. Not
+    DeepSpeed's module file: it holds flat block parameters under `model.flat_params`, ZeRO-3
+    partitions, nothing under pipeline parallelism, and half-precision weights under bf16/fp16.
+    Checked against COMPLETE.json; safetensors only (no pickle runs)."""
+    from safetensors import safe_open
 
-    verify(directory)
-    state = safe_checkpoint_engine().load(str(directory / "student" / "mp_rank_00_model_states.pt"), map_location="cpu")
-    weights = state["module"]
-    if not weights or any(t.numel() == 0 for t in weights.values()):
-        raise ValueError(f"{directory} holds ZeRO-3 partitions; sample its EMA weights, or gather the raw "
-                         f"ones with {directory}/zero_to_fp32.py first")
-    return weights
+    from trainer.elastic import universal_file
+
+    name = universal_file("student")
+    if not (directory / name).is_file():
+        raise CheckpointError(f"{directory} holds no {name} (it was written with checkpoint.universal=false, or it "
+                              f"is a round export), so its raw weights are not stored whole: sample or export its "
+                              f"EMA weights (drop --raw), or train with checkpoint.universal=true (the default)")
+    verify(directory, (name,))
+    with safe_open(str(directory / name), framework="pt") as f:  # only the weights, not Adam's moments
+        return {key.removeprefix(RAW_PREFIX): f.get_tensor(key) for key in f.keys() if key.startswith(RAW_PREFIX)}
 
 
 @dataclass
@@ -119,6 +127,7 @@ class LoadedStage:
     settings: SamplerSettings
     checkpoint: Path
     distilled: bool = False  # a progressive/adversarial student: no CFG, guidance as an input
+    weights: str = "ema"  # which weights `net` carries: ema, or raw (asked for, or no EMA was kept)
 
     @property
     def superres(self) -> bool:
@@ -156,17 +165,27 @@ def load_stage(spec: CascadeStageSpec, defaults: SamplerSettings, ema: bool = Tr
     net = bundle.network(weights)  # built on the host, then moved (in place) with the bundle
     bundle.nets.append(net)
     bundle.to(torch.device(device))
-    return LoadedStage(cfg, bundle, net, settings, directory, distilled)
+    return LoadedStage(cfg, bundle, net, settings, directory, distilled, "ema" if ema else "raw")
 
 
 def distilled_settings(cfg: RunConfig, settings: SamplerSettings, directory: Path) -> SamplerSettings:
-    """A distilled student samples at the step count it was distilled for unless another one
-    was asked for (a step count equal to the default counts as not asked for)."""
+    """What a distilled student samples with, as samples.json records it: the step count it was
+    distilled for unless another one was asked for (a step count equal to the default counts as
+    not asked for), and `student_settings` (DDIM, no CFG); a sampler or guidance rescale asked
+    for (other than the default) is noted as not applying."""
     steps = distilled_steps(cfg.stage)
-    if settings.steps != SamplerSettings().steps or steps is None:
-        return settings
-    print(f"{directory} is a {cfg.stage.kind} student: sampling it with its {steps} steps", flush=True)
-    return replace(settings, steps=steps)
+    if settings.steps == SamplerSettings().steps and steps is not None:
+        print(f"{directory} is a {cfg.stage.kind} student: sampling it with its {steps} steps", flush=True)
+        settings = replace(settings, steps=steps)
+    used = student_settings(settings, cfg.model.guidance_embed)
+    unused = [f"{what} {asked}" for what, asked, default, now in (
+        ("sampler", settings.sampler, SamplerSettings().sampler, used.sampler),
+        ("guidance rescale", settings.guidance_rescale, SamplerSettings().guidance_rescale, used.guidance_rescale))
+        if asked != default and asked != now]
+    if unused:
+        print(f"{directory} is a {cfg.stage.kind} student: it samples with {used.sampler} and no CFG, so the "
+              f"{' and '.join(unused)} asked for do not apply", flush=True)
+    return used
 
 
 def resize_pixels(pixels: Tensor, size: int | tuple[int, int]) -> Tensor:

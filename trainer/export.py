@@ -39,6 +39,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import save_file
 from torch import Tensor
 
+from trainer.config_errors import ConfigError
 from trainer.models.dit import DiT, DiTPreset, DiTSpec, TextEmbedding
 
 if TYPE_CHECKING:
@@ -172,14 +173,19 @@ def export_safetensors(checkpoint: str | Path, out: str | Path, ema: bool = True
     weights = {k: v.detach().contiguous() for k, v in loaded.net.state_dict().items()}
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt", "step": str(step)})
     spec = asdict(loaded.net.spec)
-    record = {"source_checkpoint": str(loaded.checkpoint), "step": step, "weights": "ema" if ema else "raw",
+    record = {"source_checkpoint": str(loaded.checkpoint), "step": step, "weights": loaded.weights,
               "dit_spec": spec, "run_config": to_dict(loaded.cfg)}
     (out / "config.json").write_text(json.dumps(record, indent=1) + "\n")
     return out
 
 
 def _check_diffusers_exportable(loaded: "LoadedStage") -> None:
+    """Refuse, before anything is written, what the text-to-image pipeline cannot sample as we do."""
     cfg = loaded.cfg
+    if loaded.distilled:  # the pipeline runs CFG over the scheduler's steps; a student takes neither
+        raise ConfigError("stage.kind", f"the checkpoint is a {cfg.stage.kind} student, which samples in its own "
+                                        f"few steps with no CFG; the diffusers pipeline runs CFG over the scheduler's "
+                                        f"steps, so export it as --format safetensors (or sample it with dit sample)")
     problems = [
         (cfg.model.video, "model.video", "video models"),
         (cfg.model.superres, "model.superres", "super-resolution stages"),
@@ -190,8 +196,8 @@ def _check_diffusers_exportable(loaded: "LoadedStage") -> None:
     ]
     for bad, key, what in problems:
         if bad:
-            raise ValueError(f"{key}: the diffusers export covers text-to-image models; {what} export as "
-                             f"--format safetensors")
+            raise ConfigError(key, f"the diffusers export covers text-to-image models; {what} export as "
+                                   f"--format safetensors")
 
 
 def scheduler_config(loaded: "LoadedStage") -> dict:
@@ -250,8 +256,17 @@ def export_diffusers(checkpoint: str | Path, out: str | Path, ema: bool = True) 
              **components}
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     (out / PROVENANCE).write_text(json.dumps({"source_checkpoint": str(loaded.checkpoint), "step": step,
-                                              "weights": "ema" if ema else "raw"}, indent=1) + "\n")
+                                              "weights": loaded.weights}, indent=1) + "\n")
     return out
+
+
+def exported_weights(directory: str | Path) -> str:
+    """Which weights an export holds, as its record says: ema, or raw (asked for, or the
+    checkpoint kept no EMA)."""
+    for name in (PROVENANCE, "config.json"):
+        if (Path(directory) / name).is_file():
+            return json.loads((Path(directory) / name).read_text())["weights"]
+    raise FileNotFoundError(f"{directory} is not an export (no {PROVENANCE} or config.json)")
 
 
 def export(checkpoint: str | Path, fmt: str, out: str | Path, ema: bool = True) -> Path:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, field, fields, make_dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
-from trainer.config_errors import check
+from trainer.config_errors import ConfigError, check
 
 if TYPE_CHECKING:
     from trainer.config import RunConfig
@@ -36,9 +36,17 @@ class StageSettings:
     sequence_parallel: ClassVar[bool] = False
     # Where the student comes from: "" when `checkpoint.init_from` may warm-start it, else why not.
     student_from: ClassVar[str] = "trains no DiT"
+    # The DiT inputs (model.<key> flags) this kind's stage feeds its student: a flag the stage
+    # does not feed builds a network whose first forward fails (a missing `lowres`/`guidance`).
+    dit_inputs: ClassVar[tuple[str, ...]] = ()
 
     def check(self, cfg: RunConfig) -> None:
         check(self.steps >= 1, "stage.steps", "must be at least 1")
+        for key in DIT_INPUTS:
+            takers = [name for name, kind in STAGE_KINDS.items() if key in kind.dit_inputs]
+            check(not getattr(cfg.model, key) or key in self.dit_inputs, f"model.{key}",
+                  f"is an input of the {_listing(takers)} students; the {self.kind} stage does not feed it "
+                  f"(set model.{key}=false)")
         check(not (cfg.checkpoint.init_from and self.student_from), "checkpoint.init_from",
               f"warm-starts the DiT of pretrain and superres stages; the {self.kind} stage "
               f"{self.student_from} (set checkpoint.init_from='')")
@@ -75,6 +83,8 @@ class SuperresSettings(PretrainSettings):
     noise_aug_max: float = 0.5
     noise_aug_sample: float = 0.1
 
+    dit_inputs: ClassVar[tuple[str, ...]] = ("superres",)
+
     def check(self, cfg: RunConfig) -> None:
         super().check(cfg)
         check(cfg.model.superres, "model.superres", "stage.kind=superres needs model.superres=true")
@@ -91,6 +101,8 @@ class ProgressiveSettings(PretrainSettings):
 
     sequence_parallel: ClassVar[bool] = False
     student_from: ClassVar[str] = "starts its student from stage.teacher"
+    # superres: a distilled super-resolution student samples as a cascade stage (trainer/cascade.py)
+    dit_inputs: ClassVar[tuple[str, ...]] = ("superres", "guidance_embed")
 
     def check(self, cfg: RunConfig) -> None:
         super().check(cfg)
@@ -106,6 +118,8 @@ class AdversarialSettings(ProgressiveSettings):
 
     pipeline: ClassVar[bool] = False
 
+
+DIT_INPUTS = ("superres", "guidance_embed")  # the model flags a stage kind may or may not feed
 
 STAGE_KINDS: dict[str, type[StageSettings]] = {
     "autoencoder": AutoencoderSettings,
@@ -157,6 +171,7 @@ def as_section(settings: StageSettings) -> Any:
 
 def validate_stage(cfg: RunConfig) -> None:
     """The stage's own knobs, and what its kind rules out elsewhere in the config."""
+    check_foreign_knobs(cfg.stage)
     settings = stage_settings(cfg.stage)
     settings.check(cfg)
     check(not (cfg.deepspeed.pipeline_stages > 1 and not settings.pipeline), "deepspeed.pipeline_stages",
@@ -165,6 +180,19 @@ def validate_stage(cfg: RunConfig) -> None:
     check(not (cfg.data.resolutions and cfg.deepspeed.pipeline_stages > 1), "data.resolutions",
           "the pipeline engine exchanges activations of one shape; train multi-resolution buckets with ZeRO "
           "(deepspeed.pipeline_stages=1)")
+
+
+def check_foreign_knobs(stage: Any) -> None:
+    """A knob of another kind set away from its default: the stage of `stage.kind` receives
+    only its own settings class, so it would ignore the value silently; refused, naming the key."""
+    own = {f.name for f in fields(STAGE_KINDS[stage.kind])}
+    defaults = StageConfig()
+    for f in fields(StageConfig):
+        if f.name in own or getattr(stage, f.name) == getattr(defaults, f.name):
+            continue
+        kinds = [name for name, kind in STAGE_KINDS.items() if f.name in {g.name for g in fields(kind)}]
+        raise ConfigError(f"stage.{f.name}", f"is a setting of the {_listing(kinds)} stage(s); the {stage.kind} "
+                                             f"stage ignores it (remove it, or set stage.kind to one that uses it)")
 
 
 def _listing(names: list[str]) -> str:

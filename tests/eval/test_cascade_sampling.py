@@ -81,6 +81,19 @@ def test_distilled_student_samples_at_its_step_count(tmp_path):
     assert cascade.sample(PROMPTS, torch.Generator().manual_seed(0)).shape == (2, 3, 16, 16)
 
 
+def test_a_distilled_student_records_the_settings_it_sampled_with(tmp_path, capsys):
+    """A student samples with DDIM and no CFG whatever --sampler and --guidance-rescale say:
+    samples.json records that, and the command says those options did not apply."""
+    cfg = tiny_config(tmp_path / "student", "stage.kind=progressive", "stage.teacher=/unused", "stage.rounds=[2]",
+                      "model.guidance_embed=true", "diffusion.loss_weighting=trunc_snr")
+    out = tmp_path / "samples"
+    assert dit(["sample", str(write_checkpoint(cfg)), "--prompt", PROMPTS[0], "--sampler", "euler",
+                "--guidance-rescale", "0.3", "--cfg", "2.0", "--out", str(out)]) == 0
+    (stage,) = json.loads((out / "samples.json").read_text())["stages"]
+    assert (stage["steps"], stage["sampler"], stage["guidance_rescale"], stage["cfg_scale"]) == (2, "ddim", 0.0, 2.0)
+    assert "sampler euler and guidance rescale 0.3 asked for do not apply" in capsys.readouterr().out
+
+
 def test_distilled_superres_student_reads_its_low_resolution_input(tmp_path):
     """A distilled super-resolution student samples as a super-resolution model (32 px out) and
     what it draws depends on the low-resolution image it is given."""

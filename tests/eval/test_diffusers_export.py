@@ -72,3 +72,17 @@ def test_learned_null_exports_to_both_formats(tmp_path):
         pipe.transformer.dit.embed.null_pooled.zero_()
         pipe.transformer.dit.embed.null_tokens.zero_()
     assert compare_with_pipeline(pipe, checkpoint, PROMPTS, steps=4) > 1e-3  # the check can fail
+
+
+def test_a_distilled_student_is_refused_before_anything_is_written(tmp_path, capsys):
+    """The pipeline runs CFG over the scheduler's steps (25 by default); a few-step student takes
+    neither, so its export would not sample what `dit sample` does: refused naming stage.kind."""
+    cfg = tiny_config(tmp_path / "student", "stage.kind=progressive", "stage.teacher=/unused", "stage.rounds=[2]",
+                      "model.guidance_embed=true", "diffusion.loss_weighting=trunc_snr")
+    checkpoint = write_checkpoint(cfg)
+    for verify in ([], ["--no-verify"]):
+        out = tmp_path / f"diffusers{len(verify)}"
+        assert dit(["export", str(checkpoint), "--format", "diffusers", "--out", str(out), *verify]) == 2
+        assert not out.exists()
+        assert "stage.kind" in (err := capsys.readouterr().err) and "--format safetensors" in err
+    assert dit(["export", str(checkpoint), "--format", "safetensors", "--out", str(tmp_path / "st")]) == 0

@@ -77,6 +77,9 @@ REFUSED = {  # accepted by the typed schema, refused by validate or the stage pr
     "offload_zero0": (["deepspeed.zero_stage=0", "deepspeed.offload_optimizer=true"], "deepspeed.offload_optimizer"),
     "fused_offload": (["deepspeed.offload_optimizer=true", "optim.fused=true"], "optim.fused"),
     "compile_zero3": (["deepspeed.zero_stage=3", "model.compile=true"], "model.compile"),
+    # a knob or DiT input of another stage kind: ignored by this kind's stage, or its first forward fails
+    "pretrain_rounds": (["stage.rounds=[4,2]"], "stage.rounds"),
+    "pretrain_guidance_embed": (["model.guidance_embed=true"], "model.guidance_embed"),
     # DeepSpeed's CPU accelerator has fp16 only with AVX512-FP16 (DeepSpeed would refuse it later, in every rank)
     "fp16_unsupported": (["deepspeed.precision=fp16"], "deepspeed.precision"),
 }
@@ -92,11 +95,45 @@ def test_dit_train_refuses_unsupported_combinations(tmp_path, kind, tiny_teacher
 
         if get_accelerator().is_fp16_supported():
             pytest.skip("this machine's accelerator has fp16: nothing to refuse")
-    teacher = [] if any(o.startswith("stage.teacher") for o in overrides) else [f"stage.teacher={tiny_teacher_dir}"]
+    distills = any(o in ("stage.kind=progressive", "stage.kind=adversarial") for o in overrides)
+    needs_teacher = distills and not any(o.startswith("stage.teacher") for o in overrides)
+    teacher = [f"stage.teacher={tiny_teacher_dir}"] if needs_teacher else []
     proc = subprocess.run([sys.executable, "-m", "launch.cli", "train", str(TINY), f"run.out_dir={tmp_path / 'run'}",
                            *teacher, *overrides], cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert named in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+
+
+FOREIGN = [  # (overrides, the key named): set away from its default, ignored by the kind's stage
+    (["stage.noise_aug_max=0.9"], "stage.noise_aug_max"),
+    (["stage.adv_mse_weight=5"], "stage.adv_mse_weight"),
+    (["model.superres=true"], "model.superres"),
+    (["stage.kind=superres", "model.superres=true", "data.sr_resolution=32", "model.guidance_embed=true"],
+     "model.guidance_embed"),
+    (["stage.kind=progressive", "stage.rounds=[2]", "stage.adv_loss=non_saturating"], "stage.adv_loss"),
+    (["stage.kind=autoencoder", "stage.cfg_dropout=0.5"], "stage.cfg_dropout"),
+]
+
+
+@pytest.mark.parametrize("overrides, key", FOREIGN)
+def test_a_setting_the_stage_kind_ignores_is_refused_by_key(overrides, key):
+    from trainer.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, overrides)
+    assert err.value.key == key and "stage" in str(err.value)
+
+
+def test_settings_of_the_stage_kind_itself_are_accepted():
+    """Each kind's own knobs and DiT inputs pass (the distillation stages include the pretrain
+    knobs, the adversarial stage the progressive ones); values equal to a default are not 'set'."""
+    from trainer.config import load_config
+
+    distill = ["diffusion.loss_weighting=trunc_snr", "stage.rounds=[2]", "model.guidance_embed=true"]
+    load_config(TINY, ["stage.kind=adversarial", *distill, "stage.adv_mse_weight=5", "stage.cfg_dropout=0.2"])
+    load_config(TINY, ["stage.kind=superres", "model.superres=true", "data.sr_resolution=32",
+                       "stage.noise_aug_max=0.9"])
+    load_config(TINY, ["stage.rounds=[8,4]", "stage.noise_aug_max=0.5"])  # pretrain, the defaults
 
 
 def test_config_checks_import_no_torch(tiny_teacher_dir):
