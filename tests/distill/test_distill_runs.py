@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -89,6 +90,23 @@ def test_progressive_rounds_hand_over_export_and_resume_across_a_round(progressi
     a, b = per_step(straight, "loss"), per_step(killed, "loss")
     assert [a[s] for s in (7, 8)] == [b[s] for s in (7, 8)]
     assert same(player_weights(straight, "student"), player_weights(killed, "student"))
+
+
+def test_progressive_resume_at_the_last_step_exports_the_last_round(progressive_run, tmp_path):
+    """A run preempted at its last step (saved, exit 42 before the end-of-run export) resumes
+    at step == stage.steps, where no step runs: the resume still exports the last round, the
+    export the straight run wrote."""
+    args, straight = progressive_run
+    preempted = tmp_path / "preempted"
+    shutil.copytree(straight / "checkpoints", preempted / "checkpoints")
+    last = Path("rounds") / "round_2_1steps"
+    shutil.rmtree(preempted / "checkpoints" / last)
+    resumed = run_train(2, args + [f"run.out_dir={preempted}"])
+    assert_ok(resumed)
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    exported, expected = preempted / "checkpoints" / last, straight / "checkpoints" / last
+    assert (exported / "round.json").read_text() == (expected / "round.json").read_text()
+    assert same(load_for_inference(exported)[1], load_for_inference(expected)[1])
 
 
 def rise_and_return(acc: dict[int, float], gap: dict[int, float], steps: range) -> tuple[int, int] | None:

@@ -4,12 +4,15 @@
 The student maps x_t to x_t' in one DDIM step of an N-step trailing sampler, N drawn per batch
 from `stage.rounds` (e.g. [4, 2, 1]: one network samples at 1, 2 and 4 steps). The teacher
 reaches x_t' with many DDIM steps (with CFG at a per-sample scale w, or its own few steps when it
-is itself distilled; `log.sample_steps` otherwise). The discriminator is the frozen teacher trunk with trainable heads
-(`DiscriminatorHeads`) reading x_t' at t'; it is the second player, with its own optimizer:
+is itself distilled; otherwise `log.sample_steps` when the run starts, which a resume keeps: a
+log.* change alters what is logged, not what is trained). The discriminator is the frozen
+teacher trunk with trainable heads (`DiscriminatorHeads`) reading x_t' at t'; it is the second
+player, with its own optimizer:
 
-    conditional phase (first half of stage.steps): D judges the pair (x_t, x_t'): the heads read
-        the trunk's token features of x_t' minus those of x_t, so the student must preserve the
-        teacher's flow from each x_t (SDXL-Lightning sec. 3.2);
+    conditional phase (the first half of stage.steps when the run starts; a resume keeps its
+        length): D judges the pair (x_t, x_t'): the heads read the trunk's token features of x_t'
+        minus those of x_t, so the student must preserve the teacher's flow from each x_t
+        (SDXL-Lightning sec. 3.2);
     unconditional phase: D judges x_t' alone, which relaxes the flow-preservation that makes
         few-step samples blurry (their sec. 3.3).
 
@@ -158,7 +161,9 @@ class AdversarialStage(DistillationStage):
 
     `teacher_steps`: the DDIM steps over [0, 1] of a teacher that is a full diffusion model
     (rounded up to a multiple of every student step count); the trainer passes
-    `log.sample_steps`, the teacher sampler the sample grids show."""
+    `log.sample_steps`, the teacher sampler the sample grids show. Both it and the conditional
+    phase's length (from `stage.steps`) are kept in the stage state: a resume trains on with the
+    schedule the run started with (`keep_schedule`)."""
 
     @classmethod
     def from_config(cls, cfg: RunConfig, settings: AdversarialSettings) -> "AdversarialStage":
@@ -168,12 +173,37 @@ class AdversarialStage(DistillationStage):
                  teacher_steps: int = 32):
         super().__init__(model, diffusion, stage, data)
         self.step_counts, self.teacher_steps = check_adversarial(stage, self.teacher.steps, teacher_steps)
+        self.conditional_steps = int(CONDITIONAL_FRACTION * stage.steps)
         trunk = frozen(copy.deepcopy(self.teacher.net))
         self.players["disc"] = PairDiscriminator(DiscriminatorHeads(trunk, head_block_ids(len(trunk.blocks))))
 
     @property
     def conditional(self) -> bool:
-        return self.step < int(CONDITIONAL_FRACTION * self.stage_cfg.steps)
+        return self.step < self.conditional_steps
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        return {**super().state_tensors(), "conditional_steps": torch.tensor(self.conditional_steps),
+                "teacher_steps": torch.tensor(self.teacher_steps)}
+
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        super().load_state_tensors(tensors)
+        if "conditional_steps" in tensors:
+            self.keep_schedule(int(tensors["conditional_steps"]), int(tensors["teacher_steps"]))
+
+    def keep_schedule(self, conditional_steps: int, teacher_steps: int) -> None:
+        """What the run started with: the conditional phase's length (a changed `stage.steps`
+        moves the end of the unconditional phase; the discriminator never goes back to the
+        conditional one) and the teacher's sampler (`log.sample_steps` changes the grids only)."""
+        if self.stage_cfg.steps <= conditional_steps:
+            raise ConfigError("stage.steps", f"this adversarial run's conditional phase lasts {conditional_steps} "
+                              f"steps (half of stage.steps when it started); stage.steps={self.stage_cfg.steps} "
+                              f"leaves no unconditional phase. Resume with stage.steps > {conditional_steps}")
+        if conditional_steps != self.conditional_steps:
+            self.note(f"the conditional phase keeps the {conditional_steps} steps this run started with")
+        if teacher_steps != self.teacher_steps:
+            self.note(f"the teacher's targets keep the {teacher_steps}-step sampler this run started with "
+                      f"(log.sample_steps now asks for {self.teacher_steps}: it sets the sample grids' teacher row)")
+        self.conditional_steps, self.teacher_steps = conditional_steps, teacher_steps
 
     def rollout(self, batch: dict[str, Any], generator: torch.Generator) -> Rollout:
         """x_t at a random step k of an N-step sampler (N drawn from stage.rounds), and where the

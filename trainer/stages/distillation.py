@@ -8,18 +8,22 @@ is sampled with classifier-free guidance at a scale w drawn per sample from
 [stage.guidance_min, stage.guidance_max]; with `model.guidance_embed` the student is conditioned
 on w (embedded like t, its last layer zero-initialized so that the student starts as the
 teacher), so the distilled sampler needs one forward per step instead of two.
+
+Resume: `stage.teacher` names a checkpoint root whose `latest` may move on (its run trains on,
+retention deletes old steps), so the stage state records the step directory it resolved to and
+the sha256 of its weights; a resume distils exactly that teacher or refuses (`keep_teacher`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from trainer.bundle import frozen
-from trainer.checkpoint_format import load_for_inference
+from trainer.bundle import frozen, place
+from trainer.checkpoint_format import EMA_FILE, CheckpointError, load_for_inference, resolve, verify
 from trainer.config import ConfigError, DataConfig, DiffusionConfig, LogConfig, ModelConfig
 from trainer.diffusion import SamplerSettings
 from trainer.diffusion.distill import Model, guided_model
@@ -34,6 +38,7 @@ from trainer.stages.pretrain import PretrainStage
 # terminal SNR), so that the student reproduces what `dit sample` draws from the teacher.
 TEACHER_RESCALE = SamplerSettings.guidance_rescale
 SAMPLE_STEPS = (1, 2, 4)  # rows of the sample grid and of the adherence evaluation
+TEACHER_RECORD = ("teacher_name", "teacher_dir", "teacher_sha256")  # stage.safetensors: `TeacherSource`
 
 
 # ------------------------------------------------------------------------------- the teacher
@@ -64,17 +69,55 @@ class Teacher:
         return guided_model(net, cond, dict(null._asdict()), scale, TEACHER_RESCALE)
 
 
+@dataclass(frozen=True)
+class TeacherSource:
+    """Which weights a run distils: `stage.teacher`, the step directory it resolved to and the
+    sha256 that directory's COMPLETE.json records for the EMA weights."""
+
+    name: str
+    directory: str
+    sha256: str
+
+    def tensors(self) -> dict[str, Tensor]:
+        """For stage.safetensors, which holds tensors only: the strings as UTF-8 bytes."""
+        return {key: text_tensor(value) for key, value in zip(TEACHER_RECORD, astuple(self))}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor]) -> "TeacherSource":
+        return cls(*(tensor_text(tensors[key]) for key in TEACHER_RECORD))
+
+
+def text_tensor(text: str) -> Tensor:
+    return torch.tensor(list(text.encode()), dtype=torch.uint8)
+
+
+def tensor_text(tensor: Tensor) -> str:
+    return bytes(tensor.tolist()).decode()
+
+
+def recorded_sha256(directory: str | Path) -> Optional[str]:
+    """The sha256 of the EMA weights in a complete checkpoint's manifest; None where the
+    directory is gone or incomplete (its file is checked against it when loaded)."""
+    try:
+        return verify(Path(directory), ())["files"][EMA_FILE]
+    except (CheckpointError, KeyError):
+        return None
+
+
 def load_teacher(directory: str, model: ModelConfig, diffusion: DiffusionConfig, data: DataConfig,
-                 text_dim: int, pooled_dim: int) -> tuple[Teacher, dict[str, Tensor]]:
+                 text_dim: int, pooled_dim: int) -> tuple[Teacher, dict[str, Tensor], TeacherSource]:
     """The frozen teacher of `stage.teacher` (a checkpoint root with `latest`, a step directory or
-    a round export) built from its own config and EMA weights, and those weights."""
+    a round export) built from its own config and EMA weights, those weights, and the step
+    directory they came from."""
     check_teacher_exists(directory)
-    config_yaml, weights = load_for_inference(directory)
+    step = resolve(directory)
+    config_yaml, weights = load_for_inference(step)
     cfg = check_teacher(directory, model, diffusion, data, config_yaml)
     net = frozen(build_dit(cfg.model, text_dim, pooled_dim))
     net.load_state_dict(weights)
     steps = distilled_steps(cfg.stage)
-    return Teacher(net, uses_cfg=steps is None, steps=steps), weights
+    source = TeacherSource(directory, str(step), recorded_sha256(step) or "")
+    return Teacher(net, uses_cfg=steps is None, steps=steps), weights, source
 
 
 @torch.no_grad()
@@ -106,15 +149,62 @@ class DistillationStage(PretrainStage):
     def __init__(self, model: ModelConfig, diffusion: DiffusionConfig, stage: ProgressiveSettings, data: DataConfig):
         check_weighting(diffusion)
         super().__init__(model, diffusion, stage, data)
-        self.teacher, weights = load_teacher(stage.teacher, model, diffusion, data, self.text.dim, self.text.pooled_dim)
+        self.teacher, weights, self.teacher_source = load_teacher(stage.teacher, model, diffusion, data,
+                                                                  self.text.dim, self.text.pooled_dim)
         init_student_from(self.players["student"], weights)
-        self.step = 0  # set by start_of_step on every rank
+        self.step = 0  # set by start_of_step on every rank, and by a resume
 
     def helpers(self) -> list[nn.Module]:
         return [*super().helpers(), self.teacher.net]
 
     def start_of_step(self, step: int, student_weights: Callable[[], dict[str, Tensor]]) -> None:
         self.step = step
+
+    def note(self, message: str) -> None:
+        """One line from the rank that writes the stage's files: what a resume kept."""
+        if self.writes_files:
+            print(f"dit train: {message}", flush=True)
+
+    # ---- resume -------------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, Tensor]:
+        """The step the stage last started (a resume at the run's last step starts none, and the
+        end-of-run work reads it) and the teacher's record (`teacher_state`)."""
+        return {"step": torch.tensor(self.step), **self.teacher_state()}
+
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        if "step" in tensors:
+            self.step = int(tensors["step"])
+        self.load_teacher_state(tensors)
+
+    def teacher_state(self) -> dict[str, Tensor]:
+        return self.teacher_source.tensors()
+
+    def load_teacher_state(self, tensors: dict[str, Tensor]) -> None:
+        if TEACHER_RECORD[0] in tensors:
+            self.keep_teacher(TeacherSource.from_tensors(tensors))
+
+    def keep_teacher(self, saved: TeacherSource) -> None:
+        """Distil the teacher the run started with. The stage resolved `stage.teacher` again when
+        it was built; where that is another step directory now, the recorded one is loaded (the
+        discriminator's trunk and the student came from it), and a recorded directory that is
+        gone or holds other weights than it did is refused. A changed `stage.teacher` (only
+        checkpoint.allow_config_change lets one through) is the user's choice and stays."""
+        if saved == self.teacher_source or saved.name != self.stage_cfg.teacher:
+            return
+        now = recorded_sha256(saved.directory)
+        if now != saved.sha256:
+            what = "is gone" if now is None else "holds other weights now (its ema.safetensors changed)"
+            raise ConfigError("stage.teacher", f"this run started distilling {saved.directory} "
+                              f"(stage.teacher={self.stage_cfg.teacher}), which {what}; a resume must distil the "
+                              f"teacher it started with. Restore that checkpoint, or distil "
+                              f"{self.teacher_source.directory} in a new run (another checkpoint.dir)")
+        with torch.random.fork_rng(devices=[]):  # the resume restored the global generator already
+            self.teacher, _, _ = load_teacher(saved.directory, self.model_cfg, self.diffusion, self.data,
+                                              self.text.dim, self.text.pooled_dim)
+        place(self.teacher.net, self.device, self.helper_dtype)
+        self.teacher_source = saved
+        self.note(f"stage.teacher={self.stage_cfg.teacher} resolves to another checkpoint now; this run goes "
+                  f"on distilling {saved.directory}, the teacher it started with")
 
     # ---- conditioning -----------------------------------------------------------------------
     def student_extras(self, scale: Tensor) -> dict[str, Tensor]:

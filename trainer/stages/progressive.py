@@ -14,7 +14,9 @@ student's x0 target is the x0 for which one DDIM step t -> t'' lands on the teac
 weighted by the truncated SNR max(SNR, 1) in x0 space (their sec. 4; `diffusion.loss_weighting:
 trunc_snr`). `stage.rounds` lists the student step counts, each half the one before (e.g. 16, 8,
 4, 2); `stage.steps` is split evenly across them and at each boundary the student becomes the
-next round's teacher (kept in the checkpoint's stage.safetensors, so resume is exact). Rank 0
+next round's teacher (kept in the checkpoint's stage.safetensors, so resume is exact). The split
+is made when the run starts and kept there too: a resume with a larger `stage.steps` trains the
+last round longer, and one that would cut a round short is refused (`keep_round_length`). Rank 0
 exports each finished round to `<checkpoint.dir>/rounds/round_<r>_<N>steps/`: config.yaml (the
 run's, stage.rounds cut at that round), ema.safetensors (the student that became the next
 teacher, i.e. raw weights; for the last round the EMA), round.json, COMPLETE.json; it loads
@@ -37,7 +39,7 @@ from torch import Tensor
 
 from trainer.bundle import frozen, place
 from trainer.checkpoint_format import ROUND_FILE, ROUNDS_DIR, write_inference_dir
-from trainer.config import DataConfig, DiffusionConfig, LogConfig, ModelConfig, RunConfig, to_yaml
+from trainer.config import ConfigError, DataConfig, DiffusionConfig, LogConfig, ModelConfig, RunConfig, to_yaml
 from trainer.diffusion import add_noise, randn
 from trainer.diffusion.distill import (
     distill_loss,
@@ -101,16 +103,42 @@ class ProgressiveStage(DistillationStage):
         self.round = round_index
 
     def state_tensors(self) -> dict[str, Tensor]:
-        """The current teacher once it is a former student (round > 0), for exact resume."""
+        return {**super().state_tensors(), "round_length": torch.tensor(self.round_length)}
+
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        if "round_length" in tensors:
+            self.keep_round_length(int(tensors["round_length"]))
+        super().load_state_tensors(tensors)
+
+    def keep_round_length(self, saved: int) -> None:
+        """Rounds keep the length the run started with: the rounds before the resume had it, and
+        a new split would move boundaries already passed. A changed `stage.steps` moves the end
+        of the last round only, and may not cut it (or a round before it) short."""
+        needed = saved * len(self.rounds)
+        if self.stage_cfg.steps < needed:
+            raise ConfigError("stage.steps", f"this progressive run trains {len(self.rounds)} rounds of {saved} "
+                              f"steps (stage.steps split when it started), so it needs stage.steps >= {needed}; "
+                              f"{self.stage_cfg.steps} would end it inside a round. Resume with stage.steps >= "
+                              f"{needed}, or distil further from a round export in a new run")
+        if saved != self.round_length:
+            self.note(f"rounds keep the {saved} steps this run started with; the last round runs to step "
+                      f"{self.stage_cfg.steps}")
+        self.round_length = saved
+
+    def teacher_state(self) -> dict[str, Tensor]:
+        """The teacher the run started with (round 0), else the current one, a former student,
+        whole (exact resume)."""
         if self.round == 0:
-            return {}
+            return super().teacher_state()
         state = {f"teacher.{k}": v for k, v in self.teacher.net.state_dict().items()}
         return {**state, "round": torch.tensor(self.round)}
 
-    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
-        if "round" in tensors:
-            weights = {k.removeprefix("teacher."): v for k, v in tensors.items() if k.startswith("teacher.")}
-            self.become_teacher(weights, int(tensors["round"]))
+    def load_teacher_state(self, tensors: dict[str, Tensor]) -> None:
+        if "round" not in tensors:
+            super().load_teacher_state(tensors)
+            return
+        weights = {k.removeprefix("teacher."): v for k, v in tensors.items() if k.startswith("teacher.")}
+        self.become_teacher(weights, int(tensors["round"]))
 
     def export_round(self, weights: dict[str, Tensor], kind: str, step: int) -> Optional[Path]:
         """Rank 0 writes `<checkpoint.dir>/rounds/round_<r>_<N>steps/` for the round in progress."""
@@ -157,7 +185,8 @@ class ProgressiveStage(DistillationStage):
             yield player, loss, {**info, "round": float(self.round + 1), "student_steps": float(self.student_steps)}
 
     def write_samples(self, weights: Optional[dict[str, Tensor]], log: LogConfig, path: Path) -> Optional[Path]:
-        """The grid; after the last step also the last round's export (of the EMA weights)."""
+        """The grid; after the last step also the last round's export (of the EMA weights), on a
+        resume at the last step too (`step` comes back with the stage state)."""
         if weights is not None and self.step + 1 >= self.stage_cfg.steps:
             self.export_round(weights, "ema", self.stage_cfg.steps)
         return super().write_samples(weights, log, path)
