@@ -311,21 +311,22 @@ class CheckpointManager:
         return directory
 
     def check_compatible(self, directory: Path, config_yaml: str,
-                         ignore: tuple[str, ...], global_batch: int) -> None:
+                         ignore: tuple[str, ...], global_batch: int) -> list[str]:
         """Refuse, unless allowed, a resume with a changed config. The number of ranks may
         change (trainer/elastic.py re-partitions the state), and so may the per-rank batch and
-        grad_accum while the global batch is the checkpoint's."""
-        if self.cfg.allow_config_change:
-            return
+        grad_accum while the global batch is the checkpoint's. Returns the changes allowed
+        (`key: old -> new`), for the job to show what it resumes with."""
         old_yaml = (directory / "config.yaml").read_text()
         was = written_global_batch(directory, self.load_rank_state(directory, rank=0).meta)
         diffs = config_differences(old_yaml, config_yaml, ignore + (BATCH_KEYS if was == global_batch else ()))
-        if diffs:
+        if diffs and not self.cfg.allow_config_change:
             listing = "\n  ".join(diffs)
+            batch = f"\n(the global batch changes from {was} to {global_batch})" if was != global_batch else ""
             raise CheckpointError(
-                f"the config differs from the one {directory} was written with:\n  {listing}\n"
+                f"the config differs from the one {directory} was written with:\n  {listing}{batch}\n"
                 f"pass --allow-config-change (or checkpoint.allow_config_change=true) to resume anyway"
             )
+        return diffs
 
     def load_rank_state(self, directory: Path, rank: Optional[int] = None) -> RankState:
         """What rank `rank` (default: this one) wrote."""

@@ -7,7 +7,10 @@ player **independent of the layout**, gathered by the network's parameter names:
 
     universal_<player>.safetensors   fp32/<name>, exp_avg/<name>, exp_avg_sq/<name>: the fp32
                                      master weights and AdamW's moments of every parameter
-    rank_00000.json "optimizers"     per player: AdamW's step count, the LR scheduler's state
+    rank_00000.json "optimizers"     per player: AdamW's step count, the LR scheduler's state,
+                                     the fp16 dynamic loss scaler's state
+    rank_00000.json "batch_request"  the data.batch_size and deepspeed.grad_accum the global
+                                     batch was set with (`BatchRequest`)
 
 (EMA, stream position, step and RNG are already whole or rank-independent.) A resume whose
 layout (world size, ZeRO stage, offload, pipeline stages) equals the checkpoint's loads
@@ -36,6 +39,9 @@ from trainer.config import RunConfig
 from trainer.flat_params import expand, joined, weight_names
 
 MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state per parameter (Loshchilov & Hutter 2019)
+# What DeepSpeed's dynamic fp16 loss scaler learns while training (deepspeed/runtime/fp16/
+# loss_scaler.py); ZeRO-0's wrappers keep all but the hysteresis (in their `loss_scale_config`).
+SCALER_STATE = ("cur_scale", "cur_hysteresis", "cur_iter", "last_overflow_iter")
 # Keys that set how the model and optimizer are split, not what is trained.
 LAYOUT_KEYS = ("deepspeed.zero_stage", "deepspeed.pipeline_stages", "deepspeed.offload_optimizer",
                "deepspeed.offload_params", "deepspeed.sequence_parallel_size")
@@ -103,13 +109,45 @@ def written_global_batch(directory: Path, rank0_meta: Mapping[str, Any]) -> int:
     return written_shape(directory).global_batch
 
 
+class BatchRequest:
+    """The data.batch_size and deepspeed.grad_accum that set a run's global batch, in the
+    checkpoint's metadata: a fresh run's own (or those of a resume allowed to change the global
+    batch), carried on by every resume that keeps the global batch (derived numbers included).
+    It tells a resume on the checkpoint's data-parallel ranks that reruns the command of the
+    run (a `--max-restarts` relaunch after an elastic shrink: grad_accum 1 asked, 2 derived and
+    checkpointed) from one that changes the batch on purpose (grad_accum 2 asked, 1
+    checkpointed): the first is derived again, the second left to the config check."""
+
+    def __init__(self, shape: Shape):
+        self.global_batch = shape.global_batch
+        self.request = [shape.batch_size, shape.grad_accum]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batch_request": list(self.request)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if "batch_request" in state and state.get("global_batch") == self.global_batch:
+            self.request = list(state["batch_request"])
+
+
+def written_request(directory: Path, was: Shape) -> tuple[int, int]:
+    """The (data.batch_size, deepspeed.grad_accum) that set a checkpoint's global batch: its
+    `BatchRequest`, or, for checkpoints from before the record, its own numbers."""
+    rank0 = directory / "rank_00000.json"
+    meta = json.loads(rank0.read_text()) if rank0.is_file() else {}
+    batch_size, grad_accum = meta.get("batch_request", (was.batch_size, was.grad_accum))
+    return int(batch_size), int(grad_accum)
+
+
 def keep_global_batch(cfg: RunConfig, world_size: int, directory: Optional[Path]) -> tuple[RunConfig, str]:
-    """The config this job resumes `directory` with: `deepspeed.grad_accum` (when the per-rank
-    batch is the checkpoint's), else `data.batch_size` (when the data-parallel ranks changed),
-    derived so that the global batch stays the checkpoint's. Returns the config and one line
+    """The config this job resumes `directory` with: `deepspeed.grad_accum` (for the job's
+    per-rank batch), else `data.batch_size` (for its grad_accum), derived so that the global
+    batch stays the checkpoint's, when the data-parallel ranks changed or the config asks for
+    the numbers that set the global batch (`BatchRequest`). Returns the config and one line
     saying what was derived ('' when nothing was). Raises ElasticError, naming both global
-    batches, when no whole number keeps it; `checkpoint.allow_config_change` keeps the
-    config's own numbers."""
+    batches, when no whole number keeps it. Any other batch or grad_accum on the checkpoint's
+    data-parallel ranks is the user's own change, which the config check lists (and refuses);
+    `checkpoint.allow_config_change` keeps the config's own numbers."""
     if directory is None:
         return cfg, ""
     was, now = written_shape(directory), shape_of(cfg, world_size)
@@ -124,19 +162,21 @@ def keep_global_batch(cfg: RunConfig, world_size: int, directory: Optional[Path]
     if now.global_batch == was.global_batch:
         return cfg, _note(directory, was, now, "")
     dp = now.dp_world
-    if now.batch_size == was.batch_size and was.global_batch % (now.batch_size * dp) == 0:
+    if dp == was.dp_world and (now.batch_size, now.grad_accum) != written_request(directory, was):
+        return cfg, ""  # a change of the batch on the same ranks: the config check lists it
+    if was.global_batch % (now.batch_size * dp) == 0:
         derived = replace(cfg, deepspeed=replace(cfg.deepspeed, grad_accum=was.global_batch // (now.batch_size * dp)))
-    elif dp != was.dp_world and now.grad_accum == was.grad_accum and was.global_batch % (now.grad_accum * dp) == 0:
+    elif was.global_batch % (now.grad_accum * dp) == 0:
         derived = replace(cfg, data=replace(cfg.data, batch_size=was.global_batch // (now.grad_accum * dp)))
-    elif now.batch_size == was.batch_size or dp != was.dp_world:
+    else:
         raise ElasticError(
             f"{directory} was trained with global batch {was.global_batch} ({was.describe()}); this job "
             f"has {world_size} rank(s) and {now.pipeline_stages} pipeline stage(s), global batch "
-            f"{now.global_batch} ({now.describe()}), and no whole deepspeed.grad_accum or data.batch_size "
-            f"keeps {was.global_batch} on {dp} data-parallel rank(s). Resume on a number of ranks that "
-            f"can keep it, or pass --allow-config-change to train on with global batch {now.global_batch}")
-    else:
-        return cfg, ""  # an explicit change of the per-rank batch: the config check lists it
+            f"{now.global_batch} ({now.describe()}), and neither a whole deepspeed.grad_accum (at "
+            f"data.batch_size {now.batch_size}) nor a whole data.batch_size (at deepspeed.grad_accum "
+            f"{now.grad_accum}) keeps {was.global_batch} on {dp} data-parallel rank(s). Resume on a number "
+            f"of ranks that can keep it, set data.batch_size and deepspeed.grad_accum so that it is kept, "
+            f"or pass --allow-config-change to train on with global batch {now.global_batch}")
     return derived, _note(directory, was, shape_of(derived, world_size), "derived ")
 
 
@@ -196,7 +236,25 @@ def gather_player(engine: Any, optimizer: torch.optim.Optimizer, names: dict[str
         raise ElasticError(f"internal: the optimizer's parameters are at different steps {sorted(steps)}")
     meta = {"optimizer_step": steps.pop() if steps else 0, "scheduler": engine.lr_scheduler.state_dict(),
             "global_steps": engine.global_steps, "global_samples": engine.global_samples}
+    scaler = dynamic_loss_scaler(engine)
+    if scaler is not None:
+        meta["loss_scaler"] = {k: getattr(scaler, k) for k in SCALER_STATE if hasattr(scaler, k)}
     return tensors, meta
+
+
+def dynamic_loss_scaler(engine: Any) -> Optional[Any]:
+    """The state object of an engine's dynamic fp16 loss scaler: the ZeRO optimizers'
+    `loss_scaler`, ZeRO-0's fp16 wrappers' `loss_scale_config`; None under bf16 and fp32, whose
+    scale is a constant 1. Restored on an elastic resume as DeepSpeed's own load restores it:
+    a fresh scaler would start again at 2^initial_scale_power and overflow its way down."""
+    wrapper = engine.optimizer
+    scaler = getattr(wrapper, "loss_scaler", None)
+    if scaler is not None and getattr(scaler, "dynamic", False):
+        return scaler
+    config = getattr(wrapper, "loss_scale_config", None)
+    if config is not None and config.dynamic_loss_scale:
+        return config
+    return None
 
 
 def _as_int(step: Any) -> int:
@@ -233,7 +291,9 @@ def load_player(engine: Any, optimizer: torch.optim.Optimizer, names: dict[str, 
                 tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Collective. Re-partition a player's whole fp32 masters and moments into this job's
     engine (any ZeRO stage, any number of ranks, any pipeline stage's layers), then its step
-    counts and learning rate. Every parameter must be there at its shape (strict)."""
+    counts, the schedule's position and the fp16 loss scale. Every parameter must be there at
+    its shape (strict). The optimizer's settings stay the config's (trainer/optim.py
+    `apply_config`, after every resume)."""
     import deepspeed
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
@@ -268,9 +328,12 @@ def load_player(engine: Any, optimizer: torch.optim.Optimizer, names: dict[str, 
                 _copy_checked(optimizer.state[stepped][m], saved(m, name, p), name)
     _set_steps(optimizer, meta["optimizer_step"])
     engine.lr_scheduler.load_state_dict(meta["scheduler"])
-    for group, lr in zip(optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
-        group["lr"] = lr
     engine.global_steps, engine.global_samples = meta["global_steps"], meta["global_samples"]
+    scaler = dynamic_loss_scaler(engine)
+    if scaler is not None:  # a checkpoint of bf16/fp32 (allowed config change) has none: fresh
+        for key, value in meta.get("loss_scaler", {}).items():
+            if hasattr(scaler, key):
+                setattr(scaler, key, value)
 
 
 def _copy_checked(target: torch.Tensor, value: torch.Tensor, name: str) -> None:

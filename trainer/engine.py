@@ -25,12 +25,12 @@ from trainer.codes import EXIT_CHECKPOINT, EXIT_DATA, EXIT_NONFINITE, EXIT_OK, E
 from trainer.config import RunConfig, to_yaml, validate
 from trainer.diffusion.noise import sample_generators
 from trainer.distributed import LateRead, PreemptionFlag, comm_device, compute_device, init_distributed
-from trainer.elastic import LAYOUT_KEYS, Shape, keep_global_batch, shape_of, written_shape
+from trainer.elastic import LAYOUT_KEYS, BatchRequest, Shape, keep_global_batch, shape_of, written_shape
 from trainer.ema import EMA
 from trainer.flat_params import expand
 from trainer.metrics import KeyLog, Metric, MetricsLogger
 from trainer.numerics import PRECISIONS, autocast, inference_numerics
-from trainer.optim import FiniteGuard, build_engine
+from trainer.optim import FiniteGuard, apply_config, build_engine, player_lr
 from trainer.parallel import parallelize, pipeline_inputs
 from trainer.train_state import (EMAState, Keyed, LoopState, PlayersState, RNGState, ShapeRecord, StageState,
                                  Stateful, load_states, save_states, seed_everything)
@@ -109,9 +109,9 @@ class Trainer:
         self.engines: dict[str, Any] = {}
         self.optimizers: dict[str, FiniteGuard] = {}
         for name, module in trainable.items():
-            lr = cfg.optim.disc_lr if name == "disc" else cfg.optim.lr
             self.engines[name], self.optimizers[name] = build_engine(
-                module, lr, cfg.optim, cfg.deepspeed, cfg.data.batch_size, self.ctx, cfg.stage.steps, self.device)
+                module, player_lr(cfg.optim, name), cfg.optim, cfg.deepspeed, cfg.data.batch_size, self.ctx,
+                cfg.stage.steps, self.device)
         self.stage.bind(self.engines, writes_files=self.ctx.is_main)
         self.net = self.stage.players["student"]  # the whole network, built on every rank
         self.ema_module = trainable["student"]  # what this rank trains of it (a pipeline stage's layers)
@@ -119,6 +119,7 @@ class Trainer:
         self.ema = EMA(self.ema_module, cfg.ema, self.names) if cfg.ema.enabled else None
         self.ckpt = CheckpointManager(cfg.checkpoint, self.ctx.rank, self.ctx.world_size)
         self.state = LoopState()
+        self.batch_request = BatchRequest(shape_of(cfg, self.ctx.world_size))
         self.pending: list[Pending] = []  # steps recorded, not yet settled
         self.config_yaml = to_yaml(cfg)
         # Pipeline stage 0 owns the data (the last stage reads the same batches for its labels);
@@ -139,7 +140,8 @@ class Trainer:
         checkpoint.universal, for elastic resumes."""
         states: dict[str, Stateful] = {"loop": self.state, "rng": RNGState(),
                                        "stream": Keyed("stream", self.stream), "stage": StageState(self.stage),
-                                       "shape": ShapeRecord(shape_of(self.cfg, self.ctx.world_size))}
+                                       "shape": ShapeRecord(shape_of(self.cfg, self.ctx.world_size)),
+                                       "batch_request": self.batch_request}
         if self.ema is not None:
             states["ema"] = EMAState(self.ema, self.ema_module, self.whole)
         states["players"] = PlayersState(self.engines, self.optimizers, self.player_names, self.whole_of,
@@ -165,8 +167,11 @@ class Trainer:
         if directory is None:
             return False
         self.ckpt.verify(directory)
-        self.ckpt.check_compatible(directory, self.config_yaml, RESUMABLE_CHANGES,
-                                   global_batch(self.cfg, self.ctx.world_size))
+        changes = self.ckpt.check_compatible(directory, self.config_yaml, RESUMABLE_CHANGES,
+                                             global_batch(self.cfg, self.ctx.world_size))
+        if self.ctx.is_main:
+            for change in changes:  # allowed (checkpoint.allow_config_change), else it had raised
+                print(f"dit train: resuming with a changed config: {change}", flush=True)
         was = written_shape(directory)
         states = self.stateful()
         if was.same_layout(shape_of(self.cfg, self.ctx.world_size)):
@@ -176,6 +181,8 @@ class Trainer:
             load_states(self.ckpt, directory, states)
         else:
             self.load_elastic(directory, was, states)
+        for name, engine in self.engines.items():
+            apply_config(engine, self.optimizers[name], player_lr(self.cfg.optim, name), self.cfg.optim)
         if self.ctx.is_main:
             print(f"resumed from {directory} at step {self.state.step}", flush=True)
         return True
@@ -293,7 +300,8 @@ class Trainer:
             if self.state.nonfinite_in_row >= self.cfg.stage.max_nonfinite_in_row:
                 print(f"dit train: {self.state.nonfinite_in_row} steps in a row had a non-finite "
                       f"loss or gradient (last at step {done.step}); stopping. Lower the "
-                      f"learning rate or check the data; the last checkpoint holds finite weights.",
+                      f"learning rate (optim.lr, resuming with --allow-config-change) or check the "
+                      f"data; the last checkpoint holds finite weights.",
                       file=sys.stderr, flush=True)
                 return EXIT_NONFINITE
             return None

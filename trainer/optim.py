@@ -108,12 +108,43 @@ def deepspeed_dict(ds: DeepSpeedConfig, optim: OptimConfig, micro_batch: int, dp
     return cfg
 
 
+def player_lr(optim: OptimConfig, player: str) -> float:
+    """The base learning rate of a trained player: the adversarial stage's discriminator has its own."""
+    return optim.disc_lr if player == "disc" else optim.lr
+
+
+def adamw_settings(optim: OptimConfig) -> dict[str, Any]:
+    """AdamW's settings of every parameter group besides the learning rate (which the schedule sets)."""
+    return dict(betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
+
+
+def apply_config(engine: Any, optimizer: torch.optim.Optimizer, lr: float, optim: OptimConfig) -> None:
+    """Put the config's optimizer settings back into an engine whose state a resume loaded.
+
+    A checkpoint holds the settings it was trained with next to the state: torch's optimizer
+    load restores each parameter group's betas, eps and weight decay, the LR scheduler's load
+    its `base_lrs`, and DeepSpeed's optimizer loads its `clip_grad`. A resume takes the state
+    (moments, step counts, the schedule's position, the loss scale) from the checkpoint and the
+    settings from the config in force, on every layout: what `--allow-config-change` promises
+    (a lower `optim.lr` after non-finite steps), and without a change they are the same values."""
+    for group in optimizer.param_groups:
+        group.update(adamw_settings(optim))
+    scheduler = engine.lr_scheduler
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(scheduler.last_epoch)  # as LambdaLR computes it at each step
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    if hasattr(engine.optimizer, "clip_grad"):  # DeepSpeed's wrapper clips (else the engine, from its config)
+        engine.optimizer.clip_grad = optim.grad_clip
+
+
 def build_optimizer(params: list[nn.Parameter], lr: float, optim: OptimConfig, ds: DeepSpeedConfig,
                     device: torch.device) -> torch.optim.Optimizer:
     """AdamW behind the finite guard: DeepSpeed's CPU Adam when ZeRO-Offload steps on the host,
     else torch's, fused into one kernel per step (which also skips a step without a host read)
     on CUDA or where `optim.fused` asks for it."""
-    kwargs = dict(lr=lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
+    kwargs = dict(lr=lr, **adamw_settings(optim))
     if ds.offload_optimizer or ds.offload_params:
         return guarded_cpu_adam()(params, adamw_mode=True, **kwargs)
     fused = optim.fused if optim.fused is not None else device.type == "cuda"

@@ -48,6 +48,8 @@ def test_a_global_batch_that_cannot_be_kept_is_refused_naming_both(copied, uneve
 @pytest.mark.parametrize("change, listed", [
     ("model.preset=DiT-S/2", "model.preset: 'DiT-T/2' -> 'DiT-S/2'"),
     ("data.batch_size=2", "data.batch_size: 4 -> 2"),
+    pytest.param("deepspeed.grad_accum=2", "deepspeed.grad_accum: 1 -> 2\n(the global batch changes from 8 to 16)",
+                 id="grad_accum-on-the-same-ranks"),
     ("data.shards=SOURCE", "data.shards: "),
 ])
 def test_a_changed_config_is_refused_listing_the_differences(copied, uneven_shards, tmp_path, change, listed):

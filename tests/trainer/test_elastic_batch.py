@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -13,12 +14,16 @@ from trainer.config import load_config, to_yaml
 from trainer.elastic import ElasticError, keep_global_batch, universal_file
 
 
-def checkpoint(tmp_path: Path, world_size: int, *overrides: str, universal: bool = True) -> Path:
-    """A step directory as a job of `world_size` ranks with `overrides` would have written it."""
+def checkpoint(tmp_path: Path, world_size: int, *overrides: str, universal: bool = True,
+               request: Optional[list[int]] = None) -> Path:
+    """A step directory as a job of `world_size` ranks with `overrides` would have written it;
+    `request`: the [batch_size, grad_accum] that set its global batch, when another job's."""
     directory = tmp_path / "step_00000008"
     directory.mkdir()
     (directory / "config.yaml").write_text(to_yaml(load_config(TINY, list(overrides))))
     (directory / "COMPLETE.json").write_text(json.dumps({"step": 8, "world_size": world_size, "files": {}}))
+    if request is not None:
+        (directory / "rank_00000.json").write_text(json.dumps({"global_batch": 8, "batch_request": request}))
     if universal:
         (directory / universal_file("student")).write_bytes(b"")
     return directory
@@ -26,6 +31,7 @@ def checkpoint(tmp_path: Path, world_size: int, *overrides: str, universal: bool
 
 @pytest.mark.parametrize("world, overrides, batch, accum", [
     (1, (), 4, 2),  # fewer ranks: grad_accum grows
+    (1, ("data.batch_size=2",), 2, 4),  # fewer ranks and a smaller per-rank batch asked for: kept
     (4, (), 2, 1),  # more ranks than the batch allows at 4 per rank: the per-rank batch shrinks
     (2, ("deepspeed.pipeline_stages=2", "deepspeed.zero_stage=1"), 4, 2),  # 2 ranks, 1 data-parallel
     (2, ("deepspeed.zero_stage=3", "data.num_workers=2"), 4, 1),  # same global batch: nothing derived
@@ -44,9 +50,23 @@ def test_a_global_batch_that_cannot_be_kept_is_refused(tmp_path):
         keep_global_batch(load_config(TINY), 3, checkpoint(tmp_path, 2))
 
 
-def test_an_explicit_batch_change_is_left_to_the_config_check(tmp_path):
-    cfg, note = keep_global_batch(load_config(TINY, ["data.batch_size=2"]), 2, checkpoint(tmp_path, 2))
-    assert (cfg.data.batch_size, cfg.deepspeed.grad_accum, note) == (2, 1, "")
+@pytest.mark.parametrize("change, batch, accum", [("data.batch_size=2", 2, 1), ("deepspeed.grad_accum=2", 4, 2)])
+def test_an_explicit_batch_change_on_the_same_ranks_is_left_to_the_config_check(tmp_path, change, batch, accum):
+    """Nothing is derived on the checkpoint's data-parallel ranks for numbers other than those
+    that set its global batch: the change is the user's (test_resume_shape.py: listed and
+    refused, or trained with under --allow-config-change)."""
+    cfg, note = keep_global_batch(load_config(TINY, [change]), 2, checkpoint(tmp_path, 2))
+    assert (cfg.data.batch_size, cfg.deepspeed.grad_accum, note) == (batch, accum, "")
+
+
+@pytest.mark.parametrize("change, accum", [((), 2), (("deepspeed.grad_accum=4",), 4)])
+def test_rerunning_the_command_after_a_shrink_derives_again(tmp_path, change, accum):
+    """A checkpoint of 1 rank whose grad_accum 2 was derived from the 2-rank run's 1: the same
+    command relaunched on 1 rank (`--max-restarts`) derives it again; another grad_accum is a
+    change, left to the config check."""
+    directory = checkpoint(tmp_path, 1, "deepspeed.grad_accum=2", request=[4, 1])
+    cfg, note = keep_global_batch(load_config(TINY, list(change)), 1, directory)
+    assert (cfg.data.batch_size, cfg.deepspeed.grad_accum, note) == (4, accum, "")
 
 
 def test_a_checkpoint_without_universal_state_resumes_on_its_layout_only(tmp_path):
