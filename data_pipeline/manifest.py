@@ -10,6 +10,8 @@ Sources may be remote (see remote.py): a URL of a directory holding manifest.jso
 or `pipe:` commands. Manifests carry a byte index per shard (`offsets`: where each sample's
 first header starts; not for pipes, nor for a shard where a key repeats) so that a worker
 reads only the headers and bytes of its own samples (of a URL: only their byte ranges).
+Latent shards (`dit data precompute`) also record the `data.` settings that shaped the
+pixels they were encoded from (`pixel_settings`); the loader refuses a run whose own differ.
 """
 from __future__ import annotations
 
@@ -29,6 +31,9 @@ from data_pipeline.tar_reader import byte_index, count_samples
 
 MANIFEST_NAME = "manifest.json"
 SOURCE_SEPARATOR = "::"
+# Latent shards (`dit data precompute`): the `data.` settings their pixels were made with,
+# under this key of the manifest's `extra` (see `pixel_settings`)
+PIXEL_SETTINGS = "data"
 log = logging.getLogger("data_pipeline")
 
 
@@ -188,7 +193,8 @@ def _resolve_remote(spec: str) -> Manifest:
         if not missing:
             root = remote.common_dir([remote.dirname(p) for p in paths])
             shards = [ShardInfo(p[len(root) + 1:], **_counts(by_path[p])) for p in paths]
-            return Manifest(root, shards, next(iter(manifests.values())).kind, "subset")
+            return Manifest(root, shards, next(iter(manifests.values())).kind, "subset",
+                            _subset_extra(list(manifests.values()), spec))
     paths = [p for p in paths if remote.exists(p)]
     if not paths:
         raise DataError(f"data source {remote.redact(spec)!r} matches no tar file")
@@ -231,8 +237,57 @@ def resolve_source(spec: str) -> Manifest:
         if not missing:
             root = os.path.commonpath([os.path.dirname(p) for p in paths])
             shards = [ShardInfo(os.path.relpath(p, root), **_counts(by_path[p])) for p in paths]
-            return Manifest(root, shards, next(iter(manifests.values())).kind, "subset")
+            return Manifest(root, shards, next(iter(manifests.values())).kind, "subset",
+                            _subset_extra(list(manifests.values()), spec))
     return scan_manifest(paths)
+
+
+def _subset_extra(manifests: list[Manifest], spec: str) -> dict:
+    """The `PIXEL_SETTINGS` record of the manifests a pattern's shards come from (the loader
+    compares it with the run's); {} when none has one."""
+    records = {json.dumps(m.extra[PIXEL_SETTINGS], sort_keys=True) for m in manifests if PIXEL_SETTINGS in m.extra}
+    if len(records) > 1:
+        raise DataError(f"the shards of {remote.redact(spec)!r} were precomputed with different data settings "
+                        f"(extra.{PIXEL_SETTINGS} of their manifests); use shards precomputed with one run config")
+    return {PIXEL_SETTINGS: json.loads(records.pop())} if records else {}
+
+
+def pixel_settings(cfg) -> dict:
+    """The settings of a DataConfig that decide the pixels an encoder sees, as
+    transforms.TransformSpec.from_config reads them (areas with `resolution` in them, ratios
+    as a set, the clip lengths besides 1 and `num_frames`): what latent shards record, and what
+    a run on them must have. The clip settings only in video mode (images are 1-frame clips)."""
+    settings = {
+        "kind": cfg.kind,
+        "resolution": int(cfg.resolution),
+        "resolutions": sorted({int(cfg.resolution), *(int(r) for r in cfg.resolutions)}),
+        "aspect_buckets": sorted({float(a) for a in cfg.aspect_buckets}) or [1.0],
+        "sr_resolution": int(cfg.sr_resolution),
+        "random_crop": bool(cfg.random_crop),
+    }
+    if cfg.kind == "video":
+        settings.update({
+            "num_frames": int(cfg.num_frames),
+            "frame_buckets": sorted({int(f) for f in cfg.frame_buckets} - {1, int(cfg.num_frames)}),
+            "frame_stride": int(cfg.frame_stride),
+            "fps": float(cfg.fps),
+        })
+    return settings
+
+
+def check_pixel_settings(manifest: Manifest, cfg) -> None:
+    """DataError naming the `data.` key where latent shards were precomputed with other pixel
+    settings than `cfg` has (a latent keeps nothing of the crop, size or clip sampling it was
+    made from); manifests without the record (older ones, pixel shards) pass."""
+    recorded = manifest.extra.get(PIXEL_SETTINGS)
+    if not isinstance(recorded, dict):
+        return
+    for key, value in pixel_settings(cfg).items():
+        if key in recorded and recorded[key] != value:
+            raise DataError(f"data.{key}: the latent shards in {remote.redact(manifest.root)} were precomputed with "
+                            f"{key}={recorded[key]!r} but this run has {value!r}; train with the data settings they "
+                            f"were made with (extra.{PIXEL_SETTINGS} of their {MANIFEST_NAME}) or precompute them "
+                            f"again from this run's config (dit data precompute SOURCE --config RUN.yaml)")
 
 
 def _counts(s: ShardInfo) -> dict:

@@ -8,7 +8,8 @@ tensors into the batch instead of pixels.
 The encoder is any callable `encoder(batch) -> dict[str, Tensor]` taking a batch as the
 trainer sees it after `batch_to_device` (`image` (B, 3, H, W) or `video` (B, 3, F, H, W)
 float32 in [-1, 1], `caption` list[str]) and returning tensors with the batch dimension first. Images are centre-cropped
-at the configured resolution.
+at the configured resolution. The manifest records the `data.` settings the pixels were made
+with (`extra.data`, manifest.pixel_settings): a stream over the shards refuses a run whose own differ.
 """
 from __future__ import annotations
 
@@ -24,9 +25,9 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
-from data_pipeline.config import DataConfig
+from data_pipeline.config import DataConfig, validate_data_config
 from data_pipeline.errors import DataError, SkipCounter, SkipSample
-from data_pipeline.manifest import Manifest, resolve_source
+from data_pipeline.manifest import PIXEL_SETTINGS, Manifest, pixel_settings, resolve_source
 from data_pipeline.plan import Slot
 from data_pipeline.stages import Item, collate, decode_stage, transform_stage
 from data_pipeline.stream import batch_to_device, finalize
@@ -102,11 +103,15 @@ def _encode_group(items: list[Item], encoder: Encoder, kind: str) -> Iterator[di
 def precompute(source: str, out_dir: str, encoder: Encoder, cfg: DataConfig, batch_size: int = 32,
                progress: bool = True, encoded_by: Optional[dict] = None) -> Manifest:
     """Encode every usable sample of `source` into shards under `out_dir`, a directory or a
-    URL (same shard names; see write.ShardOutput). `encoded_by` (what identifies the encoder's
-    weights) goes into the manifest, where a later reuse can compare it."""
+    URL (same shard names; see write.ShardOutput), its pixels made as `cfg` (the run's `data:`
+    settings) makes them, centre-cropped. `encoded_by` (what identifies the encoder's weights)
+    goes into the manifest, where a later reuse can compare it; so do those settings
+    (`manifest.pixel_settings`), which a stream over the shards compares with its own."""
+    validate_data_config(cfg)
+    centred = dataclasses.replace(cfg, random_crop=False)
     src = resolve_source(source)
     out = ShardOutput(out_dir)
-    spec = TransformSpec.from_config(dataclasses.replace(cfg, random_crop=False))
+    spec = TransformSpec.from_config(centred)
     counter = SkipCounter(1.0, 0, cfg.max_logged_skips, "precompute")
     infos = []
     for info, path in tqdm(list(zip(src.shards, src.paths())), desc="precompute", unit="shard", disable=not progress):
@@ -129,7 +134,7 @@ def precompute(source: str, out_dir: str, encoder: Encoder, cfg: DataConfig, bat
         clips = {"num_frames": cfg.num_frames, "frame_stride": cfg.frame_stride, "fps": cfg.fps}
     return out.manifest(infos, "latent", "dit data precompute",
                         {"source": src.root, "resolution": cfg.resolution, **clips, "skipped": counter.counts,
-                         "encoded_by": encoded_by or {}})
+                         "encoded_by": encoded_by or {}, PIXEL_SETTINGS: pixel_settings(centred)})
 
 
 def _write(sink: wds.TarWriter, group: list[Item], encoder: Encoder, kind: str) -> int:

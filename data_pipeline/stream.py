@@ -41,7 +41,8 @@ import torch
 
 from data_pipeline.config import DataConfig, remote_options, validate_data_config
 from data_pipeline.errors import DataError, SkipCounter, check_error_budget, empty_counts
-from data_pipeline.manifest import SOURCE_SEPARATOR, Manifest, resolve_source, resolve_sources
+from data_pipeline.manifest import (SOURCE_SEPARATOR, Manifest, check_pixel_settings, resolve_source,
+                                    resolve_sources)
 from data_pipeline.plan import EpochOrder, ResampledOrder, Segment, Slot, Topology, epoch_read_blocks, replay
 from data_pipeline.remote import RemoteOptions, redact
 from data_pipeline.stages import batch_stage, decode_stage, read_stage, transform_stage
@@ -373,6 +374,8 @@ class Stream:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.sources, self.weights = _sources(cfg)
+        for source in self.sources:  # latent shards: made from pixels as this run makes them
+            check_pixel_settings(source, cfg)
         self.paths = tuple(p for m in self.sources for p in m.paths())
         self.offsets = tuple(o for m in self.sources for o in m.offsets())
         self.counts = tuple(s.samples for m in self.sources for s in m.shards)

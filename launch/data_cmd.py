@@ -7,6 +7,7 @@ Shards are WebDataset .tar files plus manifest.json (per shard: samples, bytes, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import os
@@ -58,16 +59,33 @@ def register(sub) -> None:
 
     p = sub.add_parser("precompute", help="shards of encoder outputs (latents, text embeddings)",
                        description="Each source shard becomes a shard of the same name with the same keys, "
-                                   "txt and json, plus a safetensors member of the encoder's outputs.")
+                                   "txt and json, plus a safetensors member of the encoder's outputs. The "
+                                   "pixels are made with the data: settings of the run config (--config, or "
+                                   "the encoder's --encoder-arg config=RUN.yaml, with its overrides=[...]); "
+                                   "a pixel flag that contradicts them is refused. The manifest records them, "
+                                   "and training on the shards refuses a run whose own differ.")
     p.add_argument("source", help="shard directory, pattern or URL to encode")
     p.add_argument("--out", required=True, help="output directory or URL (s3://bucket/dir, gs://...)")
     p.add_argument("--encoder", default="data_pipeline.precompute:toy_encoder",
                    help="module:factory returning encoder(batch) -> dict[str, Tensor] (default: a toy stand-in)")
     p.add_argument("--encoder-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="keyword argument for the factory (repeatable; JSON literals, else strings)")
-    p.add_argument("--resolution", type=int, default=32, help="centre-crop size fed to the encoder")
-    p.add_argument("--kind", choices=("image", "video"), default="image")
-    p.add_argument("--num-frames", type=int, default=8, help="video clips: frames per clip")
+    p.add_argument("--config", default="", metavar="RUN.yaml",
+                   help="the run config whose data: settings make the pixels (default: --encoder-arg config=..., "
+                        "overrides from --encoder-arg overrides=[...]); without one, the flags below over "
+                        "DataConfig's defaults")
+    p.add_argument("--kind", choices=("image", "video"), default=None, help="data.kind (default image)")
+    p.add_argument("--resolution", type=int, default=None, help="data.resolution: centre-crop size (default 32)")
+    p.add_argument("--resolutions", type=_numbers(int), default=None, metavar="N,N",
+                   help="data.resolutions: pixel areas as square sides (default: resolution only)")
+    p.add_argument("--aspect-buckets", type=_numbers(float), default=None, metavar="R,R",
+                   help="data.aspect_buckets: width / height ratios (default: square)")
+    p.add_argument("--num-frames", type=int, default=None, help="data.num_frames: video frames per clip (default 8)")
+    p.add_argument("--frame-buckets", type=_numbers(int), default=None, metavar="N,N",
+                   help="data.frame_buckets: shorter clip lengths of short videos (default none)")
+    p.add_argument("--frame-stride", type=int, default=None, help="data.frame_stride: every k-th frame (default 1)")
+    p.add_argument("--fps", type=float, default=None,
+                   help="data.fps: clips sampled at this rate whatever the source's (default 0: by frame stride)")
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=cmd_precompute)
 
@@ -142,17 +160,61 @@ def cmd_inspect(args) -> int:
     return 1 if report.bad_shards else 0
 
 
+# `dit data precompute` flags (dest = the data. key) that shape the pixels the encoder sees
+PIXEL_FLAGS = ("kind", "resolution", "resolutions", "aspect_buckets", "num_frames", "frame_buckets",
+               "frame_stride", "fps")
+
+
 def cmd_precompute(args) -> int:
     from data_pipeline.precompute import load_encoder, precompute
 
     kwargs = {key: _literal(value) for key, _, value in (item.partition("=") for item in args.encoder_arg)}
+    cfg = precompute_data_config(args, kwargs)  # config errors before the encoder loads
     encoder = load_encoder(args.encoder, **kwargs)
-    cfg = DataConfig(shards=args.source, kind=args.kind, resolution=args.resolution, num_frames=args.num_frames)
     manifest = precompute(args.source, args.out, encoder, cfg, batch_size=args.batch_size)
     skipped = sum(v for k, v in manifest.extra["skipped"].items() if k != "read")
     print(f"encoded {manifest.num_samples} samples into {len(manifest.shards)} shards in {args.out}"
           + (f" ({skipped} skipped, see warnings)" if skipped else ""))
     return 0
+
+
+def precompute_data_config(args, kwargs: dict) -> DataConfig:
+    """The data settings of `dit data precompute`: the run config's `data:` section (`--config`,
+    or the encoder's `config=` with its `overrides=`) where one is named, each pixel flag given
+    refused unless it says the same; else the flags over DataConfig's defaults."""
+    from trainer.config import ConfigError, load_config
+
+    flags = {key: getattr(args, key) for key in PIXEL_FLAGS if getattr(args, key) is not None}
+    path = args.config or kwargs.get("config") or ""
+    if not path:
+        return DataConfig(shards=args.source, **flags)
+    if args.config and kwargs.get("config") and os.path.abspath(args.config) != os.path.abspath(str(kwargs["config"])):
+        raise ConfigError("data", f"--config {args.config} and --encoder-arg config={kwargs['config']} name "
+                                  f"different run configs; the pixels and the encoder must come from one")
+    overrides = kwargs.get("overrides") or []
+    data = load_config(path, [overrides] if isinstance(overrides, str) else list(overrides)).data
+    for key, value in flags.items():
+        own = getattr(data, key)
+        if (sorted(set(value)) != sorted(set(own))) if isinstance(value, list) else value != own:
+            flag = "--" + key.replace("_", "-")
+            raise ConfigError(f"data.{key}", f"{flag} {value} contradicts {own!r} of the run config {path}; drop "
+                                             f"the flag (the run's data settings make the pixels) or change the "
+                                             f"run config")
+    if data.random_crop:
+        raise ConfigError("data.random_crop", f"true in {path}, but precomputed latents are centre crops and a run "
+                                              f"on them cannot crop at random; set data.random_crop=false for the "
+                                              f"run (also in --encoder-arg overrides=[...]) or train on the pixels")
+    return dataclasses.replace(data, shards=args.source)
+
+
+def _numbers(kind):
+    """argparse type of a comma-separated list: `16,32` -> [16, 32]."""
+
+    def parse(text: str) -> list:
+        return [kind(part) for part in text.split(",") if part.strip()]
+
+    parse.__name__ = f"list of {kind.__name__}"
+    return parse
 
 
 def _literal(text: str):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from data_pipeline.manifest import load_manifest
 from launch.cli import main
 
 
@@ -26,6 +27,38 @@ def test_data_synth_inspect_precompute(tmp_path, capsys):
     (out / "shard-000000.tar").write_bytes(b"garbage")
     assert _run(["data", "inspect", str(out), "--verify"]) == 1
     assert "shard-000000.tar: sha256 mismatch" in capsys.readouterr().out
+
+
+def run_encoder(config: str, overrides=(), patch: int = 4):
+    """An encoder factory taking the run config as trainer.stages.pretrain:precompute_encoder does."""
+    from data_pipeline.precompute import toy_encoder
+
+    return toy_encoder(patch=patch)
+
+
+def test_precompute_makes_the_pixels_with_the_run_configs_data_settings(tmp_path, capsys):
+    """`--encoder-arg config=RUN.yaml` (or `--config`): the clips are cut as the run cuts them
+    (a text-to-video run's data.fps, not every frame; video without --kind video), and a flag
+    that contradicts the run config is refused naming the key."""
+    from tests.data.data_helpers import make_shards
+    from tests.trainer.harness import ROOT
+    from trainer.codes import EXIT_CONFIG
+
+    videos = make_shards(tmp_path / "videos", sizes=[2], size=16, video=True, frames=8)  # at 8 fps
+    run = tmp_path / "run.yaml"
+    run.write_text((ROOT / "configs" / "test_tiny.yaml").read_text().replace(
+        "data:\n  resolution: 16\n", "data:\n  kind: video\n  resolution: 16\n  num_frames: 4\n  fps: 4\n"))
+    assert _run(["data", "precompute", str(videos), "--out", str(tmp_path / "lat"), "--encoder",
+                 "tests.data.test_data_cli:run_encoder", "--encoder-arg", f"config={run}",
+                 "--encoder-arg", 'overrides=["data.frame_buckets=[2]"]']) == 0
+    settings = load_manifest(str(tmp_path / "lat")).extra["data"]
+    assert {k: settings[k] for k in ("kind", "resolution", "num_frames", "fps", "frame_buckets")} == \
+        {"kind": "video", "resolution": 16, "num_frames": 4, "fps": 4.0, "frame_buckets": [2]}
+    capsys.readouterr()
+    assert _run(["data", "precompute", str(videos), "--out", str(tmp_path / "x"), "--config", str(run),
+                 "--kind", "video", "--fps", "8"]) == EXIT_CONFIG
+    assert "'data.fps': --fps 8.0 contradicts 4.0 of the run config" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_data_synth_video_and_write_manifest(tmp_path, capsys):

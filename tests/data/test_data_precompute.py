@@ -1,6 +1,9 @@
 """Precompute: shards of encoder outputs that the loader serves instead of pixels."""
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import pytest
 import torch
 import webdataset as wds
@@ -69,8 +72,32 @@ def test_precomputed_clips_record_how_they_were_sampled(tmp_path):
     videos = make_shards(tmp_path / "videos", sizes=[4], size=16, video=True, frames=8)  # at 8 fps
     cfg = DataConfig(kind="video", resolution=16, num_frames=4, fps=4)
     m = precompute(str(videos), str(tmp_path / "lat"), toy_encoder(), cfg, progress=False)
-    latents = take(build_stream(DataConfig(shards=m.root, kind="video", batch_size=4, num_workers=0), 0, 1), 1)[0]
+    run = dataclasses.replace(cfg, shards=m.root, batch_size=4, num_workers=0)
+    latents = take(build_stream(run, 0, 1), 1)[0]
     assert latents["latent"].shape == (4, 3 * 4, 4, 4)  # whole clips of 4 frames, every other source frame
     assert {k: m.extra[k] for k in ("resolution", "num_frames", "frame_stride", "fps")} == \
         {"resolution": 16, "num_frames": 4, "frame_stride": 1, "fps": 4}
-    assert load_manifest(m.root).extra["fps"] == 4  # as written to manifest.json
+    assert load_manifest(m.root).extra["data"] == {  # as written to manifest.json
+        "kind": "video", "resolution": 16, "resolutions": [16], "aspect_buckets": [1.0], "sr_resolution": 0,
+        "random_crop": False, "num_frames": 4, "frame_buckets": [], "frame_stride": 1, "fps": 4.0}
+    with pytest.raises(DataError, match=r"^data\.fps: .* precomputed with fps=4\.0 but this run has 0\.0"):
+        build_stream(dataclasses.replace(run, fps=0), 0, 1)  # every frame: the clips were cut at 4 fps
+
+
+def test_a_run_on_latents_made_with_other_pixel_settings_is_refused_naming_the_key(tmp_path, shards, cfg):
+    """The latent keeps nothing of the size, crop or clip sampling of its pixels: a run whose
+    data settings differ from those the shards were precomputed with trained silently on them."""
+    m = precompute(str(shards), str(tmp_path / "lat"), toy_encoder(), DataConfig(resolution=16), batch_size=28,
+                   progress=False)
+    run = cfg(shards=m.root, resolution=16)
+    assert build_stream(run, 0, 1).num_samples == 28  # the settings they were made with
+    for key, value in (("resolution", 32), ("kind", "video"), ("aspect_buckets", [0.5, 1.0]),
+                       ("random_crop", True)):
+        with pytest.raises(DataError, match=rf"^data\.{key}: the latent shards in {re.escape(m.root)} were "):
+            build_stream(dataclasses.replace(run, **{key: value}), 0, 1)
+    with pytest.raises(DataError, match=r"^data\.resolution: "):  # a pattern of their shards, too
+        build_stream(cfg(shards=f"{m.root}/shard-00000{{0..4}}.tar", resolution=32), 0, 1)
+    old = load_manifest(m.root)  # written before the record: accepted as before
+    del old.extra["data"]
+    old.write()
+    assert build_stream(dataclasses.replace(run, resolution=32), 0, 1).num_samples == 28
