@@ -37,6 +37,10 @@ class RemoteOptions:
     readahead: bool = True  # open the next shard in the background while reading the current one
     cache_dir: str = ""  # local copies of whole shards (shard_cache.py); "" reads the store directly
     cache_max_bytes: int = 0  # size limit of cache_dir
+    # A shard still unreadable after the retries: skipped (counted as unreadable_shard), or, where
+    # False, a DataError. A transient failure hits one process, so where several ranks must read
+    # the same batches a skip on one of them alone would pair different samples (stream.py).
+    skip_unreadable: bool = True
 
 
 def is_pipe(path: str) -> bool:

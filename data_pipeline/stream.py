@@ -366,13 +366,21 @@ class Stream:
     advances as batches are handed out, so `state_dict()` may be taken between any two.
     Iterating again after a `break` goes on where it stopped. One iterator at a time. Its
     loader workers are forked once (`start_workers`, or the first iteration) and serve every
-    epoch until `close` or a `break`."""
+    epoch until `close` or a `break`.
 
-    def __init__(self, cfg: DataConfig, rank: int, world_size: int, state: Optional[dict] = None):
+    `skip_unreadable=False` where other processes read the same rank's batches (the trainer's
+    pipeline stages and sequence-parallel ranks of one replica, each with its own stream): a
+    shard that stays unreadable after the retries (a transient failure, seen by one process
+    only) stops the stream with a DataError instead of being skipped on this process alone,
+    which would shift its batches against theirs. A corrupt sample is skipped by all alike."""
+
+    def __init__(self, cfg: DataConfig, rank: int, world_size: int, state: Optional[dict] = None,
+                 skip_unreadable: bool = True):
         validate_data_config(cfg)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.skip_unreadable = skip_unreadable
         self.sources, self.weights = _sources(cfg)
         for source in self.sources:  # latent shards: made from pixels as this run makes them
             check_pixel_settings(source, cfg)
@@ -492,7 +500,7 @@ class Stream:
         c = self.cfg
         return RankJob(self.paths, self.counts, self.spec, self.topology, self.rank, 0, c.seed, 0, c.shuffle_buffer,
                        None, None, c.error_budget, c.min_errors_before_budget, c.max_logged_skips, self.offsets,
-                       remote_options(c))
+                       dataclasses.replace(remote_options(c), skip_unreadable=self.skip_unreadable))
 
     def start_workers(self) -> None:
         """Fork this rank's loader workers now, once (with `data.num_workers > 0`; else nothing).
@@ -577,6 +585,8 @@ class Stream:
                             f"epoch {self.epoch}; a loader worker ended early (see its error above)")
 
 
-def build_stream(cfg: DataConfig, rank: int, world_size: int, *, state: Optional[dict] = None) -> Stream:
-    """The batches of `rank` among `world_size`, optionally resuming from `Stream.state_dict()`."""
-    return Stream(cfg, rank, world_size, state)
+def build_stream(cfg: DataConfig, rank: int, world_size: int, *, state: Optional[dict] = None,
+                 skip_unreadable: bool = True) -> Stream:
+    """The batches of `rank` among `world_size`, optionally resuming from `Stream.state_dict()`
+    (`skip_unreadable`: see `Stream`)."""
+    return Stream(cfg, rank, world_size, state, skip_unreadable)

@@ -179,8 +179,12 @@ class TarShard:
             except self._transient as e:
                 self.close()
                 if attempt >= self.options.retries:
-                    raise self._fail("unreadable_shard", f"{attempt + 1} attempts failed, the last with "
-                                     f"{type(e).__name__}: {remote.redact(str(e))}") from None
+                    failed = self._fail("unreadable_shard", f"{attempt + 1} attempts failed, the last with "
+                                        f"{type(e).__name__}: {remote.redact(str(e))}")
+                    if not self.options.skip_unreadable:
+                        raise DataError(f"{failed.detail} (not skipped: other ranks read the same samples "
+                                        f"and would not skip them; restart the job to read it again)") from None
+                    raise failed from None
                 delay = self.options.backoff * 2 ** attempt
                 log.warning("reading %s failed (%s: %s); retry %d of %d in %.1f s", remote.redact(self.path),
                             type(e).__name__, remote.redact(str(e)), attempt + 1, self.options.retries, delay)

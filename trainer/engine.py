@@ -94,7 +94,10 @@ class Trainer:
         validate(cfg, world_size=self.ctx.world_size)
         self.device = compute_device()  # chosen once: everything of a step lives here
         self.precision = cfg.deepspeed.precision
-        self.stream = build_stream(cfg.data, self.ctx.dp_rank, self.ctx.dp_world)  # data errors first
+        # data errors first; the ranks of one replica (pipeline stages, a sequence group) read the
+        # same batches, each from its own stream, so none of them may skip a shard on its own
+        self.stream = build_stream(cfg.data, self.ctx.dp_rank, self.ctx.dp_world,
+                                   skip_unreadable=self.ctx.world_size == self.ctx.dp_world)
         self.stream.start_workers()  # forked before the model and optimizer state exist: none of it is shared
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
         self.stage = build_stage(cfg).to(self.device, PRECISIONS[self.precision])

@@ -186,6 +186,12 @@ def test_always_failing_shard_is_skipped_and_counted(s3, s3_manifest, local):
     front.recorder.fail[bad] = ALWAYS
     with pytest.raises(DataError, match="unreadable_shard=.*error_budget=0.1"):
         epoch_keys(config("s3://laion/shards", error_budget=0.1, min_errors_before_budget=1, shuffle_buffer=100))
+    # where other processes read the same batches (pipeline stages, a sequence group), this
+    # process alone skipping the shard would pair different samples: the stream stops instead
+    front.recorder.fail[bad] = ALWAYS
+    stream = Stream(config("s3://laion/shards", error_budget=0.5, shuffle_buffer=100), 0, 1, skip_unreadable=False)
+    with pytest.raises(DataError, match=f"{NAMES[1]}.*not skipped: other ranks read the same samples"):
+        take(stream, stream.batches_per_epoch)
     front.recorder.reset()
 
 
