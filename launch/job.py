@@ -52,6 +52,12 @@ class Topology:
         return self.nnodes * self.nproc_per_node
 
     @property
+    def over_ssh(self) -> bool:
+        """The DeepSpeed launcher starts the hosts of the hostfile from here through pdsh/ssh
+        (its multi-node path): the ranks of the other hosts are not children of this command."""
+        return len(self.hosts) > 1 and self.node_rank is None
+
+    @property
     def local_ranks(self) -> int:
         if self.hosts and self.node_rank is not None:
             return self.nproc_per_node or self.hosts[self.node_rank][1]
@@ -82,7 +88,7 @@ def check_config(config: str, overrides: list[str], world_size: int) -> RunConfi
     """Load and validate the run config for this world size: fails fast, naming the key."""
     from trainer.stages import preflight
 
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, overrides, unique_keys=True)  # typed on a command line: a repeat is a mistake
     validate(cfg, world_size=world_size)
     preflight(cfg)
     return cfg
@@ -150,6 +156,26 @@ def gpus_here() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def slurm_gpus(env: dict[str, str]) -> str:
+    """The GPUs SLURM allocated to this job ('' when none): a node without them visible is a
+    broken allocation or driver, not a CPU job."""
+    for key in ("SLURM_JOB_GPUS", "SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE", "SLURM_STEP_GPUS"):
+        if env.get(key, "0") not in ("", "0"):
+            return f"{key}={env[key]}"
+    return ""
+
+
+def check_gpus_visible(gpus: int, env: dict[str, str]) -> None:
+    """Refuse to run a SLURM GPU job on the CPU: without a visible GPU the ranks would switch
+    to DeepSpeed's CPU accelerator (rank_environment) and crawl without a word."""
+    allocated = slurm_gpus(env)
+    if allocated and gpus == 0:
+        visible = env.get("CUDA_VISIBLE_DEVICES", "(unset)")
+        raise LaunchError(f"SLURM allocated GPUs to this job ({allocated}) but torch sees none on "
+                          f"{socket.gethostname()} (CUDA_VISIBLE_DEVICES={visible}): check the node's driver "
+                          "and the job's GPU request")
+
+
 def topology_from_args(args: argparse.Namespace, gpus: int) -> Topology:
     """Check the multi-node flags against each other and fill in what was left out."""
     if args.hostfile and args.launcher == "torchrun":
@@ -176,6 +202,7 @@ def topology_from_args(args: argparse.Namespace, gpus: int) -> Topology:
 def job_from_args(args: argparse.Namespace) -> Job:
     """The job of `dit launch` on this node (not --slurm), its config checked for its world size."""
     gpus = gpus_here()
+    check_gpus_visible(gpus, dict(os.environ))
     topology = topology_from_args(args, gpus)
     cfg = check_job(args.config, args.overrides, [topology.world_size])
     node = f"node{topology.node_rank}" if topology.node_rank is not None else "node0"
@@ -191,21 +218,71 @@ def job_from_args(args: argparse.Namespace) -> Job:
     )
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a SLURM or container cgroup gives
+    fewer than os.cpu_count())."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def rank_settings(base: dict[str, str], job: Job) -> dict[str, str]:
+    """The variables this launcher sets for every rank (on top of `base`, the launcher's own
+    environment). The repository goes on PYTHONPATH (`-m launch.cli` from any directory);
+    DeepSpeed gets its CPU accelerator on machines without a GPU; each rank gets its share of
+    the cores as OpenMP threads."""
+    paths = [p for p in base.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(REPO_ROOT)]
+    settings = {"PYTHONPATH": os.pathsep.join([str(REPO_ROOT), *paths]), "PYTHONUNBUFFERED": "1",
+                "TOKENIZERS_PARALLELISM": base.get("TOKENIZERS_PARALLELISM", "false"),
+                "OMP_NUM_THREADS": base.get("OMP_NUM_THREADS", str(max(1, usable_cores() // job.topology.local_ranks)))}
+    if not job.gpu:
+        settings["DS_ACCELERATOR"] = "cpu"
+    return settings
+
+
 def rank_environment(base: dict[str, str], job: Job) -> dict[str, str]:
     """The environment every rank needs, set in this one place.
 
     The engines set RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT per rank, so
-    values inherited from an enclosing job are dropped. The repository goes on PYTHONPATH
-    (`-m launch.cli` from any directory); DeepSpeed gets its CPU accelerator on machines
-    without a GPU; each rank gets its share of the cores as OpenMP threads.
+    values inherited from an enclosing job are dropped; rank_settings adds the rest.
     """
     inherited = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in base.items() if k not in inherited}
-    paths = [p for p in base.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(REPO_ROOT)]
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *paths])
-    env["PYTHONUNBUFFERED"] = "1"
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // job.topology.local_ranks)))
-    if not job.gpu:
-        env["DS_ACCELERATOR"] = "cpu"
+    env.update(rank_settings(base, job))
     return env
+
+
+# Variables of this launcher's environment that the ranks on other hosts need too: the recipes'
+# ${oc.env:DIT_DATA} and friends, the Hugging Face cache and offline switches, DeepSpeed's
+# accelerator, NCCL's settings (DeepSpeed exports those only when this machine has a GPU).
+# Over pdsh/ssh a rank gets only what the DeepSpeed launcher exports (see remote_environment).
+REMOTE_ENV_PREFIXES = ("DIT_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "OMP_", "NCCL_", "DS_ACCELERATOR",
+                       "TORCH_EXTENSIONS_DIR")
+
+
+def remote_environment(base: dict[str, str], job: Job) -> dict[str, str]:
+    """What the ranks on the other hosts of a pdsh job must get from here. The DeepSpeed
+    launcher exports only its own prefixes (PYTHON*, NCCL*, UCX*, ...) and the lines of its
+    `.deepspeed_env` file, so these go into that file (runners.write_deepspeed_env).
+
+    DS_ACCELERATOR goes only when set here by hand: a login node without a GPU says nothing
+    about the GPUs of the hosts. OMP_NUM_THREADS, unless set, is this machine's share of cores
+    per rank (the hosts of a hostfile are alike as a rule)."""
+    env = {k: v for k, v in base.items() if k.startswith(REMOTE_ENV_PREFIXES)}
+    env.update({k: v for k, v in rank_settings(base, job).items() if k != "DS_ACCELERATOR"})
+    return env
+
+
+def visible_gpus(env: dict[str, str]) -> Optional[list[int]]:
+    """The GPU ids of CUDA_VISIBLE_DEVICES, or None when it is unset or empty. The DeepSpeed
+    launcher ignores the variable when given --num_gpus (its ranks get GPUs 0..N-1), so the
+    local runner turns these ids into --include (runners.deepspeed_command)."""
+    raw = env.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if not raw:
+        return None
+    ids = [part.strip() for part in raw.split(",")]
+    if not all(part.isdigit() for part in ids):
+        raise LaunchError(f"CUDA_VISIBLE_DEVICES={raw}: the DeepSpeed launcher takes only numeric GPU ids "
+                          "(not UUIDs or MIG names); use --launcher torchrun, which keeps the variable as it is")
+    return [int(part) for part in ids]

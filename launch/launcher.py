@@ -19,8 +19,16 @@ the engine stops the others (their collectives are bounded by deepspeed.comm_tim
 this command exits non-zero with one line naming the rank and the reason; with
 `--max-restarts R` it relaunches the job, which resumes from the `latest` checkpoint.
 
+Signals: SIGTERM/SIGUSR1 are passed to the ranks, which save a checkpoint and exit with 42;
+ranks still running --shutdown-timeout seconds later are killed. Ctrl-C (SIGINT) and SIGHUP stop
+the job: it is not restarted, whatever --max-restarts says. Over pdsh (`--hostfile` without
+`--node-rank`) the ranks of the other hosts are not this command's children: any of these
+signals stops the whole job through the DeepSpeed launcher, whose remote launchers give their
+ranks SIGTERM and 30 s to save, and the job is not restarted.
+
 Exit status: 0; the first failed rank's own code (2 config, 3 non-finite, 4 checkpoint,
-42 preempted: state saved, rerun the same command); 128 + N when it was killed by signal N.
+42 preempted: state saved, rerun the same command); 128 + N when it was killed by signal N
+(130 after Ctrl-C).
 """
 from __future__ import annotations
 
@@ -71,7 +79,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     faults.add_argument("--max-restarts", type=int, default=0,
                         help="relaunch a crashed job up to R times; it resumes from `latest`")
     faults.add_argument("--shutdown-timeout", type=int, default=100,
-                        help="seconds the ranks get to save after SIGTERM/SIGUSR1 before SIGKILL")
+                        help="seconds the ranks get to save after SIGTERM/SIGUSR1 before SIGKILL (over "
+                        "pdsh: DeepSpeed's fixed 30 s)")
     add_slurm_arguments(p.add_argument_group("SLURM"))
     p.set_defaults(func=launch)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from launch.job import Job, Topology, rank_environment
+from launch.job import Job, LaunchError, Topology, rank_environment, remote_environment, visible_gpus
 from launch.watch import PREEMPT_SIGNALS, ForwardSignals, LogFollower, RankWatcher
 from trainer.codes import (EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_DATA, EXIT_MEANING, EXIT_NONFINITE, EXIT_OK,
                            EXIT_REQUEUE)
@@ -26,6 +26,11 @@ from trainer.codes import (EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_DATA, EXIT_MEANING
 # A relaunch cannot fix these: the same config, data and checkpoint would fail the same way,
 # and a preempted job must give its machines back (the scheduler requeues it).
 NOT_RESTARTABLE = (EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE, EXIT_CHECKPOINT, EXIT_DATA, EXIT_REQUEUE)
+
+# Set by the SLURM script (launch/slurm.py): the file this node's launcher creates when its
+# ranks saved and exited with 42, so that the script requeues the job whatever status srun
+# reports (with --kill-on-bad-exit the other nodes are killed, and srun may report 137).
+REQUEUE_MARKER_ENV = "DIT_REQUEUE_MARKER"
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,7 @@ class Outcome:
     rank: Optional[int] = None
     reason: str = ""
     log: Optional[Path] = None  # the failed rank's log file, when known
+    stopped: bool = False  # this launcher was told to stop (Ctrl-C, SIGHUP): never restarted
 
     @property
     def exit_code(self) -> int:
@@ -96,20 +102,111 @@ def node_hostfile(t: Topology) -> str:
     return "".join(f"node{i} slots={t.nproc_per_node}\n" for i in range(t.nnodes))
 
 
-def deepspeed_command(job: Job, attempt_dir: Path, hostfile: Optional[Path]) -> list[str]:
-    """The DeepSpeed launcher (`deepspeed`, i.e. its runner module) on this node."""
+def remote_shell_args(args: list[str]) -> list[str]:
+    """`args` as the DeepSpeed launcher must get them to reach the ranks of a pdsh job intact.
+
+    pdsh joins the command line with spaces and the remote shell parses it again; DeepSpeed
+    (PDSHRunner.parse_user_args) only wraps an argument holding a space in double quotes,
+    escaping nothing but `"`. So a brace pattern would be expanded on every host
+    (shards-{00000..00009}.tar: ten arguments) and `$5` in a prompt replaced. An argument
+    without a space is quoted here for the shell; one with a space gets the escapes a
+    double-quoted word needs (`\\`, `$`, `` ` ``) and DeepSpeed adds the quotes and `\\"`.
+    """
+    def quote(arg: str) -> str:
+        if " " not in arg:
+            return shlex.quote(arg)
+        return arg.replace("\\", "\\\\").replace("$", "\\$").replace("`", "\\`")
+
+    return [quote(arg) for arg in args]
+
+
+def include_visible_gpus(job: Job, env: dict[str, str], hostfile: Optional[Path]) -> Optional[str]:
+    """The --include of the DeepSpeed launcher that keeps CUDA_VISIBLE_DEVICES, or None.
+
+    Given --num_gpus, DeepSpeed drops CUDA_VISIBLE_DEVICES and its ranks get GPUs 0..N-1, so
+    `CUDA_VISIBLE_DEVICES=4,5,6,7 dit launch` would train on GPUs 0-3. With a hostfile every
+    node's ranks get 0..N-1 of its slots, which only a prefix 0,1,.. of the ids agrees with."""
+    ids = visible_gpus(env) if job.gpu and not job.topology.over_ssh else None
+    if ids is None:
+        return None
+    n = job.topology.local_ranks
+    if n > len(ids):
+        raise LaunchError(f"--nproc-per-node {n} is more than the {len(ids)} GPUs of "
+                          f"CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']}")
+    if hostfile is not None:
+        if ids[:n] != list(range(n)):
+            raise LaunchError(f"with a hostfile (or --nnodes) the DeepSpeed launcher gives this node's ranks GPUs "
+                              f"0..{n - 1} whatever CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']} says: "
+                              "use --launcher torchrun, which keeps it, or unset it")
+        return None
+    return "localhost:" + ",".join(map(str, ids[:n]))
+
+
+def deepspeed_command(job: Job, attempt_dir: Path, hostfile: Optional[Path],
+                      env: Optional[dict[str, str]] = None) -> list[str]:
+    """The DeepSpeed launcher (`deepspeed`, i.e. its runner module) on this node; `env`: the
+    environment it will run in (default: this process's)."""
     t = job.topology
+    include = include_visible_gpus(job, dict(os.environ) if env is None else env, hostfile)
     cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.runner", "--log_level=warning"]
     if hostfile is not None:
         cmd.append(f"--hostfile={hostfile}")
-    if t.nproc_per_node:
+    if include is not None:
+        cmd.append(f"--include={include}")
+    elif t.nproc_per_node:
         cmd.append(f"--num_gpus={t.nproc_per_node}")
     if t.master_addr:
         cmd.append(f"--master_addr={t.master_addr}")
     cmd.append(f"--master_port={t.master_port}")
     if t.node_rank is not None:
         cmd += ["--no_ssh", f"--node_rank={t.node_rank}"]
-    return cmd + ["--module", "--no_local_rank", f"--enable_each_rank_log={attempt_dir}", *job.rank_command()]
+    module, *args = job.rank_command()
+    if t.over_ssh:
+        args = remote_shell_args(args)
+    return cmd + ["--module", "--no_local_rank", f"--enable_each_rank_log={attempt_dir}", module, *args]
+
+
+def deepspeed_env_line(key: str, value: str) -> Optional[str]:
+    """`KEY=VALUE` for DeepSpeed's `.deepspeed_env` file, or None when the file cannot carry it.
+
+    DeepSpeed strips the value and wraps it in double quotes when it holds anything but
+    [\\w@%+=:,./-], escaping nothing: `\\`, `"`, `$` and `` ` `` are escaped here so that the
+    remote shell gives the ranks the value itself. A line per variable: no newline in it."""
+    if not key.isidentifier() or "\n" in value or "\r" in value or value != value.strip():
+        return None
+    for char in ("\\", '"', "$", "`"):
+        value = value.replace(char, "\\" + char)
+    return f"{key}={value}"
+
+
+def write_deepspeed_env(job: Job, base: dict[str, str], path: Path) -> Path:
+    """The environment of the ranks on the other hosts of a pdsh job, as a `.deepspeed_env`
+    file for DS_ENV_FILE (job.remote_environment). DS_ENV_FILE replaces DeepSpeed's own search
+    for `~/.deepspeed_env` and `./.deepspeed_env`, so their lines are kept, ours winning."""
+    env: dict[str, str] = {}
+    for own in (Path.home() / ".deepspeed_env", Path(".deepspeed_env")):
+        if own.is_file():
+            env.update(line.split("=", 1) for line in own.read_text().splitlines() if "=" in line)
+    env.update(remote_environment(base, job))
+    lines = []
+    for key, value in env.items():
+        line = deepspeed_env_line(key, value)
+        if line is None:
+            print(f"dit launch: warning: {key} is not passed to the other hosts (a line of {path} cannot hold "
+                  "its value)", file=sys.stderr, flush=True)
+        else:
+            lines.append(line)
+    path.write_text("".join(line + "\n" for line in lines))  # DeepSpeed splits every line at '='
+    return path
+
+
+def deepspeed_environment(job: Job, base: dict[str, str], attempt_dir: Path) -> dict[str, str]:
+    """The environment of the DeepSpeed launcher: the ranks' (job.rank_environment); for a pdsh
+    job DS_ENV_FILE names the file that carries it to the other hosts."""
+    env = rank_environment(base, job)
+    if job.topology.over_ssh:
+        env["DS_ENV_FILE"] = str(write_deepspeed_env(job, base, attempt_dir / "deepspeed_env"))
+    return env
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,7 +245,7 @@ def run_torchrun(job: Job, attempt_dir: Path, attempt: int) -> Outcome:
         sig = signal.Signals(e.sigval)
         if sig in PREEMPT_SIGNALS:  # forwarded to the ranks, which save and exit
             return Outcome(EXIT_REQUEUE, reason=f"this launcher received {sig.name}")
-        return Outcome(-sig.value, reason=f"this launcher received {sig.name}")
+        return Outcome(-sig.value, reason=f"this launcher received {sig.name}", stopped=True)
     return Outcome(EXIT_OK)
 
 
@@ -169,25 +266,43 @@ def rank_log(folder: Path, rank: Optional[int]) -> Optional[Path]:
     return logs[-1] if logs else None
 
 
+PDSH_SIGNALS_NOTE = ("dit launch: note: the ranks of the other hosts run over pdsh/ssh: SIGTERM/SIGUSR1 sent to "
+                     "this command stop the whole job through the DeepSpeed launcher (its ranks get SIGTERM and "
+                     "30 s to save) and it is not restarted; for preemptible jobs run `dit launch --node-rank R` "
+                     "on every node, use --launcher torchrun, or --slurm.")
+
+
 def run_deepspeed(job: Job, attempt_dir: Path, attempt: int) -> Outcome:
     """The DeepSpeed launcher as a child process (each attempt's rendezvous dies with it)."""
     hostfile = Path(job.topology.hostfile) if job.topology.hostfile else None
     if hostfile is None and job.topology.nnodes > 1:
         hostfile = attempt_dir / "hostfile"
         hostfile.write_text(node_hostfile(job.topology))
-    cmd = deepspeed_command(job, attempt_dir, hostfile)
+    env = deepspeed_environment(job, dict(os.environ), attempt_dir)
+    cmd = deepspeed_command(job, attempt_dir, hostfile, env)
+    if any(arg.startswith("--include=") for arg in cmd):
+        env.pop("CUDA_VISIBLE_DEVICES", None)  # DeepSpeed's launch.py sets it from --include
     print(f"dit launch: {shlex.join(cmd)}", flush=True)
-    proc = subprocess.Popen(cmd, env=rank_environment(dict(os.environ), job))
-    with RankWatcher(proc.pid) as watcher, ForwardSignals(watcher) as forward, LogFollower(attempt_dir):
+    if job.topology.over_ssh:
+        print(PDSH_SIGNALS_NOTE, file=sys.stderr, flush=True)
+    proc = subprocess.Popen(cmd, env=env)
+    with (RankWatcher(proc.pid) as watcher,
+          ForwardSignals(watcher, job.shutdown_timeout_s, proc.pid if job.topology.over_ssh else None) as forward,
+          LogFollower(attempt_dir)):
         try:
             returncode = proc.wait()
-        except KeyboardInterrupt:  # Ctrl-C reached the engine too; it stops its ranks
+        except KeyboardInterrupt:  # only before ForwardSignals took SIGINT over
             returncode = proc.wait()
     status = deepspeed_status(returncode)
     if status == EXIT_OK:
         return Outcome(EXIT_OK)
     if forward.received is not None:
-        return Outcome(status, reason=f"this launcher received {forward.received.name}")
+        sig = forward.received
+        reason = f"this launcher received {sig.name}"
+        if sig in PREEMPT_SIGNALS and not job.topology.over_ssh:
+            return Outcome(status, reason=reason)  # the ranks saved and exited (42)
+        # Ctrl-C or a hangup; or over pdsh any signal, on which DeepSpeed stopped every host.
+        return Outcome(status if sig in PREEMPT_SIGNALS else -sig.value, reason=reason, stopped=True)
     if watcher.first_status is not None:  # how the first dead rank ended (see RankWatcher)
         status = watcher.first_status
     return Outcome(status, watcher.first_dead, log=rank_log(attempt_dir, watcher.first_dead))
@@ -208,6 +323,14 @@ def print_log_tail(path: Optional[Path], lines: int = 15) -> None:
               file=sys.stderr, flush=True)
 
 
+def mark_requeue() -> None:
+    """Tell the SLURM script that this node's ranks saved and exited with 42 (REQUEUE_MARKER_ENV)."""
+    marker = os.environ.get(REQUEUE_MARKER_ENV)
+    if marker:
+        Path(marker).parent.mkdir(parents=True, exist_ok=True)
+        Path(marker).touch()
+
+
 def run_job(job: Job) -> int:
     """Run the job; relaunch it up to `max_restarts` times after a crash (each relaunch
     resumes from `latest`). Returns this command's exit status."""
@@ -221,9 +344,10 @@ def run_job(job: Job) -> int:
             return EXIT_OK
         print_log_tail(outcome.log)
         if outcome.status == EXIT_REQUEUE:
+            mark_requeue()
             print("dit launch: preempted: the ranks saved a checkpoint; rerun the same command "
                   "(or let the scheduler requeue it) to resume.", file=sys.stderr, flush=True)
-        if outcome.status in NOT_RESTARTABLE or attempt == job.max_restarts:
+        if outcome.status in NOT_RESTARTABLE or outcome.stopped or attempt == job.max_restarts:
             return outcome.exit_code
         print(f"dit launch: restart {attempt + 1} of {job.max_restarts}: relaunching; the ranks "
               f"resume from the latest checkpoint.", file=sys.stderr, flush=True)

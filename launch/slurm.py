@@ -5,7 +5,10 @@ once per node, which starts that node's ranks. Node 0 (the first host of the all
 from `scontrol show hostnames`) is the rendezvous master. Preemption and the time limit end
 the same way: SLURM sends SIGUSR1 120 s ahead (`--signal=USR1@120`), the ranks save a
 checkpoint and exit with 42, and the script requeues the job (`--requeue`); the rerun resumes
-from `latest`. Every job logs to LOG_DIR/slurm/<name>-<jobid>.out (appended across requeues).
+from `latest`. srun's own status cannot say so reliably (with --kill-on-bad-exit the first node
+to exit has the others killed, and srun may report 137), so each node's launcher also creates a
+marker file ($DIT_REQUEUE_MARKER, launch/runners.py) when its ranks exited with 42, and the
+script requeues on either. Every job logs to LOG_DIR/slurm/<name>-<jobid>.out (appended across requeues).
 With `--min-nodes M` the script asks for M to K nodes (`--nodes=M-K`): a requeued job may start
 on another number of nodes, and its ranks resume elastically (trainer/elastic.py).
 """
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 from launch.job import LaunchError, check_job
+from launch.runners import REQUEUE_MARKER_ENV
 
 SIGNAL_LEAD_S = 120  # SIGUSR1 this long before the time limit: time for the last save
 MASTER_PORT_BASE = 20000  # the default port is derived from the job id, so jobs sharing a node do not collide
@@ -46,10 +50,15 @@ class SlurmJob:
     shutdown_timeout_s: int = 100
     extra: tuple[str, ...] = ()  # further sbatch options, e.g. "--qos=high"
     min_nodes: int = 0  # > 0: SLURM may start (or requeue) the job on min_nodes..nodes nodes
+    cpus_per_node: int = 0  # > 0: --cpus-per-task of the one task per node (SLURM's default is 1)
 
     @property
     def output(self) -> Path:
         return self.log_dir / "slurm" / "%x-%j.out"
+
+    def requeue_marker(self) -> str:
+        """The marker file of this job's run, as a shell word ($SLURM_JOB_ID expands in the script)."""
+        return shlex.quote(str(self.log_dir / "slurm" / self.name)) + '-"$SLURM_JOB_ID".requeue'
 
 
 def sbatch_header(job: SlurmJob) -> list[str]:
@@ -63,6 +72,8 @@ def sbatch_header(job: SlurmJob) -> list[str]:
         f"--signal=USR1@{SIGNAL_LEAD_S}",
         "--requeue",
     ]
+    if job.cpus_per_node:
+        lines.append(f"--cpus-per-task={job.cpus_per_node}")
     if job.gpus_per_node:
         lines.append(f"--gpus-per-node={job.gpus_per_node}")
     lines += [f"--{key}={value}" for key, value in
@@ -79,6 +90,13 @@ def node_command(job: SlurmJob) -> str:
     ])
     return (f'exec {fixed} --nnodes "$SLURM_NNODES" --node-rank "$SLURM_NODEID" '
             f'--master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT"')
+
+
+def srun_options(job: SlurmJob) -> str:
+    """srun's options; --cpus-per-task again, since srun (SLURM >= 22.05) no longer takes it
+    from the batch allocation."""
+    cpus = f" --cpus-per-task={job.cpus_per_node}" if job.cpus_per_node else ""
+    return f"--ntasks-per-node=1{cpus} --kill-on-bad-exit=1"
 
 
 def render(job: SlurmJob) -> str:
@@ -98,12 +116,18 @@ def render(job: SlurmJob) -> str:
         ' master $MASTER_ADDR:$MASTER_PORT"',
         "",
         "# One task per node. The ranks resume from `latest` when a checkpoint exists; on SIGUSR1",
-        "# (time limit or preemption) they save and exit with 42.",
-        f"srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c {shlex.quote(node_command(job))}",
+        "# (time limit or preemption) they save and exit with 42, and their node's launcher creates",
+        f"# ${REQUEUE_MARKER_ENV} (srun may report another node's 137 instead of 42).",
+        f"export {REQUEUE_MARKER_ENV}={job.requeue_marker()}",
+        f'rm -f "${REQUEUE_MARKER_ENV}"',
+        f"srun {srun_options(job)} bash -c {shlex.quote(node_command(job))}",
         "status=$?",
-        'if [ "$status" -eq 42 ]; then',
-        '    echo "dit: job $SLURM_JOB_ID saved its state before the time limit or preemption; requeueing"',
+        f'if [ "$status" -eq 42 ] || [ -e "${REQUEUE_MARKER_ENV}" ]; then',
+        '    echo "dit: job $SLURM_JOB_ID saved its state before the time limit or preemption (srun status'
+        ' $status); requeueing"',
+        f'    rm -f "${REQUEUE_MARKER_ENV}"',
         '    scontrol requeue "$SLURM_JOB_ID"',
+        "    status=42",
         "fi",
         'exit "$status"',
     ]
@@ -136,6 +160,12 @@ def job_from_args(args: argparse.Namespace) -> SlurmJob:
     # Every allocation the job may get (or be requeued on) must hold the config and its checkpoint.
     sizes = (nodes, *range(min_nodes or nodes, nodes))
     cfg = check_job(args.config, args.overrides, [size * ranks for size in sizes])
+    if not args.gpus_per_node:
+        print(f"dit launch: note: no --gpus-per-node: the job asks SLURM for no GPUs and runs {ranks} rank(s) "
+              "per node on the CPU", file=sys.stderr)
+    cpus = args.cpus_per_node if args.cpus_per_node is not None else ranks * (1 + cfg.data.num_workers)
+    if cpus < 0:
+        raise LaunchError(f"--cpus-per-node must be at least 0 (0: SLURM's default, 1 CPU), not {cpus}")
     return SlurmJob(
         name=args.job_name or cfg.run.name, nodes=nodes, ranks_per_node=ranks,
         config=str(Path(args.config).resolve()), overrides=tuple(args.overrides),
@@ -143,6 +173,7 @@ def job_from_args(args: argparse.Namespace) -> SlurmJob:
         gpus_per_node=args.gpus_per_node, time=args.time or "", partition=args.partition or "",
         account=args.account or "", master_port=args.master_port, max_restarts=args.max_restarts,
         shutdown_timeout_s=args.shutdown_timeout, extra=tuple(args.sbatch_option or ()), min_nodes=min_nodes,
+        cpus_per_node=cpus,
     )
 
 
@@ -169,6 +200,8 @@ def add_slurm_arguments(g: argparse._ArgumentGroup) -> None:
                    "also when requeued (the run resumes elastically, keeping its global batch)")
     g.add_argument("--gpus-per-node", type=int, help="GPUs per node to allocate; also the ranks per node "
                    "unless --nproc-per-node says otherwise")
+    g.add_argument("--cpus-per-node", type=int, help="CPUs per node to allocate (default: a core per rank "
+                   "and per data loader worker, ranks x (1 + data.num_workers); 0: SLURM's default, 1)")
     g.add_argument("--time", help="time limit, e.g. 24:00:00 (the ranks save 120 s before it)")
     g.add_argument("--partition", help="SLURM partition")
     g.add_argument("--account", help="SLURM account")

@@ -14,6 +14,8 @@ from typing import Optional
 
 # Signals after which the ranks save and exit with EXIT_REQUEUE (trainer/distributed.py).
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# Signals that stop the job for good (Ctrl-C, a closed terminal): never followed by a restart.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGHUP)
 POLL_S = 0.1  # how often the helpers look at the process tree and logs
 
 
@@ -59,6 +61,15 @@ class RankWatcher(_Background):
 
     def pids(self) -> list[int]:
         return list(self._ranks)
+
+    def kill_alive(self) -> None:
+        """SIGKILL to the ranks still running (psutil checks that each pid is still that rank)."""
+        for _, proc in list(self._ranks.values()):
+            try:
+                if self._alive(proc):
+                    proc.kill()
+            except self._psutil.Error:
+                continue
 
     def _run(self) -> None:
         finished: set[int] = set()  # ranks seen exiting with 0: done, not dead
@@ -151,26 +162,59 @@ class LogFollower(_Background):
 
 class ForwardSignals:
     """While the DeepSpeed launcher runs, SIGTERM/SIGUSR1 sent to this command go to the
-    ranks themselves (which save and exit with 42), as torchrun's agent does."""
+    ranks themselves (which save and exit with 42), as torchrun's agent does; those still
+    alive `shutdown_timeout_s` later get SIGKILL (torchrun's --shutdown-timeout; DeepSpeed's
+    own launch.py gives the rest 30 s once a rank has exited). SIGINT/SIGHUP (Ctrl-C, a closed
+    terminal) go to the ranks as they are and are recorded, so that the job is stopped rather
+    than restarted.
 
-    def __init__(self, watcher: RankWatcher):
+    With `launcher_pid` (a pdsh job: the ranks run on other hosts, none here) every one of
+    these signals goes to the DeepSpeed launcher as SIGTERM instead: its handler stops pdsh and
+    the launchers of the other hosts, which pass SIGTERM to their ranks.
+    """
+
+    def __init__(self, watcher: RankWatcher, shutdown_timeout_s: Optional[float] = None,
+                 launcher_pid: Optional[int] = None):
         self.watcher = watcher
+        self.shutdown_timeout_s = shutdown_timeout_s
+        self.launcher_pid = launcher_pid
         self.received: Optional[signal.Signals] = None
         self._previous: dict[signal.Signals, object] = {}
+        self._timer: Optional[threading.Timer] = None
 
     def __enter__(self) -> "ForwardSignals":
-        for sig in PREEMPT_SIGNALS:
+        for sig in (*PREEMPT_SIGNALS, *STOP_SIGNALS):
             self._previous[sig] = signal.signal(sig, self._forward)
         return self
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if self._timer is not None:
+            self._timer.cancel()
 
     def _forward(self, signum: int, _frame) -> None:
-        self.received = signal.Signals(signum)
+        first = self.received is None
+        if first:  # what the job's outcome says: a preemption, or a stop
+            self.received = signal.Signals(signum)
+        if self.launcher_pid is not None:
+            if first:
+                _kill(self.launcher_pid, signal.SIGTERM)
+            return
         for pid in self.watcher.pids():
-            try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
-                continue
+            _kill(pid, signum)
+        if first and signum in PREEMPT_SIGNALS and self.shutdown_timeout_s is not None:
+            self._timer = threading.Timer(self.shutdown_timeout_s, self._kill_the_rest)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _kill_the_rest(self) -> None:
+        """The ranks still running when the grace of a preemption is over."""
+        self.watcher.kill_alive()
+
+
+def _kill(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
