@@ -17,6 +17,10 @@ master partition even in fp32 training:
 (Ppers: ZeRO-3 keeps parameters below its persistence threshold whole on every rank.)
 ZeRO-1 here partitions gradients as ZeRO-2 does (DeepSpeed reduces them into the owner's
 partition at once); the ZeRO paper's ZeRO-1 keeps them whole (2 P + 2 P + 12 P / N).
+ZeRO-Offload moves states to the host, where the plan counts them apart (host GB per GPU, not
+in the GPU's total): deepspeed.offload_optimizer the fp32 master and Adam partitions and the
+reduced gradient partition (fp32 at ZeRO 1-2, w bytes at ZeRO-3), which DeepSpeed's CPU Adam
+steps there; deepspeed.offload_params (ZeRO-3) the parameter partition too (Ppers stays).
 
 communication buckets: DeepSpeed's reduce bucket (reduce_bucket_size elements, 5e8 unless
 configured; w bytes each, two with overlap_comm) during backward at ZeRO 1-3, plus ZeRO-3's
@@ -37,8 +41,15 @@ block is recomputed at a time. Pipeline stages hold up to p micro-batches of the
 (1F1B). Frozen encoders (text, autoencoder) are counted in fp32, activations not (no grad).
 A sequence split S keeps N / S tokens per rank in every block and the head (attention sees N
 tokens with H / S heads: the same size), so the N D terms shrink by S; ZeRO still partitions
-over all GPUs / p ranks; the GPUs / S replicas run S times the micro-batches (grad_accum x S),
-so the global batch stays the config's.
+over all GPUs / p ranks.
+
+global batch: the config's on the GPUs, as the trainer counts it (micro-batch x grad_accum x
+GPUs / (p S) of the config's p and S; --micro-batch replaces the config's micro-batch). Every
+layout keeps it: with p pipeline stages and a sequence split S there are GPUs / (p S)
+replicas, each running p S times the micro-batches, and the suggested overrides say so
+(deepspeed.grad_accum). A layout whose replicas cannot keep it with a whole grad_accum, or that
+the trainer's config validation refuses (offload at ZeRO-0 or with a pipeline, model.compile or
+model.flat_params at ZeRO-3, a stage that splits no DiT...), is left out.
 
 all-to-all volume (S > 1): each attention (full, or the temporal one of factorized blocks; a
 clip's spatial attention stays on its rank) exchanges q, k, v and its output, B N D / S values
@@ -59,11 +70,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, replace
+from typing import Any, Optional
 
 from launch.plan_model import ModelFacts, model_facts
-from trainer.config import RunConfig, load_config
+from trainer.config import RunConfig, load_config, validate
+from trainer.config_errors import ConfigError
 
 GB = 1e9
 H100_BF16_TFLOPS = 989.0  # dense bf16 peak of an H100 SXM
@@ -126,6 +138,24 @@ def model_state_bytes(params: int, zero_stage: int, dp: int, precision: str,
         "master": MASTER_BYTES * shard,
         "optimizer": ADAM_BYTES * shard,
     }
+
+
+def offloaded(states: dict[str, float], params: int, zero_stage: int, dp: int, precision: str,
+              persistent: int, optimizer: bool, parameters: bool) -> tuple[dict[str, float], dict[str, float]]:
+    """`model_state_bytes` split into (device, host) under ZeRO-Offload: offload_optimizer keeps
+    the fp32 master and Adam partitions and the reduced gradient partition (fp32 at ZeRO 1-2, in
+    the training precision at ZeRO-3) on the host; offload_params (ZeRO-3) the parameter
+    partition too, the persistent parameters stay whole on the device."""
+    device, host = dict(states), {key: 0.0 for key in states}
+    shard = params / dp
+    if optimizer and zero_stage > 0:
+        host["master"], host["optimizer"] = device["master"], device["optimizer"]
+        host["grads"] = (MASTER_BYTES if zero_stage < 3 else param_bytes(precision)) * shard
+        device["master"] = device["optimizer"] = device["grads"] = 0.0
+    if parameters and zero_stage == 3:
+        host["params"] = param_bytes(precision) * shard
+        device["params"] = float(param_bytes(precision) * persistent)
+    return device, host
 
 
 def bucket_bytes(zero_stage: int, precision: str, z: ZeroSettings, params: int) -> float:
@@ -208,13 +238,42 @@ class Layout:
     checkpointing: bool
     sequence_parallel: int = 1
 
-    def overrides(self, grad_accum: int = 1) -> str:
-        """The config keys of this layout; a sequence split keeps the global batch with S times
-        the micro-batches per step (each group holds one sample where S ranks held S)."""
-        S = self.sequence_parallel
-        seq = f" deepspeed.sequence_parallel_size={S} deepspeed.grad_accum={grad_accum * S}" if S > 1 else ""
-        return (f"deepspeed.zero_stage={self.zero_stage} deepspeed.pipeline_stages={self.pipeline_stages}{seq} "
-                f"model.activation_checkpointing={str(self.checkpointing).lower()}")
+    def replicas(self, gpus: int) -> int:
+        """Data-parallel replicas: each pipeline (p GPUs) or sequence group (S GPUs) is one."""
+        return gpus // (self.pipeline_stages * self.sequence_parallel)
+
+    def grad_accum(self, global_batch: int, micro_batch: int, gpus: int) -> Optional[int]:
+        """The micro-batches per step each replica runs for `global_batch` (p S times the
+        config's when it had neither split); None when no whole number keeps it."""
+        per_micro_step = micro_batch * self.replicas(gpus)
+        return global_batch // per_micro_step if global_batch % per_micro_step == 0 else None
+
+    def settings(self, cfg: RunConfig, micro_batch: int, grad_accum: int) -> dict[str, Any]:
+        """The config keys of this layout: its ZeRO stage, splits and checkpointing, and the
+        micro-batch, grad_accum and sequence split where they differ from `cfg`'s."""
+        ds = cfg.deepspeed
+        keys: dict[str, Any] = {"deepspeed.zero_stage": self.zero_stage,
+                                "deepspeed.pipeline_stages": self.pipeline_stages}
+        if self.sequence_parallel != ds.sequence_parallel_size:
+            keys["deepspeed.sequence_parallel_size"] = self.sequence_parallel
+        if grad_accum != ds.grad_accum:
+            keys["deepspeed.grad_accum"] = grad_accum
+        if micro_batch != cfg.data.batch_size:
+            keys["data.batch_size"] = micro_batch
+        keys["model.activation_checkpointing"] = self.checkpointing
+        return keys
+
+    def overrides(self, cfg: RunConfig, micro_batch: int, grad_accum: int) -> str:
+        """`settings` as command-line overrides."""
+        return " ".join(f"{key}={str(value).lower() if isinstance(value, bool) else value}"
+                        for key, value in self.settings(cfg, micro_batch, grad_accum).items())
+
+    def applied(self, cfg: RunConfig, micro_batch: int, grad_accum: int) -> RunConfig:
+        """`cfg` with this layout's settings, as the trainer would load it with the overrides."""
+        for key, value in self.settings(cfg, micro_batch, grad_accum).items():
+            section, name = key.split(".")
+            cfg = replace(cfg, **{section: replace(getattr(cfg, section), **{name: value})})
+        return cfg
 
     def name(self) -> str:
         split = (f"pipe {self.pipeline_stages}" if self.pipeline_stages > 1 else
@@ -230,12 +289,19 @@ class Estimate:
     activations: float
     frozen: float
     step_s: float
-    samples_per_step: int
+    samples_per_step: int  # the global batch
+    micro_batch: int
+    grad_accum: int  # micro-batches per step of each replica
+    host: dict[str, float]  # model states ZeRO-Offload keeps on the host, per rank
     all_to_all: float = 0.0  # bytes sent per rank per step (sequence split)
 
     @property
     def model_states(self) -> float:
         return sum(self.states.values())
+
+    @property
+    def host_total(self) -> float:
+        return sum(self.host.values())
 
     @property
     def total(self) -> float:
@@ -261,26 +327,40 @@ def step_seconds(m: ModelFacts, samples: int, hw: Hardware, layout: Layout, micr
     return flops / (hw.gpus * hw.peak_tflops * 1e12 * hw.mfu) / (1 - bubble)
 
 
+def global_batch(cfg: RunConfig, gpus: int, micro_batch: Optional[int] = None) -> int:
+    """The config's global batch on `gpus` ranks as the trainer counts it, with `micro_batch`
+    samples per rank when given."""
+    from trainer.elastic import shape_of
+
+    shape = shape_of(cfg, gpus)
+    return replace(shape, batch_size=micro_batch or shape.batch_size).global_batch
+
+
 def estimate(cfg: RunConfig, m: ModelFacts, hw: Hardware, layout: Layout,
              micro_batch: Optional[int] = None) -> Estimate:
-    """Per-rank memory and step time of `layout`. The global batch stays the config's
-    (micro-batch x grad_accum x GPUs): a pipeline of p stages runs p times the micro-batches;
-    a sequence split S has GPUs / S replicas, each running S times the micro-batches."""
+    """Per-rank memory and step time of `layout`. The global batch stays the config's: the
+    GPUs / (p S) replicas of p pipeline stages or a sequence split S each run p S times the
+    micro-batches of a replica without them."""
     micro = micro_batch or cfg.data.batch_size
     p, S = layout.pipeline_stages, layout.sequence_parallel
     dp = hw.gpus // p
-    samples = micro * cfg.deepspeed.grad_accum * hw.gpus
-    micro_batches = cfg.deepspeed.grad_accum * p * S
-    precision = cfg.deepspeed.precision
+    samples = global_batch(cfg, hw.gpus, micro)
+    micro_batches = layout.grad_accum(samples, micro, hw.gpus)
+    if micro_batches is None:
+        raise ValueError(f"{layout.name()}: no whole deepspeed.grad_accum keeps the global batch {samples} "
+                         f"on {layout.replicas(hw.gpus)} replicas of micro-batch {micro}")
+    precision, ds = cfg.deepspeed.precision, cfg.deepspeed
     z = zero_settings(cfg, layout.zero_stage)
-    states = model_state_bytes(math.ceil(m.params / p), layout.zero_stage, dp, precision,
-                               m.persistent_params if layout.zero_stage == 3 else 0)
+    persistent = m.persistent_params if layout.zero_stage == 3 else 0
+    states, host = offloaded(model_state_bytes(math.ceil(m.params / p), layout.zero_stage, dp, precision, persistent),
+                             math.ceil(m.params / p), layout.zero_stage, dp, precision, persistent,
+                             ds.offload_optimizer, ds.offload_params)
     acts = activation_bytes(m, micro, precision, layout.checkpointing, math.ceil(m.depth / p), hw.cpu,
                             in_flight=min(p, micro_batches), sequence_parallel=S)  # 1F1B: the first stage holds up to p
     exchanged = all_to_all_bytes(m, micro_batches, micro, precision, layout.checkpointing, S) if S > 1 else 0.0
     step = step_seconds(m, samples, hw, layout, micro_batches) + exchanged / (hw.link_gb_s * GB)
     return Estimate(layout, states, bucket_bytes(layout.zero_stage, precision, z, math.ceil(m.params / p)), acts,
-                    4.0 * m.frozen_params, step, samples, exchanged)
+                    4.0 * m.frozen_params, step, samples, micro, micro_batches, host, exchanged)
 
 
 def suggest(estimates: list[Estimate], hw: Hardware, micro_batch: int) -> Optional[Estimate]:
@@ -295,10 +375,26 @@ def suggest(estimates: list[Estimate], hw: Hardware, micro_batch: int) -> Option
     return min(fitting, key=key) if fitting else None
 
 
+def accepted(cfg: RunConfig, layout: Layout, gpus: int, micro_batch: int) -> bool:
+    """Whether the trainer runs `layout` for `cfg` with the config's global batch: a whole
+    grad_accum keeps it, and the config's validation takes the layout's settings."""
+    grad_accum = layout.grad_accum(global_batch(cfg, gpus, micro_batch), micro_batch, gpus)
+    if grad_accum is None:
+        return False
+    try:
+        validate(layout.applied(cfg, micro_batch, grad_accum), gpus)
+    except ConfigError:
+        return False
+    return True
+
+
 def plan(cfg: RunConfig, hw: Hardware, micro_batch: Optional[int] = None) -> tuple[ModelFacts, list[Estimate]]:
+    """The estimates of every layout the trainer accepts for `cfg` on `hw`."""
     threshold = zero_settings(cfg, 3).persistence_threshold
     m = model_facts(cfg, threshold)
-    return m, [estimate(cfg, m, hw, layout, micro_batch) for layout in layouts(hw.gpus, m.depth, m.heads, m.split_unit)]
+    micro = micro_batch or cfg.data.batch_size
+    return m, [estimate(cfg, m, hw, layout, micro) for layout in layouts(hw.gpus, m.depth, m.heads, m.split_unit)
+               if accepted(cfg, layout, hw.gpus, micro)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,33 +406,40 @@ def gb(x: float) -> str:
 
 
 def format_plan(cfg: RunConfig, m: ModelFacts, estimates: list[Estimate], hw: Hardware) -> str:
-    micro = estimates[0].samples_per_step // (cfg.deepspeed.grad_accum * hw.gpus)
+    micro, ds = estimates[0].micro_batch, cfg.deepspeed
+    offload = " + ".join(what for what, on in (("optimizer", ds.offload_optimizer), ("params", ds.offload_params))
+                         if on)
     lines = [
         f"model {cfg.model.preset}: {m.params / 1e6:.1f}M trained parameters, {m.frozen_params / 1e6:.1f}M frozen "
         f"(text encoder, autoencoder); input {m.latent_shape}, {m.tokens} tokens, {m.text_len} text tokens",
         f"forward {m.macs_per_sample / 1e9:.2f} GMACs per sample; training ~ {6 * m.macs_per_sample / 1e9:.1f} GFLOPs per sample",
         f"{hw.gpus} GPUs x {hw.gpu_mem_gb:g} GB ({(1 - hw.headroom) * 100:.0f}% usable), {cfg.deepspeed.precision}, "
         f"micro-batch {micro}, grad_accum {cfg.deepspeed.grad_accum}, global batch {estimates[0].samples_per_step}; "
-        f"peak {hw.peak_tflops:g} TFLOP/s at {hw.mfu:.0%} MFU",
+        f"peak {hw.peak_tflops:g} TFLOP/s at {hw.mfu:.0%} MFU"
+        + (f"; offload ({offload}): host GB per GPU apart" if offload else ""),
         "",
         f"{'layout':<28}{'params':>8} {'grads':>8} {'optim':>8} {'buckets':>8} {'activ':>8} {'frozen':>8} "
-        f"{'total GB':>8}  fits  {'step s':>7} {'a2a GB':>7}",
+        f"{'total GB':>8}  fits  {'step s':>7} {'a2a GB':>7} {'host GB':>7}",
     ]
     for e in estimates:
         s = e.states
         fits = "yes" if e.total <= hw.usable_bytes else "no"
         lines.append(f"{e.layout.name():<28}{gb(s['params'])} {gb(s['grads'])} {gb(s['master'] + s['optimizer'])} "
                      f"{gb(e.buckets)} {gb(e.activations)} {gb(e.frozen)} {gb(e.total)}  {fits:<4}  {e.step_s:7.3f} "
-                     f"{e.all_to_all / GB:7.2f}")
+                     f"{e.all_to_all / GB:7.2f} {e.host_total / GB:7.2f}")
     best = suggest(estimates, hw, micro)
     lines.append("")
     if best is None:
+        offload_hint = ("" if ds.offload_optimizer and ds.offload_params else
+                        ", or offload the parameters too (deepspeed.zero_stage=3 deepspeed.offload_params=true)"
+                        if ds.offload_optimizer else ", or offload (deepspeed.offload_optimizer=true)")
         lines.append("nothing fits: lower data.batch_size (raise deepspeed.grad_accum to keep the global "
-                     "batch), add GPUs, or offload (deepspeed.offload_optimizer=true)")
+                     f"batch), add GPUs{offload_hint}")
     else:
-        lines.append(f"suggested: {best.layout.name()}: {best.total / GB:.1f} GB per GPU, {best.step_s:.3f} s per "
-                     f"step, {best.samples_per_step / best.step_s:.0f} samples/s")
-        lines.append(f"  overrides: {best.layout.overrides(cfg.deepspeed.grad_accum)}")
+        host = f", {best.host_total / GB:.1f} GB of host memory per GPU" if best.host_total else ""
+        lines.append(f"suggested: {best.layout.name()}: {best.total / GB:.1f} GB per GPU{host}, {best.step_s:.3f} s "
+                     f"per step, {best.samples_per_step / best.step_s:.0f} samples/s")
+        lines.append(f"  overrides: {best.layout.overrides(cfg, best.micro_batch, best.grad_accum)}")
     return "\n".join(lines)
 
 
@@ -347,11 +450,24 @@ def run_plan(args: argparse.Namespace) -> int:
     if hw.gpus < 1:
         print("dit plan: --gpus must be at least 1", flush=True)
         return 2
+    try:
+        validate(cfg, hw.gpus)
+    except ConfigError as e:
+        print(f"dit plan: {e}", flush=True)
+        return 2
     m, estimates = plan(cfg, hw, args.micro_batch)
+    if not estimates and not args.json:
+        print(f"dit plan: no layout on {hw.gpus} GPU(s) keeps the global batch "
+              f"{global_batch(cfg, hw.gpus, args.micro_batch)} with a whole deepspeed.grad_accum at micro-batch "
+              f"{args.micro_batch or cfg.data.batch_size}", flush=True)
+        return 2
     if args.json:
         print(json.dumps([{"layout": e.layout.__dict__, **e.states, "buckets": e.buckets,
                            "activations": e.activations, "frozen": e.frozen, "total": e.total,
-                           "step_s": e.step_s, "all_to_all": e.all_to_all} for e in estimates], indent=1))
+                           "step_s": e.step_s, "all_to_all": e.all_to_all, "host": e.host,
+                           "global_batch": e.samples_per_step, "grad_accum": e.grad_accum,
+                           "overrides": e.layout.overrides(cfg, e.micro_batch, e.grad_accum)} for e in estimates],
+                         indent=1))
     else:
         print(format_plan(cfg, m, estimates, hw))
     return 0

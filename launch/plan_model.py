@@ -67,8 +67,10 @@ def text_dims(model: ModelConfig) -> tuple[int, int, int, int]:
 
 def autoencoder_facts(cfg: RunConfig) -> tuple[int, int, int]:
     """(spatial downsampling factor, temporal factor, parameter count) of the frozen autoencoder
-    (1, 1, 0: pixels), built on the meta device from its configuration: a folder's config.json
-    alone is enough (no weights are read), so a cluster's folders can be planned anywhere."""
+    (1, 1, 0: pixels), built on the meta device as the trainer builds it (`build_autoencoder`, as
+    trainer/bundle.py calls it: a fresh one is the 2-D AutoencoderKL, which encodes a clip frame by
+    frame, whatever data.kind); a folder's config.json alone is enough (no weights are read), so a
+    cluster's folders can be planned anywhere."""
     if cfg.model.autoencoder.kind == "none":
         return 1, 1, 0
     import torch
@@ -80,7 +82,7 @@ def autoencoder_facts(cfg: RunConfig) -> tuple[int, int, int]:
             cls, config = diffusers_class(cfg.model.autoencoder.path)
             ae = Autoencoder(cls.from_config(config))
         else:
-            ae = build_autoencoder(cfg.model.autoencoder, causal_3d=cfg.data.kind == "video")
+            ae = build_autoencoder(cfg.model.autoencoder)
     return ae.downsample_factor, ae.temporal_downsample, sum(p.numel() for p in ae.parameters())
 
 
@@ -98,7 +100,7 @@ def model_facts(cfg: RunConfig, persistence_threshold: int) -> ModelFacts:
     pixels = cfg.data.sr_resolution if cfg.model.superres else max([cfg.data.resolution, *cfg.data.resolutions])
     side = pixels // factor
     video = cfg.data.kind == "video"
-    latent_frames = 1 + (cfg.data.num_frames - 1) // temporal  # a causal 3-D autoencoder compresses time
+    latent_frames = 1 + (cfg.data.num_frames - 1) // temporal  # a causal 3-D autoencoder's folder compresses time
     shape = (cfg.model.in_channels, latent_frames, side, side) if video else (cfg.model.in_channels, side, side)
     spec = net.spec
     frames = latent_frames // spec.temporal_patch if video else 1

@@ -9,11 +9,11 @@ import sys
 import pytest
 
 from launch.cli import main
-from launch.plan import (Hardware, activation_bytes, block_units, estimate, layouts, model_state_bytes,
-                         zero_settings)
-from launch.plan_model import model_facts
+from launch.plan import (Hardware, Layout, activation_bytes, block_units, estimate, layouts,
+                         model_state_bytes, plan, zero_settings)
+from launch.plan_model import autoencoder_facts, model_facts
 from tests.trainer.harness import ROOT, TINY, train_env
-from trainer.config import load_config
+from trainer.config import load_config, validate
 
 P, N = 1_000_000, 8
 XL = ["model.preset=DiT-XL/2", "model.in_channels=4", "model.autoencoder.kind=kl",
@@ -107,7 +107,7 @@ def test_plan_matches_measured_memory_of_the_tiny_presets(tmp_path):
 
 
 def test_long_clips_get_a_sequence_split(capsys):
-    """17 frames at 512 px (17 latent frames, 17k tokens) fit one H100 per sample; 265 (34 latent
+    """17 frames at 512 px (17 latent frames, 17k tokens) fit one H100 per sample; 34 (34 latent
     frames, 35k tokens) fit whole only with checkpointing, and split over 2 ranks they train
     faster: activations per rank drop by S, the all-to-all volume appears, and the plan suggests
     the split. Factorized attention splits between frames: S must divide the latent frames."""
@@ -123,7 +123,73 @@ def test_long_clips_get_a_sequence_split(capsys):
     assert by_split[2].activations == pytest.approx(by_split[1].activations / 2, rel=0.05)
     assert main(["plan", str(TINY), *video, "data.num_frames=17", "--gpus", "8"]) == 0
     assert "seq" not in capsys.readouterr().out.split("suggested:")[1]  # no exchange when the clip fits
-    assert main(["plan", str(TINY), *video, "data.num_frames=265", "--gpus", "8"]) == 0
+    assert main(["plan", str(TINY), *video, "data.num_frames=34", "--gpus", "8"]) == 0
     out = capsys.readouterr().out
     print(out)
     assert "deepspeed.sequence_parallel_size=2 " in out.split("suggested:")[1]
+
+
+@pytest.mark.parametrize("extra, micro", [
+    ([], None),
+    (["deepspeed.grad_accum=3"], 2),
+    (["deepspeed.offload_optimizer=true"], None),
+    (["deepspeed.zero_stage=3", "deepspeed.offload_params=true"], None),
+    (["model.compile=true"], None),
+])
+def test_every_layout_keeps_the_global_batch_and_is_accepted(extra, micro):
+    """Each layout the plan offers, its overrides applied to the config, is one the trainer
+    accepts and trains with the global batch the plan reports: p pipeline stages and a sequence
+    split S run p S times the micro-batches of the GPUs / (p S) replicas; offload refuses ZeRO-0
+    and pipelines, model.compile ZeRO-3."""
+    from trainer.elastic import shape_of
+
+    cfg = load_config(TINY, extra)
+    _, estimates = plan(cfg, Hardware(gpus=4), micro)
+    splits = {(e.layout.zero_stage, e.layout.pipeline_stages, e.layout.sequence_parallel) for e in estimates}
+    if not extra:
+        assert {(0, 4, 1), (1, 2, 1), (3, 1, 2)} <= splits
+    for e in estimates:
+        applied = load_config(TINY, [*extra, *e.layout.overrides(cfg, e.micro_batch, e.grad_accum).split()])
+        validate(applied, 4)
+        assert shape_of(applied, 4).global_batch == e.samples_per_step == 4 * (micro or 4) * cfg.deepspeed.grad_accum
+    if "deepspeed.offload_optimizer=true" in extra:
+        assert {z for z, p, _ in splits} == {1, 2, 3} and {p for _, p, _ in splits} == {1}
+    if "model.compile=true" in extra:
+        assert 3 not in {z for z, _, _ in splits}
+
+
+def test_offloaded_states_are_counted_on_the_host(capsys):
+    """ZeRO-Offload: the master weights, Adam's moments and the gradient partition leave the GPU
+    (host GB per GPU), and with offload_params at ZeRO-3 the parameter partition too."""
+    base = [*XL, "data.resolution=256"]
+    cfg = load_config(TINY, base)
+    m = model_facts(cfg, zero_settings(cfg, 3).persistence_threshold)
+    hw = Hardware(gpus=8)
+    off = load_config(TINY, [*base, "deepspeed.offload_optimizer=true"])
+    for zero in (1, 2, 3):
+        gpu, host = estimate(cfg, m, hw, Layout(zero, 1, False)), estimate(off, m, hw, Layout(zero, 1, False))
+        assert host.states["master"] == host.states["optimizer"] == host.states["grads"] == 0
+        assert host.host["master"] + host.host["optimizer"] == gpu.states["master"] + gpu.states["optimizer"]
+        assert host.host["grads"] == pytest.approx((4 if zero < 3 else 2) * m.params / 8)
+        moved = gpu.states["master"] + gpu.states["optimizer"] + gpu.states["grads"]
+        assert host.total == pytest.approx(gpu.total - moved)
+    both = load_config(TINY, [*base, "deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true",
+                              "deepspeed.offload_params=true"])
+    e = estimate(both, m, hw, Layout(3, 1, False))
+    assert e.states["params"] == 2 * m.persistent_params and e.host["params"] == pytest.approx(2 * m.params / 8)
+    assert main(["plan", str(TINY), *base, "data.resolution=512", "data.batch_size=512",
+                 "deepspeed.offload_optimizer=true", "--gpus", "1", "--gpu-mem", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing fits" in out and "offload_optimizer=true" not in out.split("nothing fits")[1]
+
+
+def test_video_autoencoder_is_the_trainers():
+    """A fresh autoencoder of a video config is the trainer's 2-D one (frame by frame): 9 frames
+    stay 9 latent frames, as the trainer's inference bundle shapes its samples."""
+    from trainer.bundle import InferenceBundle
+
+    cfg = load_config(TINY, ["model.video=true", "data.kind=video", "data.num_frames=9", "model.autoencoder.kind=kl",
+                             "model.in_channels=4"])
+    bundle = InferenceBundle(cfg.model, cfg.diffusion, cfg.data)
+    assert model_facts(cfg, 0).latent_shape == bundle.sample_shape() == (4, 9, 8, 8)
+    assert autoencoder_facts(cfg)[2] == sum(p.numel() for p in bundle.autoencoder.parameters())
