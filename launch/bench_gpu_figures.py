@@ -16,8 +16,10 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     ("H100 PCIe", 756.0),
     ("H100 NVL", 835.0),
     ("GH200", 989.0),
+    ("H200 NVL", 835.0),  # NVIDIA's 1,671 TFLOP/s is with 2:4 sparsity
     ("H200", 989.0),
     ("H100", 989.0),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("GB200", 2500.0),  # per GPU of a GB200 superchip (NVL72: 180 PFLOP/s dense bf16 over 72)
     ("B200", 2250.0),
     ("A100", 312.0),
 )

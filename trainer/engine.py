@@ -227,8 +227,8 @@ class Trainer:
 
     def next_batch(self, batches: Iterator[dict]) -> tuple[dict, list[torch.Generator]]:
         """The next batch on the device and its per-sample generators (trainer/diffusion/noise.py)."""
-        batch = next(batches)
-        self.logger.timer.data_ready()
+        with self.logger.timer.waiting():  # only the wait for the loader is data wait
+            batch = next(batches)
         if self.key_log is not None:
             self.key_log.add(batch)
         with record_function(f"{PHASE}batch"):

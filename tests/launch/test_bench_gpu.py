@@ -209,6 +209,9 @@ def test_peak_table_matches_device_names():
     assert bench.peak_tflops_for("NVIDIA H200") == 989
     assert bench.peak_tflops_for("NVIDIA A100-SXM4-80GB") == 312
     assert bench.peak_tflops_for("NVIDIA B200") == 2250
+    # a substring of a faster part's name must not give that part's peak (MFU understated)
+    assert bench.peak_tflops_for("NVIDIA H200 NVL") == 835
+    assert bench.peak_tflops_for("NVIDIA GB200") == 2500
     assert bench.peak_tflops_for("NVIDIA GeForce RTX 4090") is None
 
 
