@@ -281,12 +281,31 @@ def clip_indices(start: int, frames: int, stride: float) -> list[int]:
 
 def upright_frame(frame: av.VideoFrame) -> np.ndarray:
     """(H, W, 3) uint8 of a decoded frame as it is meant to be seen: its YUV converted with the
-    matrix its stream names, else the one a player guesses (`color.yuv_matrix`), turned by the
-    rotation of its display matrix (a phone stores a portrait video sideways with one),
-    counter-clockwise as ffmpeg's autorotate turns it; a view. (A mirroring in the display
-    matrix is not applied.)"""
+    matrix its stream names, else the one a player guesses (`color.yuv_matrix`), turned and
+    mirrored by its display matrix (a phone stores a portrait video sideways with one) as
+    ffmpeg's autorotate does (`display_orientation`); a view."""
     rgb = frame.to_ndarray(format="rgb24", src_colorspace=yuv_matrix(frame))  # (H, W, 3) as stored
-    return np.rot90(rgb, round(frame.rotation / 90) % 4)
+    return upright(rgb, display_orientation(frame))
+
+
+def display_orientation(frame: av.VideoFrame) -> int:
+    """The EXIF orientation (1-8, as `upright` applies it) of a decoded frame's display matrix,
+    by ffmpeg's autorotate rules (fftools: `get_rotation`, then transpose/hflip/vflip by the
+    signs of the matrix): its rotation to the nearest quarter turn and any mirroring.
+    A mirrored matrix (a front camera's recording) reads as a rotation of 180 degrees
+    (`av_display_rotation_get` of a horizontal flip): turning by it alone showed the video upside down."""
+    side = frame.side_data.get("DISPLAYMATRIX")
+    if side is None:
+        return 1
+    m = np.frombuffer(side, np.int32)  # 3x3, row-major, 16.16 fixed point (libavutil/display.h)
+    clockwise = round(-frame.rotation / 90) % 4  # ffmpeg's theta, in quarter turns
+    if clockwise == 1:
+        return 5 if m[3] > 0 else 6  # transpose=cclock_flip (a transpose), else clock
+    if clockwise == 2:
+        return {(True, True): 3, (True, False): 2, (False, True): 4}.get((bool(m[0] < 0), bool(m[4] < 0)), 1)
+    if clockwise == 3:
+        return 7 if m[3] < 0 else 8  # transpose=clock_flip (the other diagonal), else cclock
+    return 4 if m[4] < 0 else 1  # a vertical flip alone
 
 
 def video_pixels(data: bytes, spec: TransformSpec, u: tuple[float, float, float]) -> Pixels:
@@ -325,22 +344,25 @@ def _clip(data: bytes, spec: TransformSpec, u: float) -> Clip:
     (the header's; else, as in Matroska and WebM, duration x frame rate), decoded from the
     keyframe before its start after a seek. Frames are counted from the first one instead
     where the clip starts there, where seeking fails, or where the video turns out shorter
-    than its header says (then the clip is placed again within what is there)."""
+    than its header says (then the clip is placed again within what is there). A video whose
+    header gives neither count nor duration (a live WebM, as a browser's MediaRecorder writes
+    it) has its packets counted (`packet_count`): placed within its own length instead, every
+    clip of it was its first frames."""
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
         rate = frame_rate(stream)
         stride = spec.stride(rate)
-        known = frame_count(container, stream) or clip_span(spec.frame_counts[-1], stride)
+        known = frame_count(container, stream) or packet_count(data) or clip_span(spec.frame_counts[-1], stride)
         frames, start = choose_clip(known, spec.frame_counts, stride, u)
         wanted = clip_indices(start, frames, stride)
         if start == 0 or not rate:
-            return _upright(_counted(container, stream, wanted, spec.frame_counts, stride, u), stream)
+            return _upright(_counted(container, stream, wanted, spec.frame_counts, stride, u, rate), stream)
         sought = _sought(container, stream, wanted, rate)
         if sought is not None:
             return _upright(sought, stream)
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
-        return _upright(_counted(container, stream, wanted, spec.frame_counts, stride, u), stream)
+        return _upright(_counted(container, stream, wanted, spec.frame_counts, stride, u, rate), stream)
 
 
 def _upright(frames: list[av.VideoFrame], stream) -> Clip:
@@ -361,7 +383,7 @@ def pixel_shape(stream, frame: av.VideoFrame) -> tuple[float, float]:
     ratio by 1 (anamorphic video: 720x480 coded, 853x480 shown at 32:27), the other way round
     where the frame is turned by 90 degrees."""
     sar = float(stream.sample_aspect_ratio or 1)
-    return (1.0, sar) if round(frame.rotation / 90) % 2 == 1 else (sar, 1.0)
+    return (1.0, sar) if display_orientation(frame) >= 5 else (sar, 1.0)
 
 
 def frame_rate(stream):
@@ -372,13 +394,22 @@ def frame_rate(stream):
 
 def frame_count(container, stream) -> int:
     """Frames of a video stream: its header's count, else (Matroska, WebM) its duration x its
-    frame rate; 0 when neither is known."""
+    frame rate, to the nearest frame; 0 when neither is known. (Matroska keeps times in
+    milliseconds: 16 frames at 12 fps last 1.333 s, 15.996 frames, which truncating took for
+    15 and then gave a clip of num_frames=16 a single frame.)"""
     rate = frame_rate(stream)
     if stream.frames or not rate:
         return stream.frames
     if stream.duration is not None and stream.time_base is not None:
-        return int(stream.duration * stream.time_base * rate)
-    return int(container.duration * rate / av.time_base) if container.duration else 0
+        return round(stream.duration * stream.time_base * rate)
+    return round(container.duration * rate / av.time_base) if container.duration else 0
+
+
+def packet_count(data: bytes) -> int:
+    """Frames of a video's first video stream counted by reading its packets (one a frame,
+    none decoded), for a stream whose header has neither count nor duration."""
+    with av.open(io.BytesIO(data)) as container:
+        return sum(1 for packet in container.demux(container.streams.video[0]) if packet.size)
 
 
 def _sought(container, stream, wanted: list[int], rate) -> Optional[list[av.VideoFrame]]:
@@ -412,19 +443,39 @@ def _sought(container, stream, wanted: list[int], rate) -> Optional[list[av.Vide
     return None
 
 
-def _counted(container, stream, wanted: list[int], counts: tuple[int, ...], stride: float,
-             u: float) -> list[av.VideoFrame]:
-    """Frames `wanted`, counting decoded frames from the first; a video shorter than `wanted`
-    gets its clip placed again within the frames it has."""
-    decoded = []
+def _counted(container, stream, wanted: list[int], counts: tuple[int, ...], stride: float, u: float,
+             rate=None) -> list[av.VideoFrame]:
+    """Frames `wanted`, decoding from the first; a video shorter than `wanted` gets its clip
+    placed again within the frames it has. A frame's index is its time since the first frame
+    x the frame rate, and each wanted index takes the first frame at or after it, as in
+    `_sought`: a clip of a variable-rate video spans the same time whether it starts on the
+    first frame or after a seek. Frames are counted where a timestamp or the rate is missing
+    (for a constant rate the two agree). Counting alone gave a variable-rate clip from the
+    first frame another time span than the same clip elsewhere (at data.fps: twice as fast
+    after a stretch at twice the average rate)."""
+    base, first = stream.time_base, None
+    timed = bool(rate) and base is not None
+    decoded, indices = [], []
     for frame in container.decode(stream):
+        if timed and frame.pts is None:
+            timed, indices = False, list(range(len(indices)))
+        if first is None:
+            first = frame.pts  # the first frame is index 0 (AVI: its pts is 1, its stream's start 0)
         decoded.append(frame)
-        if len(decoded) > wanted[-1]:
+        indices.append(round((frame.pts - first) * base * rate) if timed else len(indices))
+        if indices[-1] >= wanted[-1]:
             break
-    if len(decoded) <= wanted[-1]:
-        frames, start = choose_clip(len(decoded), counts, stride, u)
+    if not decoded:
+        return []
+    if indices[-1] < wanted[-1]:
+        frames, start = choose_clip(indices[-1] + 1, counts, stride, u)
         wanted = clip_indices(start, frames, stride)
-    return [decoded[i] for i in wanted]
+    out, i = [], 0
+    for target in wanted:  # ascending: the first frame at or after each
+        while indices[i] < target and i + 1 < len(decoded):
+            i += 1
+        out.append(decoded[i])
+    return out
 
 
 def refit(frames: np.ndarray, num_frames: int, hw: tuple[int, int]) -> np.ndarray:

@@ -22,15 +22,15 @@ FRAMES, LEVEL = 60, 4  # frame i is a flat grey of i * LEVEL: its index is reada
 
 
 def _indexed_video(fmt: str, codec: str, keyframes_every: int = 5, rate: int = 12, width: int = 32,
-                   rotation: int = 0, pixel_aspect: int = 1) -> bytes:
+                   rotation: int = 0, pixel_aspect: int = 1, frames: int = FRAMES, muxer: dict = None) -> bytes:
     buf = io.BytesIO()
-    with av.open(buf, "w", format=fmt) as container:
+    with av.open(buf, "w", format=fmt, options=muxer or {}) as container:
         stream = container.add_stream(codec, rate=rate, options={"g": str(keyframes_every)})
         stream.width, stream.height, stream.pix_fmt = width, 32, "yuv420p"
         stream.codec_context.sample_aspect_ratio = Fraction(pixel_aspect, 1)
         if rotation:
             stream.set_display_rotation(rotation)
-        for i in range(FRAMES):
+        for i in range(frames):
             grey = np.full((32, width, 3), i * LEVEL, np.uint8)
             container.mux(stream.encode(av.VideoFrame.from_ndarray(grey, format="rgb24")))
         container.mux(stream.encode())
@@ -170,3 +170,99 @@ def test_a_source_without_a_frame_rate_is_skipped_at_a_target_fps():
         spec.stride(None)
     assert TransformSpec.from_config(DataConfig(shards="unused", kind="video", frame_stride=3)).stride(None) == 3
 
+
+
+def _marked_video(degrees: int, hflip: bool, vflip: bool) -> bytes:
+    """Two 48x32 frames stored with a white block at the top left and a grey one at the top
+    right, and a display matrix of `degrees` counter-clockwise then the flips (PyAV's
+    `set_display_rotation`, which writes what ffmpeg reads)."""
+    stored = np.zeros((32, 48, 3), np.uint8)
+    stored[:8, :8], stored[:8, -8:] = 255, 128
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv420p"
+        stream.set_display_rotation(degrees, hflip=hflip, vflip=vflip)
+        for _ in range(2):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(stored, format="rgb24")))
+        container.mux(stream.encode())
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("degrees", [0, 90, 180, -90])
+@pytest.mark.parametrize("hflip,vflip", [(False, False), (True, False), (False, True)])
+def test_display_matrices_with_a_mirroring_are_shown_as_a_player_shows_them(degrees, hflip, vflip):
+    """A display matrix that mirrors (hflip: libavutil reads it as a rotation of 180 degrees)
+    was turned upside down, a vertical flip was dropped: each frame is now the stored one turned
+    counter-clockwise, then mirrored, as the matrix says and ffmpeg's autorotate shows it."""
+    data = _marked_video(degrees, hflip, vflip)
+    with av.open(io.BytesIO(data)) as container:
+        frame = next(container.decode(video=0))
+        stored = frame.to_ndarray(format="rgb24")
+        got = transforms.upright_frame(frame)
+    want = np.rot90(stored, degrees // 90)
+    want = want[::-1 if vflip else 1, ::-1 if hflip else 1]
+    np.testing.assert_array_equal(got, want)
+    spec = TransformSpec.from_config(DataConfig(shards="unused", kind="video", num_frames=2, resolution=40,
+                                                aspect_buckets=[1.5, 1 / 1.5]))
+    assert video_pixels(data, spec, (0.5, 0.5, 0.0)).frames.shape == (2, *want.shape[:2], 3)
+
+
+def _variable_rate_video(fmt: str, times: list[float]) -> bytes:
+    """Frame i (a flat grey of i * LEVEL) shown at times[i] seconds: a variable frame rate."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=fmt) as container:
+        stream = container.add_stream("libx264", rate=30, options={"g": "5"})
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        for i, t in enumerate(times):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), i * LEVEL, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = round(t * 1000), Fraction(1, 1000)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["mp4", "matroska"])
+def test_a_variable_rate_clip_spans_the_same_time_from_the_first_frame_as_after_a_seek(fmt):
+    """30 frames at 30 fps, then 30 at 10 fps (an average of 15): at data.fps=5 every clip
+    steps 0.2 s between frames. The clip starting on the first frame (decoded from it, not
+    sought) counted frames instead of reading their times: 0, 0.1, 0.2, 0.3 s, twice as fast."""
+    times = [i / 30 for i in range(30)] + [1 + (i + 1) / 10 for i in range(30)]
+    data = _variable_rate_video(fmt, times)
+    spec = TransformSpec.from_config(DataConfig(shards="unused", kind="video", num_frames=4, fps=5, resolution=32))
+    for u in (0.0, 0.2, 0.5, 0.9):
+        got = _indices(video_pixels(data, spec, (0.5, 0.5, u)).frames)
+        shown = np.asarray([times[i] for i in got])
+        assert len(got) == 4, (u, got)
+        np.testing.assert_allclose(shown - shown[0], np.arange(4) * 0.2, atol=0.1, err_msg=str((u, got)))
+
+
+@pytest.mark.parametrize("fmt,codec", CONTAINERS[1:])
+@pytest.mark.parametrize("rate", [12, 30])
+def test_a_matroska_video_of_exactly_num_frames_gives_a_clip_of_num_frames(fmt, codec, rate):
+    """Matroska and WebM keep times in milliseconds: 16 frames at 12 fps last 1.333 s, 15.996
+    frames. The count was truncated to 15, too few for num_frames=16, and the clip fell to the
+    1-frame bucket: a still image in place of the video."""
+    data = _indexed_video(fmt, codec, rate=rate, frames=16)
+    with av.open(io.BytesIO(data)) as container:
+        assert transforms.frame_count(container, container.streams.video[0]) == 16
+    spec = TransformSpec.from_config(DataConfig(shards="unused", kind="video", num_frames=16, resolution=32))
+    for u in (0.0, 0.5):
+        assert _indices(video_pixels(data, spec, (0.5, 0.5, u)).frames) == list(range(16))
+
+
+@pytest.mark.parametrize("fmt,codec", CONTAINERS[1:])
+def test_clips_are_placed_over_a_live_webm_without_a_duration(fmt, codec):
+    """A live Matroska/WebM (a browser's MediaRecorder writes them so) has no frame count and
+    no duration: its clip was placed within the clip's own length, always its first frames.
+    Its packets are counted instead."""
+    data = _indexed_video(fmt, codec, muxer={"live": "1"})
+    with av.open(io.BytesIO(data)) as container:
+        assert transforms.frame_count(container, container.streams.video[0]) == 0
+    spec = TransformSpec.from_config(DataConfig(shards="unused", kind="video", num_frames=4, frame_stride=3,
+                                                resolution=32))
+    for u in (0.0, 0.5, 0.9):
+        frames, start = choose_clip(FRAMES, spec.frame_counts, spec.frame_stride, u)
+        assert _indices(video_pixels(data, spec, (0.5, 0.5, u)).frames) == clip_indices(start, frames, 3), u
+    assert transforms.packet_count(data) == FRAMES
