@@ -93,6 +93,9 @@ def validate_data_config(cfg: DataConfig) -> None:
          f"clips are sampled either at data.fps or every data.frame_stride-th frame, not both "
          f"(frame_stride={cfg.frame_stride}); set one of them"),
         (all(f >= 1 for f in cfg.frame_buckets), "frame_buckets", "frame counts must be >= 1"),
+        (all(f <= cfg.num_frames for f in cfg.frame_buckets), "frame_buckets",
+         f"are the shorter clip lengths a video too short for data.num_frames ({cfg.num_frames}) falls into; "
+         f"a longer one would give long videos clips longer than num_frames (raise num_frames instead)"),
         (all(a > 0 for a in cfg.aspect_buckets), "aspect_buckets", "ratios (width / height) must be > 0"),
         (all(r >= 8 and r % 8 == 0 for r in cfg.resolutions), "resolutions",
          "every area's side must be a positive multiple of 8"),

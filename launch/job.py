@@ -88,7 +88,7 @@ def check_config(config: str, overrides: list[str], world_size: int) -> RunConfi
     """Load and validate the run config for this world size: fails fast, naming the key."""
     from trainer.stages import preflight
 
-    cfg = load_config(config, overrides, unique_keys=True)  # typed on a command line: a repeat is a mistake
+    cfg = load_config(config, overrides)
     validate(cfg, world_size=world_size)
     preflight(cfg)
     return cfg

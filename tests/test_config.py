@@ -104,3 +104,11 @@ def test_a_target_fps_is_checked_with_the_config(overrides, says):
     with pytest.raises(ConfigError, match=says) as err:
         load_config(DEMO, overrides)
     assert err.value.key == "data.fps"
+
+
+def test_a_frame_bucket_longer_than_num_frames_is_refused():
+    """Longer videos would get the longest bucket that fits: clips past num_frames."""
+    with pytest.raises(ConfigError, match="shorter clip lengths") as err:
+        load_config(DEMO, ["data.kind=video", "data.num_frames=8", "data.frame_buckets=[4,16]"])
+    assert err.value.key == "data.frame_buckets"
+    load_config(DEMO, ["data.kind=video", "data.num_frames=8", "data.frame_buckets=[4,8]"])

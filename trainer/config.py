@@ -265,33 +265,9 @@ def _omegaconf_error(e: OmegaConfBaseException, schema: Any) -> ConfigError:
     return ConfigError(key, msg)
 
 
-def check_unique_overrides(overrides: list[str] | tuple[str, ...]) -> None:
-    """Refuse a key that the overrides set twice to different values, naming it.
-
-    On a command line a repeat is a mistake, never a wish: an unquoted brace pattern such as
-    data.shards=/data/shards-{00000..00009}.tar is expanded by the shell into one override per
-    value, of which only the last would take effect. The same value twice is harmless (e.g.
-    `checkpoint.allow_config_change=true` next to `--allow-config-change`)."""
-    seen: dict[str, tuple[str, Any]] = {}
-    for item in overrides:
-        key, value = _parse_override(item)
-        if key in seen and seen[key][1] != value:
-            raise ConfigError(key, f"given twice in the overrides ('{seen[key][0]}' and '{item}'); give each "
-                                   "key once, and quote a value with a brace pattern such as "
-                                   "'data.shards=/data/shards-{00000..00009}.tar' so that the shell leaves it whole")
-        seen.setdefault(key, (item, value))
-
-
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (),
-                unique_keys: bool = False) -> RunConfig:
-    """Load YAML + dotted overrides into a validated `RunConfig` (interpolations resolved).
-
-    A key set twice takes the later value, which programs that put their own defaults before
-    the caller's overrides rely on; with `unique_keys` (the overrides typed on a command line:
-    `dit train`, `dit launch`) a key set twice to different values is a ConfigError instead
-    (see check_unique_overrides)."""
-    if unique_keys:
-        check_unique_overrides(overrides)
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load YAML + dotted overrides into a validated `RunConfig` (interpolations resolved). A key
+    set twice takes the later value (scripts put their defaults before the caller's overrides)."""
     schema = OmegaConf.structured(RunConfig)
     try:
         # Overrides go into the user's layer first so that a `???` placeholder in a template

@@ -23,7 +23,6 @@ from launch.job import Job, LaunchError, Topology
 from launch.runners import Outcome
 from tests.trainer.harness import ROOT, TINY
 from trainer.codes import EXIT_REQUEUE
-from trainer.config import ConfigError, load_config
 
 FAKE_SLURM = Path(__file__).parent / "fake_slurm"
 
@@ -118,21 +117,6 @@ def test_cuda_visible_devices_become_the_include_of_the_deepspeed_launcher(tmp_p
         runners.deepspeed_command(by_hand, tmp_path, tmp_path / "hostfile", {"CUDA_VISIBLE_DEVICES": "4,5"})
     prefix = runners.deepspeed_command(by_hand, tmp_path, tmp_path / "hostfile", {"CUDA_VISIBLE_DEVICES": "0,1"})
     assert "--num_gpus=2" in prefix  # what DeepSpeed gives them anyway
-
-
-def test_a_key_given_twice_is_refused_naming_it(monkeypatch, capsys):
-    monkeypatch.setattr(runners, "RUNNERS", {})  # any attempt to run would raise KeyError
-    # An unquoted brace pattern, as the local shell expands it.
-    assert main(["launch", str(TINY), "data.shards=/d/s-00000.tar", "data.shards=/d/s-00001.tar"]) == 2
-    err = capsys.readouterr().err
-    assert "data.shards" in err and "given twice" in err
-    with pytest.raises(ConfigError, match="'stage.steps'"):
-        load_config(TINY, ["stage.steps=3", "stage.steps=4"], unique_keys=True)
-    # The same value twice (an override next to --allow-config-change) is no mistake; programs
-    # that put their defaults first keep the later value.
-    twice = load_config(TINY, ["checkpoint.allow_config_change=true"] * 2, unique_keys=True)
-    assert twice.checkpoint.allow_config_change
-    assert load_config(TINY, ["stage.steps=3", "stage.steps=4"]).stage.steps == 4
 
 
 # A stand-in for the DeepSpeed launcher: one rank (RANK set) that exits 1 after 3 s unless a
