@@ -23,7 +23,7 @@ from data_pipeline.color import HLG_TRANSFER, PQ_TRANSFER
 from data_pipeline.errors import SkipSample
 from data_pipeline.manifest import Manifest, file_digest, resolve_source
 from data_pipeline.tar_reader import TarShard, count_samples
-from data_pipeline.transforms import frame_count, frame_rate, pixel_shape, upright_frame
+from data_pipeline.transforms import frame_rate, pixel_shape, upright_frame, video_length
 
 
 @dataclass
@@ -109,7 +109,7 @@ def _media_stats(types: dict[str, bytes], report: Report) -> None:
                 h, w = upright_frame(frame).shape[:2]
                 ax, ay = pixel_shape(s, frame)  # as shown: turned upright, pixels that are not square stretched
                 report.resolutions[f"{round(w * ax)}x{round(h * ay)}"] += 1
-                report.frames.append(frame_count(c, s))
+                report.frames.append(video_length(c, s, video))  # as training counts them
                 hdr = _HDR.get(frame.color_trc)
                 if hdr:
                     report.hdr[hdr] += 1

@@ -352,7 +352,7 @@ def _clip(data: bytes, spec: TransformSpec, u: float) -> Clip:
         stream = container.streams.video[0]
         rate = frame_rate(stream)
         stride = spec.stride(rate)
-        known = frame_count(container, stream) or packet_count(data) or clip_span(spec.frame_counts[-1], stride)
+        known = video_length(container, stream, data) or clip_span(spec.frame_counts[-1], stride)
         frames, start = choose_clip(known, spec.frame_counts, stride, u)
         wanted = clip_indices(start, frames, stride)
         if start == 0 or not rate:
@@ -405,6 +405,14 @@ def frame_count(container, stream) -> int:
     return round(container.duration * rate / av.time_base) if container.duration else 0
 
 
+def video_length(container, stream, data: bytes) -> int:
+    """Frames of a video as its clips are placed over it: its header's count or duration
+    (`frame_count`), else its packets counted (`packet_count`; a live WebM has neither); 0 when
+    none is found. `dit data inspect` reports this count too: reading the header alone, it
+    reported 0 frames (and 0 seconds) for a live WebM that training places clips over."""
+    return frame_count(container, stream) or packet_count(data)
+
+
 def packet_count(data: bytes) -> int:
     """Frames of a video's first video stream counted by reading its packets (one a frame,
     none decoded), for a stream whose header has neither count nor duration."""
@@ -414,17 +422,25 @@ def packet_count(data: bytes) -> int:
 
 def _sought(container, stream, wanted: list[int], rate) -> Optional[list[av.VideoFrame]]:
     """Frames `wanted` (ascending source indices, repeats allowed) decoded after a seek to the
-    keyframe at or before the first: a frame's index is its time since the stream's start x
-    the frame rate, the count from the first frame for a constant rate (for a variable one,
-    the first frame at or after each wanted time). None where a timestamp is missing, the seek
-    fails or lands past the first wanted frame, or the stream ends first."""
-    base, first = stream.time_base, stream.start_time or 0
+    keyframe at or before the first: a frame's index is its time since the first frame x the
+    frame rate, as in `_counted`, the count from the first frame for a constant rate (for a
+    variable one, the first frame at or after each wanted time). The first frame's time is read
+    from the packets (`_first_time`), not the stream's start: an AVI stores no presentation
+    times, and where its decoder delays frames (B-frames, x264) its first frame is shown at 1
+    while its stream starts at 0; every clip sought in it started one frame early. The seek
+    still goes to the wanted time after the stream's start, the earlier of the two. None where
+    a timestamp is missing, the seek fails or lands past the first wanted frame, or the stream
+    ends first."""
+    base, start = stream.time_base, stream.start_time or 0
     if base is None:
         return None
     out, targets = [], iter(wanted)
     target = next(targets)
     try:
-        container.seek(first + math.floor(target / (rate * base)), stream=stream, backward=True)
+        first = _first_time(container, stream)
+        if first is None:
+            return None
+        container.seek(start + math.floor(target / (rate * base)), stream=stream, backward=True)
         for frame in container.decode(stream):
             if frame.pts is None:
                 return None
@@ -441,6 +457,22 @@ def _sought(container, stream, wanted: list[int], rate) -> Optional[list[av.Vide
     except av.error.FFmpegError:
         return None
     return None
+
+
+def _first_time(container, stream) -> Optional[int]:
+    """The presentation time of a stream's first frame, as the first decoded frame has it, read
+    from its packets alone (decoding that frame made a seek in a 512 px video about a third
+    slower: the decoder's delay decodes several first): the least presentation time of the
+    packets read until one's decoding time passes it, as no packet is shown before it is
+    decoded. Packets a demuxer marks to discard (before an MP4's edit list starts) are never
+    shown. None where no packet has a time."""
+    first = None
+    for packet in container.demux(stream):
+        if first is not None and packet.dts is not None and packet.dts > first:
+            break
+        if packet.pts is not None and packet.size and not packet.is_discard:
+            first = packet.pts if first is None else min(first, packet.pts)
+    return first
 
 
 def _counted(container, stream, wanted: list[int], counts: tuple[int, ...], stride: float, u: float,
