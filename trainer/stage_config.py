@@ -101,8 +101,9 @@ class ProgressiveSettings(PretrainSettings):
 
     sequence_parallel: ClassVar[bool] = False
     student_from: ClassVar[str] = "starts its student from stage.teacher"
-    # superres: a distilled super-resolution student samples as a cascade stage (trainer/cascade.py)
-    dit_inputs: ClassVar[tuple[str, ...]] = ("superres", "guidance_embed")
+    # Not superres: neither the teacher's targets nor the student's forward get a low-resolution
+    # input (`lowres`, `aug_level`), so a super-resolution DiT fails at its first forward.
+    dit_inputs: ClassVar[tuple[str, ...]] = ("guidance_embed",)
 
     def check(self, cfg: RunConfig) -> None:
         super().check(cfg)

@@ -92,21 +92,3 @@ def test_a_distilled_student_records_the_settings_it_sampled_with(tmp_path, caps
     (stage,) = json.loads((out / "samples.json").read_text())["stages"]
     assert (stage["steps"], stage["sampler"], stage["guidance_rescale"], stage["cfg_scale"]) == (2, "ddim", 0.0, 2.0)
     assert "sampler euler and guidance rescale 0.3 asked for do not apply" in capsys.readouterr().out
-
-
-def test_distilled_superres_student_reads_its_low_resolution_input(tmp_path):
-    """A distilled super-resolution student samples as a super-resolution model (32 px out) and
-    what it draws depends on the low-resolution image it is given."""
-    from trainer.cascade import CascadeStageSpec, load_stage
-
-    cfg = tiny_config(tmp_path / "sr_student", "stage.kind=progressive", "stage.teacher=/unused", "stage.rounds=[2]",
-                      "model.superres=true", "data.sr_resolution=32", "diffusion.loss_weighting=trunc_snr")
-    student = load_stage(CascadeStageSpec(str(write_checkpoint(cfg))), SamplerSettings())
-    assert student.distilled and student.superres
-    cascade = Cascade([load_stage(CascadeStageSpec(str(write_checkpoint(tiny_config(tmp_path / "base")))),
-                                  SamplerSettings()), student])
-    dark, bright = torch.full((2, 3, 16, 16), -0.8), torch.full((2, 3, 16, 16), 0.8)
-    a = cascade.run_stage(student, PROMPTS, torch.Generator().manual_seed(0), dark)
-    b = cascade.run_stage(student, PROMPTS, torch.Generator().manual_seed(0), bright)
-    assert a.shape == b.shape == (2, 3, 32, 32)
-    assert float((a - b).abs().mean()) > 1e-3

@@ -112,6 +112,11 @@ FOREIGN = [  # (overrides, the key named): set away from its default, ignored by
      "model.guidance_embed"),
     (["stage.kind=progressive", "stage.rounds=[2]", "stage.adv_loss=non_saturating"], "stage.adv_loss"),
     (["stage.kind=autoencoder", "stage.cfg_dropout=0.5"], "stage.cfg_dropout"),
+    # the distillation stages feed no low-resolution input: a super-resolution student's first forward fails
+    (["stage.kind=progressive", "stage.rounds=[2]", "model.superres=true", "data.sr_resolution=32"],
+     "model.superres"),
+    (["stage.kind=adversarial", "stage.rounds=[1]", "model.superres=true", "data.sr_resolution=32"],
+     "model.superres"),
 ]
 
 

@@ -18,9 +18,10 @@ next round's teacher (kept in the checkpoint's stage.safetensors, so resume is e
 is made when the run starts and kept there too: a resume with a larger `stage.steps` trains the
 last round longer, and one that would cut a round short is refused (`keep_round_length`). Rank 0
 exports each finished round to `<checkpoint.dir>/rounds/round_<r>_<N>steps/`: config.yaml (the
-run's, stage.rounds cut at that round), ema.safetensors (the student that became the next
-teacher, i.e. raw weights; for the last round the EMA), round.json, COMPLETE.json; it loads
-with `load_for_inference` and serves as `stage.teacher` of a later distillation.
+run's, stage.rounds cut at that round), ema.safetensors (the weights to sample: the student
+that became the next teacher, i.e. raw weights; for the last round the EMA, or the raw weights
+where ema.enabled=false), round.json (its "weights" says which: ema or raw), COMPLETE.json; it
+loads with `load_for_inference` and serves as `stage.teacher` of a later distillation.
 
 The maths (student times, teacher paths, targets, loss) is in `trainer.diffusion.distill`; the
 teacher, its checks and the guidance-aware student (Meng et al. 2023; without
@@ -62,12 +63,15 @@ class ProgressiveStage(DistillationStage):
 
     @classmethod
     def from_config(cls, cfg: RunConfig, settings: ProgressiveSettings) -> "ProgressiveStage":
-        return cls(cfg.model, cfg.diffusion, settings, cfg.data, Path(cfg.checkpoint.dir) / ROUNDS_DIR)
+        return cls(cfg.model, cfg.diffusion, settings, cfg.data, Path(cfg.checkpoint.dir) / ROUNDS_DIR,
+                   ema=cfg.ema.enabled)
 
     def __init__(self, model: ModelConfig, diffusion: DiffusionConfig, stage: ProgressiveSettings, data: DataConfig,
-                 export_dir: Optional[Path] = None):
+                 export_dir: Optional[Path] = None, ema: bool = True):
         super().__init__(model, diffusion, stage, data)
         self.export_dir = export_dir
+        # What the engine hands `write_samples`: the EMA, or the raw weights where none is kept.
+        self.sampled_weights = "ema" if ema else "raw"
         self.rounds = list(stage.rounds)
         check_rounds(self.rounds, stage.steps, self.teacher.steps)
         self.round_length = stage.steps // len(self.rounds)
@@ -185,8 +189,9 @@ class ProgressiveStage(DistillationStage):
             yield player, loss, {**info, "round": float(self.round + 1), "student_steps": float(self.student_steps)}
 
     def write_samples(self, weights: Optional[dict[str, Tensor]], log: LogConfig, path: Path) -> Optional[Path]:
-        """The grid; after the last step also the last round's export (of the EMA weights), on a
-        resume at the last step too (`step` comes back with the stage state)."""
+        """The grid; after the last step also the last round's export (of the EMA weights, the
+        raw ones where ema.enabled=false), on a resume at the last step too (`step` comes back
+        with the stage state)."""
         if weights is not None and self.step + 1 >= self.stage_cfg.steps:
-            self.export_round(weights, "ema", self.stage_cfg.steps)
+            self.export_round(weights, self.sampled_weights, self.stage_cfg.steps)
         return super().write_samples(weights, log, path)
