@@ -76,6 +76,7 @@ class Pending:
     step: int
     infos: list[dict[str, Metric]]
     flag: bool | LateRead
+    lrs: dict[str, float]  # the learning rate each player's optimizer stepped with
 
     def skipped(self) -> bool:
         return self.flag.get().item() > 0 if isinstance(self.flag, LateRead) else self.flag
@@ -124,6 +125,7 @@ class Trainer:
         self.state = LoopState()
         self.batch_request = BatchRequest(shape_of(cfg, self.ctx.world_size))
         self.pending: list[Pending] = []  # steps recorded, not yet settled
+        self.step_lrs: dict[str, float] = {}  # the learning rates of the step in progress (`train_step`)
         self.config_yaml = to_yaml(cfg)
         # Pipeline stage 0 owns the data (the last stage reads the same batches for its labels);
         # of a sequence group, which reads one batch on every rank, its first rank accounts for it.
@@ -251,6 +253,7 @@ class Trainer:
     def train_step(self, batches: Iterator[dict]) -> tuple[list[dict[str, Metric]], bool | torch.Tensor]:
         """One optimizer step of every player: the micro-batches' metrics, and whether the step
         was skipped on every rank (a bool, or a device flag not read yet: `Pending`)."""
+        self.step_lrs = self.learning_rates()  # read before the engines step their LR schedulers
         infos = self.pipeline_step(batches) if self.pipeline else list(self.micro_batch_losses(batches))
         # A skip shows either in our guard or, where DeepSpeed's ZeRO optimizer found the global
         # gradient norm invalid (an overflow) and skipped by itself, in the engine.
@@ -260,9 +263,16 @@ class Trainer:
         flags = [s for s in skips if isinstance(s, torch.Tensor)]
         return infos, torch.stack(flags).amax() if flags else False
 
-    def optimizer_metrics(self) -> dict[str, float]:
-        """Gradient norm (of the last step) and learning rate per player, and the accelerator's
-        peak memory so far; read on log steps only (the norm is a device value)."""
+    def learning_rates(self) -> dict[str, float]:
+        """The learning rate each player's next optimizer step will use. DeepSpeed steps the LR
+        scheduler right after the optimizer, so this is read before a step (`train_step`): read
+        after it, it is the following step's (each warm-up step logged the next one's rate)."""
+        return {name: engine.get_lr()[0] for name, engine in self.engines.items()}
+
+    def optimizer_metrics(self, lrs: dict[str, float]) -> dict[str, float]:
+        """Gradient norm (of the last step) and learning rate per player (`lrs`: what that step
+        used, `Pending.lrs`), and the accelerator's peak memory so far; read on log steps only
+        (the norm is a device value)."""
         metrics: dict[str, float] = {}
         if self.device.type == "cuda":
             metrics["mem_peak_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
@@ -270,7 +280,7 @@ class Trainer:
             suffix = "" if name == "student" else f"/{name}"
             norm = engine.get_global_grad_norm()
             metrics[f"grad_norm{suffix}"] = float(norm) if norm is not None else 0.0
-            metrics[f"lr{suffix}"] = engine.get_lr()[0]
+            metrics[f"lr{suffix}"] = lrs[name]
         return metrics
 
     def record_step(self, infos: list[dict[str, Metric]], skipped: bool | torch.Tensor) -> None:
@@ -283,7 +293,7 @@ class Trainer:
             with record_function(f"{PHASE}ema"):
                 self.ema.update(self.ema_module, skipped)
         flag = LateRead(skipped) if isinstance(skipped, torch.Tensor) else skipped
-        self.pending.append(Pending(self.state.step, infos, flag))
+        self.pending.append(Pending(self.state.step, infos, flag, self.step_lrs))
 
     def settle(self, everything: bool) -> Optional[int]:
         """The bookkeeping of the recorded steps, all of them or all but the newest: the newest
@@ -313,7 +323,7 @@ class Trainer:
             self.logger.add(info)
         extra: dict[str, float] = {"skipped_steps": self.state.skipped_steps}
         if done.step % self.cfg.log.every == 0:
-            extra.update(self.optimizer_metrics())
+            extra.update(self.optimizer_metrics(done.lrs))
             extra.update(self.data_stats())
         self.logger.step_done(done.step, extra)
         return None

@@ -27,6 +27,15 @@ NUM_T_BUCKETS = 4
 Metric = Union[float, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 
 
+def valid_mean(loss: torch.Tensor, weight: torch.Tensor) -> Metric:
+    """A micro-batch's mean over its valid samples (`loss`, e.g. `masked_mean` with `weight`
+    (B,): 1 for real samples, 0 for the loader's padding repeats) as a (sum, count) pair, so
+    that the logged mean is over the valid samples of every micro-batch: one made only of
+    padding (its masked mean is 0) counts for nothing instead of logging a 0."""
+    count = weight.detach().float().sum()
+    return loss.detach().float() * count, count
+
+
 def timestep_bucket_losses(per_sample: torch.Tensor, t: torch.Tensor,
                            weight: Optional[torch.Tensor] = None) -> dict[str, Metric]:
     """Loss per quarter of the time axis, where the model is weak (low or high noise), as

@@ -51,6 +51,9 @@ def test_pipeline_matches_single_process(shapes_shards, tmp_path):
     a, b = losses(single), losses(piped)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     assert all(abs(a[s] - b[s]) < 1e-4 for s in a), (a, b)
+    # each step logs the learning rate it trained with: 2 warm-up steps (1/2, then all of 1e-3)
+    for out in (single, piped):
+        assert [r["lr"] for r in metrics(out) if "lr" in r] == [5e-4, 1e-3, 1e-3, 1e-3]
     # The pipeline's EMA is the whole network under its own names (every stage's layers), the
     # same weights as the single process's, and it samples (a pipeline resume is a cell of
     # tests/trainer/test_support_matrix.py).

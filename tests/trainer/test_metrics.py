@@ -1,8 +1,11 @@
 """The figures of logs/metrics.jsonl: the data-wait share of step time and the means over ranks."""
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -73,3 +76,100 @@ def test_timestep_quarters_leave_out_padding_repeats():
     assert means == {"loss_t0.00": 1.0, "loss_t0.75": 2.0}
     unweighted = timestep_bucket_losses(per_sample, t)
     assert float(unweighted["loss_t0.00"][0]) / float(unweighted["loss_t0.00"][1]) == 11 / 3
+
+
+def test_autoencoder_padding_neither_trains_nor_counts_in_the_logged_loss(tmp_path):
+    """The autoencoder stage's loss is over the valid images only: a padding repeat
+    (valid=False) changes neither the loss it trains on nor what is logged, and a micro-batch of
+    padding alone counts in no logged mean (it logged its repeats' loss, and trained on them)."""
+    from tests.eval.eval_helpers import tiny_config
+    from trainer.stages import build_stage
+
+    stage = build_stage(tiny_config(tmp_path, "stage.kind=autoencoder"))
+    images = torch.rand((2, 3, 16, 16), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    real = {"image": images, "valid": torch.tensor([True, True])}
+    padded = {"image": torch.cat([images, images[:1]]), "valid": torch.tensor([True, True, False])}
+    padding = {"image": images, "valid": torch.tensor([False, False])}
+
+    def losses(batch: dict) -> dict:  # one posterior-sample generator per image: the same draws for the same image
+        (_, loss, info), = stage.losses(batch, [torch.Generator().manual_seed(i) for i in range(len(batch["image"]))])
+        return {"trained": float(loss.detach()), **info}
+
+    assert losses(padded)["trained"] == pytest.approx(losses(real)["trained"])
+    logged = []
+    for batches in ([real], [real, padding]):
+        logger = MetricsLogger(LogConfig(dir=str(tmp_path), every=1, tensorboard=False), rank=0, total_steps=1,
+                               start_step=0, samples_per_step=2, tokens_per_sample=1, macs_per_sample=1)
+        for batch in batches:
+            logger.add({k: v for k, v in losses(batch).items() if k != "trained"})
+        logged.append(logger.step_done(1, {}))
+        logger.close()
+    assert {k: logged[1][k] for k in ("loss", "recon", "kl")} == pytest.approx(
+        {k: logged[0][k] for k in ("loss", "recon", "kl")})
+
+
+class ScheduledEngine:
+    """The parts of a DeepSpeed engine the step loop uses, stepping as DeepSpeedEngine does at a
+    step boundary (`_take_model_step`): the optimizer, then the LR scheduler. Records the rate
+    each optimizer step used."""
+
+    def __init__(self, optim, total_steps: int):
+        from trainer.optim import lr_factor
+
+        self.module = torch.nn.Linear(2, 1)
+        self.optimizer = torch.optim.SGD(self.module.parameters(), lr=optim.lr)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                              lambda s: lr_factor(s, optim, total_steps))
+        self.used: list[float] = []
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        self.used.append(self.optimizer.param_groups[0]["lr"])
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.lr_scheduler.step()
+
+    def get_lr(self):
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def get_global_grad_norm(self):
+        return 0.0
+
+    def was_step_applied(self):
+        return True
+
+
+def test_the_logged_lr_is_the_one_the_step_trained_with(tmp_path):
+    """Warm-up over 4 steps (lr 1e-3): step s trains at s / 4 of it, and its log says so, not
+    the next step's rate (the scheduler has stepped by the time the step is logged)."""
+    from types import SimpleNamespace
+
+    from tests.eval.eval_helpers import tiny_config
+    from trainer.engine import Trainer
+    from trainer.train_state import LoopState
+
+    cfg = tiny_config(tmp_path, "optim.warmup_steps=4", "optim.lr=1e-3", "stage.steps=6", "log.every=1")
+    engine = ScheduledEngine(cfg.optim, cfg.stage.steps)
+
+    def losses(batch, draws):
+        yield "student", engine.module(batch).square().mean(), {}
+
+    trainer = Trainer.__new__(Trainer)  # the step loop alone: no process group, stream or DiT
+    trainer.cfg, trainer.device, trainer.precision, trainer.pipeline = cfg, torch.device("cpu"), "fp32", False
+    trainer.engines, trainer.optimizers = {"student": engine}, {"student": SimpleNamespace(take_skip=lambda: False)}
+    trainer.stage = SimpleNamespace(losses=losses)
+    trainer.state, trainer.pending, trainer.key_log, trainer.ema = LoopState(), [], None, None
+    trainer.next_batch = lambda batches: (next(batches), None)
+    trainer.data_stats = lambda: {}
+    trainer.logger = MetricsLogger(cfg.log, rank=0, total_steps=6, start_step=0, samples_per_step=1,
+                                   tokens_per_sample=1, macs_per_sample=1)
+    batches = iter([torch.ones(1, 2)] * 6)
+    for _ in range(6):
+        trainer.record_step(*trainer.train_step(batches))
+        trainer.settle(everything=True)
+    trainer.logger.close()
+    logged = [json.loads(line)["lr"] for line in (Path(cfg.log.dir) / "metrics.jsonl").read_text().splitlines()]
+    assert engine.used == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    assert logged == pytest.approx(engine.used)

@@ -45,6 +45,7 @@ from trainer.diffusion.distill import (
     student_step_times,
     valid_weight,
 )
+from trainer.metrics import valid_mean
 from trainer.models.discriminator import DiscriminatorHeads
 from trainer.models.dit import TextEmbedding
 from trainer.stage_config import AdversarialSettings
@@ -250,14 +251,15 @@ class AdversarialStage(DistillationStage):
         mse = masked_mean(distill_loss(pred, target, r.x_t, r.t, schedule, prediction,
                                        self.diffusion.loss_weighting), r.weight)
         loss = adv + self.stage_cfg.adv_mse_weight * mse
-        yield "student", loss, {"loss": loss.detach(), "loss_adv": adv.detach(),
-                                "loss_mse": mse.detach(), "student_steps": float(r.steps)}
+        yield "student", loss, {"loss": valid_mean(loss, r.weight), "loss_adv": valid_mean(adv, r.weight),
+                                "loss_mse": valid_mean(mse, r.weight), "student_steps": float(r.steps)}
 
         # Discriminator step on the same batch: teacher = real, student (before its update) = fake.
         logits = self.run("disc", torch.cat([r.real, fake.detach()]), **self.disc_inputs(r, 2))  # (2B, heads)
         logits_real, logits_fake = logits.detach().chunk(2)
         loss_d = masked_mean(discriminator_loss(*logits.chunk(2), kind), r.weight)
-        yield "disc", loss_d, {"loss_disc": loss_d.detach(),
-                               "disc_acc": discriminator_accuracy(logits_real, logits_fake, r.weight),
+        yield "disc", loss_d, {"loss_disc": valid_mean(loss_d, r.weight),
+                               "disc_acc": valid_mean(discriminator_accuracy(logits_real, logits_fake, r.weight),
+                                                      r.weight),
                                "logit_real": logits_real.mean(), "logit_fake": logits_fake.mean(),
                                "conditional": float(self.conditional)}

@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainer.config import AutoencoderConfig, DataConfig, LogConfig, RunConfig
+from trainer.diffusion.distill import masked_mean
 from trainer.diffusion.utils import Generators
 from trainer.media import save_image_grid
+from trainer.metrics import valid_mean
 from trainer.models.autoencoder import Autoencoder, build_kl
 from trainer.stage_config import AutoencoderSettings
 from trainer.stages.base import PlayerLoss, Stage
@@ -84,12 +85,24 @@ class AutoencoderStage(Stage):
         frames = batch["video"].shape[2]
         return [g for g in generators for _ in range(frames)]  # (B F) generators
 
+    def image_weight(self, batch: dict[str, Any], x: Tensor) -> Tensor:
+        """1 for the images of real samples, 0 for those of the loader's padding repeats
+        (`batch["valid"]`): a clip's F frames share its sample's. (N,), N as in `pixels`."""
+        if "valid" not in batch:
+            return x.new_ones(x.shape[0])
+        valid = batch["valid"].to(x.dtype)  # (B,)
+        return valid.repeat_interleave(x.shape[0] // valid.shape[0])  # (N,)
+
     def losses(self, batch: dict[str, Any], generator: Generators) -> Iterator[PlayerLoss]:
-        x = self.pixels(batch)  # (B, 3, H, W) in [-1, 1]
-        recon, kl = self.run("student", x, self.frame_generators(batch, generator))  # (B, 3, H, W), (B,)
-        rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
-        loss = rec + self.stage_cfg.kl_weight * kl.mean()
-        yield "student", loss, {"loss": loss.detach(), "recon": rec.detach(), "kl": kl.detach().mean()}
+        x = self.pixels(batch)  # (N, 3, H, W) in [-1, 1], N = B, or B F for clips
+        recon, kl = self.run("student", x, self.frame_generators(batch, generator))  # (N, 3, H, W), (N,)
+        weight = self.image_weight(batch, x)  # (N,)
+        # L1 + MSE per image, averaged over the valid ones (padding repeats would train twice)
+        rec = masked_mean((recon - x).abs().mean((1, 2, 3)) + (recon - x).square().mean((1, 2, 3)), weight)
+        kl_mean = masked_mean(kl, weight)
+        loss = rec + self.stage_cfg.kl_weight * kl_mean
+        yield "student", loss, {"loss": valid_mean(loss, weight), "recon": valid_mean(rec, weight),
+                                "kl": valid_mean(kl_mean, weight)}
 
     def trained_copy(self, weights: dict[str, Tensor]) -> Autoencoder:
         trainer = VAETraining(Autoencoder(build_kl(self.cfg)))

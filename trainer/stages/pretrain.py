@@ -17,7 +17,7 @@ from trainer.config import DataConfig, DiffusionConfig, LogConfig, ModelConfig, 
 from trainer.bundle import InferenceBundle, frozen
 from trainer.diffusion import NoiseSchedule, SamplerSettings, add_noise, diffusion_loss, randn, sample_timesteps
 from trainer.media import save_grid
-from trainer.metrics import timestep_bucket_losses
+from trainer.metrics import timestep_bucket_losses, valid_mean
 from trainer.models.autoencoder import build_autoencoder
 from trainer.models.text import CachedTextEncoder, TextEmbedding, build_text_encoder
 from trainer.stage_config import PretrainSettings
@@ -155,7 +155,9 @@ class PretrainStage(Stage):
         extras = {k: v for k, v in inputs.items() if k not in ("x", "t", "text")}
         pred = self.run("student", inputs["x"], inputs["t"], inputs["text"], **extras)
         loss, per_sample = self.weighted_loss(pred, targets)
-        yield "student", loss, {"loss": loss.detach(), **timestep_bucket_losses(per_sample.detach(), inputs["t"])}
+        weight = targets[-1]  # (B,): every `prepare` ends its targets with the valid-sample weight
+        yield "student", loss, {"loss": valid_mean(loss, weight),
+                                **timestep_bucket_losses(per_sample.detach(), inputs["t"], weight)}
 
     # ---- pipeline parallelism: noising before the pipe, the loss at its end -------------------
     def pipeline_batch(self, batch: dict[str, Any], generator: torch.Generator) -> tuple[dict[str, Any], tuple[Tensor, ...]]:
