@@ -318,6 +318,15 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
         _validate_world(cfg.deepspeed, world_size)
 
 
+def check_weighting(d: DiffusionConfig) -> None:
+    """min_snr in v-space is min(SNR, gamma) / (SNR + 1) (Hang et al. 2023): 0 at SNR 0, which
+    zero terminal SNR puts at t = 1, the step every sampler starts from (Lin et al. 2023: the
+    model must learn x0 = -v there). Weights of 1e-8 at t = 1 and 6e-4 at t = 0.95 left it untrained."""
+    check(not (d.zero_terminal_snr and d.loss_weighting == "min_snr"), "diffusion.loss_weighting",
+          "min_snr weighs t = 1 (SNR 0 under zero terminal SNR) by 0, the step every sampler starts from; "
+          "use trunc_snr (Salimans & Ho 2022) or uniform, or set diffusion.zero_terminal_snr=false")
+
+
 def _validate_diffusion_and_model(cfg: RunConfig) -> None:
     d, m = cfg.diffusion, cfg.model
     check(
@@ -327,6 +336,7 @@ def _validate_diffusion_and_model(cfg: RunConfig) -> None:
         "timestep the input is pure noise (SNR 0), so eps is the input itself and x0 cannot "
         "be recovered from it; use prediction v (or x0), or set zero_terminal_snr=false",
     )
+    check_weighting(d)
     check(d.num_timesteps >= 2, "diffusion.num_timesteps", "must be at least 2")
     check(not m.learn_sigma, "model.learn_sigma",
            "a learned variance needs the variational-bound loss (Nichol & Dhariwal 2021), which this trainer "

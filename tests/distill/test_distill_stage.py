@@ -66,3 +66,18 @@ def test_a_micro_batch_of_padding_is_left_out_of_the_logged_losses(tmp_path, tea
     alone = logged_losses(stage, [batch([True, True])], tmp_path / "alone")
     padded = logged_losses(stage, [batch([True, True]), batch([False, False])], tmp_path / "padded")
     assert "loss" in alone and padded == pytest.approx(alone)
+
+
+@pytest.mark.parametrize("kind, key", [("progressive", "loss"), ("adversarial", "loss_mse")])
+def test_the_configured_min_snr_gamma_weighs_the_distillation_loss(tmp_path, kind, key):
+    """diffusion.min_snr_gamma reaches the students' loss (min_snr is allowed without zero
+    terminal SNR): the stages called it with the default gamma 5 whatever was configured."""
+    plain = ("diffusion.zero_terminal_snr=false", "diffusion.loss_weighting=min_snr")
+    root = tmp_path / "teacher"
+    teacher = write_checkpoint(tiny_config(root, f"checkpoint.dir={root}/checkpoints", *plain))
+    logged = {}
+    for gamma in (0.05, 50.0):
+        cfg = tiny_config(tmp_path / f"g{gamma}", f"stage.teacher={teacher}", f"stage.kind={kind}", "stage.rounds=[2]",
+                          *plain, f"diffusion.min_snr_gamma={gamma}")
+        logged[gamma] = logged_losses(build_stage(cfg), [batch([True] * 4)], tmp_path / f"log{gamma}")[key]
+    assert logged[0.05] < 0.9 * logged[50.0], logged  # min(SNR, gamma): the same samples (SNR 0.38 at t = 0.5), a lower cap

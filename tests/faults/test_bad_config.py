@@ -66,7 +66,10 @@ def test_ranks_refuse_before_the_process_group_forms(tmp_path):
 REFUSED = {  # accepted by the typed schema, refused by validate or the stage preflight
     "distill_rounds": (["stage.kind=progressive", "stage.rounds=[4,3]", "diffusion.loss_weighting=trunc_snr"],
                        "stage.rounds"),
-    "distill_weighting": (["stage.kind=progressive", "stage.rounds=[2,1]"], "diffusion.loss_weighting"),
+    "distill_weighting": (["stage.kind=progressive", "stage.rounds=[2,1]", "diffusion.loss_weighting=min_snr"],
+                          "diffusion.loss_weighting"),
+    # min_snr weighs t = 1 by 0 under zero terminal SNR: the first step of every sampler goes untrained
+    "pretrain_weighting": (["diffusion.loss_weighting=min_snr"], "diffusion.loss_weighting"),
     "adversarial_mse": (["stage.kind=adversarial", "stage.rounds=[1]", "stage.adv_mse_weight=-1",
                          "diffusion.loss_weighting=trunc_snr"], "stage.adv_mse_weight"),
     "missing_teacher": (["stage.kind=adversarial", "stage.rounds=[1]", "stage.teacher=/nonexistent",

@@ -73,13 +73,14 @@ def teacher_x0_target(teacher: Model, x_t: Tensor, times: Sequence[Tensor], sche
 
 
 def distill_loss(pred: Tensor, x0_target: Tensor, x_t: Tensor, t: Tensor, schedule: NoiseSchedule,
-                 prediction: str, weighting: str = "trunc_snr") -> Tensor:
+                 prediction: str, weighting: str = "trunc_snr", gamma: float = 5.0) -> Tensor:
     """Weighted MSE of the student's raw prediction against the x0 target, carried into the
     prediction's own space (`diffusion_loss`): trunc_snr is max(SNR, 1) ||x0_hat - x~||^2
-    (Salimans & Ho 2022, sec. 4). Needs t > 0 (the target's eps divides by sigma). (B,)"""
+    (Salimans & Ho 2022, sec. 4); `gamma` is min_snr's (diffusion.min_snr_gamma). Needs t > 0
+    (the target's eps divides by sigma). (B,)"""
     alpha, sigma = schedule.alpha_sigma(t)  # (B,), (B,)
     eps_target = to_eps(x0_target, x_t, alpha, sigma, "x0")  # (B, ...)
-    return diffusion_loss(pred, x0_target, eps_target, x_t, alpha, sigma, prediction, weighting)
+    return diffusion_loss(pred, x0_target, eps_target, x_t, alpha, sigma, prediction, weighting, gamma)
 
 
 def guided_model(model: CondModel, cond: dict[str, Tensor], uncond: dict[str, Tensor], scale: Tensor,

@@ -249,7 +249,7 @@ class AdversarialStage(DistillationStage):
         adv = masked_mean(generator_loss(logits_fake, kind), r.weight)
         target = ddim_x0_target(r.x_t, r.real, r.t, r.t_next, schedule)
         mse = masked_mean(distill_loss(pred, target, r.x_t, r.t, schedule, prediction,
-                                       self.diffusion.loss_weighting), r.weight)
+                                       self.diffusion.loss_weighting, self.diffusion.min_snr_gamma), r.weight)
         loss = adv + self.stage_cfg.adv_mse_weight * mse
         yield "student", loss, {"loss": valid_mean(loss, r.weight), "loss_adv": valid_mean(adv, r.weight),
                                 "loss_mse": valid_mean(mse, r.weight), "student_steps": float(r.steps)}

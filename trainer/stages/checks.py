@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from trainer.checkpoint_format import resolve
-from trainer.config import ConfigError, DataConfig, DiffusionConfig, ModelConfig, RunConfig, flatten, to_dict, validate
+from trainer.config import (ConfigError, DataConfig, DiffusionConfig, ModelConfig, RunConfig, check_weighting, flatten,
+                            to_dict, validate)
 from trainer.stage_config import AdversarialSettings, distilled_steps
 
 # Keys that must agree with the teacher's run config: the student is the teacher's network on
@@ -78,12 +79,6 @@ def check_teacher(directory: str, model: ModelConfig, diffusion: DiffusionConfig
     check_same_as_teacher(ours, {"model": to_dict(cfg.model), "diffusion": to_dict(cfg.diffusion),
                                  "data": to_dict(cfg.data)}, directory)
     return cfg
-
-
-def check_weighting(diffusion: DiffusionConfig) -> None:
-    if diffusion.zero_terminal_snr and diffusion.loss_weighting == "min_snr":
-        raise ConfigError("diffusion.loss_weighting", "min_snr weighs t = 1 (SNR 0) by 0, the step every distilled "
-                                                      "sampler starts with; use trunc_snr (Salimans & Ho 2022)")
 
 
 def check_rounds(rounds: Sequence[int], total_steps: int, teacher_steps: Optional[int]) -> None:

@@ -24,14 +24,14 @@ from torch import Tensor, nn
 
 from trainer.bundle import frozen, place
 from trainer.checkpoint_format import EMA_FILE, CheckpointError, load_for_inference, resolve, verify
-from trainer.config import ConfigError, DataConfig, DiffusionConfig, LogConfig, ModelConfig
+from trainer.config import ConfigError, DataConfig, DiffusionConfig, LogConfig, ModelConfig, check_weighting
 from trainer.diffusion import SamplerSettings
 from trainer.diffusion.distill import Model, guided_model
 from trainer.media import save_grid
 from trainer.models.dit import DiT, TextEmbedding, build_dit
 from trainer.models.text import conditioned
 from trainer.stage_config import ProgressiveSettings, distilled_steps
-from trainer.stages.checks import check_teacher, check_teacher_exists, check_weighting
+from trainer.stages.checks import check_teacher, check_teacher_exists
 from trainer.stages.pretrain import PretrainStage
 
 # CFG on the teacher uses the rescale its sampler uses (Lin et al. 2023 recommend 0.7 with zero

@@ -181,7 +181,7 @@ class ProgressiveStage(DistillationStage):
         """(loss over the valid samples, per-sample loss (B,))."""
         target, x_t, t, weight = targets
         per_sample = distill_loss(pred, target, x_t, t, self.schedule_for(x_t.shape[1:]), self.diffusion.prediction,
-                                  self.diffusion.loss_weighting)  # (B,)
+                                  self.diffusion.loss_weighting, self.diffusion.min_snr_gamma)  # (B,)
         return masked_mean(per_sample, weight), per_sample
 
     def losses(self, batch: dict[str, Any], generator: torch.Generator) -> Iterator[PlayerLoss]:
