@@ -367,6 +367,13 @@ def _validate_deepspeed(ds: DeepSpeedConfig) -> None:
         "pipeline parallelism works with ZeRO stage 0 or 1 only (DeepSpeed limitation)",
     )
     check(
+        not (ds.pipeline_stages > 1 and ds.zero_stage == 0 and ds.precision == "fp32"),
+        "deepspeed.zero_stage",
+        "a pipeline of fp32 weights at ZeRO-0 is clipped by its first stage's gradient norm alone "
+        "(DeepSpeed's clip_grad_norm_ counts model-parallel rank 0, which is the pipeline stage): set "
+        "deepspeed.zero_stage=1 or deepspeed.precision=bf16",
+    )
+    check(
         not (ds.offload_params and ds.zero_stage != 3),
         "deepspeed.offload_params",
         "parameter offload needs deepspeed.zero_stage=3",

@@ -32,12 +32,18 @@ class FiniteGuard:
     """
 
     _skip: bool | torch.Tensor = False
+    clip_norm: float = 0.0  # > 0: clip here (`clips_in_guard`), DeepSpeed's clipping off
 
     @torch.no_grad()
     def step(self, *args, **kwargs):
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         local = torch.stack([torch.isfinite(g).all() for g in grads]).all().logical_not() if grads else 0.0
         nonfinite = max_over_ranks(local)
+        if self.clip_norm > 0 and grads:
+            # the whole gradient is on every rank (ZeRO-0): its norm is the global one. The engine
+            # reports `_global_grad_norm` (a device value, read on log steps only).
+            self._global_grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for group in self.param_groups for p in group["params"] if p.grad is not None], self.clip_norm)
         if self.defaults.get("fused"):
             self.found_inf = nonfinite.reshape(())
             try:
@@ -79,6 +85,14 @@ def lr_factor(step: int, optim: OptimConfig, total_steps: int) -> float:
     return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * cosine
 
 
+def clips_in_guard(ds: DeepSpeedConfig) -> bool:
+    """fp32 weights at ZeRO-0 are clipped by the finite guard, not DeepSpeed: there DeepSpeed
+    clips in `clip_fp32_gradients` and drops the norm it computed, so the logged grad_norm was
+    0 at every step (it reports an optimizer's `_global_grad_norm`, which the guard now sets).
+    Every other layout clips in DeepSpeed's own ZeRO, bf16 or fp16 optimizer, which keeps it."""
+    return ds.zero_stage == 0 and ds.precision == "fp32"
+
+
 def deepspeed_dict(ds: DeepSpeedConfig, optim: OptimConfig, micro_batch: int, dp_world: int) -> dict:
     """The DeepSpeed JSON config derived from our typed sub-configs."""
     zero: dict[str, Any] = {"stage": ds.zero_stage, "reduce_bucket_size": ds.bucket_size,
@@ -91,7 +105,7 @@ def deepspeed_dict(ds: DeepSpeedConfig, optim: OptimConfig, micro_batch: int, dp
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": ds.grad_accum,
         "train_batch_size": micro_batch * ds.grad_accum * dp_world,
-        "gradient_clipping": optim.grad_clip,
+        "gradient_clipping": 0.0 if clips_in_guard(ds) else optim.grad_clip,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
@@ -148,7 +162,10 @@ def build_optimizer(params: list[nn.Parameter], lr: float, optim: OptimConfig, d
     if ds.offload_optimizer or ds.offload_params:
         return guarded_cpu_adam()(params, adamw_mode=True, **kwargs)
     fused = optim.fused if optim.fused is not None else device.type == "cuda"
-    return FiniteGuardAdamW(params, fused=fused or None, **kwargs)
+    optimizer = FiniteGuardAdamW(params, fused=fused or None, **kwargs)
+    if clips_in_guard(ds):
+        optimizer.clip_norm = optim.grad_clip
+    return optimizer
 
 
 def build_engine(module: nn.Module, lr: float, optim: OptimConfig, ds: DeepSpeedConfig,

@@ -77,6 +77,8 @@ REFUSED = {  # accepted by the typed schema, refused by validate or the stage pr
     "adversarial_pipeline": (["stage.kind=adversarial", "deepspeed.pipeline_stages=2", "deepspeed.zero_stage=1"],
                              "deepspeed.pipeline_stages"),
     "learn_sigma": (["model.learn_sigma=true"], "model.learn_sigma"),
+    # DeepSpeed clips an fp32 pipeline at ZeRO-0 by its first stage's gradient norm alone
+    "pipeline_zero0_fp32": (["deepspeed.pipeline_stages=2", "deepspeed.zero_stage=0"], "deepspeed.zero_stage"),
     "offload_zero0": (["deepspeed.zero_stage=0", "deepspeed.offload_optimizer=true"], "deepspeed.offload_optimizer"),
     "fused_offload": (["deepspeed.offload_optimizer=true", "optim.fused=true"], "optim.fused"),
     "compile_zero3": (["deepspeed.zero_stage=3", "model.compile=true"], "model.compile"),
