@@ -74,7 +74,15 @@ def tie_idle_temporal(net: DiT) -> None:
     """An image batch skips the temporal attention of factorized video blocks, but its
     parameters must still get a (zero) gradient: data-parallel ranks reduce the same gradients
     every step, and in joint image-video training one rank may hold images while another holds
-    clips. A forward hook adds 0 * the sum of those parameters to the block's output."""
+    clips. A forward hook adds 0 * the sum of those parameters to the block's output.
+
+    Under ZeRO-3 such a block is a leaf module (DeepSpeed's `set_z3_leaf_module`, made for
+    MoE layers whose experts run or not by the data): ZeRO-3 gathers a module's parameters as
+    its forward starts, so the idle temporal attention's were empty partitions (gradients of 0
+    elements: "Cannot reduce scatter gradients whose size is not same as the params"), and it
+    requires every rank to run the same submodules in the same order, which a rank of images
+    beside a rank of clips does not. A leaf block is gathered whole, and traced as one module."""
+    from deepspeed.utils import set_z3_leaf_module
 
     def tie(block: nn.Module, args: tuple[Any, ...], h: Tensor) -> Optional[Tensor]:
         grid: Grid = args[4]
@@ -84,6 +92,7 @@ def tie_idle_temporal(net: DiT) -> None:
 
     for block in net.blocks:
         if block.temporal is not None:
+            set_z3_leaf_module(block, True)
             block.register_forward_hook(tie)
 
 

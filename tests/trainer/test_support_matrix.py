@@ -33,13 +33,16 @@ BUCKETS = ("data.resolutions=[16,32]", "data.aspect_buckets=[0.5,1.0,2.0]", "dif
 LEARNED_NULL = ("model.text.null=learned", "stage.cfg_dropout=0.5")
 BF16 = ("deepspeed.precision=bf16",)
 
-# id -> (shards: image | video | mixed (six sizes, three aspects), needs: "" | ae | teacher, overrides)
+# id -> (shards: image | video | joint (both) | mixed (six sizes, three aspects), needs: "" | ae | teacher, overrides)
 CELLS = {
     # two pixel areas x three aspects: each batch one bucket, resumed on exactly the planned samples
     "image-pixel-pretrain-zero0-fp32-buckets": ("mixed", "", ("deepspeed.zero_stage=0", *BUCKETS)),
     "image-latent-pretrain-zero1-bf16": ("image", "ae", (*LATENT, "deepspeed.zero_stage=1", *BF16)),
-    # the learned null caption: trained by CFG dropout under ZeRO-3, saved, resumed, sampled with
-    "video-pixel-pretrain-zero3-fp32-null": ("video", "", (*VIDEO, "deepspeed.zero_stage=3", *LEARNED_NULL)),
+    # the learned null caption: trained by CFG dropout under ZeRO-3, saved, resumed, sampled with;
+    # joint image-video batches (an image batch leaves the temporal attention idle on one rank),
+    # blocks recomputed in the backward pass
+    "joint-pixel-pretrain-zero3-fp32-null": ("joint", "", (*VIDEO, "deepspeed.zero_stage=3", *LEARNED_NULL,
+                                                           "model.checkpoint_policy=full")),
     "video-latent-pretrain-zero2-bf16": ("video", "ae", (*VIDEO, *LATENT, "deepspeed.zero_stage=2", *BF16)),
     "image-pixel-pretrain-pipeline-bf16": ("image", "", (*PIPELINE, *BF16)),
     # batches of three shapes through the pipe: the stages exchange each activation's shape
@@ -79,7 +82,8 @@ def autoencoder_dir(tmp_path_factory) -> Path:
 def test_cell_trains_resumes_samples_and_exports_what_it_trained(cell, shapes_shards, video_shards, mixed_shards,
                                                                  autoencoder_dir, tiny_teacher, tmp_path):  # noqa: F811
     data, needs, overrides = CELLS[cell]
-    shards = {"image": shapes_shards, "video": video_shards, "mixed": mixed_shards}[data]
+    shards = {"image": shapes_shards, "video": video_shards, "joint": f"{video_shards}::{shapes_shards}",
+              "mixed": mixed_shards}[data]
     extra = list(overrides)
     if needs == "ae":
         extra.append(f"model.autoencoder.path={autoencoder_dir}")
@@ -158,4 +162,4 @@ def check_learned_null(out: Path, _tmp: Path) -> None:
 
 
 CHECKS = {"image-pixel-pretrain-zero0-fp32-buckets": check_buckets,
-          "video-pixel-pretrain-zero3-fp32-null": check_learned_null}
+          "joint-pixel-pretrain-zero3-fp32-null": check_learned_null}
