@@ -41,14 +41,12 @@ def adherence(args: argparse.Namespace) -> int:
 
 
 def distance(args: argparse.Namespace) -> int:
-    import torch
-
     from trainer.evaluate import distribution_distances, inception_fid, train_feature_net
     from trainer.heldout import heldout_set
 
     cascade = load_cascade(args)
     real, captions = heldout_set(cascade.stages[-1].cfg.data, args.num)
-    generated = cascade.sample_batched(captions, torch.Generator().manual_seed(args.seed), args.batch_size)
+    generated = cascade.sample_batched(captions, args.seed, args.batch_size)  # per-prompt noise
     net = train_feature_net(generated.shape[-1], steps=args.feature_steps, seed=args.seed)
     record = distribution_distances(generated, real, net)
     if args.inception_weights:
@@ -98,7 +96,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 DEMO_EVAL_NUM = 256  # held-out captions of the demo's evaluation: 64 would leave +-6 points of noise
-DEMO_EVAL_BATCH = 64  # captions sampled together: the same samples as 16 at a time (per-sample noise), 13% sooner
+DEMO_EVAL_BATCH = 64  # captions sampled together: the same samples as 16 at a time (per-prompt noise,
+#                        trainer.cascade.PromptSeeds; up to float rounding), 13% sooner
 
 
 def demo_evaluation(checkpoint: str, out_dir: str, prompts: list[str], steps: int = 25, cfg: float = 3.0,
@@ -107,8 +106,6 @@ def demo_evaluation(checkpoint: str, out_dir: str, prompts: list[str], steps: in
     adherence` on `num` held-out captions, on `device` (a `--device` value); prints the table
     (95% Wilson intervals beside the generated figures) and returns the generated report
     (`.accuracy`, `.interval(key)`)."""
-    import torch
-
     from trainer.cascade import Cascade, save_samples
     from trainer.evaluate import evaluate_adherence
     from trainer.sampling import SamplerSettings
@@ -117,7 +114,7 @@ def demo_evaluation(checkpoint: str, out_dir: str, prompts: list[str], steps: in
     if rescale is not None:
         settings = SamplerSettings(steps=steps, cfg_scale=cfg, guidance_rescale=rescale)
     cascade = Cascade.load(checkpoint, settings, device=parse_device(device))
-    grid = save_samples(cascade.sample_batched(prompts, torch.Generator().manual_seed(0)), prompts,
+    grid = save_samples(cascade.sample_batched(prompts, 0), prompts,
                         Path(out_dir) / "samples", fps=cascade.fps)["grid"]
     print(f"samples: {Path(out_dir) / 'samples' / grid}")
     result, _, _ = evaluate_adherence(cascade, num, batch_size=DEMO_EVAL_BATCH)

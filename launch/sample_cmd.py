@@ -6,6 +6,8 @@ and samples.json. EMA weights unless --raw. Runs on --device (default: the accel
 present, else cpu); a seed gives the same samples on every device. --height/--width (pixels)
 and --frames set the base stage's output shape (default: its configured square and clip
 length; super-resolution stages keep the aspect), sampled with the SNR shift of that shape.
+Prompt i's sample depends on (--seed, i) only, not on --batch-size or the other prompts
+(per-prompt noise: trainer.cascade.PromptSeeds).
 """
 from __future__ import annotations
 
@@ -73,9 +75,13 @@ def settings_from(args: argparse.Namespace):
 
 
 def load_cascade(args: argparse.Namespace):
+    """The cascade of CKPT_OR_RECIPE; --steps goes in as asked (None when not given), so that
+    `--steps 25` is a request even where 25 is the default (a distilled student's own count
+    is used only when none was asked for)."""
     from trainer.cascade import Cascade
 
-    return Cascade.load(args.checkpoint, settings_from(args), ema=not args.raw, device=args.device)
+    return Cascade.load(args.checkpoint, settings_from(args), ema=not args.raw, device=args.device, steps=args.steps)
+
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -103,8 +109,6 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def sample(args: argparse.Namespace) -> int:
-    import torch
-
     from trainer.cascade import SampleSize, save_samples
 
     prompts = read_prompts(args)
@@ -114,7 +118,7 @@ def sample(args: argparse.Namespace) -> int:
         cascade.stages[0].stage.sample_shape(size.height, size.width, size.frames)
     except ValueError as e:
         raise SystemExit(f"dit sample: {e}") from None
-    pixels = cascade.sample_batched(prompts, torch.Generator().manual_seed(args.seed), args.batch_size, size=size)
+    pixels = cascade.sample_batched(prompts, args.seed, args.batch_size, size=size)  # per-prompt noise
     weights = {s.weights for s in cascade.stages}  # raw where a checkpoint kept no EMA, even without --raw
     meta = {"recipe": str(args.checkpoint), "seed": args.seed,
             "weights": weights.pop() if len(weights) == 1 else "mixed", "device": str(args.device),

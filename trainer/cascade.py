@@ -20,9 +20,16 @@ Between stages the image goes through pixels: decoded by one stage's autoencoder
 the next stage's low-resolution size and encoded by its autoencoder (pixel models: identity).
 
 Every stage lives on one device (`device=`, the CLI's `--device`): networks, text encoders and
-autoencoders are moved there and every tensor of a sampling call is made there; noise is drawn
-with the caller's CPU generator and moved (trainer.diffusion.randn), so a seed gives the same
-samples on any device. `sample_batched` brings each chunk back to the host for saving/judging.
+autoencoders are moved there and every tensor of a sampling call is made there.
+
+Noise is per prompt (`PromptSeeds`): prompt i of a list draws all its noise at stage k (the
+noise augmentation of its low-resolution input, its initial noise, DDPM's step noise) from its
+own generator seeded by (seed, k, i), the per-sample streams of training (trainer.diffusion.noise),
+so its sample does not depend on the batch size or on the prompts beside it. The generators live
+where the caller's seed generator does: on the CPU (the commands) they draw on the host and the
+noise is moved (trainer.diffusion.randn), so a seed gives the same samples on any device; on a
+CUDA generator the draws stay on the GPU. `sample_batched` brings each chunk back to the host for
+saving/judging.
 """
 from __future__ import annotations
 
@@ -40,10 +47,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from trainer.bundle import InferenceBundle, student_settings
-from trainer.checkpoint_format import (COMPLETE, EMA_FILE, LATEST, CheckpointError, load_for_inference, resolve,
-                                       verify)
+from trainer.checkpoint import STAGE_FILE
+from trainer.checkpoint_format import (COMPLETE, EMA_FILE, LATEST, ROUND_FILE, ROUNDS_DIR, CheckpointError,
+                                       load_for_inference, resolve, verify)
 from trainer.config import ConfigError, RunConfig, load_config
 from trainer.diffusion import SAMPLERS, SamplerSettings
+from trainer.diffusion.noise import sample_generators
+from trainer.diffusion.utils import Generators
 from trainer.media import save_image_grid, save_mp4, save_video_grid, to_uint8
 from trainer.stage_config import distilled_steps
 
@@ -101,7 +111,8 @@ def raw_weights(directory: Path) -> dict[str, Tensor]:
     file (trainer/elastic.py), whole and by the network's weight names for every layout. Not
     DeepSpeed's module file: it holds flat block parameters under `model.flat_params`, ZeRO-3
     partitions, nothing under pipeline parallelism, and half-precision weights under bf16/fp16.
-    Checked against COMPLETE.json; safetensors only (no pickle runs)."""
+    The file and the config.yaml it is sampled with are checked against COMPLETE.json, as
+    `load_for_inference` checks the EMA's; safetensors only (no pickle runs)."""
     from safetensors import safe_open
 
     from trainer.elastic import universal_file
@@ -111,7 +122,7 @@ def raw_weights(directory: Path) -> dict[str, Tensor]:
         raise CheckpointError(f"{directory} holds no {name} (it was written with checkpoint.universal=false, or it "
                               f"is a round export), so its raw weights are not stored whole: sample or export its "
                               f"EMA weights (drop --raw), or train with checkpoint.universal=true (the default)")
-    verify(directory, (name,))
+    verify(directory, ("config.yaml", name))
     with safe_open(str(directory / name), framework="pt") as f:  # only the weights, not Adam's moments
         return {key.removeprefix(RAW_PREFIX): f.get_tensor(key) for key in f.keys() if key.startswith(RAW_PREFIX)}
 
@@ -139,9 +150,13 @@ class LoadedStage:
 
 
 def load_stage(spec: CascadeStageSpec, defaults: SamplerSettings, ema: bool = True,
-               device: torch.device | str = "cpu") -> LoadedStage:
+               device: torch.device | str = "cpu", steps: Optional[int] = None) -> LoadedStage:
     """The inference bundle of a checkpoint's config and its network with the EMA (or raw)
-    weights, both on `device` in float32; no training stage (student, teacher) is built."""
+    weights, both on `device` in float32; no training stage (student, teacher) is built.
+
+    Step count: the stage's own `steps`, else `steps` (the command line's --steps), else a
+    distilled student's own count (`distilled_settings`), else `defaults.steps`. None means
+    "not asked for": a count equal to the default, asked for, is still a request."""
     directory = resolve_checkpoint(spec.checkpoint)
     if ema and not (directory / EMA_FILE).is_file():
         print(f"{directory} holds no EMA weights (ema.enabled=false): sampling its raw weights", flush=True)
@@ -153,14 +168,15 @@ def load_stage(spec: CascadeStageSpec, defaults: SamplerSettings, ema: bool = Tr
     if cfg.stage.kind not in ("pretrain", "superres", *DISTILLED):
         raise ValueError(f"{directory} is a '{cfg.stage.kind}' checkpoint; a cascade stage is a pretrain, "
                          f"superres or distilled ({', '.join(DISTILLED)}) checkpoint")
-    settings = replace(defaults, **{k: v for k, v in (("steps", spec.steps), ("cfg_scale", spec.cfg),
+    asked_steps = spec.steps if spec.steps is not None else steps  # None: not asked for
+    settings = replace(defaults, **{k: v for k, v in (("steps", asked_steps), ("cfg_scale", spec.cfg),
                                                       ("guidance_rescale", spec.guidance_rescale),
                                                       ("sampler", spec.sampler)) if v is not None})
     if settings.sampler not in SAMPLERS:
         raise ValueError(f"sampler '{settings.sampler}' is not one of {', '.join(SAMPLERS)}")
     distilled = cfg.stage.kind in DISTILLED
     if distilled:
-        settings = distilled_settings(cfg, settings, directory)
+        settings = distilled_settings(cfg, settings, directory, asked_steps)
     bundle = InferenceBundle(cfg.model, cfg.diffusion, cfg.data)
     net = bundle.network(weights)  # built on the host, then moved (in place) with the bundle
     bundle.nets.append(net)
@@ -168,22 +184,56 @@ def load_stage(spec: CascadeStageSpec, defaults: SamplerSettings, ema: bool = Tr
     return LoadedStage(cfg, bundle, net, settings, directory, distilled, "ema" if ema else "raw")
 
 
-def distilled_settings(cfg: RunConfig, settings: SamplerSettings, directory: Path) -> SamplerSettings:
-    """What a distilled student samples with, as samples.json records it: the step count it was
-    distilled for unless another one was asked for (a step count equal to the default counts as
-    not asked for), and `student_settings` (DDIM, no CFG); a sampler or guidance rescale asked
-    for (other than the default) is noted as not applying."""
-    steps = distilled_steps(cfg.stage)
-    if settings.steps == SamplerSettings().steps and steps is not None:
-        print(f"{directory} is a {cfg.stage.kind} student: sampling it with its {steps} steps", flush=True)
-        settings = replace(settings, steps=steps)
-    used = student_settings(settings, cfg.model.guidance_embed)
+def student_round(directory: Path, cfg: RunConfig) -> Optional[int]:
+    """The round (0-based) whose student a progressive checkpoint holds; None where its config's
+    last round is the one (a round export, whose config's rounds end at its round, or a run of
+    one round).
+
+    A step directory saved mid-run holds the student of the round in progress, which the stage
+    saved in stage.safetensors (`round`: the index of its current teacher's round, written from
+    round 2 on; absent: round 1). It is read, not recomputed from stage.steps: a resume may change
+    stage.steps, and the rounds keep the length the run started with (`keep_round_length`)."""
+    if cfg.stage.kind != "progressive" or len(cfg.stage.rounds) == 1 or (directory / ROUND_FILE).is_file():
+        return None
+    if not (directory / STAGE_FILE).is_file():
+        raise CheckpointError(f"{directory} is a step directory of a progressive run over rounds "
+                              f"{list(cfg.stage.rounds)} without its {STAGE_FILE}, so which round's student it "
+                              f"holds (how many steps it samples with) is unknown; sample a round export "
+                              f"instead: <checkpoint.dir>/{ROUNDS_DIR}/round_<r>_<N>steps")
+    from safetensors import safe_open
+
+    verify(directory, (STAGE_FILE,))
+    with safe_open(str(directory / STAGE_FILE), framework="pt") as f:
+        return int(f.get_tensor("round")) if "round" in f.keys() else 0
+
+
+def distilled_settings(cfg: RunConfig, settings: SamplerSettings, directory: Path,
+                       asked_steps: Optional[int] = None) -> SamplerSettings:
+    """What a distilled student samples with, as samples.json records it: `student_settings`
+    (DDIM, no CFG) at the step count it was distilled for (a progressive step directory: its
+    round's, `student_round`; an adversarial student: the largest of its counts), or at
+    `asked_steps` where given (None: not asked for). A student learns to match its teacher at
+    the counts it was trained for only (Salimans & Ho 2022, "Progressive Distillation for Fast
+    Sampling of Diffusion Models"), so another count is honoured with a warning; the count used
+    is printed either way. A sampler or guidance rescale asked for (other than the default) is
+    noted as not applying."""
+    own = distilled_steps(cfg.stage, student_round(directory, cfg))
+    trained = sorted(set(cfg.stage.rounds)) if cfg.stage.kind == "adversarial" else [own]
+    steps = own if asked_steps is None else asked_steps
+    student = f"{directory} is a {cfg.stage.kind} student"
+    if steps in trained:
+        print(f"{student}: sampling it with {steps} steps{'' if asked_steps is None else ', as asked'}", flush=True)
+    else:
+        print(f"warning: {student} distilled for {' or '.join(map(str, trained))} steps: sampling it with the {steps} "
+              f"asked for, which it was not trained for (drop --steps, or the stage's `steps`, to use its {own})",
+              flush=True)
+    used = student_settings(replace(settings, steps=steps), cfg.model.guidance_embed)
     unused = [f"{what} {asked}" for what, asked, default, now in (
         ("sampler", settings.sampler, SamplerSettings().sampler, used.sampler),
         ("guidance rescale", settings.guidance_rescale, SamplerSettings().guidance_rescale, used.guidance_rescale))
         if asked != default and asked != now]
     if unused:
-        print(f"{directory} is a {cfg.stage.kind} student: it samples with {used.sampler} and no CFG, so the "
+        print(f"{student}: it samples with {used.sampler} and no CFG, so the "
               f"{' and '.join(unused)} asked for do not apply", flush=True)
     return used
 
@@ -217,8 +267,36 @@ class SampleSize:
         return tuple(None if v is None else round(v * side / base_side) for v in (self.height, self.width))
 
 
+@dataclass(frozen=True)
+class PromptSeeds:
+    """Per-prompt noise of a cascade call: prompt `first + i` of the caller's list draws
+    everything of stage k from its own generator, seeded by (seed, k, first + i) with the
+    per-sample seeding of training (trainer.diffusion.noise). Each prompt therefore sees the same
+    draws whatever batch carries it and whatever prompts sit beside it. The generators live on
+    `device`: the CPU gives the same noise for every sampling device (moved there), a CUDA device
+    keeps the draws on the GPU."""
+
+    seed: int
+    first: int = 0  # the list index of the first prompt of the chunk being sampled
+    device: torch.device = torch.device("cpu")
+
+    @classmethod
+    def of(cls, seed: "int | torch.Generator | PromptSeeds") -> "PromptSeeds":
+        """From a seed, or a generator standing for the seed it was seeded with (its
+        `initial_seed`, on its device; its state is neither read nor advanced)."""
+        if isinstance(seed, PromptSeeds):
+            return seed
+        if isinstance(seed, torch.Generator):
+            return cls(seed.initial_seed(), device=seed.device)
+        return cls(int(seed))
+
+    def generators(self, stage: int, count: int) -> list[torch.Generator]:
+        """One generator per prompt of a `count`-prompt chunk at cascade stage `stage`."""
+        return sample_generators(self.seed, stage, range(self.first, self.first + count), self.device)
+
+
 class Cascade:
-    """Stages loaded from a `CascadeSpec`; `sample(prompts, generator)` -> pixels in [-1, 1]."""
+    """Stages loaded from a `CascadeSpec`; `sample(prompts, noise)` -> pixels in [-1, 1]."""
 
     def __init__(self, stages: Sequence[LoadedStage]):
         if not stages:
@@ -233,10 +311,12 @@ class Cascade:
 
     @classmethod
     def load(cls, recipe: str | Path, defaults: SamplerSettings, ema: bool = True,
-             device: torch.device | str = "cpu") -> "Cascade":
-        """The stages of `recipe`, all on `device`."""
+             device: torch.device | str = "cpu", steps: Optional[int] = None) -> "Cascade":
+        """The stages of `recipe`, all on `device`; `steps`: the step count asked for every stage
+        that sets none (None: not asked for; see `load_stage`)."""
         spec = load_cascade_spec(recipe)
-        return cls([load_stage(s, defaults, ema, device) for s in tqdm(spec.stages, desc="loading stages", leave=False)])
+        return cls([load_stage(s, defaults, ema, device, steps)
+                    for s in tqdm(spec.stages, desc="loading stages", leave=False)])
 
     @property
     def device(self) -> torch.device:
@@ -254,9 +334,10 @@ class Cascade:
         return self.stages[-1].cfg.data.fps
 
     @torch.no_grad()
-    def run_stage(self, s: LoadedStage, prompts: Sequence[str], generator: torch.Generator,
+    def run_stage(self, s: LoadedStage, prompts: Sequence[str], generator: Generators,
                   previous: Optional[Tensor], size: SampleSize = SampleSize()) -> Tensor:
-        """Pixels of one stage; `previous`: the pixels of the stage before (super-resolution)."""
+        """Pixels of one stage; `previous`: the pixels of the stage before (super-resolution);
+        `generator`: one for the batch, or one per prompt (trainer.diffusion.utils.Generators)."""
         base = self.stages[0].pixel_resolution
         height, width = size.scaled(s.pixel_resolution, base)
         frames = size.frames if s is self.stages[0] else None  # later stages: their own clip length
@@ -269,22 +350,31 @@ class Cascade:
             extras = s.stage.upsample_extras(lowres, s.cfg.stage.noise_aug_sample, generator)  # noise-augmented
         return s.stage.sample_pixels(s.net, prompts, s.settings, generator, extras, shape, s.distilled)
 
-    def sample(self, prompts: Sequence[str], generator: torch.Generator, size: SampleSize = SampleSize()) -> Tensor:
+    def sample(self, prompts: Sequence[str], noise: "torch.Generator | PromptSeeds",
+               size: SampleSize = SampleSize()) -> Tensor:
         """(N, 3, H, W) images or (N, 3, F, H, W) videos in [-1, 1] at the last stage's size (or
-        `size` scaled to it), on the cascade's device."""
+        `size` scaled to it), on the cascade's device. `noise`: `PromptSeeds` (each prompt its
+        own noise, as `sample_batched` draws it), or one generator drawing the batch's noise in
+        batch order (a sample then depends on its batch: for callers that must start from
+        given latents, e.g. trainer.export's check against diffusers)."""
         pixels: Optional[Tensor] = None
-        for s in self.stages:
+        for k, s in enumerate(self.stages):
+            generator = noise.generators(k, len(prompts)) if isinstance(noise, PromptSeeds) else noise
             pixels = self.run_stage(s, prompts, generator, pixels, size)
         assert pixels is not None
         return pixels
 
-    def sample_batched(self, prompts: Sequence[str], generator: torch.Generator, batch_size: int = 16,
-                       progress: bool = True, size: SampleSize = SampleSize()) -> Tensor:
-        """`sample` over chunks of `batch_size` prompts (one generator: reproducible per seed),
-        each chunk brought back to the host (the device holds one chunk at a time)."""
-        chunks = [prompts[i: i + batch_size] for i in range(0, len(prompts), batch_size)]
-        bar = tqdm(chunks, desc="sampling", unit="batch", disable=not progress or len(chunks) < 2)
-        return torch.cat([self.sample(c, generator, size).cpu() for c in bar])
+    def sample_batched(self, prompts: Sequence[str], seed: "int | torch.Generator | PromptSeeds",
+                       batch_size: int = 16, progress: bool = True, size: SampleSize = SampleSize()) -> Tensor:
+        """`sample` over chunks of `batch_size` prompts with per-prompt noise (`PromptSeeds.of(seed)`):
+        prompt i's sample depends on (seed, i) only, not on `batch_size` or its neighbours (up to
+        the float rounding of batched matmuls). Each chunk is brought back to the host (the
+        device holds one chunk at a time)."""
+        seeds = PromptSeeds.of(seed)
+        starts = range(0, len(prompts), batch_size)
+        bar = tqdm(starts, desc="sampling", unit="batch", disable=not progress or len(starts) < 2)
+        return torch.cat([self.sample(prompts[i: i + batch_size], replace(seeds, first=seeds.first + i), size).cpu()
+                          for i in bar])
 
 
 def save_sample(sample: Tensor, stem: Path, fps: float = 0.0) -> Path:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from trainer.diffusion import SAMPLERS, NoiseSchedule, SamplerSettings, cfg_model, randn, sampling_timesteps
+from trainer.diffusion.utils import Generators
 from trainer.models.text import conditioned, text_conditioning
 
 
@@ -23,11 +24,17 @@ def generate(
     prompts: Sequence[str],
     shape: tuple[int, ...],
     settings: SamplerSettings,
-    generator: torch.Generator,
+    generator: Generators,
     extras: Optional[dict[str, Tensor]] = None,
 ) -> Tensor:
     """Sample one x0 per prompt on the network's device; `shape` excludes the batch dim, e.g.
-    (C, h, w) or (C, F, h, w). A CPU generator gives the same samples on every device."""
+    (C, h, w) or (C, F, h, w).
+
+    `generator`: one for the batch, whose draws (initial noise, then DDPM/DDIM-eta step noise)
+    are split over the batch in order, so a prompt's sample depends on its batch; or a list, one
+    per prompt (trainer.diffusion.noise), so that each prompt's noise is its own whatever shares
+    its batch (`trainer.cascade.PromptSeeds`). Draws happen on the generators' device and are
+    moved to the network's: CPU generators give the same samples on every device."""
     device = next(net.parameters()).device
     cond, uncond = text_conditioning(text_encoder, prompts)
     for k, v in (extras or {}).items():

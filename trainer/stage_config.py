@@ -131,11 +131,23 @@ STAGE_KINDS: dict[str, type[StageSettings]] = {
 }
 
 
-def distilled_steps(stage: Any) -> Optional[int]:
+def distilled_steps(stage: Any, round_index: Optional[int] = None) -> Optional[int]:
     """The step count a distillation checkpoint's student samples with (`stage`: a run's
-    StageConfig); None for other kinds."""
+    StageConfig); None for other kinds.
+
+    A progressive run's student changes step count at each round boundary, so a step directory
+    saved mid-run holds the student of round `round_index` (0-based; the checkpoint's
+    stage.safetensors records it: trainer.stages.progressive, `trainer.cascade.student_round`).
+    None: the last round listed, right for a round export (its config's rounds end at its own
+    round) and for a single-round run; a mid-run step directory must pass its round."""
     if stage.kind == "progressive":
-        return stage.rounds[-1]
+        rounds = list(stage.rounds)
+        if round_index is None:
+            return rounds[-1]
+        if not 0 <= round_index < len(rounds):
+            raise ConfigError("stage.rounds", f"{rounds} has no round {round_index + 1}, the round this "
+                                              f"checkpoint's student was trained in")
+        return rounds[round_index]
     if stage.kind == "adversarial":
         return max(stage.rounds)
     return None
