@@ -2,13 +2,17 @@
 
 - Prompt adherence: generate from held-out captions, read the pixels back with the shapes judge
   (`trainer.judge`), and print its accuracy on real held-out data of the same kind and size
-  beside it (>= RELIABLE_JUDGE, else the numbers mean nothing) and on noise (its floor).
+  beside it (>= RELIABLE_JUDGE, else the numbers mean nothing) and on noise (its floor). The
+  held-out samples are new, but the synthetic captions come from a small vocabulary: many are
+  captions the model was trained on (with the same image), so the figures are also reported
+  apart for the captions seen in training and the novel ones (recall vs generalization).
 - Distribution distance: Frechet distance (Heusel et al. 2017) between generated and held-out
   real samples in the feature space of a small CNN trained here, seeded, on synthetic shapes to
   predict their attributes; the same on pixel statistics (8x8 thumbnails); FID through
   torch-fidelity when Inception weights are supplied locally.
 - Memorization audit: each generated sample's nearest training sample (pixel or latent RMS
-  distance, streamed over the shards) and the fraction of near-copies, beside the same for
+  distance, streamed over the shards; for a run on precomputed latents, over the pixel shards
+  they were encoded from) and the fraction of near-copies, beside the same for
   held-out real data (the synthetic set's own exact repeats) and for the closed-form ideal
   denoiser of the training set (Karras et al. 2022, app. B.3): it can only reproduce training
   points, so its fraction is the memorization ceiling.
@@ -24,7 +28,7 @@ Frechet distance.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Optional, Protocol, Sequence
 
@@ -35,8 +39,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from data_pipeline.config import DataConfig
-from trainer.heldout import heldout_set, stream_samples
-from trainer.judge import AdherenceReport, chance_levels, judge, noise_like
+from trainer.heldout import heldout_set, normalize_caption, pixel_source, stream_samples, training_captions
+from trainer.judge import AdherenceReport, chance_levels, judge, judge_samples, noise_like, summarize
 
 if TYPE_CHECKING:  # the cascade pulls in models; only the entry points need it
     from trainer.cascade import Cascade
@@ -56,11 +60,18 @@ class Evaluable(Protocol):
 # ------------------------------------------------------------------------------- adherence
 
 
+SPLITS = {"seen": "captions seen in training", "novel": "novel captions"}
+
+
 @dataclass
 class AdherenceResult:
     generated: AdherenceReport
     real: AdherenceReport
     noise: AdherenceReport
+    # the generated samples apart by whether their caption is among the training captions
+    # (SPLITS keys); empty, with `split_note` saying why, when those could not be read
+    splits: dict[str, AdherenceReport] = field(default_factory=dict)
+    split_note: str = ""
 
     @property
     def reliable(self) -> bool:
@@ -81,29 +92,70 @@ class AdherenceResult:
         rows.append(f"judge on {self.real.num_samples} real held-out samples: {verdict}; "
                     f"{self.generated.num_samples} generated samples")
         rows += [self.generated.note] if self.generated.note else []
-        return "\n".join(rows)
+        return "\n".join(rows + self.split_rows())
+
+    def split_rows(self) -> list[str]:
+        """One line per split of the generated samples: how many, then each figure with its
+        95% interval; or the note saying why there is no split."""
+        if not self.splits:
+            return [self.split_note] if self.split_note else []
+        rows = []
+        for name, report in self.splits.items():
+            rows.append(f"{SPLITS[name]} ({report.num_samples} samples): " + report.format(intervals=True)
+                        if report.num_samples else f"{SPLITS[name]}: none")
+        return rows + ([self.split_note] if self.split_note else [])
 
     def as_dict(self) -> dict:
         return {"generated": asdict(self.generated), "real": asdict(self.real), "noise": asdict(self.noise),
-                "reliable": self.reliable}
+                "reliable": self.reliable, "splits": {k: asdict(v) for k, v in self.splits.items()},
+                "split_note": self.split_note}
 
 
 def judge_with_references(generated: Tensor, prompts: Sequence[str], real: Tensor,
-                          real_prompts: Sequence[str], seed: int = 0) -> AdherenceResult:
-    """The judge on generated samples, on real ones and on noise shaped like the generated."""
+                          real_prompts: Sequence[str], seed: int = 0,
+                          seen: Optional[set[str]] = None) -> AdherenceResult:
+    """The judge on generated samples, on real ones and on noise shaped like the generated;
+    with `seen` (normalized training captions, `trainer.heldout.training_captions`) also on
+    the generated samples whose caption is among them and on the others, apart."""
     noise = noise_like(generated, torch.Generator().manual_seed(seed))
-    return AdherenceResult(judge(generated, prompts), judge(real, real_prompts), judge(noise, prompts))
+    scores = judge_samples(generated, prompts)
+    side = generated.shape[-1]
+    result = AdherenceResult(summarize(scores, side), judge(real, real_prompts), judge(noise, prompts))
+    if seen is not None:
+        known = [normalize_caption(p) in seen for p in prompts]
+        result.splits = {"seen": summarize([s for s, k in zip(scores, known) if k], side),
+                         "novel": summarize([s for s, k in zip(scores, known) if not k], side)}
+    return result
+
+
+def seen_captions(cascade: "Cascade") -> tuple[Optional[set[str]], str]:
+    """The training captions of every stage of the cascade (normalized) and a note on where
+    they come from; (None, why) when a stage's shards cannot be read."""
+    from data_pipeline.errors import DataError
+
+    datas = [s.cfg.data for s in cascade.stages]
+    where = " + ".join(dict.fromkeys(d.shards for d in datas))
+    try:
+        captions = training_captions(datas)
+    except (DataError, OSError) as e:  # gone or unreadable shards; anything else is a bug to see
+        return None, (f"no seen/novel split: the training captions could not be read from {where} ({e}); "
+                      f"the figures above mix captions seen in training with novel ones")
+    return captions, f"seen: the caption is one of the {len(captions)} distinct captions of {where}"
 
 
 def evaluate_adherence(cascade: "Cascade", num: int = 64, seed: int = 0, batch_size: int = 16,
                        num_real: Optional[int] = None) -> tuple[AdherenceResult, Tensor, list[str]]:
     """Sample `num` held-out captions with a `trainer.cascade.Cascade`, judge them beside
-    `num_real` (default `num`) real held-out samples; also returns the samples and prompts."""
+    `num_real` (default `num`) real held-out samples, and apart for the captions seen in the
+    cascade's training data and the novel ones; also returns the samples and prompts."""
     data = cascade.stages[-1].cfg.data
     real, captions = heldout_set(data, max(num, num_real or num))
     prompts = captions[:num]
+    seen, note = seen_captions(cascade)
     generated = cascade.sample_batched(prompts, torch.Generator().manual_seed(seed), batch_size)
-    result = judge_with_references(generated, prompts, real[: num_real or num], captions[: num_real or num], seed)
+    result = judge_with_references(generated, prompts, real[: num_real or num], captions[: num_real or num], seed,
+                                   seen)
+    result.split_note = note
     return result, generated, prompts
 
 
@@ -289,8 +341,10 @@ def nearest_training(samples: Tensor, batches: Iterator[tuple[Tensor, list[str]]
 
 def training_batches(data: DataConfig, encode: Callable[[Tensor], Tensor],
                      progress: bool = True) -> Iterator[tuple[Tensor, list[str]]]:
-    """(encoded training samples, keys) batches over one epoch of the run's own shards."""
-    for pixels, _, keys in stream_samples(data, data.shards, progress=progress):
+    """(encoded training samples, keys) batches over one epoch of the run's own shards; for
+    shards of precomputed latents, of the pixel shards they were encoded from
+    (`trainer.heldout.pixel_source`: ValueError when those are gone)."""
+    for pixels, _, keys in stream_samples(data, pixel_source(data.shards), progress=progress):
         with torch.no_grad():
             yield encode(pixels), keys
 
@@ -347,7 +401,7 @@ def memorization_audit(cascade: "Cascade", num: int = 32, seed: int = 0, space: 
     threshold: NEAR_COPY_RMS unless given. Encodings and distances on the cascade's device."""
     threshold = NEAR_COPY_RMS if threshold is None else threshold
     last = cascade.stages[-1]
-    data = last.cfg.data
+    data = replace(last.cfg.data, shards=pixel_source(last.cfg.data.shards))  # before sampling: fails fast
     if space not in ("pixel", "latent"):
         raise ValueError(f"space '{space}': pixel or latent")
     device = cascade.device

@@ -1,14 +1,21 @@
-"""Held-out data: synthetic captioned shapes that no training set holds, and any shards read
-once through the data pipeline with a run's data config (decoded and resized exactly as
-training data). The yardstick of the shapes judge, of `dit eval` and of the autoencoder stage's
-reconstruction report.
+"""Held-out data: synthetic captioned shapes drawn with a seed no training set is written
+with, and any shards read once through the data pipeline with a run's data config (decoded and
+resized exactly as training data). The yardstick of the shapes judge, of `dit eval` and of the
+autoencoder stage's reconstruction report.
+
+"Held-out" means held-out samples, not unseen captions: the generator's vocabulary is small
+(a single-shape caption is one of 6 x 3 x 2 x 9 = 324 and fixes its image to the pixel), so a
+held-out caption is often one the model was trained on with the very same image (125 of the
+first 256 against the demo's 2000 training samples). `training_captions` reads what a run
+trained on, so that evaluation can report seen and novel captions apart.
 """
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -39,7 +46,8 @@ def stream_samples(data: DataConfig, shards: str, batch_size: int = 64,
         batch = batch_to_device(next(batches), torch.device("cpu"))
         pixels = batch.get("video" if data.kind == "video" else "image")
         if pixels is None:
-            raise ValueError(f"{shards} holds no pixels (precomputed latents?); audit pixel shards")
+            raise ValueError(f"{shards} holds no pixels (precomputed latents?); read pixel shards "
+                             f"(`pixel_source` finds those latents were encoded from)")
         valid = batch["valid"].tolist()
         pick = lambda items: [x for x, ok in zip(items, valid) if ok]  # noqa: E731
         yield pixels[batch["valid"]], pick(batch["caption"]), pick(batch["__key__"])
@@ -62,3 +70,114 @@ def heldout_set(data: DataConfig, num: int, seed: int = HELDOUT_SEED,
         parts = list(stream_samples(data, tmp, batch_size=min(num, 64)))
     pixels = torch.cat([p for p, _, _ in parts])
     return pixels, [c for _, caps, _ in parts for c in caps]
+
+
+# ------------------------------------------------------------------------------- training data
+
+
+def normalize_caption(caption: str) -> str:
+    """The form two captions are compared in: case and runs of white space do not count."""
+    return " ".join(caption.casefold().split())
+
+
+def _sources(spec: str) -> list[str]:
+    from data_pipeline.manifest import SOURCE_SEPARATOR
+
+    return [p.strip() for p in spec.split(SOURCE_SEPARATOR) if p.strip()]
+
+
+def _shard_captions(path: str, num: int, offsets: list[int]) -> Iterator[str]:
+    """The caption of each of the `num` samples of one shard, from its `txt` (or json
+    `caption`) member alone: a local sample's image, video or latent bytes are never copied.
+    Samples the loader would skip are skipped; an unreadable shard raises DataError."""
+    from data_pipeline.decode import CAPTION_EXTS, decode_json, decode_text, member_type
+    from data_pipeline.errors import DataError, SkipSample
+    from data_pipeline.tar_reader import LazySample, TarShard
+
+    shard = TarShard(path, offsets)
+    try:
+        for index in range(num):
+            try:
+                sample = shard.read(index, lazy=True)
+                if isinstance(sample, LazySample):
+                    members = {ext: bytes(sample.source[off: off + size]) for ext, off, size in sample.spans
+                               if member_type(ext) in (*CAPTION_EXTS, "json")}
+                else:
+                    members = sample.members
+                by_type = {member_type(ext): data for ext, data in members.items()}
+                text = next((by_type[t] for t in CAPTION_EXTS if t in by_type), None)
+                caption = decode_text(text) if text is not None else decode_json(by_type.get("json", b"{}")).get("caption")
+            except SkipSample as e:
+                if e.reason == "unreadable_shard":
+                    raise DataError(f"{path}: {e}") from None
+                continue
+            if isinstance(caption, str) and caption.strip():
+                yield caption
+    finally:
+        shard.close()
+
+
+def training_captions(datas: Iterable[DataConfig]) -> set[str]:
+    """The normalized captions of every sample the runs of `datas` train on (`data.shards`,
+    each "::"-joined source, and the `data.mixture` sources), read from the shards' caption
+    members: pixel shards and the latent shards of `dit data precompute` both keep them.
+    Raises data_pipeline.errors.DataError (or OSError) when a source cannot be read, e.g.
+    the shards are gone: a split of seen and novel captions must not be guessed."""
+    from data_pipeline.manifest import resolve_source
+
+    specs = []
+    for data in datas:
+        for spec in [*_sources(data.shards), *(s for m in data.mixture for s in _sources(m))]:
+            specs += [spec] if spec not in specs else []
+    found: set[str] = set()
+    for spec in specs:
+        manifest = resolve_source(spec)
+        for info, path, offsets in zip(manifest.shards, manifest.paths(), manifest.offsets()):
+            found.update(normalize_caption(c) for c in _shard_captions(path, info.samples, offsets))
+    return found
+
+
+def pixel_source(shards: str) -> str:
+    """`shards` ("::"-joined sources) with each source of latent shards (`dit data precompute`)
+    replaced by the pixel shards its samples were encoded from, found through the `source`
+    its manifest records (precompute writes each source shard to one of the same name);
+    pixel sources are kept. ValueError, naming the source, when latents record no source or it
+    is gone or holds no pixels."""
+    from data_pipeline.errors import DataError
+    from data_pipeline.manifest import SOURCE_SEPARATOR, load_manifest, resolve_source
+
+    out = []
+    for spec in _sources(shards):
+        manifest = resolve_source(spec)
+        if manifest.kind != "latent":
+            out.append(spec)
+            continue
+        origins: dict[str, str] = {}  # latent shard directory -> the source its manifest records
+        picked = []  # the pixel shard of each latent shard
+        for path in manifest.paths():
+            directory = os.path.dirname(path)
+            if directory not in origins:
+                origins[directory] = load_manifest(directory).extra.get("source", "")
+            origin = origins[directory]
+            if not origin:
+                raise ValueError(f"{spec} holds latents whose manifest records no pixel source "
+                                 f"(extra.source); the pixel shards they were encoded from are needed")
+            try:
+                pixels = resolve_source(origin)
+            except DataError as e:
+                raise ValueError(f"{spec} holds latents encoded from {origin}, which cannot be read now ({e}); "
+                                 f"the pixel shards they were encoded from are needed (a relative path is "
+                                 f"read from the directory `dit data precompute` ran in)") from None
+            if pixels.kind == "latent":
+                raise ValueError(f"{spec} holds latents encoded from {origin}, which holds latents too")
+            by_name = {os.path.basename(p): p for p in pixels.paths()}
+            name = os.path.basename(path)
+            if name not in by_name:
+                raise ValueError(f"{spec}: latent shard {name} has no pixel shard of that name in {origin}")
+            picked.append((origin, by_name[name], len(by_name)))
+        whole = {o for o, _, _ in picked}
+        if len(whole) == 1 and len(picked) == picked[0][2]:
+            out.append(picked[0][0])  # every shard of one source: name it as recorded
+        else:
+            out += [p for _, p, _ in picked]
+    return SOURCE_SEPARATOR.join(out)

@@ -15,7 +15,8 @@ A prompt is parsed into mentions with the same vocabulary; mentions are matched 
 largest detected objects by the assignment that agrees on the most attributes (one or two
 mentions: every permutation is tried). Accuracy is reported per attribute over the mentions
 that state it, plus `count` (as many objects as mentions) and `overall` (every stated attribute
-of every mention right and the count right).
+of every mention right and the count right). Intervals count samples, not mentions: the two
+mentions of one image share its sample noise and are not independent (`effective_count`).
 
 At 16 px a circle and a square rasterize to the same pixels (2x2 and 4x4 blocks): shape is
 then not identifiable from pixels, and `judge` leaves it out below `MIN_SHAPE_SIZE`.
@@ -280,11 +281,16 @@ class AdherenceReport:
     num_unparsed: int = 0
     note: str = ""
     counts: dict[str, list[int]] = field(default_factory=dict)  # (correct, judged) behind each accuracy
+    effective: dict[str, float] = field(default_factory=dict)  # samples' worth of evidence behind each (effective_count)
 
     def interval(self, key: str, z: float = 1.96) -> tuple[float, float]:
-        """Wilson score interval (95% by default) of `key`'s accuracy; (0, 1) when unknown."""
+        """Wilson score interval (95% by default) of `key`'s accuracy on its effective sample
+        count (`effective_count`; the judged count where none was recorded); (0, 1) when unknown."""
         correct, total = self.counts.get(key, (0, 0))
-        return wilson_interval(correct, total, z)
+        n = self.effective.get(key, float(total))
+        if total <= 0 or n <= 0:
+            return 0.0, 1.0
+        return wilson_interval(correct / total * n, n, z)
 
     def as_metrics(self, prefix: str = "adherence") -> dict[str, float]:
         return {f"{prefix}/{k}": v for k, v in self.accuracy.items()}
@@ -300,9 +306,10 @@ class AdherenceReport:
         return "  ".join(cell(k, v) for k, v in self.accuracy.items())
 
 
-def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
+def wilson_interval(correct: float, total: float, z: float = 1.96) -> tuple[float, float]:
     """Wilson score interval of a binomial proportion correct / total (Wilson 1927): unlike
-    p +- z sqrt(p (1 - p) / n) it stays inside [0, 1] and is not empty at p = 0 or 1."""
+    p +- z sqrt(p (1 - p) / n) it stays inside [0, 1] and is not empty at p = 0 or 1. `total`
+    may be an effective (non-integer) sample count, `correct` then p times it."""
     if total <= 0:
         return 0.0, 1.0
     p = correct / total
@@ -312,19 +319,50 @@ def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, f
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def effective_count(per_sample: Sequence[tuple[int, int]]) -> float:
+    """How many independent trials the (correct, stated) counts of the samples stating an
+    attribute are worth, for an interval around the pooled accuracy p = sum c / sum n.
+
+    A sample's mentions are correlated (one image, one draw of noise: a model that garbles a
+    two-shape image garbles both shapes), so the n mentions are not n Bernoulli trials. The
+    samples are the independent clusters; p is a ratio estimator over them, whose
+    linearization (Taylor) variance is Var(p) = sum_i (c_i - p n_i)^2 / (sum_i n_i)^2
+    (Cochran 1977, Sampling Techniques, sec. 6.4, with-replacement form). The effective sample
+    count is n_eff = p (1 - p) / Var(p) (Kish 1965, design effect), and the interval is
+    Wilson's on n_eff (Korn & Graubard 1998, "Confidence intervals for proportions with small
+    expected number of positive counts estimated from survey data"; Wilson on n_eff is among
+    the methods compared for clustered data by Dean & Pagano 2015). Deterministic, and exactly
+    the plain Wilson interval when every sample states the attribute once (n_eff = samples).
+    n_eff is kept between the number of samples (mentions perfectly correlated) and of
+    mentions (independent); at p = 0 or 1 the spread says nothing, and the number of samples,
+    the conservative end, is used."""
+    stated = [(c, n) for c, n in per_sample if n > 0]
+    samples, mentions = len(stated), sum(n for _, n in stated)
+    if not stated:
+        return 0.0
+    p = sum(c for c, _ in stated) / mentions
+    if p * (1 - p) == 0:
+        return float(samples)
+    spread = sum((c - p * n) ** 2 for c, n in stated)
+    if spread == 0:
+        return float(mentions)
+    n_eff = p * (1 - p) * mentions ** 2 / spread  # p (1 - p) / Var(p)
+    return float(min(max(n_eff, samples), mentions))
+
+
 def aggregate(scores: Sequence[SampleScore], num_unparsed: int = 0) -> AdherenceReport:
-    totals: dict[str, list[int]] = {}
+    per_sample: dict[str, list[tuple[int, int]]] = {}  # attribute -> (correct, stated) of each sample stating it
     for s in scores:
         for key, (c, n) in s.counts.items():
-            entry = totals.setdefault(key, [0, 0])
-            entry[0] += c
-            entry[1] += n
-    counts = {k: totals[k] for k in ATTRIBUTES if k in totals}
+            per_sample.setdefault(key, []).append((c, n))
     if scores:
-        counts["count"] = [sum(s.count_ok for s in scores), len(scores)]
-        counts["overall"] = [sum(s.all_ok for s in scores), len(scores)]
+        per_sample["count"] = [(int(s.count_ok), 1) for s in scores]
+        per_sample["overall"] = [(int(s.all_ok), 1) for s in scores]
+    keys = [k for k in (*ATTRIBUTES, "count", "overall") if k in per_sample]
+    counts = {k: [sum(c for c, _ in per_sample[k]), sum(n for _, n in per_sample[k])] for k in keys}
     accuracy = {k: c / n for k, (c, n) in counts.items()}
-    return AdherenceReport(accuracy, len(scores), num_unparsed, counts=counts)
+    effective = {k: effective_count(per_sample[k]) for k in keys}
+    return AdherenceReport(accuracy, len(scores), num_unparsed, counts=counts, effective=effective)
 
 
 def as_uint8_clips(pixels: Tensor) -> np.ndarray:
@@ -343,23 +381,33 @@ def judged_attributes(side: int) -> tuple[str, ...]:
     return ATTRIBUTES if side >= MIN_SHAPE_SIZE else tuple(a for a in ATTRIBUTES if a != "shape")
 
 
-def judge(pixels: Tensor, prompts: Sequence[str]) -> AdherenceReport:
-    """Prompt adherence of images (N, 3, H, W) or videos (N, 3, F, H, W) in [-1, 1]; prompts
-    with no recognizable mention are counted in `num_unparsed` and left out."""
+def judge_samples(pixels: Tensor, prompts: Sequence[str]) -> list[Optional[SampleScore]]:
+    """Each sample's score against its prompt (images (N, 3, H, W) or videos (N, 3, F, H, W)
+    in [-1, 1]); None where the prompt has no recognizable mention. Kept per sample so that a
+    caller can report subsets of one judged set (`summarize`)."""
     if pixels.shape[0] != len(prompts):
         raise ValueError(f"{pixels.shape[0]} samples but {len(prompts)} prompts")
     attributes = judged_attributes(pixels.shape[-1])
-    scores, unparsed = [], 0
+    scores: list[Optional[SampleScore]] = []
     for objects, prompt in zip(detect(pixels), prompts):
         mentions = parse_prompt(prompt)
-        if not mentions:
-            unparsed += 1
-            continue
-        scores.append(score_sample(mentions, objects, attributes))
-    report = aggregate(scores, unparsed)
-    if "shape" not in attributes:
-        report.note = f"shape not judged: at {pixels.shape[-1]} px circle and square are the same pixels"
+        scores.append(score_sample(mentions, objects, attributes) if mentions else None)
+    return scores
+
+
+def summarize(scores: Sequence[Optional[SampleScore]], side: int) -> AdherenceReport:
+    """The report of `judge_samples` scores of images of this side; unparsed prompts (None)
+    counted in `num_unparsed` and left out."""
+    report = aggregate([s for s in scores if s is not None], sum(s is None for s in scores))
+    if "shape" not in judged_attributes(side):
+        report.note = f"shape not judged: at {side} px circle and square are the same pixels"
     return report
+
+
+def judge(pixels: Tensor, prompts: Sequence[str]) -> AdherenceReport:
+    """Prompt adherence of images (N, 3, H, W) or videos (N, 3, F, H, W) in [-1, 1]; prompts
+    with no recognizable mention are counted in `num_unparsed` and left out."""
+    return summarize(judge_samples(pixels, prompts), pixels.shape[-1])
 
 
 def chance_levels() -> dict[str, float]:

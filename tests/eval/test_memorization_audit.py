@@ -42,3 +42,51 @@ def test_closed_form_memorizes_and_heldout_does_not(run_with_shards):
     assert report.heldout["near_copy_fraction"] <= 0.25  # the synthetic set's own exact repeats
     assert report.generated["near_copy_fraction"] == 0.0  # random weights copy nothing
     assert all(key for key in report.nearest_keys)
+
+
+@pytest.fixture(scope="module")
+def latent_run(tmp_path_factory) -> Path:
+    """A random-weight checkpoint whose run trained on latents precomputed from 24 pixel
+    samples (as the demo does), the pixel shards left where precompute read them."""
+    from data_pipeline.config import DataConfig
+    from data_pipeline.precompute import precompute, toy_encoder
+    from data_pipeline.synth import synth_samples
+    from data_pipeline.write import write_shards
+
+    root = tmp_path_factory.mktemp("memorization_latents")
+    write_shards(synth_samples(24, seed=0, size=16), str(root / "data"), shard_size=8, progress=False)
+    precompute(str(root / "data"), str(root / "latents"), toy_encoder(), DataConfig(resolution=16), progress=False)
+    return write_checkpoint(tiny_config(root, f"data.shards={root}/latents"))
+
+
+def test_audit_of_a_latent_run_reads_the_pixel_shards_behind_it(latent_run):
+    """`dit eval memorization` on a run trained on precomputed latents (the README's demo
+    command) compares against the pixel shards the latents were encoded from."""
+    from trainer.heldout import pixel_source
+
+    root = latent_run.parent
+    assert pixel_source(str(root / "latents")) == str(root / "data")
+    assert pixel_source(str(root / "data")) == str(root / "data")  # pixel shards stay
+    assert pixel_source(str(root / "latents" / "shard-00000{0,2}.tar")) == "::".join(
+        str(root / "data" / f"shard-00000{i}.tar") for i in (0, 2))  # a subset: the same shards of pixels
+    report = memorization_audit(Cascade.load(latent_run, SamplerSettings(steps=1)), num=4, reference_steps=0)
+    assert report.generated["near_copy_fraction"] == 0.0 and all(report.nearest_keys)
+
+
+def test_audit_says_so_when_the_pixel_shards_are_gone(latent_run, tmp_path):
+    import json
+    import shutil
+
+    from trainer.heldout import pixel_source
+
+    latents = tmp_path / "latents"
+    shutil.copytree(latent_run.parent / "latents", latents)
+    manifest = json.loads((latents / "manifest.json").read_text())
+    manifest["extra"]["source"] = str(tmp_path / "gone")
+    (latents / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=f"encoded from {tmp_path / 'gone'}, which cannot be read"):
+        pixel_source(str(latents))
+    del manifest["extra"]["source"]
+    (latents / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="records no pixel source"):
+        pixel_source(str(latents))
