@@ -47,9 +47,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from trainer.bundle import InferenceBundle, student_settings
-from trainer.checkpoint import STAGE_FILE
-from trainer.checkpoint_format import (COMPLETE, EMA_FILE, LATEST, ROUND_FILE, ROUNDS_DIR, CheckpointError,
-                                       load_for_inference, resolve, verify)
+from trainer.checkpoint_format import (COMPLETE, EMA_FILE, LATEST, CheckpointError, load_for_inference, resolve,
+                                       student_round, verify)
 from trainer.config import ConfigError, RunConfig, load_config
 from trainer.diffusion import SAMPLERS, SamplerSettings
 from trainer.diffusion.noise import sample_generators
@@ -184,29 +183,6 @@ def load_stage(spec: CascadeStageSpec, defaults: SamplerSettings, ema: bool = Tr
     return LoadedStage(cfg, bundle, net, settings, directory, distilled, "ema" if ema else "raw")
 
 
-def student_round(directory: Path, cfg: RunConfig) -> Optional[int]:
-    """The round (0-based) whose student a progressive checkpoint holds; None where its config's
-    last round is the one (a round export, whose config's rounds end at its round, or a run of
-    one round).
-
-    A step directory saved mid-run holds the student of the round in progress, which the stage
-    saved in stage.safetensors (`round`: the index of its current teacher's round, written from
-    round 2 on; absent: round 1). It is read, not recomputed from stage.steps: a resume may change
-    stage.steps, and the rounds keep the length the run started with (`keep_round_length`)."""
-    if cfg.stage.kind != "progressive" or len(cfg.stage.rounds) == 1 or (directory / ROUND_FILE).is_file():
-        return None
-    if not (directory / STAGE_FILE).is_file():
-        raise CheckpointError(f"{directory} is a step directory of a progressive run over rounds "
-                              f"{list(cfg.stage.rounds)} without its {STAGE_FILE}, so which round's student it "
-                              f"holds (how many steps it samples with) is unknown; sample a round export "
-                              f"instead: <checkpoint.dir>/{ROUNDS_DIR}/round_<r>_<N>steps")
-    from safetensors import safe_open
-
-    verify(directory, (STAGE_FILE,))
-    with safe_open(str(directory / STAGE_FILE), framework="pt") as f:
-        return int(f.get_tensor("round")) if "round" in f.keys() else 0
-
-
 def distilled_settings(cfg: RunConfig, settings: SamplerSettings, directory: Path,
                        asked_steps: Optional[int] = None) -> SamplerSettings:
     """What a distilled student samples with, as samples.json records it: `student_settings`
@@ -217,7 +193,7 @@ def distilled_settings(cfg: RunConfig, settings: SamplerSettings, directory: Pat
     Sampling of Diffusion Models"), so another count is honoured with a warning; the count used
     is printed either way. A sampler or guidance rescale asked for (other than the default) is
     noted as not applying."""
-    own = distilled_steps(cfg.stage, student_round(directory, cfg))
+    own = distilled_steps(cfg.stage, student_round(directory, cfg.stage))
     trained = sorted(set(cfg.stage.rounds)) if cfg.stage.kind == "adversarial" else [own]
     steps = own if asked_steps is None else asked_steps
     student = f"{directory} is a {cfg.stage.kind} student"

@@ -42,6 +42,7 @@ from trainer.checkpoint_format import (
     COMPLETE,
     EMA_FILE,
     LATEST,
+    STAGE_FILE,
     TMP_PREFIX,
     CheckpointError,
     commit,
@@ -53,7 +54,6 @@ from trainer.config import CheckpointConfig, flatten
 from trainer.distributed import comm_device
 from trainer.elastic import written_global_batch
 
-STAGE_FILE = "stage.safetensors"
 # Keys whose product with the data-parallel ranks is the global batch: free while it is kept.
 BATCH_KEYS = ("data.batch_size", "deepspeed.grad_accum")
 

@@ -131,6 +131,31 @@ def write_inference_dir(directory: Path, weights: dict[str, torch.Tensor], confi
 
 ROUNDS_DIR = "rounds"  # <checkpoint.dir>/rounds/round_<r>_<N>steps/: a progressive run's finished rounds
 ROUND_FILE = "round.json"
+STAGE_FILE = "stage.safetensors"  # a step directory's stage state (a progressive round's teacher, its round)
+
+
+def student_round(directory: Path, stage: Any) -> Optional[int]:
+    """The round (0-based) whose student the progressive checkpoint `directory` holds (`stage`:
+    its run's StageConfig); None where its config's last round is the one (a round export,
+    whose config's rounds end at its round, a run of one round, or another stage kind).
+
+    A step directory saved mid-run holds the student of the round in progress, which the stage
+    saved in stage.safetensors (`round`: the index of its current teacher's round, written from
+    round 2 on; absent: round 1). It is read, not recomputed from stage.steps: a resume may change
+    stage.steps, and the rounds keep the length the run started with (`keep_round_length`).
+    Read as numpy: the config checks before any process starts import no torch."""
+    if stage.kind != "progressive" or len(stage.rounds) == 1 or (directory / ROUND_FILE).is_file():
+        return None
+    if not (directory / STAGE_FILE).is_file():
+        raise CheckpointError(f"{directory} is a step directory of a progressive run over rounds "
+                              f"{list(stage.rounds)} without its {STAGE_FILE}, so which round's student it "
+                              f"holds (how many steps it samples with) is unknown; use a round export "
+                              f"instead: <checkpoint.dir>/{ROUNDS_DIR}/round_<r>_<N>steps")
+    from safetensors import safe_open
+
+    verify(directory, (STAGE_FILE,))
+    with safe_open(str(directory / STAGE_FILE), framework="numpy") as f:
+        return int(f.get_tensor("round")) if "round" in f.keys() else 0
 
 
 def rounds_exports(checkpoint_dir: str | Path) -> dict[int, Path]:

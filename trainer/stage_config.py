@@ -137,7 +137,7 @@ def distilled_steps(stage: Any, round_index: Optional[int] = None) -> Optional[i
 
     A progressive run's student changes step count at each round boundary, so a step directory
     saved mid-run holds the student of round `round_index` (0-based; the checkpoint's
-    stage.safetensors records it: trainer.stages.progressive, `trainer.cascade.student_round`).
+    stage.safetensors records it: trainer.stages.progressive, `trainer.checkpoint_format.student_round`).
     None: the last round listed, right for a round export (its config's rounds end at its own
     round) and for a single-round run; a mid-run step directory must pass its round."""
     if stage.kind == "progressive":

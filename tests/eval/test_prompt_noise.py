@@ -110,9 +110,14 @@ def progressive_step_dir(root: Path, state: dict[str, torch.Tensor] | None) -> P
     ({"step": torch.tensor(300), "round_length": torch.tensor(300), "round": torch.tensor(1)}, 4),
 ])
 def test_a_mid_run_progressive_checkpoint_samples_with_its_rounds_steps(tmp_path, capsys, state, steps):
-    loaded = load_stage(CascadeStageSpec(str(progressive_step_dir(tmp_path, state))), SamplerSettings())
+    from trainer.stages.checks import teacher_steps
+
+    directory = progressive_step_dir(tmp_path, state)
+    loaded = load_stage(CascadeStageSpec(str(directory)), SamplerSettings())
     assert loaded.settings.steps == steps
     assert f"sampling it with {steps} steps" in capsys.readouterr().out
+    # as the teacher of a later distillation, the same count (its targets are its DDIM steps)
+    assert teacher_steps(str(directory), loaded.cfg.stage) == steps
 
 
 def test_a_round_export_samples_with_its_configs_last_round(tmp_path):

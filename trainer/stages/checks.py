@@ -13,7 +13,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from trainer.checkpoint_format import resolve
+from trainer.checkpoint_format import CheckpointError, resolve, student_round
 from trainer.config import (ConfigError, DataConfig, DiffusionConfig, ModelConfig, RunConfig, check_weighting, flatten,
                             to_dict, validate)
 from trainer.stage_config import AdversarialSettings, distilled_steps
@@ -124,7 +124,19 @@ def teacher_steps_of(cfg: RunConfig) -> Optional[int]:
     loss weighting and a fitting teacher; the step count the teacher was distilled into (None: a
     full diffusion model). Each kind's preflight checks its own knobs against it."""
     check_weighting(cfg.diffusion)
-    return distilled_steps(check_teacher(cfg.stage.teacher, cfg.model, cfg.diffusion, cfg.data).stage)
+    teacher = check_teacher(cfg.stage.teacher, cfg.model, cfg.diffusion, cfg.data)
+    return teacher_steps(cfg.stage.teacher, teacher.stage)
+
+
+def teacher_steps(directory: str, stage: Any) -> Optional[int]:
+    """The step count the teacher at `directory` (`stage`: its run's StageConfig) samples with:
+    None for a full diffusion model; for a progressive step directory saved mid-run, its
+    round's (`student_round`), not the run's last round's (a 4-step teacher taken for 2 steps
+    would have been distilled into 1 with 2-step targets)."""
+    try:
+        return distilled_steps(stage, student_round(resolve(directory), stage))
+    except CheckpointError as e:
+        raise ConfigError("stage.teacher", str(e)) from None
 
 
 def preflight_progressive(cfg: RunConfig) -> None:

@@ -30,8 +30,8 @@ from trainer.diffusion.distill import Model, guided_model
 from trainer.media import save_grid
 from trainer.models.dit import DiT, TextEmbedding, build_dit
 from trainer.models.text import conditioned
-from trainer.stage_config import ProgressiveSettings, distilled_steps
-from trainer.stages.checks import check_teacher, check_teacher_exists
+from trainer.stage_config import ProgressiveSettings
+from trainer.stages.checks import check_teacher, check_teacher_exists, teacher_steps
 from trainer.stages.pretrain import PretrainStage
 
 # CFG on the teacher uses the rescale its sampler uses (Lin et al. 2023 recommend 0.7 with zero
@@ -115,7 +115,7 @@ def load_teacher(directory: str, model: ModelConfig, diffusion: DiffusionConfig,
     cfg = check_teacher(directory, model, diffusion, data, config_yaml)
     net = frozen(build_dit(cfg.model, text_dim, pooled_dim))
     net.load_state_dict(weights)
-    steps = distilled_steps(cfg.stage)
+    steps = teacher_steps(directory, cfg.stage)
     source = TeacherSource(directory, str(step), recorded_sha256(step) or "")
     return Teacher(net, uses_cfg=steps is None, steps=steps), weights, source
 
