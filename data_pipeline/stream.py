@@ -43,7 +43,8 @@ from data_pipeline.config import DataConfig, remote_options, validate_data_confi
 from data_pipeline.errors import DataError, SkipCounter, check_error_budget, empty_counts
 from data_pipeline.manifest import (SOURCE_SEPARATOR, Manifest, check_pixel_settings, resolve_source,
                                     resolve_sources)
-from data_pipeline.plan import EpochOrder, ResampledOrder, Segment, Slot, Topology, epoch_read_blocks, replay
+from data_pipeline.plan import (EpochOrder, ResampledOrder, Segment, Slot, Topology, epoch_read_blocks, length,
+                                 replay)
 from data_pipeline.remote import RemoteOptions, redact
 from data_pipeline.stages import batch_stage, decode_stage, read_stage, transform_stage
 from data_pipeline.tar_reader import ShardReader
@@ -454,8 +455,25 @@ class Stream:
         if segments[-1][:5] != self.topology.as_list():
             if segments[-1][5] == 0:
                 segments.pop()
+            elif mode == "epoch":
+                self._warn_open_windows(segments)
             segments.append(self.topology.as_list() + [0])
         self.seed, self.epoch, self.block, self._segments = seed, epoch, block, segments
+
+    def _warn_open_windows(self, segments: list[list[int]]) -> None:
+        """Say how many samples a change of layout serves again. Inside a bucketing window the
+        samples a batch took depend on the data, so the plan counts a window served only once
+        all its batches were handed out (`Segment.consumed`): on another layout the batches
+        handed out of each worker's open window are read again (nothing is lost)."""
+        closed = [(Topology.from_list(s[:5]), s[5]) for s in segments[:-1]]
+        topo, handed = Topology.from_list(segments[-1][:5]), segments[-1][5]
+        segment = Segment(replay(self.num_samples, closed), topo)
+        again = min(handed * topo.world_size * topo.batch_size, segment.real_end) - length(segment.consumed(handed))
+        if again > 0:
+            log.warning("resuming on another layout (ranks, workers, batch size or bucket window) inside "
+                        "bucket windows: %d samples already trained on this epoch are served again (those of "
+                        "the windows not finished at the checkpoint; none is lost). Resume on the layout "
+                        "it was saved with to see each sample once", again)
 
     @property
     def _mode(self) -> str:
