@@ -19,7 +19,8 @@ class DataConfig:
     # brace/glob pattern of URLs, or WebDataset's "pipe:CMD" (see data_pipeline/remote.py).
     shards: str = "${run.out_dir}/data"
     # Extra datasets for resampled (infinite, weighted) streams: {"path": weight, ...}. The
-    # `shards` source takes part with weight 1.0 unless it is "". Needs resampled=true.
+    # `shards` source takes part with weight 1.0 unless it is "", its "::" parts sharing it by
+    # their sample counts (resampled without a mixture: draws from their union). Needs resampled=true.
     mixture: dict[str, float] = field(default_factory=dict)
     kind: str = "image"  # image | video (images become 1-frame clips in video mode)
     resolution: int = 32  # base training resolution (pixels, square crop)

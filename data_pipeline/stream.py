@@ -41,8 +41,7 @@ import torch
 
 from data_pipeline.config import DataConfig, remote_options, validate_data_config
 from data_pipeline.errors import DataError, SkipCounter, check_error_budget, empty_counts
-from data_pipeline.manifest import (SOURCE_SEPARATOR, Manifest, check_pixel_settings, resolve_source,
-                                    resolve_sources)
+from data_pipeline.manifest import Manifest, check_pixel_settings, resolve_source, resolve_sources
 from data_pipeline.plan import (EpochOrder, ResampledOrder, Segment, Slot, Topology, epoch_read_blocks, length,
                                  replay)
 from data_pipeline.remote import RemoteOptions, redact
@@ -348,16 +347,19 @@ def batch_to_device(batch: dict, device: torch.device) -> dict:
     return out
 
 
-def _sources(cfg: DataConfig) -> tuple[list[Manifest], Optional[list[float]]]:
+def _sources(cfg: DataConfig) -> tuple[list[Manifest], list[float]]:
+    """The sources and their weights in resampled draws: the "::" parts of `data.shards` share
+    weight 1.0 by their sample counts (draws from them are draws from their union, as an epoch
+    covers it and as open_clip resamples joined sources), each `data.mixture` entry its own. A
+    part had weight 1.0 alone: a 10-sample source joined to a million-sample one got half of
+    the draws."""
     if "${" in cfg.shards:
         raise DataError(f"data.shards={cfg.shards!r} holds an unresolved interpolation; load the run "
                         f"config with trainer.config.load_config or give a shard directory")
-    if not cfg.mixture:
-        return resolve_sources(cfg.shards), None
-    own = [p for p in cfg.shards.split(SOURCE_SEPARATOR) if p.strip()]
-    specs = own + list(cfg.mixture)
-    weights = [1.0] * len(own) + [float(w) for w in cfg.mixture.values()]
-    return [resolve_source(s.strip()) for s in specs], weights
+    own = resolve_sources(cfg.shards) if cfg.shards.strip() or not cfg.mixture else []  # "": mixture only
+    total = sum(m.num_samples for m in own)
+    weights = [m.num_samples / total if total else 0.0 for m in own] + [float(w) for w in cfg.mixture.values()]
+    return own + [resolve_source(s.strip()) for s in cfg.mixture], weights
 
 
 class Stream:
@@ -502,7 +504,7 @@ class Stream:
             resampled = ResampledOrder(
                 tuple(int(s) for s in starts),
                 tuple(tuple(s.samples for s in m.shards) for m in self.sources),
-                tuple(self.weights or [1.0] * len(self.sources)),
+                tuple(self.weights),
                 self.seed, len(self._segments) - 1, self.block,
             )
         else:

@@ -130,6 +130,17 @@ def test_resampled_stream_is_infinite_weighted_and_resumable(tmp_path, cfg):
     assert key_sequence(head + tail) == keys[: 12 * 4]
 
 
+def test_joined_sources_are_resampled_as_their_union(tmp_path, cfg):
+    """"::"-joined sources share the weight of `data.shards` by their sample counts, as an epoch
+    covers their union: each had weight 1, so a 3-sample source took half the draws beside 12."""
+    a = make_shards(tmp_path / "a", (6, 6))
+    b = make_shards(tmp_path / "b", (3,), start=1000)
+    keys = key_sequence(take(build_stream(cfg(shards=f"{a}::{b}", resampled=True, shuffle_buffer=2, batch_size=4),
+                                          0, 1), 60))
+    from_b = sum(k >= "000001000" for k in keys) / len(keys)
+    assert 0.08 < from_b < 0.35, from_b  # 3 / 15 = 0.2 of 120 visits (std 0.04)
+
+
 def test_state_of_another_dataset_is_refused(tmp_path, cfg):
     other = make_shards(tmp_path / "other", (4,))
     state = build_stream(cfg(), 0, 1).state_dict()
