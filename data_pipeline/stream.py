@@ -347,6 +347,18 @@ def batch_to_device(batch: dict, device: torch.device) -> dict:
     return out
 
 
+def _refuse_repeated_shards(paths: tuple[str, ...]) -> None:
+    """An epoch covers its sources' union exactly once: a shard listed twice ("::" parts that
+    overlap, a brace pattern naming it twice) would be read twice per epoch, silently."""
+    seen: dict[str, str] = {}
+    for p in paths:
+        real = p if "://" in p or p.startswith("pipe:") else os.path.realpath(p)
+        if real in seen:
+            raise DataError(f"data.shards lists the shard {p} twice (also as {seen[real]}): an epoch would read "
+                            f"its samples twice; list each shard once (overlapping '::' sources or patterns)")
+        seen[real] = p
+
+
 def _sources(cfg: DataConfig) -> tuple[list[Manifest], list[float]]:
     """The sources and their weights in resampled draws: the "::" parts of `data.shards` share
     weight 1.0 by their sample counts (draws from them are draws from their union, as an epoch
@@ -388,6 +400,8 @@ class Stream:
         for source in self.sources:  # latent shards: made from pixels as this run makes them
             check_pixel_settings(source, cfg)
         self.paths = tuple(p for m in self.sources for p in m.paths())
+        if not cfg.resampled:
+            _refuse_repeated_shards(self.paths)
         self.offsets = tuple(o for m in self.sources for o in m.offsets())
         self.counts = tuple(s.samples for m in self.sources for s in m.shards)
         self.num_samples = sum(self.counts)

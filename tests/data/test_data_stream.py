@@ -4,6 +4,7 @@ from __future__ import annotations
 import multiprocessing
 import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,6 +140,14 @@ def test_joined_sources_are_resampled_as_their_union(tmp_path, cfg):
                                           0, 1), 60))
     from_b = sum(k >= "000001000" for k in keys) / len(keys)
     assert 0.08 < from_b < 0.35, from_b  # 3 / 15 = 0.2 of 120 visits (std 0.04)
+
+
+def test_a_shard_listed_twice_is_refused(tmp_path, cfg, shards):
+    """Overlapping sources would read a shard twice per epoch, silently."""
+    one = sorted(Path(shards).glob("*.tar"))[0]
+    for spec in (f"{shards}::{shards}", f"{shards}::{one}"):
+        with pytest.raises(DataError, match="twice"):
+            build_stream(cfg(shards=spec), 0, 1)
 
 
 def test_state_of_another_dataset_is_refused(tmp_path, cfg):
