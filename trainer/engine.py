@@ -30,7 +30,7 @@ from trainer.ema import EMA
 from trainer.flat_params import expand
 from trainer.metrics import KeyLog, Metric, MetricsLogger
 from trainer.numerics import PRECISIONS, autocast, inference_numerics
-from trainer.optim import FiniteGuard, apply_config, build_engine, player_lr
+from trainer.optim import FiniteGuard, apply_config, build_engine, player_lr, schedule_at
 from trainer.parallel import parallelize, pipeline_inputs
 from trainer.train_state import (EMAState, Keyed, LoopState, PlayersState, RNGState, ShapeRecord, StageState,
                                  Stateful, load_states, save_states, seed_everything)
@@ -253,6 +253,8 @@ class Trainer:
     def train_step(self, batches: Iterator[dict]) -> tuple[list[dict[str, Metric]], bool | torch.Tensor]:
         """One optimizer step of every player: the micro-batches' metrics, and whether the step
         was skipped on every rank (a bool, or a device flag not read yet: `Pending`)."""
+        for engine in self.engines.values():
+            schedule_at(engine, self.state.step)
         self.step_lrs = self.learning_rates()  # read before the engines step their LR schedulers
         infos = self.pipeline_step(batches) if self.pipeline else list(self.micro_batch_losses(batches))
         # A skip shows either in our guard or, where DeepSpeed's ZeRO optimizer found the global

@@ -153,6 +153,22 @@ def apply_config(engine: Any, optimizer: torch.optim.Optimizer, lr: float, optim
         engine.optimizer.clip_grad = optim.grad_clip
 
 
+def schedule_at(engine: Any, step: int) -> None:
+    """Put `engine`'s LR schedule at `step` (optimizer steps taken, skipped ones included)
+    before a step. A skipped step counts as a step (its batch, the EMA warm-up, the step
+    number), so the schedule moves on too, whichever skipped it: DeepSpeed does not step its
+    scheduler where its own optimizer skips (a non-finite global norm at ZeRO 1-3, fp16
+    overflows), the finite guard's skip it does (ZeRO-0), and the same config ran one step
+    late on its schedule after each skip on ZeRO 1-3 only. LambdaLR's rate at `step`."""
+    scheduler = engine.lr_scheduler
+    if scheduler.last_epoch == step:
+        return
+    scheduler.last_epoch = step
+    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(step)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
 def build_optimizer(params: list[nn.Parameter], lr: float, optim: OptimConfig, ds: DeepSpeedConfig,
                     device: torch.device) -> torch.optim.Optimizer:
     """AdamW behind the finite guard: DeepSpeed's CPU Adam when ZeRO-Offload steps on the host,

@@ -113,7 +113,9 @@ class ScheduledEngine:
     step boundary (`_take_model_step`): the optimizer, then the LR scheduler. Records the rate
     each optimizer step used."""
 
-    def __init__(self, optim, total_steps: int):
+    def __init__(self, optim, total_steps: int, overflows: frozenset = frozenset()):
+        """`overflows`: the optimizer steps (1-based) DeepSpeed skips by itself, as its ZeRO
+        optimizer does on a non-finite gradient norm: no update, and no scheduler step."""
         from trainer.optim import lr_factor
 
         self.module = torch.nn.Linear(2, 1)
@@ -121,15 +123,19 @@ class ScheduledEngine:
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                               lambda s: lr_factor(s, optim, total_steps))
         self.used: list[float] = []
+        self.overflows, self.steps, self.applied = overflows, 0, True
 
     def backward(self, loss):
         loss.backward()
 
     def step(self):
-        self.used.append(self.optimizer.param_groups[0]["lr"])
-        self.optimizer.step()
+        self.steps += 1
+        self.applied = self.steps not in self.overflows
+        if self.applied:
+            self.used.append(self.optimizer.param_groups[0]["lr"])
+            self.optimizer.step()
+            self.lr_scheduler.step()
         self.optimizer.zero_grad()
-        self.lr_scheduler.step()
 
     def get_lr(self):
         return [group["lr"] for group in self.optimizer.param_groups]
@@ -138,12 +144,12 @@ class ScheduledEngine:
         return 0.0
 
     def was_step_applied(self):
-        return True
+        return self.applied
 
 
-def test_the_logged_lr_is_the_one_the_step_trained_with(tmp_path):
-    """Warm-up over 4 steps (lr 1e-3): step s trains at s / 4 of it, and its log says so, not
-    the next step's rate (the scheduler has stepped by the time the step is logged)."""
+def run_step_loop(tmp_path, overflows: frozenset = frozenset()) -> tuple[ScheduledEngine, list[float]]:
+    """6 steps of the step loop over a `ScheduledEngine` at lr 1e-3 warmed up over 4 steps: the
+    engine and the logged learning rates."""
     from types import SimpleNamespace
 
     from tests.eval.eval_helpers import tiny_config
@@ -151,7 +157,7 @@ def test_the_logged_lr_is_the_one_the_step_trained_with(tmp_path):
     from trainer.train_state import LoopState
 
     cfg = tiny_config(tmp_path, "optim.warmup_steps=4", "optim.lr=1e-3", "stage.steps=6", "log.every=1")
-    engine = ScheduledEngine(cfg.optim, cfg.stage.steps)
+    engine = ScheduledEngine(cfg.optim, cfg.stage.steps, overflows)
 
     def losses(batch, draws):
         yield "student", engine.module(batch).square().mean(), {}
@@ -170,6 +176,22 @@ def test_the_logged_lr_is_the_one_the_step_trained_with(tmp_path):
         trainer.record_step(*trainer.train_step(batches))
         trainer.settle(everything=True)
     trainer.logger.close()
-    logged = [json.loads(line)["lr"] for line in (Path(cfg.log.dir) / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (Path(cfg.log.dir) / "metrics.jsonl").read_text().splitlines()]
+    return engine, [r["lr"] for r in records if "lr" in r]
+
+
+def test_the_logged_lr_is_the_one_the_step_trained_with(tmp_path):
+    """Warm-up over 4 steps (lr 1e-3): step s trains at s / 4 of it, and its log says so, not
+    the next step's rate (the scheduler has stepped by the time the step is logged)."""
+    engine, logged = run_step_loop(tmp_path)
     assert engine.used == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
     assert logged == pytest.approx(engine.used)
+
+
+def test_a_step_deepspeed_skips_moves_the_schedule_as_one_the_guard_skips(tmp_path):
+    """A step skipped counts as a step (its batch, the EMA warm-up, the step number): the LR
+    schedule moves on too, whichever skipped it. DeepSpeed skips its scheduler step where its
+    ZeRO optimizer finds the norm non-finite, the finite guard's skip (ZeRO-0) does not: the
+    same config ran one step late on the schedule after each such skip, on ZeRO 1-3 only."""
+    engine, _ = run_step_loop(tmp_path, overflows=frozenset({2}))
+    assert engine.used == pytest.approx([2.5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])  # step 2 skipped
