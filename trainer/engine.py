@@ -308,6 +308,8 @@ class Trainer:
         return None
 
     def settle_step(self, done: Pending) -> Optional[int]:
+        """A skipped step adds no metrics but closes its step all the same: a log step that was
+        skipped wrote no record, and its window's metrics went into the next window's mean."""
         if done.skipped():
             self.state.skipped_steps += 1
             self.state.nonfinite_in_row += 1
@@ -319,12 +321,12 @@ class Trainer:
                       f"data; the last checkpoint holds finite weights.",
                       file=sys.stderr, flush=True)
                 return EXIT_NONFINITE
-            return None
-        self.state.nonfinite_in_row = 0
-        for info in done.infos:
-            self.logger.add(info)
+        else:
+            self.state.nonfinite_in_row = 0
+            for info in done.infos:
+                self.logger.add(info)
         extra: dict[str, float] = {"skipped_steps": self.state.skipped_steps}
-        if done.step % self.cfg.log.every == 0:
+        if self.logger.is_log_step(done.step):
             extra.update(self.optimizer_metrics(done.lrs))
             extra.update(self.data_stats())
         self.logger.step_done(done.step, extra)

@@ -116,6 +116,7 @@ class MetricsLogger:
                  samples_per_step: int, tokens_per_sample: int, macs_per_sample: int):
         self.cfg = cfg
         self.rank = rank
+        self.total_steps = total_steps
         self.samples_per_step = samples_per_step
         self.tokens_per_sample = tokens_per_sample
         self.macs_per_sample = macs_per_sample
@@ -166,13 +167,18 @@ class MetricsLogger:
                 out[k] = float(total) / float(count)
         return out
 
+    def is_log_step(self, step: int) -> bool:
+        """Every `every` steps, and the last step (its window's steps were never written)."""
+        return step % self.cfg.every == 0 or step == self.total_steps
+
     def step_done(self, step: int, extra: dict[str, Any]) -> Optional[dict[str, Any]]:
-        """Close a step; every `every` steps return (and on rank 0 write) the averaged record."""
+        """Close a step (a skipped one too: it took its time and its batch); on log steps
+        (`is_log_step`) return (and on rank 0 write) the record averaged since the last."""
         self.timer.step_done()
         self.steps_since += 1
         if self.bar is not None:
             self.bar.update(1)
-        if step % self.cfg.every != 0:
+        if not self.is_log_step(step):
             return None
         data_s, total_s = self.timer.pop()
         record: dict[str, Any] = self.means()

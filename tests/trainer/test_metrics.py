@@ -147,20 +147,21 @@ class ScheduledEngine:
         return self.applied
 
 
-def run_step_loop(tmp_path, overflows: frozenset = frozenset()) -> tuple[ScheduledEngine, list[float]]:
-    """6 steps of the step loop over a `ScheduledEngine` at lr 1e-3 warmed up over 4 steps: the
-    engine and the logged learning rates."""
+def run_step_loop(tmp_path, overflows: frozenset = frozenset(), every: int = 1) -> tuple[ScheduledEngine, list[dict]]:
+    """6 steps of the step loop over a `ScheduledEngine` at lr 1e-3 warmed up over 4 steps,
+    logged every `every`: the engine and the metrics records."""
     from types import SimpleNamespace
 
     from tests.eval.eval_helpers import tiny_config
     from trainer.engine import Trainer
     from trainer.train_state import LoopState
 
-    cfg = tiny_config(tmp_path, "optim.warmup_steps=4", "optim.lr=1e-3", "stage.steps=6", "log.every=1")
+    cfg = tiny_config(tmp_path, "optim.warmup_steps=4", "optim.lr=1e-3", "stage.steps=6", f"log.every={every}")
     engine = ScheduledEngine(cfg.optim, cfg.stage.steps, overflows)
 
     def losses(batch, draws):
-        yield "student", engine.module(batch).square().mean(), {}
+        loss = engine.module(batch).square().mean()
+        yield "student", loss, {"loss": loss.detach()}
 
     trainer = Trainer.__new__(Trainer)  # the step loop alone: no process group, stream or DiT
     trainer.cfg, trainer.device, trainer.precision, trainer.pipeline = cfg, torch.device("cpu"), "fp32", False
@@ -176,16 +177,24 @@ def run_step_loop(tmp_path, overflows: frozenset = frozenset()) -> tuple[Schedul
         trainer.record_step(*trainer.train_step(batches))
         trainer.settle(everything=True)
     trainer.logger.close()
-    records = [json.loads(line) for line in (Path(cfg.log.dir) / "metrics.jsonl").read_text().splitlines()]
-    return engine, [r["lr"] for r in records if "lr" in r]
+    return engine, [json.loads(line) for line in (Path(cfg.log.dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_the_logged_lr_is_the_one_the_step_trained_with(tmp_path):
     """Warm-up over 4 steps (lr 1e-3): step s trains at s / 4 of it, and its log says so, not
     the next step's rate (the scheduler has stepped by the time the step is logged)."""
-    engine, logged = run_step_loop(tmp_path)
+    engine, records = run_step_loop(tmp_path)
     assert engine.used == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
-    assert logged == pytest.approx(engine.used)
+    assert [r["lr"] for r in records if "lr" in r] == pytest.approx(engine.used)
+
+
+def test_a_skipped_log_step_and_the_last_step_write_their_windows(tmp_path):
+    """Logged every 4 of 6 steps, step 4 skipped: the record of step 4 holds steps 1-3 (a
+    skipped log step wrote none, and steps 1-3 went into a later mean), and step 6, the last,
+    writes steps 5-6 (the last window was never written)."""
+    _, records = run_step_loop(tmp_path, overflows=frozenset({4}), every=4)
+    assert [r["step"] for r in records if "loss" in r] == [4, 6]
+    assert [r["step"] for r in records if r.get("skipped_nonfinite_step")] == [4]
 
 
 def test_a_step_deepspeed_skips_moves_the_schedule_as_one_the_guard_skips(tmp_path):
