@@ -372,6 +372,7 @@ class Trainer:
         preempt = PreemptionFlag()
         batches = iter(self.stream)
         code = EXIT_OK
+        drawn = -1  # the step of the last sample grid drawn here
         while self.state.step < total:
             self.stage.start_of_step(self.state.step, self.raw_weights)
             self.record_step(*self.train_step(batches))
@@ -388,11 +389,12 @@ class Trainer:
                 self.save()
             if self.cfg.log.sample_every and self.state.step % self.cfg.log.sample_every == 0:
                 self.write_samples()
+                drawn = self.state.step
             if self.cfg.log.eval_every and self.state.step % self.cfg.log.eval_every == 0:
                 self.evaluate()
         batches.close()
         self.stream.close()  # its workers, idle from here on
-        if code == EXIT_OK:
+        if code == EXIT_OK and drawn != self.state.step:  # the last step's grid, unless just drawn
             self.write_samples()
         return code
 

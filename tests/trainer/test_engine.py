@@ -20,13 +20,14 @@ def test_zero3_trains_and_loss_goes_down(shapes_shards, tmp_path):
     tests/trainer/test_precision_offload.py (the tiny config's stage)."""
     out = tmp_path / "run"
     proc = run_train(2, base(shapes_shards, out, "deepspeed.zero_stage=3", "stage.steps=40",
-                             "checkpoint.every=40", "optim.lr=2e-3"))
+                             "checkpoint.every=40", "optim.lr=2e-3", "log.sample_every=20"))
     assert_ok(proc)
     curve = losses(out)
     first, last = sum(curve[s] for s in range(1, 9)) / 8, sum(curve[s] for s in range(33, 41)) / 8
     assert last < 0.8 * first, (first, last)
     grids = [r["sample_grid"] for r in metrics(out) if "sample_grid" in r]
-    assert grids and Path(grids[-1]).is_file()
+    assert [Path(g).name for g in grids] == ["step_00000020.png", "step_00000040.png"]  # the last one once
+    assert Path(grids[-1]).is_file()
 
 
 def test_cfg_dropout_rate():
