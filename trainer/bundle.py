@@ -87,11 +87,8 @@ class InferenceBundle:
         return self
 
     def network(self, weights: Optional[dict[str, Tensor]]) -> DiT:
-        """A plain (unpartitioned) DiT of the run carrying `weights`, in eval mode on the host.
-        Its initialisation draws from a fork of the global RNG: a sample grid or an eval during
-        training moved the RNG state the checkpoints save (a resumed run's then differed)."""
-        with torch.random.fork_rng(devices=[]):
-            net = build_dit(self.model_cfg, self.text.dim, self.text.pooled_dim)
+        """A plain (unpartitioned) DiT of the run carrying `weights`, in eval mode on the host."""
+        net = build_dit(self.model_cfg, self.text.dim, self.text.pooled_dim)
         if weights is not None:
             net.load_state_dict(weights)  # strict: a missing weight is an error, never a default
         return net.eval()

@@ -438,18 +438,21 @@ class Trainer:
             return
         from trainer.evaluate import adherence_during_training
 
-        with inference_numerics(self.device, self.precision):
+        with inference_numerics(self.device, self.precision), torch.random.fork_rng(devices=[]):
             metrics = adherence_during_training(self.stage, weights, self.cfg.log)
         if metrics:
             self.logger.event(self.state.step, metrics)
 
     def write_samples(self) -> Optional[Path]:
-        """EMA (else raw) sample grid for the fixed prompts (collective gather, rank 0 draws)."""
+        """EMA (else raw) sample grid for the fixed prompts (collective gather, rank 0 draws).
+        Grids and evals draw from a fork of the global RNG (building the sampling network draws
+        its initial weights there): the RNG state checkpoints save moved with each grid, and a
+        resumed run's later checkpoints differed from an uninterrupted one's."""
         weights = self.full_weights()
         if not self.ctx.is_main:
             return None
         path = Path(self.cfg.log.dir) / "samples" / f"step_{self.state.step:08d}.png"
-        with inference_numerics(self.device, self.precision):
+        with inference_numerics(self.device, self.precision), torch.random.fork_rng(devices=[]):
             out = self.stage.write_samples(weights, self.cfg.log, path)
         if out is not None:
             self.logger.event(self.state.step, {"sample_grid": str(out)})

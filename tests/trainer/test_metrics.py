@@ -204,3 +204,27 @@ def test_a_step_deepspeed_skips_moves_the_schedule_as_one_the_guard_skips(tmp_pa
     same config ran one step late on the schedule after each such skip, on ZeRO 1-3 only."""
     engine, _ = run_step_loop(tmp_path, overflows=frozenset({2}))
     assert engine.used == pytest.approx([2.5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])  # step 2 skipped
+
+
+def test_a_sample_grid_leaves_the_global_rng_alone(tmp_path):
+    """Checkpoints save the global RNG state: drawing a grid (whose sampling network draws its
+    initial weights there) must not move it, or a resumed run's later checkpoints differ from an
+    uninterrupted one's."""
+    from types import SimpleNamespace
+
+    from tests.eval.eval_helpers import tiny_config
+    from trainer.engine import Trainer
+    from trainer.train_state import LoopState
+
+    def write_samples(weights, log, path):
+        torch.rand(8)  # what building a network does
+        return None
+
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg, trainer.device, trainer.precision = tiny_config(tmp_path), torch.device("cpu"), "fp32"
+    trainer.ctx, trainer.state = SimpleNamespace(is_main=True), LoopState()
+    trainer.full_weights, trainer.stage = lambda: {}, SimpleNamespace(write_samples=write_samples)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    trainer.write_samples()
+    assert torch.equal(torch.get_rng_state(), before)
