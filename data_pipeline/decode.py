@@ -272,7 +272,7 @@ def decode_sample(raw: RawSample, shard: str, counter: SkipCounter) -> Decoded:
             counter.member("ignored_member", shard, raw.key, f"{raw.key}.{ext}")
     meta_json = first.get("json", b"{}")
     meta = decode_json(meta_json)
-    sample = Decoded(raw.key, _caption(first, meta), meta, meta_json=meta_json, tensors=_tensors(arrays))
+    sample = Decoded(raw.key, sample_caption(first, meta), meta, meta_json=meta_json, tensors=_tensors(arrays))
     image = _first(first, IMAGE_EXTS)
     if image is not None:
         sample.image = open_image(image)
@@ -291,7 +291,9 @@ def _first(first: dict[str, bytes], types: tuple[str, ...]) -> Optional[bytes]:
     return None
 
 
-def _caption(first: dict[str, bytes], meta: dict) -> str:
+def sample_caption(first: dict[str, bytes], meta: dict) -> str:
+    """A sample's caption by the loader's rule: its first caption member (member type -> bytes
+    in `first`), else its json's `caption`; SkipSample when it has none or it is empty."""
     data = _first(first, CAPTION_EXTS)
     if data is not None:
         caption = decode_text(data)

@@ -90,7 +90,7 @@ def _shard_captions(path: str, num: int, offsets: list[int]) -> Iterator[str]:
     """The caption of each of the `num` samples of one shard, from its `txt` (or json
     `caption`) member alone: a local sample's image, video or latent bytes are never copied.
     Samples the loader would skip are skipped; an unreadable shard raises DataError."""
-    from data_pipeline.decode import CAPTION_EXTS, decode_json, decode_text, member_type
+    from data_pipeline.decode import CAPTION_EXTS, decode_json, member_type, sample_caption
     from data_pipeline.errors import DataError, SkipSample
     from data_pipeline.tar_reader import LazySample, TarShard
 
@@ -104,15 +104,15 @@ def _shard_captions(path: str, num: int, offsets: list[int]) -> Iterator[str]:
                                if member_type(ext) in (*CAPTION_EXTS, "json")}
                 else:
                     members = sample.members
-                by_type = {member_type(ext): data for ext, data in members.items()}
-                text = next((by_type[t] for t in CAPTION_EXTS if t in by_type), None)
-                caption = decode_text(text) if text is not None else decode_json(by_type.get("json", b"{}")).get("caption")
+                first: dict[str, bytes] = {}
+                for ext, data in members.items():
+                    first.setdefault(member_type(ext), data)
+                caption = sample_caption(first, decode_json(first.get("json", b"{}")))
             except SkipSample as e:
                 if e.reason == "unreadable_shard":
                     raise DataError(f"{path}: {e}") from None
                 continue
-            if isinstance(caption, str) and caption.strip():
-                yield caption
+            yield caption
     finally:
         shard.close()
 
