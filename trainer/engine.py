@@ -381,7 +381,7 @@ class Trainer:
             code = self.settle(everything=saving or step % self.cfg.log.every == 0) or EXIT_OK
             if code:
                 break
-            if preempted:
+            if preempted and step < total:  # at the last step the run is done: no requeue
                 self.save()
                 code = EXIT_REQUEUE
                 break

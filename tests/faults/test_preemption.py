@@ -21,15 +21,14 @@ pytestmark = pytest.mark.slow
 GRACE_S = 90  # what `sbatch --signal=USR1@90` leaves; our SLURM script asks for as much
 
 
-def test_sigusr1_on_one_rank_saves_on_every_rank_and_requeues(uneven_shards, reference_run, tmp_path):
-    out, marker = tmp_path / "run", tmp_path / "saving"
-    args = base(uneven_shards, out, *REFERENCE)
-    # The save of step 8 pauses so that the signal lands at a known point: during step 9; the
-    # ranks learn of it at the end of step 10.
-    proc = popen_train(2, args, DIT_INJECT_SAVE_STALL=f"{marker}@8")
+def preempt_in_step_9(nproc: int, args: list[str], marker: Path) -> tuple[subprocess.CompletedProcess, float]:
+    """Run, SIGUSR1 the last rank while step 9 runs (the save of step 8 pauses so that the
+    signal lands at a known point; the ranks learn of it at the end of step 10); the finished
+    run and the seconds from the signal to its exit."""
+    proc = popen_train(nproc, args, DIT_INJECT_SAVE_STALL=f"{marker}@8")
     try:
         wait_for_file(marker, proc)
-        os.kill(rank_pid(proc.pid, 1), signal.SIGUSR1)
+        os.kill(rank_pid(proc.pid, nproc - 1), signal.SIGUSR1)
         signalled = time.monotonic()
         Path(f"{marker}.release").touch()
         output, _ = proc.communicate(timeout=GRACE_S + 30)
@@ -37,7 +36,15 @@ def test_sigusr1_on_one_rank_saves_on_every_rank_and_requeues(uneven_shards, ref
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert rank_exit_codes(subprocess.CompletedProcess([], proc.returncode, output, "")) == {42}, output[-4000:]
+    return subprocess.CompletedProcess([], proc.returncode, output, ""), took
+
+
+def test_sigusr1_on_one_rank_saves_on_every_rank_and_requeues(uneven_shards, reference_run, tmp_path):
+    out = tmp_path / "run"
+    args = base(uneven_shards, out, *REFERENCE)
+    done, took = preempt_in_step_9(2, args, tmp_path / "saving")
+    output = done.stdout
+    assert rank_exit_codes(done) == {42}, output[-4000:]
     assert took < GRACE_S, took
     print(f"saved and exited {took:.1f} s after SIGUSR1")
     assert "preempted; saved step 10" in output
@@ -47,3 +54,15 @@ def test_sigusr1_on_one_rank_saves_on_every_rank_and_requeues(uneven_shards, ref
     assert "at step 10" in resumed.stdout
     assert same_tensors(final_weights(out), final_weights(reference_run))
     assert same_tensors(ema_weights(out), ema_weights(reference_run))
+
+
+def test_preemption_agreed_at_the_last_step_finishes_the_run(uneven_shards, tmp_path):
+    """A run told of its preemption in its last step is done: it saves, draws its last grid and
+    exits 0, instead of asking the scheduler for a job that would have nothing to train."""
+    out = tmp_path / "run"
+    done, _ = preempt_in_step_9(1, base(uneven_shards, out, "stage.steps=10", "checkpoint.every=4",
+                                        "data.num_workers=1", "log.sample_every=0"), tmp_path / "saving")
+    assert done.returncode == 0, done.stdout[-4000:]
+    assert "preempted" not in done.stdout
+    assert latest_dir(out).name == "step_00000010"
+    assert (out / "logs" / "samples" / "step_00000010.png").is_file()
