@@ -23,7 +23,9 @@ once, in file order), not a contiguous range: any number of shards works for any
 Segments. A segment is a stretch of an epoch served with one topology (world size,
 workers, batch size, bucket window, drop_last). Its plan depends only on the positions that
 were unseen when it started, so the stream state is just (seed, epoch, [(topology, batches
-consumed)] per segment): resuming replays it. With an unchanged topology the stream goes on
+consumed, ids served of windows left open)] per segment): resuming replays it. (Which
+samples the batches handed out of an unfinished bucket window took depends on the data; the
+ids say it, at most workers x (window - 1) x batch_size per rank.) With an unchanged topology the stream goes on
 inside the same plan (identical order); with a changed one the segments before are
 replayed to find the unseen positions, and a new plan splits those among the new ranks.
 """
@@ -31,7 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Iterable, Iterator, NamedTuple, Sequence
+from typing import Collection, Iterable, Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 from numpy.random import default_rng  # imported here, before workers fork: numpy loads it lazily
@@ -149,6 +151,35 @@ class Segment:
             count, s = count - n, 0
         return tuple(out)
 
+    def open_window(self, worker: int, rank_batches: int) -> range:
+        """The batches of `worker`'s window that is open (partly served) once every rank took
+        `rank_batches` batches; empty when none is."""
+        t, mine = self.topo, self.worker_batches(worker)
+        share = t.worker_share(rank_batches, worker)
+        if share >= len(mine) or share % t.window == 0:
+            return range(0)
+        start = share // t.window * t.window
+        return mine[start: start + t.window]
+
+    def open_span(self, rank_batches: int) -> tuple[int, int]:
+        """Index range [lo, hi) holding every rank's open windows; (0, 0) when none is."""
+        windows = [w for w in (self.open_window(k, rank_batches) for k in range(self.topo.num_workers)) if w]
+        if not windows:
+            return 0, 0
+        row = self.topo.world_size * self.topo.batch_size  # one batch of every rank
+        return min(w[0] for w in windows) * row, min((max(w[-1] for w in windows) + 1) * row, self.real_end)
+
+    def positions(self, ranges: Iterable[tuple[int, int]]) -> np.ndarray:
+        """The epoch positions at index ranges [lo, hi), in order (int64)."""
+        parts = [np.arange(a, b, dtype=np.int64) for lo, hi in ranges for a, b in take(self.remaining, lo, hi)]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def handed_positions(self, order: "EpochOrder", rank_batches: int, ids: Collection[int]) -> np.ndarray:
+        """The epoch positions of open windows (`open_span`) that hold one of the sample `ids`:
+        what the batches handed out of those windows took (sorted)."""
+        positions = self.positions([self.open_span(rank_batches)])
+        return positions[np.isin(order.ids(positions), np.fromiter(ids, dtype=np.int64, count=len(ids)))]
+
     def consumed(self, rank_batches: int) -> list[tuple[int, int]]:
         """Index ranges served once every rank took `rank_batches` batches.
 
@@ -168,11 +199,33 @@ class Segment:
         return [(lo * row, min(hi * row, self.real_end)) for lo, hi in [(0, first)] + [(b, b + 1) for b in later]]
 
 
-def replay(num_samples: int, closed: Sequence[tuple[Topology, int]]) -> Intervals:
-    """The unseen positions after closed segments, each (topology, batches consumed per rank)."""
+def subtract(iv: Intervals, positions: np.ndarray) -> Intervals:
+    """`iv` without the epoch `positions` (sorted; those outside `iv` change nothing)."""
+    out = []
+    for a, b in iv:
+        start = a
+        for p in positions[np.searchsorted(positions, a): np.searchsorted(positions, b)].tolist():
+            if p > start:
+                out.append((start, p))
+            start = p + 1
+        if b > start:
+            out.append((start, b))
+    return tuple(out)
+
+
+def replay(num_samples: int, closed: Sequence[tuple[Topology, int]], served: Sequence[Collection[int]] = (),
+           order: Optional["EpochOrder"] = None) -> Intervals:
+    """The unseen positions after closed segments, each (topology, batches consumed per rank).
+
+    `served[i]`, where given, holds the ids of the samples handed out of the windows segment i
+    left open (every rank's): `consumed` cannot know them (a window's grouping depends on the
+    data), so their positions, found through the epoch's `order`, are removed as well."""
     iv: Intervals = ((0, num_samples),) if num_samples else ()
-    for topo, consumed in closed:
-        iv = remove(iv, Segment(iv, topo).consumed(consumed))
+    for i, (topo, consumed) in enumerate(closed):
+        segment = Segment(iv, topo)
+        iv = remove(iv, segment.consumed(consumed))
+        if i < len(served) and served[i]:
+            iv = subtract(iv, segment.handed_positions(order, consumed, served[i]))
     return iv
 
 
@@ -211,10 +264,23 @@ class EpochOrder:
     def _unit(self, b: int, parts: list[np.ndarray], pad: bool) -> list[Slot]:
         perm, rand = self._block(b)
         offsets = np.concatenate(parts)
-        raw = b * self.block + perm[offsets]
-        j = np.searchsorted(self.starts, raw, side="right") - 1
-        shards, indices = self.shard_order[j], raw - self.starts[j]
+        shards, indices = self._located(b * self.block + perm[offsets])
         return _slots(shards, indices, self.first_id[shards] + indices, pad, rand[offsets])
+
+    def _located(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(shard, index in shard) of positions in the concatenation of the ordered shards."""
+        j = np.searchsorted(self.starts, raw, side="right") - 1
+        return self.shard_order[j], raw - self.starts[j]
+
+    def ids(self, positions: np.ndarray) -> np.ndarray:
+        """The sample id at each epoch position (int64 array, as `positions`)."""
+        raw = np.empty(len(positions), dtype=np.int64)
+        blocks = positions // self.block
+        for b in np.unique(blocks).tolist():
+            at = blocks == b
+            raw[at] = b * self.block + self._block(b)[0][positions[at] - b * self.block]
+        shards, indices = self._located(raw)
+        return self.first_id[shards] + indices
 
 
 def _slots(shards: np.ndarray, indices: np.ndarray, ids: np.ndarray, pad: bool, rand: np.ndarray) -> list[Slot]:

@@ -421,6 +421,9 @@ class Stream:
         self.epoch = 0
         self.block = cfg.shuffle_buffer  # the epoch's order depends on it: kept until the epoch ends
         self._segments: list[list[int]] = [self.topology.as_list() + [0]]
+        self._served: list[list[int]] = [[]]  # per segment: ids handed out of windows open at its end
+        # per plan worker: the ids of the samples handed out here of its open window
+        self._open: list[list[int]] = [[] for _ in range(self.topology.num_workers)]
         self._stats = empty_counts()
         self._crashed: set[tuple[int, int]] = set()  # samples a worker died on (kept over epochs, not in the state)
         self._pin = torch.cuda.is_available()  # pinned pixels: batch_to_device copies them non-blocking
@@ -435,7 +438,13 @@ class Stream:
 
         {"version": 1, "mode": "epoch"|"resampled", "dataset": fingerprint, "seed": int,
          "epoch": int, "shuffle_buffer": int, "segments": [[world_size, workers, batch_size,
-         window, drop_last, batches_consumed_per_rank], ...]}"""
+         window, drop_last, batches_consumed_per_rank], ...], "served": [[sample id, ...], ...]}
+
+        "served" holds, per segment, the ids of the samples handed out of bucket windows that
+        were open at its end (now, for the last one): a resume on another layout removes them
+        from its plan (`replay`). This rank's own: at most workers x (window - 1) x batch_size.
+        A resume on another layout reads one rank's state, so the trainer saves each rank's
+        with every rank's ids joined in (`handed_over`)."""
         return {
             "version": STATE_VERSION,
             "mode": self._mode,
@@ -444,7 +453,12 @@ class Stream:
             "epoch": self.epoch,
             "shuffle_buffer": self.block,
             "segments": [list(s) for s in self._segments],
+            "served": self._served[:-1] + [self._open_ids()],
         }
+
+    def _open_ids(self) -> list[int]:
+        """This rank's ids handed out of its open windows."""
+        return sorted(i for ids in self._open for i in ids)
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a state; a changed topology starts a new segment of the same epoch."""
@@ -452,9 +466,11 @@ class Stream:
             version, mode, dataset = state["version"], state["mode"], state["dataset"]
             seed, epoch, block = int(state["seed"]), int(state["epoch"]), int(state["shuffle_buffer"])
             segments = [[int(v) for v in s] for s in state["segments"]]
+            served = [[int(i) for i in ids] for ids in state.get("served", [[] for _ in segments])]
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"malformed stream state ({e!r}): expected the dict of Stream.state_dict()") from None
-        if version != STATE_VERSION or any(len(s) != 6 for s in segments) or not segments:
+        if version != STATE_VERSION or any(len(s) != 6 for s in segments) or not segments or \
+                len(served) != len(segments):
             raise DataError(f"stream state version {version} with segments {segments} is not readable "
                             f"by this version ({STATE_VERSION})")
         if mode != self._mode:
@@ -468,28 +484,56 @@ class Stream:
             log.warning("resuming the data stream with its saved seed %d (data.seed is %d)", seed, self.cfg.seed)
         while len(segments) > 1 and segments[-1][5] == 0:
             segments.pop()
+            served.pop()
+        self.seed, self.epoch, self.block = seed, epoch, block
         if segments[-1][:5] != self.topology.as_list():
             if segments[-1][5] == 0:
                 segments.pop()
+                served.pop()
             elif mode == "epoch":
-                self._warn_open_windows(segments)
+                self._warn_open_windows(segments, served)
             segments.append(self.topology.as_list() + [0])
-        self.seed, self.epoch, self.block, self._segments = seed, epoch, block, segments
+            served.append([])
+        self._segments, self._served = segments, served
+        self._open = [[] for _ in range(self.topology.num_workers)]
+        if mode == "epoch" and served[-1]:
+            self._reopen_windows()
 
-    def _warn_open_windows(self, segments: list[list[int]]) -> None:
-        """Say how many samples a change of layout serves again. Inside a bucketing window the
-        samples a batch took depend on the data, so the plan counts a window served only once
-        all its batches were handed out (`Segment.consumed`): on another layout the batches
-        handed out of each worker's open window are read again (nothing is lost)."""
-        closed = [(Topology.from_list(s[:5]), s[5]) for s in segments[:-1]]
-        topo, handed = Topology.from_list(segments[-1][:5]), segments[-1][5]
-        segment = Segment(replay(self.num_samples, closed), topo)
-        again = min(handed * topo.world_size * topo.batch_size, segment.real_end) - length(segment.consumed(handed))
+    def _reopen_windows(self) -> None:
+        """Resumed on the same layout inside windows: give each worker back the loaded ids (of
+        every rank) that lie in its open window on this rank, as if it had served them here;
+        the state then records what an uninterrupted run's would."""
+        order, consumed, loaded = self._order(), self._segments[-1][5], np.asarray(self._served[-1])
+        segment = self._segment()
+        for worker in range(self.topology.num_workers):
+            window = segment.open_window(worker, consumed)
+            ids = order.ids(segment.positions(segment.batch_slots(self.rank, b)[0] for b in window))
+            self._open[worker] = ids[np.isin(ids, loaded)].tolist()
+
+    def _warn_open_windows(self, segments: list[list[int]], served: list[list[int]]) -> None:
+        """Say how many samples a change of layout serves again: none where the state records
+        the ids handed out of open bucket windows (`state_dict`); with a state from before
+        that record, those of the windows not finished at the checkpoint (nothing is lost)."""
+        closed = [(Topology.from_list(s[:5]), s[5]) for s in segments]
+        topo, handed = closed[-1]
+        before = replay(self.num_samples, closed[:-1], served, self._order())
+        after = replay(self.num_samples, closed, served, self._order())
+        real = min(handed * topo.world_size * topo.batch_size, Segment(before, topo).real_end)
+        again = real - (length(before) - length(after))
         if again > 0:
             log.warning("resuming on another layout (ranks, workers, batch size or bucket window) inside "
                         "bucket windows: %d samples already trained on this epoch are served again (those of "
                         "the windows not finished at the checkpoint; none is lost). Resume on the layout "
                         "it was saved with to see each sample once", again)
+
+    def _segment(self) -> Segment:
+        """The plan of the current segment (epoch mode): the positions the closed ones left."""
+        closed = [(Topology.from_list(s[:5]), s[5]) for s in self._segments[:-1]]
+        return Segment(replay(self.num_samples, closed, self._served, self._order()), self.topology)
+
+    def _order(self) -> EpochOrder:
+        """The current epoch's order (where `replay` finds the positions of recorded ids)."""
+        return EpochOrder(self.counts, self.seed, self.epoch, self.block)
 
     @property
     def _mode(self) -> str:
@@ -510,7 +554,6 @@ class Stream:
 
     def _job(self) -> Optional[RankJob]:
         """The plan for the current segment; None when the epoch is complete."""
-        closed = [(Topology.from_list(s[:5]), s[5]) for s in self._segments[:-1]]
         consumed = self._segments[-1][5]
         segment = resampled = None
         if self.cfg.resampled:
@@ -522,7 +565,7 @@ class Stream:
                 self.seed, len(self._segments) - 1, self.block,
             )
         else:
-            segment = Segment(replay(self.num_samples, closed), self.topology)
+            segment = self._segment()
             if consumed >= segment.batches:
                 return None
         return dataclasses.replace(self._base_job(), consumed=consumed, seed=self.seed, epoch=self.epoch,
@@ -595,6 +638,18 @@ class Stream:
         self.epoch += 1
         self.block = self.cfg.shuffle_buffer
         self._segments = [self.topology.as_list() + [0]]
+        self._served = [[]]
+        self._open = [[] for _ in range(self.topology.num_workers)]
+
+    def _record(self, segment: Segment, t: int, batch: dict) -> None:
+        """Keep the ids of batch t's valid samples while its worker's window stays open (they
+        go into the state, see `state_dict`); forget the window's once it closes: the plan then
+        counts all its samples as served."""
+        worker = t % segment.topo.num_workers
+        if _window_closes(segment, t):
+            self._open[worker] = []
+        else:
+            self._open[worker] += [i for i, ok in zip(batch["__sample__"], batch["valid"]) if ok]
 
     def _serve(self, job: RankJob) -> Iterator[dict]:
         """Hand out the batches of one segment, counting each before the caller sees it."""
@@ -609,6 +664,8 @@ class Stream:
                 self._stats[reason] += n
             check_error_budget(self._stats, self.cfg.error_budget, self.cfg.min_errors_before_budget,
                                f"rank {self.rank}")
+            if job.segment is not None:
+                self._record(job.segment, served, batch)
             served += 1
             self._segments[-1][5] = served
             if served == planned:  # the state already points at the next epoch
@@ -617,6 +674,24 @@ class Stream:
         if planned is not None and served != planned:
             raise DataError(f"rank {self.rank} received {served} of the {planned} batches planned for "
                             f"epoch {self.epoch}; a loader worker ended early (see its error above)")
+
+
+def handed_over(states: list[dict]) -> dict:
+    """The first of several ranks' states with its last segment's "served" ids joined with
+    those of the others in the same epoch (sorted: the same list on every rank), so that this
+    one state resumes any layout exactly once. The others need only their "epoch" and
+    "served" (what the trainer gathers: trainer/train_state.py `StreamState`)."""
+    first = states[0]
+    state = {**first, "served": [list(ids) for ids in first["served"]]}
+    state["served"][-1] = sorted({i for s in states if s["epoch"] == first["epoch"] for i in s["served"][-1]})
+    return state
+
+
+def _window_closes(segment: Segment, batch: int) -> bool:
+    """Whether a rank's batch `batch` of the segment is the last of its worker's window."""
+    t = segment.topo
+    worker, k = batch % t.num_workers, batch // t.num_workers  # k: the worker's own batch count
+    return (k + 1) % t.window == 0 or k + 1 == len(segment.worker_batches(worker))
 
 
 def build_stream(cfg: DataConfig, rank: int, world_size: int, *, state: Optional[dict] = None,

@@ -112,6 +112,26 @@ def max_over_ranks(flag: float | torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_gather_ints(values: list[int]) -> list[list[int]]:
+    """Every rank's list of integers (lengths may differ), in rank order, through tensors on
+    the backend's device (no pickling); [values] without a process group. Collective; reads
+    the lengths on the host (for a checkpoint, not a step)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [list(values)]
+    device, world = comm_device(), dist.get_world_size()
+    length = torch.tensor([len(values)], dtype=torch.int64, device=device)
+    lengths = [torch.empty_like(length) for _ in range(world)]
+    dist.all_gather(lengths, length)
+    sizes = [int(n) for n in torch.cat(lengths).tolist()]
+    if not any(sizes):
+        return [[] for _ in sizes]
+    mine = torch.zeros(max(sizes), dtype=torch.int64, device=device)
+    mine[: len(values)] = torch.tensor(values, dtype=torch.int64, device=device)
+    parts = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(parts, mine)
+    return [part[:n].tolist() for part, n in zip(parts, sizes)]
+
+
 class LateRead:
     """A device value the host reads later without stalling the device's queue: copied
     non-blocking into pinned memory behind an event, so a read waits for that copy only (by the

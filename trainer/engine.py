@@ -32,8 +32,8 @@ from trainer.metrics import KeyLog, Metric, MetricsLogger
 from trainer.numerics import PRECISIONS, autocast, inference_numerics
 from trainer.optim import FiniteGuard, apply_config, build_engine, player_lr, schedule_at
 from trainer.parallel import parallelize, pipeline_inputs
-from trainer.train_state import (EMAState, Keyed, LoopState, PlayersState, RNGState, ShapeRecord, StageState,
-                                 Stateful, load_states, save_states, seed_everything)
+from trainer.train_state import (EMAState, LoopState, PlayersState, RNGState, ShapeRecord, StageState,
+                                 Stateful, StreamState, load_states, save_states, seed_everything)
 
 # Keys that may change between a checkpoint and its resume without changing the experiment.
 RESUMABLE_CHANGES = ("stage.steps", "checkpoint", "log", "run.out_dir", "data.num_workers",
@@ -144,7 +144,7 @@ class Trainer:
         (trainer/train_state.py); `players` (whole optimizer states) is written when
         checkpoint.universal, for elastic resumes."""
         states: dict[str, Stateful] = {"loop": self.state, "rng": RNGState(),
-                                       "stream": Keyed("stream", self.stream), "stage": StageState(self.stage),
+                                       "stream": StreamState(self.stream), "stage": StageState(self.stage),
                                        "shape": ShapeRecord(shape_of(self.cfg, self.ctx.world_size)),
                                        "batch_request": self.batch_request}
         if self.ema is not None:

@@ -22,7 +22,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from data_pipeline.stream import handed_over
 from trainer.checkpoint import EMA_FILE, STAGE_FILE, CheckpointManager, RankState
+from trainer.distributed import all_gather_ints
 from trainer.elastic import Shape, gather_player, load_player, universal_file
 from trainer.ema import EMA
 
@@ -88,17 +90,22 @@ class ShapeRecord:
         return None
 
 
-class Keyed:
-    """A component whose whole state dict is stored under one key (the stream's position)."""
+class StreamState:
+    """The stream's position, stored under "stream". A resume on another layout reads one
+    rank's, so each rank saves its own with the ids every rank handed out of its open bucket
+    windows joined in (data_pipeline.stream.handed_over): state_dict is collective."""
 
-    def __init__(self, key: str, component: Any):
-        self.key, self.component = key, component
+    def __init__(self, stream: Any):
+        self.stream = stream
 
     def state_dict(self) -> dict[str, Any]:
-        return {self.key: self.component.state_dict()}
+        own = self.stream.state_dict()
+        gathered = all_gather_ints([own["epoch"], *own["served"][-1]])
+        others = [{"epoch": ints[0], "served": [ints[1:]]} for ints in gathered]
+        return {"stream": handed_over([own, *others])}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.component.load_state_dict(state[self.key])
+        self.stream.load_state_dict(state["stream"])
 
 
 Whole = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]

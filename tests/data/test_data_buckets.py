@@ -3,14 +3,18 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from data_pipeline.config import DataConfig, validate_data_config
-from data_pipeline.stream import build_stream
+from data_pipeline.stream import build_stream, handed_over
 from data_pipeline.transforms import TransformSpec, area_index, bucket_size, image_pixels
 from tests.data.data_helpers import json_roundtrip, take, valid_keys, write_manifest, write_tar
 
@@ -109,21 +113,121 @@ def test_resume_mid_epoch_continues_exactly(mixed, stop):
     assert [b["image"].shape for b in head + tail] == [b["image"].shape for b in reference]
 
 
-def test_a_resume_on_another_layout_inside_windows_says_how_many_samples_come_again(mixed, caplog):
-    """Inside a bucketing window the samples a batch took depend on the data: on another layout
-    the batches handed out of an unfinished window are planned again. Nothing is lost; the
-    repeats are what the warning counts (the README promised exactly once)."""
+def test_a_resume_on_another_layout_inside_windows_serves_each_sample_once(mixed, caplog):
+    """Inside a bucketing window the samples a batch took depend on the data: the state records
+    the ids of the batches handed out of an unfinished window, and the plan on another layout
+    leaves them out. Each sample comes once (before the record, the 3 batches of 2 handed out
+    came again, with a warning)."""
     root, keys = mixed
     first = build_stream(_cfg(root, num_workers=1), 0, 1)
     head = take(first, 3)  # inside the first window of 8 batches
     other = _cfg(root, num_workers=2)
     with caplog.at_level("WARNING", logger="data_pipeline"):
         second = build_stream(other, 0, 1, state=json_roundtrip(first.state_dict()))
-    tail = take(second, second.batches_per_epoch)
-    seen = Counter(valid_keys(head + tail))
-    again = sum(n - 1 for n in seen.values())
-    assert set(seen) == set(keys) and again == 6  # 3 batches of 2, served again
-    assert f"{again} samples already trained on this epoch are served again" in caplog.text
+    _assert_once(valid_keys(head) + _finish([second]), keys)
+    assert "served again" not in caplog.text
+
+
+def _ranks(cfg: DataConfig, world: int, state=None) -> list:
+    return [build_stream(cfg, r, world, state=state) for r in range(world)]
+
+
+def _take_each(streams: list, n: int) -> list[str]:
+    """The valid keys of the next n batches of every rank's stream."""
+    return [k for s in streams for k in valid_keys(take(s, n))]
+
+
+def _finish(streams: list) -> list[str]:
+    """The valid keys of the rest of the epoch on every rank (the same number of batches each)."""
+    counts = {s._job().segment.batches for s in streams}
+    assert len(counts) == 1  # no rank waits for another
+    keys = _take_each(streams, counts.pop())
+    assert all(s.state_dict()["epoch"] == 1 for s in streams)
+    return keys
+
+
+def _state(streams: list) -> dict:
+    """What every rank's checkpoint holds: the ranks' records joined (as the trainer's gather does)."""
+    return json_roundtrip(handed_over([s.state_dict() for s in streams]))
+
+
+def _assert_once(seen: list[str], keys: list[str]) -> None:
+    counts = Counter(seen)
+    assert sorted(counts) == sorted(keys) and max(counts.values()) == 1, \
+        {k: n for k, n in counts.items() if n > 1}
+
+
+def test_two_changes_of_layout_inside_windows_serve_each_sample_once(mixed, caplog):
+    """2 ranks x 2 workers (windows of 3) -> 3 ranks x 1 worker (windows of 4) -> 1 rank x 2
+    workers (windows of 2), each change with windows open on every rank: every new rank
+    leaves out every old rank's recorded samples, and all ranks plan as many batches."""
+    root, keys = mixed
+    first = _ranks(_cfg(root, num_workers=2, bucket_window=3), 2)
+    seen = _take_each(first, 5)  # worker 0: one window done; worker 1: 2 of 3 batches
+    second = _ranks(_cfg(root, num_workers=1, bucket_window=4), 3, _state(first))
+    seen += _take_each(second, 2)
+    with caplog.at_level("WARNING", logger="data_pipeline"):
+        third = _ranks(_cfg(root, num_workers=2, bucket_window=2), 1, _state(second))
+    _assert_once(seen + _finish(third), keys)
+    assert "served again" not in caplog.text
+
+
+def test_a_resume_on_the_same_layout_keeps_the_record_of_its_open_windows(mixed):
+    """Resumed on its own layout inside windows (exactly, as always), a rank still records the
+    batches handed out before the resume while their windows are open, as an uninterrupted run
+    does: a later change of layout leaves them out too."""
+    root, keys = mixed
+    cfg = _cfg(root, num_workers=2, bucket_window=3)
+    first = build_stream(cfg, 0, 1)
+    seen = valid_keys(take(first, 4))  # both workers 2 batches into their first window
+    again = build_stream(cfg, 0, 1, state=json_roundtrip(first.state_dict()))
+    seen += valid_keys(take(again, 1))  # worker 0's window closes, worker 1's stays open
+    uninterrupted = build_stream(cfg, 0, 1)
+    take(uninterrupted, 5)
+    assert again.state_dict() == uninterrupted.state_dict()  # the record too
+    later = _ranks(_cfg(root, num_workers=1), 2, _state([again]))
+    _assert_once(seen + _finish(later), keys)
+
+
+def test_a_state_without_the_record_still_resumes_and_warns(mixed, caplog):
+    """A state saved before the record (no "served"): the open windows' samples come again,
+    counted by the warning; none is lost."""
+    root, keys = mixed
+    first = build_stream(_cfg(root, num_workers=1), 0, 1)
+    head = take(first, 3)
+    old = {k: v for k, v in json_roundtrip(first.state_dict()).items() if k != "served"}
+    with caplog.at_level("WARNING", logger="data_pipeline"):
+        second = build_stream(_cfg(root, num_workers=2), 0, 1, state=old)
+    seen = Counter(valid_keys(head) + _finish([second]))
+    assert set(seen) == set(keys) and sum(n - 1 for n in seen.values()) == 6
+    assert "6 samples already trained on this epoch are served again" in caplog.text
+
+
+def _gloo_rank(rank: int, world: int, root: str, out: str) -> None:
+    """One rank of a bucketed stream: 2 batches into a window, then the state the trainer
+    saves for it (every rank's record joined in)."""
+    from trainer.train_state import StreamState
+
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
+    try:
+        stream = build_stream(_cfg(root, bucket_window=3), rank, world)
+        keys = valid_keys(take(stream, 2))
+        state = StreamState(stream).state_dict()["stream"]
+        Path(out, f"rank{rank}.json").write_text(json.dumps({"keys": keys, "state": state}))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_every_gloo_rank_saves_every_ranks_record(mixed, tmp_path):
+    """In real ranks the trainer's stream state gathers the open windows' ids of all: one rank's
+    state (what a resume on another layout reads) lets a single rank serve the rest exactly once."""
+    root, keys = mixed
+    mp.start_processes(_gloo_rank, args=(2, str(root), str(tmp_path)), nprocs=2, start_method="spawn")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["state"] == ranks[1]["state"] and len(ranks[0]["state"]["served"][-1]) == 8
+    alone = build_stream(_cfg(root, bucket_window=3), 0, 1, state=ranks[0]["state"])
+    _assert_once(ranks[0]["keys"] + ranks[1]["keys"] + _finish([alone]), keys)
 
 
 @pytest.mark.parametrize("overrides, message", [
