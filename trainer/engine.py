@@ -233,11 +233,13 @@ class Trainer:
             batch = next(batches)
         if self.key_log is not None:
             self.key_log.add(batch)
+        if self.reads_data:  # one rank of a replica counts its work (its shape: the bucket's)
+            self.logger.computed(*self.stage.work(batch))
         with record_function(f"{PHASE}batch"):
             draws = sample_generators(self.cfg.run.seed, self.state.step + 1, batch["__sample__"], self.device)
             return batch_to_device(batch, self.device), draws
 
-    def pipeline_step(self, batches: Iterator[dict]) -> list[dict[str, Metric]]:
+    def pipeline_step(self, batches: Iterator[dict]) -> PlayerInfos:
         """One PipelineEngine.train_batch over grad_accum micro-batches noised before the pipe."""
 
         def micro_batches():
@@ -351,8 +353,7 @@ class Trainer:
             return EXIT_CHECKPOINT
         total = self.cfg.stage.steps
         self.logger = MetricsLogger(self.cfg.log, self.ctx.rank, total, self.state.step,
-                                    global_batch(self.cfg, self.ctx.world_size),
-                                    self.stage.tokens_per_sample(), self.stage.macs_per_sample())
+                                    global_batch(self.cfg, self.ctx.world_size))
         try:
             code = self.loop(total)
         except CheckpointError as e:  # raised on every rank together (see CheckpointManager.save)

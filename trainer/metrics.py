@@ -2,7 +2,9 @@
 
 Throughput follows the usual accounting: a training step costs 3 forward passes (forward +
 backward = 2x forward), i.e. 6 FLOPs per multiply-accumulate of the forward pass (Kaplan et
-al. 2020; the DiT paper's "6 x GMACs per image").
+al. 2020; the DiT paper's "6 x GMACs per image"). Tokens and MACs are those of each
+micro-batch's real shape (`MetricsLogger.computed`): with resolution, aspect or frame buckets a
+batch may cost several times the configured square's.
 """
 from __future__ import annotations
 
@@ -112,16 +114,14 @@ class KeyLog:
 class MetricsLogger:
     """Aggregates per-step metrics and writes them every `cfg.every` steps (rank 0 only)."""
 
-    def __init__(self, cfg: LogConfig, rank: int, total_steps: int, start_step: int,
-                 samples_per_step: int, tokens_per_sample: int, macs_per_sample: int):
+    def __init__(self, cfg: LogConfig, rank: int, total_steps: int, start_step: int, samples_per_step: int):
         self.cfg = cfg
         self.rank = rank
         self.total_steps = total_steps
         self.samples_per_step = samples_per_step
-        self.tokens_per_sample = tokens_per_sample
-        self.macs_per_sample = macs_per_sample
         self.sums: dict[str, Any] = defaultdict(float)  # floats or device tensors until a log step
         self.counts: dict[str, Any] = defaultdict(int)
+        self.work = [0, 0]  # this rank's tokens and forward MACs since the last log step (host ints)
         self.timer = StepTimer()
         self.steps_since = 0
         self.jsonl = None
@@ -144,28 +144,40 @@ class MetricsLogger:
             self.sums[k] = self.sums[k] + (total.detach() if isinstance(total, torch.Tensor) else total)
             self.counts[k] = self.counts[k] + count
 
-    def means(self) -> dict[str, float]:
-        """The accumulated means over every rank (the one read of the device's values per log
-        step): each key's sums and counts are summed over the ranks before dividing, so the
-        logged loss is the global batch's, not rank 0's share of it. Collective when a process
-        group runs (every rank calls it on the same log steps, with the same keys: the stage's)."""
+    def computed(self, tokens: int, macs: int) -> None:
+        """Count a micro-batch's work: its tokens and forward multiply-accumulates at its real
+        shape (`Stage.work`), padding repeats included (they are computed too). Host ints, so
+        counting never waits for the device. One rank of each data-parallel replica counts
+        (the engine's `reads_data`): the other ranks of a pipeline or sequence group share the
+        same samples, and the totals are summed over ranks."""
+        self.work[0] += tokens
+        self.work[1] += macs
+
+    def reduced(self) -> tuple[dict[str, float], list[float]]:
+        """The accumulated means over every rank and the work (tokens, MACs) summed over them,
+        in one collective (the one read of the device's values per log step): each key's sums
+        and counts are summed over the ranks before dividing, so the logged loss is the global
+        batch's, not rank 0's share of it, while the work stays a total. Collective when a
+        process group runs (every rank calls it on the same log steps, with the same keys: the
+        stage's)."""
         keys = sorted(self.sums)
         sums = [self.sums[k] for k in keys]
         counts = [self.counts[k] for k in keys]
-        if keys and dist.is_initialized() and dist.get_world_size() > 1:
+        work: list[float] = list(self.work)
+        if dist.is_initialized() and dist.get_world_size() > 1:
             from trainer.distributed import comm_device
 
             device = comm_device()
             flat = torch.stack([torch.as_tensor(v).detach().to(device, torch.float64).reshape(())
-                                for v in (*sums, *counts)])
+                                for v in (*sums, *counts, *work)])  # (2 keys + 2,)
             dist.all_reduce(flat)
             values = flat.tolist()
-            sums, counts = values[: len(keys)], values[len(keys):]
+            sums, counts, work = values[: len(keys)], values[len(keys): 2 * len(keys)], values[2 * len(keys):]
         out = {}
         for k, total, count in zip(keys, sums, counts):
             if float(count) > 0:
                 out[k] = float(total) / float(count)
-        return out
+        return out, work
 
     def is_log_step(self, step: int) -> bool:
         """Every `every` steps, and the last step (its window's steps were never written)."""
@@ -181,19 +193,20 @@ class MetricsLogger:
         if not self.is_log_step(step):
             return None
         data_s, total_s = self.timer.pop()
-        record: dict[str, Any] = self.means()
-        samples = self.samples_per_step * self.steps_since
+        record, (tokens, macs) = self.reduced()
+        samples = self.samples_per_step * self.steps_since  # the global batch's
         record.update(extra)
         record.update(
             step=step,
             samples_per_s=samples / max(total_s, 1e-9),
-            tokens_per_s=samples * self.tokens_per_sample / max(total_s, 1e-9),
-            tflops=6 * self.macs_per_sample * samples / max(total_s, 1e-9) / 1e12,
+            tokens_per_s=tokens / max(total_s, 1e-9),
+            tflops=6 * macs / max(total_s, 1e-9) / 1e12,
             data_wait=data_s / max(total_s, 1e-9),
             time=time.time(),
         )
         self.sums.clear()
         self.counts.clear()
+        self.work = [0, 0]
         self.steps_since = 0
         if self.rank == 0:
             self._write(step, record)

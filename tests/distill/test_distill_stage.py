@@ -49,7 +49,7 @@ def batch(valid: list[bool]) -> dict:
 def logged_losses(stage, batches: list[dict], log_dir: Path) -> dict[str, float]:
     """The losses (and discriminator accuracy) a log step records after these micro-batches."""
     logger = MetricsLogger(LogConfig(dir=str(log_dir), every=1, tensorboard=False), rank=0, total_steps=1,
-                           start_step=0, samples_per_step=4, tokens_per_sample=1, macs_per_sample=1)
+                           start_step=0, samples_per_step=4)
     for b in batches:
         for _, _, info in stage.losses(b, torch.Generator().manual_seed(0)):
             logger.add(info)

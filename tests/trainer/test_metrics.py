@@ -43,9 +43,9 @@ def test_means_are_over_every_rank(monkeypatch, tmp_path):
     other_rank = {"loss": (10.0, 2), "loss_t0.00": (8.0, 2), "loss_t0.25": (0.0, 0), "loss_t0.50": (0.0, 0),
                   "loss_t0.75": (6.0, 3)}
 
-    def all_reduce(tensor, *args, **kwargs):  # SUM with rank 1's flat [sums..., counts...]
+    def all_reduce(tensor, *args, **kwargs):  # SUM with rank 1's flat [sums..., counts..., tokens, MACs]
         keys = sorted(other_rank)
-        tensor += torch.tensor([other_rank[k][0] for k in keys] + [other_rank[k][1] for k in keys],
+        tensor += torch.tensor([other_rank[k][0] for k in keys] + [other_rank[k][1] for k in keys] + [0, 0],
                                dtype=tensor.dtype)
 
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
@@ -53,7 +53,7 @@ def test_means_are_over_every_rank(monkeypatch, tmp_path):
     monkeypatch.setattr(dist, "get_backend", lambda *a, **k: "gloo")
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
     logger = MetricsLogger(LogConfig(dir=str(tmp_path), every=1, tensorboard=False), rank=0, total_steps=1,
-                           start_step=0, samples_per_step=8, tokens_per_sample=4, macs_per_sample=1)
+                           start_step=0, samples_per_step=8)
     t = torch.tensor([0.1, 0.1])  # both samples of this rank in the first quarter
     for loss in (1.0, 3.0):  # rank 0's two micro-batches
         logger.add({"loss": torch.tensor(loss), **timestep_bucket_losses(torch.tensor([loss, loss]), t)})
@@ -63,6 +63,86 @@ def test_means_are_over_every_rank(monkeypatch, tmp_path):
     assert record["loss_t0.75"] == 2.0  # only the other rank had samples there
     assert "loss_t0.25" not in record  # no sample on any rank
     logger.close()
+
+
+def test_throughput_counts_each_micro_batch_at_its_shape(tmp_path):
+    """Two micro-batches of two buckets (16x16 and 24x48 px, 2 samples each) of the tiny pixel
+    DiT (2x2 patches): tokens/s and TFLOP/s are their hand sums (2 x 64 + 2 x 288 tokens; 6 x
+    the forward MACs at each shape) over the step's time, not 4 samples at the configured 16 px
+    square (256 tokens: 2.75x too few). Read from shapes alone: the batches are on the meta device."""
+    from tests.eval.eval_helpers import tiny_config
+    from trainer.stages import build_stage
+
+    stage = build_stage(tiny_config(tmp_path, "data.resolutions=[16,32]", "data.aspect_buckets=[0.5,1.0,2.0]",
+                                    "diffusion.shift_base_resolution=16"))
+    shapes = [(2, 3, 16, 16), (2, 3, 24, 48)]  # (B, 3, H, W): a step's micro-batches
+    logger = MetricsLogger(LogConfig(dir=str(tmp_path), every=1, tensorboard=False), rank=0, total_steps=1,
+                           start_step=0, samples_per_step=4)
+    for shape in shapes:
+        logger.computed(*stage.work({"image": torch.empty(shape, device="meta")}))
+    record = logger.step_done(1, {})
+    logger.close()
+    seconds = 4 / record["samples_per_s"]
+    macs = sum(stage.players["student"].macs(shape, stage.text.max_length) for shape in shapes)
+    assert record["tokens_per_s"] * seconds == pytest.approx(2 * 8 * 8 + 2 * 12 * 24)
+    assert record["tflops"] * seconds == pytest.approx(6 * macs / 1e12)
+    batch = {"image": torch.empty(shapes[1], device="meta")}
+    assert stage.work(batch) is stage.work(batch)  # cached per shape: it is asked on every micro-batch
+
+
+def _rank_logs(rank: int, out: str) -> None:
+    """One of two gloo ranks: a micro-batch of loss 1 + 2 rank and (100 + 100 rank) tokens and
+    (10 + 10 rank) MACs; rank 0 writes the record."""
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=2)
+    try:
+        logger = MetricsLogger(LogConfig(dir=out, every=1, tensorboard=False), rank=rank, total_steps=1,
+                               start_step=0, samples_per_step=4)
+        logger.add({"loss": torch.tensor(1.0 + 2 * rank)})
+        logger.computed(100 + 100 * rank, 10 + 10 * rank)
+        logger.step_done(1, {})
+        logger.close()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_work_is_summed_over_ranks_while_losses_are_averaged(tmp_path):
+    """Two real gloo ranks: tokens and MACs are totals over the ranks (the global batch's work),
+    reduced in the same collective as the losses, which stay means."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_rank_logs, args=(str(tmp_path),), nprocs=2, start_method="spawn")
+    record, = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    seconds = 4 / record["samples_per_s"]
+    assert record["loss"] == 2.0
+    assert record["tokens_per_s"] * seconds == pytest.approx(300)
+    assert record["tflops"] * seconds == pytest.approx(6 * 30 / 1e12)
+
+
+@pytest.mark.slow
+def test_a_bucketed_run_logs_each_step_at_its_batches_shape(mixed_shards, tmp_path):
+    """A real 1-rank run over two areas x three aspects, logged every step: each record's
+    tokens and MACs per sample are those of one bucket (the step's batch, padding included), and
+    the run meets several (64 tokens, the configured 16 px square's, were logged for every one)."""
+    from data_pipeline.transforms import TransformSpec
+    from tests.eval.eval_helpers import tiny_config
+    from tests.trainer.harness import assert_ok, base, metrics, run_train
+    from trainer.stages import build_stage
+
+    buckets = ("data.resolutions=[16,32]", "data.aspect_buckets=[0.5,1.0,2.0]", "diffusion.shift_base_resolution=16")
+    out = tmp_path / "run"
+    assert_ok(run_train(1, base(mixed_shards, out, *buckets, "stage.steps=6", "checkpoint.every=6")))
+    cfg = tiny_config(tmp_path, *buckets)
+    stage = build_stage(cfg)
+    per_sample = dict(stage.work({"image": torch.empty((1, 3, h, w), device="meta")})
+                      for h, w in TransformSpec.from_config(cfg.data).sizes)  # tokens -> MACs, a sample of each bucket
+    seen = set()
+    for record in (r for r in metrics(out) if "tokens_per_s" in r):
+        tokens = round(record["tokens_per_s"] / record["samples_per_s"])
+        assert tokens in per_sample, (record, per_sample)
+        assert record["tflops"] * 1e12 / 6 / record["samples_per_s"] == pytest.approx(per_sample[tokens])
+        seen.add(tokens)
+    assert len(seen) > 1, seen
 
 
 def test_timestep_quarters_leave_out_padding_repeats():
@@ -99,7 +179,7 @@ def test_autoencoder_padding_neither_trains_nor_counts_in_the_logged_loss(tmp_pa
     logged = []
     for batches in ([real], [real, padding]):
         logger = MetricsLogger(LogConfig(dir=str(tmp_path), every=1, tensorboard=False), rank=0, total_steps=1,
-                               start_step=0, samples_per_step=2, tokens_per_sample=1, macs_per_sample=1)
+                               start_step=0, samples_per_step=2)
         for batch in batches:
             logger.add({k: v for k, v in losses(batch).items() if k != "trained"})
         logged.append(logger.step_done(1, {}))
@@ -170,8 +250,7 @@ def run_step_loop(tmp_path, overflows: frozenset = frozenset(), every: int = 1) 
     trainer.state, trainer.pending, trainer.key_log, trainer.ema = LoopState(), [], None, None
     trainer.next_batch = lambda batches: (next(batches), None)
     trainer.data_stats = lambda: {}
-    trainer.logger = MetricsLogger(cfg.log, rank=0, total_steps=6, start_step=0, samples_per_step=1,
-                                   tokens_per_sample=1, macs_per_sample=1)
+    trainer.logger = MetricsLogger(cfg.log, rank=0, total_steps=6, start_step=0, samples_per_step=1)
     batches = iter([torch.ones(1, 2)] * 6)
     for _ in range(6):
         trainer.record_step(*trainer.train_step(batches))

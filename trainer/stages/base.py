@@ -91,11 +91,12 @@ class Stage:
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Restore what `state_tensors` returned (called on every rank when resuming)."""
 
-    def tokens_per_sample(self) -> int:
-        return 0
-
-    def macs_per_sample(self) -> int:
-        return 0
+    def work(self, batch: dict[str, Any]) -> tuple[int, int]:
+        """(tokens, forward multiply-accumulates) of the trained network on the micro-batch
+        `batch` at its real shape, all its samples (padding repeats are computed too), for the
+        throughput figures (trainer.metrics); read from the tensors' shapes, never their
+        values, so it does not wait for the device. (0, 0): a stage without a token model."""
+        return 0, 0
 
     def write_samples(self, weights: Optional[dict[str, torch.Tensor]], log: LogConfig, path: Path) -> Optional[Path]:
         """Draw the fixed prompts with `weights` (EMA) and save a grid at `path` (rank 0)."""

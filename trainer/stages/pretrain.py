@@ -61,6 +61,7 @@ class PretrainStage(Stage):
         self.bundle = InferenceBundle(model, diffusion, data)  # text encoder, autoencoder, schedules, shapes
         self.text, self.autoencoder, self.schedule = self.bundle.text, self.bundle.autoencoder, self.bundle.schedule
         self.players = {"student": self.bundle.network(None)}
+        self._work: dict[tuple[int, ...], tuple[int, int]] = {}  # `work` per input shape
 
     def helpers(self) -> list[torch.nn.Module]:
         return self.bundle.helpers()
@@ -85,13 +86,27 @@ class PretrainStage(Stage):
     def schedule_for(self, shape: Sequence[int]) -> NoiseSchedule:
         return self.bundle.schedule_for(shape)
 
-    def tokens_per_sample(self) -> int:
-        spec = self.players["student"].spec
-        frames = self.latent_frames(self.data.num_frames) // spec.temporal_patch if self.data.kind == "video" else 1
-        return frames * (self.resolution // spec.preset.patch) ** 2
+    def input_shape(self, batch: dict[str, Any]) -> tuple[int, ...]:
+        """(B, C, [F,] h, w) of the student's input on `batch`, from its tensors' shapes: the
+        precomputed latents', or that of the pixels (their bucket's size and clip length) once
+        encoded."""
+        if "latent" in batch:
+            return tuple(batch["latent"].shape)
+        pixels = batch["video" if self.data.kind == "video" else "image"].shape  # (B, 3, [F,] H, W)
+        return (pixels[0], *self.sample_shape(pixels[-2], pixels[-1], pixels[2] if len(pixels) == 5 else None))
 
-    def macs_per_sample(self) -> int:
-        return self.players["student"].macs((1, *self.sample_shape()), self.text.max_length)
+    def work(self, batch: dict[str, Any]) -> tuple[int, int]:
+        """The student's tokens and forward MACs on `batch` (the student's only: not the
+        teacher's or a discriminator's forward in the stages that distil), cached per shape: a
+        run has a few (its buckets), and this is asked on every micro-batch."""
+        shape = self.input_shape(batch)
+        if shape not in self._work:
+            student = self.players["student"]
+            frames = shape[2] // student.spec.temporal_patch if len(shape) == 5 else 1
+            patch = student.spec.preset.patch
+            tokens = shape[0] * frames * (shape[-2] // patch) * (shape[-1] // patch)
+            self._work[shape] = tokens, student.macs(shape, self.text.max_length)
+        return self._work[shape]
 
     # ---- data -> x0 -------------------------------------------------------------------------
     @torch.no_grad()
