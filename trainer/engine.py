@@ -68,18 +68,38 @@ def network_names(net: nn.Module, trained: nn.Module) -> dict[str, str]:
     return {n: by_id[id(p)] for n, p in trained.named_parameters()}
 
 
+# One step's metrics: (player, the metrics of one of its losses), for each loss in step order.
+PlayerInfos = list[tuple[str, dict[str, Metric]]]
+# Whether each player's optimizer skipped the step, by player: a bool, or a device flag not read yet.
+PlayerSkips = dict[str, bool | torch.Tensor]
+
+
+def late_flags(skips: PlayerSkips) -> tuple[bool, ...] | LateRead:
+    """The players' skip flags as `Pending` keeps them: host bools as they are; where any is a
+    device flag, all of them stacked into one (P,) device flag (a host bool written by a fill,
+    which waits for nothing) read one step late in one copy."""
+    flags = list(skips.values())
+    devices = [f.device for f in flags if isinstance(f, torch.Tensor)]
+    if not devices:
+        return tuple(bool(f) for f in flags)
+    return LateRead(torch.cat([f.detach().to(devices[0], torch.float32).reshape(1) if isinstance(f, torch.Tensor)
+                               else torch.full((1,), float(f), device=devices[0]) for f in flags]))  # (P,)
+
+
 @dataclass
 class Pending:
-    """A step recorded but not yet settled: its metrics and whether it was skipped (a bool, or
-    the device flag's `LateRead`)."""
+    """A step recorded but not yet settled: its metrics by player, and which players' optimizers
+    skipped it (host bools, or the (P,) device flag's `LateRead`, in the order of `players`)."""
 
     step: int
-    infos: list[dict[str, Metric]]
-    flag: bool | LateRead
+    infos: PlayerInfos
+    players: tuple[str, ...]
+    flags: tuple[bool, ...] | LateRead
     lrs: dict[str, float]  # the learning rate each player's optimizer stepped with
 
-    def skipped(self) -> bool:
-        return self.flag.get().item() > 0 if isinstance(self.flag, LateRead) else self.flag
+    def skipped_players(self) -> list[str]:
+        flags = self.flags.get().tolist() if isinstance(self.flags, LateRead) else self.flags
+        return [player for player, flag in zip(self.players, flags) if flag]
 
 
 class Trainer:
@@ -206,7 +226,7 @@ class Trainer:
             load_states(self.ckpt, directory, rng, rank=self.ctx.dp_rank * was.sequence_parallel)
 
     # ---- one step -----------------------------------------------------------------------------
-    def micro_batch_losses(self, batches: Iterator[dict]) -> Iterator[dict[str, Metric]]:
+    def micro_batch_losses(self, batches: Iterator[dict]) -> Iterator[tuple[str, dict[str, Metric]]]:
         """Forward/backward/step of every player on each of the grad_accum micro-batches. Each
         player's forward runs under the precision's autocast; backward and step outside it."""
         for _ in range(self.cfg.deepspeed.grad_accum):
@@ -216,7 +236,7 @@ class Trainer:
                     self.engines[player].backward(loss)
                 with record_function(f"{PHASE}step"):
                     self.engines[player].step()
-                yield info
+                yield player, info
 
     def autocast_each(self, items: Iterator[Any]) -> Iterator[Any]:
         """Advance a generator of forward passes under autocast, handing each item out of it."""
@@ -250,22 +270,24 @@ class Trainer:
 
         with record_function(f"{PHASE}pipeline"):
             loss = self.engines["student"].train_batch(data_iter=micro_batches())
-        return [{"loss": loss}]
+        return [("student", {"loss": loss})]
 
-    def train_step(self, batches: Iterator[dict]) -> tuple[list[dict[str, Metric]], bool | torch.Tensor]:
-        """One optimizer step of every player: the micro-batches' metrics, and whether the step
-        was skipped on every rank (a bool, or a device flag not read yet: `Pending`)."""
+    def train_step(self, batches: Iterator[dict]) -> tuple[PlayerInfos, PlayerSkips]:
+        """One optimizer step of every player: the micro-batches' metrics by player, and whether
+        each player's step was skipped on every rank (a bool, or a device flag not read yet:
+        `Pending`). The players skip apart: each has its own optimizer and finite guard."""
         for engine in self.engines.values():
             schedule_at(engine, self.state.step)
         self.step_lrs = self.learning_rates()  # read before the engines step their LR schedulers
         infos = self.pipeline_step(batches) if self.pipeline else list(self.micro_batch_losses(batches))
-        # A skip shows either in our guard or, where DeepSpeed's ZeRO optimizer found the global
-        # gradient norm invalid (an overflow) and skipped by itself, in the engine.
-        skips = [opt.take_skip() for opt in self.optimizers.values()]
-        if any(s is True for s in skips) or not all(e.was_step_applied() for e in self.engines.values()):
-            return infos, True
-        flags = [s for s in skips if isinstance(s, torch.Tensor)]
-        return infos, torch.stack(flags).amax() if flags else False
+        return infos, {name: self.player_skip(name) for name in self.engines}
+
+    def player_skip(self, player: str) -> bool | torch.Tensor:
+        """Whether `player`'s step was skipped: a skip shows either in our guard or, where
+        DeepSpeed's ZeRO optimizer found the global gradient norm invalid (an overflow) and
+        skipped by itself, in the engine."""
+        skip = self.optimizers[player].take_skip()
+        return True if skip is True or not self.engines[player].was_step_applied() else skip
 
     def learning_rates(self) -> dict[str, float]:
         """The learning rate each player's next optimizer step will use. DeepSpeed steps the LR
@@ -287,17 +309,17 @@ class Trainer:
             metrics[f"lr{suffix}"] = lrs[name]
         return metrics
 
-    def record_step(self, infos: list[dict[str, Metric]], skipped: bool | torch.Tensor) -> None:
-        """A finished step: the EMA follows it on the device (not at all where it was skipped),
-        and the rest of its bookkeeping waits in `pending` until its flag is read (`settle`)."""
+    def record_step(self, infos: PlayerInfos, skips: PlayerSkips) -> None:
+        """A finished step: the EMA, which follows the student alone, follows the student's
+        step on the device (not at all where that was skipped, whatever the other players did),
+        and the rest of its bookkeeping waits in `pending` until its flags are read (`settle`)."""
         self.state.step += 1
         if self.key_log is not None:
             self.key_log.step_done(self.state.step)
         if self.ema is not None:
             with record_function(f"{PHASE}ema"):
-                self.ema.update(self.ema_module, skipped)
-        flag = LateRead(skipped) if isinstance(skipped, torch.Tensor) else skipped
-        self.pending.append(Pending(self.state.step, infos, flag, self.step_lrs))
+                self.ema.update(self.ema_module, skips["student"])
+        self.pending.append(Pending(self.state.step, infos, tuple(skips), late_flags(skips), self.step_lrs))
 
     def settle(self, everything: bool) -> Optional[int]:
         """The bookkeeping of the recorded steps, all of them or all but the newest: the newest
@@ -310,12 +332,20 @@ class Trainer:
         return None
 
     def settle_step(self, done: Pending) -> Optional[int]:
-        """A skipped step adds no metrics but closes its step all the same: a log step that was
-        skipped wrote no record, and its window's metrics went into the next window's mean."""
-        if done.skipped():
+        """A step counts as skipped (`skipped_steps`, `nonfinite_in_row`, the event naming the
+        players that skipped) when any player's optimizer skipped it: a stage whose discriminator
+        keeps failing is not training either. The metrics of the players whose step was applied
+        are added all the same; a skipped player's are not (they may be the non-finite values).
+        A step closes whatever skipped: a log step that was skipped wrote no record, and its
+        window's metrics went into the next window's mean."""
+        skipped = done.skipped_players()
+        for player, info in done.infos:
+            if player not in skipped:
+                self.logger.add(info)
+        if skipped:
             self.state.skipped_steps += 1
             self.state.nonfinite_in_row += 1
-            self.logger.event(done.step, {"skipped_nonfinite_step": 1})
+            self.logger.event(done.step, {"skipped_nonfinite_step": 1, "skipped_players": skipped})
             if self.state.nonfinite_in_row >= self.cfg.stage.max_nonfinite_in_row:
                 print(f"dit train: {self.state.nonfinite_in_row} steps in a row had a non-finite "
                       f"loss or gradient (last at step {done.step}); stopping. Lower the "
@@ -325,8 +355,6 @@ class Trainer:
                 return EXIT_NONFINITE
         else:
             self.state.nonfinite_in_row = 0
-            for info in done.infos:
-                self.logger.add(info)
         extra: dict[str, float] = {"skipped_steps": self.state.skipped_steps}
         if self.logger.is_log_step(done.step):
             extra.update(self.optimizer_metrics(done.lrs))
