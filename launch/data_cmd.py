@@ -11,6 +11,7 @@ import dataclasses
 import glob
 import json
 import os
+import sys
 import tempfile
 
 from data_pipeline.config import DataConfig
@@ -127,6 +128,9 @@ def cmd_write(args) -> int:
     print(f"wrote {manifest.num_samples} samples in {len(manifest.shards)} shards to {args.out} ({manifest.kind})")
     for reason, n in sorted(report.skipped.items()):
         print(f"skipped {n} inputs: {reason}")
+    if manifest.num_samples == 0:  # a `write && launch` chain must stop here, not at training
+        print(f"dit data write: no sample was written from {args.input}: nothing to train on", file=sys.stderr)
+        return 1
     return 0
 
 

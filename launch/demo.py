@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from trainer.codes import EXIT_CONFIG
 from trainer.config import load_config
 
 DEMO_SAMPLES = 2000
@@ -87,16 +88,48 @@ def train_latent_dit(nproc: int, config: str | Path, overrides: list[str]) -> No
     torchrun(nproc, config, [*overrides, f"data.shards={latents}"])
 
 
-def clear_previous_run(out_dir: str, keep: str) -> None:
-    """The demo is one job from scratch: drop an earlier demo's checkpoints and logs (whose
-    config may differ and would be refused on resume), keep its shards."""
+DEMO_MARKER = ".dit-demo"  # in run.out_dir: the folder is a demo's, whose outputs a rerun may delete
+
+
+class NotADemoFolder(RuntimeError):
+    """run.out_dir holds files no demo wrote: the demo deletes nothing there and does not run."""
+
+
+def demo_outputs(cfg, ae_cfg) -> list[Path]:
+    """What a demo writes into run.out_dir besides its shards: both stages' checkpoints and
+    logs, the autoencoder, the latent shards and the evaluation (the paths of the configs)."""
+    root = Path(cfg.run.out_dir)
+    paths = [cfg.checkpoint.dir, cfg.log.dir, cfg.model.autoencoder.path, ae_cfg.checkpoint.dir, ae_cfg.log.dir,
+             ae_cfg.model.autoencoder.path, root / "latents", root / "eval"]
+    return [Path(path) for path in paths]
+
+
+def claim_run_dir(out_dir: str, keep: str, outputs: list[Path]) -> bool:
+    """Mark run.out_dir as a demo's (DEMO_MARKER) when it is new, holds nothing but the shards
+    `keep` and what a demo writes (`outputs`: a demo's folder from before the marker), or is
+    marked already; True then. False for a folder with anything else in it."""
     root = Path(out_dir)
-    if not root.is_dir():
-        return
-    for child in root.iterdir():
-        if child.resolve() != Path(keep).resolve():
-            print(f"removing the previous demo's {child}", flush=True)
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    if root.is_dir() and not (root / DEMO_MARKER).is_file():
+        ours = {Path(keep).resolve(), *(path.resolve() for path in outputs)}
+        if any(child.resolve() not in ours for child in root.iterdir()):
+            return False
+    root.mkdir(parents=True, exist_ok=True)
+    (root / DEMO_MARKER).touch()
+    return True
+
+
+def clear_previous_run(out_dir: str, keep: str, outputs: list[Path]) -> None:
+    """The demo is one job from scratch: drop an earlier demo's checkpoints and logs (whose
+    config may differ and would be refused on resume), keep its shards. Only the demo's own
+    `outputs` inside a folder marked as a demo's are deleted: run.out_dir may be any folder."""
+    if not claim_run_dir(out_dir, keep, outputs):
+        raise NotADemoFolder(f"run.out_dir={out_dir} holds files that no demo wrote (it has no {DEMO_MARKER}): "
+                             "the demo deletes nothing there; give it an empty or new folder")
+    root = Path(out_dir).resolve()
+    for path in outputs:
+        if path.exists() and path.resolve().is_relative_to(root) and path.resolve() != root:
+            print(f"removing the previous demo's {path}", flush=True)
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def latest_grid(log_dir: str) -> str:
@@ -111,8 +144,15 @@ def demo(args: argparse.Namespace) -> int:
     shared = [f"run.out_dir={cfg.run.out_dir}"]
     timings = {}
     t0 = time.time()
-    if not args.resume:
-        clear_previous_run(cfg.run.out_dir, keep=cfg.data.shards)
+    outputs = demo_outputs(cfg, load_config(ae_config, shared))
+    if args.resume:
+        claim_run_dir(cfg.run.out_dir, cfg.data.shards, outputs)
+    else:
+        try:
+            clear_previous_run(cfg.run.out_dir, cfg.data.shards, outputs)
+        except NotADemoFolder as e:
+            print(f"dit demo: {e}", file=sys.stderr)
+            return EXIT_CONFIG
     synth(cfg.data.shards, cfg.data.resolution)
     timings["shards"] = time.time() - t0
     t1 = time.time()

@@ -7,10 +7,11 @@ every rank gets.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import re
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -54,8 +55,12 @@ class Topology:
     @property
     def over_ssh(self) -> bool:
         """The DeepSpeed launcher starts the hosts of the hostfile from here through pdsh/ssh
-        (its multi-node path): the ranks of the other hosts are not children of this command."""
-        return len(self.hosts) > 1 and self.node_rank is None
+        (its multi-node path): the ranks of the other hosts are not children of this command.
+        So does a hostfile of one host that is not this machine (DeepSpeed's --force_multi:
+        it would run a single host's ranks here)."""
+        if not self.hosts or self.node_rank is not None:
+            return False
+        return len(self.hosts) > 1 or not is_this_machine(self.hosts[0][0])
 
     @property
     def local_ranks(self) -> int:
@@ -143,6 +148,18 @@ def read_hostfile(path: str) -> tuple[tuple[str, int], ...]:
     return tuple(hosts)
 
 
+def is_this_machine(host: str) -> bool:
+    """`host` names this machine: localhost, a loopback address, or this host's name (short or
+    full). No DNS lookup: another name of this machine counts as another host (reached over ssh)."""
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return True
+    except ValueError:
+        pass
+    name = socket.gethostname()
+    return host in ("localhost", name) or host == name.split(".")[0] or host.split(".")[0] == name
+
+
 def free_port() -> int:
     """A TCP port that is free on this machine now (the kernel picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -194,9 +211,13 @@ def topology_from_args(args: argparse.Namespace, gpus: int) -> Topology:
     if nproc < 0 or (nproc == 0 and not hosts):
         raise LaunchError(f"--nproc-per-node must be at least 1, not {nproc}")
     master_addr = args.master_addr or (hosts[0][0] if hosts and args.node_rank is not None else "")
-    single = nnodes == 1 and not master_addr
-    port = args.master_port or (free_port() if single else 29500)
-    return Topology(nproc, nnodes, args.node_rank, master_addr, port, args.hostfile or "", hosts)
+    topology = Topology(nproc, nnodes, args.node_rank, master_addr, args.master_port or 0, args.hostfile or "", hosts)
+    if not topology.master_port and (nnodes > 1 or master_addr or topology.over_ssh):
+        topology = replace(topology, master_port=29500)  # node 0 is another machine: no free port known here
+    if gpus and not topology.over_ssh and topology.local_ranks > gpus:
+        raise LaunchError(f"{topology.local_ranks} ranks on this node but it has {gpus} GPU(s): a rank needs "
+                          "a GPU of its own (lower --nproc-per-node or the hostfile's slots)")
+    return topology
 
 
 def job_from_args(args: argparse.Namespace) -> Job:

@@ -37,7 +37,7 @@ import sys
 
 from launch.job import LAUNCHERS, LaunchError, ResumeRefused, job_from_args
 from launch.runners import run_job
-from launch.slurm import add_slurm_arguments, submit
+from launch.slurm import add_slurm_arguments, check_slurm_only, submit
 from launch.train_cmd import add_resume_arguments, overrides_of
 from trainer.codes import EXIT_CHECKPOINT, EXIT_CONFIG
 
@@ -50,6 +50,7 @@ def launch(args: argparse.Namespace) -> int:
             raise LaunchError(f"--max-restarts must be >= 0, not {args.max_restarts}")
         if args.slurm:
             return submit(args)
+        check_slurm_only(args)
         return run_job(job_from_args(args))
     except LaunchError as e:
         print(f"dit launch: {e}", file=sys.stderr)

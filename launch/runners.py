@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from launch.job import Job, LaunchError, Topology, rank_environment, remote_environment, visible_gpus
+from launch.job import (Job, LaunchError, Topology, free_port, rank_environment, remote_environment,
+                        visible_gpus)
 from launch.watch import PREEMPT_SIGNALS, ForwardSignals, LogFollower, RankWatcher
 from trainer.codes import (EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_DATA, EXIT_MEANING, EXIT_NONFINITE, EXIT_OK,
                            EXIT_REQUEUE)
@@ -55,7 +56,8 @@ class Outcome:
             return f"stopped, {self.reason}: {describe_status(self.status)}"
         who = f"rank {self.rank}" if self.rank is not None else "a rank"
         what = f"died: {describe_status(self.status)}" if self.status < 0 else f"exited with {describe_status(self.status)}"
-        return f"{who} {what}" + (f"; its log: {self.log}" if self.log else "")
+        after = f" after {self.reason}" if self.reason else ""
+        return f"{who} {what}{after}" + (f"; its log: {self.log}" if self.log else "")
 
 
 def describe_status(status: int) -> str:
@@ -78,13 +80,17 @@ def torchrun_args(job: Job, attempt_dir: Path, attempt: int = 0) -> list[str]:
 
     Attempt k of a multi-node job meets at --master-port + k: the agent of node 0 runs in this
     process, and its rendezvous store of the failed attempt (keys and all) still holds the port.
-    Every node restarts after a failure, so all of them count the same attempts.
+    Every node restarts after a failure, so all of them count the same attempts. One machine
+    meets on loopback at --master-port (+ k) when one was given (torchrun's --standalone would
+    pick its own port), else on a free port.
     """
     t = job.topology
     args = [f"--nproc-per-node={t.nproc_per_node}"]
     if t.nnodes > 1 or t.master_addr:
         args += [f"--nnodes={t.nnodes}", f"--node-rank={t.node_rank or 0}",
                  f"--master-addr={t.master_addr or '127.0.0.1'}", f"--master-port={t.master_port + attempt}"]
+    elif t.master_port:
+        args += ["--nnodes=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{t.master_port + attempt}"]
     else:
         args.append("--standalone")  # c10d rendezvous on a free local port
     return args + [
@@ -151,13 +157,15 @@ def deepspeed_command(job: Job, attempt_dir: Path, hostfile: Optional[Path],
     cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.runner", "--log_level=warning"]
     if hostfile is not None:
         cmd.append(f"--hostfile={hostfile}")
+    if t.over_ssh and len(t.hosts) == 1:
+        cmd.append("--force_multi")  # else DeepSpeed runs a hostfile's single host here
     if include is not None:
         cmd.append(f"--include={include}")
     elif t.nproc_per_node:
         cmd.append(f"--num_gpus={t.nproc_per_node}")
     if t.master_addr:
         cmd.append(f"--master_addr={t.master_addr}")
-    cmd.append(f"--master_port={t.master_port}")
+    cmd.append(f"--master_port={t.master_port or free_port()}")
     if t.node_rank is not None:
         cmd += ["--no_ssh", f"--node_rank={t.node_rank}"]
     module, *args = job.rank_command()
@@ -243,10 +251,56 @@ def run_torchrun(job: Job, attempt_dir: Path, attempt: int) -> Outcome:
         return Outcome(failure.exitcode, rank, log=torchrun_log(attempt_dir, failure.local_rank))
     except SignalException as e:
         sig = signal.Signals(e.sigval)
+        reason = f"this launcher received {sig.name}"
         if sig in PREEMPT_SIGNALS:  # forwarded to the ranks, which save and exit
-            return Outcome(EXIT_REQUEUE, reason=f"this launcher received {sig.name}")
-        return Outcome(-sig.value, reason=f"this launcher received {sig.name}", stopped=True)
+            return preempted_outcome(worker_statuses(e), job, attempt_dir, reason)
+        return Outcome(-sig.value, reason=reason, stopped=True)
     return Outcome(EXIT_OK)
+
+
+def worker_statuses(error: BaseException) -> Optional[dict[int, int]]:
+    """How each local rank of torchrun's agent ended after the agent shut them down on the
+    signal `error` (its SignalException) carries: local rank -> 0, its exit code, or -N for
+    signal N; None where they cannot be read.
+
+    torchrun reports a signal as this exception alone, whatever the ranks did. Its agent (a
+    local of torch's launch_agent) is the `self` of a frame the exception came through, and its
+    process context, whose ranks are all gone by then, answers `wait(0)` with their failures."""
+    from torch.distributed.elastic.agent.server.api import SimpleElasticAgent
+
+    tb = error.__traceback__
+    while tb is not None:
+        agent = tb.tb_frame.f_locals.get("self")
+        context = getattr(agent, "_pcontext", None) if isinstance(agent, SimpleElasticAgent) else None
+        if context is not None:
+            result = context.wait(0)
+            if result is None:  # a rank outlived its SIGKILL (uninterruptible sleep)
+                return None
+            failures = {rank: failure.exitcode for rank, failure in result.failures.items()}
+            return {rank: failures.get(rank, EXIT_OK) for rank in context.pids()}
+        tb = tb.tb_next
+    return None
+
+
+def preempted_outcome(statuses: Optional[dict[int, int]], job: Job, attempt_dir: Path, reason: str) -> Outcome:
+    """The outcome of a preemption from the local ranks' statuses (worker_statuses): 42 only
+    when every rank saved and exited with 42, 0 when every rank had finished; otherwise the
+    first rank's own error, else the first one killed, so that a failed save is never requeued.
+    Where that is not known (or the ranks disagree) the state counts as not saved (code 4)."""
+    if statuses is None:
+        return Outcome(EXIT_CHECKPOINT, reason=f"{reason}; the ranks' exit codes could not be read, so their "
+                                               "state is not known to be saved", stopped=True)
+    if set(statuses.values()) <= {EXIT_OK}:
+        return Outcome(EXIT_OK)
+    if set(statuses.values()) == {EXIT_REQUEUE}:
+        return Outcome(EXIT_REQUEUE, reason=reason)
+    failed = {rank: status for rank, status in statuses.items() if status not in (EXIT_OK, EXIT_REQUEUE)}
+    if not failed:  # some ranks had finished, the others saved: not one consistent state
+        ended = ", ".join(f"local rank {rank} {describe_status(status)}" for rank, status in sorted(statuses.items()))
+        return Outcome(EXIT_CHECKPOINT, reason=f"{reason}; the ranks ended differently ({ended})", stopped=True)
+    local_rank, status = min(failed.items(), key=lambda item: (item[1] < 0, item[0]))
+    first = (job.topology.node_rank or 0) * job.topology.local_ranks + local_rank
+    return Outcome(status, first, reason=reason, log=torchrun_log(attempt_dir, local_rank), stopped=True)
 
 
 # ---------------------------------------------------------------------------------------------

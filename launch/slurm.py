@@ -154,6 +154,9 @@ def job_from_args(args: argparse.Namespace) -> SlurmJob:
     ranks = args.nproc_per_node or args.gpus_per_node or 1
     if nodes < 1 or ranks < 1:
         raise LaunchError(f"--nodes ({nodes}) and ranks per node ({ranks}) must be at least 1")
+    if args.gpus_per_node and ranks > args.gpus_per_node:
+        raise LaunchError(f"--nproc-per-node {ranks} is more than --gpus-per-node {args.gpus_per_node}: "
+                          "a rank needs a GPU of its own")
     min_nodes = args.min_nodes or 0
     if not 0 <= min_nodes <= nodes:
         raise LaunchError(f"--min-nodes ({min_nodes}) must be between 1 and --nodes ({nodes})")
@@ -190,6 +193,20 @@ def submit(args: argparse.Namespace) -> int:
     path.write_text(script)
     print(f"dit launch: wrote {path}; job output goes to {job.output}", flush=True)
     return submit_script(path)
+
+
+# The options of add_slurm_arguments that only the sbatch script reads (attribute names).
+SLURM_ONLY = ("dry_run", "nodes", "min_nodes", "gpus_per_node", "cpus_per_node", "time", "partition", "account",
+              "job_name", "sbatch_option")
+
+
+def check_slurm_only(args: argparse.Namespace) -> None:
+    """Refuse the SLURM options without --slurm: a local launch would ignore them and start a
+    real run of another shape (a `--dry-run --nodes 4` would train on 1 node)."""
+    given = [f"--{name.replace('_', '-')}" for name in SLURM_ONLY if getattr(args, name) not in (None, False)]
+    if given:
+        raise LaunchError(f"{', '.join(given)} only apply with --slurm (the sbatch script reads them); add "
+                          "--slurm, or drop them to run here (--nproc-per-node, --nnodes, --hostfile)")
 
 
 def add_slurm_arguments(g: argparse._ArgumentGroup) -> None:

@@ -224,3 +224,81 @@ def test_submit_without_sbatch_says_what_to_do(tmp_path, monkeypatch, capsys):
     assert main(["launch", str(TINY), f"run.out_dir={tmp_path}", "--slurm"]) == 2
     assert "--dry-run" in capsys.readouterr().err
     assert (tmp_path / "logs" / "slurm" / "tiny.sbatch").is_file()
+
+
+def preempted_launch(tmp_path: Path, codes: str) -> tuple[int, str, bool]:
+    """The torchrun runner over tests/launch/torchrun_ranks.py's ranks, sent SIGTERM once every
+    rank is ready: (its exit status, its output, whether it created the requeue marker)."""
+    marker = tmp_path / "requeue"
+    env = dict(os.environ, **{runners.REQUEUE_MARKER_ENV: str(marker)})
+    launcher = subprocess.Popen([sys.executable, "-m", "tests.launch.torchrun_ranks", "launch", codes, str(tmp_path)],
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ready = [tmp_path / f"ready{rank}" for rank in range(len(codes.split(",")))]
+    deadline = time.monotonic() + 60
+    while not all(path.exists() for path in ready) and launcher.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGTERM)
+    output, _ = launcher.communicate(timeout=60)
+    return launcher.returncode, output, marker.exists()
+
+
+@pytest.mark.parametrize("codes, status, line", [
+    ("42,42", EXIT_REQUEUE, "stopped, this launcher received SIGTERM: code 42 (preempted, state saved)"),
+    ("42,4", 4, "rank 1 exited with code 4 (a checkpoint error) after this launcher received SIGTERM"),
+    ("42,killed", 128 + signal.SIGTERM, "rank 1 died: SIGTERM after this launcher received SIGTERM"),
+    ("0,0", 0, "all ranks finished"),
+])
+def test_torchrun_preemption_passes_on_42_only_when_every_rank_saved(tmp_path, codes, status, line):
+    """A failed save, or a rank killed before it could save, must not be requeued as saved."""
+    returncode, output, requeue_marker = preempted_launch(tmp_path, codes)
+    assert returncode == status, output
+    assert f"dit launch: {line}" in output
+    assert requeue_marker == (status == EXIT_REQUEUE)
+
+
+@pytest.mark.parametrize("option", [["--dry-run"], ["--nodes", "4"], ["--gpus-per-node", "8"], ["--time", "1:00:00"],
+                                    ["--sbatch-option=--qos=high"], ["--job-name", "x"]])
+def test_slurm_options_without_slurm_fail_before_anything_starts(monkeypatch, capsys, option):
+    """A local launch ignored them: `--dry-run --nodes 4` trained 1 rank for real."""
+    monkeypatch.setattr(runners, "RUNNERS", {})
+    assert main(["launch", str(TINY), "--launcher", "torchrun", *option]) == 2
+    assert f"{option[0].split('=')[0]} only apply with --slurm" in capsys.readouterr().err
+
+
+def test_more_ranks_per_node_than_gpus_fail_before_anything_starts(monkeypatch, capsys):
+    """A rank without a GPU of its own fails at torch.cuda.set_device, after the allocation."""
+    monkeypatch.setattr(runners, "RUNNERS", {})
+    monkeypatch.setattr(launch_job, "gpus_here", lambda: 2)  # this machine has none: pretend it has 2
+    assert main(["launch", str(TINY), "--nproc-per-node", "4"]) == 2
+    assert "4 ranks on this node but it has 2 GPU(s)" in capsys.readouterr().err
+    assert main(["launch", str(TINY), "run.out_dir=/tmp/x", "--slurm", "--dry-run", "--gpus-per-node", "2",
+                 "--nproc-per-node", "4"]) == 2
+    assert "--nproc-per-node 4 is more than --gpus-per-node 2" in capsys.readouterr().err
+
+
+def launched_job(monkeypatch, launcher_name: str, *argv: str) -> Job:
+    """The job `dit launch TINY --launcher NAME *argv` would run (the runner records it instead)."""
+    jobs: list[Job] = []
+    monkeypatch.setattr(runners, "RUNNERS", {launcher_name: lambda job, *_: jobs.append(job) or Outcome(0)})
+    assert main(["launch", str(TINY), "--launcher", launcher_name, *argv]) == 0
+    return jobs[0]
+
+
+def test_one_node_torchrun_meets_at_the_given_master_port(monkeypatch, tmp_path):
+    from torch.distributed.run import config_from_args, parse_args
+
+    given = launched_job(monkeypatch, "torchrun", "--master-port", "29777")
+    assert config_from_args(parse_args(torchrun_args(given, tmp_path)))[0].rdzv_endpoint == "127.0.0.1:29777"
+    assert "--rdzv-endpoint=127.0.0.1:29778" in torchrun_args(given, tmp_path, attempt=1)
+    assert "--standalone" in torchrun_args(launched_job(monkeypatch, "torchrun"), tmp_path)
+
+
+@pytest.mark.parametrize("host, remote", [("gpu-node-7", True), ("localhost", False), ("127.0.0.1", False)])
+def test_a_hostfile_of_one_other_host_runs_there_over_ssh(monkeypatch, tmp_path, host, remote):
+    """DeepSpeed runs a single host's ranks here unless told --force_multi."""
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text(f"{host} slots=1\n")
+    one = launched_job(monkeypatch, "deepspeed", "--hostfile", str(hostfile))
+    assert one.topology.over_ssh == remote
+    assert ("--force_multi" in deepspeed_command(one, tmp_path, hostfile, {})) == remote
+    assert (one.topology.master_port == 29500) == remote  # a free port here says nothing of another host

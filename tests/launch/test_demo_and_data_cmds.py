@@ -1,0 +1,74 @@
+"""`dit demo` and `dit data write` at their edges, without a training run: the demo deletes
+only what an earlier demo wrote, and only in its own folder; a write that wrote nothing fails."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from launch.cli import main
+from launch.demo import DEMO_MARKER, claim_run_dir, clear_previous_run, demo_outputs
+from tests.trainer.harness import ROOT
+from trainer.config import load_config
+
+DEMO = ROOT / "configs" / "demo.yaml"
+
+
+def demo_configs(out: Path):
+    """The demo's two configs on run.out_dir=out, as `dit demo` loads them."""
+    shared = [f"run.out_dir={out}"]
+    return load_config(DEMO, shared), load_config(DEMO.with_name("demo_autoencoder.yaml"), shared)
+
+
+def test_demo_refuses_a_folder_it_did_not_write_and_deletes_nothing(tmp_path):
+    out = tmp_path / "mine"
+    (out / "notes").mkdir(parents=True)
+    (out / "notes" / "a.md").write_text("mine")
+    (out / "checkpoints").mkdir()  # a real run's, not a demo's
+    (tmp_path / "a_file").write_text("")  # shards that cannot be written: a demo let through stops at once
+    assert main(["demo", str(DEMO), f"run.out_dir={out}", f"data.shards={tmp_path}/a_file/data", "--nproc", "1"]) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "notes"]
+    assert (out / "notes" / "a.md").read_text() == "mine"
+
+
+def test_a_rerun_deletes_only_the_earlier_demos_outputs(tmp_path):
+    out = tmp_path / "demo"
+    cfg, ae_cfg = demo_configs(out)
+    assert claim_run_dir(str(out), cfg.data.shards, demo_outputs(cfg, ae_cfg))  # a fresh folder: marked
+    assert (out / DEMO_MARKER).is_file()
+    written = ["data", "checkpoints", "logs", "checkpoints_autoencoder", "logs_autoencoder", "autoencoder",
+               "latents", "eval"]
+    for name in written:
+        (out / name).mkdir()
+        (out / name / "file").write_text(name)
+    (out / "notes.txt").write_text("added by hand")
+    clear_previous_run(str(out), cfg.data.shards, demo_outputs(cfg, ae_cfg))
+    assert sorted(p.name for p in out.iterdir()) == sorted([DEMO_MARKER, "data", "notes.txt"])
+    assert (out / "data" / "file").read_text() == "data"
+
+
+def test_the_shards_of_an_earlier_run_alone_leave_the_folder_a_demos(tmp_path):
+    out = tmp_path / "demo"
+    cfg, ae_cfg = demo_configs(out)
+    (out / "data").mkdir(parents=True)
+    assert claim_run_dir(str(out), str(out / "data"), demo_outputs(cfg, ae_cfg))
+    assert (out / DEMO_MARKER).is_file()
+
+
+def test_a_demo_folder_from_before_the_marker_is_a_demos_and_one_more_file_is_not(tmp_path):
+    out = tmp_path / "demo"
+    cfg, ae_cfg = demo_configs(out)
+    for name in ("data", "checkpoints", "logs_autoencoder", "latents"):
+        (out / name).mkdir(parents=True)
+    assert claim_run_dir(str(out), cfg.data.shards, demo_outputs(cfg, ae_cfg))
+    (out / DEMO_MARKER).unlink()
+    (out / "notes.txt").write_text("added by hand")
+    assert not claim_run_dir(str(out), cfg.data.shards, demo_outputs(cfg, ae_cfg))
+    assert not (out / DEMO_MARKER).exists()
+
+
+def test_data_write_that_wrote_no_sample_fails(tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"not an image")
+    (folder / "a.txt").write_text("a caption")
+    assert main(["data", "write", str(folder), "--out", str(tmp_path / "shards")]) == 1
+    assert "no sample was written" in capsys.readouterr().err
