@@ -15,16 +15,20 @@ master partition even in fp32 training:
     3       w P / N + w Ppers  w P / N      4 P / N       8 P / N    mixed: (2 + 2 + 12) P / N
 
 (Ppers: ZeRO-3 keeps parameters below its persistence threshold whole on every rank.)
+bf16 at ZeRO 1-3 accumulates gradients in fp32 (trainer/optim.py, grad_accum_dtype): the
+gradient partition is 4 P / N at ZeRO 2-3, and ZeRO-1 steps through DeepSpeed's BF16_Optimizer,
+which keeps whole bf16 and fp32 gradients on every rank: 6 P (8 P + 12 P / N in all).
 ZeRO-1 here partitions gradients as ZeRO-2 does (DeepSpeed reduces them into the owner's
 partition at once); the ZeRO paper's ZeRO-1 keeps them whole (2 P + 2 P + 12 P / N).
 ZeRO-Offload moves states to the host, where the plan counts them apart (host GB per GPU, not
 in the GPU's total): deepspeed.offload_optimizer the fp32 master and Adam partitions and the
-reduced gradient partition (fp32 at ZeRO 1-2, w bytes at ZeRO-3), which DeepSpeed's CPU Adam
+reduced gradient partition (fp32 at ZeRO 1-2 and in bf16, w bytes at ZeRO-3 otherwise; ZeRO-1
+keeps DeepSpeed's ZeRO optimizer there, not BF16_Optimizer), which DeepSpeed's CPU Adam
 steps there; deepspeed.offload_params (ZeRO-3) the parameter partition too (Ppers stays).
 
 communication buckets: DeepSpeed's reduce bucket (reduce_bucket_size elements, 5e8 unless
-configured; w bytes each, two with overlap_comm) during backward at ZeRO 1-3, plus ZeRO-3's
-prefetch bucket.
+configured; w bytes each, two with overlap_comm) during backward at ZeRO 1-3 (not where bf16
+ZeRO-1 steps through BF16_Optimizer), plus ZeRO-3's prefetch bucket.
 
 activations of one micro-batch: the tensors autograd saves, counted per DiT block from the
 model's code (layers.py) - in units of B N D values (B micro-batch, N tokens, D width):
@@ -38,7 +42,13 @@ the plan accounts for the H200's measured peak of DiT-XL/2 (batch 64, ZeRO-2: 49
 44.7 GB planned without them, and the qk-norm outputs then fp32 too, since fixed: +4.2 GB).
 With checkpointing every block keeps only its input (1), and one
 block is recomputed at a time. Pipeline stages hold up to p micro-batches of their layers
-(1F1B). Frozen encoders (text, autoencoder) are counted in fp32, activations not (no grad).
+(1F1B). Activations of frozen modules are not counted (no grad).
+
+frozen modules (launch/plan_model.py, per stage.kind: text encoder, autoencoder, a distillation's
+teacher), w bytes a parameter, whole on every rank: the trainer places them in the training
+precision. The adversarial discriminator's frozen trunk copy sits in its player: its engine
+casts it to w bytes and partitions it at ZeRO-3; that player's trained heads add their own
+model states and buckets (its engine's), never pipelined.
 A sequence split S keeps N / S tokens per rank in every block and the head (attention sees N
 tokens with H / S heads: the same size), so the N D terms shrink by S; ZeRO still partitions
 over all GPUs / p ranks.
@@ -58,7 +68,9 @@ with checkpointing): 8 (12) x w B N D (S - 1) / S^2 bytes per attention per micr
 
 step time: 6 x forward MACs per sample (forward + backward; 8 x with checkpointing) x the
 global batch, over GPUs x peak x MFU, stretched by the pipeline bubble (p - 1) / (m + p - 1),
-plus the all-to-all volume over the link bandwidth (--link-gbs, not overlapped).
+plus the all-to-all volume over the link bandwidth (--link-gbs, not overlapped), plus 2 x
+forward MACs per forward of a distillation's frozen teacher-sized DiTs (teacher steps, with CFG
+for a full diffusion teacher; the discriminator trunk's passes), per sample of the global batch.
 
 The suggestion is the fitting layout with the shortest step; among equals, one without ZeRO-3
 (its parameter all-gathers cost 1.5x the communication of ZeRO 0-2), then the least memory.
@@ -74,7 +86,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from launch.plan_model import ModelFacts, model_facts
-from trainer.config import RunConfig, load_config, validate
+from trainer.config import DeepSpeedConfig, RunConfig, load_config, validate
 from trainer.config_errors import ConfigError
 
 GB = 1e9
@@ -134,10 +146,20 @@ def model_state_bytes(params: int, zero_stage: int, dp: int, precision: str,
     shard = params / dp
     return {
         "params": w * (shard + persistent) if zero_stage == 3 else w * params,
-        "grads": w * shard,
+        "grads": grad_bytes(params, zero_stage, dp, precision),
         "master": MASTER_BYTES * shard,
         "optimizer": ADAM_BYTES * shard,
     }
+
+
+def grad_bytes(params: int, zero_stage: int, dp: int, precision: str) -> float:
+    """Per-rank gradient bytes at ZeRO 1-3: the partition in w bytes; under bf16 in fp32
+    (grad_accum_dtype), and whole in bf16 and fp32 at ZeRO-1 (BF16_Optimizer)."""
+    if precision != "bf16":
+        return param_bytes(precision) * params / dp
+    if zero_stage == 1:
+        return (param_bytes(precision) + MASTER_BYTES) * params
+    return MASTER_BYTES * params / dp
 
 
 def offloaded(states: dict[str, float], params: int, zero_stage: int, dp: int, precision: str,
@@ -150,7 +172,7 @@ def offloaded(states: dict[str, float], params: int, zero_stage: int, dp: int, p
     shard = params / dp
     if optimizer and zero_stage > 0:
         host["master"], host["optimizer"] = device["master"], device["optimizer"]
-        host["grads"] = (MASTER_BYTES if zero_stage < 3 else param_bytes(precision)) * shard
+        host["grads"] = (MASTER_BYTES if zero_stage < 3 or precision == "bf16" else param_bytes(precision)) * shard
         device["master"] = device["optimizer"] = device["grads"] = 0.0
     if parameters and zero_stage == 3:
         host["params"] = param_bytes(precision) * shard
@@ -158,10 +180,35 @@ def offloaded(states: dict[str, float], params: int, zero_stage: int, dp: int, p
     return device, host
 
 
-def bucket_bytes(zero_stage: int, precision: str, z: ZeroSettings, params: int) -> float:
+def player_states(params: int, persistent: int, zero_stage: int, dp: int, precision: str,
+                  ds: DeepSpeedConfig) -> tuple[dict[str, float], dict[str, float]]:
+    """(device, host) model states of one player's engine: `model_state_bytes`, `offloaded`."""
+    return offloaded(model_state_bytes(params, zero_stage, dp, precision, persistent), params, zero_stage, dp,
+                     precision, persistent, ds.offload_optimizer, ds.offload_params)
+
+
+def frozen_bytes(m: ModelFacts, zero_stage: int, dp: int, precision: str, offload_params: bool) -> tuple[float, float]:
+    """(device, host) bytes of the frozen parameters per rank. The stage's helpers (text encoder,
+    autoencoder, teacher) are whole on every rank in the training precision, as the trainer
+    places them; the discriminator's trunk copy is as its engine keeps it: cast to the training
+    precision, partitioned at ZeRO-3 (tensors below the persistence threshold whole), that
+    partition on the host with offload_params."""
+    w = param_bytes(precision)
+    device, host = float(w * m.frozen_params), 0.0
+    if m.disc is None:
+        return device, host
+    if zero_stage < 3:
+        return device + w * m.disc.frozen_params, host
+    shard = w * m.disc.frozen_params / dp
+    device += w * m.disc.frozen_persistent
+    return (device, host + shard) if offload_params else (device + shard, host)
+
+
+def bucket_bytes(zero_stage: int, precision: str, z: ZeroSettings, params: int, offload: bool = False) -> float:
     """DeepSpeed's gradient-reduction buffers (allocated whole, whatever the model's size) and
-    ZeRO-3's prefetch of gathered parameters (at most the model)."""
-    if zero_stage == 0:
+    ZeRO-3's prefetch of gathered parameters (at most the model). None without ZeRO, nor where
+    bf16 at ZeRO-1 steps through BF16_Optimizer (no offload), which reduces its whole gradients."""
+    if zero_stage == 0 or (zero_stage == 1 and precision == "bf16" and not offload):
         return 0.0
     w = param_bytes(precision)
     buckets = 2 if z.overlap_comm and zero_stage < 3 else 1
@@ -320,11 +367,13 @@ def layouts(gpus: int, depth: int, heads: int = 1, split_unit: int = 1) -> list[
 
 def step_seconds(m: ModelFacts, samples: int, hw: Hardware, layout: Layout, micro_batches: int) -> float:
     """6 x MACs per sample (8 x with recomputation) over the GPUs' sustained FLOP/s, stretched
-    by the pipeline bubble (p - 1) / (m + p - 1)."""
+    by the pipeline bubble (p - 1) / (m + p - 1), plus 2 x the MACs of the frozen teacher-sized
+    DiTs' forwards of a distillation stage (run before the student's pass, outside the pipe)."""
     flops = (8 if layout.checkpointing else 6) * m.macs_per_sample * samples
+    helper_flops = 2 * m.helper_forwards * m.teacher_macs * samples
     p = layout.pipeline_stages
     bubble = (p - 1) / (micro_batches + p - 1)
-    return flops / (hw.gpus * hw.peak_tflops * 1e12 * hw.mfu) / (1 - bubble)
+    return (flops / (1 - bubble) + helper_flops) / (hw.gpus * hw.peak_tflops * 1e12 * hw.mfu)
 
 
 def global_batch(cfg: RunConfig, gpus: int, micro_batch: Optional[int] = None) -> int:
@@ -351,16 +400,24 @@ def estimate(cfg: RunConfig, m: ModelFacts, hw: Hardware, layout: Layout,
                          f"on {layout.replicas(hw.gpus)} replicas of micro-batch {micro}")
     precision, ds = cfg.deepspeed.precision, cfg.deepspeed
     z = zero_settings(cfg, layout.zero_stage)
-    persistent = m.persistent_params if layout.zero_stage == 3 else 0
-    states, host = offloaded(model_state_bytes(math.ceil(m.params / p), layout.zero_stage, dp, precision, persistent),
-                             math.ceil(m.params / p), layout.zero_stage, dp, precision, persistent,
-                             ds.offload_optimizer, ds.offload_params)
+    zero3 = layout.zero_stage == 3
+    states, host = player_states(math.ceil(m.params / p), m.persistent_params if zero3 else 0, layout.zero_stage, dp,
+                                 precision, ds)
+    buckets = bucket_bytes(layout.zero_stage, precision, z, math.ceil(m.params / p), ds.offload_optimizer)
+    if m.disc is not None:  # the second player's engine: never pipelined, its own buckets
+        d = m.disc
+        disc_states, disc_host = player_states(d.params, d.persistent_params if zero3 else 0, layout.zero_stage,
+                                               dp, precision, ds)
+        states = {key: states[key] + disc_states[key] for key in states}
+        host = {key: host[key] + disc_host[key] for key in host}
+        buckets += bucket_bytes(layout.zero_stage, precision, z, d.params + d.frozen_params, ds.offload_optimizer)
+    frozen, frozen_host = frozen_bytes(m, layout.zero_stage, dp, precision, ds.offload_params)
+    host["params"] += frozen_host
     acts = activation_bytes(m, micro, precision, layout.checkpointing, math.ceil(m.depth / p), hw.cpu,
                             in_flight=min(p, micro_batches), sequence_parallel=S)  # 1F1B: the first stage holds up to p
     exchanged = all_to_all_bytes(m, micro_batches, micro, precision, layout.checkpointing, S) if S > 1 else 0.0
     step = step_seconds(m, samples, hw, layout, micro_batches) + exchanged / (hw.link_gb_s * GB)
-    return Estimate(layout, states, bucket_bytes(layout.zero_stage, precision, z, math.ceil(m.params / p)), acts,
-                    4.0 * m.frozen_params, step, samples, micro, micro_batches, host, exchanged)
+    return Estimate(layout, states, buckets, acts, frozen, step, samples, micro, micro_batches, host, exchanged)
 
 
 def suggest(estimates: list[Estimate], hw: Hardware, micro_batch: int) -> Optional[Estimate]:
@@ -405,14 +462,25 @@ def gb(x: float) -> str:
     return f"{x / GB:8.2f}"
 
 
+# What each stage kind keeps frozen (launch/plan_model.py).
+FROZEN = {"pretrain": "text encoder, autoencoder", "superres": "text encoder, autoencoder",
+          "progressive": "text encoder, autoencoder, teacher",
+          "adversarial": "text encoder, autoencoder, teacher, discriminator trunk", "autoencoder": "nothing"}
+
+
 def format_plan(cfg: RunConfig, m: ModelFacts, estimates: list[Estimate], hw: Hardware) -> str:
     micro, ds = estimates[0].micro_batch, cfg.deepspeed
+    trained = m.params + (m.disc.params if m.disc else 0)
+    frozen = m.frozen_params + (m.disc.frozen_params if m.disc else 0)
     offload = " + ".join(what for what, on in (("optimizer", ds.offload_optimizer), ("params", ds.offload_params))
                          if on)
     lines = [
-        f"model {cfg.model.preset}: {m.params / 1e6:.1f}M trained parameters, {m.frozen_params / 1e6:.1f}M frozen "
-        f"(text encoder, autoencoder); input {m.latent_shape}, {m.tokens} tokens, {m.text_len} text tokens",
-        f"forward {m.macs_per_sample / 1e9:.2f} GMACs per sample; training ~ {6 * m.macs_per_sample / 1e9:.1f} GFLOPs per sample",
+        f"model {cfg.model.preset} ({cfg.stage.kind}): {trained / 1e6:.1f}M trained parameters, {frozen / 1e6:.1f}M "
+        f"frozen ({FROZEN[cfg.stage.kind]}); input {m.latent_shape}, {m.tokens} tokens, {m.text_len} text tokens",
+        f"forward {m.macs_per_sample / 1e9:.2f} GMACs per sample; "
+        f"training ~ {6 * m.macs_per_sample / 1e9:.1f} GFLOPs per sample"
+        + (f" + {2 * m.helper_forwards * m.teacher_macs / 1e9:.1f} in {m.helper_forwards:.3g} frozen DiT forwards"
+           if m.helper_forwards else ""),
         f"{hw.gpus} GPUs x {hw.gpu_mem_gb:g} GB ({(1 - hw.headroom) * 100:.0f}% usable), {cfg.deepspeed.precision}, "
         f"micro-batch {micro}, grad_accum {cfg.deepspeed.grad_accum}, global batch {estimates[0].samples_per_step}; "
         f"peak {hw.peak_tflops:g} TFLOP/s at {hw.mfu:.0%} MFU"

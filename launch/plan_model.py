@@ -1,21 +1,31 @@
-"""What `dit plan` (launch/plan.py) plans for: the trained DiT and its frozen helpers of a
-config, built on the meta device from their configurations (exact parameter and MAC counts,
-no weights read, no memory used).
+"""What `dit plan` (launch/plan.py) plans for: the trained network(s) and frozen helpers of a
+config's stage as `trainer.stages.build_stage` builds them, built on the meta device from their
+configurations (exact parameter and MAC counts, no weights read, no memory used).
+
+Per stage.kind: pretrain and superres train the DiT beside the frozen text encoder and
+autoencoder; progressive adds the frozen teacher; adversarial the teacher, and a second player,
+the discriminator: trained heads on a frozen copy of the teacher trunk; autoencoder trains the
+KL autoencoder alone.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Optional
 
 from trainer.config import ModelConfig, RunConfig
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
 class ModelFacts:
     """Sizes of the trained DiT and its frozen helpers, from the config (no weights loaded)."""
 
-    params: int  # trained parameters
+    params: int  # trained parameters of the student (the player a pipeline splits)
     persistent_params: int  # of which below ZeRO-3's persistence threshold
-    frozen_params: int  # text encoder + autoencoder
+    frozen_params: int  # frozen helpers, whole on every rank: text encoder, autoencoder, teacher
     macs_per_sample: int  # forward multiply-accumulates of one sample
     depth: int
     width: int
@@ -29,6 +39,21 @@ class ModelFacts:
     temporal: bool  # factorized video blocks with more than one latent frame
     split_unit: int  # what a sequence split S must divide: the latent frames of factorized clips, else N
     latent_shape: tuple[int, ...]  # (C, [F,] H, W) the DiT sees
+    disc: Optional["PlayerFacts"] = None  # the adversarial stage's discriminator
+    helper_forwards: float = 0.0  # forwards of teacher-sized frozen DiTs per sample and step
+    teacher_macs: int = 0  # forward multiply-accumulates of one sample through the teacher
+
+
+@dataclass(frozen=True)
+class PlayerFacts:
+    """A second trained player with its own DeepSpeed engine (never pipelined): its trained
+    parameters, and the frozen ones inside it, which its engine casts to the training precision
+    and ZeRO-3 partitions like the trained ones."""
+
+    params: int
+    persistent_params: int  # trained ones below ZeRO-3's persistence threshold
+    frozen_params: int
+    frozen_persistent: int  # frozen ones below it
 
 
 def text_dims(model: ModelConfig) -> tuple[int, int, int, int]:
@@ -86,10 +111,78 @@ def autoencoder_facts(cfg: RunConfig) -> tuple[int, int, int]:
     return ae.downsample_factor, ae.temporal_downsample, sum(p.numel() for p in ae.parameters())
 
 
-def model_facts(cfg: RunConfig, persistence_threshold: int) -> ModelFacts:
-    """Build the DiT of `cfg` on the meta device: exact parameter and MAC counts, no memory."""
+# The discriminator's frozen trunk per sample and step, in teacher forwards: the student's pass
+# through D and D's own on the real and the fake sample, each with a reference pass over x_t in
+# the conditional phase (a share CONDITIONAL_FRACTION of the steps); the backward of the first
+# to the student's input (no weight gradients) costs about one more forward, D's own reaches the
+# heads only.
+TRUNK_PASSES, TRUNK_BACKWARD = 3, 1
+
+
+def counts(params: Iterable["torch.nn.Parameter"], threshold: int) -> tuple[int, int]:
+    """(elements of `params`, those in tensors below ZeRO-3's persistence threshold)."""
+    numels = [p.numel() for p in params]
+    return sum(numels), sum(n for n in numels if n < threshold)
+
+
+def teacher_of(cfg: RunConfig) -> tuple[ModelConfig, Optional[int]]:
+    """The network config of stage.teacher and the step count it was distilled into (None: a
+    full diffusion model, sampled with CFG), from its config.yaml as the trainer reads it. Where
+    the teacher is not on this machine: this run's network (distillation keeps it; the student's
+    own options, a guidance embedder, may differ by a few parameters) sampled with CFG, the
+    costlier teacher."""
+    from trainer.checkpoint_format import resolve
+    from trainer.stage_config import stage_settings
+    from trainer.stages.checks import read_run_config, teacher_steps
+
+    directory = stage_settings(cfg.stage).teacher
+    step = resolve(directory) if directory and Path(directory).exists() else None
+    if step is None or not (step / "config.yaml").is_file():
+        return cfg.model, None
+    teacher = read_run_config((step / "config.yaml").read_text())
+    return teacher.model, teacher_steps(directory, teacher.stage)
+
+
+def teacher_forwards(cfg: RunConfig, distilled: Optional[int]) -> float:
+    """Forwards of teacher-sized frozen DiTs per sample and step. Progressive: a student step is
+    two teacher DDIM steps, with CFG (two forwards each) in the first round when the teacher is a
+    full diffusion model, then the distilled student of the round before. Adversarial: the
+    teacher's path over a student step of an N-step sampler spans teacher_steps / N steps, N
+    cycling through the step counts, and the discriminator's trunk passes."""
+    from trainer.stage_config import stage_settings
+    from trainer.stages.adversarial import CONDITIONAL_FRACTION
+    from trainer.stages.checks import teacher_steps_for
+
+    s = stage_settings(cfg.stage)
+    guided = 2 if distilled is None and not s.guidance_min == s.guidance_max == 1 else 1
+    if cfg.stage.kind == "progressive":
+        return 2 * (guided + len(s.rounds) - 1) / len(s.rounds)
+    step_counts = sorted(set(s.rounds), reverse=True)
+    teacher_steps = teacher_steps_for(step_counts, distilled, cfg.log.sample_steps)
+    path = guided * sum(teacher_steps / n for n in step_counts) / len(step_counts)
+    return path + TRUNK_PASSES * (1 + CONDITIONAL_FRACTION) + TRUNK_BACKWARD
+
+
+def discriminator_facts(teacher: "torch.nn.Module", threshold: int) -> PlayerFacts:
+    """The adversarial stage's second player as it builds it: heads on a frozen teacher trunk."""
     import torch
 
+    from trainer.models.discriminator import DiscriminatorHeads
+    from trainer.stages.adversarial import head_block_ids
+
+    with torch.device("meta"):
+        disc = DiscriminatorHeads(teacher, head_block_ids(len(teacher.blocks)))
+    trained = counts((p for p in disc.parameters() if p.requires_grad), threshold)
+    frozen = counts((p for p in disc.parameters() if not p.requires_grad), threshold)
+    return PlayerFacts(*trained, *frozen)
+
+
+def model_facts(cfg: RunConfig, persistence_threshold: int) -> ModelFacts:
+    """Build the networks of `cfg`'s stage on the meta device: exact parameter and MAC counts,
+    no memory."""
+    import torch
+
+    from trainer.models.autoencoder import build_kl
     from trainer.models.dit import build_dit
 
     text_dim, pooled_dim, text_len, text_params = text_dims(cfg.model)
@@ -104,15 +197,27 @@ def model_facts(cfg: RunConfig, persistence_threshold: int) -> ModelFacts:
     shape = (cfg.model.in_channels, latent_frames, side, side) if video else (cfg.model.in_channels, side, side)
     spec = net.spec
     frames = latent_frames // spec.temporal_patch if video else 1
-    numels = [p.numel() for p in net.parameters() if p.requires_grad]
+    trained = counts((p for p in net.parameters() if p.requires_grad), persistence_threshold)
+    frozen, disc, forwards, teacher_macs = text_params + ae_params, None, 0.0, 0
+    if cfg.stage.kind in ("progressive", "adversarial"):
+        teacher_model, distilled = teacher_of(cfg)
+        with torch.device("meta"):
+            teacher = build_dit(teacher_model, text_dim, pooled_dim)
+        frozen += sum(p.numel() for p in teacher.parameters())
+        forwards, teacher_macs = teacher_forwards(cfg, distilled), teacher.macs((1, *shape), text_len)
+        if cfg.stage.kind == "adversarial":
+            disc = discriminator_facts(teacher, persistence_threshold)
+    elif cfg.stage.kind == "autoencoder":  # the KL autoencoder alone, trained
+        with torch.device("meta"):
+            trained, frozen = counts(build_kl(cfg.model.autoencoder).parameters(), persistence_threshold), 0
     return ModelFacts(
-        params=sum(numels),
-        persistent_params=sum(n for n in numels if n < persistence_threshold),
-        frozen_params=text_params + ae_params,
+        params=trained[0],
+        persistent_params=trained[1],
+        frozen_params=frozen,
         macs_per_sample=net.macs((1, *shape), text_len),
         depth=spec.preset.depth, width=spec.preset.width, heads=spec.preset.heads, mlp_ratio=spec.preset.mlp_ratio,
         tokens=frames * (side // spec.preset.patch) ** 2, text_len=text_len, text_dim=text_dim,
         qk_norm=spec.qk_norm, cross_attention=bool(spec.text_dim), temporal=spec.temporal_blocks and frames > 1,
         split_unit=frames if spec.temporal_blocks and frames > 1 else frames * (side // spec.preset.patch) ** 2,
-        latent_shape=shape,
+        latent_shape=shape, disc=disc, helper_forwards=forwards, teacher_macs=teacher_macs,
     )

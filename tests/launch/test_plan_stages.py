@@ -1,0 +1,129 @@
+"""`dit plan` counts what the trainer builds, for every stage kind and precision: its trained and
+frozen parameters are those of the modules `trainer.stages.build_stage` makes (a tiny
+checkpoint as the distillations' teacher), and its frozen bytes those the trainer holds: the
+helpers (text encoder, autoencoder, teacher) as `Stage.to` places them, in the training
+precision, and the adversarial discriminator's frozen trunk copy as its real DeepSpeed engine
+keeps it (one rank over gloo, built by `trainer.optim.build_engine` as the trainer builds it).
+Its step time counts the frozen DiT forwards a distillation step runs: counted here on the real
+stage's losses, per sample, over the rounds / step counts and the discriminator's phases."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from launch.plan import Hardware, Layout, estimate, zero_settings
+from launch.plan_model import TRUNK_BACKWARD, model_facts
+from tests.eval.eval_helpers import tiny_config, write_checkpoint
+from trainer.config import RunConfig
+from trainer.distributed import DistContext, init_distributed
+from trainer.numerics import PRECISIONS
+from trainer.optim import build_engine
+from trainer.stages import build_stage
+from trainer.stages.distillation import DistillationStage
+
+DISTILL = ("stage.rounds=[2,1]", "diffusion.loss_weighting=trunc_snr")
+KINDS = {
+    "pretrain": (),
+    "superres": ("stage.kind=superres", "model.superres=true", "data.sr_resolution=32"),
+    "autoencoder": ("stage.kind=autoencoder",),
+    "progressive": ("stage.kind=progressive", *DISTILL),
+    "adversarial": ("stage.kind=adversarial", *DISTILL),
+}
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    """A tiny pretraining checkpoint root (config.yaml + random EMA weights)."""
+    root = tmp_path_factory.mktemp("teacher")
+    return write_checkpoint(tiny_config(root, f"checkpoint.dir={root}/checkpoints"))
+
+
+@pytest.fixture(scope="module")
+def one_rank() -> Iterator[DistContext]:
+    """A process group of this process alone, over gloo, as `dit train` starts one rank."""
+    from launch.job import free_port
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MASTER_PORT", str(free_port()))
+        for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
+            env.setenv(key, value)
+        ctx = init_distributed(1, 60)
+        try:
+            yield ctx
+        finally:
+            dist.destroy_process_group()
+
+
+def parameters(module: nn.Module, trained: bool) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad == trained]
+
+
+def nbytes(params: list[nn.Parameter]) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_plan_counts_the_parameters_and_frozen_bytes_the_trainer_holds(kind, precision, teacher, one_rank,
+                                                                      tmp_path):
+    distilled = (f"stage.teacher={teacher}",) if kind in ("progressive", "adversarial") else ()
+    cfg = tiny_config(tmp_path, *KINDS[kind], *distilled, f"deepspeed.precision={precision}", "deepspeed.zero_stage=1")
+    stage = build_stage(cfg).to(torch.device("cpu"), PRECISIONS[precision])  # as trainer.engine places it
+    # The second player's engine, as the trainer builds it (the student's holds no frozen parameter).
+    engines = {name: build_engine(module, cfg.optim.lr, cfg.optim, cfg.deepspeed, cfg.data.batch_size, one_rank,
+                                  cfg.stage.steps, torch.device("cpu"))[0]
+               for name, module in stage.players.items() if name != "student"}
+    m = model_facts(cfg, zero_settings(cfg, 3).persistence_threshold)
+    e = estimate(cfg, m, Hardware(gpus=1, cpu=True), Layout(1, 1, False))
+
+    trained = {name: sum(p.numel() for p in parameters(module, True)) for name, module in stage.players.items()}
+    assert trained == {"student": m.params, **({"disc": m.disc.params} if m.disc else {})}
+    frozen_in_players = [p for module in stage.players.values() for p in parameters(module, False)]
+    assert sum(p.numel() for module in stage.helpers() for p in module.parameters()) == m.frozen_params
+    assert sum(p.numel() for p in frozen_in_players) == (m.disc.frozen_params if m.disc else 0)
+    held = sum(nbytes(list(module.parameters())) for module in stage.helpers()) + \
+        sum(nbytes(parameters(engine.module, False)) for engine in engines.values())
+    assert e.frozen == held, f"{kind} {precision}: planned {e.frozen:,.0f} B, the trainer holds {held:,} B"
+
+
+def samples_through(net: nn.Module, calls: list[int]) -> torch.utils.hooks.RemovableHandle:
+    """Append the batch size of every pass through `net`'s blocks (its first block's input)."""
+    return net.blocks[0].register_forward_pre_hook(lambda _module, args: calls.append(args[0].shape[0]))
+
+
+def frozen_forwards(stage: DistillationStage, cfg: RunConfig, steps: list[int], batch_size: int = 2) -> float:
+    """Samples the stage's frozen DiTs (teacher, discriminator trunk) run forward per trained
+    sample, averaged over one batch at each of `steps` (0-based step counts)."""
+    generator = torch.Generator().manual_seed(0)
+    batch = {"image": torch.rand(batch_size, 3, cfg.data.resolution, cfg.data.resolution) * 2 - 1,
+             "caption": ["a red circle"] * batch_size}
+    calls: list[int] = []
+    for step in steps:
+        stage.start_of_step(step, lambda: stage.players["student"].state_dict())
+        nets = [stage.teacher.net, *([stage.players["disc"].disc.trunk] if "disc" in stage.players else [])]
+        handles = [samples_through(net, calls) for net in nets]
+        for _player, loss, _info in stage.losses(batch, generator):
+            loss.backward()
+        for handle in handles:
+            handle.remove()
+    return sum(calls) / (batch_size * len(steps))
+
+
+@pytest.mark.parametrize("kind", ["progressive", "adversarial"])
+def test_step_time_counts_the_frozen_forwards_of_a_distillation_step(kind, teacher, tmp_path):
+    """Progressive, rounds [2, 1] over 8 steps: round 1's teacher (a CFG diffusion model) takes
+    two guided steps (4 forwards), round 2's (the student before it) two plain ones. Adversarial:
+    the teacher's path for each step count, and the trunk's passes in both phases of D (steps
+    0-3 conditional, 4-7 not); the plan adds the trunk's backward to the student's input."""
+    cfg = tiny_config(tmp_path, *KINDS[kind], f"stage.teacher={teacher}")
+    stage = build_stage(cfg)
+    m = model_facts(cfg, zero_settings(cfg, 3).persistence_threshold)
+    steps = [0, 4] if kind == "progressive" else [0, 1, 4, 5]
+    counted = frozen_forwards(stage, cfg, steps) + (TRUNK_BACKWARD if kind == "adversarial" else 0)
+    assert m.helper_forwards == pytest.approx(counted, rel=1e-12)
+    assert m.teacher_macs == stage.teacher.net.macs((1, *m.latent_shape), m.text_len)
