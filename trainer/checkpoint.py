@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import json
+import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,12 +43,15 @@ from trainer.checkpoint_format import (
     COMPLETE,
     EMA_FILE,
     LATEST,
+    REMOVING,
     STAGE_FILE,
     TMP_PREFIX,
     CheckpointError,
     commit,
     load_for_inference,
     point_latest,
+    remove_dir,
+    resolve,
     verify,
 )
 from trainer.config import CheckpointConfig, flatten
@@ -98,10 +102,12 @@ def safe_checkpoint_engine(before_write: Optional[Callable[[str], None]] = None)
             return error
 
         def load(self, path: str, map_location=None):
+            if not Path(path).is_file():
+                raise CheckpointError(f"cannot load {path}: the file is missing")
             try:
                 with torch.serialization.safe_globals(_deepspeed_safe_globals()):
                     return torch.load(path, map_location=map_location, weights_only=True)
-            except Exception as e:  # the unpickler's error names the refused global
+            except pickle.UnpicklingError as e:  # weights_only's refusal, which names the refused global
                 raise CheckpointError(
                     f"refusing to load {path}: it holds objects outside the weights-only allowlist "
                     f"({str(e).splitlines()[-1][:300]}). Only checkpoints written by this trainer load."
@@ -150,6 +156,18 @@ def config_differences(old_yaml: str, new_yaml: str, ignore: tuple[str, ...]) ->
         if before != after:
             out.append(f"{key}: {before!r} -> {after!r}")
     return out
+
+
+def schedule_change(old_yaml: str, new_yaml: str) -> list[str]:
+    """stage.steps may change on resume (a run extended), but a decaying LR schedule is laid over
+    it (trainer/optim.py lr_factor): the rest of the run follows a schedule of the new length,
+    which must not pass unseen. `key: old -> new (what it does)`, or nothing."""
+    old, new = flatten(yaml.safe_load(old_yaml) or {}), flatten(yaml.safe_load(new_yaml) or {})
+    before, after = old.get("stage.steps"), new.get("stage.steps")
+    if before == after or new.get("optim.lr_schedule", "constant") == "constant":
+        return []
+    return [f"stage.steps: {before!r} -> {after!r} (the {new['optim.lr_schedule']} LR schedule now spans {after} "
+            f"steps instead of {before}: the learning rate from here on follows the new length)"]
 
 
 def agree_on_step(step: int, what: str) -> None:
@@ -276,8 +294,9 @@ class CheckpointManager:
         self._apply_retention(keep_name=final.name)
 
     def _remove_partial(self) -> None:
-        """Directories of saves that never committed (a crash or kill mid-write)."""
-        for leftover in self.root.glob(f"{TMP_PREFIX}step_*"):
+        """Directories of saves that never committed (a crash or kill mid-write), and of
+        deletions a kill interrupted (`remove_dir`)."""
+        for leftover in [*self.root.glob(f"{TMP_PREFIX}step_*"), *self.root.glob(f"{REMOVING}step_*")]:
             shutil.rmtree(leftover, ignore_errors=True)
 
     def _apply_retention(self, keep_name: str) -> None:
@@ -285,7 +304,7 @@ class CheckpointManager:
         complete = sorted(p for p in self.root.glob("step_*") if (p / COMPLETE).is_file())
         for old in complete[: max(0, len(complete) - self.cfg.keep)]:
             if old.name != keep_name:
-                shutil.rmtree(old, ignore_errors=True)
+                remove_dir(old)
 
     # ---- load -------------------------------------------------------------------------------
     def latest(self) -> Optional[Path]:
@@ -326,7 +345,7 @@ class CheckpointManager:
                 f"the config differs from the one {directory} was written with:\n  {listing}{batch}\n"
                 f"pass --allow-config-change (or checkpoint.allow_config_change=true) to resume anyway"
             )
-        return diffs
+        return diffs + schedule_change(old_yaml, config_yaml)
 
     def load_rank_state(self, directory: Path, rank: Optional[int] = None) -> RankState:
         """What rank `rank` (default: this one) wrote."""
@@ -351,7 +370,7 @@ def load_init_weights(source: str | Path) -> dict[str, torch.Tensor]:
     network under `dit.`) or a .safetensors file. No pickle is involved."""
     path = Path(source)
     if path.is_dir() and ((path / LATEST).is_file() or (path / COMPLETE).is_file()):
-        return load_for_inference(path)[1]
+        return _checkpoint_weights(resolve(path))
     candidates = [path] if path.is_file() else [path / "model.safetensors", path / "transformer" / DIFFUSERS_WEIGHTS,
                                                 path / DIFFUSERS_WEIGHTS]
     found = next((c for c in candidates if c.is_file() and c.suffix == ".safetensors"), None)
@@ -363,6 +382,26 @@ def load_init_weights(source: str | Path) -> dict[str, torch.Tensor]:
     if found.name == DIFFUSERS_WEIGHTS:
         weights = {k.removeprefix("dit."): v for k, v in weights.items()}
     return weights
+
+
+def _checkpoint_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """A step directory's EMA weights, or, of a run that kept no EMA (ema.enabled=false), the
+    student's raw fp32 master weights from its universal file, as `dit sample` and `dit export`
+    take them (trainer/cascade.py `raw_weights`); both verified against COMPLETE.json."""
+    from trainer.cascade import raw_weights
+    from trainer.elastic import universal_file
+
+    if (directory / EMA_FILE).is_file():
+        return load_for_inference(directory)[1]
+    if not (directory / universal_file("student")).is_file():
+        raise CheckpointError(
+            f"checkpoint.init_from: {directory} holds neither {EMA_FILE} (ema.enabled=false) nor "
+            f"{universal_file('student')} (checkpoint.universal=false), so its weights are not stored whole; "
+            f"warm-start from a run that kept either")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"checkpoint.init_from: {directory} kept no EMA (ema.enabled=false): starting from its raw "
+              f"(non-EMA) weights", flush=True)
+    return raw_weights(directory)
 
 
 def init_network(net: torch.nn.Module, source: str | Path) -> None:

@@ -23,17 +23,22 @@ LATEST = "latest"
 COMPLETE = "COMPLETE.json"
 EMA_FILE = "ema.safetensors"
 TMP_PREFIX = ".tmp-"
+REMOVING = f"{TMP_PREFIX}removing-"  # a checkpoint directory on its way out (`remove_dir`)
 
 
 class CheckpointError(RuntimeError):
     pass
 
 
-def sha256(path: Path) -> str:
+def sha256(path: Path, sync: bool = False) -> str:
+    """The file's sha256; `sync`: also flushed to the disk (fsync) before it is listed in a
+    COMPLETE.json, which must never name data a power loss can still take back."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+        if sync:
+            os.fsync(f.fileno())
     return h.hexdigest()
 
 
@@ -67,14 +72,28 @@ def temporary_dir(final: Path) -> Path:
 def commit(tmp: Path, final: Path, step: int, world_size: int) -> Path:
     """Close `tmp` with COMPLETE.json (the sha256 of every file in it) and rename it to `final`,
     replacing a stale directory of the same name (an abandoned run's, an earlier export)."""
-    files = {str(p.relative_to(tmp)): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    files = {str(p.relative_to(tmp)): sha256(p, sync=True) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    for directory in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:  # their entries too
+        fsync_dir(directory)
     complete = {"step": step, "world_size": world_size, "files": files}
     write_atomic(tmp / COMPLETE, json.dumps(complete, indent=1, sort_keys=True))
-    if final.exists():
-        shutil.rmtree(final)
+    remove_dir(final)
     os.rename(tmp, final)
     fsync_dir(final.parent)
     return final
+
+
+def remove_dir(path: Path) -> None:
+    """Delete a checkpoint directory (if there) so that a kill midway never leaves part of it
+    under its own name, where a `step_*` holding its COMPLETE.json counts as a checkpoint: one
+    atomic rename out of the way first, then the deletion; a leftover is removed with the
+    partial saves (trainer/checkpoint.py)."""
+    if not path.exists():
+        return
+    doomed = path.with_name(f"{REMOVING}{path.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def point_latest(root: Path, name: str) -> None:

@@ -312,10 +312,21 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
         raise ConfigError(key, message or str(e)) from None
     check(0.0 < cfg.ema.decay < 1.0, "ema.decay", "must be in (0, 1)")
     check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be at least 1 (never delete the only checkpoint)")
+    _validate_intervals(cfg)
     validate_stage(cfg)
     _validate_sequence_parallel(cfg)
     if world_size is not None:
         _validate_world(cfg.deepspeed, world_size)
+
+
+def _validate_intervals(cfg: RunConfig) -> None:
+    """Step intervals the loop divides by: checkpoint.every and log.every have no "off" (a save
+    and a log line at the end always happen), so 0 would be a division by zero after step 1;
+    log.sample_every and log.eval_every take 0 as "off"."""
+    for key in ("checkpoint.every", "log.every"):
+        check(_get(cfg, key) >= 1, key, f"must be at least 1 step (got {_get(cfg, key)})")
+    for key in ("log.sample_every", "log.eval_every"):
+        check(_get(cfg, key) >= 0, key, f"must be 0 (off) or a number of steps (got {_get(cfg, key)})")
 
 
 def check_weighting(d: DiffusionConfig) -> None:

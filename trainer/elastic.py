@@ -13,9 +13,9 @@ player **independent of the layout**, gathered by the network's parameter names:
                                      batch was set with (`BatchRequest`)
 
 (EMA, stream position, step and RNG are already whole or rank-independent.) A resume whose
-layout (world size, ZeRO stage, offload, pipeline stages) equals the checkpoint's loads
-DeepSpeed's files as before (bit-identical); another layout builds its engines fresh and
-re-partitions these tensors into them through DeepSpeed's `safe_set_full_*` API.
+layout (world size, ZeRO stage, offload, pipeline stages, precision, flat_params) equals the
+checkpoint's loads DeepSpeed's files as before (bit-identical); another layout builds its
+engines fresh and re-partitions these tensors into them through DeepSpeed's `safe_set_full_*` API.
 
 Written at every save rather than converted on resume (DeepSpeed's `ds_to_universal`): the
 conversion reads every rank's `torch.save` files of the old layout and writes one `torch.save`
@@ -36,6 +36,7 @@ from torch import nn
 
 from trainer.checkpoint_format import COMPLETE, CheckpointError
 from trainer.config import RunConfig
+from trainer.ema import unclaimed_keys
 from trainer.flat_params import expand, joined, weight_names
 
 MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state per parameter (Loshchilov & Hutter 2019)
@@ -66,6 +67,10 @@ class Shape:
     zero_stage: int
     offload: tuple[bool, bool]
     sequence_parallel: int = 1  # ranks of one sequence group read the same samples
+    # How DeepSpeed's files hold the weights and optimizer state: the precision sets which
+    # wrapper (and its state dict) and dtype they have, flat_params the parameters they list.
+    precision: str = "fp32"
+    flat_params: bool = False
 
     @property
     def dp_world(self) -> int:
@@ -80,15 +85,27 @@ class Shape:
                 f"deepspeed.grad_accum {self.grad_accum} = global batch {self.global_batch}")
 
     def same_layout(self, other: "Shape") -> bool:
-        """Whether DeepSpeed's per-rank files of one fit the engines of the other."""
-        return (self.world_size, self.pipeline_stages, self.zero_stage, self.offload, self.sequence_parallel) == (
-            other.world_size, other.pipeline_stages, other.zero_stage, other.offload, other.sequence_parallel)
+        """Whether DeepSpeed's per-rank files of one fit the engines of the other: the split over
+        ranks and how the files hold the state (a bf16 ZeRO file loaded into fp32 engines raised
+        KeyError 'param_groups' after start; universal files hold fp32 by weight name in any case)."""
+        return self.layout() == other.layout()
+
+    def layout(self) -> tuple[Any, ...]:
+        return (self.world_size, self.pipeline_stages, self.zero_stage, self.offload, self.sequence_parallel,
+                self.precision, self.flat_params)
+
+    def describe_layout(self) -> str:
+        offload = [what for what, on in zip(("optimizer", "params"), self.offload) if on]
+        return ", ".join([f"{self.world_size} rank(s)", f"ZeRO-{self.zero_stage}",
+                          f"{self.pipeline_stages} pipeline stage(s)", *(f"offload {w}" for w in offload),
+                          self.precision, *(["flat_params"] if self.flat_params else [])])
 
 
 def shape_of(cfg: RunConfig, world_size: int) -> Shape:
     ds = cfg.deepspeed
     return Shape(world_size, cfg.data.batch_size, ds.grad_accum, ds.pipeline_stages, ds.zero_stage,
-                 (ds.offload_optimizer, ds.offload_params), ds.sequence_parallel_size)
+                 (ds.offload_optimizer, ds.offload_params), ds.sequence_parallel_size, ds.precision,
+                 cfg.model.flat_params)
 
 
 def written_shape(directory: Path) -> Shape:
@@ -98,7 +115,8 @@ def written_shape(directory: Path) -> Shape:
     ds, data = old["deepspeed"], old["data"]
     return Shape(world, int(data["batch_size"]), int(ds["grad_accum"]), int(ds["pipeline_stages"]),
                  int(ds["zero_stage"]), (bool(ds["offload_optimizer"]), bool(ds["offload_params"])),
-                 int(ds.get("sequence_parallel_size", 1)))  # checkpoints from before the key: 1
+                 int(ds.get("sequence_parallel_size", 1)),  # checkpoints from before the key: 1
+                 str(ds.get("precision", "fp32")), bool(old["model"].get("flat_params", False)))
 
 
 def written_global_batch(directory: Path, rank0_meta: Mapping[str, Any]) -> int:
@@ -146,28 +164,32 @@ def keep_global_batch(cfg: RunConfig, world_size: int, directory: Optional[Path]
     the numbers that set the global batch (`BatchRequest`). Returns the config and one line
     saying what was derived ('' when nothing was). Raises ElasticError, naming both global
     batches, when no whole number keeps it. Any other batch or grad_accum on the checkpoint's
-    data-parallel ranks is the user's own change, which the config check lists (and refuses);
-    `checkpoint.allow_config_change` keeps the config's own numbers."""
+    data-parallel ranks is the user's own change, which the config check lists (and refuses).
+    `checkpoint.allow_config_change` lets another global batch through only where the user
+    asked for it (data.batch_size or deepspeed.grad_accum changed) or none can be derived,
+    and the line then names the old and new global batch; a flag given for another key (the
+    learning rate) still keeps the global batch."""
     if directory is None:
         return cfg, ""
     was, now = written_shape(directory), shape_of(cfg, world_size)
     if not was.same_layout(now) and not (directory / universal_file("student")).is_file():
         raise ElasticError(
             f"{directory} was written with checkpoint.universal=false, so it resumes only on its own "
-            f"layout: {was.world_size} rank(s), ZeRO-{was.zero_stage}, {was.pipeline_stages} pipeline "
-            f"stage(s), offload {was.offload} (this job: {now.world_size}, ZeRO-{now.zero_stage}, "
-            f"{now.pipeline_stages}, {now.offload})")
-    if cfg.checkpoint.allow_config_change:
-        return cfg, ""
+            f"layout: {was.describe_layout()} (this job: {now.describe_layout()})")
     if now.global_batch == was.global_batch:
         return cfg, _note(directory, was, now, "")
-    dp = now.dp_world
-    if dp == was.dp_world and (now.batch_size, now.grad_accum) != written_request(directory, was):
-        return cfg, ""  # a change of the batch on the same ranks: the config check lists it
+    dp, allowed = now.dp_world, cfg.checkpoint.allow_config_change
+    asked = (now.batch_size, now.grad_accum) != written_request(directory, was)
+    if asked and allowed:  # the user's own batch, which the flag lets through
+        return cfg, _batch_change(directory, was, now)
+    if asked and dp == was.dp_world:
+        return cfg, ""  # a change of the batch on the same ranks: the config check lists it (and refuses)
     if was.global_batch % (now.batch_size * dp) == 0:
         derived = replace(cfg, deepspeed=replace(cfg.deepspeed, grad_accum=was.global_batch // (now.batch_size * dp)))
     elif was.global_batch % (now.grad_accum * dp) == 0:
         derived = replace(cfg, data=replace(cfg.data, batch_size=was.global_batch // (now.grad_accum * dp)))
+    elif allowed:
+        return cfg, _batch_change(directory, was, now)
     else:
         raise ElasticError(
             f"{directory} was trained with global batch {was.global_batch} ({was.describe()}); this job "
@@ -180,13 +202,18 @@ def keep_global_batch(cfg: RunConfig, world_size: int, directory: Optional[Path]
     return derived, _note(directory, was, shape_of(derived, world_size), "derived ")
 
 
+def _batch_change(directory: Path, was: Shape, now: Shape) -> str:
+    """The line of a resume that trains on with another global batch (allowed by the flag):
+    the schedule of samples per step changes, which must never pass unseen."""
+    return (f"resuming {directory.name} with another global batch (checkpoint.allow_config_change): "
+            f"{was.global_batch} ({was.describe()}) -> {now.global_batch} ({now.describe()})")
+
+
 def _note(directory: Path, was: Shape, now: Shape, derived: str) -> str:
     if was == now:
         return ""
-    return (f"elastic resume of {directory.name}: written with {was.describe()} on {was.world_size} "
-            f"rank(s), ZeRO-{was.zero_stage}, {was.pipeline_stages} pipeline stage(s); continuing with "
-            f"{derived}{now.describe()} on {now.world_size} rank(s), ZeRO-{now.zero_stage}, "
-            f"{now.pipeline_stages} pipeline stage(s)")
+    return (f"elastic resume of {directory.name}: written with {was.describe()} on {was.describe_layout()}; "
+            f"continuing with {derived}{now.describe()} on {now.describe_layout()}")
 
 
 # ---- gather (save) and re-partition (load) of one player's optimizer state ----------------------
@@ -298,10 +325,7 @@ def load_player(engine: Any, optimizer: torch.optim.Optimizer, names: dict[str, 
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     params = [(names[n], p) for n, p in engine.module.named_parameters() if p.requires_grad]
-    for kind in ("fp32", *MOMENTS):
-        missing = [w for name, p in params for w in weight_names(name, p) if f"{kind}/{w}" not in tensors]
-        if missing:
-            raise ElasticError(f"the universal state lacks {kind} of {len(missing)} parameters, e.g. {missing[:3]}")
+    check_universal_names(params, tensors)
 
     def saved(kind: str, name: str, p: nn.Parameter) -> torch.Tensor:
         """The saved `kind` of parameter `name` (a flat block parameter's joined from its weights)."""
@@ -334,6 +358,20 @@ def load_player(engine: Any, optimizer: torch.optim.Optimizer, names: dict[str, 
         for key, value in meta.get("loss_scaler", {}).items():
             if hasattr(scaler, key):
                 setattr(scaler, key, value)
+
+
+def check_universal_names(params: list[tuple[str, nn.Parameter]], tensors: dict[str, torch.Tensor]) -> None:
+    """Every parameter's fp32 master and moments must be in the universal state, and the state
+    must hold nothing else (strict both ways: tensors of another model.* are an error, never
+    dropped). Collective (`unclaimed_keys`: a pipeline stage holds only its own layers)."""
+    own = {f"{kind}/{w}" for kind in ("fp32", *MOMENTS) for name, p in params for w in weight_names(name, p)}
+    unexpected = unclaimed_keys(tensors, own)  # first: every rank joins the collective before any raises
+    missing = sorted(own - set(tensors))
+    if missing:
+        raise ElasticError(f"the universal state lacks {len(missing)} tensors of the model, e.g. {missing[:3]}")
+    if unexpected:
+        raise ElasticError(f"the universal state holds {len(unexpected)} tensors the model does not have, e.g. "
+                           f"{unexpected[:3]} (a checkpoint of another model.*)")
 
 
 def _copy_checked(target: torch.Tensor, value: torch.Tensor, name: str) -> None:

@@ -7,7 +7,7 @@ must call it) when a checkpoint, a sample grid or an export needs whole tensors.
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -141,15 +141,40 @@ class EMA:
         rank = dist.get_rank()
         return flat[rank * part: (rank + 1) * part]
 
+    @torch.no_grad()
+    def restart(self, module: nn.Module) -> None:
+        """Begin the average again at `module`'s current weights (a resume that turned the EMA
+        on: the checkpoint has none to go on from)."""
+        for name, p in self._params(module):
+            self.shadow[name].copy_(_local_tensor(p))
+        self.num_updates = 0
+
     def load_full_state_dict(self, module: nn.Module, state: dict[str, torch.Tensor], num_updates: int) -> None:
         """Restore from whole tensors (the checkpoint's ema.safetensors), re-partitioning them
-        under ZeRO-3; every name and shape must match."""
-        missing = {w for n, p in self._params(module) for w in weight_names(n, p)} - set(state)
+        under ZeRO-3; every name and shape must match, both ways (collective: `unclaimed_keys`)."""
+        own = {w for n, p in self._params(module) for w in weight_names(n, p)}
+        unexpected = unclaimed_keys(state, own)  # first: every rank joins the collective before any raises
+        missing = own - set(state)
         if missing:
             raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {sorted(missing)[:3]}")
+        if unexpected:
+            raise KeyError(f"EMA state holds {len(unexpected)} tensors the model does not have, e.g. "
+                           f"{unexpected[:3]} (a checkpoint of another model.*)")
         for n, p in self._params(module):
             full = joined(n, p, state)
             if tuple(full.shape) != tuple(getattr(p, "ds_shape", p.shape)):
                 raise ValueError(f"EMA tensor {n}: checkpoint shape {tuple(full.shape)} does not match the model")
             self.shadow[n].copy_(self._partition(p, full) if _is_partitioned(p) else full)
         self.num_updates = num_updates
+
+
+def unclaimed_keys(keys: Iterable[str], claimed: set[str]) -> list[str]:
+    """The keys of a whole-network file (every rank reads the same one) that no rank's module
+    claims: what a load that checks only for missing tensors drops silently (a qk_norm
+    checkpoint resumed without it lost 48 tensors). Collective when a process group runs: a
+    pipeline stage claims only its own layers."""
+    ordered = sorted(keys)
+    flags = torch.tensor([k in claimed for k in ordered], dtype=torch.int32, device=comm_device())  # (K,)
+    if dist.is_initialized():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return [k for k, claimed_somewhere in zip(ordered, flags.tolist()) if not claimed_somewhere]

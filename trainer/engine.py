@@ -221,7 +221,8 @@ class Trainer:
         dp_rank d's sequence group on pipeline stage 0, rank d * S, wrote them); else they
         stay as the run's seed set them."""
         rng = {"rng": states.pop("rng")}
-        load_states(self.ckpt, directory, states, rank=0)
+        # the weights first: an EMA the checkpoint lacks starts at them (EMAState)
+        load_states(self.ckpt, directory, {"players": states.pop("players"), **states}, rank=0)
         if was.dp_world == self.ctx.dp_world:
             load_states(self.ckpt, directory, rng, rank=self.ctx.dp_rank * was.sequence_parallel)
 

@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional, Protocol
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import nn
 
@@ -122,7 +123,17 @@ class EMAState:
         return {"ema_updates": self.ema.num_updates, EMA_FILE: self.whole(self.ema.full_state_dict(self.module))}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.ema.load_full_state_dict(self.module, state[EMA_FILE], state["ema_updates"])
+        """A checkpoint of ema.enabled=false (resumed with it on, an allowed config change) has
+        no EMA: it starts at the resumed weights, which are loaded before it."""
+        try:
+            whole = state[EMA_FILE]
+        except KeyError:
+            self.ema.restart(self.module)
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                print(f"dit train: the checkpoint has no {EMA_FILE} (ema.enabled was false): the EMA starts at "
+                      f"the resumed weights", flush=True)
+            return
+        self.ema.load_full_state_dict(self.module, whole, state["ema_updates"])
 
 
 class StageState:

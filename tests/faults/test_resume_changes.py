@@ -85,3 +85,19 @@ def test_an_elastic_fp16_resume_keeps_the_loss_scale(uneven_shards, tmp_path):
     scaler = rank0_optimizer(latest_dir(out))["loss_scaler"]
     assert (scaler.cur_scale, scaler.cur_iter, scaler.last_overflow_iter, scaler.cur_hysteresis) == (
         saved["cur_scale"], 5, 2, 1)
+
+
+def test_allow_config_change_for_another_key_still_keeps_the_global_batch(copied, uneven_shards):  # noqa: F811
+    """The 2-rank fp32 reference (global batch 8) resumed on 1 rank in bf16 with the flag given
+    for the precision: the global batch is still kept (grad_accum 2 derived; the flag let it
+    fall to 4 before), and the precision, which DeepSpeed's fp32 files do not fit, resumes from
+    the universal files."""
+    proc = run_train(1, base(uneven_shards, copied, *REFERENCE, "stage.steps=13", "deepspeed.precision=bf16",
+                             "checkpoint.allow_config_change=true"))
+    assert_ok(proc)
+    assert "dit train: resuming with a changed config: deepspeed.precision: 'fp32' -> 'bf16'" in proc.stdout
+    derived = "derived 1 data-parallel rank(s) x data.batch_size 4 x deepspeed.grad_accum 2 = global batch 8"
+    assert derived in proc.stdout
+    meta = rank0_meta(latest_dir(copied))
+    assert (meta["global_batch"], meta["batch_request"], meta["optimizers"]["student"]["optimizer_step"]) == (
+        8, [4, 1], 13)

@@ -11,7 +11,7 @@ import pytest
 
 from tests.trainer.harness import TINY
 from trainer.config import load_config, to_yaml
-from trainer.elastic import ElasticError, keep_global_batch, universal_file
+from trainer.elastic import ElasticError, keep_global_batch, shape_of, universal_file, written_shape
 
 
 def checkpoint(tmp_path: Path, world_size: int, *overrides: str, universal: bool = True,
@@ -42,7 +42,7 @@ def test_the_global_batch_is_kept(tmp_path, world, overrides, batch, accum):
     assert (cfg.data.batch_size, cfg.deepspeed.grad_accum) == (batch, accum)
     assert ("derived" in note) == ((batch, accum) != (4, 1))
     assert note.endswith(f"= global batch 8 on {world} rank(s), ZeRO-{cfg.deepspeed.zero_stage}, "
-                         f"{cfg.deepspeed.pipeline_stages} pipeline stage(s)")
+                         f"{cfg.deepspeed.pipeline_stages} pipeline stage(s), fp32")
 
 
 def test_a_global_batch_that_cannot_be_kept_is_refused(tmp_path):
@@ -74,3 +74,35 @@ def test_a_checkpoint_without_universal_state_resumes_on_its_layout_only(tmp_pat
     assert keep_global_batch(load_config(TINY), 2, directory)[1] == ""
     with pytest.raises(ElasticError, match="checkpoint.universal=false"):
         keep_global_batch(load_config(TINY, ["deepspeed.zero_stage=3"]), 2, directory)
+
+
+@pytest.mark.parametrize("change, world, batch, accum, global_batch", [
+    ((), 1, 4, 2, 8),  # the flag is for the learning rate: the global batch is still kept
+    (("deepspeed.grad_accum=3",), 1, 4, 3, 12),  # the batch is the change asked for: kept as asked
+    (("data.batch_size=2",), 2, 2, 1, 4),  # the same on the checkpoint's ranks
+    ((), 3, 4, 1, 12),  # no whole number keeps 8 on 3 ranks: trained on with 12, as the flag allows
+])
+def test_allow_config_change_keeps_the_global_batch_unless_the_batch_is_changed(tmp_path, change, world, batch,
+                                                                                accum, global_batch):
+    overrides = ["optim.lr=5e-4", "checkpoint.allow_config_change=true", *change]
+    cfg, note = keep_global_batch(load_config(TINY, overrides), world, checkpoint(tmp_path, 2))
+    assert (cfg.data.batch_size, cfg.deepspeed.grad_accum) == (batch, accum)
+    if global_batch == 8:
+        assert "derived" in note
+    else:
+        assert "another global batch" in note and f": 8 (" in note and f"-> {global_batch} (" in note
+
+
+@pytest.mark.parametrize("change", ["deepspeed.precision=bf16", "model.flat_params=true"])
+def test_a_change_of_precision_or_flat_params_resumes_from_the_universal_files(tmp_path, change):
+    """DeepSpeed's own files hold the optimizer wrapper and the parameters of the precision and
+    parameter layout that wrote them (a bf16 ZeRO file in fp32 engines raised KeyError
+    'param_groups' after start): such a change is another layout, resumed from the universal
+    files, and refused before launch where there are none."""
+    directory = checkpoint(tmp_path, 2, change, "checkpoint.allow_config_change=true")
+    cfg = load_config(TINY, ["checkpoint.allow_config_change=true"])
+    assert not written_shape(directory).same_layout(shape_of(cfg, 2))
+    assert written_shape(directory).same_layout(shape_of(load_config(TINY, [change]), 2))
+    (directory / universal_file("student")).unlink()
+    with pytest.raises(ElasticError, match="checkpoint.universal=false, so it resumes only on its own layout"):
+        keep_global_batch(cfg, 2, directory)

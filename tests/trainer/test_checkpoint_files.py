@@ -1,0 +1,148 @@
+"""Checkpoint files and the checks around them, in process: a missing DeepSpeed file is
+reported as missing (not as a pickle refusal), a pickle with foreign objects is refused by the
+weights-only allowlist, a warm start from a run that kept no EMA takes its raw weights (as `dit
+sample` / `dit export` do), a longer run says its cosine schedule was stretched, intervals the
+loop divides by are validated, and commits and retention survive a power loss or a kill."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests.models.test_dit_model import randomize_, tiny
+from tests.trainer.harness import TINY
+from trainer.checkpoint import CheckpointError, CheckpointManager, init_network, safe_checkpoint_engine
+from trainer.checkpoint_format import COMPLETE, commit, point_latest, temporary_dir, verify
+from trainer.config import CheckpointConfig, ConfigError, load_config, to_yaml
+from trainer.elastic import MOMENTS, universal_file
+from trainer.engine import RESUMABLE_CHANGES
+
+
+def test_a_missing_engine_file_is_reported_as_missing(tmp_path):
+    with pytest.raises(CheckpointError, match="the file is missing") as err:
+        safe_checkpoint_engine().load(str(tmp_path / "mp_rank_00_model_states.pt"))
+    assert "allowlist" not in str(err.value)
+
+
+class Foreign:
+    """A class no weights-only load may build."""
+
+
+def test_a_pickle_of_foreign_objects_is_refused_by_the_allowlist(tmp_path):
+    path = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"state": Foreign()}, path)  # a global outside the allowlist
+    with pytest.raises(CheckpointError, match="outside the weights-only allowlist"):
+        safe_checkpoint_engine().load(str(path))
+
+
+def test_a_warm_start_from_a_run_without_ema_takes_its_raw_weights(tmp_path, capsys):
+    """A checkpoint of ema.enabled=false holds universal_student.safetensors (fp32 masters and
+    moments by weight name) and no ema.safetensors; init_from loads the masters."""
+    trained = randomize_(tiny())
+    tmp = temporary_dir(tmp_path / "checkpoints" / "step_00000004")
+    save_file({f"{kind}/{n}": p.detach().float().clone() for kind in ("fp32", *MOMENTS)
+               for n, p in trained.named_parameters()}, str(tmp / universal_file("student")))
+    (tmp / "config.yaml").write_text("{}\n")
+    commit(tmp, tmp_path / "checkpoints" / "step_00000004", step=4, world_size=1)
+    point_latest(tmp_path / "checkpoints", "step_00000004")
+    fresh = tiny()
+    init_network(fresh, tmp_path / "checkpoints")
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), trained.state_dict().values()))
+    assert "kept no EMA (ema.enabled=false): starting from its raw" in capsys.readouterr().out
+    (tmp_path / "checkpoints" / "step_00000004" / universal_file("student")).unlink()
+    with pytest.raises(CheckpointError, match="holds neither ema.safetensors .* nor universal_student"):
+        init_network(fresh, tmp_path / "checkpoints")
+
+
+def resumable(tmp_path, *overrides: str) -> tuple[Path, CheckpointManager]:
+    """A step directory of TINY with `overrides` as the config check reads it (config.yaml and
+    rank 0's record of the global batch), and the manager of a 2-rank job over it."""
+    cfg = load_config(TINY, list(overrides))
+    directory = tmp_path / "step_00000008"
+    directory.mkdir()
+    (directory / "config.yaml").write_text(to_yaml(cfg))
+    (directory / "rank_00000.json").write_text(json.dumps({"global_batch": 8}))
+    save_file({}, str(directory / "rank_00000.safetensors"))
+    return directory, CheckpointManager(cfg.checkpoint, rank=0, world_size=2)
+
+
+@pytest.mark.parametrize("schedule, listed", [("constant", []), ("cosine", [
+    "stage.steps: 12 -> 20 (the cosine LR schedule now spans 20 steps instead of 12: the learning rate from here "
+    "on follows the new length)"])])
+def test_a_longer_run_lists_the_new_length_of_a_decaying_schedule(tmp_path, schedule, listed):
+    """stage.steps may change on resume; a cosine schedule is laid over it, so the resume says so."""
+    directory, manager = resumable(tmp_path, "stage.steps=12", f"optim.lr_schedule={schedule}")
+    longer = to_yaml(load_config(TINY, ["stage.steps=20", f"optim.lr_schedule={schedule}"]))
+    assert manager.check_compatible(directory, longer, RESUMABLE_CHANGES, global_batch=8) == listed
+
+
+@pytest.mark.parametrize("override, key", [("checkpoint.every=0", "checkpoint.every"), ("log.every=0", "log.every"),
+                                           ("log.sample_every=-1", "log.sample_every"),
+                                           ("log.eval_every=-5", "log.eval_every")])
+def test_an_interval_the_loop_divides_by_is_refused_naming_the_key(override, key):
+    """0 is a division by zero after step 1 where it has no meaning of "off" (checkpoint.every,
+    log.every); log.sample_every and log.eval_every take 0 as "off"."""
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, [override])
+    assert err.value.key == key
+    load_config(TINY, ["log.sample_every=0", "log.eval_every=0"])
+
+
+def committed(root: Path, step: int) -> Path:
+    """A complete step directory of a few files (one in an engine's folder), as a save commits it."""
+    final = root / f"step_{step:08d}"
+    tmp = temporary_dir(final)
+    (tmp / "student").mkdir()
+    (tmp / "student" / "mp_rank_00_model_states.pt").write_bytes(b"engine" * 100)
+    save_file({"w": torch.ones(3)}, str(tmp / "ema.safetensors"))
+    (tmp / "config.yaml").write_text("{}\n")
+    commit(tmp, final, step, world_size=1)
+    point_latest(root, final.name)
+    return final
+
+
+def test_a_kill_during_retention_never_leaves_a_half_checkpoint_under_its_name(tmp_path, monkeypatch):
+    """Retention deletes the oldest checkpoint; killed midway (here: after the first file), what
+    is left must not be a `step_*` directory with its COMPLETE.json, which counts as a checkpoint.
+    The next save's cleanup removes the leftover."""
+    root = tmp_path / "checkpoints"
+    committed(root, 4), committed(root, 8)
+    manager = CheckpointManager(CheckpointConfig(dir=str(root), keep=1), rank=0, world_size=1)
+    real_rmtree = shutil.rmtree
+
+    def killed_midway(path, ignore_errors=False):
+        if Path(path).exists():
+            next(p for p in sorted(Path(path).rglob("*")) if p.is_file() and p.name != COMPLETE).unlink()
+            raise KeyboardInterrupt("killed during the deletion")
+
+    monkeypatch.setattr(shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        manager._apply_retention(keep_name="step_00000008")
+    for directory in root.glob("step_*"):
+        verify(directory)  # every checkpoint under its name is whole
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    manager._apply_retention(keep_name="step_00000008")
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000008"]
+
+
+def test_a_commit_flushes_every_file_and_folder_before_it_writes_complete(tmp_path, monkeypatch):
+    """COMPLETE.json vouches for the files it lists: they (and the folders' entries) reach the
+    disk before it is written, or a power loss could leave it naming data that is gone."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    committed(tmp_path, 4)
+    tmp = str(tmp_path / ".tmp-step_00000004")
+    before_complete = synced[: synced.index(f"{tmp}/.tmp-{COMPLETE}")]
+    assert {f"{tmp}/student/mp_rank_00_model_states.pt", f"{tmp}/ema.safetensors", f"{tmp}/config.yaml",
+            f"{tmp}/student", tmp} <= set(before_complete)
