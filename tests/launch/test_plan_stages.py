@@ -13,14 +13,14 @@ from typing import Iterator
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from launch.plan import Hardware, Layout, estimate, zero_settings
 from launch.plan_model import TRUNK_BACKWARD, model_facts
 from tests.eval.eval_helpers import tiny_config, write_checkpoint
+from tests.trainer.harness import one_rank_group
 from trainer.config import RunConfig
-from trainer.distributed import DistContext, init_distributed
+from trainer.distributed import DistContext
 from trainer.numerics import PRECISIONS
 from trainer.optim import build_engine
 from trainer.stages import build_stage
@@ -45,18 +45,8 @@ def teacher(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def one_rank() -> Iterator[DistContext]:
-    """A process group of this process alone, over gloo, as `dit train` starts one rank."""
-    from launch.job import free_port
-
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("MASTER_PORT", str(free_port()))
-        for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
-            env.setenv(key, value)
-        ctx = init_distributed(1, 60)
-        try:
-            yield ctx
-        finally:
-            dist.destroy_process_group()
+    with one_rank_group() as ctx:
+        yield ctx
 
 
 def parameters(module: nn.Module, trained: bool) -> list[nn.Parameter]:

@@ -266,3 +266,26 @@ def frames(path: Path) -> list[bytes]:
 
     with Image.open(path) as img:
         return [frame.convert("RGB").tobytes() for frame in ImageSequence.Iterator(img)]
+
+
+@contextmanager
+def one_rank_group() -> Iterator:
+    """A process group of this process alone, over gloo, as `dit train` starts one rank (its
+    DistContext); destroyed on exit, with the clone of it DeepSpeed keeps (engines built under a
+    later group would otherwise be handed the dead one)."""
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    from launch.job import free_port
+    from trainer.distributed import init_distributed
+
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                               MASTER_PORT=str(free_port())).items():
+            env.setenv(key, value)
+        ctx = init_distributed(1, 60)
+        try:
+            yield ctx
+        finally:
+            dist.destroy_process_group()
+            groups._WORLD_GROUP = None

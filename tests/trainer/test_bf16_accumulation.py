@@ -7,16 +7,15 @@ Measured on a real 1-rank DeepSpeed engine over gloo: the gradient its optimizer
 against the exact sum of the micro-batch gradients (each exact in bf16 here)."""
 from __future__ import annotations
 
-import socket
 from typing import Iterator
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from trainer.config import DeepSpeedConfig, OptimConfig
-from trainer.distributed import DistContext, init_distributed
+from tests.trainer.harness import one_rank_group
+from trainer.distributed import DistContext
 from trainer.optim import build_engine
 
 MICRO_BATCHES = 8
@@ -25,19 +24,8 @@ WIDTH = 256
 
 @pytest.fixture(scope="module")
 def one_rank() -> Iterator[DistContext]:
-    """A process group of this process alone, over gloo, as `dit train` starts one rank."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with pytest.MonkeyPatch.context() as env:
-        for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                               MASTER_PORT=str(port)).items():
-            env.setenv(key, value)
-        ctx = init_distributed(1, 60)
-        try:
-            yield ctx
-        finally:
-            dist.destroy_process_group()
+    with one_rank_group() as ctx:
+        yield ctx
 
 
 def micro_batches() -> torch.Tensor:
