@@ -404,9 +404,11 @@ def _checkpoint_weights(directory: Path) -> dict[str, torch.Tensor]:
     return raw_weights(directory)
 
 
-def init_network(net: torch.nn.Module, source: str | Path) -> None:
+def init_network(net: torch.nn.Module, source: str | Path) -> dict[str, torch.Tensor]:
     """Load `load_init_weights(source)` into `net` strictly: every weight of the network must be
-    there at its shape (a warm start from another architecture is an error, never a partial load)."""
+    there at its shape (a warm start from another architecture is an error, never a partial load).
+    Returns those weights as read (fp32 where the source kept them: the masters' start under
+    bf16/fp16, trainer/elastic.py `seed_masters`)."""
     weights = load_init_weights(source)
     own = net.state_dict()
     missing = sorted(set(own) - set(weights))
@@ -418,3 +420,4 @@ def init_network(net: torch.nn.Module, source: str | Path) -> None:
         raise CheckpointError(f"checkpoint.init_from: {source} does not hold this run's network ({detail}); "
                               f"model.* must match the run it comes from")
     net.load_state_dict(weights)
+    return weights

@@ -360,6 +360,25 @@ def load_player(engine: Any, optimizer: torch.optim.Optimizer, names: dict[str, 
                 setattr(scaler, key, value)
 
 
+def seed_masters(engine: Any, names: dict[str, str], weights: dict[str, torch.Tensor]) -> None:
+    """Set a player's fp32 masters to `weights` (whole, by network name): a warm start's
+    (checkpoint.init_from). DeepSpeed makes its masters from the module's weights, which under
+    bf16/fp16 are already rounded to 16 bits, so a fine-tune would start from the source's
+    weights rounded, not from the source. Each rank sets its own fragment (no collective)."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    masters = half_masters(engine)
+    for n, p in engine.module.named_parameters():
+        if not p.requires_grad:
+            continue
+        name = names[n]
+        full = joined(name, p, weights)
+        if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):  # ZeRO (and bf16's own optimizer)
+            safe_set_full_fp32_param(p, full)
+        elif id(p) in masters:  # without ZeRO: DeepSpeed's unfused wrapper keeps them apart
+            _copy_checked(masters[id(p)].data, full, name)
+
+
 def check_universal_names(params: list[tuple[str, nn.Parameter]], tensors: dict[str, torch.Tensor]) -> None:
     """Every parameter's fp32 master and moments must be in the universal state, and the state
     must hold nothing else (strict both ways: tensors of another model.* are an error, never

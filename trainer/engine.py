@@ -25,9 +25,10 @@ from trainer.codes import EXIT_CHECKPOINT, EXIT_DATA, EXIT_NONFINITE, EXIT_OK, E
 from trainer.config import RunConfig, to_yaml, validate
 from trainer.diffusion.noise import sample_generators
 from trainer.distributed import LateRead, PreemptionFlag, comm_device, compute_device, init_distributed
-from trainer.elastic import LAYOUT_KEYS, BatchRequest, Shape, keep_global_batch, shape_of, written_shape
+from trainer.elastic import (LAYOUT_KEYS, BatchRequest, Shape, keep_global_batch, seed_masters, shape_of,
+                             written_shape)
 from trainer.ema import EMA
-from trainer.flat_params import expand
+from trainer.flat_params import expand, weight_names
 from trainer.metrics import KeyLog, Metric, MetricsLogger
 from trainer.numerics import PRECISIONS, autocast, inference_numerics
 from trainer.optim import FiniteGuard, apply_config, build_engine, player_lr, schedule_at
@@ -122,8 +123,9 @@ class Trainer:
         self.stream.start_workers()  # forked before the model and optimizer state exist: none of it is shared
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
         self.stage = build_stage(cfg).to(self.device, PRECISIONS[self.precision])
+        init_weights = None
         if cfg.checkpoint.init_from and not self.will_resume():  # warm start of a fresh run
-            init_network(self.stage.players["student"], cfg.checkpoint.init_from)
+            init_weights = init_network(self.stage.players["student"], cfg.checkpoint.init_from)
             if self.ctx.is_main:
                 print(f"initialized the student from {cfg.checkpoint.init_from}", flush=True)
         if self.stage.preview_samples and self.ctx.is_main:
@@ -141,6 +143,8 @@ class Trainer:
         self.ema_module = trainable["student"]  # what this rank trains of it (a pipeline stage's layers)
         self.names = network_names(self.net, self.ema_module)
         self.ema = EMA(self.ema_module, cfg.ema, self.names) if cfg.ema.enabled else None
+        if init_weights is not None:
+            self.warm_start(init_weights)
         self.ckpt = CheckpointManager(cfg.checkpoint, self.ctx.rank, self.ctx.world_size)
         self.state = LoopState()
         self.batch_request = BatchRequest(shape_of(cfg, self.ctx.world_size))
@@ -151,6 +155,15 @@ class Trainer:
         # of a sequence group, which reads one batch on every rank, its first rank accounts for it.
         self.reads_data = self.ctx.reads_data
         self.key_log = KeyLog(cfg.log, self.ctx.dp_rank) if cfg.log.sample_keys and self.reads_data else None
+
+    def warm_start(self, weights: dict[str, torch.Tensor]) -> None:
+        """The fp32 state of a warm start from the source's own weights (the module holds them
+        rounded under bf16/fp16): the student's masters and the EMA's shadows. Collective (the
+        EMA's strict load)."""
+        seed_masters(self.engines["student"], self.names, weights)
+        if self.ema is not None:
+            trained = {w for n, p in self.net.named_parameters() if p.requires_grad for w in weight_names(n, p)}
+            self.ema.load_full_state_dict(self.ema_module, {k: v for k, v in weights.items() if k in trained}, 0)
 
     # ---- checkpoint ---------------------------------------------------------------------------
     def will_resume(self) -> bool:

@@ -146,3 +146,29 @@ def test_a_commit_flushes_every_file_and_folder_before_it_writes_complete(tmp_pa
     before_complete = synced[: synced.index(f"{tmp}/.tmp-{COMPLETE}")]
     assert {f"{tmp}/student/mp_rank_00_model_states.pt", f"{tmp}/ema.safetensors", f"{tmp}/config.yaml",
             f"{tmp}/student", tmp} <= set(before_complete)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [0, 2])
+def test_a_bf16_warm_start_starts_from_the_sources_fp32_weights(tiny_teacher, shapes_shards, tmp_path, zero):
+    """DeepSpeed makes its fp32 masters from the module's weights, bf16 already under bf16: a
+    warm start's masters must be the source's own fp32 weights (one step at lr 0 keeps them, as
+    the universal file shows), and its EMA must start there too (0.9 of the way after one update
+    towards the bf16 weights the forward pass used, not at those)."""
+    from safetensors.torch import load_file
+
+    from tests.trainer.harness import assert_ok, base, ema_weights, latest_dir, run_train
+    from trainer.checkpoint import load_init_weights
+
+    out = tmp_path / "run"
+    assert_ok(run_train(1, base(shapes_shards, out, f"checkpoint.init_from={tiny_teacher}", "deepspeed.precision=bf16",
+                                f"deepspeed.zero_stage={zero}", "optim.lr=0", "stage.steps=1", "checkpoint.every=1",
+                                "checkpoint.universal=true", "ema.decay=0.9", "log.sample_every=0")))
+    source = load_init_weights(tiny_teacher)
+    masters = load_file(str(latest_dir(out) / universal_file("student")))
+    ema = ema_weights(out)
+    assert ema.keys() == source.keys()
+    for name, weight in source.items():
+        assert torch.equal(masters[f"fp32/{name}"], weight), name
+        rounding = (weight.bfloat16().float() - weight).abs().max()
+        assert (ema[name] - weight).abs().max() <= 0.101 * rounding + 1e-7, name  # without: rounding
