@@ -186,7 +186,7 @@ def _resolve_remote(spec: str) -> Manifest:
                     remote.redact(spec))
         return scan_manifest(paths)
     paths = shard_urls(spec)
-    manifests = {d: _try_load(d) for d in {remote.dirname(p) for p in paths}}
+    manifests = {d: try_load_manifest(d) for d in {remote.dirname(p) for p in paths}}
     if all(manifests.values()):
         by_path = {remote.join(m.root, s.name): s for m in manifests.values() for s in m.shards}
         missing = [p for p in paths if p not in by_path]
@@ -230,7 +230,7 @@ def resolve_source(spec: str) -> Manifest:
     if not paths:
         raise DataError(f"data source {spec!r} matches no tar file; give a shard directory or a "
                         f"pattern like 'dir/shard-{{000000..000009}}.tar'")
-    manifests = {d: _try_load(d) for d in {os.path.dirname(p) for p in paths}}
+    manifests = {d: try_load_manifest(d) for d in {os.path.dirname(p) for p in paths}}
     if all(manifests.values()):
         by_path = {os.path.join(m.root, s.name): s for m in manifests.values() for s in m.shards}
         missing = [p for p in paths if p not in by_path]
@@ -294,7 +294,8 @@ def _counts(s: ShardInfo) -> dict:
     return {"samples": s.samples, "bytes": s.bytes, "sha256": s.sha256, "offsets": s.offsets}
 
 
-def _try_load(directory: str):
+def try_load_manifest(directory: str):
+    """The manifest of `directory`, or None where it has none (or a malformed one)."""
     try:
         return load_manifest(directory)
     except DataError:

@@ -25,6 +25,7 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
+from data_pipeline import remote
 from data_pipeline.config import DataConfig, validate_data_config
 from data_pipeline.errors import DataError, SkipCounter, SkipSample
 from data_pipeline.manifest import PIXEL_SETTINGS, Manifest, pixel_settings, resolve_source
@@ -110,12 +111,14 @@ def precompute(source: str, out_dir: str, encoder: Encoder, cfg: DataConfig, bat
     validate_data_config(cfg)
     centred = dataclasses.replace(cfg, random_crop=False)
     src = resolve_source(source)
+    _refuse_source_as_output(src.root, out_dir)
     out = ShardOutput(out_dir)
     spec = TransformSpec.from_config(centred)
     counter = SkipCounter(1.0, 0, cfg.max_logged_skips, "precompute")
     infos = []
     for info, path in tqdm(list(zip(src.shards, src.paths())), desc="precompute", unit="shard", disable=not progress):
-        target = out.dir / os.path.basename(info.name)
+        target = out.dir / info.name  # the relative name: a/x.tar and b/x.tar stay two shards
+        target.parent.mkdir(parents=True, exist_ok=True)
         written = 0
         with wds.TarWriter(str(target), encoder=False, mtime=0) as sink:
             groups: dict[tuple, list[Item]] = {}
@@ -128,13 +131,24 @@ def precompute(source: str, out_dir: str, encoder: Encoder, cfg: DataConfig, bat
                     written += _write(sink, groups.pop(item.bucket), encoder, cfg.kind)
             for group in groups.values():
                 written += _write(sink, group, encoder, cfg.kind)
-        infos.append(out.finish(str(target), written))
+        infos.append(out.finish(str(target), written, info.name))
     clips = {}  # how video clips were cut: their latents keep nothing of it
     if cfg.kind == "video":
         clips = {"num_frames": cfg.num_frames, "frame_stride": cfg.frame_stride, "fps": cfg.fps}
     return out.manifest(infos, "latent", "dit data precompute",
                         {"source": src.root, "resolution": cfg.resolution, **clips, "skipped": counter.counts,
                          "encoded_by": encoded_by or {}, PIXEL_SETTINGS: pixel_settings(centred)})
+
+
+def _refuse_source_as_output(source_root: str, out_dir: str) -> None:
+    """DataError when `out_dir` is the source's own directory: each output shard would
+    truncate the source shard it is read from."""
+    same = (remote.is_url(out_dir) and out_dir.rstrip("/") == source_root.rstrip("/")) or (
+        bool(source_root) and not remote.is_remote(out_dir) and not remote.is_remote(source_root)
+        and os.path.realpath(out_dir) == os.path.realpath(source_root))
+    if same:
+        raise DataError(f"--out {remote.redact(out_dir)} is the source directory; precomputed shards go into "
+                        f"a new, empty directory")
 
 
 def _write(sink: wds.TarWriter, group: list[Item], encoder: Encoder, kind: str) -> int:

@@ -12,11 +12,13 @@ truncated) and have no size limit, so this is a small wrapper instead:
 - LRU with a size limit: every use touches the file's mtime; after a download, the least
   recently used shards are deleted until the directory fits (a reader that has one open keeps
   reading it: POSIX unlink), never the one just fetched;
-- no secrets on disk: a file is named by a hash of its URL without user info or query string
-  (pre-signed tokens) and the URL's base name, and nothing else is written.
+- no secrets on disk: a file is named by a hash of its URL without user info and without the
+  query parameters of pre-signed URLs (the rest of the query is kept in the hash) and the URL's
+  base name, and nothing else is written.
 
-Shards are taken as immutable, as WebDataset's cache does: a changed shard needs a new name or
-a cleared cache directory.
+Shards are taken as immutable, as WebDataset's cache does, with one check: where the manifest
+records a shard's size, a copy of another size is fetched again (and a download of another size
+is an error), so a shard rewritten at the same URL is not read from a stale copy.
 """
 from __future__ import annotations
 
@@ -25,29 +27,41 @@ import os
 import re
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 
 from data_pipeline import remote
+from data_pipeline.errors import DataError
 
 _TMP = ".part-"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
+# Query parameters of pre-signed URLs (S3, GCS, CloudFront, Azure SAS, bearer tokens): they
+# change with every signing, not with the object, so they are no part of a copy's name.
+_SIGNING = re.compile(r"x-amz-.*|x-goog-.*|signature|expires|key-pair-id|policy|(access_)?token|sig|se|st|sv|sp|"
+                      r"sr|spr|si|ss|srt|skoid|sktid|skt|ske|sks|skv|sdd", re.IGNORECASE)
+
+
 def cache_name(url: str) -> str:
-    """File name of a URL's copy: hash of the URL without credentials, then its base name."""
-    plain = remote.redact(url).split("?", 1)[0]
+    """File name of a URL's copy: hash of the URL without credentials or signing parameters
+    (the rest of its query is kept: `/get?id=0` and `/get?id=1` are two objects), then its
+    base name."""
+    base = remote.redact(url.split("?", 1)[0])
+    kept = [(k, v) for k, v in urllib.parse.parse_qsl(url.partition("?")[2], keep_blank_values=True)
+            if not _SIGNING.fullmatch(k)]
+    plain = base + ("?" + urllib.parse.urlencode(kept) if kept else "")
     digest = hashlib.sha256(plain.encode()).hexdigest()[:16]
-    return f"{digest}-{_UNSAFE.sub('_', plain.rsplit('/', 1)[-1])[-80:]}"
+    return f"{digest}-{_UNSAFE.sub('_', base.rsplit('/', 1)[-1])[-80:]}"
 
 
-def cached_copy(url: str, directory: str, max_bytes: int) -> str:
-    """Path of the local copy of `url` in `directory`, downloaded first when absent."""
+def cached_copy(url: str, directory: str, max_bytes: int, expected_size: int = 0) -> str:
+    """Path of the local copy of `url` in `directory`, downloaded first when absent or not of
+    `expected_size` bytes (the manifest's `bytes`; 0: unknown): a shard rewritten at the same
+    URL is fetched again once, and DataError if it still differs from its manifest."""
     path = Path(directory) / cache_name(url)
-    try:
-        os.utime(path)  # a use: most recently used now
+    if _fresh(path, expected_size):
         return str(path)
-    except FileNotFoundError:
-        pass
     path.parent.mkdir(parents=True, exist_ok=True)
     fs, inner = remote.filesystem(url)
     fd, tmp = tempfile.mkstemp(prefix=_TMP, dir=path.parent)
@@ -59,12 +73,33 @@ def cached_copy(url: str, directory: str, max_bytes: int) -> str:
             written = out.tell()
         if expected is not None and written != expected:
             raise OSError(f"download of {remote.redact(url)} stopped at {written} of {expected} bytes")
+        _check_size(url, written, expected_size)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     evict(directory, max_bytes, keep=path.name)
     return str(path)
+
+
+def _fresh(path: Path, expected_size: int) -> bool:
+    """Whether the cached copy exists and has the manifest's size (a use: touched); a copy of
+    another size is an older version of the shard and is deleted."""
+    try:
+        if expected_size and path.stat().st_size != expected_size:
+            path.unlink(missing_ok=True)
+            return False
+        os.utime(path)  # a use: most recently used now
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _check_size(url: str, size, expected_size: int) -> None:
+    if expected_size and size is not None and size != expected_size:
+        raise DataError(f"{remote.redact(url)} is {size} bytes but its manifest records {expected_size}: the "
+                        f"shard was rewritten after its manifest; write the manifest again (dit data inspect "
+                        f"DIR --write-manifest) or restore the shard")
 
 
 def evict(directory: str, max_bytes: int, keep: str = "") -> None:
@@ -90,15 +125,23 @@ def evict(directory: str, max_bytes: int, keep: str = "") -> None:
             total -= size
 
 
-def open_shard(path: str, options: remote.RemoteOptions):
+def open_shard(path: str, options: remote.RemoteOptions, expected_size: int = 0):
     """A binary file object with read/seek/close (`size` attribute None when unknown): a pipe's
     output, the cached copy of a remote shard when `data.cache_dir` is set, else the remote
-    file read ahead in blocks, or the local file."""
+    file read ahead in blocks, or the local file. A remote shard whose size is not the
+    manifest's `expected_size` (0: unknown) is a DataError: its samples are not those the
+    manifest's counts and byte index describe."""
     if remote.is_pipe(path):
         return remote.PipeFile(path[len(remote.PIPE):])
     if remote.is_url(path) and options.cache_dir:
-        return open(cached_copy(path, options.cache_dir, options.cache_max_bytes), "rb")
+        return open(cached_copy(path, options.cache_dir, options.cache_max_bytes, expected_size), "rb")
     if remote.is_url(path):
         fs, inner = remote.filesystem(path)
-        return fs.open(inner, "rb", block_size=options.block_size, cache_type="readahead")
+        f = fs.open(inner, "rb", block_size=options.block_size, cache_type="readahead")
+        try:
+            _check_size(path, remote.file_size(f), expected_size)
+        except DataError:
+            f.close()
+            raise
+        return f
     return open(path, "rb")

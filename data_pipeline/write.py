@@ -23,7 +23,7 @@ from tqdm import tqdm
 from data_pipeline.decode import IMAGE_EXTS, PIL_FORMATS, VIDEO_EXTS, orientation, upright_size
 from data_pipeline.errors import DataError
 from data_pipeline import remote
-from data_pipeline.manifest import Manifest, ShardInfo, file_digest
+from data_pipeline.manifest import MANIFEST_NAME, Manifest, ShardInfo, file_digest
 from data_pipeline.tar_reader import byte_index
 
 log = logging.getLogger("data_pipeline")
@@ -41,23 +41,24 @@ class ShardOutput:
     one shard at a time. The manifest is written last: a data set that has one is complete.
     Credentials come from the store's environment and profiles; nothing of them is written."""
 
-    def __init__(self, out: str, prefix: str = ""):
+    def __init__(self, out: str):
         self.out, self.is_url = out, remote.is_url(out)
+        existing = _existing_data(out)
+        if existing:  # before anything is written: a second manifest would hide the first's shards
+            raise DataError(f"{remote.redact(out)} already holds {remote.redact(existing)}; write into an empty "
+                            f"directory (or remove what is there first)")
         if self.is_url:
-            existing = remote.glob_urls(remote.join(out, f"{prefix}*.tar")) if prefix else []
             self._staging = tempfile.TemporaryDirectory(prefix="dit-shards-")
             self.dir = Path(self._staging.name)
         else:
             self.dir = Path(out)
             self.dir.mkdir(parents=True, exist_ok=True)
-            existing = list(self.dir.glob(f"{prefix}*.tar")) if prefix else []
-        if existing:
-            raise DataError(f"{out} already holds {prefix}*.tar shards; write into an empty directory")
 
-    def finish(self, local_path: str, samples: int) -> ShardInfo:
-        """The manifest entry of a closed shard; uploaded (and removed here) for a URL."""
+    def finish(self, local_path: str, samples: int, name: str = "") -> ShardInfo:
+        """The manifest entry of a closed shard, `name` relative to the output (default: the
+        file's base name); uploaded (and removed here) for a URL."""
         size, digest = file_digest(local_path)
-        info = ShardInfo(os.path.basename(local_path), samples, size, digest)
+        info = ShardInfo(name or os.path.basename(local_path), samples, size, digest)
         if samples:  # readers jump straight to their samples (a ranged read remotely)
             info.offsets = byte_index(local_path)[1]
         if self.is_url and samples:
@@ -74,6 +75,19 @@ class ShardOutput:
         return manifest
 
 
+def _existing_data(out: str) -> str:
+    """The first shard (*.tar, at any depth) or manifest already at `out`; "" when none."""
+    if remote.is_url(out):
+        if remote.exists(remote.join(out, MANIFEST_NAME)):
+            return remote.join(out, MANIFEST_NAME)
+        found = remote.glob_urls(remote.join(out, "**/*.tar")) + remote.glob_urls(remote.join(out, "*.tar"))
+        return found[0] if found else ""
+    base = Path(out)
+    if (base / MANIFEST_NAME).exists():
+        return str(base / MANIFEST_NAME)
+    return str(next(base.rglob("*.tar"), "")) if base.is_dir() else ""
+
+
 def write_shards(samples: Iterable[dict], out_dir: str, shard_size: int, *, prefix: str = "shard",
                  max_bytes: float = 3e9, created_by: str = "dit data write",
                  total: Optional[int] = None, progress: bool = True, extra: Optional[dict] = None) -> Manifest:
@@ -82,7 +96,7 @@ def write_shards(samples: Iterable[dict], out_dir: str, shard_size: int, *, pref
     (and write) the manifest."""
     if shard_size < 1:
         raise ValueError("shard_size must be at least 1")
-    out = ShardOutput(out_dir, f"{prefix}-")
+    out = ShardOutput(out_dir)
     infos: list[ShardInfo] = []
 
     def finished(fname: str) -> None:  # ShardWriter calls this after closing each shard
@@ -113,13 +127,14 @@ def media_sample(key: str, path: Path, caption: str, meta: Optional[dict] = None
     if ext is None:
         raise DataError(f"{path}: unsupported type (use {', '.join(sorted(set(MEDIA_EXTS.values())))})")
     data = path.read_bytes()
-    info = {"key": key, "caption": caption, "source": str(path), **(meta or {})}
+    extra = {k: v for k, v in (meta or {}).items() if k not in ("key", "caption")}  # txt and json say the same
+    info = {"key": key, "caption": caption, "source": str(path), **extra}
     if ext not in VIDEO_EXTS:
         try:
             with PIL.Image.open(path, formats=PIL_FORMATS) as img:
                 width, height = upright_size(img.size, orientation(img))  # as the loader sees it
                 info.update(width=width, height=height)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, PIL.Image.DecompressionBombError) as e:  # the loader skips these too
             raise DataError(f"{path}: not a readable image ({e})") from None
     return {"__key__": key, ext: data, "txt": caption.encode(), "json": json.dumps(info).encode()}
 
@@ -160,7 +175,11 @@ def folder_samples(root: str, report: InputReport) -> Iterator[dict]:
         if not caption_file.is_file():
             report.skip("missing caption", f"{path} (no {caption_file.name})")
             continue
-        caption = caption_file.read_text(errors="replace").strip()
+        try:
+            caption = caption_file.read_bytes().decode("utf-8").strip()
+        except UnicodeDecodeError:  # the loader skips such a caption as corrupt_text; never U+FFFD
+            report.skip("caption not UTF-8", str(caption_file))
+            continue
         if not caption:
             report.skip("empty caption", str(caption_file))
             continue
@@ -193,9 +212,13 @@ def jsonl_samples(jsonl: str, report: InputReport) -> Iterator[dict]:
                 continue
             try:
                 row = json.loads(line)
-                path, caption = Path(row["path"]), str(row["caption"]).strip()
+                path, caption = Path(row["path"]), row["caption"]
             except (ValueError, KeyError, TypeError) as e:
                 raise DataError(f"{jsonl}:{n}: expected {{\"path\": ..., \"caption\": ...}} ({e!r})") from None
+            if not isinstance(caption, str):  # null or a list would be trained on as "None" / "['red', 'dog']"
+                report.skip("caption not a string", f"{jsonl}:{n} ({type(caption).__name__})")
+                continue
+            caption = caption.strip()
             if not caption:
                 report.skip("empty caption", f"{jsonl}:{n}")
                 continue

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import glob
 import json
 import os
@@ -118,6 +119,24 @@ def _shard_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix", default="shard", help="shard file prefix (default 'shard')")
 
 
+def _data_errors(command):
+    """`command` with a DataError (unusable input or output, e.g. an --out that already holds
+    shards) reported as one line and exit code 1 instead of a traceback."""
+
+    @functools.wraps(command)
+    def run(args) -> int:
+        from data_pipeline.errors import DataError
+
+        try:
+            return command(args)
+        except DataError as e:
+            print(f"dit data {getattr(args, 'data_cmd', '')}: {e}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+@_data_errors
 def cmd_write(args) -> int:
     from data_pipeline.write import InputReport, folder_samples, jsonl_samples, write_shards
 
@@ -134,6 +153,7 @@ def cmd_write(args) -> int:
     return 0
 
 
+@_data_errors
 def cmd_synth(args) -> int:
     from data_pipeline.synth import synth_samples
     from data_pipeline.write import write_shards
@@ -147,21 +167,48 @@ def cmd_synth(args) -> int:
     return 0
 
 
+@_data_errors
 def cmd_inspect(args) -> int:
     from data_pipeline.inspect_shards import format_report, inspect_shards
-    from data_pipeline.manifest import scan_manifest, shard_urls
-    from data_pipeline.remote import is_url
 
     if args.write_manifest:
-        if is_url(args.source):  # a directory URL or a pattern: the manifest goes next to the shards
-            paths = shard_urls(args.source)
-        else:
-            paths = sorted(glob.glob(os.path.join(args.source, "*.tar")))
-        manifest = scan_manifest(paths, checksums=True)
-        print(f"wrote {manifest.write()} ({len(paths)} shards, {manifest.num_samples} samples)")
+        manifest = refreshed_manifest(args.source)
+        print(f"wrote {manifest.write()} ({len(manifest.shards)} shards, {manifest.num_samples} samples)")
     report = inspect_shards(args.source, verify=args.verify, max_samples=args.max_samples)
     print(format_report(report))
     return 1 if report.bad_shards else 0
+
+
+def refreshed_manifest(source: str):
+    """The manifest `--write-manifest` writes for a shard directory (or a URL pattern naming
+    every shard of one directory): counts, byte index and sha256 scanned afresh; the kind,
+    creator and extra of a manifest already there kept (what precompute recorded: the pixel
+    settings and source that training and audits check). DataError for a pattern naming only
+    some of its directory's shards: a manifest of those would hide the others from training."""
+    from data_pipeline import remote
+    from data_pipeline.errors import DataError
+    from data_pipeline.manifest import try_load_manifest, scan_manifest, shard_urls
+
+    if remote.is_url(source):  # a directory URL or a pattern: the manifest goes next to the shards
+        paths = shard_urls(source)
+        root = remote.common_dir([remote.dirname(p) for p in paths]) if paths else source.rstrip("/")
+        every = shard_urls(root)
+    else:
+        root = os.path.abspath(source)
+        paths = every = sorted(glob.glob(os.path.join(root, "*.tar")))
+    if set(every) - set(paths):
+        raise DataError(f"{remote.redact(source)} names {len(paths)} of the {len(every)} shards in "
+                        f"{remote.redact(root)}; its manifest must list them all: give the directory")
+    previous = try_load_manifest(root)
+    if previous:  # shards it lists below the directory (precompute keeps the source's folders)
+        paths = sorted({*paths, *(p for p in previous.paths() if remote.exists(p))})
+    manifest = scan_manifest(paths, checksums=True)
+    for info in manifest.shards:  # names relative to the directory itself
+        info.name = remote.join(manifest.root, info.name)[len(root):].lstrip("/")
+    manifest.root = root
+    if previous:
+        manifest.kind, manifest.created_by, manifest.extra = previous.kind, previous.created_by, previous.extra
+    return manifest
 
 
 # `dit data precompute` flags (dest = the data. key) that shape the pixels the encoder sees
@@ -169,16 +216,21 @@ PIXEL_FLAGS = ("kind", "resolution", "resolutions", "aspect_buckets", "num_frame
                "frame_stride", "fps")
 
 
+@_data_errors
 def cmd_precompute(args) -> int:
     from data_pipeline.precompute import load_encoder, precompute
 
     kwargs = {key: _literal(value) for key, _, value in (item.partition("=") for item in args.encoder_arg)}
     cfg = precompute_data_config(args, kwargs)  # config errors before the encoder loads
     encoder = load_encoder(args.encoder, **kwargs)
-    manifest = precompute(args.source, args.out, encoder, cfg, batch_size=args.batch_size)
+    manifest = precompute(args.source, args.out, encoder, cfg, batch_size=args.batch_size,
+                          encoded_by=getattr(encoder, "encoded_by", None))  # what identifies its weights, if it says
     skipped = sum(v for k, v in manifest.extra["skipped"].items() if k != "read")
     print(f"encoded {manifest.num_samples} samples into {len(manifest.shards)} shards in {args.out}"
           + (f" ({skipped} skipped, see warnings)" if skipped else ""))
+    if manifest.num_samples == 0:  # a `precompute && launch` chain must stop here, not at training
+        print(f"dit data precompute: no sample was encoded from {args.source}: nothing to train on", file=sys.stderr)
+        return 1
     return 0
 
 

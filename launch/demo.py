@@ -9,7 +9,6 @@ Each training stage is started exactly as a user would: `torchrun ... dit train 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import subprocess
@@ -73,13 +72,10 @@ def latent_provenance(cfg) -> dict:
     """What the latent shards depend on: the sha256 of the autoencoder's weights, config and
     latent normalisation, the text encoder's settings, and the source shards' fingerprint."""
     from data_pipeline.manifest import resolve_source
-    from trainer.checkpoint_format import sha256
+    from trainer.stages.pretrain import encoder_identity
 
-    ae = Path(cfg.model.autoencoder.path)
-    files = sorted(p for p in ae.iterdir() if p.suffix == ".safetensors" or p.name in ("config.json", "latent_norm.json"))
-    return {"autoencoder": {p.name: sha256(p) for p in files},
-            "text": dataclasses.asdict(cfg.model.text),
-            "source": resolve_source(cfg.data.shards).fingerprint(), "resolution": cfg.data.resolution}
+    return {**encoder_identity(cfg.model), "source": resolve_source(cfg.data.shards).fingerprint(),
+            "resolution": cfg.data.resolution}
 
 
 def train_latent_dit(nproc: int, config: str | Path, overrides: list[str]) -> None:

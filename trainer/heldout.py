@@ -137,10 +137,27 @@ def training_captions(datas: Iterable[DataConfig]) -> set[str]:
     return found
 
 
+def _latent_root(path: str, found: dict[str, str]) -> tuple[str, str]:
+    """(directory of the nearest manifest above `path`, the shard's name in it): precompute
+    names each shard by its path relative to the source (a/x.tar and b/x.tar are two shards),
+    so the manifest may sit above the shard's own directory. `found` remembers it per shard
+    directory: one existence check per directory, not per shard (each is a request remotely)."""
+    from data_pipeline import remote
+    from data_pipeline.manifest import MANIFEST_NAME
+
+    start = remote.dirname(path)
+    if start not in found:
+        directory = start
+        while not remote.exists(remote.join(directory, MANIFEST_NAME)) and remote.dirname(directory) != directory:
+            directory = remote.dirname(directory)
+        found[start] = directory
+    return found[start], path[len(found[start]):].lstrip("/")
+
+
 def pixel_source(shards: str) -> str:
     """`shards` ("::"-joined sources) with each source of latent shards (`dit data precompute`)
     replaced by the pixel shards its samples were encoded from, found through the `source`
-    its manifest records (precompute writes each source shard to one of the same name);
+    its manifest records (precompute writes each source shard to one of the same relative name);
     pixel sources are kept. ValueError, naming the source, when latents record no source or it
     is gone or holds no pixels."""
     from data_pipeline.errors import DataError
@@ -154,8 +171,9 @@ def pixel_source(shards: str) -> str:
             continue
         origins: dict[str, str] = {}  # latent shard directory -> the source its manifest records
         picked = []  # the pixel shard of each latent shard
+        roots: dict[str, str] = {}  # a latent shard's directory -> that of the manifest listing it
         for path in manifest.paths():
-            directory = os.path.dirname(path)
+            directory, name = _latent_root(path, roots)
             if directory not in origins:
                 origins[directory] = load_manifest(directory).extra.get("source", "")
             origin = origins[directory]
@@ -170,8 +188,7 @@ def pixel_source(shards: str) -> str:
                                  f"read from the directory `dit data precompute` ran in)") from None
             if pixels.kind == "latent":
                 raise ValueError(f"{spec} holds latents encoded from {origin}, which holds latents too")
-            by_name = {os.path.basename(p): p for p in pixels.paths()}
-            name = os.path.basename(path)
+            by_name = {s.name: p for s, p in zip(pixels.shards, pixels.paths())}
             if name not in by_name:
                 raise ValueError(f"{spec}: latent shard {name} has no pixel shard of that name in {origin}")
             picked.append((origin, by_name[name], len(by_name)))

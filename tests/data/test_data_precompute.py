@@ -101,3 +101,22 @@ def test_a_run_on_latents_made_with_other_pixel_settings_is_refused_naming_the_k
     del old.extra["data"]
     old.write()
     assert build_stream(dataclasses.replace(run, resolution=32), 0, 1).num_samples == 28
+
+
+def test_cli_precompute_records_the_encoders_identity(tmp_path, shards):
+    """`dit data precompute --encoder trainer.stages.pretrain:precompute_encoder` records what
+    the latents depend on (the autoencoder files' sha256, the text settings), as the demo does."""
+    from launch.cli import main
+    from tests.eval.eval_helpers import write_autoencoder
+    from tests.trainer.harness import ROOT
+    from trainer.checkpoint_format import sha256
+
+    ae = write_autoencoder(tmp_path / "ae")
+    overrides = f'overrides=["model.autoencoder.kind=kl","model.autoencoder.path={ae}","model.in_channels=4"]'
+    assert main(["data", "precompute", str(shards), "--out", str(tmp_path / "lat"), "--encoder",
+                 "trainer.stages.pretrain:precompute_encoder", "--encoder-arg",
+                 f"config={ROOT / 'configs' / 'test_tiny.yaml'}", "--encoder-arg", overrides]) == 0
+    encoded_by = load_manifest(str(tmp_path / "lat")).extra["encoded_by"]
+    assert encoded_by["autoencoder"] == {p.name: sha256(p) for p in sorted(ae.iterdir())}
+    assert set(encoded_by["autoencoder"]) == {"config.json", "diffusion_pytorch_model.safetensors", "latent_norm.json"}
+    assert encoded_by["text"]["kind"]

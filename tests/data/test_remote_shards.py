@@ -363,7 +363,7 @@ def test_the_next_shard_is_opened_ahead_at_its_first_planned_sample(s3, s3_manif
     assert ranges[True] == ranges[False]
 
 
-def test_write_and_precompute_to_s3(s3, tmp_path):
+def test_write_and_precompute_to_s3(s3, tmp_path, capsys):
     """`dit data synth|precompute --out s3://...`: shards uploaded with a manifest (byte index
     included) that the loader streams; no credential in any object written."""
     _, client = s3
@@ -372,8 +372,9 @@ def test_write_and_precompute_to_s3(s3, tmp_path):
     assert [s.samples for s in manifest.shards] == [5, 5, 2] and all(len(s.offsets) == s.samples for s in manifest.shards)
     keys, _ = epoch_keys(config("s3://laion/synth"))
     assert sorted(keys) == [f"{i:09d}" for i in range(12)]
-    with pytest.raises(DataError, match="already holds shard-"):  # never over existing shards
-        dit(["data", "synth", "--out", "s3://laion/synth", "--num", "2"])
+    capsys.readouterr()
+    assert dit(["data", "synth", "--out", "s3://laion/synth", "--num", "2", "--prefix", "more"]) == 1
+    assert "already holds s3://laion/synth/manifest.json" in capsys.readouterr().err  # never next to existing data
     assert dit(["data", "precompute", "s3://laion/synth", "--out", "s3://laion/latents", "--resolution", "16",
                 "--batch-size", "4"]) == 0
     latents = load_manifest("s3://laion/latents")

@@ -47,7 +47,23 @@ def precompute_encoder(config: str, overrides: Sequence[str] = (), device: str =
         latent = autoencoder.encode(batch[pixels_key].to(device)).float()
         return {"latent": latent, "text_emb": emb.tokens, "text_mask": emb.mask, "text_pooled": emb.pooled}
 
+    encode.encoded_by = encoder_identity(cfg.model)  # `dit data precompute` records it in the manifest
     return encode
+
+
+def encoder_identity(model: ModelConfig) -> dict:
+    """What precomputed latents and text embeddings depend on, recorded in their manifest
+    (`extra.encoded_by`) for a later reuse to compare: the sha256 of the autoencoder's weights,
+    config and latent normalisation (none for a pixel-space or unsaved autoencoder), and the
+    text encoder's settings."""
+    import dataclasses
+
+    from trainer.checkpoint_format import sha256
+
+    saved = model.autoencoder.kind != "none" and model.autoencoder.path
+    files = sorted(p for p in Path(model.autoencoder.path).iterdir()
+                   if p.suffix == ".safetensors" or p.name in ("config.json", "latent_norm.json")) if saved else []
+    return {"autoencoder": {p.name: sha256(p) for p in files}, "text": dataclasses.asdict(model.text)}
 
 
 class PretrainStage(Stage):

@@ -1,0 +1,72 @@
+"""The shard cache's names: one file per object, whatever the URL's signature."""
+from __future__ import annotations
+
+import fsspec
+import pytest
+
+from data_pipeline.errors import DataError
+from data_pipeline.remote import RemoteOptions
+from data_pipeline.shard_cache import cache_name, cached_copy
+from data_pipeline.tar_reader import TarShard
+from tests.data.data_helpers import make_shards
+
+
+def test_objects_addressed_by_query_get_their_own_copies(tmp_path):
+    fs = fsspec.filesystem("memory")
+    fs.pipe_file("/hd-cache/get?id=0", b"shard zero")
+    fs.pipe_file("/hd-cache/get?id=1", b"shard one, longer")
+    zero = cached_copy("memory://hd-cache/get?id=0", str(tmp_path), 1 << 20)
+    one = cached_copy("memory://hd-cache/get?id=1", str(tmp_path), 1 << 20)
+    assert (open(zero, "rb").read(), open(one, "rb").read()) == (b"shard zero", b"shard one, longer")
+
+
+def test_signing_parameters_and_credentials_are_no_part_of_the_name():
+    plain = cache_name("https://host/data/shard-000000.tar")
+    signed = [
+        "https://host/data/shard-000000.tar?X-Amz-Signature=abc&X-Amz-Date=20260101T000000Z&X-Amz-Expires=60",
+        "https://host/data/shard-000000.tar?Expires=1&Signature=xyz&Key-Pair-Id=K",
+        "https://host/data/shard-000000.tar?sv=2022&se=2026&sig=SECRET&sp=r",
+        "https://user:SECRET@host/data/shard-000000.tar?token=SECRET",
+    ]
+    assert {cache_name(u) for u in signed} == {plain}
+    assert plain.endswith("-shard-000000.tar") and "SECRET" not in plain
+    assert cache_name("https://host/data/shard-000000.tar?version=2&sig=a") != plain
+
+
+def _keys(shard) -> list[str]:
+    return [raw.key for raw in shard]
+
+
+def test_a_shard_rewritten_at_its_url_is_fetched_again_by_the_manifests_size(tmp_path):
+    """The cache holds v1; the manifest now records v2's size: v2 is read, not the stale copy.
+    A store still serving another size than the manifest's is a DataError, cached or not."""
+    fs = fsspec.filesystem("memory")
+    url = "memory://hd-cache/ds/shard-000000.tar"
+    local = make_shards(tmp_path / "v", (3, 9))  # 10240 and 30720 bytes
+    v1, v2 = (local / "shard-000000.tar", local / "shard-000001.tar")
+    options = RemoteOptions(cache_dir=str(tmp_path / "cache"), cache_max_bytes=1 << 30)
+    fs.put_file(str(v1), "/hd-cache/ds/shard-000000.tar")
+    assert _keys(TarShard(url, options=options, size=v1.stat().st_size)) == _keys(TarShard(str(v1)))
+    fs.put_file(str(v2), "/hd-cache/ds/shard-000000.tar")
+    assert _keys(TarShard(url, options=options, size=v2.stat().st_size)) == _keys(TarShard(str(v2)))
+    with pytest.raises(DataError, match="manifest records 1"):
+        _keys(TarShard(url, options=options, size=1))
+    with pytest.raises(DataError, match="manifest records 1"):
+        _keys(TarShard(url, size=1))
+
+
+def test_the_stream_refuses_a_remote_shard_rewritten_after_its_manifest(tmp_path):
+    """The loader hands the manifests' sizes to its readers: a shard replaced at its URL by one
+    of another size (its byte index and counts no longer describe it) stops the run."""
+    from data_pipeline.config import DataConfig
+    from data_pipeline.stream import build_stream
+    from tests.data.data_helpers import take
+
+    fs = fsspec.filesystem("memory")
+    local = make_shards(tmp_path / "v", (3, 9))
+    fs.put(str(local), "/hd-stream/ds", recursive=True)
+    cfg = DataConfig(shards="memory://hd-stream/ds", resolution=16, batch_size=3, num_workers=0)
+    assert len(take(build_stream(cfg, 0, 1), 1)) == 1
+    fs.put_file(str(local / "shard-000001.tar"), "/hd-stream/ds/shard-000000.tar")  # another size, same name
+    with pytest.raises(DataError, match="manifest records"):
+        take(build_stream(cfg, 0, 1), 4)
