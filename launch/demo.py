@@ -57,11 +57,12 @@ def precompute_latents(config: str | Path, overrides: list[str]) -> str:
     cfg = load_config(config, overrides)
     out = Path(cfg.run.out_dir) / "latents"
     encoded_by = latent_provenance(cfg)
-    if (out / MANIFEST_NAME).is_file():
-        if load_manifest(str(out)).extra.get("encoded_by") == encoded_by:
-            print(f"latent shards already in {out}", flush=True)
-            return str(out)
-        print(f"the latent shards in {out} were encoded by other weights or shards: writing them again", flush=True)
+    if (out / MANIFEST_NAME).is_file() and load_manifest(str(out)).extra.get("encoded_by") == encoded_by:
+        print(f"latent shards already in {out}", flush=True)
+        return str(out)
+    if out.exists():  # encoded by other weights or shards, or a write cut short (no manifest yet)
+        print(f"the latent shards in {out} are not this run's (other weights or shards, or unfinished): writing "
+              f"them again", flush=True)
         shutil.rmtree(out)
     encoder = precompute_encoder(str(config), overrides, device=str(parse_device("auto")))
     precompute(cfg.data.shards, str(out), encoder, cfg.data, batch_size=64, encoded_by=encoded_by)
