@@ -5,9 +5,15 @@ Lives in `data_pipeline/` so that the pipeline never imports `trainer`; the run 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 from data_pipeline.remote import RemoteOptions
+
+
+# Bucket sides are multiples of this many pixels where nothing asks for more (data.bucket_multiple).
+DEFAULT_BUCKET_MULTIPLE = 8
 
 
 @dataclass
@@ -34,6 +40,12 @@ class DataConfig:
     # Empty: the single area `resolution`, which must be one of these when they are given
     # (it stays the shape of previews and the default of `dit sample`).
     resolutions: list[int] = field(default_factory=list)
+    # Bucket sides (height and width of every aspect / area bucket) are rounded to multiples of
+    # this many pixels, which the model must be able to patchify: a latent DiT needs multiples
+    # of its autoencoder's downsampling x its patch (8 x 2 = 16 for the SD VAE at patch 2), a
+    # pixel DiT of its patch. 0: derived from the model when the run config is validated (the
+    # least common multiple of 8 and what the model needs); 8 where no model is known.
+    bucket_multiple: int = 0
     num_frames: int = 8  # video clips: frames per clip
     frame_stride: int = 1  # video clips: take every k-th frame
     # Video clips: frames sampled at this many per second of video whatever the source's rate
@@ -101,6 +113,7 @@ def validate_data_config(cfg: DataConfig) -> None:
         (all(r >= 8 and r % 8 == 0 for r in cfg.resolutions), "resolutions",
          "every area's side must be a positive multiple of 8"),
         (len(set(cfg.resolutions)) == len(cfg.resolutions), "resolutions", "sides must be distinct"),
+        (cfg.bucket_multiple >= 0, "bucket_multiple", "must be 0 (derived from the model) or a number of pixels"),
         (not cfg.resolutions or cfg.resolution in cfg.resolutions, "resolutions",
          f"must include data.resolution ({cfg.resolution}), the size of previews and the default of dit sample"),
         (not cfg.resolutions or cfg.sr_resolution == 0, "resolutions",
@@ -122,6 +135,36 @@ def validate_data_config(cfg: DataConfig) -> None:
     for ok, key, message in checks:
         if not ok:
             raise ValueError(f"data.{key}: {message}")
+
+
+def bucket_ratios(cfg: DataConfig) -> tuple[float, ...]:
+    return tuple(sorted(set(cfg.aspect_buckets))) or (1.0,)
+
+
+def bucket_areas(cfg: DataConfig) -> tuple[int, ...]:
+    return tuple(sorted(cfg.resolutions)) or (cfg.resolution,)
+
+
+def bucket_size(resolution: int, ratio: float, multiple: int = DEFAULT_BUCKET_MULTIPLE) -> tuple[int, int]:
+    """(h, w) with h * w ~ resolution**2 and w / h ~ ratio, both multiples of `multiple`."""
+    h = max(multiple, round(resolution / math.sqrt(ratio) / multiple) * multiple)
+    w = max(multiple, round(resolution * math.sqrt(ratio) / multiple) * multiple)
+    return h, w
+
+
+Sizes = tuple[tuple[int, int], ...]
+
+
+def bucket_sizes(cfg: DataConfig) -> tuple[Sizes, Optional[Sizes]]:
+    """(h, w) of every bucket (areas x ratios, sides rounded to data.bucket_multiple) and the same
+    buckets at sr_resolution (None without). Here, not in transforms, so that config validation
+    sees the loader's very sizes without importing torch."""
+    multiple = cfg.bucket_multiple or DEFAULT_BUCKET_MULTIPLE
+    sizes = tuple(bucket_size(a, r, multiple) for a in bucket_areas(cfg) for r in bucket_ratios(cfg))
+    if cfg.sr_resolution <= 0:
+        return sizes, None
+    scale = cfg.sr_resolution / cfg.resolution  # one area only (validate_data_config)
+    return sizes, tuple((round(h * scale), round(w * scale)) for h, w in sizes)
 
 
 def remote_options(cfg: DataConfig) -> RemoteOptions:

@@ -33,7 +33,8 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from data_pipeline.config import DataConfig
+from data_pipeline.config import DataConfig, bucket_areas, bucket_ratios, bucket_sizes
+from data_pipeline.config import bucket_size  # noqa: F401  (re-exported: the buckets' rounding, computed there)
 from data_pipeline.color import BT2020_PRIMARIES, PQ_TRANSFER, bt2020_to_bt709, to_srgb, yuv_matrix
 from data_pipeline.decode import Jpeg, icc_profile, orientation, upright_size
 from data_pipeline.errors import SkipSample
@@ -67,13 +68,8 @@ class TransformSpec:
 
     @classmethod
     def from_config(cls, cfg: DataConfig) -> "TransformSpec":
-        ratios = tuple(sorted(set(cfg.aspect_buckets))) or (1.0,)
-        areas = tuple(sorted(cfg.resolutions)) or (cfg.resolution,)
-        sizes = tuple(bucket_size(a, r) for a in areas for r in ratios)
-        sr_sizes = None
-        if cfg.sr_resolution > 0:  # one area only (validate_data_config)
-            scale = cfg.sr_resolution / cfg.resolution
-            sr_sizes = tuple((round(h * scale), round(w * scale)) for h, w in sizes)
+        ratios, areas = bucket_ratios(cfg), bucket_areas(cfg)
+        sizes, sr_sizes = bucket_sizes(cfg)
         counts = (1,) if cfg.kind == "image" else tuple(sorted({1, cfg.num_frames, *cfg.frame_buckets}))
         return cls(sizes, sr_sizes, ratios, counts, cfg.frame_stride, cfg.random_crop, cfg.kind, areas, cfg.fps)
 
@@ -103,13 +99,6 @@ class Pixels:
 def _bucket_index(width: int, height: int, areas: tuple[int, ...], ratios: tuple[float, ...]) -> int:
     """Cached per source size: datasets hold few distinct sizes, and each sample asked anew."""
     return area_index(width, height, areas) * len(ratios) + nearest_bucket(width, height, ratios)
-
-
-def bucket_size(resolution: int, ratio: float, multiple: int = 8) -> tuple[int, int]:
-    """(h, w) with h * w ~ resolution**2 and w / h ~ ratio, both multiples of `multiple`."""
-    h = max(multiple, round(resolution / math.sqrt(ratio) / multiple) * multiple)
-    w = max(multiple, round(resolution * math.sqrt(ratio) / multiple) * multiple)
-    return h, w
 
 
 def area_index(width: int, height: int, sides: tuple[int, ...]) -> int:

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from data_pipeline.transforms import TransformSpec
 from trainer.config import DataConfig, DiffusionConfig, ModelConfig
 from trainer.diffusion import NoiseSchedule, SamplerSettings, add_noise, randn, schedule_for_shape
 from trainer.diffusion.schedules import shape_size
@@ -66,6 +67,7 @@ class InferenceBundle:
         if data.kind == "video":  # every clip length the loader can deliver must encode
             for frames in {data.num_frames, *data.frame_buckets}:
                 self.latent_frames(frames)
+        self._check_buckets()
         self.schedule = self.schedule_for(self.sample_shape())  # at the configured square shape
 
     def helpers(self) -> list[nn.Module]:
@@ -119,6 +121,18 @@ class InferenceBundle:
                 raise ValueError(f"frames={frames}: this is an image model (data.kind=image)")
             return c, h, w
         return c, self.latent_frames(frames or self.data.num_frames), h, w
+
+    def _check_buckets(self) -> None:
+        """Every (h, w) bucket the loader delivers must patchify: config validation checks it
+        where the autoencoder's folder was there to read; one written since is checked here,
+        before the first batch of a bad bucket would stop the run."""
+        spec = TransformSpec.from_config(self.data)
+        for h, w in (spec.sr_sizes if self.model_cfg.superres else None) or spec.sizes:
+            try:
+                self.sample_shape(h, w)
+            except ValueError as e:
+                raise ValueError(f"data.bucket_multiple: the loader's {h}x{w} px bucket cannot be patchified: {e} "
+                                 f"(set data.bucket_multiple to that multiple, or 0 to derive it)") from None
 
     def latent_frames(self, frames: int) -> int:
         """Frames the DiT sees for a clip of `frames`: all of them, or 1 + (F - 1) / t after a

@@ -8,6 +8,7 @@ any process group starts. A component receives its own sub-config, never the roo
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -16,7 +17,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data_pipeline.config import DataConfig, validate_data_config
+from data_pipeline.config import DEFAULT_BUCKET_MULTIPLE, DataConfig, bucket_sizes, validate_data_config
 from trainer.config_errors import ConfigError, check
 from trainer.models.presets import dit_preset
 from trainer.stage_config import StageConfig, supporting, validate_stage
@@ -314,7 +315,8 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be at least 1 (never delete the only checkpoint)")
     _validate_intervals(cfg)
     validate_stage(cfg)
-    _validate_sequence_parallel(cfg)
+    shapes = _validate_shapes(cfg)
+    _validate_sequence_parallel(cfg, shapes)
     if world_size is not None:
         _validate_world(cfg.deepspeed, world_size)
 
@@ -419,7 +421,93 @@ def _validate_world(ds: DeepSpeedConfig, world_size: int) -> None:
     )
 
 
-def _validate_sequence_parallel(cfg: RunConfig) -> None:
+def autoencoder_factors(ae: AutoencoderConfig) -> Optional[tuple[int, int]]:
+    """(spatial, temporal) compression of the frozen autoencoder, known without reading weights:
+    none for pixels; a fresh AutoencoderKL (2-D, as the bundle builds it) halves per level after
+    the first; a folder's from its config.json, built on the meta device as the trainer builds it.
+    None while the folder is not written yet (an autoencoder stage's output to come): the
+    bundle checks the shapes when it loads it."""
+    if ae.kind != "kl":
+        return 1, 1
+    if not ae.path:
+        return 2 ** (len(ae.block_out_channels) - 1), 1
+    if not (Path(ae.path) / "config.json").is_file():
+        return None
+    import torch
+
+    from trainer.models.autoencoder import Autoencoder, diffusers_class
+
+    cls, config = diffusers_class(ae.path)
+    with torch.device("meta"):
+        vae = Autoencoder(cls.from_config(config))
+    return vae.downsample_factor, vae.temporal_downsample
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What the DiT patchifies, derived at validation: pixels per patch side (`multiple`), the
+    (h, w) pixel buckets it sees and the latent frame counts of the clip lengths (1: images)."""
+
+    multiple: int
+    temporal: int
+    sizes: tuple[tuple[int, int], ...]
+    latent_frames: tuple[int, ...]
+
+
+def _clip_key(data: DataConfig, frames: int) -> str:
+    return "data.num_frames" if frames == data.num_frames else "data.frame_buckets"
+
+
+def _validate_shapes(cfg: RunConfig) -> Optional[Shapes]:
+    """Every bucket side and clip length the loader delivers must patchify; else the first batch
+    of that bucket raises after DeepSpeed started. Fills data.bucket_multiple when it is 0."""
+    factors = autoencoder_factors(cfg.model.autoencoder)
+    if factors is None:
+        return None
+    spatial, temporal = factors
+    try:
+        need = spatial * dit_preset(cfg.model.preset).patch
+    except KeyError as e:
+        raise ConfigError("model.preset", str(e.args[0])) from None
+    sizes = _validate_sides(cfg, need, f"the autoencoder's downsampling {spatial} x the DiT's patch {need // spatial}")
+    return Shapes(need, temporal, sizes, _latent_frame_counts(cfg, temporal))
+
+
+def _validate_sides(cfg: RunConfig, need: int, why: str) -> tuple[tuple[int, int], ...]:
+    """The (h, w) pixel buckets the DiT sees, each side a multiple of `need` pixels."""
+    d, superres = cfg.data, cfg.model.superres
+    if d.bucket_multiple == 0:
+        d.bucket_multiple = math.lcm(DEFAULT_BUCKET_MULTIPLE, need)
+    check(d.bucket_multiple % need == 0, "data.bucket_multiple",
+          f"{d.bucket_multiple} px is not a multiple of {need} ({why}); use a multiple of {need}, or 0 to derive it")
+    key, sides = ("data.sr_resolution", [d.sr_resolution]) if superres else \
+        ("data.resolutions", d.resolutions) if d.resolutions else ("data.resolution", [d.resolution])
+    for side in sides:
+        check(side % need == 0, key, f"{side} px is not a multiple of {need} ({why})")
+    base, sr = bucket_sizes(d)
+    sizes = (sr if superres else None) or base
+    bucket_key = "data.sr_resolution" if superres else "data.bucket_multiple"  # sr buckets: base ones scaled
+    for h, w in sizes:
+        check(h % need == 0 and w % need == 0, bucket_key, f"the {h}x{w} px bucket is not a multiple of {need} ({why})")
+    return tuple(sizes)
+
+
+def _latent_frame_counts(cfg: RunConfig, temporal: int) -> tuple[int, ...]:
+    """Latent frames of every clip length (1: images), each a whole number of temporal patches."""
+    d, patch = cfg.data, cfg.model.temporal_patch
+    counts = [1]
+    for frames in sorted({d.num_frames, *d.frame_buckets} - {1}) if d.kind == "video" else ():
+        check((frames - 1) % temporal == 0, _clip_key(d, frames),
+              f"the causal 3-D autoencoder compresses time by {temporal}, so clips have 1 + {temporal} k "
+              f"frames, not {frames}")
+        counts.append(1 + (frames - 1) // temporal)
+        check(counts[-1] % patch == 0, _clip_key(d, frames),
+              f"clips of {frames} frames have {counts[-1]} latent frames, not a multiple of "
+              f"model.temporal_patch={patch}")
+    return tuple(counts)
+
+
+def _validate_sequence_parallel(cfg: RunConfig, shapes: Optional[Shapes]) -> None:
     """Sequence parallelism splits the trained DiT's tokens and attention heads over S ranks."""
     S, key = cfg.deepspeed.sequence_parallel_size, "deepspeed.sequence_parallel_size"
     check(S >= 1, key, "must be at least 1")
@@ -438,14 +526,40 @@ def _validate_sequence_parallel(cfg: RunConfig) -> None:
     check(heads % S == 0, key,
            f"{S} does not divide the {heads} attention heads of {cfg.model.preset}: each rank attends "
            f"with heads / S of them (DeepSpeed-Ulysses); use a divisor of {heads}")
-    # Pixel clips only: an autoencoder may compress time (a causal 3-D one keeps frame 0 and
-    # groups the rest), which the engine checks on the first batch (trainer/sequence_parallel.py).
-    if cfg.data.kind == "video" and cfg.model.attention == "factorized" and cfg.model.autoencoder.kind == "none":
-        for frames in sorted({cfg.data.num_frames, *cfg.data.frame_buckets} - {1}):
-            check((frames // cfg.model.temporal_patch) % S == 0, "data.num_frames",
-                   f"clips of {frames} frames have {frames // cfg.model.temporal_patch} latent frames, not a "
-                   f"multiple of deepspeed.sequence_parallel_size={S}: factorized attention splits a clip "
-                   f"between whole frames (or use model.attention=full)")
+    if shapes is not None:  # else the engine checks on the first batch (an autoencoder folder to come)
+        _validate_token_split(cfg, shapes, S)
+
+
+def split_refusal(grid: tuple[int, int, int], size: int, factorized: bool) -> Optional[str]:
+    """Why the tokens of a (F', H', W') grid cannot be split over `size` sequence-parallel ranks,
+    or None: validation asks it for every bucket and clip length before launch, the engine
+    (trainer/sequence_parallel.py `Shard.local`) per batch."""
+    frames, tokens = grid[0], grid[0] * grid[1] * grid[2]
+    if factorized and frames > 1 and frames % size:
+        return (f"a clip of {frames} latent frames does not split into deepspeed.sequence_parallel_size={size} "
+                f"runs of whole frames (factorized attention); use clip lengths whose latent frames are a "
+                f"multiple of {size}")
+    if tokens % size:
+        return (f"{tokens} tokens (grid {grid}) do not split over deepspeed.sequence_parallel_size={size} ranks; "
+                f"pick a resolution / clip length whose token count is a multiple of {size}")
+    return None
+
+
+def _validate_token_split(cfg: RunConfig, shapes: Shapes, S: int) -> None:
+    """Every bucket and clip length splits its tokens over the S ranks as the engine will
+    (`split_refusal`): whole latent frames under factorized attention, else whole tokens."""
+    video = cfg.data.kind == "video" and cfg.model.video
+    factorized = video and cfg.model.attention == "factorized"
+    frame_counts = {1 + (f - 1) // shapes.temporal: f for f in {cfg.data.num_frames, *cfg.data.frame_buckets}}
+    for latent in shapes.latent_frames:
+        frames = latent // cfg.model.temporal_patch if latent > 1 else 1
+        for h, w in shapes.sizes:
+            refusal = split_refusal((frames, h // shapes.multiple, w // shapes.multiple), S, factorized)
+            key = "deepspeed.sequence_parallel_size"
+            if factorized and frames > 1 and frames % S:
+                key = _clip_key(cfg.data, frame_counts[latent])
+            what = f"{frame_counts[latent]}-frame clips" if latent > 1 else "images"
+            check(refusal is None, key, f"{what} of the {h}x{w} px bucket: {refusal}")
 
 
 def _accelerator_has_fp16() -> bool:

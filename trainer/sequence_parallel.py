@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from trainer.config import split_refusal
 from trainer.distributed import DistContext
 from trainer.models.dit import DiT, Tokens
 from trainer.models.layers import Attend, Grid, Rope
@@ -56,15 +57,10 @@ class Shard:
         """This rank's contiguous run of N / S tokens of h (B, N, D), as its own tensor (the
         whole h is freed). Tokens are ordered (frame, row, col): whole frames when F' % S == 0."""
         self.grid = grid
-        N, S = h.shape[1], self.size
-        if factorized and grid[0] > 1 and grid[0] % S:
-            raise ValueError(f"a clip of {grid[0]} latent frames does not split into "
-                             f"deepspeed.sequence_parallel_size={S} runs of whole frames (factorized "
-                             f"attention); use clip lengths whose latent frames are a multiple of {S}")
-        if N % S:
-            raise ValueError(f"{N} tokens (grid {grid}) do not split over deepspeed.sequence_parallel_size={S} "
-                             f"ranks; pick a resolution / clip length whose token count is a multiple of {S}")
-        n = N // S
+        refusal = split_refusal(tuple(grid), self.size, factorized)
+        if refusal is not None:
+            raise ValueError(refusal)
+        n = h.shape[1] // self.size
         return h.narrow(1, self.rank * n, n).clone()  # (B, N/S, D)
 
 

@@ -86,7 +86,8 @@ def test_three_ranks_per_sequence_must_divide_the_world():
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig),
-                                              {"model": {"preset": "DiT-S/2"}, "deepspeed": {"sequence_parallel_size": 3}}))
+                                              {"model": {"preset": "DiT-S/2"}, "deepspeed": {"sequence_parallel_size": 3},
+                                               "data": {"resolution": 48}}))  # 24 x 24 tokens split in 3
     validate(cfg, world_size=6)
     with pytest.raises(ConfigError, match="deepspeed.sequence_parallel_size"):
         validate(cfg, world_size=4)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainer.config import TextEncoderConfig
+from trainer.config_errors import check
 from trainer.models.dit import TextEmbedding
 
 T5_FAMILY = ("t5", "mt5", "umt5")
@@ -159,8 +160,10 @@ class HFTextEncoder(TextEncoder):
     def __init__(self, path: str, max_length: int, null: str, *, t5: bool = False, normalize: bool = False):
         from transformers import AutoConfig, AutoTokenizer
 
-        model_type = AutoConfig.from_pretrained(path).model_type
+        config = AutoConfig.from_pretrained(path)
+        model_type = config.model_type
         t5 = t5 or model_type in T5_FAMILY
+        check_positions(getattr(config, "text_config", config), max_length, t5)
         backbone = _backbone_class(model_type, t5).from_pretrained(path)
         dim = backbone.config.d_model if t5 else backbone.config.hidden_size
         super().__init__(backbone, dim, dim, max_length, null)
@@ -177,6 +180,16 @@ class HFTextEncoder(TextEncoder):
         if self.normalize:
             pooled = F.normalize(pooled, dim=-1)
         return tokens.float(), mask.bool(), pooled.float()
+
+
+def check_positions(config, max_length: int, t5: bool) -> None:
+    """Refuse, before any weight is read, a max_length beyond the encoder's learned position
+    table (BERT's 512, CLIP's 77): the tokenizer would pad to it and the first encode index
+    past the table. T5's relative positions have no such limit."""
+    positions = None if t5 else getattr(config, "max_position_embeddings", None)
+    check(positions is None or max_length <= positions, "model.text.max_length",
+          f"{max_length} tokens exceed the {positions} positions of the text encoder ({config.model_type}); "
+          f"use at most {positions}")
 
 
 def _backbone_class(model_type: str, t5: bool) -> type:
