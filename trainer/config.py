@@ -425,14 +425,13 @@ def autoencoder_factors(ae: AutoencoderConfig) -> Optional[tuple[int, int]]:
     """(spatial, temporal) compression of the frozen autoencoder, known without reading weights:
     none for pixels; a fresh AutoencoderKL (2-D, as the bundle builds it) halves per level after
     the first; a folder's from its config.json, built on the meta device as the trainer builds it.
-    None while the folder is not written yet (an autoencoder stage's output to come): the
-    bundle checks the shapes when it loads it."""
+    A folder not written yet is the output of an autoencoder stage to come, which builds it fresh
+    from these settings: a run that writes it and its resume derive the same (the bundle checks
+    the shapes again when it loads a folder)."""
     if ae.kind != "kl":
         return 1, 1
-    if not ae.path:
+    if not ae.path or not (Path(ae.path) / "config.json").is_file():
         return 2 ** (len(ae.block_out_channels) - 1), 1
-    if not (Path(ae.path) / "config.json").is_file():
-        return None
     import torch
 
     from trainer.models.autoencoder import Autoencoder, diffusers_class
