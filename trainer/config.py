@@ -421,7 +421,7 @@ def _validate_world(ds: DeepSpeedConfig, world_size: int) -> None:
     )
 
 
-def autoencoder_factors(ae: AutoencoderConfig) -> Optional[tuple[int, int]]:
+def autoencoder_factors(ae: AutoencoderConfig) -> tuple[int, int]:
     """(spatial, temporal) compression of the frozen autoencoder, known without reading weights:
     none for pixels; a fresh AutoencoderKL (2-D, as the bundle builds it) halves per level after
     the first; a folder's from its config.json, built on the meta device as the trainer builds it.
@@ -457,13 +457,10 @@ def _clip_key(data: DataConfig, frames: int) -> str:
     return "data.num_frames" if frames == data.num_frames else "data.frame_buckets"
 
 
-def _validate_shapes(cfg: RunConfig) -> Optional[Shapes]:
+def _validate_shapes(cfg: RunConfig) -> Shapes:
     """Every bucket side and clip length the loader delivers must patchify; else the first batch
     of that bucket raises after DeepSpeed started. Fills data.bucket_multiple when it is 0."""
-    factors = autoencoder_factors(cfg.model.autoencoder)
-    if factors is None:
-        return None
-    spatial, temporal = factors
+    spatial, temporal = autoencoder_factors(cfg.model.autoencoder)
     try:
         need = spatial * dit_preset(cfg.model.preset).patch
     except KeyError as e:
@@ -506,7 +503,7 @@ def _latent_frame_counts(cfg: RunConfig, temporal: int) -> tuple[int, ...]:
     return tuple(counts)
 
 
-def _validate_sequence_parallel(cfg: RunConfig, shapes: Optional[Shapes]) -> None:
+def _validate_sequence_parallel(cfg: RunConfig, shapes: Shapes) -> None:
     """Sequence parallelism splits the trained DiT's tokens and attention heads over S ranks."""
     S, key = cfg.deepspeed.sequence_parallel_size, "deepspeed.sequence_parallel_size"
     check(S >= 1, key, "must be at least 1")
@@ -525,8 +522,7 @@ def _validate_sequence_parallel(cfg: RunConfig, shapes: Optional[Shapes]) -> Non
     check(heads % S == 0, key,
            f"{S} does not divide the {heads} attention heads of {cfg.model.preset}: each rank attends "
            f"with heads / S of them (DeepSpeed-Ulysses); use a divisor of {heads}")
-    if shapes is not None:  # else the engine checks on the first batch (an autoencoder folder to come)
-        _validate_token_split(cfg, shapes, S)
+    _validate_token_split(cfg, shapes, S)
 
 
 def split_refusal(grid: tuple[int, int, int], size: int, factorized: bool) -> Optional[str]:
