@@ -20,12 +20,13 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import braceexpand
 
 from data_pipeline import remote
+from data_pipeline.config import DEFAULT_BUCKET_MULTIPLE, bucket_sizes
 from data_pipeline.errors import DataError
 from data_pipeline.tar_reader import byte_index, count_samples
 
@@ -34,6 +35,7 @@ SOURCE_SEPARATOR = "::"
 # Latent shards (`dit data precompute`): the `data.` settings their pixels were made with,
 # under this key of the manifest's `extra` (see `pixel_settings`)
 PIXEL_SETTINGS = "data"
+ENCODED_BY = "encoded_by"  # extra: what made precomputed latents (trainer.stages.checks.encoder_identity)
 log = logging.getLogger("data_pipeline")
 
 
@@ -243,25 +245,34 @@ def resolve_source(spec: str) -> Manifest:
 
 
 def _subset_extra(manifests: list[Manifest], spec: str) -> dict:
-    """The `PIXEL_SETTINGS` record of the manifests a pattern's shards come from (the loader
-    compares it with the run's); {} when none has one."""
-    records = {json.dumps(m.extra[PIXEL_SETTINGS], sort_keys=True) for m in manifests if PIXEL_SETTINGS in m.extra}
-    if len(records) > 1:
-        raise DataError(f"the shards of {remote.redact(spec)!r} were precomputed with different data settings "
-                        f"(extra.{PIXEL_SETTINGS} of their manifests); use shards precomputed with one run config")
-    return {PIXEL_SETTINGS: json.loads(records.pop())} if records else {}
+    """The records of the manifests a pattern's shards come from that a run checks: their
+    `PIXEL_SETTINGS` (the loader compares them with the run's) and `ENCODED_BY` (the encoders
+    that made latents, compared by the trainer's preflight); each left out where no manifest
+    has it, refused where two differ."""
+    extra = {}
+    for key, what in ((PIXEL_SETTINGS, "data settings"), (ENCODED_BY, "encoders")):
+        records = {json.dumps(_recorded(m.extra[key]) if key == PIXEL_SETTINGS else m.extra[key], sort_keys=True)
+                   for m in manifests if m.extra.get(key)}
+        if len(records) > 1:
+            raise DataError(f"the shards of {remote.redact(spec)!r} were precomputed with different {what} "
+                            f"(extra.{key} of their manifests); use shards precomputed with one run config")
+        if records:
+            extra[key] = json.loads(records.pop())
+    return extra
 
 
 def pixel_settings(cfg) -> dict:
     """The settings of a DataConfig that decide the pixels an encoder sees, as
     transforms.TransformSpec.from_config reads them (areas with `resolution` in them, ratios
-    as a set, the clip lengths besides 1 and `num_frames`): what latent shards record, and what
-    a run on them must have. The clip settings only in video mode (images are 1-frame clips)."""
+    as a set, the multiple bucket sides are rounded to as `bucket_sizes` uses it, the clip
+    lengths besides 1 and `num_frames`): what latent shards record, and what a run on them must
+    have. The clip settings only in video mode (images are 1-frame clips)."""
     settings = {
         "kind": cfg.kind,
         "resolution": int(cfg.resolution),
         "resolutions": sorted({int(cfg.resolution), *(int(r) for r in cfg.resolutions)}),
         "aspect_buckets": sorted({float(a) for a in cfg.aspect_buckets}) or [1.0],
+        "bucket_multiple": int(cfg.bucket_multiple or DEFAULT_BUCKET_MULTIPLE),
         "sr_resolution": int(cfg.sr_resolution),
         "random_crop": bool(cfg.random_crop),
     }
@@ -278,16 +289,30 @@ def pixel_settings(cfg) -> dict:
 def check_pixel_settings(manifest: Manifest, cfg) -> None:
     """DataError naming the `data.` key where latent shards were precomputed with other pixel
     settings than `cfg` has (a latent keeps nothing of the crop, size or clip sampling it was
-    made from); manifests without the record (older ones, pixel shards) pass."""
-    recorded = manifest.extra.get(PIXEL_SETTINGS)
+    made from); manifests without the record (older ones, pixel shards) pass. A record without
+    `bucket_multiple` (written before precompute recorded it) counts as made at the old default,
+    DEFAULT_BUCKET_MULTIPLE (8) pixels. Another multiple is refused only where it changes the
+    buckets (`bucket_sizes`): square crops at a side both multiples divide are the same pixels."""
+    recorded = _recorded(manifest.extra.get(PIXEL_SETTINGS))
     if not isinstance(recorded, dict):
         return
     for key, value in pixel_settings(cfg).items():
-        if key in recorded and recorded[key] != value:
+        if key in recorded and recorded[key] != value and not _same_buckets(key, recorded[key], cfg):
             raise DataError(f"data.{key}: the latent shards in {remote.redact(manifest.root)} were precomputed with "
                             f"{key}={recorded[key]!r} but this run has {value!r}; train with the data settings they "
                             f"were made with (extra.{PIXEL_SETTINGS} of their {MANIFEST_NAME}) or precompute them "
                             f"again from this run's config (dit data precompute SOURCE --config RUN.yaml)")
+
+
+def _recorded(settings):
+    """A `PIXEL_SETTINGS` record as written now: older ones lack `bucket_multiple`, which was 8 then
+    (anything but a dict is returned as it is)."""
+    return {"bucket_multiple": DEFAULT_BUCKET_MULTIPLE, **settings} if isinstance(settings, dict) else settings
+
+
+def _same_buckets(key: str, recorded, cfg) -> bool:
+    """Whether a recorded `bucket_multiple` gives `cfg` the very buckets its own does."""
+    return key == "bucket_multiple" and bucket_sizes(replace(cfg, bucket_multiple=recorded)) == bucket_sizes(cfg)
 
 
 def _counts(s: ShardInfo) -> dict:

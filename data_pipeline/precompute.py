@@ -28,7 +28,7 @@ from tqdm import tqdm
 from data_pipeline import remote
 from data_pipeline.config import DataConfig, validate_data_config
 from data_pipeline.errors import DataError, SkipCounter, SkipSample
-from data_pipeline.manifest import PIXEL_SETTINGS, Manifest, pixel_settings, resolve_source
+from data_pipeline.manifest import ENCODED_BY, PIXEL_SETTINGS, Manifest, pixel_settings, resolve_source
 from data_pipeline.plan import Slot
 from data_pipeline.stages import Item, collate, decode_stage, transform_stage
 from data_pipeline.stream import batch_to_device, finalize
@@ -137,7 +137,7 @@ def precompute(source: str, out_dir: str, encoder: Encoder, cfg: DataConfig, bat
         clips = {"num_frames": cfg.num_frames, "frame_stride": cfg.frame_stride, "fps": cfg.fps}
     return out.manifest(infos, "latent", "dit data precompute",
                         {"source": src.root, "resolution": cfg.resolution, **clips, "skipped": counter.counts,
-                         "encoded_by": encoded_by or {}, PIXEL_SETTINGS: pixel_settings(centred)})
+                         ENCODED_BY: encoded_by or {}, PIXEL_SETTINGS: pixel_settings(centred)})
 
 
 def _refuse_source_as_output(source_root: str, out_dir: str) -> None:

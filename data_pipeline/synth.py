@@ -23,6 +23,8 @@ import av
 import numpy as np
 import PIL.Image
 
+from data_pipeline.errors import DataError
+
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (230, 25, 25),
     "green": (25, 200, 25),
@@ -179,6 +181,16 @@ def synth_sample(index: int, seed: int = 0, size: int = 64, video: bool = False,
 
 def synth_samples(num: int, seed: int = 0, size: int = 64, video: bool = False,
                   image_format: str = "png", num_frames: int = DEFAULT_FRAMES, max_shapes: int = 2) -> Iterator[dict]:
-    """`num` consecutive synthetic samples (indices 0..num-1)."""
-    for i in range(num):
-        yield synth_sample(i, seed, size, video, image_format, num_frames, max_shapes)
+    """`num` consecutive synthetic samples (indices 0..num-1). A size videos cannot have is
+    refused here, before the first sample is made (and a shard opened for it)."""
+    if video:
+        check_video_size(size)
+    return (synth_sample(i, seed, size, video, image_format, num_frames, max_shapes) for i in range(num))
+
+
+def check_video_size(size: int) -> None:
+    """DataError for a clip side `encode_mp4` cannot encode: H.264 in yuv420p stores colour at
+    half resolution, so libx264 refuses odd widths and heights."""
+    if size % 2:
+        raise DataError(f"synthetic video clips need an even side, not {size} px (H.264 in yuv420p halves the "
+                        f"colour resolution); use an even --size such as {size + 1}")

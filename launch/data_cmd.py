@@ -82,6 +82,10 @@ def register(sub) -> None:
                    help="data.resolutions: pixel areas as square sides (default: resolution only)")
     p.add_argument("--aspect-buckets", type=_numbers(float), default=None, metavar="R,R",
                    help="data.aspect_buckets: width / height ratios (default: square)")
+    p.add_argument("--bucket-multiple", type=int, default=None, metavar="PX",
+                   help="data.bucket_multiple: bucket sides are multiples of this many pixels; without --config "
+                        "give the training run's (lcm of 8 and the autoencoder's downsampling x the DiT's patch: "
+                        "16 for the SD VAE at patch 2), as training refuses latents bucketed otherwise (default 8)")
     p.add_argument("--num-frames", type=int, default=None, help="data.num_frames: video frames per clip (default 8)")
     p.add_argument("--frame-buckets", type=_numbers(int), default=None, metavar="N,N",
                    help="data.frame_buckets: shorter clip lengths of short videos (default none)")
@@ -212,8 +216,8 @@ def refreshed_manifest(source: str):
 
 
 # `dit data precompute` flags (dest = the data. key) that shape the pixels the encoder sees
-PIXEL_FLAGS = ("kind", "resolution", "resolutions", "aspect_buckets", "num_frames", "frame_buckets",
-               "frame_stride", "fps")
+PIXEL_FLAGS = ("kind", "resolution", "resolutions", "aspect_buckets", "bucket_multiple", "num_frames",
+               "frame_buckets", "frame_stride", "fps")
 
 
 @_data_errors
@@ -237,7 +241,9 @@ def cmd_precompute(args) -> int:
 def precompute_data_config(args, kwargs: dict) -> DataConfig:
     """The data settings of `dit data precompute`: the run config's `data:` section (`--config`,
     or the encoder's `config=` with its `overrides=`) where one is named, each pixel flag given
-    refused unless it says the same; else the flags over DataConfig's defaults."""
+    refused unless it says the same (`--bucket-multiple` against the multiple the run derives from
+    its model); else the flags over DataConfig's defaults, which know no model: buckets at
+    `--bucket-multiple` or 8 px, recorded in the manifest, so a run bucketing otherwise is refused."""
     from trainer.config import ConfigError, load_config
 
     flags = {key: getattr(args, key) for key in PIXEL_FLAGS if getattr(args, key) is not None}

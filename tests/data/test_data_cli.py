@@ -61,6 +61,42 @@ def test_precompute_makes_the_pixels_with_the_run_configs_data_settings(tmp_path
     assert not (tmp_path / "x").exists()
 
 
+def test_precompute_buckets_at_the_run_configs_multiple_or_the_flags(tmp_path, capsys):
+    """Bucket sides are rounded to data.bucket_multiple, which a run derives from its model (16
+    for an autoencoder downsampling 8 x patch 2): `--config` precomputes at the derived multiple
+    and refuses a contradicting `--bucket-multiple`; without a run config the flag sets it. The
+    manifest records it, so a run bucketing otherwise (48x16 against 48x24 at ratio 0.5) is refused."""
+    import dataclasses
+
+    from data_pipeline.config import DataConfig
+    from data_pipeline.errors import DataError
+    from data_pipeline.stream import build_stream
+    from tests.data.data_helpers import make_shards
+    from tests.trainer.harness import ROOT
+    from trainer.codes import EXIT_CONFIG
+
+    images = make_shards(tmp_path / "images", sizes=[2], size=32)
+    overrides = ('overrides=["model.autoencoder.kind=kl","model.autoencoder.block_out_channels=[32,32,32,32]",'
+                 '"model.in_channels=4","data.resolution=32","data.aspect_buckets=[0.5,1.0]"]')
+    derived = ["--encoder", "tests.data.test_data_cli:run_encoder", "--encoder-arg",
+               f"config={ROOT / 'configs' / 'test_tiny.yaml'}", "--encoder-arg", overrides]
+    assert _run(["data", "precompute", str(images), "--out", str(tmp_path / "run"), *derived]) == 0
+    assert load_manifest(str(tmp_path / "run")).extra["data"]["bucket_multiple"] == 16
+    capsys.readouterr()
+    assert _run(["data", "precompute", str(images), "--out", str(tmp_path / "x"), *derived,
+                 "--bucket-multiple", "8"]) == EXIT_CONFIG
+    assert "'data.bucket_multiple': --bucket-multiple 8 contradicts 16 of the run config" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    assert _run(["data", "precompute", str(images), "--out", str(tmp_path / "flags"), "--resolution", "32",
+                 "--aspect-buckets", "0.5,1", "--bucket-multiple", "16"]) == 0
+    assert load_manifest(str(tmp_path / "flags")).extra["data"]["bucket_multiple"] == 16
+    run = DataConfig(shards=str(tmp_path / "flags"), resolution=32, aspect_buckets=[0.5, 1.0], bucket_multiple=16,
+                     num_workers=0)
+    assert build_stream(run, 0, 1).num_samples == 2
+    with pytest.raises(DataError, match=r"^data\.bucket_multiple: "):
+        build_stream(dataclasses.replace(run, bucket_multiple=8), 0, 1)
+
+
 def test_data_synth_video_and_write_manifest(tmp_path, capsys):
     out = tmp_path / "v"
     assert _run(["data", "synth", "--out", str(out), "--num", "2", "--video", "--frames", "4", "--size", "32"]) == 0
@@ -68,6 +104,14 @@ def test_data_synth_video_and_write_manifest(tmp_path, capsys):
     assert _run(["data", "inspect", str(out), "--write-manifest"]) == 0
     text = capsys.readouterr().out
     assert "manifest.json" in text and "frames:      min 4" in text
+
+
+def test_data_synth_video_refuses_an_odd_size_before_writing(tmp_path, capsys):
+    """libx264 (yuv420p) cannot encode an odd side: a traceback after an empty shard was written."""
+    out = tmp_path / "v"
+    assert _run(["data", "synth", "--out", str(out), "--num", "2", "--video", "--frames", "2", "--size", "33"]) == 1
+    assert "need an even side, not 33 px" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_bench_loader_prints_the_ratio_line(tmp_path, capsys):

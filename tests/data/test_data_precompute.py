@@ -78,8 +78,8 @@ def test_precomputed_clips_record_how_they_were_sampled(tmp_path):
     assert {k: m.extra[k] for k in ("resolution", "num_frames", "frame_stride", "fps")} == \
         {"resolution": 16, "num_frames": 4, "frame_stride": 1, "fps": 4}
     assert load_manifest(m.root).extra["data"] == {  # as written to manifest.json
-        "kind": "video", "resolution": 16, "resolutions": [16], "aspect_buckets": [1.0], "sr_resolution": 0,
-        "random_crop": False, "num_frames": 4, "frame_buckets": [], "frame_stride": 1, "fps": 4.0}
+        "kind": "video", "resolution": 16, "resolutions": [16], "aspect_buckets": [1.0], "bucket_multiple": 8,
+        "sr_resolution": 0, "random_crop": False, "num_frames": 4, "frame_buckets": [], "frame_stride": 1, "fps": 4.0}
     with pytest.raises(DataError, match=r"^data\.fps: .* precomputed with fps=4\.0 but this run has 0\.0"):
         build_stream(dataclasses.replace(run, fps=0), 0, 1)  # every frame: the clips were cut at 4 fps
 
@@ -91,6 +91,7 @@ def test_a_run_on_latents_made_with_other_pixel_settings_is_refused_naming_the_k
                    progress=False)
     run = cfg(shards=m.root, resolution=16)
     assert build_stream(run, 0, 1).num_samples == 28  # the settings they were made with
+    assert build_stream(dataclasses.replace(run, bucket_multiple=16), 0, 1).num_samples == 28  # 16x16 crops at 8 or 16
     for key, value in (("resolution", 32), ("kind", "video"), ("aspect_buckets", [0.5, 1.0]),
                        ("random_crop", True)):
         with pytest.raises(DataError, match=rf"^data\.{key}: the latent shards in {re.escape(m.root)} were "):
@@ -101,6 +102,28 @@ def test_a_run_on_latents_made_with_other_pixel_settings_is_refused_naming_the_k
     del old.extra["data"]
     old.write()
     assert build_stream(dataclasses.replace(run, resolution=32), 0, 1).num_samples == 28
+
+
+def test_a_run_bucketing_at_another_multiple_is_refused_where_the_buckets_differ(tmp_path, shards, cfg):
+    """Latents keep nothing of the bucket their pixels were cropped to: shards made at 8 px
+    (48x24 at ratio 0.5) fed a run that buckets at 16 (48x16) silently. An older manifest
+    without the record counts as made at the old default, 8."""
+    pixels = DataConfig(resolution=32, aspect_buckets=[0.5, 1.0])
+    m = precompute(str(shards), str(tmp_path / "lat"), toy_encoder(), pixels, batch_size=28, progress=False)
+    assert m.extra["data"]["bucket_multiple"] == 8  # data.bucket_multiple=0: the default 8
+    run = cfg(shards=m.root, aspect_buckets=[0.5, 1.0])
+    assert build_stream(dataclasses.replace(run, bucket_multiple=8), 0, 1).num_samples == 28
+    with pytest.raises(DataError, match=r"^data\.bucket_multiple: .* with bucket_multiple=8 but this run has 16"):
+        build_stream(dataclasses.replace(run, bucket_multiple=16), 0, 1)
+    old = load_manifest(m.root)
+    del old.extra["data"]["bucket_multiple"]
+    old.write()
+    assert build_stream(run, 0, 1).num_samples == 28
+    with pytest.raises(DataError, match=r"^data\.bucket_multiple: "):
+        build_stream(dataclasses.replace(run, bucket_multiple=16), 0, 1)
+    precompute(str(shards), str(tmp_path / "new"), toy_encoder(), pixels, batch_size=28, progress=False)
+    both = dataclasses.replace(run, shards=f"{tmp_path}/{{lat,new}}/shard-00000{{0..4}}.tar")
+    assert build_stream(both, 0, 1).num_samples == 56  # the old record and the new one say the same
 
 
 def test_cli_precompute_records_the_encoders_identity(tmp_path, shards):

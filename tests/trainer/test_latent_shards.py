@@ -77,3 +77,39 @@ def test_precompute_encodes_each_distinct_caption_once_with_the_embedding_it_get
     alone = precompute_encoder(str(config_file), [f"run.out_dir={tmp_path}"])({"image": image[:1], "caption": ["a red circle"]})
     assert torch.equal(alone["text_emb"][0], first["text_emb"][0])
     assert torch.equal(alone["text_pooled"][0], first["text_pooled"][0])
+
+
+def test_latents_made_by_other_encoders_are_refused_before_training(shapes_shards, tmp_path):
+    """A retrained autoencoder, or other text settings, than those recorded in the latents'
+    manifest (`extra.encoded_by`): refused by the preflight naming the key (the run would train
+    on latents its decoder does not read and sample garbage without an error). The encoders
+    that made them pass, and so does a manifest from before the record."""
+    from data_pipeline.manifest import load_manifest
+    from tests.eval.eval_helpers import write_autoencoder
+    from trainer.config import ConfigError
+    from trainer.stages import preflight
+
+    ae = write_autoencoder(tmp_path / "ae", seed=0)
+    overrides = [f"data.shards={shapes_shards}", "model.autoencoder.kind=kl", f"model.autoencoder.path={ae}",
+                 "model.in_channels=4"]
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text((ROOT / "configs" / "test_tiny.yaml").read_text())
+    latents, encoder = tmp_path / "latents", precompute_encoder(str(config_file), overrides)
+    precompute(str(shapes_shards), str(latents), encoder, tiny_config(tmp_path, *overrides).data, batch_size=8,
+               progress=False, encoded_by=encoder.encoded_by)
+    run = [*overrides[1:], f"data.shards={latents}"]
+
+    preflight(tiny_config(tmp_path, *run))
+    retrained = write_autoencoder(tmp_path / "ae2", seed=1)
+    with pytest.raises(ConfigError, match=r"'model\.autoencoder\.path': .*another autoencoder.*diffusion_pytorch_model"):
+        preflight(tiny_config(tmp_path, *run, f"model.autoencoder.path={retrained}"))
+    with pytest.raises(ConfigError, match="another autoencoder"):  # a pattern of its shards: the same record
+        preflight(tiny_config(tmp_path, *run, f"data.shards={latents}/*.tar", f"model.autoencoder.path={retrained}"))
+    with pytest.raises(ConfigError, match=r"'model\.text\.max_length': .*max_length=16, this run has 24"):
+        preflight(tiny_config(tmp_path, *run, "model.text.max_length=24"))
+    preflight(tiny_config(tmp_path, *run, "model.text.null=learned"))  # the DiT's own, not the embeddings'
+
+    old = load_manifest(str(latents))
+    del old.extra["encoded_by"]
+    old.write()
+    preflight(tiny_config(tmp_path, *run, f"model.autoencoder.path={retrained}"))

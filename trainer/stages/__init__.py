@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from trainer.config import RunConfig
 from trainer.stage_config import stage_settings
-from trainer.stages.checks import PREFLIGHT
+from trainer.stages.checks import PREFLIGHT, check_encoders
 
 if TYPE_CHECKING:
     from trainer.stages.base import Stage
@@ -30,9 +30,11 @@ def stage_class(kind: str) -> type[Stage]:
 
 
 def preflight(cfg: RunConfig) -> None:
-    """Stage-specific checks from configs alone (no network built, no process group, no torch
-    imported): `dit train` and `dit launch` run them first, so a bad distillation config fails
-    in about a second with the key named (ConfigError) instead of after DeepSpeed started."""
+    """Checks from configs and the files they name (no network built, no process group, no
+    torch imported): `dit train` and `dit launch` run them first, so a bad distillation config,
+    or latents made by other encoders, fail in about a second with the key named (ConfigError)
+    instead of after DeepSpeed started."""
+    check_encoders(cfg)
     if cfg.stage.kind in PREFLIGHT:
         PREFLIGHT[cfg.stage.kind](cfg)
 

@@ -1,7 +1,8 @@
-"""The checks of the distillation stages that need more than the config's values (the
-teacher's config.yaml), importable without torch: `dit train` and `dit launch` run `preflight`
-before any process group starts or network is built, so a bad distillation config fails in
-about a second with the key named (ConfigError); the stages run the same checks when built.
+"""The checks of the stages that need more than the config's values (the teacher's
+config.yaml, the manifests of precomputed latents), importable without torch: `dit train` and
+`dit launch` run `preflight` before any process group starts or network is built, so a bad
+config fails in about a second with the key named (ConfigError); the distillation stages run
+the same teacher checks when built.
 """
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from trainer.checkpoint_format import CheckpointError, resolve, student_round
-from trainer.config import (ConfigError, DataConfig, DiffusionConfig, ModelConfig, RunConfig, check_weighting, flatten,
-                            to_dict, validate)
+from data_pipeline import remote
+from data_pipeline.errors import DataError
+from data_pipeline.manifest import ENCODED_BY, SOURCE_SEPARATOR, resolve_source
+from trainer.checkpoint_format import CheckpointError, resolve, sha256, student_round
+from trainer.config import (ConfigError, DataConfig, DiffusionConfig, ModelConfig, RunConfig, TextEncoderConfig,
+                            check_weighting, flatten, to_dict, validate)
 from trainer.stage_config import AdversarialSettings, distilled_steps
 
 # Keys that must agree with the teacher's run config: the student is the teacher's network on
@@ -145,6 +149,76 @@ def preflight_progressive(cfg: RunConfig) -> None:
 
 def preflight_adversarial(cfg: RunConfig) -> None:
     check_adversarial(cfg.stage, teacher_steps_of(cfg), cfg.log.sample_steps)
+
+
+# What a text encoder's embeddings depend on among its settings (`null` is the DiT's own: the
+# dropped caption's embedding is learned or zeros at training time, never precomputed).
+TEXT_IDENTITY = ("kind", "arch", "max_length")
+
+
+def encoder_identity(model: ModelConfig) -> dict:
+    """What precomputed latents and text embeddings depend on, recorded in their manifest
+    (`extra.encoded_by`, see `check_encoders`): the sha256 of the autoencoder's weights, config
+    and latent normalisation (none for a pixel-space or unsaved autoencoder), the text
+    encoder's settings, and the sha256 of the files at `model.text.path` (none where the
+    weights come with a package: minilm, open_clip's own)."""
+    import dataclasses
+
+    saved = model.autoencoder.kind != "none" and model.autoencoder.path
+    files = sorted(p for p in Path(model.autoencoder.path).iterdir()
+                   if p.suffix == ".safetensors" or p.name in ("config.json", "latent_norm.json")) if saved else []
+    return {"autoencoder": {p.name: sha256(p) for p in files}, "text": dataclasses.asdict(model.text),
+            "text_files": _text_files(model.text)}
+
+
+def _text_files(text: TextEncoderConfig) -> dict[str, str]:
+    """sha256 per file of the text encoder's `path`: the file, or the files of the directory."""
+    path = Path(text.path) if text.path else None
+    if path is None or not path.exists():
+        return {}
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    return {p.name: sha256(p) for p in files}
+
+
+def check_encoders(cfg: RunConfig) -> None:
+    """Precomputed latents and text embeddings are outputs of the encoders that made them: a
+    run whose autoencoder or text encoder differs from those (a retrained autoencoder, another
+    text encoder) would train on latents its own decoder does not read, and sample garbage
+    without an error. Each local latent source whose manifest records its encoders
+    (`extra.encoded_by`, written by `dit data precompute` with `precompute_encoder`) is
+    compared with this run's; manifests from before that record, and remote sources (their
+    manifest is read by the ranks, which may hold credentials this host lacks), are not."""
+    sources = [s for s in cfg.data.shards.split(SOURCE_SEPARATOR) + list(cfg.data.mixture) if s.strip()]
+    current: Optional[dict] = None
+    for spec in (s.strip() for s in sources):
+        if remote.is_remote(spec):
+            continue
+        try:
+            manifest = resolve_source(spec)
+        except DataError:
+            continue  # the stream reports an unreadable source with its own error
+        recorded = manifest.extra.get(ENCODED_BY) if manifest.kind == "latent" else None
+        if recorded:
+            current = current or encoder_identity(cfg.model)
+            _same_encoders(recorded, current, spec)
+
+
+def _same_encoders(recorded: dict, current: dict, spec: str) -> None:
+    """ConfigError naming the key where `spec`'s latents were made by other encoders."""
+    redo = (f"precompute {spec} again with this run's config (`dit data precompute ... --encoder "
+            f"trainer.stages.pretrain:precompute_encoder`), or train with the encoders that made it")
+    if "autoencoder" in recorded and recorded["autoencoder"] != current["autoencoder"]:
+        differ = sorted(set(recorded["autoencoder"].items()) ^ set(current["autoencoder"].items()))
+        raise ConfigError("model.autoencoder.path", f"the latents of {spec} were encoded by another autoencoder "
+                          f"(its files differ from those at this path: {sorted({name for name, _ in differ})}); {redo}")
+    for key in TEXT_IDENTITY:
+        theirs, ours = recorded.get("text", {}).get(key), current["text"][key]
+        if theirs is not None and theirs != ours:
+            raise ConfigError(f"model.text.{key}", f"the text embeddings of {spec} were made with "
+                              f"model.text.{key}={theirs!r}, this run has {ours!r}; {redo}")
+    if "text_files" in recorded and recorded["text_files"] != current["text_files"]:
+        raise ConfigError("model.text.path", f"the text embeddings of {spec} were made by a text encoder whose "
+                          f"files differ from those at this path; {redo}")
 
 
 # stage.kind -> its checks from configs and the teacher's config.yaml; other kinds have none.

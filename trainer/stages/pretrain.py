@@ -22,6 +22,7 @@ from trainer.models.autoencoder import build_autoencoder
 from trainer.models.text import CachedTextEncoder, TextEmbedding, build_text_encoder
 from trainer.stage_config import PretrainSettings
 from trainer.stages.base import PlayerLoss, Stage, cfg_keep, drop_text
+from trainer.stages.checks import encoder_identity
 
 EVAL_REPEATS = 4  # samples per prompt of the training-time adherence evaluation
 PRECOMPUTE_TEXT_CHUNK = 16  # captions per text-encoder call when writing latent shards
@@ -49,21 +50,6 @@ def precompute_encoder(config: str, overrides: Sequence[str] = (), device: str =
 
     encode.encoded_by = encoder_identity(cfg.model)  # `dit data precompute` records it in the manifest
     return encode
-
-
-def encoder_identity(model: ModelConfig) -> dict:
-    """What precomputed latents and text embeddings depend on, recorded in their manifest
-    (`extra.encoded_by`) for a later reuse to compare: the sha256 of the autoencoder's weights,
-    config and latent normalisation (none for a pixel-space or unsaved autoencoder), and the
-    text encoder's settings."""
-    import dataclasses
-
-    from trainer.checkpoint_format import sha256
-
-    saved = model.autoencoder.kind != "none" and model.autoencoder.path
-    files = sorted(p for p in Path(model.autoencoder.path).iterdir()
-                   if p.suffix == ".safetensors" or p.name in ("config.json", "latent_norm.json")) if saved else []
-    return {"autoencoder": {p.name: sha256(p) for p in files}, "text": dataclasses.asdict(model.text)}
 
 
 class PretrainStage(Stage):
