@@ -244,12 +244,14 @@ def precompute_data_config(args, kwargs: dict) -> DataConfig:
     refused unless it says the same (`--bucket-multiple` against the multiple the run derives from
     its model); else the flags over DataConfig's defaults, which know no model: buckets at
     `--bucket-multiple` or 8 px, recorded in the manifest, so a run bucketing otherwise is refused."""
-    from trainer.config import ConfigError, load_config
+    from trainer.config import ConfigError, load_config, validate_data
 
     flags = {key: getattr(args, key) for key in PIXEL_FLAGS if getattr(args, key) is not None}
     path = args.config or kwargs.get("config") or ""
     if not path:
-        return DataConfig(shards=args.source, **flags)
+        data = DataConfig(shards=args.source, **flags)
+        validate_data(data)  # flags checked as a run's data section is, the key named
+        return data
     if args.config and kwargs.get("config") and os.path.abspath(args.config) != os.path.abspath(str(kwargs["config"])):
         raise ConfigError("data", f"--config {args.config} and --encoder-arg config={kwargs['config']} name "
                                   f"different run configs; the pixels and the encoder must come from one")

@@ -306,11 +306,7 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     _validate_deepspeed(cfg.deepspeed)
     check(not (cfg.optim.fused and (cfg.deepspeed.offload_optimizer or cfg.deepspeed.offload_params)),
           "optim.fused", "offload steps DeepSpeed's CPU Adam, not torch's fused AdamW; leave optim.fused unset")
-    try:
-        validate_data_config(cfg.data)
-    except ValueError as e:  # "data.<key>: ..."
-        key, _, message = str(e).partition(": ")
-        raise ConfigError(key, message or str(e)) from None
+    validate_data(cfg.data)
     check(0.0 < cfg.ema.decay < 1.0, "ema.decay", "must be in (0, 1)")
     check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be at least 1 (never delete the only checkpoint)")
     _validate_intervals(cfg)
@@ -319,6 +315,15 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     _validate_sequence_parallel(cfg, shapes)
     if world_size is not None:
         _validate_world(cfg.deepspeed, world_size)
+
+
+def validate_data(data: DataConfig) -> None:
+    """The data section's own checks (data_pipeline.config) as a ConfigError naming the key."""
+    try:
+        validate_data_config(data)
+    except ValueError as e:  # "data.<key>: ..."
+        key, _, message = str(e).partition(": ")
+        raise ConfigError(key, message or str(e)) from None
 
 
 def _validate_intervals(cfg: RunConfig) -> None:

@@ -106,6 +106,16 @@ def test_data_synth_video_and_write_manifest(tmp_path, capsys):
     assert "manifest.json" in text and "frames:      min 4" in text
 
 
+def test_precompute_flags_are_checked_as_a_runs_data_section(tmp_path, capsys):
+    """Flags without a run config: a bad value names its data. key (a traceback before)."""
+    from trainer.codes import EXIT_CONFIG
+
+    for flag, value, key in (("--resolution", "12", "data.resolution"), ("--bucket-multiple", "-1", "data.bucket_multiple")):
+        assert _run(["data", "precompute", str(tmp_path), "--out", str(tmp_path / "x"), flag, value]) == EXIT_CONFIG
+        assert f"config error at '{key}'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_data_synth_video_refuses_an_odd_size_before_writing(tmp_path, capsys):
     """libx264 (yuv420p) cannot encode an odd side: a traceback after an empty shard was written."""
     out = tmp_path / "v"
