@@ -370,3 +370,32 @@ def test_qk_norm_keeps_the_compute_dtype_and_the_fused_kernel():
     torch.testing.assert_close(out.float(), reference(x), rtol=2e-2, atol=2e-2)
     out.float().sum().backward()
     assert norm.weight.grad is not None and norm.weight.grad.dtype == torch.float32
+
+
+# -- bf16 at the model boundary -----------------------------------------------------------------
+
+
+def test_bf16_patch_embedding_is_the_float32_one_rounded_once():
+    """Under bf16 autocast the patch embedding plus the sin-cos positions is their float32 sum
+    rounded once, so its error against the float32 forward stays within bf16's unit roundoff
+    2^-9 (1.7e-3 here). A bf16 linear output plus a bf16 position table rounds three times:
+    2.8e-3 here."""
+    model = randomize_(tiny())
+    x, t, text = torch.randn(2, 4, 8, 8), torch.rand(2), make_text(2, [3, 6])
+    reference = model.embed(x, t, text).h  # (B, N, D) float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = model.embed(x, t, text).h
+    error = float((h.double() - reference.double()).norm() / reference.double().norm())
+    assert h.dtype == torch.bfloat16 and error <= 2**-9, error
+    assert torch.equal(h, reference.bfloat16())
+
+
+def test_timestep_stays_float32_under_a_bf16_input():
+    """The conditioning does not depend on x's dtype: t rounded to bf16 first (a multiple of
+    2^-8 on [0.5, 1): 0.997 and 0.995 are one value) shifts c by 27% of its norm here."""
+    model = randomize_(tiny())
+    x, t, text = torch.randn(2, 4, 8, 8), torch.tensor([0.997, 0.995]), make_text(2, [3, 6])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        c = model.embed(x, t, text).c
+        c_bf16_input = model.embed(x.bfloat16(), t, text).c
+    assert torch.equal(c_bf16_input, c)

@@ -141,6 +141,24 @@ class Tokens(NamedTuple):
     image: bool  # x was an image (B, C, H, W): the head averages the temporal patch away
 
 
+class PatchEmbedder(nn.Linear):
+    """The patch embedding plus the fixed positions, computed in float32 and rounded once to
+    the compute dtype (autocast's, else the weights'): under bf16 the linear's output and a bf16
+    position table would each be rounded before their sum is. The matmul is the network's
+    smallest (pt p p C input features, 16 in a DiT-XL/2), so float32 costs nothing measurable,
+    and it also keeps x_t's own low bits, which a bf16 input would drop. An nn.Linear with the
+    same parameters and keys, called as a module, so ZeRO-3 gathers its weights first."""
+
+    def forward(self, patches: Tensor, positions: Optional[Tensor] = None) -> Tensor:
+        """patches (B, N, K), positions (N, D) float32 or None -> (B, N, D) in the compute dtype."""
+        dtype = activation_dtype(self.weight)
+        with torch.autocast(patches.device.type, enabled=False):
+            h = F.linear(patches.float(), self.weight.float(), self.bias.float())  # (B, N, D) float32
+            if positions is not None:
+                h = h + positions  # (B, N, D)
+        return h.to(dtype)
+
+
 class DiTEmbed(nn.Module):
     """Patch embedding (+ sin-cos positions) and the conditioning vector c of t, the pooled text
     and, when the spec has them, the super-resolution level and the guidance scale."""
@@ -149,7 +167,7 @@ class DiTEmbed(nn.Module):
         super().__init__()
         self.spec = spec
         width = spec.preset.width
-        self.x_embedder = nn.Linear(spec.patch_features_in, width)
+        self.x_embedder = PatchEmbedder(spec.patch_features_in, width)
         self.t_embedder = ScalarEmbedder(width)
         self.pooled_embedder = nn.Linear(spec.pooled_dim, width) if spec.pooled_dim else None
         self.aug_embedder = ScalarEmbedder(width) if spec.superres else None
@@ -162,20 +180,24 @@ class DiTEmbed(nn.Module):
 
     def conditioning(self, x: Tensor, t: Tensor, lowres: Optional[Tensor] = None, aug_level: Optional[Tensor] = None,
                      guidance: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """t as (B,) in x's dtype, and the optional inputs this spec needs, checked, by name:
-        lowres and aug_level (None: no augmentation) for super-resolution, guidance (B,)."""
+        """t as (B,) float32, and the optional inputs this spec needs, checked, by name:
+        lowres and aug_level (None: no augmentation) for super-resolution, guidance (B,).
+
+        The scalars stay float32 whatever x's dtype: in bf16, t in [0.5, 1) is a multiple of
+        2^-8, so about four of the 1000 DDPM steps would share one value before the sinusoids
+        (computed in float32, as diffusers' `get_timestep_embedding`) are taken of them."""
         B = x.shape[0]
-        t = t.to(x.dtype).expand(B) if t.ndim == 0 else t.to(x.dtype)  # (B,)
+        t = t.float().expand(B) if t.ndim == 0 else t.float()  # (B,)
         extra: dict[str, Tensor] = {}
         if self.spec.superres:
             if lowres is None:
                 raise ValueError("a super-resolution DiT needs `lowres`, the low-resolution input")
             extra["lowres"] = lowres
-            extra["aug_level"] = torch.zeros_like(t) if aug_level is None else aug_level.to(x.dtype)  # (B,)
+            extra["aug_level"] = torch.zeros_like(t) if aug_level is None else aug_level.float()  # (B,)
         if self.spec.guidance:
             if guidance is None:
                 raise ValueError("a guidance-conditioned DiT (model.guidance_embed) needs `guidance`, shape (B,)")
-            extra["guidance"] = guidance.to(x.dtype)  # (B,)
+            extra["guidance"] = guidance.float()  # (B,)
         return t, extra
 
     def forward(self, x: Tensor, t: Tensor, text: TextEmbedding, lowres: Optional[Tensor] = None,
@@ -188,16 +210,15 @@ class DiTEmbed(nn.Module):
             x = torch.cat([x, upsample_like(extra["lowres"], x)], dim=1)  # (B, 2C, [F,] H, W)
         image = x.ndim == 4
         patches, grid = patchify(self._as_video(x), self.spec.preset.patch, self.spec.temporal_patch)
-        h = self.x_embedder(patches)  # (B, N, D), N = F' H' W'
-        if not self.spec.rope:
-            h = h + sincos_table(grid, h.shape[-1], h.device, h.dtype)  # (B, N, D)
-        c = self.t_embedder(t)  # (B, D)
+        positions = None if self.spec.rope else sincos_table(grid, self.spec.preset.width, x.device, torch.float32)
+        h = self.x_embedder(patches, positions)  # (B, N, D), N = F' H' W'; positions (N, D) float32
+        c = self.t_embedder(t).float()  # (B, D), the terms summed in float32 and rounded once
         if self.pooled_embedder is not None:
-            c = c + self.pooled_embedder(pooled)  # (B, D)
+            c = c + self.pooled_embedder(pooled).float()  # (B, D)
         if self.aug_embedder is not None:
-            c = c + self.aug_embedder(extra["aug_level"])  # (B, D)
+            c = c + self.aug_embedder(extra["aug_level"]).float()  # (B, D)
         if self.guidance_embedder is not None:
-            c = c + self.guidance_embedder(extra["guidance"])  # (B, D)
+            c = c + self.guidance_embedder(extra["guidance"]).float()  # (B, D)
         return Tokens(h, c.to(h.dtype), tokens, mask, grid, image)
 
     def fill_null(self, tokens: Tensor, mask: Tensor, pooled: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -427,6 +448,7 @@ __all__ = [
     "DiTHead",
     "DiTPreset",
     "DiTSpec",
+    "PatchEmbedder",
     "Tokens",
     "TextEmbedding",
     "build_dit",
