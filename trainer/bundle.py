@@ -20,7 +20,7 @@ from trainer.diffusion import NoiseSchedule, SamplerSettings, add_noise, randn, 
 from trainer.diffusion.schedules import shape_size
 from trainer.models.autoencoder import build_autoencoder
 from trainer.models.dit import DiT, build_dit, dit_preset
-from trainer.models.text import CachedTextEncoder, build_text_encoder
+from trainer.models.text import CachedTextEncoder, TextEncoder, build_text_encoder
 from trainer.sampling import generate
 
 
@@ -42,8 +42,12 @@ def frozen(module: nn.Module) -> nn.Module:
 
 
 def place(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """A frozen module on `device` with its parameters in `dtype`; buffers (latent scale and
-    shift, position tables) keep their float32 precision."""
+    """A frozen module on `device` with its parameters in `dtype`, a text encoder in its own
+    precision (`TextEncoder.compute_dtype`, model.text.precision: training, precompute and
+    sampling see the same embeddings);
+    buffers (latent scale and shift, position tables) keep their float32 precision."""
+    if isinstance(module, TextEncoder):
+        dtype = module.compute_dtype
     module.to(device)
     for p in module.parameters():
         p.data = p.data.to(dtype)
@@ -74,7 +78,8 @@ class InferenceBundle:
         return [self.text.encoder, self.autoencoder]
 
     def to(self, device: torch.device | str, helper_dtype: torch.dtype = torch.float32) -> "InferenceBundle":
-        """The networks in `nets` to `device`, the frozen helpers there in `helper_dtype`."""
+        """The networks in `nets` to `device`, the frozen helpers there in `helper_dtype` (the
+        text encoder in its own precision: `place`)."""
         for net in self.nets:
             net.to(device)
         for module in self.helpers():

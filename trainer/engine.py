@@ -377,9 +377,9 @@ class Trainer:
         return None
 
     def data_stats(self) -> dict[str, float]:
-        """Samples read and skipped per reason by this job since it started, summed over ranks.
-        Collective."""
-        stats = self.stream.stats()
+        """Samples read and skipped per reason by this job since it started, and the stage's
+        counters (captions cut at model.text.max_length), summed over ranks. Collective."""
+        stats = {**self.stream.stats(), **self.stage.counters()}
         totals = torch.tensor([float(v) if self.reads_data else 0.0 for v in stats.values()],
                               dtype=torch.float64, device=comm_device())
         if dist.is_initialized():

@@ -20,7 +20,13 @@ from trainer.checkpoint_format import (
 )
 from trainer.config import to_yaml
 from trainer.diffusion import SamplerSettings
+from trainer.models.text import text_conditioning
+from trainer.numerics import PRECISIONS, autocast
+from trainer.stages import build_stage
 from trainer.stages.checks import read_run_config
+from trainer.stages.pretrain import precompute_encoder
+
+CAPTIONS = ["a large red circle at the top left", "a small blue square at the centre", ""]
 
 
 def test_a_distilled_checkpoint_loads_one_network_and_keeps_its_kind(tmp_path, monkeypatch):
@@ -48,3 +54,26 @@ def test_round_export_round_trips_and_is_verified(tmp_path):
     with pytest.raises(CheckpointError, match="modified after it was written"):
         load_for_inference(directory)
 
+
+@pytest.mark.parametrize("text_precision", ["fp32", "bf16"])
+def test_training_at_bf16_and_dit_sample_feed_the_model_the_same_text_embeddings(tmp_path, text_precision):
+    """Under deepspeed.precision=bf16 the stage's text embeddings (its helpers placed and run as
+    the engine places and runs them: bf16, inside the step's autocast) equal, bit for bit, those
+    `dit sample` computes for the same captions from the run's checkpoint (`load_stage`, then
+    `generate`'s `text_conditioning`) and those `dit data precompute` writes: the text encoder
+    computes in model.text.precision in all three. A bf16 encoder in training and a float32 one
+    in sampling and precompute differed."""
+    cfg = tiny_config(tmp_path, "deepspeed.precision=bf16", f"model.text.precision={text_precision}")
+    cpu = torch.device("cpu")
+    stage = build_stage(cfg).to(cpu, PRECISIONS["bf16"])  # as trainer.engine places it
+    with autocast(cpu, "bf16"):  # the engine's forward context
+        trained = stage.text_input({"caption": CAPTIONS})
+    loaded = load_stage(CascadeStageSpec(str(write_checkpoint(cfg))), SamplerSettings())  # as `dit sample` does
+    sampled, _ = text_conditioning(loaded.stage.text, CAPTIONS)  # as `generate` does
+    config = tmp_path / "run.yaml"
+    config.write_text(to_yaml(cfg))
+    precomputed = precompute_encoder(str(config))({"caption": CAPTIONS, "image": torch.zeros(len(CAPTIONS), 3, 16, 16)})
+    for name, written in (("tokens", "text_emb"), ("mask", "text_mask"), ("pooled", "text_pooled")):
+        assert torch.equal(getattr(trained, name), sampled[name]), name
+        assert torch.equal(precomputed[written], sampled[name]), written
+    assert {p.dtype for p in stage.text.encoder.parameters()} == {PRECISIONS[text_precision]}

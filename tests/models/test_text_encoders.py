@@ -126,6 +126,23 @@ def test_open_clip_random_tower_then_weights_from_a_file(tmp_path):
     assert torch.equal(again.pooled, emb.pooled) and torch.equal(again.tokens, emb.tokens)
 
 
+@pytest.mark.parametrize("cfg", [TextEncoderConfig(kind="minilm", max_length=8),
+                                 TextEncoderConfig(kind="open_clip", arch="ViT-S-32-alt", max_length=8)],
+                         ids=["minilm", "open_clip"])
+def test_captions_cut_at_max_length_are_counted_and_warned_once(cfg, caplog):
+    """A caption of more tokens than model.text.max_length loses its end: silently until the
+    encoders counted it. A cached caption counts when it is encoded, not at every batch."""
+    from trainer.models.text import CachedTextEncoder
+
+    enc = CachedTextEncoder(build_text_encoder(cfg), chunk=4)
+    long = " and ".join(CAPTIONS)  # 19 tokens with start and end
+    enc.encode([long, "a red circle", ""])
+    enc.encode([long, long + " again", "a blue square"])
+    assert enc.truncated_captions == 2
+    warnings = [r.getMessage() for r in caplog.records if "model.text.max_length" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("model.text.max_length=8: a caption of ")
+
+
 def test_open_clip_unknown_arch():
     with pytest.raises(ValueError, match="model.text.arch"):
         build_text_encoder(TextEncoderConfig(kind="open_clip", arch="NoSuchNet"))

@@ -230,7 +230,7 @@ def one_thread() -> Iterator[None]:
 def assert_checkpoint_samples_match(out: Path, tmp: Path) -> None:
     """The sample grid drawn from the newest checkpoint's EMA (what `dit sample` loads) equals the
     one the trainer drew from its in-memory EMA at the same step (same seed, prompts, precision,
-    frozen helpers in the training precision, one thread as the ranks run): what a run saves is
+    frozen helpers in the training precision, the text encoder in its own, one thread as the ranks run): what a run saves is
     what it trained. The stage is restored as a resume restores it (its saved state: a
     progressive round's teacher) with the same preview inputs; clips are compared frame by frame."""
     import torch

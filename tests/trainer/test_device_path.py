@@ -279,7 +279,8 @@ def cuda_autocast() -> Iterator[None]:
 def test_queries_and_keys_reach_attention_in_bf16_under_cuda_autocast(tmp_path, monkeypatch):
     """Under CUDA's bf16 autocast q, k and v reach attention in bf16: CUDA's autocast runs
     rms_norm (the qk-norm) in float32, and a float32 rotary table promotes q and k, which then
-    take twice the memory and are cast back by attention's own rule."""
+    take twice the memory and are cast back by attention's own rule. (The DiT's attention: the
+    text encoder computes in its own precision, float32 here.)"""
     import torch.nn.functional as F
 
     seen = []
@@ -289,12 +290,13 @@ def test_queries_and_keys_reach_attention_in_bf16_under_cuda_autocast(tmp_path, 
         seen.append((q.dtype, k.dtype, v.dtype))
         return sdpa(q, k, v, *args, **kwargs)
 
-    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     cfg = tiny_config(tmp_path, "model.video=true", "data.kind=video", "data.num_frames=4", "model.positions=rope")
     stage = build_stage(cfg)
     with fake_cuda():
         stage.to(CUDA)
         batch = batch_to_device(uint8_batch(2, 3, 4, 16, 16), CUDA)
+        stage.text.encode(batch["caption"])  # cached now: the text encoder's attention (model.text.precision) is not the DiT's
+        monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
         with cuda_autocast():
             for _ in stage.losses(batch, torch.Generator().manual_seed(0)):
                 pass

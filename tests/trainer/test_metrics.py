@@ -123,7 +123,8 @@ def test_work_is_summed_over_ranks_while_losses_are_averaged(tmp_path):
 def test_a_bucketed_run_logs_each_step_at_its_batches_shape(mixed_shards, tmp_path):
     """A real 1-rank run over two areas x three aspects, logged every step: each record's
     tokens and MACs per sample are those of one bucket (the step's batch, padding included), and
-    the run meets several (64 tokens, the configured 16 px square's, were logged for every one)."""
+    the run meets several (64 tokens, the configured 16 px square's, were logged for every one).
+    Captions cut at model.text.max_length are counted with the data counters."""
     from data_pipeline.transforms import TransformSpec
     from tests.eval.eval_helpers import tiny_config
     from tests.trainer.harness import assert_ok, base, metrics, run_train
@@ -143,6 +144,8 @@ def test_a_bucketed_run_logs_each_step_at_its_batches_shape(mixed_shards, tmp_pa
         assert record["tflops"] * 1e12 / 6 / record["samples_per_s"] == pytest.approx(per_sample[tokens])
         seen.add(tokens)
     assert len(seen) > 1, seen
+    last = [r for r in metrics(out) if "data/read" in r][-1]  # two-shape captions: ~20 tokens, max_length 16
+    assert 1 <= last["data/truncated_captions"] <= last["data/read"], last
 
 
 def test_timestep_quarters_leave_out_padding_repeats():

@@ -18,9 +18,14 @@ the empty caption's place, which the DiT fills with its own learned null (`DiTEm
 the learned embedding is a weight of the trained network, not of this frozen encoder, so the
 optimizer, ZeRO, the EMA and checkpoints hold it, and the encoder's output (and its cache)
 is a constant function of the caption either way.
+
+A caption of more tokens than `model.text.max_length` is cut to its first max_length tokens, as
+the tokenizers do; each encoder counts such captions (`truncated_captions`, this run's, a cached
+caption once) and warns at the first.
 """
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Sequence
@@ -35,6 +40,9 @@ from trainer.models.dit import TextEmbedding
 
 T5_FAMILY = ("t5", "mt5", "umt5")
 CLIP_FAMILY = ("clip", "clip_text_model")  # a whole CLIP folder: its text tower is loaded
+# model.text.precision -> the text encoder's dtype (no fp16: T5's activations overflow it)
+TEXT_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+log = logging.getLogger("trainer")
 
 
 def to_device(t: Tensor, device: torch.device) -> Tensor:
@@ -52,7 +60,17 @@ def masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:
 
 
 class TextEncoder(nn.Module):
-    """Frozen backbone + null embedding. Subclasses implement `_encode` on token ids."""
+    """Frozen backbone + null embedding. Subclasses implement `_encode` on token ids.
+
+    It computes in its own precision, `model.text.precision` (float32 by default), whatever the
+    run's (`compute_dtype`: its weights are cast when it is built, `trainer.bundle.place` keeps
+    them there, and `encode` runs outside any enclosing autocast), so a caption has one
+    embedding in training at bf16, in `dit data precompute`, in the previews and in `dit sample` /
+    `dit eval`: the one a checkpoint's model was trained on. The encoder runs once per caption
+    (cached), so float32 costs only its weights at 4 bytes instead of 2; a T5-XXL (4.7 B
+    parameters) may rather be kept in bf16 (`model.text.precision=bf16`), in every path alike."""
+
+    compute_dtype = torch.float32
 
     def __init__(self, backbone: nn.Module, dim: int, pooled_dim: int, max_length: int, null: str):
         super().__init__()
@@ -61,6 +79,14 @@ class TextEncoder(nn.Module):
         self.backbone = backbone.eval().requires_grad_(False)
         self.dim, self.pooled_dim, self.max_length = dim, pooled_dim, max_length
         self.null = null
+        self.truncated_captions = 0  # captions longer than max_length tokens encoded so far (cut)
+
+    def in_precision(self, precision: str) -> "TextEncoder":
+        """This encoder with its weights and computation in `precision` (model.text.precision)."""
+        self.compute_dtype = TEXT_PRECISIONS[precision]
+        for p in self.parameters():
+            p.data = p.data.to(self.compute_dtype)
+        return self
 
     def train(self, mode: bool = True) -> "TextEncoder":
         super().train(mode)
@@ -73,8 +99,9 @@ class TextEncoder(nn.Module):
 
     def encode(self, captions: list[str]) -> TextEmbedding:
         """Captions -> TextEmbedding; empty (or blank) captions give the null embedding."""
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(self.device.type, enabled=False):  # float32 (class docstring)
             tokens, mask, pooled = self._encode(list(captions))  # (B, L, Dt), (B, L), (B, Dp)
+        self._count_truncated(list(captions))
         tokens = tokens * mask[..., None].to(tokens.dtype)  # padding states are zero
         empty = [not c.strip() for c in captions]
         if not any(empty):
@@ -96,7 +123,22 @@ class TextEncoder(nn.Module):
         pooled = torch.zeros(batch, self.pooled_dim, device=device)  # (B, Dp)
         return TextEmbedding(tokens, mask, pooled)
 
+    def _count_truncated(self, captions: list[str]) -> None:
+        """Add the captions of more than max_length tokens to `truncated_captions`; warn at the first."""
+        lengths = self._token_counts(captions)
+        cut = [(n, c) for n, c in zip(lengths, captions) if n > self.max_length]
+        if cut and not self.truncated_captions:
+            n, caption = cut[0]
+            log.warning("model.text.max_length=%d: a caption of %d tokens is cut to its first %d (%r); later ones "
+                        "are only counted (truncated_captions). Raise model.text.max_length to keep them whole",
+                        self.max_length, n, self.max_length, caption[:80])
+        self.truncated_captions += len(cut)
+
     def _encode(self, captions: list[str]) -> tuple[Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _token_counts(self, captions: list[str]) -> list[int]:
+        """Tokens of each caption before truncation, special tokens included."""
         raise NotImplementedError
 
 
@@ -181,6 +223,9 @@ class HFTextEncoder(TextEncoder):
             pooled = F.normalize(pooled, dim=-1)
         return tokens.float(), mask.bool(), pooled.float()
 
+    def _token_counts(self, captions: list[str]) -> list[int]:
+        return [len(ids) for ids in self.tokenizer(captions, verbose=False)["input_ids"]]
+
 
 def check_positions(config, max_length: int, t5: bool) -> None:
     """Refuse, before any weight is read, a max_length beyond the encoder's learned position
@@ -235,6 +280,9 @@ class OpenCLIPTextEncoder(TextEncoder):
         pooled, tokens = self.backbone(full)  # (B, Dp), (B, ctx, Dt)
         return tokens[:, : self.max_length].float(), ids != self.pad_id, pooled.float()
 
+    def _token_counts(self, captions: list[str]) -> list[int]:
+        return [len(self.tokenizer.encode(c)) + 2 for c in captions]  # + start and end of text
+
 
 def load_text_tower_weights(tower: nn.Module, path: Path) -> None:
     """Load a CLIP checkpoint's text tower (safetensors, or a torch file read with
@@ -265,7 +313,11 @@ def minilm_path() -> str:
 
 
 def build_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:
-    """The frozen encoder of `cfg` (TextEncoderConfig), in eval mode on the CPU."""
+    """The frozen encoder of `cfg` (TextEncoderConfig), in eval mode on the CPU, in its precision."""
+    return _backbone_encoder(cfg).in_precision(cfg.precision)
+
+
+def _backbone_encoder(cfg: TextEncoderConfig) -> TextEncoder:
     if cfg.kind == "minilm":
         return HFTextEncoder(cfg.path or minilm_path(), cfg.max_length, cfg.null, normalize=True)
     if cfg.kind in ("hf", "t5"):

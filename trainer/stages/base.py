@@ -51,10 +51,16 @@ class Stage:
         """The frozen modules the stage calls (text encoder, autoencoder, teacher, ...)."""
         return []
 
+    def counters(self) -> dict[str, int]:
+        """This rank's running counts of the stage's own (the same names on every rank), logged
+        beside the loader's skip counts as `data/<name>`, summed over ranks."""
+        return {}
+
     def to(self, device: torch.device, helper_dtype: torch.dtype = torch.float32) -> "Stage":
         """Put the stage on the step's device: players there in float32 (their engines keep fp32
         master weights and cast the module to the training precision), frozen helpers there in
-        the compute dtype (they are only run forward, under the engine's autocast)."""
+        the compute dtype (they are only run forward, under the engine's autocast), except the
+        text encoder, which keeps model.text.precision (`trainer.bundle.place`)."""
         self.device, self.helper_dtype = torch.device(device), helper_dtype
         for module in self.players.values():
             module.to(device)

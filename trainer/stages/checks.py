@@ -153,7 +153,7 @@ def preflight_adversarial(cfg: RunConfig) -> None:
 
 # What a text encoder's embeddings depend on among its settings (`null` is the DiT's own: the
 # dropped caption's embedding is learned or zeros at training time, never precomputed).
-TEXT_IDENTITY = ("kind", "arch", "max_length")
+TEXT_IDENTITY = ("kind", "arch", "max_length", "precision")
 
 
 def encoder_identity(model: ModelConfig) -> dict:

@@ -68,6 +68,10 @@ class PretrainStage(Stage):
     def helpers(self) -> list[torch.nn.Module]:
         return self.bundle.helpers()
 
+    def counters(self) -> dict[str, int]:
+        """Captions cut at model.text.max_length (none are encoded here on precomputed shards)."""
+        return {"truncated_captions": self.text.encoder.truncated_captions}
+
     def to(self, device: torch.device, helper_dtype: torch.dtype = torch.float32) -> "PretrainStage":
         super().to(device, helper_dtype)  # the bundle's helpers are ours: moved there once
         self.bundle.moved_to(device)
