@@ -3,7 +3,8 @@
 CKPT_OR_RECIPE is a checkpoint directory (root with `latest`, or a step directory) or a cascade
 YAML (see trainer/cascade.py). Writes one PNG per image (MP4 per video), a grid with the prompts
 and samples.json. EMA weights unless --raw. Runs on --device (default: the accelerator if
-present, else cpu); a seed gives the same samples on every device. --height/--width (pixels)
+present, else cpu); a seed gives the same samples on every device (in one --precision: by default
+the run's on an accelerator, fp32 on the CPU). --height/--width (pixels)
 and --frames set the base stage's output shape (default: its configured square and clip
 length; super-resolution stages keep the aspect), sampled with the SNR shift of that shape.
 Prompt i's sample depends on (--seed, i) only, not on --batch-size or the other prompts
@@ -15,6 +16,7 @@ import argparse
 from pathlib import Path
 
 from trainer.codes import SAMPLER_NAMES as SAMPLERS
+from trainer.codes import SAMPLING_PRECISIONS
 
 SETTINGS = {"steps": "steps", "cfg": "cfg_scale", "guidance_rescale": "guidance_rescale", "sampler": "sampler"}
 DEVICE_HELP = "where the models run: auto (default: the accelerator if present, else cpu), cpu, cuda, cuda:N"
@@ -63,6 +65,9 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="prompts sampled together")
     p.add_argument("--raw", action="store_true",
                    help="sample the raw (non-EMA) fp32 weights (runs with checkpoint.universal=true, the default)")
+    p.add_argument("--precision", choices=SAMPLING_PRECISIONS, default="auto",
+                   help="autocast of each stage's forward passes (weights stay fp32): auto (default) is the "
+                        "precision the stage was trained in on an accelerator, fp32 on the CPU")
     add_device_argument(p)
 
 
@@ -80,7 +85,8 @@ def load_cascade(args: argparse.Namespace):
     is used only when none was asked for)."""
     from trainer.cascade import Cascade
 
-    return Cascade.load(args.checkpoint, settings_from(args), ema=not args.raw, device=args.device, steps=args.steps)
+    return Cascade.load(args.checkpoint, settings_from(args), ema=not args.raw, device=args.device, steps=args.steps,
+                        precision=args.precision)
 
 
 
@@ -123,7 +129,8 @@ def sample(args: argparse.Namespace) -> int:
     meta = {"recipe": str(args.checkpoint), "seed": args.seed,
             "weights": weights.pop() if len(weights) == 1 else "mixed", "device": str(args.device),
             "height": int(pixels.shape[-2]), "width": int(pixels.shape[-1]),
-            "stages": [{"checkpoint": str(s.checkpoint), "weights": s.weights, **vars(s.settings)}
+            "stages": [{"checkpoint": str(s.checkpoint), "weights": s.weights, "precision": s.precision,
+                        **vars(s.settings)}
                        for s in cascade.stages]}  # the settings each stage sampled with (a student's own)
     record = save_samples(pixels, prompts, args.out, meta, cascade.fps)
     kind = "videos" if pixels.ndim == 5 else "images"

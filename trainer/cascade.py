@@ -21,6 +21,10 @@ the next stage's low-resolution size and encoded by its autoencoder (pixel model
 
 Every stage lives on one device (`device=`, the CLI's `--device`): networks, text encoders and
 autoencoders are moved there and every tensor of a sampling call is made there.
+Each stage samples in a `precision` (the CLI's `--precision`): fp32, or bf16/fp16 autocast as
+training runs its forward passes (`trainer.numerics.autocast`); `auto` (the default) is the
+precision the stage was trained in on an accelerator and fp32 on the CPU (whose bf16 matmuls
+are slower than its fp32 ones). The weights stay float32 either way.
 
 Noise is per prompt (`PromptSeeds`): prompt i of a list draws all its noise at stage k (the
 noise augmentation of its low-resolution input, its initial noise, DDPM's step noise) from its
@@ -49,11 +53,13 @@ from tqdm.auto import tqdm
 from trainer.bundle import InferenceBundle, student_settings
 from trainer.checkpoint_format import (COMPLETE, EMA_FILE, LATEST, CheckpointError, load_for_inference, resolve,
                                        student_round, verify)
+from trainer.codes import SAMPLING_PRECISIONS
 from trainer.config import ConfigError, RunConfig, load_config
 from trainer.diffusion import SAMPLERS, SamplerSettings
 from trainer.diffusion.noise import sample_generators
 from trainer.diffusion.utils import Generators
 from trainer.media import save_image_grid, save_mp4, save_video_grid, to_uint8
+from trainer.numerics import autocast
 from trainer.stage_config import distilled_steps
 
 DISTILLED = ("progressive", "adversarial")  # student checkpoints of the distillation stages
@@ -138,6 +144,7 @@ class LoadedStage:
     checkpoint: Path
     distilled: bool = False  # a progressive/adversarial student: no CFG, guidance as an input
     weights: str = "ema"  # which weights `net` carries: ema, or raw (asked for, or no EMA was kept)
+    precision: str = "fp32"  # the autocast its sampling runs under: fp32 | bf16 | fp16 (`sampling_precision`)
 
     @property
     def superres(self) -> bool:
@@ -148,10 +155,22 @@ class LoadedStage:
         return self.cfg.data.sr_resolution if self.superres else self.cfg.data.resolution
 
 
+def sampling_precision(asked: str, trained: str, device: torch.device) -> str:
+    """The precision a stage samples in: `asked`, or for `auto` the one it was trained in
+    (deepspeed.precision) on an accelerator and fp32 on the CPU."""
+    if asked not in SAMPLING_PRECISIONS:
+        raise ValueError(f"precision '{asked}' is not one of {', '.join(SAMPLING_PRECISIONS)}")
+    if asked != "auto":
+        return asked
+    return "fp32" if device.type == "cpu" else trained
+
+
 def load_stage(spec: CascadeStageSpec, defaults: SamplerSettings, ema: bool = True,
-               device: torch.device | str = "cpu", steps: Optional[int] = None) -> LoadedStage:
+               device: torch.device | str = "cpu", steps: Optional[int] = None,
+               precision: str = "auto") -> LoadedStage:
     """The inference bundle of a checkpoint's config and its network with the EMA (or raw)
-    weights, both on `device` in float32; no training stage (student, teacher) is built.
+    weights, both on `device` in float32, to sample in `precision` (`sampling_precision`); no
+    training stage (student, teacher) is built.
 
     Step count: the stage's own `steps`, else `steps` (the command line's --steps), else a
     distilled student's own count (`distilled_settings`), else `defaults.steps`. None means
@@ -180,7 +199,8 @@ def load_stage(spec: CascadeStageSpec, defaults: SamplerSettings, ema: bool = Tr
     net = bundle.network(weights)  # built on the host, then moved (in place) with the bundle
     bundle.nets.append(net)
     bundle.to(torch.device(device))
-    return LoadedStage(cfg, bundle, net, settings, directory, distilled, "ema" if ema else "raw")
+    return LoadedStage(cfg, bundle, net, settings, directory, distilled, "ema" if ema else "raw",
+                       sampling_precision(precision, cfg.deepspeed.precision, torch.device(device)))
 
 
 def distilled_settings(cfg: RunConfig, settings: SamplerSettings, directory: Path,
@@ -287,11 +307,12 @@ class Cascade:
 
     @classmethod
     def load(cls, recipe: str | Path, defaults: SamplerSettings, ema: bool = True,
-             device: torch.device | str = "cpu", steps: Optional[int] = None) -> "Cascade":
+             device: torch.device | str = "cpu", steps: Optional[int] = None, precision: str = "auto") -> "Cascade":
         """The stages of `recipe`, all on `device`; `steps`: the step count asked for every stage
-        that sets none (None: not asked for; see `load_stage`)."""
+        that sets none (None: not asked for; see `load_stage`); `precision`: each stage's
+        (`sampling_precision`)."""
         spec = load_cascade_spec(recipe)
-        return cls([load_stage(s, defaults, ema, device, steps)
+        return cls([load_stage(s, defaults, ema, device, steps, precision)
                     for s in tqdm(spec.stages, desc="loading stages", leave=False)])
 
     @property
@@ -319,12 +340,13 @@ class Cascade:
         frames = size.frames if s is self.stages[0] else None  # later stages: their own clip length
         shape = s.stage.sample_shape(height, width, frames)
         extras = None
-        if previous is not None:
-            low_h, low_w = size.scaled(s.cfg.data.resolution, base)
-            side = s.cfg.data.resolution
-            lowres = s.stage.autoencoder.encode(resize_pixels(previous, (low_h or side, low_w or side)))
-            extras = s.stage.upsample_extras(lowres, s.cfg.stage.noise_aug_sample, generator)  # noise-augmented
-        return s.stage.sample_pixels(s.net, prompts, s.settings, generator, extras, shape, s.distilled)
+        with autocast(self.device, s.precision):
+            if previous is not None:
+                low_h, low_w = size.scaled(s.cfg.data.resolution, base)
+                side = s.cfg.data.resolution
+                lowres = s.stage.autoencoder.encode(resize_pixels(previous, (low_h or side, low_w or side)))
+                extras = s.stage.upsample_extras(lowres, s.cfg.stage.noise_aug_sample, generator)  # noise-augmented
+            return s.stage.sample_pixels(s.net, prompts, s.settings, generator, extras, shape, s.distilled).float()
 
     def sample(self, prompts: Sequence[str], noise: "torch.Generator | PromptSeeds",
                size: SampleSize = SampleSize()) -> Tensor:

@@ -25,6 +25,8 @@ EXIT_MEANING = {
 
 # The samplers of trainer/diffusion/samplers.py (its SAMPLERS dict holds the functions).
 SAMPLER_NAMES = ("ddim", "euler", "dpmpp2m", "ddpm")
+# `dit sample|eval --precision`: autocast of sampling (trainer.cascade.sampling_precision)
+SAMPLING_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def world_from_env() -> tuple[int, int, int]:

@@ -48,8 +48,11 @@ def inference_numerics(device: torch.device, precision: str) -> Iterator[None]:
     replaces it process-wide by DeepSpeed's memory-efficient version
     (`zero_optimization.memory_efficient_linear`), which adds the bias after the matmul has
     rounded, so under bf16 every linear layer would round differently from the same network
-    outside DeepSpeed. Samples and evaluations drawn in training then equal, bit for bit, what
-    `dit sample` and `dit eval` draw from the checkpoint."""
+    outside DeepSpeed. Samples and evaluations drawn in training then equal, bit for bit, those
+    of the checkpoint's weights drawn outside DeepSpeed under the same autocast with the frozen
+    helpers in the training precision (tests/trainer/harness.py, `assert_checkpoint_samples_match`);
+    `dit sample` / `dit eval` sample under this autocast with `--precision` the run's (the default
+    on an accelerator), their helpers' weights in float32: equal up to rounding."""
     import torch.nn.functional as F
     from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
 

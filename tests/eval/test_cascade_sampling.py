@@ -92,3 +92,27 @@ def test_a_distilled_student_records_the_settings_it_sampled_with(tmp_path, caps
     (stage,) = json.loads((out / "samples.json").read_text())["stages"]
     assert (stage["steps"], stage["sampler"], stage["guidance_rescale"], stage["cfg_scale"]) == (2, "ddim", 0.0, 2.0)
     assert "sampler euler and guidance rescale 0.3 asked for do not apply" in capsys.readouterr().out
+
+
+def test_sampling_precision_is_the_runs_on_an_accelerator_or_as_asked(tmp_path):
+    """`--precision auto`: the stage's deepspeed.precision on an accelerator, fp32 on the CPU;
+    asked for, it holds on any device. bf16 sampling runs the DiT under autocast: its samples
+    differ from fp32's by rounding only, and samples.json records the precision per stage."""
+    from trainer.cascade import sampling_precision
+
+    assert sampling_precision("auto", "bf16", torch.device("cpu")) == "fp32"
+    assert sampling_precision("auto", "bf16", torch.device("cuda")) == "bf16"
+    assert sampling_precision("bf16", "fp32", torch.device("cpu")) == "bf16"
+    checkpoint = write_checkpoint(tiny_config(tmp_path, "deepspeed.precision=bf16"))
+    drawn = {}
+    for precision in ("fp32", "bf16"):
+        cascade = Cascade.load(checkpoint, SamplerSettings(steps=3), precision=precision)
+        assert cascade.stages[0].precision == precision
+        drawn[precision] = cascade.sample(PROMPTS, torch.Generator().manual_seed(0))
+    assert drawn["bf16"].dtype == torch.float32
+    difference = (drawn["bf16"] - drawn["fp32"]).abs()
+    assert 0 < difference.max() and difference.mean() < 0.05, (difference.max(), difference.mean())
+    out = tmp_path / "samples"
+    assert dit(["sample", str(checkpoint), "--prompt", PROMPTS[0], "--steps", "2", "--precision", "bf16",
+                "--out", str(out)]) == 0
+    assert [s["precision"] for s in json.loads((out / "samples.json").read_text())["stages"]] == ["bf16"]
