@@ -28,7 +28,8 @@ ranks SIGTERM and 30 s to save, and the job is not restarted.
 
 Exit status: 0; the first failed rank's own code (2 config, 3 non-finite, 4 checkpoint,
 42 preempted: state saved, rerun the same command); 128 + N when it was killed by signal N
-(130 after Ctrl-C).
+(130 after Ctrl-C). 42 only when every rank of this node exited with 42 (either launcher): a
+rank's 42 never hides another's failure, and ranks that ended differently or unseen give 4.
 """
 from __future__ import annotations
 
@@ -81,7 +82,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         help="relaunch a crashed job up to R times; it resumes from `latest`")
     faults.add_argument("--shutdown-timeout", type=int, default=100,
                         help="seconds the ranks get to save after SIGTERM/SIGUSR1 before SIGKILL (over "
-                        "pdsh: DeepSpeed's fixed 30 s)")
+                        "pdsh: DeepSpeed's fixed 30 s; with --slurm SIGUSR1 comes this + 20 s before the time "
+                        "limit, and scancel or a preemption give SLURM's KillWait or GraceTime)")
     add_slurm_arguments(p.add_argument_group("SLURM"))
     p.set_defaults(func=launch)
 

@@ -4,7 +4,9 @@ DeepSpeed launcher, and the attempts with restarts.
 The ranks are started by the existing engines, never by a process manager of our own. When a
 rank dies, the engine stops the others (their collectives are bounded by
 deepspeed.comm_timeout_s) and the attempt's outcome names the rank and the reason; with
-`max_restarts` the job is relaunched and resumes from the `latest` checkpoint.
+`max_restarts` the job is relaunched and resumes from the `latest` checkpoint. An attempt ends
+with 42 (preempted, state saved) only when every rank of this node exited with 42, whichever
+rank the engine reports (ranks_outcome, over the codes the ranks record: record_exit).
 """
 from __future__ import annotations
 
@@ -32,6 +34,11 @@ NOT_RESTARTABLE = (EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE, EXIT_CHECKPOINT, EXIT_D
 # ranks saved and exited with 42, so that the script requeues the job whatever status srun
 # reports (with --kill-on-bad-exit the other nodes are killed, and srun may report 137).
 REQUEUE_MARKER_ENV = "DIT_REQUEUE_MARKER"
+
+# Set for the ranks of this node: the folder where `dit train` records the code each rank exits
+# with (record_exit). The engines report the first dead rank they meet and reap or kill the
+# others unseen, so a rank's 42 (saved) could hide a peer's failure.
+EXIT_RECORDS_ENV = "DIT_EXIT_RECORDS"
 
 
 @dataclass(frozen=True)
@@ -214,6 +221,8 @@ def deepspeed_environment(job: Job, base: dict[str, str], attempt_dir: Path) -> 
     env = rank_environment(base, job)
     if job.topology.over_ssh:
         env["DS_ENV_FILE"] = str(write_deepspeed_env(job, base, attempt_dir / "deepspeed_env"))
+    else:  # the ranks run here: they record how they end (record_exit)
+        env[EXIT_RECORDS_ENV] = exit_records_dir(attempt_dir)
     return env
 
 
@@ -243,17 +252,24 @@ def run_torchrun(job: Job, attempt_dir: Path, attempt: int) -> Outcome:
 
     args = torchrun_args(job, attempt_dir, attempt)
     print(f"dit launch: {sys.executable} -m torch.distributed.run {shlex.join(args)}", flush=True)
-    use_environment(rank_environment(dict(os.environ), job))
+    use_environment({**rank_environment(dict(os.environ), job), EXIT_RECORDS_ENV: exit_records_dir(attempt_dir)})
+    first = first_rank(job.topology)
     try:
         torchrun.run(torchrun.parse_args(args))
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
+        if failure.exitcode == EXIT_REQUEUE:  # the agent stopped the others unseen: did every rank save?
+            seen = {failed: failure.exitcode for failed, failure in e.failures.items()}
+            return ranks_outcome(node_statuses(job, attempt_dir, seen), "",
+                                 lambda rank: torchrun_log(attempt_dir, rank - first), stopped=False)
         return Outcome(failure.exitcode, rank, log=torchrun_log(attempt_dir, failure.local_rank))
     except SignalException as e:
         sig = signal.Signals(e.sigval)
         reason = f"this launcher received {sig.name}"
         if sig in PREEMPT_SIGNALS:  # forwarded to the ranks, which save and exit
-            return preempted_outcome(worker_statuses(e), job, attempt_dir, reason)
+            statuses = worker_statuses(e)
+            return ranks_outcome(None if statuses is None else {first + local: s for local, s in statuses.items()},
+                                 reason, lambda rank: torchrun_log(attempt_dir, rank - first))
         return Outcome(-sig.value, reason=reason, stopped=True)
     return Outcome(EXIT_OK)
 
@@ -282,25 +298,72 @@ def worker_statuses(error: BaseException) -> Optional[dict[int, int]]:
     return None
 
 
-def preempted_outcome(statuses: Optional[dict[int, int]], job: Job, attempt_dir: Path, reason: str) -> Outcome:
-    """The outcome of a preemption from the local ranks' statuses (worker_statuses): 42 only
-    when every rank saved and exited with 42, 0 when every rank had finished; otherwise the
-    first rank's own error, else the first one killed, so that a failed save is never requeued.
-    Where that is not known (or the ranks disagree) the state counts as not saved (code 4)."""
+def exit_records_dir(attempt_dir: Path) -> str:
+    """The folder of an attempt's exit records (EXIT_RECORDS_ENV)."""
+    return str(attempt_dir / "exits")
+
+
+def record_exit(code: int) -> int:
+    """Record the code this rank exits with where its launcher reads it (EXIT_RECORDS_ENV, as
+    `<folder>/rank<RANK>.exit`), then return it. A rank killed or crashed records nothing."""
+    folder = os.environ.get(EXIT_RECORDS_ENV)
+    if folder:
+        path = Path(folder, f"rank{os.environ.get('RANK', '0')}.exit")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")  # renamed when complete: never read half written
+        partial.write_text(f"{code}\n")
+        partial.replace(path)
+    return code
+
+
+def node_statuses(job: Job, attempt_dir: Path, seen: dict[int, int]) -> dict[int, Optional[int]]:
+    """How each rank of this node ended: the code it recorded (record_exit), else how the
+    engine saw it end (`seen`: rank -> code, or -N for signal N), else None (not known)."""
+    first = first_rank(job.topology)
+    statuses: dict[int, Optional[int]] = {rank: seen.get(rank) for rank in range(first, first + job.topology.local_ranks)}
+    for path in Path(exit_records_dir(attempt_dir)).glob("rank*.exit"):
+        statuses[int(path.stem.removeprefix("rank"))] = int(path.read_text())
+    return statuses
+
+
+def first_rank(t: Topology) -> int:
+    """The global rank of this node's local rank 0 (the engines number the ranks node by node,
+    a hostfile's hosts in its order)."""
+    if t.hosts and t.node_rank is not None:
+        return sum(t.nproc_per_node or slots for _, slots in t.hosts[:t.node_rank])
+    return (t.node_rank or 0) * t.local_ranks
+
+
+def ranks_outcome(statuses: Optional[dict[int, Optional[int]]], reason: str,
+                  log_of: Callable[[int], Optional[Path]], stopped: bool = True) -> Outcome:
+    """The outcome of an attempt that a preemption ended (a signal to this launcher, or a rank's
+    42) from how this node's ranks ended (rank -> 0, its exit code, -N for signal N, or None
+    where it is not known): 42 only when every rank saved and exited with 42, 0 when every rank
+    had finished; otherwise the first rank's own error, else the first one killed, so that a
+    failed save is never requeued. Where that is not known (or the ranks disagree) the state
+    counts as not saved (code 4). `log_of`: a rank's log; `stopped`: this launcher was told to stop."""
+    def because(what: str) -> str:
+        return "; ".join(part for part in (reason, what) if part)
+
     if statuses is None:
-        return Outcome(EXIT_CHECKPOINT, reason=f"{reason}; the ranks' exit codes could not be read, so their "
-                                               "state is not known to be saved", stopped=True)
-    if set(statuses.values()) <= {EXIT_OK}:
+        return Outcome(EXIT_CHECKPOINT, reason=because("the ranks' exit codes could not be read, so their state "
+                                                       "is not known to be saved"), stopped=True)
+    ends = set(statuses.values())
+    if ends <= {EXIT_OK}:
         return Outcome(EXIT_OK)
-    if set(statuses.values()) == {EXIT_REQUEUE}:
-        return Outcome(EXIT_REQUEUE, reason=reason)
-    failed = {rank: status for rank, status in statuses.items() if status not in (EXIT_OK, EXIT_REQUEUE)}
-    if not failed:  # some ranks had finished, the others saved: not one consistent state
-        ended = ", ".join(f"local rank {rank} {describe_status(status)}" for rank, status in sorted(statuses.items()))
-        return Outcome(EXIT_CHECKPOINT, reason=f"{reason}; the ranks ended differently ({ended})", stopped=True)
-    local_rank, status = min(failed.items(), key=lambda item: (item[1] < 0, item[0]))
-    first = (job.topology.node_rank or 0) * job.topology.local_ranks + local_rank
-    return Outcome(status, first, reason=reason, log=torchrun_log(attempt_dir, local_rank), stopped=True)
+    if ends == {EXIT_REQUEUE}:
+        return Outcome(EXIT_REQUEUE, reason=reason or "every rank saved")
+    failed = {rank: status for rank, status in statuses.items() if status not in (EXIT_OK, EXIT_REQUEUE, None)}
+    if failed:
+        rank, status = min(failed.items(), key=lambda item: (item[1] < 0, item[0]))
+        return Outcome(status, rank, reason=reason, log=log_of(rank), stopped=stopped)
+    unknown = sorted(rank for rank, status in statuses.items() if status is None)
+    if unknown:
+        return Outcome(EXIT_CHECKPOINT, reason=because(f"rank {unknown[0]} ended without an exit code that could be "
+                                                       "read, so its state is not known to be saved"), stopped=stopped)
+    # some ranks had finished, the others saved: not one consistent state
+    ended = ", ".join(f"rank {rank} {describe_status(status)}" for rank, status in sorted(statuses.items()))
+    return Outcome(EXIT_CHECKPOINT, reason=because(f"the ranks ended differently ({ended})"), stopped=stopped)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,13 +413,16 @@ def run_deepspeed(job: Job, attempt_dir: Path, attempt: int) -> Outcome:
     status = deepspeed_status(returncode)
     if status == EXIT_OK:
         return Outcome(EXIT_OK)
-    if forward.received is not None:
-        sig = forward.received
-        reason = f"this launcher received {sig.name}"
-        if sig in PREEMPT_SIGNALS and not job.topology.over_ssh:
-            return Outcome(status, reason=reason)  # the ranks saved and exited (42)
+    sig = forward.received
+    reason = f"this launcher received {sig.name}" if sig is not None else ""
+    if sig is not None and (sig not in PREEMPT_SIGNALS or job.topology.over_ssh):
         # Ctrl-C or a hangup; or over pdsh any signal, on which DeepSpeed stopped every host.
         return Outcome(status if sig in PREEMPT_SIGNALS else -sig.value, reason=reason, stopped=True)
+    preempted = sig is not None or EXIT_REQUEUE in (status, watcher.first_status)
+    if preempted and not job.topology.over_ssh:  # 42 only when every rank of this node saved
+        seen = {watcher.first_dead: watcher.first_status} if watcher.first_status is not None else {}
+        return ranks_outcome(node_statuses(job, attempt_dir, seen), reason,
+                             lambda rank: rank_log(attempt_dir, rank), stopped=sig is not None)
     if watcher.first_status is not None:  # how the first dead rank ended (see RankWatcher)
         status = watcher.first_status
     return Outcome(status, watcher.first_dead, log=rank_log(attempt_dir, watcher.first_dead))

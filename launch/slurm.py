@@ -3,12 +3,15 @@
 The script asks for K nodes with one task each; `srun` starts `dit launch --launcher torchrun`
 once per node, which starts that node's ranks. Node 0 (the first host of the allocation,
 from `scontrol show hostnames`) is the rendezvous master. Preemption and the time limit end
-the same way: SLURM sends SIGUSR1 120 s ahead (`--signal=USR1@120`), the ranks save a
-checkpoint and exit with 42, and the script requeues the job (`--requeue`); the rerun resumes
-from `latest`. srun's own status cannot say so reliably (with --kill-on-bad-exit the first node
-to exit has the others killed, and srun may report 137), so each node's launcher also creates a
-marker file ($DIT_REQUEUE_MARKER, launch/runners.py) when its ranks exited with 42, and the
-script requeues on either. Every job logs to LOG_DIR/slurm/<name>-<jobid>.out (appended across requeues).
+the same way: SLURM sends SIGUSR1 ahead of the time limit (`--signal=USR1@T`, T = the ranks'
+--shutdown-timeout + 20 s: 120 s by default), the ranks save a checkpoint and exit with 42, and
+the script requeues the job (`--requeue`); the rerun resumes from `latest`. srun's own status
+cannot say so reliably (with --kill-on-bad-exit the first node to exit has the others killed,
+and srun may report 137), so each node's launcher also creates a marker file
+($DIT_REQUEUE_MARKER, launch/runners.py) when its ranks exited with 42, and the script requeues
+on either. scancel and a preemption give the ranks SIGTERM and only SLURM's KillWait (30 s by
+default) or the partition's GraceTime before SIGKILL: the script says so where --shutdown-timeout
+is longer. Every job logs to LOG_DIR/slurm/<name>-<jobid>.out (appended across requeues).
 With `--min-nodes M` the script asks for M to K nodes (`--nodes=M-K`): a requeued job may start
 on another number of nodes, and its ranks resume elastically (trainer/elastic.py).
 """
@@ -26,7 +29,9 @@ from typing import Optional
 from launch.job import LaunchError, check_job
 from launch.runners import REQUEUE_MARKER_ENV
 
-SIGNAL_LEAD_S = 120  # SIGUSR1 this long before the time limit: time for the last save
+REQUEUE_MARGIN_S = 20  # after the ranks' shutdown: srun ends and the script requeues the job
+MAX_SIGNAL_LEAD_S = 65535  # the largest sig_time of sbatch --signal=SIG@sig_time
+SLURM_KILL_WAIT_S = 30  # slurm.conf KillWait's default: SIGTERM -> SIGKILL on scancel and at the time limit
 MASTER_PORT_BASE = 20000  # the default port is derived from the job id, so jobs sharing a node do not collide
 
 
@@ -56,6 +61,13 @@ class SlurmJob:
     def output(self) -> Path:
         return self.log_dir / "slurm" / "%x-%j.out"
 
+    @property
+    def signal_lead_s(self) -> int:
+        """Seconds before the time limit that SLURM sends SIGUSR1: the ranks' whole shutdown
+        (after --shutdown-timeout torchrun kills them) and the requeue after it, before SLURM's
+        own SIGTERM at the limit. SLURM may send it up to 60 s earlier (its event resolution)."""
+        return self.shutdown_timeout_s + REQUEUE_MARGIN_S
+
     def requeue_marker(self) -> str:
         """The marker file of this job's run, as a shell word ($SLURM_JOB_ID expands in the script)."""
         return shlex.quote(str(self.log_dir / "slurm" / self.name)) + '-"$SLURM_JOB_ID".requeue'
@@ -69,7 +81,7 @@ def sbatch_header(job: SlurmJob) -> list[str]:
         f"--chdir={job.workdir}",
         f"--output={job.output}",
         "--open-mode=append",  # a requeued job appends to the same log
-        f"--signal=USR1@{SIGNAL_LEAD_S}",
+        f"--signal=USR1@{job.signal_lead_s}",  # the ranks' shutdown, then the requeue
         "--requeue",
     ]
     if job.cpus_per_node:
@@ -79,6 +91,20 @@ def sbatch_header(job: SlurmJob) -> list[str]:
     lines += [f"--{key}={value}" for key, value in
               (("time", job.time), ("partition", job.partition), ("account", job.account)) if value]
     return [f"#SBATCH {line}" for line in [*lines, *job.extra]]
+
+
+def kill_wait_note(job: SlurmJob) -> list[str]:
+    """Why a save after scancel or a preemption may be cut short, when --shutdown-timeout is
+    longer than SLURM's default KillWait (lines of text; none when it is not)."""
+    if job.shutdown_timeout_s <= SLURM_KILL_WAIT_S:
+        return []
+    return [f"note: --shutdown-timeout {job.shutdown_timeout_s} s is longer than SLURM's default KillWait "
+            f"({SLURM_KILL_WAIT_S} s).",
+            f"The time limit leaves the ranks their {job.shutdown_timeout_s} s (SIGUSR1 comes {job.signal_lead_s} s "
+            "ahead), but scancel and a preemption send SIGTERM,",
+            "then SIGKILL after the cluster's KillWait (slurm.conf) or, for a preemption, the partition's "
+            "GraceTime: a longer save is killed.",
+            "See `scontrol show config | grep KillWait` and `scontrol show partition`."]
 
 
 def node_command(job: SlurmJob) -> str:
@@ -107,6 +133,7 @@ def render(job: SlurmJob) -> str:
         f"# Rendered by `dit launch --slurm` for {job.config}.",
         f"# {job.nodes} node(s) x {job.ranks_per_node} rank(s); rerun after preemption resumes from `latest`.",
         *sbatch_header(job),
+        *(f"# {line}" for line in kill_wait_note(job)),
         "set -uo pipefail",
         "",
         "# Node 0 of the allocation hosts the rendezvous.",
@@ -157,6 +184,10 @@ def job_from_args(args: argparse.Namespace) -> SlurmJob:
     if args.gpus_per_node and ranks > args.gpus_per_node:
         raise LaunchError(f"--nproc-per-node {ranks} is more than --gpus-per-node {args.gpus_per_node}: "
                           "a rank needs a GPU of its own")
+    if not 0 <= args.shutdown_timeout <= MAX_SIGNAL_LEAD_S - REQUEUE_MARGIN_S:
+        raise LaunchError(f"--shutdown-timeout {args.shutdown_timeout} must be between 0 and "
+                          f"{MAX_SIGNAL_LEAD_S - REQUEUE_MARGIN_S} s with --slurm: SIGUSR1 comes that long plus "
+                          f"{REQUEUE_MARGIN_S} s before the time limit (sbatch --signal takes at most {MAX_SIGNAL_LEAD_S})")
     min_nodes = args.min_nodes or 0
     if not 0 <= min_nodes <= nodes:
         raise LaunchError(f"--min-nodes ({min_nodes}) must be between 1 and --nodes ({nodes})")
@@ -169,7 +200,7 @@ def job_from_args(args: argparse.Namespace) -> SlurmJob:
     cpus = args.cpus_per_node if args.cpus_per_node is not None else ranks * (1 + cfg.data.num_workers)
     if cpus < 0:
         raise LaunchError(f"--cpus-per-node must be at least 0 (0: SLURM's default, 1 CPU), not {cpus}")
-    return SlurmJob(
+    job = SlurmJob(
         name=args.job_name or cfg.run.name, nodes=nodes, ranks_per_node=ranks,
         config=str(Path(args.config).resolve()), overrides=tuple(args.overrides),
         log_dir=Path(cfg.log.dir).resolve(), workdir=Path.cwd(),
@@ -178,6 +209,9 @@ def job_from_args(args: argparse.Namespace) -> SlurmJob:
         shutdown_timeout_s=args.shutdown_timeout, extra=tuple(args.sbatch_option or ()), min_nodes=min_nodes,
         cpus_per_node=cpus,
     )
+    for line in kill_wait_note(job)[:1]:
+        print(f"dit launch: {line} See the script's header.", file=sys.stderr)
+    return job
 
 
 def submit(args: argparse.Namespace) -> int:
@@ -219,7 +253,8 @@ def add_slurm_arguments(g: argparse._ArgumentGroup) -> None:
                    "unless --nproc-per-node says otherwise")
     g.add_argument("--cpus-per-node", type=int, help="CPUs per node to allocate (default: a core per rank "
                    "and per data loader worker, ranks x (1 + data.num_workers); 0: SLURM's default, 1)")
-    g.add_argument("--time", help="time limit, e.g. 24:00:00 (the ranks save 120 s before it)")
+    g.add_argument("--time", help="time limit, e.g. 24:00:00 (the ranks get SIGUSR1 --shutdown-timeout + "
+                   f"{REQUEUE_MARGIN_S} s before it to save, and the job is requeued)")
     g.add_argument("--partition", help="SLURM partition")
     g.add_argument("--account", help="SLURM account")
     g.add_argument("--job-name", help="job name (default: run.name)")

@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from launch.job import check_config, resume_config
+from launch.runners import record_exit
 from trainer.codes import EXIT_CHECKPOINT, world_from_env
 
 ALLOW_CONFIG_CHANGE = "checkpoint.allow_config_change=true"
@@ -21,6 +22,12 @@ def overrides_of(args: argparse.Namespace) -> list[str]:
 
 
 def train(args: argparse.Namespace) -> int:
+    """One rank's run; its exit code is recorded for `dit launch` (runners.record_exit), whose
+    engines report only the first dead rank's."""
+    return record_exit(train_rank(args))
+
+
+def train_rank(args: argparse.Namespace) -> int:
     rank, world_size = world_from_env()[:2]
     # Checked before any process group starts, and before the engine's imports.
     cfg = check_config(args.config, overrides_of(args), world_size)

@@ -18,7 +18,7 @@ from tests.trainer.harness import (assert_ok, base, ema_weights, final_weights, 
 
 pytestmark = pytest.mark.slow
 
-GRACE_S = 90  # what `sbatch --signal=USR1@90` leaves; our SLURM script asks for as much
+GRACE_S = 90  # less than what our SLURM script leaves (`--signal=USR1@T`, T = --shutdown-timeout + 20 s: 120 by default)
 
 
 def preempt_in_step_9(nproc: int, args: list[str], marker: Path) -> tuple[subprocess.CompletedProcess, float]:

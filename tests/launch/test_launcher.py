@@ -184,9 +184,26 @@ def test_slurm_dry_run_holds_requeue_signal_and_srun(capsys):
         assert line in lines, line
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1' in script
     srun = next(line for line in lines if line.startswith("srun "))
-    for part in ("--launcher torchrun", "--nproc-per-node 8", '--node-rank "$SLURM_NODEID"', '--master-addr "$MASTER_ADDR"'):
+    for part in ("--launcher torchrun", "--nproc-per-node 8", '--node-rank "$SLURM_NODEID"', '--master-addr "$MASTER_ADDR"',
+                 "--kill-on-bad-exit=1"):  # one dead node stops the others instead of leaving them to the time limit
         assert part in srun
     assert 'scontrol requeue "$SLURM_JOB_ID"' in script
+
+
+@pytest.mark.parametrize("timeout, kill_wait_note", [("300", True), ("25", False)])
+def test_slurm_signals_the_ranks_their_shutdown_timeout_ahead_and_states_killwait(capsys, timeout, kill_wait_note):
+    """SIGUSR1 must come early enough for the ranks' whole shutdown (torchrun kills them
+    --shutdown-timeout after it) and the requeue, before SLURM's SIGTERM at the time limit; a
+    shutdown longer than SLURM's default KillWait (30 s), all a scancel or preemption gives, is stated."""
+    assert main(["launch", str(TINY), "run.out_dir=/tmp/x", "--slurm", "--dry-run", "--shutdown-timeout", timeout]) == 0
+    script, err = capsys.readouterr()
+    lead = int(next(line for line in script.splitlines() if line.startswith("#SBATCH --signal=USR1@")).split("@")[1])
+    srun = next(line for line in script.splitlines() if line.startswith("srun "))
+    assert f"--shutdown-timeout {timeout} " in srun
+    assert lead >= int(timeout) + 10  # and a margin for srun to end and the script to requeue
+    assert ("KillWait" in script) == ("KillWait" in err) == kill_wait_note
+    assert main(["launch", str(TINY), "--slurm", "--dry-run", "--shutdown-timeout", "70000"]) == 2
+    assert "--shutdown-timeout 70000" in capsys.readouterr().err
 
 
 def test_slurm_validates_the_config_for_the_allocation(capsys):
@@ -226,18 +243,22 @@ def test_submit_without_sbatch_says_what_to_do(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "logs" / "slurm" / "tiny.sbatch").is_file()
 
 
-def preempted_launch(tmp_path: Path, codes: str) -> tuple[int, str, bool]:
-    """The torchrun runner over tests/launch/torchrun_ranks.py's ranks, sent SIGTERM once every
-    rank is ready: (its exit status, its output, whether it created the requeue marker)."""
+def preempted_launch(tmp_path: Path, codes: str, launcher_name: str = "torchrun",
+                     to_ranks: bool = False) -> tuple[int, str, bool]:
+    """A runner over tests/launch/torchrun_ranks.py's ranks, sent SIGTERM once every rank is
+    ready (with `to_ranks`: the ranks are, the launcher is not): (its exit status, its output,
+    whether it created the requeue marker)."""
     marker = tmp_path / "requeue"
     env = dict(os.environ, **{runners.REQUEUE_MARKER_ENV: str(marker)})
-    launcher = subprocess.Popen([sys.executable, "-m", "tests.launch.torchrun_ranks", "launch", codes, str(tmp_path)],
-                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    launcher = subprocess.Popen([sys.executable, "-m", "tests.launch.torchrun_ranks", "launch", codes, str(tmp_path),
+                                 launcher_name], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
     ready = [tmp_path / f"ready{rank}" for rank in range(len(codes.split(",")))]
     deadline = time.monotonic() + 60
     while not all(path.exists() for path in ready) and launcher.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    launcher.send_signal(signal.SIGTERM)
+    for pid in [int(path.read_text()) for path in ready] if to_ranks else [launcher.pid]:
+        os.kill(pid, signal.SIGTERM)
     output, _ = launcher.communicate(timeout=60)
     return launcher.returncode, output, marker.exists()
 
@@ -251,6 +272,23 @@ def preempted_launch(tmp_path: Path, codes: str) -> tuple[int, str, bool]:
 def test_torchrun_preemption_passes_on_42_only_when_every_rank_saved(tmp_path, codes, status, line):
     """A failed save, or a rank killed before it could save, must not be requeued as saved."""
     returncode, output, requeue_marker = preempted_launch(tmp_path, codes)
+    assert returncode == status, output
+    assert f"dit launch: {line}" in output
+    assert requeue_marker == (status == EXIT_REQUEUE)
+
+
+@pytest.mark.parametrize("launcher_name, codes, to_ranks, status, line", [
+    ("deepspeed", "42,late:4", False, 4, "rank 1 exited with code 4 (a checkpoint error) after this launcher received SIGTERM"),
+    ("deepspeed", "42,late:4", True, 4, "rank 1 exited with code 4 (a checkpoint error); its log"),
+    ("torchrun", "42,late:4", True, 4, "rank 1 exited with code 4 (a checkpoint error); its log"),
+    ("deepspeed", "42,42", False, EXIT_REQUEUE, "stopped, this launcher received SIGTERM: code 42 (preempted, state saved)"),
+    ("torchrun", "42,42", True, EXIT_REQUEUE, "stopped, every rank saved: code 42 (preempted, state saved)"),
+])
+def test_a_ranks_42_does_not_hide_a_peers_failure(tmp_path, launcher_name, codes, to_ranks, status, line):
+    """The engines report the first dead rank they meet and stop the others unseen (the DeepSpeed
+    launcher also when this command forwarded the signal): rank 0's 42 must not hide rank 1, still
+    saving, failing with 4 on the SIGTERM the engine sends it once rank 0 is gone."""
+    returncode, output, requeue_marker = preempted_launch(tmp_path, codes, launcher_name, to_ranks)
     assert returncode == status, output
     assert f"dit launch: {line}" in output
     assert requeue_marker == (status == EXIT_REQUEUE)
