@@ -104,14 +104,14 @@ def plot_curve(rows: Sequence[dict], path: str | Path, title: str = "") -> Path:
 def train_recipe(config: str, overrides: list[str], out: str, every: int, nproc: int) -> str:
     """The demo's stages into `out` with a checkpoint kept every `every` steps; returns the DiT's
     checkpoint directory."""
-    from launch.demo import synth, torchrun, train_latent_dit
+    from launch.demo import stage_arguments, synth, torchrun, train_latent_dit
     from trainer.config import load_config
 
-    shared = [f"run.out_dir={out}"]
-    dit_overrides = shared + list(overrides) + [f"checkpoint.every={every}", "checkpoint.keep=1000"]
+    (ae_config, *ae_overrides), (_, *dit_overrides) = stage_arguments(config, [f"run.out_dir={out}", *overrides])
+    dit_overrides += [f"checkpoint.every={every}", "checkpoint.keep=1000"]
     cfg = load_config(config, dit_overrides)
     synth(cfg.data.shards, cfg.data.resolution)
-    torchrun(nproc, Path(config).with_name("demo_autoencoder.yaml"), shared)
+    torchrun(nproc, ae_config, ae_overrides)
     train_latent_dit(nproc, config, dit_overrides)
     return cfg.checkpoint.dir
 

@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     _register("launch.train_cmd", "add_resume_arguments", train)
     demo = _add_run_command(sub, "demo", "the end-to-end demo: synthetic shards -> autoencoder -> DiT -> samples", "launch.demo", "demo")
     demo.add_argument("--nproc", type=int, default=2, help="local processes for the DeepSpeed stages")
+    demo.epilog = ("Overrides are the DiT config's keys; those of run.*, model.autoencoder.*, deepspeed.* and "
+                   "the dataset and pixel keys of data.* reach the autoencoder stage too, and "
+                   "autoencoder:KEY=VALUE sets a key of the autoencoder stage alone.")
     demo.add_argument("--resume", action="store_true",
                       help="continue an interrupted demo from its checkpoints instead of starting over")
     _register("launch.launcher", "register", sub)  # `dit launch CONFIG [overrides] ...`

@@ -5,6 +5,11 @@ synthetic captioned shapes -> shards -> KL autoencoder (DeepSpeed ZeRO-2, N loca
 text-to-image DiT (ZeRO-2, N ranks) -> EMA sample grid -> `dit sample` of the fixed prompts
 and the shapes judge's prompt adherence on held-out captions.
 Each training stage is started exactly as a user would: `torchrun ... dit train CONFIG`.
+
+Overrides (`dit demo CONFIG KEY=VALUE ...`) are keys of the DiT's config. Those of what the two
+stages share (SHARED_SECTIONS: the run, the dataset and its pixel settings, the autoencoder that
+one trains and the other encodes with, DeepSpeed) reach the autoencoder stage too; `autoencoder:KEY=VALUE` sets a key of
+the autoencoder stage's config (configs/demo_autoencoder.yaml) alone, after those.
 """
 from __future__ import annotations
 
@@ -17,9 +22,51 @@ import time
 from pathlib import Path
 
 from trainer.codes import EXIT_CONFIG
-from trainer.config import load_config
+from trainer.config import ConfigError, load_config
 
 DEMO_SAMPLES = 2000
+AUTOENCODER_CONFIG = "demo_autoencoder.yaml"  # beside the DiT's config
+# Keys (or sections) whose overrides describe both stages (see the module's docstring): the run,
+# the dataset and the pixels made of it (the autoencoder encodes what the DiT trains on), the
+# autoencoder, DeepSpeed. A stage's own loader settings (data.batch_size, num_workers) stay its own.
+SHARED_SECTIONS = ("run", "model.autoencoder", "deepspeed", "data.shards", "data.kind", "data.resolution",
+                   "data.resolutions", "data.aspect_buckets", "data.bucket_multiple", "data.num_frames",
+                   "data.frame_buckets", "data.frame_stride", "data.fps", "data.random_crop")
+AUTOENCODER_ONLY = "autoencoder:"  # the prefix of an override of the autoencoder stage alone
+# What the DiT stage reads of the autoencoder stage's output: one stage's alone would part them.
+AGREED_SECTIONS = ("run.out_dir", "model.autoencoder")
+
+
+def in_sections(override: str, sections: tuple[str, ...]) -> bool:
+    """Whether the key of `override` (KEY=VALUE) is one of `sections` or under one."""
+    key = override.split("=", 1)[0]
+    return any(key == section or key.startswith(section + ".") for section in sections)
+
+
+def stage_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """`dit demo`'s overrides split into (the autoencoder stage's, the DiT stage's): those of
+    SHARED_SECTIONS reach both, `autoencoder:KEY=VALUE` the autoencoder alone (after the
+    others), the rest the DiT alone.
+    ['data.resolution=64', 'stage.steps=9', 'autoencoder:stage.steps=5'] ->
+    (['data.resolution=64', 'stage.steps=5'], ['data.resolution=64', 'stage.steps=9'])"""
+    own = [o.removeprefix(AUTOENCODER_ONLY) for o in overrides if o.startswith(AUTOENCODER_ONLY)]
+    for override in own:
+        if in_sections(override, AGREED_SECTIONS):
+            raise ConfigError(override.split("=", 1)[0], f"{AUTOENCODER_ONLY}{override} would set it for the "
+                              "autoencoder stage alone, but the DiT stage reads the autoencoder that stage saves "
+                              "there: drop the prefix to set it for both")
+    dit = [o for o in overrides if not o.startswith(AUTOENCODER_ONLY)]
+    return [o for o in dit if in_sections(o, SHARED_SECTIONS)] + own, dit
+
+
+def stage_arguments(config: str | Path, overrides: list[str]) -> tuple[list[str], list[str]]:
+    """The `dit train` arguments (the config file, then its overrides) of the demo's two
+    training stages, (the autoencoder's, the DiT's), from `dit demo CONFIG OVERRIDES`. The
+    autoencoder stage runs in the DiT's run.out_dir, whatever its own file says."""
+    ae_overrides, dit_overrides = stage_overrides(overrides)
+    out_dir = load_config(config, dit_overrides).run.out_dir
+    return ([str(Path(config).with_name(AUTOENCODER_CONFIG)), f"run.out_dir={out_dir}", *ae_overrides],
+            [str(config), *dit_overrides])
 
 
 def torchrun(nproc: int, config: str | Path, overrides: list[str]) -> None:
@@ -73,7 +120,7 @@ def latent_provenance(cfg) -> dict:
     """What the latent shards depend on: the sha256 of the autoencoder's weights, config and
     latent normalisation, the text encoder's settings, and the source shards' fingerprint."""
     from data_pipeline.manifest import resolve_source
-    from trainer.stages.pretrain import encoder_identity
+    from trainer.stages.checks import encoder_identity
 
     return {**encoder_identity(cfg.model), "source": resolve_source(cfg.data.shards).fingerprint(),
             "resolution": cfg.data.resolution}
@@ -136,12 +183,12 @@ def latest_grid(log_dir: str) -> str:
 
 
 def demo(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
-    ae_config = Path(args.config).with_name("demo_autoencoder.yaml")
-    shared = [f"run.out_dir={cfg.run.out_dir}"]
+    (ae_config, *ae_overrides), (_, *dit_overrides) = stage_arguments(args.config, list(args.overrides))
+    cfg = load_config(args.config, dit_overrides)
+    ae_cfg = load_config(ae_config, ae_overrides)  # both stages' overrides fail here, before anything runs
     timings = {}
     t0 = time.time()
-    outputs = demo_outputs(cfg, load_config(ae_config, shared))
+    outputs = demo_outputs(cfg, ae_cfg)
     if args.resume:
         claim_run_dir(cfg.run.out_dir, cfg.data.shards, outputs)
     else:
@@ -153,10 +200,10 @@ def demo(args: argparse.Namespace) -> int:
     synth(cfg.data.shards, cfg.data.resolution)
     timings["shards"] = time.time() - t0
     t1 = time.time()
-    torchrun(args.nproc, ae_config, shared)
+    torchrun(args.nproc, ae_config, ae_overrides)
     timings["autoencoder"] = time.time() - t1
     t2 = time.time()
-    train_latent_dit(args.nproc, args.config, shared + list(args.overrides))
+    train_latent_dit(args.nproc, args.config, dit_overrides)
     timings["latents+dit"] = time.time() - t2
     t3 = time.time()
     from launch.eval_cmd import demo_evaluation
@@ -168,7 +215,7 @@ def demo(args: argparse.Namespace) -> int:
     for name, sec in timings.items():
         print(f"{name:>12}: {sec:7.1f} s")
     print(f"{'total':>12}: {time.time() - t0:7.1f} s")
-    print(f"autoencoder reconstructions: {latest_grid(load_config(ae_config, shared).log.dir)}")
+    print(f"autoencoder reconstructions: {latest_grid(ae_cfg.log.dir)}")
     recon = Path(cfg.model.autoencoder.path) / "reconstruction_adherence.json"
     if recon.is_file():
         record = json.loads(recon.read_text())

@@ -1,21 +1,45 @@
 """`dit demo` and `dit data write` at their edges, without a training run: the demo deletes
-only what an earlier demo wrote, and only in its own folder; a write that wrote nothing fails."""
+only what an earlier demo wrote, and only in its own folder; its overrides reach every stage they
+describe; a write that wrote nothing fails."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from launch.cli import main
-from launch.demo import DEMO_MARKER, claim_run_dir, clear_previous_run, demo_outputs
+from launch.demo import DEMO_MARKER, claim_run_dir, clear_previous_run, demo_outputs, stage_arguments
 from tests.trainer.harness import ROOT
 from trainer.config import load_config
 
 DEMO = ROOT / "configs" / "demo.yaml"
 
 
-def demo_configs(out: Path):
-    """The demo's two configs on run.out_dir=out, as `dit demo` loads them."""
-    shared = [f"run.out_dir={out}"]
-    return load_config(DEMO, shared), load_config(DEMO.with_name("demo_autoencoder.yaml"), shared)
+def demo_configs(out: Path, *overrides: str):
+    """The demo's two configs (DiT's, autoencoder's) on run.out_dir=out, as `dit demo` loads them."""
+    (ae, *ae_overrides), (dit, *dit_overrides) = stage_arguments(DEMO, [f"run.out_dir={out}", *overrides])
+    return load_config(dit, dit_overrides), load_config(ae, ae_overrides)
+
+
+def test_demo_overrides_reach_every_stage_they_describe(tmp_path):
+    """The run, its dataset and pixels, the autoencoder and DeepSpeed are both stages'; the rest
+    is the DiT's, unless `autoencoder:` sets it for the autoencoder stage alone."""
+    cfg, ae_cfg = demo_configs(tmp_path, f"data.shards={tmp_path}/shards", "data.resolution=64", "run.seed=3",
+                               "deepspeed.zero_stage=1", "model.autoencoder.latent_channels=8", "stage.steps=9",
+                               "optim.lr=1e-3", "data.batch_size=3", "autoencoder:stage.steps=5",
+                               "autoencoder:run.seed=0")
+    for stage in (cfg, ae_cfg):
+        assert stage.run.out_dir == str(tmp_path) and stage.data.shards == f"{tmp_path}/shards"
+        assert (stage.data.resolution, stage.deepspeed.zero_stage, stage.model.autoencoder.latent_channels) == (64, 1, 8)
+        assert stage.model.autoencoder.path == cfg.model.autoencoder.path  # the one the DiT encodes with
+    assert (cfg.stage.steps, cfg.optim.lr, cfg.run.seed) == (9, 1e-3, 3)
+    assert cfg.data.batch_size == 3 and ae_cfg.data.batch_size == load_config(DEMO.with_name(
+        "demo_autoencoder.yaml")).data.batch_size  # a stage's own loader setting
+    assert (ae_cfg.stage.steps, ae_cfg.optim.lr, ae_cfg.run.seed) == (5, 1.5e-3, 0)  # its file's lr
+
+
+def test_a_demo_override_that_would_part_the_stages_is_refused(tmp_path, capsys):
+    assert main(["demo", str(DEMO), f"run.out_dir={tmp_path}", "autoencoder:model.autoencoder.path=elsewhere"]) == 2
+    assert "model.autoencoder.path" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before anything ran
 
 
 def test_demo_refuses_a_folder_it_did_not_write_and_deletes_nothing(tmp_path):
