@@ -43,12 +43,17 @@ the plan accounts for the H200's measured peak of DiT-XL/2 (batch 64, ZeRO-2: 49
 With checkpointing every block keeps only its input (1), and one
 block is recomputed at a time. Pipeline stages hold up to p micro-batches of their layers
 (1F1B). Activations of frozen modules are not counted (no grad).
+The autoencoder stage trains no DiT: its KL autoencoder (convolutions, group norms, a mid-block
+attention) is measured instead (launch/plan_model.py): the bytes autograd saves in one forward
+of the stage's loss traced on fake tensors with the device's autocast rules, and torch's FLOP
+counter for its MACs; it is never pipelined, split or checkpointed, so only ZeRO 0-3 are planned.
 
 frozen modules (launch/plan_model.py, per stage.kind: text encoder, autoencoder, a distillation's
 teacher), w bytes a parameter, whole on every rank: the trainer places them in the training
-precision. The adversarial discriminator's frozen trunk copy sits in its player: its engine
-casts it to w bytes and partitions it at ZeRO-3; that player's trained heads add their own
-model states and buckets (its engine's), never pipelined.
+precision, the text encoder in its own (model.text.precision). The adversarial discriminator's
+frozen trunk copy sits in its player: its engine casts it to w bytes and partitions it at
+ZeRO-3; that player's trained heads add their own model states and buckets (its engine's),
+never pipelined.
 A sequence split S keeps N / S tokens per rank in every block and the head (attention sees N
 tokens with H / S heads: the same size), so the N D terms shrink by S; ZeRO still partitions
 over all GPUs / p ranks.
@@ -187,14 +192,16 @@ def player_states(params: int, persistent: int, zero_stage: int, dp: int, precis
                      precision, persistent, ds.offload_optimizer, ds.offload_params)
 
 
-def frozen_bytes(m: ModelFacts, zero_stage: int, dp: int, precision: str, offload_params: bool) -> tuple[float, float]:
-    """(device, host) bytes of the frozen parameters per rank. The stage's helpers (text encoder,
-    autoencoder, teacher) are whole on every rank in the training precision, as the trainer
-    places them; the discriminator's trunk copy is as its engine keeps it: cast to the training
-    precision, partitioned at ZeRO-3 (tensors below the persistence threshold whole), that
-    partition on the host with offload_params."""
+def frozen_bytes(m: ModelFacts, zero_stage: int, dp: int, precision: str, offload_params: bool,
+                 text_precision: str = "fp32") -> tuple[float, float]:
+    """(device, host) bytes of the frozen parameters per rank. The stage's helpers (autoencoder,
+    teacher) are whole on every rank in the training precision, the text encoder in
+    `text_precision` (model.text.precision), as `trainer.bundle.place` places them; the
+    discriminator's trunk copy is as its engine keeps it: cast to the training precision,
+    partitioned at ZeRO-3 (tensors below the persistence threshold whole), that partition on the
+    host with offload_params."""
     w = param_bytes(precision)
-    device, host = float(w * m.frozen_params), 0.0
+    device, host = float(w * (m.frozen_params - m.text_params) + param_bytes(text_precision) * m.text_params), 0.0
     if m.disc is None:
         return device, host
     if zero_stage < 3:
@@ -236,7 +243,11 @@ def activation_bytes(m: ModelFacts, micro_batch: int, precision: str, checkpoint
                      sequence_parallel: int = 1) -> float:
     """Bytes autograd holds for `in_flight` micro-batches over `layers` blocks (default: all).
     With checkpointing each micro-batch keeps only its block inputs, and one block at a time is
-    recomputed with all its activations. A sequence split S keeps N / S tokens per rank."""
+    recomputed with all its activations. A sequence split S keeps N / S tokens per rank. A
+    network that is not a DiT has its measured bytes (`m.saved`, traced in the config's precision
+    on the device `cpu` names)."""
+    if m.saved is not None:  # a measured network (the autoencoder stage's), in the config's precision
+        return float(in_flight * m.saved.bytes(micro_batch))
     layers = m.depth if layers is None else layers
     fp32_norms = precision != "fp32" and not cpu
     nd, ld = block_units(m, cpu, fp32_norms)
@@ -411,7 +422,8 @@ def estimate(cfg: RunConfig, m: ModelFacts, hw: Hardware, layout: Layout,
         states = {key: states[key] + disc_states[key] for key in states}
         host = {key: host[key] + disc_host[key] for key in host}
         buckets += bucket_bytes(layout.zero_stage, precision, z, d.params + d.frozen_params, ds.offload_optimizer)
-    frozen, frozen_host = frozen_bytes(m, layout.zero_stage, dp, precision, ds.offload_params)
+    frozen, frozen_host = frozen_bytes(m, layout.zero_stage, dp, precision, ds.offload_params,
+                                       cfg.model.text.precision)
     host["params"] += frozen_host
     acts = activation_bytes(m, micro, precision, layout.checkpointing, math.ceil(m.depth / p), hw.cpu,
                             in_flight=min(p, micro_batches), sequence_parallel=S)  # 1F1B: the first stage holds up to p
@@ -445,12 +457,21 @@ def accepted(cfg: RunConfig, layout: Layout, gpus: int, micro_batch: int) -> boo
     return True
 
 
+def candidate_layouts(m: ModelFacts, gpus: int) -> list[Layout]:
+    """`layouts` of a DiT; ZeRO 0-3 alone for a network that is not one (the autoencoder's:
+    nothing pipelines, splits or checkpoints it)."""
+    if m.saved is not None:
+        return [Layout(zero_stage, 1, False) for zero_stage in range(4)]
+    return layouts(gpus, m.depth, m.heads, m.split_unit)
+
+
 def plan(cfg: RunConfig, hw: Hardware, micro_batch: Optional[int] = None) -> tuple[ModelFacts, list[Estimate]]:
-    """The estimates of every layout the trainer accepts for `cfg` on `hw`."""
+    """The estimates of every layout the trainer accepts for `cfg` on `hw`. Raises ConfigError
+    naming the key where the config's networks cannot be built (or its teacher does not fit)."""
     threshold = zero_settings(cfg, 3).persistence_threshold
-    m = model_facts(cfg, threshold)
+    m = model_facts(cfg, threshold, "cpu" if hw.cpu else "cuda")
     micro = micro_batch or cfg.data.batch_size
-    return m, [estimate(cfg, m, hw, layout, micro) for layout in layouts(hw.gpus, m.depth, m.heads, m.split_unit)
+    return m, [estimate(cfg, m, hw, layout, micro) for layout in candidate_layouts(m, hw.gpus)
                if accepted(cfg, layout, hw.gpus, micro)]
 
 
@@ -468,15 +489,26 @@ FROZEN = {"pretrain": "text encoder, autoencoder", "superres": "text encoder, au
           "adversarial": "text encoder, autoencoder, teacher, discriminator trunk", "autoencoder": "nothing"}
 
 
-def format_plan(cfg: RunConfig, m: ModelFacts, estimates: list[Estimate], hw: Hardware) -> str:
-    micro, ds = estimates[0].micro_batch, cfg.deepspeed
+def model_line(cfg: RunConfig, m: ModelFacts) -> str:
+    """What is trained and frozen, and the input the trained network sees."""
     trained = m.params + (m.disc.params if m.disc else 0)
     frozen = m.frozen_params + (m.disc.frozen_params if m.disc else 0)
+    if m.saved is None:
+        name, seen = cfg.model.preset, f"{m.latent_shape}, {m.tokens} tokens, {m.text_len} text tokens"
+    else:
+        ae = cfg.model.autoencoder
+        name = f"{ae.kind} autoencoder {list(ae.block_out_channels)} x{ae.layers_per_block}"
+        seen = f"{m.latent_shape} pixels; activations measured, {m.saved.per_sample / GB:.3f} GB per sample"
+    return (f"model {name} ({cfg.stage.kind}): {trained / 1e6:.1f}M trained parameters, {frozen / 1e6:.1f}M "
+            f"frozen ({FROZEN[cfg.stage.kind]}); input {seen}")
+
+
+def format_plan(cfg: RunConfig, m: ModelFacts, estimates: list[Estimate], hw: Hardware) -> str:
+    micro, ds = estimates[0].micro_batch, cfg.deepspeed
     offload = " + ".join(what for what, on in (("optimizer", ds.offload_optimizer), ("params", ds.offload_params))
                          if on)
     lines = [
-        f"model {cfg.model.preset} ({cfg.stage.kind}): {trained / 1e6:.1f}M trained parameters, {frozen / 1e6:.1f}M "
-        f"frozen ({FROZEN[cfg.stage.kind]}); input {m.latent_shape}, {m.tokens} tokens, {m.text_len} text tokens",
+        model_line(cfg, m),
         f"forward {m.macs_per_sample / 1e9:.2f} GMACs per sample; "
         f"training ~ {6 * m.macs_per_sample / 1e9:.1f} GFLOPs per sample"
         + (f" + {2 * m.helper_forwards * m.teacher_macs / 1e9:.1f} in {m.helper_forwards:.3g} frozen DiT forwards"
@@ -520,10 +552,10 @@ def run_plan(args: argparse.Namespace) -> int:
         return 2
     try:
         validate(cfg, hw.gpus)
+        m, estimates = plan(cfg, hw, args.micro_batch)
     except ConfigError as e:
         print(f"dit plan: {e}", flush=True)
         return 2
-    m, estimates = plan(cfg, hw, args.micro_batch)
     if not estimates and not args.json:
         print(f"dit plan: no layout on {hw.gpus} GPU(s) keeps the global batch "
               f"{global_batch(cfg, hw.gpus, args.micro_batch)} with a whole deepspeed.grad_accum at micro-batch "

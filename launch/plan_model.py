@@ -5,27 +5,50 @@ configurations (exact parameter and MAC counts, no weights read, no memory used)
 Per stage.kind: pretrain and superres train the DiT beside the frozen text encoder and
 autoencoder; progressive adds the frozen teacher; adversarial the teacher, and a second player,
 the discriminator: trained heads on a frozen copy of the teacher trunk; autoencoder trains the
-KL autoencoder alone.
+KL autoencoder alone, nothing frozen. A DiT's activations and MACs are counted from its blocks
+(launch/plan.py); the autoencoder's, a convolutional network, are measured in one forward of the
+stage's loss on fake tensors (shapes and dtypes, no memory): the bytes of what autograd saves for
+backward and torch's FLOP counter.
+
+Errors of the config's networks (an unknown text encoder or one not found, a teacher that does
+not fit this run) are ConfigErrors naming the key.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Optional
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional
 
 from trainer.config import ModelConfig, RunConfig
+from trainer.config_errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
 
 
 @dataclass(frozen=True)
+class SavedActivations:
+    """What autograd keeps for backward in one training forward of a network measured rather
+    than counted (the autoencoder stage's), in the config's precision: fixed + per_sample x B
+    bytes for a micro-batch of B samples (fixed: casts of parameters, reductions)."""
+
+    per_sample: float
+    fixed: float
+
+    def bytes(self, micro_batch: int) -> float:
+        return self.fixed + self.per_sample * micro_batch
+
+
+@dataclass(frozen=True)
 class ModelFacts:
-    """Sizes of the trained DiT and its frozen helpers, from the config (no weights loaded)."""
+    """Sizes of the trained network and its frozen helpers, from the config (no weights loaded).
+    The DiT's geometry (depth ... split_unit) is 0 where the stage trains no DiT (`saved` set)."""
 
     params: int  # trained parameters of the student (the player a pipeline splits)
     persistent_params: int  # of which below ZeRO-3's persistence threshold
     frozen_params: int  # frozen helpers, whole on every rank: text encoder, autoencoder, teacher
+    text_params: int  # of which the text encoder's (kept in model.text.precision)
     macs_per_sample: int  # forward multiply-accumulates of one sample
     depth: int
     width: int
@@ -38,10 +61,11 @@ class ModelFacts:
     cross_attention: bool
     temporal: bool  # factorized video blocks with more than one latent frame
     split_unit: int  # what a sequence split S must divide: the latent frames of factorized clips, else N
-    latent_shape: tuple[int, ...]  # (C, [F,] H, W) the DiT sees
+    latent_shape: tuple[int, ...]  # (C, [F,] H, W) the trained network sees (the autoencoder: pixels)
     disc: Optional["PlayerFacts"] = None  # the adversarial stage's discriminator
     helper_forwards: float = 0.0  # forwards of teacher-sized frozen DiTs per sample and step
     teacher_macs: int = 0  # forward multiply-accumulates of one sample through the teacher
+    saved: Optional[SavedActivations] = None  # measured activations of a network that is not a DiT
 
 
 @dataclass(frozen=True)
@@ -68,7 +92,7 @@ def text_dims(model: ModelConfig) -> tuple[int, int, int, int]:
 
         cfg = open_clip.get_model_config(t.arch)
         if cfg is None:
-            raise ValueError(f"model.text.arch: unknown open_clip architecture '{t.arch}'")
+            raise ConfigError("model.text.arch", f"unknown open_clip architecture '{t.arch}'")
         with torch.device("meta"):
             tower = _build_text_tower(cfg["embed_dim"], cfg["text_cfg"], quick_gelu=cfg.get("quick_gelu", False))
         length = min(t.max_length, cfg["text_cfg"].get("context_length", 77))
@@ -79,8 +103,11 @@ def text_dims(model: ModelConfig) -> tuple[int, int, int, int]:
 
     path = t.path or (minilm_path() if t.kind == "minilm" else "")
     if not path:
-        raise ValueError(f"model.text.path: kind={t.kind} needs a local directory or hub id")
-    config = AutoConfig.from_pretrained(path)
+        raise ConfigError("model.text.path", f"kind={t.kind} needs a local directory or hub id")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except OSError as e:  # no such folder, no config.json in it, a hub id not in the offline cache
+        raise ConfigError("model.text.path", f"{path}: {str(e).splitlines()[0]}") from None
     t5 = t.kind == "t5" or config.model_type in T5_FAMILY
     if config.model_type == "clip":  # a whole CLIP folder: the encoder loads its text tower
         config = config.text_config
@@ -95,19 +122,21 @@ def autoencoder_facts(cfg: RunConfig) -> tuple[int, int, int]:
     (1, 1, 0: pixels), built on the meta device as the trainer builds it (`build_autoencoder`, as
     trainer/bundle.py calls it: a fresh one is the 2-D AutoencoderKL, which encodes a clip frame by
     frame, whatever data.kind); a folder's config.json alone is enough (no weights are read), so a
-    cluster's folders can be planned anywhere."""
-    if cfg.model.autoencoder.kind == "none":
+    cluster's folders can be planned anywhere. A folder not written yet is the output of an
+    autoencoder stage to come, built fresh from the settings, as `trainer.config.validate` takes it."""
+    ae_cfg = cfg.model.autoencoder
+    if ae_cfg.kind == "none":
         return 1, 1, 0
     import torch
 
-    from trainer.models.autoencoder import Autoencoder, build_autoencoder, diffusers_class
+    from trainer.models.autoencoder import Autoencoder, build_kl, diffusers_class
 
     with torch.device("meta"):
-        if cfg.model.autoencoder.path:
-            cls, config = diffusers_class(cfg.model.autoencoder.path)
+        if ae_cfg.path and (Path(ae_cfg.path) / "config.json").is_file():
+            cls, config = diffusers_class(ae_cfg.path)
             ae = Autoencoder(cls.from_config(config))
         else:
-            ae = build_autoencoder(cfg.model.autoencoder)
+            ae = Autoencoder(build_kl(ae_cfg))
     return ae.downsample_factor, ae.temporal_downsample, sum(p.numel() for p in ae.parameters())
 
 
@@ -133,12 +162,13 @@ def teacher_of(cfg: RunConfig) -> tuple[ModelConfig, Optional[int]]:
     costlier teacher."""
     from trainer.checkpoint_format import resolve
     from trainer.stage_config import stage_settings
-    from trainer.stages.checks import read_run_config, teacher_steps
+    from trainer.stages.checks import PREFLIGHT, read_run_config, teacher_steps
 
     directory = stage_settings(cfg.stage).teacher
     step = resolve(directory) if directory and Path(directory).exists() else None
     if step is None or not (step / "config.yaml").is_file():
         return cfg.model, None
+    PREFLIGHT[cfg.stage.kind](cfg)  # the teacher is here: `dit train`'s checks of this run against it
     teacher = read_run_config((step / "config.yaml").read_text())
     return teacher.model, teacher_steps(directory, teacher.stage)
 
@@ -177,21 +207,27 @@ def discriminator_facts(teacher: "torch.nn.Module", threshold: int) -> PlayerFac
     return PlayerFacts(*trained, *frozen)
 
 
-def model_facts(cfg: RunConfig, persistence_threshold: int) -> ModelFacts:
+def peak_pixels(cfg: RunConfig) -> int:
+    """The side in pixels of the largest image a step trains on: multi-resolution buckets peak at
+    the largest area; a super-resolution model runs at its output size."""
+    return cfg.data.sr_resolution if cfg.model.superres else max([cfg.data.resolution, *cfg.data.resolutions])
+
+
+def model_facts(cfg: RunConfig, persistence_threshold: int, device: str = "cuda") -> ModelFacts:
     """Build the networks of `cfg`'s stage on the meta device: exact parameter and MAC counts,
-    no memory."""
+    no memory. `device` ("cuda", "cpu"): whose autocast rules and attention kernels a measured
+    network (the autoencoder stage's) is traced with."""
+    if cfg.stage.kind == "autoencoder":
+        return autoencoder_stage_facts(cfg, persistence_threshold, device)
     import torch
 
-    from trainer.models.autoencoder import build_kl
     from trainer.models.dit import build_dit
 
     text_dim, pooled_dim, text_len, text_params = text_dims(cfg.model)
     factor, temporal, ae_params = autoencoder_facts(cfg)
     with torch.device("meta"):
         net = build_dit(cfg.model, text_dim, pooled_dim)
-    # multi-resolution: the peak is the largest area; a super-resolution model runs at its output size
-    pixels = cfg.data.sr_resolution if cfg.model.superres else max([cfg.data.resolution, *cfg.data.resolutions])
-    side = pixels // factor
+    side = peak_pixels(cfg) // factor
     video = cfg.data.kind == "video"
     latent_frames = 1 + (cfg.data.num_frames - 1) // temporal  # a causal 3-D autoencoder's folder compresses time
     shape = (cfg.model.in_channels, latent_frames, side, side) if video else (cfg.model.in_channels, side, side)
@@ -207,17 +243,109 @@ def model_facts(cfg: RunConfig, persistence_threshold: int) -> ModelFacts:
         forwards, teacher_macs = teacher_forwards(cfg, distilled), teacher.macs((1, *shape), text_len)
         if cfg.stage.kind == "adversarial":
             disc = discriminator_facts(teacher, persistence_threshold)
-    elif cfg.stage.kind == "autoencoder":  # the KL autoencoder alone, trained
-        with torch.device("meta"):
-            trained, frozen = counts(build_kl(cfg.model.autoencoder).parameters(), persistence_threshold), 0
     return ModelFacts(
         params=trained[0],
         persistent_params=trained[1],
         frozen_params=frozen,
+        text_params=text_params,
         macs_per_sample=net.macs((1, *shape), text_len),
         depth=spec.preset.depth, width=spec.preset.width, heads=spec.preset.heads, mlp_ratio=spec.preset.mlp_ratio,
         tokens=frames * (side // spec.preset.patch) ** 2, text_len=text_len, text_dim=text_dim,
         qk_norm=spec.qk_norm, cross_attention=bool(spec.text_dim), temporal=spec.temporal_blocks and frames > 1,
         split_unit=frames if spec.temporal_blocks and frames > 1 else frames * (side // spec.preset.patch) ** 2,
         latent_shape=shape, disc=disc, helper_forwards=forwards, teacher_macs=teacher_macs,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The autoencoder stage: a convolutional network, measured.
+
+# Micro-batches the autoencoder's forward is traced at: what grows between them is per sample
+# (a batch of one can alias tensors that two do not).
+TRACED_BATCHES = (2, 4)
+
+
+def pixel_shape(cfg: RunConfig) -> tuple[int, ...]:
+    """(3, [F,] H, W): one sample as the loader hands it to the autoencoder stage."""
+    side = peak_pixels(cfg)
+    return (3, cfg.data.num_frames, side, side) if cfg.data.kind == "video" else (3, side, side)
+
+
+@contextlib.contextmanager
+def device_autocast(device: str, precision: str) -> Iterator[None]:
+    """The precision's autocast (`trainer.numerics.autocast`) with torch's rules for `device`,
+    even where no such device is present: torch.autocast turns itself off without CUDA, so the
+    per-device autocast state is set directly, as its __enter__ sets it. Nothing for fp32."""
+    import torch
+
+    from trainer.numerics import PRECISIONS
+
+    if precision == "fp32":
+        yield
+        return
+    before = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+    torch.set_autocast_enabled(device, True)
+    torch.set_autocast_dtype(device, PRECISIONS[precision])
+    try:
+        yield
+    finally:
+        torch.set_autocast_enabled(device, before[0])
+        torch.set_autocast_dtype(device, before[1])
+        torch.clear_autocast_cache()
+
+
+def traced_forward(cfg: RunConfig, device: str, batch: int) -> tuple[int, int]:
+    """(bytes of the tensors autograd saves for backward, parameters excluded; forward MACs) of
+    the student's loss of `cfg`'s stage over a micro-batch of `batch` samples, traced on fake
+    tensors (shapes and dtypes only: no memory, no weights) as the trainer runs it: the player
+    cast to the training precision (its DeepSpeed engine's module), float32 pixels as the loader
+    hands them, the whole loss under the precision's autocast on `device`, whose rules and
+    attention kernels decide what is saved in which dtype."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from trainer.numerics import PRECISIONS
+    from trainer.stages import build_stage
+
+    saved: dict[int, int] = {}  # storage -> bytes: the views of one tensor count once
+
+    def pack(t: "torch.Tensor") -> "torch.Tensor":
+        storage = t.untyped_storage()
+        saved[storage._cdata] = storage.nbytes()
+        return t
+
+    with FakeTensorMode(), torch.device(device):
+        stage = build_stage(cfg)
+        player = stage.players["student"]
+        for t in (*player.parameters(), *player.buffers()):  # as module.to(dtype), which cannot swap fake ones
+            t.data = t.data.to(PRECISIONS[cfg.deepspeed.precision])
+        pixels = torch.empty(batch, *pixel_shape(cfg))  # (B, 3, [F,] H, W)
+        with device_autocast(device, cfg.deepspeed.precision), FlopCounterMode(display=False) as flops, \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            for _player, _loss, _info in stage.losses({cfg.data.kind: pixels}, None):
+                pass
+        params = {p.untyped_storage()._cdata for p in player.parameters()}
+    return sum(n for storage, n in saved.items() if storage not in params), flops.get_total_flops() // 2
+
+
+def autoencoder_stage_facts(cfg: RunConfig, persistence_threshold: int, device: str) -> ModelFacts:
+    """The autoencoder stage: the KL autoencoder alone, trained, nothing frozen (no text encoder,
+    no DiT), never pipelined, split or checkpointed. Its parameters counted on the meta device,
+    its activations and MACs traced (`traced_forward`) at two micro-batches."""
+    import torch
+
+    from trainer.models.autoencoder import build_kl
+
+    with torch.device("meta"):
+        trained = counts(build_kl(cfg.model.autoencoder).parameters(), persistence_threshold)
+    (small, saved_small, macs_small), (large, saved_large, macs_large) = (
+        (b, *traced_forward(cfg, device, b)) for b in TRACED_BATCHES)
+    per_sample = (saved_large - saved_small) / (large - small)
+    return ModelFacts(
+        params=trained[0], persistent_params=trained[1], frozen_params=0, text_params=0,
+        macs_per_sample=(macs_large - macs_small) // (large - small),
+        depth=0, width=0, heads=0, mlp_ratio=0.0, tokens=0, text_len=0, text_dim=0, qk_norm=False,
+        cross_attention=False, temporal=False, split_unit=0, latent_shape=pixel_shape(cfg),
+        saved=SavedActivations(per_sample, saved_small - small * per_sample),
     )

@@ -445,7 +445,10 @@ def autoencoder_factors(ae: AutoencoderConfig) -> tuple[int, int]:
 
     from trainer.models.autoencoder import Autoencoder, diffusers_class
 
-    cls, config = diffusers_class(ae.path)
+    try:
+        cls, config = diffusers_class(ae.path)
+    except ValueError as e:  # "model.autoencoder.path: <class> is not one of ..."
+        raise ConfigError("model.autoencoder.path", str(e).partition(": ")[2] or str(e)) from None
     with torch.device("meta"):
         vae = Autoencoder(cls.from_config(config))
     return vae.downsample_factor, vae.temporal_downsample

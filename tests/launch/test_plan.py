@@ -198,3 +198,27 @@ def test_video_autoencoder_is_the_trainers():
     bundle = InferenceBundle(cfg.model, cfg.diffusion, cfg.data)
     assert model_facts(cfg, 0).latent_shape == bundle.sample_shape() == (4, 9, 8, 8)
     assert autoencoder_facts(cfg)[2] == sum(p.numel() for p in bundle.autoencoder.parameters())
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["model.text.kind=open_clip", "model.text.arch=No-Such-Arch"], "model.text.arch"),
+    (["model.text.kind=hf"], "model.text.path"),
+    (["model.text.kind=hf", "model.text.path=/nonexistent/encoder"], "model.text.path"),
+])
+def test_a_network_that_cannot_be_built_is_one_line_naming_the_key(capsys, overrides, key):
+    """The plan builds the config's networks (on the meta device): one it cannot build is a
+    config error naming the key, on one line, exit 2, as validation's errors are."""
+    assert main(["plan", str(TINY), *overrides, "--gpus", "2"]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith(f"dit plan: config error at '{key}': ") and out.count("\n") == 1, out
+
+
+def test_an_autoencoder_folder_not_written_yet_is_planned_fresh(capsys, tmp_path):
+    """model.autoencoder.path names the folder an autoencoder stage will write (configs/demo.yaml
+    before `dit demo` ran): validation takes it as the fresh autoencoder of its settings, and
+    so does the plan."""
+    unwritten = ["model.autoencoder.kind=kl", "model.in_channels=4", f"model.autoencoder.path={tmp_path}/autoencoder"]
+    fresh = load_config(TINY, [*unwritten[:2]])
+    assert autoencoder_facts(load_config(TINY, unwritten)) == autoencoder_facts(fresh)
+    assert main(["plan", str(TINY), *unwritten, "--gpus", "2"]) == 0
+    assert "suggested:" in capsys.readouterr().out

@@ -5,7 +5,9 @@ helpers (text encoder, autoencoder, teacher) as `Stage.to` places them, in the t
 precision, and the adversarial discriminator's frozen trunk copy as its real DeepSpeed engine
 keeps it (one rank over gloo, built by `trainer.optim.build_engine` as the trainer builds it).
 Its step time counts the frozen DiT forwards a distillation step runs: counted here on the real
-stage's losses, per sample, over the rounds / step counts and the discriminator's phases."""
+stage's losses, per sample, over the rounds / step counts and the discriminator's phases. The
+autoencoder stage's activations and MACs are those of a real forward of its loss; rounds that do
+not fit a distilled teacher are refused on one line, as `dit train` refuses them."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,21 +16,25 @@ from typing import Iterator
 import pytest
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
-from launch.plan import Hardware, Layout, estimate, zero_settings
+from launch.cli import main
+from launch.plan import Hardware, Layout, estimate, plan, zero_settings
 from launch.plan_model import TRUNK_BACKWARD, model_facts
 from tests.eval.eval_helpers import tiny_config, write_checkpoint
-from tests.trainer.harness import one_rank_group
-from trainer.config import RunConfig
+from tests.trainer.harness import ROOT, TINY, one_rank_group
+from trainer.config import RunConfig, load_config
 from trainer.distributed import DistContext
-from trainer.numerics import PRECISIONS
+from trainer.numerics import PRECISIONS, autocast
 from trainer.optim import build_engine
 from trainer.stages import build_stage
+from trainer.stages.base import Stage
 from trainer.stages.distillation import DistillationStage
 
 DISTILL = ("stage.rounds=[2,1]", "diffusion.loss_weighting=trunc_snr")
 KINDS = {
     "pretrain": (),
+    "pretrain, bf16 text encoder": ("model.text.precision=bf16",),
     "superres": ("stage.kind=superres", "model.superres=true", "data.sr_resolution=32"),
     "autoencoder": ("stage.kind=autoencoder",),
     "progressive": ("stage.kind=progressive", *DISTILL),
@@ -117,3 +123,70 @@ def test_step_time_counts_the_frozen_forwards_of_a_distillation_step(kind, teach
     counted = frozen_forwards(stage, cfg, steps) + (TRUNK_BACKWARD if kind == "adversarial" else 0)
     assert m.helper_forwards == pytest.approx(counted, rel=1e-12)
     assert m.teacher_macs == stage.teacher.net.macs((1, *m.latent_shape), m.text_len)
+
+
+@pytest.fixture(scope="module")
+def two_step_teacher(tmp_path_factory, teacher) -> Path:
+    """A progressive run of one round over `teacher`: a 2-step distilled sampler."""
+    root = tmp_path_factory.mktemp("two_step")
+    return write_checkpoint(tiny_config(root, f"checkpoint.dir={root}/checkpoints", "stage.kind=progressive",
+                                        "stage.rounds=[2]", *DISTILL[1:], f"stage.teacher={teacher}"))
+
+
+@pytest.mark.parametrize("kind, rounds, why", [
+    ("progressive", "[8,4]", "the first round's student has 1 steps, not 8"),
+    ("adversarial", "[4,3]", "every student step count in [4, 3] must divide 2"),
+])
+def test_rounds_that_do_not_fit_the_teacher_are_one_line_naming_the_key(kind, rounds, why, two_step_teacher,
+                                                                        tmp_path, capsys):
+    """stage.rounds against a teacher distilled into 2 steps: `dit plan` refuses them as `dit
+    train` does, on one line naming stage.rounds, exit 2, like validation's errors."""
+    overrides = [f"run.out_dir={tmp_path}", f"data.shards={tmp_path}/data", f"stage.kind={kind}",
+                 f"stage.rounds={rounds}", *DISTILL[1:], f"stage.teacher={two_step_teacher}"]
+    assert main(["plan", str(TINY), *overrides, "--gpus", "2"]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("dit plan: config error at 'stage.rounds': ") and why in out and out.count("\n") == 1, out
+
+
+AUTOENCODER = ROOT / "configs" / "demo_autoencoder.yaml"
+
+
+def real_forward(stage: Stage, batch: dict[str, torch.Tensor], precision: str) -> tuple[int, int]:
+    """(bytes of the tensors autograd saves, parameters excluded; MACs) of the stage's loss
+    computed for real on this CPU, the player in the training precision under its autocast."""
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    player = stage.players["student"].to(PRECISIONS[precision])
+    params = {p.untyped_storage().data_ptr() for p in player.parameters()}
+    with autocast(torch.device("cpu"), precision), FlopCounterMode(display=False) as flops, \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        for _player, _loss, _info in stage.losses(batch, torch.Generator().manual_seed(0)):
+            pass
+    return sum(n for ptr, n in saved.items() if ptr not in params), flops.get_total_flops() // 2
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_autoencoder_stage_plans_the_autoencoder_it_trains(precision, tmp_path, capsys):
+    """configs/demo_autoencoder.yaml (its autoencoder not written yet): the plan reports the
+    parameters of the autoencoder the stage trains, activations of the bytes autograd saves in
+    a real forward of the stage's loss (a micro-batch of 3, one the plan did not trace), its
+    forward MACs, and no layout with checkpointing or a pipeline (nothing splits the autoencoder)."""
+    overrides = [f"run.out_dir={tmp_path}", f"deepspeed.precision={precision}", "data.batch_size=3"]
+    cfg = load_config(AUTOENCODER, overrides)
+    stage = build_stage(cfg)
+    trained = sum(p.numel() for p in parameters(stage.players["student"], True))
+    image = torch.rand(3, 3, cfg.data.resolution, cfg.data.resolution) * 2 - 1
+    saved, macs = real_forward(stage, {"image": image}, precision)
+
+    m, estimates = plan(cfg, Hardware(gpus=2, cpu=True))
+    assert m.params == trained and m.frozen_params == 0
+    assert {e.activations for e in estimates} == {saved}
+    assert 3 * m.macs_per_sample == macs
+    assert {(e.layout.pipeline_stages, e.layout.checkpointing) for e in estimates} == {(1, False)}
+    assert main(["plan", str(AUTOENCODER), *overrides, "--gpus", "2", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"model kl autoencoder [32, 64] x1 (autoencoder): {trained / 1e6:.1f}M trained parameters")

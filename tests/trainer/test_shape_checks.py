@@ -78,3 +78,13 @@ def test_an_autoencoder_folder_gives_its_own_downsampling(tmp_path):
     cfg = load_config(TINY, ["model.autoencoder.kind=kl", f"model.autoencoder.path={tmp_path / 'ae'}",
                              "model.in_channels=4", "data.resolution=64", "data.aspect_buckets=[1.5]"])
     assert cfg.data.bucket_multiple == 16 and TransformSpec.from_config(cfg.data).sizes == ((48, 80),)
+
+
+def test_an_autoencoder_folder_of_another_model_class_is_refused_naming_the_key(tmp_path):
+    """A diffusers folder of a class that is no autoencoder (a UNet's config.json): one line naming
+    model.autoencoder.path (a ValueError traceback before, from `dit train` and `dit plan`)."""
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text('{"_class_name": "UNet2DModel"}')
+    with pytest.raises(ConfigError, match=r"'model\.autoencoder\.path'.*UNet2DModel"):
+        load_config(TINY, ["model.autoencoder.kind=kl", f"model.autoencoder.path={tmp_path / 'unet'}",
+                           "model.in_channels=4"])
