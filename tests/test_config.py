@@ -40,6 +40,18 @@ def test_dotted_override_and_interpolation():
         ("model.text.kindd=x", "model.text.kindd"),
         ("stage.cfg_dropout=1.5", "stage.cfg_dropout"),
         ("checkpoint.keep=0", "checkpoint.keep"),
+        # trainer/optim.py: a cosine schedule ending at a negative rate (gradient ascent), eps 0
+        # turning never-updated weights into NaN, clipping silently off, torch's own refusals
+        # only once the ranks built their engines
+        ("optim.min_lr_ratio=-0.5", "optim.min_lr_ratio"),
+        ("optim.eps=0", "optim.eps"),
+        ("optim.grad_clip=-1", "optim.grad_clip"),
+        ("optim.warmup_steps=-2", "optim.warmup_steps"),
+        ("optim.betas=[0.9,1.5]", "optim.betas"),
+        ("optim.betas=[0.9]", "optim.betas"),
+        ("optim.lr=-1e-4", "optim.lr"),
+        ("optim.weight_decay=-0.1", "optim.weight_decay"),
+        ("ema.warmup_steps=-1", "ema.warmup_steps"),
     ],
 )
 def test_bad_value_names_the_key(override, key):

@@ -311,7 +311,9 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     check(not (cfg.optim.fused and (cfg.deepspeed.offload_optimizer or cfg.deepspeed.offload_params)),
           "optim.fused", "offload steps DeepSpeed's CPU Adam, not torch's fused AdamW; leave optim.fused unset")
     validate_data(cfg.data)
+    _validate_optim(cfg.optim)
     check(0.0 < cfg.ema.decay < 1.0, "ema.decay", "must be in (0, 1)")
+    check(cfg.ema.warmup_steps >= 0, "ema.warmup_steps", f"must be 0 (no warm-up) or more (got {cfg.ema.warmup_steps})")
     check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be at least 1 (never delete the only checkpoint)")
     _validate_intervals(cfg)
     validate_stage(cfg)
@@ -377,6 +379,24 @@ def _validate_diffusion_and_model(cfg: RunConfig) -> None:
     check(not (m.activation_checkpointing and m.checkpoint_policy == "attention"),
            "model.checkpoint_policy", "attention contradicts model.activation_checkpointing=true (full); "
            "set activation_checkpointing=false")
+
+
+def _validate_optim(o: OptimConfig) -> None:
+    """AdamW's settings and the schedule's, in the ranges torch and trainer/optim.py `lr_factor`
+    assume: torch checks some only when the engines are built (after the ranks started), and the
+    others not at all (a negative min_lr_ratio ends a cosine schedule at a negative rate, i.e.
+    gradient ascent; eps 0 turns a weight whose gradients were all 0 so far into NaN, which the
+    finite guard, testing gradients, lets through)."""
+    for key, value in (("optim.lr", o.lr), ("optim.disc_lr", o.disc_lr), ("optim.weight_decay", o.weight_decay)):
+        check(value >= 0, key, f"must be >= 0 (got {value})")
+    check(o.eps > 0, "optim.eps",
+          f"must be > 0: AdamW divides by sqrt(v) + eps, and v is 0 until a gradient is not (got {o.eps})")
+    check(len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas), "optim.betas",
+          f"must be two numbers in [0, 1), AdamW's (beta1, beta2) (got {list(o.betas)})")
+    check(o.warmup_steps >= 0, "optim.warmup_steps", f"must be 0 (no warm-up) or more (got {o.warmup_steps})")
+    check(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio",
+          f"must be in [0, 1], the cosine schedule's floor as a fraction of the rate (got {o.min_lr_ratio})")
+    check(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 disables clipping; got {o.grad_clip})")
 
 
 def _validate_deepspeed(ds: DeepSpeedConfig) -> None:

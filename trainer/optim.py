@@ -4,7 +4,7 @@ DeepSpeed JSON config derived from our typed sub-configs."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -32,18 +32,23 @@ class FiniteGuard:
     """
 
     _skip: bool | torch.Tensor = False
-    clip_norm: float = 0.0  # > 0: clip here (`clips_in_guard`), DeepSpeed's clipping off
+    # None: DeepSpeed clips and reports the gradient norm. A number (`clips_in_guard`): the guard
+    # computes the norm for the engine to report, and clips to it where > 0 (0: no clipping).
+    clip_norm: Optional[float] = None
 
     @torch.no_grad()
     def step(self, *args, **kwargs):
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
         local = torch.stack([torch.isfinite(g).all() for g in grads]).all().logical_not() if grads else 0.0
         nonfinite = max_over_ranks(local)
-        if self.clip_norm > 0 and grads:
+        if self.clip_norm is not None and grads:
             # the whole gradient is on every rank (ZeRO-0): its norm is the global one. The engine
-            # reports `_global_grad_norm` (a device value, read on log steps only).
-            self._global_grad_norm = torch.nn.utils.clip_grad_norm_(
-                [p for group in self.param_groups for p in group["params"] if p.grad is not None], self.clip_norm)
+            # reports `_global_grad_norm` (a device value, read on log steps only), with clipping
+            # off too: without it, DeepSpeed reported none and every step logged grad_norm 0.
+            self._global_grad_norm = torch.nn.utils.get_total_norm(grads)
+            if self.clip_norm > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, self.clip_norm, self._global_grad_norm)
         if self.defaults.get("fused"):
             self.found_inf = nonfinite.reshape(())
             try:

@@ -187,17 +187,20 @@ def test_video_autoencoder_step_on_device(tmp_path):
     assert one_step_on_fake_cuda(stage, batch) == ["student"]
 
 
-def test_optimizer_step_and_ema_update_stay_on_the_device():
+@pytest.mark.parametrize("zero, grad_clip", [(2, 1.0), (0, 1.0), (0, 0.0)])
+def test_optimizer_step_and_ema_update_stay_on_the_device(zero, grad_clip):
     """The finite guard, torch's fused AdamW behind it and the EMA update read nothing on the
     host: the skip flag reaches the fused kernel (`found_inf`) and the EMA's weight on the
-    device; a host read of a fake value would raise DataDependentOutputException."""
+    device; a host read of a fake value would raise DataDependentOutputException. At ZeRO-0
+    (fp32) the guard also computes the gradient norm, and clips to it, on the device."""
     from trainer.config import EMAConfig, OptimConfig
     from trainer.ema import EMA
     from trainer.optim import build_optimizer
 
     with fake_cuda(), torch.device(CUDA):
         net = torch.nn.Linear(4, 4)
-        opt = build_optimizer(list(net.parameters()), 1e-3, OptimConfig(), DeepSpeedConfig(), CUDA)
+        opt = build_optimizer(list(net.parameters()), 1e-3, OptimConfig(grad_clip=grad_clip),
+                              DeepSpeedConfig(zero_stage=zero), CUDA)
         ema = EMA(net, EMAConfig())
         for p in net.parameters():
             p.grad = torch.randn_like(p)

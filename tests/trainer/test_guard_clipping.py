@@ -1,12 +1,14 @@
 """Gradient clipping of fp32 weights at ZeRO-0, done by the finite guard (trainer/optim.py
-`clips_in_guard`): DeepSpeed's own clipping there dropped the norm, so every step logged 0."""
+`clips_in_guard`): DeepSpeed's own clipping there dropped the norm, so every step logged 0; and
+without clipping (optim.grad_clip=0) DeepSpeed computed none, so every step logged 0 too."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from tests.trainer.harness import one_rank_group
 from trainer.config import DeepSpeedConfig, OptimConfig
-from trainer.optim import build_optimizer, deepspeed_dict
+from trainer.optim import build_engine, build_optimizer, deepspeed_dict
 
 
 def test_the_guard_clips_to_the_norm_and_keeps_it_for_the_engine():
@@ -24,4 +26,20 @@ def test_one_of_the_guard_and_deepspeed_clips(zero, precision, in_guard):
     ds, optim = DeepSpeedConfig(zero_stage=zero, precision=precision), OptimConfig(grad_clip=1.0)
     optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(2))], 0.1, optim, ds, torch.device("cpu"))
     assert (optimizer.clip_norm, deepspeed_dict(ds, optim, 2, 1)["gradient_clipping"]) == ((1.0, 0.0) if in_guard
-                                                                                          else (0.0, 1.0))
+                                                                                          else (None, 1.0))
+
+
+@pytest.mark.parametrize("zero", [0, 2])
+def test_the_engine_reports_the_norm_with_clipping_off(zero):
+    """optim.grad_clip=0: a real engine's logged norm (`Trainer.optimizer_metrics`) is the
+    gradient's, at ZeRO-0 (the guard's) as at ZeRO-2 (DeepSpeed's), not None (logged as 0)."""
+    with one_rank_group() as ctx:
+        module = torch.nn.Linear(4, 1)
+        with torch.no_grad():
+            module.weight.fill_(1.0)
+            module.bias.fill_(0.0)
+        engine, _ = build_engine(module, 0.0, OptimConfig(grad_clip=0.0), DeepSpeedConfig(zero_stage=zero), 2, ctx,
+                                 4, torch.device("cpu"))
+        engine.backward(engine(torch.ones(2, 4)).square().mean())  # d/dw (w.x + b)^2 = 2 (w.x + b) x = 8 x
+        engine.step()
+        assert engine.get_global_grad_norm() == pytest.approx(8 * 5 ** 0.5)  # |8 (1, 1, 1, 1, 1)|
