@@ -44,7 +44,7 @@ from trainer.judge import AdherenceReport, chance_levels, judge, judge_samples, 
 
 if TYPE_CHECKING:  # the cascade pulls in models; only the entry points need it
     from trainer.cascade import Cascade
-    from trainer.config import LogConfig
+    from trainer.config import LogConfig, RunConfig
     from trainer.diffusion import NoiseSchedule
 
 RELIABLE_JUDGE = 0.98  # the judge's overall accuracy on real data below which its numbers mean nothing
@@ -128,14 +128,35 @@ def judge_with_references(generated: Tensor, prompts: Sequence[str], real: Tenso
     return result
 
 
+def learned_from(cfg: "RunConfig") -> list[DataConfig]:
+    """The data a run's network learned from: its own and, for a distilled student, its
+    teacher's (and so on up a chain of teachers): the student was taught what its teacher
+    learned, so a caption only the teacher trained on is not novel to it. OSError when a
+    teacher's config.yaml is gone."""
+    from trainer.cascade import DISTILLED
+    from trainer.checkpoint_format import resolve
+    from trainer.config import load_config
+
+    datas = [cfg.data]
+    while cfg.stage.kind in DISTILLED:
+        path = resolve(cfg.stage.teacher) / "config.yaml"
+        if not path.is_file():
+            raise FileNotFoundError(f"the teacher's config {path} (stage.teacher) is gone")
+        cfg = load_config(path)
+        datas.append(cfg.data)
+    return datas
+
+
 def seen_captions(cascade: "Cascade") -> tuple[Optional[set[str]], str]:
-    """The training captions of every stage of the cascade (normalized) and a note on where
-    they come from; (None, why) when a stage's shards cannot be read."""
+    """The training captions of every stage of the cascade (normalized; a distilled stage's
+    teachers' too, `learned_from`) and a note on where they come from; (None, why) when a
+    stage's shards or a teacher's config cannot be read."""
     from data_pipeline.errors import DataError
 
-    datas = [s.cfg.data for s in cascade.stages]
-    where = " + ".join(dict.fromkeys(d.shards for d in datas))
+    where = " + ".join(dict.fromkeys(s.cfg.data.shards for s in cascade.stages))
     try:
+        datas = [data for s in cascade.stages for data in learned_from(s.cfg)]
+        where = " + ".join(dict.fromkeys(d.shards for d in datas))
         captions = training_captions(datas)
     except (DataError, OSError) as e:  # gone or unreadable shards; anything else is a bug to see
         return None, (f"no seen/novel split: the training captions could not be read from {where} ({e}); "

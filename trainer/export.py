@@ -9,7 +9,8 @@
                                               dit_transformer.py (shim importing the class below)
                   scheduler/                  DDIMScheduler: our prediction type, betas, zero terminal
                                               SNR (rescale_betas_zero_snr) and trailing spacing
-                  vae/                        AutoencoderKL with scaling_factor / shift_factor (latent models)
+                  vae/                        AutoencoderKL with scaling_factor / shift_factor and any per-channel
+                                              latents_mean / latents_std (latent models)
                   text_encoder/, tokenizer/   the transformers text encoder and its tokenizer
                   dit_train.json              source checkpoint and step
 
@@ -40,7 +41,9 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from trainer.config_errors import ConfigError
+from trainer.models.autoencoder import Autoencoder
 from trainer.models.dit import DiT, DiTPreset, DiTSpec, TextEmbedding
+from trainer.models.text import TEXT_CHUNK
 
 if TYPE_CHECKING:
     from trainer.cascade import LoadedStage
@@ -95,22 +98,41 @@ class DiTTextToImagePipeline(DiffusionPipeline):
         """(tokens (B, L, Dt) zero on padding, mask (B, L), pooled (B, Dp)): the masked mean of
         the token states, L2-normalized when the text encoder was (sentence-transformers). An
         empty or blank prompt is the null caption (`null_prompt`), as in training and `dit
-        sample`: encoded, it was [CLS] [SEP] states the model never saw (0.79 apart in pixels)."""
-        cfg = self.transformer.config
-        batch = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=cfg.text_max_length,
-                               return_tensors="pt")
-        mask = batch["attention_mask"].to(self.device)  # (B, L)
-        states = self.text_encoder(input_ids=batch["input_ids"].to(self.device), attention_mask=mask).last_hidden_state
-        weights = mask[..., None].to(states.dtype)  # (B, L, 1)
-        pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1e-9)  # (B, Dt)
-        if cfg.text_normalize_pooled:
-            pooled = torch.nn.functional.normalize(pooled, dim=-1)
-        encoded = (states.float() * weights, mask.bool(), pooled.float())
+        sample`: encoded, it was [CLS] [SEP] states the model never saw (0.79 apart in pixels).
+        Encoded TEXT_CHUNK captions per call, as our sampler does (a bf16 encoder's states
+        depend on the batch they are computed in: `TEXT_CHUNK`)."""
+        chunks = [self._encode_chunk(prompts[i: i + TEXT_CHUNK]) for i in range(0, len(prompts), TEXT_CHUNK)]
+        encoded = tuple(torch.cat(parts) for parts in zip(*chunks))
         blank = torch.tensor([not p.strip() for p in prompts], device=self.device)  # (B,)
         if not blank.any():
             return encoded
         return tuple(torch.where(blank.view(-1, *[1] * (e.dim() - 1)), null, e)
                      for e, null in zip(encoded, self.null_prompt(len(prompts))))
+
+    def _encode_chunk(self, prompts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
+        """At most TEXT_CHUNK prompts, padded with empty ones to TEXT_CHUNK for the encoder call:
+        (tokens (B, L, Dt) zero on padding, mask (B, L), pooled (B, Dp)) of the B prompts."""
+        cfg, n = self.transformer.config, len(prompts)
+        batch = self.tokenizer(list(prompts) + [""] * (TEXT_CHUNK - n), padding="max_length", truncation=True,
+                               max_length=cfg.text_max_length, return_tensors="pt")
+        mask = batch["attention_mask"].to(self.device)  # (TEXT_CHUNK, L)
+        states = self.text_encoder(input_ids=batch["input_ids"].to(self.device), attention_mask=mask).last_hidden_state
+        weights = mask[..., None].to(states.dtype)  # (TEXT_CHUNK, L, 1)
+        pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1e-9)  # (TEXT_CHUNK, Dt)
+        if cfg.text_normalize_pooled:
+            pooled = torch.nn.functional.normalize(pooled, dim=-1)
+        return (states.float() * weights)[:n], mask.bool()[:n], pooled.float()[:n]
+
+    def latent_decoder(self) -> Autoencoder:
+        """The VAE as our sampler decodes with it (`Autoencoder.decode`): its scaling_factor and
+        shift_factor, then the per-channel latents_mean / latents_std its config may carry (a
+        VAE with them decoded 0.55 apart in pixels when they were left out). Only its statistics
+        are moved to the pipeline's device: the VAE stays where it is (CPU offload moves it)."""
+        config = self.vae.config
+        decoder = Autoencoder(self.vae, config.scaling_factor, config.get("shift_factor") or 0.0)
+        for name, statistic in list(decoder.named_buffers(recurse=False)):
+            setattr(decoder, name, statistic.to(self.device))
+        return decoder
 
     def null_prompt(self, batch: int) -> tuple[Tensor, Tensor, Tensor]:
         """The empty caption as the model was trained on it: zero states and pooled vector with
@@ -148,8 +170,7 @@ class DiTTextToImagePipeline(DiffusionPipeline):
         if output_type == "latent":
             return ImagePipelineOutput(images=x)
         if self.vae is not None:
-            shift = self.vae.config.get("shift_factor") or 0.0
-            x = self.vae.decode(x / self.vae.config.scaling_factor + shift).sample
+            x = self.latent_decoder().decode(x)  # (B, 3, H, W)
         images = (x / 2 + 0.5).clamp(0, 1)  # (B, 3, H, W) in [0, 1]
         if output_type == "pil":
             return ImagePipelineOutput(images=self.numpy_to_pil(images.permute(0, 2, 3, 1).cpu().float().numpy()))
@@ -295,12 +316,14 @@ def compare_with_pipeline(pipe: DiTTextToImagePipeline, checkpoint: str | Path, 
                           ema: bool = True) -> float:
     """Max |difference| in [0, 1] pixels between a diffusers pipeline and our own DDIM sampler
     on `checkpoint`, both started from the same noise (drawn with a CPU generator) and run on
-    the pipeline's device."""
+    the pipeline's device in float32: the pipeline runs so, and our sampler's default on an
+    accelerator, the autocast of the run's training precision (`sampling_precision`), would
+    differ from it by ~1e-2 under bf16 whatever the export."""
     from trainer.cascade import Cascade, CascadeStageSpec, load_stage
     from trainer.diffusion import SamplerSettings, randn
 
     settings = SamplerSettings(steps=steps, cfg_scale=cfg_scale, guidance_rescale=guidance_rescale, sampler="ddim")
-    loaded = load_stage(CascadeStageSpec(str(checkpoint)), settings, ema=ema, device=pipe.device)
+    loaded = load_stage(CascadeStageSpec(str(checkpoint)), settings, ema=ema, device=pipe.device, precision="fp32")
     ours = Cascade([loaded]).sample(prompts, torch.Generator().manual_seed(seed))  # (B, 3, H, W) in [-1, 1]
     noise = randn((len(prompts), *loaded.stage.sample_shape()), torch.Generator().manual_seed(seed), pipe.device)
     pipe.set_progress_bar_config(disable=True)

@@ -32,18 +32,19 @@ def _caption_block(text: str, width: int, font: ImageFont.ImageFont, lines: int)
 
 def image_grid(images: torch.Tensor, prompts: Sequence[str], cols: int = 4, cell: int = 128,
                caption_lines: int = 3) -> Image.Image:
-    """Images (N, 3, H, W) in [-1, 1] upscaled to `cell` pixels, each with its prompt below."""
-    n = images.shape[0]
+    """Images (N, 3, H, W) in [-1, 1] scaled to `cell` pixels wide and cell * H / W high (their
+    aspect kept: `dit sample --height/--width`), each with its prompt below."""
+    n, (h, w) = images.shape[0], images.shape[-2:]
     cols = min(cols, n)
     rows = (n + cols - 1) // cols
     font = ImageFont.load_default()
     tiles = []
     for img, prompt in zip(to_uint8(images), prompts):
-        pic = Image.fromarray(img).resize((cell, cell), Image.NEAREST)
+        pic = Image.fromarray(img).resize((cell, max(1, round(cell * h / w))), Image.NEAREST)
         cap = _caption_block(prompt, cell, font, caption_lines)
-        tile = Image.new("RGB", (cell, cell + cap.height), "white")
+        tile = Image.new("RGB", (cell, pic.height + cap.height), "white")
         tile.paste(pic, (0, 0))
-        tile.paste(cap, (0, cell))
+        tile.paste(cap, (0, pic.height))
         tiles.append(tile)
     th = tiles[0].height
     grid = Image.new("RGB", (cols * (cell + 4), rows * (th + 4)), (230, 230, 230))
@@ -66,8 +67,16 @@ def save_video_grid(videos: torch.Tensor, prompts: Sequence[str], path: str | Pa
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     frames = [image_grid(videos[:, :, f], prompts, **kw) for f in range(videos.shape[2])]
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=round(1000 / (fps or DEFAULT_FPS)), loop=0)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=gif_durations(len(frames), fps), loop=0)
     return path
+
+
+def gif_durations(frames: int, fps: float = 0.0) -> list[int]:
+    """Display time in ms of each of `frames` frames played at `fps` (0: DEFAULT_FPS). GIF
+    counts in 10 ms units, so each frame ends at its exact time rounded to those (8 fps: 120,
+    130, 120, 130 ms), not each lasting 1000 / fps rounded (120 ms: 8.33 fps, 24 fps played at 25)."""
+    ends = [10 * round(100 * (i + 1) / (fps or DEFAULT_FPS)) for i in range(frames)]  # (F,) ms
+    return [end - start for start, end in zip([0, *ends], ends)]
 
 
 def save_grid(pixels: torch.Tensor, labels: Sequence[str], path: str | Path, fps: float = 0.0, **kw) -> Path:

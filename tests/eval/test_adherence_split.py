@@ -15,7 +15,7 @@ from data_pipeline.synth import synth_samples
 from data_pipeline.write import write_shards
 from tests.eval.eval_helpers import tiny_config, write_checkpoint
 from trainer.cascade import Cascade
-from trainer.evaluate import evaluate_adherence, judge_with_references
+from trainer.evaluate import evaluate_adherence, judge_with_references, seen_captions
 from trainer.heldout import HELDOUT_SEED, heldout_set, normalize_caption, training_captions
 from trainer.sampling import SamplerSettings
 
@@ -69,6 +69,23 @@ def test_evaluate_adherence_reads_the_runs_training_captions(shards, tmp_path):
     result, _, _ = evaluate_adherence(cascade, num=4, num_real=4)
     assert result.splits == {} and "could not be read" in result.split_note
     assert "could not be read" in result.table()
+
+
+def test_a_students_seen_captions_include_its_teachers(shards, tmp_path):
+    """A student distilled on other shards than its teacher trained on (data.shards is free to
+    differ): the teacher's captions are not novel to it (they were counted novel: only the
+    student's own shards were read)."""
+    teacher = write_checkpoint(tiny_config(tmp_path / "teacher", f"data.shards={shards}/data"))
+    write_shards(synth_samples(8, seed=7, size=16), str(tmp_path / "student_data"), shard_size=8, progress=False)
+    student = write_checkpoint(tiny_config(tmp_path / "student", f"data.shards={tmp_path}/student_data",
+                                           "stage.kind=progressive", f"stage.teacher={teacher}", "stage.rounds=[2]"))
+    seen, note = seen_captions(Cascade.load(student, SamplerSettings()))
+    assert training_captions([DataConfig(shards=str(shards / "data"))]) <= seen
+    assert str(shards / "data") in note and str(tmp_path / "student_data") in note
+
+    shutil.rmtree(tmp_path / "teacher")  # the teacher is gone: say so instead of guessing
+    seen, note = seen_captions(Cascade.load(student, SamplerSettings()))
+    assert seen is None and "could not be read" in note
 
 
 def test_demo_prints_the_split_from_the_eval_record(tmp_path, capsys):

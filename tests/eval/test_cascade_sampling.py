@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -13,6 +14,7 @@ from launch.cli import main as dit
 from tests.eval.eval_helpers import tiny_config, write_cascade, write_checkpoint
 from trainer.cascade import Cascade, load_cascade_spec
 from trainer.config import ConfigError
+from trainer.media import image_grid, save_video_grid, to_uint8
 from trainer.sampling import SamplerSettings
 
 PROMPTS = ["a large red circle at the top left", "a small blue square in the centre"]
@@ -70,6 +72,30 @@ def test_video_model_writes_mp4_and_gif_grid(tmp_path, fps, plays_at):
     assert len(frames) == 4 and frames[0].shape == (16, 16, 3)
     with Image.open(out / "grid.gif") as grid:
         assert grid.n_frames == 4 and abs(grid.info["duration"] - 1000 / plays_at) < 10  # GIF: 10 ms units
+
+
+@pytest.mark.parametrize("fps", [8, 24])
+def test_gif_grid_plays_at_its_frame_rate(tmp_path, fps):
+    """GIF counts in 10 ms: frames of 125 ms (8 fps) or 41.7 ms (24 fps) each rounded to 120 or
+    40 ms played the clip at 8.33 or 25 fps; rounded where each frame ends, the clip lasts F / fps."""
+    frames = 12
+    videos = torch.rand(2, 3, frames, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with Image.open(save_video_grid(videos, ["a", "b"], tmp_path / "grid.gif", fps)) as grid:
+        shown = []
+        for i in range(grid.n_frames):
+            grid.seek(i)
+            shown.append(grid.info["duration"])
+    assert len(shown) == frames and abs(sum(shown) - 1000 * frames / fps) < 10
+
+
+def test_grid_keeps_the_aspect_of_its_images():
+    """A 16x32 px sample (`dit sample --height 16 --width 32`) is shown 128x64 in its grid cell,
+    each pixel a 4x4 block; it was squeezed into 128x128."""
+    image = torch.rand(1, 3, 16, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    grid = np.asarray(image_grid(image, ["a wide one"], cell=128))
+    block = np.kron(to_uint8(image)[0], np.ones((4, 4, 1), np.uint8))  # (64, 128, 3)
+    assert np.array_equal(grid[2: 2 + 64, 2: 2 + 128], block)
+    assert not np.array_equal(grid[2 + 64, 2: 2 + 128], block[-1])  # the caption block starts below
 
 
 def test_distilled_student_samples_at_its_step_count(tmp_path):

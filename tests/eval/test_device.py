@@ -146,10 +146,13 @@ def test_cuda_samples_match_cpu_for_a_seed(cascade_yaml):
 
 
 @needs_cuda
-def test_diffusers_export_verifies_on_cuda(tmp_path, capsys):
+@pytest.mark.parametrize("trained", ["fp32", "bf16"])
+def test_diffusers_export_verifies_on_cuda(tmp_path, capsys, trained):
+    """A run trained in bf16 too: the check compares with our sampler in float32, as the pipeline
+    runs (not in the bf16 autocast `dit sample` uses there: 1.5e-2 apart)."""
     ae = write_autoencoder(tmp_path / "autoencoder")
     cfg = tiny_config(tmp_path / "run", "model.in_channels=4", "model.autoencoder.kind=kl",
-                      f"model.autoencoder.path={ae}")
+                      f"model.autoencoder.path={ae}", f"deepspeed.precision={trained}")
     checkpoint = write_checkpoint(cfg)
     assert dit(["export", str(checkpoint), "--format", "diffusers", "--device", "cuda",
                 "--out", str(tmp_path / "diffusers")]) == 0

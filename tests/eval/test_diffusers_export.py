@@ -55,6 +55,21 @@ def test_diffusers_export_matches_dit_sample(latent_checkpoint, tmp_path):
     assert compare_with_pipeline(pipe, latent_checkpoint, PROMPTS, steps=10) > 1e-2  # the check can fail
 
 
+def test_a_vae_with_per_channel_latent_statistics_decodes_as_ours(tmp_path):
+    """A 2-D AutoencoderKL whose config carries latents_mean / latents_std (as Playground's and
+    SDXL-style VAEs do): we decode with them (`Autoencoder.decode`), and so must the pipeline
+    (without them its samples were 0.55 apart in pixels)."""
+    ae = write_autoencoder(tmp_path / "autoencoder")
+    config = json.loads((ae / "config.json").read_text())
+    config.update(latents_mean=[0.5, -0.3, 0.2, 0.1], latents_std=[2.0, 0.5, 1.5, 0.8])
+    (ae / "config.json").write_text(json.dumps(config))
+    checkpoint = write_checkpoint(tiny_config(tmp_path / "run", "model.in_channels=4", "model.autoencoder.kind=kl",
+                                              f"model.autoencoder.path={ae}"))
+    out = tmp_path / "diffusers"
+    assert dit(["export", str(checkpoint), "--format", "diffusers", "--out", str(out), "--device", "cpu"]) == 0
+    assert load_pipeline(out).vae.config.latents_std == [2.0, 0.5, 1.5, 0.8]
+
+
 def test_learned_null_exports_to_both_formats(tmp_path):
     """model.text.null=learned: the DiT's null caption is in model.safetensors and in the diffusers
     transformer, whose pipeline's unconditional branch uses it as our sampler does."""
@@ -74,6 +89,18 @@ def test_learned_null_exports_to_both_formats(tmp_path):
         pipe.transformer.dit.embed.null_pooled.zero_()
         pipe.transformer.dit.embed.null_tokens.zero_()
     assert compare_with_pipeline(pipe, checkpoint, PROMPTS, steps=4) > 1e-3  # the check can fail
+
+
+def test_a_bf16_text_encoder_exports_to_what_dit_sample_samples(tmp_path):
+    """model.text.precision=bf16: a bf16 encoder's states depend on the batch they are computed in
+    (0.008 apart between 2 and 16 captions); the pipeline encodes in our sampler's chunks, so the
+    export's own check passes (it failed at 1.3e-3 encoding the 2 prompts alone) at any batch."""
+    checkpoint = write_checkpoint(tiny_config(tmp_path / "run", "model.text.precision=bf16"))
+    out = tmp_path / "diffusers"
+    assert dit(["export", str(checkpoint), "--format", "diffusers", "--out", str(out), "--device", "cpu"]) == 0
+    pipe = load_pipeline(out)
+    assert pipe.text_encoder.dtype == torch.bfloat16
+    assert compare_with_pipeline(pipe, checkpoint, PROMPTS[:1], steps=4) < 1e-4
 
 
 def test_a_distilled_student_is_refused_before_anything_is_written(tmp_path, capsys):

@@ -42,6 +42,9 @@ T5_FAMILY = ("t5", "mt5", "umt5")
 CLIP_FAMILY = ("clip", "clip_text_model")  # a whole CLIP folder: its text tower is loaded
 # model.text.precision -> the text encoder's dtype (no fp16: T5's activations overflow it)
 TEXT_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Captions per encoder call (`CachedTextEncoder`), each call padded to it: a bf16 encoder's states
+# depend on the batch they are computed in, so training, precompute, sampling and export use this one
+TEXT_CHUNK = 16
 log = logging.getLogger("trainer")
 
 
@@ -154,7 +157,7 @@ class CachedTextEncoder:
     one used. Epochs after the first skip the encoder for datasets whose captions fit the cache.
     """
 
-    def __init__(self, encoder: TextEncoder, capacity: int = 4096, chunk: int = 16, max_bytes: int = 256 << 20):
+    def __init__(self, encoder: TextEncoder, capacity: int = 4096, chunk: int = TEXT_CHUNK, max_bytes: int = 256 << 20):
         self.encoder = encoder
         self.capacity = capacity
         self.max_bytes = max_bytes

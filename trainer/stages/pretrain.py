@@ -19,13 +19,12 @@ from trainer.diffusion import NoiseSchedule, SamplerSettings, add_noise, diffusi
 from trainer.media import save_grid
 from trainer.metrics import timestep_bucket_losses, valid_mean
 from trainer.models.autoencoder import build_autoencoder
-from trainer.models.text import CachedTextEncoder, TextEmbedding, build_text_encoder
+from trainer.models.text import TEXT_CHUNK, CachedTextEncoder, TextEmbedding, build_text_encoder
 from trainer.stage_config import PretrainSettings
 from trainer.stages.base import PlayerLoss, Stage, cfg_keep, drop_text
 from trainer.stages.checks import encoder_identity
 
 EVAL_REPEATS = 4  # samples per prompt of the training-time adherence evaluation
-PRECOMPUTE_TEXT_CHUNK = 16  # captions per text-encoder call when writing latent shards
 
 
 def precompute_encoder(config: str, overrides: Sequence[str] = (), device: str = "cpu") -> Callable[[dict], dict]:
@@ -34,11 +33,11 @@ def precompute_encoder(config: str, overrides: Sequence[str] = (), device: str =
     per sample `latent` (C, [F,] h, w), `text_emb` (L, Dt), `text_mask` (L,), `text_pooled` (Dp,),
     which training on the written shards uses instead of calling the encoders. A caption is
     encoded once however often it occurs (datasets repeat captions: 1286 of the demo's 2000 are
-    distinct), `PRECOMPUTE_TEXT_CHUNK` new captions per encoder call."""
+    distinct), `TEXT_CHUNK` new captions per encoder call (as in training: a bf16 encoder's states depend on the batch)."""
     from trainer.config import load_config
 
     cfg = load_config(config, list(overrides))
-    text = CachedTextEncoder(frozen(build_text_encoder(cfg.model.text)).to(device), chunk=PRECOMPUTE_TEXT_CHUNK)
+    text = CachedTextEncoder(frozen(build_text_encoder(cfg.model.text)).to(device), chunk=TEXT_CHUNK)
     autoencoder = frozen(build_autoencoder(cfg.model.autoencoder)).to(device)
     pixels_key = "video" if cfg.data.kind == "video" else "image"
 
