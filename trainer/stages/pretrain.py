@@ -33,7 +33,8 @@ def precompute_encoder(config: str, overrides: Sequence[str] = (), device: str =
     per sample `latent` (C, [F,] h, w), `text_emb` (L, Dt), `text_mask` (L,), `text_pooled` (Dp,),
     which training on the written shards uses instead of calling the encoders. A caption is
     encoded once however often it occurs (datasets repeat captions: 1286 of the demo's 2000 are
-    distinct), `TEXT_CHUNK` new captions per encoder call (as in training: a bf16 encoder's states depend on the batch)."""
+    distinct), `TEXT_CHUNK` new captions per encoder call (as in training: a bf16 encoder's
+    states depend on the batch)."""
     from trainer.config import load_config
 
     cfg = load_config(config, list(overrides))
