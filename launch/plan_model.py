@@ -193,15 +193,15 @@ def teacher_forwards(cfg: RunConfig, distilled: Optional[int]) -> float:
     return path + TRUNK_PASSES * (1 + CONDITIONAL_FRACTION) + TRUNK_BACKWARD
 
 
-def discriminator_facts(teacher: "torch.nn.Module", threshold: int) -> PlayerFacts:
-    """The adversarial stage's second player as it builds it: heads on a frozen teacher trunk."""
+def discriminator_facts(teacher: "torch.nn.Module", threshold: int, student_guidance: bool) -> PlayerFacts:
+    """The adversarial stage's second player as it builds it: heads on a frozen teacher trunk
+    (with their own guidance embedding for a guidance-conditioned student of a CFG teacher)."""
     import torch
 
-    from trainer.models.discriminator import DiscriminatorHeads
-    from trainer.stages.adversarial import head_block_ids
+    from trainer.stages.adversarial import discriminator_heads
 
     with torch.device("meta"):
-        disc = DiscriminatorHeads(teacher, head_block_ids(len(teacher.blocks)))
+        disc = discriminator_heads(teacher, student_guidance)
     trained = counts((p for p in disc.parameters() if p.requires_grad), threshold)
     frozen = counts((p for p in disc.parameters() if not p.requires_grad), threshold)
     return PlayerFacts(*trained, *frozen)
@@ -242,7 +242,7 @@ def model_facts(cfg: RunConfig, persistence_threshold: int, device: str = "cuda"
         frozen += sum(p.numel() for p in teacher.parameters())
         forwards, teacher_macs = teacher_forwards(cfg, distilled), teacher.macs((1, *shape), text_len)
         if cfg.stage.kind == "adversarial":
-            disc = discriminator_facts(teacher, persistence_threshold)
+            disc = discriminator_facts(teacher, persistence_threshold, cfg.model.guidance_embed)
     return ModelFacts(
         params=trained[0],
         persistent_params=trained[1],

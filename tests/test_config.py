@@ -61,6 +61,20 @@ def test_bad_value_names_the_key(override, key):
     assert key in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("overrides, key", [
+    (["stage.kind=superres", "model.superres=true", "data.sr_resolution=64", "stage.noise_aug_max=-0.1"],
+     "stage.noise_aug_max"),
+    (["stage.kind=superres", "model.superres=true", "data.sr_resolution=64", "stage.noise_aug_sample=0.8"],
+     "stage.noise_aug_sample"),  # above the trained 0.5: a level the model never saw
+    (["stage.kind=progressive", "stage.teacher=/x", "diffusion.loss_weighting=trunc_snr", "stage.guidance_min=5"],
+     "stage.guidance_min"),  # w ~ U[5, 4]
+])
+def test_stage_ranges_name_the_key(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(DEMO, overrides)
+    assert err.value.key == key
+
+
 def test_eps_with_zero_terminal_snr_is_explained():
     with pytest.raises(ConfigError, match="SNR 0"):
         load_config(DEMO, ["diffusion.prediction=eps"])

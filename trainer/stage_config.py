@@ -90,6 +90,11 @@ class SuperresSettings(PretrainSettings):
         check(cfg.model.superres, "model.superres", "stage.kind=superres needs model.superres=true")
         check(cfg.data.sr_resolution > cfg.data.resolution, "data.sr_resolution",
               "the superres stage needs data.sr_resolution > data.resolution")
+        check(0.0 <= self.noise_aug_max <= 1.0, "stage.noise_aug_max",
+              f"must be in [0, 1], the largest noise level of the low-resolution input (got {self.noise_aug_max})")
+        check(0.0 <= self.noise_aug_sample <= self.noise_aug_max, "stage.noise_aug_sample",
+              f"must be in [0, stage.noise_aug_max={self.noise_aug_max}]: the level sampled with must be one the "
+              f"model trained at (got {self.noise_aug_sample})")
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,9 @@ class ProgressiveSettings(PretrainSettings):
         check(not cfg.data.resolutions, "data.resolutions",
               f"the {self.kind} stage distils at the one schedule of data.resolution; multi-resolution "
               f"buckets train pretrain stages (set data.resolutions=[])")
+        check(0.0 <= self.guidance_min <= self.guidance_max, "stage.guidance_min",
+              f"w ~ U[stage.guidance_min, stage.guidance_max] needs 0 <= min <= max (got {self.guidance_min}, "
+              f"{self.guidance_max})")
 
 
 @dataclass(frozen=True)

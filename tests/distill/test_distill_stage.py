@@ -1,18 +1,20 @@
 """Distillation stage objects in one process (no DeepSpeed): what the last round export of a
-progressive run says it holds, and what the stages log of a micro-batch of padding. The
-exports and logs of real runs are checked in test_distill_runs.py."""
+progressive run says it holds, what the stages log of a micro-batch of padding, and what the
+adversarial discriminator is conditioned on. The exports and logs of real runs are checked in
+test_distill_runs.py."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.eval.eval_helpers import tiny_config, write_checkpoint
-from trainer.config import LogConfig
+from trainer.config import ConfigError, LogConfig
 from trainer.metrics import MetricsLogger
-from trainer.stages import build_stage
+from trainer.stages import build_stage, preflight
 from trainer.stages.distillation import DistillationStage
 
 DISTILL = ("stage.rounds=[2]", "diffusion.loss_weighting=trunc_snr")
@@ -38,6 +40,43 @@ def test_last_round_export_names_the_weights_it_holds(tmp_path, teacher, monkeyp
     stage.write_samples(weights, LogConfig(), tmp_path / "grid.png")
     meta = json.loads((Path(cfg.checkpoint.dir) / "rounds" / "round_1_2steps" / "round.json").read_text())
     assert (meta["steps"], meta["weights"]) == (2, label)
+
+
+def round_export(root: Path, teacher: Path, *overrides: str) -> Path:
+    """A 2-step progressive student's checkpoint root (random weights), distilled from `teacher`."""
+    return write_checkpoint(tiny_config(root, f"checkpoint.dir={root}/checkpoints", f"stage.teacher={teacher}",
+                                        "stage.kind=progressive", "stage.rounds=[2]", *overrides))
+
+
+@pytest.mark.parametrize("kind", ["progressive", "adversarial"])
+def test_a_teacher_with_guidance_baked_in_cannot_teach_a_guidance_input(tmp_path, teacher, kind):
+    """A distilled teacher without a guidance input gives targets that ignore w: a student's w
+    trained on them would do nothing at `dit sample --cfg`, so the student is refused one."""
+    baked = round_export(tmp_path / "round", teacher)
+    cfg = tiny_config(tmp_path / "student", f"stage.teacher={baked}", f"stage.kind={kind}", "stage.rounds=[1]",
+                      "diffusion.loss_weighting=trunc_snr", "model.guidance_embed=true")
+    with pytest.raises(ConfigError, match="model.guidance_embed"):
+        build_stage(cfg)
+    with pytest.raises(ConfigError, match="model.guidance_embed"):  # and before any process starts
+        preflight(cfg)
+
+
+def test_the_preflight_refuses_what_the_distillation_stages_refuse_once_started(tmp_path, teacher):
+    """A student without the guidance input of its guidance-conditioned teacher, and a teacher
+    sampler longer than the schedule (progressive: 2 x the first round; adversarial: the CFG
+    teacher's log.sample_steps), failed only once the ranks built their stages (the latter as a
+    ValueError at the first loss)."""
+    conditioned = round_export(tmp_path / "round", teacher, "model.guidance_embed=true")
+    cfg = tiny_config(tmp_path / "student", f"stage.teacher={conditioned}", "stage.kind=progressive",
+                      "stage.rounds=[1]", "diffusion.loss_weighting=trunc_snr")
+    with pytest.raises(ConfigError, match="'model.guidance_embed'.*guidance-conditioned"):
+        preflight(cfg)
+    for kind, overrides, key in (("progressive", ["stage.rounds=[1024]"], "stage.rounds"),
+                                 ("adversarial", ["stage.rounds=[2]", "log.sample_steps=1200"], "log.sample_steps")):
+        cfg = tiny_config(tmp_path / kind, f"stage.teacher={teacher}", f"stage.kind={kind}", *overrides,
+                          "diffusion.loss_weighting=trunc_snr")
+        with pytest.raises(ConfigError, match=rf"'{key}'.*diffusion\.num_timesteps=1000"):
+            preflight(cfg)
 
 
 def batch(valid: list[bool]) -> dict:
@@ -81,3 +120,21 @@ def test_the_configured_min_snr_gamma_weighs_the_distillation_loss(tmp_path, kin
                           *plain, f"diffusion.min_snr_gamma={gamma}")
         logged[gamma] = logged_losses(build_stage(cfg), [batch([True] * 4)], tmp_path / f"log{gamma}")[key]
     assert logged[0.05] < 0.9 * logged[50.0], logged  # min(SNR, gamma): the same samples (SNR 0.38 at t = 0.5), a lower cap
+
+
+@pytest.mark.parametrize("distilled_teacher", [False, True])
+def test_the_discriminator_of_a_guidance_conditioned_student_sees_the_guidance_scale(tmp_path, teacher,
+                                                                                     distilled_teacher):
+    """Real x_t' come from the teacher at each sample's w: a discriminator blind to w matches the
+    student's samples to the mixture over w only. A trunk that embeds w (a distilled teacher's)
+    carries it; a CFG teacher's does not, so the heads embed it."""
+    if distilled_teacher:  # a guidance-conditioned 2-step student as the teacher
+        teacher = round_export(tmp_path / "round", teacher, "model.guidance_embed=true")
+    cfg = tiny_config(tmp_path / "adv", f"stage.teacher={teacher}", "stage.kind=adversarial", *DISTILL,
+                      "model.guidance_embed=true")
+    stage = build_stage(cfg)
+    rollout = stage.rollout(batch([True, True]), [torch.Generator().manual_seed(i) for i in range(2)])
+    at = lambda w: stage.disc_inputs(replace(rollout, scale=torch.full((2,), w)), 1)  # noqa: E731
+    with torch.no_grad():
+        logits = [stage.players["disc"](rollout.real, **at(w)) for w in (1.0, 4.0)]  # (B, heads) each
+    assert not torch.allclose(*logits)

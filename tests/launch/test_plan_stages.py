@@ -39,6 +39,8 @@ KINDS = {
     "autoencoder": ("stage.kind=autoencoder",),
     "progressive": ("stage.kind=progressive", *DISTILL),
     "adversarial": ("stage.kind=adversarial", *DISTILL),
+    # a guidance-conditioned student of a CFG teacher: the heads embed w themselves
+    "adversarial, guidance": ("stage.kind=adversarial", *DISTILL, "model.guidance_embed=true"),
 }
 
 
@@ -67,7 +69,7 @@ def nbytes(params: list[nn.Parameter]) -> int:
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_plan_counts_the_parameters_and_frozen_bytes_the_trainer_holds(kind, precision, teacher, one_rank,
                                                                       tmp_path):
-    distilled = (f"stage.teacher={teacher}",) if kind in ("progressive", "adversarial") else ()
+    distilled = (f"stage.teacher={teacher}",) if kind.startswith(("progressive", "adversarial")) else ()
     cfg = tiny_config(tmp_path, *KINDS[kind], *distilled, f"deepspeed.precision={precision}", "deepspeed.zero_stage=1")
     stage = build_stage(cfg).to(torch.device("cpu"), PRECISIONS[precision])  # as trainer.engine places it
     # The second player's engine, as the trainer builds it (the student's holds no frozen parameter).

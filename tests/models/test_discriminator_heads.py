@@ -48,3 +48,14 @@ def test_trunk_stays_frozen_in_train_mode_and_ids_are_checked():
     assert disc.block_ids == [0, 1] and not disc.trunk.training and disc.heads.training
     with pytest.raises(ValueError, match="block_ids"):
         DiscriminatorHeads(trunk(), block_ids=[2])
+
+
+def test_heads_embed_the_guidance_scale_only_where_the_trunk_does_not():
+    disc = DiscriminatorHeads(trunk(), block_ids=[1], hidden=32, guidance=True)
+    x_t, t, emb = torch.randn(1, 4, 4, 4), torch.tensor([0.3]), text(1)
+    assert not torch.allclose(disc(x_t, t, emb, guidance=torch.tensor([1.0])),
+                              disc(x_t, t, emb, guidance=torch.tensor([4.0])))
+    with pytest.raises(ValueError, match="guidance"):
+        disc(x_t, t, emb)
+    with pytest.raises(ValueError, match="embeds the guidance scale already"):
+        DiscriminatorHeads(trunk(guidance_embed=True), block_ids=[1], guidance=True)

@@ -6,8 +6,9 @@ from `stage.rounds` (e.g. [4, 2, 1]: one network samples at 1, 2 and 4 steps). T
 reaches x_t' with many DDIM steps (with CFG at a per-sample scale w, or its own few steps when it
 is itself distilled; otherwise `log.sample_steps` when the run starts, which a resume keeps: a
 log.* change alters what is logged, not what is trained). The discriminator is the frozen
-teacher trunk with trainable heads (`DiscriminatorHeads`) reading x_t' at t'; it is the second
-player, with its own optimizer:
+teacher trunk with trainable heads (`DiscriminatorHeads`) reading x_t' at t' (and, for a
+guidance-conditioned student, the sample's guidance scale w: the real x_t' depend on it); it is
+the second player, with its own optimizer:
 
     conditional phase (the first half of stage.steps when the run starts; a resume keeps its
         length): D judges the pair (x_t, x_t'): the heads read the trunk's token features of x_t'
@@ -47,7 +48,7 @@ from trainer.diffusion.distill import (
 )
 from trainer.metrics import valid_mean
 from trainer.models.discriminator import DiscriminatorHeads
-from trainer.models.dit import TextEmbedding
+from trainer.models.dit import DiT, TextEmbedding
 from trainer.stage_config import AdversarialSettings
 from trainer.stages.base import PlayerLoss
 from trainer.stages.checks import check_adversarial
@@ -90,7 +91,7 @@ def discriminator_accuracy(real: Tensor, fake: Tensor, weight: Tensor) -> Tensor
 
 
 class PairDiscriminator(nn.Module):
-    """D(x_t', t', text [, x_t, t]) -> logits (B, heads) on `DiscriminatorHeads`.
+    """D(x_t', t', text [, x_t, t] [, guidance]) -> logits (B, heads) on `DiscriminatorHeads`.
 
     Unconditional: the heads read the frozen trunk's token features of x_t'. Conditional
     (SDXL-Lightning's D(x_t, x_t')): they read features(x_t') - features(x_t), token by token
@@ -108,6 +109,7 @@ class PairDiscriminator(nn.Module):
     def forward(self, x_next: Tensor, *, t_next: Tensor, text: TextEmbedding, x_t: Optional[Tensor] = None,
                 t: Optional[Tensor] = None, **extras: Tensor) -> Tensor:
         features, c = self.features(x_next, t_next, text, **extras)
+        c = self.disc.condition(c, extras.get("guidance"))  # (B, D)
         if x_t is not None and t is not None:
             with torch.no_grad():
                 reference, _ = self.features(x_t, t, text, **extras)
@@ -119,6 +121,14 @@ def head_block_ids(depth: int) -> list[int]:
     """Blocks read by the heads: a quarter, half, three quarters of the way and the last
     (LADD reads several depths of the teacher)."""
     return sorted({depth // 4, depth // 2, (3 * depth) // 4, depth - 1})
+
+
+def discriminator_heads(trunk: DiT, student_guidance: bool) -> DiscriminatorHeads:
+    """The heads on `trunk` (a frozen copy of the teacher) that the stage trains. The guidance
+    scale w of a guidance-conditioned student reaches them through a trunk that embeds it (a
+    distilled teacher's), else through their own embedding of it (a teacher sampled with CFG)."""
+    return DiscriminatorHeads(trunk, head_block_ids(len(trunk.blocks)),
+                              guidance=student_guidance and not trunk.spec.guidance)
 
 
 @contextmanager
@@ -173,10 +183,11 @@ class AdversarialStage(DistillationStage):
     def __init__(self, model: ModelConfig, diffusion: DiffusionConfig, stage: AdversarialSettings, data: DataConfig,
                  teacher_steps: int = 32):
         super().__init__(model, diffusion, stage, data)
-        self.step_counts, self.teacher_steps = check_adversarial(stage, self.teacher.steps, teacher_steps)
+        self.step_counts, self.teacher_steps = check_adversarial(stage, self.teacher.steps, teacher_steps,
+                                                                 diffusion.num_timesteps)
         self.conditional_steps = int(CONDITIONAL_FRACTION * stage.steps)
         trunk = frozen(copy.deepcopy(self.teacher.net))
-        self.players["disc"] = PairDiscriminator(DiscriminatorHeads(trunk, head_block_ids(len(trunk.blocks))))
+        self.players["disc"] = PairDiscriminator(discriminator_heads(trunk, model.guidance_embed))
 
     @property
     def conditional(self) -> bool:
@@ -226,13 +237,13 @@ class AdversarialStage(DistillationStage):
         return Rollout(x_t, times[0], times[-1], real, text, scale, valid_weight(batch, x0), n)
 
     def disc_inputs(self, r: Rollout, copies: int) -> dict[str, Any]:
-        """D's conditioning for `copies` stacked batches: time t', text, guidance, and the pair's
-        x_t in the conditional phase."""
+        """D's conditioning for `copies` stacked batches: time t', text, the guidance scale (where
+        the teacher or the student takes one), and the pair's x_t in the conditional phase."""
         tile = lambda v: torch.cat([v] * copies)  # noqa: E731
         inputs: dict[str, Any] = {"t_next": tile(r.t_next), "text": repeat_text(r.text, copies)}
         if self.conditional:
             inputs.update(x_t=tile(r.x_t), t=tile(r.t))
-        if self.teacher.takes_guidance:
+        if self.teacher.takes_guidance or self.model_cfg.guidance_embed:
             inputs["guidance"] = tile(r.scale)
         return inputs
 

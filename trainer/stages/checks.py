@@ -82,11 +82,15 @@ def check_teacher(directory: str, model: ModelConfig, diffusion: DiffusionConfig
     ours = {"model": to_dict(model), "diffusion": to_dict(diffusion), "data": to_dict(data)}
     check_same_as_teacher(ours, {"model": to_dict(cfg.model), "diffusion": to_dict(cfg.diffusion),
                                  "data": to_dict(cfg.data)}, directory)
+    if cfg.model.guidance_embed and not model.guidance_embed:
+        raise ConfigError("model.guidance_embed", f"the teacher ({directory}) is guidance-conditioned (a distilled "
+                                                  "student that takes the guidance scale): set model.guidance_embed=true")
     return cfg
 
 
-def check_rounds(rounds: Sequence[int], total_steps: int, teacher_steps: Optional[int]) -> None:
-    """Each round halves the step count of the one before; a distilled teacher is the round -1."""
+def check_rounds(rounds: Sequence[int], total_steps: int, teacher_steps: Optional[int], num_timesteps: int) -> None:
+    """Each round halves the step count of the one before; a distilled teacher is the round -1;
+    the first round's teacher takes 2 x its steps on the schedule's `num_timesteps`."""
     if not rounds or any(n < 1 for n in rounds):
         raise ConfigError("stage.rounds", f"{list(rounds)}: list the student step counts, e.g. [16, 8, 4, 2]")
     for before, after in zip(rounds, rounds[1:]):
@@ -98,6 +102,14 @@ def check_rounds(rounds: Sequence[int], total_steps: int, teacher_steps: Optiona
                                           f"first round's student has {teacher_steps // 2} steps, not {rounds[0]}")
     if total_steps < len(rounds):
         raise ConfigError("stage.steps", f"{total_steps} steps cannot be split across {len(rounds)} rounds")
+    check_sampler_steps(2 * rounds[0], num_timesteps, "stage.rounds")
+
+
+def check_sampler_steps(steps: int, num_timesteps: int, key: str) -> None:
+    """The teacher's sampler takes `steps` steps of a schedule of `num_timesteps` (diffusion.num_timesteps)."""
+    if steps > num_timesteps:
+        raise ConfigError(key, f"the teacher would sample with {steps} steps, more than the schedule's "
+                               f"diffusion.num_timesteps={num_timesteps}; use fewer student steps")
 
 
 def teacher_steps_for(step_counts: Sequence[int], distilled: Optional[int], at_least: int) -> int:
@@ -112,15 +124,19 @@ def teacher_steps_for(step_counts: Sequence[int], distilled: Optional[int], at_l
     return distilled
 
 
-def check_adversarial(stage: AdversarialSettings, distilled: Optional[int], teacher_steps: int) -> tuple[list[int], int]:
+def check_adversarial(stage: AdversarialSettings, distilled: Optional[int], teacher_steps: int,
+                      num_timesteps: int) -> tuple[list[int], int]:
     """The student's step counts (largest first) and the teacher's sampler steps, after checking
-    `stage.rounds` and `stage.adv_mse_weight` against a teacher distilled to `distilled` steps."""
+    `stage.rounds` and `stage.adv_mse_weight` against a teacher distilled to `distilled` steps
+    and the schedule's `num_timesteps`."""
     if not stage.rounds or min(stage.rounds) < 1:
         raise ConfigError("stage.rounds", f"{list(stage.rounds)}: list the student's step counts, e.g. [4, 2, 1]")
     if stage.adv_mse_weight < 0:
         raise ConfigError("stage.adv_mse_weight", "must be >= 0")
     step_counts = sorted(set(stage.rounds), reverse=True)
-    return step_counts, teacher_steps_for(step_counts, distilled, teacher_steps)
+    steps = teacher_steps_for(step_counts, distilled, teacher_steps)
+    check_sampler_steps(steps, num_timesteps, "stage.rounds" if distilled is not None else "log.sample_steps")
+    return step_counts, steps
 
 
 def teacher_steps_of(cfg: RunConfig) -> Optional[int]:
@@ -129,7 +145,21 @@ def teacher_steps_of(cfg: RunConfig) -> Optional[int]:
     full diffusion model). Each kind's preflight checks its own knobs against it."""
     check_weighting(cfg.diffusion)
     teacher = check_teacher(cfg.stage.teacher, cfg.model, cfg.diffusion, cfg.data)
-    return teacher_steps(cfg.stage.teacher, teacher.stage)
+    steps = teacher_steps(cfg.stage.teacher, teacher.stage)
+    check_guidance_taught(cfg.model.guidance_embed, steps, teacher.model.guidance_embed)
+    return steps
+
+
+def check_guidance_taught(guidance_embed: bool, distilled: Optional[int], teacher_takes_guidance: bool) -> None:
+    """A guidance-conditioned student (model.guidance_embed) learns what w does from its teacher:
+    one sampled with CFG at w (`distilled` None), or a distilled one that takes w. A distilled
+    teacher without that input has its guidance baked in, so its targets ignore w and the
+    student's w (`dit sample --cfg`) would be an input trained to do nothing."""
+    if guidance_embed and distilled is not None and not teacher_takes_guidance:
+        raise ConfigError("model.guidance_embed", f"the teacher is a {distilled}-step distilled sampler with its "
+                                                  "guidance baked in (it takes no guidance scale): its targets do not "
+                                                  "depend on w, so the student could not learn one; set "
+                                                  "model.guidance_embed=false")
 
 
 def teacher_steps(directory: str, stage: Any) -> Optional[int]:
@@ -144,11 +174,11 @@ def teacher_steps(directory: str, stage: Any) -> Optional[int]:
 
 
 def preflight_progressive(cfg: RunConfig) -> None:
-    check_rounds(cfg.stage.rounds, cfg.stage.steps, teacher_steps_of(cfg))
+    check_rounds(cfg.stage.rounds, cfg.stage.steps, teacher_steps_of(cfg), cfg.diffusion.num_timesteps)
 
 
 def preflight_adversarial(cfg: RunConfig) -> None:
-    check_adversarial(cfg.stage, teacher_steps_of(cfg), cfg.log.sample_steps)
+    check_adversarial(cfg.stage, teacher_steps_of(cfg), cfg.log.sample_steps, cfg.diffusion.num_timesteps)
 
 
 # What a text encoder's embeddings depend on among its settings (`null` is the DiT's own: the

@@ -31,7 +31,7 @@ from trainer.media import save_grid
 from trainer.models.dit import DiT, TextEmbedding, build_dit
 from trainer.models.text import conditioned
 from trainer.stage_config import ProgressiveSettings
-from trainer.stages.checks import check_teacher, check_teacher_exists, teacher_steps
+from trainer.stages.checks import check_guidance_taught, check_teacher, check_teacher_exists, teacher_steps
 from trainer.stages.pretrain import PretrainStage
 
 # CFG on the teacher uses the rescale its sampler uses (Lin et al. 2023 recommend 0.7 with zero
@@ -151,6 +151,7 @@ class DistillationStage(PretrainStage):
         super().__init__(model, diffusion, stage, data)
         self.teacher, weights, self.teacher_source = load_teacher(stage.teacher, model, diffusion, data,
                                                                   self.text.dim, self.text.pooled_dim)
+        check_guidance_taught(model.guidance_embed, self.teacher.steps, self.teacher.takes_guidance)
         init_student_from(self.players["student"], weights)
         self.step = 0  # set by start_of_step on every rank, and by a resume
 

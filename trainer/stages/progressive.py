@@ -73,7 +73,7 @@ class ProgressiveStage(DistillationStage):
         # What the engine hands `write_samples`: the EMA, or the raw weights where none is kept.
         self.sampled_weights = "ema" if ema else "raw"
         self.rounds = list(stage.rounds)
-        check_rounds(self.rounds, stage.steps, self.teacher.steps)
+        check_rounds(self.rounds, stage.steps, self.teacher.steps, diffusion.num_timesteps)
         self.round_length = stage.steps // len(self.rounds)
         self.round = 0  # index of the round whose teacher `self.teacher` is
 
