@@ -113,3 +113,25 @@ def test_latents_made_by_other_encoders_are_refused_before_training(shapes_shard
     del old.extra["encoded_by"]
     old.write()
     preflight(tiny_config(tmp_path, *run, f"model.autoencoder.path={retrained}"))
+
+
+def test_a_text_encoder_folder_is_identified_by_its_files(tmp_path, monkeypatch):
+    """A text encoder at model.text.path is identified by the sha256 of its files (another
+    folder's config differs), its large weight files by their size alone (hashing a T5-XXL's
+    would take a minute at every start)."""
+    from trainer.config import ModelConfig, TextEncoderConfig
+    from trainer.stages import checks
+
+    folders = {}
+    for name, d_model in (("a", 512), ("b", 768)):
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        (folders[name] / "config.json").write_text(f'{{"d_model": {d_model}}}')
+        (folders[name] / "model.safetensors").write_bytes(bytes([d_model % 251]) * 4096)
+    identity = {name: checks.encoder_identity(ModelConfig(text=TextEncoderConfig(kind="t5", path=str(folder))))
+                for name, folder in folders.items()}
+    assert identity["a"]["text_files"].keys() == {"config.json", "model.safetensors"}
+    assert identity["a"]["text_files"]["config.json"] != identity["b"]["text_files"]["config.json"]
+    monkeypatch.setattr(checks, "HASHED_BYTES", 1024)
+    big = checks.encoder_identity(ModelConfig(text=TextEncoderConfig(kind="t5", path=str(folders["a"]))))
+    assert big["text_files"]["model.safetensors"] == "4096 bytes"

@@ -184,6 +184,7 @@ def preflight_adversarial(cfg: RunConfig) -> None:
 # What a text encoder's embeddings depend on among its settings (`null` is the DiT's own: the
 # dropped caption's embedding is learned or zeros at training time, never precomputed).
 TEXT_IDENTITY = ("kind", "arch", "max_length", "precision")
+HASHED_BYTES = 64 << 20  # text encoder files up to this size are identified by sha256, larger ones by size
 
 
 def encoder_identity(model: ModelConfig) -> dict:
@@ -194,7 +195,7 @@ def encoder_identity(model: ModelConfig) -> dict:
     weights come with a package: minilm, open_clip's own)."""
     import dataclasses
 
-    saved = model.autoencoder.kind != "none" and model.autoencoder.path
+    saved = model.autoencoder.kind != "none" and Path(model.autoencoder.path or "/nonexistent").is_dir()
     files = sorted(p for p in Path(model.autoencoder.path).iterdir()
                    if p.suffix == ".safetensors" or p.name in ("config.json", "latent_norm.json")) if saved else []
     return {"autoencoder": {p.name: sha256(p) for p in files}, "text": dataclasses.asdict(model.text),
@@ -202,12 +203,14 @@ def encoder_identity(model: ModelConfig) -> dict:
 
 
 def _text_files(text: TextEncoderConfig) -> dict[str, str]:
-    """sha256 per file of the text encoder's `path`: the file, or the files of the directory."""
+    """Per file of the text encoder's `path` (the file, or the files of the directory): its
+    sha256, or its size for one above HASHED_BYTES (a T5-XXL's 19 GB of weights would take
+    a minute to hash at every start; its config and tokenizer files are hashed)."""
     path = Path(text.path) if text.path else None
     if path is None or not path.exists():
         return {}
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
-    return {p.name: sha256(p) for p in files}
+    return {p.name: sha256(p) if p.stat().st_size <= HASHED_BYTES else f"{p.stat().st_size} bytes" for p in files}
 
 
 def check_encoders(cfg: RunConfig) -> None:
