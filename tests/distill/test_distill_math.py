@@ -222,14 +222,16 @@ def test_guidance_embedded_student_starts_equal_to_teacher():
 
 
 def test_round_schedule_and_teacher_mismatch_are_config_errors():
-    check_rounds([16, 8, 4, 2], 8, None)
-    check_rounds([4, 2], 4, 8)
+    check_rounds([16, 8, 4, 2], 8, None, 1000)
+    check_rounds([4, 2], 4, 8, 1000)
     with pytest.raises(ConfigError, match="stage.rounds.*halves"):
-        check_rounds([8, 2], 10, None)
+        check_rounds([8, 2], 10, None, 1000)
     with pytest.raises(ConfigError, match="stage.rounds.*8-step"):
-        check_rounds([2, 1], 10, 8)
+        check_rounds([2, 1], 10, 8, 1000)
     with pytest.raises(ConfigError, match="stage.steps"):
-        check_rounds([4, 2, 1], 2, None)
+        check_rounds([4, 2, 1], 2, None, 1000)
+    with pytest.raises(ConfigError, match="stage.rounds.*num_timesteps=16"):  # a 32-step teacher on 16 timesteps
+        check_rounds([16, 8], 10, None, 16)
     with pytest.raises(ConfigError, match="stage.rounds.*divide"):
         teacher_steps_for([4, 3], 4, 32)
     assert teacher_steps_for([4, 2, 1], None, 25) == 28 and teacher_steps_for([3, 2], None, 4) == 6

@@ -271,8 +271,9 @@ def frames(path: Path) -> list[bytes]:
 @contextmanager
 def one_rank_group() -> Iterator:
     """A process group of this process alone, over gloo, as `dit train` starts one rank (its
-    DistContext); destroyed on exit, with the clone of it DeepSpeed keeps (engines built under a
-    later group would otherwise be handed the dead one)."""
+    DistContext); destroyed on exit, with what DeepSpeed keeps of the groups (its clone of the
+    world group, and the model-parallel unit a pipeline engine registers): engines built under a
+    later group would otherwise be handed dead ones, also when an earlier test left them."""
     import torch.distributed as dist
     from deepspeed.utils import groups
 
@@ -283,9 +284,10 @@ def one_rank_group() -> Iterator:
         for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                                MASTER_PORT=str(free_port())).items():
             env.setenv(key, value)
+        groups._WORLD_GROUP = groups.mpu = None
         ctx = init_distributed(1, 60)
         try:
             yield ctx
         finally:
             dist.destroy_process_group()
-            groups._WORLD_GROUP = None
+            groups._WORLD_GROUP = groups.mpu = None
