@@ -195,7 +195,8 @@ def encoder_identity(model: ModelConfig) -> dict:
     weights come with a package: minilm, open_clip's own)."""
     import dataclasses
 
-    saved = model.autoencoder.kind != "none" and Path(model.autoencoder.path or "/nonexistent").is_dir()
+    ae = model.autoencoder
+    saved = ae.kind != "none" and bool(ae.path) and Path(ae.path).is_dir()
     files = sorted(p for p in Path(model.autoencoder.path).iterdir()
                    if p.suffix == ".safetensors" or p.name in ("config.json", "latent_norm.json")) if saved else []
     return {"autoencoder": {p.name: sha256(p) for p in files}, "text": dataclasses.asdict(model.text),
