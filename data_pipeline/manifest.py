@@ -327,9 +327,14 @@ def try_load_manifest(directory: str):
         return None
 
 
+def source_specs(spec: str) -> list[str]:
+    """The sources of a "::"-joined `data.shards` spec, stripped, in order (empty parts dropped)."""
+    return [p.strip() for p in spec.split(SOURCE_SEPARATOR) if p.strip()]
+
+
 def resolve_sources(spec: str) -> list[Manifest]:
     """Every source of a "::"-joined spec, in order."""
-    parts = [p for p in spec.split(SOURCE_SEPARATOR) if p.strip()]
+    parts = source_specs(spec)
     if not parts:
         raise DataError("data.shards is empty; set it to a shard directory written by `dit data synth|write`")
-    return [resolve_source(p.strip()) for p in parts]
+    return [resolve_source(p) for p in parts]

@@ -80,12 +80,6 @@ def normalize_caption(caption: str) -> str:
     return " ".join(caption.casefold().split())
 
 
-def _sources(spec: str) -> list[str]:
-    from data_pipeline.manifest import SOURCE_SEPARATOR
-
-    return [p.strip() for p in spec.split(SOURCE_SEPARATOR) if p.strip()]
-
-
 def _shard_captions(path: str, num: int, offsets: list[int]) -> Iterator[str]:
     """The caption of each of the `num` samples of one shard, from its `txt` (or json
     `caption`) member alone: a local sample's image, video or latent bytes are never copied.
@@ -123,11 +117,11 @@ def training_captions(datas: Iterable[DataConfig]) -> set[str]:
     members: pixel shards and the latent shards of `dit data precompute` both keep them.
     Raises data_pipeline.errors.DataError (or OSError) when a source cannot be read, e.g.
     the shards are gone: a split of seen and novel captions must not be guessed."""
-    from data_pipeline.manifest import resolve_source
+    from data_pipeline.manifest import resolve_source, source_specs
 
     specs = []
     for data in datas:
-        for spec in [*_sources(data.shards), *(s for m in data.mixture for s in _sources(m))]:
+        for spec in [*source_specs(data.shards), *(s for m in data.mixture for s in source_specs(m))]:
             specs += [spec] if spec not in specs else []
     found: set[str] = set()
     for spec in specs:
@@ -161,10 +155,10 @@ def pixel_source(shards: str) -> str:
     pixel sources are kept. ValueError, naming the source, when latents record no source or it
     is gone or holds no pixels."""
     from data_pipeline.errors import DataError
-    from data_pipeline.manifest import SOURCE_SEPARATOR, load_manifest, resolve_source
+    from data_pipeline.manifest import SOURCE_SEPARATOR, load_manifest, resolve_source, source_specs
 
     out = []
-    for spec in _sources(shards):
+    for spec in source_specs(shards):
         manifest = resolve_source(spec)
         if manifest.kind != "latent":
             out.append(spec)

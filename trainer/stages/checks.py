@@ -16,7 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from data_pipeline import remote
 from data_pipeline.errors import DataError
-from data_pipeline.manifest import ENCODED_BY, SOURCE_SEPARATOR, resolve_source
+from data_pipeline.manifest import ENCODED_BY, resolve_source, source_specs
 from trainer.checkpoint_format import CheckpointError, resolve, sha256, student_round
 from trainer.config import (ConfigError, DataConfig, DiffusionConfig, ModelConfig, RunConfig, TextEncoderConfig,
                             check_weighting, flatten, to_dict, validate)
@@ -222,9 +222,8 @@ def check_encoders(cfg: RunConfig) -> None:
     (`extra.encoded_by`, written by `dit data precompute` with `precompute_encoder`) is
     compared with this run's; manifests from before that record, and remote sources (their
     manifest is read by the ranks, which may hold credentials this host lacks), are not."""
-    sources = [s for s in cfg.data.shards.split(SOURCE_SEPARATOR) + list(cfg.data.mixture) if s.strip()]
     current: Optional[dict] = None
-    for spec in (s.strip() for s in sources):
+    for spec in source_specs(cfg.data.shards) + [s.strip() for s in cfg.data.mixture]:
         if remote.is_remote(spec):
             continue
         try:
