@@ -61,7 +61,9 @@ def init_distributed(pipeline_stages: int, timeout_s: int, sequence_parallel: in
     rank, world, local = world_from_env()
     if world == 1:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        # port 0: the kernel picks a free one; this process is the store's only client (a port
+        # derived from the pid collided between two single-process runs on one machine)
+        os.environ.setdefault("MASTER_PORT", "0")
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
