@@ -211,7 +211,7 @@ def distilled_settings(cfg: RunConfig, settings: SamplerSettings, directory: Pat
     `asked_steps` where given (None: not asked for). A student learns to match its teacher at
     the counts it was trained for only (Salimans & Ho 2022, "Progressive Distillation for Fast
     Sampling of Diffusion Models"), so another count is honoured with a warning; the count used
-    is printed either way. A sampler or guidance rescale asked for (other than the default) is
+    is printed either way. So is a guidance input outside the w range it was distilled on. A sampler or guidance rescale asked for (other than the default) is
     noted as not applying."""
     own = distilled_steps(cfg.stage, student_round(directory, cfg.stage))
     trained = sorted(set(cfg.stage.rounds)) if cfg.stage.kind == "adversarial" else [own]
@@ -224,6 +224,11 @@ def distilled_settings(cfg: RunConfig, settings: SamplerSettings, directory: Pat
               f"asked for, which it was not trained for (drop --steps, or the stage's `steps`, to use its {own})",
               flush=True)
     used = student_settings(replace(settings, steps=steps), cfg.model.guidance_embed)
+    low, high = cfg.stage.guidance_min, cfg.stage.guidance_max
+    if cfg.model.guidance_embed and not low <= used.cfg_scale <= high:
+        print(f"warning: {student} learned its guidance input w on [{low:g}, {high:g}] (stage.guidance_min/max): "
+              f"sampling it at w={used.cfg_scale:g}, which it was not trained for (--cfg inside that range)",
+              flush=True)
     unused = [f"{what} {asked}" for what, asked, default, now in (
         ("sampler", settings.sampler, SamplerSettings().sampler, used.sampler),
         ("guidance rescale", settings.guidance_rescale, SamplerSettings().guidance_rescale, used.guidance_rescale))

@@ -164,3 +164,14 @@ def test_raw_weights_verify_the_config_too(tmp_path):
     for ema in (True, False):
         with pytest.raises(CheckpointError, match="config.yaml is missing or was modified"):
             load_stage(spec, SamplerSettings(), ema=ema)
+
+
+def test_a_guidance_input_outside_the_distilled_range_is_warned_of(tmp_path, capsys):
+    checkpoint = write_checkpoint(tiny_config(tmp_path / "student", *STUDENT, "stage.rounds=[2]",
+                                              "stage.guidance_min=1.0", "stage.guidance_max=4.0"))
+    spec = CascadeStageSpec(str(checkpoint))
+    assert load_stage(spec, SamplerSettings(cfg_scale=4.0)).settings.cfg_scale == 4.0
+    assert "warning" not in capsys.readouterr().out
+    assert load_stage(spec, SamplerSettings(cfg_scale=7.0)).settings.cfg_scale == 7.0  # honoured, with a warning
+    printed = capsys.readouterr().out
+    assert "warning:" in printed and "w on [1, 4]" in printed and "w=7" in printed
