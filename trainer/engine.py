@@ -417,7 +417,8 @@ class Trainer:
         code = EXIT_OK
         drawn = -1  # the step of the last sample grid drawn here
         while self.state.step < total:
-            self.stage.start_of_step(self.state.step, self.raw_weights)
+            if self.stage.start_of_step(self.state.step, self.raw_weights) and self.ema is not None:
+                self.ema.restart(self.ema_module)
             self.record_step(*self.train_step(batches))
             step, preempted = self.state.step, preempt.agreed()
             saving = preempted or step % self.cfg.checkpoint.every == 0 or step == total

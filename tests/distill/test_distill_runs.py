@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tests.trainer.harness import metrics, run_train
 from trainer.checkpoint import LATEST, load_for_inference
@@ -46,7 +47,7 @@ def kill_and_resume(args: list[str], killed: Path, kill_at: int) -> None:
 
 
 PROGRESSIVE = ["stage.kind=progressive", "stage.rounds=[2,1]", "stage.steps=8", "model.guidance_embed=true",
-               "diffusion.loss_weighting=trunc_snr", "checkpoint.every=3", "data.num_workers=1"]
+               "diffusion.loss_weighting=trunc_snr", "checkpoint.every=5", "data.num_workers=1"]
 ADVERSARIAL = ["stage.kind=adversarial", "stage.rounds=[1]", "stage.steps=30", "data.batch_size=8", "optim.lr=5e-4",
                "optim.disc_lr=2e-3", "diffusion.loss_weighting=trunc_snr", "checkpoint.every=10", "data.num_workers=1"]
 
@@ -71,8 +72,8 @@ def adversarial_run(shapes_shards, tiny_teacher, tmp_path_factory) -> tuple[list
 
 def test_progressive_rounds_hand_over_export_and_resume_across_a_round(progressive_run, tmp_path):
     """The round changes at step 4, each round is exported and loads as an inference
-    checkpoint, and a run killed in round 2 resumes (its teacher from stage.safetensors) to the
-    same losses and weights."""
+    checkpoint, round 2's EMA starts at round 1's last student, and a run killed in round 2
+    resumes (its teacher from stage.safetensors) to the same losses and weights."""
     args, straight = progressive_run
     rounds = per_step(straight, "round")
     assert [rounds[s] for s in range(1, 9)] == [1.0] * 4 + [2.0] * 4
@@ -84,9 +85,16 @@ def test_progressive_rounds_hand_over_export_and_resume_across_a_round(progressi
         assert "guidance_embed: true" in config_yaml and any("guidance_embedder" in k for k in weights)
     grids = [r["sample_grid"] for r in metrics(straight) if "sample_grid" in r]
     assert grids and Path(grids[-1]).is_file()
+    # ema.decay 0.9: one step after the restart at the round's first weights w4, 0.9 w4 + 0.1 w5
+    first = load_for_inference(exports / "round_1_2steps")[1]  # w4, raw
+    fifth = player_weights(straight, "student", "step_00000005")
+    ema = load_file(str(straight / "checkpoints" / "step_00000005" / "ema.safetensors"))
+    assert ema.keys() == first.keys()
+    for name, shadow in ema.items():
+        torch.testing.assert_close(shadow, first[name].float().lerp(fifth[name].float(), 0.1))
 
     killed = tmp_path / "killed"
-    kill_and_resume(args, killed, kill_at=8)  # checkpoints at 3 and 6: resumes inside round 2
+    kill_and_resume(args, killed, kill_at=8)  # checkpoints at 5 and 8: resumes inside round 2
     a, b = per_step(straight, "loss"), per_step(killed, "loss")
     assert [a[s] for s in (7, 8)] == [b[s] for s in (7, 8)]
     assert same(player_weights(straight, "student"), player_weights(killed, "student"))

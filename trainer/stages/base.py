@@ -82,12 +82,14 @@ class Stage:
     def losses(self, batch: dict[str, Any], generator: torch.Generator) -> Iterator[PlayerLoss]:
         raise NotImplementedError
 
-    def start_of_step(self, step: int, student_weights: Callable[[], dict[str, torch.Tensor]]) -> None:
-        """Called on every rank before step `step` (0-based count of finished steps).
+    def start_of_step(self, step: int, student_weights: Callable[[], dict[str, torch.Tensor]]) -> bool:
+        """Called on every rank before step `step` (0-based count of finished steps); True where
+        the student begins a new training from here, so its EMA starts again at its weights.
 
         `student_weights()` returns the student's whole current (raw, not EMA) weights; it is a
         collective, so a stage calls it on all ranks or on none - decide from `step` alone.
         Progressive distillation uses this to make the student the next round's teacher."""
+        return False
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Whole tensors the stage needs on resume beyond its players (e.g. a teacher that was

@@ -158,8 +158,9 @@ class DistillationStage(PretrainStage):
     def helpers(self) -> list[nn.Module]:
         return [*super().helpers(), self.teacher.net]
 
-    def start_of_step(self, step: int, student_weights: Callable[[], dict[str, Tensor]]) -> None:
+    def start_of_step(self, step: int, student_weights: Callable[[], dict[str, Tensor]]) -> bool:
         self.step = step
+        return False
 
     def note(self, message: str) -> None:
         """One line from the rank that writes the stage's files: what a resume kept."""

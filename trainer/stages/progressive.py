@@ -86,14 +86,18 @@ class ProgressiveStage(DistillationStage):
         return self.rounds[self.round]
 
     # ---- rounds -------------------------------------------------------------------------------
-    def start_of_step(self, step: int, student_weights: Callable[[], dict[str, Tensor]]) -> None:
-        """At a round boundary (the same step on every rank) the student becomes the teacher."""
+    def start_of_step(self, step: int, student_weights: Callable[[], dict[str, Tensor]]) -> bool:
+        """At a round boundary (the same step on every rank) the student becomes the teacher,
+        and the next round's student, starting from the same weights, is a new training: its
+        EMA starts again there (an EMA of decay d kept d^N of the previous round's student, a
+        sampler of twice the steps, after a round of N steps: 1.8% at 0.999 over 4,000)."""
         super().start_of_step(step, student_weights)
         if self.round_of(step) == self.round:
-            return
+            return False
         weights = student_weights()  # collective
         self.export_round(weights, "raw", step)
         self.become_teacher(weights, self.round + 1)
+        return True
 
     def become_teacher(self, weights: dict[str, Tensor], round_index: int) -> None:
         """Round `round_index`'s teacher: the previous student, a (2 * its steps)-step sampler. A
