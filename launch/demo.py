@@ -8,7 +8,8 @@ Each training stage is started exactly as a user would: `torchrun ... dit train 
 
 Overrides (`dit demo CONFIG KEY=VALUE ...`) are keys of the DiT's config. Those of what the two
 stages share (SHARED_SECTIONS: the run, the dataset and its pixel settings, the autoencoder that
-one trains and the other encodes with, DeepSpeed) reach the autoencoder stage too; `autoencoder:KEY=VALUE` sets a key of
+one trains and the other encodes with, DeepSpeed but for its splits of the DiT) reach the
+autoencoder stage too; `autoencoder:KEY=VALUE` sets a key of
 the autoencoder stage's config (configs/demo_autoencoder.yaml) alone, after those.
 """
 from __future__ import annotations
@@ -32,6 +33,9 @@ AUTOENCODER_CONFIG = "demo_autoencoder.yaml"  # beside the DiT's config
 SHARED_SECTIONS = ("run", "model.autoencoder", "deepspeed", "data.shards", "data.kind", "data.resolution",
                    "data.resolutions", "data.aspect_buckets", "data.bucket_multiple", "data.num_frames",
                    "data.frame_buckets", "data.frame_stride", "data.fps", "data.random_crop")
+# ... except DeepSpeed's splits of the DiT (its blocks over pipeline stages, its tokens over
+# ranks), which the autoencoder stage refuses
+DIT_ONLY = ("deepspeed.pipeline_stages", "deepspeed.sequence_parallel_size")
 AUTOENCODER_ONLY = "autoencoder:"  # the prefix of an override of the autoencoder stage alone
 # What the DiT stage reads of the autoencoder stage's output: one stage's alone would part them.
 AGREED_SECTIONS = ("run.out_dir", "model.autoencoder")
@@ -45,7 +49,7 @@ def in_sections(override: str, sections: tuple[str, ...]) -> bool:
 
 def stage_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
     """`dit demo`'s overrides split into (the autoencoder stage's, the DiT stage's): those of
-    SHARED_SECTIONS reach both, `autoencoder:KEY=VALUE` the autoencoder alone (after the
+    SHARED_SECTIONS (DIT_ONLY aside) reach both, `autoencoder:KEY=VALUE` the autoencoder alone (after the
     others), the rest the DiT alone.
     ['data.resolution=64', 'stage.steps=9', 'autoencoder:stage.steps=5'] ->
     (['data.resolution=64', 'stage.steps=5'], ['data.resolution=64', 'stage.steps=9'])"""
@@ -56,7 +60,8 @@ def stage_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
                               "autoencoder stage alone, but the DiT stage reads the autoencoder that stage saves "
                               "there: drop the prefix to set it for both")
     dit = [o for o in overrides if not o.startswith(AUTOENCODER_ONLY)]
-    return [o for o in dit if in_sections(o, SHARED_SECTIONS)] + own, dit
+    shared = [o for o in dit if in_sections(o, SHARED_SECTIONS) and not in_sections(o, DIT_ONLY)]
+    return shared + own, dit
 
 
 def stage_arguments(config: str | Path, overrides: list[str]) -> tuple[list[str], list[str]]:

@@ -36,6 +36,15 @@ def test_demo_overrides_reach_every_stage_they_describe(tmp_path):
     assert (ae_cfg.stage.steps, ae_cfg.optim.lr, ae_cfg.run.seed) == (5, 1.5e-3, 0)  # its file's lr
 
 
+def test_the_dits_parallel_splits_stay_the_dits(tmp_path):
+    """Pipeline stages and sequence parallelism split the DiT; the autoencoder stage refuses them."""
+    for split in ("deepspeed.sequence_parallel_size=2", "deepspeed.pipeline_stages=2"):
+        cfg, ae_cfg = demo_configs(tmp_path, split, "deepspeed.zero_stage=1")
+        assert (cfg.deepspeed.sequence_parallel_size, cfg.deepspeed.pipeline_stages) != (1, 1)
+        assert (ae_cfg.deepspeed.sequence_parallel_size, ae_cfg.deepspeed.pipeline_stages) == (1, 1)
+        assert ae_cfg.deepspeed.zero_stage == 1
+
+
 def test_a_demo_override_that_would_part_the_stages_is_refused(tmp_path, capsys):
     assert main(["demo", str(DEMO), f"run.out_dir={tmp_path}", "autoencoder:model.autoencoder.path=elsewhere"]) == 2
     assert "model.autoencoder.path" in capsys.readouterr().err
