@@ -22,6 +22,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Optional
 
 import braceexpand
 
@@ -293,15 +294,25 @@ def check_pixel_settings(manifest: Manifest, cfg) -> None:
     `bucket_multiple` (written before precompute recorded it) counts as made at the old default,
     DEFAULT_BUCKET_MULTIPLE (8) pixels. Another multiple is refused only where it changes the
     buckets (`bucket_sizes`): square crops at a side both multiples divide are the same pixels."""
+    mismatch = pixel_settings_mismatch(manifest, cfg)
+    if mismatch is not None:
+        raise DataError(": ".join(mismatch))
+
+
+def pixel_settings_mismatch(manifest: Manifest, cfg) -> Optional[tuple[str, str]]:
+    """(the `data.` key, why) where `check_pixel_settings` refuses, else None (the trainer's
+    preflight reports it as a config error before any rank starts)."""
     recorded = _recorded(manifest.extra.get(PIXEL_SETTINGS))
     if not isinstance(recorded, dict):
-        return
+        return None
     for key, value in pixel_settings(cfg).items():
         if key in recorded and recorded[key] != value and not _same_buckets(key, recorded[key], cfg):
-            raise DataError(f"data.{key}: the latent shards in {remote.redact(manifest.root)} were precomputed with "
-                            f"{key}={recorded[key]!r} but this run has {value!r}; train with the data settings they "
-                            f"were made with (extra.{PIXEL_SETTINGS} of their {MANIFEST_NAME}) or precompute them "
-                            f"again from this run's config (dit data precompute SOURCE --config RUN.yaml)")
+            return f"data.{key}", (f"the latent shards in {remote.redact(manifest.root)} were precomputed with "
+                                   f"{key}={recorded[key]!r} but this run has {value!r}; train with the data settings "
+                                   f"they were made with (extra.{PIXEL_SETTINGS} of their {MANIFEST_NAME}) or "
+                                   f"precompute them again from this run's config (dit data precompute SOURCE "
+                                   f"--config RUN.yaml)")
+    return None
 
 
 def _recorded(settings):

@@ -108,6 +108,9 @@ def test_latents_made_by_other_encoders_are_refused_before_training(shapes_shard
     with pytest.raises(ConfigError, match=r"'model\.text\.max_length': .*max_length=16, this run has 24"):
         preflight(tiny_config(tmp_path, *run, "model.text.max_length=24"))
     preflight(tiny_config(tmp_path, *run, "model.text.null=learned"))  # the DiT's own, not the embeddings'
+    # other pixel settings: the loader's refusal, made before any rank starts
+    with pytest.raises(ConfigError, match=r"'data\.random_crop': .*precomputed with random_crop="):
+        preflight(tiny_config(tmp_path, *run, f"data.random_crop={not tiny_config(tmp_path).data.random_crop}"))
 
     old = load_manifest(str(latents))
     del old.extra["encoded_by"]
@@ -117,8 +120,8 @@ def test_latents_made_by_other_encoders_are_refused_before_training(shapes_shard
 
 def test_a_text_encoder_folder_is_identified_by_its_files(tmp_path, monkeypatch):
     """A text encoder at model.text.path is identified by the sha256 of its files (another
-    folder's config differs), its large weight files by their size alone (hashing a T5-XXL's
-    would take a minute at every start)."""
+    folder's config differs), its large weight files by their size and both ends (hashing a
+    T5-XXL's would take a minute at every start): weights of the same size differ there."""
     from trainer.config import ModelConfig, TextEncoderConfig
     from trainer.stages import checks
 
@@ -133,5 +136,19 @@ def test_a_text_encoder_folder_is_identified_by_its_files(tmp_path, monkeypatch)
     assert identity["a"]["text_files"].keys() == {"config.json", "model.safetensors"}
     assert identity["a"]["text_files"]["config.json"] != identity["b"]["text_files"]["config.json"]
     monkeypatch.setattr(checks, "HASHED_BYTES", 1024)
-    big = checks.encoder_identity(ModelConfig(text=TextEncoderConfig(kind="t5", path=str(folders["a"]))))
-    assert big["text_files"]["model.safetensors"] == "4096 bytes"
+    monkeypatch.setattr(checks, "SAMPLED_BYTES", 512)
+    weights = folders["b"] / "model.safetensors"
+    weights.write_bytes(folders["a"].joinpath("model.safetensors").read_bytes())
+    big = {name: checks.encoder_identity(ModelConfig(text=TextEncoderConfig(kind="t5", path=str(folder))))
+           ["text_files"]["model.safetensors"] for name, folder in folders.items()}
+    assert big["a"] == big["b"] and big["a"].startswith("4096 bytes, ends ")
+    for at in (0, 4095):  # another fine-tune of the same size: its first or last bytes differ
+        changed = bytearray(weights.read_bytes())
+        changed[at] ^= 1
+        weights.write_bytes(changed)
+        assert checks.encoder_identity(ModelConfig(text=TextEncoderConfig(kind="t5", path=str(folders["b"]))))[
+            "text_files"]["model.safetensors"] != big["a"]
+        changed[at] ^= 1
+        weights.write_bytes(changed)
+    hub = checks.encoder_identity(ModelConfig(text=TextEncoderConfig(kind="t5", path="google/t5-v1_1-xxl")))
+    assert hub["text_files"] == {"google/t5-v1_1-xxl": "not a local path"}

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from trainer.config import RunConfig
 from trainer.stage_config import stage_settings
-from trainer.stages.checks import PREFLIGHT, check_encoders
+from trainer.stages.checks import PREFLIGHT, check_latent_sources
 
 if TYPE_CHECKING:
     from trainer.stages.base import Stage
@@ -32,9 +32,9 @@ def stage_class(kind: str) -> type[Stage]:
 def preflight(cfg: RunConfig) -> None:
     """Checks from configs and the files they name (no network built, no process group, no
     torch imported): `dit train` and `dit launch` run them first, so a bad distillation config,
-    or latents made by other encoders, fail in about a second with the key named (ConfigError)
+    or latents made by other encoders or pixel settings, fail in about a second with the key named (ConfigError)
     instead of after DeepSpeed started."""
-    check_encoders(cfg)
+    check_latent_sources(cfg)
     if cfg.stage.kind in PREFLIGHT:
         PREFLIGHT[cfg.stage.kind](cfg)
 

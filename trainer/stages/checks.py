@@ -6,6 +6,7 @@ the same teacher checks when built.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -16,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from data_pipeline import remote
 from data_pipeline.errors import DataError
-from data_pipeline.manifest import ENCODED_BY, resolve_source, source_specs
+from data_pipeline.manifest import ENCODED_BY, pixel_settings_mismatch, resolve_source, source_specs
 from trainer.checkpoint_format import CheckpointError, resolve, sha256, student_round
 from trainer.config import (ConfigError, DataConfig, DiffusionConfig, ModelConfig, RunConfig, TextEncoderConfig,
                             check_weighting, flatten, to_dict, validate)
@@ -184,12 +185,13 @@ def preflight_adversarial(cfg: RunConfig) -> None:
 # What a text encoder's embeddings depend on among its settings (`null` is the DiT's own: the
 # dropped caption's embedding is learned or zeros at training time, never precomputed).
 TEXT_IDENTITY = ("kind", "arch", "max_length", "precision")
-HASHED_BYTES = 64 << 20  # text encoder files up to this size are identified by sha256, larger ones by size
+HASHED_BYTES = 64 << 20  # text encoder files up to this size are identified by sha256 ...
+SAMPLED_BYTES = 16 << 20  # ... larger ones by their size and the sha256 of this much at each end
 
 
 def encoder_identity(model: ModelConfig) -> dict:
     """What precomputed latents and text embeddings depend on, recorded in their manifest
-    (`extra.encoded_by`, see `check_encoders`): the sha256 of the autoencoder's weights, config
+    (`extra.encoded_by`, see `check_latent_sources`): the sha256 of the autoencoder's weights, config
     and latent normalisation (none for a pixel-space or unsaved autoencoder), the text
     encoder's settings, and the sha256 of the files at `model.text.path` (none where the
     weights come with a package: minilm, open_clip's own)."""
@@ -205,23 +207,43 @@ def encoder_identity(model: ModelConfig) -> dict:
 
 def _text_files(text: TextEncoderConfig) -> dict[str, str]:
     """Per file of the text encoder's `path` (the file, or the files of the directory): its
-    sha256, or its size for one above HASHED_BYTES (a T5-XXL's 19 GB of weights would take
-    a minute to hash at every start; its config and tokenizer files are hashed)."""
-    path = Path(text.path) if text.path else None
-    if path is None or not path.exists():
+    identity (`_file_identity`); a `path` that is no local file or folder (a hub id) is
+    recorded as it is written."""
+    if not text.path:
         return {}
+    path = Path(text.path)
+    if not path.exists():
+        return {text.path: "not a local path"}
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
-    return {p.name: sha256(p) if p.stat().st_size <= HASHED_BYTES else f"{p.stat().st_size} bytes" for p in files}
+    return {p.name: _file_identity(p) for p in files}
 
 
-def check_encoders(cfg: RunConfig) -> None:
-    """Precomputed latents and text embeddings are outputs of the encoders that made them: a
-    run whose autoencoder or text encoder differs from those (a retrained autoencoder, another
-    text encoder) would train on latents its own decoder does not read, and sample garbage
-    without an error. Each local latent source whose manifest records its encoders
-    (`extra.encoded_by`, written by `dit data precompute` with `precompute_encoder`) is
-    compared with this run's; manifests from before that record, and remote sources (their
-    manifest is read by the ranks, which may hold credentials this host lacks), are not."""
+def _file_identity(path: Path) -> str:
+    """A file's sha256, or for one above HASHED_BYTES (a T5-XXL's 19 GB of weights would take
+    a minute to hash at every start) its size and the sha256 of its first and last
+    SAMPLED_BYTES: a safetensors header and weights at both ends, which two trainings of one
+    architecture (a fine-tune, another release), files of the same size, do not share."""
+    size = path.stat().st_size
+    if size <= HASHED_BYTES:
+        return sha256(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(SAMPLED_BYTES))
+        f.seek(size - SAMPLED_BYTES)
+        digest.update(f.read(SAMPLED_BYTES))
+    return f"{size} bytes, ends {digest.hexdigest()}"
+
+
+def check_latent_sources(cfg: RunConfig) -> None:
+    """Precomputed latents and text embeddings are outputs of the encoders and pixel settings
+    that made them: a run whose autoencoder or text encoder differs from those (a retrained
+    autoencoder, another text encoder) would train on latents its own decoder does not read,
+    and sample garbage without an error. Each local latent source whose manifest records its
+    encoders (`extra.encoded_by`, written by `dit data precompute` with `precompute_encoder`)
+    is compared with this run's, and its pixel settings with the run's data section (the
+    loader's own check, `check_pixel_settings`, made here before any rank starts); manifests
+    from before those records, and remote sources (their manifest is read by the ranks, which
+    may hold credentials this host lacks), are not."""
     current: Optional[dict] = None
     for spec in source_specs(cfg.data.shards) + [s.strip() for s in cfg.data.mixture]:
         if remote.is_remote(spec):
@@ -230,7 +252,12 @@ def check_encoders(cfg: RunConfig) -> None:
             manifest = resolve_source(spec)
         except DataError:
             continue  # the stream reports an unreadable source with its own error
-        recorded = manifest.extra.get(ENCODED_BY) if manifest.kind == "latent" else None
+        if manifest.kind != "latent":
+            continue
+        mismatch = pixel_settings_mismatch(manifest, cfg.data)
+        if mismatch is not None:
+            raise ConfigError(*mismatch)
+        recorded = manifest.extra.get(ENCODED_BY)
         if recorded:
             current = current or encoder_identity(cfg.model)
             _same_encoders(recorded, current, spec)
