@@ -132,17 +132,20 @@ def learned_from(cfg: "RunConfig") -> list[DataConfig]:
     """The data a run's network learned from: its own and, for a distilled student, its
     teacher's (and so on up a chain of teachers): the student was taught what its teacher
     learned, so a caption only the teacher trained on is not novel to it. OSError when a
-    teacher's config.yaml is gone."""
+    teacher's config.yaml is gone, ConfigError (naming it) when this version cannot read it."""
     from trainer.cascade import DISTILLED
     from trainer.checkpoint_format import resolve
-    from trainer.config import load_config
+    from trainer.config import ConfigError, load_config
 
     datas = [cfg.data]
     while cfg.stage.kind in DISTILLED:
         path = resolve(cfg.stage.teacher) / "config.yaml"
         if not path.is_file():
             raise FileNotFoundError(f"the teacher's config {path} (stage.teacher) is gone")
-        cfg = load_config(path)
+        try:
+            cfg = load_config(path)
+        except ConfigError as e:
+            raise ConfigError("stage.teacher", f"the teacher's config {path} is not readable: {e}") from None
         datas.append(cfg.data)
     return datas
 
@@ -152,13 +155,14 @@ def seen_captions(cascade: "Cascade") -> tuple[Optional[set[str]], str]:
     teachers' too, `learned_from`) and a note on where they come from; (None, why) when a
     stage's shards or a teacher's config cannot be read."""
     from data_pipeline.errors import DataError
+    from trainer.config import ConfigError
 
     where = " + ".join(dict.fromkeys(s.cfg.data.shards for s in cascade.stages))
     try:
         datas = [data for s in cascade.stages for data in learned_from(s.cfg)]
         where = " + ".join(dict.fromkeys(d.shards for d in datas))
         captions = training_captions(datas)
-    except (DataError, OSError) as e:  # gone or unreadable shards; anything else is a bug to see
+    except (DataError, OSError, ConfigError) as e:  # gone or unreadable shards or teacher configs; else a bug
         return None, (f"no seen/novel split: the training captions could not be read from {where} ({e}); "
                       f"the figures above mix captions seen in training with novel ones")
     return captions, f"seen: the caption is one of the {len(captions)} distinct captions of {where}"

@@ -15,6 +15,7 @@ from data_pipeline.synth import synth_samples
 from data_pipeline.write import write_shards
 from tests.eval.eval_helpers import tiny_config, write_checkpoint
 from trainer.cascade import Cascade
+from trainer.checkpoint_format import resolve
 from trainer.evaluate import evaluate_adherence, judge_with_references, seen_captions
 from trainer.heldout import HELDOUT_SEED, heldout_set, normalize_caption, training_captions
 from trainer.sampling import SamplerSettings
@@ -82,6 +83,11 @@ def test_a_students_seen_captions_include_its_teachers(shards, tmp_path):
     seen, note = seen_captions(Cascade.load(student, SamplerSettings()))
     assert training_captions([DataConfig(shards=str(shards / "data"))]) <= seen
     assert str(shards / "data") in note and str(tmp_path / "student_data") in note
+
+    config = resolve(teacher) / "config.yaml"
+    config.write_text(config.read_text() + "retired_section: {key: 1}\n")  # a config this version cannot read
+    seen, note = seen_captions(Cascade.load(student, SamplerSettings()))
+    assert seen is None and "could not be read" in note and f"the teacher's config {config}" in note
 
     shutil.rmtree(tmp_path / "teacher")  # the teacher is gone: say so instead of guessing
     seen, note = seen_captions(Cascade.load(student, SamplerSettings()))
