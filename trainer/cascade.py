@@ -24,7 +24,8 @@ autoencoders are moved there and every tensor of a sampling call is made there.
 Each stage samples in a `precision` (the CLI's `--precision`): fp32, or bf16/fp16 autocast as
 training runs its forward passes (`trainer.numerics.autocast`); `auto` (the default) is the
 precision the stage was trained in on an accelerator and fp32 on the CPU (whose bf16 matmuls
-are slower than its fp32 ones). The weights stay float32 either way.
+are slower than its fp32 ones). The weights stay float32 either way, but for the text encoder's,
+in its own `model.text.precision`.
 
 Noise is per prompt (`PromptSeeds`): prompt i of a list draws all its noise at stage k (the
 noise augmentation of its low-resolution input, its initial noise, DDPM's step noise) from its
@@ -169,8 +170,8 @@ def load_stage(spec: CascadeStageSpec, defaults: SamplerSettings, ema: bool = Tr
                device: torch.device | str = "cpu", steps: Optional[int] = None,
                precision: str = "auto") -> LoadedStage:
     """The inference bundle of a checkpoint's config and its network with the EMA (or raw)
-    weights, both on `device` in float32, to sample in `precision` (`sampling_precision`); no
-    training stage (student, teacher) is built.
+    weights, both on `device` in float32 (the text encoder in model.text.precision), to sample
+    in `precision` (`sampling_precision`); no training stage (student, teacher) is built.
 
     Step count: the stage's own `steps`, else `steps` (the command line's --steps), else a
     distilled student's own count (`distilled_settings`), else `defaults.steps`. None means

@@ -74,7 +74,7 @@ def save_video_grid(videos: torch.Tensor, prompts: Sequence[str], path: str | Pa
 def gif_durations(frames: int, fps: float = 0.0) -> list[int]:
     """Display time in ms of each of `frames` frames played at `fps` (0: DEFAULT_FPS). GIF
     counts in 10 ms units, so each frame ends at its exact time rounded to those (8 fps: 120,
-    130, 120, 130 ms), not each lasting 1000 / fps rounded (120 ms: 8.33 fps, 24 fps played at 25)."""
+    130, 130, 120 ms: round() takes halves to even), not each lasting 1000 / fps rounded (120 ms: 8.33 fps, 24 fps played at 25)."""
     ends = [10 * round(100 * (i + 1) / (fps or DEFAULT_FPS)) for i in range(frames)]  # (F,) ms
     return [end - start for start, end in zip([0, *ends], ends)]
 

@@ -52,7 +52,8 @@ def inference_numerics(device: torch.device, precision: str) -> Iterator[None]:
     of the checkpoint's weights drawn outside DeepSpeed under the same autocast with the frozen
     helpers in the training precision (tests/trainer/harness.py, `assert_checkpoint_samples_match`);
     `dit sample` / `dit eval` sample under this autocast with `--precision` the run's (the default
-    on an accelerator), their helpers' weights in float32: equal up to rounding."""
+    on an accelerator), their helpers' weights in float32 (the text encoder's in model.text.precision,
+    as in training): equal up to rounding."""
     import torch.nn.functional as F
     from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
 
