@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Optional
 
-from trainer.config import ModelConfig, RunConfig
+from trainer.config import ModelConfig, RunConfig, meta_autoencoder
 from trainer.config_errors import ConfigError
 
 if TYPE_CHECKING:
@@ -124,19 +124,9 @@ def autoencoder_facts(cfg: RunConfig) -> tuple[int, int, int]:
     frame, whatever data.kind); a folder's config.json alone is enough (no weights are read), so a
     cluster's folders can be planned anywhere. A folder not written yet is the output of an
     autoencoder stage to come, built fresh from the settings, as `trainer.config.validate` takes it."""
-    ae_cfg = cfg.model.autoencoder
-    if ae_cfg.kind == "none":
+    ae = meta_autoencoder(cfg.model.autoencoder)
+    if ae is None:
         return 1, 1, 0
-    import torch
-
-    from trainer.models.autoencoder import Autoencoder, build_kl, diffusers_class
-
-    with torch.device("meta"):
-        if ae_cfg.path and (Path(ae_cfg.path) / "config.json").is_file():
-            cls, config = diffusers_class(ae_cfg.path)
-            ae = Autoencoder(cls.from_config(config))
-        else:
-            ae = Autoencoder(build_kl(ae_cfg))
     return ae.downsample_factor, ae.temporal_downsample, sum(p.numel() for p in ae.parameters())
 
 

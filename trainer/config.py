@@ -459,19 +459,36 @@ def autoencoder_factors(ae: AutoencoderConfig) -> tuple[int, int]:
     the shapes again when it loads a folder)."""
     if ae.kind != "kl":
         return 1, 1
-    if not ae.path or not (Path(ae.path) / "config.json").is_file():
+    if not _saved_autoencoder(ae):
         return 2 ** (len(ae.block_out_channels) - 1), 1
+    vae = meta_autoencoder(ae)
+    return vae.downsample_factor, vae.temporal_downsample
+
+
+def _saved_autoencoder(ae: AutoencoderConfig) -> bool:
+    return bool(ae.path) and (Path(ae.path) / "config.json").is_file()
+
+
+def meta_autoencoder(ae: AutoencoderConfig):
+    """The frozen autoencoder (trainer.models.autoencoder.Autoencoder) on the meta device, as
+    the trainer builds it, no weights read: from a folder's config.json, else fresh from these
+    settings (a folder not written yet is the output of an autoencoder stage to come); None
+    for pixels. A folder of a class that is no autoencoder is a ConfigError."""
+    if ae.kind != "kl":
+        return None
     import torch
 
-    from trainer.models.autoencoder import Autoencoder, diffusers_class
+    from trainer.models.autoencoder import Autoencoder, build_kl, diffusers_class
 
+    if not _saved_autoencoder(ae):
+        with torch.device("meta"):
+            return Autoencoder(build_kl(ae))
     try:
         cls, config = diffusers_class(ae.path)
     except ValueError as e:  # "model.autoencoder.path: <class> is not one of ..."
         raise ConfigError("model.autoencoder.path", str(e).partition(": ")[2] or str(e)) from None
     with torch.device("meta"):
-        vae = Autoencoder(cls.from_config(config))
-    return vae.downsample_factor, vae.temporal_downsample
+        return Autoencoder(cls.from_config(config))
 
 
 @dataclass(frozen=True)
