@@ -11,7 +11,9 @@ truncated) and have no size limit, so this is a small wrapper instead:
   copy and the last rename wins. Temporaries of killed runs are removed by the next eviction;
 - LRU with a size limit: every use touches the file's mtime; after a download, the least
   recently used shards are deleted until the directory fits (a reader that has one open keeps
-  reading it: POSIX unlink), never the one just fetched;
+  reading it: POSIX unlink), never the one just fetched. A copy is handed out open, opened
+  before any eviction can reach it: another worker's eviction between finding a copy and
+  opening it would have made the open fail;
 - no secrets on disk: a file is named by a hash of its URL without user info and without the
   query parameters of pre-signed URLs (the rest of the query is kept in the hash) and the URL's
   base name, and nothing else is written.
@@ -29,6 +31,7 @@ import tempfile
 import time
 import urllib.parse
 from pathlib import Path
+from typing import BinaryIO, Optional
 
 from data_pipeline import remote
 from data_pipeline.errors import DataError
@@ -55,13 +58,14 @@ def cache_name(url: str) -> str:
     return f"{digest}-{_UNSAFE.sub('_', base.rsplit('/', 1)[-1])[-80:]}"
 
 
-def cached_copy(url: str, directory: str, max_bytes: int, expected_size: int = 0) -> str:
-    """Path of the local copy of `url` in `directory`, downloaded first when absent or not of
-    `expected_size` bytes (the manifest's `bytes`; 0: unknown): a shard rewritten at the same
-    URL is fetched again once, and DataError if it still differs from its manifest."""
+def cached_copy(url: str, directory: str, max_bytes: int, expected_size: int = 0) -> BinaryIO:
+    """The local copy of `url` in `directory`, open for reading, downloaded first when absent
+    or not of `expected_size` bytes (the manifest's `bytes`; 0: unknown): a shard rewritten at
+    the same URL is fetched again once, and DataError if it still differs from its manifest."""
     path = Path(directory) / cache_name(url)
-    if _fresh(path, expected_size):
-        return str(path)
+    found = _open_fresh(path, expected_size)
+    if found is not None:
+        return found
     path.parent.mkdir(parents=True, exist_ok=True)
     fs, inner = remote.filesystem(url)
     fd, tmp = tempfile.mkstemp(prefix=_TMP, dir=path.parent)
@@ -74,25 +78,31 @@ def cached_copy(url: str, directory: str, max_bytes: int, expected_size: int = 0
         if expected is not None and written != expected:
             raise OSError(f"download of {remote.redact(url)} stopped at {written} of {expected} bytes")
         _check_size(url, written, expected_size)
+        copy = open(tmp, "rb")  # the file, whatever evicts its name from here on
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     evict(directory, max_bytes, keep=path.name)
-    return str(path)
+    return copy
 
 
-def _fresh(path: Path, expected_size: int) -> bool:
-    """Whether the cached copy exists and has the manifest's size (a use: touched); a copy of
-    another size is an older version of the shard and is deleted."""
+def _open_fresh(path: Path, expected_size: int) -> Optional[BinaryIO]:
+    """The cached copy, open, where it exists and has the manifest's size (a use: touched);
+    a copy of another size is an older version of the shard and is deleted."""
     try:
-        if expected_size and path.stat().st_size != expected_size:
-            path.unlink(missing_ok=True)
-            return False
-        os.utime(path)  # a use: most recently used now
-        return True
+        copy = open(path, "rb")
     except FileNotFoundError:
-        return False
+        return None
+    if expected_size and os.fstat(copy.fileno()).st_size != expected_size:
+        copy.close()
+        path.unlink(missing_ok=True)
+        return None
+    try:
+        os.utime(path)  # a use: most recently used now
+    except FileNotFoundError:  # evicted by another worker since the open: still readable
+        pass
+    return copy
 
 
 def _check_size(url: str, size, expected_size: int) -> None:
@@ -134,7 +144,7 @@ def open_shard(path: str, options: remote.RemoteOptions, expected_size: int = 0)
     if remote.is_pipe(path):
         return remote.PipeFile(path[len(remote.PIPE):])
     if remote.is_url(path) and options.cache_dir:
-        return open(cached_copy(path, options.cache_dir, options.cache_max_bytes, expected_size), "rb")
+        return cached_copy(path, options.cache_dir, options.cache_max_bytes, expected_size)
     if remote.is_url(path):
         fs, inner = remote.filesystem(path)
         f = fs.open(inner, "rb", block_size=options.block_size, cache_type="readahead")

@@ -15,9 +15,22 @@ def test_objects_addressed_by_query_get_their_own_copies(tmp_path):
     fs = fsspec.filesystem("memory")
     fs.pipe_file("/hd-cache/get?id=0", b"shard zero")
     fs.pipe_file("/hd-cache/get?id=1", b"shard one, longer")
-    zero = cached_copy("memory://hd-cache/get?id=0", str(tmp_path), 1 << 20)
-    one = cached_copy("memory://hd-cache/get?id=1", str(tmp_path), 1 << 20)
-    assert (open(zero, "rb").read(), open(one, "rb").read()) == (b"shard zero", b"shard one, longer")
+    with cached_copy("memory://hd-cache/get?id=0", str(tmp_path), 1 << 20) as zero, \
+            cached_copy("memory://hd-cache/get?id=1", str(tmp_path), 1 << 20) as one:
+        assert (zero.read(), one.read()) == (b"shard zero", b"shard one, longer")
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_a_copy_is_handed_out_open_so_another_workers_eviction_cannot_take_it(tmp_path):
+    """Two shards, room for one: each worker's download evicts the other's copy, whose reader,
+    holding it open, reads it whole (a path handed out, then opened, failed once evicted)."""
+    fs = fsspec.filesystem("memory")
+    fs.pipe_file("/hd-race/a.tar", b"a" * 1000)
+    fs.pipe_file("/hd-race/b.tar", b"b" * 1000)
+    with cached_copy("memory://hd-race/a.tar", str(tmp_path), 1500) as a:
+        with cached_copy("memory://hd-race/b.tar", str(tmp_path), 1500) as b:  # evicts a's copy
+            assert [p.name.endswith("b.tar") for p in tmp_path.iterdir()] == [True]
+            assert (a.read(), b.read()) == (b"a" * 1000, b"b" * 1000)
 
 
 def test_signing_parameters_and_credentials_are_no_part_of_the_name():
