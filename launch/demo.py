@@ -9,8 +9,8 @@ Each training stage is started exactly as a user would: `torchrun ... dit train 
 Overrides (`dit demo CONFIG KEY=VALUE ...`) are keys of the DiT's config. Those of what the two
 stages share (SHARED_SECTIONS: the run, the dataset and its pixel settings, the autoencoder that
 one trains and the other encodes with, DeepSpeed but for its splits of the DiT) reach the
-autoencoder stage too; `autoencoder:KEY=VALUE` sets a key of
-the autoencoder stage's config (configs/demo_autoencoder.yaml) alone, after those.
+autoencoder stage too; `autoencoder:KEY=VALUE` sets a key of the autoencoder stage's config
+(configs/demo_autoencoder.yaml) alone, after those.
 """
 from __future__ import annotations
 
@@ -49,8 +49,8 @@ def in_sections(override: str, sections: tuple[str, ...]) -> bool:
 
 def stage_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
     """`dit demo`'s overrides split into (the autoencoder stage's, the DiT stage's): those of
-    SHARED_SECTIONS (DIT_ONLY aside) reach both, `autoencoder:KEY=VALUE` the autoencoder alone (after the
-    others), the rest the DiT alone.
+    SHARED_SECTIONS (DIT_ONLY aside) reach both, `autoencoder:KEY=VALUE` the autoencoder alone
+    (after the others), the rest the DiT alone.
     ['data.resolution=64', 'stage.steps=9', 'autoencoder:stage.steps=5'] ->
     (['data.resolution=64', 'stage.steps=5'], ['data.resolution=64', 'stage.steps=9'])"""
     own = [o.removeprefix(AUTOENCODER_ONLY) for o in overrides if o.startswith(AUTOENCODER_ONLY)]

@@ -212,8 +212,8 @@ def distilled_settings(cfg: RunConfig, settings: SamplerSettings, directory: Pat
     `asked_steps` where given (None: not asked for). A student learns to match its teacher at
     the counts it was trained for only (Salimans & Ho 2022, "Progressive Distillation for Fast
     Sampling of Diffusion Models"), so another count is honoured with a warning; the count used
-    is printed either way. So is a guidance input outside the w range it was distilled on. A sampler or guidance rescale asked for (other than the default) is
-    noted as not applying."""
+    is printed either way. So is a guidance input outside the w range it was distilled on. A
+    sampler or guidance rescale asked for (other than the default) is noted as not applying."""
     own = distilled_steps(cfg.stage, student_round(directory, cfg.stage))
     trained = sorted(set(cfg.stage.rounds)) if cfg.stage.kind == "adversarial" else [own]
     steps = own if asked_steps is None else asked_steps

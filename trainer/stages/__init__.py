@@ -32,8 +32,8 @@ def stage_class(kind: str) -> type[Stage]:
 def preflight(cfg: RunConfig) -> None:
     """Checks from configs and the files they name (no network built, no process group, no
     torch imported): `dit train` and `dit launch` run them first, so a bad distillation config,
-    or latents made by other encoders or pixel settings, fail in about a second with the key named (ConfigError)
-    instead of after DeepSpeed started."""
+    or latents made by other encoders or pixel settings, fail in about a second with the key
+    named (ConfigError) instead of after DeepSpeed started."""
     check_latent_sources(cfg)
     if cfg.stage.kind in PREFLIGHT:
         PREFLIGHT[cfg.stage.kind](cfg)

@@ -191,9 +191,9 @@ SAMPLED_BYTES = 16 << 20  # ... larger ones by their size and the sha256 of this
 
 def encoder_identity(model: ModelConfig) -> dict:
     """What precomputed latents and text embeddings depend on, recorded in their manifest
-    (`extra.encoded_by`, see `check_latent_sources`): the sha256 of the autoencoder's weights, config
-    and latent normalisation (none for a pixel-space or unsaved autoencoder), the text
-    encoder's settings, and the sha256 of the files at `model.text.path` (none where the
+    (`extra.encoded_by`, see `check_latent_sources`): the sha256 of the autoencoder's weights,
+    config and latent normalisation (none for a pixel-space or unsaved autoencoder), the text
+    encoder's settings, and the identity of the files at `model.text.path` (none where the
     weights come with a package: minilm, open_clip's own)."""
     import dataclasses
 
