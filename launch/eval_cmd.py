@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Optional
 
 from launch.sample_cmd import add_sampler_arguments, load_cascade, parse_device
+from trainer.codes import EXIT_CONFIG
 
 EXIT_UNRELIABLE = 3  # the judge is below 98% on real data: its numbers mean nothing
 
@@ -58,8 +60,13 @@ def distance(args: argparse.Namespace) -> int:
 
 
 def memorization(args: argparse.Namespace) -> int:
-    from trainer.evaluate import memorization_audit
+    from trainer.evaluate import memorization_audit, near_copy_threshold
 
+    try:
+        near_copy_threshold(args.space, args.threshold)
+    except ValueError as e:
+        print(f"dit eval memorization: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     report = memorization_audit(load_cascade(args), args.num, args.seed, args.space, args.threshold,
                                 0 if args.no_reference else args.reference_steps, args.reference_limit,
                                 args.batch_size)

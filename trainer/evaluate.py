@@ -418,17 +418,31 @@ class MemorizationReport:
         return "\n".join(rows)
 
 
+def near_copy_threshold(space: str, threshold: Optional[float]) -> float:
+    """The near-copy distance of an audit in `space` (pixel | latent): `threshold`, else in
+    pixel space NEAR_COPY_RMS. Latents have no default: NEAR_COPY_RMS is a distance between
+    pixels in [-1, 1], and latents (an autoencoder's, normalised to unit variance) are on
+    another scale, where it would count near-copies by an unrelated yardstick."""
+    if space not in ("pixel", "latent"):
+        raise ValueError(f"space '{space}': pixel or latent")
+    if threshold is not None:
+        return threshold
+    if space == "latent":
+        raise ValueError(f"a latent-space audit needs its near-copy distance (--threshold): the default, "
+                         f"{NEAR_COPY_RMS}, is an RMS distance between pixels in [-1, 1], and latents are on "
+                         f"another scale")
+    return NEAR_COPY_RMS
+
+
 def memorization_audit(cascade: "Cascade", num: int = 32, seed: int = 0, space: str = "pixel",
                        threshold: Optional[float] = None, reference_steps: int = 25,
                        reference_limit: int = 20_000, batch_size: int = 16) -> MemorizationReport:
     """Generated samples of a cascade, held-out real samples and (reference_steps > 0) the
     closed-form denoiser's samples, each against the last stage's training set; near-copy
-    threshold: NEAR_COPY_RMS unless given. Encodings and distances on the cascade's device."""
-    threshold = NEAR_COPY_RMS if threshold is None else threshold
+    threshold: `near_copy_threshold`. Encodings and distances on the cascade's device."""
+    threshold = near_copy_threshold(space, threshold)
     last = cascade.stages[-1]
     data = replace(last.cfg.data, shards=pixel_source(last.cfg.data.shards))  # before sampling: fails fast
-    if space not in ("pixel", "latent"):
-        raise ValueError(f"space '{space}': pixel or latent")
     device = cascade.device
     to_x0 = lambda x: last.stage.autoencoder.encode(x.to(device)).float()  # noqa: E731  (the DiT's x0 space)
     encode = to_x0 if space == "latent" else (lambda x: x.to(device))  # noqa: E731

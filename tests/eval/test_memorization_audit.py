@@ -90,3 +90,17 @@ def test_audit_says_so_when_the_pixel_shards_are_gone(latent_run, tmp_path):
     (latents / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="records no pixel source"):
         pixel_source(str(latents))
+
+
+def test_a_latent_space_audit_needs_its_own_near_copy_distance(latent_run, capsys):
+    """NEAR_COPY_RMS is a distance between pixels: a latent-space audit without --threshold is
+    refused before anything is sampled; with one, it runs in latent space."""
+    from launch.cli import main
+
+    assert main(["eval", "memorization", str(latent_run), "--space", "latent", "--num", "4"]) == 2
+    assert "--threshold" in capsys.readouterr().err
+    cascade = Cascade.load(latent_run, SamplerSettings(steps=1))
+    with pytest.raises(ValueError, match="latents are on another scale"):
+        memorization_audit(cascade, num=4, space="latent", reference_steps=0)
+    report = memorization_audit(cascade, num=4, space="latent", threshold=0.5, reference_steps=0)
+    assert report.space == "latent" and report.generated["threshold"] == 0.5
