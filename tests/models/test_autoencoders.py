@@ -111,6 +111,32 @@ def test_pixel_space_is_the_identity():
     assert ae.encode(x) is x and ae.decode(x) is x
 
 
+def test_an_ltx_video_folder_normalizes_latents_by_its_buffers_as_diffusers_does(tmp_path):
+    """LTX-Video keeps its per-channel latents_mean / latents_std as buffers saved with its
+    weights, not in its config (diffusers' pipeline: (latent - mean) * scaling_factor / std):
+    loaded from its folder, the autoencoder applies them both ways."""
+    from diffusers import AutoencoderKLLTXVideo
+
+    from trainer.models.autoencoder import Autoencoder
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLLTXVideo(block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                                latent_channels=4, layers_per_block=(1, 1, 1, 1, 1),
+                                decoder_layers_per_block=(1, 1, 1, 1, 1))
+    mean, std = torch.tensor([1.0, 2.0, -3.0, 0.5]), torch.tensor([2.0, 0.5, 4.0, 1.0])
+    vae.latents_mean.copy_(mean)
+    vae.latents_std.copy_(std)
+    vae.save_pretrained(tmp_path)
+    ae = Autoencoder.load(tmp_path).eval()
+    video = torch.rand(1, 3, 9, 32, 32) * 2 - 1
+    with torch.no_grad():
+        raw = ae.vae.encode(video).latent_dist.mode()  # (1, 4, F', h, w)
+        z = ae.encode(video)
+        factor = ae.vae.config.scaling_factor
+        assert torch.allclose(z, (raw - mean.view(1, 4, 1, 1, 1)) * factor / std.view(1, 4, 1, 1, 1), atol=1e-5)
+        assert torch.allclose(ae.decode(z), ae.vae.decode(raw).sample, atol=1e-5)
+
+
 def test_a_wan_folder_normalizes_latents_per_channel_as_diffusers_does(tmp_path):
     """Wan's config carries per-channel latents_mean / latents_std (diffusers' Wan pipelines use
     (latent - mean) / std); loaded from its folder, the autoencoder hands the DiT those latents

@@ -46,9 +46,9 @@ class Autoencoder(nn.Module):
         self.causal_3d = name in CAUSAL_3D
         self.register_buffer("scale", torch.tensor(float(scale)))
         self.register_buffer("shift", torch.tensor(float(shift)))
-        # Per-channel statistics a video autoencoder's config carries (Wan's latents_mean and
-        # latents_std, which diffusers' Wan pipelines apply as (latent - mean) / std): part of
-        # the "raw" latents here, before the scalar shift and scale. Identity when absent.
+        # Per-channel statistics a video autoencoder carries (diffusers' Wan and LTX-Video
+        # pipelines apply them as (latent - mean) / std): part of the "raw" latents here, before
+        # the scalar shift and scale (`_statistics`). Wan's are in its config; identity when absent.
         mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
         per_channel = mean is not None and std is not None
         self.register_buffer("channel_mean", torch.tensor(mean if per_channel else [0.0]).float(), persistent=False)
@@ -63,7 +63,17 @@ class Autoencoder(nn.Module):
         """Latents before the scalar shift and scale: the posterior mode (or a sample), with the
         autoencoder's own per-channel statistics applied. x (B, C, H, W) / (B, C, F, H, W)."""
         latent = self._per_frame(x, lambda v: _posterior(self.vae, v, sample, generator))  # (B, c, [F',] h, w)
-        return (latent - self._channels(self.channel_mean, latent)) / self._channels(self.channel_std, latent)
+        mean, std = self._statistics()
+        return (latent - self._channels(mean, latent)) / self._channels(std, latent)
+
+    def _statistics(self) -> tuple[Tensor, Tensor]:
+        """The per-channel (mean, std) of the raw latents, (c,) or (1,): LTX-Video keeps them as
+        buffers loaded with its weights (its config has none: they were left at 0 and 1),
+        others in their config (`channel_mean`, `channel_std`)."""
+        mean, std = self.vae._buffers.get("latents_mean"), self.vae._buffers.get("latents_std")
+        if mean is not None and std is not None:
+            return mean.float(), std.float()
+        return self.channel_mean, self.channel_std
 
     @staticmethod
     def _channels(v: Tensor, like: Tensor) -> Tensor:
@@ -76,7 +86,8 @@ class Autoencoder(nn.Module):
 
     def decode(self, z: Tensor) -> Tensor:
         """z (B, c, [F',] h, w) -> x (B, C, [F,] h f, w f)."""
-        latent = (z / self.scale + self.shift) * self._channels(self.channel_std, z) + self._channels(self.channel_mean, z)
+        mean, std = self._statistics()
+        latent = (z / self.scale + self.shift) * self._channels(std, z) + self._channels(mean, z)
         return self._per_frame(latent, lambda v: self.vae.decode(v).sample)
 
     def _per_frame(self, x: Tensor, fn) -> Tensor:
