@@ -118,6 +118,10 @@ def test_open_clip_random_tower_then_weights_from_a_file(tmp_path):
     assert emb.tokens.shape == (3, 20, source.dim) and emb.pooled.shape == (3, source.pooled_dim)
     assert emb.mask[0].sum() == len(source.tokenizer.encode(CAPTIONS[0])) + 2  # + start and end tokens
     assert not torch.allclose(emb.pooled[0], emb.pooled[1])
+    bang = source.encode(["wow!( a cat"])  # "!(": '!' is token 0, CLIP's pad id too
+    ids = source.tokenizer(["wow!( a cat"], context_length=20)[0]
+    assert 0 in ids[1: int(ids.argmax())].tolist()  # a real token 0 before the end of text
+    assert bang.mask[0].sum() == int(ids.argmax()) + 1 and bang.tokens[0, : int(ids.argmax()) + 1].abs().amax(-1).gt(0).all()
     weights = tmp_path / "clip.safetensors"
     save_file({f"text.{k}": v.contiguous() for k, v in source.backbone.state_dict().items()}, str(weights))
     torch.manual_seed(1)

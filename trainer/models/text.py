@@ -252,6 +252,15 @@ def _backbone_class(model_type: str, t5: bool) -> type:
     return transformers.CLIPTextModel if model_type in CLIP_FAMILY else transformers.AutoModel
 
 
+def _through_last_token(ids: Tensor, pad_id: int) -> Tensor:
+    """(B, L) bool: the positions up to each caption's last token other than `pad_id` (its end
+    of text), padding only after it. Not `ids != pad_id`: CLIP's pad id, 0, is also a token of
+    its vocabulary ('!' merged into a run of punctuation, as in "wow!("), which that would mask."""
+    real = ids != pad_id  # (B, L)
+    last = ids.shape[1] - 1 - real.flip(-1).int().argmax(-1)  # (B,)
+    return torch.arange(ids.shape[1], device=ids.device) <= last[:, None]
+
+
 class OpenCLIPTextEncoder(TextEncoder):
     """An open_clip text tower (causal transformer); pooled = the projected end-of-text state."""
 
@@ -282,7 +291,7 @@ class OpenCLIPTextEncoder(TextEncoder):
         # L states, which cannot see the padding (causal attention).
         full = F.pad(ids, (0, self.context_length - self.max_length), value=self.pad_id)  # (B, ctx)
         pooled, tokens = self.backbone(full)  # (B, Dp), (B, ctx, Dt)
-        return tokens[:, : self.max_length].float(), ids != self.pad_id, pooled.float()
+        return tokens[:, : self.max_length].float(), _through_last_token(ids, self.pad_id), pooled.float()
 
     def _token_counts(self, captions: list[str]) -> list[int]:
         return [len(self.tokenizer.encode(c)) + 2 for c in captions]  # + start and end of text
