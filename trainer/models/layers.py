@@ -32,11 +32,12 @@ def timestep_embedding(v: Tensor, dim: int = FREQUENCY_DIM, max_period: float = 
 
 
 class ScalarEmbedder(nn.Module):
-    """(B,) float in [0, 1] -> (B, D): sinusoids of 1000 * value, then SiLU MLP (DiT).
+    """(B,) float -> (B, D): sinusoids of 1000 * value, then SiLU MLP (DiT).
 
-    Used for the diffusion time, the noise-augmentation level of super-resolution models
-    (Ho et al. 2021, "Cascaded Diffusion Models") and the guidance scale of
-    guidance-conditioned students (Meng et al. 2023), each with its own MLP.
+    Used for the diffusion time and the noise-augmentation level of super-resolution models
+    (Ho et al. 2021, "Cascaded Diffusion Models"), both in [0, 1], and the guidance scale w of
+    guidance-conditioned students (Meng et al. 2023), raw (e.g. 4.5; as Flux embeds it), each
+    with its own MLP.
     """
 
     def __init__(self, dim: int, frequency_dim: int = FREQUENCY_DIM):
