@@ -20,9 +20,9 @@ optimizer, ZeRO, the EMA and checkpoints hold it, and the encoder's output (and 
 is a constant function of the caption either way.
 
 A caption of more tokens than `model.text.max_length` is cut to its first max_length tokens, as
-the tokenizers do; each encoder counts the captions it cut (`truncated_captions`: per encoding, so a caption the
-cache evicted and encoded again, or a preview prompt, counts again; summed over the ranks in
-the metrics) and warns at the first.
+the tokenizers do; each encoder counts the captions it cut (`truncated_captions`: per encoding,
+so a caption the cache evicted and encoded again, or a preview prompt, counts again; summed over
+the ranks in the metrics) and warns at the first.
 """
 from __future__ import annotations
 

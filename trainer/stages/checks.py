@@ -199,7 +199,7 @@ def encoder_identity(model: ModelConfig) -> dict:
 
     ae = model.autoencoder
     saved = ae.kind != "none" and bool(ae.path) and Path(ae.path).is_dir()
-    files = sorted(p for p in Path(model.autoencoder.path).iterdir()
+    files = sorted(p for p in Path(ae.path).iterdir()
                    if p.suffix == ".safetensors" or p.name in ("config.json", "latent_norm.json")) if saved else []
     return {"autoencoder": {p.name: sha256(p) for p in files}, "text": dataclasses.asdict(model.text),
             "text_files": _text_files(model.text)}
