@@ -7,8 +7,9 @@ straight to the final file name (a killed run leaves a half shard that later rea
 truncated) and have no size limit, so this is a small wrapper instead:
 
 - atomic: a download goes to a temporary name in the same directory and is renamed when
-  complete and of the remote's size; concurrent downloads of one shard each finish their own
-  copy and the last rename wins. Temporaries of killed runs are removed by the next eviction;
+  complete: of the remote's size, or where the server gives none (no Content-Length) and no
+  manifest records it, ending as a tar archive does (`ends_as_tar`); concurrent downloads of
+  one shard each finish their own copy and the last rename wins. Temporaries of killed runs are removed by the next eviction;
 - LRU with a size limit: every use touches the file's mtime; after a download, the least
   recently used shards are deleted until the directory fits (a reader that has one open keeps
   reading it: POSIX unlink), never the one just fetched. A copy is handed out open, opened
@@ -37,6 +38,7 @@ from data_pipeline import remote
 from data_pipeline.errors import DataError
 
 _TMP = ".part-"
+TAR_BLOCK = 512
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -78,6 +80,10 @@ def cached_copy(url: str, directory: str, max_bytes: int, expected_size: int = 0
         if expected is not None and written != expected:
             raise OSError(f"download of {remote.redact(url)} stopped at {written} of {expected} bytes")
         _check_size(url, written, expected_size)
+        if expected is None and not expected_size and not ends_as_tar(tmp, written):
+            raise OSError(f"download of {remote.redact(url)} ended at {written} bytes without a tar archive's end "
+                          f"(two zero blocks): the connection closed early? (the server sent no Content-Length, "
+                          f"and no manifest records the shard's size)")
         copy = open(tmp, "rb")  # the file, whatever evicts its name from here on
         os.replace(tmp, path)
     except BaseException:
@@ -103,6 +109,19 @@ def _open_fresh(path: Path, expected_size: int) -> Optional[BinaryIO]:
     except FileNotFoundError:  # evicted by another worker since the open: still readable
         pass
     return copy
+
+
+def ends_as_tar(path: str, size: int) -> bool:
+    """Whether the file ends as a whole tar archive does: 512-byte blocks, the last two of them
+    zero (POSIX.1 ustar's end of archive; tarfile and GNU tar pad further with zero blocks).
+    The check of a download that no size can be checked against: a server that sends no
+    Content-Length ends its body by closing the connection, so a connection lost midway read
+    as the whole shard and was cached as it, its missing samples skipped every epoch."""
+    if size < 2 * TAR_BLOCK or size % TAR_BLOCK:
+        return False
+    with open(path, "rb") as f:
+        f.seek(size - 2 * TAR_BLOCK)
+        return not any(f.read(2 * TAR_BLOCK))
 
 
 def _check_size(url: str, size, expected_size: int) -> None:

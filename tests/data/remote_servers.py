@@ -1,6 +1,7 @@
-"""Real servers on 127.0.0.1 for the remote-shard tests: a ranged HTTP file server and an HTTP
-proxy in front of moto's S3 server. Both count the body bytes they serve per path and can
-fail the first k GETs of a path (or all of them) with a 5xx answer."""
+"""Real servers on 127.0.0.1 for the remote-shard tests: a ranged HTTP file server, one that
+sends no Content-Length, and an HTTP proxy in front of moto's S3 server. They count the body
+bytes they serve per path; the first two can fail the first k GETs of a path (or all of them)
+with a 5xx answer."""
 from __future__ import annotations
 
 import http.client
@@ -114,6 +115,26 @@ class FileHandler(_Handler):
             self.recorder.served(self._path(), start, len(chunk))
 
 
+class CloseDelimitedHandler(FileHandler):
+    """GET/HEAD of files under `root` as a server without Content-Length answers (HTTP/1.0
+    style: the body ends where the connection closes), closing it after `cut[path]` bytes of
+    the body where `cut` names the path: a connection lost midway."""
+
+    cut: dict[str, int]
+
+    def _answer(self, body: bool) -> None:
+        p = self._file()
+        data = p.read_bytes() if p is not None else b""
+        self.close_connection = True
+        self.send_response(200 if p is not None else 404)
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if body:
+            sent = data[: self.cut.get(self._path(), len(data))]
+            self.wfile.write(sent)
+            self.recorder.served(self._path(), 0, len(sent))
+
+
 class ProxyHandler(_Handler):
     """Forwards every request to `upstream` (host, port), counting GET body bytes."""
 
@@ -178,6 +199,10 @@ class Server:
 
 def file_server(root: Path) -> Server:
     return Server(FileHandler, root=root.resolve())
+
+
+def close_delimited_server(root: Path, cut: dict[str, int]) -> Server:
+    return Server(CloseDelimitedHandler, root=root.resolve(), cut=cut)
 
 
 def proxy(host: str, port: int) -> Server:

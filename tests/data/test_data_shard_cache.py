@@ -83,3 +83,33 @@ def test_the_stream_refuses_a_remote_shard_rewritten_after_its_manifest(tmp_path
     fs.put_file(str(local / "shard-000001.tar"), "/hd-stream/ds/shard-000000.tar")  # another size, same name
     with pytest.raises(DataError, match="manifest records"):
         take(build_stream(cfg, 0, 1), 4)
+
+
+def test_a_download_cut_short_by_a_server_without_content_length_is_not_cached(tmp_path):
+    """A server that sends no Content-Length ends a body by closing the connection, so a
+    connection lost midway reads as a whole shard; with no size from a manifest either, the
+    copy must end as a tar archive ends (two zero blocks), else the download is an error and
+    nothing is cached. Cut inside a block and cut on a block boundary; the whole shard is kept."""
+    from tests.data.remote_servers import close_delimited_server
+
+    local = make_shards(tmp_path / "ds", (6,))
+    data = (local / "shard-000000.tar").read_bytes()
+    first_member_end = 512 + 512 * -(-int(data[124:135], 8) // 512)  # header + data blocks of member 0
+    cut = {"/ds/shard-000000.tar": 700}
+    server = close_delimited_server(tmp_path, cut)
+    cache = tmp_path / "cache"
+    try:
+        url = f"{server.url}/ds/shard-000000.tar"
+        for at in (700, first_member_end):
+            cut["/ds/shard-000000.tar"] = at
+            with pytest.raises(OSError, match=f"ended at {at} bytes without a tar archive's end"):
+                cached_copy(url, str(cache), 1 << 30)
+            assert server.recorder.bytes["/ds/shard-000000.tar"] > 0 and list(cache.iterdir()) == []
+            server.recorder.reset()
+        del cut["/ds/shard-000000.tar"]
+        with cached_copy(url, str(cache), 1 << 30) as copy:
+            assert copy.read() == data
+        assert _keys(TarShard(url, options=RemoteOptions(cache_dir=str(cache), cache_max_bytes=1 << 30))) == \
+            _keys(TarShard(str(local / "shard-000000.tar")))
+    finally:
+        server.stop()
