@@ -283,8 +283,8 @@ class Trainer:
                     yield pipeline_inputs(self.net, **inputs), targets
 
         with record_function(f"{PHASE}pipeline"):
-            loss = self.engines["student"].train_batch(data_iter=micro_batches())
-        return [("student", {"loss": loss})]
+            self.engines["student"].train_batch(data_iter=micro_batches())
+        return [("student", self.stage.take_pipeline_metrics())]
 
     def train_step(self, batches: Iterator[dict]) -> tuple[PlayerInfos, PlayerSkips]:
         """One optimizer step of every player: the micro-batches' metrics by player, and whether

@@ -191,6 +191,34 @@ def test_autoencoder_padding_neither_trains_nor_counts_in_the_logged_loss(tmp_pa
         {k: logged[0][k] for k in ("loss", "recon", "kl")})
 
 
+def test_the_pipeline_loss_logged_is_over_valid_samples_and_leaves_a_padding_micro_batch_out(tmp_path):
+    """Under pipeline parallelism the logged loss comes from the loss the pipe's last stage
+    computes per micro-batch: a micro-batch of padding alone (an epoch's tail) counts in no
+    mean, where DeepSpeed's own `train_batch` value averaged it in as a 0; the earlier stages,
+    which compute no loss, add nothing to the sums over ranks."""
+    from tests.eval.eval_helpers import tiny_config
+    from trainer.stages import build_stage
+
+    stage = build_stage(tiny_config(tmp_path))
+    g = torch.Generator().manual_seed(0)
+    x0, eps, pred = (torch.randn((2, 3, 16, 16), generator=g) for _ in range(3))
+    alpha, sigma = torch.full((2,), 0.6), torch.full((2,), 0.8)
+    x_t = alpha[:, None, None, None] * x0 + sigma[:, None, None, None] * eps
+
+    def targets(*valid: bool) -> tuple:
+        return x0, eps, x_t, alpha, sigma, torch.tensor(valid, dtype=torch.float32)
+
+    half = float(stage.pipeline_loss(pred, targets(True, False)))  # the first sample's loss
+    assert stage.take_pipeline_metrics()["loss"][1] == 1
+    padding = float(stage.pipeline_loss(pred, targets(False, False)))
+    both = float(stage.pipeline_loss(pred, targets(True, True)))
+    assert padding == 0.0  # what DeepSpeed averages in
+    total, count = stage.take_pipeline_metrics()["loss"]
+    assert (float(count), float(total) / float(count)) == (2.0, pytest.approx(both))
+    assert both != pytest.approx((padding + both) / 2) and half != both
+    assert stage.take_pipeline_metrics() == {"loss": (0.0, 0.0)}  # a stage without the loss
+
+
 class ScheduledEngine:
     """The parts of a DeepSpeed engine the step loop uses, stepping as DeepSpeedEngine does at a
     step boundary (`_take_model_step`): the optimizer, then the LR scheduler. Records the rate

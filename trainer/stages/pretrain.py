@@ -17,7 +17,7 @@ from trainer.config import DataConfig, DiffusionConfig, LogConfig, ModelConfig, 
 from trainer.bundle import InferenceBundle, frozen
 from trainer.diffusion import NoiseSchedule, SamplerSettings, add_noise, diffusion_loss, randn, sample_timesteps
 from trainer.media import save_grid
-from trainer.metrics import timestep_bucket_losses, valid_mean
+from trainer.metrics import Metric, timestep_bucket_losses, valid_mean
 from trainer.models.autoencoder import build_autoencoder
 from trainer.models.text import TEXT_CHUNK, CachedTextEncoder, TextEmbedding, build_text_encoder
 from trainer.stage_config import PretrainSettings
@@ -64,6 +64,7 @@ class PretrainStage(Stage):
         self.text, self.autoencoder, self.schedule = self.bundle.text, self.bundle.autoencoder, self.bundle.schedule
         self.players = {"student": self.bundle.network(None)}
         self._work: dict[tuple[int, ...], tuple[int, int]] = {}  # `work` per input shape
+        self._pipe_losses: list[Metric] = []  # this step's micro-batch losses at the pipe's end
 
     def helpers(self) -> list[torch.nn.Module]:
         return self.bundle.helpers()
@@ -186,7 +187,22 @@ class PretrainStage(Stage):
         return self.prepare(batch, generator)
 
     def pipeline_loss(self, pred: Tensor, targets: tuple[Tensor, ...]) -> Tensor:
-        return self.weighted_loss(pred, targets)[0]
+        """The loss at the pipe's last stage, once per micro-batch; its logged share is kept as
+        a (sum, count) pair over the valid samples (`take_pipeline_metrics`)."""
+        loss, _ = self.weighted_loss(pred, targets)
+        self._pipe_losses.append(valid_mean(loss, targets[-1]))
+        return loss
+
+    def take_pipeline_metrics(self) -> dict[str, Metric]:
+        """The step's logged loss under pipeline parallelism, as `losses` logs it: the mean over
+        the valid samples of all micro-batches. DeepSpeed's `train_batch` returns the plain mean
+        of the micro-batch losses, in which one made of padding alone (an epoch's tail) counted
+        as a 0. The stages before the last compute no loss and give (0, 0): the logger's sums
+        over the ranks are then the last stages' alone."""
+        pairs, self._pipe_losses = self._pipe_losses, []
+        if not pairs:
+            return {"loss": (0.0, 0.0)}
+        return {"loss": (sum(p[0] for p in pairs), sum(p[1] for p in pairs))}
 
     # ---- samples and evaluation -------------------------------------------------------------
     def sampling_net(self, weights: Optional[dict[str, Tensor]]) -> torch.nn.Module:
