@@ -166,6 +166,16 @@ def sampling_precision(asked: str, trained: str, device: torch.device) -> str:
     return "fp32" if device.type == "cpu" else trained
 
 
+def stage_overrides(spec: CascadeStageSpec) -> list[str]:
+    """The overrides a stage's config.yaml is loaded with: the spec's own, and its `noise_aug`
+    as `stage.noise_aug_sample`, so that it is validated as that setting is (a super-resolution
+    stage's, within the [0, noise_aug_max] it trained at)."""
+    overrides = list(spec.overrides)
+    if spec.noise_aug is not None:
+        overrides.append(f"stage.noise_aug_sample={spec.noise_aug}")
+    return overrides
+
+
 def load_stage(spec: CascadeStageSpec, defaults: SamplerSettings, ema: bool = True,
                device: torch.device | str = "cpu", steps: Optional[int] = None,
                precision: str = "auto") -> LoadedStage:
@@ -181,9 +191,7 @@ def load_stage(spec: CascadeStageSpec, defaults: SamplerSettings, ema: bool = Tr
         print(f"{directory} holds no EMA weights (ema.enabled=false): sampling its raw weights", flush=True)
         ema = False
     weights = load_for_inference(directory)[1] if ema else raw_weights(directory)
-    cfg = load_config(directory / "config.yaml", list(spec.overrides))
-    if spec.noise_aug is not None:
-        cfg.stage.noise_aug_sample = spec.noise_aug
+    cfg = load_config(directory / "config.yaml", stage_overrides(spec))
     if cfg.stage.kind not in ("pretrain", "superres", *DISTILLED):
         raise ValueError(f"{directory} is a '{cfg.stage.kind}' checkpoint; a cascade stage is a pretrain, "
                          f"superres or distilled ({', '.join(DISTILLED)}) checkpoint")

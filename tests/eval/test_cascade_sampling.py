@@ -49,6 +49,21 @@ def test_cascade_stages_are_checked(cascade_yaml):
         Cascade([base, base])
 
 
+def test_a_cascade_noise_aug_is_validated_as_the_stage_setting_it_sets(cascade_yaml, tmp_path):
+    """A recipe's `noise_aug` is the super-resolution stage's stage.noise_aug_sample and is held
+    to the range that stage trained at (it was set after validation: 0.9, or 3.0, sampled a
+    model trained up to 0.5); on a stage without it, it is refused, not ignored."""
+    for level in (0.9, 3.0):
+        recipe = write_cascade(tmp_path / f"at_{level}", f"    noise_aug: {level}\n")
+        with pytest.raises(ConfigError, match=r"stage.noise_aug_sample.*noise_aug_max=0.5"):
+            Cascade.load(recipe, SamplerSettings(steps=2))
+    root, recipe = cascade_yaml.parent, tmp_path / "base_aug.yaml"
+    recipe.write_text(f"stages:\n  - checkpoint: {root}/base/checkpoints\n    noise_aug: 0.3\n"
+                      f"  - checkpoint: {root}/sr/checkpoints\n")
+    with pytest.raises(ConfigError, match="the pretrain stage ignores it"):
+        Cascade.load(recipe, SamplerSettings(steps=2))
+
+
 def test_cascade_yaml_names_unknown_keys(tmp_path):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("stages:\n  - checkpoint: x\n    stepz: 3\n")
