@@ -317,6 +317,10 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be at least 1 (never delete the only checkpoint)")
     _validate_intervals(cfg)
     validate_stage(cfg)
+    check(cfg.data.sr_resolution == 0 or cfg.model.superres, "data.sr_resolution",
+          f"cascade pairs are for a super-resolution model (model.superres=true): the {cfg.stage.kind} stage would "
+          f"train on the pairs' {cfg.data.sr_resolution} px images, not at data.resolution={cfg.data.resolution} "
+          f"where it is sampled; set it to 0")
     shapes = _validate_shapes(cfg)
     _validate_sequence_parallel(cfg, shapes)
     if world_size is not None:

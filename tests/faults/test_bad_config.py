@@ -85,6 +85,8 @@ REFUSED = {  # accepted by the typed schema, refused by validate or the stage pr
     # a knob or DiT input of another stage kind: ignored by this kind's stage, or its first forward fails
     "pretrain_rounds": (["stage.rounds=[4,2]"], "stage.rounds"),
     "pretrain_guidance_embed": (["model.guidance_embed=true"], "model.guidance_embed"),
+    # cascade pairs put the sr-size images under `image`: a base model would train at that size
+    "pretrain_sr_pairs": (["data.sr_resolution=32"], "data.sr_resolution"),
     # DeepSpeed's CPU accelerator has fp16 only with AVX512-FP16 (DeepSpeed would refuse it later, in every rank)
     "fp16_unsupported": (["deepspeed.precision=fp16"], "deepspeed.precision"),
 }
