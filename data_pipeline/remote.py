@@ -124,8 +124,8 @@ def forget_filesystems() -> None:
 
 
 def file_size(f) -> Optional[int]:
-    """Size in bytes of a file from `shard_cache.open_shard`; None for pipes."""
-    if isinstance(f, PipeFile):
+    """Size in bytes of a file from `shard_cache.open_shard`; None for pipes and streams."""
+    if isinstance(f, ForwardOnly):
         return None
     size = getattr(f, "size", None)
     if size is not None:
@@ -198,31 +198,48 @@ def transient_errors() -> tuple[type, ...]:
 PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
-class PipeFile:
-    """The standard output of a shell command as a forward-only file."""
+class ForwardOnly:
+    """A stream read as a file front to back: `seek` forward reads past the bytes between, back
+    is an OSError (the reader opens it again). Its size is unknown (None)."""
+
+    size = None
+
+    def __init__(self, name: str):
+        self.name = name  # for messages
+        self.pos = 0
+
+    def _read(self, size: int) -> bytes:
+        raise NotImplementedError
+
+    def read(self, size: int) -> bytes:
+        data = self._read(size)
+        self.pos += len(data)
+        return data
+
+    def seek(self, offset: int) -> None:
+        if offset < self.pos:
+            raise OSError(f"{redact(self.name)} is read front to back and cannot seek backwards")
+        while self.pos < offset:
+            if not self.read(min(offset - self.pos, 1 << 20)):
+                return  # past the end: the next read comes back short
+
+
+class PipeFile(ForwardOnly):
+    """The standard output of a shell command."""
 
     def __init__(self, command: str):
+        super().__init__(f"pipe command {command!r}")
         self.command = command
-        self.size = None
-        self.pos = 0
         self._proc = subprocess.Popen(command, shell=True, stdin=subprocess.DEVNULL,
                                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
 
-    def read(self, size: int) -> bytes:
+    def _read(self, size: int) -> bytes:
         data = self._proc.stdout.read(size)
-        self.pos += len(data)
         if len(data) < size:  # end of output: a failed command is an error, not a short shard
             code = self._proc.wait()
             if code != 0:
                 raise OSError(f"pipe command {redact(self.command)!r} exited with status {code}")
         return data
-
-    def seek(self, offset: int) -> None:
-        if offset < self.pos:
-            raise OSError(f"pipe source {redact(self.command)!r} cannot seek backwards")
-        while self.pos < offset:
-            if not self.read(min(offset - self.pos, 1 << 20)):
-                return  # past the end: the next read comes back short
 
     def close(self) -> None:
         if self._proc.stdout is not None:
@@ -230,3 +247,18 @@ class PipeFile:
         if self._proc.poll() is None:
             self._proc.kill()
         self._proc.wait()
+
+
+class StreamFile(ForwardOnly):
+    """A remote file served without a size (an HTTP server that sends no Content-Length ends
+    the body by closing the connection): fsspec streams it and cannot seek at all."""
+
+    def __init__(self, f, url: str):
+        super().__init__(url)
+        self._f = f
+
+    def _read(self, size: int) -> bytes:
+        return self._f.read(size)
+
+    def close(self) -> None:
+        self._f.close()

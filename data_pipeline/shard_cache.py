@@ -79,6 +79,9 @@ def cached_copy(url: str, directory: str, max_bytes: int, expected_size: int = 0
             written = out.tell()
         if expected is not None and written != expected:
             raise OSError(f"download of {remote.redact(url)} stopped at {written} of {expected} bytes")
+        if expected is None and written < expected_size:  # no Content-Length: the connection closed early
+            raise OSError(f"download of {remote.redact(url)} stopped at {written} of the {expected_size} bytes its "
+                          f"manifest records (the server sent no Content-Length)")
         _check_size(url, written, expected_size)
         if expected is None and not expected_size and not ends_as_tar(tmp, written):
             raise OSError(f"download of {remote.redact(url)} ended at {written} bytes without a tar archive's end "
@@ -157,7 +160,8 @@ def evict(directory: str, max_bytes: int, keep: str = "") -> None:
 def open_shard(path: str, options: remote.RemoteOptions, expected_size: int = 0):
     """A binary file object with read/seek/close (`size` attribute None when unknown): a pipe's
     output, the cached copy of a remote shard when `data.cache_dir` is set, else the remote
-    file read ahead in blocks, or the local file. A remote shard whose size is not the
+    file read ahead in blocks (streamed front to back where the server gives no size), or the
+    local file. A remote shard whose size is not the
     manifest's `expected_size` (0: unknown) is a DataError: its samples are not those the
     manifest's counts and byte index describe."""
     if remote.is_pipe(path):
@@ -167,6 +171,8 @@ def open_shard(path: str, options: remote.RemoteOptions, expected_size: int = 0)
     if remote.is_url(path):
         fs, inner = remote.filesystem(path)
         f = fs.open(inner, "rb", block_size=options.block_size, cache_type="readahead")
+        if getattr(f, "size", None) is None:  # served without a size: streamed, forward only
+            return remote.StreamFile(f, path)
         try:
             _check_size(path, remote.file_size(f), expected_size)
         except DataError:

@@ -133,7 +133,7 @@ class TarShard:
 
     def _rewind(self) -> None:
         """Back to the first sample; a pipe restarts, a file is reopened on the next read."""
-        if self._pipe or not self._remote:
+        if self._pipe or not self._remote or isinstance(self._file, remote.ForwardOnly):
             self.close()
         self._offset = 0  # of the next header
         self._index = 0  # of the next sample to be parsed
@@ -168,8 +168,8 @@ class TarShard:
         attempt = 0
         while True:
             try:
-                if self._pipe and self._file is not None and offset < self._file.pos:
-                    self.close()  # a pipe cannot go back: start the command again
+                if isinstance(self._file, remote.ForwardOnly) and offset < self._file.pos:
+                    self.close()  # a pipe or stream cannot go back: start the command or download again
                 self._ensure_open()
                 if isinstance(self._file, MappedFile):
                     return self._file.read_at(offset, size)

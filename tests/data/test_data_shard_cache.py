@@ -113,3 +113,31 @@ def test_a_download_cut_short_by_a_server_without_content_length_is_not_cached(t
             _keys(TarShard(str(local / "shard-000000.tar")))
     finally:
         server.stop()
+
+
+def test_a_shard_served_without_content_length_is_read_as_a_stream_and_a_cut_copy_is_retried(tmp_path):
+    """Without data.cache_dir such a shard is read front to back (fsspec's stream cannot seek;
+    its `fileno` failed, retried, and every sample was skipped as unreadable), a sample of the
+    byte index jumped to forward and an earlier one read by downloading again. With the cache
+    and a manifest size, a download cut short is a transient error to retry, not a shard
+    "rewritten after its manifest"."""
+    from data_pipeline.tar_reader import ShardReader, sample_offsets
+    from tests.data.remote_servers import close_delimited_server
+
+    local = make_shards(tmp_path / "ds", (6,))
+    shard = local / "shard-000000.tar"
+    size = shard.stat().st_size
+    cut: dict[str, int] = {}
+    server = close_delimited_server(tmp_path, cut)
+    try:
+        url = f"{server.url}/ds/shard-000000.tar"
+        assert _keys(TarShard(url)) == _keys(TarShard(str(shard)))
+        offsets = sample_offsets(str(shard))
+        reader, keys = ShardReader([url], offsets=[offsets]), _keys(TarShard(str(shard)))
+        assert [reader.read(0, i).key for i in (4, 1, 5)] == [keys[4], keys[1], keys[5]]
+        reader.close()
+        cut["/ds/shard-000000.tar"] = size // 2
+        with pytest.raises(OSError, match=f"stopped at {size // 2} of the {size} bytes its manifest records"):
+            cached_copy(url, str(tmp_path / "cache"), 1 << 30, expected_size=size)
+    finally:
+        server.stop()
