@@ -317,6 +317,11 @@ class Cascade:
         for s in stages[1:]:
             if not s.superres:
                 raise ValueError(f"{s.checkpoint} follows the base model but is not a super-resolution model")
+            if s.cfg.model.video != stages[0].cfg.model.video:
+                kinds = {True: "video", False: "image"}
+                raise ValueError(f"{s.checkpoint} is a {kinds[s.cfg.model.video]} model after the "
+                                 f"{kinds[stages[0].cfg.model.video]} base model; a cascade's stages are all image "
+                                 f"or all video models")
         self.stages = list(stages)
 
     @classmethod
@@ -351,7 +356,9 @@ class Cascade:
         `generator`: one for the batch, or one per prompt (trainer.diffusion.utils.Generators)."""
         base = self.stages[0].pixel_resolution
         height, width = size.scaled(s.pixel_resolution, base)
-        frames = size.frames if s is self.stages[0] else None  # later stages: their own clip length
+        # later stages: the clip of the stage before, whatever their own data.num_frames (they
+        # upsample space only, as they trained, on low- and high-resolution clips of one length)
+        frames = size.frames if previous is None else previous.shape[2] if previous.ndim == 5 else None
         shape = s.stage.sample_shape(height, width, frames)
         extras = None
         with autocast(self.device, s.precision):

@@ -12,7 +12,7 @@ from PIL import Image
 
 from launch.cli import main as dit
 from tests.eval.eval_helpers import tiny_config, write_cascade, write_checkpoint
-from trainer.cascade import Cascade, load_cascade_spec
+from trainer.cascade import Cascade, SampleSize, load_cascade_spec
 from trainer.config import ConfigError
 from trainer.media import image_grid, save_video_grid, to_uint8
 from trainer.sampling import SamplerSettings
@@ -61,6 +61,26 @@ def test_a_cascade_noise_aug_is_validated_as_the_stage_setting_it_sets(cascade_y
     recipe.write_text(f"stages:\n  - checkpoint: {root}/base/checkpoints\n    noise_aug: 0.3\n"
                       f"  - checkpoint: {root}/sr/checkpoints\n")
     with pytest.raises(ConfigError, match="the pretrain stage ignores it"):
+        Cascade.load(recipe, SamplerSettings(steps=2))
+
+
+def test_a_video_cascade_upsamples_the_base_clip_at_its_length(tmp_path):
+    """`--frames` sets the base clip's length; a super-resolution stage upsamples that clip as it
+    is (it took its own data.num_frames and stretched the base clip in time to it, silently). An
+    image super-resolution model after a video base is refused when the cascade is built."""
+    video = ("model.video=true", "data.kind=video", "data.num_frames=4")
+    sr = ("stage.kind=superres", "model.superres=true", "data.sr_resolution=32")
+    write_checkpoint(tiny_config(tmp_path / "base", *video))
+    write_checkpoint(tiny_config(tmp_path / "sr", *video, *sr), seed=1)
+    write_checkpoint(tiny_config(tmp_path / "sr_image", *sr), seed=2)
+    recipe = tmp_path / "cascade.yaml"
+    recipe.write_text("stages:\n  - checkpoint: base/checkpoints\n  - checkpoint: sr/checkpoints\n")
+    cascade = Cascade.load(recipe, SamplerSettings(steps=2))
+    for frames in (2, 4):
+        out = cascade.sample(["a red circle"], torch.Generator().manual_seed(0), size=SampleSize(frames=frames))
+        assert tuple(out.shape) == (1, 3, frames, 32, 32)
+    recipe.write_text("stages:\n  - checkpoint: base/checkpoints\n  - checkpoint: sr_image/checkpoints\n")
+    with pytest.raises(ValueError, match="image model after the video base model"):
         Cascade.load(recipe, SamplerSettings(steps=2))
 
 
