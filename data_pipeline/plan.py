@@ -309,7 +309,10 @@ class ResampledOrder:
     """Infinite weighted draws: each visit is a random run of `visit` samples of one source.
 
     Visit i of (segment, rank, worker) depends only on its seed, so a resumed stream can jump
-    to any slot without reading what came before."""
+    to any slot without reading what came before. Each draw has an id of its own (a random
+    62-bit number, not its sample's): ids key a sample's noise, timestep and CFG dropout
+    (trainer/diffusion/noise.py), and a source smaller than a visit repeats its samples in it,
+    often within a batch, where copies under one id were the same training term twice."""
 
     source_starts: tuple[int, ...]  # first shard id of each source
     source_counts: tuple[tuple[int, ...], ...]  # samples per shard, per source
@@ -325,8 +328,8 @@ class ResampledOrder:
         starts = np.concatenate([[0], np.cumsum(self.source_counts[d])])
         raw = (int(rng.integers(starts[-1])) + rng.permutation(self.visit)) % starts[-1]
         j = np.searchsorted(starts, raw, side="right") - 1
-        first_id = sum(sum(c) for c in self.source_counts[:d])  # sample id of the source's sample 0
-        return _slots(self.source_starts[d] + j, raw - starts[j], first_id + raw, False, rng.random((self.visit, 3)))
+        rand = rng.random((self.visit, 3))
+        return _slots(self.source_starts[d] + j, raw - starts[j], rng.integers(1 << 62, size=self.visit), False, rand)
 
     def read_blocks(self, rank: int, worker: int, skip_slots: int) -> Iterator[list[Slot]]:
         i, offset = divmod(skip_slots, self.visit)

@@ -131,6 +131,17 @@ def test_resampled_stream_is_infinite_weighted_and_resumable(tmp_path, cfg):
     assert key_sequence(head + tail) == keys[: 12 * 4]
 
 
+def test_a_sample_drawn_twice_gets_other_noise(tmp_path, cfg):
+    """A source smaller than a visit (data.shuffle_buffer draws) repeats its samples within a
+    batch; each draw has its own id, which keys its noise: repeats under the sample's id were
+    the same training term twice."""
+    small = make_shards(tmp_path / "small", (3,))
+    batches = take(build_stream(cfg(shards=str(small), resampled=True, shuffle_buffer=32, batch_size=8), 0, 1), 8)
+    assert any(len(set(b["__key__"])) < 8 for b in batches)  # repeats within a batch
+    ids = [i for b in batches for i in b["__sample__"]]
+    assert len(set(ids)) == len(ids)
+
+
 def test_joined_sources_are_resampled_as_their_union(tmp_path, cfg):
     """"::"-joined sources share the weight of `data.shards` by their sample counts, as an epoch
     covers their union: each had weight 1, so a 3-sample source took half the draws beside 12."""
