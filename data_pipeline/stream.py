@@ -146,8 +146,10 @@ class SampleMarks:
 class _Recovery:
     """How a rank's worker pool recovers in one segment: a worker killed by a crash signal is
     forked again from the batch it owes, past the sample it was on (none between two batches),
-    which is skipped from then on; once per sample, `CRASH_RESTARTS` times, and not inside a
-    bucket window it may have served batches of (the window's grouping would change)."""
+    which is skipped from then on; once per sample, `CRASH_RESTARTS` times, not inside a
+    bucket window it may have served batches of (the window's grouping would change), and not
+    where other processes read the same batches (`Stream`'s skip_unreadable=False: a crash
+    need not be the data's, and skipped on one process alone it would shift its batches)."""
 
     def __init__(self, job: RankJob, ring: PixelRing, marks: SampleMarks, rotation: int,
                  crashed: set[tuple[int, int]]):
@@ -162,6 +164,11 @@ class _Recovery:
         owed = job.topo.worker_share(job.consumed + handed, worker)  # batches it has handed out
         if died.signal not in CRASH_SIGNALS or len(self.restarts) >= CRASH_RESTARTS or \
                 (shard, index) in self.restarts or owed % job.topo.window:
+            return None
+        if not job.remote.skip_unreadable:  # other processes read this rank's batches
+            log.warning("loader worker %d died of %s; not forked past the sample it was on: the other ranks of "
+                        "this replica (pipeline stages, a sequence group) read the same batches, each from its "
+                        "own loader, and would not skip it", died.worker, signal.Signals(died.signal).name)
             return None
         self.restarts.append((shard, index))
         name = signal.Signals(died.signal).name

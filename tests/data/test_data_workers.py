@@ -243,6 +243,22 @@ def test_a_worker_that_crashes_on_a_sample_is_forked_again_past_it(cfg, monkeypa
     assert _named(warning) == target
 
 
+def test_a_crash_is_not_skipped_where_other_processes_read_the_same_batches(cfg, monkeypatch):
+    """Pipeline stages and sequence groups read a replica's batches each from its own loader
+    (skip_unreadable=False): a crash, which need not be the data's, skipped on one of them alone
+    would shift its batches against the others'; the epoch ends naming the sample instead."""
+    from data_pipeline.stream import build_stream
+    from tests.data.data_helpers import take
+
+    c = cfg(num_workers=2, prefetch_factor=1)
+    target = _worker_1_keys(c)[5]
+    _dies_on(monkeypatch, target, signal.SIGSEGV)
+    stream = build_stream(c, 0, 1, skip_unreadable=False)
+    with pytest.raises(DataError, match=r"loader worker 1 \(pid \d+\) ended with exit code -11 \(SIGSEGV\)") as e:
+        take(stream, stream.batches_per_epoch)
+    assert _named(str(e.value)) == target
+
+
 def test_a_worker_killed_at_any_moment_loses_at_most_the_sample_it_was_on(cfg, caplog):
     """SIGSEGV from outside, whenever it lands: between two batches (waiting for a credit)
     nothing is lost; on a sample, that one is skipped and named. Either way the epoch ends
