@@ -356,6 +356,18 @@ def batch_to_device(batch: dict, device: torch.device) -> dict:
     return out
 
 
+def _refuse_mixed_spaces(sources: list[Manifest]) -> None:
+    """Precomputed latents and pixels cannot share a run: a batch of both fails when collated,
+    which happens or not by the draws (in resampled mode without buckets, never), so it is
+    decided here from the manifests (a source of unknown kind, made by hand, is let through)."""
+    latent = [m for m in sources if m.kind == "latent"]
+    pixels = [m for m in sources if m.kind in ("image", "video", "mixed")]
+    if latent and pixels:
+        raise DataError(f"data.shards and data.mixture join precomputed latents ({redact(latent[0].root)}) "
+                        f"with pixel shards ({redact(pixels[0].root)}); train on one or the other: precompute "
+                        f"the pixel shards too (dit data precompute), or leave the latents out")
+
+
 def _refuse_repeated_shards(paths: tuple[str, ...]) -> None:
     """An epoch covers its sources' union exactly once: a shard listed twice ("::" parts that
     overlap, a brace pattern naming it twice) would be read twice per epoch, silently."""
@@ -408,6 +420,7 @@ class Stream:
         self.sources, self.weights = _sources(cfg)
         for source in self.sources:  # latent shards: made from pixels as this run makes them
             check_pixel_settings(source, cfg)
+        _refuse_mixed_spaces(self.sources)
         self.paths = tuple(p for m in self.sources for p in m.paths())
         if not cfg.resampled:
             _refuse_repeated_shards(self.paths)

@@ -104,6 +104,22 @@ def test_a_run_on_latents_made_with_other_pixel_settings_is_refused_naming_the_k
     assert build_stream(dataclasses.replace(run, resolution=32), 0, 1).num_samples == 28
 
 
+def test_latents_and_pixels_in_one_run_are_refused_when_the_stream_is_built(tmp_path, cfg):
+    """A batch mixing both failed when collated, which depends on the draws: in resampled mode
+    without buckets, batches never mixed and the run went on; the manifests decide up front."""
+    from data_pipeline.synth import synth_samples
+    from data_pipeline.write import write_shards
+
+    pixels = write_shards(synth_samples(8, seed=0, size=16), str(tmp_path / "pixels"), 4, progress=False)
+    m = precompute(pixels.root, str(tmp_path / "lat"), toy_encoder(), DataConfig(resolution=16), batch_size=8,
+                   progress=False)
+    assert (pixels.kind, m.kind) == ("image", "latent")
+    for joined in (cfg(shards=f"{m.root}::{pixels.root}", resolution=16),
+                   cfg(shards=m.root, mixture={pixels.root: 1.0}, resampled=True, resolution=16)):
+        with pytest.raises(DataError, match="join precomputed latents .* with pixel shards"):
+            build_stream(joined, 0, 1)
+
+
 def test_a_run_bucketing_at_another_multiple_is_refused_where_the_buckets_differ(tmp_path, shards, cfg):
     """Latents keep nothing of the bucket their pixels were cropped to: shards made at 8 px
     (48x24 at ratio 0.5) fed a run that buckets at 16 (48x16) silently. An older manifest
