@@ -21,8 +21,9 @@ The DiT is our own architecture, not a diffusers class, so the two shims import 
 package: loading needs `dit-train` installed (diffusers' custom-component mechanism, see
 "Load community pipelines and components" in the diffusers docs). Time convention: the DiT takes
 t in [0, 1] and diffusers' timestep index i is t = (i + 1) / T (trainer/diffusion/schedules.py);
-the wrapper converts. DDIM in diffusers steps from timestep i to i - T // S, so outputs match
-ours exactly when the step count S divides T.
+the wrapper converts. The pipeline steps DDIM from each of the scheduler's timesteps to the
+next (`ddim_step`): diffusers' DDIMScheduler.step goes to i - T // S, which matches ours only
+where the step count S divides T.
 """
 from __future__ import annotations
 
@@ -144,6 +145,23 @@ class DiTTextToImagePipeline(DiffusionPipeline):
         mask[:, 0] = not cfg.learned_null
         return tokens, mask, torch.zeros(batch, cfg.pooled_dim, device=self.device)
 
+    def ddim_step(self, pred: Tensor, t: Tensor, following: Optional[Tensor], x: Tensor) -> Tensor:
+        """DDIM without noise (eta 0; Song et al. 2021, eq. 12) from timestep t to `following`,
+        the next of the scheduler's timesteps (None: to the clean sample). DDIMScheduler.step
+        goes to t - T // S instead, which is that next timestep only where the step count S
+        divides T: at S = 7 of 1000 the samples were up to 0.04 (v), 0.74 (eps) from ours."""
+        abar = self.scheduler.alphas_cumprod.to(x.device)
+        a = abar[t]
+        a_next = abar[following] if following is not None else torch.as_tensor(self.scheduler.final_alpha_cumprod)
+        kind = self.scheduler.config.prediction_type
+        if kind == "v_prediction":
+            x0, eps = a.sqrt() * x - (1 - a).sqrt() * pred, a.sqrt() * pred + (1 - a).sqrt() * x
+        elif kind == "sample":
+            x0, eps = pred, (x - a.sqrt() * pred) / (1 - a).sqrt()
+        else:  # epsilon
+            x0, eps = (x - (1 - a).sqrt() * pred) / a.sqrt(), pred
+        return a_next.to(x.device).sqrt() * x0 + (1 - a_next.to(x.device)).sqrt() * eps
+
     @torch.no_grad()
     def __call__(self, prompt: Union[str, list[str]], num_inference_steps: int = 25, guidance_scale: float = 3.0,
                  guidance_rescale: float = 0.7, generator: Optional[torch.Generator] = None,
@@ -158,7 +176,8 @@ class DiTTextToImagePipeline(DiffusionPipeline):
         guided = guidance_scale != 1.0
         text = [torch.cat(pair) for pair in zip(cond, self.null_prompt(len(prompts)))] if guided else list(cond)
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        for t in self.progress_bar(self.scheduler.timesteps):
+        timesteps = self.scheduler.timesteps
+        for i, t in enumerate(self.progress_bar(timesteps)):
             model_in = torch.cat([x, x]) if guided else x
             pred = self.transformer(model_in, t.expand(model_in.shape[0]), *text)
             if guided:
@@ -166,7 +185,7 @@ class DiTTextToImagePipeline(DiffusionPipeline):
                 pred = pred_null + guidance_scale * (pred_text - pred_null)
                 if guidance_rescale > 0:
                     pred = rescale_noise_cfg(pred, pred_text, guidance_rescale)
-            x = self.scheduler.step(pred, t, x, generator=generator, return_dict=False)[0]
+            x = self.ddim_step(pred, t, timesteps[i + 1] if i + 1 < len(timesteps) else None, x)
         if output_type == "latent":
             return ImagePipelineOutput(images=x)
         if self.vae is not None:
