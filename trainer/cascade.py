@@ -62,6 +62,7 @@ from trainer.diffusion.utils import Generators
 from trainer.media import save_image_grid, save_mp4, save_video_grid, to_uint8
 from trainer.numerics import autocast
 from trainer.stage_config import distilled_steps
+from trainer.stages.checks import check_encoders
 
 DISTILLED = ("progressive", "adversarial")  # student checkpoints of the distillation stages
 RAW_PREFIX = "fp32/"  # the fp32 master weights in a universal file (trainer/elastic.py)
@@ -192,6 +193,7 @@ def load_stage(spec: CascadeStageSpec, defaults: SamplerSettings, ema: bool = Tr
         ema = False
     weights = load_for_inference(directory)[1] if ema else raw_weights(directory)
     cfg = load_config(directory / "config.yaml", stage_overrides(spec))
+    check_encoders(directory, cfg.model, "sampling it")
     if cfg.stage.kind not in ("pretrain", "superres", *DISTILLED):
         raise ValueError(f"{directory} is a '{cfg.stage.kind}' checkpoint; a cascade stage is a pretrain, "
                          f"superres or distilled ({', '.join(DISTILLED)}) checkpoint")

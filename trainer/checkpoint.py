@@ -10,6 +10,7 @@ Layout (torchtitan-style: everything stateful goes through one place):
         ema.safetensors              whole EMA weights of the student (what users sample/export)
         stage.safetensors            tensors a stage needs on resume (e.g. the current teacher)
         config.yaml                  the resolved run config
+        encoders.json                the autoencoder's and text encoder's files it trained with
         COMPLETE.json                sha256 of every file above; written last = completion marker
       latest                         "step_00000200", replaced atomically after the rename
 
@@ -210,11 +211,13 @@ def preflight(cfg: CheckpointConfig, config_yaml: str, world_size: int, global_b
 class CheckpointManager:
     """Collective save/load of the whole training state. Every rank calls every method."""
 
-    def __init__(self, cfg: CheckpointConfig, rank: int, world_size: int):
+    def __init__(self, cfg: CheckpointConfig, rank: int, world_size: int, texts: Optional[dict[str, str]] = None):
+        """`texts`: file name -> text, written into every checkpoint beside config.yaml (rank 0)."""
         self.cfg = cfg
         self.root = Path(cfg.dir)
         self.rank = rank
         self.world_size = world_size
+        self.texts = dict(texts or {})
         # Fault-suite hooks (trainer/faults.py): called once the engine states are written,
         # before the commit; and before each engine file is written.
         self.before_commit: Optional[Callable[[int, Path], None]] = None
@@ -289,6 +292,8 @@ class CheckpointManager:
 
     def _commit(self, tmp: Path, final: Path, step: int, config_yaml: str) -> None:
         (tmp / "config.yaml").write_text(config_yaml)
+        for name, text in self.texts.items():
+            (tmp / name).write_text(text)
         commit(tmp, final, step, self.world_size)
         point_latest(self.root, final.name)
         self._apply_retention(keep_name=final.name)

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 LATEST = "latest"
 COMPLETE = "COMPLETE.json"
 EMA_FILE = "ema.safetensors"
+ENCODERS_FILE = "encoders.json"  # the identity of the autoencoder and text encoder files trained with
 TMP_PREFIX = ".tmp-"
 REMOVING = f"{TMP_PREFIX}removing-"  # a checkpoint directory on its way out (`remove_dir`)
 

@@ -243,6 +243,22 @@ def half_masters(engine: Any) -> dict[int, torch.Tensor]:
     return {id(lp): hp for lps, hps in zip(wrapper.fp16_groups, wrapper.fp32_groups) for lp, hp in zip(lps, hps)}
 
 
+def player_weights(engine: Any, optimizer: torch.optim.Optimizer, names: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Collective. This rank's share of a player's weights in fp32 by network weight name: each
+    trained parameter's fp32 master (the module holds it rounded under bf16/fp16), each frozen
+    one as the module holds it (gathered under ZeRO-3)."""
+    import deepspeed
+
+    masters = half_masters(engine)
+    params = list(engine.module.named_parameters())
+    out = {w: t for n, p in params if p.requires_grad
+           for w, t in expand(names[n], p, _full(p, None, optimizer, masters.get(id(p))))}
+    frozen = [(n, p) for n, p in params if not p.requires_grad]
+    with deepspeed.zero.GatheredParameters([p for _, p in frozen], modifier_rank=None):
+        out.update({w: t for n, p in frozen for w, t in expand(names[n], p, p.detach().float().clone())})
+    return out
+
+
 def gather_player(engine: Any, optimizer: torch.optim.Optimizer, names: dict[str, str],
                   whole: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
                   ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -377,6 +393,23 @@ def seed_masters(engine: Any, names: dict[str, str], weights: dict[str, torch.Te
             safe_set_full_fp32_param(p, full)
         elif id(p) in masters:  # without ZeRO: DeepSpeed's unfused wrapper keeps them apart
             _copy_checked(masters[id(p)].data, full, name)
+
+
+def copy_frozen(copies: list[tuple[nn.Module, nn.Module]]) -> None:
+    """Collective. Make each frozen copy inside a player (`Stage.frozen_copies`) of its source
+    again, parameter by parameter, strictly by name and shape (gathered and re-partitioned
+    under ZeRO-3): DeepSpeed restores them on a resume of the same layout, the universal files
+    of an elastic one hold trained weights only."""
+    import deepspeed
+
+    for copy, source in copies:
+        params, values = dict(copy.named_parameters()), dict(source.named_parameters())
+        if params.keys() != values.keys():
+            differ = sorted(set(params) ^ set(values))
+            raise CheckpointError(f"a frozen copy no longer matches its source: {differ[:3]} differ")
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
+            for name, p in params.items():
+                _copy_checked(p.data, values[name].detach(), name)
 
 
 def check_universal_names(params: list[tuple[str, nn.Parameter]], tensors: dict[str, torch.Tensor]) -> None:

@@ -21,14 +21,15 @@ from data_pipeline.errors import DataError
 from data_pipeline.stream import batch_to_device
 from trainer import faults
 from trainer.checkpoint import CheckpointError, CheckpointManager, init_network
+from trainer.checkpoint_format import ENCODERS_FILE
 from trainer.codes import EXIT_CHECKPOINT, EXIT_DATA, EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE
 from trainer.config import RunConfig, to_yaml, validate
 from trainer.diffusion.noise import sample_generators
 from trainer.distributed import LateRead, PreemptionFlag, comm_device, compute_device, init_distributed
-from trainer.elastic import (LAYOUT_KEYS, BatchRequest, Shape, keep_global_batch, seed_masters, shape_of,
-                             written_shape)
+from trainer.elastic import (LAYOUT_KEYS, BatchRequest, Shape, copy_frozen, keep_global_batch, player_weights,
+                             seed_masters, shape_of, written_shape)
 from trainer.ema import EMA
-from trainer.flat_params import expand, weight_names
+from trainer.flat_params import weight_names
 from trainer.metrics import KeyLog, Metric, MetricsLogger
 from trainer.numerics import PRECISIONS, autocast, inference_numerics
 from trainer.optim import FiniteGuard, apply_config, build_engine, player_lr, schedule_at
@@ -55,8 +56,12 @@ def preflight_resume(cfg: RunConfig, world_size: int) -> tuple[RunConfig, str]:
     was derived; raises CheckpointError when the global batch cannot be kept or (unless
     allowed) the config changed."""
     from trainer.checkpoint import CheckpointManager, preflight
+    from trainer.stages.checks import check_encoders, check_resumed_stage
 
     directory = CheckpointManager(cfg.checkpoint, 0, world_size).latest() if cfg.checkpoint.resume else None
+    if directory is not None:
+        check_encoders(directory, cfg.model, "resuming it")
+        check_resumed_stage(directory, cfg)
     cfg, note = keep_global_batch(cfg, world_size, directory)
     preflight(cfg.checkpoint, to_yaml(cfg), world_size, global_batch(cfg, world_size), RESUMABLE_CHANGES)
     return cfg, note
@@ -109,6 +114,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig):
         from data_pipeline.stream import build_stream
         from trainer.stages import build_stage
+        from trainer.stages.checks import encoders_record
 
         self.cfg = cfg
         self.ctx = init_distributed(cfg.deepspeed.pipeline_stages, cfg.deepspeed.comm_timeout_s,
@@ -128,6 +134,11 @@ class Trainer:
             init_weights = init_network(self.stage.players["student"], cfg.checkpoint.init_from)
             if self.ctx.is_main:
                 print(f"initialized the student from {cfg.checkpoint.init_from}", flush=True)
+        elif self.stage.student_from_weights and self.precision != "fp32" and not self.will_resume():
+            # a distillation student, the teacher's copy: its fp32 weights seed the masters and
+            # the EMA, which DeepSpeed would make of the module cast to half precision
+            student = self.stage.players["student"].state_dict()
+            init_weights = {k: v.detach().to("cpu", copy=True) for k, v in student.items()}
         if self.stage.preview_samples and self.ctx.is_main:
             self.stage.preview = preview_batch(cfg, self.stage.preview_samples, self.device)
         self.pipeline = self.ctx.pipeline_stages > 1
@@ -145,7 +156,10 @@ class Trainer:
         self.ema = EMA(self.ema_module, cfg.ema, self.names) if cfg.ema.enabled else None
         if init_weights is not None:
             self.warm_start(init_weights)
-        self.ckpt = CheckpointManager(cfg.checkpoint, self.ctx.rank, self.ctx.world_size)
+        # rank 0 commits; the autoencoder stage trains the autoencoder at its path (no input of it)
+        records = self.ctx.rank == 0 and cfg.stage.kind != "autoencoder"
+        texts = {ENCODERS_FILE: encoders_record(cfg.model)} if records else {}
+        self.ckpt = CheckpointManager(cfg.checkpoint, self.ctx.rank, self.ctx.world_size, texts)
         self.state = LoopState()
         self.batch_request = BatchRequest(shape_of(cfg, self.ctx.world_size))
         self.pending: list[Pending] = []  # steps recorded, not yet settled
@@ -161,9 +175,26 @@ class Trainer:
         rounded under bf16/fp16): the student's masters and the EMA's shadows. Collective (the
         EMA's strict load)."""
         seed_masters(self.engines["student"], self.names, weights)
+        self.restart_ema(weights)
+
+    def restart_ema(self, weights: dict[str, torch.Tensor]) -> None:
+        """Begin the EMA again at the student's whole fp32 `weights`. Collective."""
         if self.ema is not None:
             trained = {w for n, p in self.net.named_parameters() if p.requires_grad for w in weight_names(n, p)}
             self.ema.load_full_state_dict(self.ema_module, {k: v for k, v in weights.items() if k in trained}, 0)
+
+    def start_of_step(self) -> None:
+        """The stage's start of a step, given the student's fp32 weights to read (collective, and
+        only where it asks); where it starts a new training (a progressive round), the EMA begins
+        again at those weights."""
+        read: dict[str, torch.Tensor] = {}
+
+        def student_weights() -> dict[str, torch.Tensor]:
+            read.update(self.raw_weights())
+            return read
+
+        if self.stage.start_of_step(self.state.step, student_weights) and self.ema is not None:
+            self.restart_ema(read or self.raw_weights())
 
     # ---- checkpoint ---------------------------------------------------------------------------
     def will_resume(self) -> bool:
@@ -219,6 +250,7 @@ class Trainer:
             load_states(self.ckpt, directory, states)
         else:
             self.load_elastic(directory, was, states)
+        copy_frozen(self.stage.frozen_copies())
         for name, engine in self.engines.items():
             apply_config(engine, self.optimizers[name], player_lr(self.cfg.optim, name), self.cfg.optim)
         if self.ctx.is_main:
@@ -417,8 +449,7 @@ class Trainer:
         code = EXIT_OK
         drawn = -1  # the step of the last sample grid drawn here
         while self.state.step < total:
-            if self.stage.start_of_step(self.state.step, self.raw_weights) and self.ema is not None:
-                self.ema.restart(self.ema_module)
+            self.start_of_step()
             self.record_step(*self.train_step(batches))
             step, preempted = self.state.step, preempt.agreed()
             saving = preempted or step % self.cfg.checkpoint.every == 0 or step == total
@@ -443,15 +474,11 @@ class Trainer:
         return code
 
     def raw_weights(self) -> dict[str, torch.Tensor]:
-        """The student's whole current parameters by the network's names (gathered under ZeRO-3,
-        assembled from every stage under pipeline parallelism). Collective."""
-        import deepspeed
-
-        params = list(self.ema_module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            local = {w: t for n, p in self.ema_module.named_parameters()
-                     for w, t in expand(self.names[n], p, p.detach().clone())}
-        return self.whole(local)
+        """The student's whole current weights by the network's names in fp32: its fp32 masters,
+        as `dit export --raw` reads them (a progressive round's export and next teacher were the
+        module's bf16 rounding of them), gathered under ZeRO, assembled from every stage under
+        pipeline parallelism. Collective."""
+        return self.whole(player_weights(self.engines["student"], self.optimizers["student"], self.names))
 
     def full_weights(self) -> dict[str, torch.Tensor]:
         """Whole weights of the student: the EMA when enabled, else the raw ones. Collective."""

@@ -15,7 +15,9 @@ from safetensors.torch import load_file, save_file
 
 from tests.eval.eval_helpers import tiny_config, write_checkpoint
 from trainer.config import ConfigError, RunConfig
+from trainer.elastic import copy_frozen
 from trainer.stages import build_stage
+from trainer.stages.checks import check_resumed_stage
 from trainer.stages.distillation import DistillationStage
 
 DISTILL = ("stage.rounds=[2,1]", "diffusion.loss_weighting=trunc_snr")
@@ -41,6 +43,13 @@ def saved(stage: DistillationStage, path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+def resumed_with(directory: Path, teacher: Path, kind: str, *overrides: str) -> None:
+    """`dit train`'s check, before any process starts, of a resume from `directory` (its
+    stage.safetensors) with this config."""
+    check_resumed_stage(directory, tiny_config(directory, f"stage.kind={kind}", f"stage.teacher={teacher}", *DISTILL,
+                                               *overrides))
+
+
 def no_weights() -> dict[str, torch.Tensor]:
     raise AssertionError("no round boundary here")
 
@@ -57,6 +66,9 @@ def test_progressive_resume_keeps_the_round_length_it_started_with(tmp_path, tea
     assert [longer.round_of(s) for s in (3, 4, 15)] == [0, 1, 1]
     with pytest.raises(ConfigError, match=r"stage.steps.*stage.steps >= 8"):
         stage_of(tmp_path, teacher, "progressive", "stage.steps=6").load_state_tensors(state)
+    resumed_with(tmp_path, teacher, "progressive", "stage.steps=16")  # before any process starts
+    with pytest.raises(ConfigError, match=r"stage.steps.*stage.steps >= 8"):
+        resumed_with(tmp_path, teacher, "progressive", "stage.steps=6")
 
 
 def test_adversarial_resume_keeps_its_phases_and_teacher_sampler(tmp_path, teacher):
@@ -75,6 +87,9 @@ def test_adversarial_resume_keeps_its_phases_and_teacher_sampler(tmp_path, teach
     assert not resumed.conditional
     with pytest.raises(ConfigError, match=r"stage.steps.*no unconditional phase"):
         stage_of(tmp_path, teacher, "adversarial", "stage.steps=15").load_state_tensors(state)
+    resumed_with(tmp_path, teacher, "adversarial", "stage.steps=60")
+    with pytest.raises(ConfigError, match=r"stage.steps.*no unconditional phase"):
+        resumed_with(tmp_path, teacher, "adversarial", "stage.steps=15")
 
 
 def same_weights(net: torch.nn.Module, other: dict[str, torch.Tensor]) -> bool:
@@ -102,6 +117,12 @@ def test_resume_distils_the_teacher_it_started_with(tmp_path, teacher):
     assert same_weights(resumed.teacher.net, started_with)
     assert torch.equal(torch.get_rng_state(), rng)
     assert resumed.teacher_source.directory.endswith("step_00000001")
+    # the discriminator's frozen trunk, copied from the teacher `latest` named when the stage was
+    # built: an elastic resume (trained weights only) left it so; the resume copies it again
+    trunk = resumed.players["disc"].disc.trunk
+    assert not same_weights(trunk, started_with)
+    copy_frozen(resumed.frozen_copies())
+    assert same_weights(trunk, started_with)
 
     shutil.rmtree(root / "step_00000001")  # retention deleted it
     with pytest.raises(ConfigError, match=r"stage.teacher.*step_00000001.*is gone"):

@@ -87,6 +87,8 @@ REFUSED = {  # accepted by the typed schema, refused by validate or the stage pr
     "pretrain_guidance_embed": (["model.guidance_embed=true"], "model.guidance_embed"),
     # cascade pairs put the sr-size images under `image`: a base model would train at that size
     "pretrain_sr_pairs": (["data.sr_resolution=32"], "data.sr_resolution"),
+    # a latent DiT without its autoencoder: each process would make its own random one
+    "latent_without_autoencoder": (["model.autoencoder.kind=kl", "model.in_channels=4"], "model.autoencoder.path"),
     # DeepSpeed's CPU accelerator has fp16 only with AVX512-FP16 (DeepSpeed would refuse it later, in every rank)
     "fp16_unsupported": (["deepspeed.precision=fp16"], "deepspeed.precision"),
 }

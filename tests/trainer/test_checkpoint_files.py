@@ -172,3 +172,33 @@ def test_a_bf16_warm_start_starts_from_the_sources_fp32_weights(tiny_teacher, sh
         assert torch.equal(masters[f"fp32/{name}"], weight), name
         rounding = (weight.bfloat16().float() - weight).abs().max()
         assert (ema[name] - weight).abs().max() <= 0.101 * rounding + 1e-7, name  # without: rounding
+
+
+@pytest.mark.slow
+def test_a_bf16_distillation_starts_from_the_teachers_fp32_weights_and_hands_rounds_on_in_fp32(
+        tiny_teacher, shapes_shards, tmp_path):
+    """A distillation student is a copy of the teacher: under bf16 its fp32 masters and its EMA
+    start at the teacher's fp32 weights, not at their bf16 rounding (DeepSpeed makes masters of
+    the module it casts). At a progressive round's end the student's raw weights, exported and
+    made the next teacher, are those fp32 masters (lr 0: still the teacher's), not the module's
+    bf16 copy."""
+    from safetensors.torch import load_file
+
+    from tests.trainer.harness import assert_ok, base, ema_weights, latest_dir, run_train
+    from trainer.checkpoint import load_init_weights
+
+    out = tmp_path / "run"
+    assert_ok(run_train(1, base(shapes_shards, out, "stage.kind=progressive", f"stage.teacher={tiny_teacher}",
+                                "stage.rounds=[2,1]", "diffusion.loss_weighting=trunc_snr", "deepspeed.precision=bf16",
+                                "deepspeed.zero_stage=2", "optim.lr=0", "stage.steps=2", "checkpoint.every=2",
+                                "ema.decay=0.9", "log.sample_every=0")))
+    teacher = load_init_weights(tiny_teacher)
+    masters = load_file(str(latest_dir(out) / universal_file("student")))
+    (round_export,) = sorted(out.glob("**/round_1_*/ema.safetensors"))
+    handed_on, ema = load_file(str(round_export)), ema_weights(out)
+    assert handed_on.keys() == ema.keys() == teacher.keys()
+    for name, weight in teacher.items():
+        assert torch.equal(masters[f"fp32/{name}"], weight), name
+        assert handed_on[name].dtype == torch.float32 and torch.equal(handed_on[name], weight), name
+        rounding = (weight.bfloat16().float() - weight).abs().max()
+        assert (ema[name] - weight).abs().max() <= 0.101 * rounding + 1e-7, name

@@ -161,5 +161,31 @@ def check_learned_null(out: Path, _tmp: Path) -> None:
         assert torch.count_nonzero(ema[key]) > 0, key
 
 
+def check_encoders_travel(out: Path, tmp: Path) -> None:
+    """The checkpoint records the autoencoder files it trained with (encoders.json): it samples
+    with a copy of them elsewhere; with a re-fitted latent normalisation (another latent space)
+    at that path, sampling and resuming it are refused naming the key (it decoded garbage)."""
+    import json
+    import shutil
+
+    from trainer.cascade import CascadeStageSpec, load_stage
+    from trainer.config import ConfigError, load_config
+    from trainer.diffusion import SamplerSettings
+    from trainer.engine import preflight_resume
+
+    copy = tmp / "autoencoder_copy"
+    shutil.copytree(load_config(latest_dir(out) / "config.yaml").model.autoencoder.path, copy)
+    moved = [f"model.autoencoder.path={copy}"]
+    load_stage(CascadeStageSpec(str(out / "checkpoints"), overrides=moved), SamplerSettings(steps=2))
+    norm = copy / "latent_norm.json"
+    norm.write_text(json.dumps({**json.loads(norm.read_text()), "scale": 2.0}))
+    refused = r"'model\.autoencoder\.path': .* was trained with another autoencoder .*latent_norm\.json"
+    with pytest.raises(ConfigError, match=refused):
+        load_stage(CascadeStageSpec(str(out / "checkpoints"), overrides=moved), SamplerSettings(steps=2))
+    with pytest.raises(ConfigError, match=refused):
+        preflight_resume(load_config(latest_dir(out) / "config.yaml", moved), 2)
+
+
 CHECKS = {"image-pixel-pretrain-zero0-fp32-buckets": check_buckets,
-          "joint-pixel-pretrain-zero3-fp32-null": check_learned_null}
+          "joint-pixel-pretrain-zero3-fp32-null": check_learned_null,
+          "image-latent-pretrain-zero1-bf16": check_encoders_travel}

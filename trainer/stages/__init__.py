@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from trainer.config import RunConfig
 from trainer.stage_config import stage_settings
-from trainer.stages.checks import PREFLIGHT, check_latent_sources
+from trainer.stages.checks import PREFLIGHT, check_autoencoder_given, check_latent_sources
 
 if TYPE_CHECKING:
     from trainer.stages.base import Stage
@@ -34,6 +34,7 @@ def preflight(cfg: RunConfig) -> None:
     torch imported): `dit train` and `dit launch` run them first, so a bad distillation config,
     or latents made by other encoders or pixel settings, fail in about a second with the key
     named (ConfigError) instead of after DeepSpeed started."""
+    check_autoencoder_given(cfg)
     check_latent_sources(cfg)
     if cfg.stage.kind in PREFLIGHT:
         PREFLIGHT[cfg.stage.kind](cfg)

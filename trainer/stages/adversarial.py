@@ -51,7 +51,7 @@ from trainer.models.discriminator import DiscriminatorHeads
 from trainer.models.dit import DiT, TextEmbedding
 from trainer.stage_config import AdversarialSettings
 from trainer.stages.base import PlayerLoss
-from trainer.stages.checks import check_adversarial
+from trainer.stages.checks import check_adversarial, check_conditional_phase
 from trainer.stages.distillation import DistillationStage
 
 CONDITIONAL_FRACTION = 0.5  # share of stage.steps with the conditional discriminator
@@ -189,6 +189,11 @@ class AdversarialStage(DistillationStage):
         trunk = frozen(copy.deepcopy(self.teacher.net))
         self.players["disc"] = PairDiscriminator(discriminator_heads(trunk, model.guidance_embed))
 
+    def frozen_copies(self) -> list[tuple[nn.Module, nn.Module]]:
+        """The trunk is the teacher the run distils: on a resume the one it started with, which
+        `keep_teacher` may have loaded in place of the one `stage.teacher` resolves to now."""
+        return [(self.players["disc"].disc.trunk, self.teacher.net)]
+
     @property
     def conditional(self) -> bool:
         return self.step < self.conditional_steps
@@ -206,10 +211,7 @@ class AdversarialStage(DistillationStage):
         """What the run started with: the conditional phase's length (a changed `stage.steps`
         moves the end of the unconditional phase; the discriminator never goes back to the
         conditional one) and the teacher's sampler (`log.sample_steps` changes the grids only)."""
-        if self.stage_cfg.steps <= conditional_steps:
-            raise ConfigError("stage.steps", f"this adversarial run's conditional phase lasts {conditional_steps} "
-                              f"steps (half of stage.steps when it started); stage.steps={self.stage_cfg.steps} "
-                              f"leaves no unconditional phase. Resume with stage.steps > {conditional_steps}")
+        check_conditional_phase(conditional_steps, self.stage_cfg.steps)
         if conditional_steps != self.conditional_steps:
             self.note(f"the conditional phase keeps the {conditional_steps} steps this run started with")
         if teacher_steps != self.teacher_steps:

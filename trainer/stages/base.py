@@ -51,6 +51,16 @@ class Stage:
         """The frozen modules the stage calls (text encoder, autoencoder, teacher, ...)."""
         return []
 
+    # whether the student starts from given weights (a distillation's teacher), not a random init
+    student_from_weights = False
+
+    def frozen_copies(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(copy, source): frozen modules inside a trained player made as copies of a helper
+        (the adversarial discriminator's trunk: the teacher). A resume makes each again of its
+        source as the stage's state left it (`Trainer.resume`): an elastic resume restores a
+        player's trained weights only."""
+        return []
+
     def counters(self) -> dict[str, int]:
         """This rank's running counts of the stage's own (the same names on every rank), logged
         beside the loader's skip counts as `data/<name>`, summed over ranks."""

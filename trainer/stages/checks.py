@@ -7,6 +7,7 @@ the same teacher checks when built.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -18,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 from data_pipeline import remote
 from data_pipeline.errors import DataError
 from data_pipeline.manifest import ENCODED_BY, pixel_settings_mismatch, resolve_source, source_specs
-from trainer.checkpoint_format import CheckpointError, resolve, sha256, student_round
+from trainer.checkpoint_format import ENCODERS_FILE, STAGE_FILE, CheckpointError, resolve, sha256, student_round
 from trainer.config import (ConfigError, DataConfig, DiffusionConfig, ModelConfig, RunConfig, TextEncoderConfig,
                             check_weighting, flatten, to_dict, validate)
 from trainer.stage_config import AdversarialSettings, distilled_steps
@@ -73,8 +74,8 @@ def check_teacher(directory: str, model: ModelConfig, diffusion: DiffusionConfig
     """The teacher's run config, after checking that `stage.teacher` names one whose network,
     schedule and data this run shares (reads only its config.yaml unless given)."""
     check_teacher_exists(directory)
+    step = resolve(directory)
     if config_yaml is None:
-        step = resolve(directory)
         if not (step / "config.yaml").is_file():
             raise ConfigError("stage.teacher", f"{directory} holds no checkpoint (no config.yaml); point it at a "
                                                f"checkpoint root, a step directory or a round export")
@@ -86,7 +87,56 @@ def check_teacher(directory: str, model: ModelConfig, diffusion: DiffusionConfig
     if cfg.model.guidance_embed and not model.guidance_embed:
         raise ConfigError("model.guidance_embed", f"the teacher ({directory}) is guidance-conditioned (a distilled "
                                                   "student that takes the guidance scale): set model.guidance_embed=true")
+    check_encoders(step, model, "distilling it")
     return cfg
+
+
+def check_round_length(saved: int, rounds: int, steps: int) -> None:
+    """A progressive run's rounds keep the length they started with (`saved` steps each): a
+    resumed stage.steps may move the end of the last one, not cut it or one before it short."""
+    needed = saved * rounds
+    if steps < needed:
+        raise ConfigError("stage.steps", f"this progressive run trains {rounds} rounds of {saved} steps (stage.steps "
+                          f"split when it started), so it needs stage.steps >= {needed}; {steps} would end it "
+                          f"inside a round. Resume with stage.steps >= {needed}, or distil further from a round "
+                          f"export in a new run")
+
+
+def check_conditional_phase(conditional_steps: int, steps: int) -> None:
+    """An adversarial run keeps the conditional phase it started with: a resumed stage.steps
+    must leave an unconditional phase after it."""
+    if steps <= conditional_steps:
+        raise ConfigError("stage.steps", f"this adversarial run's conditional phase lasts {conditional_steps} steps "
+                          f"(half of stage.steps when it started); stage.steps={steps} leaves no unconditional "
+                          f"phase. Resume with stage.steps > {conditional_steps}")
+
+
+def check_resumed_stage(directory: Path, cfg: RunConfig) -> None:
+    """The checks a distillation stage makes of its saved state when it resumes (rounds'
+    length, the conditional phase), made from the checkpoint's stage.safetensors before any
+    process starts (read as numpy: no torch here)."""
+    path = Path(directory) / STAGE_FILE
+    if cfg.stage.kind not in ("progressive", "adversarial") or not path.is_file():
+        return
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        saved = {k: int(f.get_tensor(k)) for k in ("round_length", "conditional_steps") if k in f.keys()}
+    if cfg.stage.kind == "progressive" and "round_length" in saved:
+        check_round_length(saved["round_length"], len(cfg.stage.rounds), cfg.stage.steps)
+    if cfg.stage.kind == "adversarial" and "conditional_steps" in saved:
+        check_conditional_phase(saved["conditional_steps"], cfg.stage.steps)
+
+
+def check_autoencoder_given(cfg: RunConfig) -> None:
+    """A latent DiT learns the latents of one trained autoencoder: without model.autoencoder.path
+    every process built its own randomly initialised one, so training, its previews and each
+    `dit sample` decoded with other weights, without an error."""
+    ae = cfg.model.autoencoder
+    if cfg.stage.kind != "autoencoder" and ae.kind != "none" and not ae.path:
+        raise ConfigError("model.autoencoder.path", f"a latent DiT (model.autoencoder.kind={ae.kind}) needs the "
+                          f"trained autoencoder whose latents it learns: give its directory (`dit train` with "
+                          f"stage.kind=autoencoder writes one); without it each process makes a random one")
 
 
 def check_rounds(rounds: Sequence[int], total_steps: int, teacher_steps: Optional[int], num_timesteps: int) -> None:
@@ -260,25 +310,43 @@ def check_latent_sources(cfg: RunConfig) -> None:
         recorded = manifest.extra.get(ENCODED_BY)
         if recorded:
             current = current or encoder_identity(cfg.model)
-            _same_encoders(recorded, current, spec)
+            _same_encoders(recorded, current, f"the latents of {spec} were made with",
+                           f"precompute {spec} again with this run's config (`dit data precompute ... --encoder "
+                           f"trainer.stages.pretrain:precompute_encoder`), or train with the encoders that made it")
 
 
-def _same_encoders(recorded: dict, current: dict, spec: str) -> None:
-    """ConfigError naming the key where `spec`'s latents were made by other encoders."""
-    redo = (f"precompute {spec} again with this run's config (`dit data precompute ... --encoder "
-            f"trainer.stages.pretrain:precompute_encoder`), or train with the encoders that made it")
+def _same_encoders(recorded: dict, current: dict, made: str, redo: str) -> None:
+    """ConfigError naming the key where `made` (precomputed latents, a trained network) came
+    from other encoders than this run's: `recorded` and `current` are `encoder_identity`s."""
     if "autoencoder" in recorded and recorded["autoencoder"] != current["autoencoder"]:
         differ = sorted(set(recorded["autoencoder"].items()) ^ set(current["autoencoder"].items()))
-        raise ConfigError("model.autoencoder.path", f"the latents of {spec} were encoded by another autoencoder "
-                          f"(its files differ from those at this path: {sorted({name for name, _ in differ})}); {redo}")
+        raise ConfigError("model.autoencoder.path", f"{made} another autoencoder (its files differ from those at "
+                          f"this path: {sorted({name for name, _ in differ})}); {redo}")
     for key in TEXT_IDENTITY:
         theirs, ours = recorded.get("text", {}).get(key), current["text"][key]
         if theirs is not None and theirs != ours:
-            raise ConfigError(f"model.text.{key}", f"the text embeddings of {spec} were made with "
-                              f"model.text.{key}={theirs!r}, this run has {ours!r}; {redo}")
+            raise ConfigError(f"model.text.{key}", f"{made} a text encoder of model.text.{key}={theirs!r}, "
+                              f"this run has {ours!r}; {redo}")
     if "text_files" in recorded and recorded["text_files"] != current["text_files"]:
-        raise ConfigError("model.text.path", f"the text embeddings of {spec} were made by a text encoder whose "
-                          f"files differ from those at this path; {redo}")
+        raise ConfigError("model.text.path", f"{made} a text encoder whose files differ from those at this path; "
+                          f"{redo}")
+
+
+def encoders_record(model: ModelConfig) -> str:
+    """The text of a checkpoint's encoders.json: the `encoder_identity` of what it trains with."""
+    return json.dumps(encoder_identity(model), indent=1, sort_keys=True) + "\n"
+
+
+def check_encoders(directory: Path, model: ModelConfig, use: str) -> None:
+    """ConfigError naming the key where the encoders `model` names are not those the network
+    of `directory` (a step directory or round export) learned with, as its encoders.json
+    records them (none recorded: nothing to check). A DiT learns one autoencoder's latents and
+    one text encoder's embeddings: a re-fitted latent normalisation or another autoencoder at
+    the same path made it decode garbage without an error. `use`: what needs the match."""
+    record = Path(directory) / ENCODERS_FILE
+    if record.is_file():
+        _same_encoders(json.loads(record.read_text()), encoder_identity(model), f"{directory} was trained with",
+                       f"{use} needs the encoders it was trained with: restore them at that path, or point the key at them")
 
 
 # stage.kind -> its checks from configs and the teacher's config.yaml; other kinds have none.

@@ -146,6 +146,8 @@ class DistillationStage(PretrainStage):
     initialised from it, per-sample guidance scales, and few-step samples and evaluation (the
     student samples without CFG, with guidance = log.sample_cfg when guidance-conditioned)."""
 
+    student_from_weights = True
+
     def __init__(self, model: ModelConfig, diffusion: DiffusionConfig, stage: ProgressiveSettings, data: DataConfig):
         check_weighting(diffusion)
         super().__init__(model, diffusion, stage, data)

@@ -39,8 +39,8 @@ import torch
 from torch import Tensor
 
 from trainer.bundle import frozen, place
-from trainer.checkpoint_format import ROUND_FILE, ROUNDS_DIR, write_inference_dir
-from trainer.config import ConfigError, DataConfig, DiffusionConfig, LogConfig, ModelConfig, RunConfig, to_yaml
+from trainer.checkpoint_format import ENCODERS_FILE, ROUND_FILE, ROUNDS_DIR, write_inference_dir
+from trainer.config import DataConfig, DiffusionConfig, LogConfig, ModelConfig, RunConfig, to_yaml
 from trainer.diffusion import add_noise, randn
 from trainer.diffusion.distill import (
     distill_loss,
@@ -53,7 +53,7 @@ from trainer.diffusion.distill import (
 )
 from trainer.stage_config import ProgressiveSettings, as_section
 from trainer.stages.base import PlayerLoss
-from trainer.stages.checks import check_rounds
+from trainer.stages.checks import check_round_length, check_rounds, encoders_record
 from trainer.stages.distillation import DistillationStage, Teacher
 
 
@@ -122,12 +122,7 @@ class ProgressiveStage(DistillationStage):
         """Rounds keep the length the run started with: the rounds before the resume had it, and
         a new split would move boundaries already passed. A changed `stage.steps` moves the end
         of the last round only, and may not cut it (or a round before it) short."""
-        needed = saved * len(self.rounds)
-        if self.stage_cfg.steps < needed:
-            raise ConfigError("stage.steps", f"this progressive run trains {len(self.rounds)} rounds of {saved} "
-                              f"steps (stage.steps split when it started), so it needs stage.steps >= {needed}; "
-                              f"{self.stage_cfg.steps} would end it inside a round. Resume with stage.steps >= "
-                              f"{needed}, or distil further from a round export in a new run")
+        check_round_length(saved, len(self.rounds), self.stage_cfg.steps)
         if saved != self.round_length:
             self.note(f"rounds keep the {saved} steps this run started with; the last round runs to step "
                       f"{self.stage_cfg.steps}")
@@ -161,7 +156,7 @@ class ProgressiveStage(DistillationStage):
                 "guidance_range": [self.stage_cfg.guidance_min, self.stage_cfg.guidance_max]}
         meta_json = json.dumps(meta, indent=1, sort_keys=True) + "\n"
         return write_inference_dir(self.export_dir / f"round_{number}_{steps}steps", weights, to_yaml(cfg),
-                                   {ROUND_FILE: meta_json}, step)
+                                   {ROUND_FILE: meta_json, ENCODERS_FILE: encoders_record(self.model_cfg)}, step)
 
     # ---- the loss -----------------------------------------------------------------------------
     def prepare(self, batch: dict[str, Any], generator: torch.Generator) -> tuple[dict[str, Any], tuple[Tensor, ...]]:
