@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
-from trainer.config import RunConfig, load_config, validate
+from trainer.config import ConfigError, RunConfig, load_config, validate
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LAUNCHERS = ("deepspeed", "torchrun")
@@ -112,11 +112,16 @@ def resume_config(cfg: RunConfig, world_size: int) -> tuple[RunConfig, Optional[
     return cfg, None, note
 
 
-def check_job(config: str, overrides: list[str], world_sizes: list[int]) -> RunConfig:
+def check_job(config: str, overrides: list[str], world_sizes: list[int], restarts: bool = False) -> RunConfig:
     """The config checked for every world size the job may run on, and the checkpoint it would
     resume from on each: raises ConfigError naming the key, or ResumeRefused. Returns the
-    config checked for the first world size."""
+    config checked for the first world size. `restarts`: the job may be started again (a
+    relaunch, a SLURM requeue), which resumes from `latest`."""
     checked = [check_config(config, overrides, world_size) for world_size in world_sizes]
+    if restarts and not checked[0].checkpoint.resume:
+        raise ConfigError("checkpoint.resume", "is false, but this job may be started again (--max-restarts, a "
+                          "SLURM requeue): each start would begin at step 0 and its checkpoints replace the run's; "
+                          "set it to true (to start afresh, give the run a new checkpoint.dir)")
     for cfg, world_size in zip(checked, world_sizes):
         _, refusal, _ = resume_config(cfg, world_size)
         if refusal is not None:
@@ -225,7 +230,7 @@ def job_from_args(args: argparse.Namespace) -> Job:
     gpus = gpus_here()
     check_gpus_visible(gpus, dict(os.environ))
     topology = topology_from_args(args, gpus)
-    cfg = check_job(args.config, args.overrides, [topology.world_size])
+    cfg = check_job(args.config, args.overrides, [topology.world_size], restarts=args.max_restarts > 0)
     node = f"node{topology.node_rank}" if topology.node_rank is not None else "node0"
     return Job(
         config=str(Path(args.config).resolve()),

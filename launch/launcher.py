@@ -49,6 +49,8 @@ def launch(args: argparse.Namespace) -> int:
     try:
         if args.max_restarts < 0:
             raise LaunchError(f"--max-restarts must be >= 0, not {args.max_restarts}")
+        if args.shutdown_timeout < 0:  # the ranks would be killed at the signal, with nothing saved
+            raise LaunchError(f"--shutdown-timeout must be >= 0 s, not {args.shutdown_timeout}")
         if args.slurm:
             return submit(args)
         check_slurm_only(args)

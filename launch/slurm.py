@@ -193,7 +193,8 @@ def job_from_args(args: argparse.Namespace) -> SlurmJob:
         raise LaunchError(f"--min-nodes ({min_nodes}) must be between 1 and --nodes ({nodes})")
     # Every allocation the job may get (or be requeued on) must hold the config and its checkpoint.
     sizes = (nodes, *range(min_nodes or nodes, nodes))
-    cfg = check_job(args.config, args.overrides, [size * ranks for size in sizes])
+    cfg = check_job(args.config, args.overrides, [size * ranks for size in sizes], restarts=True)
+    check_allocations(cfg, sizes, ranks)
     if not args.gpus_per_node:
         print(f"dit launch: note: no --gpus-per-node: the job asks SLURM for no GPUs and runs {ranks} rank(s) "
               "per node on the CPU", file=sys.stderr)
@@ -212,6 +213,27 @@ def job_from_args(args: argparse.Namespace) -> SlurmJob:
     for line in kill_wait_note(job)[:1]:
         print(f"dit launch: {line} See the script's header.", file=sys.stderr)
     return job
+
+
+def check_allocations(cfg, sizes: tuple[int, ...], ranks: int) -> None:
+    """With --min-nodes the first allocation's size sets the run's global batch, which every
+    later one must keep (`keep_global_batch`: a whole grad_accum or data.batch_size), or its
+    requeue is refused on the cluster. Said when the sizes' global batches differ."""
+    from trainer.elastic import kept_on, shape_of
+
+    shapes = {size: shape_of(cfg, size * ranks) for size in sorted(set(sizes))}
+    for first, started in shapes.items():
+        for later, shape in shapes.items():
+            if not kept_on(started.global_batch, shape):
+                raise LaunchError(f"a run started on {first} node(s) trains with global batch {started.global_batch}, "
+                                  f"which neither a whole deepspeed.grad_accum nor a whole data.batch_size keeps on "
+                                  f"{later} node(s): its requeue there would be refused; choose --nodes and "
+                                  f"--min-nodes (or the batch) so that every size keeps the others' global batch")
+    batches = {size: shape.global_batch for size, shape in shapes.items()}
+    if len(set(batches.values())) > 1:
+        print("dit launch: note: the first allocation's size sets the global batch for the whole run (" +
+              ", ".join(f"{size} node(s): {batch}" for size, batch in batches.items()) +
+              "); later ones keep it", file=sys.stderr)
 
 
 def submit(args: argparse.Namespace) -> int:

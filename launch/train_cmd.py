@@ -6,7 +6,7 @@ import sys
 
 from launch.job import check_config, resume_config
 from launch.runners import record_exit
-from trainer.codes import EXIT_CHECKPOINT, world_from_env
+from trainer.codes import EXIT_CHECKPOINT, catch_preemption, world_from_env
 
 ALLOW_CONFIG_CHANGE = "checkpoint.allow_config_change=true"
 
@@ -28,6 +28,7 @@ def train(args: argparse.Namespace) -> int:
 
 
 def train_rank(args: argparse.Namespace) -> int:
+    catch_preemption()  # first: a rank starting up (imports, engines, a checkpoint load) died of it
     rank, world_size = world_from_env()[:2]
     # Checked before any process group starts, and before the engine's imports.
     cfg = check_config(args.config, overrides_of(args), world_size)

@@ -31,6 +31,7 @@ import errno
 import json
 import pickle
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -255,6 +256,8 @@ class CheckpointManager:
             except Exception as e:
                 error = e
         self._report(step, tmp, error, "commit")
+        if self.rank == 0:
+            self._apply_retention(keep_name=final.name)
         return final
 
     def _report(self, step: int, tmp: Path, error: Optional[Exception], phase: str) -> None:
@@ -296,7 +299,6 @@ class CheckpointManager:
             (tmp / name).write_text(text)
         commit(tmp, final, step, self.world_size)
         point_latest(self.root, final.name)
-        self._apply_retention(keep_name=final.name)
 
     def _remove_partial(self) -> None:
         """Directories of saves that never committed (a crash or kill mid-write), and of
@@ -305,11 +307,19 @@ class CheckpointManager:
             shutil.rmtree(leftover, ignore_errors=True)
 
     def _apply_retention(self, keep_name: str) -> None:
-        self._remove_partial()
-        complete = sorted(p for p in self.root.glob("step_*") if (p / COMPLETE).is_file())
-        for old in complete[: max(0, len(complete) - self.cfg.keep)]:
-            if old.name != keep_name:
-                remove_dir(old)
+        """Once `keep_name` is committed and `latest`: the oldest complete checkpoints beyond
+        checkpoint.keep, and leftovers, deleted. A failure here is a warning: the save is done
+        (reported as a failed commit, it said `latest` was still the previous checkpoint and
+        stopped a run whose preemption save had succeeded)."""
+        try:
+            self._remove_partial()
+            complete = sorted(p for p in self.root.glob("step_*") if (p / COMPLETE).is_file())
+            for old in complete[: max(0, len(complete) - self.cfg.keep)]:
+                if old.name != keep_name:
+                    remove_dir(old)
+        except OSError as e:
+            print(f"dit train: warning: checkpoint retention failed after saving {keep_name} ({e}); older "
+                  f"checkpoints may remain in {self.root}", file=sys.stderr, flush=True)
 
     # ---- load -------------------------------------------------------------------------------
     def latest(self) -> Optional[Path]:

@@ -6,6 +6,7 @@ Exit codes of `dit train` (and of `dit launch`, which passes on the first failed
 from __future__ import annotations
 
 import os
+import signal
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
@@ -33,3 +34,25 @@ def world_from_env() -> tuple[int, int, int]:
     """(RANK, WORLD_SIZE, LOCAL_RANK) as the launcher set them; a bare process is a world of one."""
     return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
             int(os.environ.get("LOCAL_RANK", 0)))
+
+
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_preempted: list[int] = []  # the preemption signals this process received (`catch_preemption`)
+
+
+def catch_preemption() -> None:
+    """From now on record SIGTERM / SIGUSR1 (a preemption, a scheduler's warning before the
+    time limit) instead of dying of them. A rank calls it first: before its imports, engine
+    builds and checkpoint load (minutes on a large model), either signal ended it with nothing
+    saved and no requeue. The step loop asks every rank (trainer.distributed.PreemptionFlag)."""
+    for sig in PREEMPTION_SIGNALS:
+        signal.signal(sig, _record)
+
+
+def _record(signum: int, _frame) -> None:
+    _preempted.append(signum)
+
+
+def preempted() -> bool:
+    """Whether this process received a preemption signal since `catch_preemption`."""
+    return bool(_preempted)

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import datetime
 import os
-import signal
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from trainer.codes import world_from_env
+from trainer.codes import catch_preemption, preempted, world_from_env
 
 
 @dataclass(frozen=True)
@@ -162,18 +161,16 @@ class PreemptionFlag:
     device, and every rank stops at the same step, one after the signal's, well within the
     seconds of grace a scheduler gives."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
     def __init__(self) -> None:
-        self.received: int | None = None
+        catch_preemption()  # `dit train` did already, as a rank's first act
         self._asked: LateRead | None = None
-        for sig in self.SIGNALS:
-            signal.signal(sig, self._handle)
 
-    def _handle(self, signum: int, _frame) -> None:
-        self.received = signum
+    def before_start(self) -> bool:
+        """Collective, read at once: had any rank received a preemption signal before the first
+        step (while it started)? Then nothing new is there to save."""
+        return bool(max_over_ranks(preempted()).item() > 0)
 
     def agreed(self) -> bool:
         """Collective: had any rank received a preemption signal when the previous step asked?"""
-        answer, self._asked = self._asked, LateRead(max_over_ranks(self.received is not None))
+        answer, self._asked = self._asked, LateRead(max_over_ranks(preempted()))
         return answer is not None and bool(answer.get().item() > 0)

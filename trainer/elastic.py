@@ -186,7 +186,7 @@ def keep_global_batch(cfg: RunConfig, world_size: int, directory: Optional[Path]
         return cfg, ""  # a change of the batch on the same ranks: the config check lists it (and refuses)
     if was.global_batch % (now.batch_size * dp) == 0:
         derived = replace(cfg, deepspeed=replace(cfg.deepspeed, grad_accum=was.global_batch // (now.batch_size * dp)))
-    elif was.global_batch % (now.grad_accum * dp) == 0:
+    elif kept_on(was.global_batch, now):  # by a whole data.batch_size
         derived = replace(cfg, data=replace(cfg.data, batch_size=was.global_batch // (now.grad_accum * dp)))
     elif allowed:
         return cfg, _batch_change(directory, was, now)
@@ -200,6 +200,12 @@ def keep_global_batch(cfg: RunConfig, world_size: int, directory: Optional[Path]
             f"of ranks that can keep it, set data.batch_size and deepspeed.grad_accum so that it is kept, "
             f"or pass --allow-config-change to train on with global batch {now.global_batch}")
     return derived, _note(directory, was, shape_of(derived, world_size), "derived ")
+
+
+def kept_on(global_batch: int, now: Shape) -> bool:
+    """Whether a whole deepspeed.grad_accum (at now's data.batch_size) or a whole data.batch_size
+    (at now's grad_accum) keeps `global_batch` on now's data-parallel ranks (`keep_global_batch`)."""
+    return any(global_batch % (n * now.dp_world) == 0 for n in (now.batch_size, now.grad_accum))
 
 
 def _batch_change(directory: Path, was: Shape, now: Shape) -> str:

@@ -437,14 +437,23 @@ class Trainer:
             self.logger.close()
             if self.key_log is not None:
                 self.key_log.close()
-        if code == EXIT_REQUEUE and self.ctx.is_main:
-            print(f"dit train: preempted; saved step {self.state.step}, exiting with {EXIT_REQUEUE} "
-                  f"(requeue). Rerun the same command to resume.", file=sys.stderr, flush=True)
         return code
+
+    def preempted(self, what: str) -> int:
+        """The requeue code, said once: what this run saved (or did not need to)."""
+        if self.ctx.is_main:
+            rerun = ("Rerun the same command to resume." if self.cfg.checkpoint.resume else
+                     "Rerun it with checkpoint.resume=true to resume (this config starts over).")
+            print(f"dit train: preempted; {what}, exiting with {EXIT_REQUEUE} (requeue). {rerun}",
+                  file=sys.stderr, flush=True)
+        return EXIT_REQUEUE
 
     def loop(self, total: int) -> int:
         """Steps until `total`, a stop code, or an agreed preemption (saved first)."""
         preempt = PreemptionFlag()
+        if preempt.before_start():  # a signal while the ranks started: nothing trained since `latest`
+            self.stream.close()
+            return self.preempted("signalled before its first step, nothing new to save")
         batches = iter(self.stream)
         code = EXIT_OK
         drawn = -1  # the step of the last sample grid drawn here
@@ -458,7 +467,7 @@ class Trainer:
                 break
             if preempted and step < total:  # at the last step the run is done: no requeue
                 self.save()
-                code = EXIT_REQUEUE
+                code = self.preempted(f"saved step {step}")
                 break
             if saving:
                 self.save()

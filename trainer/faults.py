@@ -16,6 +16,9 @@ DIT_INJECT_SAVE_ERROR="RANK@STEP[:ERRNO]"  that rank's writes of its engine file
                                         fail with OSError ERRNO (default ENOSPC: disk full)
 DIT_INJECT_LATEST="RANK@TAG"            that rank reads TAG from `latest` (a checkpoint directory
                                         that is not shared by all nodes)
+DIT_INJECT_SIGNAL_AT_START="RANK"       that rank sends itself SIGUSR1 once its trainer is built,
+                                        before the resume and the first step (a preemption that
+                                        comes while the ranks start)
 """
 from __future__ import annotations
 
@@ -58,6 +61,9 @@ def install(trainer: Any) -> None:
     tag = latest_override(rank)
     if tag:
         read_latest_as(trainer.ckpt, tag)
+    spec = os.environ.get("DIT_INJECT_SIGNAL_AT_START", "")
+    if spec and int(spec) == rank:
+        os.kill(os.getpid(), signal.SIGUSR1)
 
 
 def inject_into_losses(trainer: Any, nan: set[int], kill: set[int]) -> None:

@@ -56,6 +56,19 @@ def test_sigusr1_on_one_rank_saves_on_every_rank_and_requeues(uneven_shards, ref
     assert same_tensors(ema_weights(out), ema_weights(reference_run))
 
 
+def test_a_signal_while_the_ranks_start_requeues_them_all(uneven_shards, tmp_path):
+    """SIGUSR1 to one rank before the first step (while the ranks import, build their engines,
+    load a checkpoint: minutes at scale) killed it, nothing saved and no requeue; now every rank
+    exits with 42 at the loop's start, nothing trained since `latest`, which stays as it was."""
+    out = tmp_path / "run"
+    args = base(uneven_shards, out, "stage.steps=4", "checkpoint.every=2")
+    assert_ok(run_train(2, [*args, "stage.steps=2"]))
+    done = run_train(2, args, DIT_INJECT_SIGNAL_AT_START="1")
+    assert rank_exit_codes(done) == {42}, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "signalled before its first step, nothing new to save" in done.stderr
+    assert latest_dir(out).name == "step_00000002"
+
+
 def test_preemption_agreed_at_the_last_step_finishes_the_run(uneven_shards, tmp_path):
     """A run told of its preemption in its last step is done: it saves, draws its last grid and
     exits 0, instead of asking the scheduler for a job that would have nothing to train."""

@@ -213,10 +213,30 @@ def test_slurm_validates_the_config_for_the_allocation(capsys):
 
 
 def test_slurm_min_nodes_accepts_a_smaller_allocation_that_holds_the_config(capsys):
-    assert "#SBATCH --nodes=2-4" in dry_run(capsys, "--nodes", "4", "--min-nodes", "2").splitlines()
+    """Each allocation size must hold the config, and keep the global batch a run started on
+    another size set (a whole grad_accum or batch): 4 per rank on 1 or 2 nodes does (8 on 1 node:
+    grad_accum 2; 4 on 2: batch 2); on 2 to 4 nodes, 8 on 3 nodes is neither, so a requeue there
+    was refused on the cluster."""
+    script = dry_run(capsys, "--nodes", "2", "--min-nodes", "1")
+    assert "#SBATCH --nodes=1-2" in script.splitlines()
+    assert main(["launch", str(TINY), "run.out_dir=/tmp/x", "--slurm", "--dry-run", "--nodes", "4",
+                 "--min-nodes", "2"]) == 2
+    assert "its requeue there would be refused" in capsys.readouterr().err
     assert main(["launch", str(TINY), "deepspeed.pipeline_stages=2", "deepspeed.zero_stage=1", "--slurm",
                  "--dry-run", "--nodes", "4", "--min-nodes", "3"]) == 2
     assert "do not divide the world size 3" in capsys.readouterr().err
+
+
+def test_a_job_that_may_start_again_must_resume(monkeypatch, capsys):
+    """A relaunch or requeue resumes from `latest`: with checkpoint.resume=false it began again at
+    step 0 and its saves replaced the run's. A negative --shutdown-timeout killed the ranks at the
+    signal, nothing saved."""
+    monkeypatch.setattr(runners, "RUNNERS", {})
+    for extra in (["--max-restarts", "1"], ["--slurm", "--dry-run"]):
+        assert main(["launch", str(TINY), "run.out_dir=/tmp/x", "checkpoint.resume=false", *extra]) == 2
+        assert "'checkpoint.resume': is false, but this job may be started again" in capsys.readouterr().err
+    assert main(["launch", str(TINY), "--shutdown-timeout", "-1"]) == 2
+    assert "--shutdown-timeout must be >= 0" in capsys.readouterr().err
 
 
 def fake_slurm_env(**extra: str) -> dict[str, str]:

@@ -130,6 +130,27 @@ def test_a_kill_during_retention_never_leaves_a_half_checkpoint_under_its_name(t
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000008"]
 
 
+def test_a_retention_failure_after_the_commit_is_a_warning(tmp_path, monkeypatch, capsys):
+    """Deleting an old checkpoint fails (a network filesystem's rename): the save is done and
+    `latest` names it, so it returns; reported as a failed commit it said `latest` was still the
+    previous checkpoint and stopped the run (a preemption save then ended in exit 4, no requeue)."""
+    from trainer.checkpoint import RankState
+    from trainer.checkpoint_format import LATEST
+
+    root = tmp_path / "checkpoints"
+    committed(root, 4)
+    manager = CheckpointManager(CheckpointConfig(dir=str(root), keep=1), rank=0, world_size=1)
+
+    def refused(path):
+        raise OSError(16, "Device or resource busy", str(path))
+
+    monkeypatch.setattr("trainer.checkpoint.remove_dir", refused)
+    final = manager.save(8, engines={}, rank_state=RankState({}, {}), config_yaml="{}\n", shared={})
+    assert (root / LATEST).read_text().strip() == final.name == "step_00000008"
+    verify(final)
+    assert "checkpoint retention failed after saving step_00000008" in capsys.readouterr().err
+
+
 def test_a_commit_flushes_every_file_and_folder_before_it_writes_complete(tmp_path, monkeypatch):
     """COMPLETE.json vouches for the files it lists: they (and the folders' entries) reach the
     disk before it is written, or a power loss could leave it naming data that is gone."""
