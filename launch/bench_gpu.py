@@ -183,8 +183,7 @@ def print_figures(f: Figures, peak: Optional[float], check: Check) -> None:
         goal = f" (goal >= {MFU_GOAL:.0%} for DiT-XL/2 bf16 on H100/H200)" if f.spec.preset == "DiT-XL/2" else ""
         print(f"  MFU {mfu:.1%} of {peak:g} TFLOP/s{goal}", flush=True)
     m = f.memory
-    plan = f"dit plan: {m.plan_bytes / GB:.2f} GB + EMA {m.ema_bytes / GB:.2f} GB (fp32 shadow, not in the plan) " \
-           f"= {m.predicted / GB:.2f} GB"
+    plan = f"dit plan's {m.predicted / GB:.2f} GB (the EMA's fp32 shadow included)"
     if f.peak_bytes is None:
         print(f"  peak memory: not measured on this device; {plan}", flush=True)
     else:

@@ -41,13 +41,8 @@ def peak_tflops_for(device_name: str) -> Optional[float]:
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    plan_bytes: float  # dit plan's total for the layout
-    ema_bytes: float  # the fp32 EMA shadow on the device, which dit plan does not count
+    predicted: float  # dit plan's total for the layout (the EMA's fp32 shadow included)
     params: int
-
-    @property
-    def predicted(self) -> float:
-        return self.plan_bytes + self.ema_bytes
 
 
 def predict_memory(cfg, device_mem_gb: float, cpu: bool) -> MemoryPlan:
@@ -57,8 +52,7 @@ def predict_memory(cfg, device_mem_gb: float, cpu: bool) -> MemoryPlan:
     layout = Layout(cfg.deepspeed.zero_stage, 1, cfg.model.activation_checkpointing or cfg.model.checkpoint_policy == "full")
     facts, estimates = plan(cfg, hw)
     chosen = next(e for e in estimates if e.layout == layout)
-    ema = 4.0 * facts.params if cfg.ema.enabled else 0.0
-    return MemoryPlan(chosen.total, ema, facts.params)
+    return MemoryPlan(chosen.total, facts.params)
 
 
 def choose_batch(make_cfg, cap: int, device_mem_gb: float, cpu: bool) -> int:

@@ -211,6 +211,17 @@ def frozen_bytes(m: ModelFacts, zero_stage: int, dp: int, precision: str, offloa
     return (device, host + shard) if offload_params else (device + shard, host)
 
 
+def ema_bytes(cfg: RunConfig, params: int, zero_stage: int, dp: int) -> tuple[float, float]:
+    """(device, host) bytes of the EMA's fp32 shadow (trainer/ema.py) of `params` trained
+    parameters (a pipeline stage's): whole on every rank, a ZeRO-3 rank's partition alone, on
+    the host where ZeRO-3 offloads the parameters. (Its update's fp32 copy of at most 256 MB
+    comes after the backward pass has freed the activations: no peak of its own.)"""
+    if not cfg.ema.enabled:
+        return 0.0, 0.0
+    shadow = 4.0 * (params / dp if zero_stage == 3 else params)
+    return (0.0, shadow) if zero_stage == 3 and cfg.deepspeed.offload_params else (shadow, 0.0)
+
+
 def bucket_bytes(zero_stage: int, precision: str, z: ZeroSettings, params: int, offload: bool = False) -> float:
     """DeepSpeed's gradient-reduction buffers (allocated whole, whatever the model's size) and
     ZeRO-3's prefetch of gathered parameters (at most the model). None without ZeRO, nor where
@@ -352,6 +363,7 @@ class Estimate:
     grad_accum: int  # micro-batches per step of each replica
     host: dict[str, float]  # model states ZeRO-Offload keeps on the host, per rank
     all_to_all: float = 0.0  # bytes sent per rank per step (sequence split)
+    ema: float = 0.0  # the EMA's fp32 shadow of the student on the device
 
     @property
     def model_states(self) -> float:
@@ -363,7 +375,7 @@ class Estimate:
 
     @property
     def total(self) -> float:
-        return self.model_states + self.buckets + self.activations + self.frozen
+        return self.model_states + self.buckets + self.activations + self.frozen + self.ema
 
 
 def layouts(gpus: int, depth: int, heads: int = 1, split_unit: int = 1) -> list[Layout]:
@@ -425,11 +437,12 @@ def estimate(cfg: RunConfig, m: ModelFacts, hw: Hardware, layout: Layout,
     frozen, frozen_host = frozen_bytes(m, layout.zero_stage, dp, precision, ds.offload_params,
                                        cfg.model.text.precision)
     host["params"] += frozen_host
+    ema, host["ema"] = ema_bytes(cfg, math.ceil(m.params / p), layout.zero_stage, dp)
     acts = activation_bytes(m, micro, precision, layout.checkpointing, math.ceil(m.depth / p), hw.cpu,
                             in_flight=min(p, micro_batches), sequence_parallel=S)  # 1F1B: the first stage holds up to p
     exchanged = all_to_all_bytes(m, micro_batches, micro, precision, layout.checkpointing, S) if S > 1 else 0.0
     step = step_seconds(m, samples, hw, layout, micro_batches) + exchanged / (hw.link_gb_s * GB)
-    return Estimate(layout, states, buckets, acts, frozen, step, samples, micro, micro_batches, host, exchanged)
+    return Estimate(layout, states, buckets, acts, frozen, step, samples, micro, micro_batches, host, exchanged, ema)
 
 
 def suggest(estimates: list[Estimate], hw: Hardware, micro_batch: int) -> Optional[Estimate]:
@@ -518,15 +531,15 @@ def format_plan(cfg: RunConfig, m: ModelFacts, estimates: list[Estimate], hw: Ha
         f"peak {hw.peak_tflops:g} TFLOP/s at {hw.mfu:.0%} MFU"
         + (f"; offload ({offload}): host GB per GPU apart" if offload else ""),
         "",
-        f"{'layout':<28}{'params':>8} {'grads':>8} {'optim':>8} {'buckets':>8} {'activ':>8} {'frozen':>8} "
-        f"{'total GB':>8}  fits  {'step s':>7} {'a2a GB':>7} {'host GB':>7}",
+        f"{'layout':<28}{'params':>8} {'grads':>8} {'optim':>8} {'ema':>8} {'buckets':>8} {'activ':>8} "
+        f"{'frozen':>8} {'total GB':>8}  fits  {'step s':>7} {'a2a GB':>7} {'host GB':>7}",
     ]
     for e in estimates:
         s = e.states
         fits = "yes" if e.total <= hw.usable_bytes else "no"
         lines.append(f"{e.layout.name():<28}{gb(s['params'])} {gb(s['grads'])} {gb(s['master'] + s['optimizer'])} "
-                     f"{gb(e.buckets)} {gb(e.activations)} {gb(e.frozen)} {gb(e.total)}  {fits:<4}  {e.step_s:7.3f} "
-                     f"{e.all_to_all / GB:7.2f} {e.host_total / GB:7.2f}")
+                     f"{gb(e.ema)} {gb(e.buckets)} {gb(e.activations)} {gb(e.frozen)} {gb(e.total)}  {fits:<4}  "
+                     f"{e.step_s:7.3f} {e.all_to_all / GB:7.2f} {e.host_total / GB:7.2f}")
     best = suggest(estimates, hw, micro)
     lines.append("")
     if best is None:
@@ -562,7 +575,7 @@ def run_plan(args: argparse.Namespace) -> int:
               f"{args.micro_batch or cfg.data.batch_size}", flush=True)
         return 2
     if args.json:
-        print(json.dumps([{"layout": e.layout.__dict__, **e.states, "buckets": e.buckets,
+        print(json.dumps([{"layout": e.layout.__dict__, **e.states, "ema": e.ema, "buckets": e.buckets,
                            "activations": e.activations, "frozen": e.frozen, "total": e.total,
                            "step_s": e.step_s, "all_to_all": e.all_to_all, "host": e.host,
                            "global_batch": e.samples_per_step, "grad_accum": e.grad_accum,

@@ -197,10 +197,16 @@ def discriminator_facts(teacher: "torch.nn.Module", threshold: int, student_guid
     return PlayerFacts(*trained, *frozen)
 
 
-def peak_pixels(cfg: RunConfig) -> int:
-    """The side in pixels of the largest image a step trains on: multi-resolution buckets peak at
-    the largest area; a super-resolution model runs at its output size."""
-    return cfg.data.sr_resolution if cfg.model.superres else max([cfg.data.resolution, *cfg.data.resolutions])
+def peak_bucket(cfg: RunConfig) -> tuple[int, int]:
+    """(h, w) in pixels of the largest image a step trains on, the loader's own bucket sizes
+    (`bucket_sizes`): the largest area, where sides rounded to data.bucket_multiple can hold more
+    than resolution² (256 px at ratios 0.5-2 rounded to 64: 384 x 192, 12.5% more tokens); a
+    super-resolution model runs at its output size."""
+    from data_pipeline.config import bucket_sizes
+
+    base, sr = bucket_sizes(cfg.data)
+    sizes = sr if cfg.model.superres and sr else base
+    return max(sizes, key=lambda hw: hw[0] * hw[1])
 
 
 def model_facts(cfg: RunConfig, persistence_threshold: int, device: str = "cuda") -> ModelFacts:
@@ -217,12 +223,13 @@ def model_facts(cfg: RunConfig, persistence_threshold: int, device: str = "cuda"
     factor, temporal, ae_params = autoencoder_facts(cfg)
     with torch.device("meta"):
         net = build_dit(cfg.model, text_dim, pooled_dim)
-    side = peak_pixels(cfg) // factor
+    h, w = (side // factor for side in peak_bucket(cfg))
     video = cfg.data.kind == "video"
     latent_frames = 1 + (cfg.data.num_frames - 1) // temporal  # a causal 3-D autoencoder's folder compresses time
-    shape = (cfg.model.in_channels, latent_frames, side, side) if video else (cfg.model.in_channels, side, side)
+    shape = (cfg.model.in_channels, latent_frames, h, w) if video else (cfg.model.in_channels, h, w)
     spec = net.spec
     frames = latent_frames // spec.temporal_patch if video else 1
+    tokens = frames * (h // spec.preset.patch) * (w // spec.preset.patch)
     trained = counts((p for p in net.parameters() if p.requires_grad), persistence_threshold)
     frozen, disc, forwards, teacher_macs = text_params + ae_params, None, 0.0, 0
     if cfg.stage.kind in ("progressive", "adversarial"):
@@ -240,9 +247,9 @@ def model_facts(cfg: RunConfig, persistence_threshold: int, device: str = "cuda"
         text_params=text_params,
         macs_per_sample=net.macs((1, *shape), text_len),
         depth=spec.preset.depth, width=spec.preset.width, heads=spec.preset.heads, mlp_ratio=spec.preset.mlp_ratio,
-        tokens=frames * (side // spec.preset.patch) ** 2, text_len=text_len, text_dim=text_dim,
+        tokens=tokens, text_len=text_len, text_dim=text_dim,
         qk_norm=spec.qk_norm, cross_attention=bool(spec.text_dim), temporal=spec.temporal_blocks and frames > 1,
-        split_unit=frames if spec.temporal_blocks and frames > 1 else frames * (side // spec.preset.patch) ** 2,
+        split_unit=frames if spec.temporal_blocks and frames > 1 else tokens,
         latent_shape=shape, disc=disc, helper_forwards=forwards, teacher_macs=teacher_macs,
     )
 
@@ -257,8 +264,8 @@ TRACED_BATCHES = (2, 4)
 
 def pixel_shape(cfg: RunConfig) -> tuple[int, ...]:
     """(3, [F,] H, W): one sample as the loader hands it to the autoencoder stage."""
-    side = peak_pixels(cfg)
-    return (3, cfg.data.num_frames, side, side) if cfg.data.kind == "video" else (3, side, side)
+    h, w = peak_bucket(cfg)
+    return (3, cfg.data.num_frames, h, w) if cfg.data.kind == "video" else (3, h, w)
 
 
 @contextlib.contextmanager

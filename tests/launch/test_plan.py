@@ -222,3 +222,33 @@ def test_an_autoencoder_folder_not_written_yet_is_planned_fresh(capsys, tmp_path
     assert autoencoder_facts(load_config(TINY, unwritten)) == autoencoder_facts(fresh)
     assert main(["plan", str(TINY), *unwritten, "--gpus", "2"]) == 0
     assert "suggested:" in capsys.readouterr().out
+
+
+def test_the_emas_fp32_shadow_is_planned_where_the_trainer_keeps_it():
+    """trainer/ema.py keeps an fp32 copy of the student's trained weights beside them: whole on
+    every rank at ZeRO 0-2 (2.7 GB of DiT-XL/2 the plan left out), a ZeRO-3 rank's partition,
+    on the host where ZeRO-3 offloads the parameters; none with ema.enabled=false."""
+    cfg = load_config(TINY, [*XL, "data.resolution=256"])
+    validate(cfg, N)
+    m = model_facts(cfg, zero_settings(cfg, 3).persistence_threshold)
+    hw = Hardware(gpus=N)
+    off = load_config(TINY, [*XL, "data.resolution=256", "ema.enabled=false"])
+    for zero, on_device in ((1, 4 * m.params), (2, 4 * m.params), (3, 4 * m.params / N)):
+        with_ema, without = estimate(cfg, m, hw, Layout(zero, 1, False)), estimate(off, m, hw, Layout(zero, 1, False))
+        assert with_ema.ema == pytest.approx(on_device) and without.ema == 0
+        assert with_ema.total - without.total == pytest.approx(on_device)
+    offloaded = load_config(TINY, [*XL, "data.resolution=256", "deepspeed.zero_stage=3",
+                                   "deepspeed.offload_optimizer=true", "deepspeed.offload_params=true"])
+    e = estimate(offloaded, m, hw, Layout(3, 1, False))
+    assert e.ema == 0 and e.host["ema"] == pytest.approx(4 * m.params / N)
+
+
+def test_tokens_are_those_of_the_largest_bucket_the_loader_makes():
+    """Aspect buckets round their sides to data.bucket_multiple: at 256 px, ratios 0.5-2 and a
+    multiple of 64 the largest is 384 x 192, 12.5% more tokens than 256 x 256 (the plan counted
+    those, and under-predicted activations and attention)."""
+    cfg = load_config(TINY, [*XL, "data.resolution=256", "data.aspect_buckets=[0.5,1.0,2.0]",
+                             "data.bucket_multiple=64"])
+    validate(cfg, N)
+    m = model_facts(cfg, zero_settings(cfg, 3).persistence_threshold)
+    assert m.tokens == (384 // 8 // 2) * (192 // 8 // 2) == 288 and m.latent_shape == (4, 48, 24)
