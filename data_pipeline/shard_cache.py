@@ -9,7 +9,8 @@ truncated) and have no size limit, so this is a small wrapper instead:
 - atomic: a download goes to a temporary name in the same directory and is renamed when
   complete: of the remote's size, or where the server gives none (no Content-Length) and no
   manifest records it, ending as a tar archive does (`ends_as_tar`); concurrent downloads of
-  one shard each finish their own copy and the last rename wins. Temporaries of killed runs are removed by the next eviction;
+  one shard each finish their own copy and the last rename wins. Temporaries of killed runs
+  are removed by the next eviction;
 - LRU with a size limit: every use touches the file's mtime; after a download, the least
   recently used shards are deleted until the directory fits (a reader that has one open keeps
   reading it: POSIX unlink), never the one just fetched. A copy is handed out open, opened
@@ -161,9 +162,8 @@ def open_shard(path: str, options: remote.RemoteOptions, expected_size: int = 0)
     """A binary file object with read/seek/close (`size` attribute None when unknown): a pipe's
     output, the cached copy of a remote shard when `data.cache_dir` is set, else the remote
     file read ahead in blocks (streamed front to back where the server gives no size), or the
-    local file. A remote shard whose size is not the
-    manifest's `expected_size` (0: unknown) is a DataError: its samples are not those the
-    manifest's counts and byte index describe."""
+    local file. A remote shard whose size is not the manifest's `expected_size` (0: unknown) is
+    a DataError: its samples are not those the manifest's counts and byte index describe."""
     if remote.is_pipe(path):
         return remote.PipeFile(path[len(remote.PIPE):])
     if remote.is_url(path) and options.cache_dir:
