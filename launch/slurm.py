@@ -24,10 +24,13 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from launch.job import LaunchError, check_job
 from launch.runners import REQUEUE_MARKER_ENV
+
+if TYPE_CHECKING:
+    from trainer.config import RunConfig
 
 REQUEUE_MARGIN_S = 20  # after the ranks' shutdown: srun ends and the script requeues the job
 MAX_SIGNAL_LEAD_S = 65535  # the largest sig_time of sbatch --signal=SIG@sig_time
@@ -215,7 +218,7 @@ def job_from_args(args: argparse.Namespace) -> SlurmJob:
     return job
 
 
-def check_allocations(cfg, sizes: tuple[int, ...], ranks: int) -> None:
+def check_allocations(cfg: RunConfig, sizes: tuple[int, ...], ranks: int) -> None:
     """With --min-nodes the first allocation's size sets the run's global batch, which every
     later one must keep (`keep_global_batch`: a whole grad_accum or data.batch_size), or its
     requeue is refused on the cluster. Said when the sizes' global batches differ."""

@@ -238,6 +238,13 @@ def _full(param: nn.Parameter, key: Optional[str], optimizer: torch.optim.Optimi
     return value.detach().float()
 
 
+def _whole_state(params: list[tuple[str, nn.Parameter]], key: Optional[str], optimizer: torch.optim.Optimizer,
+                 masters: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This rank's trained parameters' whole fp32 masters (key None) or moments by network
+    weight name (`_full`; a flat block parameter's by its weights)."""
+    return {w: t for name, p in params for w, t in expand(name, p, _full(p, key, optimizer, masters.get(id(p))))}
+
+
 def half_masters(engine: Any) -> dict[int, torch.Tensor]:
     """id(half-precision parameter) -> its fp32 master, where DeepSpeed keeps them apart without
     ZeRO (its unfused bf16/fp16 wrapper: the client optimizer steps the masters); else empty."""
@@ -255,10 +262,8 @@ def player_weights(engine: Any, optimizer: torch.optim.Optimizer, names: dict[st
     one as the module holds it (gathered under ZeRO-3)."""
     import deepspeed
 
-    masters = half_masters(engine)
     params = list(engine.module.named_parameters())
-    out = {w: t for n, p in params if p.requires_grad
-           for w, t in expand(names[n], p, _full(p, None, optimizer, masters.get(id(p))))}
+    out = _whole_state([(names[n], p) for n, p in params if p.requires_grad], None, optimizer, half_masters(engine))
     frozen = [(n, p) for n, p in params if not p.requires_grad]
     with deepspeed.zero.GatheredParameters([p for _, p in frozen], modifier_rank=None):
         out.update({w: t for n, p in frozen for w, t in expand(names[n], p, p.detach().float().clone())})
@@ -277,8 +282,7 @@ def gather_player(engine: Any, optimizer: torch.optim.Optimizer, names: dict[str
     masters = half_masters(engine)
     tensors: dict[str, torch.Tensor] = {}
     for kind, key in (("fp32", None), *((m, m) for m in MOMENTS)):
-        local = {w: t for name, p in params
-                 for w, t in expand(name, p, _full(p, key, optimizer, masters.get(id(p))))}
+        local = _whole_state(params, key, optimizer, masters)
         tensors.update({f"{kind}/{name}": t for name, t in whole(local).items()})
     steps = {_as_int(s["step"]) for s in optimizer.state.values() if "step" in s}
     if len(steps) > 1:
@@ -415,7 +419,7 @@ def copy_frozen(copies: list[tuple[nn.Module, nn.Module]]) -> None:
             raise CheckpointError(f"a frozen copy no longer matches its source: {differ[:3]} differ")
         with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
             for name, p in params.items():
-                _copy_checked(p.data, values[name].detach(), name)
+                p.data.copy_(values[name].detach())  # the same network: the same shapes
 
 
 def check_universal_names(params: list[tuple[str, nn.Parameter]], tensors: dict[str, torch.Tensor]) -> None:

@@ -6,6 +6,7 @@ the same teacher checks when built.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -251,7 +252,7 @@ def encoder_identity(model: ModelConfig) -> dict:
     saved = ae.kind != "none" and bool(ae.path) and Path(ae.path).is_dir()
     files = sorted(p for p in Path(ae.path).iterdir()
                    if p.suffix == ".safetensors" or p.name in ("config.json", "latent_norm.json")) if saved else []
-    return {"autoencoder": {p.name: sha256(p) for p in files}, "text": dataclasses.asdict(model.text),
+    return {"autoencoder": {p.name: _sha256(p) for p in files}, "text": dataclasses.asdict(model.text),
             "text_files": _text_files(model.text)}
 
 
@@ -275,7 +276,7 @@ def _file_identity(path: Path) -> str:
     architecture (a fine-tune, another release), files of the same size, do not share."""
     size = path.stat().st_size
     if size <= HASHED_BYTES:
-        return sha256(path)
+        return _sha256(path)
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         digest.update(f.read(SAMPLED_BYTES))
@@ -354,3 +355,16 @@ PREFLIGHT: dict[str, Callable[[RunConfig], None]] = {
     "progressive": preflight_progressive,
     "adversarial": preflight_adversarial,
 }
+
+
+def _sha256(path: Path) -> str:
+    """`sha256` of an encoder file, read once per process while the file is unchanged: a run's
+    start asks for the same files up to four times (`dit train`'s preflight, the resume check,
+    the teacher's, the checkpoints' encoders.json), each a full read of the autoencoder."""
+    st = path.stat()
+    return _cached_sha256(str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_sha256(path: str, size: int, mtime_ns: int, ctime_ns: int) -> str:
+    return sha256(Path(path))
