@@ -213,13 +213,14 @@ def frozen_bytes(m: ModelFacts, zero_stage: int, dp: int, precision: str, offloa
 
 def ema_bytes(cfg: RunConfig, params: int, zero_stage: int, dp: int) -> tuple[float, float]:
     """(device, host) bytes of the EMA's fp32 shadow (trainer/ema.py) of `params` trained
-    parameters (a pipeline stage's): whole on every rank, a ZeRO-3 rank's partition alone, on
-    the host where ZeRO-3 offloads the parameters. (Its update's fp32 copy of at most 256 MB
-    comes after the backward pass has freed the activations: no peak of its own.)"""
+    parameters (a pipeline stage's). It sits beside the fp32 masters it follows, split as they
+    are: whole on every rank without ZeRO, a rank's partition at ZeRO 1-3, on the host where
+    the optimizer is offloaded. (Its update's fp32 copy of at most 256 MB comes after the
+    backward pass has freed the activations: no peak of its own.)"""
     if not cfg.ema.enabled:
         return 0.0, 0.0
-    shadow = 4.0 * (params / dp if zero_stage == 3 else params)
-    return (0.0, shadow) if zero_stage == 3 and cfg.deepspeed.offload_params else (shadow, 0.0)
+    shadow = 4.0 * (params / dp if zero_stage > 0 else params)
+    return (0.0, shadow) if zero_stage > 0 and cfg.deepspeed.offload_optimizer else (shadow, 0.0)
 
 
 def bucket_bytes(zero_stage: int, precision: str, z: ZeroSettings, params: int, offload: bool = False) -> float:

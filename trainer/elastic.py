@@ -38,6 +38,7 @@ from trainer.checkpoint_format import COMPLETE, CheckpointError
 from trainer.config import RunConfig
 from trainer.ema import unclaimed_keys
 from trainer.flat_params import expand, joined, weight_names
+from trainer.masters import half_masters
 
 MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state per parameter (Loshchilov & Hutter 2019)
 # What DeepSpeed's dynamic fp16 loss scaler learns while training (deepspeed/runtime/fp16/
@@ -243,17 +244,6 @@ def _whole_state(params: list[tuple[str, nn.Parameter]], key: Optional[str], opt
     """This rank's trained parameters' whole fp32 masters (key None) or moments by network
     weight name (`_full`; a flat block parameter's by its weights)."""
     return {w: t for name, p in params for w, t in expand(name, p, _full(p, key, optimizer, masters.get(id(p))))}
-
-
-def half_masters(engine: Any) -> dict[int, torch.Tensor]:
-    """id(half-precision parameter) -> its fp32 master, where DeepSpeed keeps them apart without
-    ZeRO (its unfused bf16/fp16 wrapper: the client optimizer steps the masters); else empty."""
-    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
-
-    wrapper = engine.optimizer
-    if not isinstance(wrapper, FP16_UnfusedOptimizer):
-        return {}
-    return {id(lp): hp for lps, hps in zip(wrapper.fp16_groups, wrapper.fp32_groups) for lp, hp in zip(lps, hps)}
 
 
 def player_weights(engine: Any, optimizer: torch.optim.Optimizer, names: dict[str, str]) -> dict[str, torch.Tensor]:

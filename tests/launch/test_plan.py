@@ -162,8 +162,9 @@ def test_every_layout_keeps_the_global_batch_and_is_accepted(extra, micro):
 
 
 def test_offloaded_states_are_counted_on_the_host(capsys):
-    """ZeRO-Offload: the master weights, Adam's moments and the gradient partition leave the GPU
-    (host GB per GPU), and with offload_params at ZeRO-3 the parameter partition too."""
+    """ZeRO-Offload: the master weights, Adam's moments, the gradient partition and the EMA's
+    shadow of the masters leave the GPU (host GB per GPU), and with offload_params at ZeRO-3 the
+    parameter partition too."""
     base = [*XL, "data.resolution=256"]
     cfg = load_config(TINY, base)
     m = model_facts(cfg, zero_settings(cfg, 3).persistence_threshold)
@@ -174,7 +175,8 @@ def test_offloaded_states_are_counted_on_the_host(capsys):
         assert host.states["master"] == host.states["optimizer"] == host.states["grads"] == 0
         assert host.host["master"] + host.host["optimizer"] == gpu.states["master"] + gpu.states["optimizer"]
         assert host.host["grads"] == pytest.approx(4 * m.params / 8)  # fp32 (bf16: grad_accum_dtype)
-        moved = gpu.states["master"] + gpu.states["optimizer"] + gpu.states["grads"]
+        moved = gpu.states["master"] + gpu.states["optimizer"] + gpu.states["grads"] + gpu.ema
+        assert host.ema == 0 and host.host["ema"] == gpu.ema == pytest.approx(4 * m.params / 8)
         # bf16 ZeRO-1 without offload steps through BF16_Optimizer (no reduce buckets), with it not
         assert host.total == pytest.approx(gpu.total - moved + host.buckets - gpu.buckets)
         assert (gpu.buckets == 0) == (zero == 1) and host.buckets > 0
@@ -225,22 +227,23 @@ def test_an_autoencoder_folder_not_written_yet_is_planned_fresh(capsys, tmp_path
 
 
 def test_the_emas_fp32_shadow_is_planned_where_the_trainer_keeps_it():
-    """trainer/ema.py keeps an fp32 copy of the student's trained weights beside them: whole on
-    every rank at ZeRO 0-2 (2.7 GB of DiT-XL/2 the plan left out), a ZeRO-3 rank's partition,
-    on the host where ZeRO-3 offloads the parameters; none with ema.enabled=false."""
+    """trainer/ema.py keeps an fp32 shadow beside the fp32 masters it follows, split as they are:
+    whole on every rank without ZeRO (2.7 GB of DiT-XL/2), a rank's partition at ZeRO 1-3, on the
+    host where the optimizer is offloaded; none with ema.enabled=false."""
     cfg = load_config(TINY, [*XL, "data.resolution=256"])
     validate(cfg, N)
     m = model_facts(cfg, zero_settings(cfg, 3).persistence_threshold)
     hw = Hardware(gpus=N)
     off = load_config(TINY, [*XL, "data.resolution=256", "ema.enabled=false"])
-    for zero, on_device in ((1, 4 * m.params), (2, 4 * m.params), (3, 4 * m.params / N)):
+    for zero, on_device in ((0, 4 * m.params), (1, 4 * m.params / N), (2, 4 * m.params / N), (3, 4 * m.params / N)):
         with_ema, without = estimate(cfg, m, hw, Layout(zero, 1, False)), estimate(off, m, hw, Layout(zero, 1, False))
         assert with_ema.ema == pytest.approx(on_device) and without.ema == 0
         assert with_ema.total - without.total == pytest.approx(on_device)
-    offloaded = load_config(TINY, [*XL, "data.resolution=256", "deepspeed.zero_stage=3",
-                                   "deepspeed.offload_optimizer=true", "deepspeed.offload_params=true"])
-    e = estimate(offloaded, m, hw, Layout(3, 1, False))
-    assert e.ema == 0 and e.host["ema"] == pytest.approx(4 * m.params / N)
+    for zero, params in ((2, "false"), (3, "true")):
+        offloaded = load_config(TINY, [*XL, "data.resolution=256", f"deepspeed.zero_stage={zero}",
+                                       "deepspeed.offload_optimizer=true", f"deepspeed.offload_params={params}"])
+        e = estimate(offloaded, m, hw, Layout(zero, 1, False))
+        assert e.ema == 0 and e.host["ema"] == pytest.approx(4 * m.params / N)
 
 
 def test_tokens_are_those_of_the_largest_bucket_the_loader_makes():
