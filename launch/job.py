@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
-from trainer.config import ConfigError, RunConfig, load_config, validate
+from trainer.config import ConfigError, RunConfig, check_precision_here, load_config, validate
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LAUNCHERS = ("deepspeed", "torchrun")
@@ -231,6 +231,7 @@ def job_from_args(args: argparse.Namespace) -> Job:
     check_gpus_visible(gpus, dict(os.environ))
     topology = topology_from_args(args, gpus)
     cfg = check_job(args.config, args.overrides, [topology.world_size], restarts=args.max_restarts > 0)
+    check_precision_here(cfg)  # the ranks run here (a SLURM job's on nodes this one may not be like)
     node = f"node{topology.node_rank}" if topology.node_rank is not None else "node0"
     return Job(
         config=str(Path(args.config).resolve()),

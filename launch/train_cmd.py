@@ -7,6 +7,7 @@ import sys
 from launch.job import check_config, resume_config
 from launch.runners import record_exit
 from trainer.codes import EXIT_CHECKPOINT, catch_preemption, world_from_env
+from trainer.config import check_precision_here
 
 ALLOW_CONFIG_CHANGE = "checkpoint.allow_config_change=true"
 
@@ -32,6 +33,7 @@ def train_rank(args: argparse.Namespace) -> int:
     rank, world_size = world_from_env()[:2]
     # Checked before any process group starts, and before the engine's imports.
     cfg = check_config(args.config, overrides_of(args), world_size)
+    check_precision_here(cfg)
     cfg, refusal, note = resume_config(cfg, world_size)
     if refusal is not None:
         print(f"dit train: {refusal}", file=sys.stderr, flush=True)

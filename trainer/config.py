@@ -434,10 +434,6 @@ def _validate_deepspeed(ds: DeepSpeedConfig) -> None:
         "deepspeed.offload_optimizer",
         "offload is not supported with pipeline parallelism here; use ZeRO-2/3 without deepspeed.pipeline_stages",
     )
-    if ds.precision == "fp16":
-        check(_accelerator_has_fp16(), "deepspeed.precision",
-               "this machine's accelerator has no fp16 support (DeepSpeed's CPU accelerator needs AVX512-FP16); "
-               "use bf16")
 
 
 def _validate_world(ds: DeepSpeedConfig, world_size: int) -> None:
@@ -610,10 +606,17 @@ def _validate_token_split(cfg: RunConfig, shapes: Shapes, S: int) -> None:
             check(refusal is None, key, f"{what} of the {h}x{w} px bucket: {refusal}")
 
 
-def _accelerator_has_fp16() -> bool:
-    from deepspeed.accelerator import get_accelerator
+def check_precision_here(cfg: RunConfig) -> None:
+    """deepspeed.precision is one this machine's accelerator trains in. Checked where the ranks
+    run (`dit train`, a `dit launch` on this node, each rank), not where a config is only read:
+    sampling, exporting or planning an fp16 run, or submitting it to SLURM from a login node
+    without its GPUs."""
+    if cfg.deepspeed.precision == "fp16":
+        from deepspeed.accelerator import get_accelerator
 
-    return bool(get_accelerator().is_fp16_supported())
+        check(bool(get_accelerator().is_fp16_supported()), "deepspeed.precision",
+              "this machine's accelerator has no fp16 support (DeepSpeed's CPU accelerator needs AVX512-FP16); "
+              "use bf16")
 
 
 def to_yaml(cfg: RunConfig) -> str:

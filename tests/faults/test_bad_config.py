@@ -89,9 +89,36 @@ REFUSED = {  # accepted by the typed schema, refused by validate or the stage pr
     "pretrain_sr_pairs": (["data.sr_resolution=32"], "data.sr_resolution"),
     # a latent DiT without its autoencoder: each process would make its own random one
     "latent_without_autoencoder": (["model.autoencoder.kind=kl", "model.in_channels=4"], "model.autoencoder.path"),
-    # DeepSpeed's CPU accelerator has fp16 only with AVX512-FP16 (DeepSpeed would refuse it later, in every rank)
-    "fp16_unsupported": (["deepspeed.precision=fp16"], "deepspeed.precision"),
 }
+
+
+NO_FP16 = ("import sys; from deepspeed.accelerator import get_accelerator; "
+           "type(get_accelerator()).is_fp16_supported = lambda self: False; "
+           "from launch.cli import main; sys.exit(main(sys.argv[1:]))")  # an accelerator without fp16
+
+
+def test_fp16_is_refused_where_the_ranks_run_not_where_the_config_is_read(tmp_path, monkeypatch, capsys):
+    """On an accelerator without fp16 (DeepSpeed's CPU one without AVX512-FP16; patched so here)
+    `dit train` and a `dit launch` on this node refuse deepspeed.precision=fp16. Reading such a
+    config is not refused: planning it, submitting it to SLURM from a login node without the
+    job's GPUs, loading an fp16 run's checkpoints to sample or export them (all were)."""
+    from deepspeed.accelerator import get_accelerator
+
+    from launch.cli import main
+    from trainer.config import load_config
+
+    fp16 = [str(TINY), "deepspeed.precision=fp16", f"run.out_dir={tmp_path / 'run'}"]
+    proc = subprocess.run([sys.executable, "-c", NO_FP16, "train", *fp16], cwd=ROOT, env=train_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "deepspeed.precision" in proc.stderr, proc.stderr[-2000:]
+    monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: False)
+    assert main(["launch", "--launcher", "torchrun", "--nproc-per-node=2", *fp16]) == 2
+    assert "deepspeed.precision" in capsys.readouterr().err
+    assert load_config(TINY, fp16[1:]).deepspeed.precision == "fp16"
+    assert main(["plan", *fp16, "--gpus", "8"]) == 0
+    assert main(["launch", *fp16, "--slurm", "--nodes", "1", "--gpus-per-node", "8", "--time", "1:00:00",
+                 "--dry-run"]) == 0
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("kind", sorted(REFUSED))
@@ -99,11 +126,6 @@ def test_dit_train_refuses_unsupported_combinations(tmp_path, kind, tiny_teacher
     """Each refused cell stops `dit train` with exit 2 and one line naming the key, before any
     network is built (about 0.5 s: see the next test for why it stays fast)."""
     overrides, named = REFUSED[kind]
-    if kind == "fp16_unsupported":
-        from deepspeed.accelerator import get_accelerator
-
-        if get_accelerator().is_fp16_supported():
-            pytest.skip("this machine's accelerator has fp16: nothing to refuse")
     distills = any(o in ("stage.kind=progressive", "stage.kind=adversarial") for o in overrides)
     needs_teacher = distills and not any(o.startswith("stage.teacher") for o in overrides)
     teacher = [f"stage.teacher={tiny_teacher_dir}"] if needs_teacher else []

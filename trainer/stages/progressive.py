@@ -18,10 +18,11 @@ next round's teacher (kept in the checkpoint's stage.safetensors, so resume is e
 is made when the run starts and kept there too: a resume with a larger `stage.steps` trains the
 last round longer, and one that would cut a round short is refused (`keep_round_length`). Rank 0
 exports each finished round to `<checkpoint.dir>/rounds/round_<r>_<N>steps/`: config.yaml (the
-run's, stage.rounds cut at that round), ema.safetensors (the weights to sample: the student
-that became the next teacher, i.e. raw weights; for the last round the EMA, or the raw weights
-where ema.enabled=false), round.json (its "weights" says which: ema or raw), COMPLETE.json; it
-loads with `load_for_inference` and serves as `stage.teacher` of a later distillation.
+run's model, diffusion and data, stage.rounds cut at that round, the deepspeed.precision it
+trained in), ema.safetensors (the weights to sample: the student that became the next teacher,
+i.e. raw weights; for the last round the EMA, or the raw weights where ema.enabled=false),
+round.json (its "weights" says which: ema or raw), COMPLETE.json; it loads with
+`load_for_inference` and serves as `stage.teacher` of a later distillation.
 
 The maths (student times, teacher paths, targets, loss) is in `trainer.diffusion.distill`; the
 teacher, its checks and the guidance-aware student (Meng et al. 2023; without
@@ -40,7 +41,7 @@ from torch import Tensor
 
 from trainer.bundle import frozen, place
 from trainer.checkpoint_format import ENCODERS_FILE, ROUND_FILE, ROUNDS_DIR, write_inference_dir
-from trainer.config import DataConfig, DiffusionConfig, LogConfig, ModelConfig, RunConfig, to_yaml
+from trainer.config import DataConfig, DeepSpeedConfig, DiffusionConfig, LogConfig, ModelConfig, RunConfig, to_yaml
 from trainer.diffusion import add_noise, randn
 from trainer.diffusion.distill import (
     distill_loss,
@@ -64,12 +65,13 @@ class ProgressiveStage(DistillationStage):
     @classmethod
     def from_config(cls, cfg: RunConfig, settings: ProgressiveSettings) -> "ProgressiveStage":
         return cls(cfg.model, cfg.diffusion, settings, cfg.data, Path(cfg.checkpoint.dir) / ROUNDS_DIR,
-                   ema=cfg.ema.enabled)
+                   ema=cfg.ema.enabled, precision=cfg.deepspeed.precision)
 
     def __init__(self, model: ModelConfig, diffusion: DiffusionConfig, stage: ProgressiveSettings, data: DataConfig,
-                 export_dir: Optional[Path] = None, ema: bool = True):
+                 export_dir: Optional[Path] = None, ema: bool = True, precision: str = "fp32"):
         super().__init__(model, diffusion, stage, data)
         self.export_dir = export_dir
+        self.precision = precision  # recorded in the exports: `dit sample --precision auto` samples in it
         # What the engine hands `write_samples`: the EMA, or the raw weights where none is kept.
         self.sampled_weights = "ema" if ema else "raw"
         self.rounds = list(stage.rounds)
@@ -150,7 +152,8 @@ class ProgressiveStage(DistillationStage):
         number, steps = self.round + 1, self.student_steps
         cfg = RunConfig(model=self.model_cfg, diffusion=self.diffusion, data=self.data,
                         stage=as_section(replace(self.stage_cfg, rounds=self.rounds[: self.round + 1])),
-                        log=replace(LogConfig(), sample_steps=steps))
+                        log=replace(LogConfig(), sample_steps=steps),
+                        deepspeed=DeepSpeedConfig(precision=self.precision))
         meta = {"round": number, "steps": steps, "weights": kind, "step": step,
                 "guidance_embed": self.model_cfg.guidance_embed,
                 "guidance_range": [self.stage_cfg.guidance_min, self.stage_cfg.guidance_max]}
