@@ -30,7 +30,7 @@ from trainer.elastic import (LAYOUT_KEYS, BatchRequest, Shape, copy_frozen, keep
                              seed_masters, shape_of, written_shape)
 from trainer.ema import EMA
 from trainer.flat_params import weight_names
-from trainer.masters import engine_masters
+from trainer.masters import Masters
 from trainer.metrics import KeyLog, Metric, MetricsLogger
 from trainer.numerics import PRECISIONS, autocast, inference_numerics
 from trainer.optim import FiniteGuard, apply_config, build_engine, player_lr, schedule_at
@@ -154,7 +154,7 @@ class Trainer:
         self.net = self.stage.players["student"]  # the whole network, built on every rank
         self.ema_module = trainable["student"]  # what this rank trains of it (a pipeline stage's layers)
         self.names = network_names(self.net, self.ema_module)
-        self.ema = (EMA(self.ema_module, cfg.ema, self.names, engine_masters(self.engines["student"]))
+        self.ema = (EMA(self.ema_module, cfg.ema, self.names, Masters(self.engines["student"]))
                     if cfg.ema.enabled else None)
         if init_weights is not None:
             self.warm_start(init_weights)

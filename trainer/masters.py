@@ -13,13 +13,15 @@ the weights at full precision every step (the EMA, trainer/ema.py) reads them he
                                            the last ones padded past p's end    groups_flat)
 
 A fragment is a view of the optimizer's own storage, on the host where the optimizer is
-offloaded. It is looked up again at every use: DeepSpeed re-links its mappings when it loads a
-checkpoint, and a view kept from before would follow a dead buffer.
+offloaded. Under ZeRO the views stay good while the optimizer's flat fp32 buffers do
+(`Masters.buffers`): DeepSpeed 0.19 copies a loaded checkpoint into them in place (stage3.py,
+stage_1_and_2.py, bf16_optimizer.py), and only its `offload_states`, which the trainer never
+calls, would move them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -36,15 +38,6 @@ class Fragment:
     start: int = 0
     partitioned: bool = False
     group: Optional[Any] = None
-
-
-Masters = Callable[[nn.Parameter], Fragment]
-
-
-def own_weights(p: nn.Parameter) -> Fragment:
-    """The parameter itself, whole: a module trained without DeepSpeed's wrappers (fp32, no
-    ZeRO), or one that is not trained by an engine at all."""
-    return Fragment(p.data)
 
 
 def half_masters(engine: Any) -> dict[int, torch.Tensor]:
@@ -78,15 +71,36 @@ def _zero3(p: nn.Parameter) -> Fragment:
     return Fragment(partition[: max(0, min(numel, p.ds_numel - start))], start, True, group)
 
 
-def engine_masters(engine: Any) -> Masters:
-    """The fp32 master fragment of each trained parameter of `engine.module` (table above)."""
-    halves = half_masters(engine)
+# The flat fp32 buffers ZeRO's fragments are views of: ZeRO-3, ZeRO-1/2, BF16_Optimizer.
+FLAT_BUFFERS = ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition")
 
-    def fragment(p: nn.Parameter) -> Fragment:
+
+class Masters:
+    """This rank's fp32 master of each trained parameter of `engine.module` (table above);
+    without an engine, each parameter itself, whole (a module trained without DeepSpeed's
+    wrappers)."""
+
+    def __init__(self, engine: Any = None):
+        self.engine = engine
+        self.halves = half_masters(engine) if engine is not None else {}
+
+    def __call__(self, p: nn.Parameter) -> Fragment:
         if hasattr(p, "ds_id"):
             return _zero3(p)
         if hasattr(p, "_hp_mapping"):
             return _mapped(p)
-        return Fragment(halves[id(p)].data) if id(p) in halves else own_weights(p)
+        if id(p) in self.halves:
+            return Fragment(self.halves[id(p)].data)
+        if self.engine is not None and p.dtype != torch.float32:
+            raise RuntimeError(f"internal: no fp32 master of a {p.dtype} parameter of shape {tuple(p.shape)} in "
+                               f"DeepSpeed's {type(self.engine.optimizer).__name__}: the EMA would average its "
+                               f"rounded weights")
+        return Fragment(p.data)
 
-    return fragment
+    def buffers(self) -> Optional[tuple[int, ...]]:
+        """The addresses of the optimizer's flat fp32 buffers, or None where the masters are
+        tensors of their own (no ZeRO): fragments taken while these stay the same are views of
+        the live masters."""
+        optimizer = getattr(self.engine, "optimizer", None)
+        flats = [t for name in FLAT_BUFFERS for t in getattr(optimizer, name, None) or ()]
+        return tuple(t.data_ptr() for t in flats) if flats else None

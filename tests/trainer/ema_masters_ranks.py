@@ -12,7 +12,7 @@ from trainer.config import DeepSpeedConfig, EMAConfig, OptimConfig
 from trainer.distributed import init_distributed
 from trainer.elastic import player_weights
 from trainer.ema import EMA
-from trainer.masters import engine_masters
+from trainer.masters import Masters
 from trainer.optim import build_engine
 
 STEPS = 3
@@ -49,7 +49,7 @@ def check(name: str, ds: DeepSpeedConfig, ctx) -> float:
     engine, optimizer = build_engine(network(), 1e-2, OptimConfig(), ds, 4, ctx, STEPS, torch.device("cpu"))
     module = engine.module
     names = {n: n for n, _ in module.named_parameters()}
-    ema = EMA(module, EMAConfig(decay=0.7), masters=engine_masters(engine))
+    ema = EMA(module, EMAConfig(decay=0.7), masters=Masters(engine))
     masters = player_weights(engine, optimizer, names)
     expected = {n: t.clone() for n, t in masters.items()}
     of_weights = module_weights(module)
@@ -68,7 +68,7 @@ def check(name: str, ds: DeepSpeedConfig, ctx) -> float:
     full = ema.full_state_dict(module)
     for n, t in expected.items():
         assert torch.equal(full[n], t), f"{name}: the EMA of {n} is not the average of its fp32 masters"
-    restored = EMA(module, EMAConfig(decay=0.7), masters=engine_masters(engine))
+    restored = EMA(module, EMAConfig(decay=0.7), masters=Masters(engine))
     restored.load_full_state_dict(module, full, STEPS)
     assert all(torch.equal(t, full[n]) for n, t in restored.full_state_dict(module).items()), name
     restored.restart(module)
