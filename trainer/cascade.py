@@ -369,7 +369,9 @@ class Cascade:
                 side = s.cfg.data.resolution
                 lowres = s.stage.autoencoder.encode(resize_pixels(previous, (low_h or side, low_w or side)))
                 extras = s.stage.upsample_extras(lowres, s.cfg.stage.noise_aug_sample, generator)  # noise-augmented
-            return s.stage.sample_pixels(s.net, prompts, s.settings, generator, extras, shape, s.distilled).float()
+            pixels = s.stage.sample_pixels(s.net, prompts, s.settings, generator, extras, shape, s.distilled).float()
+        check_finite(pixels, s)
+        return pixels
 
     def sample(self, prompts: Sequence[str], noise: "torch.Generator | PromptSeeds",
                size: SampleSize = SampleSize()) -> Tensor:
@@ -396,6 +398,19 @@ class Cascade:
         bar = tqdm(starts, desc="sampling", unit="batch", disable=not progress or len(starts) < 2)
         return torch.cat([self.sample(prompts[i: i + batch_size], replace(seeds, first=seeds.first + i), size).cpu()
                           for i in bar])
+
+
+def check_finite(pixels: Tensor, s: LoadedStage) -> None:
+    """A stage's samples are finite, or the command stops naming what to change: to_uint8 would
+    write NaN and -inf as black and +inf as white, and a judge would score them. fp16 overflows
+    (its largest value is 65504) where bf16 and fp32 do not. One read of the device per stage."""
+    if bool(torch.isfinite(pixels).all()):
+        return
+    if s.precision == "fp32":
+        raise ConfigError("checkpoint", f"{s.checkpoint} sampled non-finite pixels in fp32, from its weights "
+                                        f"alone (a diverged run?): sample an earlier checkpoint")
+    raise ConfigError("--precision", f"{s.checkpoint} sampled non-finite pixels under {s.precision} autocast; "
+                                     f"sample it with --precision {'bf16 or ' if s.precision == 'fp16' else ''}fp32")
 
 
 def save_sample(sample: Tensor, stem: Path, fps: float = 0.0) -> Path:

@@ -45,6 +45,7 @@ from trainer.config_errors import ConfigError
 from trainer.models.autoencoder import Autoencoder
 from trainer.models.dit import DiT, DiTPreset, DiTSpec, TextEmbedding
 from trainer.models.text import TEXT_CHUNK
+from trainer.numerics import PRECISIONS, autocast
 
 if TYPE_CHECKING:
     from trainer.cascade import LoadedStage
@@ -56,6 +57,14 @@ TRANSFORMER_MODULE = "dit_transformer"
 PIPELINE_MODULE = "pipeline"
 PROVENANCE = "dit_train.json"  # source checkpoint and step of an export
 _SHIM = '"""{doc}"""\nfrom trainer.export import {name}  # noqa: F401\n'
+
+
+def half_precision(dtype: torch.dtype, device: torch.device):
+    """The autocast of a component loaded in half precision (`from_pretrained(...,
+    torch_dtype=torch.bfloat16)`): its fp32 inputs, and the fp32 tensors it makes inside (time
+    and position embeddings), meet half-precision weights; nothing for fp32."""
+    names = {dtype: name for name, dtype in PRECISIONS.items()}
+    return autocast(device, names.get(dtype, "fp32"))
 
 
 class DiTTransformer(ModelMixin, ConfigMixin):
@@ -79,7 +88,8 @@ class DiTTransformer(ModelMixin, ConfigMixin):
         t = (timestep.float().reshape(-1) + 1) / self.config.num_train_timesteps  # (B,) or (1,) in (0, 1]
         t = t.expand(hidden_states.shape[0])  # (B,)
         text = TextEmbedding(encoder_hidden_states, encoder_attention_mask.bool(), pooled_projections)
-        return self.dit(hidden_states, t, text)
+        with half_precision(self.dtype, hidden_states.device):  # loaded with torch_dtype=torch.bfloat16 / float16
+            return self.dit(hidden_states, t, text).float()
 
 
 class DiTTextToImagePipeline(DiffusionPipeline):
@@ -104,9 +114,10 @@ class DiTTextToImagePipeline(DiffusionPipeline):
         depend on the batch they are computed in: `TEXT_CHUNK`)."""
         chunks = [self._encode_chunk(prompts[i: i + TEXT_CHUNK]) for i in range(0, len(prompts), TEXT_CHUNK)]
         encoded = tuple(torch.cat(parts) for parts in zip(*chunks))
-        blank = torch.tensor([not p.strip() for p in prompts], device=self.device)  # (B,)
-        if not blank.any():
+        blanks = [not p.strip() for p in prompts]
+        if not any(blanks):
             return encoded
+        blank = torch.tensor(blanks, device=self._execution_device)  # (B,)
         return tuple(torch.where(blank.view(-1, *[1] * (e.dim() - 1)), null, e)
                      for e, null in zip(encoded, self.null_prompt(len(prompts))))
 
@@ -116,8 +127,9 @@ class DiTTextToImagePipeline(DiffusionPipeline):
         cfg, n = self.transformer.config, len(prompts)
         batch = self.tokenizer(list(prompts) + [""] * (TEXT_CHUNK - n), padding="max_length", truncation=True,
                                max_length=cfg.text_max_length, return_tensors="pt")
-        mask = batch["attention_mask"].to(self.device)  # (TEXT_CHUNK, L)
-        states = self.text_encoder(input_ids=batch["input_ids"].to(self.device), attention_mask=mask).last_hidden_state
+        device = self._execution_device  # where CPU offload runs each component
+        mask = batch["attention_mask"].to(device)  # (TEXT_CHUNK, L)
+        states = self.text_encoder(input_ids=batch["input_ids"].to(device), attention_mask=mask).last_hidden_state
         weights = mask[..., None].to(states.dtype)  # (TEXT_CHUNK, L, 1)
         pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1e-9)  # (TEXT_CHUNK, Dt)
         if cfg.text_normalize_pooled:
@@ -132,24 +144,25 @@ class DiTTextToImagePipeline(DiffusionPipeline):
         config = self.vae.config
         decoder = Autoencoder(self.vae, config.scaling_factor, config.get("shift_factor") or 0.0)
         for name, statistic in list(decoder.named_buffers(recurse=False)):
-            setattr(decoder, name, statistic.to(self.device))
+            setattr(decoder, name, statistic.to(self._execution_device))
         return decoder
 
     def null_prompt(self, batch: int) -> tuple[Tensor, Tensor, Tensor]:
         """The empty caption as the model was trained on it: zero states and pooled vector with
         only the first token marked real (text.null=zeros), or none marked (text.null=learned:
         the transformer puts its learned null caption there, `DiTEmbed.fill_null`)."""
-        cfg = self.transformer.config
-        tokens = torch.zeros(batch, cfg.text_max_length, cfg.text_dim, device=self.device)
-        mask = torch.zeros(batch, cfg.text_max_length, dtype=torch.bool, device=self.device)
+        cfg, device = self.transformer.config, self._execution_device
+        tokens = torch.zeros(batch, cfg.text_max_length, cfg.text_dim, device=device)
+        mask = torch.zeros(batch, cfg.text_max_length, dtype=torch.bool, device=device)
         mask[:, 0] = not cfg.learned_null
-        return tokens, mask, torch.zeros(batch, cfg.pooled_dim, device=self.device)
+        return tokens, mask, torch.zeros(batch, cfg.pooled_dim, device=device)
 
-    def ddim_step(self, pred: Tensor, t: Tensor, following: Optional[Tensor], x: Tensor) -> Tensor:
+    def ddim_step(self, pred: Tensor, t: int, following: Optional[int], x: Tensor) -> Tensor:
         """DDIM without noise (eta 0; Song et al. 2021, eq. 12) from timestep t to `following`,
         the next of the scheduler's timesteps (None: to the clean sample). DDIMScheduler.step
         goes to t - T // S instead, which is that next timestep only where the step count S
-        divides T: at S = 7 of 1000 the samples were up to 0.04 (v), 0.74 (eps) from ours."""
+        divides T: at S = 7 of 1000 the samples were up to 0.04 (v), 0.74 (eps) from ours. The
+        timesteps are host integers: a device index would be read back at every step."""
         abar = self.scheduler.alphas_cumprod.to(x.device)
         a = abar[t]
         a_next = abar[following] if following is not None else torch.as_tensor(self.scheduler.final_alpha_cumprod)
@@ -169,17 +182,19 @@ class DiTTextToImagePipeline(DiffusionPipeline):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         cfg = self.transformer.config
         shape = (len(prompts), cfg.in_channels, cfg.sample_size, cfg.sample_size)
-        # drawn on the generator's device, then moved: a CPU generator serves any device
-        x = latents if latents is not None else randn_tensor(shape, generator=generator, device=self.device)
-        x = x.to(self.device) * self.scheduler.init_noise_sigma
+        device = self._execution_device  # where CPU offload runs each component
+        # drawn on the generator's device, then moved: a CPU generator serves any device; x and
+        # the steps stay fp32 whatever dtype the components were loaded in (their outputs are cast)
+        x = latents if latents is not None else randn_tensor(shape, generator=generator, device=device)
+        x = x.to(device, torch.float32) * self.scheduler.init_noise_sigma
         cond = self.encode_prompt(prompts)
         guided = guidance_scale != 1.0
         text = [torch.cat(pair) for pair in zip(cond, self.null_prompt(len(prompts)))] if guided else list(cond)
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        timesteps = self.scheduler.timesteps
+        self.scheduler.set_timesteps(num_inference_steps)
+        timesteps = [int(t) for t in self.scheduler.timesteps]  # host integers: no device read a step
         for i, t in enumerate(self.progress_bar(timesteps)):
             model_in = torch.cat([x, x]) if guided else x
-            pred = self.transformer(model_in, t.expand(model_in.shape[0]), *text)
+            pred = self.transformer(model_in, torch.full((model_in.shape[0],), t, device=device), *text)
             if guided:
                 pred_text, pred_null = pred.chunk(2)
                 pred = pred_null + guidance_scale * (pred_text - pred_null)
@@ -189,7 +204,8 @@ class DiTTextToImagePipeline(DiffusionPipeline):
         if output_type == "latent":
             return ImagePipelineOutput(images=x)
         if self.vae is not None:
-            x = self.latent_decoder().decode(x)  # (B, 3, H, W)
+            with half_precision(self.vae.dtype, x.device):
+                x = self.latent_decoder().decode(x).float()  # (B, 3, H, W)
         images = (x / 2 + 0.5).clamp(0, 1)  # (B, 3, H, W) in [0, 1]
         if output_type == "pil":
             return ImagePipelineOutput(images=self.numpy_to_pil(images.permute(0, 2, 3, 1).cpu().float().numpy()))

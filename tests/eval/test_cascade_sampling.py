@@ -177,3 +177,26 @@ def test_sampling_precision_is_the_runs_on_an_accelerator_or_as_asked(tmp_path):
     assert dit(["sample", str(checkpoint), "--prompt", PROMPTS[0], "--steps", "2", "--precision", "bf16",
                 "--out", str(out)]) == 0
     assert [s["precision"] for s in json.loads((out / "samples.json").read_text())["stages"]] == ["bf16"]
+
+
+def test_non_finite_samples_stop_the_command_naming_what_to_change(tmp_path, capsys):
+    """fp16 overflows past 65504 where bf16 and fp32 do not: its inf and NaN pixels were written
+    as black and white images (and scored by the judge) without a word. Here the output layer
+    is scaled so that the network's prediction reaches ~1e6: finite in fp32 and bf16, not fp16."""
+    from tests.eval.eval_helpers import perturbed_weights
+    from trainer.checkpoint import CheckpointManager, RankState
+    from trainer.checkpoint_format import EMA_FILE
+    from trainer.config import to_yaml
+
+    cfg = tiny_config(tmp_path / "run")
+    weights = perturbed_weights(cfg, seed=0)
+    weights["head.linear.weight"] *= 1e6  # the prediction's last layer
+    CheckpointManager(cfg.checkpoint, rank=0, world_size=1).save(
+        1, engines={}, rank_state=RankState({}, {}), config_yaml=to_yaml(cfg), shared={EMA_FILE: weights})
+    checkpoint = Path(cfg.checkpoint.dir)
+    sample = ["sample", str(checkpoint), "--prompt", PROMPTS[0], "--steps", "2", "--out", str(tmp_path / "out")]
+    assert dit([*sample, "--precision", "fp16"]) == 2
+    assert "'--precision'" in (err := capsys.readouterr().err) and "bf16 or fp32" in err
+    assert not (tmp_path / "out").exists()
+    for precision in ("fp32", "bf16"):
+        assert dit([*sample, "--precision", precision]) == 0

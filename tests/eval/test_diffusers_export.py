@@ -57,6 +57,30 @@ def test_diffusers_export_matches_dit_sample(latent_checkpoint, tmp_path):
     assert compare_with_pipeline(pipe, latent_checkpoint, PROMPTS, steps=10) > 1e-2  # the check can fail
 
 
+@pytest.mark.parametrize("dtype, within", [(torch.bfloat16, 0.05), (torch.float16, 0.01)], ids=["bf16", "fp16"])
+def test_the_pipeline_samples_in_the_dtype_it_is_loaded_in(latent_checkpoint, tmp_path, dtype, within):
+    """`from_pretrained(..., torch_dtype=torch.bfloat16)`, diffusers' usual way to halve memory:
+    transformer, text encoder and VAE load in that dtype and sample under its autocast, the
+    steps in fp32. It failed at the first forward (fp32 latents into bf16 weights). Measured:
+    0.020 (bf16) and 0.0026 (fp16) from the fp32 pipeline at most, where the two prompts'
+    images are 0.16 apart on average."""
+    from diffusers import DiffusionPipeline
+
+    out = tmp_path / "diffusers"
+    assert dit(["export", str(latent_checkpoint), "--format", "diffusers", "--out", str(out), "--no-verify"]) == 0
+    images = {}
+    for loaded in (torch.float32, dtype):
+        pipe = DiffusionPipeline.from_pretrained(str(out), trust_remote_code=True, torch_dtype=loaded)
+        assert {pipe.transformer.dtype, pipe.text_encoder.dtype, pipe.vae.dtype} == {loaded}
+        pipe.set_progress_bar_config(disable=True)
+        images[loaded] = pipe(PROMPTS, num_inference_steps=4, generator=torch.Generator().manual_seed(0),
+                              output_type="pt").images  # (2, 3, 16, 16)
+    full, half = images[torch.float32], images[dtype]
+    assert half.dtype == torch.float32 and torch.isfinite(half).all()
+    assert float((half - full).abs().max()) < within
+    assert float((half - full).abs().mean()) < 0.1 * float((full[0] - full[1]).abs().mean())
+
+
 def test_a_vae_with_per_channel_latent_statistics_decodes_as_ours(tmp_path):
     """A 2-D AutoencoderKL whose config carries latents_mean / latents_std (as Playground's and
     SDXL-style VAEs do): we decode with them (`Autoencoder.decode`), and so must the pipeline
