@@ -33,7 +33,7 @@ class Fragment:
     """Elements [start, start + values.numel()) of a parameter's flattened fp32 master, held by
     this rank; where `partitioned`, the other ranks of `group` (None: the world) hold the rest
     and `values` is 1-D (maybe empty), else `values` is the whole master at the parameter's
-    shape."""
+    shape. Detached: ZeRO's flat masters are parameters, and a copy of them would join a graph."""
     values: torch.Tensor
     start: int = 0
     partitioned: bool = False
@@ -57,7 +57,7 @@ def _mapped(p: nn.Parameter) -> Fragment:
     mapping = p._hp_mapping
     if mapping is None:  # p lies wholly in other ranks' partitions
         return Fragment(torch.empty(0, dtype=torch.float32), 0, True, p._dp_group)
-    return Fragment(mapping.hp_fragment, mapping.lp_fragment_address.start, True, p._dp_group)
+    return Fragment(mapping.hp_fragment.detach(), mapping.lp_fragment_address.start, True, p._dp_group)
 
 
 def _zero3(p: nn.Parameter) -> Fragment:
@@ -65,7 +65,7 @@ def _zero3(p: nn.Parameter) -> Fragment:
     flattened parameter, cut where the parameter ends (the last ranks' partitions are padding)."""
     optimizer = p._z3_optimizer
     group_index, offset, numel = optimizer.grad_position[optimizer.get_param_id(p)]
-    partition = optimizer.fp32_partitioned_groups_flat[group_index].narrow(0, offset, numel)  # (numel,)
+    partition = optimizer.fp32_partitioned_groups_flat[group_index].detach().narrow(0, offset, numel)  # (numel,)
     group = getattr(p, "ds_process_group", optimizer.dp_process_group)
     start = dist.get_rank(group=group) * numel
     return Fragment(partition[: max(0, min(numel, p.ds_numel - start))], start, True, group)

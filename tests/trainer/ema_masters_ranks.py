@@ -66,6 +66,7 @@ def check(name: str, ds: DeepSpeedConfig, ctx) -> float:
             expected[n].lerp_(masters[n], weight)
             of_weights[n].lerp_(weights[n], weight)
     full = ema.full_state_dict(module)
+    assert not any(t.requires_grad for t in full.values()), f"{name}: the EMA is part of an autograd graph"
     for n, t in expected.items():
         assert torch.equal(full[n], t), f"{name}: the EMA of {n} is not the average of its fp32 masters"
     restored = EMA(module, EMAConfig(decay=0.7), masters=Masters(engine))
