@@ -27,6 +27,7 @@ Frechet distance.
 """
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -271,7 +272,7 @@ def train_feature_net(side: int, steps: int = 300, num: int = 2048, seed: int = 
                       progress: bool = True) -> ShapesFeatureNet:
     """The feature network, trained deterministically (seeded data, init and batches)."""
     images, labels = synthetic_training_set(num, side, seed + 7)
-    with torch.random.fork_rng():  # seeded init without touching the caller's global RNG
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's global RNG (nor a GPU's)
         torch.manual_seed(seed)
         net = ShapesFeatureNet(labels.shape[1])
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
@@ -303,8 +304,8 @@ def distribution_distances(generated: Tensor, real: Tensor, net: ShapesFeatureNe
 
 
 def inception_fid(generated: Tensor, real: Tensor, weights: str | Path, device: torch.device | str = "cpu") -> float:
-    """FID with Inception-v3 weights from a local file, through torch-fidelity (on CUDA when
-    `device` is a CUDA device)."""
+    """FID with Inception-v3 weights from a local file, through torch-fidelity, on `device`
+    (it takes only cuda=True, so a CUDA device is made the current one)."""
     try:
         import torch_fidelity
     except ImportError:
@@ -319,9 +320,12 @@ def inception_fid(generated: Tensor, real: Tensor, weights: str | Path, device: 
             folder.mkdir()
             for i, img in enumerate(to_uint8(as_frames(pixels)[0])):
                 Image.fromarray(img).save(folder / f"{i:06d}.png")
-        metrics = torch_fidelity.calculate_metrics(input1=str(Path(tmp) / "generated"), input2=str(Path(tmp) / "real"),
-                                                   fid=True, feature_extractor_weights_path=str(weights),
-                                                   cuda=torch.device(device).type == "cuda", verbose=False)
+        cuda = torch.device(device).type == "cuda"
+        with torch.cuda.device(torch.device(device)) if cuda else contextlib.nullcontext():
+            metrics = torch_fidelity.calculate_metrics(input1=str(Path(tmp) / "generated"),
+                                                       input2=str(Path(tmp) / "real"), fid=True,
+                                                       feature_extractor_weights_path=str(weights), cuda=cuda,
+                                                       verbose=False)
     return float(metrics["frechet_inception_distance"])
 
 
