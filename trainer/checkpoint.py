@@ -57,7 +57,7 @@ from trainer.checkpoint_format import (
     verify,
 )
 from trainer.config import CheckpointConfig, flatten
-from trainer.distributed import comm_device
+from trainer.distributed import comm_device, wait_for_rank0
 from trainer.elastic import written_global_batch
 
 # Keys whose product with the data-parallel ranks is the global batch: free while it is kept.
@@ -138,11 +138,6 @@ def _all_ok(ok: bool) -> list[int]:
     gathered = [torch.zeros_like(flags) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, flags)
     return [r for r, f in enumerate(gathered) if int(f) == 0]
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def config_differences(old_yaml: str, new_yaml: str, ignore: tuple[str, ...]) -> list[str]:
@@ -236,7 +231,7 @@ class CheckpointManager:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
-        _barrier()
+        wait_for_rank0()
         error = None
         try:
             for name, engine in engines.items():
@@ -249,15 +244,18 @@ class CheckpointManager:
                 self.before_commit(step, tmp)
         except Exception as e:  # reported collectively below, so no rank is left waiting
             error = e
+        wait_for_rank0()  # rank 0 wrote the whole-tensor files alone
         self._report(step, tmp, error, "write")
         if self.rank == 0:
             try:
                 self._commit(tmp, final, step, config_yaml)
             except Exception as e:
                 error = e
+        wait_for_rank0()
         self._report(step, tmp, error, "commit")
         if self.rank == 0:
             self._apply_retention(keep_name=final.name)
+        wait_for_rank0()  # removing old checkpoints
         return final
 
     def _report(self, step: int, tmp: Path, error: Optional[Exception], phase: str) -> None:

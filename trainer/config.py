@@ -125,6 +125,9 @@ class DeepSpeedConfig:
     # exchange heads for tokens around attention (DeepSpeed-Ulysses); data parallel over the rest
     sequence_parallel_size: int = 1
     comm_timeout_s: int = 120  # collective timeout, so a dead rank cannot hang the others
+    # how long the other ranks wait, on a host (gloo) group, for work rank 0 does alone: a
+    # checkpoint's whole-tensor files and commit, sample grids, evals (`wait_for_rank0`)
+    rank0_timeout_s: int = 3600
     # ZeRO reduce / all-gather bucket in elements. DeepSpeed's default (5e8) allocates 2 GB
     # (fp32) per rank during backward whatever the model size; 5e7 suits small-to-mid models.
     bucket_size: int = 50_000_000
@@ -407,6 +410,9 @@ def _validate_deepspeed(ds: DeepSpeedConfig) -> None:
     check(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
     check(ds.grad_accum >= 1, "deepspeed.grad_accum", "must be at least 1")
     check(ds.pipeline_stages >= 1, "deepspeed.pipeline_stages", "must be at least 1")
+    for key, seconds in (("deepspeed.comm_timeout_s", ds.comm_timeout_s), ("deepspeed.rank0_timeout_s",
+                                                                          ds.rank0_timeout_s)):
+        check(seconds > 0, key, f"must be a number of seconds above 0 (got {seconds})")
     check(
         not (ds.pipeline_stages > 1 and ds.zero_stage > 1),
         "deepspeed.zero_stage",

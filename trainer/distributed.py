@@ -53,8 +53,10 @@ class DistContext:
         return self.rank == 0
 
 
-def init_distributed(pipeline_stages: int, timeout_s: int, sequence_parallel: int = 1) -> DistContext:
-    """Start (or join) the process group; every collective is bounded by `timeout_s`."""
+def init_distributed(pipeline_stages: int, timeout_s: int, sequence_parallel: int = 1,
+                     rank0_timeout_s: int = 3600) -> DistContext:
+    """Start (or join) the process group; every collective is bounded by `timeout_s`, but the
+    waits for rank 0's own work (`wait_for_rank0`) by `rank0_timeout_s`."""
     import deepspeed
 
     rank, world, local = world_from_env()
@@ -71,8 +73,28 @@ def init_distributed(pipeline_stages: int, timeout_s: int, sequence_parallel: in
         deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     if backend == "nccl":
         torch.cuda.set_device(local)
+    _rank0_wait[:] = [dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=rank0_timeout_s)),
+                      dist.group.WORLD]
     return DistContext(rank=rank, world_size=world, local_rank=local, pipeline_stages=pipeline_stages,
                        sequence_parallel=sequence_parallel)
+
+
+# (host group, the world it belongs to) of `wait_for_rank0`, made by `init_distributed`
+_rank0_wait: list = []
+
+
+def wait_for_rank0() -> None:
+    """Collective: every rank waits here until rank 0 is done with work of its own (writing a
+    checkpoint's whole-tensor files and committing it, removing old ones, a sample grid, an
+    eval). The wait is a barrier of a gloo group bounded by deepspeed.rank0_timeout_s; without
+    it the others would wait in their next collective, which deepspeed.comm_timeout_s bounds
+    (NCCL's watchdog ends the job): 120 s, less than rank 0 takes to write the universal and
+    EMA files of a model of some billions of parameters. Nothing without a process group."""
+    if not dist.is_initialized():
+        return
+    if not _rank0_wait or _rank0_wait[1] is not dist.group.WORLD:
+        raise RuntimeError("internal: the process group was not started by trainer.distributed.init_distributed")
+    dist.barrier(group=_rank0_wait[0])
 
 
 def process_group_backend() -> str:

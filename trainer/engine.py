@@ -25,7 +25,8 @@ from trainer.checkpoint_format import ENCODERS_FILE
 from trainer.codes import EXIT_CHECKPOINT, EXIT_DATA, EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE
 from trainer.config import RunConfig, to_yaml, validate
 from trainer.diffusion.noise import sample_generators
-from trainer.distributed import LateRead, PreemptionFlag, comm_device, compute_device, init_distributed
+from trainer.distributed import (LateRead, PreemptionFlag, comm_device, compute_device, init_distributed,
+                                 wait_for_rank0)
 from trainer.elastic import (LAYOUT_KEYS, BatchRequest, Shape, copy_frozen, keep_global_batch, player_weights,
                              seed_masters, shape_of, written_shape)
 from trainer.ema import EMA
@@ -40,7 +41,7 @@ from trainer.train_state import (EMAState, LoopState, PlayersState, RNGState, Sh
 
 # Keys that may change between a checkpoint and its resume without changing the experiment.
 RESUMABLE_CHANGES = ("stage.steps", "checkpoint", "log", "run.out_dir", "data.num_workers",
-                     "data.prefetch_factor", "deepspeed.comm_timeout_s", *LAYOUT_KEYS)
+                     "data.prefetch_factor", "deepspeed.comm_timeout_s", "deepspeed.rank0_timeout_s", *LAYOUT_KEYS)
 # Prefix of the profiler ranges a step is cut into (batch, forward, backward, step, pipeline,
 # ema): what `dit bench gpu --profile` sums per phase. Without a profiler a range costs ~6 us.
 PHASE = "dit."
@@ -119,7 +120,7 @@ class Trainer:
 
         self.cfg = cfg
         self.ctx = init_distributed(cfg.deepspeed.pipeline_stages, cfg.deepspeed.comm_timeout_s,
-                                    cfg.deepspeed.sequence_parallel_size)
+                                    cfg.deepspeed.sequence_parallel_size, cfg.deepspeed.rank0_timeout_s)
         validate(cfg, world_size=self.ctx.world_size)
         self.device = compute_device()  # chosen once: everything of a step lives here
         self.precision = cfg.deepspeed.precision
@@ -195,8 +196,10 @@ class Trainer:
             read.update(self.raw_weights())
             return read
 
-        if self.stage.start_of_step(self.state.step, student_weights) and self.ema is not None:
-            self.restart_ema(read or self.raw_weights())
+        if self.stage.start_of_step(self.state.step, student_weights):  # on every rank at once
+            wait_for_rank0()  # it wrote the finished round's export
+            if self.ema is not None:
+                self.restart_ema(read or self.raw_weights())
 
     # ---- checkpoint ---------------------------------------------------------------------------
     def will_resume(self) -> bool:
@@ -514,31 +517,33 @@ class Trainer:
 
     def evaluate(self) -> None:
         """The adherence judge on `log.prompts` with the EMA weights (collective gather, rank 0
-        judges), logged to JSONL and TensorBoard."""
+        judges while the others wait: `wait_for_rank0`), logged to JSONL and TensorBoard."""
         weights = self.full_weights()
-        if not self.ctx.is_main:
-            return
-        from trainer.evaluate import adherence_during_training
+        if self.ctx.is_main:
+            from trainer.evaluate import adherence_during_training
 
-        with inference_numerics(self.device, self.precision), torch.random.fork_rng(devices=[]):
-            metrics = adherence_during_training(self.stage, weights, self.cfg.log)
-        if metrics:
-            self.logger.event(self.state.step, metrics)
+            with inference_numerics(self.device, self.precision), torch.random.fork_rng(devices=[]):
+                metrics = adherence_during_training(self.stage, weights, self.cfg.log)
+            if metrics:
+                self.logger.event(self.state.step, metrics)
+        wait_for_rank0()
 
     def write_samples(self) -> Optional[Path]:
-        """EMA (else raw) sample grid for the fixed prompts (collective gather, rank 0 draws).
+        """EMA (else raw) sample grid for the fixed prompts (collective gather, rank 0 draws while
+        the others wait: `wait_for_rank0`).
         Grids and evals draw from a fork of the global RNG (building the sampling network draws
         its initial weights there): the RNG state checkpoints save moved with each grid, and a
         resumed run's later checkpoints differed from an uninterrupted one's."""
         weights = self.full_weights()
-        if not self.ctx.is_main:
-            return None
-        path = Path(self.cfg.log.dir) / "samples" / f"step_{self.state.step:08d}.png"
-        with inference_numerics(self.device, self.precision), torch.random.fork_rng(devices=[]):
-            out = self.stage.write_samples(weights, self.cfg.log, path)
-        if out is not None:
-            self.logger.event(self.state.step, {"sample_grid": str(out)})
-            print(f"samples: {out}", flush=True)
+        out = None
+        if self.ctx.is_main:
+            path = Path(self.cfg.log.dir) / "samples" / f"step_{self.state.step:08d}.png"
+            with inference_numerics(self.device, self.precision), torch.random.fork_rng(devices=[]):
+                out = self.stage.write_samples(weights, self.cfg.log, path)
+            if out is not None:
+                self.logger.event(self.state.step, {"sample_grid": str(out)})
+                print(f"samples: {out}", flush=True)
+        wait_for_rank0()
         return out
 
 

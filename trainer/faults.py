@@ -19,6 +19,8 @@ DIT_INJECT_LATEST="RANK@TAG"            that rank reads TAG from `latest` (a che
 DIT_INJECT_SIGNAL_AT_START="RANK"       that rank sends itself SIGUSR1 once its trainer is built,
                                         before the resume and the first step (a preemption that
                                         comes while the ranks start)
+DIT_INJECT_RANK0_SLOW="SECONDS"         rank 0's sample grids and checkpoint commits each take
+                                        SECONDS longer, as a large model's files and grids do
 """
 from __future__ import annotations
 
@@ -58,6 +60,9 @@ def install(trainer: Any) -> None:
     inject_into_losses(trainer, nan_steps(rank), kill_steps(rank))
     trainer.ckpt.before_commit = save_stall()
     trainer.ckpt.before_write = save_error(rank)
+    slow = os.environ.get("DIT_INJECT_RANK0_SLOW", "")
+    if slow and rank == 0:
+        slow_down(trainer, float(slow))
     tag = latest_override(rank)
     if tag:
         read_latest_as(trainer.ckpt, tag)
@@ -112,6 +117,24 @@ def kill_now() -> None:
 
 def latest_override(rank: int) -> str:
     return _for_rank("DIT_INJECT_LATEST", rank)
+
+
+def slow_down(trainer: Any, seconds: float) -> None:
+    """Rank 0's own work made `seconds` longer: its sample grids, and its checkpoint writes
+    before the commit (the work the other ranks wait for in `trainer.distributed.wait_for_rank0`)."""
+    draw, commit = trainer.stage.write_samples, trainer.ckpt.before_commit
+
+    def slow_grid(*args, **kwargs):
+        time.sleep(seconds)  # the injected fault: work that takes this long
+        return draw(*args, **kwargs)
+
+    def slow_commit(step: int, tmp_dir: Path) -> None:
+        time.sleep(seconds)
+        if commit is not None:
+            commit(step, tmp_dir)
+
+    trainer.stage.write_samples = slow_grid
+    trainer.ckpt.before_commit = slow_commit
 
 
 def save_stall() -> Optional[Callable[[int, Path], None]]:

@@ -52,6 +52,21 @@ def test_sigterm_then_kill9_during_a_checkpoint_write(uneven_shards, tmp_path):
     assert json.loads((ckpts / "step_00000008" / COMPLETE).read_text())["step"] == 8
 
 
+def test_the_ranks_wait_for_rank0s_own_work_longer_than_the_collective_timeout(uneven_shards, tmp_path):
+    """Rank 0 alone writes a checkpoint's whole-tensor files (universal, EMA) and draws the sample
+    grids; for a model of some billions of parameters that takes longer than
+    deepspeed.comm_timeout_s (120 s), and the other ranks, waiting in their next collective, were
+    ended by its timeout (NCCL's watchdog on GPUs). They wait on a gloo group bounded by
+    deepspeed.rank0_timeout_s instead: here rank 0's save and grid each take 15 s longer than
+    the 10 s collective timeout, and the run ends well (it failed at the save before)."""
+    out = tmp_path / "run"
+    proc = run_train(2, base(uneven_shards, out, "stage.steps=2", "checkpoint.every=2", "log.sample_every=2",
+                             "deepspeed.comm_timeout_s=10"), DIT_INJECT_RANK0_SLOW="15")
+    assert_ok(proc)
+    assert complete_steps(out) == ["step_00000002"]
+    assert (out / "logs" / "samples" / "step_00000002.png").is_file()
+
+
 def test_retention_waits_for_the_commit_and_a_full_disk_keeps_the_previous_checkpoint(uneven_shards, tmp_path):
     out, marker = tmp_path / "run", tmp_path / "saving"
     args = base(uneven_shards, out, "stage.steps=12", "checkpoint.every=4", "checkpoint.keep=1")
