@@ -99,6 +99,14 @@ def safe_checkpoint_engine(before_write: Optional[Callable[[str], None]] = None)
             except Exception as e:  # raised by CheckpointManager.save once every rank is past it
                 self.error = e
 
+        def commit(self, info) -> bool:
+            """Called by every rank once its files are written, before DeepSpeed's barrier on
+            the default group: the ranks that write the module's files (rank 0, a pipeline
+            stage's first replica) take longer, and the others wait for them here instead
+            (`wait_for_rank0`), not in that barrier, which deepspeed.comm_timeout_s bounds."""
+            wait_for_rank0()
+            return super().commit(info)
+
         def take_error(self) -> Optional[Exception]:
             error, self.error = self.error, None
             return error

@@ -19,8 +19,9 @@ DIT_INJECT_LATEST="RANK@TAG"            that rank reads TAG from `latest` (a che
 DIT_INJECT_SIGNAL_AT_START="RANK"       that rank sends itself SIGUSR1 once its trainer is built,
                                         before the resume and the first step (a preemption that
                                         comes while the ranks start)
-DIT_INJECT_RANK0_SLOW="SECONDS"         rank 0's sample grids and checkpoint commits each take
-                                        SECONDS longer, as a large model's files and grids do
+DIT_INJECT_RANK0_SLOW="SECONDS"         rank 0's sample grids, its write of the module's file in
+                                        each engine checkpoint and its whole-tensor files each take
+                                        SECONDS longer, as a large model's do
 """
 from __future__ import annotations
 
@@ -120,13 +121,20 @@ def latest_override(rank: int) -> str:
 
 
 def slow_down(trainer: Any, seconds: float) -> None:
-    """Rank 0's own work made `seconds` longer: its sample grids, and its checkpoint writes
-    before the commit (the work the other ranks wait for in `trainer.distributed.wait_for_rank0`)."""
-    draw, commit = trainer.stage.write_samples, trainer.ckpt.before_commit
+    """Rank 0's own work made `seconds` longer (the work the other ranks wait for in
+    `trainer.distributed.wait_for_rank0`): its sample grids, the module's file DeepSpeed has it
+    write, and its whole-tensor files (before the commit)."""
+    draw, write, commit = trainer.stage.write_samples, trainer.ckpt.before_write, trainer.ckpt.before_commit
 
     def slow_grid(*args, **kwargs):
         time.sleep(seconds)  # the injected fault: work that takes this long
         return draw(*args, **kwargs)
+
+    def slow_write(path: str) -> None:
+        if "model_states" in Path(path).name:
+            time.sleep(seconds)
+        if write is not None:
+            write(path)
 
     def slow_commit(step: int, tmp_dir: Path) -> None:
         time.sleep(seconds)
@@ -134,7 +142,7 @@ def slow_down(trainer: Any, seconds: float) -> None:
             commit(step, tmp_dir)
 
     trainer.stage.write_samples = slow_grid
-    trainer.ckpt.before_commit = slow_commit
+    trainer.ckpt.before_write, trainer.ckpt.before_commit = slow_write, slow_commit
 
 
 def save_stall() -> Optional[Callable[[int, Path], None]]:

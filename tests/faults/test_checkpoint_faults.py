@@ -56,9 +56,11 @@ def test_the_ranks_wait_for_rank0s_own_work_longer_than_the_collective_timeout(u
     """Rank 0 alone writes a checkpoint's whole-tensor files (universal, EMA) and draws the sample
     grids; for a model of some billions of parameters that takes longer than
     deepspeed.comm_timeout_s (120 s), and the other ranks, waiting in their next collective, were
-    ended by its timeout (NCCL's watchdog on GPUs). They wait on a gloo group bounded by
-    deepspeed.rank0_timeout_s instead: here rank 0's save and grid each take 15 s longer than
-    the 10 s collective timeout, and the run ends well (it failed at the save before)."""
+    ended by its timeout (NCCL's watchdog on GPUs), also inside DeepSpeed's save, whose barrier
+    waits for rank 0's module file. They wait on a gloo group bounded by
+    deepspeed.rank0_timeout_s instead: here rank 0's module file, whole-tensor files and grid
+    each take 15 s longer than the 10 s collective timeout, and the run ends well (it failed at
+    the save before)."""
     out = tmp_path / "run"
     proc = run_train(2, base(uneven_shards, out, "stage.steps=2", "checkpoint.every=2", "log.sample_every=2",
                              "deepspeed.comm_timeout_s=10"), DIT_INJECT_RANK0_SLOW="15")
