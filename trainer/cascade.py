@@ -369,9 +369,7 @@ class Cascade:
                 side = s.cfg.data.resolution
                 lowres = s.stage.autoencoder.encode(resize_pixels(previous, (low_h or side, low_w or side)))
                 extras = s.stage.upsample_extras(lowres, s.cfg.stage.noise_aug_sample, generator)  # noise-augmented
-            pixels = s.stage.sample_pixels(s.net, prompts, s.settings, generator, extras, shape, s.distilled).float()
-        check_finite(pixels, s)
-        return pixels
+            return s.stage.sample_pixels(s.net, prompts, s.settings, generator, extras, shape, s.distilled).float()
 
     def sample(self, prompts: Sequence[str], noise: "torch.Generator | PromptSeeds",
                size: SampleSize = SampleSize()) -> Tensor:
@@ -388,29 +386,35 @@ class Cascade:
         return pixels
 
     def sample_batched(self, prompts: Sequence[str], seed: "int | torch.Generator | PromptSeeds",
-                       batch_size: int = 16, progress: bool = True, size: SampleSize = SampleSize()) -> Tensor:
+                       batch_size: int = 16, progress: bool = True, size: SampleSize = SampleSize(),
+                       finite: bool = True) -> Tensor:
         """`sample` over chunks of `batch_size` prompts with per-prompt noise (`PromptSeeds.of(seed)`):
         prompt i's sample depends on (seed, i) only, not on `batch_size` or its neighbours (up to
         the float rounding of batched matmuls). Each chunk is brought back to the host (the
-        device holds one chunk at a time)."""
+        device holds one chunk at a time) and, with `finite`, checked there (`check_finite`)."""
         seeds = PromptSeeds.of(seed)
         starts = range(0, len(prompts), batch_size)
         bar = tqdm(starts, desc="sampling", unit="batch", disable=not progress or len(starts) < 2)
-        return torch.cat([self.sample(prompts[i: i + batch_size], replace(seeds, first=seeds.first + i), size).cpu()
-                          for i in bar])
+        chunks = []
+        for i in bar:
+            chunks.append(self.sample(prompts[i: i + batch_size], replace(seeds, first=seeds.first + i), size).cpu())
+            if finite:
+                check_finite(chunks[-1], self.stages)
+        return torch.cat(chunks)
 
 
-def check_finite(pixels: Tensor, s: LoadedStage) -> None:
-    """A stage's samples are finite, or the command stops naming what to change: to_uint8 would
-    write NaN and -inf as black and +inf as white, and a judge would score them. fp16 overflows
-    (its largest value is 65504) where bf16 and fp32 do not. One read of the device per stage."""
+def check_finite(pixels: Tensor, stages: Sequence[LoadedStage]) -> None:
+    """Samples (on the host) are finite, or the command stops naming what to change: to_uint8
+    would write NaN and -inf as black and +inf as white, and a judge would score them. fp16
+    overflows (its largest value is 65504) where bf16 and fp32 do not."""
     if bool(torch.isfinite(pixels).all()):
         return
-    if s.precision == "fp32":
-        raise ConfigError("checkpoint", f"{s.checkpoint} sampled non-finite pixels in fp32, from its weights "
-                                        f"alone (a diverged run?): sample an earlier checkpoint")
-    raise ConfigError("--precision", f"{s.checkpoint} sampled non-finite pixels under {s.precision} autocast; "
-                                     f"sample it with --precision {'bf16 or ' if s.precision == 'fp16' else ''}fp32")
+    where = ", ".join(f"{s.checkpoint} in {s.precision}" for s in stages)
+    if all(s.precision == "fp32" for s in stages):
+        raise ConfigError("checkpoint", f"sampled non-finite pixels ({where}), from the weights alone (a diverged "
+                                        f"run?): sample an earlier checkpoint")
+    fix = "bf16 or fp32" if any(s.precision == "fp16" for s in stages) else "fp32"
+    raise ConfigError("--precision", f"sampled non-finite pixels ({where}); sample with --precision {fix}")
 
 
 def save_sample(sample: Tensor, stem: Path, fps: float = 0.0) -> Path:
