@@ -410,8 +410,8 @@ def _validate_deepspeed(ds: DeepSpeedConfig) -> None:
     check(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
     check(ds.grad_accum >= 1, "deepspeed.grad_accum", "must be at least 1")
     check(ds.pipeline_stages >= 1, "deepspeed.pipeline_stages", "must be at least 1")
-    for key, seconds in (("deepspeed.comm_timeout_s", ds.comm_timeout_s), ("deepspeed.rank0_timeout_s",
-                                                                          ds.rank0_timeout_s)):
+    timeouts = {"deepspeed.comm_timeout_s": ds.comm_timeout_s, "deepspeed.rank0_timeout_s": ds.rank0_timeout_s}
+    for key, seconds in timeouts.items():
         check(seconds > 0, key, f"must be a number of seconds above 0 (got {seconds})")
     check(
         not (ds.pipeline_stages > 1 and ds.zero_stage > 1),

@@ -191,7 +191,7 @@ class DiTTextToImagePipeline(DiffusionPipeline):
         guided = guidance_scale != 1.0
         text = [torch.cat(pair) for pair in zip(cond, self.null_prompt(len(prompts)))] if guided else list(cond)
         self.scheduler.set_timesteps(num_inference_steps)
-        timesteps = [int(t) for t in self.scheduler.timesteps]  # host integers: no device read a step
+        timesteps = self.scheduler.timesteps.tolist()  # host integers: no device read a step
         for i, t in enumerate(self.progress_bar(timesteps)):
             model_in = torch.cat([x, x]) if guided else x
             pred = self.transformer(model_in, torch.full((model_in.shape[0],), t, device=device), *text)
