@@ -18,6 +18,7 @@ from typing import Iterator
 import pytest
 import torch
 from torch._subclasses.fake_tensor import (DataDependentOutputException, FakeTensorDeviceMismatchError,
+                                           unset_fake_temporarily,
                                           FakeTensorMode)
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -123,20 +124,20 @@ def test_adversarial_step_on_device(tmp_path, teacher):
     assert one_step_on_fake_cuda(build_stage(cfg), uint8_batch(4, 3, 16, 16)) == ["student", "disc"]
 
 
+def on_host(build):
+    """`build` run on real tensors inside fake_cuda(): the sampler's time grid is host arithmetic."""
+    def run(*args, **kwargs):
+        with unset_fake_temporarily():
+            return build(*args, **kwargs)
+    return run
+
+
 def test_latent_step_and_sampling_on_device(tmp_path, monkeypatch):
     """Precomputed latents (no encoder call) and the sampler with CFG, both on the device. The
     sampler's time grid is host arithmetic by design (floats read once per call, no device
     value): it is built from real tensors here, as fake ones have no values to read."""
     import trainer.sampling
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
     from trainer.diffusion import samplers
-
-    def on_host(build):
-        def run(*args, **kwargs):
-            with unset_fake_temporarily():
-                return build(*args, **kwargs)
-        return run
 
     monkeypatch.setattr(trainer.sampling, "sampling_timesteps", on_host(sampling_timesteps))
     monkeypatch.setattr(samplers, "_Grid", on_host(samplers._Grid))
@@ -264,6 +265,30 @@ def test_per_step_times_reach_the_device_without_waiting_for_it():
         with BlockingCopies() as copies:
             times = [batch_t(0.5, x), batch_t(t, x), *student_step_times(schedule, 2, 2, k)]
     assert all(t.device.type == "cuda" and tuple(t.shape) == (4,) for t in times)
+    assert copies.copies == []
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("per_prompt", [False, True])
+def test_step_noise_from_host_generators_reaches_the_device_without_waiting_for_it(monkeypatch, sampler, per_prompt):
+    """DDPM and DDIM-eta draw fresh noise each step from seeded CPU generators (the same samples
+    on every device): the initial noise and each step's reach the GPU from pinned memory,
+    non-blocking; a plain copy would make the host wait for the device's queue every step."""
+    from trainer.config import DiffusionConfig
+    from trainer.diffusion import make_schedule
+    from trainer.diffusion import samplers
+    from trainer.diffusion.utils import randn
+
+    monkeypatch.setattr(samplers, "_Grid", on_host(samplers._Grid))
+    schedule = make_schedule(DiffusionConfig())
+    ts = sampling_timesteps(schedule, 4, "trailing")
+    seeds = [torch.Generator().manual_seed(i) for i in range(2)] if per_prompt else torch.Generator().manual_seed(0)
+    kwargs = {"eta": 1.0} if sampler == "ddim" else {}
+    with fake_cuda():
+        with BlockingCopies() as copies:
+            x = randn((2, 4, 8, 8), seeds, CUDA)  # (B, C, h, w)
+            out = samplers.SAMPLERS[sampler](lambda x, t: torch.zeros_like(x), x, ts, schedule, "v", generator=seeds, **kwargs)
+    assert out.device.type == "cuda"
     assert copies.copies == []
 
 

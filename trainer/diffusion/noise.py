@@ -44,12 +44,14 @@ def sample_generators(seed: int, step: int, samples: Sequence[int], device: torc
     return [torch.Generator(device).manual_seed(sample_seed(seed, step, int(s))) for s in samples]
 
 
-def per_sample(draw: Callable[..., Tensor], shape: tuple[int, ...], generators: list[torch.Generator]) -> Tensor:
+def per_sample(draw: Callable[..., Tensor], shape: tuple[int, ...], generators: list[torch.Generator],
+               pin_memory: bool = False) -> Tensor:
     """(B, ...) from B generators: row i is `draw((1, *shape[1:]), generator=generators[i],
-    device=...)`, made on the generators' device."""
+    device=...)`, made on the generators' device (in pinned host memory with `pin_memory`)."""
     if not shape or shape[0] != len(generators):
         raise ValueError(f"a per-sample draw of shape {shape} needs one generator per row; "
                          f"got {len(generators)} generators")
     device = generators[0].device
     rows = [draw((1, *shape[1:]), generator=g, device=device) for g in generators]  # B x (1, ...)
-    return torch.cat(rows)  # (B, ...)
+    out = torch.empty(shape, dtype=rows[0].dtype, device=device, pin_memory=pin_memory)
+    return torch.cat(rows, out=out)  # (B, ...)

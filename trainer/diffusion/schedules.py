@@ -181,8 +181,10 @@ class NoiseSchedule:
         return alpha.to(dtype), sigma.to(dtype)
 
     def _tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The host tables on `device`, copied once per device, without waiting for its queue
+        (the host tables outlive the copy)."""
         if device not in self._cache:
-            self._cache[device] = (self._abar.to(device), self._lam.to(device))
+            self._cache[device] = (self._abar.to(device, non_blocking=True), self._lam.to(device, non_blocking=True))
         return self._cache[device]
 
     def __repr__(self) -> str:

@@ -49,10 +49,18 @@ def draw_device(generator: Generators, device: Optional[torch.device | str]) -> 
 
 
 def _draw(fn, shape: tuple[int, ...], generator: Generators, device: Optional[torch.device]) -> Tensor:
-    """`fn(shape)` on the generator's device: row by row from per-sample generators."""
+    """`fn(shape)` on the generator's device (row by row from per-sample generators), returned
+    on `device`. A host draw bound for CUDA is made in pinned memory and copied without waiting:
+    a plain copy makes the host wait for the device's queue, once per step of a DDPM or DDIM-eta
+    sampler driven by seeded CPU generators."""
+    where = draw_device(generator, device)
+    target = torch.device(device) if device is not None else where
+    pin = where.type == "cpu" and target.type == "cuda"
     if isinstance(generator, list):
-        return per_sample(fn, shape, generator)
-    return fn(shape, generator=generator, device=draw_device(generator, device))
+        draw = per_sample(fn, shape, generator, pin_memory=pin)  # (B, ...)
+    else:
+        draw = fn(shape, generator=generator, device=where, pin_memory=pin)
+    return draw.to(target, non_blocking=pin)
 
 
 def randn(shape: tuple[int, ...], generator: Generators, device: torch.device) -> Tensor:
@@ -61,17 +69,17 @@ def randn(shape: tuple[int, ...], generator: Generators, device: torch.device) -
     The draw must happen where the generator lives (a CUDA generator cannot fill a host tensor,
     nor a CPU generator a CUDA one); the trainer's generator lives on the accelerator, so the
     move is a no-op there, while a seeded CPU generator still serves any device."""
-    return _draw(torch.randn, shape, generator, device).to(device)
+    return _draw(torch.randn, shape, generator, device)
 
 
 def rand(shape: tuple[int, ...], generator: Generators, device: torch.device) -> Tensor:
     """Uniform [0, 1) float32, drawn on the generator's device, returned on `device`."""
-    return _draw(torch.rand, shape, generator, device).to(device)
+    return _draw(torch.rand, shape, generator, device)
 
 
 def randint(high: int, shape: tuple[int, ...], generator: Generators, device: torch.device) -> Tensor:
     """Uniform integers in [0, high) (int64), drawn on the generator's device, returned on `device`."""
-    return _draw(partial(torch.randint, 0, high), shape, generator, device).to(device)
+    return _draw(partial(torch.randint, 0, high), shape, generator, device)
 
 
 def randn_like(x: Tensor, generator: Generators = None) -> Tensor:
