@@ -89,20 +89,13 @@ def save_grid(pixels: torch.Tensor, labels: Sequence[str], path: str | Path, fps
 
 def save_mp4(video: torch.Tensor, path: str | Path, fps: float = 0.0) -> Path:
     """One video (3, F, H, W) in [-1, 1] as H.264 MP4 at `fps` (0: DEFAULT_FPS; even sizes
-    padded by repetition)."""
-    import av
+    padded by repetition), tagged BT.709 (`data_pipeline.color.encode_mp4`)."""
+    from data_pipeline.color import encode_mp4
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     frames = to_uint8(video.movedim(1, 0))  # (F, H, W, 3)
     h, w = frames.shape[1] + frames.shape[1] % 2, frames.shape[2] + frames.shape[2] % 2
     frames = np.pad(frames, ((0, 0), (0, h - frames.shape[1]), (0, w - frames.shape[2]), (0, 0)), mode="edge")
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps or DEFAULT_FPS).limit_denominator(1001))
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    path.write_bytes(encode_mp4(frames, Fraction(fps or DEFAULT_FPS).limit_denominator(1001)))
     return path

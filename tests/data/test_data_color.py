@@ -207,3 +207,27 @@ def test_untagged_video_is_read_with_the_matrix_a_player_assumes_for_its_size(wi
     assert np.abs(got[:, h // 2, (centres * w).astype(int)].astype(int) - PATCHES).max() <= 2
     stored = ffmpeg_default[height // 2, (centres * width).astype(int)]
     assert (np.abs(stored.astype(int) - PATCHES).max() > 20) == (matrix == 1)
+
+
+@pytest.mark.parametrize("size", [256, 640], ids=["sd", "hd"])
+def test_the_mp4s_we_write_read_back_in_their_colours_at_every_size(tmp_path, size):
+    """Sampled clips (`save_mp4`) and synthetic shards (`encode_mp4`) name BT.709 in the stream
+    and are read with it: untagged BT.601, as swscale makes it by default, read back at 640 px
+    (as every player reads HD) as green (0, 215, 0) and skin (228, 172, 101)."""
+    import torch
+
+    from data_pipeline.synth import encode_mp4
+    from trainer.media import save_mp4
+
+    shown = np.repeat(PATCHES, -(-size // len(PATCHES)), 0)[:size][None].repeat(size, 0)  # (H, W, 3)
+    clip = np.ascontiguousarray(np.stack([shown] * 2))  # (F, H, W, 3)
+    video = torch.from_numpy(clip).permute(3, 0, 1, 2).float() / 127.5 - 1  # (3, F, H, W) in [-1, 1]
+    written = {"synth": encode_mp4(clip), "sample": save_mp4(video, tmp_path / "clip.mp4").read_bytes()}
+    spec = TransformSpec.from_config(DataConfig(shards="unused", kind="video", num_frames=2, resolution=size))
+    centres = ((np.arange(len(PATCHES)) + 0.5) / len(PATCHES) * size).astype(int)
+    for name, data in written.items():
+        with av.open(io.BytesIO(data)) as container:
+            frame = next(container.decode(video=0))
+            assert (frame.colorspace, frame.color_primaries, frame.color_trc, frame.color_range) == (1, 1, 1, 1), name
+        got = video_pixels(data, spec, (0.5, 0.5, 0.0)).frames  # (2, size, size, 3)
+        assert np.abs(got[:, size // 2, centres].astype(int) - PATCHES).max() <= 3, name
