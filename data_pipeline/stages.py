@@ -144,7 +144,8 @@ def batch_stage(items: Iterable[Item], batch_size: int, window: int) -> Iterator
     """Batches of one bucket, exactly one batch per `batch_size` slots.
 
     Slots are taken a window (`window` batches) at a time; within it samples are grouped by
-    bucket and the leftovers of partly filled buckets are forced into the remaining batches.
+    bucket and the leftovers of partly filled buckets are forced into the remaining batches,
+    ordered by bucket so that a forced batch mixes as few clip lengths and sizes as it can.
     Skipped samples leave holes that are filled with repeats marked `valid=False`, so the
     number of batches never depends on the data (no rank waits for another)."""
     waiting = 0  # batches of earlier windows without a single usable sample
@@ -184,8 +185,19 @@ def _group(chunk: list[Item], batch_size: int) -> list[list[Item]]:
         if len(group) == batch_size:
             done.append(open_groups.pop(item.bucket))
     leftovers = [it for group in open_groups.values() for it in group]
+    if all(it.pixels is not None for it in leftovers):
+        leftovers.sort(key=lambda it: it.bucket, reverse=True)  # (F, h, w): clips of one length together
     done.extend(leftovers[i: i + batch_size] for i in range(0, len(leftovers), batch_size))
     return done + [[] for _ in range(len(chunk) // batch_size - len(done))]
+
+
+def clip_length(counts: list[int]) -> int:
+    """The frame count of a batch whose samples have these: their one count, or in a forced
+    leftover batch the shortest clip's. Longer clips keep their first frames and stills become
+    static clips (`refit`): cut to the still's one frame, a clip would be trained as an image
+    under a caption of its motion (14% of the clips of a joint image and video run were)."""
+    moving = [f for f in counts if f > 1]
+    return min(moving, default=1)
 
 
 def collate(items: list[Item], valid: list[bool]) -> dict:
@@ -205,7 +217,7 @@ def collate(items: list[Item], valid: list[bool]) -> dict:
                         f"precomputed (tensor-only) shards and pixel shards in separate runs")
     if head.pixels is not None:
         _, h, w = head.pixels.bucket
-        f = min(it.pixels.bucket[0] for it in items)  # a forced leftover batch takes the shortest clip
+        f = clip_length([it.pixels.bucket[0] for it in items])
         batch["__pixels__"] = [refit(it.pixels.frames, f, (h, w)) for it in items]
         if head.pixels.frames_sr is not None:
             hw = head.pixels.frames_sr.shape[1:3]

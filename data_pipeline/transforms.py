@@ -500,9 +500,9 @@ def _counted(container, stream, wanted: list[int], counts: tuple[int, ...], stri
 
 
 def refit(frames: np.ndarray, num_frames: int, hw: tuple[int, int]) -> np.ndarray:
-    """Force a clip (F, H, W, 3) into another bucket: keep the first frames, centre-crop-resize
-    each."""
-    frames = frames[:num_frames]
+    """Force a clip (F, H, W, 3) into another bucket: keep the first frames (a still, F = 1,
+    repeated into a static clip), centre-crop-resize each."""
+    frames = np.repeat(frames, num_frames, axis=0) if len(frames) == 1 else frames[:num_frames]
     h, w = frames.shape[1:3]
     if (h, w) == tuple(hw):
         return frames
