@@ -37,6 +37,7 @@ SOURCE_SEPARATOR = "::"
 # under this key of the manifest's `extra` (see `pixel_settings`)
 PIXEL_SETTINGS = "data"
 ENCODED_BY = "encoded_by"  # extra: what made precomputed latents (trainer.stages.checks.encoder_identity)
+LATENT_BUCKETS = "buckets"  # extra: precomputed samples per pixel bucket, {"FxHxW": count} (`bucket_name`)
 log = logging.getLogger("data_pipeline")
 
 
@@ -313,6 +314,30 @@ def pixel_settings_mismatch(manifest: Manifest, cfg) -> Optional[tuple[str, str]
                                    f"precompute them again from this run's config (dit data precompute SOURCE "
                                    f"--config RUN.yaml)")
     return None
+
+
+def bucket_name(bucket: tuple[int, int, int]) -> str:
+    """A pixel bucket (frames, height, width) as latent manifests record it: "17x32x32"."""
+    return "x".join(str(int(n)) for n in bucket)
+
+
+def latent_shapes_mismatch(manifests: list[Manifest], batch_size: int) -> Optional[tuple[str, str]]:
+    """("data.shards", why) where precomputed latents of several shapes would meet in a batch: a
+    bucket window's leftovers are forced into shared batches, which pixels survive (resized, clips
+    cut) and latents do not (the loader stopped at the first such batch, mid-run). Manifests
+    without the record (`LATENT_BUCKETS`, older ones) pass, as does a batch of one."""
+    buckets: dict[str, int] = {}
+    for m in manifests:
+        for name, count in (m.extra.get(LATENT_BUCKETS) or {}).items() if m.kind == "latent" else ():
+            buckets[name] = buckets.get(name, 0) + count
+    if batch_size <= 1 or len(buckets) <= 1:
+        return None
+    return "data.shards", (f"the precomputed latents come in {len(buckets)} shapes (samples per pixel bucket, "
+                           f"frames x height x width: {buckets}) and a batch holds one: a bucket window's "
+                           f"leftovers share batches, where pixels are resized and latents cannot be. Precompute "
+                           f"latents of one bucket (one data.resolution and aspect ratio; for video, clips of "
+                           f"data.num_frames only: data.frame_buckets=[], stills and shorter videos left out or "
+                           f"trained in a run of their own), train on the pixel shards, or set data.batch_size=1")
 
 
 def _recorded(settings):

@@ -18,6 +18,7 @@ import importlib
 import json
 import os
 import zlib
+from collections import Counter
 from typing import Callable, Iterator, Optional
 
 import safetensors.torch
@@ -28,7 +29,8 @@ from tqdm import tqdm
 from data_pipeline import remote
 from data_pipeline.config import DataConfig, validate_data_config
 from data_pipeline.errors import DataError, SkipCounter, SkipSample
-from data_pipeline.manifest import ENCODED_BY, PIXEL_SETTINGS, Manifest, pixel_settings, resolve_source
+from data_pipeline.manifest import (ENCODED_BY, LATENT_BUCKETS, PIXEL_SETTINGS, Manifest, bucket_name, pixel_settings,
+                                    resolve_source)
 from data_pipeline.plan import Slot
 from data_pipeline.stages import Item, collate, decode_stage, transform_stage
 from data_pipeline.stream import batch_to_device, finalize
@@ -115,7 +117,7 @@ def precompute(source: str, out_dir: str, encoder: Encoder, cfg: DataConfig, bat
     out = ShardOutput(out_dir)
     spec = TransformSpec.from_config(centred)
     counter = SkipCounter(1.0, 0, cfg.max_logged_skips, "precompute")
-    infos = []
+    infos, buckets = [], Counter()
     for info, path in tqdm(list(zip(src.shards, src.paths())), desc="precompute", unit="shard", disable=not progress):
         target = out.dir / info.name  # the relative name: a/x.tar and b/x.tar stay two shards
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -125,6 +127,7 @@ def precompute(source: str, out_dir: str, encoder: Encoder, cfg: DataConfig, bat
             for item in transform_stage(decode_stage(_items(path, counter), counter), spec, counter):
                 if item.bad:
                     continue
+                buckets[bucket_name(item.bucket)] += 1
                 group = groups.setdefault(item.bucket, [])
                 group.append(item)
                 if len(group) == batch_size:
@@ -137,7 +140,8 @@ def precompute(source: str, out_dir: str, encoder: Encoder, cfg: DataConfig, bat
         clips = {"num_frames": cfg.num_frames, "frame_stride": cfg.frame_stride, "fps": cfg.fps}
     return out.manifest(infos, "latent", "dit data precompute",
                         {"source": src.root, "resolution": cfg.resolution, **clips, "skipped": counter.counts,
-                         ENCODED_BY: encoded_by or {}, PIXEL_SETTINGS: pixel_settings(centred)})
+                         ENCODED_BY: encoded_by or {}, PIXEL_SETTINGS: pixel_settings(centred),
+                         LATENT_BUCKETS: dict(sorted(buckets.items()))})
 
 
 def _refuse_source_as_output(source_root: str, out_dir: str) -> None:

@@ -159,3 +159,32 @@ def test_cli_precompute_records_the_encoders_identity(tmp_path, shards):
     assert encoded_by["autoencoder"] == {p.name: sha256(p) for p in sorted(ae.iterdir())}
     assert set(encoded_by["autoencoder"]) == {"config.json", "diffusion_pytorch_model.safetensors", "latent_norm.json"}
     assert encoded_by["text"]["kind"]
+
+
+def test_latents_of_several_shapes_are_refused_before_a_batch_would_mix_them(tmp_path):
+    """Stills and clips precomputed for joint video training are latents of two shapes: the
+    manifest counts them per pixel bucket, and a run on them is refused when the stream is built
+    (it stopped with a DataError at the first window whose leftovers mixed them, mid-run); a
+    batch of one holds one shape, and latents of one shape pass."""
+    from data_pipeline.synth import synth_sample
+    from tests.data.data_helpers import write_manifest, write_tar
+
+    src = tmp_path / "joint"
+    src.mkdir()
+    write_tar(src / "shard-000000.tar", [synth_sample(i, 0, 16, video=i % 3 != 0, num_frames=6) for i in range(12)])
+    write_manifest(src)
+    cfg = DataConfig(kind="video", resolution=16, num_frames=4, num_workers=0)
+    m = precompute(str(src), str(tmp_path / "lat"), toy_encoder(), cfg, batch_size=4, progress=False)
+    assert load_manifest(m.root).extra["buckets"] == {"1x16x16": 4, "4x16x16": 8}
+    run = dataclasses.replace(cfg, shards=m.root, batch_size=4)
+    with pytest.raises(DataError, match=r"^data\.shards: the precomputed latents come in 2 shapes .*'1x16x16': 4"):
+        build_stream(run, 0, 1)
+    assert build_stream(dataclasses.replace(run, batch_size=1), 0, 1).num_samples == 12
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    write_tar(clips / "shard-000000.tar", [synth_sample(i, 0, 16, video=True, num_frames=6) for i in range(8)])
+    write_manifest(clips)
+    one = precompute(str(clips), str(tmp_path / "lat1"), toy_encoder(), cfg, batch_size=4, progress=False)
+    batches = take(build_stream(dataclasses.replace(run, shards=one.root), 0, 1), 2)
+    assert [tuple(b["latent"].shape) for b in batches] == [(4, 12, 4, 4)] * 2

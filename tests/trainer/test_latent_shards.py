@@ -152,3 +152,25 @@ def test_a_text_encoder_folder_is_identified_by_its_files(tmp_path, monkeypatch)
         weights.write_bytes(changed)
     hub = checks.encoder_identity(ModelConfig(text=TextEncoderConfig(kind="t5", path="google/t5-v1_1-xxl")))
     assert hub["text_files"] == {"google/t5-v1_1-xxl": "not a local path"}
+
+
+def test_latents_of_several_shapes_are_refused_before_any_rank_starts(tmp_path):
+    """The loader's refusal of latents no batch can hold together (`latent_shapes_mismatch`),
+    made by the preflight with the key, as `dit train` and `dit launch` run it."""
+    from data_pipeline.config import DataConfig
+    from data_pipeline.precompute import toy_encoder
+    from data_pipeline.synth import synth_sample
+    from tests.data.data_helpers import write_manifest, write_tar
+    from trainer.config import ConfigError
+    from trainer.stages.checks import check_latent_sources
+
+    src = tmp_path / "joint"
+    src.mkdir()
+    write_tar(src / "shard-000000.tar", [synth_sample(i, 0, 16, video=i % 2 == 0, num_frames=4) for i in range(8)])
+    write_manifest(src)
+    data = DataConfig(kind="video", resolution=16, num_frames=4, num_workers=0)
+    latents = precompute(str(src), str(tmp_path / "lat"), toy_encoder(), data, batch_size=4, progress=False).root
+    video = ["data.kind=video", "model.video=true", "data.num_frames=4", f"data.shards={latents}"]
+    with pytest.raises(ConfigError, match=r"'data\.shards': the precomputed latents come in 2 shapes"):
+        check_latent_sources(tiny_config(tmp_path, *video, "data.batch_size=2"))
+    check_latent_sources(tiny_config(tmp_path, *video, "data.batch_size=1"))
