@@ -8,7 +8,7 @@ tensors into the batch instead of pixels.
 The encoder is any callable `encoder(batch) -> dict[str, Tensor]` taking a batch as the
 trainer sees it after `batch_to_device` (`image` (B, 3, H, W) or `video` (B, 3, F, H, W)
 float32 in [-1, 1], `caption` list[str]) and returning tensors with the batch dimension first. Images are centre-cropped
-at the configured resolution. The manifest records the `data.` settings the pixels were made
+at the configured resolution, and a video gives its middle clip. The manifest records the `data.` settings the pixels were made
 with (`extra.data`, manifest.pixel_settings): a stream over the shards refuses a run whose own differ.
 """
 from __future__ import annotations
@@ -73,7 +73,7 @@ def toy_encoder(patch: int = 4, text_dim: int = 16, text_len: int = 8) -> Encode
 
 
 def _items(path: str, counter: SkipCounter) -> Iterator[Item]:
-    centre = (0.5, 0.5, 0.0)
+    centre = (0.5, 0.5, 0.5)  # the crop's centre, and a video's middle clip (its opening: fade-ins, titles)
     try:
         for raw in TarShard(path):
             counter.read()

@@ -188,3 +188,26 @@ def test_latents_of_several_shapes_are_refused_before_a_batch_would_mix_them(tmp
     one = precompute(str(clips), str(tmp_path / "lat1"), toy_encoder(), cfg, batch_size=4, progress=False)
     batches = take(build_stream(dataclasses.replace(run, shards=one.root), 0, 1), 2)
     assert [tuple(b["latent"].shape) for b in batches] == [(4, 12, 4, 4)] * 2
+
+
+def test_a_precomputed_video_is_its_middle_clip(tmp_path):
+    """Each video gives one clip, from its middle as the crop is from its centre: the first
+    clip, as before, kept only the videos' openings."""
+    from data_pipeline.transforms import TransformSpec, video_pixels
+    from tests.data.data_helpers import make_shards
+
+    videos = make_shards(tmp_path / "videos", sizes=[2], size=16, video=True, frames=16)
+    cfg = DataConfig(kind="video", resolution=16, num_frames=4)
+    m = precompute(str(videos), str(tmp_path / "lat"), toy_encoder(), cfg, progress=False)
+    latents = take(build_stream(dataclasses.replace(cfg, shards=m.root, batch_size=2, num_workers=0), 0, 1), 1)[0]
+    spec = TransformSpec.from_config(cfg)
+    sample = next(iter(wds.WebDataset(str(videos / "shard-000000.tar"), shardshuffle=False)))
+    index = latents["__key__"].index(sample["__key__"])
+
+    def encoded(start: float) -> torch.Tensor:
+        clip = torch.from_numpy(video_pixels(sample["mp4"], spec, (0.5, 0.5, start)).frames.copy())  # (4, 16, 16, 3)
+        video = clip.permute(3, 0, 1, 2).float()[None] / 127.5 - 1  # (1, 3, 4, 16, 16)
+        return toy_encoder()({"video": video, "caption": [""]})["latent"][0]
+
+    assert torch.allclose(latents["latent"][index], encoded(0.5), atol=1e-6)
+    assert not torch.allclose(latents["latent"][index], encoded(0.0), atol=1e-2)
