@@ -55,7 +55,7 @@ from trainer.bundle import InferenceBundle, student_settings
 from trainer.checkpoint_format import (COMPLETE, EMA_FILE, LATEST, CheckpointError, load_for_inference, resolve,
                                        student_round, verify)
 from trainer.codes import SAMPLING_PRECISIONS
-from trainer.config import ConfigError, RunConfig, load_config
+from trainer.config import ConfigError, DataConfig, RunConfig, load_config
 from trainer.diffusion import SAMPLERS, SamplerSettings
 from trainer.diffusion.noise import sample_generators
 from trainer.diffusion.utils import Generators
@@ -307,6 +307,11 @@ class PromptSeeds:
         return sample_generators(self.seed, stage, range(self.first, self.first + count), self.device)
 
 
+def clip_timing(data: DataConfig) -> str:
+    """How a stage's training clips were taken from their videos, in words."""
+    return f"{data.fps:g} fps" if data.fps else f"every {data.frame_stride:g} source frames"
+
+
 class Cascade:
     """Stages loaded from a `CascadeSpec`; `sample(prompts, noise)` -> pixels in [-1, 1]."""
 
@@ -324,6 +329,11 @@ class Cascade:
                 raise ValueError(f"{s.checkpoint} is a {kinds[s.cfg.model.video]} model after the "
                                  f"{kinds[stages[0].cfg.model.video]} base model; a cascade's stages are all image "
                                  f"or all video models")
+            if s.cfg.model.video and clip_timing(s.cfg.data) != clip_timing(stages[0].cfg.data):
+                raise ValueError(f"{s.checkpoint} learned from clips at {clip_timing(s.cfg.data)} and the base model "
+                                 f"makes them at {clip_timing(stages[0].cfg.data)}: a super-resolution stage keeps "
+                                 f"the base's frames, so its clips must move as the base's (data.fps, or "
+                                 f"data.frame_stride where data.fps is 0)")
         self.stages = list(stages)
 
     @classmethod
@@ -347,9 +357,10 @@ class Cascade:
 
     @property
     def fps(self) -> float:
-        """The frame rate of the clips its last stage learned from (data.fps), the rate its
-        videos are saved at; 0 where clips were taken by frame stride (no one rate)."""
-        return self.stages[-1].cfg.data.fps
+        """The frame rate of the clips its base model learned from (data.fps; the later stages
+        keep its frames), the rate its videos are saved at; 0 where clips were taken by frame
+        stride (no one rate)."""
+        return self.stages[0].cfg.data.fps
 
     @torch.no_grad()
     def run_stage(self, s: LoadedStage, prompts: Sequence[str], generator: Generators,

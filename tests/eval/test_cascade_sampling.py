@@ -84,6 +84,23 @@ def test_a_video_cascade_upsamples_the_base_clip_at_its_length(tmp_path):
         Cascade.load(recipe, SamplerSettings(steps=2))
 
 
+def test_a_video_cascade_plays_at_its_base_models_rate(tmp_path):
+    """The super-resolution stage keeps the base's frames, so the clip moves, and is saved, at
+    the base's data.fps (it was saved at the last stage's: 2x slow after a 16 fps base and an
+    8 fps super-resolution stage); a stage that learned from clips at another rate is refused."""
+    video = ("model.video=true", "data.kind=video", "data.num_frames=4")
+    sr = ("stage.kind=superres", "model.superres=true", "data.sr_resolution=32")
+    write_checkpoint(tiny_config(tmp_path / "base", *video, "data.fps=16"))
+    write_checkpoint(tiny_config(tmp_path / "sr", *video, *sr, "data.fps=16"), seed=1)
+    write_checkpoint(tiny_config(tmp_path / "sr8", *video, *sr, "data.fps=8"), seed=2)
+    recipe = tmp_path / "cascade.yaml"
+    recipe.write_text("stages:\n  - checkpoint: base/checkpoints\n  - checkpoint: sr/checkpoints\n")
+    assert Cascade.load(recipe, SamplerSettings(steps=2)).fps == 16
+    recipe.write_text("stages:\n  - checkpoint: base/checkpoints\n  - checkpoint: sr8/checkpoints\n")
+    with pytest.raises(ValueError, match="learned from clips at 8 fps and the base model makes them at 16 fps"):
+        Cascade.load(recipe, SamplerSettings(steps=2))
+
+
 def test_cascade_yaml_names_unknown_keys(tmp_path):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("stages:\n  - checkpoint: x\n    stepz: 3\n")
