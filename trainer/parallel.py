@@ -122,14 +122,18 @@ def compile_blocks(net: DiT) -> None:
 State = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
-def grid_marker(grid: Grid, image: bool, like: Tensor) -> Tensor:
-    return like.new_zeros(grid[1:] if image else grid)  # (H', W') or (F', H', W')
+def grid_marker(grid: Grid, held: int, like: Tensor) -> Tensor:
+    """A tensor whose shape says the grid and `Tokens.held`: (H', W') an image, (1, 1, H', W') a
+    one-frame clip, (F', H', W') a clip."""
+    return like.new_zeros({4: grid[1:], 5: (1, *grid)}.get(held, grid))
 
 
-def marker_grid(marker: Tensor) -> tuple[Grid, bool]:
-    """The (F', H', W') grid and whether the input was an image, from a grid marker."""
+def marker_grid(marker: Tensor) -> tuple[Grid, int]:
+    """The (F', H', W') grid and `Tokens.held`, from a grid marker."""
     shape = tuple(marker.shape)
-    return ((1, *shape), True) if len(shape) == 2 else (shape, False)  # type: ignore[return-value]
+    if len(shape) == 2:
+        return (1, *shape), 4  # type: ignore[return-value]
+    return (shape[1:], 5) if len(shape) == 4 else (shape, 0)  # type: ignore[return-value]
 
 
 def pipeline_inputs(net: DiT, x: Tensor, t: Tensor, text: TextEmbedding, **extras: Optional[Tensor]) -> tuple[Tensor, ...]:
@@ -158,7 +162,7 @@ class PipelineEmbed(nn.Module):
         x, t, tokens, mask, pooled, *extra = inputs
         s = self.embed(x, t, TextEmbedding(tokens, mask, pooled), **dict(zip(self.optional, extra)))
         tie = s.c.sum() * 0.0  # scalar 0 with a grad_fn
-        carried = (s.text, s.mask, grid_marker(s.grid, s.image, s.h))
+        carried = (s.text, s.mask, grid_marker(s.grid, s.held, s.h))
         return (s.h, s.c, *(x + tie for x in carried))
 
 

@@ -142,10 +142,15 @@ def test_one_frame_video_equals_image_model(attention, positions):
 
 
 def test_image_in_video_model_with_temporal_patch():
+    """An image, and a one-frame clip (the stills of joint image-video training: they stopped the
+    run at patchify), is held for one temporal patch and comes back at its own shape."""
     model = randomize_(tiny(video=True, temporal_patch=2))
     x, t, text = torch.randn(2, 4, 8, 8), torch.rand(2), make_text(2, [3, 5])
     held = model(x[:, :, None].expand(-1, -1, 2, -1, -1), t, text)  # a still 2-frame clip
     assert torch.allclose(model(x, t, text), held.mean(2), atol=1e-6)
+    one_frame = model(x[:, :, None], t, text)  # (B, C, 1, H, W)
+    assert one_frame.shape == (2, 4, 1, 8, 8)
+    assert torch.equal(one_frame[:, :, 0], model(x, t, text))
 
 
 def test_image_model_rejects_video():
@@ -214,6 +219,8 @@ def test_dit_runs_at_a_new_resolution_and_frame_count(positions):
         ({}, (2, 4, 8, 8)),
         ({"video": True, "positions": "rope"}, (2, 4, 3, 4, 4)),
         ({"video": True, "attention": "full", "temporal_patch": 2}, (2, 4, 4, 4, 4)),
+        ({"video": True, "temporal_patch": 2}, (2, 4, 1, 4, 4)),  # a still, held for one temporal patch
+        ({"video": True, "temporal_patch": 2}, (2, 4, 4, 4)),
         ({"superres": True, "guidance_embed": True}, (2, 4, 8, 8)),
     ],
 )

@@ -138,7 +138,8 @@ class Tokens(NamedTuple):
     text: Tensor  # (B, L, Dt) text tokens
     mask: Tensor  # (B, L) float, 1 = real token
     grid: Grid  # (F', H', W')
-    image: bool  # x was an image (B, C, H, W): the head averages the temporal patch away
+    held: int  # x's dims where x was one frame held for one temporal patch, which the head averages
+    # away: 4 an image (B, C, H, W), 5 a one-frame clip (B, C, 1, H, W); 0 a clip
 
 
 class PatchEmbedder(nn.Linear):
@@ -208,7 +209,7 @@ class DiTEmbed(nn.Module):
             tokens, mask, pooled = self.fill_null(tokens, mask, pooled)
         if self.spec.superres:
             x = torch.cat([x, upsample_like(extra["lowres"], x)], dim=1)  # (B, 2C, [F,] H, W)
-        image = x.ndim == 4
+        held = x.ndim if x.ndim == 4 or x.shape[2] == 1 else 0
         patches, grid = patchify(self._as_video(x), self.spec.preset.patch, self.spec.temporal_patch)
         positions = None if self.spec.rope else sincos_table(grid, self.spec.preset.width, x.device, torch.float32)
         h = self.x_embedder(patches, positions)  # (B, N, D), N = F' H' W'; positions (N, D) float32
@@ -219,7 +220,7 @@ class DiTEmbed(nn.Module):
             c = c + self.aug_embedder(extra["aug_level"]).float()  # (B, D)
         if self.guidance_embedder is not None:
             c = c + self.guidance_embedder(extra["guidance"]).float()  # (B, D)
-        return Tokens(h, c.to(h.dtype), tokens, mask, grid, image)
+        return Tokens(h, c.to(h.dtype), tokens, mask, grid, held)
 
     def fill_null(self, tokens: Tensor, mask: Tensor, pooled: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Rows with no real token (the empty caption) get the learned null: its token first,
@@ -237,12 +238,12 @@ class DiTEmbed(nn.Module):
         )
 
     def _as_video(self, x: Tensor) -> Tensor:
-        """(B, C, [F,] H, W) -> (B, C, F, H, W); an image is held for one temporal patch."""
+        """(B, C, [F,] H, W) -> (B, C, F, H, W); one frame (an image, a one-frame clip: the stills
+        of joint image-video training) is held for one temporal patch."""
         if x.ndim == 5 and not self.spec.video:
             raise ValueError("a video (B, C, F, H, W) was given to an image model; set model.video=true")
-        if x.ndim == 5:
-            return x
-        return x.unsqueeze(2).expand(-1, -1, self.spec.temporal_patch, -1, -1)  # (B, C, pt, H, W)
+        x = x.unsqueeze(2) if x.ndim == 4 else x  # (B, C, F, H, W)
+        return x.expand(-1, -1, self.spec.temporal_patch, -1, -1) if x.shape[2] == 1 else x  # (B, C, pt, H, W)
 
 
 class TemporalAttention(nn.Module):
@@ -328,12 +329,12 @@ class DiTHead(nn.Module):
         self.linear = nn.Linear(width, spec.patch_features_out)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
 
-    def forward(self, h: Tensor, c: Tensor, grid: Grid, image: bool) -> Tensor:
+    def forward(self, h: Tensor, c: Tensor, grid: Grid, held: int) -> Tensor:
         shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=-1)  # (B, 1, D) each
         out = self.linear(modulate(self.norm_final(h), shift, scale))  # (B, N, pt p p C_out)
         s = self.spec
         x = unpatchify(out, grid, s.out_channels, s.preset.patch, s.temporal_patch)  # (B, C, F, H, W)
-        return x.mean(dim=2) if image else x  # an image input: (B, C, H, W)
+        return x.mean(dim=2, keepdim=held == 5) if held else x  # (B, C, H, W) or (B, C, 1, H, W) for held frames
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,7 +394,7 @@ class DiT(nn.Module):
         h = s.h  # (B, N, D)
         for block in self.blocks:
             h = block(h, s.c, s.text, s.mask, s.grid)  # (B, N, D)
-        return self.head(h, s.c, s.grid, s.image)
+        return self.head(h, s.c, s.grid, s.held)
 
     def block_features(self, x: Tensor, t: Tensor, text: TextEmbedding, block_ids: Sequence[int],
                        **extras: Optional[Tensor]) -> tuple[list[Tensor], Tensor]:
