@@ -426,6 +426,14 @@ def _validate_deepspeed(ds: DeepSpeedConfig) -> None:
         "deepspeed.zero_stage=1 or deepspeed.precision=bf16",
     )
     check(
+        not (ds.precision == "fp16" and ds.zero_stage == 0),
+        "deepspeed.zero_stage",
+        "fp16 at ZeRO-0 trains on unscaled fp16 gradients divided by the loss scale (DeepSpeed 0.19 scales "
+        "the loss only for its ZeRO optimizers, and its ZeRO-0 wrapper unscales all the same): AdamW saw "
+        "the gradient / 4096, shrinking as the scale grew, and clipping never engaged; set "
+        "deepspeed.zero_stage to 1, 2 or 3, or deepspeed.precision=bf16",
+    )
+    check(
         not (ds.offload_params and ds.zero_stage != 3),
         "deepspeed.offload_params",
         "parameter offload needs deepspeed.zero_stage=3",

@@ -80,6 +80,8 @@ REFUSED = {  # accepted by the typed schema, refused by validate or the stage pr
     # DeepSpeed clips an fp32 pipeline at ZeRO-0 by its first stage's gradient norm alone
     "pipeline_zero0_fp32": (["deepspeed.pipeline_stages=2", "deepspeed.zero_stage=0"], "deepspeed.zero_stage"),
     "offload_zero0": (["deepspeed.zero_stage=0", "deepspeed.offload_optimizer=true"], "deepspeed.offload_optimizer"),
+    # DeepSpeed's ZeRO-0 fp16 wrapper unscales gradients its backward never scaled: AdamW saw g / 4096
+    "fp16_zero0": (["deepspeed.precision=fp16", "deepspeed.zero_stage=0"], "deepspeed.zero_stage"),
     "fused_offload": (["deepspeed.offload_optimizer=true", "optim.fused=true"], "optim.fused"),
     "compile_zero3": (["deepspeed.zero_stage=3", "model.compile=true"], "model.compile"),
     # a knob or DiT input of another stage kind: ignored by this kind's stage, or its first forward fails
