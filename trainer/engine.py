@@ -94,6 +94,19 @@ def late_flags(skips: PlayerSkips) -> tuple[bool, ...] | LateRead:
                                else torch.full((1,), float(f), device=devices[0]) for f in flags]))  # (P,)
 
 
+def searching_loss_scale(engine: Any) -> bool:
+    """Whether an fp16 engine's skip is its dynamic loss scaler's search for a scale: an overflow
+    spends the hysteresis, then halves the scale, so a run starting at 2^12 whose gradients
+    overflow at 2^11 skips three steps in a row and trains on (it stopped there, at the default
+    `stage.max_nonfinite_in_row`). It stops counting as search two halvings above the floor:
+    DeepSpeed raises at the next overflow at its minimum scale, and the stop here, read a step
+    late, comes first."""
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if not getattr(scaler, "dynamic", False):
+        return False
+    return scaler.cur_scale > scaler.min_scale * scaler.scale_factor
+
+
 @dataclass
 class Pending:
     """A step recorded but not yet settled: its metrics by player, and which players' optimizers
@@ -396,10 +409,13 @@ class Trainer:
         if skipped:
             self.state.skipped_steps += 1
             self.state.nonfinite_in_row += 1
-            self.logger.event(done.step, {"skipped_nonfinite_step": 1, "skipped_players": skipped})
-            if self.state.nonfinite_in_row >= self.cfg.stage.max_nonfinite_in_row:
+            searching = all(searching_loss_scale(self.engines[p]) for p in skipped)
+            self.logger.event(done.step, {"skipped_nonfinite_step": 1, "skipped_players": skipped,
+                                          **({"loss_scale_overflow": 1} if searching else {})})
+            if self.state.nonfinite_in_row >= self.cfg.stage.max_nonfinite_in_row and not searching:
+                scaled = " (the fp16 loss scale is at its floor)" if self.precision == "fp16" else ""
                 print(f"dit train: {self.state.nonfinite_in_row} steps in a row had a non-finite "
-                      f"loss or gradient (last at step {done.step}); stopping. Lower the "
+                      f"loss or gradient{scaled} (last at step {done.step}); stopping. Lower the "
                       f"learning rate (optim.lr, resuming with --allow-config-change) or check the "
                       f"data; the last checkpoint holds finite weights.",
                       file=sys.stderr, flush=True)

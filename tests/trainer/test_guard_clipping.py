@@ -43,3 +43,27 @@ def test_the_engine_reports_the_norm_with_clipping_off(zero):
         engine.backward(engine(torch.ones(2, 4)).square().mean())  # d/dw (w.x + b)^2 = 2 (w.x + b) x = 8 x
         engine.step()
         assert engine.get_global_grad_norm() == pytest.approx(8 * 5 ** 0.5)  # |8 (1, 1, 1, 1, 1)|
+
+
+def test_fp16_overflows_are_the_loss_scalers_search_until_near_its_floor():
+    """A skip of an engine with DeepSpeed's dynamic loss scaler counts as its search for a scale
+    while it can halve twice more (DeepSpeed raises at an overflow at its minimum; the stop,
+    read a step late, must come first); a static scaler (bf16) or none never searches."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+
+    from trainer.engine import searching_loss_scale
+
+    scaler = DynamicLossScaler(init_scale=2.0**12, scale_window=1000, min_scale=1, delayed_shift=2,
+                               consecutive_hysteresis=False)  # as deepspeed_dict's fp16 section makes it
+    engine = SimpleNamespace(optimizer=SimpleNamespace(loss_scaler=scaler))
+    searching = []
+    with one_rank_group():  # the scaler logs on rank 0
+        for _ in range(12):
+            scaler.update_scale(True)  # an overflow: hysteresis first, then half the scale
+            searching.append((scaler.cur_scale, searching_loss_scale(engine)))
+    assert searching[:2] == [(4096.0, True), (2048.0, True)]
+    assert searching[-3:] == [(8.0, True), (4.0, True), (2.0, False)]
+    assert not searching_loss_scale(SimpleNamespace(optimizer=SimpleNamespace(loss_scaler=LossScaler(1.0))))
+    assert not searching_loss_scale(SimpleNamespace(optimizer=object()))

@@ -69,16 +69,21 @@ def test_fp16_with_loss_scaling_trains_resumes_and_skips_a_nan_on_one_rank(shape
     """fp16 with DeepSpeed's dynamic loss scaling: DeepSpeed's CPU accelerator refuses fp16 without
     AVX512-FP16, so the ranks start with its fp16 flag set (fp16_on_cpu/sitecustomize.py) and
     everything else is real: DeepSpeed's fp16 ZeRO-2 optimizer, its loss scaler and overflow test,
-    our finite guard. The weights are fp16, the EMA fp32; a NaN on rank 1 at step 3 is skipped by
-    both ranks; the resume (loss scaler included) is exact."""
+    our finite guard. The weights are fp16, the EMA fp32; NaNs on rank 1 at steps 2-4 are skipped
+    by both ranks, as overflows: the loss scaler's search (hysteresis, then halving), which a run
+    whose gradients overflow at the first scales goes through too, so three in a row no longer
+    stop the run at the default stage.max_nonfinite_in_row; the resume (loss scaler included)
+    is exact."""
     straight, resumed = straight_and_resumed(shapes_shards, tmp_path, 8, "deepspeed.precision=fp16", "optim.lr=2e-3",
-                                             "log.sample_every=0", DIT_INJECT_NAN="1@3", PYTHONPATH=str(FP16_ON_CPU))
+                                             "log.sample_every=0", DIT_INJECT_NAN="1@2,3,4",
+                                             PYTHONPATH=str(FP16_ON_CPU))
     weights = final_weights(straight)
     assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float16}  # really fp16
     assert {v.dtype for v in ema_weights(straight).values()} == {torch.float32}
     curve = losses(straight)
-    assert len(curve) == 7 and all(v == v for v in curve.values())  # step 3 skipped, not logged
-    assert [r["step"] for r in metrics(straight) if r.get("skipped_nonfinite_step")] == [3]
+    assert len(curve) == 5 and all(v == v for v in curve.values())  # steps 2-4 skipped, not logged
+    overflows = [r for r in metrics(straight) if r.get("skipped_nonfinite_step")]
+    assert [(r["step"], r.get("loss_scale_overflow")) for r in overflows] == [(2, 1), (3, 1), (4, 1)]
     assert same_tensors(weights, final_weights(resumed))
     assert same_tensors(ema_weights(straight), ema_weights(resumed))
     assert {s: curve[s] for s in range(5, 9)} == losses(resumed)
