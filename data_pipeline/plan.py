@@ -15,13 +15,16 @@ micro-batches and workers: a run resumed on another layout trains each step on t
 uninterrupted run did (per-sample noise in trainer/diffusion/noise.py does the rest). This
 holds for one bucket (window 1); with aspect-ratio buckets a worker regroups the samples of
 `window` of its batches by bucket, which mixes the steps those batches belong to.
-Every rank gets exactly K = ceil(M / (world_size x batch_size)) batches; the last rows are
-padded with repeats of the segment's first positions (marked invalid) or, with drop_last, the
-remainder is not served. A worker reads a stripe of every shuffle block (each block's share at
+Every rank gets exactly K = ceil(M / G) x grad_accum batches, a whole number of optimizer
+steps (`step_rows`, grad_accum micro-batches); the last rows are padded with repeats of the
+segment's first positions (marked invalid) or, with drop_last, the remainder is not served. So
+an epoch ends with a step in every layout of the same G: rounded to rows alone, the step that
+ends an epoch took the next epoch's first rows where a layout's rows per rank were not a whole
+number of steps, and every later step held other samples than the uninterrupted run's. A worker reads a stripe of every shuffle block (each block's share at
 once, in file order), not a contiguous range: any number of shards works for any topology.
 
 Segments. A segment is a stretch of an epoch served with one topology (world size,
-workers, batch size, bucket window, drop_last). Its plan depends only on the positions that
+workers, batch size, bucket window, drop_last, micro-batches per step). Its plan depends only on the positions that
 were unseen when it started, so the stream state is just (seed, epoch, [(topology, batches
 consumed, ids served of windows left open)] per segment): resuming replays it. (Which
 samples the batches handed out of an unfinished bucket window took depends on the data; the
@@ -58,14 +61,16 @@ class Topology:
     batch_size: int
     window: int  # batches per bucketing window (1 when there is a single bucket)
     drop_last: bool
+    step_rows: int = 1  # a rank's batches per optimizer step (grad_accum): an epoch is whole steps
 
     def as_list(self) -> list[int]:
-        return [self.world_size, self.num_workers, self.batch_size, self.window, int(self.drop_last)]
+        return [self.world_size, self.num_workers, self.batch_size, self.window, int(self.drop_last), self.step_rows]
 
     @classmethod
     def from_list(cls, values: Sequence[int]) -> "Topology":
-        w, nw, b, win, drop = (int(v) for v in values)
-        return cls(w, nw, b, win, bool(drop))
+        """From `as_list`; a list of 5 (states saved before `step_rows`) has one row a step."""
+        w, nw, b, win, drop, rows = (int(v) for v in [*values, 1][:6])
+        return cls(w, nw, b, win, bool(drop), rows)
 
     def worker_share(self, rank_batches: int, worker: int) -> int:
         """How many of a rank's first `rank_batches` batches come from `worker` (round robin)."""
@@ -121,9 +126,11 @@ class Segment:
 
     @cached_property
     def batches(self) -> int:
-        """Batches per rank (the same on every rank)."""
-        per_row = self.topo.world_size * self.topo.batch_size
-        return self.size // per_row if self.topo.drop_last else -(-self.size // per_row)
+        """Batches per rank (the same on every rank): whole optimizer steps."""
+        t = self.topo
+        per_step = t.world_size * t.batch_size * t.step_rows
+        steps = self.size // per_step if t.drop_last else -(-self.size // per_step)
+        return steps * t.step_rows
 
     @cached_property
     def real_end(self) -> int:

@@ -54,6 +54,7 @@ from data_pipeline.workers import Producer, WorkerDied, WorkerPool, wait_with_pa
 
 log = logging.getLogger("data_pipeline")
 STATE_VERSION = 1
+SEGMENT_FIELDS = 7  # a segment of the state: Topology.as_list() and the batches consumed per rank
 # what a native library's fault kills a process with (not SIGKILL: a person, or the OOM killer)
 CRASH_SIGNALS = frozenset((signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT))
 CRASH_RESTARTS = 8  # workers forked again after a crash, per rank and segment; the next crash ends the run
@@ -409,10 +410,13 @@ class Stream:
     pipeline stages and sequence-parallel ranks of one replica, each with its own stream): a
     shard that stays unreadable after the retries (a transient failure, seen by one process
     only) stops the stream with a DataError instead of being skipped on this process alone,
-    which would shift its batches against theirs. A corrupt sample is skipped by all alike."""
+    which would shift its batches against theirs. A corrupt sample is skipped by all alike.
+
+    `step_rows`: the batches a rank takes per optimizer step (the trainer's grad_accum): an
+    epoch is padded to whole steps (`plan.Segment.batches`)."""
 
     def __init__(self, cfg: DataConfig, rank: int, world_size: int, state: Optional[dict] = None,
-                 skip_unreadable: bool = True):
+                 skip_unreadable: bool = True, step_rows: int = 1):
         validate_data_config(cfg)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
@@ -439,10 +443,10 @@ class Stream:
             raise DataError(f"resampled sources without samples: {empty}; remove them from data.shards/mixture")
         self.spec = TransformSpec.from_config(cfg)
         self.topology = Topology(world_size, max(1, cfg.num_workers), cfg.batch_size,
-                                 cfg.bucket_window if self.spec.bucketed else 1, cfg.drop_last)
+                                 cfg.bucket_window if self.spec.bucketed else 1, cfg.drop_last, step_rows)
         if cfg.drop_last and not cfg.resampled and self.batches_per_epoch == 0:
-            raise DataError(f"{self.num_samples} samples make no full batch of {cfg.batch_size} on "
-                            f"{world_size} ranks with data.drop_last=true; set drop_last=false")
+            raise DataError(f"{self.num_samples} samples make no full step ({world_size} ranks x {step_rows} "
+                            f"batches of {cfg.batch_size}) with data.drop_last=true; set drop_last=false")
         self.dataset = hashlib.sha1("".join(m.fingerprint() for m in self.sources).encode()).hexdigest()[:16]
         self.seed = cfg.seed
         self.epoch = 0
@@ -465,7 +469,8 @@ class Stream:
 
         {"version": 1, "mode": "epoch"|"resampled", "dataset": fingerprint, "seed": int,
          "epoch": int, "shuffle_buffer": int, "segments": [[world_size, workers, batch_size,
-         window, drop_last, batches_consumed_per_rank], ...], "served": [[sample id, ...], ...]}
+         window, drop_last, step_rows, batches_consumed_per_rank], ...], "served": [[sample id, ...],
+         ...]} (segments of states saved before step_rows, one shorter, have one row a step)
 
         "served" holds, per segment, the ids of the samples handed out of bucket windows that
         were open at its end (now, for the last one): a resume on another layout removes them
@@ -492,11 +497,11 @@ class Stream:
         try:
             version, mode, dataset = state["version"], state["mode"], state["dataset"]
             seed, epoch, block = int(state["seed"]), int(state["epoch"]), int(state["shuffle_buffer"])
-            segments = [[int(v) for v in s] for s in state["segments"]]
+            segments = [_with_step_rows([int(v) for v in s]) for s in state["segments"]]
             served = [[int(i) for i in ids] for ids in state.get("served", [[] for _ in segments])]
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"malformed stream state ({e!r}): expected the dict of Stream.state_dict()") from None
-        if version != STATE_VERSION or any(len(s) != 6 for s in segments) or not segments or \
+        if version != STATE_VERSION or any(len(s) != SEGMENT_FIELDS for s in segments) or not segments or \
                 len(served) != len(segments):
             raise DataError(f"stream state version {version} with segments {segments} is not readable "
                             f"by this version ({STATE_VERSION})")
@@ -509,12 +514,12 @@ class Stream:
                             f"position afresh by not passing the state")
         if seed != self.cfg.seed:
             log.warning("resuming the data stream with its saved seed %d (data.seed is %d)", seed, self.cfg.seed)
-        while len(segments) > 1 and segments[-1][5] == 0:
+        while len(segments) > 1 and segments[-1][-1] == 0:
             segments.pop()
             served.pop()
         self.seed, self.epoch, self.block = seed, epoch, block
-        if segments[-1][:5] != self.topology.as_list():
-            if segments[-1][5] == 0:
+        if segments[-1][:-1] != self.topology.as_list():
+            if segments[-1][-1] == 0:
                 segments.pop()
                 served.pop()
             elif mode == "epoch":
@@ -530,7 +535,7 @@ class Stream:
         """Resumed on the same layout inside windows: give each worker back the loaded ids (of
         every rank) that lie in its open window on this rank, as if it had served them here;
         the state then records what an uninterrupted run's would."""
-        order, consumed, loaded = self._order(), self._segments[-1][5], np.asarray(self._served[-1])
+        order, consumed, loaded = self._order(), self._segments[-1][-1], np.asarray(self._served[-1])
         segment = self._segment()
         for worker in range(self.topology.num_workers):
             window = segment.open_window(worker, consumed)
@@ -541,7 +546,7 @@ class Stream:
         """Say how many samples a change of layout serves again: none where the state records
         the ids handed out of open bucket windows (`state_dict`); with a state from before
         that record, those of the windows not finished at the checkpoint (nothing is lost)."""
-        closed = [(Topology.from_list(s[:5]), s[5]) for s in segments]
+        closed = [(Topology.from_list(s[:-1]), s[-1]) for s in segments]
         topo, handed = closed[-1]
         before = replay(self.num_samples, closed[:-1], served, self._order())
         after = replay(self.num_samples, closed, served, self._order())
@@ -555,7 +560,7 @@ class Stream:
 
     def _segment(self) -> Segment:
         """The plan of the current segment (epoch mode): the positions the closed ones left."""
-        closed = [(Topology.from_list(s[:5]), s[5]) for s in self._segments[:-1]]
+        closed = [(Topology.from_list(s[:-1]), s[-1]) for s in self._segments[:-1]]
         return Segment(replay(self.num_samples, closed, self._served, self._order()), self.topology)
 
     def _order(self) -> EpochOrder:
@@ -581,7 +586,7 @@ class Stream:
 
     def _job(self) -> Optional[RankJob]:
         """The plan for the current segment; None when the epoch is complete."""
-        consumed = self._segments[-1][5]
+        consumed = self._segments[-1][-1]
         segment = resampled = None
         if self.cfg.resampled:
             starts = np.cumsum([0] + [len(m.shards) for m in self.sources])[:-1]
@@ -694,7 +699,7 @@ class Stream:
             if job.segment is not None:
                 self._record(job.segment, served, batch)
             served += 1
-            self._segments[-1][5] = served
+            self._segments[-1][-1] = served
             if served == planned:  # the state already points at the next epoch
                 self._next_epoch()
             yield finalize(batch, self.cfg.kind, self._pin)
@@ -721,8 +726,13 @@ def _window_closes(segment: Segment, batch: int) -> bool:
     return (k + 1) % t.window == 0 or k + 1 == len(segment.worker_batches(worker))
 
 
+def _with_step_rows(segment: list[int]) -> list[int]:
+    """A state's segment as saved now: one saved before `step_rows` gets its 1 (one row a step)."""
+    return segment[:5] + [1] + segment[5:] if len(segment) == SEGMENT_FIELDS - 1 else segment
+
+
 def build_stream(cfg: DataConfig, rank: int, world_size: int, *, state: Optional[dict] = None,
-                 skip_unreadable: bool = True) -> Stream:
+                 skip_unreadable: bool = True, step_rows: int = 1) -> Stream:
     """The batches of `rank` among `world_size`, optionally resuming from `Stream.state_dict()`
-    (`skip_unreadable`: see `Stream`)."""
-    return Stream(cfg, rank, world_size, state, skip_unreadable)
+    (`skip_unreadable`, `step_rows`: see `Stream`)."""
+    return Stream(cfg, rank, world_size, state, skip_unreadable, step_rows)

@@ -265,3 +265,27 @@ def test_workers_forked_again_map_only_their_own_slots(cfg):
         it.close()
     assert held["image"].shape == again["image"].shape == (4, 3, 32, 32)
     assert not _worker_pids()  # closing the iterator stopped them all
+
+
+def step_keys(streams: list, step_rows: int, steps: int) -> list[set[str]]:
+    """The valid keys of each of `steps` optimizer steps: `step_rows` batches of every rank."""
+    batches = [take(s, steps * step_rows) for s in streams]  # per rank
+    return [{k for rank in batches for b in rank[i * step_rows:(i + 1) * step_rows] for k in valid_keys([b])}
+            for i in range(steps)]
+
+
+def test_an_epoch_ends_with_a_step_in_every_layout_of_the_global_batch(cfg):
+    """28 samples in global batches of 8: 2 ranks x batches of 4, or 1 rank x 2 micro-batches of
+    4. Each epoch is padded to whole steps, so step k trains on the same samples in both, past
+    the epoch's end too (rounded to rows alone, 1 rank's step 4 took the next epoch's first row
+    and every later step was shifted by it); a state from before the step rows resumes."""
+    c = cfg(batch_size=4)
+    two_ranks = step_keys([build_stream(c, rank, 2) for rank in range(2)], 1, 8)
+    accumulated = step_keys([build_stream(c, 0, 1, step_rows=2)], 2, 8)
+    assert accumulated == two_ranks
+    assert sum(len(keys) for keys in two_ranks[:4]) == 28  # epoch 0: four steps, the last one short
+    assert build_stream(c, 0, 1, step_rows=2).batches_per_epoch == 8
+
+    old = json_roundtrip(build_stream(c, 0, 1).state_dict())
+    old["segments"] = [s[:5] + s[6:] for s in old["segments"]]  # [world, workers, batch, window, drop, consumed]
+    assert build_stream(c, 0, 1, state=old).state_dict()["segments"] == [[1, 1, 4, 1, 0, 1, 0]]

@@ -39,7 +39,7 @@ def test_too_few_samples_for_a_full_batch_is_refused_at_start(tmp_path):
     shards = make_shards(tmp_path / "tiny", sizes=(6,), size=16)
     proc = run_train(2, base(shards, tmp_path / "run", "data.drop_last=true"))
     assert rank_exit_codes(proc) == {5}, proc.stderr[-3000:]
-    assert "6 samples make no full batch of 4 on 2 ranks" in proc.stderr
+    assert "6 samples make no full step (2 ranks x 1 batches of 4)" in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
