@@ -27,8 +27,8 @@ from trainer.config import RunConfig, to_yaml, validate
 from trainer.diffusion.noise import sample_generators
 from trainer.distributed import (LateRead, PreemptionFlag, comm_device, compute_device, init_distributed,
                                  wait_for_rank0)
-from trainer.elastic import (LAYOUT_KEYS, BatchRequest, Shape, copy_frozen, keep_global_batch, player_weights,
-                             seed_masters, shape_of, written_shape)
+from trainer.elastic import (LAYOUT_KEYS, BatchRequest, Shape, copy_frozen, dynamic_loss_scaler, keep_global_batch,
+                             player_weights, seed_masters, shape_of, written_shape)
 from trainer.ema import EMA
 from trainer.flat_params import weight_names
 from trainer.masters import Masters
@@ -101,10 +101,8 @@ def searching_loss_scale(engine: Any) -> bool:
     `stage.max_nonfinite_in_row`). It stops counting as search two halvings above the floor:
     DeepSpeed raises at the next overflow at its minimum scale, and the stop here, read a step
     late, comes first."""
-    scaler = getattr(engine.optimizer, "loss_scaler", None)
-    if not getattr(scaler, "dynamic", False):
-        return False
-    return scaler.cur_scale > scaler.min_scale * scaler.scale_factor
+    scaler = dynamic_loss_scaler(engine)
+    return scaler is not None and scaler.cur_scale > scaler.min_scale * scaler.scale_factor
 
 
 @dataclass
