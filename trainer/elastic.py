@@ -307,23 +307,26 @@ def _as_int(step: Any) -> int:
 def materialize_state(engine: Any, optimizer: torch.optim.Optimizer) -> None:
     """Create AdamW's state (moments, step) of a fresh engine's partitions, which DeepSpeed and
     torch create lazily at the first step, by one step with zero gradients at learning rate 0:
-    no weight moves (AdamW's decoupled decay is lr x wd). Collective (the finite guard)."""
+    no weight moves (AdamW's decoupled decay is lr x wd). Collective (the finite guard). The
+    gradients the partitions had are put back: ZeRO-Offload makes its pinned host buffer once,
+    with the engine, and copies into it at every step (left None, the first backward failed)."""
     lrs = [group["lr"] for group in optimizer.param_groups]
     for group in optimizer.param_groups:
         group["lr"] = 0.0
     zero3 = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
     if zero3 is not None:  # ZeRO-3 hands the optimizer one sub-group's partition per step
         for i, flat in enumerate(zero3):
-            flat.grad = torch.zeros_like(flat)
+            kept, flat.grad = flat.grad, torch.zeros_like(flat)
             engine.optimizer._optimizer_step(i)
-            flat.grad = None
+            flat.grad = kept
     else:
         params = [p for group in optimizer.param_groups for p in group["params"]]
+        kept = [p.grad for p in params]
         for p in params:
             p.grad = torch.zeros_like(p)
         optimizer.step()
-        for p in params:
-            p.grad = None
+        for p, grad in zip(params, kept):
+            p.grad = grad
     for group, lr in zip(optimizer.param_groups, lrs):
         group["lr"] = lr
     if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2: link the moments
