@@ -91,6 +91,7 @@ class DiffusionConfig:
     logit_normal_mean: float = 0.0
     logit_normal_std: float = 1.0
     # SNR shift (simple diffusion / SD3): log-SNR shifted by -2 log(res / base); 0 disables.
+    # Both bases count the DiT's input: latent pixels and latent frames of a latent model.
     shift_base_resolution: int = 0
     shift_base_frames: int = 0
 
