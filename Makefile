@@ -17,7 +17,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 # Part of the install: on the CPU accelerator, compile DeepSpeed's two C++ ops (shared-memory
 # collectives, which every DeepSpeed start loads, and CPU Adam for offload) into the venv's
 # cache now, instead of inside the first training job (~1-2 minutes each).
-BUILD_OPS := $(if $(filter cpu,$(DS_ACCELERATOR)),$(BIN)/python -c "from deepspeed.accelerator import get_accelerator; [get_accelerator().create_op_builder(n).load() for n in ('ShareMemCommBuilder', 'CPUAdamBuilder')]",)
+BUILD_OPS = $(if $(filter cpu,$(DS_ACCELERATOR)),$(BIN)/python -c "from deepspeed.accelerator import get_accelerator; [get_accelerator().create_op_builder(n).load() for n in ('ShareMemCommBuilder', 'CPUAdamBuilder')]",)
 
 .PHONY: demo test venv clean gpu-check
 
@@ -45,7 +45,9 @@ test: $(STAMP)
 # The one-command GPU check (README, "GPU check"); options go in GPU_CHECK_ARGS, e.g.
 # make gpu-check GPU_CHECK_ARGS="--peak-tflops 989", or with the block layouts side by side:
 # make gpu-check GPU_CHECK_ARGS="--layouts plain,compile,flat,compile+flat --profile".
-# DS_ACCELERATOR=cpu from the top of this file is removed for it, so DeepSpeed uses the GPU.
+# DS_ACCELERATOR=cpu from the top of this file is removed for it, so DeepSpeed uses the GPU, and
+# for the install it may need first: no CPU ops compiled (BUILD_OPS is read when the install runs).
+gpu-check: DS_ACCELERATOR :=
 gpu-check: $(STAMP)
 	env -u DS_ACCELERATOR $(BIN)/dit bench gpu $(GPU_CHECK_ARGS)
 

@@ -37,6 +37,7 @@ import argparse
 import math
 import shutil
 import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
@@ -119,7 +120,7 @@ def train_and_measure(spec: RunSpec, cfg, run_dir: Path, args: argparse.Namespac
             f"ZeRO-{cfg.deepspeed.zero_stage}, batch {spec.batch}, {spec.steps} steps" \
             + (", deterministic kernels" if deterministic else "")
     print(f"\n{label}", flush=True)
-    res = run_child(cfg, run_dir, device, deterministic, args.run_timeout, profile)
+    res = run_child(cfg, run_dir, device, deterministic, time_left(args), profile)
     if profile:  # the profiler's overhead stays out of the steady state
         exclude = (*exclude, *range(spec.steps - PROFILED_STEPS + 1, spec.steps + 1))
     backend = res.report.get("backend", "?")
@@ -250,17 +251,35 @@ def print_layouts(figures: dict[str, Optional[Figures]], peak: Optional[float]) 
               f"{tp.tflops:>10.4g}{mfu:>8}{ratio:>10}{f.last_loss:>11.6f}", flush=True)
 
 
+def driver_hint() -> str:
+    """Where this machine has an NVIDIA GPU that torch cannot use: the CUDA torch was built for,
+    whose driver is often the cause (a CUDA 13 build needs driver 580 or newer)."""
+    import torch
+
+    if not (Path("/dev/nvidiactl").exists() or shutil.which("nvidia-smi")):
+        return ""
+    return (f"; this machine has an NVIDIA driver, but torch {torch.__version__} (built for CUDA "
+            f"{torch.version.cuda}) cannot use it: a driver older than that CUDA needs is the usual cause "
+            f"(`nvidia-smi` shows the driver's version and the newest CUDA it supports)")
+
+
 def resolve_device(args: argparse.Namespace) -> tuple[Optional[str], str]:
     """(device, "") or (None, why the check cannot run)."""
     import torch
 
     cuda = torch.cuda.is_available()
     if args.device == "cuda" and not cuda:
-        return None, "--device cuda but torch.cuda.is_available() is false"
+        return None, "--device cuda but torch.cuda.is_available() is false" + driver_hint()
     if args.device is None and not cuda and not args.tiny:
         return None, ("no CUDA device (torch.cuda.is_available() is false); DiT-XL/2 would take hours on "
-                      "the CPU: `dit bench gpu --tiny` runs the same check at tiny scale here")
+                      "the CPU: `dit bench gpu --tiny` runs the same check at tiny scale here" + driver_hint())
     return args.device or ("cuda" if cuda else "cpu"), ""
+
+
+def time_left(args: argparse.Namespace) -> float:
+    """Seconds the next run may take: --run-timeout, within what is left of --budget (at least a
+    minute: a run that cannot start in it fails as timed out)."""
+    return max(60.0, min(args.run_timeout, args.deadline - time.perf_counter()))
 
 
 def check_resume(video: RunSpec, ref_dir: Path, resumed_dir: Path, cfg, device: str, timeout_s: float,
@@ -286,6 +305,7 @@ def check_resume(video: RunSpec, ref_dir: Path, resumed_dir: Path, cfg, device: 
 
 
 def run(args: argparse.Namespace) -> int:
+    args.deadline = time.perf_counter() + args.budget
     for name, value in {**DEFAULTS, **(TINY_DEFAULTS if args.tiny else {})}.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -319,9 +339,12 @@ def run(args: argparse.Namespace) -> int:
               f"({', '.join(p for p, _ in PEAK_BF16_TFLOPS)}); pass --peak-tflops", flush=True)
     captions = {video: caption_pool(args.captions, video) for video in (False, True)}
 
+    # On the CPU too the optimizer a GPU steps with: torch's fused AdamW, its skip flag on the device
+    optimizer = ("optim.fused=true",) if device == "cpu" else ()
+
     def build(spec: RunSpec, run_dir: Optional[Path] = None, layout: str = names[0]):
         return build_config(spec, out / "data" / spec.name, run_dir or out / spec.name, args.precision, workers,
-                            captions[spec.video][0], LAYOUTS[layout])
+                            captions[spec.video][0], (*LAYOUTS[layout], *optimizer))
 
     image, video = choose_specs(args, build, mem_gb, device == "cpu")
     for spec in (image, video):
@@ -333,7 +356,7 @@ def run(args: argparse.Namespace) -> int:
         run_dir = layout_dir(out, i, layout)
         by_layout[layout] = train_and_measure(image, build(image, run_dir, layout), run_dir, args, device, False,
                                               mem_gb, peak, check, profile=args.profile, layout=layout)
-        if i > 0 and not args.keep_checkpoints:  # ~12 GB each for DiT-XL/2: not one per layout on the disk
+        if not args.keep_checkpoints:  # ~14 GB each for DiT-XL/2, written and hashed: not kept on the disk
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     if len(names) > 1:
         print_layouts(by_layout, peak)
@@ -341,7 +364,7 @@ def run(args: argparse.Namespace) -> int:
     if train_and_measure(video, build(video), out / "video", args, device, True, mem_gb, peak, check,
                          exclude=(c + 1,), layout=names[0]) is not None:
         check_resume(video, out / "video", out / "video_resumed", build(video, out / "video_resumed"), device,
-                     args.run_timeout, check)
+                     time_left(args), check)
     if check.problems:
         print(f"\ngpu check: FAILED: {'; '.join(check.problems)}", flush=True)
         return 1
@@ -379,7 +402,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None, help="loader workers (default 2 on cuda, 0 on cpu)")
     p.add_argument("--mem-tolerance", type=float, default=0.5,
                    help="fail when peak memory exceeds dit plan's prediction by more than this fraction")
-    p.add_argument("--run-timeout", type=float, default=900, help="seconds allowed per training run")
+    p.add_argument("--run-timeout", type=float, default=600, help="seconds allowed per training run")
+    p.add_argument("--budget", type=float, default=900,
+                   help="seconds allowed for the whole check: a run gets --run-timeout within what is left; a "
+                        "run out of time writes its threads' stacks into its log")
     p.add_argument("--out", default="runs/gpu_check", help="folder for the data, runs, logs and metrics")
     p.add_argument("--profile", action="store_true",
                    help=f"run the image run's last {PROFILED_STEPS} steps under torch.profiler: prints the device "
@@ -393,9 +419,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layouts", default="",
                    help=f"the image run once per block layout, side by side, with the speed-up against the "
                         f"first (comma-separated: {', '.join(LAYOUTS)}); the video runs use the first; the "
-                        f"further layouts' checkpoints are removed once measured unless --keep-checkpoints")
+                        f"image runs' checkpoints are removed once measured unless --keep-checkpoints")
     p.add_argument("--keep-checkpoints", action="store_true",
-                   help="keep the runs' checkpoints (removed after a passing check: DiT-XL/2's is ~12 GB)")
+                   help="keep the runs' checkpoints (removed once measured, the video runs' after a passing "
+                        "check: DiT-XL/2's is ~14 GB without the universal files, which the image run leaves out)")
 
 
 def register_bench(bench_subparsers: argparse._SubParsersAction) -> None:

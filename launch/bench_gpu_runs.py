@@ -5,6 +5,7 @@ optionally with the last PROFILED_STEPS steps under torch.profiler (`dit bench g
 """
 from __future__ import annotations
 
+import faulthandler
 import json
 import math
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 PROFILED_STEPS = 3  # the last steps of a profiled run (their metrics windows leave the steady state)
+KILL_GRACE_S = 30  # past a run's time: a child whose own timeout (faulthandler) did not end it is killed
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,8 @@ def run_overrides(spec: RunSpec, shards: Path, run_dir: Path, precision: str, wo
     ]
     if spec.video:
         overrides.append(f"data.num_frames={spec.frames}")
+    else:  # measured, not resumed: the universal files would double a DiT-XL/2 checkpoint to ~23 GB
+        overrides.append("checkpoint.universal=false")
     return overrides + list(extra)
 
 
@@ -157,20 +161,24 @@ def run_child(cfg, run_dir: Path, device: str, deterministic: bool, timeout_s: f
         cmd.append("--deterministic")
     if profile:
         cmd.append("--profile")
+    cmd += ["--stacks-after", str(math.ceil(timeout_s))]
     start = time.perf_counter()
     with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], env=child_env(device, deterministic),
+                                stdout=out, stderr=subprocess.STDOUT)
         try:
-            proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1],
-                                  env=child_env(device, deterministic), stdout=out, stderr=subprocess.STDOUT,
-                                  timeout=timeout_s)
-            code = proc.returncode
-        except subprocess.TimeoutExpired:
+            code = proc.wait(timeout=timeout_s + KILL_GRACE_S)
+        except subprocess.TimeoutExpired:  # stuck where faulthandler's exit could not end it
+            proc.kill()
+            proc.wait()
             code = 124
+    seconds = time.perf_counter() - start
+    code = 124 if code != 0 and seconds >= timeout_s else code
     data = json.loads(report.read_text()) if report.is_file() else {}
-    return ChildResult(code, data, log, time.perf_counter() - start)
+    return ChildResult(code, data, log, seconds)
 
 
-def child_main(config: str, report: str, deterministic: bool, profile: bool = False) -> int:
+def child_main(config: str, report: str, deterministic: bool, profile: bool = False, stacks_after: int = 0) -> int:
     """Rank 0 of a world of one: the real Trainer on `config`; writes the peak device memory of
     the training loop (before the end-of-run sample grid, which builds a second model), the
     process-group backend and, with `profile`, the profile of the last steps to `report`."""
@@ -182,6 +190,8 @@ def child_main(config: str, report: str, deterministic: bool, profile: bool = Fa
     from trainer.codes import EXIT_DATA
     from trainer.engine import Trainer
 
+    if stacks_after:  # out of time: every thread's stack into the log, then exit (a hang says where)
+        faulthandler.dump_traceback_later(stacks_after, exit=True)
     cfg = load_config(config)
     if deterministic:
         torch.use_deterministic_algorithms(True)
@@ -302,5 +312,11 @@ def count_host_syncs(cuda: bool) -> Iterator[dict[str, int]]:
             sites[site] = sites.get(site, 0) + 1
 
 
+def _stacks_after(flags: list[str]) -> int:
+    return int(flags[flags.index("--stacks-after") + 1]) if "--stacks-after" in flags else 0
+
+
 if __name__ == "__main__":
-    sys.exit(child_main(sys.argv[2], sys.argv[3], "--deterministic" in sys.argv[4:], "--profile" in sys.argv[4:]))
+    flags = sys.argv[4:]
+    sys.exit(child_main(sys.argv[2], sys.argv[3], "--deterministic" in flags, "--profile" in flags,
+                        _stacks_after(flags)))

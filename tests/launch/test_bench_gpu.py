@@ -63,6 +63,23 @@ def test_tiny_cpu_check_prints_sane_figures(tiny_check):
     for run in ("image", "video", "video_resumed"):  # the trainer's own metrics are what was read
         assert (out / run / "logs" / "metrics.jsonl").is_file()
     assert (out / "data" / "image" / "manifest.json").is_file()
+    configs = {run: yaml.safe_load((out / run / "config.yaml").read_text()) for run in ("image", "video")}
+    # the GPU's optimizer path on the CPU too; the image run, measured and not resumed, writes no universal files
+    assert {run: c["optim"]["fused"] for run, c in configs.items()} == {"image": True, "video": True}
+    assert {run: c["checkpoint"]["universal"] for run, c in configs.items()} == {"image": False, "video": True}
+
+
+def test_a_run_out_of_time_writes_where_it_was_into_its_log(tmp_path):
+    """A hang (a collective, a loader worker) must say where: a run out of time writes every
+    thread's stack into its log (faulthandler) and exits; it is reported as timed out (124)."""
+    from launch.bench_gpu_runs import RunSpec, build_config, run_child
+
+    spec = RunSpec("image", "DiT-T/2", 8, 0, 4, 4, 4)
+    cfg = build_config(spec, tmp_path / "no_data", tmp_path / "run", "fp32", 0, "a red circle")
+    result = run_child(cfg, tmp_path / "run", "cpu", False, 1)  # starting up takes longer than this
+    assert result.exit_code == 124
+    log = result.log.read_text()
+    assert "Timeout (0:00:01)!" in log and "most recent call first" in log, log[-2000:]
 
 
 def test_layouts_run_side_by_side_with_their_speed_up(tiny_check):
@@ -89,9 +106,10 @@ def test_layouts_run_side_by_side_with_their_speed_up(tiny_check):
     assert (out / "image_flat" / "logs" / "metrics.jsonl").is_file()
 
 
-def test_further_layouts_checkpoints_are_removed_once_measured(tmp_path, monkeypatch, capsys):
-    """DiT-XL/2's checkpoint is ~12 GB: the layouts after the first drop theirs as soon as their
-    figures are read; the first keeps its own until the check has passed (here it fails)."""
+def test_image_runs_checkpoints_are_removed_once_measured(tmp_path, monkeypatch, capsys):
+    """DiT-XL/2's checkpoint is ~14 GB, written and hashed: every image layout drops its own as
+    soon as its figures are read (it is not resumed, and writes no universal files); the video
+    run keeps its own until the check has passed (here it fails)."""
     measured = []
 
     def fake_measure(spec, cfg, run_dir, args, device, deterministic, mem_gb, peak, check, **kw):
@@ -109,7 +127,7 @@ def test_further_layouts_checkpoints_are_removed_once_measured(tmp_path, monkeyp
     assert measured == [("image", "flat", True, "image"), ("image", "plain", False, "image_plain"),
                         ("image", "compile", False, "image_compile"), ("video", "flat", True, "video")]
     left = sorted(p.parent.name for p in tmp_path.glob("*/checkpoints"))
-    assert left == ["image", "video"], left
+    assert left == ["video"], left
     assert "gpu check: FAILED: stop here" in capsys.readouterr().out
 
 
