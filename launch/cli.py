@@ -13,7 +13,8 @@ import sys
 from typing import Optional
 
 from launch.bench_cli import lazy
-from trainer.codes import EXIT_CONFIG
+from trainer.checkpoint_format import CheckpointError
+from trainer.codes import EXIT_CHECKPOINT, EXIT_CONFIG
 from trainer.config import ConfigError, load_config, to_yaml
 
 SAMPLE_HELP = "text -> base -> super-resolution -> decode: PNG/MP4 and a grid"
@@ -107,6 +108,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as e:
         print(f"dit: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    except CheckpointError as e:  # a checkpoint a command cannot use (`dit sample --raw` without universal files)
+        print(f"dit: {e}", file=sys.stderr)
+        return EXIT_CHECKPOINT
 
 
 def _skip_final_collections() -> None:

@@ -26,8 +26,8 @@ reduced gradient partition (fp32 at ZeRO 1-2 and in bf16, w bytes at ZeRO-3 othe
 keeps DeepSpeed's ZeRO optimizer there, not BF16_Optimizer), which DeepSpeed's CPU Adam
 steps there; deepspeed.offload_params (ZeRO-3) the parameter partition too (Ppers stays).
 
-communication buckets: DeepSpeed's reduce bucket (reduce_bucket_size elements, 5e8 unless
-configured; w bytes each, two with overlap_comm) during backward at ZeRO 1-3 (not where bf16
+communication buckets: DeepSpeed's reduce bucket (deepspeed.bucket_size elements, 5e7 by
+default; w bytes each, two with overlap_comm) during backward at ZeRO 1-3 (not where bf16
 ZeRO-1 steps through BF16_Optimizer), plus ZeRO-3's prefetch bucket.
 
 activations of one micro-batch: the tensors autograd saves, counted per DiT block from the

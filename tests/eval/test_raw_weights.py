@@ -62,11 +62,15 @@ def test_raw_weights_of_a_flat_bf16_run_are_its_fp32_masters(flat_bf16_run, tmp_
     assert json.loads((tmp_path / "raw" / "samples.json").read_text())["weights"] == "raw"
 
 
-def test_raw_weights_without_a_universal_file_say_what_to_do(tmp_path):
+def test_raw_weights_without_a_universal_file_say_what_to_do(tmp_path, capsys):
     checkpoint = write_checkpoint(tiny_config(tmp_path / "run", "checkpoint.universal=false"))  # EMA only
     with pytest.raises(CheckpointError, match=r"holds no universal_student.safetensors.*drop --raw.*"
                                               r"checkpoint.universal=true"):
         load_stage(CascadeStageSpec(str(checkpoint)), SamplerSettings(), ema=False)
+    # the command says it in one line (it printed a traceback), exit 4: a checkpoint error
+    assert dit(["sample", str(checkpoint), *PROMPT, "--raw", "--out", str(tmp_path / "raw")]) == 4
+    err = capsys.readouterr().err
+    assert "dit: " in err and "drop --raw" in err and "Traceback" not in err
 
 
 def test_a_checkpoint_without_ema_is_labelled_raw(tmp_path, capsys):
