@@ -17,7 +17,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data_pipeline.config import DEFAULT_BUCKET_MULTIPLE, DataConfig, bucket_sizes, validate_data_config
+from data_pipeline.config import DEFAULT_BUCKET_MULTIPLE, DataConfig, bucket_size, bucket_sizes, validate_data_config
 from trainer.config_errors import ConfigError, check
 from trainer.models.presets import dit_preset
 from trainer.stage_config import StageConfig, supporting, validate_stage
@@ -544,6 +544,12 @@ def _validate_sides(cfg: RunConfig, need: int, why: str) -> tuple[tuple[int, int
         ("data.resolutions", d.resolutions) if d.resolutions else ("data.resolution", [d.resolution])
     for side in sides:
         check(side % need == 0, key, f"{side} px is not a multiple of {need} ({why})")
+    for area_key, side in [("data.resolution", d.resolution)] + [("data.resolutions", r) for r in d.resolutions]:
+        rounded = bucket_size(side, 1.0, d.bucket_multiple)[0]
+        check(rounded == side, area_key,
+              f"{side} px is not a multiple of data.bucket_multiple={d.bucket_multiple} px (derived from the model "
+              f"where 0), which bucket sides are rounded to: the run would train at {rounded} px and sample at "
+              f"{side} px; use a multiple of {d.bucket_multiple}")
     base, sr = bucket_sizes(d)
     sizes = (sr if superres else None) or base
     bucket_key = "data.sr_resolution" if superres else "data.bucket_multiple"  # sr buckets: base ones scaled

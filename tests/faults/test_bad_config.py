@@ -84,6 +84,8 @@ REFUSED = {  # accepted by the typed schema, refused by validate or the stage pr
     "fp16_zero0": (["deepspeed.precision=fp16", "deepspeed.zero_stage=0"], "deepspeed.zero_stage"),
     "fused_offload": (["deepspeed.offload_optimizer=true", "optim.fused=true"], "optim.fused"),
     "compile_zero3": (["deepspeed.zero_stage=3", "model.compile=true"], "model.compile"),
+    # bucket sides are rounded to the multiple: the run trained at 32 or 48 px and sampled at 40
+    "resolution_off_the_multiple": (["data.bucket_multiple=16", "data.resolution=40"], "data.resolution"),
     # a knob or DiT input of another stage kind: ignored by this kind's stage, or its first forward fails
     "pretrain_rounds": (["stage.rounds=[4,2]"], "stage.rounds"),
     "pretrain_guidance_embed": (["model.guidance_embed=true"], "model.guidance_embed"),
