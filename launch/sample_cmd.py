@@ -120,8 +120,8 @@ def sample(args: argparse.Namespace) -> int:
     prompts = read_prompts(args)
     cascade = load_cascade(args)
     size = SampleSize(args.height, args.width, args.frames)
-    try:  # a size the base model cannot take (not a multiple of its patch; frames for an image model)
-        cascade.stages[0].stage.sample_shape(size.height, size.width, size.frames)
+    try:  # a size a stage cannot take (not a multiple of its patch or autoencoder; frames for an image model)
+        cascade.check_size(size)
     except ValueError as e:
         raise SystemExit(f"dit sample: {e}") from None
     pixels = cascade.sample_batched(prompts, args.seed, args.batch_size, size=size)  # per-prompt noise

@@ -362,6 +362,25 @@ class Cascade:
         stride (no one rate)."""
         return self.stages[0].cfg.data.fps
 
+    def check_size(self, size: SampleSize) -> None:
+        """ValueError naming the stage where `size`, scaled to each stage, is one it cannot take,
+        before any stage samples: a DiT input that does not patchify, frames for an image model,
+        or a super-resolution stage's low-resolution input that its autoencoder cannot encode
+        whole (it floored it, and the smaller latent was stretched over the output: 25% off at
+        20 px through a factor of 8)."""
+        base, first = self.stages[0].pixel_resolution, self.stages[0].cfg
+        frames = size.frames or (first.data.num_frames if first.model.video else None)
+        for k, s in enumerate(self.stages):
+            try:
+                s.stage.sample_shape(*size.scaled(s.pixel_resolution, base), frames)
+                factor = s.stage.autoencoder.downsample_factor
+                for name, pixels in zip(("height", "width"), size.scaled(s.cfg.data.resolution, base) if k else ()):
+                    if pixels is not None and pixels % factor:
+                        raise ValueError(f"its low-resolution input's {name}, {pixels} px, is not a multiple of its "
+                                         f"autoencoder's downsampling {factor}")
+            except ValueError as e:
+                raise ValueError(f"stage {k + 1} ({s.checkpoint}): {e}") from None
+
     @torch.no_grad()
     def run_stage(self, s: LoadedStage, prompts: Sequence[str], generator: Generators,
                   previous: Optional[Tensor], size: SampleSize = SampleSize()) -> Tensor:
@@ -389,6 +408,7 @@ class Cascade:
         own noise, as `sample_batched` draws it), or one generator drawing the batch's noise in
         batch order (a sample then depends on its batch: for callers that must start from
         given latents, e.g. trainer.export's check against diffusers)."""
+        self.check_size(size)
         pixels: Optional[Tensor] = None
         for k, s in enumerate(self.stages):
             generator = noise.generators(k, len(prompts)) if isinstance(noise, PromptSeeds) else noise

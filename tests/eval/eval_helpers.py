@@ -48,12 +48,13 @@ def write_cascade(root: Path, sr_options: str = "    noise_aug: 0.2\n") -> Path:
     return recipe
 
 
-def write_autoencoder(directory: Path, seed: int = 0) -> Path:
-    """A random tiny AutoencoderKL saved as the autoencoder stage saves it."""
+def write_autoencoder(directory: Path, seed: int = 0, channels: tuple[int, ...] = (32, 64)) -> Path:
+    """A random tiny AutoencoderKL saved as the autoencoder stage saves it; it downsamples by
+    2 per block after the first (`channels`: one per block)."""
     from trainer.config import AutoencoderConfig
     from trainer.models.autoencoder import Autoencoder, build_kl
 
     torch.manual_seed(seed)
-    vae = build_kl(AutoencoderConfig(kind="kl", block_out_channels=[32, 64]))
+    vae = build_kl(AutoencoderConfig(kind="kl", block_out_channels=list(channels)))
     Autoencoder(vae, scale=1.3, shift=0.1).save(directory)
     return directory

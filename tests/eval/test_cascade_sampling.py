@@ -101,6 +101,32 @@ def test_a_video_cascade_plays_at_its_base_models_rate(tmp_path):
         Cascade.load(recipe, SamplerSettings(steps=2))
 
 
+def test_sizes_a_later_stage_cannot_take_are_refused_before_sampling(tmp_path, capsys):
+    """A pixel base and a latent super-resolution stage (autoencoder factor 8, patch 2): at 20 px
+    the base samples, but its output cannot be encoded whole for the second stage (the floored
+    latent was stretched over the output, 25% off); at 18 px the second stage's 72 px do not
+    patchify (it failed after the base had sampled, with a traceback). Both are refused first,
+    naming the stage; `dit sample` says it in one line."""
+    from tests.eval.eval_helpers import write_autoencoder
+
+    ae = write_autoencoder(tmp_path / "ae8", channels=(32, 32, 32, 32))
+    write_checkpoint(tiny_config(tmp_path / "base"))
+    write_checkpoint(tiny_config(tmp_path / "sr", "stage.kind=superres", "model.superres=true", "data.sr_resolution=64",
+                                 "model.autoencoder.kind=kl", f"model.autoencoder.path={ae}", "model.in_channels=4"),
+                     seed=1)
+    recipe = tmp_path / "cascade.yaml"
+    recipe.write_text("stages:\n  - checkpoint: base/checkpoints\n  - checkpoint: sr/checkpoints\n")
+    cascade = Cascade.load(recipe, SamplerSettings(steps=2))
+    with pytest.raises(ValueError, match=r"^stage 2 .*low-resolution input's height, 20 px, is not a multiple of "
+                                         r"its autoencoder's downsampling 8"):
+        cascade.sample(["a red circle"], torch.Generator().manual_seed(0), size=SampleSize(20, 20))
+    with pytest.raises(SystemExit, match=r"dit sample: stage 2 .*height 72 px is not a positive multiple of 16"):
+        dit(["sample", str(recipe), "--prompt", "a red circle", "--height", "18", "--width", "18", "--steps", "2",
+             "--out", str(tmp_path / "out")])
+    out = cascade.sample(["a red circle"], torch.Generator().manual_seed(0), size=SampleSize(24, 32))
+    assert tuple(out.shape) == (1, 3, 96, 128)
+
+
 def test_cascade_yaml_names_unknown_keys(tmp_path):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("stages:\n  - checkpoint: x\n    stepz: 3\n")
