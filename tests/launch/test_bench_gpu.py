@@ -69,17 +69,23 @@ def test_tiny_cpu_check_prints_sane_figures(tiny_check):
     assert {run: c["checkpoint"]["universal"] for run, c in configs.items()} == {"image": False, "video": True}
 
 
-def test_a_run_out_of_time_writes_where_it_was_into_its_log(tmp_path):
+def test_a_run_out_of_time_writes_where_it_was_into_its_log(tmp_path, monkeypatch):
     """A hang (a collective, a loader worker) must say where: a run out of time writes every
-    thread's stack into its log (faulthandler) and exits; it is reported as timed out (124)."""
-    from launch.bench_gpu_runs import RunSpec, build_config, run_child
+    thread's stack into its log (faulthandler) and exits; it is reported as timed out (124).
+    The run hangs for sure: it is told of a second rank that never comes, so its rendezvous
+    waits (far longer than the run's 15 s)."""
+    import launch.bench_gpu_runs as runs
 
-    spec = RunSpec("image", "DiT-T/2", 8, 0, 4, 4, 4)
-    cfg = build_config(spec, tmp_path / "no_data", tmp_path / "run", "fp32", 0, "a red circle")
-    result = run_child(cfg, tmp_path / "run", "cpu", False, 1)  # starting up takes longer than this
+    child_env = runs.child_env
+    monkeypatch.setattr(runs, "child_env", lambda *a: {**child_env(*a), "WORLD_SIZE": "2"})
+    spec = runs.RunSpec("image", "DiT-T/2", 8, 0, 4, 4, 2)
+    runs.write_latent_shards(tmp_path / "data", spec, runs.caption_pool(4, False))
+    cfg = runs.build_config(spec, tmp_path / "data", tmp_path / "run", "fp32", 0, "a red circle")
+    result = runs.run_child(cfg, tmp_path / "run", "cpu", False, 15)
     assert result.exit_code == 124
     log = result.log.read_text()
-    assert "Timeout (0:00:01)!" in log and "most recent call first" in log, log[-2000:]
+    assert "Timeout (0:00:15)!" in log and "most recent call first" in log, log[-2000:]
+    assert "init_distributed" in log  # where it hung
 
 
 def test_layouts_run_side_by_side_with_their_speed_up(tiny_check):
