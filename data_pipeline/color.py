@@ -41,7 +41,6 @@ BT2020_PRIMARIES = 9
 PQ_TRANSFER = 16  # SMPTE ST 2084
 HLG_TRANSFER = 18  # ARIB STD-B67
 BT709 = 1  # H.273's code for BT.709 as matrix (frame.colorspace), primaries and transfer alike
-BT709_MATRIX = BT709
 UNSPECIFIED_MATRIX = 2
 LIMITED_RANGE = 1  # frame.color_range: "MPEG" (16-235)
 
@@ -114,7 +113,7 @@ def yuv_matrix(frame) -> Optional[int]:
     RGB-coded frames, which have no matrix."""
     if frame.colorspace != UNSPECIFIED_MATRIX or frame.format.is_rgb:
         return None
-    return BT709_MATRIX if frame.width >= 1280 or frame.height > 576 else None
+    return BT709 if frame.width >= 1280 or frame.height > 576 else None
 
 
 def encode_mp4(frames: np.ndarray, fps: Union[int, Fraction], **options: str) -> bytes:

@@ -68,8 +68,7 @@ class Topology:
 
     @classmethod
     def from_list(cls, values: Sequence[int]) -> "Topology":
-        """From `as_list`; a list of 5 (states saved before `step_rows`) has one row a step."""
-        w, nw, b, win, drop, rows = (int(v) for v in [*values, 1][:6])
+        w, nw, b, win, drop, rows = (int(v) for v in values)
         return cls(w, nw, b, win, bool(drop), rows)
 
     def worker_share(self, rank_batches: int, worker: int) -> int:

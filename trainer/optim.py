@@ -217,15 +217,15 @@ def build_engine(module: nn.Module, lr: float, optim: OptimConfig, ds: DeepSpeed
 
 
 def undo_initial_step(wrapper: Any, optimizer: torch.optim.Optimizer) -> None:
-    """Take back the step DeepSpeed's ZeRO-0 mixed-precision wrappers (bf16 without ZeRO:
-    FP16_UnfusedOptimizer) take on zero gradients when they are built, to create the state:
-    AdamW then counted every real step one too many, its bias correction made the first update
-    0.74 of its size (0.86, 0.91 at the next; 20 bf16 steps ended 3x further from fp32 than at
-    ZeRO-2), and weight decay shrank the masters once. The state is dropped (AdamW makes it at
-    its first real step) and the masters are read again from the weights they were copied from."""
-    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    """Take back the step DeepSpeed's ZeRO-0 mixed-precision wrapper (FP16_UnfusedOptimizer, of
+    bf16 without ZeRO; fp16 without ZeRO is refused) takes on zero gradients when it is built,
+    to create the state: AdamW then counted every real step one too many, its bias correction
+    made the first update 0.74 of its size (0.86, 0.91 at the next; 20 bf16 steps ended 3x
+    further from fp32 than at ZeRO-2), and weight decay shrank the masters once. The state is
+    dropped (AdamW makes it at its first real step) and the masters are read again from the
+    weights they were copied from."""
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 
-    if isinstance(wrapper, (FP16_Optimizer, FP16_UnfusedOptimizer)):
+    if isinstance(wrapper, FP16_UnfusedOptimizer):
         optimizer.state.clear()
         wrapper.refresh_fp32_params()
