@@ -501,8 +501,10 @@ def _counted(container, stream, wanted: list[int], counts: tuple[int, ...], stri
 
 def refit(frames: np.ndarray, num_frames: int, hw: tuple[int, int]) -> np.ndarray:
     """Force a clip (F, H, W, 3) into another bucket: keep the first frames (a still, F = 1,
-    repeated into a static clip), centre-crop-resize each."""
-    frames = np.repeat(frames, num_frames, axis=0) if len(frames) == 1 else frames[:num_frames]
+    repeated into a static clip), centre-crop-resize each. A clip that fits comes back itself,
+    not a copy: every still of an image batch passes here."""
+    if len(frames) != num_frames:
+        frames = np.repeat(frames, num_frames, axis=0) if len(frames) == 1 else frames[:num_frames]
     h, w = frames.shape[1:3]
     if (h, w) == tuple(hw):
         return frames
