@@ -32,7 +32,7 @@ from trainer.elastic import (LAYOUT_KEYS, BatchRequest, Shape, copy_frozen, dyna
 from trainer.ema import EMA
 from trainer.flat_params import weight_names
 from trainer.masters import Masters
-from trainer.metrics import KeyLog, Metric, MetricsLogger
+from trainer.metrics import KeyLog, LogWindow, Metric, MetricsLogger
 from trainer.numerics import PRECISIONS, autocast, inference_numerics
 from trainer.optim import FiniteGuard, apply_config, build_engine, player_lr, schedule_at
 from trainer.parallel import parallelize, pipeline_inputs
@@ -177,6 +177,7 @@ class Trainer:
         self.ckpt = CheckpointManager(cfg.checkpoint, self.ctx.rank, self.ctx.world_size, texts)
         self.state = LoopState()
         self.batch_request = BatchRequest(shape_of(cfg, self.ctx.world_size))
+        self.log_window = LogWindow()  # the metrics since the last log step (MetricsLogger's)
         self.pending: list[Pending] = []  # steps recorded, not yet settled
         self.step_lrs: dict[str, float] = {}  # the learning rates of the step in progress (`train_step`)
         self.config_yaml = to_yaml(cfg)
@@ -227,7 +228,7 @@ class Trainer:
         states: dict[str, Stateful] = {"loop": self.state, "rng": RNGState(),
                                        "stream": StreamState(self.stream), "stage": StageState(self.stage),
                                        "shape": ShapeRecord(shape_of(self.cfg, self.ctx.world_size)),
-                                       "batch_request": self.batch_request}
+                                       "batch_request": self.batch_request, "log_window": self.log_window}
         if self.ema is not None:
             states["ema"] = EMAState(self.ema, self.ema_module, self.whole)
         states["players"] = PlayersState(self.engines, self.optimizers, self.player_names, self.whole_of,
@@ -447,7 +448,7 @@ class Trainer:
             return EXIT_CHECKPOINT
         total = self.cfg.stage.steps
         self.logger = MetricsLogger(self.cfg.log, self.ctx.rank, total, self.state.step,
-                                    global_batch(self.cfg, self.ctx.world_size))
+                                    global_batch(self.cfg, self.ctx.world_size), self.log_window)
         try:
             code = self.loop(total)
         except CheckpointError as e:  # raised on every rank together (see CheckpointManager.save)

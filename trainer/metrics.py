@@ -112,19 +112,72 @@ class KeyLog:
         self.file.close()
 
 
-class MetricsLogger:
-    """Aggregates per-step metrics and writes them every `cfg.every` steps (rank 0 only)."""
+def summed(values: list) -> list[float]:
+    """Numbers or 0-dim tensors summed over every rank in float64, as floats: one collective
+    (and the one read of device values) when a process group runs, on the backend's device."""
+    if not (values and dist.is_initialized() and dist.get_world_size() > 1):  # nothing, or nothing to sum over
+        return [float(v) for v in values]
+    from trainer.distributed import comm_device
 
-    def __init__(self, cfg: LogConfig, rank: int, total_steps: int, start_step: int, samples_per_step: int):
+    flat = torch.stack([torch.as_tensor(v).detach().to(comm_device(), torch.float64).reshape(()) for v in values])
+    dist.all_reduce(flat)
+    return flat.tolist()
+
+
+class LogWindow:
+    """Per key, the sums and counts of the metrics added since the last log step (a record is
+    their quotient, each summed over every rank first). Checkpointed: a run saved between two
+    log steps and resumed logs at the next one the mean of the same steps as the uninterrupted
+    run; begun empty, the resumed window averaged only the steps after the resume (0.430
+    against 0.421 at log.every=3 after a save at step 4). Saved as the totals over every rank
+    (`state_dict` is collective), loaded on rank 0 with zeros elsewhere under the same keys, so
+    any layout resumes it and every rank reduces the same keys."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Any] = defaultdict(float)  # floats or device tensors until a log step
+        self.counts: dict[str, Any] = defaultdict(int)
+
+    def add(self, metrics: dict[str, Metric]) -> None:
+        """Accumulate one micro-batch's or step's metrics; tensors stay on their device."""
+        for k, v in metrics.items():
+            total, count = v if isinstance(v, tuple) else (v, 1)
+            self.sums[k] = self.sums[k] + (total.detach() if isinstance(total, torch.Tensor) else total)
+            self.counts[k] = self.counts[k] + count
+
+    def clear(self) -> None:
+        self.sums.clear()
+        self.counts.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        keys = sorted(self.sums)
+        totals = summed([self.sums[k] for k in keys] + [self.counts[k] for k in keys])
+        return {"log_window": {"keys": keys}, "log_window_totals": torch.tensor(totals, dtype=torch.float64)}
+
+    def load_state_dict(self, state) -> None:
+        """Absent from checkpoints written before it: the window then begins empty."""
+        self.clear()
+        if "log_window" not in state:
+            return
+        keys, totals = state["log_window"]["keys"], state["log_window_totals"].tolist()
+        first = not dist.is_initialized() or dist.get_rank() == 0
+        for k, total, count in zip(keys, totals[: len(keys)], totals[len(keys):]):
+            self.sums[k], self.counts[k] = (total, count) if first else (0.0, 0)
+
+
+class MetricsLogger:
+    """Aggregates per-step metrics (into `window`, the trainer's checkpointed one, else its
+    own) and writes them every `cfg.every` steps (rank 0 only)."""
+
+    def __init__(self, cfg: LogConfig, rank: int, total_steps: int, start_step: int, samples_per_step: int,
+                 window: Optional[LogWindow] = None):
         self.cfg = cfg
         self.rank = rank
         self.total_steps = total_steps
         self.samples_per_step = samples_per_step
-        self.sums: dict[str, Any] = defaultdict(float)  # floats or device tensors until a log step
-        self.counts: dict[str, Any] = defaultdict(int)
+        self.window = window if window is not None else LogWindow()
         self.work = [0, 0]  # this rank's tokens and forward MACs since the last log step (host ints)
         self.timer = StepTimer()
-        self.steps_since = 0
+        self.steps_since = 0  # steps timed since the last log step or this logger's start (throughput)
         self.jsonl = None
         self.tb = None
         self.bar: Optional[tqdm] = None
@@ -139,11 +192,7 @@ class MetricsLogger:
                             mininterval=2.0)
 
     def add(self, metrics: dict[str, Metric]) -> None:
-        """Accumulate one micro-batch's or step's metrics; tensors stay on their device."""
-        for k, v in metrics.items():
-            total, count = v if isinstance(v, tuple) else (v, 1)
-            self.sums[k] = self.sums[k] + (total.detach() if isinstance(total, torch.Tensor) else total)
-            self.counts[k] = self.counts[k] + count
+        self.window.add(metrics)
 
     def computed(self, tokens: int, macs: int) -> None:
         """Count a micro-batch's work: its tokens and forward multiply-accumulates at its real
@@ -161,19 +210,10 @@ class MetricsLogger:
         batch's, not rank 0's share of it, while the work stays a total. Collective when a
         process group runs (every rank calls it on the same log steps, with the same keys: the
         stage's)."""
-        keys = sorted(self.sums)
-        sums = [self.sums[k] for k in keys]
-        counts = [self.counts[k] for k in keys]
-        work: list[float] = list(self.work)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            from trainer.distributed import comm_device
-
-            device = comm_device()
-            flat = torch.stack([torch.as_tensor(v).detach().to(device, torch.float64).reshape(())
-                                for v in (*sums, *counts, *work)])  # (2 keys + 2,)
-            dist.all_reduce(flat)
-            values = flat.tolist()
-            sums, counts, work = values[: len(keys)], values[len(keys): 2 * len(keys)], values[2 * len(keys):]
+        window = self.window
+        keys = sorted(window.sums)
+        values = summed([window.sums[k] for k in keys] + [window.counts[k] for k in keys] + self.work)
+        sums, counts, work = values[: len(keys)], values[len(keys): 2 * len(keys)], values[2 * len(keys):]
         out = {}
         for k, total, count in zip(keys, sums, counts):
             if float(count) > 0:
@@ -205,8 +245,7 @@ class MetricsLogger:
             data_wait=data_s / max(total_s, 1e-9),
             time=time.time(),
         )
-        self.sums.clear()
-        self.counts.clear()
+        self.window.clear()
         self.work = [0, 0]
         self.steps_since = 0
         if self.rank == 0:

@@ -291,3 +291,19 @@ def one_rank_group() -> Iterator:
         finally:
             dist.destroy_process_group()
             groups._WORLD_GROUP = groups.mpu = None
+
+
+def straight_and_resumed(shards: Path, tmp_path: Path, steps: int, *extra: str, **env: str) -> tuple[Path, Path]:
+    """The same run straight through (checkpoints every steps / 2, constant lr), and a fresh run
+    folder resumed from the straight run's checkpoint of steps / 2 (as `dit bench gpu` checks it)."""
+    from launch.bench_gpu_resume import seed_resume_dir
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    half = steps // 2
+    assert_ok(run_train(2, base(shards, straight, f"stage.steps={steps}", f"checkpoint.every={half}", *extra), **env))
+    seed_resume_dir(straight, resumed, half)
+    proc = run_train(2, base(shards, resumed, f"stage.steps={steps}", f"checkpoint.every={half}", *extra), **env)
+    assert_ok(proc)
+    assert f"at step {half}" in proc.stdout
+    assert sorted(losses(resumed)) == [s for s in sorted(losses(straight)) if s > half]  # its log steps
+    return straight, resumed

@@ -349,3 +349,21 @@ def test_a_sample_grid_leaves_the_global_rng_alone(tmp_path):
     before = torch.get_rng_state()
     trainer.write_samples()
     assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.slow
+def test_a_resume_between_log_steps_logs_the_mean_of_the_whole_window(shapes_shards, tmp_path):
+    """2 ranks logging every 2 steps, saved at step 3 and resumed there: the record of step 4
+    is the mean of steps 3 and 4 over both ranks, as in the run straight through (the resumed
+    run's window began empty: step 4 alone). Totals go into the checkpoint summed over the ranks
+    and come back on rank 0 only, so nothing is counted twice."""
+    from tests.trainer.harness import metrics, straight_and_resumed
+
+    straight, resumed = straight_and_resumed(shapes_shards, tmp_path, 6, "log.every=2", "log.sample_every=0")
+    a, b = ({r["step"]: r for r in metrics(run) if "loss" in r} for run in (straight, resumed))
+    assert sorted(a) == [2, 4, 6] and sorted(b) == [4, 6]
+    windowed = [k for k in a[4] if k.startswith("loss")]  # the loss and its timestep quarters
+    assert "loss" in windowed and sorted(windowed) == sorted(k for k in b[4] if k.startswith("loss"))
+    for key in windowed:  # summed in another order: float64 rounding apart
+        assert b[4][key] == pytest.approx(a[4][key], rel=1e-6), key
+    assert b[6]["loss"] == a[6]["loss"]

@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.bench_gpu_resume import seed_resume_dir
-from tests.trainer.harness import (assert_checkpoint_samples_match, assert_ok, base, ema_weights, final_weights,
-                                   losses, metrics, run_train, same_tensors)
+from tests.trainer.harness import (assert_checkpoint_samples_match, ema_weights, final_weights, losses, metrics,
+                                   same_tensors, straight_and_resumed)
 
 pytestmark = pytest.mark.slow
 FP16_ON_CPU = Path(__file__).parent / "fp16_on_cpu"  # its sitecustomize lets DeepSpeed's CPU accelerator run fp16
@@ -18,20 +17,6 @@ FP16_ON_CPU = Path(__file__).parent / "fp16_on_cpu"  # its sitecustomize lets De
 
 def mean_loss(curve: dict[int, float], steps: range) -> float:
     return sum(curve[s] for s in steps) / len(steps)
-
-
-def straight_and_resumed(shards: Path, tmp_path: Path, steps: int, *extra: str, **env: str) -> tuple[Path, Path]:
-    """The same run straight through (checkpoints every steps / 2, constant lr), and a fresh run
-    folder resumed from the straight run's checkpoint of steps / 2 (as `dit bench gpu` checks it)."""
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    half = steps // 2
-    assert_ok(run_train(2, base(shards, straight, f"stage.steps={steps}", f"checkpoint.every={half}", *extra), **env))
-    seed_resume_dir(straight, resumed, half)
-    proc = run_train(2, base(shards, resumed, f"stage.steps={steps}", f"checkpoint.every={half}", *extra), **env)
-    assert_ok(proc)
-    assert f"at step {half}" in proc.stdout
-    assert sorted(losses(resumed)) == list(range(half + 1, steps + 1))
-    return straight, resumed
 
 
 def test_bf16_trains_and_resumes_bit_exact(shapes_shards, tmp_path):
