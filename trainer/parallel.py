@@ -72,28 +72,46 @@ def apply_checkpointing(net: DiT, policy: str) -> DiT:
 
 def tie_idle_temporal(net: DiT) -> None:
     """An image batch skips the temporal attention of factorized video blocks, but its
-    parameters must still get a (zero) gradient: data-parallel ranks reduce the same gradients
-    every step, and in joint image-video training one rank may hold images while another holds
-    clips. A forward hook adds 0 * the sum of those parameters to the block's output.
+    parameters must still get a (zero) gradient, and in the order a clip's gives them: in joint
+    image-video training one data-parallel rank may hold images while another holds clips, and
+    they reduce the same gradients. ZeRO-2 copies each gradient into its reduce bucket as it
+    becomes ready and sums the buckets element by element: a tie made at the block's output (0 *
+    the parameters' sum, from a hook) made them ready before the block's MLP's on an image rank,
+    so the ranks summed different parameters' gradients (88 of 132 tensors of a tiny video DiT
+    off after the first mixed step, up to 1.5e-3, where ZeRO-1 and -3 agreed). Here an image
+    runs the temporal attention where a clip does (`DiTBlock.idle_temporal`), on one token per
+    sample (a one-frame, one-position grid: the same operations at 1 / N of the cost) and
+    weighted 0: the same graph, the output unchanged.
 
-    Under ZeRO-3 such a block is a leaf module (DeepSpeed's `set_z3_leaf_module`, made for
-    MoE layers whose experts run or not by the data): ZeRO-3 gathers a module's parameters as
-    its forward starts, so the idle temporal attention's were empty partitions (gradients of 0
-    elements: "Cannot reduce scatter gradients whose size is not same as the params"), and it
-    requires every rank to run the same submodules in the same order, which a rank of images
-    beside a rank of clips does not. A leaf block is gathered whole, and traced as one module."""
-    from deepspeed.utils import set_z3_leaf_module
+    Under ZeRO-3 such a block is a leaf module (`zero3_leaf_blocks`)."""
 
-    def tie(block: nn.Module, args: tuple[Any, ...], h: Tensor) -> Optional[Tensor]:
-        grid: Grid = args[4]
-        if grid[0] > 1 or not torch.is_grad_enabled():
-            return None
-        return h + 0.0 * sum(p.sum() for p in block.temporal.parameters())  # (B, N, D), unchanged
+    def tie(block: DiTBlock, h: Tensor, c: Tensor) -> Tensor:
+        if not torch.is_grad_enabled():
+            return h
+        one = (1, 1, 1)
+        first = h[:, :1]  # (B, 1, D)
+        out = block.temporal(first, c, one, block._rope(one, "t", h))  # (B, 1, D)
+        return h + 0.0 * (out - first)  # (B, N, D), unchanged
 
     for block in net.blocks:
         if block.temporal is not None:
+            block.idle_temporal = types.MethodType(tie, block)  # type: ignore[method-assign]
+    zero3_leaf_blocks(net)
+
+
+def zero3_leaf_blocks(module: nn.Module) -> None:
+    """Every factorized video block in `module` (a DiT, or a player holding one: the adversarial
+    discriminator's frozen trunk) as a ZeRO-3 leaf module (DeepSpeed's `set_z3_leaf_module`,
+    made for MoE layers whose experts run or not by the data). ZeRO-3 gathers a module's
+    parameters as its forward starts and requires every rank to run the same submodules in the
+    same order, which a rank of images beside a rank of clips does not (the trunk's skipped
+    temporal attention: a collective mismatch at the first mixed step); a leaf block is
+    gathered whole, and traced as one module."""
+    from deepspeed.utils import set_z3_leaf_module
+
+    for block in module.modules():
+        if isinstance(block, DiTBlock) and block.temporal is not None:
             set_z3_leaf_module(block, True)
-            block.register_forward_hook(tie)
 
 
 def prepare_for_training(net: DiT, cfg: ModelConfig) -> DiT:
@@ -225,6 +243,8 @@ def parallelize(trainable: dict[str, nn.Module], stage: Any, cfg: RunConfig, ctx
 
     out = dict(trainable)
     student = out["student"]
+    for player in out.values():
+        zero3_leaf_blocks(player)
     if ctx.sequence_parallel > 1:
         parallelize_sequence(student, sequence_group(ctx))
     if isinstance(student, DiT):  # the autoencoder stage trains no DiT
@@ -240,4 +260,5 @@ def parallelize(trainable: dict[str, nn.Module], stage: Any, cfg: RunConfig, ctx
 
 
 __all__ = ["apply_checkpointing", "as_pipeline", "checkpoint_policy", "compile_blocks", "parallelize",
-           "pipeline_inputs", "pipeline_layers", "prepare_for_training", "recompute", "tie_idle_temporal"]
+           "pipeline_inputs", "pipeline_layers", "prepare_for_training", "recompute", "tie_idle_temporal",
+           "zero3_leaf_blocks"]

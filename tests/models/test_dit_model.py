@@ -153,6 +153,39 @@ def test_image_in_video_model_with_temporal_patch():
     assert torch.equal(one_frame[:, :, 0], model(x, t, text))
 
 
+def gradient_order(model: DiT, x: torch.Tensor) -> list[str]:
+    """The parameters of `model` in the order their gradients become ready in one backward
+    (the order ZeRO-2 fills its reduce buckets in)."""
+    names = {p: n for n, p in model.named_parameters()}
+    order: list[str] = []
+    hooks = [p.register_post_accumulate_grad_hook(lambda p: order.append(names[p])) for p in names]
+    B = x.shape[0]
+    model(x, torch.rand(B), make_text(B, [3] * B)).square().sum().backward()
+    for hook in hooks:
+        hook.remove()
+    return order
+
+
+@pytest.mark.parametrize("policy", ["none", "attention", "full"])
+def test_an_image_batch_readies_the_gradients_in_a_clips_order(policy):
+    """Joint image-video training: one data-parallel rank may hold images (the temporal attention
+    idle) while another holds clips, and ZeRO-2 sums their gradients bucket by bucket in the
+    order each rank readied them. An image readies every parameter, the idle temporal ones with
+    0, in the order a clip does; its prediction is the one of the model without the tie."""
+    model = randomize_(tiny(video=True, checkpoint_policy=policy))
+    image, clip = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 3, 8, 8)
+    assert gradient_order(model, image) == gradient_order(model, clip)
+    model.zero_grad()
+    model(image, torch.rand(2), make_text(2, [3, 3])).square().sum().backward()
+    temporal = [p.grad for n, p in model.named_parameters() if ".temporal." in n]
+    assert temporal and all(g is not None and not g.any() for g in temporal)
+    plain = ModelConfig(preset="DiT-Tiny/1", in_channels=4, video=True)
+    untied = build_dit(plain, TEXT_DIM, POOLED_DIM)
+    untied.load_state_dict(model.state_dict())
+    t, text = torch.rand(2), make_text(2, [3, 5])
+    assert torch.equal(model(image, t, text), untied(image, t, text))
+
+
 def test_image_model_rejects_video():
     with pytest.raises(ValueError, match="model.video"):
         tiny()(torch.randn(1, 4, 2, 4, 4), torch.rand(1), make_text(1, [2]))

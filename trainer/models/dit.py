@@ -295,10 +295,18 @@ class DiTBlock(nn.Module):
         h = gated_residual(h, gate1, self._self_attention(x, grid))  # (B, N, D)
         if self.temporal is not None and grid[0] > 1:
             h = self.temporal(h, c, grid, self._rope(grid, "t", h))  # (B, N, D)
+        elif self.temporal is not None:
+            h = self.idle_temporal(h, c)  # (B, N, D)
         if self.cross_attn is not None:
             h = h + self.cross_attn(self.norm_cross(h), tokens, mask > 0.5)  # (B, N, D)
         x = modulate(self.norm2(h), shift2, scale2)  # (B, N, D)
         return gated_residual(h, gate2, self.mlp(x))  # (B, N, D)
+
+    def idle_temporal(self, h: Tensor, c: Tensor) -> Tensor:
+        """Where a clip's temporal attention runs, an image (one frame: nothing to attend across)
+        passes unchanged; h (B, N, D). The place a trainer ties the idle temporal parameters into
+        the graph (trainer/parallel.py)."""
+        return h
 
     def _self_attention(self, x: Tensor, grid: Grid) -> Tensor:
         """Full space-time attention, or per-frame spatial attention in factorized models (over
