@@ -78,10 +78,10 @@ def tie_idle_temporal(net: DiT) -> None:
     becomes ready and sums the buckets element by element: a tie made at the block's output (0 *
     the parameters' sum, from a hook) made them ready before the block's MLP's on an image rank,
     so the ranks summed different parameters' gradients (88 of 132 tensors of a tiny video DiT
-    off after the first mixed step, up to 1.5e-3, where ZeRO-1 and -3 agreed). Here an image
-    runs the temporal attention where a clip does (`DiTBlock.idle_temporal`), on one token per
-    sample (a one-frame, one-position grid: the same operations at 1 / N of the cost) and
-    weighted 0: the same graph, the output unchanged.
+    off after the first mixed step, up to 1.5e-3, where ZeRO-0, -1 and -3 logged one gradient
+    norm). Here an image runs the temporal attention where a clip does (`DiTBlock.idle_temporal`),
+    on one token per sample (a one-frame, one-position grid: the same operations at 1 / N of the
+    cost) and weighted 0: the same graph, the output unchanged.
 
     Under ZeRO-3 such a block is a leaf module (`zero3_leaf_blocks`)."""
 
