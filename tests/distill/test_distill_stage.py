@@ -79,14 +79,15 @@ def test_the_preflight_refuses_what_the_distillation_stages_refuse_once_started(
             preflight(cfg)
 
 
-def batch(valid: list[bool]) -> dict:
-    g = torch.Generator().manual_seed(len(valid))
+def batch(valid: list[bool], seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed or len(valid))
     return {"image": torch.rand((len(valid), 3, 16, 16), generator=g) * 2 - 1, "caption": ["a red circle"] * len(valid),
             "valid": torch.tensor(valid)}
 
 
 def logged_losses(stage, batches: list[dict], log_dir: Path) -> dict[str, float]:
-    """The losses (and discriminator accuracy) a log step records after these micro-batches."""
+    """The losses (and the discriminator's accuracy and mean logits) a log step records after
+    these micro-batches."""
     logger = MetricsLogger(LogConfig(dir=str(log_dir), every=1, tensorboard=False), rank=0, total_steps=1,
                            start_step=0, samples_per_step=4)
     for b in batches:
@@ -94,17 +95,19 @@ def logged_losses(stage, batches: list[dict], log_dir: Path) -> dict[str, float]
             logger.add(info)
     record = logger.step_done(1, {})
     logger.close()
-    return {k: v for k, v in record.items() if k.startswith(("loss", "disc_acc"))}
+    return {k: v for k, v in record.items() if k.startswith(("loss", "disc_acc", "logit"))}
 
 
 @pytest.mark.parametrize("kind", ["progressive", "adversarial"])
 def test_a_micro_batch_of_padding_is_left_out_of_the_logged_losses(tmp_path, teacher, kind):
     """The loader pads with repeats marked valid=False, and a micro-batch may be all padding: its
-    losses (masked means: 0) must count in no logged mean, not pull each down by a 0."""
+    losses (masked means: 0) must count in no logged mean, not pull each down by a 0, and the
+    discriminator's mean logits leave its samples out (other pixels than the valid ones here)."""
     stage = build_stage(tiny_config(tmp_path, f"stage.teacher={teacher}", f"stage.kind={kind}", *DISTILL))
     alone = logged_losses(stage, [batch([True, True])], tmp_path / "alone")
-    padded = logged_losses(stage, [batch([True, True]), batch([False, False])], tmp_path / "padded")
-    assert "loss" in alone and padded == pytest.approx(alone)
+    padded = logged_losses(stage, [batch([True, True]), batch([False, False], seed=7)], tmp_path / "padded")
+    assert "loss" in alone and ("logit_fake" in alone) == (kind == "adversarial")
+    assert padded == pytest.approx(alone)
 
 
 @pytest.mark.parametrize("kind, key", [("progressive", "loss"), ("adversarial", "loss_mse")])

@@ -274,5 +274,6 @@ class AdversarialStage(DistillationStage):
         yield "disc", loss_d, {"loss_disc": valid_mean(loss_d, r.weight),
                                "disc_acc": valid_mean(discriminator_accuracy(logits_real, logits_fake, r.weight),
                                                       r.weight),
-                               "logit_real": logits_real.mean(), "logit_fake": logits_fake.mean(),
+                               "logit_real": valid_mean(masked_mean(logits_real.mean(1), r.weight), r.weight),
+                               "logit_fake": valid_mean(masked_mean(logits_fake.mean(1), r.weight), r.weight),
                                "conditional": float(self.conditional)}
