@@ -22,6 +22,7 @@ from tqdm import tqdm
 from trainer.config import LogConfig
 
 NUM_T_BUCKETS = 4
+T_BUCKET_KEYS = tuple(f"loss_t{b / NUM_T_BUCKETS:.2f}" for b in range(NUM_T_BUCKETS))  # loss_t0.00 ... loss_t0.75
 
 
 # A metric of one micro-batch: a number, a 0-dim tensor (read only on log steps, so the step
@@ -48,7 +49,7 @@ def timestep_bucket_losses(per_sample: torch.Tensor, t: torch.Tensor,
     w = torch.ones_like(per_sample, dtype=torch.float32) if weight is None else weight.detach().float()  # (B,)
     sums = per_sample.new_zeros(NUM_T_BUCKETS, dtype=torch.float32).index_add_(0, idx, per_sample.float() * w)  # (4,)
     counts = per_sample.new_zeros(NUM_T_BUCKETS, dtype=torch.float32).index_add_(0, idx, w)  # (4,)
-    return {f"loss_t{b / NUM_T_BUCKETS:.2f}": (sums[b], counts[b]) for b in range(NUM_T_BUCKETS)}
+    return {key: (sums[b], counts[b]) for b, key in enumerate(T_BUCKET_KEYS)}
 
 
 class StepTimer:

@@ -206,8 +206,10 @@ def test_the_pipeline_loss_logged_is_over_valid_samples_and_leaves_a_padding_mic
     """Under pipeline parallelism the logged loss comes from the loss the pipe's last stage
     computes per micro-batch: a micro-batch of padding alone (an epoch's tail) counts in no
     mean, where DeepSpeed's own `train_batch` value averaged it in as a 0; the earlier stages,
-    which compute no loss, add nothing to the sums over ranks."""
+    which compute no loss, add nothing to the sums over ranks. The loss per timestep quarter is
+    logged as without a pipeline (it was missing), padding in no quarter."""
     from tests.eval.eval_helpers import tiny_config
+    from trainer.metrics import T_BUCKET_KEYS
     from trainer.stages import build_stage
 
     stage = build_stage(tiny_config(tmp_path))
@@ -217,17 +219,22 @@ def test_the_pipeline_loss_logged_is_over_valid_samples_and_leaves_a_padding_mic
     x_t = alpha[:, None, None, None] * x0 + sigma[:, None, None, None] * eps
 
     def targets(*valid: bool) -> tuple:
-        return x0, eps, x_t, alpha, sigma, torch.tensor(valid, dtype=torch.float32)
+        return x0, eps, x_t, alpha, sigma, torch.tensor(valid, dtype=torch.float32), torch.tensor([0.1, 0.8])  # t last
 
     half = float(stage.pipeline_loss(pred, targets(True, False)))  # the first sample's loss
     assert stage.take_pipeline_metrics()["loss"][1] == 1
     padding = float(stage.pipeline_loss(pred, targets(False, False)))
     both = float(stage.pipeline_loss(pred, targets(True, True)))
     assert padding == 0.0  # what DeepSpeed averages in
-    total, count = stage.take_pipeline_metrics()["loss"]
+    logged = stage.take_pipeline_metrics()
+    total, count = logged["loss"]
     assert (float(count), float(total) / float(count)) == (2.0, pytest.approx(both))
     assert both != pytest.approx((padding + both) / 2) and half != both
-    assert stage.take_pipeline_metrics() == {"loss": (0.0, 0.0)}  # a stage without the loss
+    assert sorted(k for k in logged if k != "loss") == list(T_BUCKET_KEYS)
+    assert [float(logged[k][1]) for k in T_BUCKET_KEYS] == [1.0, 0.0, 0.0, 1.0]  # t 0.1 and 0.8, valid once
+    first, last = (float(logged[k][0]) for k in (T_BUCKET_KEYS[0], T_BUCKET_KEYS[3]))
+    assert first + last == pytest.approx(float(total)) and min(first, last) > 0
+    assert stage.take_pipeline_metrics() == {k: (0.0, 0.0) for k in ("loss", *T_BUCKET_KEYS)}  # no loss here
 
 
 class ScheduledEngine:

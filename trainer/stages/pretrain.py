@@ -17,7 +17,7 @@ from trainer.config import DataConfig, DiffusionConfig, LogConfig, ModelConfig, 
 from trainer.bundle import InferenceBundle, frozen
 from trainer.diffusion import NoiseSchedule, SamplerSettings, add_noise, diffusion_loss, randn, sample_timesteps
 from trainer.media import save_grid
-from trainer.metrics import Metric, timestep_bucket_losses, valid_mean
+from trainer.metrics import T_BUCKET_KEYS, Metric, timestep_bucket_losses, valid_mean
 from trainer.models.autoencoder import build_autoencoder
 from trainer.models.text import TEXT_CHUNK, CachedTextEncoder, TextEmbedding, build_text_encoder
 from trainer.stage_config import PretrainSettings
@@ -64,7 +64,7 @@ class PretrainStage(Stage):
         self.text, self.autoencoder, self.schedule = self.bundle.text, self.bundle.autoencoder, self.bundle.schedule
         self.players = {"student": self.bundle.network(None)}
         self._work: dict[tuple[int, ...], tuple[int, int]] = {}  # `work` per input shape
-        self._pipe_losses: list[Metric] = []  # this step's micro-batch losses at the pipe's end
+        self._pipe_losses: list[dict[str, Metric]] = []  # this step's micro-batch losses by key, at the pipe's end
 
     def helpers(self) -> list[torch.nn.Module]:
         return self.bundle.helpers()
@@ -183,26 +183,32 @@ class PretrainStage(Stage):
 
     # ---- pipeline parallelism: noising before the pipe, the loss at its end -------------------
     def pipeline_batch(self, batch: dict[str, Any], generator: torch.Generator) -> tuple[dict[str, Any], tuple[Tensor, ...]]:
-        """The network's inputs by name (the engine packs them for the pipe) and the loss targets."""
-        return self.prepare(batch, generator)
+        """The network's inputs by name (the engine packs them for the pipe) and the loss
+        targets, the timesteps (B,) last: the pipe's end logs the loss per timestep quarter."""
+        inputs, targets = self.prepare(batch, generator)
+        return inputs, (*targets, inputs["t"])
 
     def pipeline_loss(self, pred: Tensor, targets: tuple[Tensor, ...]) -> Tensor:
-        """The loss at the pipe's last stage, once per micro-batch; its logged share is kept as
-        a (sum, count) pair over the valid samples (`take_pipeline_metrics`)."""
-        loss, _ = self.weighted_loss(pred, targets)
-        self._pipe_losses.append(valid_mean(loss, targets[-1]))
+        """The loss at the pipe's last stage, once per micro-batch; its logged shares are kept
+        as (sum, count) pairs over the valid samples (`take_pipeline_metrics`)."""
+        *targets, t = targets
+        loss, per_sample = self.weighted_loss(pred, tuple(targets))
+        weight = targets[-1]
+        self._pipe_losses.append({"loss": valid_mean(loss, weight),
+                                  **timestep_bucket_losses(per_sample.detach(), t, weight)})
         return loss
 
     def take_pipeline_metrics(self) -> dict[str, Metric]:
-        """The step's logged loss under pipeline parallelism, as `losses` logs it: the mean over
-        the valid samples of all micro-batches. DeepSpeed's `train_batch` returns the plain mean
-        of the micro-batch losses, in which one made of padding alone (an epoch's tail) counted
-        as a 0. The stages before the last compute no loss and give (0, 0): the logger's sums
-        over the ranks are then the last stages' alone."""
-        pairs, self._pipe_losses = self._pipe_losses, []
-        if not pairs:
-            return {"loss": (0.0, 0.0)}
-        return {"loss": (sum(p[0] for p in pairs), sum(p[1] for p in pairs))}
+        """The step's logged losses under pipeline parallelism, as `losses` logs them: means over
+        the valid samples of all micro-batches, the loss and its timestep quarters (they were
+        missing). DeepSpeed's `train_batch` returns the plain mean of the micro-batch losses, in
+        which one made of padding alone (an epoch's tail) counted as a 0. The stages before the
+        last compute no loss and give (0, 0) under the same keys: the logger's sums over the
+        ranks are then the last stages' alone."""
+        records, self._pipe_losses = self._pipe_losses, []
+        if not records:
+            return {key: (0.0, 0.0) for key in ("loss", *T_BUCKET_KEYS)}
+        return {key: (sum(r[key][0] for r in records), sum(r[key][1] for r in records)) for key in records[0]}
 
     # ---- samples and evaluation -------------------------------------------------------------
     def sampling_net(self, weights: Optional[dict[str, Tensor]]) -> torch.nn.Module:
