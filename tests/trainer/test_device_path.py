@@ -106,6 +106,19 @@ def test_pretrain_video_step_on_device(tmp_path, attention):
     assert one_step_on_fake_cuda(build_stage(cfg), uint8_batch(2, 3, 4, 16, 16)) == ["student"]
 
 
+def test_an_image_batch_of_a_video_model_ties_its_temporal_attention_on_device(tmp_path):
+    """Joint image-video training: a still runs the temporal attention on one token, weighted 0,
+    as the engine prepares the student (`trainer.parallel.tie_idle_temporal`); on the device too.
+    The bucket's noise schedule is built on the host first, once, as in a run."""
+    from trainer.parallel import prepare_for_training
+
+    cfg = tiny_config(tmp_path, "model.video=true", "data.kind=video", "data.num_frames=4", "model.positions=rope")
+    stage = build_stage(cfg)
+    prepare_for_training(stage.players["student"], cfg.model)
+    stage.schedule_for((3, 1, 16, 16))
+    assert one_step_on_fake_cuda(stage, uint8_batch(2, 3, 1, 16, 16)) == ["student"]
+
+
 def test_superres_step_on_device(tmp_path):
     cfg = tiny_config(tmp_path, "stage.kind=superres", "model.superres=true", "data.sr_resolution=32")
     lowres = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
