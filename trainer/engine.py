@@ -32,7 +32,7 @@ from trainer.elastic import (LAYOUT_KEYS, BatchRequest, Shape, copy_frozen, dyna
 from trainer.ema import EMA
 from trainer.flat_params import weight_names
 from trainer.masters import Masters
-from trainer.metrics import KeyLog, LogWindow, Metric, MetricsLogger
+from trainer.metrics import KeyLog, LogWindow, Metric, MetricsLogger, summed
 from trainer.numerics import PRECISIONS, autocast, inference_numerics
 from trainer.optim import FiniteGuard, apply_config, build_engine, player_lr, schedule_at
 from trainer.parallel import parallelize, pipeline_inputs
@@ -433,11 +433,8 @@ class Trainer:
         """Samples read and skipped per reason by this job since it started, and the stage's
         counters (captions cut at model.text.max_length), summed over ranks. Collective."""
         stats = {**self.stream.stats(), **self.stage.counters()}
-        totals = torch.tensor([float(v) if self.reads_data else 0.0 for v in stats.values()],
-                              dtype=torch.float64, device=comm_device())
-        if dist.is_initialized():
-            dist.all_reduce(totals)
-        return {f"data/{k}": v for k, v in zip(stats, totals.tolist())}
+        totals = summed([float(v) if self.reads_data else 0.0 for v in stats.values()])
+        return {f"data/{k}": v for k, v in zip(stats, totals)}
 
     # ---- the loop -----------------------------------------------------------------------------
     def run(self) -> int:

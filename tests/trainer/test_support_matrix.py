@@ -18,8 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.trainer.harness import (assert_checkpoint_samples_match, assert_ok, base, ema_weights, latest_dir,
-                                   metrics, run_train, step_keys)
+from tests.trainer.harness import (assert_checkpoint_samples_match, assert_ok, base, ema_weights, final_weights,
+                                   latest_dir, metrics, run_train, same_tensors, step_keys)
 
 pytestmark = pytest.mark.slow
 
@@ -216,8 +216,6 @@ def test_joint_image_video_at_zero2_trains_as_at_zero1(joint_runs):
     one rank holds images and the other clips, an image's idle temporal attention readied its
     (zero) gradients elsewhere than a clip's, and 88 of 132 tensors trained wrong (ZeRO-1 reduces
     after the backward pass, in a fixed order). Both layouts now end on the same weights."""
-    from tests.trainer.harness import final_weights, same_tensors
-
     _, runs = joint_runs
     keys = step_keys(runs[2])
     # rank -> whether its batch is all images (a batch of clips holds stills only as static clips)
