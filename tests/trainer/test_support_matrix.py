@@ -44,9 +44,9 @@ CELLS = {
     "joint-pixel-pretrain-zero3-fp32-null": ("joint", "", (*VIDEO, "deepspeed.zero_stage=3", *LEARNED_NULL,
                                                            "model.checkpoint_policy=full")),
     "video-latent-pretrain-zero2-bf16": ("video", "ae", (*VIDEO, *LATENT, "deepspeed.zero_stage=2", *BF16)),
-    "image-pixel-pretrain-pipeline-bf16": ("image", "", (*PIPELINE, *BF16)),
     # batches of three shapes through the pipe: the stages exchange each activation's shape
-    "image-pixel-pretrain-pipeline-fp32-aspects": ("mixed", "", (*PIPELINE, "data.aspect_buckets=[0.5,1.0,2.0]")),
+    # (fp32 through the pipe: the superres and progressive pipeline cells)
+    "image-pixel-pretrain-pipeline-bf16-aspects": ("mixed", "", (*PIPELINE, *BF16, "data.aspect_buckets=[0.5,1.0,2.0]")),
     "image-pixel-superres-zero2-bf16": ("image", "", (*SUPERRES, "deepspeed.zero_stage=2", *BF16)),
     "video-pixel-superres-pipeline-fp32": ("video", "", (*VIDEO, *SUPERRES, *PIPELINE)),
     "image-pixel-progressive-zero3-bf16": ("image", "teacher", ("stage.kind=progressive", *DISTILL,
