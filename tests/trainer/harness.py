@@ -8,12 +8,38 @@ import subprocess
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "test_tiny.yaml"
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """The folder `name` of a session fixture, built once for all the run's pytest-xdist workers.
+    Each worker has a session of its own, so a fixture's 2-rank run was made once per worker;
+    here the first worker to come builds it under a file lock in the folder the workers share
+    (pytest-xdist's documented pattern) and the others wait and read it. A build that fails
+    leaves no mark, so the next worker tries again (and fails alike). Without xdist: a folder
+    of this session's own. What is built this way is only ever read by the tests."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        out = tmp_path_factory.mktemp(name)
+        build(out)
+        return out
+    import shutil
+
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent  # this run's; each worker's basetemp lies in it
+    out, done = root / name, root / f"{name}.built"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.is_file():
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            build(out)
+            done.touch()
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -22,9 +48,8 @@ def shapes_shards(tmp_path_factory) -> Path:
     from data_pipeline.synth import synth_samples
     from data_pipeline.write import write_shards
 
-    out = tmp_path_factory.mktemp("shapes")
-    write_shards(synth_samples(96, seed=0, size=16), str(out), shard_size=24, progress=False)
-    return out
+    return built_once(tmp_path_factory, "shapes", lambda out: write_shards(
+        synth_samples(96, seed=0, size=16), str(out), shard_size=24, progress=False))
 
 
 @pytest.fixture(scope="session")
@@ -33,10 +58,8 @@ def video_shards(tmp_path_factory) -> Path:
     from data_pipeline.synth import synth_samples
     from data_pipeline.write import write_shards
 
-    out = tmp_path_factory.mktemp("clips")
-    write_shards(synth_samples(48, seed=0, size=16, video=True, num_frames=6), str(out), shard_size=12,
-                 progress=False)
-    return out
+    return built_once(tmp_path_factory, "clips", lambda out: write_shards(
+        synth_samples(48, seed=0, size=16, video=True, num_frames=6), str(out), shard_size=12, progress=False))
 
 
 # (width, height) of the images of `mixed_shards`: two areas (16, 32) x three aspects (0.5, 1, 2)
@@ -62,18 +85,19 @@ def mixed_shards(tmp_path_factory) -> Path:
             PIL.Image.fromarray(render_image(attrs, 64)).resize((w, h), PIL.Image.NEAREST).save(buf, format="PNG")
             yield {"__key__": f"{i:04d}_{w}x{h}", "png": buf.getvalue(), "txt": caption(attrs).encode()}
 
-    out = tmp_path_factory.mktemp("mixed")
-    write_shards(samples(), str(out), shard_size=12, progress=False)
-    return out
+    return built_once(tmp_path_factory, "mixed", lambda out: write_shards(samples(), str(out), shard_size=12,
+                                                                          progress=False))
 
 
 @pytest.fixture(scope="session")
 def tiny_teacher(shapes_shards, tmp_path_factory) -> Path:
     """A real teacher for the distillation runs: checkpoint root of a 4-step pretraining run of
     configs/test_tiny.yaml on 2 ranks (EMA weights + config.yaml)."""
-    out = tmp_path_factory.mktemp("teacher")
-    assert_ok(run_train(2, [f"data.shards={shapes_shards}", f"run.out_dir={out}", "stage.steps=4", "checkpoint.every=4"]))
-    return out / "checkpoints"
+    def train(out: Path) -> None:
+        assert_ok(run_train(2, [f"data.shards={shapes_shards}", f"run.out_dir={out}", "stage.steps=4",
+                                "checkpoint.every=4"]))
+
+    return built_once(tmp_path_factory, "teacher", train) / "checkpoints"
 
 
 # torchrun's agent, exiting as `dit` does (launch/cli.py): without the interpreter's final
