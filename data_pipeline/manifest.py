@@ -316,6 +316,18 @@ def pixel_settings_mismatch(manifest: Manifest, cfg) -> Optional[tuple[str, str]
     return None
 
 
+def cascade_pairs_mismatch(manifests: list[Manifest], sr_resolution: int) -> Optional[tuple[str, str]]:
+    """("data.shards", why) where cascade pairs (data.sr_resolution > 0, a superres run) are asked
+    of precomputed latent shards: they hold the latents of each sample's one image, and no
+    low-resolution image beside it (such a run passed every check and stopped at its first step)."""
+    latent = next((m for m in manifests if m.kind == "latent"), None)
+    if sr_resolution <= 0 or latent is None:
+        return None
+    return "data.shards", (f"{remote.redact(latent.root)} holds precomputed latents, which keep no low-resolution "
+                           f"image of a sample; cascade pairs (data.sr_resolution={sr_resolution}, the superres "
+                           f"stage) come from pixel shards: train on those")
+
+
 def bucket_name(bucket: tuple[int, int, int]) -> str:
     """A pixel bucket (frames, height, width) as latent manifests record it: "17x32x32"."""
     return "x".join(str(int(n)) for n in bucket)

@@ -41,8 +41,8 @@ import torch
 
 from data_pipeline.config import DataConfig, remote_options, validate_data_config
 from data_pipeline.errors import DataError, SkipCounter, check_error_budget, empty_counts
-from data_pipeline.manifest import (Manifest, check_pixel_settings, latent_shapes_mismatch, resolve_source,
-                                    resolve_sources)
+from data_pipeline.manifest import (Manifest, cascade_pairs_mismatch, check_pixel_settings, latent_shapes_mismatch,
+                                    resolve_source, resolve_sources)
 from data_pipeline.plan import (EpochOrder, ResampledOrder, Segment, Slot, Topology, epoch_read_blocks, length,
                                  replay)
 from data_pipeline.remote import RemoteOptions, redact
@@ -426,9 +426,10 @@ class Stream:
         for source in self.sources:  # latent shards: made from pixels as this run makes them
             check_pixel_settings(source, cfg)
         _refuse_mixed_spaces(self.sources)
-        mixed_shapes = latent_shapes_mismatch(self.sources, cfg.batch_size)
-        if mixed_shapes is not None:
-            raise DataError(": ".join(mixed_shapes))
+        for mismatch in (latent_shapes_mismatch(self.sources, cfg.batch_size),
+                         cascade_pairs_mismatch(self.sources, cfg.sr_resolution)):
+            if mismatch is not None:
+                raise DataError(": ".join(mismatch))
         self.paths = tuple(p for m in self.sources for p in m.paths())
         if not cfg.resampled:
             _refuse_repeated_shards(self.paths)

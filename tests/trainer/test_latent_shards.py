@@ -174,3 +174,28 @@ def test_latents_of_several_shapes_are_refused_before_any_rank_starts(tmp_path):
     with pytest.raises(ConfigError, match=r"'data\.shards': the precomputed latents come in 2 shapes"):
         check_latent_sources(tiny_config(tmp_path, *video, "data.batch_size=2"))
     check_latent_sources(tiny_config(tmp_path, *video, "data.batch_size=1"))
+
+
+def test_a_superres_run_on_latent_shards_is_refused_before_any_rank_starts(tmp_path):
+    """Latents keep no low-resolution image: a superres run on them (data.sr_resolution > 0, the
+    pixel settings those latents were made with) passed every check and stopped at its first
+    step, a KeyError. The preflight refuses it naming the key, and so does each rank's loader
+    (for remote sources, which the preflight does not read)."""
+    from data_pipeline.config import DataConfig
+    from data_pipeline.errors import DataError
+    from data_pipeline.precompute import toy_encoder
+    from tests.data.data_helpers import make_shards
+    from trainer.config import ConfigError
+    from trainer.stages.checks import check_latent_sources
+
+    pixels = make_shards(tmp_path / "pixels", sizes=(8,), size=32)
+    pairs = DataConfig(resolution=16, sr_resolution=32, num_workers=0)
+    latents = precompute(str(pixels), str(tmp_path / "lat"), toy_encoder(), pairs, batch_size=4, progress=False).root
+    superres = ["stage.kind=superres", "model.superres=true", "data.sr_resolution=32"]
+    cfg = tiny_config(tmp_path, f"data.shards={latents}", *superres)
+    refused = r"holds precomputed latents, which keep no low-resolution image .* come from pixel shards"
+    with pytest.raises(ConfigError, match=r"'data\.shards': .*" + refused):
+        check_latent_sources(cfg)
+    with pytest.raises(DataError, match=r"data\.shards: .*" + refused):
+        build_stream(cfg.data, 0, 1)
+    check_latent_sources(tiny_config(tmp_path, f"data.shards={pixels}", *superres))  # pixel pairs pass

@@ -19,8 +19,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from data_pipeline import remote
 from data_pipeline.errors import DataError
-from data_pipeline.manifest import (ENCODED_BY, latent_shapes_mismatch, pixel_settings_mismatch, resolve_source,
-                                    source_specs)
+from data_pipeline.manifest import (ENCODED_BY, cascade_pairs_mismatch, latent_shapes_mismatch, pixel_settings_mismatch,
+                                    resolve_source, source_specs)
 from trainer.checkpoint_format import ENCODERS_FILE, STAGE_FILE, CheckpointError, resolve, sha256, student_round
 from trainer.config import (ConfigError, DataConfig, DiffusionConfig, ModelConfig, RunConfig, TextEncoderConfig,
                             check_weighting, flatten, to_dict, validate)
@@ -294,7 +294,8 @@ def check_latent_sources(cfg: RunConfig) -> None:
     encoders (`extra.encoded_by`, written by `dit data precompute` with `precompute_encoder`)
     is compared with this run's, and its pixel settings with the run's data section (the
     loader's own check, `check_pixel_settings`, made here before any rank starts), and latents
-    of several shapes, which no batch can hold together, are refused (`latent_shapes_mismatch`); manifests
+    of several shapes, which no batch can hold together, are refused (`latent_shapes_mismatch`), as
+    are latents asked for cascade pairs, which they do not keep (`cascade_pairs_mismatch`); manifests
     from before those records, and remote sources (their manifest is read by the ranks, which
     may hold credentials this host lacks), are not."""
     current: Optional[dict] = None
@@ -318,9 +319,10 @@ def check_latent_sources(cfg: RunConfig) -> None:
             _same_encoders(recorded, current, f"the latents of {spec} were made with",
                            f"precompute {spec} again with this run's config (`dit data precompute ... --encoder "
                            f"trainer.stages.pretrain:precompute_encoder`), or train with the encoders that made it")
-    mixed_shapes = latent_shapes_mismatch(latents, cfg.data.batch_size)
-    if mixed_shapes is not None:
-        raise ConfigError(*mixed_shapes)
+    for mismatch in (latent_shapes_mismatch(latents, cfg.data.batch_size),
+                     cascade_pairs_mismatch(latents, cfg.data.sr_resolution)):
+        if mismatch is not None:
+            raise ConfigError(*mismatch)
 
 
 def _same_encoders(recorded: dict, current: dict, made: str, redo: str) -> None:
