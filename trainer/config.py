@@ -137,7 +137,7 @@ class DeepSpeedConfig:
 @dataclass
 class EMAConfig:
     decay: float = 0.999
-    warmup_steps: int = 0  # decay ramps up as min(decay, (1 + n) / (10 + n)) during warm-up
+    warmup_steps: int = 0  # the first updates decay by min(decay, (1 + n) / (10 + n)), n counting the update
     enabled: bool = True
 
 

@@ -116,9 +116,12 @@ class EMA:
         return held
 
     def decay(self) -> float:
-        """Warm-up as in `torch-ema` / LDM: min(decay, (1 + n) / (10 + n)) for the first steps."""
-        n = self.num_updates
-        if n < self.cfg.warmup_steps:
+        """The coming update's decay; during the warm-up (its first `ema.warmup_steps` updates)
+        min(decay, (1 + n) / (10 + n)), n counting this update, as torch-ema's
+        `ExponentialMovingAverage` and LDM's `LitEma` count it: 2/11 at the first. (diffusers'
+        `EMAModel` counts one fewer, and takes the weights whole at its first update.)"""
+        n = self.num_updates + 1
+        if n <= self.cfg.warmup_steps:
             return min(self.cfg.decay, (1 + n) / (10 + n))
         return self.cfg.decay
 

@@ -38,6 +38,24 @@ def test_update_follows_the_formula_and_a_skipped_step_only_counts(dtype, group_
         assert torch.equal(shadow, lerped[n]), n  # the same numbers, bit for bit
 
 
+def test_the_warm_up_counts_the_coming_update_as_torch_ema_does():
+    """The n-th update (from 1) of the warm-up decays by min(decay, (1 + n) / (10 + n)), as in
+    torch-ema and LDM's LitEma, which the EMA cites: 2/11 at the first, where it had 1/10 (one
+    update behind), then the configured decay once the warm-up's updates are done."""
+    net = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        net.weight.zero_()
+    ema = EMA(net, EMAConfig(decay=0.5, warmup_steps=2))
+    decays = []
+    for p in (1.0, 2.0, 3.0, 4.0):
+        before = float(ema.shadow["weight"])
+        with torch.no_grad():
+            net.weight.fill_(p)
+        ema.update(net)
+        decays.append((p - float(ema.shadow["weight"])) / (p - before))  # s' = d s + (1 - d) p
+    assert decays == pytest.approx([2 / 11, 3 / 12, 0.5, 0.5], rel=1e-6)
+
+
 def test_groups_bound_the_elements_joined_at_once():
     groups = list(_groups([3, 4, 10, 1, 1, 2], 5))
     assert groups == [(slice(0, 1), slice(0, 3)), (slice(1, 2), slice(3, 7)), (slice(2, 3), slice(7, 17)),
