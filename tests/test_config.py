@@ -68,6 +68,8 @@ def test_bad_value_names_the_key(override, key):
      "stage.noise_aug_sample"),  # above the trained 0.5: a level the model never saw
     (["stage.kind=progressive", "stage.teacher=/x", "diffusion.loss_weighting=trunc_snr", "stage.guidance_min=5"],
      "stage.guidance_min"),  # w ~ U[5, 4]
+    (["stage.kind=progressive", "stage.teacher=/x", "diffusion.loss_weighting=trunc_snr", "model.guidance_embed=true",
+      "log.sample_cfg=6"], "log.sample_cfg"),  # the grids and adherence figures at a w outside the trained [1, 4]
 ])
 def test_stage_ranges_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as err:

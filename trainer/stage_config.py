@@ -118,6 +118,10 @@ class ProgressiveSettings(PretrainSettings):
         check(0.0 <= self.guidance_min <= self.guidance_max, "stage.guidance_min",
               f"w ~ U[stage.guidance_min, stage.guidance_max] needs 0 <= min <= max (got {self.guidance_min}, "
               f"{self.guidance_max})")
+        check(not cfg.model.guidance_embed or self.guidance_min <= cfg.log.sample_cfg <= self.guidance_max,
+              "log.sample_cfg", f"{cfg.log.sample_cfg:g} is the guidance input the sample grids and the adherence "
+                                f"figures give the student, which learns w on [{self.guidance_min:g}, "
+                                f"{self.guidance_max:g}] (stage.guidance_min/max): use a w within that range")
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,22 @@ def test_a_teacher_with_guidance_baked_in_cannot_teach_a_guidance_input(tmp_path
         preflight(cfg)
 
 
+@pytest.mark.parametrize("kind", ["progressive", "adversarial"])
+def test_a_distilled_teachers_guidance_range_bounds_the_students(tmp_path, teacher, kind):
+    """A guidance-conditioned distilled teacher learned w on its own range: a student drawing w
+    beyond it was taught the teacher's guesses there (accepted, and queried at w up to 8 for a
+    teacher trained on [1, 2]); within it, accepted."""
+    conditioned = round_export(tmp_path / "round", teacher, "model.guidance_embed=true", "stage.guidance_max=2",
+                               "log.sample_cfg=2")
+    student = (f"stage.teacher={conditioned}", f"stage.kind={kind}", "stage.rounds=[1]",
+               "diffusion.loss_weighting=trunc_snr", "model.guidance_embed=true", "log.sample_cfg=2")
+    with pytest.raises(ConfigError, match=r"'stage\.guidance_max': w=8 is outside \[1, 2\]"):
+        preflight(tiny_config(tmp_path / "student", *student, "stage.guidance_max=8"))
+    with pytest.raises(ConfigError, match=r"'stage\.guidance_min': w=0.5 is outside \[1, 2\]"):
+        preflight(tiny_config(tmp_path / "student", *student, "stage.guidance_min=0.5", "stage.guidance_max=2"))
+    preflight(tiny_config(tmp_path / "student", *student, "stage.guidance_min=1.5", "stage.guidance_max=2"))
+
+
 def test_the_preflight_refuses_what_the_distillation_stages_refuse_once_started(tmp_path, teacher):
     """A student without the guidance input of its guidance-conditioned teacher, and a teacher
     sampler longer than the schedule (progressive: 2 x the first round; adversarial: the CFG

@@ -200,6 +200,8 @@ def teacher_steps_of(cfg: RunConfig) -> Optional[int]:
     teacher = check_teacher(cfg.stage.teacher, cfg.model, cfg.diffusion, cfg.data)
     steps = teacher_steps(cfg.stage.teacher, teacher.stage)
     check_guidance_taught(cfg.model.guidance_embed, steps, teacher.model.guidance_embed)
+    if steps is not None and teacher.model.guidance_embed:
+        check_guidance_range(cfg.stage, steps, teacher.stage)
     return steps
 
 
@@ -213,6 +215,18 @@ def check_guidance_taught(guidance_embed: bool, distilled: Optional[int], teache
                                                   "guidance baked in (it takes no guidance scale): its targets do not "
                                                   "depend on w, so the student could not learn one; set "
                                                   "model.guidance_embed=false")
+
+
+def check_guidance_range(stage: Any, distilled: int, teacher_stage: Any) -> None:
+    """A distilled teacher that takes the guidance scale learned it on its own [guidance_min,
+    guidance_max]: a student drawing w outside that range learned the teacher's guesses there
+    (queried at untrained scales, without a word; sampling such a w is warned about)."""
+    low, high = teacher_stage.guidance_min, teacher_stage.guidance_max
+    for key, w in (("stage.guidance_min", stage.guidance_min), ("stage.guidance_max", stage.guidance_max)):
+        if not low <= w <= high:
+            raise ConfigError(key, f"w={w:g} is outside [{low:g}, {high:g}], the guidance scales the teacher (a "
+                                   f"{distilled}-step distilled sampler with a guidance input) was trained on: its "
+                                   f"targets there are guesses; draw w within that range")
 
 
 def teacher_steps(directory: str, stage: Any) -> Optional[int]:
