@@ -141,12 +141,17 @@ class InferenceBundle:
 
     def latent_frames(self, frames: int) -> int:
         """Frames the DiT sees for a clip of `frames`: all of them, or 1 + (F - 1) / t after a
-        causal 3-D autoencoder that compresses time by t (frame 0 alone, then groups of t)."""
-        t = self.autoencoder.temporal_downsample
+        causal 3-D autoencoder that compresses time by t (frame 0 alone, then groups of t); a
+        clip's count a whole number of temporal patches (a still: one, held for the patch)."""
+        t, patch = self.autoencoder.temporal_downsample, self.model_cfg.temporal_patch
         if (frames - 1) % t:
             raise ValueError(f"{frames} frames: the causal 3-D autoencoder compresses time by {t}, so clips have "
                              f"1 + {t} k frames (data.num_frames, data.frame_buckets, --frames)")
-        return 1 + (frames - 1) // t
+        count = 1 + (frames - 1) // t
+        if count > 1 and count % patch:
+            raise ValueError(f"{frames} frames are {count} latent frames, not a multiple of the DiT's "
+                             f"model.temporal_patch={patch} (--frames)")
+        return count
 
     def schedule_for(self, shape: Sequence[int]) -> NoiseSchedule:
         """The noise schedule of samples shaped `shape` (C, [F,] h, w): its SNR shift follows that

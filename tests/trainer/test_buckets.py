@@ -142,6 +142,17 @@ def test_video_samples_at_frames_height_width(tmp_path):
     assert len(frames) == 2 and frames[0].shape == (16, 32, 3)
 
 
+def test_a_clip_length_that_does_not_patchify_in_time_is_refused_before_sampling(tmp_path):
+    """3 frames into temporal patches of 2: refused naming --frames (it crashed mid-sampling)."""
+    checkpoint = write_checkpoint(tiny_config(tmp_path / "video", "model.video=true", "data.kind=video",
+                                              "data.num_frames=4", "model.temporal_patch=2"))
+    with pytest.raises(SystemExit, match=r"3 frames are 3 latent frames, not a multiple of the DiT's "
+                                         r"model\.temporal_patch=2 \(--frames\)"):
+        dit(["sample", str(checkpoint), "--prompt", "x", "--steps", "2", "--frames", "3", "--out", str(tmp_path / "s")])
+    assert dit(["sample", str(checkpoint), "--prompt", "x", "--steps", "2", "--frames", "4",
+                "--out", str(tmp_path / "s")]) == 0
+
+
 def test_bad_bucket_combinations_fail_naming_the_key(tmp_path):
     for overrides in (["data.resolutions=[16,32]", "stage.kind=progressive", "stage.teacher=/x"],
                       ["data.resolutions=[16,32]", "deepspeed.pipeline_stages=2", "deepspeed.zero_stage=1"],
