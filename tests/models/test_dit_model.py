@@ -366,6 +366,7 @@ def test_dit_xl2_matches_published_parameters_and_macs():
     [
         ({}, (2, 4, 8, 8)),
         ({"video": True, "temporal_patch": 2}, (2, 4, 4, 8, 8)),
+        ({"video": True, "temporal_patch": 2}, (2, 4, 1, 8, 8)),  # a still, held for one temporal patch
         ({"video": True, "attention": "full"}, (1, 4, 3, 8, 8)),
         ({"superres": True, "guidance_embed": True, "positions": "rope"}, (2, 4, 8, 8)),
     ],

@@ -99,6 +99,11 @@ def test_throughput_counts_each_micro_batch_at_its_shape(tmp_path):
     assert record["tflops"] * seconds == pytest.approx(6 * macs / 1e12)
     batch = {"image": torch.empty(shapes[1], device="meta")}
     assert stage.work(batch) is stage.work(batch)  # cached per shape: it is asked on every micro-batch
+    video = build_stage(tiny_config(tmp_path, "model.video=true", "data.kind=video", "data.num_frames=4",
+                                    "model.temporal_patch=2"))
+    # a still of joint training (a 1-frame clip) is held for one temporal patch: 64 tokens, not 0
+    assert video.work({"video": torch.empty((2, 3, 1, 16, 16), device="meta")})[0] == 2 * 8 * 8
+    assert video.work({"video": torch.empty((2, 3, 4, 16, 16), device="meta")})[0] == 2 * 2 * 8 * 8
 
 
 def _rank_logs(rank: int, out: str) -> None:

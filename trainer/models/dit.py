@@ -419,6 +419,14 @@ class DiT(nn.Module):
     def count_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
+    def token_grid(self, shape: Sequence[int]) -> tuple[int, int]:
+        """(temporal, spatial) token counts of one sample of an input x of `shape` (B, C, [F,] H,
+        W): one frame (an image, a still of joint training) is held for one temporal patch
+        (`_as_video`), so it is one temporal token, not F // temporal_patch = 0 of them."""
+        s, p = self.spec, self.spec.preset
+        frames = shape[2] if len(shape) == 5 and shape[2] > 1 else s.temporal_patch
+        return frames // s.temporal_patch, (shape[-2] // p.patch) * (shape[-1] // p.patch)
+
     def macs(self, shape: Sequence[int], text_len: int = 0) -> int:
         """Analytic forward multiply-accumulates for an input x of `shape` (B, C, [F,] H, W)
         and `text_len` text tokens: every Linear (embedders and adaLN included) and the two
@@ -426,8 +434,7 @@ class DiT(nn.Module):
         softmax are not counted. Cross-attention counts when the model has it and text_len > 0.
         Training costs about 3x this (forward + backward)."""
         s, p = self.spec, self.spec.preset
-        B, frames = shape[0], (shape[2] if len(shape) == 5 else s.temporal_patch)
-        f, area = frames // s.temporal_patch, (shape[-2] // p.patch) * (shape[-1] // p.patch)
+        B, (f, area) = shape[0], self.token_grid(shape)
         N, D, hidden = f * area, p.width, int(p.width * p.mlp_ratio)
         scalars = 1 + int(s.superres) + int(s.guidance)
         total = N * s.patch_features_in * D + scalars * (FREQUENCY_DIM * D + D * D) + s.pooled_dim * D

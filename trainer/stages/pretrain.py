@@ -109,10 +109,8 @@ class PretrainStage(Stage):
         shape = self.input_shape(batch)
         if shape not in self._work:
             student = self.players["student"]
-            frames = shape[2] // student.spec.temporal_patch if len(shape) == 5 else 1
-            patch = student.spec.preset.patch
-            tokens = shape[0] * frames * (shape[-2] // patch) * (shape[-1] // patch)
-            self._work[shape] = tokens, student.macs(shape, self.text.max_length)
+            frames, area = student.token_grid(shape)
+            self._work[shape] = shape[0] * frames * area, student.macs(shape, self.text.max_length)
         return self._work[shape]
 
     # ---- data -> x0 -------------------------------------------------------------------------
