@@ -159,3 +159,31 @@ def test_bad_bucket_combinations_fail_naming_the_key(tmp_path):
                       ["data.resolutions=[8,32]"]):  # data.resolution=16 is not among them
         with pytest.raises(ConfigError, match="data.resolutions"):
             validate(tiny_config(tmp_path, *overrides))
+
+
+def test_a_superres_preview_is_sampled_at_its_own_bucket(tmp_path):
+    """The sample grid of a superres run super-resolves the preview batch, whichever bucket the
+    loader gave first (here clips of 2 frames at 2:1): it was sampled at the configured square and
+    data.num_frames, its low-resolution input stretched to that without a word."""
+    from data_pipeline.stream import batch_to_device
+    from trainer.stages import build_stage
+
+    cfg = tiny_config(tmp_path, "stage.kind=superres", "model.superres=true", "data.sr_resolution=32",
+                      "model.video=true", "data.kind=video", "data.num_frames=4", "data.frame_buckets=[2]",
+                      "log.sample_steps=1")
+    stage = build_stage(cfg)
+    g = torch.Generator().manual_seed(0)
+    stage.preview = batch_to_device({"caption": ["a red circle", "a blue square"],
+                                     "video": torch.randint(0, 256, (2, 3, 2, 32, 64), dtype=torch.uint8, generator=g),
+                                     "video_lr": torch.randint(0, 256, (2, 3, 2, 16, 32), dtype=torch.uint8,
+                                                               generator=g),
+                                     "valid": torch.ones(2, dtype=torch.bool)}, torch.device("cpu"))
+    sampled, sample_pixels = [], stage.bundle.sample_pixels
+
+    def recorded(*args, **kwargs):
+        sampled.append(sample_pixels(*args, **kwargs))
+        return sampled[-1]
+
+    stage.bundle.sample_pixels = recorded
+    assert stage.write_samples(None, cfg.log, tmp_path / "grid.png").is_file()
+    assert [tuple(x.shape) for x in sampled] == [(2, 3, 2, 32, 64)]  # (n, 3, F, H, W) of the preview's clips

@@ -41,7 +41,8 @@ class SuperResStage(PretrainStage):
     @torch.no_grad()
     def write_samples(self, weights: Optional[dict[str, Tensor]], log: LogConfig, path: Path) -> Optional[Path]:
         """The preview's first low-resolution inputs (top row) and their super-resolved samples
-        (bottom row)."""
+        (bottom row), sampled at the preview's own high-resolution shape: its bucket (aspect,
+        clip length) may be any of the run's, not the configured square and data.num_frames."""
         if self.preview is None:
             return None
         lowres = self.lowres_input(self.preview)  # (n, C, h, w) or (n, C, F, h, w)
@@ -49,7 +50,8 @@ class SuperResStage(PretrainStage):
         generator = torch.Generator().manual_seed(0)
         settings = SamplerSettings(steps=log.sample_steps, cfg_scale=log.sample_cfg)
         extras = self.bundle.upsample_extras(lowres, self.stage_cfg.noise_aug_sample, generator)
-        high = self.bundle.sample_pixels(self.sampling_net(weights), prompts, settings, generator, extras)
+        high = self.bundle.sample_pixels(self.sampling_net(weights), prompts, settings, generator, extras,
+                                         shape=self.input_shape(self.preview)[1:])
         low = upsample_like(self.decode(lowres), high)
         return save_grid(torch.cat([low, high]), ["input: " + p for p in prompts] + prompts, path, self.data.fps,
                          cols=len(prompts))
