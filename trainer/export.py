@@ -42,6 +42,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from trainer.config_errors import ConfigError
+from trainer.diffusion.timesteps import table_steps
 from trainer.models.autoencoder import Autoencoder
 from trainer.models.dit import DiT, DiTPreset, DiTSpec, TextEmbedding
 from trainer.models.text import TEXT_CHUNK
@@ -157,6 +158,14 @@ class DiTTextToImagePipeline(DiffusionPipeline):
         mask[:, 0] = not cfg.learned_null
         return tokens, mask, torch.zeros(batch, cfg.pooled_dim, device=device)
 
+    def timesteps(self, num_inference_steps: int) -> list[int]:
+        """The scheduler's timestep indices of a sampler of `num_inference_steps`, as ours (in the
+        scheduler's spacing) picks them, not as `set_timesteps` does (`table_steps`); host
+        integers: no device read a step."""
+        config = self.scheduler.config
+        return [int(j) - 1 for j in table_steps(config.num_train_timesteps, num_inference_steps,
+                                                 config.timestep_spacing)]
+
     def ddim_step(self, pred: Tensor, t: int, following: Optional[int], x: Tensor) -> Tensor:
         """DDIM without noise (eta 0; Song et al. 2021, eq. 12) from timestep t to `following`,
         the next of the scheduler's timesteps (None: to the clean sample). DDIMScheduler.step
@@ -190,8 +199,7 @@ class DiTTextToImagePipeline(DiffusionPipeline):
         cond = self.encode_prompt(prompts)
         guided = guidance_scale != 1.0
         text = [torch.cat(pair) for pair in zip(cond, self.null_prompt(len(prompts)))] if guided else list(cond)
-        self.scheduler.set_timesteps(num_inference_steps)
-        timesteps = self.scheduler.timesteps.tolist()  # host integers: no device read a step
+        timesteps = self.timesteps(num_inference_steps)
         for i, t in enumerate(self.progress_bar(timesteps)):
             model_in = torch.cat([x, x]) if guided else x
             pred = self.transformer(model_in, torch.full((model_in.shape[0],), t, device=device), *text)

@@ -49,6 +49,9 @@ def test_diffusers_export_matches_dit_sample(latent_checkpoint, tmp_path):
     assert compare_with_pipeline(pipe, latent_checkpoint, PROMPTS, steps=10) < 1e-4
     # 7 does not divide T = 1000: DDIMScheduler.step would go to t - 142, off the trailing grid (0.04 apart)
     assert compare_with_pipeline(pipe, latent_checkpoint, PROMPTS, steps=7) < 1e-4
+    # the scheduler's own trailing grid at 61 steps ends in the index -1 (float error in its
+    # arange): its next-to-last step went back to nearly pure noise (pixels 1.0 apart)
+    assert compare_with_pipeline(pipe, latent_checkpoint, PROMPTS, steps=61) < 1e-4
     # an empty or blank prompt is the null caption in both (the pipeline encoded it: 0.79 apart)
     assert compare_with_pipeline(pipe, latent_checkpoint, ["", "  ", PROMPTS[0]], steps=4) < 1e-4
     from diffusers import DDIMScheduler

@@ -74,17 +74,24 @@ def sampling_timesteps(schedule: NoiseSchedule, num_steps: int, spacing: str = "
     Only linspace and trailing start at the terminal step t = 1; with zero terminal SNR use
     trailing (leading never sees the pure-noise step the model was trained on).
     """
-    n = schedule.num_timesteps
+    j = table_steps(schedule.num_timesteps, num_steps, spacing)  # (S,)
+    t = torch.cat([j / schedule.num_timesteps, j.new_zeros(1)])  # (S + 1,), decreasing, t[-1] = 0
+    return t.float()
+
+
+def table_steps(num_timesteps: int, num_steps: int, spacing: str = "trailing") -> Tensor:
+    """The S decreasing 1-based table steps j (float64 integers) of `sampling_timesteps`; the
+    exported diffusers pipeline steps through them too (its timestep index is j - 1): the
+    scheduler's own trailing grid ends in -1 at some step counts (61, 103, 121, 122 of 1000:
+    float error in its arange) and picks other halves at others (48, 96, ...)."""
+    n = num_timesteps
     if not 1 <= num_steps <= n:
         raise ValueError(f"num_steps must be in [1, {n}] for a {n}-step schedule, got {num_steps}")
     k = torch.arange(num_steps, dtype=torch.float64)  # (S,)
     if spacing == "linspace":
-        j = torch.linspace(1, n, num_steps, dtype=torch.float64).round().flip(0)
-    elif spacing == "leading":
-        j = (1 + k * (n // num_steps)).flip(0)
-    elif spacing == "trailing":
-        j = (n - k * n / num_steps).round()
-    else:
-        raise ValueError(f"unknown spacing '{spacing}'; use one of {', '.join(SPACINGS)}")
-    t = torch.cat([j / n, j.new_zeros(1)])  # (S + 1,), decreasing, t[-1] = 0
-    return t.float()
+        return torch.linspace(1, n, num_steps, dtype=torch.float64).round().flip(0)
+    if spacing == "leading":
+        return (1 + k * (n // num_steps)).flip(0)
+    if spacing == "trailing":
+        return (n - k * n / num_steps).round()
+    raise ValueError(f"unknown spacing '{spacing}'; use one of {', '.join(SPACINGS)}")
