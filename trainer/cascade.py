@@ -52,8 +52,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from trainer.bundle import InferenceBundle, student_settings
-from trainer.checkpoint_format import (COMPLETE, EMA_FILE, LATEST, CheckpointError, load_for_inference, resolve,
-                                       student_round, verify)
+from trainer.checkpoint_format import (COMPLETE, EMA_FILE, LATEST, ROUND_FILE, CheckpointError, load_for_inference,
+                                       resolve, student_round, verify)
 from trainer.codes import SAMPLING_PRECISIONS
 from trainer.config import ConfigError, DataConfig, RunConfig, load_config
 from trainer.diffusion import SAMPLERS, SamplerSettings
@@ -210,8 +210,17 @@ def load_stage(spec: CascadeStageSpec, defaults: SamplerSettings, ema: bool = Tr
     net = bundle.network(weights)  # built on the host, then moved (in place) with the bundle
     bundle.nets.append(net)
     bundle.to(torch.device(device))
-    return LoadedStage(cfg, bundle, net, settings, directory, distilled, "ema" if ema else "raw",
+    return LoadedStage(cfg, bundle, net, settings, directory, distilled, weights_label(directory, ema),
                        sampling_precision(precision, cfg.deepspeed.precision, torch.device(device)))
+
+
+def weights_label(directory: Path, ema: bool) -> str:
+    """"ema" or "raw": the weights sampled from `directory`. A progressive round export keeps its
+    student in the EMA file whichever weights they were, and says which in round.json (an
+    intermediate round's are the raw ones); a step directory's EMA file holds the EMA."""
+    if ema and (directory / ROUND_FILE).is_file():
+        return json.loads((directory / ROUND_FILE).read_text())["weights"]
+    return "ema" if ema else "raw"
 
 
 def distilled_settings(cfg: RunConfig, settings: SamplerSettings, directory: Path,

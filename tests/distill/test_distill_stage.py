@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from tests.eval.eval_helpers import tiny_config, write_checkpoint
+from trainer.cascade import CascadeStageSpec, load_stage
 from trainer.config import ConfigError, LogConfig
+from trainer.diffusion import SamplerSettings
 from trainer.metrics import MetricsLogger
 from trainer.stages import build_stage, preflight
 from trainer.stages.distillation import DistillationStage
@@ -38,8 +40,11 @@ def test_last_round_export_names_the_weights_it_holds(tmp_path, teacher, monkeyp
     stage.start_of_step(3, lambda: {})  # the last step
     weights = {k: v.detach().clone() for k, v in stage.players["student"].state_dict().items()}
     stage.write_samples(weights, LogConfig(), tmp_path / "grid.png")
-    meta = json.loads((Path(cfg.checkpoint.dir) / "rounds" / "round_1_2steps" / "round.json").read_text())
+    export = Path(cfg.checkpoint.dir) / "rounds" / "round_1_2steps"
+    meta = json.loads((export / "round.json").read_text())
     assert (meta["steps"], meta["weights"]) == (2, label)
+    # what `dit sample` and `dit export` record of it: they called an intermediate round's raw weights EMA
+    assert load_stage(CascadeStageSpec(str(export)), SamplerSettings()).weights == label
 
 
 def round_export(root: Path, teacher: Path, *overrides: str) -> Path:
