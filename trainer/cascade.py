@@ -217,9 +217,10 @@ def load_stage(spec: CascadeStageSpec, defaults: SamplerSettings, ema: bool = Tr
 def weights_label(directory: Path, ema: bool) -> str:
     """"ema" or "raw": the weights sampled from `directory`. A progressive round export keeps its
     student in the EMA file whichever weights they were, and says which in round.json (an
-    intermediate round's are the raw ones); a step directory's EMA file holds the EMA."""
+    intermediate round's are the raw ones; one written without the record is taken for EMA, as
+    before); a step directory's EMA file holds the EMA."""
     if ema and (directory / ROUND_FILE).is_file():
-        return json.loads((directory / ROUND_FILE).read_text())["weights"]
+        return json.loads((directory / ROUND_FILE).read_text()).get("weights", "ema")
     return "ema" if ema else "raw"
 
 
