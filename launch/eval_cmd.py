@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from launch.sample_cmd import add_sampler_arguments, load_cascade, parse_device
+from launch.sample_cmd import add_sampler_arguments, load_cascade, parse_device, positive_int
 from trainer.codes import EXIT_CONFIG
 
 EXIT_UNRELIABLE = 3  # the judge is below 98% on real data: its numbers mean nothing
@@ -87,18 +87,18 @@ def _subcommand(sub: argparse._SubParsersAction, name: str, help_: str, func) ->
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `adherence`, `distance` and `memorization` under `dit eval`."""
     p = _subcommand(sub, "adherence", "prompt adherence measured by the shapes judge", adherence)
-    p.add_argument("--num", type=int, default=64, help="generated samples (held-out captions)")
-    p.add_argument("--num-real", type=int, default=None, help="real held-out samples for the judge check")
+    p.add_argument("--num", type=positive_int, default=64, help="generated samples (held-out captions)")
+    p.add_argument("--num-real", type=positive_int, default=None, help="real held-out samples for the judge check")
     p = _subcommand(sub, "distance", "Frechet distances to held-out real data", distance)
-    p.add_argument("--num", type=int, default=128)
-    p.add_argument("--feature-steps", type=int, default=300, help="training steps of the feature CNN")
+    p.add_argument("--num", type=positive_int, default=128)
+    p.add_argument("--feature-steps", type=positive_int, default=300, help="training steps of the feature CNN")
     p.add_argument("--inception-weights", help="local Inception-v3 weights for FID (needs torch-fidelity)")
     p = _subcommand(sub, "memorization", "nearest training samples and near-copy fraction", memorization)
-    p.add_argument("--num", type=int, default=32)
+    p.add_argument("--num", type=positive_int, default=32)
     p.add_argument("--space", choices=("pixel", "latent"), default="pixel")
     p.add_argument("--threshold", type=float, help="near-copy RMS distance (default: trainer.evaluate.NEAR_COPY_RMS)")
-    p.add_argument("--reference-steps", type=int, default=25, help="DDIM steps of the closed-form reference")
-    p.add_argument("--reference-limit", type=int, default=20_000, help="max training samples held for it")
+    p.add_argument("--reference-steps", type=positive_int, default=25, help="DDIM steps of the closed-form reference")
+    p.add_argument("--reference-limit", type=positive_int, default=20_000, help="max training samples held for it")
     p.add_argument("--no-reference", action="store_true", help="skip the closed-form reference")
 
 

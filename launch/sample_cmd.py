@@ -47,6 +47,30 @@ def parse_device(text: str):
     return device
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (a count of steps, prompts, samples)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
+
+
+def guidance_scale(text: str) -> float:
+    """An argparse type: a classifier-free guidance scale, at least 0 (0: unconditional, 1: no guidance)."""
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{value}: a guidance scale is at least 0 (0: unconditional, 1: none)")
+    return value
+
+
+def rescale_fraction(text: str) -> float:
+    """An argparse type: the guidance rescale phi of Lin et al. 2023, a fraction in [0, 1]."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{value}: the guidance rescale phi is a fraction in [0, 1]")
+    return value
+
+
 def add_device_argument(p: argparse.ArgumentParser) -> None:
     """`--device`, resolved (and checked) when the command's arguments are parsed."""
     p.add_argument("--device", type=parse_device, default="auto", help=DEVICE_HELP)
@@ -56,13 +80,14 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     """Sampler settings shared by `dit sample` and `dit eval`: the defaults of every cascade
     stage that does not set its own; unset ones are those of trainer.sampling.SamplerSettings
     (25 DDIM steps, CFG 3.0, rescale 0.7); and the `--device` the cascade runs on."""
-    p.add_argument("--steps", type=int, help="sampling steps (distilled students: their own count unless given)")
-    p.add_argument("--cfg", type=float,
+    p.add_argument("--steps", type=positive_int,
+                   help="sampling steps (distilled students: their own count unless given)")
+    p.add_argument("--cfg", type=guidance_scale,
                    help="classifier-free guidance scale (distilled students: their guidance input)")
-    p.add_argument("--guidance-rescale", type=float, help="guidance rescale phi (Lin et al. 2023)")
+    p.add_argument("--guidance-rescale", type=rescale_fraction, help="guidance rescale phi (Lin et al. 2023), in [0, 1]")
     p.add_argument("--sampler", choices=SAMPLERS)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16, help="prompts sampled together")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="prompts sampled together")
     p.add_argument("--raw", action="store_true",
                    help="sample the raw (non-EMA) fp32 weights (runs with checkpoint.universal=true, the default)")
     p.add_argument("--precision", choices=SAMPLING_PRECISIONS, default="auto",
@@ -105,7 +130,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="CKPT_OR_RECIPE", help="checkpoint directory or cascade YAML")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="one prompt per line; # comments")
-    p.add_argument("--num-per-prompt", type=int, default=1)
+    p.add_argument("--num-per-prompt", type=positive_int, default=1)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--height", type=int, help="base stage output height in pixels (default: data.resolution)")
     p.add_argument("--width", type=int, help="base stage output width in pixels (default: data.resolution)")
@@ -118,9 +143,9 @@ def sample(args: argparse.Namespace) -> int:
     from trainer.cascade import SampleSize, save_samples
 
     prompts = read_prompts(args)
-    cascade = load_cascade(args)
     size = SampleSize(args.height, args.width, args.frames)
-    try:  # a size a stage cannot take (not a multiple of its patch or autoencoder; frames for an image model)
+    try:  # settings or a size a stage cannot take (more steps than its schedule; a size off its patch or
+        cascade = load_cascade(args)  # autoencoder, frames for an image model)
         cascade.check_size(size)
     except ValueError as e:
         raise SystemExit(f"dit sample: {e}") from None

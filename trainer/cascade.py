@@ -203,6 +203,9 @@ def load_stage(spec: CascadeStageSpec, defaults: SamplerSettings, ema: bool = Tr
                                                       ("sampler", spec.sampler)) if v is not None})
     if settings.sampler not in SAMPLERS:
         raise ValueError(f"sampler '{settings.sampler}' is not one of {', '.join(SAMPLERS)}")
+    if not 1 <= settings.steps <= cfg.diffusion.num_timesteps:
+        raise ValueError(f"{settings.steps} sampling steps: {directory} samples with 1 to "
+                         f"diffusion.num_timesteps={cfg.diffusion.num_timesteps} steps")
     distilled = cfg.stage.kind in DISTILLED
     if distilled:
         settings = distilled_settings(cfg, settings, directory, asked_steps)

@@ -66,6 +66,26 @@ def test_bad_device_is_refused_at_parsing(command, bad, says, capsys):
     assert last.startswith(f"dit {command}: error: argument --device: ") and says in last, last
 
 
+@pytest.mark.parametrize("command", ["sample", "eval adherence", "eval distance", "eval memorization"])
+@pytest.mark.parametrize("option, bad, says", [("--steps", "0", "must be at least 1"),
+                                               ("--batch-size", "0", "must be at least 1"),
+                                               ("--cfg", "-5", "a guidance scale is at least 0"),
+                                               ("--guidance-rescale", "7", "a fraction in [0, 1]")])
+def test_bad_sampler_numbers_are_refused_at_parsing(command, option, bad, says, capsys):
+    """They crashed with a traceback once the models were loaded (a zero batch, zero steps), or
+    sampled silently with a rescale phi of 7."""
+    with pytest.raises(SystemExit) as stop:
+        dit([*COMMANDS[command], option, bad])
+    assert stop.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"dit {command}: error: argument {option}: ") and says in last, last
+
+
+def test_more_steps_than_the_schedule_stop_sampling_with_one_line(cascade_yaml, tmp_path):
+    with pytest.raises(SystemExit, match=r"^dit sample: 5000 sampling steps: .* 1 to diffusion.num_timesteps=1000"):
+        dit(["sample", str(cascade_yaml), "--prompt", "x", "--steps", "5000", "--out", str(tmp_path / "s")])
+
+
 def test_sample_on_explicit_cpu(cascade_yaml, tmp_path, capsys):
     out = tmp_path / "samples"
     assert dit(["sample", str(cascade_yaml), "--prompt", PROMPTS[0], "--steps", "2", "--device", "cpu",
