@@ -50,6 +50,7 @@ from trainer.checkpoint_format import (
     TMP_PREFIX,
     CheckpointError,
     commit,
+    is_checkpoint,
     load_for_inference,
     point_latest,
     remove_dir,
@@ -390,7 +391,7 @@ def load_init_weights(source: str | Path) -> dict[str, torch.Tensor]:
     (`model.safetensors`, or a diffusers export's `transformer/`, whose DiTTransformer keeps the
     network under `dit.`) or a .safetensors file. No pickle is involved."""
     path = Path(source)
-    if path.is_dir() and ((path / LATEST).is_file() or (path / COMPLETE).is_file()):
+    if is_checkpoint(path):
         return _checkpoint_weights(resolve(path))
     candidates = [path] if path.is_file() else [path / "model.safetensors", path / "transformer" / DIFFUSERS_WEIGHTS,
                                                 path / DIFFUSERS_WEIGHTS]

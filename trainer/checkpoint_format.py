@@ -110,6 +110,12 @@ def resolve(directory: str | Path) -> Path:
     return directory
 
 
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether `path` is a checkpoint root (with its `latest` pointer) or a step directory."""
+    path = Path(path)
+    return path.is_dir() and ((path / LATEST).is_file() or (path / COMPLETE).is_file())
+
+
 def verify(directory: Path, names: Optional[tuple[str, ...]] = None) -> dict[str, Any]:
     """Check `names` (default: every file of the manifest) against COMPLETE.json; its content."""
     if not (directory / COMPLETE).is_file():

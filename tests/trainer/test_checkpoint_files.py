@@ -72,6 +72,29 @@ def resumable(tmp_path, *overrides: str) -> tuple[Path, CheckpointManager]:
     return directory, CheckpointManager(cfg.checkpoint, rank=0, world_size=2)
 
 
+def test_a_warm_start_from_a_network_of_other_encoders_is_refused_before_any_rank_starts(tmp_path):
+    """checkpoint.init_from a checkpoint whose DiT learned another latent space (a re-fitted
+    latent normalisation at the same path, recorded in its encoders.json) started silently from
+    weights that read this run's latents wrongly; sampling, resuming and distilling refused it."""
+    from tests.eval.eval_helpers import tiny_config, write_autoencoder, write_checkpoint
+    from trainer.checkpoint_format import ENCODERS_FILE, resolve
+    from trainer.stages import preflight
+    from trainer.stages.checks import encoders_record
+
+    autoencoder = write_autoencoder(tmp_path / "autoencoder")
+    latent = ("model.autoencoder.kind=kl", "model.in_channels=4", f"model.autoencoder.path={autoencoder}")
+    source_cfg = tiny_config(tmp_path / "source", *latent)
+    source = write_checkpoint(source_cfg)
+    (resolve(source) / ENCODERS_FILE).write_text(encoders_record(source_cfg.model))
+    run = tiny_config(tmp_path / "run", *latent, f"checkpoint.init_from={source}")
+    preflight(run)  # the encoders it learned with: accepted
+    norm = autoencoder / "latent_norm.json"
+    norm.write_text(json.dumps({**json.loads(norm.read_text()), "scale": 2.0}))
+    with pytest.raises(ConfigError, match=r"'model\.autoencoder\.path': .* was trained with another autoencoder "
+                                          r".*warm-starting from it \(checkpoint\.init_from\)"):
+        preflight(run)
+
+
 @pytest.mark.parametrize("schedule, listed", [("constant", []), ("cosine", [
     "stage.steps: 12 -> 20 (the cosine LR schedule now spans 20 steps instead of 12: the learning rate from here "
     "on follows the new length)"])])

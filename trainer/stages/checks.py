@@ -21,7 +21,8 @@ from data_pipeline import remote
 from data_pipeline.errors import DataError
 from data_pipeline.manifest import (ENCODED_BY, cascade_pairs_mismatch, latent_shapes_mismatch, pixel_settings_mismatch,
                                     resolve_source, source_specs)
-from trainer.checkpoint_format import ENCODERS_FILE, STAGE_FILE, CheckpointError, resolve, sha256, student_round
+from trainer.checkpoint_format import (ENCODERS_FILE, STAGE_FILE, CheckpointError, is_checkpoint, resolve, sha256,
+                                       student_round)
 from trainer.config import (ConfigError, DataConfig, DiffusionConfig, ModelConfig, RunConfig, TextEncoderConfig,
                             check_weighting, flatten, to_dict, validate)
 from trainer.stage_config import AdversarialSettings, distilled_steps
@@ -371,6 +372,16 @@ def check_encoders(directory: Path, model: ModelConfig, use: str) -> None:
     if record.is_file():
         _same_encoders(json.loads(record.read_text()), encoder_identity(model), f"{directory} was trained with",
                        f"{use} needs the encoders it was trained with: restore them at that path, or point the key at them")
+
+
+def check_init_source(cfg: RunConfig) -> None:
+    """A warm start (`checkpoint.init_from`) from a checkpoint whose network learned other
+    encoders' latents or embeddings than this run's (its encoders.json) starts from weights that
+    read this run's latents as garbage: refused, as sampling, resuming and distilling refuse it.
+    Exports and bare .safetensors files keep no such record and are not checked."""
+    if cfg.checkpoint.init_from and is_checkpoint(cfg.checkpoint.init_from):
+        check_encoders(resolve(cfg.checkpoint.init_from), cfg.model,
+                       "warm-starting from it (checkpoint.init_from)")
 
 
 # stage.kind -> its checks from configs and the teacher's config.yaml; other kinds have none.
