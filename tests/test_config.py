@@ -52,6 +52,8 @@ def test_dotted_override_and_interpolation():
         ("optim.lr=-1e-4", "optim.lr"),
         ("optim.weight_decay=-0.1", "optim.weight_decay"),
         ("ema.warmup_steps=-1", "ema.warmup_steps"),
+        # the demo's DiT reads 4-channel latents: with 3 it stopped at its first forward
+        ("model.in_channels=3", "model.in_channels"),
     ],
 )
 def test_bad_value_names_the_key(override, key):

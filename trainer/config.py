@@ -465,19 +465,19 @@ def _validate_world(ds: DeepSpeedConfig, world_size: int) -> None:
     )
 
 
-def autoencoder_factors(ae: AutoencoderConfig) -> tuple[int, int]:
-    """(spatial, temporal) compression of the frozen autoencoder, known without reading weights:
-    none for pixels; a fresh AutoencoderKL (2-D, as the bundle builds it) halves per level after
-    the first; a folder's from its config.json, built on the meta device as the trainer builds it.
-    A folder not written yet is the output of an autoencoder stage to come, which builds it fresh
-    from these settings: a run that writes it and its resume derive the same (the bundle checks
-    the shapes again when it loads a folder)."""
+def autoencoder_facts(ae: AutoencoderConfig) -> tuple[int, int, int]:
+    """(spatial, temporal) compression of the frozen autoencoder and its latent channels, known
+    without reading weights: none and 3 for pixels; a fresh AutoencoderKL (2-D, as the bundle
+    builds it) halves per level after the first; a folder's from its config.json, built on the
+    meta device as the trainer builds it. A folder not written yet is the output of an
+    autoencoder stage to come, which builds it fresh from these settings: a run that writes it
+    and its resume derive the same (the bundle checks the shapes again when it loads a folder)."""
     if ae.kind != "kl":
-        return 1, 1
+        return 1, 1, 3
     if not _saved_autoencoder(ae):
-        return 2 ** (len(ae.block_out_channels) - 1), 1
+        return 2 ** (len(ae.block_out_channels) - 1), 1, ae.latent_channels
     vae = meta_autoencoder(ae)
-    return vae.downsample_factor, vae.temporal_downsample
+    return vae.downsample_factor, vae.temporal_downsample, vae.latent_channels
 
 
 def _saved_autoencoder(ae: AutoencoderConfig) -> bool:
@@ -524,11 +524,18 @@ def _clip_key(data: DataConfig, frames: int) -> str:
 def _validate_shapes(cfg: RunConfig) -> Shapes:
     """Every bucket side and clip length the loader delivers must patchify; else the first batch
     of that bucket raises after DeepSpeed started. Fills data.bucket_multiple when it is 0."""
-    spatial, temporal = autoencoder_factors(cfg.model.autoencoder)
+    spatial, temporal, channels = autoencoder_facts(cfg.model.autoencoder)
     try:
         need = spatial * dit_preset(cfg.model.preset).patch
     except KeyError as e:
         raise ConfigError("model.preset", str(e.args[0])) from None
+    # the DiT reads the autoencoder's latents (the autoencoder stage trains no DiT): a latent run
+    # left at the default 3 channels passed every check and stopped at its first forward. Without
+    # an autoencoder the inputs are pixels, or precomputed latents of any channel count.
+    check(cfg.model.autoencoder.kind == "none" or cfg.stage.kind == "autoencoder"
+          or cfg.model.in_channels == channels, "model.in_channels",
+          f"{cfg.model.in_channels}: the DiT reads the autoencoder's latents, {channels} channels "
+          f"(model.autoencoder); set model.in_channels={channels}")
     sizes = _validate_sides(cfg, need, f"the autoencoder's downsampling {spatial} x the DiT's patch {need // spatial}")
     return Shapes(need, temporal, sizes, _latent_frame_counts(cfg, temporal))
 
