@@ -37,6 +37,9 @@ class TextEncoderConfig:
     precision: str = "fp32"
 
 
+NORM_FILE = "latent_norm.json"  # an autoencoder folder's latent normalisation, written by the autoencoder stage
+
+
 @dataclass
 class AutoencoderConfig:
     kind: str = "none"  # none (pixel-space DiT) | kl (diffusers AutoencoderKL)

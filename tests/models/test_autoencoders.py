@@ -84,6 +84,24 @@ def test_plain_diffusers_folder_uses_its_scaling_factor(ae, tmp_path):
     assert float(loaded.scale) == pytest.approx(0.18215) and float(loaded.shift) == 0.0
 
 
+def test_the_autoencoder_stage_refuses_to_write_over_a_folder_it_did_not_write(ae, tmp_path):
+    """It trains a new autoencoder from scratch: pointed at a downloaded diffusers VAE (no
+    latent_norm.json) it replaced those weights at its first save, without a word. Its own
+    folder (a resume) and a new one are accepted."""
+    from tests.eval.eval_helpers import tiny_config
+    from trainer.config import ConfigError
+    from trainer.stages import preflight
+
+    ae.vae.save_pretrained(tmp_path / "downloaded")
+    ae.save(tmp_path / "ours")
+    stage = ("stage.kind=autoencoder", "model.autoencoder.kind=kl")
+    with pytest.raises(ConfigError, match=r"'model\.autoencoder\.path': .* holds an autoencoder this stage did not "
+                                          r"write \(no latent_norm\.json\)"):
+        preflight(tiny_config(tmp_path, *stage, f"model.autoencoder.path={tmp_path / 'downloaded'}"))
+    for folder in ("ours", "new"):
+        preflight(tiny_config(tmp_path, *stage, f"model.autoencoder.path={tmp_path / folder}"))
+
+
 def test_load_errors_name_the_key(tmp_path):
     with pytest.raises(FileNotFoundError, match="model.autoencoder.path"):
         Autoencoder.load(tmp_path)

@@ -26,9 +26,8 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from trainer.config import AutoencoderConfig
+from trainer.config import NORM_FILE, AutoencoderConfig
 
-NORM_FILE = "latent_norm.json"
 # Causal video autoencoders of diffusers that take (B, C, F, H, W) whole.
 CAUSAL_3D = ("AutoencoderKLWan", "AutoencoderKLCogVideoX", "AutoencoderKLLTXVideo", "AutoencoderKLHunyuanVideo")
 SUPPORTED = ("AutoencoderKL", *CAUSAL_3D)

@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 
 from trainer.config import RunConfig
 from trainer.stage_config import stage_settings
-from trainer.stages.checks import PREFLIGHT, check_autoencoder_given, check_init_source, check_latent_sources
+from trainer.stages.checks import (PREFLIGHT, check_autoencoder_given, check_autoencoder_target, check_init_source,
+                                    check_latent_sources)
 
 if TYPE_CHECKING:
     from trainer.stages.base import Stage
@@ -35,6 +36,7 @@ def preflight(cfg: RunConfig) -> None:
     or latents made by other encoders or pixel settings, fail in about a second with the key
     named (ConfigError) instead of after DeepSpeed started."""
     check_autoencoder_given(cfg)
+    check_autoencoder_target(cfg)
     check_latent_sources(cfg)
     check_init_source(cfg)
     if cfg.stage.kind in PREFLIGHT:
