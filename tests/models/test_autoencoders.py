@@ -155,6 +155,25 @@ def test_an_ltx_video_folder_normalizes_latents_by_its_buffers_as_diffusers_does
         assert torch.allclose(ae.decode(z), ae.vae.decode(raw).sample, atol=1e-5)
 
 
+def test_an_ltx_video_folder_with_a_decode_timestep_decodes_as_its_pipeline_does(tmp_path):
+    """LTX-Video 0.9.1 on conditions its decoder on a timestep (`timestep_conditioning`): every
+    decode failed (a TypeError in diffusers) without one; LTXPipeline's default is 0, no noise."""
+    from diffusers import AutoencoderKLLTXVideo
+
+    from trainer.models.autoencoder import Autoencoder
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLLTXVideo(block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                                latent_channels=4, layers_per_block=(1, 1, 1, 1, 1),
+                                decoder_layers_per_block=(1, 1, 1, 1, 1), timestep_conditioning=True)
+    vae.save_pretrained(tmp_path)
+    ae = Autoencoder.load(tmp_path).eval()
+    video = torch.rand(1, 3, 9, 32, 32) * 2 - 1
+    with torch.no_grad():
+        raw = ae.vae.encode(video).latent_dist.mode()  # (1, 4, F', h, w)
+        assert torch.allclose(ae.decode(ae.encode(video)), ae.vae.decode(raw, temb=torch.zeros(1)).sample, atol=1e-5)
+
+
 def test_a_wan_folder_normalizes_latents_per_channel_as_diffusers_does(tmp_path):
     """Wan's config carries per-channel latents_mean / latents_std (diffusers' Wan pipelines use
     (latent - mean) / std); loaded from its folder, the autoencoder hands the DiT those latents

@@ -87,7 +87,15 @@ class Autoencoder(nn.Module):
         """z (B, c, [F',] h, w) -> x (B, C, [F,] h f, w f)."""
         mean, std = self._statistics()
         latent = (z / self.scale + self.shift) * self._channels(std, z) + self._channels(mean, z)
-        return self._per_frame(latent, lambda v: self.vae.decode(v).sample)
+        return self._per_frame(latent, self._decode_raw)
+
+    def _decode_raw(self, latent: Tensor) -> Tensor:
+        """The VAE's decoder; one conditioned on a decode timestep (LTX-Video from 0.9.1,
+        `timestep_conditioning`) at diffusers' LTXPipeline default, 0, with no noise added (it
+        failed without one)."""
+        if self.vae.config.get("timestep_conditioning"):
+            return self.vae.decode(latent, temb=latent.new_zeros(latent.shape[0])).sample
+        return self.vae.decode(latent).sample
 
     def _per_frame(self, x: Tensor, fn) -> Tensor:
         """Apply an image function to images, and to videos frame by frame (2-D VAE) or whole
