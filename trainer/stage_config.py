@@ -54,7 +54,7 @@ class StageSettings:
 
 @dataclass(frozen=True)
 class AutoencoderSettings(StageSettings):
-    kl_weight: float = 1e-6  # KL weight of the VAE loss
+    kl_weight: float = 1e-6  # the summed KL against a per-pixel mean reconstruction: LDM's weight / (3 H W)
 
     def check(self, cfg: RunConfig) -> None:
         super().check(cfg)

@@ -2,9 +2,12 @@
 2022) that latent DiTs run in, so the whole system works offline with no downloaded weights.
 
 Loss: L1 + MSE reconstruction plus a small KL term (no perceptual or adversarial loss: those
-need pretrained networks). At the end the latent scale and shift are estimated from data
-(scale = 1 / std, as Stable Diffusion's 0.18215) and saved with the weights to
-`model.autoencoder.path`, where the latent stages load it.
+need pretrained networks). The reconstruction is a mean over pixels and the KL a sum over latent
+elements, where LDM sums both per image: a `stage.kl_weight` here is LDM's weight divided by
+3 H W (the default 1e-6 is LDM's ~3e-3 at 32 px and ~0.2 at 256 px, not LDM's own 1e-6). At
+the end the latent scale and shift are estimated from data (scale = 1 / std, as Stable
+Diffusion's 0.18215) and saved with the weights to `model.autoencoder.path`, where the latent
+stages load it.
 """
 from __future__ import annotations
 
