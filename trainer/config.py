@@ -477,13 +477,14 @@ def autoencoder_facts(ae: AutoencoderConfig) -> tuple[int, int, int]:
     and its resume derive the same (the bundle checks the shapes again when it loads a folder)."""
     if ae.kind != "kl":
         return 1, 1, 3
-    if not _saved_autoencoder(ae):
+    if not saved_autoencoder(ae):
         return 2 ** (len(ae.block_out_channels) - 1), 1, ae.latent_channels
     vae = meta_autoencoder(ae)
     return vae.downsample_factor, vae.temporal_downsample, vae.latent_channels
 
 
-def _saved_autoencoder(ae: AutoencoderConfig) -> bool:
+def saved_autoencoder(ae: AutoencoderConfig) -> bool:
+    """Whether model.autoencoder.path holds a saved autoencoder folder (its config.json)."""
     return bool(ae.path) and (Path(ae.path) / "config.json").is_file()
 
 
@@ -498,7 +499,7 @@ def meta_autoencoder(ae: AutoencoderConfig):
 
     from trainer.models.autoencoder import Autoencoder, build_kl, diffusers_class
 
-    if not _saved_autoencoder(ae):
+    if not saved_autoencoder(ae):
         with torch.device("meta"):
             return Autoencoder(build_kl(ae))
     try:

@@ -24,7 +24,7 @@ from data_pipeline.manifest import (ENCODED_BY, cascade_pairs_mismatch, latent_s
 from trainer.checkpoint_format import (ENCODERS_FILE, STAGE_FILE, CheckpointError, is_checkpoint, resolve, sha256,
                                        student_round)
 from trainer.config import (NORM_FILE, ConfigError, DataConfig, DiffusionConfig, ModelConfig, RunConfig,
-                            TextEncoderConfig, check_weighting, flatten, to_dict, validate)
+                            TextEncoderConfig, check_weighting, flatten, saved_autoencoder, to_dict, validate)
 from trainer.stage_config import AdversarialSettings, distilled_steps
 
 # Keys that must agree with the teacher's run config: the student is the teacher's network on
@@ -146,8 +146,9 @@ def check_autoencoder_target(cfg: RunConfig) -> None:
     """The autoencoder stage trains a new autoencoder from scratch and saves it at
     model.autoencoder.path: a folder there that the stage did not write (a downloaded diffusers
     VAE: no latent_norm.json) would be replaced by random-start weights, without a word."""
-    path = Path(cfg.model.autoencoder.path)
-    if cfg.stage.kind == "autoencoder" and (path / "config.json").is_file() and not (path / NORM_FILE).is_file():
+    ae = cfg.model.autoencoder
+    path = Path(ae.path)
+    if cfg.stage.kind == "autoencoder" and saved_autoencoder(ae) and not (path / NORM_FILE).is_file():
         raise ConfigError("model.autoencoder.path", f"{path} holds an autoencoder this stage did not write (no "
                                                     f"{NORM_FILE}): the stage trains one from scratch and would "
                                                     f"write over it; point the key at a new folder")
