@@ -20,9 +20,12 @@ truncated) and have no size limit, so this is a small wrapper instead:
   query parameters of pre-signed URLs (the rest of the query is kept in the hash) and the URL's
   base name, and nothing else is written.
 
-Shards are taken as immutable, as WebDataset's cache does, with one check: where the manifest
-records a shard's size, a copy of another size is fetched again (and a download of another size
-is an error), so a shard rewritten at the same URL is not read from a stale copy.
+Shards are taken as immutable, as WebDataset's cache does, with one check: a copy is named by
+what the manifest records of the shard as well (its sha256 where recorded), and a copy of
+another size than the recorded one is fetched again; a download of another size or digest than
+the manifest's is an error. So a shard rewritten at the same URL is not read from a stale copy:
+a rewrite keeps a tar's size more often than not (tar pads to 10 KiB records), and the copy of
+the old bytes was read at the new manifest's offsets.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ import tempfile
 import time
 import urllib.parse
 from pathlib import Path
-from typing import BinaryIO, Optional
+from typing import BinaryIO, NamedTuple, Optional
 
 from data_pipeline import remote
 from data_pipeline.errors import DataError
@@ -49,42 +52,54 @@ _SIGNING = re.compile(r"x-amz-.*|x-goog-.*|signature|expires|key-pair-id|policy|
                       r"sr|spr|si|ss|srt|skoid|sktid|skt|ske|sks|skv|sdd", re.IGNORECASE)
 
 
-def cache_name(url: str) -> str:
+class Recorded(NamedTuple):
+    """What a manifest records of a shard (`ShardInfo.bytes`, `.sha256`): 0 and "" where unknown."""
+
+    bytes: int = 0
+    sha256: str = ""
+
+
+def cache_name(url: str, recorded: Recorded = Recorded()) -> str:
     """File name of a URL's copy: hash of the URL without credentials or signing parameters
-    (the rest of its query is kept: `/get?id=0` and `/get?id=1` are two objects), then its
-    base name."""
+    (the rest of its query is kept: `/get?id=0` and `/get?id=1` are two objects) and of the
+    manifest's sha256 of the shard (another version: another copy), then its base name."""
     base = remote.redact(url.split("?", 1)[0])
     kept = [(k, v) for k, v in urllib.parse.parse_qsl(url.partition("?")[2], keep_blank_values=True)
             if not _SIGNING.fullmatch(k)]
     plain = base + ("?" + urllib.parse.urlencode(kept) if kept else "")
+    plain += f"#{recorded.sha256}" if recorded.sha256 else ""
     digest = hashlib.sha256(plain.encode()).hexdigest()[:16]
     return f"{digest}-{_UNSAFE.sub('_', base.rsplit('/', 1)[-1])[-80:]}"
 
 
-def cached_copy(url: str, directory: str, max_bytes: int, expected_size: int = 0) -> BinaryIO:
+def cached_copy(url: str, directory: str, max_bytes: int, recorded: Recorded = Recorded()) -> BinaryIO:
     """The local copy of `url` in `directory`, open for reading, downloaded first when absent
-    or not of `expected_size` bytes (the manifest's `bytes`; 0: unknown): a shard rewritten at
-    the same URL is fetched again once, and DataError if it still differs from its manifest."""
-    path = Path(directory) / cache_name(url)
-    found = _open_fresh(path, expected_size)
+    or not of the manifest's size (`recorded`: see `Recorded`): a shard rewritten at the same
+    URL is fetched again once, and DataError if it still differs from its manifest (in size or
+    sha256)."""
+    path = Path(directory) / cache_name(url, recorded)
+    found = _open_fresh(path, recorded.bytes)
     if found is not None:
         return found
     path.parent.mkdir(parents=True, exist_ok=True)
     fs, inner = remote.filesystem(url)
     fd, tmp = tempfile.mkstemp(prefix=_TMP, dir=path.parent)
     try:
+        digest = hashlib.sha256()
         with os.fdopen(fd, "wb") as out, fs.open(inner, "rb", block_size=remote.DOWNLOAD_BLOCK) as src:
             expected = src.size
             while chunk := src.read(remote.DOWNLOAD_BLOCK):
                 out.write(chunk)
+                digest.update(chunk)
             written = out.tell()
         if expected is not None and written != expected:
             raise OSError(f"download of {remote.redact(url)} stopped at {written} of {expected} bytes")
-        if expected is None and written < expected_size:  # no Content-Length: the connection closed early
-            raise OSError(f"download of {remote.redact(url)} stopped at {written} of the {expected_size} bytes its "
+        if expected is None and written < recorded.bytes:  # no Content-Length: the connection closed early
+            raise OSError(f"download of {remote.redact(url)} stopped at {written} of the {recorded.bytes} bytes its "
                           f"manifest records (the server sent no Content-Length)")
-        _check_size(url, written, expected_size)
-        if expected is None and not expected_size and not ends_as_tar(tmp, written):
+        _check_size(url, written, recorded.bytes)
+        _check_digest(url, digest.hexdigest(), recorded.sha256)
+        if expected is None and not recorded.bytes and not ends_as_tar(tmp, written):
             raise OSError(f"download of {remote.redact(url)} ended at {written} bytes without a tar archive's end "
                           f"(two zero blocks): the connection closed early? (the server sent no Content-Length, "
                           f"and no manifest records the shard's size)")
@@ -135,6 +150,13 @@ def _check_size(url: str, size, expected_size: int) -> None:
                         f"DIR --write-manifest) or restore the shard")
 
 
+def _check_digest(url: str, sha256: str, recorded: str) -> None:
+    if recorded and sha256 != recorded:
+        raise DataError(f"{remote.redact(url)} has sha256 {sha256[:12]}... but its manifest records {recorded[:12]}...: "
+                        f"the shard was rewritten after its manifest; write the manifest again (dit data inspect "
+                        f"DIR --write-manifest) or restore the shard")
+
+
 def evict(directory: str, max_bytes: int, keep: str = "") -> None:
     """Delete least recently used copies until the directory holds at most `max_bytes`;
     temporaries not written to for an hour are left-overs of killed runs."""
@@ -158,23 +180,23 @@ def evict(directory: str, max_bytes: int, keep: str = "") -> None:
             total -= size
 
 
-def open_shard(path: str, options: remote.RemoteOptions, expected_size: int = 0):
+def open_shard(path: str, options: remote.RemoteOptions, recorded: Recorded = Recorded()):
     """A binary file object with read/seek/close (`size` attribute None when unknown): a pipe's
     output, the cached copy of a remote shard when `data.cache_dir` is set, else the remote
     file read ahead in blocks (streamed front to back where the server gives no size), or the
-    local file. A remote shard whose size is not the manifest's `expected_size` (0: unknown) is
-    a DataError: its samples are not those the manifest's counts and byte index describe."""
+    local file. A remote shard whose size is not the manifest's (`recorded`) is a DataError:
+    its samples are not those the manifest's counts and byte index describe."""
     if remote.is_pipe(path):
         return remote.PipeFile(path[len(remote.PIPE):])
     if remote.is_url(path) and options.cache_dir:
-        return cached_copy(path, options.cache_dir, options.cache_max_bytes, expected_size)
+        return cached_copy(path, options.cache_dir, options.cache_max_bytes, recorded)
     if remote.is_url(path):
         fs, inner = remote.filesystem(path)
         f = fs.open(inner, "rb", block_size=options.block_size, cache_type="readahead")
         if getattr(f, "size", None) is None:  # served without a size: streamed, forward only
             return remote.StreamFile(f, path)
         try:
-            _check_size(path, remote.file_size(f), expected_size)
+            _check_size(path, remote.file_size(f), recorded.bytes)
         except DataError:
             f.close()
             raise

@@ -46,6 +46,7 @@ from data_pipeline.manifest import (Manifest, cascade_pairs_mismatch, check_pixe
 from data_pipeline.plan import (EpochOrder, ResampledOrder, Segment, Slot, Topology, epoch_read_blocks, length,
                                  replay)
 from data_pipeline.remote import RemoteOptions, redact
+from data_pipeline.shard_cache import Recorded
 from data_pipeline.stages import batch_stage, decode_stage, read_stage, transform_stage
 from data_pipeline.tar_reader import ShardReader
 from data_pipeline.transfer import FORK, PixelRing, slot_bytes, stack_into, stacked_shape
@@ -84,7 +85,7 @@ class RankJob:
     offsets: tuple[list[int], ...] = ()  # byte index per shard ([] where none)
     remote: RemoteOptions = RemoteOptions()
     crashed: frozenset = frozenset()  # (shard, index) of samples a worker died on: skipped unread
-    sizes: tuple[int, ...] = ()  # the manifests' bytes per shard (0: unknown): a remote shard of another size is refused
+    recorded: tuple[Recorded, ...] = ()  # the manifests' size and sha256 per shard: a remote shard of another is refused
 
     def worker_batches(self, worker: int) -> Optional[int]:
         """Batches a worker serves in the segment; None when infinite (resampled)."""
@@ -108,7 +109,7 @@ def worker_stream(job: RankJob, worker: int, mark: Optional[memoryview] = None) 
     first = taken // t.window * t.window  # restart at the window holding the next batch
     counter = SkipCounter(job.budget, job.min_samples, job.max_logged, f"rank {job.rank} worker {worker}")
     reader = ShardReader(list(job.paths), offsets=list(job.offsets) or None, options=job.remote,
-                         sizes=list(job.sizes) or None)
+                         recorded=list(job.recorded) or None)
     try:
         blocks = job.read_blocks(worker, first * t.batch_size)
         items = read_stage(blocks, reader, job.paths, counter, mark, job.crashed)
@@ -434,7 +435,7 @@ class Stream:
         if not cfg.resampled:
             _refuse_repeated_shards(self.paths)
         self.offsets = tuple(o for m in self.sources for o in m.offsets())
-        self.sizes = tuple(s.bytes for m in self.sources for s in m.shards)
+        self.recorded = tuple(Recorded(s.bytes, s.sha256) for m in self.sources for s in m.shards)
         self.counts = tuple(s.samples for m in self.sources for s in m.shards)
         self.num_samples = sum(self.counts)
         if self.num_samples == 0:
@@ -610,7 +611,7 @@ class Stream:
         c = self.cfg
         return RankJob(self.paths, self.counts, self.spec, self.topology, self.rank, 0, c.seed, 0, c.shuffle_buffer,
                        None, None, c.error_budget, c.min_errors_before_budget, c.max_logged_skips, self.offsets,
-                       dataclasses.replace(remote_options(c), skip_unreadable=self.skip_unreadable), sizes=self.sizes)
+                       dataclasses.replace(remote_options(c), skip_unreadable=self.skip_unreadable), recorded=self.recorded)
 
     def start_workers(self) -> None:
         """Fork this rank's loader workers now, once (with `data.num_workers > 0`; else nothing).

@@ -29,7 +29,7 @@ from typing import Iterator, NamedTuple, Optional, Union
 from data_pipeline import remote
 from data_pipeline.errors import DataError, SkipSample
 from data_pipeline.remote import RemoteOptions
-from data_pipeline.shard_cache import open_shard
+from data_pipeline.shard_cache import Recorded, open_shard
 
 log = logging.getLogger("data_pipeline")
 
@@ -119,9 +119,9 @@ class TarShard:
     """
 
     def __init__(self, path: str, offsets: Optional[list[int]] = None,
-                 options: Optional[RemoteOptions] = None, size: int = 0):
+                 options: Optional[RemoteOptions] = None, recorded: Recorded = Recorded()):
         self.path = path
-        self.expected_size = size  # the manifest's `bytes`, checked on remote opens; 0: unknown
+        self.recorded = recorded  # the manifest's size and sha256, checked on remote opens
         self.options = options or RemoteOptions()
         self._pipe, self._remote = remote.is_pipe(path), remote.is_remote(path)  # asked at every read
         self.offsets = [] if self._pipe else list(offsets or [])
@@ -157,7 +157,7 @@ class TarShard:
     def _ensure_open(self) -> None:
         if self._file is None:
             if self._remote:
-                self._file = open_shard(self.path, self.options, self.expected_size)
+                self._file = open_shard(self.path, self.options, self.recorded)
                 self._size = remote.file_size(self._file)
             else:
                 self._file = MappedFile(self.path)
@@ -413,11 +413,11 @@ class ShardReader:
     data.error_budget, like a corrupt sample)."""
 
     def __init__(self, paths: list[str], max_open: int = 4, offsets: Optional[list[list[int]]] = None,
-                 options: Optional[RemoteOptions] = None, sizes: Optional[list[int]] = None):
+                 options: Optional[RemoteOptions] = None, recorded: Optional[list[Recorded]] = None):
         self.paths = paths
         self.max_open = max_open
         self.offsets = offsets or [[] for _ in paths]
-        self.sizes = sizes or [0 for _ in paths]  # the manifests' `bytes` per shard (0: unknown)
+        self.recorded = recorded or [Recorded() for _ in paths]  # what the manifests record of each shard
         self.options = options or RemoteOptions()
         self._open: dict[int, TarShard] = {}
         self._dead: dict[int, SkipSample] = {}
@@ -437,7 +437,7 @@ class ShardReader:
     def _warm(self, shard_id: int, index: int) -> tuple[TarShard, Optional[Exception]]:
         """In the read-ahead thread: the opened shard, or the error its reads ended with (the
         first `read` raises it: the retries are not made twice)."""
-        shard = TarShard(self.paths[shard_id], self.offsets[shard_id], self.options, self.sizes[shard_id])
+        shard = TarShard(self.paths[shard_id], self.offsets[shard_id], self.options, self.recorded[shard_id])
         try:
             shard.warm(index)
         except (SkipSample, *remote.PERMANENT) as e:
@@ -470,7 +470,7 @@ class ShardReader:
         if shard is None:
             if not remote.is_remote(path) and not Path(path).is_file():
                 raise _missing(path)
-            shard = TarShard(path, self.offsets[shard_id], self.options, self.sizes[shard_id])
+            shard = TarShard(path, self.offsets[shard_id], self.options, self.recorded[shard_id])
         self._open[shard_id] = shard  # most recently used last
         while len(self._open) > self.max_open:
             oldest = next(iter(self._open))

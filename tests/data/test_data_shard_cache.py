@@ -6,7 +6,7 @@ import pytest
 
 from data_pipeline.errors import DataError
 from data_pipeline.remote import RemoteOptions
-from data_pipeline.shard_cache import cache_name, cached_copy
+from data_pipeline.shard_cache import Recorded, cache_name, cached_copy
 from data_pipeline.tar_reader import TarShard
 from tests.data.data_helpers import make_shards
 
@@ -59,13 +59,53 @@ def test_a_shard_rewritten_at_its_url_is_fetched_again_by_the_manifests_size(tmp
     v1, v2 = (local / "shard-000000.tar", local / "shard-000001.tar")
     options = RemoteOptions(cache_dir=str(tmp_path / "cache"), cache_max_bytes=1 << 30)
     fs.put_file(str(v1), "/hd-cache/ds/shard-000000.tar")
-    assert _keys(TarShard(url, options=options, size=v1.stat().st_size)) == _keys(TarShard(str(v1)))
+    assert _keys(TarShard(url, options=options, recorded=Recorded(v1.stat().st_size))) == _keys(TarShard(str(v1)))
     fs.put_file(str(v2), "/hd-cache/ds/shard-000000.tar")
-    assert _keys(TarShard(url, options=options, size=v2.stat().st_size)) == _keys(TarShard(str(v2)))
+    assert _keys(TarShard(url, options=options, recorded=Recorded(v2.stat().st_size))) == _keys(TarShard(str(v2)))
     with pytest.raises(DataError, match="manifest records 1"):
-        _keys(TarShard(url, options=options, size=1))
+        _keys(TarShard(url, options=options, recorded=Recorded(1)))
     with pytest.raises(DataError, match="manifest records 1"):
-        _keys(TarShard(url, size=1))
+        _keys(TarShard(url, recorded=Recorded(1)))
+
+
+def test_a_cached_shard_rewritten_at_its_url_in_the_same_size_is_read_anew(tmp_path):
+    """Tar pads to 10 KiB records, so a rewrite mostly keeps the shard's size: the cached copy
+    of the old bytes was read (at the new manifest's offsets) because only the size was checked.
+    The copy is named by the manifest's sha256 too, and a download that is not the manifest's
+    digest is a DataError: the store serving other bytes than its manifest describes."""
+    from data_pipeline.config import DataConfig
+    from data_pipeline.stream import build_stream
+    from tests.data.data_helpers import take
+
+    fs = fsspec.filesystem("memory")
+    v1, v2 = make_shards(tmp_path / "v1", (3,)), make_shards(tmp_path / "v2", (3,), seed=1)
+    assert (v1 / "shard-000000.tar").stat().st_size == (v2 / "shard-000000.tar").stat().st_size
+    cfg = DataConfig(shards="memory://hd-rewrite/ds", resolution=16, batch_size=3, num_workers=0,
+                     cache_dir=str(tmp_path / "cache"))
+
+    def captions() -> list[str]:
+        return list(take(build_stream(cfg, 0, 1), 1)[0]["caption"])
+
+    def upload(directory) -> None:
+        for f in directory.iterdir():
+            fs.put_file(str(f), f"/hd-rewrite/ds/{f.name}")
+
+    upload(v1)
+    first = captions()
+    upload(v2)  # the shard and its manifest rewritten
+    second = captions()
+    assert second != first and sorted(second) == sorted(s["txt"].decode() for s in _samples(v2))
+    fs.put_file(str(v1 / "shard-000000.tar"), "/hd-rewrite/ds/shard-000000.tar")  # v2's manifest, v1's bytes
+    for copy in (tmp_path / "cache").iterdir():
+        copy.unlink()
+    with pytest.raises(DataError, match="has sha256 .* but its manifest records"):
+        captions()
+
+
+def _samples(directory) -> list[dict]:
+    import webdataset as wds
+
+    return list(wds.WebDataset(str(directory / "shard-000000.tar"), shardshuffle=False, empty_check=False))
 
 
 def test_the_stream_refuses_a_remote_shard_rewritten_after_its_manifest(tmp_path):
@@ -138,6 +178,6 @@ def test_a_shard_served_without_content_length_is_read_as_a_stream_and_a_cut_cop
         reader.close()
         cut["/ds/shard-000000.tar"] = size // 2
         with pytest.raises(OSError, match=f"stopped at {size // 2} of the {size} bytes its manifest records"):
-            cached_copy(url, str(tmp_path / "cache"), 1 << 30, expected_size=size)
+            cached_copy(url, str(tmp_path / "cache"), 1 << 30, Recorded(size))
     finally:
         server.stop()
