@@ -158,7 +158,12 @@ def decode_npy(data: bytes) -> torch.Tensor:
         raise SkipSample("corrupt_array", f"npy: {e}") from None
     if not isinstance(array, np.ndarray):
         raise SkipSample("corrupt_array", "npy member is not a single array")
-    return torch.from_numpy(np.ascontiguousarray(array))
+    if not array.dtype.isnative:  # big-endian: torch holds native byte order only
+        array = array.astype(array.dtype.newbyteorder("="))
+    try:
+        return torch.from_numpy(np.ascontiguousarray(array))
+    except TypeError as e:  # strings, datetimes, records: no tensor dtype holds them
+        raise SkipSample("corrupt_array", f"npy of dtype {array.dtype}: {e}") from None
 
 
 def decode_safetensors(data: bytes) -> dict[str, torch.Tensor]:
@@ -272,11 +277,15 @@ def decode_sample(raw: RawSample, shard: str, counter: SkipCounter) -> Decoded:
             counter.member("ignored_member", shard, raw.key, f"{raw.key}.{ext}")
     meta_json = first.get("json", b"{}")
     meta = decode_json(meta_json)
+    image, video = _first(first, IMAGE_EXTS), _first(first, VIDEO_EXTS)
+    if image is not None or video is not None:  # a pixel sample: its tensors are no input (boxes, tags...)
+        for _, ext, _ in arrays:
+            counter.member("ignored_member", shard, raw.key, f"{raw.key}.{ext}")
+        arrays = []
     sample = Decoded(raw.key, sample_caption(first, meta), meta, meta_json=meta_json, tensors=_tensors(arrays))
-    image = _first(first, IMAGE_EXTS)
     if image is not None:
         sample.image = open_image(image)
-    elif (video := _first(first, VIDEO_EXTS)) is not None:
+    elif video is not None:
         sample.video = video
     elif not sample.tensors:
         raise SkipSample("missing_media", f"no image, video or tensor member among {sorted(raw.members)}")

@@ -12,10 +12,11 @@ import av
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 from PIL import ImageCms
 
 from data_pipeline.config import DataConfig
-from data_pipeline.decode import open_image
+from data_pipeline.decode import decode_npy, open_image
 from data_pipeline.errors import DataError, SkipSample
 from data_pipeline.stream import build_stream
 from data_pipeline.synth import synth_sample
@@ -42,7 +43,7 @@ def test_pickle_members_are_rejected_never_executed(tmp_path, cfg):
     samples = [synth_sample(i, size=32) for i in range(6)]
     for s in samples[:2]:
         s.update({"pyd": payload, "pkl": payload, "pth": payload})
-    samples[2]["extra.npy"] = _object_npy(TouchOnUnpickle(marker))
+    samples[2]["extra.npy"] = _object_npy(TouchOnUnpickle(marker))  # on a pixel sample: not read at all
     (tmp_path / "d").mkdir()
     write_tar(tmp_path / "d" / "shard-000000.tar", samples)
     write_manifest(tmp_path / "d")
@@ -50,8 +51,47 @@ def test_pickle_members_are_rejected_never_executed(tmp_path, cfg):
     assert not marker.exists()
     stats = stream.stats()
     assert stats["rejected_unsafe_member"] == 6  # three members on each of two samples
-    assert stats["corrupt_array"] == 1  # the object .npy needs pickle: refused, sample skipped
-    assert sorted(valid_keys(batches)) == sorted(s["__key__"] for i, s in enumerate(samples) if i != 2)
+    assert stats["ignored_member"] == 1 and stats["corrupt_array"] == 0
+    assert sorted(valid_keys(batches)) == sorted(s["__key__"] for s in samples)
+    with pytest.raises(SkipSample) as refused:  # a tensor member proper: the object array needs pickle
+        decode_npy(_object_npy(TouchOnUnpickle(marker)))
+    assert refused.value.reason == "corrupt_array" and not marker.exists()
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def test_npy_members_of_any_byte_order_load_and_dtypes_without_a_tensor_are_skipped():
+    """A big-endian array loads (in native order); strings, datetimes and records, which
+    numpy loads without pickle but torch holds no tensor of, are a skipped sample: they raised
+    TypeError out of the stream."""
+    values = np.arange(6, dtype=np.float32).reshape(2, 3)
+    assert torch.equal(decode_npy(_npy(values.astype(">f4"))), torch.from_numpy(values))
+    for odd in (np.array(["a", "b"]), np.array(["2026-01-01"], dtype="datetime64[D]"),
+                np.zeros(2, dtype=[("x", "<i4"), ("y", "<f4")])):
+        with pytest.raises(SkipSample) as refused:
+            decode_npy(_npy(odd))
+        assert refused.value.reason == "corrupt_array", odd.dtype
+
+
+def test_tensor_members_of_pixel_samples_are_ignored_and_counted(tmp_path, cfg):
+    """Boxes of varying count on image samples (and a string tag on one): not the model's input,
+    counted as ignored members; they stopped the run at the first batch (stacking failed) or
+    raised out of the stream."""
+    samples = [synth_sample(i, size=32) for i in range(6)]
+    for i, s in enumerate(samples):
+        s["boxes.npy"] = _npy(np.zeros((1 + i % 3, 4), np.float32))
+    samples[4]["tags.npy"] = _npy(np.array(["circle"]))
+    (tmp_path / "d").mkdir()
+    write_tar(tmp_path / "d" / "shard-000000.tar", samples)
+    write_manifest(tmp_path / "d")
+    batches, stream = _epoch(cfg(shards=str(tmp_path / "d"), batch_size=2))
+    assert sorted(valid_keys(batches)) == sorted(s["__key__"] for s in samples)
+    assert all("boxes" not in b and "tags" not in b for b in batches)
+    assert stream.stats()["ignored_member"] == 7
 
 
 def _bad_dataset(directory: pathlib.Path) -> dict[str, str]:
