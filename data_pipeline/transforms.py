@@ -363,8 +363,18 @@ def _upright(frames: list[av.VideoFrame], stream) -> Clip:
     if first.color_trc == PQ_TRANSFER:
         raise SkipSample("hdr_video", "PQ (HDR10) video needs tone mapping to SDR, which the loader does not do; "
                                       "convert it first (ffmpeg's zscale and tonemap filters)")
-    return Clip([upright_frame(f) for f in frames], pixel_shape(stream, first),
-                first.color_primaries == BT2020_PRIMARIES)
+    arrays = [upright_frame(f) for f in frames]
+    shapes = sorted({a.shape[:2] for a in arrays})
+    if len(shapes) > 1:  # a stream that changes resolution: one crop box cannot fit its frames
+        raise SkipSample("corrupt_video", f"the frames change size within the clip: (H, W) {shapes}")
+    shape = pixel_shape(stream, first)
+    if not 1 / MAX_PIXEL_ASPECT <= shape[0] / shape[1] <= MAX_PIXEL_ASPECT:
+        raise SkipSample("corrupt_video", f"sample aspect ratio {stream.sample_aspect_ratio} is out of "
+                                          f"[1/{MAX_PIXEL_ASPECT}, {MAX_PIXEL_ASPECT}]")
+    return Clip(arrays, shape, first.color_primaries == BT2020_PRIMARIES)
+
+
+MAX_PIXEL_ASPECT = 10  # anamorphic video stretches its pixels by 4:3 or 2:1; a ratio beyond this is a corrupt header
 
 
 def pixel_shape(stream, frame: av.VideoFrame) -> tuple[float, float]:

@@ -266,3 +266,47 @@ def test_clips_are_placed_over_a_live_webm_without_a_duration(fmt, codec):
         frames, start = choose_clip(FRAMES, spec.frame_counts, spec.frame_stride, u)
         assert _indices(video_pixels(data, spec, (0.5, 0.5, u)).frames) == clip_indices(start, frames, 3), u
     assert transforms.packet_count(data) == FRAMES
+
+
+def _h264_segment(width: int, height: int, frames: int) -> bytes:
+    """A raw H.264 stream of flat frames: two of them one after the other are one stream whose
+    resolution changes midway (an SPS of another size), as a cut-and-joined broadcast has."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="h264") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(frames):
+            frame = np.full((height, width, 3), 40 * (i % 5), np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("first, second", [((128, 32), (32, 32)), ((64, 64), (32, 32)), ((32, 32), (64, 64))])
+def test_a_clip_whose_frames_change_size_is_a_corrupt_video(first, second):
+    """One crop box, computed on the first frame, was applied to frames of another size: the
+    clip trained distorted, or (128x32 then 32x32) the resize raised out of the stream."""
+    data = _h264_segment(*first, 8) + _h264_segment(*second, 8)
+    spec = TransformSpec.from_config(DataConfig(shards="unused", kind="video", resolution=32, num_frames=12))
+    for u in (0.0, 0.99):
+        with pytest.raises(SkipSample) as skipped:
+            video_pixels(data, spec, (0.5, 0.5, u))
+        assert skipped.value.reason == "corrupt_video" and "change size" in skipped.value.detail
+
+
+@pytest.mark.parametrize("aspect", [Fraction(1, 20), Fraction(20, 1)])
+def test_a_sample_aspect_ratio_beyond_any_anamorphic_video_is_a_corrupt_video(aspect):
+    """A corrupt header's sample aspect ratio (a fuzzed MP4 had 103685/16693607) showed the
+    frames 0 pixels wide, and choosing their bucket raised out of the stream (math domain error)."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        stream.codec_context.sample_aspect_ratio = aspect
+        for _ in range(4):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8), format="rgb24")))
+        container.mux(stream.encode())
+    spec = TransformSpec.from_config(DataConfig(shards="unused", kind="video", resolution=32, num_frames=4))
+    with pytest.raises(SkipSample) as skipped:
+        video_pixels(buf.getvalue(), spec, (0.5, 0.5, 0.0))
+    assert skipped.value.reason == "corrupt_video" and "sample aspect ratio" in skipped.value.detail
