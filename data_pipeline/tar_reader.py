@@ -360,7 +360,9 @@ def _pax(data: bytes) -> dict[str, str]:
     out, pos = {}, 0
     while pos < len(data) and data[pos:pos + 1] != b"\0":
         space = data.index(b" ", pos)
-        length = int(data[pos:space])
+        length = int(data[pos:space])  # of the whole record, its own digits included
+        if not space - pos < length <= len(data) - pos:  # 0 never moved on: a worker looped forever
+            raise ValueError(f"pax record length {length} at {pos}")
         key, _, value = data[space + 1: pos + length - 1].partition(b"=")
         out[key.decode()] = value.decode("utf-8", "surrogateescape")
         pos += length

@@ -98,3 +98,26 @@ def test_the_header_checksum_is_tarfiles():
     headers += [b"\xff" * 512, bytes(512), b"\x80" * 512]
     for hdr in headers:
         assert _unsigned_sum(hdr) == tarfile.calc_chksums(hdr)[0]
+
+
+@pytest.mark.timeout(20)  # the record of length 0 looped forever: a hung worker, a hung `dit data inspect`
+@pytest.mark.parametrize("record", [b"0 a=b\n", b"1 a=b\n", b"99 a=b\n", b"-3 a=b\n"])
+def test_a_pax_record_of_an_impossible_length_is_a_corrupt_tar(tmp_path, record):
+    """A pax record's length counts the whole record, its digits included: 0, one that ends
+    inside its own digits, or one past the header's data is a corrupt shard (skipped and
+    counted), for the reader and for the walk that counts and indexes a shard's samples."""
+    sample = synth_sample(0, size=16)
+    pax = tarfile.TarInfo("PaxHeader/x")
+    pax.type, pax.size = tarfile.XHDTYPE, len(record)
+    data = pax.tobuf(format=tarfile.USTAR_FORMAT) + record + bytes(-len(record) % 512)
+    for ext, value in sample.items():
+        if ext != "__key__":
+            info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+            info.size = len(value)
+            data += info.tobuf(format=tarfile.USTAR_FORMAT) + value + bytes(-len(value) % 512)
+    path = tmp_path / "shard-000000.tar"
+    path.write_bytes(data + bytes(1024))
+    with pytest.raises(SkipSample) as skipped:
+        list(TarShard(str(path)))
+    assert skipped.value.reason == "corrupt_tar"
+    assert byte_index(str(path)) == (0, [])
