@@ -16,8 +16,8 @@ import av
 import numpy as np
 from tqdm import tqdm
 
-from data_pipeline.decode import (CAPTION_EXTS, IMAGE_EXTS, VIDEO_EXTS, member_type, open_image, orientation,
-                                  upright_size)
+from data_pipeline.decode import (IMAGE_EXTS, VIDEO_EXTS, decode_json, member_type, open_image, orientation,
+                                  sample_caption, upright_size)
 from data_pipeline import remote
 from data_pipeline.color import HLG_TRANSFER, PQ_TRANSFER
 from data_pipeline.errors import SkipSample
@@ -36,7 +36,7 @@ class Report:
     seconds: list[float] = field(default_factory=list)  # each video's duration, frames / rate
     hdr: Counter = field(default_factory=Counter)  # videos per HDR transfer (HLG, PQ)
     caption_words: list[int] = field(default_factory=list)
-    missing_captions: int = 0
+    caption_skips: Counter = field(default_factory=Counter)  # samples the loader skips for their caption, by reason
     unreadable: int = 0
     inspected: int = 0
     bad_shards: dict[str, str] = field(default_factory=dict)
@@ -81,15 +81,17 @@ def _inspect_shard(path: str, limit: int, report: Report) -> None:
             if n >= limit:
                 break
             report.inspected += 1
-            types = {member_type(ext): data for ext, data in raw.members.items()}
+            types: dict[str, bytes] = {}  # member type -> its first member, as the loader takes them
+            for ext, data in raw.members.items():
+                types.setdefault(member_type(ext), data)
             report.members.update(types.keys())
             _media_stats(types, report)
-            caption = next((types[t] for t in CAPTION_EXTS if t in types), None)
-            text = caption.decode("utf-8", "replace").strip() if caption is not None else ""
-            if text:
-                report.caption_words.append(len(text.split()))
+            try:  # the loader's rule: a caption member, else the json's `caption`
+                text = sample_caption(types, decode_json(types.get("json", b"{}")))
+            except SkipSample as e:
+                report.caption_skips[e.reason] += 1
             else:
-                report.missing_captions += 1
+                report.caption_words.append(len(text.split()))
     except SkipSample:
         report.unreadable += 1
 
@@ -151,7 +153,8 @@ def format_report(r: Report) -> str:
         lines.append(f"seconds:     {_summary(r.seconds, 1)}")
     if r.hdr:
         lines.append("HDR videos:  " + ", ".join(f"{k} {v} ({_HDR_NOTES[k]})" for k, v in sorted(r.hdr.items())))
-    lines.append(f"captions:    words {_summary(r.caption_words)}; missing or empty {r.missing_captions}")
+    skips = ", ".join(f"{k} {v}" for k, v in sorted(r.caption_skips.items())) or "none"
+    lines.append(f"captions:    words {_summary(r.caption_words)}; skipped by the loader: {skips}")
     if r.verified:
         if r.bad_shards:
             lines.append(f"verify:      {len(r.bad_shards)} BAD shard(s):")

@@ -18,10 +18,10 @@ from data_pipeline.errors import DataError, SkipSample
 from data_pipeline.inspect_shards import format_report, inspect_shards
 from data_pipeline.manifest import file_digest, load_manifest
 from data_pipeline.stream import build_stream
-from data_pipeline.synth import synth_samples
+from data_pipeline.synth import synth_sample, synth_samples
 from data_pipeline.transforms import TransformSpec, image_pixels
 from data_pipeline.write import InputReport, folder_samples, jsonl_samples, write_shards
-from tests.data.data_helpers import take, valid_keys
+from tests.data.data_helpers import take, valid_keys, write_manifest, write_tar
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +140,24 @@ def test_inspect_counts_and_verify_finds_bad_shards(tmp_path):
     report = inspect_shards(str(d), verify=True, progress=False)
     assert set(report.bad_shards) == {"shard-000001.tar", "shard-000002.tar"}
     assert "BAD" in format_report(report)
+
+
+def test_inspect_reads_captions_by_the_loaders_rule(tmp_path):
+    """Captions kept only in the json (`{"caption": ...}`) were reported missing, and text the
+    loader skips as not UTF-8 was counted as a caption: inspect takes each sample's caption as
+    the loader does and counts the samples it would skip, by reason."""
+    samples = [synth_sample(i, size=16) for i in range(10)]  # txt and json both hold the caption
+    for s in samples[:6]:
+        del s["txt"]
+    samples[6]["txt"], samples[7]["txt"] = b"  ", b"caf\xe9"
+    del samples[8]["txt"], samples[8]["json"]
+    (tmp_path / "d").mkdir()
+    write_tar(tmp_path / "d" / "shard-000000.tar", samples)
+    write_manifest(tmp_path / "d")
+    report = inspect_shards(str(tmp_path / "d"), progress=False)
+    assert len(report.caption_words) == 7
+    assert dict(report.caption_skips) == {"empty_caption": 1, "corrupt_text": 1, "missing_caption": 1}
+    assert "skipped by the loader: corrupt_text 1, empty_caption 1, missing_caption 1" in format_report(report)
 
 
 def test_video_shards_inspect(tmp_path):
