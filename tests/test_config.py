@@ -54,6 +54,21 @@ def test_dotted_override_and_interpolation():
         ("ema.warmup_steps=-1", "ema.warmup_steps"),
         # the demo's DiT reads 4-channel latents: with 3 it stopped at its first forward
         ("model.in_channels=3", "model.in_channels"),
+        # each of these was accepted and failed inside the ranks: building the schedule, drawing
+        # the sample grid after training and saving, tokenizing, in deepspeed.initialize, at the
+        # first forward
+        ("diffusion.beta_end=1.5", "diffusion.beta_end"),
+        ("diffusion.beta_start=-0.1", "diffusion.beta_start"),
+        ("diffusion.beta_start=0", "diffusion.beta_start"),
+        ("log.sample_steps=0", "log.sample_steps"),
+        ("log.sample_steps=1001", "log.sample_steps"),  # more than diffusion.num_timesteps
+        ("log.prompts=[]", "log.prompts"),
+        ("model.text.max_length=0", "model.text.max_length"),
+        ("deepspeed.bucket_size=0", "deepspeed.bucket_size"),
+        ("data.kind=video", "model.video"),
+        ("model.temporal_patch=-1", "model.temporal_patch"),
+        ("log.sample_cfg=-1", "log.sample_cfg"),
+        ("stage.max_nonfinite_in_row=0", "stage.max_nonfinite_in_row"),  # stopped at the first skipped step
     ],
 )
 def test_bad_value_names_the_key(override, key):
@@ -72,11 +87,36 @@ def test_bad_value_names_the_key(override, key):
      "stage.guidance_min"),  # w ~ U[5, 4]
     (["stage.kind=progressive", "stage.teacher=/x", "diffusion.loss_weighting=trunc_snr", "model.guidance_embed=true",
       "log.sample_cfg=6"], "log.sample_cfg"),  # the grids and adherence figures at a w outside the trained [1, 4]
+    # a ZeroDivisionError traceback in validation
+    (["data.kind=video", "model.video=true", "model.temporal_patch=0"], "model.temporal_patch"),
+    # weights of 0 (no training) or below (gradient ascent); every timestep the same
+    (["diffusion.zero_terminal_snr=false", "diffusion.loss_weighting=min_snr", "diffusion.min_snr_gamma=0"],
+     "diffusion.min_snr_gamma"),
+    (["diffusion.timestep_sampler=logit_normal", "diffusion.logit_normal_std=0"], "diffusion.logit_normal_std"),
+    # DiT-T/2's pipeline has 6 layers (embedder, 4 blocks, head): a 7th stage got none
+    (["deepspeed.pipeline_stages=7", "deepspeed.zero_stage=1"], "deepspeed.pipeline_stages"),
+    (["stage.kind=progressive", "stage.teacher=/x", "diffusion.loss_weighting=trunc_snr", "log.sample_steps=0"],
+     "log.sample_steps"),
+    (["stage.kind=superres", "model.superres=true", "data.sr_resolution=64", "log.sample_steps=1001"],
+     "log.sample_steps"),
 ])
 def test_stage_ranges_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as err:
         load_config(DEMO, overrides)
     assert err.value.key == key
+
+
+def test_settings_of_what_a_stage_does_not_use_are_not_refused():
+    """The cosine schedule reads no betas; the autoencoder stage samples no DiT and draws no
+    prompts, nor does the superres stage draw log.prompts (its grids caption the preview's);
+    the autoencoder stage on clips trains on their frames, without a video DiT; at
+    deepspeed.pipeline_stages = depth + 2 every stage holds one layer."""
+    load_config(DEMO, ["diffusion.schedule=cosine", "diffusion.beta_end=1.5"])
+    load_config(DEMO, ["stage.kind=autoencoder", "log.prompts=[]", "log.sample_steps=0", "log.sample_cfg=-1"])
+    load_config(DEMO, ["stage.kind=superres", "model.superres=true", "data.sr_resolution=64", "log.prompts=[]"])
+    load_config(DEMO, ["stage.kind=autoencoder", "data.kind=video"])
+    load_config(DEMO, ["log.sample_steps=1000", "log.sample_cfg=0", "stage.max_nonfinite_in_row=1"])
+    load_config(DEMO, ["deepspeed.pipeline_stages=6", "deepspeed.zero_stage=1"])
 
 
 def test_eps_with_zero_terminal_snr_is_explained():
@@ -139,6 +179,6 @@ def test_a_target_fps_is_checked_with_the_config(overrides, says):
 def test_a_frame_bucket_longer_than_num_frames_is_refused():
     """Longer videos would get the longest bucket that fits: clips past num_frames."""
     with pytest.raises(ConfigError, match="shorter clip lengths") as err:
-        load_config(DEMO, ["data.kind=video", "data.num_frames=8", "data.frame_buckets=[4,16]"])
+        load_config(DEMO, ["data.kind=video", "model.video=true", "data.num_frames=8", "data.frame_buckets=[4,16]"])
     assert err.value.key == "data.frame_buckets"
-    load_config(DEMO, ["data.kind=video", "data.num_frames=8", "data.frame_buckets=[4,8]"])
+    load_config(DEMO, ["data.kind=video", "model.video=true", "data.num_frames=8", "data.frame_buckets=[4,8]"])

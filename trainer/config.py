@@ -329,6 +329,7 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
           f"train on the pairs' {cfg.data.sr_resolution} px images, not at data.resolution={cfg.data.resolution} "
           f"where it is sampled; set it to 0")
     shapes = _validate_shapes(cfg)
+    _validate_pipeline_depth(cfg)
     _validate_sequence_parallel(cfg, shapes)
     if world_size is not None:
         _validate_world(cfg.deepspeed, world_size)
@@ -360,6 +361,9 @@ def check_weighting(d: DiffusionConfig) -> None:
     check(not (d.zero_terminal_snr and d.loss_weighting == "min_snr"), "diffusion.loss_weighting",
           "min_snr weighs t = 1 (SNR 0 under zero terminal SNR) by 0, the step every sampler starts from; "
           "use trunc_snr (Salimans & Ho 2022) or uniform, or set diffusion.zero_terminal_snr=false")
+    check(d.loss_weighting != "min_snr" or d.min_snr_gamma > 0, "diffusion.min_snr_gamma",
+          f"must be > 0, min_snr's cap on the SNR weight: 0 weighs every timestep by 0 (no training), a negative "
+          f"cap by a negative weight (gradient ascent) (got {d.min_snr_gamma})")
 
 
 def _validate_diffusion_and_model(cfg: RunConfig) -> None:
@@ -373,6 +377,17 @@ def _validate_diffusion_and_model(cfg: RunConfig) -> None:
     )
     check_weighting(d)
     check(d.num_timesteps >= 2, "diffusion.num_timesteps", "must be at least 2")
+    _validate_betas(d)
+    check(d.timestep_sampler != "logit_normal" or d.logit_normal_std > 0, "diffusion.logit_normal_std",
+          f"must be > 0, the spread of the logit-normal timesteps: at 0 every sample is noised to the same "
+          f"timestep (got {d.logit_normal_std})")
+    check(m.text.max_length >= 1, "model.text.max_length",
+          f"must be at least 1 token, the length captions are padded and cut to (got {m.text.max_length})")
+    check(m.temporal_patch >= 1, "model.temporal_patch",
+          f"must be at least 1 latent frame per patch (got {m.temporal_patch})")
+    check(not (cfg.data.kind == "video" and not m.video and cfg.stage.kind != "autoencoder"), "model.video",
+          "data.kind=video feeds clips, which an image DiT cannot read (its first forward fails); set "
+          "model.video=true, or data.kind=image")
     check(not m.learn_sigma, "model.learn_sigma",
            "a learned variance needs the variational-bound loss (Nichol & Dhariwal 2021), which this trainer "
            "does not implement; set it to false (v-prediction with a fixed variance)")
@@ -390,6 +405,19 @@ def _validate_diffusion_and_model(cfg: RunConfig) -> None:
     check(not (m.activation_checkpointing and m.checkpoint_policy == "attention"),
            "model.checkpoint_policy", "attention contradicts model.activation_checkpointing=true (full); "
            "set activation_checkpointing=false")
+
+
+def _validate_betas(d: DiffusionConfig) -> None:
+    """The linear and scaled_linear schedules interpolate betas from beta_start to beta_end
+    (trainer/diffusion/schedules.py; cosine ignores both): a beta of 0 or below, or of 1 or
+    above, is no noising step (negative alpha_bar, NaN square roots, or a table the zero
+    terminal SNR rescale divides by 0 on), which the ranks raised on when they built it."""
+    if d.schedule not in ("linear", "scaled_linear"):
+        return
+    check(0.0 < d.beta_start < 1.0, "diffusion.beta_start",
+          f"must be in (0, 1), the first step's noise variance (got {d.beta_start})")
+    check(d.beta_start <= d.beta_end < 1.0, "diffusion.beta_end",
+          f"must be in [diffusion.beta_start={d.beta_start}, 1), the last step's noise variance (got {d.beta_end})")
 
 
 def _validate_optim(o: OptimConfig) -> None:
@@ -414,6 +442,8 @@ def _validate_deepspeed(ds: DeepSpeedConfig) -> None:
     check(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
     check(ds.grad_accum >= 1, "deepspeed.grad_accum", "must be at least 1")
     check(ds.pipeline_stages >= 1, "deepspeed.pipeline_stages", "must be at least 1")
+    check(ds.bucket_size >= 1, "deepspeed.bucket_size",
+          f"must be at least 1 element, ZeRO's reduce / all-gather bucket (got {ds.bucket_size})")
     timeouts = {"deepspeed.comm_timeout_s": ds.comm_timeout_s, "deepspeed.rank0_timeout_s": ds.rank0_timeout_s}
     for key, seconds in timeouts.items():
         check(seconds > 0, key, f"must be a number of seconds above 0 (got {seconds})")
@@ -582,6 +612,20 @@ def _latent_frame_counts(cfg: RunConfig, temporal: int) -> tuple[int, ...]:
               f"clips of {frames} frames have {counts[-1]} latent frames, not a multiple of "
               f"model.temporal_patch={patch}")
     return tuple(counts)
+
+
+def _validate_pipeline_depth(cfg: RunConfig) -> None:
+    """A pipeline's layers are the DiT's embedder, its blocks and its head (trainer/parallel.py
+    `pipeline_layers`), each with parameters; DeepSpeed splits them by parameter count into
+    contiguous runs of at least one layer, but with more stages than layers it leaves the
+    last stages empty, and their ranks failed after the process group formed."""
+    stages = cfg.deepspeed.pipeline_stages
+    if stages == 1:
+        return
+    depth = dit_preset(cfg.model.preset).depth  # a known preset: _validate_shapes looked it up
+    check(stages <= depth + 2, "deepspeed.pipeline_stages",
+          f"{stages} stages for the {depth + 2} pipeline layers of {cfg.model.preset} (its embedder, {depth} blocks "
+          f"and head) would leave {stages - depth - 2} stage(s) without a layer; use at most {depth + 2}")
 
 
 def _validate_sequence_parallel(cfg: RunConfig, shapes: Shapes) -> None:

@@ -39,9 +39,26 @@ class StageSettings:
     # The DiT inputs (model.<key> flags) this kind's stage feeds its student: a flag the stage
     # does not feed builds a network whose first forward fails (a missing `lowres`/`guidance`).
     dit_inputs: ClassVar[tuple[str, ...]] = ()
+    # What the kind's sample grids and adherence figures draw: a DiT sampled at log.sample_steps
+    # with log.sample_cfg (`samples_dit`), from log.prompts (`draws_prompts`).
+    samples_dit: ClassVar[bool] = False
+    draws_prompts: ClassVar[bool] = False
 
     def check(self, cfg: RunConfig) -> None:
         check(self.steps >= 1, "stage.steps", "must be at least 1")
+        check(self.max_nonfinite_in_row >= 1, "stage.max_nonfinite_in_row",
+              f"must be at least 1, the skipped (non-finite) steps in a row that stop the run: 1 stops at the "
+              f"first, and there is no value that never stops (got {self.max_nonfinite_in_row})")
+        if self.samples_dit:
+            log, timesteps = cfg.log, cfg.diffusion.num_timesteps
+            check(1 <= log.sample_steps <= timesteps, "log.sample_steps",
+                  f"must be in [1, diffusion.num_timesteps={timesteps}], the sampler steps of the sample grids "
+                  f"(got {log.sample_steps}): the run trained and saved, then failed drawing its grid")
+            check(log.sample_cfg >= 0, "log.sample_cfg",
+                  f"must be >= 0, the guidance scale of the sample grids (got {log.sample_cfg:g})")
+        check(not self.draws_prompts or len(cfg.log.prompts) >= 1, "log.prompts",
+              f"the {self.kind} stage's sample grids and adherence figures draw these prompts; list at least one "
+              f"(with none the run trained and saved, then failed at its grid)")
         for key in DIT_INPUTS:
             takers = [name for name, kind in STAGE_KINDS.items() if key in kind.dit_inputs]
             check(not getattr(cfg.model, key) or key in self.dit_inputs, f"model.{key}",
@@ -70,6 +87,8 @@ class PretrainSettings(StageSettings):
     pipeline: ClassVar[bool] = True
     sequence_parallel: ClassVar[bool] = True
     student_from: ClassVar[str] = ""
+    samples_dit: ClassVar[bool] = True
+    draws_prompts: ClassVar[bool] = True
 
     def check(self, cfg: RunConfig) -> None:
         check(0.0 <= self.cfg_dropout < 1.0, "stage.cfg_dropout", "must be in [0, 1)")
@@ -84,6 +103,7 @@ class SuperresSettings(PretrainSettings):
     noise_aug_sample: float = 0.1
 
     dit_inputs: ClassVar[tuple[str, ...]] = ("superres",)
+    draws_prompts: ClassVar[bool] = False  # its grids sample the preview batch's own captions
 
     def check(self, cfg: RunConfig) -> None:
         super().check(cfg)
