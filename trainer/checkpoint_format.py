@@ -78,6 +78,13 @@ def commit(tmp: Path, final: Path, step: int, world_size: int) -> Path:
         fsync_dir(directory)
     complete = {"step": step, "world_size": world_size, "files": files}
     write_atomic(tmp / COMPLETE, json.dumps(complete, indent=1, sort_keys=True))
+    return replace_dir(tmp, final)
+
+
+def replace_dir(tmp: Path, final: Path) -> Path:
+    """Rename the finished `tmp` (`temporary_dir`) to `final`, replacing a directory of that
+    name whole: a kill midway leaves the old one, or none under `final` and the new one under
+    `tmp`, never parts of both."""
     remove_dir(final)
     os.rename(tmp, final)
     fsync_dir(final.parent)

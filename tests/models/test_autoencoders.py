@@ -102,6 +102,60 @@ def test_the_autoencoder_stage_refuses_to_write_over_a_folder_it_did_not_write(a
         preflight(tiny_config(tmp_path, *stage, f"model.autoencoder.path={tmp_path / folder}"))
 
 
+def test_the_autoencoder_stage_needs_a_kl_autoencoder_and_a_folder_of_its_own(tmp_path):
+    """Accepted before, it trained a KL autoencoder with model.autoencoder.kind=none, saved it
+    into the working directory without model.autoencoder.path, and, as each save now replaces
+    the folder whole, would delete what else lives there (the run's checkpoints, say)."""
+    from tests.eval.eval_helpers import tiny_config
+    from trainer.config import ConfigError
+    from trainer.stages import preflight
+
+    kl = ("stage.kind=autoencoder", "model.autoencoder.kind=kl")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    for overrides, key in [(("stage.kind=autoencoder", f"model.autoencoder.path={tmp_path / 'new'}"),
+                            "model.autoencoder.kind"),
+                           (kl, "model.autoencoder.path"),
+                           ((*kl, f"model.autoencoder.path={tmp_path / 'full'}"), "model.autoencoder.path"),
+                           ((*kl, f"model.autoencoder.path={tmp_path}"), "model.autoencoder.path")]:  # the run's folder
+        with pytest.raises(ConfigError) as err:
+            preflight(tiny_config(tmp_path, *overrides))
+        assert err.value.key == key, overrides
+    preflight(tiny_config(tmp_path, *kl, f"model.autoencoder.path={tmp_path / 'new'}"))
+
+
+def test_a_save_killed_midway_leaves_the_previous_autoencoder_whole(ae, tmp_path, monkeypatch):
+    """The folder is written beside and renamed over: rewritten in place, a kill between the
+    weights and latent_norm.json left the new weights beside the old latent scale."""
+    import pathlib
+
+    from trainer.config import NORM_FILE
+
+    target = tmp_path / "ae"
+    ae.fit_scale(images())
+    ae.save(target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    write_text = pathlib.Path.write_text
+
+    def killed(self, *args, **kwargs):
+        if self.name == NORM_FILE:
+            raise KeyboardInterrupt("killed")
+        return write_text(self, *args, **kwargs)
+
+    with torch.no_grad():
+        for p in ae.vae.parameters():
+            p.add_(1.0)
+    ae.scale.fill_(7.0)
+    monkeypatch.setattr(pathlib.Path, "write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ae.save(target)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    ae.save(target)  # the next save replaces the leftover and the folder
+    assert Autoencoder.load(target).scale.item() == pytest.approx(7.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ae"]
+
+
 def test_load_errors_name_the_key(tmp_path):
     with pytest.raises(FileNotFoundError, match="model.autoencoder.path"):
         Autoencoder.load(tmp_path)

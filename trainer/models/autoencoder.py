@@ -26,6 +26,7 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from trainer.checkpoint_format import replace_dir, temporary_dir
 from trainer.config import NORM_FILE, AutoencoderConfig
 
 # Causal video autoencoders of diffusers that take (B, C, F, H, W) whole.
@@ -133,13 +134,17 @@ class Autoencoder(nn.Module):
     # -- storage -------------------------------------------------------------------------------
 
     def save(self, directory: Union[str, Path]) -> None:
-        """diffusers folder (safetensors + config.json) and latent_norm.json; no pickle."""
+        """diffusers folder (safetensors + config.json) and latent_norm.json; no pickle. Written
+        beside `directory` and renamed over it, replacing it whole: rewritten in place, a kill
+        between the weights and latent_norm.json left new weights beside the old scale."""
         directory = Path(directory)
+        tmp = temporary_dir(directory)
         if "scaling_factor" in self.vae.config:
             self.vae.register_to_config(scaling_factor=float(self.scale), shift_factor=float(self.shift))
-        self.vae.save_pretrained(str(directory), safe_serialization=True)
+        self.vae.save_pretrained(str(tmp), safe_serialization=True)
         norm = {"scale": float(self.scale), "shift": float(self.shift), "class": type(self.vae).__name__}
-        (directory / NORM_FILE).write_text(json.dumps(norm, indent=2) + "\n")
+        (tmp / NORM_FILE).write_text(json.dumps(norm, indent=2) + "\n")
+        replace_dir(tmp, directory)
 
     @classmethod
     def load(cls, directory: Union[str, Path]) -> "Autoencoder":
