@@ -64,9 +64,49 @@ def preflight_resume(cfg: RunConfig, world_size: int) -> tuple[RunConfig, str]:
     if directory is not None:
         check_encoders(directory, cfg.model, "resuming it")
         check_resumed_stage(directory, cfg)
+        check_same_network(directory, cfg)
     cfg, note = keep_global_batch(cfg, world_size, directory)
     preflight(cfg.checkpoint, to_yaml(cfg), world_size, global_batch(cfg, world_size), RESUMABLE_CHANGES)
     return cfg, note
+
+
+def check_same_network(directory: Path, cfg: RunConfig) -> None:
+    """A resume continues the checkpoint's network: model.* keys changed under
+    checkpoint.allow_config_change (without it `check_compatible` refuses any change) that
+    change the DiT's weights (model.qk_norm, the preset, ...) are refused, as a resume on another
+    layout refuses weights that do not fit (CheckpointError), before any process starts; on the
+    same layout DeepSpeed's load_state_dict raised a bare RuntimeError in every rank. Both DiTs
+    are built on the meta device, no weights read."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    from trainer.config import ModelConfig, flatten, to_dict
+    from trainer.models.dit import build_dit
+
+    if cfg.stage.kind == "autoencoder" or not cfg.checkpoint.allow_config_change:  # no DiT; the change is refused
+        return
+    try:
+        written = yaml.safe_load((directory / "config.yaml").read_text())["model"]
+        schema = OmegaConf.structured(ModelConfig)
+        old: ModelConfig = OmegaConf.to_object(OmegaConf.merge(schema, written))  # type: ignore[assignment]
+    except Exception:  # noqa: BLE001 (an unreadable config.yaml is check_compatible's to report)
+        return
+    was, now = flatten(to_dict(old)), flatten(to_dict(cfg.model))
+    changed = [f"model.{k}" for k in now if was.get(k) != now[k]]
+    if not changed:
+        return
+
+    def shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
+        with torch.device("meta"):  # any text widths: the encoders are checked against encoders.json
+            return {k: tuple(v.shape) for k, v in build_dit(model, 64, 64).state_dict().items()}
+
+    before, after = shapes(old), shapes(cfg.model)
+    differ = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    if differ:
+        raise CheckpointError(f"{directory} holds another network than this config builds ({len(differ)} weights "
+                              f"differ, e.g. {differ[:3]}): {', '.join(changed)} changed, and a resume continues "
+                              f"the checkpoint's network; set them back, or start a new run from it with "
+                              f"checkpoint.init_from")
 
 
 def network_names(net: nn.Module, trained: nn.Module) -> dict[str, str]:
@@ -262,10 +302,18 @@ class Trainer:
         was = written_shape(directory)
         states = self.stateful()
         if was.same_layout(shape_of(self.cfg, self.ctx.world_size)):
-            for name, engine in self.engines.items():
-                self.ckpt.load_engine(engine, directory, name)
-            del states["players"]
-            load_states(self.ckpt, directory, states)
+            try:
+                for name, engine in self.engines.items():
+                    self.ckpt.load_engine(engine, directory, name)
+                del states["players"]
+                load_states(self.ckpt, directory, states)
+            except RuntimeError as e:  # load_state_dict's mismatch: weights of another network
+                if isinstance(e, CheckpointError) or "in loading state_dict" not in str(e):
+                    raise
+                first = str(e).strip().splitlines()[0]
+                raise CheckpointError(f"{directory} does not fit this run's networks ({first}): a resume continues "
+                                      f"the checkpoint's network; set the changed model.* keys back, or start a "
+                                      f"new run from it with checkpoint.init_from") from None
         else:
             self.load_elastic(directory, was, states)
         copy_frozen(self.stage.frozen_copies())

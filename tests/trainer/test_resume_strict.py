@@ -52,3 +52,18 @@ def test_an_ema_turned_on_at_resume_starts_at_the_resumed_weights(tmp_path, caps
     assert ema.num_updates == 0
     assert all(torch.equal(ema.shadow[n], p.float()) for n, p in net.named_parameters())
     assert "the EMA starts at the resumed weights" in capsys.readouterr().out
+
+
+def test_a_resume_that_changes_the_network_is_refused_before_launch(tmp_path):
+    """--allow-config-change lets a resume change settings, not the network: model.qk_norm
+    turned off on the checkpoint's own layout died in every rank with load_state_dict's raw
+    RuntimeError (exit 1, which a launcher restarts); it is refused as a checkpoint error
+    before any process starts, as on another layout. A change that keeps the weights resumes."""
+    from launch.job import resume_config
+    from tests.eval.eval_helpers import tiny_config, write_checkpoint
+
+    write_checkpoint(tiny_config(tmp_path))
+    allowed = "checkpoint.allow_config_change=true"
+    _, refusal, _ = resume_config(tiny_config(tmp_path, allowed, "model.qk_norm=false"), 1)
+    assert refusal is not None and "model.qk_norm changed" in refusal and "q_norm" in refusal
+    assert resume_config(tiny_config(tmp_path, allowed, "model.compile=true", "optim.lr=1e-3"), 1)[1] is None
