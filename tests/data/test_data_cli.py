@@ -47,7 +47,8 @@ def test_precompute_makes_the_pixels_with_the_run_configs_data_settings(tmp_path
     videos = make_shards(tmp_path / "videos", sizes=[2], size=16, video=True, frames=8)  # at 8 fps
     run = tmp_path / "run.yaml"
     run.write_text((ROOT / "configs" / "test_tiny.yaml").read_text().replace(
-        "data:\n  resolution: 16\n", "data:\n  kind: video\n  resolution: 16\n  num_frames: 4\n  fps: 4\n"))
+        "data:\n  resolution: 16\n", "data:\n  kind: video\n  resolution: 16\n  num_frames: 4\n  fps: 4\n").replace(
+        "model:\n", "model:\n  video: true\n"))
     assert _run(["data", "precompute", str(videos), "--out", str(tmp_path / "lat"), "--encoder",
                  "tests.data.test_data_cli:run_encoder", "--encoder-arg", f"config={run}",
                  "--encoder-arg", 'overrides=["data.frame_buckets=[2]"]']) == 0

@@ -85,7 +85,8 @@ def test_a_distilled_teachers_guidance_range_bounds_the_students(tmp_path, teach
 def test_the_preflight_refuses_what_the_distillation_stages_refuse_once_started(tmp_path, teacher):
     """A student without the guidance input of its guidance-conditioned teacher, and a teacher
     sampler longer than the schedule (progressive: 2 x the first round; adversarial: the CFG
-    teacher's log.sample_steps), failed only once the ranks built their stages (the latter as a
+    teacher's log.sample_steps rounded up to a multiple of the student's steps, 1002 for 3 of
+    1000), failed only once the ranks built their stages (the latter as a
     ValueError at the first loss)."""
     conditioned = round_export(tmp_path / "round", teacher, "model.guidance_embed=true")
     cfg = tiny_config(tmp_path / "student", f"stage.teacher={conditioned}", "stage.kind=progressive",
@@ -93,7 +94,7 @@ def test_the_preflight_refuses_what_the_distillation_stages_refuse_once_started(
     with pytest.raises(ConfigError, match="'model.guidance_embed'.*guidance-conditioned"):
         preflight(cfg)
     for kind, overrides, key in (("progressive", ["stage.rounds=[1024]"], "stage.rounds"),
-                                 ("adversarial", ["stage.rounds=[2]", "log.sample_steps=1200"], "log.sample_steps")):
+                                 ("adversarial", ["stage.rounds=[3]", "log.sample_steps=1000"], "log.sample_steps")):
         cfg = tiny_config(tmp_path / kind, f"stage.teacher={teacher}", f"stage.kind={kind}", *overrides,
                           "diffusion.loss_weighting=trunc_snr")
         with pytest.raises(ConfigError, match=rf"'{key}'.*diffusion\.num_timesteps=1000"):
