@@ -64,6 +64,7 @@ def test_dotted_override_and_interpolation():
         ("log.sample_steps=1001", "log.sample_steps"),  # more than diffusion.num_timesteps
         ("log.prompts=[]", "log.prompts"),
         ("model.text.max_length=0", "model.text.max_length"),
+        ("model.text.max_length=2", "model.text.max_length"),  # MiniLM: [CLS] [SEP] and no caption
         ("deepspeed.bucket_size=0", "deepspeed.bucket_size"),
         ("data.kind=video", "model.video"),
         ("model.temporal_patch=-1", "model.temporal_patch"),

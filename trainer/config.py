@@ -37,6 +37,12 @@ class TextEncoderConfig:
     precision: str = "fp32"
 
 
+# Tokens a caption needs at the least, per text encoder kind: the tokenizer's special tokens
+# (BERT's [CLS] [SEP], CLIP's start and end of text, T5's </s>) and one of the caption. Shorter,
+# the tokenizer raised in the ranks (it cannot fit its special tokens), or every caption became
+# the same [CLS] [SEP]. An `hf` folder's own tokenizer is checked when the encoder is built.
+MIN_TEXT_TOKENS = {"minilm": 3, "open_clip": 3, "t5": 2, "hf": 2}
+
 NORM_FILE = "latent_norm.json"  # an autoencoder folder's latent normalisation, written by the autoencoder stage
 
 
@@ -381,8 +387,10 @@ def _validate_diffusion_and_model(cfg: RunConfig) -> None:
     check(d.timestep_sampler != "logit_normal" or d.logit_normal_std > 0, "diffusion.logit_normal_std",
           f"must be > 0, the spread of the logit-normal timesteps: at 0 every sample is noised to the same "
           f"timestep (got {d.logit_normal_std})")
-    check(m.text.max_length >= 1, "model.text.max_length",
-          f"must be at least 1 token, the length captions are padded and cut to (got {m.text.max_length})")
+    least = MIN_TEXT_TOKENS.get(m.text.kind, 1)
+    check(m.text.max_length >= least, "model.text.max_length",
+          f"must be at least {least} tokens for a {m.text.kind} encoder, the length captions are padded and cut "
+          f"to: its tokenizer's special tokens and one of the caption (got {m.text.max_length})")
     check(m.temporal_patch >= 1, "model.temporal_patch",
           f"must be at least 1 latent frame per patch (got {m.temporal_patch})")
     check(not (cfg.data.kind == "video" and not m.video and cfg.stage.kind != "autoencoder"), "model.video",

@@ -105,6 +105,27 @@ def test_t5_encoder_folder(tmp_path, minilm_tokenizer, kind):
     assert emb.tokens.shape == (2, 10, 32) and emb.pooled.shape == (2, 32)
 
 
+def test_an_hf_folder_whose_tokenizer_fills_max_length_with_special_tokens_is_refused(tmp_path, minilm_tokenizer):
+    """An `hf` folder's own tokenizer decides what max_length must leave for the caption: a
+    BERT tokenizer's [CLS] [SEP] at max_length 2 (validation allows 2 for an hf folder, which a
+    T5 tokenizer with its one </s> fills well) left no caption token, and every caption encoded
+    the same; at 1 the tokenizer raised in every rank at the first batch."""
+    from transformers import BertConfig, BertModel
+
+    from trainer.config_errors import ConfigError
+
+    config = BertConfig(vocab_size=minilm_tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=64)
+    BertModel(config).save_pretrained(tmp_path)
+    minilm_tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="adds 2 special tokens; use at least 3") as refused:
+        build_text_encoder(TextEncoderConfig(kind="hf", path=str(tmp_path), max_length=2))
+    assert refused.value.key == "model.text.max_length"
+    tokens = build_text_encoder(TextEncoderConfig(kind="hf", path=str(tmp_path), max_length=3)).encode(
+        ["red circle", "blue square"]).tokens  # (2, 3, 32): [CLS] red|blue [SEP]
+    assert not torch.equal(tokens[0], tokens[1])
+
+
 def test_hf_needs_a_path():
     with pytest.raises(ValueError, match="model.text.path"):
         build_text_encoder(TextEncoderConfig(kind="hf"))

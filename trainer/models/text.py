@@ -214,6 +214,10 @@ class HFTextEncoder(TextEncoder):
         dim = backbone.config.d_model if t5 else backbone.config.hidden_size
         super().__init__(backbone, dim, dim, max_length, null)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
+        special = self.tokenizer.num_special_tokens_to_add()
+        check(max_length > special, "model.text.max_length",
+              f"{max_length} tokens leave none for the caption: the {model_type} tokenizer adds {special} special "
+              f"tokens; use at least {special + 1}")
         self.normalize = normalize
 
     def _encode(self, captions: list[str]) -> tuple[Tensor, Tensor, Tensor]:
