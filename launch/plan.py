@@ -34,8 +34,11 @@ activations of one micro-batch: the tensors autograd saves, counted per DiT bloc
 model's code (layers.py) - in units of B N D values (B micro-batch, N tokens, D width):
 residual-stream and norm inputs 4, adaLN modulations 2, fused qkv 3, normalized q and k 2,
 attention output 1, the two gated branch outputs 2, MLP 2 x mlp_ratio, cross-attention 5
-(+ keys and values over the L text tokens); a CPU attention kernel also keeps contiguous
-copies of q and k (+3). On a GPU in bf16/fp16, autocast runs layer_norm in fp32, so the
+(+ keys and values over the L text tokens). On a CPU torch's rms_norm (the qk-norm) is a
+composite that also keeps x * rsqrt(mean x^2) (+1 a normed tensor: +3), and in bf16/fp16 runs
+in fp32, keeping an fp32 copy of q and k and that product in fp32 (+8 a block, +6 for a
+temporal attention, over fp32's count: DiT-S/2 at 64 px measured 727.8 MB, planned 572.2 MB
+without them). On a GPU in bf16/fp16, autocast runs layer_norm in fp32, so the
 outputs of the norms that the adaLN modulation keeps (two a block, the temporal and the final
 one) are fp32: one more w-byte unit each (the CPU's autocast keeps them in bf16). With them
 the plan accounts for the H200's measured peak of DiT-XL/2 (batch 64, ZeRO-2: 49.1 GB against
@@ -99,12 +102,22 @@ H100_BF16_TFLOPS = 989.0  # dense bf16 peak of an H100 SXM
 DEFAULT_MFU = 0.4
 ADAM_BYTES = 8  # fp32 m and v
 MASTER_BYTES = 4  # fp32 master weights
-# Per DiT block, in units of B N D saved values (see the module docstring).
-BLOCK_BASE = 4 + 2 + 3 + 1 + 2  # norm inputs/outputs, modulations, qkv, attention out, gated outputs
-QK_NORMED = 2
-CROSS = 5  # norm input and output, q, normalized q, attention output
-CPU_SDPA_COPIES = 3  # contiguous q, k (self) and q (cross) kept by the CPU attention kernel
-TEMPORAL = 12  # factorized video blocks: temporal attention with its reshapes (not validated)
+# Per DiT block, in units of B N D saved values (see the module docstring): outside its attentions,
+SELF_OUTSIDE = 4 + 2 + 2  # norm inputs/outputs, modulations (one the self-attention's input), gated outputs
+CROSS_OUTSIDE = 2  # the cross-attention's norm input and output (its input)
+TEMPORAL_OUTSIDE = 1  # the temporal attention's input
+# and inside them (what checkpoint_policy=attention recomputes):
+SELF_INSIDE = 3 + 1  # fused qkv, attention output
+QK_NORMED = 2  # normalized q and k, the attention's inputs
+CROSS_INSIDE = 2  # q, attention output (+1 normalized q)
+TEMPORAL_INSIDE = 7  # factorized video blocks: temporal attention with its reshapes (+ QK_NORMED)
+# torch's CPU rms_norm (qk-norm) is a composite that keeps x * rsqrt(mean x^2) besides its input:
+# one more unit per normed tensor; in bf16/fp16 it computes in fp32 and keeps an fp32 copy of
+# the input and that product in fp32, 2 units each, for the input itself (kept anyway as a view
+# of the fused qkv / kv, except the cross-attention's q): measured per bf16 block of DiT-S/2, +8
+# units over fp32's count (+6 temporal)
+CPU_RMS_NORM = 1
+CPU_RMS_NORM_HALF = 4
 HEAD = 3  # final norm input and output, modulation
 AUTOCAST_NORMS = 2  # GPU bf16/fp16: norm1 and norm2 outputs in fp32 (+1 unit each; +1 temporal, +1 head)
 
@@ -235,19 +248,29 @@ def bucket_bytes(zero_stage: int, precision: str, z: ZeroSettings, params: int, 
     return float(w * (buckets * z.reduce_bucket_size + prefetch))
 
 
-def block_units(m: ModelFacts, cpu: bool, fp32_norms: bool = False) -> tuple[float, float]:
-    """Saved values of one DiT block per sample: (units of N D, units of L D); `fp32_norms`:
-    mixed precision on a GPU (autocast's layer_norm in fp32)."""
-    nd = BLOCK_BASE + 2 * m.mlp_ratio + (QK_NORMED if m.qk_norm else 0) + (AUTOCAST_NORMS if fp32_norms else 0)
-    ld = 0.0
-    if m.cross_attention:
-        nd += CROSS if m.qk_norm else CROSS - 1
-        ld = 2 + (1 if m.qk_norm else 0) + (1 if cpu else 0)  # k, v; normalized k; its copy
-    if cpu:
-        nd += CPU_SDPA_COPIES if m.cross_attention else CPU_SDPA_COPIES - 1
+def attention_units(m: ModelFacts, cpu: bool, fp32_norms: bool = False,
+                    half: bool = False) -> list[tuple[float, float]]:
+    """Saved values inside each attention submodule of one DiT block (self, cross, temporal)
+    per sample: (units of N D, units of L D), without the attention's input (counted outside
+    it: a checkpoint keeps it). `half`: bf16/fp16 training (on the CPU, qk-norm's fp32 copies)."""
+    qk = QK_NORMED if m.qk_norm else 0
+    rms = (CPU_RMS_NORM_HALF if half else CPU_RMS_NORM) if cpu and m.qk_norm else 0
+    parts = [(SELF_INSIDE + qk + 2 * rms, 0.0)]
+    if m.cross_attention:  # q (normalized, its composite's: the raw q not kept in half), output; k, v
+        q = qk // 2 + rms - (1 if rms and half else 0)
+        parts.append((CROSS_INSIDE + q, 2 + qk // 2 + rms))
     if m.temporal:
-        nd += TEMPORAL + (1 if fp32_norms else 0)
-    return nd, ld
+        parts.append((TEMPORAL_INSIDE + qk + 2 * rms + (1 if fp32_norms else 0), 0.0))
+    return parts
+
+
+def block_units(m: ModelFacts, cpu: bool, fp32_norms: bool = False, half: bool = False) -> tuple[float, float]:
+    """Saved values of one DiT block per sample: (units of N D, units of L D); `fp32_norms`:
+    mixed precision on a GPU (autocast's layer_norm in fp32); `half`: bf16/fp16 training."""
+    nd = SELF_OUTSIDE + 2 * m.mlp_ratio + (AUTOCAST_NORMS if fp32_norms else 0)
+    nd += (CROSS_OUTSIDE if m.cross_attention else 0) + (TEMPORAL_OUTSIDE if m.temporal else 0)
+    parts = attention_units(m, cpu, fp32_norms, half)
+    return nd + sum(n for n, _ in parts), sum(l for _, l in parts)
 
 
 def activation_bytes(m: ModelFacts, micro_batch: int, precision: str, checkpointing: bool,
@@ -261,8 +284,9 @@ def activation_bytes(m: ModelFacts, micro_batch: int, precision: str, checkpoint
     if m.saved is not None:  # a measured network (the autoencoder stage's), in the config's precision
         return float(in_flight * m.saved.bytes(micro_batch))
     layers = m.depth if layers is None else layers
-    fp32_norms = precision != "fp32" and not cpu
-    nd, ld = block_units(m, cpu, fp32_norms)
+    half = precision != "fp32"
+    fp32_norms = half and not cpu
+    nd, ld = block_units(m, cpu, fp32_norms, half)
     ND, LD = m.tokens * m.width / sequence_parallel, m.text_len * m.width
     block = nd * ND + ld * LD
     head = (HEAD + (1 if fp32_norms else 0)) * ND

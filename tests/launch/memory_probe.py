@@ -13,6 +13,9 @@ case it builds the DiT of CONFIG with that preset and the engine exactly as the 
 - `activations` (rank 0, fp32 cases): bytes of the distinct non-parameter storages autograd
   saved during one forward of one micro-batch (`saved_tensors_hooks`).
 
+`forward_saved_bytes` measures the same in process, without an engine, for any precision and
+checkpointing policy (bf16 on the CPU keeps qk-norm's fp32 copies: a case fp32 cannot show).
+
 Rank 0 writes OUT as JSON (a list of records).
 """
 from __future__ import annotations
@@ -102,6 +105,38 @@ def measure(config: str, preset: str, zero: int, precision: str, ctx) -> dict:
     del engine, net
     gc.collect()
     return record
+
+
+def forward_saved_bytes(cfg, batch: int) -> int:
+    """Bytes of the distinct non-parameter storages autograd saves in one training forward of
+    `cfg`'s DiT on `batch` random samples on the CPU: cast to the training precision under its
+    autocast, with `cfg`'s checkpointing policy (a checkpoint's inputs counted once, where the
+    block's other operations save them)."""
+    from launch.plan_model import model_facts
+
+    m = model_facts(cfg, 0, "cpu")
+    text_dim, pooled_dim, text_len, _ = text_dims(cfg.model)
+    seed_everything(0)
+    half = cfg.deepspeed.precision != "fp32"
+    net = prepare_for_training(build_dit(cfg.model, text_dim, pooled_dim), cfg.model).to(
+        torch.bfloat16 if half else torch.float32)
+    weights = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    x = torch.randn(batch, *m.latent_shape)
+    text = TextEmbedding(torch.randn(batch, text_len, text_dim), torch.ones(batch, text_len, dtype=torch.bool),
+                         torch.randn(batch, pooled_dim))
+    with torch.autocast("cpu", torch.bfloat16, enabled=half), \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = net(x, torch.rand(batch), text)  # kept alive: its graph holds what is saved
+    del out
+    return sum(saved.values())
 
 
 def main(out: str, config: str, *specs: str) -> None:

@@ -12,6 +12,7 @@ from launch.cli import main
 from launch.plan import (Hardware, Layout, activation_bytes, block_units, estimate, layouts,
                          model_state_bytes, plan, zero_settings)
 from launch.plan_model import autoencoder_facts, model_facts
+from tests.launch.memory_probe import forward_saved_bytes
 from tests.trainer.harness import ROOT, TINY, train_env
 from trainer.config import load_config, validate
 
@@ -47,15 +48,16 @@ def test_checkpointing_keeps_one_input_per_block():
 def test_gpu_autocast_keeps_the_modulated_norm_outputs_in_fp32():
     """CUDA autocast runs layer_norm in fp32: in bf16 on a GPU each block keeps its two modulated
     norm outputs in fp32 (one more 2-byte unit each) and the head its final one; not on the CPU
-    (its autocast keeps them bf16), and fp32 counts every value at 4 bytes already."""
+    (its autocast keeps them bf16, but its composite qk-norm fp32 copies of q and k), and fp32
+    counts every value at 4 bytes already."""
     cfg = load_config(TINY, [*XL, "data.resolution=256"])
     m = model_facts(cfg, persistence_threshold=100_000)
     unit = m.tokens * m.width * 2  # one saved B N D value in bf16, per sample
     assert block_units(m, False, fp32_norms=True)[0] - block_units(m, False)[0] == 2
     gpu, fp32 = activation_bytes(m, 1, "bf16", False), activation_bytes(m, 1, "fp32", False)
     assert gpu == pytest.approx(fp32 / 2 + (2 * m.depth + 1) * unit, rel=1e-12)
-    assert activation_bytes(m, 1, "bf16", False, cpu=True) == pytest.approx(
-        activation_bytes(m, 1, "fp32", False, cpu=True) / 2, rel=1e-12)
+    cpu_extra = activation_bytes(m, 1, "bf16", False, cpu=True) - activation_bytes(m, 1, "fp32", False, cpu=True) / 2
+    assert cpu_extra == pytest.approx(8 * m.depth * unit + 3 * m.depth * m.text_len * m.width * 2, rel=1e-12)
     with_ckpt = activation_bytes(m, 1, "bf16", True) - activation_bytes(m, 1, "fp32", True) / 2
     assert with_ckpt == pytest.approx(3 * unit, rel=1e-12)  # the recomputed block's two and the head's
 
@@ -77,6 +79,17 @@ def test_nothing_fits_says_what_to_do(capsys):
     assert main(["plan", str(TINY), *XL, "data.resolution=512", "data.batch_size=512", "--gpus", "1",
                  "--gpu-mem", "16"]) == 0
     assert "nothing fits" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cpu_activations_are_those_autograd_saves(precision):
+    """`--device cpu` activations against the bytes autograd saves in one forward on this CPU
+    (in process, no engine). bf16 is the case the engines' probe (fp32) missed: the CPU's
+    composite rms_norm keeps fp32 copies of the normalized q and k (planned 21% low)."""
+    cfg = load_config(TINY, ["model.preset=DiT-S/2", "data.resolution=32", f"deepspeed.precision={precision}"])
+    m = model_facts(cfg, 0, "cpu")
+    measured = forward_saved_bytes(cfg, 2)
+    assert activation_bytes(m, 2, precision, False, cpu=True) == pytest.approx(measured, rel=0.02)
 
 
 CASES = ["DiT-T/2,2,fp32", "DiT-Tiny/1,2,fp32", "DiT-T/2,0,fp32", "DiT-T/2,3,fp32", "DiT-T/2,2,bf16",
