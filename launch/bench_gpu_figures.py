@@ -47,9 +47,10 @@ class MemoryPlan:
 
 def predict_memory(cfg, device_mem_gb: float, cpu: bool) -> MemoryPlan:
     from launch.plan import Hardware, Layout, plan
+    from trainer.parallel import checkpoint_policy
 
     hw = Hardware(gpus=1, gpu_mem_gb=device_mem_gb, cpu=cpu)
-    layout = Layout(cfg.deepspeed.zero_stage, 1, cfg.model.activation_checkpointing or cfg.model.checkpoint_policy == "full")
+    layout = Layout(cfg.deepspeed.zero_stage, 1, checkpoint_policy(cfg.model))  # the policy the run applies
     facts, estimates = plan(cfg, hw)
     chosen = next(e for e in estimates if e.layout == layout)
     return MemoryPlan(chosen.total, facts.params)

@@ -1,8 +1,9 @@
 """`dit plan CONFIG [overrides] --gpus N`: memory per rank and step time, before renting GPUs.
 
 For every layout - ZeRO stage 0-3, pipeline split p (ZeRO 0/1 only, a DeepSpeed limit) or
-sequence split S (DeepSpeed-Ulysses, S dividing the heads), with and without activation
-checkpointing - it estimates per rank:
+sequence split S (DeepSpeed-Ulysses, S dividing the heads), under each activation checkpointing
+policy (model.checkpoint_policy none | attention | full: "no ckpt", "ckpt attn", "ckpt full") -
+it estimates per rank:
 
 model states (P trained parameters, N data-parallel ranks = GPUs / p, P / p per pipeline
 stage; w = 4 bytes in fp32, 2 in bf16/fp16; Adam's m and v in fp32). This is DeepSpeed
@@ -43,8 +44,11 @@ outputs of the norms that the adaLN modulation keeps (two a block, the temporal 
 one) are fp32: one more w-byte unit each (the CPU's autocast keeps them in bf16). With them
 the plan accounts for the H200's measured peak of DiT-XL/2 (batch 64, ZeRO-2: 49.1 GB against
 44.7 GB planned without them, and the qk-norm outputs then fp32 too, since fixed: +4.2 GB).
-With checkpointing every block keeps only its input (1), and one
-block is recomputed at a time. Pipeline stages hold up to p micro-batches of their layers
+With full checkpointing every block keeps only its input (1), and one block is recomputed at a
+time; with attention checkpointing a block keeps what lies outside its attentions (each
+attention's input among it), not their qkv, normalized q and k, outputs, text keys and values
+and temporal attention, and one attention is recomputed at a time (DiT-S/2 at 32 px in fp32 on
+the CPU: 1156.6 MB saved without, 691.1 MB with it; 689.0 planned plus the recomputed one). Pipeline stages hold up to p micro-batches of their layers
 (1F1B). Activations of frozen modules are not counted (no grad).
 The autoencoder stage trains no DiT: its KL autoencoder (convolutions, group norms, a mid-block
 attention) is measured instead (launch/plan_model.py): the bytes autograd saves in one forward
@@ -72,10 +76,11 @@ model.flat_params at ZeRO-3, a stage that splits no DiT...), is left out.
 all-to-all volume (S > 1): each attention (full, or the temporal one of factorized blocks; a
 clip's spatial attention stays on its rank) exchanges q, k, v and its output, B N D / S values
 per rank each, (S - 1) / S of them leaving the rank; again in backward (and in the recompute
-with checkpointing): 8 (12) x w B N D (S - 1) / S^2 bytes per attention per micro-batch.
+of either checkpointing policy): 8 (12) x w B N D (S - 1) / S^2 bytes per attention per micro-batch.
 
-step time: 6 x forward MACs per sample (forward + backward; 8 x with checkpointing) x the
-global batch, over GPUs x peak x MFU, stretched by the pipeline bubble (p - 1) / (m + p - 1),
+step time: 6 x forward MACs per sample (forward + backward) plus 2 x those recomputed (all of
+them under full checkpointing: 8 x; the attentions' projections and matmuls under attention)
+x the global batch, over GPUs x peak x MFU, stretched by the pipeline bubble (p - 1) / (m + p - 1),
 plus the all-to-all volume over the link bandwidth (--link-gbs, not overlapped), plus 2 x
 forward MACs per forward of a distillation's frozen teacher-sized DiTs (teacher steps, with CFG
 for a full diffusion teacher; the discriminator trunk's passes), per sample of the global batch.
@@ -119,6 +124,8 @@ TEMPORAL_INSIDE = 7  # factorized video blocks: temporal attention with its resh
 CPU_RMS_NORM = 1
 CPU_RMS_NORM_HALF = 4
 HEAD = 3  # final norm input and output, modulation
+POLICIES = ("none", "attention", "full")  # model.checkpoint_policy, what a layout recomputes
+CKPT_NAMES = {"none": "no ckpt", "attention": "ckpt attn", "full": "ckpt full"}
 AUTOCAST_NORMS = 2  # GPU bf16/fp16: norm1 and norm2 outputs in fp32 (+1 unit each; +1 temporal, +1 head)
 
 
@@ -273,14 +280,17 @@ def block_units(m: ModelFacts, cpu: bool, fp32_norms: bool = False, half: bool =
     return nd + sum(n for n, _ in parts), sum(l for _, l in parts)
 
 
-def activation_bytes(m: ModelFacts, micro_batch: int, precision: str, checkpointing: bool,
+def activation_bytes(m: ModelFacts, micro_batch: int, precision: str, policy: str,
                      layers: Optional[int] = None, cpu: bool = False, in_flight: int = 1,
                      sequence_parallel: int = 1) -> float:
-    """Bytes autograd holds for `in_flight` micro-batches over `layers` blocks (default: all).
-    With checkpointing each micro-batch keeps only its block inputs, and one block at a time is
-    recomputed with all its activations. A sequence split S keeps N / S tokens per rank. A
-    network that is not a DiT has its measured bytes (`m.saved`, traced in the config's precision
-    on the device `cpu` names)."""
+    """Bytes autograd holds for `in_flight` micro-batches over `layers` blocks (default: all)
+    under the checkpointing `policy` (model.checkpoint_policy): none keeps every block's saved
+    values; full only its input, and one block at a time is recomputed with all of them;
+    attention what the block keeps outside its attentions, and one attention at a time is
+    recomputed. A sequence split S keeps N / S tokens per rank. A network that is not a DiT has
+    its measured bytes (`m.saved`, traced in the config's precision on the device `cpu` names)."""
+    if policy not in POLICIES:
+        raise ValueError(f"checkpointing policy {policy!r}; one of {', '.join(POLICIES)}")
     if m.saved is not None:  # a measured network (the autoencoder stage's), in the config's precision
         return float(in_flight * m.saved.bytes(micro_batch))
     layers = m.depth if layers is None else layers
@@ -289,19 +299,22 @@ def activation_bytes(m: ModelFacts, micro_batch: int, precision: str, checkpoint
     nd, ld = block_units(m, cpu, fp32_norms, half)
     ND, LD = m.tokens * m.width / sequence_parallel, m.text_len * m.width
     block = nd * ND + ld * LD
+    attentions = [n * ND + l * LD for n, l in attention_units(m, cpu, fp32_norms, half)]
     head = (HEAD + (1 if fp32_norms else 0)) * ND
-    kept = (layers * ND if checkpointing else layers * block) + head + m.text_len * m.text_dim
-    recomputed = block if checkpointing else 0.0
+    per_block, recomputed = {"none": (block, 0.0), "full": (ND, block),
+                             "attention": (block - sum(attentions), max(attentions))}[policy]
+    kept = layers * per_block + head + m.text_len * m.text_dim
     return float(micro_batch * param_bytes(precision) * (in_flight * kept + recomputed))
 
 
-def all_to_all_bytes(m: ModelFacts, micro_batches: int, micro_batch: int, precision: str, checkpointing: bool,
+def all_to_all_bytes(m: ModelFacts, micro_batches: int, micro_batch: int, precision: str, policy: str,
                      sequence_parallel: int) -> float:
     """Bytes each rank sends per step in the all-to-alls of a sequence split S (0 for S = 1):
     q, k, v and the output of each block's exchanged attention, forward, backward and the
-    checkpointing recompute, (S - 1) / S of B N D / S values each."""
+    recompute of either checkpointing policy (both run the attention again), (S - 1) / S of
+    B N D / S values each."""
     S = sequence_parallel
-    passes = 12 if checkpointing else 8
+    passes = 8 if policy == "none" else 12
     per_attention = passes * micro_batch * m.tokens * m.width * (S - 1) / S**2
     return float(m.depth * micro_batches * per_attention * param_bytes(precision))
 
@@ -329,8 +342,12 @@ class Hardware:
 class Layout:
     zero_stage: int
     pipeline_stages: int
-    checkpointing: bool
+    checkpoint_policy: str  # none | attention | full (model.checkpoint_policy)
     sequence_parallel: int = 1
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_policy not in POLICIES:
+            raise ValueError(f"checkpoint_policy {self.checkpoint_policy!r}; one of {', '.join(POLICIES)}")
 
     def replicas(self, gpus: int) -> int:
         """Data-parallel replicas: each pipeline (p GPUs) or sequence group (S GPUs) is one."""
@@ -343,8 +360,10 @@ class Layout:
         return global_batch // per_micro_step if global_batch % per_micro_step == 0 else None
 
     def settings(self, cfg: RunConfig, micro_batch: int, grad_accum: int) -> dict[str, Any]:
-        """The config keys of this layout: its ZeRO stage, splits and checkpointing, and the
-        micro-batch, grad_accum and sequence split where they differ from `cfg`'s."""
+        """The config keys of this layout: its ZeRO stage, splits and checkpointing policy, and
+        the micro-batch, grad_accum and sequence split where they differ from `cfg`'s. The policy
+        is model.checkpoint_policy; a config's model.activation_checkpointing=true would make it
+        full whatever the policy (trainer.parallel.checkpoint_policy), so it is turned off."""
         ds = cfg.deepspeed
         keys: dict[str, Any] = {"deepspeed.zero_stage": self.zero_stage,
                                 "deepspeed.pipeline_stages": self.pipeline_stages}
@@ -354,7 +373,9 @@ class Layout:
             keys["deepspeed.grad_accum"] = grad_accum
         if micro_batch != cfg.data.batch_size:
             keys["data.batch_size"] = micro_batch
-        keys["model.activation_checkpointing"] = self.checkpointing
+        keys["model.checkpoint_policy"] = self.checkpoint_policy
+        if cfg.model.activation_checkpointing:
+            keys["model.activation_checkpointing"] = False
         return keys
 
     def overrides(self, cfg: RunConfig, micro_batch: int, grad_accum: int) -> str:
@@ -372,7 +393,7 @@ class Layout:
     def name(self) -> str:
         split = (f"pipe {self.pipeline_stages}" if self.pipeline_stages > 1 else
                  f"seq {self.sequence_parallel}" if self.sequence_parallel > 1 else "no pipe")
-        return f"ZeRO-{self.zero_stage}, {split}, {'ckpt' if self.checkpointing else 'no ckpt'}"
+        return f"ZeRO-{self.zero_stage}, {split}, {CKPT_NAMES[self.checkpoint_policy]}"
 
 
 @dataclass(frozen=True)
@@ -409,15 +430,17 @@ def layouts(gpus: int, depth: int, heads: int = 1, split_unit: int = 1) -> list[
     (latent frames of a factorized clip, else tokens), without a pipeline."""
     splits = [p for p in range(1, min(gpus, depth) + 1) if gpus % p == 0]
     seqs = [s for s in range(2, min(gpus, heads) + 1) if gpus % s == 0 and heads % s == 0 and split_unit % s == 0]
-    return [Layout(z, p, ckpt) for ckpt in (False, True) for p in splits for z in range(4) if p == 1 or z <= 1] + \
-        [Layout(z, 1, ckpt, s) for s in seqs for ckpt in (False, True) for z in range(4)]
+    return [Layout(z, p, ckpt) for ckpt in POLICIES for p in splits for z in range(4) if p == 1 or z <= 1] + \
+        [Layout(z, 1, ckpt, s) for s in seqs for ckpt in POLICIES for z in range(4)]
 
 
 def step_seconds(m: ModelFacts, samples: int, hw: Hardware, layout: Layout, micro_batches: int) -> float:
-    """6 x MACs per sample (8 x with recomputation) over the GPUs' sustained FLOP/s, stretched
+    """6 x MACs per sample plus 2 x those recomputed (the whole forward's under full
+    checkpointing, the attentions' under attention) over the GPUs' sustained FLOP/s, stretched
     by the pipeline bubble (p - 1) / (m + p - 1), plus 2 x the MACs of the frozen teacher-sized
     DiTs' forwards of a distillation stage (run before the student's pass, outside the pipe)."""
-    flops = (8 if layout.checkpointing else 6) * m.macs_per_sample * samples
+    recomputed = {"none": 0, "attention": m.attention_macs, "full": m.macs_per_sample}[layout.checkpoint_policy]
+    flops = (6 * m.macs_per_sample + 2 * recomputed) * samples
     helper_flops = 2 * m.helper_forwards * m.teacher_macs * samples
     p = layout.pipeline_stages
     bubble = (p - 1) / (micro_batches + p - 1)
@@ -463,9 +486,9 @@ def estimate(cfg: RunConfig, m: ModelFacts, hw: Hardware, layout: Layout,
                                        cfg.model.text.precision)
     host["params"] += frozen_host
     ema, host["ema"] = ema_bytes(cfg, math.ceil(m.params / p), layout.zero_stage, dp)
-    acts = activation_bytes(m, micro, precision, layout.checkpointing, math.ceil(m.depth / p), hw.cpu,
+    acts = activation_bytes(m, micro, precision, layout.checkpoint_policy, math.ceil(m.depth / p), hw.cpu,
                             in_flight=min(p, micro_batches), sequence_parallel=S)  # 1F1B: the first stage holds up to p
-    exchanged = all_to_all_bytes(m, micro_batches, micro, precision, layout.checkpointing, S) if S > 1 else 0.0
+    exchanged = all_to_all_bytes(m, micro_batches, micro, precision, layout.checkpoint_policy, S) if S > 1 else 0.0
     step = step_seconds(m, samples, hw, layout, micro_batches) + exchanged / (hw.link_gb_s * GB)
     return Estimate(layout, states, buckets, acts, frozen, step, samples, micro, micro_batches, host, exchanged, ema)
 
@@ -499,7 +522,7 @@ def candidate_layouts(m: ModelFacts, gpus: int) -> list[Layout]:
     """`layouts` of a DiT; ZeRO 0-3 alone for a network that is not one (the autoencoder's:
     nothing pipelines, splits or checkpoints it)."""
     if m.saved is not None:
-        return [Layout(zero_stage, 1, False) for zero_stage in range(4)]
+        return [Layout(zero_stage, 1, "none") for zero_stage in range(4)]
     return layouts(gpus, m.depth, m.heads, m.split_unit)
 
 

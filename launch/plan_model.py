@@ -66,6 +66,7 @@ class ModelFacts:
     helper_forwards: float = 0.0  # forwards of teacher-sized frozen DiTs per sample and step
     teacher_macs: int = 0  # forward multiply-accumulates of one sample through the teacher
     saved: Optional[SavedActivations] = None  # measured activations of a network that is not a DiT
+    attention_macs: int = 0  # of macs_per_sample, those in the blocks' attentions (checkpoint_policy=attention recomputes them)
 
 
 @dataclass(frozen=True)
@@ -245,7 +246,7 @@ def model_facts(cfg: RunConfig, persistence_threshold: int, device: str = "cuda"
         persistent_params=trained[1],
         frozen_params=frozen,
         text_params=text_params,
-        macs_per_sample=net.macs((1, *shape), text_len),
+        macs_per_sample=net.macs((1, *shape), text_len), attention_macs=net.attention_macs((1, *shape), text_len),
         depth=spec.preset.depth, width=spec.preset.width, heads=spec.preset.heads, mlp_ratio=spec.preset.mlp_ratio,
         tokens=tokens, text_len=text_len, text_dim=text_dim,
         qk_norm=spec.qk_norm, cross_attention=bool(spec.text_dim), temporal=spec.temporal_blocks and frames > 1,

@@ -9,12 +9,13 @@ import sys
 import pytest
 
 from launch.cli import main
-from launch.plan import (Hardware, Layout, activation_bytes, block_units, estimate, layouts,
+from launch.plan import (Hardware, Layout, activation_bytes, block_units, estimate, format_plan, layouts,
                          model_state_bytes, plan, zero_settings)
 from launch.plan_model import autoencoder_facts, model_facts
 from tests.launch.memory_probe import forward_saved_bytes
 from tests.trainer.harness import ROOT, TINY, train_env
 from trainer.config import load_config, validate
+from trainer.parallel import checkpoint_policy
 
 P, N = 1_000_000, 8
 XL = ["model.preset=DiT-XL/2", "model.in_channels=4", "model.autoencoder.kind=kl",
@@ -39,10 +40,10 @@ def test_zero_model_states_per_rank():
 def test_checkpointing_keeps_one_input_per_block():
     cfg = load_config(TINY, ["model.preset=DiT-XL/2", "data.resolution=32", "model.in_channels=4"])
     m = model_facts(cfg, persistence_threshold=100_000)
-    full = activation_bytes(m, 1, "bf16", checkpointing=False)
-    ckpt = activation_bytes(m, 1, "bf16", checkpointing=True)
+    full = activation_bytes(m, 1, "bf16", "none")
+    ckpt = activation_bytes(m, 1, "bf16", "full")
     assert 10 < full / ckpt < m.depth  # ~27 saved values per token and channel in a block, 1 kept
-    assert activation_bytes(m, 4, "bf16", False) == 4 * full
+    assert activation_bytes(m, 4, "bf16", "none") == 4 * full
 
 
 def test_gpu_autocast_keeps_the_modulated_norm_outputs_in_fp32():
@@ -54,11 +55,11 @@ def test_gpu_autocast_keeps_the_modulated_norm_outputs_in_fp32():
     m = model_facts(cfg, persistence_threshold=100_000)
     unit = m.tokens * m.width * 2  # one saved B N D value in bf16, per sample
     assert block_units(m, False, fp32_norms=True)[0] - block_units(m, False)[0] == 2
-    gpu, fp32 = activation_bytes(m, 1, "bf16", False), activation_bytes(m, 1, "fp32", False)
+    gpu, fp32 = activation_bytes(m, 1, "bf16", "none"), activation_bytes(m, 1, "fp32", "none")
     assert gpu == pytest.approx(fp32 / 2 + (2 * m.depth + 1) * unit, rel=1e-12)
-    cpu_extra = activation_bytes(m, 1, "bf16", False, cpu=True) - activation_bytes(m, 1, "fp32", False, cpu=True) / 2
+    cpu_extra = activation_bytes(m, 1, "bf16", "none", cpu=True) - activation_bytes(m, 1, "fp32", "none", cpu=True) / 2
     assert cpu_extra == pytest.approx(8 * m.depth * unit + 3 * m.depth * m.text_len * m.width * 2, rel=1e-12)
-    with_ckpt = activation_bytes(m, 1, "bf16", True) - activation_bytes(m, 1, "fp32", True) / 2
+    with_ckpt = activation_bytes(m, 1, "bf16", "full") - activation_bytes(m, 1, "fp32", "full") / 2
     assert with_ckpt == pytest.approx(3 * unit, rel=1e-12)  # the recomputed block's two and the head's
 
 
@@ -89,7 +90,40 @@ def test_cpu_activations_are_those_autograd_saves(precision):
     cfg = load_config(TINY, ["model.preset=DiT-S/2", "data.resolution=32", f"deepspeed.precision={precision}"])
     m = model_facts(cfg, 0, "cpu")
     measured = forward_saved_bytes(cfg, 2)
-    assert activation_bytes(m, 2, precision, False, cpu=True) == pytest.approx(measured, rel=0.02)
+    assert activation_bytes(m, 2, precision, "none", cpu=True) == pytest.approx(measured, rel=0.02)
+
+
+@pytest.mark.parametrize("policy", ["none", "attention", "full"])
+def test_each_checkpoint_policy_keeps_what_autograd_saves(policy):
+    """Per micro-batch in flight (the recompute's transient apart) the plan keeps what autograd
+    saves in one forward under that model.checkpoint_policy: attention was planned as none."""
+    cfg = load_config(TINY, ["model.preset=DiT-S/2", "data.resolution=32", f"model.checkpoint_policy={policy}"])
+    m = model_facts(cfg, 0, "cpu")
+    kept = activation_bytes(m, 2, "fp32", policy, cpu=True, in_flight=2) - activation_bytes(m, 2, "fp32", policy,
+                                                                                             cpu=True)
+    assert kept == pytest.approx(forward_saved_bytes(cfg, 2), rel=0.02)
+
+
+@pytest.mark.parametrize("config_sets", [["model.checkpoint_policy=attention"], ["model.activation_checkpointing=true"]])
+def test_layouts_plan_and_set_each_checkpoint_policy(config_sets):
+    """Every policy is a layout, whatever the config's, and its overrides give the run that
+    policy (model.activation_checkpointing=true would make any of them full); attention costs
+    6 x the MACs plus 2 x its attentions'."""
+    cfg = load_config(TINY, [*config_sets, "data.batch_size=64"])
+    hw = Hardware(gpus=2, cpu=True)
+    m, estimates = plan(cfg, hw)
+    assert {e.layout.checkpoint_policy for e in estimates} == {"none", "attention", "full"}
+    for e in estimates:
+        run = load_config(TINY, [*config_sets, "data.batch_size=64",
+                                 *e.layout.overrides(cfg, e.micro_batch, e.grad_accum).split()])
+        validate(run, hw.gpus)
+        assert checkpoint_policy(run.model) == e.layout.checkpoint_policy
+    step = {e.layout.checkpoint_policy: e.step_s for e in estimates if e.layout == Layout(2, 1, e.layout.checkpoint_policy)}
+    assert 0 < m.attention_macs < m.macs_per_sample
+    assert step["attention"] / step["none"] == pytest.approx((6 * m.macs_per_sample + 2 * m.attention_macs)
+                                                             / (6 * m.macs_per_sample), rel=1e-9)
+    assert step["none"] < step["attention"] < step["full"]
+    assert "ckpt attn" in format_plan(cfg, m, estimates, hw)
 
 
 CASES = ["DiT-T/2,2,fp32", "DiT-Tiny/1,2,fp32", "DiT-T/2,0,fp32", "DiT-T/2,3,fp32", "DiT-T/2,2,bf16",
@@ -108,8 +142,8 @@ def test_plan_matches_measured_memory_of_the_tiny_presets(tmp_path):
         cfg = load_config(TINY, [f"model.preset={r['preset']}", f"deepspeed.zero_stage={r['zero_stage']}",
                                  f"deepspeed.precision={r['precision']}"])
         hw = Hardware(gpus=r["world"], cpu=True)
-        layout = next(x for x in layouts(hw.gpus, 100) if (x.zero_stage, x.pipeline_stages, x.checkpointing)
-                      == (r["zero_stage"], 1, False))
+        layout = next(x for x in layouts(hw.gpus, 100) if (x.zero_stage, x.pipeline_stages, x.checkpoint_policy)
+                      == (r["zero_stage"], 1, "none"))
         m = model_facts(cfg, zero_settings(cfg, 3).persistence_threshold)
         e = estimate(cfg, m, hw, layout)
         pairs = [("model states", e.model_states, r["model_states"]), ("buckets", e.buckets, r["buckets"])]
@@ -133,7 +167,7 @@ def test_long_clips_get_a_sequence_split(capsys):
     hw = Hardware(gpus=8)
     assert {x.sequence_parallel for x in layouts(8, m.depth, m.heads, m.split_unit)} == {1}  # 17 frames
     by_split = {x.sequence_parallel: estimate(short, m, hw, x) for x in layouts(8, m.depth, m.heads, 1024)
-                if (x.zero_stage, x.checkpointing) == (2, False) and x.pipeline_stages == 1}
+                if (x.zero_stage, x.checkpoint_policy) == (2, "none") and x.pipeline_stages == 1}
     assert sorted(by_split) == [1, 2, 4, 8]  # the divisors of 16 heads and 8 GPUs
     assert by_split[1].all_to_all == 0 < by_split[2].all_to_all
     assert by_split[2].activations == pytest.approx(by_split[1].activations / 2, rel=0.05)
@@ -184,7 +218,7 @@ def test_offloaded_states_are_counted_on_the_host(capsys):
     hw = Hardware(gpus=8)
     off = load_config(TINY, [*base, "deepspeed.offload_optimizer=true"])
     for zero in (1, 2, 3):
-        gpu, host = estimate(cfg, m, hw, Layout(zero, 1, False)), estimate(off, m, hw, Layout(zero, 1, False))
+        gpu, host = estimate(cfg, m, hw, Layout(zero, 1, "none")), estimate(off, m, hw, Layout(zero, 1, "none"))
         assert host.states["master"] == host.states["optimizer"] == host.states["grads"] == 0
         assert host.host["master"] + host.host["optimizer"] == gpu.states["master"] + gpu.states["optimizer"]
         assert host.host["grads"] == pytest.approx(4 * m.params / 8)  # fp32 (bf16: grad_accum_dtype)
@@ -195,7 +229,7 @@ def test_offloaded_states_are_counted_on_the_host(capsys):
         assert (gpu.buckets == 0) == (zero == 1) and host.buckets > 0
     both = load_config(TINY, [*base, "deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true",
                               "deepspeed.offload_params=true"])
-    e = estimate(both, m, hw, Layout(3, 1, False))
+    e = estimate(both, m, hw, Layout(3, 1, "none"))
     assert e.states["params"] == 2 * m.persistent_params and e.host["params"] == pytest.approx(2 * m.params / 8)
     assert main(["plan", str(TINY), *base, "data.resolution=512", "data.batch_size=512",
                  "deepspeed.offload_optimizer=true", "--gpus", "1", "--gpu-mem", "16"]) == 0
@@ -249,13 +283,13 @@ def test_the_emas_fp32_shadow_is_planned_where_the_trainer_keeps_it():
     hw = Hardware(gpus=N)
     off = load_config(TINY, [*XL, "data.resolution=256", "ema.enabled=false"])
     for zero, on_device in ((0, 4 * m.params), (1, 4 * m.params / N), (2, 4 * m.params / N), (3, 4 * m.params / N)):
-        with_ema, without = estimate(cfg, m, hw, Layout(zero, 1, False)), estimate(off, m, hw, Layout(zero, 1, False))
+        with_ema, without = estimate(cfg, m, hw, Layout(zero, 1, "none")), estimate(off, m, hw, Layout(zero, 1, "none"))
         assert with_ema.ema == pytest.approx(on_device) and without.ema == 0
         assert with_ema.total - without.total == pytest.approx(on_device)
     for zero, params in ((2, "false"), (3, "true")):
         offloaded = load_config(TINY, [*XL, "data.resolution=256", f"deepspeed.zero_stage={zero}",
                                        "deepspeed.offload_optimizer=true", f"deepspeed.offload_params={params}"])
-        e = estimate(offloaded, m, hw, Layout(zero, 1, False))
+        e = estimate(offloaded, m, hw, Layout(zero, 1, "none"))
         assert e.ema == 0 and e.host["ema"] == pytest.approx(4 * m.params / N)
 
 

@@ -77,7 +77,7 @@ def test_plan_counts_the_parameters_and_frozen_bytes_the_trainer_holds(kind, pre
                                   cfg.stage.steps, torch.device("cpu"))[0]
                for name, module in stage.players.items() if name != "student"}
     m = model_facts(cfg, zero_settings(cfg, 3).persistence_threshold)
-    e = estimate(cfg, m, Hardware(gpus=1, cpu=True), Layout(1, 1, False))
+    e = estimate(cfg, m, Hardware(gpus=1, cpu=True), Layout(1, 1, "none"))
 
     trained = {name: sum(p.numel() for p in parameters(module, True)) for name, module in stage.players.items()}
     assert trained == {"student": m.params, **({"disc": m.disc.params} if m.disc else {})}
@@ -188,7 +188,7 @@ def test_the_autoencoder_stage_plans_the_autoencoder_it_trains(precision, tmp_pa
     assert m.params == trained and m.frozen_params == 0
     assert {e.activations for e in estimates} == {saved}
     assert 3 * m.macs_per_sample == macs
-    assert {(e.layout.pipeline_stages, e.layout.checkpointing) for e in estimates} == {(1, False)}
+    assert {(e.layout.pipeline_stages, e.layout.checkpoint_policy) for e in estimates} == {(1, "none")}
     assert main(["plan", str(AUTOENCODER), *overrides, "--gpus", "2", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"model kl autoencoder [32, 64] x1 (autoencoder): {trained / 1e6:.1f}M trained parameters")

@@ -438,17 +438,32 @@ class DiT(nn.Module):
         N, D, hidden = f * area, p.width, int(p.width * p.mlp_ratio)
         scalars = 1 + int(s.superres) + int(s.guidance)
         total = N * s.patch_features_in * D + scalars * (FREQUENCY_DIM * D + D * D) + s.pooled_dim * D
-        block = 6 * D * D + 4 * N * D * D + 2 * N * hidden * D
-        if s.temporal_blocks:
-            block += 2 * f * area * area * D  # spatial attention matmuls
-            if f > 1:
-                block += 3 * D * D + 4 * N * D * D + 2 * area * f * f * D  # temporal attention
-        else:
-            block += 2 * N * N * D
-        if s.text_dim and text_len:
-            block += 2 * N * D * D + 2 * text_len * s.text_dim * D + 2 * N * text_len * D
+        block = 6 * D * D + 2 * N * hidden * D + self._attention_macs(f, area, text_len)
         total += p.depth * block + 2 * D * D + N * D * s.patch_features_out
         return B * total
+
+    def attention_macs(self, shape: Sequence[int], text_len: int = 0) -> int:
+        """The part of `macs` inside the blocks' attention submodules (`attn`, `temporal`,
+        `cross_attn`): what checkpoint_policy=attention runs again in backward."""
+        f, area = self.token_grid(shape)
+        return shape[0] * self.spec.preset.depth * self._attention_macs(f, area, text_len)
+
+    def _attention_macs(self, f: int, area: int, text_len: int) -> int:
+        """Forward MACs of one block's attentions for one sample of f x area tokens: projections
+        and the two attention matmuls of the self-attention, the temporal one (its adaLN too)
+        and the cross-attention."""
+        s, D = self.spec, self.spec.preset.width
+        N = f * area
+        macs = 4 * N * D * D  # qkv and output projections
+        if s.temporal_blocks:
+            macs += 2 * f * area * area * D  # spatial attention matmuls
+            if f > 1:
+                macs += 3 * D * D + 4 * N * D * D + 2 * area * f * f * D  # temporal attention
+        else:
+            macs += 2 * N * N * D
+        if s.text_dim and text_len:
+            macs += 2 * N * D * D + 2 * text_len * s.text_dim * D + 2 * N * text_len * D
+        return macs
 
 
 def build_dit(cfg: ModelConfig, text_dim: int, pooled_dim: int, preset: Optional[DiTPreset] = None) -> DiT:
