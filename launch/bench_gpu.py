@@ -38,6 +38,7 @@ import math
 import shutil
 import sys
 import time
+import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
@@ -104,12 +105,27 @@ def choose_specs(args: argparse.Namespace, build, device_mem_gb: float, cpu: boo
     for spec, given, cap in (
         (RunSpec("image", args.preset, latent, 0, 0, args.steps, args.steps, log_every=max(1, args.steps // 8)),
          args.batch_size, args.max_batch),
-        (RunSpec("video", args.video_preset, latent, args.frames, 0, args.video_steps, args.video_steps // 2),
+        (RunSpec("video", args.video_preset, latent, args.frames, 0, args.video_steps,
+                 resume_step(args.video_steps)),
          args.video_batch_size, args.max_video_batch),
     ):
         batch = given or choose_batch(lambda b, spec=spec: build(replace(spec, batch=b)), cap, device_mem_gb, cpu)
         runs.append(replace(spec, batch=batch))
     return runs[0], runs[1]
+
+
+def resume_step(steps: int) -> int:
+    """The video run's checkpoint.every, the step the resume check starts from: half-way, rounded
+    up. The trainer saves at each multiple of it and at the last step, and keeps the last
+    checkpoint.keep (2) of them; with every < steps / 2 (7 steps: 3, 6, 7) the one to resume from
+    was deleted before the check could use it."""
+    return -(-steps // 2)
+
+
+def post_save_steps(steps: int, every: int) -> tuple[int, ...]:
+    """The steps right after each save but the last: their metrics windows hold the save, which
+    the steady state leaves out."""
+    return tuple(s + 1 for s in range(every, steps, every))
 
 
 def train_and_measure(spec: RunSpec, cfg, run_dir: Path, args: argparse.Namespace, device: str,
@@ -305,6 +321,18 @@ def check_resume(video: RunSpec, ref_dir: Path, resumed_dir: Path, cfg, device: 
 
 
 def run(args: argparse.Namespace) -> int:
+    """The check; whatever goes wrong inside it (a missing checkpoint, a full disk) still ends
+    in the `gpu check: FAILED` line and exit 1, which scripts and `make gpu-check` look for,
+    after the traceback (on stderr) that says where."""
+    try:
+        return run_check(args)
+    except Exception as e:  # noqa: BLE001 - reported, not swallowed: the traceback goes first
+        traceback.print_exc()
+        print(f"\ngpu check: FAILED: {type(e).__name__}: {e}", flush=True)
+        return 1
+
+
+def run_check(args: argparse.Namespace) -> int:
     args.deadline = time.perf_counter() + args.budget
     for name, value in {**DEFAULTS, **(TINY_DEFAULTS if args.tiny else {})}.items():
         if getattr(args, name) is None:
@@ -362,7 +390,7 @@ def run(args: argparse.Namespace) -> int:
         print_layouts(by_layout, peak)
     c = video.checkpoint_every
     if train_and_measure(video, build(video), out / "video", args, device, True, mem_gb, peak, check,
-                         exclude=(c + 1,), layout=names[0]) is not None:
+                         exclude=post_save_steps(video.steps, c), layout=names[0]) is not None:
         check_resume(video, out / "video", out / "video_resumed", build(video, out / "video_resumed"), device,
                      time_left(args), check)
     if check.problems:
@@ -395,7 +423,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--video-preset", default=None, help="video DiT preset (default DiT-B/2)")
     p.add_argument("--frames", type=int, default=None, help="latent frames of the video run (default 16)")
     p.add_argument("--video-steps", type=int, default=None,
-                   help="video steps (default 16); the resume check saves at half of them")
+                   help="video steps (default 16); the resume check saves at half of them (rounded up)")
     p.add_argument("--video-batch-size", type=int, default=None, help="video micro-batch (default: automatic)")
     p.add_argument("--max-video-batch", type=int, default=None, help="upper bound of the automatic video batch (8)")
     p.add_argument("--captions", type=int, default=None, help="distinct captions in the synthetic data (64)")

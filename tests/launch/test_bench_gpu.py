@@ -227,6 +227,47 @@ def test_steady_state_is_total_work_over_total_time():
     assert tp.steps == 10 and tp.samples_per_s == pytest.approx(10 / 3.75) and tp.tflops == pytest.approx(10 / 3.75)
 
 
+def test_the_video_runs_resume_checkpoint_survives_retention(tmp_path):
+    """The trainer saves at each multiple of checkpoint.every and at the last step, and keeps the
+    last checkpoint.keep: the resume check's checkpoint must be among them for any --video-steps
+    (7 steps saved at 3, 6 and 7 and deleted step 3 before the check read it)."""
+    from launch.bench_gpu_runs import build_config
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    for steps in range(4, 41):
+        args = parser.parse_args(["--tiny", "--video-steps", str(steps), "--batch-size", "2",
+                                  "--video-batch-size", "2"])
+        args.resolution, args.frames, args.preset, args.video_preset = 64, 4, "DiT-T/2", "DiT-T/2"
+        args.steps = 8
+        _, video = bench.choose_specs(args, None, 1.0, True)
+        every = video.checkpoint_every
+        keep = build_config(video, tmp_path, tmp_path, "fp32", 0, "a red circle").checkpoint.keep
+        saves = sorted({*range(every, steps + 1, every), steps})
+        assert every in saves[-keep:], (steps, every, saves)
+        assert 1 <= every < steps
+
+
+def test_every_step_after_a_save_is_left_out_of_the_steady_state():
+    assert bench.post_save_steps(16, 8) == (9,)
+    assert bench.post_save_steps(16, 4) == (5, 9, 13)  # not 17: the last save ends the run
+    assert bench.post_save_steps(7, 3) == (4, 7)
+
+
+def test_an_error_inside_the_check_still_ends_in_the_failed_line(tmp_path, monkeypatch, capsys):
+    def broken(*a, **kw):
+        raise FileNotFoundError("checkpoints/step_00000003")
+
+    monkeypatch.setattr(bench, "train_and_measure", broken)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    assert bench.run(parser.parse_args(["--tiny", "--device", "cpu", "--out", str(tmp_path)])) == 1
+    captured = capsys.readouterr()
+    assert captured.out.strip().splitlines()[-1] == \
+        "gpu check: FAILED: FileNotFoundError: checkpoints/step_00000003"
+    assert "Traceback" in captured.err
+
+
 def test_peak_table_matches_device_names():
     assert bench.peak_tflops_for("NVIDIA H100 80GB HBM3") == 989
     assert bench.peak_tflops_for("NVIDIA H100 PCIe") == 756
