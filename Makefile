@@ -14,6 +14,10 @@ export TOKENIZERS_PARALLELISM := false
 # compiled by another ninja would be rebuilt, stalling every rank for minutes).
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 
+# DeepSpeed's setup.py (its PyPI sdist) raises on a set but empty DS_ACCELERATOR, which is what
+# gpu-check's `DS_ACCELERATOR :=` exports to the install: there the install runs without it.
+NO_EMPTY_ACCELERATOR = $(if $(DS_ACCELERATOR),,env -u DS_ACCELERATOR)
+
 # Part of the install: on the CPU accelerator, compile DeepSpeed's two C++ ops (shared-memory
 # collectives, which every DeepSpeed start loads, and CPU Adam for offload) into the venv's
 # cache now, instead of inside the first training job (~1-2 minutes each).
@@ -25,8 +29,8 @@ venv: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
+	$(NO_EMPTY_ACCELERATOR) $(BIN)/python -m pip install -q --upgrade pip
+	$(NO_EMPTY_ACCELERATOR) $(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
 	$(BUILD_OPS)
 	touch $(STAMP)
 
@@ -46,7 +50,8 @@ test: $(STAMP)
 # make gpu-check GPU_CHECK_ARGS="--peak-tflops 989", or with the block layouts side by side:
 # make gpu-check GPU_CHECK_ARGS="--layouts plain,compile,flat,compile+flat --profile".
 # DS_ACCELERATOR=cpu from the top of this file is removed for it, so DeepSpeed uses the GPU, and
-# for the install it may need first: no CPU ops compiled (BUILD_OPS is read when the install runs).
+# for the install it may need first: no CPU ops compiled (BUILD_OPS is read when the install runs),
+# and the variable unset, not empty (NO_EMPTY_ACCELERATOR).
 gpu-check: DS_ACCELERATOR :=
 gpu-check: $(STAMP)
 	env -u DS_ACCELERATOR $(BIN)/dit bench gpu $(GPU_CHECK_ARGS)
