@@ -98,6 +98,12 @@ def device_facts(device: str) -> tuple[str, float]:
     return "cpu", psutil.virtual_memory().total / GB
 
 
+def why_no_peak(name: str) -> str:
+    if " mig " in f" {name.lower()} ":
+        return f"'{name}' is a MIG slice, with a fraction of the chip's SMs and of its peak"
+    return f"'{name}' is not in the peak table ({', '.join(p for p, _ in PEAK_BF16_TFLOPS)})"
+
+
 def choose_specs(args: argparse.Namespace, build, device_mem_gb: float, cpu: bool) -> tuple[RunSpec, RunSpec]:
     """The image and video runs; a batch not given is the largest that dit plan fits."""
     latent = args.resolution // 8
@@ -363,8 +369,7 @@ def run_check(args: argparse.Namespace) -> int:
           + (f"bf16 dense peak {peak:g} TFLOP/s ({source})" if peak else "bf16 peak unknown")
           + f"; {args.precision}; out {out}", flush=True)
     if peak is None:
-        print(f"  MFU is left out: '{name}' is not in the peak table "
-              f"({', '.join(p for p, _ in PEAK_BF16_TFLOPS)}); pass --peak-tflops", flush=True)
+        print(f"  MFU is left out: {why_no_peak(name)}; pass --peak-tflops", flush=True)
     captions = {video: caption_pool(args.captions, video) for video in (False, True)}
 
     # On the CPU too the optimizer a GPU steps with: torch's fused AdamW, its skip flag on the device

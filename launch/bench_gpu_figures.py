@@ -27,8 +27,12 @@ MEM_FRACTION = 0.6  # batch sizes are chosen so that dit plan's prediction uses 
 
 
 def peak_tflops_for(device_name: str) -> Optional[float]:
-    """The dense bf16 peak of a device from its name, or None when it is not in the table."""
+    """The dense bf16 peak of a device from its name, or None when it is not in the table or
+    is a MIG slice ("NVIDIA A100-SXM4-40GB MIG 1g.10gb"): a slice has a fraction of the chip's
+    SMs (1g: 1/7 of them), and the chip's peak would understate its MFU that many times."""
     name = device_name.lower()
+    if " mig " in f" {name} ":
+        return None
     for pattern, tflops in PEAK_BF16_TFLOPS:
         if pattern.lower() in name:
             return tflops

@@ -278,6 +278,10 @@ def test_peak_table_matches_device_names():
     assert bench.peak_tflops_for("NVIDIA H200 NVL") == 835
     assert bench.peak_tflops_for("NVIDIA GB200") == 2500
     assert bench.peak_tflops_for("NVIDIA GeForce RTX 4090") is None
+    # a MIG slice has a fraction of the chip's SMs: the chip's peak would understate MFU ~7x (1g)
+    for slice_ in ("NVIDIA A100-SXM4-40GB MIG 1g.10gb", "NVIDIA H100 80GB HBM3 MIG 1g.10gb", "NVIDIA H200 MIG 3g.71gb"):
+        assert bench.peak_tflops_for(slice_) is None, slice_
+        assert "MIG slice" in bench.why_no_peak(slice_)
 
 
 def test_compare_trees_names_what_differs():
