@@ -265,11 +265,24 @@ def profile_last_steps(trainer, total: int, out: Path, result: dict[str, Any]) -
             out.write_text(ops.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=40)
                            + "\n\n" + ops.table(sort_by="cpu_time_total", row_limit=25) + "\n")
             result["profile"] = {"steps": PROFILED_STEPS, "wall_s": wall, "file": str(out),
-                                 "device_s": sum(e.self_device_time_total for e in ops) / 1e6,
+                                 "device_s": device_kernel_seconds(ops),
                                  "phases_ms": phase_times(window["prof"].events(), PROFILED_STEPS),
                                  "host_syncs": window["caught"] if cuda else None}
 
     trainer.train_step, trainer.record_step = profiled_step, profiled_record
+
+
+def device_kernel_seconds(ops) -> float:
+    """Seconds of device kernels in the profiled rows (`key_averages()`): the device-side rows
+    only, not user annotations, as torch's own table totals them. A CPU row's self device time
+    is its launched kernels', which the device rows count again, and a device-side annotation
+    (record_function's range on the GPU) spans the kernels inside it: summing every row counted
+    the kernels two or three times, past 100% of the step."""
+    from torch.autograd import DeviceType
+
+    on_device = {DeviceType.CUDA, DeviceType.PrivateUse1, DeviceType.MTIA, DeviceType.XPU}
+    return sum(e.self_device_time_total for e in ops
+               if e.device_type in on_device and not e.is_user_annotation) / 1e6
 
 
 def phase_times(events, steps: int) -> dict[str, list[float]]:

@@ -268,6 +268,26 @@ def test_an_error_inside_the_check_still_ends_in_the_failed_line(tmp_path, monke
     assert "Traceback" in captured.err
 
 
+def test_profile_counts_each_device_kernel_once():
+    """Profiler rows as CUDA's key_averages() has them: a CPU op whose self device time is its
+    kernel's, that kernel as a device row, and a phase range both as a CPU row and as a device
+    annotation spanning the kernel. Only the kernel counts (3 ms in all, not 3 + 3 + 3)."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from launch.bench_gpu_runs import device_kernel_seconds
+
+    def row(device_type, self_device_us, annotation=False):
+        return SimpleNamespace(device_type=device_type, self_device_time_total=self_device_us,
+                               is_user_annotation=annotation, is_legacy=False)
+
+    rows = [row(DeviceType.CPU, 3000), row(DeviceType.CUDA, 3000), row(DeviceType.CPU, 0, annotation=True),
+            row(DeviceType.CUDA, 3000, annotation=True)]
+    assert device_kernel_seconds(rows) == pytest.approx(0.003)
+    assert device_kernel_seconds([row(DeviceType.CPU, 0)]) == 0  # the CPU: no device kernels
+
+
 def test_peak_table_matches_device_names():
     assert bench.peak_tflops_for("NVIDIA H100 80GB HBM3") == 989
     assert bench.peak_tflops_for("NVIDIA H100 PCIe") == 756
