@@ -236,7 +236,9 @@ def profile_last_steps(trainer, total: int, out: Path, result: dict[str, Any]) -
     (their ratio: how busy the host keeps the accelerator) and the host and device ms a step of
     each phase the trainer marks (`trainer.engine.PHASE`). On CUDA the same window counts the
     host syncs (torch's sync debug mode: a warning per synchronizing call) and where they were
-    made."""
+    made. Those steps run backward on the calling thread (`set_multithreading_enabled(False)`):
+    on CUDA autograd otherwise runs it on its device thread, outside the main thread's backward
+    range, whose device time then read ~0."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -248,6 +250,7 @@ def profile_last_steps(trainer, total: int, out: Path, result: dict[str, Any]) -
         if trainer.state.step == total - PROFILED_STEPS:  # the steps finished before this one
             window["prof"] = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
             window["prof"].__enter__()
+            window["one_thread"] = torch.autograd.set_multithreading_enabled(False)  # set now, this thread
             sync()
             window["syncs"] = count_host_syncs(cuda)
             window["caught"] = window["syncs"].__enter__()
@@ -259,6 +262,7 @@ def profile_last_steps(trainer, total: int, out: Path, result: dict[str, Any]) -
         if trainer.state.step == total and "prof" in window:
             window["syncs"].__exit__(None, None, None)
             sync()
+            window["one_thread"].__exit__(None, None, None)
             wall = time.perf_counter() - window["start"]
             window["prof"].__exit__(None, None, None)
             ops = window["prof"].key_averages()

@@ -288,6 +288,27 @@ def test_profile_counts_each_device_kernel_once():
     assert device_kernel_seconds([row(DeviceType.CPU, 0)]) == 0  # the CPU: no device kernels
 
 
+def test_profiled_steps_run_backward_on_the_calling_thread(tmp_path):
+    """On CUDA autograd runs backward on its device thread, outside the main thread's `backward`
+    phase range (its device time read ~0): the profiled steps, and only they, run it on the
+    calling thread."""
+    from types import SimpleNamespace
+
+    from launch.bench_gpu_runs import PROFILED_STEPS, profile_last_steps
+
+    seen = []
+    trainer = SimpleNamespace(state=SimpleNamespace(step=0))
+    trainer.train_step = lambda batches: seen.append(torch._C._is_multithreading_enabled()) or ({}, {})
+    trainer.record_step = lambda infos, skips: setattr(trainer.state, "step", trainer.state.step + 1)
+    result = {}
+    total = PROFILED_STEPS + 2
+    profile_last_steps(trainer, total, tmp_path / "profile.txt", result)
+    for _ in range(total):
+        trainer.record_step(*trainer.train_step(None))
+    assert seen == [True] * 2 + [False] * PROFILED_STEPS
+    assert torch._C._is_multithreading_enabled() and result["profile"]["steps"] == PROFILED_STEPS
+
+
 def test_peak_table_matches_device_names():
     assert bench.peak_tflops_for("NVIDIA H100 80GB HBM3") == 989
     assert bench.peak_tflops_for("NVIDIA H100 PCIe") == 756
