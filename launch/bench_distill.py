@@ -41,6 +41,7 @@ class Row:
     steps: int
     nfe: int
     seconds_per_image: float
+    precision: str = "fp32"  # the autocast the sampling ran under (`trainer.cascade.sampling_precision`)
     adherence: dict[str, float] = field(default_factory=dict)
     of_teacher: Optional[float] = None
 
@@ -53,20 +54,22 @@ class Row:
 
 def run_sampler(sample: Sampler, prompts: Sequence[str], batch_size: int, seed: int) -> tuple[Tensor, float]:
     """All prompts in batches with one seeded generator; (pixels, seconds per image) after an
-    untimed warm-up batch."""
-    sample(prompts[:1], torch.Generator().manual_seed(seed))
+    untimed warm-up batch of the timed batches' size (a warm-up of one prompt left the first
+    timed batch to allocate its buffers and pick its kernels for the larger shapes)."""
+    sample(prompts[:batch_size], torch.Generator().manual_seed(seed))
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     pixels = torch.cat([sample(prompts[i: i + batch_size], generator).cpu() for i in range(0, len(prompts), batch_size)])
     return pixels, (time.perf_counter() - start) / len(prompts)  # .cpu() waited for the device
 
 
-def measure(name: str, steps: int, nfe: int, sample: Sampler, prompts: Sequence[str], args: argparse.Namespace) -> Row:
+def measure(name: str, steps: int, nfe: int, sample: Sampler, prompts: Sequence[str], args: argparse.Namespace,
+            precision: str = "fp32") -> Row:
     from trainer.judge import judge
 
     pixels, seconds = run_sampler(sample, prompts, args.batch_size, args.seed)
-    row = Row(name, steps, nfe, seconds, judge(pixels, prompts).accuracy)
-    print(f"  {name} @ {steps} steps: score {100 * row.score:.1f}%, "
+    row = Row(name, steps, nfe, seconds, precision, judge(pixels, prompts).accuracy)
+    print(f"  {name} @ {steps} steps, {precision}: score {100 * row.score:.1f}%, "
           f"{1000 * seconds:.1f} ms/image", flush=True)
     return row
 
@@ -77,12 +80,21 @@ def sampler(loaded, steps: int, scale: float, distilled: bool, prompts: Sequence
     The prompts' text embeddings are encoded here, untimed, into the bundle's cache, so that every
     row times the same work, its network evaluations and the decoding: the cache otherwise
     charged the text encoder (~5 ms an image on 2 CPU threads) to the first row of each loaded
-    checkpoint only (the adversarial student's 1 step timed slower than its 2)."""
+    checkpoint only (the adversarial student's 1 step timed slower than its 2). Sampling runs
+    under the loaded stage's precision (`loaded.precision`: fp32 on the CPU, the trained one on
+    an accelerator), as `dit sample` does."""
     from trainer.diffusion import SamplerSettings
+    from trainer.numerics import autocast
 
     loaded.stage.text.encode(list(prompts))
     settings = SamplerSettings(steps=steps, cfg_scale=scale)
-    return lambda batch, g: loaded.stage.sample_pixels(loaded.net, batch, settings, g, distilled=distilled)
+    device = next(loaded.net.parameters()).device
+
+    def sample(batch: Sequence[str], g: torch.Generator) -> Tensor:
+        with autocast(device, loaded.precision):
+            return loaded.stage.sample_pixels(loaded.net, batch, settings, g, distilled=distilled)
+
+    return sample
 
 
 def load_student(directory: Path, device: torch.device):
@@ -104,23 +116,26 @@ def student_rows(args: argparse.Namespace, prompts: Sequence[str], scale: float)
                   f"(train configs/distill_progressive.yaml)", flush=True)
             continue
         student = load_student(exports[steps], args.device)
-        rows.append(measure("progressive", steps, steps, sampler(student, steps, scale, True, prompts), prompts, args))
+        rows.append(measure("progressive", steps, steps, sampler(student, steps, scale, True, prompts), prompts, args,
+                            student.precision))
     if not Path(args.adversarial).is_dir():
         print(f"  adversarial student: no checkpoint at {args.adversarial} (train configs/distill_adversarial.yaml)")
         return rows
     loaded = load_student(Path(args.adversarial), args.device)
     for steps in args.adversarial_steps:
-        rows.append(measure("adversarial", steps, steps, sampler(loaded, steps, scale, True, prompts), prompts, args))
+        rows.append(measure("adversarial", steps, steps, sampler(loaded, steps, scale, True, prompts), prompts, args,
+                            loaded.precision))
     return rows
 
 
 def format_table(rows: Sequence[Row], attributes: Sequence[str]) -> str:
-    head = f"{'sampler':<12} {'steps':>5} {'NFE':>5} {'ms/image':>9} " + " ".join(f"{a:>9}" for a in attributes)
+    head = f"{'sampler':<12} {'steps':>5} {'NFE':>5} {'ms/image':>9} {'precision':>9} " \
+        + " ".join(f"{a:>9}" for a in attributes)
     lines = [head + f" {'score':>9} {'% teacher':>10}", "-" * (len(head) + 21)]
     for r in rows:
         cells = " ".join(f"{100 * r.adherence.get(a, float('nan')):8.1f}%" for a in attributes)
         share = f"{100 * r.of_teacher:9.1f}%" if r.of_teacher is not None else f"{'-':>10}"
-        lines.append(f"{r.sampler:<12} {r.steps:>5} {r.nfe:>5} {1000 * r.seconds_per_image:>9.1f} {cells} "
+        lines.append(f"{r.sampler:<12} {r.steps:>5} {r.nfe:>5} {1000 * r.seconds_per_image:>9.1f} {r.precision:>9} {cells} "
                      f"{100 * r.score:8.1f}% {share}")
     return "\n".join(lines)
 
@@ -155,7 +170,7 @@ def bench_distill(args: argparse.Namespace) -> int:
     print(f"judge on {len(prompts)} real held-out samples: {judge(real, captions).format()}", flush=True)
     nfe = args.teacher_steps * (2 if scale != 1.0 else 1)
     rows = [measure("teacher", args.teacher_steps, nfe, sampler(teacher, args.teacher_steps, scale, False, prompts),
-                    prompts, args)]
+                    prompts, args, teacher.precision)]
     rows += student_rows(args, prompts, scale)
     reference = rows[0].score
     for r in rows:
