@@ -20,7 +20,8 @@ the first steps, so the figures are the DiT's). Each training run is a child pro
 CUDA memory statistics, its own process group); its log and resolved config sit in its folder.
 
 Printed per run, from the steady-state records of the trainer's own `metrics.jsonl` (after the
-warm-up steps, leaving out the step after a checkpoint): samples/s, tokens/s, achieved TFLOP/s
+warm-up steps, leaving out the step after each checkpoint; the video runs log, and so wait for
+the device, every step, for the resume check): samples/s, tokens/s, achieved TFLOP/s
 (6 x forward MACs per sample), MFU against the device's dense bf16 peak (`PEAK_BF16_TFLOPS`,
 or --peak-tflops), the data-wait share of step time, and the peak memory
 (torch.cuda.max_memory_allocated at the end of the training loop) against `dit plan`'s
@@ -50,6 +51,11 @@ from launch.bench_gpu_runs import PROFILED_STEPS, RunSpec, build_config, caption
 
 MFU_GOAL = 0.40  # DiT-XL/2 bf16 on H100/H200: a benchmark goal, not a pass/fail criterion
 RUN_NAMES = ("image", "video", "video_resumed")
+# The video runs log every step (the resume check compares each step's loss), and a log step
+# waits for the device (its skip flag, grad norm and a collective): their figures are not a
+# free-running loop's as the image run's are (it logs every steps // 8; every step below 16)
+DRAIN_NOTE = "logged every step: the figures include a device drain a step (the video runs' resume check compares " \
+             "each step's loss)"
 # How the DiT blocks run (README, "GPU check"): the model overrides of each layout
 LAYOUTS = {
     "plain": (),
@@ -201,6 +207,8 @@ def print_figures(f: Figures, peak: Optional[float], check: Check) -> None:
         return
     print(f"  steady state over {tp.steps} steps: samples/s {tp.samples_per_s:.4g} | tokens/s {tp.tokens_per_s:.4g} | "
           f"TFLOP/s {tp.tflops:.4g} | data wait {tp.data_wait:.2%} (goal < 2%)", flush=True)
+    if f.spec.log_every == 1:
+        print(f"  {DRAIN_NOTE}", flush=True)
     if peak:
         mfu = tp.tflops / peak
         goal = f" (goal >= {MFU_GOAL:.0%} for DiT-XL/2 bf16 on H100/H200)" if f.spec.preset == "DiT-XL/2" else ""

@@ -56,6 +56,9 @@ def test_tiny_cpu_check_prints_sane_figures(tiny_check):
     mfus = [float(m) for m in re.findall(r"MFU ([\d.]+)% of 0.5 TFLOP/s", text)]
     assert mfus == pytest.approx([float(f[2]) / PEAK * 100 for f in figures], abs=0.051)
     assert text.count("world size 1 over gloo") == 3
+    # a run that logs (and drains the device) every step says so: the video run (for the resume
+    # check) and here, at 8 steps, the image runs too
+    assert bench.DRAIN_NOTE in text.split("\nvideo:")[1] and text.count(bench.DRAIN_NOTE) == 3
     plans = [float(g) for g in re.findall(r"dit plan's ([\d.]+) GB \(the EMA's fp32 shadow included\)", text)]
     assert len(plans) == 3 and all(0 < g < 5 for g in plans)
     assert "peak memory: not measured on this device" in text  # max_memory_allocated is CUDA's
