@@ -148,25 +148,25 @@ def check_autoencoder_target(cfg: RunConfig) -> None:
     VAE: no latent_norm.json) would be replaced by random-start weights, without a word. It
     trains a KL autoencoder: with model.autoencoder.kind=none it trained one all the same, for
     latent stages configured as pixel-space; without a path it saved it into the working directory."""
+    if cfg.stage.kind != "autoencoder":
+        return
     ae = cfg.model.autoencoder
-    if cfg.stage.kind == "autoencoder" and ae.kind == "none":
+    if ae.kind == "none":
         raise ConfigError("model.autoencoder.kind", "is none (a pixel-space DiT), but the autoencoder stage trains a "
                                                     "KL autoencoder for latent stages; set model.autoencoder.kind=kl")
-    if cfg.stage.kind == "autoencoder" and not ae.path:
+    if not ae.path:
         raise ConfigError("model.autoencoder.path", "the autoencoder stage saves the autoencoder it trains there (for "
                                                     "the latent stages to read); give a folder (empty: it wrote into "
                                                     "the working directory)")
     path = Path(ae.path)
-    if cfg.stage.kind == "autoencoder" and saved_autoencoder(ae) and not (path / NORM_FILE).is_file():
-        raise ConfigError("model.autoencoder.path", f"{path} holds an autoencoder this stage did not write (no "
-                                                    f"{NORM_FILE}): the stage trains one from scratch and would "
-                                                    f"write over it; point the key at a new folder")
-    if cfg.stage.kind != "autoencoder":
-        return
-    # each save replaces the folder whole (Autoencoder.save): nothing else may live in it
-    if path.is_dir() and any(path.iterdir()) and not (path / NORM_FILE).is_file():
-        raise ConfigError("model.autoencoder.path", f"{path} holds files this stage did not write: each save "
-                                                    f"replaces the folder whole; point the key at a new folder")
+    if not (path / NORM_FILE).is_file():  # not a folder this stage wrote: each save replaces it whole
+        if saved_autoencoder(ae):
+            raise ConfigError("model.autoencoder.path", f"{path} holds an autoencoder this stage did not write (no "
+                                                        f"{NORM_FILE}): the stage trains one from scratch and would "
+                                                        f"write over it; point the key at a new folder")
+        if path.is_dir() and any(path.iterdir()):
+            raise ConfigError("model.autoencoder.path", f"{path} holds files this stage did not write: each save "
+                                                        f"replaces the folder whole; point the key at a new folder")
     for key, inside in (("checkpoint.dir", cfg.checkpoint.dir), ("log.dir", cfg.log.dir)):
         if Path(inside).resolve().is_relative_to(path.resolve()):
             raise ConfigError("model.autoencoder.path", f"{path} holds {key}={inside}: each save of the autoencoder "
