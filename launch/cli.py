@@ -111,6 +111,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except CheckpointError as e:  # a checkpoint a command cannot use (`dit sample --raw` without universal files)
         print(f"dit: {e}", file=sys.stderr)
         return EXIT_CHECKPOINT
+    except FileNotFoundError as e:  # a path on the command line or in the config that is not there (a checkpoint,
+        print(f"dit: {e}", file=sys.stderr)  # an autoencoder folder, a teacher): one line, as a bad key
+        return EXIT_CONFIG
 
 
 def _skip_final_collections() -> None:

@@ -201,3 +201,23 @@ def tiny_teacher_dir(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("teacher")
     return write_checkpoint(tiny_config(root, f"checkpoint.dir={root}/checkpoints"))
+
+
+def test_a_missing_path_is_one_line_naming_it(shapes_shards, tmp_path, capsys):
+    """A path that is not there, named on the command line (a checkpoint to sample) or in the
+    config (the autoencoder folder of a precompute encoder's run), ends the command with exit 2
+    and one line naming it, as a bad key does: it was a traceback (exit 1)."""
+    from launch.cli import main as dit
+
+    missing = tmp_path / "missing"
+    assert dit(["sample", str(missing / "checkpoints"), "--prompt", "a red circle", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"dit: {missing / 'checkpoints'}: neither a checkpoint directory nor a cascade YAML"
+
+    config = tmp_path / "latent.yaml"
+    config.write_text(f"model:\n  in_channels: 4\n  text:\n    kind: minilm\n    max_length: 16\n"
+                      f"  autoencoder:\n    kind: kl\n    path: {missing / 'autoencoder'}\n")
+    assert dit(["data", "precompute", str(shapes_shards), "--out", str(tmp_path / "latents"),
+                "--encoder", "trainer.stages.pretrain:precompute_encoder", "--encoder-arg", f"config={config}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"dit: model.autoencoder.path: no diffusers config.json in {missing / 'autoencoder'}", err
+    assert not any("Traceback" in line for line in err)
