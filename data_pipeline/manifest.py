@@ -36,7 +36,7 @@ SOURCE_SEPARATOR = "::"
 # Latent shards (`dit data precompute`): the `data.` settings their pixels were made with,
 # under this key of the manifest's `extra` (see `pixel_settings`)
 PIXEL_SETTINGS = "data"
-ENCODED_BY = "encoded_by"  # extra: what made precomputed latents (trainer.stages.checks.encoder_identity)
+ENCODED_BY = "encoded_by"  # extra: what made precomputed latents (trainer.encoder_record.encoder_identity)
 LATENT_BUCKETS = "buckets"  # extra: precomputed samples per pixel bucket, {"FxHxW": count} (`bucket_name`)
 log = logging.getLogger("data_pipeline")
 

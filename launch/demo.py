@@ -125,7 +125,7 @@ def latent_provenance(cfg) -> dict:
     """What the latent shards depend on: the sha256 of the autoencoder's weights, config and
     latent normalisation, the text encoder's settings, and the source shards' fingerprint."""
     from data_pipeline.manifest import resolve_source
-    from trainer.stages.checks import encoder_identity
+    from trainer.encoder_record import encoder_identity
 
     return {**encoder_identity(cfg.model), "source": resolve_source(cfg.data.shards).fingerprint(),
             "resolution": cfg.data.resolution}

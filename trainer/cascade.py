@@ -62,7 +62,7 @@ from trainer.diffusion.utils import Generators
 from trainer.media import save_image_grid, save_mp4, save_video_grid, to_uint8
 from trainer.numerics import autocast
 from trainer.stage_config import distilled_steps
-from trainer.stages.checks import check_encoders
+from trainer.encoder_record import check_encoders
 
 DISTILLED = ("progressive", "adversarial")  # student checkpoints of the distillation stages
 RAW_PREFIX = "fp32/"  # the fp32 master weights in a universal file (trainer/elastic.py)

@@ -58,7 +58,8 @@ def preflight_resume(cfg: RunConfig, world_size: int) -> tuple[RunConfig, str]:
     was derived; raises CheckpointError when the global batch cannot be kept or (unless
     allowed) the config changed."""
     from trainer.checkpoint import CheckpointManager, preflight
-    from trainer.stages.checks import check_encoders, check_resumed_stage
+    from trainer.encoder_record import check_encoders
+    from trainer.stages.checks import check_resumed_stage
 
     directory = CheckpointManager(cfg.checkpoint, 0, world_size).latest() if cfg.checkpoint.resume else None
     if directory is not None:
@@ -167,7 +168,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig):
         from data_pipeline.stream import build_stream
         from trainer.stages import build_stage
-        from trainer.stages.checks import encoders_record
+        from trainer.encoder_record import encoders_record
 
         self.cfg = cfg
         self.ctx = init_distributed(cfg.deepspeed.pipeline_stages, cfg.deepspeed.comm_timeout_s,

@@ -79,7 +79,7 @@ def test_a_warm_start_from_a_network_of_other_encoders_is_refused_before_any_ran
     from tests.eval.eval_helpers import tiny_config, write_autoencoder, write_checkpoint
     from trainer.checkpoint_format import ENCODERS_FILE, resolve
     from trainer.stages import preflight
-    from trainer.stages.checks import encoders_record
+    from trainer.encoder_record import encoders_record
 
     autoencoder = write_autoencoder(tmp_path / "autoencoder")
     latent = ("model.autoencoder.kind=kl", "model.in_channels=4", f"model.autoencoder.path={autoencoder}")

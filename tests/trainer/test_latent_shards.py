@@ -122,8 +122,8 @@ def test_a_text_encoder_folder_is_identified_by_its_files(tmp_path, monkeypatch)
     """A text encoder at model.text.path is identified by the sha256 of its files (another
     folder's config differs), its large weight files by their size and both ends (hashing a
     T5-XXL's would take a minute at every start): weights of the same size differ there."""
+    from trainer import encoder_record
     from trainer.config import ModelConfig, TextEncoderConfig
-    from trainer.stages import checks
 
     folders = {}
     for name, d_model in (("a", 512), ("b", 768)):
@@ -131,26 +131,26 @@ def test_a_text_encoder_folder_is_identified_by_its_files(tmp_path, monkeypatch)
         folders[name].mkdir()
         (folders[name] / "config.json").write_text(f'{{"d_model": {d_model}}}')
         (folders[name] / "model.safetensors").write_bytes(bytes([d_model % 251]) * 4096)
-    identity = {name: checks.encoder_identity(ModelConfig(text=TextEncoderConfig(kind="t5", path=str(folder))))
+    identity = {name: encoder_record.encoder_identity(ModelConfig(text=TextEncoderConfig(kind="t5", path=str(folder))))
                 for name, folder in folders.items()}
     assert identity["a"]["text_files"].keys() == {"config.json", "model.safetensors"}
     assert identity["a"]["text_files"]["config.json"] != identity["b"]["text_files"]["config.json"]
-    monkeypatch.setattr(checks, "HASHED_BYTES", 1024)
-    monkeypatch.setattr(checks, "SAMPLED_BYTES", 512)
+    monkeypatch.setattr(encoder_record, "HASHED_BYTES", 1024)
+    monkeypatch.setattr(encoder_record, "SAMPLED_BYTES", 512)
     weights = folders["b"] / "model.safetensors"
     weights.write_bytes(folders["a"].joinpath("model.safetensors").read_bytes())
-    big = {name: checks.encoder_identity(ModelConfig(text=TextEncoderConfig(kind="t5", path=str(folder))))
+    big = {name: encoder_record.encoder_identity(ModelConfig(text=TextEncoderConfig(kind="t5", path=str(folder))))
            ["text_files"]["model.safetensors"] for name, folder in folders.items()}
     assert big["a"] == big["b"] and big["a"].startswith("4096 bytes, ends ")
     for at in (0, 4095):  # another fine-tune of the same size: its first or last bytes differ
         changed = bytearray(weights.read_bytes())
         changed[at] ^= 1
         weights.write_bytes(changed)
-        assert checks.encoder_identity(ModelConfig(text=TextEncoderConfig(kind="t5", path=str(folders["b"]))))[
+        assert encoder_record.encoder_identity(ModelConfig(text=TextEncoderConfig(kind="t5", path=str(folders["b"]))))[
             "text_files"]["model.safetensors"] != big["a"]
         changed[at] ^= 1
         weights.write_bytes(changed)
-    hub = checks.encoder_identity(ModelConfig(text=TextEncoderConfig(kind="t5", path="google/t5-v1_1-xxl")))
+    hub = encoder_record.encoder_identity(ModelConfig(text=TextEncoderConfig(kind="t5", path="google/t5-v1_1-xxl")))
     assert hub["text_files"] == {"google/t5-v1_1-xxl": "not a local path"}
 
 

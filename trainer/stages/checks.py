@@ -6,9 +6,6 @@ the same teacher checks when built.
 """
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
 import math
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -21,10 +18,10 @@ from data_pipeline import remote
 from data_pipeline.errors import DataError
 from data_pipeline.manifest import (ENCODED_BY, cascade_pairs_mismatch, latent_shapes_mismatch, pixel_settings_mismatch,
                                     resolve_source, source_specs)
-from trainer.checkpoint_format import (ENCODERS_FILE, STAGE_FILE, CheckpointError, is_checkpoint, resolve, sha256,
-                                       student_round)
-from trainer.config import (NORM_FILE, ConfigError, DataConfig, DiffusionConfig, ModelConfig, RunConfig,
-                            TextEncoderConfig, check_weighting, flatten, saved_autoencoder, to_dict, validate)
+from trainer.checkpoint_format import STAGE_FILE, CheckpointError, is_checkpoint, resolve, student_round
+from trainer.config import (NORM_FILE, ConfigError, DataConfig, DiffusionConfig, ModelConfig, RunConfig, check_weighting,
+                            flatten, saved_autoencoder, to_dict, validate)
+from trainer.encoder_record import check_encoders, encoder_identity, same_encoders
 from trainer.stage_config import AdversarialSettings, distilled_steps
 
 # Keys that must agree with the teacher's run config: the student is the teacher's network on
@@ -281,58 +278,6 @@ def preflight_adversarial(cfg: RunConfig) -> None:
     check_adversarial(cfg.stage, teacher_steps_of(cfg), cfg.log.sample_steps, cfg.diffusion.num_timesteps)
 
 
-# What a text encoder's embeddings depend on among its settings (`null` is the DiT's own: the
-# dropped caption's embedding is learned or zeros at training time, never precomputed).
-TEXT_IDENTITY = ("kind", "arch", "max_length", "precision")
-HASHED_BYTES = 64 << 20  # text encoder files up to this size are identified by sha256 ...
-SAMPLED_BYTES = 16 << 20  # ... larger ones by their size and the sha256 of this much at each end
-
-
-def encoder_identity(model: ModelConfig) -> dict:
-    """What precomputed latents and text embeddings depend on, recorded in their manifest
-    (`extra.encoded_by`, see `check_latent_sources`): the sha256 of the autoencoder's weights,
-    config and latent normalisation (none for a pixel-space or unsaved autoencoder), the text
-    encoder's settings, and the identity of the files at `model.text.path` (none where the
-    weights come with a package: minilm, open_clip's own)."""
-    import dataclasses
-
-    ae = model.autoencoder
-    saved = ae.kind != "none" and bool(ae.path) and Path(ae.path).is_dir()
-    files = sorted(p for p in Path(ae.path).iterdir()
-                   if p.suffix == ".safetensors" or p.name in ("config.json", "latent_norm.json")) if saved else []
-    return {"autoencoder": {p.name: _sha256(p) for p in files}, "text": dataclasses.asdict(model.text),
-            "text_files": _text_files(model.text)}
-
-
-def _text_files(text: TextEncoderConfig) -> dict[str, str]:
-    """Per file of the text encoder's `path` (the file, or the files of the directory): its
-    identity (`_file_identity`); a `path` that is no local file or folder (a hub id) is
-    recorded as it is written."""
-    if not text.path:
-        return {}
-    path = Path(text.path)
-    if not path.exists():
-        return {text.path: "not a local path"}
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
-    return {p.name: _file_identity(p) for p in files}
-
-
-def _file_identity(path: Path) -> str:
-    """A file's sha256, or for one above HASHED_BYTES (a T5-XXL's 19 GB of weights would take
-    a minute to hash at every start) its size and the sha256 of its first and last
-    SAMPLED_BYTES: a safetensors header and weights at both ends, which two trainings of one
-    architecture (a fine-tune, another release), files of the same size, do not share."""
-    size = path.stat().st_size
-    if size <= HASHED_BYTES:
-        return _sha256(path)
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        digest.update(f.read(SAMPLED_BYTES))
-        f.seek(size - SAMPLED_BYTES)
-        digest.update(f.read(SAMPLED_BYTES))
-    return f"{size} bytes, ends {digest.hexdigest()}"
-
-
 def check_latent_sources(cfg: RunConfig) -> None:
     """Precomputed latents and text embeddings are outputs of the encoders and pixel settings
     that made them: a run whose autoencoder or text encoder differs from those (a retrained
@@ -363,47 +308,13 @@ def check_latent_sources(cfg: RunConfig) -> None:
         recorded = manifest.extra.get(ENCODED_BY)
         if recorded:
             current = current or encoder_identity(cfg.model)
-            _same_encoders(recorded, current, f"the latents of {spec} were made with",
+            same_encoders(recorded, current, f"the latents of {spec} were made with",
                            f"precompute {spec} again with this run's config (`dit data precompute ... --encoder "
                            f"trainer.stages.pretrain:precompute_encoder`), or train with the encoders that made it")
     for mismatch in (latent_shapes_mismatch(latents, cfg.data.batch_size),
                      cascade_pairs_mismatch(latents, cfg.data.sr_resolution)):
         if mismatch is not None:
             raise ConfigError(*mismatch)
-
-
-def _same_encoders(recorded: dict, current: dict, made: str, redo: str) -> None:
-    """ConfigError naming the key where `made` (precomputed latents, a trained network) came
-    from other encoders than this run's: `recorded` and `current` are `encoder_identity`s."""
-    if "autoencoder" in recorded and recorded["autoencoder"] != current["autoencoder"]:
-        differ = sorted(set(recorded["autoencoder"].items()) ^ set(current["autoencoder"].items()))
-        raise ConfigError("model.autoencoder.path", f"{made} another autoencoder (its files differ from those at "
-                          f"this path: {sorted({name for name, _ in differ})}); {redo}")
-    for key in TEXT_IDENTITY:
-        theirs, ours = recorded.get("text", {}).get(key), current["text"][key]
-        if theirs is not None and theirs != ours:
-            raise ConfigError(f"model.text.{key}", f"{made} a text encoder of model.text.{key}={theirs!r}, "
-                              f"this run has {ours!r}; {redo}")
-    if "text_files" in recorded and recorded["text_files"] != current["text_files"]:
-        raise ConfigError("model.text.path", f"{made} a text encoder whose files differ from those at this path; "
-                          f"{redo}")
-
-
-def encoders_record(model: ModelConfig) -> str:
-    """The text of a checkpoint's encoders.json: the `encoder_identity` of what it trains with."""
-    return json.dumps(encoder_identity(model), indent=1, sort_keys=True) + "\n"
-
-
-def check_encoders(directory: Path, model: ModelConfig, use: str) -> None:
-    """ConfigError naming the key where the encoders `model` names are not those the network
-    of `directory` (a step directory or round export) learned with, as its encoders.json
-    records them (none recorded: nothing to check). A DiT learns one autoencoder's latents and
-    one text encoder's embeddings: a re-fitted latent normalisation or another autoencoder at
-    the same path made it decode garbage without an error. `use`: what needs the match."""
-    record = Path(directory) / ENCODERS_FILE
-    if record.is_file():
-        _same_encoders(json.loads(record.read_text()), encoder_identity(model), f"{directory} was trained with",
-                       f"{use} needs the encoders it was trained with: restore them at that path, or point the key at them")
 
 
 def check_init_source(cfg: RunConfig) -> None:
@@ -421,16 +332,3 @@ PREFLIGHT: dict[str, Callable[[RunConfig], None]] = {
     "progressive": preflight_progressive,
     "adversarial": preflight_adversarial,
 }
-
-
-def _sha256(path: Path) -> str:
-    """`sha256` of an encoder file, read once per process while the file is unchanged: a run's
-    start asks for the same files up to four times (`dit train`'s preflight, the resume check,
-    the teacher's, the checkpoints' encoders.json), each a full read of the autoencoder."""
-    st = path.stat()
-    return _cached_sha256(str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-@functools.lru_cache(maxsize=256)
-def _cached_sha256(path: str, size: int, mtime_ns: int, ctime_ns: int) -> str:
-    return sha256(Path(path))

@@ -22,7 +22,7 @@ from trainer.models.autoencoder import build_autoencoder
 from trainer.models.text import TEXT_CHUNK, CachedTextEncoder, TextEmbedding, build_text_encoder
 from trainer.stage_config import PretrainSettings
 from trainer.stages.base import PlayerLoss, Stage, cfg_keep, drop_text
-from trainer.stages.checks import encoder_identity
+from trainer.encoder_record import encoder_identity
 
 EVAL_REPEATS = 4  # samples per prompt of the training-time adherence evaluation
 

@@ -54,7 +54,8 @@ from trainer.diffusion.distill import (
 )
 from trainer.stage_config import ProgressiveSettings, as_section
 from trainer.stages.base import PlayerLoss
-from trainer.stages.checks import check_round_length, check_rounds, encoders_record
+from trainer.encoder_record import encoders_record
+from trainer.stages.checks import check_round_length, check_rounds
 from trainer.stages.distillation import DistillationStage, Teacher
 
 
