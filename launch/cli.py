@@ -111,8 +111,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     except CheckpointError as e:  # a checkpoint a command cannot use (`dit sample --raw` without universal files)
         print(f"dit: {e}", file=sys.stderr)
         return EXIT_CHECKPOINT
-    except FileNotFoundError as e:  # a path on the command line or in the config that is not there (a checkpoint,
-        print(f"dit: {e}", file=sys.stderr)  # an autoencoder folder, a teacher): one line, as a bad key
+    except FileNotFoundError as e:
+        # A path on the command line or in the config that is not there (a checkpoint, an
+        # autoencoder folder, a teacher): one line, as a bad key. Not in a `dit train` rank: a file
+        # gone mid-run (a shared file system's hiccup) fails it with 1, which `dit launch` restarts.
+        if args.command == "train":
+            raise
+        print(f"dit: {e}", file=sys.stderr)
         return EXIT_CONFIG
 
 

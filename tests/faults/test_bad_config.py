@@ -221,3 +221,17 @@ def test_a_missing_path_is_one_line_naming_it(shapes_shards, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"dit: model.autoencoder.path: no diffusers config.json in {missing / 'autoencoder'}", err
     assert not any("Traceback" in line for line in err)
+
+
+def test_a_file_gone_in_a_training_rank_stays_a_restartable_failure(shapes_shards, tmp_path, monkeypatch):
+    """In a `dit train` rank a FileNotFoundError is not turned into exit 2 (a config error, which
+    `dit launch` never restarts): a file gone mid-run fails the rank as before (exit 1)."""
+    import trainer.engine
+    from launch.cli import main as dit
+
+    def gone(cfg):
+        raise FileNotFoundError("a shard gone from the shared file system")
+
+    monkeypatch.setattr(trainer.engine, "train", gone)
+    with pytest.raises(FileNotFoundError, match="shard gone"):
+        dit(["train", str(TINY), f"data.shards={shapes_shards}", f"run.out_dir={tmp_path / 'run'}"])
