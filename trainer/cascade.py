@@ -59,10 +59,10 @@ from trainer.config import ConfigError, DataConfig, RunConfig, load_config
 from trainer.diffusion import SAMPLERS, SamplerSettings
 from trainer.diffusion.noise import sample_generators
 from trainer.diffusion.utils import Generators
+from trainer.encoder_record import check_encoders
 from trainer.media import save_image_grid, save_mp4, save_video_grid, to_uint8
 from trainer.numerics import autocast
 from trainer.stage_config import distilled_steps
-from trainer.encoder_record import check_encoders
 
 DISTILLED = ("progressive", "adversarial")  # student checkpoints of the distillation stages
 RAW_PREFIX = "fp32/"  # the fp32 master weights in a universal file (trainer/elastic.py)

@@ -16,13 +16,13 @@ from data_pipeline.errors import DataError
 from trainer.config import DataConfig, DiffusionConfig, LogConfig, ModelConfig, RunConfig
 from trainer.bundle import InferenceBundle, frozen
 from trainer.diffusion import NoiseSchedule, SamplerSettings, add_noise, diffusion_loss, randn, sample_timesteps
+from trainer.encoder_record import encoder_identity
 from trainer.media import save_grid
 from trainer.metrics import T_BUCKET_KEYS, Metric, timestep_bucket_losses, valid_mean
 from trainer.models.autoencoder import build_autoencoder
 from trainer.models.text import TEXT_CHUNK, CachedTextEncoder, TextEmbedding, build_text_encoder
 from trainer.stage_config import PretrainSettings
 from trainer.stages.base import PlayerLoss, Stage, cfg_keep, drop_text
-from trainer.encoder_record import encoder_identity
 
 EVAL_REPEATS = 4  # samples per prompt of the training-time adherence evaluation
 

@@ -52,9 +52,9 @@ from trainer.diffusion.distill import (
     teacher_x0_target,
     valid_weight,
 )
+from trainer.encoder_record import encoders_record
 from trainer.stage_config import ProgressiveSettings, as_section
 from trainer.stages.base import PlayerLoss
-from trainer.encoder_record import encoders_record
 from trainer.stages.checks import check_round_length, check_rounds
 from trainer.stages.distillation import DistillationStage, Teacher
 
