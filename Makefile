@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM := false
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 # The project's own modules are compiled once into __pycache__ (ignored by git): where the
 # environment sets PYTHONDONTWRITEBYTECODE=1, as this workplace's does, every rank of every
-# launch compiled them anew (~0.1 s of CPU each, ~340 rank starts in `make test`).
+# launch compiled them anew (~0.1 s of CPU each, and `make test` starts hundreds of ranks).
 unexport PYTHONDONTWRITEBYTECODE
 
 # DeepSpeed's setup.py (its PyPI sdist) raises on a set but empty DS_ACCELERATOR, which is what
