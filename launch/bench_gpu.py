@@ -44,8 +44,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
-from launch.bench_gpu_figures import (GB, MEM_FRACTION, PEAK_BF16_TFLOPS, MemoryPlan, Throughput, choose_batch, losses,
-                                      peak_tflops_for, predict_memory, read_jsonl, steady_throughput)
+from launch.bench_gpu_figures import (GB, MEM_FRACTION, PEAK_BF16_TFLOPS, MemoryPlan, Throughput, choose_batch,
+                                      is_mig_slice, losses, peak_tflops_for, predict_memory, read_jsonl,
+                                      steady_throughput)
 from launch.bench_gpu_resume import resume_check, seed_resume_dir
 from launch.bench_gpu_runs import PROFILED_STEPS, RunSpec, build_config, caption_pool, run_child, write_latent_shards
 
@@ -105,7 +106,7 @@ def device_facts(device: str) -> tuple[str, float]:
 
 
 def why_no_peak(name: str) -> str:
-    if " mig " in f" {name.lower()} ":
+    if is_mig_slice(name):
         return f"'{name}' is a MIG slice, with a fraction of the chip's SMs and of its peak"
     return f"'{name}' is not in the peak table ({', '.join(p for p, _ in PEAK_BF16_TFLOPS)})"
 

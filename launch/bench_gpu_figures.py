@@ -30,13 +30,17 @@ def peak_tflops_for(device_name: str) -> Optional[float]:
     """The dense bf16 peak of a device from its name, or None when it is not in the table or
     is a MIG slice ("NVIDIA A100-SXM4-40GB MIG 1g.10gb"): a slice has a fraction of the chip's
     SMs (1g: 1/7 of them), and the chip's peak would understate its MFU that many times."""
-    name = device_name.lower()
-    if " mig " in f" {name} ":
+    if is_mig_slice(device_name):
         return None
+    name = device_name.lower()
     for pattern, tflops in PEAK_BF16_TFLOPS:
         if pattern.lower() in name:
             return tflops
     return None
+
+
+def is_mig_slice(device_name: str) -> bool:
+    return " mig " in f" {device_name.lower()} "
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,11 +8,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+def files_in(folder: str) -> list[str]:
+    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / folder).glob("*.py"))
+
+
 INFERENCE = ["trainer/bundle.py", "trainer/sampling.py", "trainer/cascade.py", "trainer/evaluate.py",
              "trainer/heldout.py", "trainer/judge.py", "trainer/export.py"]
-STAGES = ["trainer/stage_config.py", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "trainer" / "stages").glob("*.py"))]
-DATA = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "data_pipeline").glob("*.py"))
-MODELS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "trainer" / "models").glob("*.py"))
+STAGES = ["trainer/stage_config.py", *files_in("trainer/stages")]
+DATA = files_in("data_pipeline")
+MODELS = files_in("trainer/models")
 
 # (files, module prefixes they never import)
 RULES = {

@@ -98,7 +98,8 @@ def check_encoders(directory: Path, model: ModelConfig, use: str) -> None:
     record = Path(directory) / ENCODERS_FILE
     if record.is_file():
         same_encoders(json.loads(record.read_text()), encoder_identity(model), f"{directory} was trained with",
-                       f"{use} needs the encoders it was trained with: restore them at that path, or point the key at them")
+                      f"{use} needs the encoders it was trained with: restore them at that path, or point the key "
+                      f"at them")
 
 
 def _sha256(path: Path) -> str:

@@ -211,7 +211,8 @@ def test_a_missing_path_is_one_line_naming_it(shapes_shards, tmp_path, capsys):
 
     missing = tmp_path / "missing"
     assert dit(["sample", str(missing / "checkpoints"), "--prompt", "a red circle", "--out", str(tmp_path)]) == 2
-    assert capsys.readouterr().err.strip() == f"dit: {missing / 'checkpoints'}: neither a checkpoint directory nor a cascade YAML"
+    expected = f"dit: {missing / 'checkpoints'}: neither a checkpoint directory nor a cascade YAML"
+    assert capsys.readouterr().err.strip() == expected
 
     config = tmp_path / "latent.yaml"
     config.write_text(f"model:\n  in_channels: 4\n  text:\n    kind: minilm\n    max_length: 16\n"

@@ -19,8 +19,8 @@ from data_pipeline.errors import DataError
 from data_pipeline.manifest import (ENCODED_BY, cascade_pairs_mismatch, latent_shapes_mismatch, pixel_settings_mismatch,
                                     resolve_source, source_specs)
 from trainer.checkpoint_format import STAGE_FILE, CheckpointError, is_checkpoint, resolve, student_round
-from trainer.config import (NORM_FILE, ConfigError, DataConfig, DiffusionConfig, ModelConfig, RunConfig, check_weighting,
-                            flatten, saved_autoencoder, to_dict, validate)
+from trainer.config import (NORM_FILE, ConfigError, DataConfig, DiffusionConfig, ModelConfig, RunConfig,
+                            check_weighting, flatten, saved_autoencoder, to_dict, validate)
 from trainer.encoder_record import check_encoders, encoder_identity, same_encoders
 from trainer.stage_config import AdversarialSettings, distilled_steps
 
