@@ -18,7 +18,7 @@ from data_pipeline.transforms import TransformSpec
 from trainer.config import DataConfig, DiffusionConfig, ModelConfig
 from trainer.diffusion import NoiseSchedule, SamplerSettings, add_noise, randn, schedule_for_shape
 from trainer.diffusion.schedules import shape_size
-from trainer.models.autoencoder import build_autoencoder
+from trainer.models.autoencoder import Autoencoder, build_autoencoder
 from trainer.models.dit import DiT, build_dit, dit_preset
 from trainer.models.text import CachedTextEncoder, TextEncoder, build_text_encoder
 from trainer.sampling import generate
@@ -44,10 +44,13 @@ def frozen(module: nn.Module) -> nn.Module:
 def place(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """A frozen module on `device` with its parameters in `dtype`, a text encoder in its own
     precision (`TextEncoder.compute_dtype`, model.text.precision: training, precompute and
-    sampling see the same embeddings);
-    buffers (latent scale and shift, position tables) keep their float32 precision."""
+    sampling see the same embeddings), an autoencoder that overflows float16 in float32
+    (`Autoencoder.weights_dtype`); buffers (latent scale and shift, position tables) keep their
+    float32 precision."""
     if isinstance(module, TextEncoder):
         dtype = module.compute_dtype
+    elif isinstance(module, Autoencoder):
+        dtype = module.weights_dtype(dtype)
     module.to(device)
     for p in module.parameters():
         p.data = p.data.to(dtype)

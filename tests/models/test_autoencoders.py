@@ -31,6 +31,29 @@ def test_encode_decode_shapes_round_trip(ae):
     assert ae.decode(z).shape == x.shape
 
 
+@torch.no_grad()
+def test_a_vae_that_overflows_fp16_runs_in_fp32_in_fp16_runs(ae):
+    """diffusers' `force_upcast` (SD's and SDXL's VAEs overflow float16): placed as the frozen
+    helper of an fp16 run, the VAE keeps float32 weights and runs with the fp16 autocast off,
+    so latents and pixels are the fp32 ones, also where fp16 activations overflow (an input
+    convolution scaled to reach ~1e6). A VAE without the flag (SDXL's fp16-fix) goes to fp16."""
+    from trainer.bundle import frozen, place
+
+    ae.vae.encoder.conv_in.weight.mul_(1e5)
+    x = images()
+    z, pixels = ae.encode(x), ae.decode(ae.encode(x))
+    assert z.isfinite().all()
+    place(frozen(ae), torch.device("cpu"), torch.float16)
+    assert {p.dtype for p in ae.parameters()} == {torch.float32}
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert torch.equal(ae.encode(x), z) and torch.equal(ae.decode(z), pixels)
+    ae.vae.register_to_config(force_upcast=False)
+    place(ae, torch.device("cpu"), torch.float16)
+    assert {p.dtype for p in ae.parameters()} == {torch.float16}
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert not ae.encode(x).isfinite().all()  # what an upcast VAE would give without the upcast
+
+
 def test_video_is_encoded_frame_by_frame(ae):
     video = torch.stack([images(1)[0], images(2)[0], images(3)[0]], dim=1)[None]  # (1, 3, F=3, 16, 16)
     z = ae.encode(video)

@@ -62,8 +62,8 @@ class Autoencoder(nn.Module):
     def encode_raw(self, x: Tensor, sample: bool = False, generator: Optional[torch.Generator] = None) -> Tensor:
         """Latents before the scalar shift and scale: the posterior mode (or a sample), with the
         autoencoder's own per-channel statistics applied. x (B, C, H, W) / (B, C, F, H, W)."""
-        latent = self._per_frame(x, lambda v: _posterior(self.vae, v, sample, generator))  # (B, c, [F',] h, w)
-        mean, std = self._statistics()
+        latent = self._run(lambda v: self._per_frame(v, lambda f: _posterior(self.vae, f, sample, generator)), x)
+        mean, std = self._statistics()  # latent: (B, c, [F',] h, w)
         return (latent - self._channels(mean, latent)) / self._channels(std, latent)
 
     def _statistics(self) -> tuple[Tensor, Tensor]:
@@ -88,7 +88,29 @@ class Autoencoder(nn.Module):
         """z (B, c, [F',] h, w) -> x (B, C, [F,] h f, w f)."""
         mean, std = self._statistics()
         latent = (z / self.scale + self.shift) * self._channels(std, z) + self._channels(mean, z)
-        return self._per_frame(latent, self._decode_raw)
+        return self._run(lambda v: self._per_frame(v, self._decode_raw), latent)
+
+    @property
+    def force_upcast(self) -> bool:
+        """Whether the VAE overflows float16: diffusers' `force_upcast` (true by default for
+        AutoencoderKL; SD's and SDXL's VAEs reach inf activations in fp16, hence NaN latents
+        and black images, and diffusers' pipelines upcast them to float32 for fp16 runs)."""
+        return bool(self.vae.config.get("force_upcast", False))
+
+    def weights_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype of this frozen VAE's weights in a run computing in `dtype`: float32 for
+        float16 where the VAE asks for it (`force_upcast`)."""
+        return torch.float32 if dtype == torch.float16 and self.force_upcast else dtype
+
+    def _run(self, fn, x: Tensor) -> Tensor:
+        """`fn(x)` through the VAE; a float32 VAE that asks to be upcast runs with a float16
+        autocast off (which would run its convolutions in fp16 over the fp32 weights)."""
+        device = x.device.type
+        fp16 = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
+        if not (fp16 and self.force_upcast and self.vae.dtype == torch.float32):
+            return fn(x)
+        with torch.autocast(device, enabled=False):
+            return fn(x.float())
 
     def _decode_raw(self, latent: Tensor) -> Tensor:
         """The VAE's decoder; one conditioned on a decode timestep (LTX-Video from 0.9.1,
