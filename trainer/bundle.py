@@ -185,7 +185,8 @@ class InferenceBundle:
     def sample_pixels(self, net: nn.Module, prompts: Sequence[str], settings: SamplerSettings,
                       generator: torch.Generator, extras: Optional[dict[str, Tensor]] = None,
                       shape: Optional[tuple[int, ...]] = None, distilled: bool = False) -> Tensor:
-        """Sample `net` for `prompts` and decode: pixels in [-1, 1] on the network's device.
+        """Sample `net` for `prompts` and decode: pixels in [-1, 1] on the network's device, NaN
+        where the decode was not finite.
 
         `extras`: further conditioning (a super-resolution model's low-resolution input);
         `shape`: the DiT input (C, [F,] h, w) (default: the configured square), sampled with the
@@ -201,4 +202,5 @@ class InferenceBundle:
             settings = student_settings(settings, guidance_input=False)  # the guidance went into `extras`
         x0 = generate(net, self.text, self.schedule_for(shape), self.prediction, prompts, shape, settings,
                       generator, extras)
-        return self.decode(x0).clamp(-1, 1)
+        nan = float("nan")  # inf (fp16's overflow) as NaN, which the clamp keeps for `to_uint8` to refuse
+        return self.decode(x0).nan_to_num(nan=nan, posinf=nan, neginf=nan).clamp(-1, 1)

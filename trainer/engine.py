@@ -6,6 +6,7 @@ in its own DeepSpeed engine (own optimizer, own ZeRO partitioning) and drives th
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from dataclasses import dataclass, replace
@@ -584,11 +585,28 @@ class Trainer:
         if self.ctx.is_main:
             from trainer.evaluate import adherence_during_training
 
-            with inference_numerics(self.device, self.precision), torch.random.fork_rng(devices=[]):
+            with inference_numerics(self.device, self.precision), torch.random.fork_rng(devices=[]), \
+                    self.non_finite_pixels("evaluation"):
                 metrics = adherence_during_training(self.stage, weights, self.cfg.log)
-            if metrics:
-                self.logger.event(self.state.step, metrics)
+                if metrics:
+                    self.logger.event(self.state.step, metrics)
         wait_for_rank0()
+
+    @contextlib.contextmanager
+    def non_finite_pixels(self, what: str) -> Iterator[None]:
+        """Samples drawn in training that hold NaN or inf (`NonFinitePixels`) skip the `what`
+        of this step, logged as `nonfinite_samples` and said on stderr; training goes on (its
+        loss may be finite where a sampler's many forwards in fp16 overflow)."""
+        from trainer.media import NonFinitePixels
+
+        try:
+            yield
+        except NonFinitePixels as e:
+            fix = "sample the checkpoints in bf16 or fp32 (dit sample --precision)" if self.precision == "fp16" \
+                else "from the weights or the sampler's settings (a diverged run? log.sample_cfg?)"
+            self.logger.event(self.state.step, {"nonfinite_samples": what})
+            print(f"step {self.state.step}: the {what} was skipped: its samples under deepspeed.precision="
+                  f"{self.precision} are not finite ({e}); {fix}", file=sys.stderr, flush=True)
 
     def write_samples(self) -> Optional[Path]:
         """EMA (else raw) sample grid for the fixed prompts (collective gather, rank 0 draws while
@@ -600,7 +618,8 @@ class Trainer:
         out = None
         if self.ctx.is_main:
             path = Path(self.cfg.log.dir) / "samples" / f"step_{self.state.step:08d}.png"
-            with inference_numerics(self.device, self.precision), torch.random.fork_rng(devices=[]):
+            with inference_numerics(self.device, self.precision), torch.random.fork_rng(devices=[]), \
+                    self.non_finite_pixels("sample grid"):
                 out = self.stage.write_samples(weights, self.cfg.log, path)
             if out is not None:
                 self.logger.event(self.state.step, {"sample_grid": str(out)})

@@ -13,9 +13,19 @@ from PIL import Image, ImageDraw, ImageFont
 DEFAULT_FPS = 8.0  # saved videos of a model that learned from no single frame rate (fps=0: data.fps unset)
 
 
+class NonFinitePixels(ValueError):
+    """Pixels holding NaN or inf: written as black or white and scored by a judge, they would
+    pass for a picture (fp16 overflows past 65504 where bf16 and fp32 do not)."""
+
+
 def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(..., 3, H, W) in [-1, 1] -> (..., H, W, 3) uint8."""
-    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    """(..., 3, H, W) in [-1, 1] -> (..., H, W, 3) uint8; NonFinitePixels where any is NaN or inf
+    (every picture written or judged comes through here)."""
+    x = x.detach().float()
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise NonFinitePixels(f"{bad} of {x.numel()} pixel values are NaN or inf")
+    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.movedim(-3, -1).cpu().numpy()
 
 

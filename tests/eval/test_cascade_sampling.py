@@ -14,7 +14,7 @@ from launch.cli import main as dit
 from tests.eval.eval_helpers import tiny_config, write_cascade, write_checkpoint
 from trainer.cascade import Cascade, SampleSize, load_cascade_spec
 from trainer.config import ConfigError
-from trainer.media import image_grid, save_video_grid, to_uint8
+from trainer.media import NonFinitePixels, image_grid, save_video_grid, to_uint8
 from trainer.sampling import SamplerSettings
 
 PROMPTS = ["a large red circle at the top left", "a small blue square in the centre"]
@@ -243,3 +243,25 @@ def test_non_finite_samples_stop_the_command_naming_what_to_change(tmp_path, cap
     assert not (tmp_path / "out").exists()
     for precision in ("fp32", "bf16"):
         assert dit([*sample, "--precision", precision]) == 0
+
+
+def test_infinite_samples_are_not_clamped_into_pictures(tmp_path, capsys):
+    """A decode reaching +inf without NaN (fp16 overflowing in a VAE's last convolution) was
+    clamped to 1, a white image that passed the finite check after the clamp. Here the
+    autoencoder's output convolution is zero with an infinite bias: every pixel +inf."""
+    from trainer.config import AutoencoderConfig
+    from trainer.models.autoencoder import build_autoencoder
+
+    torch.manual_seed(0)
+    ae = build_autoencoder(AutoencoderConfig(kind="kl", block_out_channels=[8, 16], latent_channels=4))
+    ae.vae.decoder.conv_out.weight.data.zero_()
+    ae.vae.decoder.conv_out.bias.data.fill_(float("inf"))
+    ae.save(tmp_path / "ae")
+    cfg = tiny_config(tmp_path / "run", "model.autoencoder.kind=kl", f"model.autoencoder.path={tmp_path / 'ae'}",
+                      "model.in_channels=4")
+    out = tmp_path / "out"
+    assert dit(["sample", str(write_checkpoint(cfg)), "--prompt", PROMPTS[0], "--steps", "2", "--precision", "fp32",
+                "--out", str(out)]) == 2
+    assert "non-finite pixels" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(NonFinitePixels, match="3 of 3 pixel values"):
+        to_uint8(torch.tensor([float("inf"), float("nan"), -float("inf")]).view(1, 3, 1, 1))

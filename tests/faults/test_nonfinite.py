@@ -41,3 +41,19 @@ def test_nonfinite_steps_in_a_row_abort_with_their_exit_code(uneven_shards, tmp_
     saved = sorted(Path(out / "checkpoints").glob("step_*"))
     assert [p.name for p in saved][-1] == "step_00000004"  # 2 and 4 saved; 5 stopped the run
     assert all_finite(final_weights(out)) and all_finite(ema_weights(out))
+
+
+def test_samples_that_are_not_finite_skip_the_grid_and_the_eval_not_the_run(uneven_shards, tmp_path):
+    """Samples drawn in training that hold NaN or inf (fp16 overflows past 65504; here a CFG
+    scale that overflows fp32 too) were written as a black grid and judged to adherence 0, as if
+    measured. Both are skipped now, logged as `nonfinite_samples` and said on stderr; the run goes on."""
+    out = tmp_path / "run"
+    proc = run_train(1, base(uneven_shards, out, "stage.steps=2", "checkpoint.every=2", "log.eval_every=2",
+                             "log.sample_cfg=1e30", "log.sample_steps=2"))
+    assert_ok(proc)
+    records = metrics(out)
+    assert sorted(r["nonfinite_samples"] for r in records if "nonfinite_samples" in r) == ["evaluation", "sample grid"]
+    assert not [k for r in records for k in r if k.startswith("eval/") or k == "sample_grid"]
+    assert not list(out.rglob("step_*.png"))
+    assert "step 2: the sample grid was skipped" in proc.stderr and "log.sample_cfg" in proc.stderr
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
