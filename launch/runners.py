@@ -156,9 +156,14 @@ def include_visible_gpus(job: Job, env: dict[str, str], hostfile: Optional[Path]
 
 
 def deepspeed_command(job: Job, attempt_dir: Path, hostfile: Optional[Path],
-                      env: Optional[dict[str, str]] = None) -> list[str]:
+                      env: Optional[dict[str, str]] = None, attempt: int = 0) -> list[str]:
     """The DeepSpeed launcher (`deepspeed`, i.e. its runner module) on this node; `env`: the
-    environment it will run in (default: this process's)."""
+    environment it will run in (default: this process's).
+
+    Attempt k meets at --master-port + k, as torchrun's (`torchrun_args`): with `--node-rank`
+    every node restarts on its own, and a node that relaunched first joined the store the failed
+    attempt's rank 0 still held on the port (it was waiting for a save): its new rank hung there
+    and node 0's attempt timed out waiting for it. Without --master-port: a free port."""
     t = job.topology
     include = include_visible_gpus(job, dict(os.environ) if env is None else env, hostfile)
     cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.runner", "--log_level=warning"]
@@ -172,7 +177,7 @@ def deepspeed_command(job: Job, attempt_dir: Path, hostfile: Optional[Path],
         cmd.append(f"--num_gpus={t.nproc_per_node}")
     if t.master_addr:
         cmd.append(f"--master_addr={t.master_addr}")
-    cmd.append(f"--master_port={t.master_port or free_port()}")
+    cmd.append(f"--master_port={t.master_port + attempt if t.master_port else free_port()}")
     if t.node_rank is not None:
         cmd += ["--no_ssh", f"--node_rank={t.node_rank}"]
     module, *args = job.rank_command()
@@ -396,7 +401,7 @@ def run_deepspeed(job: Job, attempt_dir: Path, attempt: int) -> Outcome:
         hostfile = attempt_dir / "hostfile"
         hostfile.write_text(node_hostfile(job.topology))
     env = deepspeed_environment(job, dict(os.environ), attempt_dir)
-    cmd = deepspeed_command(job, attempt_dir, hostfile, env)
+    cmd = deepspeed_command(job, attempt_dir, hostfile, env, attempt)
     if any(arg.startswith("--include=") for arg in cmd):
         env.pop("CUDA_VISIBLE_DEVICES", None)  # DeepSpeed's launch.py sets it from --include
     print(f"dit launch: {shlex.join(cmd)}", flush=True)

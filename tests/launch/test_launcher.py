@@ -67,8 +67,11 @@ def test_deepspeed_command_local_hostfile_and_no_ssh(tmp_path):
     topo = Topology(1, nnodes=2, node_rank=1, master_addr="127.0.0.1", master_port=1234)
     assert node_hostfile(topo) == "node0 slots=1\nnode1 slots=1\n"
     by_hand = deepspeed_command(job(topo, "deepspeed"), tmp_path, tmp_path / "hostfile")
-    for flag in (f"--hostfile={tmp_path / 'hostfile'}", "--no_ssh", "--node_rank=1", "--master_addr=127.0.0.1"):
+    for flag in (f"--hostfile={tmp_path / 'hostfile'}", "--no_ssh", "--node_rank=1", "--master_addr=127.0.0.1",
+                 "--master_port=1234"):
         assert flag in by_hand
+    relaunch = deepspeed_command(job(topo, "deepspeed"), tmp_path, tmp_path / "hostfile", attempt=2)
+    assert "--master_port=1236" in relaunch  # not the store a failed attempt's rank 0 may still hold
 
 
 def test_rank_environment_is_set_in_one_place():
