@@ -143,6 +143,14 @@ def test_pipeline_stages_must_divide_world_size():
     assert err.value.key == "deepspeed.pipeline_stages"
 
 
+def test_a_pipeline_at_zero2_is_told_the_stage_its_precision_allows():
+    """fp16 is refused at ZeRO-0 as well: told "0 or 1", an fp16 pipeline met a second refusal."""
+    for precision, allowed in (("fp32", "stage 0 or 1 only"), ("fp16", "with fp16, stage 1")):
+        with pytest.raises(ConfigError, match=allowed) as err:
+            load_config(DEMO, ["deepspeed.pipeline_stages=2", "deepspeed.zero_stage=2", f"deepspeed.precision={precision}"])
+        assert err.value.key == "deepspeed.zero_stage"
+
+
 def test_python_tag_is_refused_and_never_executed(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.yaml"

@@ -458,7 +458,8 @@ def _validate_deepspeed(ds: DeepSpeedConfig) -> None:
     check(
         not (ds.pipeline_stages > 1 and ds.zero_stage > 1),
         "deepspeed.zero_stage",
-        "pipeline parallelism works with ZeRO stage 0 or 1 only (DeepSpeed limitation)",
+        "pipeline parallelism works with ZeRO stage 0 or 1 only (DeepSpeed limitation)"
+        + ("; with fp16, stage 1 (fp16 needs a ZeRO optimizer)" if ds.precision == "fp16" else ""),
     )
     check(
         not (ds.pipeline_stages > 1 and ds.zero_stage == 0 and ds.precision == "fp32"),
