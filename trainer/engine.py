@@ -410,9 +410,10 @@ class Trainer:
         return {name: engine.get_lr()[0] for name, engine in self.engines.items()}
 
     def optimizer_metrics(self, lrs: dict[str, float]) -> dict[str, float]:
-        """Gradient norm (of the last step) and learning rate per player (`lrs`: what that step
-        used, `Pending.lrs`), and the accelerator's peak memory so far; read on log steps only
-        (the norm is a device value)."""
+        """Gradient norm (of the last step), learning rate (`lrs`: what that step used,
+        `Pending.lrs`) and, under fp16, the dynamic loss scale per player, and the accelerator's
+        peak memory so far; read on log steps only (the norm is a device value). A scale halved
+        by a burst of overflows regains one doubling per DeepSpeed's window of clean steps."""
         metrics: dict[str, float] = {}
         if self.device.type == "cuda":
             metrics["mem_peak_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
@@ -421,6 +422,9 @@ class Trainer:
             norm = engine.get_global_grad_norm()
             metrics[f"grad_norm{suffix}"] = float(norm) if norm is not None else 0.0
             metrics[f"lr{suffix}"] = lrs[name]
+            scaler = dynamic_loss_scaler(engine)
+            if scaler is not None:
+                metrics[f"loss_scale{suffix}"] = float(scaler.cur_scale)
         return metrics
 
     def record_step(self, infos: PlayerInfos, skips: PlayerSkips) -> None:

@@ -69,6 +69,8 @@ def test_fp16_with_loss_scaling_trains_resumes_and_skips_a_nan_on_one_rank(shape
     assert len(curve) == 5 and all(v == v for v in curve.values())  # steps 2-4 skipped, not logged
     overflows = [r for r in metrics(straight) if r.get("skipped_nonfinite_step")]
     assert [(r["step"], r.get("loss_scale_overflow")) for r in overflows] == [(2, 1), (3, 1), (4, 1)]
+    scales = {r["step"]: r["loss_scale"] for r in metrics(straight) if "loss_scale" in r}
+    assert scales == {1: 4096.0, 2: 4096.0, 3: 2048.0, **{s: 1024.0 for s in range(4, 9)}}  # 2^12, hysteresis 2
     assert same_tensors(weights, final_weights(resumed))
     assert same_tensors(ema_weights(straight), ema_weights(resumed))
     assert {s: curve[s] for s in range(5, 9)} == losses(resumed)
