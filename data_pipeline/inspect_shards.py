@@ -4,7 +4,8 @@ Counts come from the manifest (or a header scan); resolutions and caption statis
 sample of up to `max_samples` samples spread over the shards (image headers, and video stream
 headers plus each video's first frame for its display rotation: sizes as training sees them).
 `verify` recomputes every shard's sha256 and sample count and lists the shards that differ
-from the manifest.
+from the manifest. A source without manifest.json (or a `pipe:` command) has none: its counts
+were just taken from the same tars, so the report says it could not verify them.
 """
 from __future__ import annotations
 
@@ -41,6 +42,12 @@ class Report:
     inspected: int = 0
     bad_shards: dict[str, str] = field(default_factory=dict)
     verified: bool = False
+    no_manifest: bool = False  # verify asked of a scanned source: nothing recorded to compare with
+
+    @property
+    def failed(self) -> bool:
+        """Bad shards, or a verify that could not vouch for any shard (a `verify && train` chain stops)."""
+        return bool(self.bad_shards) or self.no_manifest
 
 
 def inspect_shards(source: str, verify: bool = False, max_samples: int = 1000, progress: bool = True) -> Report:
@@ -50,7 +57,9 @@ def inspect_shards(source: str, verify: bool = False, max_samples: int = 1000, p
     per_shard = -(-max_samples // max(len(manifest.shards), 1)) if max_samples > 0 else 0
     for path in tqdm(manifest.paths(), desc="inspecting", unit="shard", disable=not progress):
         _inspect_shard(path, per_shard, report)
-    if verify:
+    if verify and manifest.scanned:  # its counts and the recount would both read the same tars
+        report.no_manifest = True
+    elif verify:
         report.verified = True
         for info, path in tqdm(list(zip(manifest.shards, manifest.paths())), desc="verifying",
                                unit="shard", disable=not progress):
@@ -155,6 +164,8 @@ def format_report(r: Report) -> str:
         lines.append("HDR videos:  " + ", ".join(f"{k} {v} ({_HDR_NOTES[k]})" for k, v in sorted(r.hdr.items())))
     skips = ", ".join(f"{k} {v}" for k, v in sorted(r.caption_skips.items())) or "none"
     lines.append(f"captions:    words {_summary(r.caption_words)}; skipped by the loader: {skips}")
+    if r.no_manifest:
+        lines.extend(_no_manifest(m))
     if r.verified:
         if r.bad_shards:
             lines.append(f"verify:      {len(r.bad_shards)} BAD shard(s):")
@@ -162,3 +173,17 @@ def format_report(r: Report) -> str:
         else:
             lines.append(f"verify:      all {len(m.shards)} shards match the manifest (sha256 and sample count)")
     return "\n".join(lines)
+
+
+def _no_manifest(m: Manifest) -> list[str]:
+    """Why a scanned source was not verified, what was checked instead, and the way to a manifest."""
+    if not m.root:
+        return ["verify:      NOT DONE: a pipe: source has no manifest.json to verify against",
+                "  checked:   only that its tars read",
+                "  to verify: give the directory or URL the command reads (a command's output has no folder "
+                "for --write-manifest)"]
+    root = remote.redact(m.root)
+    return ["verify:      NOT DONE: no manifest.json records these shards, so nothing to verify against",
+            "  checked:   only that their tars read (the counts above come from reading them just now)",
+            f"  to verify: record them while known to be good with `dit data inspect {root} --write-manifest`; "
+            "--verify then compares sha256 and sample counts with it"]

@@ -57,6 +57,9 @@ class Manifest:
     kind: str = "unknown"  # image | video | latent | mixed | unknown
     created_by: str = ""
     extra: dict = field(default_factory=dict)
+    # counted just now from the tars themselves (no manifest.json was read): nothing recorded
+    # to verify them against; never written, so a manifest read back is not "scanned"
+    scanned: bool = field(default=False, compare=False)
 
     @property
     def num_samples(self) -> int:
@@ -143,21 +146,21 @@ def scan_manifest(paths: list[str], kind: str = "unknown", checksums: bool = Fal
         size, digest = file_digest(p) if checksums else (os.path.getsize(p), "")
         samples, offsets = byte_index(p)
         shards.append(ShardInfo(os.path.relpath(os.path.abspath(p), root), samples, size, digest, offsets))
-    return Manifest(root, shards, kind, "scan")
+    return Manifest(root, shards, kind, "scan", scanned=True)
 
 
 def _scan_remote(paths: list[str], kind: str, checksums: bool) -> Manifest:
     if not all(remote.is_url(p) for p in paths):
         if not all(remote.is_pipe(p) for p in paths):
             raise DataError("one source mixes pipe: commands with other shards; join them with '::'")
-        return Manifest("", [ShardInfo(p, count_samples(p)) for p in paths], kind, "scan")
+        return Manifest("", [ShardInfo(p, count_samples(p)) for p in paths], kind, "scan", scanned=True)
     root = remote.common_dir([remote.dirname(p) for p in paths])
     shards = []
     for p in paths:
         size, digest = file_digest(p) if checksums else (remote.size_of(p), "")
         samples, offsets = byte_index(p)
         shards.append(ShardInfo(p[len(root) + 1:], samples, size, digest, offsets))
-    return Manifest(root, shards, kind, "scan")
+    return Manifest(root, shards, kind, "scan", scanned=True)
 
 
 def _expand(pattern: str) -> list[str]:

@@ -51,7 +51,9 @@ def register(sub) -> None:
                        description="Counts come from manifest.json (or a scan of the tar headers).")
     p.add_argument("source", help="shard directory or brace/glob pattern of .tar files, local or a URL "
                                   "(s3://bucket/dir, https://host/dir/{000..009}.tar)")
-    p.add_argument("--verify", action="store_true", help="recompute sha256 and sample counts; exit 1 on bad shards")
+    p.add_argument("--verify", action="store_true",
+                   help="recompute sha256 and sample counts and compare them with manifest.json; exit 1 on bad "
+                        "shards, or when there is no manifest to compare with")
     p.add_argument("--max-samples", type=int, default=1000, help="samples read for statistics (default 1000)")
     p.add_argument("--write-manifest", action="store_true",
                    help="scan the tars (counts and sha256; for URLs also the byte index of every sample) and "
@@ -180,7 +182,7 @@ def cmd_inspect(args) -> int:
         print(f"wrote {manifest.write()} ({len(manifest.shards)} shards, {manifest.num_samples} samples)")
     report = inspect_shards(args.source, verify=args.verify, max_samples=args.max_samples)
     print(format_report(report))
-    return 1 if report.bad_shards else 0
+    return 1 if report.failed else 0
 
 
 def refreshed_manifest(source: str):

@@ -29,6 +29,29 @@ def test_data_synth_inspect_precompute(tmp_path, capsys):
     assert "shard-000000.tar: sha256 mismatch" in capsys.readouterr().out
 
 
+def test_verify_without_a_manifest_says_it_has_nothing_to_verify_against(tmp_path, capsys):
+    """Shards without manifest.json (and pipe: commands) are counted by reading them, so a
+    recount compares them with themselves: --verify passed a corrupted shard ("all match"),
+    where it must say it verified nothing and fail. Once a manifest is written, it verifies."""
+    out = tmp_path / "shapes"
+    assert _run(["data", "synth", "--out", str(out), "--num", "4", "--shard-size", "2", "--size", "32"]) == 0
+    (out / "manifest.json").unlink()
+    capsys.readouterr()
+    for source, hint in ((str(out), f"dit data inspect {out} --write-manifest"),
+                         (f"pipe:cat {out}/shard-00000{{0..1}}.tar", "give the directory or URL")):
+        assert _run(["data", "inspect", source, "--verify"]) == 1
+        text = capsys.readouterr().out
+        assert "NOT DONE" in text and hint in text and "match the manifest" not in text
+    assert _run(["data", "inspect", str(out), "--write-manifest"]) == 0
+    shard = out / "shard-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert _run(["data", "inspect", str(out), "--verify"]) == 1
+    assert "shard-000001.tar: sha256 mismatch" in capsys.readouterr().out
+
+
 def run_encoder(config: str, overrides=(), patch: int = 4):
     """An encoder factory taking the run config as trainer.stages.pretrain:precompute_encoder does."""
     from data_pipeline.precompute import toy_encoder
