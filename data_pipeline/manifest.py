@@ -163,7 +163,7 @@ def _scan_remote(paths: list[str], kind: str, checksums: bool) -> Manifest:
     return Manifest(root, shards, kind, "scan", scanned=True)
 
 
-def _expand(pattern: str) -> list[str]:
+def expand_pattern(pattern: str) -> list[str]:
     """Brace and glob expansion of a shard pattern, sorted, existing files only."""
     files: list[str] = []
     for p in braceexpand.braceexpand(pattern):
@@ -233,7 +233,7 @@ def resolve_source(spec: str) -> Manifest:
         log.warning("no %s in %s: counting the samples of %d shards (run `dit data inspect %s "
                     "--write-manifest` once to skip this)", MANIFEST_NAME, spec, len(paths), spec)
         return scan_manifest(paths)
-    paths = _expand(spec)
+    paths = expand_pattern(spec)
     if not paths:
         raise DataError(f"data source {spec!r} matches no tar file; give a shard directory or a "
                         f"pattern like 'dir/shard-{{000000..000009}}.tar'")

@@ -1,7 +1,8 @@
 """`dit data write|synth|inspect|precompute` and `dit bench loader`: argparse glue only.
 
 `launch/cli.py` calls `register(data_subparsers)` and `register_bench(bench_subparsers)`;
-each command's `func(args)` returns the process exit code (0 ok, 1 problems found).
+each command's `func(args)` returns the process exit code (0 ok, 1 problems found, 2 a
+request its source cannot serve, as argparse's usage errors are 2).
 Shards are WebDataset .tar files plus manifest.json (per shard: samples, bytes, sha256).
 """
 from __future__ import annotations
@@ -57,8 +58,8 @@ def register(sub) -> None:
     p.add_argument("--max-samples", type=int, default=1000, help="samples read for statistics (default 1000)")
     p.add_argument("--write-manifest", action="store_true",
                    help="scan the tars (counts and sha256; for URLs also the byte index of every sample) and "
-                        "write DIR/manifest.json, e.g. for img2dataset output; a URL (s3://, gs://) gets it "
-                        "next to its shards")
+                        "write DIR/manifest.json, e.g. for img2dataset output; a URL (s3://, gs://) or a "
+                        "pattern naming every shard of a directory gets it next to its shards (not pipe:)")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("precompute", help="shards of encoder outputs (latents, text embeddings)",
@@ -175,9 +176,14 @@ def cmd_synth(args) -> int:
 
 @_data_errors
 def cmd_inspect(args) -> int:
+    from data_pipeline import remote
     from data_pipeline.inspect_shards import format_report, inspect_shards
 
     if args.write_manifest:
+        if remote.is_pipe(args.source):
+            print("dit data inspect: --write-manifest needs a folder to write manifest.json into, and a pipe: "
+                  "command's output has none; give the directory or URL the command reads", file=sys.stderr)
+            return 2
         manifest = refreshed_manifest(args.source)
         print(f"wrote {manifest.write()} ({len(manifest.shards)} shards, {manifest.num_samples} samples)")
     report = inspect_shards(args.source, verify=args.verify, max_samples=args.max_samples)
@@ -186,22 +192,16 @@ def cmd_inspect(args) -> int:
 
 
 def refreshed_manifest(source: str):
-    """The manifest `--write-manifest` writes for a shard directory (or a URL pattern naming
-    every shard of one directory): counts, byte index and sha256 scanned afresh; the kind,
-    creator and extra of a manifest already there kept (what precompute recorded: the pixel
+    """The manifest `--write-manifest` writes for a shard directory (or a pattern, local or a
+    URL, naming every shard of one directory): counts, byte index and sha256 scanned afresh; the
+    kind, creator and extra of a manifest already there kept (what precompute recorded: the pixel
     settings and source that training and audits check). DataError for a pattern naming only
     some of its directory's shards: a manifest of those would hide the others from training."""
     from data_pipeline import remote
     from data_pipeline.errors import DataError
-    from data_pipeline.manifest import try_load_manifest, scan_manifest, shard_urls
+    from data_pipeline.manifest import try_load_manifest, scan_manifest
 
-    if remote.is_url(source):  # a directory URL or a pattern: the manifest goes next to the shards
-        paths = shard_urls(source)
-        root = remote.common_dir([remote.dirname(p) for p in paths]) if paths else source.rstrip("/")
-        every = shard_urls(root)
-    else:
-        root = os.path.abspath(source)
-        paths = every = sorted(glob.glob(os.path.join(root, "*.tar")))
+    root, paths, every = _manifest_shards(source)
     if set(every) - set(paths):
         raise DataError(f"{remote.redact(source)} names {len(paths)} of the {len(every)} shards in "
                         f"{remote.redact(root)}; its manifest must list them all: give the directory")
@@ -215,6 +215,29 @@ def refreshed_manifest(source: str):
     if previous:
         manifest.kind, manifest.created_by, manifest.extra = previous.kind, previous.created_by, previous.extra
     return manifest
+
+
+def _manifest_shards(source: str) -> tuple[str, list[str], list[str]]:
+    """(the directory the manifest goes into, the shards `source` names, the .tar files directly
+    in that directory). A pattern's directory is its shards' common one, as a URL pattern's is."""
+    from data_pipeline import remote
+    from data_pipeline.errors import DataError
+    from data_pipeline.manifest import expand_pattern, shard_urls
+
+    if remote.is_url(source):  # a directory URL or a pattern: the manifest goes next to the shards
+        paths = shard_urls(source)
+        root = remote.common_dir([remote.dirname(p) for p in paths]) if paths else source.rstrip("/")
+        return root, paths, shard_urls(root)
+    if os.path.isdir(source):
+        root = os.path.abspath(source)
+        paths = sorted(glob.glob(os.path.join(root, "*.tar")))
+        return root, paths, paths
+    paths = [os.path.abspath(p) for p in expand_pattern(source)]
+    if not paths:
+        raise DataError(f"{source!r} matches no tar file; give a shard directory or a pattern like "
+                        f"'dir/shard-{{000000..000009}}.tar'")
+    root = os.path.commonpath([os.path.dirname(p) for p in paths])
+    return root, paths, sorted(glob.glob(os.path.join(root, "*.tar")))
 
 
 # `dit data precompute` flags (dest = the data. key) that shape the pixels the encoder sees

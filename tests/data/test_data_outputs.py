@@ -105,3 +105,22 @@ def test_write_manifest_of_a_url_pattern_naming_part_of_a_directory_is_refused(s
     assert "names 2 of the 3 shards" in capsys.readouterr().err
     assert fs.cat_file("/hd-outputs/ds/manifest.json") == whole
     assert resolve_source("memory://hd-outputs/ds").num_samples == 3 + 9 + 5
+
+
+def test_write_manifest_of_a_local_pattern_is_taken_as_a_url_pattern_is(tmp_path, capsys):
+    """A local brace/glob pattern (the help offers one) was taken for a directory: "no shards to
+    scan". Like a URL pattern it now writes the manifest into its shards' directory when it names
+    them all, and is refused, writing nothing, when it names only some; a pipe: command's output
+    has no folder for a manifest, which is refused as a usage error (exit 2)."""
+    d = make_shards(tmp_path / "d", (2, 1, 3))
+    (d / "manifest.json").unlink()
+    assert main(["data", "inspect", str(d / "shard-00000{0..1}.tar"), "--write-manifest"]) == 1
+    assert "names 2 of the 3 shards" in capsys.readouterr().err
+    assert not (d / "manifest.json").exists()
+    assert main(["data", "inspect", str(d / "shard-*.tar"), "--write-manifest", "--verify"]) == 0
+    assert "all 3 shards match" in capsys.readouterr().out
+    written = load_manifest(str(d))
+    assert [(s.name, s.samples, len(s.sha256)) for s in written.shards] == [
+        ("shard-000000.tar", 2, 64), ("shard-000001.tar", 1, 64), ("shard-000002.tar", 3, 64)]
+    assert main(["data", "inspect", f"pipe:cat {d}/shard-000000.tar", "--write-manifest"]) == 2
+    assert "a pipe: command's output has none" in capsys.readouterr().err
