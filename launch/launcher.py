@@ -76,8 +76,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     multi.add_argument("--nnodes", type=int, help="number of nodes (torchrun rendezvous)")
     multi.add_argument("--node-rank", type=int, help="this node's rank in [0, nnodes)")
     multi.add_argument("--master-addr", help="address of node 0, reachable from every node")
-    multi.add_argument("--master-port", type=int, help="a free port on node 0 (default: 29500; one "
-                       "machine: any free port)")
+    multi.add_argument("--master-port", type=int, help="a free port on node 0; required with --nnodes > 1 "
+                       "and no --hostfile (default otherwise: 29500 where node 0 may be another machine, with "
+                       "a hostfile or --master-addr; one machine: any free port)")
     faults = p.add_argument_group("failures")
     add_resume_arguments(faults)
     faults.add_argument("--max-restarts", type=int, default=0,

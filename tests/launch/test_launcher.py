@@ -164,6 +164,19 @@ def test_inconsistent_topology_fails_before_anything_starts(monkeypatch, capsys,
     assert message in capsys.readouterr().err
 
 
+def test_master_port_help_says_nnodes_without_a_hostfile_requires_it(monkeypatch, capsys):
+    """The help promised a default of 29500, which --nnodes > 1 without a hostfile never takes:
+    the command refuses to start without --master-port there."""
+    with pytest.raises(SystemExit):
+        main(["launch", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    entry = text[text.index("--master-port MASTER_PORT a free port"):][:200]
+    assert "required with --nnodes > 1 and no --hostfile" in entry
+    monkeypatch.setattr(runners, "RUNNERS", {})
+    assert main(["launch", str(TINY), "--nnodes", "2", "--node-rank", "0", "--master-addr", "h"]) == 2
+    assert "--master-port on every node" in capsys.readouterr().err
+
+
 def test_bad_config_fails_fast_naming_the_key(monkeypatch, capsys):
     monkeypatch.setattr(runners, "RUNNERS", {})
     assert main(["launch", str(TINY), "optim.lrr=1", "--nproc-per-node", "2"]) == 2
