@@ -313,8 +313,10 @@ def finalize(batch: dict, kind: str, pin: bool = False) -> dict:
     """The batch as the caller sees it: `image` (B, 3, H, W) or `video` (B, 3, F, H, W) uint8,
     channels last in memory (strides of (B, F, H, W, 3)); with cascade pairs `image`/`video` at
     the sr size and `image_lr`/`video_lr`. Clips not yet stacked are stacked into a new tensor,
-    page-locked when `pin`. `batch_to_device` copies them non-blocking and normalises them
-    into contiguous float32 on the device."""
+    page-locked when `pin`, as every other tensor then is (precomputed latents, text
+    embeddings: a non-blocking copy from pageable memory may wait for the device's queue).
+    `batch_to_device` copies them non-blocking and normalises pixels into contiguous float32
+    on the device."""
     batch["valid"] = torch.frombuffer(bytearray(batch["valid"]), dtype=torch.bool)  # list of bools: 1/0 bytes
     pixels, pixels_sr = batch.pop("__pixels__", None), batch.pop("__pixels_sr__", None)
     if pixels is not None:
@@ -323,6 +325,10 @@ def finalize(batch: dict, kind: str, pin: bool = False) -> dict:
             batch[name] = _pixels(pixels, kind, pin)
         else:
             batch[name], batch[f"{name}_lr"] = _pixels(pixels_sr, kind, pin), _pixels(pixels, kind, pin)
+    if pin:
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor) and not value.is_pinned():
+                batch[key] = value.pin_memory()
     return batch
 
 
@@ -414,10 +420,15 @@ class Stream:
     which would shift its batches against theirs. A corrupt sample is skipped by all alike.
 
     `step_rows`: the batches a rank takes per optimizer step (the trainer's grad_accum): an
-    epoch is padded to whole steps (`plan.Segment.batches`)."""
+    epoch is padded to whole steps (`plan.Segment.batches`).
+
+    `pin`: whether the batches go to a CUDA device, whose non-blocking copies need page-locked
+    memory (default: whether CUDA is there). The trainer says where its step runs: a job on
+    DeepSpeed's CPU accelerator on a machine with GPUs pinned every batch, and made a CUDA
+    context on GPU 0 in every rank for it."""
 
     def __init__(self, cfg: DataConfig, rank: int, world_size: int, state: Optional[dict] = None,
-                 skip_unreadable: bool = True, step_rows: int = 1):
+                 skip_unreadable: bool = True, step_rows: int = 1, pin: Optional[bool] = None):
         validate_data_config(cfg)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
@@ -459,7 +470,7 @@ class Stream:
         self._open: list[list[int]] = [[] for _ in range(self.topology.num_workers)]
         self._stats = empty_counts()
         self._crashed: set[tuple[int, int]] = set()  # samples a worker died on (kept over epochs, not in the state)
-        self._pin = torch.cuda.is_available()  # pinned pixels: batch_to_device copies them non-blocking
+        self._pin = torch.cuda.is_available() if pin is None else pin  # batch_to_device copies non-blocking
         self._workers: Optional[_Workers] = None  # forked once (start_workers), for every segment
         if state is not None:
             self.load_state_dict(state)
@@ -734,7 +745,7 @@ def _with_step_rows(segment: list[int]) -> list[int]:
 
 
 def build_stream(cfg: DataConfig, rank: int, world_size: int, *, state: Optional[dict] = None,
-                 skip_unreadable: bool = True, step_rows: int = 1) -> Stream:
+                 skip_unreadable: bool = True, step_rows: int = 1, pin: Optional[bool] = None) -> Stream:
     """The batches of `rank` among `world_size`, optionally resuming from `Stream.state_dict()`
-    (`skip_unreadable`, `step_rows`: see `Stream`)."""
-    return Stream(cfg, rank, world_size, state, skip_unreadable, step_rows)
+    (`skip_unreadable`, `step_rows`, `pin`: see `Stream`)."""
+    return Stream(cfg, rank, world_size, state, skip_unreadable, step_rows, pin)

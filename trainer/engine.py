@@ -181,7 +181,7 @@ class Trainer:
         # same batches, each from its own stream, so none of them may skip a shard on its own
         self.stream = build_stream(cfg.data, self.ctx.dp_rank, self.ctx.dp_world,
                                    skip_unreadable=self.ctx.world_size == self.ctx.dp_world,
-                                   step_rows=cfg.deepspeed.grad_accum)
+                                   step_rows=cfg.deepspeed.grad_accum, pin=self.device.type == "cuda")
         self.stream.start_workers()  # forked before the model and optimizer state exist: none of it is shared
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
         self.stage = build_stage(cfg).to(self.device, PRECISIONS[self.precision])

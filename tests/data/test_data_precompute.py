@@ -7,6 +7,7 @@ import re
 import pytest
 import torch
 import webdataset as wds
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from data_pipeline.config import DataConfig
 from data_pipeline.errors import DataError
@@ -42,6 +43,46 @@ def test_precomputed_shards_keep_keys_and_feed_the_loader(tmp_path, shards, cfg)
         assert b["text_mask"].dtype == torch.bool and len(b["caption"]) == 4
         seen += valid_keys(batches)
     assert sorted(seen) == sorted(dataset_keys(shards))
+
+
+class PinnedMemory(TorchDispatchMode):
+    """Page-locked allocations on this CPU-only build, which has no driver to lock pages with:
+    made as plain memory and remembered, so that a test can tell which tensors a machine with
+    CUDA would have pinned."""
+
+    def __init__(self):
+        super().__init__()
+        self.pointers: set[int] = set()
+
+    def holds(self, t: torch.Tensor) -> bool:
+        return t.untyped_storage().data_ptr() in self.pointers
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.ops.aten.is_pinned.default:
+            return self.holds(args[0])
+        if func is torch.ops.aten._pin_memory.default:
+            out = args[0].clone()
+        elif kwargs.get("pin_memory"):
+            out = func(*args, **{**kwargs, "pin_memory": False})
+        else:
+            return func(*args, **kwargs)
+        self.pointers.add(out.untyped_storage().data_ptr())
+        return out
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_bound_for_cuda_are_page_locked_whole(tmp_path, shards, cfg, workers):
+    """A non-blocking copy to the GPU from pageable memory may wait for the device's queue:
+    the loader of a run on CUDA (`pin`) pins every tensor of a batch, precomputed latents and
+    text embeddings as well as pixels (only the pixels were)."""
+    latents = precompute(str(shards), str(tmp_path / "lat"), toy_encoder(), DataConfig(resolution=32),
+                         progress=False)
+    for source in (str(shards), latents.root):
+        with PinnedMemory() as pinned:
+            batch = take(build_stream(cfg(shards=source, num_workers=workers), 0, 1, pin=True), 1)[0]
+        tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        assert len(tensors) >= 2 and [k for k, v in tensors.items() if not pinned.holds(v)] == []
 
 
 def test_the_latent_matches_the_encoder_output(tmp_path, shards):
