@@ -180,8 +180,10 @@ def run_child(cfg, run_dir: Path, device: str, deterministic: bool, timeout_s: f
 
 def child_main(config: str, report: str, deterministic: bool, profile: bool = False, stacks_after: int = 0) -> int:
     """Rank 0 of a world of one: the real Trainer on `config`; writes the peak device memory of
-    the training loop (before the end-of-run sample grid, which builds a second model), the
-    process-group backend and, with `profile`, the profile of the last steps to `report`."""
+    the training steps (before the first checkpoint save, which gathers whole tensors on the
+    device, `peak_bytes`) and of the loop with its saves (before the end-of-run sample grid,
+    which builds a second model, `save_peak_bytes`), the process-group backend and, with
+    `profile`, the profile of the last steps to `report`."""
     import torch
     import torch.distributed as dist
 
@@ -206,22 +208,26 @@ def child_main(config: str, report: str, deterministic: bool, profile: bool = Fa
         print(f"dit train: {e}", file=sys.stderr, flush=True)
         return EXIT_DATA
     result["backend"] = dist.get_backend() if dist.is_initialized() else "none"
-    sample_grid = trainer.write_samples
+    save, sample_grid = trainer.save, trainer.write_samples
 
-    def measured_write_samples():
-        # Workaround: the trainer records no peak memory; the end of the loop is the last moment
-        # that is all training (write_samples builds the sampling copy of the model).
-        if cuda and "peak_bytes" not in result:
-            torch.cuda.synchronize()
-            result["peak_bytes"] = torch.cuda.max_memory_allocated()
-        return sample_grid()
+    def peak_before(key: str, call):
+        """`call`, wrapped to record the device's peak memory so far under `key` at its first
+        call: the trainer records no peak of its own for a phase."""
+        def measured():
+            if cuda and key not in result:
+                torch.cuda.synchronize()
+                result[key] = torch.cuda.max_memory_allocated()
+            return call()
+        return measured
 
-    trainer.write_samples = measured_write_samples
+    trainer.save = peak_before("peak_bytes", save)
+    trainer.write_samples = peak_before("save_peak_bytes", sample_grid)
     if profile:
         profile_last_steps(trainer, cfg.stage.steps, Path(report).parent / "profile.txt", result)
     code = trainer.run()
-    if cuda and "peak_bytes" not in result:  # the loop ended without drawing samples
-        result["peak_bytes"] = torch.cuda.max_memory_allocated()
+    for key in ("peak_bytes", "save_peak_bytes"):  # the loop ended without saving or drawing samples
+        if cuda and key not in result:
+            result[key] = torch.cuda.max_memory_allocated()
     result["exit"] = code
     Path(report).write_text(json.dumps(result))
     if dist.is_initialized():

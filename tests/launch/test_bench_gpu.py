@@ -395,7 +395,7 @@ def test_gpu_check_on_this_gpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "gpu check: OK"
     assert proc.stdout.count("over nccl") == 2 and len(FIGURES.findall(proc.stdout)) == 2
-    assert re.search(r"peak memory [\d.]+ GB \(max_memory_allocated\)", proc.stdout)
+    assert re.search(r"peak memory [\d.]+ GB \(max_memory_allocated, the training steps\)", proc.stdout)
     if bench.peak_tflops_for(torch.cuda.get_device_name()) is not None:
         assert "MFU" in proc.stdout
 
