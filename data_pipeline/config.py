@@ -92,12 +92,14 @@ class DataConfig:
 
 def validate_data_config(cfg: DataConfig) -> None:
     """Raise ValueError naming the `data.` key when a value cannot work."""
+    _validate_mixture_weights(cfg.mixture)
     checks = [
         (cfg.kind in ("image", "video"), "kind", "must be image or video"),
         (cfg.resolution >= 8 and cfg.resolution % 8 == 0, "resolution", "must be a positive multiple of 8"),
         (cfg.sr_resolution == 0 or cfg.sr_resolution > cfg.resolution, "sr_resolution",
          "must be 0 (off) or larger than data.resolution"),
         (cfg.batch_size >= 1, "batch_size", "must be at least 1"),
+        (cfg.seed >= 0, "seed", "must be >= 0 (it seeds numpy's generator of the epochs' order)"),
         (cfg.num_workers >= 0, "num_workers", "must be >= 0"),
         (cfg.num_frames >= 1, "num_frames", "must be at least 1"),
         (cfg.frame_stride >= 1, "frame_stride", "must be at least 1"),
@@ -135,6 +137,16 @@ def validate_data_config(cfg: DataConfig) -> None:
     for ok, key, message in checks:
         if not ok:
             raise ValueError(f"data.{key}: {message}")
+
+
+def _validate_mixture_weights(mixture: dict) -> None:
+    """Each source's weight is a number: a nested value (`data.mixture.a.tar=1` reads as
+    {a: {tar: 1}}) failed later as a TypeError without a key."""
+    for source, weight in mixture.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            dotted = (f"; a source with a dot in its name is given whole: data.mixture={{'{source}.{next(iter(weight))}'"
+                      f": 1.0}} or in the YAML" if isinstance(weight, dict) and weight else "")
+            raise ValueError(f"data.mixture.{source}: must be a number, the source's weight (got {weight!r}){dotted}")
 
 
 def bucket_ratios(cfg: DataConfig) -> tuple[float, ...]:

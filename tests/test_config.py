@@ -70,6 +70,12 @@ def test_dotted_override_and_interpolation():
         ("model.temporal_patch=-1", "model.temporal_patch"),
         ("log.sample_cfg=-1", "log.sample_cfg"),
         ("stage.max_nonfinite_in_row=0", "stage.max_nonfinite_in_row"),  # stopped at the first skipped step
+        # a TypeError traceback from validation (2 ** -1 levels); numpy's refusal inside the ranks;
+        # the schedule's shift silently off
+        ("model.autoencoder.block_out_channels=[]", "model.autoencoder.block_out_channels"),
+        ("data.seed=-1", "data.seed"),
+        ("diffusion.shift_base_resolution=-1", "diffusion.shift_base_resolution"),
+        ("diffusion.shift_base_frames=-2", "diffusion.shift_base_frames"),
     ],
 )
 def test_bad_value_names_the_key(override, key):
@@ -100,11 +106,28 @@ def test_bad_value_names_the_key(override, key):
      "log.sample_steps"),
     (["stage.kind=superres", "model.superres=true", "data.sr_resolution=64", "log.sample_steps=1001"],
      "log.sample_steps"),
+    # the loss rewarded the KL it weighs
+    (["stage.kind=autoencoder", "model.autoencoder.path=/x/ae", "stage.kl_weight=-1"], "stage.kl_weight"),
+    # a nested value (a source's name with a dot, read as a path) was a TypeError without a key
+    (["data.resampled=true", "data.mixture.x.tar=1"], "data.mixture.x"),
+    (["data.resampled=true", "data.mixture={a: [1]}"], "data.mixture.a"),
 ])
 def test_stage_ranges_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as err:
         load_config(DEMO, overrides)
     assert err.value.key == key
+
+
+def test_a_mapping_override_replaces_the_yaml_mapping(tmp_path):
+    """data.mixture from the command line is the mixture: merged into the YAML's, an entry could
+    never be dropped (as a list override replaces a list); a typed sub-config still takes the
+    keys given and keeps the rest."""
+    path = tmp_path / "mix.yaml"
+    path.write_text("data:\n  resampled: true\n  mixture: {/data/a: 1.0}\nmodel:\n  text: {max_length: 24}\n")
+    assert load_config(path, ["data.mixture={/data/b: 2.0}"]).data.mixture == {"/data/b": 2.0}
+    assert load_config(path, ["data.mixture={}"]).data.mixture == {}
+    text = load_config(path, ["model.text={precision: bf16}"]).model.text
+    assert (text.precision, text.max_length) == ("bf16", 24)
 
 
 def test_settings_of_what_a_stage_does_not_use_are_not_refused():

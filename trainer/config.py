@@ -283,6 +283,14 @@ def _omegaconf_error(e: OmegaConfBaseException, schema: Any) -> ConfigError:
     return ConfigError(key, msg)
 
 
+def _is_mapping(schema, key: str) -> bool:
+    """Whether `key` is a plain mapping (data.mixture: source -> weight), which an override
+    replaces whole, as a list override does; merged into, an entry of the YAML could never be
+    dropped from the command line. A typed sub-config (model.text=...) takes the keys given."""
+    node = OmegaConf.select(schema, key, throw_on_missing=False)
+    return OmegaConf.is_dict(node) and OmegaConf.get_type(node) is dict
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Load YAML + dotted overrides into a validated `RunConfig` (interpolations resolved). A key
     set twice takes the later value (scripts put their defaults before the caller's overrides)."""
@@ -293,7 +301,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         user = OmegaConf.create(_read_yaml(Path(path)) if path is not None else {})
         for item in overrides:
             key, value = _parse_override(item)
-            OmegaConf.update(user, key, value, merge=True)
+            OmegaConf.update(user, key, value, merge=not _is_mapping(schema, key))
         for key in sorted(OmegaConf.missing_keys(user)):
             raise ConfigError(key, "missing required value (set it in the YAML or as key=value)")
         cfg = OmegaConf.merge(schema, user)
@@ -393,6 +401,12 @@ def _validate_diffusion_and_model(cfg: RunConfig) -> None:
           f"to: its tokenizer's special tokens and one of the caption (got {m.text.max_length})")
     check(m.temporal_patch >= 1, "model.temporal_patch",
           f"must be at least 1 latent frame per patch (got {m.temporal_patch})")
+    check(len(m.autoencoder.block_out_channels) >= 1 and min(m.autoencoder.block_out_channels) >= 1,
+          "model.autoencoder.block_out_channels",
+          f"must list at least one level's width, each >= 1 (got {list(m.autoencoder.block_out_channels)})")
+    for key in ("shift_base_resolution", "shift_base_frames"):
+        check(getattr(d, key) >= 0, f"diffusion.{key}",
+              f"must be 0 (no shift) or the size the schedule was made for (got {getattr(d, key)})")
     check(not (cfg.data.kind == "video" and not m.video and cfg.stage.kind != "autoencoder"), "model.video",
           "data.kind=video feeds clips, which an image DiT cannot read (its first forward fails); set "
           "model.video=true, or data.kind=image")

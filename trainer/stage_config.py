@@ -78,6 +78,8 @@ class AutoencoderSettings(StageSettings):
         for key in ("compile", "flat_params"):
             check(not getattr(cfg.model, key), f"model.{key}",
                   "acts on the DiT's blocks; the autoencoder stage trains no DiT (set it to false)")
+        check(self.kl_weight >= 0, "stage.kl_weight",
+              f"must be >= 0: a negative weight makes the loss reward the KL it should keep small (got {self.kl_weight})")
 
 
 @dataclass(frozen=True)
