@@ -76,6 +76,8 @@ def test_dotted_override_and_interpolation():
         ("data.seed=-1", "data.seed"),
         ("diffusion.shift_base_resolution=-1", "diffusion.shift_base_resolution"),
         ("diffusion.shift_base_frames=-2", "diffusion.shift_base_frames"),
+        ("checkpoint.dir=", "checkpoint.dir"),  # checkpoints and `latest` in the working directory
+        ("log.dir=", "log.dir"),
     ],
 )
 def test_bad_value_names_the_key(override, key):

@@ -336,6 +336,9 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     check(0.0 < cfg.ema.decay < 1.0, "ema.decay", "must be in (0, 1)")
     check(cfg.ema.warmup_steps >= 0, "ema.warmup_steps", f"must be 0 (no warm-up) or more (got {cfg.ema.warmup_steps})")
     check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be at least 1 (never delete the only checkpoint)")
+    for key, folder in (("run.out_dir", cfg.run.out_dir), ("checkpoint.dir", cfg.checkpoint.dir),
+                        ("log.dir", cfg.log.dir)):
+        check(folder.strip() != "", key, "must name a folder (empty: the run wrote into the working directory)")
     _validate_intervals(cfg)
     validate_stage(cfg)
     check(cfg.data.sr_resolution == 0 or cfg.model.superres, "data.sr_resolution",
