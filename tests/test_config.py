@@ -113,6 +113,10 @@ def test_bad_value_names_the_key(override, key):
     # a nested value (a source's name with a dot, read as a path) was a TypeError without a key
     (["data.resampled=true", "data.mixture.x.tar=1"], "data.mixture.x"),
     (["data.resampled=true", "data.mixture={a: [1]}"], "data.mixture.a"),
+    # settings of another kind of run, set and silently ignored: a video DiT's, the adversarial stage's
+    (["model.temporal_patch=2"], "model.temporal_patch"),
+    (["model.attention=full"], "model.attention"),
+    (["optim.disc_lr=1e-3"], "optim.disc_lr"),
 ])
 def test_stage_ranges_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as err:

@@ -404,6 +404,7 @@ def _validate_diffusion_and_model(cfg: RunConfig) -> None:
           f"to: its tokenizer's special tokens and one of the caption (got {m.text.max_length})")
     check(m.temporal_patch >= 1, "model.temporal_patch",
           f"must be at least 1 latent frame per patch (got {m.temporal_patch})")
+    check_video_only(m)
     check(len(m.autoencoder.block_out_channels) >= 1 and min(m.autoencoder.block_out_channels) >= 1,
           "model.autoencoder.block_out_channels",
           f"must list at least one level's width, each >= 1 (got {list(m.autoencoder.block_out_channels)})")
@@ -443,6 +444,16 @@ def _validate_betas(d: DiffusionConfig) -> None:
           f"must be in (0, 1), the first step's noise variance (got {d.beta_start})")
     check(d.beta_start <= d.beta_end < 1.0, "diffusion.beta_end",
           f"must be in [diffusion.beta_start={d.beta_start}, 1), the last step's noise variance (got {d.beta_end})")
+
+
+def check_video_only(m: ModelConfig) -> None:
+    """The video DiT's own settings, set away from their defaults on an image DiT (which would
+    train without them, silently), refused naming the key."""
+    defaults = ModelConfig()
+    for key in ("temporal_patch", "attention"):
+        check(m.video or getattr(m, key) == getattr(defaults, key), f"model.{key}",
+              f"is a setting of video DiTs; this image DiT (model.video=false) ignores it (remove it, or set "
+              f"model.video=true)")
 
 
 def _validate_optim(o: OptimConfig) -> None:

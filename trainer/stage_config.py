@@ -219,6 +219,7 @@ def as_section(settings: StageSettings) -> Any:
 def validate_stage(cfg: RunConfig) -> None:
     """The stage's own knobs, and what its kind rules out elsewhere in the config."""
     check_foreign_knobs(cfg.stage)
+    check_discriminator_rate(cfg)
     settings = stage_settings(cfg.stage)
     settings.check(cfg)
     check(not (cfg.deepspeed.pipeline_stages > 1 and not settings.pipeline), "deepspeed.pipeline_stages",
@@ -227,6 +228,13 @@ def validate_stage(cfg: RunConfig) -> None:
     check(not (cfg.data.resolutions and cfg.deepspeed.pipeline_stages > 1), "data.resolutions",
           "the pipeline engine exchanges activations of one shape; train multi-resolution buckets with ZeRO "
           "(deepspeed.pipeline_stages=1)")
+
+
+def check_discriminator_rate(cfg: RunConfig) -> None:
+    """optim.disc_lr is the adversarial stage's second optimizer; other kinds have none."""
+    check(cfg.stage.kind == "adversarial" or cfg.optim.disc_lr == type(cfg.optim)().disc_lr, "optim.disc_lr",
+          f"is the discriminator's rate of the adversarial stage; the {cfg.stage.kind} stage has no discriminator "
+          f"and ignores it (remove it, or set stage.kind=adversarial)")
 
 
 def check_foreign_knobs(stage: Any) -> None:
