@@ -16,6 +16,7 @@ not fit this run) are ConfigErrors naming the key.
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Optional
@@ -101,9 +102,16 @@ def text_dims(model: ModelConfig) -> tuple[int, int, int, int]:
     from transformers import AutoConfig, AutoModel, T5EncoderModel
 
     from trainer.models.text import minilm_path
-    from trainer.models.text_source import T5_FAMILY
+    from trainer.models.text_source import T5_FAMILY, runs_without_transformers
 
     path = t.path or (minilm_path() if t.kind == "minilm" else "")
+    if runs_without_transformers(t):  # torch's layers without BertModel's pooler (trainer/models/bert.py)
+        from trainer.models.bert import BertEncoder
+
+        config = json.loads((Path(path) / "config.json").read_text())
+        with torch.device("meta"):
+            net = BertEncoder(config)
+        return config["hidden_size"], config["hidden_size"], t.max_length, sum(p.numel() for p in net.parameters())
     if not path:
         raise ConfigError("model.text.path", f"kind={t.kind} needs a local directory or hub id")
     try:

@@ -307,13 +307,14 @@ def export_diffusers(checkpoint: str | Path, out: str | Path, ema: bool = True) 
     (out / "transformer" / f"{TRANSFORMER_MODULE}.py").write_text(
         _SHIM.format(doc="The DiT of dit-train as a diffusers model.", name="DiTTransformer"))
     DDIMScheduler(**scheduler_config(loaded)).save_pretrained(str(out / "scheduler"))
-    text.backbone.save_pretrained(str(out / "text_encoder"), safe_serialization=True)
-    text.tokenizer.save_pretrained(str(out / "tokenizer"))
+    text_encoder, tokenizer = text.transformers_parts()
+    text_encoder.save_pretrained(str(out / "text_encoder"), safe_serialization=True)
+    tokenizer.save_pretrained(str(out / "tokenizer"))
     components = {
         "transformer": [TRANSFORMER_MODULE, "DiTTransformer"],
         "scheduler": ["diffusers", "DDIMScheduler"],
-        "text_encoder": ["transformers", type(text.backbone).__name__],
-        "tokenizer": ["transformers", type(text.tokenizer).__name__],
+        "text_encoder": ["transformers", type(text_encoder).__name__],
+        "tokenizer": ["transformers", type(tokenizer).__name__],
         "vae": [None, None],
     }
     if loaded.stage.autoencoder.vae is not None:

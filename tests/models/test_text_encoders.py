@@ -79,6 +79,56 @@ def minilm_tokenizer():
     return AutoTokenizer.from_pretrained(minilm_path())
 
 
+LONG = "a very large bright crimson circle " * 8  # 49 tokens with [CLS] [SEP]: cut at max_length
+
+
+def test_minilm_computes_what_transformers_bert_model_does(minilm, minilm_tokenizer):
+    """The MiniLM as torch's own layers (trainer/models/bert.py) against transformers' BertModel
+    of the same folder: the same token ids and masks (cased, accented, empty, too long), states
+    within float32 rounding, the same uncut token counts; and no transformers import for it."""
+    import subprocess
+    import sys
+
+    from transformers import AutoModel
+
+    captions = [CAPTIONS[0], "Ein GROSSER blauer Würfel, é à ç!", "", LONG]
+    batch = minilm_tokenizer(captions, padding="max_length", truncation=True, max_length=16, return_tensors="pt")
+    encoded = minilm.tokenizer.encode_batch(captions)
+    assert [e.ids for e in encoded] == batch["input_ids"].tolist()
+    assert [e.attention_mask for e in encoded] == batch["attention_mask"].tolist()
+    with torch.no_grad():
+        reference = AutoModel.from_pretrained(minilm_path()).eval()(**batch).last_hidden_state  # (4, 16, 384)
+    ours = minilm.encode(captions)
+    real = batch["attention_mask"].bool()
+    assert torch.allclose(ours.tokens[:2][real[:2]], reference[:2][real[:2]], atol=2e-5)
+    assert torch.allclose(ours.tokens[3], reference[3], atol=2e-5)
+    assert minilm._token_counts(captions) == [len(ids) for ids in minilm_tokenizer(captions)["input_ids"]]
+    code = ("import sys; from trainer.config import TextEncoderConfig; from trainer.models.text import "
+            "build_text_encoder; build_text_encoder(TextEncoderConfig()).encode(['a red circle']); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))")
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert imported.stdout.split() == ["[]"], imported.stderr[-2000:]
+
+
+def test_a_minilm_folder_with_a_weight_it_has_no_place_for_is_refused(tmp_path):
+    """Weights load strictly: an unknown tensor (another architecture's) is named, not dropped."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "minilm"
+    shutil.copytree(minilm_path(), folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    save_file({**weights, "encoder.layer.0.attention.self.rotary.weight": torch.zeros(2)},
+              str(folder / "model.safetensors"))
+    with pytest.raises(ValueError, match="no place for: .*rotary"):
+        build_text_encoder(TextEncoderConfig(kind="minilm", path=str(folder)))
+    del weights["encoder.layer.5.output.dense.bias"]
+    save_file(weights, str(folder / "model.safetensors"))
+    with pytest.raises(RuntimeError, match="Missing key.*layers.layers.5.linear2.bias"):
+        build_text_encoder(TextEncoderConfig(kind="minilm", path=str(folder)))
+
+
 def test_hf_bert_folder(tmp_path, minilm_tokenizer):
     from transformers import BertConfig, BertModel
 

@@ -54,19 +54,19 @@ def test_latent_shards_train_like_pixels_without_the_encoders(shapes_shards, tmp
 
 
 def test_precompute_encodes_each_distinct_caption_once_with_the_embedding_it_gets_alone(tmp_path, monkeypatch):
-    from trainer.models.text import HFTextEncoder
+    from trainer.models.text import BertTextEncoder
 
     config_file = tmp_path / "run.yaml"
     config_file.write_text((ROOT / "configs" / "test_tiny.yaml").read_text())
     encode = precompute_encoder(str(config_file), [f"run.out_dir={tmp_path}"])
     seen: list[str] = []
-    real_encode = HFTextEncoder._encode
+    real_encode = BertTextEncoder._encode
 
     def counting(self, captions):
         seen.extend(c for c in captions if c)
         return real_encode(self, captions)
 
-    monkeypatch.setattr(HFTextEncoder, "_encode", counting)
+    monkeypatch.setattr(BertTextEncoder, "_encode", counting)
     captions = ["a red circle", "a blue square", "a red circle", "a green triangle", "a blue square"]
     image = torch.zeros(len(captions), 3, 32, 32)
     first = encode({"image": image, "caption": captions})

