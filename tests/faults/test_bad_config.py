@@ -103,6 +103,7 @@ REFUSED = {  # accepted by the typed schema, refused by validate or the stage pr
     "hf_without_path": (["model.text.kind=hf"], "model.text.path"),
     "t5_not_a_folder": (["model.text.kind=t5", "model.text.path=/nonexistent/t5"], "model.text.path"),
     "text_beyond_positions": (["model.text.max_length=600"], "model.text.max_length"),  # MiniLM's BERT: 512
+    "minilm_not_a_folder": (["model.text.path=/nonexistent/minilm"], "model.text.path"),
 }
 
 

@@ -273,7 +273,7 @@ class BertTextEncoder(TextEncoder):
         ids = to_device(torch.tensor([e.ids for e in encoded]), self.device)  # (B, L)
         mask = to_device(torch.tensor([e.attention_mask for e in encoded], dtype=torch.bool), self.device)  # (B, L)
         tokens = self.backbone(ids, mask)  # (B, L, Dt)
-        pooled = F.normalize(masked_mean(tokens, mask), dim=-1) if self.normalize else masked_mean(tokens, mask)
+        pooled = F.normalize(masked_mean(tokens, mask), dim=-1)  # (B, Dt)
         return tokens.float(), mask, pooled.float()
 
     def _token_counts(self, captions: list[str]) -> list[int]:

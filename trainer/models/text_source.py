@@ -32,7 +32,12 @@ def check_text_source(cfg: TextEncoderConfig) -> None:
                                                  f"in the local Hugging Face cache)")
         _check_hf_source(cfg.path, cfg.max_length, cfg.kind == "t5")
     elif cfg.kind == "minilm":
-        _check_hf_source(cfg.path or minilm_path(), cfg.max_length, False)
+        folder = cfg.path or minilm_path()
+        _check_hf_source(folder, cfg.max_length, False)
+        missing = [name for name in ("model.safetensors", "tokenizer.json") if not (Path(folder) / name).is_file()]
+        check(not runs_without_transformers(cfg) or not missing, "model.text.path",
+              f"{folder} holds no {' or '.join(missing)}: the minilm encoder reads a local sentence-transformers "
+              f"BERT folder's weights and tokenizer (else use model.text.kind=hf)")
     elif cfg.kind == "open_clip":
         _check_open_clip(cfg.arch, cfg.path)
 
