@@ -59,7 +59,7 @@ def register(sub) -> None:
     p.add_argument("--write-manifest", action="store_true",
                    help="scan the tars (counts and sha256; for URLs also the byte index of every sample) and "
                         "write DIR/manifest.json, e.g. for img2dataset output; a URL (s3://, gs://) or a "
-                        "pattern naming every shard of a directory gets it next to its shards (not pipe:)")
+                        "pattern naming every shard of a directory gets it next to its shards (not pipe:, not with --verify)")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("precompute", help="shards of encoder outputs (latents, text embeddings)",
@@ -179,6 +179,11 @@ def cmd_inspect(args) -> int:
     from data_pipeline import remote
     from data_pipeline.inspect_shards import format_report, inspect_shards
 
+    if args.write_manifest and args.verify:
+        print("dit data inspect: --verify compares the shards with the manifest that is there, and --write-manifest "
+              "first replaces it with a scan of the same shards, which they always match; verify first, then "
+              "write the manifest (two runs)", file=sys.stderr)
+        return 2
     if args.write_manifest:
         if remote.is_pipe(args.source):
             print("dit data inspect: --write-manifest needs a folder to write manifest.json into, and a pipe: "

@@ -42,6 +42,8 @@ def test_verify_without_a_manifest_says_it_has_nothing_to_verify_against(tmp_pat
         assert _run(["data", "inspect", source, "--verify"]) == 1
         text = capsys.readouterr().out
         assert "NOT DONE" in text and hint in text and "match the manifest" not in text
+    assert _run(["data", "inspect", str(out), "--write-manifest", "--verify"]) == 2  # would verify a fresh scan
+    assert "verify first" in capsys.readouterr().err and not (out / "manifest.json").exists()
     assert _run(["data", "inspect", str(out), "--write-manifest"]) == 0
     shard = out / "shard-000001.tar"
     data = bytearray(shard.read_bytes())
