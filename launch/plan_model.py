@@ -99,10 +99,7 @@ def text_dims(model: ModelConfig) -> tuple[int, int, int, int]:
             tower = _build_text_tower(cfg["embed_dim"], cfg["text_cfg"], quick_gelu=cfg.get("quick_gelu", False))
         length = min(t.max_length, cfg["text_cfg"].get("context_length", 77))
         return cfg["text_cfg"]["width"], cfg["embed_dim"], length, sum(p.numel() for p in tower.parameters())
-    from transformers import AutoConfig, AutoModel, T5EncoderModel
-
-    from trainer.models.text import minilm_path
-    from trainer.models.text_source import T5_FAMILY, runs_without_transformers
+    from trainer.models.text_source import T5_FAMILY, minilm_path, runs_without_transformers
 
     path = t.path or (minilm_path() if t.kind == "minilm" else "")
     if runs_without_transformers(t):  # torch's layers without BertModel's pooler (trainer/models/bert.py)
@@ -114,6 +111,8 @@ def text_dims(model: ModelConfig) -> tuple[int, int, int, int]:
         return config["hidden_size"], config["hidden_size"], t.max_length, sum(p.numel() for p in net.parameters())
     if not path:
         raise ConfigError("model.text.path", f"kind={t.kind} needs a local directory or hub id")
+    from transformers import AutoConfig, AutoModel, T5EncoderModel
+
     try:
         config = AutoConfig.from_pretrained(path)
     except OSError as e:  # no such folder, no config.json in it, a hub id not in the offline cache

@@ -17,7 +17,6 @@ the diffusers export writes one.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -53,9 +52,9 @@ class BertEncoder(nn.Module):
         self.layers = nn.TransformerEncoder(layer, config["num_hidden_layers"], enable_nested_tensor=False)
 
     @classmethod
-    def from_folder(cls, folder: Path) -> "BertEncoder":
-        """The encoder of a transformers BERT folder, its weights loaded strictly."""
-        config = json.loads((folder / "config.json").read_text())
+    def from_folder(cls, folder: Path, config: dict) -> "BertEncoder":
+        """The encoder of a transformers BERT folder (`config`: its config.json), its weights
+        loaded strictly."""
         encoder = cls(config)
         encoder.load_state_dict(from_bert_weights(load_file(str(folder / "model.safetensors")),
                                                   config["num_hidden_layers"]), strict=True)

@@ -255,7 +255,7 @@ class BertTextEncoder(TextEncoder):
         folder = Path(path)
         config = json.loads((folder / "config.json").read_text())
         check_positions(SimpleNamespace(**config), max_length, False)
-        super().__init__(BertEncoder.from_folder(folder), config["hidden_size"], config["hidden_size"], max_length,
+        super().__init__(BertEncoder.from_folder(folder, config), config["hidden_size"], config["hidden_size"], max_length,
                          null)
         self.path = str(folder)
         self.normalize = True  # sentence-transformers' Normalize module (the export reads it)
