@@ -59,6 +59,11 @@ def _load_image_plugins() -> None:
 _load_image_plugins()
 
 
+def _draft_scale(most: int) -> int:
+    """The largest DCT scale divisor (8, 4, 2, 1) not above `most`."""
+    return 8 if most >= 8 else 4 if most >= 4 else 2 if most >= 2 else 1
+
+
 @dataclass(frozen=True, slots=True)
 class Jpeg:
     """A JPEG whose header libjpeg-turbo read (size and colour space): its pixels are decoded
@@ -71,17 +76,25 @@ class Jpeg:
     orientation: int = 1  # EXIF orientation, 1-8
     icc: bytes = b""  # the embedded ICC colour profile, if any
 
-    def decode(self, width: int, height: int) -> Optional[np.ndarray]:
-        """(H, W, 3) uint8 at the scale PIL's `draft` picks for a width x height output (the
-        largest of 1/8, 1/4, 1/2 leaving at least that, else full size): the same pixels PIL
-        gives. None when libjpeg-turbo warns about the data (corrupt or truncated, or only
-        stray bytes): PIL's decoder then decides, as for any image, which keeps a JPEG with
-        harmless warnings and skips a truncated one."""
+    def decoded_shape(self, width: int, height: int) -> tuple[int, int, int]:
+        """(H, W, 3) of `decode(width, height)`: the stored size at the scale PIL's `draft`
+        picks for a width x height output (the largest of 1/8, 1/4, 1/2 leaving at least that,
+        else full size)."""
         w, h = self.size
-        s = next(s for s in (8, 4, 2, 1) if s <= max(1, min(w // width, h // height)))
+        s = _draft_scale(max(1, min(w // width, h // height)))
+        return -(-h // s), -(-w // s), 3
+
+    def decode(self, width: int, height: int, into: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
+        """(H, W, 3) uint8 at `decoded_shape`: the same pixels PIL gives; written into `into`
+        (a C-contiguous array of that shape) when given. None when libjpeg-turbo warns about the
+        data (corrupt or truncated, or only stray bytes): PIL's decoder then decides, as for any
+        image, which keeps a JPEG with harmless warnings and skips a truncated one."""
+        h, w, _ = shape = self.decoded_shape(width, height)
+        if into is not None and (into.shape != shape or not into.flags.c_contiguous):
+            raise ValueError(f"decoding into an array of shape {into.shape}: not C-contiguous {shape}")
         try:
-            return simplejpeg.decode_jpeg(self.data, colorspace="RGB", min_height=-(-h // s),
-                                          min_width=-(-w // s), strict=True)
+            return simplejpeg.decode_jpeg(self.data, colorspace="RGB", min_height=h, min_width=w, strict=True,
+                                          buffer=into)
         except ValueError:
             return None
 

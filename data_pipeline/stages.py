@@ -3,22 +3,31 @@ slots the plan gave it, one generator each, from tar members to collated batches
 
     read_stage       tar to samples: each block's samples read in file order, handed out in plan order
     decode_stage     safe decode: allowlisted member types only (decode.py)
-    transform_stage  pixels at the sample's bucket size (transforms.py)
-    batch_stage      batches of one bucket, exactly one per `batch_size` slots (holes filled, marked invalid)
+    transform_stage  each sample's bucket, and its pixels at the bucket's size (transforms.py): an
+                     image's only planned from its header where `collate_stage` decodes it
+    batch_stage      the samples of each batch: one bucket, exactly one batch per `batch_size`
+                     slots (holes filled, marked invalid)
+    collate_stage    batches, pixels written (images decoded) into memory from `allocate`
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import islice
-from typing import Iterable, Iterator, Optional, Union
+from typing import Callable, Iterable, Iterator, Optional, Union
 
+import numpy as np
 import torch
 
 from data_pipeline.decode import Decoded, JsonRecords, decode_sample
 from data_pipeline.errors import DataError, SkipCounter, SkipSample
 from data_pipeline.plan import Slot
 from data_pipeline.tar_reader import LazySample, RawSample, ShardReader
-from data_pipeline.transforms import Pixels, TransformSpec, image_pixels, refit, video_pixels
+from data_pipeline.transfer import new_arrays
+from data_pipeline.transforms import ImagePlan, Pixels, TransformSpec, image_pixels, image_plan, video_pixels
+
+# shapes -> one writable uint8 array of each shape (the batch's memory: a loader slot, pinned memory)
+Allocate = Callable[[list[tuple[int, ...]]], list[np.ndarray]]
+PIXELS = 1  # the phase of a sample whose pixels are being decoded (`mark[2]`); 0: being read or opened
 
 
 @dataclass(slots=True)
@@ -31,7 +40,7 @@ class Item:
     key: str = ""  # "#<index in shard>" until the tar member names it
     raw: Optional[RawSample] = None
     sample: Optional[Decoded] = None
-    pixels: Optional[Pixels] = None
+    pixels: Optional[Union[Pixels, ImagePlan]] = None
     bad: str = ""
 
     @property
@@ -53,9 +62,9 @@ def read_stage(blocks: Iterable[list[Slot]], reader: ShardReader, paths: tuple[s
     sample's bytes too), hand them out in plan order, a local sample's bytes copied out of the
     mapped shard just then: a worker holds one sample's bytes, not its stripe of the block's.
     Each time it starts on a shard, the reader hears which shard comes after (read-ahead).
-    `mark` (two integers) is set to the (shard, index) of each sample as it is begun: the later
-    stages work on that sample until the next one is read (stream.SampleMarks). The samples
-    `crashed` names (a worker died on them) are skipped unread."""
+    `mark` (three integers) is set to the (shard, index, 0) of each sample as it is begun: the
+    later stages open that sample until the next one is read (stream.SampleMarks). The samples
+    `crashed` names (a worker died on them while reading or opening them) are skipped unread."""
     blocks = iter(blocks)
     block = next(blocks, None)
     while block is not None:
@@ -72,7 +81,7 @@ def read_stage(blocks: Iterable[list[Slot]], reader: ShardReader, paths: tuple[s
                 fetched[where] = e
         for slot in block:
             if mark is not None:
-                mark[0], mark[1] = slot.shard, slot.index
+                mark[0], mark[1], mark[2] = slot.shard, slot.index, 0
             counter.read()
             if crashed and (slot.shard, slot.index) in crashed:
                 item = Item(slot, paths[slot.shard], f"#{slot.index}")
@@ -124,14 +133,16 @@ def decode_stage(items: Iterable[Item], counter: SkipCounter) -> Iterator[Item]:
         yield item
 
 
-def transform_stage(items: Iterable[Item], spec: TransformSpec, counter: SkipCounter) -> Iterator[Item]:
-    """Pixels at the sample's bucket size (tensor-only samples pass through)."""
+def transform_stage(items: Iterable[Item], spec: TransformSpec, counter: SkipCounter,
+                    defer: bool = False) -> Iterator[Item]:
+    """Pixels at the sample's bucket size (tensor-only samples pass through); with `defer`, an
+    image's only planned (`ImagePlan`: bucket and crop from its header), decoded by `collate`."""
     for item in items:
         s = item.sample
         if not item.bad and (s.image is not None or s.video is not None):
             try:
                 if s.image is not None:
-                    item.pixels = image_pixels(s.image, spec, item.slot.rand)
+                    item.pixels = (image_plan if defer else image_pixels)(s.image, spec, item.slot.rand)
                 else:
                     item.pixels = video_pixels(s.video, spec, item.slot.rand)
             except SkipSample as e:
@@ -140,8 +151,9 @@ def transform_stage(items: Iterable[Item], spec: TransformSpec, counter: SkipCou
         yield item
 
 
-def batch_stage(items: Iterable[Item], batch_size: int, window: int) -> Iterator[dict]:
-    """Batches of one bucket, exactly one batch per `batch_size` slots.
+def batch_stage(items: Iterable[Item], batch_size: int, window: int) -> Iterator[tuple[list[Item], list[bool]]]:
+    """The samples of each batch (and which are valid): one bucket, exactly one batch per
+    `batch_size` slots.
 
     Slots are taken a window (`window` batches) at a time; within it samples are grouped by
     bucket and the leftovers of partly filled buckets are forced into the remaining batches,
@@ -156,15 +168,23 @@ def batch_stage(items: Iterable[Item], batch_size: int, window: int) -> Iterator
             waiting += len(groups)
             continue
         for _ in range(waiting):
-            yield collate([filler] * batch_size, [False] * batch_size)
+            yield [filler] * batch_size, [False] * batch_size
         waiting = 0
         for group in groups:
             members = group or [filler]
             valid = [not it.slot.pad for it in group] + [False] * (batch_size - len(group))
-            yield collate(members + [members[0]] * (batch_size - len(members)), valid)
+            yield members + [members[0]] * (batch_size - len(members)), valid
     if waiting:
         raise DataError(f"the last {waiting} batches of this worker hold no readable sample (see the "
                         f"skip warnings above for shards and keys); repair or remove those shards")
+
+
+def collate_stage(batches: Iterable[tuple[list[Item], list[bool]]], allocate: Allocate, counter: SkipCounter,
+                  mark: Optional[memoryview] = None, crashed: frozenset = frozenset()) -> Iterator[dict]:
+    """Batches (`collate`); the samples `crashed` names (a worker died decoding their pixels)
+    are skipped there, not decoded."""
+    for items, valid in batches:
+        yield collate(items, valid, allocate, counter, mark, crashed)
 
 
 def _chunks(items: Iterable[Item], n: int) -> Iterator[list[Item]]:
@@ -200,11 +220,18 @@ def clip_length(counts: list[int]) -> int:
     return min(moving, default=1)
 
 
-def collate(items: list[Item], valid: list[bool]) -> dict:
-    """One batch. Pixels stay a list of uint8 clips (F, H, W, 3), stacked once into their final
-    memory: a loader slot (transfer.py) or the tensor `finalize` makes. Tensor members are
-    stacked by name."""
+def collate(items: list[Item], valid: list[bool], allocate: Allocate = new_arrays,
+            counter: Optional[SkipCounter] = None, mark: Optional[memoryview] = None,
+            crashed: frozenset = frozenset()) -> dict:
+    """One batch. Pixels (B, F, H, W, 3) uint8 are written once, into their final memory from
+    `allocate` (a loader slot, see transfer.py), images decoded just then (`write_pixels`).
+    Tensor members are stacked by name."""
+    items, valid = list(items), list(valid)
     head = items[0]
+    if any((it.pixels is None) != (head.pixels is None) for it in items):
+        raise DataError(f"a batch mixes samples with and without images/videos ({head.key}); keep "
+                        f"precomputed (tensor-only) shards and pixel shards in separate runs")
+    pixels = write_pixels(items, valid, allocate, counter, mark, crashed) if head.pixels is not None else []
     batch = {
         "__key__": [it.key for it in items],
         "__sample__": [it.slot.sample for it in items],  # ids: per-sample noise seeds (trainer.diffusion.noise)
@@ -212,16 +239,8 @@ def collate(items: list[Item], valid: list[bool]) -> dict:
         "json": JsonRecords([it.sample.meta_json for it in items]),
         "valid": valid,
     }
-    if any((it.pixels is None) != (head.pixels is None) for it in items):
-        raise DataError(f"a batch mixes samples with and without images/videos ({head.key}); keep "
-                        f"precomputed (tensor-only) shards and pixel shards in separate runs")
-    if head.pixels is not None:
-        _, h, w = head.pixels.bucket
-        f = clip_length([it.pixels.bucket[0] for it in items])
-        batch["__pixels__"] = [refit(it.pixels.frames, f, (h, w)) for it in items]
-        if head.pixels.frames_sr is not None:
-            hw = head.pixels.frames_sr.shape[1:3]
-            batch["__pixels_sr__"] = [refit(it.pixels.frames_sr, f, hw) for it in items]
+    for field, array in zip(("__pixels__", "__pixels_sr__"), pixels):
+        batch[field] = array
     for name, tensor in head.sample.tensors.items():
         parts = [it.sample.tensors.get(name) for it in items]
         if any(p is None or p.shape != tensor.shape for p in parts):
@@ -229,3 +248,56 @@ def collate(items: list[Item], valid: list[bool]) -> dict:
                             f"(first: {head.key} {tuple(tensor.shape)}); precompute all shards at one size")
         batch[name] = torch.stack(parts)
     return batch
+
+
+def write_pixels(items: list[Item], valid: list[bool], allocate: Allocate, counter: Optional[SkipCounter],
+                 mark: Optional[memoryview], crashed: frozenset) -> list[np.ndarray]:
+    """(B, F, H, W, 3) uint8 at the first sample's bucket (and at its sr size), each sample's
+    pixels written into its row, once per distinct sample (repeats are copied). A sample whose
+    pixels cannot be decoded is skipped as any unusable sample is: its rows (and its place in
+    `items`) taken by a repeat of the batch's first good sample, marked invalid in `valid`;
+    zeros where no sample is good. `mark` is set to each sample as it is decoded."""
+    head = items[0].pixels
+    _, h, w = head.bucket
+    f = clip_length([it.pixels.bucket[0] for it in items])
+    sizes = [(h, w)] + ([head.sr_hw] if head.sr_hw is not None else [])
+    outs = allocate([(len(items), f, *hw, 3) for hw in sizes])
+    written: dict[int, Optional[int]] = {}  # id(item) -> the row it was written to, None when it failed
+    for i, it in enumerate(items):
+        if id(it) not in written:
+            written[id(it)] = i if _written(it, [out[i] for out in outs], counter, mark, crashed) else None
+        elif written[id(it)] is not None:
+            for out in outs:
+                out[i] = out[written[id(it)]]
+    good = next((i for i, it in enumerate(items) if written[id(it)] is not None), None)
+    for i, it in enumerate(items):
+        if written[id(it)] is None:
+            valid[i] = False
+            for out in outs:
+                out[i] = 0 if good is None else out[good]
+            items[i] = it if good is None else items[good]
+    return outs
+
+
+def _written(item: Item, rows: list[np.ndarray], counter: Optional[SkipCounter], mark: Optional[memoryview],
+             crashed: frozenset) -> bool:
+    """Whether one sample's pixels are in its rows; False (the skip counted) when it is unusable."""
+    if item.bad:  # a filler that failed in an earlier batch: counted then
+        return False
+    try:
+        if (item.slot.shard, item.slot.index) in crashed:
+            raise SkipSample("crashed_decoder", "a loader worker died of a crash signal decoding it")
+        _write_row(item, rows, mark)
+        return True
+    except SkipSample as e:
+        if counter is None:
+            raise
+        _skip(item, e, counter)
+        return False
+
+
+def _write_row(item: Item, rows: list[np.ndarray], mark: Optional[memoryview]) -> None:
+    """Decode one sample's pixels into its rows, `mark` naming it meanwhile (stream.SampleMarks)."""
+    if mark is not None:
+        mark[0], mark[1], mark[2] = item.slot.shard, item.slot.index, PIXELS
+    item.pixels.write(rows)

@@ -9,10 +9,13 @@ The pipeline, as an explicit list of stages (in the spirit of open_clip's `data.
     split by worker   batch t of a rank from worker t % workers        plan.Segment.worker_batches
     tar to samples    seek to the planned samples of each shard        stages.read_stage
     safe decode       allowlisted decoders, pickles rejected           stages.decode_stage
-    transforms        buckets, resize + crop, SR pairs, video clips    stages.transform_stage
+    transforms        buckets (an image's from its header), video     stages.transform_stage
+                      clips, resize + crop, SR pairs
     batch             one bucket per batch, a fixed number per worker  stages.batch_stage
+    collate           images decoded (resized, cropped) into the       stages.collate_stage
+                      batch's memory: a shared slot (transfer.py)
     hand over         forked workers in turn (workers.py), uint8      WorkerPool, PixelRing,
-                      pixels through shared slots (transfer.py)        finalize
+                      pixels where they were written                   finalize
     to the device     (the trainer) copy, then x / 127.5 - 1 there     batch_to_device
 
 The first four stages are arithmetic on sample counts (see plan.py); workers then read
@@ -47,14 +50,16 @@ from data_pipeline.plan import (EpochOrder, ResampledOrder, Segment, Slot, Topol
                                  replay)
 from data_pipeline.remote import RemoteOptions, redact
 from data_pipeline.shard_cache import Recorded
-from data_pipeline.stages import batch_stage, decode_stage, read_stage, transform_stage
+from data_pipeline.stages import PIXELS, Allocate, batch_stage, collate_stage, decode_stage, read_stage, transform_stage
 from data_pipeline.tar_reader import ShardReader
-from data_pipeline.transfer import FORK, PixelRing, slot_bytes, stack_into, stacked_shape
+from data_pipeline.transfer import FORK, PixelRing, new_arrays, slot_bytes
 from data_pipeline.transforms import TransformSpec
 from data_pipeline.workers import Producer, WorkerDied, WorkerPool, wait_with_parent
 
 log = logging.getLogger("data_pipeline")
 STATE_VERSION = 1
+MARK_FIELDS = 3  # a worker's sample mark: shard, index, phase (SampleMarks)
+READING = 0  # the phase of a sample being read or opened (stages.PIXELS: its pixels being decoded)
 SEGMENT_FIELDS = 7  # a segment of the state: Topology.as_list() and the batches consumed per rank
 # what a native library's fault kills a process with (not SIGKILL: a person, or the OOM killer)
 CRASH_SIGNALS = frozenset((signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT))
@@ -84,8 +89,13 @@ class RankJob:
     max_logged: int
     offsets: tuple[list[int], ...] = ()  # byte index per shard ([] where none)
     remote: RemoteOptions = RemoteOptions()
-    crashed: frozenset = frozenset()  # (shard, index) of samples a worker died on: skipped unread
+    crashed: frozenset = frozenset()  # (shard, index, phase) of samples a worker died on (stages.PIXELS: decoding
+    #                                     their pixels, then skipped there; else reading or opening them: skipped unread)
     recorded: tuple[Recorded, ...] = ()  # the manifests' size and sha256 per shard: a remote shard of another is refused
+
+    def crashed_in(self, phase: int) -> frozenset:
+        """(shard, index) of the samples a worker died on in this phase."""
+        return frozenset((shard, index) for shard, index, p in self.crashed if p == phase)
 
     def worker_batches(self, worker: int) -> Optional[int]:
         """Batches a worker serves in the segment; None when infinite (resampled)."""
@@ -98,9 +108,11 @@ class RankJob:
         return epoch_read_blocks(order, self.segment, self.rank, worker, skip_slots)
 
 
-def worker_stream(job: RankJob, worker: int, mark: Optional[memoryview] = None) -> Iterator[dict]:
+def worker_stream(job: RankJob, worker: int, mark: Optional[memoryview] = None,
+                  allocate: Allocate = new_arrays) -> Iterator[dict]:
     """The batches of one worker from where its rank stopped: the stages, in order (`mark`:
-    see `SampleMarks`)."""
+    see `SampleMarks`), pixels written into memory from `allocate`. The batches of a window
+    that were handed out already are grouped again but not collated: nothing of them decoded."""
     t = job.topo
     taken = t.worker_share(job.consumed, worker)
     total = job.worker_batches(worker)
@@ -112,10 +124,11 @@ def worker_stream(job: RankJob, worker: int, mark: Optional[memoryview] = None) 
                          recorded=list(job.recorded) or None)
     try:
         blocks = job.read_blocks(worker, first * t.batch_size)
-        items = read_stage(blocks, reader, job.paths, counter, mark, job.crashed)
+        items = read_stage(blocks, reader, job.paths, counter, mark, job.crashed_in(READING))
         items = decode_stage(items, counter)
-        items = transform_stage(items, job.spec, counter)
-        for batch in islice(batch_stage(items, t.batch_size, t.window), taken - first, None):
+        items = transform_stage(items, job.spec, counter, defer=True)
+        groups = islice(batch_stage(items, t.batch_size, t.window), taken - first, None)
+        for batch in collate_stage(groups, allocate, counter, mark, job.crashed_in(PIXELS)):
             batch["__meta__"] = {"worker": worker, "stats": counter.take_delta()}
             yield batch
     finally:
@@ -123,23 +136,24 @@ def worker_stream(job: RankJob, worker: int, mark: Optional[memoryview] = None) 
 
 
 class SampleMarks:
-    """Per worker process, the (shard, index) of the sample it last began, in shared memory
-    mapped before the workers are forked: each worker sets its two integers as it reads a
-    sample, and the main process reads them when a worker dies without a word. A decoder that
-    crashes on a damaged file (a segmentation fault in a native library) kills the worker, and
-    a run resumed from its checkpoint meets the same sample again: the error names it."""
+    """Per worker process, the (shard, index, phase) of the sample it last began, in shared
+    memory mapped before the workers are forked: each worker sets its three integers as it
+    reads a sample (phase 0) and as it decodes a sample's pixels (`stages.PIXELS`), and the main
+    process reads them when a worker dies without a word. A decoder that crashes on a damaged
+    file (a segmentation fault in a native library) kills the worker, and a run resumed from
+    its checkpoint meets the same sample again: the error names it."""
 
     def __init__(self, workers: int):
-        self._memory = mmap.mmap(-1, 16 * max(workers, 1))  # MAP_SHARED
+        self._memory = mmap.mmap(-1, 8 * MARK_FIELDS * max(workers, 1))  # MAP_SHARED
         self._marks = memoryview(self._memory).cast("q")
         for k in range(len(self._marks)):
             self._marks[k] = -1
 
     def of(self, worker: int) -> memoryview:
-        return self._marks[2 * worker: 2 * worker + 2]
+        return self._marks[MARK_FIELDS * worker: MARK_FIELDS * (worker + 1)]
 
     def describe(self, worker: int, paths: tuple[str, ...]) -> str:
-        shard, index = self.of(worker)
+        shard, index, _ = self.of(worker)
         if shard < 0:
             return "; it had begun no sample"
         return (f"; the last sample it began is #{index} of {redact(paths[shard])}: if a decoder crashed on it, "
@@ -152,21 +166,24 @@ class _Recovery:
     which is skipped from then on; once per sample, `CRASH_RESTARTS` times, not inside a
     bucket window it may have served batches of (the window's grouping would change), and not
     where other processes read the same batches (`Stream`'s skip_unreadable=False: a crash
-    need not be the data's, and skipped on one process alone it would shift its batches)."""
+    need not be the data's, and skipped on one process alone it would shift its batches). A
+    sample it died decoding the pixels of is grouped again as before (by its header) and
+    skipped when its batch is collated: the window's batches stay as they were, so the worker
+    may be forked again inside a window too."""
 
     def __init__(self, job: RankJob, ring: PixelRing, marks: SampleMarks, rotation: int,
-                 crashed: set[tuple[int, int]]):
+                 crashed: set[tuple[int, int, int]]):
         self.job, self.ring, self.marks, self.rotation, self.crashed = job, ring, marks, rotation, crashed
         self.restarts: list[tuple[int, int]] = []  # the (shard, index) each restarted worker had died on
 
     def restart(self, died: WorkerDied, handed: int) -> Optional[RankJob]:
         """The job to fork pool worker `died.worker` again with, `handed` batches of the segment
         handed out; None where it is not to be forked again."""
-        job, (shard, index) = self.job, self.marks.of(died.worker)
+        job, (shard, index, phase) = self.job, self.marks.of(died.worker)
         worker = (died.worker + self.rotation) % job.topo.num_workers
         owed = job.topo.worker_share(job.consumed + handed, worker)  # batches it has handed out
         if died.signal not in CRASH_SIGNALS or len(self.restarts) >= CRASH_RESTARTS or \
-                (shard, index) in self.restarts or owed % job.topo.window:
+                (shard, index) in self.restarts or (owed % job.topo.window and phase != PIXELS):
             return None
         if not job.remote.skip_unreadable:  # other processes read this rank's batches
             log.warning("loader worker %d died of %s; not forked past the sample it was on: the other ranks of "
@@ -181,7 +198,7 @@ class _Recovery:
             log.warning("loader worker %d died of %s on sample #%d of %s (a decoder crashed on it?): skipped as "
                         "crashed_decoder, the worker forked again past it; remove that sample from the dataset",
                         died.worker, name, index, redact(job.paths[shard]))
-            self.crashed.add((shard, index))
+            self.crashed.add((shard, index, phase))
         self.ring.reclaim(died.worker)
         return dataclasses.replace(job, consumed=job.consumed + handed, crashed=frozenset(self.crashed))
 
@@ -193,7 +210,8 @@ def _rank_producer(job: RankJob, ring: PixelRing, marks: SampleMarks, rotation: 
 
     def produce(j: int) -> Iterator[dict]:
         mark = marks.of(j)
-        for batch in worker_stream(job, (j + rotation) % job.topo.num_workers, mark):
+        allocate = functools.partial(ring.allocate, j)
+        for batch in worker_stream(job, (j + rotation) % job.topo.num_workers, mark, allocate):
             batch = ring.put(j, batch)
             mark[0] = -1  # the batch is done: until the next sample begins, none is in the works
             yield batch
@@ -273,7 +291,7 @@ class _Workers:
         self.messages = iter(self.pool)  # every batch and SEGMENT_END of every segment, in turn
         self.busy = False  # a segment is being served
 
-    def batches(self, job: RankJob, crashed: set[tuple[int, int]], pin: bool) -> Iterator[dict]:
+    def batches(self, job: RankJob, crashed: set[tuple[int, int, int]], pin: bool) -> Iterator[dict]:
         """The segment's batches, pixels as tensors over their slots. Batch t comes from the
         pool's worker in turn; pool worker j serves plan worker (j + rotation) % workers, so the
         worker whose turn it is serves the rank's next batch. Once the last batch is out, every
@@ -312,9 +330,10 @@ class _Workers:
 def finalize(batch: dict, kind: str, pin: bool = False) -> dict:
     """The batch as the caller sees it: `image` (B, 3, H, W) or `video` (B, 3, F, H, W) uint8,
     channels last in memory (strides of (B, F, H, W, 3)); with cascade pairs `image`/`video` at
-    the sr size and `image_lr`/`video_lr`. Clips not yet stacked are stacked into a new tensor,
-    page-locked when `pin`, as every other tensor then is (precomputed latents, text
-    embeddings: a non-blocking copy from pageable memory may wait for the device's queue).
+    the sr size and `image_lr`/`video_lr`. Pixels made in this process lie where `collate`
+    wrote them (page-locked when `pin`: see `Stream._allocate`), as every other tensor then is
+    (precomputed latents, text embeddings: a non-blocking copy from pageable memory may wait
+    for the device's queue).
     `batch_to_device` copies them non-blocking and normalises pixels into contiguous float32
     on the device."""
     batch["valid"] = torch.frombuffer(bytearray(batch["valid"]), dtype=torch.bool)  # list of bools: 1/0 bytes
@@ -322,9 +341,9 @@ def finalize(batch: dict, kind: str, pin: bool = False) -> dict:
     if pixels is not None:
         name = "image" if kind == "image" else "video"
         if pixels_sr is None:
-            batch[name] = _pixels(pixels, kind, pin)
+            batch[name] = _pixels(pixels, kind)
         else:
-            batch[name], batch[f"{name}_lr"] = _pixels(pixels_sr, kind, pin), _pixels(pixels, kind, pin)
+            batch[name], batch[f"{name}_lr"] = _pixels(pixels_sr, kind), _pixels(pixels, kind)
     if pin:
         for key, value in batch.items():
             if isinstance(value, torch.Tensor) and not value.is_pinned():
@@ -332,13 +351,11 @@ def finalize(batch: dict, kind: str, pin: bool = False) -> dict:
     return batch
 
 
-def _pixels(pixels, kind: str, pin: bool) -> torch.Tensor:
-    """(B, 3, F, H, W) uint8 over (B, F, H, W, 3) memory from a list of clips (or the tensor
-    `PixelRing.take` made); (B, 3, H, W) for images."""
-    if isinstance(pixels, list):
-        out = torch.empty(stacked_shape(pixels), dtype=torch.uint8, pin_memory=pin)
-        stack_into(pixels, out.numpy())
-        pixels = out
+def _pixels(pixels, kind: str) -> torch.Tensor:
+    """(B, 3, F, H, W) uint8 over (B, F, H, W, 3) memory (the array `collate` wrote, or the
+    tensor `PixelRing.take` made), no copy; (B, 3, H, W) for images."""
+    if isinstance(pixels, np.ndarray):
+        pixels = torch.from_numpy(pixels)
     pixels = pixels.permute(0, 4, 1, 2, 3)  # (B, 3, F, H, W)
     return pixels[:, :, 0] if kind == "image" else pixels
 
@@ -469,7 +486,8 @@ class Stream:
         # per plan worker: the ids of the samples handed out here of its open window
         self._open: list[list[int]] = [[] for _ in range(self.topology.num_workers)]
         self._stats = empty_counts()
-        self._crashed: set[tuple[int, int]] = set()  # samples a worker died on (kept over epochs, not in the state)
+        self._crashed: set[tuple[int, int, int]] = set()  # samples a worker died on, and in which phase (kept
+        #                                                   over epochs, not in the state)
         self._pin = torch.cuda.is_available() if pin is None else pin  # batch_to_device copies non-blocking
         self._workers: Optional[_Workers] = None  # forked once (start_workers), for every segment
         if state is not None:
@@ -641,12 +659,17 @@ class Stream:
             self._workers.close()
             self._workers = None
 
+    def _allocate(self, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+        """Without workers, the memory `collate` writes a batch's pixels into: page-locked when
+        batches are pinned (no copy to pin them afterwards)."""
+        return [torch.empty(shape, dtype=torch.uint8, pin_memory=self._pin).numpy() for shape in shapes]
+
     def _batches(self, job: RankJob) -> Iterator[dict]:
         """The segment's batches as the workers make them, pixels as tensors over their slots.
         Workers left in the middle of a segment (the caller stopped iterating, an error) are
         stopped; the next iteration forks new ones."""
         if self.cfg.num_workers == 0:
-            yield from worker_stream(job, 0)
+            yield from worker_stream(job, 0, allocate=self._allocate)
             return
         if self._workers is not None and self._workers.busy:  # left by an iterator not yet closed
             self._workers = None

@@ -7,8 +7,9 @@ decoding the batch's JPEGs. torch's own tensor sharing would make a new shared-m
 per batch (created, zero-filled, mapped twice, in /dev/shm: 64 MB by default in Docker).
 
 Here the main process maps, before the workers are forked, a few slots per worker: anonymous
-shared memory (nothing in /dev/shm), one mapping per slot. A worker stacks a batch's clips
-straight into a free slot of its own and sends only where they lie; the main process hands
+shared memory (nothing in /dev/shm), one mapping per slot. A worker writes a batch's pixels
+straight into a free slot of its own (`allocate`: collate decodes the images there, see
+stages.py) and sends only where they lie (`put`); the main process hands
 out tensors over the slot itself (no copy) and the slot becomes free again when the last of
 them is gone, or, when the batch must be pinned for the GPU, copies it once into pinned
 memory (the copy `pin_memory` makes anyway) and frees the slot at once. A worker that finds
@@ -32,7 +33,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-PIXEL_FIELDS = ("__pixels__", "__pixels_sr__")  # lists of clips (F, H, W, 3) until stacked
+PIXEL_FIELDS = ("__pixels__", "__pixels_sr__")  # uint8 (B, F, H, W, 3)
 _ALIGN = 64
 
 # Forked workers inherit the mappings; a spawned one would not see them.
@@ -49,16 +50,9 @@ class InSlot(NamedTuple):
     shape: tuple[int, ...]
 
 
-def stack_into(clips: list[np.ndarray], out: np.ndarray) -> np.ndarray:
-    """(B, F, H, W, 3) uint8 from clips (F, H, W, 3), written into `out` (one copy). Joined
-    along frames into `out` seen as (B * F, H, W, 3): `np.stack` would first make a view of
-    every clip (a third of the time of the copy)."""
-    np.concatenate(clips, out=out.reshape((-1, *out.shape[2:]), copy=False))
-    return out
-
-
-def stacked_shape(clips: list[np.ndarray]) -> tuple[int, ...]:
-    return (len(clips), *clips[0].shape)
+def new_arrays(shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+    """uint8 arrays of these shapes, in this process's own memory."""
+    return [np.empty(shape, np.uint8) for shape in shapes]
 
 
 def slot_bytes(shapes: list[tuple[int, ...]]) -> int:
@@ -80,6 +74,7 @@ class PixelRing:
         self._flags = mmap.mmap(-1, workers * slots)
         self.busy = np.frombuffer(self._flags, np.uint8).reshape(workers, slots)
         self._held: set[tuple[int, int]] = set()  # (worker, slot) whose pixels the main process hands out
+        self._placed: dict[int, list] = {}  # in a worker: its last allocation, (array, InSlot) per field
         self._owner = os.getpid()  # the main process: the only one that frees slots
 
     def keep_from_later_forks(self) -> None:
@@ -92,26 +87,30 @@ class PixelRing:
             for m in (*(m for slots in self.memory for m in slots), self._flags):
                 m.madvise(advice)
 
-    def put(self, worker: int, batch: dict) -> dict:
-        """In worker `worker`: stack the batch's clips into a free slot of its own, or into new
-        arrays (sent through the pipe) when none is free."""
-        fields = [f for f in PIXEL_FIELDS if f in batch]
-        if not fields:
-            return batch
-        shapes = [stacked_shape(batch[f]) for f in fields]
+    def allocate(self, worker: int, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+        """In worker `worker`: uint8 arrays of these shapes (a batch's pixel fields), one after
+        the other in a free slot of its own, or new arrays (sent through the pipe) when none is
+        free."""
         free = np.flatnonzero(self.busy[worker] == 0)
         if len(free) == 0 or slot_bytes(shapes) > self.size:
-            for field in fields:
-                batch[field] = np.stack(batch[field])
-            return batch
+            return new_arrays(shapes)
         slot = int(free[0])
         self.busy[worker, slot] = 1
-        memory, offset = np.frombuffer(self.memory[worker][slot], np.uint8), 0
-        for field, shape in zip(fields, shapes):
+        memory, offset, placed = np.frombuffer(self.memory[worker][slot], np.uint8), 0, []
+        for shape in shapes:
             n = math.prod(shape)
-            stack_into(batch[field], memory[offset: offset + n].reshape(shape))
-            batch[field] = InSlot(worker, slot, offset, shape)
+            placed.append((memory[offset: offset + n].reshape(shape), InSlot(worker, slot, offset, shape)))
             offset += _aligned(n)
+        self._placed[worker] = placed
+        return [array for array, _ in placed]
+
+    def put(self, worker: int, batch: dict) -> dict:
+        """In worker `worker`: the batch with its pixel arrays that lie in the slot of its last
+        `allocate` replaced by where they lie (others go through the pipe as they are)."""
+        for array, where in self._placed.pop(worker, []):
+            for field in PIXEL_FIELDS:
+                if batch.get(field) is array:
+                    batch[field] = where
         return batch
 
     def take(self, batch: dict, pin: bool) -> dict:

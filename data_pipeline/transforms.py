@@ -94,6 +94,16 @@ class Pixels:
     def bucket(self) -> tuple[int, int, int]:
         return self.frames.shape[0:3]
 
+    @property
+    def sr_hw(self) -> Optional[tuple[int, int]]:
+        return None if self.frames_sr is None else self.frames_sr.shape[1:3]
+
+    def write(self, rows: list[np.ndarray]) -> None:
+        """Into a batch's rows (F', h, w, 3) (the base size, then the sr size): the clip forced
+        into them (`refit`) where their length or size is another bucket's."""
+        for row, frames in zip(rows, (self.frames, self.frames_sr)):
+            np.copyto(row, refit(frames, row.shape[0], row.shape[1:3]))
+
 
 @lru_cache(maxsize=4096)
 def _bucket_index(width: int, height: int, areas: tuple[int, ...], ratios: tuple[float, ...]) -> int:
@@ -227,25 +237,84 @@ def _out_sizes(spec: TransformSpec, bucket: int) -> list[tuple[int, int]]:
     return sizes
 
 
+@dataclass(frozen=True, slots=True)
+class ImagePlan:
+    """An opened image's way into its bucket, worked out from its header alone: the loader
+    groups samples by `bucket` and decodes each only when its batch is collated, into the
+    batch's memory (`write`). A JPEG whose decoded pixels already are the output (stored
+    upright at the bucket's aspect, no colour profile, a DCT scale landing on the bucket's
+    size: shards written at the training size) is decoded there by libjpeg-turbo and nothing
+    else is done to it."""
+
+    img: Union[Jpeg, PIL.Image.Image]
+    turn: int  # EXIF orientation
+    size: tuple[int, int]  # (width, height) upright
+    box: tuple[float, float, float, float]  # the crop, in upright source pixels
+    sizes: tuple[tuple[int, int], ...]  # (h, w): the bucket's, then its sr size
+    need: tuple[int, int]  # (width, height) to decode at least (as stored)
+    in_place: bool  # a JPEG whose decoded pixels are the output
+
+    @property
+    def bucket(self) -> tuple[int, int, int]:
+        return (1, *self.sizes[0])
+
+    @property
+    def sr_hw(self) -> Optional[tuple[int, int]]:
+        return self.sizes[1] if len(self.sizes) > 1 else None
+
+    def arrays(self) -> list[np.ndarray]:
+        """(h, w, 3) uint8 at each size: decoded at the scale needed, turned upright, cropped
+        and resized, in sRGB where the image has a colour profile (color.py)."""
+        width, height = self.size
+        box = self.box
+        try:
+            rgb = upright(decode_rgb(self.img, *self.need), self.turn)
+            sx, sy = rgb.shape[1] / width, rgb.shape[0] / height
+            out = _fit(rgb, (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy), list(self.sizes))
+            icc = icc_profile(self.img)
+            return [to_srgb(a, icc) for a in out]
+        except _PIL_ERRORS as e:
+            raise SkipSample("corrupt_image", str(e)) from None
+
+    def write(self, rows: list[np.ndarray]) -> None:
+        """Into a batch's rows (F', h, w, 3) (the base size, then the sr size); SkipSample
+        where the image cannot be decoded."""
+        if any(row.shape[:3] != (1, *hw) for row, hw in zip(rows, self.sizes)):  # a leftover batch of another bucket
+            Pixels(*self.pixels()).write(rows)
+        elif not (self.in_place and self.img.decode(*self.need, into=rows[0][0]) is not None):
+            for row, a in zip(rows, self.arrays()):  # (libjpeg-turbo's warnings: PIL decides, in `arrays`)
+                np.copyto(row[0], a)
+
+    def pixels(self) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """(1, h, w, 3) at the bucket's size, and at its sr size or None."""
+        out = self.arrays()
+        return out[0][None], out[1][None] if len(out) > 1 else None
+
+
+def image_plan(img: Union[Jpeg, PIL.Image.Image], spec: TransformSpec, u: tuple[float, float, float]) -> ImagePlan:
+    """The bucket, sizes, crop and decoding scale of an opened image (nothing decoded)."""
+    turn = orientation(img)
+    width, height = upright_size(img.size, turn)
+    sizes = tuple(_out_sizes(spec, spec.bucket(width, height)))
+    big_h, big_w = sizes[-1]
+    box = crop_box(width, height, big_w, big_h, spec.random_crop, u[:2])
+    k = max(big_w / (box[2] - box[0]), big_h / (box[3] - box[1]))
+    need = upright_size((math.ceil(width * k), math.ceil(height * k)), turn)
+    in_place = (isinstance(img, Jpeg) and turn == 1 and not img.icc and len(sizes) == 1
+                and img.decoded_shape(*need) == (big_h, big_w, 3) and _whole(box, width, height))
+    return ImagePlan(img, turn, (width, height), box, sizes, need, in_place)
+
+
+def _whole(box, width: int, height: int) -> bool:
+    """Whether a crop box is the whole image, to `_fit`'s tolerance (in source pixels, which a
+    reduced DCT scale only shrinks): then `_fit` keeps the decoded array as it is."""
+    return max(abs(box[0]), abs(box[1]), abs(box[2] - width), abs(box[3] - height)) < 1e-3
+
+
 def image_pixels(img: Union[Jpeg, PIL.Image.Image], spec: TransformSpec, u: tuple[float, float, float]) -> Pixels:
     """Decode an opened image at the scale needed for its bucket, turn it upright, crop and
     resize, and convert the result to sRGB where it has a colour profile (color.py)."""
-    turn = orientation(img)
-    width, height = upright_size(img.size, turn)
-    bucket = spec.bucket(width, height)
-    sizes = _out_sizes(spec, bucket)
-    big_h, big_w = sizes[-1]
-    box = crop_box(width, height, big_w, big_h, spec.random_crop, u[:2])
-    try:
-        k = max(big_w / (box[2] - box[0]), big_h / (box[3] - box[1]))
-        rgb = upright(decode_rgb(img, *upright_size((math.ceil(width * k), math.ceil(height * k)), turn)), turn)
-        sx, sy = rgb.shape[1] / width, rgb.shape[0] / height
-        out = _fit(rgb, (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy), sizes)
-        icc = icc_profile(img)
-        out = [to_srgb(a, icc) for a in out]
-    except _PIL_ERRORS as e:
-        raise SkipSample("corrupt_image", str(e)) from None
-    return Pixels(out[0][None], out[1][None] if len(out) > 1 else None)
+    return Pixels(*image_plan(img, spec, u).pixels())
 
 
 def choose_clip(num_available: int, counts: tuple[int, ...], stride: float, u: float) -> tuple[int, int]:

@@ -11,7 +11,7 @@ import pytest
 from data_pipeline.config import DataConfig
 from data_pipeline.decode import Jpeg, open_image
 from data_pipeline.errors import SkipSample
-from data_pipeline.transforms import TransformSpec, image_pixels
+from data_pipeline.transforms import TransformSpec, image_pixels, image_plan
 
 
 def _jpeg(width: int, height: int, mode: str = "RGB", **save) -> bytes:
@@ -107,3 +107,52 @@ def test_pils_decompression_bomb_limit_holds_for_jpegs(monkeypatch):
         with pytest.raises(SkipSample) as e:
             open_image(data)
         assert e.value.reason == "corrupt_image"
+
+
+def _written(img, spec: TransformSpec, u) -> list[np.ndarray]:
+    """What the loader writes into a batch's rows (1, h, w, 3) from an image's plan, the rows
+    filled with a value no decoder writes everywhere first."""
+    plan = image_plan(img, spec, u)
+    rows = [np.full((1, *hw, 3), 7, np.uint8) for hw in plan.sizes]
+    plan.write(rows)
+    return rows
+
+
+@pytest.mark.parametrize("width,height,mode,save,over", CASES)
+def test_a_batch_row_gets_the_pixels_image_pixels_gives(width, height, mode, save, over):
+    """The loader decodes an image only when its batch is collated, into the batch's row:
+    the same pixels as decoding it on its own, whichever way it takes (in place or not)."""
+    spec = _spec(**over)
+    for u in ((0.5, 0.5, 0.5), (0.1, 0.9, 0.0)):
+        img = open_image(_jpeg(width, height, mode, **save))
+        want = image_pixels(img, spec, u)
+        rows = _written(img, spec, u)
+        np.testing.assert_array_equal(rows[0], want.frames)
+        if want.frames_sr is not None:
+            np.testing.assert_array_equal(rows[1], want.frames_sr)
+
+
+def test_a_jpeg_at_the_buckets_size_times_a_dct_scale_is_decoded_into_its_row():
+    spec, u = _spec(resolution=128), (0.5, 0.5, 0.5)
+    assert image_plan(open_image(_jpeg(256, 256)), spec, u).in_place
+    assert not image_plan(open_image(_jpeg(256, 200)), spec, u).in_place  # cropped, then resized
+    assert not image_plan(open_image(_jpeg(256, 256)), _spec(resolution=128, sr_resolution=256), u).in_place
+    img = open_image(_jpeg(256, 256))
+    row = np.zeros((128, 128, 3), np.uint8)
+    got = img.decode(128, 128, into=row)
+    assert np.shares_memory(got, row) and row.any()
+    with pytest.raises(ValueError, match="shape"):
+        img.decode(128, 128, into=np.zeros((64, 64, 3), np.uint8))
+
+
+def test_an_image_that_fails_in_place_is_decoded_by_pil_or_skipped():
+    """libjpeg-turbo warns about stray bytes in the scan: PIL's decoder then keeps the image (the
+    row gets PIL's pixels); a truncated scan is a SkipSample, as from `image_pixels`."""
+    spec, u = _spec(resolution=64), (0.5, 0.5, 0.5)
+    stray = _with_stray_bytes(_jpeg(128, 128), b"\xff\xd9")
+    assert image_plan(open_image(stray), spec, u).in_place
+    np.testing.assert_array_equal(_written(open_image(stray), spec, u)[0], _pil_path(stray, spec, u)[0])
+    good = _jpeg(128, 128)
+    with pytest.raises(SkipSample) as e:
+        _written(open_image(good[: len(good) // 2]), spec, u)
+    assert e.value.reason == "corrupt_image"

@@ -289,3 +289,31 @@ def test_an_epoch_ends_with_a_step_in_every_layout_of_the_global_batch(cfg):
     old = json_roundtrip(build_stream(c, 0, 1).state_dict())
     old["segments"] = [s[:5] + s[6:] for s in old["segments"]]  # [world, workers, batch, window, drop, consumed]
     assert build_stream(c, 0, 1, state=old).state_dict()["segments"] == [[1, 1, 4, 1, 0, 1, 0]]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_image_found_corrupt_when_its_batch_is_collated_is_a_hole_like_any_skip(tmp_path, workers):
+    """Images are decoded when their batch is collated (bucketed by their header before): one
+    whose scan is cut short is counted as corrupt_image, and its row holds a repeat of the
+    batch's first good sample, marked invalid; every other sample comes once, in as many
+    batches as planned."""
+    from tests.data.data_helpers import write_manifest, write_tar
+
+    from data_pipeline.config import DataConfig
+    from data_pipeline.synth import synth_sample
+
+    samples = [synth_sample(i, size=64, image_format="jpg") for i in range(12)]
+    bad = samples[5]
+    bad["jpg"] = bad["jpg"][: len(bad["jpg"]) // 2]  # header intact: only decoding finds it
+    write_tar(tmp_path / "shard-000000.tar", samples)
+    write_manifest(tmp_path)
+    c = DataConfig(shards=str(tmp_path), resolution=32, batch_size=4, num_workers=workers, shuffle_buffer=4)
+    stream = build_stream(c, 0, 1)
+    batches = take(stream, stream.batches_per_epoch)
+    assert sorted(valid_keys(batches)) == sorted(s["__key__"] for s in samples if s is not bad)
+    assert stream.stats()["corrupt_image"] == 1
+    (batch,) = [b for b in batches if bad["__key__"] in b["__key__"] or not b["valid"].all()]
+    hole = int((~batch["valid"]).nonzero()[0, 0])
+    (repeat,) = [i for i, key in enumerate(batch["__key__"]) if key == batch["__key__"][hole] and batch["valid"][i]]
+    assert bad["__key__"] not in batch["__key__"]
+    assert torch.equal(batch["image"][hole], batch["image"][repeat])

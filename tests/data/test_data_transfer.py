@@ -65,21 +65,26 @@ def test_worker_batches_carry_the_in_process_pixels(cfg, keep):
         assert torch.equal(image, reference[key][0]) and torch.equal(low, reference[key][1])
 
 
-def _clips(value: int, n: int = 2) -> list[np.ndarray]:
-    return [np.full((1, 4, 4, 3), value + i, np.uint8) for i in range(n)]
+def _put(ring: PixelRing, value: int, n: int = 2, hw: tuple[int, int] = (4, 4)) -> dict:
+    """A worker's batch of n 1-frame clips filled with value, value + 1, ...: written where the
+    ring allocates them, then put."""
+    (pixels,) = ring.allocate(0, [(n, 1, *hw, 3)])
+    for i in range(n):
+        pixels[i] = value + i
+    return ring.put(0, {"__pixels__": pixels})
 
 
 def test_a_slot_is_reused_only_once_its_batch_is_gone():
     ring = PixelRing(workers=1, slots=2, size=2 * 4 * 4 * 3)
-    sent = [ring.put(0, {"__pixels__": _clips(10 * i)})["__pixels__"] for i in range(3)]
+    sent = [_put(ring, 10 * i)["__pixels__"] for i in range(3)]
     assert [type(s) for s in sent] == [InSlot, InSlot, np.ndarray]  # no free slot: through the pipe
     first, second, third = (ring.take({"__pixels__": s}, pin=False)["__pixels__"] for s in sent)
     assert [int(t[1, 0, 0, 0, 0]) for t in (first, second, third)] == [1, 11, 21]
     view = first[:1].permute(0, 4, 1, 2, 3)  # a view holds the slot as the batch did
     del first
-    assert isinstance(ring.put(0, {"__pixels__": _clips(30)})["__pixels__"], np.ndarray)
+    assert isinstance(_put(ring, 30)["__pixels__"], np.ndarray)
     del view
-    again = ring.put(0, {"__pixels__": _clips(40)})["__pixels__"]
+    again = _put(ring, 40)["__pixels__"]
     assert isinstance(again, InSlot) and again.slot == sent[0].slot
     assert int(second[0, 0, 0, 0, 0]) == 10  # the other slot was not written
 
@@ -87,9 +92,9 @@ def test_a_slot_is_reused_only_once_its_batch_is_gone():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
 def test_with_cuda_pixels_are_pinned_and_the_slot_freed_at_once():
     ring = PixelRing(workers=1, slots=1, size=2 * 4 * 4 * 3)
-    pixels = ring.take(ring.put(0, {"__pixels__": _clips(5)}), pin=True)["__pixels__"]
+    pixels = ring.take(_put(ring, 5), pin=True)["__pixels__"]
     assert pixels.is_pinned() and int(pixels[1, 0, 0, 0, 0]) == 6
-    assert isinstance(ring.put(0, {"__pixels__": _clips(7)})["__pixels__"], InSlot)
+    assert isinstance(_put(ring, 7)["__pixels__"], InSlot)
 
 
 def test_a_process_forked_later_never_writes_the_rings_flags():
@@ -99,7 +104,7 @@ def test_a_process_forked_later_never_writes_the_rings_flags():
     this ring (`keep_from_later_forks`), so the finalizer writing a slot's flag was a
     segmentation fault that killed the worker; the main process alone frees slots."""
     ring = PixelRing(1, 2, 64)
-    batch = ring.take(ring.put(0, {"__pixels__": [np.zeros((1, 2, 2, 3), np.uint8)]}), pin=False)
+    batch = ring.take(_put(ring, 0, n=1, hw=(2, 2)), pin=False)
     ring.keep_from_later_forks()
     pid = os.fork()
     if pid == 0:  # the child: frees its copy of the batch, which runs the slot's finalizer

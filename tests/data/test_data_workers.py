@@ -195,11 +195,26 @@ def _worker_1_keys(c) -> list[str]:
     return [k for b in take(stream, stream.batches_per_epoch)[1::2] for k in b["__key__"]]
 
 
-def _dies_on(monkeypatch, key: str, sig: int) -> None:
-    """A worker that begins decoding sample `key` dies of `sig`, as one whose native decoder
+def _dies_on(monkeypatch, key: str, sig: int, phase: str = "opening") -> None:
+    """A worker that begins opening sample `key` (or, with phase "pixels", decoding its pixels,
+    which happens when its batch is collated) dies of `sig`, as one whose native decoder
     crashes on a damaged file (workers are forked: they inherit the patched stage)."""
     from data_pipeline import stages
 
+    if phase == "pixels":
+        write = stages._write_row
+
+        class Crashing:  # the sample's pixels, whose decoder crashes
+            def write(self, rows):
+                os.kill(os.getpid(), sig)
+
+        def crashing_write(item, *args):
+            if item.key == key:
+                item.pixels = Crashing()
+            return write(item, *args)
+
+        monkeypatch.setattr(stages, "_write_row", crashing_write)
+        return
     decode = stages.decode_sample
 
     def crashing(raw, shard, counter):
@@ -220,18 +235,21 @@ def _named(message: str) -> str:
     return TarShard(path).read(int(index)).key
 
 
+@pytest.mark.parametrize("phase", ["opening", "pixels"])
 @pytest.mark.parametrize("buckets", [[], [0.5, 1.0, 2.0]])
-def test_a_worker_that_crashes_on_a_sample_is_forked_again_past_it(cfg, monkeypatch, caplog, buckets):
+def test_a_worker_that_crashes_on_a_sample_is_forked_again_past_it(cfg, monkeypatch, caplog, buckets, phase):
     """A decoder's segmentation fault on a damaged file kills its worker: that sample is skipped
     (counted as crashed_decoder), the worker forked again from the batch it owed, and the epoch
     goes on with every other sample exactly once and as many batches as planned. The next
-    epoch skips the sample unread: one crash a run, however many epochs."""
+    epoch skips the sample: one crash a run, however many epochs. A crash decoding pixels
+    (when a batch is collated) inside a bucket window is recovered too: the sample is grouped
+    again by its header, so the window's batches stay those already handed out."""
     from data_pipeline.stream import build_stream
     from tests.data.data_helpers import dataset_keys, take, valid_keys
 
     c = cfg(num_workers=2, prefetch_factor=1, aspect_buckets=buckets)
     target = _worker_1_keys(c)[5]  # in worker 1's second batch
-    _dies_on(monkeypatch, target, signal.SIGSEGV)
+    _dies_on(monkeypatch, target, signal.SIGSEGV, phase)
     stream = build_stream(c, 0, 1)
     planned = stream.batches_per_epoch
     batches = take(stream, 2 * planned)
