@@ -163,13 +163,14 @@ class SampleMarks:
 class _Recovery:
     """How a rank's worker pool recovers in one segment: a worker killed by a crash signal is
     forked again from the batch it owes, past the sample it was on (none between two batches),
-    which is skipped from then on; once per sample, `CRASH_RESTARTS` times, not inside a
-    bucket window it may have served batches of (the window's grouping would change), and not
-    where other processes read the same batches (`Stream`'s skip_unreadable=False: a crash
-    need not be the data's, and skipped on one process alone it would shift its batches). A
-    sample it died decoding the pixels of is grouped again as before (by its header) and
-    skipped when its batch is collated: the window's batches stay as they were, so the worker
-    may be forked again inside a window too."""
+    which is skipped from then on; once per sample, `CRASH_RESTARTS` times, and not where
+    other processes read the same batches (`Stream`'s skip_unreadable=False: a crash need not
+    be the data's, and skipped on one process alone it would shift its batches). A sample it
+    died reading or opening is skipped unread, so not inside a bucket window it may have served
+    batches of (the window's grouping would change under them); one it died decoding the
+    pixels of is grouped again as before (by its header) and skipped when its batch is
+    collated, and a death between two batches skips nothing: the window's batches stay as
+    they were, so those restarts may fall inside a window."""
 
     def __init__(self, job: RankJob, ring: PixelRing, marks: SampleMarks, rotation: int,
                  crashed: set[tuple[int, int, int]]):
@@ -182,8 +183,9 @@ class _Recovery:
         job, (shard, index, phase) = self.job, self.marks.of(died.worker)
         worker = (died.worker + self.rotation) % job.topo.num_workers
         owed = job.topo.worker_share(job.consumed + handed, worker)  # batches it has handed out
+        regrouped = shard < 0 or phase == PIXELS  # nothing skipped unread: its window's batches come out as before
         if died.signal not in CRASH_SIGNALS or len(self.restarts) >= CRASH_RESTARTS or \
-                (shard, index) in self.restarts or (owed % job.topo.window and phase != PIXELS):
+                (shard, index) in self.restarts or (owed % job.topo.window and not regrouped):
             return None
         if not job.remote.skip_unreadable:  # other processes read this rank's batches
             log.warning("loader worker %d died of %s; not forked past the sample it was on: the other ranks of "

@@ -277,16 +277,19 @@ def test_a_crash_is_not_skipped_where_other_processes_read_the_same_batches(cfg,
     assert _named(str(e.value)) == target
 
 
-def test_a_worker_killed_at_any_moment_loses_at_most_the_sample_it_was_on(cfg, caplog):
+@pytest.mark.parametrize("buckets", [[], [0.5, 1.0, 2.0]])
+def test_a_worker_killed_at_any_moment_loses_at_most_the_sample_it_was_on(cfg, caplog, buckets):
     """SIGSEGV from outside, whenever it lands: between two batches (waiting for a credit)
     nothing is lost; on a sample, that one is skipped and named. Either way the epoch ends
-    with every other sample exactly once."""
+    with every other sample exactly once. With buckets it lands inside the worker's bucket
+    window (its samples were read and grouped for its first batch): between batches or while
+    decoding pixels, where the window is grouped again as it was."""
     import multiprocessing
 
     from data_pipeline.stream import build_stream
     from tests.data.data_helpers import dataset_keys, valid_keys
 
-    c = cfg(num_workers=2, prefetch_factor=1)
+    c = cfg(num_workers=2, prefetch_factor=1, aspect_buckets=buckets)
     stream = build_stream(c, 0, 1)
     it = iter(stream)
     try:
