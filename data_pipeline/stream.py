@@ -356,8 +356,10 @@ def finalize(batch: dict, kind: str, pin: bool = False) -> dict:
 def _pixels(pixels, kind: str) -> torch.Tensor:
     """(B, 3, F, H, W) uint8 over (B, F, H, W, 3) memory (the array `collate` wrote, or the
     tensor `PixelRing.take` made), no copy; (B, 3, H, W) for images."""
-    if isinstance(pixels, np.ndarray):
-        pixels = torch.from_numpy(pixels)
+    if isinstance(pixels, np.ndarray):  # written in this process (no workers: `Stream._allocate`, or precompute)
+        base = pixels.base  # the tensor `_allocate` made it over: its page-locked block, whose non-blocking
+        # copy torch's caching host allocator must see (a tensor made anew over the array would not carry it)
+        pixels = base if isinstance(base, torch.Tensor) and base.shape == pixels.shape else torch.from_numpy(pixels)
     pixels = pixels.permute(0, 4, 1, 2, 3)  # (B, 3, F, H, W)
     return pixels[:, :, 0] if kind == "image" else pixels
 

@@ -48,19 +48,23 @@ def test_precomputed_shards_keep_keys_and_feed_the_loader(tmp_path, shards, cfg)
 class PinnedMemory(TorchDispatchMode):
     """Page-locked allocations on this CPU-only build, which has no driver to lock pages with:
     made as plain memory and remembered, so that a test can tell which tensors a machine with
-    CUDA would have pinned."""
+    CUDA would have pinned. `is_pinned` asks about the memory, as CUDA's does (any tensor over
+    a pinned block is pinned); `holds` asks for the allocation's own storage: a tensor made anew
+    over its memory (`torch.from_numpy`) does not carry the caching host allocator's block, and
+    that allocator would not see the non-blocking copy reading it."""
 
     def __init__(self):
         super().__init__()
-        self.pointers: set[int] = set()
+        self.pointers: set[int] = set()  # where each page-locked allocation starts
+        self.storages: set[int] = set()  # and its StorageImpl
 
     def holds(self, t: torch.Tensor) -> bool:
-        return t.untyped_storage().data_ptr() in self.pointers
+        return t.untyped_storage()._cdata in self.storages
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         if func is torch.ops.aten.is_pinned.default:
-            return self.holds(args[0])
+            return args[0].untyped_storage().data_ptr() in self.pointers
         if func is torch.ops.aten._pin_memory.default:
             out = args[0].clone()
         elif kwargs.get("pin_memory"):
@@ -68,6 +72,7 @@ class PinnedMemory(TorchDispatchMode):
         else:
             return func(*args, **kwargs)
         self.pointers.add(out.untyped_storage().data_ptr())
+        self.storages.add(out.untyped_storage()._cdata)
         return out
 
 
@@ -75,7 +80,8 @@ class PinnedMemory(TorchDispatchMode):
 def test_batches_bound_for_cuda_are_page_locked_whole(tmp_path, shards, cfg, workers):
     """A non-blocking copy to the GPU from pageable memory may wait for the device's queue:
     the loader of a run on CUDA (`pin`) pins every tensor of a batch, precomputed latents and
-    text embeddings as well as pixels (only the pixels were)."""
+    text embeddings as well as pixels (only the pixels were), each over its own page-locked
+    allocation."""
     latents = precompute(str(shards), str(tmp_path / "lat"), toy_encoder(), DataConfig(resolution=32),
                          progress=False)
     for source in (str(shards), latents.root):
