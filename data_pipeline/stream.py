@@ -57,7 +57,7 @@ from data_pipeline.transforms import TransformSpec
 from data_pipeline.workers import Producer, WorkerDied, WorkerPool, wait_with_parent
 
 log = logging.getLogger("data_pipeline")
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: JPEGs bucketed by their header, whatever their decoding gives (see load_state_dict)
 MARK_FIELDS = 3  # a worker's sample mark: shard, index, phase (SampleMarks)
 READING = 0  # the phase of a sample being read or opened (stages.PIXELS: its pixels being decoded)
 SEGMENT_FIELDS = 7  # a segment of the state: Topology.as_list() and the batches consumed per rank
@@ -92,6 +92,7 @@ class RankJob:
     crashed: frozenset = frozenset()  # (shard, index, phase) of samples a worker died on (stages.PIXELS: decoding
     #                                     their pixels, then skipped there; else reading or opening them: skipped unread)
     recorded: tuple[Recorded, ...] = ()  # the manifests' size and sha256 per shard: a remote shard of another is refused
+    restarted: bool = False  # forked again in place of a worker that died: it sent the counts of the window it was in
 
     def crashed_in(self, phase: int) -> frozenset:
         """(shard, index) of the samples a worker died on in this phase."""
@@ -128,11 +129,24 @@ def worker_stream(job: RankJob, worker: int, mark: Optional[memoryview] = None,
         items = decode_stage(items, counter)
         items = transform_stage(items, job.spec, counter, defer=True)
         groups = islice(batch_stage(items, t.batch_size, t.window), taken - first, None)
+        if job.restarted and taken > first:
+            groups = _counted_already(groups, counter)
         for batch in collate_stage(groups, allocate, counter, mark, job.crashed_in(PIXELS)):
             batch["__meta__"] = {"worker": worker, "stats": counter.take_delta()}
             yield batch
     finally:
         reader.close()
+
+
+def _counted_already(groups: Iterator, counter: SkipCounter) -> Iterator:
+    """The batches of a window a restarted worker read again, without the counts of that
+    reading (reads, skips): the worker it replaces sent them with the first batch of the
+    window, which was handed out."""
+    first = next(groups, None)  # reads the window
+    counter.take_delta()
+    if first is not None:
+        yield first
+        yield from groups
 
 
 class SampleMarks:
@@ -202,7 +216,7 @@ class _Recovery:
                         died.worker, name, index, redact(job.paths[shard]))
             self.crashed.add((shard, index, phase))
         self.ring.reclaim(died.worker)
-        return dataclasses.replace(job, consumed=job.consumed + handed, crashed=frozenset(self.crashed))
+        return dataclasses.replace(job, consumed=job.consumed + handed, crashed=frozenset(self.crashed), restarted=True)
 
 
 def _rank_producer(job: RankJob, ring: PixelRing, marks: SampleMarks, rotation: int) -> Producer:
@@ -502,7 +516,7 @@ class Stream:
     def state_dict(self) -> dict:
         """Position of the stream as plain ints and strings (JSON, no pickle):
 
-        {"version": 1, "mode": "epoch"|"resampled", "dataset": fingerprint, "seed": int,
+        {"version": 2, "mode": "epoch"|"resampled", "dataset": fingerprint, "seed": int,
          "epoch": int, "shuffle_buffer": int, "segments": [[world_size, workers, batch_size,
          window, drop_last, step_rows, batches_consumed_per_rank], ...], "served": [[sample id, ...],
          ...]} (segments of states saved before step_rows, one shorter, have one row a step)
@@ -536,7 +550,7 @@ class Stream:
             served = [[int(i) for i in ids] for ids in state.get("served", [[] for _ in segments])]
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"malformed stream state ({e!r}): expected the dict of Stream.state_dict()") from None
-        if version != STATE_VERSION or any(len(s) != SEGMENT_FIELDS for s in segments) or not segments or \
+        if version not in (1, STATE_VERSION) or any(len(s) != SEGMENT_FIELDS for s in segments) or not segments or \
                 len(served) != len(segments):
             raise DataError(f"stream state version {version} with segments {segments} is not readable "
                             f"by this version ({STATE_VERSION})")
@@ -553,7 +567,12 @@ class Stream:
             segments.pop()
             served.pop()
         self.seed, self.epoch, self.block = seed, epoch, block
-        if segments[-1][:-1] != self.topology.as_list():
+        # Version 1 grouped a bucket window without the JPEGs whose decoding failed; this one groups
+        # them by their header (and makes holes of them at collate): its open windows, grouped again
+        # here, would not hold what was handed out of them. Closed as after a change of layout,
+        # where the ids recorded as served leave the plan.
+        regrouped = version == 1 and mode == "epoch" and bool(served[-1])
+        if segments[-1][:-1] != self.topology.as_list() or regrouped:
             if segments[-1][-1] == 0:
                 segments.pop()
                 served.pop()

@@ -156,3 +156,21 @@ def test_an_image_that_fails_in_place_is_decoded_by_pil_or_skipped():
     with pytest.raises(SkipSample) as e:
         _written(open_image(good[: len(good) // 2]), spec, u)
     assert e.value.reason == "corrupt_image"
+
+
+def test_only_jpegs_wait_for_their_batch_to_be_decoded():
+    """The loader plans a JPEG from its header (decoded when its batch is collated); a PNG,
+    which PIL loads whole to read its EXIF orientation, is decoded at once and not kept."""
+    from data_pipeline.decode import Decoded
+    from data_pipeline.errors import SkipCounter
+    from data_pipeline.plan import Slot
+    from data_pipeline.stages import Item, transform_stage
+    from data_pipeline.transforms import ImagePlan, Pixels
+
+    png = io.BytesIO()
+    PIL.Image.new("RGB", (64, 64), (200, 10, 10)).save(png, format="PNG")
+    items = [Item(Slot(0, i, False, (0.5, 0.5, 0.5)), "shard", sample=Decoded(str(i), "c", {}, image=open_image(data)))
+             for i, data in enumerate((_jpeg(64, 64), png.getvalue()))]
+    jpeg, other = transform_stage(items, _spec(resolution=32), SkipCounter(1.0, 0, 0, "test"), defer=True)
+    assert isinstance(jpeg.pixels, ImagePlan) and isinstance(other.pixels, Pixels)
+    assert jpeg.sample.image is None and other.sample.image is None

@@ -317,3 +317,29 @@ def test_an_image_found_corrupt_when_its_batch_is_collated_is_a_hole_like_any_sk
     (repeat,) = [i for i, key in enumerate(batch["__key__"]) if key == batch["__key__"][hole] and batch["valid"][i]]
     assert bad["__key__"] not in batch["__key__"]
     assert torch.equal(batch["image"][hole], batch["image"][repeat])
+
+
+def test_a_state_saved_inside_a_window_before_jpegs_were_bucketed_by_header_closes_that_window(tmp_path):
+    """Stream states of version 1 grouped a bucket window without the JPEGs found corrupt while
+    decoding; this version groups them by their header. Such a state saved inside a window is
+    resumed as after a change of layout (its served ids leave the plan) rather than by grouping
+    the window again, which served some samples twice and lost others: every sample once."""
+    from tests.data.data_helpers import write_manifest, write_tar
+
+    from data_pipeline.config import DataConfig
+    from data_pipeline.synth import synth_sample
+
+    samples = [synth_sample(i, size=64, image_format="jpg") for i in range(24)]
+    write_tar(tmp_path / "shard-000000.tar", samples)
+    write_manifest(tmp_path)
+    c = DataConfig(shards=str(tmp_path), resolution=32, batch_size=4, num_workers=0, shuffle_buffer=4,
+                   aspect_buckets=[0.5, 1.0, 2.0])
+    first = build_stream(c, 0, 1)
+    head = take(first, 2)  # inside the first window of 8 batches
+    state = json_roundtrip(first.state_dict())
+    assert state["version"] == 2 and state["served"][-1]
+    for version, segments in ((2, 1), (1, 2)):
+        resumed = build_stream(c, 0, 1, state={**state, "version": version})
+        assert len(resumed.state_dict()["segments"]) == segments
+        tail = take(resumed, first.batches_per_epoch - 2)
+        assert sorted(valid_keys(head + tail)) == sorted(s["__key__"] for s in samples)

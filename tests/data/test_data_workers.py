@@ -257,6 +257,7 @@ def test_a_worker_that_crashes_on_a_sample_is_forked_again_past_it(cfg, monkeypa
     for epoch in (batches[:planned], batches[planned:]):
         assert sorted(valid_keys(epoch)) == others
     assert stream.stats()["crashed_decoder"] == 2
+    assert stream.stats()["read"] == 2 * (len(others) + 1)  # a window read again is not counted again
     (warning,) = [r.getMessage() for r in caplog.records if "died of SIGSEGV" in r.getMessage()]
     assert _named(warning) == target
 
