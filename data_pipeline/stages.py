@@ -4,7 +4,7 @@ slots the plan gave it, one generator each, from tar members to collated batches
     read_stage       tar to samples: each block's samples read in file order, handed out in plan order
     decode_stage     safe decode: allowlisted member types only (decode.py)
     transform_stage  each sample's bucket, and its pixels at the bucket's size (transforms.py): an
-                     image's only planned from its header where `collate_stage` decodes it
+                     JPEG's only planned from its header where `collate_stage` decodes it
     batch_stage      the samples of each batch: one bucket, exactly one batch per `batch_size`
                      slots (holes filled, marked invalid)
     collate_stage    batches, pixels written (images decoded) into memory from `allocate`

@@ -9,10 +9,10 @@ The pipeline, as an explicit list of stages (in the spirit of open_clip's `data.
     split by worker   batch t of a rank from worker t % workers        plan.Segment.worker_batches
     tar to samples    seek to the planned samples of each shard        stages.read_stage
     safe decode       allowlisted decoders, pickles rejected           stages.decode_stage
-    transforms        buckets (an image's from its header), video     stages.transform_stage
+    transforms        buckets (a JPEG's from its header), video       stages.transform_stage
                       clips, resize + crop, SR pairs
     batch             one bucket per batch, a fixed number per worker  stages.batch_stage
-    collate           images decoded (resized, cropped) into the       stages.collate_stage
+    collate           JPEGs decoded (resized, cropped) into the        stages.collate_stage
                       batch's memory: a shared slot (transfer.py)
     hand over         forked workers in turn (workers.py), uint8      WorkerPool, PixelRing,
                       pixels where they were written                   finalize
