@@ -91,7 +91,7 @@ class Jpeg:
         image, which keeps a JPEG with harmless warnings and skips a truncated one."""
         h, w, _ = shape = self.decoded_shape(width, height)
         if into is not None and (into.shape != shape or not into.flags.c_contiguous):
-            raise ValueError(f"decoding into an array of shape {into.shape}: not C-contiguous {shape}")
+            raise ValueError(f"decoding into an array of shape {into.shape}: it must be C-contiguous of shape {shape}")
         try:
             return simplejpeg.decode_jpeg(self.data, colorspace="RGB", min_height=h, min_width=w, strict=True,
                                           buffer=into)

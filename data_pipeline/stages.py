@@ -3,11 +3,11 @@ slots the plan gave it, one generator each, from tar members to collated batches
 
     read_stage       tar to samples: each block's samples read in file order, handed out in plan order
     decode_stage     safe decode: allowlisted member types only (decode.py)
-    transform_stage  each sample's bucket, and its pixels at the bucket's size (transforms.py): an
+    transform_stage  each sample's bucket, and its pixels at the bucket's size (transforms.py): a
                      JPEG's only planned from its header where `collate_stage` decodes it
     batch_stage      the samples of each batch: one bucket, exactly one batch per `batch_size`
                      slots (holes filled, marked invalid)
-    collate_stage    batches, pixels written (images decoded) into memory from `allocate`
+    collate_stage    batches, pixels written (JPEGs decoded) into memory from `allocate`
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ from data_pipeline.transforms import ImagePlan, Pixels, TransformSpec, image_pix
 
 # shapes -> one writable uint8 array of each shape (the batch's memory: a loader slot, pinned memory)
 Allocate = Callable[[list[tuple[int, ...]]], list[np.ndarray]]
-PIXELS = 1  # the phase of a sample whose pixels are being decoded (`mark[2]`); 0: being read or opened
+# the phase of the sample a worker is on (`mark[2]`, stream.SampleMarks): being read or opened, or its pixels decoded
+READING, PIXELS = 0, 1
 
 
 @dataclass(slots=True)
@@ -81,7 +82,7 @@ def read_stage(blocks: Iterable[list[Slot]], reader: ShardReader, paths: tuple[s
                 fetched[where] = e
         for slot in block:
             if mark is not None:
-                mark[0], mark[1], mark[2] = slot.shard, slot.index, 0
+                mark[0], mark[1], mark[2] = slot.shard, slot.index, READING
             counter.read()
             if crashed and (slot.shard, slot.index) in crashed:
                 item = Item(slot, paths[slot.shard], f"#{slot.index}")

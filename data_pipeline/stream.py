@@ -50,7 +50,8 @@ from data_pipeline.plan import (EpochOrder, ResampledOrder, Segment, Slot, Topol
                                  replay)
 from data_pipeline.remote import RemoteOptions, redact
 from data_pipeline.shard_cache import Recorded
-from data_pipeline.stages import PIXELS, Allocate, batch_stage, collate_stage, decode_stage, read_stage, transform_stage
+from data_pipeline.stages import (PIXELS, READING, Allocate, batch_stage, collate_stage, decode_stage, read_stage,
+                                   transform_stage)
 from data_pipeline.tar_reader import ShardReader
 from data_pipeline.transfer import FORK, PixelRing, new_arrays, slot_bytes
 from data_pipeline.transforms import TransformSpec
@@ -59,7 +60,6 @@ from data_pipeline.workers import Producer, WorkerDied, WorkerPool, wait_with_pa
 log = logging.getLogger("data_pipeline")
 STATE_VERSION = 2  # 2: JPEGs bucketed by their header, whatever their decoding gives (see load_state_dict)
 MARK_FIELDS = 3  # a worker's sample mark: shard, index, phase (SampleMarks)
-READING = 0  # the phase of a sample being read or opened (stages.PIXELS: its pixels being decoded)
 SEGMENT_FIELDS = 7  # a segment of the state: Topology.as_list() and the batches consumed per rank
 # what a native library's fault kills a process with (not SIGKILL: a person, or the OOM killer)
 CRASH_SIGNALS = frozenset((signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT))
@@ -152,7 +152,7 @@ def _counted_already(groups: Iterator, counter: SkipCounter) -> Iterator:
 class SampleMarks:
     """Per worker process, the (shard, index, phase) of the sample it last began, in shared
     memory mapped before the workers are forked: each worker sets its three integers as it
-    reads a sample (phase 0) and as it decodes a sample's pixels (`stages.PIXELS`), and the main
+    reads a sample (`stages.READING`) and as it decodes its pixels (`stages.PIXELS`), and the main
     process reads them when a worker dies without a word. A decoder that crashes on a damaged
     file (a segmentation fault in a native library) kills the worker, and a run resumed from
     its checkpoint meets the same sample again: the error names it."""

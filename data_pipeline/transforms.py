@@ -7,17 +7,18 @@ within that area to the ratio nearest its own in log space (SDXL, Podell et al. 
 2.3; PixArt-alpha). The choice depends on the image size only, so a resumed stream buckets
 exactly as the uninterrupted one did.
 
-Every sample becomes `Pixels` (or, an image in the loader, an `ImagePlan` that writes them into
+Every sample becomes `Pixels` (or, a JPEG in the loader, an `ImagePlan` that writes them into
 its batch): uint8 frames (F, H, W, 3) at its bucket's size, plus the same crop at the
-super-resolution size when cascade pairs are asked for. Images are 1-frame clips. Channels stay last, as PIL and PyAV deliver them: the batch is (B, 3, F, H, W) over
-that memory and the device makes it contiguous while normalising (`batch_to_device`). The
-crop position and the clip start come from per-sample random numbers supplied by the
-planner, so a resumed stream crops exactly as the uninterrupted one did.
+super-resolution size when cascade pairs are asked for. Images are 1-frame clips. Channels
+stay last, as PIL and PyAV deliver them: the batch is (B, 3, F, H, W) over that memory and the
+device makes it contiguous while normalising (`batch_to_device`). The crop position and the
+clip start come from per-sample random numbers supplied by the planner, so a resumed stream
+crops exactly as the uninterrupted one did.
 Images are turned upright by their EXIF orientation first (`upright`), video frames by their
 display matrix (`upright_frame`), so buckets, crops and pixels are those of what a viewer shows.
 JPEGs are decoded at a reduced DCT scale when the output is much smaller (the scale of PIL's
 `draft`), which is most of the speed of the loader on large images, by libjpeg-turbo (decode.py's
-`Jpeg`). The loader plans an image from its header (`image_plan`) and decodes it when its batch
+`Jpeg`). The loader plans a JPEG from its header (`image_plan`) and decodes it when its batch
 is collated, straight into the batch's memory where the decoded pixels already are the output.
 """
 from __future__ import annotations
