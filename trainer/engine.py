@@ -27,7 +27,7 @@ from trainer.codes import EXIT_CHECKPOINT, EXIT_DATA, EXIT_NONFINITE, EXIT_OK, E
 from trainer.config import RunConfig, to_yaml, validate
 from trainer.diffusion.noise import sample_generators
 from trainer.distributed import (LateRead, PreemptionFlag, comm_device, compute_device, init_distributed,
-                                 wait_for_rank0)
+                                 max_over_ranks, wait_for_rank0)
 from trainer.elastic import (LAYOUT_KEYS, BatchRequest, Shape, copy_frozen, dynamic_loss_scaler, keep_global_batch,
                              player_weights, seed_masters, shape_of, written_shape)
 from trainer.ema import EMA
@@ -145,6 +145,28 @@ def searching_loss_scale(engine: Any) -> bool:
     late, comes first."""
     scaler = dynamic_loss_scaler(engine)
     return scaler is not None and scaler.cur_scale > scaler.min_scale * scaler.scale_factor
+
+
+def forward_nonfinite(infos: PlayerInfos, players: list[str]) -> bool:
+    """Whether the forward itself failed on some rank: a metric (loss, ...) of one of these
+    players' micro-batches was not finite there, not only a gradient. Collective: every rank
+    calls it at the same step (the skip flags it follows are the same on every rank)."""
+    totals = [(v[0] if isinstance(v, tuple) else v) for player, info in infos if player in players
+              for v in info.values()]
+    on_device = [t.detach().float().reshape(()) for t in totals if isinstance(t, torch.Tensor)]
+    flag: float | torch.Tensor = float(any(not math.isfinite(t) for t in totals if not isinstance(t, torch.Tensor)))
+    if not flag and on_device:
+        flag = torch.stack(on_device).isfinite().all().logical_not().float()
+    return bool(max_over_ranks(flag).item())
+
+
+def nonfinite_advice(precision: str, forward: bool) -> str:
+    """What to try after the steps a run stopped on: fp16's loss scale only keeps the backward
+    in range; a forward past fp16's largest value (65504) stays infinite at any scale."""
+    if forward and precision == "fp16":
+        return ("The loss itself was not finite: in fp16 activations past 65504 overflow, whatever "
+                "the loss scale (deepspeed.precision=bf16 has float32's range), or the data holds NaNs.")
+    return "Lower the learning rate (optim.lr, resuming with --allow-config-change) or check the data."
 
 
 @dataclass
@@ -468,11 +490,10 @@ class Trainer:
                                           **({"loss_scale_overflow": 1} if searching else {})})
             if self.state.nonfinite_in_row >= self.cfg.stage.max_nonfinite_in_row and not searching:
                 scaled = " (the fp16 loss scale is at its floor)" if self.precision == "fp16" else ""
-                print(f"dit train: {self.state.nonfinite_in_row} steps in a row had a non-finite "
-                      f"loss or gradient{scaled} (last at step {done.step}); stopping. Lower the "
-                      f"learning rate (optim.lr, resuming with --allow-config-change) or check the "
-                      f"data; the last checkpoint holds finite weights.",
-                      file=sys.stderr, flush=True)
+                advice = nonfinite_advice(self.precision, forward_nonfinite(done.infos, skipped))
+                print(f"dit train: {self.state.nonfinite_in_row} steps in a row had a non-finite loss or "
+                      f"gradient{scaled} (last at step {done.step}); stopping. {advice} The last checkpoint "
+                      f"holds finite weights.", file=sys.stderr, flush=True)
                 return EXIT_NONFINITE
         else:
             self.state.nonfinite_in_row = 0

@@ -4,7 +4,7 @@ called once per rank on the built trainer and does nothing unless a DIT_INJECT_*
 set; it wraps the trainer's parts (the stage's losses, the checkpoint manager's hooks and its
 `latest`), so the step loop and the checkpoint format hold no branch for it.
 
-DIT_INJECT_NAN="RANK@STEP[,STEP...]"    that rank's loss is NaN at those (1-based) steps
+DIT_INJECT_NAN="RANK@STEP[,STEP...]"    that rank's loss (and its metrics) is NaN at those (1-based) steps
 DIT_INJECT_KILL_AT="[RANK@]STEP"        that rank (default: every rank) kills itself with SIGKILL
                                         in the middle of step STEP, after its forward pass and
                                         before the gradient all-reduce the others wait in
@@ -82,8 +82,10 @@ def inject_into_losses(trainer: Any, nan: set[int], kill: set[int]) -> None:
     def injected(batch: dict, draws) -> Iterator[tuple]:
         step = trainer.state.step + 1
         for player, loss, info in losses(batch, draws):
-            if step in nan:
+            if step in nan:  # the loss and what is logged of it, as a forward that overflowed
                 loss = loss * float("nan")
+                info = {k: (v[0] * float("nan"), v[1]) if isinstance(v, tuple) else v * float("nan")
+                        for k, v in info.items()}
             if step in kill:
                 kill_now()
             yield player, loss, info

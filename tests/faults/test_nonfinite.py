@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.trainer.harness import (assert_ok, base, ema_weights, final_weights, metrics, rank_exit_codes,
-                                   run_train)
+from tests.trainer.harness import (FP16_ON_CPU, assert_ok, base, ema_weights, final_weights, metrics,
+                                   rank_exit_codes, run_train)
 
 pytestmark = pytest.mark.slow
 
@@ -41,6 +41,21 @@ def test_nonfinite_steps_in_a_row_abort_with_their_exit_code(uneven_shards, tmp_
     saved = sorted(Path(out / "checkpoints").glob("step_*"))
     assert [p.name for p in saved][-1] == "step_00000004"  # 2 and 4 saved; 5 stopped the run
     assert all_finite(final_weights(out)) and all_finite(ema_weights(out))
+
+
+def test_an_fp16_loss_that_stays_nan_stops_at_the_scales_floor_pointing_to_bf16(uneven_shards, tmp_path):
+    """A forward that overflows fp16 (here rank 1's loss NaN from step 3 on) is not helped by the
+    loss scale: the scaler halves it to its floor (2^12 to 2 after the hysteresis) and then the run
+    stops, every rank saying that the loss itself was not finite and bf16 has the range, not to
+    lower the learning rate (rank 0's own losses were finite: the ranks agree by a collective)."""
+    out = tmp_path / "run"
+    proc = run_train(2, base(uneven_shards, out, "stage.steps=24", "deepspeed.precision=fp16", "log.sample_every=0",
+                             "checkpoint.every=24"),
+                     DIT_INJECT_NAN="1@" + ",".join(map(str, range(3, 25))), PYTHONPATH=str(FP16_ON_CPU))
+    assert rank_exit_codes(proc) == {3}, proc.stderr[-3000:]
+    said = proc.stderr
+    assert said.count("steps in a row had a non-finite loss or gradient (the fp16 loss scale is at its floor)") == 2
+    assert said.count("(deepspeed.precision=bf16 has float32's range)") == 2 and "Lower the learning rate" not in said
 
 
 def test_samples_that_are_not_finite_skip_the_grid_and_the_eval_not_the_run(uneven_shards, tmp_path):

@@ -12,11 +12,10 @@ import torch
 
 from tests.faults.conftest import REFERENCE
 from tests.faults.test_resume_shape import copied  # noqa: F401  (fixture)
-from tests.trainer.harness import ROOT, assert_ok, base, latest_dir, metrics, run_train
+from tests.trainer.harness import FP16_ON_CPU, assert_ok, base, latest_dir, metrics, run_train
 
 pytestmark = pytest.mark.slow
 
-FP16_ON_CPU = ROOT / "tests" / "trainer" / "fp16_on_cpu"  # its sitecustomize lets DeepSpeed's CPU accelerator run fp16
 
 # The reference trains with lr 1e-3 (constant after 2 warm-up steps), betas (0.9, 0.999), eps
 # 1e-8, no weight decay, clipping at 1.0 and grad_accum 1: each of them changed.

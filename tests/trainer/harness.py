@@ -14,6 +14,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "test_tiny.yaml"
+# its sitecustomize lets DeepSpeed's CPU accelerator run fp16 (which it refuses without AVX512-FP16)
+FP16_ON_CPU = ROOT / "tests" / "trainer" / "fp16_on_cpu"
 
 
 def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:

@@ -67,3 +67,22 @@ def test_fp16_overflows_are_the_loss_scalers_search_until_near_its_floor():
     assert searching[-3:] == [(8.0, True), (4.0, True), (2.0, False)]
     assert not searching_loss_scale(SimpleNamespace(optimizer=SimpleNamespace(loss_scaler=LossScaler(1.0))))
     assert not searching_loss_scale(SimpleNamespace(optimizer=object()))
+
+
+def test_a_stop_on_an_fp16_forward_overflow_points_to_bf16_not_the_learning_rate():
+    """The loss scale keeps the backward in fp16's range, not the forward: a run whose loss
+    itself was inf or NaN (activations past 65504) searched down to the scale's floor and was
+    then told to lower the learning rate. The skipped players' forward metrics decide (over the
+    ranks); a finite loss with overflowing gradients keeps the learning-rate advice."""
+    from trainer.engine import forward_nonfinite, nonfinite_advice
+
+    inf = torch.tensor(float("inf"))
+    infos = [("student", {"loss": (torch.tensor(0.5), torch.tensor(4.0)), "loss_t0": (0.0, 0.0)}),
+             ("discriminator", {"d_loss": (inf, torch.tensor(4.0))})]
+    with one_rank_group():
+        assert not forward_nonfinite(infos, ["student"])
+        assert forward_nonfinite(infos, ["discriminator"])
+        assert forward_nonfinite([("student", {"loss": float("nan")})], ["student"])
+        assert not forward_nonfinite([], ["student"])  # a pipeline stage before the last: no loss here
+    assert "bf16" in nonfinite_advice("fp16", True) and "learning rate" not in nonfinite_advice("fp16", True)
+    assert "learning rate" in nonfinite_advice("fp16", False) and "learning rate" in nonfinite_advice("bf16", True)

@@ -3,16 +3,13 @@ bf16 and its CPU Adam here): they learn, resume bit-exactly, and keep the promis
 non-finite gradient on any rank is skipped by every rank."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
-from tests.trainer.harness import (assert_checkpoint_samples_match, ema_weights, final_weights, losses, metrics,
-                                   same_tensors, straight_and_resumed)
+from tests.trainer.harness import (FP16_ON_CPU, assert_checkpoint_samples_match, ema_weights, final_weights, losses,
+                                   metrics, same_tensors, straight_and_resumed)
 
 pytestmark = pytest.mark.slow
-FP16_ON_CPU = Path(__file__).parent / "fp16_on_cpu"  # its sitecustomize lets DeepSpeed's CPU accelerator run fp16
 
 
 def mean_loss(curve: dict[int, float], steps: range) -> float:
