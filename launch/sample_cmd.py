@@ -155,7 +155,7 @@ def sample(args: argparse.Namespace) -> int:
             "weights": weights.pop() if len(weights) == 1 else "mixed", "device": str(args.device),
             "height": int(pixels.shape[-2]), "width": int(pixels.shape[-1]),
             "stages": [{"checkpoint": str(s.checkpoint), "weights": s.weights, "precision": s.precision,
-                        **vars(s.settings)}
+                        **vars(s.settings), **({"noise_aug": s.cfg.stage.noise_aug_sample} if s.superres else {})}
                        for s in cascade.stages]}  # the settings each stage sampled with (a student's own)
     record = save_samples(pixels, prompts, args.out, meta, cascade.fps)
     kind = "videos" if pixels.ndim == 5 else "images"

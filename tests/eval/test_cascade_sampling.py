@@ -37,6 +37,7 @@ def test_cascade_samples_at_target_size(cascade_yaml, tmp_path):
     assert (out / "grid.png").is_file()
     base, sr = record["stages"]
     assert (base["steps"], base["cfg_scale"]) == (2, 3.0) and (sr["steps"], sr["cfg_scale"]) == (3, 1.5)
+    assert sr["noise_aug"] == 0.2 and "noise_aug" not in base  # the level the low-res input was noised at
 
 
 def test_cascade_stages_are_checked(cascade_yaml):

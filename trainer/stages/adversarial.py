@@ -1,14 +1,14 @@
 """Adversarial distillation into a 1-4 step sampler (SDXL-Lightning, Lin et al. 2024,
 "SDXL-Lightning: Progressive Adversarial Diffusion Distillation"; LADD, Sauer et al. 2024).
 
-The student maps x_t to x_t' in one DDIM step of an N-step trailing sampler, N drawn per batch
-from `stage.rounds` (e.g. [4, 2, 1]: one network samples at 1, 2 and 4 steps). The teacher
-reaches x_t' with many DDIM steps (with CFG at a per-sample scale w, or its own few steps when it
-is itself distilled; otherwise `log.sample_steps` when the run starts, which a resume keeps: a
-log.* change alters what is logged, not what is trained). The discriminator is the frozen
-teacher trunk with trainable heads (`DiscriminatorHeads`) reading x_t' at t' (and, for a
-guidance-conditioned student, the sample's guidance scale w: the real x_t' depend on it); it is
-the second player, with its own optimizer:
+The student maps x_t to x_t' in one DDIM step of an N-step trailing sampler, N taken from
+`stage.rounds` in turn, step by step (e.g. [4, 2, 1]: one network samples at 1, 2 and 4
+steps). The teacher reaches x_t' with many DDIM steps (with CFG at a per-sample scale w, or its
+own few steps when it is itself distilled; otherwise `log.sample_steps` when the run starts,
+which a resume keeps: a log.* change alters what is logged, not what is trained). The
+discriminator is the frozen teacher trunk with trainable heads (`DiscriminatorHeads`) reading
+x_t' at t' (and, for a guidance-conditioned student, the sample's guidance scale w: the real x_t'
+depend on it); it is the second player, with its own optimizer:
 
     conditional phase (the first half of stage.steps when the run starts; a resume keeps its
         length): D judges the pair (x_t, x_t'): the heads read the trunk's token features of x_t'
