@@ -41,6 +41,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import save_file
 from torch import Tensor
 
+from trainer.checkpoint_format import ENCODERS_FILE, verify
 from trainer.config_errors import ConfigError
 from trainer.diffusion.timesteps import table_steps
 from trainer.models.autoencoder import Autoencoder
@@ -226,7 +227,6 @@ class DiTTextToImagePipeline(DiffusionPipeline):
 def _load(checkpoint: str | Path, ema: bool) -> tuple["LoadedStage", int]:
     """(LoadedStage, step) of a checkpoint, with default sampler settings."""
     from trainer.cascade import CascadeStageSpec, load_stage
-    from trainer.checkpoint_format import verify
     from trainer.diffusion import SamplerSettings
 
     loaded = load_stage(CascadeStageSpec(str(checkpoint)), SamplerSettings(), ema=ema)
@@ -247,7 +247,16 @@ def export_safetensors(checkpoint: str | Path, out: str | Path, ema: bool = True
     record = {"source_checkpoint": str(loaded.checkpoint), "step": step, "weights": loaded.weights,
               "dit_spec": spec, "run_config": to_dict(loaded.cfg)}
     (out / "config.json").write_text(json.dumps(record, indent=1) + "\n")
+    copy_encoder_record(loaded.checkpoint, out)
     return out
+
+
+def copy_encoder_record(checkpoint: Path, out: Path) -> None:
+    """The checkpoint's encoders.json beside the exported weights: a warm start from the export
+    (checkpoint.init_from) is checked against the encoders the network learned with, as one
+    from the checkpoint is (a checkpoint from before the record has none to copy)."""
+    if (checkpoint / ENCODERS_FILE).is_file():
+        (out / ENCODERS_FILE).write_bytes((checkpoint / ENCODERS_FILE).read_bytes())
 
 
 def _check_diffusers_exportable(loaded: "LoadedStage") -> None:
@@ -329,6 +338,7 @@ def export_diffusers(checkpoint: str | Path, out: str | Path, ema: bool = True) 
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     (out / PROVENANCE).write_text(json.dumps({"source_checkpoint": str(loaded.checkpoint), "step": step,
                                               "weights": loaded.weights}, indent=1) + "\n")
+    copy_encoder_record(loaded.checkpoint, out)
     return out
 
 

@@ -95,6 +95,41 @@ def test_a_warm_start_from_a_network_of_other_encoders_is_refused_before_any_ran
         preflight(run)
 
 
+def test_a_warm_start_from_an_export_is_checked_as_from_its_checkpoint_and_a_new_target_is_said(tmp_path, capsys):
+    """An export (the finetune recipe's source) was not checked at all: a run with another text
+    encoder setting, or another autoencoder at the same path, warm-started from it silently.
+    `dit export` copies the checkpoint's encoders.json, checked as a checkpoint's; an export
+    without one is held to its config's text encoder settings. A fine-tune to another target
+    (prediction, zero terminal SNR) is a choice (SD 2's v-model): said before training, not refused."""
+    from tests.eval.eval_helpers import tiny_config, write_autoencoder, write_checkpoint
+    from trainer.checkpoint_format import ENCODERS_FILE, resolve
+    from trainer.encoder_record import encoders_record
+    from trainer.export import export_safetensors
+    from trainer.stages import preflight
+
+    autoencoder = write_autoencoder(tmp_path / "autoencoder")
+    latent = ("model.autoencoder.kind=kl", "model.in_channels=4", f"model.autoencoder.path={autoencoder}")
+    source_cfg = tiny_config(tmp_path / "source", *latent)
+    source = write_checkpoint(source_cfg)
+    (resolve(source) / ENCODERS_FILE).write_text(encoders_record(source_cfg.model))
+    export = export_safetensors(source, tmp_path / "export")
+    assert (export / ENCODERS_FILE).read_text() == (resolve(source) / ENCODERS_FILE).read_text()
+    warm = (*latent, f"checkpoint.init_from={export}")
+    preflight(tiny_config(tmp_path / "run", *warm))
+    assert "checkpoint.init_from" not in capsys.readouterr().out  # the same target: nothing to say
+    preflight(tiny_config(tmp_path / "run", *warm, "diffusion.prediction=eps", "diffusion.zero_terminal_snr=false"))
+    said = capsys.readouterr().out
+    assert (f"checkpoint.init_from: {export} was trained with diffusion.zero_terminal_snr=True, "
+            f"diffusion.prediction='v'; this run has False, 'eps': the warm start fine-tunes it") in said
+    with pytest.raises(ConfigError, match=r"'model\.text\.max_length': .* was trained with a text encoder of "
+                                          r"model\.text\.max_length=16, this run has 12"):
+        preflight(tiny_config(tmp_path / "run", *warm, "model.text.max_length=12"))
+    (export / ENCODERS_FILE).unlink()  # an export from before the record: its config's text settings
+    with pytest.raises(ConfigError, match=r"'model\.text\.max_length': .*model\.text\.max_length=16"):
+        preflight(tiny_config(tmp_path / "run", *warm, "model.text.max_length=12"))
+    preflight(tiny_config(tmp_path / "run", *warm))
+
+
 @pytest.mark.parametrize("schedule, listed", [("constant", []), ("cosine", [
     "stage.steps: 12 -> 20 (the cosine LR schedule now spans 20 steps instead of 12: the learning rate from here "
     "on follows the new length)"])])

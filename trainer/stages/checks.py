@@ -6,6 +6,7 @@ the same teacher checks when built.
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -18,7 +19,7 @@ from data_pipeline import remote
 from data_pipeline.errors import DataError
 from data_pipeline.manifest import (ENCODED_BY, cascade_pairs_mismatch, latent_shapes_mismatch, pixel_settings_mismatch,
                                     resolve_source, source_specs)
-from trainer.checkpoint_format import STAGE_FILE, CheckpointError, is_checkpoint, resolve, student_round
+from trainer.checkpoint_format import ENCODERS_FILE, STAGE_FILE, CheckpointError, is_checkpoint, resolve, student_round
 from trainer.config import (NORM_FILE, ConfigError, DataConfig, DiffusionConfig, ModelConfig, RunConfig,
                             check_weighting, flatten, saved_autoencoder, to_dict, validate)
 from trainer.encoder_record import check_encoders, encoder_identity, same_encoders
@@ -318,13 +319,44 @@ def check_latent_sources(cfg: RunConfig) -> None:
 
 
 def check_init_source(cfg: RunConfig) -> None:
-    """A warm start (`checkpoint.init_from`) from a checkpoint whose network learned other
-    encoders' latents or embeddings than this run's (its encoders.json) starts from weights that
-    read this run's latents as garbage: refused, as sampling, resuming and distilling refuse it.
-    Exports and bare .safetensors files keep no such record and are not checked."""
-    if cfg.checkpoint.init_from and is_checkpoint(cfg.checkpoint.init_from):
-        check_encoders(resolve(cfg.checkpoint.init_from), cfg.model,
-                       "warm-starting from it (checkpoint.init_from)")
+    """A warm start (`checkpoint.init_from`) from a network that learned other encoders'
+    latents or embeddings than this run's (encoders.json: a checkpoint's, or the one `dit export`
+    copies into an export; an export from before that, its config's text encoder settings)
+    starts from weights that read this run's latents as garbage: refused, as sampling, resuming
+    and distilling refuse it. A bare .safetensors file keeps no record and is not checked.
+    Another target (prediction, schedule, SNR shift) is what a fine-tune may change on purpose
+    (SD 2's v-model, zero terminal SNR: Lin et al. 2024, sec. 3): said, not refused."""
+    init = cfg.checkpoint.init_from
+    if not init or not Path(init).is_dir():
+        return
+    source = resolve(init) if is_checkpoint(init) else Path(init)
+    use = "warm-starting from it (checkpoint.init_from)"
+    check_encoders(source, cfg.model, use)
+    theirs = init_source_config(source)
+    if theirs is None:
+        return
+    if not (source / ENCODERS_FILE).is_file():
+        same_encoders({"text": theirs["model"]["text"]}, encoder_identity(cfg.model), f"{init} was trained with",
+                      f"{use} needs the text encoder it was trained with")
+    learned, ours = theirs["diffusion"], to_dict(cfg)["diffusion"]
+    changed = [key for key in TEACHER_KEYS["diffusion"] if learned.get(key) != ours[key]]
+    if changed:
+        was = ", ".join(f"diffusion.{key}={learned.get(key)!r}" for key in changed)
+        now = ", ".join(repr(ours[key]) for key in changed)
+        print(f"checkpoint.init_from: {init} was trained with {was}; this run has {now}: the warm start "
+              f"fine-tunes it to this run's (set those keys to its values to train on as it did)", flush=True)
+
+
+def init_source_config(source: Path) -> Optional[dict[str, Any]]:
+    """The resolved run config (as a dict) a warm-start source was trained with: a step
+    directory's config.yaml, a `dit export --format safetensors` folder's config.json; None for
+    others (a diffusers export keeps its scheduler's settings only)."""
+    if (source / "config.yaml").is_file():
+        return yaml.safe_load((source / "config.yaml").read_text())
+    record = source / "config.json"
+    if record.is_file():
+        return json.loads(record.read_text()).get("run_config")
+    return None
 
 
 # stage.kind -> its checks from configs and the teacher's config.yaml; other kinds have none.
