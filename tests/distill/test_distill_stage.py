@@ -101,6 +101,21 @@ def test_the_preflight_refuses_what_the_distillation_stages_refuse_once_started(
             preflight(cfg)
 
 
+def test_an_adversarial_run_says_what_a_full_teachers_targets_are_sampled_with(tmp_path, teacher, capsys):
+    """log.sample_steps, the grids' setting, is also the DDIM steps of a full (not distilled)
+    teacher's targets: a few-step value meant for the student's grids made blurry targets
+    without a word. The preflight says it; a distilled teacher samples with its own steps."""
+    cfg = tiny_config(tmp_path / "adv", f"stage.teacher={teacher}", "stage.kind=adversarial", "stage.rounds=[4,2,1]",
+                      "log.sample_steps=6", "diffusion.loss_weighting=trunc_snr")
+    preflight(cfg)
+    assert ("stage.teacher is a full diffusion model: its targets are 8-step DDIM samples with CFG "
+            "(log.sample_steps=6, rounded up") in capsys.readouterr().out
+    distilled = round_export(tmp_path / "round", teacher)
+    preflight(tiny_config(tmp_path / "adv", f"stage.teacher={distilled}", "stage.kind=adversarial",
+                          "stage.rounds=[2,1]", "log.sample_steps=6", "diffusion.loss_weighting=trunc_snr"))
+    assert "stage.teacher is a full diffusion model" not in capsys.readouterr().out
+
+
 def batch(valid: list[bool], seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed or len(valid))
     return {"image": torch.rand((len(valid), 3, 16, 16), generator=g) * 2 - 1, "caption": ["a red circle"] * len(valid),

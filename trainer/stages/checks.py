@@ -276,7 +276,15 @@ def preflight_progressive(cfg: RunConfig) -> None:
 
 
 def preflight_adversarial(cfg: RunConfig) -> None:
-    check_adversarial(cfg.stage, teacher_steps_of(cfg), cfg.log.sample_steps, cfg.diffusion.num_timesteps)
+    """The adversarial checks; where the teacher is a full diffusion model, what its targets are
+    sampled with, said before training: `log.sample_steps` sets it (with the grids' teacher row),
+    and a few-step setting meant for the student's grids makes blurry targets."""
+    distilled = teacher_steps_of(cfg)
+    _, steps = check_adversarial(cfg.stage, distilled, cfg.log.sample_steps, cfg.diffusion.num_timesteps)
+    if distilled is None:
+        print(f"stage.teacher is a full diffusion model: its targets are {steps}-step DDIM samples with CFG "
+              f"(log.sample_steps={cfg.log.sample_steps}, rounded up to a multiple of every step count in "
+              f"stage.rounds)", flush=True)
 
 
 def check_latent_sources(cfg: RunConfig) -> None:
