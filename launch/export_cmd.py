@@ -19,7 +19,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     """The arguments of `dit export` on its own parser."""
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint root (uses `latest`) or step directory")
     p.add_argument("--format", choices=("safetensors", "diffusers"), default="safetensors")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory: new or empty, or an earlier export, which is "
+                                                "replaced whole (a folder of other files is refused)")
     p.add_argument("--raw", action="store_true",
                    help="export the raw (non-EMA) fp32 weights (runs with checkpoint.universal=true, the default)")
     p.add_argument("--no-verify", action="store_true", help="diffusers: skip the generate-and-compare check")

@@ -28,6 +28,7 @@ where the step count S divides T.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
@@ -41,7 +42,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import save_file
 from torch import Tensor
 
-from trainer.checkpoint_format import ENCODERS_FILE, verify
+from trainer.checkpoint_format import ENCODERS_FILE, replace_dir, temporary_dir, verify
 from trainer.config_errors import ConfigError
 from trainer.diffusion.timesteps import table_steps
 from trainer.models.autoencoder import Autoencoder
@@ -352,9 +353,37 @@ def exported_weights(directory: str | Path) -> str:
 
 
 def export(checkpoint: str | Path, fmt: str, out: str | Path, ema: bool = True) -> Path:
+    """The export, written beside `out` and renamed over it when complete: an earlier export
+    there is replaced whole (one of the other format left beside it was what a warm start from
+    the folder loaded, while its record named the new checkpoint), a folder holding anything
+    else is refused before any work, and a kill midway leaves the old export or the new one."""
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt}: one of {', '.join(FORMATS)}")
-    return (export_safetensors if fmt == "safetensors" else export_diffusers)(checkpoint, out, ema)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError("--out", f"{out} is a file: give a new or empty folder")
+    if out.is_dir() and any(out.iterdir()) and not is_export(out):
+        raise ConfigError("--out", f"{out} holds files dit export did not write; each export replaces the folder "
+                                   f"whole: give a new or empty folder")
+    tmp = temporary_dir(out.absolute())
+    try:
+        (export_safetensors if fmt == "safetensors" else export_diffusers)(checkpoint, tmp, ema)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return replace_dir(tmp, out.absolute())
+
+
+def is_export(directory: Path) -> bool:
+    """Whether `directory` holds a `dit export` (its record: config.json with the DiT's spec, or
+    the diffusers export's provenance file)."""
+    if (directory / PROVENANCE).is_file():
+        return True
+    record = directory / "config.json"
+    try:
+        return record.is_file() and "dit_spec" in json.loads(record.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return False
 
 
 # ------------------------------------------------------------------------------- verification

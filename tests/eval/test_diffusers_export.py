@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from launch.cli import main as dit
 from tests.eval.eval_helpers import tiny_config, write_autoencoder, write_checkpoint
-from trainer.checkpoint import load_for_inference
+from trainer.checkpoint import load_for_inference, load_init_weights
 from trainer.export import compare_with_pipeline, load_pipeline
 
 PROMPTS = ["a large red circle at the top left", "a small blue square in the centre"]
@@ -141,6 +141,30 @@ def test_a_distilled_student_is_refused_before_anything_is_written(tmp_path, cap
     for verify in ([], ["--no-verify"]):
         out = tmp_path / f"diffusers{len(verify)}"
         assert dit(["export", str(checkpoint), "--format", "diffusers", "--out", str(out), *verify]) == 2
-        assert not out.exists()
+        assert not out.exists() and not list(tmp_path.glob(".tmp-*"))
         assert "stage.kind" in (err := capsys.readouterr().err) and "--format safetensors" in err
     assert dit(["export", str(checkpoint), "--format", "safetensors", "--out", str(tmp_path / "st")]) == 0
+
+
+def test_an_export_replaces_an_earlier_one_whole_and_refuses_a_folder_of_other_files(tmp_path, capsys):
+    """A diffusers export written into a folder holding a safetensors export of another run kept
+    that run's model.safetensors beside it, which a warm start from the folder loaded while its
+    record named the new checkpoint. An export now replaces an earlier one whole, and a folder
+    holding anything else (or a file) is refused before any work, naming --out."""
+    first = write_checkpoint(tiny_config(tmp_path / "first"))
+    second = write_checkpoint(tiny_config(tmp_path / "second"), seed=1)
+    out = tmp_path / "export"
+    assert dit(["export", str(first), "--format", "safetensors", "--out", str(out)]) == 0
+    assert dit(["export", str(second), "--format", "diffusers", "--out", str(out), "--no-verify"]) == 0
+    assert not (out / "model.safetensors").exists() and (out / "transformer").is_dir()
+    ema = load_for_inference(second)[1]
+    assert all(torch.equal(w, ema[name]) for name, w in load_init_weights(out).items())  # the record's checkpoint
+    assert dit(["export", str(first), "--format", "safetensors", "--out", str(out)]) == 0
+    assert {"config.json", "model.safetensors"} <= {p.name for p in out.iterdir()} and not (out / "transformer").exists()
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "mine.txt").write_text("keep me")
+    for target in (notes, notes / "mine.txt"):
+        assert dit(["export", str(first), "--format", "safetensors", "--out", str(target)]) == 2
+        assert "--out" in capsys.readouterr().err
+    assert sorted(p.name for p in notes.iterdir()) == ["mine.txt"] and not list(tmp_path.glob(".tmp-*"))
