@@ -93,6 +93,9 @@ REFUSED = {  # accepted by the typed schema, refused by validate or the stage pr
     "pretrain_sr_pairs": (["data.sr_resolution=32"], "data.sr_resolution"),
     # a latent DiT without its autoencoder: each process would make its own random one
     "latent_without_autoencoder": (["model.autoencoder.kind=kl", "model.in_channels=4"], "model.autoencoder.path"),
+    # a path holding none (the demo's DiT before its autoencoder stage): every rank failed after DeepSpeed started
+    "latent_autoencoder_missing": (["model.autoencoder.kind=kl", "model.in_channels=4",
+                                    "model.autoencoder.path=/nonexistent/autoencoder"], "model.autoencoder.path"),
     # the autoencoder stage trained a KL autoencoder all the same, and saved it into the working directory
     "autoencoder_of_kind_none": (["stage.kind=autoencoder", "model.autoencoder.path=ae"], "model.autoencoder.kind"),
     "autoencoder_without_path": (["stage.kind=autoencoder", "model.autoencoder.kind=kl"], "model.autoencoder.path"),

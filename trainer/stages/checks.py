@@ -132,12 +132,19 @@ def check_resumed_stage(directory: Path, cfg: RunConfig) -> None:
 def check_autoencoder_given(cfg: RunConfig) -> None:
     """A latent DiT learns the latents of one trained autoencoder: without model.autoencoder.path
     every process built its own randomly initialised one, so training, its previews and each
-    `dit sample` decoded with other weights, without an error."""
+    `dit sample` decoded with other weights, without an error; a path holding none failed in
+    every rank after DeepSpeed started."""
     ae = cfg.model.autoencoder
-    if cfg.stage.kind != "autoencoder" and ae.kind != "none" and not ae.path:
+    if cfg.stage.kind == "autoencoder" or ae.kind == "none":
+        return
+    if not ae.path:
         raise ConfigError("model.autoencoder.path", f"a latent DiT (model.autoencoder.kind={ae.kind}) needs the "
                           f"trained autoencoder whose latents it learns: give its directory (`dit train` with "
                           f"stage.kind=autoencoder writes one); without it each process makes a random one")
+    if not saved_autoencoder(ae):  # each rank failed on it, after DeepSpeed started (exit 1: restarted)
+        raise ConfigError("model.autoencoder.path", f"{ae.path} holds no autoencoder (no config.json): train one "
+                          f"there first (`dit train` with stage.kind=autoencoder) or point the key at a saved "
+                          f"diffusers autoencoder folder")
 
 
 def check_autoencoder_target(cfg: RunConfig) -> None:
