@@ -99,8 +99,9 @@ def text_dims(model: ModelConfig) -> tuple[int, int, int, int]:
             tower = _build_text_tower(cfg["embed_dim"], cfg["text_cfg"], quick_gelu=cfg.get("quick_gelu", False))
         length = min(t.max_length, cfg["text_cfg"].get("context_length", 77))
         return cfg["text_cfg"]["width"], cfg["embed_dim"], length, sum(p.numel() for p in tower.parameters())
-    from trainer.models.text_source import T5_FAMILY, minilm_path, runs_without_transformers
+    from trainer.models.text_source import T5_FAMILY, check_text_source, minilm_path, runs_without_transformers
 
+    check_text_source(t)  # a folder that is not there is said as `dit train` says it, not as the hub's error
     path = t.path or (minilm_path() if t.kind == "minilm" else "")
     if runs_without_transformers(t):  # torch's layers without BertModel's pooler (trainer/models/bert.py)
         from trainer.models.bert import BertEncoder

@@ -249,17 +249,20 @@ def test_video_autoencoder_is_the_trainers():
     assert autoencoder_facts(cfg)[2] == sum(p.numel() for p in bundle.autoencoder.parameters())
 
 
-@pytest.mark.parametrize("overrides, key", [
-    (["model.text.kind=open_clip", "model.text.arch=No-Such-Arch"], "model.text.arch"),
-    (["model.text.kind=hf"], "model.text.path"),
-    (["model.text.kind=hf", "model.text.path=/nonexistent/encoder"], "model.text.path"),
+@pytest.mark.parametrize("overrides, key, said", [
+    (["model.text.kind=open_clip", "model.text.arch=No-Such-Arch"], "model.text.arch", "No-Such-Arch"),
+    (["model.text.kind=hf"], "model.text.path", "kind=hf needs"),
+    # as `dit train` says it (it was the hub client's "Repo id must be in the form ...")
+    (["model.text.kind=t5", "model.text.path=/nonexistent/t5"], "model.text.path",
+     "/nonexistent/t5 is not a directory nor a hub model in the local cache"),
 ])
-def test_a_network_that_cannot_be_built_is_one_line_naming_the_key(capsys, overrides, key):
+def test_a_network_that_cannot_be_built_is_one_line_naming_the_key(capsys, overrides, key, said):
     """The plan builds the config's networks (on the meta device): one it cannot build is a
     config error naming the key, on one line, exit 2, as validation's errors are."""
     assert main(["plan", str(TINY), *overrides, "--gpus", "2"]) == 2
     out = capsys.readouterr().out
     assert out.startswith(f"dit plan: config error at '{key}': ") and out.count("\n") == 1, out
+    assert said in out, out
 
 
 def test_an_autoencoder_folder_not_written_yet_is_planned_fresh(capsys, tmp_path):
