@@ -87,6 +87,9 @@ class CascadeSpec:
 def resolve_checkpoint(directory: str | Path) -> Path:
     """A step directory: `directory` itself, or the one its `latest` pointer names."""
     directory = resolve(directory)
+    if not directory.exists():
+        raise FileNotFoundError(f"{directory} does not exist; pass a checkpoint root holding `{LATEST}` or a "
+                                f"step_* directory")
     if not (directory / COMPLETE).is_file():
         raise FileNotFoundError(f"{directory} is not a complete checkpoint (no {COMPLETE}); pass a "
                                 f"checkpoint root holding `{LATEST}` or a step_* directory")

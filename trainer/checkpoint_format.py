@@ -125,6 +125,8 @@ def is_checkpoint(path: str | Path) -> bool:
 
 def verify(directory: Path, names: Optional[tuple[str, ...]] = None) -> dict[str, Any]:
     """Check `names` (default: every file of the manifest) against COMPLETE.json; its content."""
+    if not directory.exists():
+        raise CheckpointError(f"{directory} does not exist")
     if not (directory / COMPLETE).is_file():
         raise CheckpointError(f"{directory} is not a complete checkpoint (no {COMPLETE})")
     complete = json.loads((directory / COMPLETE).read_text())

@@ -128,6 +128,23 @@ def test_sizes_a_later_stage_cannot_take_are_refused_before_sampling(tmp_path, c
     assert tuple(out.shape) == (1, 3, 96, 128)
 
 
+def test_a_checkpoint_that_is_not_there_is_said_so(tmp_path, capsys):
+    """A missing checkpoint (a cascade stage's, an export's source) was 'not a complete
+    checkpoint (no COMPLETE.json)', as if a save had been cut short."""
+    from trainer.cascade import resolve_checkpoint
+    from trainer.checkpoint_format import CheckpointError, verify
+
+    with pytest.raises(FileNotFoundError, match=r"/gone does not exist; pass a checkpoint root"):
+        resolve_checkpoint(tmp_path / "gone")
+    with pytest.raises(CheckpointError, match=r"/gone does not exist$"):
+        verify(tmp_path / "gone")
+    (tmp_path / "cut").mkdir()
+    with pytest.raises(FileNotFoundError, match="is not a complete checkpoint"):
+        resolve_checkpoint(tmp_path / "cut")
+    assert dit(["export", str(tmp_path / "gone"), "--out", str(tmp_path / "out")]) == 2
+    assert "gone does not exist" in capsys.readouterr().err
+
+
 def test_cascade_yaml_names_unknown_keys(tmp_path):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("stages:\n  - checkpoint: x\n    stepz: 3\n")
