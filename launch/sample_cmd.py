@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from trainer.codes import DEFAULT_CFG, DEFAULT_RESCALE, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLING_PRECISIONS
 from trainer.codes import SAMPLER_NAMES as SAMPLERS
-from trainer.codes import SAMPLING_PRECISIONS
 
 SETTINGS = {"steps": "steps", "cfg": "cfg_scale", "guidance_rescale": "guidance_rescale", "sampler": "sampler"}
 DEVICE_HELP = "where the models run: auto (default: the accelerator if present, else cpu), cpu, cuda, cuda:N"
@@ -81,11 +81,13 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     stage that does not set its own; unset ones are those of trainer.sampling.SamplerSettings
     (25 DDIM steps, CFG 3.0, rescale 0.7); and the `--device` the cascade runs on."""
     p.add_argument("--steps", type=positive_int,
-                   help="sampling steps (distilled students: their own count unless given)")
+                   help=f"sampling steps (default {DEFAULT_STEPS}; distilled students: their own count unless given)")
     p.add_argument("--cfg", type=guidance_scale,
-                   help="classifier-free guidance scale (distilled students: their guidance input)")
-    p.add_argument("--guidance-rescale", type=rescale_fraction, help="guidance rescale phi (Lin et al. 2023), in [0, 1]")
-    p.add_argument("--sampler", choices=SAMPLERS)
+                   help=f"classifier-free guidance scale (default {DEFAULT_CFG}; distilled students: their guidance "
+                        f"input)")
+    p.add_argument("--guidance-rescale", type=rescale_fraction,
+                   help=f"guidance rescale phi (Lin et al. 2023), in [0, 1] (default {DEFAULT_RESCALE})")
+    p.add_argument("--sampler", choices=SAMPLERS, help=f"default {DEFAULT_SAMPLER}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=positive_int, default=16, help="prompts sampled together")
     p.add_argument("--raw", action="store_true",

@@ -26,6 +26,9 @@ EXIT_MEANING = {
 
 # The samplers of trainer/diffusion/samplers.py (its SAMPLERS dict holds the functions).
 SAMPLER_NAMES = ("ddim", "euler", "dpmpp2m", "ddpm")
+# The defaults of its SamplerSettings, for `dit sample|eval --help` (the stages' own where a
+# cascade sets none): steps, CFG scale, guidance rescale, sampler.
+DEFAULT_STEPS, DEFAULT_CFG, DEFAULT_RESCALE, DEFAULT_SAMPLER = 25, 3.0, 0.7, "ddim"
 # `dit sample|eval --precision`: autocast of sampling (trainer.cascade.sampling_precision)
 SAMPLING_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 

@@ -91,11 +91,15 @@ def test_exit_codes_are_the_trainers():
         assert getattr(runners, name) == getattr(codes, name), name
 
 
-def test_sampler_names_are_the_samplers():
-    from trainer.codes import SAMPLER_NAMES
-    from trainer.diffusion import SAMPLERS
+def test_sampler_names_and_defaults_are_the_samplers():
+    """What `dit sample --help` says without importing torch is what the sampler does."""
+    from trainer import codes
+    from trainer.diffusion import SAMPLERS, SamplerSettings
 
-    assert sorted(SAMPLER_NAMES) == sorted(SAMPLERS)
+    assert sorted(codes.SAMPLER_NAMES) == sorted(SAMPLERS)
+    default = SamplerSettings()
+    assert (codes.DEFAULT_STEPS, codes.DEFAULT_CFG, codes.DEFAULT_RESCALE, codes.DEFAULT_SAMPLER) == (
+        default.steps, default.cfg_scale, default.guidance_rescale, default.sampler)
 
 
 def test_failure_summary_names_rank_and_reason():
