@@ -11,6 +11,7 @@ import ipaddress
 import os
 import re
 import socket
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
@@ -122,11 +123,22 @@ def check_job(config: str, overrides: list[str], world_sizes: list[int], restart
         raise ConfigError("checkpoint.resume", "is false, but this job may be started again (--max-restarts, a "
                           "SLURM requeue): each start would begin at step 0 and its checkpoints replace the run's; "
                           "set it to true (to start afresh, give the run a new checkpoint.dir)")
+    resumed = []
     for cfg, world_size in zip(checked, world_sizes):
-        _, refusal, _ = resume_config(cfg, world_size)
+        kept, refusal, _ = resume_config(cfg, world_size)
         if refusal is not None:
             raise ResumeRefused(refusal)
+        resumed.append(kept)
+    say_global_batch(resumed[0], world_sizes[0])
     return checked[0]
+
+
+def say_global_batch(cfg: RunConfig, world_size: int) -> None:
+    """The global batch the job trains with on its ranks (a recipe's is planned for its GPU
+    count: on 4 times the nodes it is 4 times larger, with the recipe's learning rate)."""
+    from trainer.elastic import shape_of
+
+    print(f"dit launch: {world_size} rank(s): {shape_of(cfg, world_size).describe()}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -210,6 +210,15 @@ def test_slurm_dry_run_holds_requeue_signal_and_srun(capsys):
     assert 'scontrol requeue "$SLURM_JOB_ID"' in script
 
 
+def test_a_launch_says_the_global_batch_its_ranks_train_with(capsys):
+    """A recipe's data.batch_size is per GPU: on 4 nodes of 8 GPUs the global batch is 4 x what
+    it planned on one, which `dit launch` never said (nor --dry-run's script)."""
+    assert main(["launch", str(TINY), "run.out_dir=/tmp/x", "--slurm", "--dry-run", "--nodes", "4",
+                 "--gpus-per-node", "8"]) == 0
+    assert ("dit launch: 32 rank(s): 32 data-parallel rank(s) x data.batch_size 4 x deepspeed.grad_accum 1 = "
+            "global batch 128") in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("timeout, kill_wait_note", [("300", True), ("25", False)])
 def test_slurm_signals_the_ranks_their_shutdown_timeout_ahead_and_states_killwait(capsys, timeout, kill_wait_note):
     """SIGUSR1 must come early enough for the ranks' whole shutdown (torchrun kills them
