@@ -37,6 +37,7 @@ SOURCE_SEPARATOR = "::"
 # under this key of the manifest's `extra` (see `pixel_settings`)
 PIXEL_SETTINGS = "data"
 ENCODED_BY = "encoded_by"  # extra: what made precomputed latents (trainer.encoder_record.encoder_identity)
+STAND_IN = "stand_in"  # an encoded_by key: the latents are a test stand-in's (precompute.toy_encoder), not a model's
 LATENT_BUCKETS = "buckets"  # extra: precomputed samples per pixel bucket, {"FxHxW": count} (`bucket_name`)
 log = logging.getLogger("data_pipeline")
 

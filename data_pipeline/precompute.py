@@ -29,8 +29,8 @@ from tqdm import tqdm
 from data_pipeline import remote
 from data_pipeline.config import DataConfig, validate_data_config
 from data_pipeline.errors import DataError, SkipCounter, SkipSample
-from data_pipeline.manifest import (ENCODED_BY, LATENT_BUCKETS, PIXEL_SETTINGS, Manifest, bucket_name, pixel_settings,
-                                    resolve_source)
+from data_pipeline.manifest import (ENCODED_BY, LATENT_BUCKETS, PIXEL_SETTINGS, STAND_IN, Manifest, bucket_name,
+                                    pixel_settings, resolve_source)
 from data_pipeline.plan import Slot
 from data_pipeline.stages import Item, collate, decode_stage, transform_stage
 from data_pipeline.stream import batch_to_device, finalize
@@ -55,7 +55,8 @@ def load_encoder(spec: str, **kwargs) -> Encoder:
 
 def toy_encoder(patch: int = 4, text_dim: int = 16, text_len: int = 8) -> Encoder:
     """A stand-in for tests and demos: average-pooled pixels as `latent`, hashed words as
-    `text_emb` (text_len, text_dim) and `text_mask`. Not a learned encoder."""
+    `text_emb` (text_len, text_dim) and `text_mask`. Not a learned encoder: `dit data
+    precompute` records it (`encoded_by`), and a training run on such latents is refused."""
 
     def encode(batch: dict) -> dict[str, torch.Tensor]:
         pixels = batch["image"] if "image" in batch else batch["video"].flatten(1, 2)
@@ -69,6 +70,7 @@ def toy_encoder(patch: int = 4, text_dim: int = 16, text_len: int = 8) -> Encode
                 mask[i, j] = True
         return {"latent": latent, "text_emb": emb, "text_mask": mask}
 
+    encode.encoded_by = {STAND_IN: "data_pipeline.precompute:toy_encoder"}  # what no run trains on
     return encode
 
 

@@ -72,7 +72,9 @@ def register(sub) -> None:
     p.add_argument("source", help="shard directory, pattern or URL to encode")
     p.add_argument("--out", required=True, help="output directory or URL (s3://bucket/dir, gs://...)")
     p.add_argument("--encoder", default="data_pipeline.precompute:toy_encoder",
-                   help="module:factory returning encoder(batch) -> dict[str, Tensor] (default: a toy stand-in)")
+                   help="module:factory returning encoder(batch) -> dict[str, Tensor]; for training: "
+                        "trainer.stages.pretrain:precompute_encoder with --encoder-arg config=RUN.yaml (default: a "
+                        "toy stand-in for tests, which training refuses)")
     p.add_argument("--encoder-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="keyword argument for the factory (repeatable; JSON literals, else strings)")
     p.add_argument("--config", default="", metavar="RUN.yaml",

@@ -12,6 +12,19 @@ def _run(argv: list[str]) -> int:
     return main(argv)
 
 
+def toy_latents_are_refused_for_training(tmp_path, latents) -> None:
+    """Without --encoder the latents are the toy stand-in's (pooled pixels, hashed words): a run
+    on them was refused only once DeepSpeed had started (no text_pooled, exit 5). The manifest
+    records the stand-in and the preflight refuses it naming data.shards."""
+    from tests.eval.eval_helpers import tiny_config
+    from trainer.config import ConfigError
+    from trainer.stages.checks import check_latent_sources
+
+    with pytest.raises(ConfigError, match=r"'data\.shards': the latents of .* were made by "
+                                          r"data_pipeline\.precompute:toy_encoder, a stand-in for tests"):
+        check_latent_sources(tiny_config(tmp_path / "run", f"data.shards={latents}", "model.in_channels=3"))
+
+
 def test_data_synth_inspect_precompute(tmp_path, capsys):
     out = tmp_path / "shapes"
     assert _run(["data", "synth", "--out", str(out), "--num", "12", "--shard-size", "5", "--size", "32",
@@ -20,6 +33,7 @@ def test_data_synth_inspect_precompute(tmp_path, capsys):
     assert _run(["data", "precompute", str(out), "--out", str(tmp_path / "lat"), "--resolution", "32",
                  "--encoder-arg", "patch=4", "--batch-size", "5"]) == 0
     assert "encoded 12 samples into 3 shards" in capsys.readouterr().out
+    toy_latents_are_refused_for_training(tmp_path, tmp_path / "lat")
     assert _run(["data", "inspect", str(out), "--verify"]) == 0
     text = capsys.readouterr().out
     assert "samples:     12" in text and "all 3 shards match" in text

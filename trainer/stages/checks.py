@@ -17,9 +17,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from data_pipeline import remote
 from data_pipeline.errors import DataError
-from data_pipeline.manifest import (ENCODED_BY, cascade_pairs_mismatch, latent_shapes_mismatch, pixel_settings_mismatch,
-                                    resolve_source, source_specs)
-from trainer.checkpoint_format import ENCODERS_FILE, STAGE_FILE, CheckpointError, is_checkpoint, resolve, student_round
+from data_pipeline.manifest import (ENCODED_BY, STAND_IN, cascade_pairs_mismatch, latent_shapes_mismatch,
+                                    pixel_settings_mismatch, resolve_source, source_specs)
+from trainer.checkpoint_format import (ENCODERS_FILE, STAGE_FILE, CheckpointError, is_checkpoint, resolve,
+                                       student_round)
 from trainer.config import (NORM_FILE, ConfigError, DataConfig, DiffusionConfig, ModelConfig, RunConfig,
                             check_weighting, flatten, saved_autoencoder, to_dict, validate)
 from trainer.encoder_record import check_encoders, encoder_identity, same_encoders
@@ -300,7 +301,7 @@ def check_latent_sources(cfg: RunConfig) -> None:
     autoencoder, another text encoder) would train on latents its own decoder does not read,
     and sample garbage without an error. Each local latent source whose manifest records its
     encoders (`extra.encoded_by`, written by `dit data precompute` with `precompute_encoder`)
-    is compared with this run's, and its pixel settings with the run's data section (the
+    is compared with this run's (the toy stand-in's, its default, refused), and its pixel settings with the run's data section (the
     loader's own check, `check_pixel_settings`, made here before any rank starts), and latents
     of several shapes, which no batch can hold together, are refused (`latent_shapes_mismatch`), as
     are latents asked for cascade pairs, which they do not keep (`cascade_pairs_mismatch`); manifests
@@ -318,10 +319,15 @@ def check_latent_sources(cfg: RunConfig) -> None:
         if manifest.kind != "latent":
             continue
         latents.append(manifest)
+        recorded = manifest.extra.get(ENCODED_BY)
+        if recorded and STAND_IN in recorded:
+            raise ConfigError("data.shards", f"the latents of {spec} were made by {recorded[STAND_IN]}, a stand-in "
+                              f"for tests (pooled pixels, hashed words) that no DiT trains on: precompute them with "
+                              f"`dit data precompute ... --encoder trainer.stages.pretrain:precompute_encoder "
+                              f"--encoder-arg config=RUN.yaml`")
         mismatch = pixel_settings_mismatch(manifest, cfg.data)
         if mismatch is not None:
             raise ConfigError(*mismatch)
-        recorded = manifest.extra.get(ENCODED_BY)
         if recorded:
             current = current or encoder_identity(cfg.model)
             same_encoders(recorded, current, f"the latents of {spec} were made with",
