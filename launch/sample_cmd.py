@@ -13,10 +13,13 @@ Prompt i's sample depends on (--seed, i) only, not on --batch-size or the other 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from trainer.codes import DEFAULT_CFG, DEFAULT_RESCALE, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLING_PRECISIONS
+from trainer.codes import (DEFAULT_CFG, DEFAULT_RESCALE, DEFAULT_SAMPLER, DEFAULT_STEPS, EXIT_CONFIG,
+                           SAMPLING_PRECISIONS)
 from trainer.codes import SAMPLER_NAMES as SAMPLERS
+from trainer.config_errors import ConfigError
 
 SETTINGS = {"steps": "steps", "cfg": "cfg_scale", "guidance_rescale": "guidance_rescale", "sampler": "sampler"}
 DEVICE_HELP = "where the models run: auto (default: the accelerator if present, else cpu), cpu, cuda, cuda:N"
@@ -123,7 +126,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         lines = Path(args.prompts_file).read_text().splitlines()
         prompts += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
-        raise SystemExit("dit sample: give at least one --prompt or a --prompts-file")
+        raise ConfigError("--prompt", "give at least one --prompt or a --prompts-file")
     return [p for p in prompts for _ in range(args.num_per_prompt)]
 
 
@@ -147,10 +150,11 @@ def sample(args: argparse.Namespace) -> int:
     prompts = read_prompts(args)
     size = SampleSize(args.height, args.width, args.frames)
     try:  # settings or a size a stage cannot take (more steps than its schedule; a size off its patch or
-        cascade = load_cascade(args)  # autoencoder, frames for an image model)
+        cascade = load_cascade(args)  # autoencoder, frames for an image model): arguments, exit 2
         cascade.check_size(size)
     except ValueError as e:
-        raise SystemExit(f"dit sample: {e}") from None
+        print(f"dit sample: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     pixels = cascade.sample_batched(prompts, args.seed, args.batch_size, size=size)  # per-prompt noise
     weights = {s.weights for s in cascade.stages}  # raw where a checkpoint kept no EMA, even without --raw
     meta = {"recipe": str(args.checkpoint), "seed": args.seed,

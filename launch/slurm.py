@@ -264,7 +264,8 @@ def check_slurm_only(args: argparse.Namespace) -> None:
     real run of another shape (a `--dry-run --nodes 4` would train on 1 node)."""
     given = [f"--{name.replace('_', '-')}" for name in SLURM_ONLY if getattr(args, name) not in (None, False)]
     if given:
-        raise LaunchError(f"{', '.join(given)} only apply with --slurm (the sbatch script reads them); add "
+        raise LaunchError(f"{', '.join(given)} only {'applies' if len(given) == 1 else 'apply'} with --slurm (the "
+                          f"sbatch script reads them); add "
                           "--slurm, or drop them to run here (--nproc-per-node, --nnodes, --hostfile)")
 
 

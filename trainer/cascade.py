@@ -359,8 +359,8 @@ class Cascade:
         that sets none (None: not asked for; see `load_stage`); `precision`: each stage's
         (`sampling_precision`)."""
         spec = load_cascade_spec(recipe)
-        return cls([load_stage(s, defaults, ema, device, steps, precision)
-                    for s in tqdm(spec.stages, desc="loading stages", leave=False)])
+        with tqdm(spec.stages, desc="loading stages", leave=False) as bar:  # cleared also when a stage is refused
+            return cls([load_stage(s, defaults, ema, device, steps, precision) for s in bar])
 
     @property
     def device(self) -> torch.device:

@@ -607,7 +607,8 @@ def _validate_shapes(cfg: RunConfig) -> Shapes:
           or cfg.model.in_channels == channels, "model.in_channels",
           f"{cfg.model.in_channels}: the DiT reads the autoencoder's latents, {channels} channels "
           f"(model.autoencoder); set model.in_channels={channels}")
-    sizes = _validate_sides(cfg, need, f"the autoencoder's downsampling {spatial} x the DiT's patch {need // spatial}")
+    patch = f"the DiT's patch {need // spatial}"
+    sizes = _validate_sides(cfg, need, f"the autoencoder's downsampling {spatial} x {patch}" if spatial > 1 else patch)
     return Shapes(need, temporal, sizes, _latent_frame_counts(cfg, temporal))
 
 

@@ -349,7 +349,7 @@ def test_slurm_options_without_slurm_fail_before_anything_starts(monkeypatch, ca
     """A local launch ignored them: `--dry-run --nodes 4` trained 1 rank for real."""
     monkeypatch.setattr(runners, "RUNNERS", {})
     assert main(["launch", str(TINY), "--launcher", "torchrun", *option]) == 2
-    assert f"{option[0].split('=')[0]} only apply with --slurm" in capsys.readouterr().err
+    assert f"{option[0].split('=')[0]} only applies with --slurm" in capsys.readouterr().err
 
 
 def test_more_ranks_per_node_than_gpus_fail_before_anything_starts(monkeypatch, capsys):
