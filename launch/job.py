@@ -90,13 +90,14 @@ class Job:
 # The config, checked before any process starts.
 
 
-def check_config(config: str, overrides: list[str], world_size: int) -> RunConfig:
-    """Load and validate the run config for this world size: fails fast, naming the key."""
+def check_config(config: str, overrides: list[str], world_size: int, queued: bool = False) -> RunConfig:
+    """Load and validate the run config for this world size: fails fast, naming the key
+    (`queued`: the job runs later, `trainer.stages.preflight`)."""
     from trainer.stages import preflight
 
     cfg = load_config(config, overrides)
     validate(cfg, world_size=world_size)
-    preflight(cfg)
+    preflight(cfg, queued)
     return cfg
 
 
@@ -113,12 +114,14 @@ def resume_config(cfg: RunConfig, world_size: int) -> tuple[RunConfig, Optional[
     return cfg, None, note
 
 
-def check_job(config: str, overrides: list[str], world_sizes: list[int], restarts: bool = False) -> RunConfig:
+def check_job(config: str, overrides: list[str], world_sizes: list[int], restarts: bool = False,
+              queued: bool = False) -> RunConfig:
     """The config checked for every world size the job may run on, and the checkpoint it would
     resume from on each: raises ConfigError naming the key, or ResumeRefused. Returns the
     config checked for the first world size. `restarts`: the job may be started again (a
-    relaunch, a SLURM requeue), which resumes from `latest`."""
-    checked = [check_config(config, overrides, world_size) for world_size in world_sizes]
+    relaunch, a SLURM requeue), which resumes from `latest`; `queued`: it runs later (a SLURM
+    submission), after jobs that may write what it reads."""
+    checked = [check_config(config, overrides, world_size, queued) for world_size in world_sizes]
     if restarts and not checked[0].checkpoint.resume:
         raise ConfigError("checkpoint.resume", "is false, but this job may be started again (--max-restarts, a "
                           "SLURM requeue): each start would begin at step 0 and its checkpoints replace the run's; "

@@ -196,7 +196,7 @@ def job_from_args(args: argparse.Namespace) -> SlurmJob:
         raise LaunchError(f"--min-nodes ({min_nodes}) must be between 1 and --nodes ({nodes})")
     # Every allocation the job may get (or be requeued on) must hold the config and its checkpoint.
     sizes = (nodes, *range(min_nodes or nodes, nodes))
-    cfg = check_job(args.config, args.overrides, [size * ranks for size in sizes], restarts=True)
+    cfg = check_job(args.config, args.overrides, [size * ranks for size in sizes], restarts=True, queued=True)
     check_allocations(cfg, sizes, ranks)
     if not args.gpus_per_node:
         print(f"dit launch: note: no --gpus-per-node: the job asks SLURM for no GPUs and runs {ranks} rank(s) "

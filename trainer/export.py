@@ -255,7 +255,9 @@ def export_safetensors(checkpoint: str | Path, out: str | Path, ema: bool = True
 def copy_encoder_record(checkpoint: Path, out: Path) -> None:
     """The checkpoint's encoders.json beside the exported weights: a warm start from the export
     (checkpoint.init_from) is checked against the encoders the network learned with, as one
-    from the checkpoint is (a checkpoint from before the record has none to copy)."""
+    from the checkpoint is (a checkpoint from before the record has none to copy). Not in a
+    diffusers export, which carries its own copies of the encoders: re-saved, their files are
+    not those the record names, and a warm start pointed at them was refused."""
     if (checkpoint / ENCODERS_FILE).is_file():
         (out / ENCODERS_FILE).write_bytes((checkpoint / ENCODERS_FILE).read_bytes())
 
@@ -339,7 +341,6 @@ def export_diffusers(checkpoint: str | Path, out: str | Path, ema: bool = True) 
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     (out / PROVENANCE).write_text(json.dumps({"source_checkpoint": str(loaded.checkpoint), "step": step,
                                               "weights": loaded.weights}, indent=1) + "\n")
-    copy_encoder_record(loaded.checkpoint, out)
     return out
 
 
@@ -356,22 +357,42 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path, ema: bool = True) 
     """The export, written beside `out` and renamed over it when complete: an earlier export
     there is replaced whole (one of the other format left beside it was what a warm start from
     the folder loaded, while its record named the new checkpoint), a folder holding anything
-    else is refused before any work, and a kill midway leaves the old export or the new one."""
+    else (a model card, samples) is refused before any work, and a kill midway leaves the old
+    export or the new one. A link is followed: its target is replaced."""
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt}: one of {', '.join(FORMATS)}")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError("--out", f"{out} is a file: give a new or empty folder")
-    if out.is_dir() and any(out.iterdir()) and not is_export(out):
-        raise ConfigError("--out", f"{out} holds files dit export did not write; each export replaces the folder "
-                                   f"whole: give a new or empty folder")
-    tmp = temporary_dir(out.absolute())
+    out = Path(out).resolve()
+    check_export_folder(out)
+    tmp = temporary_dir(out)
     try:
         (export_safetensors if fmt == "safetensors" else export_diffusers)(checkpoint, tmp, ema)
+        return replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return replace_dir(tmp, out.absolute())
+
+
+# What `export_safetensors` and `export_diffusers` write into their folder.
+EXPORT_ENTRIES = frozenset({"config.json", "model.safetensors", ENCODERS_FILE, "transformer", "scheduler",
+                            "text_encoder", "tokenizer", "vae", f"{PIPELINE_MODULE}.py", "model_index.json",
+                            PROVENANCE})
+
+
+def check_export_folder(out: Path) -> None:
+    """ConfigError naming --out unless `out` (resolved) is new, empty or an earlier export holding
+    only what an export writes, and the working directory is not inside it."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError("--out", f"{out} is a file: give a new or empty folder")
+    if out == Path.cwd().resolve() or out in Path.cwd().resolve().parents:
+        raise ConfigError("--out", f"{out} holds the working directory; an export replaces its folder whole: give "
+                                   f"another folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_ENTRIES)
+    if foreign or not is_export(out):
+        what = ", ".join(foreign) if foreign else "no export's record"
+        raise ConfigError("--out", f"{out} holds files dit export did not write ({what}); each export replaces the "
+                                   f"folder whole: give a new or empty folder")
 
 
 def is_export(directory: Path) -> bool:

@@ -161,6 +161,9 @@ def test_an_export_replaces_an_earlier_one_whole_and_refuses_a_folder_of_other_f
     assert all(torch.equal(w, ema[name]) for name, w in load_init_weights(out).items())  # the record's checkpoint
     assert dit(["export", str(first), "--format", "safetensors", "--out", str(out)]) == 0
     assert {"config.json", "model.safetensors"} <= {p.name for p in out.iterdir()} and not (out / "transformer").exists()
+    (out / "README.md").write_text("a model card")  # added to an export: not replaced away
+    assert dit(["export", str(first), "--format", "safetensors", "--out", str(out)]) == 2
+    assert "did not write (README.md)" in capsys.readouterr().err and (out / "README.md").is_file()
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "mine.txt").write_text("keep me")
@@ -168,3 +171,20 @@ def test_an_export_replaces_an_earlier_one_whole_and_refuses_a_folder_of_other_f
         assert dit(["export", str(first), "--format", "safetensors", "--out", str(target)]) == 2
         assert "--out" in capsys.readouterr().err
     assert sorted(p.name for p in notes.iterdir()) == ["mine.txt"] and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_an_export_through_a_link_replaces_its_target_and_never_the_working_directory(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """--out a link (exports/latest -> v3) became a real folder beside a stray link; --out . pulled
+    the shell's working directory away. The link's target is replaced; a folder holding the
+    working directory is refused."""
+    checkpoint = write_checkpoint(tiny_config(tmp_path / "run"))
+    (tmp_path / "v3").mkdir()
+    (tmp_path / "latest").symlink_to("v3")
+    assert dit(["export", str(checkpoint), "--out", str(tmp_path / "latest")]) == 0
+    assert (tmp_path / "latest").is_symlink() and (tmp_path / "v3" / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "run", "v3"]
+    monkeypatch.chdir(tmp_path / "v3")
+    for out in (".", str(tmp_path)):
+        assert dit(["export", str(checkpoint), "--out", out]) == 2
+        assert "holds the working directory" in capsys.readouterr().err

@@ -219,6 +219,19 @@ def test_a_launch_says_the_global_batch_its_ranks_train_with(capsys):
             "global batch 128") in capsys.readouterr().err
 
 
+def test_a_slurm_job_may_be_queued_before_the_autoencoder_it_reads_is_written(monkeypatch, capsys, tmp_path):
+    """A latent DiT's job submitted behind its autoencoder stage's (sbatch --dependency) finds no
+    autoencoder yet: the submission says so and goes on; a launch here, whose ranks would fail
+    on it after DeepSpeed started, is refused naming the key."""
+    monkeypatch.setattr(runners, "RUNNERS", {})
+    latent = [str(TINY), "run.out_dir=/tmp/x", "model.autoencoder.kind=kl", "model.in_channels=4",
+              f"model.autoencoder.path={tmp_path / 'autoencoder'}"]
+    assert main(["launch", *latent, "--slurm", "--dry-run", "--sbatch-option=--dependency=afterok:123"]) == 0
+    assert f"model.autoencoder.path {tmp_path / 'autoencoder'} holds no autoencoder yet" in capsys.readouterr().out
+    assert main(["launch", *latent, "--launcher", "torchrun", "--nproc-per-node", "1"]) == 2
+    assert "holds no autoencoder (no config.json)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("timeout, kill_wait_note", [("300", True), ("25", False)])
 def test_slurm_signals_the_ranks_their_shutdown_timeout_ahead_and_states_killwait(capsys, timeout, kill_wait_note):
     """SIGUSR1 must come early enough for the ranks' whole shutdown (torchrun kills them

@@ -31,12 +31,13 @@ def stage_class(kind: str) -> type[Stage]:
     return getattr(importlib.import_module(module), name)
 
 
-def preflight(cfg: RunConfig) -> None:
+def preflight(cfg: RunConfig, queued: bool = False) -> None:
     """Checks from configs and the files they name (no network built, no process group, no
     torch imported): `dit train` and `dit launch` run them first, so a bad distillation config,
     or latents made by other encoders or pixel settings, fail in about a second with the key
-    named (ConfigError) instead of after DeepSpeed started."""
-    check_autoencoder_given(cfg)
+    named (ConfigError) instead of after DeepSpeed started. `queued`: the job runs later (a
+    SLURM submission), when an earlier job may have written the autoencoder it reads."""
+    check_autoencoder_given(cfg, queued)
     check_autoencoder_target(cfg)
     check_latent_sources(cfg)
     check_init_source(cfg)

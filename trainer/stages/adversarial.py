@@ -220,7 +220,7 @@ class AdversarialStage(DistillationStage):
         self.conditional_steps, self.teacher_steps = conditional_steps, teacher_steps
 
     def rollout(self, batch: dict[str, Any], generator: torch.Generator) -> Rollout:
-        """x_t at a random step k of an N-step sampler (N drawn from stage.rounds), and where the
+        """x_t at a random step k of an N-step sampler (N cycled from stage.rounds), and where the
         teacher's path over that step lands (the "real" x_t')."""
         x0 = self.clean_input(batch)  # (B, C, h, w) or (B, C, F, h, w)
         text = self.condition(batch, generator)

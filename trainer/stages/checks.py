@@ -21,6 +21,7 @@ from data_pipeline.manifest import (ENCODED_BY, STAND_IN, cascade_pairs_mismatch
                                     pixel_settings_mismatch, resolve_source, source_specs)
 from trainer.checkpoint_format import (ENCODERS_FILE, STAGE_FILE, CheckpointError, is_checkpoint, resolve,
                                        student_round)
+from trainer.codes import world_from_env
 from trainer.config import (NORM_FILE, ConfigError, DataConfig, DiffusionConfig, ModelConfig, RunConfig,
                             check_weighting, flatten, saved_autoencoder, to_dict, validate)
 from trainer.encoder_record import check_encoders, encoder_identity, same_encoders
@@ -38,6 +39,18 @@ TEACHER_KEYS = {
 # network is the same), and where weights live (copies may move).
 FREE_MODEL_KEYS = ("guidance_embed", "activation_checkpointing", "checkpoint_policy", "compile", "flat_params",
                    "text.path", "autoencoder.path")
+
+
+_said: set[str] = set()
+
+
+def note(text: str) -> None:
+    """A line the preflight says before training: by the first rank only (every `dit train` rank
+    runs the preflight) and once per process (`dit launch --slurm --min-nodes` checks the job
+    for each allocation size)."""
+    if text not in _said and world_from_env()[0] == 0:
+        _said.add(text)
+        print(text, flush=True)
 
 
 def read_run_config(yaml_text: str) -> RunConfig:
@@ -130,11 +143,12 @@ def check_resumed_stage(directory: Path, cfg: RunConfig) -> None:
         check_conditional_phase(saved["conditional_steps"], cfg.stage.steps)
 
 
-def check_autoencoder_given(cfg: RunConfig) -> None:
+def check_autoencoder_given(cfg: RunConfig, queued: bool = False) -> None:
     """A latent DiT learns the latents of one trained autoencoder: without model.autoencoder.path
     every process built its own randomly initialised one, so training, its previews and each
     `dit sample` decoded with other weights, without an error; a path holding none failed in
-    every rank after DeepSpeed started."""
+    every rank after DeepSpeed started (`queued`: the job runs later, after a job that may write
+    it: said, not refused)."""
     ae = cfg.model.autoencoder
     if cfg.stage.kind == "autoencoder" or ae.kind == "none":
         return
@@ -142,10 +156,15 @@ def check_autoencoder_given(cfg: RunConfig) -> None:
         raise ConfigError("model.autoencoder.path", f"a latent DiT (model.autoencoder.kind={ae.kind}) needs the "
                           f"trained autoencoder whose latents it learns: give its directory (`dit train` with "
                           f"stage.kind=autoencoder writes one); without it each process makes a random one")
-    if not saved_autoencoder(ae):  # each rank failed on it, after DeepSpeed started (exit 1: restarted)
-        raise ConfigError("model.autoencoder.path", f"{ae.path} holds no autoencoder (no config.json): train one "
-                          f"there first (`dit train` with stage.kind=autoencoder) or point the key at a saved "
-                          f"diffusers autoencoder folder")
+    if saved_autoencoder(ae):
+        return
+    if queued:  # a job queued behind the one training it (sbatch --dependency=afterok:...)
+        note(f"note: model.autoencoder.path {ae.path} holds no autoencoder yet: the job needs one there when it "
+             f"starts (an autoencoder stage's job before it)")
+        return
+    raise ConfigError("model.autoencoder.path", f"{ae.path} holds no autoencoder (no config.json): train one "
+                      f"there first (`dit train` with stage.kind=autoencoder) or point the key at a saved "
+                      f"diffusers autoencoder folder")  # each rank failed on it after DeepSpeed started
 
 
 def check_autoencoder_target(cfg: RunConfig) -> None:
@@ -290,9 +309,9 @@ def preflight_adversarial(cfg: RunConfig) -> None:
     distilled = teacher_steps_of(cfg)
     _, steps = check_adversarial(cfg.stage, distilled, cfg.log.sample_steps, cfg.diffusion.num_timesteps)
     if distilled is None:
-        print(f"stage.teacher is a full diffusion model: its targets are {steps}-step DDIM samples with CFG "
-              f"(log.sample_steps={cfg.log.sample_steps}, rounded up to a multiple of every step count in "
-              f"stage.rounds)", flush=True)
+        note(f"stage.teacher {cfg.stage.teacher} is a full diffusion model: its targets are {steps}-step DDIM "
+             f"samples with CFG (log.sample_steps={cfg.log.sample_steps}, rounded up to a multiple of every step "
+             f"count in stage.rounds)")
 
 
 def check_latent_sources(cfg: RunConfig) -> None:
@@ -342,7 +361,7 @@ def check_latent_sources(cfg: RunConfig) -> None:
 def check_init_source(cfg: RunConfig) -> None:
     """A warm start (`checkpoint.init_from`) from a network that learned other encoders'
     latents or embeddings than this run's (encoders.json: a checkpoint's, or the one `dit export`
-    copies into an export; an export from before that, its config's text encoder settings)
+    copies into a safetensors export; one from before that, its config's text encoder settings)
     starts from weights that read this run's latents as garbage: refused, as sampling, resuming
     and distilling refuse it. A bare .safetensors file keeps no record and is not checked.
     Another target (prediction, schedule, SNR shift) is what a fine-tune may change on purpose
@@ -364,8 +383,8 @@ def check_init_source(cfg: RunConfig) -> None:
     if changed:
         was = ", ".join(f"diffusion.{key}={learned.get(key)!r}" for key in changed)
         now = ", ".join(repr(ours[key]) for key in changed)
-        print(f"checkpoint.init_from: {init} was trained with {was}; this run has {now}: the warm start "
-              f"fine-tunes it to this run's (set those keys to its values to train on as it did)", flush=True)
+        note(f"checkpoint.init_from: {init} was trained with {was}; this run has {now}: the warm start "
+             f"fine-tunes it to this run's (set those keys to its values to train on as it did)")
 
 
 def init_source_config(source: Path) -> Optional[dict[str, Any]]:
