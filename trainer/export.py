@@ -366,10 +366,10 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path, ema: bool = True) 
     tmp = temporary_dir(out)
     try:
         (export_safetensors if fmt == "safetensors" else export_diffusers)(checkpoint, tmp, ema)
-        return replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return replace_dir(tmp, out)  # a failed rename leaves the finished export under its temporary name
 
 
 # What `export_safetensors` and `export_diffusers` write into their folder.
