@@ -110,8 +110,6 @@ def text_dims(model: ModelConfig) -> tuple[int, int, int, int]:
         with torch.device("meta"):
             net = BertEncoder(config)
         return config["hidden_size"], config["hidden_size"], t.max_length, sum(p.numel() for p in net.parameters())
-    if not path:
-        raise ConfigError("model.text.path", f"kind={t.kind} needs a local directory or hub id")
     from transformers import AutoConfig, AutoModel, T5EncoderModel
 
     try:

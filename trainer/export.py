@@ -383,7 +383,8 @@ def check_export_folder(out: Path) -> None:
     only what an export writes, and the working directory is not inside it."""
     if out.exists() and not out.is_dir():
         raise ConfigError("--out", f"{out} is a file: give a new or empty folder")
-    if out == Path.cwd().resolve() or out in Path.cwd().resolve().parents:
+    here = Path.cwd().resolve()
+    if out == here or out in here.parents:
         raise ConfigError("--out", f"{out} holds the working directory; an export replaces its folder whole: give "
                                    f"another folder")
     if not out.is_dir() or not any(out.iterdir()):

@@ -320,8 +320,9 @@ def check_latent_sources(cfg: RunConfig) -> None:
     autoencoder, another text encoder) would train on latents its own decoder does not read,
     and sample garbage without an error. Each local latent source whose manifest records its
     encoders (`extra.encoded_by`, written by `dit data precompute` with `precompute_encoder`)
-    is compared with this run's (the toy stand-in's, its default, refused), and its pixel settings with the run's data section (the
-    loader's own check, `check_pixel_settings`, made here before any rank starts), and latents
+    is compared with this run's (the toy stand-in's, its default, refused), and its pixel
+    settings with the run's data section (the loader's own check, `check_pixel_settings`, made
+    here before any rank starts), and latents
     of several shapes, which no batch can hold together, are refused (`latent_shapes_mismatch`), as
     are latents asked for cascade pairs, which they do not keep (`cascade_pairs_mismatch`); manifests
     from before those records, and remote sources (their manifest is read by the ranks, which
