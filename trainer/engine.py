@@ -34,7 +34,7 @@ from trainer.ema import EMA
 from trainer.flat_params import weight_names
 from trainer.masters import Masters
 from trainer.metrics import KeyLog, LogWindow, Metric, MetricsLogger, summed
-from trainer.numerics import PRECISIONS, autocast, inference_numerics
+from trainer.numerics import PRECISIONS, autocast, autocast_each, inference_numerics
 from trainer.optim import FiniteGuard, apply_config, build_engine, player_lr, schedule_at
 from trainer.parallel import parallelize, pipeline_inputs
 from trainer.train_state import (EMAState, LoopState, PlayersState, RNGState, ShapeRecord, StageState,
@@ -398,14 +398,12 @@ class Trainer:
     def pipeline_step(self, batches: Iterator[dict]) -> PlayerInfos:
         """One PipelineEngine.train_batch over grad_accum micro-batches noised before the pipe."""
 
-        def micro_batches():
-            while True:
-                with autocast(self.device, self.precision):
-                    inputs, targets = self.stage.pipeline_batch(*self.next_batch(batches))
-                    yield pipeline_inputs(self.net, **inputs), targets
+        def micro_batch() -> tuple[tuple, Any]:
+            inputs, targets = self.stage.pipeline_batch(*self.next_batch(batches))
+            return pipeline_inputs(self.net, **inputs), targets
 
         with record_function(f"{PHASE}pipeline"):
-            self.engines["student"].train_batch(data_iter=micro_batches())
+            self.engines["student"].train_batch(data_iter=autocast_each(micro_batch, self.device, self.precision))
         return [("student", self.stage.take_pipeline_metrics())]
 
     def train_step(self, batches: Iterator[dict]) -> tuple[PlayerInfos, PlayerSkips]:

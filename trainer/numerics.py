@@ -3,12 +3,13 @@ training, the linear layers as torch ships them (not ZeRO-3's replacement)."""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
 from torch import nn
 
 
+T = TypeVar("T")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -19,6 +20,17 @@ def autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=PRECISIONS[precision])
+
+
+def autocast_each(make: Callable[[], T], device: torch.device, precision: str) -> Iterator[T]:
+    """`make()` again and again, each built under the precision's autocast and yielded outside
+    it: autocast is a per-thread switch, so a generator paused inside it would leave it on for
+    whatever its consumer runs between two items (DeepSpeed's pipeline engine pulls micro-batches
+    between its forward, backward and optimizer passes, and keeps the iterator after the step)."""
+    while True:
+        with autocast(device, precision):
+            item = make()
+        yield item
 
 
 def autocast_inside(module: nn.Module, device: torch.device, precision: str) -> None:

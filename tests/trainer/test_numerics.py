@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.numerics import autocast, autocast_inside
+from trainer.numerics import autocast, autocast_each, autocast_inside
 
 CPU = torch.device("cpu")
 
@@ -61,3 +61,15 @@ def test_fp32_adds_no_hooks():
     module = bf16_module()
     autocast_inside(module, CPU, "fp32")
     assert not module._forward_pre_hooks and not module._forward_hooks
+
+
+def test_micro_batches_are_built_under_autocast_and_leave_it_off_between_them():
+    """The pipeline's micro-batch iterator (DeepSpeed pulls it between its own forward, backward
+    and optimizer passes, and keeps it after the step): autocast while a micro-batch is built, off
+    whenever the iterator is paused."""
+    batches = autocast_each(lambda: (torch.is_autocast_enabled(CPU.type), torch.get_autocast_dtype(CPU.type)),
+                            CPU, "bf16")
+    for _ in range(2):
+        assert next(batches) == (True, torch.bfloat16)
+        assert not torch.is_autocast_enabled(CPU.type)
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from trainer.config import AutoencoderConfig, DataConfig, LogConfig, RunConfig
 from trainer.diffusion.distill import masked_mean
-from trainer.diffusion.utils import Generators
+from trainer.diffusion.utils import Generators, randn_like
 from trainer.media import save_image_grid
 from trainer.metrics import valid_mean
 from trainer.models.autoencoder import Autoencoder, build_kl
@@ -55,9 +55,11 @@ class VAETraining(nn.Module):
         self.ae = ae
 
     def forward(self, x: Tensor, generator: Generators) -> tuple[Tensor, Tensor]:
-        posterior = self.ae.vae.encode(x).latent_dist
-        z = posterior.sample(generator=generator)  # (B, c, H/f, W/f)
-        return self.ae.vae.decode(z).sample, posterior.kl()  # (B, 3, H, W), (B,)
+        posterior = self.ae.vae.encode(x).latent_dist  # its mean and (clamped) logvar in the weights' dtype
+        mean, logvar = posterior.mean.float(), posterior.logvar.float()  # (B, c, H/f, W/f): noise and KL in float32
+        z = mean + torch.exp(0.5 * logvar) * randn_like(mean, generator)
+        kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2, 3))  # (B,) KL to N(0, I)
+        return self.ae.vae.decode(z).sample, kl  # (B, 3, H, W), (B,)
 
 
 class AutoencoderStage(Stage):
