@@ -146,6 +146,21 @@ def test_a_distilled_student_is_refused_before_anything_is_written(tmp_path, cap
     assert dit(["export", str(checkpoint), "--format", "safetensors", "--out", str(tmp_path / "st")]) == 0
 
 
+@pytest.mark.parametrize("given, why", [(["--format", "safetensors", "--verify-steps", "20"], "--format safetensors"),
+                                        (["--format", "diffusers", "--no-verify", "--tolerance", "1e-3"], "--no-verify"),
+                                        (["--verify-steps", "10", "--tolerance", "0.1"], "--format safetensors")])
+def test_options_of_a_check_that_does_not_run_are_refused(tmp_path, capsys, given, why):
+    """--verify-steps and --tolerance set the diffusers export's check: with --format safetensors
+    (the default) or --no-verify they were ignored without a word; refused as arguments (exit 2)
+    before the checkpoint is read, even at their default values."""
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as refused:
+        dit(["export", str(tmp_path / "not_read"), "--out", str(out), *given])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and not out.exists()
+    assert all(flag in err for flag in given if flag in ("--verify-steps", "--tolerance")) and why in err
+
+
 def test_an_export_replaces_an_earlier_one_whole_and_refuses_a_folder_of_other_files(tmp_path, capsys):
     """A diffusers export written into a folder holding a safetensors export of another run kept
     that run's model.safetensors beside it, which a warm start from the folder loaded while its
