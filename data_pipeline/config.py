@@ -139,6 +139,19 @@ def validate_data_config(cfg: DataConfig) -> None:
             raise ValueError(f"data.{key}: {message}")
 
 
+CLIP_SETTINGS = ("num_frames", "frame_stride", "fps", "frame_buckets")  # how clips are cut from videos
+
+
+def check_clip_settings(cfg: DataConfig) -> None:
+    """The clip settings, set away from their defaults on an image stream (whose samples are
+    single images, 1-frame clips whatever they say), refused naming the key."""
+    defaults = DataConfig()
+    for key in CLIP_SETTINGS:
+        if cfg.kind == "image" and getattr(cfg, key) != getattr(defaults, key):
+            raise ValueError(f"data.{key}: is a setting of video clips; data.kind=image reads every sample as one "
+                             f"image and ignores it (remove it, or set data.kind=video)")
+
+
 def _validate_mixture_weights(mixture: dict) -> None:
     """Each source's weight is a number: a nested value (`data.mixture.a.tar=1` reads as
     {a: {tar: 1}}) failed later as a TypeError without a key."""

@@ -87,6 +87,43 @@ def test_bad_value_names_the_key(override, key):
     assert key in str(err.value) and "\n" not in str(err.value)
 
 
+# What a run would ignore, or teach a student wrongly, without a word; a checkpoint's own config
+# (`trained`) that says so is still read (it is sampled, exported, distilled as it trained).
+NEW_RUN_REFUSALS = [
+    # the distillation stages draw their student's steps, not diffusion.timestep_sampler's times
+    (["stage.kind=progressive", "stage.teacher=/x", "diffusion.loss_weighting=trunc_snr", "stage.guidance_max=1",
+      "diffusion.timestep_sampler=logit_normal"], "diffusion.timestep_sampler"),
+    (["stage.kind=autoencoder", "model.autoencoder.path=/x/ae", "model.checkpoint_policy=full"],
+     "model.checkpoint_policy"),  # the autoencoder has no DiT blocks to checkpoint
+    (["model.text.arch=RN50"], "model.text.arch"),  # a MiniLM run: no open_clip tower to pick
+    # no prompt-only samples to judge: the weights were gathered every E steps for nothing
+    (["stage.kind=superres", "model.superres=true", "data.sr_resolution=64", "log.eval_every=5"], "log.eval_every"),
+    (["data.num_frames=4"], "data.num_frames"),  # an image stream: no clips
+    # a student without the guidance input regressed onto targets at random w in [1, 4]: their blend
+    (["stage.kind=progressive", "stage.teacher=/x", "diffusion.loss_weighting=trunc_snr"], "stage.guidance_max"),
+    (["stage.kind=adversarial", "stage.teacher=/x", "diffusion.loss_weighting=trunc_snr", "stage.rounds=[1]",
+      "stage.guidance_min=2", "stage.guidance_max=3"], "stage.guidance_max"),
+]
+
+
+@pytest.mark.parametrize("overrides, key", NEW_RUN_REFUSALS)
+def test_a_checkpoints_own_config_is_read_whatever_a_new_run_would_be_refused(overrides, key):
+    kind = dict(o.split("=", 1) for o in overrides).get("stage.kind", "pretrain")
+    assert load_config(DEMO, overrides, trained=True).stage.kind == kind
+
+
+def test_a_setting_an_off_switch_leaves_unread_is_said(capsys):
+    """An off switch (the loss weighting, the schedule, ema.enabled) turns the settings it reads
+    off: said by the preflight, not refused (a config's value kept while a run turns it off)."""
+    from trainer.stages import preflight
+
+    preflight(load_config(ROOT / "configs" / "test_tiny.yaml", ["diffusion.min_snr_gamma=3.5", "ema.enabled=false",
+                                                                "ema.warmup_steps=7"]))
+    out = capsys.readouterr().out
+    assert "diffusion.min_snr_gamma=3.5 is read only with diffusion.loss_weighting=min_snr" in out
+    assert "ema.warmup_steps=7 is read only with ema.enabled=true" in out and "optim.min_lr_ratio" not in out
+
+
 @pytest.mark.parametrize("overrides, key", [
     (["stage.kind=superres", "model.superres=true", "data.sr_resolution=64", "stage.noise_aug_max=-0.1"],
      "stage.noise_aug_max"),
@@ -104,8 +141,8 @@ def test_bad_value_names_the_key(override, key):
     (["diffusion.timestep_sampler=logit_normal", "diffusion.logit_normal_std=0"], "diffusion.logit_normal_std"),
     # DiT-T/2's pipeline has 6 layers (embedder, 4 blocks, head): a 7th stage got none
     (["deepspeed.pipeline_stages=7", "deepspeed.zero_stage=1"], "deepspeed.pipeline_stages"),
-    (["stage.kind=progressive", "stage.teacher=/x", "diffusion.loss_weighting=trunc_snr", "log.sample_steps=0"],
-     "log.sample_steps"),
+    (["stage.kind=progressive", "stage.teacher=/x", "diffusion.loss_weighting=trunc_snr", "stage.guidance_max=1",
+      "log.sample_steps=0"], "log.sample_steps"),
     (["stage.kind=superres", "model.superres=true", "data.sr_resolution=64", "log.sample_steps=1001"],
      "log.sample_steps"),
     # the loss rewarded the KL it weighs
@@ -117,6 +154,7 @@ def test_bad_value_names_the_key(override, key):
     (["model.temporal_patch=2"], "model.temporal_patch"),
     (["model.attention=full"], "model.attention"),
     (["optim.disc_lr=1e-3"], "optim.disc_lr"),
+    *NEW_RUN_REFUSALS,
 ])
 def test_stage_ranges_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as err:

@@ -11,11 +11,15 @@ Diffusion Models", sec. 4.2; unset: the checkpoint's `stage.noise_aug_sample`):
         steps: 20
         cfg: 1.5
         noise_aug: 0.1
-        overrides: [model.autoencoder.path=/data/ae]   # dotted overrides of its run config
+        overrides: [model.autoencoder.path=/data/ae]   # where its encoders now live
 
-Relative paths are resolved against the YAML's folder. A single checkpoint is a one-stage
-cascade. Each stage is rebuilt from its checkpoint's resolved config with `build_stage`, so it
-samples with exactly the schedule, text encoder, autoencoder and shapes it was trained with.
+Relative paths are resolved against the YAML's folder. A stage's `overrides` relocate the
+weights its run config points at, `model.text.path` and `model.autoencoder.path` only
+(`STAGE_OVERRIDES`): a checkpoint is sampled as the network, schedule and data it was trained
+with, and the sampler settings have their own fields (steps, cfg, guidance_rescale, sampler,
+noise_aug). A single checkpoint is a one-stage cascade. Each stage is rebuilt from its
+checkpoint's resolved config with `build_stage`, so it samples with exactly the schedule, text
+encoder, autoencoder and shapes it was trained with.
 Between stages the image goes through pixels: decoded by one stage's autoencoder, resized to
 the next stage's low-resolution size and encoded by its autoencoder (pixel models: identity).
 
@@ -66,6 +70,7 @@ from trainer.stage_config import distilled_steps
 
 DISTILLED = ("progressive", "adversarial")  # student checkpoints of the distillation stages
 RAW_PREFIX = "fp32/"  # the fp32 master weights in a universal file (trainer/elastic.py)
+STAGE_OVERRIDES = ("model.text.path", "model.autoencoder.path")  # the keys a stage's `overrides` may set
 
 
 @dataclass
@@ -76,7 +81,7 @@ class CascadeStageSpec:
     guidance_rescale: Optional[float] = None
     sampler: Optional[str] = None
     noise_aug: Optional[float] = None  # super-resolution stages only
-    overrides: list[str] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)  # key=value of STAGE_OVERRIDES: where its weights live
 
 
 @dataclass
@@ -97,8 +102,8 @@ def resolve_checkpoint(directory: str | Path) -> Path:
 
 
 def load_cascade_spec(path: str | Path) -> CascadeSpec:
-    """A cascade YAML (typed; unknown keys fail naming the key), or a checkpoint directory as a
-    one-stage cascade."""
+    """A cascade YAML (typed; unknown keys fail naming the key, as do overrides of keys other
+    than STAGE_OVERRIDES: `check_overrides`), or a checkpoint directory as a one-stage cascade."""
     path = Path(path)
     if path.is_dir():
         return CascadeSpec([CascadeStageSpec(str(path))])
@@ -111,9 +116,25 @@ def load_cascade_spec(path: str | Path) -> CascadeSpec:
         raise ConfigError(f"{path}:{getattr(e, 'full_key', '?')}", str(e).splitlines()[0]) from None
     if not spec.stages:
         raise ConfigError(f"{path}:stages", "a cascade lists at least one stage (the base model)")
-    for stage in spec.stages:
+    for i, stage in enumerate(spec.stages):
+        check_overrides(stage.overrides, f"{path}:stages[{i}].overrides")
         stage.checkpoint = str((path.parent / stage.checkpoint).resolve())
     return spec
+
+
+def check_overrides(overrides: Sequence[str], key: str) -> None:
+    """ConfigError at `key` for an override that is not `key=value` of STAGE_OVERRIDES, before
+    any stage is loaded: another setting changed the checkpoint it samples (a v-prediction
+    network sampled as an x0 one, silently)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(key, f"'{item}' is not key=value, e.g. model.autoencoder.path=/data/ae")
+        name = item.split("=", 1)[0].strip()
+        if name not in STAGE_OVERRIDES:
+            raise ConfigError(key, f"'{name}' cannot be overridden: a checkpoint is sampled as the network, schedule "
+                                   f"and data it was trained with; overrides relocate its weights "
+                                   f"({', '.join(STAGE_OVERRIDES)}), and the sampler settings have their own "
+                                   f"fields (steps, cfg, guidance_rescale, sampler, noise_aug)")
 
 
 def raw_weights(directory: Path) -> dict[str, Tensor]:
@@ -171,9 +192,10 @@ def sampling_precision(asked: str, trained: str, device: torch.device) -> str:
 
 
 def stage_overrides(spec: CascadeStageSpec) -> list[str]:
-    """The overrides a stage's config.yaml is loaded with: the spec's own, and its `noise_aug`
-    as `stage.noise_aug_sample`, so that it is validated as that setting is (a super-resolution
-    stage's, within the [0, noise_aug_max] it trained at)."""
+    """The overrides a stage's config.yaml is loaded with: the spec's own (of STAGE_OVERRIDES,
+    checked by `load_cascade_spec`), and its `noise_aug` as `stage.noise_aug_sample`, so that it
+    is validated as that setting is (a super-resolution stage's, within the [0, noise_aug_max]
+    it trained at)."""
     overrides = list(spec.overrides)
     if spec.noise_aug is not None:
         overrides.append(f"stage.noise_aug_sample={spec.noise_aug}")
@@ -195,7 +217,7 @@ def load_stage(spec: CascadeStageSpec, defaults: SamplerSettings, ema: bool = Tr
         print(f"{directory} holds no EMA weights (ema.enabled=false): sampling its raw weights", flush=True)
         ema = False
     weights = load_for_inference(directory)[1] if ema else raw_weights(directory)
-    cfg = load_config(directory / "config.yaml", stage_overrides(spec))
+    cfg = load_config(directory / "config.yaml", stage_overrides(spec), trained=True)
     check_encoders(directory, cfg.model, "sampling it")
     if cfg.stage.kind not in ("pretrain", "superres", *DISTILLED):
         raise ValueError(f"{directory} is a '{cfg.stage.kind}' checkpoint; a cascade stage is a pretrain, "
@@ -239,7 +261,9 @@ def distilled_settings(cfg: RunConfig, settings: SamplerSettings, directory: Pat
     the counts it was trained for only (Salimans & Ho 2022, "Progressive Distillation for Fast
     Sampling of Diffusion Models"), so another count is honoured with a warning; the count used
     is printed either way. So is a guidance input outside the w range it was distilled on. A
-    sampler or guidance rescale asked for (other than the default) is noted as not applying."""
+    sampler, guidance rescale or CFG scale asked for (other than the default) that it does not
+    sample with is noted as not applying: the CFG scale of a student without a guidance input
+    (model.guidance_embed) changes nothing."""
     own = distilled_steps(cfg.stage, student_round(directory, cfg.stage))
     trained = sorted(set(cfg.stage.rounds)) if cfg.stage.kind == "adversarial" else [own]
     steps = own if asked_steps is None else asked_steps
@@ -258,12 +282,18 @@ def distilled_settings(cfg: RunConfig, settings: SamplerSettings, directory: Pat
               flush=True)
     unused = [f"{what} {asked}" for what, asked, default, now in (
         ("sampler", settings.sampler, SamplerSettings().sampler, used.sampler),
-        ("guidance rescale", settings.guidance_rescale, SamplerSettings().guidance_rescale, used.guidance_rescale))
+        ("guidance rescale", settings.guidance_rescale, SamplerSettings().guidance_rescale, used.guidance_rescale),
+        ("CFG scale", settings.cfg_scale, SamplerSettings().cfg_scale, used.cfg_scale))
         if asked != default and asked != now]
     if unused:
         print(f"{student}: it samples with {used.sampler} and no CFG, so the "
-              f"{' and '.join(unused)} asked for do not apply", flush=True)
+              f"{in_words(unused)} asked for do not apply", flush=True)
     return used
+
+
+def in_words(items: Sequence[str]) -> str:
+    """`items` as a list in words: "a", "a and b", "a, b and c"."""
+    return " and ".join(filter(None, (", ".join(items[:-1]), items[-1])))
 
 
 def resize_pixels(pixels: Tensor, size: int | tuple[int, int]) -> Tensor:

@@ -11,16 +11,17 @@ import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data_pipeline.config import DEFAULT_BUCKET_MULTIPLE, DataConfig, bucket_size, bucket_sizes, validate_data_config
+from data_pipeline.config import (DEFAULT_BUCKET_MULTIPLE, DataConfig, bucket_size, bucket_sizes, check_clip_settings,
+                                  validate_data_config)
 from trainer.config_errors import ConfigError, check
 from trainer.models.presets import dit_preset
-from trainer.stage_config import StageConfig, supporting, validate_stage
+from trainer.stage_config import STAGE_KINDS, StageConfig, check_guidance_input, supporting, validate_stage
 
 
 @dataclass
@@ -291,9 +292,11 @@ def _is_mapping(schema, key: str) -> bool:
     return OmegaConf.is_dict(node) and OmegaConf.get_type(node) is dict
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (),
+                trained: bool = False) -> RunConfig:
     """Load YAML + dotted overrides into a validated `RunConfig` (interpolations resolved). A key
-    set twice takes the later value (scripts put their defaults before the caller's overrides)."""
+    set twice takes the later value (scripts put their defaults before the caller's overrides).
+    `trained`: the config.yaml a checkpoint was trained with (see `validate`)."""
     schema = OmegaConf.structured(RunConfig)
     try:
         # Overrides go into the user's layer first so that a `???` placeholder in a template
@@ -311,7 +314,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         raise _omegaconf_error(e, schema) from None
-    validate(run)
+    validate(run, trained=trained)
     return run
 
 
@@ -322,8 +325,10 @@ def _get(cfg: RunConfig, dotted: str) -> Any:
     return node
 
 
-def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
-    """Invalid values and combinations, each reported against the key to change."""
+def validate(cfg: RunConfig, world_size: Optional[int] = None, trained: bool = False) -> None:
+    """Invalid values and combinations, each reported against the key to change; and what a run
+    would ignore or learn wrongly without a word (`check_new_run`), unless the config is one a
+    checkpoint was `trained` with."""
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         check(value in allowed, key, f"'{value}' is not one of {', '.join(allowed)}")
@@ -341,6 +346,8 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
         check(folder.strip() != "", key, "must name a folder (empty: the run wrote into the working directory)")
     _validate_intervals(cfg)
     validate_stage(cfg)
+    if not trained:
+        check_new_run(cfg)
     check(cfg.data.sr_resolution == 0 or cfg.model.superres, "data.sr_resolution",
           f"cascade pairs are for a super-resolution model (model.superres=true): the {cfg.stage.kind} stage would "
           f"train on the pairs' {cfg.data.sr_resolution} px images, not at data.resolution={cfg.data.resolution} "
@@ -352,10 +359,10 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
         _validate_world(cfg.deepspeed, world_size)
 
 
-def validate_data(data: DataConfig) -> None:
+def validate_data(data: DataConfig, checks: Callable[[DataConfig], None] = validate_data_config) -> None:
     """The data section's own checks (data_pipeline.config) as a ConfigError naming the key."""
     try:
-        validate_data_config(data)
+        checks(data)
     except ValueError as e:  # "data.<key>: ..."
         key, _, message = str(e).partition(": ")
         raise ConfigError(key, message or str(e)) from None
@@ -454,6 +461,49 @@ def check_video_only(m: ModelConfig) -> None:
         check(m.video or getattr(m, key) == getattr(defaults, key), f"model.{key}",
               f"is a setting of video DiTs; this image DiT (model.video=false) ignores it (remove it, or set "
               f"model.video=true)")
+
+
+# Settings read only while another one selects them: (key, what selects it, whether it is, and
+# whether a run without it is refused). Set away from its default while not selected, a setting
+# is ignored: refused where the stage kind or the encoder rules it out (one believes it acts),
+# said where an off switch does (a config's value kept while a run turns its feature off).
+SWITCHED: tuple[tuple[str, str, Callable[[RunConfig], bool], bool], ...] = (
+    ("diffusion.timestep_sampler", "the pretrain and superres stages (distillation draws its student's steps, "
+                                   "the autoencoder stage no timesteps)", lambda c: c.stage.kind in NOISING_STAGES, True),
+    *((f"model.{k}", "the stages that train a DiT (the autoencoder stage's network has no DiT blocks)",
+       lambda c: c.stage.kind != "autoencoder", True) for k in ("checkpoint_policy", "activation_checkpointing")),
+    ("model.text.arch", "model.text.kind=open_clip", lambda c: c.model.text.kind == "open_clip", True),
+    ("log.eval_every", "the stages that sample from prompts alone, which the adherence judge reads (pretrain, "
+                       "progressive, adversarial)", lambda c: STAGE_KINDS[c.stage.kind].draws_prompts, True),
+    ("diffusion.min_snr_gamma", "diffusion.loss_weighting=min_snr",
+     lambda c: c.diffusion.loss_weighting == "min_snr", False),
+    *((f"diffusion.logit_normal_{k}", "diffusion.timestep_sampler=logit_normal",
+       lambda c: c.diffusion.timestep_sampler == "logit_normal", False) for k in ("mean", "std")),
+    *((f"diffusion.{k}", "diffusion.schedule=linear or scaled_linear (cosine has no betas)",
+       lambda c: c.diffusion.schedule != "cosine", False) for k in ("beta_start", "beta_end")),
+    ("optim.min_lr_ratio", "optim.lr_schedule=cosine", lambda c: c.optim.lr_schedule == "cosine", False),
+    *((f"ema.{k}", "ema.enabled=true", lambda c: c.ema.enabled, False) for k in ("decay", "warmup_steps")),
+)
+NOISING_STAGES = ("pretrain", "superres")  # the kinds that draw training timesteps with diffusion.timestep_sampler
+
+
+def switched_off(cfg: RunConfig, refused: bool) -> list[tuple[str, Any, str]]:
+    """(key, value, what selects it) of the `SWITCHED` settings of this kind (refused or said)
+    that are set away from their defaults while not selected."""
+    defaults = RunConfig()
+    return [(key, _get(cfg, key), switch) for key, switch, selected, refuse in SWITCHED
+            if refuse == refused and not selected(cfg) and _get(cfg, key) != _get(defaults, key)]
+
+
+def check_new_run(cfg: RunConfig) -> None:
+    """Settings a run would ignore (the refused ones of `SWITCHED`, clip settings of an image
+    stream) or a student it would teach a blend of guidance scales, refused naming the key.
+    Not for a checkpoint's own config: what it trained is what it is, and refusing its config
+    would only stop it from being sampled, exported or distilled."""
+    for key, _, switch in switched_off(cfg, refused=True):
+        raise ConfigError(key, f"is read only with {switch}; this run would ignore it (remove it)")
+    validate_data(cfg.data, check_clip_settings)
+    check_guidance_input(cfg)
 
 
 def _validate_optim(o: OptimConfig) -> None:

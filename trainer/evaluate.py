@@ -144,7 +144,7 @@ def learned_from(cfg: "RunConfig") -> list[DataConfig]:
         if not path.is_file():
             raise FileNotFoundError(f"the teacher's config {path} (stage.teacher) is gone")
         try:
-            cfg = load_config(path)
+            cfg = load_config(path, trained=True)
         except ConfigError as e:
             raise ConfigError("stage.teacher", f"the teacher's config {path} is not readable: {e}") from None
         datas.append(cfg.data)

@@ -123,7 +123,7 @@ class SuperresSettings(PretrainSettings):
 class ProgressiveSettings(PretrainSettings):
     teacher: str = ""  # checkpoint directory of the teacher
     rounds: list[int] = field(default_factory=lambda: [8, 4])  # student step counts per round
-    guidance_min: float = 1.0  # w ~ U[min, max] per sample (Meng et al. 2023)
+    guidance_min: float = 1.0  # w ~ U[min, max] per sample (Meng et al. 2023); one w without model.guidance_embed
     guidance_max: float = 4.0
 
     sequence_parallel: ClassVar[bool] = False
@@ -228,6 +228,20 @@ def validate_stage(cfg: RunConfig) -> None:
     check(not (cfg.data.resolutions and cfg.deepspeed.pipeline_stages > 1), "data.resolutions",
           "the pipeline engine exchanges activations of one shape; train multi-resolution buckets with ZeRO "
           "(deepspeed.pipeline_stages=1)")
+
+
+def check_guidance_input(cfg: RunConfig) -> None:
+    """A distillation student without the guidance input (model.guidance_embed=false) takes no
+    w: drawn from a range, the teacher's targets at random w would teach it their blend, a
+    guidance scale nobody chose that `dit sample --cfg` cannot change. One w is baked in."""
+    stage = cfg.stage
+    if stage.kind not in ("progressive", "adversarial") or cfg.model.guidance_embed:
+        return
+    check(stage.guidance_min == stage.guidance_max, "stage.guidance_max",
+          f"model.guidance_embed=false: the student takes no guidance input, so targets the teacher draws at w on "
+          f"[{stage.guidance_min:g}, {stage.guidance_max:g}] would teach it their blend, a guidance scale nobody "
+          f"chose (and `dit sample --cfg` cannot change it): set stage.guidance_min = stage.guidance_max = the w to "
+          f"bake in (1: no guidance), or model.guidance_embed=true to condition the student on w")
 
 
 def check_discriminator_rate(cfg: RunConfig) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from data_pipeline import transforms
-from data_pipeline.config import DataConfig
+from data_pipeline.config import DataConfig, check_clip_settings
 from data_pipeline.errors import SkipSample
 from data_pipeline.inspect_shards import inspect_shards
 from data_pipeline.transforms import (TransformSpec, _sought, bucket_size, choose_clip, clip_indices, clip_span,
@@ -310,3 +310,11 @@ def test_a_sample_aspect_ratio_beyond_any_anamorphic_video_is_a_corrupt_video(as
     with pytest.raises(SkipSample) as skipped:
         video_pixels(buf.getvalue(), spec, (0.5, 0.5, 0.0))
     assert skipped.value.reason == "corrupt_video" and "sample aspect ratio" in skipped.value.detail
+
+
+@pytest.mark.parametrize("key, value", [("num_frames", 4), ("frame_stride", 2), ("fps", 8.0), ("frame_buckets", [2])])
+def test_clip_settings_of_an_image_stream_are_refused_naming_the_key(key, value):
+    """An image stream reads every sample as one image: a clip setting there was ignored."""
+    with pytest.raises(ValueError, match=rf"^data\.{key}: is a setting of video clips"):
+        check_clip_settings(DataConfig(kind="image", **{key: value}))
+    check_clip_settings(DataConfig(kind="video", **{key: value}))

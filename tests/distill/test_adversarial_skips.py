@@ -32,7 +32,7 @@ def runs(shapes_shards, teacher, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("skips")
     common = [f"data.shards={shapes_shards}", f"stage.teacher={teacher}", "stage.kind=adversarial",
               "stage.rounds=[1]", "stage.steps=3", "checkpoint.every=1", "checkpoint.keep=3",
-              "diffusion.loss_weighting=trunc_snr", "data.batch_size=2"]
+              "diffusion.loss_weighting=trunc_snr", "data.batch_size=2", "stage.guidance_max=1"]
     outs = {fused: root / fused for fused in ("null", "true")}
     own = [arg for fused, out in outs.items() for arg in ("--", f"run.out_dir={out}", f"optim.fused={fused}")]
     proc = subprocess.run([sys.executable, "-m", "tests.distill.adversarial_skip_worker", "disc@2,student@3",

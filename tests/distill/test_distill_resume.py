@@ -20,7 +20,7 @@ from trainer.stages import build_stage
 from trainer.stages.checks import check_resumed_stage
 from trainer.stages.distillation import DistillationStage
 
-DISTILL = ("stage.rounds=[2,1]", "diffusion.loss_weighting=trunc_snr")
+DISTILL = ("stage.rounds=[2,1]", "diffusion.loss_weighting=trunc_snr", "stage.guidance_max=1")  # w = 1: no guidance
 
 
 def teacher_config(root: Path) -> RunConfig:

@@ -49,7 +49,8 @@ def kill_and_resume(args: list[str], killed: Path, kill_at: int) -> None:
 PROGRESSIVE = ["stage.kind=progressive", "stage.rounds=[2,1]", "stage.steps=8", "model.guidance_embed=true",
                "diffusion.loss_weighting=trunc_snr", "checkpoint.every=5", "data.num_workers=1"]
 ADVERSARIAL = ["stage.kind=adversarial", "stage.rounds=[1]", "stage.steps=30", "data.batch_size=8", "optim.lr=5e-4",
-               "optim.disc_lr=2e-3", "diffusion.loss_weighting=trunc_snr", "checkpoint.every=10", "data.num_workers=1"]
+               "optim.disc_lr=2e-3", "diffusion.loss_weighting=trunc_snr", "checkpoint.every=10", "data.num_workers=1",
+               "stage.guidance_min=4", "stage.guidance_max=4"]  # no guidance input: CFG at w = 4 baked in
 
 
 def straight_run(kind: list[str], shards: Path, teacher: Path, out: Path) -> tuple[list[str], Path]:

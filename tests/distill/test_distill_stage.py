@@ -20,6 +20,7 @@ from trainer.stages import build_stage, preflight
 from trainer.stages.distillation import DistillationStage
 
 DISTILL = ("stage.rounds=[2]", "diffusion.loss_weighting=trunc_snr")
+UNGUIDED = "stage.guidance_max=1"  # a student without the guidance input learns one w: here 1, an unguided teacher
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def test_last_round_export_names_the_weights_it_holds(tmp_path, teacher, monkeyp
     the last round's export must not call raw weights EMA."""
     monkeypatch.setattr(DistillationStage, "write_samples", lambda *args: None)  # the grid is not under test
     cfg = tiny_config(tmp_path, f"stage.teacher={teacher}", "stage.kind=progressive", *DISTILL, "stage.steps=4",
-                      f"ema.enabled={ema}")
+                      UNGUIDED, f"ema.enabled={ema}")
     stage = build_stage(cfg)
     stage.start_of_step(3, lambda: {})  # the last step
     weights = {k: v.detach().clone() for k, v in stage.players["student"].state_dict().items()}
@@ -57,7 +58,7 @@ def round_export(root: Path, teacher: Path, *overrides: str) -> Path:
 def test_a_teacher_with_guidance_baked_in_cannot_teach_a_guidance_input(tmp_path, teacher, kind):
     """A distilled teacher without a guidance input gives targets that ignore w: a student's w
     trained on them would do nothing at `dit sample --cfg`, so the student is refused one."""
-    baked = round_export(tmp_path / "round", teacher)
+    baked = round_export(tmp_path / "round", teacher, UNGUIDED)
     cfg = tiny_config(tmp_path / "student", f"stage.teacher={baked}", f"stage.kind={kind}", "stage.rounds=[1]",
                       "diffusion.loss_weighting=trunc_snr", "model.guidance_embed=true")
     with pytest.raises(ConfigError, match="model.guidance_embed"):
@@ -90,13 +91,13 @@ def test_the_preflight_refuses_what_the_distillation_stages_refuse_once_started(
     ValueError at the first loss)."""
     conditioned = round_export(tmp_path / "round", teacher, "model.guidance_embed=true")
     cfg = tiny_config(tmp_path / "student", f"stage.teacher={conditioned}", "stage.kind=progressive",
-                      "stage.rounds=[1]", "diffusion.loss_weighting=trunc_snr")
+                      "stage.rounds=[1]", "diffusion.loss_weighting=trunc_snr", UNGUIDED)
     with pytest.raises(ConfigError, match="'model.guidance_embed'.*guidance-conditioned"):
         preflight(cfg)
     for kind, overrides, key in (("progressive", ["stage.rounds=[1024]"], "stage.rounds"),
                                  ("adversarial", ["stage.rounds=[3]", "log.sample_steps=1000"], "log.sample_steps")):
         cfg = tiny_config(tmp_path / kind, f"stage.teacher={teacher}", f"stage.kind={kind}", *overrides,
-                          "diffusion.loss_weighting=trunc_snr")
+                          "diffusion.loss_weighting=trunc_snr", UNGUIDED)
         with pytest.raises(ConfigError, match=rf"'{key}'.*diffusion\.num_timesteps=1000"):
             preflight(cfg)
 
@@ -105,14 +106,15 @@ def test_an_adversarial_run_says_what_a_full_teachers_targets_are_sampled_with(t
     """log.sample_steps, the grids' setting, is also the DDIM steps of a full (not distilled)
     teacher's targets: a few-step value meant for the student's grids made blurry targets
     without a word. The preflight says it; a distilled teacher samples with its own steps."""
+    guided = ("stage.guidance_min=4", "stage.guidance_max=4")  # CFG at w = 4, baked into the student
     cfg = tiny_config(tmp_path / "adv", f"stage.teacher={teacher}", "stage.kind=adversarial", "stage.rounds=[4,2,1]",
-                      "log.sample_steps=6", "diffusion.loss_weighting=trunc_snr")
+                      "log.sample_steps=6", "diffusion.loss_weighting=trunc_snr", *guided)
     preflight(cfg)
     assert (f"stage.teacher {teacher} is a full diffusion model: its targets are 8-step DDIM samples with CFG "
             "(log.sample_steps=6, rounded up") in capsys.readouterr().out
-    distilled = round_export(tmp_path / "round", teacher)
+    distilled = round_export(tmp_path / "round", teacher, *guided)
     preflight(tiny_config(tmp_path / "adv", f"stage.teacher={distilled}", "stage.kind=adversarial",
-                          "stage.rounds=[2,1]", "log.sample_steps=6", "diffusion.loss_weighting=trunc_snr"))
+                          "stage.rounds=[2,1]", "log.sample_steps=6", "diffusion.loss_weighting=trunc_snr", *guided))
     assert "is a full diffusion model" not in capsys.readouterr().out
 
 
@@ -140,7 +142,7 @@ def test_a_micro_batch_of_padding_is_left_out_of_the_logged_losses(tmp_path, tea
     """The loader pads with repeats marked valid=False, and a micro-batch may be all padding: its
     losses (masked means: 0) must count in no logged mean, not pull each down by a 0, and the
     discriminator's mean logits leave its samples out (other pixels than the valid ones here)."""
-    stage = build_stage(tiny_config(tmp_path, f"stage.teacher={teacher}", f"stage.kind={kind}", *DISTILL))
+    stage = build_stage(tiny_config(tmp_path, f"stage.teacher={teacher}", f"stage.kind={kind}", *DISTILL, UNGUIDED))
     alone = logged_losses(stage, [batch([True, True])], tmp_path / "alone")
     padded = logged_losses(stage, [batch([True, True]), batch([False, False], seed=7)], tmp_path / "padded")
     assert "loss" in alone and ("logit_fake" in alone) == (kind == "adversarial")
@@ -157,7 +159,7 @@ def test_the_configured_min_snr_gamma_weighs_the_distillation_loss(tmp_path, kin
     logged = {}
     for gamma in (0.05, 50.0):
         cfg = tiny_config(tmp_path / f"g{gamma}", f"stage.teacher={teacher}", f"stage.kind={kind}", "stage.rounds=[2]",
-                          *plain, f"diffusion.min_snr_gamma={gamma}")
+                          *plain, "stage.guidance_min=4", "stage.guidance_max=4", f"diffusion.min_snr_gamma={gamma}")
         logged[gamma] = logged_losses(build_stage(cfg), [batch([True] * 4)], tmp_path / f"log{gamma}")[key]
     assert logged[0.05] < 0.9 * logged[50.0], logged  # min(SNR, gamma): the same samples (SNR 0.38 at t = 0.5), a lower cap
 

@@ -79,7 +79,8 @@ def test_a_students_seen_captions_include_its_teachers(shards, tmp_path):
     teacher = write_checkpoint(tiny_config(tmp_path / "teacher", f"data.shards={shards}/data"))
     write_shards(synth_samples(8, seed=7, size=16), str(tmp_path / "student_data"), shard_size=8, progress=False)
     student = write_checkpoint(tiny_config(tmp_path / "student", f"data.shards={tmp_path}/student_data",
-                                           "stage.kind=progressive", f"stage.teacher={teacher}", "stage.rounds=[2]"))
+                                           "stage.kind=progressive", f"stage.teacher={teacher}", "stage.rounds=[2]",
+                                           "stage.guidance_max=1"))
     seen, note = seen_captions(Cascade.load(student, SamplerSettings()))
     assert training_captions([DataConfig(shards=str(shards / "data"))]) <= seen
     assert str(shards / "data") in note and str(tmp_path / "student_data") in note

@@ -154,6 +154,23 @@ def test_cascade_yaml_names_unknown_keys(tmp_path):
         load_cascade_spec(recipe)
 
 
+def test_a_stage_overrides_only_where_its_weights_live(tmp_path):
+    """A stage's `overrides` relocate the weights its config points at; any other key (the
+    prediction, the schedule) sampled a v-prediction checkpoint as an x0 one with no word: it is
+    refused when the recipe is read, naming the stage's key, as is an override without `=`."""
+    recipe = tmp_path / "cascade.yaml"
+    for overrides, why in (("[diffusion.prediction=x0, diffusion.schedule=cosine]",
+                            r"'diffusion.prediction' cannot be overridden: .* trained with"),
+                           ("[model.autoencoder.path]", "'model.autoencoder.path' is not key=value")):
+        recipe.write_text(f"stages:\n  - checkpoint: base\n  - checkpoint: sr\n    overrides: {overrides}\n")
+        with pytest.raises(ConfigError, match=re.escape(f"'{recipe}:stages[1].overrides': ") + why):
+            load_cascade_spec(recipe)
+    recipe.write_text(f"stages:\n  - checkpoint: base\n    overrides: [model.autoencoder.path={tmp_path}/ae, "
+                      f"model.text.path={tmp_path}/text]\n")
+    (stage,) = load_cascade_spec(recipe).stages
+    assert stage.overrides == [f"model.autoencoder.path={tmp_path}/ae", f"model.text.path={tmp_path}/text"]
+
+
 @pytest.mark.parametrize("fps, plays_at", [(0, 8), (12, 12)])
 def test_video_model_writes_mp4_and_gif_grid(tmp_path, fps, plays_at):
     """Videos play at the rate the model's clips were sampled at (data.fps), 8 fps without one."""
@@ -215,7 +232,23 @@ def test_a_distilled_student_records_the_settings_it_sampled_with(tmp_path, caps
                 "--guidance-rescale", "0.3", "--cfg", "2.0", "--out", str(out)]) == 0
     (stage,) = json.loads((out / "samples.json").read_text())["stages"]
     assert (stage["steps"], stage["sampler"], stage["guidance_rescale"], stage["cfg_scale"]) == (2, "ddim", 0.0, 2.0)
-    assert "sampler euler and guidance rescale 0.3 asked for do not apply" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "sampler euler and guidance rescale 0.3 asked for do not apply" in said
+    assert "CFG scale" not in said  # its guidance input
+
+
+def test_a_cfg_scale_a_student_without_guidance_input_ignores_is_said_so(tmp_path, capsys):
+    """Without model.guidance_embed a student samples the guidance baked in when it was distilled,
+    with no CFG: --cfg 1 and --cfg 7 gave the same images without a word; the scale asked for is
+    noted as not applying (the default, not asked for, is not)."""
+    cfg = tiny_config(tmp_path / "student", "stage.kind=progressive", "stage.teacher=/unused", "stage.rounds=[2]",
+                      "stage.guidance_min=3", "stage.guidance_max=3", "diffusion.loss_weighting=trunc_snr")
+    checkpoint = write_checkpoint(cfg)
+    (student,) = Cascade.load(checkpoint, SamplerSettings(cfg_scale=7.0, sampler="euler")).stages
+    assert student.settings.cfg_scale == 1.0
+    assert "so the sampler euler and CFG scale 7.0 asked for do not apply" in capsys.readouterr().out
+    Cascade.load(checkpoint, SamplerSettings())
+    assert "do not apply" not in capsys.readouterr().out
 
 
 def test_sampling_precision_is_the_runs_on_an_accelerator_or_as_asked(tmp_path):

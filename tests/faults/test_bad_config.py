@@ -64,18 +64,18 @@ def test_ranks_refuse_before_the_process_group_forms(tmp_path):
 
 
 REFUSED = {  # accepted by the typed schema, refused by validate or the stage preflight
-    "distill_rounds": (["stage.kind=progressive", "stage.rounds=[4,3]", "diffusion.loss_weighting=trunc_snr"],
-                       "stage.rounds"),
-    "distill_weighting": (["stage.kind=progressive", "stage.rounds=[2,1]", "diffusion.loss_weighting=min_snr"],
-                          "diffusion.loss_weighting"),
+    "distill_rounds": (["stage.kind=progressive", "stage.rounds=[4,3]", "diffusion.loss_weighting=trunc_snr",
+                        "stage.guidance_max=1"], "stage.rounds"),
+    "distill_weighting": (["stage.kind=progressive", "stage.rounds=[2,1]", "diffusion.loss_weighting=min_snr",
+                           "stage.guidance_max=1"], "diffusion.loss_weighting"),
     # min_snr weighs t = 1 by 0 under zero terminal SNR: the first step of every sampler goes untrained
     "pretrain_weighting": (["diffusion.loss_weighting=min_snr"], "diffusion.loss_weighting"),
     "adversarial_mse": (["stage.kind=adversarial", "stage.rounds=[1]", "stage.adv_mse_weight=-1",
-                         "diffusion.loss_weighting=trunc_snr"], "stage.adv_mse_weight"),
+                         "diffusion.loss_weighting=trunc_snr", "stage.guidance_max=1"], "stage.adv_mse_weight"),
     "missing_teacher": (["stage.kind=adversarial", "stage.rounds=[1]", "stage.teacher=/nonexistent",
-                         "diffusion.loss_weighting=trunc_snr"], "stage.teacher"),
-    "adversarial_pipeline": (["stage.kind=adversarial", "deepspeed.pipeline_stages=2", "deepspeed.zero_stage=1"],
-                             "deepspeed.pipeline_stages"),
+                         "diffusion.loss_weighting=trunc_snr", "stage.guidance_max=1"], "stage.teacher"),
+    "adversarial_pipeline": (["stage.kind=adversarial", "deepspeed.pipeline_stages=2", "deepspeed.zero_stage=1",
+                              "stage.guidance_max=1"], "deepspeed.pipeline_stages"),
     "learn_sigma": (["model.learn_sigma=true"], "model.learn_sigma"),
     # DeepSpeed clips an fp32 pipeline at ZeRO-0 by its first stage's gradient norm alone
     "pipeline_zero0_fp32": (["deepspeed.pipeline_stages=2", "deepspeed.zero_stage=0"], "deepspeed.zero_stage"),
@@ -159,13 +159,14 @@ FOREIGN = [  # (overrides, the key named): set away from its default, ignored by
     (["model.superres=true"], "model.superres"),
     (["stage.kind=superres", "model.superres=true", "data.sr_resolution=32", "model.guidance_embed=true"],
      "model.guidance_embed"),
-    (["stage.kind=progressive", "stage.rounds=[2]", "stage.adv_loss=non_saturating"], "stage.adv_loss"),
+    (["stage.kind=progressive", "stage.rounds=[2]", "stage.guidance_max=1", "stage.adv_loss=non_saturating"],
+     "stage.adv_loss"),
     (["stage.kind=autoencoder", "stage.cfg_dropout=0.5"], "stage.cfg_dropout"),
     # the distillation stages feed no low-resolution input: a super-resolution student's first forward fails
-    (["stage.kind=progressive", "stage.rounds=[2]", "model.superres=true", "data.sr_resolution=32"],
-     "model.superres"),
-    (["stage.kind=adversarial", "stage.rounds=[1]", "model.superres=true", "data.sr_resolution=32"],
-     "model.superres"),
+    (["stage.kind=progressive", "stage.rounds=[2]", "stage.guidance_max=1", "model.superres=true",
+      "data.sr_resolution=32"], "model.superres"),
+    (["stage.kind=adversarial", "stage.rounds=[1]", "stage.guidance_max=1", "model.superres=true",
+      "data.sr_resolution=32"], "model.superres"),
 ]
 
 
@@ -195,7 +196,7 @@ def test_config_checks_import_no_torch(tiny_teacher_dir):
     subcommand, validate, the stage preflight reading a teacher's config.yaml) imports neither
     torch nor DeepSpeed nor transformers: importing torch alone costs 2.5-4 s per rank."""
     overrides = ["stage.kind=progressive", "stage.rounds=[4,2]", "diffusion.loss_weighting=trunc_snr",
-                 f"stage.teacher={tiny_teacher_dir}"]
+                 "stage.guidance_max=1", f"stage.teacher={tiny_teacher_dir}"]
     code = ("import sys; from launch.cli import build_parser; from launch.job import check_config; build_parser(); "
             f"cfg = check_config({str(TINY)!r}, {overrides!r}, 2); print(cfg.stage.kind, "
             "sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'deepspeed', 'transformers')))")

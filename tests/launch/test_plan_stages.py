@@ -33,13 +33,14 @@ from trainer.stages.base import Stage
 from trainer.stages.distillation import DistillationStage
 
 DISTILL = ("stage.rounds=[2,1]", "diffusion.loss_weighting=trunc_snr")
+GUIDED = ("stage.guidance_min=4", "stage.guidance_max=4")  # a student without the guidance input: CFG at w = 4
 KINDS = {
     "pretrain": (),
     "pretrain, bf16 text encoder": ("model.text.precision=bf16",),
     "superres": ("stage.kind=superres", "model.superres=true", "data.sr_resolution=32"),
     "autoencoder": ("stage.kind=autoencoder",),
-    "progressive": ("stage.kind=progressive", *DISTILL),
-    "adversarial": ("stage.kind=adversarial", *DISTILL),
+    "progressive": ("stage.kind=progressive", *DISTILL, *GUIDED),
+    "adversarial": ("stage.kind=adversarial", *DISTILL, *GUIDED),
     # a guidance-conditioned student of a CFG teacher: the heads embed w themselves
     "adversarial, guidance": ("stage.kind=adversarial", *DISTILL, "model.guidance_embed=true"),
 }
@@ -133,7 +134,8 @@ def two_step_teacher(tmp_path_factory, teacher) -> Path:
     """A progressive run of one round over `teacher`: a 2-step distilled sampler."""
     root = tmp_path_factory.mktemp("two_step")
     return write_checkpoint(tiny_config(root, f"checkpoint.dir={root}/checkpoints", "stage.kind=progressive",
-                                        "stage.rounds=[2]", *DISTILL[1:], f"stage.teacher={teacher}"))
+                                        "stage.rounds=[2]", *DISTILL[1:], "stage.guidance_max=1",
+                                        f"stage.teacher={teacher}"))
 
 
 @pytest.mark.parametrize("kind, rounds, why", [
@@ -145,7 +147,7 @@ def test_rounds_that_do_not_fit_the_teacher_are_one_line_naming_the_key(kind, ro
     """stage.rounds against a teacher distilled into 2 steps: `dit plan` refuses them as `dit
     train` does, on one line naming stage.rounds, exit 2, like validation's errors."""
     overrides = [f"run.out_dir={tmp_path}", f"data.shards={tmp_path}/data", f"stage.kind={kind}",
-                 f"stage.rounds={rounds}", *DISTILL[1:], f"stage.teacher={two_step_teacher}"]
+                 f"stage.rounds={rounds}", *DISTILL[1:], "stage.guidance_max=1", f"stage.teacher={two_step_teacher}"]
     assert main(["plan", str(TINY), *overrides, "--gpus", "2"]) == 2
     out = capsys.readouterr().out
     assert out.startswith("dit plan: config error at 'stage.rounds': ") and why in out and out.count("\n") == 1, out

@@ -133,7 +133,7 @@ def test_progressive_step_on_device(tmp_path, teacher):
 
 def test_adversarial_step_on_device(tmp_path, teacher):
     cfg = tiny_config(tmp_path, "stage.kind=adversarial", f"stage.teacher={teacher}", "stage.rounds=[2,1]",
-                      "diffusion.loss_weighting=trunc_snr")
+                      "diffusion.loss_weighting=trunc_snr", "stage.guidance_min=4", "stage.guidance_max=4")  # CFG
     assert one_step_on_fake_cuda(build_stage(cfg), uint8_batch(4, 3, 16, 16)) == ["student", "disc"]
 
 

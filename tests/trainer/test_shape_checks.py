@@ -80,6 +80,23 @@ def test_an_autoencoder_folder_gives_its_own_downsampling(tmp_path):
     assert cfg.data.bucket_multiple == 16 and TransformSpec.from_config(cfg.data).sizes == ((48, 80),)
 
 
+def test_sizes_of_a_fresh_autoencoder_that_a_saved_folder_contradicts_are_refused(tmp_path):
+    """A saved folder is built from its config.json: a latent DiT told latent_channels=16 (or
+    block_out_channels the folder does not have) read the folder's 4 channels (2 levels) without
+    a word; the folder's own values, or the defaults, pass."""
+    from trainer.models.autoencoder import build_autoencoder
+    from trainer.stages import preflight
+
+    build_autoencoder(load_config(TINY, SD_LIKE).model.autoencoder).save(tmp_path / "ae")
+    latent = ["model.autoencoder.kind=kl", f"model.autoencoder.path={tmp_path / 'ae'}", "data.resolution=64"]
+    preflight(load_config(TINY, [*latent, "model.in_channels=4", "model.autoencoder.block_out_channels=[8,8,8,8]"]))
+    for wrong, key in (("latent_channels=16", "latent_channels"), ("block_out_channels=[8,16]", "block_out_channels"),
+                       ("mid_attention=false", "mid_attention")):
+        with pytest.raises(ConfigError) as err:
+            preflight(load_config(TINY, [*latent, "model.in_channels=4", f"model.autoencoder.{wrong}"]))
+        assert err.value.key == f"model.autoencoder.{key}"
+
+
 def test_an_autoencoder_folder_of_another_model_class_is_refused_naming_the_key(tmp_path):
     """A diffusers folder of a class that is no autoencoder (a UNet's config.json): one line naming
     model.autoencoder.path (a ValueError traceback before, from `dit train` and `dit plan`)."""

@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING
 
 from trainer.config import RunConfig
 from trainer.stage_config import stage_settings
-from trainer.stages.checks import (PREFLIGHT, check_autoencoder_given, check_autoencoder_target, check_init_source,
-                                    check_latent_sources)
+from trainer.stages.checks import (PREFLIGHT, check_autoencoder_given, check_autoencoder_settings,
+                                   check_autoencoder_target, check_init_source, check_latent_sources,
+                                   note_switched_off)
 from trainer.models.text_source import check_text_source
 
 if TYPE_CHECKING:
@@ -38,10 +39,12 @@ def preflight(cfg: RunConfig, queued: bool = False) -> None:
     named (ConfigError) instead of after DeepSpeed started. `queued`: the job runs later (a
     SLURM submission), when an earlier job may have written the autoencoder it reads."""
     check_autoencoder_given(cfg, queued)
+    check_autoencoder_settings(cfg)
     check_autoencoder_target(cfg)
     check_latent_sources(cfg)
     check_init_source(cfg)
     check_text_source(cfg.model.text)
+    note_switched_off(cfg)
     if cfg.stage.kind in PREFLIGHT:
         PREFLIGHT[cfg.stage.kind](cfg)
 

@@ -23,7 +23,8 @@ from trainer.checkpoint_format import (ENCODERS_FILE, STAGE_FILE, CheckpointErro
                                        student_round)
 from trainer.codes import world_from_env
 from trainer.config import (NORM_FILE, ConfigError, DataConfig, DiffusionConfig, ModelConfig, RunConfig,
-                            check_weighting, flatten, saved_autoencoder, to_dict, validate)
+                            autoencoder_facts, check_weighting, flatten, saved_autoencoder, switched_off, to_dict,
+                            validate)
 from trainer.encoder_record import check_encoders, encoder_identity, same_encoders
 from trainer.stage_config import AdversarialSettings, distilled_steps
 
@@ -60,7 +61,7 @@ def read_run_config(yaml_text: str) -> RunConfig:
         run: RunConfig = OmegaConf.to_object(OmegaConf.merge(schema, yaml.safe_load(yaml_text) or {}))  # type: ignore
     except OmegaConfBaseException as e:
         raise ConfigError(f"stage.teacher:{getattr(e, 'full_key', '?')}", str(e).splitlines()[0]) from None
-    validate(run)
+    validate(run, trained=True)
     return run
 
 
@@ -165,6 +166,39 @@ def check_autoencoder_given(cfg: RunConfig, queued: bool = False) -> None:
     raise ConfigError("model.autoencoder.path", f"{ae.path} holds no autoencoder (no config.json): train one "
                       f"there first (`dit train` with stage.kind=autoencoder) or point the key at a saved "
                       f"diffusers autoencoder folder")  # each rank failed on it after DeepSpeed started
+
+
+# The sizes of a fresh autoencoder (AutoencoderConfig) by their names in a 2-D diffusers
+# AutoencoderKL's config.json; latent_channels is read off the built network (any class).
+AE_SIZES = {"block_out_channels": "block_out_channels", "layers_per_block": "layers_per_block",
+            "sample_size": "sample_size", "mid_attention": "mid_block_add_attention"}
+
+
+def check_autoencoder_settings(cfg: RunConfig) -> None:
+    """A saved autoencoder folder is built from its own config.json: model.autoencoder's sizes
+    are read only when the autoencoder stage builds a fresh one. Set away from their defaults
+    to other values than the folder's, they were ignored without a word (a latent DiT told
+    latent_channels=16 read the folder's 4); refused naming the key."""
+    ae = cfg.model.autoencoder
+    if cfg.stage.kind == "autoencoder" or not saved_autoencoder(ae):
+        return
+    saved = json.loads((Path(ae.path) / "config.json").read_text())
+    ours, defaults = to_dict(ae), to_dict(type(ae)())
+    found = {key: saved.get(name) for key, name in AE_SIZES.items()}
+    found["latent_channels"] = autoencoder_facts(ae)[2]
+    for key, value in found.items():
+        if ours[key] != defaults[key] and ours[key] != value:
+            said = "does not set it" if value is None else f"says {value}"
+            raise ConfigError(f"model.autoencoder.{key}", f"{ours[key]} is not the saved autoencoder's: {ae.path} is "
+                                                          f"built from its own config.json, which {said}; the setting "
+                                                          f"is read only when the autoencoder stage builds a fresh one "
+                                                          f"(remove it)")
+
+
+def note_switched_off(cfg: RunConfig) -> None:
+    """Say which settings this run ignores because what reads them is off (`switched_off`)."""
+    for key, value, switch in switched_off(cfg, refused=False):
+        note(f"note: {key}={value} is read only with {switch}: this run ignores it")
 
 
 def check_autoencoder_target(cfg: RunConfig) -> None:

@@ -7,7 +7,11 @@ Guidance (Meng et al. 2023, "On Distillation of Guided Diffusion Models"): the o
 is sampled with classifier-free guidance at a scale w drawn per sample from
 [stage.guidance_min, stage.guidance_max]; with `model.guidance_embed` the student is conditioned
 on w (embedded like t, its last layer zero-initialized so that the student starts as the
-teacher), so the distilled sampler needs one forward per step instead of two.
+teacher), so the distilled sampler needs one forward per step instead of two. Without it the
+student takes no w and bakes in the one stage.guidance_min = stage.guidance_max (1: an unguided
+teacher); a range is refused (`stage_config.check_guidance_input`): the student would regress onto
+targets at random w and learn their blend, a scale nobody chose that `dit sample --cfg` cannot
+change.
 
 Resume: `stage.teacher` names a checkpoint root whose `latest` may move on (its run trains on,
 retention deletes old steps), so the stage state records the step directory it resolved to and

@@ -26,8 +26,7 @@ round.json (its "weights" says which: ema or raw), COMPLETE.json; it loads with
 
 The maths (student times, teacher paths, targets, loss) is in `trainer.diffusion.distill`; the
 teacher, its checks and the guidance-aware student (Meng et al. 2023; without
-`model.guidance_embed` the student learns the average over the guidance range) in
-`trainer.stages.distillation`.
+`model.guidance_embed` it bakes in one guidance scale) in `trainer.stages.distillation`.
 """
 from __future__ import annotations
 
