@@ -124,6 +124,16 @@ def test_a_setting_an_off_switch_leaves_unread_is_said(capsys):
     assert "ema.warmup_steps=7 is read only with ema.enabled=true" in out and "optim.min_lr_ratio" not in out
 
 
+def test_a_run_that_never_drops_a_caption_is_told_guidance_has_no_null_to_steer_from(capsys):
+    from trainer.stages import preflight
+
+    tiny = ROOT / "configs" / "test_tiny.yaml"
+    preflight(load_config(tiny, ["stage.cfg_dropout=0.0", "log.sample_cfg=2.5"]))
+    assert "stage.cfg_dropout=0: the model never learns the empty caption's prediction" in capsys.readouterr().out
+    preflight(load_config(tiny, ["stage.cfg_dropout=0.0", "checkpoint.init_from=/a/trained/model.safetensors"]))
+    assert "cfg_dropout" not in capsys.readouterr().out  # a fine-tune of a model that learned it
+
+
 @pytest.mark.parametrize("overrides, key", [
     (["stage.kind=superres", "model.superres=true", "data.sr_resolution=64", "stage.noise_aug_max=-0.1"],
      "stage.noise_aug_max"),

@@ -121,6 +121,8 @@ def test_a_warm_start_from_an_export_is_checked_as_from_its_checkpoint_and_a_new
     said = capsys.readouterr().out
     assert (f"checkpoint.init_from: {export} was trained with diffusion.zero_terminal_snr=True, "
             f"diffusion.prediction='v'; this run has False, 'eps': the warm start fine-tunes it") in said
+    preflight(tiny_config(tmp_path / "run", *warm, "model.positions=rope"))  # no weights: the strict load passes
+    assert f"{export} was trained with model.positions='sincos'; this run has 'rope'" in capsys.readouterr().out
     with pytest.raises(ConfigError, match=r"'model\.text\.max_length': .* was trained with a text encoder of "
                                           r"model\.text\.max_length=16, this run has 12"):
         preflight(tiny_config(tmp_path / "run", *warm, "model.text.max_length=12"))

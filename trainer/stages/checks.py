@@ -195,6 +195,15 @@ def check_autoencoder_settings(cfg: RunConfig) -> None:
                                                           f"(remove it)")
 
 
+def note_untrained_null(cfg: RunConfig) -> None:
+    """stage.cfg_dropout=0 in a run that starts from scratch: the null caption's prediction,
+    which classifier-free guidance (Ho & Salimans 2022) steers away from, is never trained."""
+    if cfg.stage.kind in ("pretrain", "superres") and cfg.stage.cfg_dropout == 0 and not cfg.checkpoint.init_from:
+        note(f"note: stage.cfg_dropout=0: the model never learns the empty caption's prediction, which classifier-"
+             f"free guidance steers away from; the sample grids (log.sample_cfg={cfg.log.sample_cfg:g}) and `dit "
+             f"sample --cfg` above 1 guide against an untrained one (keep a dropout, 0.1 by default)")
+
+
 def note_switched_off(cfg: RunConfig) -> None:
     """Say which settings this run ignores because what reads them is off (`switched_off`)."""
     for key, value, switch in switched_off(cfg, refused=False):
@@ -393,6 +402,12 @@ def check_latent_sources(cfg: RunConfig) -> None:
             raise ConfigError(*mismatch)
 
 
+# Model settings with no weights of their own: a warm start across a change of one loads
+# strictly, and its blocks meet other inputs than they learned (sincos added to the tokens vs
+# rope rotating q and k).
+WEIGHTLESS_MODEL_KEYS = ("model.positions",)
+
+
 def check_init_source(cfg: RunConfig) -> None:
     """A warm start (`checkpoint.init_from`) from a network that learned other encoders'
     latents or embeddings than this run's (encoders.json: a checkpoint's, or the one `dit export`
@@ -400,7 +415,8 @@ def check_init_source(cfg: RunConfig) -> None:
     starts from weights that read this run's latents as garbage: refused, as sampling, resuming
     and distilling refuse it. A bare .safetensors file keeps no record and is not checked.
     Another target (prediction, schedule, SNR shift) is what a fine-tune may change on purpose
-    (SD 2's v-model, zero terminal SNR: Lin et al. 2024, sec. 3): said, not refused."""
+    (SD 2's v-model, zero terminal SNR: Lin et al. 2024, sec. 3): said, not refused; so is
+    another position encoding (WEIGHTLESS_MODEL_KEYS), which the strict load cannot see."""
     init = cfg.checkpoint.init_from
     if not init or not Path(init).is_dir():
         return
@@ -413,10 +429,11 @@ def check_init_source(cfg: RunConfig) -> None:
     if not (source / ENCODERS_FILE).is_file():
         same_encoders({"text": theirs["model"]["text"]}, encoder_identity(cfg.model), f"{init} was trained with",
                       f"{use} needs the text encoder it was trained with")
-    learned, ours = theirs["diffusion"], to_dict(cfg)["diffusion"]
-    changed = [key for key in TEACHER_KEYS["diffusion"] if learned.get(key) != ours[key]]
+    learned, ours = flatten(theirs), flatten(to_dict(cfg))
+    changed = [key for key in (*(f"diffusion.{k}" for k in TEACHER_KEYS["diffusion"]), *WEIGHTLESS_MODEL_KEYS)
+               if learned.get(key) != ours[key]]
     if changed:
-        was = ", ".join(f"diffusion.{key}={learned.get(key)!r}" for key in changed)
+        was = ", ".join(f"{key}={learned.get(key)!r}" for key in changed)
         now = ", ".join(repr(ours[key]) for key in changed)
         note(f"checkpoint.init_from: {init} was trained with {was}; this run has {now}: the warm start "
              f"fine-tunes it to this run's (set those keys to its values to train on as it did)")
