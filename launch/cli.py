@@ -10,10 +10,11 @@ import atexit
 import gc
 import importlib
 import sys
+from pathlib import Path
 from typing import Optional
 
 from launch.bench_cli import lazy
-from trainer.checkpoint_format import CheckpointError
+from trainer.checkpoint_format import CheckpointError, is_checkpoint
 from trainer.codes import EXIT_CHECKPOINT, EXIT_CONFIG
 from trainer.config import ConfigError, load_config, to_yaml
 
@@ -23,7 +24,9 @@ EXPORT_HELP = "export EMA weights as safetensors or a diffusers directory"
 
 
 def _cmd_config_show(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+    """A run config resolved; a checkpoint's own config.yaml as it trained (`trained`)."""
+    trained = is_checkpoint(Path(args.config).parent)
+    cfg = load_config(args.config, args.overrides, trained=trained)
     if args.key:
         node = cfg
         for part in args.key.split("."):

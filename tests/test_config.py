@@ -254,6 +254,24 @@ def test_cli_config_show():
     assert "optim.lrr" in bad.stderr
 
 
+def test_config_show_reads_a_checkpoints_own_config_as_it_trained(tmp_path, capsys):
+    """A step directory's config.yaml from before clip settings of an image stream were refused
+    is shown as it is; the same file outside a checkpoint is a run config, refused naming the key."""
+    from launch.cli import main
+    from trainer.checkpoint_format import COMPLETE
+    from trainer.config import to_yaml
+
+    older = to_yaml(load_config(DEMO)).replace("num_frames: 8\n", "num_frames: 16\n")
+    for folder in ("step_00000010", "plain"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "config.yaml").write_text(older)
+    (tmp_path / "step_00000010" / COMPLETE).write_text("{}")
+    assert main(["config", "show", str(tmp_path / "step_00000010" / "config.yaml"), "--key", "data.num_frames"]) == 0
+    assert capsys.readouterr().out.strip() == "16"
+    with pytest.raises(ConfigError, match="data.num_frames"):
+        load_config(tmp_path / "plain" / "config.yaml")
+
+
 @pytest.mark.parametrize("overrides, says", [(["data.fps=-1"], "must be >= 0"),
                                              (["data.fps=8", "data.frame_stride=2"], "not both")])
 def test_a_target_fps_is_checked_with_the_config(overrides, says):

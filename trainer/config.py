@@ -17,8 +17,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data_pipeline.config import (DEFAULT_BUCKET_MULTIPLE, DataConfig, bucket_size, bucket_sizes, check_clip_settings,
-                                  validate_data_config)
+from data_pipeline.config import (CLIP_SETTINGS, DEFAULT_BUCKET_MULTIPLE, DataConfig, bucket_size, bucket_sizes,
+                                  check_clip_settings, validate_data_config)
 from trainer.config_errors import ConfigError, check
 from trainer.models.presets import dit_preset
 from trainer.stage_config import STAGE_KINDS, StageConfig, check_guidance_input, supporting, validate_stage
@@ -493,6 +493,16 @@ def switched_off(cfg: RunConfig, refused: bool) -> list[tuple[str, Any, str]]:
     defaults = RunConfig()
     return [(key, _get(cfg, key), switch) for key, switch, selected, refuse in SWITCHED
             if refuse == refused and not selected(cfg) and _get(cfg, key) != _get(defaults, key)]
+
+
+def unread_settings(cfg: RunConfig) -> tuple[str, ...]:
+    """The keys of `check_new_run`'s refusals that this config's run does not read whatever
+    their values (a checkpoint's config may set them: it was written before they were refused).
+    Comparing two configs (a teacher's, a resumed run's) skips them: a difference there changes
+    nothing, and a key removed to start or resume a run is no change."""
+    switched = [key for key, _, selected, refused in SWITCHED if refused and not selected(cfg)]
+    clips = [f"data.{key}" for key in CLIP_SETTINGS] if cfg.data.kind == "image" else []
+    return tuple(switched + clips)
 
 
 def check_new_run(cfg: RunConfig) -> None:

@@ -24,7 +24,7 @@ from trainer import faults
 from trainer.checkpoint import CheckpointError, CheckpointManager, init_network
 from trainer.checkpoint_format import ENCODERS_FILE
 from trainer.codes import EXIT_CHECKPOINT, EXIT_DATA, EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE
-from trainer.config import RunConfig, to_yaml, validate
+from trainer.config import RunConfig, to_yaml, unread_settings, validate
 from trainer.diffusion.noise import sample_generators
 from trainer.distributed import (LateRead, PreemptionFlag, comm_device, compute_device, init_distributed,
                                  max_over_ranks, wait_for_rank0)
@@ -43,6 +43,14 @@ from trainer.train_state import (EMAState, LoopState, PlayersState, RNGState, Sh
 # Keys that may change between a checkpoint and its resume without changing the experiment.
 RESUMABLE_CHANGES = ("stage.steps", "checkpoint", "log", "run.out_dir", "data.num_workers",
                      "data.prefetch_factor", "deepspeed.comm_timeout_s", "deepspeed.rank0_timeout_s", *LAYOUT_KEYS)
+
+
+def resumable_changes(cfg: RunConfig) -> tuple[str, ...]:
+    """RESUMABLE_CHANGES, and the settings this run does not read (`unread_settings`): a key an
+    older checkpoint's config set there, removed to resume (a new run refuses it), is no change."""
+    return RESUMABLE_CHANGES + unread_settings(cfg)
+
+
 # Prefix of the profiler ranges a step is cut into (batch, forward, backward, step, pipeline,
 # ema): what `dit bench gpu --profile` sums per phase. Without a profiler a range costs ~6 us.
 PHASE = "dit."
@@ -68,7 +76,7 @@ def preflight_resume(cfg: RunConfig, world_size: int) -> tuple[RunConfig, str]:
         check_resumed_stage(directory, cfg)
         check_same_network(directory, cfg)
     cfg, note = keep_global_batch(cfg, world_size, directory)
-    preflight(cfg.checkpoint, to_yaml(cfg), world_size, global_batch(cfg, world_size), RESUMABLE_CHANGES)
+    preflight(cfg.checkpoint, to_yaml(cfg), world_size, global_batch(cfg, world_size), resumable_changes(cfg))
     return cfg, note
 
 
@@ -318,7 +326,7 @@ class Trainer:
         if directory is None:
             return False
         self.ckpt.verify(directory)
-        changes = self.ckpt.check_compatible(directory, self.config_yaml, RESUMABLE_CHANGES,
+        changes = self.ckpt.check_compatible(directory, self.config_yaml, resumable_changes(self.cfg),
                                              global_batch(self.cfg, self.ctx.world_size))
         if self.ctx.is_main:
             for change in changes:  # allowed (checkpoint.allow_config_change), else it had raised

@@ -241,7 +241,8 @@ def check_guidance_input(cfg: RunConfig) -> None:
           f"model.guidance_embed=false: the student takes no guidance input, so targets the teacher draws at w on "
           f"[{stage.guidance_min:g}, {stage.guidance_max:g}] would teach it their blend, a guidance scale nobody "
           f"chose (and `dit sample --cfg` cannot change it): set stage.guidance_min = stage.guidance_max = the w to "
-          f"bake in (1: no guidance), or model.guidance_embed=true to condition the student on w")
+          f"bake in (1: no guidance; a teacher distilled without a guidance input takes no w either), or "
+          f"model.guidance_embed=true to condition the student on w")
 
 
 def check_discriminator_rate(cfg: RunConfig) -> None:

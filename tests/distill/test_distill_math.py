@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from trainer.config import ConfigError, DiffusionConfig, ModelConfig
+from trainer.config import ConfigError, DiffusionConfig, ModelConfig, load_config, unread_settings
 from trainer.diffusion import ClosedFormDenoiser, NoiseSchedule, add_noise, ddim_step, make_schedule, sample_ddim
 from trainer.diffusion import sampling_timesteps
 from trainer.models.dit import TextEmbedding, build_dit
@@ -245,6 +245,11 @@ def test_round_schedule_and_teacher_mismatch_are_config_errors():
         check_same_as_teacher(run, {**teacher, "model": {"preset": "DiT-T/2", "autoencoder": {"kind": "none"}}}, "t")
     with pytest.raises(ConfigError, match="data.resolution.*32"):
         check_same_as_teacher(run, {**teacher, "data": {**run["data"], "resolution": 32}}, "ckpt")
+    # a teacher's config from before clip settings of an image stream were refused: neither reads them
+    older = {**teacher, "data": {**run["data"], "num_frames": 16}}
+    with pytest.raises(ConfigError, match="data.num_frames.*16"):
+        check_same_as_teacher(run, older, "ckpt")
+    check_same_as_teacher(run, older, "ckpt", unread_settings(load_config(None, ["data.kind=image"])))
 
 
 def test_adversarial_losses_and_accuracy():

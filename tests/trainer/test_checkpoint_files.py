@@ -21,7 +21,7 @@ from trainer.checkpoint import CheckpointError, CheckpointManager, init_network,
 from trainer.checkpoint_format import COMPLETE, commit, point_latest, temporary_dir, verify
 from trainer.config import CheckpointConfig, ConfigError, load_config, to_yaml
 from trainer.elastic import MOMENTS, universal_file
-from trainer.engine import RESUMABLE_CHANGES
+from trainer.engine import RESUMABLE_CHANGES, resumable_changes
 
 
 def test_a_missing_engine_file_is_reported_as_missing(tmp_path):
@@ -140,6 +140,17 @@ def test_a_longer_run_lists_the_new_length_of_a_decaying_schedule(tmp_path, sche
     directory, manager = resumable(tmp_path, "stage.steps=12", f"optim.lr_schedule={schedule}")
     longer = to_yaml(load_config(TINY, ["stage.steps=20", f"optim.lr_schedule={schedule}"]))
     assert manager.check_compatible(directory, longer, RESUMABLE_CHANGES, global_batch=8) == listed
+
+
+def test_a_setting_an_older_checkpoint_held_where_its_run_reads_none_may_be_dropped_to_resume(tmp_path):
+    """A checkpoint written before clip settings of an image stream were refused (data.num_frames=16):
+    its resume drops the key (a new run is refused it), which changes nothing of the experiment."""
+    directory, manager = resumable(tmp_path)
+    cfg = load_config(TINY)
+    (directory / "config.yaml").write_text(to_yaml(cfg).replace("num_frames: 8\n", "num_frames: 16\n"))
+    assert manager.check_compatible(directory, to_yaml(cfg), resumable_changes(cfg), global_batch=8) == []
+    with pytest.raises(CheckpointError, match="data.num_frames: 16 -> 8"):
+        manager.check_compatible(directory, to_yaml(cfg), RESUMABLE_CHANGES, global_batch=8)
 
 
 @pytest.mark.parametrize("override, key", [("checkpoint.every=0", "checkpoint.every"), ("log.every=0", "log.every"),

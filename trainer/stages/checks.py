@@ -24,7 +24,7 @@ from trainer.checkpoint_format import (ENCODERS_FILE, STAGE_FILE, CheckpointErro
 from trainer.codes import world_from_env
 from trainer.config import (NORM_FILE, ConfigError, DataConfig, DiffusionConfig, ModelConfig, RunConfig,
                             autoencoder_facts, check_weighting, flatten, saved_autoencoder, switched_off, to_dict,
-                            validate)
+                            unread_settings, validate)
 from trainer.encoder_record import check_encoders, encoder_identity, same_encoders
 from trainer.stage_config import AdversarialSettings, distilled_steps
 
@@ -65,14 +65,16 @@ def read_run_config(yaml_text: str) -> RunConfig:
     return run
 
 
-def check_same_as_teacher(run: dict[str, Any], teacher: dict[str, Any], where: str) -> None:
+def check_same_as_teacher(run: dict[str, Any], teacher: dict[str, Any], where: str,
+                          unread: Sequence[str] = ()) -> None:
     """The student's model (except FREE_MODEL_KEYS), schedule and data shapes must be the
-    teacher's; the error names the key and the teacher's value."""
+    teacher's, but for the `unread` settings (`unread_settings`: what neither reads); the error
+    names the key and the teacher's value."""
     for section, keys in TEACHER_KEYS.items():
         ours, theirs = flatten(run[section]), flatten(teacher[section])
         names = keys or [k for k in theirs if k not in FREE_MODEL_KEYS]
         for key in names:
-            if ours.get(key) != theirs[key]:
+            if ours.get(key) != theirs[key] and f"{section}.{key}" not in unread:
                 raise ConfigError(f"{section}.{key}", f"the teacher ({where}) was trained with "
                                   f"{section}.{key}={theirs[key]!r}, this run has {ours.get(key)!r}; set it to "
                                   f"the teacher's value")
@@ -99,7 +101,7 @@ def check_teacher(directory: str, model: ModelConfig, diffusion: DiffusionConfig
     cfg = read_run_config(config_yaml)
     ours = {"model": to_dict(model), "diffusion": to_dict(diffusion), "data": to_dict(data)}
     check_same_as_teacher(ours, {"model": to_dict(cfg.model), "diffusion": to_dict(cfg.diffusion),
-                                 "data": to_dict(cfg.data)}, directory)
+                                 "data": to_dict(cfg.data)}, directory, unread_settings(cfg))
     if cfg.model.guidance_embed and not model.guidance_embed:
         raise ConfigError("model.guidance_embed", f"the teacher ({directory}) is guidance-conditioned (a distilled "
                                                   "student that takes the guidance scale): set model.guidance_embed=true")
