@@ -297,10 +297,12 @@ def rank_environment(base: dict[str, str], job: Job) -> dict[str, str]:
 
 # Variables of this launcher's environment that the ranks on other hosts need too: the recipes'
 # ${oc.env:DIT_DATA} and friends, the Hugging Face cache and offline switches, DeepSpeed's
-# accelerator, NCCL's settings (DeepSpeed exports those only when this machine has a GPU).
+# accelerator, NCCL's settings (DeepSpeed exports those only when this machine has a GPU), the
+# host group's network card (GLOO_SOCKET_IFNAME), torch's (TORCH_NCCL_*, PYTORCH_CUDA_ALLOC_CONF,
+# the extension and inductor caches). Not CUDA_VISIBLE_DEVICES: each host has GPUs of its own.
 # Over pdsh/ssh a rank gets only what the DeepSpeed launcher exports (see remote_environment).
-REMOTE_ENV_PREFIXES = ("DIT_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "OMP_", "NCCL_", "DS_ACCELERATOR",
-                       "TORCH_EXTENSIONS_DIR")
+REMOTE_ENV_PREFIXES = ("DIT_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "OMP_", "NCCL_", "DS_ACCELERATOR", "GLOO_",
+                       "TORCH_", "PYTORCH_", "TORCHINDUCTOR_")
 
 
 def remote_environment(base: dict[str, str], job: Job) -> dict[str, str]:

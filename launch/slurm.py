@@ -35,7 +35,9 @@ if TYPE_CHECKING:
 REQUEUE_MARGIN_S = 20  # after the ranks' shutdown: srun ends and the script requeues the job
 MAX_SIGNAL_LEAD_S = 65535  # the largest sig_time of sbatch --signal=SIG@sig_time
 SLURM_KILL_WAIT_S = 30  # slurm.conf KillWait's default: SIGTERM -> SIGKILL on scancel and at the time limit
-MASTER_PORT_BASE = 20000  # the default port is derived from the job id, so jobs sharing a node do not collide
+# The default port is derived from the job id, so jobs sharing a node do not collide: 10000 +
+# id % 20000, below Linux's ephemeral range (32768-60999) where outgoing connections take ports
+MASTER_PORT_BASE = 10000
 
 
 @dataclass(frozen=True)

@@ -339,9 +339,21 @@ class CheckpointManager:
             raise CheckpointError(f"{pointer} names {directory.name}, which is not a complete checkpoint")
         return directory
 
-    def verify(self, directory: Path) -> dict[str, Any]:
-        """Check every file against COMPLETE.json; returns its content."""
-        return verify(directory)
+    def verify(self, directory: Path) -> None:
+        """Collective: rank 0 checks every file against COMPLETE.json while the others wait on
+        the host group (`wait_for_rank0`: hashing a checkpoint of many GB takes longer than the
+        collective timeout); every rank raises if it failed. One reader: every rank hashing the
+        whole checkpoint read it world-size times from the shared filesystem at each resume."""
+        error: Optional[CheckpointError] = None
+        if self.rank == 0:
+            try:
+                verify(directory)
+            except CheckpointError as e:
+                error = e
+        wait_for_rank0()
+        if _all_ok(error is None):
+            raise error or CheckpointError(f"rank 0 refused {directory} (see its error): a file is missing or was "
+                                           f"modified after it was written")
 
     def resume_target(self) -> Optional[Path]:
         """Collective: the complete checkpoint every rank resumes from (they must agree)."""

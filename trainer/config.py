@@ -135,7 +135,9 @@ class DeepSpeedConfig:
     # > 1: each sample's DiT token sequence is split over this many consecutive ranks, which
     # exchange heads for tokens around attention (DeepSpeed-Ulysses); data parallel over the rest
     sequence_parallel_size: int = 1
-    comm_timeout_s: int = 120  # collective timeout, so a dead rank cannot hang the others
+    # collective timeout, so a dead rank cannot hang the others; long enough for a healthy
+    # large job's first steps on GPUs (compiled blocks, cuDNN autotuning, ZeRO-3's first gathers)
+    comm_timeout_s: int = 600
     # how long the other ranks wait, on a host (gloo) group, for work rank 0 does alone: a
     # checkpoint's whole-tensor files and commit, sample grids, evals (`wait_for_rank0`)
     rank0_timeout_s: int = 3600

@@ -88,7 +88,7 @@ def wait_for_rank0() -> None:
     checkpoint's whole-tensor files and committing it, removing old ones, a sample grid, an
     eval). The wait is a barrier of a gloo group bounded by deepspeed.rank0_timeout_s; without
     it the others would wait in their next collective, which deepspeed.comm_timeout_s bounds
-    (NCCL's watchdog ends the job): 120 s, less than rank 0 takes to write the universal and
+    (NCCL's watchdog ends the job): 600 s, less than rank 0 takes to write the universal and
     EMA files of a model of some billions of parameters. Nothing without a process group."""
     if not dist.is_initialized():
         return

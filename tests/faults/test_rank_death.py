@@ -17,7 +17,7 @@ from trainer.checkpoint import TMP_PREFIX, load_for_inference
 
 pytestmark = pytest.mark.slow
 
-# A rank that loses its peer must not wait for the collective timeout (120 s by default): the
+# A rank that loses its peer must not wait for the collective timeout (600 s by default): the
 # launcher and gloo's closed connection end the job. A hang fails the test at this bound.
 BOUND_S = 60
 
