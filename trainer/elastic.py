@@ -260,11 +260,29 @@ def player_weights(engine: Any, optimizer: torch.optim.Optimizer, names: dict[st
     return out
 
 
-def gather_player(engine: Any, optimizer: torch.optim.Optimizer, names: dict[str, str],
-                  whole: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+@dataclass(frozen=True)
+class Gather:
+    """How one rank takes part in making a player's tensors whole (collectives on every rank):
+    `whole` assembles a pipeline's stages; this rank `holds` what it gathered, for `whole` (rank
+    0; under pipeline parallelism the first replica of every stage), and `keeps` the whole
+    tensors, in host memory (rank 0: it writes the files and draws the grids). The others drop
+    each tensor once its collective is done: every rank holding whole copies of the weights,
+    both moments and the EMA (16 bytes a parameter) at each save undid what ZeRO saves."""
+
+    whole: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+    holds: bool = True
+    keeps: bool = True
+
+    def made_whole(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`whole` of what this rank holds; in host memory where it keeps them, else {}."""
+        made = self.whole(local)
+        return {name: t.cpu() for name, t in made.items()} if self.keeps else {}
+
+
+def gather_player(engine: Any, optimizer: torch.optim.Optimizer, names: dict[str, str], gather: Gather
                   ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Collective. (tensors by `kind/network name`, JSON meta) of one trained player: its fp32
-    master weights and moments, made whole by `whole` (which assembles a pipeline's stages)."""
+    master weights and moments, made whole (`gather`: where they are kept, {} elsewhere)."""
     if not optimizer.state:  # no step applied yet (every one skipped as non-finite): as fresh
         materialize_state(engine, optimizer)
         _set_steps(optimizer, 0)
@@ -272,8 +290,12 @@ def gather_player(engine: Any, optimizer: torch.optim.Optimizer, names: dict[str
     masters = half_masters(engine)
     tensors: dict[str, torch.Tensor] = {}
     for kind, key in (("fp32", None), *((m, m) for m in MOMENTS)):
-        local = _whole_state(params, key, optimizer, masters)
-        tensors.update({f"{kind}/{name}": t for name, t in whole(local).items()})
+        local: dict[str, torch.Tensor] = {}
+        for name, p in params:
+            value = _full(p, key, optimizer, masters.get(id(p)))  # collective: whole on every rank
+            if gather.holds:
+                local.update(expand(name, p, value.cpu()))
+        tensors.update({f"{kind}/{name}": t for name, t in gather.made_whole(local).items()})
     steps = {_as_int(s["step"]) for s in optimizer.state.values() if "step" in s}
     if len(steps) > 1:
         raise ElasticError(f"internal: the optimizer's parameters are at different steps {sorted(steps)}")

@@ -161,12 +161,15 @@ class EMA:
         dist.all_reduce(whole, group=place.group)
         return whole.view(shape).to(self.shadow_device)
 
-    def full_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, module: nn.Module, holds: bool = True) -> dict[str, torch.Tensor]:
         """Whole EMA tensors by weight name (a flat block parameter's by the weights it holds;
-        collective where the masters are partitioned)."""
+        collective where the masters are partitioned), in host memory where this rank `holds`
+        them (elastic.Gather), else {}: each is dropped once its collective is done."""
         out = {}
         for (n, p), place in zip(self._params(module), self._places):
-            out.update(expand(n, p, self._whole(p, place, self.shadow[n])))
+            whole = self._whole(p, place, self.shadow[n])
+            if holds:
+                out.update(expand(n, p, whole.cpu()))
         return out
 
     @torch.no_grad()

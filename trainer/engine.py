@@ -28,7 +28,7 @@ from trainer.config import RunConfig, to_yaml, unread_settings, validate
 from trainer.diffusion.noise import sample_generators
 from trainer.distributed import (LateRead, PreemptionFlag, comm_device, compute_device, init_distributed,
                                  max_over_ranks, wait_for_rank0)
-from trainer.elastic import (LAYOUT_KEYS, BatchRequest, Shape, copy_frozen, dynamic_loss_scaler, keep_global_batch,
+from trainer.elastic import (LAYOUT_KEYS, BatchRequest, Gather, Shape, copy_frozen, dynamic_loss_scaler, keep_global_batch,
                              player_weights, seed_masters, shape_of, written_shape)
 from trainer.ema import EMA
 from trainer.flat_params import weight_names
@@ -227,6 +227,11 @@ class Trainer:
             init_weights = {k: v.detach().to("cpu", copy=True) for k, v in student.items()}
         if self.stage.preview_samples and self.ctx.is_main:
             self.stage.preview = preview_batch(cfg, self.stage.preview_samples, self.device)
+        # every rank here before the first collective of the accelerator's group (the engines'
+        # weight broadcast): what each did alone until now (its loader's workers, a text encoder
+        # of some GB read from a shared filesystem, rank 0's preview) would count against
+        # deepspeed.comm_timeout_s; the host group's wait is bounded by rank0_timeout_s
+        wait_for_rank0()
         self.pipeline = self.ctx.pipeline_stages > 1
         trainable = parallelize(dict(self.stage.trainable()), self.stage, cfg, self.ctx)
         self.engines: dict[str, Any] = {}
@@ -302,8 +307,8 @@ class Trainer:
                                        "shape": ShapeRecord(shape_of(self.cfg, self.ctx.world_size)),
                                        "batch_request": self.batch_request, "log_window": self.log_window}
         if self.ema is not None:
-            states["ema"] = EMAState(self.ema, self.ema_module, self.whole)
-        states["players"] = PlayersState(self.engines, self.optimizers, self.player_names, self.whole_of,
+            states["ema"] = EMAState(self.ema, self.ema_module, self.gather_of("student"))
+        states["players"] = PlayersState(self.engines, self.optimizers, self.player_names, self.gather_of,
                                          enabled=self.cfg.checkpoint.universal)
         return states
 
@@ -316,10 +321,13 @@ class Trainer:
             return self.names
         return {n: n for n, _ in self.engines[player].module.named_parameters()}
 
-    def whole_of(self, player: str):
-        """How this rank's tensors of a player become whole: the student's pipeline stages are
-        assembled (`whole`); the other players are never pipelined."""
-        return self.whole if player == "student" else (lambda local: local)
+    def gather_of(self, player: str) -> Gather:
+        """How this rank takes part in making a player's tensors whole: the student's pipeline
+        stages are assembled (`whole`) from the first replica of each; the other players are
+        never pipelined. Rank 0 keeps the result (it writes the files, draws the grids)."""
+        piped = player == "student" and self.pipeline
+        holds = self.ctx.dp_rank == 0 if piped else self.ctx.rank == 0
+        return Gather(self.whole if piped else (lambda local: local), holds, keeps=self.ctx.rank == 0)
 
     def resume(self) -> bool:
         directory = self.ckpt.resume_target() if self.cfg.checkpoint.resume else None
@@ -589,10 +597,12 @@ class Trainer:
         return self.whole(player_weights(self.engines["student"], self.optimizers["student"], self.names))
 
     def full_weights(self) -> dict[str, torch.Tensor]:
-        """Whole weights of the student: the EMA when enabled, else the raw ones. Collective."""
+        """Whole weights of the student for rank 0's grids and evals: the EMA when enabled (in
+        host memory on rank 0, {} on the others), else the raw ones. Collective."""
         if self.ema is None:
             return self.raw_weights()
-        return self.whole(self.ema.full_state_dict(self.ema_module))
+        gather = self.gather_of("student")
+        return gather.made_whole(self.ema.full_state_dict(self.ema_module, gather.holds))
 
     def whole(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The whole network's tensors from what this rank holds. Under pipeline parallelism each

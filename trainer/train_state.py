@@ -26,7 +26,7 @@ from torch import nn
 from data_pipeline.stream import handed_over
 from trainer.checkpoint import EMA_FILE, STAGE_FILE, CheckpointManager, RankState
 from trainer.distributed import all_gather_ints
-from trainer.elastic import Shape, gather_player, load_player, universal_file
+from trainer.elastic import Gather, Shape, gather_player, load_player, universal_file
 from trainer.ema import EMA
 
 
@@ -109,18 +109,17 @@ class StreamState:
         self.stream.load_state_dict(state["stream"])
 
 
-Whole = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
-
-
 class EMAState:
-    """The EMA's whole weights (ema.safetensors, what inference loads) and its update count.
-    state_dict is collective (gathers ZeRO-3 partitions and pipeline stages)."""
+    """The EMA's whole weights (ema.safetensors, what inference loads; on the rank that keeps
+    them, `gather`) and its update count. state_dict is collective (gathers ZeRO-3 partitions
+    and pipeline stages)."""
 
-    def __init__(self, ema: EMA, module: nn.Module, whole: Whole):
-        self.ema, self.module, self.whole = ema, module, whole
+    def __init__(self, ema: EMA, module: nn.Module, gather: Gather):
+        self.ema, self.module, self.gather = ema, module, gather
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ema_updates": self.ema.num_updates, EMA_FILE: self.whole(self.ema.full_state_dict(self.module))}
+        whole = self.gather.made_whole(self.ema.full_state_dict(self.module, self.gather.holds))
+        return {"ema_updates": self.ema.num_updates, EMA_FILE: whole}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """A checkpoint of ema.enabled=false (resumed with it on, an allowed config change) has
@@ -152,19 +151,20 @@ class StageState:
 
 class PlayersState:
     """Every player's fp32 master weights and Adam moments as whole tensors (one universal file
-    per player) and its step counts (the rank JSON's "optimizers"): what an elastic resume
-    re-partitions onto another layout (trainer/elastic.py). Collective."""
+    per player, kept by the rank that writes it: `gather`) and its step counts (the rank JSON's
+    "optimizers"): what an elastic resume re-partitions onto another layout (trainer/elastic.py).
+    Collective."""
 
     def __init__(self, engines: dict[str, Any], optimizers: dict[str, Any], names: Callable[[str], dict[str, str]],
-                 whole: Callable[[str], Whole], enabled: bool = True):
-        self.engines, self.optimizers, self.names, self.whole = engines, optimizers, names, whole
+                 gather: Callable[[str], Gather], enabled: bool = True):
+        self.engines, self.optimizers, self.names, self.gather = engines, optimizers, names, gather
         self.enabled = enabled
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"optimizers": {}}
         for name in self.engines if self.enabled else ():
             state[universal_file(name)], state["optimizers"][name] = gather_player(
-                self.engines[name], self.optimizers[name], self.names(name), self.whole(name))
+                self.engines[name], self.optimizers[name], self.names(name), self.gather(name))
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

@@ -74,6 +74,9 @@ def check(name: str, ds: DeepSpeedConfig, ctx) -> float:
     assert all(torch.equal(t, full[n]) for n, t in restored.full_state_dict(module).items()), name
     restored.restart(module)
     assert all(torch.equal(t, masters[n]) for n, t in restored.full_state_dict(module).items()), name
+    # a rank that does not keep them takes part in each gather and holds none of the whole tensors
+    kept = ema.full_state_dict(module, holds=ctx.rank == 0)
+    assert kept == {} if ctx.rank else all(torch.equal(kept[n], full[n]) for n in full), name
     return max(float((full[n] - of_weights[n]).abs().max()) for n in full)
 
 

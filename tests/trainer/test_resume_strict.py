@@ -9,7 +9,7 @@ import torch
 from tests.models.test_dit_model import tiny
 from trainer.checkpoint import RankState
 from trainer.config import EMAConfig
-from trainer.elastic import MOMENTS, ElasticError, check_universal_names
+from trainer.elastic import MOMENTS, ElasticError, Gather, check_universal_names
 from trainer.ema import EMA
 from trainer.train_state import EMAState, SavedState
 
@@ -48,7 +48,7 @@ def test_an_ema_turned_on_at_resume_starts_at_the_resumed_weights(tmp_path, caps
     with torch.no_grad():  # the resumed weights, loaded after the EMA was made
         for p in net.parameters():
             p.add_(1.0)
-    EMAState(ema, net, lambda local: local).load_state_dict(SavedState(tmp_path, RankState(meta={}, tensors={})))
+    EMAState(ema, net, Gather(lambda local: local)).load_state_dict(SavedState(tmp_path, RankState(meta={}, tensors={})))
     assert ema.num_updates == 0
     assert all(torch.equal(ema.shadow[n], p.float()) for n, p in net.named_parameters())
     assert "the EMA starts at the resumed weights" in capsys.readouterr().out
