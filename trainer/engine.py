@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -313,7 +314,13 @@ class Trainer:
         return states
 
     def save(self) -> Path:
-        return save_states(self.ckpt, self.state.step, self.engines, self.stateful(), self.config_yaml)
+        """Collective: the checkpoint of this step; rank 0 says how long it took (what a SLURM
+        job's --shutdown-timeout must leave room for, besides two steps)."""
+        start = time.perf_counter()
+        directory = save_states(self.ckpt, self.state.step, self.engines, self.stateful(), self.config_yaml)
+        if self.ctx.is_main:
+            print(f"checkpoint {directory.name} saved in {time.perf_counter() - start:.1f} s", flush=True)
+        return directory
 
     def player_names(self, player: str) -> dict[str, str]:
         """A trained module's parameter names -> the names its state is saved under."""
