@@ -344,7 +344,7 @@ def upright_frame(frame: av.VideoFrame) -> np.ndarray:
     matrix its stream names, else the one a player guesses (`color.yuv_matrix`), turned and
     mirrored by its display matrix (a phone stores a portrait video sideways with one) as
     ffmpeg's autorotate does (`display_orientation`); a view."""
-    rgb = frame.to_ndarray(format="rgb24", src_colorspace=yuv_matrix(frame))  # (H, W, 3) as stored
+    rgb = frame.to_ndarray(format="rgb24", src_colorspace=yuv_matrix(frame), threads=1)  # (H, W, 3) as stored
     return upright(rgb, display_orientation(frame))
 
 
@@ -408,7 +408,7 @@ def _clip(data: bytes, spec: TransformSpec, u: float) -> Clip:
     header gives neither count nor duration (a live WebM, as a browser's MediaRecorder writes
     it) has its packets counted (`packet_count`): placed within its own length instead, every
     clip of it was its first frames."""
-    with av.open(io.BytesIO(data)) as container:
+    with open_video(data) as container:
         stream = container.streams.video[0]
         rate = frame_rate(stream)
         stride = spec.stride(rate)
@@ -420,9 +420,24 @@ def _clip(data: bytes, spec: TransformSpec, u: float) -> Clip:
         sought = _sought(container, stream, wanted, rate)
         if sought is not None:
             return _upright(sought, stream)
-    with av.open(io.BytesIO(data)) as container:
+    with open_video(data) as container:
         stream = container.streams.video[0]
         return _upright(_counted(container, stream, wanted, spec.frame_counts, stride, u, rate), stream)
+
+
+def open_video(data: bytes):
+    """A video's container whose first video stream decodes on this thread alone, as its frames
+    are converted (`upright_frame`): FFmpeg's default is a pool of threads per decoder and per
+    scaler, which a loader worker (one process of several a core) does not need, and which a
+    process forked while one of them held a lock of FFmpeg's (a worker forked again after a
+    crash, by a rank that decoded a preview clip) waits on forever."""
+    container = av.open(io.BytesIO(data))
+    try:
+        container.streams.video[0].thread_count = 1
+    except BaseException:
+        container.close()
+        raise
+    return container
 
 
 def _upright(frames: list[av.VideoFrame], stream) -> Clip:

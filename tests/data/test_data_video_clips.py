@@ -318,3 +318,24 @@ def test_clip_settings_of_an_image_stream_are_refused_naming_the_key(key, value)
     with pytest.raises(ValueError, match=rf"^data\.{key}: is a setting of video clips"):
         check_clip_settings(DataConfig(kind="image", **{key: value}))
     check_clip_settings(DataConfig(kind="video", **{key: value}))
+
+
+@pytest.mark.parametrize("fmt,codec", CONTAINERS)
+def test_a_clip_is_decoded_and_converted_on_the_workers_own_thread(fmt, codec, monkeypatch):
+    """FFmpeg's defaults give each decoder and scaler a pool of threads: in a loader worker (one
+    process of several a core) they only compete, and a process forked while one held a lock of
+    FFmpeg's (a worker forked again after a crash) waited on it forever in the scaler."""
+    import os
+
+    data = _indexed_video(fmt, codec, width=64)
+    spec = TransformSpec.from_config(DataConfig(shards="unused", kind="video", num_frames=4, resolution=32))
+    before, seen = len(os.listdir("/proc/self/task")), []
+    convert = transforms.upright_frame
+
+    def counted(frame):
+        seen.append(len(os.listdir("/proc/self/task")))  # while the decoder is open
+        return convert(frame)
+
+    monkeypatch.setattr(transforms, "upright_frame", counted)
+    assert len(video_pixels(data, spec, (0.5, 0.5, 0.5)).frames) == 4
+    assert set(seen) == {before}, (before, seen)
