@@ -133,7 +133,7 @@ def encode_mp4(frames: np.ndarray, fps: Union[int, Fraction], **options: str) ->
         for frame in frames:
             rgb = av.VideoFrame.from_ndarray(frame, format="rgb24")
             yuv = rgb.reformat(format="yuv420p", dst_colorspace="ITU709", dst_color_range="MPEG",
-                               dst_color_trc=BT709, dst_color_primaries=BT709)
+                               dst_color_trc=BT709, dst_color_primaries=BT709, threads=1)  # see open_video
             container.mux(stream.encode(yuv))
         container.mux(stream.encode())
     return buf.getvalue()

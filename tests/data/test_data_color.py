@@ -126,7 +126,7 @@ def _bt2020_clip(transfer: int, frames: int = 2) -> bytes:
         cc.color_primaries, cc.color_trc, cc.colorspace = 9, transfer, 9
         for _ in range(frames):
             frame = av.VideoFrame.from_ndarray(signal, format="rgb48le")
-            frame = frame.reformat(format="yuv444p10le", dst_colorspace=9)  # BT.2020's matrix
+            frame = frame.reformat(format="yuv444p10le", dst_colorspace=9, threads=1)  # BT.2020's matrix
             frame.color_primaries, frame.color_trc, frame.colorspace = 9, transfer, 9
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
@@ -153,7 +153,7 @@ def test_hlg_video_in_bt2020_is_seen_in_bt709_colours():
     assert bucket_size(45, 2.0) == (32, 64)
     got = video_pixels(data, spec, (0.5, 0.5, 0.0)).frames
     with av.open(io.BytesIO(data)) as container:
-        as_stored = next(container.decode(video=0)).to_ndarray(format="rgb24")
+        as_stored = next(container.decode(video=0)).to_ndarray(format="rgb24", threads=1)
     assert np.abs(_linear(as_stored) - _linear(SHOWN)).max() > 0.3  # what the loader gave before
     assert got.shape == (2, 32, 64, 3)
     assert np.abs(_linear(got) - _linear(SHOWN)).max() < 0.0094
@@ -184,7 +184,7 @@ def _untagged_clip(width: int, height: int, matrix: int) -> bytes:
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv444p"
         for _ in range(2):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(shown), format="rgb24")
-            container.mux(stream.encode(frame.reformat(format="yuv444p", dst_colorspace=matrix)))
+            container.mux(stream.encode(frame.reformat(format="yuv444p", dst_colorspace=matrix, threads=1)))
         container.mux(stream.encode())
     return buf.getvalue()
 
@@ -198,7 +198,7 @@ def test_untagged_video_is_read_with_the_matrix_a_player_assumes_for_its_size(wi
     with av.open(io.BytesIO(data)) as container:
         frame = next(container.decode(video=0))
         assert frame.colorspace == 2  # unspecified
-        ffmpeg_default = frame.to_ndarray(format="rgb24")
+        ffmpeg_default = frame.to_ndarray(format="rgb24", threads=1)
     spec = TransformSpec.from_config(DataConfig(shards="unused", kind="video", num_frames=2, resolution=64,
                                                 aspect_buckets=[width / height]))
     got = video_pixels(data, spec, (0.5, 0.5, 0.0)).frames  # (2, h, w, 3), patches resized alike

@@ -171,7 +171,7 @@ def _decode_mp4(data: bytes) -> np.ndarray:
     import av
 
     with av.open(io.BytesIO(data)) as c:
-        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+        return np.stack([f.to_ndarray(format="rgb24", threads=1) for f in c.decode(video=0)])
 
 
 def test_synth_is_fast():

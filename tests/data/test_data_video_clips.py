@@ -71,7 +71,7 @@ def test_a_seek_reaches_the_frames_that_counting_from_the_first_reaches(fmt, cod
             stream = container.streams.video[0]
             frames = _sought(container, stream, wanted, stream.average_rate)
             assert frames is not None, start
-            assert _indices([f.to_ndarray(format="rgb24") for f in frames]) == list(wanted)
+            assert _indices([f.to_ndarray(format="rgb24", threads=1) for f in frames]) == list(wanted)
 
 
 def test_a_seek_for_frames_past_the_last_gives_none():
@@ -134,7 +134,7 @@ def test_non_square_pixels_are_shown_stretched(rotation):
     got = video_pixels(buf.getvalue(), spec, (0.5, 0.5, 0.0)).frames
     h, w = (64, 32) if rotation else (32, 64)
     with av.open(io.BytesIO(buf.getvalue())) as container:
-        coded = [np.rot90(f.to_ndarray(format="rgb24"), rotation // 90) for f in container.decode(video=0)]
+        coded = [np.rot90(f.to_ndarray(format="rgb24", threads=1), rotation // 90) for f in container.decode(video=0)]
     want = np.stack([resize_box(np.ascontiguousarray(f), (0, 0, 32, 32), h, w) for f in coded])
     np.testing.assert_array_equal(got, want)
 
@@ -198,7 +198,7 @@ def test_display_matrices_with_a_mirroring_are_shown_as_a_player_shows_them(degr
     data = _marked_video(degrees, hflip, vflip)
     with av.open(io.BytesIO(data)) as container:
         frame = next(container.decode(video=0))
-        stored = frame.to_ndarray(format="rgb24")
+        stored = frame.to_ndarray(format="rgb24", threads=1)
         got = transforms.upright_frame(frame)
     want = np.rot90(stored, degrees // 90)
     want = want[::-1 if vflip else 1, ::-1 if hflip else 1]

@@ -182,7 +182,7 @@ def test_video_model_writes_mp4_and_gif_grid(tmp_path, fps, plays_at):
     assert dit(["sample", str(checkpoint), "--prompt", "a large red circle moving left", "--steps", "2",
                         "--out", str(out)]) == 0
     with av.open(str(out / "00000.mp4")) as container:
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        frames = [f.to_ndarray(format="rgb24", threads=1) for f in container.decode(video=0)]
         assert container.streams.video[0].average_rate == plays_at
     assert len(frames) == 4 and frames[0].shape == (16, 16, 3)
     with Image.open(out / "grid.gif") as grid:

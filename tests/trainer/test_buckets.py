@@ -138,7 +138,7 @@ def test_video_samples_at_frames_height_width(tmp_path):
     assert dit(["sample", str(checkpoint), "--prompt", "a red circle moving left", "--steps", "2", "--frames", "2",
                 "--height", "16", "--width", "32", "--out", str(out)]) == 0
     with av.open(str(out / "00000.mp4")) as container:
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        frames = [f.to_ndarray(format="rgb24", threads=1) for f in container.decode(video=0)]
     assert len(frames) == 2 and frames[0].shape == (16, 32, 3)
 
 
