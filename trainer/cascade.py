@@ -66,7 +66,7 @@ from trainer.diffusion.utils import Generators
 from trainer.encoder_record import check_encoders
 from trainer.media import save_image_grid, save_mp4, save_video_grid, to_uint8
 from trainer.numerics import autocast
-from trainer.stage_config import distilled_steps
+from trainer.stage_config import distilled_steps, listing
 
 DISTILLED = ("progressive", "adversarial")  # student checkpoints of the distillation stages
 RAW_PREFIX = "fp32/"  # the fp32 master weights in a universal file (trainer/elastic.py)
@@ -287,13 +287,8 @@ def distilled_settings(cfg: RunConfig, settings: SamplerSettings, directory: Pat
         if asked != default and asked != now]
     if unused:
         print(f"{student}: it samples with {used.sampler} and no CFG, so the "
-              f"{in_words(unused)} asked for do not apply", flush=True)
+              f"{listing(unused)} asked for do not apply", flush=True)
     return used
-
-
-def in_words(items: Sequence[str]) -> str:
-    """`items` as a list in words: "a", "a and b", "a, b and c"."""
-    return " and ".join(filter(None, (", ".join(items[:-1]), items[-1])))
 
 
 def resize_pixels(pixels: Tensor, size: int | tuple[int, int]) -> Tensor:

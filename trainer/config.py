@@ -471,7 +471,8 @@ def check_video_only(m: ModelConfig) -> None:
 # said where an off switch does (a config's value kept while a run turns its feature off).
 SWITCHED: tuple[tuple[str, str, Callable[[RunConfig], bool], bool], ...] = (
     ("diffusion.timestep_sampler", "the pretrain and superres stages (distillation draws its student's steps, "
-                                   "the autoencoder stage no timesteps)", lambda c: c.stage.kind in NOISING_STAGES, True),
+                                   "the autoencoder stage no timesteps)",
+     lambda c: STAGE_KINDS[c.stage.kind].draws_timesteps, True),
     *((f"model.{k}", "the stages that train a DiT (the autoencoder stage's network has no DiT blocks)",
        lambda c: c.stage.kind != "autoencoder", True) for k in ("checkpoint_policy", "activation_checkpointing")),
     ("model.text.arch", "model.text.kind=open_clip", lambda c: c.model.text.kind == "open_clip", True),
@@ -486,7 +487,6 @@ SWITCHED: tuple[tuple[str, str, Callable[[RunConfig], bool], bool], ...] = (
     ("optim.min_lr_ratio", "optim.lr_schedule=cosine", lambda c: c.optim.lr_schedule == "cosine", False),
     *((f"ema.{k}", "ema.enabled=true", lambda c: c.ema.enabled, False) for k in ("decay", "warmup_steps")),
 )
-NOISING_STAGES = ("pretrain", "superres")  # the kinds that draw training timesteps with diffusion.timestep_sampler
 
 
 def switched_off(cfg: RunConfig, refused: bool) -> list[tuple[str, Any, str]]:

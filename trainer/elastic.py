@@ -240,10 +240,16 @@ def _full(param: nn.Parameter, key: Optional[str], optimizer: torch.optim.Optimi
 
 
 def _whole_state(params: list[tuple[str, nn.Parameter]], key: Optional[str], optimizer: torch.optim.Optimizer,
-                 masters: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+                 masters: dict[int, torch.Tensor], held: Optional[Gather] = None) -> dict[str, torch.Tensor]:
     """This rank's trained parameters' whole fp32 masters (key None) or moments by network
-    weight name (`_full`; a flat block parameter's by its weights)."""
-    return {w: t for name, p in params for w, t in expand(name, p, _full(p, key, optimizer, masters.get(id(p))))}
+    weight name (`_full`, collective; a flat block parameter's by its weights); with `held`, in
+    host memory where this rank holds them, else none (each dropped once gathered)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, p in params:
+        value = _full(p, key, optimizer, masters.get(id(p)))
+        if held is None or held.holds:
+            out.update(expand(name, p, value if held is None else value.cpu()))
+    return out
 
 
 def player_weights(engine: Any, optimizer: torch.optim.Optimizer, names: dict[str, str]) -> dict[str, torch.Tensor]:
@@ -290,11 +296,7 @@ def gather_player(engine: Any, optimizer: torch.optim.Optimizer, names: dict[str
     masters = half_masters(engine)
     tensors: dict[str, torch.Tensor] = {}
     for kind, key in (("fp32", None), *((m, m) for m in MOMENTS)):
-        local: dict[str, torch.Tensor] = {}
-        for name, p in params:
-            value = _full(p, key, optimizer, masters.get(id(p)))  # collective: whole on every rank
-            if gather.holds:
-                local.update(expand(name, p, value.cpu()))
+        local = _whole_state(params, key, optimizer, masters, gather)
         tensors.update({f"{kind}/{name}": t for name, t in gather.made_whole(local).items()})
     steps = {_as_int(s["step"]) for s in optimizer.state.values() if "step" in s}
     if len(steps) > 1:

@@ -29,8 +29,8 @@ from trainer.config import RunConfig, to_yaml, unread_settings, validate
 from trainer.diffusion.noise import sample_generators
 from trainer.distributed import (LateRead, PreemptionFlag, comm_device, compute_device, init_distributed,
                                  max_over_ranks, wait_for_rank0)
-from trainer.elastic import (LAYOUT_KEYS, BatchRequest, Gather, Shape, copy_frozen, dynamic_loss_scaler, keep_global_batch,
-                             player_weights, seed_masters, shape_of, written_shape)
+from trainer.elastic import (LAYOUT_KEYS, BatchRequest, Gather, Shape, copy_frozen, dynamic_loss_scaler,
+                             keep_global_batch, player_weights, seed_masters, shape_of, written_shape)
 from trainer.ema import EMA
 from trainer.flat_params import weight_names
 from trainer.masters import Masters

@@ -14,7 +14,7 @@ registered in `trainer.stages.STAGES`; checks that read files (a teacher's confi
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field, fields, make_dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
 
 from trainer.config_errors import ConfigError, check
 
@@ -43,6 +43,9 @@ class StageSettings:
     # with log.sample_cfg (`samples_dit`), from log.prompts (`draws_prompts`).
     samples_dit: ClassVar[bool] = False
     draws_prompts: ClassVar[bool] = False
+    # Whether the kind noises its inputs at times drawn by diffusion.timestep_sampler (the
+    # distillation stages draw their student's steps; the autoencoder stage, no times).
+    draws_timesteps: ClassVar[bool] = False
 
     def check(self, cfg: RunConfig) -> None:
         check(self.steps >= 1, "stage.steps", "must be at least 1")
@@ -62,7 +65,7 @@ class StageSettings:
         for key in DIT_INPUTS:
             takers = [name for name, kind in STAGE_KINDS.items() if key in kind.dit_inputs]
             check(not getattr(cfg.model, key) or key in self.dit_inputs, f"model.{key}",
-                  f"is an input of the {_listing(takers)} students; the {self.kind} stage does not feed it "
+                  f"is an input of the {listing(takers)} students; the {self.kind} stage does not feed it "
                   f"(set model.{key}=false)")
         check(not (cfg.checkpoint.init_from and self.student_from), "checkpoint.init_from",
               f"warm-starts the DiT of pretrain and superres stages; the {self.kind} stage "
@@ -91,6 +94,7 @@ class PretrainSettings(StageSettings):
     student_from: ClassVar[str] = ""
     samples_dit: ClassVar[bool] = True
     draws_prompts: ClassVar[bool] = True
+    draws_timesteps: ClassVar[bool] = True
 
     def check(self, cfg: RunConfig) -> None:
         check(0.0 <= self.cfg_dropout < 1.0, "stage.cfg_dropout", "must be in [0, 1)")
@@ -128,6 +132,7 @@ class ProgressiveSettings(PretrainSettings):
 
     sequence_parallel: ClassVar[bool] = False
     student_from: ClassVar[str] = "starts its student from stage.teacher"
+    draws_timesteps: ClassVar[bool] = False
     # Not superres: neither the teacher's targets nor the student's forward get a low-resolution
     # input (`lowres`, `aug_level`), so a super-resolution DiT fails at its first forward.
     dit_inputs: ClassVar[tuple[str, ...]] = ("guidance_embed",)
@@ -223,7 +228,7 @@ def validate_stage(cfg: RunConfig) -> None:
     settings = stage_settings(cfg.stage)
     settings.check(cfg)
     check(not (cfg.deepspeed.pipeline_stages > 1 and not settings.pipeline), "deepspeed.pipeline_stages",
-          f"pipeline parallelism splits the DiT student of the {_listing(supporting('pipeline'))} "
+          f"pipeline parallelism splits the DiT student of the {listing(supporting('pipeline'))} "
           f"stages; the {settings.kind} stage trains another network (use ZeRO: deepspeed.pipeline_stages=1)")
     check(not (cfg.data.resolutions and cfg.deepspeed.pipeline_stages > 1), "data.resolutions",
           "the pipeline engine exchanges activations of one shape; train multi-resolution buckets with ZeRO "
@@ -235,7 +240,7 @@ def check_guidance_input(cfg: RunConfig) -> None:
     w: drawn from a range, the teacher's targets at random w would teach it their blend, a
     guidance scale nobody chose that `dit sample --cfg` cannot change. One w is baked in."""
     stage = cfg.stage
-    if stage.kind not in ("progressive", "adversarial") or cfg.model.guidance_embed:
+    if not issubclass(STAGE_KINDS[stage.kind], ProgressiveSettings) or cfg.model.guidance_embed:
         return
     check(stage.guidance_min == stage.guidance_max, "stage.guidance_max",
           f"model.guidance_embed=false: the student takes no guidance input, so targets the teacher draws at w on "
@@ -261,11 +266,12 @@ def check_foreign_knobs(stage: Any) -> None:
         if f.name in own or getattr(stage, f.name) == getattr(defaults, f.name):
             continue
         kinds = [name for name, kind in STAGE_KINDS.items() if f.name in {g.name for g in fields(kind)}]
-        raise ConfigError(f"stage.{f.name}", f"is a setting of the {_listing(kinds)} stage(s); the {stage.kind} "
+        raise ConfigError(f"stage.{f.name}", f"is a setting of the {listing(kinds)} stage(s); the {stage.kind} "
                                              f"stage ignores it (remove it, or set stage.kind to one that uses it)")
 
 
-def _listing(names: list[str]) -> str:
+def listing(names: Sequence[str]) -> str:
+    """`names` as a list in words: "a", "a and b", "a, b and c"."""
     return ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else "".join(names)
 
 

@@ -48,7 +48,8 @@ def test_an_ema_turned_on_at_resume_starts_at_the_resumed_weights(tmp_path, caps
     with torch.no_grad():  # the resumed weights, loaded after the EMA was made
         for p in net.parameters():
             p.add_(1.0)
-    EMAState(ema, net, Gather(lambda local: local)).load_state_dict(SavedState(tmp_path, RankState(meta={}, tensors={})))
+    saved = SavedState(tmp_path, RankState(meta={}, tensors={}))
+    EMAState(ema, net, Gather(lambda local: local)).load_state_dict(saved)
     assert ema.num_updates == 0
     assert all(torch.equal(ema.shadow[n], p.float()) for n, p in net.named_parameters())
     assert "the EMA starts at the resumed weights" in capsys.readouterr().out
