@@ -71,6 +71,13 @@ class DataConfig:
     # With several buckets, batches are formed within windows of this many batches.
     bucket_window: int = 8
     prefetch_factor: int = 2  # batches prefetched per worker
+    # A loader worker whose batch the rank waits for and that makes no progress for this many
+    # seconds (begins, reads or decodes no sample: a native decoder hung on a damaged file) is
+    # killed and forked again past the sample it was on, which is skipped as `stalled_decoder`
+    # (as a crash is); below the collective timeout (deepspeed.comm_timeout_s), so the other
+    # ranks do not time out waiting for this one. 0: wait for ever. (No worker processes,
+    # num_workers=0: nothing watches.)
+    stall_timeout_s: float = 300.0
     max_logged_skips: int = 20  # per worker and reason; later skips are only counted
     # Remote shards (s3://, gs://, https://, pipe:): bytes per ranged read (the read-ahead held
     # per open shard), retries of a failed read (then the shard is skipped, every sample of it
@@ -125,6 +132,7 @@ def validate_data_config(cfg: DataConfig) -> None:
         (cfg.shuffle_buffer >= 1, "shuffle_buffer", "must be at least 1 (1 = no shuffle within shards)"),
         (cfg.bucket_window >= 1, "bucket_window", "must be at least 1"),
         (cfg.prefetch_factor >= 1, "prefetch_factor", "must be at least 1"),
+        (cfg.stall_timeout_s >= 0, "stall_timeout_s", "must be >= 0 seconds (0: wait for ever)"),
         (cfg.remote_block_size >= 512, "remote_block_size", "must be at least 512 bytes (one tar block)"),
         (cfg.remote_retries >= 0, "remote_retries", "must be >= 0"),
         (cfg.remote_backoff >= 0, "remote_backoff", "must be >= 0 seconds"),

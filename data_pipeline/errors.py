@@ -18,6 +18,7 @@ SKIP_REASONS = (
     "corrupt_video",
     "hdr_video",  # PQ (HDR10) video: needs tone mapping to SDR first (data_pipeline/color.py)
     "crashed_decoder",  # its worker died of a crash signal on it (a native decoder's fault): restarted past it
+    "stalled_decoder",  # its worker made no progress on it for data.stall_timeout_s: killed, restarted past it
     "corrupt_text",
     "corrupt_json",
     "corrupt_array",

@@ -38,7 +38,7 @@ import urllib.parse
 from pathlib import Path
 from typing import BinaryIO, NamedTuple, Optional
 
-from data_pipeline import remote
+from data_pipeline import progress, remote
 from data_pipeline.errors import DataError
 
 _TMP = ".part-"
@@ -91,6 +91,7 @@ def cached_copy(url: str, directory: str, max_bytes: int, recorded: Recorded = R
             while chunk := src.read(remote.DOWNLOAD_BLOCK):
                 out.write(chunk)
                 digest.update(chunk)
+                progress.step()
             written = out.tell()
         if expected is not None and written != expected:
             raise OSError(f"download of {remote.redact(url)} stopped at {written} of {expected} bytes")

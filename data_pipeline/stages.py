@@ -13,14 +13,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import islice
-from typing import Callable, Iterable, Iterator, Optional, Union
+from types import MappingProxyType
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Union
 
 import numpy as np
 import torch
 
+from data_pipeline import progress
 from data_pipeline.decode import Decoded, Jpeg, JsonRecords, decode_sample
 from data_pipeline.errors import DataError, SkipCounter, SkipSample
 from data_pipeline.plan import Slot
+from data_pipeline.progress import PROGRESS
 from data_pipeline.tar_reader import LazySample, RawSample, ShardReader
 from data_pipeline.transfer import new_arrays
 from data_pipeline.transforms import ImagePlan, Pixels, TransformSpec, image_pixels, image_plan, video_pixels
@@ -29,6 +32,19 @@ from data_pipeline.transforms import ImagePlan, Pixels, TransformSpec, image_pix
 Allocate = Callable[[list[tuple[int, ...]]], list[np.ndarray]]
 # the phase of the sample a worker is on (`mark[2]`, stream.SampleMarks): being read or opened, or its pixels decoded
 READING, PIXELS = 0, 1
+# (shard, index) -> why: the samples a worker died on (or was killed on, stalled) in one phase
+Lost = Mapping[tuple[int, int], str]
+EMPTY: Lost = MappingProxyType({})
+LOST = {"crashed_decoder": "a loader worker died of a crash signal on it",
+        "stalled_decoder": "a loader worker made no progress on it for data.stall_timeout_s"}
+
+
+def begin(mark: Optional[memoryview], shard: int, index: int, phase: int) -> None:
+    """Set a worker's mark to the sample it begins (shard -1: none, between two batches), one
+    step of progress."""
+    if mark is not None:
+        mark[0], mark[1], mark[2] = shard, index, phase
+        mark[PROGRESS] += 1
 
 
 @dataclass(slots=True)
@@ -58,14 +74,15 @@ def _skip(item: Item, error: SkipSample, counter: SkipCounter) -> None:
 
 def read_stage(blocks: Iterable[list[Slot]], reader: ShardReader, paths: tuple[str, ...],
                counter: SkipCounter, mark: Optional[memoryview] = None,
-               crashed: frozenset = frozenset()) -> Iterator[Item]:
+               crashed: Lost = EMPTY) -> Iterator[Item]:
     """Tar to samples: locate each block's samples in file order (headers only; a remote
     sample's bytes too), hand them out in plan order, a local sample's bytes copied out of the
     mapped shard just then: a worker holds one sample's bytes, not its stripe of the block's.
     Each time it starts on a shard, the reader hears which shard comes after (read-ahead).
-    `mark` (three integers) is set to the (shard, index, 0) of each sample as it is begun: the
-    later stages open that sample until the next one is read (stream.SampleMarks). The samples
-    `crashed` names (a worker died on them while reading or opening them) are skipped unread."""
+    `mark` is set to the (shard, index, READING) of each sample as it is begun, its progress
+    counted at each read too: the later stages open that sample until the next one is read
+    (stream.SampleMarks). The samples `crashed` names (a worker died or stalled on them while
+    reading or opening them) are skipped unread, for the reason it gives."""
     blocks = iter(blocks)
     block = next(blocks, None)
     while block is not None:
@@ -80,13 +97,14 @@ def read_stage(blocks: Iterable[list[Slot]], reader: ShardReader, paths: tuple[s
                 fetched[where] = reader.read(*where, lazy=True)
             except SkipSample as e:
                 fetched[where] = e
+            progress.step()
         for slot in block:
-            if mark is not None:
-                mark[0], mark[1], mark[2] = slot.shard, slot.index, READING
+            begin(mark, slot.shard, slot.index, READING)
             counter.read()
-            if crashed and (slot.shard, slot.index) in crashed:
+            reason = crashed.get((slot.shard, slot.index)) if crashed else None
+            if reason is not None:
                 item = Item(slot, paths[slot.shard], f"#{slot.index}")
-                _skip(item, SkipSample("crashed_decoder", "a loader worker died of a crash signal on it"), counter)
+                _skip(item, SkipSample(reason, LOST[reason]), counter)
                 yield item
                 continue
             got = _loaded(fetched[slot.shard, slot.index])
@@ -185,9 +203,9 @@ def batch_stage(items: Iterable[Item], batch_size: int, window: int) -> Iterator
 
 
 def collate_stage(batches: Iterable[tuple[list[Item], list[bool]]], allocate: Allocate, counter: SkipCounter,
-                  mark: Optional[memoryview] = None, crashed: frozenset = frozenset()) -> Iterator[dict]:
-    """Batches (`collate`); the samples `crashed` names (a worker died decoding their pixels)
-    are skipped there, not decoded."""
+                  mark: Optional[memoryview] = None, crashed: Lost = EMPTY) -> Iterator[dict]:
+    """Batches (`collate`); the samples `crashed` names (a worker died or stalled decoding
+    their pixels) are skipped there, not decoded."""
     for items, valid in batches:
         yield collate(items, valid, allocate, counter, mark, crashed)
 
@@ -227,7 +245,7 @@ def clip_length(counts: list[int]) -> int:
 
 def collate(items: list[Item], valid: list[bool], allocate: Allocate = new_arrays,
             counter: Optional[SkipCounter] = None, mark: Optional[memoryview] = None,
-            crashed: frozenset = frozenset()) -> dict:
+            crashed: Lost = EMPTY) -> dict:
     """One batch. Pixels (B, F, H, W, 3) uint8 are written once, into their final memory from
     `allocate` (a loader slot, see transfer.py), images decoded just then (`write_pixels`).
     Tensor members are stacked by name."""
@@ -256,7 +274,7 @@ def collate(items: list[Item], valid: list[bool], allocate: Allocate = new_array
 
 
 def write_pixels(items: list[Item], valid: list[bool], allocate: Allocate, counter: Optional[SkipCounter],
-                 mark: Optional[memoryview], crashed: frozenset) -> list[np.ndarray]:
+                 mark: Optional[memoryview], crashed: Lost) -> list[np.ndarray]:
     """(B, F, H, W, 3) uint8 at the first sample's bucket (and at its sr size), each sample's
     pixels written into its row, once per distinct sample (repeats are copied). A sample whose
     pixels cannot be decoded is skipped as any unusable sample is: its rows (and its place in
@@ -285,13 +303,14 @@ def write_pixels(items: list[Item], valid: list[bool], allocate: Allocate, count
 
 
 def _written(item: Item, rows: list[np.ndarray], counter: Optional[SkipCounter], mark: Optional[memoryview],
-             crashed: frozenset) -> bool:
+             crashed: Lost) -> bool:
     """Whether one sample's pixels are in its rows; False (the skip counted) when it is unusable."""
     if item.bad:  # a filler that failed in an earlier batch: counted then
         return False
     try:
-        if (item.slot.shard, item.slot.index) in crashed:
-            raise SkipSample("crashed_decoder", "a loader worker died of a crash signal decoding it")
+        reason = crashed.get((item.slot.shard, item.slot.index)) if crashed else None
+        if reason is not None:
+            raise SkipSample(reason, LOST[reason])
         _write_row(item, rows, mark)
         return True
     except SkipSample as e:
@@ -303,6 +322,5 @@ def _written(item: Item, rows: list[np.ndarray], counter: Optional[SkipCounter],
 
 def _write_row(item: Item, rows: list[np.ndarray], mark: Optional[memoryview]) -> None:
     """Decode one sample's pixels into its rows, `mark` naming it meanwhile (stream.SampleMarks)."""
-    if mark is not None:
-        mark[0], mark[1], mark[2] = item.slot.shard, item.slot.index, PIXELS
+    begin(mark, item.slot.shard, item.slot.index, PIXELS)
     item.pixels.write(rows)

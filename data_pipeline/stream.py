@@ -48,18 +48,19 @@ from data_pipeline.manifest import (Manifest, cascade_pairs_mismatch, check_pixe
                                     resolve_source, resolve_sources)
 from data_pipeline.plan import (EpochOrder, ResampledOrder, Segment, Slot, Topology, epoch_read_blocks, length,
                                  replay)
+from data_pipeline.progress import PROGRESS, track
 from data_pipeline.remote import RemoteOptions, redact
 from data_pipeline.shard_cache import Recorded
-from data_pipeline.stages import (PIXELS, READING, Allocate, batch_stage, collate_stage, decode_stage, read_stage,
-                                   transform_stage)
+from data_pipeline.stages import (PIXELS, READING, Allocate, Lost, batch_stage, begin, collate_stage,
+                                  decode_stage, read_stage, transform_stage)
 from data_pipeline.tar_reader import ShardReader
 from data_pipeline.transfer import FORK, PixelRing, new_arrays, slot_bytes
 from data_pipeline.transforms import TransformSpec
-from data_pipeline.workers import Producer, WorkerDied, WorkerPool, wait_with_parent
+from data_pipeline.workers import Producer, Watch, WorkerDied, WorkerPool, wait_with_parent
 
 log = logging.getLogger("data_pipeline")
 STATE_VERSION = 2  # 2: JPEGs bucketed by their header, whatever their decoding gives (see load_state_dict)
-MARK_FIELDS = 3  # a worker's sample mark: shard, index, phase (SampleMarks)
+MARK_FIELDS = 4  # a worker's sample mark: shard, index, phase, progress count (SampleMarks)
 SEGMENT_FIELDS = 7  # a segment of the state: Topology.as_list() and the batches consumed per rank
 # what a native library's fault kills a process with (not SIGKILL: a person, or the OOM killer)
 CRASH_SIGNALS = frozenset((signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT))
@@ -89,14 +90,14 @@ class RankJob:
     max_logged: int
     offsets: tuple[list[int], ...] = ()  # byte index per shard ([] where none)
     remote: RemoteOptions = RemoteOptions()
-    crashed: frozenset = frozenset()  # (shard, index, phase) of samples a worker died on (stages.PIXELS: decoding
-    #                                     their pixels, then skipped there; else reading or opening them: skipped unread)
+    crashed: frozenset = frozenset()  # (shard, index, phase, reason) of samples a worker died or stalled on
+    #   (stages.PIXELS: decoding their pixels, then skipped there; else reading or opening them: skipped unread)
     recorded: tuple[Recorded, ...] = ()  # the manifests' size and sha256 per shard: a remote shard of another is refused
     restarted: bool = False  # forked again in place of a worker that died: it sent the counts of the window it was in
 
-    def crashed_in(self, phase: int) -> frozenset:
-        """(shard, index) of the samples a worker died on in this phase."""
-        return frozenset((shard, index) for shard, index, p in self.crashed if p == phase)
+    def crashed_in(self, phase: int) -> Lost:
+        """(shard, index) -> skip reason of the samples a worker died or stalled on in this phase."""
+        return {(shard, index): reason for shard, index, p, reason in self.crashed if p == phase}
 
     def worker_batches(self, worker: int) -> Optional[int]:
         """Batches a worker serves in the segment; None when infinite (resampled)."""
@@ -150,12 +151,15 @@ def _counted_already(groups: Iterator, counter: SkipCounter) -> Iterator:
 
 
 class SampleMarks:
-    """Per worker process, the (shard, index, phase) of the sample it last began, in shared
-    memory mapped before the workers are forked: each worker sets its three integers as it
-    reads a sample (`stages.READING`) and as it decodes its pixels (`stages.PIXELS`), and the main
-    process reads them when a worker dies without a word. A decoder that crashes on a damaged
-    file (a segmentation fault in a native library) kills the worker, and a run resumed from
-    its checkpoint meets the same sample again: the error names it."""
+    """Per worker process, the (shard, index, phase) of the sample it last began and a count of
+    its progress, in shared memory mapped before the workers are forked: each worker sets its
+    three integers as it reads a sample (`stages.READING`) and as it decodes its pixels
+    (`stages.PIXELS`), bumping the count then, at each read of a block's samples and at each
+    block read from a remote store or downloaded (progress.py), and the main process reads them
+    when a worker dies without a word, or stands still (workers.Watch). A
+    decoder that crashes (or hangs) on a damaged file (a segmentation fault in a native
+    library) kills (or holds) the worker, and a run resumed from its checkpoint meets the same
+    sample again: the error names it."""
 
     def __init__(self, workers: int):
         self._memory = mmap.mmap(-1, 8 * MARK_FIELDS * max(workers, 1))  # MAP_SHARED
@@ -166,8 +170,11 @@ class SampleMarks:
     def of(self, worker: int) -> memoryview:
         return self._marks[MARK_FIELDS * worker: MARK_FIELDS * (worker + 1)]
 
+    def progress(self, worker: int) -> int:
+        return self._marks[MARK_FIELDS * worker + PROGRESS]
+
     def describe(self, worker: int, paths: tuple[str, ...]) -> str:
-        shard, index, _ = self.of(worker)
+        shard, index = self.of(worker)[:2]
         if shard < 0:
             return "; it had begun no sample"
         return (f"; the last sample it began is #{index} of {redact(paths[shard])}: if a decoder crashed on it, "
@@ -175,9 +182,9 @@ class SampleMarks:
 
 
 class _Recovery:
-    """How a rank's worker pool recovers in one segment: a worker killed by a crash signal is
-    forked again from the batch it owes, past the sample it was on (none between two batches),
-    which is skipped from then on; once per sample, `CRASH_RESTARTS` times, and not where
+    """How a rank's worker pool recovers in one segment: a worker killed by a crash signal (or
+    by the pool, stalled: workers.Watch) is forked again from the batch it owes, past the sample
+    it was on (none between two batches), which is skipped from then on; once per sample, `CRASH_RESTARTS` times, and not where
     other processes read the same batches (`Stream`'s skip_unreadable=False: a crash need not
     be the data's, and skipped on one process alone it would shift its batches). A sample it
     died reading or opening is skipped unread, so not inside a bucket window it may have served
@@ -187,34 +194,36 @@ class _Recovery:
     they were, so those restarts may fall inside a window."""
 
     def __init__(self, job: RankJob, ring: PixelRing, marks: SampleMarks, rotation: int,
-                 crashed: set[tuple[int, int, int]]):
+                 crashed: set[tuple[int, int, int, str]]):
         self.job, self.ring, self.marks, self.rotation, self.crashed = job, ring, marks, rotation, crashed
         self.restarts: list[tuple[int, int]] = []  # the (shard, index) each restarted worker had died on
 
     def restart(self, died: WorkerDied, handed: int) -> Optional[RankJob]:
         """The job to fork pool worker `died.worker` again with, `handed` batches of the segment
         handed out; None where it is not to be forked again."""
-        job, (shard, index, phase) = self.job, self.marks.of(died.worker)
+        job, (shard, index, phase, _) = self.job, self.marks.of(died.worker)
         worker = (died.worker + self.rotation) % job.topo.num_workers
         owed = job.topo.worker_share(job.consumed + handed, worker)  # batches it has handed out
         regrouped = shard < 0 or phase == PIXELS  # nothing skipped unread: its window's batches come out as before
-        if died.signal not in CRASH_SIGNALS or len(self.restarts) >= CRASH_RESTARTS or \
+        if not (died.stalled or died.signal in CRASH_SIGNALS) or len(self.restarts) >= CRASH_RESTARTS or \
                 (shard, index) in self.restarts or (owed % job.topo.window and not regrouped):
             return None
+        how = (f"made no progress for {died.stalled:.0f} s (killed)" if died.stalled
+               else f"died of {signal.Signals(died.signal).name}")
         if not job.remote.skip_unreadable:  # other processes read this rank's batches
-            log.warning("loader worker %d died of %s; not forked past the sample it was on: the other ranks of "
-                        "this replica (pipeline stages, a sequence group) read the same batches, each from its "
-                        "own loader, and would not skip it", died.worker, signal.Signals(died.signal).name)
+            log.warning("loader worker %d %s; not forked past the sample it was on: the other ranks of this "
+                        "replica (pipeline stages, a sequence group) read the same batches, each from its own "
+                        "loader, and would not skip it", died.worker, how)
             return None
         self.restarts.append((shard, index))
-        name = signal.Signals(died.signal).name
+        reason = "stalled_decoder" if died.stalled else "crashed_decoder"
         if shard < 0:
-            log.warning("loader worker %d died of %s between two batches; forked again", died.worker, name)
+            log.warning("loader worker %d %s between two batches; forked again", died.worker, how)
         else:
-            log.warning("loader worker %d died of %s on sample #%d of %s (a decoder crashed on it?): skipped as "
-                        "crashed_decoder, the worker forked again past it; remove that sample from the dataset",
-                        died.worker, name, index, redact(job.paths[shard]))
-            self.crashed.add((shard, index, phase))
+            log.warning("loader worker %d %s on sample #%d of %s (a decoder %s on it?): skipped as %s, the worker "
+                        "forked again past it; remove that sample from the dataset", died.worker, how, index,
+                        redact(job.paths[shard]), "hung" if died.stalled else "crashed", reason)
+            self.crashed.add((shard, index, phase, reason))
         self.ring.reclaim(died.worker)
         return dataclasses.replace(job, consumed=job.consumed + handed, crashed=frozenset(self.crashed), restarted=True)
 
@@ -226,10 +235,11 @@ def _rank_producer(job: RankJob, ring: PixelRing, marks: SampleMarks, rotation: 
 
     def produce(j: int) -> Iterator[dict]:
         mark = marks.of(j)
+        track(mark)  # the remote reads and downloads under the stages count on it too
         allocate = functools.partial(ring.allocate, j)
         for batch in worker_stream(job, (j + rotation) % job.topo.num_workers, mark, allocate):
             batch = ring.put(j, batch)
-            mark[0] = -1  # the batch is done: until the next sample begins, none is in the works
+            begin(mark, -1, -1, READING)  # the batch is done: until the next sample begins, none is in the works
             yield batch
 
     return produce
@@ -302,12 +312,13 @@ class _Workers:
         self.marks = SampleMarks(n)
         self.serve = _Serve(base, self.ring, self.marks, [FORK.Pipe(duplex=False) for _ in range(n)])
         self.current = _Serving()
+        watch = Watch(self.marks.progress, cfg.stall_timeout_s) if cfg.stall_timeout_s else None
         self.pool = WorkerPool(self.serve, n, cfg.prefetch_factor,
-                               functools.partial(_recover, self.serve, self.current))
+                               functools.partial(_recover, self.serve, self.current), watch)
         self.messages = iter(self.pool)  # every batch and SEGMENT_END of every segment, in turn
         self.busy = False  # a segment is being served
 
-    def batches(self, job: RankJob, crashed: set[tuple[int, int, int]], pin: bool) -> Iterator[dict]:
+    def batches(self, job: RankJob, crashed: set[tuple[int, int, int, str]], pin: bool) -> Iterator[dict]:
         """The segment's batches, pixels as tensors over their slots. Batch t comes from the
         pool's worker in turn; pool worker j serves plan worker (j + rotation) % workers, so the
         worker whose turn it is serves the rank's next batch. Once the last batch is out, every
@@ -504,8 +515,8 @@ class Stream:
         # per plan worker: the ids of the samples handed out here of its open window
         self._open: list[list[int]] = [[] for _ in range(self.topology.num_workers)]
         self._stats = empty_counts()
-        self._crashed: set[tuple[int, int, int]] = set()  # samples a worker died on, and in which phase (kept
-        #                                                   over epochs, not in the state)
+        self._crashed: set[tuple[int, int, int, str]] = set()  # samples a worker died or stalled on, in which
+        #                                                        phase and why (kept over epochs, not in the state)
         self._pin = torch.cuda.is_available() if pin is None else pin  # batch_to_device copies non-blocking
         self._workers: Optional[_Workers] = None  # forked once (start_workers), for every segment
         if state is not None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple, Optional, Union
 
-from data_pipeline import remote
+from data_pipeline import progress, remote
 from data_pipeline.errors import DataError, SkipSample
 from data_pipeline.remote import RemoteOptions
 from data_pipeline.shard_cache import Recorded, open_shard
@@ -174,7 +174,9 @@ class TarShard:
                 if isinstance(self._file, MappedFile):
                     return self._file.read_at(offset, size)
                 self._file.seek(offset)
-                return self._file.read(size)
+                data = self._file.read(size)
+                progress.step()  # a remote store's or a pipe's read: the stall watch sees it move on
+                return data
             except remote.PERMANENT:
                 raise
             except self._transient as e:

@@ -21,6 +21,13 @@ its exit code while the main process waits, and raised as `WorkerDied` unless th
 decoder crashed on). Workers exit when their parent is gone, and the pool terminates them
 when it is closed (the caller stopped iterating) or garbage collected.
 
+A worker alive but stuck (a native decoder hung on a damaged file: a forked worker once hung in
+FFmpeg's scaler teardown) would hold the rank for ever, and the other ranks until their
+collectives time out. With a `Watch`, the worker whose batch the main process waits for is
+killed once its progress count (stream.SampleMarks: bumped as it begins, reads or decodes a
+sample) has stood still for `Watch.seconds`, and raised as `WorkerDied` with `stalled` set, for
+`recover` to fork it again past that sample as after a crash.
+
 A worker's first message says it started. Forking a process that runs other threads can leave
 the child stuck before it runs a line of Python: CPython up to 3.11 takes a runtime lock in
 `PyOS_AfterFork_Child` before resetting it, so a child forked while another thread held it
@@ -50,6 +57,7 @@ import pickle
 import platform
 import select
 import signal
+import time
 import traceback
 import weakref
 from typing import Callable, Iterator, NamedTuple, Optional
@@ -76,14 +84,32 @@ class WorkerDied(DataError):
     """A worker ended without a word: killed by a signal (a decoder's segmentation fault, the
     out-of-memory killer) or exited."""
 
-    def __init__(self, worker: int, pid: int, exitcode: Optional[int]):
+    def __init__(self, worker: int, pid: int, exitcode: Optional[int], stalled: float = 0.0):
         self.worker = worker
         self.signal = -exitcode if exitcode is not None and exitcode < 0 else None  # what killed it
+        self.stalled = stalled  # > 0: killed here after making no progress for this many seconds
+        if stalled:
+            super().__init__(f"loader worker {worker} (pid {pid}) made no progress for {stalled:.0f} s "
+                             f"(data.stall_timeout_s) and was killed (a decoder that hung?)")
+            return
         how = f"exit code {exitcode}"
         if self.signal in signal.valid_signals():
             how += f" ({signal.Signals(self.signal).name})"
         super().__init__(f"loader worker {worker} (pid {pid}) ended with {how} before its batches were done "
                          f"(a decoder that crashed? killed? out of memory?)")
+
+
+class Watch(NamedTuple):
+    """How the pool tells a stuck worker: `progress(j)`, a count worker j bumps as it works
+    (read from shared memory), standing still for `seconds`."""
+
+    progress: Callable[[int], int]
+    seconds: float
+
+    def poll_ms(self) -> float:
+        """How long one wait for a message lasts: often enough to see a stall within a tenth
+        of `seconds` late, at most `WAIT_S`."""
+        return min(WAIT_S, self.seconds / 10) * 1000
 
 
 # (the death, batches the pool has handed out) -> a producer to fork the worker again with, or None
@@ -95,9 +121,10 @@ class WorkerPool:
 
     Fork only: the producer (and the shared memory it writes into) is inherited, not pickled."""
 
-    def __init__(self, produce: Producer, num_workers: int, prefetch: int, recover: Optional[Recover] = None):
+    def __init__(self, produce: Producer, num_workers: int, prefetch: int, recover: Optional[Recover] = None,
+                 watch: Optional[Watch] = None):
         self._parent = os.getpid()
-        self._produce, self._prefetch, self._recover = produce, prefetch, recover
+        self._produce, self._prefetch, self._recover, self._watch = produce, prefetch, recover, watch
         self._conns, self._procs, self._credits, self._polls = [], [], [], []
         self.handed = 0  # batches handed out by iterating, over all iterations: the round-robin turn
         try:
@@ -171,14 +198,36 @@ class WorkerPool:
 
     def _receive(self, j: int) -> tuple[str, object]:
         conn, proc, ready = self._conns[j], self._procs[j], self._polls[j]
-        while not ready(WAIT_S * 1000):  # a dead worker's pipe reads as EOF: no need to wait for it
-            if proc.exitcode is not None and not ready(0):
-                break
+        stalled = 0.0
+        if self._watch is None:
+            while not ready(WAIT_S * 1000):  # a dead worker's pipe reads as EOF: no need to wait for it
+                if proc.exitcode is not None and not ready(0):
+                    break
+        else:
+            stalled = self._await_progress(j)
         try:
             return pickle.loads(conn.recv_bytes())
         except EOFError:
             proc.join(WAIT_S)
-            raise WorkerDied(j, proc.pid, proc.exitcode) from None
+            raise WorkerDied(j, proc.pid, proc.exitcode, stalled) from None
+
+    def _await_progress(self, j: int) -> float:
+        """Wait until worker j's pipe has a message or EOF; where its progress count stands
+        still for the watch's seconds first, kill it (its pipe then reads as EOF) and return
+        how long it stood still."""
+        proc, ready, watch = self._procs[j], self._polls[j], self._watch
+        seen, since = watch.progress(j), time.monotonic()
+        while not ready(watch.poll_ms()):
+            if proc.exitcode is not None and not ready(0):
+                return 0.0
+            now, count = time.monotonic(), watch.progress(j)
+            if count != seen:
+                seen, since = count, now
+            elif now - since >= watch.seconds:
+                proc.kill()
+                proc.join()
+                return now - since
+        return 0.0
 
     def close(self) -> None:
         """Stop the workers (they may be blocked on a credit or mid-batch) and reap them."""

@@ -280,6 +280,13 @@ def test_a_target_fps_is_checked_with_the_config(overrides, says):
     assert err.value.key == "data.fps"
 
 
+def test_a_negative_stall_timeout_is_refused_naming_the_key():
+    with pytest.raises(ConfigError, match="wait for ever") as err:
+        load_config(DEMO, ["data.stall_timeout_s=-1"])
+    assert err.value.key == "data.stall_timeout_s"
+    assert load_config(DEMO, ["data.stall_timeout_s=0"]).data.stall_timeout_s == 0
+
+
 def test_a_frame_bucket_longer_than_num_frames_is_refused():
     """Longer videos would get the longest bucket that fits: clips past num_frames."""
     with pytest.raises(ConfigError, match="shorter clip lengths") as err:

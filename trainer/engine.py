@@ -42,8 +42,8 @@ from trainer.train_state import (EMAState, LoopState, PlayersState, RNGState, Sh
                                  Stateful, StreamState, load_states, save_states, seed_everything)
 
 # Keys that may change between a checkpoint and its resume without changing the experiment.
-RESUMABLE_CHANGES = ("stage.steps", "checkpoint", "log", "run.out_dir", "data.num_workers",
-                     "data.prefetch_factor", "deepspeed.comm_timeout_s", "deepspeed.rank0_timeout_s", *LAYOUT_KEYS)
+RESUMABLE_CHANGES = ("stage.steps", "checkpoint", "log", "run.out_dir", "data.num_workers", "data.prefetch_factor",
+                     "data.stall_timeout_s", "deepspeed.comm_timeout_s", "deepspeed.rank0_timeout_s", *LAYOUT_KEYS)
 
 
 def resumable_changes(cfg: RunConfig) -> tuple[str, ...]:

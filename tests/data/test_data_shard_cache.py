@@ -21,6 +21,26 @@ def test_objects_addressed_by_query_get_their_own_copies(tmp_path):
     assert len(list(tmp_path.iterdir())) == 2
 
 
+def test_a_download_counts_as_progress_block_by_block(tmp_path, monkeypatch):
+    """A worker downloading a large shard into the cache waits on the store, not on a hung
+    decoder: each block it copies is a step of progress on its mark, which the stall watch
+    (workers.Watch) reads, so a long download is not taken for a stall."""
+    import array
+
+    from data_pipeline import progress, remote
+
+    fsspec.filesystem("memory").pipe_file("/hd-progress/big.tar", bytes(40_000))
+    monkeypatch.setattr(remote, "DOWNLOAD_BLOCK", 4096)
+    mark = memoryview(array.array("q", [-1] * 4))
+    progress.track(mark)
+    try:
+        with cached_copy("memory://hd-progress/big.tar", str(tmp_path), 1 << 20) as copy:
+            assert len(copy.read()) == 40_000
+    finally:
+        progress.track(None)
+    assert mark[progress.PROGRESS] == -1 + 10  # ceil(40000 / 4096) blocks
+
+
 def test_a_copy_is_handed_out_open_so_another_workers_eviction_cannot_take_it(tmp_path):
     """Two shards, room for one: each worker's download evicts the other's copy, whose reader,
     holding it open, reads it whole (a path handed out, then opened, failed once evicted)."""

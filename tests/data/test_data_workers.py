@@ -199,30 +199,36 @@ def _dies_on(monkeypatch, key: str, sig: int, phase: str = "opening") -> None:
     """A worker that begins opening sample `key` (or, with phase "pixels", decoding its pixels,
     which happens when its batch is collated) dies of `sig`, as one whose native decoder
     crashes on a damaged file (workers are forked: they inherit the patched stage)."""
+    _on_sample(monkeypatch, {key}, lambda: os.kill(os.getpid(), sig), phase)
+
+
+def _on_sample(monkeypatch, keys: set[str], act, phase: str = "opening") -> None:
+    """A worker that begins opening one of these samples (or decoding its pixels, with phase
+    "pixels") calls `act()` first."""
     from data_pipeline import stages
 
     if phase == "pixels":
         write = stages._write_row
 
-        class Crashing:  # the sample's pixels, whose decoder crashes
+        class Acting:  # the sample's pixels, whose decoder acts
             def write(self, rows):
-                os.kill(os.getpid(), sig)
+                act()
 
-        def crashing_write(item, *args):
-            if item.key == key:
-                item.pixels = Crashing()
+        def acting_write(item, *args):
+            if item.key in keys:
+                item.pixels = Acting()
             return write(item, *args)
 
-        monkeypatch.setattr(stages, "_write_row", crashing_write)
+        monkeypatch.setattr(stages, "_write_row", acting_write)
         return
     decode = stages.decode_sample
 
-    def crashing(raw, shard, counter):
-        if raw.key == key:
-            os.kill(os.getpid(), sig)
+    def acting(raw, shard, counter):
+        if raw.key in keys:
+            act()
         return decode(raw, shard, counter)
 
-    monkeypatch.setattr(stages, "decode_sample", crashing)
+    monkeypatch.setattr(stages, "decode_sample", acting)
 
 
 def _named(message: str) -> str:
@@ -319,3 +325,60 @@ def test_a_worker_killed_on_a_sample_ends_the_epoch_naming_it(cfg, monkeypatch):
     with pytest.raises(DataError, match=r"loader worker 1 \(pid \d+\) ended with exit code -9 \(SIGKILL\)") as e:
         take(stream, stream.batches_per_epoch)
     assert "the last sample it began is" in str(e.value) and _named(str(e.value)) == target
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("phase", ["opening", "pixels"])
+def test_a_worker_that_hangs_on_a_sample_is_killed_and_forked_again_past_it(cfg, monkeypatch, caplog, phase):
+    """A native decoder that hangs on a damaged file holds its worker alive for ever: once the
+    worker whose batch is awaited has made no progress for data.stall_timeout_s, it is killed,
+    the sample skipped (stalled_decoder) and named, the worker forked again past it, and the
+    epoch ends with every other sample exactly once; the next epoch skips it unread."""
+    from data_pipeline.stream import build_stream
+    from tests.data.data_helpers import dataset_keys, take, valid_keys
+
+    c = cfg(num_workers=2, prefetch_factor=1, stall_timeout_s=1.0)
+    target = _worker_1_keys(c)[5]
+    _on_sample(monkeypatch, {target}, signal.pause, phase)  # waits for a signal: none comes
+    stream = build_stream(c, 0, 1)
+    planned = stream.batches_per_epoch
+    batches = take(stream, 2 * planned)
+    others = sorted(dataset_keys(Path(c.shards)) - {target})
+    for epoch in (batches[:planned], batches[planned:]):
+        assert sorted(valid_keys(epoch)) == others
+    assert stream.stats()["stalled_decoder"] == 2 and stream.stats()["crashed_decoder"] == 0
+    (warning,) = [r.getMessage() for r in caplog.records if "made no progress" in r.getMessage()]
+    assert "skipped as stalled_decoder" in warning and _named(warning) == target
+
+
+def test_a_slow_worker_that_makes_progress_is_not_killed(cfg, monkeypatch):
+    """The watch is on progress, not on batches: a worker whose batch takes longer than
+    data.stall_timeout_s, each of its samples a bit less, is left alone."""
+    import time
+
+    from data_pipeline.stream import build_stream
+    from tests.data.data_helpers import dataset_keys, take, valid_keys
+
+    c = cfg(num_workers=2, prefetch_factor=1, stall_timeout_s=0.6)
+    slow = set(_worker_1_keys(c)[4:8])  # worker 1's second batch: ~1.2 s, a sample each 0.3 s
+    _on_sample(monkeypatch, slow, lambda: time.sleep(0.3))
+    stream = build_stream(c, 0, 1)
+    batches = take(stream, stream.batches_per_epoch)
+    assert sorted(valid_keys(batches)) == sorted(dataset_keys(Path(c.shards)))
+    assert stream.stats()["stalled_decoder"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_stall_is_not_skipped_where_other_processes_read_the_same_batches(cfg, monkeypatch):
+    """As with a crash: where each process of a replica reads its batches from its own loader
+    (skip_unreadable=False), the hung worker is killed and the epoch ends naming the sample."""
+    from data_pipeline.stream import build_stream
+    from tests.data.data_helpers import take
+
+    c = cfg(num_workers=2, prefetch_factor=1, stall_timeout_s=1.0)
+    target = _worker_1_keys(c)[5]
+    _on_sample(monkeypatch, {target}, signal.pause)
+    stream = build_stream(c, 0, 1, skip_unreadable=False)
+    with pytest.raises(DataError, match=r"loader worker 1 \(pid \d+\) made no progress for 1 s") as e:
+        take(stream, stream.batches_per_epoch)
+    assert _named(str(e.value)) == target
