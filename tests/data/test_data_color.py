@@ -120,7 +120,10 @@ def _bt2020_clip(transfer: int, frames: int = 2) -> bytes:
     signal = np.round(linear ** (1 / 2.4) * 65535).astype(np.uint16)
     buf = io.BytesIO()
     with av.open(buf, "w", format="matroska") as container:
-        stream = container.add_stream("libx265", rate=8, options={"x265-params": "lossless=1:log-level=none"})
+        # one thread: with x265's frame threads the matroska muxer refused the flushed packets
+        # (EINVAL) in ~2% of the clips
+        params = "lossless=1:log-level=none:pools=none:frame-threads=1"
+        stream = container.add_stream("libx265", rate=8, options={"x265-params": params})
         stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv444p10le"
         cc = stream.codec_context
         cc.color_primaries, cc.color_trc, cc.colorspace = 9, transfer, 9
