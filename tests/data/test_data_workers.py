@@ -241,31 +241,44 @@ def _named(message: str) -> str:
     return TarShard(path).read(int(index)).key
 
 
+FAULTS = {  # what a decoder does to its worker on a damaged file -> the skip reason, and what the warning says
+    "crash": (lambda: os.kill(os.getpid(), signal.SIGSEGV), "crashed_decoder", "died of SIGSEGV"),
+    "hang": (signal.pause, "stalled_decoder", "made no progress for"),  # waits for a signal: none comes
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("fault", FAULTS)
 @pytest.mark.parametrize("phase", ["opening", "pixels"])
 @pytest.mark.parametrize("buckets", [[], [0.5, 1.0, 2.0]])
-def test_a_worker_that_crashes_on_a_sample_is_forked_again_past_it(cfg, monkeypatch, caplog, buckets, phase):
-    """A decoder's segmentation fault on a damaged file kills its worker: that sample is skipped
-    (counted as crashed_decoder), the worker forked again from the batch it owed, and the epoch
-    goes on with every other sample exactly once and as many batches as planned. The next
-    epoch skips the sample: one crash a run, however many epochs. A crash decoding pixels
-    (when a batch is collated) inside a bucket window is recovered too: the sample is grouped
-    again by its header, so the window's batches stay those already handed out."""
+def test_a_worker_that_crashes_or_hangs_on_a_sample_is_forked_again_past_it(cfg, monkeypatch, caplog, buckets,
+                                                                              phase, fault):
+    """A decoder's segmentation fault on a damaged file kills its worker; one that hangs holds
+    it alive for ever, until the worker whose batch is awaited has made no progress for
+    data.stall_timeout_s and is killed. Either way that sample is skipped (counted as
+    crashed_decoder or stalled_decoder) and named, the worker forked again from the batch it
+    owed, and the epoch goes on with every other sample exactly once and as many batches as
+    planned. The next epoch skips the sample: one crash a run, however many epochs. A crash
+    decoding pixels (when a batch is collated) inside a bucket window is recovered too: the
+    sample is grouped again by its header, so the window's batches stay those already handed out."""
     from data_pipeline.stream import build_stream
     from tests.data.data_helpers import dataset_keys, take, valid_keys
 
-    c = cfg(num_workers=2, prefetch_factor=1, aspect_buckets=buckets)
+    act, reason, says = FAULTS[fault]
+    c = cfg(num_workers=2, prefetch_factor=1, aspect_buckets=buckets, stall_timeout_s=1.0)
     target = _worker_1_keys(c)[5]  # in worker 1's second batch
-    _dies_on(monkeypatch, target, signal.SIGSEGV, phase)
+    _on_sample(monkeypatch, {target}, act, phase)
     stream = build_stream(c, 0, 1)
     planned = stream.batches_per_epoch
     batches = take(stream, 2 * planned)
     others = sorted(dataset_keys(Path(c.shards)) - {target})
     for epoch in (batches[:planned], batches[planned:]):
         assert sorted(valid_keys(epoch)) == others
-    assert stream.stats()["crashed_decoder"] == 2
+    assert {r: stream.stats()[r] for r in ("crashed_decoder", "stalled_decoder")} == \
+        {r: 2 if r == reason else 0 for r in ("crashed_decoder", "stalled_decoder")}
     assert stream.stats()["read"] == 2 * (len(others) + 1)  # a window read again is not counted again
-    (warning,) = [r.getMessage() for r in caplog.records if "died of SIGSEGV" in r.getMessage()]
-    assert _named(warning) == target
+    (warning,) = [r.getMessage() for r in caplog.records if says in r.getMessage()]
+    assert f"skipped as {reason}" in warning and _named(warning) == target
 
 
 def test_a_crash_is_not_skipped_where_other_processes_read_the_same_batches(cfg, monkeypatch):
@@ -325,30 +338,6 @@ def test_a_worker_killed_on_a_sample_ends_the_epoch_naming_it(cfg, monkeypatch):
     with pytest.raises(DataError, match=r"loader worker 1 \(pid \d+\) ended with exit code -9 \(SIGKILL\)") as e:
         take(stream, stream.batches_per_epoch)
     assert "the last sample it began is" in str(e.value) and _named(str(e.value)) == target
-
-
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("phase", ["opening", "pixels"])
-def test_a_worker_that_hangs_on_a_sample_is_killed_and_forked_again_past_it(cfg, monkeypatch, caplog, phase):
-    """A native decoder that hangs on a damaged file holds its worker alive for ever: once the
-    worker whose batch is awaited has made no progress for data.stall_timeout_s, it is killed,
-    the sample skipped (stalled_decoder) and named, the worker forked again past it, and the
-    epoch ends with every other sample exactly once; the next epoch skips it unread."""
-    from data_pipeline.stream import build_stream
-    from tests.data.data_helpers import dataset_keys, take, valid_keys
-
-    c = cfg(num_workers=2, prefetch_factor=1, stall_timeout_s=1.0)
-    target = _worker_1_keys(c)[5]
-    _on_sample(monkeypatch, {target}, signal.pause, phase)  # waits for a signal: none comes
-    stream = build_stream(c, 0, 1)
-    planned = stream.batches_per_epoch
-    batches = take(stream, 2 * planned)
-    others = sorted(dataset_keys(Path(c.shards)) - {target})
-    for epoch in (batches[:planned], batches[planned:]):
-        assert sorted(valid_keys(epoch)) == others
-    assert stream.stats()["stalled_decoder"] == 2 and stream.stats()["crashed_decoder"] == 0
-    (warning,) = [r.getMessage() for r in caplog.records if "made no progress" in r.getMessage()]
-    assert "skipped as stalled_decoder" in warning and _named(warning) == target
 
 
 def test_a_slow_worker_that_makes_progress_is_not_killed(cfg, monkeypatch):
