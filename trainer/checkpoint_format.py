@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -25,6 +26,7 @@ EMA_FILE = "ema.safetensors"
 ENCODERS_FILE = "encoders.json"  # the identity of the autoencoder and text encoder files trained with
 TMP_PREFIX = ".tmp-"
 REMOVING = f"{TMP_PREFIX}removing-"  # a checkpoint directory on its way out (`remove_dir`)
+HASH_THREADS = 8  # files hashed at once (`digests`)
 
 
 class CheckpointError(RuntimeError):
@@ -41,6 +43,16 @@ def sha256(path: Path, sync: bool = False) -> str:
         if sync:
             os.fsync(f.fileno())
     return h.hexdigest()
+
+
+def digests(paths: list[Path], sync: bool = False) -> list[str]:
+    """`sha256` of each file, several at once: hashlib and file reads release the GIL, so the
+    threads hash on as many cores (and read with as many requests in flight) as they are; one
+    rank hashes a whole checkpoint (every rank's ZeRO shards) at each save and resume."""
+    if len(paths) < 2:
+        return [sha256(p, sync) for p in paths]
+    with ThreadPoolExecutor(min(HASH_THREADS, len(paths))) as pool:
+        return list(pool.map(lambda p: sha256(p, sync), paths))
 
 
 def fsync_dir(path: Path) -> None:
@@ -73,7 +85,8 @@ def temporary_dir(final: Path) -> Path:
 def commit(tmp: Path, final: Path, step: int, world_size: int) -> Path:
     """Close `tmp` with COMPLETE.json (the sha256 of every file in it) and rename it to `final`,
     replacing a stale directory of the same name (an abandoned run's, an earlier export)."""
-    files = {str(p.relative_to(tmp)): sha256(p, sync=True) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    paths = sorted(p for p in tmp.rglob("*") if p.is_file())
+    files = {str(p.relative_to(tmp)): digest for p, digest in zip(paths, digests(paths, sync=True))}
     for directory in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:  # their entries too
         fsync_dir(directory)
     complete = {"step": step, "world_size": world_size, "files": files}
@@ -130,12 +143,19 @@ def verify(directory: Path, names: Optional[tuple[str, ...]] = None) -> dict[str
     if not (directory / COMPLETE).is_file():
         raise CheckpointError(f"{directory} is not a complete checkpoint (no {COMPLETE})")
     complete = json.loads((directory / COMPLETE).read_text())
-    for rel in names if names is not None else tuple(complete["files"]):
-        path = directory / rel
-        if rel not in complete["files"] or not path.is_file() or sha256(path) != complete["files"][rel]:
-            raise CheckpointError(f"checkpoint file {path} is missing or was modified after it was written "
-                                  f"(sha256 mismatch); refusing to load it")
+    wanted = names if names is not None else tuple(complete["files"])
+    for rel in wanted:
+        if rel not in complete["files"] or not (directory / rel).is_file():
+            raise _modified(directory / rel)
+    for rel, digest in zip(wanted, digests([directory / rel for rel in wanted])):
+        if digest != complete["files"][rel]:
+            raise _modified(directory / rel)
     return complete
+
+
+def _modified(path: Path) -> CheckpointError:
+    return CheckpointError(f"checkpoint file {path} is missing or was modified after it was written "
+                           f"(sha256 mismatch); refusing to load it")
 
 
 def load_for_inference(directory: str | Path) -> tuple[str, dict[str, torch.Tensor]]:

@@ -241,6 +241,26 @@ def test_a_commit_flushes_every_file_and_folder_before_it_writes_complete(tmp_pa
             f"{tmp}/student", tmp} <= set(before_complete)
 
 
+def test_files_hashed_at_once_are_listed_each_with_its_own_digest_and_a_changed_one_is_found(tmp_path):
+    """A checkpoint's files are hashed several at a time (one rank hashes every rank's shards at
+    each save and resume): each is listed under its own sha256, and a file changed afterwards,
+    wherever it lies among them, is found and named."""
+    import hashlib
+
+    tmp = temporary_dir(tmp_path / "step_00000001")
+    contents = {f"part_{i:02d}.bin": os.urandom(1000 + 4099 * i) for i in range(12)}
+    for name, data in contents.items():
+        (tmp / name).write_bytes(data)
+    final = commit(tmp, tmp_path / "step_00000001", 1, 1)
+    listed = json.loads((final / COMPLETE).read_text())["files"]
+    assert listed == {name: hashlib.sha256(data).hexdigest() for name, data in contents.items()}
+    verify(final)
+    with open(final / "part_07.bin", "r+b") as f:
+        f.write(b"\xff")
+    with pytest.raises(CheckpointError, match="part_07.bin is missing or was modified"):
+        verify(final)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("zero", [0, 2])
 def test_a_bf16_warm_start_starts_from_the_sources_fp32_weights(tiny_teacher, shapes_shards, tmp_path, zero):
