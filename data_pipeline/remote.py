@@ -22,6 +22,8 @@ import subprocess
 from dataclasses import dataclass
 from typing import Optional
 
+from data_pipeline import progress
+
 _URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 PIPE = "pipe:"
 DOWNLOAD_BLOCK = 8 << 20  # bytes per read when copying a whole file
@@ -214,6 +216,7 @@ class ForwardOnly:
     def read(self, size: int) -> bytes:
         data = self._read(size)
         self.pos += len(data)
+        progress.step()  # a seek forward reads past megabytes: the stall watch sees it move on
         return data
 
     def seek(self, offset: int) -> None:

@@ -19,7 +19,6 @@ from typing import Callable, Iterable, Iterator, Mapping, Optional, Union
 import numpy as np
 import torch
 
-from data_pipeline import progress
 from data_pipeline.decode import Decoded, Jpeg, JsonRecords, decode_sample
 from data_pipeline.errors import DataError, SkipCounter, SkipSample
 from data_pipeline.plan import Slot
@@ -79,10 +78,11 @@ def read_stage(blocks: Iterable[list[Slot]], reader: ShardReader, paths: tuple[s
     sample's bytes too), hand them out in plan order, a local sample's bytes copied out of the
     mapped shard just then: a worker holds one sample's bytes, not its stripe of the block's.
     Each time it starts on a shard, the reader hears which shard comes after (read-ahead).
-    `mark` is set to the (shard, index, READING) of each sample as it is begun, its progress
-    counted at each read too: the later stages open that sample until the next one is read
-    (stream.SampleMarks). The samples `crashed` names (a worker died or stalled on them while
-    reading or opening them) are skipped unread, for the reason it gives."""
+    `mark` is set to the (shard, index, READING) of each sample as its headers (and a remote
+    sample's bytes) are read, and again as it is handed out: the later stages open that sample
+    until the next one is handed out (stream.SampleMarks). The samples `crashed` names (a worker
+    died or stalled on them while reading or opening them) are skipped unread, for the reason it
+    gives."""
     blocks = iter(blocks)
     block = next(blocks, None)
     while block is not None:
@@ -93,11 +93,13 @@ def read_stage(blocks: Iterable[list[Slot]], reader: ShardReader, paths: tuple[s
         for i, (where, upcoming) in enumerate(zip(wanted, upcomings)):
             if upcoming is not None and (i == 0 or wanted[i - 1][0] != where[0]):
                 reader.prefetch(*upcoming)
+            if crashed and where in crashed:
+                continue  # skipped unread below
+            begin(mark, where[0], where[1], READING)  # a remote sample's bytes come now: a stall names it
             try:
                 fetched[where] = reader.read(*where, lazy=True)
             except SkipSample as e:
                 fetched[where] = e
-            progress.step()
         for slot in block:
             begin(mark, slot.shard, slot.index, READING)
             counter.read()

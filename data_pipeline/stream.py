@@ -184,14 +184,14 @@ class SampleMarks:
 class _Recovery:
     """How a rank's worker pool recovers in one segment: a worker killed by a crash signal (or
     by the pool, stalled: workers.Watch) is forked again from the batch it owes, past the sample
-    it was on (none between two batches), which is skipped from then on; once per sample, `CRASH_RESTARTS` times, and not where
-    other processes read the same batches (`Stream`'s skip_unreadable=False: a crash need not
-    be the data's, and skipped on one process alone it would shift its batches). A sample it
-    died reading or opening is skipped unread, so not inside a bucket window it may have served
-    batches of (the window's grouping would change under them); one it died decoding the
-    pixels of is grouped again as before (by its header) and skipped when its batch is
-    collated, and a death between two batches skips nothing: the window's batches stay as
-    they were, so those restarts may fall inside a window."""
+    it was on (none between two batches), which is skipped from then on; once per sample,
+    `CRASH_RESTARTS` times, and not where other processes read the same batches (`Stream`'s
+    skip_unreadable=False: a crash need not be the data's, and skipped on one process alone it
+    would shift its batches). A sample it died reading or opening is skipped unread, so not
+    inside a bucket window it may have served batches of (the window's grouping would change
+    under them); one it died decoding the pixels of is grouped again as before (by its header)
+    and skipped when its batch is collated, and a death between two batches skips nothing: the
+    window's batches stay as they were, so those restarts may fall inside a window."""
 
     def __init__(self, job: RankJob, ring: PixelRing, marks: SampleMarks, rotation: int,
                  crashed: set[tuple[int, int, int, str]]):

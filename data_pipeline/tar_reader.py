@@ -174,9 +174,7 @@ class TarShard:
                 if isinstance(self._file, MappedFile):
                     return self._file.read_at(offset, size)
                 self._file.seek(offset)
-                data = self._file.read(size)
-                progress.step()  # a remote store's or a pipe's read: the stall watch sees it move on
-                return data
+                return self._read_counted(size)
             except remote.PERMANENT:
                 raise
             except self._transient as e:
@@ -188,11 +186,27 @@ class TarShard:
                         raise DataError(f"{failed.detail} (not skipped: other ranks read the same samples "
                                         f"and would not skip them; restart the job to read it again)") from None
                     raise failed from None
+                progress.step()  # an attempt that failed is no stall: the stall watch sees it
                 delay = self.options.backoff * 2 ** attempt
                 log.warning("reading %s failed (%s: %s); retry %d of %d in %.1f s", remote.redact(self.path),
                             type(e).__name__, remote.redact(str(e)), attempt + 1, self.options.retries, delay)
                 time.sleep(delay)
                 attempt += 1
+
+    def _read_counted(self, size: int) -> bytes:
+        """Up to `size` bytes of a remote file or pipe from where it stands, read a block
+        (remote_block_size) at a time, each a step of progress (progress.py): a large member
+        arriving slowly is not taken for a stall."""
+        block = max(self.options.block_size, BLOCK)
+        parts = []
+        while size > 0:
+            part = self._file.read(min(size, block))
+            progress.step()
+            if not part:
+                break
+            parts.append(part)
+            size -= len(part)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _block(self, offset: int, size: int) -> bytes:
         data = self._read(offset, size)

@@ -198,36 +198,37 @@ class WorkerPool:
 
     def _receive(self, j: int) -> tuple[str, object]:
         conn, proc, ready = self._conns[j], self._procs[j], self._polls[j]
-        stalled = 0.0
         if self._watch is None:
             while not ready(WAIT_S * 1000):  # a dead worker's pipe reads as EOF: no need to wait for it
                 if proc.exitcode is not None and not ready(0):
                     break
-        else:
-            stalled = self._await_progress(j)
+        elif (stalled := self._await_progress(j)) is not None:  # killed: a batch it sent meanwhile is made again
+            raise WorkerDied(j, proc.pid, proc.exitcode, stalled)
         try:
             return pickle.loads(conn.recv_bytes())
         except EOFError:
             proc.join(WAIT_S)
-            raise WorkerDied(j, proc.pid, proc.exitcode, stalled) from None
+            raise WorkerDied(j, proc.pid, proc.exitcode) from None
 
-    def _await_progress(self, j: int) -> float:
+    def _await_progress(self, j: int) -> Optional[float]:
         """Wait until worker j's pipe has a message or EOF; where its progress count stands
-        still for the watch's seconds first, kill it (its pipe then reads as EOF) and return
-        how long it stood still."""
+        still for the watch's seconds first, kill it and return how long it stood still (None
+        otherwise). Its pipe is not read then: a batch it sent between the last look and the
+        kill is one the replacement makes again (`recover` forks it from the batches handed out)."""
         proc, ready, watch = self._procs[j], self._polls[j], self._watch
         seen, since = watch.progress(j), time.monotonic()
         while not ready(watch.poll_ms()):
             if proc.exitcode is not None and not ready(0):
-                return 0.0
-            now, count = time.monotonic(), watch.progress(j)
+                return None
+            count = watch.progress(j)
+            now = time.monotonic()
             if count != seen:
                 seen, since = count, now
             elif now - since >= watch.seconds:
                 proc.kill()
-                proc.join()
+                proc.join(WAIT_S)  # not for ever: a process in uninterruptible I/O dies once it returns
                 return now - since
-        return 0.0
+        return None
 
     def close(self) -> None:
         """Stop the workers (they may be blocked on a credit or mid-batch) and reap them."""

@@ -134,6 +134,20 @@ def test_a_run_that_never_drops_a_caption_is_told_guidance_has_no_null_to_steer_
     assert "cfg_dropout" not in capsys.readouterr().out  # a fine-tune of a model that learned it
 
 
+def test_a_stall_watch_slower_than_the_collective_timeout_is_said(capsys):
+    """A hung loader worker is replaced after data.stall_timeout_s; the other ranks wait for the
+    rank it holds only deepspeed.comm_timeout_s."""
+    from trainer.stages import preflight
+
+    tiny = ROOT / "configs" / "test_tiny.yaml"
+    preflight(load_config(tiny, ["data.num_workers=1", "deepspeed.comm_timeout_s=120"]))
+    assert "data.stall_timeout_s=300 is not below deepspeed.comm_timeout_s=120" in capsys.readouterr().out
+    for fine in (["data.num_workers=1"], ["data.num_workers=0", "deepspeed.comm_timeout_s=120"],
+                 ["data.num_workers=1", "deepspeed.comm_timeout_s=120", "data.stall_timeout_s=60"]):
+        preflight(load_config(tiny, fine))
+        assert "stall_timeout_s" not in capsys.readouterr().out, fine
+
+
 @pytest.mark.parametrize("overrides, key", [
     (["stage.kind=superres", "model.superres=true", "data.sr_resolution=64", "stage.noise_aug_max=-0.1"],
      "stage.noise_aug_max"),

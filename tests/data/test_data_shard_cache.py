@@ -1,6 +1,8 @@
 """The shard cache's names: one file per object, whatever the URL's signature."""
 from __future__ import annotations
 
+import os
+
 import fsspec
 import pytest
 
@@ -39,6 +41,31 @@ def test_a_download_counts_as_progress_block_by_block(tmp_path, monkeypatch):
     finally:
         progress.track(None)
     assert mark[progress.PROGRESS] == -1 + 10  # ceil(40000 / 4096) blocks
+
+
+def test_a_large_member_read_from_a_pipe_counts_as_progress_block_by_block(tmp_path):
+    """A member of many blocks arriving from a store or a pipe is read a remote_block_size at a
+    time, each block a step of progress: a 64 KiB member read in 4 KiB blocks is at least 16."""
+    import array
+    import io
+    import tarfile
+
+    from data_pipeline import progress
+
+    path = tmp_path / "big.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in (("a.txt", b"a caption"), ("a.bin", os.urandom(64 << 10))):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    mark = memoryview(array.array("q", [-1] * 4))
+    progress.track(mark)
+    try:
+        (sample,) = TarShard(f"pipe:cat {path}", options=RemoteOptions(block_size=4096, readahead=False))
+    finally:
+        progress.track(None)
+    assert len(sample.members["bin"]) == 64 << 10
+    assert mark[progress.PROGRESS] + 1 >= 16 + 3  # the member's blocks, and at least the 3 headers' reads
 
 
 def test_a_copy_is_handed_out_open_so_another_workers_eviction_cannot_take_it(tmp_path):

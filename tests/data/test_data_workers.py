@@ -265,7 +265,7 @@ def test_a_worker_that_crashes_or_hangs_on_a_sample_is_forked_again_past_it(cfg,
     from tests.data.data_helpers import dataset_keys, take, valid_keys
 
     act, reason, says = FAULTS[fault]
-    c = cfg(num_workers=2, prefetch_factor=1, aspect_buckets=buckets, stall_timeout_s=1.0)
+    c = cfg(num_workers=2, prefetch_factor=1, aspect_buckets=buckets, stall_timeout_s=2.0)
     target = _worker_1_keys(c)[5]  # in worker 1's second batch
     _on_sample(monkeypatch, {target}, act, phase)
     stream = build_stream(c, 0, 1)
@@ -348,9 +348,9 @@ def test_a_slow_worker_that_makes_progress_is_not_killed(cfg, monkeypatch):
     from data_pipeline.stream import build_stream
     from tests.data.data_helpers import dataset_keys, take, valid_keys
 
-    c = cfg(num_workers=2, prefetch_factor=1, stall_timeout_s=1.0)
-    slow = set(_worker_1_keys(c)[4:8])  # worker 1's second batch: ~1.2 s, a sample each 0.3 s
-    _on_sample(monkeypatch, slow, lambda: time.sleep(0.3))
+    c = cfg(num_workers=2, prefetch_factor=1, stall_timeout_s=2.0)
+    slow = set(_worker_1_keys(c)[4:8])  # worker 1's second batch: ~2.4 s, a sample each 0.6 s
+    _on_sample(monkeypatch, slow, lambda: time.sleep(0.6))
     stream = build_stream(c, 0, 1)
     batches = take(stream, stream.batches_per_epoch)
     assert sorted(valid_keys(batches)) == sorted(dataset_keys(Path(c.shards)))
@@ -364,10 +364,74 @@ def test_a_stall_is_not_skipped_where_other_processes_read_the_same_batches(cfg,
     from data_pipeline.stream import build_stream
     from tests.data.data_helpers import take
 
-    c = cfg(num_workers=2, prefetch_factor=1, stall_timeout_s=1.0)
+    c = cfg(num_workers=2, prefetch_factor=1, stall_timeout_s=2.0)
     target = _worker_1_keys(c)[5]
     _on_sample(monkeypatch, {target}, signal.pause)
     stream = build_stream(c, 0, 1, skip_unreadable=False)
-    with pytest.raises(DataError, match=r"loader worker 1 \(pid \d+\) made no progress for 1 s") as e:
+    with pytest.raises(DataError, match=r"loader worker 1 \(pid \d+\) made no progress for \d+ s") as e:
         take(stream, stream.batches_per_epoch)
     assert _named(str(e.value)) == target
+
+
+def test_a_batch_sent_as_its_stalled_worker_is_killed_is_not_taken(pool_of, tmp_path):
+    """The watch looks, sees no progress, kills: a batch the worker sent between the look and
+    the kill must not be handed out, or the worker's next turn would read its dead pipe as a
+    plain SIGKILL (no stall, so no recovery). The stall is raised at once instead."""
+    import time
+
+    from data_pipeline.workers import Watch, WorkerDied
+
+    go, sent = tmp_path / "go", tmp_path / "sent"
+
+    def produce(j):
+        while not go.exists():  # until the watch has looked once and found nothing
+            time.sleep(0.005)
+        yield {"j": j}
+        sent.touch()  # resumed after the send
+        signal.pause()
+
+    started, looks = [], []  # the watch's looks once the pool has started (not those of its start)
+
+    def progress(j: int) -> int:  # the count stands still; from the second look on, the batch is in the pipe
+        if started:
+            looks.append(j)
+        if len(looks) > 1:
+            go.touch()
+            while not sent.exists():
+                time.sleep(0.005)
+        return 0
+
+    pool = pool_of(produce, num_workers=1, prefetch=2, watch=Watch(progress, 0.0))  # any stand-still is a stall
+    started.append(True)
+    with pytest.raises(WorkerDied, match=r"made no progress for 0 s \(data.stall_timeout_s\)") as died:
+        next(iter(pool))
+    assert died.value.stalled > 0 and died.value.signal == signal.SIGKILL and len(looks) == 2
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_that_hangs_reading_a_sample_names_that_sample(cfg, monkeypatch, caplog):
+    """A read that never returns (a remote store's) holds the worker before the sample is
+    handed to the later stages: the mark names the sample being read, so that one is skipped
+    unread and the replacement does not read it again."""
+    from data_pipeline.manifest import load_manifest
+    from data_pipeline.stream import build_stream
+    from data_pipeline.tar_reader import ShardReader, TarShard
+    from tests.data.data_helpers import dataset_keys, take, valid_keys
+
+    c = cfg(num_workers=2, prefetch_factor=1, stall_timeout_s=2.0)
+    target = _worker_1_keys(c)[5]
+    paths = load_manifest(c.shards).paths()
+    where = next((s, i) for s, path in enumerate(paths) for i, raw in enumerate(TarShard(path)) if raw.key == target)
+    read = ShardReader.read
+
+    def hanging(self, shard, index, lazy=False):
+        if (shard, index) == where:
+            signal.pause()
+        return read(self, shard, index, lazy)
+
+    monkeypatch.setattr(ShardReader, "read", hanging)
+    stream = build_stream(c, 0, 1)
+    batches = take(stream, stream.batches_per_epoch)
+    assert sorted(valid_keys(batches)) == sorted(dataset_keys(Path(c.shards)) - {target})
+    (warning,) = [r.getMessage() for r in caplog.records if "made no progress" in r.getMessage()]
+    assert _named(warning) == target

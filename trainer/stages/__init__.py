@@ -9,7 +9,7 @@ from trainer.config import RunConfig
 from trainer.stage_config import stage_settings
 from trainer.stages.checks import (PREFLIGHT, check_autoencoder_given, check_autoencoder_settings,
                                    check_autoencoder_target, check_init_source, check_latent_sources,
-                                   note_switched_off, note_untrained_null)
+                                   note_late_stall_watch, note_switched_off, note_untrained_null)
 from trainer.models.text_source import check_text_source
 
 if TYPE_CHECKING:
@@ -46,6 +46,7 @@ def preflight(cfg: RunConfig, queued: bool = False) -> None:
     check_text_source(cfg.model.text)
     note_switched_off(cfg)
     note_untrained_null(cfg)
+    note_late_stall_watch(cfg)
     if cfg.stage.kind in PREFLIGHT:
         PREFLIGHT[cfg.stage.kind](cfg)
 

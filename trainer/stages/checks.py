@@ -206,6 +206,16 @@ def note_untrained_null(cfg: RunConfig) -> None:
              f"sample --cfg` above 1 guide against an untrained one (keep a dropout, 0.1 by default)")
 
 
+def note_late_stall_watch(cfg: RunConfig) -> None:
+    """data.stall_timeout_s at or above deepspeed.comm_timeout_s: a rank held by a hung loader
+    worker makes the other ranks' next collective time out before its worker is replaced."""
+    data, ds = cfg.data, cfg.deepspeed
+    if data.num_workers and 0 < ds.comm_timeout_s <= data.stall_timeout_s:
+        note(f"note: data.stall_timeout_s={data.stall_timeout_s:g} is not below deepspeed.comm_timeout_s="
+             f"{ds.comm_timeout_s}: a loader worker that hangs is replaced only after the other ranks' "
+             f"collectives time out (set it lower to keep the run going)")
+
+
 def note_switched_off(cfg: RunConfig) -> None:
     """Say which settings this run ignores because what reads them is off (`switched_off`)."""
     for key, value, switch in switched_off(cfg, refused=False):
