@@ -468,7 +468,8 @@ class ShardReader:
         if self._ahead is None or (self._ahead[0] != shard_id and not self._ahead[1].done()):
             return None, None
         (ahead_id, future), self._ahead = self._ahead, None
-        shard, error = future.result()
+        with progress.waiting():  # the read-ahead's download is this worker's progress now
+            shard, error = future.result()
         if ahead_id == shard_id:
             return shard, error
         shard.close()
@@ -511,7 +512,8 @@ class ShardReader:
 
     def close(self) -> None:
         if self._ahead is not None:
-            self._open[self._ahead[0]] = self._ahead[1].result()[0]
+            with progress.waiting():
+                self._open[self._ahead[0]] = self._ahead[1].result()[0]
             self._ahead = None
         for shard in self._open.values():
             shard.close()

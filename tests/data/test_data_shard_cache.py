@@ -43,6 +43,35 @@ def test_a_download_counts_as_progress_block_by_block(tmp_path, monkeypatch):
     assert mark[progress.PROGRESS] == -1 + 10  # ceil(40000 / 4096) blocks
 
 
+def test_the_read_ahead_threads_blocks_count_only_while_the_worker_waits_for_them():
+    """A decoder hung in the worker's own thread is a stall even while the next shard downloads
+    in the read-ahead thread; once the worker waits for that download, its blocks are progress."""
+    import array
+    import threading
+
+    from data_pipeline import progress
+
+    mark = memoryview(array.array("q", [-1] * 4))
+
+    def in_another_thread():
+        thread = threading.Thread(target=progress.step)
+        thread.start()
+        thread.join()
+
+    progress.track(mark)
+    try:
+        in_another_thread()
+        assert mark[progress.PROGRESS] == -1
+        with progress.waiting():
+            in_another_thread()
+        assert mark[progress.PROGRESS] == 0
+        in_another_thread()
+        progress.step()
+        assert mark[progress.PROGRESS] == 1
+    finally:
+        progress.track(None)
+
+
 def test_a_large_member_read_from_a_pipe_counts_as_progress_block_by_block(tmp_path):
     """A member of many blocks arriving from a store or a pipe is read a remote_block_size at a
     time, each block a step of progress: a 64 KiB member read in 4 KiB blocks is at least 16."""
