@@ -216,7 +216,6 @@ class ForwardOnly:
     def read(self, size: int) -> bytes:
         data = self._read(size)
         self.pos += len(data)
-        progress.step()  # a seek forward reads past megabytes: the stall watch sees it move on
         return data
 
     def seek(self, offset: int) -> None:
@@ -225,6 +224,7 @@ class ForwardOnly:
         while self.pos < offset:
             if not self.read(min(offset - self.pos, 1 << 20)):
                 return  # past the end: the next read comes back short
+            progress.step()  # megabytes read past: the stall watch sees it move on
 
 
 class PipeFile(ForwardOnly):

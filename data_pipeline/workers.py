@@ -52,6 +52,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import logging
+import math
 import os
 import pickle
 import platform
@@ -112,6 +113,9 @@ class Watch(NamedTuple):
         return min(WAIT_S, self.seconds / 10) * 1000
 
 
+UNWATCHED = Watch(lambda j: 0, math.inf)  # a pool without a watch: waits for ever, polling every WAIT_S
+
+
 # (the death, batches the pool has handed out) -> a producer to fork the worker again with, or None
 Recover = Callable[[WorkerDied, int], Optional[Producer]]
 
@@ -124,7 +128,8 @@ class WorkerPool:
     def __init__(self, produce: Producer, num_workers: int, prefetch: int, recover: Optional[Recover] = None,
                  watch: Optional[Watch] = None):
         self._parent = os.getpid()
-        self._produce, self._prefetch, self._recover, self._watch = produce, prefetch, recover, watch
+        self._produce, self._prefetch, self._recover = produce, prefetch, recover
+        self._watch = watch or UNWATCHED
         self._conns, self._procs, self._credits, self._polls = [], [], [], []
         self.handed = 0  # batches handed out by iterating, over all iterations: the round-robin turn
         try:
@@ -197,12 +202,8 @@ class WorkerPool:
         self._await_start(j)
 
     def _receive(self, j: int) -> tuple[str, object]:
-        conn, proc, ready = self._conns[j], self._procs[j], self._polls[j]
-        if self._watch is None:
-            while not ready(WAIT_S * 1000):  # a dead worker's pipe reads as EOF: no need to wait for it
-                if proc.exitcode is not None and not ready(0):
-                    break
-        elif (stalled := self._await_progress(j)) is not None:  # killed: a batch it sent meanwhile is made again
+        conn, proc = self._conns[j], self._procs[j]
+        if (stalled := self._await(j)) is not None:  # killed: a batch it sent meanwhile is made again
             raise WorkerDied(j, proc.pid, proc.exitcode, stalled)
         try:
             return pickle.loads(conn.recv_bytes())
@@ -210,11 +211,12 @@ class WorkerPool:
             proc.join(WAIT_S)
             raise WorkerDied(j, proc.pid, proc.exitcode) from None
 
-    def _await_progress(self, j: int) -> Optional[float]:
-        """Wait until worker j's pipe has a message or EOF; where its progress count stands
-        still for the watch's seconds first, kill it and return how long it stood still (None
-        otherwise). Its pipe is not read then: a batch it sent between the last look and the
-        kill is one the replacement makes again (`recover` forks it from the batches handed out)."""
+    def _await(self, j: int) -> Optional[float]:
+        """Wait until worker j's pipe has a message or EOF (a dead worker's pipe reads as EOF: no
+        need to wait for it); where its progress count stands still for the watch's seconds
+        first, kill it and return how long it stood still (None otherwise). Its pipe is not read
+        then: a batch it sent between the last look and the kill is one the replacement makes
+        again (`recover` forks it from the batches handed out)."""
         proc, ready, watch = self._procs[j], self._polls[j], self._watch
         seen, since = watch.progress(j), time.monotonic()
         while not ready(watch.poll_ms()):
