@@ -15,7 +15,8 @@ Layout (torchtitan-style: everything stateful goes through one place):
       latest                         "step_00000200", replaced atomically after the rename
 
 A save writes into `.tmp-step_X`, and only a directory whose every rank succeeded is renamed
-into place; a crash at any point leaves `latest` on the previous complete checkpoint, and
+into place (each rank hashes and flushes the files it wrote, rank 0 lists them all in
+COMPLETE.json; a resume checks them, each rank a share); a crash at any point leaves `latest` on the previous complete checkpoint, and
 leftovers are cleaned by the next save. Retention never deletes the checkpoint just committed.
 The directory format itself (manifest, commit by rename, `latest`, loading for inference) is
 owned by `trainer.checkpoint_format`; this module adds what the engine saves into it.
@@ -50,15 +51,17 @@ from trainer.checkpoint_format import (
     TMP_PREFIX,
     CheckpointError,
     commit,
+    digests,
     is_checkpoint,
     load_for_inference,
     point_latest,
     remove_dir,
     resolve,
     verify,
+    verify_share,
 )
 from trainer.config import CheckpointConfig, flatten
-from trainer.distributed import comm_device, wait_for_rank0
+from trainer.distributed import all_gather_bytes_on_host, comm_device, wait_for_rank0
 from trainer.elastic import written_global_batch
 
 # Keys whose product with the data-parallel ranks is the global batch: free while it is kept.
@@ -133,6 +136,14 @@ class RankState:
 
     meta: dict[str, Any]
     tensors: dict[str, torch.Tensor]
+
+
+def _gather_digests(mine: dict[str, str]) -> dict[str, str]:
+    """Collective on the host group: every rank's name -> sha256 of the files it wrote (lines
+    "<sha256> <name>", as sha256sum writes them)."""
+    text = "".join(f"{digest} {name}\n" for name, digest in mine.items()).encode()
+    lines = (line for part in all_gather_bytes_on_host(text) for line in part.decode().splitlines())
+    return {name: digest for digest, name in (line.split(" ", 1) for line in lines)}
 
 
 def _rank_paths(directory: Path, rank: int) -> tuple[Path, Path]:
@@ -227,6 +238,7 @@ class CheckpointManager:
         # before the commit; and before each engine file is written.
         self.before_commit: Optional[Callable[[int, Path], None]] = None
         self.before_write: Optional[Callable[[str], None]] = None
+        self._written: list[Path] = []  # the files this rank wrote into the save in progress
 
     # ---- save -------------------------------------------------------------------------------
     def save(self, step: int, engines: dict[str, Any], rank_state: RankState, config_yaml: str,
@@ -241,23 +253,25 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         wait_for_rank0()
-        error = None
+        error, self._written, hashed = None, [], {}
         try:
             for name, engine in engines.items():
                 self._save_engine(engine, tmp, name)
             self._write_rank_state(tmp, rank_state)
             for filename, tensors in shared.items():
                 if self.rank == 0 and tensors:
+                    self._written.append(tmp / filename)
                     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / filename))
             if self.before_commit is not None:
                 self.before_commit(step, tmp)
+            hashed = self._hash_written(tmp)
         except Exception as e:  # reported collectively below, so no rank is left waiting
             error = e
-        wait_for_rank0()  # rank 0 wrote the whole-tensor files alone
+        hashed = _gather_digests(hashed)  # the host group's wait: rank 0 wrote the whole-tensor files alone
         self._report(step, tmp, error, "write")
         if self.rank == 0:
             try:
-                self._commit(tmp, final, step, config_yaml)
+                self._commit(tmp, final, step, config_yaml, hashed)
             except Exception as e:
                 error = e
         wait_for_rank0()
@@ -287,6 +301,15 @@ class CheckpointManager:
     def _before_write(self, path: str) -> None:
         if self.before_write is not None:
             self.before_write(path)
+        self._written.append(Path(path))
+
+    def _hash_written(self, tmp: Path) -> dict[str, str]:
+        """name (relative to `tmp`) -> sha256 of the files this rank wrote, each flushed to the
+        disk by the rank that wrote it: the ranks hash a save's files together, each its own
+        (rank 0 alone hashed every rank's ZeRO shards while the others waited)."""
+        root = tmp.resolve()
+        names = sorted({str(p.resolve().relative_to(root)) for p in self._written if p.resolve().is_relative_to(root)})
+        return dict(zip(names, digests([tmp / name for name in names], sync=True)))
 
     def _save_engine(self, engine: Any, directory: Path, name: str) -> None:
         self._use_safe_engine(engine)
@@ -297,14 +320,15 @@ class CheckpointManager:
 
     def _write_rank_state(self, directory: Path, state: RankState) -> None:
         meta_path, tensor_path = _rank_paths(directory, self.rank)
+        self._written += [meta_path, tensor_path]
         save_file({k: v.detach().contiguous().cpu() for k, v in state.tensors.items()}, str(tensor_path))
         meta_path.write_text(json.dumps(state.meta, sort_keys=True))
 
-    def _commit(self, tmp: Path, final: Path, step: int, config_yaml: str) -> None:
+    def _commit(self, tmp: Path, final: Path, step: int, config_yaml: str, hashed: dict[str, str]) -> None:
         (tmp / "config.yaml").write_text(config_yaml)
         for name, text in self.texts.items():
             (tmp / name).write_text(text)
-        commit(tmp, final, step, self.world_size)
+        commit(tmp, final, step, self.world_size, known=hashed)
         point_latest(self.root, final.name)
 
     def _remove_partial(self) -> None:
@@ -340,20 +364,20 @@ class CheckpointManager:
         return directory
 
     def verify(self, directory: Path) -> None:
-        """Collective: rank 0 checks every file against COMPLETE.json while the others wait on
-        the host group (`wait_for_rank0`: hashing a checkpoint of many GB takes longer than the
-        collective timeout); every rank raises if it failed. One reader: every rank hashing the
-        whole checkpoint read it world-size times from the shared filesystem at each resume."""
+        """Collective: every file checked against COMPLETE.json once, each rank its share
+        (`verify_share`), then a wait on the host group (`wait_for_rank0`: hashing a checkpoint
+        of many GB takes longer than the collective timeout); every rank raises if any failed."""
         error: Optional[CheckpointError] = None
-        if self.rank == 0:
-            try:
-                verify(directory)
-            except CheckpointError as e:
-                error = e
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        try:
+            verify_share(directory, rank, world)
+        except CheckpointError as e:
+            error = e
         wait_for_rank0()
-        if _all_ok(error is None):
-            raise error or CheckpointError(f"rank 0 refused {directory} (see its error): a file is missing or was "
-                                           f"modified after it was written")
+        failed = _all_ok(error is None)
+        if failed:
+            raise error or CheckpointError(f"rank(s) {failed} refused {directory} (see their error): a file is "
+                                           f"missing or was modified after it was written")
 
     def resume_target(self) -> Optional[Path]:
         """Collective: the complete checkpoint every rank resumes from (they must agree)."""

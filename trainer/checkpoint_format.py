@@ -47,8 +47,8 @@ def sha256(path: Path, sync: bool = False) -> str:
 
 def digests(paths: list[Path], sync: bool = False) -> list[str]:
     """`sha256` of each file, several at once: hashlib and file reads release the GIL, so the
-    threads hash on as many cores (and read with as many requests in flight) as they are; one
-    rank hashes a whole checkpoint (every rank's ZeRO shards) at each save and resume."""
+    threads hash on as many cores (and read with as many requests in flight) as they are: a
+    rank hashes several files at each save (its own) and resume (its share, `verify_share`)."""
     if len(paths) < 2:
         return [sha256(p, sync) for p in paths]
     with ThreadPoolExecutor(min(HASH_THREADS, len(paths))) as pool:
@@ -82,14 +82,22 @@ def temporary_dir(final: Path) -> Path:
     return tmp
 
 
-def commit(tmp: Path, final: Path, step: int, world_size: int) -> Path:
+def commit(tmp: Path, final: Path, step: int, world_size: int, known: Optional[dict[str, str]] = None) -> Path:
     """Close `tmp` with COMPLETE.json (the sha256 of every file in it) and rename it to `final`,
-    replacing a stale directory of the same name (an abandoned run's, an earlier export)."""
-    paths = sorted(p for p in tmp.rglob("*") if p.is_file())
-    files = {str(p.relative_to(tmp)): digest for p, digest in zip(paths, digests(paths, sync=True))}
+    replacing a stale directory of the same name (an abandoned run's, an earlier export).
+    `known`: name (relative to `tmp`) -> sha256 of the files the ranks that wrote them already
+    hashed and flushed to the disk; the others are hashed (and flushed) here."""
+    known = dict(known or {})
+    missing = [name for name in known if not (tmp / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{tmp / missing[0]} was written and hashed by its rank but is not there at the "
+                              f"commit (checkpoint.dir must be one directory shared by every node)")
+    names = sorted({str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()} | set(known))
+    todo = [name for name in names if name not in known]
+    known.update(zip(todo, digests([tmp / name for name in todo], sync=True)))
     for directory in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:  # their entries too
         fsync_dir(directory)
-    complete = {"step": step, "world_size": world_size, "files": files}
+    complete = {"step": step, "world_size": world_size, "files": {name: known[name] for name in names}}
     write_atomic(tmp / COMPLETE, json.dumps(complete, indent=1, sort_keys=True))
     return replace_dir(tmp, final)
 
@@ -138,11 +146,7 @@ def is_checkpoint(path: str | Path) -> bool:
 
 def verify(directory: Path, names: Optional[tuple[str, ...]] = None) -> dict[str, Any]:
     """Check `names` (default: every file of the manifest) against COMPLETE.json; its content."""
-    if not directory.exists():
-        raise CheckpointError(f"{directory} does not exist")
-    if not (directory / COMPLETE).is_file():
-        raise CheckpointError(f"{directory} is not a complete checkpoint (no {COMPLETE})")
-    complete = json.loads((directory / COMPLETE).read_text())
+    complete = read_complete(directory)
     wanted = names if names is not None else tuple(complete["files"])
     for rel in wanted:
         if rel not in complete["files"] or not (directory / rel).is_file():
@@ -151,6 +155,36 @@ def verify(directory: Path, names: Optional[tuple[str, ...]] = None) -> dict[str
         if digest != complete["files"][rel]:
             raise _modified(directory / rel)
     return complete
+
+
+def read_complete(directory: Path) -> dict[str, Any]:
+    """The COMPLETE.json of a step directory (not checked against its files)."""
+    if not directory.exists():
+        raise CheckpointError(f"{directory} does not exist")
+    if not (directory / COMPLETE).is_file():
+        raise CheckpointError(f"{directory} is not a complete checkpoint (no {COMPLETE})")
+    return json.loads((directory / COMPLETE).read_text())
+
+
+def verify_share(directory: Path, rank: int, world_size: int) -> dict[str, Any]:
+    """`verify` this rank's share of a checkpoint's files (`shares`): the ranks of a resume
+    check them together, each file read once (rank 0 alone read a checkpoint of every rank's
+    ZeRO shards, the others waiting)."""
+    files = read_complete(directory)["files"]
+    sizes = {name: (directory / name).stat().st_size if (directory / name).is_file() else 0 for name in files}
+    return verify(directory, tuple(shares(sizes, world_size)[rank]))
+
+
+def shares(sizes: dict[str, int], world_size: int) -> list[list[str]]:
+    """Files (name -> bytes) dealt to `world_size` ranks by size, largest first (ties by name),
+    each to the rank holding the fewest bytes so far (the lowest of those): every rank deals the
+    same from the same listing."""
+    held, out = [0] * world_size, [[] for _ in range(world_size)]
+    for name, size in sorted(sizes.items(), key=lambda item: (-item[1], item[0])):
+        least = held.index(min(held))
+        held[least] += size
+        out[least].append(name)
+    return out
 
 
 def _modified(path: Path) -> CheckpointError:

@@ -141,18 +141,37 @@ def all_gather_ints(values: list[int]) -> list[list[int]]:
     the lengths on the host (for a checkpoint, not a step)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [list(values)]
-    device, world = comm_device(), dist.get_world_size()
-    length = torch.tensor([len(values)], dtype=torch.int64, device=device)
+    device = comm_device()
+    parts = _all_gather_1d(torch.tensor(values, dtype=torch.int64, device=device), None)
+    return [part.tolist() for part in parts]
+
+
+def all_gather_bytes_on_host(data: bytes) -> list[bytes]:
+    """Every rank's bytes, in rank order, through uint8 tensors on the host group of
+    `wait_for_rank0` (nothing pickled): a collective the ranks may reach after long work of
+    their own, bounded by deepspeed.rank0_timeout_s. [data] without a process group."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [data]
+    if not _rank0_wait or _rank0_wait[1] is not dist.group.WORLD:
+        raise RuntimeError("internal: the process group was not started by trainer.distributed.init_distributed")
+    mine = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
+    return [part.numpy().tobytes() for part in _all_gather_1d(mine, _rank0_wait[0])]
+
+
+def _all_gather_1d(mine: torch.Tensor, group) -> list[torch.Tensor]:
+    """Every rank's 1-D tensor (lengths may differ; same dtype and device), in rank order."""
+    world = dist.get_world_size(group)
+    length = torch.tensor([len(mine)], dtype=torch.int64, device=mine.device)
     lengths = [torch.empty_like(length) for _ in range(world)]
-    dist.all_gather(lengths, length)
+    dist.all_gather(lengths, length, group=group)
     sizes = [int(n) for n in torch.cat(lengths).tolist()]
+    padded = torch.zeros(max(sizes), dtype=mine.dtype, device=mine.device)
     if not any(sizes):
-        return [[] for _ in sizes]
-    mine = torch.zeros(max(sizes), dtype=torch.int64, device=device)
-    mine[: len(values)] = torch.tensor(values, dtype=torch.int64, device=device)
-    parts = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(parts, mine)
-    return [part[:n].tolist() for part, n in zip(parts, sizes)]
+        return [padded[:0] for _ in sizes]
+    padded[: len(mine)] = mine
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded, group=group)
+    return [part[:n] for part, n in zip(parts, sizes)]
 
 
 class LateRead:

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from tests.models.test_dit_model import randomize_, tiny
 from tests.trainer.harness import TINY
 from trainer.checkpoint import CheckpointError, CheckpointManager, init_network, safe_checkpoint_engine
-from trainer.checkpoint_format import COMPLETE, commit, point_latest, temporary_dir, verify
+from trainer.checkpoint_format import COMPLETE, commit, point_latest, shares, temporary_dir, verify, verify_share
 from trainer.config import CheckpointConfig, ConfigError, load_config, to_yaml
 from trainer.elastic import MOMENTS, universal_file
 from trainer.engine import RESUMABLE_CHANGES, resumable_changes
@@ -242,8 +242,8 @@ def test_a_commit_flushes_every_file_and_folder_before_it_writes_complete(tmp_pa
 
 
 def test_files_hashed_at_once_are_listed_each_with_its_own_digest_and_a_changed_one_is_found(tmp_path):
-    """A checkpoint's files are hashed several at a time (one rank hashes every rank's shards at
-    each save and resume): each is listed under its own sha256, and a file changed afterwards,
+    """A checkpoint's files are hashed several at a time (a rank's own files at each save, its
+    share at each resume): each is listed under its own sha256, and a file changed afterwards,
     wherever it lies among them, is found and named."""
     import hashlib
 
@@ -259,6 +259,83 @@ def test_files_hashed_at_once_are_listed_each_with_its_own_digest_and_a_changed_
         f.write(b"\xff")
     with pytest.raises(CheckpointError, match="part_07.bin is missing or was modified"):
         verify(final)
+
+
+def test_the_ranks_verify_shares_of_the_files_each_once_and_balanced_by_size(tmp_path):
+    """A resume checks every file once, the ranks each a share dealt by size (largest first, to
+    the rank holding the fewest bytes); a changed file is found by the rank whose share holds it."""
+    sizes = {"big.bin": 9000, "mid_a.bin": 5000, "mid_b.bin": 4000, "small.bin": 10, "tiny.json": 2}
+    assert shares(sizes, 3) == [["big.bin"], ["mid_a.bin"], ["mid_b.bin", "small.bin", "tiny.json"]]
+    assert shares(sizes, 1) == [["big.bin", "mid_a.bin", "mid_b.bin", "small.bin", "tiny.json"]]
+    assert shares({"a": 1}, 2) == [["a"], []]
+    tmp = temporary_dir(tmp_path / "step_00000001")
+    for name, size in sizes.items():
+        (tmp / name).write_bytes(os.urandom(size))
+    final = commit(tmp, tmp_path / "step_00000001", 1, 3)
+    with open(final / "small.bin", "r+b") as f:
+        f.write(b"\xff")
+    for rank in (0, 1):
+        verify_share(final, rank, 3)
+    with pytest.raises(CheckpointError, match="small.bin is missing or was modified"):
+        verify_share(final, 2, 3)
+    (final / "small.bin").unlink()  # a missing file is dealt too (as empty), and refused by its rank
+    with pytest.raises(CheckpointError, match="small.bin is missing"):
+        verify_share(final, 2, 3)
+
+
+def test_a_commit_lists_the_digests_the_ranks_made_and_hashes_only_the_rest(tmp_path):
+    """The ranks hash the files they wrote; the commit lists those digests as given (it does not
+    read those files again) and hashes the others. A file a rank hashed that is not there at
+    the commit (a rank writing to a disk of its own) is refused."""
+    import hashlib
+
+    tmp = temporary_dir(tmp_path / "step_00000001")
+    (tmp / "sub").mkdir()
+    (tmp / "sub" / "rank1.bin").write_bytes(b"written by rank 1")
+    (tmp / "config.yaml").write_text("{}\n")
+    given = {"sub/rank1.bin": "0" * 64}  # not its digest: listed as given, so verify finds it
+    final = commit(tmp, tmp_path / "step_00000001", 1, 2, known=given)
+    listed = json.loads((final / COMPLETE).read_text())["files"]
+    assert listed == {"config.yaml": hashlib.sha256(b"{}\n").hexdigest(), "sub/rank1.bin": "0" * 64}
+    with pytest.raises(CheckpointError, match="rank1.bin is missing or was modified"):
+        verify(final)
+    tmp = temporary_dir(tmp_path / "step_00000002")
+    with pytest.raises(CheckpointError, match="elsewhere.bin was written and hashed by its rank but is not there"):
+        commit(tmp, tmp_path / "step_00000002", 2, 2, known={"elsewhere.bin": "0" * 64})
+
+
+@pytest.mark.slow
+def test_each_rank_hashes_the_files_it_wrote_and_a_resume_checks_them_together(tmp_path):
+    """2 ranks over gloo (tests/trainer/checkpoint_ranks.py): at a save each rank flushes and
+    hashes its own files, rank 0 its own and the whole-tensor and config files, not rank 1's;
+    the checkpoint verifies, and once rank 1 changes its own file both ranks refuse it, the rank
+    whose share holds it naming the file."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    from tests.trainer.harness import ROOT, TORCHRUN, train_env
+
+    cmd = [sys.executable, "-c", TORCHRUN, "--standalone", "--nproc-per-node=2",
+           str(ROOT / "tests" / "trainer" / "checkpoint_ranks.py"), str(tmp_path / "checkpoints")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, out[-6000:]
+    synced = dict(re.findall(r"^(\d) synced (.*)$", out, re.M))
+    assert synced == {"0": "config.yaml ema.safetensors rank_00000.json rank_00000.safetensors",
+                      "1": "rank_00001.json rank_00001.safetensors"}, out[-6000:]
+    assert len(re.findall(r"^\d verified$", out, re.M)) == 2, out[-6000:]
+    refused = dict(re.findall(r"^(\d) refused (.*)$", out, re.M))
+    assert refused.keys() == {"0", "1"}, out[-6000:]
+    assert sum("rank_00001.safetensors is missing or was modified" in e for e in refused.values()) == 1, refused
+    assert sum("rank(s) [" in e and "refused" in e for e in refused.values()) == 1, refused
 
 
 @pytest.mark.slow
