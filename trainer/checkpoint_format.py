@@ -10,6 +10,7 @@ module does not import torch: `dit train` resolves a teacher's config.yaml with 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import os
 import shutil
@@ -97,7 +98,8 @@ def commit(tmp: Path, final: Path, step: int, world_size: int, known: Optional[d
     known.update(zip(todo, digests([tmp / name for name in todo], sync=True)))
     for directory in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:  # their entries too
         fsync_dir(directory)
-    complete = {"step": step, "world_size": world_size, "files": {name: known[name] for name in names}}
+    complete = {"step": step, "world_size": world_size, "files": {name: known[name] for name in names},
+                "sizes": {name: (tmp / name).stat().st_size for name in names}}  # how a resume deals the checks
     write_atomic(tmp / COMPLETE, json.dumps(complete, indent=1, sort_keys=True))
     return replace_dir(tmp, final)
 
@@ -169,21 +171,32 @@ def read_complete(directory: Path) -> dict[str, Any]:
 def verify_share(directory: Path, rank: int, world_size: int) -> dict[str, Any]:
     """`verify` this rank's share of a checkpoint's files (`shares`): the ranks of a resume
     check them together, each file read once (rank 0 alone read a checkpoint of every rank's
-    ZeRO shards, the others waiting)."""
-    files = read_complete(directory)["files"]
-    sizes = {name: (directory / name).stat().st_size if (directory / name).is_file() else 0 for name in files}
+    ZeRO shards, the others waiting). The sizes are COMPLETE.json's: a thousand ranks do not
+    each ask the filesystem for the size of every file."""
+    complete = read_complete(directory)
+    listed = complete.get("sizes")
+    sizes = {name: _size(directory, name, listed) for name in complete["files"]}  # every file listed is dealt
     return verify(directory, tuple(shares(sizes, world_size)[rank]))
+
+
+def _size(directory: Path, name: str, listed: Optional[dict[str, int]]) -> int:
+    """A file's size from COMPLETE.json's sizes, else (a checkpoint from before they were
+    listed) from the filesystem, 0 when it is missing (its rank refuses it)."""
+    if listed is not None:
+        return int(listed.get(name, 0))
+    path = directory / name
+    return path.stat().st_size if path.is_file() else 0
 
 
 def shares(sizes: dict[str, int], world_size: int) -> list[list[str]]:
     """Files (name -> bytes) dealt to `world_size` ranks by size, largest first (ties by name),
     each to the rank holding the fewest bytes so far (the lowest of those): every rank deals the
     same from the same listing."""
-    held, out = [0] * world_size, [[] for _ in range(world_size)]
+    held, out = [(0, rank) for rank in range(world_size)], [[] for _ in range(world_size)]  # a heap
     for name, size in sorted(sizes.items(), key=lambda item: (-item[1], item[0])):
-        least = held.index(min(held))
-        held[least] += size
-        out[least].append(name)
+        total, rank = heapq.heappop(held)
+        out[rank].append(name)
+        heapq.heappush(held, (total + size, rank))
     return out
 
 

@@ -272,15 +272,21 @@ def test_the_ranks_verify_shares_of_the_files_each_once_and_balanced_by_size(tmp
     for name, size in sizes.items():
         (tmp / name).write_bytes(os.urandom(size))
     final = commit(tmp, tmp_path / "step_00000001", 1, 3)
+    assert json.loads((final / COMPLETE).read_text())["sizes"] == sizes  # dealt from there, not from the filesystem
     with open(final / "small.bin", "r+b") as f:
         f.write(b"\xff")
     for rank in (0, 1):
         verify_share(final, rank, 3)
     with pytest.raises(CheckpointError, match="small.bin is missing or was modified"):
         verify_share(final, 2, 3)
-    (final / "small.bin").unlink()  # a missing file is dealt too (as empty), and refused by its rank
+    (final / "small.bin").unlink()  # a missing file is dealt too, and refused by its rank
     with pytest.raises(CheckpointError, match="small.bin is missing"):
         verify_share(final, 2, 3)
+    complete = json.loads((final / COMPLETE).read_text())
+    del complete["sizes"]  # a checkpoint from before the sizes were listed: dealt by the sizes on disk
+    (final / COMPLETE).write_text(json.dumps(complete))
+    with pytest.raises(CheckpointError, match="small.bin is missing"):
+        verify_share(final, 2, 3)  # missing: dealt as empty, last, to the rank holding the fewest bytes
 
 
 def test_a_commit_lists_the_digests_the_ranks_made_and_hashes_only_the_rest(tmp_path):
