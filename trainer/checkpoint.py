@@ -16,8 +16,8 @@ Layout (torchtitan-style: everything stateful goes through one place):
 
 A save writes into `.tmp-step_X`, and only a directory whose every rank succeeded is renamed
 into place (each rank hashes and flushes the files it wrote, rank 0 lists them all in
-COMPLETE.json; a resume checks them, each rank a share); a crash at any point leaves `latest` on the previous complete checkpoint, and
-leftovers are cleaned by the next save. Retention never deletes the checkpoint just committed.
+COMPLETE.json; a resume checks them, each rank a share); a crash at any point leaves `latest`
+on the previous complete checkpoint, and leftovers are cleaned by the next save. Retention never deletes the checkpoint just committed.
 The directory format itself (manifest, commit by rename, `latest`, loading for inference) is
 owned by `trainer.checkpoint_format`; this module adds what the engine saves into it.
 
