@@ -107,6 +107,22 @@ def tiny_teacher(shapes_shards, tmp_path_factory) -> Path:
 TORCHRUN = "import atexit, gc; atexit.register(gc.freeze); from torch.distributed.run import main; main()"
 
 
+def run_rank_script(script: Path, *args: str, nproc: int = 2, timeout: int = 600) -> str:
+    """A test's own rank script under torchrun (`nproc` ranks over gloo), to its end; its output
+    (stdout and stderr). Every process of it ends, also when it fails or hangs."""
+    cmd = [sys.executable, "-c", TORCHRUN, "--standalone", f"--nproc-per-node={nproc}", str(script), *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, out[-6000:]
+    return out
+
+
 def torchrun_cmd(nproc: int, overrides: list[str], config: Path = TINY) -> list[str]:
     return [sys.executable, "-c", TORCHRUN, "--standalone", f"--nproc-per-node={nproc}",
             "-m", "launch.cli", "train", str(config), *overrides]

@@ -317,23 +317,11 @@ def test_each_rank_hashes_the_files_it_wrote_and_a_resume_checks_them_together(t
     the checkpoint verifies, and once rank 1 changes its own file both ranks refuse it, the rank
     whose share holds it naming the file."""
     import re
-    import signal
-    import subprocess
-    import sys
 
-    from tests.trainer.harness import ROOT, TORCHRUN, train_env
+    from tests.trainer.harness import ROOT, run_rank_script
 
-    cmd = [sys.executable, "-c", TORCHRUN, "--standalone", "--nproc-per-node=2",
-           str(ROOT / "tests" / "trainer" / "checkpoint_ranks.py"), str(tmp_path / "checkpoints")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, out[-6000:]
+    out = run_rank_script(ROOT / "tests" / "trainer" / "checkpoint_ranks.py", str(tmp_path / "checkpoints"),
+                          timeout=300)
     synced = dict(re.findall(r"^(\d) synced (.*)$", out, re.M))
     assert synced == {"0": "config.yaml ema.safetensors rank_00000.json rank_00000.safetensors",
                       "1": "rank_00001.json rank_00001.safetensors"}, out[-6000:]

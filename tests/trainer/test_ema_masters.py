@@ -4,32 +4,18 @@ padded partitions at ZeRO-3, on the host under offload): 2 real ranks over gloo
 (tests/trainer/ema_masters_ranks.py)."""
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
-import sys
 
 import pytest
 
-from tests.trainer.harness import ROOT, TORCHRUN, train_env
+from tests.trainer.harness import ROOT, run_rank_script
 from tests.trainer.ema_masters_ranks import LAYOUTS
 
 pytestmark = pytest.mark.slow
 
 
 def test_the_ema_follows_the_fp32_masters_on_every_layout():
-    cmd = [sys.executable, "-c", TORCHRUN, "--standalone", "--nproc-per-node=2",
-           str(ROOT / "tests" / "trainer" / "ema_masters_ranks.py")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, out[-6000:]
+    out = run_rank_script(ROOT / "tests" / "trainer" / "ema_masters_ranks.py")
     off = {name: float(value) for name, value in re.findall(r"^(\S+) ok (\S+)$", out, re.M)}
     assert off.keys() == LAYOUTS.keys(), out[-6000:]
     # in bf16 the module's weights are the masters rounded: an EMA of them would be off
