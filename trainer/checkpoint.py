@@ -307,8 +307,8 @@ class CheckpointManager:
         """name (relative to `tmp`) -> sha256 of the files this rank wrote, each flushed to the
         disk by the rank that wrote it: the ranks hash a save's files together, each its own
         (rank 0 alone hashed every rank's ZeRO shards while the others waited)."""
-        root = tmp.resolve()
-        names = sorted({str(p.resolve().relative_to(root)) for p in self._written if p.resolve().is_relative_to(root)})
+        root, written = tmp.resolve(), {p.resolve() for p in self._written}
+        names = sorted(str(p.relative_to(root)) for p in written if p.is_relative_to(root))
         return dict(zip(names, digests([tmp / name for name in names], sync=True)))
 
     def _save_engine(self, engine: Any, directory: Path, name: str) -> None:

@@ -93,10 +93,11 @@ def commit(tmp: Path, final: Path, step: int, world_size: int, known: Optional[d
     if missing:
         raise CheckpointError(f"{tmp / missing[0]} was written and hashed by its rank but is not there at the "
                               f"commit (checkpoint.dir must be one directory shared by every node)")
-    names = sorted({str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()} | set(known))
+    entries = list(tmp.rglob("*"))
+    names = sorted({str(p.relative_to(tmp)) for p in entries if p.is_file()} | set(known))
     todo = [name for name in names if name not in known]
     known.update(zip(todo, digests([tmp / name for name in todo], sync=True)))
-    for directory in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:  # their entries too
+    for directory in [tmp, *(p for p in entries if p.is_dir())]:  # their entries too
         fsync_dir(directory)
     complete = {"step": step, "world_size": world_size, "files": {name: known[name] for name in names},
                 "sizes": {name: (tmp / name).stat().st_size for name in names}}  # how a resume deals the checks
@@ -148,7 +149,11 @@ def is_checkpoint(path: str | Path) -> bool:
 
 def verify(directory: Path, names: Optional[tuple[str, ...]] = None) -> dict[str, Any]:
     """Check `names` (default: every file of the manifest) against COMPLETE.json; its content."""
-    complete = read_complete(directory)
+    return _check(directory, read_complete(directory), names)
+
+
+def _check(directory: Path, complete: dict[str, Any], names: Optional[tuple[str, ...]]) -> dict[str, Any]:
+    """`verify` against COMPLETE.json's content, already read."""
     wanted = names if names is not None else tuple(complete["files"])
     for rel in wanted:
         if rel not in complete["files"] or not (directory / rel).is_file():
@@ -176,7 +181,7 @@ def verify_share(directory: Path, rank: int, world_size: int) -> dict[str, Any]:
     complete = read_complete(directory)
     listed = complete.get("sizes")
     sizes = {name: _size(directory, name, listed) for name in complete["files"]}  # every file listed is dealt
-    return verify(directory, tuple(shares(sizes, world_size)[rank]))
+    return _check(directory, complete, tuple(shares(sizes, world_size)[rank]))
 
 
 def _size(directory: Path, name: str, listed: Optional[dict[str, int]]) -> int:
